@@ -1,0 +1,193 @@
+//! A signed workload certificate: key, chain, validity window and the roots it chains to.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::spiffe::{Identity, IdentityError};
+
+/// Why a certificate or chain could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate chain is empty")]
+    EmptyChain,
+    #[error("PEM block {index} could not be parsed: {reason}")]
+    Pem { index: usize, reason: String },
+    #[error("certificate could not be parsed as X.509: {0}")]
+    X509(String),
+    #[error("certificate carries no spiffe:// URI SAN")]
+    NoSpiffeSan,
+    #[error("certificate carries {0} URI SANs; exactly one is expected")]
+    ManySans(usize),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("certificate is for {got}, but {want} was requested")]
+    WrongIdentity { want: Identity, got: Identity },
+    #[error("private key is not valid PKCS#8: {0}")]
+    Key(String),
+}
+
+/// Parses every `CERTIFICATE` block of a PEM text.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let mut out = Vec::new();
+    for (index, block) in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()).enumerate() {
+        let block = block.map_err(|e| CertError::Pem {
+            index,
+            reason: e.to_string(),
+        })?;
+        if block.label == "CERTIFICATE" {
+            out.push(CertificateDer::from(block.contents));
+        }
+    }
+    Ok(out)
+}
+
+/// Validity window and identity read from a leaf certificate.
+#[derive(Clone, Debug)]
+pub struct LeafInfo {
+    pub identity: Option<Identity>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+fn to_system_time(ts: i64) -> SystemTime {
+    if ts >= 0 {
+        UNIX_EPOCH + Duration::from_secs(ts as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+/// Reads the SPIFFE identity (if any) and the validity of a DER certificate.
+pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, CertError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::X509(e.to_string()))?;
+    let validity = cert.validity();
+    Ok(LeafInfo {
+        identity: spiffe_san(&cert)?,
+        not_before: to_system_time(validity.not_before.timestamp()),
+        not_after: to_system_time(validity.not_after.timestamp()),
+    })
+}
+
+fn spiffe_san(cert: &X509Certificate<'_>) -> Result<Option<Identity>, CertError> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Ok(None);
+    };
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.parse()?)),
+        many => Err(CertError::ManySans(many.len())),
+    }
+}
+
+/// The SPIFFE identity a peer certificate proves.
+pub fn identity_of(der: &[u8]) -> Result<Identity, CertError> {
+    leaf_info(der)?.identity.ok_or(CertError::NoSpiffeSan)
+}
+
+/// A certificate issued to one identity, ready to use for TLS.
+pub struct WorkloadCertificate {
+    pub identity: Identity,
+    /// Leaf first, then intermediates (roots are kept apart in `roots`).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// Trust anchors of the mesh.
+    pub roots: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// The HBONE server configuration for this certificate, built on first use.
+    pub(crate) server_tls: std::sync::OnceLock<std::sync::Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for WorkloadCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCertificate")
+            .field("identity", &self.identity.to_string())
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkloadCertificate {
+    /// Builds from a CA response (`chain_pem`, leaf first, root last) and the PKCS#8 key.
+    /// When `roots` is empty the last certificate of the chain is taken as the root.
+    pub fn from_chain(
+        want: &Identity,
+        key_der: Vec<u8>,
+        chain_pem: &[String],
+        roots: &[CertificateDer<'static>],
+    ) -> Result<Self, CertError> {
+        let mut chain = Vec::new();
+        for pem in chain_pem {
+            chain.extend(certs_from_pem(pem)?);
+        }
+        let leaf = chain.first().ok_or(CertError::EmptyChain)?;
+        let info = leaf_info(leaf)?;
+        let got = info.identity.ok_or(CertError::NoSpiffeSan)?;
+        if &got != want {
+            return Err(CertError::WrongIdentity {
+                want: want.clone(),
+                got,
+            });
+        }
+        let roots = if roots.is_empty() {
+            if chain.len() < 2 {
+                // A lone self-signed leaf is its own root.
+                chain.clone()
+            } else {
+                vec![chain.pop().ok_or(CertError::EmptyChain)?]
+            }
+        } else {
+            // Do not send the root itself on the wire when the CA included it.
+            if chain.len() > 1 && roots.iter().any(|r| Some(r) == chain.last()) {
+                chain.pop();
+            }
+            roots.to_vec()
+        };
+        Ok(WorkloadCertificate {
+            identity: got,
+            chain,
+            key: PrivatePkcs8KeyDer::from(key_der),
+            roots,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            server_tls: Default::default(),
+        })
+    }
+
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// True when `now` is inside the validity window.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        now >= self.not_before && now < self.not_after
+    }
+
+    /// The moment renewal is due: half-way through the lifetime.
+    pub fn refresh_at(&self) -> SystemTime {
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        self.not_before + life / 2
+    }
+
+    pub fn leaf_pem(&self) -> String {
+        self.chain.first().map(|c| der_to_pem(c)).unwrap_or_default()
+    }
+}
+
+/// Encodes a DER certificate as PEM.
+pub fn der_to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}

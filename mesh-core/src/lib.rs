@@ -1,0 +1,16 @@
+//! Shared library of the mesh: what ztunnel, the waypoint and the controller all need.
+//!
+//! - [`identity`]: SPIFFE ids, certificates, the development CA and the mesh CA client, and
+//!   the certificate manager.
+//! - [`tls`]: rustls configurations and verifiers for HBONE.
+//! - [`hbone`]: the HBONE server and the pooled HBONE client.
+//! - [`state`]: the workload/service/policy model and its atomically swapped store.
+//! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
+//! - [`rbac`]: L4 authorization evaluation.
+
+pub mod hbone;
+pub mod identity;
+pub mod rbac;
+pub mod state;
+pub mod tls;
+pub mod xds;

@@ -1,0 +1,460 @@
+//! L4 authorization: `istio.security.Authorization` validated into [`Policy`] and evaluated
+//! at the destination. Any matching DENY denies; with no ALLOW policy the connection is
+//! allowed; otherwise some ALLOW must match. Groups are OR'd, rules in a group AND'd, matches
+//! in a rule OR'd; within a match every set field must hold and values of a field are OR'd.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use mesh_proto::security as pb;
+
+use crate::identity::Identity;
+use crate::state::model::{ip_from_bytes, ResourceError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Scope {
+    Global,
+    Namespace,
+    WorkloadSelector,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Presence,
+}
+
+impl StringMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => value == s,
+            StringMatch::Prefix(s) => value.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
+            StringMatch::Presence => !value.is_empty(),
+        }
+    }
+}
+
+/// One match clause.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Match {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    pub source_ips: Vec<IpNet>,
+    pub not_source_ips: Vec<IpNet>,
+    pub destination_ips: Vec<IpNet>,
+    pub not_destination_ips: Vec<IpNet>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// A validated authorization policy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    /// groups -> rules -> matches
+    pub groups: Vec<Vec<Vec<Match>>>,
+}
+
+impl Policy {
+    /// The xDS resource name.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The L4 facts of one connection, as the destination sees them.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    /// None for plaintext (no mutual TLS).
+    pub src_identity: Option<Identity>,
+    pub src_ip: IpAddr,
+    pub dst: SocketAddr,
+}
+
+fn any_str(ms: &[StringMatch], v: Option<&str>) -> bool {
+    v.is_some_and(|v| ms.iter().any(|m| m.matches(v)))
+}
+
+fn any_ip(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+impl Match {
+    fn matches(&self, c: &ConnectionInfo) -> bool {
+        let ns = c.src_identity.as_ref().map(|i| i.namespace.as_str());
+        let principal = c.src_identity.as_ref().map(|i| i.principal());
+        let principal = principal.as_deref();
+        (self.namespaces.is_empty() || any_str(&self.namespaces, ns))
+            && !any_str(&self.not_namespaces, ns)
+            && (self.principals.is_empty() || any_str(&self.principals, principal))
+            && !any_str(&self.not_principals, principal)
+            && (self.source_ips.is_empty() || any_ip(&self.source_ips, c.src_ip))
+            && !any_ip(&self.not_source_ips, c.src_ip)
+            && (self.destination_ips.is_empty() || any_ip(&self.destination_ips, c.dst.ip()))
+            && !any_ip(&self.not_destination_ips, c.dst.ip())
+            && (self.destination_ports.is_empty() || self.destination_ports.contains(&c.dst.port()))
+            && !self.not_destination_ports.contains(&c.dst.port())
+    }
+}
+
+impl Policy {
+    /// True when some group matches. A policy without groups matches nothing (so an ALLOW
+    /// without rules denies everything); a group or rule without clauses matches everything.
+    pub fn matches(&self, c: &ConnectionInfo) -> bool {
+        self.groups.iter().any(|rules| {
+            rules
+                .iter()
+                .all(|matches| matches.is_empty() || matches.iter().any(|m| m.matches(c)))
+        })
+    }
+}
+
+/// The outcome of evaluating the policies of a destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied, naming the DENY policy that matched, or None when no ALLOW matched.
+    Deny(Option<String>),
+}
+
+/// Evaluates `policies` (those that apply to the destination workload) for one connection.
+pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &ConnectionInfo) -> Decision {
+    let mut have_allow = false;
+    let mut allowed = false;
+    for p in policies {
+        match p.action {
+            Action::Deny if p.matches(c) => return Decision::Deny(Some(p.key())),
+            Action::Deny => {}
+            Action::Allow => {
+                have_allow = true;
+                allowed = allowed || p.matches(c);
+            }
+        }
+    }
+    if !have_allow || allowed {
+        Decision::Allow
+    } else {
+        Decision::Deny(None)
+    }
+}
+
+fn string_matches(field: &str, ms: &[pb::StringMatch]) -> Result<Vec<StringMatch>, ResourceError> {
+    use pb::string_match::MatchType;
+    ms.iter()
+        .enumerate()
+        .map(|(i, m)| match &m.match_type {
+            Some(MatchType::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+            Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+            Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
+            Some(MatchType::Presence(_)) => Ok(StringMatch::Presence),
+            None => Err(ResourceError::new(format!("{field}[{i}]"), "no match type set")),
+        })
+        .collect()
+}
+
+fn cidrs(field: &str, addrs: &[pb::Address]) -> Result<Vec<IpNet>, ResourceError> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let f = || format!("{field}[{i}]");
+            let ip = ip_from_bytes(&a.address).ok_or_else(|| ResourceError::new(f(), "not a 4 or 16 byte IP"))?;
+            let len = u8::try_from(a.length).map_err(|_| ResourceError::new(f(), "prefix length too large"))?;
+            IpNet::new(ip, len).map_err(|_| ResourceError::new(f(), format!("prefix length {len} too large for {ip}")))
+        })
+        .collect()
+}
+
+fn ports(field: &str, ps: &[u32]) -> Result<Vec<u16>, ResourceError> {
+    ps.iter()
+        .map(|p| u16::try_from(*p).map_err(|_| ResourceError::new(field, format!("{p} is not a valid port"))))
+        .collect()
+}
+
+impl TryFrom<&pb::Match> for Match {
+    type Error = ResourceError;
+
+    fn try_from(m: &pb::Match) -> Result<Self, ResourceError> {
+        Ok(Match {
+            namespaces: string_matches("namespaces", &m.namespaces)?,
+            not_namespaces: string_matches("not_namespaces", &m.not_namespaces)?,
+            principals: string_matches("principals", &m.principals)?,
+            not_principals: string_matches("not_principals", &m.not_principals)?,
+            source_ips: cidrs("source_ips", &m.source_ips)?,
+            not_source_ips: cidrs("not_source_ips", &m.not_source_ips)?,
+            destination_ips: cidrs("destination_ips", &m.destination_ips)?,
+            not_destination_ips: cidrs("not_destination_ips", &m.not_destination_ips)?,
+            destination_ports: ports("destination_ports", &m.destination_ports)?,
+            not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+        })
+    }
+}
+
+impl TryFrom<&pb::Authorization> for Policy {
+    type Error = ResourceError;
+
+    fn try_from(a: &pb::Authorization) -> Result<Self, ResourceError> {
+        if a.name.is_empty() {
+            return Err(ResourceError::new("authorization.name", "must not be empty"));
+        }
+        let scope = match pb::Scope::try_from(a.scope) {
+            Ok(pb::Scope::Global) => Scope::Global,
+            Ok(pb::Scope::Namespace) => Scope::Namespace,
+            Ok(pb::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+            Err(_) => {
+                return Err(ResourceError::new(
+                    "authorization.scope",
+                    format!("unknown value {}", a.scope),
+                ))
+            }
+        };
+        let action = match pb::Action::try_from(a.action) {
+            Ok(pb::Action::Allow) => Action::Allow,
+            Ok(pb::Action::Deny) => Action::Deny,
+            Err(_) => {
+                return Err(ResourceError::new(
+                    "authorization.action",
+                    format!("unknown value {}", a.action),
+                ))
+            }
+        };
+        let groups = a
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| {
+                group
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .map(|(r, rule)| {
+                        rule.matches
+                            .iter()
+                            .enumerate()
+                            .map(|(m, mm)| {
+                                Match::try_from(mm).map_err(|e| ResourceError {
+                                    field: format!("authorization.groups[{g}].rules[{r}].matches[{m}].{}", e.field),
+                                    reason: e.reason,
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Policy {
+            name: a.name.clone(),
+            namespace: a.namespace.clone(),
+            scope,
+            action,
+            groups,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(src: Option<&str>, src_ip: &str, dst: &str) -> ConnectionInfo {
+        ConnectionInfo {
+            src_identity: src.map(|s| s.parse().unwrap()),
+            src_ip: src_ip.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        }
+    }
+
+    fn policy(action: Action, m: Match) -> Policy {
+        Policy {
+            name: "p".into(),
+            namespace: "ns".into(),
+            scope: Scope::Namespace,
+            action,
+            groups: vec![vec![vec![m]]],
+        }
+    }
+
+    const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+    const OTHER: &str = "spiffe://cluster.local/ns/other/sa/app";
+
+    #[test]
+    fn no_policies_allow() {
+        assert_eq!(evaluate([], &conn(None, "10.0.0.1", "10.0.0.2:80")), Decision::Allow);
+    }
+
+    #[test]
+    fn allow_by_principal() {
+        let p = policy(
+            Action::Allow,
+            Match {
+                principals: vec![StringMatch::Exact("cluster.local/ns/default/sa/sleep".into())],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+        assert_eq!(
+            evaluate([&p], &conn(None, "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+    }
+
+    #[test]
+    fn namespaces_ports_and_negations() {
+        let p = policy(
+            Action::Allow,
+            Match {
+                namespaces: vec![StringMatch::Prefix("def".into())],
+                destination_ports: vec![80],
+                not_source_ips: vec!["10.9.0.0/16".parse().unwrap()],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:81")),
+            Decision::Deny(None)
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(SLEEP), "10.9.1.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+    }
+
+    #[test]
+    fn deny_takes_precedence() {
+        let allow = policy(Action::Allow, Match::default());
+        let deny = policy(
+            Action::Deny,
+            Match {
+                not_namespaces: vec![StringMatch::Exact("default".into())],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            evaluate([&allow, &deny], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+        assert_eq!(
+            evaluate([&allow, &deny], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(Some("ns/p".into()))
+        );
+    }
+
+    #[test]
+    fn presence_requires_an_identity() {
+        // STRICT PeerAuthentication: deny connections without a peer identity.
+        let strict = policy(
+            Action::Deny,
+            Match {
+                not_principals: vec![StringMatch::Presence],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            evaluate([&strict], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+        assert!(matches!(
+            evaluate([&strict], &conn(None, "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(Some(_))
+        ));
+    }
+
+    #[test]
+    fn empty_allow_denies_all_and_empty_group_allows_all() {
+        let deny_all = Policy {
+            groups: vec![],
+            ..policy(Action::Allow, Match::default())
+        };
+        assert_eq!(
+            evaluate([&deny_all], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+        let allow_all = Policy {
+            groups: vec![vec![]],
+            ..policy(Action::Allow, Match::default())
+        };
+        assert_eq!(
+            evaluate([&allow_all], &conn(None, "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn rules_are_anded_and_matches_ored() {
+        let ns = Match {
+            namespaces: vec![StringMatch::Exact("default".into())],
+            ..Default::default()
+        };
+        let port = Match {
+            destination_ports: vec![80],
+            ..Default::default()
+        };
+        let other_port = Match {
+            destination_ports: vec![90],
+            ..Default::default()
+        };
+        let p = Policy {
+            groups: vec![vec![vec![ns], vec![port, other_port]]],
+            ..policy(Action::Allow, Match::default())
+        };
+        assert_eq!(
+            evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:90")),
+            Decision::Allow
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:91")),
+            Decision::Deny(None)
+        );
+        assert_eq!(
+            evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+    }
+
+    #[test]
+    fn invalid_resources_name_the_field() {
+        let a = pb::Authorization {
+            name: "x".into(),
+            groups: vec![pb::Group {
+                rules: vec![pb::Rules {
+                    matches: vec![pb::Match {
+                        destination_ports: vec![70000],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        let e = Policy::try_from(&a).unwrap_err();
+        assert_eq!(e.field, "authorization.groups[0].rules[0].matches[0].destination_ports");
+    }
+}

@@ -1,0 +1,32 @@
+//! Protobuf wire types shared with Istio's ambient data plane, generated at build time by
+//! protox + tonic-build from `proto/*.proto` (no system `protoc` needed).
+
+/// Workload discovery: `istio.workload.Address`, `Workload`, `Service`.
+pub mod workload {
+    tonic::include_proto!("istio.workload");
+
+    /// ZDS: node agent <-> ztunnel.
+    pub mod zds {
+        tonic::include_proto!("istio.workload.zds");
+    }
+}
+
+/// L4 authorization: `istio.security.Authorization`.
+pub mod security {
+    tonic::include_proto!("istio.security");
+}
+
+/// Delta ADS envelope.
+pub mod discovery {
+    tonic::include_proto!("envoy.service.discovery.v3");
+}
+
+/// The CA service.
+pub mod ca {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+/// Type URL of `istio.workload.Address` resources.
+pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+/// Type URL of `istio.security.Authorization` resources.
+pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
