@@ -11,6 +11,7 @@
 pub mod hbone;
 pub mod identity;
 pub mod rbac;
+pub mod socket;
 pub mod state;
 pub mod tls;
 pub mod xds;

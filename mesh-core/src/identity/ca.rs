@@ -125,11 +125,13 @@ impl DevCa {
         self.key.serialize_pem()
     }
 
-    /// Issues a leaf for `identity` with the public key of `csr_pem`, valid from a minute ago
-    /// for `validity`. The CSR's own subject and SANs are ignored: the identity is ours to set.
+    /// Issues a leaf for `identity` with the public key of `csr_pem`, valid for `validity`
+    /// (backdated slightly for clock skew). The CSR's own subject and SANs are ignored: the identity is ours to set.
     pub fn issue(&self, identity: &Identity, csr_pem: &str, validity: Duration) -> Result<String, CaError> {
         let now = OffsetDateTime::now_utc();
-        self.issue_at(identity, csr_pem, now - time::Duration::minutes(1), now + validity)
+        // Backdate a little for clock skew, but not so much that short test lifetimes double.
+        let skew = (validity / 4).min(Duration::from_secs(60));
+        self.issue_at(identity, csr_pem, now - skew, now + validity)
     }
 
     /// Issues a leaf with an explicit validity window (tests use this for expired certificates).

@@ -177,7 +177,8 @@ impl CertManager {
         loop {
             match self.request(&identity).await {
                 Ok(cert) => {
-                    info!(identity = %identity, not_after = ?cert.not_after, "certificate issued");
+                    let expires_in = cert.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                    info!(identity = %identity, expires_in_s = expires_in.as_secs(), "certificate issued");
                     let refresh = cert.refresh_at();
                     tx.send_replace(CertState::Ready(Arc::new(cert)));
                     backoff = self.config.initial_backoff;

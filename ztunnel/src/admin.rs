@@ -1,0 +1,150 @@
+//! HTTP endpoints: admin (`/config_dump`, `/logging`) on localhost, Prometheus metrics
+//! (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use mesh_core::identity::{CertManager, CertState};
+use mesh_core::state::StateStore;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// Changes the log filter at runtime.
+pub type LogReload = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+pub struct Admin {
+    pub state: Arc<StateStore>,
+    pub certs: Arc<CertManager>,
+    pub registry: Registry,
+    pub ready: watch::Receiver<bool>,
+    pub log_filter: std::sync::Mutex<String>,
+    pub reload: LogReload,
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Admin {
+    fn config_dump(&self) -> serde_json::Value {
+        let state = self.state.load();
+        let mut workloads: Vec<_> = state.workloads().map(|w| serde_json::to_value(&**w).unwrap_or_default()).collect();
+        workloads.sort_by_key(|v| v["uid"].as_str().unwrap_or_default().to_owned());
+        let mut services: Vec<_> = state.services().map(|s| serde_json::to_value(&**s).unwrap_or_default()).collect();
+        services.sort_by_key(|v| format!("{}/{}", v["namespace"].as_str().unwrap_or(""), v["hostname"].as_str().unwrap_or("")));
+        let mut policies: Vec<_> = state.policies().map(|p| serde_json::to_value(&**p).unwrap_or_default()).collect();
+        policies.sort_by_key(|v| format!("{}/{}", v["namespace"].as_str().unwrap_or(""), v["name"].as_str().unwrap_or("")));
+        let certificates: Vec<_> = self
+            .certs
+            .snapshot()
+            .into_iter()
+            .map(|(id, st)| match st {
+                CertState::Ready(c) => serde_json::json!({
+                    "identity": id.to_string(), "state": "ready",
+                    "notBefore": secs(c.not_before), "notAfter": secs(c.not_after),
+                    "chain": c.leaf_pem(),
+                }),
+                CertState::Pending => serde_json::json!({"identity": id.to_string(), "state": "pending"}),
+                CertState::Failed(e) => serde_json::json!({"identity": id.to_string(), "state": "failed", "error": &*e}),
+            })
+            .collect();
+        serde_json::json!({
+            "workloads": workloads, "services": services, "policies": policies, "certificates": certificates,
+        })
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut out = String::new();
+        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            Ok(()) => {
+                let mut r = text(StatusCode::OK, out);
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    fn logging(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let level = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+            .map(|v| v.replace("%2C", ",").replace("%3D", "="));
+        let mut current = self.log_filter.lock().unwrap_or_else(|p| p.into_inner());
+        match (req.method(), level) {
+            (&Method::POST, Some(level)) => match (self.reload)(&level) {
+                Ok(()) => {
+                    *current = level;
+                    text(StatusCode::OK, format!("current log level is {current}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level {level:?}: {e}\n")),
+            },
+            (&Method::POST, None) => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<filter>\n"),
+            _ => text(StatusCode::OK, format!("current log level is {current}\n")),
+        }
+    }
+
+    fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/config_dump" => text(StatusCode::OK, serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default()),
+            "/logging" => self.logging(&req),
+            "/metrics" | "/stats/prometheus" => self.metrics(),
+            "/healthz/ready" => {
+                if *self.ready.borrow() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+/// Serves `admin` on `listener` until `stop` is cancelled. Each listener exposes every path;
+/// the admin one is bound to localhost by default.
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.route(req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+/// Binds an admin-style listener with a message naming the flag to change on failure.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e} (change it with --{what}-addr)"))
+}

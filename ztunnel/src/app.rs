@@ -1,0 +1,220 @@
+//! Start-up and shutdown: builds the state source, certificate manager, HBONE pool and
+//! listeners from the configuration, serves until SIGTERM, then drains.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_core::hbone::{HbonePool, Settings};
+use mesh_core::identity::cert::certs_from_pem;
+use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, TokenSource};
+use mesh_core::socket::{PlainSockets, SocketFactory};
+use mesh_core::state::StateStore;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter};
+
+use crate::admin::{self, Admin, LogReload};
+use crate::config::{Config, LogFormat};
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy};
+
+/// Installs the tracing subscriber and returns a handle that swaps the filter at runtime.
+pub fn init_logging(cfg: &Config) -> LogReload {
+    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
+        eprintln!("warning: invalid log filter {:?} ({e}); using info", cfg.log);
+        EnvFilter::new("info")
+    });
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match cfg.log_format {
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init(),
+        LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
+    }
+    Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+/// `--gen-dev-ca DIR`: writes a fresh development root.
+pub fn write_dev_ca(dir: &Path) -> anyhow::Result<()> {
+    let ca = DevCa::generate("cluster.local")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("root-cert.pem"), ca.root_pem())?;
+    std::fs::write(dir.join("root-key.pem"), ca.key_pem())?;
+    println!("wrote {0}/root-cert.pem and {0}/root-key.pem", dir.display());
+    Ok(())
+}
+
+fn token_source(cfg: &Config) -> TokenSource {
+    match &cfg.token_file {
+        Some(p) => TokenSource::File(p.clone()),
+        None => TokenSource::None,
+    }
+}
+
+async fn listen(sockets: &dyn SocketFactory, port: u16, ipv6: bool, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = vec![sockets
+        .tcp_listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))
+        .with_context(|| format!("binding {what} port {port}"))?];
+    if ipv6 {
+        match sockets.tcp_listener(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)) {
+            Ok(l) => out.push(l),
+            Err(e) => warn!(port, error = %e, "IPv6 {what} listener unavailable"),
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
+    let state = StateStore::new();
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+
+    // Certificates: the development CA signs locally; otherwise the mesh CA does.
+    let (signer, mut roots): (Arc<dyn CertificateSigner>, _) = match (&cfg.ca_root_cert, &cfg.ca_root_key) {
+        (Some(cert), Some(key)) => {
+            let ca = DevCa::load(cert, key).context("loading the development CA")?;
+            let roots = certs_from_pem(ca.root_pem())?;
+            (Arc::new(ca), roots)
+        }
+        _ => {
+            let addr = cfg.ca_address.clone().unwrap_or_default();
+            anyhow::ensure!(addr.starts_with("http://"), "--ca-address {addr}: only http:// is supported until the controller's CA lands");
+            let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+                .with_context(|| format!("--ca-address {addr}"))?
+                .connect_lazy();
+            (Arc::new(CaClient::new(channel, token_source(&cfg), true)), Vec::new())
+        }
+    };
+    if let Some(bundle) = &cfg.trust_bundle {
+        let pem = std::fs::read_to_string(bundle).with_context(|| format!("reading trust bundle {}", bundle.display()))?;
+        roots = certs_from_pem(&pem)?;
+        anyhow::ensure!(!roots.is_empty(), "trust bundle {} holds no certificate", bundle.display());
+    }
+    let certs = CertManager::new(
+        signer,
+        roots,
+        CertManagerConfig { validity: Duration::from_secs(cfg.cert_ttl_seconds), ..Default::default() },
+    );
+
+    // Workload state.
+    let source_ready = start_source(&cfg, state.clone(), &mut registry)?;
+
+    let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets { mark: (cfg.socket_mark != 0).then_some(cfg.socket_mark) });
+    let settings = Settings { idle_timeout: Duration::from_secs(cfg.pool_idle_seconds), ..Default::default() };
+    let pool = HbonePool::new(settings.clone(), certs.clone(), sockets.clone());
+    let local = proxy::local::LocalAddrs::discover();
+    tokio::spawn(local.clone().refresh(Duration::from_secs(2)));
+    let px = Arc::new(Proxy {
+        network: cfg.network.clone(),
+        own_ports: cfg.own_ports(),
+        hbone_port: cfg.hbone_port,
+        state: state.clone(),
+        certs: certs.clone(),
+        pool,
+        sockets: sockets.clone(),
+        settings,
+        metrics,
+        local,
+        tracker: Default::default(),
+        drain: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    tokio::spawn(px.tracker.clone().enforce(state.clone()));
+
+    for l in listen(&*sockets, cfg.outbound_port, cfg.ipv6, "outbound").await? {
+        tokio::spawn(proxy::outbound::serve(px.clone(), l));
+    }
+    for l in listen(&*sockets, cfg.inbound_plaintext_port, cfg.ipv6, "inbound plaintext").await? {
+        tokio::spawn(proxy::inbound_plain::serve(px.clone(), l));
+    }
+    for l in listen(&*sockets, cfg.inbound_port, cfg.ipv6, "inbound HBONE").await? {
+        tokio::spawn(proxy::inbound::serve(px.clone(), l));
+    }
+
+    let admin = Arc::new(Admin {
+        state,
+        certs,
+        registry,
+        ready: source_ready,
+        log_filter: std::sync::Mutex::new(cfg.log.clone()),
+        reload,
+    });
+    let stop_admin = CancellationToken::new();
+    for (addr, what) in [(cfg.admin_addr, "admin"), (cfg.stats_addr, "stats"), (cfg.readiness_addr, "readiness")] {
+        let l = admin::bind(addr, what).await?;
+        tokio::spawn(admin::serve(admin.clone(), l, stop_admin.clone()));
+    }
+    info!(node = %cfg.node_name, "ztunnel started");
+
+    shutdown_signal().await;
+    info!(timeout = ?cfg.drain_timeout(), active = px.tracker.len(), "draining");
+    px.drain.cancel();
+    px.tasks.close();
+    if tokio::time::timeout(cfg.drain_timeout(), px.tasks.wait()).await.is_err() {
+        warn!("drain timed out; closing remaining connections");
+    }
+    stop_admin.cancel();
+    info!("ztunnel stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Starts the configured workload source; the receiver turns true once state is loaded.
+fn start_source(cfg: &Config, store: Arc<StateStore>, registry: &mut Registry) -> anyhow::Result<watch::Receiver<bool>> {
+    if let Some(path) = &cfg.local_xds_path {
+        // Load once before serving so a missing or unreadable file stops start-up with a clear
+        // error; afterwards the watcher applies changes (and keeps the last good state).
+        let mut source = mesh_core::xds::LocalSource::new(path.clone(), store.clone());
+        match source.reload().with_context(|| format!("loading workload state from {}", path.display()))? {
+            mesh_core::xds::local::Reload::Applied { skipped, .. } => {
+                for e in skipped {
+                    warn!(error = %e, "skipped invalid entry");
+                }
+            }
+            mesh_core::xds::local::Reload::Unchanged => {}
+        }
+        tokio::spawn(mesh_core::xds::local::watch(path.clone(), store, Duration::from_secs(1)));
+        return Ok(watch::channel(true).1);
+    }
+    let address = cfg.xds_address.clone().unwrap_or_default();
+    let xds_metrics = mesh_core::xds::XdsMetrics::register(registry);
+    let config = mesh_core::xds::XdsConfig {
+        address,
+        node_id: format!("ztunnel~{}", cfg.node_name),
+        node_metadata: [("NODE_NAME".to_owned(), cfg.node_name.clone())].into(),
+        tls: None,
+        token: token_source(cfg),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(15),
+    };
+    let client = mesh_core::xds::XdsClient::new(config, store, xds_metrics);
+    let ready = client.ready();
+    tokio::spawn(client.run());
+    Ok(ready)
+}

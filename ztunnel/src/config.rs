@@ -1,0 +1,137 @@
+//! ztunnel's configuration: one typed struct from flags and environment, validated at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Node proxy of the ambient mesh.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "ztunnel", version, about)]
+pub struct Config {
+    /// Name of the node this proxy serves (workloads with this node are local).
+    #[arg(long, env = "NODE_NAME", default_value = "local")]
+    pub node_name: String,
+    /// Network of local workloads (empty = default network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+
+    /// Workload state from a local YAML file instead of xDS (watched for changes).
+    #[arg(long, env = "LOCAL_XDS_PATH", conflicts_with = "xds_address")]
+    pub local_xds_path: Option<PathBuf>,
+    /// Control plane address for Delta ADS (http:// or https://).
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// Development CA: root certificate (PEM). With --ca-root-key, certificates are signed
+    /// locally instead of by the mesh CA.
+    #[arg(long, env = "CA_ROOT_CERT", requires = "ca_root_key")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// Development CA: root key (PEM, PKCS#8).
+    #[arg(long, env = "CA_ROOT_KEY", requires = "ca_root_cert")]
+    pub ca_root_key: Option<PathBuf>,
+    /// Mesh CA address (http:// or https://) for CreateCertificate.
+    #[arg(long, env = "CA_ADDRESS", conflicts_with = "ca_root_cert")]
+    pub ca_address: Option<String>,
+    /// File holding the bearer token presented to the CA and xDS server.
+    #[arg(long, env = "TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust bundle (PEM roots). Defaults to the development root or the CA's root.
+    #[arg(long, env = "TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Lifetime requested for workload certificates, in seconds.
+    #[arg(long, env = "CERT_TTL_SECONDS", default_value_t = 24 * 3600)]
+    pub cert_ttl_seconds: u64,
+
+    /// Outbound capture port.
+    #[arg(long, env = "OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Inbound plaintext port.
+    #[arg(long, env = "INBOUND_PLAINTEXT_PORT", default_value_t = 15006)]
+    pub inbound_plaintext_port: u16,
+    /// Inbound HBONE port.
+    #[arg(long, env = "INBOUND_PORT", default_value_t = 15008)]
+    pub inbound_port: u16,
+    /// Port of HBONE on remote workloads.
+    #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
+    pub hbone_port: u16,
+    /// Admin server (config dump, logging); keep it on localhost.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics.
+    #[arg(long, env = "STATS_ADDR", default_value = "0.0.0.0:15020")]
+    pub stats_addr: SocketAddr,
+    /// Readiness probe.
+    #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// Also listen on IPv6 (dual stack); failures to bind IPv6 are logged, not fatal.
+    #[arg(long, env = "IPV6", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ipv6: bool,
+
+    /// SO_MARK set on every proxy socket so capture rules skip it (0 disables).
+    #[arg(long, env = "SOCKET_MARK", default_value_t = mesh_core::socket::MESH_MARK)]
+    pub socket_mark: u32,
+    /// On SIGTERM, how long live connections may take to finish.
+    #[arg(long, env = "DRAIN_SECONDS", default_value_t = 30)]
+    pub drain_seconds: u64,
+    /// Idle pooled HBONE connections are closed after this many seconds.
+    #[arg(long, env = "POOL_IDLE_SECONDS", default_value_t = 300)]
+    pub pool_idle_seconds: u64,
+
+    /// Write a development CA (root-cert.pem, root-key.pem) into this directory and exit.
+    #[arg(long, value_name = "DIR")]
+    pub gen_dev_ca: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); changeable at runtime via the admin /logging.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Checks what clap cannot, with messages that say how to fix it.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.local_xds_path.is_none() && self.xds_address.is_none() {
+            anyhow::bail!("no workload source: pass --local-xds-path <file> or --xds-address <url>");
+        }
+        if self.ca_root_cert.is_none() && self.ca_address.is_none() {
+            anyhow::bail!(
+                "no certificate source: pass --ca-root-cert and --ca-root-key (development CA) or --ca-address <url>"
+            );
+        }
+        if self.cert_ttl_seconds < 60 {
+            // Short lifetimes are allowed for tests, but warn-level short is a misconfiguration.
+            if self.cert_ttl_seconds < 2 {
+                anyhow::bail!("--cert-ttl-seconds {} is too short (minimum 2)", self.cert_ttl_seconds);
+            }
+        }
+        let ports = [self.outbound_port, self.inbound_plaintext_port, self.inbound_port];
+        if ports.contains(&0) {
+            anyhow::bail!("proxy ports must be non-zero");
+        }
+        for addr in [&self.xds_address, &self.ca_address].into_iter().flatten() {
+            if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                anyhow::bail!("address {addr:?} must start with http:// or https://");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds)
+    }
+
+    /// Ports whose use as a destination would loop traffic back into ztunnel.
+    pub fn own_ports(&self) -> [u16; 3] {
+        [self.outbound_port, self.inbound_plaintext_port, self.inbound_port]
+    }
+}

@@ -1,0 +1,49 @@
+//! ztunnel: the per-node proxy of the ambient mesh. Captured pod TCP leaves through the
+//! outbound listener and travels over HBONE (HTTP/2 CONNECT in mutual TLS) to the destination's
+//! ztunnel, which authorizes it and hands it to the application.
+//!
+//! This binary wires the pieces together: configuration, logging, the workload source, the
+//! certificate manager, the proxy listeners, the admin servers and graceful drain.
+
+mod admin;
+mod app;
+mod config;
+mod metrics;
+mod proxy;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cfg = config::Config::parse();
+    if let Some(dir) = &cfg.gen_dev_ca {
+        return match app::write_dev_ca(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Err(e) = cfg.validate() {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let reload = app::init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(app::run(cfg, reload)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

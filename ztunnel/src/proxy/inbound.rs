@@ -1,0 +1,153 @@
+//! Inbound HBONE (15008): terminate mutual TLS with the local workload's certificate, check
+//! that each CONNECT targets that workload, authorize it, connect to the application from the
+//! client's own address where the kernel allows, answer 200 and splice.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::StatusCode;
+use mesh_core::hbone::{serve_connection, InboundConnect};
+use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
+use mesh_core::socket::connect_from;
+use mesh_core::tls;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::outbound::ActiveGuard;
+use super::Proxy;
+use crate::metrics::{AccessLog, Reporter, TcpLabels};
+
+pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = px.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let px2 = px.clone();
+                px.tasks.spawn(async move { connection(px2, tcp, peer).await });
+            }
+            Err(e) => {
+                warn!(error = %e, "HBONE accept failed");
+                px.metrics.refuse("accept_error");
+            }
+        }
+    }
+}
+
+async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let Some(wl) = px.local_workload(local) else {
+        warn!(%peer, %local, "HBONE connection to an address with no local workload");
+        px.metrics.refuse("unknown_destination");
+        return;
+    };
+    let cert = match px.certs.fetch(&wl.identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            // No certificate: refuse rather than serve without identity.
+            warn!(identity = %wl.identity, error = %e, "no certificate for inbound HBONE");
+            px.metrics.refuse("no_certificate");
+            return;
+        }
+    };
+    let config = match tls::cached_server_config(&cert) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot build TLS server configuration");
+            px.metrics.refuse("tls_config");
+            return;
+        }
+    };
+    let px2 = px.clone();
+    let result = serve_connection(tcp, config, &px.settings, px.drain.clone(), move |req| {
+        let px = px2.clone();
+        async move { stream(px, req).await }
+    })
+    .await;
+    if let Err(e) = result {
+        info!(%peer, error = %e, "HBONE connection ended with error");
+        px.metrics.refuse("hbone_connection_error");
+    }
+}
+
+async fn stream(px: Arc<Proxy>, req: InboundConnect) {
+    let start = Instant::now();
+    let state = px.state.load();
+    // The authority must name this listener's workload (by one of its addresses).
+    let owner = state.workload_by_ip(&px.network, req.local_addr.ip()).cloned();
+    let Some(wl) = owner.filter(|w| w.addresses.contains(&req.dst.ip()) && px.local.contains(req.dst.ip())) else {
+        debug!(dst = %req.dst, local = %req.local_addr, "CONNECT authority does not belong to this workload");
+        px.metrics.refuse("bad_authority");
+        req.reject(StatusCode::BAD_REQUEST);
+        return;
+    };
+    if px.is_loop(req.dst) {
+        px.metrics.refuse("loop");
+        req.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
+    let src_wl = state.workload_by_ip(&px.network, req.peer_addr.ip()).cloned();
+    let info = ConnectionInfo { src_identity: Some(req.peer_identity.clone()), src_ip: req.peer_addr.ip(), dst: req.dst };
+    let labels = TcpLabels::new(Reporter::destination, src_wl.as_deref(), Some(&req.peer_identity), Some(&wl), None, true);
+    if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
+        info!(src = %req.peer_identity, dst = %req.dst, ?policy, "connection denied by authorization policy");
+        px.metrics.refuse("policy_denied");
+        req.reject(StatusCode::UNAUTHORIZED);
+        return;
+    }
+    drop(state);
+    // Connect from the original client address (the HBONE peer; a waypoint forwards it).
+    let client = req.forwarded_for().map(|f| f.ip()).unwrap_or(req.peer_addr.ip());
+    let upstream = tokio::time::timeout(px.settings.connect_timeout, connect_from(&*px.sockets, Some(client), req.dst)).await;
+    let mut upstream = match upstream {
+        Ok(Ok((s, _transparent))) => s,
+        Ok(Err(e)) => {
+            info!(dst = %req.dst, error = %e, "application unreachable");
+            px.metrics.refuse("upstream_unreachable");
+            req.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+        Err(_) => {
+            px.metrics.refuse("upstream_timeout");
+            req.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let peer = req.forwarded_for().unwrap_or(req.peer_addr);
+    let dst = req.dst;
+    let registration = px.tracker.register(info, wl.uid.clone());
+    let h2 = match req.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "client went away before the tunnel was accepted");
+            return;
+        }
+    };
+    let _active = ActiveGuard::new(&px);
+    px.metrics.opened.get_or_create(&labels).inc();
+    let result = tokio::select! {
+        r = h2.splice_tcp(&mut upstream) => r.map_err(|e| e.to_string()),
+        _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
+    };
+    // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
+    let (sent, received, error) = match result {
+        Ok(t) => (t.from_tunnel, t.to_tunnel, None),
+        Err(e) => (0, 0, Some(e)),
+    };
+    px.metrics.close(&labels, sent, received);
+    AccessLog {
+        direction: "inbound",
+        src_addr: peer,
+        dst_addr: dst,
+        hbone_addr: None,
+        labels: &labels,
+        sent,
+        received,
+        duration: start.elapsed(),
+        error,
+    }
+    .emit();
+}

@@ -1,0 +1,92 @@
+//! Inbound plaintext (15006): connections redirected without HBONE. They carry no identity,
+//! so a policy requiring one (STRICT mTLS) denies them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
+use mesh_core::socket::{connect_from, original_dst};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::outbound::ActiveGuard;
+use super::Proxy;
+use crate::metrics::{AccessLog, Reporter, TcpLabels};
+
+pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = px.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let px2 = px.clone();
+                px.tasks.spawn(async move { handle(px2, tcp, peer).await });
+            }
+            Err(e) => {
+                warn!(error = %e, "plaintext accept failed");
+                px.metrics.refuse("accept_error");
+            }
+        }
+    }
+}
+
+async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
+    let start = Instant::now();
+    let Ok(dst) = original_dst(&tcp) else {
+        px.metrics.refuse("no_original_dst");
+        return;
+    };
+    if px.is_loop(dst) {
+        px.metrics.refuse("loop");
+        return;
+    }
+    let Some(wl) = px.local_workload(dst) else {
+        warn!(%peer, %dst, "plaintext connection to an address with no local workload");
+        px.metrics.refuse("unknown_destination");
+        return;
+    };
+    let state = px.state.load();
+    let info = ConnectionInfo { src_identity: None, src_ip: peer.ip(), dst };
+    let src_wl = state.workload_by_ip(&px.network, peer.ip()).cloned();
+    let labels = TcpLabels::new(Reporter::destination, src_wl.as_deref(), None, Some(&wl), None, false);
+    if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
+        info!(src = %peer, %dst, ?policy, "plaintext connection denied by authorization policy");
+        px.metrics.refuse("policy_denied");
+        return;
+    }
+    drop(state);
+    let registration = px.tracker.register(info, wl.uid.clone());
+    let _active = ActiveGuard::new(&px);
+    px.metrics.opened.get_or_create(&labels).inc();
+    let result = async {
+        let (mut up, _) = tokio::time::timeout(px.settings.connect_timeout, connect_from(&*px.sockets, Some(peer.ip()), dst))
+            .await
+            .map_err(|_| format!("connect to {dst} timed out"))?
+            .map_err(|e| format!("connect to {dst}: {e}"))?;
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => r.map_err(|e| e.to_string()),
+            _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
+        }
+    }
+    .await;
+    let (sent, received, error) = match result {
+        Ok((s, r)) => (s, r, None),
+        Err(e) => (0, 0, Some(e)),
+    };
+    px.metrics.close(&labels, sent, received);
+    AccessLog {
+        direction: "inbound_plaintext",
+        src_addr: peer,
+        dst_addr: dst,
+        hbone_addr: None,
+        labels: &labels,
+        sent,
+        received,
+        duration: start.elapsed(),
+        error,
+    }
+    .emit();
+}

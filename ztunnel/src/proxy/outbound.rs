@@ -1,0 +1,306 @@
+//! Outbound: a captured application connection is resolved against the mesh state and sent
+//! over HBONE to the destination's ztunnel (or its waypoint), as plain TCP to a workload that
+//! does not speak HBONE, or passed through untouched when the destination is unknown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_core::hbone::{PoolKey, TunnelRequest};
+use mesh_core::identity::Identity;
+use mesh_core::socket::original_dst;
+use mesh_core::state::{Destination, GatewayAddress, GatewayDestination, Service, State, Tunnel, Workload};
+use rand::seq::SliceRandom;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::Proxy;
+use crate::metrics::{AccessLog, Reporter, TcpLabels};
+
+/// Where a connection goes.
+#[derive(Debug)]
+pub enum Route {
+    Hbone {
+        /// `ip:15008` of the destination ztunnel or waypoint.
+        endpoint: SocketAddr,
+        /// CONNECT authority.
+        authority: SocketAddr,
+        identities: Vec<Identity>,
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+    },
+    Plain {
+        addr: SocketAddr,
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+    },
+    Passthrough(SocketAddr),
+}
+
+/// Why a connection could not be routed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("service {0} does not expose port {1}")]
+    NoPort(String, u16),
+    #[error("service {0} has no healthy endpoint")]
+    NoEndpoint(String),
+    #[error("waypoint {0:?} cannot be resolved")]
+    Waypoint(GatewayDestination),
+    #[error("workload {0} has no address of the right family")]
+    NoAddress(String),
+}
+
+impl RouteError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RouteError::NoPort(..) => "no_service_port",
+            RouteError::NoEndpoint(_) => "no_healthy_endpoint",
+            RouteError::Waypoint(_) => "waypoint_unresolved",
+            RouteError::NoAddress(_) => "no_address",
+        }
+    }
+}
+
+fn address_like(w: &Workload, like: IpAddr) -> Option<IpAddr> {
+    w.addresses.iter().copied().find(|a| a.is_ipv4() == like.is_ipv4()).or_else(|| w.addresses.first().copied())
+}
+
+/// Resolves a waypoint to its HBONE endpoint and identity.
+fn waypoint_route(
+    state: &State,
+    network: &str,
+    wp: &GatewayAddress,
+    authority: SocketAddr,
+    service: Option<Arc<Service>>,
+) -> Result<Route, RouteError> {
+    let unresolved = || RouteError::Waypoint(wp.destination.clone());
+    let wl = match &wp.destination {
+        GatewayDestination::Address { network: n, ip } => {
+            let n = if n.is_empty() { network } else { n.as_str() };
+            match state.lookup(n, *ip) {
+                Some(Destination::Workload(w)) => w,
+                Some(Destination::Service(s)) => {
+                    state.endpoints(&s).choose(&mut rand::thread_rng()).cloned().ok_or_else(unresolved)?
+                }
+                None => return Err(unresolved()),
+            }
+        }
+        GatewayDestination::Hostname { namespace, hostname } => {
+            let svc = state.service(&format!("{namespace}/{hostname}")).ok_or_else(unresolved)?;
+            state.endpoints(svc).choose(&mut rand::thread_rng()).cloned().ok_or_else(unresolved)?
+        }
+    };
+    let ip = address_like(&wl, authority.ip()).ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
+    Ok(Route::Hbone {
+        endpoint: SocketAddr::new(ip, wp.hbone_port),
+        authority,
+        identities: vec![wl.identity.clone()],
+        workload: Some(wl),
+        service,
+    })
+}
+
+/// Decides the route for a connection from `src` to `dst`.
+pub fn resolve(
+    state: &State,
+    network: &str,
+    hbone_port: u16,
+    src: &Workload,
+    dst: SocketAddr,
+) -> Result<Route, RouteError> {
+    let is_waypoint_of_self = |wp: &GatewayAddress| match &wp.destination {
+        GatewayDestination::Address { ip, .. } => src.addresses.contains(ip),
+        GatewayDestination::Hostname { .. } => false,
+    };
+    match state.lookup(network, dst.ip()) {
+        None => Ok(Route::Passthrough(dst)),
+        Some(Destination::Service(svc)) => {
+            if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
+                return waypoint_route(state, network, wp, dst, Some(svc.clone()));
+            }
+            let port = svc
+                .ports
+                .iter()
+                .find(|p| p.service_port == dst.port())
+                .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
+            let endpoints = state.endpoints(&svc);
+            let wl = endpoints.choose(&mut rand::thread_rng()).ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
+            // The workload's own mapping wins over the service's (named target ports).
+            let target = wl
+                .services
+                .get(&svc.key())
+                .and_then(|ps| ps.iter().find(|p| p.service_port == dst.port()))
+                .map(|p| p.target_port)
+                .filter(|p| *p != 0)
+                .unwrap_or(if port.target_port == 0 { port.service_port } else { port.target_port });
+            let ip = address_like(wl, dst.ip()).ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
+            let target = SocketAddr::new(ip, target);
+            Ok(match wl.tunnel {
+                Tunnel::Hbone => {
+                    let mut identities = vec![wl.identity.clone()];
+                    identities.extend(svc.subject_alt_names.iter().cloned());
+                    Route::Hbone {
+                        endpoint: SocketAddr::new(ip, hbone_port),
+                        authority: target,
+                        identities,
+                        workload: Some(wl.clone()),
+                        service: Some(svc),
+                    }
+                }
+                Tunnel::None => Route::Plain { addr: target, workload: Some(wl.clone()), service: Some(svc) },
+            })
+        }
+        Some(Destination::Workload(wl)) => {
+            if let Some(wp) = wl.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
+                return waypoint_route(state, network, wp, dst, None);
+            }
+            Ok(match wl.tunnel {
+                Tunnel::Hbone => Route::Hbone {
+                    endpoint: SocketAddr::new(dst.ip(), hbone_port),
+                    authority: dst,
+                    identities: vec![wl.identity.clone()],
+                    workload: Some(wl),
+                    service: None,
+                },
+                Tunnel::None => Route::Plain { addr: dst, workload: Some(wl), service: None },
+            })
+        }
+    }
+}
+
+/// Accepts captured connections until drained.
+pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = px.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let px2 = px.clone();
+                px.tasks.spawn(async move { handle(px2, tcp, peer).await });
+            }
+            Err(e) => {
+                warn!(error = %e, "outbound accept failed");
+                px.metrics.refuse("accept_error");
+            }
+        }
+    }
+}
+
+fn baggage(w: &Workload) -> String {
+    format!(
+        "k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        w.namespace, w.name, w.canonical_name, w.canonical_revision
+    )
+}
+
+async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
+    let start = Instant::now();
+    let dst = match original_dst(&tcp) {
+        Ok(d) => d,
+        Err(e) => {
+            debug!(error = %e, "no original destination; connection was not redirected");
+            px.metrics.refuse("no_original_dst");
+            return;
+        }
+    };
+    if px.is_loop(dst) {
+        warn!(%peer, %dst, "refusing connection to ztunnel's own port");
+        px.metrics.refuse("loop");
+        return;
+    }
+    let Some(src) = px.local_workload(peer) else {
+        // Without a known source there is no identity to present: fail closed.
+        warn!(%peer, %dst, "outbound connection from an unknown workload refused");
+        px.metrics.refuse("unknown_source");
+        return;
+    };
+    let state = px.state.load();
+    let route = match resolve(&state, &px.network, px.hbone_port, &src, dst) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(%peer, %dst, error = %e, "no route");
+            px.metrics.refuse(e.reason());
+            return;
+        }
+    };
+    drop(state);
+    let _active = ActiveGuard::new(&px);
+    let (labels, hbone_addr, result) = match route {
+        Route::Hbone { endpoint, authority, identities, workload, service } => {
+            let labels =
+                TcpLabels::new(Reporter::source, Some(&src), Some(&src.identity), workload.as_deref(), service.as_deref(), true);
+            px.metrics.opened.get_or_create(&labels).inc();
+            let mut identities = identities;
+            identities.sort();
+            identities.dedup();
+            let req = TunnelRequest {
+                key: PoolKey { src_identity: src.identity.clone(), dst_identities: identities, src_ip: Some(peer.ip()), dst: endpoint },
+                authority: authority.to_string(),
+                forwarded_for: Some(peer),
+                baggage: Some(baggage(&src)),
+                traceparent: None,
+            };
+            let result = match px.pool.connect(&req).await {
+                Ok(stream) => stream.splice_tcp(&mut tcp).await.map(|t| (t.to_tunnel, t.from_tunnel)).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (labels, Some(endpoint), result)
+        }
+        Route::Plain { addr, workload, service } => {
+            let labels = TcpLabels::new(Reporter::source, Some(&src), Some(&src.identity), workload.as_deref(), service.as_deref(), false);
+            px.metrics.opened.get_or_create(&labels).inc();
+            (labels, None, plain(&px, &mut tcp, addr).await)
+        }
+        Route::Passthrough(addr) => {
+            let labels = TcpLabels::new(Reporter::source, Some(&src), Some(&src.identity), None, None, false);
+            px.metrics.opened.get_or_create(&labels).inc();
+            (labels, None, plain(&px, &mut tcp, addr).await)
+        }
+    };
+    let (sent, received, error) = match result {
+        Ok((s, r)) => (s, r, None),
+        Err(e) => (0, 0, Some(e)),
+    };
+    px.metrics.close(&labels, sent, received);
+    AccessLog {
+        direction: "outbound",
+        src_addr: peer,
+        dst_addr: dst,
+        hbone_addr,
+        labels: &labels,
+        sent,
+        received,
+        duration: start.elapsed(),
+        error,
+    }
+    .emit();
+}
+
+async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr) -> Result<(u64, u64), String> {
+    let sock = px.sockets.tcp_socket(addr).map_err(|e| e.to_string())?;
+    let mut upstream = tokio::time::timeout(px.settings.connect_timeout, sock.connect(addr))
+        .await
+        .map_err(|_| format!("connect to {addr} timed out"))?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, 64 * 1024, 64 * 1024)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Counts a connection in the active gauge for as long as it lives.
+pub struct ActiveGuard<'a>(&'a Proxy);
+
+impl<'a> ActiveGuard<'a> {
+    pub fn new(px: &'a Proxy) -> Self {
+        px.metrics.active.inc();
+        ActiveGuard(px)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.active.dec();
+    }
+}

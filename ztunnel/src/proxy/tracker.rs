@@ -1,0 +1,72 @@
+//! Live inbound connections and their authorization facts. Whenever the state changes, each is
+//! evaluated against the new policies and those now denied are closed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
+use mesh_core::state::StateStore;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+struct Tracked {
+    info: ConnectionInfo,
+    dst_uid: String,
+    cancel: CancellationToken,
+}
+
+#[derive(Clone, Default)]
+pub struct ConnTracker {
+    inner: Arc<Mutex<HashMap<u64, Tracked>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// Removes the connection from the tracker when dropped.
+pub struct Registration {
+    id: u64,
+    tracker: ConnTracker,
+    pub cancel: CancellationToken,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.tracker.lock().remove(&self.id);
+    }
+}
+
+impl ConnTracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(&self, info: ConnectionInfo, dst_uid: String) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        self.lock().insert(id, Tracked { info, dst_uid, cancel: cancel.clone() });
+        Registration { id, tracker: self.clone(), cancel }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Re-checks every live connection on each state change.
+    pub async fn enforce(self, store: Arc<StateStore>) {
+        let mut changes = store.subscribe();
+        while changes.changed().await.is_ok() {
+            let state = store.load();
+            for t in self.lock().values() {
+                let decision = match state.workload(&t.dst_uid) {
+                    Some(w) => evaluate(state.policies_for(w), &t.info),
+                    // The destination is gone: nothing authorizes the connection any more.
+                    None => Decision::Deny(None),
+                };
+                if let Decision::Deny(policy) = decision {
+                    info!(src = %t.info.src_ip, dst = %t.info.dst, ?policy, "closing connection denied by updated policy");
+                    t.cancel.cancel();
+                }
+            }
+        }
+    }
+}
