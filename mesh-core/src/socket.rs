@@ -28,7 +28,11 @@ pub struct PlainSockets {
 
 impl SocketFactory for PlainSockets {
     fn tcp_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
-        let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+        let s = Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?;
         if let Some(m) = self.mark {
             s.set_mark(m)?;
         }
@@ -37,7 +41,11 @@ impl SocketFactory for PlainSockets {
     }
 
     fn tcp_listener(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+        let s = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?;
         if let Some(m) = self.mark {
             s.set_mark(m)?;
         }
@@ -108,7 +116,10 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let local = stream.local_addr()?;
     let addr = if local.is_ipv4() {
         let a = getsockopt(stream, sockopt::OriginalDst)?;
-        SocketAddr::new(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()), u16::from_be(a.sin_port))
+        SocketAddr::new(
+            IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()),
+            u16::from_be(a.sin_port),
+        )
     } else {
         let a = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
         let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).to_canonical();

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use mesh_core::hbone::{serve_connection, HboneError, HbonePool, PoolKey, Settings, TunnelRequest};
@@ -29,7 +28,12 @@ fn cert_from(ca: &DevCa, identity: &Identity, nb: OffsetDateTime, na: OffsetDate
 
 fn valid_cert(ca: &DevCa, identity: &Identity) -> WorkloadCertificate {
     let now = OffsetDateTime::now_utc();
-    cert_from(ca, identity, now - time::Duration::minutes(1), now + time::Duration::hours(1))
+    cert_from(
+        ca,
+        identity,
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    )
 }
 
 /// An echo server: writes back everything, then closes its side after the client's EOF.
@@ -102,7 +106,12 @@ fn pool(ca: DevCa) -> Arc<HbonePool> {
 
 fn request(server: SocketAddr, expect: Identity, target: SocketAddr) -> TunnelRequest {
     TunnelRequest {
-        key: PoolKey { src_identity: id("default", "client"), dst_identities: vec![expect], src_ip: None, dst: server },
+        key: PoolKey {
+            src_identity: id("default", "client"),
+            dst_identities: vec![expect],
+            src_ip: None,
+            dst: server,
+        },
         authority: target.to_string(),
         forwarded_for: None,
         baggage: None,
@@ -147,7 +156,10 @@ async fn round_trip_small_and_large_transfer() {
     let pool = pool(ca);
     let req = request(srv.addr, server_id, echo);
 
-    assert_eq!(round_trip(&pool, &req, b"hello hbone".to_vec()).await.unwrap(), b"hello hbone");
+    assert_eq!(
+        round_trip(&pool, &req, b"hello hbone".to_vec()).await.unwrap(),
+        b"hello hbone"
+    );
     let big = pattern(32 * 1024 * 1024);
     let back = round_trip(&pool, &req, big.clone()).await.unwrap();
     assert_eq!(back.len(), big.len());
@@ -167,7 +179,11 @@ async fn streams_share_one_connection_and_broken_connection_is_replaced() {
     for _ in 0..5 {
         streams.push(pool.connect(&req).await.unwrap());
     }
-    assert_eq!(srv.accepted.load(Ordering::SeqCst), 1, "5 streams should share one TLS connection");
+    assert_eq!(
+        srv.accepted.load(Ordering::SeqCst),
+        1,
+        "5 streams should share one TLS connection"
+    );
     assert_eq!(pool.stats().connections, 1);
     assert_eq!(pool.stats().streams, 5);
     drop(streams);
@@ -176,7 +192,11 @@ async fn streams_share_one_connection_and_broken_connection_is_replaced() {
     srv.kill_connections();
     let back = round_trip(&pool, &req, b"after failure".to_vec()).await.unwrap();
     assert_eq!(back, b"after failure");
-    assert_eq!(srv.accepted.load(Ordering::SeqCst), 2, "a new TLS connection replaces the broken one");
+    assert_eq!(
+        srv.accepted.load(Ordering::SeqCst),
+        2,
+        "a new TLS connection replaces the broken one"
+    );
 }
 
 #[tokio::test]
@@ -186,7 +206,10 @@ async fn stream_limit_opens_another_connection() {
     let srv = hbone_server(valid_cert(&ca, &server_id)).await;
     let echo = echo_server().await;
     let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-    let settings = Settings { client_max_streams: 2, ..Default::default() };
+    let settings = Settings {
+        client_max_streams: 2,
+        ..Default::default()
+    };
     let pool = HbonePool::new(settings, certs, Arc::new(PlainSockets::default()));
     let req = request(srv.addr, server_id, echo);
     let mut streams = Vec::new();
@@ -200,7 +223,10 @@ async fn stream_limit_opens_another_connection() {
 fn expect_tls_error(e: HboneError, needle: &str) {
     let msg = e.to_string();
     assert!(matches!(e, HboneError::Tls(_)), "expected a TLS error, got {msg}");
-    assert!(msg.to_lowercase().contains(needle), "error {msg:?} should mention {needle:?}");
+    assert!(
+        msg.to_lowercase().contains(needle),
+        "error {msg:?} should mention {needle:?}"
+    );
 }
 
 #[tokio::test]
@@ -209,7 +235,11 @@ async fn server_with_wrong_identity_is_refused() {
     let srv = hbone_server(valid_cert(&ca, &id("default", "impostor"))).await;
     let echo = echo_server().await;
     let pool = pool(ca);
-    let e = pool.connect(&request(srv.addr, id("default", "server"), echo)).await.err().unwrap();
+    let e = pool
+        .connect(&request(srv.addr, id("default", "server"), echo))
+        .await
+        .err()
+        .unwrap();
     expect_tls_error(e, "not one of the expected identities");
 }
 
@@ -220,7 +250,11 @@ async fn server_from_another_root_is_refused() {
     let server_id = id("default", "server");
     let srv = hbone_server(valid_cert(&theirs, &server_id)).await;
     let echo = echo_server().await;
-    let e = pool(ours).connect(&request(srv.addr, server_id, echo)).await.err().unwrap();
+    let e = pool(ours)
+        .connect(&request(srv.addr, server_id, echo))
+        .await
+        .err()
+        .unwrap();
     // Same issuer name, other key: webpki reports a bad signature (or an unknown issuer).
     let msg = e.to_string().to_lowercase();
     assert!(msg.contains("badsignature") || msg.contains("unknownissuer"), "{msg}");
@@ -231,10 +265,19 @@ async fn expired_server_certificate_is_refused() {
     let ca = DevCa::generate("cluster.local").unwrap();
     let server_id = id("default", "server");
     let now = OffsetDateTime::now_utc();
-    let expired = cert_from(&ca, &server_id, now - time::Duration::hours(2), now - time::Duration::hours(1));
+    let expired = cert_from(
+        &ca,
+        &server_id,
+        now - time::Duration::hours(2),
+        now - time::Duration::hours(1),
+    );
     let srv = hbone_server(expired).await;
     let echo = echo_server().await;
-    let e = pool(ca).connect(&request(srv.addr, server_id, echo)).await.err().unwrap();
+    let e = pool(ca)
+        .connect(&request(srv.addr, server_id, echo))
+        .await
+        .err()
+        .unwrap();
     expect_tls_error(e, "expired");
 }
 
@@ -253,7 +296,11 @@ async fn client_refused(server_ca: &DevCa, client: WorkloadCertificate) {
         let tls = connector.connect(tls::placeholder_server_name(), tcp).await?;
         let (mut sender, conn) = h2::client::handshake(tls).await.map_err(std::io::Error::other)?;
         tokio::spawn(conn);
-        let req = Request::builder().method(Method::CONNECT).uri("127.0.0.1:1").body(()).unwrap();
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("127.0.0.1:1")
+            .body(())
+            .unwrap();
         let (resp, _) = sender.send_request(req, false).map_err(std::io::Error::other)?;
         resp.await.map_err(std::io::Error::other)
     }
@@ -272,7 +319,12 @@ async fn client_certificate_from_another_root_is_refused() {
 async fn expired_client_certificate_is_refused() {
     let ca = DevCa::generate("cluster.local").unwrap();
     let now = OffsetDateTime::now_utc();
-    let expired = cert_from(&ca, &id("default", "client"), now - time::Duration::hours(2), now - time::Duration::hours(1));
+    let expired = cert_from(
+        &ca,
+        &id("default", "client"),
+        now - time::Duration::hours(2),
+        now - time::Duration::hours(1),
+    );
     client_refused(&ca, expired).await;
 }
 
@@ -281,7 +333,10 @@ async fn raw_status(srv: SocketAddr, ca: &DevCa, server_id: Identity, req: Reque
     let client = valid_cert(ca, &id("default", "client"));
     let config = tls::client_config(&client, vec![server_id]).unwrap();
     let tcp = TcpStream::connect(srv).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config).connect(tls::placeholder_server_name(), tcp).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(tls::placeholder_server_name(), tcp)
+        .await
+        .unwrap();
     let (sender, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     let mut sender = sender.ready().await.unwrap();
@@ -295,18 +350,41 @@ async fn malformed_requests_get_precise_statuses() {
     let server_id = id("default", "server");
     let srv = hbone_server(valid_cert(&ca, &server_id)).await;
 
-    let get = Request::builder().method(Method::GET).uri("https://127.0.0.1:80/").body(()).unwrap();
-    assert_eq!(raw_status(srv.addr, &ca, server_id.clone(), get).await, StatusCode::METHOD_NOT_ALLOWED);
+    let get = Request::builder()
+        .method(Method::GET)
+        .uri("https://127.0.0.1:80/")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        raw_status(srv.addr, &ca, server_id.clone(), get).await,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
 
-    let bad_authority = Request::builder().method(Method::CONNECT).uri("not-an-ip:80").body(()).unwrap();
-    assert_eq!(raw_status(srv.addr, &ca, server_id.clone(), bad_authority).await, StatusCode::BAD_REQUEST);
+    let bad_authority = Request::builder()
+        .method(Method::CONNECT)
+        .uri("not-an-ip:80")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        raw_status(srv.addr, &ca, server_id.clone(), bad_authority).await,
+        StatusCode::BAD_REQUEST
+    );
 
     // Nothing listens on port 1: the upstream is unreachable.
-    let unreachable = Request::builder().method(Method::CONNECT).uri("127.0.0.1:1").body(()).unwrap();
-    assert_eq!(raw_status(srv.addr, &ca, server_id.clone(), unreachable).await, StatusCode::SERVICE_UNAVAILABLE);
+    let unreachable = Request::builder()
+        .method(Method::CONNECT)
+        .uri("127.0.0.1:1")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        raw_status(srv.addr, &ca, server_id.clone(), unreachable).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 
     // The server keeps working after all of that.
     let echo = echo_server().await;
-    let back = round_trip(&pool(ca), &request(srv.addr, server_id, echo), b"still alive".to_vec()).await.unwrap();
+    let back = round_trip(&pool(ca), &request(srv.addr, server_id, echo), b"still alive".to_vec())
+        .await
+        .unwrap();
     assert_eq!(back, b"still alive");
 }

@@ -1,6 +1,9 @@
 //! Protobuf wire types shared with Istio's ambient data plane, generated at build time by
 //! protox + tonic-build from `proto/*.proto` (no system `protoc` needed).
 
+// Generated code: message layout is dictated by the wire format, not by lint preferences.
+#![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+
 /// Workload discovery: `istio.workload.Address`, `Workload`, `Service`.
 pub mod workload {
     tonic::include_proto!("istio.workload");

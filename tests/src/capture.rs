@@ -43,9 +43,31 @@ pub fn install(ns: &Netns) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
     r?;
     for v in ["-4", "-6"] {
-        ns.exec(&["ip", v, "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"])?;
+        ns.exec(&[
+            "ip",
+            v,
+            "rule",
+            "add",
+            "fwmark",
+            "0x111/0xfff",
+            "pref",
+            "32764",
+            "lookup",
+            "100",
+        ])?;
     }
-    ns.exec(&["ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])?;
+    ns.exec(&[
+        "ip",
+        "-4",
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ])?;
     ns.exec(&["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"])?;
     Ok(())
 }

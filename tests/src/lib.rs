@@ -8,10 +8,12 @@
 //! - [`capture`]: the redirection rules of an ambient pod (nftables + policy routing).
 //! - [`Ztunnel`]: a ztunnel process in a namespace, with readiness and admin helpers.
 
+pub mod bed;
 pub mod capture;
 pub mod netns;
 pub mod ztunnel;
 
+pub use bed::Bed;
 pub use netns::{Hub, Netns};
 pub use ztunnel::Ztunnel;
 
@@ -19,7 +21,11 @@ pub use ztunnel::Ztunnel;
 pub fn binary(name: &str) -> std::path::PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().and_then(|d| d.parent()).map(|d| d.to_path_buf()).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.to_path_buf())
+        .unwrap_or_default();
     dir.join(name)
 }
 

@@ -14,12 +14,20 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique name: interface names are limited to 15 bytes.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, failing with its stderr when it does not succeed.
 pub fn sh(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().with_context(|| format!("running {args:?}"))?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
         bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -143,7 +151,21 @@ impl Hub {
     /// Links `pod` to the bridge and gives it `addrs` (CIDR strings) on its `eth0`.
     pub fn attach(&self, pod: &Netns, addrs: &[&str]) -> anyhow::Result<()> {
         let host = unique("vh");
-        sh(&["ip", "link", "add", &host, "netns", &self.ns.name, "type", "veth", "peer", "name", "eth0", "netns", &pod.name])?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &host,
+            "netns",
+            &self.ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod.name,
+        ])?;
         self.ns.exec(&["ip", "link", "set", &host, "master", "br0", "up"])?;
         for a in addrs {
             if a.contains(':') {

@@ -38,14 +38,25 @@ impl<'a> Ztunnel<'a> {
             .arg(files.root_cert)
             .arg("--ca-root-key")
             .arg(files.root_key)
-            .args(["--node-name", &ns.name, "--log", "info,access=info", "--log-format", "json"])
+            .args([
+                "--node-name",
+                &ns.name,
+                "--log",
+                "info,access=info",
+                "--log-format",
+                "json",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
             .context("spawning ztunnel (did `cargo build` run?)")?;
-        let z = Ztunnel { ns, child: Some(child), log };
+        let z = Ztunnel {
+            ns,
+            child: Some(child),
+            log,
+        };
         z.wait_ready(Duration::from_secs(20)).await?;
         Ok(z)
     }
@@ -58,7 +69,11 @@ impl<'a> Ztunnel<'a> {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("ztunnel in {} not ready within {within:?}; log:\n{}", self.ns.name, self.logs());
+                bail!(
+                    "ztunnel in {} not ready within {within:?}; log:\n{}",
+                    self.ns.name,
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -78,7 +93,9 @@ impl<'a> Ztunnel<'a> {
     }
 
     pub async fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.get("127.0.0.1:15000", "/config_dump").await?.1)?)
+        Ok(serde_json::from_str(
+            &self.get("127.0.0.1:15000", "/config_dump").await?.1,
+        )?)
     }
 
     pub fn logs(&self) -> String {
@@ -88,13 +105,18 @@ impl<'a> Ztunnel<'a> {
     /// Sends SIGTERM (`ip netns exec` execs the program, so the child pid is ztunnel itself).
     pub fn sigterm(&self) -> anyhow::Result<()> {
         let Some(child) = &self.child else { bail!("not running") };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         Ok(())
     }
 
     /// Waits for the process to exit and returns its exit code.
     pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<i32> {
-        let Some(child) = self.child.as_mut() else { bail!("not running") };
+        let Some(child) = self.child.as_mut() else {
+            bail!("not running")
+        };
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -125,11 +147,15 @@ impl Drop for Ztunnel<'_> {
 /// Minimal HTTP/1.0 client used for admin endpoints.
 pub async fn http_request(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = ns.connect(addr).await?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }

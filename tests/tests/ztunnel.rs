@@ -2,118 +2,16 @@
 //! served by its own ztunnel (dedicated mode), with real applications, curl, certificates
 //! from the development CA, and workload state from a local file.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh_core::identity::DevCa;
-use mesh_e2e::ztunnel::ZtunnelFiles;
-use mesh_e2e::{capture, privileged, Hub, Netns, Ztunnel};
+use mesh_e2e::{Bed, Netns, Ztunnel};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 const CLIENT_SA: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_SA: &str = "spiffe://cluster.local/ns/default/sa/server";
-
-/// Two captured pods (`a` client, `b` server) and one plain pod `c`, on subnet 10.77.<n>.0/24
-/// and fd77:<n>::/64, each test with its own subnet so tests run in parallel.
-struct Bed {
-    n: u8,
-    _dir: tempfile::TempDir,
-    root_cert: PathBuf,
-    root_key: PathBuf,
-    state: PathBuf,
-    a: Netns,
-    b: Netns,
-    c: Netns,
-    _hub: Hub,
-}
-
-impl Bed {
-    fn new(n: u8) -> Option<Bed> {
-        if !privileged() {
-            eprintln!("skipping: needs root and iproute2");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let ca = DevCa::generate("cluster.local").unwrap();
-        let root_cert = dir.path().join("root-cert.pem");
-        let root_key = dir.path().join("root-key.pem");
-        std::fs::write(&root_cert, ca.root_pem()).unwrap();
-        std::fs::write(&root_key, ca.key_pem()).unwrap();
-        let hub = Hub::new().unwrap();
-        let (a, b, c) = (Netns::new("a").unwrap(), Netns::new("b").unwrap(), Netns::new("c").unwrap());
-        for (ns, host) in [(&a, 1), (&b, 2), (&c, 3)] {
-            hub.attach(ns, &[&format!("10.77.{n}.{host}/24"), &format!("fd77:{n}::{host}/64")]).unwrap();
-        }
-        capture::install(&a).unwrap();
-        capture::install(&b).unwrap();
-        let bed = Bed { n, state: dir.path().join("state.yaml"), _dir: dir, root_cert, root_key, a, b, c, _hub: hub };
-        bed.write_state("");
-        Some(bed)
-    }
-
-    fn ip(&self, host: u8) -> IpAddr {
-        format!("10.77.{}.{host}", self.n).parse().unwrap()
-    }
-
-    fn ip6(&self, host: u8) -> IpAddr {
-        format!("fd77:{}::{host}", self.n).parse().unwrap()
-    }
-
-    fn vip(&self) -> IpAddr {
-        format!("10.96.{}.10", self.n).parse().unwrap()
-    }
-
-    /// Workloads a (client) and b (server), service `server` on the VIP, plus `policies`.
-    fn write_state(&self, policies: &str) {
-        let n = self.n;
-        let yaml = format!(
-            r#"
-workloads:
-- uid: cluster1//Pod/default/client
-  name: client
-  namespace: default
-  serviceAccount: client
-  addresses: ["10.77.{n}.1", "fd77:{n}::1"]
-  protocol: HBONE
-  node: node-a
-  canonicalName: client
-  canonicalRevision: v1
-- uid: cluster1//Pod/default/server
-  name: server
-  namespace: default
-  serviceAccount: server
-  addresses: ["10.77.{n}.2", "fd77:{n}::2"]
-  protocol: HBONE
-  node: node-b
-  canonicalName: server
-  canonicalRevision: v1
-  services:
-    default/server.default.svc.cluster.local:
-    - servicePort: 80
-      targetPort: 8080
-services:
-- name: server
-  namespace: default
-  hostname: server.default.svc.cluster.local
-  vips: ["10.96.{n}.10"]
-  ports:
-  - servicePort: 80
-    targetPort: 8080
-policies: {policies}
-"#
-        );
-        let tmp = self.state.with_extension("tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        // Atomic replace: the watcher never reads a half-written file.
-        std::fs::rename(&tmp, &self.state).unwrap();
-    }
-
-    fn files(&self) -> ZtunnelFiles<'_> {
-        ZtunnelFiles { root_cert: &self.root_cert, root_key: &self.root_key, state: &self.state }
-    }
-}
 
 /// An HTTP server that answers every request with the peer address it saw.
 async fn http_server(listener: TcpListener) {
@@ -128,7 +26,10 @@ async fn http_server(listener: TcpListener) {
                 }
             }
             let body = format!("peer={}\n", peer.ip());
-            let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = s.write_all(resp.as_bytes()).await;
             let _ = s.shutdown().await;
         });
@@ -152,10 +53,15 @@ async fn echo_connect(ns: &Netns, dst: SocketAddr) -> std::io::Result<(String, B
     let s = ns.connect(dst).await?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await.map_err(std::io::Error::other)??;
+    let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+        .await
+        .map_err(std::io::Error::other)??;
     if n == 0 {
         // The local ztunnel accepted, then closed: the tunnel was refused.
-        return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "closed before the app answered"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "closed before the app answered",
+        ));
     }
     Ok((line.trim().to_owned(), r))
 }
@@ -163,7 +69,9 @@ async fn echo_connect(ns: &Netns, dst: SocketAddr) -> std::io::Result<(String, B
 async fn ping(conn: &mut BufReader<tokio::net::TcpStream>, msg: &str) -> std::io::Result<String> {
     conn.get_mut().write_all(format!("{msg}\n").as_bytes()).await?;
     let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line)).await.map_err(std::io::Error::other)??;
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line))
+        .await
+        .map_err(std::io::Error::other)??;
     if n == 0 {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
     }
@@ -171,7 +79,9 @@ async fn ping(conn: &mut BufReader<tokio::net::TcpStream>, msg: &str) -> std::io
 }
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 async fn until<F, Fut>(what: &str, within: Duration, mut f: F)
@@ -187,7 +97,9 @@ where
 }
 
 fn metric_line<'m>(metrics: &'m str, name: &str, labels: &[&str]) -> Option<&'m str> {
-    metrics.lines().find(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,15 +111,24 @@ async fn http_and_large_transfer_through_two_ztunnels() {
     tokio::spawn(echo_server(bed.b.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
 
     // Real HTTP with curl from the client pod, by pod IP and by service VIP.
-    for target in [format!("http://{}:8080/", bed.ip(2)), format!("http://{}:80/", bed.vip())] {
+    for target in [
+        format!("http://{}:8080/", bed.ip(2)),
+        format!("http://{}:80/", bed.vip()),
+    ] {
         let body = bed.a.exec(&["curl", "-sS", "--max-time", "10", &target]).unwrap();
-        assert_eq!(body.trim(), format!("peer={}", bed.ip(1)), "server must see the client pod's address ({target})");
+        assert_eq!(
+            body.trim(),
+            format!("peer={}", bed.ip(1)),
+            "server must see the client pod's address ({target})"
+        );
     }
 
     // 16 MiB each way with a checksum.
     let (peer, conn) = echo_connect(&bed.a, SocketAddr::new(bed.ip(2), 9000)).await.unwrap();
     assert_eq!(peer, format!("peer={}", bed.ip(1)));
-    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..16 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     let mut s = conn.into_inner();
     let (mut r, mut w) = s.split();
     let send = async {
@@ -225,7 +146,11 @@ async fn http_and_large_transfer_through_two_ztunnels() {
     let line = metric_line(
         &mb,
         "istio_tcp_connections_opened_total",
-        &["reporter=\"destination\"", &format!("source_principal=\"{CLIENT_SA}\""), "connection_security_policy=\"mutual_tls\""],
+        &[
+            "reporter=\"destination\"",
+            &format!("source_principal=\"{CLIENT_SA}\""),
+            "connection_security_policy=\"mutual_tls\"",
+        ],
     );
     assert!(line.is_some(), "destination metrics missing:\n{mb}");
     let sent = metric_line(&mb, "istio_tcp_sent_bytes_total", &["reporter=\"destination\""]).unwrap();
@@ -233,15 +158,60 @@ async fn http_and_large_transfer_through_two_ztunnels() {
     assert!(sent >= data.len() as f64, "sent bytes {sent} < {}", data.len());
     let ma = za.metrics().await.unwrap();
     assert!(
-        metric_line(&ma, "istio_tcp_connections_opened_total", &["reporter=\"source\"", &format!("destination_principal=\"{SERVER_SA}\"")])
-            .is_some(),
+        metric_line(
+            &ma,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"source\"", &format!("destination_principal=\"{SERVER_SA}\"")]
+        )
+        .is_some(),
         "source metrics missing:\n{ma}"
     );
-    assert!(metric_line(&ma, "istio_tcp_connections_opened_total", &["destination_service=\"server.default.svc.cluster.local\""]).is_some());
+    assert!(metric_line(
+        &ma,
+        "istio_tcp_connections_opened_total",
+        &["destination_service=\"server.default.svc.cluster.local\""]
+    )
+    .is_some());
+    // The metrics are valid Prometheus text, as promtool reads it.
+    for m in [&ma, &mb] {
+        let mut check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) is installed by scripts/deps.sh");
+        use std::io::Write;
+        check.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+        let out = check.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool rejected the metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The log level can be changed at runtime, and a bad one is refused.
+    assert_eq!(za.post("127.0.0.1:15000", "/logging?level=debug").await.unwrap().0, 200);
+    assert!(za.get("127.0.0.1:15000", "/logging").await.unwrap().1.contains("debug"));
+    assert_eq!(
+        za.post("127.0.0.1:15000", "/logging?level=nonsense[").await.unwrap().0,
+        400
+    );
+    // The config dump shows workloads, services and the certificates held.
+    let dump = za.config_dump().await.unwrap();
+    assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(2));
+    assert_eq!(dump["services"][0]["hostname"], "server.default.svc.cluster.local");
+    assert!(dump["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["identity"] == CLIENT_SA && c["state"] == "ready"));
     // Access log: one structured event per connection.
     let logs = za.logs();
     assert!(
-        logs.lines().any(|l| l.contains("connection complete") && l.contains(&format!("\"dst.identity\":\"{SERVER_SA}\""))),
+        logs.lines()
+            .any(|l| l.contains("connection complete") && l.contains(&format!("\"dst.identity\":\"{SERVER_SA}\""))),
         "no access log naming the server identity:\n{logs}"
     );
 }
@@ -281,16 +251,23 @@ async fn policy_denies_and_update_cuts_live_connection() {
       - principals: [{exact: "cluster.local/ns/default/sa/client"}]
         destinationPorts: [9000]
 "#,
-    );
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while ping(&mut live, "still there?").await.is_ok() {
         assert!(Instant::now() < deadline, "live connection survived the DENY policy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // New connections are refused before reaching the app.
-    assert!(echo_connect(&bed.a, dst).await.is_err(), "denied connection reached the app");
+    assert!(
+        echo_connect(&bed.a, dst).await.is_err(),
+        "denied connection reached the app"
+    );
     let m = zb.metrics().await.unwrap();
-    assert!(metric_line(&m, "ztunnel_connections_refused_total", &["reason=\"policy_denied\""]).is_some(), "{m}");
+    assert!(
+        metric_line(&m, "ztunnel_connections_refused_total", &["reason=\"policy_denied\""]).is_some(),
+        "{m}"
+    );
 
     // An ALLOW for another namespace only: the client (namespace default) is still denied...
     bed.write_state(
@@ -304,9 +281,13 @@ async fn policy_denies_and_update_cuts_live_connection() {
     - matches:
       - namespaces: [{exact: "other"}]
 "#,
-    );
+    )
+    .unwrap();
     until("allow policy to apply", Duration::from_secs(10), || async {
-        zb.config_dump().await.map(|d| d["policies"][0]["name"] == "allow-other").unwrap_or(false)
+        zb.config_dump()
+            .await
+            .map(|d| d["policies"][0]["name"] == "allow-other")
+            .unwrap_or(false)
     })
     .await;
     assert!(echo_connect(&bed.a, dst).await.is_err());
@@ -322,7 +303,8 @@ async fn policy_denies_and_update_cuts_live_connection() {
     - matches:
       - namespaces: [{exact: "other"}, {prefix: "def"}]
 "#,
-    );
+    )
+    .unwrap();
     until("allow policy to admit the client", Duration::from_secs(10), || async {
         echo_connect(&bed.a, dst).await.is_ok()
     })
@@ -350,7 +332,11 @@ async fn connect_to_another_workload_or_own_port_is_400() {
     tokio::spawn(echo_server(bed.b.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
     let ca = DevCa::load(&bed.root_cert, &bed.root_key).unwrap();
     let certs = CertManager::new(std::sync::Arc::new(ca), vec![], CertManagerConfig::default());
-    let pool = HbonePool::new(Settings::default(), certs, std::sync::Arc::new(NsSockets(bed.c.name.clone())));
+    let pool = HbonePool::new(
+        Settings::default(),
+        certs,
+        std::sync::Arc::new(NsSockets(bed.c.name.clone())),
+    );
     let req = |authority: SocketAddr| TunnelRequest {
         key: PoolKey {
             src_identity: CLIENT_SA.parse::<Identity>().unwrap(),
@@ -366,7 +352,11 @@ async fn connect_to_another_workload_or_own_port_is_400() {
     // The right authority works...
     assert!(pool.connect(&req(SocketAddr::new(bed.ip(2), 9000))).await.is_ok());
     // ...another workload's address (pod a) or ztunnel's own port is a bad request...
-    for bad in [SocketAddr::new(bed.ip(1), 9000), SocketAddr::new(bed.ip(2), 15008), SocketAddr::new(bed.ip(2), 15001)] {
+    for bad in [
+        SocketAddr::new(bed.ip(1), 9000),
+        SocketAddr::new(bed.ip(2), 15008),
+        SocketAddr::new(bed.ip(2), 15001),
+    ] {
         match pool.connect(&req(bad)).await {
             Err(HboneError::Status(s)) => assert_eq!(s, http::StatusCode::BAD_REQUEST, "authority {bad}"),
             other => panic!("authority {bad}: expected 400, got {:?}", other.map(|_| ())),
@@ -409,7 +399,8 @@ async fn plaintext_inbound_passthrough_and_strict() {
     - matches:
       - notPrincipals: [{presence: {}}]
 "#,
-    );
+    )
+    .unwrap();
     until("plaintext to be refused", Duration::from_secs(10), || async {
         match echo_connect(&bed.c, dst).await {
             Ok((_, mut c)) => ping(&mut c, "x").await.is_err(),
@@ -425,13 +416,20 @@ async fn plaintext_inbound_passthrough_and_strict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_renewal_while_traffic_flows() {
     let Some(bed) = Bed::new(6) else { return };
-    let za = Ztunnel::start(&bed.a, &bed.files(), &["--cert-ttl-seconds", "4"]).await.unwrap();
-    let _zb = Ztunnel::start(&bed.b, &bed.files(), &["--cert-ttl-seconds", "4"]).await.unwrap();
+    let za = Ztunnel::start(&bed.a, &bed.files(), &["--cert-ttl-seconds", "4"])
+        .await
+        .unwrap();
+    let _zb = Ztunnel::start(&bed.b, &bed.files(), &["--cert-ttl-seconds", "4"])
+        .await
+        .unwrap();
     tokio::spawn(echo_server(bed.b.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
     let dst = SocketAddr::new(bed.ip(2), 9000);
     let (_, mut live) = echo_connect(&bed.a, dst).await.unwrap();
     let not_after = |d: &serde_json::Value| {
-        d["certificates"].as_array().and_then(|c| c.iter().find(|c| c["identity"] == CLIENT_SA)).map(|c| c["notAfter"].clone())
+        d["certificates"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["identity"] == CLIENT_SA))
+            .map(|c| c["notAfter"].clone())
     };
     let first = not_after(&za.config_dump().await.unwrap()).expect("client certificate held");
     // Traffic keeps flowing across at least two renewals (half-life is ~2.5 s)...
@@ -453,7 +451,9 @@ async fn certificate_renewal_while_traffic_flows() {
 async fn sigterm_drains_then_exits_zero() {
     let Some(bed) = Bed::new(7) else { return };
     let _za = Ztunnel::start(&bed.a, &bed.files(), &[]).await.unwrap();
-    let mut zb = Ztunnel::start(&bed.b, &bed.files(), &["--drain-seconds", "3"]).await.unwrap();
+    let mut zb = Ztunnel::start(&bed.b, &bed.files(), &["--drain-seconds", "3"])
+        .await
+        .unwrap();
     tokio::spawn(echo_server(bed.b.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
     let (_, mut live) = echo_connect(&bed.a, SocketAddr::new(bed.ip(2), 9000)).await.unwrap();
     assert_eq!(ping(&mut live, "one").await.unwrap(), "one");
@@ -463,5 +463,8 @@ async fn sigterm_drains_then_exits_zero() {
     assert_eq!(ping(&mut live, "during drain").await.unwrap(), "during drain");
     let code = zb.wait_exit(Duration::from_secs(15)).await.unwrap();
     assert_eq!(code, 0);
-    assert!(started.elapsed() >= Duration::from_secs(2), "exited before the drain period with a live connection");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "exited before the drain period with a live connection"
+    );
 }

@@ -45,12 +45,33 @@ fn secs(t: std::time::SystemTime) -> u64 {
 impl Admin {
     fn config_dump(&self) -> serde_json::Value {
         let state = self.state.load();
-        let mut workloads: Vec<_> = state.workloads().map(|w| serde_json::to_value(&**w).unwrap_or_default()).collect();
+        let mut workloads: Vec<_> = state
+            .workloads()
+            .map(|w| serde_json::to_value(&**w).unwrap_or_default())
+            .collect();
         workloads.sort_by_key(|v| v["uid"].as_str().unwrap_or_default().to_owned());
-        let mut services: Vec<_> = state.services().map(|s| serde_json::to_value(&**s).unwrap_or_default()).collect();
-        services.sort_by_key(|v| format!("{}/{}", v["namespace"].as_str().unwrap_or(""), v["hostname"].as_str().unwrap_or("")));
-        let mut policies: Vec<_> = state.policies().map(|p| serde_json::to_value(&**p).unwrap_or_default()).collect();
-        policies.sort_by_key(|v| format!("{}/{}", v["namespace"].as_str().unwrap_or(""), v["name"].as_str().unwrap_or("")));
+        let mut services: Vec<_> = state
+            .services()
+            .map(|s| serde_json::to_value(&**s).unwrap_or_default())
+            .collect();
+        services.sort_by_key(|v| {
+            format!(
+                "{}/{}",
+                v["namespace"].as_str().unwrap_or(""),
+                v["hostname"].as_str().unwrap_or("")
+            )
+        });
+        let mut policies: Vec<_> = state
+            .policies()
+            .map(|p| serde_json::to_value(&**p).unwrap_or_default())
+            .collect();
+        policies.sort_by_key(|v| {
+            format!(
+                "{}/{}",
+                v["namespace"].as_str().unwrap_or(""),
+                v["name"].as_str().unwrap_or("")
+            )
+        });
         let certificates: Vec<_> = self
             .certs
             .snapshot()
@@ -62,7 +83,9 @@ impl Admin {
                     "chain": c.leaf_pem(),
                 }),
                 CertState::Pending => serde_json::json!({"identity": id.to_string(), "state": "pending"}),
-                CertState::Failed(e) => serde_json::json!({"identity": id.to_string(), "state": "failed", "error": &*e}),
+                CertState::Failed(e) => {
+                    serde_json::json!({"identity": id.to_string(), "state": "failed", "error": &*e})
+                }
             })
             .collect();
         serde_json::json!({
@@ -70,19 +93,30 @@ impl Admin {
         })
     }
 
-    fn metrics(&self) -> Response<Full<Bytes>> {
+    /// OpenMetrics when the scraper asks for it (Prometheus does), else the classic
+    /// Prometheus text format that older tools and `promtool check metrics` read.
+    fn metrics(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let mut out = String::new();
-        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            Ok(()) => {
-                let mut r = text(StatusCode::OK, out);
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-                );
-                r
-            }
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
         }
+        let openmetrics = req
+            .headers()
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/openmetrics-text"));
+        let (body, content_type) = if openmetrics {
+            (out, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        } else {
+            (
+                openmetrics_to_prometheus(&out),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
+        let mut r = text(StatusCode::OK, body);
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        r
     }
 
     fn logging(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -107,9 +141,12 @@ impl Admin {
 
     fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
-            "/config_dump" => text(StatusCode::OK, serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default()),
+            "/config_dump" => text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default(),
+            ),
             "/logging" => self.logging(&req),
-            "/metrics" | "/stats/prometheus" => self.metrics(),
+            "/metrics" | "/stats/prometheus" => self.metrics(&req),
             "/healthz/ready" => {
                 if *self.ready.borrow() {
                     text(StatusCode::OK, "ready\n")
@@ -119,6 +156,45 @@ impl Admin {
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: counter families are named with their
+/// `_total` suffix in HELP/TYPE (as their samples are), and the `# EOF` marker is dropped.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + 64 * counters.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_get_total_in_metadata() {
+        let om = "# HELP a_b A thing.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n# EOF\n";
+        let p = super::openmetrics_to_prometheus(om);
+        assert_eq!(
+            p,
+            "# HELP a_b_total A thing.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n"
+        );
     }
 }
 
@@ -139,12 +215,16 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationT
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.route(req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
         });
     }
 }
 
 /// Binds an admin-style listener with a message naming the flag to change on failure.
 pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e} (change it with --{what}-addr)"))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e} (change it with --{what}-addr)"))
 }

@@ -36,7 +36,9 @@ pub fn init_logging(cfg: &Config) -> LogReload {
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     match cfg.log_format {
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .init(),
         LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
     Arc::new(move |level: &str| {
@@ -89,7 +91,10 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         }
         _ => {
             let addr = cfg.ca_address.clone().unwrap_or_default();
-            anyhow::ensure!(addr.starts_with("http://"), "--ca-address {addr}: only http:// is supported until the controller's CA lands");
+            anyhow::ensure!(
+                addr.starts_with("http://"),
+                "--ca-address {addr}: only http:// is supported until the controller's CA lands"
+            );
             let channel = tonic::transport::Endpoint::from_shared(addr.clone())
                 .with_context(|| format!("--ca-address {addr}"))?
                 .connect_lazy();
@@ -97,21 +102,34 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         }
     };
     if let Some(bundle) = &cfg.trust_bundle {
-        let pem = std::fs::read_to_string(bundle).with_context(|| format!("reading trust bundle {}", bundle.display()))?;
+        let pem =
+            std::fs::read_to_string(bundle).with_context(|| format!("reading trust bundle {}", bundle.display()))?;
         roots = certs_from_pem(&pem)?;
-        anyhow::ensure!(!roots.is_empty(), "trust bundle {} holds no certificate", bundle.display());
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "trust bundle {} holds no certificate",
+            bundle.display()
+        );
     }
     let certs = CertManager::new(
         signer,
         roots,
-        CertManagerConfig { validity: Duration::from_secs(cfg.cert_ttl_seconds), ..Default::default() },
+        CertManagerConfig {
+            validity: Duration::from_secs(cfg.cert_ttl_seconds),
+            ..Default::default()
+        },
     );
 
     // Workload state.
     let source_ready = start_source(&cfg, state.clone(), &mut registry)?;
 
-    let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets { mark: (cfg.socket_mark != 0).then_some(cfg.socket_mark) });
-    let settings = Settings { idle_timeout: Duration::from_secs(cfg.pool_idle_seconds), ..Default::default() };
+    let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
+        mark: (cfg.socket_mark != 0).then_some(cfg.socket_mark),
+    });
+    let settings = Settings {
+        idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
+        ..Default::default()
+    };
     let pool = HbonePool::new(settings.clone(), certs.clone(), sockets.clone());
     let local = proxy::local::LocalAddrs::discover();
     tokio::spawn(local.clone().refresh(Duration::from_secs(2)));
@@ -151,7 +169,11 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         reload,
     });
     let stop_admin = CancellationToken::new();
-    for (addr, what) in [(cfg.admin_addr, "admin"), (cfg.stats_addr, "stats"), (cfg.readiness_addr, "readiness")] {
+    for (addr, what) in [
+        (cfg.admin_addr, "admin"),
+        (cfg.stats_addr, "stats"),
+        (cfg.readiness_addr, "readiness"),
+    ] {
         let l = admin::bind(addr, what).await?;
         tokio::spawn(admin::serve(admin.clone(), l, stop_admin.clone()));
     }
@@ -161,7 +183,10 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     info!(timeout = ?cfg.drain_timeout(), active = px.tracker.len(), "draining");
     px.drain.cancel();
     px.tasks.close();
-    if tokio::time::timeout(cfg.drain_timeout(), px.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(cfg.drain_timeout(), px.tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("drain timed out; closing remaining connections");
     }
     stop_admin.cancel();
@@ -186,12 +211,19 @@ async fn shutdown_signal() {
 }
 
 /// Starts the configured workload source; the receiver turns true once state is loaded.
-fn start_source(cfg: &Config, store: Arc<StateStore>, registry: &mut Registry) -> anyhow::Result<watch::Receiver<bool>> {
+fn start_source(
+    cfg: &Config,
+    store: Arc<StateStore>,
+    registry: &mut Registry,
+) -> anyhow::Result<watch::Receiver<bool>> {
     if let Some(path) = &cfg.local_xds_path {
         // Load once before serving so a missing or unreadable file stops start-up with a clear
         // error; afterwards the watcher applies changes (and keeps the last good state).
         let mut source = mesh_core::xds::LocalSource::new(path.clone(), store.clone());
-        match source.reload().with_context(|| format!("loading workload state from {}", path.display()))? {
+        match source
+            .reload()
+            .with_context(|| format!("loading workload state from {}", path.display()))?
+        {
             mesh_core::xds::local::Reload::Applied { skipped, .. } => {
                 for e in skipped {
                     warn!(error = %e, "skipped invalid entry");
@@ -199,7 +231,11 @@ fn start_source(cfg: &Config, store: Arc<StateStore>, registry: &mut Registry) -
             }
             mesh_core::xds::local::Reload::Unchanged => {}
         }
-        tokio::spawn(mesh_core::xds::local::watch(path.clone(), store, Duration::from_secs(1)));
+        tokio::spawn(mesh_core::xds::local::watch(
+            path.clone(),
+            store,
+            Duration::from_secs(1),
+        ));
         return Ok(watch::channel(true).1);
     }
     let address = cfg.xds_address.clone().unwrap_or_default();

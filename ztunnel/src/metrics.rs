@@ -66,10 +66,18 @@ impl TcpLabels {
         mtls: bool,
     ) -> Self {
         let wl_name = |w: Option<&Workload>| {
-            w.map(|w| or_unknown(if w.workload_name.is_empty() { &w.name } else { &w.workload_name }))
-                .unwrap_or_else(|| UNKNOWN.into())
+            w.map(|w| {
+                or_unknown(if w.workload_name.is_empty() {
+                    &w.name
+                } else {
+                    &w.workload_name
+                })
+            })
+            .unwrap_or_else(|| UNKNOWN.into())
         };
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map(|w| or_unknown(f(w))).unwrap_or_else(|| UNKNOWN.into());
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
+            w.map(|w| or_unknown(f(w))).unwrap_or_else(|| UNKNOWN.into())
+        };
         TcpLabels {
             reporter,
             source_workload: wl_name(src),
@@ -87,7 +95,11 @@ impl TcpLabels {
             destination_service_name: svc.map(|s| s.name.clone()).unwrap_or_else(|| UNKNOWN.into()),
             request_protocol: "tcp".into(),
             response_flags: "-".into(),
-            connection_security_policy: if mtls { SecurityPolicy::mutual_tls } else { SecurityPolicy::unknown },
+            connection_security_policy: if mtls {
+                SecurityPolicy::mutual_tls
+            } else {
+                SecurityPolicy::unknown
+            },
         }
     }
 }
@@ -112,12 +124,32 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics::default();
-        registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
-        registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the destination", m.sent.clone());
-        registry.register("istio_tcp_received_bytes", "Bytes received from the destination", m.received.clone());
-        registry.register("ztunnel_connections_refused", "Connections refused by ztunnel, by reason", m.refused.clone());
-        registry.register("ztunnel_active_connections", "Connections being proxied now", m.active.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination",
+            m.received.clone(),
+        );
+        registry.register(
+            "ztunnel_connections_refused",
+            "Connections refused by ztunnel, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "ztunnel_active_connections",
+            "Connections being proxied now",
+            m.active.clone(),
+        );
         m
     }
 

@@ -61,7 +61,9 @@ impl StreamGuard for ActiveStream {}
 
 impl Drop for ActiveStream {
     fn drop(&mut self) {
-        self.conn.idle_since.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.conn
+            .idle_since
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.conn.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -117,7 +119,9 @@ impl HbonePool {
         let mut conns = self.conns();
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.dead.load(Ordering::Acquire));
-        let c = list.iter().find(|c| c.active.load(Ordering::Acquire) < self.settings.client_max_streams)?;
+        let c = list
+            .iter()
+            .find(|c| c.active.load(Ordering::Acquire) < self.settings.client_max_streams)?;
         c.active.fetch_add(1, Ordering::AcqRel);
         Some(c.clone())
     }
@@ -141,9 +145,18 @@ impl HbonePool {
                 Some(c) => (c, false),
                 None => (self.open(&req.key).await?, true),
             };
-            let guard = ActiveStream { conn: conn.clone(), epoch: self.epoch };
+            let guard = ActiveStream {
+                conn: conn.clone(),
+                epoch: self.epoch,
+            };
             match self.send(&conn, req).await {
-                Ok((send, recv)) => return Ok(H2Stream { send, recv, _guard: Some(Box::new(guard)) }),
+                Ok((send, recv)) => {
+                    return Ok(H2Stream {
+                        send,
+                        recv,
+                        _guard: Some(Box::new(guard)),
+                    })
+                }
                 Err(HboneError::H2(e)) if !fresh && !fresh_tried && !e.is_remote() => {
                     debug!(error = %e, dst = %req.key.dst, "pooled HBONE connection failed; replacing it");
                     conn.dead.store(true, Ordering::Release);
@@ -247,7 +260,10 @@ async fn keepalive(mut ping: h2::PingPong, conn: Weak<PooledConn>, every: Durati
             return;
         }
         drop(c);
-        let ok = matches!(tokio::time::timeout(every, ping.ping(h2::Ping::opaque())).await, Ok(Ok(_)));
+        let ok = matches!(
+            tokio::time::timeout(every, ping.ping(h2::Ping::opaque())).await,
+            Ok(Ok(_))
+        );
         if !ok {
             if let Some(c) = conn.upgrade() {
                 warn!(conn = c.id, "HBONE keepalive failed; evicting connection");

@@ -46,7 +46,11 @@ impl InboundConnect {
     /// Answers 200 and returns the stream to splice.
     pub fn accept(mut self) -> Result<H2Stream, HboneError> {
         let send = self.respond.send_response(Response::new(()), false)?;
-        Ok(H2Stream { send, recv: self.recv, _guard: None })
+        Ok(H2Stream {
+            send,
+            recv: self.recv,
+            _guard: None,
+        })
     }
 
     /// The client address from the `forwarded: for=` header, if present and well formed.
@@ -66,7 +70,10 @@ fn precheck(req: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
         return Err(StatusCode::METHOD_NOT_ALLOWED);
     }
     let authority = req.uri().authority().ok_or(StatusCode::BAD_REQUEST)?;
-    authority.as_str().parse::<SocketAddr>().map_err(|_| StatusCode::BAD_REQUEST)
+    authority
+        .as_str()
+        .parse::<SocketAddr>()
+        .map_err(|_| StatusCode::BAD_REQUEST)
 }
 
 /// Serves one inbound HBONE connection: TLS handshake, identity, then every stream.
@@ -91,7 +98,10 @@ where
         .map_err(HboneError::Tls)?;
     let peer_identity = {
         let (_, conn) = tls.get_ref();
-        let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(HboneError::NoPeerIdentity)?;
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or(HboneError::NoPeerIdentity)?;
         identity_of(leaf).map_err(|_| HboneError::NoPeerIdentity)?
     };
     let mut conn = h2::server::Builder::new()

@@ -91,7 +91,11 @@ impl H2Stream {
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
-        let H2Stream { mut send, mut recv, _guard } = self;
+        let H2Stream {
+            mut send,
+            mut recv,
+            _guard,
+        } = self;
         let (r, w) = tokio::io::split(tcp);
         let (to_tunnel, from_tunnel) = tokio::try_join!(tcp_to_h2(r, &mut send), h2_to_tcp(&mut recv, w))?;
         Ok(Transferred { to_tunnel, from_tunnel })
@@ -99,7 +103,11 @@ impl H2Stream {
 
     /// Splice specialised for TCP sockets (no lock around the split halves).
     pub async fn splice_tcp(self, tcp: &mut tokio::net::TcpStream) -> io::Result<Transferred> {
-        let H2Stream { mut send, mut recv, _guard } = self;
+        let H2Stream {
+            mut send,
+            mut recv,
+            _guard,
+        } = self;
         let (r, w) = tcp.split();
         let (to_tunnel, from_tunnel) = tokio::try_join!(tcp_to_h2(r, &mut send), h2_to_tcp(&mut recv, w))?;
         Ok(Transferred { to_tunnel, from_tunnel })

@@ -24,7 +24,7 @@ pub enum CertError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("certificate is for {got}, but {want} was requested")]
-    WrongIdentity { want: Identity, got: Identity },
+    WrongIdentity { want: String, got: String },
     #[error("private key is not valid PKCS#8: {0}")]
     Key(String),
 }
@@ -138,8 +138,8 @@ impl WorkloadCertificate {
         let got = info.identity.ok_or(CertError::NoSpiffeSan)?;
         if &got != want {
             return Err(CertError::WrongIdentity {
-                want: want.clone(),
-                got,
+                want: want.to_string(),
+                got: got.to_string(),
             });
         }
         let roots = if roots.is_empty() {

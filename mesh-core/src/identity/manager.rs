@@ -214,3 +214,113 @@ async fn sleep_until_system(at: SystemTime) {
     let d = at.duration_since(SystemTime::now()).unwrap_or_default();
     tokio::time::sleep(d).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::identity::ca::BoxFuture;
+    use crate::identity::DevCa;
+
+    /// A development CA that can be switched to failing, counting requests.
+    struct Flaky {
+        ca: DevCa,
+        fail: AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    impl CertificateSigner for Flaky {
+        fn sign<'a>(
+            &'a self,
+            identity: &'a Identity,
+            csr: String,
+            validity: Duration,
+        ) -> BoxFuture<'a, Result<Vec<String>, CaError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(CaError::Transport("CA down".into())) });
+            }
+            self.ca.sign(identity, csr, validity)
+        }
+    }
+
+    fn setup(validity: Duration) -> (Arc<Flaky>, Arc<CertManager>) {
+        let flaky = Arc::new(Flaky {
+            ca: DevCa::generate("cluster.local").unwrap(),
+            fail: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        });
+        let cfg = CertManagerConfig {
+            validity,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            fetch_timeout: Duration::from_secs(5),
+        };
+        let mgr = CertManager::new(flaky.clone(), vec![], cfg);
+        (flaky, mgr)
+    }
+
+    fn id() -> Identity {
+        Identity::new("cluster.local", "default", "app").unwrap()
+    }
+
+    #[tokio::test]
+    async fn fetches_once_and_caches() {
+        let (flaky, mgr) = setup(Duration::from_secs(3600));
+        let a = mgr.fetch(&id()).await.unwrap();
+        let b = mgr.fetch(&id()).await.unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(a.identity, id());
+    }
+
+    #[tokio::test]
+    async fn renews_at_half_life() {
+        let (_, mgr) = setup(Duration::from_secs(2));
+        let first = mgr.fetch(&id()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = mgr.fetch(&id()).await.unwrap();
+            if now.not_after != first.not_after {
+                // Renewed while the first one was still valid.
+                assert!(first.is_valid_at(SystemTime::now()) || now.not_before < first.not_after);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no renewal");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_valid_certificate_while_renewal_fails_then_refuses_expired() {
+        let (flaky, mgr) = setup(Duration::from_secs(2));
+        let first = mgr.fetch(&id()).await.unwrap();
+        flaky.fail.store(true, Ordering::SeqCst);
+        // Past half-life renewal fails, but the valid certificate is still served.
+        tokio::time::sleep(
+            first.refresh_at().duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(300),
+        )
+        .await;
+        assert!(flaky.calls.load(Ordering::SeqCst) >= 2, "renewal was attempted");
+        let held = mgr.fetch(&id()).await.unwrap();
+        assert_eq!(held.not_after, first.not_after);
+        // Once it expires, nothing is served.
+        tokio::time::sleep(
+            first.not_after.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(300),
+        )
+        .await;
+        assert!(mgr.fetch(&id()).await.is_err(), "an expired certificate was served");
+        assert!(mgr.get_ready(&id()).is_none());
+        // The CA comes back: a fresh certificate follows.
+        flaky.fail.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while mgr.fetch(&id()).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no recovery after the CA came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -90,8 +90,19 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
         return;
     }
     let src_wl = state.workload_by_ip(&px.network, req.peer_addr.ip()).cloned();
-    let info = ConnectionInfo { src_identity: Some(req.peer_identity.clone()), src_ip: req.peer_addr.ip(), dst: req.dst };
-    let labels = TcpLabels::new(Reporter::destination, src_wl.as_deref(), Some(&req.peer_identity), Some(&wl), None, true);
+    let info = ConnectionInfo {
+        src_identity: Some(req.peer_identity.clone()),
+        src_ip: req.peer_addr.ip(),
+        dst: req.dst,
+    };
+    let labels = TcpLabels::new(
+        Reporter::destination,
+        src_wl.as_deref(),
+        Some(&req.peer_identity),
+        Some(&wl),
+        None,
+        true,
+    );
     if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
         info!(src = %req.peer_identity, dst = %req.dst, ?policy, "connection denied by authorization policy");
         px.metrics.refuse("policy_denied");
@@ -101,7 +112,11 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
     drop(state);
     // Connect from the original client address (the HBONE peer; a waypoint forwards it).
     let client = req.forwarded_for().map(|f| f.ip()).unwrap_or(req.peer_addr.ip());
-    let upstream = tokio::time::timeout(px.settings.connect_timeout, connect_from(&*px.sockets, Some(client), req.dst)).await;
+    let upstream = tokio::time::timeout(
+        px.settings.connect_timeout,
+        connect_from(&*px.sockets, Some(client), req.dst),
+    )
+    .await;
     let mut upstream = match upstream {
         Ok(Ok((s, _transparent))) => s,
         Ok(Err(e)) => {

@@ -49,7 +49,11 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let state = px.state.load();
-    let info = ConnectionInfo { src_identity: None, src_ip: peer.ip(), dst };
+    let info = ConnectionInfo {
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst,
+    };
     let src_wl = state.workload_by_ip(&px.network, peer.ip()).cloned();
     let labels = TcpLabels::new(Reporter::destination, src_wl.as_deref(), None, Some(&wl), None, false);
     if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
@@ -62,10 +66,13 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     let _active = ActiveGuard::new(&px);
     px.metrics.opened.get_or_create(&labels).inc();
     let result = async {
-        let (mut up, _) = tokio::time::timeout(px.settings.connect_timeout, connect_from(&*px.sockets, Some(peer.ip()), dst))
-            .await
-            .map_err(|_| format!("connect to {dst} timed out"))?
-            .map_err(|e| format!("connect to {dst}: {e}"))?;
+        let (mut up, _) = tokio::time::timeout(
+            px.settings.connect_timeout,
+            connect_from(&*px.sockets, Some(peer.ip()), dst),
+        )
+        .await
+        .map_err(|_| format!("connect to {dst} timed out"))?
+        .map_err(|e| format!("connect to {dst}: {e}"))?;
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => r.map_err(|e| e.to_string()),
             _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),

@@ -12,7 +12,9 @@ use arc_swap::ArcSwap;
 pub struct LocalAddrs(Arc<ArcSwap<HashSet<IpAddr>>>);
 
 fn read() -> HashSet<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return HashSet::new() };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return HashSet::new();
+    };
     addrs
         .filter_map(|a| a.address)
         .filter_map(|a| {

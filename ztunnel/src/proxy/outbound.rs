@@ -62,7 +62,11 @@ impl RouteError {
 }
 
 fn address_like(w: &Workload, like: IpAddr) -> Option<IpAddr> {
-    w.addresses.iter().copied().find(|a| a.is_ipv4() == like.is_ipv4()).or_else(|| w.addresses.first().copied())
+    w.addresses
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() == like.is_ipv4())
+        .or_else(|| w.addresses.first().copied())
 }
 
 /// Resolves a waypoint to its HBONE endpoint and identity.
@@ -79,15 +83,23 @@ fn waypoint_route(
             let n = if n.is_empty() { network } else { n.as_str() };
             match state.lookup(n, *ip) {
                 Some(Destination::Workload(w)) => w,
-                Some(Destination::Service(s)) => {
-                    state.endpoints(&s).choose(&mut rand::thread_rng()).cloned().ok_or_else(unresolved)?
-                }
+                Some(Destination::Service(s)) => state
+                    .endpoints(&s)
+                    .choose(&mut rand::thread_rng())
+                    .cloned()
+                    .ok_or_else(unresolved)?,
                 None => return Err(unresolved()),
             }
         }
         GatewayDestination::Hostname { namespace, hostname } => {
-            let svc = state.service(&format!("{namespace}/{hostname}")).ok_or_else(unresolved)?;
-            state.endpoints(svc).choose(&mut rand::thread_rng()).cloned().ok_or_else(unresolved)?
+            let svc = state
+                .service(&format!("{namespace}/{hostname}"))
+                .ok_or_else(unresolved)?;
+            state
+                .endpoints(svc)
+                .choose(&mut rand::thread_rng())
+                .cloned()
+                .ok_or_else(unresolved)?
         }
     };
     let ip = address_like(&wl, authority.ip()).ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
@@ -124,7 +136,9 @@ pub fn resolve(
                 .find(|p| p.service_port == dst.port())
                 .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
             let endpoints = state.endpoints(&svc);
-            let wl = endpoints.choose(&mut rand::thread_rng()).ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
+            let wl = endpoints
+                .choose(&mut rand::thread_rng())
+                .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
             // The workload's own mapping wins over the service's (named target ports).
             let target = wl
                 .services
@@ -132,7 +146,11 @@ pub fn resolve(
                 .and_then(|ps| ps.iter().find(|p| p.service_port == dst.port()))
                 .map(|p| p.target_port)
                 .filter(|p| *p != 0)
-                .unwrap_or(if port.target_port == 0 { port.service_port } else { port.target_port });
+                .unwrap_or(if port.target_port == 0 {
+                    port.service_port
+                } else {
+                    port.target_port
+                });
             let ip = address_like(wl, dst.ip()).ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
             let target = SocketAddr::new(ip, target);
             Ok(match wl.tunnel {
@@ -147,7 +165,11 @@ pub fn resolve(
                         service: Some(svc),
                     }
                 }
-                Tunnel::None => Route::Plain { addr: target, workload: Some(wl.clone()), service: Some(svc) },
+                Tunnel::None => Route::Plain {
+                    addr: target,
+                    workload: Some(wl.clone()),
+                    service: Some(svc),
+                },
             })
         }
         Some(Destination::Workload(wl)) => {
@@ -162,7 +184,11 @@ pub fn resolve(
                     workload: Some(wl),
                     service: None,
                 },
-                Tunnel::None => Route::Plain { addr: dst, workload: Some(wl), service: None },
+                Tunnel::None => Route::Plain {
+                    addr: dst,
+                    workload: Some(wl),
+                    service: None,
+                },
             })
         }
     }
@@ -228,28 +254,60 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     drop(state);
     let _active = ActiveGuard::new(&px);
     let (labels, hbone_addr, result) = match route {
-        Route::Hbone { endpoint, authority, identities, workload, service } => {
-            let labels =
-                TcpLabels::new(Reporter::source, Some(&src), Some(&src.identity), workload.as_deref(), service.as_deref(), true);
+        Route::Hbone {
+            endpoint,
+            authority,
+            identities,
+            workload,
+            service,
+        } => {
+            let labels = TcpLabels::new(
+                Reporter::source,
+                Some(&src),
+                Some(&src.identity),
+                workload.as_deref(),
+                service.as_deref(),
+                true,
+            );
             px.metrics.opened.get_or_create(&labels).inc();
             let mut identities = identities;
             identities.sort();
             identities.dedup();
             let req = TunnelRequest {
-                key: PoolKey { src_identity: src.identity.clone(), dst_identities: identities, src_ip: Some(peer.ip()), dst: endpoint },
+                key: PoolKey {
+                    src_identity: src.identity.clone(),
+                    dst_identities: identities,
+                    src_ip: Some(peer.ip()),
+                    dst: endpoint,
+                },
                 authority: authority.to_string(),
                 forwarded_for: Some(peer),
                 baggage: Some(baggage(&src)),
                 traceparent: None,
             };
             let result = match px.pool.connect(&req).await {
-                Ok(stream) => stream.splice_tcp(&mut tcp).await.map(|t| (t.to_tunnel, t.from_tunnel)).map_err(|e| e.to_string()),
+                Ok(stream) => stream
+                    .splice_tcp(&mut tcp)
+                    .await
+                    .map(|t| (t.to_tunnel, t.from_tunnel))
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             (labels, Some(endpoint), result)
         }
-        Route::Plain { addr, workload, service } => {
-            let labels = TcpLabels::new(Reporter::source, Some(&src), Some(&src.identity), workload.as_deref(), service.as_deref(), false);
+        Route::Plain {
+            addr,
+            workload,
+            service,
+        } => {
+            let labels = TcpLabels::new(
+                Reporter::source,
+                Some(&src),
+                Some(&src.identity),
+                workload.as_deref(),
+                service.as_deref(),
+                false,
+            );
             px.metrics.opened.get_or_create(&labels).inc();
             (labels, None, plain(&px, &mut tcp, addr).await)
         }

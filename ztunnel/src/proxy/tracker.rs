@@ -43,8 +43,19 @@ impl ConnTracker {
     pub fn register(&self, info: ConnectionInfo, dst_uid: String) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        self.lock().insert(id, Tracked { info, dst_uid, cancel: cancel.clone() });
-        Registration { id, tracker: self.clone(), cancel }
+        self.lock().insert(
+            id,
+            Tracked {
+                info,
+                dst_uid,
+                cancel: cancel.clone(),
+            },
+        );
+        Registration {
+            id,
+            tracker: self.clone(),
+            cancel,
+        }
     }
 
     pub fn len(&self) -> usize {

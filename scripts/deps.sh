@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages the tests, the demo and the benchmark use (Debian/Ubuntu).
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+
+packages=(
+  iproute2          # ip netns / veth / bridge: the network-namespace test bed
+  nftables          # capture rules inside pod namespaces
+  curl              # a real HTTP client in the tests and the demo
+  procps            # sysctl
+  prometheus        # promtool: validates the metrics text format
+  iperf3 wrk apache2-utils nginx-light   # benchmark tools and backend
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
