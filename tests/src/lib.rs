@@ -8,6 +8,7 @@
 //! - [`capture`]: the redirection rules of an ambient pod (nftables + policy routing).
 //! - [`Ztunnel`]: a ztunnel process in a namespace, with readiness and admin helpers.
 
+pub mod apps;
 pub mod bed;
 pub mod capture;
 pub mod netns;
@@ -17,15 +18,14 @@ pub use bed::Bed;
 pub use netns::{Hub, Netns};
 pub use ztunnel::Ztunnel;
 
-/// Path of a workspace binary built by cargo (tests run after `cargo build`).
+/// Path of a workspace binary of the same build profile as the running executable: tests
+/// run from `target/<profile>/deps/`, binaries from `target/<profile>/`.
 pub fn binary(name: &str) -> std::path::PathBuf {
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.to_path_buf())
-        .unwrap_or_default();
+    let mut dir = exe.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     dir.join(name)
 }
 

@@ -6,47 +6,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh_core::identity::DevCa;
+use mesh_e2e::apps::{echo_server, http_server};
 use mesh_e2e::{Bed, Netns, Ztunnel};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 const CLIENT_SA: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_SA: &str = "spiffe://cluster.local/ns/default/sa/server";
-
-/// An HTTP server that answers every request with the peer address it saw.
-async fn http_server(listener: TcpListener) {
-    while let Ok((mut s, peer)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut got = Vec::new();
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let body = format!("peer={}\n", peer.ip());
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
-    }
-}
-
-/// Writes "peer=<ip>\n" on accept, then echoes until EOF.
-async fn echo_server(listener: TcpListener) {
-    while let Ok((mut s, peer)) = listener.accept().await {
-        tokio::spawn(async move {
-            let _ = s.write_all(format!("peer={}\n", peer.ip()).as_bytes()).await;
-            let (mut r, mut w) = s.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-            let _ = w.shutdown().await;
-        });
-    }
-}
 
 /// A connection to the echo server: returns the peer line and the stream.
 async fn echo_connect(ns: &Netns, dst: SocketAddr) -> std::io::Result<(String, BufReader<tokio::net::TcpStream>)> {

@@ -1,0 +1,1283 @@
+//! meshbench: the mesh path and the plain path, side by side, in one run.
+//!
+//! Two pairs of pod namespaces are built at once, each pair on its own bridge:
+//!
+//! - mesh:   client 10.201.0.1 and server 10.201.0.2, both captured with the ambient rules and
+//!   each served by its own ztunnel (dedicated mode, local workload file, development CA);
+//! - direct: client 10.202.0.1 and server 10.202.0.2, no capture and no ztunnel.
+//!
+//! Both servers run `iperf3 -s` and nginx; the clients run iperf3, wrk and ab. ztunnel's CPU
+//! (utime+stime from /proc) and memory (VmRSS) are sampled around the runs, and ztunnel is
+//! restarted with 1,000 and 10,000 extra workloads to see what its state costs.
+//!
+//! Run as root, after building ztunnel with the same profile:
+//!
+//! ```text
+//! cargo build --release -p ztunnel
+//! cargo run --release -p mesh-e2e --bin meshbench -- [--quick] [--out DIR]
+//! ```
+//!
+//! Results go to DIR/bench.json (every raw number) and DIR/bench.md (the table, also printed);
+//! DIR defaults to `<target dir>/bench`. Everything created (namespaces, processes, temporary
+//! files) is removed on exit, on error, on panic and on Ctrl-C / SIGTERM.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mesh_core::identity::DevCa;
+use mesh_e2e::netns::sh;
+use mesh_e2e::ztunnel::http_request;
+use mesh_e2e::{capture, Hub, Netns};
+use serde_json::{json, Value};
+
+const USAGE: &str = "usage: meshbench [--quick] [--out DIR]
+
+Measures the ambient mesh path (two captured pods, two ztunnels) against a plain path (two
+uncaptured pods) with iperf3, wrk and ab, and ztunnel's CPU and memory. Needs root.
+
+  --quick     short runs (about 3 s each), under a minute in total
+  --out DIR   where bench.json and bench.md go (default: <target dir>/bench)
+";
+
+/// Tools the bench runs, and the Debian package providing each.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+    ("nft", "nftables"),
+    ("sysctl", "procps"),
+    ("curl", "curl"),
+    ("iperf3", "iperf3"),
+    ("wrk", "wrk"),
+    ("ab", "apache2-utils"),
+    ("nginx", "nginx-light"),
+];
+
+const HTTP_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+}
+
+/// Durations and counts of one run.
+#[derive(Clone, Copy)]
+struct Plan {
+    iperf_secs: u32,
+    wrk_secs: u32,
+    ab_requests: u32,
+    warmup_secs: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan { iperf_secs: 3, wrk_secs: 3, ab_requests: 5000, warmup_secs: 1 }
+        } else {
+            Plan { iperf_secs: 10, wrk_secs: 10, ab_requests: 20000, warmup_secs: 1 }
+        }
+    }
+}
+
+fn parse_args() -> Result<Option<Opts>> {
+    let mut quick = false;
+    let mut out = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = Some(PathBuf::from(args.next().ok_or_else(|| anyhow!("--out needs a directory"))?)),
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            other => match other.strip_prefix("--out=") {
+                Some(dir) => out = Some(PathBuf::from(dir)),
+                None => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            },
+        }
+    }
+    let out = match out {
+        Some(o) => o,
+        // target/<profile>/meshbench -> target/bench
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent()?.parent().map(|t| t.join("bench")))
+            .unwrap_or_else(|| PathBuf::from("target/bench")),
+    };
+    Ok(Some(Opts { quick, out }))
+}
+
+fn main() -> std::process::ExitCode {
+    let opts = match parse_args() {
+        Ok(Some(o)) => o,
+        Ok(None) => return std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshbench: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshbench: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        // Dropping the bench future on a signal runs every guard's Drop: the teardown.
+        tokio::select! {
+            r = bench(&opts) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (Ctrl-C); cleaned up")),
+            _ = term.recv() => Err(anyhow!("terminated (SIGTERM); cleaned up")),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshbench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-flight checks
+
+fn in_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| d.join(tool).is_file())
+}
+
+/// The ztunnel built with the same profile as this binary: target/<profile>/ztunnel.
+fn ztunnel_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating meshbench's own executable")?;
+    let dir = exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    let bin = dir.join("ztunnel");
+    if !bin.is_file() {
+        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("release");
+        let flag = match profile {
+            "debug" => String::new(),
+            "release" => " --release".to_owned(),
+            other => format!(" --profile {other}"),
+        };
+        bail!(
+            "ztunnel binary not found at {} (meshbench runs the ztunnel next to its own executable); \
+             build it first: cargo build{flag} -p ztunnel",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn preflight() -> Result<PathBuf> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("meshbench creates network namespaces and must run as root (try: sudo -E cargo run --release -p mesh-e2e --bin meshbench)");
+    }
+    let missing: Vec<String> =
+        TOOLS.iter().filter(|(t, _)| !in_path(t)).map(|(t, pkg)| format!("{t} (Debian package {pkg})")).collect();
+    if !missing.is_empty() {
+        let pkgs: Vec<&str> = TOOLS.iter().filter(|(t, _)| !in_path(t)).map(|(_, p)| *p).collect();
+        bail!("missing tools: {}; install with: apt-get install {}", missing.join(", "), pkgs.join(" "));
+    }
+    ztunnel_binary()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A long-running process (inside a namespace), stopped on drop: SIGTERM, then SIGKILL after
+/// `grace`.
+struct Proc {
+    what: String,
+    child: Child,
+    grace: Duration,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &Netns, args: &[&str], log: PathBuf, grace: Duration) -> Result<Proc> {
+        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawning {args:?} in {}", ns.name))?;
+        Ok(Proc { what: format!("{} in {}", args[0], ns.name), child, grace, log })
+    }
+
+    /// Fails (with the log) if the process already exited.
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status}); output:\n{}", self.what, tail(&self.log, 40));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if !self.grace.is_zero() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + self.grace;
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs a tool inside `ns` to completion (killed if the bench is interrupted or it overruns).
+async fn run_in(ns: &Netns, args: &[&str], timeout: Duration) -> Result<String> {
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(timeout, cmd.output())
+        .await
+        .map_err(|_| anyhow!("{} did not finish within {timeout:?}", args.join(" ")))?
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "`{}` in {} failed ({}):\n{}\n{}",
+            args.join(" "),
+            ns.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            stdout.trim()
+        );
+    }
+    Ok(stdout)
+}
+
+/// Waits until something listens on TCP `port` inside `ns` (checked with ss, so no probe
+/// connection disturbs the server).
+async fn wait_listening(ns: &Netns, port: u16, proc_: &mut Proc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns.exec(&["ss", "-Hltn", &format!("sport = :{port}")])?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        proc_.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("{} not listening on port {port} within 10 s; output:\n{}", proc_.what, tail(&proc_.log, 40));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// nginx answering `200 ok` on 8080, all its files inside `dir`.
+fn start_nginx(ns: &Netns, dir: &Path) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display();
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+error_log stderr;
+pid {d}/nginx.pid;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen {HTTP_PORT};
+    location / {{ return 200 "ok\n"; }}
+  }}
+}}
+"#
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let prefix = format!("{d}/");
+    let conf_s = conf_path.display().to_string();
+    Proc::spawn(
+        ns,
+        &["nginx", "-e", "stderr", "-p", &prefix, "-c", &conf_s],
+        dir.join("nginx.log"),
+        Duration::from_secs(3),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc sampling
+
+fn clock_ticks() -> f64 {
+    sh(&["getconf", "CLK_TCK"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+}
+
+/// utime + stime of `pid` in clock ticks (all threads).
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    parse_stat_ticks(&stat).ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat: {stat}"))
+}
+
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    // Fields after "(comm)" start at field 3 (state); utime is field 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: i32) -> Result<u64> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The pid of the (single) ztunnel process in `ns`.
+fn ztunnel_pid(ns: &Netns) -> Result<i32> {
+    let pids = ns_pids(ns)?;
+    let found: Vec<i32> = pids
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).map(|c| c.trim() == "ztunnel").unwrap_or(false))
+        .collect();
+    match found.as_slice() {
+        [pid] => Ok(*pid),
+        [] => bail!("no ztunnel process in namespace {}", ns.name),
+        many => bail!("several ztunnel processes in namespace {}: {many:?}", ns.name),
+    }
+}
+
+fn ns_pids(ns: &Netns) -> Result<Vec<i32>> {
+    Ok(sh(&["ip", "netns", "pids", &ns.name])?.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// ztunnel
+
+/// A ztunnel in a pod namespace, started with the same flags as `mesh_e2e::Ztunnel::start`
+/// (local workload file, development CA, node name = namespace) but from the binary next to
+/// this executable, so a `--release` run measures the release ztunnel.
+struct Zt<'a> {
+    ns: &'a Netns,
+    proc_: Proc,
+    pid: i32,
+    /// From spawn to readiness.
+    ready_after: Duration,
+}
+
+impl<'a> Zt<'a> {
+    async fn start(ns: &'a Netns, bin: &Path, files: &Files, state: &Path, within: Duration) -> Result<Zt<'a>> {
+        let log = files.dir.join(format!("ztunnel-{}.log", ns.name));
+        let args: Vec<String> = vec![
+            bin.display().to_string(),
+            "--local-xds-path".into(),
+            state.display().to_string(),
+            "--ca-root-cert".into(),
+            files.root_cert.display().to_string(),
+            "--ca-root-key".into(),
+            files.root_key.display().to_string(),
+            "--node-name".into(),
+            ns.name.clone(),
+            "--log".into(),
+            "info,access=info".into(),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let mut proc_ = Proc::spawn(ns, &argv, log, Duration::ZERO)?;
+        proc_.what = format!("ztunnel in {}", ns.name);
+        let deadline = started + within;
+        loop {
+            if let Ok((200, _)) = http_request(ns, "127.0.0.1:15021".parse()?, "GET", "/healthz/ready").await {
+                break;
+            }
+            proc_.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("ztunnel in {} not ready within {within:?}; log:\n{}", ns.name, tail(&proc_.log, 40));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ready_after = started.elapsed();
+        let pid = ztunnel_pid(ns)?;
+        Ok(Zt { ns, proc_, pid, ready_after })
+    }
+
+    fn cpu(&self) -> Result<u64> {
+        cpu_ticks(self.pid)
+    }
+
+    fn rss(&self) -> Result<u64> {
+        rss_kib(self.pid)
+    }
+
+    async fn admin(&self, addr: &str, path: &str) -> Result<String> {
+        let addr: SocketAddr = addr.parse()?;
+        match http_request(self.ns, addr, "GET", path).await? {
+            (200, body) => Ok(body),
+            (status, body) => bail!("GET {path} on ztunnel in {}: {status} {body}", self.ns.name),
+        }
+    }
+}
+
+impl Drop for Zt<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- ztunnel log ({}) ---\n{}", self.ns.name, tail(&self.proc_.log, 60));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topology
+
+struct Files {
+    dir: PathBuf,
+    root_cert: PathBuf,
+    root_key: PathBuf,
+    state: PathBuf,
+}
+
+/// A client and a server pod on their own bridge, addressed 10.<net>.0.1 and .2.
+struct Pair {
+    client: Netns,
+    server: Netns,
+    _hub: Hub,
+    net: u8,
+}
+
+impl Pair {
+    fn new(tag: &str, net: u8) -> Result<Pair> {
+        let hub = Hub::new()?;
+        let client = Netns::new(&format!("{tag}c"))?;
+        let server = Netns::new(&format!("{tag}s"))?;
+        for (ns, host) in [(&client, 1), (&server, 2)] {
+            hub.attach(ns, &[&format!("10.{net}.0.{host}/24")])?;
+            // Room for tens of thousands of short connections (ab) without port reuse stalls.
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
+            ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        }
+        Ok(Pair { client, server, _hub: hub, net })
+    }
+
+    fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.net, 0, host)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}:{HTTP_PORT}/", self.ip(2))
+    }
+}
+
+/// Both pairs; the temporary directory (CA, state files, nginx, logs) goes last.
+struct Bed {
+    mesh: Pair,
+    direct: Pair,
+    files: Files,
+    _dir: tempfile::TempDir,
+}
+
+impl Bed {
+    fn new() -> Result<Bed> {
+        let dir = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
+        let ca = DevCa::generate("cluster.local").map_err(|e| anyhow!("generating the development CA: {e}"))?;
+        let files = Files {
+            dir: dir.path().to_path_buf(),
+            root_cert: dir.path().join("root-cert.pem"),
+            root_key: dir.path().join("root-key.pem"),
+            state: dir.path().join("state.yaml"),
+        };
+        std::fs::write(&files.root_cert, ca.root_pem())?;
+        std::fs::write(&files.root_key, ca.key_pem())?;
+        let mesh = Pair::new("mbm", 201).context("creating the mesh pods")?;
+        let direct = Pair::new("mbd", 202).context("creating the direct pods")?;
+        capture::install(&mesh.client).context("installing capture rules (client)")?;
+        capture::install(&mesh.server).context("installing capture rules (server)")?;
+        std::fs::write(&files.state, state_yaml(mesh.net, 0))?;
+        Ok(Bed { mesh, direct, files, _dir: dir })
+    }
+}
+
+/// The workload file: client and server (HBONE), service `server` on a VIP, and `extra`
+/// workloads with one service per ten of them.
+fn state_yaml(net: u8, extra: u32) -> String {
+    let mut y = format!(
+        r#"workloads:
+- uid: cluster1//Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  addresses: ["10.{net}.0.1"]
+  protocol: HBONE
+  node: node-a
+  canonicalName: client
+  canonicalRevision: v1
+- uid: cluster1//Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  addresses: ["10.{net}.0.2"]
+  protocol: HBONE
+  node: node-b
+  canonicalName: server
+  canonicalRevision: v1
+  services:
+    default/server.default.svc.cluster.local:
+    - servicePort: 80
+      targetPort: {HTTP_PORT}
+"#
+    );
+    y.reserve(extra as usize * 330);
+    for i in 0..extra {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i + 1);
+        let s = i / 10;
+        y.push_str(&format!(
+            r#"- uid: cluster1//Pod/bench/w{i}
+  name: w{i}
+  namespace: bench
+  serviceAccount: sa{s}
+  addresses: ["{ip}"]
+  protocol: HBONE
+  node: node-{}
+  canonicalName: app{s}
+  canonicalRevision: v1
+  services:
+    bench/svc{s}.bench.svc.cluster.local:
+    - servicePort: 80
+      targetPort: 8080
+"#,
+            i % 50
+        ));
+    }
+    y.push_str(&format!(
+        r#"services:
+- name: server
+  namespace: default
+  hostname: server.default.svc.cluster.local
+  vips: ["10.96.{net}.10"]
+  ports:
+  - servicePort: 80
+    targetPort: {HTTP_PORT}
+"#
+    ));
+    for s in 0..extra.div_ceil(10) {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 160, 0, 0)) + s + 1);
+        y.push_str(&format!(
+            r#"- name: svc{s}
+  namespace: bench
+  hostname: svc{s}.bench.svc.cluster.local
+  vips: ["{vip}"]
+  ports:
+  - servicePort: 80
+    targetPort: 8080
+"#
+        ));
+    }
+    y.push_str("policies: []\n");
+    y
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tool output
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Wrk {
+    rps: f64,
+    requests: u64,
+    mean_us: f64,
+    p50_us: f64,
+    p75_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    socket_errors: u64,
+    non_2xx: u64,
+}
+
+impl Wrk {
+    fn json(&self) -> Value {
+        json!({
+            "requests_per_sec": self.rps, "requests": self.requests, "latency_mean_us": self.mean_us,
+            "latency_p50_us": self.p50_us, "latency_p75_us": self.p75_us, "latency_p90_us": self.p90_us,
+            "latency_p99_us": self.p99_us, "socket_errors": self.socket_errors, "non_2xx": self.non_2xx,
+        })
+    }
+}
+
+/// "110.00us", "1.20ms", "2.00s", "1.00m" -> microseconds.
+fn wrk_duration_us(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600e6)
+    } else {
+        return None;
+    };
+    Some(num.parse::<f64>().ok()? * scale)
+}
+
+fn parse_wrk(out: &str) -> Result<Wrk> {
+    let mut w = Wrk::default();
+    let mut in_dist = false;
+    let (mut got_rps, mut got_p50, mut got_p99) = (false, false, false);
+    for line in out.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            ["Latency", "Distribution", ..] => in_dist = true,
+            ["Latency", avg, ..] if !in_dist => w.mean_us = wrk_duration_us(avg).unwrap_or(0.0),
+            [pct, v] if in_dist && pct.ends_with('%') => {
+                let v = wrk_duration_us(v).ok_or_else(|| anyhow!("bad latency {v:?} in wrk output"))?;
+                match *pct {
+                    "50%" => (w.p50_us, got_p50) = (v, true),
+                    "75%" => w.p75_us = v,
+                    "90%" => w.p90_us = v,
+                    "99%" => (w.p99_us, got_p99) = (v, true),
+                    _ => {}
+                }
+            }
+            [n, "requests", "in", ..] => {
+                in_dist = false;
+                w.requests = n.parse()?;
+            }
+            ["Requests/sec:", v] => (w.rps, got_rps) = (v.parse()?, true),
+            ["Socket", "errors:", rest @ ..] => {
+                w.socket_errors = rest.iter().filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok()).sum();
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => w.non_2xx = n.parse()?,
+            _ => {}
+        }
+    }
+    if !(got_rps && got_p50 && got_p99) {
+        bail!("unexpected wrk output (was --latency given?):\n{out}");
+    }
+    Ok(w)
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Ab {
+    rps: f64,
+    complete: u64,
+    failed: u64,
+    non_2xx: u64,
+    mean_ms: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Ab {
+    fn json(&self) -> Value {
+        json!({
+            "requests_per_sec": self.rps, "complete": self.complete, "failed": self.failed, "non_2xx": self.non_2xx,
+            "time_per_request_mean_ms": self.mean_ms, "latency_p50_ms": self.p50_ms, "latency_p99_ms": self.p99_ms,
+        })
+    }
+}
+
+fn parse_ab(out: &str) -> Result<Ab> {
+    let mut a = Ab::default();
+    let mut got_rps = false;
+    let mut got_mean = false;
+    for line in out.lines() {
+        let line = line.trim();
+        let value = |prefix: &str| line.strip_prefix(prefix).and_then(|r| r.split_whitespace().next());
+        if let Some(v) = value("Requests per second:") {
+            (a.rps, got_rps) = (v.parse()?, true);
+        } else if let Some(v) = value("Complete requests:") {
+            a.complete = v.parse()?;
+        } else if let Some(v) = value("Failed requests:") {
+            a.failed = v.parse()?;
+        } else if let Some(v) = value("Non-2xx responses:") {
+            a.non_2xx = v.parse()?;
+        } else if let Some(v) = value("Time per request:") {
+            // The first "Time per request" is the mean per request; the second is per batch.
+            if !got_mean {
+                (a.mean_ms, got_mean) = (v.parse()?, true);
+            }
+        } else if let Some(v) = value("50%") {
+            a.p50_ms = v.parse()?;
+        } else if let Some(v) = value("99%") {
+            a.p99_ms = v.parse()?;
+        }
+    }
+    if !got_rps {
+        bail!("unexpected ab output:\n{out}");
+    }
+    Ok(a)
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Iperf {
+    gbps: f64,
+    bytes: u64,
+    retransmits: u64,
+    secs: f64,
+}
+
+impl Iperf {
+    fn json(&self) -> Value {
+        json!({"gbit_per_sec": self.gbps, "bytes": self.bytes, "retransmits": self.retransmits, "seconds": self.secs})
+    }
+}
+
+fn parse_iperf(out: &str) -> Result<Iperf> {
+    let v: Value = serde_json::from_str(out).with_context(|| format!("iperf3 -J output is not JSON:\n{out}"))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let recv = &v["end"]["sum_received"];
+    let sent = &v["end"]["sum_sent"];
+    let bps = recv["bits_per_second"].as_f64().ok_or_else(|| anyhow!("no end.sum_received in iperf3 output"))?;
+    Ok(Iperf {
+        gbps: bps / 1e9,
+        bytes: recv["bytes"].as_u64().unwrap_or(0),
+        retransmits: sent["retransmits"].as_u64().unwrap_or(0),
+        secs: recv["seconds"].as_f64().unwrap_or(0.0),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bench
+
+/// ztunnel CPU over one run: ticks used by each side.
+struct CpuWindow {
+    client_s: f64,
+    server_s: f64,
+    wall_s: f64,
+}
+
+impl CpuWindow {
+    fn json(&self) -> Value {
+        json!({"client_cpu_s": self.client_s, "server_cpu_s": self.server_s, "wall_s": self.wall_s,
+               "client_cpu_pct": pct(self.client_s, self.wall_s), "server_cpu_pct": pct(self.server_s, self.wall_s)})
+    }
+}
+
+fn pct(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        100.0 * a / b
+    } else {
+        f64::NAN
+    }
+}
+
+/// Runs `f` and returns what both ztunnels spent meanwhile.
+async fn with_cpu<T, F>(zts: (&Zt<'_>, &Zt<'_>), tck: f64, f: F) -> Result<(T, CpuWindow)>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    let (c0, s0) = (zts.0.cpu()?, zts.1.cpu()?);
+    let t0 = Instant::now();
+    let r = f.await?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let (c1, s1) = (zts.0.cpu()?, zts.1.cpu()?);
+    Ok((r, CpuWindow { client_s: (c1 - c0) as f64 / tck, server_s: (s1 - s0) as f64 / tck, wall_s }))
+}
+
+async fn iperf(p: &Pair, secs: u32) -> Result<Iperf> {
+    let ip = p.ip(2).to_string();
+    let t = secs.to_string();
+    let out = run_in(&p.client, &["iperf3", "-c", &ip, "-t", &t, "-J"], Duration::from_secs(secs as u64 + 30)).await;
+    // iperf3 -J reports failures as JSON with an "error" field and a non-zero exit.
+    match out {
+        Ok(o) => parse_iperf(&o),
+        Err(e) => Err(e.context(format!("iperf3 to {ip}"))),
+    }
+}
+
+async fn wrk(p: &Pair, threads: u32, conns: u32, secs: u32) -> Result<Wrk> {
+    let (t, c, d) = (format!("-t{threads}"), format!("-c{conns}"), format!("-d{secs}s"));
+    let out = run_in(&p.client, &["wrk", &t, &c, &d, "--latency", &p.url()], Duration::from_secs(secs as u64 + 30))
+        .await?;
+    let w = parse_wrk(&out)?;
+    if w.requests == 0 {
+        bail!("wrk against {} completed no request:\n{out}", p.url());
+    }
+    Ok(w)
+}
+
+async fn ab(p: &Pair, n: u32) -> Result<Ab> {
+    let n = n.to_string();
+    let out = run_in(&p.client, &["ab", "-q", "-r", "-c4", "-n", &n, &p.url()], Duration::from_secs(300)).await?;
+    parse_ab(&out)
+}
+
+/// curl through the path once: proves the server answers before anything is measured.
+async fn check_path(p: &Pair, label: &str) -> Result<()> {
+    let body = run_in(&p.client, &["curl", "-sS", "--max-time", "10", &p.url()], Duration::from_secs(15))
+        .await
+        .with_context(|| format!("{label} path: {} does not answer", p.url()))?;
+    if body.trim() != "ok" {
+        bail!("{label} path: {} answered {body:?}, expected \"ok\"", p.url());
+    }
+    Ok(())
+}
+
+fn line_value(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Side {
+    iperf: Iperf,
+    keepalive: Wrk,
+    closed_loop: Wrk,
+    ab: Ab,
+}
+
+impl Side {
+    fn json(&self) -> Value {
+        json!({"iperf3": self.iperf.json(), "wrk_keepalive": self.keepalive.json(),
+               "wrk_closed_loop": self.closed_loop.json(), "ab_new_connections": self.ab.json()})
+    }
+}
+
+struct Scale {
+    extra_workloads: u32,
+    services: u32,
+    rss_kib: u64,
+    ready_ms: f64,
+    dumped_workloads: usize,
+    dumped_services: usize,
+}
+
+async fn bench(opts: &Opts) -> Result<()> {
+    let started = Instant::now();
+    let bin = preflight()?;
+    let plan = Plan::new(opts.quick);
+    let tck = clock_ticks();
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    eprintln!("meshbench: ztunnel {}, {} mode", bin.display(), if opts.quick { "quick" } else { "full" });
+
+    let bed = Bed::new()?;
+    let (mesh, direct) = (&bed.mesh, &bed.direct);
+    let dir = bed.files.dir.clone();
+    // Servers: nginx and iperf3 in both server pods.
+    let mut servers = Vec::new();
+    for (p, tag) in [(mesh, "mesh"), (direct, "direct")] {
+        let mut nginx = start_nginx(&p.server, &dir.join(format!("nginx-{tag}")))?;
+        wait_listening(&p.server, HTTP_PORT, &mut nginx).await?;
+        let mut iperf = Proc::spawn(
+            &p.server,
+            &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+            dir.join(format!("iperf3-{tag}.log")),
+            Duration::from_secs(2),
+        )?;
+        wait_listening(&p.server, IPERF_PORT, &mut iperf).await?;
+        servers.push(nginx);
+        servers.push(iperf);
+    }
+    let state = bed.files.state.clone();
+    let zc = Zt::start(&mesh.client, &bin, &bed.files, &state, Duration::from_secs(20)).await?;
+    let zs = Zt::start(&mesh.server, &bin, &bed.files, &state, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = (zc.rss()?, zs.rss()?);
+
+    check_path(direct, "direct").await?;
+    check_path(mesh, "mesh").await?;
+    // The mesh path must really go through both ztunnels.
+    let m = zc.admin("127.0.0.1:15020", "/metrics").await?;
+    if line_value(&m, "istio_tcp_connections_opened_total", &["reporter=\"source\""]) < 1.0 {
+        bail!("mesh path: the client ztunnel reports no outbound connection; is capture working?\n{m}");
+    }
+    eprintln!("meshbench: both paths answer; warming up");
+    for p in [direct, mesh] {
+        wrk(p, 2, 10, plan.warmup_secs).await.context("warm-up")?;
+    }
+    let zts = (&zc, &zs);
+
+    eprintln!("meshbench: iperf3 single stream, {} s per path", plan.iperf_secs);
+    let iperf_d = iperf(direct, plan.iperf_secs).await?;
+    let (iperf_m, cpu_iperf) = with_cpu(zts, tck, iperf(mesh, plan.iperf_secs)).await?;
+
+    eprintln!("meshbench: wrk keep-alive -t2 -c10, {} s per path", plan.wrk_secs);
+    let ka_d = wrk(direct, 2, 10, plan.wrk_secs).await?;
+    let (ka_m, cpu_ka) = with_cpu(zts, tck, wrk(mesh, 2, 10, plan.wrk_secs)).await?;
+
+    eprintln!("meshbench: wrk closed loop -t1 -c1, {} s per path", plan.wrk_secs);
+    let rr_d = wrk(direct, 1, 1, plan.wrk_secs).await?;
+    let (rr_m, cpu_rr) = with_cpu(zts, tck, wrk(mesh, 1, 1, plan.wrk_secs)).await?;
+
+    eprintln!("meshbench: ab new connections -c4 -n {} per path", plan.ab_requests);
+    let ab_d = ab(direct, plan.ab_requests).await?;
+    let (ab_m, cpu_ab) = with_cpu(zts, tck, ab(mesh, plan.ab_requests)).await?;
+
+    let loaded_rss = (zc.rss()?, zs.rss()?);
+    let metrics_client = zc.admin("127.0.0.1:15020", "/metrics").await?;
+    let mesh_conns = line_value(&metrics_client, "istio_tcp_connections_opened_total", &["reporter=\"source\""]);
+    let ready = (zc.ready_after, zs.ready_after);
+    drop(zc);
+    drop(zs);
+
+    // Memory with a larger mesh: restart the client-side ztunnel on a bigger workload file.
+    let mut scale = Vec::new();
+    for extra in [1_000u32, 10_000] {
+        eprintln!("meshbench: ztunnel RSS with {extra} extra workloads");
+        let file = dir.join(format!("state-{extra}.yaml"));
+        std::fs::write(&file, state_yaml(mesh.net, extra))?;
+        let z = Zt::start(&mesh.client, &bin, &bed.files, &file, Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss = z.rss()?;
+        let dump: Value = serde_json::from_str(&z.admin("127.0.0.1:15000", "/config_dump").await?)
+            .context("parsing /config_dump")?;
+        let dumped_workloads = dump["workloads"].as_array().map_or(0, Vec::len);
+        let dumped_services = dump["services"].as_array().map_or(0, Vec::len);
+        if dumped_workloads < extra as usize + 2 {
+            bail!(
+                "ztunnel with {extra} extra workloads holds only {dumped_workloads} workloads; log:\n{}",
+                tail(&z.proc_.log, 20)
+            );
+        }
+        scale.push(Scale {
+            extra_workloads: extra,
+            services: extra.div_ceil(10),
+            rss_kib: rss,
+            ready_ms: z.ready_after.as_secs_f64() * 1e3,
+            dumped_workloads,
+            dumped_services,
+        });
+    }
+    drop(servers);
+
+    let mesh_side = Side { iperf: iperf_m, keepalive: ka_m, closed_loop: rr_m, ab: ab_m };
+    let direct_side = Side { iperf: iperf_d, keepalive: ka_d, closed_loop: rr_d, ab: ab_d };
+    let report = Report {
+        plan,
+        quick: opts.quick,
+        tck,
+        direct: direct_side,
+        mesh: mesh_side,
+        cpu_iperf,
+        cpu_ka,
+        cpu_rr,
+        cpu_ab,
+        idle_rss,
+        loaded_rss,
+        ready,
+        scale,
+        mesh_conns,
+        ztunnel: bin,
+        elapsed: started.elapsed(),
+    };
+    let md = report.markdown();
+    let js = report.json();
+    let json_path = opts.out.join("bench.json");
+    let md_path = opts.out.join("bench.md");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&js)? + "\n")?;
+    std::fs::write(&md_path, &md)?;
+    println!("{md}");
+    eprintln!("meshbench: wrote {} and {} in {:.0} s", json_path.display(), md_path.display(), report.elapsed.as_secs_f64());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+struct Report {
+    plan: Plan,
+    quick: bool,
+    tck: f64,
+    direct: Side,
+    mesh: Side,
+    cpu_iperf: CpuWindow,
+    cpu_ka: CpuWindow,
+    cpu_rr: CpuWindow,
+    cpu_ab: CpuWindow,
+    idle_rss: (u64, u64),
+    loaded_rss: (u64, u64),
+    ready: (Duration, Duration),
+    scale: Vec<Scale>,
+    mesh_conns: f64,
+    ztunnel: PathBuf,
+    elapsed: Duration,
+}
+
+fn per(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+impl Report {
+    fn gbit(&self) -> f64 {
+        self.mesh.iperf.bytes as f64 * 8.0 / 1e9
+    }
+
+    /// CPU per unit: (client, server).
+    fn cpu_per(&self, w: &CpuWindow, units: f64, scale: f64) -> (f64, f64) {
+        (per(w.client_s * scale, units), per(w.server_s * scale, units))
+    }
+
+    fn json(&self) -> Value {
+        let (d, m) = (&self.direct, &self.mesh);
+        let (ka_c, ka_s) = self.cpu_per(&self.cpu_ka, m.keepalive.requests as f64, 1e6);
+        let (rr_c, rr_s) = self.cpu_per(&self.cpu_rr, m.closed_loop.requests as f64, 1e6);
+        let (ab_c, ab_s) = self.cpu_per(&self.cpu_ab, m.ab.complete as f64, 1e6);
+        let (ip_c, ip_s) = self.cpu_per(&self.cpu_iperf, self.gbit(), 1.0);
+        let scale: Vec<Value> = self
+            .scale
+            .iter()
+            .map(|s| {
+                json!({
+                    "extra_workloads": s.extra_workloads, "extra_services": s.services, "rss_kib": s.rss_kib,
+                    "ready_ms": s.ready_ms, "config_dump_workloads": s.dumped_workloads,
+                    "config_dump_services": s.dumped_services,
+                    "kib_per_extra_workload": per(s.rss_kib as f64 - self.idle_rss.0 as f64, s.extra_workloads as f64),
+                })
+            })
+            .collect();
+        json!({
+            "tool": "meshbench",
+            "quick": self.quick,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "host": {
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "kernel": sh(&["uname", "-r"]).map(|s| s.trim().to_owned()).unwrap_or_default(),
+                "clk_tck": self.tck,
+            },
+            "ztunnel_binary": self.ztunnel.display().to_string(),
+            "plan": {
+                "iperf3": format!("iperf3 -c <server> -t {} -J", self.plan.iperf_secs),
+                "wrk_keepalive": format!("wrk -t2 -c10 -d{}s --latency http://<server>:{HTTP_PORT}/", self.plan.wrk_secs),
+                "wrk_closed_loop": format!("wrk -t1 -c1 -d{}s --latency http://<server>:{HTTP_PORT}/", self.plan.wrk_secs),
+                "ab": format!("ab -q -r -c4 -n {} http://<server>:{HTTP_PORT}/", self.plan.ab_requests),
+                "warmup_s": self.plan.warmup_secs,
+            },
+            "topology": {
+                "mesh": {"client": self.mesh_ip(1), "server": self.mesh_ip(2), "capture": true, "ztunnels": 2},
+                "direct": {"client": "10.202.0.1", "server": "10.202.0.2", "capture": false, "ztunnels": 0},
+            },
+            "direct": d.json(),
+            "mesh": m.json(),
+            "ratios": {
+                "throughput_pct": pct(m.iperf.gbps, d.iperf.gbps),
+                "keepalive_rps_pct": pct(m.keepalive.rps, d.keepalive.rps),
+                "keepalive_added_p50_us": m.keepalive.p50_us - d.keepalive.p50_us,
+                "keepalive_added_p99_us": m.keepalive.p99_us - d.keepalive.p99_us,
+                "closed_loop_rps_pct": pct(m.closed_loop.rps, d.closed_loop.rps),
+                "closed_loop_added_p50_us": m.closed_loop.p50_us - d.closed_loop.p50_us,
+                "closed_loop_added_p99_us": m.closed_loop.p99_us - d.closed_loop.p99_us,
+                "new_connection_rps_pct": pct(m.ab.rps, d.ab.rps),
+            },
+            "ztunnel": {
+                "cpu": {
+                    "iperf3": self.cpu_iperf.json(),
+                    "wrk_keepalive": self.cpu_ka.json(),
+                    "wrk_closed_loop": self.cpu_rr.json(),
+                    "ab_new_connections": self.cpu_ab.json(),
+                    "client_cpu_s_per_gbit": ip_c, "server_cpu_s_per_gbit": ip_s,
+                    "client_cpu_us_per_keepalive_request": ka_c, "server_cpu_us_per_keepalive_request": ka_s,
+                    "client_cpu_us_per_closed_loop_request": rr_c, "server_cpu_us_per_closed_loop_request": rr_s,
+                    "client_cpu_us_per_new_connection": ab_c, "server_cpu_us_per_new_connection": ab_s,
+                },
+                "rss_kib": {
+                    "client_idle": self.idle_rss.0, "server_idle": self.idle_rss.1,
+                    "client_after_load": self.loaded_rss.0, "server_after_load": self.loaded_rss.1,
+                },
+                "ready_ms": {"client": self.ready.0.as_secs_f64() * 1e3, "server": self.ready.1.as_secs_f64() * 1e3},
+                "client_outbound_connections_total": self.mesh_conns,
+                "scale": scale,
+            },
+        })
+    }
+
+    fn mesh_ip(&self, host: u8) -> String {
+        format!("10.201.0.{host}")
+    }
+
+    fn markdown(&self) -> String {
+        let (d, m) = (&self.direct, &self.mesh);
+        let mut s = String::new();
+        let p = &self.plan;
+        s.push_str(&format!(
+            "## meshbench{}: mesh (2 ztunnels, HBONE mTLS) vs direct\n\n",
+            if self.quick { " --quick" } else { "" }
+        ));
+        s.push_str("| measurement | direct | mesh | mesh vs direct |\n|---|---:|---:|---:|\n");
+        let mut row = |name: String, dv: String, mv: String, cmp: String| {
+            s.push_str(&format!("| {name} | {dv} | {mv} | {cmp} |\n"));
+        };
+        let pct_s = |a: f64, b: f64| format!("{:.1} %", pct(a, b));
+        let add_us = |a: f64, b: f64| format!("{:+.0} µs", a - b);
+        row(
+            format!("iperf3 single stream, {} s (Gbit/s)", p.iperf_secs),
+            format!("{:.2}", d.iperf.gbps),
+            format!("{:.2}", m.iperf.gbps),
+            pct_s(m.iperf.gbps, d.iperf.gbps),
+        );
+        for (label, dw, mw) in [
+            ("wrk keep-alive -t2 -c10", &d.keepalive, &m.keepalive),
+            ("wrk closed loop -t1 -c1", &d.closed_loop, &m.closed_loop),
+        ] {
+            row(format!("{label} (req/s)"), format!("{:.0}", dw.rps), format!("{:.0}", mw.rps), pct_s(mw.rps, dw.rps));
+            row(
+                format!("{label} p50 (µs)"),
+                format!("{:.0}", dw.p50_us),
+                format!("{:.0}", mw.p50_us),
+                add_us(mw.p50_us, dw.p50_us),
+            );
+            row(
+                format!("{label} p99 (µs)"),
+                format!("{:.0}", dw.p99_us),
+                format!("{:.0}", mw.p99_us),
+                add_us(mw.p99_us, dw.p99_us),
+            );
+        }
+        row(
+            format!("ab new connections -c4 -n {} (req/s)", p.ab_requests),
+            format!("{:.0}", d.ab.rps),
+            format!("{:.0}", m.ab.rps),
+            pct_s(m.ab.rps, d.ab.rps),
+        );
+        let errors = d.keepalive.socket_errors + d.keepalive.non_2xx + m.keepalive.socket_errors + m.keepalive.non_2xx
+            + d.closed_loop.socket_errors
+            + m.closed_loop.socket_errors
+            + d.ab.failed
+            + m.ab.failed
+            + d.ab.non_2xx
+            + m.ab.non_2xx;
+        if errors > 0 {
+            s.push_str(&format!("\n**{errors} errors / failed requests** (see bench.json)\n"));
+        }
+
+        let (ka_c, ka_s) = self.cpu_per(&self.cpu_ka, m.keepalive.requests as f64, 1e6);
+        let (rr_c, rr_s) = self.cpu_per(&self.cpu_rr, m.closed_loop.requests as f64, 1e6);
+        let (ab_c, ab_s) = self.cpu_per(&self.cpu_ab, m.ab.complete as f64, 1e6);
+        let (ip_c, ip_s) = self.cpu_per(&self.cpu_iperf, self.gbit(), 1.0);
+        let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
+        s.push_str("\n| ztunnel cost | client side | server side |\n|---|---:|---:|\n");
+        s.push_str(&format!("| CPU per keep-alive request (µs) | {ka_c:.1} | {ka_s:.1} |\n"));
+        s.push_str(&format!("| CPU per closed-loop request (µs) | {rr_c:.1} | {rr_s:.1} |\n"));
+        s.push_str(&format!("| CPU per new connection (µs) | {ab_c:.1} | {ab_s:.1} |\n"));
+        s.push_str(&format!("| CPU per Gbit transferred (s) | {ip_c:.3} | {ip_s:.3} |\n"));
+        s.push_str(&format!(
+            "| CPU during iperf3 (% of one core) | {:.0} | {:.0} |\n",
+            pct(self.cpu_iperf.client_s, self.cpu_iperf.wall_s),
+            pct(self.cpu_iperf.server_s, self.cpu_iperf.wall_s)
+        ));
+        s.push_str(&format!("| RSS idle (MiB) | {} | {} |\n", mib(self.idle_rss.0), mib(self.idle_rss.1)));
+        s.push_str(&format!("| RSS after load (MiB) | {} | {} |\n", mib(self.loaded_rss.0), mib(self.loaded_rss.1)));
+
+        s.push_str("\n| ztunnel state size | RSS (MiB) | KiB per extra workload | start to ready (ms) |\n");
+        s.push_str("|---|---:|---:|---:|\n");
+        s.push_str(&format!(
+            "| 2 workloads, 1 service | {} | - | {:.0} |\n",
+            mib(self.idle_rss.0),
+            self.ready.0.as_secs_f64() * 1e3
+        ));
+        for sc in &self.scale {
+            s.push_str(&format!(
+                "| +{} workloads, +{} services | {} | {:.2} | {:.0} |\n",
+                sc.extra_workloads,
+                sc.services,
+                mib(sc.rss_kib),
+                per(sc.rss_kib as f64 - self.idle_rss.0 as f64, sc.extra_workloads as f64),
+                sc.ready_ms
+            ));
+        }
+        s.push_str(&format!(
+            "\n{} CPUs, kernel {}; CPU from /proc utime+stime ({} ticks/s); total run {:.0} s.\n",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            sh(&["uname", "-r"]).map(|s| s.trim().to_owned()).unwrap_or_default(),
+            self.tck,
+            self.elapsed.as_secs_f64()
+        ));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 10s test @ http://10.202.0.2:8080/
+  2 threads and 10 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   120.50us   50.00us   2.00ms   90.00%
+    Req/Sec    40.00k     2.00k   45.00k    70.00%
+  Latency Distribution
+     50%  110.00us
+     75%  130.00us
+     90%  160.00us
+     99%    1.30ms
+  800000 requests in 10.00s, 100.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec:  80000.00
+Transfer/sec:     10.00MB
+";
+
+    #[test]
+    fn parses_wrk() {
+        let w = parse_wrk(WRK).unwrap();
+        assert_eq!(w.rps, 80000.0);
+        assert_eq!(w.requests, 800000);
+        assert_eq!(w.mean_us, 120.5);
+        assert_eq!(w.p50_us, 110.0);
+        assert_eq!(w.p99_us, 1300.0);
+        assert_eq!(w.socket_errors, 3);
+        assert!(parse_wrk("garbage").is_err());
+        assert_eq!(wrk_duration_us("2.00s"), Some(2e6));
+    }
+
+    #[test]
+    fn parses_ab() {
+        let out = "Complete requests:      5000
+Failed requests:        0
+Requests per second:    4123.45 [#/sec] (mean)
+Time per request:       0.970 [ms] (mean)
+Time per request:       0.243 [ms] (mean, across all concurrent requests)
+Percentage of the requests served within a certain time (ms)
+  50%      1
+  99%      3
+ 100%      7 (longest request)
+";
+        let a = parse_ab(out).unwrap();
+        assert_eq!((a.rps, a.complete, a.failed, a.mean_ms, a.p50_ms, a.p99_ms), (4123.45, 5000, 0, 0.970, 1.0, 3.0));
+    }
+
+    #[test]
+    fn parses_stat() {
+        let stat = "1234 (z tun) S 1 2 3 4 5 6 7 8 9 10 250 17 0 0 20 0 4 0";
+        assert_eq!(parse_stat_ticks(stat), Some(267));
+    }
+
+    #[test]
+    fn state_has_requested_entries() {
+        let y = state_yaml(201, 25);
+        assert_eq!(y.matches("- uid: ").count(), 27);
+        assert_eq!(y.matches("hostname: ").count(), 4);
+    }
+}
