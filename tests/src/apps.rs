@@ -38,4 +38,3 @@ pub async fn echo_server(listener: TcpListener) {
         });
     }
 }
-

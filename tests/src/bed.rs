@@ -30,13 +30,14 @@ impl Bed {
             eprintln!("skipping: needs root and iproute2");
             return None;
         }
-        match Self::build(n) {
+        match Self::try_new(n) {
             Ok(b) => Some(b),
             Err(e) => panic!("building the test bed: {e:#}"),
         }
     }
 
-    fn build(n: u8) -> anyhow::Result<Bed> {
+    /// Builds the bed; everything created so far is removed again on error.
+    pub fn try_new(n: u8) -> anyhow::Result<Bed> {
         let dir = tempfile::tempdir()?;
         let ca = DevCa::generate("cluster.local")?;
         let root_cert = dir.path().join("root-cert.pem");

@@ -61,6 +61,11 @@ impl<'a> Ztunnel<'a> {
         Ok(z)
     }
 
+    /// The process id (`ip netns exec` execs, so this is ztunnel itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Polls the readiness endpoint (ztunnel's own readiness signal) until it answers 200.
     pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;

@@ -31,10 +31,16 @@ async fn main() -> anyhow::Result<()> {
     println!("ztunnel ready in {} and {}", bed.a.name, bed.b.name);
     tokio::spawn(http_server(bed.b.listen("0.0.0.0:8080".parse()?)?));
 
-    section(&format!("{REQUESTS} HTTP requests from the client pod, half by pod IP, half by service VIP"));
+    section(&format!(
+        "{REQUESTS} HTTP requests from the client pod, half by pod IP, half by service VIP"
+    ));
     let mut latencies = Vec::new();
     for i in 0..REQUESTS {
-        let url = if i % 2 == 0 { format!("http://{}:8080/", bed.ip(2)) } else { format!("http://{}:80/", bed.vip()) };
+        let url = if i % 2 == 0 {
+            format!("http://{}:8080/", bed.ip(2))
+        } else {
+            format!("http://{}:80/", bed.vip())
+        };
         let t = Instant::now();
         let body = curl(&bed, &url)?;
         latencies.push(t.elapsed());
@@ -57,16 +63,33 @@ async fn main() -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_str(line)?;
         println!(
             "{} {} ({}) -> {} ({}), {} bytes in, {} bytes out",
-            v["direction"], v["src.addr"], v["src.identity"], v["dst.addr"], v["dst.identity"], v["bytes_sent"], v["bytes_recv"]
+            v["direction"],
+            v["src.addr"],
+            v["src.identity"],
+            v["dst.addr"],
+            v["dst.identity"],
+            v["bytes_sent"],
+            v["bytes_recv"]
         );
     }
 
     section("metrics (istio_tcp_connections_opened_total, server side)");
     let metrics = zb.metrics().await?;
-    for l in metrics.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total")) {
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+    {
         let count = l.rsplit(' ').next().unwrap_or("?");
-        let principal = l.split("source_principal=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
-        let security = l.split("connection_security_policy=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+        let principal = l
+            .split("source_principal=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        let security = l
+            .split("connection_security_policy=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
         println!("{count} connections from {principal} over {security}");
     }
 
@@ -87,7 +110,10 @@ async fn main() -> anyhow::Result<()> {
     loop {
         match curl(&bed, &format!("http://{}:8080/", bed.ip(2))) {
             Err(e) => {
-                println!("request refused as expected: {}", e.to_string().lines().last().unwrap_or_default());
+                println!(
+                    "request refused as expected: {}",
+                    e.to_string().lines().last().unwrap_or_default()
+                );
                 break;
             }
             Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -97,11 +123,22 @@ async fn main() -> anyhow::Result<()> {
 
     section("summary");
     let dump = za.config_dump().await?;
-    let certs: Vec<_> = dump["certificates"].as_array().into_iter().flatten().map(|c| c["identity"].to_string()).collect();
+    let certs: Vec<_> = dump["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["identity"].to_string())
+        .collect();
     println!("client ztunnel holds certificates for: {}", certs.join(", "));
     if std::env::args().any(|a| a == "--hold") {
-        println!("metrics:     ip netns exec {} curl -s 127.0.0.1:15020/metrics", bed.b.name);
-        println!("config dump: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", bed.a.name);
+        println!(
+            "metrics:     ip netns exec {} curl -s 127.0.0.1:15020/metrics",
+            bed.b.name
+        );
+        println!(
+            "config dump: ip netns exec {} curl -s 127.0.0.1:15000/config_dump",
+            bed.a.name
+        );
         println!("press Ctrl-C to tear everything down");
         tokio::signal::ctrl_c().await?;
     } else {

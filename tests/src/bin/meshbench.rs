@@ -2,9 +2,10 @@
 //!
 //! Two pairs of pod namespaces are built at once, each pair on its own bridge:
 //!
-//! - mesh:   client 10.201.0.1 and server 10.201.0.2, both captured with the ambient rules and
-//!   each served by its own ztunnel (dedicated mode, local workload file, development CA);
-//! - direct: client 10.202.0.1 and server 10.202.0.2, no capture and no ztunnel.
+//! - mesh: pods `a` (client, 10.77.201.1) and `b` (server, 10.77.201.2) of the shared
+//!   [`mesh_e2e::Bed`], both captured with the ambient rules and each served by its own ztunnel
+//!   (dedicated mode, local workload file, development CA);
+//! - direct: client 10.78.201.1 and server 10.78.201.2, no capture rules and no ztunnel.
 //!
 //! Both servers run `iperf3 -s` and nginx; the clients run iperf3, wrk and ab. ztunnel's CPU
 //! (utime+stime from /proc) and memory (VmRSS) are sampled around the runs, and ztunnel is
@@ -21,16 +22,15 @@
 //! DIR defaults to `<target dir>/bench`. Everything created (namespaces, processes, temporary
 //! files) is removed on exit, on error, on panic and on Ctrl-C / SIGTERM.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mesh_core::identity::DevCa;
 use mesh_e2e::netns::sh;
-use mesh_e2e::ztunnel::http_request;
-use mesh_e2e::{capture, Hub, Netns};
+use mesh_e2e::ztunnel::ZtunnelFiles;
+use mesh_e2e::{Bed, Hub, Netns, Ztunnel};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: meshbench [--quick] [--out DIR]
@@ -55,6 +55,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
 ];
 
+/// Subnet number of the bed: mesh pods on 10.77.<n>.0/24, direct pods on 10.78.<n>.0/24.
+const NET: u8 = 201;
 const HTTP_PORT: u16 = 8080;
 const IPERF_PORT: u16 = 5201;
 
@@ -75,9 +77,19 @@ struct Plan {
 impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
-            Plan { iperf_secs: 3, wrk_secs: 3, ab_requests: 5000, warmup_secs: 1 }
+            Plan {
+                iperf_secs: 3,
+                wrk_secs: 3,
+                ab_requests: 5000,
+                warmup_secs: 1,
+            }
         } else {
-            Plan { iperf_secs: 10, wrk_secs: 10, ab_requests: 20000, warmup_secs: 1 }
+            Plan {
+                iperf_secs: 10,
+                wrk_secs: 10,
+                ab_requests: 20000,
+                warmup_secs: 1,
+            }
         }
     }
 }
@@ -89,7 +101,11 @@ fn parse_args() -> Result<Option<Opts>> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
-            "--out" => out = Some(PathBuf::from(args.next().ok_or_else(|| anyhow!("--out needs a directory"))?)),
+            "--out" => {
+                out = Some(PathBuf::from(
+                    args.next().ok_or_else(|| anyhow!("--out needs a directory"))?,
+                ))
+            }
             "-h" | "--help" => {
                 print!("{USAGE}");
                 return Ok(None);
@@ -120,7 +136,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshbench: starting the runtime: {e}");
@@ -155,21 +175,17 @@ fn in_path(tool: &str) -> bool {
         .any(|d| d.join(tool).is_file())
 }
 
-/// The ztunnel built with the same profile as this binary: target/<profile>/ztunnel.
+/// The ztunnel `Ztunnel::start` runs: the one built with the same profile as this binary.
 fn ztunnel_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating meshbench's own executable")?;
-    let dir = exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
-    let bin = dir.join("ztunnel");
+    let bin = mesh_e2e::binary("ztunnel");
     if !bin.is_file() {
-        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("release");
-        let flag = match profile {
-            "debug" => String::new(),
-            "release" => " --release".to_owned(),
-            other => format!(" --profile {other}"),
+        let build = match bin.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()) {
+            Some("debug") => "cargo build -p ztunnel",
+            _ => "cargo build --release -p ztunnel",
         };
         bail!(
-            "ztunnel binary not found at {} (meshbench runs the ztunnel next to its own executable); \
-             build it first: cargo build{flag} -p ztunnel",
+            "ztunnel binary not found at {} (meshbench runs the ztunnel built next to its own executable); \
+             build it first: {build}",
             bin.display()
         );
     }
@@ -180,11 +196,18 @@ fn preflight() -> Result<PathBuf> {
     if !nix::unistd::geteuid().is_root() {
         bail!("meshbench creates network namespaces and must run as root (try: sudo -E cargo run --release -p mesh-e2e --bin meshbench)");
     }
-    let missing: Vec<String> =
-        TOOLS.iter().filter(|(t, _)| !in_path(t)).map(|(t, pkg)| format!("{t} (Debian package {pkg})")).collect();
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(t, _)| !in_path(t))
+        .map(|(t, pkg)| format!("{t} (Debian package {pkg})"))
+        .collect();
     if !missing.is_empty() {
         let pkgs: Vec<&str> = TOOLS.iter().filter(|(t, _)| !in_path(t)).map(|(_, p)| *p).collect();
-        bail!("missing tools: {}; install with: apt-get install {}", missing.join(", "), pkgs.join(" "));
+        bail!(
+            "missing tools: {}; install with: apt-get install {}",
+            missing.join(", "),
+            pkgs.join(" ")
+        );
     }
     ztunnel_binary()
 }
@@ -212,7 +235,12 @@ impl Proc {
             .stderr(out)
             .spawn()
             .with_context(|| format!("spawning {args:?} in {}", ns.name))?;
-        Ok(Proc { what: format!("{} in {}", args[0], ns.name), child, grace, log })
+        Ok(Proc {
+            what: format!("{} in {}", args[0], ns.name),
+            child,
+            grace,
+            log,
+        })
     }
 
     /// Fails (with the log) if the process already exited.
@@ -254,7 +282,10 @@ fn tail(path: &Path, lines: usize) -> String {
 /// Runs a tool inside `ns` to completion (killed if the bench is interrupted or it overruns).
 async fn run_in(ns: &Netns, args: &[&str], timeout: Duration) -> Result<String> {
     let mut cmd = tokio::process::Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name]).args(args).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.args(["netns", "exec", &ns.name])
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     let out = tokio::time::timeout(timeout, cmd.output())
         .await
         .map_err(|_| anyhow!("{} did not finish within {timeout:?}", args.join(" ")))?
@@ -284,7 +315,11 @@ async fn wait_listening(ns: &Netns, port: u16, proc_: &mut Proc) -> Result<()> {
         }
         proc_.check_alive()?;
         if Instant::now() > deadline {
-            bail!("{} not listening on port {port} within 10 s; output:\n{}", proc_.what, tail(&proc_.log, 40));
+            bail!(
+                "{} not listening on port {port} within 10 s; output:\n{}",
+                proc_.what,
+                tail(&proc_.log, 40)
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -330,12 +365,16 @@ http {{
 // /proc sampling
 
 fn clock_ticks() -> f64 {
-    sh(&["getconf", "CLK_TCK"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+    sh(&["getconf", "CLK_TCK"])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// utime + stime of `pid` in clock ticks (all threads).
 fn cpu_ticks(pid: i32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     parse_stat_ticks(&stat).ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat: {stat}"))
 }
 
@@ -348,8 +387,8 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 
 /// VmRSS of `pid` in KiB.
 fn rss_kib(pid: i32) -> Result<u64> {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -357,74 +396,26 @@ fn rss_kib(pid: i32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// The pid of the (single) ztunnel process in `ns`.
-fn ztunnel_pid(ns: &Netns) -> Result<i32> {
-    let pids = ns_pids(ns)?;
-    let found: Vec<i32> = pids
-        .into_iter()
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).map(|c| c.trim() == "ztunnel").unwrap_or(false))
-        .collect();
-    match found.as_slice() {
-        [pid] => Ok(*pid),
-        [] => bail!("no ztunnel process in namespace {}", ns.name),
-        many => bail!("several ztunnel processes in namespace {}: {many:?}", ns.name),
-    }
-}
-
-fn ns_pids(ns: &Netns) -> Result<Vec<i32>> {
-    Ok(sh(&["ip", "netns", "pids", &ns.name])?.split_whitespace().filter_map(|p| p.parse().ok()).collect())
-}
-
 // ---------------------------------------------------------------------------------------------
-// ztunnel
+// ztunnel and topology
 
-/// A ztunnel in a pod namespace, started with the same flags as `mesh_e2e::Ztunnel::start`
-/// (local workload file, development CA, node name = namespace) but from the binary next to
-/// this executable, so a `--release` run measures the release ztunnel.
+/// A ztunnel started by `mesh_e2e::Ztunnel::start`, with its pid for /proc sampling.
 struct Zt<'a> {
-    ns: &'a Netns,
-    proc_: Proc,
+    z: Ztunnel<'a>,
     pid: i32,
     /// From spawn to readiness.
     ready_after: Duration,
 }
 
 impl<'a> Zt<'a> {
-    async fn start(ns: &'a Netns, bin: &Path, files: &Files, state: &Path, within: Duration) -> Result<Zt<'a>> {
-        let log = files.dir.join(format!("ztunnel-{}.log", ns.name));
-        let args: Vec<String> = vec![
-            bin.display().to_string(),
-            "--local-xds-path".into(),
-            state.display().to_string(),
-            "--ca-root-cert".into(),
-            files.root_cert.display().to_string(),
-            "--ca-root-key".into(),
-            files.root_key.display().to_string(),
-            "--node-name".into(),
-            ns.name.clone(),
-            "--log".into(),
-            "info,access=info".into(),
-            "--log-format".into(),
-            "json".into(),
-        ];
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    async fn start(ns: &'a Netns, files: &ZtunnelFiles<'_>) -> Result<Zt<'a>> {
         let started = Instant::now();
-        let mut proc_ = Proc::spawn(ns, &argv, log, Duration::ZERO)?;
-        proc_.what = format!("ztunnel in {}", ns.name);
-        let deadline = started + within;
-        loop {
-            if let Ok((200, _)) = http_request(ns, "127.0.0.1:15021".parse()?, "GET", "/healthz/ready").await {
-                break;
-            }
-            proc_.check_alive()?;
-            if Instant::now() > deadline {
-                bail!("ztunnel in {} not ready within {within:?}; log:\n{}", ns.name, tail(&proc_.log, 40));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let z = Ztunnel::start(ns, files, &[]).await?;
         let ready_after = started.elapsed();
-        let pid = ztunnel_pid(ns)?;
-        Ok(Zt { ns, proc_, pid, ready_after })
+        let pid = z
+            .pid()
+            .ok_or_else(|| anyhow!("ztunnel in {} is not running", ns.name))? as i32;
+        Ok(Zt { z, pid, ready_after })
     }
 
     fn cpu(&self) -> Result<u64> {
@@ -434,104 +425,71 @@ impl<'a> Zt<'a> {
     fn rss(&self) -> Result<u64> {
         rss_kib(self.pid)
     }
-
-    async fn admin(&self, addr: &str, path: &str) -> Result<String> {
-        let addr: SocketAddr = addr.parse()?;
-        match http_request(self.ns, addr, "GET", path).await? {
-            (200, body) => Ok(body),
-            (status, body) => bail!("GET {path} on ztunnel in {}: {status} {body}", self.ns.name),
-        }
-    }
 }
 
-impl Drop for Zt<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- ztunnel log ({}) ---\n{}", self.ns.name, tail(&self.proc_.log, 60));
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Topology
-
-struct Files {
-    dir: PathBuf,
-    root_cert: PathBuf,
-    root_key: PathBuf,
-    state: PathBuf,
-}
-
-/// A client and a server pod on their own bridge, addressed 10.<net>.0.1 and .2.
-struct Pair {
+/// The plain pair: client 10.78.<n>.1 and server 10.78.<n>.2 on their own bridge, without
+/// capture rules or ztunnel.
+struct Plain {
     client: Netns,
     server: Netns,
     _hub: Hub,
-    net: u8,
+    n: u8,
 }
 
-impl Pair {
-    fn new(tag: &str, net: u8) -> Result<Pair> {
+impl Plain {
+    fn new(n: u8) -> Result<Plain> {
         let hub = Hub::new()?;
-        let client = Netns::new(&format!("{tag}c"))?;
-        let server = Netns::new(&format!("{tag}s"))?;
+        let client = Netns::new("pc")?;
+        let server = Netns::new("ps")?;
         for (ns, host) in [(&client, 1), (&server, 2)] {
-            hub.attach(ns, &[&format!("10.{net}.0.{host}/24")])?;
-            // Room for tens of thousands of short connections (ab) without port reuse stalls.
-            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
-            ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+            hub.attach(ns, &[&format!("10.78.{n}.{host}/24")])?;
         }
-        Ok(Pair { client, server, _hub: hub, net })
+        Ok(Plain {
+            client,
+            server,
+            _hub: hub,
+            n,
+        })
     }
 
-    fn ip(&self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.net, 0, host)
+    fn ip(&self, host: u8) -> IpAddr {
+        Ipv4Addr::new(10, 78, self.n, host).into()
     }
+}
 
+/// Room for tens of thousands of short connections (ab) without waiting on TIME_WAIT ports.
+fn tune(ns: &Netns) -> Result<()> {
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    Ok(())
+}
+
+/// One side of the comparison: a client pod calling a server pod.
+struct Pods<'a> {
+    label: &'static str,
+    client: &'a Netns,
+    server: &'a Netns,
+    server_ip: IpAddr,
+}
+
+impl Pods<'_> {
     fn url(&self) -> String {
-        format!("http://{}:{HTTP_PORT}/", self.ip(2))
+        format!("http://{}:{HTTP_PORT}/", self.server_ip)
     }
 }
 
-/// Both pairs; the temporary directory (CA, state files, nginx, logs) goes last.
-struct Bed {
-    mesh: Pair,
-    direct: Pair,
-    files: Files,
-    _dir: tempfile::TempDir,
-}
-
-impl Bed {
-    fn new() -> Result<Bed> {
-        let dir = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
-        let ca = DevCa::generate("cluster.local").map_err(|e| anyhow!("generating the development CA: {e}"))?;
-        let files = Files {
-            dir: dir.path().to_path_buf(),
-            root_cert: dir.path().join("root-cert.pem"),
-            root_key: dir.path().join("root-key.pem"),
-            state: dir.path().join("state.yaml"),
-        };
-        std::fs::write(&files.root_cert, ca.root_pem())?;
-        std::fs::write(&files.root_key, ca.key_pem())?;
-        let mesh = Pair::new("mbm", 201).context("creating the mesh pods")?;
-        let direct = Pair::new("mbd", 202).context("creating the direct pods")?;
-        capture::install(&mesh.client).context("installing capture rules (client)")?;
-        capture::install(&mesh.server).context("installing capture rules (server)")?;
-        std::fs::write(&files.state, state_yaml(mesh.net, 0))?;
-        Ok(Bed { mesh, direct, files, _dir: dir })
-    }
-}
-
-/// The workload file: client and server (HBONE), service `server` on a VIP, and `extra`
-/// workloads with one service per ten of them.
-fn state_yaml(net: u8, extra: u32) -> String {
+/// The workload file of the bed (client and server with protocol HBONE, service `server` on
+/// its VIP, as `Bed::write_state` writes it) plus `extra` workloads and one service per ten.
+fn state_yaml(client: [IpAddr; 2], server: [IpAddr; 2], vip: IpAddr, extra: u32) -> String {
+    let [c4, c6] = client;
+    let [s4, s6] = server;
     let mut y = format!(
         r#"workloads:
 - uid: cluster1//Pod/default/client
   name: client
   namespace: default
   serviceAccount: client
-  addresses: ["10.{net}.0.1"]
+  addresses: ["{c4}", "{c6}"]
   protocol: HBONE
   node: node-a
   canonicalName: client
@@ -540,7 +498,7 @@ fn state_yaml(net: u8, extra: u32) -> String {
   name: server
   namespace: default
   serviceAccount: server
-  addresses: ["10.{net}.0.2"]
+  addresses: ["{s4}", "{s6}"]
   protocol: HBONE
   node: node-b
   canonicalName: server
@@ -578,7 +536,7 @@ fn state_yaml(net: u8, extra: u32) -> String {
 - name: server
   namespace: default
   hostname: server.default.svc.cluster.local
-  vips: ["10.96.{net}.10"]
+  vips: ["{vip}"]
   ports:
   - servicePort: 80
     targetPort: {HTTP_PORT}
@@ -670,7 +628,10 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
             }
             ["Requests/sec:", v] => (w.rps, got_rps) = (v.parse()?, true),
             ["Socket", "errors:", rest @ ..] => {
-                w.socket_errors = rest.iter().filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok()).sum();
+                w.socket_errors = rest
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
             }
             ["Non-2xx", "or", "3xx", "responses:", n] => w.non_2xx = n.parse()?,
             _ => {}
@@ -755,7 +716,9 @@ fn parse_iperf(out: &str) -> Result<Iperf> {
     }
     let recv = &v["end"]["sum_received"];
     let sent = &v["end"]["sum_sent"];
-    let bps = recv["bits_per_second"].as_f64().ok_or_else(|| anyhow!("no end.sum_received in iperf3 output"))?;
+    let bps = recv["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("no end.sum_received in iperf3 output"))?;
     Ok(Iperf {
         gbps: bps / 1e9,
         bytes: recv["bytes"].as_u64().unwrap_or(0),
@@ -799,13 +762,25 @@ where
     let r = f.await?;
     let wall_s = t0.elapsed().as_secs_f64();
     let (c1, s1) = (zts.0.cpu()?, zts.1.cpu()?);
-    Ok((r, CpuWindow { client_s: (c1 - c0) as f64 / tck, server_s: (s1 - s0) as f64 / tck, wall_s }))
+    Ok((
+        r,
+        CpuWindow {
+            client_s: (c1 - c0) as f64 / tck,
+            server_s: (s1 - s0) as f64 / tck,
+            wall_s,
+        },
+    ))
 }
 
-async fn iperf(p: &Pair, secs: u32) -> Result<Iperf> {
-    let ip = p.ip(2).to_string();
+async fn iperf(p: &Pods<'_>, secs: u32) -> Result<Iperf> {
+    let ip = p.server_ip.to_string();
     let t = secs.to_string();
-    let out = run_in(&p.client, &["iperf3", "-c", &ip, "-t", &t, "-J"], Duration::from_secs(secs as u64 + 30)).await;
+    let out = run_in(
+        p.client,
+        &["iperf3", "-c", &ip, "-t", &t, "-J"],
+        Duration::from_secs(secs as u64 + 30),
+    )
+    .await;
     // iperf3 -J reports failures as JSON with an "error" field and a non-zero exit.
     match out {
         Ok(o) => parse_iperf(&o),
@@ -813,10 +788,14 @@ async fn iperf(p: &Pair, secs: u32) -> Result<Iperf> {
     }
 }
 
-async fn wrk(p: &Pair, threads: u32, conns: u32, secs: u32) -> Result<Wrk> {
+async fn wrk(p: &Pods<'_>, threads: u32, conns: u32, secs: u32) -> Result<Wrk> {
     let (t, c, d) = (format!("-t{threads}"), format!("-c{conns}"), format!("-d{secs}s"));
-    let out = run_in(&p.client, &["wrk", &t, &c, &d, "--latency", &p.url()], Duration::from_secs(secs as u64 + 30))
-        .await?;
+    let out = run_in(
+        p.client,
+        &["wrk", &t, &c, &d, "--latency", &p.url()],
+        Duration::from_secs(secs as u64 + 30),
+    )
+    .await?;
     let w = parse_wrk(&out)?;
     if w.requests == 0 {
         bail!("wrk against {} completed no request:\n{out}", p.url());
@@ -824,19 +803,28 @@ async fn wrk(p: &Pair, threads: u32, conns: u32, secs: u32) -> Result<Wrk> {
     Ok(w)
 }
 
-async fn ab(p: &Pair, n: u32) -> Result<Ab> {
+async fn ab(p: &Pods<'_>, n: u32) -> Result<Ab> {
     let n = n.to_string();
-    let out = run_in(&p.client, &["ab", "-q", "-r", "-c4", "-n", &n, &p.url()], Duration::from_secs(300)).await?;
+    let out = run_in(
+        p.client,
+        &["ab", "-q", "-r", "-c4", "-n", &n, &p.url()],
+        Duration::from_secs(300),
+    )
+    .await?;
     parse_ab(&out)
 }
 
 /// curl through the path once: proves the server answers before anything is measured.
-async fn check_path(p: &Pair, label: &str) -> Result<()> {
-    let body = run_in(&p.client, &["curl", "-sS", "--max-time", "10", &p.url()], Duration::from_secs(15))
-        .await
-        .with_context(|| format!("{label} path: {} does not answer", p.url()))?;
+async fn check_path(p: &Pods<'_>) -> Result<()> {
+    let body = run_in(
+        p.client,
+        &["curl", "-sS", "--max-time", "10", &p.url()],
+        Duration::from_secs(15),
+    )
+    .await
+    .with_context(|| format!("{} path: {} does not answer", p.label, p.url()))?;
     if body.trim() != "ok" {
-        bail!("{label} path: {} answered {body:?}, expected \"ok\"", p.url());
+        bail!("{} path: {} answered {body:?}, expected \"ok\"", p.label, p.url());
     }
     Ok(())
 }
@@ -849,14 +837,14 @@ fn line_value(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-struct Side {
+struct Results {
     iperf: Iperf,
     keepalive: Wrk,
     closed_loop: Wrk,
     ab: Ab,
 }
 
-impl Side {
+impl Results {
     fn json(&self) -> Value {
         json!({"iperf3": self.iperf.json(), "wrk_keepalive": self.keepalive.json(),
                "wrk_closed_loop": self.closed_loop.json(), "ab_new_connections": self.ab.json()})
@@ -878,64 +866,95 @@ async fn bench(opts: &Opts) -> Result<()> {
     let plan = Plan::new(opts.quick);
     let tck = clock_ticks();
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    eprintln!("meshbench: ztunnel {}, {} mode", bin.display(), if opts.quick { "quick" } else { "full" });
+    eprintln!(
+        "meshbench: ztunnel {}, {} mode",
+        bin.display(),
+        if opts.quick { "quick" } else { "full" }
+    );
 
-    let bed = Bed::new()?;
-    let (mesh, direct) = (&bed.mesh, &bed.direct);
-    let dir = bed.files.dir.clone();
+    // Declaration order is teardown order, reversed: processes first, then their files, then
+    // the namespaces.
+    anyhow::ensure!(
+        mesh_e2e::privileged(),
+        "cannot create network namespaces (needs root and iproute2)"
+    );
+    let bed = Bed::try_new(NET).context("creating the mesh pods")?;
+    let plain = Plain::new(NET).context("creating the direct pods")?;
+    for ns in [&bed.a, &bed.b, &plain.client, &plain.server] {
+        tune(ns)?;
+    }
+    let mesh = Pods {
+        label: "mesh",
+        client: &bed.a,
+        server: &bed.b,
+        server_ip: bed.ip(2),
+    };
+    let direct = Pods {
+        label: "direct",
+        client: &plain.client,
+        server: &plain.server,
+        server_ip: plain.ip(2),
+    };
+    let tmp = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
+    let dir = tmp.path();
+
     // Servers: nginx and iperf3 in both server pods.
     let mut servers = Vec::new();
-    for (p, tag) in [(mesh, "mesh"), (direct, "direct")] {
-        let mut nginx = start_nginx(&p.server, &dir.join(format!("nginx-{tag}")))?;
-        wait_listening(&p.server, HTTP_PORT, &mut nginx).await?;
+    for p in [&mesh, &direct] {
+        let mut nginx = start_nginx(p.server, &dir.join(format!("nginx-{}", p.label)))?;
+        wait_listening(p.server, HTTP_PORT, &mut nginx).await?;
         let mut iperf = Proc::spawn(
-            &p.server,
+            p.server,
             &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
-            dir.join(format!("iperf3-{tag}.log")),
+            dir.join(format!("iperf3-{}.log", p.label)),
             Duration::from_secs(2),
         )?;
-        wait_listening(&p.server, IPERF_PORT, &mut iperf).await?;
+        wait_listening(p.server, IPERF_PORT, &mut iperf).await?;
         servers.push(nginx);
         servers.push(iperf);
     }
-    let state = bed.files.state.clone();
-    let zc = Zt::start(&mesh.client, &bin, &bed.files, &state, Duration::from_secs(20)).await?;
-    let zs = Zt::start(&mesh.server, &bin, &bed.files, &state, Duration::from_secs(20)).await?;
+    let zc = Zt::start(&bed.a, &bed.files()).await?;
+    let zs = Zt::start(&bed.b, &bed.files()).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = (zc.rss()?, zs.rss()?);
 
-    check_path(direct, "direct").await?;
-    check_path(mesh, "mesh").await?;
-    // The mesh path must really go through both ztunnels.
-    let m = zc.admin("127.0.0.1:15020", "/metrics").await?;
+    check_path(&direct).await?;
+    check_path(&mesh).await?;
+    // The mesh path must really go through the ztunnels.
+    let m = zc.z.metrics().await?;
     if line_value(&m, "istio_tcp_connections_opened_total", &["reporter=\"source\""]) < 1.0 {
         bail!("mesh path: the client ztunnel reports no outbound connection; is capture working?\n{m}");
     }
     eprintln!("meshbench: both paths answer; warming up");
-    for p in [direct, mesh] {
-        wrk(p, 2, 10, plan.warmup_secs).await.context("warm-up")?;
+    for p in [&direct, &mesh] {
+        wrk(p, 2, 10, plan.warmup_secs)
+            .await
+            .with_context(|| format!("{} warm-up", p.label))?;
     }
     let zts = (&zc, &zs);
 
     eprintln!("meshbench: iperf3 single stream, {} s per path", plan.iperf_secs);
-    let iperf_d = iperf(direct, plan.iperf_secs).await?;
-    let (iperf_m, cpu_iperf) = with_cpu(zts, tck, iperf(mesh, plan.iperf_secs)).await?;
+    let iperf_d = iperf(&direct, plan.iperf_secs).await?;
+    let (iperf_m, cpu_iperf) = with_cpu(zts, tck, iperf(&mesh, plan.iperf_secs)).await?;
 
     eprintln!("meshbench: wrk keep-alive -t2 -c10, {} s per path", plan.wrk_secs);
-    let ka_d = wrk(direct, 2, 10, plan.wrk_secs).await?;
-    let (ka_m, cpu_ka) = with_cpu(zts, tck, wrk(mesh, 2, 10, plan.wrk_secs)).await?;
+    let ka_d = wrk(&direct, 2, 10, plan.wrk_secs).await?;
+    let (ka_m, cpu_ka) = with_cpu(zts, tck, wrk(&mesh, 2, 10, plan.wrk_secs)).await?;
 
     eprintln!("meshbench: wrk closed loop -t1 -c1, {} s per path", plan.wrk_secs);
-    let rr_d = wrk(direct, 1, 1, plan.wrk_secs).await?;
-    let (rr_m, cpu_rr) = with_cpu(zts, tck, wrk(mesh, 1, 1, plan.wrk_secs)).await?;
+    let rr_d = wrk(&direct, 1, 1, plan.wrk_secs).await?;
+    let (rr_m, cpu_rr) = with_cpu(zts, tck, wrk(&mesh, 1, 1, plan.wrk_secs)).await?;
 
     eprintln!("meshbench: ab new connections -c4 -n {} per path", plan.ab_requests);
-    let ab_d = ab(direct, plan.ab_requests).await?;
-    let (ab_m, cpu_ab) = with_cpu(zts, tck, ab(mesh, plan.ab_requests)).await?;
+    let ab_d = ab(&direct, plan.ab_requests).await?;
+    let (ab_m, cpu_ab) = with_cpu(zts, tck, ab(&mesh, plan.ab_requests)).await?;
 
     let loaded_rss = (zc.rss()?, zs.rss()?);
-    let metrics_client = zc.admin("127.0.0.1:15020", "/metrics").await?;
-    let mesh_conns = line_value(&metrics_client, "istio_tcp_connections_opened_total", &["reporter=\"source\""]);
+    let mesh_conns = line_value(
+        &zc.z.metrics().await?,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"source\""],
+    );
     let ready = (zc.ready_after, zs.ready_after);
     drop(zc);
     drop(zs);
@@ -945,18 +964,23 @@ async fn bench(opts: &Opts) -> Result<()> {
     for extra in [1_000u32, 10_000] {
         eprintln!("meshbench: ztunnel RSS with {extra} extra workloads");
         let file = dir.join(format!("state-{extra}.yaml"));
-        std::fs::write(&file, state_yaml(mesh.net, extra))?;
-        let z = Zt::start(&mesh.client, &bin, &bed.files, &file, Duration::from_secs(60)).await?;
+        let yaml = state_yaml([bed.ip(1), bed.ip6(1)], [bed.ip(2), bed.ip6(2)], bed.vip(), extra);
+        std::fs::write(&file, yaml)?;
+        let files = ZtunnelFiles {
+            root_cert: &bed.root_cert,
+            root_key: &bed.root_key,
+            state: &file,
+        };
+        let z = Zt::start(&bed.a, &files).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rss = z.rss()?;
-        let dump: Value = serde_json::from_str(&z.admin("127.0.0.1:15000", "/config_dump").await?)
-            .context("parsing /config_dump")?;
+        let dump = z.z.config_dump().await.context("reading /config_dump")?;
         let dumped_workloads = dump["workloads"].as_array().map_or(0, Vec::len);
         let dumped_services = dump["services"].as_array().map_or(0, Vec::len);
         if dumped_workloads < extra as usize + 2 {
             bail!(
                 "ztunnel with {extra} extra workloads holds only {dumped_workloads} workloads; log:\n{}",
-                tail(&z.proc_.log, 20)
+                z.z.logs()
             );
         }
         scale.push(Scale {
@@ -970,14 +994,24 @@ async fn bench(opts: &Opts) -> Result<()> {
     }
     drop(servers);
 
-    let mesh_side = Side { iperf: iperf_m, keepalive: ka_m, closed_loop: rr_m, ab: ab_m };
-    let direct_side = Side { iperf: iperf_d, keepalive: ka_d, closed_loop: rr_d, ab: ab_d };
     let report = Report {
         plan,
         quick: opts.quick,
         tck,
-        direct: direct_side,
-        mesh: mesh_side,
+        mesh_ips: (bed.ip(1), bed.ip(2)),
+        direct_ips: (plain.ip(1), plain.ip(2)),
+        direct: Results {
+            iperf: iperf_d,
+            keepalive: ka_d,
+            closed_loop: rr_d,
+            ab: ab_d,
+        },
+        mesh: Results {
+            iperf: iperf_m,
+            keepalive: ka_m,
+            closed_loop: rr_m,
+            ab: ab_m,
+        },
         cpu_iperf,
         cpu_ka,
         cpu_rr,
@@ -997,7 +1031,12 @@ async fn bench(opts: &Opts) -> Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&js)? + "\n")?;
     std::fs::write(&md_path, &md)?;
     println!("{md}");
-    eprintln!("meshbench: wrote {} and {} in {:.0} s", json_path.display(), md_path.display(), report.elapsed.as_secs_f64());
+    eprintln!(
+        "meshbench: wrote {} and {} in {:.0} s",
+        json_path.display(),
+        md_path.display(),
+        report.elapsed.as_secs_f64()
+    );
     Ok(())
 }
 
@@ -1008,8 +1047,10 @@ struct Report {
     plan: Plan,
     quick: bool,
     tck: f64,
-    direct: Side,
-    mesh: Side,
+    mesh_ips: (IpAddr, IpAddr),
+    direct_ips: (IpAddr, IpAddr),
+    direct: Results,
+    mesh: Results,
     cpu_iperf: CpuWindow,
     cpu_ka: CpuWindow,
     cpu_rr: CpuWindow,
@@ -1077,8 +1118,10 @@ impl Report {
                 "warmup_s": self.plan.warmup_secs,
             },
             "topology": {
-                "mesh": {"client": self.mesh_ip(1), "server": self.mesh_ip(2), "capture": true, "ztunnels": 2},
-                "direct": {"client": "10.202.0.1", "server": "10.202.0.2", "capture": false, "ztunnels": 0},
+                "mesh": {"client": self.mesh_ips.0.to_string(), "server": self.mesh_ips.1.to_string(),
+                         "capture": true, "ztunnels": 2},
+                "direct": {"client": self.direct_ips.0.to_string(), "server": self.direct_ips.1.to_string(),
+                           "capture": false, "ztunnels": 0},
             },
             "direct": d.json(),
             "mesh": m.json(),
@@ -1114,10 +1157,6 @@ impl Report {
         })
     }
 
-    fn mesh_ip(&self, host: u8) -> String {
-        format!("10.201.0.{host}")
-    }
-
     fn markdown(&self) -> String {
         let (d, m) = (&self.direct, &self.mesh);
         let mut s = String::new();
@@ -1142,7 +1181,12 @@ impl Report {
             ("wrk keep-alive -t2 -c10", &d.keepalive, &m.keepalive),
             ("wrk closed loop -t1 -c1", &d.closed_loop, &m.closed_loop),
         ] {
-            row(format!("{label} (req/s)"), format!("{:.0}", dw.rps), format!("{:.0}", mw.rps), pct_s(mw.rps, dw.rps));
+            row(
+                format!("{label} (req/s)"),
+                format!("{:.0}", dw.rps),
+                format!("{:.0}", mw.rps),
+                pct_s(mw.rps, dw.rps),
+            );
             row(
                 format!("{label} p50 (µs)"),
                 format!("{:.0}", dw.p50_us),
@@ -1162,7 +1206,10 @@ impl Report {
             format!("{:.0}", m.ab.rps),
             pct_s(m.ab.rps, d.ab.rps),
         );
-        let errors = d.keepalive.socket_errors + d.keepalive.non_2xx + m.keepalive.socket_errors + m.keepalive.non_2xx
+        let errors = d.keepalive.socket_errors
+            + d.keepalive.non_2xx
+            + m.keepalive.socket_errors
+            + m.keepalive.non_2xx
             + d.closed_loop.socket_errors
             + m.closed_loop.socket_errors
             + d.ab.failed
@@ -1179,8 +1226,12 @@ impl Report {
         let (ip_c, ip_s) = self.cpu_per(&self.cpu_iperf, self.gbit(), 1.0);
         let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
         s.push_str("\n| ztunnel cost | client side | server side |\n|---|---:|---:|\n");
-        s.push_str(&format!("| CPU per keep-alive request (µs) | {ka_c:.1} | {ka_s:.1} |\n"));
-        s.push_str(&format!("| CPU per closed-loop request (µs) | {rr_c:.1} | {rr_s:.1} |\n"));
+        s.push_str(&format!(
+            "| CPU per keep-alive request (µs) | {ka_c:.1} | {ka_s:.1} |\n"
+        ));
+        s.push_str(&format!(
+            "| CPU per closed-loop request (µs) | {rr_c:.1} | {rr_s:.1} |\n"
+        ));
         s.push_str(&format!("| CPU per new connection (µs) | {ab_c:.1} | {ab_s:.1} |\n"));
         s.push_str(&format!("| CPU per Gbit transferred (s) | {ip_c:.3} | {ip_s:.3} |\n"));
         s.push_str(&format!(
@@ -1188,8 +1239,16 @@ impl Report {
             pct(self.cpu_iperf.client_s, self.cpu_iperf.wall_s),
             pct(self.cpu_iperf.server_s, self.cpu_iperf.wall_s)
         ));
-        s.push_str(&format!("| RSS idle (MiB) | {} | {} |\n", mib(self.idle_rss.0), mib(self.idle_rss.1)));
-        s.push_str(&format!("| RSS after load (MiB) | {} | {} |\n", mib(self.loaded_rss.0), mib(self.loaded_rss.1)));
+        s.push_str(&format!(
+            "| RSS idle (MiB) | {} | {} |\n",
+            mib(self.idle_rss.0),
+            mib(self.idle_rss.1)
+        ));
+        s.push_str(&format!(
+            "| RSS after load (MiB) | {} | {} |\n",
+            mib(self.loaded_rss.0),
+            mib(self.loaded_rss.1)
+        ));
 
         s.push_str("\n| ztunnel state size | RSS (MiB) | KiB per extra workload | start to ready (ms) |\n");
         s.push_str("|---|---:|---:|---:|\n");
@@ -1265,7 +1324,10 @@ Percentage of the requests served within a certain time (ms)
  100%      7 (longest request)
 ";
         let a = parse_ab(out).unwrap();
-        assert_eq!((a.rps, a.complete, a.failed, a.mean_ms, a.p50_ms, a.p99_ms), (4123.45, 5000, 0, 0.970, 1.0, 3.0));
+        assert_eq!(
+            (a.rps, a.complete, a.failed, a.mean_ms, a.p50_ms, a.p99_ms),
+            (4123.45, 5000, 0, 0.970, 1.0, 3.0)
+        );
     }
 
     #[test]
@@ -1276,7 +1338,13 @@ Percentage of the requests served within a certain time (ms)
 
     #[test]
     fn state_has_requested_entries() {
-        let y = state_yaml(201, 25);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let y = state_yaml(
+            [ip("10.0.0.1"), ip("fd00::1")],
+            [ip("10.0.0.2"), ip("fd00::2")],
+            ip("10.96.0.1"),
+            25,
+        );
         assert_eq!(y.matches("- uid: ").count(), 27);
         assert_eq!(y.matches("hostname: ").count(), 4);
     }

@@ -19,22 +19,7 @@ use super::Proxy;
 use crate::metrics::{AccessLog, Reporter, TcpLabels};
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = px.drain.cancelled() => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let px2 = px.clone();
-                px.tasks.spawn(async move { connection(px2, tcp, peer).await });
-            }
-            Err(e) => {
-                warn!(error = %e, "HBONE accept failed");
-                px.metrics.refuse("accept_error");
-            }
-        }
-    }
+    super::accept_loop(px, listener, "HBONE", connection).await
 }
 
 async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {

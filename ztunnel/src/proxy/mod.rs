@@ -12,6 +12,7 @@ pub mod local;
 pub mod outbound;
 pub mod tracker;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use mesh_core::hbone::{HbonePool, Settings};
 use mesh_core::identity::CertManager;
 use mesh_core::socket::SocketFactory;
 use mesh_core::state::{StateStore, Workload};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -55,5 +57,33 @@ impl Proxy {
     /// True when `dst` would loop back into one of our own listeners.
     pub fn is_loop(&self, dst: SocketAddr) -> bool {
         self.own_ports.contains(&dst.port()) && (self.local.contains(dst.ip()) || dst.ip().is_loopback())
+    }
+}
+
+/// Accepts on `listener` until drain, handing each connection to `handle` as a tracked task.
+pub async fn accept_loop<F, Fut>(px: Arc<Proxy>, listener: TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = px.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                // Small writes (TLS records, HTTP/2 frames, request/response) must not wait for
+                // Nagle and the peer's delayed ACK.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+                px.tasks.spawn(handle(px.clone(), tcp, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                px.metrics.refuse("accept_error");
+            }
+        }
     }
 }

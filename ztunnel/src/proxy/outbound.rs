@@ -196,22 +196,7 @@ pub fn resolve(
 
 /// Accepts captured connections until drained.
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = px.drain.cancelled() => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let px2 = px.clone();
-                px.tasks.spawn(async move { handle(px2, tcp, peer).await });
-            }
-            Err(e) => {
-                warn!(error = %e, "outbound accept failed");
-                px.metrics.refuse("accept_error");
-            }
-        }
-    }
+    super::accept_loop(px, listener, "outbound", handle).await
 }
 
 fn baggage(w: &Workload) -> String {
