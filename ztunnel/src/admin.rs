@@ -185,19 +185,6 @@ fn openmetrics_to_prometheus(om: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn counters_get_total_in_metadata() {
-        let om = "# HELP a_b A thing.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n# EOF\n";
-        let p = super::openmetrics_to_prometheus(om);
-        assert_eq!(
-            p,
-            "# HELP a_b_total A thing.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n"
-        );
-    }
-}
-
 /// Serves `admin` on `listener` until `stop` is cancelled. Each listener exposes every path;
 /// the admin one is bound to localhost by default.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
@@ -227,4 +214,17 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e} (change it with --{what}-addr)"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_get_total_in_metadata() {
+        let om = "# HELP a_b A thing.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n# EOF\n";
+        let p = super::openmetrics_to_prometheus(om);
+        assert_eq!(
+            p,
+            "# HELP a_b_total A thing.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n"
+        );
+    }
 }
