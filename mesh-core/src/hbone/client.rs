@@ -215,7 +215,7 @@ impl HbonePool {
             .map_err(|_| HboneError::Timeout("TCP connect", s.connect_timeout))??;
         let tls = tokio::time::timeout(
             s.handshake_timeout,
-            tokio_rustls::TlsConnector::from(config).connect(tls::placeholder_server_name(), tcp),
+            tokio_rustls::TlsConnector::from(config).connect(tls::placeholder_server_name(), super::buffered(tcp)),
         )
         .await
         .map_err(|_| HboneError::Timeout("TLS handshake", s.handshake_timeout))?

@@ -17,6 +17,12 @@ pub use stream::{H2Stream, Transferred};
 /// Port HBONE listens on.
 pub const HBONE_PORT: u16 = 15008;
 
+/// rustls pulls at most 4 KiB per read from its transport, which would cost four syscalls per
+/// full TLS record; a user-space buffer below it turns that into one read per 64 KiB.
+pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    tokio::io::BufReader::with_capacity(64 * 1024, tcp)
+}
+
 /// Transport settings shared by client and server.
 #[derive(Clone, Debug)]
 pub struct Settings {

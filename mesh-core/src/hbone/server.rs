@@ -92,7 +92,7 @@ where
     let peer_addr = tcp.peer_addr()?;
     let local_addr = tcp.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let tls = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))
+    let tls = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(super::buffered(tcp)))
         .await
         .map_err(|_| HboneError::Timeout("TLS handshake", settings.handshake_timeout))?
         .map_err(HboneError::Tls)?;
