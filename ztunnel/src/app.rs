@@ -149,6 +149,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         tasks: TaskTracker::new(),
     });
     tokio::spawn(px.tracker.clone().enforce(state.clone()));
+    tokio::spawn(release_memory_after_updates(state.clone()));
 
     for l in listen(&*sockets, cfg.outbound_port, cfg.ipv6, "outbound").await? {
         tokio::spawn(proxy::outbound::serve(px.clone(), l));
@@ -253,4 +254,22 @@ fn start_source(
     let ready = client.ready();
     tokio::spawn(client.run());
     Ok(ready)
+}
+
+/// After state updates settle, hands freed heap pages back to the system. glibc keeps what a
+/// large config push freed (parse buffers, the previous snapshot) otherwise, and a node proxy
+/// should not hold on to a peak it no longer uses.
+async fn release_memory_after_updates(store: Arc<StateStore>) {
+    let mut changes = store.subscribe();
+    loop {
+        // Debounce bursts of updates (and let the initial load settle).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        changes.borrow_and_update();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim has no preconditions; it only returns free pages to the kernel.
+        let _ = tokio::task::spawn_blocking(|| unsafe { nix::libc::malloc_trim(0) }).await;
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }

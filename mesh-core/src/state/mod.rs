@@ -20,11 +20,13 @@ use crate::rbac::{Policy, Scope};
 #[derive(Clone, Debug, Default)]
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
-    workload_by_ip: HashMap<(String, IpAddr), String>,
+    /// network -> address -> workload
+    workload_by_ip: HashMap<String, HashMap<IpAddr, Arc<Workload>>>,
     services: HashMap<String, Arc<Service>>,
-    service_by_vip: HashMap<(String, IpAddr), String>,
-    /// service key -> workload uids selecting it
-    endpoints: HashMap<String, BTreeSet<String>>,
+    /// network -> VIP -> service
+    service_by_vip: HashMap<String, HashMap<IpAddr, Arc<Service>>>,
+    /// service key -> workloads selecting it
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
     policies: HashMap<String, Arc<Policy>>,
     global_policies: BTreeSet<String>,
     namespace_policies: HashMap<String, BTreeSet<String>>,
@@ -43,9 +45,7 @@ impl State {
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workload_by_ip
-            .get(&(network.to_owned(), ip))
-            .and_then(|uid| self.workloads.get(uid))
+        self.workload_by_ip.get(network)?.get(&ip)
     }
 
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
@@ -53,9 +53,7 @@ impl State {
     }
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.service_by_vip
-            .get(&(network.to_owned(), ip))
-            .and_then(|k| self.services.get(k))
+        self.service_by_vip.get(network)?.get(&ip)
     }
 
     /// A service VIP first, then a workload IP.
@@ -74,7 +72,6 @@ impl State {
             .get(&key)
             .into_iter()
             .flatten()
-            .filter_map(|uid| self.workloads.get(uid))
             .filter(|w| w.healthy || !service.only_healthy)
             .cloned()
             .collect()
@@ -105,29 +102,33 @@ impl State {
     /// Inserts or replaces a workload (keyed by uid).
     pub fn upsert_workload(&mut self, w: Workload) {
         self.remove_workload(&w.uid);
+        let w = Arc::new(w);
+        let by_ip = self.workload_by_ip.entry(w.network.clone()).or_default();
         for ip in &w.addresses {
-            self.workload_by_ip.insert((w.network.clone(), *ip), w.uid.clone());
+            by_ip.insert(*ip, w.clone());
         }
-        for svc in w.services.keys() {
-            self.endpoints.entry(svc.clone()).or_default().insert(w.uid.clone());
+        for (svc, _) in &w.services {
+            self.endpoints.entry(svc.clone()).or_default().push(w.clone());
         }
-        self.workloads.insert(w.uid.clone(), Arc::new(w));
+        self.workloads.insert(w.uid.clone(), w);
     }
 
     pub fn remove_workload(&mut self, uid: &str) -> bool {
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
-        for ip in &old.addresses {
-            let k = (old.network.clone(), *ip);
-            if self.workload_by_ip.get(&k).map(String::as_str) == Some(uid) {
-                self.workload_by_ip.remove(&k);
+        if let Some(by_ip) = self.workload_by_ip.get_mut(&old.network) {
+            for ip in &old.addresses {
+                // Only if the address still points at this workload (not a newer owner).
+                if by_ip.get(ip).is_some_and(|w| w.uid == uid) {
+                    by_ip.remove(ip);
+                }
             }
         }
-        for svc in old.services.keys() {
-            if let Some(set) = self.endpoints.get_mut(svc) {
-                set.remove(uid);
-                if set.is_empty() {
+        for (svc, _) in &old.services {
+            if let Some(list) = self.endpoints.get_mut(svc) {
+                list.retain(|w| w.uid != uid);
+                if list.is_empty() {
                     self.endpoints.remove(svc);
                 }
             }
@@ -138,10 +139,14 @@ impl State {
     pub fn upsert_service(&mut self, s: Service) {
         let key = s.key();
         self.remove_service(&key);
+        let s = Arc::new(s);
         for (net, ip) in &s.vips {
-            self.service_by_vip.insert((net.clone(), *ip), key.clone());
+            self.service_by_vip
+                .entry(net.clone())
+                .or_default()
+                .insert(*ip, s.clone());
         }
-        self.services.insert(key, Arc::new(s));
+        self.services.insert(key, s);
     }
 
     pub fn remove_service(&mut self, key: &str) -> bool {
@@ -149,9 +154,10 @@ impl State {
             return false;
         };
         for (net, ip) in &old.vips {
-            let k = (net.clone(), *ip);
-            if self.service_by_vip.get(&k).map(String::as_str) == Some(key) {
-                self.service_by_vip.remove(&k);
+            if let Some(by_vip) = self.service_by_vip.get_mut(net) {
+                if by_vip.get(ip).is_some_and(|s| s.key() == key) {
+                    by_vip.remove(ip);
+                }
             }
         }
         true

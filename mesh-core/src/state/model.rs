@@ -1,7 +1,6 @@
 //! The mesh model ztunnel routes and authorizes with, validated from the wire types.
 //! Conversion errors name the field that was wrong so a bad resource can be NACKed precisely.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use mesh_proto::workload as pb;
@@ -84,8 +83,9 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub workload_name: String,
-    /// Services selecting this workload ("ns/hostname") and their port mappings.
-    pub services: HashMap<String, Vec<PortMapping>>,
+    /// Services selecting this workload ("ns/hostname") and their port mappings. A short
+    /// list: a workload belongs to few services, and a map per workload costs far more.
+    pub services: Vec<(String, Vec<PortMapping>)>,
     /// Selector policies ("ns/name") that select this workload.
     pub authorization_policies: Vec<String>,
     pub healthy: bool,
@@ -103,6 +103,13 @@ pub struct Service {
     pub waypoint: Option<GatewayAddress>,
     /// False when the service's load balancing allows unhealthy endpoints.
     pub only_healthy: bool,
+}
+
+impl Workload {
+    /// This workload's port mappings for the service `key` ("ns/hostname").
+    pub fn service_ports(&self, key: &str) -> Option<&[PortMapping]> {
+        self.services.iter().find(|(k, _)| k == key).map(|(_, p)| p.as_slice())
+    }
 }
 
 impl Service {
@@ -199,11 +206,12 @@ impl TryFrom<&pb::Workload> for Workload {
             .as_ref()
             .map(|g| gateway("workload.waypoint", g))
             .transpose()?;
-        let services = w
+        let mut services = w
             .services
             .iter()
             .map(|(k, v)| Ok((k.clone(), mappings(&format!("workload.services[{k}]"), &v.ports)?)))
-            .collect::<Result<_, ResourceError>>()?;
+            .collect::<Result<Vec<_>, ResourceError>>()?;
+        services.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Workload {
             uid: w.uid.clone(),
             name: w.name.clone(),

@@ -141,8 +141,7 @@ pub fn resolve(
                 .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
             // The workload's own mapping wins over the service's (named target ports).
             let target = wl
-                .services
-                .get(&svc.key())
+                .service_ports(&svc.key())
                 .and_then(|ps| ps.iter().find(|p| p.service_port == dst.port()))
                 .map(|p| p.target_port)
                 .filter(|p| *p != 0)
