@@ -1,7 +1,5 @@
 //! Istio-compatible TCP metrics (`istio_tcp_*`) and the per-connection access log.
 
-use std::time::Duration;
-
 use mesh_core::identity::Identity;
 use mesh_core::state::{Service, Workload};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -165,22 +163,48 @@ impl Metrics {
     }
 }
 
-/// Facts for one connection's access log line.
-pub struct AccessLog<'a> {
-    pub direction: &'static str,
-    pub src_addr: std::net::SocketAddr,
-    pub dst_addr: std::net::SocketAddr,
-    pub hbone_addr: Option<std::net::SocketAddr>,
-    pub labels: &'a TcpLabels,
-    pub sent: u64,
-    pub received: u64,
-    pub duration: Duration,
-    pub error: Option<String>,
+/// One proxied connection's telemetry: counted as opened when created; `finish` counts it
+/// closed with its bytes and writes the access log line.
+pub struct ConnRecord<'a> {
+    metrics: &'a Metrics,
+    labels: TcpLabels,
+    direction: &'static str,
+    src_addr: std::net::SocketAddr,
+    dst_addr: std::net::SocketAddr,
+    hbone_addr: Option<std::net::SocketAddr>,
+    start: std::time::Instant,
 }
 
-impl AccessLog<'_> {
-    pub fn emit(&self) {
-        let l = self.labels;
+impl<'a> ConnRecord<'a> {
+    pub fn open(
+        metrics: &'a Metrics,
+        labels: TcpLabels,
+        direction: &'static str,
+        src_addr: std::net::SocketAddr,
+        dst_addr: std::net::SocketAddr,
+        hbone_addr: Option<std::net::SocketAddr>,
+    ) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        metrics.active.inc();
+        ConnRecord {
+            metrics,
+            labels,
+            direction,
+            src_addr,
+            dst_addr,
+            hbone_addr,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// `result` carries (bytes client -> destination, bytes destination -> client).
+    pub fn finish(self, result: Result<(u64, u64), String>) {
+        let (sent, received, error) = match result {
+            Ok((s, r)) => (s, r, None),
+            Err(e) => (0, 0, Some(e)),
+        };
+        self.metrics.close(&self.labels, sent, received);
+        let l = &self.labels;
         tracing::info!(
             target: "access",
             direction = self.direction,
@@ -194,11 +218,17 @@ impl AccessLog<'_> {
             dst.workload = %l.destination_workload,
             dst.namespace = %l.destination_workload_namespace,
             dst.identity = %l.destination_principal,
-            bytes_sent = self.sent,
-            bytes_recv = self.received,
-            duration_ms = self.duration.as_millis() as u64,
-            error = self.error.as_deref().unwrap_or(""),
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            error = error.as_deref().unwrap_or(""),
             "connection complete"
         );
+    }
+}
+
+impl Drop for ConnRecord<'_> {
+    fn drop(&mut self) {
+        self.metrics.active.dec();
     }
 }

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::StatusCode;
 use mesh_core::hbone::{serve_connection, InboundConnect};
@@ -14,9 +13,8 @@ use mesh_core::tls;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::outbound::ActiveGuard;
 use super::Proxy;
-use crate::metrics::{AccessLog, Reporter, TcpLabels};
+use crate::metrics::{ConnRecord, Reporter, TcpLabels};
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
     super::accept_loop(px, listener, "HBONE", connection).await
@@ -59,7 +57,6 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
 }
 
 async fn stream(px: Arc<Proxy>, req: InboundConnect) {
-    let start = Instant::now();
     let state = px.state.load();
     // The authority must name this listener's workload (by one of its addresses).
     let owner = state.workload_by_ip(&px.network, req.local_addr.ip()).cloned();
@@ -126,28 +123,11 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
             return;
         }
     };
-    let _active = ActiveGuard::new(&px);
-    px.metrics.opened.get_or_create(&labels).inc();
+    let record = ConnRecord::open(&px.metrics, labels, "inbound", peer, dst, None);
     let result = tokio::select! {
         r = h2.splice_tcp(&mut upstream) => r.map_err(|e| e.to_string()),
         _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
     };
     // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
-    let (sent, received, error) = match result {
-        Ok(t) => (t.from_tunnel, t.to_tunnel, None),
-        Err(e) => (0, 0, Some(e)),
-    };
-    px.metrics.close(&labels, sent, received);
-    AccessLog {
-        direction: "inbound",
-        src_addr: peer,
-        dst_addr: dst,
-        hbone_addr: None,
-        labels: &labels,
-        sent,
-        received,
-        duration: start.elapsed(),
-        error,
-    }
-    .emit();
+    record.finish(result.map(|t| (t.from_tunnel, t.to_tunnel)));
 }

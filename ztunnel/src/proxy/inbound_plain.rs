@@ -3,23 +3,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
 use mesh_core::socket::{connect_from, original_dst};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use super::outbound::ActiveGuard;
 use super::Proxy;
-use crate::metrics::{AccessLog, Reporter, TcpLabels};
+use crate::metrics::{ConnRecord, Reporter, TcpLabels};
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
     super::accept_loop(px, listener, "plaintext", handle).await
 }
 
 async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
-    let start = Instant::now();
     let Ok(dst) = original_dst(&tcp) else {
         px.metrics.refuse("no_original_dst");
         return;
@@ -48,8 +45,7 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     }
     drop(state);
     let registration = px.tracker.register(info, wl.uid.clone());
-    let _active = ActiveGuard::new(&px);
-    px.metrics.opened.get_or_create(&labels).inc();
+    let record = ConnRecord::open(&px.metrics, labels, "inbound_plaintext", peer, dst, None);
     let result = async {
         let (mut up, _) = tokio::time::timeout(
             px.settings.connect_timeout,
@@ -64,21 +60,5 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         }
     }
     .await;
-    let (sent, received, error) = match result {
-        Ok((s, r)) => (s, r, None),
-        Err(e) => (0, 0, Some(e)),
-    };
-    px.metrics.close(&labels, sent, received);
-    AccessLog {
-        direction: "inbound_plaintext",
-        src_addr: peer,
-        dst_addr: dst,
-        hbone_addr: None,
-        labels: &labels,
-        sent,
-        received,
-        duration: start.elapsed(),
-        error,
-    }
-    .emit();
+    record.finish(result);
 }

@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use mesh_core::hbone::{PoolKey, TunnelRequest};
 use mesh_core::identity::Identity;
@@ -15,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::Proxy;
-use crate::metrics::{AccessLog, Reporter, TcpLabels};
+use crate::metrics::{ConnRecord, Reporter, TcpLabels};
 
 /// Where a connection goes.
 #[derive(Debug)]
@@ -206,7 +205,6 @@ fn baggage(w: &Workload) -> String {
 }
 
 async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
-    let start = Instant::now();
     let dst = match original_dst(&tcp) {
         Ok(d) => d,
         Err(e) => {
@@ -236,25 +234,31 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         }
     };
     drop(state);
-    let _active = ActiveGuard::new(&px);
-    let (labels, hbone_addr, result) = match route {
+    let (workload, service, mtls) = match &route {
+        Route::Hbone { workload, service, .. } => (workload.as_deref(), service.as_deref(), true),
+        Route::Plain { workload, service, .. } => (workload.as_deref(), service.as_deref(), false),
+        Route::Passthrough(_) => (None, None, false),
+    };
+    let labels = TcpLabels::new(
+        Reporter::source,
+        Some(&src),
+        Some(&src.identity),
+        workload,
+        service,
+        mtls,
+    );
+    let hbone_addr = match &route {
+        Route::Hbone { endpoint, .. } => Some(*endpoint),
+        _ => None,
+    };
+    let record = ConnRecord::open(&px.metrics, labels, "outbound", peer, dst, hbone_addr);
+    let result = match route {
         Route::Hbone {
             endpoint,
             authority,
-            identities,
-            workload,
-            service,
+            mut identities,
+            ..
         } => {
-            let labels = TcpLabels::new(
-                Reporter::source,
-                Some(&src),
-                Some(&src.identity),
-                workload.as_deref(),
-                service.as_deref(),
-                true,
-            );
-            px.metrics.opened.get_or_create(&labels).inc();
-            let mut identities = identities;
             identities.sort();
             identities.dedup();
             let req = TunnelRequest {
@@ -269,55 +273,18 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
                 baggage: Some(baggage(&src)),
                 traceparent: None,
             };
-            let result = match px.pool.connect(&req).await {
+            match px.pool.connect(&req).await {
                 Ok(stream) => stream
                     .splice_tcp(&mut tcp)
                     .await
                     .map(|t| (t.to_tunnel, t.from_tunnel))
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
-            };
-            (labels, Some(endpoint), result)
+            }
         }
-        Route::Plain {
-            addr,
-            workload,
-            service,
-        } => {
-            let labels = TcpLabels::new(
-                Reporter::source,
-                Some(&src),
-                Some(&src.identity),
-                workload.as_deref(),
-                service.as_deref(),
-                false,
-            );
-            px.metrics.opened.get_or_create(&labels).inc();
-            (labels, None, plain(&px, &mut tcp, addr).await)
-        }
-        Route::Passthrough(addr) => {
-            let labels = TcpLabels::new(Reporter::source, Some(&src), Some(&src.identity), None, None, false);
-            px.metrics.opened.get_or_create(&labels).inc();
-            (labels, None, plain(&px, &mut tcp, addr).await)
-        }
+        Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr).await,
     };
-    let (sent, received, error) = match result {
-        Ok((s, r)) => (s, r, None),
-        Err(e) => (0, 0, Some(e)),
-    };
-    px.metrics.close(&labels, sent, received);
-    AccessLog {
-        direction: "outbound",
-        src_addr: peer,
-        dst_addr: dst,
-        hbone_addr,
-        labels: &labels,
-        sent,
-        received,
-        duration: start.elapsed(),
-        error,
-    }
-    .emit();
+    record.finish(result);
 }
 
 async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr) -> Result<(u64, u64), String> {
@@ -329,20 +296,4 @@ async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr) -> Result<(u64
     tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, 64 * 1024, 64 * 1024)
         .await
         .map_err(|e| e.to_string())
-}
-
-/// Counts a connection in the active gauge for as long as it lives.
-pub struct ActiveGuard<'a>(&'a Proxy);
-
-impl<'a> ActiveGuard<'a> {
-    pub fn new(px: &'a Proxy) -> Self {
-        px.metrics.active.inc();
-        ActiveGuard(px)
-    }
-}
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.metrics.active.dec();
-    }
 }
