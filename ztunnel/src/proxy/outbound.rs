@@ -297,3 +297,170 @@ async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr) -> Result<(u64
         .await
         .map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use mesh_core::state::{PortMapping, Service, State, Tunnel, Workload};
+
+    use super::*;
+
+    fn workload(name: &str, ip: &str, tunnel: Tunnel, svc: Option<(&str, u16, u16)>) -> Workload {
+        Workload {
+            uid: format!("c//Pod/default/{name}"),
+            name: name.into(),
+            namespace: "default".into(),
+            addresses: vec![ip.parse().unwrap()],
+            network: String::new(),
+            tunnel,
+            identity: Identity::new("", "default", name).unwrap(),
+            waypoint: None,
+            node: "n".into(),
+            canonical_name: name.into(),
+            canonical_revision: "v1".into(),
+            workload_name: name.into(),
+            services: svc
+                .map(|(k, sp, tp)| {
+                    vec![(
+                        k.to_owned(),
+                        vec![PortMapping {
+                            service_port: sp,
+                            target_port: tp,
+                        }],
+                    )]
+                })
+                .unwrap_or_default(),
+            authorization_policies: vec![],
+            healthy: true,
+            cluster_id: String::new(),
+        }
+    }
+
+    fn service(vip: &str, waypoint: Option<GatewayAddress>) -> Service {
+        Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            hostname: "web.default.svc.cluster.local".into(),
+            vips: vec![(String::new(), vip.parse().unwrap())],
+            ports: vec![PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            subject_alt_names: vec![],
+            waypoint,
+            only_healthy: true,
+        }
+    }
+
+    const SVC: &str = "default/web.default.svc.cluster.local";
+
+    fn state() -> (State, Workload) {
+        let mut s = State::default();
+        let client = workload("client", "10.0.0.1", Tunnel::Hbone, None);
+        s.upsert_workload(client.clone());
+        s.upsert_workload(workload("web", "10.0.0.2", Tunnel::Hbone, Some((SVC, 80, 9090))));
+        s.upsert_workload(workload("legacy", "10.0.0.3", Tunnel::None, None));
+        s.upsert_service(service("10.96.0.1", None));
+        (s, client)
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn vip_goes_to_an_endpoint_on_its_target_port() {
+        let (s, client) = state();
+        match resolve(&s, "", 15008, &client, sa("10.96.0.1:80")).unwrap() {
+            Route::Hbone {
+                endpoint,
+                authority,
+                identities,
+                ..
+            } => {
+                assert_eq!(endpoint, sa("10.0.0.2:15008"));
+                // The workload's own mapping (9090) wins over the service's (8080).
+                assert_eq!(authority, sa("10.0.0.2:9090"));
+                assert_eq!(identities[0].service_account, "web");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("10.96.0.1:81")),
+            Err(RouteError::NoPort(..))
+        ));
+    }
+
+    #[test]
+    fn workloads_unknown_and_plain_destinations() {
+        let (s, client) = state();
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("10.0.0.2:7000")).unwrap(),
+            Route::Hbone { endpoint, authority, .. } if endpoint == sa("10.0.0.2:15008") && authority == sa("10.0.0.2:7000")
+        ));
+        assert!(
+            matches!(resolve(&s, "", 15008, &client, sa("10.0.0.3:80")).unwrap(), Route::Plain { addr, .. } if addr == sa("10.0.0.3:80"))
+        );
+        assert!(
+            matches!(resolve(&s, "", 15008, &client, sa("192.0.2.1:443")).unwrap(), Route::Passthrough(a) if a == sa("192.0.2.1:443"))
+        );
+    }
+
+    #[test]
+    fn waypoint_gets_the_original_vip_as_authority() {
+        let (mut s, client) = state();
+        s.upsert_workload(workload("waypoint", "10.0.0.9", Tunnel::Hbone, None));
+        let wp = GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: String::new(),
+                ip: "10.0.0.9".parse::<IpAddr>().unwrap(),
+            },
+            hbone_port: 15008,
+        };
+        s.upsert_service(service("10.96.0.1", Some(wp)));
+        match resolve(&s, "", 15008, &client, sa("10.96.0.1:80")).unwrap() {
+            Route::Hbone {
+                endpoint,
+                authority,
+                identities,
+                ..
+            } => {
+                assert_eq!(endpoint, sa("10.0.0.9:15008"));
+                assert_eq!(authority, sa("10.96.0.1:80"));
+                assert_eq!(identities[0].service_account, "waypoint");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The waypoint itself is not sent back to itself.
+        let waypoint = s.workload_by_ip("", "10.0.0.9".parse().unwrap()).unwrap().clone();
+        assert!(matches!(
+            resolve(&s, "", 15008, &waypoint, sa("10.96.0.1:80")).unwrap(),
+            Route::Hbone { endpoint, .. } if endpoint == sa("10.0.0.2:15008")
+        ));
+    }
+
+    #[test]
+    fn unhealthy_endpoints_and_missing_waypoints_fail_closed() {
+        let (mut s, client) = state();
+        let mut sick = workload("web", "10.0.0.2", Tunnel::Hbone, Some((SVC, 80, 9090)));
+        sick.healthy = false;
+        s.upsert_workload(sick);
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("10.96.0.1:80")),
+            Err(RouteError::NoEndpoint(_))
+        ));
+        let gone = GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "default".into(),
+                hostname: "missing".into(),
+            },
+            hbone_port: 15008,
+        };
+        s.upsert_service(service("10.96.0.1", Some(gone)));
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("10.96.0.1:80")),
+            Err(RouteError::Waypoint(_))
+        ));
+    }
+}
