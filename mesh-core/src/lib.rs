@@ -3,11 +3,13 @@
 //! - [`identity`]: SPIFFE ids, certificates, the development CA and the mesh CA client, and
 //!   the certificate manager.
 //! - [`tls`]: rustls configurations and verifiers for HBONE.
+//! - [`grpc`]: gRPC channels to the control plane (`http`/`https`, TLS without SNI, keepalive).
 //! - [`hbone`]: the HBONE server and the pooled HBONE client.
 //! - [`state`]: the workload/service/policy model and its atomically swapped store.
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
 
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod rbac;

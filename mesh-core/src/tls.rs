@@ -91,6 +91,41 @@ pub fn client_config(cert: &WorkloadCertificate, expected: Vec<Identity>) -> Res
     Ok(Arc::new(cfg))
 }
 
+/// Client side of a control plane connection (xDS, CA) from a node proxy: TLS 1.3, ALPN `h2`,
+/// no SNI, the server's chain verified against `roots` and its SPIFFE identity required to be
+/// one of `expected` ([`SpiffeServerVerifier`]). No client certificate is presented: a node
+/// proxy has none before the CA gives it one, and authenticates with its bearer token.
+pub fn control_plane_client_config(
+    roots: &[CertificateDer<'static>],
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = SpiffeServerVerifier::new(roots, expected)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    Ok(Arc::new(cfg))
+}
+
+/// Server side of a control plane endpoint (xDS, CA): TLS 1.3, ALPN `h2`, presents `cert`.
+/// Clients need not present a certificate (node proxies authenticate with a bearer token);
+/// one that does must chain to the mesh roots.
+pub fn control_plane_server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(root_store(&cert.roots)?, provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert.chain.clone(), cert.private_key())?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// The name passed to rustls for a no-SNI connection (ignored by our verifier).
 pub fn placeholder_server_name() -> ServerName<'static> {
     ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())

@@ -28,12 +28,29 @@ pub struct ZtunnelFiles<'a> {
 impl<'a> Ztunnel<'a> {
     /// Starts ztunnel in `ns` and waits until it reports ready.
     pub async fn start(ns: &'a Netns, files: &ZtunnelFiles<'_>, extra: &[&str]) -> anyhow::Result<Ztunnel<'a>> {
+        Self::launch(ns, files, Some(files.state), extra).await
+    }
+
+    /// Starts ztunnel in `ns` with the development CA of `files` but without the local
+    /// workload file: `args` name the workload source (say `--xds-address http://...`).
+    /// Waits until it reports ready, which with xDS means a response of every type arrived.
+    pub async fn start_with(ns: &'a Netns, files: &ZtunnelFiles<'_>, args: &[&str]) -> anyhow::Result<Ztunnel<'a>> {
+        Self::launch(ns, files, None, args).await
+    }
+
+    async fn launch(
+        ns: &'a Netns,
+        files: &ZtunnelFiles<'_>,
+        state: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Ztunnel<'a>> {
         let log = std::env::temp_dir().join(format!("{}-ztunnel.log", ns.name));
         let out = std::fs::File::create(&log)?;
-        let child = ns
-            .command(&crate::binary("ztunnel"))
-            .arg("--local-xds-path")
-            .arg(files.state)
+        let mut command = ns.command(&crate::binary("ztunnel"));
+        if let Some(state) = state {
+            command.arg("--local-xds-path").arg(state);
+        }
+        let child = command
             .arg("--ca-root-cert")
             .arg(files.root_cert)
             .arg("--ca-root-key")

@@ -13,6 +13,7 @@ use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateS
 use mesh_core::socket::{PlainSockets, SocketFactory};
 use mesh_core::state::StateStore;
 use prometheus_client::registry::Registry;
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,38 @@ pub fn write_dev_ca(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the `--trust-bundle` PEM file; it must hold at least one certificate.
+fn read_trust_bundle(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read_to_string(path).with_context(|| format!("reading trust bundle {}", path.display()))?;
+    let roots = certs_from_pem(&pem).with_context(|| format!("parsing trust bundle {}", path.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "trust bundle {} holds no certificate",
+        path.display()
+    );
+    Ok(roots)
+}
+
+/// TLS for a control plane address: none for http://; for https:// a client configuration
+/// that trusts the trust bundle, expects `--control-plane-identity` and sends no client
+/// certificate (the bearer token authenticates this proxy).
+fn control_plane_tls(
+    cfg: &Config,
+    flag: &str,
+    address: &str,
+    bundle: Option<&[CertificateDer<'static>]>,
+) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !crate::config::uses_tls(address) {
+        return Ok(None);
+    }
+    let roots = bundle.with_context(|| {
+        format!("{flag} {address} uses TLS: pass --trust-bundle <PEM file> with the roots the control plane's certificate chains to")
+    })?;
+    let tls = mesh_core::tls::control_plane_client_config(roots, vec![cfg.control_plane_identity.clone()])
+        .with_context(|| format!("TLS configuration for {flag} {address}"))?;
+    Ok(Some(tls))
+}
+
 fn token_source(cfg: &Config) -> TokenSource {
     match &cfg.token_file {
         Some(p) => TokenSource::File(p.clone()),
@@ -82,6 +115,16 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
 
+    // Proxy sockets carry the mesh mark; so do the control plane connections, which the
+    // capture rules of a captured namespace must let through as well.
+    let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
+        mark: (cfg.socket_mark != 0).then_some(cfg.socket_mark),
+    });
+    let bundle = match &cfg.trust_bundle {
+        Some(path) => Some(read_trust_bundle(path)?),
+        None => None,
+    };
+
     // Certificates: the development CA signs locally; otherwise the mesh CA does.
     let (signer, mut roots): (Arc<dyn CertificateSigner>, _) = match (&cfg.ca_root_cert, &cfg.ca_root_key) {
         (Some(cert), Some(key)) => {
@@ -91,25 +134,16 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         }
         _ => {
             let addr = cfg.ca_address.clone().unwrap_or_default();
-            anyhow::ensure!(
-                addr.starts_with("http://"),
-                "--ca-address {addr}: only http:// is supported until the controller's CA lands"
-            );
-            let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            let tls = control_plane_tls(&cfg, "--ca-address", &addr, bundle.as_deref())?;
+            let channel = mesh_core::grpc::endpoint(&addr, tls)
                 .with_context(|| format!("--ca-address {addr}"))?
+                .sockets(sockets.clone())
                 .connect_lazy();
             (Arc::new(CaClient::new(channel, token_source(&cfg), true)), Vec::new())
         }
     };
-    if let Some(bundle) = &cfg.trust_bundle {
-        let pem =
-            std::fs::read_to_string(bundle).with_context(|| format!("reading trust bundle {}", bundle.display()))?;
-        roots = certs_from_pem(&pem)?;
-        anyhow::ensure!(
-            !roots.is_empty(),
-            "trust bundle {} holds no certificate",
-            bundle.display()
-        );
+    if let Some(bundle) = &bundle {
+        roots = bundle.clone();
     }
     let certs = CertManager::new(
         signer,
@@ -121,11 +155,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     );
 
     // Workload state.
-    let source_ready = start_source(&cfg, state.clone(), &mut registry)?;
-
-    let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
-        mark: (cfg.socket_mark != 0).then_some(cfg.socket_mark),
-    });
+    let source_ready = start_source(&cfg, state.clone(), &mut registry, &sockets, bundle.as_deref())?;
     let settings = Settings {
         idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
         ..Default::default()
@@ -216,6 +246,8 @@ fn start_source(
     cfg: &Config,
     store: Arc<StateStore>,
     registry: &mut Registry,
+    sockets: &Arc<dyn SocketFactory>,
+    bundle: Option<&[CertificateDer<'static>]>,
 ) -> anyhow::Result<watch::Receiver<bool>> {
     if let Some(path) = &cfg.local_xds_path {
         // Load once before serving so a missing or unreadable file stops start-up with a clear
@@ -240,12 +272,16 @@ fn start_source(
         return Ok(watch::channel(true).1);
     }
     let address = cfg.xds_address.clone().unwrap_or_default();
+    let tls = control_plane_tls(cfg, "--xds-address", &address, bundle)?;
+    // Check the address now: a typo should stop start-up, not retry forever.
+    mesh_core::grpc::endpoint(&address, tls.clone()).with_context(|| format!("--xds-address {address}"))?;
     let xds_metrics = mesh_core::xds::XdsMetrics::register(registry);
     let config = mesh_core::xds::XdsConfig {
         address,
         node_id: format!("ztunnel~{}", cfg.node_name),
         node_metadata: [("NODE_NAME".to_owned(), cfg.node_name.clone())].into(),
-        tls: None,
+        tls,
+        sockets: Some(sockets.clone()),
         token: token_source(cfg),
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(15),

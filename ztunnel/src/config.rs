@@ -5,6 +5,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use mesh_core::identity::Identity;
+
+/// Identity the control plane proves when xDS or the CA is reached over https.
+pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller";
+
+/// Parses a SPIFFE identity flag, saying what shape is expected when it is not one.
+fn parse_identity(s: &str) -> Result<Identity, String> {
+    s.parse().map_err(|e| {
+        format!("{e}; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, e.g. {DEFAULT_CONTROL_PLANE_IDENTITY}")
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -26,7 +37,7 @@ pub struct Config {
     /// Workload state from a local YAML file instead of xDS (watched for changes).
     #[arg(long, env = "LOCAL_XDS_PATH", conflicts_with = "xds_address")]
     pub local_xds_path: Option<PathBuf>,
-    /// Control plane address for Delta ADS (http:// or https://).
+    /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
 
@@ -37,15 +48,26 @@ pub struct Config {
     /// Development CA: root key (PEM, PKCS#8).
     #[arg(long, env = "CA_ROOT_KEY", requires = "ca_root_cert")]
     pub ca_root_key: Option<PathBuf>,
-    /// Mesh CA address (http:// or https://) for CreateCertificate.
+    /// Mesh CA address (http:// or https://; https needs --trust-bundle) for CreateCertificate.
     #[arg(long, env = "CA_ADDRESS", conflicts_with = "ca_root_cert")]
     pub ca_address: Option<String>,
     /// File holding the bearer token presented to the CA and xDS server.
     #[arg(long, env = "TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Trust bundle (PEM roots). Defaults to the development root or the CA's root.
+    /// Trust bundle (PEM roots). Defaults to the development root or the CA's root. Required
+    /// for https control plane addresses: the control plane's certificate must chain to it.
     #[arg(long, env = "TRUST_BUNDLE")]
     pub trust_bundle: Option<PathBuf>,
+    /// SPIFFE identity the control plane must prove when --xds-address or --ca-address is
+    /// https:// (its certificate is checked against --trust-bundle; no client certificate is
+    /// sent, the token authenticates this proxy).
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_IDENTITY",
+        default_value = DEFAULT_CONTROL_PLANE_IDENTITY,
+        value_parser = parse_identity
+    )]
+    pub control_plane_identity: Identity,
     /// Lifetime requested for workload certificates, in seconds.
     #[arg(long, env = "CERT_TTL_SECONDS", default_value_t = 24 * 3600)]
     pub cert_ttl_seconds: u64,
@@ -123,9 +145,18 @@ impl Config {
         if ports.contains(&0) {
             anyhow::bail!("proxy ports must be non-zero");
         }
-        for addr in [&self.xds_address, &self.ca_address].into_iter().flatten() {
+        for (flag, addr) in [("--xds-address", &self.xds_address), ("--ca-address", &self.ca_address)] {
+            let Some(addr) = addr else { continue };
             if !(addr.starts_with("http://") || addr.starts_with("https://")) {
-                anyhow::bail!("address {addr:?} must start with http:// or https://");
+                anyhow::bail!("{flag} {addr:?} must start with http:// or https://");
+            }
+            if uses_tls(addr) && self.trust_bundle.is_none() {
+                anyhow::bail!(
+                    "{flag} {addr} uses TLS, which needs the roots the control plane's certificate chains to: \
+                     pass --trust-bundle <PEM file> (the control plane must prove --control-plane-identity {}), \
+                     or use an http:// address",
+                    self.control_plane_identity
+                );
             }
         }
         Ok(())
@@ -149,5 +180,57 @@ impl Config {
     /// Ports whose use as a destination would loop traffic back into ztunnel.
     pub fn own_ports(&self) -> [u16; 3] {
         [self.outbound_port, self.inbound_plaintext_port, self.inbound_port]
+    }
+}
+
+/// True for a control plane address reached over TLS.
+pub fn uses_tls(address: &str) -> bool {
+    address.starts_with("https://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn control_plane_identity_defaults_and_is_validated() {
+        let cfg = parse(&["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"]).expect("parse");
+        assert_eq!(cfg.control_plane_identity.to_string(), DEFAULT_CONTROL_PLANE_IDENTITY);
+        cfg.validate().expect("plaintext needs no trust bundle");
+
+        let cfg = parse(&["--control-plane-identity", "spiffe://example.org/ns/mesh/sa/cp"]).expect("parse");
+        assert_eq!(cfg.control_plane_identity.namespace, "mesh");
+
+        let err = parse(&["--control-plane-identity", "mesh-controller"]).expect_err("not a SPIFFE id");
+        let text = err.to_string();
+        assert!(text.contains("--control-plane-identity"), "{text}");
+        assert!(
+            text.contains("spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn https_needs_a_trust_bundle() {
+        for flag in ["--xds-address", "--ca-address"] {
+            let mut args = vec!["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"];
+            let i = args.iter().position(|a| *a == flag).expect("flag") + 1;
+            args[i] = "https://cp:15012";
+            let cfg = parse(&args).expect("parse");
+            let text = cfg.validate().expect_err("no trust bundle").to_string();
+            assert!(text.contains(flag) && text.contains("--trust-bundle"), "{text}");
+            args.extend(["--trust-bundle", "/etc/mesh/roots.pem"]);
+            parse(&args)
+                .expect("parse")
+                .validate()
+                .expect("valid with a trust bundle");
+        }
+        let cfg = parse(&["--xds-address", "cp:15012", "--ca-address", "http://cp:15012"]).expect("parse");
+        let text = cfg.validate().expect_err("no scheme").to_string();
+        assert!(text.contains("http:// or https://"), "{text}");
     }
 }

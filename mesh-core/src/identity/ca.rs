@@ -196,6 +196,13 @@ impl TokenSource {
 }
 
 /// Client of `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+///
+/// The channel comes from [`crate::grpc`] (plaintext, or TLS with
+/// [`crate::tls::control_plane_client_config`]: a node proxy has no certificate of its own
+/// before the CA gives it one, and authenticates with its bearer token). Every request
+/// carries `authorization: Bearer <token>` (a token file is re-read each time: projected
+/// tokens rotate), the requested lifetime in `validity_duration` (seconds) and, when
+/// impersonating, the identity asked for in the `ImpersonatedIdentity` metadata field.
 pub struct CaClient {
     client: IstioCertificateServiceClient<tonic::transport::Channel>,
     token: TokenSource,
@@ -210,6 +217,16 @@ impl CaClient {
             token,
             impersonate,
         }
+    }
+}
+
+/// Sorts a failed call: the CA could not be reached (retry) or it said no (its reason kept).
+fn ca_error(status: &tonic::Status) -> CaError {
+    let text = crate::grpc::status_text(status);
+    match status.code() {
+        // Unknown is what tonic reports for connection failures (refused, TLS handshake).
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => CaError::Transport(text),
+        _ => CaError::Refused(text),
     }
 }
 
@@ -236,9 +253,10 @@ impl CertificateSigner for CaClient {
                 metadata,
             });
             if let Some(token) = self.token.token()? {
-                let value = format!("Bearer {token}")
+                let mut value: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}")
                     .parse()
                     .map_err(|_| CaError::Refused("token contains characters not allowed in a header".into()))?;
+                value.set_sensitive(true);
                 req.metadata_mut().insert("authorization", value);
             }
             let resp = self
@@ -246,12 +264,7 @@ impl CertificateSigner for CaClient {
                 .clone()
                 .create_certificate(req)
                 .await
-                .map_err(|s| match s.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                        CaError::Transport(s.to_string())
-                    }
-                    _ => CaError::Refused(format!("{}: {}", s.code(), s.message())),
-                })?;
+                .map_err(|s| ca_error(&s))?;
             let chain = resp.into_inner().cert_chain;
             if chain.is_empty() {
                 return Err(CaError::EmptyResponse);

@@ -11,14 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource, Status};
 use mesh_proto::{security as secpb, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -27,13 +22,14 @@ use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge}
 use prometheus_client::registry::Registry;
 use prost::Message;
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::StoreKey;
+use crate::grpc::{ErrorChain, GrpcError};
 use crate::identity::TokenSource;
+use crate::socket::SocketFactory;
 use crate::state::StateStore;
 
 /// gRPC status code INVALID_ARGUMENT, carried in the `error_detail` of a NACK.
@@ -41,12 +37,6 @@ const INVALID_ARGUMENT: i32 = 3;
 /// Largest response accepted. Address responses list every workload of the mesh on connect,
 /// which outgrows tonic's 4 MiB default in large clusters.
 const MAX_MESSAGE_SIZE: usize = 64 << 20;
-/// Bound on TCP connect plus TLS handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 PINGs detect a control plane that vanished without closing the connection (node
-/// failure, dropped NAT entry); otherwise the stream would wait for updates forever.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The smallest retry delay, so a zero `initial_backoff` cannot turn into a busy loop.
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
 
@@ -60,8 +50,12 @@ pub struct XdsConfig {
     pub node_id: String,
     /// Put into `Node.metadata` as string values.
     pub node_metadata: BTreeMap<String, String>,
-    /// TLS client configuration (roots, client certificate, verifier). SNI is not sent.
+    /// TLS client configuration (roots, verifier, client certificate if any). SNI is not
+    /// sent; see [`crate::tls::control_plane_client_config`].
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where the TCP sockets come from; `None` makes plain ones. A node proxy passes its
+    /// factory so its own capture rules skip the control plane connection.
+    pub sockets: Option<Arc<dyn SocketFactory>>,
     /// Bearer token presented as `authorization` metadata; re-read on every connection.
     pub token: TokenSource,
     /// First reconnection delay; doubled after every failed attempt up to `max_backoff`.
@@ -77,6 +71,7 @@ impl XdsConfig {
             node_id: node_id.into(),
             node_metadata: BTreeMap::new(),
             tls: None,
+            sockets: None,
             token: TokenSource::None,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
@@ -97,6 +92,7 @@ impl fmt::Debug for XdsConfig {
             .field("node_id", &self.node_id)
             .field("node_metadata", &self.node_metadata)
             .field("tls", &self.tls.is_some())
+            .field("sockets", &self.sockets.is_some())
             .field("token", &token)
             .field("initial_backoff", &self.initial_backoff)
             .field("max_backoff", &self.max_backoff)
@@ -107,14 +103,9 @@ impl fmt::Debug for XdsConfig {
 /// Why a stream ended or could not be started. [`XdsClient::run`] logs these and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    #[error("invalid xDS address {address:?}: {reason}")]
-    Address { address: String, reason: String },
-    #[error("connecting to {address}: {}", ErrorChain(.source))]
-    Connect {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// The address is invalid or the control plane could not be reached.
+    #[error(transparent)]
+    Grpc(#[from] GrpcError),
     #[error("reading token file {path}: {source}")]
     TokenFile { path: String, source: std::io::Error },
     #[error("token contains characters not allowed in a header")]
@@ -129,21 +120,6 @@ pub enum XdsError {
 impl From<tonic::Status> for XdsError {
     fn from(status: tonic::Status) -> Self {
         XdsError::Stream(Box::new(status))
-    }
-}
-
-/// Displays an error with its sources: tonic's transport error alone only says "transport error".
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }
 
@@ -405,83 +381,6 @@ fn reply(type_url: &str, nonce: &str, rejected: &[Rejected]) -> DeltaDiscoveryRe
     }
 }
 
-/// Where to dial, parsed from [`XdsConfig::address`].
-#[derive(Debug)]
-struct Target {
-    /// Host without IPv6 brackets, for the TCP dial.
-    host: String,
-    port: u16,
-    /// Always `http://`: TLS is done by our own connector, and tonic must never try its own
-    /// (it refuses `https` URIs when built without its TLS feature, or would redo TLS with it).
-    dial: Uri,
-    /// The URI requests carry (`:scheme`, `:authority`), `https` when TLS is used.
-    origin: Uri,
-}
-
-impl Target {
-    fn parse(address: &str, tls: bool) -> Result<Target, XdsError> {
-        let bad = |reason: &str| XdsError::Address {
-            address: address.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let uri: Uri = address
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err(bad("the scheme must be http or https")),
-        };
-        if https && !tls {
-            return Err(bad("an https address needs a TLS client configuration"));
-        }
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        let host = authority.host();
-        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let scheme = if tls { "https" } else { "http" };
-        let dial = format!("http://{host}:{port}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        let origin = format!("{scheme}://{host}:{port}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        Ok(Target {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            port,
-            dial,
-            origin,
-        })
-    }
-}
-
-/// tower connector for tonic: TCP dial plus a rustls handshake without SNI.
-#[derive(Clone)]
-struct TlsDialer {
-    host: Arc<str>,
-    port: u16,
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl tower::Service<Uri> for TlsDialer {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tcp = TcpStream::connect((&*this.host, this.port)).await?;
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(crate::tls::placeholder_server_name(), tcp).await?;
-            Ok(TokioIo::new(tls))
-        })
-    }
-}
-
 /// The `authorization` metadata for `token`, read now (file tokens rotate).
 async fn bearer(token: &TokenSource) -> Result<Option<AsciiMetadataValue>, XdsError> {
     let token = match token {
@@ -529,8 +428,6 @@ fn jittered(d: Duration) -> Duration {
 /// The Delta ADS client. Create it, take [`XdsClient::ready`], then spawn [`XdsClient::run`].
 pub struct XdsClient {
     config: XdsConfig,
-    /// `config.tls` with ALPN `h2` ensured: gRPC servers may refuse TLS without it.
-    tls: Option<tokio_rustls::TlsConnector>,
     node: Node,
     store: Arc<StateStore>,
     metrics: XdsMetrics,
@@ -540,17 +437,9 @@ pub struct XdsClient {
 
 impl XdsClient {
     pub fn new(config: XdsConfig, store: Arc<StateStore>, metrics: XdsMetrics) -> Self {
-        let tls = config.tls.as_ref().map(|cfg| {
-            let mut cfg = rustls::ClientConfig::clone(cfg);
-            if cfg.alpn_protocols.is_empty() {
-                cfg.alpn_protocols = vec![b"h2".to_vec()];
-            }
-            tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        });
         XdsClient {
             node: node(&config),
             config,
-            tls,
             store,
             metrics,
             tracker: Tracker::default(),
@@ -579,7 +468,7 @@ impl XdsClient {
             }
             let delay = jittered(backoff);
             match &err {
-                XdsError::Address { .. } => {
+                XdsError::Grpc(GrpcError::Address { .. }) => {
                     tracing::error!(error = %err, retry_in = ?delay, "xDS client misconfigured")
                 }
                 _ => tracing::warn!(
@@ -638,29 +527,11 @@ impl XdsClient {
     }
 
     async fn connect(&self) -> Result<Channel, XdsError> {
-        let target = Target::parse(&self.config.address, self.tls.is_some())?;
-        let endpoint = Endpoint::from(target.dial.clone())
-            .origin(target.origin.clone())
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let channel = match &self.tls {
-            None => endpoint.connect().await,
-            Some(tls) => {
-                let dialer = TlsDialer {
-                    host: target.host.into(),
-                    port: target.port,
-                    tls: tls.clone(),
-                };
-                endpoint.connect_with_connector(dialer).await
-            }
-        };
-        channel.map_err(|source| XdsError::Connect {
-            address: self.config.address.clone(),
-            source,
-        })
+        let mut dial = crate::grpc::endpoint(&self.config.address, self.config.tls.clone())?;
+        if let Some(sockets) = &self.config.sockets {
+            dial = dial.sockets(sockets.clone());
+        }
+        Ok(dial.connect().await?)
     }
 
     /// Applies one response and builds its ACK or NACK. Exactly one reply per response: a
@@ -710,6 +581,7 @@ impl XdsClient {
 mod tests {
     use std::collections::BTreeSet;
     use std::net::SocketAddr;
+    use std::pin::Pin;
 
     use futures_util::Stream;
     use mesh_proto::discovery::aggregated_discovery_service_server::{
@@ -1164,22 +1036,14 @@ mod tests {
         task.abort();
     }
 
-    #[test]
-    fn target_parsing() {
-        let t = Target::parse("https://[::1]:15012", true).expect("parse");
-        assert_eq!((t.host.as_str(), t.port), ("::1", 15012));
-        assert_eq!(t.dial.scheme_str(), Some("http"));
-        assert_eq!(t.origin.scheme_str(), Some("https"));
-        let t = Target::parse("http://controller.istio-system", false).expect("parse");
-        assert_eq!((t.host.as_str(), t.port), ("controller.istio-system", 80));
-        assert!(matches!(
-            Target::parse("https://controller:15012", false),
-            Err(XdsError::Address { .. })
-        ));
-        assert!(matches!(
-            Target::parse("controller:15012", false),
-            Err(XdsError::Address { .. })
-        ));
+    #[tokio::test]
+    async fn https_without_tls_is_a_configuration_error() {
+        let cfg = XdsConfig::new("https://127.0.0.1:1", "node-1");
+        let client = XdsClient::new(cfg, StateStore::new(), XdsMetrics::default());
+        match client.connect().await {
+            Err(XdsError::Grpc(GrpcError::Address { address, .. })) => assert_eq!(address, "https://127.0.0.1:1"),
+            other => panic!("expected an address error, got {:?}", other.err()),
+        }
     }
 
     #[test]
