@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, then every test (unit, loopback HBONE, and the
-# network-namespace end-to-end suite, which needs root).
+# network-namespace end-to-end suites, which need root), ending with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The e2e tests run the ztunnel binary: build it first.
+# The end-to-end tests run the ztunnel binary: build it first.
 cargo build --workspace --locked
-cargo test --workspace --locked
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets --locked 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
