@@ -29,35 +29,23 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 
 /// Installs the tracing subscriber and returns a handle that swaps the filter at runtime.
-///
-/// Log lines are written by a dedicated thread: a connection's access log must never block
-/// the proxy on a slow stdout. The returned guard flushes what is queued when dropped.
-pub fn init_logging(cfg: &Config) -> (LogReload, tracing_appender::non_blocking::WorkerGuard) {
+pub fn init_logging(cfg: &Config) -> LogReload {
     let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
         eprintln!("warning: invalid log filter {:?} ({e}); using info", cfg.log);
         EnvFilter::new("info")
     });
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let registry = tracing_subscriber::registry().with(filter);
     match cfg.log_format {
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(writer),
-            )
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .init(),
-        LogFormat::Plain => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(writer))
-            .init(),
+        LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
-    let reload: LogReload = Arc::new(move |level: &str| {
+    Arc::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
-    });
-    (reload, guard)
+    })
 }
 
 /// `--gen-dev-ca DIR`: writes a fresh development root.

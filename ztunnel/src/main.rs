@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
-    let (reload, _log_guard) = app::init_logging(&cfg);
+    let reload = app::init_logging(&cfg);
     let mut builder = match cfg.threads() {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
