@@ -180,6 +180,12 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     });
     tokio::spawn(px.tracker.clone().enforce(state.clone()));
     tokio::spawn(release_memory_after_updates(state.clone()));
+    tokio::spawn(forget_unused_certificates(
+        state.clone(),
+        certs.clone(),
+        px.local.clone(),
+        cfg.network.clone(),
+    ));
 
     for l in listen(&*sockets, cfg.outbound_port, cfg.ipv6, "outbound").await? {
         tokio::spawn(proxy::outbound::serve(px.clone(), l));
@@ -306,6 +312,30 @@ async fn release_memory_after_updates(store: Arc<StateStore>) {
         let _ = tokio::task::spawn_blocking(|| unsafe { nix::libc::malloc_trim(0) }).await;
         if changes.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Stops renewing certificates of identities no local workload has any more (a pod left).
+async fn forget_unused_certificates(
+    store: Arc<StateStore>,
+    certs: Arc<CertManager>,
+    local: proxy::local::LocalAddrs,
+    network: String,
+) {
+    let mut changes = store.subscribe();
+    while changes.changed().await.is_ok() {
+        let state = store.load();
+        let in_use: std::collections::HashSet<_> = state
+            .workloads()
+            .filter(|w| w.network == network && w.addresses.iter().any(|ip| local.contains(*ip)))
+            .map(|w| w.identity.clone())
+            .collect();
+        for (identity, _) in certs.snapshot() {
+            if !in_use.contains(&identity) {
+                info!(%identity, "no local workload uses this identity any more; dropping its certificate");
+                certs.forget(&identity);
+            }
         }
     }
 }

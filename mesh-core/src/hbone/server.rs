@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -152,6 +151,3 @@ where
         tokio::spawn(handler(connect));
     }
 }
-
-/// How long to wait for the TLS handshake by default.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -87,21 +87,6 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(recv: &mut RecvStream, mut w: W) -> io
 impl H2Stream {
     /// Copies both ways until each side has finished sending; a half-close on one side is
     /// passed on to the other. An error in either direction ends both.
-    pub async fn splice<T>(self, tcp: &mut T) -> io::Result<Transferred>
-    where
-        T: AsyncRead + AsyncWrite + Unpin,
-    {
-        let H2Stream {
-            mut send,
-            mut recv,
-            _guard,
-        } = self;
-        let (r, w) = tokio::io::split(tcp);
-        let (to_tunnel, from_tunnel) = tokio::try_join!(tcp_to_h2(r, &mut send), h2_to_tcp(&mut recv, w))?;
-        Ok(Transferred { to_tunnel, from_tunnel })
-    }
-
-    /// Splice specialised for TCP sockets (no lock around the split halves).
     pub async fn splice_tcp(self, tcp: &mut tokio::net::TcpStream) -> io::Result<Transferred> {
         let H2Stream {
             mut send,

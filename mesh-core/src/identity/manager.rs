@@ -323,4 +323,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    #[tokio::test]
+    async fn forget_stops_renewal_and_drops_the_certificate() {
+        let (flaky, mgr) = setup(Duration::from_secs(2));
+        mgr.fetch(&id()).await.unwrap();
+        mgr.forget(&id());
+        assert!(mgr.snapshot().is_empty());
+        assert!(mgr.get_ready(&id()).is_none());
+        let calls = flaky.calls.load(Ordering::SeqCst);
+        // Past the half-life no renewal happens for a forgotten identity.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), calls);
+    }
 }
