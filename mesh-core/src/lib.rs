@@ -17,3 +17,4 @@ pub mod socket;
 pub mod state;
 pub mod tls;
 pub mod xds;
+pub mod zds;

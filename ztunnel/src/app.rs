@@ -1,20 +1,18 @@
 //! Start-up and shutdown: builds the state source, certificate manager, HBONE pool and
 //! listeners from the configuration, serves until SIGTERM, then drains.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mesh_core::hbone::{HbonePool, Settings};
+use mesh_core::hbone::Settings;
 use mesh_core::identity::cert::certs_from_pem;
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, TokenSource};
 use mesh_core::socket::{PlainSockets, SocketFactory};
 use mesh_core::state::StateStore;
 use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -97,19 +95,6 @@ fn token_source(cfg: &Config) -> TokenSource {
     }
 }
 
-async fn listen(sockets: &dyn SocketFactory, port: u16, ipv6: bool, what: &str) -> anyhow::Result<Vec<TcpListener>> {
-    let mut out = vec![sockets
-        .tcp_listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))
-        .with_context(|| format!("binding {what} port {port}"))?];
-    if ipv6 {
-        match sockets.tcp_listener(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)) {
-            Ok(l) => out.push(l),
-            Err(e) => warn!(port, error = %e, "IPv6 {what} listener unavailable"),
-        }
-    }
-    Ok(out)
-}
-
 pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     let state = StateStore::new();
     let mut registry = Registry::default();
@@ -160,48 +145,59 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
         ..Default::default()
     };
-    let pool = HbonePool::new(settings.clone(), certs.clone(), sockets.clone());
-    let local = proxy::local::LocalAddrs::discover();
-    tokio::spawn(local.clone().refresh(Duration::from_secs(2)));
-    let px = Arc::new(Proxy {
+    let ports = proxy::Ports {
+        outbound: cfg.outbound_port,
+        inbound_plaintext: cfg.inbound_plaintext_port,
+        inbound: cfg.inbound_port,
+        ipv6: cfg.ipv6,
+    };
+    let shared = proxy::Shared {
         network: cfg.network.clone(),
-        own_ports: cfg.own_ports(),
+        ports,
         hbone_port: cfg.hbone_port,
         state: state.clone(),
         certs: certs.clone(),
-        pool,
-        sockets: sockets.clone(),
         settings,
         metrics,
-        local,
         tracker: Default::default(),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
-    });
-    tokio::spawn(px.tracker.clone().enforce(state.clone()));
+    };
+    tokio::spawn(shared.tracker.clone().enforce(state.clone()));
     tokio::spawn(release_memory_after_updates(state.clone()));
-    tokio::spawn(forget_unused_certificates(
-        state.clone(),
-        certs.clone(),
-        px.local.clone(),
-        cfg.network.clone(),
-    ));
 
-    for l in listen(&*sockets, cfg.outbound_port, cfg.ipv6, "outbound").await? {
-        tokio::spawn(proxy::outbound::serve(px.clone(), l));
-    }
-    for l in listen(&*sockets, cfg.inbound_plaintext_port, cfg.ipv6, "inbound plaintext").await? {
-        tokio::spawn(proxy::inbound_plain::serve(px.clone(), l));
-    }
-    for l in listen(&*sockets, cfg.inbound_port, cfg.ipv6, "inbound HBONE").await? {
-        tokio::spawn(proxy::inbound::serve(px.clone(), l));
-    }
+    let ready = match &cfg.zds_socket {
+        // In-pod mode: the node agent hands over each pod's namespace; listeners live there.
+        Some(path) => {
+            let (inpod_ready, pod_addrs) = crate::inpod::start(shared.clone(), path.clone(), cfg.socket_mark);
+            tokio::spawn(forget_unused_certificates(
+                state.clone(),
+                certs.clone(),
+                pod_addrs,
+                cfg.network.clone(),
+            ));
+            both(source_ready, inpod_ready)
+        }
+        // Dedicated mode: serve the workloads of this namespace on ordinary sockets.
+        None => {
+            let local = proxy::local::LocalAddrs::discover();
+            tokio::spawn(local.clone().refresh(Duration::from_secs(2)));
+            tokio::spawn(forget_unused_certificates(
+                state.clone(),
+                certs.clone(),
+                local.clone(),
+                cfg.network.clone(),
+            ));
+            Proxy::new(&shared, sockets.clone(), local).start(ports)?;
+            source_ready
+        }
+    };
 
     let admin = Arc::new(Admin {
         state,
         certs,
         registry,
-        ready: source_ready,
+        ready,
         log_filter: std::sync::Mutex::new(cfg.log.clone()),
         reload,
     });
@@ -217,10 +213,10 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     info!(node = %cfg.node_name, "ztunnel started");
 
     shutdown_signal().await;
-    info!(timeout = ?cfg.drain_timeout(), active = px.tracker.len(), "draining");
-    px.drain.cancel();
-    px.tasks.close();
-    if tokio::time::timeout(cfg.drain_timeout(), px.tasks.wait())
+    info!(timeout = ?cfg.drain_timeout(), active = shared.tracker.len(), "draining");
+    shared.drain.cancel();
+    shared.tasks.close();
+    if tokio::time::timeout(cfg.drain_timeout(), shared.tasks.wait())
         .await
         .is_err()
     {
@@ -338,4 +334,21 @@ async fn forget_unused_certificates(
             }
         }
     }
+}
+
+/// Ready only when both inputs are.
+fn both(a: watch::Receiver<bool>, b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() && *b.borrow());
+    tokio::spawn(async move {
+        let (mut a, mut b) = (a, b);
+        loop {
+            tokio::select! {
+                r = a.changed() => if r.is_err() { return },
+                r = b.changed() => if r.is_err() { return },
+            }
+            let now = *a.borrow() && *b.borrow();
+            tx.send_replace(now);
+        }
+    });
+    rx
 }

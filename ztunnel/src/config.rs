@@ -37,6 +37,11 @@ pub struct Config {
     /// Workload state from a local YAML file instead of xDS (watched for changes).
     #[arg(long, env = "LOCAL_XDS_PATH", conflicts_with = "xds_address")]
     pub local_xds_path: Option<PathBuf>,
+    /// In-pod mode: connect to the node agent's ZDS socket and serve each pod it hands over
+    /// inside the pod's own network namespace. Without it, ztunnel serves the workloads of its
+    /// own namespace (dedicated mode).
+    #[arg(long, env = "ZDS_SOCKET")]
+    pub zds_socket: Option<PathBuf>,
     /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
@@ -175,11 +180,6 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
-    }
-
-    /// Ports whose use as a destination would loop traffic back into ztunnel.
-    pub fn own_ports(&self) -> [u16; 3] {
-        [self.outbound_port, self.inbound_plaintext_port, self.inbound_port]
     }
 }
 

@@ -11,7 +11,8 @@ use arc_swap::ArcSwap;
 #[derive(Clone)]
 pub struct LocalAddrs(Arc<ArcSwap<HashSet<IpAddr>>>);
 
-fn read() -> HashSet<IpAddr> {
+/// The addresses of the current thread's network namespace.
+pub fn read() -> HashSet<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return HashSet::new();
     };
@@ -30,6 +31,16 @@ fn read() -> HashSet<IpAddr> {
 impl LocalAddrs {
     pub fn discover() -> Self {
         LocalAddrs(Arc::new(ArcSwap::from_pointee(read())))
+    }
+
+    /// A fixed set (a pod's addresses, read once inside its namespace).
+    pub fn fixed(addrs: HashSet<IpAddr>) -> Self {
+        LocalAddrs(Arc::new(ArcSwap::from_pointee(addrs)))
+    }
+
+    /// Replaces the set.
+    pub fn set(&self, addrs: HashSet<IpAddr>) {
+        self.0.store(Arc::new(addrs));
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {

@@ -45,7 +45,89 @@ pub struct Proxy {
     pub tasks: TaskTracker,
 }
 
+/// Ports the proxy listens on in each namespace it serves.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub inbound: u16,
+    pub ipv6: bool,
+}
+
+/// What every proxy instance shares: one in dedicated mode, one per pod in in-pod mode.
+#[derive(Clone)]
+pub struct Shared {
+    pub network: String,
+    pub ports: Ports,
+    pub hbone_port: u16,
+    pub state: Arc<StateStore>,
+    pub certs: Arc<CertManager>,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub tracker: tracker::ConnTracker,
+    /// Cancelled on SIGTERM; each proxy's own drain token is a child of it.
+    pub drain: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
 impl Proxy {
+    /// A proxy for one network namespace, making its sockets with `sockets`.
+    pub fn new(shared: &Shared, sockets: Arc<dyn SocketFactory>, local: local::LocalAddrs) -> Arc<Proxy> {
+        let p = shared.ports;
+        Arc::new(Proxy {
+            network: shared.network.clone(),
+            own_ports: [p.outbound, p.inbound_plaintext, p.inbound],
+            hbone_port: shared.hbone_port,
+            state: shared.state.clone(),
+            certs: shared.certs.clone(),
+            pool: HbonePool::new(shared.settings.clone(), shared.certs.clone(), sockets.clone()),
+            sockets,
+            settings: shared.settings.clone(),
+            metrics: shared.metrics.clone(),
+            local,
+            tracker: shared.tracker.clone(),
+            drain: shared.drain.child_token(),
+            tasks: shared.tasks.clone(),
+        })
+    }
+
+    /// Binds the outbound, plaintext and HBONE listeners (IPv4, and IPv6 when enabled and
+    /// available) and serves them until this proxy's drain token is cancelled.
+    pub fn start(self: &Arc<Self>, ports: Ports) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let bind = |port: u16, what: &str| -> anyhow::Result<Vec<TcpListener>> {
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+            let mut out = vec![self
+                .sockets
+                .tcp_listener(v4)
+                .with_context(|| format!("binding {what} port {port}"))?];
+            if ports.ipv6 {
+                match self
+                    .sockets
+                    .tcp_listener(SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port))
+                {
+                    Ok(l) => out.push(l),
+                    Err(e) => tracing::warn!(port, error = %e, "IPv6 {what} listener unavailable"),
+                }
+            }
+            Ok(out)
+        };
+        // Bind everything before serving anything: a namespace is served fully or not at all.
+        let outbound = bind(ports.outbound, "outbound")?;
+        let plaintext = bind(ports.inbound_plaintext, "inbound plaintext")?;
+        let hbone = bind(ports.inbound, "inbound HBONE")?;
+        for l in outbound {
+            tokio::spawn(outbound::serve(self.clone(), l));
+        }
+        for l in plaintext {
+            tokio::spawn(inbound_plain::serve(self.clone(), l));
+        }
+        for l in hbone {
+            tokio::spawn(inbound::serve(self.clone(), l));
+        }
+        Ok(())
+    }
+
     /// The local workload owning `addr`, if the address is one of this namespace's.
     pub fn local_workload(&self, addr: SocketAddr) -> Option<Arc<Workload>> {
         if !self.local.contains(addr.ip()) {
