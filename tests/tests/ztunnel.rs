@@ -6,43 +6,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh_core::identity::DevCa;
-use mesh_e2e::apps::{echo_server, http_server};
-use mesh_e2e::{Bed, Netns, Ztunnel};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use mesh_e2e::apps::{echo_connect, echo_server, http_server, ping};
+use mesh_e2e::{Bed, Ztunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const CLIENT_SA: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_SA: &str = "spiffe://cluster.local/ns/default/sa/server";
-
-/// A connection to the echo server: returns the peer line and the stream.
-async fn echo_connect(ns: &Netns, dst: SocketAddr) -> std::io::Result<(String, BufReader<tokio::net::TcpStream>)> {
-    let s = ns.connect(dst).await?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-        .await
-        .map_err(std::io::Error::other)??;
-    if n == 0 {
-        // The local ztunnel accepted, then closed: the tunnel was refused.
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "closed before the app answered",
-        ));
-    }
-    Ok((line.trim().to_owned(), r))
-}
-
-async fn ping(conn: &mut BufReader<tokio::net::TcpStream>, msg: &str) -> std::io::Result<String> {
-    conn.get_mut().write_all(format!("{msg}\n").as_bytes()).await?;
-    let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line))
-        .await
-        .map_err(std::io::Error::other)??;
-    if n == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-    }
-    Ok(line.trim().to_owned())
-}
 
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, b| {

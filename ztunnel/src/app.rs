@@ -336,18 +336,19 @@ async fn forget_unused_certificates(
     }
 }
 
-/// Ready only when both inputs are.
+/// Ready only when both inputs are. An input whose sender is gone keeps its last value.
 fn both(a: watch::Receiver<bool>, b: watch::Receiver<bool>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(*a.borrow() && *b.borrow());
     tokio::spawn(async move {
         let (mut a, mut b) = (a, b);
+        let (mut a_open, mut b_open) = (true, true);
         loop {
             tokio::select! {
-                r = a.changed() => if r.is_err() { return },
-                r = b.changed() => if r.is_err() { return },
+                r = a.changed(), if a_open => a_open = r.is_ok(),
+                r = b.changed(), if b_open => b_open = r.is_ok(),
+                else => return,
             }
-            let now = *a.borrow() && *b.borrow();
-            tx.send_replace(now);
+            tx.send_replace(*a.borrow() && *b.borrow());
         }
     });
     rx
