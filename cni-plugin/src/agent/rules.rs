@@ -1,0 +1,226 @@
+//! Redirection inside a pod's network namespace, written by the node agent:
+//!
+//! - nat output: the app's TCP (not marked by ztunnel, not to loopback, not on `lo`) goes to
+//!   15001; its DNS (UDP and TCP port 53) to ztunnel's DNS proxy on 15053.
+//! - nat prerouting: inbound TCP except HBONE (15008), ztunnel's own packets and kubelet
+//!   probes (SNATed to 169.254.7.127 on the host) goes to 15006.
+//! - mangle: packets ztunnel marks 0x539 set connmark 0x111; the app's replies on such a
+//!   connection get fwmark 0x111, and `fwmark 0x111/0xfff lookup 100` with a `local` default
+//!   route in table 100 delivers them back to ztunnel's transparent socket.
+//! - raw: ztunnel's upstream DNS lives in its own conntrack zone, so its replies are not
+//!   mistaken for replies to the app's redirected queries.
+//!
+//! The nftables table is replaced in one transaction (idempotent, atomic); removal deletes
+//! exactly the table, the rules and the route it added.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Name of the nftables table the agent owns in each pod namespace.
+pub const TABLE: &str = "ambient";
+/// Mark on ztunnel's sockets.
+pub const ZTUNNEL_MARK: u32 = 0x539;
+/// Connmark/fwmark of connections ztunnel opened to the app.
+pub const RETURN_MARK: u32 = 0x111;
+/// Routing table of the return path.
+pub const ROUTE_TABLE: u32 = 100;
+/// Source kubelet probes are SNATed to on the host.
+pub const PROBE_SOURCE: &str = "169.254.7.127";
+
+/// Why rules could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("running {command}: {source}")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("{command} failed in {netns}: {stderr}")]
+    Failed {
+        command: String,
+        netns: String,
+        stderr: String,
+    },
+}
+
+/// The ports ztunnel listens on inside the pod.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub inbound: u16,
+    pub dns: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            inbound: 15008,
+            dns: 15053,
+        }
+    }
+}
+
+/// The nftables ruleset, as one atomic transaction replacing the table.
+pub fn ruleset(p: Ports) -> String {
+    format!(
+        r#"table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+  chain prerouting_raw {{
+    type filter hook prerouting priority raw; policy accept;
+    meta mark & 0xfff != {ZTUNNEL_MARK:#x} udp sport 53 ct zone set 1
+  }}
+  chain output_raw {{
+    type filter hook output priority raw; policy accept;
+    meta mark & 0xfff == {ZTUNNEL_MARK:#x} udp dport 53 ct zone set 1
+  }}
+  chain prerouting_mangle {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta mark & 0xfff == {ZTUNNEL_MARK:#x} ct mark set {RETURN_MARK:#x}
+  }}
+  chain output_mangle {{
+    type route hook output priority mangle; policy accept;
+    ct mark & 0xfff == {RETURN_MARK:#x} meta mark set {RETURN_MARK:#x}
+  }}
+  chain prerouting_nat {{
+    type nat hook prerouting priority dstnat; policy accept;
+    meta mark & 0xfff == {ZTUNNEL_MARK:#x} return
+    ip saddr {PROBE_SOURCE} return
+    meta l4proto tcp tcp dport {inbound} return
+    meta l4proto tcp redirect to :{plain}
+  }}
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    meta mark & 0xfff == {ZTUNNEL_MARK:#x} return
+    meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns}
+    oifname "lo" return
+    ip daddr 127.0.0.1 return
+    ip6 daddr ::1 return
+    meta l4proto tcp redirect to :{outbound}
+  }}
+}}
+"#,
+        inbound = p.inbound,
+        plain = p.inbound_plaintext,
+        dns = p.dns,
+        outbound = p.outbound,
+    )
+}
+
+fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RulesError> {
+    let command = args.join(" ");
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| RulesError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(|source| RulesError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    }
+    let out = child.wait_with_output().map_err(|source| RulesError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(RulesError::Failed {
+            command,
+            netns: netns.display().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Policy routing of the return path, per address family.
+fn route_commands(add: bool) -> Vec<Vec<String>> {
+    let mark = format!("{RETURN_MARK:#x}/0xfff");
+    let table = ROUTE_TABLE.to_string();
+    let verb = if add { "add" } else { "del" };
+    let mut cmds = Vec::new();
+    for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        cmds.push(vec![
+            "ip", family, "rule", verb, "fwmark", &mark, "pref", "32764", "lookup", &table,
+        ]);
+        cmds.push(vec![
+            "ip", family, "route", verb, "local", any, "dev", "lo", "table", &table,
+        ]);
+    }
+    cmds.into_iter()
+        .map(|c| c.into_iter().map(str::to_owned).collect())
+        .collect()
+}
+
+/// Installs (or replaces) the redirection in the namespace at `netns` (a path such as
+/// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`) and returns the table as nftables lists
+/// it afterwards: exactly what is installed.
+pub fn install(netns: &Path, ports: Ports) -> Result<String, RulesError> {
+    run_in(netns, &["nft", "-f", "-"], Some(&ruleset(ports)))?;
+    // The return path routes through lo (normally up already; the runtime sets it up).
+    run_in(netns, &["ip", "link", "set", "lo", "up"], None)?;
+    // Policy routes: remove what a previous install left (ignoring "not found"), then add.
+    for cmd in route_commands(false) {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let _ = run_in(netns, &args, None);
+    }
+    for cmd in route_commands(true) {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        run_in(netns, &args, None)?;
+    }
+    dump(netns)
+}
+
+/// The agent's table as nftables lists it.
+pub fn dump(netns: &Path) -> Result<String, RulesError> {
+    run_in(netns, &["nft", "list", "table", "inet", TABLE], None)
+}
+
+/// Removes the table, the rules and the routes `install` added. Removing what is not there
+/// is not an error (idempotent).
+pub fn remove(netns: &Path) -> Result<(), RulesError> {
+    match run_in(netns, &["nft", "delete", "table", "inet", TABLE], None) {
+        Ok(_) => {}
+        Err(RulesError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
+        Err(e) => return Err(e),
+    }
+    for cmd in route_commands(false) {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let _ = run_in(netns, &args, None);
+    }
+    Ok(())
+}
+
+/// True when the namespace carries the agent's table.
+pub fn installed(netns: &Path) -> bool {
+    dump(netns).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_names_every_port() {
+        let r = ruleset(Ports::default());
+        for want in [
+            "redirect to :15001",
+            "redirect to :15006",
+            "tcp dport 15008 return",
+            "redirect to :15053",
+            "0x539",
+            "0x111",
+        ] {
+            assert!(r.contains(want), "missing {want}:\n{r}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! ZDS server (todo)

@@ -1,0 +1,80 @@
+//! The agent's redirection rules in a real network namespace: installed exactly as reported,
+//! idempotent, and removed without leftovers.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use cni_plugin::agent::rules::{self, Ports};
+
+struct Ns(String);
+
+impl Ns {
+    fn new() -> Option<Ns> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root");
+            return None;
+        }
+        let name = format!("rules{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(Ns(name))
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.0))
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn install_is_exact_idempotent_and_removable() {
+    let Some(ns) = Ns::new() else { return };
+    let reported = rules::install(&ns.path(), Ports::default()).unwrap();
+    // What the agent reports is byte for byte what the kernel holds.
+    assert_eq!(reported, ns.exec(&["nft", "list", "table", "inet", rules::TABLE]));
+    assert!(reported.contains("redirect to :15001") && reported.contains("redirect to :15006"));
+
+    // Installing again changes nothing and duplicates nothing.
+    let again = rules::install(&ns.path(), Ports::default()).unwrap();
+    assert_eq!(reported, again);
+    for family in ["-4", "-6"] {
+        let rules_list = ns.exec(&["ip", family, "rule", "show"]);
+        assert_eq!(rules_list.matches("lookup 100").count(), 1, "{rules_list}");
+    }
+    assert!(ns
+        .exec(&["ip", "route", "show", "table", "100"])
+        .contains("local default dev lo"));
+
+    // Removal leaves nothing behind, and removing twice is fine.
+    rules::remove(&ns.path()).unwrap();
+    rules::remove(&ns.path()).unwrap();
+    assert!(!rules::installed(&ns.path()));
+    assert_eq!(ns.exec(&["nft", "list", "ruleset"]).trim(), "");
+    for family in ["-4", "-6"] {
+        assert!(!ns.exec(&["ip", family, "rule", "show"]).contains("lookup 100"));
+        assert_eq!(ns.exec(&["ip", family, "route", "show", "table", "100"]).trim(), "");
+    }
+}
+
+#[test]
+fn a_namespace_that_does_not_exist_is_a_clear_error() {
+    let e = rules::install(std::path::Path::new("/var/run/netns/does-not-exist"), Ports::default()).unwrap_err();
+    assert!(e.to_string().contains("does-not-exist"), "{e}");
+}
