@@ -1,1 +1,269 @@
-//! ZDS server (todo)
+//! The ZDS server: the agent listens, ztunnels connect. Each new connection first gets a
+//! snapshot of every enrolled pod (an Add carrying the pod's namespace fd), then
+//! `SnapshotSent`; afterwards pods are added on the newest ztunnel (during a rolling upgrade
+//! the new one takes new pods) and deleted on all. One message is in flight per connection and
+//! each is acknowledged; an Add the ztunnel rejects (or cannot receive) fails the enrolment,
+//! so the CNI ADD fails and the pod never runs uncaptured.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::zds::{ZdsConn, ZdsError, ZdsListener};
+use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest, WorkloadResponse};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// How long a ztunnel may take to acknowledge one message.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a pod could not be handed over.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum EnrolError {
+    #[error("no ztunnel is connected to the node agent")]
+    NoZtunnel,
+    #[error("ztunnel rejected pod {uid}: {reason}")]
+    Rejected { uid: String, reason: String },
+    #[error("ztunnel connection lost while handing over pod {0}")]
+    Lost(String),
+}
+
+struct Pod {
+    info: zds::WorkloadInfo,
+    netns: Arc<OwnedFd>,
+}
+
+/// How one request ended.
+enum Outcome {
+    Acked,
+    Rejected(String),
+    Lost,
+}
+
+struct Job {
+    req: WorkloadRequest,
+    fd: Option<Arc<OwnedFd>>,
+    done: Option<oneshot::Sender<Outcome>>,
+}
+
+struct Client {
+    id: u64,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pods: BTreeMap<String, Pod>,
+    /// In connection order: the last is the newest.
+    clients: Vec<Client>,
+}
+
+/// The agent's side of ZDS.
+#[derive(Default)]
+pub struct ZdsServer {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+}
+
+fn add_request(uid: &str, info: &zds::WorkloadInfo) -> WorkloadRequest {
+    WorkloadRequest {
+        payload: Some(Payload::Add(zds::AddWorkload {
+            uid: uid.to_owned(),
+            workload_info: Some(info.clone()),
+        })),
+    }
+}
+
+impl ZdsServer {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of ztunnels connected.
+    pub fn connected(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    /// Pods currently enrolled.
+    pub fn pods(&self) -> Vec<String> {
+        self.lock().pods.keys().cloned().collect()
+    }
+
+    /// Accepts ztunnel connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: ZdsListener) {
+        loop {
+            match listener.accept().await {
+                Ok(conn) => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(self.clone().client(id, conn));
+                }
+                Err(e) => {
+                    warn!(error = %e, "ZDS accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Hands a pod to the newest ztunnel and remembers it for later snapshots.
+    pub async fn add_pod(&self, uid: &str, info: zds::WorkloadInfo, netns: OwnedFd) -> Result<(), EnrolError> {
+        let netns = Arc::new(netns);
+        let (tx, rx) = oneshot::channel();
+        {
+            let inner = self.lock();
+            let client = inner.clients.last().ok_or(EnrolError::NoZtunnel)?;
+            let job = Job {
+                req: add_request(uid, &info),
+                fd: Some(netns.clone()),
+                done: Some(tx),
+            };
+            client.jobs.send(job).map_err(|_| EnrolError::Lost(uid.to_owned()))?;
+        }
+        match rx.await {
+            Ok(Outcome::Acked) => {
+                self.lock().pods.insert(uid.to_owned(), Pod { info, netns });
+                Ok(())
+            }
+            Ok(Outcome::Rejected(reason)) => Err(EnrolError::Rejected {
+                uid: uid.to_owned(),
+                reason,
+            }),
+            Ok(Outcome::Lost) | Err(_) => Err(EnrolError::Lost(uid.to_owned())),
+        }
+    }
+
+    /// Forgets a pod and tells every ztunnel to stop serving it. Unknown pods are fine.
+    pub async fn del_pod(&self, uid: &str) {
+        let waits: Vec<_> = {
+            let mut inner = self.lock();
+            inner.pods.remove(uid);
+            inner
+                .clients
+                .iter()
+                .filter_map(|c| {
+                    let (tx, rx) = oneshot::channel();
+                    let req = WorkloadRequest {
+                        payload: Some(Payload::Del(zds::DelWorkload { uid: uid.to_owned() })),
+                    };
+                    c.jobs
+                        .send(Job {
+                            req,
+                            fd: None,
+                            done: Some(tx),
+                        })
+                        .ok()
+                        .map(|_| rx)
+                })
+                .collect()
+        };
+        for w in waits {
+            if let Ok(Outcome::Rejected(reason)) = w.await {
+                warn!(%uid, %reason, "ztunnel rejected a DelWorkload");
+            }
+        }
+    }
+
+    async fn client(self: Arc<Self>, id: u64, conn: ZdsConn) {
+        match self.clone().session(id, &conn).await {
+            Ok(()) => {}
+            Err(e) => info!(client = id, error = %e, "ztunnel disconnected"),
+        }
+        self.lock().clients.retain(|c| c.id != id);
+    }
+
+    async fn session(self: Arc<Self>, id: u64, conn: &ZdsConn) -> Result<(), ZdsError> {
+        let (hello, _) = conn.recv::<zds::ZdsHello>().await?;
+        if hello.version != zds::Version::V1 as i32 {
+            warn!(
+                client = id,
+                version = hello.version,
+                "ztunnel speaks an unknown ZDS version; trying V1"
+            );
+        }
+        // Register and take the snapshot under one lock, so no pod added meanwhile is missed:
+        // later adds queue behind the snapshot.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let snapshot: Vec<Job> = {
+            let mut inner = self.lock();
+            inner.clients.push(Client { id, jobs: tx });
+            inner
+                .pods
+                .iter()
+                .map(|(uid, p)| Job {
+                    req: add_request(uid, &p.info),
+                    fd: Some(p.netns.clone()),
+                    done: None,
+                })
+                .chain(std::iter::once(Job {
+                    req: WorkloadRequest {
+                        payload: Some(Payload::SnapshotSent(zds::SnapshotSent {})),
+                    },
+                    fd: None,
+                    done: None,
+                }))
+                .collect()
+        };
+        info!(
+            client = id,
+            pods = snapshot.len() - 1,
+            "ztunnel connected; sending snapshot"
+        );
+        for job in snapshot {
+            exchange(conn, job).await?;
+        }
+        loop {
+            // While idle, watch the connection too, so a ztunnel that left is noticed now and
+            // not only when the next pod arrives.
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => exchange(conn, job).await?,
+                    None => return Ok(()),
+                },
+                unsolicited = conn.recv::<WorkloadResponse>() => {
+                    unsolicited?;
+                    warn!(client = id, "ignoring an unsolicited ZDS message");
+                }
+            }
+        }
+    }
+}
+
+/// Sends one request and waits for its ack; the outcome goes to whoever queued the job.
+async fn exchange(conn: &ZdsConn, job: Job) -> Result<(), ZdsError> {
+    let Job { req, fd, done } = job;
+    let outcome = async {
+        conn.send(&req, fd.as_deref().map(|f| f.as_fd())).await?;
+        let (resp, _) = tokio::time::timeout(ACK_TIMEOUT, conn.recv::<WorkloadResponse>())
+            .await
+            .map_err(|_| ZdsError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no ack from ztunnel")))??;
+        Ok::<_, ZdsError>(match resp.payload {
+            Some(zds::workload_response::Payload::Ack(a)) if a.error.is_empty() => Outcome::Acked,
+            Some(zds::workload_response::Payload::Ack(a)) => Outcome::Rejected(a.error),
+            None => Outcome::Rejected("response without ack".to_owned()),
+        })
+    }
+    .await;
+    match outcome {
+        Ok(result) => {
+            if let Outcome::Rejected(reason) = &result {
+                warn!(%reason, "ztunnel rejected a ZDS request");
+            }
+            if let Some(done) = done {
+                let _ = done.send(result);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(done) = done {
+                let _ = done.send(Outcome::Lost);
+            }
+            Err(e)
+        }
+    }
+}
