@@ -168,6 +168,10 @@ pub fn install(netns: &Path, ports: Ports) -> Result<String, RulesError> {
     run_in(netns, &["nft", "-f", "-"], Some(&ruleset(ports)))?;
     // The return path routes through lo (normally up already; the runtime sets it up).
     run_in(netns, &["ip", "link", "set", "lo", "up"], None)?;
+    // When an old ztunnel closes its listener during an upgrade, connections still waiting in
+    // its accept queue move to the new ztunnel's listener (same SO_REUSEPORT group) instead of
+    // being reset.
+    run_in(netns, &["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"], None)?;
     // Policy routes: remove what a previous install left (ignoring "not found"), then add.
     for cmd in route_commands(false) {
         let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
@@ -197,6 +201,7 @@ pub fn remove(netns: &Path) -> Result<(), RulesError> {
         let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
         let _ = run_in(netns, &args, None);
     }
+    let _ = run_in(netns, &["sysctl", "-qw", "net.ipv4.tcp_migrate_req=0"], None);
     Ok(())
 }
 

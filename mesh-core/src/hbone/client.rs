@@ -157,7 +157,13 @@ impl HbonePool {
                         _guard: Some(Box::new(guard)),
                     })
                 }
-                Err(HboneError::H2(e)) if !fresh && !fresh_tried && !e.is_remote() => {
+                // A local failure, a GOAWAY (the peer is draining) or a refused stream means
+                // the request never reached an application: safe to retry on a fresh connection.
+                Err(HboneError::H2(e))
+                    if !fresh
+                        && !fresh_tried
+                        && (!e.is_remote() || e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) =>
+                {
                     debug!(error = %e, dst = %req.key.dst, "pooled HBONE connection failed; replacing it");
                     conn.dead.store(true, Ordering::Release);
                     self.evict(&req.key, conn.id);
