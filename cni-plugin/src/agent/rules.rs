@@ -123,10 +123,13 @@ fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, Ru
             source,
         })?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(|source| RulesError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        // A command that fails early (no such namespace) closes its stdin: its exit status
+        // and stderr below say why, not the broken pipe.
+        if let Err(source) = pipe.write_all(input.as_bytes()) {
+            if source.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(RulesError::Spawn { command, source });
+            }
+        }
     }
     let out = child.wait_with_output().map_err(|source| RulesError::Spawn {
         command: command.clone(),
