@@ -2,8 +2,12 @@
 //!
 //! - [`enrol`]: which pods are captured.
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
+//! - [`pods`]: pods and namespaces from the local manifest directory.
+//! - [`server`]: the HTTP API the CNI plugin calls.
 //! - [`zds`]: the ZDS server that hands pod namespaces to ztunnel.
 
 pub mod enrol;
+pub mod pods;
 pub mod rules;
+pub mod server;
 pub mod zds;

@@ -1,0 +1,163 @@
+//! What the agent knows of pods and namespaces in local mode: the controller's manifest
+//! directory (multi-document YAML of Namespaces and Pods, as `kubectl` would take them). An
+//! invalid document is skipped with a warning naming file and index; the rest is used.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Container {
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    #[serde(default)]
+    host_network: bool,
+    #[serde(default)]
+    service_account_name: String,
+    #[serde(default)]
+    containers: Vec<Container>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Object {
+    kind: String,
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: Option<serde_yaml::Value>,
+}
+
+/// A pod as the agent needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Pod {
+    pub meta: Meta,
+    pub host_network: bool,
+    pub service_account: String,
+    pub containers: Vec<String>,
+}
+
+/// Namespaces (by name) and pods (by namespace/name) found in the directory.
+#[derive(Clone, Debug, Default)]
+pub struct Inventory {
+    pub namespaces: BTreeMap<String, Meta>,
+    pub pods: BTreeMap<(String, String), Pod>,
+}
+
+impl Inventory {
+    /// Reads every `.yaml`/`.yml` file of `dir`.
+    pub fn load(dir: &Path) -> std::io::Result<Inventory> {
+        let mut inv = Inventory::default();
+        let mut files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file)?;
+            for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+                let obj = match Object::deserialize(doc) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), index, error = %e, "skipping invalid manifest document");
+                        continue;
+                    }
+                };
+                inv.add(obj, &file, index);
+            }
+        }
+        Ok(inv)
+    }
+
+    fn add(&mut self, obj: Object, file: &Path, index: usize) {
+        match obj.kind.as_str() {
+            "Namespace" => {
+                self.namespaces.insert(obj.metadata.name.clone(), obj.metadata);
+            }
+            "Pod" => {
+                let spec: PodSpec = match obj.spec.map(serde_yaml::from_value).transpose() {
+                    Ok(s) => s.unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), index, error = %e, "skipping pod with an invalid spec");
+                        return;
+                    }
+                };
+                let ns = if obj.metadata.namespace.is_empty() {
+                    "default".to_owned()
+                } else {
+                    obj.metadata.namespace.clone()
+                };
+                let pod = Pod {
+                    host_network: spec.host_network,
+                    service_account: if spec.service_account_name.is_empty() {
+                        "default".into()
+                    } else {
+                        spec.service_account_name
+                    },
+                    containers: spec.containers.into_iter().map(|c| c.name).collect(),
+                    meta: obj.metadata,
+                };
+                self.pods.insert((ns, pod.meta.name.clone()), pod);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_namespaces_and_pods_and_skips_bad_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+kind: [not, a, string]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web-sa, containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: shop}
+spec: {hostNetwork: "maybe"}
+"#,
+        )
+        .unwrap();
+        let inv = Inventory::load(dir.path()).unwrap();
+        assert_eq!(inv.namespaces["shop"].labels["istio.io/dataplane-mode"], "ambient");
+        let web = &inv.pods[&("shop".to_owned(), "web".to_owned())];
+        assert_eq!(web.service_account, "web-sa");
+        assert_eq!(web.containers, vec!["app"]);
+        assert!(!inv.pods.contains_key(&("shop".to_owned(), "broken".to_owned())));
+    }
+}

@@ -1,0 +1,62 @@
+//! The node agent: serves the CNI plugin on a unix socket, enrols ambient pods (redirection
+//! rules inside their namespace, namespace handed to ztunnel over ZDS) and releases them.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use cni_plugin::agent::server::Agent;
+use cni_plugin::agent::zds::ZdsServer;
+use mesh_core::zds::ZdsListener;
+
+/// Ambient node agent.
+#[derive(Debug, Parser)]
+#[command(name = "cni-agent", version, about)]
+struct Config {
+    /// Socket the CNI plugin talks to.
+    #[arg(long, env = "CNI_SOCKET", default_value = "/var/run/ambient/cni.sock")]
+    cni_socket: PathBuf,
+    /// Socket ztunnel connects to (ZDS).
+    #[arg(long, env = "ZDS_SOCKET", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    zds_socket: PathBuf,
+    /// Local mode: the controller's manifest directory (Namespaces and Pods).
+    #[arg(long, env = "MANIFEST_DIR")]
+    manifest_dir: PathBuf,
+    /// Cluster id used in workload uids (`<cluster>//Pod/<ns>/<name>`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// Log filter.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log))
+        .json()
+        .init();
+    anyhow::ensure!(
+        cfg.manifest_dir.is_dir(),
+        "--manifest-dir {} is not a directory (point it at the controller's manifest directory)",
+        cfg.manifest_dir.display()
+    );
+    for p in [&cfg.cni_socket, &cfg.zds_socket] {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let zds = ZdsServer::new();
+    tokio::spawn(zds.clone().serve(ZdsListener::bind(&cfg.zds_socket)?));
+    let _ = std::fs::remove_file(&cfg.cni_socket);
+    let cni = tokio::net::UnixListener::bind(&cfg.cni_socket)
+        .with_context(|| format!("binding the CNI socket {}", cfg.cni_socket.display()))?;
+    let agent = Agent::new(zds, cfg.manifest_dir.clone(), cfg.cluster_id.clone());
+    tracing::info!(cni = %cfg.cni_socket.display(), zds = %cfg.zds_socket.display(), "node agent ready");
+    tokio::select! {
+        _ = agent.serve(cni) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}

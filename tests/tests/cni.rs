@@ -1,0 +1,313 @@
+//! The whole node path with real parts: pods created the way a container runtime does it
+//! (the reference `bridge` + `host-local` plugins, then `ambient-cni` chained after them),
+//! the node agent process deciding enrolment from the manifest directory, writing the
+//! redirection and handing pods to an in-pod ztunnel over ZDS; then real traffic.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_core::identity::DevCa;
+use mesh_e2e::apps::{echo_connect, echo_server, ping};
+use mesh_e2e::ztunnel::ZtunnelFiles;
+use mesh_e2e::{privileged, Netns, Ztunnel};
+
+const N: u8 = 70;
+
+/// Runs one CNI plugin as a runtime would: CNI_* environment, config on stdin.
+fn cni(
+    node: &Netns,
+    plugin: &Path,
+    cmd: &str,
+    pod: &Netns,
+    name: &str,
+    ns: &str,
+    config: &str,
+) -> Result<String, String> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.name])
+        .arg(plugin)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+struct Node {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    agent: Option<Child>,
+}
+
+impl Node {
+    fn agent_socket(&self) -> PathBuf {
+        self.dir.path().join("cni.sock")
+    }
+    fn zds_socket(&self) -> PathBuf {
+        self.dir.path().join("ztunnel.sock")
+    }
+    fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    fn bridge_conf(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"podnet","type":"bridge","bridge":"cni{N}","isGateway":true,"ipMasq":false,
+"ipam":{{"type":"host-local","subnet":"10.88.{N}.0/24","dataDir":"{}","routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
+            self.dir.path().join("ipam").display()
+        )
+    }
+
+    fn ambient_conf(&self, prev: &str) -> String {
+        let prev: serde_json::Value = serde_json::from_str(prev).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "podnet", "type": "ambient-cni",
+            "agentSocket": self.agent_socket(), "prevResult": prev,
+        })
+        .to_string()
+    }
+
+    /// CNI ADD through the chain; returns the pod's IPv4 address.
+    fn add_pod(&self, pod: &Netns, name: &str, ns: &str) -> Result<IpAddr, String> {
+        let bridge = cni(
+            &self.ns,
+            Path::new("/usr/lib/cni/bridge"),
+            "ADD",
+            pod,
+            name,
+            ns,
+            &self.bridge_conf(),
+        )?;
+        let ours = cni(
+            &self.ns,
+            &mesh_e2e::binary("ambient-cni"),
+            "ADD",
+            pod,
+            name,
+            ns,
+            &self.ambient_conf(&bridge),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&ours).map_err(|e| e.to_string())?;
+        assert_eq!(
+            v["ips"],
+            serde_json::from_str::<serde_json::Value>(&bridge).unwrap()["ips"],
+            "prevResult passed through"
+        );
+        let cidr = v["ips"][0]["address"].as_str().ok_or("no address")?;
+        cidr.split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e: std::net::AddrParseError| e.to_string())
+    }
+
+    fn del_pod(&self, pod: &Netns, name: &str, ns: &str) -> Result<(), String> {
+        cni(
+            &self.ns,
+            &mesh_e2e::binary("ambient-cni"),
+            "DEL",
+            pod,
+            name,
+            ns,
+            &self.ambient_conf("null"),
+        )?;
+        cni(
+            &self.ns,
+            Path::new("/usr/lib/cni/bridge"),
+            "DEL",
+            pod,
+            name,
+            ns,
+            &self.bridge_conf(),
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+fn has_rules(pod: &Netns) -> bool {
+    pod.exec(&["nft", "list", "table", "inet", "ambient"]).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_created_through_the_cni_chain_are_meshed() {
+    if !privileged() || !Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("skipping: needs root and containernetworking-plugins");
+        return;
+    }
+    let node = Node {
+        ns: Netns::new("node").unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+        agent: None,
+    };
+    let mut node = node;
+    std::fs::create_dir_all(node.manifests()).unwrap();
+    std::fs::write(
+        node.manifests().join("apps.yaml"),
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {serviceAccountName: client, containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shop}
+spec: {serviceAccountName: server, containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {containers: [{name: app}]}
+"#,
+    )
+    .unwrap();
+    let log = std::fs::File::create(node.dir.path().join("agent.log")).unwrap();
+    node.agent = Some(
+        node.ns
+            .command(&mesh_e2e::binary("cni-agent"))
+            .arg("--cni-socket")
+            .arg(node.agent_socket())
+            .arg("--zds-socket")
+            .arg(node.zds_socket())
+            .arg("--manifest-dir")
+            .arg(node.manifests())
+            .args(["--cluster-id", "cluster1"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.agent_socket().exists() || !node.zds_socket().exists() {
+        assert!(Instant::now() < deadline, "agent did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // ztunnel in the node namespace, in-pod mode; the state file is filled in as pods get IPs.
+    let ca = DevCa::generate("cluster.local").unwrap();
+    let (root_cert, root_key, state) = (
+        node.dir.path().join("root.pem"),
+        node.dir.path().join("key.pem"),
+        node.dir.path().join("state.yaml"),
+    );
+    std::fs::write(&root_cert, ca.root_pem()).unwrap();
+    std::fs::write(&root_key, ca.key_pem()).unwrap();
+    std::fs::write(&state, "workloads: []\n").unwrap();
+    let files = ZtunnelFiles {
+        root_cert: &root_cert,
+        root_key: &root_key,
+        state: &state,
+    };
+    let zds = node.zds_socket().to_string_lossy().into_owned();
+    let z = Ztunnel::start(&node.ns, &files, &["--zds-socket", &zds]).await.unwrap();
+
+    let (client, server, old) = (
+        Netns::new("pc").unwrap(),
+        Netns::new("ps").unwrap(),
+        Netns::new("po").unwrap(),
+    );
+    let client_ip = node.add_pod(&client, "client", "shop").unwrap();
+    let server_ip = node.add_pod(&server, "server", "shop").unwrap();
+    let old_ip = node.add_pod(&old, "old", "legacy").unwrap();
+    assert!(has_rules(&client) && has_rules(&server), "ambient pods are captured");
+    assert!(!has_rules(&old), "a pod of a non-ambient namespace is left untouched");
+
+    // What the controller would publish, with the addresses the CNI assigned.
+    let workload = |name: &str, ip: IpAddr| {
+        format!(
+            "- {{uid: cluster1//Pod/shop/{name}, name: {name}, namespace: shop, serviceAccount: {name}, addresses: [\"{ip}\"], protocol: HBONE, node: n}}\n"
+        )
+    };
+    std::fs::write(
+        &state,
+        format!(
+            "workloads:\n{}{}",
+            workload("client", client_ip),
+            workload("server", server_ip)
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while z
+        .config_dump()
+        .await
+        .map(|d| d["workloads"].as_array().map_or(0, Vec::len))
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(Instant::now() < deadline, "ztunnel did not pick up the workloads");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    tokio::spawn(echo_server(server.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
+    let dst = SocketAddr::new(server_ip, 9000);
+    let (peer, mut c) = echo_connect(&client, dst).await.unwrap();
+    assert_eq!(
+        peer,
+        format!("peer={client_ip}"),
+        "the server sees the client pod's address"
+    );
+    assert_eq!(ping(&mut c, "through the chain").await.unwrap(), "through the chain");
+    let m = z.metrics().await.unwrap();
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{m}"
+    );
+    // The legacy pod talks plain TCP to the server's namespace? It is not meshed itself; its
+    // connection reaches the captured server through 15006 in plaintext.
+    let (peer, _) = echo_connect(&old, dst).await.unwrap();
+    assert_eq!(peer, format!("peer={old_ip}"));
+
+    // Deleting the server pod removes its rules; DEL again is fine (idempotent).
+    node.del_pod(&server, "server", "shop").unwrap();
+    assert!(!has_rules(&server), "rules left behind after DEL");
+    node.del_pod(&server, "server", "shop").unwrap();
+    node.del_pod(&client, "client", "shop").unwrap();
+    node.del_pod(&old, "old", "legacy").unwrap();
+}
