@@ -304,6 +304,33 @@ spec: {containers: [{name: app}]}
     let (peer, _) = echo_connect(&old, dst).await.unwrap();
     assert_eq!(peer, format!("peer={old_ip}"));
 
+    // Labelling the legacy namespace captures its running pod, no restart; unlabelling
+    // releases it again.
+    let manifest = node.manifests().join("apps.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let labelled = text.replace(
+        "metadata: {name: legacy}",
+        "metadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}",
+    );
+    std::fs::write(&manifest, &labelled).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !has_rules(&old) {
+        assert!(
+            Instant::now() < deadline,
+            "running pod not captured after its namespace was labelled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&manifest, &text).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while has_rules(&old) {
+        assert!(
+            Instant::now() < deadline,
+            "pod still captured after the label was removed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Deleting the server pod removes its rules; DEL again is fine (idempotent).
     node.del_pod(&server, "server", "shop").unwrap();
     assert!(!has_rules(&server), "rules left behind after DEL");

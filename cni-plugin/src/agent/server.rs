@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -29,6 +30,23 @@ use super::pods::Inventory;
 use super::rules;
 use super::zds::ZdsServer;
 
+/// A content hash of the manifest directory (None when it cannot be read).
+fn digest(dir: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(&f).ok()?.hash(&mut h);
+    }
+    Some(h.finish())
+}
+
 /// A pod request from the plugin.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -44,9 +62,10 @@ pub struct PodRequest {
     pub ips: Vec<String>,
 }
 
-struct Enrolled {
-    uid: String,
-    netns: PathBuf,
+/// A pod the plugin told us about, and its uid when it is captured.
+struct Known {
+    req: PodRequest,
+    captured: Option<String>,
 }
 
 /// The node agent.
@@ -55,8 +74,28 @@ pub struct Agent {
     pub manifests: PathBuf,
     pub cluster_id: String,
     pub ports: rules::Ports,
-    /// By container id.
-    enrolled: Mutex<HashMap<String, Enrolled>>,
+    /// Every pod seen through CNI on this node, by container id: when a namespace gains or
+    /// loses the ambient label, running pods are enrolled or released without a restart.
+    pods: tokio::sync::Mutex<HashMap<String, Known>>,
+}
+
+/// What the manifests say about one pod: capture it (with its service account) or why not.
+fn desired(inv: &Inventory, ns: &str, name: &str) -> Result<String, &'static str> {
+    let pod = inv
+        .pods
+        .get(&(ns.to_owned(), name.to_owned()))
+        .ok_or("pod not found in manifests")?;
+    let facts = PodFacts {
+        labels: Some(&pod.meta.labels),
+        annotations: Some(&pod.meta.annotations),
+        namespace_labels: inv.namespaces.get(ns).map(|n| &n.labels),
+        host_network: pod.host_network,
+        container_names: &pod.containers,
+    };
+    match decide(&facts) {
+        Enrolment::Capture => Ok(pod.service_account.clone()),
+        Enrolment::Skip(reason) => Err(reason),
+    }
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -80,12 +119,12 @@ impl Agent {
             manifests,
             cluster_id,
             ports: rules::Ports::default(),
-            enrolled: Mutex::default(),
+            pods: Default::default(),
         })
     }
 
-    fn enrolled(&self) -> std::sync::MutexGuard<'_, HashMap<String, Enrolled>> {
-        self.enrolled.lock().unwrap_or_else(|p| p.into_inner())
+    fn uid(&self, req: &PodRequest) -> String {
+        format!("{}//Pod/{}/{}", self.cluster_id, req.pod_namespace, req.pod_name)
     }
 
     async fn add(&self, req: PodRequest) -> Response<Full<Bytes>> {
@@ -98,81 +137,142 @@ impl Agent {
                 )
             }
         };
-        let key = (req.pod_namespace.clone(), req.pod_name.clone());
-        let Some(pod) = inv.pods.get(&key) else {
-            // An unknown pod cannot be ambient as far as we know; say so rather than guess.
-            return reply(
-                StatusCode::OK,
-                json!({ "captured": false, "reason": "pod not found in manifests" }),
-            );
+        let mut pods = self.pods.lock().await;
+        let sa = match desired(&inv, &req.pod_namespace, &req.pod_name) {
+            Ok(sa) => sa,
+            Err(reason) => {
+                pods.insert(req.container_id.clone(), Known { req, captured: None });
+                return reply(StatusCode::OK, json!({ "captured": false, "reason": reason }));
+            }
         };
-        let facts = PodFacts {
-            labels: Some(&pod.meta.labels),
-            annotations: Some(&pod.meta.annotations),
-            namespace_labels: inv.namespaces.get(&req.pod_namespace).map(|n| &n.labels),
-            host_network: pod.host_network,
-            container_names: &pod.containers,
-        };
-        if let Enrolment::Skip(reason) = decide(&facts) {
-            return reply(StatusCode::OK, json!({ "captured": false, "reason": reason }));
-        }
-        let netns = PathBuf::from(&req.netns);
-        let uid = format!("{}//Pod/{}/{}", self.cluster_id, req.pod_namespace, req.pod_name);
-        match self.enrol(&uid, &netns, pod.service_account.clone(), &req).await {
+        let uid = self.uid(&req);
+        match self.enrol(&uid, sa, &req).await {
             Ok(()) => {
-                info!(%uid, netns = %netns.display(), "pod enrolled");
-                self.enrolled()
-                    .insert(req.container_id.clone(), Enrolled { uid, netns });
+                pods.insert(
+                    req.container_id.clone(),
+                    Known {
+                        req,
+                        captured: Some(uid),
+                    },
+                );
                 reply(StatusCode::OK, json!({ "captured": true }))
             }
-            Err(e) => {
-                warn!(%uid, error = %e, "enrolment failed; the pod must not start");
-                let _ = rules::remove(&netns);
-                error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}"))
-            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
         }
     }
 
-    async fn enrol(&self, uid: &str, netns: &Path, sa: String, req: &PodRequest) -> anyhow::Result<()> {
-        let (netns_owned, ports) = (netns.to_path_buf(), self.ports);
-        // nft and ip run as child processes: keep them off the async threads.
-        tokio::task::spawn_blocking(move || rules::install(&netns_owned, ports)).await??;
-        let fd: OwnedFd = std::fs::File::open(netns)?.into();
-        let info = WorkloadInfo {
-            name: req.pod_name.clone(),
-            namespace: req.pod_namespace.clone(),
-            service_account: sa,
-        };
-        self.zds.add_pod(uid, info, fd).await?;
-        Ok(())
+    /// Writes the redirection and hands the pod to ztunnel; undoes the rules on failure.
+    async fn enrol(&self, uid: &str, sa: String, req: &PodRequest) -> anyhow::Result<()> {
+        let netns = PathBuf::from(&req.netns);
+        let result = async {
+            let (path, ports) = (netns.clone(), self.ports);
+            // nft and ip run as child processes: keep them off the async threads.
+            tokio::task::spawn_blocking(move || rules::install(&path, ports)).await??;
+            let fd: OwnedFd = std::fs::File::open(&netns)?.into();
+            let info = WorkloadInfo {
+                name: req.pod_name.clone(),
+                namespace: req.pod_namespace.clone(),
+                service_account: sa,
+            };
+            self.zds.add_pod(uid, info, fd).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        match &result {
+            Ok(()) => info!(%uid, netns = %netns.display(), "pod enrolled"),
+            Err(e) => {
+                warn!(%uid, error = %e, "enrolment failed; the pod must not run uncaptured");
+                let _ = tokio::task::spawn_blocking(move || rules::remove(&netns)).await;
+            }
+        }
+        result
     }
 
-    async fn del(&self, req: PodRequest) -> Response<Full<Bytes>> {
-        let Some(e) = self.enrolled().remove(&req.container_id) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("container {} is not enrolled", req.container_id),
-            );
-        };
-        self.zds.del_pod(&e.uid).await;
-        let netns = e.netns.clone();
+    /// Takes a pod out of the mesh: ztunnel stops serving it, its rules go.
+    async fn release(&self, uid: &str, req: &PodRequest) {
+        self.zds.del_pod(uid).await;
+        let netns = PathBuf::from(&req.netns);
         // The namespace may already be gone: nothing left to remove then.
         if netns.exists() {
             if let Ok(Err(err)) = tokio::task::spawn_blocking(move || rules::remove(&netns)).await {
-                warn!(uid = %e.uid, error = %err, "removing redirection rules failed");
+                warn!(%uid, error = %err, "removing redirection rules failed");
             }
         }
-        info!(uid = %e.uid, "pod released");
+        info!(%uid, "pod released");
+    }
+
+    async fn del(&self, req: PodRequest) -> Response<Full<Bytes>> {
+        let Some(known) = self.pods.lock().await.remove(&req.container_id) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("container {} is not known", req.container_id),
+            );
+        };
+        if let Some(uid) = &known.captured {
+            self.release(uid, &known.req).await;
+        }
         reply(StatusCode::OK, json!({}))
     }
 
-    fn check(&self, req: PodRequest) -> Response<Full<Bytes>> {
-        match self.enrolled().get(&req.container_id) {
+    /// Re-decides every known pod against the manifests: a namespace that gained the ambient
+    /// label gets its running pods captured, one that lost it gets them released.
+    pub async fn reconcile(&self) {
+        let inv = match Inventory::load(&self.manifests) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(dir = %self.manifests.display(), error = %e, "cannot read manifests; keeping enrolments");
+                return;
+            }
+        };
+        let mut pods = self.pods.lock().await;
+        for known in pods.values_mut() {
+            let want = desired(&inv, &known.req.pod_namespace, &known.req.pod_name);
+            match (&known.captured, want) {
+                (None, Ok(sa)) => {
+                    let uid = self.uid(&known.req);
+                    if self.enrol(&uid, sa, &known.req).await.is_ok() {
+                        known.captured = Some(uid);
+                    }
+                }
+                (Some(uid), Err(reason)) => {
+                    info!(%uid, reason, "no longer ambient");
+                    self.release(uid, &known.req).await;
+                    known.captured = None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reconciles whenever the manifest directory's content changes (checked every `every`).
+    pub async fn watch_manifests(self: Arc<Self>, every: Duration) {
+        let mut last = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let dir = self.manifests.clone();
+            let digest = tokio::task::spawn_blocking(move || digest(&dir)).await.ok().flatten();
+            if digest.is_some() && digest != last {
+                if last.is_some() {
+                    self.reconcile().await;
+                }
+                last = digest;
+            }
+        }
+    }
+
+    async fn check(&self, req: PodRequest) -> Response<Full<Bytes>> {
+        let pods = self.pods.lock().await;
+        match pods
+            .get(&req.container_id)
+            .and_then(|k| k.captured.as_ref().map(|uid| (uid, &k.req.netns)))
+        {
             None => reply(StatusCode::OK, json!({ "captured": false })),
-            Some(e) if rules::installed(&e.netns) => reply(StatusCode::OK, json!({ "captured": true })),
-            Some(e) => error(
+            Some((_, netns)) if rules::installed(Path::new(netns)) => {
+                reply(StatusCode::OK, json!({ "captured": true }))
+            }
+            Some((uid, _)) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("redirection rules missing for {}", e.uid),
+                format!("redirection rules missing for {uid}"),
             ),
         }
     }
@@ -196,7 +296,7 @@ impl Agent {
         match path.as_str() {
             "/v1/pods/add" => self.add(pod).await,
             "/v1/pods/del" => self.del(pod).await,
-            "/v1/pods/check" => self.check(pod),
+            "/v1/pods/check" => self.check(pod).await,
             _ => error(StatusCode::NOT_FOUND, format!("no route {path}")),
         }
     }

@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the CNI socket {}", cfg.cni_socket.display()))?;
     let agent = Agent::new(zds, cfg.manifest_dir.clone(), cfg.cluster_id.clone());
     tracing::info!(cni = %cfg.cni_socket.display(), zds = %cfg.zds_socket.display(), "node agent ready");
+    tokio::spawn(agent.clone().watch_manifests(std::time::Duration::from_secs(1)));
     tokio::select! {
         _ = agent.serve(cni) => {}
         _ = tokio::signal::ctrl_c() => {}
