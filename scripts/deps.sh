@@ -7,6 +7,9 @@ packages=(
   iproute2          # ip netns / veth / bridge: the network-namespace test bed
   nftables          # capture rules inside pod namespaces
   curl              # a real HTTP client in the tests and the demo
+  tcpdump           # captures on the test underlay: mesh traffic must never be in clear
+  util-linux        # nsenter: the node agent writes rules inside pod namespaces
+  containernetworking-plugins  # reference CNI plugins (bridge, host-local) the tests chain after
   procps            # sysctl
   prometheus        # promtool: validates the metrics text format
   iperf3 wrk apache2-utils nginx-light   # benchmark tools and backend

@@ -20,7 +20,9 @@ pub struct Bed {
     pub a: Netns,
     pub b: Netns,
     pub c: Netns,
-    _hub: Hub,
+    hub: Hub,
+    /// Bridge-side link of each pod (a, b, c).
+    links: Vec<String>,
 }
 
 impl Bed {
@@ -46,8 +48,9 @@ impl Bed {
         std::fs::write(&root_key, ca.key_pem())?;
         let hub = Hub::new()?;
         let (a, b, c) = (Netns::new("a")?, Netns::new("b")?, Netns::new("c")?);
+        let mut links = Vec::new();
         for (ns, host) in [(&a, 1), (&b, 2), (&c, 3)] {
-            hub.attach(ns, &[&format!("10.77.{n}.{host}/24"), &format!("fd77:{n}::{host}/64")])?;
+            links.push(hub.attach(ns, &[&format!("10.77.{n}.{host}/24"), &format!("fd77:{n}::{host}/64")])?);
         }
         capture::install(&a)?;
         capture::install(&b)?;
@@ -60,10 +63,21 @@ impl Bed {
             a,
             b,
             c,
-            _hub: hub,
+            hub,
+            links,
         };
         bed.write_state("")?;
         Ok(bed)
+    }
+
+    /// The namespace holding the bridge all pods attach to (where the underlay is captured).
+    pub fn hub_name(&self) -> String {
+        self.hub.ns.name.clone()
+    }
+
+    /// The bridge-side link of host 1 (a), 2 (b) or 3 (c): what crosses the underlay to it.
+    pub fn link(&self, host: u8) -> &str {
+        &self.links[usize::from(host.clamp(1, 3)) - 1]
     }
 
     /// IPv4 of host 1 (a), 2 (b) or 3 (c).

@@ -148,8 +148,9 @@ impl Hub {
         Ok(Hub { ns })
     }
 
-    /// Links `pod` to the bridge and gives it `addrs` (CIDR strings) on its `eth0`.
-    pub fn attach(&self, pod: &Netns, addrs: &[&str]) -> anyhow::Result<()> {
+    /// Links `pod` to the bridge and gives it `addrs` (CIDR strings) on its `eth0`; returns
+    /// the name of the link's end on the bridge.
+    pub fn attach(&self, pod: &Netns, addrs: &[&str]) -> anyhow::Result<String> {
         let host = unique("vh");
         sh(&[
             "ip",
@@ -180,6 +181,6 @@ impl Hub {
         if addrs.iter().any(|a| a.contains(':')) {
             pod.exec(&["ip", "-6", "route", "add", "default", "dev", "eth0"])?;
         }
-        Ok(())
+        Ok(host)
     }
 }

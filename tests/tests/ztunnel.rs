@@ -411,3 +411,76 @@ async fn sigterm_drains_then_exits_zero() {
         "exited before the drain period with a live connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underlay_sees_only_tls_to_15008() {
+    let Some(bed) = Bed::new(8) else { return };
+    let _za = Ztunnel::start(&bed.a, &bed.files(), &[]).await.unwrap();
+    let _zb = Ztunnel::start(&bed.b, &bed.files(), &[]).await.unwrap();
+    tokio::spawn(echo_server(bed.b.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
+    // Capture pod a's link on the bridge while a marker crosses from a to b and back.
+    let pcap = tempfile::NamedTempFile::new().unwrap();
+    let mut dump = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bed.hub_name(),
+            "tcpdump",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            bed.link(1),
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(pcap.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump is installed by scripts/deps.sh");
+    // tcpdump says "listening on" once the capture is live.
+    let mut err = std::io::BufReader::new(dump.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("listening") {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+        assert!(n > 0, "tcpdump exited: {said}");
+        said.push_str(&line);
+    }
+    const MARKER: &str = "MESH-MARKER-6d1f0c";
+    let (_, mut c) = echo_connect(&bed.a, SocketAddr::new(bed.ip(2), 9000)).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(ping(&mut c, MARKER).await.unwrap(), MARKER);
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    dump.wait().unwrap();
+    let captured = std::fs::read(pcap.path()).unwrap();
+    assert!(captured.len() > 2000, "nothing captured ({} bytes)", captured.len());
+    assert!(
+        !captured.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "the marker crossed the underlay in clear"
+    );
+    // Every TCP packet between the pods is to or from port 15008.
+    let ports = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(pcap.path())
+        .arg("tcp")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ports.stdout);
+    assert!(text.lines().count() > 10, "{text}");
+    for l in text.lines() {
+        assert!(
+            l.contains(".15008 ") || l.contains(".15008:"),
+            "non-HBONE TCP on the underlay: {l}"
+        );
+    }
+}
