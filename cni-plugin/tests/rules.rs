@@ -62,6 +62,10 @@ fn install_is_exact_idempotent_and_removable() {
         .exec(&["ip", "route", "show", "table", "100"])
         .contains("local default dev lo"));
 
+    // With the DNS proxy on, DNS is redirected too (and the ruleset is valid for nft).
+    let with_dns = rules::install(&ns.path(), Ports { dns: Some(15053), ..Ports::default() }).unwrap();
+    assert!(with_dns.contains("dport 53 redirect to :15053"), "{with_dns}");
+
     // Removal leaves nothing behind, and removing twice is fine.
     rules::remove(&ns.path()).unwrap();
     rules::remove(&ns.path()).unwrap();

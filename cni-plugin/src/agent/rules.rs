@@ -47,7 +47,9 @@ pub struct Ports {
     pub outbound: u16,
     pub inbound_plaintext: u16,
     pub inbound: u16,
-    pub dns: u16,
+    /// ztunnel's DNS proxy; DNS is redirected only when set (off until the proxy ships, so
+    /// captured pods keep resolving through their own resolvers).
+    pub dns: Option<u16>,
 }
 
 impl Default for Ports {
@@ -56,7 +58,7 @@ impl Default for Ports {
             outbound: 15001,
             inbound_plaintext: 15006,
             inbound: 15008,
-            dns: 15053,
+            dns: None,
         }
     }
 }
@@ -93,8 +95,7 @@ table inet {TABLE} {{
   chain output_nat {{
     type nat hook output priority -100; policy accept;
     meta mark & 0xfff == {ZTUNNEL_MARK:#x} return
-    meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns}
-    oifname "lo" return
+{dns}    oifname "lo" return
     ip daddr 127.0.0.1 return
     ip6 daddr ::1 return
     meta l4proto tcp redirect to :{outbound}
@@ -103,7 +104,10 @@ table inet {TABLE} {{
 "#,
         inbound = p.inbound,
         plain = p.inbound_plaintext,
-        dns = p.dns,
+        dns = p
+            .dns
+            .map(|port| format!("    meta l4proto {{ tcp, udp }} th dport 53 redirect to :{port}\n"))
+            .unwrap_or_default(),
         outbound = p.outbound,
     )
 }
@@ -224,11 +228,16 @@ mod tests {
             "redirect to :15001",
             "redirect to :15006",
             "tcp dport 15008 return",
-            "redirect to :15053",
             "0x539",
             "0x111",
         ] {
             assert!(r.contains(want), "missing {want}:\n{r}");
         }
+        assert!(!r.contains("th dport 53"), "no DNS redirect without a DNS proxy");
+        let with_dns = ruleset(Ports {
+            dns: Some(15053),
+            ..Ports::default()
+        });
+        assert!(with_dns.contains("th dport 53 redirect to :15053"), "{with_dns}");
     }
 }
