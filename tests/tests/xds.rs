@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
-use mesh_e2e::apps::echo_server;
+use mesh_e2e::apps::{echo_connect, echo_server, ping};
 use mesh_e2e::ztunnel::http_request;
 use mesh_e2e::{Bed, Netns, Ztunnel};
 use mesh_proto::discovery::aggregated_discovery_service_server::{
@@ -22,7 +22,6 @@ use mesh_proto::discovery::aggregated_discovery_service_server::{
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use mesh_proto::{security as secpb, workload as pb, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use prost::Message;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{broadcast, mpsc, watch};
 
 /// Subnet of this test bed (10.77.40.0/24); the ADS server listens on pod `c`.
@@ -372,35 +371,6 @@ fn deny_client_on_9000() -> Resource {
     )
 }
 
-/// A connection to the echo server: returns the peer line and the stream.
-async fn echo_connect(ns: &Netns, dst: SocketAddr) -> std::io::Result<(String, BufReader<tokio::net::TcpStream>)> {
-    let s = ns.connect(dst).await?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-        .await
-        .map_err(std::io::Error::other)??;
-    if n == 0 {
-        // The local ztunnel accepted, then closed: the tunnel was refused.
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "closed before the app answered",
-        ));
-    }
-    Ok((line.trim().to_owned(), r))
-}
-
-async fn ping(conn: &mut BufReader<tokio::net::TcpStream>, msg: &str) -> std::io::Result<String> {
-    conn.get_mut().write_all(format!("{msg}\n").as_bytes()).await?;
-    let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line))
-        .await
-        .map_err(std::io::Error::other)??;
-    if n == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-    }
-    Ok(line.trim().to_owned())
-}
 
 /// The status of ztunnel's readiness endpoint in `ns`, once it answers at all (it is bound
 /// a moment after the process starts).
