@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, then every test (unit, loopback HBONE, and the
+# The test command: system packages, formatting, lints, then every test (unit, loopback HBONE, and the
 # network-namespace end-to-end suites, which need root), ending with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests run the ztunnel binary: build it first.
