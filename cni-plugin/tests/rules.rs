@@ -63,7 +63,14 @@ fn install_is_exact_idempotent_and_removable() {
         .contains("local default dev lo"));
 
     // With the DNS proxy on, DNS is redirected too (and the ruleset is valid for nft).
-    let with_dns = rules::install(&ns.path(), Ports { dns: Some(15053), ..Ports::default() }).unwrap();
+    let with_dns = rules::install(
+        &ns.path(),
+        Ports {
+            dns: Some(15053),
+            ..Ports::default()
+        },
+    )
+    .unwrap();
     assert!(with_dns.contains("dport 53 redirect to :15053"), "{with_dns}");
 
     // Removal leaves nothing behind, and removing twice is fine.

@@ -63,7 +63,7 @@ fn cni(
 struct Node {
     ns: Netns,
     dir: tempfile::TempDir,
-    agent: Option<Child>,
+    agent: std::sync::Mutex<Option<Child>>,
 }
 
 impl Node {
@@ -151,9 +151,48 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Starts (or restarts) the agent process and waits for its sockets.
+    async fn start_agent(&self) {
+        if let Some(mut old) = self.agent.lock().unwrap().take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let _ = std::fs::remove_file(self.agent_socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        *self.agent.lock().unwrap() = Some(
+            self.ns
+                .command(&mesh_e2e::binary("cni-agent"))
+                .arg("--cni-socket")
+                .arg(self.agent_socket())
+                .arg("--zds-socket")
+                .arg(self.zds_socket())
+                .arg("--manifest-dir")
+                .arg(self.manifests())
+                .arg("--state-file")
+                .arg(self.dir.path().join("pods.json"))
+                .args(["--cluster-id", "cluster1"])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        // The CNI socket appears once the agent restored its state and serves.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.agent_socket().exists() {
+            assert!(Instant::now() < deadline, "agent did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
+        if let Some(mut a) = self.agent.lock().unwrap().take() {
             let _ = a.kill();
             let _ = a.wait();
         }
@@ -173,9 +212,8 @@ async fn pods_created_through_the_cni_chain_are_meshed() {
     let node = Node {
         ns: Netns::new("node").unwrap(),
         dir: tempfile::tempdir().unwrap(),
-        agent: None,
+        agent: Default::default(),
     };
-    let mut node = node;
     std::fs::create_dir_all(node.manifests()).unwrap();
     std::fs::write(
         node.manifests().join("apps.yaml"),
@@ -205,27 +243,7 @@ spec: {containers: [{name: app}]}
 "#,
     )
     .unwrap();
-    let log = std::fs::File::create(node.dir.path().join("agent.log")).unwrap();
-    node.agent = Some(
-        node.ns
-            .command(&mesh_e2e::binary("cni-agent"))
-            .arg("--cni-socket")
-            .arg(node.agent_socket())
-            .arg("--zds-socket")
-            .arg(node.zds_socket())
-            .arg("--manifest-dir")
-            .arg(node.manifests())
-            .args(["--cluster-id", "cluster1"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.agent_socket().exists() || !node.zds_socket().exists() {
-        assert!(Instant::now() < deadline, "agent did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.start_agent().await;
 
     // ztunnel in the node namespace, in-pod mode; the state file is filled in as pods get IPs.
     let ca = DevCa::generate("cluster.local").unwrap();
@@ -330,6 +348,35 @@ spec: {containers: [{name: app}]}
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The agent restarts: it restores its pods, ztunnel reconnects and, given the restored
+    // snapshot, keeps serving them; traffic keeps working.
+    node.start_agent().await;
+    let snapshots = |z: &Ztunnel| -> Vec<String> {
+        z.logs()
+            .lines()
+            .filter(|l| l.contains("ZDS snapshot applied"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while snapshots(&z).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel did not resync with the restarted agent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = snapshots(&z).pop().unwrap_or_default();
+    assert!(
+        last.contains("\"pods\":2"),
+        "the restored snapshot must list both pods: {last}"
+    );
+    let (_, mut c) = echo_connect(&client, dst).await.unwrap();
+    assert_eq!(
+        ping(&mut c, "after agent restart").await.unwrap(),
+        "after agent restart"
+    );
 
     // Deleting the server pod removes its rules; DEL again is fine (idempotent).
     node.del_pod(&server, "server", "shop").unwrap();

@@ -371,7 +371,6 @@ fn deny_client_on_9000() -> Resource {
     )
 }
 
-
 /// The status of ztunnel's readiness endpoint in `ns`, once it answers at all (it is bound
 /// a moment after the process starts).
 async fn readiness(ns: &Netns) -> u16 {

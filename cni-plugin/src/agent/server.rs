@@ -48,7 +48,7 @@ fn digest(dir: &Path) -> Option<u64> {
 }
 
 /// A pod request from the plugin.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodRequest {
     pub container_id: String,
@@ -63,9 +63,12 @@ pub struct PodRequest {
 }
 
 /// A pod the plugin told us about, and its uid when it is captured.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 struct Known {
     req: PodRequest,
     captured: Option<String>,
+    #[serde(default)]
+    service_account: String,
 }
 
 /// The node agent.
@@ -77,6 +80,9 @@ pub struct Agent {
     /// Every pod seen through CNI on this node, by container id: when a namespace gains or
     /// loses the ambient label, running pods are enrolled or released without a restart.
     pods: tokio::sync::Mutex<HashMap<String, Known>>,
+    /// Where the known pods are persisted, so an agent restart does not forget them (and a
+    /// reconnecting ztunnel does not drop every pod at the next snapshot).
+    state_file: Option<PathBuf>,
 }
 
 /// What the manifests say about one pod: capture it (with its service account) or why not.
@@ -113,14 +119,65 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes
 }
 
 impl Agent {
-    pub fn new(zds: Arc<ZdsServer>, manifests: PathBuf, cluster_id: String) -> Arc<Agent> {
+    pub fn new(zds: Arc<ZdsServer>, manifests: PathBuf, cluster_id: String, state_file: Option<PathBuf>) -> Arc<Agent> {
         Arc::new(Agent {
             zds,
             manifests,
             cluster_id,
             ports: rules::Ports::default(),
             pods: Default::default(),
+            state_file,
         })
+    }
+
+    /// Reloads the pods a previous agent process knew: captured pods whose namespace still
+    /// exists get their rules re-asserted and are offered to ztunnel in the next snapshot.
+    /// Call before serving.
+    pub async fn restore(&self) -> anyhow::Result<usize> {
+        let Some(path) = &self.state_file else { return Ok(0) };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let known: Vec<Known> = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid agent state file: {e}", path.display()))?;
+        let mut pods = self.pods.lock().await;
+        for k in known {
+            let netns = PathBuf::from(&k.req.netns);
+            if !netns.exists() {
+                info!(container = %k.req.container_id, "pod gone while the agent was down; forgetting it");
+                continue;
+            }
+            if let Some(uid) = &k.captured {
+                let (path, ports) = (netns.clone(), self.ports);
+                tokio::task::spawn_blocking(move || rules::install(&path, ports)).await??;
+                let info = WorkloadInfo {
+                    name: k.req.pod_name.clone(),
+                    namespace: k.req.pod_namespace.clone(),
+                    service_account: k.service_account.clone(),
+                };
+                self.zds.restore_pod(uid, info, std::fs::File::open(&netns)?.into());
+            }
+            pods.insert(k.req.container_id.clone(), k);
+        }
+        let n = pods.len();
+        drop(pods);
+        Ok(n)
+    }
+
+    /// Writes the known pods to the state file (atomically: write then rename).
+    fn persist(&self, pods: &HashMap<String, Known>) {
+        let Some(path) = &self.state_file else { return };
+        let list: Vec<&Known> = pods.values().collect();
+        let tmp = path.with_extension("tmp");
+        let result = serde_json::to_vec(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            warn!(file = %path.display(), error = %e, "cannot persist agent state");
+        }
     }
 
     fn uid(&self, req: &PodRequest) -> String {
@@ -141,20 +198,30 @@ impl Agent {
         let sa = match desired(&inv, &req.pod_namespace, &req.pod_name) {
             Ok(sa) => sa,
             Err(reason) => {
-                pods.insert(req.container_id.clone(), Known { req, captured: None });
+                pods.insert(
+                    req.container_id.clone(),
+                    Known {
+                        req,
+                        captured: None,
+                        service_account: String::new(),
+                    },
+                );
+                self.persist(&pods);
                 return reply(StatusCode::OK, json!({ "captured": false, "reason": reason }));
             }
         };
         let uid = self.uid(&req);
-        match self.enrol(&uid, sa, &req).await {
+        match self.enrol(&uid, sa.clone(), &req).await {
             Ok(()) => {
                 pods.insert(
                     req.container_id.clone(),
                     Known {
                         req,
                         captured: Some(uid),
+                        service_account: sa,
                     },
                 );
+                self.persist(&pods);
                 reply(StatusCode::OK, json!({ "captured": true }))
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
@@ -202,7 +269,13 @@ impl Agent {
     }
 
     async fn del(&self, req: PodRequest) -> Response<Full<Bytes>> {
-        let Some(known) = self.pods.lock().await.remove(&req.container_id) else {
+        let removed = {
+            let mut pods = self.pods.lock().await;
+            let removed = pods.remove(&req.container_id);
+            self.persist(&pods);
+            removed
+        };
+        let Some(known) = removed else {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("container {} is not known", req.container_id),
@@ -230,8 +303,9 @@ impl Agent {
             match (&known.captured, want) {
                 (None, Ok(sa)) => {
                     let uid = self.uid(&known.req);
-                    if self.enrol(&uid, sa, &known.req).await.is_ok() {
+                    if self.enrol(&uid, sa.clone(), &known.req).await.is_ok() {
                         known.captured = Some(uid);
+                        known.service_account = sa;
                     }
                 }
                 (Some(uid), Err(reason)) => {
@@ -242,6 +316,7 @@ impl Agent {
                 _ => {}
             }
         }
+        self.persist(&pods);
     }
 
     /// Reconciles whenever the manifest directory's content changes (checked every `every`).

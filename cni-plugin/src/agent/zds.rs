@@ -138,6 +138,18 @@ impl ZdsServer {
         }
     }
 
+    /// Records a pod enrolled by an earlier agent process without sending anything: it goes
+    /// out in the snapshot of the next ztunnel that connects.
+    pub fn restore_pod(&self, uid: &str, info: zds::WorkloadInfo, netns: OwnedFd) {
+        self.lock().pods.insert(
+            uid.to_owned(),
+            Pod {
+                info,
+                netns: Arc::new(netns),
+            },
+        );
+    }
+
     /// Forgets a pod and tells every ztunnel to stop serving it. Unknown pods are fine.
     pub async fn del_pod(&self, uid: &str) {
         let waits: Vec<_> = {

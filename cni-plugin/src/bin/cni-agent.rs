@@ -25,6 +25,9 @@ struct Config {
     /// Cluster id used in workload uids (`<cluster>//Pod/<ns>/<name>`).
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
+    /// Where the agent keeps the pods it knows across restarts.
+    #[arg(long, env = "STATE_FILE", default_value = "/var/run/ambient/pods.json")]
+    state_file: PathBuf,
     /// Log filter.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -48,11 +51,19 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let zds = ZdsServer::new();
-    tokio::spawn(zds.clone().serve(ZdsListener::bind(&cfg.zds_socket)?));
+    let agent = Agent::new(
+        zds.clone(),
+        cfg.manifest_dir.clone(),
+        cfg.cluster_id.clone(),
+        Some(cfg.state_file.clone()),
+    );
+    // Pods from before a restart go into the snapshot of the first ztunnel to connect.
+    let restored = agent.restore().await.context("restoring agent state")?;
+    tracing::info!(pods = restored, "restored agent state");
+    tokio::spawn(zds.serve(ZdsListener::bind(&cfg.zds_socket)?));
     let _ = std::fs::remove_file(&cfg.cni_socket);
     let cni = tokio::net::UnixListener::bind(&cfg.cni_socket)
         .with_context(|| format!("binding the CNI socket {}", cfg.cni_socket.display()))?;
-    let agent = Agent::new(zds, cfg.manifest_dir.clone(), cfg.cluster_id.clone());
     tracing::info!(cni = %cfg.cni_socket.display(), zds = %cfg.zds_socket.display(), "node agent ready");
     tokio::spawn(agent.clone().watch_manifests(std::time::Duration::from_secs(1)));
     tokio::select! {
