@@ -298,7 +298,10 @@ impl Agent {
             }
         };
         let mut pods = self.pods.lock().await;
-        for known in pods.values_mut() {
+        let ids: Vec<String> = pods.keys().cloned().collect();
+        for id in ids {
+            let mut changed = false;
+            let Some(known) = pods.get_mut(&id) else { continue };
             let want = desired(&inv, &known.req.pod_namespace, &known.req.pod_name);
             match (&known.captured, want) {
                 (None, Ok(sa)) => {
@@ -306,17 +309,22 @@ impl Agent {
                     if self.enrol(&uid, sa.clone(), &known.req).await.is_ok() {
                         known.captured = Some(uid);
                         known.service_account = sa;
+                        changed = true;
                     }
                 }
                 (Some(uid), Err(reason)) => {
                     info!(%uid, reason, "no longer ambient");
                     self.release(uid, &known.req).await;
                     known.captured = None;
+                    changed = true;
                 }
                 _ => {}
             }
+            // Persist each change as it happens: an agent killed mid-way restarts from the truth.
+            if changed {
+                self.persist(&pods);
+            }
         }
-        self.persist(&pods);
     }
 
     /// Reconciles whenever the manifest directory's content changes (checked every `every`).

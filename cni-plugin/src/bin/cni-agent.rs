@@ -60,6 +60,8 @@ async fn main() -> anyhow::Result<()> {
     // Pods from before a restart go into the snapshot of the first ztunnel to connect.
     let restored = agent.restore().await.context("restoring agent state")?;
     tracing::info!(pods = restored, "restored agent state");
+    // Labels may have changed while the agent was down.
+    agent.reconcile().await;
     tokio::spawn(zds.serve(ZdsListener::bind(&cfg.zds_socket)?));
     let _ = std::fs::remove_file(&cfg.cni_socket);
     let cni = tokio::net::UnixListener::bind(&cfg.cni_socket)
