@@ -317,6 +317,14 @@ spec: {containers: [{name: app}]}
             && l.contains("connection_security_policy=\"mutual_tls\"")),
         "{m}"
     );
+    // The node itself (as kubelet probes do) reaches the pod's app directly, from the probe
+    // address the pod's rules let past the capture.
+    let (peer, _) = echo_connect(&node.ns, dst).await.unwrap();
+    assert_eq!(
+        peer, "peer=169.254.7.127",
+        "node-originated traffic is SNATed for probes"
+    );
+
     // The legacy pod talks plain TCP to the server's namespace? It is not meshed itself; its
     // connection reaches the captured server through 15006 in plaintext.
     let (peer, _) = echo_connect(&old, dst).await.unwrap();
@@ -381,6 +389,15 @@ spec: {containers: [{name: app}]}
     // Deleting the server pod removes its rules; DEL again is fine (idempotent).
     node.del_pod(&server, "server", "shop").unwrap();
     assert!(!has_rules(&server), "rules left behind after DEL");
+    let set = node
+        .ns
+        .exec(&["nft", "list", "set", "inet", "ambient-host", "pods4"])
+        .unwrap();
+    assert!(
+        !set.contains(&server_ip.to_string()),
+        "probe SNAT entry left behind: {set}"
+    );
+    assert!(set.contains(&client_ip.to_string()), "{set}");
     node.del_pod(&server, "server", "shop").unwrap();
     node.del_pod(&client, "client", "shop").unwrap();
     node.del_pod(&old, "old", "legacy").unwrap();

@@ -2,11 +2,13 @@
 //!
 //! - [`enrol`]: which pods are captured.
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
+//! - [`host`]: probe SNAT in the node's namespace.
 //! - [`pods`]: pods and namespaces from the local manifest directory.
 //! - [`server`]: the HTTP API the CNI plugin calls.
 //! - [`zds`]: the ZDS server that hands pod namespaces to ztunnel.
 
 pub mod enrol;
+pub mod host;
 pub mod pods;
 pub mod rules;
 pub mod server;

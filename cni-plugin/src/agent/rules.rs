@@ -112,7 +112,8 @@ table inet {TABLE} {{
     )
 }
 
-fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RulesError> {
+/// Runs a command inside the namespace at `netns`.
+pub(crate) fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RulesError> {
     let command = args.join(" ");
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))

@@ -26,6 +26,7 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use super::enrol::{decide, Enrolment, PodFacts};
+use super::host;
 use super::pods::Inventory;
 use super::rules;
 use super::zds::ZdsServer;
@@ -151,7 +152,12 @@ impl Agent {
             }
             if let Some(uid) = &k.captured {
                 let (path, ports) = (netns.clone(), self.ports);
-                tokio::task::spawn_blocking(move || rules::install(&path, ports)).await??;
+                let ips = k.req.ips.clone();
+                tokio::task::spawn_blocking(move || {
+                    rules::install(&path, ports)?;
+                    host::add_pod_ips(&ips)
+                })
+                .await??;
                 let info = WorkloadInfo {
                     name: k.req.pod_name.clone(),
                     namespace: k.req.pod_namespace.clone(),
@@ -234,7 +240,12 @@ impl Agent {
         let result = async {
             let (path, ports) = (netns.clone(), self.ports);
             // nft and ip run as child processes: keep them off the async threads.
-            tokio::task::spawn_blocking(move || rules::install(&path, ports)).await??;
+            let ips = req.ips.clone();
+            tokio::task::spawn_blocking(move || {
+                rules::install(&path, ports)?;
+                host::add_pod_ips(&ips)
+            })
+            .await??;
             let fd: OwnedFd = std::fs::File::open(&netns)?.into();
             let info = WorkloadInfo {
                 name: req.pod_name.clone(),
@@ -249,7 +260,12 @@ impl Agent {
             Ok(()) => info!(%uid, netns = %netns.display(), "pod enrolled"),
             Err(e) => {
                 warn!(%uid, error = %e, "enrolment failed; the pod must not run uncaptured");
-                let _ = tokio::task::spawn_blocking(move || rules::remove(&netns)).await;
+                let ips = req.ips.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    host::remove_pod_ips(&ips);
+                    rules::remove(&netns)
+                })
+                .await;
             }
         }
         result
@@ -258,6 +274,8 @@ impl Agent {
     /// Takes a pod out of the mesh: ztunnel stops serving it, its rules go.
     async fn release(&self, uid: &str, req: &PodRequest) {
         self.zds.del_pod(uid).await;
+        let ips = req.ips.clone();
+        let _ = tokio::task::spawn_blocking(move || host::remove_pod_ips(&ips)).await;
         let netns = PathBuf::from(&req.netns);
         // The namespace may already be gone: nothing left to remove then.
         if netns.exists() {

@@ -50,6 +50,8 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
+    // Probe SNAT for enrolled pods, in the node namespace the agent runs in.
+    cni_plugin::agent::host::install().context("installing the host probe SNAT table")?;
     let zds = ZdsServer::new();
     let agent = Agent::new(
         zds.clone(),
