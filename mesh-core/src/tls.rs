@@ -58,9 +58,19 @@ fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, T
 /// Server side of HBONE for one workload certificate: requires a client certificate chaining
 /// to the mesh roots; who may connect is left to authorization.
 pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(root_store(&cert.roots)?, provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    tls13_server(cert, true)
+}
+
+/// TLS 1.3 + ALPN h2 server presenting `cert`; client certificates must chain to the mesh
+/// roots, and are required when `require_client`.
+fn tls13_server(cert: &WorkloadCertificate, require_client: bool) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(root_store(&cert.roots)?, provider());
+    let builder = if require_client {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -114,16 +124,7 @@ pub fn control_plane_client_config(
 /// Clients need not present a certificate (node proxies authenticate with a bearer token);
 /// one that does must chain to the mesh roots.
 pub fn control_plane_server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(root_store(&cert.roots)?, provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(cert.chain.clone(), cert.private_key())?;
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(cfg))
+    tls13_server(cert, false)
 }
 
 /// The name passed to rustls for a no-SNI connection (ignored by our verifier).
