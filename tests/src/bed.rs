@@ -96,42 +96,10 @@ impl Bed {
 
     /// Workloads a (client) and b (server), service `server` on the VIP, plus `policies`.
     pub fn write_state(&self, policies: &str) -> std::io::Result<()> {
-        let n = self.n;
+        let entries = PairEntries::new([self.ip(1), self.ip6(1)], [self.ip(2), self.ip6(2)], self.vip());
         let yaml = format!(
-            r#"
-workloads:
-- uid: cluster1//Pod/default/client
-  name: client
-  namespace: default
-  serviceAccount: client
-  addresses: ["10.77.{n}.1", "fd77:{n}::1"]
-  protocol: HBONE
-  node: node-a
-  canonicalName: client
-  canonicalRevision: v1
-- uid: cluster1//Pod/default/server
-  name: server
-  namespace: default
-  serviceAccount: server
-  addresses: ["10.77.{n}.2", "fd77:{n}::2"]
-  protocol: HBONE
-  node: node-b
-  canonicalName: server
-  canonicalRevision: v1
-  services:
-    default/server.default.svc.cluster.local:
-    - servicePort: 80
-      targetPort: 8080
-services:
-- name: server
-  namespace: default
-  hostname: server.default.svc.cluster.local
-  vips: ["10.96.{n}.10"]
-  ports:
-  - servicePort: 80
-    targetPort: 8080
-policies: {policies}
-"#
+            "\nworkloads:\n{}services:\n{}policies: {policies}\n",
+            entries.workloads, entries.services
         );
         let tmp = self.state.with_extension("tmp");
         std::fs::write(&tmp, yaml)?;
@@ -145,5 +113,54 @@ policies: {policies}
             root_key: &self.root_key,
             state: &self.state,
         }
+    }
+}
+
+/// The bed's workload-file entries: client and server workloads (HBONE) and service `server`
+/// on `vip` (port 80 -> 8080), as list items to place under `workloads:` and `services:`.
+pub struct PairEntries {
+    pub workloads: String,
+    pub services: String,
+}
+
+impl PairEntries {
+    pub fn new(client: [IpAddr; 2], server: [IpAddr; 2], vip: IpAddr) -> Self {
+        let ([c4, c6], [s4, s6]) = (client, server);
+        let workloads = format!(
+            r#"- uid: cluster1//Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  addresses: ["{c4}", "{c6}"]
+  protocol: HBONE
+  node: node-a
+  canonicalName: client
+  canonicalRevision: v1
+- uid: cluster1//Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  addresses: ["{s4}", "{s6}"]
+  protocol: HBONE
+  node: node-b
+  canonicalName: server
+  canonicalRevision: v1
+  services:
+    default/server.default.svc.cluster.local:
+    - servicePort: 80
+      targetPort: 8080
+"#
+        );
+        let services = format!(
+            r#"- name: server
+  namespace: default
+  hostname: server.default.svc.cluster.local
+  vips: ["{vip}"]
+  ports:
+  - servicePort: 80
+    targetPort: 8080
+"#
+        );
+        PairEntries { workloads, services }
     }
 }

@@ -490,34 +490,8 @@ impl Pods<'_> {
 /// The workload file of the bed (client and server with protocol HBONE, service `server` on
 /// its VIP, as `Bed::write_state` writes it) plus `extra` workloads and one service per ten.
 fn state_yaml(client: [IpAddr; 2], server: [IpAddr; 2], vip: IpAddr, extra: u32) -> String {
-    let [c4, c6] = client;
-    let [s4, s6] = server;
-    let mut y = format!(
-        r#"workloads:
-- uid: cluster1//Pod/default/client
-  name: client
-  namespace: default
-  serviceAccount: client
-  addresses: ["{c4}", "{c6}"]
-  protocol: HBONE
-  node: node-a
-  canonicalName: client
-  canonicalRevision: v1
-- uid: cluster1//Pod/default/server
-  name: server
-  namespace: default
-  serviceAccount: server
-  addresses: ["{s4}", "{s6}"]
-  protocol: HBONE
-  node: node-b
-  canonicalName: server
-  canonicalRevision: v1
-  services:
-    default/server.default.svc.cluster.local:
-    - servicePort: 80
-      targetPort: {HTTP_PORT}
-"#
-    );
+    let pair = mesh_e2e::bed::PairEntries::new(client, server, vip);
+    let mut y = format!("workloads:\n{}", pair.workloads);
     y.reserve(extra as usize * 330);
     for i in 0..extra {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i + 1);
@@ -540,17 +514,8 @@ fn state_yaml(client: [IpAddr; 2], server: [IpAddr; 2], vip: IpAddr, extra: u32)
             i % 50
         ));
     }
-    y.push_str(&format!(
-        r#"services:
-- name: server
-  namespace: default
-  hostname: server.default.svc.cluster.local
-  vips: ["{vip}"]
-  ports:
-  - servicePort: 80
-    targetPort: {HTTP_PORT}
-"#
-    ));
+    y.push_str("services:\n");
+    y.push_str(&pair.services);
     for s in 0..extra.div_ceil(10) {
         let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 160, 0, 0)) + s + 1);
         y.push_str(&format!(
