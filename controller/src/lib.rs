@@ -1,0 +1,7 @@
+//! The control plane: reads what users declare (Kubernetes API or a local manifest
+//! directory), translates it into the workload xDS resources ztunnels and waypoints use,
+//! serves them over Delta ADS, signs workload certificates, and deploys waypoints.
+
+pub mod model;
+pub mod source;
+pub mod waypoint;

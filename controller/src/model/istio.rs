@@ -1,0 +1,371 @@
+//! Istio's security (`security.istio.io`) and traffic (`networking.istio.io`) kinds, in the
+//! field names users write. Security specs reject unknown fields: a misspelt `principal` must
+//! not silently widen a policy.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::gateway::PolicyTargetReference;
+use super::ObjectMeta;
+
+/// `selector: {matchLabels: {...}}`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// ALLOW (default), DENY, AUDIT or CUSTOM.
+    pub action: Option<String>,
+    pub provider: Option<serde_json::Value>,
+    /// Absent rules: an ALLOW matches nothing (deny all), a DENY denies nothing.
+    pub rules: Option<Vec<Rule>>,
+}
+
+impl AuthorizationPolicySpec {
+    /// `targetRef` and `targetRefs` together.
+    pub fn targets(&self) -> impl Iterator<Item = &PolicyTargetReference> {
+        self.target_ref.iter().chain(self.target_refs.iter())
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub from: Vec<From>,
+    #[serde(default)]
+    pub to: Vec<To>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    #[serde(default)]
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct PeerAuthentication {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    pub selector: Option<WorkloadSelector>,
+    pub mtls: Option<MutualTls>,
+    /// Port number (as a string key, the way YAML maps arrive) to mode.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, MutualTls>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutualTls {
+    /// UNSET, DISABLE, PERMISSIVE or STRICT.
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RequestAuthentication {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RequestAuthenticationSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+impl RequestAuthenticationSpec {
+    pub fn targets(&self) -> impl Iterator<Item = &PolicyTargetReference> {
+        self.target_ref.iter().chain(self.target_refs.iter())
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<String>,
+    /// Inline JWKS (JSON text).
+    pub jwks: Option<String>,
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    pub output_payload_to_header: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeader {
+    pub name: String,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// `networking.istio.io` VirtualService: the HTTP routing subset waypoints apply.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct VirtualService {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+    /// Duration string such as `2s` or `250ms`.
+    pub timeout: Option<String>,
+    pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFault>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    pub uri: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+}
+
+/// Istio's `{exact|prefix|regex: ...}`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    pub weight: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRetry {
+    pub attempts: u32,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpFault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed_delay: Option<String>,
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: Option<u32>,
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct Percent {
+    pub value: f64,
+}
+
+/// `networking.istio.io` DestinationRule: subsets and traffic policy for waypoints.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct DestinationRule {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPool {
+    pub tcp: Option<TcpPool>,
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPool {
+    pub max_connections: Option<u32>,
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPool {
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    pub consecutive5xx_errors: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+}

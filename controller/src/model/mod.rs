@@ -1,0 +1,129 @@
+//! What users declare: the Kubernetes kinds the controller reads, in their standard shapes,
+//! and [`Inputs`], the snapshot of all of them that translation works on. Both sources (the
+//! Kubernetes API and the local manifest directory) produce the same [`Object`]s.
+
+pub mod gateway;
+pub mod istio;
+mod object;
+
+use std::collections::BTreeMap;
+
+pub use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+pub use object::{Kind, Object, ParseError};
+
+/// Namespace and name of a namespaced object (namespace is empty for cluster-scoped kinds).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of an object from its metadata; a missing namespace means `default`, as
+    /// `kubectl apply` would place it, except for cluster-scoped kinds.
+    pub fn of(meta: &ObjectMeta, cluster_scoped: bool) -> Self {
+        let namespace = if cluster_scoped {
+            String::new()
+        } else {
+            meta.namespace.clone().unwrap_or_else(|| "default".to_owned())
+        };
+        ObjectKey {
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// Everything the controller knows, by kind and key. Ordered maps keep translation output
+/// (and golden files) deterministic.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub service_accounts: BTreeMap<ObjectKey, ServiceAccount>,
+    pub gateway_classes: BTreeMap<String, gateway::GatewayClass>,
+    pub gateways: BTreeMap<ObjectKey, gateway::Gateway>,
+    pub http_routes: BTreeMap<ObjectKey, gateway::HttpRoute>,
+    pub grpc_routes: BTreeMap<ObjectKey, gateway::GrpcRoute>,
+    pub authorization_policies: BTreeMap<ObjectKey, istio::AuthorizationPolicy>,
+    pub peer_authentications: BTreeMap<ObjectKey, istio::PeerAuthentication>,
+    pub request_authentications: BTreeMap<ObjectKey, istio::RequestAuthentication>,
+    pub virtual_services: BTreeMap<ObjectKey, istio::VirtualService>,
+    pub destination_rules: BTreeMap<ObjectKey, istio::DestinationRule>,
+}
+
+impl Inputs {
+    /// Adds or replaces an object.
+    pub fn apply(&mut self, object: Object) {
+        let key = object.key();
+        match object {
+            Object::Namespace(o) => drop(self.namespaces.insert(key.name, o)),
+            Object::Pod(o) => drop(self.pods.insert(key, o)),
+            Object::Service(o) => drop(self.services.insert(key, o)),
+            Object::EndpointSlice(o) => drop(self.endpoint_slices.insert(key, o)),
+            Object::ServiceAccount(o) => drop(self.service_accounts.insert(key, o)),
+            Object::GatewayClass(o) => drop(self.gateway_classes.insert(key.name, o)),
+            Object::Gateway(o) => drop(self.gateways.insert(key, o)),
+            Object::HttpRoute(o) => drop(self.http_routes.insert(key, o)),
+            Object::GrpcRoute(o) => drop(self.grpc_routes.insert(key, o)),
+            Object::AuthorizationPolicy(o) => drop(self.authorization_policies.insert(key, o)),
+            Object::PeerAuthentication(o) => drop(self.peer_authentications.insert(key, o)),
+            Object::RequestAuthentication(o) => drop(self.request_authentications.insert(key, o)),
+            Object::VirtualService(o) => drop(self.virtual_services.insert(key, o)),
+            Object::DestinationRule(o) => drop(self.destination_rules.insert(key, o)),
+        }
+    }
+
+    /// Removes the object of `kind` at `key`; true when it was present.
+    pub fn remove(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        match kind {
+            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Pod => self.pods.remove(key).is_some(),
+            Kind::Service => self.services.remove(key).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
+            Kind::ServiceAccount => self.service_accounts.remove(key).is_some(),
+            Kind::GatewayClass => self.gateway_classes.remove(&key.name).is_some(),
+            Kind::Gateway => self.gateways.remove(key).is_some(),
+            Kind::HttpRoute => self.http_routes.remove(key).is_some(),
+            Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
+            Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
+            Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
+            Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
+            Kind::VirtualService => self.virtual_services.remove(key).is_some(),
+            Kind::DestinationRule => self.destination_rules.remove(key).is_some(),
+        }
+    }
+
+    /// Labels of a namespace (empty when it is unknown).
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(namespace).and_then(|n| n.metadata.labels.as_ref())
+    }
+}
+
+/// A label selector's `matchLabels` against an object's labels; an empty selector selects all.
+pub fn selects(match_labels: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
+    match_labels
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)).is_some_and(|have| have == v))
+}

@@ -1,0 +1,22 @@
+//! Where declared objects come from. A source sends [`Change`]s; the controller applies them
+//! to its [`Inputs`](crate::model::Inputs) and recomputes what changed. The Kubernetes API
+//! watches and the local manifest directory speak the same language, so everything behind
+//! them is tested with the local one.
+
+use crate::model::{Kind, Object, ObjectKey};
+
+/// One change from a source.
+#[derive(Debug)]
+pub enum Change {
+    /// An object was created or updated.
+    Apply(Object),
+    /// An object was deleted.
+    Delete(Kind, ObjectKey),
+    /// Every object of `kind` is now exactly `objects` (a list or relist, a directory rescan).
+    Replace(Kind, Vec<Object>),
+    /// Every kind has been listed once: outputs computed from now on are complete.
+    Synced,
+}
+
+/// Sender half a source writes to.
+pub type ChangeSender = tokio::sync::mpsc::Sender<Change>;

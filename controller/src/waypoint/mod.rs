@@ -1,0 +1,70 @@
+//! The waypoint controller's decisions: for every `Gateway` of class `istio-waypoint`, what
+//! must run (a ServiceAccount, a Deployment of the waypoint binary, a Service on 15008) and
+//! what its status says. In a cluster these become owned objects; in local mode they are
+//! records the demo and the test harness act on.
+
+use std::net::IpAddr;
+
+use crate::model::ObjectKey;
+
+/// Traffic a waypoint handles (`istio.io/waypoint-for`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value {
+            None | Some("service") => Ok(WaypointFor::Service),
+            Some("workload") => Ok(WaypointFor::Workload),
+            Some("all") => Ok(WaypointFor::All),
+            Some("none") => Ok(WaypointFor::None),
+            Some(other) => Err(format!(
+                "istio.io/waypoint-for {other:?} is not one of service, workload, all, none"
+            )),
+        }
+    }
+
+    pub fn services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    pub fn workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+}
+
+/// What must exist for one waypoint Gateway.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WaypointDeployment {
+    /// The Gateway; the ServiceAccount, Deployment and Service share its name and namespace.
+    pub gateway: ObjectKey,
+    /// The Gateway's uid, for owner references (empty in local mode).
+    pub gateway_uid: String,
+    pub service_account: String,
+    /// The SPIFFE identity its certificate carries.
+    pub identity: String,
+    pub waypoint_for: WaypointFor,
+    /// HBONE port (the listener port, 15008).
+    pub hbone_port: u16,
+    /// The address ztunnels send to: the waypoint Service's cluster IP once known.
+    pub address: Option<IpAddr>,
+    /// Accepted=True/Programmed=... reasons, or why it is not accepted.
+    pub conditions: Vec<Condition>,
+}
+
+/// A Gateway API style status condition.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Condition {
+    /// `Accepted` or `Programmed`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
