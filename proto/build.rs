@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/discovery.proto",
         "proto/ca.proto",
         "proto/zds.proto",
+        "proto/waypoint.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
@@ -14,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
+        // Ordered maps encode deterministically, so equal resources have equal bytes.
+        .btree_map(["."])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -2,6 +2,9 @@
 //! directory), translates it into the workload xDS resources ztunnels and waypoints use,
 //! serves them over Delta ADS, signs workload certificates, and deploys waypoints.
 
+pub mod ca;
+pub mod k8s;
 pub mod model;
 pub mod source;
+pub mod translate;
 pub mod waypoint;

@@ -29,7 +29,16 @@ pub mod ca {
     tonic::include_proto!("istio.v1.auth");
 }
 
+/// The waypoint's L7 configuration (our own package).
+pub mod waypoint {
+    tonic::include_proto!("mesh.waypoint.v1");
+}
+
 /// Type URL of `istio.workload.Address` resources.
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `istio.security.Authorization` resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of `mesh.waypoint.v1.ServiceRoutes` resources.
+pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.ServiceRoutes";
+/// Type URL of `mesh.waypoint.v1.Policy` resources.
+pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.Policy";

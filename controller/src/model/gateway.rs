@@ -238,4 +238,3 @@ pub struct GrpcMethodMatch {
     pub service: Option<String>,
     pub method: Option<String>,
 }
-

@@ -11,8 +11,10 @@ macro_rules! kinds {
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
         pub enum Kind { $($variant),+ }
 
-        /// One object of a known kind.
+        /// One object of a known kind. Pods dominate its size; objects are moved a few times
+        /// on their way into `Inputs`, so boxing would only add an allocation per object.
         #[derive(Clone, Debug)]
+        #[allow(clippy::large_enum_variant)]
         pub enum Object { $($variant($ty)),+ }
 
         impl Kind {
@@ -90,7 +92,11 @@ pub enum ParseError {
     #[error("unsupported kind {kind:?} in apiVersion {api_version:?}")]
     UnknownKind { api_version: String, kind: String },
     #[error("{kind} has no version {version:?} (known: {known})")]
-    UnknownVersion { kind: String, version: String, known: String },
+    UnknownVersion {
+        kind: String,
+        version: String,
+        known: String,
+    },
     #[error("metadata.name is missing or empty")]
     MissingName,
     #[error("{0}")]

@@ -7,6 +7,7 @@ use crate::model::{Kind, Object, ObjectKey};
 
 /// One change from a source.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // see `Object`
 pub enum Change {
     /// An object was created or updated.
     Apply(Object),
@@ -20,3 +21,4 @@ pub enum Change {
 
 /// Sender half a source writes to.
 pub type ChangeSender = tokio::sync::mpsc::Sender<Change>;
+pub mod local;

@@ -346,7 +346,7 @@ impl Tracker {
         rejected
     }
 
-    fn versions(&self, kind: Kind) -> HashMap<String, String> {
+    fn versions(&self, kind: Kind) -> std::collections::BTreeMap<String, String> {
         self.types[kind.index()]
             .held
             .iter()

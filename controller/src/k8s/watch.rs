@@ -1,0 +1,279 @@
+//! Watches every [`Kind`] in all namespaces and sends [`Change`]s: a full list becomes
+//! [`Change::Replace`], later events [`Change::Apply`] / [`Change::Delete`], and
+//! [`Change::Synced`] follows once every kind has been listed. Built-in kinds are watched with
+//! their typed k8s-openapi structs; custom kinds are read as untyped objects and parsed one by
+//! one, so an object the model rejects is logged and skipped instead of failing its whole list.
+//! A custom kind whose CRD is not installed counts as listed and empty.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+
+use ::kube::core::DynamicObject;
+use ::kube::runtime::watcher::{self, watcher};
+use ::kube::runtime::WatchStreamExt;
+use ::kube::{Api, Client, Resource};
+use futures_util::stream::{self, BoxStream, StreamExt};
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, warn};
+
+use super::resources::{api_resource, VERSION};
+use super::KubeError;
+use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, ParseError, Pod, Service, ServiceAccount};
+use crate::source::{Change, ChangeSender};
+
+/// Watches all kinds until `tx` closes (the error) or the process ends; watch errors are
+/// logged and retried with backoff, never returned.
+pub async fn run(client: Client, tx: ChangeSender) -> Result<(), KubeError> {
+    let streams: Vec<_> = Kind::ALL.iter().map(|&kind| watch(client.clone(), kind)).collect();
+    let mut events = stream::select_all(streams);
+    let mut state = SyncState::default();
+    while let Some((kind, event)) = events.next().await {
+        for change in state.handle(kind, event) {
+            tx.send(change).await.map_err(|_| KubeError::ChannelClosed)?;
+        }
+    }
+    Ok(())
+}
+
+/// A watcher event after conversion to the model.
+#[derive(Debug)]
+enum Event {
+    Init,
+    InitApply(Object),
+    InitDone,
+    Apply(Object),
+    Delete(ObjectKey),
+    /// The kind's resource does not exist (404 on list): its CRD is not installed.
+    Missing,
+}
+
+fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
+    fn typed<K>(client: Client, kind: Kind, wrap: fn(K) -> Object) -> BoxStream<'static, (Kind, Event)>
+    where
+        K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug + Send + 'static,
+    {
+        watch_kind(Api::all(client), kind, move |o| Ok(wrap(o)))
+    }
+    match kind {
+        Kind::Namespace => typed::<Namespace>(client, kind, Object::Namespace),
+        Kind::Pod => typed::<Pod>(client, kind, Object::Pod),
+        Kind::Service => typed::<Service>(client, kind, Object::Service),
+        Kind::EndpointSlice => typed::<EndpointSlice>(client, kind, Object::EndpointSlice),
+        Kind::ServiceAccount => typed::<ServiceAccount>(client, kind, Object::ServiceAccount),
+        Kind::GatewayClass
+        | Kind::Gateway
+        | Kind::HttpRoute
+        | Kind::GrpcRoute
+        | Kind::AuthorizationPolicy
+        | Kind::PeerAuthentication
+        | Kind::RequestAuthentication
+        | Kind::VirtualService
+        | Kind::DestinationRule => {
+            let api = Api::<DynamicObject>::all_with(client, &api_resource(kind));
+            watch_kind(api, kind, move |o| parse_dynamic(kind, o))
+        }
+    }
+}
+
+/// Parses an untyped object with the same code the local directory source uses.
+fn parse_dynamic(kind: Kind, object: DynamicObject) -> Result<Object, ParseError> {
+    let mut value = serde_json::to_value(object).map_err(|e| ParseError::Shape(e.to_string()))?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), format!("{}/{VERSION}", kind.group()).into());
+        map.insert("kind".into(), kind.name().into());
+    }
+    Object::parse(value)
+}
+
+/// One kind's watch, retried with backoff, as model events. Objects `convert` rejects are
+/// logged and dropped.
+fn watch_kind<K, F>(api: Api<K>, kind: Kind, convert: F) -> BoxStream<'static, (Kind, Event)>
+where
+    K: Resource + DeserializeOwned + Clone + Debug + Send + 'static,
+    F: Fn(K) -> Result<Object, ParseError> + Send + 'static,
+{
+    let convert = move |mut object: K| {
+        // Managed fields are large and never read.
+        object.meta_mut().managed_fields = None;
+        let key = ObjectKey::of(object.meta(), kind.cluster_scoped());
+        convert(object)
+            .inspect_err(|e| warn!(?kind, %key, error = %e, "ignoring an object the model rejects"))
+            .ok()
+    };
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| {
+            let event = match event {
+                Ok(watcher::Event::Init) => Some(Event::Init),
+                Ok(watcher::Event::InitApply(o)) => convert(o).map(Event::InitApply),
+                Ok(watcher::Event::InitDone) => Some(Event::InitDone),
+                Ok(watcher::Event::Apply(o)) => convert(o).map(Event::Apply),
+                Ok(watcher::Event::Delete(o)) => Some(Event::Delete(ObjectKey::of(o.meta(), kind.cluster_scoped()))),
+                Err(watcher::Error::InitialListFailed(::kube::Error::Api(status))) if status.is_not_found() => {
+                    Some(Event::Missing)
+                }
+                Err(e) => {
+                    warn!(?kind, error = %e, "watch failed, retrying");
+                    None
+                }
+            };
+            futures_util::future::ready(event.map(|e| (kind, e)))
+        })
+        .boxed()
+}
+
+/// Buffers initial lists and decides when everything has been listed once.
+#[derive(Default)]
+struct SyncState {
+    listing: BTreeMap<Kind, Vec<Object>>,
+    listed: BTreeSet<Kind>,
+    missing: BTreeSet<Kind>,
+    synced: bool,
+}
+
+impl SyncState {
+    fn handle(&mut self, kind: Kind, event: Event) -> Vec<Change> {
+        let mut changes = Vec::new();
+        match event {
+            Event::Init => drop(self.listing.insert(kind, Vec::new())),
+            Event::InitApply(object) => self.listing.entry(kind).or_default().push(object),
+            Event::InitDone => {
+                if self.missing.remove(&kind) {
+                    info!(?kind, "resource is now served");
+                }
+                let objects = self.listing.remove(&kind).unwrap_or_default();
+                debug!(?kind, count = objects.len(), "listed");
+                changes.push(Change::Replace(kind, objects));
+                self.listed.insert(kind);
+            }
+            Event::Apply(object) => changes.push(Change::Apply(object)),
+            Event::Delete(key) => changes.push(Change::Delete(kind, key)),
+            Event::Missing => {
+                self.listing.remove(&kind);
+                if self.missing.insert(kind) {
+                    warn!(
+                        ?kind,
+                        "resource is not served by the API server (CRD not installed?); treating it as empty"
+                    );
+                    changes.push(Change::Replace(kind, Vec::new()));
+                    self.listed.insert(kind);
+                }
+            }
+        }
+        if !self.synced && self.listed.len() == Kind::ALL.len() {
+            self.synced = true;
+            info!("every kind listed");
+            changes.push(Change::Synced);
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn namespace(name: &str) -> Object {
+        Object::parse(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+            .expect("valid namespace")
+    }
+
+    fn summary(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Apply(o) => format!("apply {}", o.key()),
+                Change::Delete(k, key) => format!("delete {k:?} {key}"),
+                Change::Replace(k, objects) => format!("replace {k:?} {}", objects.len()),
+                Change::Synced => "synced".to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lists_are_buffered_until_done() {
+        let mut state = SyncState::default();
+        assert!(state.handle(Kind::Namespace, Event::Init).is_empty());
+        assert!(state
+            .handle(Kind::Namespace, Event::InitApply(namespace("a")))
+            .is_empty());
+        assert!(state
+            .handle(Kind::Namespace, Event::InitApply(namespace("b")))
+            .is_empty());
+        assert_eq!(
+            summary(&state.handle(Kind::Namespace, Event::InitDone)),
+            ["replace Namespace 2"]
+        );
+        assert_eq!(
+            summary(&state.handle(Kind::Namespace, Event::Apply(namespace("c")))),
+            ["apply c"]
+        );
+        let delete = Event::Delete(ObjectKey::new("", "a"));
+        assert_eq!(summary(&state.handle(Kind::Namespace, delete)), ["delete Namespace a"]);
+        // A relist starts over: objects from the broken attempt are dropped.
+        state.handle(Kind::Namespace, Event::Init);
+        state.handle(Kind::Namespace, Event::InitApply(namespace("x")));
+        state.handle(Kind::Namespace, Event::Init);
+        state.handle(Kind::Namespace, Event::InitApply(namespace("y")));
+        let changes = state.handle(Kind::Namespace, Event::InitDone);
+        match changes.as_slice() {
+            [Change::Replace(Kind::Namespace, objects)] => {
+                assert_eq!(objects.iter().map(|o| o.key().name).collect::<Vec<_>>(), ["y"]);
+            }
+            other => panic!("unexpected {:?}", summary(other)),
+        }
+    }
+
+    #[test]
+    fn synced_once_after_every_kind_with_missing_crds_counted_as_empty() {
+        let mut state = SyncState::default();
+        let (last, rest) = Kind::ALL.split_last().expect("kinds");
+        for &kind in rest {
+            state.handle(kind, Event::Init);
+            let changes = state.handle(kind, Event::InitDone);
+            assert_eq!(summary(&changes), [format!("replace {kind:?} 0")]);
+        }
+        // The last kind's CRD is missing: warned once, empty, and Synced follows.
+        state.handle(*last, Event::Init);
+        let changes = state.handle(*last, Event::Missing);
+        assert_eq!(summary(&changes), [format!("replace {last:?} 0"), "synced".to_owned()]);
+        // Retries that still 404 say nothing more.
+        state.handle(*last, Event::Init);
+        assert!(state.handle(*last, Event::Missing).is_empty());
+        // Installing the CRD later lists it normally; Synced is not repeated.
+        state.handle(*last, Event::Init);
+        assert_eq!(
+            summary(&state.handle(*last, Event::InitDone)),
+            [format!("replace {last:?} 0")]
+        );
+        state.handle(Kind::Namespace, Event::Init);
+        assert_eq!(
+            summary(&state.handle(Kind::Namespace, Event::InitDone)),
+            ["replace Namespace 0"]
+        );
+    }
+
+    #[test]
+    fn untyped_objects_parse_through_the_model() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny", "namespace": "ns", "managedFields": []},
+            "spec": {"action": "DENY", "rules": [{}]},
+            "status": {"conditions": []}
+        }))
+        .expect("dynamic object");
+        let parsed = parse_dynamic(Kind::AuthorizationPolicy, object).expect("parses");
+        assert_eq!(parsed.kind(), Kind::AuthorizationPolicy);
+        assert_eq!(parsed.key(), ObjectKey::new("ns", "deny"));
+
+        let bad: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "typo", "namespace": "ns"},
+            "spec": {"rules": [{"from": [{"source": {"principal": ["x"]}}]}]}
+        }))
+        .expect("dynamic object");
+        assert!(parse_dynamic(Kind::AuthorizationPolicy, bad).is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! Waypoints and who uses them: which `Gateway`s are waypoints, where they are reached, and
+//! the `istio.io/use-waypoint` resolution for pods and services (object label, then namespace
+//! label; `none` opts out; `istio.io/use-waypoint-namespace` points across namespaces; the
+//! gateway's `istio.io/waypoint-for` decides whether it takes service or workload traffic).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use mesh_core::hbone::HBONE_PORT;
+use mesh_core::state::model::ip_to_bytes;
+use mesh_proto::workload as pb;
+
+use super::{service_hostname, Options, Report};
+use crate::model::gateway::{Gateway, WAYPOINT_CLASS};
+use crate::model::{Inputs, Kind, ObjectKey, ObjectMeta};
+use crate::waypoint::{Condition, WaypointDeployment, WaypointFor};
+
+/// The annotation the node agent puts on a pod it captured; only such pods get HBONE.
+pub const ENROLLED_ANNOTATION: &str = "ambient.istio.io/redirection";
+pub const ENROLLED_VALUE: &str = "enabled";
+
+const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// Set on a waypoint's own pods; they never send through a waypoint.
+pub(crate) const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// A waypoint gateway and where ztunnels reach it.
+pub(crate) struct Waypoint {
+    pub deployment: WaypointDeployment,
+    pub address: Option<pb::GatewayAddress>,
+}
+
+fn ip_address(value: &str) -> Option<IpAddr> {
+    value.parse().ok()
+}
+
+/// The address a waypoint is reached at: its status, its spec, its Service, else its DNS name.
+fn waypoint_address(
+    gw: &Gateway,
+    key: &ObjectKey,
+    inputs: &Inputs,
+    options: &Options,
+) -> (Option<IpAddr>, pb::gateway_address::Destination) {
+    let declared = gw
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter())
+        .chain(gw.spec.addresses.iter())
+        .filter(|a| a.kind.as_deref().unwrap_or("IPAddress") == "IPAddress")
+        .find_map(|a| ip_address(&a.value));
+    let from_service = || {
+        let svc = inputs.services.get(key)?;
+        let spec = svc.spec.as_ref()?;
+        spec.cluster_ip.as_deref().and_then(ip_address)
+    };
+    match declared.or_else(from_service) {
+        Some(ip) => (
+            Some(ip),
+            pb::gateway_address::Destination::Address(pb::NetworkAddress {
+                network: options.network.clone(),
+                address: ip_to_bytes(ip),
+            }),
+        ),
+        None => (
+            None,
+            pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+                namespace: key.namespace.clone(),
+                hostname: service_hostname(&key.name, &key.namespace, options),
+            }),
+        ),
+    }
+}
+
+fn condition(kind: &str, status: bool, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        kind: kind.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Every Gateway of class `istio-waypoint`, accepted or not.
+pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report) -> BTreeMap<ObjectKey, Waypoint> {
+    let mut out = BTreeMap::new();
+    for (key, gw) in &inputs.gateways {
+        if gw.spec.gateway_class_name != WAYPOINT_CLASS {
+            continue;
+        }
+        let labels = gw.metadata.labels.as_ref();
+        let mut conditions = Vec::new();
+        let waypoint_for = match WaypointFor::parse(labels.and_then(|l| l.get(WAYPOINT_FOR)).map(String::as_str)) {
+            Ok(f) => f,
+            Err(e) => {
+                report.add(Kind::Gateway, key, format!("{e}; using service"));
+                WaypointFor::Service
+            }
+        };
+        let hbone = gw.spec.listeners.iter().find(|l| l.protocol == "HBONE");
+        let accepted = match hbone {
+            Some(_) => condition("Accepted", true, "Accepted", "waypoint accepted"),
+            None => {
+                let msg = "a waypoint needs a listener with protocol HBONE (port 15008)";
+                report.add(Kind::Gateway, key, msg);
+                condition("Accepted", false, "Invalid", msg)
+            }
+        };
+        let usable = accepted.status;
+        conditions.push(accepted);
+        let (ip, destination) = waypoint_address(gw, key, inputs, options);
+        conditions.push(match (usable, ip) {
+            (false, _) => condition("Programmed", false, "Invalid", "not accepted"),
+            (true, Some(ip)) => condition("Programmed", true, "Programmed", format!("reachable at {ip}")),
+            (true, None) => condition(
+                "Programmed",
+                false,
+                "Pending",
+                "waiting for the waypoint Service address",
+            ),
+        });
+        let hbone_port = hbone.map(|l| l.port).unwrap_or(HBONE_PORT);
+        let deployment = WaypointDeployment {
+            gateway: key.clone(),
+            gateway_uid: gw.metadata.uid.clone().unwrap_or_default(),
+            service_account: key.name.clone(),
+            identity: format!("spiffe://{}/ns/{}/sa/{}", options.trust_domain, key.namespace, key.name),
+            waypoint_for,
+            hbone_port,
+            address: ip,
+            conditions,
+        };
+        let address = usable.then(|| pb::GatewayAddress {
+            destination: Some(destination),
+            hbone_mtls_port: u32::from(hbone_port),
+            hbone_single_tls_port: 0,
+        });
+        out.insert(key.clone(), Waypoint { deployment, address });
+    }
+    out
+}
+
+/// What an object's (or its namespace's) labels ask for.
+enum Wanted {
+    Nothing,
+    OptOut,
+    Waypoint { key: ObjectKey, explicit: bool },
+}
+
+/// Resolves `istio.io/use-waypoint` for pods and services.
+pub(crate) struct Attachments<'a> {
+    inputs: &'a Inputs,
+    waypoints: &'a BTreeMap<ObjectKey, Waypoint>,
+}
+
+impl<'a> Attachments<'a> {
+    pub(crate) fn new(
+        inputs: &'a Inputs,
+        waypoints: &'a BTreeMap<ObjectKey, Waypoint>,
+        _options: &Options,
+        _report: &mut Report,
+    ) -> Self {
+        Attachments { inputs, waypoints }
+    }
+
+    fn wanted(&self, meta: &ObjectMeta, namespace: &str) -> Wanted {
+        let from = |labels: &BTreeMap<String, String>, explicit: bool| {
+            labels.get(USE_WAYPOINT).map(|name| match name.as_str() {
+                "none" => Wanted::OptOut,
+                _ => Wanted::Waypoint {
+                    key: ObjectKey::new(
+                        labels
+                            .get(USE_WAYPOINT_NAMESPACE)
+                            .map(String::as_str)
+                            .unwrap_or(namespace),
+                        name.as_str(),
+                    ),
+                    explicit,
+                },
+            })
+        };
+        meta.labels
+            .as_ref()
+            .and_then(|l| from(l, true))
+            .or_else(|| self.inputs.namespace_labels(namespace).and_then(|l| from(l, false)))
+            .unwrap_or(Wanted::Nothing)
+    }
+
+    fn resolve(
+        &self,
+        kind: Kind,
+        key: &ObjectKey,
+        meta: &ObjectMeta,
+        serves: fn(WaypointFor) -> bool,
+        report: &mut Report,
+    ) -> Option<pb::GatewayAddress> {
+        // A waypoint never routes through a waypoint (its own or another).
+        if meta.labels.as_ref().is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL)) {
+            return None;
+        }
+        let (wp_key, explicit) = match self.wanted(meta, &key.namespace) {
+            Wanted::Nothing | Wanted::OptOut => return None,
+            Wanted::Waypoint { key, explicit } => (key, explicit),
+        };
+        let Some(wp) = self.waypoints.get(&wp_key) else {
+            report.add(
+                kind,
+                key,
+                format!("waypoint {wp_key} does not exist (or is not of class istio-waypoint)"),
+            );
+            return None;
+        };
+        if !serves(wp.deployment.waypoint_for) {
+            if explicit {
+                report.add(
+                    kind,
+                    key,
+                    format!(
+                        "waypoint {wp_key} is for {:?} traffic, not {} traffic",
+                        wp.deployment.waypoint_for,
+                        if kind == Kind::Pod { "workload" } else { "service" }
+                    ),
+                );
+            }
+            return None;
+        }
+        if wp.address.is_none() {
+            report.add(kind, key, format!("waypoint {wp_key} is not accepted"));
+        }
+        wp.address.clone()
+    }
+
+    /// The waypoint for traffic addressed to this pod directly.
+    pub(crate) fn for_workload(
+        &self,
+        key: &ObjectKey,
+        meta: &ObjectMeta,
+        report: &mut Report,
+    ) -> Option<pb::GatewayAddress> {
+        self.resolve(Kind::Pod, key, meta, WaypointFor::workloads, report)
+    }
+
+    /// The waypoint for traffic addressed to this service.
+    pub(crate) fn for_service(
+        &self,
+        key: &ObjectKey,
+        meta: &ObjectMeta,
+        report: &mut Report,
+    ) -> Option<pb::GatewayAddress> {
+        self.resolve(Kind::Service, key, meta, WaypointFor::services, report)
+    }
+}

@@ -1,0 +1,285 @@
+//! `AuthorizationPolicy` to `istio.security.Authorization` for ztunnel. Policies with
+//! `targetRefs` belong to waypoints and are skipped here. ztunnel sees only L4, so a rule that
+//! needs L7 (methods, paths, hosts, request principals, request conditions) or a value it
+//! cannot parse is handled failing closed: in an ALLOW the rule never matches; in a DENY the
+//! unenforceable part is dropped, so the DENY covers at least what was asked. Each such
+//! change is reported on the policy.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use mesh_core::state::model::ip_to_bytes;
+use mesh_proto::security as pb;
+
+use super::{Options, Report, Selected};
+use crate::model::istio::{AuthorizationPolicy, Condition, Operation, Rule, Source};
+use crate::model::{Kind, ObjectKey};
+
+/// Translation output: policies by `<ns>/<name>` and the selectors of workload-scoped ones.
+#[derive(Default)]
+pub(crate) struct Output {
+    pub policies: BTreeMap<String, pb::Authorization>,
+    pub selected: Vec<Selected>,
+}
+
+/// `*` is presence, `x*` a prefix, `*x` a suffix, anything else exact.
+pub(crate) fn string_match(value: &str) -> pb::StringMatch {
+    use pb::string_match::MatchType;
+    let m = if value == "*" {
+        MatchType::Presence(())
+    } else if let Some(rest) = value.strip_prefix('*') {
+        MatchType::Suffix(rest.to_owned())
+    } else if let Some(rest) = value.strip_suffix('*') {
+        MatchType::Prefix(rest.to_owned())
+    } else {
+        MatchType::Exact(value.to_owned())
+    };
+    pb::StringMatch { match_type: Some(m) }
+}
+
+/// Principals are matched without the `spiffe://` scheme.
+fn principal_match(value: &str) -> pb::StringMatch {
+    string_match(value.strip_prefix("spiffe://").unwrap_or(value))
+}
+
+pub(crate) fn cidr(value: &str) -> Result<pb::Address, String> {
+    let net: IpNet = match value.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => value
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("{value:?} is not an IP address or CIDR"))?,
+    };
+    Ok(pb::Address {
+        address: ip_to_bytes(net.network()),
+        length: u32::from(net.prefix_len()),
+    })
+}
+
+fn port(value: &str) -> Result<u32, String> {
+    match value.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(u32::from(p)),
+        _ => Err(format!("{value:?} is not a port")),
+    }
+}
+
+/// What of a rule ztunnel cannot enforce, with why.
+#[derive(Default)]
+struct Unenforceable(Vec<String>);
+
+impl Unenforceable {
+    fn l7(&mut self, field: &str, values: &[String]) {
+        if !values.is_empty() {
+            self.0.push(format!("{field} (L7)"));
+        }
+    }
+}
+
+fn parsed<T>(
+    values: &[String],
+    field: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+    skipped: &mut Unenforceable,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        match parse(v) {
+            Ok(x) => out.push(x),
+            Err(e) => skipped.0.push(format!("{field}: {e}")),
+        }
+    }
+    out
+}
+
+fn source_match(s: &Source, skipped: &mut Unenforceable) -> pb::Match {
+    skipped.l7("from.source.requestPrincipals", &s.request_principals);
+    skipped.l7("from.source.notRequestPrincipals", &s.not_request_principals);
+    skipped.l7("from.source.remoteIpBlocks", &s.remote_ip_blocks);
+    skipped.l7("from.source.notRemoteIpBlocks", &s.not_remote_ip_blocks);
+    pb::Match {
+        namespaces: s.namespaces.iter().map(|v| string_match(v)).collect(),
+        not_namespaces: s.not_namespaces.iter().map(|v| string_match(v)).collect(),
+        principals: s.principals.iter().map(|v| principal_match(v)).collect(),
+        not_principals: s.not_principals.iter().map(|v| principal_match(v)).collect(),
+        source_ips: parsed(&s.ip_blocks, "from.source.ipBlocks", cidr, skipped),
+        not_source_ips: parsed(&s.not_ip_blocks, "from.source.notIpBlocks", cidr, skipped),
+        ..Default::default()
+    }
+}
+
+fn operation_match(o: &Operation, skipped: &mut Unenforceable) -> pb::Match {
+    skipped.l7("to.operation.hosts", &o.hosts);
+    skipped.l7("to.operation.notHosts", &o.not_hosts);
+    skipped.l7("to.operation.methods", &o.methods);
+    skipped.l7("to.operation.notMethods", &o.not_methods);
+    skipped.l7("to.operation.paths", &o.paths);
+    skipped.l7("to.operation.notPaths", &o.not_paths);
+    pb::Match {
+        destination_ports: parsed(&o.ports, "to.operation.ports", port, skipped),
+        not_destination_ports: parsed(&o.not_ports, "to.operation.notPorts", port, skipped),
+        ..Default::default()
+    }
+}
+
+/// A `when` condition as a match; L7 keys are unenforceable.
+fn condition_match(c: &Condition, skipped: &mut Unenforceable) -> pb::Match {
+    let mut m = pb::Match::default();
+    let field = format!("when[{}]", c.key);
+    match c.key.as_str() {
+        "source.ip" => {
+            m.source_ips = parsed(&c.values, &field, cidr, skipped);
+            m.not_source_ips = parsed(&c.not_values, &field, cidr, skipped);
+        }
+        "source.namespace" => {
+            m.namespaces = c.values.iter().map(|v| string_match(v)).collect();
+            m.not_namespaces = c.not_values.iter().map(|v| string_match(v)).collect();
+        }
+        "source.principal" => {
+            m.principals = c.values.iter().map(|v| principal_match(v)).collect();
+            m.not_principals = c.not_values.iter().map(|v| principal_match(v)).collect();
+        }
+        "destination.ip" => {
+            m.destination_ips = parsed(&c.values, &field, cidr, skipped);
+            m.not_destination_ips = parsed(&c.not_values, &field, cidr, skipped);
+        }
+        "destination.port" => {
+            m.destination_ports = parsed(&c.values, &field, port, skipped);
+            m.not_destination_ports = parsed(&c.not_values, &field, port, skipped);
+        }
+        other => skipped.0.push(format!("when key {other:?} (L7 or unknown)")),
+    }
+    m
+}
+
+/// One Istio rule as a group of AND'd clauses, plus what could not be enforced.
+fn rule_group(rule: &Rule) -> (pb::Group, Unenforceable) {
+    let mut skipped = Unenforceable::default();
+    let mut rules = Vec::new();
+    if !rule.from.is_empty() {
+        let matches = rule
+            .from
+            .iter()
+            .map(|f| source_match(&f.source, &mut skipped))
+            .collect();
+        rules.push(pb::Rules { matches });
+    }
+    if !rule.to.is_empty() {
+        let matches = rule
+            .to
+            .iter()
+            .map(|t| operation_match(&t.operation, &mut skipped))
+            .collect();
+        rules.push(pb::Rules { matches });
+    }
+    for c in &rule.when {
+        rules.push(pb::Rules {
+            matches: vec![condition_match(c, &mut skipped)],
+        });
+    }
+    (pb::Group { rules }, skipped)
+}
+
+/// The scope and, for selector policies, the labels.
+fn scope(
+    key: &ObjectKey,
+    policy: &AuthorizationPolicy,
+    options: &Options,
+) -> (pb::Scope, Option<BTreeMap<String, String>>) {
+    match policy.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
+        Some(sel) => (pb::Scope::WorkloadSelector, Some(sel.match_labels.clone())),
+        None if key.namespace == options.root_namespace => (pb::Scope::Global, None),
+        None => (pb::Scope::Namespace, None),
+    }
+}
+
+pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report: &mut Report) -> Output {
+    let mut out = Output::default();
+    for (key, policy) in &inputs.authorization_policies {
+        if policy.spec.targets().next().is_some() {
+            continue; // Enforced by waypoints.
+        }
+        let action = match policy.spec.action.as_deref().unwrap_or("ALLOW") {
+            "ALLOW" => pb::Action::Allow,
+            "DENY" => pb::Action::Deny,
+            "AUDIT" => continue, // Nothing to enforce.
+            "CUSTOM" => {
+                report.add(
+                    Kind::AuthorizationPolicy,
+                    key,
+                    "CUSTOM (external authorization) needs a waypoint; ztunnel enforces it as a DENY of its L4 part",
+                );
+                pb::Action::Deny
+            }
+            other => {
+                // Unknown action: an ALLOW that matches nothing is the closed choice.
+                report.add(
+                    Kind::AuthorizationPolicy,
+                    key,
+                    format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM; the policy allows nothing"),
+                );
+                let (scope, labels) = scope(key, policy, options);
+                insert(&mut out, key, scope, pb::Action::Allow, Vec::new(), labels);
+                continue;
+            }
+        };
+        let mut groups = Vec::new();
+        for (i, rule) in policy.spec.rules.iter().flatten().enumerate() {
+            let (group, skipped) = rule_group(rule);
+            if skipped.0.is_empty() {
+                groups.push(group);
+                continue;
+            }
+            let what = skipped.0.join(", ");
+            if action == pb::Action::Allow {
+                report.add(
+                    Kind::AuthorizationPolicy,
+                    key,
+                    format!(
+                        "rules[{i}] cannot be enforced by ztunnel ({what}): it never matches here; \
+                         attach the policy to a waypoint with targetRefs to enforce it"
+                    ),
+                );
+            } else {
+                report.add(
+                    Kind::AuthorizationPolicy,
+                    key,
+                    format!("rules[{i}]: ztunnel ignores {what} and denies on the rest of the rule"),
+                );
+                groups.push(group);
+            }
+        }
+        let (scope, labels) = scope(key, policy, options);
+        insert(&mut out, key, scope, action, groups, labels);
+    }
+    out
+}
+
+fn insert(
+    out: &mut Output,
+    key: &ObjectKey,
+    scope: pb::Scope,
+    action: pb::Action,
+    groups: Vec<pb::Group>,
+    labels: Option<BTreeMap<String, String>>,
+) {
+    let name = format!("{}/{}", key.namespace, key.name);
+    if let Some(match_labels) = labels {
+        out.selected.push(Selected {
+            name: name.clone(),
+            namespace: key.namespace.clone(),
+            match_labels,
+            only: None,
+        });
+    }
+    out.policies.insert(
+        name,
+        pb::Authorization {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            scope: scope as i32,
+            action: action as i32,
+            groups,
+        },
+    );
+}

@@ -1,0 +1,162 @@
+//! Translation: from declared objects ([`Inputs`]) to what the data plane consumes —
+//! `istio.workload.Address` (workloads and services) and `istio.security.Authorization` for
+//! ztunnels, `mesh.waypoint.v1` routes and L7 policies for waypoints, and the waypoint
+//! deployments to run. A pure function of its inputs, so golden tests pin it down; anything
+//! it cannot honour is reported as a [`Problem`] on the object that caused it.
+
+mod attach;
+mod authz;
+mod peer_authn;
+pub mod render;
+mod routes;
+mod service;
+mod workload;
+
+use std::collections::BTreeMap;
+
+use mesh_proto::security::Authorization;
+use mesh_proto::waypoint as wp;
+use mesh_proto::workload as pb;
+
+use crate::model::{Inputs, Kind, ObjectKey};
+use crate::waypoint::WaypointDeployment;
+
+pub use attach::{ENROLLED_ANNOTATION, ENROLLED_VALUE};
+
+/// Cluster-wide facts translation needs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Prefix of workload uids (`<cluster>//Pod/<ns>/<name>`).
+    pub cluster_id: String,
+    /// Network name put on workloads and service addresses (empty: the default network).
+    pub network: String,
+    pub trust_domain: String,
+    /// DNS suffix of service hostnames (`<name>.<ns>.svc.<suffix>`).
+    pub domain_suffix: String,
+    /// Policies here without a selector apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            cluster_id: "Kubernetes".to_owned(),
+            network: String::new(),
+            trust_domain: "cluster.local".to_owned(),
+            domain_suffix: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+        }
+    }
+}
+
+/// Something declared that could not be honoured as written.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Problem {
+    pub kind: Kind,
+    pub object: ObjectKey,
+    pub message: String,
+}
+
+/// Everything translation produces, keyed by xDS resource name.
+#[derive(Clone, Debug, Default)]
+pub struct Outputs {
+    /// `istio.workload.Address` by name: workload uid, or `<ns>/<hostname>` for services.
+    pub addresses: BTreeMap<String, pb::Address>,
+    /// `istio.security.Authorization` by `<ns>/<name>`.
+    pub authorizations: BTreeMap<String, Authorization>,
+    /// `mesh.waypoint.v1.ServiceRoutes` by `<ns>/<hostname>`.
+    pub service_routes: BTreeMap<String, wp::ServiceRoutes>,
+    /// `mesh.waypoint.v1.Policy` by `<Kind>/<ns>/<name>`.
+    pub waypoint_policies: BTreeMap<String, wp::Policy>,
+    /// Waypoint gateways to run, by gateway key.
+    pub waypoints: BTreeMap<ObjectKey, WaypointDeployment>,
+    pub problems: Vec<Problem>,
+}
+
+/// Collects problems while translating.
+#[derive(Default)]
+pub(crate) struct Report(Vec<Problem>);
+
+impl Report {
+    pub(crate) fn add(&mut self, kind: Kind, object: &ObjectKey, message: impl Into<String>) {
+        self.0.push(Problem {
+            kind,
+            object: object.clone(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Translates the whole input snapshot.
+pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
+    let mut report = Report::default();
+    let waypoints = attach::waypoints(inputs, options, &mut report);
+    let attach = attach::Attachments::new(inputs, &waypoints, options, &mut report);
+    let mut authz = authz::translate(inputs, options, &mut report);
+    let peer = peer_authn::translate(inputs, options, &mut report);
+    authz.policies.extend(peer.policies);
+    authz.selected.extend(peer.selected);
+    let mut addresses = BTreeMap::new();
+    for svc in service::translate(inputs, options, &attach, &mut report) {
+        let name = format!("{}/{}", svc.namespace, svc.hostname);
+        addresses.insert(
+            name,
+            pb::Address {
+                r#type: Some(pb::address::Type::Service(svc)),
+            },
+        );
+    }
+    for w in workload::translate(inputs, options, &attach, &authz.selected, &mut report) {
+        addresses.insert(
+            w.uid.clone(),
+            pb::Address {
+                r#type: Some(pb::address::Type::Workload(w)),
+            },
+        );
+    }
+    let (service_routes, waypoint_policies) = routes::translate(inputs, options, &mut report);
+    let mut problems = report.0;
+    problems.sort();
+    problems.dedup();
+    Outputs {
+        addresses,
+        authorizations: authz.policies,
+        service_routes,
+        waypoint_policies,
+        waypoints: waypoints.into_iter().map(|(k, w)| (k, w.deployment)).collect(),
+        problems,
+    }
+}
+
+/// A workload-scoped policy and the workloads it applies to.
+#[derive(Clone, Debug)]
+pub(crate) struct Selected {
+    /// `<ns>/<name>`, as listed in `Workload.authorization_policies`.
+    pub name: String,
+    pub namespace: String,
+    pub match_labels: BTreeMap<String, String>,
+    /// Exactly these pods, when the selector alone does not decide (PeerAuthentication precedence).
+    pub only: Option<Vec<ObjectKey>>,
+}
+
+impl Selected {
+    pub(crate) fn applies_to(
+        &self,
+        pod: &ObjectKey,
+        labels: Option<&BTreeMap<String, String>>,
+        root_namespace: &str,
+    ) -> bool {
+        match &self.only {
+            Some(pods) => pods.contains(pod),
+            None => {
+                (self.namespace == pod.namespace || self.namespace == root_namespace)
+                    && crate::model::selects(&self.match_labels, labels)
+            }
+        }
+    }
+}
+
+/// `<name>.<ns>.svc.<suffix>`.
+pub(crate) fn service_hostname(name: &str, namespace: &str, options: &Options) -> String {
+    format!("{name}.{namespace}.svc.{}", options.domain_suffix)
+}

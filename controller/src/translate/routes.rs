@@ -1,0 +1,677 @@
+//! Waypoint configuration: routes per service from HTTPRoute/GRPCRoute (parent: the Service)
+//! and VirtualService (hosts: the service), with the host's DestinationRule; and L7 policies
+//! (AuthorizationPolicy, RequestAuthentication) attached with `targetRefs` to a waypoint
+//! Gateway or to a Service.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mesh_proto::waypoint as wp;
+
+use super::{service_hostname, Options, Report};
+use crate::model::gateway::{BackendRef, HeaderModifier, ParentReference, PolicyTargetReference, WAYPOINT_CLASS};
+use crate::model::istio::{self, TrafficPolicy};
+use crate::model::{Inputs, Kind, ObjectKey};
+
+/// Parses Go-style durations as Kubernetes APIs write them: `1.5s`, `250ms`, `1m30s`, `1h`.
+pub(crate) fn duration(text: &str) -> Result<prost_types::Duration, String> {
+    let bad = || format!("{text:?} is not a duration such as 250ms, 2s or 1m30s");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let (number, tail) = rest.split_at(split);
+        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let value: f64 = number.parse().map_err(|_| bad())?;
+        let seconds = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += Duration::try_from_secs_f64(value * seconds).map_err(|_| bad())?;
+        rest = next;
+    }
+    prost_types::Duration::try_from(total).map_err(|_| bad())
+}
+
+fn opt_duration(
+    text: Option<&str>,
+    kind: Kind,
+    key: &ObjectKey,
+    field: &str,
+    report: &mut Report,
+) -> Option<prost_types::Duration> {
+    let text = text?;
+    match duration(text) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            report.add(kind, key, format!("{field}: {e}; ignored"));
+            None
+        }
+    }
+}
+
+fn is_service_ref(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, None | Some("") | Some("core")) && matches!(kind, None | Some("Service"))
+}
+
+/// `<ns>/<hostname>` of a Service reference.
+fn service_key(name: &str, namespace: Option<&str>, default_ns: &str, options: &Options) -> String {
+    let ns = namespace.unwrap_or(default_ns);
+    format!("{ns}/{}", service_hostname(name, ns, options))
+}
+
+/// A VirtualService/DestinationRule host to `<ns>/<hostname>`: a short name is in the
+/// object's namespace, `name.ns` and `name.ns.svc...` name another.
+fn host_key(host: &str, default_ns: &str, options: &Options) -> String {
+    let mut parts = host.split('.');
+    let name = parts.next().unwrap_or(host);
+    let ns = parts.next().unwrap_or(default_ns);
+    format!("{ns}/{}", service_hostname(name, ns, options))
+}
+
+fn backends(
+    refs: &[BackendRef],
+    ns: &str,
+    options: &Options,
+    kind: Kind,
+    key: &ObjectKey,
+    report: &mut Report,
+) -> Vec<wp::WeightedBackend> {
+    refs.iter()
+        .filter(|b| {
+            let ok = is_service_ref(b.group.as_deref(), b.kind.as_deref());
+            if !ok {
+                report.add(kind, key, format!("backendRef {} is not a Service; skipped", b.name));
+            }
+            ok
+        })
+        .map(|b| wp::WeightedBackend {
+            service: service_key(&b.name, b.namespace.as_deref(), ns, options),
+            port: b.port.map(u32::from).unwrap_or(0),
+            weight: b.weight.unwrap_or(1),
+            subset: String::new(),
+        })
+        .collect()
+}
+
+fn header_rewrite(m: &HeaderModifier) -> wp::HeaderRewrite {
+    wp::HeaderRewrite {
+        set: m.set.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
+        add: m.add.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
+        remove: m.remove.clone(),
+    }
+}
+
+fn string_match(kind: Option<&str>, value: String, default: &str) -> wp::StringMatch {
+    use wp::string_match::Kind as K;
+    let k = match kind.unwrap_or(default) {
+        "Exact" => K::Exact(value),
+        "RegularExpression" => K::Regex(value),
+        _ => K::Prefix(value),
+    };
+    wp::StringMatch { kind: Some(k) }
+}
+
+fn istio_match(m: &istio::StringMatch) -> Option<wp::StringMatch> {
+    use wp::string_match::Kind as K;
+    let k = if let Some(v) = &m.exact {
+        K::Exact(v.clone())
+    } else if let Some(v) = &m.prefix {
+        K::Prefix(v.clone())
+    } else {
+        K::Regex(m.regex.clone()?)
+    };
+    Some(wp::StringMatch { kind: Some(k) })
+}
+
+/// The Service parents of a route, as `<ns>/<hostname>`; other parents are reported.
+fn service_parents(
+    parents: &[ParentReference],
+    ns: &str,
+    options: &Options,
+    inputs: &Inputs,
+    kind: Kind,
+    key: &ObjectKey,
+    report: &mut Report,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in parents {
+        if is_service_ref(p.group.as_deref(), p.kind.as_deref()) && p.kind.is_some() {
+            out.push(service_key(&p.name, p.namespace.as_deref(), ns, options));
+            continue;
+        }
+        let gw = ObjectKey::new(p.namespace.as_deref().unwrap_or(ns), p.name.as_str());
+        if inputs
+            .gateways
+            .get(&gw)
+            .is_some_and(|g| g.spec.gateway_class_name == WAYPOINT_CLASS)
+        {
+            report.add(
+                kind,
+                key,
+                format!("parentRef {gw} is a waypoint: attach routes to the Service they route (GAMMA)"),
+            );
+        }
+        // Other gateways' routes are not the mesh's business.
+    }
+    out
+}
+
+type Routes = BTreeMap<String, wp::ServiceRoutes>;
+
+fn entry<'a>(routes: &'a mut Routes, service: &str) -> &'a mut wp::ServiceRoutes {
+    routes.entry(service.to_owned()).or_insert_with(|| wp::ServiceRoutes {
+        service: service.to_owned(),
+        ..Default::default()
+    })
+}
+
+fn by_age<'a, T>(
+    items: impl Iterator<Item = (&'a ObjectKey, &'a T)>,
+    meta: impl Fn(&T) -> &crate::model::ObjectMeta,
+) -> Vec<(&'a ObjectKey, &'a T)> {
+    let mut v: Vec<_> = items.collect();
+    v.sort_by(|a, b| {
+        let t = |x: &T| meta(x).creation_timestamp.clone().map(|t| t.0);
+        t(a.1).cmp(&t(b.1)).then_with(|| a.0.cmp(b.0))
+    });
+    v
+}
+
+fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
+    for (key, route) in by_age(inputs.http_routes.iter(), |r| &r.metadata) {
+        let kind = Kind::HttpRoute;
+        let ns = key.namespace.as_str();
+        for service in service_parents(&route.spec.parent_refs, ns, options, inputs, kind, key, report) {
+            let target = entry(routes, &service);
+            target.sources.push(format!("HTTPRoute/{key}"));
+            for (i, rule) in route.spec.rules.iter().enumerate() {
+                let matches = rule
+                    .matches
+                    .iter()
+                    .map(|m| wp::RouteMatch {
+                        path: m.path.as_ref().map(|p| {
+                            string_match(
+                                p.kind.as_deref(),
+                                p.value.clone().unwrap_or_else(|| "/".to_owned()),
+                                "PathPrefix",
+                            )
+                        }),
+                        method: m.method.clone().unwrap_or_default(),
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|h| wp::HeaderMatch {
+                                name: h.name.to_ascii_lowercase(),
+                                value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
+                            })
+                            .collect(),
+                        query_params: m
+                            .query_params
+                            .iter()
+                            .map(|h| wp::HeaderMatch {
+                                name: h.name.clone(),
+                                value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let mut r = wp::Route {
+                    name: format!("HTTPRoute/{key}/rules[{i}]"),
+                    matches,
+                    backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                    timeout: opt_duration(
+                        rule.timeouts.as_ref().and_then(|t| t.request.as_deref()),
+                        kind,
+                        key,
+                        &format!("rules[{i}].timeouts.request"),
+                        report,
+                    ),
+                    ..Default::default()
+                };
+                for f in &rule.filters {
+                    match f.kind.as_str() {
+                        "RequestHeaderModifier" => {
+                            r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite)
+                        }
+                        "ResponseHeaderModifier" => {
+                            r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
+                        }
+                        other => report.add(
+                            kind,
+                            key,
+                            format!("rules[{i}]: filter {other} is not supported; ignored"),
+                        ),
+                    }
+                }
+                target.routes.push(r);
+            }
+        }
+    }
+    for (key, route) in by_age(inputs.grpc_routes.iter(), |r| &r.metadata) {
+        let kind = Kind::GrpcRoute;
+        let ns = key.namespace.as_str();
+        for service in service_parents(&route.spec.parent_refs, ns, options, inputs, kind, key, report) {
+            let target = entry(routes, &service);
+            target.sources.push(format!("GRPCRoute/{key}"));
+            for (i, rule) in route.spec.rules.iter().enumerate() {
+                let matches = rule
+                    .matches
+                    .iter()
+                    .map(|m| wp::RouteMatch {
+                        grpc_service: m.method.as_ref().and_then(|x| x.service.clone()).unwrap_or_default(),
+                        grpc_method: m.method.as_ref().and_then(|x| x.method.clone()).unwrap_or_default(),
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|h| wp::HeaderMatch {
+                                name: h.name.to_ascii_lowercase(),
+                                value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect();
+                target.routes.push(wp::Route {
+                    name: format!("GRPCRoute/{key}/rules[{i}]"),
+                    matches,
+                    backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+}
+
+fn percent(p: Option<&istio::Percent>) -> f64 {
+    p.map(|p| p.value).unwrap_or(100.0)
+}
+
+fn virtual_services(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
+    for (key, vs) in by_age(inputs.virtual_services.iter(), |v| &v.metadata) {
+        let kind = Kind::VirtualService;
+        let ns = key.namespace.as_str();
+        if vs.spec.gateways.iter().any(|g| g != "mesh") {
+            continue; // Routes for ingress gateways, not the mesh.
+        }
+        for host in &vs.spec.hosts {
+            if host.contains('*') {
+                report.add(kind, key, format!("wildcard host {host:?} is not supported; skipped"));
+                continue;
+            }
+            let service = host_key(host, ns, options);
+            let target = entry(routes, &service);
+            target.sources.push(format!("VirtualService/{key}"));
+            for (i, http) in vs.spec.http.iter().enumerate() {
+                let matches = http
+                    .matches
+                    .iter()
+                    .map(|m| wp::RouteMatch {
+                        path: m.uri.as_ref().and_then(istio_match),
+                        method: m.method.as_ref().and_then(|s| s.exact.clone()).unwrap_or_default(),
+                        headers: m
+                            .headers
+                            .iter()
+                            .filter_map(|(n, v)| {
+                                Some(wp::HeaderMatch {
+                                    name: n.to_ascii_lowercase(),
+                                    value: Some(istio_match(v)?),
+                                })
+                            })
+                            .collect(),
+                        query_params: m
+                            .query_params
+                            .iter()
+                            .filter_map(|(n, v)| {
+                                Some(wp::HeaderMatch {
+                                    name: n.clone(),
+                                    value: Some(istio_match(v)?),
+                                })
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let field = |f: &str| format!("http[{i}].{f}");
+                let single = http.route.len() == 1;
+                let backends = http
+                    .route
+                    .iter()
+                    .map(|d| wp::WeightedBackend {
+                        service: host_key(&d.destination.host, ns, options),
+                        port: d.destination.port.as_ref().map(|p| p.number).unwrap_or(0),
+                        weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
+                        subset: d.destination.subset.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                let retry = http.retries.as_ref().map(|r| wp::Retry {
+                    attempts: r.attempts,
+                    per_try_timeout: opt_duration(
+                        r.per_try_timeout.as_deref(),
+                        kind,
+                        key,
+                        &field("retries.perTryTimeout"),
+                        report,
+                    ),
+                    retry_on: r
+                        .retry_on
+                        .iter()
+                        .flat_map(|s| s.split(','))
+                        .map(|s| s.trim().to_owned())
+                        .collect(),
+                });
+                let fault = http.fault.as_ref().map(|f| wp::Fault {
+                    delay: f.delay.as_ref().and_then(|d| {
+                        opt_duration(
+                            d.fixed_delay.as_deref(),
+                            kind,
+                            key,
+                            &field("fault.delay.fixedDelay"),
+                            report,
+                        )
+                    }),
+                    delay_percent: f.delay.as_ref().map(|d| percent(d.percentage.as_ref())).unwrap_or(0.0),
+                    abort_status: f.abort.as_ref().and_then(|a| a.http_status).unwrap_or(0),
+                    abort_percent: f.abort.as_ref().map(|a| percent(a.percentage.as_ref())).unwrap_or(0.0),
+                });
+                target.routes.push(wp::Route {
+                    name: format!(
+                        "VirtualService/{key}/{}",
+                        http.name.clone().unwrap_or_else(|| format!("http[{i}]"))
+                    ),
+                    matches,
+                    backends,
+                    timeout: opt_duration(http.timeout.as_deref(), kind, key, &field("timeout"), report),
+                    retry,
+                    fault,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+}
+
+fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp::TrafficPolicy {
+    let kind = Kind::DestinationRule;
+    let pool = p.connection_pool.as_ref().map(|c| wp::ConnectionPool {
+        max_connections: c.tcp.as_ref().and_then(|t| t.max_connections).unwrap_or(0),
+        connect_timeout: opt_duration(
+            c.tcp.as_ref().and_then(|t| t.connect_timeout.as_deref()),
+            kind,
+            key,
+            "connectionPool.tcp.connectTimeout",
+            report,
+        ),
+        max_pending_requests: c.http.as_ref().and_then(|h| h.http1_max_pending_requests).unwrap_or(0),
+        max_requests: c.http.as_ref().and_then(|h| h.http2_max_requests).unwrap_or(0),
+        max_requests_per_connection: c.http.as_ref().and_then(|h| h.max_requests_per_connection).unwrap_or(0),
+        max_retries: c.http.as_ref().and_then(|h| h.max_retries).unwrap_or(0),
+    });
+    let outlier = p.outlier_detection.as_ref().map(|o| wp::OutlierDetection {
+        consecutive_5xx_errors: o.consecutive5xx_errors.unwrap_or(0),
+        consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(0),
+        interval: opt_duration(o.interval.as_deref(), kind, key, "outlierDetection.interval", report),
+        base_ejection_time: opt_duration(
+            o.base_ejection_time.as_deref(),
+            kind,
+            key,
+            "outlierDetection.baseEjectionTime",
+            report,
+        ),
+        max_ejection_percent: o.max_ejection_percent.unwrap_or(0),
+    });
+    wp::TrafficPolicy {
+        connection_pool: pool,
+        outlier_detection: outlier,
+    }
+}
+
+fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
+    for (key, dr) in by_age(inputs.destination_rules.iter(), |d| &d.metadata) {
+        let service = host_key(&dr.spec.host, &key.namespace, options);
+        let target = entry(routes, &service);
+        if target.traffic_policy.is_some() || !target.subsets.is_empty() {
+            report.add(
+                Kind::DestinationRule,
+                key,
+                format!("an older DestinationRule already configures {service}; ignored"),
+            );
+            continue;
+        }
+        target.sources.push(format!("DestinationRule/{key}"));
+        target.traffic_policy = dr.spec.traffic_policy.as_ref().map(|p| traffic_policy(p, key, report));
+        target.subsets = dr
+            .spec
+            .subsets
+            .iter()
+            .map(|s| wp::Subset {
+                name: s.name.clone(),
+                labels: s.labels.clone(),
+                traffic_policy: s.traffic_policy.as_ref().map(|p| traffic_policy(p, key, report)),
+            })
+            .collect();
+    }
+}
+
+fn targets(
+    refs: impl Iterator<Item = PolicyTargetReference>,
+    key: &ObjectKey,
+    kind: Kind,
+    inputs: &Inputs,
+    report: &mut Report,
+) -> Vec<wp::Target> {
+    let mut out = Vec::new();
+    for t in refs {
+        let ns = t.namespace.clone().unwrap_or_else(|| key.namespace.clone());
+        let target_key = ObjectKey::new(ns.clone(), t.name.clone());
+        match (t.group.as_str(), t.kind.as_str()) {
+            ("gateway.networking.k8s.io", "Gateway") => {
+                let waypoint = inputs
+                    .gateways
+                    .get(&target_key)
+                    .map(|g| g.spec.gateway_class_name.as_str());
+                if waypoint != Some(WAYPOINT_CLASS) {
+                    report.add(
+                        kind,
+                        key,
+                        format!("targetRef Gateway {target_key} is not a waypoint; nothing enforces this policy there"),
+                    );
+                }
+            }
+            ("" | "core", "Service") => {
+                if !inputs.services.contains_key(&target_key) {
+                    report.add(kind, key, format!("targetRef Service {target_key} does not exist"));
+                }
+            }
+            (group, k) => {
+                report.add(
+                    kind,
+                    key,
+                    format!("targetRef {group}/{k} is not supported (Gateway or Service)"),
+                );
+                continue;
+            }
+        }
+        out.push(wp::Target {
+            kind: t.kind.clone(),
+            namespace: ns,
+            name: t.name.clone(),
+        });
+    }
+    out
+}
+
+fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String, wp::Policy> {
+    let mut out = BTreeMap::new();
+    for (key, ap) in &inputs.authorization_policies {
+        if ap.spec.targets().next().is_none() {
+            continue;
+        }
+        let kind = Kind::AuthorizationPolicy;
+        let action = match ap.spec.action.as_deref().unwrap_or("ALLOW") {
+            "ALLOW" => wp::Action::Allow,
+            "DENY" => wp::Action::Deny,
+            "AUDIT" => wp::Action::Audit,
+            other => {
+                report.add(
+                    kind,
+                    key,
+                    format!("action {other} is not supported at waypoints; enforced as DENY"),
+                );
+                wp::Action::Deny
+            }
+        };
+        let rules = ap
+            .spec
+            .rules
+            .iter()
+            .flatten()
+            .map(|r| wp::Rule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|f| {
+                        let s = &f.source;
+                        wp::Source {
+                            principals: s.principals.clone(),
+                            not_principals: s.not_principals.clone(),
+                            request_principals: s.request_principals.clone(),
+                            not_request_principals: s.not_request_principals.clone(),
+                            namespaces: s.namespaces.clone(),
+                            not_namespaces: s.not_namespaces.clone(),
+                            ip_blocks: s.ip_blocks.clone(),
+                            not_ip_blocks: s.not_ip_blocks.clone(),
+                            remote_ip_blocks: s.remote_ip_blocks.clone(),
+                            not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                        }
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|t| {
+                        let o = &t.operation;
+                        let ports = |v: &[String]| v.iter().filter_map(|p| p.parse().ok()).collect();
+                        wp::Operation {
+                            hosts: o.hosts.clone(),
+                            not_hosts: o.not_hosts.clone(),
+                            ports: ports(&o.ports),
+                            not_ports: ports(&o.not_ports),
+                            methods: o.methods.clone(),
+                            not_methods: o.not_methods.clone(),
+                            paths: o.paths.clone(),
+                            not_paths: o.not_paths.clone(),
+                        }
+                    })
+                    .collect(),
+                when: r
+                    .when
+                    .iter()
+                    .map(|c| wp::Condition {
+                        key: c.key.clone(),
+                        values: c.values.clone(),
+                        not_values: c.not_values.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.insert(
+            format!("AuthorizationPolicy/{key}"),
+            wp::Policy {
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+                targets: targets(ap.spec.targets().cloned(), key, kind, inputs, report),
+                kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
+                    action: action as i32,
+                    rules,
+                })),
+            },
+        );
+    }
+    for (key, ra) in &inputs.request_authentications {
+        let kind = Kind::RequestAuthentication;
+        if ra.spec.targets().next().is_none() {
+            report.add(
+                kind,
+                key,
+                "JWT authentication is enforced by waypoints: add targetRefs to a waypoint Gateway or Service",
+            );
+            continue;
+        }
+        let rules = ra
+            .spec
+            .jwt_rules
+            .iter()
+            .map(|r| wp::JwtRule {
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                jwks_uri: r.jwks_uri.clone().unwrap_or_default(),
+                jwks: r.jwks.clone().unwrap_or_default(),
+                from_headers: r
+                    .from_headers
+                    .iter()
+                    .map(|h| wp::JwtHeader {
+                        name: h.name.clone(),
+                        prefix: h.prefix.clone(),
+                    })
+                    .collect(),
+                from_params: r.from_params.clone(),
+                forward_original_token: r.forward_original_token,
+                output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+            })
+            .collect();
+        out.insert(
+            format!("RequestAuthentication/{key}"),
+            wp::Policy {
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+                targets: targets(ra.spec.targets().cloned(), key, kind, inputs, report),
+                kind: Some(wp::policy::Kind::Jwt(wp::JwtAuthentication { rules })),
+            },
+        );
+    }
+    out
+}
+
+pub(crate) fn translate(
+    inputs: &Inputs,
+    options: &Options,
+    report: &mut Report,
+) -> (Routes, BTreeMap<String, wp::Policy>) {
+    let mut routes = Routes::new();
+    http_routes(inputs, options, &mut routes, report);
+    virtual_services(inputs, options, &mut routes, report);
+    destination_rules(inputs, options, &mut routes, report);
+    (routes, policies(inputs, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            duration("1.5s").unwrap(),
+            prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            }
+        );
+        assert_eq!(duration("1m30s").unwrap().seconds, 90);
+        assert_eq!(duration("250ms").unwrap().nanos, 250_000_000);
+        assert!(duration("5").is_err());
+        assert!(duration("").is_err());
+        assert!(duration("3 days").is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! Kubernetes Services to `istio.workload.Service`: hostname, VIPs, ports (a named target port
+//! is resolved per workload, so it is 0 here), waypoint. Also the index workload translation
+//! uses to find the services a pod belongs to.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_core::state::model::ip_to_bytes;
+use mesh_proto::workload as pb;
+
+use super::attach::Attachments;
+use super::{service_hostname, Options, Report};
+use crate::model::{Inputs, Kind, ObjectKey, Pod, Service};
+
+/// `appProtocol`, else the port name's prefix (`http-web`, `grpc`), as Istio reads it.
+pub(crate) fn app_protocol(port: &k8s_openapi::api::core::v1::ServicePort) -> i32 {
+    let name = port.app_protocol.as_deref().or(port.name.as_deref()).unwrap_or("");
+    let prefix = name.split(['-', '/']).next().unwrap_or("").to_ascii_lowercase();
+    let proto = match prefix.as_str() {
+        "http" => pb::AppProtocol::Http11,
+        "http2" | "h2c" => pb::AppProtocol::Http2,
+        "grpc" | "grpc-web" => pb::AppProtocol::Grpc,
+        _ => pb::AppProtocol::Unknown,
+    };
+    proto as i32
+}
+
+fn vips(svc: &Service) -> Vec<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter());
+    }
+    ips.into_iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// Services translated for ztunnel; ExternalName services are skipped (nothing to capture).
+pub(crate) fn translate(
+    inputs: &Inputs,
+    options: &Options,
+    attach: &Attachments<'_>,
+    report: &mut Report,
+) -> Vec<pb::Service> {
+    let mut out = Vec::with_capacity(inputs.services.len());
+    for (key, svc) in &inputs.services {
+        let Some(spec) = svc.spec.as_ref() else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue; // UDP/SCTP are not captured.
+            }
+            let Ok(service_port) = u32::try_from(p.port) else {
+                report.add(
+                    Kind::Service,
+                    key,
+                    format!("spec.ports[{i}].port {} is not a port", p.port),
+                );
+                continue;
+            };
+            let target_port = match &p.target_port {
+                None => service_port,
+                Some(IntOrString::Int(n)) => match u32::try_from(*n) {
+                    Ok(n) if n > 0 && n <= 65535 => n,
+                    _ => {
+                        report.add(
+                            Kind::Service,
+                            key,
+                            format!("spec.ports[{i}].targetPort {n} is not a port"),
+                        );
+                        continue;
+                    }
+                },
+                // Named: resolved against each pod's container ports.
+                Some(IntOrString::String(_)) => 0,
+            };
+            ports.push(pb::Port {
+                service_port,
+                target_port,
+                app_protocol: app_protocol(p),
+            });
+        }
+        let addresses = vips(svc)
+            .into_iter()
+            .map(|ip| pb::NetworkAddress {
+                network: options.network.clone(),
+                address: ip_to_bytes(ip),
+            })
+            .collect();
+        out.push(pb::Service {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            hostname: service_hostname(&key.name, &key.namespace, options),
+            addresses,
+            ports,
+            subject_alt_names: Vec::new(),
+            waypoint: attach.for_service(key, &svc.metadata, report),
+            load_balancing: None,
+            ip_families: 0,
+        });
+    }
+    out
+}
+
+/// Resolves a Service port's target for one pod: numeric as is, named through the pod's
+/// container ports; `None` when the pod has no such named port.
+pub(crate) fn target_port(port: &k8s_openapi::api::core::v1::ServicePort, pod: &Pod) -> Option<u32> {
+    match &port.target_port {
+        None => u32::try_from(port.port).ok(),
+        Some(IntOrString::Int(n)) => u32::try_from(*n).ok(),
+        Some(IntOrString::String(name)) => pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u32::try_from(p.container_port).ok()),
+    }
+}
+
+/// Finds the selector services of a pod without comparing it to every service: services are
+/// indexed by namespace and one of their selector labels.
+pub(crate) struct SelectorIndex<'a> {
+    /// (namespace, label key, label value) -> services whose selector has that pair.
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<ServiceRef<'a>>>,
+}
+
+type ServiceRef<'a> = (&'a ObjectKey, &'a Service);
+
+impl<'a> SelectorIndex<'a> {
+    pub(crate) fn new(inputs: &'a Inputs) -> Self {
+        let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
+        for (key, svc) in &inputs.services {
+            let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+                continue;
+            };
+            if let Some((k, v)) = selector.iter().next() {
+                by_label
+                    .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push((key, svc));
+            }
+        }
+        SelectorIndex { by_label }
+    }
+
+    /// Services in `namespace` whose whole selector matches `labels`, in key order.
+    pub(crate) fn matching(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Vec<(&'a ObjectKey, &'a Service)> {
+        let mut out: Vec<(&ObjectKey, &Service)> = labels
+            .iter()
+            .filter_map(|(k, v)| self.by_label.get(&(namespace, k.as_str(), v.as_str())))
+            .flatten()
+            .filter(|(_, svc)| {
+                svc.spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .is_some_and(|sel| crate::model::selects(sel, Some(labels)))
+            })
+            .copied()
+            .collect();
+        out.sort_by_key(|(k, _)| *k);
+        out.dedup_by_key(|(k, _)| *k);
+        out
+    }
+}

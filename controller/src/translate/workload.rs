@@ -1,0 +1,272 @@
+//! Pods to `istio.workload.Workload`: uid, addresses, identity, HBONE only when the node agent
+//! reports the pod captured, canonical names, health, the services it backs (by selector, or
+//! by EndpointSlice for selector-less services) with per-pod target ports, its waypoint and
+//! the selector policies that apply to it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use mesh_core::state::model::ip_to_bytes;
+use mesh_proto::workload as pb;
+
+use super::attach::{Attachments, ENROLLED_ANNOTATION, ENROLLED_VALUE};
+use super::service::{target_port, SelectorIndex};
+use super::{service_hostname, Options, Report, Selected};
+use crate::model::{Inputs, Kind, ObjectKey, Pod};
+
+fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, keys: &[&str]) -> Option<&'a str> {
+    let labels = labels?;
+    keys.iter().find_map(|k| labels.get(*k)).map(String::as_str)
+}
+
+/// The workload's controller name and type: a ReplicaSet's Deployment (the name minus the
+/// pod-template-hash), a Job's CronJob, else the owner or the pod itself.
+fn workload_name(pod: &Pod, key: &ObjectKey) -> (String, pb::WorkloadType) {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| pod.metadata.owner_references.iter().flatten().next());
+    let Some(owner) = owner else {
+        return (key.name.clone(), pb::WorkloadType::Pod);
+    };
+    let strip_suffix = |name: &str| {
+        name.rsplit_once('-')
+            .map(|(n, _)| n.to_owned())
+            .unwrap_or(name.to_owned())
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = pod.metadata.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
+            match hash {
+                Some(h) if owner.name.ends_with(&format!("-{h}")) => (
+                    owner.name[..owner.name.len() - h.len() - 1].to_owned(),
+                    pb::WorkloadType::Deployment,
+                ),
+                _ => (owner.name.clone(), pb::WorkloadType::Deployment),
+            }
+        }
+        "Job" => {
+            // A Job created by a CronJob is named <cronjob>-<schedule time>.
+            let cron = owner
+                .name
+                .rsplit_once('-')
+                .is_some_and(|(_, t)| t.bytes().all(|b| b.is_ascii_digit()));
+            if cron {
+                (strip_suffix(&owner.name), pb::WorkloadType::Cronjob)
+            } else {
+                (owner.name.clone(), pb::WorkloadType::Job)
+            }
+        }
+        _ => (owner.name.clone(), pb::WorkloadType::Pod),
+    }
+}
+
+fn healthy(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else { return true };
+    match status.conditions.iter().flatten().find(|c| c.type_ == "Ready") {
+        Some(c) => c.status == "True",
+        // Local manifests often carry no conditions: a running (or unstated) phase is healthy.
+        None => matches!(status.phase.as_deref(), None | Some("Running")),
+    }
+}
+
+/// A selector-less service a pod backs, with the slice's port names and numbers.
+type SliceMembership = (ObjectKey, Vec<(String, u32)>);
+
+/// Pods backing selector-less services, from EndpointSlices: pod -> [(service key, port map)].
+fn slice_members(inputs: &Inputs) -> HashMap<ObjectKey, Vec<SliceMembership>> {
+    let mut out: HashMap<ObjectKey, Vec<SliceMembership>> = HashMap::new();
+    for (key, slice) in &inputs.endpoint_slices {
+        let Some(svc_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let svc_key = ObjectKey::new(key.namespace.clone(), svc_name.clone());
+        let has_selector = inputs
+            .services
+            .get(&svc_key)
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.selector.as_ref())
+            .is_some_and(|s| !s.is_empty());
+        if has_selector {
+            continue; // The selector already says which pods back it.
+        }
+        let ports: Vec<(String, u32)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
+            .collect();
+        for ep in &slice.endpoints {
+            let Some(target) = ep.target_ref.as_ref() else { continue };
+            if target.kind.as_deref() != Some("Pod") {
+                continue;
+            }
+            let pod = ObjectKey::new(
+                target.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+                target.name.clone().unwrap_or_default(),
+            );
+            out.entry(pod).or_default().push((svc_key.clone(), ports.clone()));
+        }
+    }
+    out
+}
+
+/// A pod's IPs as written in its status (`podIPs`, else `podIP`).
+pub(crate) fn pod_ips(pod: &Pod) -> impl Iterator<Item = &str> {
+    let status = pod.status.as_ref();
+    let list = status.and_then(|s| s.pod_ips.as_ref()).filter(|l| !l.is_empty());
+    let single = match list {
+        Some(_) => None,
+        None => status.and_then(|s| s.pod_ip.as_deref()),
+    };
+    list.into_iter().flatten().map(|p| p.ip.as_str()).chain(single)
+}
+
+pub(crate) fn translate(
+    inputs: &Inputs,
+    options: &Options,
+    attach: &Attachments<'_>,
+    selected: &[Selected],
+    report: &mut Report,
+) -> Vec<pb::Workload> {
+    let index = SelectorIndex::new(inputs);
+    let slices = slice_members(inputs);
+    let mut out = Vec::with_capacity(inputs.pods.len());
+    for (key, pod) in &inputs.pods {
+        let Some(status) = pod.status.as_ref() else { continue };
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        let mut addresses = Vec::with_capacity(1);
+        for ip in pod_ips(pod) {
+            match ip.parse() {
+                Ok(ip) => addresses.push(ip_to_bytes(ip)),
+                Err(_) => report.add(Kind::Pod, key, format!("status.podIP {ip:?} is not an IP address")),
+            }
+        }
+        if addresses.is_empty() {
+            continue; // Not started yet: nothing to route to.
+        }
+        let spec = pod.spec.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let labels = pod.metadata.labels.as_ref();
+        let enrolled = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ENROLLED_ANNOTATION))
+            .is_some_and(|v| v == ENROLLED_VALUE);
+        let (workload_name, workload_type) = workload_name(pod, key);
+        let canonical_name = label(
+            labels,
+            &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+        )
+        .map(str::to_owned)
+        .unwrap_or_else(|| workload_name.clone());
+        let canonical_revision = label(
+            labels,
+            &[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ],
+        )
+        .unwrap_or("latest")
+        .to_owned();
+
+        let mut services = BTreeMap::new();
+        let empty = BTreeMap::new();
+        for (svc_key, svc) in index.matching(&key.namespace, labels.unwrap_or(&empty)) {
+            let ports = svc
+                .spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+                .filter_map(|p| {
+                    Some(pb::Port {
+                        service_port: u32::try_from(p.port).ok()?,
+                        target_port: target_port(p, pod)?,
+                        app_protocol: super::service::app_protocol(p),
+                    })
+                })
+                .collect();
+            let hostname = service_hostname(&svc_key.name, &svc_key.namespace, options);
+            services.insert(format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports });
+        }
+        for (svc_key, slice_ports) in slices.get(key).into_iter().flatten() {
+            let Some(svc) = inputs.services.get(svc_key) else {
+                continue;
+            };
+            let ports = svc
+                .spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter_map(|p| {
+                    let name = p.name.clone().unwrap_or_default();
+                    let target = slice_ports.iter().find(|(n, _)| *n == name)?.1;
+                    Some(pb::Port {
+                        service_port: u32::try_from(p.port).ok()?,
+                        target_port: target,
+                        app_protocol: super::service::app_protocol(p),
+                    })
+                })
+                .collect();
+            let hostname = service_hostname(&svc_key.name, &svc_key.namespace, options);
+            services.insert(format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports });
+        }
+
+        let authorization_policies = selected
+            .iter()
+            .filter(|s| s.applies_to(key, labels, &options.root_namespace))
+            .map(|s| s.name.clone())
+            .collect();
+        out.push(pb::Workload {
+            uid: format!("{}//Pod/{}/{}", options.cluster_id, key.namespace, key.name),
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            addresses,
+            hostname: String::new(),
+            network: options.network.clone(),
+            tunnel_protocol: if enrolled && !host_network {
+                pb::TunnelProtocol::Hbone as i32
+            } else {
+                pb::TunnelProtocol::None as i32
+            },
+            trust_domain: options.trust_domain.clone(),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+            waypoint: attach.for_workload(key, &pod.metadata, report),
+            network_gateway: None,
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            canonical_name,
+            canonical_revision,
+            workload_type: workload_type as i32,
+            workload_name,
+            native_tunnel: false,
+            services,
+            authorization_policies,
+            status: if healthy(pod) {
+                pb::WorkloadStatus::Healthy as i32
+            } else {
+                pb::WorkloadStatus::Unhealthy as i32
+            },
+            cluster_id: options.cluster_id.clone(),
+            locality: None,
+            network_mode: if host_network {
+                pb::NetworkMode::HostNetwork as i32
+            } else {
+                pb::NetworkMode::Standard as i32
+            },
+        });
+    }
+    out
+}

@@ -1,0 +1,81 @@
+//! Golden tests of translation: each directory under `tests/golden/` holds `input.yaml`
+//! (manifests as a user writes them) and `expected.json` (the workload xDS, authorization,
+//! waypoint configuration and problems the controller must produce). Run with
+//! `UPDATE_GOLDEN=1` to rewrite the expectations after an intended change, then review the diff.
+
+use std::path::Path;
+
+use controller::model::Inputs;
+use controller::source::local::{parse_text, Loaded};
+use controller::translate::{render, translate, Options};
+
+fn check(case: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case);
+    let input = dir.join("input.yaml");
+    let text = std::fs::read_to_string(&input).unwrap_or_else(|e| panic!("reading {}: {e}", input.display()));
+    let mut loaded = Loaded::default();
+    parse_text(&input, &text, &mut loaded);
+    let mut inputs = Inputs::default();
+    for o in loaded.objects {
+        inputs.apply(o);
+    }
+    let out = translate(&inputs, &Options::default());
+    let mut actual = render::to_json(&out);
+    actual["skippedDocuments"] = loaded
+        .errors
+        .iter()
+        .map(|e| format!("document {}: {}", e.index, e.reason))
+        .collect();
+    let actual = serde_json::to_string_pretty(&actual).expect("JSON values serialize") + "\n";
+    let expected_path = dir.join("expected.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&expected_path, &actual).expect("write golden file");
+        return;
+    }
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            expected_path.display()
+        )
+    });
+    if expected != actual {
+        let diff: Vec<String> = expected
+            .lines()
+            .zip(actual.lines())
+            .enumerate()
+            .filter(|(_, (e, a))| e != a)
+            .take(10)
+            .map(|(i, (e, a))| format!("line {}:\n  expected: {e}\n  actual:   {a}", i + 1))
+            .collect();
+        panic!(
+            "{case}: translation differs from {}\n{}",
+            expected_path.display(),
+            diff.join("\n")
+        );
+    }
+}
+
+#[test]
+fn workloads() {
+    check("workloads");
+}
+
+#[test]
+fn waypoints() {
+    check("waypoints");
+}
+
+#[test]
+fn authorization() {
+    check("authorization");
+}
+
+#[test]
+fn peer_authentication() {
+    check("peer-authentication");
+}
+
+#[test]
+fn routes() {
+    check("routes");
+}
