@@ -917,11 +917,11 @@ mod tests {
         assert_initial(&initial);
         assert_eq!(
             initial[ADDRESS_TYPE_URL].initial_resource_versions,
-            HashMap::from([(W1.to_owned(), "2".to_owned())])
+            std::collections::BTreeMap::from([(W1.to_owned(), "2".to_owned())])
         );
         assert_eq!(
             initial[AUTHORIZATION_TYPE_URL].initial_resource_versions,
-            HashMap::from([("default/allow".to_owned(), "7".to_owned())])
+            std::collections::BTreeMap::from([("default/allow".to_owned(), "7".to_owned())])
         );
         assert!(*ready.borrow(), "readiness survives a reconnect");
 
