@@ -2,9 +2,14 @@
 //! directory), translates it into the workload xDS resources ztunnels and waypoints use,
 //! serves them over Delta ADS, signs workload certificates, and deploys waypoints.
 
+pub mod admin;
 pub mod ca;
+pub mod config;
+pub mod core;
 pub mod k8s;
 pub mod model;
+pub mod serve;
 pub mod source;
 pub mod translate;
 pub mod waypoint;
+pub mod xds;

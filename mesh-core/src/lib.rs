@@ -12,6 +12,7 @@
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod prometheus;
 pub mod rbac;
 pub mod socket;
 pub mod state;

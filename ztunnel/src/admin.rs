@@ -109,7 +109,7 @@ impl Admin {
             (out, "application/openmetrics-text; version=1.0.0; charset=utf-8")
         } else {
             (
-                openmetrics_to_prometheus(&out),
+                mesh_core::prometheus::openmetrics_to_prometheus(&out),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         };
@@ -159,32 +159,6 @@ impl Admin {
     }
 }
 
-/// Rewrites OpenMetrics text as Prometheus text 0.0.4: counter families are named with their
-/// `_total` suffix in HELP/TYPE (as their samples are), and the `# EOF` marker is dropped.
-fn openmetrics_to_prometheus(om: &str) -> String {
-    let counters: std::collections::HashSet<&str> = om
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(om.len() + 64 * counters.len());
-    for line in om.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        match renamed {
-            Some(l) => out.push_str(&l),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
-
 /// Serves `admin` on `listener` until `stop` is cancelled. Each listener exposes every path;
 /// the admin one is bound to localhost by default.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
@@ -221,7 +195,7 @@ mod tests {
     #[test]
     fn counters_get_total_in_metadata() {
         let om = "# HELP a_b A thing.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n# EOF\n";
-        let p = super::openmetrics_to_prometheus(om);
+        let p = mesh_core::prometheus::openmetrics_to_prometheus(om);
         assert_eq!(
             p,
             "# HELP a_b_total A thing.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# TYPE g gauge\ng 1\n"

@@ -115,6 +115,26 @@ impl Inputs {
         }
     }
 
+    /// Removes every object of `kind`.
+    pub fn clear(&mut self, kind: Kind) {
+        match kind {
+            Kind::Namespace => self.namespaces.clear(),
+            Kind::Pod => self.pods.clear(),
+            Kind::Service => self.services.clear(),
+            Kind::EndpointSlice => self.endpoint_slices.clear(),
+            Kind::ServiceAccount => self.service_accounts.clear(),
+            Kind::GatewayClass => self.gateway_classes.clear(),
+            Kind::Gateway => self.gateways.clear(),
+            Kind::HttpRoute => self.http_routes.clear(),
+            Kind::GrpcRoute => self.grpc_routes.clear(),
+            Kind::AuthorizationPolicy => self.authorization_policies.clear(),
+            Kind::PeerAuthentication => self.peer_authentications.clear(),
+            Kind::RequestAuthentication => self.request_authentications.clear(),
+            Kind::VirtualService => self.virtual_services.clear(),
+            Kind::DestinationRule => self.destination_rules.clear(),
+        }
+    }
+
     /// Labels of a namespace (empty when it is unknown).
     pub fn namespace_labels(&self, namespace: &str) -> Option<&BTreeMap<String, String>> {
         self.namespaces.get(namespace).and_then(|n| n.metadata.labels.as_ref())

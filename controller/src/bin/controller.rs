@@ -1,0 +1,184 @@
+//! The controller binary: wires a source (local directory or Kubernetes), the translation
+//! loop, the Delta ADS server and CA on one TLS port, the admin endpoint, and the waypoint
+//! writer (records in local mode, owned objects in a cluster).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use controller::ca::{Authenticator, BootstrapTokens, CaMetrics, CaOptions, CaRoot, CaServer};
+use controller::config::Config;
+use controller::core::{self, Debounce, Published};
+use controller::translate::Options;
+use controller::waypoint::WaypointDeployment;
+use controller::xds::{AdsServer, XdsMetrics};
+use controller::{admin, serve, source};
+use mesh_core::identity::Identity;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+
+/// Keeps one `<ns>.<name>.json` per waypoint in `dir`, removing those no longer wanted.
+async fn write_records(dir: PathBuf, mut published: watch::Receiver<Published>) {
+    let write = |dir: &Path, records: &[WaypointDeployment]| -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut wanted = HashSet::new();
+        for r in records {
+            let name = format!("{}.{}.json", r.gateway.namespace, r.gateway.name);
+            let body = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
+            let path = dir.join(&name);
+            if std::fs::read(&path).ok().as_deref() != Some(&body[..]) {
+                let tmp = dir.join(format!(".{name}.tmp"));
+                std::fs::write(&tmp, &body)?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            wanted.insert(name);
+        }
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".json") && !wanted.contains(&name) {
+                std::fs::remove_file(dir.join(&name))?;
+            }
+        }
+        Ok(())
+    };
+    loop {
+        let records = published.borrow_and_update().waypoints.clone();
+        if let Err(e) = write(&dir, &records) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot write waypoint records");
+        }
+        if published.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = config.validate() {
+        bail!("{e}");
+    }
+    let identity: Identity = config
+        .identity
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
+    let root = Arc::new(CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain).context("CA root")?);
+    std::fs::write(config.ca_dir.join("trust-bundle.pem"), root.trust_bundle())
+        .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
+    let serving = root
+        .serving_certificate(&identity, Duration::from_secs(365 * 24 * 3600))
+        .context("serving certificate")?;
+    let tls = mesh_core::tls::control_plane_server_config(&serving).context("TLS config")?;
+
+    let options = Options {
+        cluster_id: config.cluster_id.clone(),
+        network: config.network.clone(),
+        trust_domain: config.trust_domain.clone(),
+        domain_suffix: "cluster.local".to_owned(),
+        root_namespace: config.root_namespace.clone(),
+    };
+    let (changes_tx, changes_rx) = mpsc::channel(1024);
+    let (skipped_tx, skipped_rx) = watch::channel(Vec::new());
+    let core = core::start(changes_rx, options, Debounce::default());
+
+    let mut registry = Registry::with_prefix("controller");
+    let xds_metrics = XdsMetrics::register(&mut registry);
+    let ca_metrics = CaMetrics::register(&mut registry);
+
+    let auth: Arc<dyn Authenticator> = if let Some(dir) = &config.manifest_dir {
+        let tokens = config.bootstrap_tokens.as_ref().context("--bootstrap-tokens")?;
+        let auth = Arc::new(BootstrapTokens::load(tokens).context("bootstrap tokens")?);
+        let (dir, interval) = (dir.clone(), Duration::from_millis(config.poll_ms));
+        tokio::spawn(async move {
+            if let Err(e) = source::local::watch(dir, interval, changes_tx, skipped_tx).await {
+                tracing::error!(error = %e, "local source stopped");
+                std::process::exit(1);
+            }
+        });
+        if let Some(dir) = config.waypoint_records.clone() {
+            tokio::spawn(write_records(dir, core.published.clone()));
+        }
+        auth
+    } else {
+        let client = controller::k8s::client().await.context("Kubernetes client")?;
+        let watch_client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = controller::k8s::watch::run(watch_client, changes_tx).await {
+                tracing::error!(error = %e, "Kubernetes watches stopped");
+                std::process::exit(1);
+            }
+        });
+        let leader = controller::k8s::leader::spawn(
+            client.clone(),
+            controller::k8s::leader::LeaderConfig {
+                namespace: config.pod_namespace.clone(),
+                name: "mesh-controller".to_owned(),
+                identity: config.pod_name.clone(),
+                lease_duration: Duration::from_secs(15),
+            },
+        );
+        let (records_tx, records_rx) = watch::channel(Vec::new());
+        let mut published = core.published.clone();
+        tokio::spawn(async move {
+            while published.changed().await.is_ok() {
+                let w = published.borrow_and_update().waypoints.clone();
+                records_tx.send_replace(w);
+            }
+        });
+        let writer = controller::k8s::writer::WriterConfig {
+            image: config.waypoint_image.clone(),
+            xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
+            retry: Duration::from_secs(5),
+        };
+        tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));
+        Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
+            client,
+            config.trust_domain.clone(),
+            config.token_audiences.clone(),
+        ))
+    };
+
+    let mut ca_options = CaOptions::new(&config.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+    ca_options.max_ttl = Duration::from_secs(config.max_cert_ttl_seconds);
+    ca_options.default_ttl = ca_options.default_ttl.min(ca_options.max_ttl);
+    let ca = CaServer::new(root.clone(), auth.clone(), core.pods.clone(), ca_options, ca_metrics);
+    let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
+
+    let admin_listener = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("binding --admin {}", config.admin))?;
+    let admin = Arc::new(admin::Admin {
+        registry,
+        published: core.published.clone(),
+        skipped: skipped_rx,
+    });
+    tokio::spawn(admin::serve(admin, admin_listener));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", config.listen))?;
+    tracing::info!(listen = %config.listen, admin = %config.admin, identity = %identity, "controller serving xDS and CA");
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(ads.into_service())
+        .add_service(ca.into_service())
+        .serve_with_incoming_shutdown(serve::tls_incoming(listener, tls), async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        });
+    server.await.context("gRPC server")?;
+    tracing::info!("controller stopped");
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The controller's configuration: flags and environment, validated at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "controller",
+    about = "Control plane: sources, translation, Delta ADS, CA, waypoints"
+)]
+pub struct Config {
+    /// Local mode: read Kubernetes-shaped manifests from this directory and watch it.
+    #[arg(long, env = "MANIFEST_DIR", conflicts_with = "kubernetes")]
+    pub manifest_dir: Option<PathBuf>,
+    /// Cluster mode: watch the Kubernetes API (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "KUBERNETES")]
+    pub kubernetes: bool,
+    /// xDS and CA over TLS.
+    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Metrics, readiness and debug endpoints.
+    #[arg(long, env = "ADMIN", default_value = "0.0.0.0:15014")]
+    pub admin: SocketAddr,
+    /// Root certificate and key (root-cert.pem, root-key.pem): loaded, or generated and kept here.
+    #[arg(long, env = "CA_DIR", default_value = "./mesh-ca")]
+    pub ca_dir: PathBuf,
+    /// Local mode: YAML list of `{token, identity, node}` bootstrap tokens.
+    #[arg(long, env = "BOOTSTRAP_TOKENS")]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Cluster mode: audiences accepted in TokenReview.
+    #[arg(long, env = "TOKEN_AUDIENCES", value_delimiter = ',', default_value = "istio-ca")]
+    pub token_audiences: Vec<String>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    #[arg(long, env = "ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+    /// The controller's own identity (its serving certificate's SAN).
+    #[arg(
+        long,
+        env = "IDENTITY",
+        default_value = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller"
+    )]
+    pub identity: String,
+    /// Longest certificate lifetime the CA grants, in seconds.
+    #[arg(long, env = "MAX_CERT_TTL_SECONDS", default_value_t = 24 * 3600)]
+    pub max_cert_ttl_seconds: u64,
+    /// Local mode: write one JSON record per waypoint to run into this directory.
+    #[arg(long, env = "WAYPOINT_RECORDS")]
+    pub waypoint_records: Option<PathBuf>,
+    /// Local mode: how often the manifest directory is checked for changes, in milliseconds.
+    #[arg(long, env = "POLL_MS", default_value_t = 200)]
+    pub poll_ms: u64,
+    /// Cluster mode: the waypoint image deployed for istio-waypoint Gateways.
+    #[arg(long, env = "WAYPOINT_IMAGE", default_value = "ghcr.io/ambient-mesh/waypoint:latest")]
+    pub waypoint_image: String,
+    /// Cluster mode: this replica's name (Lease holder identity).
+    #[arg(long, env = "POD_NAME", default_value = "mesh-controller")]
+    pub pod_name: String,
+    /// Cluster mode: namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Checks what flags alone cannot, with a message saying how to fix it.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.manifest_dir, self.kubernetes) {
+            (None, false) => return Err("choose a source: --manifest-dir <dir> (local mode) or --kubernetes".into()),
+            (Some(d), _) if !d.is_dir() => {
+                return Err(format!("--manifest-dir {}: not a directory", d.display()));
+            }
+            (Some(_), _) if self.bootstrap_tokens.is_none() => {
+                return Err(
+                    "local mode needs --bootstrap-tokens <file> so ztunnels and waypoints can authenticate".into(),
+                );
+            }
+            _ => {}
+        }
+        if self.max_cert_ttl_seconds < 60 {
+            return Err("--max-cert-ttl-seconds must be at least 60".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! The controller's loop: apply source changes to the inputs, wait for a burst to settle,
+//! translate, and publish — a new xDS snapshot, the pods the CA may sign for, waypoint
+//! decisions and problems. Translation runs on a blocking thread; the async workers keep
+//! serving streams meanwhile.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+
+use crate::ca::PodLocator;
+use crate::model::Inputs;
+use crate::source::Change;
+use crate::translate::{translate, Options, Outputs, Problem};
+use crate::waypoint::WaypointDeployment;
+use crate::xds::Snapshot;
+
+/// How long a burst of changes may keep arriving before translation runs anyway, and how
+/// long a quiet period must last to count as the end of a burst.
+#[derive(Clone, Copy, Debug)]
+pub struct Debounce {
+    pub quiet: Duration,
+    pub max: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce {
+            quiet: Duration::from_millis(10),
+            max: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Pods per (node, namespace, service account): what the CA's impersonation rule checks.
+#[derive(Default)]
+pub struct NodePods(ArcSwap<HashSet<(String, String, String)>>);
+
+impl NodePods {
+    fn update(&self, inputs: &Inputs) {
+        let set = inputs
+            .pods
+            .iter()
+            .filter_map(|(key, pod)| {
+                let spec = pod.spec.as_ref()?;
+                let node = spec.node_name.clone()?;
+                let sa = spec
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned());
+                Some((node, key.namespace.clone(), sa))
+            })
+            .collect();
+        self.0.store(Arc::new(set));
+    }
+}
+
+impl PodLocator for NodePods {
+    fn has_pod(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.0
+            .load()
+            .contains(&(node.to_owned(), namespace.to_owned(), service_account.to_owned()))
+    }
+}
+
+/// What the loop publishes besides the xDS snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub synced: bool,
+    pub problems: Vec<Problem>,
+    pub waypoints: Vec<WaypointDeployment>,
+    /// The last translation, for the admin dump.
+    pub outputs: Arc<Outputs>,
+}
+
+/// Handles to the loop's results.
+pub struct Core {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub published: watch::Receiver<Published>,
+    pub pods: Arc<NodePods>,
+}
+
+fn apply(inputs: &mut Inputs, change: Change, synced: &mut bool) {
+    match change {
+        Change::Apply(o) => inputs.apply(o),
+        Change::Delete(kind, key) => {
+            inputs.remove(kind, &key);
+        }
+        Change::Replace(kind, objects) => {
+            inputs.clear(kind);
+            objects.into_iter().for_each(|o| inputs.apply(o));
+        }
+        Change::Synced => *synced = true,
+    }
+}
+
+/// Starts the loop reading `changes`.
+pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: Debounce) -> Core {
+    let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    let (pub_tx, published) = watch::channel(Published::default());
+    let pods = Arc::new(NodePods::default());
+    let node_pods = pods.clone();
+    tokio::spawn(async move {
+        // Shared with the translation thread without a copy; mutated only once it is back.
+        let mut inputs = Arc::new(Inputs::default());
+        let mut synced = false;
+        let mut previous = Arc::new(Snapshot::default());
+        loop {
+            let Some(first) = changes.recv().await else { return };
+            let since = Instant::now();
+            apply(Arc::make_mut(&mut inputs), first, &mut synced);
+            // Gather the rest of the burst.
+            let deadline = since + debounce.max;
+            loop {
+                let wait = debounce.quiet.min(deadline.saturating_duration_since(Instant::now()));
+                match tokio::time::timeout(wait, changes.recv()).await {
+                    Ok(Some(c)) => apply(Arc::make_mut(&mut inputs), c, &mut synced),
+                    Ok(None) | Err(_) => break,
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            // Publish nothing until every kind is listed: a partial world would remove resources.
+            if !synced {
+                continue;
+            }
+            let (shared, opts, prev) = (inputs.clone(), options.clone(), previous.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                let out = translate(&shared, &opts);
+                let snapshot = Snapshot::next(&prev, &out, Some(since));
+                (out, snapshot)
+            })
+            .await;
+            let (out, snapshot) = match done {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "translation failed");
+                    continue;
+                }
+            };
+            node_pods.update(&inputs);
+            tracing::info!(
+                generation = snapshot.generation,
+                changed = snapshot.changes(),
+                problems = out.problems.len(),
+                took_ms = since.elapsed().as_millis() as u64,
+                "translated"
+            );
+            let snapshot = Arc::new(snapshot);
+            previous = snapshot.clone();
+            snap_tx.send_replace(snapshot);
+            for p in &out.problems {
+                tracing::debug!(kind = p.kind.name(), object = %p.object, problem = %p.message, "problem");
+            }
+            pub_tx.send_replace(Published {
+                synced: true,
+                problems: out.problems.clone(),
+                waypoints: out.waypoints.values().cloned().collect(),
+                outputs: Arc::new(out),
+            });
+        }
+    });
+    Core {
+        snapshots,
+        published,
+        pods,
+    }
+}
