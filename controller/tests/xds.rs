@@ -1,0 +1,235 @@
+//! The Delta ADS server against a real tonic client over TCP: initial state, incremental
+//! update, removal, NACK (not re-sent), reconnect with `initial_resource_versions`, two
+//! clients with different subscriptions, and refusal without a valid token.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use controller::ca::BootstrapTokens;
+use controller::model::Inputs;
+use controller::source::local::{parse_text, Loaded};
+use controller::translate::{translate, Options};
+use controller::xds::{AdsServer, Snapshot, XdsMetrics};
+use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Status as ErrorDetail};
+use mesh_proto::{ADDRESS_TYPE_URL as ADDRESS, AUTHORIZATION_TYPE_URL as AUTHZ};
+use tokio::sync::{mpsc, watch};
+use tonic::Streaming;
+
+const TOKENS: &str = "- {token: node-1-secret, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-1}\n";
+
+fn world(extra: &str) -> String {
+    format!(
+        "\
+apiVersion: v1
+kind: Pod
+metadata: {{name: a, namespace: shop, labels: {{app: a}}, annotations: {{ambient.istio.io/redirection: enabled}}}}
+spec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}
+status: {{podIP: 10.0.0.1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: a, namespace: shop}}
+spec: {{clusterIP: 10.96.0.1, selector: {{app: a}}, ports: [{{port: 80}}]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-all, namespace: shop}}
+spec: {{}}
+{extra}"
+    )
+}
+
+const POD_B: &str = "---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: shop, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.2}
+";
+
+struct Server {
+    addr: std::net::SocketAddr,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let auth = Arc::new(BootstrapTokens::from_yaml(TOKENS, "test").expect("tokens"));
+        let ads = AdsServer::new(rx, auth, XdsMetrics::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ads.into_service())
+                .serve_with_incoming(incoming),
+        );
+        Server { addr, snapshots }
+    }
+
+    fn publish(&self, yaml: &str) {
+        let mut loaded = Loaded::default();
+        parse_text(Path::new("test.yaml"), yaml, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let mut inputs = Inputs::default();
+        loaded.objects.into_iter().for_each(|o| inputs.apply(o));
+        let out = translate(&inputs, &Options::default());
+        let previous = self.snapshots.borrow().clone();
+        self.snapshots.send_replace(Arc::new(Snapshot::next(&previous, &out, None)));
+    }
+}
+
+struct Client {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: Streaming<DeltaDiscoveryResponse>,
+}
+
+async fn connect(addr: std::net::SocketAddr, token: &str) -> Result<Client, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (requests, rx) = mpsc::channel(16);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut request = tonic::Request::new(stream);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+    let responses = client.delta_aggregated_resources(request).await?.into_inner();
+    Ok(Client { requests, responses })
+}
+
+impl Client {
+    async fn send(&self, r: DeltaDiscoveryRequest) {
+        self.requests.send(r).await.expect("stream open");
+    }
+
+    async fn subscribe(&self, type_url: &str, names: &[&str], versions: &[(&str, &str)]) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+            initial_resource_versions: versions.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.responses.message())
+            .await
+            .expect("a response within 5 s")
+            .expect("stream ok")
+            .expect("stream not closed")
+    }
+
+    async fn ack(&self, r: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
+    let mut n: Vec<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
+    n.sort();
+    n
+}
+
+const WA: &str = "Kubernetes//Pod/shop/a";
+const WB: &str = "Kubernetes//Pod/shop/b";
+const SA: &str = "shop/a.shop.svc.cluster.local";
+
+#[tokio::test]
+async fn delta_ads_serves_changes_only() {
+    let server = Server::start().await;
+    server.publish(&world(""));
+
+    // Initial state.
+    let mut a = connect(server.addr, "node-1-secret").await.expect("authenticated");
+    a.subscribe(ADDRESS, &[], &[]).await;
+    let first = a.next().await;
+    assert_eq!(first.type_url, ADDRESS);
+    assert_eq!(names(&first), vec![WA, SA]);
+    a.ack(&first).await;
+    a.subscribe(AUTHZ, &["*"], &[]).await;
+    let policies = a.next().await;
+    assert_eq!(names(&policies), vec!["shop/deny-all"]);
+    a.ack(&policies).await;
+    let versions: Vec<(String, String)> =
+        first.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+
+    // Update: a new pod is pushed alone.
+    server.publish(&world(POD_B));
+    let update = a.next().await;
+    assert_eq!(names(&update), vec![WB]);
+    assert!(update.removed_resources.is_empty());
+    a.ack(&update).await;
+
+    // NACK it: the same version is not sent again; the next change still arrives.
+    a.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS.to_owned(),
+        response_nonce: update.nonce.clone(),
+        error_detail: Some(ErrorDetail {
+            code: 3,
+            message: "workload b: bad".into(),
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    server.publish(&world(POD_B).replace("10.0.0.1", "10.0.0.9"));
+    let after_nack = a.next().await;
+    assert_eq!(names(&after_nack), vec![WA], "only the changed pod, not the NACKed one again");
+
+    // Removal.
+    server.publish(&world("").replace("10.0.0.1", "10.0.0.9"));
+    let removal = a.next().await;
+    assert!(removal.resources.is_empty());
+    assert_eq!(removal.removed_resources, vec![WB.to_owned()]);
+
+    // Reconnect with the versions held before the update: only what differs comes back.
+    drop(a);
+    let mut again = connect(server.addr, "node-1-secret").await.expect("authenticated");
+    let held: Vec<(&str, &str)> = versions
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .chain([(WB, "stale")])
+        .collect();
+    again.subscribe(ADDRESS, &["*"], &held).await;
+    let resync = again.next().await;
+    assert_eq!(names(&resync), vec![WA], "pod a's address changed since; the service did not");
+    assert_eq!(resync.removed_resources, vec![WB.to_owned()]);
+
+    // A second client subscribed to one service only sees that service.
+    let mut b = connect(server.addr, "node-1-secret").await.expect("authenticated");
+    b.subscribe(ADDRESS, &[SA], &[]).await;
+    let only = b.next().await;
+    assert_eq!(names(&only), vec![SA]);
+    server.publish(&world(POD_B).replace("10.0.0.1", "10.0.0.9").replace("10.96.0.1", "10.96.0.7"));
+    let b_next = b.next().await;
+    assert_eq!(names(&b_next), vec![SA], "the new pod is not pushed to a client that did not ask for it");
+    let a_next = again.next().await;
+    assert_eq!(names(&a_next), vec![WB, SA]);
+}
+
+#[tokio::test]
+async fn streams_without_a_valid_token_are_refused() {
+    let server = Server::start().await;
+    server.publish(&world(""));
+    let status = match connect(server.addr, "wrong").await {
+        Ok(mut c) => {
+            c.subscribe(ADDRESS, &[], &[]).await;
+            c.responses.message().await.expect_err("refused")
+        }
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
