@@ -17,7 +17,8 @@ use mesh_proto::{ADDRESS_TYPE_URL as ADDRESS, AUTHORIZATION_TYPE_URL as AUTHZ};
 use tokio::sync::{mpsc, watch};
 use tonic::Streaming;
 
-const TOKENS: &str = "- {token: node-1-secret, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-1}\n";
+const TOKENS: &str =
+    "- {token: node-1-secret, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-1}\n";
 
 fn world(extra: &str) -> String {
     format!(
@@ -78,7 +79,8 @@ impl Server {
         loaded.objects.into_iter().for_each(|o| inputs.apply(o));
         let out = translate(&inputs, &Options::default());
         let previous = self.snapshots.borrow().clone();
-        self.snapshots.send_replace(Arc::new(Snapshot::next(&previous, &out, None)));
+        self.snapshots
+            .send_replace(Arc::new(Snapshot::next(&previous, &out, None)));
     }
 }
 
@@ -163,8 +165,11 @@ async fn delta_ads_serves_changes_only() {
     let policies = a.next().await;
     assert_eq!(names(&policies), vec!["shop/deny-all"]);
     a.ack(&policies).await;
-    let versions: Vec<(String, String)> =
-        first.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+    let versions: Vec<(String, String)> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
 
     // Update: a new pod is pushed alone.
     server.publish(&world(POD_B));
@@ -187,7 +192,11 @@ async fn delta_ads_serves_changes_only() {
     .await;
     server.publish(&world(POD_B).replace("10.0.0.1", "10.0.0.9"));
     let after_nack = a.next().await;
-    assert_eq!(names(&after_nack), vec![WA], "only the changed pod, not the NACKed one again");
+    assert_eq!(
+        names(&after_nack),
+        vec![WA],
+        "only the changed pod, not the NACKed one again"
+    );
 
     // Removal.
     server.publish(&world("").replace("10.0.0.1", "10.0.0.9"));
@@ -205,7 +214,11 @@ async fn delta_ads_serves_changes_only() {
         .collect();
     again.subscribe(ADDRESS, &["*"], &held).await;
     let resync = again.next().await;
-    assert_eq!(names(&resync), vec![WA], "pod a's address changed since; the service did not");
+    assert_eq!(
+        names(&resync),
+        vec![WA],
+        "pod a's address changed since; the service did not"
+    );
     assert_eq!(resync.removed_resources, vec![WB.to_owned()]);
 
     // A second client subscribed to one service only sees that service.
@@ -213,9 +226,17 @@ async fn delta_ads_serves_changes_only() {
     b.subscribe(ADDRESS, &[SA], &[]).await;
     let only = b.next().await;
     assert_eq!(names(&only), vec![SA]);
-    server.publish(&world(POD_B).replace("10.0.0.1", "10.0.0.9").replace("10.96.0.1", "10.96.0.7"));
+    server.publish(
+        &world(POD_B)
+            .replace("10.0.0.1", "10.0.0.9")
+            .replace("10.96.0.1", "10.96.0.7"),
+    );
     let b_next = b.next().await;
-    assert_eq!(names(&b_next), vec![SA], "the new pod is not pushed to a client that did not ask for it");
+    assert_eq!(
+        names(&b_next),
+        vec![SA],
+        "the new pod is not pushed to a client that did not ask for it"
+    );
     let a_next = again.next().await;
     assert_eq!(names(&a_next), vec![WB, SA]);
 }

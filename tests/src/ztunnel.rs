@@ -38,9 +38,24 @@ impl<'a> Ztunnel<'a> {
         Self::launch(ns, files, None, args).await
     }
 
+    /// Starts ztunnel in `ns` with exactly `args` besides node name and logging: the control
+    /// plane (`--xds-address`, `--ca-address`, ...) provides state and certificates.
+    pub async fn start_raw(ns: &'a Netns, args: &[&str]) -> anyhow::Result<Ztunnel<'a>> {
+        Self::spawn(ns, None, None, args).await
+    }
+
     async fn launch(
         ns: &'a Netns,
         files: &ZtunnelFiles<'_>,
+        state: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Ztunnel<'a>> {
+        Self::spawn(ns, Some(files), state, extra).await
+    }
+
+    async fn spawn(
+        ns: &'a Netns,
+        files: Option<&ZtunnelFiles<'_>>,
         state: Option<&Path>,
         extra: &[&str],
     ) -> anyhow::Result<Ztunnel<'a>> {
@@ -50,11 +65,14 @@ impl<'a> Ztunnel<'a> {
         if let Some(state) = state {
             command.arg("--local-xds-path").arg(state);
         }
+        if let Some(files) = files {
+            command
+                .arg("--ca-root-cert")
+                .arg(files.root_cert)
+                .arg("--ca-root-key")
+                .arg(files.root_key);
+        }
         let child = command
-            .arg("--ca-root-cert")
-            .arg(files.root_cert)
-            .arg("--ca-root-key")
-            .arg(files.root_key)
             .args([
                 "--node-name",
                 &ns.name,

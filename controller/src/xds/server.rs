@@ -85,7 +85,15 @@ fn known_type(type_url: &str) -> Option<&'static str> {
 impl Session {
     /// Sends what differs between the snapshot and what the client has, for `names` of
     /// `type_url` (all names when `None`). Returns false when the client is gone.
-    async fn push(&mut self, snapshot: &Snapshot, type_url: &'static str, names: Option<&BTreeSet<String>>) -> bool {
+    /// With `always`, a response goes out even when empty: the answer to a first subscription
+    /// tells the client it holds the current state (ztunnel readiness waits for it).
+    async fn push(
+        &mut self,
+        snapshot: &Snapshot,
+        type_url: &'static str,
+        names: Option<&BTreeSet<String>>,
+        always: bool,
+    ) -> bool {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return true;
         };
@@ -121,7 +129,7 @@ impl Session {
                 all.iter().for_each(|n| consider(n, sub));
             }
         }
-        if resources.is_empty() && removed.is_empty() {
+        if resources.is_empty() && removed.is_empty() && !always {
             return true;
         }
         let count = resources.len() + removed.len();
@@ -155,7 +163,7 @@ impl Session {
     }
 
     /// Handles one request; returns the names to push, or `None` for a plain ACK/NACK.
-    fn request(&mut self, req: DeltaDiscoveryRequest) -> Option<(&'static str, Option<BTreeSet<String>>)> {
+    fn request(&mut self, req: DeltaDiscoveryRequest) -> Option<(&'static str, Option<BTreeSet<String>>, bool)> {
         let Some(type_url) = known_type(&req.type_url) else {
             tracing::warn!(peer = %self.peer, type_url = %req.type_url, "subscription to an unknown type ignored");
             return None;
@@ -190,9 +198,9 @@ impl Session {
             }
         }
         if first || (sub.wildcard && !fresh.is_empty()) {
-            Some((type_url, None))
+            Some((type_url, None, first))
         } else if !fresh.is_empty() {
-            Some((type_url, Some(fresh)))
+            Some((type_url, Some(fresh), false))
         } else {
             None
         }
@@ -244,10 +252,10 @@ impl AggregatedDiscoveryService for AdsServer {
                                 session.peer = format!("{} node={}", session.peer, node.id);
                             }
                         }
-                        if let Some((type_url, names)) = session.request(req) {
+                        if let Some((type_url, names, first)) = session.request(req) {
                             let snapshot = snapshots.borrow_and_update().clone();
                             session.generation = snapshot.generation;
-                            if !session.push(&snapshot, type_url, names.as_ref()).await {
+                            if !session.push(&snapshot, type_url, names.as_ref(), first).await {
                                 break;
                             }
                         }
@@ -266,7 +274,7 @@ impl AggregatedDiscoveryService for AdsServer {
                             if incremental && names.is_none_or(|n| n.is_empty()) {
                                 continue;
                             }
-                            alive = session.push(&snapshot, type_url, names).await;
+                            alive = session.push(&snapshot, type_url, names, false).await;
                             if !alive {
                                 break;
                             }

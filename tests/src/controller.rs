@@ -1,0 +1,116 @@
+//! The controller as a process in a test namespace, in local mode: a manifest directory the
+//! test writes like a kubelet would, bootstrap tokens for each node's ztunnel, and its CA
+//! directory (whose trust bundle ztunnels are given).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::netns::Netns;
+use crate::ztunnel::http_request;
+
+pub struct Controller<'a> {
+    pub ns: &'a Netns,
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl<'a> Controller<'a> {
+    /// Starts the controller on `ip` (xDS+CA on 15012, admin on 15014) with one bootstrap token
+    /// per node name (the token is `<node>-token`), and waits until it is ready.
+    pub async fn start(ns: &'a Netns, ip: std::net::IpAddr, nodes: &[&str], manifests: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("manifests"))?;
+        std::fs::write(dir.path().join("manifests/world.yaml"), manifests)?;
+        let tokens: String = nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "- {{token: {n}-token, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: {n}}}\n"
+                )
+            })
+            .collect();
+        std::fs::write(dir.path().join("tokens.yaml"), tokens)?;
+        for n in nodes {
+            std::fs::write(dir.path().join(format!("{n}.token")), format!("{n}-token"))?;
+        }
+        let log = std::env::temp_dir().join(format!("{}-controller.log", ns.name));
+        let out = std::fs::File::create(&log)?;
+        let admin = SocketAddr::new(ip, 15014);
+        let child = ns
+            .command(&crate::binary("controller"))
+            .arg("--manifest-dir")
+            .arg(dir.path().join("manifests"))
+            .arg("--bootstrap-tokens")
+            .arg(dir.path().join("tokens.yaml"))
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            .arg("--waypoint-records")
+            .arg(dir.path().join("waypoints"))
+            .args(["--listen", &SocketAddr::new(ip, 15012).to_string()])
+            .args(["--admin", &admin.to_string()])
+            .args(["--poll-ms", "50", "--log", "info"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning controller (did `cargo build` run?)")?;
+        let c = Controller {
+            ns,
+            child,
+            dir,
+            admin,
+            log,
+        };
+        c.wait_ready(Duration::from_secs(20)).await?;
+        Ok(c)
+    }
+
+    async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http_request(self.ns, self.admin, "GET", "/ready").await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("controller not ready within {within:?}; log:\n{}", self.logs())
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The trust bundle ztunnels verify the controller (and each other) with.
+    pub fn trust_bundle(&self) -> PathBuf {
+        self.dir.path().join("ca/trust-bundle.pem")
+    }
+
+    pub fn token_file(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.token"))
+    }
+
+    /// Replaces the manifests (atomically, as an editor or kubelet would).
+    pub fn write_manifests(&self, text: &str) -> std::io::Result<()> {
+        let dir = self.dir.path().join("manifests");
+        let tmp = self.dir.path().join("world.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, Path::new(&dir).join("world.yaml"))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_request(self.ns, self.admin, "GET", path).await
+    }
+}
+
+impl Drop for Controller<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
