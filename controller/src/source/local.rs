@@ -84,59 +84,117 @@ pub fn parse_text(file: &Path, text: &str, loaded: &mut Loaded) {
     }
 }
 
-/// Reads every manifest under `dir`. Duplicates (same kind and key) keep the first and report
-/// the others.
-pub fn load_dir(dir: &Path) -> std::io::Result<Loaded> {
+/// What identifies a file's content cheaply: size, modification time and inode (editors and
+/// atomic writers replace the file, which changes the inode even within one clock tick).
+type Stamp = (u64, Option<SystemTime>, u64);
+
+fn stamps(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
+    use std::os::unix::fs::MetadataExt;
     let mut files = Vec::new();
     manifest_files(dir, &mut files)?;
-    files.sort();
-    let mut loaded = Loaded::default();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_text(&file, &text, &mut loaded),
-            Err(e) => loaded.errors.push(DocumentError {
-                file,
-                index: 0,
-                reason: format!("cannot read: {e}"),
-            }),
-        }
-    }
-    let mut seen: BTreeMap<(Kind, ObjectKey), ()> = BTreeMap::new();
-    let objects = std::mem::take(&mut loaded.objects);
-    for o in objects {
-        if seen.insert((o.kind(), o.key()), ()).is_some() {
-            loaded.errors.push(DocumentError {
-                file: dir.to_owned(),
-                index: 0,
-                reason: format!("duplicate {} {}; the first one is used", o.kind().name(), o.key()),
-            });
-            continue;
-        }
-        loaded.objects.push(o);
-    }
-    Ok(loaded)
-}
-
-/// Names, sizes and modification times of the manifest files: cheap to compare.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut files = Vec::new();
-    if manifest_files(dir, &mut files).is_err() {
-        return Vec::new();
-    }
-    files.sort();
-    files
+    Ok(files
         .into_iter()
-        .map(|f| {
-            let meta = std::fs::metadata(&f).ok();
-            let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
-            let modified = meta.and_then(|m| m.modified().ok());
-            (f, len, modified)
+        .filter_map(|f| {
+            let meta = std::fs::metadata(&f).ok()?;
+            Some((f, (meta.len(), meta.modified().ok(), meta.ino())))
         })
-        .collect()
+        .collect())
 }
 
-/// Watches `dir`, sending the full set of objects of every kind after each change, and
-/// publishing the skipped documents on `errors`.
+/// What was read from one file.
+struct FileState {
+    stamp: Stamp,
+    keys: Vec<(Kind, ObjectKey)>,
+    errors: Vec<DocumentError>,
+}
+
+/// The directory as last read: files, and which file each object came from.
+#[derive(Default)]
+struct DirState {
+    files: BTreeMap<PathBuf, FileState>,
+    owner: BTreeMap<(Kind, ObjectKey), PathBuf>,
+}
+
+impl DirState {
+    /// Re-reads changed files only; returns the changes to send. Objects of a file that
+    /// changed are re-applied; objects that disappeared are deleted. An object defined in two
+    /// files belongs to the first file that defined it; the other copy is reported.
+    fn refresh(&mut self, now: BTreeMap<PathBuf, Stamp>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let gone: Vec<PathBuf> = self.files.keys().filter(|f| !now.contains_key(*f)).cloned().collect();
+        for file in gone {
+            if let Some(state) = self.files.remove(&file) {
+                for key in state.keys {
+                    if self.owner.get(&key) == Some(&file) {
+                        self.owner.remove(&key);
+                        changes.push(Change::Delete(key.0, key.1));
+                    }
+                }
+            }
+        }
+        for (file, stamp) in now {
+            if self.files.get(&file).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let mut loaded = Loaded::default();
+            match std::fs::read_to_string(&file) {
+                Ok(text) => parse_text(&file, &text, &mut loaded),
+                Err(e) => loaded.errors.push(DocumentError {
+                    file: file.clone(),
+                    index: 0,
+                    reason: format!("cannot read: {e}"),
+                }),
+            }
+            let before: Vec<(Kind, ObjectKey)> = self.files.remove(&file).map(|f| f.keys).unwrap_or_default();
+            let mut keys = Vec::with_capacity(loaded.objects.len());
+            for object in loaded.objects {
+                let key = (object.kind(), object.key());
+                match self.owner.get(&key) {
+                    Some(owner) if *owner != file => {
+                        loaded.errors.push(DocumentError {
+                            file: file.clone(),
+                            index: 0,
+                            reason: format!(
+                                "duplicate {} {}: {} defines it; this copy is ignored",
+                                key.0.name(),
+                                key.1,
+                                owner.display()
+                            ),
+                        });
+                        continue;
+                    }
+                    _ => {}
+                }
+                self.owner.insert(key.clone(), file.clone());
+                keys.push(key);
+                changes.push(Change::Apply(object));
+            }
+            for key in before {
+                if !keys.contains(&key) && self.owner.get(&key) == Some(&file) {
+                    self.owner.remove(&key);
+                    changes.push(Change::Delete(key.0, key.1));
+                }
+            }
+            self.files.insert(
+                file,
+                FileState {
+                    stamp,
+                    keys,
+                    errors: loaded.errors,
+                },
+            );
+        }
+        changes
+    }
+
+    fn errors(&self) -> Vec<DocumentError> {
+        self.files.values().flat_map(|f| f.errors.iter().cloned()).collect()
+    }
+}
+
+/// Watches `dir`: the first read is sent as a full replacement of every kind followed by
+/// [`Change::Synced`]; later, only the objects of files that changed. Skipped documents are
+/// published on `errors`.
 pub async fn watch(
     dir: PathBuf,
     interval: Duration,
@@ -149,51 +207,59 @@ pub async fn watch(
             format!("manifest directory {} does not exist", dir.display()),
         ));
     }
-    let mut last = None;
+    let mut state = Some(DirState::default());
     let mut first = true;
     loop {
         let d = dir.clone();
-        let print = tokio::task::spawn_blocking(move || fingerprint(&d))
-            .await
-            .unwrap_or_default();
-        if last.as_ref() != Some(&print) {
-            last = Some(print);
-            let d = dir.clone();
-            // Parsing 10k objects takes a while: keep it off the async workers.
-            let loaded = match tokio::task::spawn_blocking(move || load_dir(&d)).await {
-                Ok(Ok(l)) => l,
-                Ok(Err(e)) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read manifest directory");
-                    tokio::time::sleep(interval).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "manifest loader failed");
-                    tokio::time::sleep(interval).await;
-                    continue;
-                }
+        let mut current = state.take().unwrap_or_default();
+        // Listing and parsing are file system work: keep them off the async workers.
+        let (current, changes) = match tokio::task::spawn_blocking(move || {
+            let changes = match stamps(&d) {
+                Ok(now) => Ok(current.refresh(now)),
+                Err(e) => Err(e),
             };
-            for e in &loaded.errors {
+            (current, changes)
+        })
+        .await
+        {
+            Ok((current, Ok(changes))) => (current, changes),
+            Ok((current, Err(e))) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read manifest directory");
+                (current, Vec::new())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "manifest loader failed");
+                return Err(std::io::Error::other(e.to_string()));
+            }
+        };
+        if !changes.is_empty() || first {
+            let skipped = current.errors();
+            for e in &skipped {
                 tracing::warn!(file = %e.file.display(), document = e.index, reason = %e.reason, "skipped manifest document");
             }
-            tracing::info!(dir = %dir.display(), objects = loaded.objects.len(), skipped = loaded.errors.len(), "manifests loaded");
-            errors.send_replace(loaded.errors);
-            let mut by_kind: BTreeMap<Kind, Vec<Object>> = Kind::ALL.iter().map(|k| (*k, Vec::new())).collect();
-            for o in loaded.objects {
-                by_kind.entry(o.kind()).or_default().push(o);
-            }
-            for (kind, objects) in by_kind {
-                if tx.send(Change::Replace(kind, objects)).await.is_err() {
+            tracing::info!(dir = %dir.display(), changes = changes.len(), objects = current.owner.len(), skipped = skipped.len(), "manifests read");
+            errors.send_replace(skipped);
+            let batch: Vec<Change> = if first {
+                let mut by_kind: BTreeMap<Kind, Vec<Object>> = Kind::ALL.iter().map(|k| (*k, Vec::new())).collect();
+                for c in changes {
+                    if let Change::Apply(o) = c {
+                        by_kind.entry(o.kind()).or_default().push(o);
+                    }
+                }
+                let mut all: Vec<Change> = by_kind.into_iter().map(|(k, v)| Change::Replace(k, v)).collect();
+                all.push(Change::Synced);
+                all
+            } else {
+                changes
+            };
+            first = false;
+            for c in batch {
+                if tx.send(c).await.is_err() {
                     return Ok(()); // The controller is gone.
                 }
             }
-            if first {
-                first = false;
-                if tx.send(Change::Synced).await.is_err() {
-                    return Ok(());
-                }
-            }
         }
+        state = Some(current);
         tokio::time::sleep(interval).await;
     }
 }
@@ -259,5 +325,52 @@ items:
         assert_eq!(loaded.errors.len(), 1);
         assert_eq!(loaded.errors[0].index, 1);
         assert!(loaded.errors[0].reason.contains("not valid YAML"));
+    }
+
+    fn names(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Apply(o) => format!("apply {}", o.key()),
+                Change::Delete(_, k) => format!("delete {k}"),
+                Change::Replace(k, _) => format!("replace {k:?}"),
+                Change::Synced => "synced".to_owned(),
+            })
+            .collect()
+    }
+
+    fn ns(names: &[&str]) -> String {
+        names
+            .iter()
+            .map(|n| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n---\n"))
+            .collect()
+    }
+
+    #[test]
+    fn only_changed_files_are_reread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&a, ns(&["one", "two"])).expect("write");
+        std::fs::write(&b, ns(&["three", "one"])).expect("write");
+        let mut state = DirState::default();
+        let first = state.refresh(stamps(dir.path()).expect("stamps"));
+        assert_eq!(names(&first), ["apply one", "apply two", "apply three"]);
+        assert_eq!(state.errors().len(), 1, "the second `one` is a duplicate");
+        assert!(
+            state.refresh(stamps(dir.path()).expect("stamps")).is_empty(),
+            "nothing changed"
+        );
+
+        // Rewrite a (atomically, new inode): `two` goes, `four` comes, `one` is re-applied.
+        let tmp = dir.path().join("a.tmp");
+        std::fs::write(&tmp, ns(&["one", "four"])).expect("write");
+        std::fs::rename(&tmp, &a).expect("rename");
+        let second = state.refresh(stamps(dir.path()).expect("stamps"));
+        assert_eq!(names(&second), ["apply one", "apply four", "delete two"]);
+
+        std::fs::remove_file(&b).expect("remove");
+        let third = state.refresh(stamps(dir.path()).expect("stamps"));
+        assert_eq!(names(&third), ["delete three"]);
+        assert!(state.errors().is_empty());
     }
 }
