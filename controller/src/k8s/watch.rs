@@ -274,6 +274,10 @@ mod tests {
             "spec": {"rules": [{"from": [{"source": {"principal": ["x"]}}]}]}
         }))
         .expect("dynamic object");
-        assert!(parse_dynamic(Kind::AuthorizationPolicy, bad).is_err());
+        // Kept, marked invalid: translation fails closed on it instead of dropping it.
+        match parse_dynamic(Kind::AuthorizationPolicy, bad) {
+            Ok(Object::AuthorizationPolicy(p)) => assert!(p.invalid.is_some()),
+            other => panic!("{other:?}"),
+        }
     }
 }

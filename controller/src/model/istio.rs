@@ -17,11 +17,44 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+/// An AuthorizationPolicy. A spec that cannot be read does not make the object disappear
+/// (that would silently drop a DENY): it is kept with `invalid` set, and translation turns
+/// it into a policy that allows nothing in its namespace until it is fixed.
+#[derive(Clone, Debug, Serialize)]
 pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
-    #[serde(default)]
     pub spec: AuthorizationPolicySpec,
+    #[serde(skip)]
+    pub invalid: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for AuthorizationPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            metadata: ObjectMeta,
+            #[serde(default)]
+            spec: serde_json::Value,
+        }
+        let raw = Raw::deserialize(d)?;
+        let spec = if raw.spec.is_null() {
+            Ok(AuthorizationPolicySpec::default())
+        } else {
+            serde_json::from_value::<AuthorizationPolicySpec>(raw.spec)
+        };
+        Ok(match spec {
+            Ok(spec) => AuthorizationPolicy {
+                metadata: raw.metadata,
+                spec,
+                invalid: None,
+            },
+            Err(e) => AuthorizationPolicy {
+                metadata: raw.metadata,
+                spec: AuthorizationPolicySpec::default(),
+                invalid: Some(format!("spec: {e}")),
+            },
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -299,16 +299,20 @@ items:
         let mut loaded = Loaded::default();
         parse_text(Path::new("m.yaml"), text, &mut loaded);
         let kinds: Vec<Kind> = loaded.objects.iter().map(|o| o.kind()).collect();
-        assert_eq!(kinds, vec![Kind::Namespace, Kind::Service]);
+        assert_eq!(kinds, vec![Kind::Namespace, Kind::AuthorizationPolicy, Kind::Service]);
+        // The misspelt policy is kept, marked invalid, so translation can fail closed.
+        match &loaded.objects[1] {
+            Object::AuthorizationPolicy(p) => {
+                let why = p.invalid.as_deref().unwrap_or_default();
+                assert!(why.contains("unknown field `principal`"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].starts_with("m.yaml document 1: metadata.name"), "{errors:?}");
         assert!(
-            errors[1].contains("document 2") && errors[1].contains("unknown field `principal`"),
-            "{errors:?}"
-        );
-        assert!(
-            errors[2].contains("document 3") && errors[2].contains("Widget"),
+            errors[1].contains("document 3") && errors[1].contains("Widget"),
             "{errors:?}"
         );
     }

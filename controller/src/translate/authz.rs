@@ -196,6 +196,24 @@ fn scope(
 pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report: &mut Report) -> Output {
     let mut out = Output::default();
     for (key, policy) in &inputs.authorization_policies {
+        if let Some(why) = &policy.invalid {
+            // Unreadable: it may have been a DENY. Allow nothing in its namespace until fixed.
+            report.add(
+                Kind::AuthorizationPolicy,
+                key,
+                format!(
+                    "{why}; until it is fixed the policy allows nothing in namespace {}",
+                    key.namespace
+                ),
+            );
+            let scope = if key.namespace == options.root_namespace {
+                pb::Scope::Global
+            } else {
+                pb::Scope::Namespace
+            };
+            insert(&mut out, key, scope, pb::Action::Allow, Vec::new(), None);
+            continue;
+        }
         if policy.spec.targets().next().is_some() {
             continue; // Enforced by waypoints.
         }

@@ -514,7 +514,7 @@ fn targets(
 fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String, wp::Policy> {
     let mut out = BTreeMap::new();
     for (key, ap) in &inputs.authorization_policies {
-        if ap.spec.targets().next().is_none() {
+        if ap.spec.targets().next().is_none() || ap.invalid.is_some() {
             continue;
         }
         let kind = Kind::AuthorizationPolicy;

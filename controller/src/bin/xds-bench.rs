@@ -1,0 +1,340 @@
+//! xds-bench: the controller at scale. Generates a manifest directory (by default 10,000 pods,
+//! 1,000 services, 500 authorization policies), starts the real controller binary on it, and
+//! connects many Delta ADS clients over TLS. Measures:
+//!
+//! - start-up: process start to `/ready` (reading, translating, encoding everything);
+//! - full push: clients connecting at once until every one holds every resource;
+//! - single change: one pod's IP rewritten in its file until every client has the update
+//!   (includes the directory poll interval, 20 ms here);
+//! - the controller's memory (VmRSS, VmHWM) after each phase.
+//!
+//! ```text
+//! cargo build --release -p controller
+//! target/release/xds-bench [--pods N] [--services N] [--policies N] [--clients N]
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mesh_core::identity::cert::certs_from_pem;
+use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::discovery::DeltaDiscoveryRequest;
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use tokio::sync::mpsc;
+
+struct Args {
+    pods: usize,
+    services: usize,
+    policies: usize,
+    clients: usize,
+    changes: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        pods: 10_000,
+        services: 1_000,
+        policies: 500,
+        clients: 100,
+        changes: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = |it: &mut dyn Iterator<Item = String>| -> Result<usize> {
+            it.next().context("missing value")?.parse().context("not a number")
+        };
+        match flag.as_str() {
+            "--pods" => a.pods = value(&mut it)?,
+            "--services" => a.services = value(&mut it)?,
+            "--policies" => a.policies = value(&mut it)?,
+            "--clients" => a.clients = value(&mut it)?,
+            "--changes" => a.changes = value(&mut it)?,
+            other => bail!("unknown flag {other}; flags: --pods --services --policies --clients --changes"),
+        }
+    }
+    Ok(a)
+}
+
+const NAMESPACES: usize = 20;
+
+fn pod(i: usize, octet: u8) -> String {
+    let ns = i % NAMESPACES;
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{ns}, labels: {{app: app-{app}}}, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-{node}, serviceAccountName: sa-{app}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.{a}.{b}.{octet}}}\n---\n",
+        app = i % 1000,
+        node = i % 50,
+        a = 100 + i / 65536,
+        b = (i / 256) % 256,
+    )
+}
+
+/// Writes the world into `dir`: one file per 100 pods, services and policies in their own.
+fn generate(dir: &Path, a: &Args) -> Result<()> {
+    let mut text: String = (0..NAMESPACES)
+        .map(|n| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n"))
+        .collect();
+    for s in 0..a.services {
+        let ns = s % NAMESPACES;
+        text.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: ns-{ns}}}\nspec: {{clusterIP: 10.96.{}.{}, selector: {{app: app-{s}}}, ports: [{{name: http, port: 80, targetPort: http}}]}}\n---\n",
+            s / 256,
+            s % 256
+        ));
+    }
+    std::fs::write(dir.join("services.yaml"), text)?;
+    let mut text = String::new();
+    for p in 0..a.policies {
+        let ns = p % NAMESPACES;
+        text.push_str(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: policy-{p}, namespace: ns-{ns}}}\nspec:\n  selector: {{matchLabels: {{app: app-{app}}}}}\n  rules: [{{from: [{{source: {{principals: [cluster.local/ns/ns-{ns}/sa/sa-{p}], namespaces: [ns-{other}]}}}}], to: [{{operation: {{ports: [\"8080\"]}}}}]}}]\n---\n",
+            app = p % 1000,
+            other = (p + 1) % NAMESPACES
+        ));
+    }
+    std::fs::write(dir.join("policies.yaml"), text)?;
+    // Pod 0 lives alone in probe.yaml: the single change rewrites it.
+    for chunk in 0..a.pods.div_ceil(100) {
+        let text: String = (chunk * 100..((chunk + 1) * 100).min(a.pods))
+            .filter(|i| *i != 0)
+            .map(|i| pod(i, (i % 250) as u8 + 1))
+            .collect();
+        std::fs::write(dir.join(format!("pods-{chunk:04}.yaml")), text)?;
+    }
+    std::fs::write(dir.join("probe.yaml"), pod(0, 1))?;
+    Ok(())
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn ready(admin: u16, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await?;
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf).await;
+            if buf.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("controller not ready within {within:?}")
+}
+
+/// What clients report to the bench.
+enum Event {
+    /// A client holds the full state.
+    Complete(Instant),
+    /// Client `id` received the probe pod's update.
+    Probe(usize, Instant),
+}
+
+async fn client(
+    id: usize,
+    channel: tonic::transport::Channel,
+    expect: (usize, usize),
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<()> {
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    for type_url in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut request = tonic::Request::new(stream);
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer bench-token".parse()?);
+    let mut responses = ads.delta_aggregated_resources(request).await?.into_inner();
+    let (mut addresses, mut policies) = (HashSet::new(), HashSet::new());
+    let mut complete = false;
+    while let Some(r) = responses.message().await? {
+        let now = Instant::now();
+        let target = if r.type_url == ADDRESS_TYPE_URL {
+            &mut addresses
+        } else {
+            &mut policies
+        };
+        for res in &r.resources {
+            if complete && res.name == "Kubernetes//Pod/ns-0/pod-0" {
+                let _ = events.send(Event::Probe(id, now));
+            }
+            target.insert(res.name.clone());
+        }
+        if !complete && addresses.len() >= expect.0 && policies.len() >= expect.1 {
+            complete = true;
+            let _ = events.send(Event::Complete(now));
+        }
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    let work = tempfile::tempdir()?;
+    let manifests = work.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    generate(&manifests, &a)?;
+    std::fs::write(
+        work.path().join("tokens.yaml"),
+        "- {token: bench-token, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-0}\n",
+    )?;
+    let exe = std::env::current_exe()?;
+    let controller: PathBuf = exe.with_file_name("controller");
+    let (port, admin) = (free_port()?, free_port()?);
+    let started = Instant::now();
+    let child = std::process::Command::new(&controller)
+        .arg("--manifest-dir")
+        .arg(&manifests)
+        .arg("--bootstrap-tokens")
+        .arg(work.path().join("tokens.yaml"))
+        .arg("--ca-dir")
+        .arg(work.path().join("ca"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args(["--poll-ms", "20", "--log", "warn"])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (build it with the same profile)", controller.display()))?;
+    let proc = Proc(child);
+    let pid = proc.0.id();
+    ready(admin, Duration::from_secs(120)).await?;
+    let startup = started.elapsed();
+    let rss_ready = status_kib(pid, "VmRSS:");
+
+    let roots = certs_from_pem(&std::fs::read_to_string(work.path().join("ca/trust-bundle.pem"))?)?;
+    let identity = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller".parse()?;
+    let tls = mesh_core::tls::control_plane_client_config(&roots, vec![identity])?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let expect = (a.pods + a.services, a.policies);
+    let push_start = Instant::now();
+    for id in 0..a.clients {
+        let channel = mesh_core::grpc::connect_lazy(&format!("https://127.0.0.1:{port}"), Some(tls.clone()))?;
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            // Errors after the run are the controller being stopped; the bench reports
+            // clients that never completed as a failure instead.
+            let _ = client(id, channel, expect, events).await;
+        });
+    }
+    let mut full = Vec::with_capacity(a.clients);
+    while full.len() < a.clients {
+        match tokio::time::timeout(Duration::from_secs(120), events.recv()).await {
+            Ok(Some(Event::Complete(at))) => full.push(at - push_start),
+            Ok(Some(Event::Probe(..))) => {}
+            _ => bail!("only {} of {} clients received the full state", full.len(), a.clients),
+        }
+    }
+    let full_max = *full.iter().max().unwrap_or(&Duration::ZERO);
+    let full_p50 = percentile(&mut full, 0.5);
+    let rss_pushed = status_kib(pid, "VmRSS:");
+
+    let mut single = Vec::new();
+    for round in 0..a.changes {
+        let tmp = manifests.join("probe.tmp");
+        std::fs::write(&tmp, pod(0, 2 + round as u8))?;
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, manifests.join("probe.yaml"))?;
+        let mut seen = HashSet::new();
+        let mut last = t0;
+        while seen.len() < a.clients {
+            match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+                Ok(Some(Event::Probe(id, at))) => {
+                    if seen.insert(id) {
+                        last = last.max(at);
+                    }
+                }
+                Ok(Some(Event::Complete(_))) => {}
+                _ => bail!("change {round}: only {} of {} clients got it", seen.len(), a.clients),
+            }
+        }
+        single.push(last - t0);
+    }
+    let single_max = *single.iter().max().unwrap_or(&Duration::ZERO);
+    let single_p50 = percentile(&mut single, 0.5);
+    let hwm = status_kib(pid, "VmHWM:");
+    let rss_end = status_kib(pid, "VmRSS:");
+    drop(proc);
+
+    println!("| measure | value | goal |");
+    println!("|---|---|---|");
+    println!(
+        "| inputs | {} pods, {} services, {} policies, {} clients | |",
+        a.pods, a.services, a.policies, a.clients
+    );
+    println!(
+        "| start-up to ready (read + translate + encode) | {:.0} ms | |",
+        startup.as_secs_f64() * 1e3
+    );
+    println!(
+        "| full push to all clients (p50 / last) | {:.0} / {:.0} ms | < 2000 ms |",
+        full_p50.as_secs_f64() * 1e3,
+        full_max.as_secs_f64() * 1e3
+    );
+    println!(
+        "| single pod change to all clients (p50 / max of {}) | {:.0} / {:.0} ms | < 100 ms |",
+        a.changes,
+        single_p50.as_secs_f64() * 1e3,
+        single_max.as_secs_f64() * 1e3
+    );
+    println!(
+        "| controller RSS ready / after push / end | {} / {} / {} | < 300 MiB |",
+        mib(rss_ready),
+        mib(rss_pushed),
+        mib(rss_end)
+    );
+    println!("| controller peak RSS (VmHWM) | {} | |", mib(hwm));
+    Ok(())
+}
