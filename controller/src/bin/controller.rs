@@ -125,13 +125,20 @@ async fn main() -> anyhow::Result<()> {
             },
         );
         let (records_tx, records_rx) = watch::channel(Vec::new());
+        let (problems_tx, problems_rx) = watch::channel(Vec::new());
         let mut published = core.published.clone();
         tokio::spawn(async move {
             while published.changed().await.is_ok() {
-                let w = published.borrow_and_update().waypoints.clone();
-                records_tx.send_replace(w);
+                let p = published.borrow_and_update().clone();
+                records_tx.send_if_modified(|w| std::mem::replace(w, p.waypoints) != *w);
+                problems_tx.send_if_modified(|old| std::mem::replace(old, p.problems) != *old);
             }
         });
+        tokio::spawn(controller::k8s::writer::run_status(
+            client.clone(),
+            leader.clone(),
+            problems_rx,
+        ));
         let writer = controller::k8s::writer::WriterConfig {
             image: config.waypoint_image.clone(),
             xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
