@@ -34,3 +34,29 @@ pub fn binary(name: &str) -> std::path::PathBuf {
 pub fn privileged() -> bool {
     nix::unistd::geteuid().is_root() && std::process::Command::new("ip").arg("-V").output().is_ok()
 }
+
+/// Checks Prometheus text with `promtool check metrics` (Debian package `prometheus`,
+/// installed by scripts/deps.sh); the error carries promtool's complaints.
+pub fn promtool_check(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("running promtool (scripts/deps.sh installs it): {e}"))?;
+    if let Some(mut stdin) = check.stdin.take() {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = check.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "promtool rejected the metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -54,6 +54,15 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]}]
 ";
 
+const WAYPOINT: &str = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+";
+
 fn curl(bed: &Bed, target: &str) -> String {
     bed.a
         .exec(&[
@@ -133,9 +142,13 @@ async fn ztunnels_take_state_and_certificates_from_the_controller() {
         "{signed}"
     );
 
-    // A policy written to the manifests reaches ztunnel b and is enforced.
+    mesh_e2e::promtool_check(&signed).expect("controller metrics are valid Prometheus text");
+    assert!(signed.contains("controller_xds_connected_clients 2"), "{signed}");
+
+    // A policy and a waypoint written to the manifests: the policy reaches ztunnel b and is
+    // enforced, the waypoint becomes a record for the harness to run.
     controller
-        .write_manifests(&manifests(&bed, DENY_CLIENT))
+        .write_manifests(&(manifests(&bed, DENY_CLIENT) + WAYPOINT))
         .expect("write manifests");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -152,4 +165,19 @@ async fn ztunnels_take_state_and_certificates_from_the_controller() {
     }
     let denied = curl(&bed, &by_ip);
     assert_ne!(denied, "200", "the DENY policy is enforced");
+    let record = controller.dir.path().join("waypoints/default.waypoint.json");
+    while !record.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no waypoint record:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&record).expect("waypoint record");
+    let record: serde_json::Value = serde_json::from_str(&text).expect("JSON record");
+    assert_eq!(
+        record["identity"], "spiffe://cluster.local/ns/default/sa/waypoint",
+        "{record:#}"
+    );
 }

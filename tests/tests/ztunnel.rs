@@ -110,22 +110,7 @@ async fn http_and_large_transfer_through_two_ztunnels() {
     .is_some());
     // The metrics are valid Prometheus text, as promtool reads it.
     for m in [&ma, &mb] {
-        let mut check = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian package prometheus) is installed by scripts/deps.sh");
-        use std::io::Write;
-        check.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
-        let out = check.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool rejected the metrics: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        mesh_e2e::promtool_check(m).expect("promtool accepts the metrics");
     }
     // The log level can be changed at runtime, and a bad one is refused.
     assert_eq!(za.post("127.0.0.1:15000", "/logging?level=debug").await.unwrap().0, 200);
