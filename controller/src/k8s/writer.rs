@@ -421,6 +421,60 @@ pub fn service_for(record: &WaypointDeployment) -> Service {
     }
 }
 
+/// Istio kinds whose status carries translation problems.
+fn reports_status(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::AuthorizationPolicy
+            | Kind::PeerAuthentication
+            | Kind::RequestAuthentication
+            | Kind::VirtualService
+            | Kind::DestinationRule
+    )
+}
+
+/// Keeps problems on the status of the Istio objects that caused them (only while leading):
+/// objects with problems get `Accepted=False` with the messages, objects whose problems went
+/// away get `Accepted=True` again.
+pub async fn run_status(
+    client: Client,
+    mut leader: watch::Receiver<bool>,
+    mut problems: watch::Receiver<Vec<crate::translate::Problem>>,
+) {
+    let mut reported: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
+    loop {
+        if *leader.borrow_and_update() {
+            let mut now: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
+            for p in problems.borrow_and_update().iter().filter(|p| reports_status(p.kind)) {
+                now.entry((p.kind, p.object.clone()))
+                    .or_default()
+                    .push(p.message.clone());
+            }
+            let cleared: Vec<(Kind, ObjectKey)> = reported.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+            for (kind, key) in cleared {
+                if let Err(e) = report_problems(&client, kind, &key, &[]).await {
+                    warn!(%key, error = %e, "cannot clear policy status");
+                }
+            }
+            for ((kind, key), messages) in &now {
+                if reported.get(&(*kind, key.clone())) == Some(messages) {
+                    continue;
+                }
+                if let Err(e) = report_problems(&client, *kind, key, messages).await {
+                    warn!(%key, error = %e, "cannot write policy status");
+                }
+            }
+            reported = now;
+        } else {
+            reported.clear();
+        }
+        tokio::select! {
+            r = leader.changed() => if r.is_err() { return },
+            r = problems.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,59 +645,5 @@ mod tests {
         let written = conditions(&[bad], &[], None, at(0));
         assert_eq!(written[0]["status"], "False");
         assert!(written[0].get("observedGeneration").is_none());
-    }
-}
-
-/// Istio kinds whose status carries translation problems.
-fn reports_status(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::AuthorizationPolicy
-            | Kind::PeerAuthentication
-            | Kind::RequestAuthentication
-            | Kind::VirtualService
-            | Kind::DestinationRule
-    )
-}
-
-/// Keeps problems on the status of the Istio objects that caused them (only while leading):
-/// objects with problems get `Accepted=False` with the messages, objects whose problems went
-/// away get `Accepted=True` again.
-pub async fn run_status(
-    client: Client,
-    mut leader: watch::Receiver<bool>,
-    mut problems: watch::Receiver<Vec<crate::translate::Problem>>,
-) {
-    let mut reported: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
-    loop {
-        if *leader.borrow_and_update() {
-            let mut now: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
-            for p in problems.borrow_and_update().iter().filter(|p| reports_status(p.kind)) {
-                now.entry((p.kind, p.object.clone()))
-                    .or_default()
-                    .push(p.message.clone());
-            }
-            let cleared: Vec<(Kind, ObjectKey)> = reported.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
-            for (kind, key) in cleared {
-                if let Err(e) = report_problems(&client, kind, &key, &[]).await {
-                    warn!(%key, error = %e, "cannot clear policy status");
-                }
-            }
-            for ((kind, key), messages) in &now {
-                if reported.get(&(*kind, key.clone())) == Some(messages) {
-                    continue;
-                }
-                if let Err(e) = report_problems(&client, *kind, key, messages).await {
-                    warn!(%key, error = %e, "cannot write policy status");
-                }
-            }
-            reported = now;
-        } else {
-            reported.clear();
-        }
-        tokio::select! {
-            r = leader.changed() => if r.is_err() { return },
-            r = problems.changed() => if r.is_err() { return },
-        }
     }
 }
