@@ -102,6 +102,16 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
     let (pub_tx, published) = watch::channel(Published::default());
     let pods = Arc::new(NodePods::default());
     let node_pods = pods.clone();
+    let trim = Arc::new(tokio::sync::Notify::new());
+    let trimmer = trim.clone();
+    tokio::spawn(async move {
+        loop {
+            trimmer.notified().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // SAFETY: malloc_trim has no preconditions; it only returns free pages to the kernel.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        }
+    });
     tokio::spawn(async move {
         // Shared with the translation thread without a copy; mutated only once it is back.
         let mut inputs = Arc::new(Inputs::default());
@@ -129,8 +139,8 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             }
             let (shared, opts, prev) = (inputs.clone(), options.clone(), previous.clone());
             let done = tokio::task::spawn_blocking(move || {
-                let out = translate(&shared, &opts);
-                let snapshot = Snapshot::next(&prev, &out, Some(since));
+                let out = Arc::new(translate(&shared, &opts));
+                let snapshot = Snapshot::next(&prev, out.clone(), Some(since));
                 (out, snapshot)
             })
             .await;
@@ -159,8 +169,11 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
                 synced: true,
                 problems: out.problems.clone(),
                 waypoints: out.waypoints.values().cloned().collect(),
-                outputs: Arc::new(out),
+                outputs: out,
             });
+            // Translation and encoding leave freed heap behind; give it back once the burst
+            // has been pushed (glibc keeps it otherwise).
+            trim.notify_one();
         }
     });
     Core {

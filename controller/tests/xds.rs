@@ -80,7 +80,7 @@ impl Server {
         let out = translate(&inputs, &Options::default());
         let previous = self.snapshots.borrow().clone();
         self.snapshots
-            .send_replace(Arc::new(Snapshot::next(&previous, &out, None)));
+            .send_replace(Arc::new(Snapshot::next(&previous, Arc::new(out), None)));
     }
 }
 

@@ -244,7 +244,10 @@ async fn main() -> Result<()> {
             "--admin",
             &format!("127.0.0.1:{admin}"),
         ])
-        .args(["--poll-ms", "20", "--log", "warn"])
+        .args(["--poll-ms", "20"])
+        // The controller's own log (LOG=info shows translation times) goes to stderr.
+        .arg("--log")
+        .arg(std::env::var("LOG").unwrap_or_else(|_| "warn".to_owned()))
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} (build it with the same profile)", controller.display()))?;

@@ -137,6 +137,12 @@ pub(crate) fn translate(
     report: &mut Report,
 ) -> Vec<pb::Workload> {
     let index = SelectorIndex::new(inputs);
+    // Selector policies by namespace: a pod only looks at its namespace's and the root's.
+    let mut by_namespace: HashMap<&str, Vec<&Selected>> = HashMap::new();
+    for s in selected {
+        by_namespace.entry(s.namespace.as_str()).or_default().push(s);
+    }
+    let root_policies = by_namespace.get(options.root_namespace.as_str());
     let slices = slice_members(inputs);
     let mut out = Vec::with_capacity(inputs.pods.len());
     for (key, pod) in &inputs.pods {
@@ -222,8 +228,13 @@ pub(crate) fn translate(
             services.insert(format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports });
         }
 
-        let authorization_policies = selected
-            .iter()
+        let own = by_namespace
+            .get(key.namespace.as_str())
+            .filter(|_| key.namespace != options.root_namespace);
+        let authorization_policies = own
+            .into_iter()
+            .flatten()
+            .chain(root_policies.into_iter().flatten())
             .filter(|s| s.applies_to(key, labels, &options.root_namespace))
             .map(|s| s.name.clone())
             .collect();

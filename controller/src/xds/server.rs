@@ -19,11 +19,11 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::metrics::XdsMetrics;
-use super::snapshot::{Snapshot, TYPES};
+use super::snapshot::{Entry, Snapshot, TYPES};
 use crate::ca::auth::{bearer_token, Authenticator};
 
 /// Resources per response: bounds the memory one slow client pins during a full push.
-const CHUNK: usize = 1000;
+const CHUNK: usize = 500;
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
@@ -58,8 +58,9 @@ impl AdsServer {
 struct Subscription {
     wildcard: bool,
     names: HashSet<String>,
-    /// Name -> version the client has (sent, whether it ACKed or NACKed it).
-    has: HashMap<String, String>,
+    /// Name -> version the client has (sent, whether it ACKed or NACKed it). Names are
+    /// shared with the snapshot entries: a client's record costs a pointer and a number each.
+    has: HashMap<Arc<str>, u64>,
 }
 
 impl Subscription {
@@ -100,21 +101,23 @@ impl Session {
         let Some(current) = snapshot.types.get(type_url) else {
             return true;
         };
-        let mut resources: Vec<Resource> = Vec::new();
+        // Entries to send are collected as pointers; the per-client copies are made one
+        // chunk at a time, so a full push pins at most a chunk per client.
+        let mut send: Vec<Arc<Entry>> = Vec::new();
         let mut removed = Vec::new();
-        let mut consider = |name: &String, sub: &mut Subscription| {
+        let mut consider = |name: &str, sub: &mut Subscription| {
             if !sub.wants(name) {
                 return;
             }
             match current.get(name) {
                 Some(e) if sub.has.get(name) != Some(&e.version) => {
-                    sub.has.insert(name.clone(), e.version.clone());
-                    resources.push(e.resource.clone());
+                    sub.has.insert(e.name.clone(), e.version);
+                    send.push(e.clone());
                 }
                 Some(_) => {}
                 None => {
                     if sub.has.remove(name).is_some() {
-                        removed.push(name.clone());
+                        removed.push(name.to_owned());
                     }
                 }
             }
@@ -122,32 +125,30 @@ impl Session {
         match names {
             Some(names) => names.iter().for_each(|n| consider(n, sub)),
             None => {
-                let mut all: BTreeSet<&String> = current.keys().collect();
-                let held: Vec<String> = sub.has.keys().cloned().collect();
-                all.extend(held.iter());
-                let all: Vec<String> = all.into_iter().cloned().collect();
-                all.iter().for_each(|n| consider(n, sub));
+                let gone: Vec<Arc<str>> = sub
+                    .has
+                    .keys()
+                    .filter(|k| !current.contains_key(&***k))
+                    .cloned()
+                    .collect();
+                current.keys().for_each(|n| consider(n, sub));
+                gone.iter().for_each(|n| consider(n, sub));
             }
         }
-        if resources.is_empty() && removed.is_empty() && !always {
+        if send.is_empty() && removed.is_empty() && !always {
             return true;
         }
-        let count = resources.len() + removed.len();
-        let mut chunks: Vec<Vec<Resource>> = Vec::new();
-        while resources.len() > CHUNK {
-            let rest = resources.split_off(CHUNK);
-            chunks.push(std::mem::replace(&mut resources, rest));
-        }
-        chunks.push(resources);
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+        let count = send.len() + removed.len();
+        let chunks = send.len().div_ceil(CHUNK).max(1);
+        for i in 0..chunks {
+            let part = &send[(i * CHUNK).min(send.len())..((i + 1) * CHUNK).min(send.len())];
+            let resources: Vec<Resource> = part.iter().map(|e| e.resource.clone()).collect();
             let response = DeltaDiscoveryResponse {
                 system_version_info: snapshot.generation.to_string(),
-                resources: chunk,
+                resources,
                 type_url: type_url.to_owned(),
-                nonce,
-                removed_resources: if i == last {
+                nonce: self.nonce.fetch_add(1, Ordering::Relaxed).to_string(),
+                removed_resources: if i + 1 == chunks {
                     std::mem::take(&mut removed)
                 } else {
                     Vec::new()
@@ -177,7 +178,12 @@ impl Session {
         if first {
             // Legacy wildcard: a first request without names subscribes to everything.
             sub.wildcard = req.resource_names_subscribe.is_empty();
-            sub.has = req.initial_resource_versions.into_iter().collect();
+            // A version we cannot read is one we never sent: it will not match, so it is resent.
+            sub.has = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(n, v)| (Arc::from(n.as_str()), u64::from_str_radix(&v, 16).unwrap_or(u64::MAX)))
+                .collect();
         }
         let mut fresh = BTreeSet::new();
         for name in req.resource_names_subscribe {
@@ -194,7 +200,7 @@ impl Session {
                 sub.names.remove(&name);
             }
             if !sub.wants(&name) {
-                sub.has.remove(&name);
+                sub.has.remove(name.as_str());
             }
         }
         if first || (sub.wildcard && !fresh.is_empty()) {
@@ -222,7 +228,7 @@ impl AggregatedDiscoveryService for AdsServer {
         })?;
         let remote = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(1);
         let mut session = Session {
             peer: format!("{caller} ({remote})"),
             subs: HashMap::new(),

@@ -25,7 +25,10 @@ pub const TYPES: [&str; 4] = [
 /// One encoded resource, shared by every client's responses.
 #[derive(Debug)]
 pub struct Entry {
-    pub version: String,
+    /// Shared with every client's record of what it holds.
+    pub name: Arc<str>,
+    /// Content hash; `resource.version` is its hex form.
+    pub version: u64,
     pub resource: Resource,
 }
 
@@ -38,29 +41,41 @@ pub struct Snapshot {
     pub types: HashMap<&'static str, BTreeMap<String, Arc<Entry>>>,
     /// Names per type that were added, changed or removed since generation - 1.
     pub changed: HashMap<&'static str, BTreeSet<String>>,
+    /// The translation this snapshot encodes (the next one compares against it).
+    pub outputs: Arc<Outputs>,
 }
 
-fn version_of(bytes: &[u8]) -> String {
+fn version_of(bytes: &[u8]) -> u64 {
     let digest = Sha256::digest(bytes);
-    hex::encode(&digest[..8])
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
-/// Encodes `items`, reusing the previous entry (one shared copy) when the content is equal.
-fn entries<M: Message>(
+/// Encodes `items`. A message equal to the previous one reuses its entry (no encoding, no
+/// hashing, one shared copy); others are encoded and versioned by content.
+fn entries<M: Message + PartialEq>(
     type_url: &str,
     items: &BTreeMap<String, M>,
-    previous: Option<&BTreeMap<String, Arc<Entry>>>,
+    previous: Option<(&BTreeMap<String, M>, &BTreeMap<String, Arc<Entry>>)>,
 ) -> BTreeMap<String, Arc<Entry>> {
     items
         .iter()
         .map(|(name, m)| {
+            if let Some((before, entries)) = previous {
+                if before.get(name) == Some(m) {
+                    if let Some(e) = entries.get(name) {
+                        return (name.clone(), e.clone());
+                    }
+                }
+            }
             let value = m.encode_to_vec();
             let version = version_of(&value);
-            if let Some(same) = previous.and_then(|p| p.get(name)).filter(|e| e.version == version) {
+            if let Some(same) = previous.and_then(|(_, p)| p.get(name)).filter(|e| e.version == version) {
                 return (name.clone(), same.clone());
             }
             let resource = Resource {
-                version: version.clone(),
+                version: format!("{version:016x}"),
                 resource: Some(prost_types::Any {
                     type_url: type_url.to_owned(),
                     value,
@@ -69,20 +84,42 @@ fn entries<M: Message>(
                 aliases: Vec::new(),
                 ttl: None,
             };
-            (name.clone(), Arc::new(Entry { version, resource }))
+            let entry = Entry {
+                name: Arc::from(name.as_str()),
+                version,
+                resource,
+            };
+            (name.clone(), Arc::new(entry))
         })
         .collect()
 }
 
 impl Snapshot {
     /// Encodes `out` as the generation after `previous`.
-    pub fn next(previous: &Snapshot, out: &Outputs, since: Option<Instant>) -> Snapshot {
+    pub fn next(previous: &Snapshot, out: Arc<Outputs>, since: Option<Instant>) -> Snapshot {
         let prev = |t: &str| previous.types.get(t);
+        let po = &previous.outputs;
         let mut types = HashMap::new();
-        types.insert(TYPES[0], entries(TYPES[0], &out.addresses, prev(TYPES[0])));
-        types.insert(TYPES[1], entries(TYPES[1], &out.authorizations, prev(TYPES[1])));
-        types.insert(TYPES[2], entries(TYPES[2], &out.service_routes, prev(TYPES[2])));
-        types.insert(TYPES[3], entries(TYPES[3], &out.waypoint_policies, prev(TYPES[3])));
+        let a = entries(TYPES[0], &out.addresses, prev(TYPES[0]).map(|e| (&po.addresses, e)));
+        types.insert(TYPES[0], a);
+        let b = entries(
+            TYPES[1],
+            &out.authorizations,
+            prev(TYPES[1]).map(|e| (&po.authorizations, e)),
+        );
+        types.insert(TYPES[1], b);
+        let c = entries(
+            TYPES[2],
+            &out.service_routes,
+            prev(TYPES[2]).map(|e| (&po.service_routes, e)),
+        );
+        types.insert(TYPES[2], c);
+        let d = entries(
+            TYPES[3],
+            &out.waypoint_policies,
+            prev(TYPES[3]).map(|e| (&po.waypoint_policies, e)),
+        );
+        types.insert(TYPES[3], d);
         let empty = BTreeMap::new();
         let changed = types
             .iter()
@@ -102,6 +139,7 @@ impl Snapshot {
             since,
             types,
             changed,
+            outputs: out,
         }
     }
 
