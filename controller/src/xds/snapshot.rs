@@ -52,12 +52,15 @@ fn version_of(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(first)
 }
 
+/// The previous generation's messages and entries of one type.
+type Previous<'a, M> = (&'a BTreeMap<String, M>, &'a BTreeMap<String, Arc<Entry>>);
+
 /// Encodes `items`. A message equal to the previous one reuses its entry (no encoding, no
 /// hashing, one shared copy); others are encoded and versioned by content.
 fn entries<M: Message + PartialEq>(
     type_url: &str,
     items: &BTreeMap<String, M>,
-    previous: Option<(&BTreeMap<String, M>, &BTreeMap<String, Arc<Entry>>)>,
+    previous: Option<Previous<'_, M>>,
 ) -> BTreeMap<String, Arc<Entry>> {
     items
         .iter()
