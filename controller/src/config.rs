@@ -50,6 +50,10 @@ pub struct Config {
     /// Longest certificate lifetime the CA grants, in seconds.
     #[arg(long, env = "MAX_CERT_TTL_SECONDS", default_value_t = 24 * 3600)]
     pub max_cert_ttl_seconds: u64,
+    /// Local mode: node agents' enrolment reports (`cni-agent --enrolment-report`); the pods
+    /// listed there are advertised with HBONE like annotated ones.
+    #[arg(long, env = "ENROLMENT_DIR")]
+    pub enrolment_dir: Option<PathBuf>,
     /// Local mode: write one JSON record per waypoint to run into this directory.
     #[arg(long, env = "WAYPOINT_RECORDS")]
     pub waypoint_records: Option<PathBuf>,

@@ -93,6 +93,7 @@ fn apply(inputs: &mut Inputs, change: Change, synced: &mut bool) {
             objects.into_iter().for_each(|o| inputs.apply(o));
         }
         Change::Synced => *synced = true,
+        Change::Enrolled(pods) => inputs.enrolled = pods,
     }
 }
 

@@ -24,7 +24,20 @@ impl<'a> Controller<'a> {
     /// Starts the controller on `ip` (xDS+CA on 15012, admin on 15014) with one bootstrap token
     /// per node name (the token is `<node>-token`), and waits until it is ready.
     pub async fn start(ns: &'a Netns, ip: std::net::IpAddr, nodes: &[&str], manifests: &str) -> anyhow::Result<Self> {
+        Self::start_with(ns, ip, nodes, manifests, false).await
+    }
+
+    /// As [`Controller::start`]; with `enrolment`, pods are advertised with HBONE when a node
+    /// agent reports them captured (`enrolment_dir`) rather than by their annotation.
+    pub async fn start_with(
+        ns: &'a Netns,
+        ip: std::net::IpAddr,
+        nodes: &[&str],
+        manifests: &str,
+        enrolment: bool,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("enrolment"))?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         std::fs::write(dir.path().join("manifests/world.yaml"), manifests)?;
         let tokens: String = nodes
@@ -42,8 +55,11 @@ impl<'a> Controller<'a> {
         let log = std::env::temp_dir().join(format!("{}-controller.log", ns.name));
         let out = std::fs::File::create(&log)?;
         let admin = SocketAddr::new(ip, 15014);
-        let child = ns
-            .command(&crate::binary("controller"))
+        let mut command = ns.command(&crate::binary("controller"));
+        if enrolment {
+            command.arg("--enrolment-dir").arg(dir.path().join("enrolment"));
+        }
+        let child = command
             .arg("--manifest-dir")
             .arg(dir.path().join("manifests"))
             .arg("--bootstrap-tokens")
@@ -89,6 +105,11 @@ impl<'a> Controller<'a> {
     /// The trust bundle ztunnels verify the controller (and each other) with.
     pub fn trust_bundle(&self) -> PathBuf {
         self.dir.path().join("ca/trust-bundle.pem")
+    }
+
+    /// Where node agents write their enrolment reports.
+    pub fn enrolment_dir(&self) -> PathBuf {
+        self.dir.path().join("enrolment")
     }
 
     pub fn token_file(&self, node: &str) -> PathBuf {

@@ -11,6 +11,7 @@
 pub mod apps;
 pub mod bed;
 pub mod capture;
+pub mod cluster;
 pub mod controller;
 pub mod netns;
 pub mod ztunnel;

@@ -120,17 +120,21 @@ pub fn socket_in(name: &str, dst: SocketAddr) -> std::io::Result<tokio::net::Tcp
     Ok(tokio::net::TcpSocket::from_std_stream(std))
 }
 
+/// Kills what still runs in namespace `name` (which frees it) and deletes it.
+pub fn destroy(name: &str) {
+    if let Ok(pids) = sh(&["ip", "netns", "pids", name]) {
+        for pid in pids.split_whitespace() {
+            let _ = sh(&["kill", "-9", pid]);
+        }
+    }
+    if let Err(e) = sh(&["ip", "netns", "del", name]) {
+        eprintln!("cleanup: {e}");
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Killing what still runs inside frees the namespace for deletion.
-        if let Ok(pids) = sh(&["ip", "netns", "pids", &self.name]) {
-            for pid in pids.split_whitespace() {
-                let _ = sh(&["kill", "-9", pid]);
-            }
-        }
-        if let Err(e) = sh(&["ip", "netns", "del", &self.name]) {
-            eprintln!("cleanup: {e}");
-        }
+        destroy(&self.name);
     }
 }
 

@@ -3,10 +3,9 @@
 //! the node agent process deciding enrolment from the manifest directory, writing the
 //! redirection and handing pods to an in-pod ztunnel over ZDS; then real traffic.
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use mesh_core::identity::DevCa;
@@ -16,49 +15,7 @@ use mesh_e2e::{privileged, Netns, Ztunnel};
 
 const N: u8 = 70;
 
-/// Runs one CNI plugin as a runtime would: CNI_* environment, config on stdin.
-fn cni(
-    node: &Netns,
-    plugin: &Path,
-    cmd: &str,
-    pod: &Netns,
-    name: &str,
-    ns: &str,
-    config: &str,
-) -> Result<String, String> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.name])
-        .arg(plugin)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(config.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
+use mesh_e2e::cluster::run_plugin as cni;
 
 struct Node {
     ns: Netns,

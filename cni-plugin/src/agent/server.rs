@@ -84,6 +84,9 @@ pub struct Agent {
     /// Where the known pods are persisted, so an agent restart does not forget them (and a
     /// reconnecting ztunnel does not drop every pod at the next snapshot).
     state_file: Option<PathBuf>,
+    /// Local mode's enrolment report: the pods captured on this node, for the controller
+    /// (which advertises only those as HBONE). In a cluster the pod annotation says it.
+    report_file: Option<PathBuf>,
 }
 
 /// What the manifests say about one pod: capture it (with its service account) or why not.
@@ -120,7 +123,13 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes
 }
 
 impl Agent {
-    pub fn new(zds: Arc<ZdsServer>, manifests: PathBuf, cluster_id: String, state_file: Option<PathBuf>) -> Arc<Agent> {
+    pub fn new(
+        zds: Arc<ZdsServer>,
+        manifests: PathBuf,
+        cluster_id: String,
+        state_file: Option<PathBuf>,
+        report_file: Option<PathBuf>,
+    ) -> Arc<Agent> {
         Arc::new(Agent {
             zds,
             manifests,
@@ -128,6 +137,7 @@ impl Agent {
             ports: rules::Ports::default(),
             pods: Default::default(),
             state_file,
+            report_file,
         })
     }
 
@@ -168,12 +178,30 @@ impl Agent {
             pods.insert(k.req.container_id.clone(), k);
         }
         let n = pods.len();
+        self.persist(&pods);
         drop(pods);
         Ok(n)
     }
 
-    /// Writes the known pods to the state file (atomically: write then rename).
+    /// Writes the known pods to the state file and the enrolment report (each atomically:
+    /// write then rename).
     fn persist(&self, pods: &HashMap<String, Known>) {
+        if let Some(path) = &self.report_file {
+            let mut enrolled: Vec<String> = pods
+                .values()
+                .filter(|k| k.captured.is_some())
+                .map(|k| format!("{}/{}", k.req.pod_namespace, k.req.pod_name))
+                .collect();
+            enrolled.sort();
+            let tmp = path.with_extension("tmp");
+            let result = serde_json::to_vec_pretty(&json!({ "enrolled": enrolled }))
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| std::fs::write(&tmp, bytes))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = result {
+                warn!(file = %path.display(), error = %e, "cannot write the enrolment report");
+            }
+        }
         let Some(path) = &self.state_file else { return };
         let list: Vec<&Known> = pods.values().collect();
         let tmp = path.with_extension("tmp");

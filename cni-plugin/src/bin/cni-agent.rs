@@ -26,6 +26,10 @@ struct Config {
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
     /// Where the agent keeps the pods it knows across restarts.
+    /// Local mode: keep the list of captured pods in this file (JSON `{"enrolled": ["ns/name"]}`)
+    /// for the controller's `--enrolment-dir`.
+    #[arg(long, env = "ENROLMENT_REPORT")]
+    enrolment_report: Option<PathBuf>,
     #[arg(long, env = "STATE_FILE", default_value = "/var/run/ambient/pods.json")]
     state_file: PathBuf,
     /// Log filter.
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         cfg.manifest_dir.clone(),
         cfg.cluster_id.clone(),
         Some(cfg.state_file.clone()),
+        cfg.enrolment_report.clone(),
     );
     // Pods from before a restart go into the snapshot of the first ztunnel to connect.
     let restored = agent.restore().await.context("restoring agent state")?;

@@ -96,12 +96,21 @@ async fn main() -> anyhow::Result<()> {
         let tokens = config.bootstrap_tokens.as_ref().context("--bootstrap-tokens")?;
         let auth = Arc::new(BootstrapTokens::load(tokens).context("bootstrap tokens")?);
         let (dir, interval) = (dir.clone(), Duration::from_millis(config.poll_ms));
+        let manifest_tx = changes_tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = source::local::watch(dir, interval, changes_tx, skipped_tx).await {
+            if let Err(e) = source::local::watch(dir, interval, manifest_tx, skipped_tx).await {
                 tracing::error!(error = %e, "local source stopped");
                 std::process::exit(1);
             }
         });
+        if let Some(dir) = config.enrolment_dir.clone() {
+            let tx = changes_tx.clone();
+            tokio::spawn(source::local::watch_enrolment(
+                dir,
+                Duration::from_millis(config.poll_ms),
+                tx,
+            ));
+        }
         if let Some(dir) = config.waypoint_records.clone() {
             tokio::spawn(write_records(dir, core.published.clone()));
         }

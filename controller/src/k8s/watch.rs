@@ -181,15 +181,7 @@ mod tests {
     }
 
     fn summary(changes: &[Change]) -> Vec<String> {
-        changes
-            .iter()
-            .map(|c| match c {
-                Change::Apply(o) => format!("apply {}", o.key()),
-                Change::Delete(k, key) => format!("delete {k:?} {key}"),
-                Change::Replace(k, objects) => format!("replace {k:?} {}", objects.len()),
-                Change::Synced => "synced".to_owned(),
-            })
-            .collect()
+        changes.iter().map(Change::to_string).collect()
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct Inputs {
     pub request_authentications: BTreeMap<ObjectKey, istio::RequestAuthentication>,
     pub virtual_services: BTreeMap<ObjectKey, istio::VirtualService>,
     pub destination_rules: BTreeMap<ObjectKey, istio::DestinationRule>,
+    /// Pods the node agents report captured (local mode), besides annotated ones.
+    pub enrolled: std::collections::BTreeSet<ObjectKey>,
 }
 
 impl Inputs {

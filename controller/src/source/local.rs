@@ -264,6 +264,51 @@ pub async fn watch(
     }
 }
 
+/// Local mode's enrolment reports: every `*.json` file in `dir` is a node agent's
+/// `{"enrolled": ["ns/name", ...]}`; their union is sent whenever it changes. An unreadable
+/// report is logged and counts as empty (its pods fall back to plaintext, never the reverse).
+pub async fn watch_enrolment(dir: PathBuf, interval: Duration, tx: ChangeSender) {
+    #[derive(Deserialize)]
+    struct Report {
+        enrolled: Vec<String>,
+    }
+    let read = |dir: &Path| -> std::collections::BTreeSet<ObjectKey> {
+        let mut out = std::collections::BTreeSet::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return out;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let parsed = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Report>(&b).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(r) => out.extend(r.enrolled.iter().filter_map(|k| {
+                    let (ns, name) = k.split_once('/')?;
+                    Some(ObjectKey::new(ns, name))
+                })),
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "unreadable enrolment report"),
+            }
+        }
+        out
+    };
+    let mut last = None;
+    loop {
+        let d = dir.clone();
+        let now = tokio::task::spawn_blocking(move || read(&d)).await.unwrap_or_default();
+        if last.as_ref() != Some(&now) {
+            tracing::info!(pods = now.len(), "enrolment reports changed");
+            last = Some(now.clone());
+            if tx.send(Change::Enrolled(now)).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,15 +377,7 @@ items:
     }
 
     fn names(changes: &[Change]) -> Vec<String> {
-        changes
-            .iter()
-            .map(|c| match c {
-                Change::Apply(o) => format!("apply {}", o.key()),
-                Change::Delete(_, k) => format!("delete {k}"),
-                Change::Replace(k, _) => format!("replace {k:?}"),
-                Change::Synced => "synced".to_owned(),
-            })
-            .collect()
+        changes.iter().map(Change::to_string).collect()
     }
 
     fn ns(names: &[&str]) -> String {
@@ -370,11 +407,11 @@ items:
         std::fs::write(&tmp, ns(&["one", "four"])).expect("write");
         std::fs::rename(&tmp, &a).expect("rename");
         let second = state.refresh(stamps(dir.path()).expect("stamps"));
-        assert_eq!(names(&second), ["apply one", "apply four", "delete two"]);
+        assert_eq!(names(&second), ["apply one", "apply four", "delete Namespace two"]);
 
         std::fs::remove_file(&b).expect("remove");
         let third = state.refresh(stamps(dir.path()).expect("stamps"));
-        assert_eq!(names(&third), ["delete three"]);
+        assert_eq!(names(&third), ["delete Namespace three"]);
         assert!(state.errors().is_empty());
     }
 }

@@ -17,8 +17,22 @@ pub enum Change {
     Replace(Kind, Vec<Object>),
     /// Every kind has been listed once: outputs computed from now on are complete.
     Synced,
+    /// Local mode: the pods node agents report captured (in a cluster, the pod annotation).
+    Enrolled(std::collections::BTreeSet<ObjectKey>),
 }
 
 /// Sender half a source writes to.
 pub type ChangeSender = tokio::sync::mpsc::Sender<Change>;
 pub mod local;
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Apply(o) => write!(f, "apply {}", o.key()),
+            Change::Delete(k, key) => write!(f, "delete {k:?} {key}"),
+            Change::Replace(k, objects) => write!(f, "replace {k:?} {}", objects.len()),
+            Change::Synced => f.write_str("synced"),
+            Change::Enrolled(pods) => write!(f, "enrolled {}", pods.len()),
+        }
+    }
+}

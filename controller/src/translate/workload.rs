@@ -168,7 +168,8 @@ pub(crate) fn translate(
             .annotations
             .as_ref()
             .and_then(|a| a.get(ENROLLED_ANNOTATION))
-            .is_some_and(|v| v == ENROLLED_VALUE);
+            .is_some_and(|v| v == ENROLLED_VALUE)
+            || inputs.enrolled.contains(key);
         let (workload_name, workload_type) = workload_name(pod, key);
         let canonical_name = label(
             labels,

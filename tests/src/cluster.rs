@@ -1,0 +1,466 @@
+//! A Kubernetes-like cluster made of network namespaces, as real as this kernel allows:
+//!
+//! - an underlay bridge (`Hub`) with one namespace per node (`10.90.<id>.<i+1>`), each node
+//!   routing to the others' pod CIDRs (`10.<100+i>.<id>.0/24`) over the underlay;
+//! - pods created as a container runtime does it: a namespace, then the reference `bridge` +
+//!   `host-local` plugins and our `ambient-cni` chained after them (CNI_* environment, config
+//!   on stdin), run in the node namespace; deletion with CNI DEL;
+//! - the controller in local mode in its own namespace on the underlay (`10.90.<id>.100`),
+//!   reading a manifest directory this harness keeps current the way a kubelet would (pod
+//!   objects first, `status.podIP` after the sandbox exists), and the node agents' enrolment
+//!   reports;
+//! - per node: the `cni-agent` and an in-pod-mode ztunnel taking state and certificates from
+//!   the controller.
+//!
+//! Everything (processes, namespaces, links, files) goes when the [`Cluster`] is dropped,
+//! including on panic.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::controller::Controller;
+use crate::netns::{Hub, Netns};
+use crate::ztunnel::Ztunnel;
+
+/// The reference plugins' directory (Debian's containernetworking-plugins).
+pub const CNI_BIN: &str = "/usr/lib/cni";
+
+/// Runs one CNI plugin in `node` as a runtime would: CNI_* environment, config on stdin.
+/// Returns stdout on success, stdout+stderr on failure.
+pub fn run_plugin(
+    node: &Netns,
+    plugin: &Path,
+    command: &str,
+    pod: &Netns,
+    name: &str,
+    namespace: &str,
+    config: &str,
+) -> Result<String, String> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.name])
+        .arg(plugin)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_BIN)
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(config.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// One node: its namespace, agent and ztunnel.
+pub struct Node {
+    /// Lives as long as the cluster (processes borrow it); deleted by the cluster's `Drop`.
+    pub ns: &'static Netns,
+    pub index: u8,
+    pub dir: tempfile::TempDir,
+    agent: Mutex<Option<Child>>,
+    pub ztunnel: Mutex<Option<Ztunnel<'static>>>,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.ns.name
+    }
+
+    pub fn cni_socket(&self) -> PathBuf {
+        self.dir.path().join("cni.sock")
+    }
+
+    pub fn zds_socket(&self) -> PathBuf {
+        self.dir.path().join("ztunnel.sock")
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Stops the node agent (to test what happens without it).
+    pub fn stop_agent(&self) {
+        if let Some(mut a) = self.agent.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+/// A pod created through the CNI chain.
+pub struct Pod {
+    pub ns: Netns,
+    pub name: String,
+    pub namespace: String,
+    pub ip: IpAddr,
+    pub node: u8,
+}
+
+impl Pod {
+    /// Whether the agent's redirection table exists in the pod.
+    pub fn captured(&self) -> bool {
+        self.ns.exec(&["nft", "list", "table", "inet", "ambient"]).is_ok()
+    }
+}
+
+pub struct Cluster {
+    pub id: u8,
+    // Field order is drop order: processes before the namespaces they run in.
+    pub controller: Controller<'static>,
+    pub nodes: Vec<Node>,
+    control: &'static Netns,
+    hub: Hub,
+    manifests: PathBuf,
+}
+
+/// Node and control-plane namespaces are borrowed by the processes running in them for as
+/// long as the cluster lives; they are leaked (a few bytes) and deleted by `Cluster::drop`.
+fn leak(ns: Netns) -> &'static Netns {
+    Box::leak(Box::new(ns))
+}
+
+impl Cluster {
+    pub fn underlay_ip(id: u8, node: u8) -> IpAddr {
+        Ipv4Addr::new(10, 90, id, node + 1).into()
+    }
+
+    pub fn controller_ip(&self) -> IpAddr {
+        Ipv4Addr::new(10, 90, self.id, 100).into()
+    }
+
+    fn pod_cidr(id: u8, node: u8) -> String {
+        format!("10.{}.{id}.0/24", 100 + u16::from(node))
+    }
+
+    /// A service VIP in this cluster's range (never routed: ztunnel takes it first).
+    pub fn vip(&self, n: u8) -> IpAddr {
+        Ipv4Addr::new(10, 96, self.id, n).into()
+    }
+
+    /// Builds the cluster with `nodes` nodes and `manifests` (namespaces, services, policies:
+    /// anything but pods, which [`Cluster::add_pod`] writes). Waits until every part is ready.
+    pub async fn start(id: u8, nodes: u8, manifests: &str) -> Result<Cluster> {
+        let hub = Hub::new()?;
+        let control = leak(Netns::new("cp")?);
+        hub.attach(control, &[&format!("10.90.{id}.100/24")])?;
+        let mut node_names = Vec::new();
+        let mut built = Vec::new();
+        for i in 0..nodes {
+            let ns = leak(Netns::new(&format!("n{i}-"))?);
+            hub.attach(ns, &[&format!("{}/24", Self::underlay_ip(id, i))])?;
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            node_names.push(ns.name.clone());
+            built.push(Node {
+                ns,
+                index: i,
+                dir: tempfile::tempdir()?,
+                agent: Mutex::new(None),
+                ztunnel: Mutex::new(None),
+            });
+        }
+        for n in &built {
+            for other in built.iter().filter(|o| o.index != n.index) {
+                let via = Self::underlay_ip(id, other.index).to_string();
+                n.ns.exec(&["ip", "route", "add", &Self::pod_cidr(id, other.index), "via", &via])?;
+            }
+        }
+        let names: Vec<&str> = node_names.iter().map(String::as_str).collect();
+        let controller =
+            Controller::start_with(control, Ipv4Addr::new(10, 90, id, 100).into(), &names, manifests, true).await?;
+        let manifests = controller.dir.path().join("manifests");
+        let cluster = Cluster {
+            id,
+            controller,
+            nodes: built,
+            control,
+            hub,
+            manifests,
+        };
+        for n in &cluster.nodes {
+            cluster.start_agent(n.index).await?;
+        }
+        for i in 0..nodes {
+            cluster.replace_ztunnel(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts (or restarts) node `i`'s agent and waits for its CNI socket.
+    pub async fn start_agent(&self, i: u8) -> Result<()> {
+        let n = &self.nodes[usize::from(i)];
+        n.stop_agent();
+        let _ = std::fs::remove_file(n.cni_socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.path().join("agent.log"))?;
+        let report = self.controller.enrolment_dir().join(format!("{}.json", n.name()));
+        let child =
+            n.ns.command(&crate::binary("cni-agent"))
+                .arg("--cni-socket")
+                .arg(n.cni_socket())
+                .arg("--zds-socket")
+                .arg(n.zds_socket())
+                .arg("--manifest-dir")
+                .arg(&self.manifests)
+                .arg("--state-file")
+                .arg(n.dir.path().join("pods.json"))
+                .arg("--enrolment-report")
+                .arg(report)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("spawning cni-agent (did `cargo build` run?)")?;
+        *n.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !n.cni_socket().exists() {
+            if Instant::now() > deadline {
+                bail!("agent on {} did not start:\n{}", n.name(), n.agent_log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s ztunnel (in-pod mode, control plane = the controller) and waits
+    /// until it is ready. A ztunnel already running is left alone (a rolling upgrade).
+    pub async fn start_ztunnel(&self, i: u8) -> Result<Ztunnel<'static>> {
+        let n = &self.nodes[usize::from(i)];
+        let cp = format!("https://{}:15012", self.controller_ip());
+        let (zds, bundle, token) = (
+            n.zds_socket().display().to_string(),
+            self.controller.trust_bundle().display().to_string(),
+            self.controller.token_file(n.name()).display().to_string(),
+        );
+        let args = [
+            "--zds-socket",
+            zds.as_str(),
+            "--xds-address",
+            cp.as_str(),
+            "--ca-address",
+            cp.as_str(),
+            "--trust-bundle",
+            bundle.as_str(),
+            "--token-file",
+            token.as_str(),
+        ];
+        Ztunnel::start_raw(n.ns, &args).await
+    }
+
+    /// Starts node `i`'s ztunnel and keeps it as the node's current one.
+    pub async fn replace_ztunnel(&self, i: u8) -> Result<()> {
+        let z = self.start_ztunnel(i).await?;
+        *self.nodes[usize::from(i)]
+            .ztunnel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(z);
+        Ok(())
+    }
+
+    fn pod_manifest(&self, p: &PodSpec<'_>, node: &str, ip: Option<IpAddr>) -> String {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect();
+        let status = ip
+            .map(|ip| format!("status: {{phase: Running, podIP: {ip}}}\n"))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {{{}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: app}}]}}\n{status}",
+            p.name,
+            p.namespace,
+            labels.join(", "),
+            p.service_account
+        )
+    }
+
+    fn pod_file(&self, namespace: &str, name: &str) -> PathBuf {
+        self.manifests.join(format!("pod.{namespace}.{name}.yaml"))
+    }
+
+    /// Writes (atomically) a manifest file the controller and the agents read.
+    pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Creates a pod on node `node` the way kubelet does: the object, the sandbox through the
+    /// CNI chain, then the IP in its status.
+    pub fn add_pod(&self, node: u8, p: PodSpec<'_>) -> Result<Pod> {
+        let n = &self.nodes[usize::from(node)];
+        let file = self.pod_file(p.namespace, p.name);
+        std::fs::write(&file, self.pod_manifest(&p, n.name(), None))?;
+        let ns = Netns::new("p")?;
+        let bridge = run_plugin(
+            n.ns,
+            &Path::new(CNI_BIN).join("bridge"),
+            "ADD",
+            &ns,
+            p.name,
+            p.namespace,
+            &self.bridge_conf(n),
+        )
+        .map_err(|e| anyhow!("bridge ADD: {e}"))?;
+        let ours = run_plugin(
+            n.ns,
+            &crate::binary("ambient-cni"),
+            "ADD",
+            &ns,
+            p.name,
+            p.namespace,
+            &self.ambient_conf(n, &bridge),
+        )
+        .map_err(|e| anyhow!("ambient-cni ADD: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&ours)?;
+        let cidr = v["ips"][0]["address"]
+            .as_str()
+            .context("no address in the CNI result")?;
+        let ip: IpAddr = cidr.split('/').next().unwrap_or_default().parse()?;
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, self.pod_manifest(&p, n.name(), Some(ip)))?;
+        std::fs::rename(&tmp, &file)?;
+        Ok(Pod {
+            ns,
+            name: p.name.to_owned(),
+            namespace: p.namespace.to_owned(),
+            ip,
+            node,
+        })
+    }
+
+    /// CNI DEL through the chain (ours first, as a runtime tears down in reverse), then the
+    /// object goes. The namespace itself goes when `pod` is dropped.
+    pub fn delete_pod(&self, pod: &Pod) -> Result<()> {
+        let n = &self.nodes[usize::from(pod.node)];
+        run_plugin(
+            n.ns,
+            &crate::binary("ambient-cni"),
+            "DEL",
+            &pod.ns,
+            &pod.name,
+            &pod.namespace,
+            &self.ambient_conf(n, "null"),
+        )
+        .map_err(|e| anyhow!("ambient-cni DEL: {e}"))?;
+        run_plugin(
+            n.ns,
+            &Path::new(CNI_BIN).join("bridge"),
+            "DEL",
+            &pod.ns,
+            &pod.name,
+            &pod.namespace,
+            &self.bridge_conf(n),
+        )
+        .map_err(|e| anyhow!("bridge DEL: {e}"))?;
+        let _ = std::fs::remove_file(self.pod_file(&pod.namespace, &pod.name));
+        Ok(())
+    }
+
+    pub fn bridge_conf(&self, n: &Node) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"podnet","type":"bridge","bridge":"cni{}","isGateway":true,"ipMasq":false,
+"ipam":{{"type":"host-local","subnet":"{}","dataDir":"{}","routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
+            self.id,
+            Self::pod_cidr(self.id, n.index),
+            n.dir.path().join("ipam").display()
+        )
+    }
+
+    pub fn ambient_conf(&self, n: &Node, prev: &str) -> String {
+        let prev: serde_json::Value = serde_json::from_str(prev).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "podnet", "type": "ambient-cni",
+            "agentSocket": n.cni_socket(), "prevResult": prev,
+        })
+        .to_string()
+    }
+
+    /// Waits until every node's ztunnel holds `pod` as a workload reached over HBONE (once its
+    /// agent reported it captured) or not (`hbone` false).
+    pub async fn wait_workload(&self, pod: &Pod, hbone: bool, within: Duration) -> Result<()> {
+        let protocol = if hbone { "Hbone" } else { "None" };
+        let uid = format!("Kubernetes//Pod/{}/{}", pod.namespace, pod.name);
+        let deadline = Instant::now() + within;
+        for n in &self.nodes {
+            loop {
+                let dump = match self.ztunnel_dump(n.index).await {
+                    Ok(d) => d,
+                    Err(e) => bail!("config dump of {}: {e}", n.name()),
+                };
+                let found = dump["workloads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|w| w["uid"] == uid.as_str() && w["tunnel"] == protocol);
+                if found {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{} never showed {uid} with {protocol}; controller log:\n{}",
+                        n.name(),
+                        self.controller.logs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn ztunnel_dump(&self, i: u8) -> Result<serde_json::Value> {
+        let n = &self.nodes[usize::from(i)];
+        let (code, body) =
+            crate::ztunnel::http_request(n.ns, SocketAddr::from(([127, 0, 0, 1], 15000)), "GET", "/config_dump")
+                .await?;
+        if code != 200 {
+            bail!("config_dump: {code}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    pub fn hub(&self) -> &Netns {
+        &self.hub.ns
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.stop_agent();
+            drop(n.ztunnel.lock().unwrap_or_else(|e| e.into_inner()).take());
+            crate::netns::destroy(&n.ns.name);
+        }
+        // Kills the controller too (its handle drops after this, harmlessly).
+        crate::netns::destroy(&self.control.name);
+    }
+}
+
+/// What the harness writes for a new pod.
+pub struct PodSpec<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+}

@@ -1,0 +1,250 @@
+//! Two nodes, end to end: pods created through the real CNI chain on two node namespaces,
+//! the controller in local mode, a node agent and an in-pod ztunnel per node.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_e2e::apps::http_server;
+use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
+use mesh_e2e::privileged;
+
+const ID: u8 = 80;
+const WAIT: Duration = Duration::from_secs(15);
+
+fn world(vip: std::net::IpAddr) -> String {
+    format!(
+        "\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: legacy}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: shop}}
+spec: {{clusterIP: {vip}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"
+    )
+}
+
+fn curl(from: &Pod, url: &str) -> String {
+    from.ns
+        .exec(&["curl", "-sS", "--max-time", "5", url])
+        .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+fn spec<'a>(name: &'a str, namespace: &'a str, labels: &'a [(&'a str, &'a str)]) -> PodSpec<'a> {
+    PodSpec {
+        name,
+        namespace,
+        service_account: name,
+        labels,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_pod_to_pod_over_hbone() {
+    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
+        eprintln!("skipping: needs root and containernetworking-plugins");
+        return;
+    }
+    let vip = std::net::Ipv4Addr::new(10, 96, ID, 10).into();
+    let cluster = Cluster::start(ID, 2, &world(vip)).await.expect("cluster up");
+
+    let client = cluster.add_pod(0, spec("client", "shop", &[])).expect("client pod");
+    let local = cluster
+        .add_pod(0, spec("local", "shop", &[("app", "server")]))
+        .expect("same-node server");
+    let remote = cluster
+        .add_pod(1, spec("remote", "shop", &[("app", "server")]))
+        .expect("remote server");
+    let plain = cluster.add_pod(1, spec("plain", "legacy", &[])).expect("legacy pod");
+    let opted_out = cluster
+        .add_pod(1, spec("batch", "shop", &[("istio.io/dataplane-mode", "none")]))
+        .expect("opted-out pod");
+    for server in [&local, &remote, &plain, &opted_out] {
+        tokio::spawn(http_server(
+            server.ns.listen(SocketAddr::new(server.ip, 8080)).expect("listen"),
+        ));
+    }
+    assert!(client.captured() && local.captured() && remote.captured());
+    assert!(!plain.captured(), "a pod of a non-ambient namespace is untouched");
+    assert!(!opted_out.captured(), "a pod labelled none is not captured");
+    for p in [&client, &local, &remote] {
+        cluster
+            .wait_workload(p, true, WAIT)
+            .await
+            .expect("captured pods advertised with HBONE");
+    }
+    cluster
+        .wait_workload(&plain, false, WAIT)
+        .await
+        .expect("uncaptured pods advertised without");
+
+    // Same node and across nodes, by pod IP; the server sees the client pod's address.
+    let want = format!("peer={}\n", client.ip);
+    assert_eq!(curl(&client, &format!("http://{}:8080/", local.ip)), want, "same node");
+    assert_eq!(
+        curl(&client, &format!("http://{}:8080/", remote.ip)),
+        want,
+        "across nodes"
+    );
+    // By VIP: either backend, always from the client's address.
+    for _ in 0..4 {
+        assert_eq!(curl(&client, &format!("http://{vip}:80/")), want, "by VIP");
+    }
+    // Plain TCP to the legacy pod; its answer comes untouched.
+    assert_eq!(
+        curl(&client, &format!("http://{}:8080/", plain.ip)),
+        want,
+        "to a non-mesh pod"
+    );
+
+    // Identities in the destination ztunnel's metrics (node 1).
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, metrics) = mesh_e2e::ztunnel::http_request(cluster.nodes[1].ns, metrics_addr, "GET", "/metrics")
+        .await
+        .expect("metrics of node 1's ztunnel");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+                && l.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/remote\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+
+    // The underlay only ever sees TLS to 15008 for mesh traffic: a marker never in clear.
+    let marker = "MARKER-7d1f0c-not-in-clear";
+    let capture = cluster
+        .hub()
+        .command(std::path::Path::new("/usr/bin/tcpdump"))
+        .args([
+            "-i",
+            "br0",
+            "-U",
+            "-n",
+            "-A",
+            "-s",
+            "0",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "tcp",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    tokio::time::sleep(Duration::from_millis(500)).await; // tcpdump has no readiness signal
+    let url = format!("http://{}:8080/{marker}", remote.ip);
+    assert_eq!(curl(&client, &url), want);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let out = capture.wait_with_output().expect("tcpdump output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(marker), "the marker crossed the underlay in clear");
+    let to_remote = format!("{}.15008", remote.ip);
+    assert!(text.contains(&to_remote), "no HBONE to {to_remote} seen:\n{text:.2000}");
+    let remote_port_8080 = format!("{}.8080", remote.ip);
+    assert!(
+        !text.contains(&remote_port_8080),
+        "mesh traffic bypassed HBONE:\n{text:.2000}"
+    );
+
+    // An L4 policy denying the client, enforced across nodes.
+    cluster
+        .write_manifest(
+            "policy.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]\n",
+        )
+        .expect("policy");
+    let deadline = std::time::Instant::now() + WAIT;
+    while curl(&client, &format!("http://{}:8080/", remote.ip)) == want {
+        assert!(std::time::Instant::now() < deadline, "DENY never enforced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_file(cluster.controller.dir.path().join("manifests/policy.yaml")).expect("remove policy");
+    let deadline = std::time::Instant::now() + WAIT;
+    while curl(&client, &format!("http://{}:8080/", remote.ip)) != want {
+        assert!(std::time::Instant::now() < deadline, "policy removal never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Labelling the legacy namespace captures its running pod; removing the label releases it.
+    cluster
+        .write_manifest(
+            "legacy.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n",
+        )
+        .expect("label");
+    // The world file defines `legacy` too; the newer label file must win: rewrite the world.
+    cluster
+        .write_manifest(
+            "world.yaml",
+            &world(vip).replace(
+                "metadata: {name: legacy}",
+                "metadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}",
+            ),
+        )
+        .expect("world");
+    std::fs::remove_file(cluster.controller.dir.path().join("manifests/legacy.yaml")).expect("rm");
+    cluster
+        .wait_workload(&plain, true, WAIT)
+        .await
+        .expect("labelled namespace's pod captured");
+    assert!(plain.captured(), "captured without a restart");
+    assert_eq!(
+        curl(&client, &format!("http://{}:8080/", plain.ip)),
+        want,
+        "now over HBONE"
+    );
+    cluster.write_manifest("world.yaml", &world(vip)).expect("unlabel");
+    cluster.wait_workload(&plain, false, WAIT).await.expect("released");
+    assert!(!plain.captured(), "label removed: rules gone");
+
+    // ztunnel on node 1 killed and restarted: new connections work once it is ready.
+    drop(cluster.nodes[1].ztunnel.lock().unwrap().take());
+    cluster.replace_ztunnel(1).await.expect("ztunnel restarted");
+    assert_eq!(
+        curl(&client, &format!("http://{}:8080/", remote.ip)),
+        want,
+        "after restart"
+    );
+
+    // Deleting a pod removes its rules and its ztunnel listeners.
+    cluster.delete_pod(&remote).expect("CNI DEL");
+    assert!(!remote.captured(), "rules removed on DEL");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let listening = remote
+            .ns
+            .exec(&["ss", "-Hltn", "sport", "= :15008"])
+            .unwrap_or_default();
+        if listening.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ztunnel still listens in the deleted pod:\n{listening}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.delete_pod(&remote).expect("DEL is idempotent");
+
+    // CNI ADD of an ambient pod fails clearly when the agent is down.
+    cluster.nodes[0].stop_agent();
+    let err = match cluster.add_pod(0, spec("orphan", "shop", &[])) {
+        Ok(_) => panic!("ADD succeeded without an agent"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("ambient-cni ADD"), "{err}");
+}
