@@ -17,6 +17,8 @@ pub trait SocketFactory: Send + Sync + 'static {
     fn tcp_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket>;
     /// A listening socket bound to `addr`.
     fn tcp_listener(&self, addr: SocketAddr) -> io::Result<TcpListener>;
+    /// A UDP socket bound to `addr` (port 0 for an upstream query socket).
+    fn udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket>;
 }
 
 /// Sockets in the current network namespace.
@@ -58,6 +60,27 @@ impl SocketFactory for PlainSockets {
         s.bind(&addr.into())?;
         s.listen(1024)?;
         TcpListener::from_std(s.into())
+    }
+
+    fn udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let s = Socket::new(
+            Domain::for_address(addr),
+            Type::DGRAM.nonblocking(),
+            Some(Protocol::UDP),
+        )?;
+        if let Some(m) = self.mark {
+            s.set_mark(m)?;
+        }
+        if addr.port() != 0 {
+            // A listener: a new ztunnel binds beside the old one during an upgrade.
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+        }
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&addr.into())?;
+        tokio::net::UdpSocket::from_std(s.into())
     }
 }
 

@@ -73,3 +73,51 @@ pub async fn ping(conn: &mut BufReader<tokio::net::TcpStream>, msg: &str) -> std
     }
     Ok(line.trim().to_owned())
 }
+
+/// Resolves `name` (type A) with one UDP query sent from `ns` to `server` port 53, the way a
+/// pod's stub resolver would; returns the addresses answered (empty for NXDOMAIN/NODATA).
+pub fn resolve_a(ns: &Netns, server: std::net::IpAddr, name: &str) -> std::io::Result<Vec<std::net::Ipv4Addr>> {
+    use std::io::{Error, ErrorKind};
+    let bad = |what: &str| Error::new(ErrorKind::InvalidData, format!("DNS reply: {what}"));
+    let socket = ns.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let id: u16 = 0x5a17;
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(u8::try_from(label.len()).map_err(|_| bad("label too long"))?);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    socket.send_to(&q, SocketAddr::new(server, 53))?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    let r = &buf[..n];
+    if n < 12 || r[..2] != id.to_be_bytes() {
+        return Err(bad("short or wrong id"));
+    }
+    let answers = u16::from_be_bytes([r[6], r[7]]);
+    // Skip the echoed question: the same bytes we sent after the header.
+    let mut at = q.len();
+    let mut out = Vec::new();
+    for _ in 0..answers {
+        // Name: a compression pointer (2 bytes) or labels.
+        while at < n && r[at] != 0 && r[at] & 0xc0 != 0xc0 {
+            at += usize::from(r[at]) + 1;
+        }
+        at += if at < n && r[at] & 0xc0 == 0xc0 { 2 } else { 1 };
+        let fixed = r.get(at..at + 10).ok_or_else(|| bad("truncated record"))?;
+        let (kind, len) = (
+            u16::from_be_bytes([fixed[0], fixed[1]]),
+            usize::from(u16::from_be_bytes([fixed[8], fixed[9]])),
+        );
+        at += 10;
+        let data = r.get(at..at + len).ok_or_else(|| bad("truncated data"))?;
+        if kind == 1 && len == 4 {
+            out.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        at += len;
+    }
+    Ok(out)
+}

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mesh_e2e::apps::http_server;
+use mesh_e2e::apps::{http_server, resolve_a};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
 use mesh_e2e::privileged;
 
@@ -51,8 +51,8 @@ async fn two_nodes_pod_to_pod_over_hbone() {
         eprintln!("skipping: needs root and containernetworking-plugins");
         return;
     }
-    let vip = std::net::Ipv4Addr::new(10, 96, ID, 10).into();
-    let cluster = Cluster::start(ID, 2, &world(vip)).await.expect("cluster up");
+    let vip = std::net::Ipv4Addr::new(10, 96, ID, 10);
+    let cluster = Cluster::start(ID, 2, &world(vip.into())).await.expect("cluster up");
 
     let client = cluster.add_pod(0, spec("client", "shop", &[])).expect("client pod");
     let local = cluster
@@ -95,6 +95,12 @@ async fn two_nodes_pod_to_pod_over_hbone() {
     // By VIP: either backend, always from the client's address.
     for _ in 0..4 {
         assert_eq!(curl(&client, &format!("http://{vip}:80/")), want, "by VIP");
+    }
+    // DNS through the proxy: the service's name and its short forms from a pod of its namespace.
+    let any_resolver = std::net::Ipv4Addr::new(10, 96, ID, 53).into();
+    for name in ["server.shop.svc.cluster.local", "server.shop", "server"] {
+        let got = resolve_a(&client.ns, any_resolver, name).unwrap_or_else(|e| panic!("resolving {name}: {e}"));
+        assert_eq!(got, vec![vip], "{name}");
     }
     // Plain TCP to the legacy pod; its answer comes untouched.
     assert_eq!(
@@ -190,7 +196,7 @@ async fn two_nodes_pod_to_pod_over_hbone() {
     cluster
         .write_manifest(
             "world.yaml",
-            &world(vip).replace(
+            &world(vip.into()).replace(
                 "metadata: {name: legacy}",
                 "metadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}",
             ),
@@ -207,7 +213,9 @@ async fn two_nodes_pod_to_pod_over_hbone() {
         want,
         "now over HBONE"
     );
-    cluster.write_manifest("world.yaml", &world(vip)).expect("unlabel");
+    cluster
+        .write_manifest("world.yaml", &world(vip.into()))
+        .expect("unlabel");
     cluster.wait_workload(&plain, false, WAIT).await.expect("released");
     assert!(!plain.captured(), "label removed: rules gone");
 

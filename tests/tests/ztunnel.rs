@@ -249,6 +249,9 @@ impl mesh_core::socket::SocketFactory for NsSockets {
     fn tcp_listener(&self, _: SocketAddr) -> std::io::Result<TcpListener> {
         Err(std::io::Error::other("not used"))
     }
+    fn udp_socket(&self, _: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+        Err(std::io::Error::other("not used"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,6 +162,20 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         tracker: Default::default(),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        dns: (cfg.dns_port != 0).then(|| {
+            let upstreams = if cfg.dns_upstream.is_empty() {
+                let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                crate::dns::upstreams_from_resolv_conf(&conf)
+            } else {
+                cfg.dns_upstream.clone()
+            };
+            info!(port = cfg.dns_port, ?upstreams, "DNS proxy enabled for pods");
+            Arc::new(proxy::DnsSettings {
+                port: cfg.dns_port,
+                domain: cfg.cluster_domain.clone(),
+                upstreams: Arc::new(upstreams),
+            })
+        }),
     };
     tokio::spawn(shared.tracker.clone().enforce(state.clone()));
     tokio::spawn(release_memory_after_updates(state.clone()));

@@ -42,6 +42,17 @@ pub struct Config {
     /// own namespace (dedicated mode).
     #[arg(long, env = "ZDS_SOCKET")]
     pub zds_socket: Option<PathBuf>,
+    /// In-pod mode: port of the DNS proxy in each pod (the node agent redirects port 53 to
+    /// it); 0 turns the proxy off.
+    #[arg(long, env = "DNS_PORT", default_value_t = 15053)]
+    pub dns_port: u16,
+    /// Resolvers for names the mesh does not answer (default: the nameservers of
+    /// /etc/resolv.conf).
+    #[arg(long, env = "DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// DNS suffix of service hostnames.
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,

@@ -8,6 +8,7 @@
 mod admin;
 mod app;
 mod config;
+mod dns;
 mod inpod;
 mod metrics;
 mod proxy;

@@ -47,8 +47,7 @@ pub struct Ports {
     pub outbound: u16,
     pub inbound_plaintext: u16,
     pub inbound: u16,
-    /// ztunnel's DNS proxy; DNS is redirected only when set (off until the proxy ships, so
-    /// captured pods keep resolving through their own resolvers).
+    /// ztunnel's DNS proxy (15053); DNS (UDP and TCP port 53) is redirected only when set.
     pub dns: Option<u16>,
 }
 
@@ -58,7 +57,7 @@ impl Default for Ports {
             outbound: 15001,
             inbound_plaintext: 15006,
             inbound: 15008,
-            dns: None,
+            dns: Some(15053),
         }
     }
 }
@@ -224,7 +223,10 @@ mod tests {
 
     #[test]
     fn ruleset_names_every_port() {
-        let r = ruleset(Ports::default());
+        let r = ruleset(Ports {
+            dns: None,
+            ..Ports::default()
+        });
         for want in [
             "redirect to :15001",
             "redirect to :15006",
@@ -235,10 +237,7 @@ mod tests {
             assert!(r.contains(want), "missing {want}:\n{r}");
         }
         assert!(!r.contains("th dport 53"), "no DNS redirect without a DNS proxy");
-        let with_dns = ruleset(Ports {
-            dns: Some(15053),
-            ..Ports::default()
-        });
+        let with_dns = ruleset(Ports::default());
         assert!(with_dns.contains("th dport 53 redirect to :15053"), "{with_dns}");
     }
 }

@@ -56,10 +56,26 @@ impl Pods {
             netns,
             plain: PlainSockets { mark: self.mark },
         });
-        let proxy = Proxy::new(&self.shared, sockets, LocalAddrs::fixed(addrs.clone()));
+        let proxy = Proxy::new(&self.shared, sockets.clone(), LocalAddrs::fixed(addrs.clone()));
         proxy
             .start(self.shared.ports)
             .map_err(|e| format!("pod {uid}: {e:#}"))?;
+        if let Some(dns) = &self.shared.dns {
+            // The uid is `<cluster>//Pod/<namespace>/<name>`: short names resolve in its namespace.
+            let namespace = uid.rsplit('/').nth(1).map(str::to_owned);
+            let resolver = Arc::new(crate::dns::DnsProxy {
+                state: self.shared.state.clone(),
+                sockets,
+                namespace,
+                domain: dns.domain.clone(),
+                upstreams: dns.upstreams.clone(),
+            });
+            if let Err(e) = resolver.start(dns.port, proxy.drain.clone()) {
+                // Fail the Add: the agent redirects the pod's DNS here.
+                proxy.drain.cancel();
+                return Err(format!("pod {uid}: DNS proxy on port {}: {e}", dns.port));
+            }
+        }
         info!(%uid, addresses = ?addrs, "serving pod");
         self.pods.insert(uid.to_owned(), Pod { proxy, addrs });
         self.publish_addresses();

@@ -44,4 +44,8 @@ impl SocketFactory for NetnsSockets {
     fn tcp_listener(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         enter(&self.netns, || self.plain.tcp_listener(addr))
     }
+
+    fn udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        enter(&self.netns, || self.plain.udp_socket(addr))
+    }
 }

@@ -68,6 +68,15 @@ pub struct Shared {
     /// Cancelled on SIGTERM; each proxy's own drain token is a child of it.
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
+    /// In-pod DNS proxy settings; `None` when it is off.
+    pub dns: Option<Arc<DnsSettings>>,
+}
+
+/// What each pod's DNS proxy needs.
+pub struct DnsSettings {
+    pub port: u16,
+    pub domain: String,
+    pub upstreams: Arc<Vec<SocketAddr>>,
 }
 
 impl Proxy {
