@@ -116,6 +116,8 @@ pub struct Pod {
     pub namespace: String,
     pub ip: IpAddr,
     pub node: u8,
+    /// How long our plugin's ADD took (process start to exit, agent work included).
+    pub plugin_add: Duration,
 }
 
 impl Pod {
@@ -322,6 +324,7 @@ impl Cluster {
             &self.bridge_conf(n),
         )
         .map_err(|e| anyhow!("bridge ADD: {e}"))?;
+        let started = Instant::now();
         let ours = run_plugin(
             n.ns,
             &crate::binary("ambient-cni"),
@@ -332,6 +335,7 @@ impl Cluster {
             &self.ambient_conf(n, &bridge),
         )
         .map_err(|e| anyhow!("ambient-cni ADD: {e}"))?;
+        let plugin_add = started.elapsed();
         let v: serde_json::Value = serde_json::from_str(&ours)?;
         let cidr = v["ips"][0]["address"]
             .as_str()
@@ -346,6 +350,7 @@ impl Cluster {
             namespace: p.namespace.to_owned(),
             ip,
             node,
+            plugin_add,
         })
     }
 

@@ -149,45 +149,80 @@ pub(crate) fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Policy routing of the return path, per address family.
-fn route_commands(add: bool) -> Vec<Vec<String>> {
-    let mark = format!("{RETURN_MARK:#x}/0xfff");
-    let table = ROUTE_TABLE.to_string();
-    let verb = if add { "add" } else { "del" };
-    let mut cmds = Vec::new();
-    for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        cmds.push(vec![
-            "ip", family, "rule", verb, "fwmark", &mark, "pref", "32764", "lookup", &table,
-        ]);
-        cmds.push(vec![
-            "ip", family, "route", verb, "local", any, "dev", "lo", "table", &table,
-        ]);
+/// `ip -batch` input for the return path of one family: the policy rule (deleted first, so a
+/// re-install does not stack duplicates) and the `local` route of table 100 (`replace` is
+/// idempotent); or, with `add` false, their removal.
+fn route_batch(ipv6: bool, add: bool) -> String {
+    let rule = format!("fwmark {RETURN_MARK:#x}/0xfff pref 32764 lookup {ROUTE_TABLE}");
+    let any = if ipv6 { "::/0" } else { "0.0.0.0/0" };
+    let route = format!("local {any} dev lo table {ROUTE_TABLE}");
+    if add {
+        format!("rule del {rule}\nrule add {rule}\nroute replace {route}\n")
+    } else {
+        format!("rule del {rule}\nroute del {route}\n")
     }
-    cmds.into_iter()
-        .map(|c| c.into_iter().map(str::to_owned).collect())
-        .collect()
+}
+
+/// Runs `ip -force -batch` in the namespace. Failures of the lines in `tolerated` (1-based;
+/// deletions of what may not exist) are expected; any other failure is an error.
+fn ip_batch(netns: &Path, ipv6: bool, input: &str, tolerated: &[usize]) -> Result<(), RulesError> {
+    let family = if ipv6 { "-6" } else { "-4" };
+    match run_in(netns, &["ip", family, "-force", "-batch", "-"], Some(input)) {
+        Ok(_) => Ok(()),
+        Err(RulesError::Failed { command, netns, stderr }) => {
+            let failed_line = |l: &str| {
+                l.strip_prefix("Command failed -:")
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+            };
+            let unexpected = stderr.lines().filter_map(failed_line).any(|n| !tolerated.contains(&n));
+            if unexpected {
+                Err(RulesError::Failed { command, netns, stderr })
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a sysctl of the namespace at `netns` from a short-lived thread switched into it
+/// (net sysctls under /proc/sys/net belong to the caller's namespace); no process needed.
+fn sysctl_in(netns: &Path, key: &str, value: &str) -> Result<(), RulesError> {
+    let command = format!("sysctl {key}={value}");
+    let failed = |e: std::io::Error| RulesError::Failed {
+        command: command.clone(),
+        netns: netns.display().to_string(),
+        stderr: e.to_string(),
+    };
+    let file = std::fs::File::open(netns).map_err(failed)?;
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                std::fs::write(&path, value)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sysctl thread panicked")))
+    })
+    .map_err(failed)
 }
 
 /// Installs (or replaces) the redirection in the namespace at `netns` (a path such as
 /// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`) and returns the table as nftables lists
-/// it afterwards: exactly what is installed.
+/// it afterwards: exactly what is installed. Pod start-up waits for this, so it costs four
+/// short processes: nft applies, one `ip -batch` per family, nft lists (a `list` inside the
+/// applying run would show the table before its rules are committed).
 pub fn install(netns: &Path, ports: Ports) -> Result<String, RulesError> {
     run_in(netns, &["nft", "-f", "-"], Some(&ruleset(ports)))?;
-    // The return path routes through lo (normally up already; the runtime sets it up).
-    run_in(netns, &["ip", "link", "set", "lo", "up"], None)?;
     // When an old ztunnel closes its listener during an upgrade, connections still waiting in
     // its accept queue move to the new ztunnel's listener (same SO_REUSEPORT group) instead of
     // being reset.
-    run_in(netns, &["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"], None)?;
-    // Policy routes: remove what a previous install left (ignoring "not found"), then add.
-    for cmd in route_commands(false) {
-        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        let _ = run_in(netns, &args, None);
-    }
-    for cmd in route_commands(true) {
-        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        run_in(netns, &args, None)?;
-    }
+    sysctl_in(netns, "net.ipv4.tcp_migrate_req", "1")?;
+    // The return path routes through lo (normally up already; the runtime sets it up).
+    let v4 = format!("link set lo up\n{}", route_batch(false, true));
+    ip_batch(netns, false, &v4, &[2])?;
+    ip_batch(netns, true, &route_batch(true, true), &[1])?;
     dump(netns)
 }
 
@@ -204,11 +239,9 @@ pub fn remove(netns: &Path) -> Result<(), RulesError> {
         Err(RulesError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
         Err(e) => return Err(e),
     }
-    for cmd in route_commands(false) {
-        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        let _ = run_in(netns, &args, None);
-    }
-    let _ = run_in(netns, &["sysctl", "-qw", "net.ipv4.tcp_migrate_req=0"], None);
+    ip_batch(netns, false, &route_batch(false, false), &[1, 2])?;
+    ip_batch(netns, true, &route_batch(true, false), &[1, 2])?;
+    let _ = sysctl_in(netns, "net.ipv4.tcp_migrate_req", "0");
     Ok(())
 }
 
