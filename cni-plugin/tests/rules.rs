@@ -46,14 +46,23 @@ impl Drop for Ns {
 #[test]
 fn install_is_exact_idempotent_and_removable() {
     let Some(ns) = Ns::new() else { return };
-    let reported = rules::install(&ns.path(), Ports::default()).unwrap();
-    // What the agent reports is byte for byte what the kernel holds.
+    rules::install(&ns.path(), Ports::default()).unwrap();
+    let reported = rules::dump(&ns.path()).unwrap();
+    // What the agent reports is byte for byte what the kernel holds, and what it meant to
+    // write: every rule of its ruleset is there.
     assert_eq!(reported, ns.exec(&["nft", "list", "table", "inet", rules::TABLE]));
-    assert!(reported.contains("redirect to :15001") && reported.contains("redirect to :15006"));
+    for want in [
+        "redirect to :15001",
+        "redirect to :15006",
+        "dport 53 redirect to :15053",
+        "ct zone set 1",
+    ] {
+        assert!(reported.contains(want), "{want} missing:\n{reported}");
+    }
 
-    // Installing again changes nothing and duplicates nothing.
-    let again = rules::install(&ns.path(), Ports::default()).unwrap();
-    assert_eq!(reported, again);
+    // Installing again (the replace path) changes nothing and duplicates nothing.
+    rules::install(&ns.path(), Ports::default()).unwrap();
+    assert_eq!(reported, rules::dump(&ns.path()).unwrap());
     for family in ["-4", "-6"] {
         let rules_list = ns.exec(&["ip", family, "rule", "show"]);
         assert_eq!(rules_list.matches("lookup 100").count(), 1, "{rules_list}");
@@ -62,16 +71,17 @@ fn install_is_exact_idempotent_and_removable() {
         .exec(&["ip", "route", "show", "table", "100"])
         .contains("local default dev lo"));
 
-    // With the DNS proxy on, DNS is redirected too (and the ruleset is valid for nft).
-    let with_dns = rules::install(
+    // With the DNS proxy off, DNS is left alone (and the ruleset is valid for nft).
+    rules::install(
         &ns.path(),
         Ports {
-            dns: Some(15053),
+            dns: None,
             ..Ports::default()
         },
     )
     .unwrap();
-    assert!(with_dns.contains("dport 53 redirect to :15053"), "{with_dns}");
+    let without_dns = rules::dump(&ns.path()).unwrap();
+    assert!(!without_dns.contains("redirect to :15053"), "{without_dns}");
 
     // Removal leaves nothing behind, and removing twice is fine.
     rules::remove(&ns.path()).unwrap();

@@ -64,10 +64,18 @@ impl Default for Ports {
 
 /// The nftables ruleset, as one atomic transaction replacing the table.
 pub fn ruleset(p: Ports) -> String {
+    format!("table inet {TABLE}\ndelete table inet {TABLE}\n{}", table(p))
+}
+
+/// The table alone. Creating it in a namespace that has none (`create` fails if it exists)
+/// costs a third of replacing it: no deletion for the kernel to wait out.
+fn first_install(p: Ports) -> String {
+    format!("create table inet {TABLE}\n{}", table(p))
+}
+
+fn table(p: Ports) -> String {
     format!(
-        r#"table inet {TABLE}
-delete table inet {TABLE}
-table inet {TABLE} {{
+        r#"table inet {TABLE} {{
   chain prerouting_raw {{
     type filter hook prerouting priority raw; policy accept;
     meta mark & 0xfff != {ZTUNNEL_MARK:#x} udp sport 53 ct zone set 1
@@ -209,21 +217,40 @@ fn sysctl_in(netns: &Path, key: &str, value: &str) -> Result<(), RulesError> {
 }
 
 /// Installs (or replaces) the redirection in the namespace at `netns` (a path such as
-/// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`) and returns the table as nftables lists
-/// it afterwards: exactly what is installed. Pod start-up waits for this, so it costs four
-/// short processes: nft applies, one `ip -batch` per family, nft lists (a `list` inside the
-/// applying run would show the table before its rules are committed).
-pub fn install(netns: &Path, ports: Ports) -> Result<String, RulesError> {
-    run_in(netns, &["nft", "-f", "-"], Some(&ruleset(ports)))?;
-    // When an old ztunnel closes its listener during an upgrade, connections still waiting in
-    // its accept queue move to the new ztunnel's listener (same SO_REUSEPORT group) instead of
-    // being reset.
-    sysctl_in(netns, "net.ipv4.tcp_migrate_req", "1")?;
-    // The return path routes through lo (normally up already; the runtime sets it up).
-    let v4 = format!("link set lo up\n{}", route_batch(false, true));
-    ip_batch(netns, false, &v4, &[2])?;
-    ip_batch(netns, true, &route_batch(true, true), &[1])?;
-    dump(netns)
+/// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`). Pod start-up waits for this, so the
+/// independent parts run at once: nft, one `ip -batch` per family, and the sysctl (written
+/// from a thread in the namespace). [`dump`] shows what the kernel then holds.
+pub fn install(netns: &Path, ports: Ports) -> Result<(), RulesError> {
+    std::thread::scope(|scope| {
+        // The return path routes through lo (normally up already; the runtime sets it up).
+        // Both batches raise it: the routes need it up, and they run concurrently.
+        let batch = |ipv6| {
+            let input = format!("link set lo up\n{}", route_batch(ipv6, true));
+            ip_batch(netns, ipv6, &input, &[2])
+        };
+        let v4 = scope.spawn(move || batch(false));
+        let v6 = scope.spawn(move || batch(true));
+        let tables = match run_in(netns, &["nft", "-f", "-"], Some(&first_install(ports))) {
+            Err(RulesError::Failed { stderr, .. }) if stderr.contains("File exists") => {
+                run_in(netns, &["nft", "-f", "-"], Some(&ruleset(ports))).map(drop)
+            }
+            other => other.map(drop),
+        };
+        // When an old ztunnel closes its listener during an upgrade, connections still
+        // waiting in its accept queue move to the new ztunnel's listener (same SO_REUSEPORT
+        // group) instead of being reset.
+        let sysctl = sysctl_in(netns, "net.ipv4.tcp_migrate_req", "1");
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), RulesError>>| {
+            h.join().unwrap_or_else(|_| {
+                Err(RulesError::Failed {
+                    command: "ip -batch".into(),
+                    netns: netns.display().to_string(),
+                    stderr: "thread panicked".into(),
+                })
+            })
+        };
+        tables.and(sysctl).and(joined(v4)).and(joined(v6))
+    })
 }
 
 /// The agent's table as nftables lists it.

@@ -269,9 +269,17 @@ impl Agent {
             let (path, ports) = (netns.clone(), self.ports);
             // nft and ip run as child processes: keep them off the async threads.
             let ips = req.ips.clone();
+            // Pod rules and the node's probe SNAT set are independent: written at once.
             tokio::task::spawn_blocking(move || {
-                rules::install(&path, ports)?;
-                host::add_pod_ips(&ips)
+                std::thread::scope(|scope| {
+                    let host = scope.spawn(|| host::add_pod_ips(&ips));
+                    let pod = rules::install(&path, ports).map_err(anyhow::Error::from);
+                    let host = match host.join() {
+                        Ok(r) => r.map_err(anyhow::Error::from),
+                        Err(_) => Err(anyhow::anyhow!("probe SNAT thread panicked")),
+                    };
+                    pod.and(host)
+                })
             })
             .await??;
             let fd: OwnedFd = std::fs::File::open(&netns)?.into();
