@@ -125,6 +125,22 @@ async fn two_nodes_pod_to_pod_over_hbone() {
         "{metrics}"
     );
 
+    // The node agent's metrics: what it enrolled, valid Prometheus text.
+    let agent_metrics = SocketAddr::from(([127, 0, 0, 1], 15022));
+    let (_, text) = mesh_e2e::ztunnel::http_request(cluster.nodes[0].ns, agent_metrics, "GET", "/metrics")
+        .await
+        .expect("agent metrics");
+    mesh_e2e::promtool_check(&text).expect("agent metrics are valid Prometheus text");
+    assert!(
+        text.contains("cni_agent_pods_enrolled 2"),
+        "client and local on node 0:\n{text}"
+    );
+    assert!(
+        text.contains("cni_agent_enrolments_total{result=\"captured\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("cni_agent_ztunnels_connected 1"), "{text}");
+
     // The underlay only ever sees TLS to 15008 for mesh traffic: a marker never in clear.
     let marker = "MARKER-7d1f0c-not-in-clear";
     let capture = cluster

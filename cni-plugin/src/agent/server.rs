@@ -87,6 +87,7 @@ pub struct Agent {
     /// Local mode's enrolment report: the pods captured on this node, for the controller
     /// (which advertises only those as HBONE). In a cluster the pod annotation says it.
     report_file: Option<PathBuf>,
+    pub metrics: super::metrics::AgentMetrics,
 }
 
 /// What the manifests say about one pod: capture it (with its service account) or why not.
@@ -138,6 +139,7 @@ impl Agent {
             pods: Default::default(),
             state_file,
             report_file,
+            metrics: Default::default(),
         })
     }
 
@@ -186,6 +188,8 @@ impl Agent {
     /// Writes the known pods to the state file and the enrolment report (each atomically:
     /// write then rename).
     fn persist(&self, pods: &HashMap<String, Known>) {
+        let captured = pods.values().filter(|k| k.captured.is_some()).count();
+        self.metrics.enrolled.set(i64::try_from(captured).unwrap_or(i64::MAX));
         if let Some(path) = &self.report_file {
             let mut enrolled: Vec<String> = pods
                 .values()
@@ -219,13 +223,19 @@ impl Agent {
     }
 
     async fn add(&self, req: PodRequest) -> Response<Full<Bytes>> {
+        let started = std::time::Instant::now();
+        let (result, response) = self.add_inner(req).await;
+        self.metrics.outcome(result);
+        self.metrics.add_seconds.observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn add_inner(&self, req: PodRequest) -> (&'static str, Response<Full<Bytes>>) {
         let inv = match Inventory::load(&self.manifests) {
             Ok(i) => i,
             Err(e) => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("reading {}: {e}", self.manifests.display()),
-                )
+                let msg = format!("reading {}: {e}", self.manifests.display());
+                return ("failed", error(StatusCode::SERVICE_UNAVAILABLE, msg));
             }
         };
         let mut pods = self.pods.lock().await;
@@ -241,7 +251,10 @@ impl Agent {
                     },
                 );
                 self.persist(&pods);
-                return reply(StatusCode::OK, json!({ "captured": false, "reason": reason }));
+                return (
+                    "skipped",
+                    reply(StatusCode::OK, json!({ "captured": false, "reason": reason })),
+                );
             }
         };
         let uid = self.uid(&req);
@@ -256,9 +269,12 @@ impl Agent {
                     },
                 );
                 self.persist(&pods);
-                reply(StatusCode::OK, json!({ "captured": true }))
+                ("captured", reply(StatusCode::OK, json!({ "captured": true })))
             }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
+            Err(e) => (
+                "failed",
+                error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
+            ),
         }
     }
 
@@ -309,6 +325,7 @@ impl Agent {
 
     /// Takes a pod out of the mesh: ztunnel stops serving it, its rules go.
     async fn release(&self, uid: &str, req: &PodRequest) {
+        self.metrics.releases.inc();
         self.zds.del_pod(uid).await;
         let ips = req.ips.clone();
         let _ = tokio::task::spawn_blocking(move || host::remove_pod_ips(&ips)).await;
@@ -459,5 +476,54 @@ impl Agent {
                     .await;
             });
         }
+    }
+}
+
+/// Serves `/metrics` (Prometheus text) and `/healthz/ready` (200 once the agent serves CNI
+/// requests, which it does before this listener starts) on `listener`.
+pub async fn serve_metrics(
+    agent: Arc<Agent>,
+    registry: Arc<prometheus_client::registry::Registry>,
+    listener: tokio::net::TcpListener,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (agent, registry) = (agent.clone(), registry.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (agent, registry) = (agent.clone(), registry.clone());
+                async move {
+                    let response = match req.uri().path() {
+                        "/metrics" | "/stats/prometheus" => {
+                            agent
+                                .metrics
+                                .ztunnels
+                                .set(i64::try_from(agent.zds.connected()).unwrap_or(i64::MAX));
+                            let mut text = String::new();
+                            match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                                Ok(()) => {
+                                    let body = mesh_core::prometheus::openmetrics_to_prometheus(&text);
+                                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                                    r.headers_mut().insert(
+                                        http::header::CONTENT_TYPE,
+                                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                                    );
+                                    r
+                                }
+                                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                            }
+                        }
+                        "/healthz/ready" => reply(StatusCode::OK, json!({ "ztunnels": agent.zds.connected() })),
+                        _ => error(StatusCode::NOT_FOUND, "not found"),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
     }
 }

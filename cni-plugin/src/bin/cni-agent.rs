@@ -30,6 +30,9 @@ struct Config {
     /// for the controller's `--enrolment-dir`.
     #[arg(long, env = "ENROLMENT_REPORT")]
     enrolment_report: Option<PathBuf>,
+    /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:15022")]
+    metrics_addr: std::net::SocketAddr,
     #[arg(long, env = "STATE_FILE", default_value = "/var/run/ambient/pods.json")]
     state_file: PathBuf,
     /// Log filter.
@@ -75,6 +78,16 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the CNI socket {}", cfg.cni_socket.display()))?;
     tracing::info!(cni = %cfg.cni_socket.display(), zds = %cfg.zds_socket.display(), "node agent ready");
     tokio::spawn(agent.clone().watch_manifests(std::time::Duration::from_secs(1)));
+    let mut registry = prometheus_client::registry::Registry::with_prefix("cni_agent");
+    agent.metrics.register(&mut registry);
+    let metrics = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", cfg.metrics_addr))?;
+    tokio::spawn(cni_plugin::agent::server::serve_metrics(
+        agent.clone(),
+        std::sync::Arc::new(registry),
+        metrics,
+    ));
     tokio::select! {
         _ = agent.serve(cni) => {}
         _ = tokio::signal::ctrl_c() => {}
