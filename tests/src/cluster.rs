@@ -231,6 +231,8 @@ impl Cluster {
                 .arg(n.dir.path().join("pods.json"))
                 .arg("--enrolment-report")
                 .arg(report)
+                .arg("--node-name")
+                .arg(n.name())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
@@ -305,6 +307,43 @@ impl Cluster {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, self.manifests.join(file))?;
         Ok(())
+    }
+
+    /// A pod that exists without our plugin having seen it (it started before the mesh was
+    /// installed): the sandbox through the reference bridge plugin only, then its object with
+    /// its IP.
+    pub fn add_pod_without_mesh(&self, node: u8, p: PodSpec<'_>) -> Result<Pod> {
+        let n = &self.nodes[usize::from(node)];
+        let ns = Netns::new("p")?;
+        let started = Instant::now();
+        let bridge = run_plugin(
+            n.ns,
+            &Path::new(CNI_BIN).join("bridge"),
+            "ADD",
+            &ns,
+            p.name,
+            p.namespace,
+            &self.bridge_conf(n),
+        )
+        .map_err(|e| anyhow!("bridge ADD: {e}"))?;
+        let plugin_add = started.elapsed();
+        let v: serde_json::Value = serde_json::from_str(&bridge)?;
+        let cidr = v["ips"][0]["address"]
+            .as_str()
+            .context("no address in the CNI result")?;
+        let ip: IpAddr = cidr.split('/').next().unwrap_or_default().parse()?;
+        self.write_manifest(
+            &format!("pod.{}.{}.yaml", p.namespace, p.name),
+            &self.pod_manifest(&p, n.name(), Some(ip)),
+        )?;
+        Ok(Pod {
+            ns,
+            name: p.name.to_owned(),
+            namespace: p.namespace.to_owned(),
+            ip,
+            node,
+            plugin_add,
+        })
     }
 
     /// Creates a pod on node `node` the way kubelet does: the object, the sandbox through the

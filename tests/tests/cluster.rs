@@ -235,6 +235,20 @@ async fn two_nodes_pod_to_pod_over_hbone() {
     cluster.wait_workload(&plain, false, WAIT).await.expect("released");
     assert!(!plain.captured(), "label removed: rules gone");
 
+    // A pod that predates the mesh (never through our plugin) in an ambient namespace: the
+    // agent finds its namespace by IP and captures it.
+    let old = cluster
+        .add_pod_without_mesh(1, spec("veteran", "shop", &[]))
+        .expect("pod created without the mesh");
+    tokio::spawn(http_server(
+        old.ns.listen(SocketAddr::new(old.ip, 8080)).expect("listen"),
+    ));
+    if let Err(e) = cluster.wait_workload(&old, true, WAIT).await {
+        panic!("{e}\nagent on node 1:\n{}", cluster.nodes[1].agent_log());
+    }
+    assert!(old.captured(), "rules written into the found namespace");
+    assert_eq!(curl(&client, &format!("http://{}:8080/", old.ip)), want, "over HBONE");
+
     // ztunnel on node 1 killed and restarted: new connections work once it is ready.
     drop(cluster.nodes[1].ztunnel.lock().unwrap().take());
     cluster.replace_ztunnel(1).await.expect("ztunnel restarted");

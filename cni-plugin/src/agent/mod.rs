@@ -1,6 +1,7 @@
 //! The node agent.
 //!
 //! - [`enrol`]: which pods are captured.
+//! - [`scan`]: finding the namespace of a pod that never came through CNI.
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
 //! - [`host`]: probe SNAT in the node's namespace.
 //! - [`metrics`]: what the agent counts.
@@ -13,5 +14,6 @@ pub mod host;
 pub mod metrics;
 pub mod pods;
 pub mod rules;
+pub mod scan;
 pub mod server;
 pub mod zds;

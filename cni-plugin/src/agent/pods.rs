@@ -36,6 +36,15 @@ struct PodSpec {
     service_account_name: String,
     #[serde(default)]
     containers: Vec<Container>,
+    #[serde(default)]
+    node_name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatus {
+    #[serde(default, rename = "podIP")]
+    pod_ip: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -46,6 +55,8 @@ struct Object {
     metadata: Meta,
     #[serde(default)]
     spec: Option<serde_yaml::Value>,
+    #[serde(default)]
+    status: Option<serde_yaml::Value>,
 }
 
 /// A pod as the agent needs it.
@@ -55,6 +66,10 @@ pub struct Pod {
     pub host_network: bool,
     pub service_account: String,
     pub containers: Vec<String>,
+    /// `spec.nodeName`: pods of other nodes are not this agent's.
+    pub node_name: String,
+    /// `status.podIP`, once the pod runs.
+    pub ip: Option<std::net::IpAddr>,
 }
 
 /// Namespaces (by name) and pods (by namespace/name) found in the directory.
@@ -108,7 +123,13 @@ impl Inventory {
                 } else {
                     obj.metadata.namespace.clone()
                 };
+                let status: PodStatus = obj
+                    .status
+                    .and_then(|v| serde_yaml::from_value(v).ok())
+                    .unwrap_or_default();
                 let pod = Pod {
+                    node_name: spec.node_name.clone(),
+                    ip: status.pod_ip.parse().ok(),
                     host_network: spec.host_network,
                     service_account: if spec.service_account_name.is_empty() {
                         "default".into()

@@ -88,6 +88,9 @@ pub struct Agent {
     /// (which advertises only those as HBONE). In a cluster the pod annotation says it.
     report_file: Option<PathBuf>,
     pub metrics: super::metrics::AgentMetrics,
+    /// This node's name: ambient pods of this node that never came through CNI (started
+    /// before the mesh) are found by their IP and enrolled. `None` turns that off.
+    pub node_name: Option<String>,
 }
 
 /// What the manifests say about one pod: capture it (with its service account) or why not.
@@ -130,6 +133,7 @@ impl Agent {
         cluster_id: String,
         state_file: Option<PathBuf>,
         report_file: Option<PathBuf>,
+        node_name: Option<String>,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             zds,
@@ -140,6 +144,7 @@ impl Agent {
             state_file,
             report_file,
             metrics: Default::default(),
+            node_name,
         })
     }
 
@@ -278,6 +283,49 @@ impl Agent {
         }
     }
 
+    /// Adds to `pods` the ambient pods of this node that never came through CNI, found by
+    /// their IP in the node's network namespaces; the reconcile loop then enrols them.
+    async fn adopt_unknown(&self, inv: &Inventory, pods: &mut HashMap<String, Known>) {
+        let Some(node) = &self.node_name else { return };
+        let seen: std::collections::HashSet<(&str, &str)> = pods
+            .values()
+            .map(|k| (k.req.pod_namespace.as_str(), k.req.pod_name.as_str()))
+            .collect();
+        let wanted: HashMap<std::net::IpAddr, (&(String, String), String)> = inv
+            .pods
+            .iter()
+            .filter(|(key, p)| p.node_name == *node && !seen.contains(&(key.0.as_str(), key.1.as_str())))
+            .filter_map(|(key, p)| Some((p.ip?, (key, desired(inv, &key.0, &key.1).ok()?))))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let ips: std::collections::HashSet<std::net::IpAddr> = wanted.keys().copied().collect();
+        let found = tokio::task::spawn_blocking(move || super::scan::find(&ips))
+            .await
+            .unwrap_or_default();
+        for (ip, netns) in found {
+            let Some(((ns, name), sa)) = wanted.get(&ip) else {
+                continue;
+            };
+            info!(pod = %format!("{ns}/{name}"), %ip, netns = %netns.display(), "found a running pod that never came through CNI");
+            pods.insert(
+                format!("found:{ns}/{name}"),
+                Known {
+                    req: PodRequest {
+                        container_id: format!("found:{ns}/{name}"),
+                        netns: netns.display().to_string(),
+                        pod_name: name.clone(),
+                        pod_namespace: ns.clone(),
+                        ips: vec![ip.to_string()],
+                    },
+                    captured: None,
+                    service_account: sa.clone(),
+                },
+            );
+        }
+    }
+
     /// Writes the redirection and hands the pod to ztunnel; undoes the rules on failure.
     async fn enrol(&self, uid: &str, sa: String, req: &PodRequest) -> anyhow::Result<()> {
         let netns = PathBuf::from(&req.netns);
@@ -369,6 +417,7 @@ impl Agent {
             }
         };
         let mut pods = self.pods.lock().await;
+        self.adopt_unknown(&inv, &mut pods).await;
         let ids: Vec<String> = pods.keys().cloned().collect();
         for id in ids {
             let mut changed = false;

@@ -30,6 +30,10 @@ struct Config {
     /// for the controller's `--enrolment-dir`.
     #[arg(long, env = "ENROLMENT_REPORT")]
     enrolment_report: Option<PathBuf>,
+    /// This node's name: ambient pods scheduled here that never came through the CNI plugin
+    /// (started before the mesh) are found by IP and enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:15022")]
     metrics_addr: std::net::SocketAddr,
@@ -66,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         cfg.cluster_id.clone(),
         Some(cfg.state_file.clone()),
         cfg.enrolment_report.clone(),
+        cfg.node_name.clone(),
     );
     // Pods from before a restart go into the snapshot of the first ztunnel to connect.
     let restored = agent.restore().await.context("restoring agent state")?;
