@@ -102,6 +102,9 @@ async fn two_nodes_pod_to_pod_over_hbone() {
         let got = resolve_a(&client.ns, any_resolver, name).unwrap_or_else(|e| panic!("resolving {name}: {e}"));
         assert_eq!(got, vec![vip], "{name}");
     }
+    // The pod's own resolver (glibc, /etc/resolv.conf's nameserver, connected UDP socket).
+    let by_name = curl(&client, "http://server.shop.svc.cluster.local/");
+    assert_eq!(by_name, want, "curl by DNS name");
     // Plain TCP to the legacy pod; its answer comes untouched.
     assert_eq!(
         curl(&client, &format!("http://{}:8080/", plain.ip)),

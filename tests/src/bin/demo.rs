@@ -1,149 +1,157 @@
-//! The local demo: two ambient pods in network namespaces, each captured by the in-pod rules
-//! and served by its own ztunnel; curl in the client pod calls an HTTP server in the server
-//! pod by pod IP and by service VIP. Prints what happened: identities, the address the server
-//! saw, access logs, metrics, and an authorization policy taking effect. Tears down on exit.
+//! The local demo: a two-node mesh made of network namespaces (see `mesh_e2e::cluster`): the
+//! controller in local mode, a node agent and an in-pod ztunnel per node, pods created through
+//! the real CNI chain. Curl in a client pod on node 0 calls servers on node 1 by pod IP, by
+//! service VIP and by DNS name; the demo prints what the mesh did (identities, the address the
+//! server saw, metrics), then an AuthorizationPolicy written to the manifests taking effect.
+//! Everything is torn down on exit; `--hold` keeps it up for inspection until Ctrl-C.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mesh_e2e::apps::http_server;
-use mesh_e2e::{privileged, Bed, Ztunnel};
+use mesh_e2e::apps::{http_server, resolve_a};
+use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
+use mesh_e2e::privileged;
 
-const REQUESTS: usize = 20;
+const ID: u8 = 200;
 
 fn section(title: &str) {
     println!("\n== {title} ==");
 }
 
-fn curl(bed: &Bed, url: &str) -> anyhow::Result<String> {
-    Ok(bed.a.exec(&["curl", "-sS", "--max-time", "5", url])?.trim().to_owned())
+fn curl(pod: &Pod, url: &str) -> anyhow::Result<String> {
+    Ok(pod.ns.exec(&["curl", "-sS", "--max-time", "5", url])?.trim().to_owned())
+}
+
+fn label<'a>(line: &'a str, name: &str) -> &'a str {
+    line.split(&format!("{name}=\""))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+}
+
+fn spec<'a>(name: &'a str, namespace: &'a str, labels: &'a [(&'a str, &'a str)]) -> PodSpec<'a> {
+    PodSpec {
+        name,
+        namespace,
+        service_account: name,
+        labels,
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !privileged() {
-        bail!("the demo creates network namespaces: run it as root (sudo scripts/demo.sh)");
+    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
+        bail!("the demo builds network namespaces with the reference CNI plugins: run `sudo scripts/demo.sh`");
     }
-    section("building two pods (client 10.77.200.1, server 10.77.200.2) and a plain pod");
-    let bed = Bed::new(200).context("test bed")?;
-    let za = Ztunnel::start(&bed.a, &bed.files(), &[]).await?;
-    let zb = Ztunnel::start(&bed.b, &bed.files(), &[]).await?;
-    println!("ztunnel ready in {} and {}", bed.a.name, bed.b.name);
-    tokio::spawn(http_server(bed.b.listen("0.0.0.0:8080".parse()?)?));
-
-    section(&format!(
-        "{REQUESTS} HTTP requests from the client pod, half by pod IP, half by service VIP"
-    ));
-    let mut latencies = Vec::new();
-    for i in 0..REQUESTS {
-        let url = if i % 2 == 0 {
-            format!("http://{}:8080/", bed.ip(2))
-        } else {
-            format!("http://{}:80/", bed.vip())
-        };
-        let t = Instant::now();
-        let body = curl(&bed, &url)?;
-        latencies.push(t.elapsed());
-        if i < 2 {
-            println!("\rGET {url} -> {body}");
-        }
-        print!("\r{}/{REQUESTS} done ", i + 1);
-        use std::io::Write;
-        std::io::stdout().flush()?;
-    }
-    latencies.sort();
+    let vip = std::net::Ipv4Addr::new(10, 96, ID, 10);
+    section("starting a two-node cluster: controller, node agents, ztunnels");
+    let world = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+    );
+    let t = Instant::now();
+    let cluster = Cluster::start(ID, 2, &world).await.context("cluster")?;
     println!(
-        "\np50 {:?}, max {:?} per curl invocation (process start included)",
-        latencies[REQUESTS / 2],
-        latencies[REQUESTS - 1]
+        "ready in {:?}: controller {}:15012, nodes {}",
+        t.elapsed(),
+        cluster.controller_ip(),
+        cluster.nodes.iter().map(|n| n.name()).collect::<Vec<_>>().join(", ")
     );
 
-    section("what the server pod's ztunnel saw (access log)");
-    for line in zb.logs().lines().filter(|l| l.contains("connection complete")).take(2) {
-        let v: serde_json::Value = serde_json::from_str(line)?;
+    section("creating pods through the CNI chain (bridge + host-local + ambient-cni)");
+    let client = cluster.add_pod(0, spec("client", "shop", &[]))?;
+    let web = [
+        cluster.add_pod(1, spec("web-1", "shop", &[("app", "web")]))?,
+        cluster.add_pod(1, spec("web-2", "shop", &[("app", "web")]))?,
+    ];
+    for p in std::iter::once(&client).chain(web.iter()) {
         println!(
-            "{} {} ({}) -> {} ({}), {} bytes in, {} bytes out",
-            v["direction"],
-            v["src.addr"],
-            v["src.identity"],
-            v["dst.addr"],
-            v["dst.identity"],
-            v["bytes_sent"],
-            v["bytes_recv"]
+            "{}/{} on node {} at {}: captured={}, ambient-cni ADD {:?}",
+            p.namespace,
+            p.name,
+            p.node,
+            p.ip,
+            p.captured(),
+            p.plugin_add
+        );
+    }
+    for w in &web {
+        tokio::spawn(http_server(w.ns.listen(SocketAddr::new(w.ip, 8080))?));
+        cluster.wait_workload(w, true, Duration::from_secs(15)).await?;
+    }
+    cluster.wait_workload(&client, true, Duration::from_secs(15)).await?;
+
+    section("requests from the client pod (node 0) to node 1: pod IP, VIP, DNS name");
+    let dns = resolve_a(&client.ns, std::net::Ipv4Addr::new(10, 96, ID, 53).into(), "web")?;
+    println!("DNS web -> {dns:?} (answered by ztunnel's DNS proxy from the mesh state)");
+    for url in [
+        format!("http://{}:8080/", web[0].ip),
+        format!("http://{vip}:80/"),
+        "http://web.shop.svc.cluster.local/".to_owned(),
+    ] {
+        println!("GET {url} -> {}", curl(&client, &url)?);
+    }
+    println!("(the server reports the client pod's own address: source IP preserved over HBONE)");
+
+    section("what node 1's ztunnel recorded (istio_tcp_connections_opened_total)");
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, metrics) = mesh_e2e::ztunnel::http_request(cluster.nodes[1].ns, metrics_addr, "GET", "/metrics").await?;
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("destination\""))
+    {
+        println!(
+            "{} connection(s) {} -> {} over {}",
+            l.rsplit(' ').next().unwrap_or("?"),
+            label(l, "source_principal"),
+            label(l, "destination_principal"),
+            label(l, "connection_security_policy")
         );
     }
 
-    section("metrics (istio_tcp_connections_opened_total, server side)");
-    let metrics = zb.metrics().await?;
-    for l in metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-    {
-        let count = l.rsplit(' ').next().unwrap_or("?");
-        let principal = l
-            .split("source_principal=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("?");
-        let security = l
-            .split("connection_security_policy=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("?");
-        println!("{count} connections from {principal} over {security}");
-    }
-
-    section("applying AuthorizationPolicy: DENY principal cluster.local/ns/default/sa/client");
-    bed.write_state(
-        r#"
-- name: deny-client
-  namespace: default
-  scope: Namespace
-  action: Deny
-  groups:
-  - rules:
-    - matches:
-      - principals: [{exact: "cluster.local/ns/default/sa/client"}]
-"#,
+    section("AuthorizationPolicy: DENY principal cluster.local/ns/shop/sa/client (written to the manifests)");
+    cluster.write_manifest(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]\n",
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match curl(&bed, &format!("http://{}:8080/", bed.ip(2))) {
+        match curl(&client, &format!("http://{vip}:80/")) {
             Err(e) => {
-                println!(
-                    "request refused as expected: {}",
-                    e.to_string().lines().last().unwrap_or_default()
-                );
+                println!("request refused: {}", e.to_string().lines().last().unwrap_or_default());
                 break;
             }
-            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
             Ok(body) => bail!("policy did not apply: {body}"),
         }
     }
 
-    section("summary");
-    let dump = za.config_dump().await?;
-    let certs: Vec<_> = dump["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| c["identity"].to_string())
-        .collect();
-    println!("client ztunnel holds certificates for: {}", certs.join(", "));
     if std::env::args().any(|a| a == "--hold") {
+        section("holding");
+        let (n0, n1) = (cluster.nodes[0].name(), cluster.nodes[1].name());
+        println!("client shell:    ip netns exec {} bash", client.ns.name);
+        println!("ztunnel metrics: ip netns exec {n1} curl -s 127.0.0.1:15020/metrics");
+        println!("ztunnel config:  ip netns exec {n0} curl -s 127.0.0.1:15000/config_dump");
         println!(
-            "metrics:     ip netns exec {} curl -s 127.0.0.1:15020/metrics",
-            bed.b.name
+            "controller:      ip netns exec {} curl -s {}:15014/debug/config",
+            cluster.controller.ns.name,
+            cluster.controller_ip()
         );
         println!(
-            "config dump: ip netns exec {} curl -s 127.0.0.1:15000/config_dump",
-            bed.a.name
+            "manifests:       {}",
+            cluster.controller.dir.path().join("manifests").display()
         );
         println!("press Ctrl-C to tear everything down");
         tokio::signal::ctrl_c().await?;
     } else {
-        println!("(run with --hold to keep the pods up and inspect them)");
+        println!("\n(run with --hold to keep the cluster up and inspect it)");
     }
-    println!("tearing down namespaces and processes");
+    println!("tearing down pods, nodes, processes");
+    for p in std::iter::once(&client).chain(web.iter()) {
+        cluster.delete_pod(p)?;
+    }
     Ok(())
 }

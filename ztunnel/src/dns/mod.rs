@@ -43,9 +43,12 @@ pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
 }
 
 impl DnsProxy {
-    /// Binds UDP and TCP on `port` (IPv4) and serves until `drain` is cancelled.
+    /// Binds UDP and TCP on 127.0.0.1:`port` and serves until `drain` is cancelled. The
+    /// redirect of locally sent packets lands on 127.0.0.1, and a UDP reply must leave from
+    /// that same address: conntrack then restores the resolver address the pod asked, which
+    /// a connected stub resolver (glibc) insists on.
     pub fn start(self: Arc<Self>, port: u16, drain: CancellationToken) -> std::io::Result<()> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let udp = self.sockets.udp_socket(addr)?;
         let tcp = self.sockets.tcp_listener(addr)?;
         let (px, d) = (self.clone(), drain.clone());
