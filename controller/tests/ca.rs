@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 use controller::ca::{
     BootstrapTokens, CaMetrics, CaOptions, CaRoot, CaServer, PodLocator, RefusalReason, ROOT_CERT_FILE,
 };
-use futures_util::Stream;
 use mesh_core::identity::ca::{new_csr, CaClient, CaError, CertificateSigner, TokenSource};
 use mesh_core::identity::cert::{certs_from_pem, leaf_info, WorkloadCertificate};
 use mesh_core::identity::Identity;
@@ -74,7 +73,7 @@ impl Ca {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(tls));
+        let incoming = controller::serve::tls_incoming(listener, tls);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(server.into_service())
@@ -128,28 +127,6 @@ impl Ca {
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encode");
         out
     }
-}
-
-/// TLS on every accepted connection, handed to tonic as a plain stream.
-fn tls_incoming(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-) -> impl Stream<Item = std::io::Result<tokio::io::DuplexStream>> {
-    futures_util::stream::unfold((listener, acceptor), |(listener, acceptor)| async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return None;
-            };
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                continue;
-            };
-            let (near, mut far) = tokio::io::duplex(64 << 10);
-            tokio::spawn(async move {
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut far).await;
-            });
-            return Some((Ok(near), (listener, acceptor)));
-        }
-    })
 }
 
 /// Checks a returned chain: [leaf, root], the root is ours, the leaf chains to it (webpki),

@@ -309,40 +309,32 @@ impl Cluster {
         Ok(())
     }
 
+    /// The sandbox: a namespace wired by the reference bridge plugin; returns the namespace,
+    /// the plugin's result (the next plugin's prevResult) and the pod's IPv4 address.
+    fn sandbox(&self, n: &Node, p: &PodSpec<'_>) -> Result<(Netns, String, IpAddr)> {
+        let ns = Netns::new("p")?;
+        let bridge = Path::new(CNI_BIN).join("bridge");
+        let result = run_plugin(n.ns, &bridge, "ADD", &ns, p.name, p.namespace, &self.bridge_conf(n))
+            .map_err(|e| anyhow!("bridge ADD: {e}"))?;
+        let ip = first_ip(&result)?;
+        Ok((ns, result, ip))
+    }
+
     /// A pod that exists without our plugin having seen it (it started before the mesh was
     /// installed): the sandbox through the reference bridge plugin only, then its object with
     /// its IP.
     pub fn add_pod_without_mesh(&self, node: u8, p: PodSpec<'_>) -> Result<Pod> {
         let n = &self.nodes[usize::from(node)];
-        let ns = Netns::new("p")?;
-        let started = Instant::now();
-        let bridge = run_plugin(
-            n.ns,
-            &Path::new(CNI_BIN).join("bridge"),
-            "ADD",
-            &ns,
-            p.name,
-            p.namespace,
-            &self.bridge_conf(n),
-        )
-        .map_err(|e| anyhow!("bridge ADD: {e}"))?;
-        let plugin_add = started.elapsed();
-        let v: serde_json::Value = serde_json::from_str(&bridge)?;
-        let cidr = v["ips"][0]["address"]
-            .as_str()
-            .context("no address in the CNI result")?;
-        let ip: IpAddr = cidr.split('/').next().unwrap_or_default().parse()?;
-        self.write_manifest(
-            &format!("pod.{}.{}.yaml", p.namespace, p.name),
-            &self.pod_manifest(&p, n.name(), Some(ip)),
-        )?;
+        let (ns, _, ip) = self.sandbox(n, &p)?;
+        let file = format!("pod.{}.{}.yaml", p.namespace, p.name);
+        self.write_manifest(&file, &self.pod_manifest(&p, n.name(), Some(ip)))?;
         Ok(Pod {
             ns,
             name: p.name.to_owned(),
             namespace: p.namespace.to_owned(),
             ip,
             node,
-            plugin_add,
+            plugin_add: Duration::ZERO,
         })
     }
 
@@ -352,17 +344,7 @@ impl Cluster {
         let n = &self.nodes[usize::from(node)];
         let file = self.pod_file(p.namespace, p.name);
         std::fs::write(&file, self.pod_manifest(&p, n.name(), None))?;
-        let ns = Netns::new("p")?;
-        let bridge = run_plugin(
-            n.ns,
-            &Path::new(CNI_BIN).join("bridge"),
-            "ADD",
-            &ns,
-            p.name,
-            p.namespace,
-            &self.bridge_conf(n),
-        )
-        .map_err(|e| anyhow!("bridge ADD: {e}"))?;
+        let (ns, bridge, ip) = self.sandbox(n, &p)?;
         let started = Instant::now();
         let ours = run_plugin(
             n.ns,
@@ -375,11 +357,9 @@ impl Cluster {
         )
         .map_err(|e| anyhow!("ambient-cni ADD: {e}"))?;
         let plugin_add = started.elapsed();
-        let v: serde_json::Value = serde_json::from_str(&ours)?;
-        let cidr = v["ips"][0]["address"]
-            .as_str()
-            .context("no address in the CNI result")?;
-        let ip: IpAddr = cidr.split('/').next().unwrap_or_default().parse()?;
+        if first_ip(&ours)? != ip {
+            bail!("ambient-cni changed the previous result:\n{ours}");
+        }
         let tmp = file.with_extension("tmp");
         std::fs::write(&tmp, self.pod_manifest(&p, n.name(), Some(ip)))?;
         std::fs::rename(&tmp, &file)?;
@@ -501,10 +481,31 @@ impl Drop for Cluster {
     }
 }
 
+/// The first IP address of a CNI result.
+fn first_ip(result: &str) -> Result<IpAddr> {
+    let v: serde_json::Value = serde_json::from_str(result).with_context(|| format!("CNI result: {result}"))?;
+    let cidr = v["ips"][0]["address"]
+        .as_str()
+        .context("no address in the CNI result")?;
+    Ok(cidr.split('/').next().unwrap_or_default().parse()?)
+}
+
 /// What the harness writes for a new pod.
 pub struct PodSpec<'a> {
     pub name: &'a str,
     pub namespace: &'a str,
     pub service_account: &'a str,
     pub labels: &'a [(&'a str, &'a str)],
+}
+
+impl<'a> PodSpec<'a> {
+    /// A pod whose service account has its name.
+    pub fn new(name: &'a str, namespace: &'a str, labels: &'a [(&'a str, &'a str)]) -> Self {
+        PodSpec {
+            name,
+            namespace,
+            service_account: name,
+            labels,
+        }
+    }
 }

@@ -36,15 +36,6 @@ fn curl(from: &Pod, url: &str) -> String {
         .unwrap_or_else(|e| format!("error: {e}"))
 }
 
-fn spec<'a>(name: &'a str, namespace: &'a str, labels: &'a [(&'a str, &'a str)]) -> PodSpec<'a> {
-    PodSpec {
-        name,
-        namespace,
-        service_account: name,
-        labels,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_pod_to_pod_over_hbone() {
     if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
@@ -54,16 +45,20 @@ async fn two_nodes_pod_to_pod_over_hbone() {
     let vip = std::net::Ipv4Addr::new(10, 96, ID, 10);
     let cluster = Cluster::start(ID, 2, &world(vip.into())).await.expect("cluster up");
 
-    let client = cluster.add_pod(0, spec("client", "shop", &[])).expect("client pod");
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
     let local = cluster
-        .add_pod(0, spec("local", "shop", &[("app", "server")]))
+        .add_pod(0, PodSpec::new("local", "shop", &[("app", "server")]))
         .expect("same-node server");
     let remote = cluster
-        .add_pod(1, spec("remote", "shop", &[("app", "server")]))
+        .add_pod(1, PodSpec::new("remote", "shop", &[("app", "server")]))
         .expect("remote server");
-    let plain = cluster.add_pod(1, spec("plain", "legacy", &[])).expect("legacy pod");
+    let plain = cluster
+        .add_pod(1, PodSpec::new("plain", "legacy", &[]))
+        .expect("legacy pod");
     let opted_out = cluster
-        .add_pod(1, spec("batch", "shop", &[("istio.io/dataplane-mode", "none")]))
+        .add_pod(1, PodSpec::new("batch", "shop", &[("istio.io/dataplane-mode", "none")]))
         .expect("opted-out pod");
     for server in [&local, &remote, &plain, &opted_out] {
         tokio::spawn(http_server(
@@ -241,7 +236,7 @@ async fn two_nodes_pod_to_pod_over_hbone() {
     // A pod that predates the mesh (never through our plugin) in an ambient namespace: the
     // agent finds its namespace by IP and captures it.
     let old = cluster
-        .add_pod_without_mesh(1, spec("veteran", "shop", &[]))
+        .add_pod_without_mesh(1, PodSpec::new("veteran", "shop", &[]))
         .expect("pod created without the mesh");
     tokio::spawn(http_server(
         old.ns.listen(SocketAddr::new(old.ip, 8080)).expect("listen"),
@@ -283,7 +278,7 @@ async fn two_nodes_pod_to_pod_over_hbone() {
 
     // CNI ADD of an ambient pod fails clearly when the agent is down.
     cluster.nodes[0].stop_agent();
-    let err = match cluster.add_pod(0, spec("orphan", "shop", &[])) {
+    let err = match cluster.add_pod(0, PodSpec::new("orphan", "shop", &[])) {
         Ok(_) => panic!("ADD succeeded without an agent"),
         Err(e) => e.to_string(),
     };

@@ -9,7 +9,9 @@ use std::time::Duration;
 use mesh_proto::waypoint as wp;
 
 use super::{service_hostname, Options, Report};
-use crate::model::gateway::{BackendRef, HeaderModifier, ParentReference, PolicyTargetReference, WAYPOINT_CLASS};
+use crate::model::gateway::{
+    self, BackendRef, HeaderMatch, HeaderModifier, ParentReference, PolicyTargetReference, WAYPOINT_CLASS,
+};
 use crate::model::istio::{self, TrafficPolicy};
 use crate::model::{Inputs, Kind, ObjectKey};
 
@@ -187,110 +189,135 @@ fn by_age<'a, T>(
     v
 }
 
-fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
-    for (key, route) in by_age(inputs.http_routes.iter(), |r| &r.metadata) {
-        let kind = Kind::HttpRoute;
-        let ns = key.namespace.as_str();
-        for service in service_parents(&route.spec.parent_refs, ns, options, inputs, kind, key, report) {
+fn header_matches(headers: &[HeaderMatch], lowercase: bool) -> Vec<wp::HeaderMatch> {
+    headers
+        .iter()
+        .map(|h| wp::HeaderMatch {
+            name: if lowercase {
+                h.name.to_ascii_lowercase()
+            } else {
+                h.name.clone()
+            },
+            value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
+        })
+        .collect()
+}
+
+/// Compiles each route once and attaches it to every Service it names as a parent.
+fn attach<'a, R>(
+    routes: &mut Routes,
+    ctx: (&Inputs, &Options),
+    report: &mut Report,
+    kind: Kind,
+    items: Vec<(&'a ObjectKey, &'a R)>,
+    parents: impl Fn(&R) -> &[ParentReference],
+    compile: impl Fn(&ObjectKey, &R, &mut Report) -> Vec<wp::Route>,
+) {
+    let (inputs, options) = ctx;
+    for (key, route) in items {
+        let services = service_parents(parents(route), &key.namespace, options, inputs, kind, key, report);
+        if services.is_empty() {
+            continue;
+        }
+        let compiled = compile(key, route, report);
+        for service in services {
             let target = entry(routes, &service);
-            target.sources.push(format!("HTTPRoute/{key}"));
-            for (i, rule) in route.spec.rules.iter().enumerate() {
-                let matches = rule
-                    .matches
-                    .iter()
-                    .map(|m| wp::RouteMatch {
-                        path: m.path.as_ref().map(|p| {
-                            string_match(
-                                p.kind.as_deref(),
-                                p.value.clone().unwrap_or_else(|| "/".to_owned()),
-                                "PathPrefix",
-                            )
-                        }),
-                        method: m.method.clone().unwrap_or_default(),
-                        headers: m
-                            .headers
-                            .iter()
-                            .map(|h| wp::HeaderMatch {
-                                name: h.name.to_ascii_lowercase(),
-                                value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
-                            })
-                            .collect(),
-                        query_params: m
-                            .query_params
-                            .iter()
-                            .map(|h| wp::HeaderMatch {
-                                name: h.name.clone(),
-                                value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
-                            })
-                            .collect(),
-                        ..Default::default()
-                    })
-                    .collect();
-                let mut r = wp::Route {
-                    name: format!("HTTPRoute/{key}/rules[{i}]"),
-                    matches,
-                    backends: backends(&rule.backend_refs, ns, options, kind, key, report),
-                    timeout: opt_duration(
-                        rule.timeouts.as_ref().and_then(|t| t.request.as_deref()),
+            target.sources.push(format!("{}/{key}", kind.name()));
+            target.routes.extend(compiled.iter().cloned());
+        }
+    }
+}
+
+fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
+    let compile = |key: &ObjectKey, route: &gateway::HttpRoute, report: &mut Report| {
+        let (kind, ns) = (Kind::HttpRoute, key.namespace.as_str());
+        let mut out = Vec::with_capacity(route.spec.rules.len());
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            let matches = rule
+                .matches
+                .iter()
+                .map(|m| wp::RouteMatch {
+                    path: m.path.as_ref().map(|p| {
+                        let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+                        string_match(p.kind.as_deref(), value, "PathPrefix")
+                    }),
+                    method: m.method.clone().unwrap_or_default(),
+                    headers: header_matches(&m.headers, true),
+                    query_params: header_matches(&m.query_params, false),
+                    ..Default::default()
+                })
+                .collect();
+            let timeout = rule.timeouts.as_ref().and_then(|t| t.request.as_deref());
+            let mut r = wp::Route {
+                name: format!("HTTPRoute/{key}/rules[{i}]"),
+                matches,
+                backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                timeout: opt_duration(timeout, kind, key, &format!("rules[{i}].timeouts.request"), report),
+                ..Default::default()
+            };
+            for f in &rule.filters {
+                match f.kind.as_str() {
+                    "RequestHeaderModifier" => {
+                        r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite)
+                    }
+                    "ResponseHeaderModifier" => {
+                        r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
+                    }
+                    other => report.add(
                         kind,
                         key,
-                        &format!("rules[{i}].timeouts.request"),
-                        report,
+                        format!("rules[{i}]: filter {other} is not supported; ignored"),
                     ),
-                    ..Default::default()
-                };
-                for f in &rule.filters {
-                    match f.kind.as_str() {
-                        "RequestHeaderModifier" => {
-                            r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite)
-                        }
-                        "ResponseHeaderModifier" => {
-                            r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
-                        }
-                        other => report.add(
-                            kind,
-                            key,
-                            format!("rules[{i}]: filter {other} is not supported; ignored"),
-                        ),
-                    }
                 }
-                target.routes.push(r);
             }
+            out.push(r);
         }
-    }
-    for (key, route) in by_age(inputs.grpc_routes.iter(), |r| &r.metadata) {
-        let kind = Kind::GrpcRoute;
-        let ns = key.namespace.as_str();
-        for service in service_parents(&route.spec.parent_refs, ns, options, inputs, kind, key, report) {
-            let target = entry(routes, &service);
-            target.sources.push(format!("GRPCRoute/{key}"));
-            for (i, rule) in route.spec.rules.iter().enumerate() {
-                let matches = rule
-                    .matches
-                    .iter()
-                    .map(|m| wp::RouteMatch {
-                        grpc_service: m.method.as_ref().and_then(|x| x.service.clone()).unwrap_or_default(),
-                        grpc_method: m.method.as_ref().and_then(|x| x.method.clone()).unwrap_or_default(),
-                        headers: m
-                            .headers
-                            .iter()
-                            .map(|h| wp::HeaderMatch {
-                                name: h.name.to_ascii_lowercase(),
-                                value: Some(string_match(h.kind.as_deref(), h.value.clone(), "Exact")),
-                            })
-                            .collect(),
-                        ..Default::default()
-                    })
-                    .collect();
-                target.routes.push(wp::Route {
-                    name: format!("GRPCRoute/{key}/rules[{i}]"),
-                    matches,
-                    backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+        out
+    };
+    let items = by_age(inputs.http_routes.iter(), |r| &r.metadata);
+    attach(
+        routes,
+        (inputs, options),
+        report,
+        Kind::HttpRoute,
+        items,
+        |r| &r.spec.parent_refs,
+        compile,
+    );
+
+    let compile = |key: &ObjectKey, route: &gateway::GrpcRoute, report: &mut Report| {
+        let (kind, ns) = (Kind::GrpcRoute, key.namespace.as_str());
+        let mut out = Vec::with_capacity(route.spec.rules.len());
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            let matches = rule
+                .matches
+                .iter()
+                .map(|m| wp::RouteMatch {
+                    grpc_service: m.method.as_ref().and_then(|x| x.service.clone()).unwrap_or_default(),
+                    grpc_method: m.method.as_ref().and_then(|x| x.method.clone()).unwrap_or_default(),
+                    headers: header_matches(&m.headers, true),
                     ..Default::default()
-                });
-            }
+                })
+                .collect();
+            out.push(wp::Route {
+                name: format!("GRPCRoute/{key}/rules[{i}]"),
+                matches,
+                backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                ..Default::default()
+            });
         }
-    }
+        out
+    };
+    let items = by_age(inputs.grpc_routes.iter(), |r| &r.metadata);
+    attach(
+        routes,
+        (inputs, options),
+        report,
+        Kind::GrpcRoute,
+        items,
+        |r| &r.spec.parent_refs,
+        compile,
+    );
 }
 
 fn percent(p: Option<&istio::Percent>) -> f64 {

@@ -30,15 +30,6 @@ fn label<'a>(line: &'a str, name: &str) -> &'a str {
         .unwrap_or("?")
 }
 
-fn spec<'a>(name: &'a str, namespace: &'a str, labels: &'a [(&'a str, &'a str)]) -> PodSpec<'a> {
-    PodSpec {
-        name,
-        namespace,
-        service_account: name,
-        labels,
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
@@ -61,10 +52,10 @@ async fn main() -> anyhow::Result<()> {
     );
 
     section("creating pods through the CNI chain (bridge + host-local + ambient-cni)");
-    let client = cluster.add_pod(0, spec("client", "shop", &[]))?;
+    let client = cluster.add_pod(0, PodSpec::new("client", "shop", &[]))?;
     let web = [
-        cluster.add_pod(1, spec("web-1", "shop", &[("app", "web")]))?,
-        cluster.add_pod(1, spec("web-2", "shop", &[("app", "web")]))?,
+        cluster.add_pod(1, PodSpec::new("web-1", "shop", &[("app", "web")]))?,
+        cluster.add_pod(1, PodSpec::new("web-2", "shop", &[("app", "web")]))?,
     ];
     for p in std::iter::once(&client).chain(web.iter()) {
         println!(
