@@ -5,14 +5,20 @@
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
 //! - [`host`]: probe SNAT in the node's namespace.
 //! - [`metrics`]: what the agent counts.
-//! - [`pods`]: pods and namespaces from the local manifest directory.
+//! - [`pods`]: the pods and namespaces enrolment is decided on, and the local manifest directory.
+//! - [`inventory`]: where they come from: the manifest directory or the cluster.
+//! - [`k8s`]: cluster mode: pod and namespace watches, pod annotations.
+//! - [`report`]: telling the mesh which pods are enrolled.
 //! - [`server`]: the HTTP API the CNI plugin calls.
 //! - [`zds`]: the ZDS server that hands pod namespaces to ztunnel.
 
 pub mod enrol;
 pub mod host;
+pub mod inventory;
+pub mod k8s;
 pub mod metrics;
 pub mod pods;
+pub mod report;
 pub mod rules;
 pub mod scan;
 pub mod server;

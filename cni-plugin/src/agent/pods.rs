@@ -1,13 +1,14 @@
-//! What the agent knows of pods and namespaces in local mode: the controller's manifest
-//! directory (multi-document YAML of Namespaces and Pods, as `kubectl` would take them). An
-//! invalid document is skipped with a warning naming file and index; the rest is used.
+//! What the agent knows of pods and namespaces ([`Inventory`]), and how local mode reads it: the
+//! controller's manifest directory (multi-document YAML of Namespaces and Pods, as `kubectl`
+//! would take them). An invalid document is skipped with a warning naming file and index; the
+//! rest is used. Cluster mode fills the same types from watches (see [`super::k8s`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Meta {
     #[serde(default)]
@@ -60,7 +61,7 @@ struct Object {
 }
 
 /// A pod as the agent needs it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
     pub meta: Meta,
     pub host_network: bool,
@@ -72,7 +73,7 @@ pub struct Pod {
     pub ip: Option<std::net::IpAddr>,
 }
 
-/// Namespaces (by name) and pods (by namespace/name) found in the directory.
+/// Namespaces (by name) and pods (by namespace/name) found in the directory or the cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Inventory {
     pub namespaces: BTreeMap<String, Meta>,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,30 +23,15 @@ use mesh_proto::workload::zds::WorkloadInfo;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::enrol::{decide, Enrolment, PodFacts};
 use super::host;
+use super::inventory::{InventoryError, InventorySource};
 use super::pods::Inventory;
+use super::report::{EnrolmentReporter, Reported};
 use super::rules;
 use super::zds::ZdsServer;
-
-/// A content hash of the manifest directory (None when it cannot be read).
-fn digest(dir: &Path) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for f in files {
-        f.hash(&mut h);
-        std::fs::read(&f).ok()?.hash(&mut h);
-    }
-    Some(h.finish())
-}
 
 /// A pod request from the plugin.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -75,7 +60,8 @@ struct Known {
 /// The node agent.
 pub struct Agent {
     pub zds: Arc<ZdsServer>,
-    pub manifests: PathBuf,
+    /// Where pods and namespaces are read from: the manifest directory or the cluster.
+    pub source: InventorySource,
     pub cluster_id: String,
     pub ports: rules::Ports,
     /// Every pod seen through CNI on this node, by container id: when a namespace gains or
@@ -87,18 +73,22 @@ pub struct Agent {
     /// Local mode's enrolment report: the pods captured on this node, for the controller
     /// (which advertises only those as HBONE). In a cluster the pod annotation says it.
     report_file: Option<PathBuf>,
+    /// Cluster mode's enrolment report (pod annotations), told of each capture and release.
+    reporter: Option<Arc<dyn EnrolmentReporter>>,
+    /// What `reporter` was last told, so it hears transitions only.
+    reported: std::sync::Mutex<Reported>,
     pub metrics: super::metrics::AgentMetrics,
     /// This node's name: ambient pods of this node that never came through CNI (started
     /// before the mesh) are found by their IP and enrolled. `None` turns that off.
     pub node_name: Option<String>,
 }
 
-/// What the manifests say about one pod: capture it (with its service account) or why not.
+/// What the inventory says about one pod: capture it (with its service account) or why not.
 fn desired(inv: &Inventory, ns: &str, name: &str) -> Result<String, &'static str> {
     let pod = inv
         .pods
         .get(&(ns.to_owned(), name.to_owned()))
-        .ok_or("pod not found in manifests")?;
+        .ok_or("pod not found in the inventory")?;
     let facts = PodFacts {
         labels: Some(&pod.meta.labels),
         annotations: Some(&pod.meta.annotations),
@@ -129,20 +119,23 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes
 impl Agent {
     pub fn new(
         zds: Arc<ZdsServer>,
-        manifests: PathBuf,
+        source: InventorySource,
         cluster_id: String,
         state_file: Option<PathBuf>,
         report_file: Option<PathBuf>,
+        reporter: Option<Arc<dyn EnrolmentReporter>>,
         node_name: Option<String>,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             zds,
-            manifests,
+            source,
             cluster_id,
             ports: rules::Ports::default(),
             pods: Default::default(),
             state_file,
             report_file,
+            reporter,
+            reported: Default::default(),
             metrics: Default::default(),
             node_name,
         })
@@ -191,7 +184,7 @@ impl Agent {
     }
 
     /// Writes the known pods to the state file and the enrolment report (each atomically:
-    /// write then rename).
+    /// write then rename), and tells the reporter what changed.
     fn persist(&self, pods: &HashMap<String, Known>) {
         let captured = pods.values().filter(|k| k.captured.is_some()).count();
         self.metrics.enrolled.set(i64::try_from(captured).unwrap_or(i64::MAX));
@@ -209,6 +202,21 @@ impl Agent {
                 .and_then(|()| std::fs::rename(&tmp, path));
             if let Err(e) = result {
                 warn!(file = %path.display(), error = %e, "cannot write the enrolment report");
+            }
+        }
+        if let Some(reporter) = &self.reporter {
+            let captured = pods
+                .values()
+                .filter(|k| k.captured.is_some())
+                .map(|k| (k.req.pod_namespace.clone(), k.req.pod_name.clone()))
+                .collect();
+            let changes = self
+                .reported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .update(captured);
+            for ((namespace, name), captured) in changes {
+                reporter.report(&namespace, &name, captured);
             }
         }
         let Some(path) = &self.state_file else { return };
@@ -236,12 +244,10 @@ impl Agent {
     }
 
     async fn add_inner(&self, req: PodRequest) -> (&'static str, Response<Full<Bytes>>) {
-        let inv = match Inventory::load(&self.manifests) {
+        let inv = match self.source.for_pod(&req.pod_namespace, &req.pod_name).await {
             Ok(i) => i,
-            Err(e) => {
-                let msg = format!("reading {}: {e}", self.manifests.display());
-                return ("failed", error(StatusCode::SERVICE_UNAVAILABLE, msg));
-            }
+            // Fail closed: the plugin fails the ADD and the runtime retries it.
+            Err(e) => return ("failed", error(StatusCode::SERVICE_UNAVAILABLE, e)),
         };
         let mut pods = self.pods.lock().await;
         let sa = match desired(&inv, &req.pod_namespace, &req.pod_name) {
@@ -406,13 +412,17 @@ impl Agent {
         reply(StatusCode::OK, json!({}))
     }
 
-    /// Re-decides every known pod against the manifests: a namespace that gained the ambient
+    /// Re-decides every known pod against the inventory: a namespace that gained the ambient
     /// label gets its running pods captured, one that lost it gets them released.
     pub async fn reconcile(&self) {
-        let inv = match Inventory::load(&self.manifests) {
+        let inv = match self.source.current() {
             Ok(i) => i,
+            Err(InventoryError::NotSynced) => {
+                debug!("watches not listed yet; reconciling once they are");
+                return;
+            }
             Err(e) => {
-                warn!(dir = %self.manifests.display(), error = %e, "cannot read manifests; keeping enrolments");
+                warn!(error = %e, "cannot read the inventory; keeping enrolments");
                 return;
             }
         };
@@ -422,7 +432,11 @@ impl Agent {
         for id in ids {
             let mut changed = false;
             let Some(known) = pods.get_mut(&id) else { continue };
-            let want = desired(&inv, &known.req.pod_namespace, &known.req.pod_name);
+            let key = (known.req.pod_namespace.clone(), known.req.pod_name.clone());
+            if !inv.pods.contains_key(&key) && !self.source.absent_means_gone() {
+                continue;
+            }
+            let want = desired(&inv, &key.0, &key.1);
             match (&known.captured, want) {
                 (None, Ok(sa)) => {
                     let uid = self.uid(&known.req);
@@ -447,19 +461,12 @@ impl Agent {
         }
     }
 
-    /// Reconciles whenever the manifest directory's content changes (checked every `every`).
-    pub async fn watch_manifests(self: Arc<Self>, every: Duration) {
-        let mut last = None;
-        loop {
-            tokio::time::sleep(every).await;
-            let dir = self.manifests.clone();
-            let digest = tokio::task::spawn_blocking(move || digest(&dir)).await.ok().flatten();
-            if digest.is_some() && digest != last {
-                if last.is_some() {
-                    self.reconcile().await;
-                }
-                last = digest;
-            }
+    /// Reconciles whenever the inventory changes: the manifest directory's content (checked
+    /// every `every`) or, in cluster mode, what the watches deliver.
+    pub async fn watch_source(self: Arc<Self>, every: Duration) {
+        let mut changes = self.source.changes(every);
+        while changes.next().await {
+            self.reconcile().await;
         }
     }
 

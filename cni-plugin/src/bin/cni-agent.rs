@@ -2,9 +2,13 @@
 //! rules inside their namespace, namespace handed to ztunnel over ZDS) and releases them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use cni_plugin::agent::inventory::InventorySource;
+use cni_plugin::agent::k8s::{AnnotationReporter, ClusterInventory};
+use cni_plugin::agent::report::EnrolmentReporter;
 use cni_plugin::agent::server::Agent;
 use cni_plugin::agent::zds::ZdsServer;
 use mesh_core::zds::ZdsListener;
@@ -12,6 +16,7 @@ use mesh_core::zds::ZdsListener;
 /// Ambient node agent.
 #[derive(Debug, Parser)]
 #[command(name = "cni-agent", version, about)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["manifest_dir", "kubernetes"])))]
 struct Config {
     /// Socket the CNI plugin talks to.
     #[arg(long, env = "CNI_SOCKET", default_value = "/var/run/ambient/cni.sock")]
@@ -21,7 +26,11 @@ struct Config {
     zds_socket: PathBuf,
     /// Local mode: the controller's manifest directory (Namespaces and Pods).
     #[arg(long, env = "MANIFEST_DIR")]
-    manifest_dir: PathBuf,
+    manifest_dir: Option<PathBuf>,
+    /// Cluster mode: watch namespaces and this node's pods in the API server (in-cluster
+    /// config or KUBECONFIG) and annotate captured pods. Needs --node-name.
+    #[arg(long)]
+    kubernetes: bool,
     /// Cluster id used in workload uids (`<cluster>//Pod/<ns>/<name>`).
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
@@ -31,7 +40,8 @@ struct Config {
     #[arg(long, env = "ENROLMENT_REPORT")]
     enrolment_report: Option<PathBuf>,
     /// This node's name: ambient pods scheduled here that never came through the CNI plugin
-    /// (started before the mesh) are found by IP and enrolled.
+    /// (started before the mesh) are found by IP and enrolled. Cluster mode watches only the
+    /// pods of this node.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
@@ -51,11 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log))
         .json()
         .init();
-    anyhow::ensure!(
-        cfg.manifest_dir.is_dir(),
-        "--manifest-dir {} is not a directory (point it at the controller's manifest directory)",
-        cfg.manifest_dir.display()
-    );
+    let mode = mode(&cfg)?;
     for p in [&cfg.cni_socket, &cfg.zds_socket] {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -63,13 +69,28 @@ async fn main() -> anyhow::Result<()> {
     }
     // Probe SNAT for enrolled pods, in the node namespace the agent runs in.
     cni_plugin::agent::host::install().context("installing the host probe SNAT table")?;
+    let (source, reporter): (_, Option<Arc<dyn EnrolmentReporter>>) = match mode {
+        Mode::Dir(dir) => (InventorySource::Dir(dir), None),
+        Mode::Kubernetes { node } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API server (in-cluster config or KUBECONFIG)")?;
+            let cluster = ClusterInventory::new(client.clone());
+            tokio::spawn(cluster.clone().run(node));
+            (
+                InventorySource::Kubernetes(cluster),
+                Some(AnnotationReporter::start(client)),
+            )
+        }
+    };
     let zds = ZdsServer::new();
     let agent = Agent::new(
         zds.clone(),
-        cfg.manifest_dir.clone(),
+        source,
         cfg.cluster_id.clone(),
         Some(cfg.state_file.clone()),
         cfg.enrolment_report.clone(),
+        reporter,
         cfg.node_name.clone(),
     );
     // Pods from before a restart go into the snapshot of the first ztunnel to connect.
@@ -82,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     let cni = tokio::net::UnixListener::bind(&cfg.cni_socket)
         .with_context(|| format!("binding the CNI socket {}", cfg.cni_socket.display()))?;
     tracing::info!(cni = %cfg.cni_socket.display(), zds = %cfg.zds_socket.display(), "node agent ready");
-    tokio::spawn(agent.clone().watch_manifests(std::time::Duration::from_secs(1)));
+    tokio::spawn(agent.clone().watch_source(std::time::Duration::from_secs(1)));
     let mut registry = prometheus_client::registry::Registry::with_prefix("cni_agent");
     agent.metrics.register(&mut registry);
     let metrics = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -90,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding --metrics-addr {}", cfg.metrics_addr))?;
     tokio::spawn(cni_plugin::agent::server::serve_metrics(
         agent.clone(),
-        std::sync::Arc::new(registry),
+        Arc::new(registry),
         metrics,
     ));
     tokio::select! {
@@ -98,4 +119,69 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())
+}
+
+/// Where the agent reads pods and namespaces from.
+#[derive(Debug, PartialEq)]
+enum Mode {
+    Dir(PathBuf),
+    Kubernetes { node: String },
+}
+
+/// Checks what clap cannot: cluster mode needs the node name, local mode a real directory.
+fn mode(cfg: &Config) -> anyhow::Result<Mode> {
+    if cfg.kubernetes {
+        let node = cfg.node_name.clone().filter(|n| !n.is_empty()).context(
+            "--kubernetes needs --node-name (or NODE_NAME, from the downward API's spec.nodeName): \
+             the agent watches only this node's pods",
+        )?;
+        return Ok(Mode::Kubernetes { node });
+    }
+    // clap's group makes one of the two required.
+    let dir = cfg
+        .manifest_dir
+        .clone()
+        .context("--manifest-dir or --kubernetes is required")?;
+    anyhow::ensure!(
+        dir.is_dir(),
+        "--manifest-dir {} is not a directory (point it at the controller's manifest directory)",
+        dir.display()
+    );
+    Ok(Mode::Dir(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("cni-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn exactly_one_source_and_cluster_mode_needs_the_node() {
+        // Environment variables would leak into the parse.
+        for var in ["MANIFEST_DIR", "NODE_NAME"] {
+            if std::env::var_os(var).is_some() {
+                return;
+            }
+        }
+        assert!(parse(&[]).is_err(), "a source is required");
+        assert!(parse(&["--kubernetes", "--manifest-dir", "/tmp"]).is_err());
+
+        let cfg = parse(&["--kubernetes"]).expect("parses");
+        let err = mode(&cfg).expect_err("no node name");
+        assert!(err.to_string().contains("--node-name"), "{err}");
+        let cfg = parse(&["--kubernetes", "--node-name", "node-1"]).expect("parses");
+        assert_eq!(
+            mode(&cfg).expect("cluster mode"),
+            Mode::Kubernetes { node: "node-1".into() }
+        );
+
+        let dir = std::env::temp_dir();
+        let cfg = parse(&["--manifest-dir", dir.to_str().expect("utf-8")]).expect("parses");
+        assert_eq!(mode(&cfg).expect("local mode"), Mode::Dir(dir));
+        let cfg = parse(&["--manifest-dir", "/nonexistent/manifests"]).expect("parses");
+        assert!(mode(&cfg).is_err());
+    }
 }
