@@ -121,3 +121,59 @@ pub fn resolve_a(ns: &Netns, server: std::net::IpAddr, name: &str) -> std::io::R
     }
     Ok(out)
 }
+
+/// A client opening a new connection to an echo server every `interval` until stopped, each
+/// one reading the peer line and echoing a message: the load under which upgrades must not
+/// fail a single connection.
+pub struct LoadClient {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LoadClient {
+    /// Starts connecting from namespace `ns` (by name) to `dst`.
+    pub fn start(ns: String, dst: SocketAddr, interval: Duration) -> LoadClient {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                let result = async {
+                    let sock = crate::netns::socket_in(&ns, dst)?;
+                    let mut r = BufReader::new(sock.connect(dst).await?);
+                    let mut line = String::new();
+                    let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+                        .await
+                        .map_err(std::io::Error::other)??;
+                    if n == 0 {
+                        return Err(std::io::Error::other("closed before the app answered"));
+                    }
+                    ping(&mut r, "x").await.map(|_| ())
+                }
+                .await;
+                match result {
+                    Ok(()) => o.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("load client: connection failed: {e}");
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+            }
+        });
+        LoadClient { stop, ok, failed, task }
+    }
+
+    /// Stops and returns (succeeded, failed) connections.
+    pub async fn finish(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}

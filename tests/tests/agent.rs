@@ -4,13 +4,11 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cni_plugin::agent::zds::ZdsServer;
 use mesh_core::zds::ZdsListener;
-use mesh_e2e::apps::{echo_connect, echo_server, ping};
+use mesh_e2e::apps::{echo_connect, echo_server, ping, LoadClient};
 use mesh_e2e::{Bed, Netns, Ztunnel};
 use mesh_proto::workload::zds::WorkloadInfo;
 
@@ -57,40 +55,7 @@ async fn rolling_upgrade_of_ztunnel_loses_no_connection() {
     drop(c);
 
     // A client opening a new connection every 10 ms for the whole upgrade.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let client_ns = bed.a.name.clone();
-    let loop_task = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                let result = async {
-                    let sock = mesh_e2e::netns::socket_in(&client_ns, dst)?;
-                    let s = sock.connect(dst).await?;
-                    let mut r = tokio::io::BufReader::new(s);
-                    use tokio::io::AsyncBufReadExt;
-                    let mut line = String::new();
-                    let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
-                        .await
-                        .map_err(std::io::Error::other)??;
-                    if n == 0 {
-                        return Err(std::io::Error::other("closed before the app answered"));
-                    }
-                    ping(&mut r, "x").await.map(|_| ())
-                }
-                .await;
-                match result {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("connection failed during upgrade: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(10).saturating_sub(started.elapsed())).await;
-            }
-        })
-    };
+    let load = LoadClient::start(bed.a.name.clone(), dst, Duration::from_millis(10));
 
     // The new ztunnel starts beside the old one (its snapshot re-adds both pods; listeners
     // share the ports through SO_REUSEPORT), then the old one is told to stop.
@@ -100,10 +65,7 @@ async fn rolling_upgrade_of_ztunnel_loses_no_connection() {
     z1.sigterm().unwrap();
     assert_eq!(z1.wait_exit(Duration::from_secs(15)).await.unwrap(), 0);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    loop_task.await.unwrap();
-
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.finish().await;
     assert!(ok > 50, "only {ok} connections succeeded");
     assert_eq!(
         failed,
