@@ -135,6 +135,8 @@ pub struct Cluster {
     control: &'static Netns,
     hub: Hub,
     manifests: PathBuf,
+    /// Namespaces of ztunnels started beside a node's own (upgrades).
+    extra: Mutex<Vec<&'static Netns>>,
 }
 
 /// Node and control-plane namespaces are borrowed by the processes running in them for as
@@ -199,6 +201,7 @@ impl Cluster {
             control,
             hub,
             manifests,
+            extra: Mutex::new(Vec::new()),
         };
         for n in &cluster.nodes {
             cluster.start_agent(n.index).await?;
@@ -271,6 +274,39 @@ impl Cluster {
             token.as_str(),
         ];
         Ztunnel::start_raw(n.ns, &args).await
+    }
+
+    /// Starts a second ztunnel for node `i` in a namespace of its own on the underlay, as a
+    /// DaemonSet's new pod runs beside the old one during a rolling update: it serves the
+    /// node's pods (their sockets live in the pods) and shares nothing with the first.
+    pub async fn start_ztunnel_beside(&self, i: u8) -> Result<Ztunnel<'static>> {
+        let n = &self.nodes[usize::from(i)];
+        let ns = leak(Netns::new(&format!("z{i}-"))?);
+        let host = {
+            let mut extra = self.extra.lock().unwrap_or_else(|e| e.into_inner());
+            extra.push(ns);
+            150 + extra.len()
+        };
+        self.hub.attach(ns, &[&format!("10.90.{}.{host}/24", self.id)])?;
+        let cp = format!("https://{}:15012", self.controller_ip());
+        let (zds, bundle, token) = (
+            n.zds_socket().display().to_string(),
+            self.controller.trust_bundle().display().to_string(),
+            self.controller.token_file(n.name()).display().to_string(),
+        );
+        let args = [
+            "--zds-socket",
+            zds.as_str(),
+            "--xds-address",
+            cp.as_str(),
+            "--ca-address",
+            cp.as_str(),
+            "--trust-bundle",
+            bundle.as_str(),
+            "--token-file",
+            token.as_str(),
+        ];
+        Ztunnel::start_for_node(ns, n.name(), &args).await
     }
 
     /// Starts node `i`'s ztunnel and keeps it as the node's current one.
@@ -475,6 +511,9 @@ impl Drop for Cluster {
             n.stop_agent();
             drop(n.ztunnel.lock().unwrap_or_else(|e| e.into_inner()).take());
             crate::netns::destroy(&n.ns.name);
+        }
+        for ns in self.extra.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            crate::netns::destroy(&ns.name);
         }
         // Kills the controller too (its handle drops after this, harmlessly).
         crate::netns::destroy(&self.control.name);

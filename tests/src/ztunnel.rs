@@ -41,7 +41,13 @@ impl<'a> Ztunnel<'a> {
     /// Starts ztunnel in `ns` with exactly `args` besides node name and logging: the control
     /// plane (`--xds-address`, `--ca-address`, ...) provides state and certificates.
     pub async fn start_raw(ns: &'a Netns, args: &[&str]) -> anyhow::Result<Ztunnel<'a>> {
-        Self::spawn(ns, None, None, args).await
+        Self::spawn(ns, &ns.name, None, None, args).await
+    }
+
+    /// As [`Ztunnel::start_raw`], for node `node` while running in namespace `ns` (a ztunnel
+    /// pod beside the node's current one during an upgrade).
+    pub async fn start_for_node(ns: &'a Netns, node: &str, args: &[&str]) -> anyhow::Result<Ztunnel<'a>> {
+        Self::spawn(ns, node, None, None, args).await
     }
 
     async fn launch(
@@ -50,11 +56,12 @@ impl<'a> Ztunnel<'a> {
         state: Option<&Path>,
         extra: &[&str],
     ) -> anyhow::Result<Ztunnel<'a>> {
-        Self::spawn(ns, Some(files), state, extra).await
+        Self::spawn(ns, &ns.name, Some(files), state, extra).await
     }
 
     async fn spawn(
         ns: &'a Netns,
+        node: &str,
         files: Option<&ZtunnelFiles<'_>>,
         state: Option<&Path>,
         extra: &[&str],
@@ -73,14 +80,7 @@ impl<'a> Ztunnel<'a> {
                 .arg(files.root_key);
         }
         let child = command
-            .args([
-                "--node-name",
-                &ns.name,
-                "--log",
-                "info,access=info",
-                "--log-format",
-                "json",
-            ])
+            .args(["--node-name", node, "--log", "info,access=info", "--log-format", "json"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mesh_e2e::apps::{http_server, resolve_a};
+use mesh_e2e::apps::{echo_server, http_server, resolve_a, LoadClient};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
 use mesh_e2e::privileged;
 
@@ -246,6 +246,30 @@ async fn two_nodes_pod_to_pod_over_hbone() {
     }
     assert!(old.captured(), "rules written into the found namespace");
     assert_eq!(curl(&client, &format!("http://{}:8080/", old.ip)), want, "over HBONE");
+
+    // Rolling upgrade of node 1's ztunnel under a new connection every 10 ms from node 0: a
+    // second ztunnel starts beside the first (its own namespace, as a DaemonSet's new pod),
+    // then the first is told to stop.
+    let echo = SocketAddr::new(remote.ip, 9000);
+    tokio::spawn(echo_server(remote.ns.listen(echo).expect("listen")));
+    let load = LoadClient::start(client.ns.name.clone(), echo, Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_millis(300)).await; // load before, during and after
+    let new = cluster.start_ztunnel_beside(1).await.expect("second ztunnel ready");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old = cluster.nodes[1].ztunnel.lock().unwrap().take();
+    let mut old = old.expect("first ztunnel");
+    old.sigterm().expect("SIGTERM");
+    assert_eq!(old.wait_exit(Duration::from_secs(15)).await.expect("exit"), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, failed) = load.finish().await;
+    assert!(ok > 50, "only {ok} connections succeeded");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed during the upgrade",
+        ok + failed
+    );
+    drop(new);
 
     // ztunnel on node 1 killed and restarted: new connections work once it is ready.
     drop(cluster.nodes[1].ztunnel.lock().unwrap().take());
