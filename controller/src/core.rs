@@ -39,8 +39,9 @@ impl Default for Debounce {
 pub struct NodePods(ArcSwap<HashSet<(String, String, String)>>);
 
 impl NodePods {
-    fn update(&self, inputs: &Inputs) {
-        let set = inputs
+    /// The set for `inputs` (a pass over every pod: built on the translation thread).
+    fn compute(inputs: &Inputs) -> HashSet<(String, String, String)> {
+        inputs
             .pods
             .iter()
             .filter_map(|(key, pod)| {
@@ -52,8 +53,7 @@ impl NodePods {
                     .unwrap_or_else(|| "default".to_owned());
                 Some((node, key.namespace.clone(), sa))
             })
-            .collect();
-        self.0.store(Arc::new(set));
+            .collect()
     }
 }
 
@@ -142,17 +142,17 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             let done = tokio::task::spawn_blocking(move || {
                 let out = Arc::new(translate(&shared, &opts));
                 let snapshot = Snapshot::next(&prev, out.clone(), Some(since));
-                (out, snapshot)
+                (out, snapshot, NodePods::compute(&shared))
             })
             .await;
-            let (out, snapshot) = match done {
+            let (out, snapshot, pods_by_node) = match done {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "translation failed");
                     continue;
                 }
             };
-            node_pods.update(&inputs);
+            node_pods.0.store(Arc::new(pods_by_node));
             tracing::info!(
                 generation = snapshot.generation,
                 changed = snapshot.changes(),
