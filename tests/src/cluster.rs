@@ -251,29 +251,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// A node's ztunnel flags: in-pod mode on the node agent's socket, state and certificates
+    /// from the controller with the node's token.
+    fn ztunnel_args(&self, n: &Node) -> Vec<String> {
+        let cp = format!("https://{}:15012", self.controller_ip());
+        vec![
+            "--zds-socket".into(),
+            n.zds_socket().display().to_string(),
+            "--xds-address".into(),
+            cp.clone(),
+            "--ca-address".into(),
+            cp,
+            "--trust-bundle".into(),
+            self.controller.trust_bundle().display().to_string(),
+            "--token-file".into(),
+            self.controller.token_file(n.name()).display().to_string(),
+        ]
+    }
+
     /// Starts node `i`'s ztunnel (in-pod mode, control plane = the controller) and waits
     /// until it is ready. A ztunnel already running is left alone (a rolling upgrade).
     pub async fn start_ztunnel(&self, i: u8) -> Result<Ztunnel<'static>> {
         let n = &self.nodes[usize::from(i)];
-        let cp = format!("https://{}:15012", self.controller_ip());
-        let (zds, bundle, token) = (
-            n.zds_socket().display().to_string(),
-            self.controller.trust_bundle().display().to_string(),
-            self.controller.token_file(n.name()).display().to_string(),
-        );
-        let args = [
-            "--zds-socket",
-            zds.as_str(),
-            "--xds-address",
-            cp.as_str(),
-            "--ca-address",
-            cp.as_str(),
-            "--trust-bundle",
-            bundle.as_str(),
-            "--token-file",
-            token.as_str(),
-        ];
-        Ztunnel::start_raw(n.ns, &args).await
+        let args = self.ztunnel_args(n);
+        Ztunnel::start_raw(n.ns, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
 
     /// Starts a second ztunnel for node `i` in a namespace of its own on the underlay, as a
@@ -288,25 +289,8 @@ impl Cluster {
             150 + extra.len()
         };
         self.hub.attach(ns, &[&format!("10.90.{}.{host}/24", self.id)])?;
-        let cp = format!("https://{}:15012", self.controller_ip());
-        let (zds, bundle, token) = (
-            n.zds_socket().display().to_string(),
-            self.controller.trust_bundle().display().to_string(),
-            self.controller.token_file(n.name()).display().to_string(),
-        );
-        let args = [
-            "--zds-socket",
-            zds.as_str(),
-            "--xds-address",
-            cp.as_str(),
-            "--ca-address",
-            cp.as_str(),
-            "--trust-bundle",
-            bundle.as_str(),
-            "--token-file",
-            token.as_str(),
-        ];
-        Ztunnel::start_for_node(ns, n.name(), &args).await
+        let args = self.ztunnel_args(n);
+        Ztunnel::start_for_node(ns, n.name(), &args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
 
     /// Starts node `i`'s ztunnel and keeps it as the node's current one.

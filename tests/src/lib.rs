@@ -14,6 +14,7 @@ pub mod capture;
 pub mod cluster;
 pub mod controller;
 pub mod netns;
+pub mod tcpdump;
 pub mod ztunnel;
 
 pub use bed::Bed;

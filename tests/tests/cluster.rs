@@ -7,6 +7,7 @@ use std::time::Duration;
 use mesh_e2e::apps::{echo_server, http_server, resolve_a, LoadClient};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
 use mesh_e2e::privileged;
+use mesh_e2e::tcpdump::Tcpdump;
 
 const ID: u8 = 80;
 const WAIT: Duration = Duration::from_secs(15);
@@ -141,35 +142,24 @@ async fn two_nodes_pod_to_pod_over_hbone() {
 
     // The underlay only ever sees TLS to 15008 for mesh traffic: a marker never in clear.
     let marker = "MARKER-7d1f0c-not-in-clear";
-    let capture = cluster
-        .hub()
-        .command(std::path::Path::new("/usr/bin/tcpdump"))
-        .args([
-            "-i",
-            "br0",
-            "-U",
-            "-n",
-            "-A",
-            "-s",
-            "0",
-            "--immediate-mode",
-            "-Z",
-            "root",
-            "tcp",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    tokio::time::sleep(Duration::from_millis(500)).await; // tcpdump has no readiness signal
+    let args = [
+        "-i",
+        "br0",
+        "-U",
+        "-n",
+        "-A",
+        "-s",
+        "0",
+        "--immediate-mode",
+        "-Z",
+        "root",
+        "tcp",
+    ];
+    let capture = Tcpdump::start(&cluster.hub().name, &args).expect("tcpdump capture live");
     let url = format!("http://{}:8080/{marker}", remote.ip);
     assert_eq!(curl(&client, &url), want);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(capture.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let out = capture.wait_with_output().expect("tcpdump output");
+    let out = capture.stop().expect("tcpdump output");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains(marker), "the marker crossed the underlay in clear");
     let to_remote = format!("{}.15008", remote.ip);

@@ -408,12 +408,10 @@ async fn underlay_sees_only_tls_to_15008() {
     tokio::spawn(echo_server(bed.b.listen("0.0.0.0:9000".parse().unwrap()).unwrap()));
     // Capture pod a's link on the bridge while a marker crosses from a to b and back.
     let pcap = tempfile::NamedTempFile::new().unwrap();
-    let mut dump = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &bed.hub_name(),
-            "tcpdump",
+    let pcap_path = pcap.path().display().to_string();
+    let dump = mesh_e2e::tcpdump::Tcpdump::start(
+        &bed.hub_name(),
+        &[
             "--immediate-mode",
             "-Z",
             "root",
@@ -423,21 +421,10 @@ async fn underlay_sees_only_tls_to_15008() {
             "-s",
             "0",
             "-w",
-        ])
-        .arg(pcap.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump is installed by scripts/deps.sh");
-    // tcpdump says "listening on" once the capture is live.
-    let mut err = std::io::BufReader::new(dump.stderr.take().unwrap());
-    let mut said = String::new();
-    while !said.contains("listening") {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-        assert!(n > 0, "tcpdump exited: {said}");
-        said.push_str(&line);
-    }
+            &pcap_path,
+        ],
+    )
+    .expect("tcpdump capture live");
     const MARKER: &str = "MESH-MARKER-6d1f0c";
     let (_, mut c) = echo_connect(&bed.a, SocketAddr::new(bed.ip(2), 9000)).await.unwrap();
     for _ in 0..20 {
@@ -445,11 +432,7 @@ async fn underlay_sees_only_tls_to_15008() {
     }
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    dump.wait().unwrap();
+    dump.stop().expect("tcpdump stopped");
     let captured = std::fs::read(pcap.path()).unwrap();
     assert!(captured.len() > 2000, "nothing captured ({} bytes)", captured.len());
     assert!(

@@ -135,6 +135,19 @@ fn istio_match(m: &istio::StringMatch) -> Option<wp::StringMatch> {
     Some(wp::StringMatch { kind: Some(k) })
 }
 
+/// Istio's `{name: {exact|prefix|regex}}` header or query matches.
+fn istio_matches(by_name: &BTreeMap<String, istio::StringMatch>, lowercase: bool) -> Vec<wp::HeaderMatch> {
+    by_name
+        .iter()
+        .filter_map(|(n, v)| {
+            Some(wp::HeaderMatch {
+                name: if lowercase { n.to_ascii_lowercase() } else { n.clone() },
+                value: Some(istio_match(v)?),
+            })
+        })
+        .collect()
+}
+
 /// The Service parents of a route, as `<ns>/<hostname>`; other parents are reported.
 fn service_parents(
     parents: &[ParentReference],
@@ -346,26 +359,8 @@ fn virtual_services(inputs: &Inputs, options: &Options, routes: &mut Routes, rep
                     .map(|m| wp::RouteMatch {
                         path: m.uri.as_ref().and_then(istio_match),
                         method: m.method.as_ref().and_then(|s| s.exact.clone()).unwrap_or_default(),
-                        headers: m
-                            .headers
-                            .iter()
-                            .filter_map(|(n, v)| {
-                                Some(wp::HeaderMatch {
-                                    name: n.to_ascii_lowercase(),
-                                    value: Some(istio_match(v)?),
-                                })
-                            })
-                            .collect(),
-                        query_params: m
-                            .query_params
-                            .iter()
-                            .filter_map(|(n, v)| {
-                                Some(wp::HeaderMatch {
-                                    name: n.clone(),
-                                    value: Some(istio_match(v)?),
-                                })
-                            })
-                            .collect(),
+                        headers: istio_matches(&m.headers, true),
+                        query_params: istio_matches(&m.query_params, false),
                         ..Default::default()
                     })
                     .collect();
