@@ -223,6 +223,15 @@ pub struct JwtRule {
     #[serde(default)]
     pub forward_original_token: bool,
     pub output_payload_to_header: Option<String>,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -368,6 +377,14 @@ pub struct Subset {
 pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH.
+    pub simple: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -401,4 +418,5 @@ pub struct OutlierDetection {
     pub interval: Option<String>,
     pub base_ejection_time: Option<String>,
     pub max_ejection_percent: Option<u32>,
+    pub min_health_percent: Option<u32>,
 }

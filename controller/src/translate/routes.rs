@@ -105,6 +105,15 @@ fn backends(
         .collect()
 }
 
+/// A Gateway API path modifier as (path, replaces only the matched prefix).
+fn path_modifier(m: Option<&gateway::PathModifier>) -> (String, bool) {
+    match m {
+        Some(m) if m.kind == "ReplacePrefixMatch" => (m.replace_prefix_match.clone().unwrap_or_default(), true),
+        Some(m) => (m.replace_full_path.clone().unwrap_or_default(), false),
+        None => (String::new(), false),
+    }
+}
+
 fn header_rewrite(m: &HeaderModifier) -> wp::HeaderRewrite {
     wp::HeaderRewrite {
         set: m.set.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
@@ -261,11 +270,32 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
                 })
                 .collect();
             let timeout = rule.timeouts.as_ref().and_then(|t| t.request.as_deref());
+            let backend_timeout = rule.timeouts.as_ref().and_then(|t| t.backend_request.as_deref());
+            let retry = rule.retry.as_ref().map(|r| wp::Retry {
+                attempts: r.attempts.unwrap_or(1),
+                codes: r.codes.clone(),
+                backoff: opt_duration(
+                    r.backoff.as_deref(),
+                    kind,
+                    key,
+                    &format!("rules[{i}].retry.backoff"),
+                    report,
+                ),
+                ..Default::default()
+            });
             let mut r = wp::Route {
                 name: format!("HTTPRoute/{key}/rules[{i}]"),
                 matches,
                 backends: backends(&rule.backend_refs, ns, options, kind, key, report),
                 timeout: opt_duration(timeout, kind, key, &format!("rules[{i}].timeouts.request"), report),
+                backend_timeout: opt_duration(
+                    backend_timeout,
+                    kind,
+                    key,
+                    &format!("rules[{i}].timeouts.backendRequest"),
+                    report,
+                ),
+                retry,
                 ..Default::default()
             };
             for f in &rule.filters {
@@ -275,6 +305,35 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
                     }
                     "ResponseHeaderModifier" => {
                         r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
+                    }
+                    "RequestRedirect" => {
+                        r.redirect = f.request_redirect.as_ref().map(|x| {
+                            let (path, replace_prefix) = path_modifier(x.path.as_ref());
+                            wp::Redirect {
+                                scheme: x.scheme.clone().unwrap_or_default(),
+                                host: x.hostname.clone().unwrap_or_default(),
+                                port: x.port.map(u32::from).unwrap_or(0),
+                                path,
+                                replace_prefix,
+                                status: x.status_code.unwrap_or(302),
+                            }
+                        })
+                    }
+                    "URLRewrite" => {
+                        r.rewrite = f.url_rewrite.as_ref().map(|x| {
+                            let (path, replace_prefix) = path_modifier(x.path.as_ref());
+                            wp::Rewrite {
+                                host: x.hostname.clone().unwrap_or_default(),
+                                path,
+                                replace_prefix,
+                            }
+                        })
+                    }
+                    "RequestMirror" => {
+                        if let Some(m) = &f.request_mirror {
+                            let refs = std::slice::from_ref(&m.backend_ref);
+                            r.mirrors.extend(backends(refs, ns, options, kind, key, report));
+                        }
                     }
                     other => report.add(
                         kind,
@@ -391,6 +450,7 @@ fn virtual_services(inputs: &Inputs, options: &Options, routes: &mut Routes, rep
                         .flat_map(|s| s.split(','))
                         .map(|s| s.trim().to_owned())
                         .collect(),
+                    ..Default::default()
                 });
                 let fault = http.fault.as_ref().map(|f| wp::Fault {
                     delay: f.delay.as_ref().and_then(|d| {
@@ -451,11 +511,49 @@ fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp
             report,
         ),
         max_ejection_percent: o.max_ejection_percent.unwrap_or(0),
+        min_health_percent: o.min_health_percent.unwrap_or(0),
+    });
+    let load_balancer = p.load_balancer.as_ref().and_then(|lb| {
+        let simple = lb.simple.clone()?;
+        if !matches!(
+            simple.as_str(),
+            "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "PASSTHROUGH" | "UNSPECIFIED"
+        ) {
+            report.add(
+                kind,
+                key,
+                format!("loadBalancer.simple {simple:?} is not supported; using ROUND_ROBIN"),
+            );
+            return None;
+        }
+        Some(wp::LoadBalancer { simple })
     });
     wp::TrafficPolicy {
         connection_pool: pool,
         outlier_detection: outlier,
+        load_balancer,
     }
+}
+
+/// Uids of the pods in the service's namespace whose labels include `labels`: workload
+/// resources carry no labels, so the waypoint learns subset membership from here.
+fn subset_workloads(
+    inputs: &Inputs,
+    options: &Options,
+    service: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let namespace = service.split('/').next().unwrap_or_default();
+    inputs
+        .pods
+        .iter()
+        .filter(|(key, _)| key.namespace == namespace)
+        .filter(|(_, pod)| {
+            let have = pod.metadata.labels.as_ref();
+            labels.iter().all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+        })
+        .map(|(key, _)| super::workload::pod_uid(options, key))
+        .collect()
 }
 
 fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
@@ -480,6 +578,7 @@ fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, re
                 name: s.name.clone(),
                 labels: s.labels.clone(),
                 traffic_policy: s.traffic_policy.as_ref().map(|p| traffic_policy(p, key, report)),
+                workloads: subset_workloads(inputs, options, &service, &s.labels),
             })
             .collect();
     }
@@ -650,6 +749,14 @@ fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String, wp::Policy
                 from_params: r.from_params.clone(),
                 forward_original_token: r.forward_original_token,
                 output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+                output_claim_to_headers: r
+                    .output_claim_to_headers
+                    .iter()
+                    .map(|c| wp::ClaimToHeader {
+                        header: c.header.clone(),
+                        claim: c.claim.clone(),
+                    })
+                    .collect(),
             })
             .collect();
         out.insert(

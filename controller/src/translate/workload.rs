@@ -240,7 +240,7 @@ pub(crate) fn translate(
             .map(|s| s.name.clone())
             .collect();
         out.push(pb::Workload {
-            uid: format!("{}//Pod/{}/{}", options.cluster_id, key.namespace, key.name),
+            uid: pod_uid(options, key),
             name: key.name.clone(),
             namespace: key.namespace.clone(),
             addresses,
@@ -281,4 +281,9 @@ pub(crate) fn translate(
         });
     }
     out
+}
+
+/// The workload uid of a pod, as Istio's control plane forms it.
+pub(crate) fn pod_uid(options: &Options, key: &ObjectKey) -> String {
+    format!("{}//Pod/{}/{}", options.cluster_id, key.namespace, key.name)
 }
