@@ -301,6 +301,7 @@ fn start_source(
         token: token_source(cfg),
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(15),
+        extra_types: Vec::new(),
     };
     let client = mesh_core::xds::XdsClient::new(config, store, xds_metrics);
     let ready = client.ready();

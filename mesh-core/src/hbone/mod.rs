@@ -12,7 +12,7 @@ use std::time::Duration;
 
 pub use client::{HbonePool, PoolKey, TunnelRequest};
 pub use server::{serve_connection, InboundConnect};
-pub use stream::{H2Stream, Transferred};
+pub use stream::{H2Io, H2Stream, Transferred};
 
 /// Port HBONE listens on.
 pub const HBONE_PORT: u16 = 15008;

@@ -98,3 +98,99 @@ impl H2Stream {
         Ok(Transferred { to_tunnel, from_tunnel })
     }
 }
+
+/// An [`H2Stream`] as a byte stream, for protocols layered on a tunnel (the waypoint speaks
+/// HTTP/1.1 and HTTP/2 inside CONNECT streams). Flow-control window is returned as soon as a
+/// frame is taken, so at most one frame per stream waits in `pending`.
+pub struct H2Io {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    shut: bool,
+    _guard: Option<Box<dyn StreamGuard>>,
+}
+
+impl H2Stream {
+    pub fn into_io(self) -> H2Io {
+        H2Io {
+            send: self.send,
+            recv: self.recv,
+            pending: Bytes::new(),
+            shut: false,
+            _guard: self._guard,
+        }
+    }
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if !self.pending.is_empty() {
+                let n = buf.remaining().min(self.pending.len());
+                let chunk = self.pending.split_to(n);
+                buf.put_slice(&chunk);
+                return Poll::Ready(Ok(()));
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+                Poll::Ready(Some(Ok(data))) => {
+                    self.recv.flow_control().release_capacity(data.len()).map_err(h2_io)?;
+                    self.pending = data;
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            self.send.reserve_capacity(buf.len());
+            match self.send.poll_capacity(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed by peer")))
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+                Poll::Ready(Some(Ok(0))) => continue,
+                Poll::Ready(Some(Ok(n))) => {
+                    let n = n.min(buf.len());
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.shut {
+            self.shut = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}

@@ -61,6 +61,17 @@ pub struct XdsConfig {
     /// First reconnection delay; doubled after every failed attempt up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Types beyond the two workload types, held by their consumer (a waypoint's routes).
+    pub extra_types: Vec<Arc<dyn ResourceSink>>,
+}
+
+/// A resource type the state store does not hold, subscribed to beside the workload types
+/// and applied by whoever consumes it.
+pub trait ResourceSink: Send + Sync {
+    fn type_url(&self) -> &'static str;
+    /// Applies one response as a unit: `upserts` are (name, encoded message) and `removed`
+    /// are names. Returns the resources left unapplied, as (name, reason).
+    fn apply(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)>;
 }
 
 impl XdsConfig {
@@ -75,6 +86,7 @@ impl XdsConfig {
             token: TokenSource::None,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
+            extra_types: Vec::new(),
         }
     }
 }
@@ -96,6 +108,10 @@ impl fmt::Debug for XdsConfig {
             .field("token", &token)
             .field("initial_backoff", &self.initial_backoff)
             .field("max_backoff", &self.max_backoff)
+            .field(
+                "extra_types",
+                &self.extra_types.iter().map(|t| t.type_url()).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -286,10 +302,19 @@ fn decode(kind: Kind, index: usize, r: &Resource) -> Result<Incoming, Rejected> 
     })
 }
 
+/// Versions of one extra type's resources, as its sink accepted them.
+#[derive(Debug, Default)]
+struct ExtraState {
+    versions: HashMap<String, String>,
+    synced: bool,
+}
+
 /// The resources this client holds, per type; survives reconnections.
 #[derive(Debug, Default)]
 struct Tracker {
     types: [TypeState; 2],
+    /// In the order of [`XdsConfig::extra_types`].
+    extra: Vec<ExtraState>,
 }
 
 impl Tracker {
@@ -354,8 +379,43 @@ impl Tracker {
             .collect()
     }
 
+    /// Hands one response of an extra type to its sink and records what it accepted.
+    fn apply_extra(&mut self, index: usize, sink: &dyn ResourceSink, resp: &DeltaDiscoveryResponse) -> Vec<Rejected> {
+        let mut rejected = Vec::new();
+        let mut upserts = Vec::with_capacity(resp.resources.len());
+        for (i, r) in resp.resources.iter().enumerate() {
+            match r.resource.as_ref() {
+                Some(any) if any.type_url == sink.type_url() && !r.name.is_empty() => {
+                    upserts.push((r.name.clone(), any.value.as_slice(), r.version.clone()))
+                }
+                _ => rejected.push(Rejected {
+                    name: if r.name.is_empty() {
+                        format!("<unnamed resource #{i}>")
+                    } else {
+                        r.name.clone()
+                    },
+                    reason: format!("needs a name and a body of type {}", sink.type_url()),
+                }),
+            }
+        }
+        let bodies: Vec<(String, &[u8])> = upserts.iter().map(|(n, b, _)| (n.clone(), *b)).collect();
+        let refused = sink.apply(&bodies, &resp.removed_resources);
+        let state = &mut self.extra[index];
+        for name in &resp.removed_resources {
+            state.versions.remove(name);
+        }
+        for (name, _, version) in upserts {
+            if !refused.iter().any(|(n, _)| *n == name) {
+                state.versions.insert(name, version);
+            }
+        }
+        rejected.extend(refused.into_iter().map(|(name, reason)| Rejected { name, reason }));
+        state.synced = true;
+        rejected
+    }
+
     fn synced(&self) -> bool {
-        self.types.iter().all(|t| t.synced)
+        self.types.iter().all(|t| t.synced) && self.extra.iter().all(|t| t.synced)
     }
 }
 
@@ -439,11 +499,14 @@ impl XdsClient {
     pub fn new(config: XdsConfig, store: Arc<StateStore>, metrics: XdsMetrics) -> Self {
         XdsClient {
             node: node(&config),
-            config,
             store,
             metrics,
-            tracker: Tracker::default(),
+            tracker: Tracker {
+                extra: (0..config.extra_types.len()).map(|_| ExtraState::default()).collect(),
+                ..Default::default()
+            },
             ready: watch::Sender::new(false),
+            config,
         }
     }
 
@@ -498,12 +561,21 @@ impl XdsClient {
 
         // The initial requests are queued before the call: tonic only returns the response
         // stream once the server answered, and the server answers our requests.
-        let (tx, rx) = mpsc::channel(Kind::ALL.len() + 2);
+        let (tx, rx) = mpsc::channel(Kind::ALL.len() + self.config.extra_types.len() + 2);
         for kind in Kind::ALL {
             let req = DeltaDiscoveryRequest {
                 node: Some(self.node.clone()),
                 type_url: kind.type_url().to_owned(),
                 initial_resource_versions: self.tracker.versions(kind),
+                ..Default::default()
+            };
+            tx.send(req).await.map_err(|_| XdsError::Closed)?;
+        }
+        for (sink, state) in self.config.extra_types.iter().zip(&self.tracker.extra) {
+            let req = DeltaDiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: sink.type_url().to_owned(),
+                initial_resource_versions: state.versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 ..Default::default()
             };
             tx.send(req).await.map_err(|_| XdsError::Closed)?;
@@ -537,6 +609,16 @@ impl XdsClient {
     /// Applies one response and builds its ACK or NACK. Exactly one reply per response: a
     /// NACK is not repeated, the server decides what to send next.
     fn handle(&mut self, resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let extra = self
+            .config
+            .extra_types
+            .iter()
+            .position(|t| t.type_url() == resp.type_url);
+        if let Some(index) = extra {
+            let sink = self.config.extra_types[index].clone();
+            let rejected = self.tracker.apply_extra(index, sink.as_ref(), resp);
+            return self.finish(sink.type_url(), resp, rejected);
+        }
         let Some(kind) = Kind::from_type_url(&resp.type_url) else {
             tracing::warn!(type_url = %resp.type_url, "xDS response of a type this client did not subscribe to");
             let rejected = Rejected {
@@ -546,11 +628,21 @@ impl XdsClient {
             return reply(&resp.type_url, &resp.nonce, &[rejected]);
         };
         let rejected = self.tracker.apply(&self.store, kind, resp);
-        let label = XdsMetrics::label(kind.type_url());
+        self.finish(kind.type_url(), resp, rejected)
+    }
+
+    /// Counts, logs and answers one applied response.
+    fn finish(
+        &mut self,
+        type_url: &str,
+        resp: &DeltaDiscoveryResponse,
+        rejected: Vec<Rejected>,
+    ) -> DeltaDiscoveryRequest {
+        let label = XdsMetrics::label(type_url);
         self.metrics.updates.get_or_create(&label).inc();
         for r in &rejected {
             tracing::warn!(
-                type_url = kind.type_url(),
+                type_url = type_url,
                 resource = %r.name,
                 reason = %r.reason,
                 "rejected xDS resource"
@@ -563,7 +655,7 @@ impl XdsClient {
                 .inc_by(rejected.len() as u64);
         }
         tracing::debug!(
-            type_url = kind.type_url(),
+            type_url = type_url,
             nonce = %resp.nonce,
             resources = resp.resources.len(),
             removed = resp.removed_resources.len(),
@@ -573,7 +665,7 @@ impl XdsClient {
         if self.tracker.synced() {
             self.ready.send_if_modified(|r| !std::mem::replace(r, true));
         }
-        reply(kind.type_url(), &resp.nonce, &rejected)
+        reply(type_url, &resp.nonce, &rejected)
     }
 }
 

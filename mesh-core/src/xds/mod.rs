@@ -11,7 +11,7 @@
 pub mod client;
 pub mod local;
 
-pub use client::{XdsClient, XdsConfig, XdsError, XdsMetrics};
+pub use client::{ResourceSink, XdsClient, XdsConfig, XdsError, XdsMetrics};
 pub use local::{EntryError, LocalConfig, LocalError, LocalSource, Reload};
 
 use mesh_proto::{security as secpb, workload as pb};
