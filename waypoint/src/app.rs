@@ -1,0 +1,151 @@
+//! Start-up and shutdown: certificate, xDS subscription (workloads plus the waypoint's own
+//! routes and policies), the HBONE listener and the metrics port; SIGTERM drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_core::hbone::{HbonePool, Settings};
+use mesh_core::identity::cert::certs_from_pem;
+use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, TokenSource};
+use mesh_core::socket::PlainSockets;
+use mesh_core::state::StateStore;
+use mesh_core::xds::{XdsClient, XdsConfig, XdsMetrics};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::store::{ConfigStore, PolicySink, RoutesSink};
+use crate::upstream::connector::Connector;
+use crate::upstream::Upstreams;
+use crate::{admin, listener, metrics, policy, Waypoint};
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let pem = std::fs::read_to_string(&cfg.trust_bundle)
+        .with_context(|| format!("reading --trust-bundle {}", cfg.trust_bundle.display()))?;
+    let roots =
+        certs_from_pem(&pem).with_context(|| format!("parsing --trust-bundle {}", cfg.trust_bundle.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--trust-bundle {} holds no certificate",
+        cfg.trust_bundle.display()
+    );
+    let token = cfg.token_file.clone().map_or(TokenSource::None, TokenSource::File);
+    let cp_tls = |addr: &str| -> anyhow::Result<_> {
+        if addr.starts_with("https://") {
+            Ok(Some(mesh_core::tls::control_plane_client_config(
+                &roots,
+                vec![cfg.control_plane_identity.clone()],
+            )?))
+        } else {
+            Ok(None)
+        }
+    };
+
+    let channel = mesh_core::grpc::endpoint(&cfg.ca_address, cp_tls(&cfg.ca_address)?)
+        .with_context(|| format!("--ca-address {}", cfg.ca_address))?
+        .connect_lazy();
+    let certs = CertManager::new(
+        Arc::new(CaClient::new(channel, token.clone(), false)),
+        roots.clone(),
+        CertManagerConfig::default(),
+    );
+
+    let mut registry = Registry::default();
+    let state = StateStore::new();
+    let config = ConfigStore::new();
+    let mut xds = XdsConfig::new(cfg.xds_address.clone(), format!("waypoint~{}", cfg.identity));
+    xds.tls = cp_tls(&cfg.xds_address)?;
+    xds.token = token;
+    xds.extra_types = vec![
+        Arc::new(RoutesSink(config.clone())),
+        Arc::new(PolicySink(config.clone())),
+    ];
+    let client = XdsClient::new(xds, state.clone(), XdsMetrics::register(&mut registry));
+    let ready = client.ready();
+    tokio::spawn(client.run());
+
+    let hbone = HbonePool::new(
+        Settings::default(),
+        certs.clone(),
+        Arc::new(PlainSockets { mark: None }),
+    );
+    let connector = Connector {
+        state: state.clone(),
+        hbone,
+        identity: cfg.identity.clone(),
+        network: cfg.network.clone(),
+        hbone_port: cfg.hbone_port,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let waypoint = Arc::new(Waypoint {
+        gateway: cfg.gateway(),
+        identity: cfg.identity.clone(),
+        network: cfg.network.clone(),
+        state,
+        config,
+        certs: certs.clone(),
+        upstreams: Upstreams::new(connector),
+        jwks: policy::jwt::JwksCache::new(Duration::from_secs(cfg.jwks_refresh_seconds), Duration::from_secs(5)),
+        metrics: metrics::Metrics::register(&mut registry),
+        drain: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+
+    // Our certificate: retried until the CA issues it; the manager renews it after that.
+    let (c, id) = (certs.clone(), cfg.identity.clone());
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = c.fetch(&id).await {
+            warn!(error = %e, retry_in = ?delay, "cannot get the waypoint certificate");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        info!(identity = %id, "certificate issued");
+    });
+
+    let hbone = TcpListener::bind(cfg.hbone_addr)
+        .await
+        .with_context(|| format!("binding --hbone-addr {}", cfg.hbone_addr))?;
+    let metrics_listener = TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", cfg.metrics_addr))?;
+    let admin = Arc::new(admin::Admin {
+        waypoint: waypoint.clone(),
+        registry,
+        ready,
+    });
+    tokio::spawn(admin::serve(admin, metrics_listener));
+    let serving = tokio::spawn(listener::serve(waypoint.clone(), hbone));
+    info!(identity = %cfg.identity, gateway = ?cfg.gateway(), addr = %cfg.hbone_addr, "waypoint started");
+
+    shutdown_signal().await;
+    info!("draining");
+    waypoint.drain.cancel();
+    waypoint.tasks.close();
+    let _ = serving.await;
+    if tokio::time::timeout(cfg.drain(), waypoint.tasks.wait()).await.is_err() {
+        warn!("drain timed out; closing remaining connections");
+    }
+    info!("waypoint stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

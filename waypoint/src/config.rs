@@ -1,0 +1,100 @@
+//! The waypoint's configuration: one typed struct from flags and environment, validated at
+//! start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_core::identity::Identity;
+
+fn parse_identity(s: &str) -> Result<Identity, String> {
+    s.parse()
+        .map_err(|e| format!("{e}; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"))
+}
+
+/// L7 proxy of the ambient mesh, in front of services that ask for it with
+/// `istio.io/use-waypoint`.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "waypoint", version, about)]
+pub struct Config {
+    /// The identity this waypoint proves (its service account's SPIFFE ID).
+    #[arg(long, env = "WAYPOINT_IDENTITY", value_parser = parse_identity)]
+    pub identity: Identity,
+    /// The Gateway it implements, `namespace/name` (default: the identity's namespace and
+    /// service account, as the controller names them).
+    #[arg(long, env = "WAYPOINT_GATEWAY")]
+    pub gateway: Option<String>,
+    /// Network of this waypoint's endpoints (empty = default network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    /// HBONE listener.
+    #[arg(long, env = "HBONE_ADDR", default_value = "0.0.0.0:15008")]
+    pub hbone_addr: SocketAddr,
+    /// HBONE port of ztunnels (upstream tunnels).
+    #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
+    pub hbone_port: u16,
+    /// `/metrics`, `/healthz/ready` and `/config_dump`.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: String,
+    /// Mesh CA address (http:// or https://; https needs --trust-bundle).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: String,
+    /// File holding the bearer token presented to the CA and the xDS server.
+    #[arg(long, env = "TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust bundle (PEM roots) the control plane's and peers' certificates chain to.
+    #[arg(long, env = "TRUST_BUNDLE")]
+    pub trust_bundle: PathBuf,
+    /// Identity the control plane must prove on https addresses.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_IDENTITY",
+        default_value = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller",
+        value_parser = parse_identity
+    )]
+    pub control_plane_identity: Identity,
+    /// How often JWKS documents fetched from a jwksUri are refreshed, in seconds.
+    #[arg(long, env = "JWKS_REFRESH_SECONDS", default_value_t = 1200)]
+    pub jwks_refresh_seconds: u64,
+    /// Grace for requests in flight after SIGTERM, in seconds.
+    #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Checks what clap cannot, with messages that say how to fix it.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(g) = &self.gateway {
+            anyhow::ensure!(
+                matches!(g.split_once('/'), Some((ns, name)) if !ns.is_empty() && !name.is_empty()),
+                "--gateway {g:?}: expected namespace/name of the waypoint Gateway"
+            );
+        }
+        for (flag, addr) in [("--xds-address", &self.xds_address), ("--ca-address", &self.ca_address)] {
+            anyhow::ensure!(
+                addr.starts_with("http://") || addr.starts_with("https://"),
+                "{flag} {addr:?}: expected http://host:port or https://host:port"
+            );
+        }
+        Ok(())
+    }
+
+    /// (namespace, name) of the Gateway.
+    pub fn gateway(&self) -> (String, String) {
+        match self.gateway.as_deref().and_then(|g| g.split_once('/')) {
+            Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+            None => (self.identity.namespace.clone(), self.identity.service_account.clone()),
+        }
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds)
+    }
+}

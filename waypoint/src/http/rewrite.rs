@@ -1,0 +1,154 @@
+//! Request and response edits a route asks for: header modifiers, URL rewrites, redirects,
+//! and removing hop-by-hop headers before a message crosses the proxy.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use mesh_proto::waypoint as wp;
+
+/// Applies set/add/remove; names or values that are not valid HTTP are skipped (the
+/// controller validated them, so this only guards against a buggy control plane).
+pub fn headers(h: &mut HeaderMap, rw: &wp::HeaderRewrite) {
+    let pair = |k: &str, v: &str| {
+        Some((
+            HeaderName::from_bytes(k.as_bytes()).ok()?,
+            HeaderValue::from_str(v).ok()?,
+        ))
+    };
+    for (k, v) in &rw.set {
+        if let Some((k, v)) = pair(k, v) {
+            h.insert(k, v);
+        }
+    }
+    for (k, v) in &rw.add {
+        if let Some((k, v)) = pair(k, v) {
+            h.append(k, v);
+        }
+    }
+    for k in &rw.remove {
+        h.remove(k.as_str());
+    }
+}
+
+/// Headers that describe one hop, not the message.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Drops hop-by-hop headers (and those `Connection` names); keeps `Upgrade` and
+/// `Connection: upgrade` when the message is an upgrade, and `te: trailers` (gRPC needs it).
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP.iter() {
+        if upgrade && (*n == header::UPGRADE || *n == header::CONNECTION) {
+            continue;
+        }
+        h.remove(n);
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// The new path for a rewrite or redirect: the whole path, or only the matched prefix.
+pub fn path(original: &str, replacement: &str, replace_prefix: bool, matched_prefix: Option<&str>) -> String {
+    if !replace_prefix {
+        return replacement.to_owned();
+    }
+    let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+    let rest = original.strip_prefix(prefix).unwrap_or(original);
+    let base = replacement.trim_end_matches('/');
+    match (base.is_empty(), rest.is_empty()) {
+        (true, true) => "/".to_owned(),
+        (true, false) => rest.to_owned(),
+        (false, _) => format!("{base}{rest}"),
+    }
+}
+
+/// A path and query as a URI suffix.
+pub fn with_query(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    }
+}
+
+/// The `Location` and status of a redirect.
+pub fn redirect(r: &wp::Redirect, uri: &Uri, host: &str, matched_prefix: Option<&str>) -> (StatusCode, String) {
+    let scheme = if r.scheme.is_empty() { "http" } else { r.scheme.as_str() };
+    let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = if r.host.is_empty() { bare_host } else { r.host.as_str() };
+    let port = match (r.port, scheme) {
+        (0, _) | (80, "http") | (443, "https") => String::new(),
+        (p, _) => format!(":{p}"),
+    };
+    let path = if r.path.is_empty() && !r.replace_prefix {
+        uri.path().to_owned()
+    } else {
+        path(uri.path(), &r.path, r.replace_prefix, matched_prefix)
+    };
+    let status = u16::try_from(r.status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .filter(|s| s.is_redirection())
+        .unwrap_or(StatusCode::FOUND);
+    (
+        status,
+        format!("{scheme}://{host}{port}{}", with_query(&path, uri.query())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites() {
+        assert_eq!(path("/v1/users", "/api/v2", true, Some("/v1")), "/api/v2/users");
+        assert_eq!(path("/v1", "/", true, Some("/v1")), "/");
+        assert_eq!(path("/v1/users", "/", true, Some("/v1")), "/users");
+        assert_eq!(path("/anything", "/fixed", false, None), "/fixed");
+    }
+
+    #[test]
+    fn redirects_keep_what_is_not_replaced() {
+        let r = wp::Redirect {
+            scheme: "https".into(),
+            status: 301,
+            ..Default::default()
+        };
+        let uri: Uri = "/a/b?x=1".parse().unwrap();
+        assert_eq!(
+            redirect(&r, &uri, "shop.example:8080", None),
+            (StatusCode::MOVED_PERMANENTLY, "https://shop.example/a/b?x=1".to_owned())
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_but_upgrades_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "upgrade, x-private".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::TE) && !h.contains_key("x-private"));
+        strip_hop_by_hop(&mut plain, false);
+        assert!(!plain.contains_key(header::UPGRADE) && !plain.contains_key(header::CONNECTION));
+    }
+}

@@ -1,0 +1,40 @@
+//! The waypoint: an L7 proxy that ztunnels send a service's traffic to over HBONE. It routes
+//! each HTTP request by the service's compiled routes, enforces L7 policy against the
+//! original client's identity, and forwards to endpoints over HBONE or plain TCP.
+//!
+//! Follow a request: [`listener`] (HBONE, protocol detection) -> [`http::proxy`] (JWT,
+//! authorization, [`http::route`], faults, retries) -> [`upstream`] (cluster limits, outlier
+//! ejection, pooled connections). Configuration arrives in [`store`] over xDS.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod policy;
+pub mod store;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use mesh_core::identity::{CertManager, Identity};
+use mesh_core::state::StateStore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a request handler shares.
+pub struct Waypoint {
+    /// The Gateway this waypoint implements: (namespace, name).
+    pub gateway: (String, String),
+    pub identity: Identity,
+    pub network: String,
+    pub state: Arc<StateStore>,
+    pub config: Arc<store::ConfigStore>,
+    pub certs: Arc<CertManager>,
+    pub upstreams: upstream::Upstreams,
+    pub jwks: Arc<policy::jwt::JwksCache>,
+    pub metrics: metrics::Metrics,
+    pub drain: CancellationToken,
+    pub tasks: TaskTracker,
+}

@@ -1,0 +1,133 @@
+//! Istio's HTTP metrics as a waypoint reports them (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`) and
+//! the per-request access log.
+
+use mesh_core::state::model::{Service, Workload};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of every request series, named as Istio names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub grpc_response_status: String,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+impl RequestLabels {
+    pub fn new(
+        src: Option<&Workload>,
+        src_principal: &str,
+        dst: Option<&Workload>,
+        service: &Service,
+        protocol: &'static str,
+    ) -> Self {
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload: or_unknown(src.map_or("", |w| w.workload_name.as_str())),
+            source_workload_namespace: or_unknown(src.map_or("", |w| w.namespace.as_str())),
+            source_principal: or_unknown(src_principal),
+            source_canonical_service: or_unknown(src.map_or("", |w| w.canonical_name.as_str())),
+            source_canonical_revision: or_unknown(src.map_or("", |w| w.canonical_revision.as_str())),
+            destination_workload: or_unknown(dst.map_or("", |w| w.workload_name.as_str())),
+            destination_workload_namespace: or_unknown(dst.map_or("", |w| w.namespace.as_str())),
+            destination_principal: dst.map_or_else(|| "unknown".to_owned(), |w| w.identity.to_string()),
+            destination_canonical_service: or_unknown(dst.map_or("", |w| w.canonical_name.as_str())),
+            destination_canonical_revision: or_unknown(dst.map_or("", |w| w.canonical_revision.as_str())),
+            destination_service: or_unknown(&service.hostname),
+            destination_service_namespace: or_unknown(&service.namespace),
+            destination_service_name: or_unknown(&service.name),
+            request_protocol: protocol,
+            response_code: 0,
+            grpc_response_status: String::new(),
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RequestLabels, Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram>,
+    /// Resources or requests refused as malformed, by reason.
+    pub rejected: Family<Vec<(String, String)>, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let ms = || {
+            Histogram::new(
+                [
+                    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+                ]
+                .into_iter(),
+            )
+        };
+        let bytes = || Histogram::new(exponential_buckets(1.0, 10.0, 9));
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(ms),
+            request_bytes: Family::new_with_constructor(bytes),
+            response_bytes: Family::new_with_constructor(bytes),
+            rejected: Family::default(),
+        };
+        registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration in milliseconds",
+            m.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes in bytes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes in bytes",
+            m.response_bytes.clone(),
+        );
+        registry.register(
+            "waypoint_rejected_requests",
+            "Requests refused before routing (malformed or unroutable), by reason",
+            m.rejected.clone(),
+        );
+        m
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+}

@@ -1,0 +1,1271 @@
+//! Istio `RequestAuthentication` for the waypoint: finds a JWT in a request where the rules say,
+//! verifies it (signature, `iss`, `exp`/`nbf`, `aud`) against the issuer's JWKS, and yields the
+//! request principal (`<iss>/<sub>`) plus claims for authorization. Like Istio, a request with no
+//! token passes through unauthenticated (authorization decides), a request with an invalid token
+//! is rejected. Remote JWKS documents are cached per URI in a process-wide [`JwksCache`] that
+//! fetches once (single-flight), refreshes in the background and fails closed when it never got keys.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, USER_AGENT};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use mesh_proto::waypoint::JwtRule;
+use serde_json::{Map, Value};
+use tracing::{debug, warn};
+
+/// Clock skew tolerated on `exp` and `nbf` (Envoy allows 60 s; a smaller window limits replay of
+/// just-expired tokens while still absorbing ordinary NTP drift).
+const LEEWAY_SECS: f64 = 30.0;
+/// How long a failed JWKS fetch is remembered before another is tried, so that an unreachable
+/// JWKS server does not turn every request into a fetch attempt.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+/// JWKS documents are a few KiB; anything much larger is a misconfiguration or an attack.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Error messages quote issuer/kid/alg from the token; clip them so a hostile token cannot flood logs.
+const MAX_QUOTED: usize = 128;
+/// Token locations are tracked as a bitmask; more distinct locations than this is not a real config.
+const MAX_LOCATIONS: usize = 64;
+
+/// JWT segments are unpadded base64url, but tolerate padding from sloppy issuers.
+const B64URL: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// A validated token's identity and claims.
+#[derive(Clone, Debug)]
+pub struct RequestPrincipal {
+    pub issuer: String,
+    pub subject: String,
+    pub claims: Map<String, Value>,
+}
+
+impl RequestPrincipal {
+    /// Istio's `requestPrincipal`: "<iss>/<sub>".
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.issuer, self.subject)
+    }
+
+    /// Values of a claim for `request.auth.claims[a][b]` conditions: `path` is ["a","b"] (nested
+    /// objects). A string gives one value, an array gives each of its strings (numbers/bools as
+    /// text), numbers/bools their text; a missing claim, null or object gives nothing.
+    pub fn claim_values(&self, path: &[&str]) -> Vec<String> {
+        let Some((first, rest)) = path.split_first() else {
+            return Vec::new();
+        };
+        let mut value = match self.claims.get(*first) {
+            Some(v) => v,
+            None => return Vec::new(),
+        };
+        for key in rest {
+            match value.get(*key) {
+                Some(v) => value = v,
+                None => return Vec::new(),
+            }
+        }
+        match value {
+            Value::Array(items) => items.iter().filter_map(scalar_text).collect(),
+            other => scalar_text(other).into_iter().collect(),
+        }
+    }
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Why a present token was rejected. Messages describe the problem but never contain the token.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("malformed JWT: {0}")]
+    Malformed(&'static str),
+    #[error("JWT issuer {issuer:?} is not accepted for the location the token was found in")]
+    UnknownIssuer { issuer: String },
+    #[error("JWT has expired")]
+    Expired,
+    #[error("JWT is not yet valid (nbf is in the future)")]
+    NotYetValid,
+    #[error("JWT signature does not verify with the issuer's keys")]
+    BadSignature,
+    #[error("JWT audience does not match any accepted audience")]
+    AudienceMismatch,
+    #[error("no verification keys available for issuer {issuer:?} (JWKS missing, invalid or not fetched)")]
+    NoKeys { issuer: String },
+    #[error("no key in the JWKS of issuer {issuer:?} matches kid {kid:?} and algorithm {alg:?}")]
+    KeyNotFound {
+        issuer: String,
+        kid: Option<String>,
+        alg: Algorithm,
+    },
+    #[error("JWT algorithm {0:?} is not supported")]
+    UnsupportedAlgorithm(String),
+    #[error("request carries more than one distinct JWT")]
+    MultipleTokens,
+}
+
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+
+/// Which keys can verify an algorithm; a key is only ever tried with algorithms of its family so
+/// an RSA key can never be (mis)used as an HMAC secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+/// HMAC (HS*) is deliberately unsupported: a JWKS is a public document, so a symmetric key in it
+/// would let anyone who can read it mint tokens.
+fn family_of(alg: Algorithm) -> Option<Family> {
+    match alg {
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => Some(Family::Rsa),
+        Algorithm::ES256 => Some(Family::P256),
+        Algorithm::ES384 => Some(Family::P384),
+        Algorithm::EdDSA => Some(Family::Ed25519),
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => None,
+    }
+}
+
+struct Key {
+    kid: Option<String>,
+    /// The JWK's `alg`, when it pins one.
+    alg: Option<Algorithm>,
+    family: Family,
+    key: DecodingKey,
+}
+
+/// The usable signing keys of one JWKS document.
+struct KeySet {
+    keys: Vec<Key>,
+}
+
+/// Parses a JWKS, keeping every usable verification key. Keys are parsed one by one because real
+/// JWKS documents mix in keys this proxy cannot use (encryption keys, P-521, RSA-OAEP `alg`s), and
+/// one of those must not make the whole document unusable.
+fn parse_jwks(text: &[u8]) -> Result<KeySet, String> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        keys: Vec<Value>,
+    }
+    let doc: Doc = serde_json::from_slice(text).map_err(|e| format!("JWKS is not a JSON key set: {e}"))?;
+    let total = doc.keys.len();
+    let keys: Vec<Key> = doc.keys.into_iter().filter_map(usable_key).collect();
+    if keys.is_empty() {
+        return Err(format!("JWKS has no usable signature keys (of {total})"));
+    }
+    if keys.len() < total {
+        debug!(
+            usable = keys.len(),
+            total, "JWKS: skipped keys that cannot verify signatures"
+        );
+    }
+    Ok(KeySet { keys })
+}
+
+fn usable_key(raw: Value) -> Option<Key> {
+    let jwk: Jwk = serde_json::from_value(raw).ok()?;
+    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+        return None;
+    }
+    let family = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Family::Rsa,
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Family::P256,
+            EllipticCurve::P384 => Family::P384,
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => Family::Ed25519,
+        _ => return None,
+    };
+    let alg = match &jwk.common.key_algorithm {
+        // A pinned algorithm that is not a signature algorithm of this family: not a signing key.
+        Some(a) => {
+            let alg = Algorithm::from_str(&a.to_string()).ok()?;
+            if family_of(alg) != Some(family) {
+                return None;
+            }
+            Some(alg)
+        }
+        None => None,
+    };
+    let key = DecodingKey::from_jwk(&jwk).ok()?;
+    Some(Key {
+        kid: jwk.common.key_id,
+        alg,
+        family,
+        key,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWKS cache
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+struct Fetcher {
+    /// `Err` only if TLS could not be set up (then every fetch reports it).
+    client: Result<HttpClient, String>,
+    timeout: Duration,
+}
+
+impl Fetcher {
+    async fn fetch(&self, uri: &str) -> Result<KeySet, String> {
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let parsed: http::Uri = uri.parse().map_err(|e| format!("invalid jwksUri: {e}"))?;
+        if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+            return Err("jwksUri must be http:// or https://".to_owned());
+        }
+        let req = http::Request::get(parsed)
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, "mesh-waypoint")
+            .body(Empty::new())
+            .map_err(|e| format!("cannot build JWKS request: {e}"))?;
+        let body = tokio::time::timeout(self.timeout, async {
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| format!("JWKS request failed: {e}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("JWKS server answered {}", resp.status()));
+            }
+            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading JWKS body failed: {e}"))?;
+            Ok(body.to_bytes())
+        })
+        .await
+        .map_err(|_| format!("JWKS fetch timed out after {:?}", self.timeout))??;
+        parse_jwks(&body)
+    }
+}
+
+#[derive(Default)]
+struct EntryState {
+    keys: Option<Arc<KeySet>>,
+    fetched: Option<Instant>,
+    failed: Option<Instant>,
+    refreshing: bool,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// Held only for brief reads/writes, never across an await.
+    state: Mutex<EntryState>,
+    /// Single-flight: whoever holds it fetches; others wait and then reuse the outcome.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+enum Peek {
+    Keys(Arc<KeySet>),
+    RecentlyFailed,
+    Empty,
+}
+
+impl Entry {
+    fn state(&self) -> std::sync::MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, uri: &str, result: Result<KeySet, String>) -> Option<Arc<KeySet>> {
+        let mut s = self.state();
+        let now = Instant::now();
+        match result {
+            Ok(keys) => {
+                let keys = Arc::new(keys);
+                s.keys = Some(keys.clone());
+                s.fetched = Some(now);
+                s.failed = None;
+                Some(keys)
+            }
+            Err(error) => {
+                // Keep serving the last good keys: a flapping JWKS server must not log everyone out.
+                warn!(jwks_uri = uri, %error, have_keys = s.keys.is_some(), "JWKS fetch failed");
+                s.failed = Some(now);
+                s.keys.clone()
+            }
+        }
+    }
+}
+
+/// Shared cache of JWKS documents fetched from jwksUri; one per waypoint process.
+///
+/// Both `http://` and `https://` URIs work; HTTPS is verified against the Mozilla root set
+/// (webpki-roots), not the host's trust store. Entries are keyed by URI and live as long as the
+/// cache (the set of URIs comes from configuration, so it stays small).
+pub struct JwksCache {
+    refresh: Duration,
+    fetcher: Arc<Fetcher>,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl JwksCache {
+    /// `refresh`: how often a fetched JWKS is re-fetched (Istio default 20 min); `timeout`: per fetch.
+    pub fn new(refresh: Duration, timeout: Duration) -> Arc<Self> {
+        let client = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .map(|b| {
+                let connector = b.https_or_http().enable_http1().build();
+                // Fetches are minutes apart: keeping idle connections would only hold sockets.
+                Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(0)
+                    .build(connector)
+            })
+            .map_err(|e| format!("TLS setup for JWKS fetches failed: {e}"));
+        Arc::new(Self {
+            refresh,
+            fetcher: Arc::new(Fetcher { client, timeout }),
+            entries: Mutex::default(),
+        })
+    }
+
+    fn entry(&self, uri: &str) -> Arc<Entry> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = entries.get(uri) {
+            return e.clone();
+        }
+        let e = Arc::new(Entry::default());
+        entries.insert(uri.to_owned(), e.clone());
+        e
+    }
+
+    /// Current keys without waiting; starts a background refresh when they are stale.
+    fn peek(&self, entry: &Arc<Entry>, uri: &str) -> Peek {
+        let mut s = entry.state();
+        let recently_failed = s.failed.is_some_and(|t| t.elapsed() < FAILURE_BACKOFF);
+        let Some(keys) = s.keys.clone() else {
+            return if recently_failed {
+                Peek::RecentlyFailed
+            } else {
+                Peek::Empty
+            };
+        };
+        let stale = s.fetched.is_none_or(|t| t.elapsed() >= self.refresh);
+        if stale && !recently_failed && !s.refreshing {
+            // Refresh off the request path: this request (and others) keep using the current keys.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                s.refreshing = true;
+                let (entry, fetcher, uri) = (entry.clone(), self.fetcher.clone(), uri.to_owned());
+                rt.spawn(async move {
+                    let _flight = entry.fetching.lock().await;
+                    let result = fetcher.fetch(&uri).await;
+                    entry.record(&uri, result);
+                    entry.state().refreshing = false;
+                });
+            }
+        }
+        Peek::Keys(keys)
+    }
+
+    /// Keys for `uri`, fetching them first if there are none yet. `None`: no keys (fail closed).
+    async fn keys(&self, uri: &str) -> Option<Arc<KeySet>> {
+        let entry = self.entry(uri);
+        match self.peek(&entry, uri) {
+            Peek::Keys(k) => return Some(k),
+            Peek::RecentlyFailed => return None,
+            Peek::Empty => {}
+        }
+        let _flight = entry.fetching.lock().await;
+        // Whoever held the lock before us may have just fetched (or just failed).
+        match self.peek(&entry, uri) {
+            Peek::Keys(k) => return Some(k),
+            Peek::RecentlyFailed => return None,
+            Peek::Empty => {}
+        }
+        let result = self.fetcher.fetch(uri).await;
+        entry.record(uri, result)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authenticator
+
+enum KeySource {
+    /// Inline `jwks`, parsed once; `None` if it did not parse (tokens are then rejected).
+    Inline(Option<Arc<KeySet>>),
+    Remote(String),
+    Missing,
+}
+
+struct Rule {
+    issuer: String,
+    audiences: Vec<String>,
+    keys: KeySource,
+    forward_original_token: bool,
+    payload_header: Option<HeaderName>,
+    claim_headers: Vec<(HeaderName, String)>,
+    /// Bitmask of `Authenticator::locations` this rule reads tokens from.
+    locations: u64,
+}
+
+#[derive(PartialEq, Eq)]
+enum Where {
+    Header { name: HeaderName, prefix: String },
+    Param(String),
+}
+
+/// The JWT rules that apply to one request target (all RequestAuthentications selecting it).
+pub struct Authenticator {
+    rules: Vec<Rule>,
+    locations: Vec<Where>,
+    /// Every header the rules write; stripped from incoming requests so clients cannot forge them.
+    output_headers: Vec<HeaderName>,
+    cache: Arc<JwksCache>,
+}
+
+struct Verified {
+    principal: RequestPrincipal,
+    rule: usize,
+    payload: HeaderValue,
+}
+
+fn header_name(name: &str, what: &str, issuer: &str) -> Option<HeaderName> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            warn!(
+                issuer,
+                header = name,
+                "RequestAuthentication: ignoring invalid {what} header name"
+            );
+            None
+        }
+    }
+}
+
+impl Authenticator {
+    pub fn new(rules: Vec<JwtRule>, cache: Arc<JwksCache>) -> Self {
+        let mut locations: Vec<Where> = Vec::new();
+        let mut output_headers: Vec<HeaderName> = Vec::new();
+        let mut out = Vec::with_capacity(rules.len());
+        for r in rules {
+            // Envoy's defaults apply only when the rule names no location at all.
+            let mut wheres = Vec::new();
+            if r.from_headers.is_empty() && r.from_params.is_empty() {
+                wheres.push(Where::Header {
+                    name: AUTHORIZATION,
+                    prefix: "Bearer ".to_owned(),
+                });
+                wheres.push(Where::Param("access_token".to_owned()));
+            }
+            for h in &r.from_headers {
+                if let Some(name) = header_name(&h.name, "fromHeaders", &r.issuer) {
+                    wheres.push(Where::Header {
+                        name,
+                        prefix: h.prefix.clone(),
+                    });
+                }
+            }
+            wheres.extend(r.from_params.iter().map(|p| Where::Param(p.clone())));
+            let mut mask = 0u64;
+            for w in wheres {
+                let idx = match locations.iter().position(|l| *l == w) {
+                    Some(i) => i,
+                    None if locations.len() < MAX_LOCATIONS => {
+                        locations.push(w);
+                        locations.len() - 1
+                    }
+                    None => {
+                        warn!(
+                            issuer = r.issuer,
+                            "RequestAuthentication: too many token locations, ignoring the rest"
+                        );
+                        continue;
+                    }
+                };
+                mask |= 1 << idx;
+            }
+            // Istio: inline `jwks` wins over `jwksUri`.
+            let keys = if !r.jwks.is_empty() {
+                KeySource::Inline(match parse_jwks(r.jwks.as_bytes()) {
+                    Ok(k) => Some(Arc::new(k)),
+                    Err(error) => {
+                        warn!(issuer = r.issuer, %error, "RequestAuthentication: inline jwks unusable; its tokens will be rejected");
+                        None
+                    }
+                })
+            } else if !r.jwks_uri.is_empty() {
+                KeySource::Remote(r.jwks_uri.clone())
+            } else {
+                warn!(
+                    issuer = r.issuer,
+                    "RequestAuthentication: rule has neither jwks nor jwksUri; its tokens will be rejected"
+                );
+                KeySource::Missing
+            };
+            let payload_header = Some(&r.output_payload_to_header)
+                .filter(|h| !h.is_empty())
+                .and_then(|h| header_name(h, "outputPayloadToHeader", &r.issuer));
+            let claim_headers: Vec<(HeaderName, String)> = r
+                .output_claim_to_headers
+                .iter()
+                .filter_map(|c| {
+                    Some((
+                        header_name(&c.header, "outputClaimToHeaders", &r.issuer)?,
+                        c.claim.clone(),
+                    ))
+                })
+                .collect();
+            for h in payload_header.iter().chain(claim_headers.iter().map(|(h, _)| h)) {
+                if !output_headers.contains(h) {
+                    output_headers.push(h.clone());
+                }
+            }
+            out.push(Rule {
+                issuer: r.issuer,
+                audiences: r.audiences,
+                keys,
+                forward_original_token: r.forward_original_token,
+                payload_header,
+                claim_headers,
+                locations: mask,
+            });
+        }
+        Self {
+            rules: out,
+            locations,
+            output_headers,
+            cache,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Looks for a token where the rules say (fromHeaders, default `Authorization: Bearer <t>`;
+    /// fromParams, default query param `access_token`) and validates it against the rule whose
+    /// issuer matches the token's `iss` (and which reads the location the token was found in).
+    ///
+    /// - `Ok(None)`: no token present; the caller has no request principal (authorization decides).
+    /// - `Ok(Some(p))`: valid. Unless `forward_original_token`, the header carrying the token was
+    ///   removed (a query parameter is left in the URI); `output_payload_to_header` holds the
+    ///   base64url payload; each `output_claim_to_headers` header holds its claim (strings as-is,
+    ///   other values as JSON text).
+    /// - `Err(e)`: a token was present but invalid; the caller answers 401.
+    ///
+    /// In all non-error cases, incoming headers named as outputs are removed first so a client
+    /// cannot forge them.
+    pub async fn authenticate(&self, parts: &mut http::request::Parts) -> Result<Option<RequestPrincipal>, JwtError> {
+        if self.rules.is_empty() {
+            return Ok(None);
+        }
+        let outcome = match self.find(parts)? {
+            None => None,
+            Some((token, mask)) => Some((self.verify(token, mask).await?, mask)),
+        };
+        for h in &self.output_headers {
+            parts.headers.remove(h);
+        }
+        let Some((verified, mask)) = outcome else {
+            return Ok(None);
+        };
+        let rule = &self.rules[verified.rule];
+        if !rule.forward_original_token {
+            for (i, loc) in self.locations.iter().enumerate() {
+                if let Where::Header { name, .. } = loc {
+                    if mask & (1 << i) != 0 {
+                        parts.headers.remove(name);
+                    }
+                }
+            }
+        }
+        if let Some(h) = &rule.payload_header {
+            parts.headers.insert(h.clone(), verified.payload);
+        }
+        for (h, claim) in &rule.claim_headers {
+            if let Some(v) = claim_header_value(&verified.principal.claims, claim) {
+                parts.headers.insert(h.clone(), v);
+            }
+        }
+        Ok(Some(verified.principal))
+    }
+
+    /// The token, borrowed from the request, and the bitmask of locations it was found in. The same
+    /// token in several places is one token; different tokens are ambiguous and rejected.
+    fn find<'a>(&self, parts: &'a http::request::Parts) -> Result<Option<(&'a str, u64)>, JwtError> {
+        fn note<'a>(found: &mut Option<(&'a str, u64)>, token: &'a str, idx: usize) -> Result<(), JwtError> {
+            match found {
+                None => *found = Some((token, 1 << idx)),
+                Some((t, mask)) if *t == token => *mask |= 1 << idx,
+                Some(_) => return Err(JwtError::MultipleTokens),
+            }
+            Ok(())
+        }
+        let mut found = None;
+        for (idx, loc) in self.locations.iter().enumerate() {
+            match loc {
+                Where::Header { name, prefix } => {
+                    for value in parts.headers.get_all(name) {
+                        // A value without the prefix (e.g. `Authorization: Basic ...`) is not a JWT location.
+                        let Some(token) = value.to_str().ok().and_then(|v| strip_prefix_ignore_case(v, prefix)) else {
+                            continue;
+                        };
+                        let token = token.trim();
+                        if !token.is_empty() {
+                            note(&mut found, token, idx)?;
+                        }
+                    }
+                }
+                Where::Param(param) => {
+                    let Some(query) = parts.uri.query() else { continue };
+                    for pair in query.split('&') {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        // JWT characters never need percent-encoding, so the raw value is the token.
+                        if k == param && !v.is_empty() {
+                            note(&mut found, v, idx)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn verify(&self, token: &str, mask: u64) -> Result<Verified, JwtError> {
+        #[derive(serde::Deserialize)]
+        struct JoseHeader {
+            alg: String,
+            #[serde(default)]
+            kid: Option<String>,
+        }
+        let mut segments = token.split('.');
+        let (Some(h64), Some(p64), Some(sig), None) =
+            (segments.next(), segments.next(), segments.next(), segments.next())
+        else {
+            return Err(JwtError::Malformed("expected three dot-separated segments"));
+        };
+        if h64.is_empty() || p64.is_empty() {
+            return Err(JwtError::Malformed("empty header or payload segment"));
+        }
+        let header_json = B64URL
+            .decode(h64)
+            .map_err(|_| JwtError::Malformed("header is not base64url"))?;
+        let header: JoseHeader = serde_json::from_slice(&header_json)
+            .map_err(|_| JwtError::Malformed("header is not a JSON object with a string alg"))?;
+        let alg = Algorithm::from_str(&header.alg).map_err(|_| JwtError::UnsupportedAlgorithm(clip(&header.alg)))?;
+        let family = family_of(alg).ok_or_else(|| JwtError::UnsupportedAlgorithm(clip(&header.alg)))?;
+        if sig.is_empty() {
+            return Err(JwtError::Malformed("missing signature"));
+        }
+        let payload_json = B64URL
+            .decode(p64)
+            .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
+        let claims: Map<String, Value> =
+            serde_json::from_slice(&payload_json).map_err(|_| JwtError::Malformed("payload is not a JSON object"))?;
+        let issuer = match claims.get("iss") {
+            Some(Value::String(s)) => s.as_str(),
+            _ => return Err(JwtError::Malformed("missing or non-string iss claim")),
+        };
+        let message = &token.as_bytes()[..h64.len() + 1 + p64.len()];
+
+        let mut first_err = None;
+        for (idx, rule) in self.rules.iter().enumerate() {
+            if rule.issuer != issuer || rule.locations & mask == 0 {
+                continue;
+            }
+            match self
+                .check(rule, alg, family, header.kid.as_deref(), message, sig, &claims)
+                .await
+            {
+                Ok(()) => {
+                    let subject = match claims.get("sub") {
+                        Some(Value::String(s)) => s.clone(),
+                        _ => String::new(),
+                    };
+                    let payload = HeaderValue::from_str(p64.trim_end_matches('='))
+                        .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
+                    let principal = RequestPrincipal {
+                        issuer: rule.issuer.clone(),
+                        subject,
+                        claims,
+                    };
+                    return Ok(Verified {
+                        principal,
+                        rule: idx,
+                        payload,
+                    });
+                }
+                // Several RequestAuthentications may name the same issuer (e.g. other audiences).
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| JwtError::UnknownIssuer { issuer: clip(issuer) }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn check(
+        &self,
+        rule: &Rule,
+        alg: Algorithm,
+        family: Family,
+        kid: Option<&str>,
+        message: &[u8],
+        sig: &str,
+        claims: &Map<String, Value>,
+    ) -> Result<(), JwtError> {
+        let no_keys = || JwtError::NoKeys {
+            issuer: rule.issuer.clone(),
+        };
+        let keys = match &rule.keys {
+            KeySource::Inline(Some(k)) => k.clone(),
+            KeySource::Inline(None) | KeySource::Missing => return Err(no_keys()),
+            KeySource::Remote(uri) => self.cache.keys(uri).await.ok_or_else(no_keys)?,
+        };
+        // A key is a candidate if its type fits the algorithm, it does not pin another algorithm,
+        // and (when both name one) its kid matches.
+        let mut candidates = keys
+            .keys
+            .iter()
+            .filter(|k| k.family == family && k.alg.is_none_or(|a| a == alg))
+            .filter(|k| match (kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            })
+            .peekable();
+        if candidates.peek().is_none() {
+            return Err(JwtError::KeyNotFound {
+                issuer: rule.issuer.clone(),
+                kid: kid.map(clip),
+                alg,
+            });
+        }
+        // `verify` errors (e.g. signature not base64url) count as a failed verification.
+        if !candidates.any(|k| jsonwebtoken::crypto::verify(sig, message, &k.key, alg).unwrap_or(false)) {
+            return Err(JwtError::BadSignature);
+        }
+
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        if let Some(exp) = claims.get("exp") {
+            let exp = exp.as_f64().ok_or(JwtError::Malformed("exp is not a number"))?;
+            if now > exp + LEEWAY_SECS {
+                return Err(JwtError::Expired);
+            }
+        }
+        if let Some(nbf) = claims.get("nbf") {
+            let nbf = nbf.as_f64().ok_or(JwtError::Malformed("nbf is not a number"))?;
+            if nbf > now + LEEWAY_SECS {
+                return Err(JwtError::NotYetValid);
+            }
+        }
+        if !rule.audiences.is_empty() {
+            let accepted = |a: &str| rule.audiences.iter().any(|x| x == a);
+            let ok = match claims.get("aud") {
+                Some(Value::String(a)) => accepted(a),
+                Some(Value::Array(list)) => list.iter().any(|a| a.as_str().is_some_and(accepted)),
+                _ => false,
+            };
+            if !ok {
+                return Err(JwtError::AudienceMismatch);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &value[prefix.len()..])
+}
+
+/// A claim for `outputClaimToHeaders`: a top-level claim, or a nested one written `a.b` (Envoy).
+/// Strings are copied as-is, other values as JSON text. `None` if missing or not a valid header value.
+fn claim_header_value(claims: &Map<String, Value>, claim: &str) -> Option<HeaderValue> {
+    let value = claims.get(claim).or_else(|| {
+        let mut parts = claim.split('.');
+        let first = claims.get(parts.next()?)?;
+        parts.try_fold(first, |v, k| v.get(k))
+    })?;
+    let text = match value {
+        Value::String(s) => HeaderValue::from_str(s),
+        other => HeaderValue::from_str(&other.to_string()),
+    };
+    text.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use jsonwebtoken::{EncodingKey, Header};
+    use mesh_proto::waypoint::{ClaimToHeader, JwtHeader};
+    use serde_json::json;
+
+    /// Fixed 2048-bit test key (generated once with `openssl genrsa`): RSA keygen is slow in tests.
+    const RSA_PEM: &str = "-----BEGIN RSA PRIVATE KEY-----
+MIIEowIBAAKCAQEArrqlX9bP2RCKOTKoYQ7QV5523GuzSN1SvcagyO0t+Rmudg8o
+eVoYEcp7WUtwegTwM2DvKup1Ptc16/1CBqVso3Kl9zhhgjBUS2lO4XLyZWJUEmkt
+ArMMI6zL3U755nWgy4ty77AolhQ0vTHxXZicfTjzhr7mOV3vpO3+JuewVEJJ7u4R
+5i0QvfE8g7Ofz98Jr8ntOl6Hu/fMw5ZmQH5ly5tiKnhNRnqS38e5Zpbl8ukYVxup
+bnkTYNXvpBsVqeSzGmvMhHOn+7qD0xlPLW0wv2aN6p0KOzX6TSVt8MLw9jSYT8MR
+uCV5cZ2FQ3Td2Fv6E2CmfdLtcsR19O3fS3Kc6QIDAQABAoIBADi+LmSAW0FvyKOo
+mtviNrCtqoYMh82a6nrs3VxDAhIKUAjRBWDbbEOi0Qn/oMhPgD3/NcxnFapRs5Yu
+ydlksXInElTFv4zK6yUOTuqSLLvWAd10wIRG5yNSw2XcdvVrr8tKPwot2BBdAX+L
+j4nIvNFBxHw21Ic+xUt3anjx9uZ1kZEkLZ0kuhoaRmmZVTh3IIe2GpGLUpPFjAt+
+R/paeewfr7kjvmLXvFca2eIxf3aKtnyr182DKM/81NN6Ho7B83SReHh2/V+jTVy1
+4z/x0aI6a2hHPyLRK0Eo5QAccbQ6gjUOu9bQvMZHA+gD1+whq8gT9DYGxwzWGqY8
+b/FOdv0CgYEA9sqqDPkIGlK7cESG+xdp9fX8d0n+9Afwq779dy01noeLNDMMsZc1
+Au0xJO8qFEXABLoeRd+VHk9TGloteR2S3oRUseH+Mz5uWKaldXLWyMMeG5KDA3od
+JiTYztLQHLwz6zb4GjMFfcVvC1yetxLjx9tS+zoZH+lweJxSQTjXUh8CgYEAtT+l
+NiSBxUXbhMaRoslRIuVA5Mjir1G6/dWfZkTZCAsjOOoWWDwGv3YtJr47Rz3Gii8z
+63ySWlVkOSH1YaWJe7C40zwjzy9wUF2AUwySd0j2mREvvqGgiDTOmSmx5uwwQVPp
+vJkxgFhuM0hgrtxaNeDsSWn20mmekl+nzNFrf/cCgYEA3Lbb5sZBzOj44asn3SBP
+j73zkOwIrE79m1wwa4lvTtyCTqjpTVqh+oAPV6zdwUuwM4oQ0QTo5DalaAgGay9b
+zs4iwQQQx9up7Hb9u1B9bwexwY8CxPVNZHPHwxEfNtPKyy5aLXQ8EQOmEE9BUxH9
+zRwF1tFa7wNjpzqHBfXD/JkCgYAs6+hTofqz3RuKLfjcgs7kOjO6QHvGfhg9X1vR
+ahDsaG5DZelB1ybI/04zgwSIJKx3hTl2DPrs/qsHaf46RF/t0yAL4qTxbc2FbZcn
+fj8y51ePGm5d7gsulv/5gBcCp9lR561PvBxDtich+LdVv3FwVx3ZGDU/c0QE/UZG
+gkUFgwKBgBthuFL816DW9MUiESXaAgDYi5ukGuqJc55RnDXIrd/pSWy+/uYkmm7N
+/D88JH0jWI0bYQYhyFC+uNsv4Qp+wXrQ6fTXDI9sEkFiwq3gYX8izKNpeRx0oCud
+DXPPmU94x6scvYqaSdPmMt55nJeSrsKT9TbVrGgWrvCTHJ8IEJRg
+-----END RSA PRIVATE KEY-----";
+    const RSA_N: &str = "rrqlX9bP2RCKOTKoYQ7QV5523GuzSN1SvcagyO0t-Rmudg8oeVoYEcp7WUtwegTwM2DvKup1Ptc16_1CBqVso3Kl9zhhgjBUS2lO4XLyZWJUEmktArMMI6zL3U755nWgy4ty77AolhQ0vTHxXZicfTjzhr7mOV3vpO3-JuewVEJJ7u4R5i0QvfE8g7Ofz98Jr8ntOl6Hu_fMw5ZmQH5ly5tiKnhNRnqS38e5Zpbl8ukYVxupbnkTYNXvpBsVqeSzGmvMhHOn-7qD0xlPLW0wv2aN6p0KOzX6TSVt8MLw9jSYT8MRuCV5cZ2FQ3Td2Fv6E2CmfdLtcsR19O3fS3Kc6Q";
+    const ISS: &str = "https://issuer.example";
+
+    struct EcKey {
+        pem: String,
+        x: String,
+        y: String,
+    }
+
+    fn ec_key() -> EcKey {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw();
+        assert_eq!(raw.len(), 65, "uncompressed P-256 point");
+        EcKey {
+            pem: kp.serialize_pem(),
+            x: B64URL.encode(&raw[1..33]),
+            y: B64URL.encode(&raw[33..]),
+        }
+    }
+
+    fn jwks(ec: &EcKey) -> String {
+        json!({"keys": [
+            {"kty": "RSA", "kid": "rsa1", "use": "sig", "alg": "RS256", "n": RSA_N, "e": "AQAB"},
+            {"kty": "EC", "kid": "ec1", "crv": "P-256", "x": ec.x, "y": ec.y},
+            // Keys this proxy cannot use must not spoil the document.
+            {"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": RSA_N, "e": "AQAB"},
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+        ]})
+        .to_string()
+    }
+
+    fn now() -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn claims() -> Value {
+        json!({
+            "iss": ISS, "sub": "alice", "aud": ["other", "svc"], "exp": now() + 600,
+            "groups": ["dev", "ops"], "org": {"team": "core", "level": 3}, "admin": true,
+        })
+    }
+
+    fn sign_rs(claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some("rsa1".into());
+        jsonwebtoken::encode(&h, claims, &EncodingKey::from_rsa_pem(RSA_PEM.as_bytes()).unwrap()).unwrap()
+    }
+
+    fn sign_es(ec: &EcKey, kid: Option<&str>, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = kid.map(Into::into);
+        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_pem(ec.pem.as_bytes()).unwrap()).unwrap()
+    }
+
+    struct Server {
+        uri: String,
+        hits: Arc<AtomicUsize>,
+        /// (status, body) served; switchable mid-test.
+        reply: Arc<Mutex<(u16, String)>>,
+    }
+
+    async fn serve(body: String, delay: Duration) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let reply = Arc::new(Mutex::new((200u16, body)));
+        let (h, r) = (hits.clone(), reply.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, r) = (h.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let (h, r) = (h.clone(), r.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(delay).await;
+                            let (status, body) = r.lock().unwrap().clone();
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Server {
+            uri: format!("http://{addr}/jwks.json"),
+            hits,
+            reply,
+        }
+    }
+
+    fn rule(jwks_uri: &str) -> JwtRule {
+        JwtRule {
+            issuer: ISS.into(),
+            audiences: vec!["svc".into()],
+            jwks_uri: jwks_uri.into(),
+            output_payload_to_header: "x-jwt-payload".into(),
+            output_claim_to_headers: vec![
+                ClaimToHeader {
+                    header: "x-sub".into(),
+                    claim: "sub".into(),
+                },
+                ClaimToHeader {
+                    header: "x-groups".into(),
+                    claim: "groups".into(),
+                },
+                ClaimToHeader {
+                    header: "x-team".into(),
+                    claim: "org.team".into(),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn cache() -> Arc<JwksCache> {
+        JwksCache::new(Duration::from_secs(1200), Duration::from_secs(2))
+    }
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn bearer(token: &str) -> http::request::Parts {
+        parts("/", &[("authorization", &format!("Bearer {token}"))])
+    }
+
+    #[tokio::test]
+    async fn valid_rs256_sets_headers_and_strips_token() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
+        let token = sign_rs(&claims());
+        let mut p = bearer(&token);
+        p.headers.insert("x-sub", HeaderValue::from_static("forged"));
+        let principal = auth.authenticate(&mut p).await.unwrap().unwrap();
+        assert_eq!(principal.principal(), "https://issuer.example/alice");
+        assert!(p.headers.get(AUTHORIZATION).is_none());
+        assert_eq!(p.headers["x-sub"], "alice");
+        assert_eq!(p.headers["x-groups"], r#"["dev","ops"]"#);
+        assert_eq!(p.headers["x-team"], "core");
+        let payload = B64URL.decode(p.headers["x-jwt-payload"].as_bytes()).unwrap();
+        let payload: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(payload["sub"], "alice");
+        assert!(!p.headers["x-jwt-payload"].to_str().unwrap().contains('='));
+    }
+
+    #[tokio::test]
+    async fn valid_es256_and_forward_original_token() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let mut r = rule(&srv.uri);
+        r.forward_original_token = true;
+        let auth = Authenticator::new(vec![r], cache());
+        for kid in [Some("ec1"), None] {
+            let token = sign_es(&ec, kid, &claims());
+            let mut p = bearer(&token);
+            let principal = auth.authenticate(&mut p).await.unwrap().unwrap();
+            assert_eq!(principal.principal(), "https://issuer.example/alice");
+            assert_eq!(p.headers[AUTHORIZATION], format!("Bearer {token}").as_str());
+            assert_eq!(p.headers["x-sub"], "alice");
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_jwks_without_audiences_accepts_any_audience() {
+        let ec = ec_key();
+        let r = JwtRule {
+            issuer: ISS.into(),
+            jwks: jwks(&ec),
+            ..Default::default()
+        };
+        let auth = Authenticator::new(vec![r], cache());
+        let mut c = claims();
+        c["aud"] = json!("anything");
+        let mut p = bearer(&sign_es(&ec, Some("ec1"), &c));
+        assert!(auth.authenticate(&mut p).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn invalid_tokens_are_rejected() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
+        let check = |token: String| {
+            let auth = &auth;
+            async move { auth.authenticate(&mut bearer(&token)).await }
+        };
+
+        let mut c = claims();
+        c["exp"] = json!(now() - 120);
+        assert!(matches!(check(sign_rs(&c)).await, Err(JwtError::Expired)));
+        // Within the leeway is still fine.
+        c["exp"] = json!(now() - 5);
+        assert!(check(sign_rs(&c)).await.unwrap().is_some());
+
+        let mut c = claims();
+        c["nbf"] = json!(now() + 600);
+        assert!(matches!(check(sign_rs(&c)).await, Err(JwtError::NotYetValid)));
+
+        let mut c = claims();
+        c["iss"] = json!("https://evil.example");
+        let err = check(sign_rs(&c)).await.unwrap_err();
+        assert!(matches!(err, JwtError::UnknownIssuer { .. }), "{err}");
+
+        let mut c = claims();
+        c["aud"] = json!("nope");
+        assert!(matches!(check(sign_rs(&c)).await, Err(JwtError::AudienceMismatch)));
+        c.as_object_mut().unwrap().remove("aud");
+        assert!(matches!(check(sign_rs(&c)).await, Err(JwtError::AudienceMismatch)));
+
+        // Payload swapped after signing.
+        let token = sign_rs(&claims());
+        let mut forged = claims();
+        forged["sub"] = json!("admin");
+        let segs: Vec<&str> = token.split('.').collect();
+        let tampered = format!("{}.{}.{}", segs[0], B64URL.encode(forged.to_string()), segs[2]);
+        let err = check(tampered).await.unwrap_err();
+        assert!(matches!(err, JwtError::BadSignature));
+        assert!(!err.to_string().contains(segs[2]), "messages never quote the token");
+        // Signed by a different EC key under the trusted kid.
+        let other = ec_key();
+        assert!(matches!(
+            check(sign_es(&other, Some("ec1"), &claims())).await,
+            Err(JwtError::BadSignature)
+        ));
+        assert!(matches!(
+            check(sign_es(&ec, Some("nope"), &claims())).await,
+            Err(JwtError::KeyNotFound { .. })
+        ));
+
+        for garbage in ["not-a-jwt", "a.b.c", "eyJhbGciOiJSUzI1NiJ9.e30", "...."] {
+            let err = check(garbage.into()).await.unwrap_err();
+            assert!(matches!(err, JwtError::Malformed(_)), "{garbage}: {err}");
+        }
+        // alg none and HMAC are refused outright.
+        let none = format!(
+            "{}.{}.",
+            B64URL.encode(r#"{"alg":"none"}"#),
+            B64URL.encode(claims().to_string())
+        );
+        assert!(matches!(check(none).await, Err(JwtError::UnsupportedAlgorithm(_))));
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        assert!(matches!(check(hs).await, Err(JwtError::UnsupportedAlgorithm(_))));
+
+        let token = sign_rs(&claims());
+        let mut p = parts("/?access_token=x.y.z", &[("authorization", &format!("Bearer {token}"))]);
+        assert!(matches!(auth.authenticate(&mut p).await, Err(JwtError::MultipleTokens)));
+    }
+
+    #[tokio::test]
+    async fn no_token_is_not_an_error() {
+        let auth = Authenticator::new(vec![rule("http://127.0.0.1:1/unused")], cache());
+        let mut p = parts("/x?a=b", &[("x-sub", "forged")]);
+        assert!(auth.authenticate(&mut p).await.unwrap().is_none());
+        assert!(p.headers.get("x-sub").is_none(), "output headers cannot be forged");
+        let mut p = parts("/", &[("authorization", "Basic dXNlcjpwYXNz")]);
+        assert!(auth.authenticate(&mut p).await.unwrap().is_none());
+        assert!(Authenticator::new(vec![], cache()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn custom_header_and_query_param() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let mut r = rule(&srv.uri);
+        r.from_headers = vec![JwtHeader {
+            name: "x-jwt".into(),
+            prefix: "Token ".into(),
+        }];
+        r.from_params = vec!["tok".into()];
+        let auth = Authenticator::new(vec![r], cache());
+        let token = sign_rs(&claims());
+
+        let mut p = parts("/", &[("x-jwt", &format!("Token {token}"))]);
+        assert_eq!(auth.authenticate(&mut p).await.unwrap().unwrap().subject, "alice");
+        assert!(p.headers.get("x-jwt").is_none());
+
+        let uri = format!("/path?x=1&tok={token}");
+        let mut p = parts(&uri, &[]);
+        assert!(auth.authenticate(&mut p).await.unwrap().is_some());
+        assert_eq!(p.uri.to_string(), uri, "query string is left alone");
+
+        // The defaults no longer apply once locations are configured.
+        assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_none());
+        assert!(auth
+            .authenticate(&mut parts(&format!("/?access_token={token}"), &[]))
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn default_query_param() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
+        let mut p = parts(&format!("/?access_token={}", sign_rs(&claims())), &[]);
+        assert!(auth.authenticate(&mut p).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn jwks_server_down_fails_closed_and_backs_off() {
+        // A port nothing listens on.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let auth = Authenticator::new(vec![rule(&format!("http://127.0.0.1:{port}/jwks"))], cache());
+        let token = sign_rs(&claims());
+        let err = auth.authenticate(&mut bearer(&token)).await.unwrap_err();
+        assert!(matches!(err, JwtError::NoKeys { .. }), "{err}");
+
+        // A server answering 500: one fetch, then the failure is remembered.
+        let srv = serve(String::new(), Duration::ZERO).await;
+        srv.reply.lock().unwrap().0 = 500;
+        let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
+        for _ in 0..5 {
+            assert!(matches!(
+                auth.authenticate(&mut bearer(&token)).await,
+                Err(JwtError::NoKeys { .. })
+            ));
+        }
+        assert_eq!(srv.hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn jwks_fetched_once_for_concurrent_requests() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::from_millis(100)).await;
+        let auth = Arc::new(Authenticator::new(vec![rule(&srv.uri)], cache()));
+        let token = sign_rs(&claims());
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (auth, token) = (auth.clone(), token.clone());
+                tokio::spawn(async move { auth.authenticate(&mut bearer(&token)).await.map(|p| p.is_some()) })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap());
+        }
+        for _ in 0..10 {
+            assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
+        }
+        assert_eq!(srv.hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn refresh_in_background_keeps_last_good_keys() {
+        let ec = ec_key();
+        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let cache = JwksCache::new(Duration::from_millis(50), Duration::from_secs(2));
+        let auth = Authenticator::new(vec![rule(&srv.uri)], cache);
+        let token = sign_rs(&claims());
+        assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
+        srv.reply.lock().unwrap().0 = 503;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Stale: served from cache while a refresh runs (and fails) in the background.
+        assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
+        for _ in 0..50 {
+            if srv.hits.load(Ordering::SeqCst) >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(srv.hits.load(Ordering::SeqCst), 2);
+        assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
+        assert_eq!(srv.hits.load(Ordering::SeqCst), 2, "failure backoff holds");
+    }
+
+    #[test]
+    fn claim_values_nested_and_arrays() {
+        let p = RequestPrincipal {
+            issuer: ISS.into(),
+            subject: "alice".into(),
+            claims: claims().as_object().unwrap().clone(),
+        };
+        assert_eq!(p.claim_values(&["sub"]), ["alice"]);
+        assert_eq!(p.claim_values(&["groups"]), ["dev", "ops"]);
+        assert_eq!(p.claim_values(&["org", "team"]), ["core"]);
+        assert_eq!(p.claim_values(&["org", "level"]), ["3"]);
+        assert_eq!(p.claim_values(&["admin"]), ["true"]);
+        assert!(p.claim_values(&["org"]).is_empty());
+        assert!(p.claim_values(&["org", "missing"]).is_empty());
+        assert!(p.claim_values(&["missing"]).is_empty());
+        assert!(p.claim_values(&[]).is_empty());
+    }
+}

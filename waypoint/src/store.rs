@@ -1,0 +1,116 @@
+//! The waypoint's L7 configuration as received over xDS: compiled routes per service and the
+//! policies that target this waypoint or its services. Each update swaps a whole snapshot, so
+//! a request in flight keeps the configuration it started with (hot swap without drops).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh_core::xds::ResourceSink;
+use mesh_proto::waypoint as wp;
+use prost::Message;
+
+use crate::http::route::CompiledRoutes;
+
+/// One consistent view of the configuration.
+#[derive(Default)]
+pub struct Snapshot {
+    /// By service key ("ns/hostname").
+    pub routes: HashMap<String, Arc<CompiledRoutes>>,
+    /// By resource name ("Kind/ns/name").
+    pub policies: HashMap<String, Arc<wp::Policy>>,
+}
+
+/// The live configuration; readers `load()` a snapshot per request.
+#[derive(Default)]
+pub struct ConfigStore {
+    current: ArcSwap<Snapshot>,
+}
+
+impl ConfigStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let old = self.current.load();
+        let mut next = Snapshot {
+            routes: old.routes.clone(),
+            policies: old.policies.clone(),
+        };
+        f(&mut next);
+        self.current.store(Arc::new(next));
+    }
+
+    /// Applies a batch of routes; returns the rejected ones as (name, reason).
+    pub fn apply_routes(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
+        let mut rejected = Vec::new();
+        let mut compiled = Vec::with_capacity(upserts.len());
+        for (name, body) in upserts {
+            match wp::ServiceRoutes::decode(*body)
+                .map_err(|e| format!("cannot decode: {e}"))
+                .and_then(|r| CompiledRoutes::compile(r).map_err(|e| e.to_string()))
+            {
+                Ok(c) => compiled.push((name.clone(), Arc::new(c))),
+                Err(reason) => rejected.push((name.clone(), reason)),
+            }
+        }
+        self.update(|s| {
+            for name in removed {
+                s.routes.remove(name);
+            }
+            s.routes.extend(compiled);
+        });
+        rejected
+    }
+
+    /// Applies a batch of policies; returns the rejected ones as (name, reason).
+    pub fn apply_policies(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
+        let mut rejected = Vec::new();
+        let mut decoded = Vec::with_capacity(upserts.len());
+        for (name, body) in upserts {
+            match wp::Policy::decode(*body) {
+                Ok(p) if p.kind.is_some() => decoded.push((name.clone(), Arc::new(p))),
+                Ok(_) => rejected.push((name.clone(), "policy has neither authorization nor jwt".to_owned())),
+                Err(e) => rejected.push((name.clone(), format!("cannot decode: {e}"))),
+            }
+        }
+        self.update(|s| {
+            for name in removed {
+                s.policies.remove(name);
+            }
+            s.policies.extend(decoded);
+        });
+        rejected
+    }
+}
+
+/// The xDS subscription for `ServiceRoutes`.
+pub struct RoutesSink(pub Arc<ConfigStore>);
+
+impl ResourceSink for RoutesSink {
+    fn type_url(&self) -> &'static str {
+        mesh_proto::SERVICE_ROUTES_TYPE_URL
+    }
+
+    fn apply(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
+        self.0.apply_routes(upserts, removed)
+    }
+}
+
+/// The xDS subscription for waypoint `Policy`.
+pub struct PolicySink(pub Arc<ConfigStore>);
+
+impl ResourceSink for PolicySink {
+    fn type_url(&self) -> &'static str {
+        mesh_proto::WAYPOINT_POLICY_TYPE_URL
+    }
+
+    fn apply(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
+        self.0.apply_policies(upserts, removed)
+    }
+}

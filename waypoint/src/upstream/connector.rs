@@ -1,0 +1,137 @@
+//! Opens upstream connections for the HTTP client pool: to a mesh endpoint through an HBONE
+//! tunnel to its ztunnel (the waypoint's own identity as client, the endpoint's as the
+//! expected server), to anything else over plain TCP. The pool above reuses what this opens
+//! (HTTP/1.1 keep-alive, HTTP/2 multiplexing), keyed by the endpoint's `ip:port`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use mesh_core::hbone::{H2Io, HbonePool, PoolKey, TunnelRequest};
+use mesh_core::identity::Identity;
+use mesh_core::state::model::Tunnel;
+use mesh_core::state::StateStore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A connection to one endpoint.
+pub enum Conn {
+    Tcp(TcpStream),
+    Hbone(Box<H2Io>),
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Hbone(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Hbone(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Hbone(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Hbone(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The tower service hyper's pool calls to open a connection to `http://ip:port`.
+#[derive(Clone)]
+pub struct Connector {
+    pub state: Arc<StateStore>,
+    pub hbone: Arc<HbonePool>,
+    pub identity: Identity,
+    pub network: String,
+    pub hbone_port: u16,
+    pub connect_timeout: Duration,
+}
+
+impl Connector {
+    /// Opens a connection to `target`, over HBONE when the workload there speaks it.
+    pub async fn open(&self, target: SocketAddr) -> io::Result<Conn> {
+        let workload = self.state.load().workload_by_ip(&self.network, target.ip()).cloned();
+        let connect = async {
+            match workload {
+                Some(w) if w.tunnel == Tunnel::Hbone => {
+                    let req = TunnelRequest {
+                        key: PoolKey {
+                            src_identity: self.identity.clone(),
+                            dst_identities: vec![w.identity.clone()],
+                            src_ip: None,
+                            dst: SocketAddr::new(target.ip(), self.hbone_port),
+                        },
+                        authority: target.to_string(),
+                        forwarded_for: None,
+                        baggage: None,
+                        traceparent: None,
+                    };
+                    let stream = self.hbone.connect(&req).await.map_err(io::Error::other)?;
+                    Ok(Conn::Hbone(Box::new(stream.into_io())))
+                }
+                _ => {
+                    let tcp = TcpStream::connect(target).await?;
+                    tcp.set_nodelay(true)?;
+                    Ok(Conn::Tcp(tcp))
+                }
+            }
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {target} timed out")))?
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Conn>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let target: SocketAddr = uri
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or_default()
+                .parse()
+                .map_err(|_| format!("upstream {uri} is not ip:port"))?;
+            Ok(TokioIo::new(this.open(target).await?))
+        })
+    }
+}

@@ -1,0 +1,126 @@
+//! Where a routed request goes: the backend's endpoints (a DestinationRule subset narrows
+//! them), one picked by its cluster, and a pooled HTTP connection to it (HBONE for mesh
+//! endpoints, plain TCP otherwise).
+
+pub mod cluster;
+pub mod connector;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mesh_core::state::model::{Service, Workload};
+use mesh_core::state::State;
+use mesh_proto::waypoint as wp;
+
+use self::cluster::Cluster;
+use self::connector::Connector;
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A chosen endpoint and the address its application listens on.
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub target: SocketAddr,
+}
+
+/// Upstream clients and per-cluster state.
+pub struct Upstreams {
+    pub connector: Connector,
+    http1: Client<Connector, Body>,
+    http2: Client<Connector, Body>,
+    clusters: Mutex<HashMap<(String, String), Arc<Cluster>>>,
+}
+
+impl Upstreams {
+    pub fn new(connector: Connector) -> Self {
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector.clone());
+        Upstreams {
+            connector,
+            http1,
+            http2,
+            clusters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn client(&self, http2: bool) -> &Client<Connector, Body> {
+        if http2 {
+            &self.http2
+        } else {
+            &self.http1
+        }
+    }
+
+    /// The cluster of `service`/`subset` under the current traffic policy; a changed policy
+    /// starts a fresh cluster (requests in flight finish under the old one).
+    pub fn cluster(&self, service: &str, subset: &str, policy: wp::TrafficPolicy) -> Arc<Cluster> {
+        let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (service.to_owned(), subset.to_owned());
+        match clusters.get(&key) {
+            Some(c) if c.policy == policy => c.clone(),
+            _ => {
+                let c = Cluster::new(policy);
+                clusters.insert(key, c.clone());
+                c
+            }
+        }
+    }
+}
+
+/// The traffic policy of a subset over the service's: a subset's own policy wins field by field.
+pub fn effective_policy(routes: Option<&wp::ServiceRoutes>, subset: Option<&wp::Subset>) -> wp::TrafficPolicy {
+    let base = routes.and_then(|r| r.traffic_policy.clone()).unwrap_or_default();
+    let Some(over) = subset.and_then(|s| s.traffic_policy.clone()) else {
+        return base;
+    };
+    wp::TrafficPolicy {
+        connection_pool: over.connection_pool.or(base.connection_pool),
+        outlier_detection: over.outlier_detection.or(base.outlier_detection),
+        load_balancer: over.load_balancer.or(base.load_balancer),
+    }
+}
+
+/// The service's endpoints, narrowed to a subset's workloads when one is named.
+pub fn candidates(state: &State, service: &Service, subset: Option<&wp::Subset>) -> Vec<Arc<Workload>> {
+    let mut eps = state.endpoints(service);
+    if let Some(s) = subset {
+        eps.retain(|w| s.workloads.iter().any(|u| *u == w.uid));
+    }
+    eps
+}
+
+/// Where `workload` serves the service's `port`: its own mapping, else the service's.
+pub fn target(workload: &Arc<Workload>, service: &Service, port: u16, like: std::net::IpAddr) -> Option<Endpoint> {
+    let key = service.key();
+    let mapped = workload
+        .service_ports(&key)
+        .and_then(|ps| ps.iter().find(|p| p.service_port == port))
+        .or_else(|| service.ports.iter().find(|p| p.service_port == port))
+        .map(|p| {
+            if p.target_port == 0 {
+                p.service_port
+            } else {
+                p.target_port
+            }
+        })
+        .unwrap_or(port);
+    let ip = workload
+        .addresses
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() == like.is_ipv4())
+        .or_else(|| workload.addresses.first().copied())?;
+    Some(Endpoint {
+        workload: workload.clone(),
+        target: SocketAddr::new(ip, mapped),
+    })
+}
