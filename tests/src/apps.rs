@@ -177,3 +177,82 @@ impl LoadClient {
         (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }
+
+/// An HTTP/1.1 server with keep-alive named `name`, for routing tests: the body is `<name>`
+/// on the first line, then one `h <header>: <value>` line per request header; the answer
+/// carries `x-served-by: <name>`. `/status/<code>` answers with that status.
+pub async fn named_server(listener: TcpListener, name: &'static str) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    while let Ok((s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                let mut body = format!("{name}\n");
+                for (k, v) in req.headers() {
+                    body.push_str(&format!("h {k}: {}\n", v.to_str().unwrap_or("?")));
+                }
+                let status = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/status/")
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .unwrap_or(200);
+                hyper::Response::builder()
+                    .status(status)
+                    .header("x-served-by", name)
+                    .body(Full::new(Bytes::from(body)))
+            });
+            let io = hyper_util::rt::TokioIo::new(s);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection from inside a namespace.
+pub struct HttpConn {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
+    host: String,
+}
+
+/// One answer: status, headers and body text.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl HttpConn {
+    pub async fn open(ns: &Netns, addr: SocketAddr, host: &str) -> anyhow::Result<HttpConn> {
+        let tcp = ns.connect(addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Ok(HttpConn {
+            sender,
+            host: host.to_owned(),
+        })
+    }
+
+    pub async fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+        use http_body_util::BodyExt;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(http_body_util::Full::new(hyper::body::Bytes::new()))?;
+        self.sender.ready().await?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req)).await??;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}

@@ -166,6 +166,12 @@ impl Cluster {
     /// Builds the cluster with `nodes` nodes and `manifests` (namespaces, services, policies:
     /// anything but pods, which [`Cluster::add_pod`] writes). Waits until every part is ready.
     pub async fn start(id: u8, nodes: u8, manifests: &str) -> Result<Cluster> {
+        Self::start_with_identities(id, nodes, manifests, &[]).await
+    }
+
+    /// As [`Cluster::start`]; the controller also accepts a bootstrap token for each of
+    /// `identities` (SPIFFE IDs of waypoints the test will run).
+    pub async fn start_with_identities(id: u8, nodes: u8, manifests: &str, identities: &[&str]) -> Result<Cluster> {
         let hub = Hub::new()?;
         let control = leak(Netns::new("cp")?);
         hub.attach(control, &[&format!("10.90.{id}.100/24")])?;
@@ -190,9 +196,14 @@ impl Cluster {
                 n.ns.exec(&["ip", "route", "add", &Self::pod_cidr(id, other.index), "via", &via])?;
             }
         }
+        // Pods that talk to the control plane themselves (waypoints) need the way back.
+        for n in &built {
+            let via = Self::underlay_ip(id, n.index).to_string();
+            control.exec(&["ip", "route", "add", &Self::pod_cidr(id, n.index), "via", &via])?;
+        }
         let names: Vec<&str> = node_names.iter().map(String::as_str).collect();
-        let controller =
-            Controller::start_with(control, Ipv4Addr::new(10, 90, id, 100).into(), &names, manifests, true).await?;
+        let cp_ip = Ipv4Addr::new(10, 90, id, 100).into();
+        let controller = Controller::start_with(control, cp_ip, &names, manifests, true, identities).await?;
         let manifests = controller.dir.path().join("manifests");
         let cluster = Cluster {
             id,

@@ -24,7 +24,7 @@ impl<'a> Controller<'a> {
     /// Starts the controller on `ip` (xDS+CA on 15012, admin on 15014) with one bootstrap token
     /// per node name (the token is `<node>-token`), and waits until it is ready.
     pub async fn start(ns: &'a Netns, ip: std::net::IpAddr, nodes: &[&str], manifests: &str) -> anyhow::Result<Self> {
-        Self::start_with(ns, ip, nodes, manifests, false).await
+        Self::start_with(ns, ip, nodes, manifests, false, &[]).await
     }
 
     /// As [`Controller::start`]; with `enrolment`, pods are advertised with HBONE when a node
@@ -35,12 +35,13 @@ impl<'a> Controller<'a> {
         nodes: &[&str],
         manifests: &str,
         enrolment: bool,
+        identities: &[&str],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("enrolment"))?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         std::fs::write(dir.path().join("manifests/world.yaml"), manifests)?;
-        let tokens: String = nodes
+        let mut tokens: String = nodes
             .iter()
             .map(|n| {
                 format!(
@@ -48,6 +49,12 @@ impl<'a> Controller<'a> {
                 )
             })
             .collect();
+        // Proxies that run as themselves (waypoints): a token bound to their identity only.
+        for id in identities {
+            let token = identity_token(id);
+            tokens.push_str(&format!("- {{token: {token}, identity: \"{id}\"}}\n"));
+            std::fs::write(dir.path().join(format!("{token}.token")), &token)?;
+        }
         std::fs::write(dir.path().join("tokens.yaml"), tokens)?;
         for n in nodes {
             std::fs::write(dir.path().join(format!("{n}.token")), format!("{n}-token"))?;
@@ -112,6 +119,11 @@ impl<'a> Controller<'a> {
         self.dir.path().join("enrolment")
     }
 
+    /// The token file of a proxy registered with `identities` at start.
+    pub fn identity_token_file(&self, identity: &str) -> PathBuf {
+        self.dir.path().join(format!("{}.token", identity_token(identity)))
+    }
+
     pub fn token_file(&self, node: &str) -> PathBuf {
         self.dir.path().join(format!("{node}.token"))
     }
@@ -134,4 +146,14 @@ impl Drop for Controller<'_> {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A bootstrap token derived from an identity: its letters and digits.
+fn identity_token(identity: &str) -> String {
+    let body: String = identity
+        .trim_start_matches("spiffe://")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("id-{body}")
 }

@@ -1,0 +1,98 @@
+//! A waypoint in the network-namespace cluster, started the way the waypoint controller's
+//! record asks: a pod (not captured: it speaks HBONE itself) running the waypoint binary with
+//! its own identity, certificates and configuration from the controller. Killed on drop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cluster::{Cluster, Pod, PodSpec};
+use crate::ztunnel::http_request;
+
+pub struct Waypoint {
+    // Field order is drop order: the process before its pod.
+    child: Child,
+    pub pod: Pod,
+    pub log: PathBuf,
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SPIFFE identity of waypoint `name` in `namespace` (its service account is its name).
+pub fn identity(namespace: &str, name: &str) -> String {
+    format!("spiffe://cluster.local/ns/{namespace}/sa/{name}")
+}
+
+impl Waypoint {
+    /// Creates the waypoint pod for Gateway `namespace/name` on `node` (labelled so that the
+    /// Gateway's Service selects it and the node agent leaves it alone), starts the binary in
+    /// it and waits until it has its certificate and configuration.
+    pub async fn start(cluster: &Cluster, node: u8, namespace: &str, name: &str) -> Result<Waypoint> {
+        let labels = [
+            ("gateway.networking.k8s.io/gateway-name", name),
+            ("istio.io/dataplane-mode", "none"),
+        ];
+        let pod = cluster.add_pod(node, PodSpec::new(name, namespace, &labels))?;
+        let id = identity(namespace, name);
+        let log = std::env::temp_dir().join(format!("{}-waypoint.log", pod.ns.name));
+        let out = std::fs::File::create(&log)?;
+        let cp = format!("https://{}:15012", cluster.controller_ip());
+        let child = pod
+            .ns
+            .command(&crate::binary("waypoint"))
+            .args(["--identity", &id])
+            .args(["--xds-address", &cp, "--ca-address", &cp])
+            .arg("--trust-bundle")
+            .arg(cluster.controller.trust_bundle())
+            .arg("--token-file")
+            .arg(cluster.controller.identity_token_file(&id))
+            .args(["--log", "info,access=info"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning waypoint (did `cargo build` run?)")?;
+        let w = Waypoint { child, pod, log };
+        w.wait_ready(Duration::from_secs(20)).await?;
+        Ok(w)
+    }
+
+    fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.pod.ip, 15020)
+    }
+
+    async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http_request(&self.pod.ns, self.metrics_addr(), "GET", "/healthz/ready").await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("waypoint not ready within {within:?}; log:\n{}", self.logs())
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (status, body) = http_request(&self.pod.ns, self.metrics_addr(), "GET", "/metrics").await?;
+        anyhow::ensure!(status == 200, "waypoint /metrics answered {status}");
+        Ok(body)
+    }
+
+    pub async fn config_dump(&self) -> Result<String> {
+        Ok(http_request(&self.pod.ns, self.metrics_addr(), "GET", "/config_dump")
+            .await?
+            .1)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
