@@ -99,6 +99,27 @@ spec:
   rules:
   - from: [{source: {principals: [cluster.local/ns/shop/sa/order-service]}}]
     to: [{operation: {methods: [POST], paths: [/api/v1/payments*]}}]
+---
+# The recommended guard against bypassing the waypoint: at ztunnel (L4), the payments pods
+# admit only the waypoint's identity, so dialling a pod IP directly is refused.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments-via-waypoint, namespace: shop}
+spec:
+  selector: {matchLabels: {app: payments}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/waypoint]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [payments.shop.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /api/v1/payments/flaky}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: payments.shop.svc.cluster.local}}]
+  - route: [{destination: {host: payments.shop.svc.cluster.local}}]
 "#;
     w
 }
@@ -217,6 +238,28 @@ async fn waypoint_routes_and_authorizes() {
         .expect("connect from frontend");
     let denied = other.send("POST", "/api/v1/payments", &[]).await.expect("POST");
     assert_eq!(denied.status, 403, "another principal must be refused: {}", denied.body);
+
+    // Fault injection at the configured percentage (400 requests, 50 % ± 10).
+    let mut aborted = 0;
+    for _ in 0..400 {
+        let a = order.send("POST", "/api/v1/payments/flaky", &[]).await.expect("POST");
+        match a.status {
+            503 => aborted += 1,
+            200 => {}
+            other => panic!("unexpected status {other}: {}", a.body),
+        }
+    }
+    assert!((160..=240).contains(&aborted), "abort 50%: {aborted}/400 aborted");
+
+    // Dialling a payments pod directly skips the waypoint: ztunnel's L4 policy refuses it.
+    let pod = servers.iter().find(|p| p.name == "payments").expect("payments pod");
+    let direct = match HttpConn::open(&client.ns, SocketAddr::new(pod.ip, 8080), "payments").await {
+        Ok(mut c) => c.send("POST", "/api/v1/payments", &[]).await.map(|a| a.status).ok(),
+        Err(_) => None,
+    };
+    assert_eq!(direct, None, "a direct call to the pod must not get an answer");
+    let ok = order.send("POST", "/api/v1/payments", &[]).await.expect("POST");
+    assert_eq!(ok.status, 200, "through the waypoint it still works: {}", ok.body);
 
     // Istio's request metrics, with the original client's identity.
     let metrics = waypoint.metrics().await.expect("metrics");

@@ -500,6 +500,8 @@ async fn forward(
         match result {
             Ok(Ok(mut resp)) => {
                 cluster.record(&workload.uid, Some(resp.status()));
+                // An earlier failed attempt's flag does not describe this answer.
+                out.flags = "-";
                 if configured && retry_left && may_retry_sent && retriable(&retry, Some(resp.status()), true) {
                     if let Some(_budget) = cluster.retry_budget() {
                         debug!(status = %resp.status(), attempt, "retrying");
