@@ -19,9 +19,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::store::{ConfigStore, PolicySink, RoutesSink};
+use crate::telemetry::{metrics, trace};
 use crate::upstream::connector::Connector;
 use crate::upstream::Upstreams;
-use crate::{admin, listener, metrics, policy, Waypoint};
+use crate::{admin, listener, policy, Waypoint};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -92,6 +93,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         upstreams: Upstreams::new(connector),
         jwks: policy::jwt::JwksCache::new(Duration::from_secs(cfg.jwks_refresh_seconds), Duration::from_secs(5)),
         metrics: metrics::Metrics::register(&mut registry),
+        tracer: trace::Tracer::start(trace::TraceConfig {
+            zipkin: cfg.zipkin_address.clone(),
+            otlp: cfg.otlp_address.clone(),
+            sampling: cfg.trace_sampling,
+            tags: cfg.trace_tags.clone(),
+            service: format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
+        }),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });

@@ -57,6 +57,18 @@ pub struct Config {
         value_parser = parse_identity
     )]
     pub control_plane_identity: Identity,
+    /// Zipkin v2 collector for spans, e.g. http://zipkin.istio-system:9411/api/v2/spans.
+    #[arg(long, env = "ZIPKIN_ADDRESS")]
+    pub zipkin_address: Option<String>,
+    /// OTLP/HTTP collector for spans, e.g. http://otel-collector:4318/v1/traces.
+    #[arg(long, env = "OTLP_ADDRESS")]
+    pub otlp_address: Option<String>,
+    /// Percentage of new traces sampled (0-100); a caller's sampling decision is kept.
+    #[arg(long, env = "TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
+    /// A tag added to every span, `key=value` (repeatable).
+    #[arg(long = "trace-tag", env = "TRACE_TAGS", value_delimiter = ',', value_parser = crate::telemetry::trace::parse_tag)]
+    pub trace_tags: Vec<(String, String)>,
     /// How often JWKS documents fetched from a jwksUri are refreshed, in seconds.
     #[arg(long, env = "JWKS_REFRESH_SECONDS", default_value_t = 1200)]
     pub jwks_refresh_seconds: u64,
@@ -76,6 +88,22 @@ impl Config {
                 matches!(g.split_once('/'), Some((ns, name)) if !ns.is_empty() && !name.is_empty()),
                 "--gateway {g:?}: expected namespace/name of the waypoint Gateway"
             );
+        }
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&self.trace_sampling),
+            "--trace-sampling {}: expected a percentage between 0 and 100",
+            self.trace_sampling
+        );
+        for (flag, addr) in [
+            ("--zipkin-address", &self.zipkin_address),
+            ("--otlp-address", &self.otlp_address),
+        ] {
+            if let Some(a) = addr {
+                anyhow::ensure!(
+                    a.starts_with("http://") && a.parse::<http::Uri>().is_ok(),
+                    "{flag} {a:?}: expected an http:// URL of the collector's endpoint"
+                );
+            }
         }
         for (flag, addr) in [("--xds-address", &self.xds_address), ("--ca-address", &self.ca_address)] {
             anyhow::ensure!(

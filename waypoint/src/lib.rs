@@ -11,9 +11,9 @@ pub mod app;
 pub mod config;
 pub mod http;
 pub mod listener;
-pub mod metrics;
 pub mod policy;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -34,7 +34,8 @@ pub struct Waypoint {
     pub certs: Arc<CertManager>,
     pub upstreams: upstream::Upstreams,
     pub jwks: Arc<policy::jwt::JwksCache>,
-    pub metrics: metrics::Metrics,
+    pub metrics: telemetry::metrics::Metrics,
+    pub tracer: Arc<telemetry::trace::Tracer>,
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
 }

@@ -21,9 +21,10 @@ use tracing::{debug, info};
 
 use super::rewrite;
 use super::route::RequestView;
-use crate::metrics::RequestLabels;
 use crate::policy::authz::{self, Decision, RequestAttrs};
 use crate::policy::jwt::Authenticator;
+use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::trace;
 use crate::upstream::{self, Body};
 use crate::Waypoint;
 
@@ -83,9 +84,12 @@ fn percent_hit(p: f64) -> bool {
 pub async fn handle(
     wp: Arc<Waypoint>,
     down: Arc<Downstream>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    let started_at = std::time::SystemTime::now();
+    let trace_ctx = trace::extract(req.headers(), wp.tracer.sampling);
+    trace::inject(&trace_ctx, req.headers_mut());
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -151,9 +155,31 @@ pub async fn handle(
         route = %outcome.route,
         attempts = outcome.attempts,
         reason = %outcome.reason,
+        trace = %trace::describe(&trace_ctx),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
+    if trace_ctx.sampled && wp.tracer.enabled() {
+        let tags = vec![
+            ("http.method", method.to_string()),
+            ("http.url", path.clone()),
+            ("http.status_code", resp.status().as_u16().to_string()),
+            ("response_flags", outcome.flags.to_owned()),
+            ("istio.destination_service", down.service.hostname.clone()),
+            ("peer.identity", principal.clone()),
+            (
+                "upstream_cluster",
+                outcome.upstream.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+            ),
+        ];
+        wp.tracer.finish(trace::Span {
+            ctx: trace_ctx,
+            name: format!("{}:{}{path}", down.service.hostname, down.dst.port()),
+            start: started_at,
+            duration: elapsed,
+            tags,
+        });
+    }
     Ok(resp)
 }
 

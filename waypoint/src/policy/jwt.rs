@@ -834,35 +834,10 @@ mod tests {
     use mesh_proto::waypoint::{ClaimToHeader, JwtHeader};
     use serde_json::json;
 
-    /// Fixed 2048-bit test key (generated once with `openssl genrsa`): RSA keygen is slow in tests.
-    const RSA_PEM: &str = "-----BEGIN RSA PRIVATE KEY-----
-MIIEowIBAAKCAQEArrqlX9bP2RCKOTKoYQ7QV5523GuzSN1SvcagyO0t+Rmudg8o
-eVoYEcp7WUtwegTwM2DvKup1Ptc16/1CBqVso3Kl9zhhgjBUS2lO4XLyZWJUEmkt
-ArMMI6zL3U755nWgy4ty77AolhQ0vTHxXZicfTjzhr7mOV3vpO3+JuewVEJJ7u4R
-5i0QvfE8g7Ofz98Jr8ntOl6Hu/fMw5ZmQH5ly5tiKnhNRnqS38e5Zpbl8ukYVxup
-bnkTYNXvpBsVqeSzGmvMhHOn+7qD0xlPLW0wv2aN6p0KOzX6TSVt8MLw9jSYT8MR
-uCV5cZ2FQ3Td2Fv6E2CmfdLtcsR19O3fS3Kc6QIDAQABAoIBADi+LmSAW0FvyKOo
-mtviNrCtqoYMh82a6nrs3VxDAhIKUAjRBWDbbEOi0Qn/oMhPgD3/NcxnFapRs5Yu
-ydlksXInElTFv4zK6yUOTuqSLLvWAd10wIRG5yNSw2XcdvVrr8tKPwot2BBdAX+L
-j4nIvNFBxHw21Ic+xUt3anjx9uZ1kZEkLZ0kuhoaRmmZVTh3IIe2GpGLUpPFjAt+
-R/paeewfr7kjvmLXvFca2eIxf3aKtnyr182DKM/81NN6Ho7B83SReHh2/V+jTVy1
-4z/x0aI6a2hHPyLRK0Eo5QAccbQ6gjUOu9bQvMZHA+gD1+whq8gT9DYGxwzWGqY8
-b/FOdv0CgYEA9sqqDPkIGlK7cESG+xdp9fX8d0n+9Afwq779dy01noeLNDMMsZc1
-Au0xJO8qFEXABLoeRd+VHk9TGloteR2S3oRUseH+Mz5uWKaldXLWyMMeG5KDA3od
-JiTYztLQHLwz6zb4GjMFfcVvC1yetxLjx9tS+zoZH+lweJxSQTjXUh8CgYEAtT+l
-NiSBxUXbhMaRoslRIuVA5Mjir1G6/dWfZkTZCAsjOOoWWDwGv3YtJr47Rz3Gii8z
-63ySWlVkOSH1YaWJe7C40zwjzy9wUF2AUwySd0j2mREvvqGgiDTOmSmx5uwwQVPp
-vJkxgFhuM0hgrtxaNeDsSWn20mmekl+nzNFrf/cCgYEA3Lbb5sZBzOj44asn3SBP
-j73zkOwIrE79m1wwa4lvTtyCTqjpTVqh+oAPV6zdwUuwM4oQ0QTo5DalaAgGay9b
-zs4iwQQQx9up7Hb9u1B9bwexwY8CxPVNZHPHwxEfNtPKyy5aLXQ8EQOmEE9BUxH9
-zRwF1tFa7wNjpzqHBfXD/JkCgYAs6+hTofqz3RuKLfjcgs7kOjO6QHvGfhg9X1vR
-ahDsaG5DZelB1ybI/04zgwSIJKx3hTl2DPrs/qsHaf46RF/t0yAL4qTxbc2FbZcn
-fj8y51ePGm5d7gsulv/5gBcCp9lR561PvBxDtich+LdVv3FwVx3ZGDU/c0QE/UZG
-gkUFgwKBgBthuFL816DW9MUiESXaAgDYi5ukGuqJc55RnDXIrd/pSWy+/uYkmm7N
-/D88JH0jWI0bYQYhyFC+uNsv4Qp+wXrQ6fTXDI9sEkFiwq3gYX8izKNpeRx0oCud
-DXPPmU94x6scvYqaSdPmMt55nJeSrsKT9TbVrGgWrvCTHJ8IEJRg
------END RSA PRIVATE KEY-----";
-    const RSA_N: &str = "rrqlX9bP2RCKOTKoYQ7QV5523GuzSN1SvcagyO0t-Rmudg8oeVoYEcp7WUtwegTwM2DvKup1Ptc16_1CBqVso3Kl9zhhgjBUS2lO4XLyZWJUEmktArMMI6zL3U755nWgy4ty77AolhQ0vTHxXZicfTjzhr7mOV3vpO3-JuewVEJJ7u4R5i0QvfE8g7Ofz98Jr8ntOl6Hu_fMw5ZmQH5ly5tiKnhNRnqS38e5Zpbl8ukYVxupbnkTYNXvpBsVqeSzGmvMhHOn-7qD0xlPLW0wv2aN6p0KOzX6TSVt8MLw9jSYT8MRuCV5cZ2FQ3Td2Fv6E2CmfdLtcsR19O3fS3Kc6Q";
+    /// Fixed 2048-bit test key (generated once with `openssl genrsa`; RSA keygen is slow in
+    /// tests), shared with the end-to-end JWT test; `jwt-rsa.n` is its base64url modulus.
+    const RSA_PEM: &str = include_str!("../../../tests/fixtures/jwt-rsa.pem");
+    const RSA_N: &str = include_str!("../../../tests/fixtures/jwt-rsa.n").trim_ascii_end();
     const ISS: &str = "https://issuer.example";
 
     struct EcKey {

@@ -1,0 +1,395 @@
+//! Distributed tracing: the trace context of a request is taken from W3C `traceparent` or B3
+//! headers (a new trace is started when there is none, sampled at the configured percentage;
+//! an incoming sampling decision is kept), the waypoint's span becomes the parent of the
+//! upstream request (both header families are written), and sampled spans are exported in
+//! batches to Zipkin (v2 JSON) and/or OTLP/HTTP (JSON) collectors. Export never blocks a
+//! request: spans go through a bounded queue and are dropped (and counted) when it is full.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use tokio::sync::mpsc;
+
+/// One request's place in a trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    /// The caller's span, if the request carried one.
+    pub parent: Option<u64>,
+    /// The waypoint's span for this request.
+    pub span_id: u64,
+    pub sampled: bool,
+}
+
+fn hex_u128(s: &str) -> Option<u128> {
+    // B3 allows 64-bit trace ids; they are left-padded.
+    (matches!(s.len(), 16 | 32))
+        .then(|| u128::from_str_radix(s, 16).ok())
+        .flatten()
+        .filter(|v| *v != 0)
+}
+
+fn hex_u64(s: &str) -> Option<u64> {
+    (s.len() == 16)
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+        .filter(|v| *v != 0)
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// `traceparent: 00-<trace>-<span>-<flags>`.
+fn from_traceparent(h: &HeaderMap) -> Option<(u128, u64, bool)> {
+    let mut parts = header(h, "traceparent")?.split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2 || version == "ff" || trace.len() != 32 {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some((hex_u128(trace)?, hex_u64(span)?, flags & 1 == 1))
+}
+
+/// Multi-header B3, or the single `b3: <trace>-<span>[-<sampled>[-<parent>]]` header.
+fn from_b3(h: &HeaderMap) -> Option<(u128, u64, Option<bool>)> {
+    let sampled = |v: &str| match v {
+        "1" | "d" | "true" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    };
+    if let Some(single) = header(h, "b3") {
+        let mut parts = single.split('-');
+        let (trace, span) = (parts.next()?, parts.next()?);
+        return Some((hex_u128(trace)?, hex_u64(span)?, parts.next().and_then(sampled)));
+    }
+    let trace = hex_u128(header(h, "x-b3-traceid")?)?;
+    let span = hex_u64(header(h, "x-b3-spanid")?)?;
+    let s = header(h, "x-b3-flags")
+        .filter(|f| *f == "1")
+        .map(|_| true)
+        .or_else(|| header(h, "x-b3-sampled").and_then(sampled));
+    Some((trace, span, s))
+}
+
+fn nonzero_u64(rng: &mut impl Rng) -> u64 {
+    rng.gen_range(1..=u64::MAX)
+}
+
+/// The context for a request with headers `h`: continues the caller's trace if any.
+pub fn extract(h: &HeaderMap, sampling_percent: f64) -> TraceContext {
+    let mut rng = rand::thread_rng();
+    let fresh_sample = || sampling_percent >= 100.0 || rand::thread_rng().gen_range(0.0..100.0) < sampling_percent;
+    let (trace_id, parent, sampled) = match from_traceparent(h) {
+        Some((t, p, s)) => (t, Some(p), s),
+        None => match from_b3(h) {
+            Some((t, p, s)) => (t, Some(p), s.unwrap_or_else(fresh_sample)),
+            None => (rng.gen_range(1..=u128::MAX), None, fresh_sample()),
+        },
+    };
+    TraceContext {
+        trace_id,
+        parent,
+        span_id: nonzero_u64(&mut rng),
+        sampled,
+    }
+}
+
+/// Writes the context for the upstream request: our span is its parent.
+pub fn inject(ctx: &TraceContext, h: &mut HeaderMap) {
+    let flag = if ctx.sampled { "01" } else { "00" };
+    let tp = format!("00-{:032x}-{:016x}-{flag}", ctx.trace_id, ctx.span_id);
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    put("traceparent", tp);
+    put("x-b3-traceid", format!("{:032x}", ctx.trace_id));
+    put("x-b3-spanid", format!("{:016x}", ctx.span_id));
+    put("x-b3-sampled", if ctx.sampled { "1" } else { "0" }.to_owned());
+    match ctx.parent {
+        Some(p) => put("x-b3-parentspanid", format!("{p:016x}")),
+        None => {
+            h.remove("x-b3-parentspanid");
+        }
+    }
+    // One encoding per family: the single-header form would now disagree.
+    h.remove("b3");
+}
+
+/// A finished span.
+pub struct Span {
+    pub ctx: TraceContext,
+    pub name: String,
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub tags: Vec<(&'static str, String)>,
+}
+
+/// Where spans go, and how many.
+#[derive(Clone, Debug, Default)]
+pub struct TraceConfig {
+    /// Zipkin v2 endpoint, e.g. `http://zipkin:9411/api/v2/spans`.
+    pub zipkin: Option<String>,
+    /// OTLP/HTTP traces endpoint, e.g. `http://collector:4318/v1/traces`.
+    pub otlp: Option<String>,
+    /// Percentage of new traces sampled (0-100).
+    pub sampling: f64,
+    /// Tags added to every span.
+    pub tags: Vec<(String, String)>,
+    /// `localEndpoint.serviceName` / `service.name`.
+    pub service: String,
+}
+
+pub struct Tracer {
+    pub sampling: f64,
+    queue: Option<mpsc::Sender<Span>>,
+    pub dropped: AtomicU64,
+}
+
+impl Tracer {
+    /// Starts the exporter when an endpoint is configured.
+    pub fn start(cfg: TraceConfig) -> Arc<Tracer> {
+        let queue = (cfg.zipkin.is_some() || cfg.otlp.is_some()).then(|| {
+            let (tx, rx) = mpsc::channel(4096);
+            tokio::spawn(export(cfg.clone(), rx));
+            tx
+        });
+        Arc::new(Tracer {
+            sampling: if queue.is_some() {
+                cfg.sampling.clamp(0.0, 100.0)
+            } else {
+                0.0
+            },
+            queue,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    pub fn finish(&self, span: Span) {
+        if let Some(q) = &self.queue {
+            if q.try_send(span).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn micros(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0)
+}
+
+/// Zipkin v2 JSON for a batch.
+pub fn zipkin_json(spans: &[Span], cfg: &TraceConfig) -> String {
+    let list: Vec<serde_json::Value> = spans
+        .iter()
+        .map(|s| {
+            let mut tags: serde_json::Map<String, serde_json::Value> = s
+                .tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone().into()))
+                .collect();
+            tags.extend(cfg.tags.iter().map(|(k, v)| (k.clone(), v.clone().into())));
+            let mut span = serde_json::json!({
+                "traceId": format!("{:032x}", s.ctx.trace_id),
+                "id": format!("{:016x}", s.ctx.span_id),
+                "name": s.name,
+                "kind": "SERVER",
+                "timestamp": micros(s.start) as u64,
+                "duration": (s.duration.as_micros() as u64).max(1),
+                "localEndpoint": {"serviceName": cfg.service},
+                "tags": tags,
+            });
+            if let Some(p) = s.ctx.parent {
+                span["parentId"] = format!("{p:016x}").into();
+            }
+            span
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+/// OTLP/HTTP JSON (`ExportTraceServiceRequest`) for a batch.
+pub fn otlp_json(spans: &[Span], cfg: &TraceConfig) -> String {
+    let attr = |k: &str, v: &str| serde_json::json!({"key": k, "value": {"stringValue": v}});
+    let list: Vec<serde_json::Value> = spans
+        .iter()
+        .map(|s| {
+            let start = s.start.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let end = start + s.duration.as_nanos();
+            let mut attrs: Vec<serde_json::Value> = s.tags.iter().map(|(k, v)| attr(k, v)).collect();
+            attrs.extend(cfg.tags.iter().map(|(k, v)| attr(k, v)));
+            let mut span = serde_json::json!({
+                "traceId": format!("{:032x}", s.ctx.trace_id),
+                "spanId": format!("{:016x}", s.ctx.span_id),
+                "name": s.name,
+                "kind": 2,
+                "startTimeUnixNano": start.to_string(),
+                "endTimeUnixNano": end.to_string(),
+                "attributes": attrs,
+            });
+            if let Some(p) = s.ctx.parent {
+                span["parentSpanId"] = format!("{p:016x}").into();
+            }
+            span
+        })
+        .collect();
+    serde_json::json!({
+        "resourceSpans": [{
+            "resource": {"attributes": [attr("service.name", &cfg.service)]},
+            "scopeSpans": [{"scope": {"name": "mesh-waypoint"}, "spans": list}],
+        }]
+    })
+    .to_string()
+}
+
+/// Collects spans for up to a second (or 256) and posts each batch to every endpoint.
+async fn export(cfg: TraceConfig, mut rx: mpsc::Receiver<Span>) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        let first = match rx.recv().await {
+            Some(s) => s,
+            None => return,
+        };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while batch.len() < 256 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let targets = [
+            (
+                cfg.zipkin.as_deref(),
+                zipkin_json as fn(&[Span], &TraceConfig) -> String,
+            ),
+            (cfg.otlp.as_deref(), otlp_json),
+        ];
+        for (url, encode) in targets {
+            let Some(url) = url else { continue };
+            let req = Request::post(url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(encode(&batch, &cfg))));
+            let Ok(req) = req else {
+                tracing::warn!(%url, "trace collector address is not a valid URI");
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {}
+                Ok(Ok(resp)) => {
+                    tracing::warn!(%url, status = %resp.status(), spans = batch.len(), "trace collector refused spans")
+                }
+                Ok(Err(e)) => tracing::warn!(%url, error = %e, spans = batch.len(), "exporting spans failed"),
+                Err(_) => tracing::warn!(%url, spans = batch.len(), "exporting spans timed out"),
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// `key=value` of a `--trace-tag` flag.
+pub fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?}: expected key=value")),
+    }
+}
+
+/// Text for logs: `<trace>/<span>`.
+pub fn describe(ctx: &TraceContext) -> String {
+    let mut s = String::with_capacity(49);
+    let _ = write!(s, "{:032x}/{:016x}", ctx.trace_id, ctx.span_id);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn traceparent_is_continued_and_rewritten_with_our_span() {
+        let h = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
+        let ctx = extract(&h, 0.0);
+        assert_eq!(ctx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(ctx.parent, Some(0x00f067aa0ba902b7));
+        assert!(ctx.sampled, "the caller's decision wins over 0 %");
+        let mut out = HeaderMap::new();
+        inject(&ctx, &mut out);
+        let tp = out["traceparent"].to_str().unwrap();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"));
+        assert!(!tp.contains("00f067aa0ba902b7"), "our span is the new parent");
+        assert_eq!(out["x-b3-parentspanid"], "00f067aa0ba902b7");
+    }
+
+    #[test]
+    fn b3_single_and_multi() {
+        let ctx = extract(
+            &headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0")]),
+            100.0,
+        );
+        assert_eq!(ctx.trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
+        assert!(!ctx.sampled, "b3 said not sampled");
+        let ctx = extract(
+            &headers(&[
+                ("x-b3-traceid", "463ac35c9f6413ad"),
+                ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                ("x-b3-sampled", "1"),
+            ]),
+            0.0,
+        );
+        assert_eq!(ctx.trace_id, 0x463ac35c9f6413ad);
+        assert!(ctx.sampled);
+    }
+
+    #[test]
+    fn garbage_starts_a_new_trace() {
+        let ctx = extract(&headers(&[("traceparent", "00-zz-yy-01")]), 0.0);
+        assert_eq!(ctx.parent, None);
+        assert!(!ctx.sampled);
+        assert!(extract(&HeaderMap::new(), 100.0).sampled);
+    }
+
+    #[test]
+    fn exports_are_valid_json_with_tags() {
+        let span = Span {
+            ctx: extract(&HeaderMap::new(), 100.0),
+            name: "GET /x".into(),
+            start: SystemTime::now(),
+            duration: Duration::from_millis(3),
+            tags: vec![("http.status_code", "200".into())],
+        };
+        let cfg = TraceConfig {
+            service: "waypoint.shop".into(),
+            tags: vec![("cluster".into(), "local".into())],
+            ..Default::default()
+        };
+        let z: serde_json::Value = serde_json::from_str(&zipkin_json(std::slice::from_ref(&span), &cfg)).unwrap();
+        assert_eq!(z[0]["tags"]["cluster"], "local");
+        assert_eq!(z[0]["localEndpoint"]["serviceName"], "waypoint.shop");
+        let o: serde_json::Value = serde_json::from_str(&otlp_json(&[span], &cfg)).unwrap();
+        assert_eq!(o["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["name"], "GET /x");
+    }
+}
