@@ -178,25 +178,85 @@ impl LoadClient {
     }
 }
 
+/// Requests served per server name (mirrors are counted here too).
+static SERVED: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> = std::sync::Mutex::new(None);
+/// Per-key counters of `/fail/<n>/<key>`.
+static FAILS: std::sync::Mutex<Option<std::collections::HashMap<String, u32>>> = std::sync::Mutex::new(None);
+
+/// How many requests the named server answered so far.
+pub fn served(name: &str) -> usize {
+    let map = SERVED.lock().unwrap_or_else(|e| e.into_inner());
+    map.as_ref().and_then(|m| m.get(name).copied()).unwrap_or(0)
+}
+
+/// What a [`named_server`] answers for a path: `/status/<code>`, `/fail/<n>/<key>` (503 for
+/// the first n requests with that key, then 200), `/delay/<ms>`, anything else 200; a server
+/// whose name contains `broken` answers 500 to everything.
+async fn behaviour(name: &str, path: &str) -> u16 {
+    if name.contains("broken") {
+        return 500;
+    }
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("status"), Some(code), _) => code.parse().unwrap_or(400),
+        (Some("fail"), Some(n), Some(key)) => {
+            let n: u32 = n.parse().unwrap_or(0);
+            let mut map = FAILS.lock().unwrap_or_else(|e| e.into_inner());
+            let count = map
+                .get_or_insert_with(Default::default)
+                .entry(key.to_owned())
+                .or_insert(0);
+            *count += 1;
+            if *count <= n {
+                503
+            } else {
+                200
+            }
+        }
+        (Some("delay"), Some(ms), _) => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            200
+        }
+        _ => 200,
+    }
+}
+
 /// An HTTP/1.1 server with keep-alive named `name`, for routing tests: the body is `<name>`
-/// on the first line, then one `h <header>: <value>` line per request header; the answer
-/// carries `x-served-by: <name>`. `/status/<code>` answers with that status.
+/// on the first line, `path <method> <path>` on the second, then one `h <header>: <value>`
+/// line per request header; the answer carries `x-served-by: <name>`. See [`behaviour`] for
+/// the paths that fail or wait. WebSocket-style upgrades (`Upgrade` header) are answered
+/// with 101 and the upgraded stream is echoed.
 pub async fn named_server(listener: TcpListener, name: &'static str) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     while let Ok((s, _)) = listener.accept().await {
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
-                let mut body = format!("{name}\n");
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| async move {
+                {
+                    let mut map = SERVED.lock().unwrap_or_else(|e| e.into_inner());
+                    *map.get_or_insert_with(Default::default)
+                        .entry(name.to_owned())
+                        .or_insert(0) += 1;
+                }
+                if req.headers().contains_key(hyper::header::UPGRADE) {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = upgrade.await {
+                            let (mut r, mut w) = tokio::io::split(hyper_util::rt::TokioIo::new(up));
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        }
+                    });
+                    return hyper::Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "websocket")
+                        .body(Full::new(Bytes::new()));
+                }
+                let mut body = format!("{name}\npath {} {}\n", req.method(), req.uri());
                 for (k, v) in req.headers() {
                     body.push_str(&format!("h {k}: {}\n", v.to_str().unwrap_or("?")));
                 }
-                let status = req
-                    .uri()
-                    .path()
-                    .strip_prefix("/status/")
-                    .and_then(|c| c.parse::<u16>().ok())
-                    .unwrap_or(200);
+                let status = behaviour(name, req.uri().path()).await;
                 hyper::Response::builder()
                     .status(status)
                     .header("x-served-by", name)
@@ -205,6 +265,7 @@ pub async fn named_server(listener: TcpListener, name: &'static str) {
             let io = hyper_util::rt::TokioIo::new(s);
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)
+                .with_upgrades()
                 .await;
         });
     }
@@ -227,7 +288,7 @@ impl HttpConn {
     pub async fn open(ns: &Netns, addr: SocketAddr, host: &str) -> anyhow::Result<HttpConn> {
         let tcp = ns.connect(addr).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
+        tokio::spawn(conn.with_upgrades());
         Ok(HttpConn {
             sender,
             host: host.to_owned(),
@@ -254,5 +315,83 @@ impl HttpConn {
             headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
+    }
+
+    /// A WebSocket-style upgrade of this connection: sends `message` on the upgraded stream
+    /// and returns what came back (the test server echoes).
+    pub async fn upgrade_echo(mut self, path: &str, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let req = hyper::Request::builder()
+            .uri(path)
+            .header("host", &self.host)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(http_body_util::Full::new(hyper::body::Bytes::new()))?;
+        self.sender.ready().await?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req)).await??;
+        anyhow::ensure!(resp.status() == 101, "upgrade answered {}", resp.status());
+        let up = hyper::upgrade::on(resp).await?;
+        let mut io = hyper_util::rt::TokioIo::new(up);
+        io.write_all(message).await?;
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut back)).await??;
+        Ok(back)
+    }
+}
+
+/// A Zipkin-compatible collector: every POST (path, body) is handed to the returned channel
+/// and answered 202, as Zipkin does.
+pub fn span_collector(listener: TcpListener) -> tokio::sync::mpsc::UnboundedReceiver<(String, String)> {
+    use http_body_util::{BodyExt, Full};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let _ = tx.send((path, String::from_utf8_lossy(&body).into_owned()));
+                        hyper::Response::builder()
+                            .status(202)
+                            .body(Full::new(hyper::body::Bytes::new()))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(s);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    rx
+}
+
+/// Answers every request with `body` as JSON (a JWKS endpoint, say).
+pub async fn json_server(listener: TcpListener, body: String) {
+    use http_body_util::Full;
+    let body = hyper::body::Bytes::from(body);
+    while let Ok((s, _)) = listener.accept().await {
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                let body = body.clone();
+                async move {
+                    hyper::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(body))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(s);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
     }
 }

@@ -188,3 +188,29 @@ impl Hub {
         Ok(host)
     }
 }
+
+/// Client sockets made inside a namespace, for clients that take a socket factory (the
+/// gRPC dialer): a test's gRPC client then connects as a pod would.
+pub struct NetnsSockets {
+    pub name: String,
+}
+
+impl mesh_core::socket::SocketFactory for NetnsSockets {
+    fn tcp_socket(&self, dst: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+        socket_in(&self.name, dst)
+    }
+
+    fn tcp_listener(&self, _addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "client sockets only",
+        ))
+    }
+
+    fn udp_socket(&self, _addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "client sockets only",
+        ))
+    }
+}

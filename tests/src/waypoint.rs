@@ -36,6 +36,17 @@ impl Waypoint {
     /// Gateway's Service selects it and the node agent leaves it alone), starts the binary in
     /// it and waits until it has its certificate and configuration.
     pub async fn start(cluster: &Cluster, node: u8, namespace: &str, name: &str) -> Result<Waypoint> {
+        Self::start_with(cluster, node, namespace, name, &[]).await
+    }
+
+    /// As [`Waypoint::start`], with `extra` flags (tracing, say).
+    pub async fn start_with(
+        cluster: &Cluster,
+        node: u8,
+        namespace: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<Waypoint> {
         let labels = [
             ("gateway.networking.k8s.io/gateway-name", name),
             ("istio.io/dataplane-mode", "none"),
@@ -55,6 +66,7 @@ impl Waypoint {
             .arg("--token-file")
             .arg(cluster.controller.identity_token_file(&id))
             .args(["--log", "info,access=info"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use mesh_e2e::apps::{named_server, HttpConn};
+use mesh_e2e::apps::{named_server, served, span_collector, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
 use mesh_e2e::waypoint::{identity, Waypoint};
 use mesh_e2e::{privileged, promtool_check};
@@ -18,7 +18,8 @@ fn vip(n: u8) -> IpAddr {
     Ipv4Addr::new(10, 96, ID, n).into()
 }
 
-fn service(name: &str, selector: &str, n: u8, waypoint: bool) -> String {
+/// A Service on port 80 (target 8080) in `shop` with cluster IP 10.96.<id>.<n>.
+fn service(id: u8, name: &str, selector: &str, n: u8, waypoint: bool) -> String {
     let labels = if waypoint {
         ", labels: {istio.io/use-waypoint: waypoint}"
     } else {
@@ -26,33 +27,41 @@ fn service(name: &str, selector: &str, n: u8, waypoint: bool) -> String {
     };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop{labels}}}\n\
-         spec: {{clusterIP: {}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
-        vip(n)
+         spec: {{clusterIP: 10.96.{id}.{n}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
+    )
+}
+
+/// The ambient namespace `shop` with the waypoint Gateway and its Service (10.96.<id>.50).
+fn base(id: u8) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: waypoint, namespace: shop}}
+spec: {{clusterIP: 10.96.{id}.50, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+"#
     )
 }
 
 fn world() -> String {
-    let mut w = String::from(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
-    );
-    w += &service("server", "app: server", 10, true);
-    w += &service("server-v1", "app: server, version: v1", 11, false);
-    w += &service("server-v2", "app: server, version: v2", 12, false);
-    w += &service("payments", "app: payments", 13, true);
-    w += &service("reviews", "app: reviews", 14, true);
-    w += &format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: waypoint, namespace: shop}}\n\
-         spec: {{clusterIP: {}, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}\n---\n",
-        vip(50)
-    );
+    let mut w = base(ID);
+    w += &service(ID, "server", "app: server", 10, true);
+    w += &service(ID, "server-v1", "app: server, version: v1", 11, false);
+    w += &service(ID, "server-v2", "app: server, version: v2", 12, false);
+    w += &service(ID, "payments", "app: payments", 13, true);
+    w += &service(ID, "reviews", "app: reviews", 14, true);
     w += r#"apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: service}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: server-canary, namespace: shop}
 spec:
@@ -291,4 +300,624 @@ async fn waypoint_routes_and_authorizes() {
         series.iter().any(|l| l.contains("destination_workload=\"server-v2\"")),
         "no series for the v2 destination"
     );
+}
+
+const ID2: u8 = 91;
+
+fn resilience_world() -> String {
+    let mut w = base(ID2);
+    w += "apiVersion: v1\nkind: Namespace\nmetadata: {name: observability}\n---\n";
+    for (name, selector, n) in [
+        ("flaky", "app: backend", 20),
+        ("slow", "app: backend", 21),
+        ("cb", "app: backend", 22),
+        ("od", "app: od", 23),
+        ("web", "app: web", 24),
+        ("locked", "app: backend", 25),
+        ("guarded", "app: backend", 26),
+    ] {
+        w += &service(ID2, name, selector, n, true);
+    }
+    w += &service(ID2, "web-mirror", "app: web-mirror", 27, false);
+    w += r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: flaky}]
+  rules:
+  - backendRefs: [{name: flaky, port: 80}]
+    retry: {attempts: 3, codes: [503], backoff: 10ms}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: slow, namespace: shop}
+spec:
+  hosts: [slow.shop.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /delayed}}]
+    fault: {delay: {fixedDelay: 200ms, percentage: {value: 100}}}
+    route: [{destination: {host: slow.shop.svc.cluster.local}}]
+  - match: [{uri: {prefix: /delay/600}}]
+    timeout: 300ms
+    route: [{destination: {host: slow.shop.svc.cluster.local}}]
+  - retries: {attempts: 2, perTryTimeout: 200ms, retryOn: 5xx}
+    route: [{destination: {host: slow.shop.svc.cluster.local}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cb, namespace: shop}
+spec:
+  host: cb.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: od, namespace: shop}
+spec:
+  host: od.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 100}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    backendRefs: [{name: web, port: 80}]
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: web-mirror, port: 80}}
+    backendRefs: [{name: web, port: 80}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: locked, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: locked}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: guarded, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: guarded}]
+  action: ALLOW
+  rules:
+  - when: [{key: "request.headers[x-tier]", notValues: [blocked]}]
+"#;
+    w
+}
+
+async fn timed(conn: &mut HttpConn, method: &str, path: &str) -> (u16, Duration, mesh_e2e::apps::Answer) {
+    let start = std::time::Instant::now();
+    let a = conn
+        .send(method, path, &[])
+        .await
+        .expect("request through the waypoint");
+    (a.status, start.elapsed(), a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_resilience_rewrites_and_policies() {
+    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
+        eprintln!("skipping: needs root and containernetworking-plugins");
+        return;
+    }
+    let wp_id = identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(ID2, 2, &resilience_world(), &[&wp_id])
+        .await
+        .expect("cluster up");
+    let pods = [
+        ("backend", 1, vec![("app", "backend")]),
+        ("od-good", 0, vec![("app", "od")]),
+        ("od-broken", 1, vec![("app", "od")]),
+        ("web", 0, vec![("app", "web")]),
+        ("web-mirror", 1, vec![("app", "web-mirror")]),
+    ];
+    let mut servers = Vec::new();
+    for (name, node, labels) in &pods {
+        let pod = cluster
+            .add_pod(*node, PodSpec::new(name, "shop", labels))
+            .expect("server pod");
+        let l = pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen");
+        tokio::spawn(named_server(l, name));
+        servers.push(pod);
+    }
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    // A Zipkin-compatible collector outside the mesh; the waypoint samples every trace.
+    let zipkin = cluster
+        .add_pod(0, PodSpec::new("zipkin", "observability", &[]))
+        .expect("collector pod");
+    let mut spans = span_collector(zipkin.ns.listen(SocketAddr::new(zipkin.ip, 9411)).expect("listen"));
+    let zipkin_url = format!("http://{}:9411/api/v2/spans", zipkin.ip);
+    let tracing_flags = [
+        "--zipkin-address",
+        zipkin_url.as_str(),
+        "--trace-sampling",
+        "100",
+        "--trace-tag",
+        "cluster=netns",
+    ];
+    let _waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &tracing_flags)
+        .await
+        .expect("waypoint up");
+    for p in servers.iter().chain([&client]) {
+        cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+    }
+    let open = |n: u8, host: &'static str| {
+        HttpConn::open(
+            &client.ns,
+            SocketAddr::new(Ipv4Addr::new(10, 96, ID2, n).into(), 80),
+            host,
+        )
+    };
+
+    // Retries (GEP-1731): two failures then success within attempts: 3; a POST is not retried.
+    let mut flaky = open(20, "flaky.shop.svc.cluster.local").await.expect("connect");
+    assert_eq!(
+        timed(&mut flaky, "GET", "/fail/2/get").await.0,
+        200,
+        "third attempt succeeds"
+    );
+    assert_eq!(
+        timed(&mut flaky, "GET", "/fail/5/many").await.0,
+        503,
+        "attempts exhausted"
+    );
+    assert_eq!(
+        timed(&mut flaky, "POST", "/fail/1/post").await.0,
+        503,
+        "POST not retried"
+    );
+
+    // Per-try timeout (2 × 200 ms) and overall timeout (300 ms), with tolerance.
+    let mut slow = open(21, "slow.shop.svc.cluster.local").await.expect("connect");
+    let (status, took, _) = timed(&mut slow, "GET", "/delay/500").await;
+    assert_eq!(status, 504);
+    assert!(
+        took >= Duration::from_millis(380) && took < Duration::from_millis(1000),
+        "2 tries of 200 ms took {took:?}"
+    );
+    let (status, took, _) = timed(&mut slow, "GET", "/delay/600").await;
+    assert_eq!(status, 504);
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(550),
+        "300 ms timeout took {took:?}"
+    );
+    // Fault delay at 100 %.
+    let (status, took, _) = timed(&mut slow, "GET", "/delayed").await;
+    assert_eq!(status, 200);
+    assert!(took >= Duration::from_millis(190), "200 ms fault delay took {took:?}");
+
+    // Circuit breaking: one connection, one pending; a burst of 8 gets prompt overflows.
+    let mut burst = Vec::new();
+    for _ in 0..8 {
+        let mut c = open(22, "cb.shop.svc.cluster.local").await.expect("connect");
+        burst.push(tokio::spawn(async move { timed(&mut c, "GET", "/delay/400").await }));
+    }
+    let (mut ok, mut overflow) = (0, 0);
+    for b in burst {
+        let (status, took, a) = b.await.expect("burst request");
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(
+                    a.headers.get("x-envoy-overloaded").map(|v| v.as_bytes()),
+                    Some(&b"true"[..])
+                );
+                assert!(
+                    took < Duration::from_millis(300),
+                    "overflow must be prompt, took {took:?}"
+                );
+                overflow += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok >= 1 && overflow >= 4, "burst: {ok} served, {overflow} overflowed");
+
+    // Outlier detection: the broken endpoint is ejected, then restored after baseEjectionTime.
+    let mut od = open(23, "od.shop.svc.cluster.local").await.expect("connect");
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(timed(&mut od, "GET", "/").await.0);
+    }
+    assert!(
+        answers[6..].iter().all(|s| *s == 200),
+        "after ejection only the good endpoint answers: {answers:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut after = Vec::new();
+    for _ in 0..6 {
+        after.push(timed(&mut od, "GET", "/").await.0);
+    }
+    assert!(after.contains(&500), "restored after the ejection time: {after:?}");
+
+    // Redirect, rewrite, mirror.
+    let mut web = open(24, "web.shop.svc.cluster.local").await.expect("connect");
+    let (status, _, a) = timed(&mut web, "GET", "/old").await;
+    assert_eq!(status, 301);
+    assert_eq!(
+        a.headers.get("location").and_then(|v| v.to_str().ok()),
+        Some("http://web.shop.svc.cluster.local/new")
+    );
+    let (status, _, a) = timed(&mut web, "GET", "/api/items?x=1").await;
+    assert_eq!(status, 200);
+    assert!(a.body.contains("path GET /v2/items?x=1"), "rewrite: {}", a.body);
+    let mirrored_before = served("web-mirror");
+    for _ in 0..5 {
+        let (status, _, a) = timed(&mut web, "GET", "/hello").await;
+        assert_eq!(status, 200);
+        assert!(
+            a.body.starts_with("web\n"),
+            "the client sees only the primary: {}",
+            a.body
+        );
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while served("web-mirror") < mirrored_before + 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror never got its 5 copies"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A WebSocket-style upgrade through the waypoint.
+    let ws = open(24, "web.shop.svc.cluster.local").await.expect("connect");
+    let echoed = ws.upgrade_echo("/ws", b"hello over an upgrade").await.expect("upgrade");
+    assert_eq!(echoed, b"hello over an upgrade");
+
+    // Tracing: the caller's W3C context is continued, the upstream gets the waypoint's span as
+    // parent in both header families, and the span reaches the collector with its tags.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let a = web
+        .send("GET", "/traced", &[("traceparent", &traceparent)])
+        .await
+        .expect("traced request");
+    assert!(a.body.contains(&format!("h traceparent: 00-{trace}-")), "{}", a.body);
+    assert!(a.body.contains(&format!("h x-b3-traceid: {trace}")), "{}", a.body);
+    assert!(a.body.contains(&format!("h x-b3-parentspanid: {parent}")), "{}", a.body);
+    let span = tokio::time::timeout(WAIT, async {
+        while let Some((path, body)) = spans.recv().await {
+            assert_eq!(path, "/api/v2/spans");
+            let list: serde_json::Value = serde_json::from_str(&body).expect("Zipkin v2 JSON");
+            if let Some(s) = list.as_array().into_iter().flatten().find(|s| s["traceId"] == trace) {
+                return s.clone();
+            }
+        }
+        panic!("collector closed");
+    })
+    .await
+    .expect("the span reached the collector");
+    assert_eq!(span["parentId"], parent);
+    assert_eq!(span["tags"]["http.status_code"], "200");
+    assert_eq!(span["tags"]["cluster"], "netns");
+    assert_eq!(span["localEndpoint"]["serviceName"], "waypoint.shop");
+
+    // notValues on a header, and the empty-spec deny-all.
+    let mut guarded = open(26, "guarded.shop.svc.cluster.local").await.expect("connect");
+    assert_eq!(
+        guarded
+            .send("GET", "/", &[("x-tier", "gold")])
+            .await
+            .expect("gold")
+            .status,
+        200
+    );
+    assert_eq!(
+        guarded
+            .send("GET", "/", &[("x-tier", "blocked")])
+            .await
+            .expect("blocked")
+            .status,
+        403
+    );
+    let mut locked = open(25, "locked.shop.svc.cluster.local").await.expect("connect");
+    assert_eq!(timed(&mut locked, "GET", "/").await.0, 403, "deny-all");
+}
+
+const ID3: u8 = 92;
+const ISSUER: &str = "https://issuer.test";
+
+fn auth_world() -> String {
+    let mut w = base(ID3);
+    w += "apiVersion: v1\nkind: Namespace\nmetadata: {name: observability}\n---\n";
+    w += &service(ID3, "api", "app: api", 30, true);
+    w += &service(ID3, "grpc", "app: grpc-a", 31, true);
+    w += &service(ID3, "grpc-a", "app: grpc-a", 32, false);
+    w += &service(ID3, "grpc-b", "app: grpc-b", 33, false);
+    w += r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: grpc}]
+  rules:
+  - matches: [{method: {service: istio.v1.auth.IstioCertificateService, method: CreateCertificate}}]
+    backendRefs: [{name: grpc-a, port: 80}]
+  - matches: [{method: {service: envoy.service.discovery.v3.AggregatedDiscoveryService}}]
+    backendRefs: [{name: grpc-b, port: 80}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-needs-jwt, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: api}]
+  action: ALLOW
+  rules: [{from: [{source: {requestPrincipals: ["https://issuer.test/*"]}}]}]
+---
+"#;
+    w
+}
+
+/// The RequestAuthentication, once the issuer's JWKS address is known.
+fn request_authentication(jwks_uri: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: api-jwt, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: api}}]
+  jwtRules:
+  - issuer: {ISSUER}
+    jwksUri: {jwks_uri}
+    audiences: [api]
+    outputClaimToHeaders: [{{header: x-jwt-group, claim: group}}]
+"#
+    )
+}
+
+struct Keys {
+    rsa: jsonwebtoken::EncodingKey,
+    ec: jsonwebtoken::EncodingKey,
+    jwks: String,
+}
+
+fn keys() -> Keys {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("EC key");
+    let raw = ec.public_key_raw();
+    let jwks = serde_json::json!({"keys": [
+        {"kty": "RSA", "kid": "rsa", "alg": "RS256", "n": include_str!("../fixtures/jwt-rsa.n").trim(), "e": "AQAB"},
+        {"kty": "EC", "kid": "ec", "crv": "P-256", "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..])},
+    ]});
+    Keys {
+        rsa: jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!("../fixtures/jwt-rsa.pem")).expect("RSA key"),
+        ec: jsonwebtoken::EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).expect("EC key"),
+        jwks: jwks.to_string(),
+    }
+}
+
+fn token(keys: &Keys, alg: jsonwebtoken::Algorithm, claims: serde_json::Value) -> String {
+    let (kid, key) = match alg {
+        jsonwebtoken::Algorithm::RS256 => ("rsa", &keys.rsa),
+        _ => ("ec", &keys.ec),
+    };
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, &claims, key).expect("sign")
+}
+
+fn claims(iss: &str, aud: &str, exp_in: i64) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    serde_json::json!({"iss": iss, "sub": "alice", "aud": aud, "exp": now + exp_in, "group": "admins"})
+}
+
+mod grpc_backend {
+    //! A gRPC backend for routing tests, made of two services from our own protos: the CA's
+    //! unary `CreateCertificate` and ADS's bidirectional stream. Both answer with the
+    //! backend's name so the test sees where a call went.
+
+    use std::pin::Pin;
+
+    use futures_util::{Stream, StreamExt};
+    use mesh_proto::ca::istio_certificate_service_server::IstioCertificateService;
+    use mesh_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+    use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+    use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+    use tonic::{Request, Response, Status, Streaming};
+
+    #[derive(Clone)]
+    pub struct Named(pub &'static str);
+
+    #[tonic::async_trait]
+    impl IstioCertificateService for Named {
+        async fn create_certificate(
+            &self,
+            _req: Request<IstioCertificateRequest>,
+        ) -> Result<Response<IstioCertificateResponse>, Status> {
+            Ok(Response::new(IstioCertificateResponse {
+                cert_chain: vec![self.0.to_owned()],
+            }))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for Named {
+        type DeltaAggregatedResourcesStream =
+            Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+        async fn delta_aggregated_resources(
+            &self,
+            req: Request<Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+            let name = self.0;
+            // tonic's Status is the stream's error type by contract, large or not.
+            #[allow(clippy::result_large_err)]
+            let out = req.into_inner().map(move |r| {
+                r.map(|r| DeltaDiscoveryResponse {
+                    system_version_info: name.to_owned(),
+                    nonce: r.response_nonce,
+                    ..Default::default()
+                })
+            });
+            Ok(Response::new(Box::pin(out)))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_jwt_and_grpc() {
+    use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+    use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+    use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+    use mesh_proto::discovery::DeltaDiscoveryRequest;
+
+    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
+        eprintln!("skipping: needs root and containernetworking-plugins");
+        return;
+    }
+    let wp_id = identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(ID3, 2, &auth_world(), &[&wp_id])
+        .await
+        .expect("cluster up");
+    let keys = keys();
+    let issuer = cluster
+        .add_pod(1, PodSpec::new("issuer", "observability", &[]))
+        .expect("issuer pod");
+    tokio::spawn(mesh_e2e::apps::json_server(
+        issuer.ns.listen(SocketAddr::new(issuer.ip, 8080)).expect("listen"),
+        keys.jwks.clone(),
+    ));
+    cluster
+        .write_manifest(
+            "jwt.yaml",
+            &request_authentication(&format!("http://{}:8080/jwks.json", issuer.ip)),
+        )
+        .expect("RequestAuthentication");
+
+    let api = cluster
+        .add_pod(1, PodSpec::new("api", "shop", &[("app", "api")]))
+        .expect("api pod");
+    tokio::spawn(named_server(
+        api.ns.listen(SocketAddr::new(api.ip, 8080)).expect("listen"),
+        "api",
+    ));
+    let mut grpc_pods = Vec::new();
+    for (name, node) in [("grpc-a", 0), ("grpc-b", 1)] {
+        let pod = cluster
+            .add_pod(node, PodSpec::new(name, "shop", &[("app", name)]))
+            .expect("grpc pod");
+        let listener = pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen");
+        let backend = grpc_backend::Named(name);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IstioCertificateServiceServer::new(backend.clone()))
+                .add_service(AggregatedDiscoveryServiceServer::new(backend))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        grpc_pods.push(pod);
+    }
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    let _waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint")
+        .await
+        .expect("waypoint up");
+    for p in grpc_pods.iter().chain([&api, &client]) {
+        cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+    }
+
+    // JWT: valid RS256 and ES256 tokens pass with the claim forwarded and the token removed.
+    let mut conn = HttpConn::open(
+        &client.ns,
+        SocketAddr::new(Ipv4Addr::new(10, 96, ID3, 30).into(), 80),
+        "api.shop",
+    )
+    .await
+    .expect("connect to api");
+    let bearer = |t: String| format!("Bearer {t}");
+    let mut status_with = async |auth: Option<String>| {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        conn.send("GET", "/", &headers).await.expect("request")
+    };
+    for alg in [jsonwebtoken::Algorithm::RS256, jsonwebtoken::Algorithm::ES256] {
+        // The RequestAuthentication arrives after the pods: wait for it to be in force.
+        let deadline = std::time::Instant::now() + WAIT;
+        let a = loop {
+            let a = status_with(Some(bearer(token(&keys, alg, claims(ISSUER, "api", 600))))).await;
+            if a.status == 200 || std::time::Instant::now() > deadline {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(a.status, 200, "{alg:?}: {}", a.body);
+        assert!(a.body.contains("h x-jwt-group: admins"), "claim forwarded: {}", a.body);
+        assert!(!a.body.contains("h authorization:"), "token not forwarded: {}", a.body);
+    }
+    let rs = jsonwebtoken::Algorithm::RS256;
+    let invalid = [
+        ("expired", token(&keys, rs, claims(ISSUER, "api", -300))),
+        (
+            "wrong issuer",
+            token(&keys, rs, claims("https://evil.test", "api", 600)),
+        ),
+        ("wrong audience", token(&keys, rs, claims(ISSUER, "other", 600))),
+        ("bad signature", {
+            let t = token(&keys, rs, claims(ISSUER, "api", 600));
+            let forged = token(&keys, rs, claims(ISSUER, "api", 6000));
+            // The payload of one token with the signature of another.
+            let (head_body, _) = forged.rsplit_once('.').expect("jwt");
+            format!("{head_body}.{}", t.rsplit_once('.').expect("jwt").1)
+        }),
+    ];
+    for (what, t) in invalid {
+        assert_eq!(status_with(Some(bearer(t))).await.status, 401, "{what} must be 401");
+    }
+    assert_eq!(
+        status_with(None).await.status,
+        403,
+        "no token where a request principal is required"
+    );
+
+    // gRPC through the waypoint, routed by method: unary to grpc-a, streaming to grpc-b.
+    let sockets = std::sync::Arc::new(mesh_e2e::netns::NetnsSockets {
+        name: client.ns.name.clone(),
+    });
+    let channel = mesh_core::grpc::endpoint(&format!("http://10.96.{ID3}.31:80"), None)
+        .expect("grpc address")
+        .sockets(sockets)
+        .connect()
+        .await
+        .expect("grpc connect");
+    let unary = IstioCertificateServiceClient::new(channel.clone())
+        .create_certificate(mesh_proto::ca::IstioCertificateRequest::default())
+        .await
+        .expect("unary call");
+    assert_eq!(unary.into_inner().cert_chain, vec!["grpc-a".to_owned()]);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("streaming call")
+        .into_inner();
+    for i in 0..3 {
+        tx.send(DeltaDiscoveryRequest {
+            response_nonce: format!("n{i}"),
+            ..Default::default()
+        })
+        .await
+        .expect("send on the stream");
+        let r = stream.message().await.expect("stream message").expect("stream open");
+        assert_eq!((r.system_version_info.as_str(), r.nonce), ("grpc-b", format!("n{i}")));
+    }
 }
