@@ -10,6 +10,7 @@
 
 pub mod apps;
 pub mod bed;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod controller;

@@ -77,6 +77,11 @@ impl Waypoint {
         Ok(w)
     }
 
+    /// The waypoint process (`ip netns exec` replaces itself with the program).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn metrics_addr(&self) -> SocketAddr {
         SocketAddr::new(self.pod.ip, 15020)
     }

@@ -1,0 +1,306 @@
+//! waypointbench: what the waypoint adds, measured beside the paths it competes with, in one
+//! run on the two-node namespace cluster:
+//!
+//! - plain: a client pod to a server pod, no mesh;
+//! - nginx: the same through Debian's nginx as a keep-alive reverse proxy (a pod of its own);
+//! - ztunnel: a captured client to a captured server through both ztunnels (HBONE);
+//! - waypoint: the same service with `istio.io/use-waypoint`: ztunnel, waypoint, ztunnel.
+//!
+//! Each path gets a fixed load (default 1,000 requests/s on 4 keep-alive connections, latency
+//! measured from each request's scheduled time so a stall is not hidden) and a wrk run for its
+//! maximum rate. The waypoint's idle RSS and CPU per request are read from /proc.
+//!
+//! ```text
+//! cargo build --release --workspace && sudo target/release/waypointbench [--quick] [--rate N]
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mesh_e2e::apps::{named_server, HttpConn};
+use mesh_e2e::bench::{clock_ticks, cpu_ticks, parse_wrk, rss_kib, run_in, wait_listening, Proc};
+use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
+use mesh_e2e::waypoint::{identity, Waypoint};
+use mesh_e2e::Netns;
+
+const ID: u8 = 203;
+const CONNECTIONS: usize = 4;
+
+fn vip(n: u8) -> IpAddr {
+    Ipv4Addr::new(10, 96, ID, n).into()
+}
+
+fn world() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: plain}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: direct, namespace: shop}}
+spec: {{clusterIP: {}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: viawp, namespace: shop, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: {}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: waypoint, namespace: shop}}
+spec: {{clusterIP: {}, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: shop}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+"#,
+        vip(10),
+        vip(11),
+        vip(50)
+    )
+}
+
+/// nginx proxying port 8080 to `upstream` with pooled keep-alive connections.
+fn start_nginx(ns: &Netns, dir: &std::path::Path, upstream: SocketAddr) -> Result<Proc> {
+    let d = dir.display();
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+error_log stderr;
+pid {d}/nginx.pid;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  upstream backend {{ server {upstream}; keepalive 32; }}
+  server {{
+    listen 8080;
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let (prefix, conf) = (format!("{d}/"), path.display().to_string());
+    Proc::spawn(
+        ns,
+        &["nginx", "-e", "stderr", "-p", &prefix, "-c", &conf],
+        dir.join("nginx.log"),
+        Duration::from_secs(3),
+    )
+}
+
+/// Latencies at a fixed rate: each connection sends on its own schedule; a request's latency
+/// runs from when it was due, so a slow answer also counts against the requests queued behind.
+async fn fixed_rate(ns: &Netns, target: SocketAddr, host: &str, rate: u32, secs: u64) -> Result<Vec<Duration>> {
+    let period = Duration::from_secs_f64(CONNECTIONS as f64 / f64::from(rate));
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut conn = HttpConn::open(ns, target, host).await?;
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut due = start;
+            let mut lat = Vec::new();
+            while due.duration_since(start) < Duration::from_secs(secs) {
+                tokio::time::sleep_until(due.into()).await;
+                let a = conn.send("GET", "/", &[]).await?;
+                if a.status != 200 {
+                    bail!("status {} from {target}", a.status);
+                }
+                lat.push(due.elapsed());
+                due += period;
+            }
+            Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    all.sort();
+    Ok(all)
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+struct Row {
+    path: &'static str,
+    p50_us: f64,
+    p99_us: f64,
+    max_rps: f64,
+}
+
+async fn measure(
+    path: &'static str,
+    client: &Pod,
+    target: SocketAddr,
+    host: &str,
+    rate: u32,
+    secs: u64,
+) -> Result<Row> {
+    // Warm-up: connections, pools, certificates.
+    fixed_rate(&client.ns, target, host, rate, 1).await?;
+    let lat = fixed_rate(&client.ns, target, host, rate, secs).await?;
+    let url = format!("http://{target}/");
+    let d = format!("-d{secs}s");
+    let out = run_in(
+        &client.ns,
+        &[
+            "wrk",
+            "-t2",
+            "-c16",
+            &d,
+            "--latency",
+            "-H",
+            &format!("Host: {host}"),
+            &url,
+        ],
+        Duration::from_secs(secs + 30),
+    )
+    .await?;
+    let wrk = parse_wrk(&out)?;
+    if wrk.non_2xx > 0 || wrk.socket_errors > 0 {
+        bail!(
+            "{path}: wrk saw {} non-2xx and {} socket errors",
+            wrk.non_2xx,
+            wrk.socket_errors
+        );
+    }
+    Ok(Row {
+        path,
+        p50_us: pct(&lat, 0.5),
+        p99_us: pct(&lat, 0.99),
+        max_rps: wrk.rps,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let (mut secs, mut rate) = (10u64, 1000u32);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => secs = 3,
+            "--rate" => rate = args.next().context("--rate N")?.parse()?,
+            other => bail!("unknown argument {other}; usage: waypointbench [--quick] [--rate N]"),
+        }
+    }
+    if !mesh_e2e::privileged() {
+        bail!("waypointbench needs root (network namespaces)");
+    }
+    let wp_id = identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(ID, 2, &world(), &[&wp_id]).await?;
+    let server = cluster.add_pod(1, PodSpec::new("server", "shop", &[("app", "server")]))?;
+    let plain_server = cluster.add_pod(1, PodSpec::new("plain-server", "plain", &[]))?;
+    for p in [&server, &plain_server] {
+        tokio::spawn(named_server(p.ns.listen(SocketAddr::new(p.ip, 8080))?, "server"));
+    }
+    let nginx_pod = cluster.add_pod(1, PodSpec::new("nginx", "plain", &[]))?;
+    let dir = tempfile::tempdir()?;
+    let mut nginx = start_nginx(&nginx_pod.ns, dir.path(), SocketAddr::new(plain_server.ip, 8080))?;
+    wait_listening(&nginx_pod.ns, 8080, &mut nginx).await?;
+    let client = cluster.add_pod(0, PodSpec::new("client", "shop", &[]))?;
+    let plain_client = cluster.add_pod(0, PodSpec::new("plain-client", "plain", &[]))?;
+    let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint").await?;
+    for p in [&server, &client] {
+        cluster.wait_workload(p, true, Duration::from_secs(15)).await?;
+    }
+    let pid = waypoint.pid() as i32;
+    let idle_rss = rss_kib(pid)?;
+
+    let mut rows = vec![
+        measure(
+            "plain",
+            &plain_client,
+            SocketAddr::new(plain_server.ip, 8080),
+            "server",
+            rate,
+            secs,
+        )
+        .await?,
+        measure(
+            "nginx",
+            &plain_client,
+            SocketAddr::new(nginx_pod.ip, 8080),
+            "server",
+            rate,
+            secs,
+        )
+        .await?,
+        measure(
+            "ztunnel",
+            &client,
+            SocketAddr::new(vip(10), 80),
+            "direct.shop",
+            rate,
+            secs,
+        )
+        .await?,
+    ];
+    let cpu_before = cpu_ticks(pid)?;
+    let fixed_start = Instant::now();
+    rows.push(
+        measure(
+            "waypoint",
+            &client,
+            SocketAddr::new(vip(11), 80),
+            "viawp.shop",
+            rate,
+            secs,
+        )
+        .await?,
+    );
+    let cpu_s = (cpu_ticks(pid)? - cpu_before) as f64 / clock_ticks();
+    let elapsed = fixed_start.elapsed().as_secs_f64();
+    let loaded_rss = rss_kib(pid)?;
+
+    println!("\n| path | p50 at {rate}/s (µs) | p99 at {rate}/s (µs) | max req/s (wrk -c16) |");
+    println!("|---|---:|---:|---:|");
+    for r in &rows {
+        println!("| {} | {:.0} | {:.0} | {:.0} |", r.path, r.p50_us, r.p99_us, r.max_rps);
+    }
+    let by = |n: &str| {
+        rows.iter()
+            .find(|r| r.path == n)
+            .map(|r| (r.p50_us, r.p99_us, r.max_rps))
+    };
+    if let (Some(z), Some(w), Some(p), Some(n)) = (by("ztunnel"), by("waypoint"), by("plain"), by("nginx")) {
+        println!(
+            "\nwaypoint adds p50 {:+.0} µs, p99 {:+.0} µs over the ztunnel path; nginx adds p50 {:+.0} µs, p99 {:+.0} µs over plain",
+            w.0 - z.0,
+            w.1 - z.1,
+            n.0 - p.0,
+            n.1 - p.1
+        );
+        println!(
+            "waypoint max rate: {:.0}% of the ztunnel path's, {:.0}% of nginx's",
+            100.0 * w.2 / z.2,
+            100.0 * w.2 / n.2
+        );
+    }
+    println!(
+        "waypoint RSS: {:.1} MiB idle, {:.1} MiB after load; CPU {:.1} s over {elapsed:.0} s of load",
+        idle_rss as f64 / 1024.0,
+        loaded_rss as f64 / 1024.0,
+        cpu_s
+    );
+    drop(nginx);
+    Ok(())
+}
