@@ -151,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         let writer = controller::k8s::writer::WriterConfig {
             image: config.waypoint_image.clone(),
             xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
+            root_cert: root.trust_bundle().to_owned(),
             retry: Duration::from_secs(5),
         };
         tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));

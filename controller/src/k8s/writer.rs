@@ -13,8 +13,9 @@ use ::kube::api::{DynamicObject, Patch, PatchParams};
 use ::kube::{Api, Client};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecurityContext, Service,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -37,8 +38,14 @@ pub const MANAGED_VALUE: &str = "istio.io-mesh-controller";
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
 pub const HBONE_PORT: u16 = 15008;
+/// The waypoint serves `/metrics` and `/healthz/ready` here.
 pub const METRICS_PORT: u16 = 15020;
-pub const READINESS_PORT: u16 = 15021;
+/// The ConfigMap (one per waypoint namespace) holding the mesh's root certificate.
+pub const ROOT_CERT_CONFIGMAP: &str = "mesh-root-cert";
+/// Audience of the token waypoints present to the CA and xDS server (TokenReview checks it).
+pub const TOKEN_AUDIENCE: &str = "istio-ca";
+const ROOT_CERT_DIR: &str = "/var/run/secrets/mesh";
+const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 
 /// What the writer needs besides the records.
 #[derive(Clone, Debug)]
@@ -47,6 +54,8 @@ pub struct WriterConfig {
     pub image: String,
     /// The controller's xDS and CA address the waypoint connects to (`https://host:15012`).
     pub xds_address: String,
+    /// The mesh root certificate (PEM), published to each waypoint namespace.
+    pub root_cert: String,
     /// Wait before retrying records whose apply failed.
     pub retry: Duration,
 }
@@ -105,6 +114,10 @@ pub async fn apply_waypoint(
     let ns = &record.gateway.namespace;
     let name = &record.gateway.name;
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // Shared by every waypoint of the namespace, so not owned by this Gateway.
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .patch(ROOT_CERT_CONFIGMAP, &params, &Patch::Apply(&root_cert_for(ns, config)))
+        .await?;
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .patch(
             &record.service_account,
@@ -300,18 +313,84 @@ pub fn service_account_for(record: &WaypointDeployment) -> ServiceAccount {
     }
 }
 
-/// The waypoint binary's arguments.
+/// The waypoint binary's arguments: who it is, where the control plane is, and the files the
+/// pod mounts (the root certificate and a projected token for the CA's TokenReview).
 pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<String> {
     vec![
-        "--gateway-name".into(),
-        record.gateway.name.clone(),
-        "--gateway-namespace".into(),
-        record.gateway.namespace.clone(),
+        "--identity".into(),
+        record.identity.clone(),
+        "--gateway".into(),
+        format!("{}/{}", record.gateway.namespace, record.gateway.name),
         "--xds-address".into(),
         config.xds_address.clone(),
         "--ca-address".into(),
         config.xds_address.clone(),
+        "--trust-bundle".into(),
+        format!("{ROOT_CERT_DIR}/root-cert.pem"),
+        "--token-file".into(),
+        format!("{TOKEN_DIR}/mesh-token"),
+        "--hbone-addr".into(),
+        format!("0.0.0.0:{}", record.hbone_port),
+        "--metrics-addr".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
     ]
+}
+
+/// The namespace's copy of the root certificate waypoints verify the control plane with.
+pub fn root_cert_for(namespace: &str, config: &WriterConfig) -> ConfigMap {
+    ConfigMap {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(ROOT_CERT_CONFIGMAP.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some([(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned())].into()),
+            ..Default::default()
+        },
+        data: Some([("root-cert.pem".to_owned(), config.root_cert.clone())].into()),
+        ..ConfigMap::default()
+    }
+}
+
+fn waypoint_volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
+    let volumes = vec![
+        Volume {
+            name: "root-cert".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ROOT_CERT_CONFIGMAP.to_owned(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "mesh-token".to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_owned()),
+                        expiration_seconds: Some(43200),
+                        path: "mesh-token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mounts = vec![
+        VolumeMount {
+            name: "root-cert".to_owned(),
+            mount_path: ROOT_CERT_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "mesh-token".to_owned(),
+            mount_path: TOKEN_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    (volumes, mounts)
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -340,7 +419,9 @@ fn port(name: &str, port: u16) -> ContainerPort {
 pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Deployment {
     let mut pod_labels = metadata(record, &record.gateway.name).labels.unwrap_or_default();
     pod_labels.insert(DATAPLANE_MODE_LABEL.to_owned(), "none".to_owned());
+    let (volumes, mounts) = waypoint_volumes();
     let container = Container {
+        volume_mounts: Some(mounts),
         name: "waypoint".to_owned(),
         image: Some(config.image.clone()),
         args: Some(waypoint_args(record, config)),
@@ -350,15 +431,11 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
             field_env("POD_IP", "status.podIP"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ]),
-        ports: Some(vec![
-            port("hbone", HBONE_PORT),
-            port("metrics", METRICS_PORT),
-            port("readiness", READINESS_PORT),
-        ]),
+        ports: Some(vec![port("hbone", record.hbone_port), port("metrics", METRICS_PORT)]),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/healthz/ready".to_owned()),
-                port: IntOrString::Int(i32::from(READINESS_PORT)),
+                port: IntOrString::Int(i32::from(METRICS_PORT)),
                 ..HTTPGetAction::default()
             }),
             period_seconds: Some(5),
@@ -392,6 +469,11 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(record.service_account.clone()),
+                    // The projected token above is the only credential it needs.
+                    automount_service_account_token: Some(false),
+                    // Requests in flight get the waypoint's drain (5 s) and a margin.
+                    termination_grace_period_seconds: Some(10),
+                    volumes: Some(volumes),
                     containers: vec![container],
                     ..PodSpec::default()
                 }),
@@ -510,6 +592,7 @@ mod tests {
         WriterConfig {
             image: "mesh/waypoint:1".into(),
             xds_address: "https://mesh-controller.istio-system:15012".into(),
+            root_cert: "-----BEGIN CERTIFICATE-----\n".into(),
             retry: Duration::from_secs(5),
         }
     }
@@ -569,22 +652,42 @@ mod tests {
         let container = &pod.containers[0];
         assert_eq!(container.image.as_deref(), Some("mesh/waypoint:1"));
         let args = container.args.as_deref().expect("args");
-        assert!(args.windows(2).any(|w| w == ["--gateway-name", "waypoint"]));
-        assert!(args.windows(2).any(|w| w == ["--gateway-namespace", "apps"]));
+        assert!(args.windows(2).any(|w| w == ["--gateway", "apps/waypoint"]));
+        assert!(args.windows(2).any(|w| w[0] == "--identity" && w[1] == r.identity));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--trust-bundle", "/var/run/secrets/mesh/root-cert.pem"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--token-file", "/var/run/secrets/tokens/mesh-token"]));
+        // Every flag is one the waypoint binary accepts.
+        let mut argv = vec!["waypoint".to_owned()];
+        argv.extend(args.iter().cloned());
+        if let Err(e) = <waypoint::config::Config as clap::Parser>::try_parse_from(&argv) {
+            panic!("the waypoint refuses the generated arguments: {e}");
+        }
+        let volumes = pod.volumes.as_deref().expect("volumes");
+        let token = volumes
+            .iter()
+            .find_map(|v| v.projected.as_ref())
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s[0].service_account_token.as_ref())
+            .expect("projected token");
+        assert_eq!(token.audience.as_deref(), Some(TOKEN_AUDIENCE));
         let ports: Vec<_> = container
             .ports
             .iter()
             .flatten()
             .map(|p| (p.name.as_deref().unwrap_or(""), p.container_port))
             .collect();
-        assert_eq!(ports, [("hbone", 15008), ("metrics", 15020), ("readiness", 15021)]);
+        assert_eq!(ports, [("hbone", 15008), ("metrics", 15020)]);
         let probe = container
             .readiness_probe
             .as_ref()
             .and_then(|p| p.http_get.as_ref())
             .expect("readiness probe");
         assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
-        assert_eq!(probe.port, IntOrString::Int(15021));
+        assert_eq!(probe.port, IntOrString::Int(15020));
     }
 
     #[test]

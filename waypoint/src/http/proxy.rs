@@ -88,8 +88,12 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let started_at = std::time::SystemTime::now();
-    let trace_ctx = trace::extract(req.headers(), wp.tracer.sampling);
-    trace::inject(&trace_ctx, req.headers_mut());
+    // Without a collector the waypoint leaves trace headers as the client sent them.
+    let trace_ctx = wp.tracer.enabled().then(|| {
+        let ctx = trace::extract(req.headers(), wp.tracer.sampling);
+        trace::inject(&ctx, req.headers_mut());
+        ctx
+    });
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -155,11 +159,11 @@ pub async fn handle(
         route = %outcome.route,
         attempts = outcome.attempts,
         reason = %outcome.reason,
-        trace = %trace::describe(&trace_ctx),
+        trace = %trace_ctx.as_ref().map(trace::describe).unwrap_or_default(),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
-    if trace_ctx.sampled && wp.tracer.enabled() {
+    if let Some(trace_ctx) = trace_ctx.filter(|c| c.sampled) {
         let tags = vec![
             ("http.method", method.to_string()),
             ("http.url", path.clone()),
