@@ -13,6 +13,7 @@ packages=(
   procps            # sysctl
   prometheus        # promtool: validates the metrics text format
   iperf3 wrk apache2-utils nginx-light   # benchmark tools and backend
+  python3 python3-pip  # scripts/validate-manifests.sh (its PyPI packages are installed below)
 )
 
 missing=()
@@ -26,3 +27,9 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Python packages for scripts/validate-manifests.sh (offline Kubernetes schemas, pinned).
+python3 -c 'import importlib.metadata as m, sys; sys.exit(not (m.version("kubernetes-validate") == "1.37.0" and m.version("jsonschema") and m.version("PyYAML")))' 2>/dev/null ||
+  { python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==1.37.0" "jsonschema>=4.18" "PyYAML>=6" ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+      "kubernetes-validate==1.37.0" "jsonschema>=4.18" "PyYAML>=6"; }

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/validate-manifests.sh
 # The end-to-end tests run the ztunnel binary: build it first.
 cargo build --workspace --locked
 
