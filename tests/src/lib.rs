@@ -15,6 +15,7 @@ pub mod capture;
 pub mod cluster;
 pub mod controller;
 pub mod netns;
+pub mod prometheus;
 pub mod tcpdump;
 pub mod waypoint;
 pub mod ztunnel;

@@ -113,3 +113,39 @@ impl Waypoint {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// A Service on port 80 (target 8080) in `shop` with cluster IP 10.96.<id>.<n>.
+pub fn service(id: u8, name: &str, selector: &str, n: u8, waypoint: bool) -> String {
+    let labels = if waypoint {
+        ", labels: {istio.io/use-waypoint: waypoint}"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop{labels}}}\n\
+         spec: {{clusterIP: 10.96.{id}.{n}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
+    )
+}
+
+/// The ambient namespace `shop` with the waypoint Gateway and its Service (10.96.<id>.50).
+pub fn base(id: u8) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: waypoint, namespace: shop}}
+spec: {{clusterIP: 10.96.{id}.50, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+"#
+    )
+}

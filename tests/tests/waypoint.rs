@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_e2e::apps::{named_server, served, span_collector, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
-use mesh_e2e::waypoint::{identity, Waypoint};
+use mesh_e2e::waypoint::{base, identity, service, Waypoint};
 use mesh_e2e::{privileged, promtool_check};
 
 const ID: u8 = 90;
@@ -16,42 +16,6 @@ const REQUESTS: usize = 2000;
 
 fn vip(n: u8) -> IpAddr {
     Ipv4Addr::new(10, 96, ID, n).into()
-}
-
-/// A Service on port 80 (target 8080) in `shop` with cluster IP 10.96.<id>.<n>.
-fn service(id: u8, name: &str, selector: &str, n: u8, waypoint: bool) -> String {
-    let labels = if waypoint {
-        ", labels: {istio.io/use-waypoint: waypoint}"
-    } else {
-        ""
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop{labels}}}\n\
-         spec: {{clusterIP: 10.96.{id}.{n}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
-    )
-}
-
-/// The ambient namespace `shop` with the waypoint Gateway and its Service (10.96.<id>.50).
-fn base(id: u8) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: waypoint, namespace: shop}}
-spec: {{clusterIP: 10.96.{id}.50, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: waypoint, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
----
-"#
-    )
 }
 
 fn world() -> String {
