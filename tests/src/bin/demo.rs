@@ -1,148 +1,377 @@
-//! The local demo: a two-node mesh made of network namespaces (see `mesh_e2e::cluster`): the
-//! controller in local mode, a node agent and an in-pod ztunnel per node, pods created through
-//! the real CNI chain. Curl in a client pod on node 0 calls servers on node 1 by pod IP, by
-//! service VIP and by DNS name; the demo prints what the mesh did (identities, the address the
-//! server saw, metrics), then an AuthorizationPolicy written to the manifests taking effect.
-//! Everything is torn down on exit; `--hold` keeps it up for inspection until Ctrl-C.
+//! The local demo (the README's first command runs it through scripts/demo.sh): the brief's
+//! shop from `examples/demo/` on a two-node mesh made of network namespaces (see
+//! `mesh_e2e::cluster`): the controller in local mode reading the example manifests, a node
+//! agent and an in-pod ztunnel per node, pods created through the real CNI chain, the waypoint
+//! the controller asked for, and a real Prometheus scraping all of them. It drives traffic with
+//! visible progress and prints what the mesh did: identities, the canary split, allowed and
+//! denied calls, latency, where metrics and logs are.
+//!
+//! `--hold` keeps everything up until Ctrl-C or SIGTERM (`meshctl demo down`); `--state-file`
+//! writes where things are for `meshctl demo status|traffic`. Everything is torn down on exit.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use mesh_e2e::apps::{http_server, resolve_a};
+use anyhow::{bail, Context, Result};
+use mesh_e2e::apps::{named_server, HttpConn};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
 use mesh_e2e::privileged;
+use mesh_e2e::prometheus::Prometheus;
+use mesh_e2e::waypoint::{identity, Waypoint};
+use serde::Deserialize as _;
 
 const ID: u8 = 200;
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Args {
+    hold: bool,
+    state_file: Option<PathBuf>,
+    requests: usize,
+    examples: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        hold: false,
+        state_file: None,
+        requests: 1000,
+        examples: PathBuf::from("examples/demo"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--hold" => a.hold = true,
+            "--state-file" => a.state_file = Some(it.next().context("--state-file FILE")?.into()),
+            "--requests" => a.requests = it.next().context("--requests N")?.parse()?,
+            "--examples" => a.examples = it.next().context("--examples DIR")?.into(),
+            "-h" | "--help" => {
+                println!("usage: demo [--hold] [--state-file FILE] [--requests N] [--examples DIR]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; try --help"),
+        }
+    }
+    Ok(a)
+}
 
 fn section(title: &str) {
     println!("\n== {title} ==");
 }
 
-fn curl(pod: &Pod, url: &str) -> anyhow::Result<String> {
-    Ok(pod.ns.exec(&["curl", "-sS", "--max-time", "5", url])?.trim().to_owned())
+/// A pod of `pods.yaml`: where it runs and what it is.
+struct PodDoc {
+    name: String,
+    namespace: String,
+    service_account: String,
+    node: u8,
+    labels: Vec<(String, String)>,
 }
 
-fn label<'a>(line: &'a str, name: &str) -> &'a str {
-    line.split(&format!("{name}=\""))
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap_or("?")
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        bail!("the demo builds network namespaces with the reference CNI plugins: run `sudo scripts/demo.sh`");
+fn pod_docs(path: &Path) -> Result<Vec<PodDoc>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let v = serde_yaml::Value::deserialize(doc)
+            .map_err(anyhow::Error::from)
+            .and_then(|y| Ok(serde_json::to_value(y)?))
+            .with_context(|| format!("{} document {i}", path.display()))?;
+        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_owned);
+        let name = s("/metadata/name").with_context(|| format!("{} document {i}: metadata.name", path.display()))?;
+        let node = match s("/spec/nodeName").as_deref() {
+            Some("node-0") => 0,
+            Some("node-1") => 1,
+            other => bail!(
+                "{} document {i}: spec.nodeName {other:?} is not node-0 or node-1",
+                path.display()
+            ),
+        };
+        let labels = v
+            .pointer("/metadata/labels")
+            .and_then(|l| l.as_object())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(PodDoc {
+            service_account: s("/spec/serviceAccountName").unwrap_or_else(|| name.clone()),
+            namespace: s("/metadata/namespace").unwrap_or_else(|| "default".to_owned()),
+            name,
+            node,
+            labels,
+        });
     }
-    let vip = std::net::Ipv4Addr::new(10, 96, ID, 10);
-    section("starting a two-node cluster: controller, node agents, ztunnels");
-    let world = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
-         spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+    Ok(out)
+}
+
+/// A progress bar on a terminal; a single line when done otherwise (logs stay readable).
+fn progress(what: &str, done: usize, total: usize) {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        if done == total {
+            eprintln!("  {what:<28} {done}/{total} done");
+        }
+        return;
+    }
+    let width = 30;
+    let filled = done * width / total.max(1);
+    eprint!(
+        "\r  {what:<28} [{}{}] {done}/{total}",
+        "#".repeat(filled),
+        ".".repeat(width - filled)
     );
+    if done == total {
+        eprintln!();
+    }
+    let _ = std::io::stderr().flush();
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+async fn run(a: &Args) -> Result<()> {
+    let mesh = std::fs::read_to_string(a.examples.join("mesh.yaml"))
+        .with_context(|| format!("reading {}/mesh.yaml", a.examples.display()))?;
+    let pods = pod_docs(&a.examples.join("pods.yaml"))?;
+
+    section("a two-node cluster: controller (local mode), node agents, ztunnels");
     let t = Instant::now();
-    let cluster = Cluster::start(ID, 2, &world).await.context("cluster")?;
+    let wp_id = identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(ID, 2, &mesh, &[&wp_id])
+        .await
+        .context("cluster")?;
     println!(
-        "ready in {:?}: controller {}:15012, nodes {}",
-        t.elapsed(),
+        "ready in {:.1} s: controller {}:15012, manifests from {}",
+        t.elapsed().as_secs_f64(),
         cluster.controller_ip(),
-        cluster.nodes.iter().map(|n| n.name()).collect::<Vec<_>>().join(", ")
+        a.examples.display()
     );
 
-    section("creating pods through the CNI chain (bridge + host-local + ambient-cni)");
-    let client = cluster.add_pod(0, PodSpec::new("client", "shop", &[]))?;
-    let web = [
-        cluster.add_pod(1, PodSpec::new("web-1", "shop", &[("app", "web")]))?,
-        cluster.add_pod(1, PodSpec::new("web-2", "shop", &[("app", "web")]))?,
-    ];
-    for p in std::iter::once(&client).chain(web.iter()) {
+    section("pods through the CNI chain (bridge + host-local + ambient-cni)");
+    let mut by_name: BTreeMap<String, Pod> = BTreeMap::new();
+    for p in &pods {
+        let labels: Vec<(&str, &str)> = p.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let spec = PodSpec {
+            name: &p.name,
+            namespace: &p.namespace,
+            service_account: &p.service_account,
+            labels: &labels,
+        };
+        let pod = cluster.add_pod(p.node, spec)?;
         println!(
-            "{}/{} on node {} at {}: captured={}, ambient-cni ADD {:?}",
+            "{}/{} on node-{} at {}: captured={}, ambient-cni ADD {:.1} ms",
             p.namespace,
             p.name,
             p.node,
-            p.ip,
-            p.captured(),
-            p.plugin_add
+            pod.ip,
+            pod.captured(),
+            pod.plugin_add.as_secs_f64() * 1e3
         );
+        if p.labels.iter().any(|(k, _)| k == "app") {
+            let name: &'static str = Box::leak(p.name.clone().into_boxed_str());
+            tokio::spawn(named_server(pod.ns.listen(SocketAddr::new(pod.ip, 8080))?, name));
+        }
+        by_name.insert(p.name.clone(), pod);
     }
-    for w in &web {
-        tokio::spawn(http_server(w.ns.listen(SocketAddr::new(w.ip, 8080))?));
-        cluster.wait_workload(w, true, Duration::from_secs(15)).await?;
+    let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint").await?;
+    println!(
+        "shop/waypoint (the Gateway's waypoint) on node-1 at {}",
+        waypoint.pod.ip
+    );
+    for pod in by_name.values() {
+        cluster.wait_workload(pod, true, WAIT).await?;
     }
-    cluster.wait_workload(&client, true, Duration::from_secs(15)).await?;
+    let targets: Vec<(&str, SocketAddr)> = vec![
+        ("controller", SocketAddr::new(cluster.controller_ip(), 15014)),
+        ("ztunnel", SocketAddr::new(Cluster::underlay_ip(ID, 0), 15020)),
+        ("ztunnel", SocketAddr::new(Cluster::underlay_ip(ID, 1), 15020)),
+        ("waypoint", SocketAddr::new(waypoint.pod.ip, 15020)),
+    ];
+    let prom_addr = SocketAddr::new(cluster.controller_ip(), 9090);
+    let prom = Prometheus::start(cluster.controller.ns, prom_addr, &targets).await?;
+    println!("Prometheus scraping controller, 2 ztunnels and the waypoint at {prom_addr}");
 
-    section("requests from the client pod (node 0) to node 1: pod IP, VIP, DNS name");
-    let dns = resolve_a(&client.ns, std::net::Ipv4Addr::new(10, 96, ID, 53).into(), "web")?;
-    println!("DNS web -> {dns:?} (answered by ztunnel's DNS proxy from the mesh state)");
-    for url in [
-        format!("http://{}:8080/", web[0].ip),
-        format!("http://{vip}:80/"),
-        "http://web.shop.svc.cluster.local/".to_owned(),
-    ] {
-        println!("GET {url} -> {}", curl(&client, &url)?);
-    }
-    println!("(the server reports the client pod's own address: source IP preserved over HBONE)");
+    let client = by_name.get("order-service").context("pods.yaml needs order-service")?;
+    let frontend = by_name.get("frontend").context("pods.yaml needs frontend")?;
+    let vip = |n: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, ID, n)), 80);
 
-    section("what node 1's ztunnel recorded (istio_tcp_connections_opened_total)");
-    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
-    let (_, metrics) = mesh_e2e::ztunnel::http_request(cluster.nodes[1].ns, metrics_addr, "GET", "/metrics").await?;
-    for l in metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("destination\""))
-    {
-        println!(
-            "{} connection(s) {} -> {} over {}",
-            l.rsplit(' ').next().unwrap_or("?"),
-            label(l, "source_principal"),
-            label(l, "destination_principal"),
-            label(l, "connection_security_policy")
-        );
+    section("traffic");
+    let mut reviews = HttpConn::open(&client.ns, vip(10), "reviews.shop.svc.cluster.local").await?;
+    let mut served: BTreeMap<String, usize> = BTreeMap::new();
+    let mut latencies = Vec::with_capacity(a.requests);
+    for i in 1..=a.requests {
+        let start = Instant::now();
+        let answer = reviews.send("GET", "/reviews/1", &[]).await?;
+        latencies.push(start.elapsed());
+        let who = answer.body.lines().next().unwrap_or("?").to_owned();
+        *served.entry(format!("{who} ({})", answer.status)).or_default() += 1;
+        if i % 50 == 0 || i == a.requests {
+            progress("GET reviews (90/10 canary)", i, a.requests);
+        }
     }
-
-    section("AuthorizationPolicy: DENY principal cluster.local/ns/shop/sa/client (written to the manifests)");
-    cluster.write_manifest(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: shop}\n\
-         spec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]\n",
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match curl(&client, &format!("http://{vip}:80/")) {
-            Err(e) => {
-                println!("request refused: {}", e.to_string().lines().last().unwrap_or_default());
-                break;
-            }
-            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(body) => bail!("policy did not apply: {body}"),
+    let canary_n = 100;
+    let mut canary_v2 = 0;
+    for i in 1..=canary_n {
+        let answer = reviews.send("GET", "/reviews/1", &[("x-canary", "true")]).await?;
+        canary_v2 += usize::from(answer.body.starts_with("reviews-v2\n"));
+        if i % 25 == 0 {
+            progress("GET reviews, x-canary: true", i, canary_n);
+        }
+    }
+    let mut pay = HttpConn::open(&client.ns, vip(13), "payments.shop.svc.cluster.local").await?;
+    let mut other = HttpConn::open(&frontend.ns, vip(13), "payments.shop.svc.cluster.local").await?;
+    let mut outcomes: BTreeMap<&str, BTreeMap<u16, usize>> = BTreeMap::new();
+    let calls = 50;
+    for i in 1..=calls {
+        for (what, from_frontend, method) in [
+            ("order-service POST /api/v1/payments", false, "POST"),
+            ("order-service GET /api/v1/payments", false, "GET"),
+            ("frontend POST /api/v1/payments", true, "POST"),
+        ] {
+            let conn = if from_frontend { &mut other } else { &mut pay };
+            let status = conn.send(method, "/api/v1/payments", &[]).await?.status;
+            *outcomes.entry(what).or_default().entry(status).or_default() += 1;
+        }
+        if i % 10 == 0 {
+            progress("payments (policy)", i, calls);
         }
     }
 
-    if std::env::args().any(|a| a == "--hold") {
-        section("holding");
-        let (n0, n1) = (cluster.nodes[0].name(), cluster.nodes[1].name());
-        println!("client shell:    ip netns exec {} bash", client.ns.name);
-        println!("ztunnel metrics: ip netns exec {n1} curl -s 127.0.0.1:15020/metrics");
-        println!("ztunnel config:  ip netns exec {n0} curl -s 127.0.0.1:15000/config_dump");
+    section("summary");
+    let total: usize = served.values().sum();
+    let v2 = served
+        .iter()
+        .filter(|(k, _)| k.starts_with("reviews-v2 (200)"))
+        .map(|(_, n)| n)
+        .sum::<usize>();
+    println!(
+        "canary split: {} -> v2 {:.1}% (target 10%), x-canary: true -> v2 {canary_v2}/{canary_n}",
+        served
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        100.0 * v2 as f64 / total.max(1) as f64
+    );
+    for (what, by_status) in &outcomes {
+        let text: Vec<String> = by_status
+            .iter()
+            .map(|(s, n)| format!("{n}× {s} {}", if *s == 200 { "allowed" } else { "denied" }))
+            .collect();
+        println!("{what}: {}", text.join(", "));
+    }
+    println!(
+        "latency through ztunnel -> waypoint -> ztunnel (keep-alive): p50 {:.2} ms, p99 {:.2} ms",
+        pct(&mut latencies, 0.5),
+        pct(&mut latencies, 0.99)
+    );
+    let identities = prom
+        .wait_for(
+            r#"sum by (source_principal, destination_workload) (istio_requests_total{reporter="waypoint"})"#,
+            WAIT,
+        )
+        .await?;
+    println!("identities the waypoint saw (from Prometheus, istio_requests_total):");
+    for s in identities {
         println!(
-            "controller:      ip netns exec {} curl -s {}:15014/debug/config",
-            cluster.controller.ns.name,
-            cluster.controller_ip()
+            "  {} -> {}: {} requests",
+            s["metric"]["source_principal"].as_str().unwrap_or("?"),
+            s["metric"]["destination_workload"].as_str().unwrap_or("?"),
+            s["value"][1].as_str().unwrap_or("?")
         );
+    }
+    let tunnels = prom
+        .wait_for(
+            r#"sum by (reporter, source_principal, destination_principal) (istio_tcp_connections_opened_total)"#,
+            WAIT,
+        )
+        .await?;
+    println!("mutual TLS connections through ztunnels (istio_tcp_connections_opened_total):");
+    for s in tunnels {
         println!(
-            "manifests:       {}",
-            cluster.controller.dir.path().join("manifests").display()
+            "  {} -> {} (reported by the {} ztunnel)",
+            s["metric"]["source_principal"].as_str().unwrap_or("?"),
+            s["metric"]["destination_principal"].as_str().unwrap_or("?"),
+            s["metric"]["reporter"].as_str().unwrap_or("?")
         );
-        println!("press Ctrl-C to tear everything down");
-        tokio::signal::ctrl_c().await?;
+    }
+
+    let cp = &cluster.controller.ns.name;
+    println!("\nmetrics:  ip netns exec {cp} curl -s 'http://{prom_addr}/api/v1/query?query=istio_requests_total'");
+    println!("          Grafana dashboard: dashboards/mesh.json (Prometheus data source http://{prom_addr})");
+    println!("logs:     controller {}", cluster.controller.log.display());
+    println!("          waypoint   {}", waypoint.log.display());
+    for n in &cluster.nodes {
+        println!(
+            "          ztunnel    {}",
+            std::env::temp_dir().join(format!("{}-ztunnel.log", n.name())).display()
+        );
+    }
+
+    if a.hold {
+        if let Some(path) = &a.state_file {
+            let mut namespaces: Vec<String> = cluster.nodes.iter().map(|n| n.name().to_owned()).collect();
+            namespaces.push(cp.clone());
+            namespaces.push(cluster.hub().name.clone());
+            namespaces.extend(by_name.values().map(|p| p.ns.name.clone()));
+            namespaces.push(waypoint.pod.ns.name.clone());
+            let mut endpoints = vec![
+                serde_json::json!({"name": "controller", "netns": cp, "url": format!("http://{}:15014/metrics", cluster.controller_ip())}),
+            ];
+            for n in &cluster.nodes {
+                endpoints.push(serde_json::json!({"name": format!("ztunnel {}", n.name()), "netns": cp,
+                    "url": format!("http://{}:15020/metrics", Cluster::underlay_ip(ID, n.index))}));
+            }
+            endpoints.push(serde_json::json!({"name": "waypoint", "netns": cp, "url": format!("http://{}:15020/metrics", waypoint.pod.ip)}));
+            let state = serde_json::json!({
+                "pid": std::process::id(),
+                "logs_dir": std::env::temp_dir(),
+                "namespaces": namespaces,
+                "client": {"netns": client.ns.name, "url": format!("http://{}/", vip(10))},
+                "endpoints": endpoints,
+                "prometheus": {"netns": cp, "url": format!("http://{prom_addr}/")},
+            });
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
+            std::fs::rename(&tmp, path)?;
+            println!("state:    {}", path.display());
+        }
+        println!("\nholding: Ctrl-C (or `meshctl demo down`) tears everything down");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if let Some(path) = &a.state_file {
+            let _ = std::fs::remove_file(path);
+        }
     } else {
-        println!("\n(run with --hold to keep the cluster up and inspect it)");
+        println!("\nrun `sudo scripts/demo.sh --hold` to keep it up and explore; tearing down now");
     }
     println!("tearing down pods, nodes, processes");
-    for p in std::iter::once(&client).chain(web.iter()) {
-        cluster.delete_pod(p)?;
+    drop(prom);
+    drop(waypoint);
+    for pod in by_name.values() {
+        cluster.delete_pod(pod)?;
     }
     Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    if !privileged() || !Path::new(CNI_BIN).join("bridge").exists() {
+        bail!("the demo builds network namespaces with the reference CNI plugins: run `sudo scripts/demo.sh`");
+    }
+    run(&a).await
 }
