@@ -244,6 +244,46 @@ pub fn parse_wrk(out: &str) -> Result<Wrk> {
     Ok(w)
 }
 
+/// nginx on port 8080 with all its files inside `dir`: `http_extra` goes into the `http`
+/// block (an upstream, say) and `location` is the body of `location /`.
+pub fn start_nginx(ns: &Netns, dir: &Path, http_extra: &str, location: &str) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display();
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+error_log stderr;
+pid {d}/nginx.pid;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  # Benchmarks keep connections for the whole run.
+  keepalive_requests 1000000;
+  {http_extra}
+  server {{
+    listen 8080;
+    location / {{ {location} }}
+  }}
+}}
+"#
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let prefix = format!("{d}/");
+    let conf_s = conf_path.display().to_string();
+    Proc::spawn(
+        ns,
+        &["nginx", "-e", "stderr", "-p", &prefix, "-c", &conf_s],
+        dir.join("nginx.log"),
+        Duration::from_secs(3),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

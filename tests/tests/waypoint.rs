@@ -113,6 +113,23 @@ async fn share_of(conn: &mut HttpConn, n: usize, who: &str, headers: &[(&str, &s
     hits as f64 / n as f64
 }
 
+/// A server pod: name (also the server's name), node, labels.
+type ServerPod<'a> = (&'static str, u8, Vec<(&'a str, &'a str)>);
+
+/// Server pods in `shop`, each running a [`named_server`] called after the pod on 8080.
+fn start_servers(cluster: &Cluster, pods: &[ServerPod<'_>]) -> Vec<mesh_e2e::cluster::Pod> {
+    let mut servers = Vec::new();
+    for (name, node, labels) in pods {
+        let pod = cluster
+            .add_pod(*node, PodSpec::new(name, "shop", labels))
+            .expect("server pod");
+        let l = pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen");
+        tokio::spawn(named_server(l, name));
+        servers.push(pod);
+    }
+    servers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_routes_and_authorizes() {
     if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
@@ -130,15 +147,7 @@ async fn waypoint_routes_and_authorizes() {
         ("reviews-v2", 0, vec![("app", "reviews"), ("version", "v2")]),
         ("payments", 1, vec![("app", "payments")]),
     ];
-    let mut servers = Vec::new();
-    for (name, node, labels) in &pods {
-        let pod = cluster
-            .add_pod(*node, PodSpec::new(name, "shop", labels))
-            .expect("server pod");
-        let l = pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen");
-        tokio::spawn(named_server(l, name));
-        servers.push(pod);
-    }
+    let servers = start_servers(&cluster, &pods);
     let client = cluster
         .add_pod(0, PodSpec::new("order-service", "shop", &[]))
         .expect("client pod");
@@ -389,15 +398,7 @@ async fn waypoint_resilience_rewrites_and_policies() {
         ("web", 0, vec![("app", "web")]),
         ("web-mirror", 1, vec![("app", "web-mirror")]),
     ];
-    let mut servers = Vec::new();
-    for (name, node, labels) in &pods {
-        let pod = cluster
-            .add_pod(*node, PodSpec::new(name, "shop", labels))
-            .expect("server pod");
-        let l = pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen");
-        tokio::spawn(named_server(l, name));
-        servers.push(pod);
-    }
+    let servers = start_servers(&cluster, &pods);
     let client = cluster
         .add_pod(0, PodSpec::new("client", "shop", &[]))
         .expect("client pod");

@@ -23,11 +23,13 @@
 //! files) is removed on exit, on error, on panic and on Ctrl-C / SIGTERM.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mesh_e2e::bench::{clock_ticks, cpu_ticks, hwm_kib, parse_wrk, rss_kib, run_in, wait_listening, Proc, Wrk};
+use mesh_e2e::bench::{
+    clock_ticks, cpu_ticks, hwm_kib, parse_wrk, rss_kib, run_in, start_nginx, wait_listening, Proc, Wrk,
+};
 use mesh_e2e::netns::sh;
 use mesh_e2e::ztunnel::ZtunnelFiles;
 use mesh_e2e::{Bed, Hub, Netns, Ztunnel};
@@ -214,42 +216,6 @@ fn preflight() -> Result<PathBuf> {
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// nginx answering `200 ok` on 8080, all its files inside `dir`.
-fn start_nginx(ns: &Netns, dir: &Path) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let d = dir.display();
-    let conf = format!(
-        r#"worker_processes 1;
-daemon off;
-error_log stderr;
-pid {d}/nginx.pid;
-events {{}}
-http {{
-  access_log off;
-  client_body_temp_path {d}/client_body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen {HTTP_PORT};
-    location / {{ return 200 "ok\n"; }}
-  }}
-}}
-"#
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let prefix = format!("{d}/");
-    let conf_s = conf_path.display().to_string();
-    Proc::spawn(
-        ns,
-        &["nginx", "-e", "stderr", "-p", &prefix, "-c", &conf_s],
-        dir.join("nginx.log"),
-        Duration::from_secs(3),
-    )
-}
 
 // ---------------------------------------------------------------------------------------------
 // /proc sampling
@@ -644,7 +610,12 @@ async fn bench(opts: &Opts) -> Result<()> {
     // Servers: nginx and iperf3 in both server pods.
     let mut servers = Vec::new();
     for p in [&mesh, &direct] {
-        let mut nginx = start_nginx(p.server, &dir.join(format!("nginx-{}", p.label)))?;
+        let mut nginx = start_nginx(
+            p.server,
+            &dir.join(format!("nginx-{}", p.label)),
+            "",
+            r#"return 200 "ok\n";"#,
+        )?;
         wait_listening(p.server, HTTP_PORT, &mut nginx).await?;
         let mut iperf = Proc::spawn(
             p.server,

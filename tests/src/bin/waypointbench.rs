@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mesh_e2e::apps::{named_server, HttpConn};
-use mesh_e2e::bench::{clock_ticks, cpu_ticks, parse_wrk, rss_kib, run_in, wait_listening, Proc};
+use mesh_e2e::bench::{clock_ticks, cpu_ticks, parse_wrk, rss_kib, run_in, start_nginx, wait_listening};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
-use mesh_e2e::waypoint::{identity, Waypoint};
+use mesh_e2e::waypoint::{base, identity, service, Waypoint};
 use mesh_e2e::Netns;
 
 const ID: u8 = 203;
@@ -33,77 +33,11 @@ fn vip(n: u8) -> IpAddr {
 }
 
 fn world() -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: plain}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: direct, namespace: shop}}
-spec: {{clusterIP: {}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: viawp, namespace: shop, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec: {{clusterIP: {}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: waypoint, namespace: shop}}
-spec: {{clusterIP: {}, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: waypoint, namespace: shop}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
-"#,
-        vip(10),
-        vip(11),
-        vip(50)
-    )
-}
-
-/// nginx proxying port 8080 to `upstream` with pooled keep-alive connections.
-fn start_nginx(ns: &Netns, dir: &std::path::Path, upstream: SocketAddr) -> Result<Proc> {
-    let d = dir.display();
-    let conf = format!(
-        r#"worker_processes 1;
-daemon off;
-error_log stderr;
-pid {d}/nginx.pid;
-events {{}}
-http {{
-  access_log off;
-  client_body_temp_path {d}/client_body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  keepalive_requests 1000000;
-  upstream backend {{ server {upstream}; keepalive 32; keepalive_requests 1000000; }}
-  server {{
-    listen 8080;
-    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}
-}}
-"#
-    );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf)?;
-    let (prefix, conf) = (format!("{d}/"), path.display().to_string());
-    Proc::spawn(
-        ns,
-        &["nginx", "-e", "stderr", "-p", &prefix, "-c", &conf],
-        dir.join("nginx.log"),
-        Duration::from_secs(3),
-    )
+    let mut w = base(ID);
+    w += "apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\n";
+    w += &service(ID, "direct", "app: server", 10, false);
+    w += &service(ID, "viawp", "app: server", 11, true);
+    w
 }
 
 /// Latencies at a fixed rate: each connection sends on its own schedule; a request's latency
@@ -225,7 +159,12 @@ async fn main() -> Result<()> {
     }
     let nginx_pod = cluster.add_pod(1, PodSpec::new("nginx", "plain", &[]))?;
     let dir = tempfile::tempdir()?;
-    let mut nginx = start_nginx(&nginx_pod.ns, dir.path(), SocketAddr::new(plain_server.ip, 8080))?;
+    let upstream = format!(
+        "upstream backend {{ server {}:8080; keepalive 32; keepalive_requests 1000000; }}",
+        plain_server.ip
+    );
+    let location = r#"proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";"#;
+    let mut nginx = start_nginx(&nginx_pod.ns, dir.path(), &upstream, location)?;
     wait_listening(&nginx_pod.ns, 8080, &mut nginx).await?;
     let client = cluster.add_pod(0, PodSpec::new("client", "shop", &[]))?;
     let plain_client = cluster.add_pod(0, PodSpec::new("plain-client", "plain", &[]))?;
