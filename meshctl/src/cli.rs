@@ -129,8 +129,8 @@ pub enum WaypointAction {
     Apply {
         #[command(flatten)]
         common: WaypointArgs,
-        /// Which traffic it handles (label istio.io/waypoint-for).
-        #[arg(long = "for", value_enum, default_value = "service")]
+        /// Which traffic it handles (label istio.io/waypoint-for): service, workload, all or none.
+        #[arg(long = "for", value_parser = parse_waypoint_for, default_value = "service")]
         for_: WaypointFor,
         /// Send the namespace's traffic through it (label istio.io/use-waypoint=<name>).
         #[arg(long)]
@@ -368,4 +368,8 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<i32> {
             }
         },
     }
+}
+
+fn parse_waypoint_for(s: &str) -> Result<WaypointFor, String> {
+    WaypointFor::parse(Some(s))
 }

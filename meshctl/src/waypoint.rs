@@ -43,25 +43,8 @@ pub enum WaypointError {
     Output(String),
 }
 
-/// Which traffic the waypoint handles (`istio.io/waypoint-for`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WaypointFor {
-    Service,
-    Workload,
-    All,
-    None,
-}
-
-impl WaypointFor {
-    pub fn label(self) -> &'static str {
-        match self {
-            WaypointFor::Service => "service",
-            WaypointFor::Workload => "workload",
-            WaypointFor::All => "all",
-            WaypointFor::None => "none",
-        }
-    }
-}
+/// Which traffic the waypoint handles (`istio.io/waypoint-for`): the controller's own type.
+pub use controller::waypoint::WaypointFor;
 
 /// A DNS-1123 label.
 pub fn valid_name(s: &str) -> bool {

@@ -30,6 +30,16 @@ impl WaypointFor {
         }
     }
 
+    /// The label value, as `parse` reads it.
+    pub fn label(self) -> &'static str {
+        match self {
+            WaypointFor::Service => "service",
+            WaypointFor::Workload => "workload",
+            WaypointFor::All => "all",
+            WaypointFor::None => "none",
+        }
+    }
+
     pub fn services(self) -> bool {
         matches!(self, WaypointFor::Service | WaypointFor::All)
     }
