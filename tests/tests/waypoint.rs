@@ -416,7 +416,7 @@ async fn waypoint_resilience_rewrites_and_policies() {
         "--trace-tag",
         "cluster=netns",
     ];
-    let _waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &tracing_flags)
+    let waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &tracing_flags)
         .await
         .expect("waypoint up");
     for p in servers.iter().chain([&client]) {
@@ -573,6 +573,37 @@ async fn waypoint_resilience_rewrites_and_policies() {
     assert_eq!(span["tags"]["http.status_code"], "200");
     assert_eq!(span["tags"]["cluster"], "netns");
     assert_eq!(span["localEndpoint"]["serviceName"], "waypoint.shop");
+
+    // A malformed request gets 400 and is counted; the tunnel's other requests are unaffected.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = client
+            .ns
+            .connect(SocketAddr::new(Ipv4Addr::new(10, 96, ID2, 24).into(), 80))
+            .await
+            .expect("connect");
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nno colon here\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "malformed request answered: {answer:?}"
+        );
+        let metrics = waypoint.metrics().await.expect("metrics");
+        assert!(
+            metrics.contains("waypoint_rejected_requests_total{reason=\"malformed_http\"} 1"),
+            "malformed request counted:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("rejected"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(timed(&mut web, "GET", "/hello").await.0, 200);
+    }
 
     // notValues on a header, and the empty-spec deny-all.
     let mut guarded = open(26, "guarded.shop.svc.cluster.local").await.expect("connect");

@@ -173,6 +173,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         cluster.record(&w.uid, Some(StatusCode::OK));
         return;
     }
+    let (metrics, peer_identity_text) = (wp.metrics.clone(), peer_identity.to_string());
     let down = Arc::new(Downstream {
         peer_identity,
         client_addr,
@@ -182,7 +183,13 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let svc = hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
     let builder = auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
-        debug!(error = %e, "HTTP connection in tunnel ended with an error");
+        // hyper has already answered a malformed request with 400 where it could.
+        if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
+            info!(peer = %peer_identity_text, error = %e, "malformed HTTP request in tunnel");
+            metrics.reject("malformed_http");
+        } else {
+            debug!(error = %e, "HTTP connection in tunnel ended with an error");
+        }
     }
 }
 

@@ -114,3 +114,59 @@ impl ResourceSink for PolicySink {
         self.0.apply_policies(upserts, removed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(service: &str, regex: &str) -> Vec<u8> {
+        wp::ServiceRoutes {
+            service: service.into(),
+            routes: vec![wp::Route {
+                name: "HTTPRoute/a/r/rules[0]".into(),
+                matches: vec![wp::RouteMatch {
+                    path: Some(wp::StringMatch {
+                        kind: Some(wp::string_match::Kind::Regex(regex.into())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn bad_resources_are_rejected_by_name_and_the_rest_applies() {
+        let store = ConfigStore::new();
+        let good = routes("a/good", "/v[0-9]+");
+        let bad_regex = routes("a/bad", "(");
+        let rejected = store.apply_routes(
+            &[
+                ("a/good".into(), good.as_slice()),
+                ("a/bad".into(), bad_regex.as_slice()),
+                ("a/garbage".into(), b"\xff\xff\xff".as_slice()),
+            ],
+            &[],
+        );
+        let names: Vec<&str> = rejected.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a/bad", "a/garbage"]);
+        assert!(rejected[0].1.contains("regular expression"), "{}", rejected[0].1);
+        assert!(rejected[1].1.contains("cannot decode"), "{}", rejected[1].1);
+        assert!(store.load().routes.contains_key("a/good"));
+
+        // A snapshot taken before an update keeps serving the old configuration.
+        let before = store.load();
+        store.apply_routes(&[], &["a/good".into()]);
+        assert!(before.routes.contains_key("a/good") && !store.load().routes.contains_key("a/good"));
+
+        let empty_policy = wp::Policy::default().encode_to_vec();
+        let rejected = store.apply_policies(&[("Kind/a/p".into(), empty_policy.as_slice())], &[]);
+        assert_eq!(
+            rejected.len(),
+            1,
+            "a policy that is neither authorization nor jwt is refused"
+        );
+    }
+}

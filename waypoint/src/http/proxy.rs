@@ -268,6 +268,7 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
     let route = match chosen {
         Some(None) => {
             out.flags = "NR";
+            wp.metrics.reject("no_route");
             return reply(StatusCode::NOT_FOUND, "no route matched");
         }
         Some(Some(r)) => Some(r),
@@ -305,7 +306,10 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
             let pq = rewrite::with_query(&p, parts.uri.query());
             match pq.parse() {
                 Ok(u) => parts.uri = u,
-                Err(_) => return reply(StatusCode::BAD_REQUEST, "rewritten path is not a valid URI"),
+                Err(_) => {
+                    wp.metrics.reject("bad_rewrite");
+                    return reply(StatusCode::BAD_REQUEST, "rewritten path is not a valid URI");
+                }
             }
         }
     }
@@ -460,6 +464,7 @@ async fn forward(
             Ok(c) => Some(c.to_bytes()),
             Err(e) => {
                 out.reason = format!("reading request body: {e}");
+                wp.metrics.reject("bad_body");
                 return reply(StatusCode::BAD_REQUEST, "could not read the request body");
             }
         }
@@ -519,7 +524,10 @@ async fn forward(
         let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
         *req.uri_mut() = match format!("http://{}{pq}", ep.target).parse() {
             Ok(u) => u,
-            Err(_) => return reply(StatusCode::BAD_REQUEST, "bad request path"),
+            Err(_) => {
+                wp.metrics.reject("bad_path");
+                return reply(StatusCode::BAD_REQUEST, "bad request path");
+            }
         };
         let send = wp.upstreams.client(http2).request(req);
         let result = match per_try {
