@@ -184,13 +184,12 @@ impl Changes {
                 tokio::time::sleep(*every).await;
                 let path = dir.clone();
                 let digest = tokio::task::spawn_blocking(move || digest(&path)).await.ok().flatten();
+                // The first reading counts as a change too: whatever changed between the
+                // agent's start-up reconcile and now would otherwise go unnoticed (reconciling
+                // is idempotent, so an extra pass costs nothing).
                 if digest.is_some() && digest != *last {
-                    // The first reading is the baseline, not a change.
-                    let first = last.is_none();
                     *last = digest;
-                    if !first {
-                        return true;
-                    }
+                    return true;
                 }
             },
             ChangesInner::Kubernetes(rx) => {
