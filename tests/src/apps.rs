@@ -183,6 +183,35 @@ static SERVED: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>
 /// Per-key counters of `/fail/<n>/<key>`.
 static FAILS: std::sync::Mutex<Option<std::collections::HashMap<String, u32>>> = std::sync::Mutex::new(None);
 
+/// Connections accepted per server name.
+static ACCEPTED: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> = std::sync::Mutex::new(None);
+
+/// How many connections the named server accepted so far.
+pub fn accepted(name: &str) -> usize {
+    let map = ACCEPTED.lock().unwrap_or_else(|e| e.into_inner());
+    map.as_ref().and_then(|m| m.get(name).copied()).unwrap_or(0)
+}
+
+fn count_accept(name: &str) {
+    let mut map = ACCEPTED.lock().unwrap_or_else(|e| e.into_inner());
+    *map.get_or_insert_with(Default::default)
+        .entry(name.to_owned())
+        .or_insert(0) += 1;
+}
+
+/// Writes its name on accept, then echoes until EOF (a server-first TCP protocol).
+pub async fn named_echo_server(listener: TcpListener, name: &'static str) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        count_accept(name);
+        tokio::spawn(async move {
+            let _ = s.write_all(format!("{name}\n").as_bytes()).await;
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
 /// How many requests the named server answered so far.
 pub fn served(name: &str) -> usize {
     let map = SERVED.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,6 +259,7 @@ pub async fn named_server(listener: TcpListener, name: &'static str) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     while let Ok((s, _)) = listener.accept().await {
+        count_accept(name);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| async move {
                 {

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use mesh_e2e::apps::{named_server, served, span_collector, HttpConn};
+use mesh_e2e::apps::{accepted, named_echo_server, named_server, served, span_collector, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
 use mesh_e2e::waypoint::{base, identity, service, Waypoint};
 use mesh_e2e::{privileged, promtool_check};
@@ -288,6 +288,7 @@ fn resilience_world() -> String {
         ("web", "app: web", 24),
         ("locked", "app: backend", 25),
         ("guarded", "app: backend", 26),
+        ("fresh", "app: fresh", 28),
     ] {
         w += &service(ID2, name, selector, n, true);
     }
@@ -325,6 +326,14 @@ spec:
     connectionPool:
       tcp: {maxConnections: 1}
       http: {http1MaxPendingRequests: 1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: fresh, namespace: shop}
+spec:
+  host: fresh.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool: {http: {maxRequestsPerConnection: 1}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -397,6 +406,7 @@ async fn waypoint_resilience_rewrites_and_policies() {
         ("od-broken", 1, vec![("app", "od")]),
         ("web", 0, vec![("app", "web")]),
         ("web-mirror", 1, vec![("app", "web-mirror")]),
+        ("fresh", 0, vec![("app", "fresh")]),
     ];
     let servers = start_servers(&cluster, &pods);
     let client = cluster
@@ -605,6 +615,21 @@ async fn waypoint_resilience_rewrites_and_policies() {
         assert_eq!(timed(&mut web, "GET", "/hello").await.0, 200);
     }
 
+    // maxRequestsPerConnection: 1 gives every request its own upstream connection; without
+    // it the waypoint reuses its pooled one.
+    let mut fresh = open(28, "fresh.shop.svc.cluster.local").await.expect("connect");
+    let (fresh_before, web_before) = (accepted("fresh"), accepted("web"));
+    for _ in 0..5 {
+        assert_eq!(timed(&mut fresh, "GET", "/").await.0, 200);
+        assert_eq!(timed(&mut web, "GET", "/").await.0, 200);
+    }
+    assert_eq!(
+        accepted("fresh") - fresh_before,
+        5,
+        "one upstream connection per request"
+    );
+    assert!(accepted("web") - web_before <= 1, "pooled connections are reused");
+
     // notValues on a header, and the empty-spec deny-all.
     let mut guarded = open(26, "guarded.shop.svc.cluster.local").await.expect("connect");
     assert_eq!(
@@ -637,6 +662,8 @@ fn auth_world() -> String {
     w += &service(ID3, "grpc", "app: grpc-a", 31, true);
     w += &service(ID3, "grpc-a", "app: grpc-a", 32, false);
     w += &service(ID3, "grpc-b", "app: grpc-b", 33, false);
+    w += &service(ID3, "tcp", "app: tcp-a", 34, true);
+    w += &service(ID3, "tcp-b", "app: tcp-b", 35, false);
     w += r#"apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {name: grpc, namespace: shop}
@@ -647,6 +674,13 @@ spec:
     backendRefs: [{name: grpc-a, port: 80}]
   - matches: [{method: {service: envoy.service.discovery.v3.AggregatedDiscoveryService}}]
     backendRefs: [{name: grpc-b, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: tcp, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: tcp, port: 80}]
+  rules: [{backendRefs: [{name: tcp-b, port: 80}]}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -823,6 +857,16 @@ async fn waypoint_jwt_and_grpc() {
         );
         grpc_pods.push(pod);
     }
+    for (name, node) in [("tcp-a", 0), ("tcp-b", 1)] {
+        let pod = cluster
+            .add_pod(node, PodSpec::new(name, "shop", &[("app", name)]))
+            .expect("tcp pod");
+        tokio::spawn(named_echo_server(
+            pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen"),
+            name,
+        ));
+        grpc_pods.push(pod);
+    }
     let client = cluster
         .add_pod(0, PodSpec::new("client", "shop", &[]))
         .expect("client pod");
@@ -884,6 +928,31 @@ async fn waypoint_jwt_and_grpc() {
         403,
         "no token where a request principal is required"
     );
+
+    // A server-first TCP protocol through the waypoint: detection gives up waiting for HTTP,
+    // and the TCPRoute sends the connection to tcp-b although the service selects tcp-a.
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let tcp = client
+            .ns
+            .connect(SocketAddr::new(Ipv4Addr::new(10, 96, ID3, 34).into(), 80))
+            .await
+            .expect("connect to the tcp VIP");
+        let mut tcp = tokio::io::BufReader::new(tcp);
+        let mut line = String::new();
+        tokio::time::timeout(WAIT, tcp.read_line(&mut line))
+            .await
+            .expect("greeting in time")
+            .expect("greeting");
+        assert_eq!(line, "tcp-b\n", "TCPRoute backend");
+        tcp.get_mut().write_all(b"ping\n").await.expect("write");
+        line.clear();
+        tokio::time::timeout(WAIT, tcp.read_line(&mut line))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(line, "ping\n");
+    }
 
     // gRPC through the waypoint, routed by method: unary to grpc-a, streaming to grpc-b.
     let sockets = std::sync::Arc::new(mesh_e2e::netns::NetnsSockets {

@@ -15,6 +15,7 @@ use http::{HeaderMap, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mesh_core::hbone::{serve_connection, H2Io, InboundConnect};
+use mesh_core::state::model::{Service, Workload};
 use mesh_core::state::Destination;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -156,20 +157,11 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
             info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "TCP connection denied by policy");
             return;
         }
-        let snapshot = wp.config.load();
-        let routes = snapshot.routes.get(&service.key()).map(|r| &r.config);
-        let cluster = wp
-            .upstreams
-            .cluster(&service.key(), "", crate::upstream::effective_policy(routes, None));
-        let state = wp.state.load();
-        let eps = crate::upstream::candidates(&state, &service, None);
-        let Some(w) = cluster.pick(&eps) else {
+        let Some((cluster, w, target)) = tcp_backend(&wp, &service, dst) else {
+            info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
             return;
         };
-        let Some(ep) = crate::upstream::target(&w, &service, dst.port(), dst.ip()) else {
-            return;
-        };
-        tcp_to(&wp, io, ep.target, &spiffe).await;
+        tcp_to(&wp, io, target, &spiffe).await;
         cluster.record(&w.uid, Some(StatusCode::OK));
         return;
     }
@@ -191,6 +183,34 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
             debug!(error = %e, "HTTP connection in tunnel ended with an error");
         }
     }
+}
+
+/// Where a TCP connection to `service` goes: a TCPRoute's weighted backend if one is attached,
+/// else the service itself; then an endpoint chosen by that backend's cluster.
+fn tcp_backend(
+    wp: &Waypoint,
+    service: &Arc<Service>,
+    dst: SocketAddr,
+) -> Option<(Arc<crate::upstream::cluster::Cluster>, Arc<Workload>, SocketAddr)> {
+    let snapshot = wp.config.load();
+    let state = wp.state.load();
+    let route = snapshot.routes.get(&service.key()).and_then(|r| r.tcp.as_ref());
+    let (backend, port) = match route.and_then(|r| crate::http::proxy::pick_backend(&r.backends)) {
+        Some(b) => {
+            let svc = state.service(&b.service)?.clone();
+            let port = u16::try_from(b.port).ok().filter(|p| *p != 0).unwrap_or(dst.port());
+            (svc, port)
+        }
+        None => (service.clone(), dst.port()),
+    };
+    let routes = snapshot.routes.get(&backend.key()).map(|r| &r.config);
+    let cluster = wp
+        .upstreams
+        .cluster(&backend.key(), "", crate::upstream::effective_policy(routes, None));
+    let eps = crate::upstream::candidates(&state, &backend, None);
+    let w = cluster.pick(&eps)?;
+    let ep = crate::upstream::target(&w, &backend, port, dst.ip())?;
+    Some((cluster, w, ep.target))
 }
 
 /// Reads the first bytes (or waits briefly) to tell HTTP from other TCP protocols.

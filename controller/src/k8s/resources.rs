@@ -1,5 +1,6 @@
-//! [`kube::Resource`] for the controller's own Gateway API and Istio structs, at the served
-//! version `v1`, and [`api_resource`] to address any [`Kind`] dynamically.
+//! [`kube::Resource`] for the controller's own Gateway API and Istio structs, at the version
+//! the controller reads (`v1`; TCPRoute only exists as `v1alpha2`), and [`api_resource`] to
+//! address any [`Kind`] dynamically.
 
 use std::borrow::Cow;
 
@@ -8,8 +9,10 @@ use ::kube::Resource;
 
 use crate::model::{gateway, istio, EndpointSlice, Kind, Namespace, ObjectMeta, Pod, Service, ServiceAccount};
 
-/// The version the controller reads and writes for every custom kind.
-pub const VERSION: &str = "v1";
+/// The version the controller reads and writes for `kind`: the first it knows.
+pub fn served_version(kind: Kind) -> &'static str {
+    kind.versions().first().copied().unwrap_or("v1")
+}
 
 macro_rules! resource {
     ($($ty:ty => $kind:ident, $plural:literal, $scope:ty;)+) => {
@@ -27,7 +30,7 @@ macro_rules! resource {
                 }
 
                 fn version(_: &()) -> Cow<'_, str> {
-                    Cow::Borrowed(VERSION)
+                    Cow::Borrowed(served_version(Kind::$kind))
                 }
 
                 fn plural(_: &()) -> Cow<'_, str> {
@@ -51,6 +54,7 @@ resource! {
     gateway::Gateway => Gateway, "gateways", NamespaceResourceScope;
     gateway::HttpRoute => HttpRoute, "httproutes", NamespaceResourceScope;
     gateway::GrpcRoute => GrpcRoute, "grpcroutes", NamespaceResourceScope;
+    gateway::TcpRoute => TcpRoute, "tcproutes", NamespaceResourceScope;
     istio::AuthorizationPolicy => AuthorizationPolicy, "authorizationpolicies", NamespaceResourceScope;
     istio::PeerAuthentication => PeerAuthentication, "peerauthentications", NamespaceResourceScope;
     istio::RequestAuthentication => RequestAuthentication, "requestauthentications", NamespaceResourceScope;
@@ -70,6 +74,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::Gateway => ApiResource::erase::<gateway::Gateway>(&()),
         Kind::HttpRoute => ApiResource::erase::<gateway::HttpRoute>(&()),
         Kind::GrpcRoute => ApiResource::erase::<gateway::GrpcRoute>(&()),
+        Kind::TcpRoute => ApiResource::erase::<gateway::TcpRoute>(&()),
         Kind::AuthorizationPolicy => ApiResource::erase::<istio::AuthorizationPolicy>(&()),
         Kind::PeerAuthentication => ApiResource::erase::<istio::PeerAuthentication>(&()),
         Kind::RequestAuthentication => ApiResource::erase::<istio::RequestAuthentication>(&()),

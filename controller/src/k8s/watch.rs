@@ -16,7 +16,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use super::resources::{api_resource, VERSION};
+use super::resources::{api_resource, served_version};
 use super::KubeError;
 use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, ParseError, Pod, Service, ServiceAccount};
 use crate::source::{Change, ChangeSender};
@@ -64,6 +64,7 @@ fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
         | Kind::Gateway
         | Kind::HttpRoute
         | Kind::GrpcRoute
+        | Kind::TcpRoute
         | Kind::AuthorizationPolicy
         | Kind::PeerAuthentication
         | Kind::RequestAuthentication
@@ -79,7 +80,10 @@ fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
 fn parse_dynamic(kind: Kind, object: DynamicObject) -> Result<Object, ParseError> {
     let mut value = serde_json::to_value(object).map_err(|e| ParseError::Shape(e.to_string()))?;
     if let Some(map) = value.as_object_mut() {
-        map.insert("apiVersion".into(), format!("{}/{VERSION}", kind.group()).into());
+        map.insert(
+            "apiVersion".into(),
+            format!("{}/{}", kind.group(), served_version(kind)).into(),
+        );
         map.insert("kind".into(), kind.name().into());
     }
     Object::parse(value)

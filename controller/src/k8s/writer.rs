@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::resources::{api_resource, VERSION};
+use super::resources::{api_resource, served_version};
 use super::{KubeError, FIELD_MANAGER};
 use crate::model::{gateway::Gateway, Kind, ObjectKey, ObjectMeta, ServiceAccount};
 use crate::waypoint::{Condition, WaypointDeployment};
@@ -279,7 +279,7 @@ pub fn owner_reference(record: &WaypointDeployment) -> Option<OwnerReference> {
         return None;
     }
     Some(OwnerReference {
-        api_version: format!("{}/{VERSION}", Kind::Gateway.group()),
+        api_version: format!("{}/{}", Kind::Gateway.group(), served_version(Kind::Gateway)),
         kind: Kind::Gateway.name().to_owned(),
         name: record.gateway.name.clone(),
         uid: record.gateway_uid.clone(),

@@ -245,6 +245,30 @@ pub struct HttpRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
+/// `TCPRoute` (experimental channel, v1alpha2): plain TCP to weighted backends.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TcpRoute {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: TcpRouteSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default)]
+    pub rules: Vec<TcpRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRouteRule {
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct GrpcRoute {
     pub metadata: ObjectMeta,

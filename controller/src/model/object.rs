@@ -77,6 +77,7 @@ kinds! {
     Gateway(gateway::Gateway) = "gateway.networking.k8s.io", "Gateway", cluster: false, versions: ["v1", "v1beta1"];
     HttpRoute(gateway::HttpRoute) = "gateway.networking.k8s.io", "HTTPRoute", cluster: false, versions: ["v1", "v1beta1"];
     GrpcRoute(gateway::GrpcRoute) = "gateway.networking.k8s.io", "GRPCRoute", cluster: false, versions: ["v1"];
+    TcpRoute(gateway::TcpRoute) = "gateway.networking.k8s.io", "TCPRoute", cluster: false, versions: ["v1alpha2"];
     AuthorizationPolicy(istio::AuthorizationPolicy) = "security.istio.io", "AuthorizationPolicy", cluster: false, versions: ["v1", "v1beta1"];
     PeerAuthentication(istio::PeerAuthentication) = "security.istio.io", "PeerAuthentication", cluster: false, versions: ["v1", "v1beta1"];
     RequestAuthentication(istio::RequestAuthentication) = "security.istio.io", "RequestAuthentication", cluster: false, versions: ["v1", "v1beta1"];

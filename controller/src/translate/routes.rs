@@ -392,6 +392,42 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
     );
 }
 
+/// TCPRoute: the first rule's weighted backends carry every connection (TCP has nothing to
+/// match on); the waypoint uses routes named `TCPRoute/...` for traffic it proxies as TCP.
+fn tcp_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
+    let compile = |key: &ObjectKey, route: &gateway::TcpRoute, report: &mut Report| {
+        let (kind, ns) = (Kind::TcpRoute, key.namespace.as_str());
+        if route.spec.rules.len() > 1 {
+            report.add(
+                kind,
+                key,
+                "only the first rule of a TCPRoute is used; the others are ignored",
+            );
+        }
+        route
+            .spec
+            .rules
+            .first()
+            .map(|rule| wp::Route {
+                name: format!("TCPRoute/{key}/rules[0]"),
+                backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect()
+    };
+    let items = by_age(inputs.tcp_routes.iter(), |r| &r.metadata);
+    attach(
+        routes,
+        (inputs, options),
+        report,
+        Kind::TcpRoute,
+        items,
+        |r| &r.spec.parent_refs,
+        compile,
+    );
+}
+
 fn percent(p: Option<&istio::Percent>) -> f64 {
     p.map(|p| p.value).unwrap_or(100.0)
 }
@@ -779,6 +815,7 @@ pub(crate) fn translate(
 ) -> (Routes, BTreeMap<String, wp::Policy>) {
     let mut routes = Routes::new();
     http_routes(inputs, options, &mut routes, report);
+    tcp_routes(inputs, options, &mut routes, report);
     virtual_services(inputs, options, &mut routes, report);
     destination_rules(inputs, options, &mut routes, report);
     (routes, policies(inputs, report))

@@ -340,7 +340,7 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
 }
 
 /// Picks a backend by weight.
-fn pick_backend(backends: &[wp::WeightedBackend]) -> Option<&wp::WeightedBackend> {
+pub(crate) fn pick_backend(backends: &[wp::WeightedBackend]) -> Option<&wp::WeightedBackend> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return backends.first();
@@ -521,6 +521,10 @@ async fn forward(
         };
         let mut req = Request::from_parts(parts.clone(), body);
         *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        if !http2 && !upgrade && cluster.close_after_this() {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
         *req.uri_mut() = match format!("http://{}{pq}", ep.target).parse() {
             Ok(u) => u,

@@ -197,6 +197,8 @@ impl CompiledRoute {
 #[derive(Debug)]
 pub struct CompiledRoutes {
     pub config: wp::ServiceRoutes,
+    /// Where traffic proxied as TCP goes (a TCPRoute), if anywhere but the service itself.
+    pub tcp: Option<wp::Route>,
     routes: Vec<CompiledRoute>,
     /// (route index, match index) in the order they are tried; a route without matches
     /// appears once with `usize::MAX` (matches everything).
@@ -206,7 +208,13 @@ pub struct CompiledRoutes {
 impl CompiledRoutes {
     pub fn compile(mut config: wp::ServiceRoutes) -> Result<Self, CompileError> {
         let mut routes = Vec::with_capacity(config.routes.len());
+        let mut tcp = None;
         for route in std::mem::take(&mut config.routes) {
+            if route.name.starts_with("TCPRoute/") {
+                // TCP routes never see HTTP requests.
+                tcp.get_or_insert(route);
+                continue;
+            }
             let matches = route
                 .matches
                 .iter()
@@ -235,7 +243,12 @@ impl CompiledRoutes {
                 std::cmp::Reverse(p)
             });
         }
-        Ok(CompiledRoutes { config, routes, order })
+        Ok(CompiledRoutes {
+            config,
+            tcp,
+            routes,
+            order,
+        })
     }
 
     /// No route at all: traffic goes to the service itself.

@@ -44,6 +44,9 @@ pub struct Cluster {
     requests: AtomicUsize,
     retries: AtomicUsize,
     rr: AtomicUsize,
+    /// `maxRequestsPerConnection` (0: unlimited) and the requests sent so far.
+    per_connection: usize,
+    sent: AtomicUsize,
     balance: Balance,
     endpoints: Mutex<HashMap<String, EndpointState>>,
 }
@@ -99,6 +102,8 @@ impl Cluster {
             requests: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
             rr: AtomicUsize::new(0),
+            per_connection: pool.max_requests_per_connection as usize,
+            sent: AtomicUsize::new(0),
             balance,
             endpoints: Mutex::new(HashMap::new()),
             policy,
@@ -142,6 +147,14 @@ impl Cluster {
                 Err(Overflow("cluster closed"))
             }
         }
+    }
+
+    /// Whether the HTTP/1.1 request about to go out should close its connection after the
+    /// answer (`maxRequestsPerConnection`). Counted per cluster rather than per pooled
+    /// connection, so it is exact with one connection (or a limit of 1) and approximate
+    /// otherwise: connections serve about that many requests each.
+    pub fn close_after_this(&self) -> bool {
+        self.per_connection > 0 && (self.sent.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(self.per_connection)
     }
 
     /// A slot for one retry, or `None` when `maxRetries` retries are already in flight.
@@ -282,6 +295,20 @@ mod tests {
         assert!(c.admit().await.is_err(), "third request must overflow");
         drop(first);
         waiting.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn max_requests_per_connection_closes_every_nth() {
+        let c = Cluster::new(wp::TrafficPolicy {
+            connection_pool: Some(wp::ConnectionPool {
+                max_requests_per_connection: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let closes: Vec<bool> = (0..6).map(|_| c.close_after_this()).collect();
+        assert_eq!(closes, [false, false, true, false, false, true]);
+        assert!(!Cluster::new(wp::TrafficPolicy::default()).close_after_this());
     }
 
     #[test]
