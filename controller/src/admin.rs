@@ -3,14 +3,12 @@
 //! honoured, per object), `/debug/config` (the translated resources as JSON) and
 //! `/debug/skipped` (manifest documents the local source rejected).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,17 +42,7 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
 impl Admin {
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
-            "/metrics" | "/stats/prometheus" => {
-                let mut text = String::new();
-                match prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-                    Ok(()) => reply(
-                        StatusCode::OK,
-                        "text/plain; version=0.0.4",
-                        mesh_core::prometheus::openmetrics_to_prometheus(&text),
-                    ),
-                    Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
-                }
-            }
+            "/metrics" | "/stats/prometheus" => mesh_core::prometheus::response(&self.registry, req.headers()),
             "/ready" | "/healthz/ready" => {
                 if self.published.borrow().synced {
                     reply(StatusCode::OK, "text/plain", "ready\n")
@@ -80,19 +68,9 @@ impl Admin {
 
 /// Serves until the process ends.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    mesh_core::admin_http::serve_forever(listener, move |req| {
         let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(&req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        async move { admin.handle(&req) }
+    })
+    .await
 }

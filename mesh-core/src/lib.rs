@@ -8,7 +8,9 @@
 //! - [`state`]: the workload/service/policy model and its atomically swapped store.
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
+//! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
 
+pub mod admin_http;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

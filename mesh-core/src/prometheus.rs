@@ -27,3 +27,43 @@ pub fn openmetrics_to_prometheus(om: &str) -> String {
     }
     out
 }
+
+/// The `/metrics` answer for `registry`: OpenMetrics when the scraper asks for it in
+/// `Accept`, Prometheus text 0.0.4 otherwise.
+pub fn response(
+    registry: &prometheus_client::registry::Registry,
+    request_headers: &http::HeaderMap,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let text = |status: http::StatusCode, content_type: &'static str, body: String| {
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        r
+    };
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        return text(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("encoding metrics: {e}\n"),
+        );
+    }
+    let openmetrics = request_headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        text(
+            http::StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            out,
+        )
+    } else {
+        text(
+            http::StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            openmetrics_to_prometheus(&out),
+        )
+    }
+}

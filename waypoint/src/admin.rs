@@ -1,14 +1,12 @@
 //! The metrics port: `/metrics` (Prometheus text), `/healthz/ready` (certificate and
 //! configuration loaded), `/config_dump` (routes and policies in force, as JSON).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,23 +27,9 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
-async fn route(admin: Arc<Admin>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(match req.uri().path() {
-        "/metrics" => {
-            let mut om = String::new();
-            if prometheus_client::encoding::text::encode(&mut om, &admin.registry).is_err() {
-                return Ok(text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    "encoding failed\n".into(),
-                ));
-            }
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                mesh_core::prometheus::openmetrics_to_prometheus(&om),
-            )
-        }
+fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => mesh_core::prometheus::response(&admin.registry, req.headers()),
         "/healthz/ready" => {
             let cert = admin.waypoint.certs.get_ready(&admin.waypoint.identity).is_some();
             if *admin.ready.borrow() && cert {
@@ -74,20 +58,13 @@ async fn route(admin: Arc<Admin>, req: Request<Incoming>) -> Result<Response<Ful
             "text/plain",
             "try /metrics, /healthz/ready or /config_dump\n".into(),
         ),
-    })
+    }
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    mesh_core::admin_http::serve_forever(listener, move |req| {
         let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |r| route(admin.clone(), r));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+        async move { route(&admin, &req) }
+    })
+    .await
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_core::hbone::{HbonePool, Settings};
-use mesh_core::identity::cert::certs_from_pem;
+use mesh_core::identity::cert::read_trust_bundle;
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, TokenSource};
 use mesh_core::socket::PlainSockets;
 use mesh_core::state::StateStore;
@@ -26,15 +26,7 @@ use crate::{admin, listener, policy, Waypoint};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
-    let pem = std::fs::read_to_string(&cfg.trust_bundle)
-        .with_context(|| format!("reading --trust-bundle {}", cfg.trust_bundle.display()))?;
-    let roots =
-        certs_from_pem(&pem).with_context(|| format!("parsing --trust-bundle {}", cfg.trust_bundle.display()))?;
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "--trust-bundle {} holds no certificate",
-        cfg.trust_bundle.display()
-    );
+    let roots = read_trust_bundle(&cfg.trust_bundle).context("--trust-bundle")?;
     let token = cfg.token_file.clone().map_or(TokenSource::None, TokenSource::File);
     let cp_tls = |addr: &str| -> anyhow::Result<_> {
         if addr.starts_with("https://") {

@@ -1,7 +1,6 @@
 //! HTTP endpoints: admin (`/config_dump`, `/logging`) on localhost, Prometheus metrics
 //! (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -10,15 +9,12 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use mesh_core::identity::{CertManager, CertState};
 use mesh_core::state::StateStore;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 /// Changes the log filter at runtime.
 pub type LogReload = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -96,27 +92,7 @@ impl Admin {
     /// OpenMetrics when the scraper asks for it (Prometheus does), else the classic
     /// Prometheus text format that older tools and `promtool check metrics` read.
     fn metrics(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        }
-        let openmetrics = req
-            .headers()
-            .get(http::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/openmetrics-text"));
-        let (body, content_type) = if openmetrics {
-            (out, "application/openmetrics-text; version=1.0.0; charset=utf-8")
-        } else {
-            (
-                mesh_core::prometheus::openmetrics_to_prometheus(&out),
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-        };
-        let mut r = text(StatusCode::OK, body);
-        r.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
-        r
+        mesh_core::prometheus::response(&self.registry, req.headers())
     }
 
     fn logging(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -162,25 +138,11 @@ impl Admin {
 /// Serves `admin` on `listener` until `stop` is cancelled. Each listener exposes every path;
 /// the admin one is bound to localhost by default.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
-            },
-            _ = stop.cancelled() => return,
-        };
+    mesh_core::admin_http::serve(listener, stop, move |req| {
         let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.route(req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+        async move { admin.route(req) }
+    })
+    .await
 }
 
 /// Binds an admin-style listener with a message naming the flag to change on failure.

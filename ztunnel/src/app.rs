@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_core::hbone::Settings;
-use mesh_core::identity::cert::certs_from_pem;
+use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, TokenSource};
 use mesh_core::socket::{PlainSockets, SocketFactory};
 use mesh_core::state::StateStore;
@@ -57,17 +57,6 @@ pub fn write_dev_ca(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Reads the `--trust-bundle` PEM file; it must hold at least one certificate.
-fn read_trust_bundle(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read_to_string(path).with_context(|| format!("reading trust bundle {}", path.display()))?;
-    let roots = certs_from_pem(&pem).with_context(|| format!("parsing trust bundle {}", path.display()))?;
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "trust bundle {} holds no certificate",
-        path.display()
-    );
-    Ok(roots)
-}
-
 /// TLS for a control plane address: none for http://; for https:// a client configuration
 /// that trusts the trust bundle, expects `--control-plane-identity` and sends no client
 /// certificate (the bearer token authenticates this proxy).

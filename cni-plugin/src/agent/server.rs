@@ -542,44 +542,21 @@ pub async fn serve_metrics(
     registry: Arc<prometheus_client::registry::Registry>,
     listener: tokio::net::TcpListener,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    mesh_core::admin_http::serve_forever(listener, move |req: Request<Incoming>| {
         let (agent, registry) = (agent.clone(), registry.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (agent, registry) = (agent.clone(), registry.clone());
-                async move {
-                    let response = match req.uri().path() {
-                        "/metrics" | "/stats/prometheus" => {
-                            agent
-                                .metrics
-                                .ztunnels
-                                .set(i64::try_from(agent.zds.connected()).unwrap_or(i64::MAX));
-                            let mut text = String::new();
-                            match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                                Ok(()) => {
-                                    let body = mesh_core::prometheus::openmetrics_to_prometheus(&text);
-                                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                                    r.headers_mut().insert(
-                                        http::header::CONTENT_TYPE,
-                                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                                    );
-                                    r
-                                }
-                                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-                            }
-                        }
-                        "/healthz/ready" => reply(StatusCode::OK, json!({ "ztunnels": agent.zds.connected() })),
-                        _ => error(StatusCode::NOT_FOUND, "not found"),
-                    };
-                    Ok::<_, Infallible>(response)
+        async move {
+            match req.uri().path() {
+                "/metrics" | "/stats/prometheus" => {
+                    agent
+                        .metrics
+                        .ztunnels
+                        .set(i64::try_from(agent.zds.connected()).unwrap_or(i64::MAX));
+                    mesh_core::prometheus::response(&registry, req.headers())
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+                "/healthz/ready" => reply(StatusCode::OK, json!({ "ztunnels": agent.zds.connected() })),
+                _ => error(StatusCode::NOT_FOUND, "not found"),
+            }
+        }
+    })
+    .await
 }

@@ -29,6 +29,36 @@ pub enum CertError {
     Key(String),
 }
 
+/// Why a trust bundle file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustBundleError {
+    #[error("reading trust bundle {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing trust bundle {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: CertError,
+    },
+    #[error("trust bundle {path} holds no certificate")]
+    Empty { path: String },
+}
+
+/// Reads a PEM file of root certificates; it must hold at least one.
+pub fn read_trust_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TrustBundleError> {
+    let shown = || path.display().to_string();
+    let pem = std::fs::read_to_string(path).map_err(|source| TrustBundleError::Read { path: shown(), source })?;
+    let roots = certs_from_pem(&pem).map_err(|source| TrustBundleError::Parse { path: shown(), source })?;
+    if roots.is_empty() {
+        return Err(TrustBundleError::Empty { path: shown() });
+    }
+    Ok(roots)
+}
+
 /// Parses every `CERTIFICATE` block of a PEM text.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let mut out = Vec::new();

@@ -110,6 +110,31 @@ impl Workload {
     pub fn service_ports(&self, key: &str) -> Option<&[PortMapping]> {
         self.services.iter().find(|(k, _)| k == key).map(|(_, p)| p.as_slice())
     }
+
+    /// An address of the same family as `like`, else the first one.
+    pub fn address_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .or_else(|| self.addresses.first().copied())
+    }
+
+    /// The port this workload serves `service`'s `port` on: its own mapping (named target
+    /// ports) wins over the service's; `None` when the service has no such port.
+    pub fn target_port(&self, service: &Service, port: u16) -> Option<u16> {
+        let declared = service.ports.iter().find(|p| p.service_port == port)?;
+        let own = self
+            .service_ports(&service.key())
+            .and_then(|ps| ps.iter().find(|p| p.service_port == port))
+            .map(|p| p.target_port)
+            .filter(|p| *p != 0);
+        Some(own.unwrap_or(if declared.target_port == 0 {
+            declared.service_port
+        } else {
+            declared.target_port
+        }))
+    }
 }
 
 impl Service {

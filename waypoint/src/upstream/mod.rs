@@ -100,25 +100,9 @@ pub fn candidates(state: &State, service: &Service, subset: Option<&wp::Subset>)
 
 /// Where `workload` serves the service's `port`: its own mapping, else the service's.
 pub fn target(workload: &Arc<Workload>, service: &Service, port: u16, like: std::net::IpAddr) -> Option<Endpoint> {
-    let key = service.key();
-    let mapped = workload
-        .service_ports(&key)
-        .and_then(|ps| ps.iter().find(|p| p.service_port == port))
-        .or_else(|| service.ports.iter().find(|p| p.service_port == port))
-        .map(|p| {
-            if p.target_port == 0 {
-                p.service_port
-            } else {
-                p.target_port
-            }
-        })
-        .unwrap_or(port);
-    let ip = workload
-        .addresses
-        .iter()
-        .copied()
-        .find(|a| a.is_ipv4() == like.is_ipv4())
-        .or_else(|| workload.addresses.first().copied())?;
+    // A port the service does not declare is passed through unchanged.
+    let mapped = workload.target_port(service, port).unwrap_or(port);
+    let ip = workload.address_like(like)?;
     Some(Endpoint {
         workload: workload.clone(),
         target: SocketAddr::new(ip, mapped),

@@ -2,7 +2,7 @@
 //! over HBONE to the destination's ztunnel (or its waypoint), as plain TCP to a workload that
 //! does not speak HBONE, or passed through untouched when the destination is unknown.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::hbone::{PoolKey, TunnelRequest};
@@ -60,14 +60,6 @@ impl RouteError {
     }
 }
 
-fn address_like(w: &Workload, like: IpAddr) -> Option<IpAddr> {
-    w.addresses
-        .iter()
-        .copied()
-        .find(|a| a.is_ipv4() == like.is_ipv4())
-        .or_else(|| w.addresses.first().copied())
-}
-
 /// Resolves a waypoint to its HBONE endpoint and identity.
 fn waypoint_route(
     state: &State,
@@ -101,7 +93,9 @@ fn waypoint_route(
                 .ok_or_else(unresolved)?
         }
     };
-    let ip = address_like(&wl, authority.ip()).ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
+    let ip = wl
+        .address_like(authority.ip())
+        .ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
     Ok(Route::Hbone {
         endpoint: SocketAddr::new(ip, wp.hbone_port),
         authority,
@@ -129,27 +123,19 @@ pub fn resolve(
             if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
                 return waypoint_route(state, network, wp, dst, Some(svc.clone()));
             }
-            let port = svc
-                .ports
-                .iter()
-                .find(|p| p.service_port == dst.port())
-                .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
+            if !svc.ports.iter().any(|p| p.service_port == dst.port()) {
+                return Err(RouteError::NoPort(svc.key(), dst.port()));
+            }
             let endpoints = state.endpoints(&svc);
             let wl = endpoints
                 .choose(&mut rand::thread_rng())
                 .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
-            // The workload's own mapping wins over the service's (named target ports).
             let target = wl
-                .service_ports(&svc.key())
-                .and_then(|ps| ps.iter().find(|p| p.service_port == dst.port()))
-                .map(|p| p.target_port)
-                .filter(|p| *p != 0)
-                .unwrap_or(if port.target_port == 0 {
-                    port.service_port
-                } else {
-                    port.target_port
-                });
-            let ip = address_like(wl, dst.ip()).ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
+                .target_port(&svc, dst.port())
+                .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
+            let ip = wl
+                .address_like(dst.ip())
+                .ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
             let target = SocketAddr::new(ip, target);
             Ok(match wl.tunnel {
                 Tunnel::Hbone => {
