@@ -170,6 +170,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         peer_identity,
         client_addr,
         dst,
+        service_key: service.key(),
         service,
     });
     let svc = hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
@@ -256,12 +257,7 @@ fn l4_allowed(
         path: "",
         headers: &headers,
     };
-    let policies = snapshot
-        .policies
-        .values()
-        .filter(|p| crate::policy::applies(p, gateway, svc))
-        .map(|p| p.as_ref());
-    authz::evaluate(policies, &attrs) == Decision::Allow
+    authz::evaluate(snapshot.policies_for(gateway, svc), &attrs) == Decision::Allow
 }
 
 fn accept_l4(

@@ -3,7 +3,7 @@
 //! a request in flight keeps the configuration it started with (hot swap without drops).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use mesh_core::xds::ResourceSink;
@@ -11,6 +11,10 @@ use mesh_proto::waypoint as wp;
 use prost::Message;
 
 use crate::http::route::CompiledRoutes;
+use crate::policy::jwt::{Authenticator, JwksCache};
+
+/// JWT authenticators by service namespace, then name (`None`: no RequestAuthentication).
+type Authenticators = HashMap<String, HashMap<String, Option<Arc<Authenticator>>>>;
 
 /// One consistent view of the configuration.
 #[derive(Default)]
@@ -19,6 +23,50 @@ pub struct Snapshot {
     pub routes: HashMap<String, Arc<CompiledRoutes>>,
     /// By resource name ("Kind/ns/name").
     pub policies: HashMap<String, Arc<wp::Policy>>,
+    /// Built from `policies` on a service's first request: rules are compiled (and inline
+    /// JWKS parsed) once per configuration, not per request.
+    authenticators: Mutex<Authenticators>,
+}
+
+impl Snapshot {
+    /// The policies that apply to a request for `service` ("ns", "name") at `gateway`.
+    pub fn policies_for<'a>(
+        &'a self,
+        gateway: (&'a str, &'a str),
+        service: (&'a str, &'a str),
+    ) -> impl Iterator<Item = &'a wp::Policy> + 'a {
+        self.policies
+            .values()
+            .map(|p| p.as_ref())
+            .filter(move |p| crate::policy::applies(p, gateway, service))
+    }
+
+    /// The JWT rules of every RequestAuthentication that applies, compiled; `None` when none do.
+    pub fn authenticator(
+        &self,
+        gateway: (&str, &str),
+        service: (&str, &str),
+        jwks: &Arc<JwksCache>,
+    ) -> Option<Arc<Authenticator>> {
+        let mut cache = self.authenticators.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = cache.get(service.0).and_then(|by_name| by_name.get(service.1)) {
+            return a.clone();
+        }
+        let rules: Vec<wp::JwtRule> = self
+            .policies_for(gateway, service)
+            .filter_map(|p| match &p.kind {
+                Some(wp::policy::Kind::Jwt(j)) => Some(j.rules.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let built = (!rules.is_empty()).then(|| Arc::new(Authenticator::new(rules, jwks.clone())));
+        cache
+            .entry(service.0.to_owned())
+            .or_default()
+            .insert(service.1.to_owned(), built.clone());
+        built
+    }
 }
 
 /// The live configuration; readers `load()` a snapshot per request.
@@ -41,6 +89,7 @@ impl ConfigStore {
         let mut next = Snapshot {
             routes: old.routes.clone(),
             policies: old.policies.clone(),
+            authenticators: Mutex::default(),
         };
         f(&mut next);
         self.current.store(Arc::new(next));

@@ -22,7 +22,7 @@ use tracing::{debug, info};
 use super::rewrite;
 use super::route::RequestView;
 use crate::policy::authz::{self, Decision, RequestAttrs};
-use crate::policy::jwt::Authenticator;
+use crate::store::Snapshot;
 use crate::telemetry::metrics::RequestLabels;
 use crate::telemetry::trace;
 use crate::upstream::{self, Body};
@@ -40,6 +40,8 @@ pub struct Downstream {
     /// The CONNECT authority: a service VIP or workload address, and port.
     pub dst: SocketAddr,
     pub service: Arc<Service>,
+    /// `service.key()`, computed once per tunnel rather than per request.
+    pub service_key: String,
 }
 
 /// What the access log and metrics say about a request beyond its status.
@@ -191,38 +193,21 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
     let snapshot = wp.config.load();
     let svc = &down.service;
     let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
-    let policies: Vec<&wp::Policy> = snapshot
-        .policies
-        .values()
-        .map(|p| p.as_ref())
-        .filter(|p| crate::policy::applies(p, gateway, (&svc.namespace, &svc.name)))
-        .collect();
+    let target = (svc.namespace.as_str(), svc.name.as_str());
 
     let (mut parts, body) = req.into_parts();
 
     // Authentication: a token that is present must be valid.
-    let rules: Vec<wp::JwtRule> = policies
-        .iter()
-        .filter_map(|p| match &p.kind {
-            Some(wp::policy::Kind::Jwt(j)) => Some(j.rules.iter().cloned()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    let principal = if rules.is_empty() {
-        None
-    } else {
-        match Authenticator::new(rules, wp.jwks.clone())
-            .authenticate(&mut parts)
-            .await
-        {
+    let principal = match snapshot.authenticator(gateway, target, &wp.jwks) {
+        None => None,
+        Some(authenticator) => match authenticator.authenticate(&mut parts).await {
             Ok(p) => p,
             Err(e) => {
                 out.flags = "UAEX";
                 out.reason = e.to_string();
                 return reply(StatusCode::UNAUTHORIZED, "Jwt verification fails");
             }
-        }
+        },
     };
 
     // Authorization against the original client's identity.
@@ -250,21 +235,21 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
         path: parts.uri.path(),
         headers: &parts.headers,
     };
-    if let Decision::Deny(why) = authz::evaluate(policies.iter().copied(), &attrs) {
+    if let Decision::Deny(why) = authz::evaluate(snapshot.policies_for(gateway, target), &attrs) {
         out.flags = "RBAC";
         out.reason = why;
         return reply(StatusCode::FORBIDDEN, "RBAC: access denied");
     }
 
     // Routing.
-    let routes = snapshot.routes.get(&svc.key()).cloned();
+    let routes = snapshot.routes.get(&down.service_key);
     let view = RequestView {
         method: &parts.method,
         path: parts.uri.path(),
         query: parts.uri.query(),
         headers: &parts.headers,
     };
-    let chosen = routes.as_deref().filter(|r| !r.is_empty()).map(|r| r.select(&view));
+    let chosen = routes.filter(|r| !r.is_empty()).map(|r| r.select(&view));
     let route = match chosen {
         Some(None) => {
             out.flags = "NR";
@@ -322,7 +307,7 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
     }
 
     let overall = to_duration(rt.timeout.as_ref());
-    let forward = forward(wp, down, parts, body, rt, host, out);
+    let forward = forward(wp, &snapshot, down, parts, body, rt, host, out);
     let mut resp = match overall {
         Some(t) => match tokio::time::timeout(t, forward).await {
             Ok(r) => r,
@@ -377,6 +362,7 @@ fn retriable(retry: &wp::Retry, status: Option<StatusCode>, sent: bool) -> bool 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     wp: &Arc<Waypoint>,
+    snapshot: &Snapshot,
     down: &Downstream,
     mut parts: http::request::Parts,
     body: Incoming,
@@ -388,7 +374,7 @@ async fn forward(
     let default_backend;
     let backend = if rt.backends.is_empty() {
         default_backend = wp::WeightedBackend {
-            service: down.service.key(),
+            service: down.service_key.clone(),
             port: u32::from(down.dst.port()),
             weight: 1,
             subset: String::new(),
@@ -410,7 +396,6 @@ async fn forward(
         .filter(|p| *p != 0)
         .unwrap_or(down.dst.port());
     // Subsets and traffic policy come from the backend's own DestinationRule.
-    let snapshot = wp.config.load();
     let backend_routes = snapshot.routes.get(&backend.service).map(|r| &r.config);
     let subset = (!backend.subset.is_empty())
         .then(|| backend_routes.and_then(|r| r.subsets.iter().find(|s| s.name == backend.subset)))

@@ -72,6 +72,15 @@ impl Drop for RetryBudget {
     }
 }
 
+/// The state of endpoint `uid`; the key is allocated only the first time.
+fn endpoint_state<'a>(eps: &'a mut HashMap<String, EndpointState>, uid: &str) -> &'a mut EndpointState {
+    if !eps.contains_key(uid) {
+        eps.insert(uid.to_owned(), EndpointState::default());
+    }
+    // Inserted just above when missing.
+    eps.get_mut(uid).expect("endpoint state present")
+}
+
 fn limit(v: u32) -> usize {
     if v == 0 {
         usize::MAX
@@ -175,52 +184,59 @@ impl Cluster {
         let now = Instant::now();
         let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         let od = self.policy.outlier_detection.as_ref();
-        let ejected: Vec<bool> = candidates
-            .iter()
-            .map(|w| {
+        let chosen = {
+            let is_ejected = |w: &Workload| {
                 eps.get(&w.uid)
                     .and_then(|s| s.ejected_until)
                     .is_some_and(|until| until > now)
-            })
-            .collect();
-        let n = candidates.len();
-        let n_ejected = ejected.iter().filter(|e| **e).count();
-        let max_percent = od.map(|o| o.max_ejection_percent).filter(|p| *p > 0).unwrap_or(10) as usize;
-        let allowed = (n * max_percent / 100).max(1);
-        let healthy_percent = (n - n_ejected) * 100 / n;
-        let min_health = od.map(|o| o.min_health_percent).unwrap_or(0) as usize;
-        let honour = n_ejected <= allowed && healthy_percent >= min_health && n_ejected < n;
-        let usable: Vec<&Arc<Workload>> = candidates
-            .iter()
-            .zip(&ejected)
-            .filter(|(_, e)| !honour || !**e)
-            .map(|(w, _)| w)
-            .collect();
-        let chosen = match self.balance {
-            Balance::RoundRobin => usable[self.rr.fetch_add(1, Ordering::Relaxed) % usable.len()],
-            Balance::Random => usable[rand::thread_rng().gen_range(0..usable.len())],
-            Balance::LeastRequest => {
-                // Power of two choices.
-                let mut rng = rand::thread_rng();
-                let a = usable[rng.gen_range(0..usable.len())];
-                let b = usable[rng.gen_range(0..usable.len())];
-                let active = |w: &Workload| eps.get(&w.uid).map_or(0, |s| s.active);
-                if active(b) < active(a) {
-                    b
+            };
+            let n = candidates.len();
+            let n_ejected = candidates.iter().filter(|w| is_ejected(w)).count();
+            let max_percent = od.map(|o| o.max_ejection_percent).filter(|p| *p > 0).unwrap_or(10) as usize;
+            let allowed = (n * max_percent / 100).max(1);
+            let healthy_percent = (n - n_ejected) * 100 / n;
+            let min_health = od.map(|o| o.min_health_percent).unwrap_or(0) as usize;
+            let skip_ejected = n_ejected > 0 && n_ejected <= allowed && healthy_percent >= min_health && n_ejected < n;
+            // The k-th usable endpoint, without collecting them (the common case skips nothing).
+            let usable = if skip_ejected { n - n_ejected } else { n };
+            let nth = |k: usize| -> &Arc<Workload> {
+                if skip_ejected {
+                    candidates
+                        .iter()
+                        .filter(|w| !is_ejected(w))
+                        .nth(k)
+                        .unwrap_or(&candidates[0])
                 } else {
-                    a
+                    &candidates[k]
+                }
+            };
+            match self.balance {
+                Balance::RoundRobin => nth(self.rr.fetch_add(1, Ordering::Relaxed) % usable),
+                Balance::Random => nth(rand::thread_rng().gen_range(0..usable)),
+                Balance::LeastRequest => {
+                    // Power of two choices.
+                    let mut rng = rand::thread_rng();
+                    let a = nth(rng.gen_range(0..usable));
+                    let b = nth(rng.gen_range(0..usable));
+                    let active = |w: &Workload| eps.get(&w.uid).map_or(0, |s| s.active);
+                    if active(b) < active(a) {
+                        b
+                    } else {
+                        a
+                    }
                 }
             }
+            .clone()
         };
-        eps.entry(chosen.uid.clone()).or_default().active += 1;
-        Some(chosen.clone())
+        endpoint_state(&mut eps, &chosen.uid).active += 1;
+        Some(chosen)
     }
 
     /// Records an attempt's outcome: `None` when no response came (connect failure, reset).
     /// Returns true when this outcome ejected the endpoint.
     pub fn record(&self, uid: &str, status: Option<http::StatusCode>) -> bool {
         let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let s = eps.entry(uid.to_owned()).or_default();
+        let s = endpoint_state(&mut eps, uid);
         s.active = s.active.saturating_sub(1);
         let Some(od) = self.policy.outlier_detection.as_ref() else {
             return false;
