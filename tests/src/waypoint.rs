@@ -23,6 +23,10 @@ impl Drop for Waypoint {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- waypoint log ({}) ---\n{}", self.pod.ns.name, self.logs());
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
