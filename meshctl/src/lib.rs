@@ -7,6 +7,7 @@ pub mod demo;
 pub mod http;
 pub mod install;
 pub mod kubectl;
+pub mod manifest_files;
 pub mod progress;
 pub mod style;
 pub mod table;

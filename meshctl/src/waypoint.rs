@@ -124,27 +124,7 @@ pub struct Listed {
 
 /// Manifest files under `dir`, recursively, sorted, skipping hidden entries.
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, WaypointError> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| WaypointError::Read {
-            path: d.clone(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    crate::manifest_files::under(dir).map_err(|(path, source)| WaypointError::Read { path, source })
 }
 
 /// Waypoints declared in `dir`.

@@ -37,29 +37,10 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
         path: path.to_owned(),
         source,
     })?;
-    if !meta.is_dir() {
+    if meta.is_dir() {
+        out.extend(crate::manifest_files::under(path).map_err(|(path, source)| LoadError::Read { path, source })?);
+    } else {
         out.push(path.to_owned());
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(path).map_err(|source| LoadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut children: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.path())
-        .collect();
-    children.sort();
-    for child in children {
-        if child.is_dir() {
-            collect(&child, out)?;
-        } else if matches!(
-            child.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.push(child);
-        }
     }
     Ok(())
 }
