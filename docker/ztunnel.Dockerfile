@@ -11,6 +11,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 # No packages: ztunnel makes its sockets itself (setns, SO_MARK, IP_TRANSPARENT) and needs no
-# tools. Runs as root with NET_ADMIN, SYS_ADMIN and NET_RAW only (manifests/ztunnel/).
+# tools. Runs as root with NET_ADMIN and SYS_ADMIN only (manifests/ztunnel/).
 COPY --from=build /out/ztunnel /usr/local/bin/ztunnel
 ENTRYPOINT ["/usr/local/bin/ztunnel"]

@@ -28,8 +28,9 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Python packages for scripts/validate-manifests.sh (offline Kubernetes schemas, pinned).
-python3 -c 'import importlib.metadata as m, sys; sys.exit(not (m.version("kubernetes-validate") == "1.37.0" and m.version("jsonschema") and m.version("PyYAML")))' 2>/dev/null ||
-  { python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==1.37.0" "jsonschema>=4.18" "PyYAML>=6" ||
+# Python packages for scripts/validate-manifests.sh (offline Kubernetes schemas, pinned; a CEL
+# interpreter for the admission policies).
+python3 -c 'import importlib.metadata as m, sys; sys.exit(not (m.version("kubernetes-validate") == "1.37.0" and m.version("cel-python") == "0.5.0" and m.version("jsonschema") and m.version("PyYAML")))' 2>/dev/null ||
+  { python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==1.37.0" "cel-python==0.5.0" "jsonschema>=4.18" "PyYAML>=6" ||
     python3 -m pip install -q --disable-pip-version-check --break-system-packages \
-      "kubernetes-validate==1.37.0" "jsonschema>=4.18" "PyYAML>=6"; }
+      "kubernetes-validate==1.37.0" "cel-python==0.5.0" "jsonschema>=4.18" "PyYAML>=6"; }

@@ -12,8 +12,14 @@ offline.
    the openAPIV3Schema of the CRD version its apiVersion names (jsonschema, Draft 2020-12).
 4. Gateway API kinds (their CRDs are upstream's, v1.2.1, not vendored) get basic field checks.
 5. manifests/kustomization.yaml lists every manifest and every listed file exists.
-6. Each file in examples/brief/invalid/ MUST be rejected, for the reason its `# expect:`
-   comment names; one that is accepted (or rejected for another reason) fails the run.
+6. Every container of every workload states the pod security of scripts/pod_security.py, or
+   names the reason it cannot in a `security-exception.ambient-mesh.io/...` annotation.
+7. Every CEL expression of a ValidatingAdmissionPolicy compiles, every binding names a shipped
+   policy, and the node agent's policy decides the table of scripts/admission_policy.py
+   (its own node's pods, the redirection annotation only) as it must.
+8. Each file in examples/brief/invalid/ and scripts/testdata/invalid/ MUST be rejected, for the
+   reason its `# expect:` comment names; one that is accepted (or rejected for another reason)
+   fails the run.
 
 Exit status 0 when everything holds, 1 otherwise; every problem is printed as
 `file#document (Kind/name): field.path: message`.
@@ -40,6 +46,9 @@ try:
 except ImportError as e:  # pragma: no cover - a setup problem, reported plainly
     sys.exit(f"validate-manifests: missing Python package ({e}); run scripts/deps.sh")
 
+import admission_policy
+import pod_security
+
 KUBERNETES_VERSION = "1.31.0"
 KUBERNETES_VALIDATE_VERSION = "1.37.0"
 GATEWAY_API_VERSION = "v1.2.1"
@@ -48,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 EXAMPLES = ROOT / "examples" / "brief"
 INVALID = EXAMPLES / "invalid"
+# Manifests the checks of this script must reject (pod security, admission policies).
+TESTDATA_INVALID = ROOT / "scripts" / "testdata" / "invalid"
 
 BUILTIN = {
     ("v1", "Namespace"),
@@ -62,11 +73,21 @@ BUILTIN = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("policy/v1", "PodDisruptionBudget"),
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"),
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"),
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"),
 }
 ISTIO_GROUPS = {"security.istio.io", "networking.istio.io"}
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_KINDS = {"GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "GatewayClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "GatewayClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
 
 
 class Doc:
@@ -320,6 +341,7 @@ class Run:
         self.crds = Crds()
         self.failures: list[str] = []
         self.checked = 0
+        self.checked_cases = 0
 
     def problems(self, doc: Doc) -> list[str]:
         body = doc.body
@@ -330,6 +352,9 @@ class Run:
         if (api_version, kind) in BUILTIN:
             found = schema_errors(self.kube.validator(api_version, kind), body)
             found += metadata_problems(doc, namespaced=kind not in CLUSTER_SCOPED)
+            found += pod_security.problems(body)
+            if kind == "ValidatingAdmissionPolicy":
+                found += admission_policy.compile_problems(body)
             if kind not in CLUSTER_SCOPED and not (body.get("metadata") or {}).get("namespace") and doc.path.is_relative_to(MANIFESTS):
                 found.append("metadata.namespace: the mesh's manifests name their namespace explicitly")
             return found
@@ -355,6 +380,29 @@ class Run:
             if not (path.parent / entry).exists():
                 self.failures.append(f"{path.relative_to(ROOT)}: configuration {entry} does not exist")
         return listed
+
+    def admission(self, docs: list[Doc]):
+        """Bindings name shipped policies; the node agent's policy decides its table as it must,
+        for the service account the cni-agent DaemonSet runs as."""
+        policies = {d.body["metadata"]["name"]: d for d in docs if d.body.get("kind") == "ValidatingAdmissionPolicy"}
+        for d in docs:
+            if d.body.get("kind") == "ValidatingAdmissionPolicyBinding":
+                name = (d.body.get("spec") or {}).get("policyName")
+                if name not in policies:
+                    self.fail(d.where, [f"spec.policyName: {name!r} is not a ValidatingAdmissionPolicy of the manifests"])
+        agents = [d for d in docs if d.body.get("kind") == "DaemonSet" and d.body["metadata"].get("name") == "cni-agent"]
+        policy = policies.get(admission_policy.AGENT_POLICY)
+        if policy is None or len(agents) != 1:
+            self.failures.append(
+                f"manifests/: the node agent's DaemonSet and its ValidatingAdmissionPolicy "
+                f"{admission_policy.AGENT_POLICY} must both be shipped (the agent's pod patches are limited by it)"
+            )
+            return
+        agent = agents[0].body
+        account = ((agent["spec"].get("template") or {}).get("spec") or {}).get("serviceAccountName", "default")
+        user = f"system:serviceaccount:{agent['metadata'].get('namespace')}:{account}"
+        self.fail(policy.where, [f"table: {p}" for p in admission_policy.agent_table_problems(policy.body, user)])
+        self.checked_cases = len(admission_policy.agent_cases(user))
 
     def rendered(self):
         """`kubectl kustomize manifests/` (offline) when kubectl is installed: the build must
@@ -386,8 +434,9 @@ class Run:
         example_files = yaml_files(EXAMPLES)
         invalid_files = [p for p in example_files if p.is_relative_to(INVALID)]
         valid_example_files = [p for p in example_files if not p.is_relative_to(INVALID)]
+        testdata_invalid = yaml_files(TESTDATA_INVALID)
         loaded: dict[Path, list[Doc]] = {}
-        for path in manifest_files + example_files:
+        for path in manifest_files + example_files + testdata_invalid:
             docs, errors = load(path)
             self.failures += errors
             loaded[path] = docs
@@ -417,6 +466,7 @@ class Run:
             if path.resolve() not in listed:
                 self.failures.append(f"{path.relative_to(ROOT)}: not listed in manifests/kustomization.yaml")
 
+        self.admission([doc for path in manifest_files for doc in loaded[path]])
         self.rendered()
 
         for path in valid_example_files:
@@ -426,6 +476,9 @@ class Run:
 
         if not invalid_files:
             self.failures.append("examples/brief/invalid/: no invalid examples to check")
+        if not testdata_invalid:
+            self.failures.append("scripts/testdata/invalid/: no invalid manifests to check")
+        invalid_files += testdata_invalid
         for path in invalid_files:
             expect = re.search(r"^# expect: (.+)$", path.read_text(), re.MULTILINE)
             problems = [f"{d.where}: {p}" for d in loaded[path] for p in self.problems(d)]
@@ -445,7 +498,8 @@ class Run:
             print(f"FAIL {f}", file=sys.stderr)
         print(
             f"validate-manifests: {len(manifest_files)} manifest files, {len(valid_example_files)} example files, "
-            f"{self.checked} documents, {len(invalid_files)} invalid examples; Kubernetes {KUBERNETES_VERSION} "
+            f"{self.checked} documents, {len(invalid_files)} invalid examples, {self.checked_cases} admission "
+            f"cases; Kubernetes {KUBERNETES_VERSION} "
             f"schemas (kubernetes-validate {KUBERNETES_VALIDATE_VERSION}), Gateway API {GATEWAY_API_VERSION} "
             f"kinds basic-checked only; {len(self.failures)} failures in {elapsed:.1f}s"
         )
