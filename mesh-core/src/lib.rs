@@ -9,11 +9,13 @@
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
+//! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
 
 pub mod admin_http;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod log_limit;
 pub mod prometheus;
 pub mod rbac;
 pub mod socket;
