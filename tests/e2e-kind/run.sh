@@ -8,7 +8,9 @@
 #   1. mutual TLS: the server node's ztunnel reports the client's SPIFFE identity;
 #   2. an L4 DENY policy (enforced by ztunnel) refuses one client and not the other;
 #   3. waypoint routing: an HTTPRoute on the Service sends `x-canary: true` to v2;
-#   4. JWT at the waypoint: a request with a bad token gets 401.
+#   4. JWT at the waypoint: a request with a bad token gets 401;
+#   5. admission: with a token of its pod, the node agent may set the redirection annotation on
+#      a pod of its node, and may not on another node's pod, nor relabel or otherwise annotate.
 # The cluster is deleted on exit (KEEP_CLUSTER=1 keeps it for debugging).
 #
 # Usage: tests/e2e-kind/run.sh        (env: CLUSTER_NAME, KIND_NODE_IMAGE, KEEP_CLUSTER, SKIP_BUILD)
@@ -321,4 +323,36 @@ unauthorized() {
 retry 30 unauthorized || fail "a bad JWT was not answered with 401"
 stable || fail "a request without a token was refused (a token is optional without an AuthorizationPolicy)"
 
-log "PASS: mTLS identities, L4 DENY, waypoint routing, JWT"
+log "5. admission: the node agent patches only its own node's pods, only the redirection annotation"
+# The agent's real credentials: a token of the cni-agent service account bound to the agent pod
+# of a node (Kubernetes 1.30+ names that node in it), used without the admin's certificate.
+server=$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')
+kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' |
+  base64 -d >"$WORK/ca.crt"
+as_agent_of() {
+  local node=$1 agent token
+  shift
+  agent=$(kubectl -n istio-system get pod -l app=cni-agent --field-selector "spec.nodeName=$node" \
+    -o jsonpath='{.items[0].metadata.name}')
+  token=$(kubectl -n istio-system create token cni-agent --duration 10m \
+    --bound-object-kind Pod --bound-object-name "$agent")
+  kubectl --kubeconfig=/dev/null --server="$server" --certificate-authority="$WORK/ca.crt" \
+    --token="$token" -n "$NS" "$@"
+}
+refused() { # expected message, then the kubectl arguments
+  local expected=$1
+  shift
+  if as_agent_of "$@" 2>"$WORK/refused.err"; then fail "allowed: kubectl $*"; fi
+  grep -q "$expected" "$WORK/refused.err" || fail "kubectl $* refused for another reason: $(cat "$WORK/refused.err")"
+  echo "refused: kubectl ${*:2}"
+}
+pod=$(kubectl -n "$NS" get pod -l app=client -o jsonpath='{.items[0].metadata.name}')
+own=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.spec.nodeName}')
+other=$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}' | tr ' ' '\n' | grep -vx "$own" | head -1)
+as_agent_of "$own" annotate --overwrite pod "$pod" ambient.istio.io/redirection=enabled >/dev/null ||
+  fail "the agent of $own cannot annotate a pod of its node"
+refused "its own node" "$other" annotate --overwrite pod "$pod" ambient.istio.io/redirection=enabled
+refused "may not change a pod's spec, labels" "$own" label pod "$pod" e2e-relabelled=yes
+refused "only the ambient.istio.io/redirection annotation" "$own" annotate pod "$pod" e2e-other=yes
+
+log "PASS: mTLS identities, L4 DENY, waypoint routing, JWT, the node agent's admission policy"
