@@ -858,3 +858,25 @@ fn chained_after_reference_bridge_plugin() {
         "pod netns left behind"
     );
 }
+
+#[test]
+fn config_over_the_stdin_limit_is_named_as_such() {
+    const LIMIT: usize = 16 << 20;
+    // A valid config of exactly the limit is read whole (VERSION decodes it, no agent needed).
+    let doc = |len: usize| {
+        let head = r#"{"cniVersion": "1.0.0", "name": "n", "type": "ambient-cni", "pad": ""#;
+        let tail = "\"}";
+        format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+    };
+    let out = run_raw(&cni_env("VERSION", POD_ARGS), &doc(LIMIT));
+    out.assert_ok();
+    assert_eq!(out.json()["cniVersion"], json!("1.0.0"));
+
+    // One byte more is refused for its size, not as a truncated (unparsable) document.
+    for command in ["VERSION", "ADD"] {
+        let out = run_raw(&cni_env(command, POD_ARGS), &doc(LIMIT + 1));
+        let msg = out.assert_error(7);
+        assert!(msg.contains("config larger than 16 MiB"), "{msg}");
+        assert!(!msg.to_lowercase().contains("json"), "{msg}");
+    }
+}

@@ -77,10 +77,7 @@ fn dispatch<R: Read>(
     let command = Command::from_env(env)?;
     log.set_context(format!("cmd={}", command.as_str()));
 
-    let mut raw = Vec::new();
-    stdin.take(MAX_STDIN_BYTES).read_to_end(&mut raw).map_err(|e| {
-        CniError::new(codes::IO_FAILURE, "reading network config from stdin").with_details(e.to_string())
-    })?;
+    let raw = read_stdin(stdin)?;
 
     if command == Command::Version {
         // VERSION may come with an empty stdin: answer with the latest version then.
@@ -116,6 +113,24 @@ fn dispatch<R: Read>(
         }
         Command::Version => commands::cmd_version(Some(&map)),
     }
+}
+
+/// Reads the network config, refusing one over [`MAX_STDIN_BYTES`] for its size: a truncated
+/// document would otherwise surface as a puzzling parse error.
+fn read_stdin<R: Read>(stdin: R) -> CniResult<Vec<u8>> {
+    let mut raw = Vec::new();
+    // One byte past the limit tells "exactly the limit" from "more".
+    stdin.take(MAX_STDIN_BYTES + 1).read_to_end(&mut raw).map_err(|e| {
+        CniError::new(codes::IO_FAILURE, "reading network config from stdin").with_details(e.to_string())
+    })?;
+    if u64::try_from(raw.len()).unwrap_or(u64::MAX) > MAX_STDIN_BYTES {
+        return Err(CniError::new(
+            codes::INVALID_NETWORK_CONFIG,
+            format!("network config larger than {} MiB on stdin", MAX_STDIN_BYTES >> 20),
+        )
+        .with_details("refused unread: a CNI network config is a few KiB"));
+    }
+    Ok(raw)
 }
 
 /// Decode stdin and remember its cniVersion for error output.
