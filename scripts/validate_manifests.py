@@ -46,8 +46,9 @@ try:
 except ImportError as e:  # pragma: no cover - a setup problem, reported plainly
     sys.exit(f"validate-manifests: missing Python package ({e}); run scripts/deps.sh")
 
-import admission_policy
-import pod_security
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
+import admission_policy  # noqa: E402
+import pod_security  # noqa: E402
 
 KUBERNETES_VERSION = "1.31.0"
 KUBERNETES_VALIDATE_VERSION = "1.37.0"
