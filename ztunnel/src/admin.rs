@@ -1,5 +1,7 @@
-//! HTTP endpoints: admin (`/config_dump`, `/logging`) on localhost, Prometheus metrics
-//! (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`).
+//! HTTP endpoints, one role per listener: admin (`/config_dump`, `/logging`) on localhost,
+//! Prometheus metrics (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`) on
+//! addresses the scraper and the kubelet reach. A listener answers only its own paths (404
+//! otherwise), so the ones bound to the pod or node address never reveal state or change it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,32 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// The longest log filter `POST /logging` accepts: filters are short (`info,access=debug`),
+/// and the filter is parsed and applied to every log event.
+pub const MAX_LOG_FILTER_LEN: usize = 256;
+
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `/config_dump`, `/logging`: loopback only.
+    Admin,
+    /// `/metrics`, `/stats/prometheus`.
+    Stats,
+    /// `/healthz/ready`.
+    Readiness,
+}
+
+impl Role {
+    /// Its flag's name (`--<name>-addr`).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Stats => "stats",
+            Role::Readiness => "readiness",
+        }
+    }
+}
 
 /// Changes the log filter at runtime.
 pub type LogReload = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -99,54 +127,70 @@ impl Admin {
         let level = req
             .uri()
             .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
-            .map(|v| v.replace("%2C", ",").replace("%3D", "="));
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
         let mut current = self.log_filter.lock().unwrap_or_else(|p| p.into_inner());
         match (req.method(), level) {
-            (&Method::POST, Some(level)) => match (self.reload)(&level) {
-                Ok(()) => {
-                    *current = level;
-                    text(StatusCode::OK, format!("current log level is {current}\n"))
+            (&Method::POST, Some(level)) if level.len() > MAX_LOG_FILTER_LEN * 3 => text(
+                StatusCode::BAD_REQUEST,
+                format!("log filter longer than {MAX_LOG_FILTER_LEN} characters\n"),
+            ),
+            (&Method::POST, Some(level)) => {
+                let level = level.replace("%2C", ",").replace("%3D", "=");
+                if level.len() > MAX_LOG_FILTER_LEN {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("log filter longer than {MAX_LOG_FILTER_LEN} characters\n"),
+                    );
                 }
-                Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level {level:?}: {e}\n")),
-            },
+                match (self.reload)(&level) {
+                    Ok(()) => {
+                        *current = level;
+                        text(StatusCode::OK, format!("current log level is {current}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level {level:?}: {e}\n")),
+                }
+            }
             (&Method::POST, None) => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<filter>\n"),
-            _ => text(StatusCode::OK, format!("current log level is {current}\n")),
+            (&Method::GET | &Method::HEAD, _) => text(StatusCode::OK, format!("current log level is {current}\n")),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST /logging?level=<filter>\n"),
         }
     }
 
-    fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        match req.uri().path() {
-            "/config_dump" => text(
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        if *self.ready.borrow() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+    }
+
+    /// Answers `req` on a listener of `role`: its own paths only.
+    fn route(&self, role: Role, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (role, req.uri().path()) {
+            (Role::Admin, "/config_dump") => text(
                 StatusCode::OK,
                 serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default(),
             ),
-            "/logging" => self.logging(&req),
-            "/metrics" | "/stats/prometheus" => self.metrics(&req),
-            "/healthz/ready" => {
-                if *self.ready.borrow() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
-            }
+            (Role::Admin, "/logging") => self.logging(&req),
+            (Role::Stats, "/metrics" | "/stats/prometheus") => self.metrics(&req),
+            (Role::Readiness, "/healthz/ready") => self.readiness(),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 }
 
-/// Serves `admin` on `listener` until `stop` is cancelled. Each listener exposes every path;
-/// the admin one is bound to localhost by default.
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+/// Serves the paths of `role` on `listener` until `stop` is cancelled.
+pub async fn serve(admin: Arc<Admin>, role: Role, listener: TcpListener, stop: CancellationToken) {
     mesh_core::admin_http::serve(listener, stop, move |req| {
         let admin = admin.clone();
-        async move { admin.route(req) }
+        async move { admin.route(role, req) }
     })
     .await
 }
 
-/// Binds an admin-style listener with a message naming the flag to change on failure.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+/// Binds the listener of `role` with a message naming the flag to change on failure.
+pub async fn bind(addr: SocketAddr, role: Role) -> anyhow::Result<TcpListener> {
+    let what = role.flag();
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e} (change it with --{what}-addr)"))

@@ -139,7 +139,11 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         inbound_plaintext: cfg.inbound_plaintext_port,
         inbound: cfg.inbound_port,
         ipv6: cfg.ipv6,
+        others: cfg.other_listener_ports(),
     };
+    // ztunnel's own namespace: in dedicated mode also the workloads'.
+    let node_addrs = proxy::local::LocalAddrs::discover();
+    tokio::spawn(node_addrs.clone().refresh(Duration::from_secs(2)));
     let shared = proxy::Shared {
         network: cfg.network.clone(),
         ports,
@@ -149,6 +153,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         settings,
         metrics,
         tracker: Default::default(),
+        node: node_addrs.clone(),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
         dns: (cfg.dns_port != 0).then(|| {
@@ -183,8 +188,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         }
         // Dedicated mode: serve the workloads of this namespace on ordinary sockets.
         None => {
-            let local = proxy::local::LocalAddrs::discover();
-            tokio::spawn(local.clone().refresh(Duration::from_secs(2)));
+            let local = node_addrs;
             tokio::spawn(forget_unused_certificates(
                 state.clone(),
                 certs.clone(),
@@ -205,13 +209,13 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         reload,
     });
     let stop_admin = CancellationToken::new();
-    for (addr, what) in [
-        (cfg.admin_addr, "admin"),
-        (cfg.stats_addr, "stats"),
-        (cfg.readiness_addr, "readiness"),
+    for (addr, role) in [
+        (cfg.admin_addr, admin::Role::Admin),
+        (cfg.stats_addr, admin::Role::Stats),
+        (cfg.readiness_addr, admin::Role::Readiness),
     ] {
-        let l = admin::bind(addr, what).await?;
-        tokio::spawn(admin::serve(admin.clone(), l, stop_admin.clone()));
+        let l = admin::bind(addr, role).await?;
+        tokio::spawn(admin::serve(admin.clone(), role, l, stop_admin.clone()));
     }
     info!(node = %cfg.node_name, "ztunnel started");
 

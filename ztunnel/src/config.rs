@@ -10,6 +10,12 @@ use mesh_core::identity::Identity;
 /// Identity the control plane proves when xDS or the CA is reached over https.
 pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller";
 
+/// Default listeners of ztunnel's own HTTP endpoints: admin (state and log level, localhost
+/// only), Prometheus metrics and readiness (reachable by scrapers and the kubelet).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_STATS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+
 /// Parses a SPIFFE identity flag, saying what shape is expected when it is not one.
 fn parse_identity(s: &str) -> Result<Identity, String> {
     s.parse().map_err(|e| {
@@ -100,14 +106,15 @@ pub struct Config {
     /// Port of HBONE on remote workloads.
     #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
     pub hbone_port: u16,
-    /// Admin server (config dump, logging); keep it on localhost.
-    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    /// Admin server (/config_dump, /logging): a loopback address only, since it reveals every
+    /// workload, policy and certificate and changes the log level.
+    #[arg(long, env = "ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
-    /// Prometheus metrics.
-    #[arg(long, env = "STATS_ADDR", default_value = "0.0.0.0:15020")]
+    /// Prometheus metrics (/metrics, /stats/prometheus only).
+    #[arg(long, env = "STATS_ADDR", default_value = DEFAULT_STATS_ADDR)]
     pub stats_addr: SocketAddr,
-    /// Readiness probe.
-    #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    /// Readiness probe (/healthz/ready only).
+    #[arg(long, env = "READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
     pub readiness_addr: SocketAddr,
     /// Also listen on IPv6 (dual stack); failures to bind IPv6 are logged, not fatal.
     #[arg(long, env = "IPV6", default_value_t = true, action = clap::ArgAction::Set)]
@@ -161,6 +168,13 @@ impl Config {
         if ports.contains(&0) {
             anyhow::bail!("proxy ports must be non-zero");
         }
+        if !self.admin_addr.ip().is_loopback() {
+            anyhow::bail!(
+                "--admin-addr {} must be a loopback address (e.g. {DEFAULT_ADMIN_ADDR}): the admin endpoint reveals \
+                 state and changes the log level; use `kubectl port-forward` to reach it from outside",
+                self.admin_addr
+            );
+        }
         for (flag, addr) in [("--xds-address", &self.xds_address), ("--ca-address", &self.ca_address)] {
             let Some(addr) = addr else { continue };
             if !(addr.starts_with("http://") || addr.starts_with("https://")) {
@@ -191,6 +205,22 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
+    }
+
+    /// The ports of ztunnel's own listeners that live in the namespaces it serves, besides the
+    /// proxy ports: the DNS proxy (in-pod mode), or admin, metrics and readiness (dedicated
+    /// mode, where ztunnel shares its namespace with the workloads). 0 = none.
+    pub fn other_listener_ports(&self) -> [u16; 4] {
+        if self.zds_socket.is_some() {
+            [self.dns_port, 0, 0, 0]
+        } else {
+            [
+                self.admin_addr.port(),
+                self.stats_addr.port(),
+                self.readiness_addr.port(),
+                0,
+            ]
+        }
     }
 }
 
@@ -223,6 +253,30 @@ mod tests {
             text.contains("spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn admin_must_be_loopback() {
+        let base = ["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"];
+        let with = |addr: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--admin-addr", addr]);
+            parse(&args).expect("parse").validate()
+        };
+        with("127.0.0.1:15000").expect("IPv4 loopback");
+        with("[::1]:15000").expect("IPv6 loopback");
+        for bad in ["0.0.0.0:15000", "10.0.0.1:15000", "[::]:15000"] {
+            let text = with(bad).expect_err(bad).to_string();
+            assert!(text.contains("--admin-addr") && text.contains("loopback"), "{text}");
+        }
+    }
+
+    #[test]
+    fn loop_guard_ports_follow_the_mode() {
+        let cfg = parse(&["--xds-address", "http://cp:15012", "--stats-addr", "0.0.0.0:9020"]).expect("parse");
+        assert_eq!(cfg.other_listener_ports(), [15000, 9020, 15021, 0]);
+        let cfg = parse(&["--zds-socket", "/run/zds.sock", "--dns-port", "15053"]).expect("parse");
+        assert_eq!(cfg.other_listener_ports(), [15053, 0, 0, 0]);
     }
 
     #[test]

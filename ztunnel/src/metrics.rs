@@ -116,6 +116,8 @@ pub struct Metrics {
     pub received: Family<TcpLabels, Counter>,
     /// Connections refused before any byte moved, by reason.
     pub refused: Family<ReasonLabels, Counter>,
+    /// Inbound streams whose `forwarded: for=` address was not used, by reason.
+    pub forwarded_ignored: Family<ReasonLabels, Counter>,
     pub active: Gauge,
 }
 
@@ -142,6 +144,11 @@ impl Metrics {
             "ztunnel_connections_refused",
             "Connections refused by ztunnel, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "ztunnel_forwarded_ignored",
+            "Inbound streams whose forwarded client address was not believed (the peer's own address was used), by reason",
+            m.forwarded_ignored.clone(),
         );
         registry.register(
             "ztunnel_active_connections",

@@ -1,6 +1,7 @@
 //! Inbound HBONE (15008): terminate mutual TLS with the local workload's certificate, check
 //! that each CONNECT targets that workload, authorize it, connect to the application from the
-//! client's own address where the kernel allows, answer 200 and splice.
+//! client's own address where the kernel allows (the peer's, or the `forwarded` one when a
+//! waypoint of the destination sends it: see [`super::source`]), answer 200 and splice.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use mesh_core::tls;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use super::source::{client_source, is_waypoint_for};
 use super::Proxy;
 use crate::metrics::{ConnRecord, Reporter, TcpLabels};
 
@@ -91,9 +93,25 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
         req.reject(StatusCode::UNAUTHORIZED);
         return;
     }
+    // Connect from the original client address: the peer's, unless a waypoint of this
+    // workload forwards another.
+    let forwarded = req.forwarded_for();
+    let trusted = forwarded.is_some_and(|f| {
+        f.ip() != req.peer_addr.ip()
+            && is_waypoint_for(&state, &px.network, &wl, &req.peer_identity, req.peer_addr.ip())
+    });
     drop(state);
-    // Connect from the original client address (the HBONE peer; a waypoint forwards it).
-    let client = req.forwarded_for().map(|f| f.ip()).unwrap_or(req.peer_addr.ip());
+    let source = client_source(req.peer_addr, forwarded, trusted, |ip| px.is_own_address(ip));
+    if let Some(ignored) = source.ignored {
+        debug!(peer = %req.peer_addr, src = %req.peer_identity, ?forwarded, reason = ignored.reason(), "forwarded client address ignored");
+        px.metrics
+            .forwarded_ignored
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: ignored.reason(),
+            })
+            .inc();
+    }
+    let client = source.addr.ip();
     let upstream = tokio::time::timeout(
         px.settings.connect_timeout,
         connect_from(&*px.sockets, Some(client), req.dst),
@@ -113,7 +131,7 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
             return;
         }
     };
-    let peer = req.forwarded_for().unwrap_or(req.peer_addr);
+    let peer = source.addr;
     let dst = req.dst;
     let registration = px.tracker.register(info, wl.uid.clone());
     let h2 = match req.accept() {

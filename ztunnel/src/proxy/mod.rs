@@ -5,11 +5,13 @@
 //! - [`inbound_plain`]: plaintext redirected to 15006 -> authorize (no identity) -> the app.
 //! - [`tracker`]: live connections, re-authorized whenever policy changes.
 //! - [`local`]: which addresses belong to this proxy's network namespace.
+//! - [`source`]: which client address an inbound stream is attributed to (`forwarded`).
 
 pub mod inbound;
 pub mod inbound_plain;
 pub mod local;
 pub mod outbound;
+pub mod source;
 pub mod tracker;
 
 use std::future::Future;
@@ -29,7 +31,8 @@ use crate::metrics::Metrics;
 /// Everything a connection handler needs.
 pub struct Proxy {
     pub network: String,
-    pub own_ports: [u16; 3],
+    /// Every port ztunnel listens on in this namespace (0 = unused): the loop guard's list.
+    pub own_ports: [u16; 7],
     pub hbone_port: u16,
     pub state: Arc<StateStore>,
     pub certs: Arc<CertManager>,
@@ -38,6 +41,8 @@ pub struct Proxy {
     pub settings: Settings,
     pub metrics: Metrics,
     pub local: local::LocalAddrs,
+    /// The addresses of ztunnel's own namespace (the node's in in-pod mode).
+    pub node: local::LocalAddrs,
     pub tracker: tracker::ConnTracker,
     /// Cancelled on SIGTERM: stop accepting, GOAWAY HBONE connections.
     pub drain: CancellationToken,
@@ -52,6 +57,18 @@ pub struct Ports {
     pub inbound_plaintext: u16,
     pub inbound: u16,
     pub ipv6: bool,
+    /// The other ports ztunnel listens on inside each namespace it serves: the DNS proxy in
+    /// in-pod mode; admin, metrics and readiness in dedicated mode, where they share the
+    /// workloads' namespace. 0 = none.
+    pub others: [u16; 4],
+}
+
+impl Ports {
+    /// Every port ztunnel listens on in a served namespace (0 = unused slot).
+    pub fn all(&self) -> [u16; 7] {
+        let [a, b, c, d] = self.others;
+        [self.outbound, self.inbound_plaintext, self.inbound, a, b, c, d]
+    }
 }
 
 /// What every proxy instance shares: one in dedicated mode, one per pod in in-pod mode.
@@ -65,6 +82,8 @@ pub struct Shared {
     pub settings: Settings,
     pub metrics: Metrics,
     pub tracker: tracker::ConnTracker,
+    /// The addresses of ztunnel's own namespace.
+    pub node: local::LocalAddrs,
     /// Cancelled on SIGTERM; each proxy's own drain token is a child of it.
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
@@ -85,7 +104,7 @@ impl Proxy {
         let p = shared.ports;
         Arc::new(Proxy {
             network: shared.network.clone(),
-            own_ports: [p.outbound, p.inbound_plaintext, p.inbound],
+            own_ports: p.all(),
             hbone_port: shared.hbone_port,
             state: shared.state.clone(),
             certs: shared.certs.clone(),
@@ -94,6 +113,7 @@ impl Proxy {
             settings: shared.settings.clone(),
             metrics: shared.metrics.clone(),
             local,
+            node: shared.node.clone(),
             tracker: shared.tracker.clone(),
             drain: shared.drain.child_token(),
             tasks: shared.tasks.clone(),
@@ -145,9 +165,17 @@ impl Proxy {
         self.state.load().workload_by_ip(&self.network, addr.ip()).cloned()
     }
 
-    /// True when `dst` would loop back into one of our own listeners.
+    /// True when `dst` would loop back into one of our own listeners (proxy, DNS, and in
+    /// dedicated mode admin, metrics and readiness): nobody reaches those through the mesh.
     pub fn is_loop(&self, dst: SocketAddr) -> bool {
-        self.own_ports.contains(&dst.port()) && (self.local.contains(dst.ip()) || dst.ip().is_loopback())
+        dst.port() != 0
+            && self.own_ports.contains(&dst.port())
+            && (self.local.contains(dst.ip()) || dst.ip().is_loopback())
+    }
+
+    /// True for an address of this namespace or of ztunnel's own (never a remote client's).
+    pub fn is_own_address(&self, ip: std::net::IpAddr) -> bool {
+        self.local.contains(ip) || self.node.contains(ip)
     }
 }
 
