@@ -25,12 +25,12 @@ const HTTPBIN: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 const TOKENS: &str = "
-- token: ztunnel-node-a
+- token: ztunnel-node-a-secret-0001
   identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel
   node: node-a
-- token: ztunnel-no-node
+- token: ztunnel-no-node-secret-0002
   identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel
-- token: sleep-token
+- token: sleep-token-secret-0003
   identity: spiffe://cluster.local/ns/default/sa/sleep
   node: node-a
 ";
@@ -164,7 +164,10 @@ fn refused(result: Result<(Vec<String>, Vec<u8>), CaError>) -> String {
 #[tokio::test]
 async fn signs_own_identity_with_a_valid_chain() {
     let ca = Ca::default().await;
-    let (chain, key) = ca.sign(Some("sleep-token"), false, SLEEP, DAY).await.expect("signed");
+    let (chain, key) = ca
+        .sign(Some("sleep-token-secret-0003"), false, SLEEP, DAY)
+        .await
+        .expect("signed");
     check_chain(&ca, &chain, key, SLEEP);
     assert_eq!(ca.metrics.signed(), 1);
     let text = ca.metrics_text();
@@ -174,7 +177,7 @@ async fn signs_own_identity_with_a_valid_chain() {
 #[tokio::test]
 async fn csr_for_another_identity_is_refused() {
     let ca = Ca::default().await;
-    let text = refused(ca.sign(Some("sleep-token"), false, HTTPBIN, DAY).await);
+    let text = refused(ca.sign(Some("sleep-token-secret-0003"), false, HTTPBIN, DAY).await);
     assert!(text.starts_with("PermissionDenied"), "{text}");
     assert!(
         text.contains(&format!(
@@ -195,7 +198,7 @@ async fn impersonation_needs_a_node_proxy_with_the_pod_on_its_node() {
 
     // ztunnel on node-a, httpbin on node-a: signed, for httpbin.
     let (chain, key) = ca
-        .sign(Some("ztunnel-node-a"), true, HTTPBIN, DAY)
+        .sign(Some("ztunnel-node-a-secret-0001"), true, HTTPBIN, DAY)
         .await
         .expect("signed for a pod of the node");
     check_chain(&ca, &chain, key, HTTPBIN);
@@ -203,7 +206,7 @@ async fn impersonation_needs_a_node_proxy_with_the_pod_on_its_node() {
     // reviews runs on node-b only.
     let text = refused(
         ca.sign(
-            Some("ztunnel-node-a"),
+            Some("ztunnel-node-a-secret-0001"),
             true,
             "spiffe://cluster.local/ns/default/sa/reviews",
             DAY,
@@ -217,12 +220,12 @@ async fn impersonation_needs_a_node_proxy_with_the_pod_on_its_node() {
     );
 
     // sleep is not a node proxy, even with a node and the pod there.
-    let text = refused(ca.sign(Some("sleep-token"), true, HTTPBIN, DAY).await);
+    let text = refused(ca.sign(Some("sleep-token-secret-0003"), true, HTTPBIN, DAY).await);
     assert!(text.starts_with("PermissionDenied"), "{text}");
     assert!(text.contains(&format!("{SLEEP} is not a trusted node proxy")), "{text}");
 
     // A node proxy identity whose credentials name no node.
-    let text = refused(ca.sign(Some("ztunnel-no-node"), true, HTTPBIN, DAY).await);
+    let text = refused(ca.sign(Some("ztunnel-no-node-secret-0002"), true, HTTPBIN, DAY).await);
     assert!(text.contains("bound to no node"), "{text}");
 
     assert_eq!(ca.metrics.signed(), 1);
@@ -247,9 +250,27 @@ async fn bad_and_missing_tokens_are_unauthenticated() {
 }
 
 #[tokio::test]
+async fn oversized_requests_are_not_read() {
+    let ca = Ca::default().await;
+    // A CSR is under 2 KiB; 100 KiB is refused by the decoder, before any authentication or
+    // parsing work (so not counted as an unauthenticated or bad request).
+    let client = ca.client(TokenSource::None, false).await;
+    let err = client
+        .sign(&id(SLEEP), "A".repeat(100 * 1024), DAY)
+        .await
+        .expect_err("oversized");
+    let text = err.to_string();
+    assert!(text.contains("OutOfRange") || text.contains("too large"), "{text}");
+    assert_eq!(ca.metrics.refused(RefusalReason::Unauthenticated), 0);
+    assert_eq!(ca.metrics.refused(RefusalReason::BadCsr), 0);
+}
+
+#[tokio::test]
 async fn garbage_csr_is_invalid_argument() {
     let ca = Ca::default().await;
-    let client = ca.client(TokenSource::Static("sleep-token".into()), false).await;
+    let client = ca
+        .client(TokenSource::Static("sleep-token-secret-0003".into()), false)
+        .await;
     let err = client
         .sign(&id(SLEEP), "this is not a CSR".into(), DAY)
         .await
@@ -284,21 +305,21 @@ async fn lifetime_is_capped_and_defaulted() {
     };
 
     let (chain, _) = ca
-        .sign(Some("sleep-token"), false, SLEEP, 2 * DAY)
+        .sign(Some("sleep-token-secret-0003"), false, SLEEP, 2 * DAY)
         .await
         .expect("signed");
     let got = lifetime(&chain);
     assert!(near(got, 3600), "asked two days, max one hour: got {got:?}");
 
     let (chain, _) = ca
-        .sign(Some("sleep-token"), false, SLEEP, Duration::ZERO)
+        .sign(Some("sleep-token-secret-0003"), false, SLEEP, Duration::ZERO)
         .await
         .expect("signed");
     let got = lifetime(&chain);
     assert!(near(got, 1800), "asked nothing, default 30 min: got {got:?}");
 
     let (chain, _) = ca
-        .sign(Some("sleep-token"), false, SLEEP, Duration::from_secs(600))
+        .sign(Some("sleep-token-secret-0003"), false, SLEEP, Duration::from_secs(600))
         .await
         .expect("signed");
     let got = lifetime(&chain);
@@ -310,7 +331,7 @@ async fn other_trust_domain_is_refused() {
     let mut options = CaOptions::new(TD).expect("options");
     options.trust_domain = "other.domain".into();
     let ca = Ca::start(options).await;
-    let text = refused(ca.sign(Some("sleep-token"), false, SLEEP, DAY).await);
+    let text = refused(ca.sign(Some("sleep-token-secret-0003"), false, SLEEP, DAY).await);
     assert!(text.starts_with("PermissionDenied"), "{text}");
     assert!(text.contains("not in this CA's trust domain other.domain"), "{text}");
 }

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Streaming;
 
 const TOKENS: &str =
-    "- {token: node-1-secret, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-1}\n";
+    "- {token: node-1-secret-0123456789, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-1}\n";
 
 fn world(extra: &str) -> String {
     format!(
@@ -155,7 +155,9 @@ async fn delta_ads_serves_changes_only() {
     server.publish(&world(""));
 
     // Initial state.
-    let mut a = connect(server.addr, "node-1-secret").await.expect("authenticated");
+    let mut a = connect(server.addr, "node-1-secret-0123456789")
+        .await
+        .expect("authenticated");
     a.subscribe(ADDRESS, &[], &[]).await;
     let first = a.next().await;
     assert_eq!(first.type_url, ADDRESS);
@@ -206,7 +208,9 @@ async fn delta_ads_serves_changes_only() {
 
     // Reconnect with the versions held before the update: only what differs comes back.
     drop(a);
-    let mut again = connect(server.addr, "node-1-secret").await.expect("authenticated");
+    let mut again = connect(server.addr, "node-1-secret-0123456789")
+        .await
+        .expect("authenticated");
     let held: Vec<(&str, &str)> = versions
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -222,7 +226,9 @@ async fn delta_ads_serves_changes_only() {
     assert_eq!(resync.removed_resources, vec![WB.to_owned()]);
 
     // A second client subscribed to one service only sees that service.
-    let mut b = connect(server.addr, "node-1-secret").await.expect("authenticated");
+    let mut b = connect(server.addr, "node-1-secret-0123456789")
+        .await
+        .expect("authenticated");
     b.subscribe(ADDRESS, &[SA], &[]).await;
     let only = b.next().await;
     assert_eq!(names(&only), vec![SA]);

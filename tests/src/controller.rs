@@ -21,8 +21,8 @@ pub struct Controller<'a> {
 }
 
 impl<'a> Controller<'a> {
-    /// Starts the controller on `ip` (xDS+CA on 15012, admin on 15014) with one bootstrap token
-    /// per node name (the token is `<node>-token`), and waits until it is ready.
+    /// Starts the controller on `ip` (xDS+CA on 15012, admin on 15014) with one random bootstrap
+    /// token per node name (in [`Controller::token_file`], mode 0600), and waits until it is ready.
     pub async fn start(ns: &'a Netns, ip: std::net::IpAddr, nodes: &[&str], manifests: &str) -> anyhow::Result<Self> {
         Self::start_with(ns, ip, nodes, manifests, false, &[]).await
     }
@@ -41,24 +41,23 @@ impl<'a> Controller<'a> {
         std::fs::create_dir_all(dir.path().join("enrolment"))?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         std::fs::write(dir.path().join("manifests/world.yaml"), manifests)?;
-        let mut tokens: String = nodes
-            .iter()
-            .map(|n| {
-                format!(
-                    "- {{token: {n}-token, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: {n}}}\n"
-                )
-            })
-            .collect();
+        // Random tokens (never derived from the node or identity names, which pods can learn),
+        // in files only their owner may read, as the controller requires of its token list.
+        let mut tokens = String::new();
+        for n in nodes {
+            let token = random_token()?;
+            tokens.push_str(&format!(
+                "- {{token: {token}, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: {n}}}\n"
+            ));
+            write_private(&dir.path().join(format!("{n}.token")), &token)?;
+        }
         // Proxies that run as themselves (waypoints): a token bound to their identity only.
         for id in identities {
-            let token = identity_token(id);
+            let token = random_token()?;
             tokens.push_str(&format!("- {{token: {token}, identity: \"{id}\"}}\n"));
-            std::fs::write(dir.path().join(format!("{token}.token")), &token)?;
+            write_private(&dir.path().join(identity_token_name(id)), &token)?;
         }
-        std::fs::write(dir.path().join("tokens.yaml"), tokens)?;
-        for n in nodes {
-            std::fs::write(dir.path().join(format!("{n}.token")), format!("{n}-token"))?;
-        }
+        write_private(&dir.path().join("tokens.yaml"), &tokens)?;
         let log = std::env::temp_dir().join(format!("{}-controller.log", ns.name));
         let out = std::fs::File::create(&log)?;
         let admin = SocketAddr::new(ip, 15014);
@@ -121,11 +120,30 @@ impl<'a> Controller<'a> {
 
     /// The token file of a proxy registered with `identities` at start.
     pub fn identity_token_file(&self, identity: &str) -> PathBuf {
-        self.dir.path().join(format!("{}.token", identity_token(identity)))
+        self.dir.path().join(identity_token_name(identity))
     }
 
+    /// The bootstrap token file of node `node`'s ztunnel.
     pub fn token_file(&self, node: &str) -> PathBuf {
         self.dir.path().join(format!("{node}.token"))
+    }
+
+    /// The bootstrap token list the controller reads.
+    pub fn tokens_file(&self) -> PathBuf {
+        self.dir.path().join("tokens.yaml")
+    }
+
+    /// Every credential file this controller's harness wrote (token list and token files).
+    pub fn credential_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "token"))
+            .collect();
+        files.push(self.tokens_file());
+        files
     }
 
     /// Replaces the manifests (atomically, as an editor or kubelet would).
@@ -149,12 +167,33 @@ impl Drop for Controller<'_> {
     }
 }
 
-/// A bootstrap token derived from an identity: its letters and digits.
-fn identity_token(identity: &str) -> String {
+/// The token file name of a proxy running as `identity` (the name is not secret; the token is
+/// random).
+fn identity_token_name(identity: &str) -> String {
     let body: String = identity
         .trim_start_matches("spiffe://")
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    format!("id-{body}")
+    format!("id-{body}.token")
+}
+
+/// A bootstrap token: 128 bits from the kernel's CSPRNG, as 32 hex characters.
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a credential file with mode 0600 (created so; never readable by others meanwhile).
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
 }

@@ -180,7 +180,7 @@ async fn client(
     let mut request = tonic::Request::new(stream);
     request
         .metadata_mut()
-        .insert("authorization", "Bearer bench-token".parse()?);
+        .insert("authorization", format!("Bearer {}", bench_token()).parse()?);
     let mut responses = ads.delta_aggregated_resources(request).await?.into_inner();
     let (mut addresses, mut policies) = (HashSet::new(), HashSet::new());
     let mut complete = false;
@@ -211,6 +211,17 @@ async fn client(
     Ok(())
 }
 
+/// The bench's bootstrap token: random, made once per run.
+fn bench_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        controller::ca::random_token().unwrap_or_else(|_| {
+            eprintln!("xds-bench: the system random number generator failed");
+            std::process::exit(1)
+        })
+    })
+}
+
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -223,10 +234,21 @@ async fn main() -> Result<()> {
     let manifests = work.path().join("manifests");
     std::fs::create_dir_all(&manifests)?;
     generate(&manifests, &a)?;
-    std::fs::write(
-        work.path().join("tokens.yaml"),
-        "- {token: bench-token, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-0}\n",
-    )?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The controller refuses a token file others may read.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(work.path().join("tokens.yaml"))?;
+        writeln!(
+            file,
+            "- {{token: {}, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-0}}",
+            bench_token()
+        )?;
+    }
     let exe = std::env::current_exe()?;
     let controller: PathBuf = exe.with_file_name("controller");
     let (port, admin) = (free_port()?, free_port()?);

@@ -92,6 +92,11 @@ pub enum BootstrapError {
         #[source]
         source: serde_yaml::Error,
     },
+    /// Anyone but the owner may read the file: every token in it is as good as leaked.
+    #[error(
+        "{path} is readable by group or others (mode {mode:03o}): bootstrap tokens must be private; run chmod 600 {path}"
+    )]
+    Permissions { path: String, mode: u32 },
     #[error("{path}: entry {index}: {problem}")]
     Entry {
         path: String,
@@ -118,6 +123,10 @@ struct Entry {
 ///   node: node-a              # optional: the node it runs on
 /// ```
 ///
+/// The file must be private to its owner (mode 0600 or stricter) and every token at least
+/// [`MIN_TOKEN_BYTES`] long: a token is a bearer credential, so a readable file or a short,
+/// guessable token lets any local process or pod ask for another workload's certificate.
+///
 /// Only SHA-256 digests of the tokens are kept, and a presented token is compared with every
 /// entry in constant time, so response timing tells nothing about how close a guess was.
 pub struct BootstrapTokens {
@@ -131,6 +140,19 @@ impl fmt::Debug for BootstrapTokens {
     }
 }
 
+/// The shortest bootstrap token accepted: 16 bytes, i.e. 128 bits when the token is random
+/// (generate one with `openssl rand -hex 16`, 32 characters, or longer).
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// A new bootstrap token: 128 bits from the system's CSPRNG, as 32 hex characters. Tokens
+/// must never be derived from names (node, identity) that others can read.
+pub fn random_token() -> Result<String, ring::error::Unspecified> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
 fn digest(token: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let mut out = [0u8; 32];
@@ -139,12 +161,26 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 impl BootstrapTokens {
-    /// Reads and validates the token file at `path`.
+    /// Reads and validates the token file at `path`; refuses a file that group or others
+    /// may read.
     pub fn load(path: &Path) -> Result<Self, BootstrapError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Io {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let io = |source| BootstrapError::Io {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        // The mode is checked on the file opened, not on the path (which could change between).
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(BootstrapError::Permissions {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(io)?;
         Self::from_yaml(&text, &path.display().to_string())
     }
 
@@ -165,6 +201,12 @@ impl BootstrapTokens {
             };
             if entry.token.is_empty() {
                 return Err(problem("empty token".into()));
+            }
+            if entry.token.len() < MIN_TOKEN_BYTES {
+                return Err(problem(format!(
+                    "token is {} bytes; at least {MIN_TOKEN_BYTES} random bytes are required (e.g. openssl rand -hex 16)",
+                    entry.token.len()
+                )));
             }
             // What cannot travel in `authorization: Bearer <token>` could never match.
             if !entry.token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -226,6 +268,9 @@ impl Authenticator for BootstrapTokens {
 mod tests {
     use super::*;
 
+    /// A token long enough to be accepted.
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaa";
+
     fn err(yaml: &str) -> String {
         BootstrapTokens::from_yaml(yaml, "tokens.yaml")
             .expect_err("invalid file")
@@ -238,25 +283,75 @@ mod tests {
         let path = tmp.path().join("tokens.yaml");
         std::fs::write(
             &path,
-            "- token: node-a-secret\n  identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel\n  node: node-a\n\
-             - token: sleep-secret\n  identity: spiffe://cluster.local/ns/default/sa/sleep\n",
+            "- token: node-a-secret-0123456789\n  identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel\n  node: node-a\n\
+             - token: sleep-secret-0123456789\n  identity: spiffe://cluster.local/ns/default/sa/sleep\n",
         )
         .expect("write");
+        private(&path, 0o600);
         let tokens = BootstrapTokens::load(&path).expect("valid");
         assert_eq!(tokens.len(), 2);
-        let caller = tokens.authenticate("node-a-secret").await.expect("known");
+        let caller = tokens.authenticate("node-a-secret-0123456789").await.expect("known");
         assert_eq!(
             caller.identity.to_string(),
             "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
         );
         assert_eq!(caller.node.as_deref(), Some("node-a"));
-        let caller = tokens.authenticate("sleep-secret").await.expect("known");
+        let caller = tokens.authenticate("sleep-secret-0123456789").await.expect("known");
         assert_eq!(caller.node, None);
         assert!(matches!(
-            tokens.authenticate("node-a-secreT").await,
+            tokens.authenticate("node-a-secret-012345678A").await,
             Err(AuthError::UnknownToken)
         ));
         assert!(!format!("{tokens:?}").contains("secret"));
+    }
+
+    fn private(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn a_file_others_may_read_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("tokens.yaml");
+        std::fs::write(&path, "").expect("write");
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            private(&path, mode);
+            let text = BootstrapTokens::load(&path)
+                .expect_err("readable by others")
+                .to_string();
+            assert!(
+                text.contains("readable by group or others") && text.contains("chmod 600"),
+                "{text}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            private(&path, mode);
+            BootstrapTokens::load(&path).expect("private file");
+        }
+    }
+
+    #[test]
+    fn short_tokens_are_refused() {
+        let id = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+        // The names the test harness once derived tokens from.
+        for short in ["n0-token", "node-a-token", "0123456789abcde"] {
+            let text = err(&format!("- token: {short}\n  identity: {id}\n"));
+            assert!(
+                text.contains("entry 0: token is") && text.contains("at least 16"),
+                "{text}"
+            );
+        }
+        BootstrapTokens::from_yaml(&format!("- token: 0123456789abcdef\n  identity: {id}\n"), "t")
+            .expect("16 bytes is enough");
+    }
+
+    #[test]
+    fn random_tokens_are_long_enough_and_differ() {
+        let (a, b) = (random_token().expect("rng"), random_token().expect("rng"));
+        assert_eq!(a.len(), 32);
+        assert!(a.len() >= MIN_TOKEN_BYTES && a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 
     #[test]
@@ -269,19 +364,23 @@ mod tests {
     fn invalid_entries_name_file_index_and_problem() {
         let id = "spiffe://cluster.local/ns/default/sa/sleep";
         let text = err(&format!(
-            "- token: a\n  identity: {id}\n- token: ''\n  identity: {id}\n"
+            "- token: {A}\n  identity: {id}\n- token: ''\n  identity: {id}\n"
         ));
         assert!(text.starts_with("tokens.yaml: entry 1: empty token"), "{text}");
-        let text = err(&format!("- token: a\n  identity: {id}\n- token: a\n  identity: {id}\n"));
+        let text = err(&format!(
+            "- token: {A}\n  identity: {id}\n- token: {A}\n  identity: {id}\n"
+        ));
         assert!(text.contains("entry 1: duplicate token (same as entry 0)"), "{text}");
-        let text = err("- token: a\n  identity: spiffe://cluster.local/default/sleep\n");
+        let text = err(&format!(
+            "- token: {A}\n  identity: spiffe://cluster.local/default/sleep\n"
+        ));
         assert!(text.contains("tokens.yaml: entry 0: bad identity"), "{text}");
-        let text = err(&format!("- token: 'a b'\n  identity: {id}\n"));
+        let text = err(&format!("- token: 'a b{A}'\n  identity: {id}\n"));
         assert!(text.contains("entry 0: token contains characters"), "{text}");
-        let text = err(&format!("- token: a\n  identity: {id}\n  node: ''\n"));
+        let text = err(&format!("- token: {A}\n  identity: {id}\n  node: ''\n"));
         assert!(text.contains("entry 0: empty node name"), "{text}");
         // Shape errors name the file too.
-        let text = err(&format!("- token: a\n  identity: {id}\n  nodes: x\n"));
+        let text = err(&format!("- token: {A}\n  identity: {id}\n  nodes: x\n"));
         assert!(text.starts_with("tokens.yaml: "), "{text}");
         let text = err("token: a\n");
         assert!(text.starts_with("tokens.yaml: expected a YAML list"), "{text}");

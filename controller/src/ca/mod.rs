@@ -11,6 +11,8 @@ pub mod auth;
 pub mod root;
 pub mod server;
 
-pub use auth::{bearer_token, AuthError, Authenticator, BootstrapError, BootstrapTokens, Caller};
+pub use auth::{
+    bearer_token, random_token, AuthError, Authenticator, BootstrapError, BootstrapTokens, Caller, MIN_TOKEN_BYTES,
+};
 pub use root::{CaRoot, CaRootError, ROOT_CERT_FILE, ROOT_KEY_FILE};
 pub use server::{CaMetrics, CaOptions, CaServer, PodLocator, RefusalReason, DEFAULT_TTL};

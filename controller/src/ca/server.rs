@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mesh_core::identity::ca::{CaError, IMPERSONATED_IDENTITY};
 use mesh_core::identity::Identity;
+use mesh_core::log_limit::LogLimiter;
 use mesh_proto::ca::istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer};
 use mesh_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -72,7 +73,7 @@ impl CaOptions {
 }
 
 /// Why a request was refused, as counted in `certificates_refused_total{reason}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RefusalReason {
     /// No valid bearer token.
     Unauthenticated,
@@ -172,7 +173,17 @@ struct Inner {
     pods: Arc<dyn PodLocator>,
     options: CaOptions,
     metrics: CaMetrics,
+    /// Refusals are logged at most once per interval per reason (and caller): an
+    /// unauthenticated client must not be able to flood the log.
+    log_limit: LogLimiter<(RefusalReason, Option<Identity>)>,
 }
+
+/// How often a repeated refusal (same reason, same caller) is logged.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The largest certificate request decoded. A CSR is well under 2 KiB; nothing bigger is
+/// read (or buffered) for a caller that may not even be authenticated yet.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 impl CaServer {
     pub fn new(
@@ -189,13 +200,14 @@ impl CaServer {
                 pods,
                 options,
                 metrics,
+                log_limit: LogLimiter::new(REFUSAL_LOG_INTERVAL),
             }),
         }
     }
 
     /// The tonic service, to add to a `tonic::transport::Server`.
     pub fn into_service(self) -> IstioCertificateServiceServer<CaServer> {
-        IstioCertificateServiceServer::new(self)
+        IstioCertificateServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     async fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Refusal> {
@@ -311,8 +323,18 @@ impl CaServer {
                 reason: refusal.reason.as_str(),
             })
             .inc();
-        let caller = caller.map_or_else(|| "unauthenticated caller".to_owned(), |c| c.to_string());
-        warn!(%caller, reason = refusal.reason.as_str(), message = %refusal.message, "certificate request refused");
+        let key = (refusal.reason, caller.map(|c| c.identity.clone()));
+        if let Some(suppressed) = self.inner.log_limit.check(key) {
+            let caller = caller.map_or_else(|| "unauthenticated caller".to_owned(), |c| c.to_string());
+            warn!(
+                %caller,
+                reason = refusal.reason.as_str(),
+                message = %refusal.message,
+                suppressed,
+                "certificate request refused (repeats within {}s are counted in `suppressed`)",
+                REFUSAL_LOG_INTERVAL.as_secs()
+            );
+        }
         Status::new(refusal.code, refusal.message)
     }
 }
