@@ -1,14 +1,19 @@
-//! The controller's HTTP endpoint (15014): `/metrics` (Prometheus text), `/ready` (200 once
-//! every source kind was listed and translated), `/debug/problems` (what could not be
-//! honoured, per object), `/debug/config` (the translated resources as JSON) and
-//! `/debug/skipped` (manifest documents the local source rejected).
+//! The controller's HTTP endpoints, one role per listener:
+//!
+//! - monitoring (`--admin`, 15014 on the pod address): `/metrics` (Prometheus text) and
+//!   `/ready` (200 once every source kind was listed and translated);
+//! - debug (`--debug-addr`, 127.0.0.1:15015): `/debug/problems` (what could not be honoured,
+//!   per object), `/debug/config` (the translated resources as JSON), `/debug/skipped`
+//!   (manifest documents the local source rejected) and `/debug/waypoints`. They reveal the
+//!   whole configuration, so they are never served on an address other pods reach.
+//!
+//! Anything else is 404 on either listener.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -16,6 +21,15 @@ use tokio::sync::watch;
 use crate::core::Published;
 use crate::source::local::DocumentError;
 use crate::translate::render;
+
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Metrics and readiness.
+    Monitoring,
+    /// The `/debug/*` views: loopback only.
+    Debug,
+}
 
 pub struct Admin {
     pub registry: Registry,
@@ -32,6 +46,10 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     r
 }
 
+fn not_found() -> Response<Full<Bytes>> {
+    reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")
+}
+
 fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => reply(StatusCode::OK, "application/json", body),
@@ -40,9 +58,16 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
 }
 
 impl Admin {
-    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        match req.uri().path() {
-            "/metrics" | "/stats/prometheus" => mesh_core::prometheus::response(&self.registry, req.headers()),
+    fn handle(&self, role: Role, path: &str, headers: &HeaderMap) -> Response<Full<Bytes>> {
+        match role {
+            Role::Monitoring => self.monitoring(path, headers),
+            Role::Debug => self.debug(path),
+        }
+    }
+
+    fn monitoring(&self, path: &str, headers: &HeaderMap) -> Response<Full<Bytes>> {
+        match path {
+            "/metrics" | "/stats/prometheus" => mesh_core::prometheus::response(&self.registry, headers),
             "/ready" | "/healthz/ready" => {
                 if self.published.borrow().synced {
                     reply(StatusCode::OK, "text/plain", "ready\n")
@@ -54,6 +79,12 @@ impl Admin {
                     )
                 }
             }
+            _ => not_found(),
+        }
+    }
+
+    fn debug(&self, path: &str) -> Response<Full<Bytes>> {
+        match path {
             "/debug/problems" => json(&self.published.borrow().problems),
             "/debug/skipped" => json(&*self.skipped.borrow()),
             "/debug/waypoints" => json(&self.published.borrow().waypoints),
@@ -61,16 +92,43 @@ impl Admin {
                 let outputs = self.published.borrow().outputs.clone();
                 json(&render::to_json(&outputs))
             }
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+            _ => not_found(),
         }
     }
 }
 
-/// Serves until the process ends.
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+/// Serves the paths of `role` on `listener` until the process ends.
+pub async fn serve(admin: Arc<Admin>, role: Role, listener: TcpListener) {
     mesh_core::admin_http::serve_forever(listener, move |req| {
         let admin = admin.clone();
-        async move { admin.handle(&req) }
+        async move { admin.handle(role, req.uri().path(), req.headers()) }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_listener_serves_only_its_own_paths() {
+        let admin = Admin {
+            registry: Registry::default(),
+            published: watch::channel(Published::default()).1,
+            skipped: watch::channel(Vec::new()).1,
+        };
+        let status = |role, path| admin.handle(role, path, &HeaderMap::new()).status();
+        let debug = ["/debug/config", "/debug/problems", "/debug/skipped", "/debug/waypoints"];
+        for path in debug {
+            assert_eq!(status(Role::Debug, path), StatusCode::OK, "{path}");
+            assert_eq!(status(Role::Monitoring, path), StatusCode::NOT_FOUND, "{path}");
+        }
+        assert_eq!(status(Role::Monitoring, "/metrics"), StatusCode::OK);
+        // Not synced yet: answered, but not ready.
+        assert_eq!(status(Role::Monitoring, "/ready"), StatusCode::SERVICE_UNAVAILABLE);
+        for path in ["/metrics", "/ready", "/", "/debug", "/debug/", "/config_dump"] {
+            assert_eq!(status(Role::Debug, path), StatusCode::NOT_FOUND, "{path}");
+        }
+        assert_eq!(status(Role::Monitoring, "/nope"), StatusCode::NOT_FOUND);
+    }
 }

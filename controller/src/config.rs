@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// Where the debug views are served by default: localhost, never the pod address.
+pub const DEFAULT_DEBUG_ADDR: &str = "127.0.0.1:15015";
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "controller",
@@ -20,9 +23,13 @@ pub struct Config {
     /// xDS and CA over TLS.
     #[arg(long, env = "LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
-    /// Metrics, readiness and debug endpoints.
+    /// Metrics (`/metrics`) and readiness (`/ready`): what scrapers and probes reach.
     #[arg(long, env = "ADMIN", default_value = "0.0.0.0:15014")]
     pub admin: SocketAddr,
+    /// Debug views (`/debug/config`, `/debug/problems`, `/debug/skipped`,
+    /// `/debug/waypoints`): a loopback address only (reach it with `kubectl port-forward`).
+    #[arg(long, env = "DEBUG_ADDR", default_value = DEFAULT_DEBUG_ADDR)]
+    pub debug_addr: SocketAddr,
     /// Root certificate and key (root-cert.pem, root-key.pem): loaded, or generated and kept here.
     #[arg(long, env = "CA_DIR", default_value = "./mesh-ca")]
     pub ca_dir: PathBuf,
@@ -92,6 +99,35 @@ impl Config {
         if self.max_cert_ttl_seconds < 60 {
             return Err("--max-cert-ttl-seconds must be at least 60".into());
         }
+        if !self.debug_addr.ip().is_loopback() {
+            return Err(format!(
+                "--debug-addr {} must be a loopback address (e.g. {DEFAULT_DEBUG_ADDR}): the debug views reveal the whole configuration",
+                self.debug_addr
+            ));
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_views_stay_on_loopback() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_string_lossy();
+        let with = |extra: &[&str]| {
+            let base = ["controller", "--manifest-dir", &dir, "--bootstrap-tokens", "/t.yaml"];
+            Config::try_parse_from(base.iter().chain(extra))
+                .expect("parse")
+                .validate()
+        };
+        with(&[]).expect("default 127.0.0.1:15015");
+        with(&["--debug-addr", "[::1]:15015"]).expect("IPv6 loopback");
+        for bad in ["0.0.0.0:15015", "10.0.0.1:15015", "[::]:15015"] {
+            let e = with(&["--debug-addr", bad]).expect_err(bad);
+            assert!(e.contains("--debug-addr") && e.contains("loopback"), "{e}");
+        }
     }
 }

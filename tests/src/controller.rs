@@ -12,6 +12,9 @@ use anyhow::Context;
 use crate::netns::Netns;
 use crate::ztunnel::http_request;
 
+/// The controller's default debug port (`--debug-addr 127.0.0.1:15015`).
+pub const DEBUG_PORT: u16 = 15015;
+
 pub struct Controller<'a> {
     pub ns: &'a Netns,
     child: Child,
@@ -156,6 +159,12 @@ impl<'a> Controller<'a> {
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         http_request(self.ns, self.admin, "GET", path).await
+    }
+
+    /// GETs a debug view (`/debug/config`, ...) from the controller's localhost debug listener,
+    /// inside its namespace (the only place it answers).
+    pub async fn debug(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_request(self.ns, SocketAddr::from(([127, 0, 0, 1], DEBUG_PORT)), "GET", path).await
     }
 }
 

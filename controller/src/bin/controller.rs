@@ -168,15 +168,20 @@ async fn main() -> anyhow::Result<()> {
     let ca = CaServer::new(root.clone(), auth.clone(), core.pods.clone(), ca_options, ca_metrics);
     let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
 
-    let admin_listener = tokio::net::TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("binding --admin {}", config.admin))?;
     let admin = Arc::new(admin::Admin {
         registry,
         published: core.published.clone(),
         skipped: skipped_rx,
     });
-    tokio::spawn(admin::serve(admin, admin_listener));
+    for (flag, addr, role) in [
+        ("--admin", config.admin, admin::Role::Monitoring),
+        ("--debug-addr", config.debug_addr, admin::Role::Debug),
+    ] {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {flag} {addr}"))?;
+        tokio::spawn(admin::serve(admin.clone(), role, listener));
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
