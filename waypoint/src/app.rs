@@ -1,5 +1,6 @@
 //! Start-up and shutdown: certificate, xDS subscription (workloads plus the waypoint's own
-//! routes and policies), the HBONE listener and the metrics port; SIGTERM drains.
+//! routes and policies), the HBONE listener and the admin, stats and readiness ports;
+//! SIGTERM drains.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,6 +93,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tags: cfg.trace_tags.clone(),
             service: format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
         }),
+        header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
@@ -111,15 +113,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let hbone = TcpListener::bind(cfg.hbone_addr)
         .await
         .with_context(|| format!("binding --hbone-addr {}", cfg.hbone_addr))?;
-    let metrics_listener = TcpListener::bind(cfg.metrics_addr)
-        .await
-        .with_context(|| format!("binding --metrics-addr {}", cfg.metrics_addr))?;
     let admin = Arc::new(admin::Admin {
         waypoint: waypoint.clone(),
         registry,
         ready,
     });
-    tokio::spawn(admin::serve(admin, metrics_listener));
+    for (port, flag, addr) in [
+        (admin::Port::Admin, "--admin-addr", cfg.admin_addr),
+        (admin::Port::Stats, "--metrics-addr", cfg.metrics_addr),
+        (admin::Port::Readiness, "--readiness-addr", cfg.readiness_addr),
+    ] {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {flag} {addr}"))?;
+        tokio::spawn(admin::serve(admin.clone(), port, listener));
+    }
     let serving = tokio::spawn(listener::serve(waypoint.clone(), hbone));
     info!(identity = %cfg.identity, gateway = ?cfg.gateway(), addr = %cfg.hbone_addr, "waypoint started");
 

@@ -34,9 +34,16 @@ pub struct Config {
     /// HBONE port of ztunnels (upstream tunnels).
     #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
     pub hbone_port: u16,
-    /// `/metrics`, `/healthz/ready` and `/config_dump`.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    /// `/metrics` and `/healthz/ready` (ztunnel's `--stats-addr`).
+    #[arg(long, alias = "stats-addr", env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
+    /// `/healthz/ready` only.
+    #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// State views (`/config_dump`) besides metrics and readiness: keep it on localhost (a
+    /// user reaches it with `kubectl port-forward`).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
     /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: String,
@@ -72,6 +79,11 @@ pub struct Config {
     /// How often JWKS documents fetched from a jwksUri are refreshed, in seconds.
     #[arg(long, env = "JWKS_REFRESH_SECONDS", default_value_t = 1200)]
     pub jwks_refresh_seconds: u64,
+    /// How long a client of a port that must be HTTP may take to send its first bytes, in
+    /// milliseconds; a silent stream is then closed (where TCP is allowed, a client silent for
+    /// 300 ms is a server-first protocol instead).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
     /// Grace for requests in flight after SIGTERM, in seconds.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
@@ -93,6 +105,10 @@ impl Config {
             (0.0..=100.0).contains(&self.trace_sampling),
             "--trace-sampling {}: expected a percentage between 0 and 100",
             self.trace_sampling
+        );
+        anyhow::ensure!(
+            self.header_read_timeout_ms > 0,
+            "--header-read-timeout-ms 0: a client needs some time to send its request"
         );
         for (flag, addr) in [
             ("--zipkin-address", &self.zipkin_address),

@@ -36,6 +36,8 @@ pub struct Waypoint {
     pub jwks: Arc<policy::jwt::JwksCache>,
     pub metrics: telemetry::metrics::Metrics,
     pub tracer: Arc<telemetry::trace::Tracer>,
+    /// How long a client of an HTTP-only port may stay silent before its stream is closed.
+    pub header_read_timeout: std::time::Duration,
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
 }

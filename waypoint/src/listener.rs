@@ -2,6 +2,11 @@
 //! the target service from the authority, detects the protocol from the first bytes, and
 //! serves HTTP/1.1 or HTTP/2 (with upgrades) through the request pipeline, or proxies
 //! anything else as TCP under L4 policy.
+//!
+//! Opaque TCP skips every HTTP decision, so it is allowed only where nothing needs HTTP: a
+//! service port declared HTTP (appProtocol or port name), a service with HTTP or gRPC routes,
+//! or one with a policy that reads HTTP ([`authz::needs_http`]) is parsed as HTTP or refused,
+//! and a silent client there waits for its request (bounded) instead of becoming TCP.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,18 +16,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mesh_core::hbone::{serve_connection, H2Io, InboundConnect};
 use mesh_core::state::model::{Service, Workload};
-use mesh_core::state::Destination;
+use mesh_core::state::{AppProtocol, Destination};
+use mesh_proto::waypoint as wp;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::http::proxy::{self, Downstream};
-use crate::policy::authz::{self, Decision, RequestAttrs};
+use crate::policy::authz::{self, ConnectionAttrs, Decision};
 use crate::Waypoint;
 
 /// How long a silent client may wait before its stream is treated as a server-first TCP
@@ -47,6 +53,48 @@ pub fn looks_like_http(first: &[u8]) -> bool {
     HTTP_STARTS
         .iter()
         .any(|m| first.starts_with(m) || (first.len() < m.len() && m.starts_with(first) && !first.is_empty()))
+}
+
+/// Longest method accepted before the first space on a port that must be HTTP.
+const MAX_METHOD: usize = 32;
+
+/// Whether a stream's first bytes can start an HTTP/1 request (any method token, extension
+/// methods included, then a space) or the HTTP/2 preface. Used where the stream must be HTTP:
+/// anything else is refused rather than handed to the parser.
+pub fn plausible_http(first: &[u8]) -> bool {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    match first.iter().position(|b| *b == b' ') {
+        Some(n) => n > 0 && n <= MAX_METHOD && first[..n].iter().all(tchar),
+        None => !first.is_empty() && first.len() <= MAX_METHOD && first.iter().all(tchar),
+    }
+}
+
+/// Why a service's traffic must be HTTP and may never be proxied as opaque TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpOnly {
+    /// The port declares HTTP, HTTP/2 or gRPC.
+    DeclaredPort,
+    /// HTTP or gRPC routes are attached to the service.
+    Routes,
+    /// A RequestAuthentication, or an authorization rule with HTTP-only fields, applies.
+    Policy,
+}
+
+/// Whether traffic to a service port may be proxied as opaque TCP (`None`) or must be HTTP.
+pub fn http_only<'a>(
+    declared: AppProtocol,
+    http_routes: bool,
+    policies: impl IntoIterator<Item = &'a wp::Policy>,
+) -> Option<HttpOnly> {
+    if declared.is_http() {
+        Some(HttpOnly::DeclaredPort)
+    } else if http_routes {
+        Some(HttpOnly::Routes)
+    } else if policies.into_iter().any(authz::needs_http) {
+        Some(HttpOnly::Policy)
+    } else {
+        None
+    }
 }
 
 /// A stream with bytes already read put back in front.
@@ -144,28 +192,44 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
             return;
         }
     };
-    let (io, http) = match detect(stream).await {
-        Ok(x) => x,
-        Err(e) => {
+    let spiffe = peer_identity.to_string();
+    let must = must_be_http(&wp, &state, &service, dst.port());
+    let io = match detect(stream, must, wp.header_read_timeout).await {
+        Ok(Sniffed::Http(io)) => io,
+        Ok(Sniffed::Tcp(io)) => {
+            if !l4_allowed(&wp, &spiffe, &peer_identity.namespace, client_addr, dst, Some(&service)) {
+                wp.metrics.reject("tcp_denied");
+                info!(target: "access", src_addr = %client_addr, src_identity = %spiffe, dst_service = %service.hostname, reason = "denied by policy", "TCP connection refused");
+                return;
+            }
+            let Some((cluster, w, target)) = tcp_backend(&wp, &service, dst) else {
+                info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
+                return;
+            };
+            tcp_to(&wp, io, target, &spiffe).await;
+            cluster.record(&w.uid, Some(StatusCode::OK));
+            return;
+        }
+        Err(DetectError::Io(e)) => {
             debug!(error = %e, "stream ended before its protocol was known");
             return;
         }
-    };
-    if !http {
-        let spiffe = peer_identity.to_string();
-        if !l4_allowed(&wp, &spiffe, &peer_identity.namespace, client_addr, dst, Some(&service)) {
-            info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "TCP connection denied by policy");
+        Err(refused) => {
+            let reason = refused.reason();
+            wp.metrics.reject(reason);
+            info!(
+                target: "access",
+                src_addr = %client_addr,
+                src_identity = %spiffe,
+                dst_service = %service.hostname,
+                http_only = ?must,
+                reason,
+                "connection refused: this port only carries HTTP"
+            );
             return;
         }
-        let Some((cluster, w, target)) = tcp_backend(&wp, &service, dst) else {
-            info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
-            return;
-        };
-        tcp_to(&wp, io, target, &spiffe).await;
-        cluster.record(&w.uid, Some(StatusCode::OK));
-        return;
-    }
-    let (metrics, peer_identity_text) = (wp.metrics.clone(), peer_identity.to_string());
+    };
+    let (metrics, peer_identity_text) = (wp.metrics.clone(), spiffe);
     let down = Arc::new(Downstream {
         peer_identity,
         client_addr,
@@ -214,22 +278,72 @@ fn tcp_backend(
     Some((cluster, w, ep.target))
 }
 
-/// Reads the first bytes (or waits briefly) to tell HTTP from other TCP protocols.
-async fn detect(mut io: H2Io) -> io::Result<(Rewind<H2Io>, bool)> {
+/// Whether traffic to `service` on `port` must be HTTP, from the declared port protocol, the
+/// attached routes and the policies in force.
+fn must_be_http(wp: &Waypoint, state: &mesh_core::state::State, service: &Service, port: u16) -> Option<HttpOnly> {
+    let snapshot = wp.config.load();
+    let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
+    let key = service.key();
+    let http_routes = snapshot.routes.get(&key).is_some_and(|r| !r.is_empty());
+    let policies = snapshot.policies_for(gateway, (service.namespace.as_str(), service.name.as_str()));
+    http_only(state.port_protocol(&key, port), http_routes, policies)
+}
+
+/// What a stream turned out to carry.
+enum Sniffed {
+    Http(Rewind<H2Io>),
+    Tcp(Rewind<H2Io>),
+}
+
+/// Why a stream is not served.
+#[derive(Debug, thiserror::Error)]
+enum DetectError {
+    #[error("reading the first bytes: {0}")]
+    Io(#[from] io::Error),
+    /// An HTTP-only port, and the client sent nothing within the header-read timeout.
+    #[error("no request within the header-read timeout")]
+    Silent,
+    /// An HTTP-only port, and the first bytes cannot start an HTTP request.
+    #[error("the first bytes are not HTTP")]
+    NotHttp,
+}
+
+impl DetectError {
+    /// The `reason` label of `waypoint_rejected_requests_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            DetectError::Io(_) => "stream_error",
+            DetectError::Silent => "header_timeout",
+            DetectError::NotHttp => "not_http",
+        }
+    }
+}
+
+/// Reads the first bytes to tell HTTP from other TCP protocols. Where the port may carry
+/// TCP, a client silent for [`DETECT_TIMEOUT`] is a server-first protocol; where it must be
+/// HTTP (`must` is set), the client gets `header_timeout` to start its request, and bytes
+/// that cannot start one are refused.
+async fn detect(mut io: H2Io, must: Option<HttpOnly>, header_timeout: Duration) -> Result<Sniffed, DetectError> {
     let mut buf = BytesMut::with_capacity(1024);
-    let http = match tokio::time::timeout(DETECT_TIMEOUT, io.read_buf(&mut buf)).await {
-        Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "empty stream")),
+    let wait = if must.is_some() { header_timeout } else { DETECT_TIMEOUT };
+    let http = match tokio::time::timeout(wait, io.read_buf(&mut buf)).await {
+        Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "empty stream").into()),
+        Ok(Ok(_)) if must.is_some() => {
+            if !plausible_http(&buf) {
+                return Err(DetectError::NotHttp);
+            }
+            true
+        }
         Ok(Ok(_)) => looks_like_http(&buf),
-        Ok(Err(e)) => return Err(e),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) if must.is_some() => return Err(DetectError::Silent),
         Err(_) => false,
     };
-    Ok((
-        Rewind {
-            prefix: buf.freeze(),
-            inner: io,
-        },
-        http,
-    ))
+    let io = Rewind {
+        prefix: buf.freeze(),
+        inner: io,
+    };
+    Ok(if http { Sniffed::Http(io) } else { Sniffed::Tcp(io) })
 }
 
 fn l4_allowed(
@@ -245,19 +359,13 @@ fn l4_allowed(
     let svc = service
         .map(|s| (s.namespace.as_str(), s.name.as_str()))
         .unwrap_or(("", ""));
-    let headers = HeaderMap::new();
-    let attrs = RequestAttrs {
+    let attrs = ConnectionAttrs {
         source_principal: principal.strip_prefix("spiffe://").unwrap_or(principal),
         source_namespace: namespace,
         source_ip: client.ip(),
-        request_principal: None,
-        host: "",
         port: dst.port(),
-        method: "",
-        path: "",
-        headers: &headers,
     };
-    authz::evaluate(snapshot.policies_for(gateway, svc), &attrs) == Decision::Allow
+    authz::evaluate_tcp(snapshot.policies_for(gateway, svc), &attrs) == Decision::Allow
 }
 
 fn accept_l4(
@@ -292,7 +400,7 @@ async fn tcp_to(wp: &Waypoint, mut down: Rewind<H2Io>, target: SocketAddr, who: 
 
 #[cfg(test)]
 mod tests {
-    use super::looks_like_http;
+    use super::*;
 
     #[test]
     fn detection() {
@@ -301,5 +409,57 @@ mod tests {
         assert!(looks_like_http(b"POS"));
         assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
         assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+    }
+
+    #[test]
+    fn plausible_http_accepts_any_method_token() {
+        assert!(plausible_http(b"FOO / HTTP/1.1\r\n"));
+        assert!(plausible_http(b"GET"));
+        assert!(plausible_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!plausible_http(b"\x16\x03\x01\x02\x00"));
+        assert!(!plausible_http(b" GET /"));
+        assert!(
+            !plausible_http(b"SSH-2.0-OpenSSH_9.6\r\n"),
+            "no space within a method's length"
+        );
+        assert!(!plausible_http(&[b'A'; MAX_METHOD + 1]));
+    }
+
+    #[test]
+    fn opaque_tcp_only_where_nothing_needs_http() {
+        let rule_with = |paths: Vec<String>| wp::Rule {
+            to: vec![wp::Operation {
+                paths,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let authz = |rule: wp::Rule| wp::Policy {
+            kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
+                action: wp::Action::Deny as i32,
+                rules: vec![rule],
+            })),
+            ..Default::default()
+        };
+        let l7 = authz(rule_with(vec!["/admin*".into()]));
+        let l4 = authz(rule_with(vec![]));
+        let jwt = wp::Policy {
+            kind: Some(wp::policy::Kind::Jwt(wp::JwtAuthentication::default())),
+            ..Default::default()
+        };
+        let none: [&wp::Policy; 0] = [];
+        assert_eq!(http_only(AppProtocol::Unknown, false, none), None);
+        assert_eq!(http_only(AppProtocol::Unknown, false, [&l4]), None);
+        assert_eq!(
+            http_only(AppProtocol::Http11, false, none),
+            Some(HttpOnly::DeclaredPort)
+        );
+        assert_eq!(http_only(AppProtocol::Grpc, false, none), Some(HttpOnly::DeclaredPort));
+        assert_eq!(http_only(AppProtocol::Unknown, true, none), Some(HttpOnly::Routes));
+        assert_eq!(
+            http_only(AppProtocol::Unknown, false, [&l4, &l7]),
+            Some(HttpOnly::Policy)
+        );
+        assert_eq!(http_only(AppProtocol::Unknown, false, [&jwt]), Some(HttpOnly::Policy));
     }
 }

@@ -12,7 +12,9 @@ use arc_swap::ArcSwap;
 use mesh_proto::{security as secpb, workload as pb};
 use tokio::sync::watch;
 
-pub use model::{GatewayAddress, GatewayDestination, PortMapping, ResourceError, Service, Tunnel, Workload};
+pub use model::{
+    AppProtocol, GatewayAddress, GatewayDestination, PortMapping, ResourceError, Service, Tunnel, Workload,
+};
 
 use crate::rbac::{Policy, Scope};
 
@@ -30,6 +32,9 @@ pub struct State {
     policies: HashMap<String, Arc<Policy>>,
     global_policies: BTreeSet<String>,
     namespace_policies: HashMap<String, BTreeSet<String>>,
+    /// service key -> (service port, declared protocol) for ports that declare one. Beside
+    /// the services rather than in [`PortMapping`], which many callers build field by field.
+    port_protocols: HashMap<String, Vec<(u16, AppProtocol)>>,
 }
 
 /// Where an address points.
@@ -54,6 +59,14 @@ impl State {
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
         self.service_by_vip.get(network)?.get(&ip)
+    }
+
+    /// The protocol service `key` ("ns/hostname") declares on `port` (`Unknown` if none).
+    pub fn port_protocol(&self, key: &str, port: u16) -> AppProtocol {
+        self.port_protocols
+            .get(key)
+            .and_then(|ps| ps.iter().find(|(p, _)| *p == port))
+            .map_or(AppProtocol::Unknown, |(_, proto)| *proto)
     }
 
     /// A service VIP first, then a workload IP.
@@ -150,6 +163,7 @@ impl State {
     }
 
     pub fn remove_service(&mut self, key: &str) -> bool {
+        self.port_protocols.remove(key);
         let Some(old) = self.services.remove(key) else {
             return false;
         };
@@ -196,7 +210,20 @@ impl State {
     pub fn apply_address(&mut self, a: &pb::Address) -> Result<(), ResourceError> {
         match &a.r#type {
             Some(pb::address::Type::Workload(w)) => self.upsert_workload(Workload::try_from(w)?),
-            Some(pb::address::Type::Service(s)) => self.upsert_service(Service::try_from(s)?),
+            Some(pb::address::Type::Service(s)) => {
+                let service = Service::try_from(s)?;
+                let key = service.key();
+                self.upsert_service(service);
+                let declared: Vec<(u16, AppProtocol)> = s
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((u16::try_from(p.service_port).ok()?, AppProtocol::from(p.app_protocol))))
+                    .filter(|(_, proto)| proto.is_http())
+                    .collect();
+                if !declared.is_empty() {
+                    self.port_protocols.insert(key, declared);
+                }
+            }
             None => return Err(ResourceError::new("address.type", "neither workload nor service set")),
         }
         Ok(())
@@ -254,5 +281,51 @@ impl StateStore {
     /// Fires after every update (used to re-check live connections against new policy).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(ports: &[(u32, i32)]) -> pb::Address {
+        pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                hostname: "web.shop.svc.cluster.local".into(),
+                ports: ports
+                    .iter()
+                    .map(|&(port, app_protocol)| pb::Port {
+                        service_port: port,
+                        target_port: 8080,
+                        app_protocol,
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn declared_port_protocols_follow_the_service() {
+        let key = "shop/web.shop.svc.cluster.local";
+        let mut s = State::default();
+        s.apply_address(&service(&[(80, pb::AppProtocol::Http11 as i32), (5432, 0), (9000, 42)]))
+            .expect("valid service");
+        assert_eq!(s.port_protocol(key, 80), AppProtocol::Http11);
+        assert!(!s.port_protocol(key, 5432).is_http());
+        assert!(
+            s.port_protocol(key, 9000).is_http(),
+            "an unknown protocol is not opaque"
+        );
+        assert!(!s.port_protocol(key, 81).is_http());
+        // An update that no longer declares the port, then removal, forget it.
+        s.apply_address(&service(&[(80, 0)])).expect("valid service");
+        assert!(!s.port_protocol(key, 80).is_http());
+        s.apply_address(&service(&[(80, pb::AppProtocol::Grpc as i32)]))
+            .expect("valid service");
+        assert!(s.remove_service(key));
+        assert!(!s.port_protocol(key, 80).is_http());
     }
 }

@@ -56,6 +56,38 @@ pub struct PortMapping {
     pub target_port: u16,
 }
 
+/// The application protocol a service port declares (`appProtocol`, else the port name's
+/// prefix, as the control plane read it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum AppProtocol {
+    /// Not declared: a proxy may detect the protocol.
+    #[default]
+    Unknown,
+    Http11,
+    Http2,
+    Grpc,
+}
+
+impl AppProtocol {
+    /// Whether the port is declared to carry HTTP (any version, gRPC included).
+    pub fn is_http(self) -> bool {
+        !matches!(self, AppProtocol::Unknown)
+    }
+}
+
+impl From<i32> for AppProtocol {
+    /// A value this version does not know counts as HTTP: a newer control plane declaring a
+    /// protocol must not make a proxy treat the port as opaque bytes.
+    fn from(v: i32) -> Self {
+        match pb::AppProtocol::try_from(v) {
+            Ok(pb::AppProtocol::Unknown) => AppProtocol::Unknown,
+            Ok(pb::AppProtocol::Http11) => AppProtocol::Http11,
+            Ok(pb::AppProtocol::Http2) => AppProtocol::Http2,
+            Ok(pb::AppProtocol::Grpc) | Err(_) => AppProtocol::Grpc,
+        }
+    }
+}
+
 /// Where a waypoint is reached.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum GatewayDestination {

@@ -19,7 +19,7 @@ use mesh_proto::waypoint as wp;
 use rand::Rng;
 use tracing::{debug, info};
 
-use super::rewrite;
+use super::rewrite::{self, UpgradeRequest};
 use super::route::RequestView;
 use crate::policy::authz::{self, Decision, RequestAttrs};
 use crate::store::Snapshot;
@@ -196,6 +196,22 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
     let target = (svc.namespace.as_str(), svc.name.as_str());
 
     let (mut parts, body) = req.into_parts();
+
+    // What only the proxy decides, before anything reads the headers: hop-by-hop headers
+    // (a client's `Connection` list cannot remove what the mesh writes later), headers the
+    // mesh vouches for, and upgrades other than WebSocket.
+    let upgrade = rewrite::upgrade_requested(parts.version, &parts.headers);
+    rewrite::strip_hop_by_hop(&mut parts.headers, upgrade == UpgradeRequest::WebSocket);
+    rewrite::strip_vouched(&mut parts.headers);
+    if let UpgradeRequest::Refused(protocol) = upgrade {
+        out.reason = format!("upgrade to {protocol:?} not forwarded");
+    }
+    if parts.method == Method::CONNECT {
+        // A tunnel inside the tunnel would carry bytes no policy sees.
+        wp.metrics.reject("connect_method");
+        out.reason = "CONNECT is not proxied".to_owned();
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+    }
 
     // Authentication: a token that is present must be valid.
     let principal = match snapshot.authenticator(gateway, target, &wp.jwks) {
@@ -412,7 +428,8 @@ async fn forward(
     );
     let candidates = upstream::candidates(&state, &service, subset);
 
-    let upgrade = parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
+    // Checked again: a route's header rewrite runs after the first check.
+    let upgrade = rewrite::upgrade_requested(parts.version, &parts.headers) == UpgradeRequest::WebSocket;
     let http2 = parts.version == Version::HTTP_2;
     rewrite::strip_hop_by_hop(&mut parts.headers, upgrade);
     if let Ok(v) = HeaderValue::from_str(&host) {
@@ -536,6 +553,11 @@ async fn forward(
                         continue;
                     }
                 }
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && !(downstream_upgrade.is_some() && rewrite::upgrade_confirmed(resp.headers()))
+                {
+                    return refuse_switch(wp, &resp, out);
+                }
                 if let (Some(down_up), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
                     let up = hyper::upgrade::on(&mut resp);
                     tokio::spawn(async move {
@@ -587,6 +609,26 @@ async fn forward(
         }
     }
     last.unwrap_or_else(|| reply(StatusCode::SERVICE_UNAVAILABLE, "upstream request failed"))
+}
+
+/// A 101 the client did not ask for (another protocol, or no upgrade at all): 502, and the
+/// client's connection closes so nothing is sent after it.
+fn refuse_switch(wp: &Waypoint, resp: &Response<Incoming>, out: &mut Outcome) -> Response<Body> {
+    let to = resp
+        .headers()
+        .get(header::UPGRADE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    wp.metrics.reject("bad_upgrade");
+    out.flags = "UPE";
+    out.reason = format!("upstream switched protocols to {to:?}, which was not requested");
+    let mut r = reply(
+        StatusCode::BAD_GATEWAY,
+        "upstream switched to a protocol that was not requested",
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// Sends a copy of a request to a mirror backend and drops the answer.

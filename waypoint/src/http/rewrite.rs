@@ -1,8 +1,10 @@
 //! Request and response edits a route asks for: header modifiers, URL rewrites, redirects,
-//! and removing hop-by-hop headers before a message crosses the proxy.
+//! and removing hop-by-hop headers before a message crosses the proxy. Also what a client may
+//! not decide for itself: which protocol upgrades pass (WebSocket only), and the headers the
+//! mesh vouches for, which never come from the client.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, Uri};
+use http::{StatusCode, Uri, Version};
 use mesh_proto::waypoint as wp;
 
 /// Applies set/add/remove; names or values that are not valid HTTP are skipped (the
@@ -39,8 +41,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
-/// Drops hop-by-hop headers (and those `Connection` names); keeps `Upgrade` and
-/// `Connection: upgrade` when the message is an upgrade, and `te: trailers` (gRPC needs it).
+/// Drops hop-by-hop headers (and those `Connection` names), and keeps `te: trailers` (gRPC
+/// needs it). For a WebSocket upgrade (`upgrade`), the message then carries exactly
+/// `Connection: upgrade` and `Upgrade: websocket`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -48,19 +51,86 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == header::UPGRADE))
         .collect();
     for n in named {
         h.remove(n);
     }
     for n in HOP_BY_HOP.iter() {
-        if upgrade && (*n == header::UPGRADE || *n == header::CONNECTION) {
-            continue;
-        }
         h.remove(n);
     }
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static(WEBSOCKET));
+    }
+}
+
+/// The only protocol a client may switch to through the waypoint. After a 101 the bytes are
+/// no longer requests the waypoint decides, so only a protocol whose frames a backend cannot
+/// read as new requests may pass: never `h2c` (HTTP/2 after the switch), nothing unknown.
+const WEBSOCKET: &str = "websocket";
+
+/// What a request asks to switch to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpgradeRequest {
+    None,
+    WebSocket,
+    /// An upgrade the waypoint does not forward (the request goes on without it).
+    Refused(String),
+}
+
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Reads a request's `Upgrade`: a WebSocket upgrade needs HTTP/1.1, one `Upgrade` value
+/// `websocket` and `Connection: upgrade`; any other `Upgrade` is refused.
+pub fn upgrade_requested(version: Version, h: &HeaderMap) -> UpgradeRequest {
+    let values: Vec<&HeaderValue> = h.get_all(header::UPGRADE).iter().collect();
+    match values.as_slice() {
+        [] => UpgradeRequest::None,
+        [one]
+            if version == Version::HTTP_11
+                && one.as_bytes().trim_ascii().eq_ignore_ascii_case(WEBSOCKET.as_bytes())
+                && has_token(h, header::CONNECTION, "upgrade") =>
+        {
+            UpgradeRequest::WebSocket
+        }
+        _ => UpgradeRequest::Refused(
+            values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+    }
+}
+
+/// Whether a 101 answer switches to the protocol that was requested (WebSocket).
+pub fn upgrade_confirmed(response: &HeaderMap) -> bool {
+    let values: Vec<&HeaderValue> = response.get_all(header::UPGRADE).iter().collect();
+    matches!(values.as_slice(), [one] if one.as_bytes().trim_ascii().eq_ignore_ascii_case(WEBSOCKET.as_bytes()))
+}
+
+/// Headers only the mesh may write: a client's copy is dropped from every request. The
+/// RequestAuthentication outputs (`outputClaimToHeaders`, `outputPayloadToHeader`) are
+/// dropped by the authenticator of the service that declares them.
+const VOUCHED: [&str; 3] = [
+    "x-forwarded-client-cert",
+    "x-envoy-peer-metadata",
+    "x-envoy-peer-metadata-id",
+];
+
+/// Removes the headers in [`VOUCHED`].
+pub fn strip_vouched(h: &mut HeaderMap) {
+    for n in VOUCHED {
+        h.remove(n);
     }
 }
 
@@ -148,7 +218,56 @@ mod tests {
         let mut plain = h.clone();
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::TE) && !h.contains_key("x-private"));
+        assert_eq!(h.get(header::CONNECTION).map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
         strip_hop_by_hop(&mut plain, false);
         assert!(!plain.contains_key(header::UPGRADE) && !plain.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn a_connection_token_cannot_remove_what_the_mesh_writes_later() {
+        // Stripping runs before authentication adds its headers, and once stripped a
+        // WebSocket request names only `upgrade`: a second pass removes nothing else.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "upgrade, x-jwt-group".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        h.insert("x-jwt-group", "admins".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("x-jwt-group"));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_pass() {
+        let req = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let v11 = Version::HTTP_11;
+        let ws = req(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]);
+        assert_eq!(upgrade_requested(v11, &ws), UpgradeRequest::WebSocket);
+        assert_eq!(upgrade_requested(v11, &req(&[])), UpgradeRequest::None);
+        let cases = [
+            req(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")]),
+            req(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]),
+            req(&[("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "h2c")]),
+            req(&[("upgrade", "websocket")]),
+            req(&[("connection", "upgrade"), ("upgrade", "foo/1")]),
+        ];
+        for h in &cases {
+            assert!(matches!(upgrade_requested(v11, h), UpgradeRequest::Refused(_)), "{h:?}");
+        }
+        assert!(matches!(
+            upgrade_requested(Version::HTTP_10, &ws),
+            UpgradeRequest::Refused(_)
+        ));
+        assert!(upgrade_confirmed(&req(&[("upgrade", "websocket")])));
+        assert!(!upgrade_confirmed(&req(&[("upgrade", "h2c")])));
+        assert!(!upgrade_confirmed(&req(&[])));
+        let mut h = req(&[("x-forwarded-client-cert", "By=x"), ("x-envoy-peer-metadata-id", "y")]);
+        strip_vouched(&mut h);
+        assert!(h.is_empty());
     }
 }

@@ -2,6 +2,10 @@
 //! client's SPIFFE identity: any matching DENY denies; if ALLOW policies apply, one must
 //! match; AUDIT never changes the decision. An unknown condition key makes a DENY rule match
 //! and an ALLOW rule miss, so a mistake never opens access.
+//!
+//! A connection proxied as opaque TCP has no method, path, host, headers or request
+//! principal. Istio's rule for it, kept here: a DENY rule's HTTP-only fields are ignored (the
+//! rule denies more, never less), and an ALLOW rule with HTTP-only fields allows nothing.
 
 use std::net::IpAddr;
 
@@ -23,6 +27,29 @@ pub struct RequestAttrs<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+}
+
+/// What policies see of a connection proxied as opaque TCP.
+pub struct ConnectionAttrs<'a> {
+    /// SPIFFE identity without the scheme: `td/ns/x/sa/y`.
+    pub source_principal: &'a str,
+    pub source_namespace: &'a str,
+    pub source_ip: IpAddr,
+    pub port: u16,
+}
+
+/// Whether the HTTP-only parts of a rule can be evaluated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    Http,
+    /// Opaque TCP: HTTP-only fields are ignored in DENY rules and make ALLOW rules miss.
+    Tcp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Allow,
+    Deny,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +89,7 @@ fn field(positive: &[String], negative: &[String], matches: impl Fn(&[String]) -
     (positive.is_empty() || matches(positive)) && (negative.is_empty() || !matches(negative))
 }
 
-fn source_matches(s: &wp::Source, r: &RequestAttrs<'_>) -> bool {
+fn source_matches(s: &wp::Source, r: &RequestAttrs<'_>, traffic: Traffic) -> bool {
     let principal = r.source_principal;
     let req_principal = r.request_principal.map(|p| p.principal());
     field(&s.principals, &s.not_principals, |ps| any_wildcard(ps, principal))
@@ -73,9 +100,10 @@ fn source_matches(s: &wp::Source, r: &RequestAttrs<'_>) -> bool {
         && field(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |b| {
             in_blocks(b, r.source_ip)
         })
-        && field(&s.request_principals, &s.not_request_principals, |ps| {
-            req_principal.as_deref().is_some_and(|p| any_wildcard(ps, p))
-        })
+        && (traffic == Traffic::Tcp
+            || field(&s.request_principals, &s.not_request_principals, |ps| {
+                req_principal.as_deref().is_some_and(|p| any_wildcard(ps, p))
+            }))
 }
 
 fn host_matches(patterns: &[String], host: &str) -> bool {
@@ -88,13 +116,49 @@ fn host_matches(patterns: &[String], host: &str) -> bool {
     })
 }
 
-fn operation_matches(o: &wp::Operation, r: &RequestAttrs<'_>) -> bool {
+fn operation_matches(o: &wp::Operation, r: &RequestAttrs<'_>, traffic: Traffic) -> bool {
     let port_in = |ports: &[u32]| ports.contains(&u32::from(r.port));
     (o.ports.is_empty() || port_in(&o.ports))
         && (o.not_ports.is_empty() || !port_in(&o.not_ports))
-        && field(&o.hosts, &o.not_hosts, |h| host_matches(h, r.host))
-        && field(&o.methods, &o.not_methods, |m| any_wildcard(m, r.method))
-        && field(&o.paths, &o.not_paths, |p| any_wildcard(p, r.path))
+        && (traffic == Traffic::Tcp
+            || (field(&o.hosts, &o.not_hosts, |h| host_matches(h, r.host))
+                && field(&o.methods, &o.not_methods, |m| any_wildcard(m, r.method))
+                && field(&o.paths, &o.not_paths, |p| any_wildcard(p, r.path))))
+}
+
+/// Condition keys about the HTTP request (headers, JWT claims and principal).
+fn http_only_key(key: &str) -> bool {
+    key.starts_with("request.")
+}
+
+/// Whether a rule uses a field only HTTP requests have.
+fn uses_http_fields(rule: &wp::Rule) -> bool {
+    rule.from
+        .iter()
+        .any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
+        || rule.to.iter().any(|o| {
+            [
+                &o.hosts,
+                &o.not_hosts,
+                &o.methods,
+                &o.not_methods,
+                &o.paths,
+                &o.not_paths,
+            ]
+            .iter()
+            .any(|f| !f.is_empty())
+        })
+        || rule.when.iter().any(|c| http_only_key(&c.key))
+}
+
+/// Whether a policy can only be enforced on HTTP: request authentication, or authorization
+/// with HTTP-only fields. A service such a policy applies to is never proxied as opaque TCP.
+pub fn needs_http(p: &wp::Policy) -> bool {
+    match &p.kind {
+        Some(wp::policy::Kind::Jwt(_)) => true,
+        Some(wp::policy::Kind::Authorization(a)) => a.rules.iter().any(uses_http_fields),
+        None => false,
+    }
 }
 
 /// The values a condition key has for this request; `None` for a key we do not know.
@@ -131,7 +195,10 @@ fn condition_values(key: &str, r: &RequestAttrs<'_>) -> Option<Vec<String>> {
     }
 }
 
-fn condition_matches(c: &wp::Condition, r: &RequestAttrs<'_>, unknown: bool) -> bool {
+fn condition_matches(c: &wp::Condition, r: &RequestAttrs<'_>, unknown: bool, traffic: Traffic) -> bool {
+    if traffic == Traffic::Tcp && http_only_key(&c.key) {
+        return true;
+    }
     let Some(values) = condition_values(&c.key, r) else {
         return unknown;
     };
@@ -145,14 +212,41 @@ fn condition_matches(c: &wp::Condition, r: &RequestAttrs<'_>, unknown: bool) -> 
     (c.values.is_empty() || hit(&c.values)) && (c.not_values.is_empty() || !hit(&c.not_values))
 }
 
-fn rule_matches(rule: &wp::Rule, r: &RequestAttrs<'_>, unknown: bool) -> bool {
-    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, r)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, r)))
-        && rule.when.iter().all(|c| condition_matches(c, r, unknown))
+/// Whether `rule` matches. An unknown condition key matches in a DENY rule and misses in an
+/// ALLOW rule; on TCP, an ALLOW rule with HTTP-only fields misses.
+fn rule_matches(rule: &wp::Rule, r: &RequestAttrs<'_>, effect: Effect, traffic: Traffic) -> bool {
+    if traffic == Traffic::Tcp && effect == Effect::Allow && uses_http_fields(rule) {
+        return false;
+    }
+    let unknown = effect == Effect::Deny;
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, r, traffic)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, r, traffic)))
+        && rule.when.iter().all(|c| condition_matches(c, r, unknown, traffic))
 }
 
 /// Decides a request under the authorization policies that apply to it.
 pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &RequestAttrs<'_>) -> Decision {
+    decide(policies, r, Traffic::Http)
+}
+
+/// Decides a connection proxied as opaque TCP under the policies that apply to it.
+pub fn evaluate_tcp<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, c: &ConnectionAttrs<'_>) -> Decision {
+    let headers = HeaderMap::new();
+    let r = RequestAttrs {
+        source_principal: c.source_principal,
+        source_namespace: c.source_namespace,
+        source_ip: c.source_ip,
+        request_principal: None,
+        host: "",
+        port: c.port,
+        method: "",
+        path: "",
+        headers: &headers,
+    };
+    decide(policies, &r, Traffic::Tcp)
+}
+
+fn decide<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &RequestAttrs<'_>, traffic: Traffic) -> Decision {
     let mut allows = Vec::new();
     for p in policies {
         let Some(wp::policy::Kind::Authorization(a)) = &p.kind else {
@@ -160,7 +254,7 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &Requ
         };
         match wp::Action::try_from(a.action) {
             Ok(wp::Action::Deny) => {
-                if a.rules.iter().any(|rule| rule_matches(rule, r, true)) {
+                if a.rules.iter().any(|rule| rule_matches(rule, r, Effect::Deny, traffic)) {
                     return Decision::Deny(format!("denied by {}/{}", p.namespace, p.name));
                 }
             }
@@ -173,7 +267,7 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &Requ
     if allows.is_empty()
         || allows
             .iter()
-            .any(|a| a.rules.iter().any(|rule| rule_matches(rule, r, false)))
+            .any(|a| a.rules.iter().any(|rule| rule_matches(rule, r, Effect::Allow, traffic)))
     {
         Decision::Allow
     } else {
@@ -317,5 +411,165 @@ mod tests {
             evaluate(&p, &attrs("td/ns/other/sa/x", "GET", "/", &h)),
             Decision::Allow
         );
+    }
+
+    fn tcp(principal: &str) -> ConnectionAttrs<'_> {
+        ConnectionAttrs {
+            source_principal: principal,
+            source_namespace: principal.split('/').nth(2).unwrap_or(""),
+            source_ip: "10.0.0.1".parse().unwrap(),
+            port: 8080,
+        }
+    }
+
+    fn to(op: wp::Operation) -> wp::Rule {
+        wp::Rule {
+            to: vec![op],
+            ..Default::default()
+        }
+    }
+
+    fn when(key: &str, values: &[&str]) -> wp::Rule {
+        wp::Rule {
+            when: vec![wp::Condition {
+                key: key.into(),
+                values: values.iter().map(|v| (*v).to_owned()).collect(),
+                not_values: vec![],
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn from_ns(ns: &str) -> wp::Source {
+        wp::Source {
+            namespaces: vec![ns.into()],
+            ..Default::default()
+        }
+    }
+
+    /// Istio's rule for traffic that is not HTTP, one policy per row: (policy, the decision
+    /// for a TCP connection from `shop`, and whether the policy forces HTTP).
+    #[test]
+    fn tcp_ignores_http_fields_in_deny_and_they_allow_nothing() {
+        let paths = |p: &str| wp::Operation {
+            paths: vec![p.into()],
+            ..Default::default()
+        };
+        let methods = wp::Operation {
+            methods: vec!["GET".into()],
+            ..Default::default()
+        };
+        let hosts = wp::Operation {
+            hosts: vec!["admin.example".into()],
+            ..Default::default()
+        };
+        let port = |p: u32| wp::Operation {
+            ports: vec![p],
+            ..Default::default()
+        };
+        let request_principals = wp::Rule {
+            from: vec![wp::Source {
+                request_principals: vec!["*".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let deny_other_ns_paths = wp::Rule {
+            from: vec![from_ns("other")],
+            to: vec![paths("/admin*")],
+            when: vec![],
+        };
+        let allow_mixed = vec![
+            to(paths("/public*")),
+            wp::Rule {
+                from: vec![from_ns("shop")],
+                ..Default::default()
+            },
+        ];
+        use wp::Action::{Allow, Deny};
+        let rows: Vec<(&str, wp::Policy, bool, bool)> = vec![
+            ("DENY paths", policy(Deny, vec![to(paths("/admin*"))]), false, true),
+            ("DENY methods", policy(Deny, vec![to(methods.clone())]), false, true),
+            ("DENY hosts", policy(Deny, vec![to(hosts.clone())]), false, true),
+            (
+                "DENY requestPrincipals",
+                policy(Deny, vec![request_principals.clone()]),
+                false,
+                true,
+            ),
+            (
+                "DENY request.headers",
+                policy(Deny, vec![when("request.headers[x-a]", &["1"])]),
+                false,
+                true,
+            ),
+            (
+                "DENY request.auth.claims",
+                policy(Deny, vec![when("request.auth.claims[group]", &["x"])]),
+                false,
+                true,
+            ),
+            // The L4 part of a DENY rule still has to match.
+            (
+                "DENY paths from another ns",
+                policy(Deny, vec![deny_other_ns_paths]),
+                true,
+                true,
+            ),
+            ("DENY port 9090", policy(Deny, vec![to(port(9090))]), true, false),
+            ("DENY port 8080", policy(Deny, vec![to(port(8080))]), false, false),
+            ("ALLOW paths", policy(Allow, vec![to(paths("/*"))]), false, true),
+            ("ALLOW methods", policy(Allow, vec![to(methods)]), false, true),
+            ("ALLOW hosts", policy(Allow, vec![to(hosts)]), false, true),
+            (
+                "ALLOW requestPrincipals",
+                policy(Allow, vec![request_principals]),
+                false,
+                true,
+            ),
+            (
+                "ALLOW request.headers",
+                policy(Allow, vec![when("request.headers[x-a]", &["1"])]),
+                false,
+                true,
+            ),
+            (
+                "ALLOW source.namespace",
+                policy(Allow, vec![when("source.namespace", &["shop"])]),
+                true,
+                false,
+            ),
+            (
+                "ALLOW from shop",
+                policy(
+                    Allow,
+                    vec![wp::Rule {
+                        from: vec![from_ns("shop")],
+                        ..Default::default()
+                    }],
+                ),
+                true,
+                false,
+            ),
+            // One L4 rule is enough; the HTTP-only rule beside it allows nothing on TCP.
+            ("ALLOW mixed", policy(Allow, allow_mixed), true, true),
+        ];
+        let headers = HeaderMap::new();
+        for (name, p, allowed, http) in rows {
+            let one = [p];
+            let decision = evaluate_tcp(&one, &tcp("td/ns/shop/sa/client"));
+            assert_eq!(decision == Decision::Allow, allowed, "{name}: {decision:?}");
+            assert_eq!(needs_http(&one[0]), http, "{name}: needs_http");
+            // On HTTP a request the HTTP-only fields do not name is decided by them.
+            if name == "DENY paths" {
+                let a = attrs("td/ns/shop/sa/client", "GET", "/", &headers);
+                assert_eq!(evaluate(&one, &a), Decision::Allow);
+            }
+        }
+        let jwt = wp::Policy {
+            kind: Some(wp::policy::Kind::Jwt(wp::JwtAuthentication::default())),
+            ..payments()
+        };
+        assert!(needs_http(&jwt), "RequestAuthentication needs HTTP");
     }
 }
