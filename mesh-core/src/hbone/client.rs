@@ -15,6 +15,7 @@ use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use tracing::{debug, warn};
 
+use super::buffer::{LazyBuffered, AUTHENTICATED_READ_BUFFER};
 use super::stream::{H2Stream, StreamGuard};
 use super::{HboneError, Settings};
 use crate::identity::{CertManager, Identity};
@@ -219,17 +220,21 @@ impl HbonePool {
         let tcp = tokio::time::timeout(s.connect_timeout, sock.connect(key.dst))
             .await
             .map_err(|_| HboneError::Timeout("TCP connect", s.connect_timeout))??;
-        let tls = tokio::time::timeout(
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let mut tls = tokio::time::timeout(
             s.handshake_timeout,
-            tokio_rustls::TlsConnector::from(config).connect(tls::placeholder_server_name(), super::buffered(tcp)),
+            connector.connect(tls::placeholder_server_name(), LazyBuffered::new(tcp)),
         )
         .await
         .map_err(|_| HboneError::Timeout("TLS handshake", s.handshake_timeout))?
         .map_err(HboneError::Tls)?;
+        tls.get_mut().0.grow(AUTHENTICATED_READ_BUFFER);
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
+            .max_header_list_size(super::server::MAX_HEADER_LIST)
+            .max_send_buffer_size(super::server::MAX_SEND_BUFFER)
             .handshake(tls)
             .await?;
         let ping = connection.ping_pong();

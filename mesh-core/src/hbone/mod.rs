@@ -4,24 +4,22 @@
 //! - [`client`]: the connection pool that opens CONNECT streams to a destination.
 //! - [`stream`]: the stream type and the zero-extra-copy splice to a TCP socket.
 
+pub mod buffer;
 pub mod client;
+pub mod limits;
 pub mod server;
 pub mod stream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{HbonePool, PoolKey, TunnelRequest};
+pub use limits::{Limit, LimitConfig, LimitObserver, ServerLimits};
 pub use server::{serve_connection, InboundConnect};
 pub use stream::{H2Io, H2Stream, Transferred};
 
 /// Port HBONE listens on.
 pub const HBONE_PORT: u16 = 15008;
-
-/// rustls pulls at most 4 KiB per read from its transport, which would cost four syscalls per
-/// full TLS record; a user-space buffer below it turns that into one read per 64 KiB.
-pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
-    tokio::io::BufReader::with_capacity(64 * 1024, tcp)
-}
 
 /// Transport settings shared by client and server.
 #[derive(Clone, Debug)]
@@ -39,9 +37,12 @@ pub struct Settings {
     /// Pooled connections without streams are closed after this long.
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Server: TLS handshake and HTTP/2 preface together. Client: TLS handshake.
     pub handshake_timeout: Duration,
     /// PING interval on pooled connections; a PING unanswered for as long evicts it.
     pub keepalive: Duration,
+    /// Server: what peers may hold, shared by every connection served with these settings.
+    pub limits: Arc<ServerLimits>,
 }
 
 impl Default for Settings {
@@ -56,6 +57,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(10),
+            limits: Arc::default(),
         }
     }
 }
@@ -71,6 +73,8 @@ pub enum HboneError {
     TlsConfig(#[from] crate::tls::TlsError),
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+    #[error("refused: {0}")]
+    Limited(Limit),
     #[error("{0} timed out after {1:?}")]
     Timeout(&'static str, Duration),
     #[error("peer presented no certificate with a SPIFFE identity")]

@@ -1,22 +1,57 @@
 //! The HBONE server: accepts mutual TLS (TLS 1.3, ALPN h2), requires a peer certificate with a
 //! SPIFFE identity, and hands every HTTP/2 CONNECT stream to a handler that decides its fate.
 //! Requests that are not CONNECT get 405; an authority that is not `ip:port` gets 400.
+//!
+//! What an unauthenticated or hostile peer can hold is bounded ([`super::limits`]): connections
+//! still in TLS or the HTTP/2 preface (count per source and in total, one deadline for both, no
+//! read buffer until authenticated), header block size, per-stream send buffers, streams per
+//! peer identity, and streams reset before their answer (the connection gets GOAWAY).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
+use super::buffer::{LazyBuffered, AUTHENTICATED_READ_BUFFER};
+use super::limits::{Limit, PeerStreamSlot, ResetWindow, ServerLimits};
 use super::stream::H2Stream;
 use super::{HboneError, Settings};
 use crate::identity::{identity_of, Identity};
+
+/// Largest header block a peer may send on one request (HBONE needs a few hundred bytes).
+pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Data h2 may queue per stream towards a peer that does not read.
+pub(crate) const MAX_SEND_BUFFER: usize = 256 * 1024;
+
+/// What the streams of one connection share: the reset count that can end it.
+struct ConnShared {
+    resets: Mutex<ResetWindow>,
+    flooded: CancellationToken,
+    limits: Arc<ServerLimits>,
+}
+
+impl ConnShared {
+    fn record_reset(&self) {
+        let over = self
+            .resets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&self.limits.config);
+        if over && !self.flooded.is_cancelled() {
+            self.limits.hit(Limit::ResetFlood);
+            self.flooded.cancel();
+        }
+    }
+}
 
 /// A CONNECT request waiting for an answer.
 pub struct InboundConnect {
@@ -31,6 +66,8 @@ pub struct InboundConnect {
     pub local_addr: SocketAddr,
     respond: SendResponse<Bytes>,
     recv: RecvStream,
+    slot: PeerStreamSlot,
+    conn: Arc<ConnShared>,
 }
 
 impl InboundConnect {
@@ -48,8 +85,25 @@ impl InboundConnect {
         Ok(H2Stream {
             send,
             recv: self.recv,
-            _guard: None,
+            _guard: Some(Box::new(self.slot)),
         })
+    }
+
+    /// Runs `work` (say, connecting to the application) unless the client resets the stream
+    /// first; then `work` is dropped unfinished and `None` returned. A stream the client
+    /// abandoned never gets an upstream connection, and its reset counts towards the
+    /// connection's reset limit.
+    pub async fn unless_reset<F: Future>(&mut self, work: F) -> Option<F::Output> {
+        let respond = &mut self.respond;
+        let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        tokio::select! {
+            biased;
+            _ = reset => {
+                self.conn.record_reset();
+                None
+            }
+            done = work => Some(done),
+        }
     }
 
     /// The client address from the `forwarded: for=` header, if present and well formed.
@@ -90,11 +144,52 @@ where
 {
     let peer_addr = tcp.peer_addr()?;
     let local_addr = tcp.local_addr()?;
+    let limits = settings.limits.clone();
+    let (conn, peer_identity) = {
+        let _pending = limits.admit(peer_addr.ip()).map_err(HboneError::Limited)?;
+        // Until the peer sends its first bytes it costs this small future and its socket; the
+        // TLS state (several KiB) is allocated only then.
+        let authenticate = async {
+            // `readable` may wake without data (a spurious readiness); peeking waits for a byte.
+            tcp.peek(&mut [0u8; 1]).await?;
+            Box::pin(authenticate(tcp, tls, settings)).await
+        };
+        match tokio::time::timeout(settings.handshake_timeout, authenticate).await {
+            Ok(done) => done?,
+            Err(_) => {
+                limits.hit(Limit::HandshakeTimeout);
+                return Err(HboneError::Timeout(
+                    "TLS handshake and HTTP/2 preface",
+                    settings.handshake_timeout,
+                ));
+            }
+        }
+    };
+    let shared = Arc::new(ConnShared {
+        resets: Mutex::new(ResetWindow::new()),
+        flooded: CancellationToken::new(),
+        limits,
+    });
+    let peer = Peer {
+        identity: peer_identity,
+        addr: peer_addr,
+        local: local_addr,
+    };
+    // Boxed: the stream loop's state (h2 and TLS, several KiB) exists only once authenticated.
+    Box::pin(serve_streams(conn, &peer, &shared, drain, handler)).await
+}
+
+type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<LazyBuffered<TcpStream>>, Bytes>;
+
+/// TLS with a SPIFFE identity, then the HTTP/2 preface: everything a peer must do before it
+/// holds more than a socket. The read buffer appears only once TLS proved who the peer is.
+async fn authenticate(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    settings: &Settings,
+) -> Result<(ServerConn, Identity), HboneError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let tls = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(super::buffered(tcp)))
-        .await
-        .map_err(|_| HboneError::Timeout("TLS handshake", settings.handshake_timeout))?
-        .map_err(HboneError::Tls)?;
+    let mut tls = acceptor.accept(LazyBuffered::new(tcp)).await.map_err(HboneError::Tls)?;
     let peer_identity = {
         let (_, conn) = tls.get_ref();
         let leaf = conn
@@ -103,14 +198,40 @@ where
             .ok_or(HboneError::NoPeerIdentity)?;
         identity_of(leaf).map_err(|_| HboneError::NoPeerIdentity)?
     };
-    let mut conn = h2::server::Builder::new()
+    tls.get_mut().0.grow(AUTHENTICATED_READ_BUFFER);
+    let conn = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
         .max_concurrent_streams(settings.server_max_streams)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
         .handshake(tls)
         .await?;
+    Ok((conn, peer_identity))
+}
+
+/// Who is on the other end of a connection.
+struct Peer {
+    identity: Identity,
+    addr: SocketAddr,
+    local: SocketAddr,
+}
+
+/// Accepts the streams of an authenticated connection until it closes.
+async fn serve_streams<F, Fut>(
+    mut conn: ServerConn,
+    peer: &Peer,
+    shared: &Arc<ConnShared>,
+    drain: CancellationToken,
+    handler: F,
+) -> Result<(), HboneError>
+where
+    F: Fn(InboundConnect) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut draining = false;
+    let mut flooded = false;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -119,34 +240,44 @@ where
                 conn.graceful_shutdown();
                 continue;
             }
+            _ = shared.flooded.cancelled(), if !flooded => {
+                flooded = true;
+                debug!(peer = %peer.addr, "too many streams reset before their answer; closing the connection");
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                continue;
+            }
         };
         let Some(next) = next else { return Ok(()) };
         let (req, mut respond) = match next {
             Ok(r) => r,
             Err(e) if e.is_go_away() || e.is_io() => return Ok(()),
-            Err(e) => {
-                warn!(peer = %peer_addr, error = %e, "HBONE stream error");
-                continue;
-            }
+            Err(e) => return Err(HboneError::H2(e)),
         };
         let dst = match precheck(&req) {
             Ok(d) => d,
             Err(status) => {
-                debug!(peer = %peer_addr, method = %req.method(), uri = %req.uri(), %status, "malformed HBONE request");
+                debug!(peer = %peer.addr, method = %req.method(), uri = %req.uri(), %status, "malformed HBONE request");
                 let resp = Response::builder().status(status).body(()).unwrap_or_default();
                 let _ = respond.send_response(resp, true);
                 continue;
             }
         };
+        let Some(slot) = shared.limits.stream(&peer.identity) else {
+            debug!(peer = %peer.addr, identity = %peer.identity, "peer holds its maximum of streams; refusing another");
+            respond.send_reset(Reason::REFUSED_STREAM);
+            continue;
+        };
         let (parts, recv) = req.into_parts();
         let connect = InboundConnect {
             dst,
             headers: parts.headers,
-            peer_identity: peer_identity.clone(),
-            peer_addr,
-            local_addr,
+            peer_identity: peer.identity.clone(),
+            peer_addr: peer.addr,
+            local_addr: peer.local,
             respond,
             recv,
+            slot,
+            conn: shared.clone(),
         };
         tokio::spawn(handler(connect));
     }

@@ -1,0 +1,315 @@
+//! What a peer can make an HBONE server hold, and the bounds on it. One [`ServerLimits`] is
+//! shared by every connection of a server (all pods of a node ztunnel, or a waypoint):
+//!
+//! - connections that have not finished TLS and the HTTP/2 preface, in total and per source
+//!   address, so a flood of idle or slow sockets cannot exhaust memory or starve real clients;
+//! - concurrent CONNECT streams per peer identity, across all its connections, since each
+//!   stream can pin flow-control windows and send buffers;
+//! - streams a peer resets before they were answered (rapid reset), per connection.
+//!
+//! Every time a bound bites, the observer is told which one, so binaries count it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::identity::Identity;
+
+/// The bounds, with defaults sized for a node proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitConfig {
+    /// Connections still in TLS or HTTP/2 preface, all sources together.
+    pub max_pending: u32,
+    /// Connections still in TLS or HTTP/2 preface from one source address.
+    pub max_pending_per_source: u32,
+    /// Concurrent CONNECT streams of one peer identity across its connections.
+    pub max_streams_per_peer: u32,
+    /// Streams a peer may reset before answer within [`reset_window`](Self::reset_window) on one
+    /// connection before the connection is closed with GOAWAY (ENHANCE_YOUR_CALM).
+    pub max_resets: u32,
+    pub reset_window: Duration,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        LimitConfig {
+            max_pending: 4096,
+            max_pending_per_source: 256,
+            max_streams_per_peer: 1024,
+            max_resets: 100,
+            reset_window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which bound bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Limit {
+    PendingConnections,
+    PendingPerSource,
+    StreamsPerPeer,
+    ResetFlood,
+    HandshakeTimeout,
+    PrefaceTimeout,
+}
+
+impl Limit {
+    /// The label value binaries count it under.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::PendingConnections => "pending_connections_limit",
+            Limit::PendingPerSource => "pending_per_source_limit",
+            Limit::StreamsPerPeer => "streams_per_peer_limit",
+            Limit::ResetFlood => "reset_flood",
+            Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::PrefaceTimeout => "preface_timeout",
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Called each time a bound bites.
+pub type LimitObserver = Arc<dyn Fn(Limit) + Send + Sync>;
+
+#[derive(Default)]
+struct Counts {
+    pending_total: u32,
+    pending: HashMap<IpAddr, u32>,
+    streams: HashMap<Identity, u32>,
+}
+
+/// Shared accounting for one HBONE server.
+pub struct ServerLimits {
+    pub config: LimitConfig,
+    counts: Mutex<Counts>,
+    observer: Option<LimitObserver>,
+}
+
+impl fmt::Debug for ServerLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerLimits")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits::new(LimitConfig::default(), None)
+    }
+}
+
+impl ServerLimits {
+    pub fn new(config: LimitConfig, observer: Option<LimitObserver>) -> Self {
+        ServerLimits {
+            config,
+            counts: Mutex::default(),
+            observer,
+        }
+    }
+
+    /// Reports a bound that bit.
+    pub fn hit(&self, limit: Limit) {
+        if let Some(o) = &self.observer {
+            o(limit);
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // The counts stay consistent even if a holder panicked: every update is one statement.
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a new, not yet authenticated connection from `source`, or says which bound
+    /// refuses it. The slot is released when the guard drops.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<PendingGuard, Limit> {
+        let mut c = self.counts();
+        let refused = if c.pending_total >= self.config.max_pending {
+            Some(Limit::PendingConnections)
+        } else if c.pending.get(&source).copied().unwrap_or(0) >= self.config.max_pending_per_source {
+            Some(Limit::PendingPerSource)
+        } else {
+            None
+        };
+        if let Some(limit) = refused {
+            drop(c);
+            self.hit(limit);
+            return Err(limit);
+        }
+        c.pending_total += 1;
+        *c.pending.entry(source).or_insert(0) += 1;
+        Ok(PendingGuard {
+            limits: self.clone(),
+            source,
+        })
+    }
+
+    /// Takes one stream slot for `peer`, or `None` when it already holds its maximum.
+    pub fn stream(self: &Arc<Self>, peer: &Identity) -> Option<PeerStreamSlot> {
+        let mut c = self.counts();
+        let held = c.streams.get(peer).copied().unwrap_or(0);
+        if held >= self.config.max_streams_per_peer {
+            drop(c);
+            self.hit(Limit::StreamsPerPeer);
+            return None;
+        }
+        c.streams.insert(peer.clone(), held + 1);
+        Some(PeerStreamSlot {
+            limits: self.clone(),
+            peer: peer.clone(),
+        })
+    }
+
+    /// Connections still pending and streams held by `peer` (for tests and debugging).
+    pub fn usage(&self, peer: &Identity) -> (u32, u32) {
+        let c = self.counts();
+        (c.pending_total, c.streams.get(peer).copied().unwrap_or(0))
+    }
+}
+
+/// A pending connection's slot.
+pub struct PendingGuard {
+    limits: Arc<ServerLimits>,
+    source: IpAddr,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut c = self.limits.counts();
+        c.pending_total = c.pending_total.saturating_sub(1);
+        if let Some(n) = c.pending.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                c.pending.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// A stream's slot in its peer's count; released when the stream's handler is done.
+pub struct PeerStreamSlot {
+    limits: Arc<ServerLimits>,
+    peer: Identity,
+}
+
+impl super::stream::StreamGuard for PeerStreamSlot {}
+
+impl Drop for PeerStreamSlot {
+    fn drop(&mut self) {
+        let mut c = self.limits.counts();
+        if let Some(n) = c.streams.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                c.streams.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Resets counted over a sliding window on one connection.
+#[derive(Debug)]
+pub(crate) struct ResetWindow {
+    started: tokio::time::Instant,
+    count: u32,
+}
+
+impl ResetWindow {
+    pub(crate) fn new() -> Self {
+        ResetWindow {
+            started: tokio::time::Instant::now(),
+            count: 0,
+        }
+    }
+
+    /// Counts one reset; true when the connection has now reset too many.
+    pub(crate) fn record(&mut self, config: &LimitConfig) -> bool {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.started) > config.reset_window {
+            self.started = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > config.max_resets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn id(sa: &str) -> Identity {
+        Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "ns".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    fn limits(config: LimitConfig) -> (Arc<ServerLimits>, Arc<AtomicU32>) {
+        let hits = Arc::new(AtomicU32::new(0));
+        let h = hits.clone();
+        let observer: LimitObserver = Arc::new(move |_| {
+            h.fetch_add(1, Ordering::Relaxed);
+        });
+        (Arc::new(ServerLimits::new(config, Some(observer))), hits)
+    }
+
+    #[test]
+    fn pending_connections_are_bounded_per_source_and_in_total() {
+        let (l, hits) = limits(LimitConfig {
+            max_pending: 3,
+            max_pending_per_source: 2,
+            ..Default::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = l.admit(a).unwrap();
+        let _a2 = l.admit(a).unwrap();
+        assert_eq!(l.admit(a).err(), Some(Limit::PendingPerSource));
+        let _b1 = l.admit(b).unwrap();
+        assert_eq!(l.admit(b).err(), Some(Limit::PendingConnections));
+        assert_eq!(hits.load(Ordering::Relaxed), 2);
+        drop(a1);
+        assert!(l.admit(b).is_ok(), "a released slot is available again");
+    }
+
+    #[test]
+    fn streams_are_bounded_per_peer_and_released() {
+        let (l, hits) = limits(LimitConfig {
+            max_streams_per_peer: 2,
+            ..Default::default()
+        });
+        let s1 = l.stream(&id("a")).unwrap();
+        let s2 = l.stream(&id("a")).unwrap();
+        assert!(l.stream(&id("a")).is_none());
+        assert!(l.stream(&id("b")).is_some(), "another identity has its own budget");
+        assert_eq!(hits.load(Ordering::Relaxed), 1);
+        drop(s1);
+        assert!(l.stream(&id("a")).is_some());
+        drop(s2);
+        assert_eq!(l.usage(&id("a")).1, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resets_are_counted_over_a_window() {
+        let config = LimitConfig {
+            max_resets: 3,
+            reset_window: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let mut w = ResetWindow::new();
+        assert!(!(0..3).any(|_| w.record(&config)));
+        assert!(w.record(&config), "the fourth reset in the window is one too many");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!w.record(&config), "a new window starts the count again");
+    }
+}
