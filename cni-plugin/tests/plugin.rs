@@ -346,6 +346,7 @@ fn add_captured_pod_posts_to_agent_and_passes_result_through() {
             "podName": "web-0",
             "podNamespace": "demo",
             "ips": ["10.1.0.7/24", "fd00:10:1::7/64"],
+            "timeoutMs": 1000,
         })
     );
 }

@@ -10,11 +10,15 @@ struct Ns(String);
 
 impl Ns {
     fn new() -> Option<Ns> {
+        Ns::new_named("rules")
+    }
+
+    fn new_named(prefix: &str) -> Option<Ns> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: needs root");
             return None;
         }
-        let name = format!("rules{}", std::process::id());
+        let name = format!("{prefix}{}", std::process::id());
         let ok = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -98,4 +102,42 @@ fn install_is_exact_idempotent_and_removable() {
 fn a_namespace_that_does_not_exist_is_a_clear_error() {
     let e = rules::install(std::path::Path::new("/var/run/netns/does-not-exist"), Ports::default()).unwrap_err();
     assert!(e.to_string().contains("does-not-exist"), "{e}");
+}
+
+#[test]
+fn verify_names_each_missing_part() {
+    let Some(ns) = Ns::new_named("verify") else { return };
+    let path = ns.path();
+    rules::install(&path, Ports::default()).unwrap();
+    rules::verify(&path, Ports::default()).unwrap();
+    let broken: [(&[&str], &str); 4] = [
+        (
+            &["ip", "-6", "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100"],
+            "policy rule",
+        ),
+        (
+            &["ip", "-4", "route", "flush", "table", "100"],
+            "route `local default dev lo` of table 100 is missing (IPv4)",
+        ),
+        (
+            &["nft", "flush", "chain", "inet", "ambient", "prerouting_nat"],
+            "chain prerouting_nat",
+        ),
+        (
+            &["nft", "delete", "table", "inet", "ambient"],
+            "table inet ambient is missing",
+        ),
+    ];
+    for (by_hand, named) in broken {
+        ns.exec(by_hand);
+        let e = rules::verify(&path, Ports::default()).expect_err("verify passed with a part missing");
+        assert!(e.to_string().contains(named), "after {by_hand:?}: {e}");
+        rules::install(&path, Ports::default()).unwrap();
+        rules::verify(&path, Ports::default()).unwrap();
+    }
+    rules::remove(&path).unwrap();
+    assert!(matches!(
+        rules::verify(&path, Ports::default()),
+        Err(rules::Missing::Table)
+    ));
 }

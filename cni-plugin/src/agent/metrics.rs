@@ -10,7 +10,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
-    /// `captured`, `skipped` (not ambient) or `failed`.
+    /// `captured`, `skipped` (not ambient), `undecided` (pod or namespace never listed in
+    /// time: refused) or `failed`.
     pub result: &'static str,
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`enrol`]: which pods are captured.
 //! - [`scan`]: finding the namespace of a pod that never came through CNI.
+//! - [`serial`]: one operation at a time per container.
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
 //! - [`host`]: probe SNAT in the node's namespace.
 //! - [`metrics`]: what the agent counts.
@@ -21,5 +22,6 @@ pub mod pods;
 pub mod report;
 pub mod rules;
 pub mod scan;
+pub mod serial;
 pub mod server;
 pub mod zds;

@@ -277,6 +277,80 @@ pub fn installed(netns: &Path) -> bool {
     dump(netns).is_ok()
 }
 
+/// A part of the redirection [`verify`] did not find.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("the nft table inet {TABLE} is missing")]
+    Table,
+    #[error("the nft chain {chain} of table inet {TABLE} lacks `{statement}`")]
+    Statement { chain: &'static str, statement: String },
+    #[error("the policy rule `fwmark {RETURN_MARK:#x}/0xfff lookup {ROUTE_TABLE}` is missing (IPv{0})")]
+    PolicyRule(u8),
+    #[error("the route `local default dev lo` of table {ROUTE_TABLE} is missing (IPv{0})")]
+    Route(u8),
+    #[error("reading the redirection: {0}")]
+    Read(#[from] RulesError),
+}
+
+/// What each chain must hold (as `nft list` prints it), for [`verify`].
+fn expected(p: Ports) -> Vec<(&'static str, String)> {
+    let mut want = vec![
+        ("prerouting_raw", "ct zone set 1".to_owned()),
+        ("output_raw", "ct zone set 1".to_owned()),
+        ("prerouting_mangle", "ct mark set".to_owned()),
+        ("output_mangle", "meta mark set".to_owned()),
+        ("prerouting_nat", format!("ip saddr {PROBE_SOURCE} return")),
+        ("prerouting_nat", format!("tcp dport {} return", p.inbound)),
+        ("prerouting_nat", format!("redirect to :{}", p.inbound_plaintext)),
+        ("output_nat", "oifname \"lo\" return".to_owned()),
+        ("output_nat", format!("redirect to :{}", p.outbound)),
+    ];
+    if let Some(dns) = p.dns {
+        want.push(("output_nat", format!("redirect to :{dns}")));
+    }
+    want
+}
+
+/// The statements of `chain` in an `nft list table` dump.
+fn chain_of<'a>(dump: &'a str, chain: &str) -> Vec<&'a str> {
+    let head = format!("chain {chain} {{");
+    dump.lines()
+        .skip_while(|l| l.trim() != head)
+        .skip(1)
+        .take_while(|l| l.trim() != "}")
+        .map(str::trim)
+        .collect()
+}
+
+/// Checks every part [`install`] writes: the table with each chain's statements, and for both
+/// families the policy rule and the `local` route of table 100. The error names the first
+/// part missing.
+pub fn verify(netns: &Path, ports: Ports) -> Result<(), Missing> {
+    let dump = match dump(netns) {
+        Ok(d) => d,
+        Err(RulesError::Failed { stderr, .. }) if stderr.contains("No such file") => return Err(Missing::Table),
+        Err(e) => return Err(e.into()),
+    };
+    for (chain, statement) in expected(ports) {
+        if !chain_of(&dump, chain).iter().any(|l| l.contains(statement.as_str())) {
+            return Err(Missing::Statement { chain, statement });
+        }
+    }
+    for (family, version) in [("-4", 4), ("-6", 6)] {
+        let rules = run_in(netns, &["ip", family, "rule", "show"], None)?;
+        let rule = format!("lookup {ROUTE_TABLE}");
+        if !rules.lines().any(|l| l.contains("fwmark") && l.contains(&rule)) {
+            return Err(Missing::PolicyRule(version));
+        }
+        let table = ROUTE_TABLE.to_string();
+        let routes = run_in(netns, &["ip", family, "route", "show", "table", &table], None)?;
+        if !routes.lines().any(|l| l.starts_with("local default dev lo")) {
+            return Err(Missing::Route(version));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,15 +2,21 @@
 //!
 //! - `POST /v1/pods/add`: decide enrolment; for an ambient pod install the redirection in its
 //!   namespace and hand the namespace to ztunnel; answers `{"captured": bool}`, or an error
-//!   (and undoes what it did) so the CNI ADD fails closed.
-//! - `POST /v1/pods/del`: release the pod (idempotent; 404 when unknown).
-//! - `POST /v1/pods/check`: 200 when an enrolled pod's rules are in place.
+//!   (and undoes what it did) so the CNI ADD fails closed. A pod the inventory cannot decide
+//!   on yet (its object or its namespace not listed) is waited for, bounded by the plugin's
+//!   timeout, then refused: never started uncaptured.
+//! - `POST /v1/pods/del`: release the pod (idempotent; 404 when unknown); all or nothing.
+//! - `POST /v1/pods/check`: 200 when every part of an enrolled pod is in place (table and
+//!   rules, policy rule and route, ztunnel serving it); otherwise names the missing part.
 //! - `GET /v1/ready`: 200 once the agent serves.
+//!
+//! ADD, DEL, CHECK and reconciliation of one container run one at a time ([`ContainerLocks`]),
+//! each in a task of its own, so a plugin that gives up mid-way cannot cancel one half done.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -31,7 +37,17 @@ use super::inventory::{InventoryError, InventorySource};
 use super::pods::Inventory;
 use super::report::{EnrolmentReporter, Reported};
 use super::rules;
+use super::serial::ContainerLocks;
 use super::zds::ZdsServer;
+
+/// Longest an ADD waits for the inventory to list its pod and namespace.
+const UNDECIDED_WAIT: Duration = Duration::from_secs(5);
+/// How often the inventory is read again meanwhile.
+const UNDECIDED_POLL: Duration = Duration::from_millis(100);
+/// Left of the plugin's timeout for the enrolment itself and the answer.
+const REPLY_MARGIN: Duration = Duration::from_millis(600);
+/// The plugin's default timeout, for a request that does not carry one.
+const PLUGIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pod request from the plugin.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -46,6 +62,17 @@ pub struct PodRequest {
     pub pod_namespace: String,
     #[serde(default)]
     pub ips: Vec<String>,
+    /// How long the plugin waits for the answer: an undecided ADD gives up before it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl PodRequest {
+    /// How long an ADD may wait for the inventory to list the pod.
+    fn undecided_wait(&self) -> Duration {
+        let plugin = self.timeout_ms.map_or(PLUGIN_TIMEOUT, Duration::from_millis);
+        plugin.saturating_sub(REPLY_MARGIN).min(UNDECIDED_WAIT)
+    }
 }
 
 /// A pod the plugin told us about, and its uid when it is captured.
@@ -67,6 +94,8 @@ pub struct Agent {
     /// Every pod seen through CNI on this node, by container id: when a namespace gains or
     /// loses the ambient label, running pods are enrolled or released without a restart.
     pods: tokio::sync::Mutex<HashMap<String, Known>>,
+    /// One operation at a time per container.
+    serial: ContainerLocks,
     /// Where the known pods are persisted, so an agent restart does not forget them (and a
     /// reconnecting ztunnel does not drop every pod at the next snapshot).
     state_file: Option<PathBuf>,
@@ -81,6 +110,20 @@ pub struct Agent {
     /// This node's name: ambient pods of this node that never came through CNI (started
     /// before the mesh) are found by their IP and enrolled. `None` turns that off.
     pub node_name: Option<String>,
+}
+
+/// Why the inventory cannot decide on `namespace/name` yet: its object or its namespace is
+/// not listed (a pod label or the namespace's may say ambient).
+fn undecided(inv: &Inventory, namespace: &str, name: &str) -> Option<String> {
+    if !inv.pods.contains_key(&(namespace.to_owned(), name.to_owned())) {
+        return Some(format!("pod {namespace}/{name} is not in the inventory"));
+    }
+    if !inv.namespaces.contains_key(namespace) {
+        return Some(format!(
+            "namespace {namespace} of pod {namespace}/{name} is not in the inventory"
+        ));
+    }
+    None
 }
 
 /// What the inventory says about one pod: capture it (with its service account) or why not.
@@ -132,6 +175,7 @@ impl Agent {
             cluster_id,
             ports: rules::Ports::default(),
             pods: Default::default(),
+            serial: ContainerLocks::default(),
             state_file,
             report_file,
             reporter,
@@ -237,31 +281,74 @@ impl Agent {
 
     async fn add(&self, req: PodRequest) -> Response<Full<Bytes>> {
         let started = std::time::Instant::now();
+        let serial = self.serial.lock(&req.container_id).await;
         let (result, response) = self.add_inner(req).await;
+        drop(serial);
         self.metrics.outcome(result);
         self.metrics.add_seconds.observe(started.elapsed().as_secs_f64());
         response
     }
 
+    /// The inventory once it lists the pod and its namespace, re-read for at most the
+    /// request's wait; an error message when it never does (or cannot be read).
+    async fn decidable(&self, req: &PodRequest) -> Result<Arc<Inventory>, (StatusCode, String)> {
+        let (ns, name) = (&req.pod_namespace, &req.pod_name);
+        let wait = req.undecided_wait();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let inv = self
+                .source
+                .for_pod(ns, name)
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+            let Some(why) = undecided(&inv, ns, name) else {
+                return Ok(inv);
+            };
+            if tokio::time::Instant::now() + UNDECIDED_POLL > deadline {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "cannot decide whether pod {ns}/{name} is ambient: {why} after {} ms; \
+                         refusing the ADD rather than starting the pod outside the mesh",
+                        wait.as_millis()
+                    ),
+                ));
+            }
+            tokio::time::sleep(UNDECIDED_POLL).await;
+        }
+    }
+
+    /// ADD under the container's lock: all or nothing.
     async fn add_inner(&self, req: PodRequest) -> (&'static str, Response<Full<Bytes>>) {
-        let inv = match self.source.for_pod(&req.pod_namespace, &req.pod_name).await {
+        let inv = match self.decidable(&req).await {
             Ok(i) => i,
             // Fail closed: the plugin fails the ADD and the runtime retries it.
-            Err(e) => return ("failed", error(StatusCode::SERVICE_UNAVAILABLE, e)),
+            Err((status, why)) => {
+                warn!(container = %req.container_id, error = %why, "ADD refused");
+                return ("undecided", error(status, why));
+            }
         };
-        let mut pods = self.pods.lock().await;
+        let previous = self.pods.lock().await.get(&req.container_id).cloned();
         let sa = match desired(&inv, &req.pod_namespace, &req.pod_name) {
             Ok(sa) => sa,
             Err(reason) => {
-                pods.insert(
-                    req.container_id.clone(),
-                    Known {
-                        req,
-                        captured: None,
-                        service_account: String::new(),
-                    },
-                );
-                self.persist(&pods);
+                // A repeated ADD of a pod captured before: out of the mesh now, wholly.
+                if let Some(Known {
+                    captured: Some(uid),
+                    req: old,
+                    ..
+                }) = &previous
+                {
+                    if let Err(e) = self.release(uid, old).await {
+                        return ("failed", error(StatusCode::INTERNAL_SERVER_ERROR, e));
+                    }
+                }
+                self.record(Known {
+                    req,
+                    captured: None,
+                    service_account: String::new(),
+                })
+                .await;
                 return (
                     "skipped",
                     reply(StatusCode::OK, json!({ "captured": false, "reason": reason })),
@@ -271,22 +358,33 @@ impl Agent {
         let uid = self.uid(&req);
         match self.enrol(&uid, sa.clone(), &req).await {
             Ok(()) => {
-                pods.insert(
-                    req.container_id.clone(),
-                    Known {
-                        req,
-                        captured: Some(uid),
-                        service_account: sa,
-                    },
-                );
-                self.persist(&pods);
+                self.record(Known {
+                    req,
+                    captured: Some(uid),
+                    service_account: sa,
+                })
+                .await;
                 ("captured", reply(StatusCode::OK, json!({ "captured": true })))
             }
-            Err(e) => (
-                "failed",
-                error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
-            ),
+            Err(e) => {
+                // enrol undid its part; nothing of the pod is left, so it is not known either.
+                let mut pods = self.pods.lock().await;
+                if pods.remove(&req.container_id).is_some() {
+                    self.persist(&pods);
+                }
+                (
+                    "failed",
+                    error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
+                )
+            }
         }
+    }
+
+    /// Stores what is now true of a container, and persists it.
+    async fn record(&self, known: Known) {
+        let mut pods = self.pods.lock().await;
+        pods.insert(known.req.container_id.clone(), known);
+        self.persist(&pods);
     }
 
     /// Adds to `pods` the ambient pods of this node that never came through CNI, found by
@@ -324,6 +422,7 @@ impl Agent {
                         pod_name: name.clone(),
                         pod_namespace: ns.clone(),
                         ips: vec![ip.to_string()],
+                        timeout_ms: None,
                     },
                     captured: None,
                     service_account: sa.clone(),
@@ -332,7 +431,8 @@ impl Agent {
         }
     }
 
-    /// Writes the redirection and hands the pod to ztunnel; undoes the rules on failure.
+    /// Writes the redirection and hands the pod to ztunnel; on failure undoes all of it (the
+    /// hand-off too: a lost connection may have delivered the Add).
     async fn enrol(&self, uid: &str, sa: String, req: &PodRequest) -> anyhow::Result<()> {
         let netns = PathBuf::from(&req.netns);
         let result = async {
@@ -366,6 +466,7 @@ impl Agent {
             Ok(()) => info!(%uid, netns = %netns.display(), "pod enrolled"),
             Err(e) => {
                 warn!(%uid, error = %e, "enrolment failed; the pod must not run uncaptured");
+                self.zds.del_pod(uid).await;
                 let ips = req.ips.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     host::remove_pod_ips(&ips);
@@ -377,43 +478,73 @@ impl Agent {
         result
     }
 
-    /// Takes a pod out of the mesh: ztunnel stops serving it, its rules go.
-    async fn release(&self, uid: &str, req: &PodRequest) {
+    /// Takes a pod out of the mesh: ztunnel stops serving it, its rules go. All or nothing:
+    /// when the rules cannot be removed the pod is enrolled again, whole, and the error
+    /// returned (the caller keeps it captured).
+    async fn release(&self, uid: &str, req: &PodRequest) -> Result<(), String> {
         self.metrics.releases.inc();
         self.zds.del_pod(uid).await;
         let ips = req.ips.clone();
         let _ = tokio::task::spawn_blocking(move || host::remove_pod_ips(&ips)).await;
         let netns = PathBuf::from(&req.netns);
         // The namespace may already be gone: nothing left to remove then.
-        if netns.exists() {
-            if let Ok(Err(err)) = tokio::task::spawn_blocking(move || rules::remove(&netns)).await {
-                warn!(%uid, error = %err, "removing redirection rules failed");
+        let removed = if netns.exists() {
+            tokio::task::spawn_blocking(move || rules::remove(&netns))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        } else {
+            Ok(())
+        };
+        match removed {
+            Ok(()) => {
+                info!(%uid, "pod released");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(%uid, error = %e, "removing redirection rules failed; enrolling the pod again");
+                let sa = self.service_account_of(req).await;
+                match self.enrol(uid, sa, req).await {
+                    Ok(()) => Err(format!("releasing {uid}: {e} (the pod stays enrolled)")),
+                    Err(again) => Err(format!("releasing {uid}: {e}; enrolling it again: {again}")),
+                }
             }
         }
-        info!(%uid, "pod released");
+    }
+
+    async fn service_account_of(&self, req: &PodRequest) -> String {
+        self.pods
+            .lock()
+            .await
+            .get(&req.container_id)
+            .map(|k| k.service_account.clone())
+            .unwrap_or_default()
     }
 
     async fn del(&self, req: PodRequest) -> Response<Full<Bytes>> {
-        let removed = {
-            let mut pods = self.pods.lock().await;
-            let removed = pods.remove(&req.container_id);
-            self.persist(&pods);
-            removed
-        };
-        let Some(known) = removed else {
+        let _serial = self.serial.lock(&req.container_id).await;
+        let Some(known) = self.pods.lock().await.get(&req.container_id).cloned() else {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("container {} is not known", req.container_id),
             );
         };
         if let Some(uid) = &known.captured {
-            self.release(uid, &known.req).await;
+            if let Err(e) = self.release(uid, &known.req).await {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+            }
         }
+        // Forgotten only once released: an agent killed mid-way re-asserts the pod on restart
+        // and the runtime's retried DEL releases it.
+        let mut pods = self.pods.lock().await;
+        pods.remove(&req.container_id);
+        self.persist(&pods);
         reply(StatusCode::OK, json!({}))
     }
 
     /// Re-decides every known pod against the inventory: a namespace that gained the ambient
-    /// label gets its running pods captured, one that lost it gets them released.
+    /// label gets its running pods captured, one that lost it gets them released. Each pod
+    /// under its container's lock.
     pub async fn reconcile(&self) {
         let inv = match self.source.current() {
             Ok(i) => i,
@@ -426,37 +557,51 @@ impl Agent {
                 return;
             }
         };
-        let mut pods = self.pods.lock().await;
-        self.adopt_unknown(&inv, &mut pods).await;
-        let ids: Vec<String> = pods.keys().cloned().collect();
+        let ids: Vec<String> = {
+            let mut pods = self.pods.lock().await;
+            self.adopt_unknown(&inv, &mut pods).await;
+            pods.keys().cloned().collect()
+        };
         for id in ids {
-            let mut changed = false;
-            let Some(known) = pods.get_mut(&id) else { continue };
+            let _serial = self.serial.lock(&id).await;
+            // A DEL may have come first.
+            let Some(known) = self.pods.lock().await.get(&id).cloned() else {
+                continue;
+            };
             let key = (known.req.pod_namespace.clone(), known.req.pod_name.clone());
             if !inv.pods.contains_key(&key) && !self.source.absent_means_gone() {
                 continue;
             }
-            let want = desired(&inv, &key.0, &key.1);
-            match (&known.captured, want) {
+            let changed = match (&known.captured, desired(&inv, &key.0, &key.1)) {
                 (None, Ok(sa)) => {
                     let uid = self.uid(&known.req);
-                    if self.enrol(&uid, sa.clone(), &known.req).await.is_ok() {
-                        known.captured = Some(uid);
-                        known.service_account = sa;
-                        changed = true;
+                    match self.enrol(&uid, sa.clone(), &known.req).await {
+                        Ok(()) => Some(Known {
+                            captured: Some(uid),
+                            service_account: sa,
+                            ..known
+                        }),
+                        Err(_) => None,
                     }
                 }
                 (Some(uid), Err(reason)) => {
                     info!(%uid, reason, "no longer ambient");
-                    self.release(uid, &known.req).await;
-                    known.captured = None;
-                    changed = true;
+                    match self.release(uid, &known.req).await {
+                        Ok(()) => Some(Known {
+                            captured: None,
+                            ..known
+                        }),
+                        Err(e) => {
+                            warn!(%uid, error = %e, "release failed; trying again at the next change");
+                            None
+                        }
+                    }
                 }
-                _ => {}
-            }
+                _ => None,
+            };
             // Persist each change as it happens: an agent killed mid-way restarts from the truth.
-            if changed {
-                self.persist(&pods);
+            if let Some(known) = changed {
+                self.record(known).await;
             }
         }
     }
@@ -470,20 +615,37 @@ impl Agent {
         }
     }
 
+    /// CHECK: every part of an enrolment in place, or an error naming the missing one.
     async fn check(&self, req: PodRequest) -> Response<Full<Bytes>> {
-        let pods = self.pods.lock().await;
-        match pods
-            .get(&req.container_id)
-            .and_then(|k| k.captured.as_ref().map(|uid| (uid, &k.req.netns)))
-        {
-            None => reply(StatusCode::OK, json!({ "captured": false })),
-            Some((_, netns)) if rules::installed(Path::new(netns)) => {
-                reply(StatusCode::OK, json!({ "captured": true }))
-            }
-            Some((uid, _)) => error(
+        let _serial = self.serial.lock(&req.container_id).await;
+        let Some(known) = self.pods.lock().await.get(&req.container_id).cloned() else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("container {} is not known to the node agent", req.container_id),
+            );
+        };
+        let Some(uid) = known.captured else {
+            return reply(StatusCode::OK, json!({ "captured": false }));
+        };
+        if !self.zds.served(&uid) {
+            let why = if self.zds.connected() == 0 {
+                "no ztunnel is connected"
+            } else {
+                "no connected ztunnel acknowledged serving it"
+            };
+            return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("redirection rules missing for {uid}"),
+                format!("pod {uid} is not handed to ztunnel: {why}"),
+            );
+        }
+        let (netns, ports) = (PathBuf::from(&known.req.netns), self.ports);
+        match tokio::task::spawn_blocking(move || rules::verify(&netns, ports)).await {
+            Ok(Ok(())) => reply(StatusCode::OK, json!({ "captured": true })),
+            Ok(Err(missing)) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("redirection of pod {uid} incomplete: {missing}"),
             ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("checking {uid}: {e}")),
         }
     }
 
@@ -503,12 +665,19 @@ impl Agent {
             Ok(p) => p,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
         };
-        match path.as_str() {
-            "/v1/pods/add" => self.add(pod).await,
-            "/v1/pods/del" => self.del(pod).await,
-            "/v1/pods/check" => self.check(pod).await,
-            _ => error(StatusCode::NOT_FOUND, format!("no route {path}")),
-        }
+        // In a task of its own: a plugin that times out and closes the connection must not
+        // cancel an ADD or DEL half done.
+        let agent = self.clone();
+        let task = tokio::spawn(async move {
+            match path.as_str() {
+                "/v1/pods/add" => agent.add(pod).await,
+                "/v1/pods/del" => agent.del(pod).await,
+                "/v1/pods/check" => agent.check(pod).await,
+                _ => error(StatusCode::NOT_FOUND, format!("no route {path}")),
+            }
+        });
+        task.await
+            .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
     }
 
     /// Serves the plugin's requests on `listener`.

@@ -5,7 +5,7 @@
 //! each is acknowledged; an Add the ztunnel rejects (or cannot receive) fails the enrolment,
 //! so the CNI ADD fails and the pod never runs uncaptured.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,8 @@ struct Job {
 struct Client {
     id: u64,
     jobs: mpsc::UnboundedSender<Job>,
+    /// Pods this ztunnel acknowledged an Add for (and no Del since): what it serves.
+    served: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -93,6 +95,25 @@ impl ZdsServer {
     /// Pods currently enrolled.
     pub fn pods(&self) -> Vec<String> {
         self.lock().pods.keys().cloned().collect()
+    }
+
+    /// Whether pod `uid` is enrolled and a connected ztunnel acknowledged serving it.
+    pub fn served(&self, uid: &str) -> bool {
+        let inner = self.lock();
+        inner.pods.contains_key(uid) && inner.clients.iter().any(|c| c.served.contains(uid))
+    }
+
+    /// Records what client `id` acknowledged, before whoever queued the request hears of it.
+    fn acked(&self, id: u64, req: &WorkloadRequest) {
+        let mut inner = self.lock();
+        let Some(client) = inner.clients.iter_mut().find(|c| c.id == id) else {
+            return;
+        };
+        match &req.payload {
+            Some(Payload::Add(add)) => drop(client.served.insert(add.uid.clone())),
+            Some(Payload::Del(del)) => drop(client.served.remove(&del.uid)),
+            _ => {}
+        }
     }
 
     /// Accepts ztunnel connections until the listener fails.
@@ -203,7 +224,11 @@ impl ZdsServer {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let snapshot: Vec<Job> = {
             let mut inner = self.lock();
-            inner.clients.push(Client { id, jobs: tx });
+            inner.clients.push(Client {
+                id,
+                jobs: tx,
+                served: HashSet::new(),
+            });
             inner
                 .pods
                 .iter()
@@ -227,14 +252,14 @@ impl ZdsServer {
             "ztunnel connected; sending snapshot"
         );
         for job in snapshot {
-            exchange(conn, job).await?;
+            self.exchange(id, conn, job).await?;
         }
         loop {
             // While idle, watch the connection too, so a ztunnel that left is noticed now and
             // not only when the next pod arrives.
             tokio::select! {
                 job = rx.recv() => match job {
-                    Some(job) => exchange(conn, job).await?,
+                    Some(job) => self.exchange(id, conn, job).await?,
                     None => return Ok(()),
                 },
                 unsolicited = conn.recv::<WorkloadResponse>() => {
@@ -246,36 +271,42 @@ impl ZdsServer {
     }
 }
 
-/// Sends one request and waits for its ack; the outcome goes to whoever queued the job.
-async fn exchange(conn: &ZdsConn, job: Job) -> Result<(), ZdsError> {
-    let Job { req, fd, done } = job;
-    let outcome = async {
-        conn.send(&req, fd.as_deref().map(|f| f.as_fd())).await?;
-        let (resp, _) = tokio::time::timeout(ACK_TIMEOUT, conn.recv::<WorkloadResponse>())
-            .await
-            .map_err(|_| ZdsError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no ack from ztunnel")))??;
-        Ok::<_, ZdsError>(match resp.payload {
-            Some(zds::workload_response::Payload::Ack(a)) if a.error.is_empty() => Outcome::Acked,
-            Some(zds::workload_response::Payload::Ack(a)) => Outcome::Rejected(a.error),
-            None => Outcome::Rejected("response without ack".to_owned()),
-        })
-    }
-    .await;
-    match outcome {
-        Ok(result) => {
-            if let Outcome::Rejected(reason) = &result {
-                warn!(%reason, "ztunnel rejected a ZDS request");
-            }
-            if let Some(done) = done {
-                let _ = done.send(result);
-            }
-            Ok(())
+impl ZdsServer {
+    /// Sends one request and waits for its ack; the outcome goes to whoever queued the job.
+    async fn exchange(&self, id: u64, conn: &ZdsConn, job: Job) -> Result<(), ZdsError> {
+        let Job { req, fd, done } = job;
+        let outcome = async {
+            conn.send(&req, fd.as_deref().map(|f| f.as_fd())).await?;
+            let (resp, _) = tokio::time::timeout(ACK_TIMEOUT, conn.recv::<WorkloadResponse>())
+                .await
+                .map_err(|_| {
+                    ZdsError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no ack from ztunnel"))
+                })??;
+            Ok::<_, ZdsError>(match resp.payload {
+                Some(zds::workload_response::Payload::Ack(a)) if a.error.is_empty() => Outcome::Acked,
+                Some(zds::workload_response::Payload::Ack(a)) => Outcome::Rejected(a.error),
+                None => Outcome::Rejected("response without ack".to_owned()),
+            })
         }
-        Err(e) => {
-            if let Some(done) = done {
-                let _ = done.send(Outcome::Lost);
+        .await;
+        match outcome {
+            Ok(result) => {
+                match &result {
+                    Outcome::Acked => self.acked(id, &req),
+                    Outcome::Rejected(reason) => warn!(%reason, "ztunnel rejected a ZDS request"),
+                    Outcome::Lost => {}
+                }
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
+                Ok(())
             }
-            Err(e)
+            Err(e) => {
+                if let Some(done) = done {
+                    let _ = done.send(Outcome::Lost);
+                }
+                Err(e)
+            }
         }
     }
 }

@@ -53,6 +53,8 @@ impl Invocation<'_> {
             "podName": pod.name,
             "podNamespace": pod.namespace,
             "ips": ips,
+            // The agent gives up waiting for an undecided pod before the plugin gives up on it.
+            "timeoutMs": u64::try_from(self.conf.agent_timeout.as_millis()).unwrap_or(u64::MAX),
         })
     }
 }
