@@ -15,6 +15,7 @@ pub mod admin_http;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod input_file;
 pub mod log_limit;
 pub mod prometheus;
 pub mod rbac;

@@ -57,8 +57,8 @@ use crate::state::{State, StateStore};
 /// The file as a whole could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("reading {0}")]
+    Read(#[from] crate::input_file::InputFileError),
     #[error("parsing {path}: {source}")]
     Yaml { path: String, source: serde_yaml::Error },
     #[error("parsing {0}: the parser thread panicked")]
@@ -95,13 +95,13 @@ pub struct LocalConfig {
     invalid: Vec<EntryError>,
 }
 
+/// Largest local state file read (a 10,000-workload file is about 5 MiB).
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Reads and parses `path`. Entries that do not parse are kept as errors in the result, to be
 /// reported when it is applied.
 pub fn load(path: &Path) -> Result<LocalConfig, LocalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LocalError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = crate::input_file::read_text(path, MAX_FILE_BYTES)?;
     parse(&path.display().to_string(), &text)
 }
 
@@ -289,10 +289,7 @@ impl LocalSource {
     /// also removes everything the previous version applied. On an error the store keeps the
     /// previous version.
     pub fn reload(&mut self) -> Result<Reload, LocalError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|source| LocalError::Io {
-            path: self.path.display().to_string(),
-            source,
-        })?;
+        let text = crate::input_file::read_text(&self.path, MAX_FILE_BYTES)?;
         let mut hasher = DefaultHasher::new();
         text.hash(&mut hasher);
         let hash = hasher.finish();
@@ -973,7 +970,7 @@ policies:
         let path = dir.path().join("mesh.yaml");
         let store = StateStore::new();
         let mut source = LocalSource::new(&path, store.clone());
-        assert!(matches!(source.reload(), Err(LocalError::Io { .. })));
+        assert!(matches!(source.reload(), Err(LocalError::Read(_))));
 
         write(&path, VALID);
         assert!(matches!(source.reload(), Ok(Reload::Applied { applied: 3, .. })));
@@ -1046,5 +1043,32 @@ policies:
         wait_for("second").await;
         assert!(store.load().workload("first").is_none());
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_fifo_or_device_at_the_path_is_refused_and_a_later_file_applies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mesh.yaml");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let store = StateStore::new();
+        let mut source = LocalSource::new(path.clone(), store.clone());
+        let e = source.reload().expect_err("a FIFO is not read");
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        let task = tokio::spawn(source.watch(Duration::from_millis(10)));
+        // The watch is not stuck on the FIFO: a regular file put in its place applies.
+        let tmp = dir.path().join("mesh.yaml.tmp");
+        write(&tmp, "workloads: [{uid: after-fifo, namespace: default}]");
+        std::fs::rename(&tmp, &path).expect("rename");
+        let mut changes = store.subscribe();
+        tokio::time::timeout(DEADLINE, async {
+            while store.load().workload("after-fifo").is_none() {
+                changes.changed().await.expect("store alive");
+            }
+        })
+        .await
+        .expect("the regular file is applied");
+        task.abort();
+        let e = load(Path::new("/dev/zero")).expect_err("a device is not read");
+        assert!(e.to_string().contains("character device"), "{e}");
     }
 }
