@@ -148,19 +148,43 @@ enum Wanted {
 }
 
 /// Resolves `istio.io/use-waypoint` for pods and services.
+///
+/// Fail closed: when the named waypoint does not exist or is not accepted, the object still
+/// gets a waypoint reference (the waypoint Service's hostname, which no ztunnel can resolve
+/// while that waypoint is missing), so traffic to it is refused rather than sent directly,
+/// past the waypoint's L7 policy. The problem is reported on the object.
 pub(crate) struct Attachments<'a> {
     inputs: &'a Inputs,
     waypoints: &'a BTreeMap<ObjectKey, Waypoint>,
+    options: &'a Options,
+}
+
+/// The reference to a waypoint that cannot be used: its Service's hostname, resolved by
+/// ztunnel only once a Service of that name exists (a ztunnel that cannot resolve a waypoint
+/// refuses the connection, ours and Istio's alike).
+fn unavailable_waypoint(key: &ObjectKey, options: &Options) -> pb::GatewayAddress {
+    pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+            namespace: key.namespace.clone(),
+            hostname: service_hostname(&key.name, &key.namespace, options),
+        })),
+        hbone_mtls_port: u32::from(HBONE_PORT),
+        hbone_single_tls_port: 0,
+    }
 }
 
 impl<'a> Attachments<'a> {
     pub(crate) fn new(
         inputs: &'a Inputs,
         waypoints: &'a BTreeMap<ObjectKey, Waypoint>,
-        _options: &Options,
+        options: &'a Options,
         _report: &mut Report,
     ) -> Self {
-        Attachments { inputs, waypoints }
+        Attachments {
+            inputs,
+            waypoints,
+            options,
+        }
     }
 
     fn wanted(&self, meta: &ObjectMeta, namespace: &str) -> Wanted {
@@ -203,12 +227,20 @@ impl<'a> Attachments<'a> {
             Wanted::Waypoint { key, explicit } => (key, explicit),
         };
         let Some(wp) = self.waypoints.get(&wp_key) else {
+            // What a missing waypoint would serve is unknown; a namespace label is taken as the
+            // default (service traffic), a pod's own label as asking for workload traffic.
+            if kind == Kind::Pod && !explicit {
+                return None;
+            }
             report.add(
                 kind,
                 key,
-                format!("waypoint {wp_key} does not exist (or is not of class istio-waypoint)"),
+                format!(
+                    "waypoint {wp_key} does not exist (or is not of class istio-waypoint); connections to it \
+                     are refused until it does"
+                ),
             );
-            return None;
+            return Some(unavailable_waypoint(&wp_key, self.options));
         };
         if !serves(wp.deployment.waypoint_for) {
             if explicit {
@@ -224,10 +256,17 @@ impl<'a> Attachments<'a> {
             }
             return None;
         }
-        if wp.address.is_none() {
-            report.add(kind, key, format!("waypoint {wp_key} is not accepted"));
+        match &wp.address {
+            Some(address) => Some(address.clone()),
+            None => {
+                report.add(
+                    kind,
+                    key,
+                    format!("waypoint {wp_key} is not accepted; connections to it are refused until it is"),
+                );
+                Some(unavailable_waypoint(&wp_key, self.options))
+            }
         }
-        wp.address.clone()
     }
 
     /// The waypoint for traffic addressed to this pod directly.

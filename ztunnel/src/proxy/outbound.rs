@@ -43,10 +43,31 @@ pub enum RouteError {
     NoPort(String, u16),
     #[error("service {0} has no healthy endpoint")]
     NoEndpoint(String),
-    #[error("waypoint {0:?} cannot be resolved")]
-    Waypoint(GatewayDestination),
+    /// The destination must go through a waypoint that cannot be reached now (missing, not
+    /// ready): refused, never sent directly past the waypoint's policy.
+    #[error("waypoint {waypoint} is unavailable ({why}); refused rather than bypassing the waypoint")]
+    Waypoint { waypoint: String, why: WaypointUnavailable },
     #[error("workload {0} has no address of the right family")]
     NoAddress(String),
+}
+
+/// Why a waypoint cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaypointUnavailable {
+    /// No service or workload of that name or address (the waypoint does not exist, or the
+    /// controller names it without being able to place it).
+    Unknown,
+    /// It exists but none of its endpoints is healthy (not ready, scaled to zero).
+    NoHealthyEndpoint,
+}
+
+impl std::fmt::Display for WaypointUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WaypointUnavailable::Unknown => "no such service or workload",
+            WaypointUnavailable::NoHealthyEndpoint => "no healthy endpoint",
+        })
+    }
 }
 
 impl RouteError {
@@ -54,7 +75,7 @@ impl RouteError {
         match self {
             RouteError::NoPort(..) => "no_service_port",
             RouteError::NoEndpoint(_) => "no_healthy_endpoint",
-            RouteError::Waypoint(_) => "waypoint_unresolved",
+            RouteError::Waypoint { .. } => "waypoint_unavailable",
             RouteError::NoAddress(_) => "no_address",
         }
     }
@@ -68,29 +89,35 @@ fn waypoint_route(
     authority: SocketAddr,
     service: Option<Arc<Service>>,
 ) -> Result<Route, RouteError> {
-    let unresolved = || RouteError::Waypoint(wp.destination.clone());
+    let unavailable = |why| RouteError::Waypoint {
+        waypoint: match &wp.destination {
+            GatewayDestination::Address { ip, .. } => ip.to_string(),
+            GatewayDestination::Hostname { namespace, hostname } => format!("{namespace}/{hostname}"),
+        },
+        why,
+    };
+    let pick = |svc: &Service| {
+        state
+            .endpoints(svc)
+            .choose(&mut rand::thread_rng())
+            .cloned()
+            .ok_or_else(|| unavailable(WaypointUnavailable::NoHealthyEndpoint))
+    };
     let wl = match &wp.destination {
         GatewayDestination::Address { network: n, ip } => {
             let n = if n.is_empty() { network } else { n.as_str() };
             match state.lookup(n, *ip) {
-                Some(Destination::Workload(w)) => w,
-                Some(Destination::Service(s)) => state
-                    .endpoints(&s)
-                    .choose(&mut rand::thread_rng())
-                    .cloned()
-                    .ok_or_else(unresolved)?,
-                None => return Err(unresolved()),
+                Some(Destination::Workload(w)) if w.healthy => w,
+                Some(Destination::Workload(_)) => return Err(unavailable(WaypointUnavailable::NoHealthyEndpoint)),
+                Some(Destination::Service(s)) => pick(&s)?,
+                None => return Err(unavailable(WaypointUnavailable::Unknown)),
             }
         }
         GatewayDestination::Hostname { namespace, hostname } => {
             let svc = state
                 .service(&format!("{namespace}/{hostname}"))
-                .ok_or_else(unresolved)?;
-            state
-                .endpoints(svc)
-                .choose(&mut rand::thread_rng())
-                .cloned()
-                .ok_or_else(unresolved)?
+                .ok_or_else(|| unavailable(WaypointUnavailable::Unknown))?;
+            pick(svc)?
         }
     };
     let ip = wl
@@ -444,9 +471,67 @@ mod tests {
             hbone_port: 15008,
         };
         s.upsert_service(service("10.96.0.1", Some(gone)));
+        let err = resolve(&s, "", 15008, &client, sa("10.96.0.1:80")).expect_err("missing waypoint");
+        assert!(
+            matches!(
+                &err,
+                RouteError::Waypoint {
+                    why: WaypointUnavailable::Unknown,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.reason(), "waypoint_unavailable");
+        assert!(err.to_string().contains("default/missing"), "{err}");
+    }
+
+    #[test]
+    fn waypoints_without_a_healthy_endpoint_fail_closed() {
+        let (mut s, client) = state();
+        // By address: the waypoint's own (unhealthy) workload.
+        let mut sick = workload("waypoint", "10.0.0.9", Tunnel::Hbone, None);
+        sick.healthy = false;
+        s.upsert_workload(sick);
+        let by_ip = GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: String::new(),
+                ip: "10.0.0.9".parse::<IpAddr>().unwrap(),
+            },
+            hbone_port: 15008,
+        };
+        s.upsert_service(service("10.96.0.1", Some(by_ip)));
         assert!(matches!(
             resolve(&s, "", 15008, &client, sa("10.96.0.1:80")),
-            Err(RouteError::Waypoint(_))
+            Err(RouteError::Waypoint {
+                why: WaypointUnavailable::NoHealthyEndpoint,
+                ..
+            })
         ));
+        // By hostname: a waypoint Service with no endpoint yet (its pods not ready).
+        let mut wp_svc = service("10.96.0.50", None);
+        wp_svc.name = "wp".into();
+        wp_svc.hostname = "wp.default.svc.cluster.local".into();
+        let key = wp_svc.key();
+        s.upsert_service(wp_svc);
+        let by_name = GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "default".into(),
+                hostname: "wp.default.svc.cluster.local".into(),
+            },
+            hbone_port: 15008,
+        };
+        s.upsert_service(service("10.96.0.1", Some(by_name)));
+        let err = resolve(&s, "", 15008, &client, sa("10.96.0.1:80")).expect_err("no endpoint");
+        assert!(
+            matches!(
+                err,
+                RouteError::Waypoint {
+                    why: WaypointUnavailable::NoHealthyEndpoint,
+                    ..
+                }
+            ),
+            "{err} ({key})"
+        );
     }
 }
