@@ -556,6 +556,9 @@ async fn forward(
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     && !(downstream_upgrade.is_some() && rewrite::upgrade_confirmed(resp.headers()))
                 {
+                    if let Some(down_up) = downstream_upgrade {
+                        close_gracefully(down_up);
+                    }
                     return refuse_switch(wp, &resp, out);
                 }
                 if let (Some(down_up), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
@@ -629,6 +632,18 @@ fn refuse_switch(wp: &Waypoint, resp: &Response<Incoming>, out: &mut Outcome) ->
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
+}
+
+/// hyper hands a connection whose request asked for an upgrade to its `OnUpgrade` when it
+/// closes, even when the answer was not 101; this ends it with a clean shutdown, so the
+/// answer already written reaches the client rather than being reset away.
+fn close_gracefully(down: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        if let Ok(io) = down.await {
+            use tokio::io::AsyncWriteExt;
+            let _ = hyper_util::rt::TokioIo::new(io).shutdown().await;
+        }
+    });
 }
 
 /// Sends a copy of a request to a mirror backend and drops the answer.
