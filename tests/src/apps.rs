@@ -425,3 +425,43 @@ pub async fn json_server(listener: TcpListener, body: String) {
         });
     }
 }
+
+/// An HTTP/1.1 server that answers every upgrade request with 101 and `Upgrade: <protocol>`,
+/// whatever protocol was asked for, then echoes the upgraded stream; other requests get 200
+/// `<name>` and their headers as [`named_server`] lists them. A backend that switches to a
+/// protocol the client did not request, for the waypoint's upgrade checks.
+pub async fn upgrade_server(listener: TcpListener, name: &'static str, protocol: &'static str) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    while let Ok((s, _)) = listener.accept().await {
+        count_accept(name);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| async move {
+                if !req.headers().contains_key(hyper::header::UPGRADE) {
+                    let mut body = format!("{name}\npath {} {}\n", req.method(), req.uri());
+                    for (k, v) in req.headers() {
+                        body.push_str(&format!("h {k}: {}\n", v.to_str().unwrap_or("?")));
+                    }
+                    return hyper::Response::builder().body(Full::new(Bytes::from(body)));
+                }
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(up) = upgrade.await {
+                        let (mut r, mut w) = tokio::io::split(hyper_util::rt::TokioIo::new(up));
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                });
+                hyper::Response::builder()
+                    .status(101)
+                    .header("connection", "upgrade")
+                    .header("upgrade", protocol)
+                    .body(Full::new(Bytes::new()))
+            });
+            let io = hyper_util::rt::TokioIo::new(s);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await;
+        });
+    }
+}

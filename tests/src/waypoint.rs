@@ -107,10 +107,12 @@ impl Waypoint {
         Ok(body)
     }
 
+    /// The configuration in force, from the admin port (localhost in the waypoint's pod).
     pub async fn config_dump(&self) -> Result<String> {
-        Ok(http_request(&self.pod.ns, self.metrics_addr(), "GET", "/config_dump")
-            .await?
-            .1)
+        let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+        let (status, body) = http_request(&self.pod.ns, admin, "GET", "/config_dump").await?;
+        anyhow::ensure!(status == 200, "waypoint /config_dump answered {status}");
+        Ok(body)
     }
 
     pub fn logs(&self) -> String {
@@ -118,8 +120,15 @@ impl Waypoint {
     }
 }
 
-/// A Service on port 80 (target 8080) in `shop` with cluster IP 10.96.<id>.<n>.
+/// A Service on port 80 (target 8080) in `shop` with cluster IP 10.96.<id>.<n>; the port is
+/// named `http`, which declares it HTTP.
 pub fn service(id: u8, name: &str, selector: &str, n: u8, waypoint: bool) -> String {
+    service_port(id, name, selector, n, waypoint, "http")
+}
+
+/// As [`service`], with the port named `port_name` (`tcp`, say, for a port whose protocol
+/// is not declared HTTP).
+pub fn service_port(id: u8, name: &str, selector: &str, n: u8, waypoint: bool, port_name: &str) -> String {
     let labels = if waypoint {
         ", labels: {istio.io/use-waypoint: waypoint}"
     } else {
@@ -127,7 +136,7 @@ pub fn service(id: u8, name: &str, selector: &str, n: u8, waypoint: bool) -> Str
     };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop{labels}}}\n\
-         spec: {{clusterIP: 10.96.{id}.{n}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
+         spec: {{clusterIP: 10.96.{id}.{n}, selector: {{{selector}}}, ports: [{{name: {port_name}, port: 80, targetPort: 8080}}]}}\n---\n",
     )
 }
 

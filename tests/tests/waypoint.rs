@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_e2e::apps::{accepted, named_echo_server, named_server, served, span_collector, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
-use mesh_e2e::waypoint::{base, identity, service, Waypoint};
+use mesh_e2e::waypoint::{base, identity, service, service_port, Waypoint};
 use mesh_e2e::{privileged, promtool_check};
 
 const ID: u8 = 90;
@@ -662,8 +662,9 @@ fn auth_world() -> String {
     w += &service(ID3, "grpc", "app: grpc-a", 31, true);
     w += &service(ID3, "grpc-a", "app: grpc-a", 32, false);
     w += &service(ID3, "grpc-b", "app: grpc-b", 33, false);
-    w += &service(ID3, "tcp", "app: tcp-a", 34, true);
-    w += &service(ID3, "tcp-b", "app: tcp-b", 35, false);
+    // Port `tcp`: not declared HTTP, so the waypoint may proxy it as opaque TCP.
+    w += &service_port(ID3, "tcp", "app: tcp-a", 34, true, "tcp");
+    w += &service_port(ID3, "tcp-b", "app: tcp-b", 35, false, "tcp");
     w += r#"apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {name: grpc, namespace: shop}
