@@ -85,6 +85,7 @@ async fn snapshot_then_adds_to_newest_and_dels_to_all() {
         matches!(z1_got, (Payload::Add(ref a), true) if a.uid == "p1"),
         "Add carries the namespace fd"
     );
+    assert!(srv.served("p1"), "acked: served once add_pod returns");
 
     // A second ztunnel (rolling upgrade) gets the snapshot with p1, and takes new pods.
     let z2 = FakeZtunnel::connect(&path).await;
@@ -100,10 +101,17 @@ async fn snapshot_then_adds_to_newest_and_dels_to_all() {
     assert!(matches!(d1.0, Payload::Del(ref d) if d.uid == "p1"));
     assert!(matches!(d2.0, Payload::Del(ref d) if d.uid == "p1"));
     assert_eq!(srv.pods(), vec!["p2".to_owned()]);
+    assert!(!srv.served("p1") && srv.served("p2"));
 
-    // The old ztunnel leaves: only the new one remains.
+    // The old ztunnel leaves: only the new one remains, serving p2.
     drop(z1);
     until_connected(&srv, 1).await;
+    assert!(srv.served("p2"));
+    // Without any ztunnel nobody serves it, though the pod is still enrolled.
+    drop(z2);
+    until_connected(&srv, 0).await;
+    assert!(!srv.served("p2"));
+    assert_eq!(srv.pods(), vec!["p2".to_owned()]);
 }
 
 #[tokio::test]
@@ -118,6 +126,7 @@ async fn a_rejected_or_lost_add_fails_enrolment() {
     );
     assert!(matches!(r, Err(EnrolError::Rejected { ref reason, .. }) if reason.contains("cannot enter")));
     assert!(srv.pods().is_empty(), "a rejected pod is not remembered");
+    assert!(!srv.served("bad"));
 
     // The ztunnel vanishes mid-request.
     let add = srv.add_pod("lost", info("lost"), netns());

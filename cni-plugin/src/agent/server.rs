@@ -729,3 +729,38 @@ pub async fn serve_metrics(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::pods::{Meta, Pod};
+
+    #[test]
+    fn a_pod_or_namespace_not_listed_is_undecided() {
+        let mut inv = Inventory::default();
+        let why = undecided(&inv, "shop", "web").expect("pod missing");
+        assert!(why.contains("pod shop/web is not in the inventory"), "{why}");
+        inv.pods.insert(("shop".into(), "web".into()), Pod::default());
+        // As in cluster mode when the namespace GET finds nothing.
+        let why = undecided(&inv, "shop", "web").expect("namespace missing");
+        assert!(why.contains("namespace shop"), "{why}");
+        inv.namespaces.insert("shop".into(), Meta::default());
+        assert_eq!(undecided(&inv, "shop", "web"), None);
+    }
+
+    #[test]
+    fn the_wait_ends_before_the_plugin_gives_up() {
+        let req = |timeout_ms| PodRequest {
+            container_id: "c".into(),
+            netns: String::new(),
+            pod_name: "web".into(),
+            pod_namespace: "shop".into(),
+            ips: vec![],
+            timeout_ms,
+        };
+        assert_eq!(req(None).undecided_wait(), Duration::from_millis(1400));
+        assert_eq!(req(Some(4000)).undecided_wait(), Duration::from_millis(3400));
+        assert_eq!(req(Some(60_000)).undecided_wait(), UNDECIDED_WAIT);
+        assert_eq!(req(Some(100)).undecided_wait(), Duration::ZERO);
+    }
+}
