@@ -57,9 +57,13 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::start_with(|ads| ads).await
+    }
+
+    async fn start_with(configure: impl FnOnce(AdsServer) -> AdsServer) -> Server {
         let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
         let auth = Arc::new(BootstrapTokens::from_yaml(TOKENS, "test").expect("tokens"));
-        let ads = AdsServer::new(rx, auth, XdsMetrics::default());
+        let ads = configure(AdsServer::new(rx, auth, XdsMetrics::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -259,4 +263,69 @@ async fn streams_without_a_valid_token_are_refused() {
         Err(s) => s,
     };
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_stream_asking_for_too_many_names_is_ended() {
+    let server = Server::start().await;
+    server.publish(&world(""));
+    let mut client = connect(server.addr, "node-1-secret-0123456789").await.expect("stream");
+    let names: Vec<String> = (0..=controller::xds::MAX_NAMES).map(|i| format!("n{i}")).collect();
+    client
+        .send(DeltaDiscoveryRequest {
+            type_url: ADDRESS.to_owned(),
+            resource_names_subscribe: names,
+            ..Default::default()
+        })
+        .await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), client.responses.message())
+        .await
+        .expect("an answer within 5 s");
+    let status = ended.expect_err("the stream is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(
+        status.message().contains("wildcard"),
+        "the refusal says what to do: {status}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_after_the_send_timeout() {
+    let server = Server::start_with(|ads| ads.with_send_timeout(Duration::from_millis(300))).await;
+    // Enough pods that a few pushes fill the client's HTTP/2 window when it does not read.
+    let pods: String = (0..2000)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: shop, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
+                i / 200,
+                i % 200 + 1
+            )
+        })
+        .collect();
+    server.publish(&world(&pods));
+    let mut client = connect(server.addr, "node-1-secret-0123456789").await.expect("stream");
+    client.subscribe(ADDRESS, &[], &[]).await;
+    // Never read: every change is another full push the server cannot hand over.
+    for round in 0..12 {
+        let renamed = pods.replace(
+            "namespace: shop",
+            &format!("namespace: shop, labels: {{round: r{round}}}"),
+        );
+        server.publish(&world(&renamed.replace("10.1.", &format!("10.{}.", round + 2))));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The server gave up on the stream: reading now drains what was queued, then it ends.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the stream of a client that stopped reading is ended by the server"
+    );
 }

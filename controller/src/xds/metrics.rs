@@ -22,7 +22,13 @@ pub struct XdsMetrics {
     resources: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
     refused: Counter,
+    limited: Family<ReasonLabel, Counter>,
     latency: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 impl Default for XdsMetrics {
@@ -33,6 +39,7 @@ impl Default for XdsMetrics {
             resources: Family::default(),
             nacks: Family::default(),
             refused: Counter::default(),
+            limited: Family::default(),
             latency: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0].into_iter()),
         }
     }
@@ -59,6 +66,11 @@ impl XdsMetrics {
             "xds_refused_streams",
             "Streams refused for missing or bad credentials",
             m.refused.clone(),
+        );
+        registry.register(
+            "xds_limited_streams",
+            "Streams ended for exceeding a bound, by reason (too_many_names, slow_client)",
+            m.limited.clone(),
         );
         registry.register_with_unit(
             "xds_push_latency",
@@ -87,5 +99,9 @@ impl XdsMetrics {
 
     pub(crate) fn refused(&self) {
         self.refused.inc();
+    }
+
+    pub(crate) fn limited(&self, reason: &'static str) {
+        self.limited.get_or_create(&ReasonLabel { reason }).inc();
     }
 }

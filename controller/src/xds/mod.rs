@@ -6,5 +6,5 @@ pub mod server;
 pub mod snapshot;
 
 pub use metrics::XdsMetrics;
-pub use server::AdsServer;
+pub use server::{AdsServer, MAX_NAMES, SEND_TIMEOUT};
 pub use snapshot::Snapshot;

@@ -4,13 +4,20 @@
 //! A NACK is logged and counted; the rejected version is not re-sent (the client keeps its
 //! last good state) until the resource changes again. Callers authenticate with the same
 //! bearer tokens as the CA.
+//!
+//! What one stream can make the server hold is bounded: at most [`MAX_NAMES`] subscribed or
+//! held names per type (more ends the stream with RESOURCE_EXHAUSTED), one queued response
+//! plus the chunk being built, and a client that takes no response for [`SEND_TIMEOUT`] is
+//! dropped so it cannot pin old snapshots. Warnings a client can trigger are rate-limited.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::Stream;
+use mesh_core::log_limit::LogLimiter;
 use mesh_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -24,6 +31,11 @@ use crate::ca::auth::{bearer_token, Authenticator};
 
 /// Resources per response: bounds the memory one slow client pins during a full push.
 const CHUNK: usize = 500;
+/// Names one stream may subscribe to or claim to hold, per type. A node proxy subscribing by
+/// name asks for the workloads and services it talks to, far fewer than this.
+pub const MAX_NAMES: usize = 100_000;
+/// How long a response may wait for the client to take it before the stream is dropped.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
@@ -34,6 +46,8 @@ pub struct AdsServer {
     auth: Arc<dyn Authenticator>,
     metrics: XdsMetrics,
     nonce: Arc<AtomicU64>,
+    warnings: Arc<LogLimiter>,
+    send_timeout: Duration,
 }
 
 impl AdsServer {
@@ -43,7 +57,15 @@ impl AdsServer {
             auth,
             metrics,
             nonce: Arc::new(AtomicU64::new(0)),
+            warnings: Arc::new(LogLimiter::new(Duration::from_secs(10))),
+            send_timeout: SEND_TIMEOUT,
         }
+    }
+
+    /// How long a response may wait for a client (default [`SEND_TIMEOUT`]).
+    pub fn with_send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
+        self
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
@@ -77,6 +99,19 @@ struct Session {
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     metrics: XdsMetrics,
     nonce: Arc<AtomicU64>,
+    warnings: Arc<LogLimiter>,
+    send_timeout: Duration,
+}
+
+/// Why a stream is ended by the server.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The client went away.
+    Gone,
+    /// The client took no response for the send timeout.
+    Slow,
+    /// The client asked for more than [`MAX_NAMES`] names of one type.
+    TooManyNames(&'static str),
 }
 
 fn known_type(type_url: &str) -> Option<&'static str> {
@@ -84,8 +119,60 @@ fn known_type(type_url: &str) -> Option<&'static str> {
 }
 
 impl Session {
+    /// Answers requests and follows snapshots until the stream ends, saying why.
+    async fn serve(
+        &mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> Ended {
+        loop {
+            let step = tokio::select! {
+                msg = inbound.message() => {
+                    let req = match msg {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Ended::Gone,
+                        Err(e) => {
+                            tracing::debug!(peer = %self.peer, error = %e, "xDS stream ended");
+                            return Ended::Gone;
+                        }
+                    };
+                    self.note_node(&req);
+                    match self.request(req) {
+                        Ok(Some((type_url, names, first))) => {
+                            let snapshot = snapshots.borrow_and_update().clone();
+                            self.generation = snapshot.generation;
+                            self.push(&snapshot, type_url, names.as_ref(), first).await
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Ended::Gone;
+                    }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    self.push_changes(&snapshot).await
+                }
+            };
+            if let Err(ended) = step {
+                return ended;
+            }
+        }
+    }
+
+    /// Names the client's node in this stream's log lines (once, bounded in length).
+    fn note_node(&mut self, req: &DeltaDiscoveryRequest) {
+        if let Some(node) = &req.node {
+            let id: String = node.id.chars().take(128).collect();
+            if !id.is_empty() && !self.peer.contains(&id) {
+                self.peer = format!("{} node={id}", self.peer);
+            }
+        }
+    }
+
     /// Sends what differs between the snapshot and what the client has, for `names` of
-    /// `type_url` (all names when `None`). Returns false when the client is gone.
+    /// `type_url` (all names when `None`). Fails when the client is gone or too slow.
     /// With `always`, a response goes out even when empty: the answer to a first subscription
     /// tells the client it holds the current state (ztunnel readiness waits for it).
     async fn push(
@@ -94,12 +181,12 @@ impl Session {
         type_url: &'static str,
         names: Option<&BTreeSet<String>>,
         always: bool,
-    ) -> bool {
+    ) -> Result<(), Ended> {
         let Some(sub) = self.subs.get_mut(type_url) else {
-            return true;
+            return Ok(());
         };
         let Some(current) = snapshot.types.get(type_url) else {
-            return true;
+            return Ok(());
         };
         // Entries to send are collected as pointers; the per-client copies are made one
         // chunk at a time, so a full push pins at most a chunk per client.
@@ -136,7 +223,7 @@ impl Session {
             }
         }
         if send.is_empty() && removed.is_empty() && !always {
-            return true;
+            return Ok(());
         }
         let count = send.len() + removed.len();
         let chunks = send.len().div_ceil(CHUNK).max(1);
@@ -154,27 +241,44 @@ impl Session {
                     Vec::new()
                 },
             };
-            if self.tx.send(Ok(response)).await.is_err() {
-                return false;
+            match tokio::time::timeout(self.send_timeout, self.tx.send(Ok(response))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Ended::Gone),
+                Err(_) => return Err(Ended::Slow),
             }
         }
         self.metrics.pushed(type_url, count, snapshot.since);
         tracing::debug!(peer = %self.peer, type_url, count, generation = snapshot.generation, "pushed");
-        true
+        Ok(())
+    }
+
+    /// Logs a warning a client can trigger at most once per interval per kind.
+    fn warn(&self, kind: &'static str, detail: &str) {
+        if let Some(suppressed) = self.warnings.check(kind) {
+            tracing::warn!(peer = %self.peer, suppressed, "{kind}: {detail}");
+        }
     }
 
     /// Handles one request; returns the names to push, or `None` for a plain ACK/NACK.
-    fn request(&mut self, req: DeltaDiscoveryRequest) -> Option<(&'static str, Option<BTreeSet<String>>, bool)> {
+    fn request(&mut self, req: DeltaDiscoveryRequest) -> Result<Option<Push>, Ended> {
         let Some(type_url) = known_type(&req.type_url) else {
-            tracing::warn!(peer = %self.peer, type_url = %req.type_url, "subscription to an unknown type ignored");
-            return None;
+            self.warn("subscription to an unknown type ignored", &req.type_url);
+            return Ok(None);
         };
         if let Some(err) = &req.error_detail {
             self.metrics.nack(type_url);
-            tracing::warn!(peer = %self.peer, type_url, nonce = %req.response_nonce, code = err.code, message = %err.message, "client rejected resources (NACK); not resending them until they change");
+            let detail = format!("{type_url} nonce {}: {} {}", req.response_nonce, err.code, err.message);
+            self.warn(
+                "client rejected resources (NACK); not resending them until they change",
+                &detail,
+            );
         }
         let first = !self.subs.contains_key(type_url);
         let sub = self.subs.entry(type_url).or_default();
+        let asked = req.resource_names_subscribe.len() + req.initial_resource_versions.len();
+        if sub.names.len().saturating_add(asked) > MAX_NAMES {
+            return Err(Ended::TooManyNames(type_url));
+        }
         if first {
             // Legacy wildcard: a first request without names subscribes to everything.
             sub.wildcard = req.resource_names_subscribe.is_empty();
@@ -203,15 +307,33 @@ impl Session {
                 sub.has.remove(name.as_str());
             }
         }
-        if first || (sub.wildcard && !fresh.is_empty()) {
+        Ok(if first || (sub.wildcard && !fresh.is_empty()) {
             Some((type_url, None, first))
         } else if !fresh.is_empty() {
             Some((type_url, Some(fresh), false))
         } else {
             None
+        })
+    }
+
+    /// Pushes every type that changed in `snapshot`: only the changed names when the client
+    /// saw the previous generation, a full diff when it lags.
+    async fn push_changes(&mut self, snapshot: &Snapshot) -> Result<(), Ended> {
+        let incremental = snapshot.generation == self.generation + 1;
+        self.generation = snapshot.generation;
+        for type_url in TYPES {
+            let names = incremental.then(|| snapshot.changed.get(type_url)).flatten();
+            if incremental && names.is_none_or(|n| n.is_empty()) {
+                continue;
+            }
+            self.push(snapshot, type_url, names, false).await?;
         }
+        Ok(())
     }
 }
+
+/// A push a request asks for: type, names (`None`: all), and whether to answer even if empty.
+type Push = (&'static str, Option<BTreeSet<String>>, bool);
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
@@ -227,7 +349,7 @@ impl AggregatedDiscoveryService for AdsServer {
             Status::unauthenticated(format!("xDS: {e}"))
         })?;
         let remote = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let mut inbound = request.into_inner();
+        let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         let mut session = Session {
             peer: format!("{caller} ({remote})"),
@@ -236,63 +358,32 @@ impl AggregatedDiscoveryService for AdsServer {
             tx,
             metrics: self.metrics.clone(),
             nonce: self.nonce.clone(),
+            warnings: self.warnings.clone(),
+            send_timeout: self.send_timeout,
         };
-        let mut snapshots = self.snapshots.clone();
-        let metrics = self.metrics.clone();
+        let snapshots = self.snapshots.clone();
         tokio::spawn(async move {
-            metrics.connected(1);
+            session.metrics.connected(1);
             tracing::info!(peer = %session.peer, "xDS client connected");
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let req = match msg {
-                            Ok(Some(r)) => r,
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::debug!(peer = %session.peer, error = %e, "xDS stream ended");
-                                break;
-                            }
-                        };
-                        if let Some(node) = &req.node {
-                            if !node.id.is_empty() && !session.peer.contains(&node.id) {
-                                session.peer = format!("{} node={}", session.peer, node.id);
-                            }
-                        }
-                        if let Some((type_url, names, first)) = session.request(req) {
-                            let snapshot = snapshots.borrow_and_update().clone();
-                            session.generation = snapshot.generation;
-                            if !session.push(&snapshot, type_url, names.as_ref(), first).await {
-                                break;
-                            }
-                        }
-                    }
-                    changed = snapshots.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let snapshot = snapshots.borrow_and_update().clone();
-                        // Caught up: only what changed; lagging: a full diff.
-                        let incremental = snapshot.generation == session.generation + 1;
-                        session.generation = snapshot.generation;
-                        let mut alive = true;
-                        for type_url in TYPES {
-                            let names = incremental.then(|| snapshot.changed.get(type_url)).flatten();
-                            if incremental && names.is_none_or(|n| n.is_empty()) {
-                                continue;
-                            }
-                            alive = session.push(&snapshot, type_url, names, false).await;
-                            if !alive {
-                                break;
-                            }
-                        }
-                        if !alive {
-                            break;
-                        }
-                    }
+            let ended = session.serve(inbound, snapshots).await;
+            session.metrics.connected(-1);
+            match ended {
+                Ended::Gone => tracing::info!(peer = %session.peer, "xDS client disconnected"),
+                Ended::Slow => {
+                    session.metrics.limited("slow_client");
+                    let waited = session.send_timeout;
+                    session.warn("xDS client dropped", &format!("took no response for {waited:?}"));
+                }
+                Ended::TooManyNames(type_url) => {
+                    session.metrics.limited("too_many_names");
+                    let msg = format!(
+                        "more than {MAX_NAMES} names of {type_url} on one stream; subscribe with a wildcard instead"
+                    );
+                    session.warn("xDS stream refused", &msg);
+                    let refusal = session.tx.send(Err(Status::resource_exhausted(msg)));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), refusal).await;
                 }
             }
-            metrics.connected(-1);
-            tracing::info!(peer = %session.peer, "xDS client disconnected");
         });
         let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
         Ok(Response::new(Box::pin(out)))
