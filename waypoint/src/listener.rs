@@ -242,7 +242,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
         // hyper has already answered a malformed request with 400 where it could.
         if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
-            info!(peer = %peer_identity_text, error = %e, "malformed HTTP request in tunnel");
+            info!(target: "access", src_identity = %peer_identity_text, error = %e, reason = "malformed_http", "request refused: malformed HTTP");
             metrics.reject("malformed_http");
         } else {
             debug!(error = %e, "HTTP connection in tunnel ended with an error");
