@@ -142,3 +142,35 @@ impl Config {
         Duration::from_secs(self.drain_seconds)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, clap::Error> {
+        let base = [
+            "waypoint",
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/waypoint",
+            "--xds-address",
+            "http://cp:15012",
+            "--ca-address",
+            "http://cp:15012",
+            "--trust-bundle",
+            "/roots.pem",
+        ];
+        Config::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn admin_views_default_to_localhost_and_stats_addr_is_ztunnels_name() {
+        let cfg = parse(&[]).expect("defaults");
+        assert!(cfg.admin_addr.ip().is_loopback(), "{}", cfg.admin_addr);
+        assert_eq!(cfg.metrics_addr.port(), 15020);
+        assert_eq!(cfg.readiness_addr.port(), 15021);
+        let cfg = parse(&["--stats-addr", "0.0.0.0:9020"]).expect("--stats-addr");
+        assert_eq!(cfg.metrics_addr.port(), 9020);
+        let cfg = parse(&["--header-read-timeout-ms", "0"]).expect("parses");
+        assert!(cfg.validate().is_err(), "a zero header-read timeout is refused");
+    }
+}
