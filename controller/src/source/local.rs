@@ -1,7 +1,10 @@
 //! The local manifest directory: multi-document YAML (or JSON) files of the same kinds a
 //! cluster holds, re-read when anything in the directory changes. A bad document is reported
 //! with its file, document index and reason and skipped; the rest applies, and a fix is picked
-//! up on the next change.
+//! up on the next change. A file that was read cleanly keeps its objects while a later version
+//! cannot be read or has errors (withdrawing them would change policy because of a typo); only
+//! regular files are read, up to 16 MiB, without blocking; symlinks are followed but each
+//! directory is walked once, and a link back into the walk is reported by its path.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,16 +38,96 @@ pub struct Loaded {
     pub errors: Vec<DocumentError>,
 }
 
-fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The largest manifest file read; a bigger one (or `/dev/zero` behind a link) is an error.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// What a walk of the directory found besides files: links that lead back into what was
+/// already walked, entries that are not regular files, unreadable subdirectories.
+fn walk_problem(path: &Path, reason: String) -> DocumentError {
+    DocumentError {
+        file: path.to_owned(),
+        index: 0,
+        reason,
+    }
+}
+
+/// The manifest files under `dir`, following symlinks but walking each directory once: a link
+/// to a directory already walked (`a -> .`, two links to one place) is reported by its path
+/// and not followed, so a cycle cannot make the walk explode.
+fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>, problems: &mut Vec<DocumentError>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    let mut seen = BTreeMap::from([((meta.dev(), meta.ino()), dir.to_owned())]);
+    walk(dir, &mut seen, out, problems)
+}
+
+fn walk(
+    dir: &Path,
+    seen: &mut BTreeMap<(u64, u64), PathBuf>,
+    out: &mut Vec<PathBuf>,
+    problems: &mut Vec<DocumentError>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.is_dir() {
-            manifest_files(&path, out)?;
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+        let manifest = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"));
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                if manifest {
+                    out.push(path); // Its read reports the error.
+                } else if path.is_symlink() {
+                    problems.push(walk_problem(&path, format!("cannot follow: {e}")));
+                }
+                continue;
+            }
+        };
+        if meta.is_dir() {
+            let id = (meta.dev(), meta.ino());
+            if let Some(first) = seen.get(&id) {
+                problems.push(walk_problem(
+                    &path,
+                    format!(
+                        "leads to {}, which is already read (a symlink cycle or a second link): not followed",
+                        first.display()
+                    ),
+                ));
+                continue;
+            }
+            seen.insert(id, path.clone());
+            if let Err(e) = walk(&path, seen, out, problems) {
+                problems.push(walk_problem(&path, format!("cannot read directory: {e}")));
+            }
+        } else if manifest {
+            // Not a regular file (a FIFO, a device): listed, so reading it fails and the
+            // file's last good objects are kept, as for any unreadable file.
             out.push(path);
         }
     }
     Ok(())
+}
+
+/// Reads one manifest file: a regular file only (opened without blocking, so a FIFO swapped
+/// in after the walk cannot hang the reader), at most [`MAX_FILE_BYTES`].
+fn read_manifest(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_FILE_BYTES >> 20
+        )));
+    }
+    Ok(text)
 }
 
 /// Parses every document of one file's text into `loaded`.
@@ -88,17 +171,25 @@ pub fn parse_text(file: &Path, text: &str, loaded: &mut Loaded) {
 /// atomic writers replace the file, which changes the inode even within one clock tick).
 type Stamp = (u64, Option<SystemTime>, u64);
 
-fn stamps(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
+/// The directory's manifest files with their stamps, and what the walk reported.
+struct Listing {
+    files: BTreeMap<PathBuf, Stamp>,
+    problems: Vec<DocumentError>,
+}
+
+fn stamps(dir: &Path) -> std::io::Result<Listing> {
     use std::os::unix::fs::MetadataExt;
     let mut files = Vec::new();
-    manifest_files(dir, &mut files)?;
-    Ok(files
+    let mut problems = Vec::new();
+    manifest_files(dir, &mut files, &mut problems)?;
+    let files = files
         .into_iter()
         .filter_map(|f| {
-            let meta = std::fs::metadata(&f).ok()?;
+            let meta = std::fs::metadata(&f).or_else(|_| std::fs::symlink_metadata(&f)).ok()?;
             Some((f, (meta.len(), meta.modified().ok(), meta.ino())))
         })
-        .collect())
+        .collect();
+    Ok(Listing { files, problems })
 }
 
 /// What was read from one file.
@@ -106,20 +197,45 @@ struct FileState {
     stamp: Stamp,
     keys: Vec<(Kind, ObjectKey)>,
     errors: Vec<DocumentError>,
+    /// The objects applied came from a read without errors: they are the file's last good
+    /// state, kept while a later version cannot be read or has errors.
+    good: bool,
 }
 
-/// The directory as last read: files, and which file each object came from.
+/// The directory as last read: files, which file each object came from, and what the last
+/// walk of the directory reported.
 #[derive(Default)]
 struct DirState {
     files: BTreeMap<PathBuf, FileState>,
     owner: BTreeMap<(Kind, ObjectKey), PathBuf>,
+    walk: Vec<DocumentError>,
+}
+
+/// Reads and parses one file; the errors say why documents (or the whole file) were not read.
+fn load_file(file: &Path) -> Loaded {
+    let mut loaded = Loaded::default();
+    match read_manifest(file) {
+        Ok(text) => parse_text(file, &text, &mut loaded),
+        Err(e) => loaded.errors.push(DocumentError {
+            file: file.to_owned(),
+            index: 0,
+            reason: format!("cannot read: {e}"),
+        }),
+    }
+    loaded
 }
 
 impl DirState {
     /// Re-reads changed files only; returns the changes to send. Objects of a file that
     /// changed are re-applied; objects that disappeared are deleted. An object defined in two
     /// files belongs to the first file that defined it; the other copy is reported.
-    fn refresh(&mut self, now: BTreeMap<PathBuf, Stamp>) -> Vec<Change> {
+    ///
+    /// A file whose last applied read was clean keeps those objects while a new version cannot
+    /// be read or has errors (an editor's half-written save, a typo, a permission change): the
+    /// errors are reported and nothing is withdrawn until the file is fixed or deleted.
+    fn refresh(&mut self, listing: Listing) -> Vec<Change> {
+        let Listing { files: now, problems } = listing;
+        self.walk = problems;
         let mut changes = Vec::new();
         let gone: Vec<PathBuf> = self.files.keys().filter(|f| !now.contains_key(*f)).cloned().collect();
         for file in gone {
@@ -136,15 +252,23 @@ impl DirState {
             if self.files.get(&file).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let mut loaded = Loaded::default();
-            match std::fs::read_to_string(&file) {
-                Ok(text) => parse_text(&file, &text, &mut loaded),
-                Err(e) => loaded.errors.push(DocumentError {
-                    file: file.clone(),
-                    index: 0,
-                    reason: format!("cannot read: {e}"),
-                }),
+            let mut loaded = load_file(&file);
+            if !loaded.errors.is_empty() {
+                if let Some(held) = self.files.get_mut(&file).filter(|f| f.good) {
+                    loaded.errors.push(DocumentError {
+                        file: file.clone(),
+                        index: 0,
+                        reason: format!(
+                            "keeping the {} object(s) of this file's last good version until it is fixed",
+                            held.keys.len()
+                        ),
+                    });
+                    held.stamp = stamp;
+                    held.errors = loaded.errors;
+                    continue;
+                }
             }
+            let good = loaded.errors.is_empty();
             let before: Vec<(Kind, ObjectKey)> = self.files.remove(&file).map(|f| f.keys).unwrap_or_default();
             let mut keys = Vec::with_capacity(loaded.objects.len());
             for object in loaded.objects {
@@ -181,6 +305,7 @@ impl DirState {
                     stamp,
                     keys,
                     errors: loaded.errors,
+                    good,
                 },
             );
         }
@@ -188,7 +313,11 @@ impl DirState {
     }
 
     fn errors(&self) -> Vec<DocumentError> {
-        self.files.values().flat_map(|f| f.errors.iter().cloned()).collect()
+        self.walk
+            .iter()
+            .chain(self.files.values().flat_map(|f| f.errors.iter()))
+            .cloned()
+            .collect()
     }
 }
 
@@ -209,6 +338,7 @@ pub async fn watch(
     }
     let mut state = Some(DirState::default());
     let mut first = true;
+    let mut published: Option<Vec<DocumentError>> = None;
     loop {
         let d = dir.clone();
         let mut current = state.take().unwrap_or_default();
@@ -232,13 +362,16 @@ pub async fn watch(
                 return Err(std::io::Error::other(e.to_string()));
             }
         };
-        if !changes.is_empty() || first {
-            let skipped = current.errors();
+        let skipped = current.errors();
+        if published.as_ref() != Some(&skipped) {
             for e in &skipped {
                 tracing::warn!(file = %e.file.display(), document = e.index, reason = %e.reason, "skipped manifest document");
             }
-            tracing::info!(dir = %dir.display(), changes = changes.len(), objects = current.owner.len(), skipped = skipped.len(), "manifests read");
-            errors.send_replace(skipped);
+            errors.send_replace(skipped.clone());
+            published = Some(skipped);
+        }
+        if !changes.is_empty() || first {
+            tracing::info!(dir = %dir.display(), changes = changes.len(), objects = current.owner.len(), "manifests read");
             let batch: Vec<Change> = if first {
                 let mut by_kind: BTreeMap<Kind, Vec<Object>> = Kind::ALL.iter().map(|k| (*k, Vec::new())).collect();
                 for c in changes {
@@ -385,6 +518,115 @@ items:
             .iter()
             .map(|n| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n---\n"))
             .collect()
+    }
+
+    fn refresh(state: &mut DirState, dir: &Path) -> Vec<Change> {
+        state.refresh(stamps(dir).expect("stamps"))
+    }
+
+    fn reasons(state: &DirState) -> Vec<String> {
+        state.errors().iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn a_file_that_breaks_keeps_its_last_good_objects() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.yaml");
+        let replace = |text: &str| {
+            let tmp = dir.path().join("a.tmp");
+            std::fs::write(&tmp, text).expect("write");
+            std::fs::rename(&tmp, &a).expect("rename");
+        };
+        replace(&ns(&["one", "two"]));
+        let mut state = DirState::default();
+        assert_eq!(names(&refresh(&mut state, dir.path())), ["apply one", "apply two"]);
+
+        // Invalid YAML, then a document that is not an object, then unreadable (a dangling
+        // link, a FIFO, a device): nothing is withdrawn, each error is reported.
+        type Break<'a> = Box<dyn Fn() + 'a>;
+        let broken: [(&str, Break<'_>); 5] = [
+            ("not valid YAML", Box::new(|| replace("kind: [\n"))),
+            (
+                "metadata.name",
+                Box::new(|| replace("apiVersion: v1\nkind: Namespace\nmetadata: {}\n")),
+            ),
+            (
+                "cannot read",
+                Box::new(|| {
+                    std::fs::remove_file(&a).expect("rm");
+                    std::os::unix::fs::symlink(dir.path().join("gone"), &a).expect("link");
+                }),
+            ),
+            (
+                "not a regular file",
+                Box::new(|| {
+                    std::fs::remove_file(&a).expect("rm");
+                    let ok = std::process::Command::new("mkfifo").arg(&a).status().expect("mkfifo");
+                    assert!(ok.success());
+                }),
+            ),
+            (
+                "not a regular file",
+                Box::new(|| {
+                    std::fs::remove_file(&a).expect("rm");
+                    std::os::unix::fs::symlink("/dev/zero", &a).expect("link");
+                }),
+            ),
+        ];
+        for (why, make) in &broken {
+            make();
+            assert!(refresh(&mut state, dir.path()).is_empty(), "{why}: nothing withdrawn");
+            let errors = reasons(&state);
+            assert!(
+                errors.iter().any(|e| e.contains(why)) && errors.iter().any(|e| e.contains("keeping the 2 object(s)")),
+                "{why}: {errors:?}"
+            );
+        }
+
+        // Fixed: the new version applies and the old objects it no longer has go.
+        std::fs::remove_file(&a).expect("rm");
+        replace(&ns(&["one", "three"]));
+        assert_eq!(
+            names(&refresh(&mut state, dir.path())),
+            ["apply one", "apply three", "delete Namespace two"]
+        );
+        assert!(state.errors().is_empty());
+        // Deleting the file is a real removal.
+        std::fs::remove_file(&a).expect("rm");
+        assert_eq!(
+            names(&refresh(&mut state, dir.path())),
+            ["delete Namespace one", "delete Namespace three"]
+        );
+    }
+
+    #[test]
+    fn symlink_cycles_are_reported_by_path_and_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.yaml"), ns(&["one"])).expect("write");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.path().join("sub/b.yaml"), ns(&["two"])).expect("write");
+        for link in ["l1", "l2", "sub/up"] {
+            std::os::unix::fs::symlink(".", dir.path().join(link)).expect("link");
+        }
+        std::os::unix::fs::symlink("..", dir.path().join("sub/parent")).expect("link");
+        let started = std::time::Instant::now();
+        let listing = stamps(dir.path()).expect("stamps");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        let files: Vec<&Path> = listing.files.keys().map(PathBuf::as_path).collect();
+        assert_eq!(files, [dir.path().join("a.yaml"), dir.path().join("sub/b.yaml")]);
+        let problems: Vec<String> = listing.problems.iter().map(|e| e.to_string()).collect();
+        for link in ["l1", "l2", "sub/up", "sub/parent"] {
+            let path = dir.path().join(link).display().to_string();
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&path) && p.contains("symlink cycle")),
+                "{link}: {problems:?}"
+            );
+        }
+        let mut state = DirState::default();
+        assert_eq!(names(&state.refresh(listing)), ["apply one", "apply two"]);
+        assert_eq!(state.errors().len(), 4);
     }
 
     #[test]

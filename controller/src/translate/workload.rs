@@ -145,23 +145,44 @@ pub(crate) fn translate(
     let root_policies = by_namespace.get(options.root_namespace.as_str());
     let slices = slice_members(inputs);
     let mut out = Vec::with_capacity(inputs.pods.len());
+    // Which pod first claimed each address: two pods with one IP cannot be told apart by
+    // ztunnel (policy and identity would follow whichever it indexed last), so it is reported.
+    let mut ip_owner: HashMap<std::net::IpAddr, &ObjectKey> = HashMap::new();
     for (key, pod) in &inputs.pods {
         let Some(status) = pod.status.as_ref() else { continue };
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             continue;
         }
+        let spec = pod.spec.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
         let mut addresses = Vec::with_capacity(1);
         for ip in pod_ips(pod) {
             match ip.parse() {
-                Ok(ip) => addresses.push(ip_to_bytes(ip)),
+                Ok(ip) => {
+                    // Host-network pods share their node's address by design.
+                    if !host_network {
+                        match ip_owner.get(&ip) {
+                            Some(first) if *first != key => report.add(
+                                Kind::Pod,
+                                key,
+                                format!(
+                                    "status.podIP {ip} is also the IP of pod {first}: ztunnel cannot tell them apart"
+                                ),
+                            ),
+                            Some(_) => {}
+                            None => {
+                                ip_owner.insert(ip, key);
+                            }
+                        }
+                    }
+                    addresses.push(ip_to_bytes(ip));
+                }
                 Err(_) => report.add(Kind::Pod, key, format!("status.podIP {ip:?} is not an IP address")),
             }
         }
         if addresses.is_empty() {
             continue; // Not started yet: nothing to route to.
         }
-        let spec = pod.spec.as_ref();
-        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
         let labels = pod.metadata.labels.as_ref();
         let enrolled = pod
             .metadata
