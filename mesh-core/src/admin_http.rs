@@ -18,14 +18,16 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    let mut backoff = crate::socket::AcceptBackoff::default();
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.succeeded();
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    // Out of file descriptors, say: do not spin.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    backoff.failed("admin", &e).await;
                     continue;
                 }
             },

@@ -150,3 +150,72 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     };
     Ok(addr)
 }
+
+/// What an accept loop does after `accept` failed. Running out of file descriptors or memory
+/// makes every `accept` fail at once until something is freed: the loop waits, doubling from
+/// 10 ms to 1 s, instead of spinning a core and flooding the log. Anything else (a connection
+/// aborted before it was accepted) is retried at once. Failures are logged at most once per
+/// 10 s with the number suppressed.
+pub struct AcceptBackoff {
+    delay: std::time::Duration,
+    log: crate::log_limit::LogLimiter,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            delay: Self::FIRST,
+            log: crate::log_limit::LogLimiter::new(std::time::Duration::from_secs(10)),
+        }
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(10);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Whether `e` means the process or system ran out of a resource.
+    pub fn is_exhaustion(e: &io::Error) -> bool {
+        use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
+        matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+    }
+
+    /// Logs (rate-limited) and waits as `e` deserves; returns how long it waited.
+    pub async fn failed(&mut self, listener: &str, e: &io::Error) -> std::time::Duration {
+        if let Some(suppressed) = self.log.check("accept") {
+            tracing::warn!(listener, error = %e, suppressed, "accept failed");
+        }
+        if !Self::is_exhaustion(e) {
+            return std::time::Duration::ZERO;
+        }
+        let wait = self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        tokio::time::sleep(wait).await;
+        wait
+    }
+
+    /// A connection was accepted: the next failure starts from the shortest wait again.
+    pub fn succeeded(&mut self) {
+        self.delay = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod accept_backoff_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn exhaustion_waits_longer_each_time_and_resets_after_success() {
+        let mut b = AcceptBackoff::default();
+        let emfile = io::Error::from_raw_os_error(nix::libc::EMFILE);
+        let mut got = Vec::new();
+        for _ in 0..9 {
+            got.push(b.failed("test", &emfile).await.as_millis());
+        }
+        assert_eq!(got, vec![10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.failed("test", &emfile).await.as_millis(), 10);
+        let aborted = io::Error::from_raw_os_error(nix::libc::ECONNABORTED);
+        assert_eq!(b.failed("test", &aborted).await, std::time::Duration::ZERO);
+    }
+}

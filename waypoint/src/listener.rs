@@ -19,7 +19,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use mesh_core::hbone::{serve_connection, H2Io, InboundConnect};
+use mesh_core::hbone::{
+    serve_connection, H2Io, InboundConnect, Limit, LimitConfig, LimitObserver, ServerLimits, Settings,
+};
+use mesh_core::log_limit::LogLimiter;
+use mesh_core::socket::AcceptBackoff;
 use mesh_core::state::model::{Service, Workload};
 use mesh_core::state::{AppProtocol, Destination};
 use mesh_proto::waypoint as wp;
@@ -127,24 +131,36 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-/// Accepts HBONE connections until drained.
+/// Accepts HBONE connections until drained. Every connection shares one set of HBONE limits
+/// (pending handshakes per source, streams per peer identity, reset floods), counted in
+/// `waypoint_rejected_requests_total` by limit.
 pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
+    let metrics = wp.metrics.clone();
+    let observer: LimitObserver = Arc::new(move |limit: Limit| metrics.reject(limit.as_str()));
+    let settings = Arc::new(Settings {
+        limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
+        ..Default::default()
+    });
+    let mut backoff = AcceptBackoff::default();
+    let refusals = LogLimiter::new(Duration::from_secs(10));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.failed("HBONE", &e).await;
                     continue;
                 }
             },
             _ = wp.drain.cancelled() => return,
         };
+        backoff.succeeded();
         let _ = tcp.set_nodelay(true);
         let Some(cert) = wp.certs.get_ready(&wp.identity) else {
             // Fail closed: without our certificate we cannot prove who we are.
-            warn!(%peer, "no certificate yet; refusing HBONE connection");
+            if let Some(suppressed) = refusals.check("no certificate") {
+                warn!(%peer, suppressed, "no certificate yet; refusing HBONE connection");
+            }
             continue;
         };
         let tls = match mesh_core::tls::cached_server_config(&cert) {
@@ -154,9 +170,8 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
                 continue;
             }
         };
-        let wp2 = wp.clone();
+        let (wp2, settings) = (wp.clone(), settings.clone());
         wp.tasks.spawn(async move {
-            let settings = mesh_core::hbone::Settings::default();
             let drain = wp2.drain.clone();
             let handler = move |c: InboundConnect| tunnel(wp2.clone(), c);
             if let Err(e) = serve_connection(tcp, tls, &settings, drain, handler).await {
@@ -166,10 +181,20 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
     }
 }
 
+/// The client address policy sees: the HBONE peer's own. A `forwarded` header is a claim;
+/// from a client's ztunnel it carries the peer's own address (and the original port), which
+/// is kept. Any other address is ignored: nothing upstream of a waypoint may vouch for one.
+fn client_addr(forwarded: Option<SocketAddr>, peer: SocketAddr) -> SocketAddr {
+    match forwarded {
+        Some(f) if f.ip() == peer.ip() => f,
+        _ => peer,
+    }
+}
+
 /// One CONNECT stream.
 async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let state = wp.state.load();
-    let client_addr = c.forwarded_for().unwrap_or(c.peer_addr);
+    let client_addr = client_addr(c.forwarded_for(), c.peer_addr);
     let dst = c.dst;
     let target = state.lookup(&wp.network, dst.ip());
     let service = match target {
@@ -395,6 +420,27 @@ async fn tcp_to(wp: &Waypoint, mut down: Rewind<H2Io>, target: SocketAddr, who: 
             Err(e) => debug!(error = %e, %target, "TCP proxy ended"),
         },
         Err(e) => warn!(error = %e, %target, "TCP upstream connect failed"),
+    }
+}
+
+#[cfg(test)]
+mod client_addr_tests {
+    use super::client_addr;
+
+    #[test]
+    fn only_the_peers_own_address_is_taken_from_forwarded() {
+        let peer = "10.0.0.5:40000".parse().unwrap();
+        let cases = [
+            (None, "10.0.0.5:40000"),
+            (Some("10.0.0.5:1234"), "10.0.0.5:1234"),
+            (Some("127.0.0.1:1234"), "10.0.0.5:40000"),
+            (Some("10.0.0.9:1234"), "10.0.0.5:40000"),
+            (Some("0.0.0.0:1"), "10.0.0.5:40000"),
+        ];
+        for (forwarded, want) in cases {
+            let got = client_addr(forwarded.map(|f| f.parse().unwrap()), peer);
+            assert_eq!(got, want.parse().unwrap(), "forwarded {forwarded:?}");
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mesh_core::hbone::Settings;
+use mesh_core::hbone::{Limit, LimitConfig, LimitObserver, ServerLimits, Settings};
 use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, TokenSource};
 use mesh_core::socket::{PlainSockets, SocketFactory};
@@ -130,8 +130,13 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
 
     // Workload state.
     let source_ready = start_source(&cfg, state.clone(), &mut registry, &sockets, bundle.as_deref())?;
+    // Bounds on what HBONE peers may hold, shared by every pod's listener; each refusal is
+    // counted as ztunnel_connections_refused_total{reason=<limit>}.
+    let limits_metrics = metrics.clone();
+    let observer: LimitObserver = Arc::new(move |limit: Limit| limits_metrics.refuse(limit.as_str()));
     let settings = Settings {
         idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
+        limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
         ..Default::default()
     };
     let ports = proxy::Ports {
@@ -142,7 +147,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         others: cfg.other_listener_ports(),
     };
     // ztunnel's own namespace: in dedicated mode also the workloads'.
-    let node_addrs = proxy::local::LocalAddrs::discover();
+    let node_addrs = proxy::local::LocalAddrs::discover().context("reading the node's interface addresses")?;
     tokio::spawn(node_addrs.clone().refresh(Duration::from_secs(2)));
     let shared = proxy::Shared {
         network: cfg.network.clone(),

@@ -51,7 +51,8 @@ impl Pods {
             return Ok(());
         }
         let netns = Arc::new(netns);
-        let addrs = netns::enter(&netns, || Ok(local::read())).map_err(|e| format!("pod {uid}: {e}"))?;
+        let addrs = netns::enter(&netns, || local::read().map_err(std::io::Error::from))
+            .map_err(|e| format!("pod {uid}: {e}"))?;
         let sockets = Arc::new(netns::NetnsSockets {
             netns,
             plain: PlainSockets { mark: self.mark },

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
-use mesh_core::hbone::{serve_connection, InboundConnect};
+use mesh_core::hbone::{serve_connection, HboneError, InboundConnect};
+use mesh_core::log_limit::LogLimiter;
 use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
 use mesh_core::socket::connect_from;
 use mesh_core::tls;
@@ -17,6 +18,11 @@ use tracing::{debug, info, warn};
 use super::source::{client_source, is_waypoint_for};
 use super::Proxy;
 use crate::metrics::{ConnRecord, Reporter, TcpLabels};
+
+/// Failed connections are logged at most once a second, with the number suppressed: any
+/// client can make a connection fail.
+static CONNECTION_ERRORS: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
     super::accept_loop(px, listener, "HBONE", connection).await
@@ -52,13 +58,20 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         async move { stream(px, req).await }
     })
     .await;
-    if let Err(e) = result {
-        info!(%peer, error = %e, "HBONE connection ended with error");
-        px.metrics.refuse("hbone_connection_error");
+    match result {
+        Ok(()) => {}
+        // Already counted by the limit's observer; a flood must not become a log flood.
+        Err(HboneError::Limited(_)) => {}
+        Err(e) => {
+            px.metrics.refuse("hbone_connection_error");
+            if let Some(suppressed) = CONNECTION_ERRORS.check("hbone") {
+                info!(%peer, error = %e, suppressed, "HBONE connection ended with error");
+            }
+        }
     }
 }
 
-async fn stream(px: Arc<Proxy>, req: InboundConnect) {
+async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
     let state = px.state.load();
     // The authority must name this listener's workload (by one of its addresses).
     let owner = state.workload_by_ip(&px.network, req.local_addr.ip()).cloned();
@@ -112,11 +125,17 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
             .inc();
     }
     let client = source.addr.ip();
-    let upstream = tokio::time::timeout(
+    let dst = req.dst;
+    let connect = tokio::time::timeout(
         px.settings.connect_timeout,
-        connect_from(&*px.sockets, Some(client), req.dst),
-    )
-    .await;
+        connect_from(&*px.sockets, Some(client), dst),
+    );
+    // A client that resets the stream meanwhile gets no connection to the application.
+    let Some(upstream) = req.unless_reset(connect).await else {
+        debug!(%dst, "stream reset by the client before the application answered");
+        px.metrics.refuse("reset_before_connect");
+        return;
+    };
     let mut upstream = match upstream {
         Ok(Ok((s, _transparent))) => s,
         Ok(Err(e)) => {
@@ -132,7 +151,6 @@ async fn stream(px: Arc<Proxy>, req: InboundConnect) {
         }
     };
     let peer = source.addr;
-    let dst = req.dst;
     let registration = px.tracker.register(info, wl.uid.clone());
     let h2 = match req.accept() {
         Ok(s) => s,

@@ -1,5 +1,7 @@
 //! The addresses of this network namespace, refreshed periodically so that a workload whose
-//! address appears later (or moves away) is served correctly.
+//! address appears later (or moves away) is served correctly. A failed read (out of file
+//! descriptors, say) keeps the last known set: an empty set would refuse every valid
+//! connection with a misleading reason.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -8,15 +10,16 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+/// Refresh failures repeat every period while they last: logged once a minute.
+static REFRESH_FAILURES: std::sync::LazyLock<mesh_core::log_limit::LogLimiter> =
+    std::sync::LazyLock::new(|| mesh_core::log_limit::LogLimiter::new(Duration::from_secs(60)));
+
 #[derive(Clone)]
 pub struct LocalAddrs(Arc<ArcSwap<HashSet<IpAddr>>>);
 
 /// The addresses of the current thread's network namespace.
-pub fn read() -> HashSet<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return HashSet::new();
-    };
-    addrs
+pub fn read() -> nix::Result<HashSet<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
         .filter_map(|a| a.address)
         .filter_map(|a| {
             if let Some(v4) = a.as_sockaddr_in() {
@@ -25,12 +28,13 @@ pub fn read() -> HashSet<IpAddr> {
                 a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
             }
         })
-        .collect()
+        .collect())
 }
 
 impl LocalAddrs {
-    pub fn discover() -> Self {
-        LocalAddrs(Arc::new(ArcSwap::from_pointee(read())))
+    /// The current namespace's addresses; fails when they cannot be read at start.
+    pub fn discover() -> nix::Result<Self> {
+        Ok(LocalAddrs(Arc::new(ArcSwap::from_pointee(read()?))))
     }
 
     /// A fixed set (a pod's addresses, read once inside its namespace).
@@ -55,7 +59,15 @@ impl LocalAddrs {
     pub async fn refresh(self, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            let now = read();
+            let now = match read() {
+                Ok(now) => now,
+                Err(e) => {
+                    if let Some(suppressed) = REFRESH_FAILURES.check("getifaddrs") {
+                        tracing::warn!(error = %e, suppressed, "cannot read local addresses; keeping the last known");
+                    }
+                    continue;
+                }
+            };
             if **self.0.load() != now {
                 tracing::info!(addresses = ?now, "local addresses changed");
                 self.0.store(Arc::new(now));

@@ -185,6 +185,7 @@ where
     F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut backoff = mesh_core::socket::AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -197,11 +198,15 @@ where
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(error = %e, "TCP_NODELAY not set");
                 }
+                backoff.succeeded();
                 px.tasks.spawn(handle(px.clone(), tcp, peer));
             }
             Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed");
                 px.metrics.refuse("accept_error");
+                tokio::select! {
+                    _ = backoff.failed(what, &e) => {}
+                    _ = px.drain.cancelled() => return,
+                }
             }
         }
     }
