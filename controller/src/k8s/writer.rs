@@ -14,8 +14,8 @@ use ::kube::{Api, Client};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecurityContext, Service,
-    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext,
+    Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -451,6 +451,10 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
             run_as_non_root: Some(true),
             run_as_user: Some(1337),
             run_as_group: Some(1337),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                localhost_profile: None,
+            }),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -748,5 +752,20 @@ mod tests {
         let written = conditions(&[bad], &[], None, at(0));
         assert_eq!(written[0]["status"], "False");
         assert!(written[0].get("observedGeneration").is_none());
+    }
+
+    /// The generated waypoint passes the same pod-security rules the shipped manifests are
+    /// checked against (scripts/pod_security.py): no exception needed.
+    #[test]
+    fn waypoint_container_is_locked_down() {
+        let d = deployment_for(&record(), &config());
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod spec");
+        let sc = pod.containers[0].security_context.clone().expect("security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_owned()]));
+        assert_eq!(sc.seccomp_profile.map(|p| p.type_), Some("RuntimeDefault".to_owned()));
+        assert_ne!(pod.host_network, Some(true));
     }
 }
