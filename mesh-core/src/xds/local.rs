@@ -215,6 +215,7 @@ impl LocalConfig {
             let result = StoreKey::of_address(a)
                 .ok_or_else(|| "neither workload nor service".to_owned())
                 .and_then(|key| claim(&mut seen, origin, key))
+                .and_then(|key| address_taken(state, a).map_or(Ok(key), Err))
                 .and_then(|key| state.apply_address(a).map(|()| key).map_err(|e| e.to_string()));
             record(origin, result);
         }
@@ -235,6 +236,19 @@ impl LocalConfig {
         }
         (applied, errors)
     }
+}
+
+/// Why workload `a` cannot take its addresses: one already belongs to another workload of
+/// the same network (the later entry would silently take over the first one's traffic).
+fn address_taken(state: &State, a: &pb::Address) -> Option<String> {
+    let Some(pb::address::Type::Workload(w)) = &a.r#type else {
+        return None;
+    };
+    let wl = crate::state::Workload::try_from(w).ok()?;
+    wl.addresses.iter().find_map(|ip| {
+        let other = state.workload_by_ip(&wl.network, *ip)?;
+        (other.uid != wl.uid).then(|| format!("address {ip} already belongs to workload {}", other.uid))
+    })
 }
 
 /// Reserves `key` for the entry at `origin`. Two entries for one key would silently shadow
@@ -1070,5 +1084,25 @@ policies:
         task.abort();
         let e = load(Path::new("/dev/zero")).expect_err("a device is not read");
         assert!(e.to_string().contains("character device"), "{e}");
+    }
+
+    #[test]
+    fn a_second_workload_on_an_address_is_reported_not_applied() {
+        let text = "workloads:
+- {uid: first, namespace: default, addresses: [10.0.0.1]}
+- {uid: second, namespace: default, addresses: [10.0.0.2, 10.0.0.1]}
+";
+        let cfg = parse("f", text).expect("parses");
+        let (state, errors) = cfg.to_state();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].index, 1);
+        assert!(
+            errors[0].reason.contains("10.0.0.1 already belongs to workload first"),
+            "{}",
+            errors[0]
+        );
+        assert!(state.workload("second").is_none());
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(state.workload_by_ip("", ip).map(|w| w.uid.as_str()), Some("first"));
     }
 }
