@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -108,25 +108,39 @@ impl InboundConnect {
 
     /// The client address from the `forwarded: for=` header, if present and well formed.
     pub fn forwarded_for(&self) -> Option<SocketAddr> {
-        let v = self.headers.get("forwarded")?.to_str().ok()?;
-        v.split(';').find_map(|p| {
-            let p = p.trim();
-            let val = p.strip_prefix("for=").or_else(|| p.strip_prefix("For="))?;
-            val.trim_matches('"').parse().ok()
-        })
+        parse_forwarded(self.headers.get("forwarded")?.to_str().ok()?)
     }
+}
+
+/// The `for=` address of a `forwarded` header value, if present and an `ip:port`.
+/// Public so the fuzz tests can drive it with hostile input.
+pub fn parse_forwarded(value: &str) -> Option<SocketAddr> {
+    value.split(';').find_map(|p| {
+        let p = p.trim();
+        let val = p.strip_prefix("for=").or_else(|| p.strip_prefix("For="))?;
+        val.trim_matches('"').parse().ok()
+    })
 }
 
 /// Why an incoming request could not even reach the handler.
 fn precheck(req: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
-    if req.method() != Method::CONNECT {
+    connect_target(req.method(), req.uri())
+}
+
+/// The `ip:port` a CONNECT request targets, or the status that refuses it.
+/// Public so the fuzz tests can drive it with hostile input.
+pub fn connect_target(method: &Method, uri: &Uri) -> Result<SocketAddr, StatusCode> {
+    if method != Method::CONNECT {
         return Err(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let authority = req.uri().authority().ok_or(StatusCode::BAD_REQUEST)?;
-    authority
-        .as_str()
-        .parse::<SocketAddr>()
-        .map_err(|_| StatusCode::BAD_REQUEST)
+    let authority = uri.authority().ok_or(StatusCode::BAD_REQUEST)?.as_str();
+    let dst = authority.parse::<SocketAddr>().map_err(|_| StatusCode::BAD_REQUEST)?;
+    // Port 0 is never a destination, and no client writes `:080`: refuse both rather than
+    // connect somewhere the request did not plainly name.
+    if dst.port() == 0 || !authority.ends_with(&format!(":{}", dst.port())) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok(dst)
 }
 
 /// Serves one inbound HBONE connection: TLS handshake, identity, then every stream.
@@ -280,5 +294,25 @@ where
             conn: shared.clone(),
         };
         tokio::spawn(handler(connect));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(authority: &str) -> Result<SocketAddr, StatusCode> {
+        connect_target(&Method::CONNECT, &authority.parse().unwrap())
+    }
+
+    /// Found by tests/fuzz.rs: `0.0.0.0:00` was accepted as port 0.
+    #[test]
+    fn port_zero_and_padded_ports_are_refused() {
+        assert_eq!(target("0.0.0.0:00"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(target("10.0.0.1:0"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(target("10.0.0.1:080"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(target("[::1]:0080"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(target("10.0.0.1:80"), Ok("10.0.0.1:80".parse().unwrap()));
+        assert_eq!(target("[::1]:8080"), Ok("[::1]:8080".parse().unwrap()));
     }
 }

@@ -88,7 +88,9 @@ impl FromStr for Identity {
             .ok_or_else(|| IdentityError::Scheme(s.to_owned()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] => Identity::new(td, ns, sa).map_err(|e| match e {
+            // A URI must name its trust domain: only `Identity::new` (workload fields) defaults
+            // an empty one, or `spiffe:///ns/a/sa/b` would read as a cluster.local identity.
+            [td, "ns", ns, "sa", sa] if !td.is_empty() => Identity::new(td, ns, sa).map_err(|e| match e {
                 IdentityError::Characters { part, .. } => IdentityError::Characters {
                     value: s.to_owned(),
                     part,
@@ -134,6 +136,16 @@ mod tests {
         assert!(matches!(
             "spiffe://td/ns/A/sa/b".parse::<Identity>(),
             Err(IdentityError::Characters { .. })
+        ));
+    }
+
+    /// Found by tests/fuzz.rs: an empty trust domain in a URI parsed as `cluster.local`, so
+    /// the printed identity differed from the one presented.
+    #[test]
+    fn uri_with_empty_trust_domain_is_rejected() {
+        assert!(matches!(
+            "spiffe:///ns/a/sa/b".parse::<Identity>(),
+            Err(IdentityError::Shape(_))
         ));
     }
 
