@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Validates the Kubernetes manifests (manifests/) and the brief's examples (examples/brief/),
+"""Validates the Kubernetes manifests (manifests/) and the examples (examples/brief/, and
+examples/istio-real/: Istio resources as users write them, with fields we do not implement),
 offline.
 
 1. Every YAML file parses (all documents); a parse error names the file and document index.
@@ -7,9 +8,13 @@ offline.
    strictly (unknown fields are errors), with the schemas bundled in the pinned PyPI package
    kubernetes-validate (scripts/deps.sh).
 3. Our CRDs (manifests/crds/) are checked for what the API server demands of a structural
-   schema (a type everywhere, no additionalProperties: false, no preserve-unknown-fields),
-   one storage version, v1 and v1beta1 equal; every Istio-kind document is validated against
-   the openAPIV3Schema of the CRD version its apiVersion names (jsonschema, Draft 2020-12).
+   schema (a type everywhere, no additionalProperties: false, preserve-unknown-fields only
+   `true` on objects), one storage version (v1), the versions Istio serves (ISTIO_VERSIONS),
+   all with one schema; every object under `spec` preserves unknown fields, so an Istio field
+   we do not implement is kept (and reported by the controller), never pruned. Every
+   Istio-kind document is validated against the openAPIV3Schema of the CRD version its
+   apiVersion names (jsonschema, Draft 2020-12), and a field the API server would prune
+   (not declared, not under preserve-unknown-fields) is a failure.
 4. Gateway API kinds (their CRDs are upstream's, v1.2.1, not vendored) get basic field checks.
 5. manifests/kustomization.yaml lists every manifest and every listed file exists.
 6. Every container of every workload states the pod security of scripts/pod_security.py, or
@@ -58,6 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 EXAMPLES = ROOT / "examples" / "brief"
 INVALID = EXAMPLES / "invalid"
+# Real-world Istio resources using fields the mesh does not implement: they must validate and
+# keep every field (controller/tests/istio_real.rs checks each is reported).
+ISTIO_REAL = ROOT / "examples" / "istio-real"
 # Manifests the checks of this script must reject (pod security, admission policies).
 TESTDATA_INVALID = ROOT / "scripts" / "testdata" / "invalid"
 
@@ -77,7 +85,13 @@ BUILTIN = {
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"),
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"),
 }
-ISTIO_GROUPS = {"security.istio.io", "networking.istio.io"}
+# The versions Istio serves per group (v1 is the storage version; all share one schema).
+ISTIO_VERSIONS = {
+    "security.istio.io": {"v1", "v1beta1"},
+    "networking.istio.io": {"v1", "v1beta1", "v1alpha3"},
+    "telemetry.istio.io": {"v1", "v1alpha1"},
+}
+ISTIO_GROUPS = set(ISTIO_VERSIONS)
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_KINDS = {"GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute"}
 CLUSTER_SCOPED = {
@@ -161,8 +175,9 @@ def structural_problems(schema: Any, path: str = "openAPIV3Schema") -> list[str]
     problems = []
     if not isinstance(schema, dict):
         return [f"{path}: not a schema object"]
-    if "x-kubernetes-preserve-unknown-fields" in schema:
-        problems.append(f"{path}: x-kubernetes-preserve-unknown-fields is not allowed here")
+    preserve = schema.get("x-kubernetes-preserve-unknown-fields")
+    if preserve is not None and (preserve is not True or schema.get("type") != "object"):
+        problems.append(f"{path}: x-kubernetes-preserve-unknown-fields is only used as `true` on an object")
     if "type" not in schema and not schema.get("x-kubernetes-int-or-string"):
         problems.append(f"{path}: no type (structural schemas need one at every level)")
     if schema.get("additionalProperties") is False:
@@ -173,7 +188,7 @@ def structural_problems(schema: Any, path: str = "openAPIV3Schema") -> list[str]
         if name not in schema.get("properties", {}):
             problems.append(f"{path}: required {name!r} is not a listed property")
     if schema.get("type") == "object" and path != "openAPIV3Schema" and not (
-        "properties" in schema or "additionalProperties" in schema
+        "properties" in schema or "additionalProperties" in schema or preserve
     ):
         problems.append(f"{path}: an object without properties (its content would be pruned)")
     if "pattern" in schema:
@@ -187,6 +202,40 @@ def structural_problems(schema: Any, path: str = "openAPIV3Schema") -> list[str]
         problems += structural_problems(schema["additionalProperties"], f"{path}.additionalProperties")
     if "items" in schema:
         problems += structural_problems(schema["items"], f"{path}.items")
+    return problems
+
+
+def unpreserved_objects(schema: dict, path: str) -> list[str]:
+    """Objects with declared properties under `spec` that would prune the fields they do not
+    declare (Istio has more fields than we implement: each must be kept and reported)."""
+    problems = []
+    if schema.get("type") == "object" and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        problems.append(f"{path}: does not preserve unknown fields (Istio fields we do not implement would be pruned)")
+    for name, sub in (schema.get("properties") or {}).items():
+        problems += unpreserved_objects(sub, f"{path}.properties.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            problems += unpreserved_objects(schema[key], f"{path}.{key}")
+    return problems
+
+
+def pruned_fields(schema: dict, value: Any, path: list) -> list[str]:
+    """Fields of `value` the API server would prune (or refuse under strict field validation):
+    keys an object schema neither declares nor preserves."""
+    problems = []
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key, sub in value.items():
+            if key in props:
+                problems += pruned_fields(props[key], sub, path + [key])
+            elif isinstance(extra, dict):
+                problems += pruned_fields(extra, sub, path + [key])
+            elif not schema.get("x-kubernetes-preserve-unknown-fields") and not (path == [] and key in ("apiVersion", "kind", "metadata")):
+                problems.append(f"{field_path(path + [key])}: not in the CRD schema, the API server would prune it")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problems += pruned_fields(schema["items"], item, path + [i])
     return problems
 
 
@@ -220,10 +269,15 @@ class Crds:
         if group in ISTIO_GROUPS:
             if storage != ["v1"]:
                 problems.append(f"v1 must be the storage version, found {storage}")
-            if set(schemas) != {"v1", "v1beta1"}:
-                problems.append(f"must serve v1 and v1beta1, serves {sorted(schemas)}")
-            elif schemas["v1"] != schemas["v1beta1"]:
-                problems.append("v1 and v1beta1 schemas differ")
+            if set(schemas) != ISTIO_VERSIONS[group]:
+                problems.append(f"must serve {sorted(ISTIO_VERSIONS[group])}, serves {sorted(schemas)}")
+            elif any(schemas[v] != schemas["v1"] for v in schemas):
+                problems.append("the served versions' schemas differ")
+            spec_schema = ((schemas.get("v1") or {}).get("properties") or {}).get("spec")
+            if not isinstance(spec_schema, dict):
+                problems.append("version v1: openAPIV3Schema.properties.spec: missing")
+            else:
+                problems += [f"version v1: {p}" for p in unpreserved_objects(spec_schema, "openAPIV3Schema.properties.spec")]
         self.schemas[(group, kind)] = schemas
         return problems
 
@@ -239,6 +293,7 @@ class Crds:
         if key not in self.validators:
             self.validators[key] = jsonschema.Draft202012Validator(served[version])
         problems = schema_errors(self.validators[key], doc.body)
+        problems += pruned_fields(served[version], doc.body, [])
         return problems + metadata_problems(doc, namespaced=True)
 
 
@@ -432,7 +487,7 @@ class Run:
             )
             return 1
         manifest_files = yaml_files(MANIFESTS)
-        example_files = yaml_files(EXAMPLES)
+        example_files = yaml_files(EXAMPLES) + yaml_files(ISTIO_REAL)
         invalid_files = [p for p in example_files if p.is_relative_to(INVALID)]
         valid_example_files = [p for p in example_files if not p.is_relative_to(INVALID)]
         testdata_invalid = yaml_files(TESTDATA_INVALID)
@@ -475,6 +530,8 @@ class Run:
                 self.checked += 1
                 self.fail(doc.where, self.problems(doc))
 
+        if not yaml_files(ISTIO_REAL):
+            self.failures.append("examples/istio-real/: no real-world Istio resources to check")
         if not invalid_files:
             self.failures.append("examples/brief/invalid/: no invalid examples to check")
         if not testdata_invalid:
