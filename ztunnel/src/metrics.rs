@@ -1,5 +1,10 @@
 //! Istio-compatible TCP metrics (`istio_tcp_*`) and the per-connection access log.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use mesh_core::hbone::stream::SpliceObserver;
 use mesh_core::identity::Identity;
 use mesh_core::state::{Service, Workload};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -7,6 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -22,26 +28,39 @@ pub enum SecurityPolicy {
     unknown,
 }
 
-/// Labels of every `istio_tcp_*` series, named as Istio names them.
+/// Labels of every `istio_tcp_*` series: Istio's ztunnel's 27, named and ordered as it names
+/// them. A value not known is `unknown` (Istio's rule for an empty one); region and zone are
+/// not in our workload model, so they are always `unknown`, as Istio reports a workload
+/// without locality.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: Reporter,
     pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
     pub destination_service: String,
     pub destination_service_namespace: String,
     pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
     pub request_protocol: String,
     pub response_flags: String,
     pub connection_security_policy: SecurityPolicy,
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
 }
 
 const UNKNOWN: &str = "unknown";
@@ -54,6 +73,35 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
+/// One side's workload labels, in Istio's terms (`app`/`version` are the canonical ones).
+struct Side {
+    workload: String,
+    namespace: String,
+    canonical_service: String,
+    canonical_revision: String,
+    cluster: String,
+}
+
+impl Side {
+    fn of(w: Option<&Workload>) -> Side {
+        let f = |get: fn(&Workload) -> &str| w.map_or_else(|| UNKNOWN.to_owned(), |w| or_unknown(get(w)));
+        Side {
+            // Our local files may leave the workload name out; the pod name stands in.
+            workload: f(|w| {
+                if w.workload_name.is_empty() {
+                    &w.name
+                } else {
+                    &w.workload_name
+                }
+            }),
+            namespace: f(|w| &w.namespace),
+            canonical_service: f(|w| &w.canonical_name),
+            canonical_revision: f(|w| &w.canonical_revision),
+            cluster: f(|w| &w.cluster_id),
+        }
+    }
+}
+
 impl TcpLabels {
     pub fn new(
         reporter: Reporter,
@@ -63,34 +111,29 @@ impl TcpLabels {
         svc: Option<&Service>,
         mtls: bool,
     ) -> Self {
-        let wl_name = |w: Option<&Workload>| {
-            w.map(|w| {
-                or_unknown(if w.workload_name.is_empty() {
-                    &w.name
-                } else {
-                    &w.workload_name
-                })
-            })
-            .unwrap_or_else(|| UNKNOWN.into())
-        };
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            w.map(|w| or_unknown(f(w))).unwrap_or_else(|| UNKNOWN.into())
-        };
+        let (s, d) = (Side::of(src), Side::of(dst));
+        let svc_field = |get: fn(&Service) -> &str| svc.map_or_else(|| UNKNOWN.to_owned(), |v| or_unknown(get(v)));
         TcpLabels {
             reporter,
-            source_workload: wl_name(src),
-            source_workload_namespace: field(src, |w| &w.namespace),
-            source_principal: src_identity.map(|i| i.to_string()).unwrap_or_else(|| UNKNOWN.into()),
-            source_canonical_service: field(src, |w| &w.canonical_name),
-            source_canonical_revision: field(src, |w| &w.canonical_revision),
-            destination_workload: wl_name(dst),
-            destination_workload_namespace: field(dst, |w| &w.namespace),
-            destination_principal: dst.map(|w| w.identity.to_string()).unwrap_or_else(|| UNKNOWN.into()),
-            destination_canonical_service: field(dst, |w| &w.canonical_name),
-            destination_canonical_revision: field(dst, |w| &w.canonical_revision),
-            destination_service: svc.map(|s| s.hostname.clone()).unwrap_or_else(|| UNKNOWN.into()),
-            destination_service_namespace: svc.map(|s| s.namespace.clone()).unwrap_or_else(|| UNKNOWN.into()),
-            destination_service_name: svc.map(|s| s.name.clone()).unwrap_or_else(|| UNKNOWN.into()),
+            source_app: s.canonical_service.clone(),
+            source_version: s.canonical_revision.clone(),
+            source_workload: s.workload,
+            source_canonical_service: s.canonical_service,
+            source_canonical_revision: s.canonical_revision,
+            source_workload_namespace: s.namespace,
+            source_principal: src_identity.map_or_else(|| UNKNOWN.into(), |i| i.to_string()),
+            source_cluster: s.cluster,
+            destination_service: svc_field(|v| &v.hostname),
+            destination_service_namespace: svc_field(|v| &v.namespace),
+            destination_service_name: svc_field(|v| &v.name),
+            destination_app: d.canonical_service.clone(),
+            destination_version: d.canonical_revision.clone(),
+            destination_workload: d.workload,
+            destination_canonical_service: d.canonical_service,
+            destination_canonical_revision: d.canonical_revision,
+            destination_workload_namespace: d.namespace,
+            destination_principal: dst.map_or_else(|| UNKNOWN.into(), |w| w.identity.to_string()),
+            destination_cluster: d.cluster,
             request_protocol: "tcp".into(),
             response_flags: "-".into(),
             connection_security_policy: if mtls {
@@ -98,6 +141,10 @@ impl TcpLabels {
             } else {
                 SecurityPolicy::unknown
             },
+            source_region: UNKNOWN.into(),
+            source_zone: UNKNOWN.into(),
+            destination_region: UNKNOWN.into(),
+            destination_zone: UNKNOWN.into(),
         }
     }
 }
@@ -161,20 +208,125 @@ impl Metrics {
     pub fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
+}
 
-    /// Records a closed connection; `sent` flows client -> destination.
-    pub fn close(&self, labels: &TcpLabels, sent: u64, received: u64) {
-        self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(sent);
-        self.received.get_or_create(labels).inc_by(received);
+/// A connection's byte counters, resolved once when it opens: the data path adds to them per
+/// chunk with no label lookup, so a scrape during a long transfer sees them grow and a
+/// connection that ends in error has counted what moved. `sent` flows client -> destination.
+pub struct ConnBytes {
+    sent: Counter,
+    received: Counter,
+    sent_total: AtomicU64,
+    received_total: AtomicU64,
+}
+
+impl ConnBytes {
+    /// `n` bytes moved from the client towards the destination.
+    pub fn sent(&self, n: u64) {
+        self.sent.inc_by(n);
+        self.sent_total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` bytes moved from the destination back to the client.
+    pub fn received(&self, n: u64) {
+        self.received.inc_by(n);
+        self.received_total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (
+            self.sent_total.load(Ordering::Relaxed),
+            self.received_total.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Observer for a splice whose tunnel leads to the destination (outbound).
+    pub fn tunnel_to_destination(&self) -> TunnelSide<'_> {
+        TunnelSide {
+            bytes: self,
+            tunnel_is_destination: true,
+        }
+    }
+
+    /// Observer for a splice whose tunnel leads to the client (inbound).
+    pub fn tunnel_to_client(&self) -> TunnelSide<'_> {
+        TunnelSide {
+            bytes: self,
+            tunnel_is_destination: false,
+        }
     }
 }
 
-/// One proxied connection's telemetry: counted as opened when created; `finish` counts it
-/// closed with its bytes and writes the access log line.
+/// Maps a splice's directions onto sent/received.
+pub struct TunnelSide<'a> {
+    bytes: &'a ConnBytes,
+    tunnel_is_destination: bool,
+}
+
+impl SpliceObserver for TunnelSide<'_> {
+    fn moved_to_tunnel(&self, n: u64) {
+        if self.tunnel_is_destination {
+            self.bytes.sent(n)
+        } else {
+            self.bytes.received(n)
+        }
+    }
+
+    fn moved_from_tunnel(&self, n: u64) {
+        if self.tunnel_is_destination {
+            self.bytes.received(n)
+        } else {
+            self.bytes.sent(n)
+        }
+    }
+}
+
+/// The client's socket, counting as it goes: bytes read from it are sent towards the
+/// destination, bytes written to it were received from there. For plain copies
+/// (`copy_bidirectional`), which report nothing until they end.
+pub struct CountedClient<'a, S> {
+    pub inner: &'a mut S,
+    pub bytes: &'a ConnBytes,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountedClient<'_, S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            this.bytes.sent(n as u64);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.bytes.received(*n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// One proxied connection's telemetry: counted as opened when created, its bytes as they
+/// move (through [`ConnRecord::bytes`]); `finish` counts it closed and writes the access log.
 pub struct ConnRecord<'a> {
     metrics: &'a Metrics,
     labels: TcpLabels,
+    bytes: ConnBytes,
     direction: &'static str,
     src_addr: std::net::SocketAddr,
     dst_addr: std::net::SocketAddr,
@@ -193,9 +345,16 @@ impl<'a> ConnRecord<'a> {
     ) -> Self {
         metrics.opened.get_or_create(&labels).inc();
         metrics.active.inc();
+        let bytes = ConnBytes {
+            sent: metrics.sent.get_or_create(&labels).clone(),
+            received: metrics.received.get_or_create(&labels).clone(),
+            sent_total: AtomicU64::new(0),
+            received_total: AtomicU64::new(0),
+        };
         ConnRecord {
             metrics,
             labels,
+            bytes,
             direction,
             src_addr,
             dst_addr,
@@ -204,13 +363,16 @@ impl<'a> ConnRecord<'a> {
         }
     }
 
-    /// `result` carries (bytes client -> destination, bytes destination -> client).
-    pub fn finish(self, result: Result<(u64, u64), String>) {
-        let (sent, received, error) = match result {
-            Ok((s, r)) => (s, r, None),
-            Err(e) => (0, 0, Some(e)),
-        };
-        self.metrics.close(&self.labels, sent, received);
+    /// The counters the data path adds to.
+    pub fn bytes(&self) -> &ConnBytes {
+        &self.bytes
+    }
+
+    /// Counts the connection closed and logs it with the bytes that moved, whatever the
+    /// outcome.
+    pub fn finish(self, result: Result<(), String>) {
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        let (sent, received) = self.bytes.totals();
         let l = &self.labels;
         tracing::info!(
             target: "access",
@@ -228,7 +390,7 @@ impl<'a> ConnRecord<'a> {
             bytes_sent = sent,
             bytes_recv = received,
             duration_ms = self.start.elapsed().as_millis() as u64,
-            error = error.as_deref().unwrap_or(""),
+            error = result.as_ref().err().map(String::as_str).unwrap_or(""),
             "connection complete"
         );
     }

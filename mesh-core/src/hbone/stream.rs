@@ -31,6 +31,22 @@ pub struct Transferred {
     pub from_tunnel: u64,
 }
 
+/// Told of bytes as a splice moves them, so a long transfer's counters grow while it runs
+/// and a splice that ends in error has still counted what moved. Called once per chunk:
+/// keep it to an atomic add.
+pub trait SpliceObserver: Sync {
+    /// `n` bytes read from the TCP side were handed to the tunnel.
+    fn moved_to_tunnel(&self, n: u64);
+    /// `n` bytes from the tunnel were written to the TCP side.
+    fn moved_from_tunnel(&self, n: u64);
+}
+
+/// Observes nothing.
+impl SpliceObserver for () {
+    fn moved_to_tunnel(&self, _: u64) {}
+    fn moved_from_tunnel(&self, _: u64) {}
+}
+
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
@@ -39,7 +55,11 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-async fn tcp_to_h2<R: AsyncRead + Unpin>(mut r: R, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    mut r: R,
+    send: &mut SendStream<Bytes>,
+    obs: &dyn SpliceObserver,
+) -> io::Result<u64> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut total = 0u64;
     loop {
@@ -65,18 +85,25 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(mut r: R, send: &mut SendStream<Bytes>)
                 continue;
             }
             let part = chunk.split_to(granted.min(chunk.len()));
+            let len = part.len() as u64;
             send.send_data(part, false).map_err(h2_io)?;
+            obs.moved_to_tunnel(len);
         }
     }
 }
 
-async fn h2_to_tcp<W: AsyncWrite + Unpin>(recv: &mut RecvStream, mut w: W) -> io::Result<u64> {
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    mut w: W,
+    obs: &dyn SpliceObserver,
+) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_io)?;
         let n = data.len();
         w.write_all(&data).await?;
         total += n as u64;
+        obs.moved_from_tunnel(n as u64);
         // Return the window only once the bytes left for the socket: backpressure end to end.
         recv.flow_control().release_capacity(n).map_err(h2_io)?;
     }
@@ -88,13 +115,22 @@ impl H2Stream {
     /// Copies both ways until each side has finished sending; a half-close on one side is
     /// passed on to the other. An error in either direction ends both.
     pub async fn splice_tcp(self, tcp: &mut tokio::net::TcpStream) -> io::Result<Transferred> {
+        self.splice_tcp_observed(tcp, &()).await
+    }
+
+    /// As [`H2Stream::splice_tcp`], telling `obs` of every chunk as it moves.
+    pub async fn splice_tcp_observed(
+        self,
+        tcp: &mut tokio::net::TcpStream,
+        obs: &dyn SpliceObserver,
+    ) -> io::Result<Transferred> {
         let H2Stream {
             mut send,
             mut recv,
             _guard,
         } = self;
         let (r, w) = tcp.split();
-        let (to_tunnel, from_tunnel) = tokio::try_join!(tcp_to_h2(r, &mut send), h2_to_tcp(&mut recv, w))?;
+        let (to_tunnel, from_tunnel) = tokio::try_join!(tcp_to_h2(r, &mut send, obs), h2_to_tcp(&mut recv, w, obs))?;
         Ok(Transferred { to_tunnel, from_tunnel })
     }
 }

@@ -9,7 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// Labels of every request series, named as Istio names them.
+/// Labels of every request series: the 25 an Istio waypoint (Envoy's stats filter) reports,
+/// named as Istio names them; `app`/`version` are the canonical service and revision, as
+/// Istio's ambient metrics fill them. A value not known is `unknown`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: &'static str,
@@ -18,11 +20,17 @@ pub struct RequestLabels {
     pub source_principal: String,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_canonical_service: String,
     pub destination_canonical_revision: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
     pub destination_service: String,
     pub destination_service_namespace: String,
     pub destination_service_name: String,
@@ -56,11 +64,17 @@ impl RequestLabels {
             source_principal: or_unknown(src_principal),
             source_canonical_service: or_unknown(src.map_or("", |w| w.canonical_name.as_str())),
             source_canonical_revision: or_unknown(src.map_or("", |w| w.canonical_revision.as_str())),
+            source_app: or_unknown(src.map_or("", |w| w.canonical_name.as_str())),
+            source_version: or_unknown(src.map_or("", |w| w.canonical_revision.as_str())),
+            source_cluster: or_unknown(src.map_or("", |w| w.cluster_id.as_str())),
             destination_workload: or_unknown(dst.map_or("", |w| w.workload_name.as_str())),
             destination_workload_namespace: or_unknown(dst.map_or("", |w| w.namespace.as_str())),
             destination_principal: dst.map_or_else(|| "unknown".to_owned(), |w| w.identity.to_string()),
             destination_canonical_service: or_unknown(dst.map_or("", |w| w.canonical_name.as_str())),
             destination_canonical_revision: or_unknown(dst.map_or("", |w| w.canonical_revision.as_str())),
+            destination_app: or_unknown(dst.map_or("", |w| w.canonical_name.as_str())),
+            destination_version: or_unknown(dst.map_or("", |w| w.canonical_revision.as_str())),
+            destination_cluster: or_unknown(dst.map_or("", |w| w.cluster_id.as_str())),
             destination_service: or_unknown(&service.hostname),
             destination_service_namespace: or_unknown(&service.namespace),
             destination_service_name: or_unknown(&service.name),

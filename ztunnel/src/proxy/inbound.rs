@@ -11,6 +11,7 @@ use mesh_core::hbone::{serve_connection, HboneError, InboundConnect};
 use mesh_core::log_limit::LogLimiter;
 use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
 use mesh_core::socket::connect_from;
+use mesh_core::state::{Service, State, Workload};
 use mesh_core::tls;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
@@ -92,12 +93,14 @@ async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
         src_ip: req.peer_addr.ip(),
         dst: req.dst,
     };
+    let host = forwarded_host(&req.headers);
+    let service = inbound_service(&state, &wl, req.dst.port(), host.as_deref());
     let labels = TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
         Some(&req.peer_identity),
         Some(&wl),
-        None,
+        service.as_deref(),
         true,
     );
     if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
@@ -160,10 +163,125 @@ async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
         }
     };
     let record = ConnRecord::open(&px.metrics, labels, "inbound", peer, dst, None);
+    // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
+    let observer = record.bytes().tunnel_to_client();
     let result = tokio::select! {
-        r = h2.splice_tcp(&mut upstream) => r.map_err(|e| e.to_string()),
+        r = h2.splice_tcp_observed(&mut upstream, &observer) => r.map(drop).map_err(|e| e.to_string()),
         _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
     };
-    // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
-    record.finish(result.map(|t| (t.from_tunnel, t.to_tunnel)));
+    record.finish(result);
+}
+
+/// The `host=` of a `forwarded` header (a waypoint names the service the client reached).
+fn forwarded_host(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get("forwarded")?.to_str().ok()?;
+    value.split(';').find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("host").then(|| v.trim_matches('"').to_owned())
+    })
+}
+
+/// The service an inbound connection most likely came through, for metrics (Istio's rule):
+/// the one the client named if it is one of the workload's own services (a client cannot
+/// name an arbitrary one), else the first of them that serves the destination port.
+pub fn inbound_service(state: &State, wl: &Workload, port: u16, named: Option<&str>) -> Option<Arc<Service>> {
+    let services = || wl.services.iter().filter_map(|(key, _)| state.service(key));
+    if let Some(found) = named.and_then(|h| services().find(|s| s.hostname == h)) {
+        return Some(found.clone());
+    }
+    services()
+        .find(|s| s.ports.iter().any(|p| wl.target_port(s, p.service_port) == Some(port)))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::identity::Identity;
+    use mesh_core::state::PortMapping;
+
+    use super::*;
+
+    fn pm(service_port: u16, target_port: u16) -> PortMapping {
+        PortMapping {
+            service_port,
+            target_port,
+        }
+    }
+
+    fn service(name: &str, port: PortMapping) -> Service {
+        Service {
+            name: name.into(),
+            namespace: "default".into(),
+            hostname: format!("{name}.default.svc.cluster.local"),
+            vips: vec![(String::new(), "10.96.0.1".parse().unwrap())],
+            ports: vec![port],
+            subject_alt_names: vec![],
+            waypoint: None,
+            only_healthy: true,
+        }
+    }
+
+    fn server(services: Vec<(String, Vec<PortMapping>)>) -> Workload {
+        Workload {
+            uid: "c//Pod/default/server".into(),
+            name: "server".into(),
+            namespace: "default".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+            network: String::new(),
+            tunnel: mesh_core::state::Tunnel::Hbone,
+            identity: Identity::new("", "default", "server").unwrap(),
+            waypoint: None,
+            node: "n".into(),
+            canonical_name: "server".into(),
+            canonical_revision: "v1".into(),
+            workload_name: "server".into(),
+            services,
+            authorization_policies: vec![],
+            healthy: true,
+            cluster_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn inbound_service_by_target_port_or_named_host() {
+        let mut state = State::default();
+        state.upsert_service(service("web", pm(80, 8080)));
+        state.upsert_service(service("admin", pm(81, 9090)));
+        // "named" maps its port 90 to 8080 on this workload only (a named target port).
+        state.upsert_service(service("named", pm(90, 0)));
+        let wl = server(vec![
+            ("default/web.default.svc.cluster.local".into(), vec![]),
+            ("default/admin.default.svc.cluster.local".into(), vec![]),
+            ("default/named.default.svc.cluster.local".into(), vec![pm(90, 8080)]),
+        ]);
+        state.upsert_workload(wl.clone());
+        let name = |port, named| inbound_service(&state, &wl, port, named).map(|s| s.name.clone());
+        assert_eq!(name(8080, None).as_deref(), Some("web"));
+        assert_eq!(name(9090, None).as_deref(), Some("admin"));
+        assert_eq!(name(7000, None), None);
+        // The client's named service wins when it is one of the workload's own.
+        assert_eq!(
+            name(8080, Some("named.default.svc.cluster.local")).as_deref(),
+            Some("named")
+        );
+        // A service the workload is not part of is not believed.
+        state.upsert_service(service("other", pm(80, 8080)));
+        assert_eq!(
+            inbound_service(&state, &wl, 8080, Some("other.default.svc.cluster.local"))
+                .map(|s| s.name.clone())
+                .as_deref(),
+            Some("web")
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "forwarded",
+            "for=10.0.0.1:5000;host=\"web.default.svc.cluster.local\""
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            forwarded_host(&headers).as_deref(),
+            Some("web.default.svc.cluster.local")
+        );
+    }
 }

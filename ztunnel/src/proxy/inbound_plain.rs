@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::Proxy;
-use crate::metrics::{ConnRecord, Reporter, TcpLabels};
+use crate::metrics::{ConnRecord, CountedClient, Reporter, TcpLabels};
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
     super::accept_loop(px, listener, "plaintext", handle).await
@@ -54,8 +54,14 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         .await
         .map_err(|_| format!("connect to {dst} timed out"))?
         .map_err(|e| format!("connect to {dst}: {e}"))?;
+        let mut client = CountedClient {
+            inner: &mut tcp,
+            bytes: record.bytes(),
+        };
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => r.map_err(|e| e.to_string()),
+            r = tokio::io::copy_bidirectional(&mut client, &mut up) => {
+                r.map(drop).map_err(|e| e.to_string())
+            }
             _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
         }
     }

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::Proxy;
-use crate::metrics::{ConnRecord, Reporter, TcpLabels};
+use crate::metrics::{ConnBytes, ConnRecord, CountedClient, Reporter, TcpLabels};
 
 /// Where a connection goes.
 #[derive(Debug)]
@@ -288,26 +288,28 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
             };
             match px.pool.connect(&req).await {
                 Ok(stream) => stream
-                    .splice_tcp(&mut tcp)
+                    .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
                     .await
-                    .map(|t| (t.to_tunnel, t.from_tunnel))
+                    .map(drop)
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             }
         }
-        Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr).await,
+        Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
     };
     record.finish(result);
 }
 
-async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr) -> Result<(u64, u64), String> {
+async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr, bytes: &ConnBytes) -> Result<(), String> {
     let sock = px.sockets.tcp_socket(addr).map_err(|e| e.to_string())?;
     let mut upstream = tokio::time::timeout(px.settings.connect_timeout, sock.connect(addr))
         .await
         .map_err(|_| format!("connect to {addr} timed out"))?
         .map_err(|e| format!("connect to {addr}: {e}"))?;
-    tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, 64 * 1024, 64 * 1024)
+    let mut client = CountedClient { inner: tcp, bytes };
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024)
         .await
+        .map(drop)
         .map_err(|e| e.to_string())
 }
 
