@@ -14,6 +14,7 @@ pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod controller;
+pub mod metrics;
 pub mod netns;
 pub mod prometheus;
 pub mod tcpdump;
@@ -75,4 +76,28 @@ pub fn promtool_check(text: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// True when the namespace cluster can be built here (root, `ip`, and the reference CNI
+/// plugins); otherwise prints why the calling test is skipped.
+pub fn cluster_capable() -> bool {
+    let ok = privileged() && std::path::Path::new(cluster::CNI_BIN).join("bridge").exists();
+    if !ok {
+        eprintln!("skipping: needs root and containernetworking-plugins");
+    }
+    ok
+}
+
+/// Polls `f` every 50 ms until it holds, failing the test with `what` after `within`: for
+/// conditions that have no readiness signal of their own (a counter, a log line).
+pub async fn until<F, Fut>(what: &str, within: std::time::Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !f().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_e2e::apps::{echo_server, http_server, resolve_a, LoadClient};
-use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
-use mesh_e2e::privileged;
+use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
 use mesh_e2e::tcpdump::Tcpdump;
 
 const ID: u8 = 80;
@@ -39,8 +38,7 @@ fn curl(from: &Pod, url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_pod_to_pod_over_hbone() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let vip = std::net::Ipv4Addr::new(10, 96, ID, 10);

@@ -10,9 +10,8 @@ use std::sync::Arc;
 
 use mesh_core::identity::ca::{new_csr, CaClient, CaError, CertificateSigner, TokenSource};
 use mesh_core::identity::Identity;
-use mesh_e2e::cluster::{Cluster, Pod, PodSpec, CNI_BIN};
+use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
 use mesh_e2e::netns::NetnsSockets;
-use mesh_e2e::privileged;
 
 const ID: u8 = 84;
 const CONTROLLER: &str = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller";
@@ -78,8 +77,7 @@ fn guesses(cluster: &Cluster) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_obtains_no_certificate_with_any_token_it_can_read_or_guess() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let cluster = Cluster::start_with_identities(ID, 2, WORLD, &[WAYPOINT])

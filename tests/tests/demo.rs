@@ -4,13 +4,9 @@
 
 use std::process::Command;
 
-use mesh_e2e::cluster::CNI_BIN;
-use mesh_e2e::privileged;
-
 #[test]
 fn demo_prints_identities_split_and_denials() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

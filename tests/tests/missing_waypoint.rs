@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mesh_e2e::apps::{named_server, HttpConn};
-use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
-use mesh_e2e::privileged;
+use mesh_e2e::cluster::{Cluster, PodSpec};
+use mesh_e2e::metrics::sample;
 use mesh_e2e::waypoint::{identity, service, Waypoint};
 
 const ID: u8 = 86;
@@ -72,17 +72,16 @@ async fn refused_count(cluster: &Cluster, node: u8) -> u64 {
             .await
             .expect("ztunnel metrics");
     assert_eq!(code, 200);
-    text.lines()
-        .find(|l| l.starts_with("ztunnel_connections_refused_total{") && l.contains("reason=\"waypoint_unavailable\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    sample(
+        &text,
+        "ztunnel_connections_refused_total",
+        &["reason=\"waypoint_unavailable\""],
+    ) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_waypoint_refuses_connections_until_it_exists() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let wp_id = identity("shop", "waypoint");

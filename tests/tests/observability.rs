@@ -7,19 +7,18 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use mesh_e2e::apps::{named_server, HttpConn};
-use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
+use mesh_e2e::cluster::{Cluster, PodSpec};
 use mesh_e2e::prometheus::Prometheus;
+use mesh_e2e::promtool_check;
 use mesh_e2e::waypoint::{base, identity, service, Waypoint};
 use mesh_e2e::ztunnel::http_request;
-use mesh_e2e::{privileged, promtool_check};
 
 const ID: u8 = 93;
 const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_controller_ztunnels_and_waypoint() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let mut world = base(ID);

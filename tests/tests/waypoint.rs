@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use mesh_e2e::apps::{accepted, named_echo_server, named_server, served, span_collector, HttpConn};
-use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
+use mesh_e2e::cluster::{Cluster, PodSpec};
+use mesh_e2e::promtool_check;
 use mesh_e2e::waypoint::{base, identity, service, service_port, Waypoint};
-use mesh_e2e::{privileged, promtool_check};
 
 const ID: u8 = 90;
 const WAIT: Duration = Duration::from_secs(15);
@@ -132,8 +132,7 @@ fn start_servers(cluster: &Cluster, pods: &[ServerPod<'_>]) -> Vec<mesh_e2e::clu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_routes_and_authorizes() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let wp_id = identity("shop", "waypoint");
@@ -392,8 +391,7 @@ async fn timed(conn: &mut HttpConn, method: &str, path: &str) -> (u16, Duration,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_resilience_rewrites_and_policies() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let wp_id = identity("shop", "waypoint");
@@ -813,8 +811,7 @@ async fn waypoint_jwt_and_grpc() {
     use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
     use mesh_proto::discovery::DeltaDiscoveryRequest;
 
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let wp_id = identity("shop", "waypoint");

@@ -16,10 +16,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mesh_e2e::apps::{named_echo_server, named_server, served, upgrade_server, HttpConn};
-use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
+use mesh_e2e::cluster::{Cluster, PodSpec};
+use mesh_e2e::metrics::sample;
 use mesh_e2e::waypoint::{base, identity, service_port, Waypoint};
 use mesh_e2e::ztunnel::http_request;
-use mesh_e2e::{privileged, Netns};
+use mesh_e2e::Netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ID: u8 = 97;
@@ -102,18 +103,13 @@ fn get(host: &str, path: &str, extra: &str) -> String {
 /// The number after `reason="<reason>"` in the waypoint's rejected-requests counter.
 async fn rejected(waypoint: &Waypoint, reason: &str) -> u64 {
     let metrics = waypoint.metrics().await.expect("metrics");
-    let series = format!("waypoint_rejected_requests_total{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let reason = format!("reason=\"{reason}\"");
+    sample(&metrics, "waypoint_rejected_requests_total", &[&reason]) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_attacks_are_refused() {
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let wp_id = identity("shop", "waypoint");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use mesh_core::identity::DevCa;
 use mesh_e2e::apps::{echo_connect, echo_server, http_server, ping};
-use mesh_e2e::{Bed, Ztunnel};
+use mesh_e2e::{until, Bed, Ztunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -18,18 +18,6 @@ fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100000001b3)
     })
-}
-
-async fn until<F, Fut>(what: &str, within: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn metric_line<'m>(metrics: &'m str, name: &str, labels: &[&str]) -> Option<&'m str> {

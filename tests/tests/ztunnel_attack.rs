@@ -5,16 +5,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_core::hbone::{HboneError, HbonePool, PoolKey, Settings, TunnelRequest};
 use mesh_core::identity::{CertManager, CertManagerConfig, DevCa, Identity};
 use mesh_e2e::apps::echo_server;
 use mesh_e2e::bed::PairEntries;
-use mesh_e2e::cluster::{Cluster, PodSpec, CNI_BIN};
+use mesh_e2e::cluster::{Cluster, PodSpec};
+use mesh_e2e::metrics::sample;
 use mesh_e2e::netns::Netns;
 use mesh_e2e::ztunnel::http_request;
-use mesh_e2e::{privileged, Bed, Ztunnel};
+use mesh_e2e::{until, Bed, Ztunnel};
 use tokio::io::AsyncBufReadExt;
 
 const SERVER_SA: &str = "spiffe://cluster.local/ns/default/sa/server";
@@ -70,28 +71,6 @@ async fn seen_by_app(pool: &Arc<HbonePool>, bed: &Bed, identity: &str, forwarded
         .expect("the app answers in time")
         .expect("read the peer line");
     line.trim().to_owned()
-}
-
-/// The value of the first sample of `name` whose line contains every `labels`, or 0.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn until<F, Fut>(what: &str, within: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The bed's workloads plus pod c as `waypoint` (identity sa/waypoint), named as the server's
@@ -282,8 +261,7 @@ async fn ask(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> (u16, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_actions_are_unreachable_from_pods() {
     const ID: u8 = 86;
-    if !privileged() || !std::path::Path::new(CNI_BIN).join("bridge").exists() {
-        eprintln!("skipping: needs root and containernetworking-plugins");
+    if !mesh_e2e::cluster_capable() {
         return;
     }
     let cluster = Cluster::start(ID, 2, cluster_world()).await.expect("cluster up");
