@@ -193,6 +193,7 @@ fn authorization() -> impl Strategy<Value = secpb::Authorization> {
                 not_destination_ips: not_di,
                 destination_ports: dp,
                 not_destination_ports: not_dp,
+                ..Default::default()
             },
         );
     let rules = proptest::collection::vec(matcher, 0..3).prop_map(|matches| secpb::Rules { matches });
@@ -210,6 +211,7 @@ fn authorization() -> impl Strategy<Value = secpb::Authorization> {
             scope,
             action,
             groups,
+            ..Default::default()
         })
 }
 
