@@ -27,6 +27,8 @@ pub const RETURN_MARK: u32 = 0x111;
 pub const ROUTE_TABLE: u32 = 100;
 /// Source kubelet probes are SNATed to on the host.
 pub const PROBE_SOURCE: &str = "169.254.7.127";
+/// Where a proc filesystem's sysctl tree normally is (the default of `--proc-sys-dir`).
+pub const PROC_SYS: &str = "/proc/sys";
 
 /// Why rules could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -193,9 +195,12 @@ fn ip_batch(netns: &Path, ipv6: bool, input: &str, tolerated: &[usize]) -> Resul
     }
 }
 
-/// Writes a sysctl of the namespace at `netns` from a short-lived thread switched into it
-/// (net sysctls under /proc/sys/net belong to the caller's namespace); no process needed.
-fn sysctl_in(netns: &Path, key: &str, value: &str) -> Result<(), RulesError> {
+/// Writes a sysctl of the namespace at `netns` from a short-lived thread switched into it;
+/// no process needed. `proc_sys` is the sysctl tree of a proc filesystem, wherever it is
+/// mounted: a net sysctl file belongs to the network namespace of the thread that opens it,
+/// not to the mount, so a read-write host `/proc/sys` mounted elsewhere serves when the
+/// runtime's own `/proc/sys` is read-only (tests/sysctl_dir.rs shows it).
+fn sysctl_in(netns: &Path, proc_sys: &Path, key: &str, value: &str) -> Result<(), RulesError> {
     let command = format!("sysctl {key}={value}");
     let failed = |e: std::io::Error| RulesError::Failed {
         command: command.clone(),
@@ -203,7 +208,7 @@ fn sysctl_in(netns: &Path, key: &str, value: &str) -> Result<(), RulesError> {
         stderr: e.to_string(),
     };
     let file = std::fs::File::open(netns).map_err(failed)?;
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let path = sysctl_path(proc_sys, key);
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -216,11 +221,43 @@ fn sysctl_in(netns: &Path, key: &str, value: &str) -> Result<(), RulesError> {
     .map_err(failed)
 }
 
-/// Installs (or replaces) the redirection in the namespace at `netns` (a path such as
-/// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`). Pod start-up waits for this, so the
-/// independent parts run at once: nft, one `ip -batch` per family, and the sysctl (written
-/// from a thread in the namespace). [`dump`] shows what the kernel then holds.
+/// The file of sysctl `key` (dotted) under the sysctl tree `proc_sys`.
+fn sysctl_path(proc_sys: &Path, key: &str) -> std::path::PathBuf {
+    proc_sys.join(key.replace('.', "/"))
+}
+
+/// Checks at start-up that the per-pod sysctl can be written through `proc_sys` (opened for
+/// writing, nothing written), so a read-only or missing mount is one clear error instead of
+/// every pod's enrolment failing.
+pub fn check_proc_sys(proc_sys: &Path) -> Result<(), RulesError> {
+    let path = sysctl_path(proc_sys, MIGRATE_REQ);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map(drop)
+        .map_err(|e| RulesError::Failed {
+            command: format!("opening {} for writing", path.display()),
+            netns: "the agent's namespace".into(),
+            stderr: e.to_string(),
+        })
+}
+
+/// The per-pod sysctl: when an old ztunnel closes its listener during an upgrade,
+/// connections still waiting in its accept queue move to the new ztunnel's listener (same
+/// SO_REUSEPORT group) instead of being reset.
+const MIGRATE_REQ: &str = "net.ipv4.tcp_migrate_req";
+
+/// [`install_via`] with the runtime's `/proc/sys`.
 pub fn install(netns: &Path, ports: Ports) -> Result<(), RulesError> {
+    install_via(netns, ports, Path::new(PROC_SYS))
+}
+
+/// Installs (or replaces) the redirection in the namespace at `netns` (a path such as
+/// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`), writing its sysctl through the sysctl
+/// tree `proc_sys`. Pod start-up waits for this, so the independent parts run at once: nft,
+/// one `ip -batch` per family, and the sysctl (written from a thread in the namespace).
+/// [`dump`] shows what the kernel then holds.
+pub fn install_via(netns: &Path, ports: Ports, proc_sys: &Path) -> Result<(), RulesError> {
     std::thread::scope(|scope| {
         // The return path routes through lo (normally up already; the runtime sets it up).
         // Both batches raise it: the routes need it up, and they run concurrently.
@@ -236,10 +273,7 @@ pub fn install(netns: &Path, ports: Ports) -> Result<(), RulesError> {
             }
             other => other.map(drop),
         };
-        // When an old ztunnel closes its listener during an upgrade, connections still
-        // waiting in its accept queue move to the new ztunnel's listener (same SO_REUSEPORT
-        // group) instead of being reset.
-        let sysctl = sysctl_in(netns, "net.ipv4.tcp_migrate_req", "1");
+        let sysctl = sysctl_in(netns, proc_sys, MIGRATE_REQ, "1");
         let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), RulesError>>| {
             h.join().unwrap_or_else(|_| {
                 Err(RulesError::Failed {
@@ -258,9 +292,14 @@ pub fn dump(netns: &Path) -> Result<String, RulesError> {
     run_in(netns, &["nft", "list", "table", "inet", TABLE], None)
 }
 
-/// Removes the table, the rules and the routes `install` added. Removing what is not there
-/// is not an error (idempotent).
+/// [`remove_via`] with the runtime's `/proc/sys`.
 pub fn remove(netns: &Path) -> Result<(), RulesError> {
+    remove_via(netns, Path::new(PROC_SYS))
+}
+
+/// Removes the table, the rules and the routes `install` added (the sysctl through
+/// `proc_sys`). Removing what is not there is not an error (idempotent).
+pub fn remove_via(netns: &Path, proc_sys: &Path) -> Result<(), RulesError> {
     match run_in(netns, &["nft", "delete", "table", "inet", TABLE], None) {
         Ok(_) => {}
         Err(RulesError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
@@ -268,7 +307,7 @@ pub fn remove(netns: &Path) -> Result<(), RulesError> {
     }
     ip_batch(netns, false, &route_batch(false, false), &[1, 2])?;
     ip_batch(netns, true, &route_batch(true, false), &[1, 2])?;
-    let _ = sysctl_in(netns, "net.ipv4.tcp_migrate_req", "0");
+    let _ = sysctl_in(netns, proc_sys, MIGRATE_REQ, "0");
     Ok(())
 }
 

@@ -84,6 +84,17 @@ struct Known {
     service_account: String,
 }
 
+/// Where the agent keeps its files and finds the node's sysctls.
+#[derive(Clone, Debug)]
+pub struct AgentPaths {
+    /// Where the known pods are persisted across restarts.
+    pub state_file: Option<PathBuf>,
+    /// Local mode's enrolment report for the controller.
+    pub report_file: Option<PathBuf>,
+    /// The sysctl tree pod sysctls are written through ([`rules::install_via`]).
+    pub proc_sys: PathBuf,
+}
+
 /// The node agent.
 pub struct Agent {
     pub zds: Arc<ZdsServer>,
@@ -102,6 +113,8 @@ pub struct Agent {
     /// Local mode's enrolment report: the pods captured on this node, for the controller
     /// (which advertises only those as HBONE). In a cluster the pod annotation says it.
     report_file: Option<PathBuf>,
+    /// The sysctl tree each pod's sysctl is written through, from a thread in its namespace.
+    proc_sys: Arc<std::path::Path>,
     /// Cluster mode's enrolment report (pod annotations), told of each capture and release.
     reporter: Option<Arc<dyn EnrolmentReporter>>,
     /// What `reporter` was last told, so it hears transitions only.
@@ -164,8 +177,7 @@ impl Agent {
         zds: Arc<ZdsServer>,
         source: InventorySource,
         cluster_id: String,
-        state_file: Option<PathBuf>,
-        report_file: Option<PathBuf>,
+        paths: AgentPaths,
         reporter: Option<Arc<dyn EnrolmentReporter>>,
         node_name: Option<String>,
     ) -> Arc<Agent> {
@@ -176,8 +188,9 @@ impl Agent {
             ports: rules::Ports::default(),
             pods: Default::default(),
             serial: ContainerLocks::default(),
-            state_file,
-            report_file,
+            state_file: paths.state_file,
+            report_file: paths.report_file,
+            proc_sys: paths.proc_sys.into(),
             reporter,
             reported: Default::default(),
             metrics: Default::default(),
@@ -205,10 +218,10 @@ impl Agent {
                 continue;
             }
             if let Some(uid) = &k.captured {
-                let (path, ports) = (netns.clone(), self.ports);
+                let (path, ports, proc_sys) = (netns.clone(), self.ports, self.proc_sys.clone());
                 let ips = k.req.ips.clone();
                 tokio::task::spawn_blocking(move || {
-                    rules::install(&path, ports)?;
+                    rules::install_via(&path, ports, &proc_sys)?;
                     host::add_pod_ips(&ips)
                 })
                 .await??;
@@ -436,14 +449,14 @@ impl Agent {
     async fn enrol(&self, uid: &str, sa: String, req: &PodRequest) -> anyhow::Result<()> {
         let netns = PathBuf::from(&req.netns);
         let result = async {
-            let (path, ports) = (netns.clone(), self.ports);
+            let (path, ports, proc_sys) = (netns.clone(), self.ports, self.proc_sys.clone());
             // nft and ip run as child processes: keep them off the async threads.
             let ips = req.ips.clone();
             // Pod rules and the node's probe SNAT set are independent: written at once.
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|scope| {
                     let host = scope.spawn(|| host::add_pod_ips(&ips));
-                    let pod = rules::install(&path, ports).map_err(anyhow::Error::from);
+                    let pod = rules::install_via(&path, ports, &proc_sys).map_err(anyhow::Error::from);
                     let host = match host.join() {
                         Ok(r) => r.map_err(anyhow::Error::from),
                         Err(_) => Err(anyhow::anyhow!("probe SNAT thread panicked")),
@@ -467,10 +480,10 @@ impl Agent {
             Err(e) => {
                 warn!(%uid, error = %e, "enrolment failed; the pod must not run uncaptured");
                 self.zds.del_pod(uid).await;
-                let ips = req.ips.clone();
+                let (ips, proc_sys) = (req.ips.clone(), self.proc_sys.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     host::remove_pod_ips(&ips);
-                    rules::remove(&netns)
+                    rules::remove_via(&netns, &proc_sys)
                 })
                 .await;
             }
@@ -489,7 +502,8 @@ impl Agent {
         let netns = PathBuf::from(&req.netns);
         // The namespace may already be gone: nothing left to remove then.
         let removed = if netns.exists() {
-            tokio::task::spawn_blocking(move || rules::remove(&netns))
+            let proc_sys = self.proc_sys.clone();
+            tokio::task::spawn_blocking(move || rules::remove_via(&netns, &proc_sys))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()))

@@ -9,7 +9,7 @@ use clap::Parser;
 use cni_plugin::agent::inventory::InventorySource;
 use cni_plugin::agent::k8s::{AnnotationReporter, ClusterInventory};
 use cni_plugin::agent::report::EnrolmentReporter;
-use cni_plugin::agent::server::Agent;
+use cni_plugin::agent::server::{Agent, AgentPaths};
 use cni_plugin::agent::zds::ZdsServer;
 use mesh_core::zds::ZdsListener;
 
@@ -49,6 +49,11 @@ struct Config {
     metrics_addr: std::net::SocketAddr,
     #[arg(long, env = "STATE_FILE", default_value = "/var/run/ambient/pods.json")]
     state_file: PathBuf,
+    /// The sysctl tree each pod's net.ipv4.tcp_migrate_req is written through, from a thread
+    /// in the pod's network namespace. Unprivileged containers get a read-only /proc/sys: mount
+    /// the node's read-write elsewhere (a hostPath of /proc/sys/net at <dir>/net) and name it here.
+    #[arg(long, env = "PROC_SYS_DIR", default_value = cni_plugin::agent::rules::PROC_SYS)]
+    proc_sys_dir: PathBuf,
     /// Log filter.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -67,6 +72,13 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
+    cni_plugin::agent::rules::check_proc_sys(&cfg.proc_sys_dir).with_context(|| {
+        format!(
+            "--proc-sys-dir {} cannot take the pods' sysctls: mount the node's /proc/sys (or its \
+             net/) read-write there",
+            cfg.proc_sys_dir.display()
+        )
+    })?;
     // Probe SNAT for enrolled pods, in the node namespace the agent runs in.
     cni_plugin::agent::host::install().context("installing the host probe SNAT table")?;
     let (source, reporter): (_, Option<Arc<dyn EnrolmentReporter>>) = match mode {
@@ -88,8 +100,11 @@ async fn main() -> anyhow::Result<()> {
         zds.clone(),
         source,
         cfg.cluster_id.clone(),
-        Some(cfg.state_file.clone()),
-        cfg.enrolment_report.clone(),
+        AgentPaths {
+            state_file: Some(cfg.state_file.clone()),
+            report_file: cfg.enrolment_report.clone(),
+            proc_sys: cfg.proc_sys_dir.clone(),
+        },
         reporter,
         cfg.node_name.clone(),
     );
@@ -161,7 +176,7 @@ mod tests {
     #[test]
     fn exactly_one_source_and_cluster_mode_needs_the_node() {
         // Environment variables would leak into the parse.
-        for var in ["MANIFEST_DIR", "NODE_NAME"] {
+        for var in ["MANIFEST_DIR", "NODE_NAME", "PROC_SYS_DIR"] {
             if std::env::var_os(var).is_some() {
                 return;
             }
@@ -172,7 +187,9 @@ mod tests {
         let cfg = parse(&["--kubernetes"]).expect("parses");
         let err = mode(&cfg).expect_err("no node name");
         assert!(err.to_string().contains("--node-name"), "{err}");
-        let cfg = parse(&["--kubernetes", "--node-name", "node-1"]).expect("parses");
+        assert_eq!(cfg.proc_sys_dir, PathBuf::from("/proc/sys"));
+        let cfg = parse(&["--kubernetes", "--node-name", "node-1", "--proc-sys-dir=/host/proc/sys"]).expect("parses");
+        assert_eq!(cfg.proc_sys_dir, PathBuf::from("/host/proc/sys"));
         assert_eq!(
             mode(&cfg).expect("cluster mode"),
             Mode::Kubernetes { node: "node-1".into() }
