@@ -2,8 +2,11 @@
 //! at the destination. Any matching DENY denies; with no ALLOW policy the connection is
 //! allowed; otherwise some ALLOW must match. Groups are OR'd, rules in a group AND'd, matches
 //! in a rule OR'd; within a match every set field must hold and values of a field are OR'd.
+//! A dry-run policy (`dry_run`, from the `istio.io/dry-run` annotation) is evaluated only to
+//! log and count what it would have decided: it never allows or denies.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::IpNet;
 use mesh_proto::security as pb;
@@ -43,11 +46,26 @@ impl StringMatch {
     }
 }
 
+/// A source service account, matched exactly against the peer's identity.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl ServiceAccountMatch {
+    fn matches(&self, id: &Identity) -> bool {
+        id.namespace == self.namespace && id.service_account == self.service_account
+    }
+}
+
 /// One match clause.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Match {
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
     pub principals: Vec<StringMatch>,
     pub not_principals: Vec<StringMatch>,
     pub source_ips: Vec<IpNet>,
@@ -67,6 +85,8 @@ pub struct Policy {
     pub action: Action,
     /// groups -> rules -> matches
     pub groups: Vec<Vec<Vec<Match>>>,
+    /// Logged and counted, never enforced.
+    pub dry_run: bool,
 }
 
 impl Policy {
@@ -93,6 +113,10 @@ fn any_ip(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
+fn any_sa(ms: &[ServiceAccountMatch], id: Option<&Identity>) -> bool {
+    id.is_some_and(|id| ms.iter().any(|m| m.matches(id)))
+}
+
 impl Match {
     fn matches(&self, c: &ConnectionInfo) -> bool {
         let ns = c.src_identity.as_ref().map(|i| i.namespace.as_str());
@@ -100,6 +124,8 @@ impl Match {
         let principal = principal.as_deref();
         (self.namespaces.is_empty() || any_str(&self.namespaces, ns))
             && !any_str(&self.not_namespaces, ns)
+            && (self.service_accounts.is_empty() || any_sa(&self.service_accounts, c.src_identity.as_ref()))
+            && !any_sa(&self.not_service_accounts, c.src_identity.as_ref())
             && (self.principals.is_empty() || any_str(&self.principals, principal))
             && !any_str(&self.not_principals, principal)
             && (self.source_ips.is_empty() || any_ip(&self.source_ips, c.src_ip))
@@ -131,11 +157,38 @@ pub enum Decision {
     Deny(Option<String>),
 }
 
+/// Dry-run policies that matched a connection since start (all of this process's evaluators).
+static DRY_RUN_MATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a dry-run policy matched a connection (for a metrics exporter).
+pub fn dry_run_matches() -> u64 {
+    DRY_RUN_MATCHES.load(Ordering::Relaxed)
+}
+
+/// Logs and counts a dry-run policy that matched: what it would have done, nothing more.
+fn note_dry_run(p: &Policy, c: &ConnectionInfo) {
+    if p.matches(c) {
+        DRY_RUN_MATCHES.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            policy = %p.key(),
+            action = ?p.action,
+            src = %c.src_ip,
+            dst = %c.dst,
+            "dry-run authorization policy matched; not enforced"
+        );
+    }
+}
+
 /// Evaluates `policies` (those that apply to the destination workload) for one connection.
+/// Dry-run policies are skipped (only logged and counted when they match).
 pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &ConnectionInfo) -> Decision {
     let mut have_allow = false;
     let mut allowed = false;
     for p in policies {
+        if p.dry_run {
+            note_dry_run(p, c);
+            continue;
+        }
         match p.action {
             Action::Deny if p.matches(c) => return Decision::Deny(Some(p.key())),
             Action::Deny => {}
@@ -179,6 +232,25 @@ fn cidrs(field: &str, addrs: &[pb::Address]) -> Result<Vec<IpNet>, ResourceError
         .collect()
 }
 
+fn service_accounts(field: &str, ms: &[pb::ServiceAccountMatch]) -> Result<Vec<ServiceAccountMatch>, ResourceError> {
+    ms.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            // An empty side would match nothing real; reject rather than guess a wildcard.
+            if m.namespace.is_empty() || m.service_account.is_empty() {
+                return Err(ResourceError::new(
+                    format!("{field}[{i}]"),
+                    "namespace and service_account must be set",
+                ));
+            }
+            Ok(ServiceAccountMatch {
+                namespace: m.namespace.clone(),
+                service_account: m.service_account.clone(),
+            })
+        })
+        .collect()
+}
+
 fn ports(field: &str, ps: &[u32]) -> Result<Vec<u16>, ResourceError> {
     ps.iter()
         .map(|p| u16::try_from(*p).map_err(|_| ResourceError::new(field, format!("{p} is not a valid port"))))
@@ -192,6 +264,8 @@ impl TryFrom<&pb::Match> for Match {
         Ok(Match {
             namespaces: string_matches("namespaces", &m.namespaces)?,
             not_namespaces: string_matches("not_namespaces", &m.not_namespaces)?,
+            service_accounts: service_accounts("service_accounts", &m.service_accounts)?,
+            not_service_accounts: service_accounts("not_service_accounts", &m.not_service_accounts)?,
             principals: string_matches("principals", &m.principals)?,
             not_principals: string_matches("not_principals", &m.not_principals)?,
             source_ips: cidrs("source_ips", &m.source_ips)?,
@@ -262,6 +336,7 @@ impl TryFrom<&pb::Authorization> for Policy {
             scope,
             action,
             groups,
+            dry_run: a.dry_run,
         })
     }
 }
@@ -285,6 +360,7 @@ mod tests {
             scope: Scope::Namespace,
             action,
             groups: vec![vec![vec![m]]],
+            dry_run: false,
         }
     }
 
@@ -456,5 +532,132 @@ mod tests {
         };
         let e = Policy::try_from(&a).unwrap_err();
         assert_eq!(e.field, "authorization.groups[0].rules[0].matches[0].destination_ports");
+    }
+    #[test]
+    fn dry_run_policies_are_not_enforced() {
+        let deny_sleep = Policy {
+            dry_run: true,
+            ..policy(
+                Action::Deny,
+                Match {
+                    principals: vec![StringMatch::Exact("cluster.local/ns/default/sa/sleep".into())],
+                    ..Default::default()
+                },
+            )
+        };
+        let before = dry_run_matches();
+        // It matches, but only counts: the connection is allowed.
+        assert_eq!(
+            evaluate([&deny_sleep], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+        assert!(dry_run_matches() > before);
+        // A dry-run ALLOW does not make the destination default-deny.
+        let allow_other = Policy {
+            dry_run: true,
+            ..policy(
+                Action::Allow,
+                Match {
+                    namespaces: vec![StringMatch::Exact("other".into())],
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(
+            evaluate([&allow_other], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Allow
+        );
+        // The same DENY enforced denies.
+        let enforced = Policy {
+            dry_run: false,
+            ..deny_sleep.clone()
+        };
+        assert!(matches!(
+            evaluate([&enforced], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(Some(_))
+        ));
+        // Decoded from the wire, dry_run is kept.
+        let a = pb::Authorization {
+            name: "x".into(),
+            dry_run: true,
+            ..Default::default()
+        };
+        assert!(Policy::try_from(&a).unwrap().dry_run);
+    }
+
+    #[test]
+    fn service_account_matches() {
+        let sa = |ns: &str, name: &str| ServiceAccountMatch {
+            namespace: ns.into(),
+            service_account: name.into(),
+        };
+        let allow_sleep = policy(
+            Action::Allow,
+            Match {
+                service_accounts: vec![sa("default", "sleep")],
+                ..Default::default()
+            },
+        );
+        let sleep = conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80");
+        let other = conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80");
+        let plaintext = conn(None, "10.0.0.1", "10.0.0.2:80");
+        assert_eq!(evaluate([&allow_sleep], &sleep), Decision::Allow);
+        assert_eq!(evaluate([&allow_sleep], &other), Decision::Deny(None));
+        assert_eq!(evaluate([&allow_sleep], &plaintext), Decision::Deny(None));
+        let deny_not_sleep = policy(
+            Action::Deny,
+            Match {
+                not_service_accounts: vec![sa("default", "sleep")],
+                ..Default::default()
+            },
+        );
+        assert_eq!(evaluate([&deny_not_sleep], &sleep), Decision::Allow);
+        assert!(matches!(evaluate([&deny_not_sleep], &other), Decision::Deny(Some(_))));
+        assert!(matches!(
+            evaluate([&deny_not_sleep], &plaintext),
+            Decision::Deny(Some(_))
+        ));
+    }
+
+    #[test]
+    fn service_accounts_decode_from_the_wire() {
+        // Before this field was read, a service-account-only ALLOW decoded to an empty match
+        // and so allowed every source.
+        let a = pb::Authorization {
+            name: "x".into(),
+            groups: vec![pb::Group {
+                rules: vec![pb::Rules {
+                    matches: vec![pb::Match {
+                        service_accounts: vec![pb::ServiceAccountMatch {
+                            namespace: "default".into(),
+                            service_account: "sleep".into(),
+                        }],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        let p = Policy::try_from(&a).unwrap();
+        assert_eq!(
+            evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
+            Decision::Deny(None)
+        );
+        let empty = pb::Authorization {
+            groups: vec![pb::Group {
+                rules: vec![pb::Rules {
+                    matches: vec![pb::Match {
+                        not_service_accounts: vec![pb::ServiceAccountMatch::default()],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..a
+        };
+        let e = Policy::try_from(&empty).unwrap_err();
+        assert_eq!(
+            e.field,
+            "authorization.groups[0].rules[0].matches[0].not_service_accounts[0]"
+        );
     }
 }

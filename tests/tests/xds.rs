@@ -362,6 +362,7 @@ fn deny_client_on_9000() -> Resource {
                 }],
             }],
         }],
+        ..Default::default()
     };
     resource(
         AUTHORIZATION_TYPE_URL,

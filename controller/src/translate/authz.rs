@@ -3,7 +3,8 @@
 //! needs L7 (methods, paths, hosts, request principals, request conditions) or a value it
 //! cannot parse is handled failing closed: in an ALLOW the rule never matches; in a DENY the
 //! unenforceable part is dropped, so the DENY covers at least what was asked. Each such
-//! change is reported on the policy.
+//! change is reported on the policy. A policy annotated `istio.io/dry-run: "true"` is sent
+//! with `dry_run` set: ztunnel logs what it would decide and does not enforce it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -211,7 +212,14 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
             } else {
                 pb::Scope::Namespace
             };
-            insert(&mut out, key, scope, pb::Action::Allow, Vec::new(), None);
+            let t = Translated {
+                scope,
+                action: pb::Action::Allow,
+                groups: Vec::new(),
+                labels: None,
+                dry_run: dry_run(policy),
+            };
+            insert(&mut out, key, t);
             continue;
         }
         if policy.spec.targets().next().is_some() {
@@ -237,7 +245,14 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
                     format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM; the policy allows nothing"),
                 );
                 let (scope, labels) = scope(key, policy, options);
-                insert(&mut out, key, scope, pb::Action::Allow, Vec::new(), labels);
+                let t = Translated {
+                    scope,
+                    action: pb::Action::Allow,
+                    groups: Vec::new(),
+                    labels,
+                    dry_run: dry_run(policy),
+                };
+                insert(&mut out, key, t);
                 continue;
             }
         };
@@ -268,19 +283,48 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
             }
         }
         let (scope, labels) = scope(key, policy, options);
-        insert(&mut out, key, scope, action, groups, labels);
+        let t = Translated {
+            scope,
+            action,
+            groups,
+            labels,
+            dry_run: dry_run(policy),
+        };
+        insert(&mut out, key, t);
     }
     out
 }
 
-fn insert(
-    out: &mut Output,
-    key: &ObjectKey,
+/// Istio's annotation marking a policy as evaluated and logged only, never enforced.
+pub(crate) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Whether the policy carries `istio.io/dry-run: "true"` (any case, as Istio parses a bool).
+fn dry_run(policy: &AuthorizationPolicy) -> bool {
+    policy
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// One translated policy, before it is keyed into the output.
+struct Translated {
     scope: pb::Scope,
     action: pb::Action,
     groups: Vec<pb::Group>,
     labels: Option<BTreeMap<String, String>>,
-) {
+    dry_run: bool,
+}
+
+fn insert(out: &mut Output, key: &ObjectKey, t: Translated) {
+    let Translated {
+        scope,
+        action,
+        groups,
+        labels,
+        dry_run,
+    } = t;
     let name = format!("{}/{}", key.namespace, key.name);
     if let Some(match_labels) = labels {
         out.selected.push(Selected {
@@ -298,6 +342,7 @@ fn insert(
             scope: scope as i32,
             action: action as i32,
             groups,
+            dry_run,
         },
     );
 }

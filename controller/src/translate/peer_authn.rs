@@ -207,6 +207,7 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
                     scope: pb::Scope::WorkloadSelector as i32,
                     action: pb::Action::Deny as i32,
                     groups,
+                    dry_run: false,
                 },
             );
         }
@@ -224,6 +225,7 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
                         not_destination_ips: excluded,
                         ..Default::default()
                     }),
+                    dry_run: false,
                 },
             );
         }

@@ -39,6 +39,24 @@ fn ports(ports: &[pb::Port]) -> Value {
         .collect()
 }
 
+fn locality(l: &Option<pb::Locality>) -> Value {
+    match l {
+        Some(l) => json!(format!("{}/{}/{}", l.region, l.zone, l.subzone)),
+        None => Value::Null,
+    }
+}
+
+fn load_balancing(lb: &Option<pb::LoadBalancing>) -> Value {
+    use pb::load_balancing::{HealthPolicy, Mode, Scope};
+    let Some(lb) = lb else { return Value::Null };
+    let scope = |s: &i32| Scope::try_from(*s).map(|s| s.as_str_name()).unwrap_or("?");
+    json!({
+        "routingPreference": lb.routing_preference.iter().map(scope).collect::<Vec<_>>(),
+        "mode": Mode::try_from(lb.mode).map(|m| m.as_str_name()).unwrap_or("?"),
+        "healthPolicy": HealthPolicy::try_from(lb.health_policy).map(|h| h.as_str_name()).unwrap_or("?"),
+    })
+}
+
 fn workload(w: &pb::Workload) -> Value {
     let enum_name = |v: &str| json!(v);
     json!({
@@ -61,6 +79,8 @@ fn workload(w: &pb::Workload) -> Value {
             "authorizationPolicies": w.authorization_policies,
             "status": enum_name(pb::WorkloadStatus::try_from(w.status).map(|t| t.as_str_name()).unwrap_or("?")),
             "networkMode": enum_name(pb::NetworkMode::try_from(w.network_mode).map(|t| t.as_str_name()).unwrap_or("?")),
+            "clusterId": w.cluster_id,
+            "locality": locality(&w.locality),
         }
     })
 }
@@ -74,8 +94,17 @@ fn service(s: &pb::Service) -> Value {
             "addresses": s.addresses.iter().map(|a| ip(&a.address)).collect::<Vec<_>>(),
             "ports": ports(&s.ports),
             "waypoint": gateway(&s.waypoint),
+            "canonical": s.canonical,
+            "ingressUseWaypoint": s.ingress_use_waypoint,
+            "loadBalancing": load_balancing(&s.load_balancing),
         }
     })
+}
+
+fn service_accounts(ms: &[sec::ServiceAccountMatch]) -> Value {
+    ms.iter()
+        .map(|m| json!(format!("{}/{}", m.namespace, m.service_account)))
+        .collect()
 }
 
 fn string_matches(ms: &[sec::StringMatch]) -> Value {
@@ -109,6 +138,16 @@ fn matcher(m: &sec::Match) -> Value {
         "notNamespaces",
         string_matches(&m.not_namespaces),
         m.not_namespaces.is_empty(),
+    );
+    put(
+        "serviceAccounts",
+        service_accounts(&m.service_accounts),
+        m.service_accounts.is_empty(),
+    );
+    put(
+        "notServiceAccounts",
+        service_accounts(&m.not_service_accounts),
+        m.not_service_accounts.is_empty(),
     );
     put("principals", string_matches(&m.principals), m.principals.is_empty());
     put(
@@ -148,6 +187,7 @@ fn authorization(a: &sec::Authorization) -> Value {
         "scope": sec::Scope::try_from(a.scope).map(|s| s.as_str_name()).unwrap_or("?"),
         "action": sec::Action::try_from(a.action).map(|s| s.as_str_name()).unwrap_or("?"),
         "groups": a.groups.iter().map(|g| g.rules.iter().map(|r| r.matches.iter().map(matcher).collect::<Vec<_>>()).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "dryRun": a.dry_run,
     })
 }
 

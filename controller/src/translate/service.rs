@@ -1,6 +1,9 @@
 //! Kubernetes Services to `istio.workload.Service`: hostname, VIPs, ports (a named target port
 //! is resolved per workload, so it is 0 here), waypoint. Also the index workload translation
-//! uses to find the services a pod belongs to.
+//! uses to find the services a pod belongs to. Every Kubernetes Service is `canonical` for
+//! its hostname; `istio.io/ingress-use-waypoint` (on the Service or its namespace) sets
+//! `ingress_use_waypoint`; `publishNotReadyAddresses` and `trafficDistribution: PreferClose`
+//! become the load-balancing health policy and locality preference, as Istio sends them.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,9 +24,56 @@ pub(crate) fn app_protocol(port: &k8s_openapi::api::core::v1::ServicePort) -> i3
         "http" => pb::AppProtocol::Http11,
         "http2" | "h2c" => pb::AppProtocol::Http2,
         "grpc" | "grpc-web" => pb::AppProtocol::Grpc,
+        "tcp" => pb::AppProtocol::Tcp,
+        "tls" | "https" => pb::AppProtocol::Tls,
         _ => pb::AppProtocol::Unknown,
     };
     proto as i32
+}
+
+/// Istio's label asking ingress gateways to go through the service's waypoint.
+pub(crate) const INGRESS_USE_WAYPOINT_LABEL: &str = "istio.io/ingress-use-waypoint";
+
+fn label_true(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> Option<bool> {
+    let v = meta.labels.as_ref()?.get(key)?;
+    Some(v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// The Service's label wins over its namespace's.
+fn ingress_use_waypoint(inputs: &Inputs, key: &ObjectKey, svc: &Service) -> bool {
+    label_true(&svc.metadata, INGRESS_USE_WAYPOINT_LABEL)
+        .or_else(|| {
+            let ns = inputs.namespaces.get(&key.namespace)?;
+            label_true(&ns.metadata, INGRESS_USE_WAYPOINT_LABEL)
+        })
+        .unwrap_or(false)
+}
+
+/// Endpoint selection: not-ready endpoints when the Service publishes them, and same-locality
+/// first (failing over outward) for `trafficDistribution: PreferClose`.
+fn load_balancing(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<pb::LoadBalancing> {
+    use pb::load_balancing::{HealthPolicy, Mode, Scope};
+    let all = spec.publish_not_ready_addresses == Some(true);
+    let close = spec.traffic_distribution.as_deref() == Some("PreferClose");
+    if !all && !close {
+        return None;
+    }
+    let (routing_preference, mode) = if close {
+        let prefs = [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone];
+        (prefs.iter().map(|s| *s as i32).collect(), Mode::Failover as i32)
+    } else {
+        (Vec::new(), Mode::UnspecifiedMode as i32)
+    };
+    Some(pb::LoadBalancing {
+        routing_preference,
+        mode,
+        health_policy: if all {
+            HealthPolicy::AllowAll
+        } else {
+            HealthPolicy::OnlyHealthy
+        } as i32,
+        dns_connect_strategy: 0,
+    })
 }
 
 fn vips(svc: &Service) -> Vec<IpAddr> {
@@ -100,8 +150,11 @@ pub(crate) fn translate(
             ports,
             subject_alt_names: Vec::new(),
             waypoint: attach.for_service(key, &svc.metadata, report),
-            load_balancing: None,
+            load_balancing: load_balancing(spec),
             ip_families: 0,
+            extensions: Vec::new(),
+            canonical: true,
+            ingress_use_waypoint: ingress_use_waypoint(inputs, key, svc),
         });
     }
     out

@@ -1,7 +1,7 @@
 //! Pods to `istio.workload.Workload`: uid, addresses, identity, HBONE only when the node agent
 //! reports the pod captured, canonical names, health, the services it backs (by selector, or
 //! by EndpointSlice for selector-less services) with per-pod target ports, its waypoint and
-//! the selector policies that apply to it.
+//! the selector policies that apply to it, and its locality from the `istio-locality` label.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,6 +12,23 @@ use super::attach::{Attachments, ENROLLED_ANNOTATION, ENROLLED_VALUE};
 use super::service::{target_port, SelectorIndex};
 use super::{service_hostname, Options, Report, Selected};
 use crate::model::{Inputs, Kind, ObjectKey, Pod};
+
+/// Pod label Istio reads a workload's locality from: `region.zone.subzone` (label values
+/// cannot hold `/`, so dots separate; missing trailing parts are empty).
+const LOCALITY_LABEL: &str = "istio-locality";
+
+fn locality(labels: Option<&BTreeMap<String, String>>) -> Option<pb::Locality> {
+    let v = labels?.get(LOCALITY_LABEL)?.trim();
+    if v.is_empty() {
+        return None;
+    }
+    let mut parts = v.splitn(3, '.').map(str::to_owned);
+    Some(pb::Locality {
+        region: parts.next().unwrap_or_default(),
+        zone: parts.next().unwrap_or_default(),
+        subzone: parts.next().unwrap_or_default(),
+    })
+}
 
 fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, keys: &[&str]) -> Option<&'a str> {
     let labels = labels?;
@@ -293,12 +310,17 @@ pub(crate) fn translate(
                 pb::WorkloadStatus::Unhealthy as i32
             },
             cluster_id: options.cluster_id.clone(),
-            locality: None,
+            locality: locality(labels),
             network_mode: if host_network {
                 pb::NetworkMode::HostNetwork as i32
             } else {
                 pb::NetworkMode::Standard as i32
             },
+            // Not known for pods: sandwiched proxies, extensions and capacity are opt-in
+            // features of other control planes; unset means none and a capacity of 1.
+            application_tunnel: None,
+            extensions: Vec::new(),
+            capacity: None,
         });
     }
     out

@@ -328,4 +328,163 @@ mod tests {
         assert!(s.remove_service(key));
         assert!(!s.port_protocol(key, 80).is_http());
     }
+    /// An Istio peer may send every field of the current API; none may make us reject the
+    /// resource, and the fields the data plane uses must survive decoding.
+    #[test]
+    fn every_wire_field_decodes() {
+        use prost::Message;
+        let gw = |port| pb::GatewayAddress {
+            destination: Some(pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+                namespace: "shop".into(),
+                hostname: "wp.shop.svc.cluster.local".into(),
+            })),
+            hbone_mtls_port: port,
+            hbone_single_tls_port: 0,
+        };
+        let ext = || pb::Extension {
+            name: "vendor.example/x".into(),
+            config: Some(prost_types::Any {
+                type_url: "type.googleapis.com/google.protobuf.Empty".into(),
+                value: Vec::new(),
+            }),
+        };
+        let port = pb::Port {
+            service_port: 80,
+            target_port: 8080,
+            app_protocol: pb::AppProtocol::Tcp as i32,
+        };
+        let w = pb::Workload {
+            uid: "Kubernetes//Pod/shop/web-0".into(),
+            name: "web-0".into(),
+            namespace: "shop".into(),
+            addresses: vec![vec![10, 0, 0, 5]],
+            hostname: String::new(),
+            network: "net1".into(),
+            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+            trust_domain: "cluster.local".into(),
+            service_account: "web".into(),
+            waypoint: Some(gw(15008)),
+            network_gateway: Some(gw(15009)),
+            node: "node-1".into(),
+            canonical_name: "web".into(),
+            canonical_revision: "v1".into(),
+            workload_type: pb::WorkloadType::Deployment as i32,
+            workload_name: "web".into(),
+            native_tunnel: true,
+            application_tunnel: Some(pb::ApplicationTunnel {
+                protocol: pb::application_tunnel::Protocol::Proxy as i32,
+                port: 15088,
+            }),
+            services: [(
+                "shop/web.shop.svc.cluster.local".to_owned(),
+                pb::PortList {
+                    ports: vec![port],
+                },
+            )]
+            .into_iter()
+            .collect(),
+            authorization_policies: vec!["shop/p".into()],
+            status: pb::WorkloadStatus::Healthy as i32,
+            cluster_id: "c1".into(),
+            locality: Some(pb::Locality {
+                region: "r".into(),
+                zone: "z".into(),
+                subzone: "s".into(),
+            }),
+            network_mode: pb::NetworkMode::Standard as i32,
+            extensions: vec![ext()],
+            capacity: Some(3),
+        };
+        let svc = pb::Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            addresses: vec![pb::NetworkAddress {
+                network: "net1".into(),
+                address: vec![10, 96, 0, 1],
+            }],
+            ports: vec![port],
+            subject_alt_names: vec!["spiffe://cluster.local/ns/shop/sa/web".into()],
+            waypoint: Some(gw(15008)),
+            load_balancing: Some(pb::LoadBalancing {
+                routing_preference: vec![pb::load_balancing::Scope::Zone as i32],
+                mode: pb::load_balancing::Mode::Passthrough as i32,
+                health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
+                dns_connect_strategy: pb::load_balancing::DnsConnectStrategy::FirstHealthyRace as i32,
+            }),
+            ip_families: pb::IpFamilies::Ipv4Only as i32,
+            extensions: vec![ext()],
+            canonical: true,
+            ingress_use_waypoint: true,
+        };
+        let mut s = State::default();
+        for a in [
+            pb::Address {
+                r#type: Some(pb::address::Type::Workload(w.clone())),
+            },
+            pb::Address {
+                r#type: Some(pb::address::Type::Service(svc.clone())),
+            },
+        ] {
+            let mut bytes = a.encode_to_vec();
+            // A field number from a future API version: skipped, not an error.
+            bytes.extend_from_slice(&[0xf8, 0x06, 0x01]); // field 111, varint 1
+            let decoded = pb::Address::decode(bytes.as_slice()).expect("decodes");
+            assert_eq!(decoded, a, "every known field round-trips");
+            s.apply_address(&decoded).expect("accepted");
+        }
+        let got = s.workload(&w.uid).expect("workload kept");
+        assert_eq!((got.cluster_id.as_str(), got.node.as_str()), ("c1", "node-1"));
+        assert!(got.waypoint.is_some() && got.healthy);
+        let got = s.service("shop/web.shop.svc.cluster.local").expect("service kept");
+        assert!(!got.only_healthy, "ALLOW_ALL is honoured");
+        assert!(
+            !s.port_protocol("shop/web.shop.svc.cluster.local", 80).is_http(),
+            "declared TCP is not HTTP"
+        );
+
+        let sa = |ns: &str, name: &str| secpb::ServiceAccountMatch {
+            namespace: ns.into(),
+            service_account: name.into(),
+        };
+        let exact = |v: &str| secpb::StringMatch {
+            match_type: Some(secpb::string_match::MatchType::Exact(v.into())),
+        };
+        let cidr = secpb::Address {
+            address: vec![10, 0, 0, 0],
+            length: 8,
+        };
+        let policy = secpb::Authorization {
+            name: "p".into(),
+            namespace: "shop".into(),
+            scope: secpb::Scope::WorkloadSelector as i32,
+            action: secpb::Action::Deny as i32,
+            groups: vec![secpb::Group {
+                rules: vec![secpb::Rules {
+                    matches: vec![secpb::Match {
+                        namespaces: vec![exact("a")],
+                        not_namespaces: vec![exact("b")],
+                        service_accounts: vec![sa("a", "x")],
+                        not_service_accounts: vec![sa("a", "y")],
+                        principals: vec![exact("cluster.local/ns/a/sa/x")],
+                        not_principals: vec![exact("cluster.local/ns/a/sa/y")],
+                        source_ips: vec![cidr.clone()],
+                        not_source_ips: vec![cidr.clone()],
+                        destination_ips: vec![cidr.clone()],
+                        not_destination_ips: vec![cidr],
+                        destination_ports: vec![80],
+                        not_destination_ports: vec![81],
+                    }],
+                }],
+            }],
+            dry_run: true,
+        };
+        let decoded = secpb::Authorization::decode(policy.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(decoded, policy);
+        s.apply_authorization(&decoded).expect("accepted");
+        let p = s.policies().next().expect("policy kept");
+        assert!(p.dry_run, "dry_run is kept (so it is not enforced)");
+        let m = &p.groups[0][0][0];
+        assert_eq!((m.service_accounts.len(), m.not_service_accounts.len()), (1, 1));
+    }
 }

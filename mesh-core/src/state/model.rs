@@ -77,10 +77,11 @@ impl AppProtocol {
 
 impl From<i32> for AppProtocol {
     /// A value this version does not know counts as HTTP: a newer control plane declaring a
-    /// protocol must not make a proxy treat the port as opaque bytes.
+    /// protocol must not make a proxy treat the port as opaque bytes. Declared TCP or TLS is
+    /// not HTTP, so it is `Unknown` (no HTTP handling is forced on it).
     fn from(v: i32) -> Self {
         match pb::AppProtocol::try_from(v) {
-            Ok(pb::AppProtocol::Unknown) => AppProtocol::Unknown,
+            Ok(pb::AppProtocol::Unknown | pb::AppProtocol::Tcp | pb::AppProtocol::Tls) => AppProtocol::Unknown,
             Ok(pb::AppProtocol::Http11) => AppProtocol::Http11,
             Ok(pb::AppProtocol::Http2) => AppProtocol::Http2,
             Ok(pb::AppProtocol::Grpc) | Err(_) => AppProtocol::Grpc,

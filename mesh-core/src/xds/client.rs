@@ -834,6 +834,7 @@ mod tests {
             scope: secpb::Scope::Namespace as i32,
             action: secpb::Action::Allow as i32,
             groups: vec![],
+            ..Default::default()
         }
     }
 

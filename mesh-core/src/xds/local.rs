@@ -752,6 +752,7 @@ impl PolicyEntry {
                                 not_destination_ips: cidrs(m.not_destination_ips),
                                 destination_ports: m.destination_ports,
                                 not_destination_ports: m.not_destination_ports,
+                                ..Default::default()
                             })
                             .collect(),
                     })
@@ -771,6 +772,7 @@ impl PolicyEntry {
                 ActionEntry::Deny => secpb::Action::Deny,
             } as i32,
             groups,
+            ..Default::default()
         }
     }
 }
