@@ -1,12 +1,17 @@
 //! Istio's security (`security.istio.io`) and traffic (`networking.istio.io`) kinds, in the
-//! field names users write. Security specs reject unknown fields: a misspelt `principal` must
-//! not silently widen a policy.
+//! field names users write. Our structs name only the fields the mesh implements; every other
+//! field of a spec is kept in the object's `unimplemented` list (by path) so translation
+//! reports it, instead of serde dropping it unseen. An AuthorizationPolicy with such a field
+//! fails closed: a misspelt `principal`, or a constraint we do not implement, must not
+//! silently widen a policy. Workload selectors still reject unknown fields outright: a
+//! misspelt `matchLabels` would select every workload.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::gateway::PolicyTargetReference;
+use super::unknown::typed_spec;
 use super::ObjectMeta;
 
 /// `selector: {matchLabels: {...}}`.
@@ -19,46 +24,76 @@ pub struct WorkloadSelector {
 
 /// An AuthorizationPolicy. A spec that cannot be read does not make the object disappear
 /// (that would silently drop a DENY): it is kept with `invalid` set, and translation turns
-/// it into a policy that allows nothing in its namespace until it is fixed.
+/// it into a policy that allows nothing in its namespace until it is fixed. A spec with
+/// fields we do not implement is invalid the same way (each field is reported by path).
 #[derive(Clone, Debug, Serialize)]
 pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
     pub spec: AuthorizationPolicySpec,
     #[serde(skip)]
     pub invalid: Option<String>,
+    /// Paths of the spec's fields the mesh does not implement (`spec.rules[0]...`).
+    #[serde(skip)]
+    pub unimplemented: Vec<String>,
+}
+
+/// The message `invalid` holds when the spec only has fields we do not implement; the
+/// fields themselves are reported one by one, so it does not repeat them.
+pub const AUTHZ_UNIMPLEMENTED_FIELDS: &str = "spec has fields the mesh does not implement (reported by path)";
+
+#[derive(Deserialize)]
+struct RawObject {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: serde_json::Value,
 }
 
 impl<'de> Deserialize<'de> for AuthorizationPolicy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        struct Raw {
-            metadata: ObjectMeta,
-            #[serde(default)]
-            spec: serde_json::Value,
-        }
-        let raw = Raw::deserialize(d)?;
-        let spec = if raw.spec.is_null() {
-            Ok(AuthorizationPolicySpec::default())
-        } else {
-            serde_json::from_value::<AuthorizationPolicySpec>(raw.spec)
-        };
-        Ok(match spec {
-            Ok(spec) => AuthorizationPolicy {
+        let raw = RawObject::deserialize(d)?;
+        Ok(match typed_spec::<AuthorizationPolicySpec>(raw.spec) {
+            Ok((spec, unimplemented)) => AuthorizationPolicy {
                 metadata: raw.metadata,
                 spec,
-                invalid: None,
+                invalid: (!unimplemented.is_empty()).then(|| AUTHZ_UNIMPLEMENTED_FIELDS.to_owned()),
+                unimplemented,
             },
             Err(e) => AuthorizationPolicy {
                 metadata: raw.metadata,
                 spec: AuthorizationPolicySpec::default(),
                 invalid: Some(format!("spec: {e}")),
+                unimplemented: Vec::new(),
             },
         })
     }
 }
 
+/// An Istio object of a kind whose unreadable spec rejects the document, with the paths of
+/// its spec's fields we do not implement.
+macro_rules! lenient_object {
+    ($(#[$doc:meta])* $name:ident($spec:ty)) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Serialize)]
+        pub struct $name {
+            pub metadata: ObjectMeta,
+            pub spec: $spec,
+            /// Paths of the spec's fields the mesh does not implement.
+            #[serde(skip)]
+            pub unimplemented: Vec<String>,
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = RawObject::deserialize(d)?;
+                let (spec, unimplemented) = typed_spec(raw.spec).map_err(serde::de::Error::custom)?;
+                Ok($name { metadata: raw.metadata, spec, unimplemented })
+            }
+        }
+    };
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     pub selector: Option<WorkloadSelector>,
     pub target_ref: Option<PolicyTargetReference>,
@@ -79,7 +114,7 @@ impl AuthorizationPolicySpec {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Rule {
     #[serde(default)]
     pub from: Vec<From>,
@@ -90,21 +125,19 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct From {
     #[serde(default)]
     pub source: Source,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct To {
     #[serde(default)]
     pub operation: Operation,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Source {
     #[serde(default)]
     pub principals: Vec<String>,
@@ -129,7 +162,7 @@ pub struct Source {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Operation {
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -150,7 +183,7 @@ pub struct Operation {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Condition {
     pub key: String,
     #[serde(default)]
@@ -159,15 +192,12 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct PeerAuthentication {
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: PeerAuthenticationSpec,
+lenient_object! {
+    PeerAuthentication(PeerAuthenticationSpec)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     pub mtls: Option<MutualTls>,
@@ -177,21 +207,17 @@ pub struct PeerAuthenticationSpec {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct MutualTls {
     /// UNSET, DISABLE, PERMISSIVE or STRICT.
     pub mode: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct RequestAuthentication {
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: RequestAuthenticationSpec,
+lenient_object! {
+    RequestAuthentication(RequestAuthenticationSpec)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RequestAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     pub target_ref: Option<PolicyTargetReference>,
@@ -208,7 +234,7 @@ impl RequestAuthenticationSpec {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct JwtRule {
     pub issuer: String,
     #[serde(default)]
@@ -228,26 +254,21 @@ pub struct JwtRule {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct ClaimToHeader {
     pub header: String,
     pub claim: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct JwtHeader {
     pub name: String,
     #[serde(default)]
     pub prefix: String,
 }
 
+lenient_object! {
 /// `networking.istio.io` VirtualService: the HTTP routing subset waypoints apply.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct VirtualService {
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: VirtualServiceSpec,
+    VirtualService(VirtualServiceSpec)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -346,12 +367,9 @@ pub struct Percent {
     pub value: f64,
 }
 
+lenient_object! {
 /// `networking.istio.io` DestinationRule: subsets and traffic policy for waypoints.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct DestinationRule {
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: DestinationRuleSpec,
+    DestinationRule(DestinationRuleSpec)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -10,6 +10,7 @@ mod peer_authn;
 pub mod render;
 mod routes;
 mod service;
+mod unimplemented;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -115,6 +116,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         );
     }
     let (service_routes, waypoint_policies) = routes::translate(inputs, options, &mut report);
+    unimplemented::report(inputs, &mut report);
     let mut problems = report.0;
     problems.sort();
     problems.dedup();

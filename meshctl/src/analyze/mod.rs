@@ -98,11 +98,20 @@ impl Report {
     }
 }
 
+/// The ends of the controller's messages for Istio fields it does not implement
+/// (`spec.http[0].corsPolicy is not implemented; ignored`).
+const UNIMPLEMENTED_IGNORED: &str = "is not implemented; ignored";
+const UNIMPLEMENTED_FAILS_CLOSED: &str = "is not implemented; the policy allows nothing";
+
 /// A fix for a problem the controller reported, from what it says.
 fn fix_for(problem: &Problem) -> String {
     let m = problem.message.as_str();
     if m.contains("cannot be enforced by ztunnel") || m.contains("ztunnel ignores") {
         checks::L7_FIX.to_owned()
+    } else if m.ends_with(UNIMPLEMENTED_IGNORED) {
+        "the object keeps the field but the mesh does not apply it: remove it, or do not rely on it".to_owned()
+    } else if m.contains(UNIMPLEMENTED_FAILS_CLOSED) {
+        "remove the field: the mesh does not implement it, and the policy allows nothing while it is present".to_owned()
     } else if m.contains("CUSTOM") {
         "attach the policy to a waypoint with targetRefs; ztunnel cannot call an external authorizer".to_owned()
     } else if m.contains("unknown field") || m.contains("allows nothing") || m.starts_with("spec") {
@@ -189,8 +198,14 @@ pub fn analyze(corpus: &Corpus) -> Report {
         if covered_by_l7 || covered_by_waypoint {
             continue;
         }
+        // A field that is kept but not applied changes nothing the mesh enforces: a warning.
+        let severity = if p.message.ends_with(UNIMPLEMENTED_IGNORED) {
+            Severity::Warn
+        } else {
+            Severity::Error
+        };
         findings.push(Finding {
-            severity: Severity::Error,
+            severity,
             kind: kind.to_owned(),
             object,
             message: p.message.clone(),
