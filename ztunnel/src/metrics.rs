@@ -149,6 +149,12 @@ impl TcpLabels {
     }
 }
 
+/// Labels of `istio_tcp_sockets_open`, as Istio's ztunnel labels it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReporterLabels {
+    pub reporter: Reporter,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
@@ -166,6 +172,8 @@ pub struct Metrics {
     /// Inbound streams whose `forwarded: for=` address was not used, by reason.
     pub forwarded_ignored: Family<ReasonLabels, Counter>,
     pub active: Gauge,
+    /// Connections being proxied now, by reporter (Istio's `istio_tcp_sockets_open`).
+    pub sockets_open: Family<ReporterLabels, Gauge>,
 }
 
 impl Metrics {
@@ -186,6 +194,11 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Bytes received from the destination",
             m.received.clone(),
+        );
+        registry.register(
+            "istio_tcp_sockets_open",
+            "The current number of open TCP connections proxied, by reporter",
+            m.sockets_open.clone(),
         );
         registry.register(
             "ztunnel_connections_refused",
@@ -345,6 +358,12 @@ impl<'a> ConnRecord<'a> {
     ) -> Self {
         metrics.opened.get_or_create(&labels).inc();
         metrics.active.inc();
+        metrics
+            .sockets_open
+            .get_or_create(&ReporterLabels {
+                reporter: labels.reporter,
+            })
+            .inc();
         let bytes = ConnBytes {
             sent: metrics.sent.get_or_create(&labels).clone(),
             received: metrics.received.get_or_create(&labels).clone(),
@@ -399,5 +418,11 @@ impl<'a> ConnRecord<'a> {
 impl Drop for ConnRecord<'_> {
     fn drop(&mut self) {
         self.metrics.active.dec();
+        self.metrics
+            .sockets_open
+            .get_or_create(&ReporterLabels {
+                reporter: self.labels.reporter,
+            })
+            .dec();
     }
 }
