@@ -32,6 +32,8 @@ pub enum KubeError {
     Identity(#[from] IdentityError),
     #[error("encoding a request: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("{0}: no answer in time")]
+    Timeout(&'static str),
     #[error("waypoint {0}: {1}")]
     Waypoint(ObjectKey, &'static str),
 }
