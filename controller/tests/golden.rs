@@ -79,3 +79,10 @@ fn peer_authentication() {
 fn routes() {
     check("routes");
 }
+
+/// Cross-namespace backendRefs and parentRefs: accepted with a ReferenceGrant in the target
+/// namespace, refused (RefNotPermitted) without one.
+#[test]
+fn reference_grants() {
+    check("reference-grants");
+}

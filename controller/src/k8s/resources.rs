@@ -7,7 +7,9 @@ use std::borrow::Cow;
 use ::kube::core::{ApiResource, ClusterResourceScope, NamespaceResourceScope};
 use ::kube::Resource;
 
-use crate::model::{gateway, istio, EndpointSlice, Kind, Namespace, ObjectMeta, Pod, Service, ServiceAccount};
+use crate::model::{
+    gateway, istio, reference_grant, EndpointSlice, Kind, Namespace, ObjectMeta, Pod, Service, ServiceAccount,
+};
 
 /// The version the controller reads and writes for `kind`: the first it knows.
 pub fn served_version(kind: Kind) -> &'static str {
@@ -55,6 +57,7 @@ resource! {
     gateway::HttpRoute => HttpRoute, "httproutes", NamespaceResourceScope;
     gateway::GrpcRoute => GrpcRoute, "grpcroutes", NamespaceResourceScope;
     gateway::TcpRoute => TcpRoute, "tcproutes", NamespaceResourceScope;
+    reference_grant::ReferenceGrant => ReferenceGrant, "referencegrants", NamespaceResourceScope;
     istio::AuthorizationPolicy => AuthorizationPolicy, "authorizationpolicies", NamespaceResourceScope;
     istio::PeerAuthentication => PeerAuthentication, "peerauthentications", NamespaceResourceScope;
     istio::RequestAuthentication => RequestAuthentication, "requestauthentications", NamespaceResourceScope;
@@ -75,6 +78,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::HttpRoute => ApiResource::erase::<gateway::HttpRoute>(&()),
         Kind::GrpcRoute => ApiResource::erase::<gateway::GrpcRoute>(&()),
         Kind::TcpRoute => ApiResource::erase::<gateway::TcpRoute>(&()),
+        Kind::ReferenceGrant => ApiResource::erase::<reference_grant::ReferenceGrant>(&()),
         Kind::AuthorizationPolicy => ApiResource::erase::<istio::AuthorizationPolicy>(&()),
         Kind::PeerAuthentication => ApiResource::erase::<istio::PeerAuthentication>(&()),
         Kind::RequestAuthentication => ApiResource::erase::<istio::RequestAuthentication>(&()),
@@ -129,5 +133,9 @@ mod tests {
         assert_eq!(api_resource(Kind::VirtualService).plural, "virtualservices");
         assert_eq!(api_resource(Kind::PeerAuthentication).plural, "peerauthentications");
         assert_eq!(api_resource(Kind::HttpRoute).plural, "httproutes");
+        assert_eq!(
+            api_resource(Kind::ReferenceGrant).api_version,
+            "gateway.networking.k8s.io/v1beta1"
+        );
     }
 }

@@ -65,6 +65,7 @@ fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
         | Kind::HttpRoute
         | Kind::GrpcRoute
         | Kind::TcpRoute
+        | Kind::ReferenceGrant
         | Kind::AuthorizationPolicy
         | Kind::PeerAuthentication
         | Kind::RequestAuthentication

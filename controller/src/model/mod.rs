@@ -5,6 +5,7 @@
 pub mod gateway;
 pub mod istio;
 mod object;
+pub mod reference_grant;
 mod unknown;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,7 @@ pub struct Inputs {
     pub http_routes: BTreeMap<ObjectKey, gateway::HttpRoute>,
     pub grpc_routes: BTreeMap<ObjectKey, gateway::GrpcRoute>,
     pub tcp_routes: BTreeMap<ObjectKey, gateway::TcpRoute>,
+    pub reference_grants: BTreeMap<ObjectKey, reference_grant::ReferenceGrant>,
     pub authorization_policies: BTreeMap<ObjectKey, istio::AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<ObjectKey, istio::PeerAuthentication>,
     pub request_authentications: BTreeMap<ObjectKey, istio::RequestAuthentication>,
@@ -92,6 +94,7 @@ impl Inputs {
             Object::HttpRoute(o) => drop(self.http_routes.insert(key, o)),
             Object::GrpcRoute(o) => drop(self.grpc_routes.insert(key, o)),
             Object::TcpRoute(o) => drop(self.tcp_routes.insert(key, o)),
+            Object::ReferenceGrant(o) => drop(self.reference_grants.insert(key, o)),
             Object::AuthorizationPolicy(o) => drop(self.authorization_policies.insert(key, o)),
             Object::PeerAuthentication(o) => drop(self.peer_authentications.insert(key, o)),
             Object::RequestAuthentication(o) => drop(self.request_authentications.insert(key, o)),
@@ -113,6 +116,7 @@ impl Inputs {
             Kind::HttpRoute => self.http_routes.remove(key).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
             Kind::TcpRoute => self.tcp_routes.remove(key).is_some(),
+            Kind::ReferenceGrant => self.reference_grants.remove(key).is_some(),
             Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
             Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
             Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
@@ -134,6 +138,7 @@ impl Inputs {
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
             Kind::TcpRoute => self.tcp_routes.clear(),
+            Kind::ReferenceGrant => self.reference_grants.clear(),
             Kind::AuthorizationPolicy => self.authorization_policies.clear(),
             Kind::PeerAuthentication => self.peer_authentications.clear(),
             Kind::RequestAuthentication => self.request_authentications.clear(),

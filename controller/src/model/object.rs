@@ -3,7 +3,9 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{gateway, istio, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod, Service, ServiceAccount};
+use super::{
+    gateway, istio, reference_grant, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod, Service, ServiceAccount,
+};
 
 macro_rules! kinds {
     ($( $variant:ident($ty:ty) = $group:literal, $kind:literal, cluster: $cluster:literal, versions: [$($v:literal),+] ;)+) => {
@@ -78,6 +80,7 @@ kinds! {
     HttpRoute(gateway::HttpRoute) = "gateway.networking.k8s.io", "HTTPRoute", cluster: false, versions: ["v1", "v1beta1"];
     GrpcRoute(gateway::GrpcRoute) = "gateway.networking.k8s.io", "GRPCRoute", cluster: false, versions: ["v1"];
     TcpRoute(gateway::TcpRoute) = "gateway.networking.k8s.io", "TCPRoute", cluster: false, versions: ["v1alpha2"];
+    ReferenceGrant(reference_grant::ReferenceGrant) = "gateway.networking.k8s.io", "ReferenceGrant", cluster: false, versions: ["v1beta1"];
     AuthorizationPolicy(istio::AuthorizationPolicy) = "security.istio.io", "AuthorizationPolicy", cluster: false, versions: ["v1", "v1beta1"];
     PeerAuthentication(istio::PeerAuthentication) = "security.istio.io", "PeerAuthentication", cluster: false, versions: ["v1", "v1beta1"];
     RequestAuthentication(istio::RequestAuthentication) = "security.istio.io", "RequestAuthentication", cluster: false, versions: ["v1", "v1beta1"];

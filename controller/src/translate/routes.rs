@@ -13,6 +13,7 @@ use crate::model::gateway::{
     self, BackendRef, HeaderMatch, HeaderModifier, ParentReference, PolicyTargetReference, WAYPOINT_CLASS,
 };
 use crate::model::istio::{self, TrafficPolicy};
+use crate::model::reference_grant::{self, Reference, GATEWAY_GROUP};
 use crate::model::{Inputs, Kind, ObjectKey};
 
 /// Parses Go-style durations as Kubernetes APIs write them: `1.5s`, `250ms`, `1m30s`, `1h`.
@@ -80,29 +81,93 @@ fn host_key(host: &str, default_ns: &str, options: &Options) -> String {
     format!("{ns}/{}", service_hostname(name, ns, options))
 }
 
+/// The reason a route's refused cross-namespace reference carries, in its problem message
+/// and as the route status's `ResolvedRefs=False` reason (Gateway API's name for it).
+pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+
+/// Whether the route `kind`/`key` may reference Service `to_ns/name`: always in its own
+/// namespace, else only with a ReferenceGrant in `to_ns` (a route could otherwise send, or
+/// take over, another namespace's traffic).
+fn service_ref_permitted(inputs: &Inputs, kind: Kind, key: &ObjectKey, to_ns: &str, name: &str) -> bool {
+    let r = Reference {
+        from_group: GATEWAY_GROUP,
+        from_kind: kind.name(),
+        from_namespace: &key.namespace,
+        to_group: "",
+        to_kind: "Service",
+        to_namespace: to_ns,
+        to_name: name,
+    };
+    reference_grant::permitted(
+        inputs.reference_grants.iter().map(|(k, g)| (k.namespace.as_str(), g)),
+        &r,
+    )
+}
+
+fn refused(kind: Kind, key: &ObjectKey, what: &str, ns: &str, name: &str, effect: &str) -> String {
+    format!(
+        "{REF_NOT_PERMITTED}: {what} Service {ns}/{name} is in another namespace and no ReferenceGrant in {ns} \
+         allows {} from {}; {effect}",
+        kind.name(),
+        key.namespace
+    )
+}
+
+/// A rule's backends: those it may use, and the weight of those refused (no ReferenceGrant),
+/// whose share of requests must fail rather than go elsewhere.
+#[derive(Default)]
+struct Backends {
+    permitted: Vec<wp::WeightedBackend>,
+    refused_weight: u32,
+    total_weight: u32,
+}
+
+impl Backends {
+    /// The fault that fails the refused share with 500, as Gateway API asks of invalid backends.
+    fn refused_fault(&self) -> Option<wp::Fault> {
+        (self.refused_weight > 0 && self.total_weight > 0).then(|| wp::Fault {
+            abort_status: 500,
+            abort_percent: f64::from(self.refused_weight) * 100.0 / f64::from(self.total_weight),
+            ..Default::default()
+        })
+    }
+}
+
+/// Effects of a refused backendRef, as its problem states them.
+const FAILS_500: &str = "its share of requests fails (500)";
+const NOT_MIRRORED: &str = "requests are not mirrored to it";
+const TCP_UNUSED: &str = "not used (the rule is dropped when no backend is left)";
+
 fn backends(
     refs: &[BackendRef],
-    ns: &str,
-    options: &Options,
-    kind: Kind,
-    key: &ObjectKey,
+    ctx: (&Inputs, &Options),
+    (kind, key): (Kind, &ObjectKey),
+    effect: &str,
     report: &mut Report,
-) -> Vec<wp::WeightedBackend> {
-    refs.iter()
-        .filter(|b| {
-            let ok = is_service_ref(b.group.as_deref(), b.kind.as_deref());
-            if !ok {
-                report.add(kind, key, format!("backendRef {} is not a Service; skipped", b.name));
-            }
-            ok
-        })
-        .map(|b| wp::WeightedBackend {
-            service: service_key(&b.name, b.namespace.as_deref(), ns, options),
+) -> Backends {
+    let (inputs, options) = ctx;
+    let mut out = Backends::default();
+    for b in refs {
+        if !is_service_ref(b.group.as_deref(), b.kind.as_deref()) {
+            report.add(kind, key, format!("backendRef {} is not a Service; skipped", b.name));
+            continue;
+        }
+        let weight = b.weight.unwrap_or(1);
+        out.total_weight = out.total_weight.saturating_add(weight);
+        let ns = b.namespace.as_deref().unwrap_or(&key.namespace);
+        if !service_ref_permitted(inputs, kind, key, ns, &b.name) {
+            report.add(kind, key, refused(kind, key, "backendRef", ns, &b.name, effect));
+            out.refused_weight = out.refused_weight.saturating_add(weight);
+            continue;
+        }
+        out.permitted.push(wp::WeightedBackend {
+            service: service_key(&b.name, Some(ns), ns, options),
             port: b.port.map(u32::from).unwrap_or(0),
-            weight: b.weight.unwrap_or(1),
+            weight,
             subset: String::new(),
-        })
-        .collect()
+        });
+    }
+    out
 }
 
 /// A Gateway API path modifier as (path, replaces only the matched prefix).
@@ -170,7 +235,13 @@ fn service_parents(
     let mut out = Vec::new();
     for p in parents {
         if is_service_ref(p.group.as_deref(), p.kind.as_deref()) && p.kind.is_some() {
-            out.push(service_key(&p.name, p.namespace.as_deref(), ns, options));
+            let to_ns = p.namespace.as_deref().unwrap_or(ns);
+            if service_ref_permitted(inputs, kind, key, to_ns, &p.name) {
+                out.push(service_key(&p.name, Some(to_ns), ns, options));
+            } else {
+                let effect = "not attached (the route would route that Service for every client)";
+                report.add(kind, key, refused(kind, key, "parentRef", to_ns, &p.name, effect));
+            }
             continue;
         }
         let gw = ObjectKey::new(p.namespace.as_deref().unwrap_or(ns), p.name.as_str());
@@ -252,7 +323,7 @@ fn attach<'a, R>(
 
 fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
     let compile = |key: &ObjectKey, route: &gateway::HttpRoute, report: &mut Report| {
-        let (kind, ns) = (Kind::HttpRoute, key.namespace.as_str());
+        let kind = Kind::HttpRoute;
         let mut out = Vec::with_capacity(route.spec.rules.len());
         for (i, rule) in route.spec.rules.iter().enumerate() {
             let matches = rule
@@ -283,10 +354,12 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
                 ),
                 ..Default::default()
             });
+            let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), FAILS_500, report);
             let mut r = wp::Route {
                 name: format!("HTTPRoute/{key}/rules[{i}]"),
                 matches,
-                backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                fault: chosen.refused_fault(),
+                backends: chosen.permitted,
                 timeout: opt_duration(timeout, kind, key, &format!("rules[{i}].timeouts.request"), report),
                 backend_timeout: opt_duration(
                     backend_timeout,
@@ -332,7 +405,8 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
                     "RequestMirror" => {
                         if let Some(m) = &f.request_mirror {
                             let refs = std::slice::from_ref(&m.backend_ref);
-                            r.mirrors.extend(backends(refs, ns, options, kind, key, report));
+                            r.mirrors
+                                .extend(backends(refs, (inputs, options), (kind, key), NOT_MIRRORED, report).permitted);
                         }
                     }
                     other => report.add(
@@ -358,7 +432,7 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
     );
 
     let compile = |key: &ObjectKey, route: &gateway::GrpcRoute, report: &mut Report| {
-        let (kind, ns) = (Kind::GrpcRoute, key.namespace.as_str());
+        let kind = Kind::GrpcRoute;
         let mut out = Vec::with_capacity(route.spec.rules.len());
         for (i, rule) in route.spec.rules.iter().enumerate() {
             let matches = rule
@@ -371,10 +445,12 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
                     ..Default::default()
                 })
                 .collect();
+            let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), FAILS_500, report);
             out.push(wp::Route {
                 name: format!("GRPCRoute/{key}/rules[{i}]"),
                 matches,
-                backends: backends(&rule.backend_refs, ns, options, kind, key, report),
+                fault: chosen.refused_fault(),
+                backends: chosen.permitted,
                 ..Default::default()
             });
         }
@@ -396,7 +472,7 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
 /// match on); the waypoint uses routes named `TCPRoute/...` for traffic it proxies as TCP.
 fn tcp_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
     let compile = |key: &ObjectKey, route: &gateway::TcpRoute, report: &mut Report| {
-        let (kind, ns) = (Kind::TcpRoute, key.namespace.as_str());
+        let kind = Kind::TcpRoute;
         if route.spec.rules.len() > 1 {
             report.add(
                 kind,
@@ -404,17 +480,20 @@ fn tcp_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &
                 "only the first rule of a TCPRoute is used; the others are ignored",
             );
         }
-        route
-            .spec
-            .rules
-            .first()
-            .map(|rule| wp::Route {
-                name: format!("TCPRoute/{key}/rules[0]"),
-                backends: backends(&rule.backend_refs, ns, options, kind, key, report),
-                ..Default::default()
-            })
-            .into_iter()
-            .collect()
+        let Some(rule) = route.spec.rules.first() else {
+            return Vec::new();
+        };
+        let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), TCP_UNUSED, report);
+        if chosen.permitted.is_empty() && chosen.refused_weight > 0 {
+            // TCP has no error response: without a backend it may use, the rule is refused and
+            // connections go to the parent Service, as with no route at all.
+            return Vec::new();
+        }
+        vec![wp::Route {
+            name: format!("TCPRoute/{key}/rules[0]"),
+            backends: chosen.permitted,
+            ..Default::default()
+        }]
     };
     let items = by_age(inputs.tcp_routes.iter(), |r| &r.metadata);
     attach(
@@ -823,7 +902,56 @@ pub(crate) fn translate(
 
 #[cfg(test)]
 mod tests {
-    use super::duration;
+    use super::*;
+
+    const ROUTE: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: front}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web}]
+  rules: [{backendRefs: [{name: api, namespace: backend, port: 80}]}]
+";
+    const GRANT: &str = "
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: g, namespace: backend}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: front}]
+  to: [{group: \"\", kind: Service}]
+";
+
+    fn translated(docs: &[&str]) -> (Routes, Vec<String>) {
+        let mut inputs = Inputs::default();
+        for doc in docs {
+            let value: serde_json::Value = serde_yaml::from_str(doc).expect("yaml");
+            inputs.apply(crate::model::Object::parse(value).expect("object"));
+        }
+        let mut report = Report::default();
+        let (routes, _) = translate(&inputs, &Options::default(), &mut report);
+        (routes, report.0.into_iter().map(|p| p.message).collect())
+    }
+
+    #[test]
+    fn cross_namespace_backend_is_refused_without_a_reference_grant() {
+        let (routes, problems) = translated(&[ROUTE]);
+        let route = &routes["front/web.front.svc.cluster.local"].routes[0];
+        assert!(route.backends.is_empty(), "{route:?}");
+        let fault = route.fault.as_ref().expect("the refused share fails");
+        assert_eq!((fault.abort_status, fault.abort_percent), (500, 100.0));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("RefNotPermitted: "), "{problems:?}");
+    }
+
+    #[test]
+    fn cross_namespace_backend_is_accepted_with_a_reference_grant() {
+        let (routes, problems) = translated(&[ROUTE, GRANT]);
+        let route = &routes["front/web.front.svc.cluster.local"].routes[0];
+        assert_eq!(route.backends.len(), 1);
+        assert_eq!(route.backends[0].service, "backend/api.backend.svc.cluster.local");
+        assert!(route.fault.is_none());
+        assert!(problems.is_empty(), "{problems:?}");
+    }
 
     #[test]
     fn durations() {
