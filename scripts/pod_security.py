@@ -116,3 +116,120 @@ def problems(body: dict) -> list[str]:
             "container that does not exist"
         )
     return out
+
+
+# Pod Security Standards (https://kubernetes.io/docs/concepts/security/pod-security-standards/),
+# the checks Pod Security Admission makes at `enforce: baseline` and `enforce: restricted`.
+PSS_LEVELS = ("privileged", "baseline", "restricted")
+ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
+BASELINE_CAPS = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+
+
+def _baseline(pod: dict, containers: list[dict]) -> list[str]:
+    out = [f"spec.{ns} is true" for ns in HOST_NAMESPACES if pod.get(ns) is True]
+    out += [f"volume {v.get('name')} is a hostPath" for v in pod.get("volumes") or [] if "hostPath" in v]
+    pod_sc = pod.get("securityContext") or {}
+    out += [f"sysctl {s.get('name')} is not a safe sysctl" for s in pod_sc.get("sysctls") or []
+            if s.get("name") not in SAFE_SYSCTLS]
+    for c in containers:
+        name, sc = c.get("name", "?"), c.get("securityContext") or {}
+        if sc.get("privileged") is True:
+            out.append(f"container {name} is privileged")
+        for cap in (sc.get("capabilities") or {}).get("add") or []:
+            if str(cap).removeprefix("CAP_") not in BASELINE_CAPS:
+                out.append(f"container {name} adds capability {cap}")
+        out += [f"container {name} uses hostPort {p['hostPort']}" for p in c.get("ports") or [] if p.get("hostPort")]
+        if sc.get("procMount") not in (None, "Default"):
+            out.append(f"container {name} has procMount {sc['procMount']}")
+        for ctx in (sc, pod_sc):
+            if (ctx.get("seccompProfile") or {}).get("type") == "Unconfined":
+                out.append(f"container {name}: seccompProfile Unconfined")
+            if (ctx.get("appArmorProfile") or {}).get("type") == "Unconfined":
+                out.append(f"container {name}: appArmorProfile Unconfined")
+    return out
+
+
+def _restricted(pod: dict, containers: list[dict]) -> list[str]:
+    out = []
+    for v in pod.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {v.get('name')} is of type {sorted(kinds - RESTRICTED_VOLUMES)}")
+    pod_sc = pod.get("securityContext") or {}
+    for c in containers:
+        name, sc = c.get("name", "?"), c.get("securityContext") or {}
+
+        def effective(key: str, sc=sc):
+            return sc[key] if key in sc else pod_sc.get(key)
+
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"container {name}: allowPrivilegeEscalation is not false")
+        if effective("runAsNonRoot") is not True:
+            out.append(f"container {name}: runAsNonRoot is not true")
+        if effective("runAsUser") == 0:
+            out.append(f"container {name}: runAsUser is 0")
+        if (effective("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"container {name}: seccompProfile is not RuntimeDefault or Localhost")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"container {name}: capabilities.drop does not include ALL")
+        for cap in caps.get("add") or []:
+            if str(cap).removeprefix("CAP_") != "NET_BIND_SERVICE":
+                out.append(f"container {name}: adds capability {cap}")
+    return out
+
+
+def standard_violations(body: dict, level: str) -> list[str]:
+    """What Pod Security Admission at `enforce: <level>` refuses in this workload's pods."""
+    found = pod_template(body)
+    if found is None or level == "privileged":
+        return []
+    _, _, pod = found
+    containers = (pod.get("initContainers") or []) + (pod.get("containers") or [])
+    out = _baseline(pod, containers)
+    if level == "restricted":
+        out += _restricted(pod, containers)
+    return out
+
+
+def required_level(body: dict, enforced: dict[str, str]) -> str:
+    """The Pod Security Standard a workload must satisfy: its namespace's enforce label when
+    it states privileges it needs (security-exception annotations), else `restricted` — a pod
+    that needs nothing must be admissible anywhere, also in the mesh's privileged namespace.
+    A namespace the manifests do not ship is someone else's: assume `restricted`."""
+    found = pod_template(body)
+    if found is None:
+        return "privileged"
+    annotations = found[1].get("annotations") or {}
+    if not any(k.startswith(EXCEPTION_PREFIX) for k in annotations):
+        return "restricted"
+    namespace = (body.get("metadata") or {}).get("namespace", "default")
+    return enforced.get(namespace, "restricted")
+
+
+def namespace_levels(bodies: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """The enforce level of each Namespace document, and the namespaces that state none (the
+    cluster's default would decide, which differs between clusters)."""
+    levels, problems = {}, []
+    for body in bodies:
+        if body.get("kind") != "Namespace":
+            continue
+        meta = body.get("metadata") or {}
+        level = (meta.get("labels") or {}).get(ENFORCE_LABEL)
+        if level not in PSS_LEVELS:
+            problems.append(f"Namespace {meta.get('name')}: label {ENFORCE_LABEL} is {level!r}, not one of {PSS_LEVELS}")
+            continue
+        levels[meta.get("name")] = level
+    return levels, problems

@@ -18,7 +18,9 @@ offline.
 4. Gateway API kinds (their CRDs are upstream's, v1.2.1, not vendored) get basic field checks.
 5. manifests/kustomization.yaml lists every manifest and every listed file exists.
 6. Every container of every workload states the pod security of scripts/pod_security.py, or
-   names the reason it cannot in a `security-exception.ambient-mesh.io/...` annotation.
+   names the reason it cannot in a `security-exception.ambient-mesh.io/...` annotation; every
+   shipped Namespace states its Pod Security `enforce` level, and every pod spec passes the
+   Pod Security Standard it must meet (restricted, or with stated exceptions its namespace's).
 7. Every CEL expression of a ValidatingAdmissionPolicy compiles, every binding names a shipped
    policy, and the node agent's policy decides the table of scripts/admission_policy.py
    (its own node's pods, the redirection annotation only) as it must.
@@ -398,6 +400,8 @@ class Run:
         self.failures: list[str] = []
         self.checked = 0
         self.checked_cases = 0
+        # Pod Security enforce level of each namespace the manifests ship.
+        self.enforced: dict[str, str] = {}
 
     def problems(self, doc: Doc) -> list[str]:
         body = doc.body
@@ -409,6 +413,8 @@ class Run:
             found = schema_errors(self.kube.validator(api_version, kind), body)
             found += metadata_problems(doc, namespaced=kind not in CLUSTER_SCOPED)
             found += pod_security.problems(body)
+            level = pod_security.required_level(body, self.enforced)
+            found += [f"Pod Security {level!r} refuses it: {v}" for v in pod_security.standard_violations(body, level)]
             if kind == "ValidatingAdmissionPolicy":
                 found += admission_policy.compile_problems(body)
             if kind not in CLUSTER_SCOPED and not (body.get("metadata") or {}).get("namespace") and doc.path.is_relative_to(MANIFESTS):
@@ -496,6 +502,12 @@ class Run:
             docs, errors = load(path)
             self.failures += errors
             loaded[path] = docs
+
+        # Namespaces first: workloads are checked against the Pod Security level they enforce.
+        self.enforced, problems = pod_security.namespace_levels(
+            [doc.body for path in manifest_files for doc in loaded[path]]
+        )
+        self.failures += [f"manifests/: {p}" for p in problems]
 
         # The CRDs first: examples are validated against them.
         for path in manifest_files:
