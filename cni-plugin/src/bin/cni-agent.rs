@@ -44,8 +44,10 @@ struct Config {
     /// pods of this node.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
-    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:15022")]
+    /// Metrics (`/metrics`) and readiness (`/healthz/ready`): `ip:port`, `[ipv6]:port`, or
+    /// `[ip]:port` for either family, so a manifest can write `[$(HOST_IP)]:15022` whatever
+    /// the node's address family (a bare IPv6 address before `:port` would be ambiguous).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:15022", value_parser = listen_addr)]
     metrics_addr: std::net::SocketAddr,
     #[arg(long, env = "STATE_FILE", default_value = "/var/run/ambient/pods.json")]
     state_file: PathBuf,
@@ -165,9 +167,37 @@ fn mode(cfg: &Config) -> anyhow::Result<Mode> {
     Ok(Mode::Dir(dir))
 }
 
+/// `ip:port` or `[ip]:port` (IPv4 in brackets too: what `[$(HOST_IP)]:port` expands to).
+fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{text:?} is not ip:port or [ip]:port");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .ok_or_else(bad)?
+        .parse::<std::net::IpAddr>()
+        .map_err(|_| bad())?;
+    Ok(std::net::SocketAddr::new(ip, port.parse().map_err(|_| bad())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_addr_takes_either_family_in_brackets() {
+        let addr = |s: &str| listen_addr(s).map(|a| a.to_string());
+        assert_eq!(addr("10.0.0.1:15022").as_deref(), Ok("10.0.0.1:15022"));
+        assert_eq!(addr("[10.0.0.1]:15022").as_deref(), Ok("10.0.0.1:15022"));
+        assert_eq!(addr("[fd00::1]:15022").as_deref(), Ok("[fd00::1]:15022"));
+        // What `$(HOST_IP):15022` gave on an IPv6 node: refused, not misread.
+        assert!(listen_addr("fd00::1:15022").is_err());
+        assert!(listen_addr("[fd00::1]").is_err());
+        assert!(listen_addr("[node]:15022").is_err());
+    }
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::try_parse_from(std::iter::once("cni-agent").chain(args.iter().copied()))
