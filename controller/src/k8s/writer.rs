@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 
 use super::resources::{api_resource, served_version};
 use super::{KubeError, FIELD_MANAGER};
-use crate::model::{gateway::Gateway, Kind, ObjectKey, ObjectMeta, ServiceAccount};
+use crate::model::gateway::{Gateway, GatewayClass, WAYPOINT_CLASS};
+use crate::model::{Kind, ObjectKey, ObjectMeta, ServiceAccount};
 use crate::waypoint::{Condition, WaypointDeployment};
 
 /// Selects a waypoint's pods (Gateway API's standard label).
@@ -70,10 +71,22 @@ pub async fn run(
 ) {
     // What was applied successfully during the current leadership.
     let mut applied: HashMap<ObjectKey, WaypointDeployment> = HashMap::new();
+    // Whether the waypoint GatewayClass's Accepted condition is written this leadership (a
+    // missing class is tried again on the next change).
+    let mut class_accepted = false;
     loop {
         let leading = *leader.borrow_and_update();
         let current = records.borrow_and_update().clone();
         let mut failed = false;
+        if leading && !class_accepted {
+            match accept_gateway_class(&client).await {
+                Ok(done) => class_accepted = done,
+                Err(e) => {
+                    warn!(error = %e, "writing the GatewayClass status failed");
+                    failed = true;
+                }
+            }
+        }
         if leading {
             for record in current {
                 if applied.get(&record.gateway) == Some(&record) {
@@ -90,6 +103,7 @@ pub async fn run(
         } else {
             // Re-apply everything on the next leadership: another replica may have written since.
             applied.clear();
+            class_accepted = false;
         }
         tokio::select! {
             changed = leader.changed() => if changed.is_err() { return },
@@ -271,6 +285,59 @@ pub fn gateway_status(
         "addresses": addresses,
         "conditions": conditions(&record.conditions, existing, generation, now),
     })
+}
+
+/// The controller name of the waypoint GatewayClass (manifests/waypoint/gatewayclass.yaml).
+pub const WAYPOINT_CONTROLLER: &str = "istio.io/waypoint-controller";
+
+/// The `status` to write on a GatewayClass: `Accepted=True` when it is our waypoint class and
+/// names our controller; `None` for any other class (not ours to judge). `existing` is the
+/// current status, whose `lastTransitionTime` is kept while nothing changed.
+pub fn gateway_class_status(
+    class: &GatewayClass,
+    existing: &Value,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<Value> {
+    let name = class.metadata.name.as_deref()?;
+    if name != WAYPOINT_CLASS || class.spec.controller_name != WAYPOINT_CONTROLLER {
+        return None;
+    }
+    let accepted = Condition {
+        kind: "Accepted".into(),
+        status: true,
+        reason: "Accepted".into(),
+        message: "waypoints of this class are deployed by the mesh controller".into(),
+    };
+    let existing = existing
+        .get("conditions")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    Some(json!({"conditions": conditions(&[accepted], existing, generation, now)}))
+}
+
+/// Writes `Accepted` on the waypoint GatewayClass when it exists and is ours; true when there
+/// is nothing left to do (written, unchanged, or not ours), false when the class is missing.
+pub async fn accept_gateway_class(client: &Client) -> Result<bool, KubeError> {
+    let api = Api::<GatewayClass>::all(client.clone());
+    let Some(class) = api.get_opt(WAYPOINT_CLASS).await? else {
+        return Ok(false);
+    };
+    let existing = serde_json::to_value(&class.status)?;
+    let Some(status) = gateway_class_status(&class, &existing, class.metadata.generation, Timestamp::now()) else {
+        return Ok(true);
+    };
+    if existing.get("conditions") == status.get("conditions") {
+        return Ok(true);
+    }
+    api.patch_status(
+        WAYPOINT_CLASS,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    info!(class = WAYPOINT_CLASS, "GatewayClass accepted");
+    Ok(true)
 }
 
 /// The owner reference to the Gateway (`None` without a uid, as in local mode).
@@ -531,7 +598,10 @@ pub async fn run_status(
     loop {
         if *leader.borrow_and_update() {
             let mut now: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
-            for p in problems.borrow_and_update().iter().filter(|p| reports_status(p.kind)) {
+            // Kind-level problems (object "*": the kind cannot be listed) have no object to
+            // carry a status; they are in /debug/problems and the log.
+            let on_objects = |p: &&crate::translate::Problem| reports_status(p.kind) && p.object.name != "*";
+            for p in problems.borrow_and_update().iter().filter(on_objects) {
                 now.entry((p.kind, p.object.clone()))
                     .or_default()
                     .push(p.message.clone());
@@ -603,6 +673,30 @@ mod tests {
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).expect("valid time")
+    }
+
+    fn class(name: &str, controller: &str) -> GatewayClass {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "generation": 2},
+            "spec": {"controllerName": controller},
+        }))
+        .expect("class parses")
+    }
+
+    #[test]
+    fn the_waypoint_gateway_class_is_accepted() {
+        let ours = class(WAYPOINT_CLASS, WAYPOINT_CONTROLLER);
+        let status = gateway_class_status(&ours, &Value::Null, Some(2), at(0)).expect("ours");
+        let accepted = &status["conditions"][0];
+        assert_eq!(accepted["type"], "Accepted");
+        assert_eq!(accepted["status"], "True");
+        assert_eq!(accepted["observedGeneration"], 2);
+        // Rewriting an unchanged status keeps its transition time: no write loop.
+        let again = gateway_class_status(&ours, &status, Some(2), at(60)).expect("ours");
+        assert_eq!(again, status);
+        // Other classes, or our name under another controller, are not ours to accept.
+        assert!(gateway_class_status(&class("other", WAYPOINT_CONTROLLER), &Value::Null, None, at(0)).is_none());
+        assert!(gateway_class_status(&class(WAYPOINT_CLASS, "example.com/x"), &Value::Null, None, at(0)).is_none());
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub struct GatewayClass {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: GatewayClassSpec,
+    /// Read only to keep its conditions' transition times when the controller writes it.
+    #[serde(default)]
+    pub status: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
