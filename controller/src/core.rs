@@ -3,7 +3,7 @@
 //! decisions and problems. Translation runs on a blocking thread; the async workers keep
 //! serving streams meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,9 +11,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 
 use crate::ca::PodLocator;
-use crate::model::Inputs;
-use crate::source::Change;
-use crate::translate::{translate, Options, Outputs, Problem};
+use crate::model::{Inputs, Kind};
+use crate::source::{Change, KindSync};
+use crate::translate::{translate_synced, Options, Outputs, Problem};
 use crate::waypoint::WaypointDeployment;
 use crate::xds::Snapshot;
 
@@ -69,6 +69,9 @@ impl PodLocator for NodePods {
 #[derive(Clone, Debug, Default)]
 pub struct Published {
     pub synced: bool,
+    /// Each kind's sync state as its source last reported it (Kubernetes mode; empty for
+    /// the local source, which reads everything or reports per file).
+    pub kinds: BTreeMap<Kind, KindSync>,
     pub problems: Vec<Problem>,
     pub waypoints: Vec<WaypointDeployment>,
     /// The last translation, for the admin dump.
@@ -82,7 +85,14 @@ pub struct Core {
     pub pods: Arc<NodePods>,
 }
 
-fn apply(inputs: &mut Inputs, change: Change, synced: &mut bool) {
+/// Whether every kind has been listed (or reported) once, and each kind's state.
+#[derive(Default)]
+struct Sources {
+    synced: bool,
+    kinds: BTreeMap<Kind, KindSync>,
+}
+
+fn apply(inputs: &mut Inputs, change: Change, sources: &mut Sources) {
     match change {
         Change::Apply(o) => inputs.apply(o),
         Change::Delete(kind, key) => {
@@ -92,8 +102,9 @@ fn apply(inputs: &mut Inputs, change: Change, synced: &mut bool) {
             inputs.clear(kind);
             objects.into_iter().for_each(|o| inputs.apply(o));
         }
-        Change::Synced => *synced = true,
+        Change::Synced => sources.synced = true,
         Change::Enrolled(pods) => inputs.enrolled = pods,
+        Change::KindState(kind, state) => drop(sources.kinds.insert(kind, state)),
     }
 }
 
@@ -116,31 +127,35 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
     tokio::spawn(async move {
         // Shared with the translation thread without a copy; mutated only once it is back.
         let mut inputs = Arc::new(Inputs::default());
-        let mut synced = false;
+        let mut sources = Sources::default();
         let mut previous = Arc::new(Snapshot::default());
         loop {
             let Some(first) = changes.recv().await else { return };
             let since = Instant::now();
-            apply(Arc::make_mut(&mut inputs), first, &mut synced);
+            apply(Arc::make_mut(&mut inputs), first, &mut sources);
             // Gather the rest of the burst.
             let deadline = since + debounce.max;
             loop {
                 let wait = debounce.quiet.min(deadline.saturating_duration_since(Instant::now()));
                 match tokio::time::timeout(wait, changes.recv()).await {
-                    Ok(Some(c)) => apply(Arc::make_mut(&mut inputs), c, &mut synced),
+                    Ok(Some(c)) => apply(Arc::make_mut(&mut inputs), c, &mut sources),
                     Ok(None) | Err(_) => break,
                 }
                 if Instant::now() >= deadline {
                     break;
                 }
             }
-            // Publish nothing until every kind is listed: a partial world would remove resources.
-            if !synced {
+            // Publish nothing until every kind is listed or reported: a partial world would
+            // remove resources. A kind that cannot be read is in `sources.kinds`, which
+            // translation turns into problems and, for security kinds, fail-closed policies.
+            if !sources.synced {
                 continue;
             }
             let (shared, opts, prev) = (inputs.clone(), options.clone(), previous.clone());
+            let kinds = sources.kinds.clone();
+            let published_kinds = kinds.clone();
             let done = tokio::task::spawn_blocking(move || {
-                let out = Arc::new(translate(&shared, &opts));
+                let out = Arc::new(translate_synced(&shared, &kinds, &opts));
                 let snapshot = Snapshot::next(&prev, out.clone(), Some(since));
                 (out, snapshot, NodePods::compute(&shared))
             })
@@ -168,6 +183,7 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             }
             pub_tx.send_replace(Published {
                 synced: true,
+                kinds: published_kinds,
                 problems: out.problems.clone(),
                 waypoints: out.waypoints.values().cloned().collect(),
                 outputs: out,

@@ -1,9 +1,15 @@
 //! Watches every [`Kind`] in all namespaces and sends [`Change`]s: a full list becomes
 //! [`Change::Replace`], later events [`Change::Apply`] / [`Change::Delete`], and
-//! [`Change::Synced`] follows once every kind has been listed. Built-in kinds are watched with
-//! their typed k8s-openapi structs; custom kinds are read as untyped objects and parsed one by
-//! one, so an object the model rejects is logged and skipped instead of failing its whole list.
-//! A custom kind whose CRD is not installed counts as listed and empty.
+//! [`Change::Synced`] follows once every kind has been listed or has failed once. Built-in kinds
+//! are watched with their typed k8s-openapi structs; custom kinds are read as untyped objects
+//! and parsed one by one, so an object the model rejects is logged and skipped instead of
+//! failing its whole list. A custom kind whose CRD is not installed counts as listed and empty.
+//!
+//! Each kind's state ([`KindSync`]: synced, not served, failing with a reason) is sent as a
+//! [`Change::KindState`] whenever it changes, and logged then (not on every retry). A kind
+//! whose list fails (403 because its RBAC is missing, 5xx...) no longer holds up the others:
+//! the controller syncs without it, translation reports it and fails closed for security
+//! kinds, and the watch keeps retrying with backoff until it lists, which clears the state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -19,7 +25,7 @@ use tracing::{debug, info, warn};
 use super::resources::{api_resource, served_version};
 use super::KubeError;
 use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, ParseError, Pod, Service, ServiceAccount};
-use crate::source::{Change, ChangeSender};
+use crate::source::{Change, ChangeSender, KindSync};
 
 /// Watches all kinds until `tx` closes (the error) or the process ends; watch errors are
 /// logged and retried with backoff, never returned.
@@ -45,6 +51,8 @@ enum Event {
     Delete(ObjectKey),
     /// The kind's resource does not exist (404 on list): its CRD is not installed.
     Missing,
+    /// The list failed for another reason (forbidden, server error, unreachable).
+    Failed(String),
 }
 
 fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
@@ -117,6 +125,7 @@ where
                 Err(watcher::Error::InitialListFailed(::kube::Error::Api(status))) if status.is_not_found() => {
                     Some(Event::Missing)
                 }
+                Err(watcher::Error::InitialListFailed(e)) => Some(Event::Failed(e.to_string())),
                 Err(e) => {
                     warn!(?kind, error = %e, "watch failed, retrying");
                     None
@@ -127,12 +136,14 @@ where
         .boxed()
 }
 
-/// Buffers initial lists and decides when everything has been listed once.
+/// Buffers initial lists, tracks each kind's [`KindSync`] and decides when everything has been
+/// listed or reported once.
 #[derive(Default)]
 struct SyncState {
     listing: BTreeMap<Kind, Vec<Object>>,
+    /// Kinds listed successfully at least once (they have a last good state).
     listed: BTreeSet<Kind>,
-    missing: BTreeSet<Kind>,
+    states: BTreeMap<Kind, KindSync>,
     synced: bool,
 }
 
@@ -143,34 +154,63 @@ impl SyncState {
             Event::Init => drop(self.listing.insert(kind, Vec::new())),
             Event::InitApply(object) => self.listing.entry(kind).or_default().push(object),
             Event::InitDone => {
-                if self.missing.remove(&kind) {
-                    info!(?kind, "resource is now served");
-                }
                 let objects = self.listing.remove(&kind).unwrap_or_default();
                 debug!(?kind, count = objects.len(), "listed");
                 changes.push(Change::Replace(kind, objects));
                 self.listed.insert(kind);
+                self.set(kind, KindSync::Synced, &mut changes);
             }
             Event::Apply(object) => changes.push(Change::Apply(object)),
             Event::Delete(key) => changes.push(Change::Delete(kind, key)),
             Event::Missing => {
                 self.listing.remove(&kind);
-                if self.missing.insert(kind) {
-                    warn!(
-                        ?kind,
-                        "resource is not served by the API server (CRD not installed?); treating it as empty"
-                    );
+                if self.states.get(&kind) != Some(&KindSync::NotServed) {
                     changes.push(Change::Replace(kind, Vec::new()));
-                    self.listed.insert(kind);
                 }
+                self.set(kind, KindSync::NotServed, &mut changes);
+            }
+            Event::Failed(reason) => {
+                self.listing.remove(&kind);
+                let listed = self.listed.contains(&kind);
+                self.set(kind, KindSync::Failing { reason, listed }, &mut changes);
             }
         }
-        if !self.synced && self.listed.len() == Kind::ALL.len() {
+        if !self.synced && self.states.len() == Kind::ALL.len() {
             self.synced = true;
             info!("every kind listed");
             changes.push(Change::Synced);
         }
         changes
+    }
+}
+
+impl SyncState {
+    /// Records `kind`'s state; a change is sent on, and logged when its kind of state changes
+    /// (a retry failing again, even with other words, stays quiet).
+    fn set(&mut self, kind: Kind, state: KindSync, changes: &mut Vec<Change>) {
+        let previous = self.states.insert(kind, state.clone());
+        if previous.as_ref() == Some(&state) {
+            return;
+        }
+        let same_kind_of_state = previous
+            .as_ref()
+            .is_some_and(|p| std::mem::discriminant(p) == std::mem::discriminant(&state));
+        match &state {
+            _ if same_kind_of_state => debug!(?kind, ?state, "kind state"),
+            KindSync::Synced if previous.is_some() => info!(?kind, "kind can be listed again"),
+            KindSync::Synced => {}
+            KindSync::NotServed => warn!(
+                ?kind,
+                "resource is not served by the API server (CRD not installed?); treating it as empty"
+            ),
+            KindSync::Failing { reason, listed } => warn!(
+                ?kind,
+                %reason,
+                listed,
+                "cannot list this kind; retrying with backoff (see /debug/problems)"
+            ),
+        }
+        changes.push(Change::KindState(kind, state));
     }
 }
 
@@ -201,7 +241,7 @@ mod tests {
             .is_empty());
         assert_eq!(
             summary(&state.handle(Kind::Namespace, Event::InitDone)),
-            ["replace Namespace 2"]
+            ["replace Namespace 2", "state Namespace Synced"]
         );
         assert_eq!(
             summary(&state.handle(Kind::Namespace, Event::Apply(namespace("c")))),
@@ -230,12 +270,22 @@ mod tests {
         for &kind in rest {
             state.handle(kind, Event::Init);
             let changes = state.handle(kind, Event::InitDone);
-            assert_eq!(summary(&changes), [format!("replace {kind:?} 0")]);
+            assert_eq!(
+                summary(&changes),
+                [format!("replace {kind:?} 0"), format!("state {kind:?} Synced")]
+            );
         }
         // The last kind's CRD is missing: warned once, empty, and Synced follows.
         state.handle(*last, Event::Init);
         let changes = state.handle(*last, Event::Missing);
-        assert_eq!(summary(&changes), [format!("replace {last:?} 0"), "synced".to_owned()]);
+        assert_eq!(
+            summary(&changes),
+            [
+                format!("replace {last:?} 0"),
+                format!("state {last:?} NotServed"),
+                "synced".to_owned()
+            ]
+        );
         // Retries that still 404 say nothing more.
         state.handle(*last, Event::Init);
         assert!(state.handle(*last, Event::Missing).is_empty());
@@ -243,12 +293,54 @@ mod tests {
         state.handle(*last, Event::Init);
         assert_eq!(
             summary(&state.handle(*last, Event::InitDone)),
-            [format!("replace {last:?} 0")]
+            [format!("replace {last:?} 0"), format!("state {last:?} Synced")]
         );
         state.handle(Kind::Namespace, Event::Init);
         assert_eq!(
             summary(&state.handle(Kind::Namespace, Event::InitDone)),
             ["replace Namespace 0"]
+        );
+    }
+
+    /// Issue 20: a kind whose list is forbidden used to be retried forever with nothing sent,
+    /// so the controller never synced. Now it is reported, the others sync without it, and a
+    /// later successful list clears it.
+    #[test]
+    fn a_forbidden_kind_is_reported_and_does_not_hold_up_sync() {
+        let mut state = SyncState::default();
+        let forbidden = Kind::AuthorizationPolicy;
+        for &kind in Kind::ALL.iter().filter(|&&k| k != forbidden) {
+            state.handle(kind, Event::Init);
+            state.handle(kind, Event::InitDone);
+        }
+        state.handle(forbidden, Event::Init);
+        let denied = || Event::Failed("403 Forbidden".to_owned());
+        let changes = state.handle(forbidden, denied());
+        assert_eq!(
+            summary(&changes),
+            [
+                r#"state AuthorizationPolicy Failing { reason: "403 Forbidden", listed: false }"#,
+                "synced"
+            ]
+        );
+        // Retries failing the same way say nothing; another reason is passed on.
+        state.handle(forbidden, Event::Init);
+        assert!(state.handle(forbidden, denied()).is_empty());
+        let changes = state.handle(forbidden, Event::Failed("500".to_owned()));
+        assert_eq!(
+            summary(&changes),
+            [r#"state AuthorizationPolicy Failing { reason: "500", listed: false }"#]
+        );
+        // Access granted: listed, state cleared, Synced not repeated.
+        state.handle(forbidden, Event::Init);
+        assert_eq!(
+            summary(&state.handle(forbidden, Event::InitDone)),
+            ["replace AuthorizationPolicy 0", "state AuthorizationPolicy Synced"]
+        );
+        // Failing after a good list: there is a last good state.
+        assert_eq!(
+            summary(&state.handle(forbidden, denied())),
+            [r#"state AuthorizationPolicy Failing { reason: "403 Forbidden", listed: true }"#]
         );
     }
 

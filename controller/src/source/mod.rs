@@ -19,6 +19,33 @@ pub enum Change {
     Synced,
     /// Local mode: the pods node agents report captured (in a cluster, the pod annotation).
     Enrolled(std::collections::BTreeSet<ObjectKey>),
+    /// Whether `kind` can be read (Kubernetes mode: reported by each kind's watch).
+    KindState(Kind, KindSync),
+}
+
+/// Whether one kind's source could be read, as translation needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum KindSync {
+    /// Listed; watch events follow.
+    Synced,
+    /// Not served by the API server at any version (its CRD is not installed): no object of
+    /// it can exist, so empty is the truth.
+    NotServed,
+    /// Cannot be listed (forbidden, served only at a version we do not read, API errors):
+    /// retried with backoff. `listed` says whether an earlier list succeeded, i.e. whether
+    /// there is a last good state to keep serving.
+    Failing { reason: String, listed: bool },
+}
+
+impl KindSync {
+    /// Whether the kind's objects are unknown: failing with no good list behind it.
+    pub fn unreadable(&self) -> Option<&str> {
+        match self {
+            KindSync::Failing { reason, listed: false } => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 /// Sender half a source writes to.
@@ -33,6 +60,7 @@ impl std::fmt::Display for Change {
             Change::Replace(k, objects) => write!(f, "replace {k:?} {}", objects.len()),
             Change::Synced => f.write_str("synced"),
             Change::Enrolled(pods) => write!(f, "enrolled {}", pods.len()),
+            Change::KindState(k, state) => write!(f, "state {k:?} {state:?}"),
         }
     }
 }

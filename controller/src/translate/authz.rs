@@ -346,3 +346,100 @@ fn insert(out: &mut Output, key: &ObjectKey, t: Translated) {
         },
     );
 }
+
+/// The name of the mesh-wide policy standing in for an unreadable security kind; `:` keeps it
+/// apart from any object's name.
+fn unreadable_name(kind: Kind) -> String {
+    format!("kind-unreadable:{}", kind.name())
+}
+
+/// Kind-level fail-closed, as an unreadable policy above is at object level: a security kind
+/// whose source cannot be read (failing and never listed, so its policies are unknown) gets a
+/// mesh-wide stand-in that denies what its policies could govern. An unreadable
+/// AuthorizationPolicy or RequestAuthentication source allows nothing anywhere; an
+/// unreadable PeerAuthentication source makes every workload STRICT (no plaintext). Every
+/// kind that is failing is reported; other kinds keep serving their last good state.
+pub(crate) fn unreadable_kinds(
+    states: &BTreeMap<Kind, crate::source::KindSync>,
+    options: &Options,
+    report: &mut Report,
+) -> BTreeMap<String, pb::Authorization> {
+    let mut out = BTreeMap::new();
+    for (&kind, state) in states {
+        let crate::source::KindSync::Failing { reason, listed } = state else {
+            continue;
+        };
+        let security = matches!(
+            kind,
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication
+        );
+        let (action, groups, effect) = match kind {
+            _ if *listed => {
+                report.add(
+                    kind,
+                    &ObjectKey::new("", "*"),
+                    format!(
+                        "kind {} cannot be listed ({reason}); serving its last good state",
+                        kind.name()
+                    ),
+                );
+                continue;
+            }
+            _ if !security => {
+                report.add(
+                    kind,
+                    &ObjectKey::new("", "*"),
+                    format!(
+                        "kind {} unreadable ({reason}); treated as empty until it can be listed",
+                        kind.name()
+                    ),
+                );
+                continue;
+            }
+            Kind::PeerAuthentication => {
+                let plaintext = pb::Match {
+                    not_principals: vec![pb::StringMatch {
+                        match_type: Some(pb::string_match::MatchType::Presence(())),
+                    }],
+                    ..Default::default()
+                };
+                let group = pb::Group {
+                    rules: vec![pb::Rules {
+                        matches: vec![plaintext],
+                    }],
+                };
+                (
+                    pb::Action::Deny,
+                    vec![group],
+                    "every workload refuses plaintext (STRICT)",
+                )
+            }
+            _ => (
+                pb::Action::Allow,
+                Vec::new(),
+                "every workload in the mesh allows nothing",
+            ),
+        };
+        report.add(
+            kind,
+            &ObjectKey::new("", "*"),
+            format!(
+                "kind {} unreadable ({reason}); failing closed until it can be listed: {effect}",
+                kind.name()
+            ),
+        );
+        let name = unreadable_name(kind);
+        out.insert(
+            format!("{}/{name}", options.root_namespace),
+            pb::Authorization {
+                name,
+                namespace: options.root_namespace.clone(),
+                scope: pb::Scope::Global as i32,
+                action: action as i32,
+                groups,
+                ..Default::default()
+            },
+        );
+    }
+    out
+}

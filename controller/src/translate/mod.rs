@@ -130,6 +130,24 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     }
 }
 
+/// [`translate`] given each kind's sync state (Kubernetes mode): a security kind that cannot
+/// be read fails closed mesh-wide and every failing kind is reported (see
+/// `authz::unreadable_kinds`). Still a pure function, so the decision is unit-tested.
+pub fn translate_synced(
+    inputs: &Inputs,
+    states: &BTreeMap<Kind, crate::source::KindSync>,
+    options: &Options,
+) -> Outputs {
+    let mut out = translate(inputs, options);
+    let mut report = Report::default();
+    out.authorizations
+        .extend(authz::unreadable_kinds(states, options, &mut report));
+    out.problems.extend(report.0);
+    out.problems.sort();
+    out.problems.dedup();
+    out
+}
+
 /// A workload-scoped policy and the workloads it applies to.
 #[derive(Clone, Debug)]
 pub(crate) struct Selected {
