@@ -41,6 +41,10 @@ pub struct Config {
     pub token_audiences: Vec<String>,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The cluster's DNS domain: Service hostnames are `<name>.<ns>.svc.<cluster-domain>`
+    /// (the kubelet's --cluster-domain; not always cluster.local).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
     #[arg(long, env = "NETWORK", default_value = "")]

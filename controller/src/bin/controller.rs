@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         cluster_id: config.cluster_id.clone(),
         network: config.network.clone(),
         trust_domain: config.trust_domain.clone(),
-        domain_suffix: "cluster.local".to_owned(),
+        domain_suffix: config.cluster_domain.clone(),
         root_namespace: config.root_namespace.clone(),
     };
     let (changes_tx, changes_rx) = mpsc::channel(1024);
