@@ -392,6 +392,51 @@ fn add_fails_closed_when_agent_is_down() {
     run("ADD", POD_ARGS, &conf(&stale, Some(prev_result()))).assert_error(100);
 }
 
+/// Issue 20 item 3: namespaces that can never be ambient start with the agent down (the
+/// cluster's DNS, the primary CNI, the agent itself), without a request to the agent; every
+/// other namespace still fails closed.
+#[test]
+fn add_passes_never_ambient_namespaces_through_with_the_agent_down() {
+    let (_dir, nowhere) = missing_socket();
+    let mut config = conf(&nowhere, Some(prev_result()));
+    config["excludeNamespaces"] = json!(["monitoring"]);
+    for ns in ["kube-system", "istio-system", "monitoring"] {
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=p-0");
+        let out = run("ADD", &args, &config);
+        out.assert_ok();
+        assert_eq!(out.json(), prev_result(), "{ns}: prevResult passed through unchanged");
+        run("CHECK", &args, &config).assert_silent_ok();
+    }
+    // An ambient-capable namespace with the same config: fail closed, as before.
+    let out = run("ADD", POD_ARGS, &config);
+    assert!(out.assert_error(100).contains("unreachable"));
+    // Not a prefix or pattern match.
+    let out = run("ADD", "K8S_POD_NAMESPACE=kube-system-apps;K8S_POD_NAME=p", &config);
+    out.assert_error(100);
+}
+
+#[test]
+fn add_for_excluded_namespace_never_contacts_the_agent() {
+    let agent = TestAgent::fixed(200, json!({"captured": true}));
+    let out = run(
+        "ADD",
+        "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-0",
+        &conf(&agent.socket, Some(prev_result())),
+    );
+    out.assert_ok();
+    assert!(agent.requests().is_empty(), "agent contacted: {:?}", agent.requests());
+}
+
+#[test]
+fn malformed_exclude_namespaces_is_a_config_error() {
+    let (_dir, nowhere) = missing_socket();
+    for bad in [json!("kube-system"), json!([""]), json!([1])] {
+        let mut config = conf(&nowhere, Some(prev_result()));
+        config["excludeNamespaces"] = bad.clone();
+        run("ADD", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=p", &config).assert_error(7);
+    }
+}
+
 #[test]
 fn add_fails_when_agent_times_out() {
     let agent = TestAgent::start(|_, _| Canned {

@@ -150,6 +150,14 @@ pub fn cmd_add(inv: Invocation<'_>) -> CniResult<Output> {
             .info("no K8S_POD_NAME/K8S_POD_NAMESPACE in CNI_ARGS: not a pod, passing through");
         return Ok(Some(Value::Object(result)));
     };
+    if inv.conf.is_excluded_namespace(&pod.namespace) {
+        // Never ambient: answered without the agent, so its absence blocks nothing here.
+        inv.log.info(&format!(
+            "namespace {} is excluded from the mesh: passing through without the agent",
+            pod.namespace
+        ));
+        return Ok(Some(Value::Object(result)));
+    }
     let client = inv.client();
     let started = Instant::now();
     let what = format!("enrolling pod {}/{}", pod.namespace, pod.name);
@@ -247,6 +255,9 @@ pub fn cmd_check(inv: Invocation<'_>) -> CniResult<Output> {
     let Some(pod) = pod_ref(&inv.env.args)? else {
         return Ok(None);
     };
+    if inv.conf.is_excluded_namespace(&pod.namespace) {
+        return Ok(None);
+    }
     let client = inv.client();
     let what = format!("checking pod {}/{}", pod.namespace, pod.name);
     let resp = client

@@ -18,6 +18,12 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/ambient/cni.sock";
 pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 2000;
 /// Upper bound for `agentTimeoutMs`: the runtime itself gives up on a plugin after a while.
 pub const MAX_AGENT_TIMEOUT_MS: u64 = 60_000;
+/// Namespaces whose pods are never ambient, whatever the config says: the cluster's own
+/// (kube-system) and the mesh's (istio-system). Their ADD never asks the agent, so a down or
+/// uninstalled agent cannot keep the cluster's DNS, CNI or the agent itself from starting.
+pub const ALWAYS_EXCLUDED_NAMESPACES: &[&str] = &["kube-system", "istio-system"];
+/// Upper bound for the length of `excludeNamespaces` (a config is a few KiB).
+pub const MAX_EXCLUDED_NAMESPACES: usize = 1024;
 
 /// Whether `version` is one of [`SUPPORTED_VERSIONS`].
 pub fn is_supported_version(version: &str) -> bool {
@@ -47,6 +53,9 @@ pub struct NetConf {
     pub agent_socket: PathBuf,
     pub agent_timeout: Duration,
     pub log_file: Option<PathBuf>,
+    /// `excludeNamespaces`: namespaces passed through without asking the agent, on top of
+    /// [`ALWAYS_EXCLUDED_NAMESPACES`].
+    pub exclude_namespaces: Vec<String>,
 }
 
 /// Decode stdin into a JSON object (code 6 when it is not one).
@@ -163,6 +172,7 @@ impl NetConf {
         };
 
         let log_file = opt_string(map, "logFile")?.filter(|s| !s.is_empty()).map(PathBuf::from);
+        let exclude_namespaces = parse_exclude_namespaces(map)?;
 
         let prev_result = match map.get("prevResult") {
             None | Some(Value::Null) => None,
@@ -183,8 +193,44 @@ impl NetConf {
             agent_socket,
             agent_timeout: Duration::from_millis(timeout_ms),
             log_file,
+            exclude_namespaces,
         })
     }
+
+    /// Whether pods of `namespace` are passed through without asking the agent.
+    pub fn is_excluded_namespace(&self, namespace: &str) -> bool {
+        ALWAYS_EXCLUDED_NAMESPACES.contains(&namespace) || self.exclude_namespaces.iter().any(|n| n == namespace)
+    }
+}
+
+/// `excludeNamespaces`: an array of non-empty strings (absent or null: none). Anything else
+/// is a config error, so a typo fails the ADD instead of silently excluding nothing.
+fn parse_exclude_namespaces(map: &Map<String, Value>) -> CniResult<Vec<String>> {
+    let items = match map.get("excludeNamespaces") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) if items.len() <= MAX_EXCLUDED_NAMESPACES => items,
+        Some(Value::Array(_)) => {
+            return Err(invalid(format!(
+                "invalid network config: \"excludeNamespaces\" lists more than {MAX_EXCLUDED_NAMESPACES} namespaces"
+            )))
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "invalid network config: \"excludeNamespaces\" must be an array of strings, got a JSON {}",
+                json_type(other)
+            )))
+        }
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item.as_str() {
+            Some(ns) if !ns.is_empty() => Ok(ns.to_string()),
+            _ => Err(invalid(format!(
+                "invalid network config: excludeNamespaces[{i}] must be a non-empty string, got {item}"
+            ))),
+        })
+        .collect()
 }
 
 /// The addresses (CIDR strings) of `prevResult.ips[].address`, validated.

@@ -3,7 +3,9 @@
 //! It runs chained after the primary plugin (e.g. `bridge`): ADD hands Kubernetes pods to the
 //! node agent over its unix socket (`agentSocket`, HTTP/1.1) and passes the previous plugin's
 //! result through unchanged. It fails closed: when the agent cannot be reached or refuses the
-//! pod, the ADD fails and the pod does not start. DEL is idempotent and never blocks teardown
+//! pod, the ADD fails and the pod does not start. Pods of namespaces that are never ambient
+//! (kube-system, istio-system and the config's `excludeNamespaces`) pass through without the
+//! agent, so a down or uninstalled agent cannot keep the cluster's own pods from starting. DEL is idempotent and never blocks teardown
 //! on an absent agent. Errors are spec-shaped JSON on stdout; logs go to stderr and `logFile`.
 //!
 //! - [`config`]: the network config on stdin and the CNI_* environment.
