@@ -1,6 +1,11 @@
 //! [`kube::Resource`] for the controller's own Gateway API and Istio structs, at the version
 //! the controller reads (`v1`; TCPRoute only exists as `v1alpha2`), and [`api_resource`] to
 //! address any [`Kind`] dynamically.
+//!
+//! Clusters serve different versions of the Istio and Gateway API CRDs (an older Istio has no
+//! `security.istio.io/v1`), so [`discover`] asks the API server and [`pick_version`] chooses,
+//! per kind, the first served version we read, or says the kind is not served or is served
+//! only at versions we cannot read (a pure function, unit-tested).
 
 use std::borrow::Cow;
 
@@ -87,9 +92,120 @@ pub fn api_resource(kind: Kind) -> ApiResource {
     }
 }
 
+/// Which version of a custom kind to read, from what the API server serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServedVersion {
+    /// The first of the versions we read (in our order of preference) that is served.
+    Read(&'static str),
+    /// The kind is served at no version (its CRD is not installed): empty is the truth.
+    NotServed,
+    /// Served, but only at versions we do not read: its objects are unknown to us.
+    Unreadable(String),
+}
+
+/// Istio and Gateway API kinds: CRDs, whose served versions differ between clusters.
+pub fn is_custom(kind: Kind) -> bool {
+    kind.group().ends_with(".istio.io") || kind.group() == "gateway.networking.k8s.io"
+}
+
+/// Picks `kind`'s version from `served` (each version its group serves, with the kind names
+/// served at it), falling back in the order of [`Kind::versions`] (v1, v1beta1, v1alpha3...).
+pub fn pick_version(kind: Kind, served: &[(String, Vec<String>)]) -> ServedVersion {
+    let serves = |v: &str| {
+        served
+            .iter()
+            .any(|(sv, kinds)| sv == v && kinds.iter().any(|k| k == kind.name()))
+    };
+    if let Some(v) = kind.versions().iter().copied().find(|v| serves(v)) {
+        return ServedVersion::Read(v);
+    }
+    let others: Vec<&str> = served
+        .iter()
+        .filter(|(_, kinds)| kinds.iter().any(|k| k == kind.name()))
+        .map(|(v, _)| v.as_str())
+        .collect();
+    if others.is_empty() {
+        return ServedVersion::NotServed;
+    }
+    ServedVersion::Unreadable(format!(
+        "served only as {}; this controller reads {}",
+        others.join(", "),
+        kind.versions().join(", ")
+    ))
+}
+
+/// Asks the API server which versions of `group` it serves, and which kinds at each; `None`
+/// when discovery itself fails (the caller then reads its default version and lets the
+/// watch report what happens). A group that is not served at all is an empty list.
+pub async fn discover(client: &::kube::Client, group: &str) -> Option<Vec<(String, Vec<String>)>> {
+    match ::kube::discovery::group(client, group).await {
+        Ok(g) => Some(
+            g.versions()
+                .map(|v| {
+                    let kinds = g.versioned_resources(v).into_iter().map(|(ar, _)| ar.kind).collect();
+                    (v.to_owned(), kinds)
+                })
+                .collect(),
+        ),
+        Err(::kube::Error::Api(status)) if status.is_not_found() => Some(Vec::new()),
+        Err(e) => {
+            tracing::warn!(group, error = %e, "API discovery failed; reading the default versions");
+            None
+        }
+    }
+}
+
+/// [`api_resource`] at `version`.
+pub fn api_resource_at(kind: Kind, version: &str) -> ApiResource {
+    let mut ar = api_resource(kind);
+    ar.version = version.to_owned();
+    ar.api_version = format!("{}/{version}", ar.group);
+    ar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn served_version_discovery_falls_back_in_order() {
+        let served = |list: &[(&str, &[&str])]| -> Vec<(String, Vec<String>)> {
+            list.iter()
+                .map(|(v, kinds)| (v.to_string(), kinds.iter().map(|k| k.to_string()).collect()))
+                .collect()
+        };
+        let ap = Kind::AuthorizationPolicy;
+        // A current Istio serves v1 and v1beta1: v1.
+        let both = served(&[("v1", &["AuthorizationPolicy"]), ("v1beta1", &["AuthorizationPolicy"])]);
+        assert_eq!(pick_version(ap, &both), ServedVersion::Read("v1"));
+        // An older Istio without security.istio.io/v1 (was a silent 404, fail-open): v1beta1.
+        let old = served(&[("v1beta1", &["AuthorizationPolicy", "PeerAuthentication"])]);
+        assert_eq!(pick_version(ap, &old), ServedVersion::Read("v1beta1"));
+        assert_eq!(
+            pick_version(Kind::PeerAuthentication, &old),
+            ServedVersion::Read("v1beta1")
+        );
+        // The group is there, the kind is not: no CRD.
+        assert_eq!(
+            pick_version(Kind::RequestAuthentication, &old),
+            ServedVersion::NotServed
+        );
+        assert_eq!(pick_version(ap, &[]), ServedVersion::NotServed);
+        // Only at a version we do not read: unreadable, said why.
+        let alpha = served(&[("v1alpha1", &["AuthorizationPolicy"])]);
+        match pick_version(ap, &alpha) {
+            ServedVersion::Unreadable(why) => assert!(why.contains("v1alpha1"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // VirtualService on an Istio that still serves only v1alpha3.
+        let vs = served(&[("v1alpha3", &["VirtualService", "DestinationRule"])]);
+        assert_eq!(pick_version(Kind::VirtualService, &vs), ServedVersion::Read("v1alpha3"));
+        assert_eq!(
+            api_resource_at(Kind::VirtualService, "v1alpha3").api_version,
+            "networking.istio.io/v1alpha3"
+        );
+        assert!(is_custom(Kind::HttpRoute) && is_custom(Kind::DestinationRule) && !is_custom(Kind::Pod));
+    }
 
     #[test]
     fn every_kind_matches_the_model() {

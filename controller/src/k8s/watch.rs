@@ -10,6 +10,8 @@
 //! whose list fails (403 because its RBAC is missing, 5xx...) no longer holds up the others:
 //! the controller syncs without it, translation reports it and fails closed for security
 //! kinds, and the watch keeps retrying with backoff until it lists, which clears the state.
+//! Custom kinds are read at the version API discovery finds served
+//! ([`pick_version`]); one served only at versions we do not read is reported failing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -22,7 +24,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use super::resources::{api_resource, served_version};
+use super::resources::{api_resource_at, discover, is_custom, pick_version, served_version, ServedVersion};
 use super::KubeError;
 use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, ParseError, Pod, Service, ServiceAccount};
 use crate::source::{Change, ChangeSender, KindSync};
@@ -30,7 +32,20 @@ use crate::source::{Change, ChangeSender, KindSync};
 /// Watches all kinds until `tx` closes (the error) or the process ends; watch errors are
 /// logged and retried with backoff, never returned.
 pub async fn run(client: Client, tx: ChangeSender) -> Result<(), KubeError> {
-    let streams: Vec<_> = Kind::ALL.iter().map(|&kind| watch(client.clone(), kind)).collect();
+    let versions = served_versions(&client).await;
+    let streams: Vec<_> = Kind::ALL
+        .iter()
+        .map(|&kind| match versions.get(&kind) {
+            // Served only at versions we do not read: reported (security kinds fail closed)
+            // until a restart after the CRD is upgraded.
+            Some(ServedVersion::Unreadable(why)) => {
+                let failed = stream::once(futures_util::future::ready((kind, Event::Failed(why.clone()))));
+                failed.chain(stream::pending()).boxed()
+            }
+            Some(ServedVersion::Read(v)) => watch(client.clone(), kind, v),
+            Some(ServedVersion::NotServed) | None => watch(client.clone(), kind, served_version(kind)),
+        })
+        .collect();
     let mut events = stream::select_all(streams);
     let mut state = SyncState::default();
     while let Some((kind, event)) = events.next().await {
@@ -39,6 +54,24 @@ pub async fn run(client: Client, tx: ChangeSender) -> Result<(), KubeError> {
         }
     }
     Ok(())
+}
+
+/// The version to read of each custom kind, from API discovery of its group. A kind whose
+/// group could not be discovered is absent (its default version is read).
+async fn served_versions(client: &Client) -> BTreeMap<Kind, ServedVersion> {
+    let groups: BTreeSet<&str> = Kind::ALL.iter().filter(|&&k| is_custom(k)).map(|k| k.group()).collect();
+    let mut out = BTreeMap::new();
+    for group in groups {
+        let Some(served) = discover(client, group).await else {
+            continue;
+        };
+        for &kind in Kind::ALL.iter().filter(|k| k.group() == group) {
+            let choice = pick_version(kind, &served);
+            info!(?kind, ?choice, "served version");
+            out.insert(kind, choice);
+        }
+    }
+    out
 }
 
 /// A watcher event after conversion to the model.
@@ -55,7 +88,7 @@ enum Event {
     Failed(String),
 }
 
-fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
+fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static, (Kind, Event)> {
     fn typed<K>(client: Client, kind: Kind, wrap: fn(K) -> Object) -> BoxStream<'static, (Kind, Event)>
     where
         K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug + Send + 'static,
@@ -79,20 +112,17 @@ fn watch(client: Client, kind: Kind) -> BoxStream<'static, (Kind, Event)> {
         | Kind::RequestAuthentication
         | Kind::VirtualService
         | Kind::DestinationRule => {
-            let api = Api::<DynamicObject>::all_with(client, &api_resource(kind));
-            watch_kind(api, kind, move |o| parse_dynamic(kind, o))
+            let api = Api::<DynamicObject>::all_with(client, &api_resource_at(kind, version));
+            watch_kind(api, kind, move |o| parse_dynamic(kind, version, o))
         }
     }
 }
 
 /// Parses an untyped object with the same code the local directory source uses.
-fn parse_dynamic(kind: Kind, object: DynamicObject) -> Result<Object, ParseError> {
+fn parse_dynamic(kind: Kind, version: &str, object: DynamicObject) -> Result<Object, ParseError> {
     let mut value = serde_json::to_value(object).map_err(|e| ParseError::Shape(e.to_string()))?;
     if let Some(map) = value.as_object_mut() {
-        map.insert(
-            "apiVersion".into(),
-            format!("{}/{}", kind.group(), served_version(kind)).into(),
-        );
+        map.insert("apiVersion".into(), format!("{}/{version}", kind.group()).into());
         map.insert("kind".into(), kind.name().into());
     }
     Object::parse(value)
@@ -354,7 +384,7 @@ mod tests {
             "status": {"conditions": []}
         }))
         .expect("dynamic object");
-        let parsed = parse_dynamic(Kind::AuthorizationPolicy, object).expect("parses");
+        let parsed = parse_dynamic(Kind::AuthorizationPolicy, "v1", object).expect("parses");
         assert_eq!(parsed.kind(), Kind::AuthorizationPolicy);
         assert_eq!(parsed.key(), ObjectKey::new("ns", "deny"));
 
@@ -364,7 +394,7 @@ mod tests {
         }))
         .expect("dynamic object");
         // Kept, marked invalid: translation fails closed on it instead of dropping it.
-        match parse_dynamic(Kind::AuthorizationPolicy, bad) {
+        match parse_dynamic(Kind::AuthorizationPolicy, "v1beta1", bad) {
             Ok(Object::AuthorizationPolicy(p)) => assert!(p.invalid.is_some()),
             other => panic!("{other:?}"),
         }
