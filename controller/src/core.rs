@@ -8,6 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
 use crate::ca::PodLocator;
@@ -83,6 +87,48 @@ pub struct Core {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub published: watch::Receiver<Published>,
     pub pods: Arc<NodePods>,
+    pub kind_metrics: KindMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+    state: &'static str,
+}
+
+/// `kind_state{kind, state}`: 1 for each kind's current sync state (`synced`, `not_served`,
+/// `failing`, `unreadable` = failing with nothing listed yet), 0 for the others.
+#[derive(Clone, Default)]
+pub struct KindMetrics(Family<KindLabel, Gauge>);
+
+impl KindMetrics {
+    const STATES: [&'static str; 4] = ["synced", "not_served", "failing", "unreadable"];
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kind_state",
+            "Sync state of each watched kind (1: current)",
+            self.0.clone(),
+        );
+    }
+
+    fn update(&self, kinds: &BTreeMap<Kind, KindSync>) {
+        for (&kind, state) in kinds {
+            let now = match state {
+                KindSync::Synced => "synced",
+                KindSync::NotServed => "not_served",
+                KindSync::Failing { listed: true, .. } => "failing",
+                KindSync::Failing { listed: false, .. } => "unreadable",
+            };
+            for s in Self::STATES {
+                let label = KindLabel {
+                    kind: kind.name(),
+                    state: s,
+                };
+                self.0.get_or_create(&label).set(i64::from(s == now));
+            }
+        }
+    }
 }
 
 /// Whether every kind has been listed (or reported) once, and each kind's state.
@@ -114,6 +160,8 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
     let (pub_tx, published) = watch::channel(Published::default());
     let pods = Arc::new(NodePods::default());
     let node_pods = pods.clone();
+    let kind_metrics = KindMetrics::default();
+    let metrics = kind_metrics.clone();
     let trim = Arc::new(tokio::sync::Notify::new());
     let trimmer = trim.clone();
     tokio::spawn(async move {
@@ -154,6 +202,7 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             let (shared, opts, prev) = (inputs.clone(), options.clone(), previous.clone());
             let kinds = sources.kinds.clone();
             let published_kinds = kinds.clone();
+            metrics.update(&kinds);
             let done = tokio::task::spawn_blocking(move || {
                 let out = Arc::new(translate_synced(&shared, &kinds, &opts));
                 let snapshot = Snapshot::next(&prev, out.clone(), Some(since));
@@ -197,5 +246,6 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
         snapshots,
         published,
         pods,
+        kind_metrics,
     }
 }

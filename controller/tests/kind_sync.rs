@@ -169,6 +169,14 @@ async fn forbidden_authorization_policies_then_granted() {
 
     let p = next(&mut published).await;
     assert!(p.synced, "ready although a kind cannot be listed");
+    let mut registry = prometheus_client::registry::Registry::default();
+    core.kind_metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains(r#"kind_state{kind="AuthorizationPolicy",state="unreadable"} 1"#),
+        "{text}"
+    );
     assert_eq!(p.kinds.get(&Kind::AuthorizationPolicy), Some(&forbidden(false)));
     assert!(has_workload(&p.outputs), "other kinds served");
     assert!(matches!(decide(&p.outputs, "client", false), Decision::Deny(_)));

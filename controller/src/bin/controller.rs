@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix("controller");
     let xds_metrics = XdsMetrics::register(&mut registry);
     let ca_metrics = CaMetrics::register(&mut registry);
+    core.kind_metrics.register(&mut registry);
 
     let auth: Arc<dyn Authenticator> = if let Some(dir) = &config.manifest_dir {
         let tokens = config.bootstrap_tokens.as_ref().context("--bootstrap-tokens")?;
