@@ -11,6 +11,7 @@ packages=(
   util-linux        # nsenter: the node agent writes rules inside pod namespaces
   containernetworking-plugins  # reference CNI plugins (bridge, host-local) the tests chain after
   procps            # sysctl
+  jq inotify-tools  # docker/cni/install-cni.sh (run by cni-plugin/tests/install_cni.rs): conflist edits, inotifywait
   prometheus        # promtool: validates the metrics text format
   iperf3 wrk apache2-utils nginx-light   # benchmark tools and backend
   python3 python3-pip  # scripts/validate-manifests.sh (its PyPI packages are installed below)
