@@ -13,9 +13,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 # nftables (nft) and iproute2 (ip): the capture rules inside pod namespaces and the probe SNAT
-# on the node; nsenter comes with util-linux in the base image; jq edits the node's conflist.
+# on the node; nsenter comes with util-linux in the base image; jq edits the node's conflist,
+# inotifywait (inotify-tools) lets install-cni.sh react to a rewrite at once and curl asks the
+# API server whether the DaemonSet is being deleted.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nftables iproute2 jq \
+       inotify-tools curl \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/cni-agent /out/ambient-cni /usr/local/bin/
 COPY docker/cni/install-cni.sh /usr/local/bin/install-cni.sh
