@@ -59,6 +59,9 @@ fn raw_specs() -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("examples/istio-real exists") {
         let path = entry.expect("readable directory entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue; // the README
+        }
         let text = std::fs::read_to_string(&path).expect("readable example");
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v: Value = serde::Deserialize::deserialize(doc).expect("valid YAML");
