@@ -1,6 +1,6 @@
 //! The controller's configuration: flags and environment, validated at start-up.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -58,6 +58,21 @@ pub struct Config {
         default_value = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller"
     )]
     pub identity: String,
+    /// DNS names the serving certificate (15012) carries besides the SPIFFE id, for clients
+    /// that verify the control plane by hostname (Istio's ztunnel: the URL's host or
+    /// ALT_XDS_HOSTNAME). The controller's own Service names in POD_NAMESPACE
+    /// (`mesh-controller.<ns>.svc[.cluster.local]`) are always added. Empty: none.
+    #[arg(
+        long,
+        env = "SERVING_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local"
+    )]
+    pub serving_dns_names: Vec<String>,
+    /// IP addresses the serving certificate carries (local mode: the addresses clients dial).
+    /// The --listen address is added when it is a specific one.
+    #[arg(long, env = "SERVING_IPS", value_delimiter = ',')]
+    pub serving_ips: Vec<IpAddr>,
     /// Longest certificate lifetime the CA grants, in seconds.
     #[arg(long, env = "MAX_CERT_TTL_SECONDS", default_value_t = 24 * 3600)]
     pub max_cert_ttl_seconds: u64,
@@ -85,7 +100,38 @@ pub struct Config {
     pub log: String,
 }
 
+/// Name of the controller's own Service (manifests/controller/service.yaml).
+pub const SERVICE_NAME: &str = "mesh-controller";
+
 impl Config {
+    /// The DNS and IP names of the serving certificate: the configured ones, the controller's
+    /// own Service names, and the listen address when specific; without duplicates.
+    pub fn serving_names(&self) -> crate::ca::ServingNames {
+        let own = [
+            format!("{SERVICE_NAME}.{}.svc", self.pod_namespace),
+            format!("{SERVICE_NAME}.{}.svc.cluster.local", self.pod_namespace),
+        ];
+        let mut dns: Vec<String> = Vec::new();
+        for name in self
+            .serving_dns_names
+            .iter()
+            .map(|n| n.trim())
+            .chain(own.iter().map(String::as_str))
+        {
+            if !name.is_empty() && !dns.iter().any(|d| d == name) {
+                dns.push(name.to_owned());
+            }
+        }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        let listen = Some(self.listen.ip()).filter(|ip| !ip.is_unspecified());
+        for ip in self.serving_ips.iter().copied().chain(listen) {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        crate::ca::ServingNames { dns, ips }
+    }
+
     /// Checks what flags alone cannot, with a message saying how to fix it.
     pub fn validate(&self) -> Result<(), String> {
         match (&self.manifest_dir, self.kubernetes) {
@@ -116,6 +162,51 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serving_names_default_to_istiod_and_our_service() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_string_lossy();
+        let parse = |extra: &[&str]| {
+            let base = ["controller", "--manifest-dir", &dir, "--bootstrap-tokens", "/t.yaml"];
+            Config::try_parse_from(base.iter().chain(extra))
+                .expect("parse")
+                .serving_names()
+        };
+        let names = parse(&[]);
+        assert_eq!(
+            names.dns,
+            [
+                "istiod.istio-system.svc",
+                "istiod.istio-system.svc.cluster.local",
+                "mesh-controller.istio-system.svc",
+                "mesh-controller.istio-system.svc.cluster.local",
+            ]
+        );
+        assert!(names.ips.is_empty(), "0.0.0.0 is no address to verify: {:?}", names.ips);
+        let names = parse(&[
+            "--serving-dns-names",
+            "cp.example,istiod.istio-system.svc",
+            "--serving-ips",
+            "10.0.0.9,10.0.0.10",
+            "--listen",
+            "10.0.0.9:15012",
+            "--pod-namespace",
+            "mesh",
+        ]);
+        assert_eq!(
+            names.dns,
+            [
+                "cp.example",
+                "istiod.istio-system.svc",
+                "mesh-controller.mesh.svc",
+                "mesh-controller.mesh.svc.cluster.local"
+            ]
+        );
+        let ips: Vec<String> = names.ips.iter().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.9", "10.0.0.10"]);
+        assert_eq!(parse(&["--serving-dns-names", ""]).dns.len(), 2, "only our own Service");
+    }
 
     #[test]
     fn debug_views_stay_on_loopback() {

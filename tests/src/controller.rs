@@ -78,6 +78,8 @@ impl<'a> Controller<'a> {
             .arg("--waypoint-records")
             .arg(dir.path().join("waypoints"))
             .args(["--listen", &SocketAddr::new(ip, 15012).to_string()])
+            // The address clients dial, as an IP SAN for those that verify by address.
+            .args(["--serving-ips", &ip.to_string()])
             .args(["--admin", &admin.to_string()])
             .args(["--poll-ms", "50", "--log", "info"])
             .stdin(Stdio::null())

@@ -72,9 +72,11 @@ async fn main() -> anyhow::Result<()> {
     let root = Arc::new(CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain).context("CA root")?);
     std::fs::write(config.ca_dir.join("trust-bundle.pem"), root.trust_bundle())
         .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
+    let names = config.serving_names();
     let serving = root
-        .serving_certificate(&identity, Duration::from_secs(365 * 24 * 3600))
-        .context("serving certificate")?;
+        .serving_certificate_for(&identity, &names, Duration::from_secs(365 * 24 * 3600))
+        .context("serving certificate (--serving-dns-names, --serving-ips)")?;
+    tracing::info!(dns = ?names.dns, ips = ?names.ips, "serving certificate names");
     let tls = mesh_core::tls::control_plane_server_config(&serving).context("TLS config")?;
 
     let options = Options {

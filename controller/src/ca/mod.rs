@@ -14,5 +14,5 @@ pub mod server;
 pub use auth::{
     bearer_token, random_token, AuthError, Authenticator, BootstrapError, BootstrapTokens, Caller, MIN_TOKEN_BYTES,
 };
-pub use root::{CaRoot, CaRootError, ROOT_CERT_FILE, ROOT_KEY_FILE};
+pub use root::{CaRoot, CaRootError, ServingNames, ROOT_CERT_FILE, ROOT_KEY_FILE};
 pub use server::{CaMetrics, CaOptions, CaServer, PodLocator, RefusalReason, DEFAULT_TTL};

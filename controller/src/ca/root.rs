@@ -1,9 +1,15 @@
 //! The CA's root of trust: loads or creates the root certificate and key, signs leaves with
 //! it, and issues the controller's own TLS serving certificate from it.
+//!
+//! The serving certificate carries the controller's SPIFFE id (what our ztunnel and waypoint
+//! verify) and, for clients that verify the control plane by hostname as Istio's ztunnel
+//! does (the URL's host or `ALT_XDS_HOSTNAME`, in a cluster `istiod.istio-system.svc`), DNS
+//! and IP SANs: see [`ServingNames`].
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use mesh_core::identity::ca::{new_csr, CaError, DevCa};
 use mesh_core::identity::cert::{CertError, WorkloadCertificate};
@@ -45,6 +51,15 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ca
         path: path.to_owned(),
         source,
     }
+}
+
+/// The names besides its SPIFFE id that the controller's serving certificate carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServingNames {
+    /// DNS SANs (say `istiod.istio-system.svc`).
+    pub dns: Vec<String>,
+    /// IP SANs: the addresses clients dial when they verify by address.
+    pub ips: Vec<IpAddr>,
 }
 
 /// The root certificate and key the CA signs with.
@@ -135,6 +150,69 @@ impl CaRoot {
         WorkloadCertificate::from_chain(identity, key.serialize_der(), &chain, &[])
             .map_err(|e: CertError| CaRootError::Serving(e.to_string()))
     }
+
+    /// As [`CaRoot::serving_certificate`], with `names` as DNS and IP SANs beside the SPIFFE
+    /// URI. Without names it is the same certificate shape.
+    pub fn serving_certificate_for(
+        &self,
+        identity: &Identity,
+        names: &ServingNames,
+        ttl: Duration,
+    ) -> Result<WorkloadCertificate, CaRootError> {
+        if names.dns.is_empty() && names.ips.is_empty() {
+            return self.serving_certificate(identity, ttl);
+        }
+        let serving = |e: &dyn std::fmt::Display| CaRootError::Serving(e.to_string());
+        let ca_key = rcgen::KeyPair::from_pem(&self.ca.key_pem()).map_err(|e| serving(&e))?;
+        // Re-signing the root's parameters with its key reproduces the issuer name and key
+        // identifier the leaf must chain to (as the CA's own signer does).
+        let issuer = rcgen::CertificateParams::from_ca_cert_pem(self.ca.root_pem())
+            .and_then(|p| p.self_signed(&ca_key))
+            .map_err(|e| serving(&e))?;
+        let key = rcgen::KeyPair::generate().map_err(|e| serving(&e))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let mut sans = vec![rcgen::SanType::URI(
+            identity.to_string().try_into().map_err(|e| serving(&e))?,
+        )];
+        for dns in &names.dns {
+            let name = dns
+                .as_str()
+                .try_into()
+                .map_err(|e| CaRootError::Serving(format!("DNS name {dns:?}: {e}")))?;
+            sans.push(rcgen::SanType::DnsName(name));
+        }
+        sans.extend(names.ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + ttl).into();
+        let leaf = params.signed_by(&key, &issuer, &ca_key).map_err(|e| serving(&e))?;
+        let chain = [leaf.pem(), self.ca.root_pem().to_owned()];
+        WorkloadCertificate::from_chain(identity, key.serialize_der(), &chain, &[])
+            .map_err(|e: CertError| CaRootError::Serving(e.to_string()))
+    }
+}
+
+/// A positive 127-bit serial from the system's CSPRNG.
+fn random_serial() -> Result<rcgen::SerialNumber, CaRootError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaRootError::Serving("no randomness for a serial number".into()))?;
+    bytes[0] &= 0x7f;
+    Ok(rcgen::SerialNumber::from_slice(&bytes))
 }
 
 fn check_key_matches(cert_pem: &str, key_pem: &str) -> Result<(), CaRootError> {
@@ -279,5 +357,88 @@ mod tests {
         assert_eq!(cert.chain.len(), 1);
         assert_eq!(cert.roots.len(), 1);
         mesh_core::tls::control_plane_server_config(&cert).expect("server config");
+    }
+
+    #[test]
+    fn serving_certificate_carries_dns_and_ip_names_beside_the_spiffe_id() {
+        use x509_parser::extensions::GeneralName;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = CaRoot::load_or_generate(tmp.path(), TD).expect("generate");
+        let id: Identity = "spiffe://cluster.local/ns/istio-system/sa/controller"
+            .parse()
+            .expect("id");
+        let names = ServingNames {
+            dns: vec![
+                "istiod.istio-system.svc".into(),
+                "mesh-controller.istio-system.svc".into(),
+            ],
+            ips: vec!["10.1.2.3".parse().expect("ip"), "fd00::1".parse().expect("ip")],
+        };
+        let cert = root
+            .serving_certificate_for(&id, &names, Duration::from_secs(3600))
+            .expect("serving certificate");
+        // Our own clients still find exactly the SPIFFE id.
+        assert_eq!(cert.identity, id);
+        mesh_core::tls::control_plane_server_config(&cert).expect("server config");
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert.chain[0]).expect("parse");
+        let san = x509.subject_alternative_name().expect("san ext").expect("san");
+        let mut got: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::URI(u) => format!("uri:{u}"),
+                GeneralName::DNSName(d) => format!("dns:{d}"),
+                GeneralName::IPAddress(b) => format!("ip:{}", b.len()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "dns:istiod.istio-system.svc",
+                "dns:mesh-controller.istio-system.svc",
+                "ip:16",
+                "ip:4",
+                "uri:spiffe://cluster.local/ns/istio-system/sa/controller",
+            ]
+        );
+        // A hostname verifier (what Istio's ztunnel uses) accepts the names and no other.
+        let ee = rustls::pki_types::CertificateDer::from(cert.chain[0].to_vec());
+        let mut store = rustls::RootCertStore::empty();
+        store.add(cert.roots[0].clone()).expect("root");
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(store),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        use rustls::client::danger::ServerCertVerifier;
+        let check = |name: &str| {
+            let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+            verifier.verify_server_cert(&ee, &[], &name, &[], rustls::pki_types::UnixTime::now())
+        };
+        check("istiod.istio-system.svc").expect("DNS SAN");
+        check("10.1.2.3").expect("IP SAN");
+        check("istiod.other.svc").expect_err("not a SAN");
+        check("10.1.2.4").expect_err("not a SAN");
+    }
+
+    #[test]
+    fn a_bad_dns_name_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = CaRoot::load_or_generate(tmp.path(), TD).expect("generate");
+        let id: Identity = "spiffe://cluster.local/ns/istio-system/sa/controller"
+            .parse()
+            .expect("id");
+        let names = ServingNames {
+            dns: vec!["bad name\u{e9}".into()],
+            ips: Vec::new(),
+        };
+        let err = root
+            .serving_certificate_for(&id, &names, Duration::from_secs(3600))
+            .expect_err("non-IA5 name");
+        assert!(err.to_string().contains("bad name"), "{err}");
     }
 }

@@ -1,0 +1,459 @@
+//! Istio's own ztunnel (`../shared/peers/istio-ztunnel`, unmodified) on our control plane and
+//! beside our data plane, configured by its environment variables as a user would run it.
+//!
+//! - dedicated mode: pointed at our controller with Istio's default control plane name
+//!   (`https://istiod.istio-system.svc:15012`, resolved by the pod's hosts file; Istio's
+//!   ztunnel checks that name against the DNS SANs), it becomes ready with our
+//!   workloads from Delta ADS and a certificate from our CA, and sends no NACK; then traffic
+//!   between it and our ztunnel both ways by pod IP and VIP (a checksummed transfer, the
+//!   client's IP preserved), and an L4 DENY from our controller enforced by it.
+//! - on-demand (`XDS_ON_DEMAND=true`, the URL's host an IP checked against our IP SAN): it
+//!   subscribes to nothing up front and still reaches a service and a pod.
+//!
+//! The peer is missing: the tests fail under `CI` and skip with a note otherwise.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mesh_e2e::apps::{echo_connect, http_server, ping};
+use mesh_e2e::controller::Controller;
+use mesh_e2e::istio::{self, IstioZtunnel};
+use mesh_e2e::{Bed, Netns, Ztunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const READY: Duration = Duration::from_secs(20);
+
+/// Pod `client` (bed pod a, Istio's ztunnel), pod `server` (bed pod b, our ztunnel), service
+/// `server` at the bed VIP; `extra` is appended.
+fn manifests(bed: &Bed, extra: &str) -> String {
+    format!(
+        "\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: default, labels: {{app: client}}, annotations: {{ambient.istio.io/redirection: enabled}}}}
+spec: {{nodeName: node-a, serviceAccountName: client, containers: [{{name: c, image: x}}]}}
+status: {{podIP: {ip_a}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: default, labels: {{app: server}}, annotations: {{ambient.istio.io/redirection: enabled}}}}
+spec: {{nodeName: node-b, serviceAccountName: server, containers: [{{name: c, image: x}}]}}
+status: {{podIP: {ip_b}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: default}}
+spec: {{clusterIP: {vip}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: bulk, port: 81, targetPort: 8081}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: client, namespace: default}}
+spec: {{clusterIP: {vip_client}, selector: {{app: client}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+{extra}",
+        ip_a = bed.ip(1),
+        ip_b = bed.ip(2),
+        vip = bed.vip(),
+        vip_client = client_vip(bed),
+    )
+}
+
+/// The client's service VIP (beside the bed's server VIP).
+fn client_vip(bed: &Bed) -> IpAddr {
+    match bed.vip() {
+        IpAddr::V4(v) => {
+            let [a, b, c, d] = v.octets();
+            IpAddr::from([a, b, c, d.wrapping_add(1)])
+        }
+        v6 => v6,
+    }
+}
+
+/// A DENY from our controller for connections to the client pod from the server's identity.
+const DENY_SERVER_TO_CLIENT: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-server, namespace: default}
+spec:
+  selector: {matchLabels: {app: client}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/server]}}]}]
+";
+
+/// The environment of Istio's ztunnel serving pod `client` in dedicated mode.
+fn dedicated_env(
+    bed: &Bed,
+    controller: &Controller<'_>,
+    cp_host: &str,
+    extra: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
+    let cp = format!("https://{cp_host}:15012");
+    let bundle = controller.trust_bundle().display().to_string();
+    let token = controller.identity_token_file(CLIENT_ID).display().to_string();
+    let mut env: Vec<(&'static str, String)> = vec![
+        ("PROXY_MODE", "dedicated".into()),
+        ("PROXY_WORKLOAD_INFO", "default/client/client".into()),
+        ("XDS_ADDRESS", cp.clone()),
+        ("CA_ADDRESS", cp),
+        ("XDS_ROOT_CA", bundle.clone()),
+        ("CA_ROOT_CA", bundle),
+        ("AUTH_TOKEN", token),
+        ("POD_NAMESPACE", "default".into()),
+        ("POD_NAME", "client".into()),
+        ("SERVICE_ACCOUNT", "client".into()),
+        ("NODE_NAME", "node-a".into()),
+        ("INSTANCE_IP", bed.ip(1).to_string()),
+        ("TRUST_DOMAIN", "cluster.local".into()),
+        ("CLUSTER_ID", "Kubernetes".into()),
+        ("PACKET_MARK", "1337".into()),
+        ("ZTUNNEL_WORKER_THREADS", "1".into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    env
+}
+
+/// Istio's ztunnel's xDS and CA sockets carry no mark: the pod's capture must let the
+/// control plane's address through, as its README says.
+fn let_control_plane_through(pod: &Netns, controller: IpAddr) {
+    let family = if controller.is_ipv4() { "ip" } else { "ip6" };
+    pod.exec(&[
+        "nft",
+        "insert",
+        "rule",
+        "inet",
+        cni_plugin::agent::rules::TABLE,
+        "output_nat",
+        family,
+        "daddr",
+        &controller.to_string(),
+        "tcp",
+        "dport",
+        "15012",
+        "return",
+    ])
+    .expect("nft exception for the control plane");
+}
+
+/// The sum of `controller_xds_nacks_total` over types.
+async fn controller_nacks(controller: &Controller<'_>) -> f64 {
+    let (_, text) = controller.get("/metrics").await.expect("controller metrics");
+    text.lines()
+        .filter(|l| l.starts_with("controller_xds_nacks_total"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn curl(ns: &Netns, target: &str) -> String {
+    ns.exec(&["curl", "-sS", "--max-time", "5", target])
+        .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// FNV-1a 64, continued from `h` (start with [`FNV_START`]).
+fn fnv(mut h: u64, data: &[u8]) -> u64 {
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Serves: on accept, reads until EOF and answers the length and FNV-1a of what it read.
+async fn checksum_server(listener: tokio::net::TcpListener) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (mut h, mut len) = (FNV_START, 0usize);
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        h = fnv(h, &buf[..n]);
+                        len += n;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let _ = s.write_all(format!("{len} {h:016x}").as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+/// Sends `len` pseudo-random bytes from `ns` to `dst` and checks the checksum that comes back.
+async fn checksummed_transfer(ns: &Netns, dst: SocketAddr, len: usize) -> anyhow::Result<Duration> {
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let want = format!("{len} {:016x}", fnv(FNV_START, &data));
+    let start = Instant::now();
+    let mut s = ns.connect(dst).await?;
+    s.write_all(&data).await?;
+    s.shutdown().await?;
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut got)).await??;
+    anyhow::ensure!(got == want, "checksum via {dst}: got {got:?}, want {want}");
+    Ok(start.elapsed())
+}
+
+/// Waits until `f` holds on Istio's ztunnel's config dump.
+async fn wait_dump(z: &IstioZtunnel<'_>, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Ok(dump) = z.config_dump().await {
+            if f(&dump) {
+                return dump;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what} not in Istio's ztunnel config dump:\n{dump:#}\nlog:\n{}",
+                    z.logs()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("no config dump from Istio's ztunnel; log:\n{}", z.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_dedicated_on_our_control_plane_and_beside_our_ztunnel() {
+    let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    let Some(bed) = Bed::new(110) else { return };
+    let controller = Controller::start_with(
+        &bed.c,
+        bed.ip(3),
+        &["node-b"],
+        &manifests(&bed, ""),
+        false,
+        &[CLIENT_ID],
+    )
+    .await
+    .expect("controller ready");
+    let_control_plane_through(&bed.a, bed.ip(3));
+    // Istio's default control plane name as the URL's host (resolved by the pod's hosts file),
+    // which the serving certificate must carry as a DNS SAN.
+    let _hosts = istio::HostsFile::write(&bed.a, &[("istiod.istio-system.svc", bed.ip(3))]).expect("hosts file");
+    let env = dedicated_env(&bed, &controller, "istiod.istio-system.svc", &[]);
+    let mut istio_zt = IstioZtunnel::spawn(&bed.a, &peer, &env).expect("spawn Istio's ztunnel");
+    istio_zt.wait_ready(READY).await.expect("Istio's ztunnel ready");
+
+    // State from our Delta ADS.
+    let dump = wait_dump(&istio_zt, "our workloads", |d| {
+        let uids = istio::dumped_workloads(d);
+        uids.iter().any(|u| u == "Kubernetes//Pod/default/server")
+            && uids.iter().any(|u| u == "Kubernetes//Pod/default/client")
+    })
+    .await;
+    assert!(
+        dump.to_string().contains("server.default.svc.cluster.local"),
+        "{dump:#}"
+    );
+
+    // Our ztunnel serves the server pod.
+    let cp = format!("https://{}:15012", bed.ip(3));
+    let bundle = controller.trust_bundle().display().to_string();
+    let token = controller.token_file("node-b").display().to_string();
+    let our_zt = Ztunnel::start_for_node(
+        &bed.b,
+        "node-b",
+        &[
+            "--xds-address",
+            &cp,
+            "--ca-address",
+            &cp,
+            "--trust-bundle",
+            &bundle,
+            "--token-file",
+            &token,
+        ],
+    )
+    .await
+    .expect("our ztunnel ready");
+    tokio::spawn(http_server(bed.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
+    tokio::spawn(checksum_server(bed.b.listen("0.0.0.0:8081".parse().unwrap()).unwrap()));
+    tokio::spawn(http_server(bed.a.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
+    tokio::spawn(checksum_server(bed.a.listen("0.0.0.0:8081".parse().unwrap()).unwrap()));
+
+    // Istio's ztunnel -> ours, by pod IP and VIP; the server sees the client's own address.
+    let want_peer = format!("peer={}", bed.ip(1));
+    for target in [
+        format!("http://{}:8080/", bed.ip(2)),
+        format!("http://{}:80/", bed.vip()),
+    ] {
+        let got = curl(&bed.a, &target);
+        assert_eq!(
+            got.trim(),
+            want_peer,
+            "{target}\nIstio ztunnel:\n{}\nours:\n{}",
+            istio_zt.logs(),
+            our_zt.logs()
+        );
+    }
+    // Ours -> Istio's, by pod IP and VIP.
+    let want_peer = format!("peer={}", bed.ip(2));
+    for target in [
+        format!("http://{}:8080/", bed.ip(1)),
+        format!("http://{}:80/", client_vip(&bed)),
+    ] {
+        let got = curl(&bed.b, &target);
+        assert_eq!(
+            got.trim(),
+            want_peer,
+            "{target}\nIstio ztunnel:\n{}\nours:\n{}",
+            istio_zt.logs(),
+            our_zt.logs()
+        );
+    }
+    // 16 MiB each way, checksummed.
+    let took = checksummed_transfer(&bed.a, SocketAddr::new(bed.vip(), 81), 16 << 20)
+        .await
+        .expect("Istio's -> ours");
+    eprintln!("16 MiB Istio's ztunnel -> ours by VIP: {took:?}");
+    let took = checksummed_transfer(&bed.b, SocketAddr::new(bed.ip(1), 8081), 16 << 20)
+        .await
+        .expect("ours -> Istio's");
+    eprintln!("16 MiB our ztunnel -> Istio's by pod IP: {took:?}");
+    // Its certificate (fetched on first use in dedicated mode) came from our CA.
+    wait_dump(&istio_zt, "a certificate for the client", |d| {
+        istio::dumped_certificates(d)
+            .iter()
+            .any(|(id, state)| id == CLIENT_ID && state.contains("Available"))
+    })
+    .await;
+    let dump = istio_zt.config_dump().await.expect("dump");
+    let root_b64 = dump["certificates"][0]["rootCerts"][0]["pem"]
+        .as_str()
+        .unwrap_or_default();
+    let root = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, root_b64).expect("base64 root");
+    let bundle = std::fs::read_to_string(controller.trust_bundle()).expect("trust bundle");
+    // The same certificate, whatever the PEM line width.
+    let squash = |pem: &str| pem.split_whitespace().collect::<String>();
+    assert_eq!(
+        squash(&String::from_utf8_lossy(&root)),
+        squash(&bundle),
+        "Istio's ztunnel's root is not our CA's"
+    );
+    // The traffic went through HBONE: Istio's ztunnel counted it with our peer's identity.
+    let metrics = istio_zt.metrics().await.expect("Istio metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/server\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+
+    // An L4 DENY from our controller, enforced by Istio's ztunnel on its inbound side.
+    controller
+        .write_manifests(&manifests(&bed, DENY_SERVER_TO_CLIENT))
+        .expect("write policy");
+    let deadline = Instant::now() + READY;
+    loop {
+        let got = curl(&bed.b, &format!("http://{}:8080/", bed.ip(1)));
+        if !got.contains("peer=") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "DENY not enforced by Istio's ztunnel: {got}\n{}",
+            istio_zt.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The other direction is not affected.
+    let got = curl(&bed.a, &format!("http://{}:8080/", bed.ip(2)));
+    assert!(got.contains("peer="), "{got}");
+    assert_eq!(controller_nacks(&controller).await, 0.0, "{}", controller.logs());
+    assert!(
+        !istio_zt.logs().contains("NACK"),
+        "Istio's ztunnel rejected a response:\n{}",
+        istio_zt.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_on_demand_reaches_a_service_and_a_pod() {
+    let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    let Some(bed) = Bed::new(111) else { return };
+    let controller = Controller::start_with(
+        &bed.c,
+        bed.ip(3),
+        &["node-b"],
+        &manifests(&bed, ""),
+        false,
+        &[CLIENT_ID],
+    )
+    .await
+    .expect("controller ready");
+    let_control_plane_through(&bed.a, bed.ip(3));
+    // No ALT_*_HOSTNAME: the URL's host (an IP) must be an IP SAN of our serving certificate.
+    let env = dedicated_env(&bed, &controller, &bed.ip(3).to_string(), &[("XDS_ON_DEMAND", "true")]);
+    let mut istio_zt = IstioZtunnel::spawn(&bed.a, &peer, &env).expect("spawn Istio's ztunnel");
+    istio_zt.wait_ready(READY).await.expect("Istio's ztunnel ready");
+    // Nothing is pushed up front: the server pod is not known yet.
+    let dump = istio_zt.config_dump().await.expect("dump");
+    assert!(
+        !istio::dumped_workloads(&dump)
+            .iter()
+            .any(|u| u.ends_with("/default/server")),
+        "on-demand client got the server up front: {dump:#}"
+    );
+
+    let cp = format!("https://{}:15012", bed.ip(3));
+    let bundle = controller.trust_bundle().display().to_string();
+    let token = controller.token_file("node-b").display().to_string();
+    let our_zt = Ztunnel::start_for_node(
+        &bed.b,
+        "node-b",
+        &[
+            "--xds-address",
+            &cp,
+            "--ca-address",
+            &cp,
+            "--trust-bundle",
+            &bundle,
+            "--token-file",
+            &token,
+        ],
+    )
+    .await
+    .expect("our ztunnel ready");
+    tokio::spawn(mesh_e2e::apps::echo_server(
+        bed.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap(),
+    ));
+
+    // A service by VIP, then a pod by IP, each fetched on first use.
+    for dst in [SocketAddr::new(bed.vip(), 80), SocketAddr::new(bed.ip(2), 8080)] {
+        let (greeting, mut conn) = echo_connect(&bed.a, dst)
+            .await
+            .unwrap_or_else(|e| panic!("{dst}: {e}\nIstio:\n{}\nours:\n{}", istio_zt.logs(), our_zt.logs()));
+        assert!(greeting.contains(&bed.ip(1).to_string()), "{dst}: {greeting}");
+        assert_eq!(ping(&mut conn, "hello").await.expect("echo"), "hello");
+    }
+    let dump = istio_zt.config_dump().await.expect("dump");
+    assert!(
+        istio::dumped_workloads(&dump)
+            .iter()
+            .any(|u| u == "Kubernetes//Pod/default/server"),
+        "{dump:#}"
+    );
+    assert_eq!(controller_nacks(&controller).await, 0.0, "{}", controller.logs());
+}
