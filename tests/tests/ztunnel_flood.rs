@@ -31,12 +31,7 @@ const HANGING_PORT: u16 = 9002;
 /// The value of ztunnel_connections_refused_total{reason=`reason`}, or 0.
 fn refused(metrics: &str, reason: &str) -> f64 {
     let label = format!("reason=\"{reason}\"");
-    metrics
-        .lines()
-        .find(|l| l.starts_with("ztunnel_connections_refused_total") && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    mesh_e2e::metrics::sample(metrics, "ztunnel_connections_refused_total", &[&label])
 }
 
 /// Resident memory of process `pid` in KiB (VmRSS), or 0 once it is gone.
@@ -314,6 +309,13 @@ type H2Sender = h2::client::SendRequest<Bytes>;
 /// HTTP/2 over mutual TLS from pod c to b's HBONE port as `identity` (signed by the bed's
 /// CA); the connection task runs in the background and returns how the connection ended.
 async fn h2_from_c(bed: &Bed, identity: &str) -> (H2Sender, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tls = tls_from_c(bed, identity).await;
+    let (sender, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
+/// Mutual TLS from pod c to b's HBONE port as `identity` (signed by the bed's CA).
+async fn tls_from_c(bed: &Bed, identity: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
     let ca = DevCa::load(&bed.root_cert, &bed.root_key).expect("bed CA");
     let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
     let identity: Identity = identity.parse().expect("identity");
@@ -325,12 +327,10 @@ async fn h2_from_c(bed: &Bed, identity: &str) -> (H2Sender, tokio::task::JoinHan
         .connect(dst)
         .await
         .expect("connect to b:15008");
-    let tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(tls::placeholder_server_name(), tcp)
         .await
-        .expect("mTLS with ztunnel b");
-    let (sender, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
-    (sender, tokio::spawn(conn))
+        .expect("mTLS with ztunnel b")
 }
 
 /// Opens a CONNECT stream to `authority`; None once the connection refuses new streams.
@@ -474,4 +474,201 @@ async fn reset_flood_gets_goaway(bed: &Bed, hanging: SocketAddr) {
     assert_eq!(sent, 101);
     assert!(alive_at_100, "100 resets are within the limit");
     assert_eq!(reason, Some(h2::Reason::ENHANCE_YOUR_CALM), "{ended:?}");
+}
+
+/// Out of file descriptors: ztunnel b's limit is lowered while it runs, and a flood fills it.
+/// Every `accept` then fails at once; the loop must back off (little CPU, a handful of log
+/// lines instead of millions), keep its local addresses, and serve again once sockets close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_backs_off_and_recovers() {
+    let Some(bed) = Bed::new(92) else { return };
+    let _za = Ztunnel::start(&bed.a, &bed.files(), &[]).await.expect("ztunnel a");
+    let zb = Ztunnel::start(&bed.b, &bed.files(), &[]).await.expect("ztunnel b");
+    let pid = zb.pid().expect("ztunnel b runs");
+    let app = SocketAddr::new(bed.ip(2), ECHO_PORT);
+    tokio::spawn(echo_server(bed.b.listen(app).expect("echo listener")));
+    round_trips(&bed, 5).await;
+
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir").count();
+    let limit = (open_fds + 40).to_string();
+    mesh_e2e::netns::sh(&[
+        "prlimit",
+        "--pid",
+        &pid.to_string(),
+        &format!("--nofile={limit}:{limit}"),
+    ])
+    .expect("lower ztunnel b's descriptor limit");
+    let flood = idle_flood(&bed.c.name, SocketAddr::new(bed.ip(2), 15008), &[(bed.ip(3), 200)]).await;
+    // The kernel completes handshakes into the backlog; ztunnel can take only ~40 of them.
+    let ticks = mesh_e2e::bench::cpu_ticks(pid as i32).expect("cpu ticks");
+    let logs_before = zb.logs().matches("accept failed").count();
+    tokio::time::sleep(Duration::from_secs(3)).await; // measuring a span of time, not waiting for an event
+    let cpu = (mesh_e2e::bench::cpu_ticks(pid as i32).expect("cpu ticks") - ticks) as f64 / 100.0;
+    let lines = zb.logs().matches("accept failed").count() - logs_before;
+    let refused = refused(&zb.metrics().await.expect("metrics"), "accept_error");
+    println!(
+        "descriptor exhaustion: {} flood sockets, {refused} failed accepts in all, {lines} log lines \
+         and {cpu:.2} s of CPU in 3 s",
+        flood.len()
+    );
+    assert!(refused > 0.0, "the flood should exhaust ztunnel b's descriptors");
+    assert!(cpu < 0.6, "ztunnel b spun on accept: {cpu:.2} s of CPU in 3 s");
+    assert!(lines <= 2, "accept failures flooded the log: {lines} lines in 3 s");
+
+    // Once the flood goes, ztunnel serves again with its addresses intact.
+    drop(flood);
+    let recovered = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Ok((peer, _))) = tokio::time::timeout(Duration::from_secs(2), echo_connect(&bed.a, app)).await {
+                return peer;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("ztunnel b serves again after the flood");
+    assert_eq!(recovered, format!("peer={}", bed.ip(1)));
+}
+
+/// A transport that stops reading for good once `stalled` is set: a peer that opens streams,
+/// advertises large windows and then never reads what it is sent.
+struct Stalling<T> {
+    inner: T,
+    stalled: Arc<AtomicBool>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Stalling<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.stalled.load(Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stalling<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An app that writes 1 MiB to every connection and holds it open; counts connections.
+async fn firehose(listener: tokio::net::TcpListener, accepted: Arc<AtomicU64>) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        accepted.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(&vec![0u8; 1 << 20]).await;
+            std::future::pending::<()>().await;
+        });
+    }
+}
+
+/// Peers that never read: 3 connections x 200 streams to an app that sends 1 MiB on each.
+/// What ztunnel holds is bounded per stream (h2's send buffer: it reads no more than that from
+/// the app), and an unrelated request through the mesh keeps its latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_hold_a_bounded_amount() {
+    let Some(bed) = Bed::new(93) else { return };
+    let _za = Ztunnel::start(&bed.a, &bed.files(), &[]).await.expect("ztunnel a");
+    let zb = Ztunnel::start(&bed.b, &bed.files(), &[]).await.expect("ztunnel b");
+    let pid = zb.pid().expect("ztunnel b runs");
+    let echo = SocketAddr::new(bed.ip(2), ECHO_PORT);
+    tokio::spawn(echo_server(bed.b.listen(echo).expect("echo listener")));
+    let hose = SocketAddr::new(bed.ip(2), 9003);
+    let accepted = Arc::new(AtomicU64::new(0));
+    tokio::spawn(firehose(
+        bed.b.listen(hose).expect("firehose listener"),
+        accepted.clone(),
+    ));
+    round_trips(&bed, 5).await;
+    let idle = rss_kib(pid);
+
+    const CONNECTIONS: usize = 3;
+    const STREAMS: usize = 200;
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let stalled = Arc::new(AtomicBool::new(false));
+        let io = Stalling {
+            inner: tls_from_c(&bed, CLIENT_SA).await,
+            stalled: stalled.clone(),
+        };
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(8 << 20)
+            .initial_connection_window_size(1 << 30)
+            .handshake::<_, Bytes>(io)
+            .await
+            .expect("HTTP/2 handshake");
+        let conn = tokio::spawn(conn);
+        // One answered stream: settings and windows are exchanged; then stop reading.
+        let mut ready = sender.clone().ready().await.expect("ready");
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(hose.to_string())
+            .body(())
+            .expect("request");
+        let (first, send) = ready.send_request(request, false).expect("first stream");
+        let _ = tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .expect("first answer");
+        stalled.store(true, Ordering::Relaxed);
+        let mut streams = vec![send];
+        for _ in 1..STREAMS {
+            streams.push(open(&sender, hose).await.expect("stream opens"));
+        }
+        held.push((sender, conn, streams));
+    }
+    let total = (CONNECTIONS * STREAMS) as u64;
+    assert!(
+        poll_until(Duration::from_secs(20), || accepted.load(Ordering::Relaxed) >= total).await,
+        "the app got {} of {total} connections",
+        accepted.load(Ordering::Relaxed)
+    );
+    // Let ztunnel read what it may and fill what the stalled peers will not take.
+    let mut last = 0;
+    let settled = poll_until(Duration::from_secs(15), || {
+        let now = rss_kib(pid);
+        let stable = now.abs_diff(last) < 256;
+        last = now;
+        stable
+    })
+    .await;
+    let times = probe_result(latency_probe(bed.a.name.clone(), echo, 100)).await;
+    let peak = rss_kib(pid);
+    let per_stream = (peak.saturating_sub(idle)) as f64 / total as f64;
+    println!(
+        "stalled readers: {total} streams whose peer never reads, each sent 1 MiB: ztunnel b RSS idle {:.1} MiB, \
+         held {:.1} MiB (+{per_stream:.0} KiB per stream, settled: {settled}); a->b p50 {:.2} ms p99 {:.2} ms",
+        mib(idle),
+        mib(peak),
+        quantile(&times, 0.5),
+        quantile(&times, 0.99)
+    );
+    // h2 queues at most 256 KiB per stream, plus one 128 KiB read chunk waiting for capacity.
+    assert!(
+        per_stream <= 400.0,
+        "ztunnel holds {per_stream:.0} KiB per stalled stream"
+    );
+    assert!(quantile(&times, 0.99) < 50.0, "p99 {:.1} ms", quantile(&times, 0.99));
+    drop(held);
 }

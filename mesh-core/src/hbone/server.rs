@@ -29,8 +29,8 @@ use crate::identity::{identity_of, Identity};
 
 /// Largest header block a peer may send on one request (HBONE needs a few hundred bytes).
 pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// Data h2 may queue per stream towards a peer that does not read.
-pub(crate) const MAX_SEND_BUFFER: usize = 256 * 1024;
+/// Data h2 may queue per stream towards a peer that does not read: all a stalled stream holds.
+pub(crate) const MAX_SEND_BUFFER: usize = 128 * 1024;
 
 /// What the streams of one connection share: the reset count that can end it.
 struct ConnShared {

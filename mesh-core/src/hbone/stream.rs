@@ -55,39 +55,45 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-async fn tcp_to_h2<R: AsyncRead + Unpin>(
-    mut r: R,
+/// Waits until the peer and h2 can take more, then reads at most that much. Reading only once
+/// there is room means a peer that stops reading leaves the application's data in the kernel
+/// (whose socket buffers push back on the application), not in our heap: a stalled stream holds
+/// at most h2's send buffer. Room is asked for only once the socket has data (or EOF), so an
+/// idle stream never sits on connection window that active streams need.
+async fn tcp_to_h2(
+    mut r: tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     obs: &dyn SpliceObserver,
 ) -> io::Result<u64> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
     let mut total = 0u64;
     loop {
-        if buf.capacity() < READ_CHUNK / 4 {
-            // Reclaims the allocation once h2 has released the previous chunks.
+        r.as_ref().readable().await?;
+        let room = capacity(send, READ_CHUNK).await?;
+        if buf.capacity() < room {
+            // A fresh allocation once h2 has released the previous chunks' (or on first use).
             buf.reserve(READ_CHUNK);
         }
-        let n = r.read_buf(&mut buf).await?;
+        let n = (&mut r).take(room as u64).read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
         total += n as u64;
-        let mut chunk = buf.split().freeze();
-        while !chunk.is_empty() {
-            send.reserve_capacity(chunk.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed by peer")),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let part = chunk.split_to(granted.min(chunk.len()));
-            let len = part.len() as u64;
-            send.send_data(part, false).map_err(h2_io)?;
-            obs.moved_to_tunnel(len);
+        send.send_data(buf.split().freeze(), false).map_err(h2_io)?;
+        obs.moved_to_tunnel(n as u64);
+    }
+}
+
+/// Flow-control room for up to `want` bytes on `send`, waiting until there is some.
+async fn capacity(send: &mut SendStream<Bytes>, want: usize) -> io::Result<usize> {
+    loop {
+        send.reserve_capacity(want);
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(0)) => continue,
+            Some(Ok(c)) => return Ok(c.min(want)),
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed by peer")),
         }
     }
 }
