@@ -70,6 +70,7 @@ impl Pods {
                 namespace,
                 domain: dns.domain.clone(),
                 upstreams: dns.upstreams.clone(),
+                limits: crate::dns::Limits::new(self.shared.metrics.clone()),
             });
             if let Err(e) = resolver.start(dns.port, proxy.drain.clone()) {
                 // Fail the Add: the agent redirects the pod's DNS here.
