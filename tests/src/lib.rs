@@ -38,8 +38,14 @@ pub fn binary(name: &str) -> std::path::PathBuf {
 }
 
 /// True when this process may create namespaces (root with CAP_SYS_ADMIN and `ip` present).
+/// With `MESH_E2E_REQUIRED=1` (set by scripts/test.sh) a machine that cannot run them fails
+/// the calling test instead of letting it skip and pass.
 pub fn privileged() -> bool {
-    nix::unistd::geteuid().is_root() && std::process::Command::new("ip").arg("-V").output().is_ok()
+    let ok = nix::unistd::geteuid().is_root() && std::process::Command::new("ip").arg("-V").output().is_ok();
+    if !ok && std::env::var_os("MESH_E2E_REQUIRED").is_some_and(|v| v == "1") {
+        panic!("MESH_E2E_REQUIRED=1 but this test cannot run here: it needs root and iproute2 (`ip`)");
+    }
+    ok
 }
 
 /// Checks Prometheus text with `promtool check metrics` (Debian package `prometheus`,
@@ -80,10 +86,17 @@ pub fn promtool_check(text: &str) -> anyhow::Result<()> {
 }
 
 /// True when the namespace cluster can be built here (root, `ip`, and the reference CNI
-/// plugins); otherwise prints why the calling test is skipped.
+/// plugins); otherwise prints why the calling test is skipped, or fails it when
+/// `MESH_E2E_REQUIRED=1` says the end-to-end tests must run here.
 pub fn cluster_capable() -> bool {
     let ok = privileged() && std::path::Path::new(cluster::CNI_BIN).join("bridge").exists();
     if !ok {
+        if std::env::var_os("MESH_E2E_REQUIRED").is_some_and(|v| v == "1") {
+            panic!(
+                "MESH_E2E_REQUIRED=1 but this test cannot run here: it needs root and containernetworking-plugins in {}",
+                cluster::CNI_BIN
+            );
+        }
         eprintln!("skipping: needs root and containernetworking-plugins");
     }
     ok

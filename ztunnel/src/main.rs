@@ -2,20 +2,13 @@
 //! outbound listener and travels over HBONE (HTTP/2 CONNECT in mutual TLS) to the destination's
 //! ztunnel, which authorizes it and hands it to the application.
 //!
-//! This binary wires the pieces together: configuration, logging, the workload source, the
-//! certificate manager, the proxy listeners, the admin servers and graceful drain.
-
-mod admin;
-mod app;
-mod config;
-mod dns;
-mod inpod;
-mod metrics;
-mod proxy;
+//! This binary only sets up the process: configuration, logging and the runtime; the library
+//! (`ztunnel::app::run`) wires the workload source, certificates, listeners, admin and drain.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use ztunnel::{app, config};
 
 fn main() -> ExitCode {
     let cfg = config::Config::parse();

@@ -62,6 +62,10 @@ impl ConnTracker {
         self.lock().len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Re-checks every live connection on each state change.
     pub async fn enforce(self, store: Arc<StateStore>) {
         let mut changes = store.subscribe();
