@@ -1,6 +1,10 @@
 //! The certificate manager: fetches a certificate per identity on first use, caches it, renews
 //! it at half-life with exponential backoff, keeps serving the old one while renewal fails and
 //! it is still valid, and never hands out an expired certificate.
+//!
+//! Timing runs on tokio's clock (delays are computed as a `Duration` from now and slept with
+//! `tokio::time`), so tests drive it with a paused clock. Validity itself is X.509 wall-clock
+//! time, read through [`WallClock`] so those tests can move it in step with tokio's clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +59,20 @@ impl Default for CertManagerConfig {
     }
 }
 
+/// The wall clock a certificate's validity is judged against (X.509 times are wall-clock).
+pub trait WallClock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock, used outside tests.
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
 struct Entry {
     state: watch::Receiver<CertState>,
     worker: tokio::task::AbortHandle,
@@ -65,6 +83,7 @@ pub struct CertManager {
     signer: Arc<dyn CertificateSigner>,
     roots: Vec<CertificateDer<'static>>,
     config: CertManagerConfig,
+    clock: Arc<dyn WallClock>,
     entries: Mutex<HashMap<Identity, Entry>>,
 }
 
@@ -75,10 +94,22 @@ impl CertManager {
         roots: Vec<CertificateDer<'static>>,
         config: CertManagerConfig,
     ) -> Arc<Self> {
+        Self::with_clock(signer, roots, config, Arc::new(SystemClock))
+    }
+
+    /// As [`CertManager::new`], judging validity by `clock` (tests pass one that follows
+    /// tokio's paused clock).
+    pub fn with_clock(
+        signer: Arc<dyn CertificateSigner>,
+        roots: Vec<CertificateDer<'static>>,
+        config: CertManagerConfig,
+        clock: Arc<dyn WallClock>,
+    ) -> Arc<Self> {
         Arc::new(CertManager {
             signer,
             roots,
             config,
+            clock,
             entries: Mutex::new(HashMap::new()),
         })
     }
@@ -95,7 +126,7 @@ impl CertManager {
             loop {
                 let state = rx.borrow_and_update().clone();
                 match state {
-                    CertState::Ready(c) if c.is_valid_at(SystemTime::now()) => return Ok(c),
+                    CertState::Ready(c) if c.is_valid_at(self.clock.now()) => return Ok(c),
                     CertState::Failed(reason) => {
                         return Err(FetchError::Unavailable {
                             identity: identity.to_string(),
@@ -121,7 +152,7 @@ impl CertManager {
     pub fn get_ready(&self, identity: &Identity) -> Option<Arc<WorkloadCertificate>> {
         let state = self.entries().get(identity)?.state.borrow().clone();
         match state {
-            CertState::Ready(c) if c.is_valid_at(SystemTime::now()) => Some(c),
+            CertState::Ready(c) if c.is_valid_at(self.clock.now()) => Some(c),
             _ => None,
         }
     }
@@ -175,59 +206,94 @@ impl CertManager {
     async fn keep_fresh(self: Arc<Self>, identity: Identity, tx: watch::Sender<CertState>) {
         let mut backoff = self.config.initial_backoff;
         loop {
-            match self.request(&identity).await {
+            let delay = match self.request(&identity).await {
                 Ok(cert) => {
-                    let expires_in = cert.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                    let now = self.clock.now();
+                    let expires_in = cert.not_after.duration_since(now).unwrap_or_default();
                     info!(identity = %identity, expires_in_s = expires_in.as_secs(), "certificate issued");
-                    let refresh = cert.refresh_at();
+                    // Renew at half-life: a wall-clock instant turned into a delay from now.
+                    let refresh_in = cert.refresh_at().duration_since(now).unwrap_or_default();
                     tx.send_replace(CertState::Ready(Arc::new(cert)));
                     backoff = self.config.initial_backoff;
-                    sleep_until_system(refresh).await;
+                    refresh_in
                 }
                 Err(reason) => {
-                    let now = SystemTime::now();
-                    let held = match &*tx.borrow() {
-                        CertState::Ready(c) if c.is_valid_at(now) => Some(c.not_after),
-                        _ => None,
-                    };
-                    match held {
-                        Some(not_after) => {
-                            warn!(identity = %identity, %reason, ?backoff, "certificate renewal failed; still serving the current certificate");
-                            // Retry before the held certificate runs out.
-                            let left = not_after.duration_since(now).unwrap_or_default();
-                            tokio::time::sleep(backoff.min(left)).await;
-                        }
-                        None => {
-                            warn!(identity = %identity, %reason, ?backoff, "certificate request failed");
-                            tx.send_replace(CertState::Failed(reason.into()));
-                            tokio::time::sleep(backoff).await;
-                        }
-                    }
+                    let delay = self.after_failure(&identity, &tx, reason, backoff);
                     backoff = (backoff * 2).min(self.config.max_backoff);
+                    delay
                 }
+            };
+            tokio::time::sleep_until(tokio::time::Instant::now() + delay).await;
+        }
+    }
+
+    /// Publishes a failed request unless a still-valid certificate is held, and returns how
+    /// long to wait before the next attempt.
+    fn after_failure(
+        &self,
+        identity: &Identity,
+        tx: &watch::Sender<CertState>,
+        reason: String,
+        backoff: Duration,
+    ) -> Duration {
+        let now = self.clock.now();
+        let held = match &*tx.borrow() {
+            CertState::Ready(c) if c.is_valid_at(now) => Some(c.not_after),
+            _ => None,
+        };
+        match held {
+            Some(not_after) => {
+                warn!(identity = %identity, %reason, ?backoff, "certificate renewal failed; still serving the current certificate");
+                // Retry before the held certificate runs out.
+                backoff.min(not_after.duration_since(now).unwrap_or_default())
+            }
+            None => {
+                warn!(identity = %identity, %reason, ?backoff, "certificate request failed");
+                tx.send_replace(CertState::Failed(reason.into()));
+                backoff
             }
         }
     }
 }
 
-async fn sleep_until_system(at: SystemTime) {
-    let d = at.duration_since(SystemTime::now()).unwrap_or_default();
-    tokio::time::sleep(d).await;
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    //! All timing here runs on tokio's paused clock: the runtime jumps to the next timer when
+    //! every task is idle, and [`TokioWallClock`] moves the certificates' wall clock with it.
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use time::OffsetDateTime;
+    use tokio::time::Instant;
 
     use super::*;
     use crate::identity::ca::BoxFuture;
     use crate::identity::DevCa;
 
-    /// A development CA that can be switched to failing, counting requests.
+    /// Wall-clock time that advances with tokio's (paused) clock.
+    struct TokioWallClock {
+        wall: SystemTime,
+        start: Instant,
+    }
+
+    impl WallClock for TokioWallClock {
+        fn now(&self) -> SystemTime {
+            self.wall + self.start.elapsed()
+        }
+    }
+
+    /// A development CA that issues by the test's wall clock, can be switched to failing, and
+    /// records when (on tokio's clock) each request came.
     struct Flaky {
         ca: DevCa,
+        clock: Arc<TokioWallClock>,
         fail: AtomicBool,
-        calls: AtomicUsize,
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl Flaky {
+        fn calls(&self) -> Vec<Instant> {
+            self.calls.lock().unwrap().clone()
+        }
     }
 
     impl CertificateSigner for Flaky {
@@ -237,27 +303,39 @@ mod tests {
             csr: String,
             validity: Duration,
         ) -> BoxFuture<'a, Result<Vec<String>, CaError>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.calls.lock().unwrap().push(Instant::now());
             if self.fail.load(Ordering::SeqCst) {
                 return Box::pin(async { Err(CaError::Transport("CA down".into())) });
             }
-            self.ca.sign(identity, csr, validity)
+            let now = OffsetDateTime::from(self.clock.now());
+            let issued = self.ca.issue_at(identity, &csr, now, now + validity);
+            let root = self.ca.root_pem().to_string();
+            Box::pin(async move { Ok(vec![issued?, root]) })
         }
     }
 
-    fn setup(validity: Duration) -> (Arc<Flaky>, Arc<CertManager>) {
+    const VALIDITY: Duration = Duration::from_secs(3600);
+    const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+    const MAX_BACKOFF: Duration = Duration::from_secs(16);
+
+    fn setup() -> (Arc<Flaky>, Arc<CertManager>) {
+        let clock = Arc::new(TokioWallClock {
+            wall: SystemTime::now(),
+            start: Instant::now(),
+        });
         let flaky = Arc::new(Flaky {
             ca: DevCa::generate("cluster.local").unwrap(),
+            clock: clock.clone(),
             fail: AtomicBool::new(false),
-            calls: AtomicUsize::new(0),
+            calls: Mutex::new(Vec::new()),
         });
         let cfg = CertManagerConfig {
-            validity,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(200),
+            validity: VALIDITY,
+            initial_backoff: INITIAL_BACKOFF,
+            max_backoff: MAX_BACKOFF,
             fetch_timeout: Duration::from_secs(5),
         };
-        let mgr = CertManager::new(flaky.clone(), vec![], cfg);
+        let mgr = CertManager::with_clock(flaky.clone(), vec![], cfg, clock);
         (flaky, mgr)
     }
 
@@ -265,75 +343,127 @@ mod tests {
         Identity::new("cluster.local", "default", "app").unwrap()
     }
 
-    #[tokio::test]
+    /// Sleeps on tokio's clock until the wall-clock instant `at`.
+    async fn sleep_until_wall(mgr: &CertManager, at: SystemTime) {
+        tokio::time::sleep(at.duration_since(mgr.clock.now()).unwrap_or_default()).await;
+    }
+
+    fn gaps(calls: &[Instant]) -> Vec<Duration> {
+        calls.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn fetches_once_and_caches() {
-        let (flaky, mgr) = setup(Duration::from_secs(3600));
+        let (flaky, mgr) = setup();
         let a = mgr.fetch(&id()).await.unwrap();
         let b = mgr.fetch(&id()).await.unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(flaky.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(flaky.calls().len(), 1);
         assert_eq!(a.identity, id());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn renews_at_half_life() {
-        let (_, mgr) = setup(Duration::from_secs(2));
+        let (flaky, mgr) = setup();
         let first = mgr.fetch(&id()).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let now = mgr.fetch(&id()).await.unwrap();
-            if now.not_after != first.not_after {
-                // Renewed while the first one was still valid.
-                assert!(first.is_valid_at(SystemTime::now()) || now.not_before < first.not_after);
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "no renewal");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Just before half-life nothing has been asked again.
+        sleep_until_wall(&mgr, first.refresh_at() - Duration::from_secs(1)).await;
+        assert_eq!(flaky.calls().len(), 1);
+        assert!(Arc::ptr_eq(&first, &mgr.fetch(&id()).await.unwrap()));
+        // Just after it, the renewed certificate is served while the first is still valid.
+        sleep_until_wall(&mgr, first.refresh_at() + Duration::from_secs(1)).await;
+        let calls = flaky.calls();
+        assert_eq!(calls.len(), 2);
+        // X.509 times have whole seconds: the renewal came at half-life to within one.
+        let half_life = calls[1] - calls[0];
+        assert!(
+            half_life.abs_diff(VALIDITY / 2) <= Duration::from_secs(1),
+            "renewed after {half_life:?}"
+        );
+        let renewed = mgr.fetch(&id()).await.unwrap();
+        assert!(renewed.not_after > first.not_after);
+        assert!(first.is_valid_at(mgr.clock.now()));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn failed_requests_back_off_exponentially_up_to_the_cap() {
+        let (flaky, mgr) = setup();
+        flaky.fail.store(true, Ordering::SeqCst);
+        let err = mgr.fetch(&id()).await.unwrap_err();
+        assert!(matches!(err, FetchError::Unavailable { .. }), "{err:?}");
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        let secs: Vec<u64> = gaps(&flaky.calls()).iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 16, 16]);
+        // Success resets the backoff: the next failures start again from the first delay.
+        flaky.fail.store(false, Ordering::SeqCst);
+        tokio::time::sleep(MAX_BACKOFF).await;
+        let cert = mgr.fetch(&id()).await.unwrap();
+        flaky.fail.store(true, Ordering::SeqCst);
+        sleep_until_wall(&mgr, cert.refresh_at() + Duration::from_secs(5)).await;
+        let calls = flaky.calls();
+        let secs: Vec<u64> = gaps(&calls[calls.len() - 3..]).iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn keeps_valid_certificate_while_renewal_fails_then_refuses_expired() {
-        let (flaky, mgr) = setup(Duration::from_secs(2));
+        let (flaky, mgr) = setup();
         let first = mgr.fetch(&id()).await.unwrap();
         flaky.fail.store(true, Ordering::SeqCst);
         // Past half-life renewal fails, but the valid certificate is still served.
-        tokio::time::sleep(
-            first.refresh_at().duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(300),
-        )
-        .await;
-        assert!(flaky.calls.load(Ordering::SeqCst) >= 2, "renewal was attempted");
-        let held = mgr.fetch(&id()).await.unwrap();
-        assert_eq!(held.not_after, first.not_after);
-        // Once it expires, nothing is served.
-        tokio::time::sleep(
-            first.not_after.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(300),
-        )
-        .await;
-        assert!(mgr.fetch(&id()).await.is_err(), "an expired certificate was served");
+        sleep_until_wall(&mgr, first.refresh_at() + Duration::from_secs(60)).await;
+        assert!(flaky.calls().len() > 2, "renewal was attempted and retried");
+        assert!(Arc::ptr_eq(&first, &mgr.fetch(&id()).await.unwrap()));
+        assert!(mgr.get_ready(&id()).is_some());
+        // One second before expiry it is still served.
+        sleep_until_wall(&mgr, first.not_after - Duration::from_secs(1)).await;
+        assert!(Arc::ptr_eq(&first, &mgr.fetch(&id()).await.unwrap()));
+        // From expiry on, nothing is served.
+        sleep_until_wall(&mgr, first.not_after).await;
+        let err = mgr.fetch(&id()).await.unwrap_err();
+        assert!(matches!(err, FetchError::Unavailable { .. }), "{err:?}");
         assert!(mgr.get_ready(&id()).is_none());
-        // The CA comes back: a fresh certificate follows.
+        // The CA comes back: a fresh certificate follows within one backoff.
         flaky.fail.store(false, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while mgr.fetch(&id()).await.is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no recovery after the CA came back"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        tokio::time::sleep(MAX_BACKOFF + Duration::from_secs(1)).await;
+        let fresh = mgr.fetch(&id()).await.unwrap();
+        assert!(fresh.not_after > first.not_after);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn never_serves_an_expired_certificate_even_before_the_worker_notices() {
+        let (_, mgr) = setup();
+        let first = mgr.fetch(&id()).await.unwrap();
+        // The worker sleeps until half-life; judged from outside at expiry the held
+        // certificate must not be handed out, whatever the worker's state.
+        let clock = TokioWallClock {
+            wall: first.not_after,
+            start: Instant::now(),
+        };
+        let late = CertManager::with_clock(mgr.signer.clone(), vec![], mgr.config.clone(), Arc::new(clock));
+        // A worker that holds the channel open but never publishes again.
+        let (_tx, state) = watch::channel(CertState::Ready(first));
+        late.entries().insert(
+            id(),
+            Entry {
+                state,
+                worker: tokio::spawn(async {}).abort_handle(),
+            },
+        );
+        assert!(late.get_ready(&id()).is_none());
+        let err = late.fetch(&id()).await.unwrap_err();
+        assert!(matches!(err, FetchError::Timeout(..)), "{err:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn forget_stops_renewal_and_drops_the_certificate() {
-        let (flaky, mgr) = setup(Duration::from_secs(2));
-        mgr.fetch(&id()).await.unwrap();
+        let (flaky, mgr) = setup();
+        let first = mgr.fetch(&id()).await.unwrap();
         mgr.forget(&id());
         assert!(mgr.snapshot().is_empty());
         assert!(mgr.get_ready(&id()).is_none());
-        let calls = flaky.calls.load(Ordering::SeqCst);
         // Past the half-life no renewal happens for a forgotten identity.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(flaky.calls.load(Ordering::SeqCst), calls);
+        sleep_until_wall(&mgr, first.refresh_at() + Duration::from_secs(60)).await;
+        assert_eq!(flaky.calls().len(), 1);
     }
 }
