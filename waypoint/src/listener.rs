@@ -285,7 +285,7 @@ fn tcp_backend(
     let snapshot = wp.config.load();
     let state = wp.state.load();
     let route = snapshot.routes.get(&service.key()).and_then(|r| r.tcp.as_ref());
-    let (backend, port) = match route.and_then(|r| crate::http::proxy::pick_backend(&r.backends)) {
+    let (backend, port) = match route.and_then(|r| crate::http::admission::pick_backend(&r.backends)) {
         Some(b) => {
             let svc = state.service(&b.service)?.clone();
             let port = u16::try_from(b.port).ok().filter(|p| *p != 0).unwrap_or(dst.port());

@@ -1,6 +1,11 @@
-//! HTTP handling inside a tunnel: route selection, the per-request pipeline, and the pieces
-//! of a request the pipeline rewrites.
+//! HTTP handling inside a tunnel: the per-request pipeline ([`proxy`]), its stages before
+//! anything is sent upstream ([`admission`]: authentication, authorization, routing, backend),
+//! the retry decision ([`retry`]), the waypoint's own answers ([`local_reply`]), route
+//! selection and the pieces of a request the pipeline rewrites.
 
+pub mod admission;
+pub mod local_reply;
 pub mod proxy;
+pub mod retry;
 pub mod rewrite;
 pub mod route;

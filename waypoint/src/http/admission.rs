@@ -1,0 +1,287 @@
+//! The stages of a request before anything is sent upstream, each of which may answer it
+//! locally: sanitizing what only the proxy decides, authentication (JWT), authorization
+//! against the original client's identity, route selection, the route's own answers
+//! (redirect, fault abort) and rewrites, and resolving the backend the route sends to.
+//! Every refusal is a [`LocalReply`]; nothing here sends to an endpoint.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::header;
+use http::request::Parts;
+use http::Method;
+use mesh_core::state::model::{Service, Workload};
+use mesh_core::state::State;
+use mesh_proto::waypoint as wp;
+use rand::Rng;
+
+use super::local_reply::{BadRequest, LocalReply};
+use super::proxy::Downstream;
+use super::retry::to_duration;
+use super::rewrite::{self, UpgradeRequest};
+use super::route::RequestView;
+use crate::policy::authz::{self, Decision, RequestAttrs};
+use crate::policy::jwt::RequestPrincipal;
+use crate::store::Snapshot;
+use crate::upstream::{self, cluster::Cluster, Endpoint};
+use crate::Waypoint;
+
+/// What only the proxy decides, before anything reads the headers: hop-by-hop headers (a
+/// client's `Connection` list cannot remove what the mesh writes later), headers the mesh
+/// vouches for, and upgrades other than WebSocket. `Ok(Some(note))`: an upgrade was dropped.
+pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
+    let upgrade = rewrite::upgrade_requested(parts.version, &parts.headers);
+    rewrite::strip_hop_by_hop(&mut parts.headers, upgrade == UpgradeRequest::WebSocket);
+    rewrite::strip_vouched(&mut parts.headers);
+    if parts.method == Method::CONNECT {
+        return Err(LocalReply::ConnectUnsupported);
+    }
+    Ok(match upgrade {
+        UpgradeRequest::Refused(protocol) => Some(format!("upgrade to {protocol:?} not forwarded")),
+        _ => None,
+    })
+}
+
+/// Who the request is for: the gateway this waypoint implements and the target service.
+pub struct Target<'a> {
+    pub gateway: (&'a str, &'a str),
+    pub service: (&'a str, &'a str),
+}
+
+impl<'a> Target<'a> {
+    pub fn new(wp: &'a Waypoint, svc: &'a Service) -> Self {
+        Target {
+            gateway: (wp.gateway.0.as_str(), wp.gateway.1.as_str()),
+            service: (svc.namespace.as_str(), svc.name.as_str()),
+        }
+    }
+}
+
+/// Authentication: a token that is present must be valid. `None`: no token (or no rules).
+pub async fn authenticate(
+    wp: &Waypoint,
+    snapshot: &Snapshot,
+    target: &Target<'_>,
+    parts: &mut Parts,
+) -> Result<Option<RequestPrincipal>, LocalReply> {
+    match snapshot.authenticator(target.gateway, target.service, &wp.jwks) {
+        None => Ok(None),
+        Some(authenticator) => authenticator
+            .authenticate(parts)
+            .await
+            .map_err(|e| LocalReply::JwtRejected(e.to_string())),
+    }
+}
+
+/// The host the client addressed: the URI's authority, else `Host`, else the service name.
+pub fn request_host(parts: &Parts, svc: &Service) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| svc.hostname.clone())
+}
+
+/// Authorization against the original client's identity.
+pub fn authorize(
+    snapshot: &Snapshot,
+    target: &Target<'_>,
+    down: &Downstream,
+    principal: Option<&RequestPrincipal>,
+    parts: &Parts,
+    host: &str,
+) -> Result<(), LocalReply> {
+    let spiffe = down.peer_identity.to_string();
+    let attrs = RequestAttrs {
+        source_principal: spiffe.strip_prefix("spiffe://").unwrap_or(&spiffe),
+        source_namespace: &down.peer_identity.namespace,
+        source_ip: down.client_addr.ip(),
+        request_principal: principal,
+        host,
+        port: down.dst.port(),
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    };
+    match authz::evaluate(snapshot.policies_for(target.gateway, target.service), &attrs) {
+        Decision::Deny(why) => Err(LocalReply::RbacDenied(why)),
+        Decision::Allow => Ok(()),
+    }
+}
+
+/// The route a request takes: a matched one, or the default route (to the service itself)
+/// when the service has no routes.
+pub struct Routed<'s> {
+    pub route: Cow<'s, wp::Route>,
+    /// The path prefix that matched, for `ReplacePrefixMatch`.
+    pub matched_prefix: Option<String>,
+}
+
+/// Route selection: a service with routes must match one of them.
+pub fn select_route<'s>(snapshot: &'s Snapshot, down: &Downstream, parts: &Parts) -> Result<Routed<'s>, LocalReply> {
+    let view = RequestView {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    };
+    let routes = snapshot.routes.get(&down.service_key).filter(|r| !r.is_empty());
+    let Some(routes) = routes else {
+        return Ok(Routed {
+            route: Cow::Owned(wp::Route::default()),
+            matched_prefix: None,
+        });
+    };
+    let chosen = routes.select(&view).ok_or(LocalReply::NoRoute)?;
+    Ok(Routed {
+        route: Cow::Borrowed(&chosen.route),
+        matched_prefix: chosen.matched_prefix(&view).map(str::to_owned),
+    })
+}
+
+fn percent_hit(p: f64) -> bool {
+    p >= 100.0 || (p > 0.0 && rand::thread_rng().gen_range(0.0..100.0) < p)
+}
+
+/// What the route does before forwarding: redirect, fault delay/abort, path and header
+/// rewrites. Returns the host to send (a route may rewrite it).
+pub async fn apply_route(routed: &Routed<'_>, parts: &mut Parts, host: String) -> Result<String, LocalReply> {
+    let rt = &routed.route;
+    let prefix = routed.matched_prefix.as_deref();
+    if let Some(r) = &rt.redirect {
+        let (status, location) = rewrite::redirect(r, &parts.uri, &host, prefix);
+        return Err(LocalReply::Redirect { status, location });
+    }
+    if let Some(f) = &rt.fault {
+        if let Some(d) = to_duration(f.delay.as_ref()).filter(|_| percent_hit(f.delay_percent)) {
+            tokio::time::sleep(d).await;
+        }
+        if f.abort_status != 0 && percent_hit(f.abort_percent) {
+            let status = u16::try_from(f.abort_status)
+                .ok()
+                .and_then(|s| http::StatusCode::from_u16(s).ok())
+                .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+            return Err(LocalReply::FaultAbort(status));
+        }
+    }
+    let rw = rt.rewrite.as_ref();
+    if let Some(rw) = rw.filter(|rw| !rw.path.is_empty() || rw.replace_prefix) {
+        let p = rewrite::path(parts.uri.path(), &rw.path, rw.replace_prefix, prefix);
+        parts.uri = rewrite::with_query(&p, parts.uri.query())
+            .parse()
+            .map_err(|_| LocalReply::BadRequest(BadRequest::RewrittenPath))?;
+    }
+    if let Some(rw) = &rt.request_headers {
+        rewrite::headers(&mut parts.headers, rw);
+    }
+    Ok(match rw {
+        Some(rw) if !rw.host.is_empty() => rw.host.clone(),
+        _ => host,
+    })
+}
+
+/// Picks a backend by weight.
+pub(crate) fn pick_backend(backends: &[wp::WeightedBackend]) -> Option<&wp::WeightedBackend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return backends.first();
+    }
+    let mut n = rand::thread_rng().gen_range(0..total);
+    backends.iter().find(|b| {
+        let w = u64::from(b.weight);
+        if n < w {
+            true
+        } else {
+            n -= w;
+            false
+        }
+    })
+}
+
+/// Where a routed request goes: the backend service's cluster and its endpoints.
+pub struct Backend {
+    pub service: Arc<Service>,
+    pub port: u16,
+    pub cluster: Arc<Cluster>,
+    pub candidates: Vec<Arc<Workload>>,
+}
+
+impl Backend {
+    /// Resolves the route's backend (picked by weight; the service itself without backends).
+    pub fn resolve(
+        wp: &Waypoint,
+        snapshot: &Snapshot,
+        state: &State,
+        down: &Downstream,
+        rt: &wp::Route,
+    ) -> Result<Self, LocalReply> {
+        let default_backend;
+        let backend = if rt.backends.is_empty() {
+            default_backend = wp::WeightedBackend {
+                service: down.service_key.clone(),
+                port: u32::from(down.dst.port()),
+                weight: 1,
+                subset: String::new(),
+            };
+            &default_backend
+        } else {
+            pick_backend(&rt.backends).ok_or(LocalReply::NoHealthyUpstream)?
+        };
+        let Some(service) = state.service(&backend.service).cloned() else {
+            return Err(LocalReply::BackendUnknown {
+                service: backend.service.clone(),
+            });
+        };
+        let port = u16::try_from(backend.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .unwrap_or(down.dst.port());
+        // Subsets and traffic policy come from the backend's own DestinationRule.
+        let backend_routes = snapshot.routes.get(&backend.service).map(|r| &r.config);
+        let subset = match backend.subset.as_str() {
+            "" => None,
+            name => Some(
+                backend_routes
+                    .and_then(|r| r.subsets.iter().find(|s| s.name == name))
+                    .ok_or_else(|| LocalReply::SubsetUnknown {
+                        service: backend.service.clone(),
+                        subset: backend.subset.clone(),
+                    })?,
+            ),
+        };
+        let cluster = wp.upstreams.cluster(
+            &backend.service,
+            &backend.subset,
+            upstream::effective_policy(backend_routes, subset),
+        );
+        let candidates = upstream::candidates(state, &service, subset);
+        Ok(Backend {
+            service,
+            port,
+            cluster,
+            candidates,
+        })
+    }
+
+    /// The endpoint for the next attempt, chosen by the cluster (outlier ejection, balancing).
+    pub fn pick(&self, down: &Downstream) -> Result<(Arc<Workload>, Endpoint), LocalReply> {
+        let workload = self
+            .cluster
+            .pick(&self.candidates)
+            .ok_or(LocalReply::NoHealthyUpstream)?;
+        match upstream::target(&workload, &self.service, self.port, down.dst.ip()) {
+            Some(ep) => Ok((workload, ep)),
+            None => {
+                self.cluster.record(&workload.uid, None);
+                Err(LocalReply::NoHealthyUpstream)
+            }
+        }
+    }
+}
