@@ -1,6 +1,7 @@
 //! The Delta ADS server against a real tonic client over TCP: initial state, incremental
 //! update, removal, NACK (not re-sent), reconnect with `initial_resource_versions`, two
-//! clients with different subscriptions, and refusal without a valid token.
+//! clients with different subscriptions, addresses by name on demand (as Istio's ztunnel
+//! asks for them), and refusal without a valid token.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -229,13 +230,14 @@ async fn delta_ads_serves_changes_only() {
     );
     assert_eq!(resync.removed_resources, vec![WB.to_owned()]);
 
-    // A second client subscribed to one service only sees that service.
+    // A second client subscribed to one service only sees that service and the pod behind
+    // it (what it needs to connect, as Istio's control plane answers on-demand clients).
     let mut b = connect(server.addr, "node-1-secret-0123456789")
         .await
         .expect("authenticated");
     b.subscribe(ADDRESS, &[SA], &[]).await;
     let only = b.next().await;
-    assert_eq!(names(&only), vec![SA]);
+    assert_eq!(names(&only), vec![WA, SA]);
     server.publish(
         &world(POD_B)
             .replace("10.0.0.1", "10.0.0.9")
@@ -245,7 +247,7 @@ async fn delta_ads_serves_changes_only() {
     assert_eq!(
         names(&b_next),
         vec![SA],
-        "the new pod is not pushed to a client that did not ask for it"
+        "the new pod b is not pushed to a client that did not ask for it"
     );
     let a_next = again.next().await;
     assert_eq!(names(&a_next), vec![WB, SA]);
@@ -323,4 +325,88 @@ async fn a_client_that_never_reads_is_dropped_after_the_send_timeout() {
         drained.is_ok(),
         "the stream of a client that stopped reading is ended by the server"
     );
+}
+
+/// A client subscribing by name, as Istio's ztunnel with `XDS_ON_DEMAND=true` does: `*`
+/// subscribed and unsubscribed at once (nothing), then a VIP, a pod IP, an unknown IP and a
+/// service by `namespace/hostname`, each answered on first use; later changes follow what the
+/// names resolve to, and nothing else.
+#[tokio::test]
+async fn addresses_are_served_by_name_on_demand() {
+    const POD_C: &str = "---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: shop, labels: {app: a}, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: shop, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.4}
+";
+    let server = Server::start().await;
+    server.publish(&world(POD_B));
+    let mut client = connect(server.addr, "node-1-secret-0123456789").await.expect("connect");
+    client
+        .send(DeltaDiscoveryRequest {
+            type_url: ADDRESS.to_owned(),
+            resource_names_subscribe: vec!["*".into()],
+            resource_names_unsubscribe: vec!["*".into()],
+            ..Default::default()
+        })
+        .await;
+    let r = client.next().await;
+    assert!(r.resources.is_empty() && r.removed_resources.is_empty(), "{r:?}");
+    client.ack(&r).await;
+
+    let aliases = |r: &DeltaDiscoveryResponse, name: &str| -> Vec<String> {
+        r.resources
+            .iter()
+            .find(|x| x.name == name)
+            .map(|x| x.aliases.clone())
+            .unwrap_or_default()
+    };
+    // A VIP: the service under its own name, the VIP as its alias, and the pod behind it.
+    client.subscribe(ADDRESS, &["/10.96.0.1"], &[]).await;
+    // The asked-for name, no resource's own, comes back as removed in the same response:
+    // what ends an Istio ztunnel's wait (it applies the resources first).
+    let r = client.next().await;
+    assert_eq!(names(&r), [WA, SA], "{r:?}");
+    assert_eq!(aliases(&r, SA), ["/10.96.0.1"]);
+    assert_eq!(aliases(&r, WA), ["/10.0.0.1"]);
+    assert_eq!(r.removed_resources, ["/10.96.0.1"]);
+    client.ack(&r).await;
+    // A pod by IP.
+    client.subscribe(ADDRESS, &["/10.0.0.2"], &[]).await;
+    let r = client.next().await;
+    assert_eq!(names(&r), [WB], "{r:?}");
+    assert_eq!(r.removed_resources, ["/10.0.0.2"]);
+    client.ack(&r).await;
+    // Nothing there: said so, so the client stops waiting.
+    client.subscribe(ADDRESS, &["/10.9.9.9"], &[]).await;
+    let r = client.next().await;
+    assert!(r.resources.is_empty(), "{r:?}");
+    assert_eq!(r.removed_resources, ["/10.9.9.9"]);
+    client.ack(&r).await;
+    // A service by name, already held: sent again (the answer is what the client waits for).
+    client.subscribe(ADDRESS, &[SA], &[]).await;
+    let r = client.next().await;
+    assert_eq!(names(&r), [WA, SA], "{r:?}");
+    assert!(
+        r.removed_resources.is_empty(),
+        "a resource's own name is never removed: {r:?}"
+    );
+    client.ack(&r).await;
+
+    // A new pod behind the service follows; an unrelated one does not.
+    server.publish(&world(&format!("{POD_B}{POD_C}")));
+    let r = client.next().await;
+    assert_eq!(names(&r), ["Kubernetes//Pod/shop/c"], "{r:?}");
+    client.ack(&r).await;
+    // The unknown IP appears later: sent then.
+    server.publish(&world(&format!("{POD_B}{POD_C}").replace("10.0.0.4", "10.9.9.9")));
+    let r = client.next().await;
+    assert_eq!(names(&r), ["Kubernetes//Pod/shop/d"], "{r:?}");
 }

@@ -405,7 +405,16 @@ async fn istio_ztunnel_on_demand_reaches_a_service_and_a_pod() {
     .expect("controller ready");
     let_control_plane_through(&bed.a, bed.ip(3));
     // No ALT_*_HOSTNAME: the URL's host (an IP) must be an IP SAN of our serving certificate.
-    let env = dedicated_env(&bed, &controller, &bed.ip(3).to_string(), &[("XDS_ON_DEMAND", "true")]);
+    let env = dedicated_env(
+        &bed,
+        &controller,
+        &bed.ip(3).to_string(),
+        &[
+            ("XDS_ON_DEMAND", "true"),
+            ("ISTIO_META_DNS_CAPTURE", "false"),
+            ("RUST_LOG", "debug"),
+        ],
+    );
     let mut istio_zt = IstioZtunnel::spawn(&bed.a, &peer, &env).expect("spawn Istio's ztunnel");
     istio_zt.wait_ready(READY).await.expect("Istio's ztunnel ready");
     // Nothing is pushed up front: the server pod is not known yet.

@@ -5,12 +5,25 @@
 //! last good state) until the resource changes again. Callers authenticate with the same
 //! bearer tokens as the CA.
 //!
+//! Addresses can be subscribed to by name, as Istio's ztunnel does with `XDS_ON_DEMAND`
+//! (its first request subscribes to `*` and unsubscribes it at once, then it asks for a
+//! workload or VIP by `network/IP`, or a service by `namespace/hostname`, on first use). A
+//! name resolves to the addresses it matches ([`Snapshot::resolve_address`]: a service brings
+//! the workloads behind it), which are sent under their own names with the asked-for name
+//! among their `aliases`, sent again even if the client holds them (the answer is what it
+//! waits for), and followed from then on; the asked-for name itself, when it is no
+//! resource's name, is listed in `removed_resources` of the same response (Istio's ztunnel
+//! stops waiting on a resource name or a removal, not an alias). Resolutions are redone on
+//! every snapshot; an on-demand client's own workload (node metadata `INSTANCE_IPS`) is
+//! always included.
+//!
 //! What one stream can make the server hold is bounded: at most [`MAX_NAMES`] subscribed or
 //! held names per type (more ends the stream with RESOURCE_EXHAUSTED), one queued response
 //! plus the chunk being built, and a client that takes no response for [`SEND_TIMEOUT`] is
 //! dropped so it cannot pin old snapshots. Warnings a client can trigger are rate-limited.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,7 +92,10 @@ impl AdsServer {
 #[derive(Default)]
 struct Subscription {
     wildcard: bool,
+    /// The names the client subscribed to.
     names: HashSet<String>,
+    /// Addresses those names resolve to (address type only), in the current snapshot.
+    resolved: HashSet<Arc<str>>,
     /// Name -> version the client has (sent, whether it ACKed or NACKed it). Names are
     /// shared with the snapshot entries: a client's record costs a pointer and a number each.
     has: HashMap<Arc<str>, u64>,
@@ -87,13 +103,39 @@ struct Subscription {
 
 impl Subscription {
     fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+        self.wildcard || self.names.contains(name) || self.resolved.contains(name)
+    }
+
+    /// Re-resolves the subscribed names against `snapshot` (address type, by name only),
+    /// with the client's own workloads (at `own_ips`) always included.
+    fn resolve(&mut self, snapshot: &Snapshot, own_ips: &[IpAddr]) {
+        if self.wildcard {
+            self.resolved.clear();
+            return;
+        }
+        let own = own_ips
+            .iter()
+            .filter_map(|ip| snapshot.workloads_by_ip.get(ip))
+            .flatten()
+            .cloned();
+        self.resolved = self
+            .names
+            .iter()
+            .flat_map(|n| snapshot.resolve_address(n))
+            .chain(own)
+            .collect();
     }
 }
+
+/// At most this many addresses are taken from a client's `INSTANCE_IPS`.
+const MAX_OWN_IPS: usize = 8;
 
 /// One stream's state.
 struct Session {
     peer: String,
+    /// The client's own addresses (node metadata `INSTANCE_IPS`): an on-demand client gets
+    /// its own workload without asking, as it needs it before its first connection.
+    own_ips: Vec<IpAddr>,
     subs: HashMap<&'static str, Subscription>,
     generation: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -141,7 +183,14 @@ impl Session {
                         Ok(Some((type_url, names, first))) => {
                             let snapshot = snapshots.borrow_and_update().clone();
                             self.generation = snapshot.generation;
-                            self.push(&snapshot, type_url, names.as_ref(), first).await
+                            if let Some(sub) = self.subs.get_mut(TYPES[0]) {
+                                sub.resolve(&snapshot, &self.own_ips);
+                            }
+                            let (names, unknown) = match names {
+                                Some(fresh) => self.resolve_fresh(&snapshot, type_url, fresh),
+                                None => (None, Vec::new()),
+                            };
+                            self.push(&snapshot, type_url, names.as_ref(), first, unknown).await
                         }
                         Ok(None) => Ok(()),
                         Err(e) => Err(e),
@@ -161,9 +210,47 @@ impl Session {
         }
     }
 
+    /// For names just subscribed to: on the address type, what they resolve to joins the
+    /// subscription and is sent (again, if the client holds it: the answer is what an
+    /// on-demand client waits for). Returns the names to push and the asked-for names that are
+    /// not themselves resource names, to list as removed: Istio's ztunnel ends its wait for
+    /// a name only when that name comes back as a resource or a removal (not as an alias),
+    /// and it applies a response's resources before its removals, so it then holds what the
+    /// name resolved to; a removal of a name that is no resource's drops nothing.
+    fn resolve_fresh(
+        &mut self,
+        snapshot: &Snapshot,
+        type_url: &'static str,
+        fresh: BTreeSet<String>,
+    ) -> (Option<BTreeSet<String>>, Vec<String>) {
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return (Some(fresh), Vec::new());
+        };
+        if type_url != TYPES[0] || sub.wildcard {
+            return (Some(fresh), Vec::new());
+        }
+        let mut push = BTreeSet::new();
+        let mut answered = Vec::new();
+        for name in fresh {
+            let found = snapshot.resolve_address(&name);
+            if !found.iter().any(|n| **n == *name) {
+                answered.push(name);
+            }
+            for n in found {
+                sub.has.remove(&*n);
+                push.insert(n.to_string());
+                sub.resolved.insert(n);
+            }
+        }
+        (Some(push), answered)
+    }
+
     /// Names the client's node in this stream's log lines (once, bounded in length).
     fn note_node(&mut self, req: &DeltaDiscoveryRequest) {
         if let Some(node) = &req.node {
+            if self.own_ips.is_empty() {
+                self.own_ips = instance_ips(node);
+            }
             let id: String = node.id.chars().take(128).collect();
             if !id.is_empty() && !self.peer.contains(&id) {
                 self.peer = format!("{} node={id}", self.peer);
@@ -181,6 +268,7 @@ impl Session {
         type_url: &'static str,
         names: Option<&BTreeSet<String>>,
         always: bool,
+        unknown: Vec<String>,
     ) -> Result<(), Ended> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
@@ -222,6 +310,8 @@ impl Session {
                 gone.iter().for_each(|n| consider(n, sub));
             }
         }
+        // Asked-for names that are no resource's name (see `resolve_fresh`).
+        removed.extend(unknown);
         if send.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
@@ -321,15 +411,36 @@ impl Session {
     async fn push_changes(&mut self, snapshot: &Snapshot) -> Result<(), Ended> {
         let incremental = snapshot.generation == self.generation + 1;
         self.generation = snapshot.generation;
+        if let Some(sub) = self.subs.get_mut(TYPES[0]) {
+            sub.resolve(snapshot, &self.own_ips);
+        }
         for type_url in TYPES {
             let names = incremental.then(|| snapshot.changed.get(type_url)).flatten();
             if incremental && names.is_none_or(|n| n.is_empty()) {
                 continue;
             }
-            self.push(snapshot, type_url, names, false).await?;
+            self.push(snapshot, type_url, names, false, Vec::new()).await?;
         }
         Ok(())
     }
+}
+
+/// The addresses in a node's `INSTANCE_IPS` metadata (Istio's proxies send it,
+/// comma-separated), at most [`MAX_OWN_IPS`]; unparsable entries are skipped.
+fn instance_ips(node: &mesh_proto::discovery::Node) -> Vec<IpAddr> {
+    use prost_types::value::Kind;
+    let Some(Kind::StringValue(ips)) = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("INSTANCE_IPS"))
+        .and_then(|v| v.kind.as_ref())
+    else {
+        return Vec::new();
+    };
+    ips.split(',')
+        .filter_map(|ip| ip.trim().parse().ok())
+        .take(MAX_OWN_IPS)
+        .collect()
 }
 
 /// A push a request asks for: type, names (`None`: all), and whether to answer even if empty.
@@ -353,6 +464,7 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(1);
         let mut session = Session {
             peer: format!("{caller} ({remote})"),
+            own_ips: Vec::new(),
             subs: HashMap::new(),
             generation: 0,
             tx,

@@ -3,8 +3,14 @@
 //! replica, so a client reconnecting (to any replica) with `initial_resource_versions` gets
 //! only what really changed. Each snapshot also lists what changed since the one before, so
 //! a caught-up client does not diff the whole world.
+//!
+//! For clients that subscribe to addresses by name (Istio's ztunnel with `XDS_ON_DEMAND`),
+//! each snapshot indexes the other names an address answers to: `network/IP` of a workload
+//! or a service VIP (carried as the resource's `aliases`), and the workloads behind each
+//! service ([`Snapshot::resolve_address`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +49,71 @@ pub struct Snapshot {
     pub changed: HashMap<&'static str, BTreeSet<String>>,
     /// The translation this snapshot encodes (the next one compares against it).
     pub outputs: Arc<Outputs>,
+    /// Address names by alias: `network/IP` of a workload or a service VIP.
+    pub address_aliases: HashMap<String, Vec<Arc<str>>>,
+    /// Workload names by the name of a service they are behind.
+    pub service_endpoints: HashMap<String, Vec<Arc<str>>>,
+    /// Workload names by IP, on any network.
+    pub workloads_by_ip: HashMap<IpAddr, Vec<Arc<str>>>,
+}
+
+/// The indexes of the address type that name lookups use.
+#[derive(Default)]
+struct AddressIndexes {
+    aliases: HashMap<String, Vec<Arc<str>>>,
+    endpoints: HashMap<String, Vec<Arc<str>>>,
+    by_ip: HashMap<IpAddr, Vec<Arc<str>>>,
+}
+
+fn ip_of(raw: &[u8]) -> Option<IpAddr> {
+    match raw.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(raw).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(raw).ok()?)),
+        _ => None,
+    }
+}
+
+/// `network/IP`, as Istio names an address (`/10.0.0.1` on the default network).
+fn network_ip(network: &str, raw: &[u8]) -> Option<String> {
+    Some(format!("{network}/{}", ip_of(raw)?))
+}
+
+/// The aliases of an address: `network/IP` of each of its addresses.
+fn address_aliases(address: &mesh_proto::workload::Address) -> Vec<String> {
+    use mesh_proto::workload::address::Type;
+    match &address.r#type {
+        Some(Type::Workload(w)) => w.addresses.iter().filter_map(|a| network_ip(&w.network, a)).collect(),
+        Some(Type::Service(s)) => s
+            .addresses
+            .iter()
+            .filter_map(|a| network_ip(&a.network, &a.address))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The alias and endpoint indexes of `entries` (the address type's).
+fn address_indexes(outputs: &Outputs, entries: &BTreeMap<String, Arc<Entry>>) -> AddressIndexes {
+    use mesh_proto::workload::address::Type;
+    let mut ix = AddressIndexes::default();
+    for (name, address) in &outputs.addresses {
+        let Some(entry) = entries.get(name) else { continue };
+        for alias in &entry.resource.aliases {
+            ix.aliases.entry(alias.clone()).or_default().push(entry.name.clone());
+        }
+        if let Some(Type::Workload(w)) = &address.r#type {
+            for service in w.services.keys() {
+                ix.endpoints
+                    .entry(service.clone())
+                    .or_default()
+                    .push(entry.name.clone());
+            }
+            for ip in w.addresses.iter().filter_map(|a| ip_of(a)) {
+                ix.by_ip.entry(ip).or_default().push(entry.name.clone());
+            }
+        }
+    }
+    ix
 }
 
 fn version_of(bytes: &[u8]) -> u64 {
@@ -61,6 +132,7 @@ fn entries<M: Message + PartialEq>(
     type_url: &str,
     items: &BTreeMap<String, M>,
     previous: Option<Previous<'_, M>>,
+    aliases: impl Fn(&M) -> Vec<String>,
 ) -> BTreeMap<String, Arc<Entry>> {
     items
         .iter()
@@ -84,7 +156,8 @@ fn entries<M: Message + PartialEq>(
                     value,
                 }),
                 name: name.clone(),
-                aliases: Vec::new(),
+                // Derived from the message: equal messages (reused above) have equal aliases.
+                aliases: aliases(m),
                 ttl: None,
             };
             let entry = Entry {
@@ -103,24 +176,33 @@ impl Snapshot {
         let prev = |t: &str| previous.types.get(t);
         let po = &previous.outputs;
         let mut types = HashMap::new();
-        let a = entries(TYPES[0], &out.addresses, prev(TYPES[0]).map(|e| (&po.addresses, e)));
+        let a = entries(
+            TYPES[0],
+            &out.addresses,
+            prev(TYPES[0]).map(|e| (&po.addresses, e)),
+            address_aliases,
+        );
+        let ix = address_indexes(&out, &a);
         types.insert(TYPES[0], a);
         let b = entries(
             TYPES[1],
             &out.authorizations,
             prev(TYPES[1]).map(|e| (&po.authorizations, e)),
+            |_| Vec::new(),
         );
         types.insert(TYPES[1], b);
         let c = entries(
             TYPES[2],
             &out.service_routes,
             prev(TYPES[2]).map(|e| (&po.service_routes, e)),
+            |_| Vec::new(),
         );
         types.insert(TYPES[2], c);
         let d = entries(
             TYPES[3],
             &out.waypoint_policies,
             prev(TYPES[3]).map(|e| (&po.waypoint_policies, e)),
+            |_| Vec::new(),
         );
         types.insert(TYPES[3], d);
         let empty = BTreeMap::new();
@@ -143,7 +225,33 @@ impl Snapshot {
             types,
             changed,
             outputs: out,
+            address_aliases: ix.aliases,
+            service_endpoints: ix.endpoints,
+            workloads_by_ip: ix.by_ip,
         }
+    }
+
+    /// The address names that answer a subscription to `requested` by name, as Istio's
+    /// control plane answers on-demand clients: the address of that name, or the workloads
+    /// and services holding that `network/IP`; with each service, the workloads behind it
+    /// (a client that asked for a VIP needs them to connect). Empty when nothing matches.
+    pub fn resolve_address(&self, requested: &str) -> Vec<Arc<str>> {
+        let Some(addresses) = self.types.get(TYPES[0]) else {
+            return Vec::new();
+        };
+        let mut names: Vec<Arc<str>> = match addresses.get(requested) {
+            Some(e) => vec![e.name.clone()],
+            None => self.address_aliases.get(requested).cloned().unwrap_or_default(),
+        };
+        let services: Vec<Arc<str>> = names.clone();
+        for name in services {
+            if let Some(behind) = self.service_endpoints.get(&*name) {
+                names.extend(behind.iter().cloned());
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Number of names changed in this generation, over all types.
