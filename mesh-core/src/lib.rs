@@ -9,9 +9,11 @@
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
+//! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
 //! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
 
 pub mod admin_http;
+pub mod capture;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

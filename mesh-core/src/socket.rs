@@ -8,8 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// Mark on every socket ztunnel creates in a captured namespace (0x539).
-pub const MESH_MARK: u32 = 1337;
+pub use crate::capture::MESH_MARK;
 
 /// Creates listeners and outbound sockets for one network namespace.
 pub trait SocketFactory: Send + Sync + 'static {

@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use super::rules::{run_in, RulesError, PROBE_SOURCE};
+use mesh_core::capture::PROBE_SOURCE;
+
+use super::rules::{run_in, RulesError};
 
 /// The agent's table in the node namespace.
 pub const HOST_TABLE: &str = "ambient-host";

@@ -10,6 +10,9 @@
 //! - raw: ztunnel's upstream DNS lives in its own conntrack zone, so its replies are not
 //!   mistaken for replies to the app's redirected queries.
 //!
+//! The ports, marks and table come from [`mesh_core::capture`], which ztunnel and the
+//! controller read too.
+//!
 //! The nftables table is replaced in one transaction (idempotent, atomic); removal deletes
 //! exactly the table, the rules and the route it added.
 
@@ -19,14 +22,8 @@ use std::process::{Command, Stdio};
 
 /// Name of the nftables table the agent owns in each pod namespace.
 pub const TABLE: &str = "ambient";
-/// Mark on ztunnel's sockets.
-pub const ZTUNNEL_MARK: u32 = 0x539;
-/// Connmark/fwmark of connections ztunnel opened to the app.
-pub const RETURN_MARK: u32 = 0x111;
-/// Routing table of the return path.
-pub const ROUTE_TABLE: u32 = 100;
-/// Source kubelet probes are SNATed to on the host.
-pub const PROBE_SOURCE: &str = "169.254.7.127";
+pub use mesh_core::capture::Ports;
+use mesh_core::capture::{MARK_MASK, MESH_MARK, PROBE_SOURCE, RETURN_MARK, ROUTE_TABLE};
 /// Where a proc filesystem's sysctl tree normally is (the default of `--proc-sys-dir`).
 pub const PROC_SYS: &str = "/proc/sys";
 
@@ -41,27 +38,6 @@ pub enum RulesError {
         netns: String,
         stderr: String,
     },
-}
-
-/// The ports ztunnel listens on inside the pod.
-#[derive(Clone, Copy, Debug)]
-pub struct Ports {
-    pub outbound: u16,
-    pub inbound_plaintext: u16,
-    pub inbound: u16,
-    /// ztunnel's DNS proxy (15053); DNS (UDP and TCP port 53) is redirected only when set.
-    pub dns: Option<u16>,
-}
-
-impl Default for Ports {
-    fn default() -> Self {
-        Ports {
-            outbound: 15001,
-            inbound_plaintext: 15006,
-            inbound: 15008,
-            dns: Some(15053),
-        }
-    }
 }
 
 /// The nftables ruleset, as one atomic transaction replacing the table.
@@ -80,30 +56,30 @@ fn table(p: Ports) -> String {
         r#"table inet {TABLE} {{
   chain prerouting_raw {{
     type filter hook prerouting priority raw; policy accept;
-    meta mark & 0xfff != {ZTUNNEL_MARK:#x} udp sport 53 ct zone set 1
+    meta mark & {MARK_MASK:#x} != {MESH_MARK:#x} udp sport 53 ct zone set 1
   }}
   chain output_raw {{
     type filter hook output priority raw; policy accept;
-    meta mark & 0xfff == {ZTUNNEL_MARK:#x} udp dport 53 ct zone set 1
+    meta mark & {MARK_MASK:#x} == {MESH_MARK:#x} udp dport 53 ct zone set 1
   }}
   chain prerouting_mangle {{
     type filter hook prerouting priority mangle; policy accept;
-    meta mark & 0xfff == {ZTUNNEL_MARK:#x} ct mark set {RETURN_MARK:#x}
+    meta mark & {MARK_MASK:#x} == {MESH_MARK:#x} ct mark set {RETURN_MARK:#x}
   }}
   chain output_mangle {{
     type route hook output priority mangle; policy accept;
-    ct mark & 0xfff == {RETURN_MARK:#x} meta mark set {RETURN_MARK:#x}
+    ct mark & {MARK_MASK:#x} == {RETURN_MARK:#x} meta mark set {RETURN_MARK:#x}
   }}
   chain prerouting_nat {{
     type nat hook prerouting priority dstnat; policy accept;
-    meta mark & 0xfff == {ZTUNNEL_MARK:#x} return
+    meta mark & {MARK_MASK:#x} == {MESH_MARK:#x} return
     ip saddr {PROBE_SOURCE} return
     meta l4proto tcp tcp dport {inbound} return
     meta l4proto tcp redirect to :{plain}
   }}
   chain output_nat {{
     type nat hook output priority -100; policy accept;
-    meta mark & 0xfff == {ZTUNNEL_MARK:#x} return
+    meta mark & {MARK_MASK:#x} == {MESH_MARK:#x} return
 {dns}    oifname "lo" return
     ip daddr 127.0.0.1 return
     ip6 daddr ::1 return
@@ -163,7 +139,7 @@ pub(crate) fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result
 /// re-install does not stack duplicates) and the `local` route of table 100 (`replace` is
 /// idempotent); or, with `add` false, their removal.
 fn route_batch(ipv6: bool, add: bool) -> String {
-    let rule = format!("fwmark {RETURN_MARK:#x}/0xfff pref 32764 lookup {ROUTE_TABLE}");
+    let rule = format!("fwmark {RETURN_MARK:#x}/{MARK_MASK:#x} pref 32764 lookup {ROUTE_TABLE}");
     let any = if ipv6 { "::/0" } else { "0.0.0.0/0" };
     let route = format!("local {any} dev lo table {ROUTE_TABLE}");
     if add {
@@ -323,7 +299,7 @@ pub enum Missing {
     Table,
     #[error("the nft chain {chain} of table inet {TABLE} lacks `{statement}`")]
     Statement { chain: &'static str, statement: String },
-    #[error("the policy rule `fwmark {RETURN_MARK:#x}/0xfff lookup {ROUTE_TABLE}` is missing (IPv{0})")]
+    #[error("the policy rule `fwmark {RETURN_MARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}` is missing (IPv{0})")]
     PolicyRule(u8),
     #[error("the route `local default dev lo` of table {ROUTE_TABLE} is missing (IPv{0})")]
     Route(u8),

@@ -38,7 +38,6 @@ pub const MANAGED_VALUE: &str = "istio.io-mesh-controller";
 /// Waypoints carry mesh traffic themselves and must not be captured.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
-pub const HBONE_PORT: u16 = 15008;
 /// The waypoint serves `/metrics` and `/healthz/ready` here.
 pub const METRICS_PORT: u16 = 15020;
 /// The ConfigMap (one per waypoint namespace) holding the mesh's root certificate.
@@ -47,6 +46,10 @@ pub const ROOT_CERT_CONFIGMAP: &str = "mesh-root-cert";
 pub const TOKEN_AUDIENCE: &str = "istio-ca";
 const ROOT_CERT_DIR: &str = "/var/run/secrets/mesh";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// The waypoint runs as the proxies' conventional user and group, Istio's 1337. It equals
+/// the socket mark (`mesh_core::capture::MESH_MARK`) only by Istio's convention; they are
+/// unrelated.
+const PROXY_UID: i64 = 1337;
 
 /// What the writer needs besides the records.
 #[derive(Clone, Debug)]
@@ -516,8 +519,8 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
             }),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            run_as_user: Some(1337),
-            run_as_group: Some(1337),
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".to_owned(),
                 localhost_profile: None,
@@ -643,7 +646,7 @@ mod tests {
             service_account: "waypoint".into(),
             identity: "spiffe://cluster.local/ns/apps/sa/waypoint".into(),
             waypoint_for: WaypointFor::Service,
-            hbone_port: 15008,
+            hbone_port: mesh_core::capture::HBONE_PORT,
             address: None,
             conditions: vec![
                 Condition {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use mesh_core::hbone::HBONE_PORT;
+use mesh_core::capture::HBONE_PORT;
 use mesh_core::state::model::ip_to_bytes;
 use mesh_proto::workload as pb;
 

@@ -18,8 +18,7 @@ pub use limits::{Limit, LimitConfig, LimitObserver, ServerLimits};
 pub use server::{serve_connection, InboundConnect};
 pub use stream::{H2Io, H2Stream, Transferred};
 
-/// Port HBONE listens on.
-pub const HBONE_PORT: u16 = 15008;
+pub use crate::capture::HBONE_PORT;
 
 /// Transport settings shared by client and server.
 #[derive(Clone, Debug)]

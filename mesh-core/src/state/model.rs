@@ -210,7 +210,7 @@ fn gateway(field: &str, g: &pb::GatewayAddress) -> Result<GatewayAddress, Resour
         None => return Err(ResourceError::new(field, "neither address nor hostname set")),
     };
     let hbone_port = match g.hbone_mtls_port {
-        0 => crate::hbone::HBONE_PORT,
+        0 => crate::capture::HBONE_PORT,
         p => port(&format!("{field}.hbone_mtls_port"), p)?,
     };
     Ok(GatewayAddress {
