@@ -1,20 +1,20 @@
 //! HBONE: TCP tunnelled as HTTP/2 CONNECT streams inside mutual TLS.
 //!
 //! - [`server`]: accepts mTLS connections and hands each CONNECT stream to a handler.
-//! - [`client`]: the connection pool that opens CONNECT streams to a destination.
+//! - [`pool`]: the client side, a connection pool that opens CONNECT streams to a destination.
 //! - [`stream`]: the stream type and the zero-extra-copy splice to a TCP socket.
 
 pub mod buffer;
-pub mod client;
 pub mod limits;
+pub mod pool;
 pub mod server;
 pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use client::{HbonePool, PoolKey, TunnelRequest};
 pub use limits::{Limit, LimitConfig, LimitObserver, ServerLimits};
+pub use pool::{HbonePool, PoolKey, TunnelRequest};
 pub use server::{serve_connection, InboundConnect};
 pub use stream::{H2Io, H2Stream, Transferred};
 
