@@ -133,7 +133,8 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     // Bounds on what HBONE peers may hold, shared by every pod's listener; each refusal is
     // counted as ztunnel_connections_refused_total{reason=<limit>}.
     let limits_metrics = metrics.clone();
-    let observer: LimitObserver = Arc::new(move |limit: Limit| limits_metrics.refuse(limit.as_str()));
+    let observer: LimitObserver =
+        Arc::new(move |limit: Limit| limits_metrics.refuse(crate::proxy::refusal::Refusal::Limit(limit)));
     let settings = Settings {
         idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
         limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),

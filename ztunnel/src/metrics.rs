@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::proxy::refusal::{ConnError, Refusal};
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Reporter {
@@ -218,8 +220,12 @@ impl Metrics {
         m
     }
 
-    pub fn refuse(&self, reason: &'static str) {
-        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    pub fn refuse(&self, reason: Refusal) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 }
 
@@ -389,10 +395,11 @@ impl<'a> ConnRecord<'a> {
 
     /// Counts the connection closed and logs it with the bytes that moved, whatever the
     /// outcome.
-    pub fn finish(self, result: Result<(), String>) {
+    pub fn finish(self, result: Result<(), ConnError>) {
         self.metrics.closed.get_or_create(&self.labels).inc();
         let (sent, received) = self.bytes.totals();
         let l = &self.labels;
+        let error = result.err().map(|e| e.to_string()).unwrap_or_default();
         tracing::info!(
             target: "access",
             direction = self.direction,
@@ -409,7 +416,7 @@ impl<'a> ConnRecord<'a> {
             bytes_sent = sent,
             bytes_recv = received,
             duration_ms = self.start.elapsed().as_millis() as u64,
-            error = result.as_ref().err().map(String::as_str).unwrap_or(""),
+            error = error.as_str(),
             "connection complete"
         );
     }

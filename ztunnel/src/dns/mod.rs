@@ -50,7 +50,7 @@ impl Limits {
     }
 
     fn overloaded(&self) {
-        self.metrics.refuse("dns_overload");
+        self.metrics.refuse(crate::proxy::refusal::Refusal::DnsOverload);
         if let Some(suppressed) = self.warnings.check("overload") {
             tracing::warn!(
                 suppressed,

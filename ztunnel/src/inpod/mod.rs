@@ -149,7 +149,9 @@ async fn session(
         };
         if let Err(reason) = &result {
             warn!(%reason, "rejected ZDS request");
-            pods.shared.metrics.refuse("zds_request_rejected");
+            pods.shared
+                .metrics
+                .refuse(crate::proxy::refusal::Refusal::ZdsRequestRejected);
         }
         let ack = WorkloadResponse {
             payload: Some(zds::workload_response::Payload::Ack(zds::Ack {

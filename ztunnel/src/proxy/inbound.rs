@@ -6,19 +6,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::StatusCode;
 use mesh_core::hbone::{serve_connection, HboneError, InboundConnect};
 use mesh_core::log_limit::LogLimiter;
-use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
-use mesh_core::socket::connect_from;
+use mesh_core::rbac::ConnectionInfo;
 use mesh_core::state::{Service, State, Workload};
 use mesh_core::tls;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::source::{client_source, is_waypoint_for};
+use super::deliver::{deliver, Client, Inbound};
+use super::refusal::Refusal;
+use super::source::is_waypoint_for;
 use super::Proxy;
-use crate::metrics::{ConnRecord, Reporter, TcpLabels};
+use crate::metrics::{Reporter, TcpLabels};
 
 /// Failed connections are logged at most once a second, with the number suppressed: any
 /// client can make a connection fail.
@@ -33,7 +33,7 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
     let Some(wl) = px.local_workload(local) else {
         warn!(%peer, %local, "HBONE connection to an address with no local workload");
-        px.metrics.refuse("unknown_destination");
+        px.metrics.refuse(Refusal::UnknownDestination);
         return;
     };
     let cert = match px.certs.fetch(&wl.identity).await {
@@ -41,7 +41,7 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => {
             // No certificate: refuse rather than serve without identity.
             warn!(identity = %wl.identity, error = %e, "no certificate for inbound HBONE");
-            px.metrics.refuse("no_certificate");
+            px.metrics.refuse(Refusal::NoCertificate);
             return;
         }
     };
@@ -49,7 +49,7 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot build TLS server configuration");
-            px.metrics.refuse("tls_config");
+            px.metrics.refuse(Refusal::TlsConfig);
             return;
         }
     };
@@ -64,7 +64,7 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         // Already counted by the limit's observer; a flood must not become a log flood.
         Err(HboneError::Limited(_)) => {}
         Err(e) => {
-            px.metrics.refuse("hbone_connection_error");
+            px.metrics.refuse(Refusal::HboneConnectionError);
             if let Some(suppressed) = CONNECTION_ERRORS.check("hbone") {
                 info!(%peer, error = %e, suppressed, "HBONE connection ended with error");
             }
@@ -72,19 +72,19 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
+async fn stream(px: Arc<Proxy>, req: InboundConnect) {
     let state = px.state.load();
     // The authority must name this listener's workload (by one of its addresses).
     let owner = state.workload_by_ip(&px.network, req.local_addr.ip()).cloned();
     let Some(wl) = owner.filter(|w| w.addresses.contains(&req.dst.ip()) && px.local.contains(req.dst.ip())) else {
-        debug!(dst = %req.dst, local = %req.local_addr, "CONNECT authority does not belong to this workload");
-        px.metrics.refuse("bad_authority");
-        req.reject(StatusCode::BAD_REQUEST);
+        debug!(dst = %req.dst, local = %req.local_addr, "{}", Refusal::BadAuthority);
+        px.metrics.refuse(Refusal::BadAuthority);
+        req.reject(Refusal::BadAuthority.status());
         return;
     };
     if px.is_loop(req.dst) {
-        px.metrics.refuse("loop");
-        req.reject(StatusCode::BAD_REQUEST);
+        px.metrics.refuse(Refusal::Loop);
+        req.reject(Refusal::Loop.status());
         return;
     }
     let src_wl = state.workload_by_ip(&px.network, req.peer_addr.ip()).cloned();
@@ -103,73 +103,22 @@ async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
         service.as_deref(),
         true,
     );
-    if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
-        info!(src = %req.peer_identity, dst = %req.dst, ?policy, "connection denied by authorization policy");
-        px.metrics.refuse("policy_denied");
-        req.reject(StatusCode::UNAUTHORIZED);
-        return;
-    }
-    // Connect from the original client address: the peer's, unless a waypoint of this
-    // workload forwards another.
+    // The application sees the peer, unless a waypoint of this workload forwards another.
     let forwarded = req.forwarded_for();
-    let trusted = forwarded.is_some_and(|f| {
+    let forwarded_trusted = forwarded.is_some_and(|f| {
         f.ip() != req.peer_addr.ip()
             && is_waypoint_for(&state, &px.network, &wl, &req.peer_identity, req.peer_addr.ip())
     });
-    drop(state);
-    let source = client_source(req.peer_addr, forwarded, trusted, |ip| px.is_own_address(ip));
-    if let Some(ignored) = source.ignored {
-        debug!(peer = %req.peer_addr, src = %req.peer_identity, ?forwarded, reason = ignored.reason(), "forwarded client address ignored");
-        px.metrics
-            .forwarded_ignored
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: ignored.reason(),
-            })
-            .inc();
-    }
-    let client = source.addr.ip();
-    let dst = req.dst;
-    let connect = tokio::time::timeout(
-        px.settings.connect_timeout,
-        connect_from(&*px.sockets, Some(client), dst),
-    );
-    // A client that resets the stream meanwhile gets no connection to the application.
-    let Some(upstream) = req.unless_reset(connect).await else {
-        debug!(%dst, "stream reset by the client before the application answered");
-        px.metrics.refuse("reset_before_connect");
-        return;
+    let conn = Inbound {
+        wl,
+        info,
+        labels,
+        direction: "inbound",
+        peer: req.peer_addr,
+        forwarded,
+        forwarded_trusted,
     };
-    let mut upstream = match upstream {
-        Ok(Ok((s, _transparent))) => s,
-        Ok(Err(e)) => {
-            info!(dst = %req.dst, error = %e, "application unreachable");
-            px.metrics.refuse("upstream_unreachable");
-            req.reject(StatusCode::SERVICE_UNAVAILABLE);
-            return;
-        }
-        Err(_) => {
-            px.metrics.refuse("upstream_timeout");
-            req.reject(StatusCode::SERVICE_UNAVAILABLE);
-            return;
-        }
-    };
-    let peer = source.addr;
-    let registration = px.tracker.register(info, wl.uid.clone());
-    let h2 = match req.accept() {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(error = %e, "client went away before the tunnel was accepted");
-            return;
-        }
-    };
-    let record = ConnRecord::open(&px.metrics, labels, "inbound", peer, dst, None);
-    // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
-    let observer = record.bytes().tunnel_to_client();
-    let result = tokio::select! {
-        r = h2.splice_tcp_observed(&mut upstream, &observer) => r.map(drop).map_err(|e| e.to_string()),
-        _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
-    };
-    record.finish(result);
+    deliver(&px, state, Client::Hbone(Box::new(req)), conn).await;
 }
 
 /// The `host=` of a `forwarded` header (a waypoint names the service the client reached).

@@ -4,30 +4,32 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
-use mesh_core::socket::{connect_from, original_dst};
+use mesh_core::rbac::ConnectionInfo;
+use mesh_core::socket::original_dst;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::warn;
 
+use super::deliver::{deliver, Client, Inbound};
+use super::refusal::Refusal;
 use super::Proxy;
-use crate::metrics::{ConnRecord, CountedClient, Reporter, TcpLabels};
+use crate::metrics::{Reporter, TcpLabels};
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
     super::accept_loop(px, listener, "plaintext", handle).await
 }
 
-async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
+async fn handle(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(dst) = original_dst(&tcp) else {
-        px.metrics.refuse("no_original_dst");
+        px.metrics.refuse(Refusal::NoOriginalDst);
         return;
     };
     if px.is_loop(dst) {
-        px.metrics.refuse("loop");
+        px.metrics.refuse(Refusal::Loop);
         return;
     }
     let Some(wl) = px.local_workload(dst) else {
         warn!(%peer, %dst, "plaintext connection to an address with no local workload");
-        px.metrics.refuse("unknown_destination");
+        px.metrics.refuse(Refusal::UnknownDestination);
         return;
     };
     let state = px.state.load();
@@ -38,33 +40,15 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     };
     let src_wl = state.workload_by_ip(&px.network, peer.ip()).cloned();
     let labels = TcpLabels::new(Reporter::destination, src_wl.as_deref(), None, Some(&wl), None, false);
-    if let Decision::Deny(policy) = evaluate(state.policies_for(&wl), &info) {
-        info!(src = %peer, %dst, ?policy, "plaintext connection denied by authorization policy");
-        px.metrics.refuse("policy_denied");
-        return;
-    }
-    drop(state);
-    let registration = px.tracker.register(info, wl.uid.clone());
-    let record = ConnRecord::open(&px.metrics, labels, "inbound_plaintext", peer, dst, None);
-    let result = async {
-        let (mut up, _) = tokio::time::timeout(
-            px.settings.connect_timeout,
-            connect_from(&*px.sockets, Some(peer.ip()), dst),
-        )
-        .await
-        .map_err(|_| format!("connect to {dst} timed out"))?
-        .map_err(|e| format!("connect to {dst}: {e}"))?;
-        let mut client = CountedClient {
-            inner: &mut tcp,
-            bytes: record.bytes(),
-        };
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut up) => {
-                r.map(drop).map_err(|e| e.to_string())
-            }
-            _ = registration.cancel.cancelled() => Err("closed: denied by updated authorization policy".to_owned()),
-        }
-    }
-    .await;
-    record.finish(result);
+    let conn = Inbound {
+        wl,
+        info,
+        labels,
+        direction: "inbound_plaintext",
+        peer,
+        // No HBONE, no `forwarded`: the application sees the peer.
+        forwarded: None,
+        forwarded_trusted: false,
+    };
+    deliver(&px, state, Client::Plain(tcp), conn).await;
 }

@@ -3,14 +3,18 @@
 //! - [`outbound`]: captured app connections (15001) -> HBONE, plain TCP or passthrough.
 //! - [`inbound`]: HBONE (15008) -> authorize -> the local application.
 //! - [`inbound_plain`]: plaintext redirected to 15006 -> authorize (no identity) -> the app.
+//! - [`deliver`]: the inbound paths' shared authorize -> connect -> track -> splice.
 //! - [`tracker`]: live connections, re-authorized whenever policy changes.
 //! - [`local`]: which addresses belong to this proxy's network namespace.
+//! - [`refusal`]: typed outcomes (why a connection was refused or ended), with their labels.
 //! - [`source`]: which client address an inbound stream is attributed to (`forwarded`).
 
+pub mod deliver;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod local;
 pub mod outbound;
+pub mod refusal;
 pub mod source;
 pub mod tracker;
 
@@ -27,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
+use refusal::Refusal;
 
 /// Everything a connection handler needs.
 pub struct Proxy {
@@ -202,7 +207,7 @@ where
                 px.tasks.spawn(handle(px.clone(), tcp, peer));
             }
             Err(e) => {
-                px.metrics.refuse("accept_error");
+                px.metrics.refuse(Refusal::AcceptError);
                 tokio::select! {
                     _ = backoff.failed(what, &e) => {}
                     _ = px.drain.cancelled() => return,

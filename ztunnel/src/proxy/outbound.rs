@@ -13,6 +13,7 @@ use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use super::refusal::{ConnError, Refusal};
 use super::Proxy;
 use crate::metrics::{ConnBytes, ConnRecord, CountedClient, Reporter, TcpLabels};
 
@@ -71,12 +72,12 @@ impl std::fmt::Display for WaypointUnavailable {
 }
 
 impl RouteError {
-    pub fn reason(&self) -> &'static str {
+    pub fn refusal(&self) -> Refusal {
         match self {
-            RouteError::NoPort(..) => "no_service_port",
-            RouteError::NoEndpoint(_) => "no_healthy_endpoint",
-            RouteError::Waypoint { .. } => "waypoint_unavailable",
-            RouteError::NoAddress(_) => "no_address",
+            RouteError::NoPort(..) => Refusal::NoServicePort,
+            RouteError::NoEndpoint(_) => Refusal::NoHealthyEndpoint,
+            RouteError::Waypoint { .. } => Refusal::WaypointUnavailable,
+            RouteError::NoAddress(_) => Refusal::NoAddress,
         }
     }
 }
@@ -222,19 +223,19 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(d) => d,
         Err(e) => {
             debug!(error = %e, "no original destination; connection was not redirected");
-            px.metrics.refuse("no_original_dst");
+            px.metrics.refuse(Refusal::NoOriginalDst);
             return;
         }
     };
     if px.is_loop(dst) {
         warn!(%peer, %dst, "refusing connection to ztunnel's own port");
-        px.metrics.refuse("loop");
+        px.metrics.refuse(Refusal::Loop);
         return;
     }
     let Some(src) = px.local_workload(peer) else {
         // Without a known source there is no identity to present: fail closed.
         warn!(%peer, %dst, "outbound connection from an unknown workload refused");
-        px.metrics.refuse("unknown_source");
+        px.metrics.refuse(Refusal::UnknownSource);
         return;
     };
     let state = px.state.load();
@@ -242,7 +243,7 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(r) => r,
         Err(e) => {
             warn!(%peer, %dst, error = %e, "no route");
-            px.metrics.refuse(e.reason());
+            px.metrics.refuse(e.refusal());
             return;
         }
     };
@@ -291,8 +292,8 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
                     .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
                     .await
                     .map(drop)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                    .map_err(ConnError::from),
+                Err(e) => Err(ConnError::from(e)),
             }
         }
         Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
@@ -300,17 +301,17 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     record.finish(result);
 }
 
-async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr, bytes: &ConnBytes) -> Result<(), String> {
-    let sock = px.sockets.tcp_socket(addr).map_err(|e| e.to_string())?;
+async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr, bytes: &ConnBytes) -> Result<(), ConnError> {
+    let sock = px.sockets.tcp_socket(addr)?;
     let mut upstream = tokio::time::timeout(px.settings.connect_timeout, sock.connect(addr))
         .await
-        .map_err(|_| format!("connect to {addr} timed out"))?
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
+        .map_err(|_| ConnError::ConnectTimeout(addr))?
+        .map_err(|e| ConnError::Connect(addr, e))?;
     let mut client = CountedClient { inner: tcp, bytes };
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024)
         .await
         .map(drop)
-        .map_err(|e| e.to_string())
+        .map_err(ConnError::from)
 }
 
 #[cfg(test)]
@@ -484,7 +485,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert_eq!(err.reason(), "waypoint_unavailable");
+        assert_eq!(err.refusal().as_str(), "waypoint_unavailable");
         assert!(err.to_string().contains("default/missing"), "{err}");
     }
 

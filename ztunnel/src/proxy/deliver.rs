@@ -1,0 +1,173 @@
+//! What inbound HBONE and inbound plaintext share once they know the destination workload:
+//! authorize the connection against its policies, decide the client address (see
+//! [`super::source`]), connect to the application from it, track the connection so a policy
+//! update can close it, and splice until either side ends, counting bytes as they move and
+//! writing the access log. One sequence, so a fix to one path cannot miss the other.
+//!
+//! The two clients differ in what a failure means: an HBONE CONNECT is not answered yet, so a
+//! refusal becomes its status and a dial it reset is abandoned; a plaintext client's TCP
+//! connection already exists, so nothing is answered and a failed dial is recorded as a
+//! connection that failed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_core::hbone::InboundConnect;
+use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
+use mesh_core::socket::connect_from;
+use mesh_core::state::{State, Workload};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use super::refusal::{ConnError, Refusal};
+use super::source::client_source;
+use super::Proxy;
+use crate::metrics::{ConnRecord, CountedClient, ReasonLabels, TcpLabels};
+
+/// The client side of an inbound connection.
+pub enum Client {
+    /// An HBONE CONNECT not answered yet (boxed: it is ten times a socket's size).
+    Hbone(Box<InboundConnect>),
+    /// A redirected plaintext connection.
+    Plain(TcpStream),
+}
+
+/// What the listener found out about a connection before authorizing it.
+pub struct Inbound {
+    pub wl: Arc<Workload>,
+    pub info: ConnectionInfo,
+    pub labels: TcpLabels,
+    /// The access log's `direction`.
+    pub direction: &'static str,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The `forwarded: for=` address the peer claims, and whether it may forward one.
+    pub forwarded: Option<SocketAddr>,
+    pub forwarded_trusted: bool,
+}
+
+impl Client {
+    /// Counts the refusal and answers it (HBONE: the stream's status; plaintext: close).
+    fn refuse(self, px: &Proxy, refusal: Refusal) {
+        px.metrics.refuse(refusal);
+        if let Client::Hbone(req) = self {
+            (*req).reject(refusal.status());
+        }
+    }
+}
+
+/// Authorizes, connects, tracks and splices one inbound connection to `conn.wl`.
+pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inbound) {
+    if let Decision::Deny(policy) = evaluate(state.policies_for(&conn.wl), &conn.info) {
+        let identity = conn.info.src_identity.as_ref().map(ToString::to_string);
+        info!(src = %conn.peer, identity, dst = %conn.info.dst, ?policy, direction = conn.direction, "{}", Refusal::PolicyDenied);
+        client.refuse(px, Refusal::PolicyDenied);
+        return;
+    }
+    drop(state);
+    let source = client_source(conn.peer, conn.forwarded, conn.forwarded_trusted, |ip| {
+        px.is_own_address(ip)
+    });
+    if let Some(ignored) = source.ignored {
+        debug!(peer = %conn.peer, src = ?conn.info.src_identity, forwarded = ?conn.forwarded, reason = ignored.reason(), "forwarded client address ignored");
+        px.metrics
+            .forwarded_ignored
+            .get_or_create(&ReasonLabels {
+                reason: ignored.reason(),
+            })
+            .inc();
+    }
+    // Tracked from here: a policy update while the application is dialled closes it too.
+    let registration = px.tracker.register(conn.info.clone(), conn.wl.uid.clone());
+    let dst = conn.info.dst;
+    let Some((client, mut upstream)) = dial(px, client, source.addr, dst, &conn).await else {
+        return;
+    };
+    let client = match client {
+        Client::Hbone(req) => match (*req).accept() {
+            Ok(h2) => Accepted::Hbone(h2),
+            Err(e) => {
+                debug!(error = %e, "client went away before the tunnel was accepted");
+                return;
+            }
+        },
+        Client::Plain(tcp) => Accepted::Plain(tcp),
+    };
+    let record = ConnRecord::open(&px.metrics, conn.labels, conn.direction, source.addr, dst, None);
+    let result = tokio::select! {
+        r = client.splice(&mut upstream, &record) => r,
+        _ = registration.cancel.cancelled() => Err(ConnError::PolicyRevoked),
+    };
+    record.finish(result);
+}
+
+/// Connects to the application at `dst` from `from`'s address where the kernel allows. On
+/// failure the client is answered (HBONE) or the failed connection recorded (plaintext).
+async fn dial(
+    px: &Proxy,
+    mut client: Client,
+    from: SocketAddr,
+    dst: SocketAddr,
+    conn: &Inbound,
+) -> Option<(Client, TcpStream)> {
+    let connect = tokio::time::timeout(
+        px.settings.connect_timeout,
+        connect_from(&*px.sockets, Some(from.ip()), dst),
+    );
+    let connected = match &mut client {
+        // A client that resets the stream meanwhile gets no connection to the application.
+        Client::Hbone(req) => match req.unless_reset(connect).await {
+            Some(r) => r,
+            None => {
+                debug!(%dst, "{}", Refusal::ResetBeforeConnect);
+                px.metrics.refuse(Refusal::ResetBeforeConnect);
+                return None;
+            }
+        },
+        Client::Plain(_) => connect.await,
+    };
+    let error = match connected {
+        Ok(Ok((s, _transparent))) => return Some((client, s)),
+        Ok(Err(e)) => ConnError::Connect(dst, e),
+        Err(_) => ConnError::ConnectTimeout(dst),
+    };
+    if let Client::Plain(_) = client {
+        let record = ConnRecord::open(&px.metrics, conn.labels.clone(), conn.direction, from, dst, None);
+        record.finish(Err(error));
+        return None;
+    }
+    let refusal = match error {
+        ConnError::ConnectTimeout(_) => Refusal::UpstreamTimeout,
+        _ => Refusal::UpstreamUnreachable,
+    };
+    info!(%dst, %error, "{refusal}");
+    client.refuse(px, refusal);
+    None
+}
+
+/// The client side once the connection is accepted.
+enum Accepted {
+    Hbone(mesh_core::hbone::stream::H2Stream),
+    Plain(TcpStream),
+}
+
+impl Accepted {
+    /// Moves bytes between the client and the application until either ends.
+    async fn splice(self, upstream: &mut TcpStream, record: &ConnRecord<'_>) -> Result<(), ConnError> {
+        match self {
+            // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
+            Accepted::Hbone(h2) => {
+                let observer = record.bytes().tunnel_to_client();
+                h2.splice_tcp_observed(upstream, &observer).await.map(drop)?;
+            }
+            Accepted::Plain(mut tcp) => {
+                let mut client = CountedClient {
+                    inner: &mut tcp,
+                    bytes: record.bytes(),
+                };
+                tokio::io::copy_bidirectional(&mut client, upstream).await.map(drop)?;
+            }
+        }
+        Ok(())
+    }
+}
