@@ -5,7 +5,7 @@ use std::path::Path;
 #[test]
 fn example_workload_file_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workloads.yaml");
-    let cfg = mesh_core::xds::local::load(&path).unwrap();
+    let cfg = mesh_core::xds::workload_file::load(&path).unwrap();
     let (state, errors) = cfg.to_state();
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(state.workloads().count(), 2);

@@ -355,7 +355,7 @@ proptest! {
 
     #[test]
     fn local_file_never_panics(text in text()) {
-        if let Ok(cfg) = mesh_core::xds::local::parse("fuzz.yaml", &text) {
+        if let Ok(cfg) = mesh_core::xds::workload_file::parse("fuzz.yaml", &text) {
             let _ = cfg.to_state();
         }
     }
@@ -363,7 +363,7 @@ proptest! {
     #[test]
     fn local_file_yamlish(entries in proptest::collection::vec(local_entry(), 0..6)) {
         let text = entries.concat();
-        if let Ok(cfg) = mesh_core::xds::local::parse("fuzz.yaml", &text) {
+        if let Ok(cfg) = mesh_core::xds::workload_file::parse("fuzz.yaml", &text) {
             let _ = cfg.to_state();
         }
     }

@@ -2,17 +2,21 @@
 //!
 //! - [`client`]: Delta ADS (`DeltaAggregatedResources`) for `istio.workload.Address` and
 //!   `istio.security.Authorization`, with ACK/NACK, resumption and reconnection.
-//! - [`local`]: a YAML file in the same shape, for standalone runs and tests.
+//! - [`workload_file`]: a YAML file of workloads, services and policies in the same shape,
+//!   for standalone runs and tests.
 //!
 //! Both go through [`crate::state::State::apply_address`] and
 //! [`crate::state::State::apply_authorization`], so validation is the same whichever source a
 //! resource came from.
 
 pub mod client;
-pub mod local;
+pub mod workload_file;
+
+/// The former name of [`workload_file`], kept while ztunnel still imports it.
+pub use workload_file as local;
 
 pub use client::{ResourceSink, XdsClient, XdsConfig, XdsError, XdsMetrics};
-pub use local::{EntryError, LocalConfig, LocalError, LocalSource, Reload};
+pub use workload_file::{EntryError, LocalConfig, LocalError, LocalSource, Reload};
 
 use mesh_proto::{security as secpb, workload as pb};
 
