@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::core::Published;
-use crate::source::local::DocumentError;
+use crate::source::manifest_dir::DocumentError;
 use crate::translate::render;
 
 /// What a listener serves.

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use controller::model::{Inputs, Kind};
-use controller::source::local::{parse_text, Loaded};
+use controller::source::manifest_dir::{parse_text, Loaded};
 use controller::translate::{render, translate, Options};
 use proptest::prelude::*;
 use serde_json::{Map, Value};

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use controller::model::Inputs;
-use controller::source::local::{parse_text, Loaded};
+use controller::source::manifest_dir::{parse_text, Loaded};
 use controller::translate::{render, translate, Options};
 
 fn check(case: &str) {

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use controller::model::{Inputs, Object};
-use controller::source::local::{parse_text, Loaded};
+use controller::source::manifest_dir::{parse_text, Loaded};
 use controller::translate::{render, translate, Options};
 use serde_json::Value;
 

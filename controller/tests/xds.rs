@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use controller::ca::BootstrapTokens;
 use controller::model::Inputs;
-use controller::source::local::{parse_text, Loaded};
+use controller::source::manifest_dir::{parse_text, Loaded};
 use controller::translate::{translate, Options};
 use controller::xds::{AdsServer, Snapshot, XdsMetrics};
 use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use controller::model::gateway::WAYPOINT_CLASS;
 use controller::model::Object;
-use controller::source::local::{parse_text, Loaded};
+use controller::source::manifest_dir::{parse_text, Loaded};
 
 use crate::kubectl::{self, KubectlError};
 use crate::table::Table;

@@ -101,14 +101,14 @@ async fn main() -> anyhow::Result<()> {
         let (dir, interval) = (dir.clone(), Duration::from_millis(config.poll_ms));
         let manifest_tx = changes_tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = source::local::watch(dir, interval, manifest_tx, skipped_tx).await {
+            if let Err(e) = source::manifest_dir::watch(dir, interval, manifest_tx, skipped_tx).await {
                 tracing::error!(error = %e, "local source stopped");
                 std::process::exit(1);
             }
         });
         if let Some(dir) = config.enrolment_dir.clone() {
             let tx = changes_tx.clone();
-            tokio::spawn(source::local::watch_enrolment(
+            tokio::spawn(source::manifest_dir::watch_enrolment(
                 dir,
                 Duration::from_millis(config.poll_ms),
                 tx,

@@ -50,7 +50,7 @@ impl KindSync {
 
 /// Sender half a source writes to.
 pub type ChangeSender = tokio::sync::mpsc::Sender<Change>;
-pub mod local;
+pub mod manifest_dir;
 
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

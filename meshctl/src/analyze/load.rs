@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use controller::model::{Inputs, Kind, ObjectKey};
-use controller::source::local::{parse_text, DocumentError, Loaded};
+use controller::source::manifest_dir::{parse_text, DocumentError, Loaded};
 use serde::Deserialize;
 
 /// Why loading failed as a whole (a path that cannot be read).
