@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
@@ -24,6 +24,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use mesh_proto::waypoint::JwtRule;
 use serde_json::{Map, Value};
+// The cache's refresh and failure backoff run on tokio's clock, so tests can pause it.
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// Clock skew tolerated on `exp` and `nbf` (Envoy allows 60 s; a smaller window limits replay of
@@ -236,14 +238,34 @@ fn usable_key(raw: Value) -> Option<Key> {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// A stand-in for the JWKS server in tests: the document (or error) for a URI.
+#[cfg(test)]
+type FakeFetch = Box<
+    dyn Fn(&str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>> + Send + Sync,
+>;
+
 struct Fetcher {
     /// `Err` only if TLS could not be set up (then every fetch reports it).
     client: Result<HttpClient, String>,
     timeout: Duration,
+    #[cfg(test)]
+    fake: Option<FakeFetch>,
 }
 
 impl Fetcher {
     async fn fetch(&self, uri: &str) -> Result<KeySet, String> {
+        let body = tokio::time::timeout(self.timeout, self.get(uri))
+            .await
+            .map_err(|_| format!("JWKS fetch timed out after {:?}", self.timeout))??;
+        parse_jwks(&body)
+    }
+
+    /// The JWKS document at `uri`, at most `MAX_JWKS_BYTES` of it.
+    async fn get(&self, uri: &str) -> Result<Bytes, String> {
+        #[cfg(test)]
+        if let Some(fake) = &self.fake {
+            return fake(uri).await.map(Bytes::from);
+        }
         let client = self.client.as_ref().map_err(Clone::clone)?;
         let parsed: http::Uri = uri.parse().map_err(|e| format!("invalid jwksUri: {e}"))?;
         if !matches!(parsed.scheme_str(), Some("http" | "https")) {
@@ -254,23 +276,18 @@ impl Fetcher {
             .header(USER_AGENT, "mesh-waypoint")
             .body(Empty::new())
             .map_err(|e| format!("cannot build JWKS request: {e}"))?;
-        let body = tokio::time::timeout(self.timeout, async {
-            let resp = client
-                .request(req)
-                .await
-                .map_err(|e| format!("JWKS request failed: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("JWKS server answered {}", resp.status()));
-            }
-            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-                .collect()
-                .await
-                .map_err(|e| format!("reading JWKS body failed: {e}"))?;
-            Ok(body.to_bytes())
-        })
-        .await
-        .map_err(|_| format!("JWKS fetch timed out after {:?}", self.timeout))??;
-        parse_jwks(&body)
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("JWKS request failed: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("JWKS server answered {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading JWKS body failed: {e}"))?;
+        Ok(body.to_bytes())
     }
 }
 
@@ -348,7 +365,27 @@ impl JwksCache {
             .map_err(|e| format!("TLS setup for JWKS fetches failed: {e}"));
         Arc::new(Self {
             refresh,
-            fetcher: Arc::new(Fetcher { client, timeout }),
+            fetcher: Arc::new(Fetcher {
+                client,
+                timeout,
+                #[cfg(test)]
+                fake: None,
+            }),
+            entries: Mutex::default(),
+        })
+    }
+
+    /// A cache whose fetches are answered by `fake` instead of the network, so tests of its
+    /// timing need no sockets and can run on paused time.
+    #[cfg(test)]
+    fn with_fake(refresh: Duration, timeout: Duration, fake: FakeFetch) -> Arc<Self> {
+        Arc::new(Self {
+            refresh,
+            fetcher: Arc::new(Fetcher {
+                client: Err("no network in this test".to_owned()),
+                timeout,
+                fake: Some(fake),
+            }),
             entries: Mutex::default(),
         })
     }
@@ -657,6 +694,54 @@ impl Authenticator {
     }
 
     async fn verify(&self, token: &str, mask: u64) -> Result<Verified, JwtError> {
+        let token = Token::parse(token)?;
+        let issuer = token.issuer()?;
+        let mut first_err = None;
+        for (idx, rule) in self.rules.iter().enumerate() {
+            if rule.issuer != issuer || rule.locations & mask == 0 {
+                continue;
+            }
+            match self.check(rule, &token).await {
+                Ok(()) => return token.into_verified(rule, idx),
+                // Several RequestAuthentications may name the same issuer (e.g. other audiences).
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| JwtError::UnknownIssuer { issuer: clip(issuer) }))
+    }
+
+    /// Verifies `token` under `rule`: a key of the issuer's signs it, its times and audience fit.
+    async fn check(&self, rule: &Rule, token: &Token<'_>) -> Result<(), JwtError> {
+        let no_keys = || JwtError::NoKeys {
+            issuer: rule.issuer.clone(),
+        };
+        let keys = match &rule.keys {
+            KeySource::Inline(Some(k)) => k.clone(),
+            KeySource::Inline(None) | KeySource::Missing => return Err(no_keys()),
+            KeySource::Remote(uri) => self.cache.keys(uri).await.ok_or_else(no_keys)?,
+        };
+        token.check_signature(&rule.issuer, &keys)?;
+        token.check_claims(rule)
+    }
+}
+
+/// A token split and decoded, not yet verified.
+struct Token<'t> {
+    alg: Algorithm,
+    family: Family,
+    kid: Option<String>,
+    /// `header.payload`: what the signature covers.
+    message: &'t [u8],
+    signature: &'t str,
+    /// The payload segment as sent (forwarded in the payload header).
+    payload: &'t str,
+    claims: Map<String, Value>,
+}
+
+impl<'t> Token<'t> {
+    fn parse(token: &'t str) -> Result<Self, JwtError> {
         #[derive(serde::Deserialize)]
         struct JoseHeader {
             alg: String,
@@ -687,73 +772,32 @@ impl Authenticator {
             .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
         let claims: Map<String, Value> =
             serde_json::from_slice(&payload_json).map_err(|_| JwtError::Malformed("payload is not a JSON object"))?;
-        let issuer = match claims.get("iss") {
-            Some(Value::String(s)) => s.as_str(),
-            _ => return Err(JwtError::Malformed("missing or non-string iss claim")),
-        };
-        let message = &token.as_bytes()[..h64.len() + 1 + p64.len()];
-
-        let mut first_err = None;
-        for (idx, rule) in self.rules.iter().enumerate() {
-            if rule.issuer != issuer || rule.locations & mask == 0 {
-                continue;
-            }
-            match self
-                .check(rule, alg, family, header.kid.as_deref(), message, sig, &claims)
-                .await
-            {
-                Ok(()) => {
-                    let subject = match claims.get("sub") {
-                        Some(Value::String(s)) => s.clone(),
-                        _ => String::new(),
-                    };
-                    let payload = HeaderValue::from_str(p64.trim_end_matches('='))
-                        .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
-                    let principal = RequestPrincipal {
-                        issuer: rule.issuer.clone(),
-                        subject,
-                        claims,
-                    };
-                    return Ok(Verified {
-                        principal,
-                        rule: idx,
-                        payload,
-                    });
-                }
-                // Several RequestAuthentications may name the same issuer (e.g. other audiences).
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        Err(first_err.unwrap_or_else(|| JwtError::UnknownIssuer { issuer: clip(issuer) }))
+        Ok(Token {
+            alg,
+            family,
+            kid: header.kid,
+            message: &token.as_bytes()[..h64.len() + 1 + p64.len()],
+            signature: sig,
+            payload: p64,
+            claims,
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn check(
-        &self,
-        rule: &Rule,
-        alg: Algorithm,
-        family: Family,
-        kid: Option<&str>,
-        message: &[u8],
-        sig: &str,
-        claims: &Map<String, Value>,
-    ) -> Result<(), JwtError> {
-        let no_keys = || JwtError::NoKeys {
-            issuer: rule.issuer.clone(),
-        };
-        let keys = match &rule.keys {
-            KeySource::Inline(Some(k)) => k.clone(),
-            KeySource::Inline(None) | KeySource::Missing => return Err(no_keys()),
-            KeySource::Remote(uri) => self.cache.keys(uri).await.ok_or_else(no_keys)?,
-        };
-        // A key is a candidate if its type fits the algorithm, it does not pin another algorithm,
-        // and (when both name one) its kid matches.
+    fn issuer(&self) -> Result<&str, JwtError> {
+        match self.claims.get("iss") {
+            Some(Value::String(s)) => Ok(s.as_str()),
+            _ => Err(JwtError::Malformed("missing or non-string iss claim")),
+        }
+    }
+
+    /// Some key of `keys` verifies the signature. A key is a candidate if its type fits the
+    /// algorithm, it does not pin another algorithm, and (when both name one) its kid matches.
+    fn check_signature(&self, issuer: &str, keys: &KeySet) -> Result<(), JwtError> {
+        let (alg, kid) = (self.alg, self.kid.as_deref());
         let mut candidates = keys
             .keys
             .iter()
-            .filter(|k| k.family == family && k.alg.is_none_or(|a| a == alg))
+            .filter(|k| k.family == self.family && k.alg.is_none_or(|a| a == alg))
             .filter(|k| match (kid, &k.kid) {
                 (Some(want), Some(have)) => want == have,
                 _ => true,
@@ -761,16 +805,22 @@ impl Authenticator {
             .peekable();
         if candidates.peek().is_none() {
             return Err(JwtError::KeyNotFound {
-                issuer: rule.issuer.clone(),
+                issuer: issuer.to_owned(),
                 kid: kid.map(clip),
                 alg,
             });
         }
         // `verify` errors (e.g. signature not base64url) count as a failed verification.
-        if !candidates.any(|k| jsonwebtoken::crypto::verify(sig, message, &k.key, alg).unwrap_or(false)) {
+        if !candidates.any(|k| jsonwebtoken::crypto::verify(self.signature, self.message, &k.key, alg).unwrap_or(false))
+        {
             return Err(JwtError::BadSignature);
         }
+        Ok(())
+    }
 
+    /// `exp`/`nbf` against the wall clock (with leeway) and `aud` against the rule's audiences.
+    fn check_claims(&self, rule: &Rule) -> Result<(), JwtError> {
+        let claims = &self.claims;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -798,6 +848,25 @@ impl Authenticator {
             }
         }
         Ok(())
+    }
+
+    /// The verified token's principal, accepted by rule number `idx`.
+    fn into_verified(self, rule: &Rule, idx: usize) -> Result<Verified, JwtError> {
+        let payload = HeaderValue::from_str(self.payload.trim_end_matches('='))
+            .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
+        let subject = match self.claims.get("sub") {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        Ok(Verified {
+            principal: RequestPrincipal {
+                issuer: rule.issuer.clone(),
+                subject,
+                claims: self.claims,
+            },
+            rule: idx,
+            payload,
+        })
     }
 }
 
@@ -898,7 +967,7 @@ mod tests {
         reply: Arc<Mutex<(u16, String)>>,
     }
 
-    async fn serve(body: String, delay: Duration) -> Server {
+    async fn serve(body: String) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -915,7 +984,6 @@ mod tests {
                         let (h, r) = (h.clone(), r.clone());
                         async move {
                             h.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(delay).await;
                             let (status, body) = r.lock().unwrap().clone();
                             Ok::<_, Infallible>(
                                 http::Response::builder()
@@ -981,7 +1049,7 @@ mod tests {
     #[tokio::test]
     async fn valid_rs256_sets_headers_and_strips_token() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let srv = serve(jwks(&ec)).await;
         let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
         let token = sign_rs(&claims());
         let mut p = bearer(&token);
@@ -1001,7 +1069,7 @@ mod tests {
     #[tokio::test]
     async fn valid_es256_and_forward_original_token() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let srv = serve(jwks(&ec)).await;
         let mut r = rule(&srv.uri);
         r.forward_original_token = true;
         let auth = Authenticator::new(vec![r], cache());
@@ -1033,7 +1101,7 @@ mod tests {
     #[tokio::test]
     async fn invalid_tokens_are_rejected() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let srv = serve(jwks(&ec)).await;
         let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
         let check = |token: String| {
             let auth = &auth;
@@ -1120,7 +1188,7 @@ mod tests {
     #[tokio::test]
     async fn custom_header_and_query_param() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let srv = serve(jwks(&ec)).await;
         let mut r = rule(&srv.uri);
         r.from_headers = vec![JwtHeader {
             name: "x-jwt".into(),
@@ -1151,7 +1219,7 @@ mod tests {
     #[tokio::test]
     async fn default_query_param() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::ZERO).await;
+        let srv = serve(jwks(&ec)).await;
         let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
         let mut p = parts(&format!("/?access_token={}", sign_rs(&claims())), &[]);
         assert!(auth.authenticate(&mut p).await.unwrap().is_some());
@@ -1170,7 +1238,7 @@ mod tests {
         assert!(matches!(err, JwtError::NoKeys { .. }), "{err}");
 
         // A server answering 500: one fetch, then the failure is remembered.
-        let srv = serve(String::new(), Duration::ZERO).await;
+        let srv = serve(String::new()).await;
         srv.reply.lock().unwrap().0 = 500;
         let auth = Authenticator::new(vec![rule(&srv.uri)], cache());
         for _ in 0..5 {
@@ -1182,11 +1250,71 @@ mod tests {
         assert_eq!(srv.hits.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
+    /// A JWKS server without sockets: counts fetches, answers what the test sets, after `delay`
+    /// of tokio time.
+    #[derive(Clone)]
+    struct FakeJwks {
+        hits: Arc<AtomicUsize>,
+        reply: Arc<Mutex<Result<String, String>>>,
+        delay: Duration,
+    }
+
+    const FAKE_URI: &str = "https://jwks.example/keys";
+
+    impl FakeJwks {
+        fn new(doc: String, delay: Duration) -> Self {
+            FakeJwks {
+                hits: Arc::default(),
+                reply: Arc::new(Mutex::new(Ok(doc))),
+                delay,
+            }
+        }
+
+        fn cache(&self, refresh: Duration, timeout: Duration) -> Arc<JwksCache> {
+            let fake = self.clone();
+            JwksCache::with_fake(
+                refresh,
+                timeout,
+                Box::new(move |uri| {
+                    assert_eq!(uri, FAKE_URI);
+                    let fake = fake.clone();
+                    Box::pin(async move {
+                        fake.hits.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(fake.delay).await;
+                        fake.reply.lock().unwrap().clone()
+                    })
+                }),
+            )
+        }
+
+        fn hits(&self) -> usize {
+            self.hits.load(Ordering::SeqCst)
+        }
+
+        fn set(&self, reply: Result<String, String>) {
+            *self.reply.lock().unwrap() = reply;
+        }
+    }
+
+    /// Lets the background refresh of `uri` run to its end (it needs no timers: the fake
+    /// answers at once), without letting tokio's clock move.
+    async fn refreshed(cache: &JwksCache, uri: &str) {
+        let entry = cache.entry(uri);
+        for _ in 0..1000 {
+            if !entry.state().refreshing {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("background refresh did not finish");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn jwks_fetched_once_for_concurrent_requests() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::from_millis(100)).await;
-        let auth = Arc::new(Authenticator::new(vec![rule(&srv.uri)], cache()));
+        let fake = FakeJwks::new(jwks(&ec), Duration::from_millis(100));
+        let cache = fake.cache(Duration::from_secs(1200), Duration::from_secs(2));
+        let auth = Arc::new(Authenticator::new(vec![rule(FAKE_URI)], cache));
         let token = sign_rs(&claims());
         let tasks: Vec<_> = (0..20)
             .map(|_| {
@@ -1200,30 +1328,85 @@ mod tests {
         for _ in 0..10 {
             assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
         }
-        assert_eq!(srv.hits.load(Ordering::SeqCst), 1);
+        assert_eq!(fake.hits(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn refresh_in_background_keeps_last_good_keys() {
         let ec = ec_key();
-        let srv = serve(jwks(&ec), Duration::ZERO).await;
-        let cache = JwksCache::new(Duration::from_millis(50), Duration::from_secs(2));
-        let auth = Authenticator::new(vec![rule(&srv.uri)], cache);
+        let fake = FakeJwks::new(jwks(&ec), Duration::ZERO);
+        let refresh = Duration::from_secs(1200);
+        let cache = fake.cache(refresh, Duration::from_secs(2));
+        let auth = Authenticator::new(vec![rule(FAKE_URI)], cache.clone());
         let token = sign_rs(&claims());
-        assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
-        srv.reply.lock().unwrap().0 = 503;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ok = || async { auth.authenticate(&mut bearer(&token)).await.unwrap().is_some() };
+        assert!(ok().await);
+        tokio::time::advance(refresh - Duration::from_secs(1)).await;
+        assert!(ok().await);
+        refreshed(&cache, FAKE_URI).await;
+        assert_eq!(fake.hits(), 1, "fresh keys are not fetched again");
+
+        fake.set(Err("JWKS server answered 503".into()));
+        tokio::time::advance(Duration::from_secs(1)).await;
         // Stale: served from cache while a refresh runs (and fails) in the background.
-        assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
-        for _ in 0..50 {
-            if srv.hits.load(Ordering::SeqCst) >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(ok().await);
+        refreshed(&cache, FAKE_URI).await;
+        assert_eq!(fake.hits(), 2);
+        assert!(ok().await, "last good keys kept");
+        tokio::time::advance(FAILURE_BACKOFF - Duration::from_millis(1)).await;
+        assert!(ok().await);
+        refreshed(&cache, FAKE_URI).await;
+        assert_eq!(fake.hits(), 2, "failure backoff holds");
+
+        fake.set(Ok(jwks(&ec)));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(ok().await);
+        refreshed(&cache, FAKE_URI).await;
+        assert_eq!(fake.hits(), 3, "refreshed once the backoff passed");
+        assert!(ok().await);
+        refreshed(&cache, FAKE_URI).await;
+        assert_eq!(fake.hits(), 3, "fresh again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_first_fetch_is_retried_after_the_backoff() {
+        let ec = ec_key();
+        let fake = FakeJwks::new(String::new(), Duration::ZERO);
+        fake.set(Err("connection refused".into()));
+        let auth = Authenticator::new(
+            vec![rule(FAKE_URI)],
+            fake.cache(Duration::from_secs(1200), Duration::from_secs(2)),
+        );
+        let token = sign_rs(&claims());
+        for _ in 0..5 {
+            let err = auth.authenticate(&mut bearer(&token)).await.unwrap_err();
+            assert!(matches!(err, JwtError::NoKeys { .. }), "{err}");
         }
-        assert_eq!(srv.hits.load(Ordering::SeqCst), 2);
+        tokio::time::advance(FAILURE_BACKOFF - Duration::from_millis(1)).await;
+        assert!(auth.authenticate(&mut bearer(&token)).await.is_err());
+        assert_eq!(fake.hits(), 1, "no fetch during the backoff");
+        fake.set(Ok(jwks(&ec)));
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(auth.authenticate(&mut bearer(&token)).await.unwrap().is_some());
-        assert_eq!(srv.hits.load(Ordering::SeqCst), 2, "failure backoff holds");
+        assert_eq!(fake.hits(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_jwks_server_times_out_and_fails_closed() {
+        let ec = ec_key();
+        let fake = FakeJwks::new(jwks(&ec), Duration::from_secs(3600));
+        let auth = Authenticator::new(
+            vec![rule(FAKE_URI)],
+            fake.cache(Duration::from_secs(1200), Duration::from_secs(2)),
+        );
+        let start = tokio::time::Instant::now();
+        let err = auth.authenticate(&mut bearer(&sign_rs(&claims()))).await.unwrap_err();
+        assert!(matches!(err, JwtError::NoKeys { .. }), "{err}");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(2),
+            "the fetch timeout bounds the wait"
+        );
     }
 
     #[test]
