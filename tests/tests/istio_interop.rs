@@ -466,3 +466,143 @@ async fn istio_ztunnel_on_demand_reaches_a_service_and_a_pod() {
     );
     assert_eq!(controller_nacks(&controller).await, 0.0, "{}", controller.logs());
 }
+
+/// Cluster subnet id of the shared-mode test.
+const CLUSTER_ID: u8 = 88;
+
+fn shop(vip: IpAddr) -> String {
+    format!(
+        "\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: shop}}
+spec: {{clusterIP: {vip}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"
+    )
+}
+
+/// Whether Istio's ztunnel's dump lists `uid` as an HBONE workload.
+fn istio_has_hbone(dump: &serde_json::Value, uid: &str) -> bool {
+    dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|w| w["uid"] == uid && w["protocol"] == "HBONE")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
+    use mesh_e2e::cluster::{Cluster, PodSpec};
+    let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let vip = IpAddr::from([10, 96, CLUSTER_ID, 10]);
+    let cluster = Cluster::start(CLUSTER_ID, 2, &shop(vip)).await.expect("cluster up");
+    // Node 1 runs Istio's ztunnel instead of ours, on our node agent's ZDS socket.
+    let ours = cluster.nodes[1]
+        .ztunnel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    drop(ours);
+    let n1 = &cluster.nodes[1];
+    let cp = format!("https://{}:15012", cluster.controller_ip());
+    let bundle = cluster.controller.trust_bundle().display().to_string();
+    let env: Vec<(&str, String)> = vec![
+        ("INPOD_UDS", n1.zds_socket().display().to_string()),
+        ("XDS_ADDRESS", cp.clone()),
+        ("CA_ADDRESS", cp),
+        ("XDS_ROOT_CA", bundle.clone()),
+        ("CA_ROOT_CA", bundle),
+        (
+            "AUTH_TOKEN",
+            cluster.controller.token_file(n1.name()).display().to_string(),
+        ),
+        ("NODE_NAME", n1.name().to_owned()),
+        ("POD_NAMESPACE", "istio-system".into()),
+        ("POD_NAME", "ztunnel-istio".into()),
+        ("SERVICE_ACCOUNT", "ztunnel".into()),
+        ("INSTANCE_IP", Cluster::underlay_ip(CLUSTER_ID, 1).to_string()),
+        ("TRUST_DOMAIN", "cluster.local".into()),
+        ("CLUSTER_ID", "Kubernetes".into()),
+        ("ZTUNNEL_WORKER_THREADS", "1".into()),
+    ];
+    let mut istio_zt = IstioZtunnel::spawn(n1.ns, &peer, &env).expect("spawn Istio's ztunnel");
+    istio_zt.wait_ready(READY).await.expect("Istio's ztunnel ready");
+
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    let server = cluster
+        .add_pod(1, PodSpec::new("server", "shop", &[("app", "server")]))
+        .expect("server pod");
+    tokio::spawn(http_server(
+        server.ns.listen(SocketAddr::new(server.ip, 8080)).expect("listen"),
+    ));
+    tokio::spawn(http_server(
+        client.ns.listen(SocketAddr::new(client.ip, 8080)).expect("listen"),
+    ));
+    // Both pods captured and known with HBONE on both sides.
+    let deadline = Instant::now() + READY;
+    for uid in ["Kubernetes//Pod/shop/client", "Kubernetes//Pod/shop/server"] {
+        loop {
+            let theirs = istio_zt.config_dump().await.map(|d| istio_has_hbone(&d, uid));
+            let ours = cluster.ztunnel_dump(0).await.map(|d| {
+                d["workloads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|w| w["uid"] == uid && w["tunnel"] == "Hbone")
+            });
+            if matches!((theirs, ours), (Ok(true), Ok(true))) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uid} not HBONE on both nodes\nIstio:\n{}\nagent:\n{}",
+                istio_zt.logs(),
+                n1.agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Ours -> Istio's by pod IP and VIP, and back by pod IP; client addresses preserved.
+    for target in [format!("http://{}:8080/", server.ip), format!("http://{vip}:80/")] {
+        let got = client
+            .ns
+            .exec(&["curl", "-sS", "--max-time", "5", &target])
+            .unwrap_or_else(|e| format!("error: {e}"));
+        assert_eq!(
+            got.trim(),
+            format!("peer={}", client.ip),
+            "{target}\n{}",
+            istio_zt.logs()
+        );
+    }
+    let got = server
+        .ns
+        .exec(&["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", client.ip)])
+        .unwrap_or_else(|e| format!("error: {e}"));
+    assert_eq!(got.trim(), format!("peer={}", server.ip), "{}", istio_zt.logs());
+    // The server pod's certificate came from our CA, asked for by the node proxy.
+    let dump = wait_dump(&istio_zt, "a certificate for the server pod", |d| {
+        istio::dumped_certificates(d)
+            .iter()
+            .any(|(id, state)| id == "spiffe://cluster.local/ns/shop/sa/server" && state.contains("Available"))
+    })
+    .await;
+    eprintln!(
+        "shared mode: Istio's ztunnel holds {} workloads, certificates {:?}",
+        istio::dumped_workloads(&dump).len(),
+        istio::dumped_certificates(&dump)
+    );
+    assert_eq!(controller_nacks(&cluster.controller).await, 0.0);
+}
