@@ -6,12 +6,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_core::state::model::Workload;
 use mesh_proto::waypoint as wp;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+// Ejection times run on tokio's clock, so tests can pause it.
+use tokio::time::Instant;
 
 /// A request refused by a connection-pool limit (Envoy's `UO` flag).
 #[derive(Debug, thiserror::Error)]
@@ -327,8 +329,8 @@ mod tests {
         assert!(!Cluster::new(wp::TrafficPolicy::default()).close_after_this());
     }
 
-    #[test]
-    fn consecutive_errors_eject_until_the_ejection_time_passes() {
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_errors_eject_until_the_ejection_time_passes() {
         let c = Cluster::new(wp::TrafficPolicy {
             outlier_detection: Some(wp::OutlierDetection {
                 consecutive_5xx_errors: 2,
@@ -350,7 +352,9 @@ mod tests {
             assert_eq!(w.uid, "b");
             c.record(&w.uid, Some(http::StatusCode::OK));
         }
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(49)).await;
+        assert!((0..4).all(|_| c.pick(&both).unwrap().uid == "b"), "still ejected");
+        tokio::time::advance(Duration::from_millis(1)).await;
         let picked: Vec<String> = (0..4).map(|_| c.pick(&both).unwrap().uid.clone()).collect();
         assert!(picked.iter().any(|u| u == "a"), "{picked:?}");
     }
