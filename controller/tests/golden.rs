@@ -39,20 +39,42 @@ fn check(case: &str) {
         )
     });
     if expected != actual {
-        let diff: Vec<String> = expected
-            .lines()
-            .zip(actual.lines())
-            .enumerate()
-            .filter(|(_, (e, a))| e != a)
-            .take(10)
-            .map(|(i, (e, a))| format!("line {}:\n  expected: {e}\n  actual:   {a}", i + 1))
-            .collect();
         panic!(
-            "{case}: translation differs from {}\n{}",
+            "{case}: translation differs from {} (- expected, + actual)\n{}",
             expected_path.display(),
-            diff.join("\n")
+            unified_diff(&expected, &actual)
         );
     }
+}
+
+/// A unified line diff, aligned across inserted and removed lines, cut to a readable length.
+fn unified_diff(expected: &str, actual: &str) -> String {
+    const MAX_LINES: usize = 200;
+    let diff = similar::TextDiff::from_lines(expected, actual)
+        .unified_diff()
+        .context_radius(3)
+        .header("expected.json", "actual")
+        .to_string();
+    let total = diff.lines().count();
+    let mut shown: Vec<&str> = diff.lines().take(MAX_LINES).collect();
+    let more = format!("... {} more diff lines", total.saturating_sub(MAX_LINES));
+    if total > MAX_LINES {
+        shown.push(&more);
+    }
+    shown.join("\n")
+}
+
+#[test]
+fn diff_aligns_after_an_inserted_line() {
+    let expected = "{\n  \"a\": 1,\n  \"b\": 2,\n  \"c\": 3\n}\n";
+    let actual = "{\n  \"a\": 1,\n  \"new\": 0,\n  \"b\": 2,\n  \"c\": 3\n}\n";
+    let diff = unified_diff(expected, actual);
+    let changed: Vec<&str> = diff
+        .lines()
+        .filter(|l| (l.starts_with('+') || l.starts_with('-')) && !l.starts_with("+++") && !l.starts_with("---"))
+        .collect();
+    // One inserted line is one change, not every line after it.
+    assert_eq!(changed, ["+  \"new\": 0,"], "{diff}");
 }
 
 #[test]
