@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use mesh_core::hbone::{HbonePool, Settings};
 use mesh_core::identity::cert::read_trust_bundle;
-use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, TokenSource};
+use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, Identity, TokenSource};
 use mesh_core::socket::PlainSockets;
 use mesh_core::state::StateStore;
 use mesh_core::xds::{XdsClient, XdsConfig, XdsMetrics};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -27,88 +28,9 @@ use crate::{admin, listener, policy, Waypoint};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
-    let roots = read_trust_bundle(&cfg.trust_bundle).context("--trust-bundle")?;
-    let token = cfg.token_file.clone().map_or(TokenSource::None, TokenSource::File);
-    let cp_tls = |addr: &str| -> anyhow::Result<_> {
-        if addr.starts_with("https://") {
-            Ok(Some(mesh_core::tls::control_plane_client_config(
-                &roots,
-                vec![cfg.control_plane_identity.clone()],
-            )?))
-        } else {
-            Ok(None)
-        }
-    };
-
-    let channel = mesh_core::grpc::endpoint(&cfg.ca_address, cp_tls(&cfg.ca_address)?)
-        .with_context(|| format!("--ca-address {}", cfg.ca_address))?
-        .connect_lazy();
-    let certs = CertManager::new(
-        Arc::new(CaClient::new(channel, token.clone(), false)),
-        roots.clone(),
-        CertManagerConfig::default(),
-    );
-
     let mut registry = Registry::default();
-    let state = StateStore::new();
-    let config = ConfigStore::new();
-    let mut xds = XdsConfig::new(cfg.xds_address.clone(), format!("waypoint~{}", cfg.identity));
-    xds.tls = cp_tls(&cfg.xds_address)?;
-    xds.token = token;
-    xds.extra_types = vec![
-        Arc::new(RoutesSink(config.clone())),
-        Arc::new(PolicySink(config.clone())),
-    ];
-    let client = XdsClient::new(xds, state.clone(), XdsMetrics::register(&mut registry));
-    let ready = client.ready();
-    tokio::spawn(client.run());
-
-    let hbone = HbonePool::new(
-        Settings::default(),
-        certs.clone(),
-        Arc::new(PlainSockets { mark: None }),
-    );
-    let connector = Connector {
-        state: state.clone(),
-        hbone,
-        identity: cfg.identity.clone(),
-        network: cfg.network.clone(),
-        hbone_port: cfg.hbone_port,
-        connect_timeout: Duration::from_secs(10),
-    };
-    let waypoint = Arc::new(Waypoint {
-        gateway: cfg.gateway(),
-        identity: cfg.identity.clone(),
-        network: cfg.network.clone(),
-        state,
-        config,
-        certs: certs.clone(),
-        upstreams: Upstreams::new(connector),
-        jwks: policy::jwt::JwksCache::new(Duration::from_secs(cfg.jwks_refresh_seconds), Duration::from_secs(5)),
-        metrics: metrics::Metrics::register(&mut registry),
-        tracer: trace::Tracer::start(trace::TraceConfig {
-            zipkin: cfg.zipkin_address.clone(),
-            otlp: cfg.otlp_address.clone(),
-            sampling: cfg.trace_sampling,
-            tags: cfg.trace_tags.clone(),
-            service: format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
-        }),
-        header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
-        drain: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-    });
-
-    // Our certificate: retried until the CA issues it; the manager renews it after that.
-    let (c, id) = (certs.clone(), cfg.identity.clone());
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(200);
-        while let Err(e) = c.fetch(&id).await {
-            warn!(error = %e, retry_in = ?delay, "cannot get the waypoint certificate");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
-        info!(identity = %id, "certificate issued");
-    });
+    let (waypoint, ready) = build(&cfg, &mut registry)?;
+    spawn_certificate(waypoint.certs.clone(), cfg.identity.clone());
 
     let hbone = TcpListener::bind(cfg.hbone_addr)
         .await
@@ -141,6 +63,94 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("waypoint stopped");
     Ok(())
+}
+
+/// The waypoint's shared state, wired to the control plane (CA and xDS, whose client starts
+/// here), and the xDS readiness signal.
+fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>, watch::Receiver<bool>)> {
+    let roots = read_trust_bundle(&cfg.trust_bundle).context("--trust-bundle")?;
+    let token = cfg.token_file.clone().map_or(TokenSource::None, TokenSource::File);
+    let cp_tls = |addr: &str| -> anyhow::Result<_> {
+        if addr.starts_with("https://") {
+            Ok(Some(mesh_core::tls::control_plane_client_config(
+                &roots,
+                vec![cfg.control_plane_identity.clone()],
+            )?))
+        } else {
+            Ok(None)
+        }
+    };
+
+    let channel = mesh_core::grpc::endpoint(&cfg.ca_address, cp_tls(&cfg.ca_address)?)
+        .with_context(|| format!("--ca-address {}", cfg.ca_address))?
+        .connect_lazy();
+    let certs = CertManager::new(
+        Arc::new(CaClient::new(channel, token.clone(), false)),
+        roots.clone(),
+        CertManagerConfig::default(),
+    );
+
+    let state = StateStore::new();
+    let config = ConfigStore::new();
+    let mut xds = XdsConfig::new(cfg.xds_address.clone(), format!("waypoint~{}", cfg.identity));
+    xds.tls = cp_tls(&cfg.xds_address)?;
+    xds.token = token;
+    xds.extra_types = vec![
+        Arc::new(RoutesSink(config.clone())),
+        Arc::new(PolicySink(config.clone())),
+    ];
+    let client = XdsClient::new(xds, state.clone(), XdsMetrics::register(registry));
+    let ready = client.ready();
+    tokio::spawn(client.run());
+
+    let hbone = HbonePool::new(
+        Settings::default(),
+        certs.clone(),
+        Arc::new(PlainSockets { mark: None }),
+    );
+    let connector = Connector {
+        state: state.clone(),
+        hbone,
+        identity: cfg.identity.clone(),
+        network: cfg.network.clone(),
+        hbone_port: cfg.hbone_port,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let waypoint = Arc::new(Waypoint {
+        gateway: cfg.gateway(),
+        identity: cfg.identity.clone(),
+        network: cfg.network.clone(),
+        state,
+        config,
+        certs,
+        upstreams: Upstreams::new(connector),
+        jwks: policy::jwt::JwksCache::new(Duration::from_secs(cfg.jwks_refresh_seconds), Duration::from_secs(5)),
+        metrics: metrics::Metrics::register(registry),
+        tracer: trace::Tracer::start(trace::TraceConfig {
+            zipkin: cfg.zipkin_address.clone(),
+            otlp: cfg.otlp_address.clone(),
+            sampling: cfg.trace_sampling,
+            tags: cfg.trace_tags.clone(),
+            service: format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
+        }),
+        header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+        drain: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    Ok((waypoint, ready))
+}
+
+/// Our certificate: retried until the CA issues it; the manager renews it after that.
+fn spawn_certificate(certs: Arc<CertManager>, id: Identity) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = certs.fetch(&id).await {
+            warn!(error = %e, retry_in = ?delay, "cannot get the waypoint certificate");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        info!(identity = %id, "certificate issued");
+    });
 }
 
 async fn shutdown_signal() {
