@@ -470,12 +470,23 @@ async fn istio_ztunnel_on_demand_reaches_a_service_and_a_pod() {
 /// Cluster subnet id of the shared-mode test.
 const CLUSTER_ID: u8 = 88;
 
+const STRICT: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
 fn shop(vip: IpAddr) -> String {
     format!(
         "\
 apiVersion: v1
 kind: Namespace
 metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: legacy}}
 ---
 apiVersion: v1
 kind: Service
@@ -574,8 +585,13 @@ async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
         }
     }
 
-    // Ours -> Istio's by pod IP and VIP, and back by pod IP; client addresses preserved.
-    for target in [format!("http://{}:8080/", server.ip), format!("http://{vip}:80/")] {
+    // Ours -> Istio's by pod IP, VIP and DNS name (our DNS proxy), and back by pod IP;
+    // client addresses preserved.
+    for target in [
+        format!("http://{}:8080/", server.ip),
+        format!("http://{vip}:80/"),
+        "http://server.shop.svc.cluster.local/".to_owned(),
+    ] {
         let got = client
             .ns
             .exec(&["curl", "-sS", "--max-time", "5", &target])
@@ -599,6 +615,37 @@ async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
             .any(|(id, state)| id == "spiffe://cluster.local/ns/shop/sa/server" && state.contains("Available"))
     })
     .await;
+    // A plain pod reaches the server in plaintext until a STRICT PeerAuthentication from our
+    // controller, which Istio's ztunnel then enforces.
+    let plain = cluster
+        .add_pod_without_mesh(0, PodSpec::new("plain", "legacy", &[]))
+        .expect("plain pod");
+    let direct = format!("http://{}:8080/", server.ip);
+    let curl_plain = || {
+        plain
+            .ns
+            .exec(&["curl", "-sS", "--max-time", "3", &direct])
+            .unwrap_or_else(|e| format!("error: {e}"))
+    };
+    assert_eq!(curl_plain().trim(), format!("peer={}", plain.ip), "{}", istio_zt.logs());
+    cluster
+        .write_manifest("strict.yaml", STRICT)
+        .expect("PeerAuthentication");
+    let deadline = Instant::now() + READY;
+    while curl_plain().contains("peer=") {
+        assert!(
+            Instant::now() < deadline,
+            "STRICT not enforced by Istio's ztunnel:\n{}",
+            istio_zt.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Mesh traffic still passes.
+    let got = client
+        .ns
+        .exec(&["curl", "-sS", "--max-time", "5", &direct])
+        .unwrap_or_else(|e| format!("error: {e}"));
+    assert_eq!(got.trim(), format!("peer={}", client.ip), "{}", istio_zt.logs());
     eprintln!(
         "shared mode: Istio's ztunnel holds {} workloads, certificates {:?}",
         istio::dumped_workloads(&dump).len(),
