@@ -504,66 +504,80 @@ fn header_name(name: &str, what: &str, issuer: &str) -> Option<HeaderName> {
     }
 }
 
+/// Where rule `r` reads tokens. Envoy's defaults apply only when it names no location at all.
+fn rule_locations(r: &JwtRule) -> Vec<Where> {
+    let mut wheres = Vec::new();
+    if r.from_headers.is_empty() && r.from_params.is_empty() {
+        wheres.push(Where::Header {
+            name: AUTHORIZATION,
+            prefix: "Bearer ".to_owned(),
+        });
+        wheres.push(Where::Param("access_token".to_owned()));
+    }
+    for h in &r.from_headers {
+        if let Some(name) = header_name(&h.name, "fromHeaders", &r.issuer) {
+            wheres.push(Where::Header {
+                name,
+                prefix: h.prefix.clone(),
+            });
+        }
+    }
+    wheres.extend(r.from_params.iter().map(|p| Where::Param(p.clone())));
+    wheres
+}
+
+/// Adds `wheres` to the shared `locations` (at most `MAX_LOCATIONS`) and returns their bitmask.
+fn intern_locations(locations: &mut Vec<Where>, wheres: Vec<Where>, issuer: &str) -> u64 {
+    let mut mask = 0u64;
+    for w in wheres {
+        let idx = match locations.iter().position(|l| *l == w) {
+            Some(i) => i,
+            None if locations.len() < MAX_LOCATIONS => {
+                locations.push(w);
+                locations.len() - 1
+            }
+            None => {
+                warn!(
+                    issuer,
+                    "RequestAuthentication: too many token locations, ignoring the rest"
+                );
+                continue;
+            }
+        };
+        mask |= 1 << idx;
+    }
+    mask
+}
+
+/// Where rule `r`'s keys come from. Istio: inline `jwks` wins over `jwksUri`.
+fn key_source(r: &JwtRule) -> KeySource {
+    if !r.jwks.is_empty() {
+        KeySource::Inline(match parse_jwks(r.jwks.as_bytes()) {
+            Ok(k) => Some(Arc::new(k)),
+            Err(error) => {
+                warn!(issuer = r.issuer, %error, "RequestAuthentication: inline jwks unusable; its tokens will be rejected");
+                None
+            }
+        })
+    } else if !r.jwks_uri.is_empty() {
+        KeySource::Remote(r.jwks_uri.clone())
+    } else {
+        warn!(
+            issuer = r.issuer,
+            "RequestAuthentication: rule has neither jwks nor jwksUri; its tokens will be rejected"
+        );
+        KeySource::Missing
+    }
+}
+
 impl Authenticator {
     pub fn new(rules: Vec<JwtRule>, cache: Arc<JwksCache>) -> Self {
         let mut locations: Vec<Where> = Vec::new();
         let mut output_headers: Vec<HeaderName> = Vec::new();
         let mut out = Vec::with_capacity(rules.len());
         for r in rules {
-            // Envoy's defaults apply only when the rule names no location at all.
-            let mut wheres = Vec::new();
-            if r.from_headers.is_empty() && r.from_params.is_empty() {
-                wheres.push(Where::Header {
-                    name: AUTHORIZATION,
-                    prefix: "Bearer ".to_owned(),
-                });
-                wheres.push(Where::Param("access_token".to_owned()));
-            }
-            for h in &r.from_headers {
-                if let Some(name) = header_name(&h.name, "fromHeaders", &r.issuer) {
-                    wheres.push(Where::Header {
-                        name,
-                        prefix: h.prefix.clone(),
-                    });
-                }
-            }
-            wheres.extend(r.from_params.iter().map(|p| Where::Param(p.clone())));
-            let mut mask = 0u64;
-            for w in wheres {
-                let idx = match locations.iter().position(|l| *l == w) {
-                    Some(i) => i,
-                    None if locations.len() < MAX_LOCATIONS => {
-                        locations.push(w);
-                        locations.len() - 1
-                    }
-                    None => {
-                        warn!(
-                            issuer = r.issuer,
-                            "RequestAuthentication: too many token locations, ignoring the rest"
-                        );
-                        continue;
-                    }
-                };
-                mask |= 1 << idx;
-            }
-            // Istio: inline `jwks` wins over `jwksUri`.
-            let keys = if !r.jwks.is_empty() {
-                KeySource::Inline(match parse_jwks(r.jwks.as_bytes()) {
-                    Ok(k) => Some(Arc::new(k)),
-                    Err(error) => {
-                        warn!(issuer = r.issuer, %error, "RequestAuthentication: inline jwks unusable; its tokens will be rejected");
-                        None
-                    }
-                })
-            } else if !r.jwks_uri.is_empty() {
-                KeySource::Remote(r.jwks_uri.clone())
-            } else {
-                warn!(
-                    issuer = r.issuer,
-                    "RequestAuthentication: rule has neither jwks nor jwksUri; its tokens will be rejected"
-                );
-                KeySource::Missing
-            };
+            let mask = intern_locations(&mut locations, rule_locations(&r), &r.issuer);
+            let keys = key_source(&r);
             let payload_header = Some(&r.output_payload_to_header)
                 .filter(|h| !h.is_empty())
                 .and_then(|h| header_name(h, "outputPayloadToHeader", &r.issuer));
