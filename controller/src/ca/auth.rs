@@ -420,4 +420,21 @@ mod tests {
             );
         }
     }
+
+    /// Istio's ztunnel sends `Bearer ` followed by its `AUTH_TOKEN` file's bytes as they are.
+    /// The harness writes token files without a newline: those bytes are exactly the token.
+    /// A JWT (projected service account token) passes unchanged; a file ending in a newline
+    /// cannot even become a header value, so Istio's client fails before sending it.
+    #[test]
+    fn istio_sends_the_token_file_bytes_as_they_are() {
+        let token = random_token().expect("token");
+        let file_bytes = token.as_bytes().to_vec();
+        let header = [b"Bearer ".as_slice(), &file_bytes].concat();
+        let header = String::from_utf8(header).expect("ascii");
+        assert_eq!(bearer_token(&md(&[&header])).expect("ok"), token);
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl-_x";
+        assert_eq!(bearer_token(&md(&[&format!("Bearer {jwt}")])).expect("ok"), jwt);
+        let with_newline = format!("Bearer {token}\n");
+        assert!(tonic::metadata::MetadataValue::try_from(with_newline.as_str()).is_err());
+    }
 }
