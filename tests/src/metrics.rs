@@ -15,9 +15,23 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum over every series of `name` whose line carries all of `labels`: a counter split
+/// by labels the test does not care about (which series a map lists first is chance).
+pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::sample;
+    use super::{sample, sum};
 
     #[test]
     fn finds_the_series_by_name_and_labels() {
