@@ -1,10 +1,12 @@
 //! The Kubernetes-facing layer: the only code that talks to the API server. It is kept thin on
 //! purpose: [`watch`] turns watches into the same [`Change`](crate::source::Change)s the local
-//! directory source produces, [`writer`] applies the waypoint controller's decisions, [`leader`]
-//! decides which replica writes, and [`tokenreview`] authenticates CA callers. Everything behind
-//! it is tested through the local source.
+//! directory source produces, [`manifests`] builds the objects a waypoint runs as, [`writer`]
+//! applies them and writes statuses, [`leader`] decides which replica writes, and
+//! [`tokenreview`] authenticates CA callers. Everything behind it is tested through the local
+//! source.
 
 pub mod leader;
+pub mod manifests;
 pub mod resources;
 pub mod tokenreview;
 pub mod watch;

@@ -1,0 +1,442 @@
+//! The objects a waypoint runs as, built by pure functions from a [`WaypointDeployment`]
+//! record: its ServiceAccount, a Deployment of the waypoint binary, a Service on the HBONE
+//! port, and the namespace's root-certificate ConfigMap. All but the ConfigMap are owned by
+//! the Gateway, so deleting it garbage-collects them. [`super::writer`] applies them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext,
+    Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::resources::served_version;
+use super::writer::WriterConfig;
+use crate::model::{Kind, ObjectMeta, ServiceAccount};
+use crate::waypoint::WaypointDeployment;
+
+/// Selects a waypoint's pods (Gateway API's standard label).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Marks pods as a managed gateway; the node agent never captures them.
+pub const MANAGED_LABEL: &str = "gateway.istio.io/managed";
+pub const MANAGED_VALUE: &str = "istio.io-mesh-controller";
+/// Waypoints carry mesh traffic themselves and must not be captured.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// The waypoint serves `/metrics` and `/healthz/ready` here.
+pub const METRICS_PORT: u16 = 15020;
+/// The ConfigMap (one per waypoint namespace) holding the mesh's root certificate.
+pub const ROOT_CERT_CONFIGMAP: &str = "mesh-root-cert";
+/// Audience of the token waypoints present to the CA and xDS server (TokenReview checks it).
+pub const TOKEN_AUDIENCE: &str = "istio-ca";
+const ROOT_CERT_DIR: &str = "/var/run/secrets/mesh";
+const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// The waypoint runs as the proxies' conventional user and group, Istio's 1337. It equals
+/// the socket mark (`mesh_core::capture::MESH_MARK`) only by Istio's convention; they are
+/// unrelated.
+const PROXY_UID: i64 = 1337;
+
+/// The owner reference to the Gateway (`None` without a uid, as in local mode).
+pub fn owner_reference(record: &WaypointDeployment) -> Option<OwnerReference> {
+    if record.gateway_uid.is_empty() {
+        return None;
+    }
+    Some(OwnerReference {
+        api_version: format!("{}/{}", Kind::Gateway.group(), served_version(Kind::Gateway)),
+        kind: Kind::Gateway.name().to_owned(),
+        name: record.gateway.name.clone(),
+        uid: record.gateway_uid.clone(),
+        controller: Some(true),
+        // blockOwnerDeletion would need `update` on gateways/finalizers; not worth the RBAC.
+        block_owner_deletion: None,
+    })
+}
+
+/// The labels selecting a waypoint's pods.
+pub fn selector_labels(record: &WaypointDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), record.gateway.name.clone())])
+}
+
+fn metadata(record: &WaypointDeployment, name: &str) -> ObjectMeta {
+    let mut labels = selector_labels(record);
+    labels.insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(record.gateway.namespace.clone()),
+        labels: Some(labels),
+        owner_references: owner_reference(record).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+pub fn service_account_for(record: &WaypointDeployment) -> ServiceAccount {
+    ServiceAccount {
+        metadata: metadata(record, &record.service_account),
+        ..ServiceAccount::default()
+    }
+}
+
+/// The waypoint binary's arguments: who it is, where the control plane is, and the files the
+/// pod mounts (the root certificate and a projected token for the CA's TokenReview).
+pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<String> {
+    vec![
+        "--identity".into(),
+        record.identity.clone(),
+        "--gateway".into(),
+        format!("{}/{}", record.gateway.namespace, record.gateway.name),
+        "--xds-address".into(),
+        config.xds_address.clone(),
+        "--ca-address".into(),
+        config.xds_address.clone(),
+        "--trust-bundle".into(),
+        format!("{ROOT_CERT_DIR}/root-cert.pem"),
+        "--token-file".into(),
+        format!("{TOKEN_DIR}/mesh-token"),
+        "--hbone-addr".into(),
+        format!("0.0.0.0:{}", record.hbone_port),
+        "--metrics-addr".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+    ]
+}
+
+/// The namespace's copy of the root certificate waypoints verify the control plane with.
+pub fn root_cert_for(namespace: &str, config: &WriterConfig) -> ConfigMap {
+    ConfigMap {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(ROOT_CERT_CONFIGMAP.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some([(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned())].into()),
+            ..Default::default()
+        },
+        data: Some([("root-cert.pem".to_owned(), config.root_cert.clone())].into()),
+        ..ConfigMap::default()
+    }
+}
+
+fn waypoint_volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
+    let volumes = vec![
+        Volume {
+            name: "root-cert".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ROOT_CERT_CONFIGMAP.to_owned(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "mesh-token".to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_owned()),
+                        expiration_seconds: Some(43200),
+                        path: "mesh-token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mounts = vec![
+        VolumeMount {
+            name: "root-cert".to_owned(),
+            mount_path: ROOT_CERT_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "mesh-token".to_owned(),
+            mount_path: TOKEN_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    (volumes, mounts)
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+        value: None,
+    }
+}
+
+fn port(name: &str, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: i32::from(port),
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Deployment {
+    let mut pod_labels = metadata(record, &record.gateway.name).labels.unwrap_or_default();
+    pod_labels.insert(DATAPLANE_MODE_LABEL.to_owned(), "none".to_owned());
+    let (volumes, mounts) = waypoint_volumes();
+    let container = Container {
+        volume_mounts: Some(mounts),
+        name: "waypoint".to_owned(),
+        image: Some(config.image.clone()),
+        args: Some(waypoint_args(record, config)),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_IP", "status.podIP"),
+            field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ]),
+        ports: Some(vec![port("hbone", record.hbone_port), port("metrics", METRICS_PORT)]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz/ready".to_owned()),
+                port: IntOrString::Int(i32::from(METRICS_PORT)),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                localhost_profile: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: metadata(record, &record.gateway.name),
+        spec: Some(DeploymentSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(record)),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(record.service_account.clone()),
+                    // The projected token above is the only credential it needs.
+                    automount_service_account_token: Some(false),
+                    // Requests in flight get the waypoint's drain (5 s) and a margin.
+                    termination_grace_period_seconds: Some(10),
+                    volumes: Some(volumes),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+pub fn service_for(record: &WaypointDeployment) -> Service {
+    Service {
+        metadata: metadata(record, &record.gateway.name),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(selector_labels(record)),
+            ports: Some(vec![ServicePort {
+                name: Some("mesh".to_owned()),
+                port: i32::from(record.hbone_port),
+                target_port: Some(IntOrString::String("hbone".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::ObjectKey;
+    use crate::waypoint::{Condition, WaypointFor};
+
+    pub(crate) fn record() -> WaypointDeployment {
+        WaypointDeployment {
+            gateway: ObjectKey::new("apps", "waypoint"),
+            gateway_uid: "uid-1".into(),
+            service_account: "waypoint".into(),
+            identity: "spiffe://cluster.local/ns/apps/sa/waypoint".into(),
+            waypoint_for: WaypointFor::Service,
+            hbone_port: mesh_core::capture::HBONE_PORT,
+            address: None,
+            conditions: vec![
+                Condition {
+                    kind: "Accepted".into(),
+                    status: true,
+                    reason: "Accepted".into(),
+                    message: String::new(),
+                },
+                Condition {
+                    kind: "Programmed".into(),
+                    status: false,
+                    reason: "Pending".into(),
+                    message: "waiting for the deployment".into(),
+                },
+            ],
+        }
+    }
+
+    pub(crate) fn config() -> WriterConfig {
+        WriterConfig {
+            image: "mesh/waypoint:1".into(),
+            xds_address: "https://mesh-controller.istio-system:15012".into(),
+            root_cert: "-----BEGIN CERTIFICATE-----\n".into(),
+            retry: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn everything_is_owned_by_the_gateway() {
+        let r = record();
+        let deployment = deployment_for(&r, &config());
+        let service = service_for(&r);
+        let account = service_account_for(&r);
+        for meta in [&deployment.metadata, &service.metadata, &account.metadata] {
+            let owners = meta.owner_references.as_deref().expect("owner references");
+            assert_eq!(owners.len(), 1);
+            let owner = &owners[0];
+            assert_eq!(owner.api_version, "gateway.networking.k8s.io/v1");
+            assert_eq!(owner.kind, "Gateway");
+            assert_eq!(owner.name, "waypoint");
+            assert_eq!(owner.uid, "uid-1");
+            assert_eq!(owner.controller, Some(true));
+            assert_eq!(meta.namespace.as_deref(), Some("apps"));
+        }
+        let local = WaypointDeployment {
+            gateway_uid: String::new(),
+            ..r
+        };
+        assert!(owner_reference(&local).is_none());
+        assert!(service_for(&local).metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn deployment_runs_an_uncaptured_waypoint() {
+        let r = record();
+        let deployment = deployment_for(&r, &config());
+        let spec = deployment.spec.expect("spec");
+        let selector = spec.selector.match_labels.expect("selector");
+        assert_eq!(selector.get(GATEWAY_NAME_LABEL).map(String::as_str), Some("waypoint"));
+        let template_labels = spec.template.metadata.and_then(|m| m.labels).expect("pod labels");
+        for (k, v) in &selector {
+            assert_eq!(template_labels.get(k), Some(v), "the selector selects the pods");
+        }
+        assert_eq!(
+            template_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str),
+            Some("none")
+        );
+        assert_eq!(
+            template_labels.get(MANAGED_LABEL).map(String::as_str),
+            Some(MANAGED_VALUE)
+        );
+        assert_eq!(spec.replicas, None, "left to users and autoscalers");
+
+        let pod = spec.template.spec.expect("pod spec");
+        assert_eq!(pod.service_account_name.as_deref(), Some("waypoint"));
+        let container = &pod.containers[0];
+        assert_eq!(container.image.as_deref(), Some("mesh/waypoint:1"));
+        let args = container.args.as_deref().expect("args");
+        assert!(args.windows(2).any(|w| w == ["--gateway", "apps/waypoint"]));
+        assert!(args.windows(2).any(|w| w[0] == "--identity" && w[1] == r.identity));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--trust-bundle", "/var/run/secrets/mesh/root-cert.pem"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--token-file", "/var/run/secrets/tokens/mesh-token"]));
+        // Every flag is one the waypoint binary accepts.
+        let mut argv = vec!["waypoint".to_owned()];
+        argv.extend(args.iter().cloned());
+        if let Err(e) = <waypoint::config::Config as clap::Parser>::try_parse_from(&argv) {
+            panic!("the waypoint refuses the generated arguments: {e}");
+        }
+        let volumes = pod.volumes.as_deref().expect("volumes");
+        let token = volumes
+            .iter()
+            .find_map(|v| v.projected.as_ref())
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s[0].service_account_token.as_ref())
+            .expect("projected token");
+        assert_eq!(token.audience.as_deref(), Some(TOKEN_AUDIENCE));
+        let ports: Vec<_> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref().unwrap_or(""), p.container_port))
+            .collect();
+        assert_eq!(ports, [("hbone", 15008), ("metrics", 15020)]);
+        let probe = container
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("readiness probe");
+        assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+        assert_eq!(probe.port, IntOrString::Int(15020));
+    }
+
+    #[test]
+    fn service_exposes_hbone() {
+        let r = record();
+        let service = service_for(&r);
+        let spec = service.spec.clone().expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.selector, Some(selector_labels(&r)));
+        let ports = spec.ports.expect("ports");
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].name.as_deref(), Some("mesh"));
+        assert_eq!(ports[0].port, 15008);
+        assert_eq!(ports[0].target_port, Some(IntOrString::String("hbone".into())));
+        // Server-side apply bodies carry their type.
+        let body = serde_json::to_value(&service).expect("serializes");
+        assert_eq!(body["apiVersion"], "v1");
+        assert_eq!(body["kind"], "Service");
+        assert!(body.get("status").is_none());
+    }
+
+    /// The generated waypoint passes the same pod-security rules the shipped manifests are
+    /// checked against (scripts/pod_security.py): no exception needed.
+    #[test]
+    fn waypoint_container_is_locked_down() {
+        let d = deployment_for(&record(), &config());
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod spec");
+        let sc = pod.containers[0].security_context.clone().expect("security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_owned()]));
+        assert_eq!(sc.seccomp_profile.map(|p| p.type_), Some("RuntimeDefault".to_owned()));
+        assert_ne!(pod.host_network, Some(true));
+    }
+}
