@@ -148,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         });
         tokio::spawn(controller::k8s::writer::run_status(
             client.clone(),
+            Duration::from_secs(5),
             leader.clone(),
             problems_rx,
         ));

@@ -330,16 +330,49 @@ fn reports_status(kind: Kind) -> bool {
     )
 }
 
+/// Statuses as written during this leadership: only a write that succeeded counts, so a failed
+/// one stays pending and is retried.
+#[derive(Debug, Default)]
+struct Reported(BTreeMap<(Kind, ObjectKey), Vec<String>>);
+
+impl Reported {
+    /// The writes that bring the statuses to `now`: `Accepted=True` (no messages) for objects
+    /// whose problems went away, then each object whose messages changed.
+    fn pending(&self, now: &BTreeMap<(Kind, ObjectKey), Vec<String>>) -> Vec<((Kind, ObjectKey), Vec<String>)> {
+        let cleared = self
+            .0
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .map(|k| (k.clone(), Vec::new()));
+        let changed = now
+            .iter()
+            .filter(|(k, messages)| self.0.get(*k) != Some(*messages))
+            .map(|(k, messages)| (k.clone(), messages.clone()));
+        cleared.chain(changed).collect()
+    }
+
+    /// Records a successful write.
+    fn written(&mut self, key: (Kind, ObjectKey), messages: Vec<String>) {
+        if messages.is_empty() {
+            self.0.remove(&key);
+        } else {
+            self.0.insert(key, messages);
+        }
+    }
+}
+
 /// Keeps problems on the status of the Istio objects that caused them (only while leading):
 /// objects with problems get `Accepted=False` with the messages, objects whose problems went
-/// away get `Accepted=True` again.
+/// away get `Accepted=True` again. A failed write is retried after `retry`, as in [`run`].
 pub async fn run_status(
     client: Client,
+    retry: Duration,
     mut leader: watch::Receiver<bool>,
     mut problems: watch::Receiver<Vec<crate::translate::Problem>>,
 ) {
-    let mut reported: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
+    let mut reported = Reported::default();
     loop {
+        let mut failed = false;
         if *leader.borrow_and_update() {
             let mut now: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
             // Kind-level problems (object "*": the kind cannot be listed) have no object to
@@ -350,27 +383,22 @@ pub async fn run_status(
                     .or_default()
                     .push(p.message.clone());
             }
-            let cleared: Vec<(Kind, ObjectKey)> = reported.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
-            for (kind, key) in cleared {
-                if let Err(e) = report_problems(&client, kind, &key, &[]).await {
-                    warn!(%key, error = %e, "cannot clear policy status");
+            for ((kind, key), messages) in reported.pending(&now) {
+                match report_problems(&client, kind, &key, &messages).await {
+                    Ok(()) => reported.written((kind, key), messages),
+                    Err(e) => {
+                        warn!(%key, error = %e, "cannot write policy status");
+                        failed = true;
+                    }
                 }
             }
-            for ((kind, key), messages) in &now {
-                if reported.get(&(*kind, key.clone())) == Some(messages) {
-                    continue;
-                }
-                if let Err(e) = report_problems(&client, *kind, key, messages).await {
-                    warn!(%key, error = %e, "cannot write policy status");
-                }
-            }
-            reported = now;
         } else {
-            reported.clear();
+            reported = Reported::default();
         }
         tokio::select! {
             r = leader.changed() => if r.is_err() { return },
             r = problems.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(retry), if failed => {}
         }
     }
 }
@@ -446,5 +474,41 @@ mod tests {
         let written = conditions(&[bad], &[], None, at(0));
         assert_eq!(written[0]["status"], "False");
         assert!(written[0].get("observedGeneration").is_none());
+    }
+
+    fn problem(name: &str) -> (Kind, ObjectKey) {
+        (Kind::AuthorizationPolicy, ObjectKey::new("apps", name))
+    }
+
+    #[test]
+    fn a_failed_status_write_stays_pending_until_it_succeeds() {
+        let mut reported = Reported::default();
+        let now = BTreeMap::from([(problem("a"), vec!["bad port".to_owned()])]);
+        let write = vec![(problem("a"), vec!["bad port".to_owned()])];
+        assert_eq!(reported.pending(&now), write);
+        // The write failed: nothing is recorded, so the same write is still pending.
+        assert_eq!(reported.pending(&now), write);
+        reported.written(problem("a"), vec!["bad port".to_owned()]);
+        assert!(reported.pending(&now).is_empty());
+        // The problem went away: clearing it is pending until a clear succeeds.
+        let none = BTreeMap::new();
+        assert_eq!(reported.pending(&none), [(problem("a"), vec![])]);
+        assert_eq!(reported.pending(&none), [(problem("a"), vec![])]);
+        reported.written(problem("a"), vec![]);
+        assert!(reported.pending(&none).is_empty());
+    }
+
+    #[test]
+    fn only_changed_statuses_are_written() {
+        let mut reported = Reported::default();
+        reported.written(problem("a"), vec!["x".to_owned()]);
+        reported.written(problem("b"), vec!["y".to_owned()]);
+        let now = BTreeMap::from([
+            (problem("a"), vec!["x".to_owned()]),
+            (problem("b"), vec!["z".to_owned()]),
+            (problem("c"), vec!["w".to_owned()]),
+        ]);
+        let keys: Vec<String> = reported.pending(&now).into_iter().map(|((_, k), _)| k.name).collect();
+        assert_eq!(keys, ["b", "c"]);
     }
 }
