@@ -9,6 +9,10 @@
 //!   client's IP preserved), and an L4 DENY from our controller enforced by it.
 //! - on-demand (`XDS_ON_DEMAND=true`, the URL's host an IP checked against our IP SAN): it
 //!   subscribes to nothing up front and still reaches a service and a pod.
+//! - shared mode on node 1 of the namespace cluster, driven by our node agent over ZDS: it
+//!   serves pods our ztunnel reaches, enforces STRICT; and as the client of our waypoint it
+//!   sends `use-waypoint` traffic there over HBONE with the client's identity, so the
+//!   HTTPRoute split and the L7 AuthorizationPolicy apply.
 //!
 //! The peer is missing: the tests fail under `CI` and skip with a note otherwise.
 
@@ -505,18 +509,13 @@ fn istio_has_hbone(dump: &serde_json::Value, uid: &str) -> bool {
         .any(|w| w["uid"] == uid && w["protocol"] == "HBONE")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
-    use mesh_e2e::cluster::{Cluster, PodSpec};
-    let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
-        return;
-    };
-    if !mesh_e2e::cluster_capable() {
-        return;
-    }
-    let vip = IpAddr::from([10, 96, CLUSTER_ID, 10]);
-    let cluster = Cluster::start(CLUSTER_ID, 2, &shop(vip)).await.expect("cluster up");
-    // Node 1 runs Istio's ztunnel instead of ours, on our node agent's ZDS socket.
+/// Replaces our ztunnel on node 1 of `cluster` with Istio's, on our node agent's ZDS socket
+/// (shared mode), and waits until it is ready.
+async fn istio_ztunnel_on_node_1(
+    cluster: &mesh_e2e::cluster::Cluster,
+    peer: &std::path::Path,
+) -> IstioZtunnel<'static> {
+    use mesh_e2e::cluster::Cluster;
     let ours = cluster.nodes[1]
         .ztunnel
         .lock()
@@ -540,13 +539,61 @@ async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
         ("POD_NAMESPACE", "istio-system".into()),
         ("POD_NAME", "ztunnel-istio".into()),
         ("SERVICE_ACCOUNT", "ztunnel".into()),
-        ("INSTANCE_IP", Cluster::underlay_ip(CLUSTER_ID, 1).to_string()),
+        ("INSTANCE_IP", Cluster::underlay_ip(cluster.id, 1).to_string()),
         ("TRUST_DOMAIN", "cluster.local".into()),
         ("CLUSTER_ID", "Kubernetes".into()),
         ("ZTUNNEL_WORKER_THREADS", "1".into()),
     ];
-    let mut istio_zt = IstioZtunnel::spawn(n1.ns, &peer, &env).expect("spawn Istio's ztunnel");
+    let mut istio_zt = IstioZtunnel::spawn(n1.ns, peer, &env).expect("spawn Istio's ztunnel");
     istio_zt.wait_ready(READY).await.expect("Istio's ztunnel ready");
+    istio_zt
+}
+
+/// Waits until `pods` are known as HBONE workloads both to our ztunnel on node 0 and to
+/// Istio's on node 1 (so both nodes' agents reported them captured).
+async fn wait_hbone_on_both(
+    cluster: &mesh_e2e::cluster::Cluster,
+    istio_zt: &IstioZtunnel<'_>,
+    pods: &[&mesh_e2e::cluster::Pod],
+) {
+    let deadline = Instant::now() + READY;
+    for pod in pods {
+        let uid = format!("Kubernetes//Pod/{}/{}", pod.namespace, pod.name);
+        loop {
+            let theirs = istio_zt.config_dump().await.map(|d| istio_has_hbone(&d, &uid));
+            let ours = cluster.ztunnel_dump(0).await.map(|d| {
+                d["workloads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|w| w["uid"] == uid.as_str() && w["tunnel"] == "Hbone")
+            });
+            if matches!((theirs, ours), (Ok(true), Ok(true))) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uid} not HBONE on both nodes\nIstio:\n{}\nagent:\n{}",
+                istio_zt.logs(),
+                cluster.nodes[1].agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
+    use mesh_e2e::cluster::{Cluster, PodSpec};
+    let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let vip = IpAddr::from([10, 96, CLUSTER_ID, 10]);
+    let cluster = Cluster::start(CLUSTER_ID, 2, &shop(vip)).await.expect("cluster up");
+    let istio_zt = istio_ztunnel_on_node_1(&cluster, &peer).await;
 
     let client = cluster
         .add_pod(0, PodSpec::new("client", "shop", &[]))
@@ -561,29 +608,7 @@ async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
         client.ns.listen(SocketAddr::new(client.ip, 8080)).expect("listen"),
     ));
     // Both pods captured and known with HBONE on both sides.
-    let deadline = Instant::now() + READY;
-    for uid in ["Kubernetes//Pod/shop/client", "Kubernetes//Pod/shop/server"] {
-        loop {
-            let theirs = istio_zt.config_dump().await.map(|d| istio_has_hbone(&d, uid));
-            let ours = cluster.ztunnel_dump(0).await.map(|d| {
-                d["workloads"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|w| w["uid"] == uid && w["tunnel"] == "Hbone")
-            });
-            if matches!((theirs, ours), (Ok(true), Ok(true))) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{uid} not HBONE on both nodes\nIstio:\n{}\nagent:\n{}",
-                istio_zt.logs(),
-                n1.agent_log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_hbone_on_both(&cluster, &istio_zt, &[&client, &server]).await;
 
     // Ours -> Istio's by pod IP, VIP and DNS name (our DNS proxy), and back by pod IP;
     // client addresses preserved.
@@ -651,5 +676,183 @@ async fn istio_ztunnel_shared_mode_driven_by_our_node_agent() {
         istio::dumped_workloads(&dump).len(),
         istio::dumped_certificates(&dump)
     );
+    assert_eq!(controller_nacks(&cluster.controller).await, 0.0);
+}
+
+/// Cluster subnet id of the waypoint test.
+const WAYPOINT_CLUSTER_ID: u8 = 89;
+
+/// `shop` with our waypoint, a `server` service using it with a 90/10 HTTPRoute split over
+/// `server-v1`/`server-v2`, and a `payments` service using it with the L7 payment policy.
+fn waypoint_world() -> String {
+    use mesh_e2e::waypoint::{base, service};
+    let id = WAYPOINT_CLUSTER_ID;
+    let mut w = base(id);
+    w += &service(id, "server", "app: server", 10, true);
+    w += &service(id, "server-v1", "app: server, version: v1", 11, false);
+    w += &service(id, "server-v2", "app: server, version: v2", 12, false);
+    w += &service(id, "payments", "app: payments", 13, true);
+    w += r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server-split, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules:
+  - backendRefs:
+    - {name: server-v1, port: 80, weight: 90}
+    - {name: server-v2, port: 80, weight: 10}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: payments}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/order-service]}}]
+    to: [{operation: {methods: [POST], paths: [/api/v1/payments*]}}]
+"#;
+    w
+}
+
+/// Istio's ztunnel as the client of our waypoint: the client pods are on node 1, served by
+/// Istio's ztunnel (shared mode, our node agent); our waypoint and the servers are on node 0
+/// with our ztunnel. Istio's ztunnel must send the client's traffic to the waypoint over
+/// HBONE, and the waypoint must route (HTTPRoute split) and authorize (L7 policy) on the
+/// original client's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_client_through_our_waypoint() {
+    use mesh_e2e::apps::{named_server, HttpConn};
+    use mesh_e2e::cluster::{Cluster, PodSpec};
+    use mesh_e2e::waypoint::{identity, Waypoint};
+    let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let id = WAYPOINT_CLUSTER_ID;
+    let wp_id = identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(id, 2, &waypoint_world(), &[&wp_id])
+        .await
+        .expect("cluster up");
+    let istio_zt = istio_ztunnel_on_node_1(&cluster, &peer).await;
+    let waypoint = Waypoint::start(&cluster, 0, "shop", "waypoint")
+        .await
+        .expect("waypoint up");
+    let mut pods = Vec::new();
+    for (name, labels) in [
+        ("server-v1", &[("app", "server"), ("version", "v1")][..]),
+        ("server-v2", &[("app", "server"), ("version", "v2")][..]),
+        ("payments", &[("app", "payments")][..]),
+    ] {
+        let pod = cluster
+            .add_pod(0, PodSpec::new(name, "shop", labels))
+            .expect("server pod");
+        let name: &'static str = name;
+        tokio::spawn(named_server(
+            pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen"),
+            name,
+        ));
+        pods.push(pod);
+    }
+    let order = cluster
+        .add_pod(1, PodSpec::new("order-service", "shop", &[]))
+        .expect("client pod");
+    let frontend = cluster
+        .add_pod(1, PodSpec::new("frontend", "shop", &[]))
+        .expect("client pod");
+    let all: Vec<&mesh_e2e::cluster::Pod> = pods.iter().chain([&order, &frontend]).collect();
+    wait_hbone_on_both(&cluster, &istio_zt, &all).await;
+    let logs = || format!("Istio:\n{}\nwaypoint:\n{}", istio_zt.logs(), waypoint.logs());
+
+    // The HTTPRoute's 90/10 split, on one keep-alive connection from the Istio-served client.
+    let server = SocketAddr::new(cluster.vip(10), 80);
+    let mut conn = HttpConn::open(&order.ns, server, "server.shop.svc.cluster.local")
+        .await
+        .unwrap_or_else(|e| panic!("connect to the server VIP: {e}\n{}", logs()));
+    const SPLIT_REQUESTS: usize = 500;
+    let mut v2 = 0usize;
+    for _ in 0..SPLIT_REQUESTS {
+        let a = conn
+            .send("GET", "/", &[])
+            .await
+            .unwrap_or_else(|e| panic!("request through the waypoint: {e}\n{}", logs()));
+        assert_eq!(a.status, 200, "{}", a.body);
+        // Only the waypoint could have chosen a version: the client dialled the VIP.
+        match a.body.lines().next() {
+            Some("server-v2") => v2 += 1,
+            Some("server-v1") => {}
+            other => panic!("answered by {other:?}"),
+        }
+    }
+    let share = v2 as f64 / SPLIT_REQUESTS as f64;
+    eprintln!(
+        "HTTPRoute split from Istio's ztunnel's client: v2 {:.1}%",
+        share * 100.0
+    );
+    assert!(
+        (0.05..=0.15).contains(&share),
+        "90/10 split: v2 got {:.1}%",
+        share * 100.0
+    );
+
+    // The L7 policy on the original client's identity: order-service may POST to
+    // /api/v1/payments*, nothing else; frontend may not.
+    let payments = SocketAddr::new(cluster.vip(13), 80);
+    let mut pay = HttpConn::open(&order.ns, payments, "payments.shop.svc.cluster.local")
+        .await
+        .expect("connect to payments");
+    let ok = pay.send("POST", "/api/v1/payments", &[]).await.expect("POST");
+    assert_eq!(ok.status, 200, "{}\n{}", ok.body, logs());
+    assert_eq!(pay.send("GET", "/api/v1/payments", &[]).await.expect("GET").status, 403);
+    assert_eq!(
+        pay.send("POST", "/api/v1/refunds", &[]).await.expect("POST").status,
+        403
+    );
+    let mut other = HttpConn::open(&frontend.ns, payments, "payments.shop.svc.cluster.local")
+        .await
+        .expect("connect from frontend");
+    let denied = other.send("POST", "/api/v1/payments", &[]).await.expect("POST");
+    assert_eq!(denied.status, 403, "another principal must be refused: {}", denied.body);
+
+    // The waypoint saw the clients' own identities (only HBONE from Istio's ztunnel, with
+    // the certificates it got for them from our CA, carries those).
+    let metrics = waypoint.metrics().await.expect("waypoint metrics");
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"waypoint\""))
+        .collect();
+    let has = |code: &str, principal: &str, service: &str| {
+        series.iter().any(|l| {
+            l.contains(&format!("response_code=\"{code}\""))
+                && l.contains(&format!(
+                    "source_principal=\"spiffe://cluster.local/ns/shop/sa/{principal}\""
+                ))
+                && l.contains(&format!("destination_service=\"{service}.shop.svc.cluster.local\""))
+        })
+    };
+    for (code, principal, service) in [
+        ("200", "order-service", "server"),
+        ("200", "order-service", "payments"),
+        ("403", "order-service", "payments"),
+        ("403", "frontend", "payments"),
+    ] {
+        assert!(
+            has(code, principal, service),
+            "no {code} series for {principal} -> {service}:\n{}",
+            series.join("\n")
+        );
+    }
+    // Istio's ztunnel, on its side, sent those connections to the waypoint's identity.
+    let theirs = istio_zt.metrics().await.expect("Istio metrics");
+    let to_waypoint = theirs.lines().find(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{")
+            && l.contains("reporter=\"source\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/order-service\"")
+            && l.contains(&format!("destination_principal=\"{wp_id}\""))
+    });
+    let to_waypoint = to_waypoint.unwrap_or_else(|| panic!("no connection to the waypoint:\n{theirs}"));
+    eprintln!("Istio's ztunnel: {to_waypoint}");
     assert_eq!(controller_nacks(&cluster.controller).await, 0.0);
 }
