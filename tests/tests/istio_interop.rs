@@ -717,7 +717,8 @@ spec:
 
 /// Istio's ztunnel as the client of our waypoint: the client pods are on node 1, served by
 /// Istio's ztunnel (shared mode, our node agent); our waypoint and the servers are on node 0
-/// with our ztunnel. Istio's ztunnel must send the client's traffic to the waypoint over
+/// with our ztunnel, but for `server-v2`, on node 1 (the waypoint's upstream through Istio's
+/// inbound). Istio's ztunnel must send the client's traffic to the waypoint over
 /// HBONE, and the waypoint must route (HTTPRoute split) and authorize (L7 policy) on the
 /// original client's identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -741,13 +742,14 @@ async fn istio_ztunnel_client_through_our_waypoint() {
         .await
         .expect("waypoint up");
     let mut pods = Vec::new();
-    for (name, labels) in [
-        ("server-v1", &[("app", "server"), ("version", "v1")][..]),
-        ("server-v2", &[("app", "server"), ("version", "v2")][..]),
-        ("payments", &[("app", "payments")][..]),
+    // server-v2 is on Istio's node: the waypoint reaches it through Istio's ztunnel's inbound.
+    for (name, node, labels) in [
+        ("server-v1", 0, &[("app", "server"), ("version", "v1")][..]),
+        ("server-v2", 1, &[("app", "server"), ("version", "v2")][..]),
+        ("payments", 0, &[("app", "payments")][..]),
     ] {
         let pod = cluster
-            .add_pod(0, PodSpec::new(name, "shop", labels))
+            .add_pod(node, PodSpec::new(name, "shop", labels))
             .expect("server pod");
         let name: &'static str = name;
         tokio::spawn(named_server(
@@ -854,5 +856,16 @@ async fn istio_ztunnel_client_through_our_waypoint() {
     });
     let to_waypoint = to_waypoint.unwrap_or_else(|| panic!("no connection to the waypoint:\n{theirs}"));
     eprintln!("Istio's ztunnel: {to_waypoint}");
+    // And it admitted the waypoint's connections to server-v2 on its inbound side.
+    assert!(
+        theirs
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&format!("source_principal=\"{wp_id}\""))
+                && l.contains("destination_workload=\"server-v2\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "no inbound connection from the waypoint to server-v2:\n{theirs}"
+    );
     assert_eq!(controller_nacks(&cluster.controller).await, 0.0);
 }
