@@ -1,32 +1,28 @@
-//! Reading Prometheus text exposition in tests: the value of one series.
+//! Reading Prometheus text exposition in tests: the values of the series of one metric.
 
-/// The value of the first sample of `name` whose line carries every one of `labels`
-/// (`key="value"` fragments), or 0 when there is none: a counter never incremented is absent.
-pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+/// The values of every series of `name` whose line carries all of `labels` (`key="value"`
+/// fragments), in the order the text lists them.
+fn values<'t>(text: &'t str, name: &'t str, labels: &'t [&'t str]) -> impl Iterator<Item = f64> + 't {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-                && labels.iter().all(|want| l.contains(want))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The sum over every series of `name` whose line carries all of `labels`: a counter split
-/// by labels the test does not care about (which series a map lists first is chance).
-pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
+        .filter(move |l| {
             l.strip_prefix(name)
                 .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
                 && labels.iter().all(|want| l.contains(want))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+}
+
+/// The value of the first matching series, or 0 when there is none: a counter never
+/// incremented is absent.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    values(text, name, labels).next().unwrap_or(0.0)
+}
+
+/// The sum over every matching series: a counter split by labels the test does not care
+/// about (which series a map lists first is chance).
+pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    values(text, name, labels).sum()
 }
 
 #[cfg(test)]
@@ -44,5 +40,6 @@ mod tests {
             0.0,
             "a prefix of another name is not that series"
         );
+        assert_eq!(sum(text, "x_total", &[]), 8.0);
     }
 }

@@ -585,8 +585,8 @@ async fn firehose(listener: tokio::net::TcpListener, accepted: Arc<AtomicU64>) {
 }
 
 /// Peers that never read: 3 connections x 200 streams to an app that sends 1 MiB on each.
-/// What ztunnel holds is bounded per stream (h2's send buffer: it reads no more than that from
-/// the app), and an unrelated request through the mesh keeps its latency.
+/// What ztunnel holds is bounded per stream (one read chunk and h2's send buffer), and an
+/// unrelated request through the mesh keeps its latency.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_hold_a_bounded_amount() {
     let Some(bed) = Bed::new(93) else { return };

@@ -55,33 +55,36 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-/// Waits until the peer and h2 can take more, then reads at most that much. Reading only once
-/// there is room means a peer that stops reading leaves the application's data in the kernel
-/// (whose socket buffers push back on the application), not in our heap: a stalled stream holds
-/// at most h2's send buffer. Room is asked for only once the socket has data (or EOF), so an
-/// idle stream never sits on connection window that active streams need.
-async fn tcp_to_h2(
-    mut r: tokio::net::tcp::ReadHalf<'_>,
+/// Reads a chunk, then hands it to h2 as flow control allows. A peer that stops reading
+/// leaves at most one chunk here and h2's send buffer (128 KiB) queued per stream; asking for
+/// room before reading would hold less, but measured 25-40 % more CPU per Gbit (smaller
+/// frames), and reserving room ahead would let idle streams sit on connection window.
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    mut r: R,
     send: &mut SendStream<Bytes>,
     obs: &dyn SpliceObserver,
 ) -> io::Result<u64> {
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut total = 0u64;
     loop {
-        r.as_ref().readable().await?;
-        let room = capacity(send, READ_CHUNK).await?;
-        if buf.capacity() < room {
-            // A fresh allocation once h2 has released the previous chunks' (or on first use).
+        if buf.capacity() < READ_CHUNK / 4 {
+            // Reclaims the allocation once h2 has released the previous chunks.
             buf.reserve(READ_CHUNK);
         }
-        let n = (&mut r).take(room as u64).read_buf(&mut buf).await?;
+        let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
         total += n as u64;
-        send.send_data(buf.split().freeze(), false).map_err(h2_io)?;
-        obs.moved_to_tunnel(n as u64);
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            let granted = capacity(send, chunk.len()).await?;
+            let part = chunk.split_to(granted);
+            let len = part.len() as u64;
+            send.send_data(part, false).map_err(h2_io)?;
+            obs.moved_to_tunnel(len);
+        }
     }
 }
 
