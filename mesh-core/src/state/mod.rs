@@ -377,9 +377,7 @@ mod tests {
             }),
             services: [(
                 "shop/web.shop.svc.cluster.local".to_owned(),
-                pb::PortList {
-                    ports: vec![port],
-                },
+                pb::PortList { ports: vec![port] },
             )]
             .into_iter()
             .collect(),
