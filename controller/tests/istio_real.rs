@@ -226,3 +226,57 @@ spec:
     assert!(policy.groups.is_empty(), "{policy:?}");
     assert_eq!(policy.action, mesh_proto::security::Action::Allow as i32);
 }
+
+/// Issue 20 item 7: whichever path an object took, a rule with a field we do not enforce
+/// fails closed. An ALLOW with an unknown source field never matches (above); a DENY with one
+/// denies what it would govern: the connection it names is refused at ztunnel's evaluation.
+#[test]
+fn a_deny_with_an_unimplemented_field_still_denies() {
+    let text = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: block-intruder, namespace: shop}
+spec:
+  action: DENY
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/shop/sa/intruder"]
+            newerSourceField: ["anything"]
+"#;
+    let mut loaded = Loaded::default();
+    parse_text(Path::new("deny.yaml"), text, &mut loaded);
+    let mut inputs = Inputs::default();
+    for o in loaded.objects {
+        inputs.apply(o);
+    }
+    let out = translate(&inputs, &Options::default());
+    assert!(
+        out.problems.iter().any(|p| p.message.contains("newerSourceField")),
+        "{:#?}",
+        out.problems
+    );
+    let policies: Vec<mesh_core::rbac::Policy> = out
+        .authorizations
+        .values()
+        .map(|a| mesh_core::rbac::Policy::try_from(a).expect("valid policy"))
+        .collect();
+    let from = |sa: &str| mesh_core::rbac::ConnectionInfo {
+        src_identity: Some(
+            format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+                .parse()
+                .expect("identity"),
+        ),
+        src_ip: "10.0.0.9".parse().expect("ip"),
+        dst: "10.0.0.1:8080".parse().expect("addr"),
+    };
+    for sa in ["intruder", "someone-else"] {
+        assert!(
+            matches!(
+                mesh_core::rbac::evaluate(&policies, &from(sa)),
+                mesh_core::rbac::Decision::Deny(_)
+            ),
+            "{sa}: a DENY with an unenforced field must not let the connection through"
+        );
+    }
+}
