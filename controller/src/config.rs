@@ -61,7 +61,7 @@ pub struct Config {
     /// DNS names the serving certificate (15012) carries besides the SPIFFE id, for clients
     /// that verify the control plane by hostname (Istio's ztunnel: the URL's host or
     /// ALT_XDS_HOSTNAME). The controller's own Service names in POD_NAMESPACE
-    /// (`mesh-controller.<ns>.svc[.cluster.local]`) are always added. Empty: none.
+    /// (`mesh-controller.<ns>.svc[.<cluster domain>]`) are always added. Empty: none.
     #[arg(
         long,
         env = "SERVING_DNS_NAMES",
@@ -109,7 +109,7 @@ impl Config {
     pub fn serving_names(&self) -> crate::ca::ServingNames {
         let own = [
             format!("{SERVICE_NAME}.{}.svc", self.pod_namespace),
-            format!("{SERVICE_NAME}.{}.svc.cluster.local", self.pod_namespace),
+            format!("{SERVICE_NAME}.{}.svc.{}", self.pod_namespace, self.cluster_domain),
         ];
         let mut dns: Vec<String> = Vec::new();
         for name in self
