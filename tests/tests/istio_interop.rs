@@ -231,6 +231,26 @@ async fn wait_dump(z: &IstioZtunnel<'_>, what: &str, f: impl Fn(&serde_json::Val
     }
 }
 
+/// Our ztunnel for pod b (node-b), on the controller in pod c's namespace.
+async fn our_ztunnel_on_b<'b>(bed: &'b Bed, controller: &Controller<'_>) -> Ztunnel<'b> {
+    let cp = format!("https://{}:15012", bed.ip(3));
+    let bundle = controller.trust_bundle().display().to_string();
+    let token = controller.token_file("node-b").display().to_string();
+    let args = [
+        "--xds-address",
+        &cp,
+        "--ca-address",
+        &cp,
+        "--trust-bundle",
+        &bundle,
+        "--token-file",
+        &token,
+    ];
+    Ztunnel::start_for_node(&bed.b, "node-b", &args)
+        .await
+        .expect("our ztunnel ready")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_ztunnel_dedicated_on_our_control_plane_and_beside_our_ztunnel() {
     let Some(peer) = istio::peer().expect("Istio's ztunnel") else {
@@ -268,25 +288,7 @@ async fn istio_ztunnel_dedicated_on_our_control_plane_and_beside_our_ztunnel() {
     );
 
     // Our ztunnel serves the server pod.
-    let cp = format!("https://{}:15012", bed.ip(3));
-    let bundle = controller.trust_bundle().display().to_string();
-    let token = controller.token_file("node-b").display().to_string();
-    let our_zt = Ztunnel::start_for_node(
-        &bed.b,
-        "node-b",
-        &[
-            "--xds-address",
-            &cp,
-            "--ca-address",
-            &cp,
-            "--trust-bundle",
-            &bundle,
-            "--token-file",
-            &token,
-        ],
-    )
-    .await
-    .expect("our ztunnel ready");
+    let our_zt = our_ztunnel_on_b(&bed, &controller).await;
     tokio::spawn(http_server(bed.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
     tokio::spawn(checksum_server(bed.b.listen("0.0.0.0:8081".parse().unwrap()).unwrap()));
     tokio::spawn(http_server(bed.a.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
@@ -430,25 +432,7 @@ async fn istio_ztunnel_on_demand_reaches_a_service_and_a_pod() {
         "on-demand client got the server up front: {dump:#}"
     );
 
-    let cp = format!("https://{}:15012", bed.ip(3));
-    let bundle = controller.trust_bundle().display().to_string();
-    let token = controller.token_file("node-b").display().to_string();
-    let our_zt = Ztunnel::start_for_node(
-        &bed.b,
-        "node-b",
-        &[
-            "--xds-address",
-            &cp,
-            "--ca-address",
-            &cp,
-            "--trust-bundle",
-            &bundle,
-            "--token-file",
-            &token,
-        ],
-    )
-    .await
-    .expect("our ztunnel ready");
+    let our_zt = our_ztunnel_on_b(&bed, &controller).await;
     tokio::spawn(mesh_e2e::apps::echo_server(
         bed.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap(),
     ));
