@@ -141,14 +141,12 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         ..Default::default()
     };
     let ports = proxy::Ports {
-        outbound: cfg.outbound_port,
-        inbound_plaintext: cfg.inbound_plaintext_port,
-        inbound: cfg.inbound_port,
+        capture: cfg.capture_ports(),
         ipv6: cfg.ipv6,
         others: cfg.other_listener_ports(),
     };
     // ztunnel's own namespace: in dedicated mode also the workloads'.
-    let node_addrs = proxy::local::LocalAddrs::discover().context("reading the node's interface addresses")?;
+    let node_addrs = proxy::local_addrs::LocalAddrs::discover().context("reading the node's interface addresses")?;
     tokio::spawn(node_addrs.clone().refresh(Duration::from_secs(2)));
     let shared = proxy::Shared {
         network: cfg.network.clone(),
@@ -272,14 +270,14 @@ fn start_source(
             .reload()
             .with_context(|| format!("loading workload state from {}", path.display()))?
         {
-            mesh_core::xds::local::Reload::Applied { skipped, .. } => {
+            mesh_core::xds::workload_file::Reload::Applied { skipped, .. } => {
                 for e in skipped {
                     warn!(error = %e, "skipped invalid entry");
                 }
             }
-            mesh_core::xds::local::Reload::Unchanged => {}
+            mesh_core::xds::workload_file::Reload::Unchanged => {}
         }
-        tokio::spawn(mesh_core::xds::local::watch(
+        tokio::spawn(mesh_core::xds::workload_file::watch(
             path.clone(),
             store,
             Duration::from_secs(1),
@@ -330,7 +328,7 @@ async fn release_memory_after_updates(store: Arc<StateStore>) {
 async fn forget_unused_certificates(
     store: Arc<StateStore>,
     certs: Arc<CertManager>,
-    local: proxy::local::LocalAddrs,
+    local: proxy::local_addrs::LocalAddrs,
     network: String,
 ) {
     let mut changes = store.subscribe();

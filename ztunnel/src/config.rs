@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use mesh_core::capture;
 use mesh_core::identity::Identity;
 
 /// Identity the control plane proves when xDS or the CA is reached over https.
@@ -50,7 +51,7 @@ pub struct Config {
     pub zds_socket: Option<PathBuf>,
     /// In-pod mode: port of the DNS proxy in each pod (the node agent redirects port 53 to
     /// it); 0 turns the proxy off.
-    #[arg(long, env = "DNS_PORT", default_value_t = 15053)]
+    #[arg(long, env = "DNS_PORT", default_value_t = capture::DNS_PORT)]
     pub dns_port: u16,
     /// Resolvers for names the mesh does not answer (default: the nameservers of
     /// /etc/resolv.conf).
@@ -95,16 +96,16 @@ pub struct Config {
     pub cert_ttl_seconds: u64,
 
     /// Outbound capture port.
-    #[arg(long, env = "OUTBOUND_PORT", default_value_t = 15001)]
+    #[arg(long, env = "OUTBOUND_PORT", default_value_t = capture::OUTBOUND_PORT)]
     pub outbound_port: u16,
     /// Inbound plaintext port.
-    #[arg(long, env = "INBOUND_PLAINTEXT_PORT", default_value_t = 15006)]
+    #[arg(long, env = "INBOUND_PLAINTEXT_PORT", default_value_t = capture::INBOUND_PLAINTEXT_PORT)]
     pub inbound_plaintext_port: u16,
     /// Inbound HBONE port.
-    #[arg(long, env = "INBOUND_PORT", default_value_t = 15008)]
+    #[arg(long, env = "INBOUND_PORT", default_value_t = capture::HBONE_PORT)]
     pub inbound_port: u16,
     /// Port of HBONE on remote workloads.
-    #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
+    #[arg(long, env = "HBONE_PORT", default_value_t = capture::HBONE_PORT)]
     pub hbone_port: u16,
     /// Admin server (/config_dump, /logging): a loopback address only, since it reveals every
     /// workload, policy and certificate and changes the log level.
@@ -121,7 +122,7 @@ pub struct Config {
     pub ipv6: bool,
 
     /// SO_MARK set on every proxy socket so capture rules skip it (0 disables).
-    #[arg(long, env = "SOCKET_MARK", default_value_t = mesh_core::socket::MESH_MARK)]
+    #[arg(long, env = "SOCKET_MARK", default_value_t = capture::MESH_MARK)]
     pub socket_mark: u32,
     /// On SIGTERM, how long live connections may take to finish.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 30)]
@@ -207,18 +208,28 @@ impl Config {
         Duration::from_secs(self.drain_seconds)
     }
 
-    /// The ports of ztunnel's own listeners that live in the namespaces it serves, besides the
-    /// proxy ports: the DNS proxy (in-pod mode), or admin, metrics and readiness (dedicated
-    /// mode, where ztunnel shares its namespace with the workloads). 0 = none.
-    pub fn other_listener_ports(&self) -> [u16; 4] {
+    /// The capture listeners in each served namespace; the DNS proxy only in in-pod mode
+    /// (dedicated mode has no redirection to it).
+    pub fn capture_ports(&self) -> capture::Ports {
+        capture::Ports {
+            outbound: self.outbound_port,
+            inbound_plaintext: self.inbound_plaintext_port,
+            inbound: self.inbound_port,
+            dns: (self.zds_socket.is_some() && self.dns_port != 0).then_some(self.dns_port),
+        }
+    }
+
+    /// ztunnel's other listeners that live in the namespaces it serves: admin, metrics and
+    /// readiness in dedicated mode, where ztunnel shares its namespace with the workloads;
+    /// none in in-pod mode. 0 = none.
+    pub fn other_listener_ports(&self) -> [u16; 3] {
         if self.zds_socket.is_some() {
-            [self.dns_port, 0, 0, 0]
+            [0; 3]
         } else {
             [
                 self.admin_addr.port(),
                 self.stats_addr.port(),
                 self.readiness_addr.port(),
-                0,
             ]
         }
     }
@@ -274,9 +285,13 @@ mod tests {
     #[test]
     fn loop_guard_ports_follow_the_mode() {
         let cfg = parse(&["--xds-address", "http://cp:15012", "--stats-addr", "0.0.0.0:9020"]).expect("parse");
-        assert_eq!(cfg.other_listener_ports(), [15000, 9020, 15021, 0]);
-        let cfg = parse(&["--zds-socket", "/run/zds.sock", "--dns-port", "15053"]).expect("parse");
-        assert_eq!(cfg.other_listener_ports(), [15053, 0, 0, 0]);
+        assert_eq!(cfg.other_listener_ports(), [15000, 9020, 15021]);
+        assert_eq!(cfg.capture_ports().dns, None);
+        let cfg = parse(&["--zds-socket", "/run/zds.sock"]).expect("parse");
+        assert_eq!(cfg.other_listener_ports(), [0; 3]);
+        assert_eq!(cfg.capture_ports(), capture::Ports::default());
+        let cfg = parse(&["--zds-socket", "/run/zds.sock", "--dns-port", "0"]).expect("parse");
+        assert_eq!(cfg.capture_ports().dns, None);
     }
 
     #[test]

@@ -12,18 +12,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::capture;
 use mesh_core::hbone::{HboneError, HbonePool, PoolKey, Settings, TunnelRequest};
 use mesh_core::identity::{CertManager, CertManagerConfig, DevCa, Identity};
 use mesh_core::socket::PlainSockets;
 use mesh_core::state::StateStore;
-use mesh_core::xds::local::Reload;
+use mesh_core::xds::workload_file::Reload;
 use mesh_core::xds::LocalSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use ztunnel::metrics::{Metrics, ReasonLabels};
-use ztunnel::proxy::local::LocalAddrs;
+use ztunnel::proxy::local_addrs::LocalAddrs;
 use ztunnel::proxy::{inbound, Ports, Proxy, Shared};
 
 const SERVER_IP: &str = "127.0.0.2";
@@ -109,11 +110,14 @@ impl Node {
             network: String::new(),
             // Only the HBONE listener is served; the loop guard knows its port.
             ports: Ports {
-                outbound: 0,
-                inbound_plaintext: 0,
-                inbound: hbone.port(),
+                capture: capture::Ports {
+                    outbound: 0,
+                    inbound_plaintext: 0,
+                    inbound: hbone.port(),
+                    dns: None,
+                },
                 ipv6: false,
-                others: [0; 4],
+                others: [0; 3],
             },
             hbone_port: hbone.port(),
             state: state.clone(),

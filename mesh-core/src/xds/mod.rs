@@ -12,9 +12,6 @@
 pub mod client;
 pub mod workload_file;
 
-/// The former name of [`workload_file`], kept while ztunnel still imports it.
-pub use workload_file as local;
-
 pub use client::{ResourceSink, XdsClient, XdsConfig, XdsError, XdsMetrics};
 pub use workload_file::{EntryError, LocalConfig, LocalError, LocalSource, Reload};
 

@@ -22,7 +22,7 @@ use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::proxy::local::{self, LocalAddrs};
+use crate::proxy::local_addrs::{self, LocalAddrs};
 use crate::proxy::{Proxy, Shared};
 
 struct Pod {
@@ -51,7 +51,7 @@ impl Pods {
             return Ok(());
         }
         let netns = Arc::new(netns);
-        let addrs = netns::enter(&netns, || local::read().map_err(std::io::Error::from))
+        let addrs = netns::enter(&netns, || local_addrs::read().map_err(std::io::Error::from))
             .map_err(|e| format!("pod {uid}: {e}"))?;
         let sockets = Arc::new(netns::NetnsSockets {
             netns,

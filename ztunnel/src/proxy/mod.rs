@@ -5,14 +5,14 @@
 //! - [`inbound_plain`]: plaintext redirected to 15006 -> authorize (no identity) -> the app.
 //! - [`deliver`]: the inbound paths' shared authorize -> connect -> track -> splice.
 //! - [`tracker`]: live connections, re-authorized whenever policy changes.
-//! - [`local`]: which addresses belong to this proxy's network namespace.
+//! - [`local_addrs`]: which addresses belong to this proxy's network namespace.
 //! - [`refusal`]: typed outcomes (why a connection was refused or ended), with their labels.
 //! - [`source`]: which client address an inbound stream is attributed to (`forwarded`).
 
 pub mod deliver;
 pub mod inbound;
 pub mod inbound_plain;
-pub mod local;
+pub mod local_addrs;
 pub mod outbound;
 pub mod refusal;
 pub mod source;
@@ -22,6 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use mesh_core::capture;
 use mesh_core::hbone::{HbonePool, Settings};
 use mesh_core::identity::CertManager;
 use mesh_core::socket::SocketFactory;
@@ -45,9 +46,9 @@ pub struct Proxy {
     pub sockets: Arc<dyn SocketFactory>,
     pub settings: Settings,
     pub metrics: Metrics,
-    pub local: local::LocalAddrs,
+    pub local: local_addrs::LocalAddrs,
     /// The addresses of ztunnel's own namespace (the node's in in-pod mode).
-    pub node: local::LocalAddrs,
+    pub node: local_addrs::LocalAddrs,
     pub tracker: tracker::ConnTracker,
     /// Cancelled on SIGTERM: stop accepting, GOAWAY HBONE connections.
     pub drain: CancellationToken,
@@ -58,21 +59,21 @@ pub struct Proxy {
 /// Ports the proxy listens on in each namespace it serves.
 #[derive(Clone, Copy, Debug)]
 pub struct Ports {
-    pub outbound: u16,
-    pub inbound_plaintext: u16,
-    pub inbound: u16,
+    /// The capture listeners the redirection rules send traffic to (the DNS proxy only in
+    /// in-pod mode).
+    pub capture: capture::Ports,
     pub ipv6: bool,
-    /// The other ports ztunnel listens on inside each namespace it serves: the DNS proxy in
-    /// in-pod mode; admin, metrics and readiness in dedicated mode, where they share the
-    /// workloads' namespace. 0 = none.
-    pub others: [u16; 4],
+    /// Admin, metrics and readiness in dedicated mode, where they share the workloads'
+    /// namespace. 0 = none.
+    pub others: [u16; 3],
 }
 
 impl Ports {
     /// Every port ztunnel listens on in a served namespace (0 = unused slot).
     pub fn all(&self) -> [u16; 7] {
-        let [a, b, c, d] = self.others;
-        [self.outbound, self.inbound_plaintext, self.inbound, a, b, c, d]
+        let c = self.capture;
+        let [a, b, d] = self.others;
+        [c.outbound, c.inbound_plaintext, c.inbound, c.dns.unwrap_or(0), a, b, d]
     }
 }
 
@@ -88,7 +89,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub tracker: tracker::ConnTracker,
     /// The addresses of ztunnel's own namespace.
-    pub node: local::LocalAddrs,
+    pub node: local_addrs::LocalAddrs,
     /// Cancelled on SIGTERM; each proxy's own drain token is a child of it.
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
@@ -105,7 +106,7 @@ pub struct DnsSettings {
 
 impl Proxy {
     /// A proxy for one network namespace, making its sockets with `sockets`.
-    pub fn new(shared: &Shared, sockets: Arc<dyn SocketFactory>, local: local::LocalAddrs) -> Arc<Proxy> {
+    pub fn new(shared: &Shared, sockets: Arc<dyn SocketFactory>, local: local_addrs::LocalAddrs) -> Arc<Proxy> {
         let p = shared.ports;
         Arc::new(Proxy {
             network: shared.network.clone(),
@@ -147,9 +148,9 @@ impl Proxy {
             Ok(out)
         };
         // Bind everything before serving anything: a namespace is served fully or not at all.
-        let outbound = bind(ports.outbound, "outbound")?;
-        let plaintext = bind(ports.inbound_plaintext, "inbound plaintext")?;
-        let hbone = bind(ports.inbound, "inbound HBONE")?;
+        let outbound = bind(ports.capture.outbound, "outbound")?;
+        let plaintext = bind(ports.capture.inbound_plaintext, "inbound plaintext")?;
+        let hbone = bind(ports.capture.inbound, "inbound HBONE")?;
         for l in outbound {
             tokio::spawn(outbound::serve(self.clone(), l));
         }
