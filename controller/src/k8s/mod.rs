@@ -8,6 +8,7 @@
 pub mod leader;
 pub mod manifests;
 pub mod resources;
+pub mod route_status;
 pub mod tokenreview;
 pub mod watch;
 pub mod writer;

@@ -21,9 +21,11 @@ use super::manifests::{
     deployment_for, owner_reference, root_cert_for, service_account_for, service_for, ROOT_CERT_CONFIGMAP,
 };
 use super::resources::api_resource;
+use super::route_status;
 use super::{KubeError, FIELD_MANAGER};
 use crate::model::gateway::{Gateway, GatewayClass, WAYPOINT_CLASS};
 use crate::model::{Kind, ObjectKey, ServiceAccount};
+use crate::translate::RefusedRef;
 use crate::waypoint::{Condition, WaypointDeployment};
 
 /// What the writer needs besides the records.
@@ -331,14 +333,22 @@ fn reports_status(kind: Kind) -> bool {
 }
 
 /// Statuses as written during this leadership: only a write that succeeded counts, so a failed
-/// one stays pending and is retried.
-#[derive(Debug, Default)]
-struct Reported(BTreeMap<(Kind, ObjectKey), Vec<String>>);
+/// one stays pending and is retried. `T` is a policy's messages or a route's refused references.
+#[derive(Debug)]
+struct Reported<T>(BTreeMap<(Kind, ObjectKey), Vec<T>>);
 
-impl Reported {
-    /// The writes that bring the statuses to `now`: `Accepted=True` (no messages) for objects
-    /// whose problems went away, then each object whose messages changed.
-    fn pending(&self, now: &BTreeMap<(Kind, ObjectKey), Vec<String>>) -> Vec<((Kind, ObjectKey), Vec<String>)> {
+impl<T> Default for Reported<T> {
+    fn default() -> Self {
+        Reported(BTreeMap::new())
+    }
+}
+
+type Pending<T> = Vec<((Kind, ObjectKey), Vec<T>)>;
+
+impl<T: Clone + PartialEq> Reported<T> {
+    /// The writes that bring the statuses to `now`: an empty list (all clear) for objects
+    /// whose problems went away, then each object whose problems changed.
+    fn pending(&self, now: &BTreeMap<(Kind, ObjectKey), Vec<T>>) -> Pending<T> {
         let cleared = self
             .0
             .keys()
@@ -346,24 +356,26 @@ impl Reported {
             .map(|k| (k.clone(), Vec::new()));
         let changed = now
             .iter()
-            .filter(|(k, messages)| self.0.get(*k) != Some(*messages))
-            .map(|(k, messages)| (k.clone(), messages.clone()));
+            .filter(|(k, items)| self.0.get(*k) != Some(*items))
+            .map(|(k, items)| (k.clone(), items.clone()));
         cleared.chain(changed).collect()
     }
 
     /// Records a successful write.
-    fn written(&mut self, key: (Kind, ObjectKey), messages: Vec<String>) {
-        if messages.is_empty() {
+    fn written(&mut self, key: (Kind, ObjectKey), items: Vec<T>) {
+        if items.is_empty() {
             self.0.remove(&key);
         } else {
-            self.0.insert(key, messages);
+            self.0.insert(key, items);
         }
     }
 }
 
-/// Keeps problems on the status of the Istio objects that caused them (only while leading):
-/// objects with problems get `Accepted=False` with the messages, objects whose problems went
-/// away get `Accepted=True` again. A failed write is retried after `retry`, as in [`run`].
+/// Keeps problems on the status of the objects that caused them (only while leading): Istio
+/// objects with problems get `Accepted=False` with the messages, and `Accepted=True` again
+/// once they went away; routes with refused cross-namespace references get their
+/// `status.parents` (see [`super::route_status`]), and `ResolvedRefs=True` once permitted. A
+/// failed write is retried after `retry`, as in [`run`].
 pub async fn run_status(
     client: Client,
     retry: Duration,
@@ -371,18 +383,11 @@ pub async fn run_status(
     mut problems: watch::Receiver<Vec<crate::translate::Problem>>,
 ) {
     let mut reported = Reported::default();
+    let mut routes = Reported::default();
     loop {
         let mut failed = false;
         if *leader.borrow_and_update() {
-            let mut now: BTreeMap<(Kind, ObjectKey), Vec<String>> = BTreeMap::new();
-            // Kind-level problems (object "*": the kind cannot be listed) have no object to
-            // carry a status; they are in /debug/problems and the log.
-            let on_objects = |p: &&crate::translate::Problem| reports_status(p.kind) && p.object.name != "*";
-            for p in problems.borrow_and_update().iter().filter(on_objects) {
-                now.entry((p.kind, p.object.clone()))
-                    .or_default()
-                    .push(p.message.clone());
-            }
+            let (now, refused) = by_object(&problems.borrow_and_update());
             for ((kind, key), messages) in reported.pending(&now) {
                 match report_problems(&client, kind, &key, &messages).await {
                     Ok(()) => reported.written((kind, key), messages),
@@ -392,8 +397,18 @@ pub async fn run_status(
                     }
                 }
             }
+            for ((kind, key), refs) in routes.pending(&refused) {
+                match route_status::report_refused(&client, kind, &key, &refs).await {
+                    Ok(()) => routes.written((kind, key), refs),
+                    Err(e) => {
+                        warn!(%key, error = %e, "cannot write route status");
+                        failed = true;
+                    }
+                }
+            }
         } else {
             reported = Reported::default();
+            routes = Reported::default();
         }
         tokio::select! {
             r = leader.changed() => if r.is_err() { return },
@@ -401,6 +416,25 @@ pub async fn run_status(
             _ = tokio::time::sleep(retry), if failed => {}
         }
     }
+}
+
+type ByObject<T> = BTreeMap<(Kind, ObjectKey), Vec<T>>;
+
+/// Problems grouped by the object whose status carries them: Istio policies' messages, and
+/// routes' refused references. Kind-level problems (object "*": the kind cannot be listed)
+/// have no object to carry a status; they are in /debug/problems and the log.
+fn by_object(problems: &[crate::translate::Problem]) -> (ByObject<String>, ByObject<RefusedRef>) {
+    let mut messages = ByObject::new();
+    let mut refused = ByObject::new();
+    for p in problems.iter().filter(|p| p.object.name != "*") {
+        let key = (p.kind, p.object.clone());
+        if reports_status(p.kind) {
+            messages.entry(key).or_insert_with(Vec::new).push(p.message.clone());
+        } else if let (true, Some(r)) = (route_status::is_route(p.kind), &p.refused) {
+            refused.entry(key).or_insert_with(Vec::new).push(r.clone());
+        }
+    }
+    (messages, refused)
 }
 
 #[cfg(test)]
@@ -510,5 +544,36 @@ mod tests {
         ]);
         let keys: Vec<String> = reported.pending(&now).into_iter().map(|((_, k), _)| k.name).collect();
         assert_eq!(keys, ["b", "c"]);
+    }
+
+    #[test]
+    fn route_problems_are_grouped_by_refused_reference() {
+        let p = |kind, name: &str, refused: Option<RefusedRef>| crate::translate::Problem {
+            kind,
+            object: ObjectKey::new("apps", name),
+            message: "m".into(),
+            refused,
+        };
+        let problems = [
+            p(Kind::HttpRoute, "r", Some(RefusedRef::Backend)),
+            p(
+                Kind::HttpRoute,
+                "r",
+                Some(RefusedRef::Parent(ObjectKey::new("db", "db"))),
+            ),
+            // Not a refused reference: nothing for route status to say.
+            p(Kind::GrpcRoute, "g", None),
+            p(Kind::TcpRoute, "*", Some(RefusedRef::Backend)),
+            p(Kind::AuthorizationPolicy, "a", None),
+        ];
+        let (messages, refused) = by_object(&problems);
+        assert_eq!(messages.keys().collect::<Vec<_>>(), [&problem("a")]);
+        assert_eq!(
+            refused,
+            BTreeMap::from([(
+                (Kind::HttpRoute, ObjectKey::new("apps", "r")),
+                vec![RefusedRef::Backend, RefusedRef::Parent(ObjectKey::new("db", "db"))]
+            )])
+        );
     }
 }

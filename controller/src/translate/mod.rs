@@ -23,6 +23,7 @@ use crate::model::{Inputs, Kind, ObjectKey};
 use crate::waypoint::WaypointDeployment;
 
 pub use attach::{ENROLLED_ANNOTATION, ENROLLED_VALUE};
+pub use routes::REF_NOT_PERMITTED;
 
 /// Cluster-wide facts translation needs.
 #[derive(Clone, Debug)]
@@ -56,6 +57,18 @@ pub struct Problem {
     pub kind: Kind,
     pub object: ObjectKey,
     pub message: String,
+    /// The reference this problem refused (no ReferenceGrant), so route status can say which.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<RefusedRef>,
+}
+
+/// A route's cross-namespace reference refused for want of a ReferenceGrant.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum RefusedRef {
+    /// A backendRef: the route is attached but cannot resolve it (`ResolvedRefs=False`).
+    Backend,
+    /// A Service parentRef: the route is not attached to it (`Accepted=False` on that parent).
+    Parent(ObjectKey),
 }
 
 /// Everything translation produces, keyed by xDS resource name.
@@ -84,6 +97,17 @@ impl Report {
             kind,
             object: object.clone(),
             message: message.into(),
+            refused: None,
+        });
+    }
+
+    /// Adds a problem about a refused cross-namespace reference.
+    pub(crate) fn refused(&mut self, kind: Kind, object: &ObjectKey, what: RefusedRef, message: String) {
+        self.0.push(Problem {
+            kind,
+            object: object.clone(),
+            message,
+            refused: Some(what),
         });
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mesh_proto::waypoint as wp;
 
-use super::{service_hostname, Options, Report};
+use super::{service_hostname, Options, RefusedRef, Report};
 use crate::model::gateway::{
     self, BackendRef, HeaderMatch, HeaderModifier, ParentReference, PolicyTargetReference, WAYPOINT_CLASS,
 };
@@ -156,7 +156,8 @@ fn backends(
         out.total_weight = out.total_weight.saturating_add(weight);
         let ns = b.namespace.as_deref().unwrap_or(&key.namespace);
         if !service_ref_permitted(inputs, kind, key, ns, &b.name) {
-            report.add(kind, key, refused(kind, key, "backendRef", ns, &b.name, effect));
+            let message = refused(kind, key, "backendRef", ns, &b.name, effect);
+            report.refused(kind, key, RefusedRef::Backend, message);
             out.refused_weight = out.refused_weight.saturating_add(weight);
             continue;
         }
@@ -240,7 +241,13 @@ fn service_parents(
                 out.push(service_key(&p.name, Some(to_ns), ns, options));
             } else {
                 let effect = "not attached (the route would route that Service for every client)";
-                report.add(kind, key, refused(kind, key, "parentRef", to_ns, &p.name, effect));
+                let message = refused(kind, key, "parentRef", to_ns, &p.name, effect);
+                report.refused(
+                    kind,
+                    key,
+                    RefusedRef::Parent(ObjectKey::new(to_ns, p.name.as_str())),
+                    message,
+                );
             }
             continue;
         }
@@ -921,7 +928,7 @@ spec:
   to: [{group: \"\", kind: Service}]
 ";
 
-    fn translated(docs: &[&str]) -> (Routes, Vec<String>) {
+    fn translated(docs: &[&str]) -> (Routes, Vec<super::super::Problem>) {
         let mut inputs = Inputs::default();
         for doc in docs {
             let value: serde_json::Value = serde_yaml::from_str(doc).expect("yaml");
@@ -929,7 +936,7 @@ spec:
         }
         let mut report = Report::default();
         let (routes, _) = translate(&inputs, &Options::default(), &mut report);
-        (routes, report.0.into_iter().map(|p| p.message).collect())
+        (routes, report.0)
     }
 
     #[test]
@@ -940,7 +947,9 @@ spec:
         let fault = route.fault.as_ref().expect("the refused share fails");
         assert_eq!((fault.abort_status, fault.abort_percent), (500, 100.0));
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].starts_with("RefNotPermitted: "), "{problems:?}");
+        assert!(problems[0].message.starts_with("RefNotPermitted: "), "{problems:?}");
+        // Typed, so the route's status can say which reference was refused.
+        assert_eq!(problems[0].refused, Some(RefusedRef::Backend));
     }
 
     #[test]
