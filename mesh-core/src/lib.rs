@@ -11,6 +11,7 @@
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
 //! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
+//! - [`shutdown`]: the SIGTERM/SIGINT future every binary drains on.
 
 pub mod admin_http;
 pub mod capture;
@@ -21,6 +22,7 @@ pub mod input_file;
 pub mod log_limit;
 pub mod prometheus;
 pub mod rbac;
+pub mod shutdown;
 pub mod socket;
 pub mod state;
 pub mod tls;

@@ -53,7 +53,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let serving = tokio::spawn(listener::serve(waypoint.clone(), hbone));
     info!(identity = %cfg.identity, gateway = ?cfg.gateway(), addr = %cfg.hbone_addr, "waypoint started");
 
-    shutdown_signal().await;
+    mesh_core::shutdown::shutdown_signal().await;
     info!("draining");
     waypoint.drain.cancel();
     waypoint.tasks.close();
@@ -151,19 +151,4 @@ fn spawn_certificate(certs: Arc<CertManager>, id: Identity) {
         }
         info!(identity = %id, "certificate issued");
     });
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -223,7 +223,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     }
     info!(node = %cfg.node_name, "ztunnel started");
 
-    shutdown_signal().await;
+    mesh_core::shutdown::shutdown_signal().await;
     info!(timeout = ?cfg.drain_timeout(), active = shared.tracker.len(), "draining");
     shared.drain.cancel();
     shared.tasks.close();
@@ -236,22 +236,6 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     stop_admin.cancel();
     info!("ztunnel stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// Starts the configured workload source; the receiver turns true once state is loaded.

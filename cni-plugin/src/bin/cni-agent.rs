@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     ));
     tokio::select! {
         _ = agent.serve(cni) => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = mesh_core::shutdown::shutdown_signal() => {}
     }
     Ok(())
 }

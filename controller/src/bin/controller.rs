@@ -195,15 +195,10 @@ async fn main() -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(ads.into_service())
         .add_service(ca.into_service())
-        .serve_with_incoming_shutdown(serve::tls_incoming(listener, tls), async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        });
+        .serve_with_incoming_shutdown(
+            serve::tls_incoming(listener, tls),
+            mesh_core::shutdown::shutdown_signal(),
+        );
     server.await.context("gRPC server")?;
     tracing::info!("controller stopped");
     Ok(())
