@@ -3,7 +3,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::Parser;
+use std::ffi::OsString;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 /// Where the debug views are served by default: localhost, never the pod address.
 pub const DEFAULT_DEBUG_ADDR: &str = "127.0.0.1:15015";
@@ -95,8 +98,9 @@ pub struct Config {
     /// Cluster mode: namespace of the leader Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     pub pod_namespace: String,
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "LOG", default_value = "info")]
+    /// Log filter (tracing EnvFilter syntax), `RUST_LOG` as for ztunnel and the waypoint; the
+    /// former `LOG` is still read (see [`Config::load`]).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
 }
 
@@ -104,6 +108,26 @@ pub struct Config {
 pub const SERVICE_NAME: &str = "mesh-controller";
 
 impl Config {
+    /// Flags and environment of this process.
+    pub fn load() -> anyhow::Result<Config> {
+        Config::from_matches(&Config::command().get_matches(), |k| std::env::var_os(k))
+    }
+
+    /// The configuration from parsed flags, with the former variable names read through
+    /// `lookup` where neither the flag nor the current variable was given.
+    pub fn from_matches(
+        matches: &clap::ArgMatches,
+        lookup: impl Fn(&str) -> Option<OsString>,
+    ) -> anyhow::Result<Config> {
+        let mut cfg = Config::from_arg_matches(matches)?;
+        if matches.value_source("log") == Some(ValueSource::DefaultValue) {
+            if let Some(log) = mesh_core::former_env::read("LOG", "RUST_LOG", lookup)? {
+                cfg.log = log;
+            }
+        }
+        Ok(cfg)
+    }
+
     /// The DNS and IP names of the serving certificate: the configured ones, the controller's
     /// own Service names, and the listen address when specific; without duplicates.
     pub fn serving_names(&self) -> crate::ca::ServingNames {
@@ -224,5 +248,26 @@ mod tests {
             let e = with(&["--debug-addr", bad]).expect_err(bad);
             assert!(e.contains("--debug-addr") && e.contains("loopback"), "{e}");
         }
+    }
+
+    #[test]
+    fn former_log_variable_is_read_only_without_the_flag() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_string_lossy();
+        let load = |extra: &[&str], env: &[(&str, &str)]| {
+            let base = ["controller", "--manifest-dir", &dir, "--bootstrap-tokens", "/t.yaml"];
+            // Not this process's RUST_LOG: the test gives the environment itself.
+            let matches = Config::command()
+                .mut_arg("log", |a| a.env(None))
+                .try_get_matches_from(base.iter().chain(extra))
+                .expect("parse");
+            Config::from_matches(&matches, |k| {
+                env.iter().find(|(name, _)| *name == k).map(|(_, v)| OsString::from(v))
+            })
+            .expect("config")
+        };
+        assert_eq!(load(&[], &[("LOG", "debug")]).log, "debug");
+        assert_eq!(load(&["--log", "warn"], &[("LOG", "debug")]).log, "warn");
+        assert_eq!(load(&[], &[]).log, "info");
     }
 }

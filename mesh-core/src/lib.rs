@@ -11,10 +11,12 @@
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
 //! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
+//! - [`former_env`]: the old names of environment variables renamed to one spelling.
 //! - [`shutdown`]: the SIGTERM/SIGINT future every binary drains on.
 
 pub mod admin_http;
 pub mod capture;
+pub mod former_env;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -42,7 +42,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     for (port, flag, addr) in [
         (admin::Port::Admin, "--admin-addr", cfg.admin_addr),
-        (admin::Port::Stats, "--metrics-addr", cfg.metrics_addr),
+        (admin::Port::Stats, "--stats-addr", cfg.stats_addr),
         (admin::Port::Readiness, "--readiness-addr", cfg.readiness_addr),
     ] {
         let listener = TcpListener::bind(addr)

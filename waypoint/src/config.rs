@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use std::ffi::OsString;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use mesh_core::identity::Identity;
 
 fn parse_identity(s: &str) -> Result<Identity, String> {
@@ -34,9 +37,10 @@ pub struct Config {
     /// HBONE port of ztunnels (upstream tunnels).
     #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
     pub hbone_port: u16,
-    /// `/metrics` and `/healthz/ready` (ztunnel's `--stats-addr`).
-    #[arg(long, alias = "stats-addr", env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
-    pub metrics_addr: SocketAddr,
+    /// `/metrics` and `/healthz/ready`, as ztunnel's. Formerly `--metrics-addr` and
+    /// `METRICS_ADDR`, still read (see [`Config::load`]).
+    #[arg(long, alias = "metrics-addr", env = "STATS_ADDR", default_value = "0.0.0.0:15020")]
+    pub stats_addr: SocketAddr,
     /// `/healthz/ready` only.
     #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
@@ -93,6 +97,26 @@ pub struct Config {
 }
 
 impl Config {
+    /// Flags and environment of this process.
+    pub fn load() -> anyhow::Result<Config> {
+        Config::from_matches(&Config::command().get_matches(), |k| std::env::var_os(k))
+    }
+
+    /// The configuration from parsed flags, with the former variable names read through
+    /// `lookup` where neither the flag nor the current variable was given.
+    pub fn from_matches(
+        matches: &clap::ArgMatches,
+        lookup: impl Fn(&str) -> Option<OsString>,
+    ) -> anyhow::Result<Config> {
+        let mut cfg = Config::from_arg_matches(matches)?;
+        if matches.value_source("stats_addr") == Some(ValueSource::DefaultValue) {
+            if let Some(addr) = mesh_core::former_env::read("METRICS_ADDR", "STATS_ADDR", lookup)? {
+                cfg.stats_addr = addr;
+            }
+        }
+        Ok(cfg)
+    }
+
     /// Checks what clap cannot, with messages that say how to fix it.
     pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(g) = &self.gateway {
@@ -166,11 +190,50 @@ mod tests {
     fn admin_views_default_to_localhost_and_stats_addr_is_ztunnels_name() {
         let cfg = parse(&[]).expect("defaults");
         assert!(cfg.admin_addr.ip().is_loopback(), "{}", cfg.admin_addr);
-        assert_eq!(cfg.metrics_addr.port(), 15020);
+        assert_eq!(cfg.stats_addr.port(), 15020);
         assert_eq!(cfg.readiness_addr.port(), 15021);
         let cfg = parse(&["--stats-addr", "0.0.0.0:9020"]).expect("--stats-addr");
-        assert_eq!(cfg.metrics_addr.port(), 9020);
+        assert_eq!(cfg.stats_addr.port(), 9020);
+        let cfg = parse(&["--metrics-addr", "0.0.0.0:9021"]).expect("former --metrics-addr");
+        assert_eq!(cfg.stats_addr.port(), 9021);
         let cfg = parse(&["--header-read-timeout-ms", "0"]).expect("parses");
         assert!(cfg.validate().is_err(), "a zero header-read timeout is refused");
+    }
+
+    fn load(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let base = [
+            "waypoint",
+            "--identity",
+            "spiffe://cluster.local/ns/default/sa/waypoint",
+        ];
+        let base = base.iter().chain(
+            [
+                "--xds-address",
+                "http://cp:15012",
+                "--ca-address",
+                "http://cp:15012",
+                "--trust-bundle",
+                "/roots.pem",
+            ]
+            .iter(),
+        );
+        // Not this process's STATS_ADDR: the test gives the environment itself.
+        let matches = Config::command()
+            .mut_arg("stats_addr", |a| a.env(None))
+            .try_get_matches_from(base.chain(args.iter()))?;
+        Config::from_matches(&matches, |k| {
+            env.iter().find(|(name, _)| *name == k).map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn former_metrics_addr_variable_is_read_only_without_the_flag() {
+        let former = [("METRICS_ADDR", "0.0.0.0:9030")];
+        assert_eq!(load(&[], &former).expect("former name").stats_addr.port(), 9030);
+        let flag = load(&["--stats-addr", "0.0.0.0:9040"], &former).expect("flag");
+        assert_eq!(flag.stats_addr.port(), 9040, "the flag wins over the former variable");
+        assert_eq!(load(&[], &[]).expect("default").stats_addr.port(), 15020);
+        let text = load(&[], &[("METRICS_ADDR", "nine")]).expect_err("invalid").to_string();
+        assert!(text.contains("METRICS_ADDR"), "{text}");
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 use controller::ca::{Authenticator, BootstrapTokens, CaMetrics, CaOptions, CaRoot, CaServer};
 use controller::config::Config;
 use controller::core::{self, Debounce, Published};
@@ -57,7 +56,7 @@ async fn write_records(dir: PathBuf, mut published: watch::Receiver<Published>) 
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = Config::load()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
         .with_writer(std::io::stderr)

@@ -98,7 +98,7 @@ pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<
         format!("{TOKEN_DIR}/mesh-token"),
         "--hbone-addr".into(),
         format!("0.0.0.0:{}", record.hbone_port),
-        "--metrics-addr".into(),
+        "--stats-addr".into(),
         format!("0.0.0.0:{METRICS_PORT}"),
     ]
 }

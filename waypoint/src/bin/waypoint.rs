@@ -1,10 +1,14 @@
 //! The waypoint binary: flags and environment to [`waypoint::config::Config`], logging, run.
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() {
-    let cfg = waypoint::config::Config::parse();
+    let cfg = match waypoint::config::Config::load() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log).unwrap_or_else(|e| {
         eprintln!("warning: invalid log filter {:?} ({e}); using info", cfg.log);
         tracing_subscriber::EnvFilter::new("info")
