@@ -331,9 +331,78 @@ pub fn readiness(name: &str, base: &str, default_path: &str, timeout: Duration) 
     }
 }
 
+/// The kinds whose state is 1 in the controller's `controller_kind_state` metric and is
+/// neither `synced` nor `not_served`: (kind, state), from Prometheus text.
+pub fn kinds_not_synced(metrics: &str) -> Vec<(String, String)> {
+    let label = |line: &str, key: &str| -> Option<String> {
+        let start = line.find(&format!("{key}=\""))? + key.len() + 2;
+        let len = line[start..].find('"')?;
+        Some(line[start..start + len].to_owned())
+    };
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("controller_kind_state{") && l.trim_end().ends_with(" 1"))
+        .filter_map(|l| Some((label(l, "kind")?, label(l, "state")?)))
+        .filter(|(_, state)| state != "synced" && state != "not_served")
+        .collect()
+}
+
+/// Whether the controller could list every kind it watches (a forbidden or failing kind is
+/// served from its last good state, or fails closed for the security kinds).
+pub fn kind_sync(base: &str, timeout: Duration) -> CheckResult {
+    let name = "controller kinds";
+    let url = match Url::parse(base) {
+        Ok(u) => u.with_path("/metrics"),
+        Err(e) => return CheckResult::fail(name, e.to_string(), "pass an http://host:port URL"),
+    };
+    match http::get(&url, timeout) {
+        Ok(r) if r.status == 200 => match kinds_not_synced(&r.body).as_slice() {
+            [] => CheckResult::pass(name, "every watched kind is listed"),
+            bad => CheckResult::fail(
+                name,
+                bad.iter()
+                    .map(|(k, s)| format!("{k}: {s}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                "grant the controller list/watch on those kinds (manifests/controller/controller-rbac.yaml) \
+                 or install their CRDs; unreadable security kinds deny until then",
+            ),
+        },
+        Ok(r) => CheckResult::fail(
+            name,
+            format!("/metrics answered {}", r.status),
+            "check the controller logs",
+        ),
+        Err(e) => CheckResult::fail(
+            name,
+            format!("/metrics unreachable: {e}"),
+            "pass the controller's address",
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_that_are_not_synced_are_named() {
+        let text = "# TYPE controller_kind_state gauge
+controller_kind_state{kind=\"AuthorizationPolicy\",state=\"synced\"} 0
+controller_kind_state{kind=\"AuthorizationPolicy\",state=\"unreadable\"} 1
+controller_kind_state{kind=\"Pod\",state=\"synced\"} 1
+controller_kind_state{kind=\"TCPRoute\",state=\"not_served\"} 1
+controller_kind_state{kind=\"HTTPRoute\",state=\"failing\"} 1
+";
+        assert_eq!(
+            kinds_not_synced(text),
+            vec![
+                ("AuthorizationPolicy".to_owned(), "unreadable".to_owned()),
+                ("HTTPRoute".to_owned(), "failing".to_owned())
+            ]
+        );
+        assert!(kinds_not_synced("controller_kind_state{kind=\"Pod\",state=\"synced\"} 1\n").is_empty());
+    }
 
     fn fake_root() -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap();

@@ -245,6 +245,7 @@ fn run_check(a: CheckArgs) -> i32 {
     results.push(check::nft_binary());
     results.push(check::cni_dir(&a.cni_dir));
     results.push(check::readiness("controller", &a.controller, "/ready", timeout));
+    results.push(check::kind_sync(&a.controller, timeout));
     for z in &a.ztunnel {
         results.push(check::readiness("ztunnel", z, "/healthz/ready", timeout));
     }
