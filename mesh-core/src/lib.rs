@@ -9,6 +9,7 @@
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
+//! - [`control_plane_args`]: the control-plane flags ztunnel and the waypoint share.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
 //! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
 //! - [`former_env`]: the old names of environment variables renamed to one spelling.
@@ -16,6 +17,7 @@
 
 pub mod admin_http;
 pub mod capture;
+pub mod control_plane_args;
 pub mod former_env;
 pub mod grpc;
 pub mod hbone;

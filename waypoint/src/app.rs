@@ -68,21 +68,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// The waypoint's shared state, wired to the control plane (CA and xDS, whose client starts
 /// here), and the xDS readiness signal.
 fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>, watch::Receiver<bool>)> {
-    let roots = read_trust_bundle(&cfg.trust_bundle).context("--trust-bundle")?;
-    let token = cfg.token_file.clone().map_or(TokenSource::None, TokenSource::File);
+    let roots = read_trust_bundle(cfg.trust_bundle()?).context("--trust-bundle")?;
+    let token = cfg
+        .control_plane
+        .token_file
+        .clone()
+        .map_or(TokenSource::None, TokenSource::File);
     let cp_tls = |addr: &str| -> anyhow::Result<_> {
-        if addr.starts_with("https://") {
+        if mesh_core::control_plane_args::uses_tls(addr) {
             Ok(Some(mesh_core::tls::control_plane_client_config(
                 &roots,
-                vec![cfg.control_plane_identity.clone()],
+                vec![cfg.control_plane.control_plane_identity.clone()],
             )?))
         } else {
             Ok(None)
         }
     };
 
-    let channel = mesh_core::grpc::endpoint(&cfg.ca_address, cp_tls(&cfg.ca_address)?)
-        .with_context(|| format!("--ca-address {}", cfg.ca_address))?
+    let ca_address = cfg.ca_address()?;
+    let channel = mesh_core::grpc::endpoint(ca_address, cp_tls(ca_address)?)
+        .with_context(|| format!("--ca-address {ca_address}"))?
         .connect_lazy();
     let certs = CertManager::new(
         Arc::new(CaClient::new(channel, token.clone(), false)),
@@ -92,8 +97,9 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
 
     let state = StateStore::new();
     let config = ConfigStore::new();
-    let mut xds = XdsConfig::new(cfg.xds_address.clone(), format!("waypoint~{}", cfg.identity));
-    xds.tls = cp_tls(&cfg.xds_address)?;
+    let xds_address = cfg.xds_address()?;
+    let mut xds = XdsConfig::new(xds_address.to_owned(), format!("waypoint~{}", cfg.identity));
+    xds.tls = cp_tls(xds_address)?;
     xds.token = token;
     xds.extra_types = vec![
         Arc::new(RoutesSink(config.clone())),

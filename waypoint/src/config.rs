@@ -2,13 +2,13 @@
 //! start-up.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use std::ffi::OsString;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
+use mesh_core::control_plane_args::ControlPlaneArgs;
 use mesh_core::identity::Identity;
 
 fn parse_identity(s: &str) -> Result<Identity, String> {
@@ -19,7 +19,16 @@ fn parse_identity(s: &str) -> Result<Identity, String> {
 /// L7 proxy of the ambient mesh, in front of services that ask for it with
 /// `istio.io/use-waypoint`.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "waypoint", version, about)]
+#[command(
+    name = "waypoint",
+    version,
+    about,
+    // A waypoint has no local workload file or development CA, and verifies peers against
+    // the trust bundle: these shared control-plane flags are required.
+    mut_arg("xds_address", |a| a.required(true)),
+    mut_arg("ca_address", |a| a.required(true)),
+    mut_arg("trust_bundle", |a| a.required(true))
+)]
 pub struct Config {
     /// The identity this waypoint proves (its service account's SPIFFE ID).
     #[arg(long, env = "WAYPOINT_IDENTITY", value_parser = parse_identity)]
@@ -48,26 +57,10 @@ pub struct Config {
     /// user reaches it with `kubectl port-forward`).
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
-    /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
-    #[arg(long, env = "XDS_ADDRESS")]
-    pub xds_address: String,
-    /// Mesh CA address (http:// or https://; https needs --trust-bundle).
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: String,
-    /// File holding the bearer token presented to the CA and the xDS server.
-    #[arg(long, env = "TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Trust bundle (PEM roots) the control plane's and peers' certificates chain to.
-    #[arg(long, env = "TRUST_BUNDLE")]
-    pub trust_bundle: PathBuf,
-    /// Identity the control plane must prove on https addresses.
-    #[arg(
-        long,
-        env = "CONTROL_PLANE_IDENTITY",
-        default_value = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller",
-        value_parser = parse_identity
-    )]
-    pub control_plane_identity: Identity,
+    /// xDS and CA addresses, token, trust bundle, control plane identity (the addresses and
+    /// the trust bundle are required here: see the `mut_arg`s above).
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
     /// Zipkin v2 collector for spans, e.g. http://zipkin.istio-system:9411/api/v2/spans.
     #[arg(long, env = "ZIPKIN_ADDRESS")]
     pub zipkin_address: Option<String>,
@@ -145,13 +138,31 @@ impl Config {
                 );
             }
         }
-        for (flag, addr) in [("--xds-address", &self.xds_address), ("--ca-address", &self.ca_address)] {
+        for (flag, addr) in [
+            ("--xds-address", self.xds_address()?),
+            ("--ca-address", self.ca_address()?),
+        ] {
             anyhow::ensure!(
                 addr.starts_with("http://") || addr.starts_with("https://"),
                 "{flag} {addr:?}: expected http://host:port or https://host:port"
             );
         }
         Ok(())
+    }
+
+    /// The xDS server's address (a required flag; absent only if built around clap).
+    pub fn xds_address(&self) -> anyhow::Result<&str> {
+        required(&self.control_plane.xds_address, "--xds-address").map(String::as_str)
+    }
+
+    /// The mesh CA's address (a required flag).
+    pub fn ca_address(&self) -> anyhow::Result<&str> {
+        required(&self.control_plane.ca_address, "--ca-address").map(String::as_str)
+    }
+
+    /// The trust bundle file (a required flag).
+    pub fn trust_bundle(&self) -> anyhow::Result<&std::path::Path> {
+        required(&self.control_plane.trust_bundle, "--trust-bundle").map(|p| p.as_path())
     }
 
     /// (namespace, name) of the Gateway.
@@ -165,6 +176,11 @@ impl Config {
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
     }
+}
+
+/// The value of a flag the waypoint requires; an error naming it, never a default, if absent.
+fn required<'a, T>(value: &'a Option<T>, flag: &str) -> anyhow::Result<&'a T> {
+    value.as_ref().ok_or_else(|| anyhow::anyhow!("{flag} is required"))
 }
 
 #[cfg(test)]
@@ -235,5 +251,35 @@ mod tests {
         assert_eq!(load(&[], &[]).expect("default").stats_addr.port(), 15020);
         let text = load(&[], &[("METRICS_ADDR", "nine")]).expect_err("invalid").to_string();
         assert!(text.contains("METRICS_ADDR"), "{text}");
+    }
+
+    #[test]
+    fn shared_control_plane_flags_are_required_here() {
+        let id = [
+            "waypoint",
+            "--identity",
+            "spiffe://cluster.local/ns/default/sa/waypoint",
+        ];
+        let all = [
+            ["--xds-address", "http://cp:15012"],
+            ["--ca-address", "http://cp:15012"],
+            ["--trust-bundle", "/roots.pem"],
+        ];
+        for missing in 0..all.len() {
+            let args = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != missing)
+                .flat_map(|(_, a)| a);
+            let command = Config::command()
+                .mut_arg("xds_address", |a| a.env(None))
+                .mut_arg("ca_address", |a| a.env(None))
+                .mut_arg("trust_bundle", |a| a.env(None));
+            let text = command
+                .try_get_matches_from(id.iter().chain(args))
+                .expect_err("a required flag is missing")
+                .to_string();
+            assert!(text.contains(all[missing][0]), "{text}");
+        }
     }
 }

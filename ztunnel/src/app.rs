@@ -66,19 +66,20 @@ fn control_plane_tls(
     address: &str,
     bundle: Option<&[CertificateDer<'static>]>,
 ) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
-    if !crate::config::uses_tls(address) {
+    if !mesh_core::control_plane_args::uses_tls(address) {
         return Ok(None);
     }
     let roots = bundle.with_context(|| {
         format!("{flag} {address} uses TLS: pass --trust-bundle <PEM file> with the roots the control plane's certificate chains to")
     })?;
-    let tls = mesh_core::tls::control_plane_client_config(roots, vec![cfg.control_plane_identity.clone()])
-        .with_context(|| format!("TLS configuration for {flag} {address}"))?;
+    let tls =
+        mesh_core::tls::control_plane_client_config(roots, vec![cfg.control_plane.control_plane_identity.clone()])
+            .with_context(|| format!("TLS configuration for {flag} {address}"))?;
     Ok(Some(tls))
 }
 
 fn token_source(cfg: &Config) -> TokenSource {
-    match &cfg.token_file {
+    match &cfg.control_plane.token_file {
         Some(p) => TokenSource::File(p.clone()),
         None => TokenSource::None,
     }
@@ -94,7 +95,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
     let sockets: Arc<dyn SocketFactory> = Arc::new(PlainSockets {
         mark: (cfg.socket_mark != 0).then_some(cfg.socket_mark),
     });
-    let bundle = match &cfg.trust_bundle {
+    let bundle = match &cfg.control_plane.trust_bundle {
         Some(path) => Some(read_trust_bundle(path)?),
         None => None,
     };
@@ -107,7 +108,7 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
             (Arc::new(ca), roots)
         }
         _ => {
-            let addr = cfg.ca_address.clone().unwrap_or_default();
+            let addr = cfg.control_plane.ca_address.clone().unwrap_or_default();
             let tls = control_plane_tls(&cfg, "--ca-address", &addr, bundle.as_deref())?;
             let channel = mesh_core::grpc::endpoint(&addr, tls)
                 .with_context(|| format!("--ca-address {addr}"))?
@@ -268,7 +269,7 @@ fn start_source(
         ));
         return Ok(watch::channel(true).1);
     }
-    let address = cfg.xds_address.clone().unwrap_or_default();
+    let address = cfg.control_plane.xds_address.clone().unwrap_or_default();
     let tls = control_plane_tls(cfg, "--xds-address", &address, bundle)?;
     // Check the address now: a typo should stop start-up, not retry forever.
     mesh_core::grpc::endpoint(&address, tls.clone()).with_context(|| format!("--xds-address {address}"))?;

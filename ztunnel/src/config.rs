@@ -6,23 +6,14 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use mesh_core::capture;
-use mesh_core::identity::Identity;
-
-/// Identity the control plane proves when xDS or the CA is reached over https.
-pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller";
+pub use mesh_core::control_plane_args::DEFAULT_CONTROL_PLANE_IDENTITY;
+use mesh_core::control_plane_args::{uses_tls, ControlPlaneArgs};
 
 /// Default listeners of ztunnel's own HTTP endpoints: admin (state and log level, localhost
 /// only), Prometheus metrics and readiness (reachable by scrapers and the kubelet).
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_STATS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
-
-/// Parses a SPIFFE identity flag, saying what shape is expected when it is not one.
-fn parse_identity(s: &str) -> Result<Identity, String> {
-    s.parse().map_err(|e| {
-        format!("{e}; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, e.g. {DEFAULT_CONTROL_PLANE_IDENTITY}")
-    })
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -60,37 +51,17 @@ pub struct Config {
     /// DNS suffix of service hostnames.
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
-    /// Control plane address for Delta ADS (http:// or https://; https needs --trust-bundle).
-    #[arg(long, env = "XDS_ADDRESS")]
-    pub xds_address: Option<String>,
+    /// xDS and CA addresses, token, trust bundle, control plane identity.
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
 
     /// Development CA: root certificate (PEM). With --ca-root-key, certificates are signed
     /// locally instead of by the mesh CA.
-    #[arg(long, env = "CA_ROOT_CERT", requires = "ca_root_key")]
+    #[arg(long, env = "CA_ROOT_CERT", requires = "ca_root_key", conflicts_with = "ca_address")]
     pub ca_root_cert: Option<PathBuf>,
     /// Development CA: root key (PEM, PKCS#8).
     #[arg(long, env = "CA_ROOT_KEY", requires = "ca_root_cert")]
     pub ca_root_key: Option<PathBuf>,
-    /// Mesh CA address (http:// or https://; https needs --trust-bundle) for CreateCertificate.
-    #[arg(long, env = "CA_ADDRESS", conflicts_with = "ca_root_cert")]
-    pub ca_address: Option<String>,
-    /// File holding the bearer token presented to the CA and xDS server.
-    #[arg(long, env = "TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Trust bundle (PEM roots). Defaults to the development root or the CA's root. Required
-    /// for https control plane addresses: the control plane's certificate must chain to it.
-    #[arg(long, env = "TRUST_BUNDLE")]
-    pub trust_bundle: Option<PathBuf>,
-    /// SPIFFE identity the control plane must prove when --xds-address or --ca-address is
-    /// https:// (its certificate is checked against --trust-bundle; no client certificate is
-    /// sent, the token authenticates this proxy).
-    #[arg(
-        long,
-        env = "CONTROL_PLANE_IDENTITY",
-        default_value = DEFAULT_CONTROL_PLANE_IDENTITY,
-        value_parser = parse_identity
-    )]
-    pub control_plane_identity: Identity,
     /// Lifetime requested for workload certificates, in seconds.
     #[arg(long, env = "CERT_TTL_SECONDS", default_value_t = 24 * 3600)]
     pub cert_ttl_seconds: u64,
@@ -151,10 +122,11 @@ pub struct Config {
 impl Config {
     /// Checks what clap cannot, with messages that say how to fix it.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.local_xds_path.is_none() && self.xds_address.is_none() {
+        let cp = &self.control_plane;
+        if self.local_xds_path.is_none() && cp.xds_address.is_none() {
             anyhow::bail!("no workload source: pass --local-xds-path <file> or --xds-address <url>");
         }
-        if self.ca_root_cert.is_none() && self.ca_address.is_none() {
+        if self.ca_root_cert.is_none() && cp.ca_address.is_none() {
             anyhow::bail!(
                 "no certificate source: pass --ca-root-cert and --ca-root-key (development CA) or --ca-address <url>"
             );
@@ -176,17 +148,17 @@ impl Config {
                 self.admin_addr
             );
         }
-        for (flag, addr) in [("--xds-address", &self.xds_address), ("--ca-address", &self.ca_address)] {
+        for (flag, addr) in [("--xds-address", &cp.xds_address), ("--ca-address", &cp.ca_address)] {
             let Some(addr) = addr else { continue };
             if !(addr.starts_with("http://") || addr.starts_with("https://")) {
                 anyhow::bail!("{flag} {addr:?} must start with http:// or https://");
             }
-            if uses_tls(addr) && self.trust_bundle.is_none() {
+            if uses_tls(addr) && cp.trust_bundle.is_none() {
                 anyhow::bail!(
                     "{flag} {addr} uses TLS, which needs the roots the control plane's certificate chains to: \
                      pass --trust-bundle <PEM file> (the control plane must prove --control-plane-identity {}), \
                      or use an http:// address",
-                    self.control_plane_identity
+                    cp.control_plane_identity
                 );
             }
         }
@@ -235,11 +207,6 @@ impl Config {
     }
 }
 
-/// True for a control plane address reached over TLS.
-pub fn uses_tls(address: &str) -> bool {
-    address.starts_with("https://")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,11 +218,14 @@ mod tests {
     #[test]
     fn control_plane_identity_defaults_and_is_validated() {
         let cfg = parse(&["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"]).expect("parse");
-        assert_eq!(cfg.control_plane_identity.to_string(), DEFAULT_CONTROL_PLANE_IDENTITY);
+        assert_eq!(
+            cfg.control_plane.control_plane_identity.to_string(),
+            DEFAULT_CONTROL_PLANE_IDENTITY
+        );
         cfg.validate().expect("plaintext needs no trust bundle");
 
         let cfg = parse(&["--control-plane-identity", "spiffe://example.org/ns/mesh/sa/cp"]).expect("parse");
-        assert_eq!(cfg.control_plane_identity.namespace, "mesh");
+        assert_eq!(cfg.control_plane.control_plane_identity.namespace, "mesh");
 
         let err = parse(&["--control-plane-identity", "mesh-controller"]).expect_err("not a SPIFFE id");
         let text = err.to_string();
@@ -312,5 +282,15 @@ mod tests {
         let cfg = parse(&["--xds-address", "cp:15012", "--ca-address", "http://cp:15012"]).expect("parse");
         let text = cfg.validate().expect_err("no scheme").to_string();
         assert!(text.contains("http:// or https://"), "{text}");
+    }
+
+    #[test]
+    fn shared_control_plane_flags_keep_their_conflicts() {
+        parse(&["--local-xds-path", "/w.yaml", "--xds-address", "http://cp:15012"]).expect_err("two workload sources");
+        let dev_ca = ["--ca-root-cert", "/c.pem", "--ca-root-key", "/k.pem"];
+        parse(&dev_ca).expect("development CA alone");
+        let mut both = dev_ca.to_vec();
+        both.extend(["--ca-address", "http://cp:15012"]);
+        parse(&both).expect_err("two certificate sources");
     }
 }
