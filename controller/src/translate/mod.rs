@@ -11,6 +11,7 @@ pub mod render;
 mod routes;
 mod service;
 mod unimplemented;
+mod waypoint_policy;
 mod workload;
 
 use std::collections::BTreeMap;

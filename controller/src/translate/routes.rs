@@ -1,7 +1,6 @@
-//! Waypoint configuration: routes per service from HTTPRoute/GRPCRoute (parent: the Service)
-//! and VirtualService (hosts: the service), with the host's DestinationRule; and L7 policies
-//! (AuthorizationPolicy, RequestAuthentication) attached with `targetRefs` to a waypoint
-//! Gateway or to a Service.
+//! Waypoint routes: per service from HTTPRoute/GRPCRoute (parent: the Service) and
+//! VirtualService (hosts: the service), with the host's DestinationRule. The L7 policies
+//! waypoints enforce are translated in [`super::waypoint_policy`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,9 +8,7 @@ use std::time::Duration;
 use mesh_proto::waypoint as wp;
 
 use super::{service_hostname, Options, RefusedRef, Report};
-use crate::model::gateway::{
-    self, BackendRef, HeaderMatch, HeaderModifier, ParentReference, PolicyTargetReference, WAYPOINT_CLASS,
-};
+use crate::model::gateway::{self, BackendRef, HeaderMatch, HeaderModifier, ParentReference, WAYPOINT_CLASS};
 use crate::model::istio::{self, TrafficPolicy};
 use crate::model::reference_grant::{self, Reference, GATEWAY_GROUP};
 use crate::model::{Inputs, Kind, ObjectKey};
@@ -706,194 +703,6 @@ fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, re
     }
 }
 
-fn targets(
-    refs: impl Iterator<Item = PolicyTargetReference>,
-    key: &ObjectKey,
-    kind: Kind,
-    inputs: &Inputs,
-    report: &mut Report,
-) -> Vec<wp::Target> {
-    let mut out = Vec::new();
-    for t in refs {
-        let ns = t.namespace.clone().unwrap_or_else(|| key.namespace.clone());
-        let target_key = ObjectKey::new(ns.clone(), t.name.clone());
-        match (t.group.as_str(), t.kind.as_str()) {
-            ("gateway.networking.k8s.io", "Gateway") => {
-                let waypoint = inputs
-                    .gateways
-                    .get(&target_key)
-                    .map(|g| g.spec.gateway_class_name.as_str());
-                if waypoint != Some(WAYPOINT_CLASS) {
-                    report.add(
-                        kind,
-                        key,
-                        format!("targetRef Gateway {target_key} is not a waypoint; nothing enforces this policy there"),
-                    );
-                }
-            }
-            ("" | "core", "Service") => {
-                if !inputs.services.contains_key(&target_key) {
-                    report.add(kind, key, format!("targetRef Service {target_key} does not exist"));
-                }
-            }
-            (group, k) => {
-                report.add(
-                    kind,
-                    key,
-                    format!("targetRef {group}/{k} is not supported (Gateway or Service)"),
-                );
-                continue;
-            }
-        }
-        out.push(wp::Target {
-            kind: t.kind.clone(),
-            namespace: ns,
-            name: t.name.clone(),
-        });
-    }
-    out
-}
-
-fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String, wp::Policy> {
-    let mut out = BTreeMap::new();
-    for (key, ap) in &inputs.authorization_policies {
-        if ap.spec.targets().next().is_none() || ap.invalid.is_some() {
-            continue;
-        }
-        let kind = Kind::AuthorizationPolicy;
-        let action = match ap.spec.action.as_deref().unwrap_or("ALLOW") {
-            "ALLOW" => wp::Action::Allow,
-            "DENY" => wp::Action::Deny,
-            "AUDIT" => wp::Action::Audit,
-            other => {
-                report.add(
-                    kind,
-                    key,
-                    format!("action {other} is not supported at waypoints; enforced as DENY"),
-                );
-                wp::Action::Deny
-            }
-        };
-        let rules = ap
-            .spec
-            .rules
-            .iter()
-            .flatten()
-            .map(|r| wp::Rule {
-                from: r
-                    .from
-                    .iter()
-                    .map(|f| {
-                        let s = &f.source;
-                        wp::Source {
-                            principals: s.principals.clone(),
-                            not_principals: s.not_principals.clone(),
-                            request_principals: s.request_principals.clone(),
-                            not_request_principals: s.not_request_principals.clone(),
-                            namespaces: s.namespaces.clone(),
-                            not_namespaces: s.not_namespaces.clone(),
-                            ip_blocks: s.ip_blocks.clone(),
-                            not_ip_blocks: s.not_ip_blocks.clone(),
-                            remote_ip_blocks: s.remote_ip_blocks.clone(),
-                            not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
-                        }
-                    })
-                    .collect(),
-                to: r
-                    .to
-                    .iter()
-                    .map(|t| {
-                        let o = &t.operation;
-                        let ports = |v: &[String]| v.iter().filter_map(|p| p.parse().ok()).collect();
-                        wp::Operation {
-                            hosts: o.hosts.clone(),
-                            not_hosts: o.not_hosts.clone(),
-                            ports: ports(&o.ports),
-                            not_ports: ports(&o.not_ports),
-                            methods: o.methods.clone(),
-                            not_methods: o.not_methods.clone(),
-                            paths: o.paths.clone(),
-                            not_paths: o.not_paths.clone(),
-                        }
-                    })
-                    .collect(),
-                when: r
-                    .when
-                    .iter()
-                    .map(|c| wp::Condition {
-                        key: c.key.clone(),
-                        values: c.values.clone(),
-                        not_values: c.not_values.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        out.insert(
-            format!("AuthorizationPolicy/{key}"),
-            wp::Policy {
-                name: key.name.clone(),
-                namespace: key.namespace.clone(),
-                targets: targets(ap.spec.targets().cloned(), key, kind, inputs, report),
-                kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
-                    action: action as i32,
-                    rules,
-                })),
-            },
-        );
-    }
-    for (key, ra) in &inputs.request_authentications {
-        let kind = Kind::RequestAuthentication;
-        if ra.spec.targets().next().is_none() {
-            report.add(
-                kind,
-                key,
-                "JWT authentication is enforced by waypoints: add targetRefs to a waypoint Gateway or Service",
-            );
-            continue;
-        }
-        let rules = ra
-            .spec
-            .jwt_rules
-            .iter()
-            .map(|r| wp::JwtRule {
-                issuer: r.issuer.clone(),
-                audiences: r.audiences.clone(),
-                jwks_uri: r.jwks_uri.clone().unwrap_or_default(),
-                jwks: r.jwks.clone().unwrap_or_default(),
-                from_headers: r
-                    .from_headers
-                    .iter()
-                    .map(|h| wp::JwtHeader {
-                        name: h.name.clone(),
-                        prefix: h.prefix.clone(),
-                    })
-                    .collect(),
-                from_params: r.from_params.clone(),
-                forward_original_token: r.forward_original_token,
-                output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
-                output_claim_to_headers: r
-                    .output_claim_to_headers
-                    .iter()
-                    .map(|c| wp::ClaimToHeader {
-                        header: c.header.clone(),
-                        claim: c.claim.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        out.insert(
-            format!("RequestAuthentication/{key}"),
-            wp::Policy {
-                name: key.name.clone(),
-                namespace: key.namespace.clone(),
-                targets: targets(ra.spec.targets().cloned(), key, kind, inputs, report),
-                kind: Some(wp::policy::Kind::Jwt(wp::JwtAuthentication { rules })),
-            },
-        );
-    }
-    out
-}
-
 pub(crate) fn translate(
     inputs: &Inputs,
     options: &Options,
@@ -904,7 +713,7 @@ pub(crate) fn translate(
     tcp_routes(inputs, options, &mut routes, report);
     virtual_services(inputs, options, &mut routes, report);
     destination_rules(inputs, options, &mut routes, report);
-    (routes, policies(inputs, report))
+    (routes, super::waypoint_policy::policies(inputs, report))
 }
 
 #[cfg(test)]
