@@ -4,6 +4,8 @@
 //! config must be read back exactly. Case count: `PROPTEST_CASES` (default 256); a long run is
 //! `PROPTEST_CASES=100000 cargo test --release -p cni-plugin --test fuzz`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 

@@ -4,6 +4,8 @@
 //! libcni picks it), within 1 s, with the file's mode kept; and on SIGTERM the plugin is
 //! removed only when the DaemonSet is gone (item 3's uninstall path).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use serde_json::{json, Value};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};

@@ -3,6 +3,8 @@
 //! with canned answers that records every request). The last test chains the plugin after the
 //! real reference plugins (`bridge` + `host-local`) the way a container runtime does.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -1,6 +1,8 @@
 //! The agent's redirection rules in a real network namespace: installed exactly as reported,
 //! idempotent, and removed without leftovers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::PathBuf;
 use std::process::Command;
 

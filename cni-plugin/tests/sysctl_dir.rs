@@ -12,6 +12,8 @@
 //! at 0, whatever other tests do to the root's) with a mount namespace private to that thread:
 //! the mounts are invisible on the host and vanish with the thread, whatever happens.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

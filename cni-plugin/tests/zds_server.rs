@@ -1,5 +1,7 @@
 //! The agent's ZDS server against simulated ztunnels on a real SOCK_SEQPACKET socket.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;

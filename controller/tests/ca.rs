@@ -1,6 +1,8 @@
 //! The CA over the wire: a real tonic server on 127.0.0.1 over TLS (serving certificate from
 //! the CA's own root), called by the node proxies' client (`CaClient`) with bootstrap tokens.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

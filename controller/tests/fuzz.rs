@@ -4,6 +4,8 @@
 //! panic (one file must not take the control plane down). Case count: `PROPTEST_CASES`
 //! (default 256); a long run is `PROPTEST_CASES=100000 cargo test --release -p controller --test fuzz`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::Path;
 
 use controller::model::{Inputs, Kind};

@@ -3,6 +3,8 @@
 //! waypoint configuration and problems the controller must produce). Run with
 //! `UPDATE_GOLDEN=1` to rewrite the expectations after an intended change, then review the diff.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::Path;
 
 use controller::model::Inputs;

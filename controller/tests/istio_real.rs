@@ -5,6 +5,8 @@
 //! its path, on the object that has it. External authorization (CUSTOM) fails closed and is
 //! reported once per policy.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::Path;
 
 use controller::model::{Inputs, Object};

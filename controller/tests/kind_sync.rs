@@ -7,6 +7,8 @@
 //! workloads deny by default, the problem reported; access granted later (the watch lists
 //! it) → normal service, no restart.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

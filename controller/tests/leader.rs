@@ -4,6 +4,8 @@
 //! leader flags are sampled every millisecond: at no instant may both be set, and a leader
 //! whose calls hang must drop its flag before its lease could expire for the other.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

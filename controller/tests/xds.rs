@@ -3,6 +3,8 @@
 //! clients with different subscriptions, addresses by name on demand (as Istio's ztunnel
 //! asks for them), and refusal without a valid token.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

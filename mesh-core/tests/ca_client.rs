@@ -3,6 +3,8 @@
 //! over TLS with the control plane client configuration (server identity checked, no client
 //! certificate).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The shipped example files stay valid.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::Path;
 
 #[test]

@@ -7,6 +7,8 @@
 //! (default 256, fast enough for CI); a long run is
 //! `PROPTEST_CASES=100000 cargo test --release -p mesh-core --test fuzz`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 

@@ -1,6 +1,8 @@
 //! HBONE over loopback with real TLS and HTTP/2: round trips, pooling, eviction of broken
 //! connections, negative TLS cases and malformed CONNECT requests.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

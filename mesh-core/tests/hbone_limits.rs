@@ -3,6 +3,8 @@
 //! finishes TLS but never sends the HTTP/2 preface, a peer opening more streams than its
 //! identity may hold, and a peer resetting every stream before its answer (rapid reset).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

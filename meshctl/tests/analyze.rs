@@ -2,6 +2,8 @@
 //! tests/fixtures/analyze/<case>/ with `expected.txt` holding every finding and fix line
 //! (empty for a clean case), and the valid examples of examples/brief/ finding nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -2,6 +2,8 @@
 //! ztunnel/src/admin.rs and mesh-core's state model serialization), rendered directly and
 //! served over HTTP from a local listener.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::io::{Read, Write};
 use std::time::{Duration, UNIX_EPOCH};
 

@@ -4,6 +4,8 @@
 //! altered token is ever accepted. Case count: `PROPTEST_CASES` (default 256); a long run is
 //! `PROPTEST_CASES=100000 cargo test --release -p waypoint --test fuzz`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;

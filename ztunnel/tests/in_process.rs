@@ -6,6 +6,8 @@
 //! These pin what the namespace suites test as root, but in milliseconds: a CONNECT naming
 //! another workload gets 400, a denied client 401, and a policy update closes a live stream.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

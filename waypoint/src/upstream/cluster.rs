@@ -79,7 +79,8 @@ fn endpoint_state<'a>(eps: &'a mut HashMap<String, EndpointState>, uid: &str) ->
     if !eps.contains_key(uid) {
         eps.insert(uid.to_owned(), EndpointState::default());
     }
-    // Inserted just above when missing.
+    // Inserted just above when missing (the entry API would allocate the key on every lookup).
+    #[allow(clippy::expect_used)]
     eps.get_mut(uid).expect("endpoint state present")
 }
 
