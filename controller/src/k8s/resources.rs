@@ -13,7 +13,8 @@ use ::kube::core::{ApiResource, ClusterResourceScope, NamespaceResourceScope};
 use ::kube::Resource;
 
 use crate::model::{
-    gateway, istio, reference_grant, EndpointSlice, Kind, Namespace, ObjectMeta, Pod, Service, ServiceAccount,
+    gateway, istio, reference_grant, service_entry, EndpointSlice, Kind, Namespace, ObjectMeta, Pod, Secret, Service,
+    ServiceAccount,
 };
 
 /// The version the controller reads and writes for `kind`: the first it knows.
@@ -68,6 +69,7 @@ resource! {
     istio::RequestAuthentication => RequestAuthentication, "requestauthentications", NamespaceResourceScope;
     istio::VirtualService => VirtualService, "virtualservices", NamespaceResourceScope;
     istio::DestinationRule => DestinationRule, "destinationrules", NamespaceResourceScope;
+    service_entry::ServiceEntry => ServiceEntry, "serviceentries", NamespaceResourceScope;
 }
 
 /// Group, version, kind and plural of `kind`, for dynamic (untyped) requests.
@@ -89,6 +91,8 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::RequestAuthentication => ApiResource::erase::<istio::RequestAuthentication>(&()),
         Kind::VirtualService => ApiResource::erase::<istio::VirtualService>(&()),
         Kind::DestinationRule => ApiResource::erase::<istio::DestinationRule>(&()),
+        Kind::ServiceEntry => ApiResource::erase::<service_entry::ServiceEntry>(&()),
+        Kind::Secret => ApiResource::erase::<Secret>(&()),
     }
 }
 

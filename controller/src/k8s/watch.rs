@@ -26,7 +26,9 @@ use tracing::{debug, info, warn};
 
 use super::resources::{api_resource_at, discover, is_custom, pick_version, served_version, ServedVersion};
 use super::KubeError;
-use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, ParseError, Pod, Service, ServiceAccount};
+use crate::model::{
+    EndpointSlice, Kind, Namespace, Object, ObjectKey, ParseError, Pod, Secret, Service, ServiceAccount,
+};
 use crate::source::{Change, ChangeSender, KindSync};
 
 /// Watches all kinds until `tx` closes (the error) or the process ends; watch errors are
@@ -101,6 +103,7 @@ fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static
         Kind::Service => typed::<Service>(client, kind, Object::Service),
         Kind::EndpointSlice => typed::<EndpointSlice>(client, kind, Object::EndpointSlice),
         Kind::ServiceAccount => typed::<ServiceAccount>(client, kind, Object::ServiceAccount),
+        Kind::Secret => typed::<Secret>(client, kind, Object::Secret),
         Kind::GatewayClass
         | Kind::Gateway
         | Kind::HttpRoute
@@ -111,7 +114,8 @@ fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static
         | Kind::PeerAuthentication
         | Kind::RequestAuthentication
         | Kind::VirtualService
-        | Kind::DestinationRule => {
+        | Kind::DestinationRule
+        | Kind::ServiceEntry => {
             let api = Api::<DynamicObject>::all_with(client, &api_resource_at(kind, version));
             watch_kind(api, kind, move |o| parse_dynamic(kind, version, o))
         }

@@ -6,11 +6,12 @@ pub mod gateway;
 pub mod istio;
 mod object;
 pub mod reference_grant;
+pub mod service_entry;
 mod unknown;
 
 use std::collections::BTreeMap;
 
-pub use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+pub use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use object::{Kind, Object, ParseError};
@@ -75,6 +76,9 @@ pub struct Inputs {
     pub request_authentications: BTreeMap<ObjectKey, istio::RequestAuthentication>,
     pub virtual_services: BTreeMap<ObjectKey, istio::VirtualService>,
     pub destination_rules: BTreeMap<ObjectKey, istio::DestinationRule>,
+    pub service_entries: BTreeMap<ObjectKey, service_entry::ServiceEntry>,
+    /// TLS Secrets an ingress Gateway's listeners name in `certificateRefs`.
+    pub secrets: BTreeMap<ObjectKey, Secret>,
     /// Pods the node agents report captured (local mode), besides annotated ones.
     pub enrolled: std::collections::BTreeSet<ObjectKey>,
 }
@@ -100,6 +104,8 @@ impl Inputs {
             Object::RequestAuthentication(o) => drop(self.request_authentications.insert(key, o)),
             Object::VirtualService(o) => drop(self.virtual_services.insert(key, o)),
             Object::DestinationRule(o) => drop(self.destination_rules.insert(key, o)),
+            Object::ServiceEntry(o) => drop(self.service_entries.insert(key, o)),
+            Object::Secret(o) => drop(self.secrets.insert(key, o)),
         }
     }
 
@@ -122,6 +128,8 @@ impl Inputs {
             Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
             Kind::VirtualService => self.virtual_services.remove(key).is_some(),
             Kind::DestinationRule => self.destination_rules.remove(key).is_some(),
+            Kind::ServiceEntry => self.service_entries.remove(key).is_some(),
+            Kind::Secret => self.secrets.remove(key).is_some(),
         }
     }
 
@@ -144,6 +152,8 @@ impl Inputs {
             Kind::RequestAuthentication => self.request_authentications.clear(),
             Kind::VirtualService => self.virtual_services.clear(),
             Kind::DestinationRule => self.destination_rules.clear(),
+            Kind::ServiceEntry => self.service_entries.clear(),
+            Kind::Secret => self.secrets.clear(),
         }
     }
 

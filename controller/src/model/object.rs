@@ -4,7 +4,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    gateway, istio, reference_grant, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod, Service, ServiceAccount,
+    gateway, istio, reference_grant, service_entry, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod, Secret,
+    Service, ServiceAccount,
 };
 
 macro_rules! kinds {
@@ -86,6 +87,8 @@ kinds! {
     RequestAuthentication(istio::RequestAuthentication) = "security.istio.io", "RequestAuthentication", cluster: false, versions: ["v1", "v1beta1"];
     VirtualService(istio::VirtualService) = "networking.istio.io", "VirtualService", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
     DestinationRule(istio::DestinationRule) = "networking.istio.io", "DestinationRule", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
+    ServiceEntry(service_entry::ServiceEntry) = "networking.istio.io", "ServiceEntry", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
+    Secret(Secret) = "", "Secret", cluster: false, versions: ["v1"];
 }
 
 /// Why a document is not a usable object.
