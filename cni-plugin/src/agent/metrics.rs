@@ -1,4 +1,4 @@
-//! The node agent's metrics (served with readiness on `--metrics-addr`): pods enrolled now,
+//! The node agent's metrics (served with readiness on `--stats-addr`): pods enrolled now,
 //! enrolment outcomes, releases, ADD handling time, connected ztunnels.
 
 use prometheus_client::encoding::EncodeLabelSet;

@@ -47,8 +47,10 @@ struct Config {
     /// Metrics (`/metrics`) and readiness (`/healthz/ready`): `ip:port`, `[ipv6]:port`, or
     /// `[ip]:port` for either family, so a manifest can write `[$(HOST_IP)]:15022` whatever
     /// the node's address family (a bare IPv6 address before `:port` would be ambiguous).
-    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:15022", value_parser = listen_addr)]
-    metrics_addr: std::net::SocketAddr,
+    /// Spelled as ztunnel's and the waypoint's; formerly `--metrics-addr` (still accepted) and
+    /// `METRICS_ADDR` (still read when neither the flag nor `STATS_ADDR` is set).
+    #[arg(long, alias = "metrics-addr", env = "STATS_ADDR", default_value = "127.0.0.1:15022")]
+    stats_addr: ListenAddr,
     #[arg(long, env = "STATE_FILE", default_value = "/var/run/ambient/pods.json")]
     state_file: PathBuf,
     /// The sysctl tree each pod's net.ipv4.tcp_migrate_req is written through, from a thread
@@ -63,7 +65,7 @@ struct Config {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let cfg = Config::parse();
+    let cfg = Config::load(|k| std::env::var_os(k))?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log))
         .json()
@@ -123,9 +125,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(agent.clone().watch_source(std::time::Duration::from_secs(1)));
     let mut registry = prometheus_client::registry::Registry::with_prefix("cni_agent");
     agent.metrics.register(&mut registry);
-    let metrics = tokio::net::TcpListener::bind(cfg.metrics_addr)
+    let metrics = tokio::net::TcpListener::bind(cfg.stats_addr.0)
         .await
-        .with_context(|| format!("binding --metrics-addr {}", cfg.metrics_addr))?;
+        .with_context(|| format!("binding --stats-addr {}", cfg.stats_addr.0))?;
     tokio::spawn(cni_plugin::agent::server::serve_metrics(
         agent.clone(),
         Arc::new(registry),
@@ -136,6 +138,22 @@ async fn main() -> anyhow::Result<()> {
         _ = mesh_core::shutdown::shutdown_signal() => {}
     }
     Ok(())
+}
+
+impl Config {
+    /// The configuration from the command line and environment, with the former variable
+    /// `METRICS_ADDR` read through `lookup` where neither the flag nor `STATS_ADDR` was given.
+    fn load(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<Config> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Config::command().get_matches();
+        let mut cfg = Config::from_arg_matches(&matches)?;
+        if matches.value_source("stats_addr") == Some(clap::parser::ValueSource::DefaultValue) {
+            if let Some(addr) = mesh_core::former_env::read("METRICS_ADDR", "STATS_ADDR", lookup)? {
+                cfg.stats_addr = addr;
+            }
+        }
+        Ok(cfg)
+    }
 }
 
 /// Where the agent reads pods and namespaces from.
@@ -165,6 +183,17 @@ fn mode(cfg: &Config) -> anyhow::Result<Mode> {
         dir.display()
     );
     Ok(Mode::Dir(dir))
+}
+
+/// A listen address as [`listen_addr`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ListenAddr(std::net::SocketAddr);
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        listen_addr(text).map(ListenAddr)
+    }
 }
 
 /// `ip:port` or `[ip]:port` (IPv4 in brackets too: what `[$(HOST_IP)]:port` expands to).
@@ -197,6 +226,18 @@ mod tests {
         assert!(listen_addr("fd00::1:15022").is_err());
         assert!(listen_addr("[fd00::1]").is_err());
         assert!(listen_addr("[node]:15022").is_err());
+    }
+
+    #[test]
+    fn stats_addr_is_the_one_spelling_and_the_former_still_works() {
+        if std::env::var_os("STATS_ADDR").is_some() {
+            return;
+        }
+        let cfg = parse(&["--kubernetes", "--stats-addr", "[10.0.0.1]:9022"]).expect("parses");
+        assert_eq!(cfg.stats_addr.0.to_string(), "10.0.0.1:9022");
+        let cfg = parse(&["--kubernetes", "--metrics-addr", "10.0.0.2:9022"]).expect("former flag");
+        assert_eq!(cfg.stats_addr.0.to_string(), "10.0.0.2:9022");
+        assert!(parse(&["--kubernetes", "--stats-addr", "fd00::1:15022"]).is_err());
     }
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
