@@ -85,7 +85,38 @@ fn token_source(cfg: &Config) -> TokenSource {
     }
 }
 
+/// Runs ztunnel until SIGTERM/SIGINT, then drains: [`start`], the signal, [`Running::drain`].
 pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
+    let running = start(&cfg, reload).await?;
+    mesh_core::shutdown::shutdown_signal().await;
+    running.drain(cfg.drain_timeout()).await;
+    Ok(())
+}
+
+/// A started ztunnel: its shared proxy state (for draining) and the admin listeners' stop.
+pub struct Running {
+    shared: proxy::Shared,
+    stop_admin: CancellationToken,
+}
+
+impl Running {
+    /// Stops accepting, lets live connections finish for up to `timeout`, then closes the
+    /// rest and the admin listeners.
+    pub async fn drain(self, timeout: Duration) {
+        info!(?timeout, active = self.shared.tracker.len(), "draining");
+        self.shared.drain.cancel();
+        self.shared.tasks.close();
+        if tokio::time::timeout(timeout, self.shared.tasks.wait()).await.is_err() {
+            warn!("drain timed out; closing remaining connections");
+        }
+        self.stop_admin.cancel();
+        info!("ztunnel stopped");
+    }
+}
+
+/// Builds everything from the configuration and starts serving: workload state, certificates,
+/// the proxy listeners (dedicated mode) or the ZDS client (in-pod mode), admin listeners.
+pub async fn start(cfg: &Config, reload: LogReload) -> anyhow::Result<Running> {
     let state = StateStore::new();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -99,83 +130,12 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         Some(path) => Some(read_trust_bundle(path)?),
         None => None,
     };
-
-    // Certificates: the development CA signs locally; otherwise the mesh CA does.
-    let (signer, mut roots): (Arc<dyn CertificateSigner>, _) = match (&cfg.ca_root_cert, &cfg.ca_root_key) {
-        (Some(cert), Some(key)) => {
-            let ca = DevCa::load(cert, key).context("loading the development CA")?;
-            let roots = certs_from_pem(ca.root_pem())?;
-            (Arc::new(ca), roots)
-        }
-        _ => {
-            let addr = cfg.control_plane.ca_address.clone().unwrap_or_default();
-            let tls = control_plane_tls(&cfg, "--ca-address", &addr, bundle.as_deref())?;
-            let channel = mesh_core::grpc::endpoint(&addr, tls)
-                .with_context(|| format!("--ca-address {addr}"))?
-                .sockets(sockets.clone())
-                .connect_lazy();
-            (Arc::new(CaClient::new(channel, token_source(&cfg), true)), Vec::new())
-        }
-    };
-    if let Some(bundle) = &bundle {
-        roots = bundle.clone();
-    }
-    let certs = CertManager::new(
-        signer,
-        roots,
-        CertManagerConfig {
-            validity: Duration::from_secs(cfg.cert_ttl_seconds),
-            ..Default::default()
-        },
-    );
-
-    // Workload state.
-    let source_ready = start_source(&cfg, state.clone(), &mut registry, &sockets, bundle.as_deref())?;
-    // Bounds on what HBONE peers may hold, shared by every pod's listener; each refusal is
-    // counted as ztunnel_connections_refused_total{reason=<limit>}.
-    let limits_metrics = metrics.clone();
-    let observer: LimitObserver =
-        Arc::new(move |limit: Limit| limits_metrics.refuse(crate::proxy::refusal::Refusal::Limit(limit)));
-    let settings = Settings {
-        idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
-        limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
-        ..Default::default()
-    };
-    let ports = proxy::Ports {
-        capture: cfg.capture_ports(),
-        ipv6: cfg.ipv6,
-        others: cfg.other_listener_ports(),
-    };
+    let certs = cert_manager(cfg, &sockets, bundle.as_deref())?;
+    let source_ready = start_source(cfg, state.clone(), &mut registry, &sockets, bundle.as_deref())?;
     // ztunnel's own namespace: in dedicated mode also the workloads'.
     let node_addrs = proxy::local_addrs::LocalAddrs::discover().context("reading the node's interface addresses")?;
     tokio::spawn(node_addrs.clone().refresh(Duration::from_secs(2)));
-    let shared = proxy::Shared {
-        network: cfg.network.clone(),
-        ports,
-        hbone_port: cfg.hbone_port,
-        state: state.clone(),
-        certs: certs.clone(),
-        settings,
-        metrics,
-        tracker: Default::default(),
-        node: node_addrs.clone(),
-        drain: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        dns: (cfg.dns_port != 0).then(|| {
-            let upstreams = if cfg.dns_upstream.is_empty() {
-                let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-                crate::dns::upstreams_from_resolv_conf(&conf)
-            } else {
-                cfg.dns_upstream.clone()
-            };
-            info!(port = cfg.dns_port, ?upstreams, "DNS proxy enabled for pods");
-            Arc::new(proxy::DnsSettings {
-                port: cfg.dns_port,
-                domain: cfg.cluster_domain.clone(),
-                upstreams: Arc::new(upstreams),
-            })
-        }),
-    };
+    let shared = shared_state(cfg, state.clone(), certs.clone(), metrics, node_addrs.clone());
     tokio::spawn(shared.tracker.clone().enforce(state.clone()));
     tokio::spawn(release_memory_after_updates(state.clone()));
 
@@ -193,14 +153,13 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         }
         // Dedicated mode: serve the workloads of this namespace on ordinary sockets.
         None => {
-            let local = node_addrs;
             tokio::spawn(forget_unused_certificates(
                 state.clone(),
                 certs.clone(),
-                local.clone(),
+                node_addrs.clone(),
                 cfg.network.clone(),
             ));
-            Proxy::new(&shared, sockets.clone(), local).start(ports)?;
+            Proxy::new(&shared, sockets.clone(), node_addrs).start(shared.ports)?;
             source_ready
         }
     };
@@ -213,30 +172,116 @@ pub async fn run(cfg: Config, reload: LogReload) -> anyhow::Result<()> {
         log_filter: std::sync::Mutex::new(cfg.log.clone()),
         reload,
     });
-    let stop_admin = CancellationToken::new();
+    let stop_admin = serve_admin(cfg, admin).await?;
+    info!(node = %cfg.node_name, "ztunnel started");
+    Ok(Running { shared, stop_admin })
+}
+
+/// Certificates: the development CA signs locally; otherwise the mesh CA does. The trust
+/// bundle, when given, replaces the development root as the roots peers are checked against.
+fn cert_manager(
+    cfg: &Config,
+    sockets: &Arc<dyn SocketFactory>,
+    bundle: Option<&[CertificateDer<'static>]>,
+) -> anyhow::Result<Arc<CertManager>> {
+    let (signer, mut roots): (Arc<dyn CertificateSigner>, _) = match (&cfg.ca_root_cert, &cfg.ca_root_key) {
+        (Some(cert), Some(key)) => {
+            let ca = DevCa::load(cert, key).context("loading the development CA")?;
+            let roots = certs_from_pem(ca.root_pem())?;
+            (Arc::new(ca), roots)
+        }
+        _ => {
+            let addr = cfg.control_plane.ca_address.clone().unwrap_or_default();
+            let tls = control_plane_tls(cfg, "--ca-address", &addr, bundle)?;
+            let channel = mesh_core::grpc::endpoint(&addr, tls)
+                .with_context(|| format!("--ca-address {addr}"))?
+                .sockets(sockets.clone())
+                .connect_lazy();
+            (Arc::new(CaClient::new(channel, token_source(cfg), true)), Vec::new())
+        }
+    };
+    if let Some(bundle) = bundle {
+        roots = bundle.to_vec();
+    }
+    Ok(CertManager::new(
+        signer,
+        roots,
+        CertManagerConfig {
+            validity: Duration::from_secs(cfg.cert_ttl_seconds),
+            ..Default::default()
+        },
+    ))
+}
+
+/// What every listener shares: state, certificates, HBONE settings and limits, ports, drain.
+fn shared_state(
+    cfg: &Config,
+    state: Arc<StateStore>,
+    certs: Arc<CertManager>,
+    metrics: Metrics,
+    node: proxy::local_addrs::LocalAddrs,
+) -> proxy::Shared {
+    // Bounds on what HBONE peers may hold, shared by every pod's listener; each refusal is
+    // counted as ztunnel_connections_refused_total{reason=<limit>}.
+    let limits_metrics = metrics.clone();
+    let observer: LimitObserver =
+        Arc::new(move |limit: Limit| limits_metrics.refuse(crate::proxy::refusal::Refusal::Limit(limit)));
+    let settings = Settings {
+        idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
+        limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
+        ..Default::default()
+    };
+    proxy::Shared {
+        network: cfg.network.clone(),
+        ports: proxy::Ports {
+            capture: cfg.capture_ports(),
+            ipv6: cfg.ipv6,
+            others: cfg.other_listener_ports(),
+        },
+        hbone_port: cfg.hbone_port,
+        state,
+        certs,
+        settings,
+        metrics,
+        tracker: Default::default(),
+        node,
+        drain: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        dns: dns_settings(cfg),
+    }
+}
+
+/// The DNS proxy's settings when `--dns-port` is set; upstreams default to resolv.conf's.
+fn dns_settings(cfg: &Config) -> Option<Arc<proxy::DnsSettings>> {
+    if cfg.dns_port == 0 {
+        return None;
+    }
+    let upstreams = if cfg.dns_upstream.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        crate::dns::upstreams_from_resolv_conf(&conf)
+    } else {
+        cfg.dns_upstream.clone()
+    };
+    info!(port = cfg.dns_port, ?upstreams, "DNS proxy enabled for pods");
+    Some(Arc::new(proxy::DnsSettings {
+        port: cfg.dns_port,
+        domain: cfg.cluster_domain.clone(),
+        upstreams: Arc::new(upstreams),
+    }))
+}
+
+/// Binds the admin (loopback), stats and readiness listeners; the token stops them.
+async fn serve_admin(cfg: &Config, admin: Arc<Admin>) -> anyhow::Result<CancellationToken> {
+    let stop = CancellationToken::new();
     for (addr, role) in [
         (cfg.admin_addr, admin::Role::Admin),
         (cfg.stats_addr, admin::Role::Stats),
         (cfg.readiness_addr, admin::Role::Readiness),
     ] {
         let l = admin::bind(addr, role).await?;
-        tokio::spawn(admin::serve(admin.clone(), role, l, stop_admin.clone()));
+        tokio::spawn(admin::serve(admin.clone(), role, l, stop.clone()));
     }
-    info!(node = %cfg.node_name, "ztunnel started");
-
-    mesh_core::shutdown::shutdown_signal().await;
-    info!(timeout = ?cfg.drain_timeout(), active = shared.tracker.len(), "draining");
-    shared.drain.cancel();
-    shared.tasks.close();
-    if tokio::time::timeout(cfg.drain_timeout(), shared.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!("drain timed out; closing remaining connections");
-    }
-    stop_admin.cancel();
-    info!("ztunnel stopped");
-    Ok(())
+    Ok(stop)
 }
 
 /// Starts the configured workload source; the receiver turns true once state is loaded.
