@@ -159,7 +159,6 @@ pub(crate) fn translate(
     for s in selected {
         by_namespace.entry(s.namespace.as_str()).or_default().push(s);
     }
-    let root_policies = by_namespace.get(options.root_namespace.as_str());
     let slices = slice_members(inputs);
     let mut out = Vec::with_capacity(inputs.pods.len());
     // Which pod first claimed each address: two pods with one IP cannot be told apart by
@@ -172,31 +171,7 @@ pub(crate) fn translate(
         }
         let spec = pod.spec.as_ref();
         let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        let mut addresses = Vec::with_capacity(1);
-        for ip in pod_ips(pod) {
-            match ip.parse() {
-                Ok(ip) => {
-                    // Host-network pods share their node's address by design.
-                    if !host_network {
-                        match ip_owner.get(&ip) {
-                            Some(first) if *first != key => report.add(
-                                Kind::Pod,
-                                key,
-                                format!(
-                                    "status.podIP {ip} is also the IP of pod {first}: ztunnel cannot tell them apart"
-                                ),
-                            ),
-                            Some(_) => {}
-                            None => {
-                                ip_owner.insert(ip, key);
-                            }
-                        }
-                    }
-                    addresses.push(ip_to_bytes(ip));
-                }
-                Err(_) => report.add(Kind::Pod, key, format!("status.podIP {ip:?} is not an IP address")),
-            }
-        }
+        let addresses = pod_addresses(key, pod, host_network, &mut ip_owner, report);
         if addresses.is_empty() {
             continue; // Not started yet: nothing to route to.
         }
@@ -209,74 +184,10 @@ pub(crate) fn translate(
             .is_some_and(|v| v == ENROLLED_VALUE)
             || inputs.enrolled.contains(key);
         let (workload_name, workload_type) = workload_name(pod, key);
-        let canonical_name = label(
-            labels,
-            &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
-        )
-        .map(str::to_owned)
-        .unwrap_or_else(|| workload_name.clone());
-        let canonical_revision = label(
-            labels,
-            &[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ],
-        )
-        .unwrap_or("latest")
-        .to_owned();
-
-        let mut services = BTreeMap::new();
-        let empty = BTreeMap::new();
-        for (svc_key, svc) in index.matching(&key.namespace, labels.unwrap_or(&empty)) {
-            let ports = svc
-                .spec
-                .iter()
-                .flat_map(|s| s.ports.iter().flatten())
-                .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
-                .filter_map(|p| {
-                    Some(pb::Port {
-                        service_port: u32::try_from(p.port).ok()?,
-                        target_port: target_port(p, pod)?,
-                        app_protocol: super::service::app_protocol(p),
-                    })
-                })
-                .collect();
-            let hostname = service_hostname(&svc_key.name, &svc_key.namespace, options);
-            services.insert(format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports });
-        }
-        for (svc_key, slice_ports) in slices.get(key).into_iter().flatten() {
-            let Some(svc) = inputs.services.get(svc_key) else {
-                continue;
-            };
-            let ports = svc
-                .spec
-                .iter()
-                .flat_map(|s| s.ports.iter().flatten())
-                .filter_map(|p| {
-                    let name = p.name.clone().unwrap_or_default();
-                    let target = slice_ports.iter().find(|(n, _)| *n == name)?.1;
-                    Some(pb::Port {
-                        service_port: u32::try_from(p.port).ok()?,
-                        target_port: target,
-                        app_protocol: super::service::app_protocol(p),
-                    })
-                })
-                .collect();
-            let hostname = service_hostname(&svc_key.name, &svc_key.namespace, options);
-            services.insert(format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports });
-        }
-
-        let own = by_namespace
-            .get(key.namespace.as_str())
-            .filter(|_| key.namespace != options.root_namespace);
-        let authorization_policies = own
-            .into_iter()
-            .flatten()
-            .chain(root_policies.into_iter().flatten())
-            .filter(|s| s.applies_to(key, labels, &options.root_namespace))
-            .map(|s| s.name.clone())
-            .collect();
+        let (canonical_name, canonical_revision) = canonical(labels, &workload_name);
+        let mut services = selected_services(&index, key, pod, options);
+        services.extend(sliced_services(inputs, slices.get(key), options));
+        let authorization_policies = policies_for(&by_namespace, key, labels, options);
         out.push(pb::Workload {
             uid: pod_uid(options, key),
             name: key.name.clone(),
@@ -324,6 +235,136 @@ pub(crate) fn translate(
         });
     }
     out
+}
+
+/// The pod's IPs as wire bytes; an unparsable IP, or one another pod already holds (host
+/// network pods share their node's address by design), is reported.
+fn pod_addresses<'a>(
+    key: &'a ObjectKey,
+    pod: &Pod,
+    host_network: bool,
+    ip_owner: &mut HashMap<std::net::IpAddr, &'a ObjectKey>,
+    report: &mut Report,
+) -> Vec<Vec<u8>> {
+    let mut addresses = Vec::with_capacity(1);
+    for ip in pod_ips(pod) {
+        let Ok(ip) = ip.parse() else {
+            report.add(Kind::Pod, key, format!("status.podIP {ip:?} is not an IP address"));
+            continue;
+        };
+        if !host_network {
+            match ip_owner.get(&ip) {
+                Some(first) if *first != key => report.add(
+                    Kind::Pod,
+                    key,
+                    format!("status.podIP {ip} is also the IP of pod {first}: ztunnel cannot tell them apart"),
+                ),
+                Some(_) => {}
+                None => {
+                    ip_owner.insert(ip, key);
+                }
+            }
+        }
+        addresses.push(ip_to_bytes(ip));
+    }
+    addresses
+}
+
+/// Istio's canonical service name and revision from the pod's labels, in Istio's order.
+fn canonical(labels: Option<&BTreeMap<String, String>>, workload_name: &str) -> (String, String) {
+    let name = label(
+        labels,
+        &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+    )
+    .map_or_else(|| workload_name.to_owned(), str::to_owned);
+    let revision = label(
+        labels,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest")
+    .to_owned();
+    (name, revision)
+}
+
+/// The services whose selector matches the pod, keyed `namespace/hostname`, with their TCP
+/// ports resolved against the pod's container ports.
+fn selected_services(
+    index: &SelectorIndex<'_>,
+    key: &ObjectKey,
+    pod: &Pod,
+    options: &Options,
+) -> BTreeMap<String, pb::PortList> {
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let mut services = BTreeMap::new();
+    for (svc_key, svc) in index.matching(&key.namespace, labels) {
+        let ports = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+            .filter_map(|p| {
+                Some(pb::Port {
+                    service_port: u32::try_from(p.port).ok()?,
+                    target_port: target_port(p, pod)?,
+                    app_protocol: super::service::app_protocol(p),
+                })
+            })
+            .collect();
+        let hostname = service_hostname(&svc_key.name, &svc_key.namespace, options);
+        services.insert(format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports });
+    }
+    services
+}
+
+/// The selector-less services whose EndpointSlices name the pod, with the slices' ports.
+fn sliced_services<'a>(
+    inputs: &'a Inputs,
+    slices: Option<&'a Vec<SliceMembership>>,
+    options: &'a Options,
+) -> impl Iterator<Item = (String, pb::PortList)> + 'a {
+    slices.into_iter().flatten().filter_map(move |(svc_key, slice_ports)| {
+        let svc = inputs.services.get(svc_key)?;
+        let ports = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter_map(|p| {
+                let name = p.name.clone().unwrap_or_default();
+                let target = slice_ports.iter().find(|(n, _)| *n == name)?.1;
+                Some(pb::Port {
+                    service_port: u32::try_from(p.port).ok()?,
+                    target_port: target,
+                    app_protocol: super::service::app_protocol(p),
+                })
+            })
+            .collect();
+        let hostname = service_hostname(&svc_key.name, &svc_key.namespace, options);
+        Some((format!("{}/{hostname}", svc_key.namespace), pb::PortList { ports }))
+    })
+}
+
+/// The selector policies of the pod's namespace and of the root namespace that apply to it.
+fn policies_for(
+    by_namespace: &HashMap<&str, Vec<&Selected>>,
+    key: &ObjectKey,
+    labels: Option<&BTreeMap<String, String>>,
+    options: &Options,
+) -> Vec<String> {
+    let own = by_namespace
+        .get(key.namespace.as_str())
+        .filter(|_| key.namespace != options.root_namespace);
+    let root = by_namespace.get(options.root_namespace.as_str());
+    own.into_iter()
+        .flatten()
+        .chain(root.into_iter().flatten())
+        .filter(|s| s.applies_to(key, labels, &options.root_namespace))
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// The workload uid of a pod, as Istio's control plane forms it.
