@@ -110,3 +110,10 @@ fn routes() {
 fn reference_grants() {
     check("reference-grants");
 }
+
+/// ServiceEntries: services per host, auto-allocated VIPs, endpoints as workloads, selectors,
+/// the egress waypoint, and each field ztunnel cannot honour reported.
+#[test]
+fn service_entries() {
+    check("service-entries");
+}

@@ -288,4 +288,14 @@ impl<'a> Attachments<'a> {
     ) -> Option<pb::GatewayAddress> {
         self.resolve(Kind::Service, key, meta, WaypointFor::services, report)
     }
+    /// The waypoint for traffic addressed to a ServiceEntry's hosts (`istio.io/use-waypoint`
+    /// on the entry or its namespace): an egress waypoint.
+    pub(crate) fn for_service_entry(
+        &self,
+        key: &ObjectKey,
+        meta: &ObjectMeta,
+        report: &mut Report,
+    ) -> Option<pb::GatewayAddress> {
+        self.resolve(Kind::ServiceEntry, key, meta, WaypointFor::services, report)
+    }
 }

@@ -5,11 +5,13 @@
 //! it cannot honour is reported as a [`Problem`] on the object that caused it.
 
 mod attach;
+mod auto_allocate;
 mod authz;
 mod peer_authn;
 pub mod render;
 mod routes;
 mod service;
+mod service_entry;
 mod unimplemented;
 mod waypoint_policy;
 mod workload;
@@ -132,6 +134,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
             },
         );
     }
+    let entries = service_entries(inputs, options, &attach, &mut addresses, &mut report);
     for w in workload::translate(inputs, options, &attach, &authz.selected, &mut report) {
         addresses.insert(
             w.uid.clone(),
@@ -140,6 +143,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
             },
         );
     }
+    service_entry::select_pods(inputs, options, &entries.selectors, &mut addresses);
     let (service_routes, waypoint_policies) = routes::translate(inputs, options, &mut report);
     unimplemented::report(inputs, &mut report);
     let mut problems = report.0;
@@ -153,6 +157,47 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         waypoints: waypoints.into_iter().map(|(k, w)| (k, w.deployment)).collect(),
         problems,
     }
+}
+
+/// ServiceEntries' services and endpoint workloads, added beside the Kubernetes Services
+/// already in `addresses` (whose keys and VIPs they must not take).
+fn service_entries(
+    inputs: &Inputs,
+    options: &Options,
+    attach: &attach::Attachments<'_>,
+    addresses: &mut BTreeMap<String, pb::Address>,
+    report: &mut Report,
+) -> service_entry::Translated {
+    let mut keys = std::collections::HashSet::new();
+    let mut ips = std::collections::HashSet::new();
+    for (name, a) in addresses.iter() {
+        keys.insert(name.clone());
+        if let Some(pb::address::Type::Service(s)) = &a.r#type {
+            ips.extend(
+                s.addresses
+                    .iter()
+                    .filter_map(|a| mesh_core::state::model::ip_from_bytes(&a.address)),
+            );
+        }
+    }
+    let mut entries = service_entry::translate(inputs, options, attach, &keys, &ips, report);
+    for svc in std::mem::take(&mut entries.services) {
+        addresses.insert(
+            format!("{}/{}", svc.namespace, svc.hostname),
+            pb::Address {
+                r#type: Some(pb::address::Type::Service(svc)),
+            },
+        );
+    }
+    for w in std::mem::take(&mut entries.workloads) {
+        addresses.insert(
+            w.uid.clone(),
+            pb::Address {
+                r#type: Some(pb::address::Type::Workload(w)),
+            },
+        );
+    }
+    entries
 }
 
 /// [`translate`] given each kind's sync state (Kubernetes mode): a security kind that cannot

@@ -59,7 +59,7 @@ fn load_balancing(lb: &Option<pb::LoadBalancing>) -> Value {
 
 fn workload(w: &pb::Workload) -> Value {
     let enum_name = |v: &str| json!(v);
-    json!({
+    let mut out = json!({
         "workload": {
             "uid": w.uid,
             "name": w.name,
@@ -82,11 +82,19 @@ fn workload(w: &pb::Workload) -> Value {
             "clusterId": w.cluster_id,
             "locality": locality(&w.locality),
         }
-    })
+    });
+    // Only ServiceEntry endpoints have these: absent otherwise, so other goldens stay as they are.
+    if !w.hostname.is_empty() {
+        out["workload"]["hostname"] = json!(w.hostname);
+    }
+    if let Some(c) = w.capacity {
+        out["workload"]["capacity"] = json!(c);
+    }
+    out
 }
 
 fn service(s: &pb::Service) -> Value {
-    json!({
+    let mut out = json!({
         "service": {
             "name": s.name,
             "namespace": s.namespace,
@@ -98,7 +106,11 @@ fn service(s: &pb::Service) -> Value {
             "ingressUseWaypoint": s.ingress_use_waypoint,
             "loadBalancing": load_balancing(&s.load_balancing),
         }
-    })
+    });
+    if !s.subject_alt_names.is_empty() {
+        out["service"]["subjectAltNames"] = json!(s.subject_alt_names);
+    }
+    out
 }
 
 fn service_accounts(ms: &[sec::ServiceAccountMatch]) -> Value {

@@ -31,4 +31,7 @@ pub(crate) fn report(inputs: &Inputs, report: &mut Report) {
     for (key, o) in &inputs.destination_rules {
         each(Kind::DestinationRule, key, &o.unimplemented, IGNORED);
     }
+    for (key, o) in &inputs.service_entries {
+        each(Kind::ServiceEntry, key, &o.unimplemented, IGNORED);
+    }
 }

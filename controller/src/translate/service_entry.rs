@@ -1,0 +1,515 @@
+//! ServiceEntries to workload xDS, as Istio's control plane sends them so that Istio's ztunnel
+//! reads them the same way:
+//! - one `Service` per host (resource `<ns>/<host>`, wildcards kept as hostnames), with the
+//!   entry's `addresses` or, for a host without them, an auto-allocated VIP pair
+//!   ([`super::auto_allocate`]; not for wildcards or `resolution: NONE`); ports with their
+//!   protocol; `subjectAltNames`; the waypoint of `istio.io/use-waypoint` (egress waypoint);
+//!   `resolution: NONE` as load balancing PASSTHROUGH (connect to the address the client
+//!   dialled), anything else picks an endpoint;
+//! - one `Workload` per endpoint (uid `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/
+//!   <address>`), an IP in `addresses` or a host name in `hostname` (resolution DNS); with
+//!   `resolution: DNS` and neither endpoints nor selector, one per host named by the host
+//!   itself, as Istio does;
+//! - `workloadSelector` adds the entry's hosts to the selected pods' `services`.
+//!
+//! What ztunnel cannot honour is reported: `exportTo` narrower than `*` (every ztunnel gets
+//! every service), CIDR `addresses`, subject alt names that are not SPIFFE ids (only TLS
+//! origination would check them), `DYNAMIC_DNS`; and a host that is already a Kubernetes
+//! Service in that namespace, or declared twice there, keeps its first owner.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use mesh_core::state::model::ip_to_bytes;
+use mesh_proto::workload as pb;
+
+use super::attach::Attachments;
+use super::auto_allocate::{allocate, Allocated};
+use super::{Options, Report};
+use crate::model::service_entry::{Endpoint, ServiceEntry, ServiceEntryPort};
+use crate::model::{Inputs, Kind, ObjectKey};
+
+/// Annotation opting an entry out of auto-allocation (Istio's name).
+const AUTO_ALLOCATE_ANNOTATION: &str = "networking.istio.io/enable-autoallocate-ip";
+/// Annotation marking an entry's endpoints as speaking HBONE (Istio's ambient redirection).
+const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// How the entry's endpoints are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resolution {
+    /// Connect to the address the client dialled.
+    None,
+    Static,
+    Dns,
+}
+
+/// Everything the entries contribute.
+#[derive(Default)]
+pub(crate) struct Translated {
+    pub services: Vec<pb::Service>,
+    pub workloads: Vec<pb::Workload>,
+    /// The entries with a `workloadSelector`, for the pods they select.
+    pub selectors: Vec<Selector>,
+}
+
+/// A `workloadSelector`: pods of `namespace` with `labels` back `services`.
+pub(crate) struct Selector {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    /// Service key and the ports a selected pod serves it on.
+    services: Vec<(String, pb::PortList)>,
+}
+
+fn resolution(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Resolution {
+    match se.spec.resolution.as_deref().unwrap_or("NONE") {
+        "NONE" => Resolution::None,
+        "STATIC" => Resolution::Static,
+        "DNS" | "DNS_ROUND_ROBIN" => Resolution::Dns,
+        other => {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.resolution {other} is not implemented; treated as NONE"),
+            );
+            Resolution::None
+        }
+    }
+}
+
+/// Istio's protocol names to the app protocol ztunnel and waypoints read (as for Services).
+fn app_protocol(p: &ServiceEntryPort) -> i32 {
+    let proto = p.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
+    (match proto.as_str() {
+        "HTTP" => pb::AppProtocol::Http11,
+        "HTTP2" => pb::AppProtocol::Http2,
+        "GRPC" | "GRPC-WEB" => pb::AppProtocol::Grpc,
+        "TCP" => pb::AppProtocol::Tcp,
+        "TLS" | "HTTPS" => pb::AppProtocol::Tls,
+        _ => pb::AppProtocol::Unknown,
+    }) as i32
+}
+
+fn ports(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<(Option<String>, pb::Port)> {
+    let mut out = Vec::new();
+    for (i, p) in se.spec.ports.iter().enumerate() {
+        if p.protocol.as_deref().is_some_and(|pr| pr.eq_ignore_ascii_case("UDP")) {
+            continue; // not captured
+        }
+        let target = p.target_port.unwrap_or(p.number);
+        if !(1..=65535).contains(&p.number) || !(1..=65535).contains(&target) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.ports[{i}]: {} -> {target} is not a port; ignored", p.number),
+            );
+            continue;
+        }
+        let port = pb::Port {
+            service_port: p.number,
+            target_port: target,
+            app_protocol: app_protocol(p),
+        };
+        out.push((p.name.clone(), port));
+    }
+    out
+}
+
+/// Declared VIPs: IPs (a /32 or /128 is one too); wider CIDRs are reported.
+fn addresses(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (i, a) in se.spec.addresses.iter().enumerate() {
+        if let Ok(ip) = a.parse::<IpAddr>() {
+            out.push(ip);
+        } else if let Ok(net) = a.parse::<ipnet::IpNet>() {
+            if net.prefix_len() == net.max_prefix_len() {
+                out.push(net.addr());
+            } else {
+                report.add(
+                    Kind::ServiceEntry,
+                    key,
+                    format!("spec.addresses[{i}] {a}: CIDR ranges are not implemented; ignored"),
+                );
+            }
+        } else {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.addresses[{i}] {a:?} is not an IP address; ignored"),
+            );
+        }
+    }
+    out
+}
+
+fn wildcard(host: &str) -> bool {
+    host.starts_with('*')
+}
+
+/// A host as Istio accepts it: a DNS name, optionally `*.`-prefixed, or `*`.
+fn valid_host(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    host == "*"
+        || (!name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            }))
+}
+
+fn wants_allocation(se: &ServiceEntry, res: Resolution) -> bool {
+    let opted_out = se
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(AUTO_ALLOCATE_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+    se.spec.addresses.is_empty() && res != Resolution::None && !opted_out
+}
+
+/// The hosts that get an auto-allocated VIP, and the allocation (see [`super::auto_allocate`]).
+fn allocation(inputs: &Inputs, taken: &HashSet<IpAddr>) -> BTreeMap<String, Allocated> {
+    let mut scratch = Report::default();
+    let hosts: BTreeSet<String> = inputs
+        .service_entries
+        .iter()
+        .filter(|(key, se)| wants_allocation(se, resolution(key, se, &mut scratch)))
+        .flat_map(|(_, se)| se.spec.hosts.iter())
+        .map(|h| h.to_ascii_lowercase())
+        .filter(|h| !wildcard(h) && valid_host(h))
+        .collect();
+    allocate(&hosts, taken)
+}
+
+fn check_unsupported(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) {
+    let export = &se.spec.export_to;
+    if !export.is_empty() && !export.iter().any(|e| e == "*") {
+        report.add(
+            Kind::ServiceEntry,
+            key,
+            format!(
+                "spec.exportTo {export:?} is not enforced: every ztunnel receives every service, so the entry is \
+                 visible mesh-wide"
+            ),
+        );
+    }
+    if !se.spec.endpoints.is_empty() && se.spec.workload_selector.is_some() {
+        report.add(
+            Kind::ServiceEntry,
+            key,
+            "spec.endpoints and spec.workloadSelector are exclusive; the selector is ignored",
+        );
+    }
+    if let Some(loc) = se.spec.location.as_deref() {
+        if loc != "MESH_EXTERNAL" && loc != "MESH_INTERNAL" {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.location {loc} is not MESH_EXTERNAL or MESH_INTERNAL; ignored"),
+            );
+        }
+    }
+}
+
+/// SPIFFE subject alt names (what ztunnel verifies); others only matter to TLS origination.
+fn subject_alt_names(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<String> {
+    let (spiffe, other): (Vec<&String>, Vec<&String>) = se
+        .spec
+        .subject_alt_names
+        .iter()
+        .partition(|s| s.parse::<mesh_core::identity::Identity>().is_ok());
+    if !other.is_empty() {
+        report.add(
+            Kind::ServiceEntry,
+            key,
+            format!(
+                "spec.subjectAltNames {other:?} are not SPIFFE identities: ztunnel verifies only SPIFFE ids; ignored"
+            ),
+        );
+    }
+    spiffe.into_iter().cloned().collect()
+}
+
+/// Translates every ServiceEntry. `taken` holds the Kubernetes Services' keys and VIPs.
+pub(crate) fn translate(
+    inputs: &Inputs,
+    options: &Options,
+    attach: &Attachments<'_>,
+    taken_keys: &HashSet<String>,
+    taken_ips: &HashSet<IpAddr>,
+    report: &mut Report,
+) -> Translated {
+    let mut declared: HashSet<IpAddr> = taken_ips.clone();
+    for se in inputs.service_entries.values() {
+        declared.extend(se.spec.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()));
+    }
+    let allocated = allocation(inputs, &declared);
+    let mut out = Translated::default();
+    let mut owners: BTreeMap<String, ObjectKey> = BTreeMap::new();
+    for (key, se) in &inputs.service_entries {
+        check_unsupported(key, se, report);
+        let res = resolution(key, se, report);
+        let ports = ports(key, se, report);
+        let vips = addresses(key, se, report);
+        let sans = subject_alt_names(key, se, report);
+        let waypoint = attach.for_service_entry(key, &se.metadata, report);
+        if se.spec.hosts.is_empty() {
+            report.add(Kind::ServiceEntry, key, "spec.hosts is empty; nothing to add");
+            continue;
+        }
+        let mut hosts = Vec::new();
+        for (i, host) in se.spec.hosts.iter().enumerate() {
+            let host = host.to_ascii_lowercase();
+            if !valid_host(&host) {
+                report.add(
+                    Kind::ServiceEntry,
+                    key,
+                    format!("spec.hosts[{i}] {host:?} is not a DNS name; ignored"),
+                );
+                continue;
+            }
+            let svc_key = format!("{}/{host}", key.namespace);
+            if taken_keys.contains(&svc_key) {
+                report.add(
+                    Kind::ServiceEntry,
+                    key,
+                    format!(
+                        "host {host} is a Kubernetes Service in {}; the Service wins",
+                        key.namespace
+                    ),
+                );
+                continue;
+            }
+            if let Some(first) = owners.get(&svc_key) {
+                report.add(
+                    Kind::ServiceEntry,
+                    key,
+                    format!("host {host} is already declared by ServiceEntry {first}; the first wins"),
+                );
+                continue;
+            }
+            owners.insert(svc_key.clone(), key.clone());
+            let mut ips = vips.clone();
+            if ips.is_empty() && !wildcard(&host) && wants_allocation(se, res) {
+                if let Some(pair) = allocated.get(&host) {
+                    ips = vec![IpAddr::V4(pair.v4), IpAddr::V6(pair.v6)];
+                }
+            }
+            out.services.push(pb::Service {
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+                hostname: host.clone(),
+                addresses: ips
+                    .iter()
+                    .map(|ip| pb::NetworkAddress {
+                        network: options.network.clone(),
+                        address: ip_to_bytes(*ip),
+                    })
+                    .collect(),
+                ports: ports.iter().map(|(_, p)| *p).collect(),
+                subject_alt_names: sans.clone(),
+                waypoint: waypoint.clone(),
+                load_balancing: (res == Resolution::None).then(|| pb::LoadBalancing {
+                    routing_preference: Vec::new(),
+                    mode: pb::load_balancing::Mode::Passthrough as i32,
+                    health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
+                    dns_connect_strategy: 0,
+                }),
+                ip_families: 0,
+                extensions: Vec::new(),
+                canonical: false,
+                ingress_use_waypoint: false,
+            });
+            hosts.push((svc_key, host));
+        }
+        let entry = Entry {
+            key,
+            se,
+            res,
+            ports: &ports,
+            hosts: &hosts,
+        };
+        endpoints(&entry, options, &mut out, report);
+    }
+    out
+}
+
+/// One entry's translated parts that its endpoints need.
+struct Entry<'a> {
+    key: &'a ObjectKey,
+    se: &'a ServiceEntry,
+    res: Resolution,
+    ports: &'a [(Option<String>, pb::Port)],
+    /// (service key, host) of the hosts kept.
+    hosts: &'a [(String, String)],
+}
+
+/// Endpoints (explicit or implicit) as workloads, or the selector for pods.
+fn endpoints(entry: &Entry<'_>, options: &Options, out: &mut Translated, report: &mut Report) {
+    let Entry {
+        key,
+        se,
+        res,
+        ports,
+        hosts,
+    } = *entry;
+    if hosts.is_empty() {
+        return;
+    }
+    let port_list = |ep: Option<&Endpoint>| pb::PortList {
+        ports: ports
+            .iter()
+            .map(|(name, p)| {
+                let own = name.as_ref().and_then(|n| ep.and_then(|e| e.ports.get(n)));
+                pb::Port {
+                    target_port: own.copied().unwrap_or(p.target_port),
+                    ..*p
+                }
+            })
+            .collect(),
+    };
+    if se.spec.endpoints.is_empty() {
+        if let Some(sel) = &se.spec.workload_selector {
+            let services = hosts.iter().map(|(k, _)| (k.clone(), port_list(None))).collect();
+            out.selectors.push(Selector {
+                namespace: key.namespace.clone(),
+                labels: sel.labels.clone(),
+                services,
+            });
+            return;
+        }
+        if res == Resolution::Dns {
+            // Implicit endpoints: each host resolved by the sending proxy.
+            for (svc_key, host) in hosts.iter().filter(|(_, h)| !wildcard(h)) {
+                let ep = Endpoint {
+                    address: host.clone(),
+                    ..Endpoint::default()
+                };
+                let services = [(svc_key.clone(), port_list(None))].into();
+                out.workloads.push(workload(key, se, &ep, None, services, options));
+            }
+        }
+        return;
+    }
+    for (i, ep) in se.spec.endpoints.iter().enumerate() {
+        let ip = ep.address.parse::<IpAddr>().ok();
+        if ip.is_none() && (res != Resolution::Dns || !valid_host(&ep.address) || wildcard(&ep.address)) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!(
+                    "spec.endpoints[{i}].address {:?} must be an IP (a host name needs resolution DNS); ignored",
+                    ep.address
+                ),
+            );
+            continue;
+        }
+        let services = hosts.iter().map(|(k, _)| (k.clone(), port_list(Some(ep)))).collect();
+        out.workloads.push(workload(key, se, ep, ip, services, options));
+    }
+}
+
+fn workload(
+    key: &ObjectKey,
+    se: &ServiceEntry,
+    ep: &Endpoint,
+    ip: Option<IpAddr>,
+    services: BTreeMap<String, pb::PortList>,
+    options: &Options,
+) -> pb::Workload {
+    let labels = se.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+    let canonical_name = label("service.istio.io/canonical-name")
+        .or_else(|| label("app.kubernetes.io/name"))
+        .or_else(|| label("app"))
+        .unwrap_or_else(|| key.name.clone());
+    let canonical_revision = label("service.istio.io/canonical-revision")
+        .or_else(|| label("app.kubernetes.io/version"))
+        .or_else(|| label("version"))
+        .unwrap_or_else(|| "latest".to_owned());
+    let hbone = se
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+        .is_some_and(|v| v == "enabled");
+    let locality = ep.locality.as_deref().map(|l| {
+        let mut parts = l.splitn(3, '/').map(str::to_owned);
+        pb::Locality {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        }
+    });
+    pb::Workload {
+        uid: format!(
+            "{}/networking.istio.io/ServiceEntry/{}/{}/{}",
+            options.cluster_id, key.namespace, key.name, ep.address
+        ),
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        addresses: ip.map(ip_to_bytes).into_iter().collect(),
+        hostname: if ip.is_none() {
+            ep.address.clone()
+        } else {
+            String::new()
+        },
+        network: ep.network.clone().unwrap_or_else(|| options.network.clone()),
+        tunnel_protocol: if hbone {
+            pb::TunnelProtocol::Hbone
+        } else {
+            pb::TunnelProtocol::None
+        } as i32,
+        trust_domain: options.trust_domain.clone(),
+        service_account: ep.service_account.clone().unwrap_or_default(),
+        waypoint: None,
+        network_gateway: None,
+        node: String::new(),
+        canonical_name,
+        canonical_revision,
+        workload_type: pb::WorkloadType::Pod as i32,
+        workload_name: key.name.clone(),
+        native_tunnel: false,
+        application_tunnel: None,
+        services,
+        authorization_policies: Vec::new(),
+        status: pb::WorkloadStatus::Healthy as i32,
+        cluster_id: options.cluster_id.clone(),
+        locality,
+        network_mode: pb::NetworkMode::Standard as i32,
+        extensions: Vec::new(),
+        capacity: ep.weight.filter(|w| *w > 0),
+    }
+}
+
+/// Adds the hosts of entries with a `workloadSelector` to the pods they select.
+pub(crate) fn select_pods(
+    inputs: &Inputs,
+    options: &Options,
+    selectors: &[Selector],
+    addresses: &mut BTreeMap<String, pb::Address>,
+) {
+    if selectors.is_empty() {
+        return;
+    }
+    for (pod_key, pod) in &inputs.pods {
+        let labels = pod.metadata.labels.as_ref();
+        let uid = super::workload::pod_uid(options, pod_key);
+        let Some(pb::Address {
+            r#type: Some(pb::address::Type::Workload(w)),
+        }) = addresses.get_mut(&uid)
+        else {
+            continue;
+        };
+        for sel in selectors {
+            if sel.namespace == pod_key.namespace && crate::model::selects(&sel.labels, labels) {
+                for (k, ports) in &sel.services {
+                    w.services.entry(k.clone()).or_insert_with(|| ports.clone());
+                }
+            }
+        }
+    }
+}
