@@ -88,6 +88,17 @@ impl Admin {
             "/debug/problems" => json(&self.published.borrow().problems),
             "/debug/skipped" => json(&*self.skipped.borrow()),
             "/debug/waypoints" => json(&self.published.borrow().waypoints),
+            // Ingress gateways' and their routes' statuses (never their certificates' keys).
+            "/debug/ingress" => {
+                let outputs = self.published.borrow().outputs.clone();
+                let gateways: Vec<_> = outputs
+                    .ingress
+                    .status
+                    .iter()
+                    .map(|(k, s)| serde_json::json!({"gateway": k.to_string(), "status": s}))
+                    .collect();
+                json(&serde_json::json!({"gateways": gateways, "routes": outputs.ingress.route_parents}))
+            }
             "/debug/config" => {
                 let outputs = self.published.borrow().outputs.clone();
                 json(&render::to_json(&outputs))
@@ -118,7 +129,13 @@ mod tests {
             skipped: watch::channel(Vec::new()).1,
         };
         let status = |role, path| admin.handle(role, path, &HeaderMap::new()).status();
-        let debug = ["/debug/config", "/debug/problems", "/debug/skipped", "/debug/waypoints"];
+        let debug = [
+            "/debug/config",
+            "/debug/problems",
+            "/debug/skipped",
+            "/debug/waypoints",
+            "/debug/ingress",
+        ];
         for path in debug {
             assert_eq!(status(Role::Debug, path), StatusCode::OK, "{path}");
             assert_eq!(status(Role::Monitoring, path), StatusCode::NOT_FOUND, "{path}");

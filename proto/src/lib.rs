@@ -42,3 +42,5 @@ pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Aut
 pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.ServiceRoutes";
 /// Type URL of `mesh.waypoint.v1.Policy` resources.
 pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.Policy";
+/// Type URL of `mesh.waypoint.v1.IngressGateway` resources (served only to the gateway's own identity).
+pub const INGRESS_GATEWAY_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.IngressGateway";

@@ -53,6 +53,27 @@ pub struct Listener {
     pub protocol: String,
     pub hostname: Option<String>,
     pub allowed_routes: Option<serde_json::Value>,
+    /// HTTPS/TLS listeners: `mode` and the `certificateRefs` (Secrets) it terminates with.
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerTls {
+    /// `Terminate` (default) or `Passthrough`.
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub certificate_refs: Vec<SecretObjectReference>,
+}
+
+/// A `certificateRefs` entry: a Secret by default.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretObjectReference {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -5,8 +5,9 @@
 //! it cannot honour is reported as a [`Problem`] on the object that caused it.
 
 mod attach;
-mod auto_allocate;
 mod authz;
+mod auto_allocate;
+pub mod ingress;
 mod peer_authn;
 pub mod render;
 mod routes;
@@ -87,6 +88,9 @@ pub struct Outputs {
     pub waypoint_policies: BTreeMap<String, wp::Policy>,
     /// Waypoint gateways to run, by gateway key.
     pub waypoints: BTreeMap<ObjectKey, WaypointDeployment>,
+    /// Ingress gateways (`mesh.waypoint.v1.IngressGateway` by `<ns>/<name>`), their statuses
+    /// and those of the routes naming them.
+    pub ingress: ingress::Ingress,
     pub problems: Vec<Problem>,
 }
 
@@ -145,6 +149,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     }
     service_entry::select_pods(inputs, options, &entries.selectors, &mut addresses);
     let (service_routes, waypoint_policies) = routes::translate(inputs, options, &mut report);
+    let ingress = ingress::translate(inputs, options, &mut report);
     unimplemented::report(inputs, &mut report);
     let mut problems = report.0;
     problems.sort();
@@ -155,6 +160,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         service_routes,
         waypoint_policies,
         waypoints: waypoints.into_iter().map(|(k, w)| (k, w.deployment)).collect(),
+        ingress,
         problems,
     }
 }

@@ -85,7 +85,7 @@ pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
 /// Whether the route `kind`/`key` may reference Service `to_ns/name`: always in its own
 /// namespace, else only with a ReferenceGrant in `to_ns` (a route could otherwise send, or
 /// take over, another namespace's traffic).
-fn service_ref_permitted(inputs: &Inputs, kind: Kind, key: &ObjectKey, to_ns: &str, name: &str) -> bool {
+pub(super) fn service_ref_permitted(inputs: &Inputs, kind: Kind, key: &ObjectKey, to_ns: &str, name: &str) -> bool {
     let r = Reference {
         from_group: GATEWAY_GROUP,
         from_kind: kind.name(),
@@ -325,104 +325,114 @@ fn attach<'a, R>(
     }
 }
 
+/// Compiles an HTTPRoute's rules (matches, filters, backends: a cross-namespace backend
+/// needs a ReferenceGrant), for a waypoint's service or an ingress listener alike.
+pub(super) fn compile_http_route(
+    inputs: &Inputs,
+    options: &Options,
+    key: &ObjectKey,
+    route: &gateway::HttpRoute,
+    report: &mut Report,
+) -> Vec<wp::Route> {
+    let kind = Kind::HttpRoute;
+    let mut out = Vec::with_capacity(route.spec.rules.len());
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        let matches = rule
+            .matches
+            .iter()
+            .map(|m| wp::RouteMatch {
+                path: m.path.as_ref().map(|p| {
+                    let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+                    string_match(p.kind.as_deref(), value, "PathPrefix")
+                }),
+                method: m.method.clone().unwrap_or_default(),
+                headers: header_matches(&m.headers, true),
+                query_params: header_matches(&m.query_params, false),
+                ..Default::default()
+            })
+            .collect();
+        let timeout = rule.timeouts.as_ref().and_then(|t| t.request.as_deref());
+        let backend_timeout = rule.timeouts.as_ref().and_then(|t| t.backend_request.as_deref());
+        let retry = rule.retry.as_ref().map(|r| wp::Retry {
+            attempts: r.attempts.unwrap_or(1),
+            codes: r.codes.clone(),
+            backoff: opt_duration(
+                r.backoff.as_deref(),
+                kind,
+                key,
+                &format!("rules[{i}].retry.backoff"),
+                report,
+            ),
+            ..Default::default()
+        });
+        let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), FAILS_500, report);
+        let mut r = wp::Route {
+            name: format!("HTTPRoute/{key}/rules[{i}]"),
+            matches,
+            fault: chosen.refused_fault(),
+            backends: chosen.permitted,
+            timeout: opt_duration(timeout, kind, key, &format!("rules[{i}].timeouts.request"), report),
+            backend_timeout: opt_duration(
+                backend_timeout,
+                kind,
+                key,
+                &format!("rules[{i}].timeouts.backendRequest"),
+                report,
+            ),
+            retry,
+            ..Default::default()
+        };
+        for f in &rule.filters {
+            match f.kind.as_str() {
+                "RequestHeaderModifier" => r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite),
+                "ResponseHeaderModifier" => {
+                    r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
+                }
+                "RequestRedirect" => {
+                    r.redirect = f.request_redirect.as_ref().map(|x| {
+                        let (path, replace_prefix) = path_modifier(x.path.as_ref());
+                        wp::Redirect {
+                            scheme: x.scheme.clone().unwrap_or_default(),
+                            host: x.hostname.clone().unwrap_or_default(),
+                            port: x.port.map(u32::from).unwrap_or(0),
+                            path,
+                            replace_prefix,
+                            status: x.status_code.unwrap_or(302),
+                        }
+                    })
+                }
+                "URLRewrite" => {
+                    r.rewrite = f.url_rewrite.as_ref().map(|x| {
+                        let (path, replace_prefix) = path_modifier(x.path.as_ref());
+                        wp::Rewrite {
+                            host: x.hostname.clone().unwrap_or_default(),
+                            path,
+                            replace_prefix,
+                        }
+                    })
+                }
+                "RequestMirror" => {
+                    if let Some(m) = &f.request_mirror {
+                        let refs = std::slice::from_ref(&m.backend_ref);
+                        r.mirrors
+                            .extend(backends(refs, (inputs, options), (kind, key), NOT_MIRRORED, report).permitted);
+                    }
+                }
+                other => report.add(
+                    kind,
+                    key,
+                    format!("rules[{i}]: filter {other} is not supported; ignored"),
+                ),
+            }
+        }
+        out.push(r);
+    }
+    out
+}
+
 fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
     let compile = |key: &ObjectKey, route: &gateway::HttpRoute, report: &mut Report| {
-        let kind = Kind::HttpRoute;
-        let mut out = Vec::with_capacity(route.spec.rules.len());
-        for (i, rule) in route.spec.rules.iter().enumerate() {
-            let matches = rule
-                .matches
-                .iter()
-                .map(|m| wp::RouteMatch {
-                    path: m.path.as_ref().map(|p| {
-                        let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
-                        string_match(p.kind.as_deref(), value, "PathPrefix")
-                    }),
-                    method: m.method.clone().unwrap_or_default(),
-                    headers: header_matches(&m.headers, true),
-                    query_params: header_matches(&m.query_params, false),
-                    ..Default::default()
-                })
-                .collect();
-            let timeout = rule.timeouts.as_ref().and_then(|t| t.request.as_deref());
-            let backend_timeout = rule.timeouts.as_ref().and_then(|t| t.backend_request.as_deref());
-            let retry = rule.retry.as_ref().map(|r| wp::Retry {
-                attempts: r.attempts.unwrap_or(1),
-                codes: r.codes.clone(),
-                backoff: opt_duration(
-                    r.backoff.as_deref(),
-                    kind,
-                    key,
-                    &format!("rules[{i}].retry.backoff"),
-                    report,
-                ),
-                ..Default::default()
-            });
-            let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), FAILS_500, report);
-            let mut r = wp::Route {
-                name: format!("HTTPRoute/{key}/rules[{i}]"),
-                matches,
-                fault: chosen.refused_fault(),
-                backends: chosen.permitted,
-                timeout: opt_duration(timeout, kind, key, &format!("rules[{i}].timeouts.request"), report),
-                backend_timeout: opt_duration(
-                    backend_timeout,
-                    kind,
-                    key,
-                    &format!("rules[{i}].timeouts.backendRequest"),
-                    report,
-                ),
-                retry,
-                ..Default::default()
-            };
-            for f in &rule.filters {
-                match f.kind.as_str() {
-                    "RequestHeaderModifier" => {
-                        r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite)
-                    }
-                    "ResponseHeaderModifier" => {
-                        r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
-                    }
-                    "RequestRedirect" => {
-                        r.redirect = f.request_redirect.as_ref().map(|x| {
-                            let (path, replace_prefix) = path_modifier(x.path.as_ref());
-                            wp::Redirect {
-                                scheme: x.scheme.clone().unwrap_or_default(),
-                                host: x.hostname.clone().unwrap_or_default(),
-                                port: x.port.map(u32::from).unwrap_or(0),
-                                path,
-                                replace_prefix,
-                                status: x.status_code.unwrap_or(302),
-                            }
-                        })
-                    }
-                    "URLRewrite" => {
-                        r.rewrite = f.url_rewrite.as_ref().map(|x| {
-                            let (path, replace_prefix) = path_modifier(x.path.as_ref());
-                            wp::Rewrite {
-                                host: x.hostname.clone().unwrap_or_default(),
-                                path,
-                                replace_prefix,
-                            }
-                        })
-                    }
-                    "RequestMirror" => {
-                        if let Some(m) = &f.request_mirror {
-                            let refs = std::slice::from_ref(&m.backend_ref);
-                            r.mirrors
-                                .extend(backends(refs, (inputs, options), (kind, key), NOT_MIRRORED, report).permitted);
-                        }
-                    }
-                    other => report.add(
-                        kind,
-                        key,
-                        format!("rules[{i}]: filter {other} is not supported; ignored"),
-                    ),
-                }
-            }
-            out.push(r);
-        }
-        out
+        compile_http_route(inputs, options, key, route, report)
     };
     let items = by_age(inputs.http_routes.iter(), |r| &r.metadata);
     attach(

@@ -143,6 +143,9 @@ struct Session {
     nonce: Arc<AtomicU64>,
     warnings: Arc<LogLimiter>,
     send_timeout: Duration,
+    /// `<ns>/<service account>` of the caller: the only ingress gateway resource it may
+    /// receive (those carry the listeners' private keys).
+    own_gateway: String,
 }
 
 /// Why a stream is ended by the server.
@@ -270,6 +273,9 @@ impl Session {
         always: bool,
         unknown: Vec<String>,
     ) -> Result<(), Ended> {
+        // Ingress gateways carry private keys: a client gets only its own (named after the
+        // gateway, whose service account is the gateway's name).
+        let only = (type_url == mesh_proto::INGRESS_GATEWAY_TYPE_URL).then(|| self.own_gateway.clone());
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
@@ -281,7 +287,7 @@ impl Session {
         let mut send: Vec<Arc<Entry>> = Vec::new();
         let mut removed = Vec::new();
         let mut consider = |name: &str, sub: &mut Subscription| {
-            if !sub.wants(name) {
+            if !sub.wants(name) || only.as_deref().is_some_and(|own| own != name) {
                 return;
             }
             match current.get(name) {
@@ -472,6 +478,7 @@ impl AggregatedDiscoveryService for AdsServer {
             nonce: self.nonce.clone(),
             warnings: self.warnings.clone(),
             send_timeout: self.send_timeout,
+            own_gateway: format!("{}/{}", caller.identity.namespace, caller.identity.service_account),
         };
         let snapshots = self.snapshots.clone();
         tokio::spawn(async move {

@@ -21,11 +21,12 @@ use sha2::{Digest, Sha256};
 use crate::translate::Outputs;
 
 /// Type URLs served, in the order pushes go out (addresses before the policies naming them).
-pub const TYPES: [&str; 4] = [
+pub const TYPES: [&str; 5] = [
     mesh_proto::ADDRESS_TYPE_URL,
     mesh_proto::AUTHORIZATION_TYPE_URL,
     mesh_proto::SERVICE_ROUTES_TYPE_URL,
     mesh_proto::WAYPOINT_POLICY_TYPE_URL,
+    mesh_proto::INGRESS_GATEWAY_TYPE_URL,
 ];
 
 /// One encoded resource, shared by every client's responses.
@@ -205,6 +206,13 @@ impl Snapshot {
             |_| Vec::new(),
         );
         types.insert(TYPES[3], d);
+        let e = entries(
+            TYPES[4],
+            &out.ingress.gateways,
+            prev(TYPES[4]).map(|e| (&po.ingress.gateways, e)),
+            |_| Vec::new(),
+        );
+        types.insert(TYPES[4], e);
         let empty = BTreeMap::new();
         let changed = types
             .iter()

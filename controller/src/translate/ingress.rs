@@ -1,0 +1,1022 @@
+//! Ingress gateways: a `Gateway` whose class is `istio` (the brief's) or ours
+//! ([`INGRESS_CLASSES`]) becomes an `mesh.waypoint.v1.IngressGateway` that the gateway's proxy
+//! (the waypoint binary with `--role ingress`) runs: its listeners (HTTP, HTTPS terminated
+//! with certificates from `kubernetes.io/tls` Secrets, several chosen by SNI), and per
+//! listener the HTTPRoutes attached to it, compiled as a waypoint's routes and grouped by the
+//! request host they answer.
+//!
+//! Gateway API rules decided here, as pure functions with table tests: a route's `parentRefs`
+//! select listeners by `sectionName` and `port`; a listener takes only routes its
+//! `allowedRoutes` admits (namespaces `Same` by default, `All`, or `Selector`; kinds); the
+//! route's hostnames intersect the listener's (wildcards match one or more labels). What
+//! cannot attach gets the Gateway API status reason (`NotAllowedByListeners`,
+//! `NoMatchingListenerHostname`, `NoMatchingParent`), a cross-namespace backend without a
+//! ReferenceGrant `ResolvedRefs=False RefNotPermitted`, and a listener whose certificate
+//! cannot be used is left unprogrammed (`InvalidCertificateRef`) while the others serve.
+
+use std::collections::BTreeMap;
+
+use mesh_proto::waypoint as wp;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use super::{Options, Report};
+use crate::model::gateway::{Gateway, HttpRoute, Listener, ParentReference, SecretObjectReference};
+use crate::model::reference_grant::{self, Reference, GATEWAY_GROUP};
+use crate::model::{Inputs, Kind, ObjectKey};
+use crate::waypoint::Condition;
+
+/// Gateway classes served by the ingress role: Istio's default and our own.
+pub const INGRESS_CLASSES: [&str; 2] = ["istio", "mesh-ingress"];
+
+/// Istio's per-Gateway proxy settings; `gatewayTopology.numTrustedProxies` is read.
+const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
+
+/// Whether a Gateway is run by the ingress role.
+pub fn is_ingress(gw: &Gateway) -> bool {
+    INGRESS_CLASSES.contains(&gw.spec.gateway_class_name.as_str())
+}
+
+/// What translation decided about ingress gateways and the routes naming them.
+#[derive(Clone, Debug, Default)]
+pub struct Ingress {
+    /// By `<ns>/<name>` (the xDS resource name).
+    pub gateways: BTreeMap<String, wp::IngressGateway>,
+    pub status: BTreeMap<ObjectKey, GatewayStatus>,
+    /// One per (route, parentRef to an ingress Gateway).
+    pub route_parents: Vec<RouteParentStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct GatewayStatus {
+    pub conditions: Vec<Condition>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub attached_routes: u32,
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RouteParentStatus {
+    pub route: ObjectKey,
+    pub parent: ObjectKey,
+    pub section_name: Option<String>,
+    pub conditions: Vec<Condition>,
+}
+
+fn condition(kind: &str, status: bool, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        kind: kind.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message: message.into(),
+    }
+}
+
+// ---- hostnames ----
+
+/// Whether `host` (exact) is matched by `pattern` (exact, `*.suffix` for one or more labels,
+/// or `*`).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) if suffix.starts_with('.') => host.len() > suffix.len() && host.ends_with(suffix),
+        _ => host == pattern,
+    }
+}
+
+/// The hostnames a route answers on a listener: the intersection of the listener's hostname
+/// (`None`: any) with the route's (`[]`: any). Empty when they have none in common.
+pub fn intersect(listener: Option<&str>, route: &[String]) -> Vec<String> {
+    let listener = listener.filter(|h| !h.is_empty());
+    if route.is_empty() {
+        return vec![listener.unwrap_or("*").to_ascii_lowercase()];
+    }
+    let l = listener.unwrap_or("*").to_ascii_lowercase();
+    let mut out: Vec<String> = route
+        .iter()
+        .filter_map(|r| intersect_one(&l, &r.to_ascii_lowercase()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The more specific of two hostnames when one includes the other (both lowercase).
+fn intersect_one(l: &str, r: &str) -> Option<String> {
+    if l == "*" || r == "*" {
+        return Some(if l == "*" { r } else { l }.to_owned());
+    }
+    match (l.strip_prefix('*'), r.strip_prefix('*')) {
+        (None, None) => (l == r).then(|| r.to_owned()),
+        (Some(_), None) => host_matches(l, r).then(|| r.to_owned()),
+        (None, Some(_)) => host_matches(r, l).then(|| l.to_owned()),
+        (Some(ls), Some(rs)) if rs.ends_with(ls) => Some(r.to_owned()),
+        (Some(ls), Some(rs)) if ls.ends_with(rs) => Some(l.to_owned()),
+        _ => None,
+    }
+}
+
+// ---- allowedRoutes ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AllowedRoutes {
+    namespaces: Option<RouteNamespaces>,
+    #[serde(default)]
+    kinds: Vec<RouteGroupKind>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RouteNamespaces {
+    from: Option<String>,
+    selector: Option<LabelSelector>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LabelSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    match_expressions: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RouteGroupKind {
+    group: Option<String>,
+    kind: String,
+}
+
+/// Whether listener `l` of a Gateway in `gw_ns` admits a route of `kind` in `route_ns`
+/// (whose namespace has `ns_labels`). `Err`: the listener's `allowedRoutes` cannot be read,
+/// and admits nothing but its own namespace (the default, and the narrowest).
+pub fn allows(
+    l: &Listener,
+    gw_ns: &str,
+    kind: &str,
+    route_ns: &str,
+    ns_labels: Option<&BTreeMap<String, String>>,
+) -> Result<bool, String> {
+    let allowed: AllowedRoutes = match &l.allowed_routes {
+        None => AllowedRoutes::default(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            format!(
+                "listener {}: allowedRoutes cannot be read ({e}); only routes of its namespace attach",
+                l.name
+            )
+        })?,
+    };
+    let kind_ok = if allowed.kinds.is_empty() {
+        kind == "HTTPRoute" || kind == "GRPCRoute"
+    } else {
+        allowed
+            .kinds
+            .iter()
+            .any(|k| k.kind == kind && k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP))
+    };
+    let ns = allowed.namespaces.unwrap_or_default();
+    let ns_ok = match ns.from.as_deref().unwrap_or("Same") {
+        "All" => true,
+        "Selector" => {
+            let sel = ns.selector.unwrap_or_default();
+            if !sel.match_expressions.is_empty() {
+                return Err(format!(
+                    "listener {}: allowedRoutes.namespaces.selector.matchExpressions is not supported; \
+                     only routes of its namespace attach",
+                    l.name
+                ));
+            }
+            crate::model::selects(&sel.match_labels, ns_labels)
+        }
+        _ => route_ns == gw_ns,
+    };
+    Ok(kind_ok && ns_ok)
+}
+
+// ---- certificates ----
+
+/// Why a listener's certificate cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CertError {
+    #[error("Secret {0} does not exist")]
+    Missing(ObjectKey),
+    #[error("Secret {0} is of type {1:?}, not kubernetes.io/tls")]
+    WrongType(ObjectKey, String),
+    #[error("Secret {0} has no {1}")]
+    MissingKey(ObjectKey, &'static str),
+    #[error("Secret {0}: {1}")]
+    Invalid(ObjectKey, String),
+    #[error("certificateRef {0} is of kind {1}, not a core Secret")]
+    NotSecret(String, String),
+    #[error("RefNotPermitted: Secret {0} is in another namespace and no ReferenceGrant there allows Gateway from {1}")]
+    NotPermitted(ObjectKey, String),
+}
+
+impl CertError {
+    fn reason(&self) -> &'static str {
+        match self {
+            CertError::NotPermitted(..) => "RefNotPermitted",
+            _ => "InvalidCertificateRef",
+        }
+    }
+}
+
+fn secret_value(secret: &crate::model::Secret, field: &str) -> Option<Vec<u8>> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(field)) {
+        return Some(v.0.clone());
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(field))
+        .map(|s| s.as_bytes().to_vec())
+}
+
+/// Checks a PEM chain and key: at least one certificate, a key rustls can sign with, and the
+/// key belonging to the leaf.
+pub fn check_pair(chain: &[u8], key: &[u8]) -> Result<(), String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.crt is not PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err("tls.crt holds no certificate".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls.key is not a PEM private key: {e}"))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("tls.key is not a usable key: {e}"))?;
+    rustls::sign::CertifiedKey::new(certs, signer)
+        .keys_match()
+        .map_err(|e| format!("tls.key does not belong to the certificate: {e}"))
+}
+
+/// The certificate `r` names for a Gateway in `gw_ns`, read and checked.
+fn certificate(inputs: &Inputs, gw_ns: &str, r: &SecretObjectReference) -> Result<wp::TlsCertificate, CertError> {
+    let kind = r.kind.as_deref().unwrap_or("Secret");
+    let group = r.group.as_deref().unwrap_or("");
+    if kind != "Secret" || !(group.is_empty() || group == "core") {
+        return Err(CertError::NotSecret(r.name.clone(), format!("{group}/{kind}")));
+    }
+    let key = ObjectKey::new(r.namespace.as_deref().unwrap_or(gw_ns), r.name.as_str());
+    let reference = Reference {
+        from_group: GATEWAY_GROUP,
+        from_kind: "Gateway",
+        from_namespace: gw_ns,
+        to_group: "",
+        to_kind: "Secret",
+        to_namespace: &key.namespace,
+        to_name: &key.name,
+    };
+    let grants = inputs.reference_grants.iter().map(|(k, g)| (k.namespace.as_str(), g));
+    if !reference_grant::permitted(grants, &reference) {
+        return Err(CertError::NotPermitted(key, gw_ns.to_owned()));
+    }
+    let secret = inputs
+        .secrets
+        .get(&key)
+        .ok_or_else(|| CertError::Missing(key.clone()))?;
+    let kind = secret.type_.as_deref().unwrap_or("Opaque");
+    if kind != "kubernetes.io/tls" {
+        return Err(CertError::WrongType(key, kind.to_owned()));
+    }
+    let chain = secret_value(secret, "tls.crt").ok_or_else(|| CertError::MissingKey(key.clone(), "tls.crt"))?;
+    let private = secret_value(secret, "tls.key").ok_or_else(|| CertError::MissingKey(key.clone(), "tls.key"))?;
+    check_pair(&chain, &private).map_err(|e| CertError::Invalid(key.clone(), e))?;
+    let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| CertError::Invalid(key.clone(), "not UTF-8 PEM".into()));
+    Ok(wp::TlsCertificate {
+        secret: key.to_string(),
+        cert_chain: text(chain)?,
+        private_key: text(private)?,
+    })
+}
+
+// ---- listeners ----
+
+/// One listener as translated: its proxy config (when programmed) and status so far.
+struct ListenerOut {
+    config: Option<wp::IngressListener>,
+    status: ListenerStatus,
+    hosts: BTreeMap<String, wp::ServiceRoutes>,
+}
+
+/// A listener's config and status: HTTP as is; HTTPS needs every certificate to resolve.
+fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
+    let mut status = ListenerStatus {
+        name: l.name.clone(),
+        ..Default::default()
+    };
+    let mut config = wp::IngressListener {
+        name: l.name.clone(),
+        port: u32::from(l.port),
+        protocol: l.protocol.clone(),
+        hostname: l.hostname.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let refused = |status: &mut ListenerStatus, kind: &str, reason: &str, msg: String| {
+        status.conditions.push(condition(kind, false, reason, msg.clone()));
+        status.conditions.push(condition("Programmed", false, "Invalid", msg));
+    };
+    match l.protocol.as_str() {
+        "HTTP" => {}
+        "HTTPS" => {
+            let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
+            let refs = l
+                .tls
+                .as_ref()
+                .map(|t| t.certificate_refs.as_slice())
+                .unwrap_or_default();
+            if mode != "Terminate" {
+                let msg = format!("tls.mode {mode} is not supported on HTTPS listeners (only Terminate)");
+                refused(&mut status, "Accepted", "UnsupportedValue", msg);
+            } else if refs.is_empty() {
+                let msg = "an HTTPS listener needs tls.certificateRefs".to_owned();
+                refused(&mut status, "ResolvedRefs", "InvalidCertificateRef", msg);
+            } else {
+                match refs
+                    .iter()
+                    .map(|r| certificate(inputs, gw_ns, r))
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(certs) => config.certificates = certs,
+                    Err(e) => {
+                        let msg = format!("{e}; the listener is not programmed");
+                        refused(&mut status, "ResolvedRefs", e.reason(), msg);
+                    }
+                }
+            }
+        }
+        other => {
+            let msg = format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS)");
+            refused(&mut status, "Accepted", "UnsupportedProtocol", msg);
+        }
+    }
+    let programmed = status.conditions.is_empty();
+    if programmed {
+        status
+            .conditions
+            .push(condition("Accepted", true, "Accepted", "listener accepted"));
+        status
+            .conditions
+            .push(condition("ResolvedRefs", true, "ResolvedRefs", "references resolved"));
+        status
+            .conditions
+            .push(condition("Programmed", true, "Programmed", "listener programmed"));
+    }
+    ListenerOut {
+        config: programmed.then_some(config),
+        status,
+        hosts: BTreeMap::new(),
+    }
+}
+
+/// `gatewayTopology.numTrustedProxies` of the Gateway's `proxy.istio.io/config` annotation.
+fn num_trusted_proxies(gw: &Gateway, key: &ObjectKey, report: &mut Report) -> u32 {
+    let Some(text) = gw
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PROXY_CONFIG_ANNOTATION))
+    else {
+        return 0;
+    };
+    let parsed: Result<serde_json::Value, _> = serde_yaml::from_str(text);
+    match parsed {
+        Ok(v) => v
+            .pointer("/gatewayTopology/numTrustedProxies")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+        Err(e) => {
+            report.add(
+                Kind::Gateway,
+                key,
+                format!("annotation {PROXY_CONFIG_ANNOTATION} cannot be read ({e}); no proxy in front is trusted"),
+            );
+            0
+        }
+    }
+}
+
+// ---- route attachment ----
+
+/// Why a parentRef attached to no listener (Gateway API reasons), or where it attached.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Indices of the listeners taken, with the hostnames the route answers on each.
+    Attached(Vec<(usize, Vec<String>)>),
+    NoMatchingParent,
+    NotAllowedByListeners,
+    NoMatchingListenerHostname,
+}
+
+impl Attachment {
+    fn reason(&self) -> &'static str {
+        match self {
+            Attachment::Attached(_) => "Accepted",
+            Attachment::NoMatchingParent => "NoMatchingParent",
+            Attachment::NotAllowedByListeners => "NotAllowedByListeners",
+            Attachment::NoMatchingListenerHostname => "NoMatchingListenerHostname",
+        }
+    }
+}
+
+/// The route (`kind` in `route_ns`, with `hostnames`) attaching through `p` to a Gateway's
+/// `listeners` in `gw_ns`. `allowed` decides allowedRoutes per listener.
+pub fn attach(
+    p: &ParentReference,
+    listeners: &[Listener],
+    hostnames: &[String],
+    mut allowed: impl FnMut(&Listener) -> bool,
+) -> Attachment {
+    let named: Vec<(usize, &Listener)> = listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| p.section_name.as_deref().is_none_or(|s| s == l.name))
+        .filter(|(_, l)| p.port.is_none_or(|port| port == l.port))
+        .collect();
+    if named.is_empty() {
+        return Attachment::NoMatchingParent;
+    }
+    let admitted: Vec<(usize, &Listener)> = named.into_iter().filter(|(_, l)| allowed(l)).collect();
+    if admitted.is_empty() {
+        return Attachment::NotAllowedByListeners;
+    }
+    let taken: Vec<(usize, Vec<String>)> = admitted
+        .into_iter()
+        .map(|(i, l)| (i, intersect(l.hostname.as_deref(), hostnames)))
+        .filter(|(_, hosts)| !hosts.is_empty())
+        .collect();
+    if taken.is_empty() {
+        return Attachment::NoMatchingListenerHostname;
+    }
+    Attachment::Attached(taken)
+}
+
+fn is_gateway_ref(p: &ParentReference) -> bool {
+    p.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP) && p.kind.as_deref().is_none_or(|k| k == "Gateway")
+}
+
+/// `ResolvedRefs` of a route: False when a backend in another namespace has no ReferenceGrant
+/// or names no Service.
+fn resolved_refs(inputs: &Inputs, key: &ObjectKey, route: &HttpRoute) -> Condition {
+    for b in route.spec.rules.iter().flat_map(|r| r.backend_refs.iter()) {
+        let ns = b.namespace.as_deref().unwrap_or(&key.namespace);
+        if !super::routes::service_ref_permitted(inputs, Kind::HttpRoute, key, ns, &b.name) {
+            let msg = format!("backendRef {ns}/{} needs a ReferenceGrant in {ns}", b.name);
+            return condition("ResolvedRefs", false, super::REF_NOT_PERMITTED, msg);
+        }
+        if !inputs.services.contains_key(&ObjectKey::new(ns, b.name.as_str())) {
+            let msg = format!("backendRef {ns}/{} does not exist", b.name);
+            return condition("ResolvedRefs", false, "BackendNotFound", msg);
+        }
+    }
+    condition("ResolvedRefs", true, "ResolvedRefs", "references resolved")
+}
+
+/// The table name of a listener's host: `ingress/<ns>/<gateway>/<listener>/<hostname>`.
+pub fn table_name(gw: &ObjectKey, listener: &str, host: &str) -> String {
+    format!("ingress/{}/{}/{listener}/{host}", gw.namespace, gw.name)
+}
+
+struct GatewayOut {
+    num_trusted_proxies: u32,
+    conditions: Vec<Condition>,
+    listeners: Vec<ListenerOut>,
+}
+
+/// Attaches every HTTPRoute naming an ingress Gateway to its listeners.
+fn attach_routes(
+    inputs: &Inputs,
+    options: &Options,
+    gateways: &mut BTreeMap<ObjectKey, GatewayOut>,
+    report: &mut Report,
+) -> Vec<RouteParentStatus> {
+    let mut statuses = Vec::new();
+    let mut routes: Vec<_> = inputs.http_routes.iter().collect();
+    routes.sort_by(|a, b| {
+        let t = |r: &HttpRoute| r.metadata.creation_timestamp.clone().map(|t| t.0);
+        t(a.1).cmp(&t(b.1)).then_with(|| a.0.cmp(b.0))
+    });
+    for (key, route) in routes {
+        let mut compiled = None;
+        for p in route.spec.parent_refs.iter().filter(|p| is_gateway_ref(p)) {
+            let gw_key = ObjectKey::new(p.namespace.as_deref().unwrap_or(&key.namespace), p.name.as_str());
+            let (Some(gw), Some(out)) = (inputs.gateways.get(&gw_key), gateways.get_mut(&gw_key)) else {
+                continue;
+            };
+            let ns_labels = inputs.namespace_labels(&key.namespace);
+            let allowed = |l: &Listener| {
+                allows(l, &gw_key.namespace, "HTTPRoute", &key.namespace, ns_labels).unwrap_or_else(|e| {
+                    report.add(Kind::Gateway, &gw_key, e);
+                    key.namespace == gw_key.namespace
+                })
+            };
+            let attachment = attach(p, &gw.spec.listeners, &route.spec.hostnames, allowed);
+            let mut conditions = Vec::new();
+            match &attachment {
+                Attachment::Attached(taken) => {
+                    conditions.push(condition("Accepted", true, "Accepted", "attached"));
+                    let rules = compiled
+                        .get_or_insert_with(|| super::routes::compile_http_route(inputs, options, key, route, report));
+                    for (i, hosts) in taken {
+                        let Some(l) = out.listeners.get_mut(*i) else { continue };
+                        l.status.attached_routes += 1;
+                        for host in hosts {
+                            let table = l.hosts.entry(host.clone()).or_insert_with(|| wp::ServiceRoutes {
+                                service: table_name(&gw_key, &l.status.name, host),
+                                ..Default::default()
+                            });
+                            table.sources.push(format!("HTTPRoute/{key}"));
+                            table.routes.extend(rules.iter().cloned());
+                        }
+                    }
+                }
+                refused => {
+                    let msg = format!("parentRef {gw_key}: {}", refused.reason());
+                    report.add(Kind::HttpRoute, key, format!("{msg}; not attached"));
+                    conditions.push(condition("Accepted", false, refused.reason(), msg));
+                }
+            }
+            conditions.push(resolved_refs(inputs, key, route));
+            statuses.push(RouteParentStatus {
+                route: key.clone(),
+                parent: gw_key,
+                section_name: p.section_name.clone(),
+                conditions,
+            });
+        }
+    }
+    statuses
+}
+
+/// Every ingress Gateway, its listeners and attached routes, and their statuses.
+pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report) -> Ingress {
+    let mut gateways = BTreeMap::new();
+    for (key, gw) in inputs.gateways.iter().filter(|(_, g)| is_ingress(g)) {
+        let listeners: Vec<ListenerOut> = gw
+            .spec
+            .listeners
+            .iter()
+            .map(|l| listener(inputs, &key.namespace, l))
+            .collect();
+        for l in &listeners {
+            if let Some(c) = l.status.conditions.iter().find(|c| !c.status) {
+                report.add(Kind::Gateway, key, format!("listener {}: {}", l.status.name, c.message));
+            }
+        }
+        let programmed = listeners.iter().any(|l| l.config.is_some());
+        let conditions = vec![
+            condition("Accepted", true, "Accepted", "ingress gateway accepted"),
+            if programmed {
+                condition("Programmed", true, "Programmed", "programmed")
+            } else {
+                condition("Programmed", false, "Invalid", "no listener is programmed")
+            },
+        ];
+        let out = GatewayOut {
+            num_trusted_proxies: num_trusted_proxies(gw, key, report),
+            conditions,
+            listeners,
+        };
+        gateways.insert(key.clone(), out);
+    }
+    let route_parents = attach_routes(inputs, options, &mut gateways, report);
+    let mut result = Ingress {
+        route_parents,
+        ..Default::default()
+    };
+    for (key, out) in gateways {
+        let mut status = GatewayStatus {
+            conditions: out.conditions,
+            listeners: Vec::new(),
+        };
+        let mut config = wp::IngressGateway {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            num_trusted_proxies: out.num_trusted_proxies,
+            listeners: Vec::new(),
+        };
+        for l in out.listeners {
+            if let Some(mut c) = l.config {
+                c.hosts = l
+                    .hosts
+                    .into_iter()
+                    .map(|(hostname, routes)| wp::IngressHost {
+                        hostname,
+                        routes: Some(routes),
+                    })
+                    .collect();
+                config.listeners.push(c);
+            }
+            status.listeners.push(l.status);
+        }
+        result.gateways.insert(key.to_string(), config);
+        result.status.insert(key, status);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn hostname_intersection_table() {
+        let cases: &[(Option<&str>, &[&str], &[&str])] = &[
+            (None, &[], &["*"]),
+            (Some("*.example.com"), &[], &["*.example.com"]),
+            (Some("*.example.com"), &["app.example.com"], &["app.example.com"]),
+            (Some("*.example.com"), &["a.b.example.com"], &["a.b.example.com"]),
+            (Some("*.example.com"), &["example.com"], &[]),
+            (Some("*.example.com"), &["app.other.com"], &[]),
+            (Some("app.example.com"), &["*.example.com"], &["app.example.com"]),
+            (Some("app.example.com"), &["app.example.com"], &["app.example.com"]),
+            (Some("app.example.com"), &["api.example.com"], &[]),
+            (Some("*.example.com"), &["*.api.example.com"], &["*.api.example.com"]),
+            (Some("*.api.example.com"), &["*.example.com"], &["*.api.example.com"]),
+            (None, &["App.Example.com", "*.x.io"], &["*.x.io", "app.example.com"]),
+            (
+                Some("*.example.com"),
+                &["app.example.com", "nope.org"],
+                &["app.example.com"],
+            ),
+        ];
+        for (listener, route, want) in cases {
+            assert_eq!(
+                intersect(*listener, &strings(route)),
+                strings(want),
+                "listener {listener:?}, route {route:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_match_table() {
+        assert!(host_matches("*", "anything"));
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(host_matches("*.example.com", "a.b.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", "a.example.com.evil"));
+        assert!(host_matches("App.example.com", "app.EXAMPLE.com"));
+        assert!(!host_matches("app.example.com", "api.example.com"));
+    }
+
+    fn listener(name: &str, port: u16, host: Option<&str>, allowed: Option<serde_json::Value>) -> Listener {
+        Listener {
+            name: name.into(),
+            port,
+            protocol: "HTTP".into(),
+            hostname: host.map(str::to_owned),
+            allowed_routes: allowed,
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn allowed_routes_table() {
+        let labels: BTreeMap<String, String> = [("team".to_owned(), "a".to_owned())].into();
+        let sel = serde_json::json!({"namespaces": {"from": "Selector", "selector": {"matchLabels": {"team": "a"}}}});
+        /// allowedRoutes, route kind, route namespace, its labels, admitted.
+        type Case<'a> = (
+            Option<serde_json::Value>,
+            &'a str,
+            &'a str,
+            Option<&'a BTreeMap<String, String>>,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            (None, "HTTPRoute", "gw", None, true),
+            (None, "HTTPRoute", "other", None, false),
+            (None, "TCPRoute", "gw", None, false),
+            (
+                Some(serde_json::json!({"namespaces": {"from": "All"}})),
+                "HTTPRoute",
+                "other",
+                None,
+                true,
+            ),
+            (
+                Some(serde_json::json!({"namespaces": {"from": "Same"}})),
+                "HTTPRoute",
+                "other",
+                None,
+                false,
+            ),
+            (Some(sel.clone()), "HTTPRoute", "other", Some(&labels), true),
+            (Some(sel), "HTTPRoute", "other", None, false),
+            (
+                Some(serde_json::json!({"namespaces": {"from": "All"}, "kinds": [{"kind": "GRPCRoute"}]})),
+                "HTTPRoute",
+                "other",
+                None,
+                false,
+            ),
+        ];
+        for (allowed, kind, ns, ns_labels, want) in cases {
+            let l = listener("l", 80, None, allowed.clone());
+            assert_eq!(
+                allows(&l, "gw", kind, ns, ns_labels),
+                Ok(want),
+                "{allowed:?} {kind} {ns}"
+            );
+        }
+        let expr = serde_json::json!({"namespaces": {"from": "Selector", "selector": {"matchExpressions": [{"key": "x", "operator": "Exists"}]}}});
+        assert!(allows(&listener("l", 80, None, Some(expr)), "gw", "HTTPRoute", "other", None).is_err());
+    }
+
+    #[test]
+    fn attachment_table() {
+        let listeners = vec![
+            listener("http", 80, None, None),
+            listener("https", 443, Some("*.example.com"), None),
+        ];
+        let parent = |section: Option<&str>, port: Option<u16>| ParentReference {
+            name: "gw".into(),
+            section_name: section.map(str::to_owned),
+            port,
+            ..Default::default()
+        };
+        let app = strings(&["app.example.com"]);
+        let all = |_: &Listener| true;
+        assert_eq!(
+            attach(&parent(None, None), &listeners, &app, all),
+            Attachment::Attached(vec![(0, app.clone()), (1, app.clone())])
+        );
+        assert_eq!(
+            attach(&parent(Some("https"), None), &listeners, &app, all),
+            Attachment::Attached(vec![(1, app.clone())])
+        );
+        assert_eq!(
+            attach(&parent(None, Some(443)), &listeners, &app, all),
+            Attachment::Attached(vec![(1, app.clone())])
+        );
+        assert_eq!(
+            attach(&parent(Some("nope"), None), &listeners, &app, all),
+            Attachment::NoMatchingParent
+        );
+        assert_eq!(
+            attach(&parent(Some("http"), Some(443)), &listeners, &app, all),
+            Attachment::NoMatchingParent
+        );
+        assert_eq!(
+            attach(&parent(None, None), &listeners, &app, |_| false),
+            Attachment::NotAllowedByListeners
+        );
+        let other = strings(&["app.other.org"]);
+        assert_eq!(
+            attach(&parent(Some("https"), None), &listeners, &other, all),
+            Attachment::NoMatchingListenerHostname
+        );
+    }
+
+    fn inputs(docs: &[String]) -> Inputs {
+        let mut inputs = Inputs::default();
+        for doc in docs {
+            let value: serde_json::Value = serde_yaml::from_str(doc).expect("yaml");
+            inputs.apply(crate::model::Object::parse(value).expect("object"));
+        }
+        inputs
+    }
+
+    fn tls_secret(ns: &str, name: &str, host: &str) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![host.to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let indent = |pem: String| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: kubernetes.io/tls\n\
+             stringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+            indent(cert.pem()),
+            indent(key.serialize_pem())
+        )
+    }
+
+    /// The brief's Gateway, exactly.
+    const BRIEF: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {mode: Terminate, certificateRefs: [{name: example-com-cert}]}
+"#;
+    /// The brief's Gateway letting other namespaces' routes attach, with two more listeners.
+    const OPEN: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {mode: Terminate, certificateRefs: [{name: example-com-cert}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: other
+    hostname: "*.other.org"
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: missing-cert}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: http
+    port: 80
+    protocol: HTTP
+"#;
+    const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app-routes, namespace: production}
+spec:
+  parentRefs: [{name: istio-ingressgateway, namespace: istio-system}]
+  hostnames: ["app.example.com"]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {add: [{name: x-api-version, value: v1}]}
+    backendRefs: [{name: app-v1, port: 8080}]
+"#;
+    const APP: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: app-v1, namespace: production}\nspec: {ports: [{port: 8080}]}\n";
+
+    fn run(docs: &[String]) -> (Ingress, Vec<super::super::Problem>) {
+        let mut report = Report::default();
+        let out = translate(&inputs(docs), &Options::default(), &mut report);
+        (out, report.0)
+    }
+
+    fn cond<'a>(conditions: &'a [Condition], kind: &str) -> &'a Condition {
+        conditions.iter().find(|c| c.kind == kind).expect("condition")
+    }
+
+    #[test]
+    fn the_briefs_route_in_another_namespace_is_not_allowed_by_the_default_listener() {
+        let secret = tls_secret("istio-system", "example-com-cert", "*.example.com");
+        let (out, problems) = run(&[BRIEF.to_owned(), ROUTE.to_owned(), secret, APP.to_owned()]);
+        let gw = &out.gateways["istio-system/istio-ingressgateway"];
+        assert_eq!(gw.listeners.len(), 1, "programmed: the certificate is valid");
+        assert!(gw.listeners[0].hosts.is_empty(), "the route did not attach");
+        let parent = &out.route_parents[0];
+        let accepted = cond(&parent.conditions, "Accepted");
+        assert_eq!(
+            (accepted.status, accepted.reason.as_str()),
+            (false, "NotAllowedByListeners")
+        );
+        assert!(
+            problems.iter().any(|p| p.message.contains("NotAllowedByListeners")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn routes_attach_and_a_missing_certificate_leaves_only_its_listener_unprogrammed() {
+        let secret = tls_secret("istio-system", "example-com-cert", "*.example.com");
+        let (out, _) = run(&[OPEN.to_owned(), ROUTE.to_owned(), secret, APP.to_owned()]);
+        let gw = &out.gateways["istio-system/istio-ingressgateway"];
+        let names: Vec<&str> = gw.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["https", "http"],
+            "the listener with a missing certificate is not programmed"
+        );
+        let https = &gw.listeners[0];
+        assert_eq!(https.certificates.len(), 1);
+        assert!(https.certificates[0].private_key.contains("PRIVATE KEY"));
+        assert_eq!(https.hosts.len(), 1);
+        assert_eq!(https.hosts[0].hostname, "app.example.com");
+        let table = https.hosts[0].routes.as_ref().expect("routes");
+        assert_eq!(
+            table.service,
+            "ingress/istio-system/istio-ingressgateway/https/app.example.com"
+        );
+        assert_eq!(
+            table.routes[0].backends[0].service,
+            "production/app-v1.production.svc.cluster.local"
+        );
+        assert!(table.routes[0].request_headers.is_some());
+        assert!(
+            gw.listeners[1].hosts.is_empty(),
+            "the HTTP listener admits its own namespace only"
+        );
+
+        let status = &out.status[&ObjectKey::new("istio-system", "istio-ingressgateway")];
+        let attached: Vec<u32> = status.listeners.iter().map(|l| l.attached_routes).collect();
+        assert_eq!(attached, [1, 0, 0], "the route's hostname matches no *.other.org");
+        let other = &status.listeners[1];
+        assert!(!cond(&other.conditions, "Programmed").status);
+        let resolved = cond(&other.conditions, "ResolvedRefs");
+        assert_eq!(resolved.reason, "InvalidCertificateRef");
+        assert!(
+            resolved.message.contains("missing-cert does not exist"),
+            "{}",
+            resolved.message
+        );
+        assert!(
+            cond(&status.conditions, "Programmed").status,
+            "the other listeners serve"
+        );
+        let parent = &out.route_parents[0];
+        assert!(cond(&parent.conditions, "Accepted").status);
+        assert!(cond(&parent.conditions, "ResolvedRefs").status);
+    }
+
+    #[test]
+    fn refused_routes_get_their_reason() {
+        let secret = tls_secret("istio-system", "example-com-cert", "*.example.com");
+        let mismatch = ROUTE
+            .replace("app-routes", "elsewhere")
+            .replace("app.example.com", "app.other.org");
+        let no_grant = ROUTE
+            .replace("app-routes", "cross")
+            .replace("{name: app-v1, port: 8080}", "{name: db, namespace: data, port: 5432}");
+        let (out, _) = run(&[OPEN.to_owned(), mismatch, no_grant, secret, APP.to_owned()]);
+        let by_name = |name: &str| {
+            out.route_parents
+                .iter()
+                .find(|p| p.route.name == name)
+                .expect("route status")
+        };
+        // `other` is unprogrammed but still decides attachment (its hostname matches).
+        let elsewhere = cond(&by_name("elsewhere").conditions, "Accepted");
+        assert!(elsewhere.status, "attached to listener other (not programmed)");
+        let cross = by_name("cross");
+        assert!(cond(&cross.conditions, "Accepted").status);
+        let resolved = cond(&cross.conditions, "ResolvedRefs");
+        assert_eq!((resolved.status, resolved.reason.as_str()), (false, "RefNotPermitted"));
+
+        let only_https = ROUTE
+            .replace("app-routes", "nomatch")
+            .replace("app.example.com", "shop.example.net");
+        let secret = tls_secret("istio-system", "example-com-cert", "*.example.com");
+        let (out, _) = run(&[OPEN.to_owned(), only_https, secret]);
+        let accepted = cond(&out.route_parents[0].conditions, "Accepted");
+        assert_eq!(
+            (accepted.status, accepted.reason.as_str()),
+            (false, "NoMatchingListenerHostname")
+        );
+    }
+
+    #[test]
+    fn certificate_checks() {
+        let good = tls_secret("istio-system", "c", "a.example.com");
+        let wrong_type = good.replace("kubernetes.io/tls", "Opaque");
+        let other_key = tls_secret("istio-system", "c", "b.example.com");
+        // The key of another certificate.
+        let key_at = |s: &str| s.find("  tls.key").expect("key");
+        let mismatched = format!("{}{}", &good[..key_at(&good)], &other_key[key_at(&other_key)..]);
+        let garbage = good.replace("BEGIN CERTIFICATE-----\n", "BEGIN CERTIFICATE-----\n    AAAA\n");
+        let r = SecretObjectReference {
+            name: "c".into(),
+            ..Default::default()
+        };
+        let key = ObjectKey::new("istio-system", "c");
+        assert!(certificate(&inputs(&[good]), "istio-system", &r).is_ok());
+        assert_eq!(
+            certificate(&inputs(&[wrong_type]), "istio-system", &r),
+            Err(CertError::WrongType(key.clone(), "Opaque".into()))
+        );
+        assert!(matches!(
+            certificate(&inputs(&[mismatched]), "istio-system", &r),
+            Err(CertError::Invalid(..))
+        ));
+        assert!(matches!(
+            certificate(&inputs(&[garbage]), "istio-system", &r),
+            Err(CertError::Invalid(..))
+        ));
+        assert_eq!(
+            certificate(&inputs(&[]), "istio-system", &r),
+            Err(CertError::Missing(key))
+        );
+        let cross = SecretObjectReference {
+            name: "c".into(),
+            namespace: Some("certs".into()),
+            ..Default::default()
+        };
+        let in_certs = tls_secret("certs", "c", "a.example.com");
+        assert!(matches!(
+            certificate(&inputs(&[in_certs]), "istio-system", &cross),
+            Err(CertError::NotPermitted(..))
+        ));
+    }
+}
