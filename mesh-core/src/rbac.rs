@@ -141,7 +141,12 @@ impl Policy {
     /// True when some group matches. A policy without groups matches nothing (so an ALLOW
     /// without rules denies everything); a group or rule without clauses matches everything.
     pub fn matches(&self, c: &ConnectionInfo) -> bool {
-        self.groups.iter().any(|rules| {
+        self.matching_rule(c).is_some()
+    }
+
+    /// The index of the first group (an AuthorizationPolicy rule) that matches, if any.
+    pub fn matching_rule(&self, c: &ConnectionInfo) -> Option<usize> {
+        self.groups.iter().position(|rules| {
             rules
                 .iter()
                 .all(|matches| matches.is_empty() || matches.iter().any(|m| m.matches(c)))
@@ -153,8 +158,39 @@ impl Policy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Allow,
-    /// Denied, naming the DENY policy that matched, or None when no ALLOW matched.
-    Deny(Option<String>),
+    Deny(Denial),
+}
+
+/// Why a connection is denied: what an access log and `meshctl explain` name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// Rule `rule` (0-based, in the policy's order) of the DENY policy `policy` matched.
+    Matched { policy: String, rule: usize },
+    /// ALLOW policies apply and none of their rules matched.
+    NoAllowMatched,
+    /// The destination workload is gone, so nothing authorizes the connection any more.
+    NoWorkload,
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denial::Matched { policy, rule } => write!(f, "DENY policy {policy} rule {rule} matched"),
+            Denial::NoAllowMatched => f.write_str("no rule of an ALLOW policy matched"),
+            Denial::NoWorkload => f.write_str("the destination workload is gone"),
+        }
+    }
+}
+
+/// One policy considered for a connection, for explaining a decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Considered {
+    /// `namespace/name`.
+    pub policy: String,
+    pub action: Action,
+    pub dry_run: bool,
+    /// The first rule that matched.
+    pub matched_rule: Option<usize>,
 }
 
 /// Dry-run policies that matched a connection since start (all of this process's evaluators).
@@ -190,8 +226,11 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &Connecti
             continue;
         }
         match p.action {
-            Action::Deny if p.matches(c) => return Decision::Deny(Some(p.key())),
-            Action::Deny => {}
+            Action::Deny => {
+                if let Some(rule) = p.matching_rule(c) {
+                    return Decision::Deny(Denial::Matched { policy: p.key(), rule });
+                }
+            }
             Action::Allow => {
                 have_allow = true;
                 allowed = allowed || p.matches(c);
@@ -201,8 +240,27 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &Connecti
     if !have_allow || allowed {
         Decision::Allow
     } else {
-        Decision::Deny(None)
+        Decision::Deny(Denial::NoAllowMatched)
     }
+}
+
+/// [`evaluate`]'s decision with every policy it considered and the rule of each that matched
+/// (dry-run policies included, never deciding), for `meshctl explain`. Not on the data path.
+pub fn evaluate_traced<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    c: &ConnectionInfo,
+) -> (Decision, Vec<Considered>) {
+    let policies: Vec<&Policy> = policies.into_iter().collect();
+    let considered = policies
+        .iter()
+        .map(|p| Considered {
+            policy: p.key(),
+            action: p.action,
+            dry_run: p.dry_run,
+            matched_rule: p.matching_rule(c),
+        })
+        .collect();
+    (evaluate(policies, c), considered)
 }
 
 fn string_matches(field: &str, ms: &[pb::StringMatch]) -> Result<Vec<StringMatch>, ResourceError> {
@@ -387,11 +445,11 @@ mod tests {
         );
         assert_eq!(
             evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
         assert_eq!(
             evaluate([&p], &conn(None, "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
     }
 
@@ -412,15 +470,54 @@ mod tests {
         );
         assert_eq!(
             evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:81")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
         assert_eq!(
             evaluate([&p], &conn(Some(SLEEP), "10.9.1.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
         assert_eq!(
             evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
+        );
+    }
+
+    #[test]
+    fn the_deciding_rule_is_named_and_traced() {
+        let mut deny = policy(
+            Action::Deny,
+            Match {
+                namespaces: vec![StringMatch::Exact("nobody".into())],
+                ..Default::default()
+            },
+        );
+        // A second rule (group) that matches OTHER's namespace.
+        deny.groups.push(vec![vec![Match {
+            not_namespaces: vec![StringMatch::Exact("default".into())],
+            ..Default::default()
+        }]]);
+        let other = conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80");
+        let want = Decision::Deny(Denial::Matched {
+            policy: "ns/p".into(),
+            rule: 1,
+        });
+        assert_eq!(evaluate([&deny], &other), want);
+        let (decision, considered) = evaluate_traced([&deny], &other);
+        assert_eq!(decision, want);
+        assert_eq!(considered.len(), 1);
+        assert_eq!(
+            (considered[0].action, considered[0].matched_rule),
+            (Action::Deny, Some(1))
+        );
+        let (decision, considered) = evaluate_traced([&deny], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80"));
+        assert_eq!((decision, considered[0].matched_rule), (Decision::Allow, None));
+        assert_eq!(
+            Denial::Matched {
+                policy: "ns/p".into(),
+                rule: 1
+            }
+            .to_string(),
+            "DENY policy ns/p rule 1 matched"
         );
     }
 
@@ -440,7 +537,10 @@ mod tests {
         );
         assert_eq!(
             evaluate([&allow, &deny], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(Some("ns/p".into()))
+            Decision::Deny(Denial::Matched {
+                policy: "ns/p".into(),
+                rule: 0
+            })
         );
     }
 
@@ -460,7 +560,7 @@ mod tests {
         );
         assert!(matches!(
             evaluate([&strict], &conn(None, "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(Some(_))
+            Decision::Deny(Denial::Matched { .. })
         ));
     }
 
@@ -472,7 +572,7 @@ mod tests {
         };
         assert_eq!(
             evaluate([&deny_all], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
         let allow_all = Policy {
             groups: vec![vec![]],
@@ -508,11 +608,11 @@ mod tests {
         );
         assert_eq!(
             evaluate([&p], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:91")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
         assert_eq!(
             evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
     }
 
@@ -574,7 +674,7 @@ mod tests {
         };
         assert!(matches!(
             evaluate([&enforced], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(Some(_))
+            Decision::Deny(Denial::Matched { .. })
         ));
         // Decoded from the wire, dry_run is kept.
         let a = pb::Authorization {
@@ -602,8 +702,11 @@ mod tests {
         let other = conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80");
         let plaintext = conn(None, "10.0.0.1", "10.0.0.2:80");
         assert_eq!(evaluate([&allow_sleep], &sleep), Decision::Allow);
-        assert_eq!(evaluate([&allow_sleep], &other), Decision::Deny(None));
-        assert_eq!(evaluate([&allow_sleep], &plaintext), Decision::Deny(None));
+        assert_eq!(evaluate([&allow_sleep], &other), Decision::Deny(Denial::NoAllowMatched));
+        assert_eq!(
+            evaluate([&allow_sleep], &plaintext),
+            Decision::Deny(Denial::NoAllowMatched)
+        );
         let deny_not_sleep = policy(
             Action::Deny,
             Match {
@@ -612,10 +715,13 @@ mod tests {
             },
         );
         assert_eq!(evaluate([&deny_not_sleep], &sleep), Decision::Allow);
-        assert!(matches!(evaluate([&deny_not_sleep], &other), Decision::Deny(Some(_))));
+        assert!(matches!(
+            evaluate([&deny_not_sleep], &other),
+            Decision::Deny(Denial::Matched { .. })
+        ));
         assert!(matches!(
             evaluate([&deny_not_sleep], &plaintext),
-            Decision::Deny(Some(_))
+            Decision::Deny(Denial::Matched { .. })
         ));
     }
 
@@ -641,7 +747,7 @@ mod tests {
         let p = Policy::try_from(&a).unwrap();
         assert_eq!(
             evaluate([&p], &conn(Some(OTHER), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Deny(None)
+            Decision::Deny(Denial::NoAllowMatched)
         );
         let empty = pb::Authorization {
             groups: vec![pb::Group {

@@ -58,9 +58,9 @@ impl Client {
 
 /// Authorizes, connects, tracks and splices one inbound connection to `conn.wl`.
 pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inbound) {
-    if let Decision::Deny(policy) = evaluate(state.policies_for(&conn.wl), &conn.info) {
+    if let Decision::Deny(denial) = evaluate(state.policies_for(&conn.wl), &conn.info) {
         let identity = conn.info.src_identity.as_ref().map(ToString::to_string);
-        info!(src = %conn.peer, identity, dst = %conn.info.dst, ?policy, direction = conn.direction, "{}", Refusal::PolicyDenied);
+        info!(src = %conn.peer, identity, dst = %conn.info.dst, %denial, direction = conn.direction, "{}", Refusal::PolicyDenied);
         client.refuse(px, Refusal::PolicyDenied);
         return;
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
+use mesh_core::rbac::{evaluate, ConnectionInfo, Decision, Denial};
 use mesh_core::state::StateStore;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -75,10 +75,10 @@ impl ConnTracker {
                 let decision = match state.workload(&t.dst_uid) {
                     Some(w) => evaluate(state.policies_for(w), &t.info),
                     // The destination is gone: nothing authorizes the connection any more.
-                    None => Decision::Deny(None),
+                    None => Decision::Deny(Denial::NoWorkload),
                 };
-                if let Decision::Deny(policy) = decision {
-                    info!(src = %t.info.src_ip, dst = %t.info.dst, ?policy, "closing connection denied by updated policy");
+                if let Decision::Deny(denial) = decision {
+                    info!(src = %t.info.src_ip, dst = %t.info.dst, %denial, "closing connection denied by updated policy");
                     t.cancel.cancel();
                 }
             }
