@@ -19,12 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::store::{ConfigStore, PolicySink, RoutesSink};
 use crate::telemetry::{metrics, trace};
 use crate::upstream::connector::Connector;
 use crate::upstream::Upstreams;
-use crate::{admin, listener, policy, Waypoint};
+use crate::{admin, ingress, listener, policy, Waypoint};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -32,9 +32,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (waypoint, ready) = build(&cfg, &mut registry)?;
     spawn_certificate(waypoint.certs.clone(), cfg.identity.clone());
 
-    let hbone = TcpListener::bind(cfg.hbone_addr)
-        .await
-        .with_context(|| format!("binding --hbone-addr {}", cfg.hbone_addr))?;
+    // An ingress gateway serves its Gateway's listeners, not HBONE.
+    let hbone = match cfg.role {
+        Role::Waypoint => Some(
+            TcpListener::bind(cfg.hbone_addr)
+                .await
+                .with_context(|| format!("binding --hbone-addr {}", cfg.hbone_addr))?,
+        ),
+        Role::Ingress => None,
+    };
     let admin = Arc::new(admin::Admin {
         waypoint: waypoint.clone(),
         registry,
@@ -50,8 +56,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding {flag} {addr}"))?;
         tokio::spawn(admin::serve(admin.clone(), port, listener));
     }
-    let serving = tokio::spawn(listener::serve(waypoint.clone(), hbone));
-    info!(identity = %cfg.identity, gateway = ?cfg.gateway(), addr = %cfg.hbone_addr, "waypoint started");
+    let serving = match (hbone, &waypoint.ingress) {
+        (Some(hbone), _) => tokio::spawn(listener::serve(waypoint.clone(), hbone)),
+        (None, Some(ingress)) => tokio::spawn(ingress::server::run(
+            waypoint.clone(),
+            ingress.clone(),
+            cfg.ingress_bind,
+        )),
+        (None, None) => anyhow::bail!("an ingress gateway without its configuration"),
+    };
+    info!(identity = %cfg.identity, gateway = ?cfg.gateway(), role = ?cfg.role, "waypoint started");
 
     mesh_core::shutdown::shutdown_signal().await;
     info!("draining");
@@ -105,6 +119,10 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         Arc::new(RoutesSink(config.clone())),
         Arc::new(PolicySink(config.clone())),
     ];
+    let ingress = (cfg.role == Role::Ingress).then(|| ingress::Ingress::new(cfg.gateway(), config.clone()));
+    if let Some(ingress) = &ingress {
+        xds.extra_types.push(Arc::new(ingress::IngressSink(ingress.clone())));
+    }
     let client = XdsClient::new(xds, state.clone(), XdsMetrics::register(registry));
     let ready = client.ready();
     tokio::spawn(client.run());
@@ -142,6 +160,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        ingress,
     });
     Ok((waypoint, ready))
 }

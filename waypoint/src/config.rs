@@ -16,6 +16,13 @@ fn parse_identity(s: &str) -> Result<Identity, String> {
         .map_err(|e| format!("{e}; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"))
 }
 
+/// What the proxy serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Waypoint,
+    Ingress,
+}
+
 /// L7 proxy of the ambient mesh, in front of services that ask for it with
 /// `istio.io/use-waypoint`.
 #[derive(Clone, Debug, Parser)]
@@ -30,6 +37,13 @@ fn parse_identity(s: &str) -> Result<Identity, String> {
     mut_arg("trust_bundle", |a| a.required(true))
 )]
 pub struct Config {
+    /// `waypoint` (HBONE from ztunnels) or `ingress` (an ingress Gateway's listeners for
+    /// clients outside the mesh, same HTTP pipeline; configuration from the controller).
+    #[arg(long, env = "ROLE", value_enum, default_value_t = Role::Waypoint)]
+    pub role: Role,
+    /// Ingress role: the address its listeners' ports are bound on.
+    #[arg(long, env = "INGRESS_BIND", default_value = "0.0.0.0")]
+    pub ingress_bind: std::net::IpAddr,
     /// The identity this waypoint proves (its service account's SPIFFE ID).
     #[arg(long, env = "WAYPOINT_IDENTITY", value_parser = parse_identity)]
     pub identity: Identity,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod ingress;
 pub mod listener;
 pub mod policy;
 pub mod store;
@@ -40,4 +41,6 @@ pub struct Waypoint {
     pub header_read_timeout: std::time::Duration,
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
+    /// The ingress role's listeners and certificates (`--role ingress`); `None` for a waypoint.
+    pub ingress: Option<Arc<ingress::Ingress>>,
 }

@@ -256,8 +256,10 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     };
     let (metrics, peer_identity_text) = (wp.metrics.clone(), spiffe);
     let down = Arc::new(Downstream {
-        peer_identity,
+        peer_identity: Some(peer_identity),
         client_addr,
+        remote_ip: client_addr.ip(),
+        forwarded_proto: "http",
         dst,
         service_key: service.key(),
         service,

@@ -117,6 +117,15 @@ impl ConfigStore {
         rejected
     }
 
+    /// Replaces every route table whose name starts with `prefix` (an ingress gateway's, named
+    /// `ingress/...`) by `tables`, in one swap.
+    pub fn replace_tables(&self, prefix: &str, tables: Vec<(String, Arc<CompiledRoutes>)>) {
+        self.update(|s| {
+            s.routes.retain(|name, _| !name.starts_with(prefix));
+            s.routes.extend(tables);
+        });
+    }
+
     /// Applies a batch of policies; returns the rejected ones as (name, reason).
     pub fn apply_policies(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
         let mut rejected = Vec::new();

@@ -25,15 +25,17 @@ fn targets(
         let target_key = ObjectKey::new(ns.clone(), t.name.clone());
         match (t.group.as_str(), t.kind.as_str()) {
             ("gateway.networking.k8s.io", "Gateway") => {
-                let waypoint = inputs
-                    .gateways
-                    .get(&target_key)
-                    .map(|g| g.spec.gateway_class_name.as_str());
-                if waypoint != Some(WAYPOINT_CLASS) {
+                let gateway = inputs.gateways.get(&target_key);
+                let enforced = gateway
+                    .is_some_and(|g| g.spec.gateway_class_name == WAYPOINT_CLASS || super::ingress::is_ingress(g));
+                if !enforced {
                     report.add(
                         kind,
                         key,
-                        format!("targetRef Gateway {target_key} is not a waypoint; nothing enforces this policy there"),
+                        format!(
+                            "targetRef Gateway {target_key} is not a waypoint or ingress gateway; nothing enforces \
+                             this policy there"
+                        ),
                     );
                 }
             }

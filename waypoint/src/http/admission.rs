@@ -98,11 +98,12 @@ pub fn authorize(
     parts: &Parts,
     host: &str,
 ) -> Result<(), LocalReply> {
-    let spiffe = down.peer_identity.to_string();
+    let spiffe = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
     let attrs = RequestAttrs {
         source_principal: spiffe.strip_prefix("spiffe://").unwrap_or(&spiffe),
-        source_namespace: &down.peer_identity.namespace,
+        source_namespace: down.peer_identity.as_ref().map_or("", |p| p.namespace.as_str()),
         source_ip: down.client_addr.ip(),
+        remote_ip: down.remote_ip,
         request_principal: principal,
         host,
         port: down.dst.port(),

@@ -42,9 +42,15 @@ const REPLAYABLE_BODY: usize = 64 * 1024;
 
 /// The tunnel a request arrived on.
 pub struct Downstream {
-    /// The original client's identity (the HBONE peer's certificate).
-    pub peer_identity: Identity,
+    /// The original client's identity (the HBONE peer's certificate); `None` at an ingress
+    /// gateway, whose clients are outside the mesh.
+    pub peer_identity: Option<Identity>,
     pub client_addr: SocketAddr,
+    /// The original client's address as policy sees it (`remoteIpBlocks`): the peer's, or at
+    /// an ingress gateway the X-Forwarded-For entry before the trusted proxies.
+    pub remote_ip: std::net::IpAddr,
+    /// `x-forwarded-proto` sent upstream: `https` where the gateway terminated TLS.
+    pub forwarded_proto: &'static str,
     /// The CONNECT authority: a service VIP or workload address, and port.
     pub dst: SocketAddr,
     pub service: Arc<Service>,
@@ -123,7 +129,7 @@ impl Arrival {
         info!(
             target: "access",
             src_addr = %down.client_addr,
-            src_identity = %down.peer_identity,
+            src_identity = %down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
             dst_service = %down.service.hostname,
             dst_workload = out.upstream.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
             method = %self.method,
@@ -143,7 +149,7 @@ impl Arrival {
     fn metrics(&self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {
         let state = wp.state.load();
         let src = state.workload_by_ip(&wp.network, down.client_addr.ip()).cloned();
-        let principal = down.peer_identity.to_string();
+        let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
         let protocol = if self.grpc { "grpc" } else { "http" };
         let dst = out.upstream.as_deref();
         let mut labels = RequestLabels::new(src.as_deref(), &principal, dst, &down.service, protocol);
@@ -181,7 +187,10 @@ impl Arrival {
             ("http.status_code", resp.status().as_u16().to_string()),
             ("response_flags", out.flags.as_str().to_owned()),
             ("istio.destination_service", down.service.hostname.clone()),
-            ("peer.identity", down.peer_identity.to_string()),
+            (
+                "peer.identity",
+                down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+            ),
             (
                 "upstream_cluster",
                 out.upstream.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
@@ -293,7 +302,7 @@ async fn forward(
     }
     parts
         .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        .insert("x-forwarded-proto", HeaderValue::from_static(down.forwarded_proto));
     let upgrade = websocket.then(|| {
         let mut fake = Request::new(());
         *fake.extensions_mut() = std::mem::take(&mut parts.extensions);

@@ -17,10 +17,15 @@ use super::jwt::RequestPrincipal;
 
 /// What policies see of one request.
 pub struct RequestAttrs<'a> {
-    /// SPIFFE identity without the scheme: `td/ns/x/sa/y`.
+    /// SPIFFE identity without the scheme: `td/ns/x/sa/y`; empty for a client without one
+    /// (at an ingress gateway), which no `principals`/`namespaces` value matches.
     pub source_principal: &'a str,
     pub source_namespace: &'a str,
+    /// The peer's address (`ipBlocks`).
     pub source_ip: IpAddr,
+    /// The original client's address (`remoteIpBlocks`, `remote.ip`): at an ingress gateway,
+    /// taken from X-Forwarded-For past the trusted proxies; elsewhere the peer's.
+    pub remote_ip: IpAddr,
     pub request_principal: Option<&'a RequestPrincipal>,
     pub host: &'a str,
     pub port: u16,
@@ -92,13 +97,14 @@ fn field(positive: &[String], negative: &[String], matches: impl Fn(&[String]) -
 fn source_matches(s: &wp::Source, r: &RequestAttrs<'_>, traffic: Traffic) -> bool {
     let principal = r.source_principal;
     let req_principal = r.request_principal.map(|p| p.principal());
-    field(&s.principals, &s.not_principals, |ps| any_wildcard(ps, principal))
-        && field(&s.namespaces, &s.not_namespaces, |ns| {
-            any_wildcard(ns, r.source_namespace)
-        })
-        && field(&s.ip_blocks, &s.not_ip_blocks, |b| in_blocks(b, r.source_ip))
+    // Without a peer identity nothing is matched, not even `*` (Istio: "any authenticated").
+    field(&s.principals, &s.not_principals, |ps| {
+        !principal.is_empty() && any_wildcard(ps, principal)
+    }) && field(&s.namespaces, &s.not_namespaces, |ns| {
+        !r.source_namespace.is_empty() && any_wildcard(ns, r.source_namespace)
+    }) && field(&s.ip_blocks, &s.not_ip_blocks, |b| in_blocks(b, r.source_ip))
         && field(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |b| {
-            in_blocks(b, r.source_ip)
+            in_blocks(b, r.remote_ip)
         })
         && (traffic == Traffic::Tcp
             || field(&s.request_principals, &s.not_request_principals, |ps| {
@@ -187,7 +193,8 @@ fn condition_values(key: &str, r: &RequestAttrs<'_>) -> Option<Vec<String>> {
                 .map(|p| p.claim_values(&["azp"]))
                 .unwrap_or_default(),
         ),
-        "source.ip" | "remote.ip" => one(Some(r.source_ip.to_string())),
+        "source.ip" => one(Some(r.source_ip.to_string())),
+        "remote.ip" => one(Some(r.remote_ip.to_string())),
         "source.namespace" => one(Some(r.source_namespace.to_owned())),
         "source.principal" => one(Some(r.source_principal.to_owned())),
         "destination.port" => one(Some(r.port.to_string())),
@@ -236,6 +243,7 @@ pub fn evaluate_tcp<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, c: &
         source_principal: c.source_principal,
         source_namespace: c.source_namespace,
         source_ip: c.source_ip,
+        remote_ip: c.source_ip,
         request_principal: None,
         host: "",
         port: c.port,
@@ -254,8 +262,12 @@ fn decide<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &RequestAtt
         };
         match wp::Action::try_from(a.action) {
             Ok(wp::Action::Deny) => {
-                if a.rules.iter().any(|rule| rule_matches(rule, r, Effect::Deny, traffic)) {
-                    return Decision::Deny(format!("denied by {}/{}", p.namespace, p.name));
+                if let Some(i) = a
+                    .rules
+                    .iter()
+                    .position(|rule| rule_matches(rule, r, Effect::Deny, traffic))
+                {
+                    return Decision::Deny(format!("denied by {}/{} rule {i}", p.namespace, p.name));
                 }
             }
             Ok(wp::Action::Allow) => allows.push(a),
@@ -275,6 +287,46 @@ fn decide<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &RequestAtt
     }
 }
 
+/// One authorization policy considered for a request, for explaining a decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Considered {
+    /// `namespace/name`.
+    pub policy: String,
+    pub action: wp::Action,
+    /// The first rule (0-based) that matched.
+    pub matched_rule: Option<usize>,
+}
+
+/// [`evaluate`]'s decision with every authorization policy it considered and the rule of each
+/// that matched, for `meshctl explain`. Not on the request path.
+pub fn evaluate_traced<'a>(
+    policies: impl IntoIterator<Item = &'a wp::Policy>,
+    r: &RequestAttrs<'_>,
+) -> (Decision, Vec<Considered>) {
+    let policies: Vec<&wp::Policy> = policies.into_iter().collect();
+    let mut considered = Vec::new();
+    for p in &policies {
+        let Some(wp::policy::Kind::Authorization(a)) = &p.kind else {
+            continue;
+        };
+        let action = wp::Action::try_from(a.action).unwrap_or(wp::Action::Deny);
+        let effect = if action == wp::Action::Allow {
+            Effect::Allow
+        } else {
+            Effect::Deny
+        };
+        considered.push(Considered {
+            policy: format!("{}/{}", p.namespace, p.name),
+            action,
+            matched_rule: a
+                .rules
+                .iter()
+                .position(|rule| rule_matches(rule, r, effect, Traffic::Http)),
+        });
+    }
+    (decide(policies, r, Traffic::Http), considered)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +336,7 @@ mod tests {
             source_principal: principal,
             source_namespace: principal.split('/').nth(2).unwrap_or(""),
             source_ip: "10.0.0.1".parse().unwrap(),
+            remote_ip: "10.0.0.1".parse().unwrap(),
             request_principal: None,
             host: "payments.shop.svc.cluster.local:8080",
             port: 8080,
@@ -410,6 +463,60 @@ mod tests {
         assert_ne!(
             evaluate(&p, &attrs("td/ns/other/sa/x", "GET", "/", &h)),
             Decision::Allow
+        );
+    }
+
+    #[test]
+    fn a_client_without_identity_matches_no_principal_and_remote_ip_is_its_own() {
+        let h = HeaderMap::new();
+        let allow_any_peer = [policy(
+            wp::Action::Allow,
+            vec![wp::Rule {
+                from: vec![wp::Source {
+                    principals: vec!["*".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        )];
+        // An ingress client has no SPIFFE identity: "*" (any authenticated peer) must not match.
+        assert_ne!(evaluate(&allow_any_peer, &attrs("", "GET", "/", &h)), Decision::Allow);
+        assert_eq!(
+            evaluate(&allow_any_peer, &attrs("td/ns/a/sa/b", "GET", "/", &h)),
+            Decision::Allow
+        );
+        let deny_remote = [policy(
+            wp::Action::Deny,
+            vec![wp::Rule {
+                from: vec![wp::Source {
+                    remote_ip_blocks: vec!["203.0.113.0/24".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        )];
+        let mut a = attrs("", "GET", "/", &h);
+        assert_eq!(evaluate(&deny_remote, &a), Decision::Allow, "the peer is 10.0.0.1");
+        a.remote_ip = "203.0.113.7".parse().unwrap();
+        assert_ne!(
+            evaluate(&deny_remote, &a),
+            Decision::Allow,
+            "the original client is denied"
+        );
+        let deny_peer = [policy(
+            wp::Action::Deny,
+            vec![wp::Rule {
+                from: vec![wp::Source {
+                    ip_blocks: vec!["203.0.113.0/24".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        )];
+        assert_eq!(
+            evaluate(&deny_peer, &a),
+            Decision::Allow,
+            "ipBlocks is the peer's address"
         );
     }
 

@@ -1,0 +1,331 @@
+//! The ingress role (`waypoint --role ingress`): the same HTTP pipeline as the waypoint
+//! (admission, JWT, authorization, routes, retries, local replies, telemetry), fed by clients
+//! outside the mesh on the listeners of an ingress `Gateway` instead of HBONE tunnels.
+//!
+//! The controller sends the gateway's `mesh.waypoint.v1.IngressGateway` (to this gateway's
+//! identity only: it carries private keys). [`IngressSink`] compiles it in one step: each
+//! listener host's route table goes into the shared [`ConfigStore`] under its
+//! `ingress/<ns>/<gw>/<listener>/<host>` name, each TLS port's [`tls::SniResolver`] gets the
+//! certificates (swapped atomically: a rotated Secret serves new handshakes, live connections
+//! are untouched), and [`server`] binds and releases ports to match. Requests pick their
+//! listener (by SNI on TLS ports, by Host otherwise), then the host table (exact, then the
+//! longest wildcard, then `*`), and enter [`crate::http::proxy::handle`] with no peer identity
+//! and the client address from X-Forwarded-For past the trusted proxies.
+
+pub mod server;
+pub mod tls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use mesh_core::state::model::Service;
+use mesh_core::xds::ResourceSink;
+use mesh_proto::waypoint as wp;
+use prost::Message;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::http::route::CompiledRoutes;
+use crate::store::ConfigStore;
+
+/// Route tables of ingress listeners are named with this prefix.
+pub const TABLE_PREFIX: &str = "ingress/";
+
+/// Whether `host` is matched by `pattern` (exact, `*.suffix` for one or more labels, `*`).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) if suffix.starts_with('.') => {
+            host.len() > suffix.len() && host.to_ascii_lowercase().ends_with(&suffix.to_ascii_lowercase())
+        }
+        _ => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// Ordering of hostnames by how specific they are: exact over any wildcard, longer wildcards
+/// over shorter ones, `*`/empty last.
+pub fn specificity(pattern: &str) -> (u8, usize) {
+    match pattern {
+        "" | "*" => (0, 0),
+        p if p.starts_with("*.") => (1, p.len()),
+        p => (2, p.len()),
+    }
+}
+
+/// One listener: its hostname and its route tables by host pattern.
+#[derive(Debug, Default)]
+pub struct ListenerState {
+    pub name: String,
+    pub hostname: String,
+    /// (host pattern, route table name), most specific first.
+    pub hosts: Vec<(String, String)>,
+}
+
+impl ListenerState {
+    /// The route table for a request to `host`.
+    pub fn table(&self, host: &str) -> Option<&str> {
+        self.hosts
+            .iter()
+            .find(|(pattern, _)| host_matches(pattern, host))
+            .map(|(_, table)| table.as_str())
+    }
+}
+
+/// The listeners sharing one port.
+#[derive(Debug, Default)]
+pub struct PortState {
+    pub tls: bool,
+    /// Most specific hostname first.
+    pub listeners: Vec<ListenerState>,
+}
+
+impl PortState {
+    /// The listener serving `host` (an SNI or a Host header).
+    pub fn listener(&self, host: &str) -> Option<&ListenerState> {
+        self.listeners
+            .iter()
+            .find(|l| l.hostname.is_empty() || host_matches(&l.hostname, host))
+    }
+}
+
+/// The gateway as it serves now.
+#[derive(Debug)]
+pub struct IngressState {
+    pub ports: BTreeMap<u16, PortState>,
+    pub num_trusted_proxies: u32,
+    /// The gateway as the destination "service" of requests (policies targeting the Gateway,
+    /// JWT rules, telemetry).
+    pub service: Arc<Service>,
+}
+
+/// The ingress role's live configuration.
+pub struct Ingress {
+    pub gateway: (String, String),
+    pub current: ArcSwap<IngressState>,
+    /// One per TLS port, kept across updates so a port's TLS configuration never changes.
+    resolvers: Mutex<HashMap<u16, Arc<tls::SniResolver>>>,
+    config: Arc<ConfigStore>,
+    changed: watch::Sender<u64>,
+}
+
+fn gateway_service(gateway: &(String, String)) -> Arc<Service> {
+    Arc::new(Service {
+        name: gateway.1.clone(),
+        namespace: gateway.0.clone(),
+        hostname: format!("{}.{}.svc.cluster.local", gateway.1, gateway.0),
+        vips: Vec::new(),
+        ports: Vec::new(),
+        subject_alt_names: Vec::new(),
+        waypoint: None,
+        only_healthy: true,
+    })
+}
+
+impl Ingress {
+    pub fn new(gateway: (String, String), config: Arc<ConfigStore>) -> Arc<Self> {
+        let state = IngressState {
+            ports: BTreeMap::new(),
+            num_trusted_proxies: 0,
+            service: gateway_service(&gateway),
+        };
+        Arc::new(Ingress {
+            gateway,
+            current: ArcSwap::from_pointee(state),
+            resolvers: Mutex::new(HashMap::new()),
+            config,
+            changed: watch::channel(0).0,
+        })
+    }
+
+    /// Wakes when the set of ports may have changed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The certificate resolver of TLS port `port` (created empty on first use).
+    pub fn resolver(&self, port: u16) -> Arc<tls::SniResolver> {
+        let mut r = self.resolvers.lock().unwrap_or_else(|e| e.into_inner());
+        r.entry(port).or_default().clone()
+    }
+
+    /// Applies the gateway's configuration; returns what was refused as (name, reason).
+    pub fn apply(&self, g: wp::IngressGateway) -> Vec<(String, String)> {
+        let mut refused = Vec::new();
+        let mut tables = Vec::new();
+        let mut ports: BTreeMap<u16, PortState> = BTreeMap::new();
+        let mut certs: HashMap<u16, Vec<tls::Entry>> = HashMap::new();
+        for l in g.listeners {
+            let Some(port) = u16::try_from(l.port).ok().filter(|p| *p != 0) else {
+                refused.push((l.name.clone(), format!("port {} is not a port", l.port)));
+                continue;
+            };
+            let tls = l.protocol == "HTTPS";
+            if tls {
+                let mut mine = Vec::new();
+                for c in &l.certificates {
+                    match tls::entry(&l.hostname, c) {
+                        Ok(e) => mine.push(e),
+                        Err(e) => refused.push((l.name.clone(), e.to_string())),
+                    }
+                }
+                if mine.is_empty() {
+                    // Fail closed: a listener without a usable certificate is not served.
+                    refused.push((l.name.clone(), "no usable certificate; listener not served".into()));
+                    continue;
+                }
+                certs.entry(port).or_default().extend(mine);
+            }
+            let mut hosts = Vec::new();
+            for h in l.hosts {
+                let Some(routes) = h.routes else { continue };
+                let name = routes.service.clone();
+                match CompiledRoutes::compile(routes) {
+                    Ok(c) => {
+                        tables.push((name.clone(), Arc::new(c)));
+                        hosts.push((h.hostname, name));
+                    }
+                    Err(e) => refused.push((name, e.to_string())),
+                }
+            }
+            hosts.sort_by_key(|(p, _)| std::cmp::Reverse(specificity(p)));
+            let entry = ports.entry(port).or_default();
+            entry.tls |= tls;
+            entry.listeners.push(ListenerState {
+                name: l.name,
+                hostname: l.hostname,
+                hosts,
+            });
+        }
+        for p in ports.values_mut() {
+            p.listeners.sort_by_key(|l| std::cmp::Reverse(specificity(&l.hostname)));
+        }
+        // Routes first, then certificates, then the ports that lead to them.
+        self.config.replace_tables(TABLE_PREFIX, tables);
+        for (port, p) in &ports {
+            if p.tls {
+                self.resolver(*port).replace(certs.remove(port).unwrap_or_default());
+            }
+        }
+        let state = IngressState {
+            ports,
+            num_trusted_proxies: g.num_trusted_proxies,
+            service: gateway_service(&self.gateway),
+        };
+        info!(ports = ?state.ports.keys().collect::<Vec<_>>(), "ingress configuration applied");
+        self.current.store(Arc::new(state));
+        self.changed.send_modify(|n| *n += 1);
+        refused
+    }
+
+    /// Withdraws everything (the gateway's resource was removed).
+    pub fn clear(&self) {
+        self.apply(wp::IngressGateway::default());
+    }
+}
+
+/// The original client's address: with `trusted` proxies in front, the X-Forwarded-For entry
+/// the outermost trusted one appended (the `trusted`-th from the right); the peer's address
+/// without trusted proxies or when the header has fewer entries (Envoy's xff_num_trusted_hops).
+pub fn remote_ip(headers: &http::HeaderMap, peer: IpAddr, trusted: u32) -> IpAddr {
+    if trusted == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let Some(i) = entries.len().checked_sub(trusted as usize) else {
+        return peer;
+    };
+    entries.get(i).and_then(|e| e.parse().ok()).unwrap_or(peer)
+}
+
+/// The xDS subscription for the gateway's `IngressGateway`.
+pub struct IngressSink(pub Arc<Ingress>);
+
+impl ResourceSink for IngressSink {
+    fn type_url(&self) -> &'static str {
+        mesh_proto::INGRESS_GATEWAY_TYPE_URL
+    }
+
+    fn apply(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
+        let own = format!("{}/{}", self.0.gateway.0, self.0.gateway.1);
+        let mut rejected = Vec::new();
+        if removed.contains(&own) {
+            self.0.clear();
+        }
+        for (name, body) in upserts {
+            if *name != own {
+                rejected.push((name.clone(), format!("not this gateway ({own})")));
+                continue;
+            }
+            match wp::IngressGateway::decode(*body) {
+                Ok(g) => {
+                    for (what, why) in self.0.apply(g) {
+                        warn!(listener = %what, reason = %why, "ingress listener refused");
+                    }
+                }
+                Err(e) => rejected.push((name.clone(), format!("cannot decode: {e}"))),
+            }
+        }
+        rejected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_ip_from_x_forwarded_for() {
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut h = http::HeaderMap::new();
+        h.append("x-forwarded-for", "203.0.113.7, 198.51.100.1".parse().unwrap());
+        h.append("x-forwarded-for", "192.0.2.1".parse().unwrap());
+        assert_eq!(
+            remote_ip(&h, peer, 0),
+            peer,
+            "no trusted proxy: the peer, whatever the header says"
+        );
+        assert_eq!(remote_ip(&h, peer, 1), "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(remote_ip(&h, peer, 3), "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_eq!(remote_ip(&h, peer, 4), peer, "fewer entries than trusted hops");
+        let mut bad = http::HeaderMap::new();
+        bad.append("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(remote_ip(&bad, peer, 1), peer);
+    }
+
+    #[test]
+    fn listener_and_table_selection() {
+        let port = PortState {
+            tls: true,
+            listeners: vec![
+                ListenerState {
+                    name: "api".into(),
+                    hostname: "api.example.com".into(),
+                    hosts: vec![("api.example.com".into(), "t-api".into())],
+                },
+                ListenerState {
+                    name: "https".into(),
+                    hostname: "*.example.com".into(),
+                    hosts: vec![
+                        ("app.example.com".into(), "t-app".into()),
+                        ("*.example.com".into(), "t-wild".into()),
+                    ],
+                },
+            ],
+        };
+        let table = |h: &str| port.listener(h).and_then(|l| l.table(h));
+        assert_eq!(table("api.example.com"), Some("t-api"));
+        assert_eq!(table("app.example.com"), Some("t-app"));
+        assert_eq!(table("x.example.com"), Some("t-wild"));
+        assert_eq!(table("example.com"), None);
+        assert!(host_matches("*.example.com", "A.B.Example.com"));
+        assert!(!host_matches("*.example.com", ".example.com"));
+    }
+}

@@ -1,0 +1,205 @@
+//! The ingress gateway's listeners: ports bound and released as the configuration changes,
+//! TLS terminated on HTTPS ports (handshake deadline), HTTP/1.1 and HTTP/2 served by hyper,
+//! and each request handed to the waypoint's pipeline with its listener's route table.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use mesh_core::socket::AcceptBackoff;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Ingress;
+use crate::http::local_reply::LocalReply;
+use crate::http::proxy::{self, Downstream};
+use crate::upstream::Body;
+use crate::Waypoint;
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keeps the bound ports equal to the configured ones until drained.
+pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, bind: std::net::IpAddr) {
+    let mut changed = ingress.subscribe();
+    let mut bound: HashMap<u16, CancellationToken> = HashMap::new();
+    loop {
+        let wanted: Vec<u16> = ingress.current.load().ports.keys().copied().collect();
+        bound.retain(|port, stop| {
+            let keep = wanted.contains(port);
+            if !keep {
+                info!(port, "ingress port released");
+                stop.cancel();
+            }
+            keep
+        });
+        let fresh: Vec<u16> = wanted.into_iter().filter(|p| !bound.contains_key(p)).collect();
+        for port in fresh {
+            let addr = SocketAddr::new(bind, port);
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    let stop = wp.drain.child_token();
+                    bound.insert(port, stop.clone());
+                    info!(%addr, "ingress port listening");
+                    tokio::spawn(accept(wp.clone(), ingress.clone(), l, port, stop));
+                }
+                // Retried on the next change.
+                Err(e) => warn!(%addr, error = %e, "cannot bind ingress port"),
+            }
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = wp.drain.cancelled() => return,
+        }
+    }
+}
+
+async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener, port: u16, stop: CancellationToken) {
+    let mut backoff = AcceptBackoff::default();
+    let tls = tokio_rustls::TlsAcceptor::from(match super::tls::server_config(ingress.resolver(port)) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(port, error = %e, "TLS configuration");
+            return;
+        }
+    });
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    backoff.failed("ingress", &e).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        backoff.succeeded();
+        let _ = tcp.set_nodelay(true);
+        let (wp2, ingress, tls) = (wp.clone(), ingress.clone(), tls.clone());
+        wp.tasks.spawn(async move {
+            let is_tls = ingress.current.load().ports.get(&port).is_some_and(|p| p.tls);
+            if is_tls {
+                serve_tls(wp2, ingress, tcp, peer, port, tls).await;
+            } else {
+                serve(wp2, ingress, TokioIo::new(tcp), Conn { peer, port, sni: None }).await;
+            }
+        });
+    }
+}
+
+/// What a request's connection tells the pipeline.
+#[derive(Clone)]
+struct Conn {
+    peer: SocketAddr,
+    port: u16,
+    /// The TLS server name (TLS ports only).
+    sni: Option<String>,
+}
+
+async fn serve_tls(
+    wp: Arc<Waypoint>,
+    ingress: Arc<Ingress>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    tls: tokio_rustls::TlsAcceptor,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            wp.metrics.reject("tls_handshake");
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            wp.metrics.reject("tls_handshake_timeout");
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let sni = stream.get_ref().1.server_name().map(str::to_ascii_lowercase);
+    serve(wp, ingress, TokioIo::new(stream), Conn { peer, port, sni }).await;
+}
+
+async fn serve<T>(wp: Arc<Waypoint>, ingress: Arc<Ingress>, io: TokioIo<T>, conn: Conn)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = wp.metrics.clone();
+    let svc = hyper::service::service_fn(move |req| handle(wp.clone(), ingress.clone(), conn.clone(), req));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
+        if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
+            metrics.reject("malformed_http");
+        }
+        debug!(error = %e, "ingress connection ended with an error");
+    }
+}
+
+/// The host a request names, without a port, lowercase.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let host = match req.uri().authority() {
+        Some(a) => a.host().to_owned(),
+        None => {
+            let raw = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            raw.parse::<http::uri::Authority>().ok()?.host().to_owned()
+        }
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Finds the request's route table and runs the waypoint's pipeline on it.
+async fn handle(
+    wp: Arc<Waypoint>,
+    ingress: Arc<Ingress>,
+    conn: Conn,
+    mut req: Request<Incoming>,
+) -> Result<http::Response<Body>, std::convert::Infallible> {
+    let state = ingress.current.load_full();
+    let host = request_host(&req).unwrap_or_default();
+    let port = state.ports.get(&conn.port);
+    // On TLS the listener is the one the certificate was chosen for (SNI); its host tables
+    // then decide by Host, so a request cannot reach another listener's routes.
+    let listener = port.and_then(|p| p.listener(conn.sni.as_deref().unwrap_or(&host)));
+    let Some(table) = listener.and_then(|l| l.table(&host)) else {
+        debug!(%host, port = conn.port, "no listener host matches");
+        return Ok(LocalReply::NoRoute.into_response());
+    };
+    let remote_ip = super::remote_ip(req.headers(), conn.peer.ip(), state.num_trusted_proxies);
+    append_forwarded_for(req.headers_mut(), conn.peer.ip());
+    let down = Arc::new(Downstream {
+        peer_identity: None,
+        client_addr: conn.peer,
+        remote_ip,
+        forwarded_proto: if conn.sni.is_some() { "https" } else { "http" },
+        dst: SocketAddr::new(conn.peer.ip(), conn.port),
+        service: state.service.clone(),
+        service_key: table.to_owned(),
+    });
+    proxy::handle(wp, down, req).await
+}
+
+/// Adds the peer to X-Forwarded-For, as a proxy does for the next hop.
+fn append_forwarded_for(headers: &mut http::HeaderMap, peer: std::net::IpAddr) {
+    let mut entries: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    entries.push(peer.to_string());
+    let joined = entries.join(", ");
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.remove("x-forwarded-for");
+        headers.insert("x-forwarded-for", v);
+    }
+}
