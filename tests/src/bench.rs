@@ -143,6 +143,42 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Context switches of `pid` (voluntary and involuntary, summed over its threads): how often
+/// it went to sleep and was woken, or was preempted.
+pub fn ctxt_switches(pid: i32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("reading /proc/{pid}/task"))? {
+        // A thread may exit between listing and reading.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: i32) -> Result<u64> {
     status_kib(pid, "VmRSS:")
@@ -315,6 +351,14 @@ Transfer/sec:     10.00MB
         assert_eq!(w.socket_errors, 3);
         assert!(parse_wrk("garbage").is_err());
         assert_eq!(wrk_duration_us("2.00s"), Some(2e6));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+        assert_eq!(median(vec![f64::NAN, 5.0]), 5.0);
     }
 
     #[test]

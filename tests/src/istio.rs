@@ -81,6 +81,11 @@ impl<'a> IstioZtunnel<'a> {
         })
     }
 
+    /// The process id (`ip netns exec` execs, so this is Istio's ztunnel itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Polls `/healthz/ready` on 15021 until it answers 200; fails early if the process exits.
     pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;

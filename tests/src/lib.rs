@@ -17,6 +17,7 @@ pub mod controller;
 pub mod istio;
 pub mod metrics;
 pub mod netns;
+pub mod profile;
 pub mod prometheus;
 pub mod tcpdump;
 pub mod waypoint;

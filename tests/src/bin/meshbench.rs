@@ -1,21 +1,31 @@
-//! meshbench: the mesh path and the plain path, side by side, in one run.
+//! meshbench: the mesh path, Istio's ztunnel on the same path, and the plain path, side by
+//! side, in one run.
 //!
-//! Two pairs of pod namespaces are built at once, each pair on its own bridge:
+//! Three pairs of pod namespaces are built at once, each pair on its own bridge:
 //!
-//! - mesh: pods `a` (client, 10.77.201.1) and `b` (server, 10.77.201.2) of the shared
-//!   [`mesh_e2e::Bed`], both captured with the ambient rules and each served by its own ztunnel
-//!   (dedicated mode, local workload file, development CA);
+//! - ours: pods `a` (client, 10.77.201.1) and `b` (server, 10.77.201.2) of a
+//!   [`mesh_e2e::Bed`], both captured with the ambient rules and each served by its own
+//!   ztunnel (dedicated mode, local workload file, development CA);
+//! - istio: the same on 10.77.202.0/24, each pod served by Istio's ztunnel
+//!   (`../shared/peers/istio-ztunnel`, dedicated mode, its local workload file and built-in test
+//!   CA, `PACKET_MARK=1337` so the same capture rules skip its sockets); skipped with a note
+//!   when the peer binary is absent or with `--no-istio`;
 //! - direct: client 10.78.201.1 and server 10.78.201.2, no capture rules and no ztunnel.
 //!
-//! Both servers run `iperf3 -s` and nginx; the clients run iperf3, wrk and ab. ztunnel's CPU
-//! (utime+stime from /proc) and memory (VmRSS) are sampled around the runs, and ztunnel is
-//! restarted with 1,000 and 10,000 extra workloads to see what its state costs.
+//! Every server runs `iperf3 -s` and nginx; the clients run iperf3, wrk and ab. Each figure is
+//! measured `--rounds` times (3; 1 with `--quick`), the paths back to back within a round so
+//! a noisy moment hits all of them, and the median is reported. The proxies' CPU
+//! (utime+stime from /proc), context switches (/proc/<pid>/task/*/status) and memory (VmRSS)
+//! are sampled around each run, and our ztunnel is restarted with 1,000 and 10,000 extra
+//! workloads to see what its state costs. `--profile` adds syscalls per request and per MiB
+//! (strace -c), a perf cpu-clock profile and allocations per request (see
+//! [`mesh_e2e::profile`]).
 //!
 //! Run as root, after building ztunnel with the same profile:
 //!
 //! ```text
-//! cargo build --release -p ztunnel
-//! cargo run --release -p mesh-e2e --bin meshbench -- [--quick] [--out DIR]
+//! cargo build --release -p ztunnel -p mesh-e2e
+//! sudo target/release/meshbench [--quick] [--rounds N] [--profile] [--out DIR]
 //! ```
 //!
 //! Results go to DIR/bench.json (every raw number) and DIR/bench.md (the table, also printed);
@@ -23,25 +33,35 @@
 //! files) is removed on exit, on error, on panic and on Ctrl-C / SIGTERM.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mesh_e2e::bench::{
-    clock_ticks, cpu_ticks, hwm_kib, parse_wrk, rss_kib, run_in, start_nginx, wait_listening, Proc, Wrk,
+    clock_ticks, cpu_ticks, ctxt_switches, hwm_kib, median, parse_wrk, rss_kib, run_in, start_nginx, wait_listening,
+    Proc, Wrk,
 };
+use mesh_e2e::istio::{self, IstioZtunnel};
 use mesh_e2e::netns::sh;
+use mesh_e2e::profile::{self, ProfileReport};
 use mesh_e2e::ztunnel::ZtunnelFiles;
 use mesh_e2e::{Bed, Hub, Netns, Ztunnel};
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: meshbench [--quick] [--out DIR]
+const USAGE: &str = "usage: meshbench [--quick] [--rounds N] [--no-istio] [--istio-threads N] [--profile] [--out DIR]
 
-Measures the ambient mesh path (two captured pods, two ztunnels) against a plain path (two
-uncaptured pods) with iperf3, wrk and ab, and ztunnel's CPU and memory. Needs root.
+Measures the ambient mesh path (two captured pods, two ztunnels) against the same path
+through Istio's ztunnel and a plain path (two uncaptured pods) with iperf3, wrk and ab, and
+the proxies' CPU, context switches and memory. Needs root.
 
-  --quick     short runs (about 3 s each), under a minute in total
-  --out DIR   where bench.json and bench.md go (default: <target dir>/bench)
+  --quick             1 round of short runs (2 s each), about a minute in total
+  --rounds N          repeat each figure N times and report the median (default 3, quick 1)
+  --no-istio          leave out Istio's ztunnel (also skipped, with a note, when
+                      ../shared/peers/istio-ztunnel is absent)
+  --istio-threads N   ZTUNNEL_WORKER_THREADS for Istio's ztunnel (default: its own, 2)
+  --profile           afterwards, per proxy: syscalls per request and per MiB (strace -c),
+                      perf cpu-clock profile, allocations per request (ours)
+  --out DIR           where bench.json and bench.md go (default: <target dir>/bench)
 ";
 
 /// Tools the bench runs, and the Debian package providing each.
@@ -57,7 +77,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
 ];
 
-/// Subnet number of the bed: mesh pods on 10.77.<n>.0/24, direct pods on 10.78.<n>.0/24.
+/// Subnet number of our bed (10.77.<n>.0/24) and of the direct pods (10.78.<n>.0/24); Istio's
+/// bed is on n + 1.
 const NET: u8 = 201;
 const HTTP_PORT: u16 = 8080;
 const IPERF_PORT: u16 = 5201;
@@ -65,6 +86,10 @@ const IPERF_PORT: u16 = 5201;
 struct Opts {
     quick: bool,
     out: PathBuf,
+    rounds: Option<u32>,
+    istio: bool,
+    istio_threads: Option<u32>,
+    profile: bool,
 }
 
 /// Durations and counts of one run.
@@ -74,35 +99,58 @@ struct Plan {
     wrk_secs: u32,
     ab_requests: u32,
     warmup_secs: u32,
+    rounds: u32,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Plan {
-        if quick {
+    fn new(quick: bool, rounds: Option<u32>) -> Plan {
+        let p = if quick {
             Plan {
-                iperf_secs: 3,
-                wrk_secs: 3,
-                ab_requests: 5000,
+                iperf_secs: 2,
+                wrk_secs: 2,
+                ab_requests: 3000,
                 warmup_secs: 1,
+                rounds: 1,
             }
         } else {
             Plan {
-                iperf_secs: 10,
-                wrk_secs: 10,
-                ab_requests: 20000,
+                iperf_secs: 5,
+                wrk_secs: 5,
+                ab_requests: 10000,
                 warmup_secs: 1,
+                rounds: 3,
             }
+        };
+        Plan {
+            rounds: rounds.unwrap_or(p.rounds).max(1),
+            ..p
         }
     }
 }
 
 fn parse_args() -> Result<Option<Opts>> {
-    let mut quick = false;
+    let mut o = Opts {
+        quick: false,
+        out: PathBuf::new(),
+        rounds: None,
+        istio: true,
+        istio_threads: None,
+        profile: false,
+    };
     let mut out = None;
     let mut args = std::env::args().skip(1);
+    let number = |v: Option<String>, flag: &str| -> Result<u32> {
+        v.ok_or_else(|| anyhow!("{flag} needs a number"))?
+            .parse()
+            .with_context(|| format!("{flag} needs a number"))
+    };
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--quick" => quick = true,
+            "--quick" => o.quick = true,
+            "--no-istio" => o.istio = false,
+            "--profile" => o.profile = true,
+            "--rounds" => o.rounds = Some(number(args.next(), "--rounds")?),
+            "--istio-threads" => o.istio_threads = Some(number(args.next(), "--istio-threads")?),
             "--out" => {
                 out = Some(PathBuf::from(
                     args.next().ok_or_else(|| anyhow!("--out needs a directory"))?,
@@ -118,7 +166,7 @@ fn parse_args() -> Result<Option<Opts>> {
             },
         }
     }
-    let out = match out {
+    o.out = match out {
         Some(o) => o,
         // target/<profile>/meshbench -> target/bench
         None => std::env::current_exe()
@@ -126,9 +174,8 @@ fn parse_args() -> Result<Option<Opts>> {
             .and_then(|e| e.parent()?.parent().map(|t| t.join("bench")))
             .unwrap_or_else(|| PathBuf::from("target/bench")),
     };
-    Ok(Some(Opts { quick, out }))
+    Ok(Some(o))
 }
-
 fn main() -> std::process::ExitCode {
     let opts = match parse_args() {
         Ok(Some(o)) => o,
@@ -215,13 +262,9 @@ fn preflight() -> Result<PathBuf> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes
-
-// ---------------------------------------------------------------------------------------------
-// /proc sampling
-
-// ---------------------------------------------------------------------------------------------
 // ztunnel and topology
+// ---------------------------------------------------------------------------------------------
+// Proxies and topology
 
 /// A ztunnel started by `mesh_e2e::Ztunnel::start`, with its pid for /proc sampling.
 struct Zt<'a> {
@@ -240,10 +283,6 @@ impl<'a> Zt<'a> {
             .pid()
             .ok_or_else(|| anyhow!("ztunnel in {} is not running", ns.name))? as i32;
         Ok(Zt { z, pid, ready_after })
-    }
-
-    fn cpu(&self) -> Result<u64> {
-        cpu_ticks(self.pid)
     }
 
     fn rss(&self) -> Result<u64> {
@@ -288,12 +327,14 @@ fn tune(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// One side of the comparison: a client pod calling a server pod.
+/// One side of the comparison: a client pod calling a server pod, through two proxies
+/// (their pids, client side first) or none.
 struct Pods<'a> {
     label: &'static str,
     client: &'a Netns,
     server: &'a Netns,
     server_ip: IpAddr,
+    proxies: Option<(i32, i32)>,
 }
 
 impl Pods<'_> {
@@ -346,6 +387,63 @@ fn state_yaml(client: [IpAddr; 2], server: [IpAddr; 2], vip: IpAddr, extra: u32)
     }
     y.push_str("policies: []\n");
     y
+}
+
+/// Istio's ztunnel serving one pod of its bed, with its pid for /proc sampling.
+struct IstioZt<'a> {
+    z: IstioZtunnel<'a>,
+    pid: i32,
+}
+
+impl<'a> IstioZt<'a> {
+    /// Dedicated mode for `workload` (`ns/name/sa`) from `state` with its built-in test CA, and
+    /// `PACKET_MARK=1337` so the capture rules let its own sockets through; waits for readiness.
+    async fn start(
+        ns: &'a Netns,
+        binary: &Path,
+        workload: &str,
+        state: &Path,
+        threads: Option<u32>,
+    ) -> Result<IstioZt<'a>> {
+        let mut env = vec![
+            ("PROXY_MODE", "dedicated".to_owned()),
+            ("PROXY_WORKLOAD_INFO", workload.to_owned()),
+            ("XDS_ADDRESS", String::new()),
+            ("CA_ADDRESS", String::new()),
+            ("FAKE_CA", "true".to_owned()),
+            ("LOCAL_XDS_PATH", state.display().to_string()),
+            ("PACKET_MARK", "1337".to_owned()),
+        ];
+        if let Some(n) = threads {
+            env.push(("ZTUNNEL_WORKER_THREADS", n.to_string()));
+        }
+        let mut z = IstioZtunnel::spawn(ns, binary, &env)?;
+        z.wait_ready(Duration::from_secs(20)).await?;
+        let pid = z
+            .pid()
+            .ok_or_else(|| anyhow!("Istio's ztunnel in {} is not running", ns.name))? as i32;
+        Ok(IstioZt { z, pid })
+    }
+}
+
+/// The bed's client and server and service `server` (port 80 -> 8080) in the local file
+/// format of Istio's ztunnel.
+fn istio_state(bed: &Bed) -> String {
+    const SERVICE: &str = "server.default.svc.cluster.local";
+    let workload = |name: &str, ip: IpAddr, services: &str| {
+        format!(
+            "- uid: cluster1//Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  \
+             trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: node-{name}\n  \
+             canonicalName: {name}\n  canonicalRevision: v1\n  workloadName: {name}\n  services: {services}\n"
+        )
+    };
+    format!(
+        "workloads:\n{}{}services:\n- name: server\n  namespace: default\n  hostname: {SERVICE}\n  \
+         vips: [\"/{}\"]\n  ports:\n    80: 8080\npolicies: []\n",
+        workload("client", bed.ip(1), "{}"),
+        workload("server", bed.ip(2), &format!("{{\"default/{SERVICE}\": {{80: 8080}}}}")),
+        bed.vip()
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -438,17 +536,27 @@ fn parse_iperf(out: &str) -> Result<Iperf> {
 // ---------------------------------------------------------------------------------------------
 // The bench
 
-/// ztunnel CPU over one run: ticks used by each side.
+/// What a path's two proxies spent over one run.
+#[derive(Clone, Copy, Debug, Default)]
 struct CpuWindow {
     client_s: f64,
     server_s: f64,
+    /// Context switches (voluntary + involuntary, all threads).
+    client_cs: u64,
+    server_cs: u64,
     wall_s: f64,
 }
 
 impl CpuWindow {
     fn json(&self) -> Value {
         json!({"client_cpu_s": self.client_s, "server_cpu_s": self.server_s, "wall_s": self.wall_s,
+               "client_ctxt_switches": self.client_cs, "server_ctxt_switches": self.server_cs,
                "client_cpu_pct": pct(self.client_s, self.wall_s), "server_cpu_pct": pct(self.server_s, self.wall_s)})
+    }
+
+    /// (client, server) CPU per unit, times `scale`.
+    fn per(&self, units: f64, scale: f64) -> (f64, f64) {
+        (per(self.client_s * scale, units), per(self.server_s * scale, units))
     }
 }
 
@@ -460,23 +568,36 @@ fn pct(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Runs `f` and returns what both ztunnels spent meanwhile.
-async fn with_cpu<T, F>(zts: (&Zt<'_>, &Zt<'_>), tck: f64, f: F) -> Result<(T, CpuWindow)>
+fn per(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+/// Runs `f` and returns what the path's proxies spent meanwhile (`None` without proxies).
+async fn with_cpu<T, F>(p: &Pods<'_>, tck: f64, f: F) -> Result<(T, Option<CpuWindow>)>
 where
     F: std::future::Future<Output = Result<T>>,
 {
-    let (c0, s0) = (zts.0.cpu()?, zts.1.cpu()?);
+    let Some((c, s)) = p.proxies else {
+        return Ok((f.await?, None));
+    };
+    let (c0, s0, cc0, sc0) = (cpu_ticks(c)?, cpu_ticks(s)?, ctxt_switches(c)?, ctxt_switches(s)?);
     let t0 = Instant::now();
     let r = f.await?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let (c1, s1) = (zts.0.cpu()?, zts.1.cpu()?);
+    let (c1, s1, cc1, sc1) = (cpu_ticks(c)?, cpu_ticks(s)?, ctxt_switches(c)?, ctxt_switches(s)?);
     Ok((
         r,
-        CpuWindow {
-            client_s: (c1 - c0) as f64 / tck,
-            server_s: (s1 - s0) as f64 / tck,
+        Some(CpuWindow {
+            client_s: c1.saturating_sub(c0) as f64 / tck,
+            server_s: s1.saturating_sub(s0) as f64 / tck,
+            client_cs: cc1.saturating_sub(cc0),
+            server_cs: sc1.saturating_sub(sc0),
             wall_s,
-        },
+        }),
     ))
 }
 
@@ -545,18 +666,164 @@ fn line_value(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-struct Results {
-    iperf: Iperf,
-    keepalive: Wrk,
-    closed_loop: Wrk,
-    ab: Ab,
+/// One round of one path: every figure, with its proxies' cost.
+struct Round {
+    iperf: (Iperf, Option<CpuWindow>),
+    keepalive: (Wrk, Option<CpuWindow>),
+    closed_loop: (Wrk, Option<CpuWindow>),
+    ab: (Ab, Option<CpuWindow>),
 }
 
-impl Results {
+impl Round {
     fn json(&self) -> Value {
-        json!({"iperf3": self.iperf.json(), "wrk_keepalive": self.keepalive.json(),
-               "wrk_closed_loop": self.closed_loop.json(), "ab_new_connections": self.ab.json()})
+        let cpu = |w: &Option<CpuWindow>| w.as_ref().map(CpuWindow::json);
+        json!({
+            "iperf3": self.iperf.0.json(), "iperf3_proxies": cpu(&self.iperf.1),
+            "wrk_keepalive": self.keepalive.0.json(), "wrk_keepalive_proxies": cpu(&self.keepalive.1),
+            "wrk_closed_loop": self.closed_loop.0.json(), "wrk_closed_loop_proxies": cpu(&self.closed_loop.1),
+            "ab_new_connections": self.ab.0.json(), "ab_proxies": cpu(&self.ab.1),
+        })
     }
+
+    fn errors(&self) -> u64 {
+        let (ka, rr, ab) = (&self.keepalive.0, &self.closed_loop.0, &self.ab.0);
+        ka.socket_errors + ka.non_2xx + rr.socket_errors + rr.non_2xx + ab.failed + ab.non_2xx
+    }
+}
+
+/// A path's figures: medians over its rounds. CPU pairs are (client side, server side).
+#[derive(Clone, Copy, Debug, Default)]
+struct Figures {
+    gbps: f64,
+    ka_rps: f64,
+    ka_p50: f64,
+    ka_p99: f64,
+    rr_rps: f64,
+    rr_p50: f64,
+    rr_p99: f64,
+    ab_rps: f64,
+    cpu_s_per_gbit: (f64, f64),
+    cpu_us_per_ka: (f64, f64),
+    cpu_us_per_rr: (f64, f64),
+    cpu_us_per_conn: (f64, f64),
+    cs_per_ka: (f64, f64),
+    cs_per_mib: (f64, f64),
+    iperf_cpu_pct: (f64, f64),
+    errors: u64,
+}
+
+/// The median of `f` over `rounds`.
+fn med(rounds: &[Round], f: impl Fn(&Round) -> f64) -> f64 {
+    median(rounds.iter().map(f).collect())
+}
+
+/// The medians of a per-side cost over `rounds` (NaN without proxies).
+fn med2(rounds: &[Round], f: impl Fn(&Round) -> Option<(f64, f64)>) -> (f64, f64) {
+    let v: Vec<(f64, f64)> = rounds.iter().filter_map(f).collect();
+    (
+        median(v.iter().map(|x| x.0).collect()),
+        median(v.iter().map(|x| x.1).collect()),
+    )
+}
+
+impl Figures {
+    fn of(rounds: &[Round]) -> Figures {
+        let gbit = |r: &Round| r.iperf.0.bytes as f64 * 8.0 / 1e9;
+        let mib = |r: &Round| r.iperf.0.bytes as f64 / (1024.0 * 1024.0);
+        Figures {
+            gbps: med(rounds, |r| r.iperf.0.gbps),
+            ka_rps: med(rounds, |r| r.keepalive.0.rps),
+            ka_p50: med(rounds, |r| r.keepalive.0.p50_us),
+            ka_p99: med(rounds, |r| r.keepalive.0.p99_us),
+            rr_rps: med(rounds, |r| r.closed_loop.0.rps),
+            rr_p50: med(rounds, |r| r.closed_loop.0.p50_us),
+            rr_p99: med(rounds, |r| r.closed_loop.0.p99_us),
+            ab_rps: med(rounds, |r| r.ab.0.rps),
+            cpu_s_per_gbit: med2(rounds, |r| Some(r.iperf.1?.per(gbit(r), 1.0))),
+            cpu_us_per_ka: med2(rounds, |r| Some(r.keepalive.1?.per(r.keepalive.0.requests as f64, 1e6))),
+            cpu_us_per_rr: med2(rounds, |r| {
+                Some(r.closed_loop.1?.per(r.closed_loop.0.requests as f64, 1e6))
+            }),
+            cpu_us_per_conn: med2(rounds, |r| Some(r.ab.1?.per(r.ab.0.complete as f64, 1e6))),
+            cs_per_ka: med2(rounds, |r| {
+                let w = r.keepalive.1?;
+                let n = r.keepalive.0.requests as f64;
+                Some((per(w.client_cs as f64, n), per(w.server_cs as f64, n)))
+            }),
+            cs_per_mib: med2(rounds, |r| {
+                let w = r.iperf.1?;
+                Some((per(w.client_cs as f64, mib(r)), per(w.server_cs as f64, mib(r))))
+            }),
+            iperf_cpu_pct: med2(rounds, |r| {
+                let w = r.iperf.1?;
+                Some((pct(w.client_s, w.wall_s), pct(w.server_s, w.wall_s)))
+            }),
+            errors: rounds.iter().map(Round::errors).sum(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "iperf3_gbit_per_sec": self.gbps,
+            "wrk_keepalive_rps": self.ka_rps, "wrk_keepalive_p50_us": self.ka_p50, "wrk_keepalive_p99_us": self.ka_p99,
+            "wrk_closed_loop_rps": self.rr_rps, "wrk_closed_loop_p50_us": self.rr_p50, "wrk_closed_loop_p99_us": self.rr_p99,
+            "ab_new_connections_rps": self.ab_rps,
+            "cpu_s_per_gbit": [self.cpu_s_per_gbit.0, self.cpu_s_per_gbit.1],
+            "cpu_us_per_keepalive_request": [self.cpu_us_per_ka.0, self.cpu_us_per_ka.1],
+            "cpu_us_per_closed_loop_request": [self.cpu_us_per_rr.0, self.cpu_us_per_rr.1],
+            "cpu_us_per_new_connection": [self.cpu_us_per_conn.0, self.cpu_us_per_conn.1],
+            "ctxt_switches_per_keepalive_request": [self.cs_per_ka.0, self.cs_per_ka.1],
+            "ctxt_switches_per_mib": [self.cs_per_mib.0, self.cs_per_mib.1],
+            "iperf3_cpu_pct": [self.iperf_cpu_pct.0, self.iperf_cpu_pct.1],
+            "errors": self.errors,
+            "cpu_pairs_are": "[client side, server side]",
+        })
+    }
+}
+
+/// One path's results.
+struct PathRun {
+    label: &'static str,
+    rounds: Vec<Round>,
+    /// (client, server) proxy RSS in KiB, idle and after the load.
+    idle_rss: Option<(u64, u64)>,
+    loaded_rss: Option<(u64, u64)>,
+}
+
+/// Runs every figure `plan.rounds` times on every path, the paths back to back per figure.
+async fn rounds(paths: &[&Pods<'_>], plan: Plan, tck: f64) -> Result<Vec<Vec<Round>>> {
+    let mut out: Vec<Vec<Round>> = paths.iter().map(|_| Vec::new()).collect();
+    for round in 1..=plan.rounds {
+        eprintln!(
+            "meshbench: round {round}/{}: iperf3 {} s, wrk -c10 and -c1 {} s, ab -c4 -n {} per path",
+            plan.rounds, plan.iperf_secs, plan.wrk_secs, plan.ab_requests
+        );
+        let mut ip = Vec::new();
+        for p in paths {
+            ip.push(with_cpu(p, tck, iperf(p, plan.iperf_secs)).await?);
+        }
+        let mut ka = Vec::new();
+        for p in paths {
+            ka.push(with_cpu(p, tck, wrk(p, 2, 10, plan.wrk_secs)).await?);
+        }
+        let mut rr = Vec::new();
+        for p in paths {
+            rr.push(with_cpu(p, tck, wrk(p, 1, 1, plan.wrk_secs)).await?);
+        }
+        let mut ab_ = Vec::new();
+        for p in paths {
+            ab_.push(with_cpu(p, tck, ab(p, plan.ab_requests)).await?);
+        }
+        for (i, (((iperf, keepalive), closed_loop), ab)) in ip.into_iter().zip(ka).zip(rr).zip(ab_).enumerate() {
+            out[i].push(Round {
+                iperf,
+                keepalive,
+                closed_loop,
+                ab,
+            });
+        }
+    }
+    Ok(out)
 }
 
 struct Scale {
@@ -569,111 +836,8 @@ struct Scale {
     dumped_services: usize,
 }
 
-async fn bench(opts: &Opts) -> Result<()> {
-    let started = Instant::now();
-    let bin = preflight()?;
-    let plan = Plan::new(opts.quick);
-    let tck = clock_ticks();
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    eprintln!(
-        "meshbench: ztunnel {}, {} mode",
-        bin.display(),
-        if opts.quick { "quick" } else { "full" }
-    );
-
-    // Declaration order is teardown order, reversed: processes first, then their files, then
-    // the namespaces.
-    anyhow::ensure!(
-        mesh_e2e::privileged(),
-        "cannot create network namespaces (needs root and iproute2)"
-    );
-    let bed = Bed::try_new(NET).context("creating the mesh pods")?;
-    let plain = Plain::new(NET).context("creating the direct pods")?;
-    for ns in [&bed.a, &bed.b, &plain.client, &plain.server] {
-        tune(ns)?;
-    }
-    let mesh = Pods {
-        label: "mesh",
-        client: &bed.a,
-        server: &bed.b,
-        server_ip: bed.ip(2),
-    };
-    let direct = Pods {
-        label: "direct",
-        client: &plain.client,
-        server: &plain.server,
-        server_ip: plain.ip(2),
-    };
-    let tmp = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
-    let dir = tmp.path();
-
-    // Servers: nginx and iperf3 in both server pods.
-    let mut servers = Vec::new();
-    for p in [&mesh, &direct] {
-        let mut nginx = start_nginx(
-            p.server,
-            &dir.join(format!("nginx-{}", p.label)),
-            "",
-            r#"return 200 "ok\n";"#,
-        )?;
-        wait_listening(p.server, HTTP_PORT, &mut nginx).await?;
-        let mut iperf = Proc::spawn(
-            p.server,
-            &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
-            dir.join(format!("iperf3-{}.log", p.label)),
-            Duration::from_secs(2),
-        )?;
-        wait_listening(p.server, IPERF_PORT, &mut iperf).await?;
-        servers.push(nginx);
-        servers.push(iperf);
-    }
-    let zc = Zt::start(&bed.a, &bed.files()).await?;
-    let zs = Zt::start(&bed.b, &bed.files()).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle_rss = (zc.rss()?, zs.rss()?);
-
-    check_path(&direct).await?;
-    check_path(&mesh).await?;
-    // The mesh path must really go through the ztunnels.
-    let m = zc.z.metrics().await?;
-    if line_value(&m, "istio_tcp_connections_opened_total", &["reporter=\"source\""]) < 1.0 {
-        bail!("mesh path: the client ztunnel reports no outbound connection; is capture working?\n{m}");
-    }
-    eprintln!("meshbench: both paths answer; warming up");
-    for p in [&direct, &mesh] {
-        wrk(p, 2, 10, plan.warmup_secs)
-            .await
-            .with_context(|| format!("{} warm-up", p.label))?;
-    }
-    let zts = (&zc, &zs);
-
-    eprintln!("meshbench: iperf3 single stream, {} s per path", plan.iperf_secs);
-    let iperf_d = iperf(&direct, plan.iperf_secs).await?;
-    let (iperf_m, cpu_iperf) = with_cpu(zts, tck, iperf(&mesh, plan.iperf_secs)).await?;
-
-    eprintln!("meshbench: wrk keep-alive -t2 -c10, {} s per path", plan.wrk_secs);
-    let ka_d = wrk(&direct, 2, 10, plan.wrk_secs).await?;
-    let (ka_m, cpu_ka) = with_cpu(zts, tck, wrk(&mesh, 2, 10, plan.wrk_secs)).await?;
-
-    eprintln!("meshbench: wrk closed loop -t1 -c1, {} s per path", plan.wrk_secs);
-    let rr_d = wrk(&direct, 1, 1, plan.wrk_secs).await?;
-    let (rr_m, cpu_rr) = with_cpu(zts, tck, wrk(&mesh, 1, 1, plan.wrk_secs)).await?;
-
-    eprintln!("meshbench: ab new connections -c4 -n {} per path", plan.ab_requests);
-    let ab_d = ab(&direct, plan.ab_requests).await?;
-    let (ab_m, cpu_ab) = with_cpu(zts, tck, ab(&mesh, plan.ab_requests)).await?;
-
-    let loaded_rss = (zc.rss()?, zs.rss()?);
-    let mesh_conns = line_value(
-        &zc.z.metrics().await?,
-        "istio_tcp_connections_opened_total",
-        &["reporter=\"source\""],
-    );
-    let ready = (zc.ready_after, zs.ready_after);
-    drop(zc);
-    drop(zs);
-
-    // Memory with a larger mesh: restart the client-side ztunnel on a bigger workload file.
+/// Our client-side ztunnel restarted on bigger workload files: what its state costs.
+async fn scale(bed: &Bed, dir: &Path) -> Result<Vec<Scale>> {
     let mut scale = Vec::new();
     for extra in [1_000u32, 10_000] {
         eprintln!("meshbench: ztunnel RSS with {extra} extra workloads");
@@ -710,36 +874,196 @@ async fn bench(opts: &Opts) -> Result<()> {
             dumped_services,
         });
     }
+    Ok(scale)
+}
+
+/// Starts nginx and `iperf3 -s` in the path's server pod.
+async fn start_servers(p: &Pods<'_>, dir: &Path) -> Result<Vec<Proc>> {
+    let mut nginx = start_nginx(
+        p.server,
+        &dir.join(format!("nginx-{}", p.label)),
+        "",
+        r#"return 200 "ok\n";"#,
+    )?;
+    wait_listening(p.server, HTTP_PORT, &mut nginx).await?;
+    let mut iperf = Proc::spawn(
+        p.server,
+        &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+        dir.join(format!("iperf3-{}.log", p.label)),
+        Duration::from_secs(2),
+    )?;
+    wait_listening(p.server, IPERF_PORT, &mut iperf).await?;
+    Ok(vec![nginx, iperf])
+}
+
+/// The client-side proxy's metrics count an outbound connection: the path went through it.
+fn check_proxied(label: &str, metrics: &str) -> Result<()> {
+    if line_value(metrics, "istio_tcp_connections_opened_total", &["reporter=\"source\""]) < 1.0 {
+        bail!("{label} path: the client-side proxy reports no outbound connection; is capture working?\n{metrics}");
+    }
+    Ok(())
+}
+
+fn rss_pair(p: &Pods<'_>) -> Result<Option<(u64, u64)>> {
+    p.proxies.map(|(c, s)| Ok((rss_kib(c)?, rss_kib(s)?))).transpose()
+}
+
+async fn bench(opts: &Opts) -> Result<()> {
+    let started = Instant::now();
+    let bin = preflight()?;
+    let plan = Plan::new(opts.quick, opts.rounds);
+    let tck = clock_ticks();
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let peer = if opts.istio {
+        istio::peer()?
+    } else {
+        eprintln!("meshbench: --no-istio: Istio's ztunnel left out");
+        None
+    };
+    eprintln!(
+        "meshbench: ztunnel {}, Istio's ztunnel {}, {} rounds",
+        bin.display(),
+        peer.as_ref()
+            .map_or_else(|| "absent (column skipped)".to_owned(), |p| p.display().to_string()),
+        plan.rounds
+    );
+
+    // Declaration order is teardown order, reversed: processes first, then their files, then
+    // the namespaces.
+    anyhow::ensure!(
+        mesh_e2e::privileged(),
+        "cannot create network namespaces (needs root and iproute2)"
+    );
+    let bed = Bed::try_new(NET).context("creating the mesh pods")?;
+    let ibed = match &peer {
+        Some(_) => Some(Bed::try_new(NET + 1).context("creating the pods for Istio's ztunnel")?),
+        None => None,
+    };
+    let plain = Plain::new(NET).context("creating the direct pods")?;
+    for ns in [&bed.a, &bed.b, &plain.client, &plain.server] {
+        tune(ns)?;
+    }
+    if let Some(ib) = &ibed {
+        tune(&ib.a)?;
+        tune(&ib.b)?;
+    }
+    let tmp = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
+    let dir = tmp.path();
+
+    let zc = Zt::start(&bed.a, &bed.files()).await?;
+    let zs = Zt::start(&bed.b, &bed.files()).await?;
+    let istio_zts = match (&peer, &ibed) {
+        (Some(binary), Some(ib)) => {
+            let state = dir.join("istio-state.yaml");
+            std::fs::write(&state, istio_state(ib))?;
+            let c = IstioZt::start(&ib.a, binary, "default/client/client", &state, opts.istio_threads).await?;
+            let s = IstioZt::start(&ib.b, binary, "default/server/server", &state, opts.istio_threads).await?;
+            Some((c, s))
+        }
+        _ => None,
+    };
+    let direct = Pods {
+        label: "direct",
+        client: &plain.client,
+        server: &plain.server,
+        server_ip: plain.ip(2),
+        proxies: None,
+    };
+    let ours = Pods {
+        label: "ours",
+        client: &bed.a,
+        server: &bed.b,
+        server_ip: bed.ip(2),
+        proxies: Some((zc.pid, zs.pid)),
+    };
+    let theirs = match (&ibed, &istio_zts) {
+        (Some(ib), Some((c, s))) => Some(Pods {
+            label: "istio",
+            client: &ib.a,
+            server: &ib.b,
+            server_ip: ib.ip(2),
+            proxies: Some((c.pid, s.pid)),
+        }),
+        _ => None,
+    };
+    let mut paths = vec![&direct];
+    paths.extend(theirs.as_ref());
+    paths.push(&ours);
+
+    let mut servers = Vec::new();
+    for p in &paths {
+        servers.extend(start_servers(p, dir).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss: Vec<Option<(u64, u64)>> = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
+
+    for p in &paths {
+        check_path(p).await?;
+    }
+    check_proxied("ours", &zc.z.metrics().await?)?;
+    if let Some((c, _)) = &istio_zts {
+        check_proxied("istio", &c.z.metrics().await?)?;
+    }
+    eprintln!("meshbench: every path answers; warming up");
+    for p in &paths {
+        wrk(p, 2, 10, plan.warmup_secs)
+            .await
+            .with_context(|| format!("{} warm-up", p.label))?;
+    }
+
+    let results = rounds(&paths, plan, tck).await?;
+    let loaded_rss: Vec<Option<(u64, u64)>> = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
+    let profiles = if opts.profile {
+        let mut v = Vec::new();
+        for p in paths.iter().filter(|p| p.proxies.is_some()) {
+            v.push(profile_path(p, plan, dir).await?);
+        }
+        v
+    } else {
+        Vec::new()
+    };
+    let mesh_conns = line_value(
+        &zc.z.metrics().await?,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"source\""],
+    );
+    let ready = (zc.ready_after, zs.ready_after);
+    drop(istio_zts);
+    drop(zc);
+    drop(zs);
+    let scale = scale(&bed, dir).await?;
     drop(servers);
 
+    let runs: Vec<PathRun> = paths
+        .iter()
+        .zip(results)
+        .zip(idle_rss.into_iter().zip(loaded_rss))
+        .map(|((p, rounds), (idle_rss, loaded_rss))| PathRun {
+            label: p.label,
+            rounds,
+            idle_rss,
+            loaded_rss,
+        })
+        .collect();
     let report = Report {
         plan,
         quick: opts.quick,
         tck,
-        mesh_ips: (bed.ip(1), bed.ip(2)),
-        direct_ips: (plain.ip(1), plain.ip(2)),
-        direct: Results {
-            iperf: iperf_d,
-            keepalive: ka_d,
-            closed_loop: rr_d,
-            ab: ab_d,
+        runs,
+        istio_note: match (&peer, opts.istio) {
+            (Some(_), _) => None,
+            (None, true) => Some(format!(
+                "Istio's ztunnel not found at {}: column skipped",
+                istio::PEER_PATH
+            )),
+            (None, false) => Some("--no-istio: column skipped".to_owned()),
         },
-        mesh: Results {
-            iperf: iperf_m,
-            keepalive: ka_m,
-            closed_loop: rr_m,
-            ab: ab_m,
-        },
-        cpu_iperf,
-        cpu_ka,
-        cpu_rr,
-        cpu_ab,
-        idle_rss,
-        loaded_rss,
+        istio_threads: opts.istio_threads,
         ready,
         scale,
         mesh_conns,
         ztunnel: bin,
+        profiles,
         elapsed: started.elapsed(),
     };
     let md = report.markdown();
@@ -758,6 +1082,29 @@ async fn bench(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// `--profile` on one meshed path: a short keep-alive load and a short bulk transfer, each
+/// watched by [`profile::watch`] on both proxies.
+async fn profile_path(p: &Pods<'_>, plan: Plan, dir: &Path) -> Result<ProfileReport> {
+    let Some((c, s)) = p.proxies else {
+        bail!("{} path has no proxies to profile", p.label);
+    };
+    let secs = plan.wrk_secs.max(3);
+    eprintln!(
+        "meshbench: profiling the {} path ({secs} s keep-alive, {secs} s iperf3)",
+        p.label
+    );
+    let (ka, ka_prof) = profile::watch(p.label, "wrk_keepalive", [c, s], dir, || wrk(p, 2, 10, secs)).await?;
+    let (ip, ip_prof) = profile::watch(p.label, "iperf3", [c, s], dir, || iperf(p, secs)).await?;
+    // Per-unit counts come from the first (strace) run.
+    Ok(ProfileReport::new(
+        p.label,
+        ka_prof,
+        ka.first().map_or(0.0, |w| w.requests as f64),
+        ip_prof,
+        ip.first().map_or(0.0, |i| i.bytes as f64 / (1024.0 * 1024.0)),
+    ))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Report
 
@@ -765,62 +1112,138 @@ struct Report {
     plan: Plan,
     quick: bool,
     tck: f64,
-    mesh_ips: (IpAddr, IpAddr),
-    direct_ips: (IpAddr, IpAddr),
-    direct: Results,
-    mesh: Results,
-    cpu_iperf: CpuWindow,
-    cpu_ka: CpuWindow,
-    cpu_rr: CpuWindow,
-    cpu_ab: CpuWindow,
-    idle_rss: (u64, u64),
-    loaded_rss: (u64, u64),
+    /// direct, then istio (when present), then ours.
+    runs: Vec<PathRun>,
+    istio_note: Option<String>,
+    istio_threads: Option<u32>,
     ready: (Duration, Duration),
     scale: Vec<Scale>,
     mesh_conns: f64,
     ztunnel: PathBuf,
+    profiles: Vec<ProfileReport>,
     elapsed: Duration,
 }
 
-fn per(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        f64::NAN
-    }
+/// The goals of issue 13, checked on one run's medians.
+struct Goal {
+    what: &'static str,
+    met: bool,
+    value: String,
 }
 
 impl Report {
-    fn gbit(&self) -> f64 {
-        self.mesh.iperf.bytes as f64 * 8.0 / 1e9
+    fn run(&self, label: &str) -> Option<&PathRun> {
+        self.runs.iter().find(|r| r.label == label)
     }
 
-    /// CPU per unit: (client, server).
-    fn cpu_per(&self, w: &CpuWindow, units: f64, scale: f64) -> (f64, f64) {
-        (per(w.client_s * scale, units), per(w.server_s * scale, units))
+    fn figures(&self, label: &str) -> Option<Figures> {
+        self.run(label).map(|r| Figures::of(&r.rounds))
+    }
+
+    fn goals(&self, d: &Figures, o: &Figures, i: Option<&Figures>) -> Vec<Goal> {
+        let worst = |p: (f64, f64)| p.0.max(p.1);
+        let mut g = vec![
+            Goal {
+                what: "one stream >= 45 % of direct",
+                met: pct(o.gbps, d.gbps) >= 45.0,
+                value: format!("{:.0} %", pct(o.gbps, d.gbps)),
+            },
+            Goal {
+                what: "added round trip (wrk -c1 p50) <= 40 µs",
+                met: o.rr_p50 - d.rr_p50 <= 40.0,
+                value: format!("{:+.0} µs", o.rr_p50 - d.rr_p50),
+            },
+            Goal {
+                what: "new connections >= 25 % of direct",
+                met: pct(o.ab_rps, d.ab_rps) >= 25.0,
+                value: format!("{:.0} %", pct(o.ab_rps, d.ab_rps)),
+            },
+            Goal {
+                what: "<= 15 µs ztunnel CPU per keep-alive request per side",
+                met: worst(o.cpu_us_per_ka) <= 15.0,
+                value: format!("{:.1} / {:.1} µs", o.cpu_us_per_ka.0, o.cpu_us_per_ka.1),
+            },
+        ];
+        if let Some(i) = i {
+            let behind: Vec<&str> = [
+                ("one stream", o.gbps < i.gbps),
+                ("keep-alive req/s", o.ka_rps < i.ka_rps),
+                ("closed-loop p50", o.rr_p50 > i.rr_p50),
+                ("new connections", o.ab_rps < i.ab_rps),
+                ("CPU per request", worst(o.cpu_us_per_ka) > worst(i.cpu_us_per_ka)),
+                ("RSS idle", self.idle_worst("ours") > self.idle_worst("istio")),
+            ]
+            .into_iter()
+            .filter_map(|(n, b)| b.then_some(n))
+            .collect();
+            g.push(Goal {
+                what: "never behind Istio's ztunnel",
+                met: behind.is_empty(),
+                value: if behind.is_empty() {
+                    "ahead or equal on every figure".to_owned()
+                } else {
+                    format!("behind on: {}", behind.join(", "))
+                },
+            });
+        }
+        g
+    }
+
+    fn idle_worst(&self, label: &str) -> u64 {
+        self.run(label).and_then(|r| r.idle_rss).map_or(0, |(c, s)| c.max(s))
     }
 
     fn json(&self) -> Value {
-        let (d, m) = (&self.direct, &self.mesh);
-        let (ka_c, ka_s) = self.cpu_per(&self.cpu_ka, m.keepalive.requests as f64, 1e6);
-        let (rr_c, rr_s) = self.cpu_per(&self.cpu_rr, m.closed_loop.requests as f64, 1e6);
-        let (ab_c, ab_s) = self.cpu_per(&self.cpu_ab, m.ab.complete as f64, 1e6);
-        let (ip_c, ip_s) = self.cpu_per(&self.cpu_iperf, self.gbit(), 1.0);
+        let d = self.figures("direct").unwrap_or_default();
+        let o = self.figures("ours").unwrap_or_default();
+        let i = self.figures("istio");
+        let paths: serde_json::Map<String, Value> = self
+            .runs
+            .iter()
+            .map(|r| {
+                let rss = |x: Option<(u64, u64)>| x.map(|(c, s)| json!({"client_kib": c, "server_kib": s}));
+                (
+                    r.label.to_owned(),
+                    json!({
+                        "median": Figures::of(&r.rounds).json(),
+                        "rounds": r.rounds.iter().map(Round::json).collect::<Vec<_>>(),
+                        "rss_idle": rss(r.idle_rss),
+                        "rss_after_load": rss(r.loaded_rss),
+                    }),
+                )
+            })
+            .collect();
+        let ratio = |a: &Figures, b: &Figures| {
+            json!({
+                "throughput_pct": pct(a.gbps, b.gbps),
+                "keepalive_rps_pct": pct(a.ka_rps, b.ka_rps),
+                "closed_loop_p50_added_us": a.rr_p50 - d.rr_p50,
+                "closed_loop_p99_added_us": a.rr_p99 - d.rr_p99,
+                "new_connection_rps_pct": pct(a.ab_rps, b.ab_rps),
+            })
+        };
         let scale: Vec<Value> = self
             .scale
             .iter()
             .map(|s| {
+                let idle = self.run("ours").and_then(|r| r.idle_rss).map_or(0, |x| x.0);
                 json!({
                     "extra_workloads": s.extra_workloads, "extra_services": s.services, "rss_kib": s.rss_kib, "peak_rss_kib": s.peak_kib,
                     "ready_ms": s.ready_ms, "config_dump_workloads": s.dumped_workloads,
                     "config_dump_services": s.dumped_services,
-                    "kib_per_extra_workload": per(s.rss_kib as f64 - self.idle_rss.0 as f64, s.extra_workloads as f64),
+                    "kib_per_extra_workload": per(s.rss_kib as f64 - idle as f64, s.extra_workloads as f64),
                 })
             })
+            .collect();
+        let goals: Vec<Value> = self
+            .goals(&d, &o, i.as_ref())
+            .iter()
+            .map(|g| json!({"goal": g.what, "met": g.met, "value": g.value}))
             .collect();
         json!({
             "tool": "meshbench",
             "quick": self.quick,
+            "rounds": self.plan.rounds,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "host": {
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -828,6 +1251,7 @@ impl Report {
                 "clk_tck": self.tck,
             },
             "ztunnel_binary": self.ztunnel.display().to_string(),
+            "istio": {"note": self.istio_note, "worker_threads": self.istio_threads},
             "plan": {
                 "iperf3": format!("iperf3 -c <server> -t {} -J", self.plan.iperf_secs),
                 "wrk_keepalive": format!("wrk -t2 -c10 -d{}s --latency http://<server>:{HTTP_PORT}/", self.plan.wrk_secs),
@@ -835,146 +1259,192 @@ impl Report {
                 "ab": format!("ab -q -r -c4 -n {} http://<server>:{HTTP_PORT}/", self.plan.ab_requests),
                 "warmup_s": self.plan.warmup_secs,
             },
-            "topology": {
-                "mesh": {"client": self.mesh_ips.0.to_string(), "server": self.mesh_ips.1.to_string(),
-                         "capture": true, "ztunnels": 2},
-                "direct": {"client": self.direct_ips.0.to_string(), "server": self.direct_ips.1.to_string(),
-                           "capture": false, "ztunnels": 0},
-            },
-            "direct": d.json(),
-            "mesh": m.json(),
+            "paths": paths,
             "ratios": {
-                "throughput_pct": pct(m.iperf.gbps, d.iperf.gbps),
-                "keepalive_rps_pct": pct(m.keepalive.rps, d.keepalive.rps),
-                "keepalive_added_p50_us": m.keepalive.p50_us - d.keepalive.p50_us,
-                "keepalive_added_p99_us": m.keepalive.p99_us - d.keepalive.p99_us,
-                "closed_loop_rps_pct": pct(m.closed_loop.rps, d.closed_loop.rps),
-                "closed_loop_added_p50_us": m.closed_loop.p50_us - d.closed_loop.p50_us,
-                "closed_loop_added_p99_us": m.closed_loop.p99_us - d.closed_loop.p99_us,
-                "new_connection_rps_pct": pct(m.ab.rps, d.ab.rps),
+                "ours_vs_direct": ratio(&o, &d),
+                "istio_vs_direct": i.as_ref().map(|i| ratio(i, &d)),
+                "ours_vs_istio": i.as_ref().map(|i| json!({
+                    "throughput_pct": pct(o.gbps, i.gbps),
+                    "keepalive_rps_pct": pct(o.ka_rps, i.ka_rps),
+                    "new_connection_rps_pct": pct(o.ab_rps, i.ab_rps),
+                    "closed_loop_added_p50_pct": pct(o.rr_p50 - d.rr_p50, i.rr_p50 - d.rr_p50),
+                })),
             },
+            "goals": goals,
             "ztunnel": {
-                "cpu": {
-                    "iperf3": self.cpu_iperf.json(),
-                    "wrk_keepalive": self.cpu_ka.json(),
-                    "wrk_closed_loop": self.cpu_rr.json(),
-                    "ab_new_connections": self.cpu_ab.json(),
-                    "client_cpu_s_per_gbit": ip_c, "server_cpu_s_per_gbit": ip_s,
-                    "client_cpu_us_per_keepalive_request": ka_c, "server_cpu_us_per_keepalive_request": ka_s,
-                    "client_cpu_us_per_closed_loop_request": rr_c, "server_cpu_us_per_closed_loop_request": rr_s,
-                    "client_cpu_us_per_new_connection": ab_c, "server_cpu_us_per_new_connection": ab_s,
-                },
-                "rss_kib": {
-                    "client_idle": self.idle_rss.0, "server_idle": self.idle_rss.1,
-                    "client_after_load": self.loaded_rss.0, "server_after_load": self.loaded_rss.1,
-                },
                 "ready_ms": {"client": self.ready.0.as_secs_f64() * 1e3, "server": self.ready.1.as_secs_f64() * 1e3},
                 "client_outbound_connections_total": self.mesh_conns,
                 "scale": scale,
             },
+            "profiles": self.profiles.iter().map(ProfileReport::json).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// One table row: name, then direct, Istio's, ours, Istio/direct, ours/direct, ours/Istio.
+type Row = [String; 7];
+
+fn pair(p: (f64, f64), digits: usize) -> String {
+    format!("{:.*} / {:.*}", digits, p.0, digits, p.1)
+}
+
+impl Report {
+    /// The main table's rows; `i` is Istio's figures when that column ran.
+    fn rows(d: &Figures, o: &Figures, i: Option<&Figures>) -> Vec<Row> {
+        let dash = || "—".to_owned();
+        let iv = |f: &dyn Fn(&Figures) -> String| i.map_or_else(dash, f);
+        let pct_s = |a: f64, b: f64| format!("{:.0} %", pct(a, b));
+        let rate = |name: &str, get: fn(&Figures) -> f64, digits: usize| -> Row {
+            [
+                name.to_owned(),
+                format!("{:.*}", digits, get(d)),
+                iv(&|i| format!("{:.*}", digits, get(i))),
+                format!("{:.*}", digits, get(o)),
+                iv(&|i| pct_s(get(i), get(d))),
+                pct_s(get(o), get(d)),
+                iv(&|i| pct_s(get(o), get(i))),
+            ]
+        };
+        let latency = |name: &str, get: fn(&Figures) -> f64| -> Row {
+            let added = |x: &Figures| get(x) - get(d);
+            [
+                name.to_owned(),
+                format!("{:.0}", get(d)),
+                iv(&|i| format!("{:.0}", get(i))),
+                format!("{:.0}", get(o)),
+                iv(&|i| format!("{:+.0} µs", added(i))),
+                format!("{:+.0} µs", added(o)),
+                // A ratio of added latencies means something only when Istio's adds some.
+                iv(&|i| {
+                    if added(i) > 0.0 {
+                        format!("{:.0} % of Istio's added", pct(added(o), added(i)))
+                    } else {
+                        "—".to_owned()
+                    }
+                }),
+            ]
+        };
+        let cost = |name: &str, get: fn(&Figures) -> (f64, f64), digits: usize| -> Row {
+            let worst = |x: &Figures| get(x).0.max(get(x).1);
+            [
+                name.to_owned(),
+                dash(),
+                iv(&|i| pair(get(i), digits)),
+                pair(get(o), digits),
+                String::new(),
+                String::new(),
+                iv(&|i| pct_s(worst(o), worst(i))),
+            ]
+        };
+        vec![
+            rate("iperf3 one stream (Gbit/s)", |f| f.gbps, 2),
+            rate("wrk -c10 keep-alive (req/s)", |f| f.ka_rps, 0),
+            latency("wrk -c10 keep-alive p99 (µs)", |f| f.ka_p99),
+            latency("wrk -c1 closed loop p50 (µs)", |f| f.rr_p50),
+            latency("wrk -c1 closed loop p99 (µs)", |f| f.rr_p99),
+            rate("ab -c4 new connection per request (req/s)", |f| f.ab_rps, 0),
+            cost(
+                "proxy CPU per keep-alive request, client / server (µs)",
+                |f| f.cpu_us_per_ka,
+                1,
+            ),
+            cost("proxy CPU per closed-loop request (µs)", |f| f.cpu_us_per_rr, 1),
+            cost("proxy CPU per new connection (µs)", |f| f.cpu_us_per_conn, 1),
+            cost("proxy CPU per Gbit (s)", |f| f.cpu_s_per_gbit, 3),
+            cost("proxy CPU during iperf3 (% of a core)", |f| f.iperf_cpu_pct, 0),
+            cost("context switches per keep-alive request", |f| f.cs_per_ka, 2),
+            cost("context switches per MiB (iperf3)", |f| f.cs_per_mib, 1),
+        ]
     }
 
     fn markdown(&self) -> String {
-        let (d, m) = (&self.direct, &self.mesh);
-        let mut s = String::new();
+        let d = self.figures("direct").unwrap_or_default();
+        let o = self.figures("ours").unwrap_or_default();
+        let i = self.figures("istio");
         let p = &self.plan;
-        s.push_str(&format!(
-            "## meshbench{}: mesh (2 ztunnels, HBONE mTLS) vs direct\n\n",
-            if self.quick { " --quick" } else { "" }
-        ));
-        s.push_str("| measurement | direct | mesh | mesh vs direct |\n|---|---:|---:|---:|\n");
-        let mut row = |name: String, dv: String, mv: String, cmp: String| {
-            s.push_str(&format!("| {name} | {dv} | {mv} | {cmp} |\n"));
-        };
-        let pct_s = |a: f64, b: f64| format!("{:.1} %", pct(a, b));
-        let add_us = |a: f64, b: f64| format!("{:+.0} µs", a - b);
-        row(
-            format!("iperf3 single stream, {} s (Gbit/s)", p.iperf_secs),
-            format!("{:.2}", d.iperf.gbps),
-            format!("{:.2}", m.iperf.gbps),
-            pct_s(m.iperf.gbps, d.iperf.gbps),
+        let mut s = format!(
+            "## meshbench{}: direct vs Istio's ztunnel vs ours (2 dedicated-mode proxies, HBONE mTLS)\n\n\
+             Median of {} round(s); iperf3 {} s, wrk {} s, ab -n {} per path and round; proxy costs are client / server side.\n\n",
+            if self.quick { " --quick" } else { "" },
+            p.rounds,
+            p.iperf_secs,
+            p.wrk_secs,
+            p.ab_requests
         );
-        for (label, dw, mw) in [
-            ("wrk keep-alive -t2 -c10", &d.keepalive, &m.keepalive),
-            ("wrk closed loop -t1 -c1", &d.closed_loop, &m.closed_loop),
-        ] {
-            row(
-                format!("{label} (req/s)"),
-                format!("{:.0}", dw.rps),
-                format!("{:.0}", mw.rps),
-                pct_s(mw.rps, dw.rps),
-            );
-            row(
-                format!("{label} p50 (µs)"),
-                format!("{:.0}", dw.p50_us),
-                format!("{:.0}", mw.p50_us),
-                add_us(mw.p50_us, dw.p50_us),
-            );
-            row(
-                format!("{label} p99 (µs)"),
-                format!("{:.0}", dw.p99_us),
-                format!("{:.0}", mw.p99_us),
-                add_us(mw.p99_us, dw.p99_us),
-            );
+        if let Some(note) = &self.istio_note {
+            s.push_str(&format!("Note: {note}.\n\n"));
         }
-        row(
-            format!("ab new connections -c4 -n {} (req/s)", p.ab_requests),
-            format!("{:.0}", d.ab.rps),
-            format!("{:.0}", m.ab.rps),
-            pct_s(m.ab.rps, d.ab.rps),
+        s.push_str(
+            "| figure | direct | Istio's ztunnel | ours | Istio / direct | ours / direct | ours / Istio |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
         );
-        let errors = d.keepalive.socket_errors
-            + d.keepalive.non_2xx
-            + m.keepalive.socket_errors
-            + m.keepalive.non_2xx
-            + d.closed_loop.socket_errors
-            + m.closed_loop.socket_errors
-            + d.ab.failed
-            + m.ab.failed
-            + d.ab.non_2xx
-            + m.ab.non_2xx;
+        let mut rows = Self::rows(&d, &o, i.as_ref());
+        let mib = |k: Option<(u64, u64)>| {
+            k.map_or_else(
+                || "—".to_owned(),
+                |(c, s)| pair((c as f64 / 1024.0, s as f64 / 1024.0), 1),
+            )
+        };
+        let rss = |label: &str, f: fn(&PathRun) -> Option<(u64, u64)>| mib(self.run(label).and_then(f));
+        for (name, f) in [
+            (
+                "RSS idle (MiB)",
+                (|r: &PathRun| r.idle_rss) as fn(&PathRun) -> Option<(u64, u64)>,
+            ),
+            ("RSS after the load (MiB)", |r: &PathRun| r.loaded_rss),
+        ] {
+            rows.push([
+                name.to_owned(),
+                "—".to_owned(),
+                rss("istio", f),
+                rss("ours", f),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for r in rows {
+            s.push_str(&format!("| {} |\n", r.join(" | ")));
+        }
+        let errors: u64 = self.runs.iter().map(|r| Figures::of(&r.rounds).errors).sum();
         if errors > 0 {
             s.push_str(&format!("\n**{errors} errors / failed requests** (see bench.json)\n"));
         }
+        s.push_str("\n| goal (issue 13) | met | this run |\n|---|---|---|\n");
+        for g in self.goals(&d, &o, i.as_ref()) {
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                g.what,
+                if g.met { "yes" } else { "**no**" },
+                g.value
+            ));
+        }
+        for prof in &self.profiles {
+            s.push('\n');
+            s.push_str(&prof.markdown());
+        }
+        self.scale_markdown(&mut s);
+        s.push_str(&format!(
+            "\n{} CPUs, kernel {}; CPU from /proc utime+stime ({} ticks/s); Istio's ztunnel worker threads: {}; total run {:.0} s.\n",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            sh(&["uname", "-r"]).map(|s| s.trim().to_owned()).unwrap_or_default(),
+            self.tck,
+            self.istio_threads.map_or_else(|| "its default".to_owned(), |n| n.to_string()),
+            self.elapsed.as_secs_f64()
+        ));
+        s
+    }
 
-        let (ka_c, ka_s) = self.cpu_per(&self.cpu_ka, m.keepalive.requests as f64, 1e6);
-        let (rr_c, rr_s) = self.cpu_per(&self.cpu_rr, m.closed_loop.requests as f64, 1e6);
-        let (ab_c, ab_s) = self.cpu_per(&self.cpu_ab, m.ab.complete as f64, 1e6);
-        let (ip_c, ip_s) = self.cpu_per(&self.cpu_iperf, self.gbit(), 1.0);
+    fn scale_markdown(&self, s: &mut String) {
+        let idle = self.run("ours").and_then(|r| r.idle_rss).map_or(0, |x| x.0);
         let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
-        s.push_str("\n| ztunnel cost | client side | server side |\n|---|---:|---:|\n");
-        s.push_str(&format!(
-            "| CPU per keep-alive request (µs) | {ka_c:.1} | {ka_s:.1} |\n"
-        ));
-        s.push_str(&format!(
-            "| CPU per closed-loop request (µs) | {rr_c:.1} | {rr_s:.1} |\n"
-        ));
-        s.push_str(&format!("| CPU per new connection (µs) | {ab_c:.1} | {ab_s:.1} |\n"));
-        s.push_str(&format!("| CPU per Gbit transferred (s) | {ip_c:.3} | {ip_s:.3} |\n"));
-        s.push_str(&format!(
-            "| CPU during iperf3 (% of one core) | {:.0} | {:.0} |\n",
-            pct(self.cpu_iperf.client_s, self.cpu_iperf.wall_s),
-            pct(self.cpu_iperf.server_s, self.cpu_iperf.wall_s)
-        ));
-        s.push_str(&format!(
-            "| RSS idle (MiB) | {} | {} |\n",
-            mib(self.idle_rss.0),
-            mib(self.idle_rss.1)
-        ));
-        s.push_str(&format!(
-            "| RSS after load (MiB) | {} | {} |\n",
-            mib(self.loaded_rss.0),
-            mib(self.loaded_rss.1)
-        ));
-
         s.push_str(
-            "\n| ztunnel state size | RSS steady (MiB) | RSS peak while loading (MiB) | KiB per extra workload | start to ready (ms) |\n",
+            "\n| our ztunnel's state size | RSS steady (MiB) | RSS peak while loading (MiB) | KiB per extra workload | start to ready (ms) |\n",
         );
         s.push_str("|---|---:|---:|---:|---:|\n");
         s.push_str(&format!(
             "| 2 workloads, 1 service | {} | - | - | {:.0} |\n",
-            mib(self.idle_rss.0),
+            mib(idle),
             self.ready.0.as_secs_f64() * 1e3
         ));
         for sc in &self.scale {
@@ -984,18 +1454,10 @@ impl Report {
                 sc.services,
                 mib(sc.rss_kib),
                 mib(sc.peak_kib),
-                per(sc.rss_kib as f64 - self.idle_rss.0 as f64, sc.extra_workloads as f64),
+                per(sc.rss_kib as f64 - idle as f64, sc.extra_workloads as f64),
                 sc.ready_ms
             ));
         }
-        s.push_str(&format!(
-            "\n{} CPUs, kernel {}; CPU from /proc utime+stime ({} ticks/s); total run {:.0} s.\n",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            sh(&["uname", "-r"]).map(|s| s.trim().to_owned()).unwrap_or_default(),
-            self.tck,
-            self.elapsed.as_secs_f64()
-        ));
-        s
     }
 }
 
