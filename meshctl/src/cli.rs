@@ -42,6 +42,8 @@ pub enum Command {
     },
     /// Find mistakes in manifests: everything the controller would report, and more.
     Analyze(AnalyzeArgs),
+    /// Explain what the mesh does with one call: capture, waypoint, route, and the policy rule that decides.
+    Explain(ExplainArgs),
     /// Drive the local network-namespace demo (needs root).
     Demo(DemoArgs),
 }
@@ -160,6 +162,28 @@ pub struct AnalyzeArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct ExplainArgs {
+    /// Manifest files or directories the controller reads (in local mode, the live state).
+    #[arg(short = 'f', long = "file", value_name = "PATH", default_value = ".")]
+    pub paths: Vec<PathBuf>,
+    /// The caller: namespace/pod, or an IP address.
+    #[arg(long)]
+    pub from: String,
+    /// What it dials: a service (name.namespace[:port]), a pod (namespace/pod[:port]) or ip[:port].
+    #[arg(long)]
+    pub to: String,
+    /// HTTP method of the request.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// HTTP path of the request (with an optional ?query).
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// A request header, "name: value". Repeatable.
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// The demo's state file (written by `demo --hold --state-file`).
     #[arg(long, global = true, env = "MESH_DEMO_STATE", value_name = "FILE", default_value = demo::DEFAULT_STATE_FILE)]
@@ -215,8 +239,45 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Waypoint { action } => run_waypoint(action),
         Command::Analyze(a) => run_analyze(a),
+        Command::Explain(a) => run_explain(a),
         Command::Demo(a) => run_demo(a),
     }
+}
+
+/// Exit status 0 when the call is allowed (or answered by the waypoint), 1 when refused;
+/// usage errors (an unreadable --from/--to/--header) are 2, as clap's.
+fn run_explain(a: ExplainArgs) -> anyhow::Result<i32> {
+    use meshctl::explain::{self, call, Verdict};
+    let parsed = (|| {
+        let from = call::parse_source(&a.from)?;
+        let (to, port) = call::parse_target(&a.to, 80)?;
+        let headers = a
+            .headers
+            .iter()
+            .map(|h| call::parse_header(h))
+            .collect::<Result<_, _>>()?;
+        Ok::<_, call::CallError>(explain::Call {
+            from,
+            to,
+            port,
+            method: a.method.to_ascii_uppercase(),
+            path: a.path.clone(),
+            headers,
+        })
+    })();
+    let c = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    let ex = explain::run(&a.paths, &c)?;
+    print!("{}", ex.render());
+    Ok(match ex.verdict {
+        Verdict::Denied { .. } => 1,
+        _ => 0,
+    })
 }
 
 fn run_install(a: InstallArgs) -> anyhow::Result<i32> {

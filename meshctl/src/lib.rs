@@ -4,6 +4,7 @@
 pub mod analyze;
 pub mod check;
 pub mod demo;
+pub mod explain;
 pub mod http;
 pub mod install;
 pub mod kubectl;

@@ -1,6 +1,7 @@
 //! The README's first command, minus the build: the demo binary against `examples/demo/`
 //! must finish and print a summary showing mTLS identities, a canary split near 90/10 and the
-//! denied payment calls.
+//! denied payment calls; `meshctl explain` on the same manifests names the policy rule behind
+//! each payment outcome the real traffic got (waypoint L7 deny, allow, L4 deny of a bypass).
 
 use std::process::Command;
 
@@ -44,6 +45,50 @@ fn demo_prints_identities_split_and_denials() {
     assert!(
         text.contains("frontend POST /api/v1/payments: 50× 403 denied"),
         "{text}"
+    );
+    assert!(
+        text.contains("frontend POST payments pod directly (bypassing the waypoint): 5× refused"),
+        "{text}"
+    );
+    // `meshctl explain` on the same manifests says what the traffic above got, and why.
+    let explain = |args: &[&str]| {
+        let out = Command::new(mesh_e2e::binary("meshctl"))
+            .args([
+                "explain",
+                "-f",
+                "examples/demo",
+                "--method",
+                "POST",
+                "--path",
+                "/api/v1/payments",
+            ])
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .expect("run meshctl explain");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let frontend = explain(&["--from", "shop/frontend", "--to", "payments.shop"]);
+    assert!(
+        frontend.contains("ALLOW shop/payments: no rule matches")
+            && frontend.contains("DENIED by the waypoint (HTTP 403): no ALLOW policy matched"),
+        "{frontend}"
+    );
+    let order = explain(&["--from", "shop/order-service", "--to", "payments.shop"]);
+    assert!(
+        order.contains("ALLOW shop/payments: rule 0 matches")
+            && order.contains("ALLOW shop/payments-via-waypoint: rule 0 matches")
+            && order.contains("ALLOWED: reaches pod shop/payments"),
+        "{order}"
+    );
+    let bypass = explain(&["--from", "shop/frontend", "--to", "shop/payments:8080"]);
+    assert!(
+        bypass.contains("its service's waypoint is bypassed")
+            && bypass.contains("ALLOW shop/payments-via-waypoint: no rule matches")
+            && bypass.contains(
+                "DENIED by the destination's ztunnel (connection refused): no rule of an ALLOW policy matched"
+            ),
+        "{bypass}"
     );
     assert!(
         text.contains("spiffe://cluster.local/ns/shop/sa/order-service -> reviews-v1"),

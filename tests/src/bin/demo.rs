@@ -244,6 +244,24 @@ async fn run(a: &Args) -> Result<()> {
         }
     }
 
+    // Dialling the payments pod by IP skips the service's waypoint (and its L7 policy); the
+    // L4 rule at the pod's ztunnel (payments-via-waypoint) admits only the waypoint.
+    let payments = by_name.get("payments").context("pods.yaml needs payments")?;
+    let direct = SocketAddr::new(payments.ip, 8080);
+    let bypass = "frontend POST payments pod directly (bypassing the waypoint)";
+    for _ in 0..5 {
+        let attempt = async {
+            let mut conn = HttpConn::open(&frontend.ns, direct, "payments").await?;
+            conn.send("POST", "/api/v1/payments", &[]).await
+        };
+        // A refused connection is closed at once; the bound only keeps a hang from blocking.
+        let status = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(answer)) => answer.status,
+            _ => 0,
+        };
+        *outcomes.entry(bypass).or_default().entry(status).or_default() += 1;
+    }
+
     section("summary");
     let total: usize = served.values().sum();
     let v2 = served
@@ -263,7 +281,11 @@ async fn run(a: &Args) -> Result<()> {
     for (what, by_status) in &outcomes {
         let text: Vec<String> = by_status
             .iter()
-            .map(|(s, n)| format!("{n}× {s} {}", if *s == 200 { "allowed" } else { "denied" }))
+            .map(|(s, n)| match s {
+                0 => format!("{n}× refused"),
+                200 => format!("{n}× {s} allowed"),
+                _ => format!("{n}× {s} denied"),
+            })
             .collect();
         println!("{what}: {}", text.join(", "));
     }
