@@ -86,9 +86,15 @@ pub struct Config {
     /// Local mode: write one JSON record per waypoint to run into this directory.
     #[arg(long, env = "WAYPOINT_RECORDS")]
     pub waypoint_records: Option<PathBuf>,
-    /// Local mode: how often the manifest directory is checked for changes, in milliseconds.
+    /// Local mode: how often the manifest directory is checked for changes, in milliseconds
+    /// (also the --mesh-config file, in both modes).
     #[arg(long, env = "POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
+    /// Istio MeshConfig YAML (the `mesh` key of the `istio` ConfigMap, mounted): its
+    /// `outboundTrafficPolicy.mode` (ALLOW_ANY or REGISTRY_ONLY) is applied, and re-read on
+    /// change. Unset or missing: the defaults.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
     /// Cluster mode: the waypoint image deployed for istio-waypoint Gateways.
     #[arg(long, env = "WAYPOINT_IMAGE", default_value = "ghcr.io/ambient-mesh/waypoint:latest")]
     pub waypoint_image: String,

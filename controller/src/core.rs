@@ -151,6 +151,7 @@ fn apply(inputs: &mut Inputs, change: Change, sources: &mut Sources) {
         Change::Synced => sources.synced = true,
         Change::Enrolled(pods) => inputs.enrolled = pods,
         Change::KindState(kind, state) => drop(sources.kinds.insert(kind, state)),
+        Change::MeshConfig(mesh) => inputs.mesh = mesh,
     }
 }
 

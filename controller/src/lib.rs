@@ -7,6 +7,7 @@ pub mod ca;
 pub mod config;
 pub mod core;
 pub mod k8s;
+pub mod mesh_config;
 pub mod model;
 pub mod serve;
 pub mod source;

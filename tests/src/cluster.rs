@@ -498,6 +498,18 @@ impl Cluster {
     pub fn hub(&self) -> &Netns {
         &self.hub.ns
     }
+
+    /// A host outside the cluster and the mesh (the "internet"): a namespace on the underlay
+    /// at 10.90.<id>.<n>, which pods reach through their node and which routes back to them.
+    pub fn add_external(&self, n: u8) -> Result<Netns> {
+        let ns = Netns::new("ext")?;
+        self.hub.attach(&ns, &[&format!("10.90.{}.{n}/24", self.id)])?;
+        for node in &self.nodes {
+            let via = Self::underlay_ip(self.id, node.index).to_string();
+            ns.exec(&["ip", "route", "add", &Self::pod_cidr(self.id, node.index), "via", &via])?;
+        }
+        Ok(ns)
+    }
 }
 
 impl Drop for Cluster {

@@ -77,6 +77,9 @@ impl<'a> Controller<'a> {
             .arg(dir.path().join("ca"))
             .arg("--waypoint-records")
             .arg(dir.path().join("waypoints"))
+            // Absent until a test writes it (`write_mesh_config`): the defaults.
+            .arg("--mesh-config")
+            .arg(dir.path().join("mesh.yaml"))
             .args(["--listen", &SocketAddr::new(ip, 15012).to_string()])
             // The address clients dial, as an IP SAN for those that verify by address.
             .args(["--serving-ips", &ip.to_string()])
@@ -157,6 +160,13 @@ impl<'a> Controller<'a> {
         let tmp = self.dir.path().join("world.yaml.tmp");
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, Path::new(&dir).join("world.yaml"))
+    }
+
+    /// Writes the mesh config (Istio MeshConfig YAML) the controller polls, atomically.
+    pub fn write_mesh_config(&self, text: &str) -> std::io::Result<()> {
+        let tmp = self.dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.dir.path().join("mesh.yaml"))
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {

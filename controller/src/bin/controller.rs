@@ -88,6 +88,16 @@ async fn main() -> anyhow::Result<()> {
     let (changes_tx, changes_rx) = mpsc::channel(1024);
     let (skipped_tx, skipped_rx) = watch::channel(Vec::new());
     let core = core::start(changes_rx, options, Debounce::default());
+    if let Some(path) = config.mesh_config.clone() {
+        // Read before any source speaks, so the first push already has the mode.
+        let initial = controller::mesh_config::read(&path).context("--mesh-config")?;
+        changes_tx
+            .send(source::Change::MeshConfig(initial))
+            .await
+            .context("controller loop")?;
+        let interval = Duration::from_millis(config.poll_ms);
+        tokio::spawn(controller::mesh_config::watch(path, interval, changes_tx.clone()));
+    }
 
     let mut registry = Registry::with_prefix("controller");
     let xds_metrics = XdsMetrics::register(&mut registry);

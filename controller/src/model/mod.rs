@@ -79,6 +79,8 @@ pub struct Inputs {
     pub service_entries: BTreeMap<ObjectKey, service_entry::ServiceEntry>,
     /// TLS Secrets an ingress Gateway's listeners name in `certificateRefs`.
     pub secrets: BTreeMap<ObjectKey, Secret>,
+    /// Mesh-wide settings (`--mesh-config`, Istio's MeshConfig).
+    pub mesh: crate::mesh_config::MeshConfig,
     /// Pods the node agents report captured (local mode), besides annotated ones.
     pub enrolled: std::collections::BTreeSet<ObjectKey>,
 }

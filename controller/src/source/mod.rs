@@ -21,6 +21,8 @@ pub enum Change {
     Enrolled(std::collections::BTreeSet<ObjectKey>),
     /// Whether `kind` can be read (Kubernetes mode: reported by each kind's watch).
     KindState(Kind, KindSync),
+    /// The mesh-wide settings changed (`--mesh-config`).
+    MeshConfig(crate::mesh_config::MeshConfig),
 }
 
 /// Whether one kind's source could be read, as translation needs to know it.
@@ -61,6 +63,7 @@ impl std::fmt::Display for Change {
             Change::Synced => f.write_str("synced"),
             Change::Enrolled(pods) => write!(f, "enrolled {}", pods.len()),
             Change::KindState(k, state) => write!(f, "state {k:?} {state:?}"),
+            Change::MeshConfig(m) => write!(f, "mesh config {m:?}"),
         }
     }
 }

@@ -148,6 +148,9 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         );
     }
     service_entry::select_pods(inputs, options, &entries.selectors, &mut addresses);
+    if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
+        service_entry::registry_only(&mut addresses);
+    }
     let (service_routes, waypoint_policies) = routes::translate(inputs, options, &mut report);
     let ingress = ingress::translate(inputs, options, &mut report);
     unimplemented::report(inputs, &mut report);

@@ -513,3 +513,59 @@ pub(crate) fn select_pods(
         }
     }
 }
+
+/// Outbound policy REGISTRY_ONLY: every workload carries the extension ztunnel reads for the
+/// connections that workload opens ([`mesh_core::state::OUTBOUND_POLICY_EXTENSION`]); under
+/// ALLOW_ANY nothing is added, so Istio's ztunnel and older ones see the same resources.
+pub(crate) fn registry_only(addresses: &mut BTreeMap<String, pb::Address>) {
+    for a in addresses.values_mut() {
+        if let Some(pb::address::Type::Workload(w)) = &mut a.r#type {
+            w.extensions.push(mesh_core::state::registry_only_extension());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::mesh_config::{MeshConfig, OutboundMode, OutboundTrafficPolicy};
+    use crate::model::Object;
+
+    fn inputs(mode: OutboundMode) -> Inputs {
+        let mut inputs = Inputs {
+            mesh: MeshConfig {
+                outbound_traffic_policy: OutboundTrafficPolicy { mode },
+            },
+            ..Inputs::default()
+        };
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "shop"},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"podIP": "10.1.0.1"}
+        });
+        inputs.apply(Object::parse(pod).unwrap());
+        inputs
+    }
+
+    /// The mode reaches ztunnel as the workload extension under REGISTRY_ONLY only.
+    #[test]
+    fn registry_only_marks_every_workload_and_allow_any_none() {
+        let extensions = |mode| {
+            let out = super::super::translate(&inputs(mode), &Options::default());
+            out.addresses
+                .values()
+                .filter_map(|a| match &a.r#type {
+                    Some(pb::address::Type::Workload(w)) => Some(w.extensions.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let on = extensions(OutboundMode::RegistryOnly);
+        assert_eq!(on.len(), 1);
+        assert_eq!(on[0], [mesh_core::state::registry_only_extension()]);
+        assert!(extensions(OutboundMode::AllowAny).iter().all(Vec::is_empty));
+    }
+}

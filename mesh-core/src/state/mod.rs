@@ -35,6 +35,44 @@ pub struct State {
     /// service key -> (service port, declared protocol) for ports that declare one. Beside
     /// the services rather than in [`PortMapping`], which many callers build field by field.
     port_protocols: HashMap<String, Vec<(u16, AppProtocol)>>,
+    /// Keys of services whose load balancing is PASSTHROUGH (ServiceEntry `resolution: NONE`):
+    /// connect to the address the client dialled. Beside the services for the same reason.
+    passthrough: BTreeSet<String>,
+    /// hostname -> keys of the services with it (one per namespace), for the DNS proxy.
+    by_hostname: HashMap<String, BTreeSet<String>>,
+    /// Uids of workloads whose outbound traffic may only reach registered destinations
+    /// ([`OUTBOUND_POLICY_EXTENSION`] = REGISTRY_ONLY on the workload).
+    registry_only: BTreeSet<String>,
+}
+
+/// The `Extension` on a Workload that carries the mesh's outbound traffic policy for that
+/// workload's outbound connections: a `google.protobuf.StringValue`, `REGISTRY_ONLY` or
+/// `ALLOW_ANY` (also the meaning of its absence). Receivers that do not know it ignore it.
+pub const OUTBOUND_POLICY_EXTENSION: &str = "ambient-mesh.io/outbound-traffic-policy";
+const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+
+/// The extension marking a workload REGISTRY_ONLY.
+pub fn registry_only_extension() -> pb::Extension {
+    use prost::Message;
+    pb::Extension {
+        name: OUTBOUND_POLICY_EXTENSION.to_owned(),
+        config: Some(prost_types::Any {
+            type_url: STRING_VALUE_TYPE.to_owned(),
+            value: "REGISTRY_ONLY".to_owned().encode_to_vec(),
+        }),
+    }
+}
+
+/// Whether a workload's extensions say REGISTRY_ONLY (anything else, or none, is ALLOW_ANY).
+fn registry_only(w: &pb::Workload) -> bool {
+    use prost::Message;
+    w.extensions.iter().any(|e| {
+        e.name == OUTBOUND_POLICY_EXTENSION
+            && e.config.as_ref().is_some_and(|c| {
+                c.type_url == STRING_VALUE_TYPE
+                    && String::decode(c.value.as_slice()).is_ok_and(|v| v == "REGISTRY_ONLY")
+            })
+    })
 }
 
 /// Where an address points.
@@ -76,6 +114,25 @@ impl State {
         }
         self.workload_by_ip(network, ip)
             .map(|w| Destination::Workload(w.clone()))
+    }
+
+    /// Whether the service connects to the dialled address (load balancing PASSTHROUGH).
+    pub fn passthrough(&self, service: &Service) -> bool {
+        self.passthrough.contains(&service.key())
+    }
+
+    /// Services with this hostname, by key (one per namespace at most).
+    pub fn services_by_hostname<'a>(&'a self, hostname: &str) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.by_hostname
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.services.get(k))
+    }
+
+    /// Whether `uid`'s outbound connections may only reach registered destinations.
+    pub fn registry_only(&self, uid: &str) -> bool {
+        self.registry_only.contains(uid)
     }
 
     /// Workloads selected by a service, healthy ones only unless the service allows all.
@@ -127,6 +184,7 @@ impl State {
     }
 
     pub fn remove_workload(&mut self, uid: &str) -> bool {
+        self.registry_only.remove(uid);
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
@@ -159,14 +217,25 @@ impl State {
                 .or_default()
                 .insert(*ip, s.clone());
         }
+        self.by_hostname
+            .entry(s.hostname.clone())
+            .or_default()
+            .insert(key.clone());
         self.services.insert(key, s);
     }
 
     pub fn remove_service(&mut self, key: &str) -> bool {
         self.port_protocols.remove(key);
+        self.passthrough.remove(key);
         let Some(old) = self.services.remove(key) else {
             return false;
         };
+        if let Some(keys) = self.by_hostname.get_mut(&old.hostname) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_hostname.remove(&old.hostname);
+            }
+        }
         for (net, ip) in &old.vips {
             if let Some(by_vip) = self.service_by_vip.get_mut(net) {
                 if by_vip.get(ip).is_some_and(|s| s.key() == key) {
@@ -209,7 +278,12 @@ impl State {
     /// Applies one `istio.workload.Address` resource.
     pub fn apply_address(&mut self, a: &pb::Address) -> Result<(), ResourceError> {
         match &a.r#type {
-            Some(pb::address::Type::Workload(w)) => self.upsert_workload(Workload::try_from(w)?),
+            Some(pb::address::Type::Workload(w)) => {
+                self.upsert_workload(Workload::try_from(w)?);
+                if registry_only(w) {
+                    self.registry_only.insert(w.uid.clone());
+                }
+            }
             Some(pb::address::Type::Service(s)) => {
                 let service = Service::try_from(s)?;
                 let key = service.key();
@@ -221,7 +295,11 @@ impl State {
                     .filter(|(_, proto)| proto.is_http())
                     .collect();
                 if !declared.is_empty() {
-                    self.port_protocols.insert(key, declared);
+                    self.port_protocols.insert(key.clone(), declared);
+                }
+                let mode = s.load_balancing.as_ref().map(|lb| lb.mode);
+                if mode == Some(pb::load_balancing::Mode::Passthrough as i32) {
+                    self.passthrough.insert(key);
                 }
             }
             None => return Err(ResourceError::new("address.type", "neither workload nor service set")),
@@ -328,6 +406,58 @@ mod tests {
         assert!(s.remove_service(key));
         assert!(!s.port_protocol(key, 80).is_http());
     }
+    /// ServiceEntry facts kept beside the model: PASSTHROUGH load balancing, the hostname
+    /// index, and a workload's REGISTRY_ONLY extension; each follows updates and removal.
+    #[test]
+    fn passthrough_hostnames_and_registry_only_follow_their_resources() {
+        let entry = |ns: &str, lb: Option<pb::LoadBalancing>| pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "ext".into(),
+                namespace: ns.into(),
+                hostname: "api.example.com".into(),
+                load_balancing: lb,
+                ..Default::default()
+            })),
+        };
+        let passthrough = pb::LoadBalancing {
+            mode: pb::load_balancing::Mode::Passthrough as i32,
+            ..Default::default()
+        };
+        let mut s = State::default();
+        s.apply_address(&entry("a", Some(passthrough))).expect("valid");
+        s.apply_address(&entry("b", None)).expect("valid");
+        let found: Vec<String> = s.services_by_hostname("api.example.com").map(|s| s.key()).collect();
+        assert_eq!(found, ["a/api.example.com", "b/api.example.com"]);
+        let a = s.service("a/api.example.com").expect("a").clone();
+        assert!(s.passthrough(&a));
+        assert!(!s.passthrough(s.service("b/api.example.com").expect("b")));
+        s.apply_address(&entry("a", None)).expect("valid");
+        assert!(!s.passthrough(&a), "an update without PASSTHROUGH clears it");
+        assert!(s.remove_service("a/api.example.com") && s.remove_service("b/api.example.com"));
+        assert_eq!(s.services_by_hostname("api.example.com").count(), 0);
+
+        let workload = |ext: Vec<pb::Extension>| pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: "c//Pod/a/p".into(),
+                name: "p".into(),
+                namespace: "a".into(),
+                extensions: ext,
+                ..Default::default()
+            })),
+        };
+        s.apply_address(&workload(vec![registry_only_extension()]))
+            .expect("valid");
+        assert!(s.registry_only("c//Pod/a/p"));
+        let mut other = registry_only_extension();
+        other.name = "someone.else/policy".into();
+        s.apply_address(&workload(vec![other])).expect("valid");
+        assert!(!s.registry_only("c//Pod/a/p"), "only our extension's name counts");
+        s.apply_address(&workload(vec![registry_only_extension()]))
+            .expect("valid");
+        assert!(s.remove_address("c//Pod/a/p"));
+        assert!(!s.registry_only("c//Pod/a/p"));
+    }
+
     /// An Istio peer may send every field of the current API; none may make us reject the
     /// resource, and the fields the data plane uses must survive decoding.
     #[test]

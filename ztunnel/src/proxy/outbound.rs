@@ -50,6 +50,9 @@ pub enum RouteError {
     Waypoint { waypoint: String, why: WaypointUnavailable },
     #[error("workload {0} has no address of the right family")]
     NoAddress(String),
+    /// REGISTRY_ONLY: the destination is not a workload, service or ServiceEntry address.
+    #[error("{0} is not in the mesh registry and the outbound policy is REGISTRY_ONLY")]
+    NotRegistered(SocketAddr),
 }
 
 /// Why a waypoint cannot be used.
@@ -78,6 +81,7 @@ impl RouteError {
             RouteError::NoEndpoint(_) => Refusal::NoHealthyEndpoint,
             RouteError::Waypoint { .. } => Refusal::WaypointUnavailable,
             RouteError::NoAddress(_) => Refusal::NoAddress,
+            RouteError::NotRegistered(_) => Refusal::NotRegistered,
         }
     }
 }
@@ -146,6 +150,7 @@ pub fn resolve(
         GatewayDestination::Hostname { .. } => false,
     };
     match state.lookup(network, dst.ip()) {
+        None if state.registry_only(&src.uid) => Err(RouteError::NotRegistered(dst)),
         None => Ok(Route::Passthrough(dst)),
         Some(Destination::Service(svc)) => {
             if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
@@ -153,6 +158,14 @@ pub fn resolve(
             }
             if !svc.ports.iter().any(|p| p.service_port == dst.port()) {
                 return Err(RouteError::NoPort(svc.key(), dst.port()));
+            }
+            if state.passthrough(&svc) {
+                // ServiceEntry `resolution: NONE`: the dialled address is the endpoint.
+                return Ok(Route::Plain {
+                    addr: dst,
+                    workload: None,
+                    service: Some(svc),
+                });
             }
             let endpoints = state.endpoints(&svc);
             let wl = endpoints
@@ -421,6 +434,90 @@ mod tests {
         assert!(
             matches!(resolve(&s, "", 15008, &client, sa("192.0.2.1:443")).unwrap(), Route::Passthrough(a) if a == sa("192.0.2.1:443"))
         );
+    }
+
+    /// REGISTRY_ONLY (the source workload's extension): an address nobody registered is
+    /// refused, registered ones (workloads, service VIPs) still route; ALLOW_ANY passes through.
+    #[test]
+    fn registry_only_refuses_unregistered_destinations() {
+        use mesh_proto::workload as pb;
+        let (mut s, client) = state();
+        let unknown = sa("192.0.2.1:443");
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, unknown).unwrap(),
+            Route::Passthrough(_)
+        ));
+        let marked = pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: client.uid.clone(),
+                name: client.name.clone(),
+                namespace: client.namespace.clone(),
+                addresses: vec![vec![10, 0, 0, 1]],
+                tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+                extensions: vec![mesh_core::state::registry_only_extension()],
+                ..Default::default()
+            })),
+        };
+        s.apply_address(&marked).unwrap();
+        let err = resolve(&s, "", 15008, &client, unknown).expect_err("not registered");
+        assert!(matches!(err, RouteError::NotRegistered(a) if a == unknown), "{err}");
+        assert_eq!(err.refusal().as_str(), "not_registered");
+        assert!(err.to_string().contains("REGISTRY_ONLY"), "{err}");
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("10.96.0.1:80")).unwrap(),
+            Route::Hbone { .. }
+        ));
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("10.0.0.3:80")).unwrap(),
+            Route::Plain { .. }
+        ));
+        // Another workload without the extension is not affected.
+        let legacy = s.workload_by_ip("", "10.0.0.3".parse().unwrap()).unwrap().clone();
+        assert!(matches!(
+            resolve(&s, "", 15008, &legacy, unknown).unwrap(),
+            Route::Passthrough(_)
+        ));
+    }
+
+    /// A ServiceEntry with `resolution: NONE` (load balancing PASSTHROUGH): its address is
+    /// registered, and the connection goes to the dialled address itself, on a declared port.
+    #[test]
+    fn passthrough_services_connect_to_the_dialled_address() {
+        use mesh_proto::workload as pb;
+        let (mut s, client) = state();
+        let entry = pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "ext".into(),
+                namespace: "default".into(),
+                hostname: "api.example.com".into(),
+                addresses: vec![pb::NetworkAddress {
+                    network: String::new(),
+                    address: vec![198, 51, 100, 7],
+                }],
+                ports: vec![pb::Port {
+                    service_port: 443,
+                    target_port: 443,
+                    app_protocol: 0,
+                }],
+                load_balancing: Some(pb::LoadBalancing {
+                    mode: pb::load_balancing::Mode::Passthrough as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        s.apply_address(&entry).unwrap();
+        match resolve(&s, "", 15008, &client, sa("198.51.100.7:443")).unwrap() {
+            Route::Plain { addr, service, .. } => {
+                assert_eq!(addr, sa("198.51.100.7:443"));
+                assert_eq!(service.unwrap().hostname, "api.example.com");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            resolve(&s, "", 15008, &client, sa("198.51.100.7:80")),
+            Err(RouteError::NoPort(..))
+        ));
     }
 
     #[test]

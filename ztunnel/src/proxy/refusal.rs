@@ -52,6 +52,9 @@ pub enum Refusal {
     WaypointUnavailable,
     /// Outbound: the chosen workload has no address of the destination's family.
     NoAddress,
+    /// Outbound under REGISTRY_ONLY: the destination is neither a mesh workload, a service
+    /// nor a ServiceEntry address.
+    NotRegistered,
     /// An HBONE bound a peer hit (mesh-core's limits; labelled with the limit's name).
     Limit(Limit),
 }
@@ -79,6 +82,7 @@ impl Refusal {
             Refusal::NoHealthyEndpoint => "no_healthy_endpoint",
             Refusal::WaypointUnavailable => "waypoint_unavailable",
             Refusal::NoAddress => "no_address",
+            Refusal::NotRegistered => "not_registered",
             Refusal::Limit(l) => l.as_str(),
         }
     }
@@ -115,6 +119,7 @@ impl std::fmt::Display for Refusal {
             Refusal::NoHealthyEndpoint => "service has no healthy endpoint",
             Refusal::WaypointUnavailable => "waypoint unavailable",
             Refusal::NoAddress => "workload has no address of the right family",
+            Refusal::NotRegistered => "destination not in the mesh registry (outbound policy REGISTRY_ONLY)",
             Refusal::Limit(l) => l.as_str(),
         })
     }

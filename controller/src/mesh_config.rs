@@ -1,0 +1,137 @@
+//! Mesh-wide settings in Istio's MeshConfig shape (the `mesh` key of the `istio` ConfigMap,
+//! mounted as a file as istiod reads it): today `outboundTrafficPolicy.mode`, ALLOW_ANY (the
+//! default: unknown destinations pass through) or REGISTRY_ONLY (ztunnel refuses them). Other
+//! MeshConfig fields are accepted and ignored. The file is polled; a change is sent to the
+//! controller's loop as [`Change::MeshConfig`] and reaches ztunnels with the next push, so no
+//! component restarts. An unreadable or invalid file keeps the last good settings (logged); a
+//! missing file means the defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::source::{Change, ChangeSender};
+
+/// What ztunnel does with a destination that is neither a mesh workload, a service nor a
+/// ServiceEntry address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    #[default]
+    AllowAny,
+    RegistryOnly,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: OutboundMode,
+}
+
+/// The settings the mesh reads from MeshConfig.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+/// Why a mesh config file was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, serde_yaml::Error),
+}
+
+/// Parses MeshConfig YAML (empty text: the defaults).
+pub fn parse(text: &str) -> Result<MeshConfig, serde_yaml::Error> {
+    if text.trim().is_empty() {
+        return Ok(MeshConfig::default());
+    }
+    serde_yaml::from_str(text)
+}
+
+/// The file's settings: defaults when it does not exist.
+pub fn read(path: &PathBuf) -> Result<MeshConfig, MeshConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text).map_err(|e| MeshConfigError::Parse(path.clone(), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MeshConfig::default()),
+        Err(e) => Err(MeshConfigError::Read(path.clone(), e)),
+    }
+}
+
+/// Sends the file's settings now and whenever they change; returns when the loop is gone.
+pub async fn watch(path: PathBuf, interval: Duration, tx: ChangeSender) {
+    let mut last: Option<MeshConfig> = None;
+    loop {
+        match read(&path) {
+            Ok(cfg) if last.as_ref() != Some(&cfg) => {
+                tracing::info!(path = %path.display(), ?cfg, "mesh config");
+                last = Some(cfg.clone());
+                if tx.send(Change::MeshConfig(cfg)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) if last.is_none() => {
+                // Nothing good yet: start from the defaults, keep retrying the file.
+                tracing::warn!(error = %e, "mesh config unreadable; using the defaults");
+                last = Some(MeshConfig::default());
+                if tx.send(Change::MeshConfig(MeshConfig::default())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "mesh config unreadable; keeping the last good one"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    async fn wait(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> OutboundMode {
+        match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            Ok(Some(Change::MeshConfig(c))) => c.outbound_traffic_policy.mode,
+            other => panic!("no mesh config change: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn istio_mesh_config_is_read_and_other_fields_ignored() {
+        let cfg = parse("accessLogFile: /dev/stdout\noutboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n").unwrap();
+        assert_eq!(cfg.outbound_traffic_policy.mode, OutboundMode::RegistryOnly);
+        assert_eq!(parse("").unwrap(), MeshConfig::default());
+        assert_eq!(
+            parse("outboundTrafficPolicy: {}\n")
+                .unwrap()
+                .outbound_traffic_policy
+                .mode,
+            OutboundMode::AllowAny
+        );
+        assert!(parse("outboundTrafficPolicy: {mode: SOMETIMES}\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn changes_are_sent_and_a_bad_file_keeps_the_last_good_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let task = tokio::spawn(watch(path.clone(), Duration::from_millis(5), tx));
+        assert_eq!(wait(&mut rx).await, OutboundMode::AllowAny, "missing file: defaults");
+        std::fs::write(&path, "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n").unwrap();
+        assert_eq!(wait(&mut rx).await, OutboundMode::RegistryOnly);
+        std::fs::write(&path, "outboundTrafficPolicy: [\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "an invalid file changes nothing");
+        std::fs::write(&path, "outboundTrafficPolicy: {mode: ALLOW_ANY}\n").unwrap();
+        assert_eq!(wait(&mut rx).await, OutboundMode::AllowAny);
+        task.abort();
+    }
+}

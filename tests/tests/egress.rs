@@ -1,0 +1,210 @@
+//! Leaving the mesh (issue 15): a pod reaches an external host declared by a ServiceEntry by
+//! name (the DNS proxy answers the auto-allocated VIP, ztunnel sends to the entry's endpoint
+//! outside the cluster); under the mesh config's REGISTRY_ONLY an unregistered external
+//! address is refused (counted as `not_registered`) while registered ones still work, and
+//! ALLOW_ANY restores passthrough; nothing restarts. The "internet" is namespaces on the
+//! underlay, outside the cluster's pods and the mesh.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mesh_e2e::apps::{named_server, resolve_a, served, HttpConn};
+use mesh_e2e::cluster::{Cluster, PodSpec};
+use mesh_e2e::metrics::sample;
+
+const ID: u8 = 71;
+const WAIT: Duration = Duration::from_secs(15);
+
+fn external(n: u8) -> IpAddr {
+    Ipv4Addr::new(10, 90, ID, n).into()
+}
+
+/// `shop` (ambient) and two ServiceEntries: `api.external.test` (DNS resolution, one endpoint:
+/// the external host .200, no address: auto-allocated) and `direct.external.test` (its own
+/// address .201, resolution NONE: passthrough to it).
+fn world() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+  endpoints: [{{address: 10.90.{ID}.200}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct, namespace: shop}}
+spec:
+  hosts: [direct.external.test]
+  addresses: [10.90.{ID}.201]
+  location: MESH_EXTERNAL
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: NONE
+"#
+    )
+}
+
+/// One GET on a new connection from `from`: the status, or the error when refused.
+async fn get(from: &mesh_e2e::cluster::Pod, addr: SocketAddr, host: &str) -> Result<u16, String> {
+    let mut conn = HttpConn::open(&from.ns, addr, host).await.map_err(|e| e.to_string())?;
+    conn.send("GET", "/", &[])
+        .await
+        .map(|a| a.status)
+        .map_err(|e| e.to_string())
+}
+
+/// Polls `get` until `want(result)` or the deadline.
+async fn until(
+    from: &mesh_e2e::cluster::Pod,
+    addr: SocketAddr,
+    what: &str,
+    want: impl Fn(&Result<u16, String>) -> bool,
+) -> Result<u16, String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = get(from, addr, "x").await;
+        if want(&got) {
+            return got;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: {addr} still answers {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn not_registered(cluster: &Cluster) -> f64 {
+    let node = &cluster.nodes[0];
+    let (code, text) =
+        mesh_e2e::ztunnel::http_request(node.ns, SocketAddr::from(([127, 0, 0, 1], 15020)), "GET", "/metrics")
+            .await
+            .expect("ztunnel metrics");
+    assert_eq!(code, 200);
+    sample(
+        &text,
+        "ztunnel_connections_refused_total",
+        &["reason=\"not_registered\""],
+    )
+}
+
+/// The VIP the controller allocated for `host`, from ztunnel's config dump.
+async fn vip_of(cluster: &Cluster, host: &str) -> IpAddr {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dump = cluster.ztunnel_dump(0).await.expect("config dump");
+        let vip = dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["hostname"] == host)
+            .and_then(|s| s["vips"].as_array()?.iter().find_map(|v| v[1].as_str()?.parse().ok()));
+        match vip {
+            Some(IpAddr::V4(v4)) => return v4.into(),
+            _ if Instant::now() > deadline => panic!("{host} never reached ztunnel: {dump}"),
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entries_dns_and_registry_only() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let cluster = Cluster::start(ID, 1, &world()).await.expect("cluster up");
+    // The internet: the entry's endpoint (.200), the entry's own address (.201), and a host
+    // nobody registered (.202).
+    let (api, direct, stranger) = (
+        cluster.add_external(200).expect("external .200"),
+        cluster.add_external(201).expect("external .201"),
+        cluster.add_external(202).expect("external .202"),
+    );
+    tokio::spawn(named_server(
+        api.listen(SocketAddr::new(external(200), 80)).expect("listen"),
+        "egress-api",
+    ));
+    tokio::spawn(named_server(
+        direct.listen(SocketAddr::new(external(201), 8080)).expect("listen"),
+        "egress-direct",
+    ));
+    tokio::spawn(named_server(
+        stranger.listen(SocketAddr::new(external(202), 8080)).expect("listen"),
+        "egress-stranger",
+    ));
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    cluster
+        .wait_workload(&client, true, WAIT)
+        .await
+        .expect("client advertised");
+
+    // By name: the DNS proxy answers the auto-allocated VIP (240.240.0.0/16), and the VIP
+    // leads to the external endpoint.
+    let vip = vip_of(&cluster, "api.external.test").await;
+    assert!(matches!(vip, IpAddr::V4(v) if v.octets()[..2] == [240, 240]), "{vip}");
+    let resolver = Ipv4Addr::new(10, 96, ID, 53).into();
+    let answered = resolve_a(&client.ns, resolver, "api.external.test").expect("DNS answer");
+    assert_eq!(answered.into_iter().map(IpAddr::from).collect::<Vec<_>>(), vec![vip]);
+    let before = served("egress-api");
+    assert_eq!(
+        get(&client, SocketAddr::new(vip, 80), "api.external.test").await,
+        Ok(200)
+    );
+    assert_eq!(served("egress-api"), before + 1, "the external server answered");
+    let unregistered = SocketAddr::new(external(202), 8080);
+    assert_eq!(get(&client, unregistered, "x").await, Ok(200), "ALLOW_ANY: passthrough");
+
+    // REGISTRY_ONLY, without restarting anything: the stranger is refused and counted, the
+    // registered destinations still work.
+    let refused_before = not_registered(&cluster).await;
+    cluster
+        .controller
+        .write_mesh_config("outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n")
+        .expect("mesh config");
+    let refused = until(&client, unregistered, "REGISTRY_ONLY applied", Result::is_err).await;
+    assert!(refused.is_err());
+    assert!(not_registered(&cluster).await > refused_before, "refusal counted");
+    assert_eq!(
+        get(&client, SocketAddr::new(vip, 80), "api.external.test").await,
+        Ok(200)
+    );
+    assert_eq!(
+        get(&client, SocketAddr::new(external(200), 80), "x").await,
+        Ok(200),
+        "an entry's endpoint address is registered"
+    );
+    assert_eq!(
+        get(&client, SocketAddr::new(external(201), 8080), "direct.external.test").await,
+        Ok(200),
+        "an entry's own address (resolution NONE) is registered"
+    );
+    let logs = cluster.nodes[0]
+        .ztunnel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|z| z.logs())
+        .unwrap_or_default();
+    assert!(
+        logs.contains("not in the mesh registry") && logs.contains("10.90.71.202:8080"),
+        "the refusal's reason is logged"
+    );
+
+    // Back to ALLOW_ANY: passthrough again.
+    cluster
+        .controller
+        .write_mesh_config("outboundTrafficPolicy:\n  mode: ALLOW_ANY\n")
+        .expect("mesh config");
+    assert_eq!(
+        until(&client, unregistered, "ALLOW_ANY restored", Result::is_ok).await,
+        Ok(200)
+    );
+}
