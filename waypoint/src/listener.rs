@@ -222,9 +222,11 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let io = match detect(stream, must, wp.header_read_timeout).await {
         Ok(Sniffed::Http(io)) => io,
         Ok(Sniffed::Tcp(io)) => {
-            if !l4_allowed(&wp, &spiffe, &peer_identity.namespace, client_addr, dst, Some(&service)) {
+            if let Decision::Deny(reason) =
+                l4_decision(&wp, &spiffe, &peer_identity.namespace, client_addr, dst, Some(&service))
+            {
                 wp.metrics.reject("tcp_denied");
-                info!(target: "access", src_addr = %client_addr, src_identity = %spiffe, dst_service = %service.hostname, reason = "denied by policy", "TCP connection refused");
+                info!(target: "access", src_addr = %client_addr, src_identity = %spiffe, dst_service = %service.hostname, %reason, "TCP connection refused");
                 return;
             }
             let Some((cluster, w, target)) = tcp_backend(&wp, &service, dst) else {
@@ -373,14 +375,15 @@ async fn detect(mut io: H2Io, must: Option<HttpOnly>, header_timeout: Duration) 
     Ok(if http { Sniffed::Http(io) } else { Sniffed::Tcp(io) })
 }
 
-fn l4_allowed(
+/// The decision on a connection proxied as opaque TCP; a denial names the policy and rule.
+fn l4_decision(
     wp: &Waypoint,
     principal: &str,
     namespace: &str,
     client: SocketAddr,
     dst: SocketAddr,
     service: Option<&mesh_core::state::model::Service>,
-) -> bool {
+) -> Decision {
     let snapshot = wp.config.load();
     let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
     let svc = service
@@ -392,7 +395,7 @@ fn l4_allowed(
         source_ip: client.ip(),
         port: dst.port(),
     };
-    authz::evaluate_tcp(snapshot.policies_for(gateway, svc), &attrs) == Decision::Allow
+    authz::evaluate_tcp(snapshot.policies_for(gateway, svc), &attrs)
 }
 
 fn accept_l4(
@@ -402,7 +405,8 @@ fn accept_l4(
     service: Option<&mesh_core::state::model::Service>,
 ) -> Result<Rewind<H2Io>, ()> {
     let spiffe = c.peer_identity.to_string();
-    if !l4_allowed(wp, &spiffe, &c.peer_identity.namespace, client, c.dst, service) {
+    if let Decision::Deny(reason) = l4_decision(wp, &spiffe, &c.peer_identity.namespace, client, c.dst, service) {
+        info!(target: "access", src_addr = %client, src_identity = %spiffe, dst = %c.dst, %reason, "TCP connection refused");
         c.reject(StatusCode::UNAUTHORIZED);
         return Err(());
     }
