@@ -132,6 +132,30 @@ pub fn placeholder_server_name() -> ServerName<'static> {
     ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
 }
 
+/// Checks that `chain` (leaf first, then intermediates) chains to one of `roots` now, for
+/// mutual TLS use, and returns the leaf's SPIFFE identity: what an HBONE peer checks of the
+/// other. Used where a chain is judged outside a handshake (the CA validating its plug-in
+/// certificates; tests of a retired root).
+pub fn verify_workload_chain(
+    chain: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+) -> Result<Identity, rustls::Error> {
+    let (leaf, intermediates) = chain.split_first().ok_or(rustls::Error::NoCertificatesPresented)?;
+    let verifier = SpiffeServerVerifier::new(roots, Vec::new()).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(pki_error)?;
+    ee.verify_for_usage(
+        verifier.provider.signature_verification_algorithms.all,
+        &verifier.anchors,
+        intermediates,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(pki_error)?;
+    identity_of(leaf).map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))
+}
+
 /// Verifies the server chain against the mesh roots, then checks its SPIFFE URI SAN.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {

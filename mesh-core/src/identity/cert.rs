@@ -152,13 +152,26 @@ impl std::fmt::Debug for WorkloadCertificate {
 
 impl WorkloadCertificate {
     /// Builds from a CA response (`chain_pem`, leaf first, root last) and the PKCS#8 key.
-    /// When `roots` is empty the last certificate of the chain is taken as the root.
+    /// When `roots` is empty the roots come from the response: with two or more elements,
+    /// every certificate of the last one (Istio's CA sends its whole trust bundle there, so
+    /// during a root rotation it holds the old and the new root); a single element's last
+    /// certificate otherwise.
     pub fn from_chain(
         want: &Identity,
         key_der: Vec<u8>,
         chain_pem: &[String],
         roots: &[CertificateDer<'static>],
     ) -> Result<Self, CertError> {
+        if roots.is_empty() {
+            if let [leaf_and_chain @ .., bundle] = chain_pem {
+                if !leaf_and_chain.is_empty() {
+                    let bundle = certs_from_pem(bundle)?;
+                    if !bundle.is_empty() {
+                        return Self::from_chain(want, key_der, leaf_and_chain, &bundle);
+                    }
+                }
+            }
+        }
         let mut chain = Vec::new();
         for pem in chain_pem {
             chain.extend(certs_from_pem(pem)?);
@@ -212,6 +225,20 @@ impl WorkloadCertificate {
         self.not_before + life / 2
     }
 
+    /// Builds from a CA response as [`WorkloadCertificate::from_chain`], preferring the roots
+    /// the CA sent: a response of two or more elements ends with the CA's trust bundle, which
+    /// is how roots added or retired by a rotation reach a running proxy. `fallback` (the
+    /// configured trust bundle) is used only when the response carries no root.
+    pub fn from_ca_response(
+        want: &Identity,
+        key_der: Vec<u8>,
+        chain_pem: &[String],
+        fallback: &[CertificateDer<'static>],
+    ) -> Result<Self, CertError> {
+        let roots = if chain_pem.len() >= 2 { &[][..] } else { fallback };
+        Self::from_chain(want, key_der, chain_pem, roots)
+    }
+
     pub fn leaf_pem(&self) -> String {
         self.chain.first().map(|c| der_to_pem(c)).unwrap_or_default()
     }
@@ -220,4 +247,56 @@ impl WorkloadCertificate {
 /// Encodes a DER certificate as PEM.
 pub fn der_to_pem(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::new_csr;
+    use crate::identity::DevCa;
+
+    fn sleep_id() -> Identity {
+        "spiffe://cluster.local/ns/default/sa/sleep".parse().expect("id")
+    }
+
+    /// A leaf from `ca` with the key it was issued for.
+    fn leaf(ca: &DevCa) -> (Vec<u8>, String) {
+        let (key, csr) = new_csr(&sleep_id()).expect("csr");
+        let pem = ca.issue(&sleep_id(), &csr, Duration::from_secs(3600)).expect("issue");
+        (key.serialize_der(), pem)
+    }
+
+    #[test]
+    fn the_last_element_of_a_response_is_the_whole_trust_bundle() {
+        let (a, b) = (
+            DevCa::generate("cluster.local").expect("a"),
+            DevCa::generate("cluster.local").expect("b"),
+        );
+        let (key, pem) = leaf(&a);
+        let bundle = format!("{}{}", a.root_pem(), b.root_pem());
+        let cert = WorkloadCertificate::from_chain(&sleep_id(), key, &[pem, bundle], &[]).expect("cert");
+        assert_eq!(cert.chain.len(), 1, "no root goes on the wire");
+        assert_eq!(cert.roots.len(), 2, "both roots trusted");
+    }
+
+    #[test]
+    fn roots_the_ca_sends_win_over_the_configured_bundle() {
+        let (a, b) = (
+            DevCa::generate("cluster.local").expect("a"),
+            DevCa::generate("cluster.local").expect("b"),
+        );
+        let configured = certs_from_pem(b.root_pem()).expect("b");
+        let (key, pem) = leaf(&a);
+        let cert = WorkloadCertificate::from_ca_response(
+            &sleep_id(),
+            key.clone(),
+            &[pem.clone(), a.root_pem().into()],
+            &configured,
+        )
+        .expect("cert");
+        assert_eq!(cert.roots, certs_from_pem(a.root_pem()).expect("a"), "the CA's roots");
+        // A response without a root falls back to the configured bundle.
+        let cert = WorkloadCertificate::from_ca_response(&sleep_id(), key, &[pem], &configured).expect("cert");
+        assert_eq!(cert.roots, configured);
+    }
 }

@@ -88,7 +88,9 @@ pub struct CertManager {
 }
 
 impl CertManager {
-    /// `roots` is the configured trust bundle; when empty, the root the CA returns is trusted.
+    /// `roots` is the configured trust bundle, used when the CA's response carries no root;
+    /// otherwise the roots the CA sends with each certificate are trusted (so a proxy learns
+    /// roots added or retired during a rotation with its next certificate).
     pub fn new(
         signer: Arc<dyn CertificateSigner>,
         roots: Vec<CertificateDer<'static>>,
@@ -199,7 +201,7 @@ impl CertManager {
             .sign(identity, csr, self.config.validity)
             .await
             .map_err(|e: CaError| e.to_string())?;
-        WorkloadCertificate::from_chain(identity, key.serialize_der(), &chain, &self.roots)
+        WorkloadCertificate::from_ca_response(identity, key.serialize_der(), &chain, &self.roots)
             .map_err(|e: CertError| format!("CA response unusable: {e}"))
     }
 
