@@ -2,12 +2,14 @@
 //! pod (kubelet health probes) is SNATed to 169.254.7.127, which the pod's rules let past the
 //! capture, so probes keep working unchanged. Forwarded traffic from other pods is untouched
 //! (its source is not a node address).
-
-use std::path::Path;
+//!
+//! The batches run through libnftables in the agent's own thread, which is in the node's
+//! namespace ([`super::nft`]): no process per pod.
 
 use mesh_core::capture::PROBE_SOURCE;
 
-use super::rules::{run_in, RulesError};
+use super::nft;
+use super::rules::RulesError;
 
 /// The agent's table in the node namespace.
 pub const HOST_TABLE: &str = "ambient-host";
@@ -29,19 +31,26 @@ table inet {HOST_TABLE} {{
     )
 }
 
-fn this_netns() -> &'static Path {
-    Path::new("/proc/self/ns/net")
+/// Runs a batch in the agent's (the node's) namespace.
+fn run(command: &str, batch: &str) -> Result<(), RulesError> {
+    nft::run(batch).map(drop).map_err(|e| RulesError::Failed {
+        command: command.to_owned(),
+        netns: "the node's namespace".to_owned(),
+        stderr: e.to_string(),
+    })
 }
 
 /// Creates (or resets) the host table in the agent's namespace.
 pub fn install() -> Result<(), RulesError> {
-    run_in(this_netns(), &["nft", "-f", "-"], Some(&ruleset())).map(|_| ())
+    run("nft -f (host table)", &ruleset())
 }
 
 fn element(verb: &str, ip: &str) -> Result<(), RulesError> {
     let set = if ip.contains(':') { "pods6" } else { "pods4" };
-    let body = format!("{verb} element inet {HOST_TABLE} {set} {{ {ip} }}\n");
-    run_in(this_netns(), &["nft", "-f", "-"], Some(&body)).map(|_| ())
+    run(
+        &format!("nft {verb} element"),
+        &format!("{verb} element inet {HOST_TABLE} {set} {{ {ip} }}\n"),
+    )
 }
 
 /// Adds pod addresses (CIDR or plain) to the probe SNAT.

@@ -4,6 +4,8 @@
 //! - [`scan`]: finding the namespace of a pod that never came through CNI.
 //! - [`serial`]: one operation at a time per container.
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
+//! - [`netlink`]: the pod's return path (policy rule, route) over rtnetlink.
+//! - [`nft`]: nftables through libnftables, in-process.
 //! - [`host`]: probe SNAT in the node's namespace.
 //! - [`metrics`]: what the agent counts.
 //! - [`pods`]: the pods and namespaces enrolment is decided on, and the local manifest directory.
@@ -18,6 +20,8 @@ pub mod host;
 pub mod inventory;
 pub mod k8s;
 pub mod metrics;
+pub mod netlink;
+pub mod nft;
 pub mod pods;
 pub mod report;
 pub mod rules;

@@ -15,10 +15,16 @@
 //!
 //! The nftables table is replaced in one transaction (idempotent, atomic); removal deletes
 //! exactly the table, the rules and the route it added.
+//!
+//! No process per pod: one short-lived thread switches into the pod's namespace and there
+//! runs the nftables batch through libnftables ([`super::nft`]), the rule and routes over
+//! rtnetlink ([`super::netlink`]) and writes the sysctl; each a fraction of a millisecond,
+//! where `nsenter` + `nft` and two `nsenter` + `ip -batch` were a fork and exec each.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+
+use super::netlink::{Netlink, ReturnPath};
+use super::nft::{self, NftError};
 
 /// Name of the nftables table the agent owns in each pod namespace.
 pub const TABLE: &str = "ambient";
@@ -30,8 +36,6 @@ pub const PROC_SYS: &str = "/proc/sys";
 /// Why rules could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("running {command}: {source}")]
-    Spawn { command: String, source: std::io::Error },
     #[error("{command} failed in {netns}: {stderr}")]
     Failed {
         command: String,
@@ -97,104 +101,62 @@ fn table(p: Ports) -> String {
     )
 }
 
-/// Runs a command inside the namespace at `netns`.
-pub(crate) fn run_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RulesError> {
-    let command = args.join(" ");
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| RulesError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A command that fails early (no such namespace) closes its stdin: its exit status
-        // and stderr below say why, not the broken pipe.
-        if let Err(source) = pipe.write_all(input.as_bytes()) {
-            if source.kind() != std::io::ErrorKind::BrokenPipe {
-                return Err(RulesError::Spawn { command, source });
-            }
-        }
-    }
-    let out = child.wait_with_output().map_err(|source| RulesError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(RulesError::Failed {
-            command,
+impl RulesError {
+    fn failed(command: &str, netns: &Path, why: impl std::fmt::Display) -> Self {
+        RulesError::Failed {
+            command: command.to_owned(),
             netns: netns.display().to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `ip -batch` input for the return path of one family: the policy rule (deleted first, so a
-/// re-install does not stack duplicates) and the `local` route of table 100 (`replace` is
-/// idempotent); or, with `add` false, their removal.
-fn route_batch(ipv6: bool, add: bool) -> String {
-    let rule = format!("fwmark {RETURN_MARK:#x}/{MARK_MASK:#x} pref 32764 lookup {ROUTE_TABLE}");
-    let any = if ipv6 { "::/0" } else { "0.0.0.0/0" };
-    let route = format!("local {any} dev lo table {ROUTE_TABLE}");
-    if add {
-        format!("rule del {rule}\nrule add {rule}\nroute replace {route}\n")
-    } else {
-        format!("rule del {rule}\nroute del {route}\n")
-    }
-}
-
-/// Runs `ip -force -batch` in the namespace. Failures of the lines in `tolerated` (1-based;
-/// deletions of what may not exist) are expected; any other failure is an error.
-fn ip_batch(netns: &Path, ipv6: bool, input: &str, tolerated: &[usize]) -> Result<(), RulesError> {
-    let family = if ipv6 { "-6" } else { "-4" };
-    match run_in(netns, &["ip", family, "-force", "-batch", "-"], Some(input)) {
-        Ok(_) => Ok(()),
-        Err(RulesError::Failed { command, netns, stderr }) => {
-            let failed_line = |l: &str| {
-                l.strip_prefix("Command failed -:")
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-            };
-            let unexpected = stderr.lines().filter_map(failed_line).any(|n| !tolerated.contains(&n));
-            if unexpected {
-                Err(RulesError::Failed { command, netns, stderr })
-            } else {
-                Ok(())
-            }
+            stderr: why.to_string(),
         }
-        Err(e) => Err(e),
     }
 }
 
-/// Writes a sysctl of the namespace at `netns` from a short-lived thread switched into it;
-/// no process needed. `proc_sys` is the sysctl tree of a proc filesystem, wherever it is
-/// mounted: a net sysctl file belongs to the network namespace of the thread that opens it,
-/// not to the mount, so a read-write host `/proc/sys` mounted elsewhere serves when the
-/// runtime's own `/proc/sys` is read-only (tests/sysctl_dir.rs shows it).
-fn sysctl_in(netns: &Path, proc_sys: &Path, key: &str, value: &str) -> Result<(), RulesError> {
-    let command = format!("sysctl {key}={value}");
-    let failed = |e: std::io::Error| RulesError::Failed {
-        command: command.clone(),
-        netns: netns.display().to_string(),
-        stderr: e.to_string(),
-    };
-    let file = std::fs::File::open(netns).map_err(failed)?;
-    let path = sysctl_path(proc_sys, key);
+/// Runs `f` on a short-lived thread switched into the network namespace at `netns` (a path
+/// such as `/proc/<pid>/ns/net`): sockets it opens (libnftables', rtnetlink's) and sysctl
+/// files it opens belong to that namespace. The agent's own threads never switch.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T, RulesError> + Send) -> Result<T, RulesError> {
+    let file = std::fs::File::open(netns).map_err(|e| RulesError::failed("opening the namespace", netns, e))?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                std::fs::write(&path, value)
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| RulesError::failed("setns", netns, e))?;
+                f()
             })
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("sysctl thread panicked")))
+            .unwrap_or_else(|_| {
+                Err(RulesError::failed(
+                    "switching into the namespace",
+                    netns,
+                    "thread panicked",
+                ))
+            })
     })
-    .map_err(failed)
+}
+
+/// The return path of each family: `fwmark 0x111/0xfff lookup 100` and table 100's `local`
+/// default route through `lo`.
+fn return_paths() -> [ReturnPath; 2] {
+    [false, true].map(|ipv6| ReturnPath {
+        ipv6,
+        mark: RETURN_MARK,
+        mask: MARK_MASK,
+        table: ROUTE_TABLE,
+    })
+}
+
+/// Runs an nftables batch in the calling thread's namespace, `command` naming it in errors.
+fn nft_in(netns: &Path, command: &str, batch: &str) -> Result<String, RulesError> {
+    nft::run(batch).map_err(|e| RulesError::failed(command, netns, e))
+}
+
+/// Writes a sysctl through the sysctl tree `proc_sys` of a proc filesystem, wherever it is
+/// mounted: a net sysctl file belongs to the network namespace of the thread that opens it,
+/// not to the mount, so a read-write host `/proc/sys` mounted elsewhere serves when the
+/// runtime's own `/proc/sys` is read-only (tests/sysctl_dir.rs shows it).
+fn write_sysctl(netns: &Path, proc_sys: &Path, key: &str, value: &str) -> Result<(), RulesError> {
+    std::fs::write(sysctl_path(proc_sys, key), value)
+        .map_err(|e| RulesError::failed(&format!("sysctl {key}={value}"), netns, e))
 }
 
 /// The file of sysctl `key` (dotted) under the sysctl tree `proc_sys`.
@@ -230,42 +192,32 @@ pub fn install(netns: &Path, ports: Ports) -> Result<(), RulesError> {
 
 /// Installs (or replaces) the redirection in the namespace at `netns` (a path such as
 /// `/proc/<pid>/ns/net` or `/var/run/netns/<name>`), writing its sysctl through the sysctl
-/// tree `proc_sys`. Pod start-up waits for this, so the independent parts run at once: nft,
-/// one `ip -batch` per family, and the sysctl (written from a thread in the namespace).
+/// tree `proc_sys`. Pod start-up waits for this: it runs in-process, in about a millisecond.
 /// [`dump`] shows what the kernel then holds.
 pub fn install_via(netns: &Path, ports: Ports, proc_sys: &Path) -> Result<(), RulesError> {
-    std::thread::scope(|scope| {
+    in_netns(netns, || {
+        // Creating the table where there is none (every new pod) is a third of the cost of
+        // replacing it; an existing table (a re-install) is replaced in one transaction.
+        match nft::run(&first_install(ports)) {
+            Err(NftError::Failed(e)) if e.contains("File exists") => nft_in(netns, "nft -f", &ruleset(ports)).map(drop),
+            other => other.map(drop).map_err(|e| RulesError::failed("nft -f", netns, e)),
+        }?;
+        let nl_failed = |what: &'static str| move |e: std::io::Error| RulesError::failed(what, netns, e);
+        let mut nl = Netlink::open().map_err(nl_failed("opening rtnetlink"))?;
         // The return path routes through lo (normally up already; the runtime sets it up).
-        // Both batches raise it: the routes need it up, and they run concurrently.
-        let batch = |ipv6| {
-            let input = format!("link set lo up\n{}", route_batch(ipv6, true));
-            ip_batch(netns, ipv6, &input, &[2])
-        };
-        let v4 = scope.spawn(move || batch(false));
-        let v6 = scope.spawn(move || batch(true));
-        let tables = match run_in(netns, &["nft", "-f", "-"], Some(&first_install(ports))) {
-            Err(RulesError::Failed { stderr, .. }) if stderr.contains("File exists") => {
-                run_in(netns, &["nft", "-f", "-"], Some(&ruleset(ports))).map(drop)
-            }
-            other => other.map(drop),
-        };
-        let sysctl = sysctl_in(netns, proc_sys, MIGRATE_REQ, "1");
-        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), RulesError>>| {
-            h.join().unwrap_or_else(|_| {
-                Err(RulesError::Failed {
-                    command: "ip -batch".into(),
-                    netns: netns.display().to_string(),
-                    stderr: "thread panicked".into(),
-                })
-            })
-        };
-        tables.and(sysctl).and(joined(v4)).and(joined(v6))
+        nl.loopback_up().map_err(nl_failed("link set lo up"))?;
+        for path in return_paths() {
+            nl.add(path).map_err(nl_failed("adding the return path"))?;
+        }
+        write_sysctl(netns, proc_sys, MIGRATE_REQ, "1")
     })
 }
 
 /// The agent's table as nftables lists it.
 pub fn dump(netns: &Path) -> Result<String, RulesError> {
-    run_in(netns, &["nft", "list", "table", "inet", TABLE], None)
+    in_netns(netns, || {
+        nft_in(netns, "nft list table", &format!("list table inet {TABLE}"))
+    })
 }
 
 /// [`remove_via`] with the runtime's `/proc/sys`.
@@ -276,15 +228,20 @@ pub fn remove(netns: &Path) -> Result<(), RulesError> {
 /// Removes the table, the rules and the routes `install` added (the sysctl through
 /// `proc_sys`). Removing what is not there is not an error (idempotent).
 pub fn remove_via(netns: &Path, proc_sys: &Path) -> Result<(), RulesError> {
-    match run_in(netns, &["nft", "delete", "table", "inet", TABLE], None) {
-        Ok(_) => {}
-        Err(RulesError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
-        Err(e) => return Err(e),
-    }
-    ip_batch(netns, false, &route_batch(false, false), &[1, 2])?;
-    ip_batch(netns, true, &route_batch(true, false), &[1, 2])?;
-    let _ = sysctl_in(netns, proc_sys, MIGRATE_REQ, "0");
-    Ok(())
+    in_netns(netns, || {
+        match nft::run(&format!("delete table inet {TABLE}")) {
+            Ok(_) => {}
+            Err(NftError::Failed(e)) if e.contains("No such file") => {}
+            Err(e) => return Err(RulesError::failed("nft delete table", netns, e)),
+        }
+        let mut nl = Netlink::open().map_err(|e| RulesError::failed("opening rtnetlink", netns, e))?;
+        for path in return_paths() {
+            nl.delete(path)
+                .map_err(|e| RulesError::failed("deleting the return path", netns, e))?;
+        }
+        let _ = write_sysctl(netns, proc_sys, MIGRATE_REQ, "0");
+        Ok(())
+    })
 }
 
 /// True when the namespace carries the agent's table.
@@ -351,15 +308,21 @@ pub fn verify(netns: &Path, ports: Ports) -> Result<(), Missing> {
             return Err(Missing::Statement { chain, statement });
         }
     }
-    for (family, version) in [("-4", 4), ("-6", 6)] {
-        let rules = run_in(netns, &["ip", family, "rule", "show"], None)?;
-        let rule = format!("lookup {ROUTE_TABLE}");
-        if !rules.lines().any(|l| l.contains("fwmark") && l.contains(&rule)) {
+    let seen = in_netns(netns, || {
+        let mut nl = Netlink::open().map_err(|e| RulesError::failed("opening rtnetlink", netns, e))?;
+        return_paths()
+            .into_iter()
+            .map(|path| {
+                nl.seen(path)
+                    .map_err(|e| RulesError::failed("listing rules and routes", netns, e))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    for (seen, version) in seen.iter().zip([4, 6]) {
+        if !seen.rule {
             return Err(Missing::PolicyRule(version));
         }
-        let table = ROUTE_TABLE.to_string();
-        let routes = run_in(netns, &["ip", family, "route", "show", "table", &table], None)?;
-        if !routes.lines().any(|l| l.starts_with("local default dev lo")) {
+        if !seen.route {
             return Err(Missing::Route(version));
         }
     }

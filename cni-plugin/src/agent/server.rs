@@ -450,7 +450,7 @@ impl Agent {
         let netns = PathBuf::from(&req.netns);
         let result = async {
             let (path, ports, proc_sys) = (netns.clone(), self.ports, self.proc_sys.clone());
-            // nft and ip run as child processes: keep them off the async threads.
+            // libnftables and rtnetlink calls block (briefly): keep them off the async threads.
             let ips = req.ips.clone();
             // Pod rules and the node's probe SNAT set are independent: written at once.
             tokio::task::spawn_blocking(move || {
