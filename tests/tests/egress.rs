@@ -208,3 +208,90 @@ async fn service_entries_dns_and_registry_only() {
         Ok(200)
     );
 }
+
+const WP_ID: u8 = 72;
+
+/// `shop` with a waypoint, and `api.external.test` (endpoint 10.90.72.200) labelled to go
+/// through it, with an L7 policy on the entry: only `GET /allowed`.
+fn waypoint_world() -> String {
+    let mut w = mesh_e2e::waypoint::base(WP_ID);
+    w += &format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+  endpoints: [{{address: 10.90.{WP_ID}.200}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: api-get-allowed, namespace: shop}}
+spec:
+  targetRefs: [{{kind: ServiceEntry, group: networking.istio.io, name: api}}]
+  action: ALLOW
+  rules: [{{to: [{{operation: {{methods: [GET], paths: [/allowed]}}}}]}}]
+"#
+    );
+    w
+}
+
+/// Egress through a waypoint: the entry's traffic goes to the waypoint (never straight out),
+/// which applies the AuthorizationPolicy targeting the ServiceEntry by method and path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_waypoint_applies_l7_policy_to_the_external_host() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let wp_id = mesh_e2e::waypoint::identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(WP_ID, 1, &waypoint_world(), &[&wp_id])
+        .await
+        .expect("cluster up");
+    let api = cluster.add_external(200).expect("external .200");
+    tokio::spawn(named_server(
+        api.listen(SocketAddr::new(Ipv4Addr::new(10, 90, WP_ID, 200).into(), 80))
+            .expect("listen"),
+        "egress-wp-api",
+    ));
+    let waypoint = mesh_e2e::waypoint::Waypoint::start(&cluster, 0, "shop", "waypoint")
+        .await
+        .expect("waypoint up");
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    cluster
+        .wait_workload(&client, true, WAIT)
+        .await
+        .expect("client advertised");
+    let vip = vip_of(&cluster, "api.external.test").await;
+    let request = |method: &'static str, path: &'static str| {
+        let client = &client;
+        async move {
+            let mut conn = HttpConn::open(&client.ns, SocketAddr::new(vip, 80), "api.external.test")
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.send(method, path, &[])
+                .await
+                .map(|a| a.status)
+                .map_err(|e| e.to_string())
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match request("GET", "/allowed").await {
+            Ok(200) => break,
+            other if Instant::now() > deadline => {
+                panic!("GET /allowed never succeeded: {other:?}\n{}", waypoint.logs())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let before = served("egress-wp-api");
+    assert_eq!(request("POST", "/").await, Ok(403), "POST / denied at the waypoint");
+    assert_eq!(request("GET", "/").await, Ok(403), "GET / is not allowed either");
+    assert_eq!(served("egress-wp-api"), before, "denied requests never left the mesh");
+    assert_eq!(request("GET", "/allowed").await, Ok(200));
+    assert_eq!(served("egress-wp-api"), before + 1);
+}

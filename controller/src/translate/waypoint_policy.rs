@@ -44,11 +44,25 @@ fn targets(
                     report.add(kind, key, format!("targetRef Service {target_key} does not exist"));
                 }
             }
+            ("networking.istio.io", "ServiceEntry") => {
+                // The waypoint knows an entry's hosts as services named after the entry, so the
+                // target is that service (a Kubernetes Service of the same name in the namespace
+                // would be targeted too).
+                if !inputs.service_entries.contains_key(&target_key) {
+                    report.add(kind, key, format!("targetRef ServiceEntry {target_key} does not exist"));
+                }
+                out.push(wp::Target {
+                    kind: "Service".to_owned(),
+                    namespace: ns,
+                    name: t.name.clone(),
+                });
+                continue;
+            }
             (group, k) => {
                 report.add(
                     kind,
                     key,
-                    format!("targetRef {group}/{k} is not supported (Gateway or Service)"),
+                    format!("targetRef {group}/{k} is not supported (Gateway, Service or ServiceEntry)"),
                 );
                 continue;
             }
@@ -164,6 +178,7 @@ fn authorization(inputs: &Inputs, key: &ObjectKey, ap: &istio::AuthorizationPoli
         kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
             action: action as i32,
             rules,
+            dry_run: super::authz::dry_run(ap),
         })),
     }
 }
