@@ -36,6 +36,11 @@ pub struct Config {
     /// Root certificate and key (root-cert.pem, root-key.pem): loaded, or generated and kept here.
     #[arg(long, env = "CA_DIR", default_value = "./mesh-ca")]
     pub ca_dir: PathBuf,
+    /// Plug-in CA in Istio's layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem;
+    /// in a cluster the `cacerts` Secret mounted here): signs instead of the self-signed root
+    /// of --ca-dir when present, and is re-read for root rotations.
+    #[arg(long, env = "CACERTS_DIR", default_value = crate::ca::DEFAULT_CACERTS_DIR)]
+    pub cacerts_dir: PathBuf,
     /// Local mode: YAML list of `{token, identity, node}` bootstrap tokens.
     #[arg(long, env = "BOOTSTRAP_TOKENS")]
     pub bootstrap_tokens: Option<PathBuf>,

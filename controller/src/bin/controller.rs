@@ -54,6 +54,34 @@ async fn write_records(dir: PathBuf, mut published: watch::Receiver<Published>) 
     }
 }
 
+/// The CA: the plug-in CA of --cacerts-dir when it holds one (returned too, for the watch),
+/// else the self-signed root of --ca-dir.
+fn ca_root(config: &Config) -> anyhow::Result<(Arc<CaRoot>, Option<controller::ca::PluginFiles>)> {
+    let dir = &config.cacerts_dir;
+    match controller::ca::PluginFiles::read(dir).context("--cacerts-dir")? {
+        Some(files) => {
+            let root = CaRoot::from_plugin(&files, &config.trust_domain).context("plug-in CA (--cacerts-dir)")?;
+            tracing::info!(dir = %dir.display(), roots = root.root_count(), "signing with the plug-in CA");
+            Ok((Arc::new(root), Some(files)))
+        }
+        None => {
+            let root = CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain).context("CA root")?;
+            Ok((Arc::new(root), None))
+        }
+    }
+}
+
+/// What a plug-in CA change does: the CA signs with the new intermediate and sends the new
+/// bundle with every certificate from now on, and the bundle file proxies read is rewritten.
+fn rotate(ca: CaServer, ca_dir: PathBuf) -> impl Fn(Arc<CaRoot>) + Send + 'static {
+    move |root| {
+        if let Err(e) = controller::ca::publish_trust_bundle(&ca_dir, root.trust_bundle()) {
+            tracing::warn!(error = %e, "cannot publish the new trust bundle");
+        }
+        ca.replace_root(root);
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load()?;
@@ -68,8 +96,8 @@ async fn main() -> anyhow::Result<()> {
         .identity
         .parse()
         .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
-    let root = Arc::new(CaRoot::load_or_generate(&config.ca_dir, &config.trust_domain).context("CA root")?);
-    std::fs::write(config.ca_dir.join("trust-bundle.pem"), root.trust_bundle())
+    let (root, plugin) = ca_root(&config)?;
+    controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
         .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
     let names = config.serving_names();
     let serving = root
@@ -178,7 +206,22 @@ async fn main() -> anyhow::Result<()> {
     let mut ca_options = CaOptions::new(&config.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
     ca_options.max_ttl = Duration::from_secs(config.max_cert_ttl_seconds);
     ca_options.default_ttl = ca_options.default_ttl.min(ca_options.max_ttl);
-    let ca = CaServer::new(root.clone(), auth.clone(), core.pods.clone(), ca_options, ca_metrics);
+    let ca = CaServer::new(
+        root.clone(),
+        auth.clone(),
+        core.pods.clone(),
+        ca_options,
+        ca_metrics.clone(),
+    );
+    if let Some(files) = plugin {
+        tokio::spawn(controller::ca::plugin::watch(
+            files,
+            config.trust_domain.clone(),
+            Duration::from_secs(1),
+            ca_metrics,
+            rotate(ca.clone(), config.ca_dir.clone()),
+        ));
+    }
     let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
 
     let admin = Arc::new(admin::Admin {

@@ -1,18 +1,23 @@
 //! The mesh CA: signs workload certificates for ztunnels and waypoints over
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`.
 //!
-//! - [`root`]: the root certificate and key (loaded or generated), and the controller's own
-//!   serving certificate.
+//! - [`root`]: the signing CA (a self-signed root, loaded or generated, or a plug-in
+//!   intermediate) with its trust bundle, and the controller's own serving certificate.
+//! - [`plugin`]: Istio's plug-in CA layout (`cacerts`), checked, and watched for rotations.
 //! - [`auth`]: who the caller is, from its bearer token.
 //! - [`server`]: the gRPC service and its authorization rules (own identity, or a node proxy
 //!   asking for the pods of its node).
 
 pub mod auth;
+pub mod plugin;
 pub mod root;
 pub mod server;
 
 pub use auth::{
     bearer_token, random_token, AuthError, Authenticator, BootstrapError, BootstrapTokens, Caller, MIN_TOKEN_BYTES,
 };
-pub use root::{CaRoot, CaRootError, ServingNames, ROOT_CERT_FILE, ROOT_KEY_FILE};
+pub use plugin::{PluginError, PluginFiles, DEFAULT_CACERTS_DIR};
+pub use root::{
+    publish_trust_bundle, CaRoot, CaRootError, ServingNames, ROOT_CERT_FILE, ROOT_KEY_FILE, TRUST_BUNDLE_FILE,
+};
 pub use server::{CaMetrics, CaOptions, CaServer, PodLocator, RefusalReason, DEFAULT_TTL};

@@ -16,6 +16,8 @@ use mesh_core::identity::cert::{CertError, WorkloadCertificate};
 use mesh_core::identity::Identity;
 use tracing::info;
 
+use super::plugin::{self, PluginError, PluginFiles};
+
 /// File name of the root certificate inside the CA directory.
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 /// File name of the root private key (PKCS#8 PEM) inside the CA directory.
@@ -62,9 +64,15 @@ pub struct ServingNames {
     pub ips: Vec<IpAddr>,
 }
 
-/// The root certificate and key the CA signs with.
+/// The CA the controller signs with: its own self-signed root, or a plug-in intermediate
+/// with the chain up to its roots ([`super::plugin`]).
 pub struct CaRoot {
+    /// The signing certificate and key (the root itself, or the plug-in intermediate).
     ca: DevCa,
+    /// Certificates sent between the leaf and the roots (empty when the root signs).
+    intermediates: Vec<String>,
+    /// The trust bundle: every root clients must trust (PEM, one or several).
+    bundle: String,
 }
 
 impl std::fmt::Debug for CaRoot {
@@ -106,7 +114,7 @@ impl CaRoot {
                 write_atomic(&key_path, ca.key_pem().as_bytes(), 0o600)?;
                 write_atomic(&cert_path, ca.root_pem().as_bytes(), 0o644)?;
                 info!(dir = %dir.display(), trust_domain, "generated a new CA root and saved it");
-                Ok(CaRoot { ca })
+                Ok(Self::self_signed(ca))
             }
         }
     }
@@ -124,20 +132,60 @@ impl CaRoot {
         // DevCa re-signs the certificate with whatever key it is given, so a mismatched pair
         // would load fine and then issue leaves that chain to nothing clients trust.
         check_key_matches(cert_pem, key_pem)?;
-        Ok(CaRoot { ca })
+        Ok(Self::self_signed(ca))
     }
 
-    /// The root certificate (PEM) clients must trust.
+    fn self_signed(ca: DevCa) -> Self {
+        let bundle = ca.root_pem().to_owned();
+        CaRoot {
+            ca,
+            intermediates: Vec::new(),
+            bundle,
+        }
+    }
+
+    /// The plug-in CA of `files` (Istio's `cacerts` layout), checked: each file parses, the
+    /// key belongs to `ca-cert.pem`, and what it signs chains to a root of `root-cert.pem`.
+    pub fn from_plugin(files: &PluginFiles, trust_domain: &str) -> Result<Self, PluginError> {
+        let checked = plugin::check(files)?;
+        let ca = DevCa::from_pem(&files.ca_cert, &files.ca_key).map_err(|e| PluginError::Invalid {
+            path: files.path(plugin::CA_CERT_FILE),
+            reason: e.to_string(),
+        })?;
+        let root = CaRoot {
+            ca,
+            intermediates: checked.intermediates,
+            bundle: checked.bundle,
+        };
+        plugin::check_chains(&root, files, trust_domain)?;
+        Ok(root)
+    }
+
+    /// The roots (PEM) clients must trust: one, or several during a root rotation.
     pub fn trust_bundle(&self) -> &str {
-        self.ca.root_pem()
+        &self.bundle
+    }
+
+    /// How many roots the trust bundle holds.
+    pub fn root_count(&self) -> usize {
+        mesh_core::identity::cert::certs_from_pem(&self.bundle).map_or(0, |c| c.len())
     }
 
     /// Signs `csr_pem` for `identity`, valid for `ttl`; returns the chain as the CA service
-    /// sends it: leaf PEM first, root PEM last. The leaf carries exactly `identity` as its
-    /// URI SAN whatever the CSR asked for, so callers must have checked the CSR already.
+    /// sends it, as Istio's does: leaf PEM first, then the intermediates, then the trust
+    /// bundle (every root, in one element). The leaf carries exactly `identity` as its URI SAN
+    /// whatever the CSR asked for, so callers must have checked the CSR already.
     pub fn sign(&self, identity: &Identity, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, CaRootError> {
         let leaf = self.ca.issue(identity, csr_pem, ttl).map_err(CaRootError::Sign)?;
-        Ok(vec![leaf, self.ca.root_pem().to_owned()])
+        Ok(self.chain_with(leaf))
+    }
+
+    fn chain_with(&self, leaf: String) -> Vec<String> {
+        let mut chain = Vec::with_capacity(self.intermediates.len() + 2);
+        chain.push(leaf);
+        chain.extend(self.intermediates.iter().cloned());
+        chain.push(self.bundle.clone());
+        chain
     }
 
     /// Issues the controller's own TLS serving certificate for `identity`, valid for `ttl`,
@@ -198,11 +246,25 @@ impl CaRoot {
         params.not_before = (now - Duration::from_secs(60)).into();
         params.not_after = (now + ttl).into();
         let leaf = params.signed_by(&key, &issuer, &ca_key).map_err(|e| serving(&e))?;
-        let chain = [leaf.pem(), self.ca.root_pem().to_owned()];
+        let chain = self.chain_with(leaf.pem());
         WorkloadCertificate::from_chain(identity, key.serialize_der(), &chain, &[])
             .map_err(|e: CertError| CaRootError::Serving(e.to_string()))
     }
 }
+
+/// Writes the trust bundle (`dir/trust-bundle.pem`, readable by all) for proxies that read
+/// their roots from a file; replaced atomically, so a reader never sees half a bundle.
+pub fn publish_trust_bundle(dir: &Path, bundle: &str) -> Result<PathBuf, CaRootError> {
+    if !exists(dir)? {
+        create_private_dir(dir)?;
+    }
+    let path = dir.join(TRUST_BUNDLE_FILE);
+    write_atomic(&path, bundle.as_bytes(), 0o644)?;
+    Ok(path)
+}
+
+/// The published trust bundle's file name in the CA directory.
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
 
 /// A positive 127-bit serial from the system's CSPRNG.
 fn random_serial() -> Result<rcgen::SerialNumber, CaRootError> {

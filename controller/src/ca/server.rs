@@ -104,11 +104,17 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 /// Counters of the CA. `Default` gives unregistered counters (tests).
 #[derive(Clone, Debug, Default)]
 pub struct CaMetrics {
     signed: Counter,
     refused: Family<ReasonLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
 }
 
 impl CaMetrics {
@@ -123,7 +129,24 @@ impl CaMetrics {
             "Certificate requests refused by the CA, by reason",
             m.refused.clone(),
         );
+        registry.register(
+            "ca_reloads",
+            "Changes of the plug-in CA files: applied, or refused (the previous CA keeps signing)",
+            m.reloads.clone(),
+        );
         m
+    }
+
+    /// Counts a change of the plug-in CA files, applied or refused.
+    pub fn reloaded(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Plug-in CA changes applied (`true`) or refused (`false`) so far.
+    pub fn reloads(&self, applied: bool) -> u64 {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result }).get()
     }
 
     pub fn signed(&self) -> u64 {
@@ -168,7 +191,9 @@ pub struct CaServer {
 }
 
 struct Inner {
-    root: Arc<CaRoot>,
+    /// Swapped when the plug-in CA files change (a root rotation); each request signs with
+    /// the CA current when it arrives.
+    root: arc_swap::ArcSwap<CaRoot>,
     auth: Arc<dyn Authenticator>,
     pods: Arc<dyn PodLocator>,
     options: CaOptions,
@@ -195,7 +220,7 @@ impl CaServer {
     ) -> Self {
         CaServer {
             inner: Arc::new(Inner {
-                root,
+                root: arc_swap::ArcSwap::new(root),
                 auth,
                 pods,
                 options,
@@ -203,6 +228,16 @@ impl CaServer {
                 log_limit: LogLimiter::new(REFUSAL_LOG_INTERVAL),
             }),
         }
+    }
+
+    /// Signs with `root` from now on (requests in flight finish with the previous one).
+    pub fn replace_root(&self, root: Arc<CaRoot>) {
+        self.inner.root.store(root);
+    }
+
+    /// The CA signing now.
+    pub fn root(&self) -> Arc<CaRoot> {
+        self.inner.root.load_full()
     }
 
     /// The tonic service, to add to a `tonic::transport::Server`.
@@ -267,11 +302,16 @@ impl CaServer {
             }
         }
         let ttl = self.lifetime(req.validity_duration);
-        let chain = self.inner.root.sign(requested, &req.csr, ttl).map_err(|e| match e {
-            // The CSR passed our checks but not the signer's (an extension it rejects).
-            CaRootError::Sign(CaError::Csr(m)) => bad_csr(format!("CSR: {m}")),
-            e => Refusal::new(RefusalReason::Internal, Code::Internal, format!("signing failed: {e}")),
-        })?;
+        let chain = self
+            .inner
+            .root
+            .load()
+            .sign(requested, &req.csr, ttl)
+            .map_err(|e| match e {
+                // The CSR passed our checks but not the signer's (an extension it rejects).
+                CaRootError::Sign(CaError::Csr(m)) => bad_csr(format!("CSR: {m}")),
+                e => Refusal::new(RefusalReason::Internal, Code::Internal, format!("signing failed: {e}")),
+            })?;
         Ok((requested.clone(), ttl, chain))
     }
 
