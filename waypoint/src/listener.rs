@@ -490,6 +490,7 @@ mod tests {
             kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
                 action: wp::Action::Deny as i32,
                 rules: vec![rule],
+                dry_run: false,
             })),
             ..Default::default()
         };

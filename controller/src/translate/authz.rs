@@ -299,7 +299,7 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
 pub(crate) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// Whether the policy carries `istio.io/dry-run: "true"` (any case, as Istio parses a bool).
-fn dry_run(policy: &AuthorizationPolicy) -> bool {
+pub(crate) fn dry_run(policy: &AuthorizationPolicy) -> bool {
     policy
         .metadata
         .annotations

@@ -80,7 +80,8 @@ pub(super) fn decide(
         let matched = c
             .matched_rule
             .map_or("no rule matches".to_owned(), |r| format!("rule {r} matches"));
-        ex.hop(at, format!("  {} {}: {matched}", c.action.as_str_name(), c.policy));
+        let dry = if c.dry_run { " (dry run: logged only)" } else { "" };
+        ex.hop(at, format!("  {} {}: {matched}{dry}", c.action.as_str_name(), c.policy));
     }
     if let Decision::Deny(reason) = decision {
         ex.verdict = Verdict::Denied {

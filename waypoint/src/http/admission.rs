@@ -46,6 +46,8 @@ pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
 pub struct Target<'a> {
     pub gateway: (&'a str, &'a str),
     pub service: (&'a str, &'a str),
+    /// Where AUDIT matches and dry-run decisions are counted.
+    pub metrics: &'a crate::telemetry::metrics::Metrics,
 }
 
 impl<'a> Target<'a> {
@@ -53,6 +55,7 @@ impl<'a> Target<'a> {
         Target {
             gateway: (wp.gateway.0.as_str(), wp.gateway.1.as_str()),
             service: (svc.namespace.as_str(), svc.name.as_str()),
+            metrics: &wp.metrics,
         }
     }
 }
@@ -89,7 +92,8 @@ pub fn request_host(parts: &Parts, svc: &Service) -> String {
         .unwrap_or_else(|| svc.hostname.clone())
 }
 
-/// Authorization against the original client's identity.
+/// Authorization against the original client's identity. AUDIT matches and the dry-run
+/// policies' decision are logged and counted; they never change the decision.
 pub fn authorize(
     snapshot: &Snapshot,
     target: &Target<'_>,
@@ -111,9 +115,33 @@ pub fn authorize(
         path: parts.uri.path(),
         headers: &parts.headers,
     };
-    match authz::evaluate(snapshot.policies_for(target.gateway, target.service), &attrs) {
+    let decision = authz::evaluate(snapshot.policies_for(target.gateway, target.service), &attrs);
+    let observed = authz::observe(|| snapshot.policies_for(target.gateway, target.service), &attrs);
+    if !observed.is_empty() {
+        let text = match &decision {
+            Decision::Allow => "allowed",
+            Decision::Deny(why) => why.as_str(),
+        };
+        log_observed(&observed, &attrs, text);
+        target.metrics.observed(&observed);
+    }
+    match decision {
         Decision::Deny(why) => Err(LocalReply::RbacDenied(why)),
         Decision::Allow => Ok(()),
+    }
+}
+
+/// Logs AUDIT matches and the dry-run policies' decision next to the enforced one.
+fn log_observed(observed: &authz::Observed, attrs: &RequestAttrs<'_>, decision: &str) {
+    for (policy, rule) in &observed.audits {
+        tracing::info!(target: "access", audit_policy = %policy, rule, src = attrs.source_principal, method = attrs.method, path = attrs.path, decision, "AUDIT policy matched");
+    }
+    if let Some(shadow) = &observed.dry_run {
+        let would = match shadow {
+            Decision::Allow => "allowed".to_owned(),
+            Decision::Deny(why) => format!("denied ({why})"),
+        };
+        tracing::info!(target: "access", dry_run = %would, src = attrs.source_principal, method = attrs.method, path = attrs.path, decision, "dry-run policies evaluated; not enforced");
     }
 }
 

@@ -255,11 +255,25 @@ pub fn evaluate_tcp<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, c: &
 }
 
 fn decide<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &RequestAttrs<'_>, traffic: Traffic) -> Decision {
+    decide_set(policies, r, traffic, false)
+}
+
+/// Decides under the enforced policies (`dry_run` false) or, for Istio's shadow rules, under
+/// the dry-run ones alone (`dry_run` true).
+fn decide_set<'a>(
+    policies: impl IntoIterator<Item = &'a wp::Policy>,
+    r: &RequestAttrs<'_>,
+    traffic: Traffic,
+    dry_run: bool,
+) -> Decision {
     let mut allows = Vec::new();
     for p in policies {
         let Some(wp::policy::Kind::Authorization(a)) = &p.kind else {
             continue;
         };
+        if a.dry_run != dry_run {
+            continue;
+        }
         match wp::Action::try_from(a.action) {
             Ok(wp::Action::Deny) => {
                 if let Some(i) = a
@@ -287,12 +301,59 @@ fn decide<'a>(policies: impl IntoIterator<Item = &'a wp::Policy>, r: &RequestAtt
     }
 }
 
+/// What AUDIT and dry-run policies saw of a request: logged and counted, never enforced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// AUDIT policies (`namespace/name`) that matched, with the first rule that did.
+    pub audits: Vec<(String, usize)>,
+    /// What the dry-run policies alone would decide (Istio's shadow rules), when any apply.
+    pub dry_run: Option<Decision>,
+}
+
+impl Observed {
+    pub fn is_empty(&self) -> bool {
+        self.audits.is_empty() && self.dry_run.is_none()
+    }
+}
+
+/// The AUDIT matches and the dry-run decision for a request. `policies` is walked twice at
+/// most and nothing is allocated unless an AUDIT policy matches.
+pub fn observe<'a, I>(policies: impl Fn() -> I, r: &RequestAttrs<'_>) -> Observed
+where
+    I: Iterator<Item = &'a wp::Policy>,
+{
+    let mut out = Observed::default();
+    let mut any_dry_run = false;
+    for p in policies() {
+        let Some(wp::policy::Kind::Authorization(a)) = &p.kind else {
+            continue;
+        };
+        any_dry_run |= a.dry_run;
+        if a.action == wp::Action::Audit as i32 && !a.dry_run {
+            let effect = Effect::Allow;
+            if let Some(i) = a
+                .rules
+                .iter()
+                .position(|rule| rule_matches(rule, r, effect, Traffic::Http))
+            {
+                out.audits.push((format!("{}/{}", p.namespace, p.name), i));
+            }
+        }
+    }
+    if any_dry_run {
+        out.dry_run = Some(decide_set(policies(), r, Traffic::Http, true));
+    }
+    out
+}
+
 /// One authorization policy considered for a request, for explaining a decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Considered {
     /// `namespace/name`.
     pub policy: String,
     pub action: wp::Action,
+    /// Logged, never enforced.
+    pub dry_run: bool,
     /// The first rule (0-based) that matched.
     pub matched_rule: Option<usize>,
 }
@@ -318,6 +379,7 @@ pub fn evaluate_traced<'a>(
         considered.push(Considered {
             policy: format!("{}/{}", p.namespace, p.name),
             action,
+            dry_run: a.dry_run,
             matched_rule: a
                 .rules
                 .iter()
@@ -354,8 +416,47 @@ mod tests {
             kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
                 action: action as i32,
                 rules,
+                dry_run: false,
             })),
         }
+    }
+
+    fn dry_run(mut p: wp::Policy, name: &str) -> wp::Policy {
+        p.name = name.into();
+        if let Some(wp::policy::Kind::Authorization(a)) = &mut p.kind {
+            a.dry_run = true;
+        }
+        p
+    }
+
+    #[test]
+    fn audit_and_dry_run_are_observed_never_enforced() {
+        let h = HeaderMap::new();
+        let order = attrs("cluster.local/ns/shop/sa/order-service", "POST", "/api/v1/payments", &h);
+        let frontend = attrs("cluster.local/ns/shop/sa/frontend", "POST", "/api/v1/payments", &h);
+        let deny_all = policy(wp::Action::Deny, vec![wp::Rule::default()]);
+        let mut audit = policy(wp::Action::Audit, vec![wp::Rule::default()]);
+        audit.name = "audit-all".into();
+        // A dry-run ALLOW that only order-service matches, and a dry-run DENY of everything.
+        let policies = [payments(), audit, dry_run(payments(), "allow-dry"), dry_run(deny_all, "deny-dry")];
+
+        // Enforced: only `payments` decides; the dry-run DENY of everything changes nothing.
+        assert_eq!(evaluate(&policies, &order), Decision::Allow);
+        assert!(matches!(evaluate(&policies, &frontend), Decision::Deny(_)));
+
+        let seen = observe(|| policies.iter(), &order);
+        assert_eq!(seen.audits, vec![("shop/audit-all".to_owned(), 0)]);
+        assert_eq!(seen.dry_run, Some(Decision::Deny("denied by shop/deny-dry rule 0".into())));
+
+        // Without the dry-run DENY, the shadow rules allow order-service and deny frontend.
+        let shadow = [policies[0].clone(), policies[2].clone()];
+        assert_eq!(observe(|| shadow.iter(), &order).dry_run, Some(Decision::Allow));
+        assert_eq!(
+            observe(|| shadow.iter(), &frontend).dry_run,
+            Some(Decision::Deny("no ALLOW policy matched".into()))
+        );
+        // Nothing to observe: no allocation, nothing logged.
+        assert!(observe(|| policies[..1].iter(), &order).is_empty());
     }
 
     fn payments() -> wp::Policy {

@@ -95,6 +95,10 @@ pub struct Metrics {
     pub response_bytes: Family<RequestLabels, Histogram>,
     /// Resources or requests refused as malformed, by reason.
     pub rejected: Family<Vec<(String, String)>, Counter>,
+    /// Requests an AUDIT policy matched, by policy.
+    pub audited: Family<Vec<(String, String)>, Counter>,
+    /// Requests evaluated under dry-run policies, by what those alone would decide.
+    pub dry_run: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Metrics {
@@ -114,6 +118,8 @@ impl Metrics {
             request_bytes: Family::new_with_constructor(bytes),
             response_bytes: Family::new_with_constructor(bytes),
             rejected: Family::default(),
+            audited: Family::default(),
+            dry_run: Family::default(),
         };
         registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
         registry.register(
@@ -132,11 +138,39 @@ impl Metrics {
             m.response_bytes.clone(),
         );
         registry.register(
+            "waypoint_authz_audit",
+            "Requests an AUDIT authorization policy matched, by policy (never enforced)",
+            m.audited.clone(),
+        );
+        registry.register(
+            "waypoint_authz_dry_run",
+            "Requests evaluated under dry-run authorization policies, by the decision those alone would make (never enforced)",
+            m.dry_run.clone(),
+        );
+        registry.register(
             "waypoint_rejected_requests",
             "Requests refused before routing (malformed or unroutable), by reason",
             m.rejected.clone(),
         );
         m
+    }
+
+    /// Counts what AUDIT and dry-run policies saw of one request.
+    pub fn observed(&self, o: &crate::policy::authz::Observed) {
+        for (policy, _) in &o.audits {
+            self.audited
+                .get_or_create(&vec![("policy".to_owned(), policy.clone())])
+                .inc();
+        }
+        if let Some(d) = &o.dry_run {
+            let decision = match d {
+                crate::policy::authz::Decision::Allow => "allow",
+                crate::policy::authz::Decision::Deny(_) => "deny",
+            };
+            self.dry_run
+                .get_or_create(&vec![("decision".to_owned(), decision.to_owned())])
+                .inc();
+        }
     }
 
     pub fn reject(&self, reason: &str) {
