@@ -51,6 +51,8 @@ pub fn parse_strace_summary(text: &str) -> Syscalls {
 pub struct Samples {
     pub by_dso: Vec<(String, f64)>,
     pub by_symbol: Vec<(String, f64)>,
+    /// Symbols in user space only (`[.]`): the proxy's own code and its libraries.
+    pub user_symbols: Vec<(String, f64)>,
 }
 
 /// Parses `perf report --stdio` lines (`  12.34%  name...`).
@@ -166,7 +168,7 @@ where
     let mut results = Vec::new();
     if have("strace") {
         let files: Vec<_> = (0..2)
-            .map(|i| dir.join(format!("strace-{label}-{what}-{i}.txt")))
+            .map(|i| dir.join(format!("strace-{label}-{}-{i}.txt", what.replace(" ", "-"))))
             .collect();
         let mut tracers = Vec::new();
         for (pid, file) in pids.iter().zip(&files) {
@@ -188,7 +190,7 @@ where
     }
     if have("perf") {
         let files: Vec<_> = (0..2)
-            .map(|i| dir.join(format!("perf-{label}-{what}-{i}.data")))
+            .map(|i| dir.join(format!("perf-{label}-{}-{i}.data", what.replace(" ", "-"))))
             .collect();
         let mut tracers = Vec::new();
         for (pid, file) in pids.iter().zip(&files) {
@@ -219,9 +221,16 @@ where
                 crate::netns::sh(&["perf", "report", "-i", &f, "--stdio", "--no-children", "--sort", sort])
                     .unwrap_or_default()
             };
+            let symbols = parse_perf_report(&report("sym"), usize::MAX);
             side.samples = Some(Samples {
                 by_dso: parse_perf_report(&report("dso"), 6),
-                by_symbol: parse_perf_report(&report("sym"), 25),
+                user_symbols: symbols
+                    .iter()
+                    .filter(|s| s.0.starts_with("[.]"))
+                    .take(25)
+                    .cloned()
+                    .collect(),
+                by_symbol: symbols.into_iter().take(25).collect(),
             });
         }
     } else {
@@ -230,26 +239,24 @@ where
     Ok((results, out))
 }
 
-/// A path's profile: what each proxy did per keep-alive request and per MiB of bulk transfer.
+/// One load watched on a path: what each proxy (client, server) did per unit of work.
+pub struct LoadProfile {
+    /// What ran, say "wrk -c10 keep-alive".
+    pub load: String,
+    /// "request" or "MiB".
+    pub unit: &'static str,
+    /// Units done during the strace run (the per-unit divisor).
+    pub units: f64,
+    pub sides: [SideProfile; 2],
+}
+
+/// A path's profile under several loads.
 pub struct ProfileReport {
     pub label: String,
-    pub keepalive: [SideProfile; 2],
-    pub requests: f64,
-    pub bulk: [SideProfile; 2],
-    pub mib: f64,
+    pub loads: Vec<LoadProfile>,
 }
 
 impl ProfileReport {
-    pub fn new(label: &str, keepalive: [SideProfile; 2], requests: f64, bulk: [SideProfile; 2], mib: f64) -> Self {
-        ProfileReport {
-            label: label.to_owned(),
-            keepalive,
-            requests,
-            bulk,
-            mib,
-        }
-    }
-
     pub fn json(&self) -> Value {
         let side = |s: &SideProfile, units: f64| {
             json!({
@@ -257,44 +264,48 @@ impl ProfileReport {
                 "syscalls": s.syscalls.as_ref().map(|c| c.calls.iter().map(|(n, k)| json!({"name": n, "per_unit": *k as f64 / units})).collect::<Vec<_>>()),
                 "cpu_by_dso_pct": s.samples.as_ref().map(|p| p.by_dso.clone()),
                 "cpu_by_symbol_pct": s.samples.as_ref().map(|p| p.by_symbol.clone()),
+                "cpu_by_user_symbol_pct": s.samples.as_ref().map(|p| p.user_symbols.clone()),
             })
         };
-        json!({
-            "path": self.label,
-            "keepalive_requests": self.requests,
-            "keepalive_per_request": [side(&self.keepalive[0], self.requests), side(&self.keepalive[1], self.requests)],
-            "bulk_mib": self.mib,
-            "bulk_per_mib": [side(&self.bulk[0], self.mib), side(&self.bulk[1], self.mib)],
-        })
+        let loads: Vec<Value> = self
+            .loads
+            .iter()
+            .map(|l| {
+                json!({
+                    "load": l.load, "unit": l.unit, "units": l.units,
+                    "client": side(&l.sides[0], l.units), "server": side(&l.sides[1], l.units),
+                })
+            })
+            .collect();
+        json!({"path": self.label, "loads": loads})
     }
 
     pub fn markdown(&self) -> String {
         let mut s = format!("### profile: {} (client side / server side)\n\n", self.label);
-        for (what, sides, units, unit) in [
-            ("keep-alive request", &self.keepalive, self.requests, "request"),
-            ("bulk transfer", &self.bulk, self.mib, "MiB"),
-        ] {
+        for l in &self.loads {
             let calls = |i: usize| {
-                sides[i].syscalls.as_ref().map_or_else(
+                l.sides[i].syscalls.as_ref().map_or_else(
                     || "—".to_owned(),
                     |c| {
                         let top: Vec<String> = c
                             .calls
                             .iter()
                             .take(6)
-                            .map(|(n, k)| format!("{n} {:.2}", *k as f64 / units))
+                            .map(|(n, k)| format!("{n} {:.2}", *k as f64 / l.units))
                             .collect();
-                        format!("{:.2} ({})", c.total() as f64 / units, top.join(", "))
+                        format!("{:.2} ({})", c.total() as f64 / l.units, top.join(", "))
                     },
                 )
             };
             s.push_str(&format!(
-                "- {what}: system calls per {unit}: client {}; server {}\n",
+                "- {}: system calls per {}: client {}; server {}\n",
+                l.load,
+                l.unit,
                 calls(0),
                 calls(1)
             ));
             for (i, side) in ["client", "server"].iter().enumerate() {
-                if let Some(p) = &sides[i].samples {
+                if let Some(p) = &l.sides[i].samples {
                     let list = |v: &[(String, f64)], n: usize| {
                         v.iter()
                             .take(n)
@@ -303,9 +314,11 @@ impl ProfileReport {
                             .join(", ")
                     };
                     s.push_str(&format!(
-                        "- {what}, {side} CPU by object: {}; top symbols: {}\n",
+                        "- {}, {side} CPU by object: {}; top symbols: {}; top user-space symbols: {}\n",
+                        l.load,
                         list(&p.by_dso, 4),
-                        list(&p.by_symbol, 10)
+                        list(&p.by_symbol, 8),
+                        list(&p.user_symbols, 8)
                     ));
                 }
             }

@@ -59,7 +59,29 @@ impl<'a> Ztunnel<'a> {
         Self::spawn(ns, &ns.name, Some(files), state, extra).await
     }
 
+    /// As [`Ztunnel::start`], running the ztunnel binary at `binary` (say, a build of another
+    /// commit, for an A/B benchmark).
+    pub async fn start_binary(
+        ns: &'a Netns,
+        files: &ZtunnelFiles<'_>,
+        binary: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Ztunnel<'a>> {
+        Self::spawn_binary(binary, ns, &ns.name, Some(files), Some(files.state), extra).await
+    }
+
     async fn spawn(
+        ns: &'a Netns,
+        node: &str,
+        files: Option<&ZtunnelFiles<'_>>,
+        state: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Ztunnel<'a>> {
+        Self::spawn_binary(&crate::binary("ztunnel"), ns, node, files, state, extra).await
+    }
+
+    async fn spawn_binary(
+        binary: &Path,
         ns: &'a Netns,
         node: &str,
         files: Option<&ZtunnelFiles<'_>>,
@@ -68,7 +90,7 @@ impl<'a> Ztunnel<'a> {
     ) -> anyhow::Result<Ztunnel<'a>> {
         let log = std::env::temp_dir().join(format!("{}-ztunnel.log", ns.name));
         let out = std::fs::File::create(&log)?;
-        let mut command = ns.command(&crate::binary("ztunnel"));
+        let mut command = ns.command(binary);
         if let Some(state) = state {
             command.arg("--local-xds-path").arg(state);
         }

@@ -43,12 +43,12 @@ use mesh_e2e::bench::{
 };
 use mesh_e2e::istio::{self, IstioZtunnel};
 use mesh_e2e::netns::sh;
-use mesh_e2e::profile::{self, ProfileReport};
+use mesh_e2e::profile::{self, LoadProfile, ProfileReport};
 use mesh_e2e::ztunnel::ZtunnelFiles;
 use mesh_e2e::{Bed, Hub, Netns, Ztunnel};
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: meshbench [--quick] [--rounds N] [--no-istio] [--istio-threads N] [--profile] [--out DIR]
+const USAGE: &str = "usage: meshbench [--quick] [--rounds N] [--no-istio] [--istio-threads N] [--compare ZTUNNEL] [--profile] [--out DIR]
 
 Measures the ambient mesh path (two captured pods, two ztunnels) against the same path
 through Istio's ztunnel and a plain path (two uncaptured pods) with iperf3, wrk and ab, and
@@ -59,6 +59,8 @@ the proxies' CPU, context switches and memory. Needs root.
   --no-istio          leave out Istio's ztunnel (also skipped, with a note, when
                       ../shared/peers/istio-ztunnel is absent)
   --istio-threads N   ZTUNNEL_WORKER_THREADS for Istio's ztunnel (default: its own, 2)
+  --compare ZTUNNEL   also run this build of our ztunnel (say, of the base commit) as path
+                      \"base\" on its own pods, with an A/B table against ours
   --profile           afterwards, per proxy: syscalls per request and per MiB (strace -c),
                       perf cpu-clock profile, allocations per request (ours)
   --out DIR           where bench.json and bench.md go (default: <target dir>/bench)
@@ -90,6 +92,8 @@ struct Opts {
     istio: bool,
     istio_threads: Option<u32>,
     profile: bool,
+    /// Another build of our ztunnel, run as path "base" (A/B).
+    compare: Option<PathBuf>,
 }
 
 /// Durations and counts of one run.
@@ -136,6 +140,7 @@ fn parse_args() -> Result<Option<Opts>> {
         istio: true,
         istio_threads: None,
         profile: false,
+        compare: None,
     };
     let mut out = None;
     let mut args = std::env::args().skip(1);
@@ -149,6 +154,11 @@ fn parse_args() -> Result<Option<Opts>> {
             "--quick" => o.quick = true,
             "--no-istio" => o.istio = false,
             "--profile" => o.profile = true,
+            "--compare" => {
+                o.compare = Some(PathBuf::from(
+                    args.next().ok_or_else(|| anyhow!("--compare needs a ztunnel binary"))?,
+                ))
+            }
             "--rounds" => o.rounds = Some(number(args.next(), "--rounds")?),
             "--istio-threads" => o.istio_threads = Some(number(args.next(), "--istio-threads")?),
             "--out" => {
@@ -275,9 +285,13 @@ struct Zt<'a> {
 }
 
 impl<'a> Zt<'a> {
-    async fn start(ns: &'a Netns, files: &ZtunnelFiles<'_>) -> Result<Zt<'a>> {
+    /// Our ztunnel built beside this binary, or the one at `binary`.
+    async fn start(ns: &'a Netns, files: &ZtunnelFiles<'_>, binary: Option<&Path>) -> Result<Zt<'a>> {
         let started = Instant::now();
-        let z = Ztunnel::start(ns, files, &[]).await?;
+        let z = match binary {
+            Some(b) => Ztunnel::start_binary(ns, files, b, &[]).await?,
+            None => Ztunnel::start(ns, files, &[]).await?,
+        };
         let ready_after = started.elapsed();
         let pid = z
             .pid()
@@ -849,7 +863,7 @@ async fn scale(bed: &Bed, dir: &Path) -> Result<Vec<Scale>> {
             root_key: &bed.root_key,
             state: &file,
         };
-        let z = Zt::start(&bed.a, &files).await?;
+        let z = Zt::start(&bed.a, &files, None).await?;
         // Steady state: ztunnel returns the load's freed pages to the system 1 s after the
         // state settles; give it a little more before reading.
         tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -950,8 +964,23 @@ async fn bench(opts: &Opts) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
     let dir = tmp.path();
 
-    let zc = Zt::start(&bed.a, &bed.files()).await?;
-    let zs = Zt::start(&bed.b, &bed.files()).await?;
+    let zc = Zt::start(&bed.a, &bed.files(), None).await?;
+    let zs = Zt::start(&bed.b, &bed.files(), None).await?;
+    let bbed = match &opts.compare {
+        Some(_) => Some(Bed::try_new(NET + 2).context("creating the pods for --compare")?),
+        None => None,
+    };
+    if let Some(bb) = &bbed {
+        tune(&bb.a)?;
+        tune(&bb.b)?;
+    }
+    let base_zts = match (&opts.compare, &bbed) {
+        (Some(binary), Some(bb)) => Some((
+            Zt::start(&bb.a, &bb.files(), Some(binary)).await?,
+            Zt::start(&bb.b, &bb.files(), Some(binary)).await?,
+        )),
+        _ => None,
+    };
     let istio_zts = match (&peer, &ibed) {
         (Some(binary), Some(ib)) => {
             let state = dir.join("istio-state.yaml");
@@ -986,8 +1015,19 @@ async fn bench(opts: &Opts) -> Result<()> {
         }),
         _ => None,
     };
+    let base = match (&bbed, &base_zts) {
+        (Some(bb), Some((c, s))) => Some(Pods {
+            label: "base",
+            client: &bb.a,
+            server: &bb.b,
+            server_ip: bb.ip(2),
+            proxies: Some((c.pid, s.pid)),
+        }),
+        _ => None,
+    };
     let mut paths = vec![&direct];
     paths.extend(theirs.as_ref());
+    paths.extend(base.as_ref());
     paths.push(&ours);
 
     let mut servers = Vec::new();
@@ -1003,6 +1043,9 @@ async fn bench(opts: &Opts) -> Result<()> {
     check_proxied("ours", &zc.z.metrics().await?)?;
     if let Some((c, _)) = &istio_zts {
         check_proxied("istio", &c.z.metrics().await?)?;
+    }
+    if let Some((c, _)) = &base_zts {
+        check_proxied("base", &c.z.metrics().await?)?;
     }
     eprintln!("meshbench: every path answers; warming up");
     for p in &paths {
@@ -1029,6 +1072,7 @@ async fn bench(opts: &Opts) -> Result<()> {
     );
     let ready = (zc.ready_after, zs.ready_after);
     drop(istio_zts);
+    drop(base_zts);
     drop(zc);
     drop(zs);
     let scale = scale(&bed, dir).await?;
@@ -1082,27 +1126,36 @@ async fn bench(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-/// `--profile` on one meshed path: a short keep-alive load and a short bulk transfer, each
-/// watched by [`profile::watch`] on both proxies.
+/// `--profile` on one meshed path: short keep-alive, closed-loop and bulk loads, each watched
+/// by [`profile::watch`] on both proxies.
 async fn profile_path(p: &Pods<'_>, plan: Plan, dir: &Path) -> Result<ProfileReport> {
     let Some((c, s)) = p.proxies else {
         bail!("{} path has no proxies to profile", p.label);
     };
     let secs = plan.wrk_secs.max(3);
-    eprintln!(
-        "meshbench: profiling the {} path ({secs} s keep-alive, {secs} s iperf3)",
-        p.label
-    );
-    let (ka, ka_prof) = profile::watch(p.label, "wrk_keepalive", [c, s], dir, || wrk(p, 2, 10, secs)).await?;
-    let (ip, ip_prof) = profile::watch(p.label, "iperf3", [c, s], dir, || iperf(p, secs)).await?;
-    // Per-unit counts come from the first (strace) run.
-    Ok(ProfileReport::new(
-        p.label,
-        ka_prof,
-        ka.first().map_or(0.0, |w| w.requests as f64),
-        ip_prof,
-        ip.first().map_or(0.0, |i| i.bytes as f64 / (1024.0 * 1024.0)),
-    ))
+    eprintln!("meshbench: profiling the {} path ({secs} s per load and tool)", p.label);
+    let mut loads = Vec::new();
+    for (name, threads, conns) in [("wrk -c10 keep-alive", 2, 10), ("wrk -c1 closed loop", 1, 1)] {
+        let (runs, sides) = profile::watch(p.label, name, [c, s], dir, || wrk(p, threads, conns, secs)).await?;
+        loads.push(LoadProfile {
+            load: name.to_owned(),
+            unit: "request",
+            // Per-unit counts come from the first (strace) run.
+            units: runs.first().map_or(0.0, |w| w.requests as f64),
+            sides,
+        });
+    }
+    let (runs, sides) = profile::watch(p.label, "iperf3", [c, s], dir, || iperf(p, secs)).await?;
+    loads.push(LoadProfile {
+        load: "iperf3 one stream".to_owned(),
+        unit: "MiB",
+        units: runs.first().map_or(0.0, |i| i.bytes as f64 / (1024.0 * 1024.0)),
+        sides,
+    });
+    Ok(ProfileReport {
+        label: p.label.to_owned(),
+        loads,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1419,6 +1472,9 @@ impl Report {
                 g.value
             ));
         }
+        if let Some(b) = self.figures("base") {
+            s.push_str(&Self::ab_markdown(&o, &b));
+        }
         for prof in &self.profiles {
             s.push('\n');
             s.push_str(&prof.markdown());
@@ -1432,6 +1488,50 @@ impl Report {
             self.istio_threads.map_or_else(|| "its default".to_owned(), |n| n.to_string()),
             self.elapsed.as_secs_f64()
         ));
+        s
+    }
+
+    /// `--compare`: ours (this build) against base (the other build), same run.
+    fn ab_markdown(o: &Figures, b: &Figures) -> String {
+        let mut s = String::from("\n| A/B | base | ours | ours / base |\n|---|---:|---:|---:|\n");
+        fn worst(p: (f64, f64)) -> f64 {
+            p.0.max(p.1)
+        }
+        for (name, get, digits) in [
+            (
+                "iperf3 one stream (Gbit/s)",
+                (|f: &Figures| f.gbps) as fn(&Figures) -> f64,
+                2,
+            ),
+            ("wrk -c10 keep-alive (req/s)", |f| f.ka_rps, 0),
+            ("wrk -c1 closed loop p50 (µs)", |f| f.rr_p50, 0),
+            ("ab -c4 new connections (req/s)", |f| f.ab_rps, 0),
+            (
+                "CPU per keep-alive request, worse side (µs)",
+                |f| worst(f.cpu_us_per_ka),
+                1,
+            ),
+            (
+                "CPU per closed-loop request, worse side (µs)",
+                |f| worst(f.cpu_us_per_rr),
+                1,
+            ),
+            (
+                "CPU per new connection, worse side (µs)",
+                |f| worst(f.cpu_us_per_conn),
+                1,
+            ),
+            ("CPU per Gbit, worse side (s)", |f| worst(f.cpu_s_per_gbit), 3),
+        ] {
+            s.push_str(&format!(
+                "| {name} | {:.*} | {:.*} | {:.0} % |\n",
+                digits,
+                get(b),
+                digits,
+                get(o),
+                pct(get(o), get(b))
+            ));
+        }
         s
     }
 
