@@ -262,6 +262,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         client_addr,
         remote_ip: client_addr.ip(),
         forwarded_proto: "http",
+        upstream_protocol: proxy::UpstreamProtocol::AsClient,
         dst,
         service_key: service.key(),
         service,

@@ -51,11 +51,28 @@ pub struct Downstream {
     pub remote_ip: std::net::IpAddr,
     /// `x-forwarded-proto` sent upstream: `https` where the gateway terminated TLS.
     pub forwarded_proto: &'static str,
+    pub upstream_protocol: UpstreamProtocol,
     /// The CONNECT authority: a service VIP or workload address, and port.
     pub dst: SocketAddr,
     pub service: Arc<Service>,
     /// `service.key()`, computed once per tunnel rather than per request.
     pub service_key: String,
+}
+
+/// Which HTTP version goes upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// The client's (a waypoint: the mesh client speaks what the application speaks).
+    AsClient,
+    /// HTTP/2 for gRPC, HTTP/1.1 otherwise (an ingress gateway: a browser's ALPN h2 says
+    /// nothing about the backend).
+    Http2ForGrpc,
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// What the access log and metrics say about a request beyond its status.
@@ -295,7 +312,11 @@ async fn forward(
     let mut parts = f.parts;
     // Checked again: a route's header rewrite runs after the first check.
     let websocket = rewrite::upgrade_requested(parts.version, &parts.headers) == UpgradeRequest::WebSocket;
-    let http2 = parts.version == Version::HTTP_2;
+    let client_http2 = parts.version == Version::HTTP_2;
+    let http2 = match down.upstream_protocol {
+        UpstreamProtocol::AsClient => client_http2,
+        UpstreamProtocol::Http2ForGrpc => is_grpc(&parts.headers),
+    };
     rewrite::strip_hop_by_hop(&mut parts.headers, websocket);
     if let Ok(v) = HeaderValue::from_str(&f.host) {
         parts.headers.insert(header::HOST, v);
@@ -308,7 +329,7 @@ async fn forward(
         *fake.extensions_mut() = std::mem::take(&mut parts.extensions);
         hyper::upgrade::on(fake)
     });
-    let body = RequestBody::read(f.body, &parts, http2, websocket).await?;
+    let body = RequestBody::read(f.body, &parts, client_http2, websocket).await?;
     // Mirrors get a copy; their answers are dropped.
     if let RequestBody::Replayable(bytes) = &body {
         for m in &f.rt.mirrors {

@@ -180,6 +180,7 @@ async fn handle(
         client_addr: conn.peer,
         remote_ip,
         forwarded_proto: if conn.sni.is_some() { "https" } else { "http" },
+        upstream_protocol: proxy::UpstreamProtocol::Http2ForGrpc,
         dst: SocketAddr::new(conn.peer.ip(), conn.port),
         service: state.service.clone(),
         service_key: table.to_owned(),

@@ -1,0 +1,480 @@
+//! The ingress gateway end to end in the two-node cluster: the brief's Gateway and HTTPRoute
+//! (refused as written, since the listener admits only its own namespace's routes, then
+//! attached once the Gateway allows them), TLS terminated with certificates from Secrets
+//! chosen by SNI, an unknown SNI refused, HTTP redirected with 301, the backend's ztunnel
+//! seeing the gateway's SPIFFE identity, JWT and remoteIpBlocks at the door, and the statuses
+//! of routes that must not attach. The client is a pod outside the mesh, using curl.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mesh_e2e::apps::named_server;
+use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
+use mesh_e2e::waypoint::{identity, Waypoint};
+
+const ID: u8 = 88;
+const WAIT: Duration = Duration::from_secs(20);
+const GW_NS: &str = "istio-system";
+const GW: &str = "istio-ingressgateway";
+const ISSUER: &str = "https://issuer.test";
+
+/// The brief's Gateway, exactly.
+const BRIEF_GATEWAY: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {mode: Terminate, certificateRefs: [{name: example-com-cert}]}
+"#;
+
+/// The brief's HTTPRoute, exactly.
+const BRIEF_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app-routes, namespace: production}
+spec:
+  parentRefs: [{name: istio-ingressgateway, namespace: istio-system}]
+  hostnames: ["app.example.com"]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {add: [{name: x-api-version, value: v1}]}
+    backendRefs: [{name: app-v1, port: 8080}]
+"#;
+
+/// The brief's Gateway opened to routes of other namespaces, with a second certificate
+/// (chosen by SNI), a listener whose Secret is missing, an HTTP listener, and the trust of one
+/// proxy in front (X-Forwarded-For).
+const OPEN_GATEWAY: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: istio-ingressgateway
+  namespace: istio-system
+  annotations: {proxy.istio.io/config: '{"gatewayTopology": {"numTrustedProxies": 1}}'}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {mode: Terminate, certificateRefs: [{name: example-com-cert}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: other
+    hostname: "*.other.org"
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: other-org-cert}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: broken
+    hostname: "*.broken.net"
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: no-such-secret}]}
+  - name: http
+    port: 80
+    protocol: HTTP
+"#;
+
+fn world() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: production, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: outside}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: app-v1, namespace: production}}
+spec: {{clusterIP: 10.96.{ID}.10, selector: {{app: app-v1}}, ports: [{{name: http, port: 8080, targetPort: 8080}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: secure-routes, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: https}}]
+  hostnames: ["app.example.com"]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /secure}}}}]
+    backendRefs: [{{name: app-v1, port: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: other-routes, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: other}}]
+  hostnames: ["www.other.org"]
+  rules: [{{backendRefs: [{{name: app-v1, port: 8080}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: to-https, namespace: istio-system}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, sectionName: http}}]
+  rules:
+  - filters: [{{type: RequestRedirect, requestRedirect: {{scheme: https, statusCode: 301}}}}]
+---
+# Must not attach: a hostname no listener has; the http listener admits only istio-system.
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: wrong-host, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: https}}]
+  hostnames: ["shop.example.net"]
+  rules: [{{backendRefs: [{{name: app-v1, port: 8080}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: wrong-namespace, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: http}}]
+  rules: [{{backendRefs: [{{name: app-v1, port: 8080}}]}}]
+---
+# A backend in another namespace without a ReferenceGrant there.
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: no-grant, namespace: istio-system}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, sectionName: http}}]
+  hostnames: ["grant.example.com"]
+  rules: [{{backendRefs: [{{name: app-v1, namespace: production, port: 8080}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-blocked-clients, namespace: istio-system}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: istio-ingressgateway}}]
+  action: DENY
+  rules: [{{from: [{{source: {{remoteIpBlocks: [203.0.113.0/24]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: secure-needs-jwt, namespace: istio-system}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: istio-ingressgateway}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
+    to: [{{operation: {{paths: ["/secure*"]}}}}]
+---
+"#
+    )
+}
+
+/// The test CA and the certificates it signs, as PEM.
+struct Pki {
+    ca_pem: String,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ingress test CA");
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        Pki {
+            ca_pem: ca_cert.pem(),
+            ca_cert,
+            ca_key,
+        }
+    }
+
+    /// A `kubernetes.io/tls` Secret for `names`.
+    fn secret(&self, namespace: &str, name: &str, names: &[&str]) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let indent = |pem: String| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\n\
+             stringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+            indent(cert.pem()),
+            indent(key.serialize_pem())
+        )
+    }
+}
+
+/// What curl saw: status and body, or the error it failed with.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: String,
+    location: String,
+}
+
+/// `curl` from `client` to `url`, resolving its host to the gateway `gw` (port from the URL).
+fn curl(client: &Pod, ca: &Path, gw: IpAddr, url: &str, headers: &[&str]) -> Result<Answer, String> {
+    let without_scheme = url.split("://").nth(1).unwrap_or(url);
+    let host = without_scheme.split('/').next().unwrap_or_default();
+    let port = if url.starts_with("https") { 443 } else { 80 };
+    let resolve = format!("{host}:{port}:{gw}");
+    let ca = ca.to_string_lossy();
+    let mut args = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code} %{redirect_url}",
+    ];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = client.ns.exec(&args).map_err(|e| e.to_string())?;
+    let (body, last) = out.rsplit_once('\n').unwrap_or(("", &out));
+    let (status, location) = last.split_once(' ').unwrap_or((last, ""));
+    Ok(Answer {
+        status: status.parse().map_err(|_| format!("curl printed {out:?}"))?,
+        body: body.to_owned(),
+        location: location.to_owned(),
+    })
+}
+
+/// Retries `f` until `done` holds (configuration propagating), at most [`WAIT`].
+async fn eventually<T: std::fmt::Debug>(mut f: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = f();
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The controller's view of route `name`'s parent status: (Accepted reason, ResolvedRefs reason).
+async fn route_status(cluster: &Cluster, name: &str) -> Option<(String, String)> {
+    let (_, body) = cluster.controller.debug("/debug/ingress").await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let route = v["routes"].as_array()?.iter().find(|r| r["route"]["name"] == name)?;
+    let reason = |kind: &str| {
+        route["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == kind))
+            .map(|c| c["reason"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    Some((reason("Accepted"), reason("ResolvedRefs")))
+}
+
+fn jwt(claims: serde_json::Value, key: &jsonwebtoken::EncodingKey) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("ec".into());
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+/// An inline-JWKS RequestAuthentication on the gateway and the key that signs its tokens.
+fn jwt_world() -> (String, jsonwebtoken::EncodingKey) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = ec.public_key_raw();
+    let jwks = serde_json::json!({"keys": [
+        {"kty": "EC", "kid": "ec", "alg": "ES256", "crv": "P-256", "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..])},
+    ]});
+    let manifest = format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: gateway-jwt, namespace: istio-system}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: istio-ingressgateway}}]
+  jwtRules:
+  - issuer: {ISSUER}
+    jwks: '{jwks}'
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+"#
+    );
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
+    (manifest, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_gateway_end_to_end() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let started = Instant::now();
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let (jwt_manifest, jwt_key) = jwt_world();
+    let mut manifests = world();
+    manifests += BRIEF_ROUTE;
+    manifests += "---\n";
+    manifests += &jwt_manifest;
+    let gw_id = identity(GW_NS, GW);
+    let cluster = Cluster::start_with_identities(ID, 2, &manifests, &[&gw_id])
+        .await
+        .expect("cluster up");
+    cluster.write_manifest("gateway.yaml", BRIEF_GATEWAY).expect("gateway");
+    let certs = pki.secret(GW_NS, "example-com-cert", &["*.example.com"])
+        + "---\n"
+        + &pki.secret(GW_NS, "other-org-cert", &["*.other.org"]);
+    cluster.write_manifest("certs.yaml", &certs).expect("secrets");
+
+    let app = cluster
+        .add_pod(1, PodSpec::new("app-v1", "production", &[("app", "app-v1")]))
+        .expect("backend pod");
+    tokio::spawn(named_server(
+        app.ns.listen(SocketAddr::new(app.ip, 8080)).expect("listen"),
+        "app-v1",
+    ));
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "outside", &[]))
+        .expect("client pod outside the mesh");
+    assert!(!client.captured(), "the client is outside the mesh");
+    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
+        .await
+        .expect("ingress gateway up");
+    assert!(!gateway.pod.captured(), "the gateway's pod is not captured");
+    cluster
+        .wait_workload(&app, true, WAIT)
+        .await
+        .expect("backend advertised");
+    let gw_ip = gateway.pod.ip;
+    let get = |url: &str, headers: &[&str]| curl(&client, &ca, gw_ip, url, headers);
+
+    // 1. The brief as written: the listener admits routes of its own namespace only.
+    let refused = eventually(
+        || futures_block(route_status(&cluster, "app-routes")),
+        |s| s.as_ref().is_some_and(|(a, _)| a == "NotAllowedByListeners"),
+    )
+    .await;
+    assert_eq!(
+        refused.map(|s| s.0).as_deref(),
+        Some("NotAllowedByListeners"),
+        "{}",
+        gateway.logs()
+    );
+    let a = eventually(
+        || get("https://app.example.com/v1", &[]),
+        |r| r.as_ref().is_ok_and(|a| a.status == 404),
+    )
+    .await;
+    assert_eq!(
+        a.as_ref().map(|a| a.status),
+        Ok(404),
+        "TLS served, no route attached: {a:?}"
+    );
+
+    // 2. Opened to other namespaces: the brief's request gets 200 with the header added.
+    cluster.write_manifest("gateway.yaml", OPEN_GATEWAY).expect("gateway");
+    let a = eventually(
+        || get("https://app.example.com/v1", &[]),
+        |r| r.as_ref().is_ok_and(|a| a.status == 200),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.logs()));
+    assert_eq!(a.status, 200, "{a:?}\n{}", gateway.logs());
+    assert_eq!(a.body.lines().next(), Some("app-v1"), "{a:?}");
+    assert!(a.body.contains("h x-api-version: v1"), "{}", a.body);
+    assert!(a.body.contains("h x-forwarded-proto: https"), "{}", a.body);
+    assert_eq!(get("https://app.example.com/v2", &[]).map(|a| a.status), Ok(404));
+
+    // The backend's ztunnel saw the gateway's SPIFFE identity over mutual TLS.
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, metrics) = mesh_e2e::ztunnel::http_request(cluster.nodes[1].ns, metrics_addr, "GET", "/metrics")
+        .await
+        .expect("backend node's ztunnel metrics");
+    let principal = format!("source_principal=\"{gw_id}\"");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&principal)
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+
+    // 3. The second certificate by SNI (curl verifies it names www.other.org); an unknown
+    // SNI and a listener whose Secret is missing fail the handshake.
+    let a = get("https://www.other.org/", &[]).expect("second certificate");
+    assert_eq!((a.status, a.body.lines().next()), (200, Some("app-v1")), "{a:?}");
+    let unknown = get("https://unknown.test/", &[]);
+    assert!(unknown.is_err(), "unknown SNI: {unknown:?}");
+    let broken = get("https://www.broken.net/", &[]);
+    assert!(broken.is_err(), "listener without its Secret: {broken:?}");
+
+    // 4. HTTP gets 301 to HTTPS.
+    let a = get("http://app.example.com/v1?q=1", &[]).expect("http");
+    assert_eq!(a.status, 301, "{a:?}");
+    assert_eq!(a.location, "https://app.example.com/v1?q=1");
+
+    // 5. JWT at the door: no token 403, a bad one 401, a good one 200 with its claim.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let good = jwt(
+        serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": now + 600}),
+        &jwt_key,
+    );
+    let bad = jwt(
+        serde_json::json!({"iss": "https://evil.test", "sub": "alice", "exp": now + 600}),
+        &jwt_key,
+    );
+    assert_eq!(get("https://app.example.com/secure", &[]).map(|a| a.status), Ok(403));
+    let auth = |t: &str| format!("authorization: Bearer {t}");
+    assert_eq!(
+        get("https://app.example.com/secure", &[&auth(&bad)]).map(|a| a.status),
+        Ok(401)
+    );
+    let a = get("https://app.example.com/secure", &[&auth(&good)]).expect("good token");
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.body.contains("h x-jwt-sub: alice"), "{}", a.body);
+
+    // 6. remoteIpBlocks: the client X-Forwarded-For names past the one trusted proxy.
+    let blocked = "x-forwarded-for: 203.0.113.7";
+    assert_eq!(get("https://app.example.com/v1", &[blocked]).map(|a| a.status), Ok(403));
+    let other = "x-forwarded-for: 198.51.100.7";
+    assert_eq!(get("https://app.example.com/v1", &[other]).map(|a| a.status), Ok(200));
+
+    // 7. Routes that must not attach, with their reasons.
+    for (route, accepted, resolved) in [
+        ("wrong-host", "NoMatchingListenerHostname", "ResolvedRefs"),
+        ("wrong-namespace", "NotAllowedByListeners", "ResolvedRefs"),
+        ("no-grant", "Accepted", "RefNotPermitted"),
+        ("app-routes", "Accepted", "ResolvedRefs"),
+    ] {
+        let got = futures_block(route_status(&cluster, route));
+        assert_eq!(got, Some((accepted.to_owned(), resolved.to_owned())), "route {route}");
+    }
+    let (_, body) = cluster.controller.debug("/debug/ingress").await.unwrap();
+    assert!(body.contains("no-such-secret does not exist"), "{body}");
+    assert!(!body.contains("PRIVATE KEY"), "statuses never carry keys");
+    eprintln!("ingress e2e took {:?}", started.elapsed());
+}
+
+/// Runs a future to completion from synchronous code inside the test's runtime.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
