@@ -154,6 +154,15 @@ spec:
   hostnames: ["grant.example.com"]
   rules: [{{backendRefs: [{{name: app-v1, namespace: production, port: 8080}}]}}]
 ---
+# At the backend's ztunnel (L4): only the gateway may call app-v1.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: app-via-gateway, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: app-v1}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-system/sa/istio-ingressgateway]}}}}]}}]
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: no-blocked-clients, namespace: istio-system}}
@@ -351,6 +360,9 @@ async fn ingress_gateway_end_to_end() {
         .add_pod(0, PodSpec::new("client", "outside", &[]))
         .expect("client pod outside the mesh");
     assert!(!client.captured(), "the client is outside the mesh");
+    let direct = cluster
+        .add_pod(0, PodSpec::new("direct", "production", &[]))
+        .expect("a meshed pod calling the backend directly");
     let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
         .await
         .expect("ingress gateway up");
@@ -415,6 +427,16 @@ async fn ingress_gateway_end_to_end() {
         "{metrics}"
     );
 
+    // L4 policy at the backend admits only the gateway's identity: a direct call is refused.
+    let bypass = direct.ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "3",
+        &format!("http://10.96.{ID}.10:8080/v1"),
+    ]);
+    assert!(bypass.is_err(), "a direct call past the gateway: {bypass:?}");
+
     // 3. The second certificate by SNI (curl verifies it names www.other.org); an unknown
     // SNI and a listener whose Secret is missing fail the handshake.
     let a = get("https://www.other.org/", &[]).expect("second certificate");
@@ -477,4 +499,210 @@ async fn ingress_gateway_end_to_end() {
 /// Runs a future to completion from synchronous code inside the test's runtime.
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+const ROTATION_ID: u8 = 87;
+
+/// The brief's Gateway, open to other namespaces' routes.
+fn rotation_world() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: production, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: outside}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: app-v1, namespace: production}}
+spec: {{clusterIP: 10.96.{ROTATION_ID}.10, selector: {{app: app-v1}}, ports: [{{name: http, port: 8080, targetPort: 8080}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {{mode: Terminate, certificateRefs: [{{name: example-com-cert}}]}}
+    allowedRoutes: {{namespaces: {{from: All}}}}
+---
+{BRIEF_ROUTE}"#
+    )
+}
+
+/// A TLS connection from `client` to the gateway for `sni`, verified against `ca`.
+async fn tls_connect(
+    client: &Pod,
+    gw: IpAddr,
+    ca: &rcgen::Certificate,
+    sni: &'static str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).map_err(std::io::Error::other)?;
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = client.ns.connect(SocketAddr::new(gw, 443)).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// The leaf certificate a fresh handshake for `sni` gets.
+async fn served_leaf(client: &Pod, gw: IpAddr, ca: &rcgen::Certificate, sni: &'static str) -> Option<Vec<u8>> {
+    let tls = tls_connect(client, gw, ca, sni).await.ok()?;
+    let leaf = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
+    Some(leaf)
+}
+
+/// The leaf (DER) of a Secret manifest written by [`Pki::secret`].
+fn leaf_of(secret: &str) -> Vec<u8> {
+    let pem: String = secret
+        .lines()
+        .skip_while(|l| !l.contains("BEGIN CERTIFICATE"))
+        .take_while(|l| !l.contains("tls.key"))
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    tokio_rustls::rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// Sends `GET /v1` on one keep-alive TLS connection until `stop`; returns (ok, failed).
+async fn keep_alive_load(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u32, u32) {
+    use http_body_util::{BodyExt, Empty};
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 over TLS");
+    tokio::spawn(conn);
+    let (mut ok, mut failed) = (0, 0);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let req = http::Request::get("/v1")
+            .header("host", "app.example.com")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        match sender.send_request(req).await {
+            Ok(resp) if resp.status() == 200 => {
+                let _ = resp.into_body().collect().await;
+                ok += 1;
+            }
+            _ => failed += 1,
+        }
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_loses_no_request() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let pki = Pki::new();
+    let gw_id = identity(GW_NS, GW);
+    let cluster = Cluster::start_with_identities(ROTATION_ID, 2, &rotation_world(), &[&gw_id])
+        .await
+        .expect("cluster up");
+    let first = pki.secret(GW_NS, "example-com-cert", &["*.example.com"]);
+    cluster.write_manifest("cert.yaml", &first).expect("secret");
+    let app = cluster
+        .add_pod(1, PodSpec::new("app-v1", "production", &[("app", "app-v1")]))
+        .expect("backend pod");
+    tokio::spawn(named_server(
+        app.ns.listen(SocketAddr::new(app.ip, 8080)).expect("listen"),
+        "app-v1",
+    ));
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "outside", &[]))
+        .expect("client pod");
+    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
+        .await
+        .expect("ingress gateway up");
+    cluster
+        .wait_workload(&app, true, WAIT)
+        .await
+        .expect("backend advertised");
+    let gw = gateway.pod.ip;
+    let deadline = Instant::now() + WAIT;
+    while served_leaf(&client, gw, &pki.ca_cert, "app.example.com").await != Some(leaf_of(&first)) {
+        assert!(
+            Instant::now() < deadline,
+            "first certificate never served\n{}",
+            gateway.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Four keep-alive connections under load while the Secret is replaced.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for _ in 0..4 {
+        let tls = tls_connect(&client, gw, &pki.ca_cert, "app.example.com")
+            .await
+            .expect("TLS");
+        loads.push(tokio::spawn(keep_alive_load(tls, stop.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = pki.secret(GW_NS, "example-com-cert", &["*.example.com"]);
+    cluster.write_manifest("cert.yaml", &second).expect("rotated secret");
+    let deadline = Instant::now() + WAIT;
+    while served_leaf(&client, gw, &pki.ca_cert, "app.example.com").await != Some(leaf_of(&second)) {
+        assert!(
+            Instant::now() < deadline,
+            "rotated certificate never served\n{}",
+            gateway.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for l in loads {
+        let (o, f) = l.await.expect("load task");
+        assert!(o > 10, "each connection kept serving: {o}");
+        ok += o;
+        failed += f;
+    }
+    eprintln!("rotation under load: {ok} requests ok, {failed} failed");
+    assert_eq!(failed, 0, "no request lost while the certificate rotated");
+
+    // A Secret that is not a valid certificate: the listener is unprogrammed, with its reason.
+    let garbage = second.replace("BEGIN CERTIFICATE-----\n", "BEGIN CERTIFICATE-----\n    AAAA\n");
+    cluster.write_manifest("cert.yaml", &garbage).expect("broken secret");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = cluster.controller.debug("/debug/ingress").await.unwrap();
+        if body.contains("InvalidCertificateRef") {
+            assert!(body.contains("example-com-cert"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while served_leaf(&client, gw, &pki.ca_cert, "app.example.com")
+        .await
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "an unprogrammed listener still serves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
