@@ -47,8 +47,36 @@ spec:
   location: MESH_EXTERNAL
   ports: [{{number: 8080, name: http, protocol: HTTP}}]
   resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: implicit, namespace: shop}}
+spec:
+  hosts: [implicit.external.test]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
 "#
     )
+}
+
+/// A hosts file for one network namespace, which `ip netns exec` (how the harness starts
+/// ztunnel) mounts over /etc/hosts; removed on drop.
+struct NetnsHosts(std::path::PathBuf);
+
+impl NetnsHosts {
+    fn write(netns: &str, text: &str) -> std::io::Result<NetnsHosts> {
+        let dir = std::path::Path::new("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), text)?;
+        Ok(NetnsHosts(dir))
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// One GET on a new connection from `from`: the status, or the error when refused.
@@ -119,6 +147,21 @@ async fn service_entries_dns_and_registry_only() {
         return;
     }
     let cluster = Cluster::start(ID, 1, &world()).await.expect("cluster up");
+    // ztunnel's resolver knows `implicit.external.test` (the entry with no endpoints: ztunnel
+    // resolves its host itself) once restarted under this hosts file.
+    let _hosts = NetnsHosts::write(
+        cluster.nodes[0].name(),
+        &format!("127.0.0.1 localhost\n10.90.{ID}.200 implicit.external.test\n"),
+    )
+    .expect("hosts file");
+    drop(
+        cluster.nodes[0]
+            .ztunnel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
+    cluster.replace_ztunnel(0).await.expect("ztunnel restarted");
     // The internet: the entry's endpoint (.200), the entry's own address (.201), and a host
     // nobody registered (.202).
     let (api, direct, stranger) = (
@@ -159,6 +202,14 @@ async fn service_entries_dns_and_registry_only() {
         Ok(200)
     );
     assert_eq!(served("egress-api"), before + 1, "the external server answered");
+    // resolution DNS without endpoints: ztunnel resolves the host for each connection.
+    let implicit = vip_of(&cluster, "implicit.external.test").await;
+    assert_ne!(implicit, vip);
+    assert_eq!(
+        get(&client, SocketAddr::new(implicit, 80), "implicit.external.test").await,
+        Ok(200)
+    );
+    assert_eq!(served("egress-api"), before + 2, "resolved to the external server");
     let unregistered = SocketAddr::new(external(202), 8080);
     assert_eq!(get(&client, unregistered, "x").await, Ok(200), "ALLOW_ANY: passthrough");
 

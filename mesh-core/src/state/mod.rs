@@ -43,6 +43,9 @@ pub struct State {
     /// Uids of workloads whose outbound traffic may only reach registered destinations
     /// ([`OUTBOUND_POLICY_EXTENSION`] = REGISTRY_ONLY on the workload).
     registry_only: BTreeSet<String>,
+    /// uid -> host name of workloads known by name only (ServiceEntry endpoints with
+    /// `resolution: DNS`): the sending proxy resolves the name.
+    hostnames: HashMap<String, String>,
 }
 
 /// The `Extension` on a Workload that carries the mesh's outbound traffic policy for that
@@ -130,6 +133,11 @@ impl State {
             .filter_map(|k| self.services.get(k))
     }
 
+    /// The host name of a workload known by name only (no addresses).
+    pub fn workload_hostname(&self, uid: &str) -> Option<&str> {
+        self.hostnames.get(uid).map(String::as_str)
+    }
+
     /// Whether `uid`'s outbound connections may only reach registered destinations.
     pub fn registry_only(&self, uid: &str) -> bool {
         self.registry_only.contains(uid)
@@ -185,6 +193,7 @@ impl State {
 
     pub fn remove_workload(&mut self, uid: &str) -> bool {
         self.registry_only.remove(uid);
+        self.hostnames.remove(uid);
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
@@ -282,6 +291,9 @@ impl State {
                 self.upsert_workload(Workload::try_from(w)?);
                 if registry_only(w) {
                     self.registry_only.insert(w.uid.clone());
+                }
+                if w.addresses.is_empty() && !w.hostname.is_empty() {
+                    self.hostnames.insert(w.uid.clone(), w.hostname.to_ascii_lowercase());
                 }
             }
             Some(pb::address::Type::Service(s)) => {
@@ -456,6 +468,22 @@ mod tests {
             .expect("valid");
         assert!(s.remove_address("c//Pod/a/p"));
         assert!(!s.registry_only("c//Pod/a/p"));
+
+        // A workload known by name only (a DNS ServiceEntry endpoint).
+        let uid = "c/networking.istio.io/ServiceEntry/a/ext/api.example.com";
+        let by_name = pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: uid.into(),
+                name: "ext".into(),
+                namespace: "a".into(),
+                hostname: "API.example.com".into(),
+                ..Default::default()
+            })),
+        };
+        s.apply_address(&by_name).expect("valid");
+        assert_eq!(s.workload_hostname(uid), Some("api.example.com"));
+        assert!(s.remove_address(uid));
+        assert_eq!(s.workload_hostname(uid), None);
     }
 
     /// An Istio peer may send every field of the current API; none may make us reject the

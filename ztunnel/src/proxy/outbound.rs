@@ -35,6 +35,14 @@ pub enum Route {
         service: Option<Arc<Service>>,
     },
     Passthrough(SocketAddr),
+    /// Plain TCP to an endpoint known by name only (ServiceEntry `resolution: DNS`), resolved
+    /// by ztunnel for each connection, so never staler than the record's TTL.
+    Resolve {
+        host: String,
+        port: u16,
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+    },
 }
 
 /// Why a connection could not be routed.
@@ -174,6 +182,16 @@ pub fn resolve(
             let target = wl
                 .target_port(&svc, dst.port())
                 .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
+            if let (true, Tunnel::None, Some(host)) =
+                (wl.addresses.is_empty(), wl.tunnel, state.workload_hostname(&wl.uid))
+            {
+                return Ok(Route::Resolve {
+                    host: host.to_owned(),
+                    port: target,
+                    workload: Some(wl.clone()),
+                    service: Some(svc),
+                });
+            }
             let ip = wl
                 .address_like(dst.ip())
                 .ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
@@ -263,7 +281,9 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     drop(state);
     let (workload, service, mtls) = match &route {
         Route::Hbone { workload, service, .. } => (workload.as_deref(), service.as_deref(), true),
-        Route::Plain { workload, service, .. } => (workload.as_deref(), service.as_deref(), false),
+        Route::Plain { workload, service, .. } | Route::Resolve { workload, service, .. } => {
+            (workload.as_deref(), service.as_deref(), false)
+        }
         Route::Passthrough(_) => (None, None, false),
     };
     let labels = TcpLabels::new(
@@ -310,8 +330,33 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
             }
         }
         Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
+        Route::Resolve { host, port, .. } => match resolve_host(&host, port, dst, px.settings.connect_timeout).await {
+            Ok(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
+            Err(e) => Err(e),
+        },
     };
     record.finish(result);
+}
+
+/// `host:port` through the system resolver, an address of `dst`'s family first.
+async fn resolve_host(
+    host: &str,
+    port: u16,
+    dst: SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<SocketAddr, ConnError> {
+    let err = |e: std::io::Error| ConnError::Resolve(host.to_owned(), e);
+    let found: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(err)?
+        .collect();
+    found
+        .iter()
+        .find(|a| a.is_ipv4() == dst.is_ipv4())
+        .or_else(|| found.first())
+        .copied()
+        .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
 }
 
 async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr, bytes: &ConnBytes) -> Result<(), ConnError> {
@@ -477,6 +522,70 @@ mod tests {
             resolve(&s, "", 15008, &legacy, unknown).unwrap(),
             Route::Passthrough(_)
         ));
+    }
+
+    /// A DNS ServiceEntry's endpoint known by name: ztunnel resolves it per connection.
+    #[test]
+    fn endpoints_known_by_name_are_resolved_by_ztunnel() {
+        use mesh_proto::workload as pb;
+        let (mut s, client) = state();
+        let key = "default/api.example.com";
+        let entry = pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "ext".into(),
+                namespace: "default".into(),
+                hostname: "api.example.com".into(),
+                addresses: vec![pb::NetworkAddress {
+                    network: String::new(),
+                    address: vec![240, 240, 1, 1],
+                }],
+                ports: vec![pb::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    app_protocol: 0,
+                }],
+                ..Default::default()
+            })),
+        };
+        let endpoint = pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: "c/networking.istio.io/ServiceEntry/default/ext/api.example.com".into(),
+                name: "ext".into(),
+                namespace: "default".into(),
+                hostname: "api.example.com".into(),
+                services: [(
+                    key.to_owned(),
+                    pb::PortList {
+                        ports: vec![pb::Port {
+                            service_port: 80,
+                            target_port: 8080,
+                            app_protocol: 0,
+                        }],
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            })),
+        };
+        s.apply_address(&entry).unwrap();
+        s.apply_address(&endpoint).unwrap();
+        match resolve(&s, "", 15008, &client, sa("240.240.1.1:80")).unwrap() {
+            Route::Resolve { host, port, .. } => assert_eq!((host.as_str(), port), ("api.example.com", 8080)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn names_resolve_to_the_destination_family() {
+        let timeout = std::time::Duration::from_secs(5);
+        let got = resolve_host("localhost", 8080, sa("240.240.1.1:80"), timeout)
+            .await
+            .unwrap();
+        assert_eq!(got, sa("127.0.0.1:8080"));
+        let err = resolve_host("no-such-host.invalid", 80, sa("240.240.1.1:80"), timeout)
+            .await
+            .expect_err("does not resolve");
+        assert!(err.to_string().contains("no-such-host.invalid"), "{err}");
     }
 
     /// A ServiceEntry with `resolution: NONE` (load balancing PASSTHROUGH): its address is

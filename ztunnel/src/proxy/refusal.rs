@@ -132,6 +132,9 @@ pub enum ConnError {
     ConnectTimeout(SocketAddr),
     #[error("connect to {0}: {1}")]
     Connect(SocketAddr, std::io::Error),
+    /// A destination known by name only (a DNS ServiceEntry endpoint) did not resolve.
+    #[error("resolving {0}: {1}")]
+    Resolve(String, std::io::Error),
     /// Moving bytes (or making a socket) failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
