@@ -706,3 +706,140 @@ async fn certificate_rotation_loses_no_request() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+const WAYPOINT_ID: u8 = 85;
+
+/// `shop` with a waypoint; `reviews` asks ingress gateways to use it; the waypoint's own
+/// HTTPRoute sends `x-canary: true` to v2, the rest to v1; an HTTP ingress listener routes
+/// reviews.example.com to `reviews`.
+fn waypoint_world() -> String {
+    let id = WAYPOINT_ID;
+    let mut w = mesh_e2e::waypoint::base(id);
+    w += &format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: outside}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: reviews
+  namespace: shop
+  labels: {{istio.io/use-waypoint: waypoint, istio.io/ingress-use-waypoint: "true"}}
+spec: {{clusterIP: 10.96.{id}.20, selector: {{app: reviews}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews-v1, namespace: shop}}
+spec: {{clusterIP: 10.96.{id}.21, selector: {{app: reviews, version: v1}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews-v2, namespace: shop}}
+spec: {{clusterIP: 10.96.{id}.22, selector: {{app: reviews, version: v2}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews-canary, namespace: shop}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: reviews, port: 80}}]
+  rules:
+  - matches: [{{headers: [{{name: x-canary, value: "true"}}]}}]
+    backendRefs: [{{name: reviews-v2, port: 80}}]
+  - backendRefs: [{{name: reviews-v1, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes: {{namespaces: {{from: All}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews-ingress, namespace: shop}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system}}]
+  hostnames: [reviews.example.com]
+  rules: [{{backendRefs: [{{name: reviews, port: 80}}]}}]
+---
+# The pods admit only the waypoint: reaching them past it is refused at their ztunnel.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: reviews-via-waypoint, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: reviews}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/waypoint]}}}}]}}]
+"#
+    );
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_use_waypoint_goes_through_the_waypoint() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let gw_id = identity(GW_NS, GW);
+    let wp_id = identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(WAYPOINT_ID, 2, &waypoint_world(), &[&gw_id, &wp_id])
+        .await
+        .expect("cluster up");
+    let mut pods = Vec::new();
+    for (name, version) in [("reviews-v1", "v1"), ("reviews-v2", "v2")] {
+        let pod = cluster
+            .add_pod(
+                1,
+                PodSpec::new(name, "shop", &[("app", "reviews"), ("version", version)]),
+            )
+            .expect("reviews pod");
+        let listener = pod.ns.listen(SocketAddr::new(pod.ip, 8080)).expect("listen");
+        tokio::spawn(named_server(
+            listener,
+            if version == "v1" { "reviews-v1" } else { "reviews-v2" },
+        ));
+        pods.push(pod);
+    }
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "outside", &[]))
+        .expect("client pod");
+    let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint")
+        .await
+        .expect("waypoint up");
+    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
+        .await
+        .expect("ingress gateway up");
+    for p in &pods {
+        cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("none.pem");
+    std::fs::write(&ca, "").unwrap();
+    let get = |headers: &[&str]| curl(&client, &ca, gateway.pod.ip, "http://reviews.example.com/", headers);
+    let a = eventually(|| get(&[]), |r| r.as_ref().is_ok_and(|a| a.status == 200))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", gateway.logs(), waypoint.logs()));
+    assert_eq!(a.body.lines().next(), Some("reviews-v1"), "{a:?}\n{}", gateway.logs());
+    // Only the waypoint's route sends x-canary to v2: the request went through it, and the
+    // pods (which admit only the waypoint) answered.
+    for _ in 0..5 {
+        let a = get(&["x-canary: true"]).expect("canary");
+        assert_eq!((a.status, a.body.lines().next()), (200, Some("reviews-v2")), "{a:?}");
+    }
+    let metrics = waypoint.metrics().await.expect("waypoint metrics");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains(&format!("source_principal=\"{gw_id}\""))
+            && l.contains("response_code=\"200\"")),
+        "the waypoint counts the gateway's identity:\n{metrics}"
+    );
+}

@@ -30,6 +30,9 @@ use crate::waypoint::Condition;
 /// Gateway classes served by the ingress role: Istio's default and our own.
 pub const INGRESS_CLASSES: [&str; 2] = ["istio", "mesh-ingress"];
 
+/// On a Service: an ingress gateway sends to the service's waypoint, not its pods (Istio's).
+const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";
+
 /// Istio's per-Gateway proxy settings; `gatewayTopology.numTrustedProxies` is read.
 const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
 
@@ -589,6 +592,23 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
         gateways.insert(key.clone(), out);
     }
     let route_parents = attach_routes(inputs, options, &mut gateways, report);
+    let waypoint_services: Vec<String> = inputs
+        .services
+        .iter()
+        .filter(|(_, s)| {
+            let labels = s.metadata.labels.as_ref();
+            labels
+                .and_then(|l| l.get(INGRESS_USE_WAYPOINT))
+                .is_some_and(|v| v == "true")
+        })
+        .map(|(k, _)| {
+            format!(
+                "{}/{}",
+                k.namespace,
+                super::service_hostname(&k.name, &k.namespace, options)
+            )
+        })
+        .collect();
     let mut result = Ingress {
         route_parents,
         ..Default::default()
@@ -603,6 +623,7 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
             name: key.name.clone(),
             num_trusted_proxies: out.num_trusted_proxies,
             listeners: Vec::new(),
+            waypoint_services: waypoint_services.clone(),
         };
         for l in out.listeners {
             if let Some(mut c) = l.config {
@@ -857,8 +878,8 @@ spec:
       requestHeaderModifier: {add: [{name: x-api-version, value: v1}]}
     backendRefs: [{name: app-v1, port: 8080}]
 "#;
-    const APP: &str =
-        "apiVersion: v1\nkind: Service\nmetadata: {name: app-v1, namespace: production}\nspec: {ports: [{port: 8080}]}\n";
+    const APP: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: app-v1, namespace: production, \
+                       labels: {istio.io/ingress-use-waypoint: \"true\"}}\nspec: {ports: [{port: 8080}]}\n";
 
     fn run(docs: &[String]) -> (Ingress, Vec<super::super::Problem>) {
         let mut report = Report::default();

@@ -240,6 +240,9 @@ pub struct Backend {
     pub port: u16,
     pub cluster: Arc<Cluster>,
     pub candidates: Vec<Arc<Workload>>,
+    /// At an ingress gateway, for a service labelled `istio.io/ingress-use-waypoint`: its
+    /// `vip:port`, which the connector tunnels to the service's waypoint.
+    pub via_waypoint: Option<std::net::SocketAddr>,
 }
 
 impl Backend {
@@ -291,11 +294,24 @@ impl Backend {
             upstream::effective_policy(backend_routes, subset),
         );
         let candidates = upstream::candidates(state, &service, subset);
+        let via_waypoint = wp
+            .ingress
+            .as_ref()
+            .filter(|i| service.waypoint.is_some() && i.uses_waypoint(&backend.service))
+            .and_then(|_| {
+                service
+                    .vips
+                    .iter()
+                    .find(|(n, _)| *n == wp.network)
+                    .or(service.vips.first())
+            })
+            .map(|(_, ip)| std::net::SocketAddr::new(*ip, port));
         Ok(Backend {
             service,
             port,
             cluster,
             candidates,
+            via_waypoint,
         })
     }
 
@@ -306,7 +322,12 @@ impl Backend {
             .pick(&self.candidates)
             .ok_or(LocalReply::NoHealthyUpstream)?;
         match upstream::target(&workload, &self.service, self.port, down.dst.ip()) {
-            Some(ep) => Ok((workload, ep)),
+            Some(mut ep) => {
+                if let Some(vip) = self.via_waypoint {
+                    ep.target = vip;
+                }
+                Ok((workload, ep))
+            }
             None => {
                 self.cluster.record(&workload.uid, None);
                 Err(LocalReply::NoHealthyUpstream)

@@ -14,6 +14,7 @@
 
 pub mod server;
 pub mod tls;
+pub mod via_waypoint;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -95,6 +96,8 @@ impl PortState {
 pub struct IngressState {
     pub ports: BTreeMap<u16, PortState>,
     pub num_trusted_proxies: u32,
+    /// Services (`ns/hostname`) reached through their waypoint (`ingress-use-waypoint`).
+    pub waypoint_services: std::collections::HashSet<String>,
     /// The gateway as the destination "service" of requests (policies targeting the Gateway,
     /// JWT rules, telemetry).
     pub service: Arc<Service>,
@@ -128,6 +131,7 @@ impl Ingress {
         let state = IngressState {
             ports: BTreeMap::new(),
             num_trusted_proxies: 0,
+            waypoint_services: Default::default(),
             service: gateway_service(&gateway),
         };
         Arc::new(Ingress {
@@ -211,12 +215,18 @@ impl Ingress {
         let state = IngressState {
             ports,
             num_trusted_proxies: g.num_trusted_proxies,
+            waypoint_services: g.waypoint_services.into_iter().collect(),
             service: gateway_service(&self.gateway),
         };
         info!(ports = ?state.ports.keys().collect::<Vec<_>>(), "ingress configuration applied");
         self.current.store(Arc::new(state));
         self.changed.send_modify(|n| *n += 1);
         refused
+    }
+
+    /// Whether requests to service `key` (`ns/hostname`) go through its waypoint.
+    pub fn uses_waypoint(&self, key: &str) -> bool {
+        self.current.load().waypoint_services.contains(key)
     }
 
     /// Withdraws everything (the gateway's resource was removed).

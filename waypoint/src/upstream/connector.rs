@@ -79,7 +79,15 @@ pub struct Connector {
 impl Connector {
     /// Opens a connection to `target`, over HBONE when the workload there speaks it.
     pub async fn open(&self, target: SocketAddr) -> io::Result<Conn> {
-        let workload = self.state.load().workload_by_ip(&self.network, target.ip()).cloned();
+        let state = self.state.load();
+        // Only an ingress gateway addresses a service VIP (ingress-use-waypoint): through the
+        // service's waypoint, or not at all.
+        if let Some(service) = state.service_by_vip(&self.network, target.ip()) {
+            let (endpoint, identity) = crate::ingress::via_waypoint::endpoint(&state, &self.network, service, target)
+                .map_err(io::Error::other)?;
+            return self.tunnel(endpoint, identity, target).await;
+        }
+        let workload = state.workload_by_ip(&self.network, target.ip()).cloned();
         let connect = async {
             match workload {
                 Some(w) if w.tunnel == Tunnel::Hbone => {
@@ -108,6 +116,30 @@ impl Connector {
         tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {target} timed out")))?
+    }
+}
+
+impl Connector {
+    /// An HBONE tunnel to `endpoint` (expected to prove `identity`) for `authority`.
+    async fn tunnel(&self, endpoint: SocketAddr, identity: Identity, authority: SocketAddr) -> io::Result<Conn> {
+        let req = TunnelRequest {
+            key: PoolKey {
+                src_identity: self.identity.clone(),
+                dst_identities: vec![identity],
+                src_ip: None,
+                dst: endpoint,
+            },
+            authority: authority.to_string(),
+            forwarded_for: None,
+            baggage: None,
+            traceparent: None,
+        };
+        let connect = self.hbone.connect(&req);
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("tunnel to {endpoint} timed out")))?
+            .map_err(io::Error::other)?;
+        Ok(Conn::Hbone(Box::new(stream.into_io())))
     }
 }
 
