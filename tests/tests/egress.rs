@@ -346,3 +346,106 @@ async fn egress_waypoint_applies_l7_policy_to_the_external_host() {
     assert_eq!(request("GET", "/allowed").await, Ok(200));
     assert_eq!(served("egress-wp-api"), before + 1);
 }
+
+const ISTIO_ID: u8 = 73;
+
+/// The same ServiceEntry state consumed by Istio's ztunnel (shared mode on our node agent, our
+/// controller): the auto-allocated VIP of an entry with an IP endpoint, and the own address
+/// of a `resolution: NONE` entry, both reach the external hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_reaches_external_hosts_by_our_service_entries() {
+    let Some(peer) = mesh_e2e::istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let world = world().replace(&format!("10.90.{ID}."), &format!("10.90.{ISTIO_ID}."));
+    let cluster = Cluster::start(ISTIO_ID, 1, &world).await.expect("cluster up");
+    let ip = |n: u8| IpAddr::from([10, 90, ISTIO_ID, n]);
+    let (api, direct) = (
+        cluster.add_external(200).expect("external .200"),
+        cluster.add_external(201).expect("external .201"),
+    );
+    tokio::spawn(named_server(
+        api.listen(SocketAddr::new(ip(200), 80)).expect("listen"),
+        "istio-egress-api",
+    ));
+    tokio::spawn(named_server(
+        direct.listen(SocketAddr::new(ip(201), 8080)).expect("listen"),
+        "istio-egress-direct",
+    ));
+    drop(
+        cluster.nodes[0]
+            .ztunnel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
+    let n0 = &cluster.nodes[0];
+    let cp = format!("https://{}:15012", cluster.controller_ip());
+    let bundle = cluster.controller.trust_bundle().display().to_string();
+    let env: Vec<(&str, String)> = vec![
+        ("INPOD_UDS", n0.zds_socket().display().to_string()),
+        ("XDS_ADDRESS", cp.clone()),
+        ("CA_ADDRESS", cp),
+        ("XDS_ROOT_CA", bundle.clone()),
+        ("CA_ROOT_CA", bundle),
+        (
+            "AUTH_TOKEN",
+            cluster.controller.token_file(n0.name()).display().to_string(),
+        ),
+        ("NODE_NAME", n0.name().to_owned()),
+        ("POD_NAMESPACE", "istio-system".into()),
+        ("POD_NAME", "ztunnel-istio".into()),
+        ("SERVICE_ACCOUNT", "ztunnel".into()),
+        ("INSTANCE_IP", Cluster::underlay_ip(ISTIO_ID, 0).to_string()),
+        ("TRUST_DOMAIN", "cluster.local".into()),
+        ("CLUSTER_ID", "Kubernetes".into()),
+        ("ZTUNNEL_WORKER_THREADS", "1".into()),
+    ];
+    let mut istio_zt = mesh_e2e::istio::IstioZtunnel::spawn(n0.ns, &peer, &env).expect("spawn Istio's ztunnel");
+    istio_zt.wait_ready(WAIT).await.expect("Istio's ztunnel ready");
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    // Istio's ztunnel has the entry's service (with our allocated VIP) and the client.
+    let deadline = Instant::now() + WAIT;
+    let vip = loop {
+        let dump = istio_zt.config_dump().await.expect("Istio's config dump");
+        let text = dump.to_string();
+        let vip = dump["services"].as_array().into_iter().flatten().find_map(|s| {
+            if s["hostname"] != "api.external.test" {
+                return None;
+            }
+            let vips = s["vips"].as_array()?;
+            vips.iter()
+                .filter_map(|v| v.as_str()?.rsplit('/').next()?.parse::<IpAddr>().ok())
+                .find(IpAddr::is_ipv4)
+        });
+        let client_known = text.contains("Kubernetes//Pod/shop/client");
+        match vip {
+            Some(v) if client_known => break v,
+            _ if Instant::now() > deadline => {
+                panic!("Istio's ztunnel never had the entry: {text}\n{}", istio_zt.logs())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert!(matches!(vip, IpAddr::V4(v) if v.octets()[..2] == [240, 240]), "{vip}");
+    let before = served("istio-egress-api");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match get(&client, SocketAddr::new(vip, 80), "api.external.test").await {
+            Ok(200) => break,
+            other if Instant::now() > deadline => panic!("VIP through Istio's ztunnel: {other:?}\n{}", istio_zt.logs()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(served("istio-egress-api") > before, "the external server answered");
+    assert_eq!(
+        get(&client, SocketAddr::new(ip(201), 8080), "direct.external.test").await,
+        Ok(200),
+        "resolution NONE: passthrough to the entry's own address"
+    );
+}
