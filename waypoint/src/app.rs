@@ -160,6 +160,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        rate_limits: Default::default(),
         ingress,
     });
     Ok((waypoint, ready))

@@ -41,6 +41,8 @@ pub struct Waypoint {
     pub header_read_timeout: std::time::Duration,
     pub drain: CancellationToken,
     pub tasks: TaskTracker,
+    /// Token buckets of the LocalRateLimitPolicies; they outlive configuration snapshots.
+    pub rate_limits: policy::rate_limit::Limiter,
     /// The ingress role's listeners and certificates (`--role ingress`); `None` for a waypoint.
     pub ingress: Option<Arc<ingress::Ingress>>,
 }

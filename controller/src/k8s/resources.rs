@@ -13,8 +13,8 @@ use ::kube::core::{ApiResource, ClusterResourceScope, NamespaceResourceScope};
 use ::kube::Resource;
 
 use crate::model::{
-    gateway, istio, reference_grant, service_entry, EndpointSlice, Kind, Namespace, ObjectMeta, Pod, Secret, Service,
-    ServiceAccount,
+    gateway, istio, rate_limit, reference_grant, service_entry, EndpointSlice, Kind, Namespace, ObjectMeta, Pod,
+    Secret, Service, ServiceAccount,
 };
 
 /// The version the controller reads and writes for `kind`: the first it knows.
@@ -70,6 +70,7 @@ resource! {
     istio::VirtualService => VirtualService, "virtualservices", NamespaceResourceScope;
     istio::DestinationRule => DestinationRule, "destinationrules", NamespaceResourceScope;
     service_entry::ServiceEntry => ServiceEntry, "serviceentries", NamespaceResourceScope;
+    rate_limit::LocalRateLimitPolicy => LocalRateLimitPolicy, "localratelimitpolicies", NamespaceResourceScope;
 }
 
 /// Group, version, kind and plural of `kind`, for dynamic (untyped) requests.
@@ -93,6 +94,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::DestinationRule => ApiResource::erase::<istio::DestinationRule>(&()),
         Kind::ServiceEntry => ApiResource::erase::<service_entry::ServiceEntry>(&()),
         Kind::Secret => ApiResource::erase::<Secret>(&()),
+        Kind::LocalRateLimitPolicy => ApiResource::erase::<rate_limit::LocalRateLimitPolicy>(&()),
     }
 }
 

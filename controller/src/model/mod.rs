@@ -5,6 +5,7 @@
 pub mod gateway;
 pub mod istio;
 mod object;
+pub mod rate_limit;
 pub mod reference_grant;
 pub mod service_entry;
 mod unknown;
@@ -79,6 +80,7 @@ pub struct Inputs {
     pub service_entries: BTreeMap<ObjectKey, service_entry::ServiceEntry>,
     /// TLS Secrets an ingress Gateway's listeners name in `certificateRefs`.
     pub secrets: BTreeMap<ObjectKey, Secret>,
+    pub rate_limits: BTreeMap<ObjectKey, rate_limit::LocalRateLimitPolicy>,
     /// Mesh-wide settings (`--mesh-config`, Istio's MeshConfig).
     pub mesh: crate::mesh_config::MeshConfig,
     /// Pods the node agents report captured (local mode), besides annotated ones.
@@ -108,6 +110,7 @@ impl Inputs {
             Object::DestinationRule(o) => drop(self.destination_rules.insert(key, o)),
             Object::ServiceEntry(o) => drop(self.service_entries.insert(key, o)),
             Object::Secret(o) => drop(self.secrets.insert(key, o)),
+            Object::LocalRateLimitPolicy(o) => drop(self.rate_limits.insert(key, o)),
         }
     }
 
@@ -132,6 +135,7 @@ impl Inputs {
             Kind::DestinationRule => self.destination_rules.remove(key).is_some(),
             Kind::ServiceEntry => self.service_entries.remove(key).is_some(),
             Kind::Secret => self.secrets.remove(key).is_some(),
+            Kind::LocalRateLimitPolicy => self.rate_limits.remove(key).is_some(),
         }
     }
 
@@ -156,6 +160,7 @@ impl Inputs {
             Kind::DestinationRule => self.destination_rules.clear(),
             Kind::ServiceEntry => self.service_entries.clear(),
             Kind::Secret => self.secrets.clear(),
+            Kind::LocalRateLimitPolicy => self.rate_limits.clear(),
         }
     }
 

@@ -4,8 +4,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    gateway, istio, reference_grant, service_entry, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod, Secret,
-    Service, ServiceAccount,
+    gateway, istio, rate_limit, reference_grant, service_entry, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod,
+    Secret, Service, ServiceAccount,
 };
 
 macro_rules! kinds {
@@ -89,6 +89,7 @@ kinds! {
     DestinationRule(istio::DestinationRule) = "networking.istio.io", "DestinationRule", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
     ServiceEntry(service_entry::ServiceEntry) = "networking.istio.io", "ServiceEntry", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
     Secret(Secret) = "", "Secret", cluster: false, versions: ["v1"];
+    LocalRateLimitPolicy(rate_limit::LocalRateLimitPolicy) = "policy.ambient-mesh.io", "LocalRateLimitPolicy", cluster: false, versions: ["v1alpha1"];
 }
 
 /// Why a document is not a usable object.

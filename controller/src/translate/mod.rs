@@ -9,6 +9,7 @@ mod authz;
 mod auto_allocate;
 pub mod ingress;
 mod peer_authn;
+mod rate_limit;
 pub mod render;
 mod routes;
 mod service;
@@ -151,7 +152,8 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
         service_entry::registry_only(&mut addresses);
     }
-    let (service_routes, waypoint_policies) = routes::translate(inputs, options, &mut report);
+    let (service_routes, mut waypoint_policies) = routes::translate(inputs, options, &mut report);
+    waypoint_policies.extend(rate_limit::translate(inputs, &mut report));
     let ingress = ingress::translate(inputs, options, &mut report);
     unimplemented::report(inputs, &mut report);
     let mut problems = report.0;

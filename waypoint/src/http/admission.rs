@@ -145,6 +145,47 @@ fn log_observed(observed: &authz::Observed, attrs: &RequestAttrs<'_>, decision: 
     }
 }
 
+/// Local rate limits on the waypoint, the service or the matched route: each that applies
+/// takes one token from its bucket; an empty bucket answers 429.
+pub fn rate_limit(
+    wp: &Waypoint,
+    snapshot: &Snapshot,
+    target: &Target<'_>,
+    down: &Downstream,
+    route: &str,
+) -> Result<(), LocalReply> {
+    use crate::policy::rate_limit::{Limit, Verdict};
+    for p in snapshot.policies.values() {
+        let Some(wp::policy::Kind::RateLimit(r)) = &p.kind else {
+            continue;
+        };
+        let applies =
+            crate::policy::applies(p, target.gateway, target.service) || crate::policy::applies_to_route(p, route);
+        let Some(limit) = Limit::from_policy(r).filter(|_| applies) else {
+            continue;
+        };
+        let key = format!("{}/{}", p.namespace, p.name);
+        // The identity when the client has one, else its address.
+        let source = match (&down.peer_identity, limit.per_source) {
+            (_, false) => String::new(),
+            (Some(id), true) => id.to_string(),
+            (None, true) => down.client_addr.ip().to_string(),
+        };
+        let taken = wp.rate_limits.take(&key, &limit, &source);
+        if taken.overflowed {
+            wp.metrics.rate_limit_overflow.inc();
+        }
+        if let Verdict::Limited { reset } = taken.verdict {
+            return Err(LocalReply::RateLimited {
+                policy: key,
+                limit: limit.max_tokens,
+                reset,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The route a request takes: a matched one, or the default route (to the service itself)
 /// when the service has no routes.
 pub struct Routed<'s> {

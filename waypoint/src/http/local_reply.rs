@@ -38,6 +38,8 @@ pub enum ResponseFlag {
     UpstreamTimeout,
     /// `UPE`: the upstream broke the protocol (e.g. switched protocols unasked).
     UpstreamProtocolError,
+    /// `RL`: refused by local rate limiting.
+    RateLimited,
 }
 
 impl ResponseFlag {
@@ -54,6 +56,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamFailure => "UF",
             ResponseFlag::UpstreamTimeout => "UT",
             ResponseFlag::UpstreamProtocolError => "UPE",
+            ResponseFlag::RateLimited => "RL",
         }
     }
 }
@@ -100,6 +103,12 @@ pub enum LocalReply {
     UpstreamTimeout,
     /// The upstream answered 101 to a request that did not ask for that protocol.
     UnrequestedUpgrade { protocol: String },
+    /// A LocalRateLimitPolicy's bucket is empty; a token comes back in `reset`.
+    RateLimited {
+        policy: String,
+        limit: u32,
+        reset: std::time::Duration,
+    },
 }
 
 impl LocalReply {
@@ -118,6 +127,7 @@ impl LocalReply {
             | LocalReply::UpstreamFailure => StatusCode::SERVICE_UNAVAILABLE,
             LocalReply::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::UnrequestedUpgrade { .. } => StatusCode::BAD_GATEWAY,
+            LocalReply::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -136,6 +146,7 @@ impl LocalReply {
             LocalReply::UpstreamFailure => ResponseFlag::UpstreamFailure,
             LocalReply::UpstreamTimeout => ResponseFlag::UpstreamTimeout,
             LocalReply::UnrequestedUpgrade { .. } => ResponseFlag::UpstreamProtocolError,
+            LocalReply::RateLimited { .. } => ResponseFlag::RateLimited,
         }
     }
 
@@ -172,6 +183,7 @@ impl LocalReply {
             LocalReply::UpstreamFailure => "upstream connect error or disconnect/reset before headers",
             LocalReply::UpstreamTimeout => "upstream request timeout",
             LocalReply::UnrequestedUpgrade { .. } => "upstream switched to a protocol that was not requested",
+            LocalReply::RateLimited { .. } => "local_rate_limited",
         }
     }
 
@@ -184,6 +196,7 @@ impl LocalReply {
             LocalReply::BadRequest(BadRequest::Body(_)) => Some("bad_body"),
             LocalReply::BadRequest(BadRequest::UpstreamPath) => Some("bad_path"),
             LocalReply::UnrequestedUpgrade { .. } => Some("bad_upgrade"),
+            LocalReply::RateLimited { .. } => Some("rate_limited"),
             _ => None,
         }
     }
@@ -200,6 +213,7 @@ impl LocalReply {
             LocalReply::UnrequestedUpgrade { protocol } => Some(format!(
                 "upstream switched protocols to {protocol:?}, which was not requested"
             )),
+            LocalReply::RateLimited { policy, .. } => Some(format!("rate limited by {policy}")),
             _ => None,
         }
     }
@@ -220,6 +234,13 @@ impl LocalReply {
             // The client's connection closes so nothing is sent after the refused switch.
             LocalReply::UnrequestedUpgrade { .. } => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            // The IETF draft's headers, as Envoy's local rate limit sends them.
+            LocalReply::RateLimited { limit, reset, .. } => {
+                let reset_secs = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+                headers.insert("x-ratelimit-limit", HeaderValue::from(limit));
+                headers.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+                headers.insert("x-ratelimit-reset", HeaderValue::from(reset_secs));
             }
             _ => {}
         }
@@ -268,7 +289,31 @@ mod tests {
             LocalReply::UpstreamFailure,
             LocalReply::UpstreamTimeout,
             LocalReply::UnrequestedUpgrade { protocol: "h2c".into() },
+            LocalReply::RateLimited {
+                policy: "ns/ten".into(),
+                limit: 10,
+                reset: std::time::Duration::from_millis(400),
+            },
         ]
+    }
+
+    #[test]
+    fn rate_limited_is_429_rl_with_the_draft_headers() {
+        let r = LocalReply::RateLimited {
+            policy: "ns/ten".into(),
+            limit: 10,
+            reset: std::time::Duration::from_millis(400),
+        };
+        assert_eq!(
+            (r.status().as_u16(), r.flag().as_str(), r.grpc_status()),
+            (429, "RL", 14)
+        );
+        assert_eq!(r.log_reason().as_deref(), Some("rate limited by ns/ten"));
+        let resp = r.into_response();
+        let h = resp.headers();
+        assert_eq!(h["x-ratelimit-limit"], "10");
+        assert_eq!(h["x-ratelimit-remaining"], "0");
+        assert_eq!(h["x-ratelimit-reset"], "1", "rounded up to whole seconds");
     }
 
     #[test]

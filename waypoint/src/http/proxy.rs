@@ -261,6 +261,7 @@ async fn pipeline(
     admission::authorize(&snapshot, &target, down, principal.as_ref(), &parts, &host)?;
     let routed = admission::select_route(&snapshot, down, &parts)?;
     out.route = routed.route.name.clone();
+    admission::rate_limit(wp, &snapshot, &target, down, &routed.route.name)?;
     let host = admission::apply_route(&routed, &mut parts, host).await?;
     let rt = &routed.route;
 

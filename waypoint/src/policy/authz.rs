@@ -157,11 +157,12 @@ fn uses_http_fields(rule: &wp::Rule) -> bool {
         || rule.when.iter().any(|c| http_only_key(&c.key))
 }
 
-/// Whether a policy can only be enforced on HTTP: request authentication, or authorization
-/// with HTTP-only fields. A service such a policy applies to is never proxied as opaque TCP.
+/// Whether a policy can only be enforced on HTTP: request authentication, a rate limit (it
+/// counts requests), or authorization with HTTP-only fields. A service such a policy applies
+/// to is never proxied as opaque TCP, so a raw connection cannot slip past it.
 pub fn needs_http(p: &wp::Policy) -> bool {
     match &p.kind {
-        Some(wp::policy::Kind::Jwt(_)) => true,
+        Some(wp::policy::Kind::Jwt(_) | wp::policy::Kind::RateLimit(_)) => true,
         Some(wp::policy::Kind::Authorization(a)) => a.rules.iter().any(uses_http_fields),
         None => false,
     }
@@ -438,7 +439,12 @@ mod tests {
         let mut audit = policy(wp::Action::Audit, vec![wp::Rule::default()]);
         audit.name = "audit-all".into();
         // A dry-run ALLOW that only order-service matches, and a dry-run DENY of everything.
-        let policies = [payments(), audit, dry_run(payments(), "allow-dry"), dry_run(deny_all, "deny-dry")];
+        let policies = [
+            payments(),
+            audit,
+            dry_run(payments(), "allow-dry"),
+            dry_run(deny_all, "deny-dry"),
+        ];
 
         // Enforced: only `payments` decides; the dry-run DENY of everything changes nothing.
         assert_eq!(evaluate(&policies, &order), Decision::Allow);
@@ -446,7 +452,10 @@ mod tests {
 
         let seen = observe(|| policies.iter(), &order);
         assert_eq!(seen.audits, vec![("shop/audit-all".to_owned(), 0)]);
-        assert_eq!(seen.dry_run, Some(Decision::Deny("denied by shop/deny-dry rule 0".into())));
+        assert_eq!(
+            seen.dry_run,
+            Some(Decision::Deny("denied by shop/deny-dry rule 0".into()))
+        );
 
         // Without the dry-run DENY, the shadow rules allow order-service and deny frontend.
         let shadow = [policies[0].clone(), policies[2].clone()];

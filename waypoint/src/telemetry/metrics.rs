@@ -99,6 +99,8 @@ pub struct Metrics {
     pub audited: Family<Vec<(String, String)>, Counter>,
     /// Requests evaluated under dry-run policies, by what those alone would decide.
     pub dry_run: Family<Vec<(String, String)>, Counter>,
+    /// Requests from sources past a rate limit's per-source bound, sharing its overflow bucket.
+    pub rate_limit_overflow: Counter,
 }
 
 impl Metrics {
@@ -120,6 +122,7 @@ impl Metrics {
             rejected: Family::default(),
             audited: Family::default(),
             dry_run: Family::default(),
+            rate_limit_overflow: Counter::default(),
         };
         registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
         registry.register(
@@ -146,6 +149,11 @@ impl Metrics {
             "waypoint_authz_dry_run",
             "Requests evaluated under dry-run authorization policies, by the decision those alone would make (never enforced)",
             m.dry_run.clone(),
+        );
+        registry.register(
+            "waypoint_rate_limit_overflow",
+            "Requests counted in a rate limit's shared overflow bucket because the policy already tracks its maximum of sources",
+            m.rate_limit_overflow.clone(),
         );
         registry.register(
             "waypoint_rejected_requests",
