@@ -480,6 +480,45 @@ async fn ingress_gateway_end_to_end() {
     let other = "x-forwarded-for: 198.51.100.7";
     assert_eq!(get("https://app.example.com/v1", &[other]).map(|a| a.status), Ok(200));
 
+    // 8. Connections that never finish TLS are bounded per source: with 256 pending from the
+    // client, the next is closed at once (counted), while other sources are served.
+    let mut idle = Vec::new();
+    for _ in 0..256 {
+        idle.push(
+            client
+                .ns
+                .connect(SocketAddr::new(gw_ip, 443))
+                .await
+                .expect("idle connection"),
+        );
+    }
+    let metrics_has_limit = |m: &str| {
+        m.lines()
+            .any(|l| l.starts_with("waypoint_rejected_requests_total") && l.contains("pending_per_source_limit"))
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // Accepting is asynchronous: connect until one is refused.
+        let mut extra = client.ns.connect(SocketAddr::new(gw_ip, 443)).await.expect("connect");
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_millis(300), extra.read(&mut buf)).await;
+        if matches!(closed, Ok(Ok(0)) | Ok(Err(_))) && metrics_has_limit(&gateway.metrics().await.unwrap()) {
+            break;
+        }
+        idle.push(extra);
+        assert!(
+            Instant::now() < deadline,
+            "no per-source bound on pending TLS handshakes"
+        );
+    }
+    let a = direct_get(&direct, gw_ip).await;
+    assert_eq!(
+        a, 301,
+        "another source is still served (the HTTP listener redirects any host)"
+    );
+    drop(idle);
+
     // 7. Routes that must not attach, with their reasons.
     for (route, accepted, resolved) in [
         ("wrong-host", "NoMatchingListenerHostname", "ResolvedRefs"),
@@ -494,6 +533,27 @@ async fn ingress_gateway_end_to_end() {
     assert!(body.contains("no-such-secret does not exist"), "{body}");
     assert!(!body.contains("PRIVATE KEY"), "statuses never carry keys");
     eprintln!("ingress e2e took {:?}", started.elapsed());
+}
+
+/// A plain-HTTP request from `pod` to the gateway's port 80: its status.
+async fn direct_get(pod: &Pod, gw: IpAddr) -> u16 {
+    let out = pod
+        .ns
+        .exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "host: nothing.test",
+            &format!("http://{gw}:80/"),
+        ])
+        .unwrap_or_default();
+    out.trim().parse().unwrap_or(0)
 }
 
 /// Runs a future to completion from synchronous code inside the test's runtime.

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mesh_core::hbone::{Limit, LimitConfig, LimitObserver, ServerLimits};
 use mesh_core::socket::AcceptBackoff;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,8 +27,13 @@ use crate::Waypoint;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Keeps the bound ports equal to the configured ones until drained.
+/// Keeps the bound ports equal to the configured ones until drained. Every port shares one
+/// bound on connections still in their TLS handshake (all sources, and per source address),
+/// as the HBONE listeners do; a refused connection is closed and counted by limit.
 pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, bind: std::net::IpAddr) {
+    let metrics = wp.metrics.clone();
+    let observer: LimitObserver = Arc::new(move |limit: Limit| metrics.reject(limit.as_str()));
+    let limits = Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer)));
     let mut changed = ingress.subscribe();
     let mut bound: HashMap<u16, CancellationToken> = HashMap::new();
     loop {
@@ -48,7 +54,12 @@ pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, bind: std::net::IpAdd
                     let stop = wp.drain.child_token();
                     bound.insert(port, stop.clone());
                     info!(%addr, "ingress port listening");
-                    tokio::spawn(accept(wp.clone(), ingress.clone(), l, port, stop));
+                    let port = Port {
+                        number: port,
+                        stop,
+                        limits: limits.clone(),
+                    };
+                    tokio::spawn(accept(wp.clone(), ingress.clone(), l, port));
                 }
                 // Retried on the next change.
                 Err(e) => warn!(%addr, error = %e, "cannot bind ingress port"),
@@ -61,7 +72,19 @@ pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, bind: std::net::IpAdd
     }
 }
 
-async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener, port: u16, stop: CancellationToken) {
+/// One bound port.
+struct Port {
+    number: u16,
+    stop: CancellationToken,
+    limits: Arc<ServerLimits>,
+}
+
+async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener, port: Port) {
+    let Port {
+        number: port,
+        stop,
+        limits,
+    } = port;
     let mut backoff = AcceptBackoff::default();
     let tls = tokio_rustls::TlsAcceptor::from(match super::tls::server_config(ingress.resolver(port)) {
         Ok(c) => c,
@@ -83,11 +106,16 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
         };
         backoff.succeeded();
         let _ = tcp.set_nodelay(true);
+        let is_tls = ingress.current.load().ports.get(&port).is_some_and(|p| p.tls);
+        // Until TLS completes the connection holds a pending slot; over the bound it is closed.
+        let pending = match is_tls.then(|| limits.admit(peer.ip())).transpose() {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
         let (wp2, ingress, tls) = (wp.clone(), ingress.clone(), tls.clone());
         wp.tasks.spawn(async move {
-            let is_tls = ingress.current.load().ports.get(&port).is_some_and(|p| p.tls);
             if is_tls {
-                serve_tls(wp2, ingress, tcp, peer, port, tls).await;
+                serve_tls(wp2, ingress, tcp, peer, port, tls, pending).await;
             } else {
                 serve(wp2, ingress, TokioIo::new(tcp), Conn { peer, port, sni: None }).await;
             }
@@ -111,8 +139,11 @@ async fn serve_tls(
     peer: SocketAddr,
     port: u16,
     tls: tokio_rustls::TlsAcceptor,
+    pending: Option<mesh_core::hbone::limits::PendingGuard>,
 ) {
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await;
+    drop(pending);
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             wp.metrics.reject("tls_handshake");
@@ -134,8 +165,14 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = wp.metrics.clone();
+    let header_read_timeout = wp.header_read_timeout;
     let svc = hyper::service::service_fn(move |req| handle(wp.clone(), ingress.clone(), conn.clone(), req));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that never finishes its request headers is closed (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
         if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
             metrics.reject("malformed_http");
