@@ -90,8 +90,10 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         .map_or(TokenSource::None, TokenSource::File);
     let cp_tls = |addr: &str| -> anyhow::Result<_> {
         if mesh_core::control_plane_args::uses_tls(addr) {
-            Ok(Some(mesh_core::tls::control_plane_client_config(
-                &roots,
+            // Re-read when it changes: after a root rotation the controller's certificate
+            // chains to the new root.
+            Ok(Some(mesh_core::tls::control_plane_client_config_following(
+                cfg.trust_bundle()?,
                 vec![cfg.control_plane.control_plane_identity.clone()],
             )?))
         } else {

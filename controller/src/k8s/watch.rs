@@ -148,7 +148,13 @@ where
             .inspect_err(|e| warn!(?kind, %key, error = %e, "ignoring an object the model rejects"))
             .ok()
     };
-    watcher(api, watcher::Config::default())
+    // Only TLS Secrets are read (listener certificates): the controller neither holds nor
+    // receives the cluster's other Secrets.
+    let config = match kind {
+        Kind::Secret => watcher::Config::default().fields("type=kubernetes.io/tls"),
+        _ => watcher::Config::default(),
+    };
+    watcher(api, config)
         .default_backoff()
         .filter_map(move |event| {
             let event = match event {
