@@ -61,7 +61,15 @@ pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> impl Stream<Item = io::Result<TlsConn>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tls_incoming_live(listener, Arc::new(arc_swap::ArcSwap::new(config)))
+}
+
+/// As [`tls_incoming`], each handshake with the configuration current when the connection
+/// arrives: the serving certificate is replaced when the CA rotates.
+pub fn tls_incoming_live(
+    listener: TcpListener,
+    config: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+) -> impl Stream<Item = io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel::<io::Result<TlsConn>>(64);
     tokio::spawn(async move {
         loop {
@@ -74,7 +82,7 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let conn_tx = tx.clone();
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;

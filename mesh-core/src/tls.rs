@@ -27,6 +27,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client verifier: {0}")]
     Verifier(String),
+    #[error(transparent)]
+    Bundle(#[from] crate::identity::cert::TrustBundleError),
 }
 
 /// The peer's certificate is valid but proves a different identity than expected.
@@ -145,7 +147,7 @@ pub fn verify_workload_chain(
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(pki_error)?;
     ee.verify_for_usage(
         verifier.provider.signature_verification_algorithms.all,
-        &verifier.anchors,
+        &verifier.current(),
         intermediates,
         UnixTime::now(),
         webpki::KeyUsage::client_auth(),
@@ -156,32 +158,109 @@ pub fn verify_workload_chain(
     identity_of(leaf).map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))
 }
 
+/// As [`control_plane_client_config`], with the roots of the trust bundle file at `path`,
+/// re-read when the file changes (checked at each handshake): after a root rotation the
+/// controller's serving certificate chains to the new root, and a proxy reconnecting must
+/// trust it without a restart. A bundle that cannot be read keeps the last good roots.
+pub fn control_plane_client_config_following(
+    path: &std::path::Path,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = SpiffeServerVerifier::following(path, expected)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    Ok(Arc::new(cfg))
+}
+
+type Anchors = Vec<rustls::pki_types::TrustAnchor<'static>>;
+
 /// Verifies the server chain against the mesh roots, then checks its SPIFFE URI SAN.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    anchors: arc_swap::ArcSwap<Anchors>,
+    /// The trust bundle file the roots follow, if any.
+    file: Option<BundleFile>,
     expected: Vec<Identity>,
     provider: Arc<CryptoProvider>,
 }
 
+/// A trust bundle file and the version of it loaded (modification time and length).
+#[derive(Debug)]
+struct BundleFile {
+    path: std::path::PathBuf,
+    loaded: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
+}
+
+fn anchors_of(roots: &[CertificateDer<'static>]) -> Result<Anchors, TlsError> {
+    let anchors = roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(r)
+                .map(|a| a.to_owned())
+                .map_err(|e| TlsError::Root(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if anchors.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    Ok(anchors)
+}
+
+fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
 impl SpiffeServerVerifier {
     pub fn new(roots: &[CertificateDer<'static>], expected: Vec<Identity>) -> Result<Self, TlsError> {
-        let anchors = roots
-            .iter()
-            .map(|r| {
-                webpki::anchor_from_trusted_cert(r)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::Root(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if anchors.is_empty() {
-            return Err(TlsError::NoRoots);
-        }
         Ok(SpiffeServerVerifier {
-            anchors,
+            anchors: arc_swap::ArcSwap::from_pointee(anchors_of(roots)?),
+            file: None,
             expected,
             provider: provider(),
         })
+    }
+
+    /// Roots from the trust bundle file at `path`, which must be usable now, and are
+    /// re-read whenever it changes.
+    pub fn following(path: &std::path::Path, expected: Vec<Identity>) -> Result<Self, TlsError> {
+        let loaded = stamp(path);
+        let roots = crate::identity::cert::read_trust_bundle(path)?;
+        let mut verifier = Self::new(&roots, expected)?;
+        verifier.file = Some(BundleFile {
+            path: path.to_owned(),
+            loaded: std::sync::Mutex::new(loaded),
+        });
+        Ok(verifier)
+    }
+
+    /// The roots to verify with now: the file's current ones when it changed and is usable.
+    fn current(&self) -> Arc<Anchors> {
+        if let Some(file) = &self.file {
+            let now = stamp(&file.path);
+            let mut loaded = file.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            if now.is_some() && now != *loaded {
+                let fresh = crate::identity::cert::read_trust_bundle(&file.path)
+                    .map_err(TlsError::from)
+                    .and_then(|roots| anchors_of(&roots));
+                match fresh {
+                    Ok(anchors) => {
+                        tracing::info!(path = %file.path.display(), roots = anchors.len(), "trust bundle reloaded");
+                        self.anchors.store(Arc::new(anchors));
+                        *loaded = now;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %file.path.display(), error = %e, "trust bundle changed but is unusable; keeping the previous roots");
+                    }
+                }
+            }
+        }
+        self.anchors.load_full()
     }
 }
 
@@ -209,7 +288,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         ee.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &self.anchors,
+            &self.current(),
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -257,5 +336,63 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::new_csr;
+    use crate::identity::cert::certs_from_pem;
+    use crate::identity::DevCa;
+
+    fn controller() -> Identity {
+        "spiffe://cluster.local/ns/istio-system/sa/mesh-controller"
+            .parse()
+            .expect("id")
+    }
+
+    /// A serving certificate for the controller from `ca`.
+    fn serving(ca: &DevCa) -> CertificateDer<'static> {
+        let (_, csr) = new_csr(&controller()).expect("csr");
+        let pem = ca
+            .issue(&controller(), &csr, std::time::Duration::from_secs(600))
+            .expect("issue");
+        certs_from_pem(&pem).expect("pem").remove(0)
+    }
+
+    /// Writes `text` to `path` by rename, as a kubelet or the controller replaces the file.
+    fn replace(path: &std::path::Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+
+    #[test]
+    fn the_control_plane_verifier_follows_the_trust_bundle_file() {
+        let (a, b) = (
+            DevCa::generate("cluster.local").expect("a"),
+            DevCa::generate("cluster.local").expect("b"),
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("root-cert.pem");
+        replace(&path, a.root_pem());
+        let verifier = SpiffeServerVerifier::following(&path, vec![controller()]).expect("verifier");
+        let check = |cert: &CertificateDer<'static>| {
+            verifier.verify_server_cert(cert, &[], &placeholder_server_name(), &[], UnixTime::now())
+        };
+        let (from_a, from_b) = (serving(&a), serving(&b));
+        check(&from_a).expect("root A trusted");
+        check(&from_b).expect_err("root B not yet published");
+        // Root B published beside A, then A retired: no new verifier needed.
+        replace(&path, &format!("{}{}", a.root_pem(), b.root_pem()));
+        check(&from_b).expect("root B trusted once published");
+        check(&from_a).expect("root A still trusted");
+        replace(&path, b.root_pem());
+        check(&from_a).expect_err("root A retired");
+        // An unusable bundle keeps the last good roots.
+        replace(&path, "not a certificate bundle, and longer than before so it differs");
+        check(&from_b).expect("the last good roots");
+        check(&from_a).expect_err("still retired");
     }
 }

@@ -11,7 +11,9 @@
 //! HBONE connection (pooled connections idle out after 1 s, so each is a new mTLS handshake
 //! with the certificates of the moment), and one connection stays open throughout: none may
 //! fail. After retirement a certificate chained only to root A is refused by the server's
-//! ztunnel, while the same certificate was accepted before and one from intermediate B is.
+//! ztunnel, while the same certificate was accepted before and one from intermediate B is,
+//! and a ztunnel started with only root B reaches the controller (whose own serving
+//! certificate the rotation re-issued).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -347,4 +349,12 @@ async fn root_rotation_with_traffic_flowing_fails_no_connection() {
         Ok(200),
         "a chain to root B"
     );
+
+    // A ztunnel started now knows only root B: the controller's own serving certificate was
+    // re-issued by the new CA, so it connects (xDS and CA) and becomes ready.
+    let late = cluster
+        .start_ztunnel_beside(1)
+        .await
+        .expect("a ztunnel trusting only root B reaches the controller");
+    drop(late);
 }

@@ -72,9 +72,14 @@ fn control_plane_tls(
     let roots = bundle.with_context(|| {
         format!("{flag} {address} uses TLS: pass --trust-bundle <PEM file> with the roots the control plane's certificate chains to")
     })?;
-    let tls =
-        mesh_core::tls::control_plane_client_config(roots, vec![cfg.control_plane.control_plane_identity.clone()])
-            .with_context(|| format!("TLS configuration for {flag} {address}"))?;
+    let expected = vec![cfg.control_plane.control_plane_identity.clone()];
+    let tls = match &cfg.control_plane.trust_bundle {
+        // Re-read when it changes: after a root rotation the controller's certificate chains
+        // to the new root.
+        Some(path) => mesh_core::tls::control_plane_client_config_following(path, expected),
+        None => mesh_core::tls::control_plane_client_config(roots, expected),
+    }
+    .with_context(|| format!("TLS configuration for {flag} {address}"))?;
     Ok(Some(tls))
 }
 

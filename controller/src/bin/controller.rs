@@ -71,12 +71,35 @@ fn ca_root(config: &Config) -> anyhow::Result<(Arc<CaRoot>, Option<controller::c
     }
 }
 
+/// The controller's TLS configuration on 15012, with a serving certificate from `root`.
+fn serving_tls(
+    root: &CaRoot,
+    identity: &Identity,
+    names: &controller::ca::ServingNames,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let serving = root.serving_certificate_for(identity, names, Duration::from_secs(365 * 24 * 3600))?;
+    Ok(mesh_core::tls::control_plane_server_config(&serving)?)
+}
+
+/// The serving certificate's names and the live TLS configuration carrying it.
+struct Serving {
+    identity: Identity,
+    names: controller::ca::ServingNames,
+    tls: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+}
+
 /// What a plug-in CA change does: the CA signs with the new intermediate and sends the new
-/// bundle with every certificate from now on, and the bundle file proxies read is rewritten.
-fn rotate(ca: CaServer, ca_dir: PathBuf) -> impl Fn(Arc<CaRoot>) + Send + 'static {
+/// bundle with every certificate from now on, the bundle file proxies read is rewritten, and
+/// the controller's own serving certificate is re-issued by the new CA (so it chains to a root
+/// the bundle still holds once the old one is retired).
+fn rotate(ca: CaServer, ca_dir: PathBuf, serving: Serving) -> impl Fn(Arc<CaRoot>) + Send + 'static {
     move |root| {
         if let Err(e) = controller::ca::publish_trust_bundle(&ca_dir, root.trust_bundle()) {
             tracing::warn!(error = %e, "cannot publish the new trust bundle");
+        }
+        match serving_tls(&root, &serving.identity, &serving.names) {
+            Ok(tls) => serving.tls.store(tls),
+            Err(e) => tracing::warn!(error = %e, "cannot re-issue the serving certificate; keeping the previous one"),
         }
         ca.replace_root(root);
     }
@@ -100,11 +123,10 @@ async fn main() -> anyhow::Result<()> {
     controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
         .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
     let names = config.serving_names();
-    let serving = root
-        .serving_certificate_for(&identity, &names, Duration::from_secs(365 * 24 * 3600))
-        .context("serving certificate (--serving-dns-names, --serving-ips)")?;
+    let tls =
+        serving_tls(&root, &identity, &names).context("serving certificate (--serving-dns-names, --serving-ips)")?;
     tracing::info!(dns = ?names.dns, ips = ?names.ips, "serving certificate names");
-    let tls = mesh_core::tls::control_plane_server_config(&serving).context("TLS config")?;
+    let tls = Arc::new(arc_swap::ArcSwap::new(tls));
 
     let options = Options {
         cluster_id: config.cluster_id.clone(),
@@ -219,7 +241,15 @@ async fn main() -> anyhow::Result<()> {
             config.trust_domain.clone(),
             Duration::from_secs(1),
             ca_metrics,
-            rotate(ca.clone(), config.ca_dir.clone()),
+            rotate(
+                ca.clone(),
+                config.ca_dir.clone(),
+                Serving {
+                    identity: identity.clone(),
+                    names,
+                    tls: tls.clone(),
+                },
+            ),
         ));
     }
     let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
@@ -248,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(ads.into_service())
         .add_service(ca.into_service())
         .serve_with_incoming_shutdown(
-            serve::tls_incoming(listener, tls),
+            serve::tls_incoming_live(listener, tls),
             mesh_core::shutdown::shutdown_signal(),
         );
     server.await.context("gRPC server")?;
