@@ -3,8 +3,9 @@
 //! default: unknown destinations pass through) or REGISTRY_ONLY (ztunnel refuses them). Other
 //! MeshConfig fields are accepted and ignored. The file is polled; a change is sent to the
 //! controller's loop as [`Change::MeshConfig`] and reaches ztunnels with the next push, so no
-//! component restarts. An unreadable or invalid file keeps the last good settings (logged); a
-//! missing file means the defaults.
+//! component restarts. An unreadable or invalid file keeps the last good settings (logged), and
+//! one at start-up stops the controller (`read`, called first): falling back to the defaults
+//! could turn REGISTRY_ONLY into ALLOW_ANY. A missing file means the defaults.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -66,8 +67,13 @@ pub fn read(path: &PathBuf) -> Result<MeshConfig, MeshConfigError> {
 /// Sends the file's settings now and whenever they change; returns when the loop is gone.
 pub async fn watch(path: PathBuf, interval: Duration, tx: ChangeSender) {
     let mut last: Option<MeshConfig> = None;
+    let mut last_error: Option<String> = None;
     loop {
-        match read(&path) {
+        let result = read(&path);
+        if result.is_ok() {
+            last_error = None;
+        }
+        match result {
             Ok(cfg) if last.as_ref() != Some(&cfg) => {
                 tracing::info!(path = %path.display(), ?cfg, "mesh config");
                 last = Some(cfg.clone());
@@ -76,15 +82,14 @@ pub async fn watch(path: PathBuf, interval: Duration, tx: ChangeSender) {
                 }
             }
             Ok(_) => {}
-            Err(e) if last.is_none() => {
-                // Nothing good yet: start from the defaults, keep retrying the file.
-                tracing::warn!(error = %e, "mesh config unreadable; using the defaults");
-                last = Some(MeshConfig::default());
-                if tx.send(Change::MeshConfig(MeshConfig::default())).await.is_err() {
-                    return;
+            // Never a fallback to the defaults: that could widen REGISTRY_ONLY to ALLOW_ANY.
+            Err(e) => {
+                let text = e.to_string();
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(error = %text, "mesh config unreadable; keeping the last good one");
+                    last_error = Some(text);
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "mesh config unreadable; keeping the last good one"),
         }
         tokio::time::sleep(interval).await;
     }

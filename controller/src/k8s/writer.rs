@@ -329,6 +329,7 @@ fn reports_status(kind: Kind) -> bool {
             | Kind::RequestAuthentication
             | Kind::VirtualService
             | Kind::DestinationRule
+            | Kind::ServiceEntry
     )
 }
 
@@ -512,6 +513,21 @@ mod tests {
 
     fn problem(name: &str) -> (Kind, ObjectKey) {
         (Kind::AuthorizationPolicy, ObjectKey::new("apps", name))
+    }
+
+    /// A ServiceEntry's problems (an unenforced exportTo, say) are written on its status.
+    #[test]
+    fn service_entry_problems_go_to_its_status() {
+        let key = ObjectKey::new("shop", "ext");
+        let problem = crate::translate::Problem {
+            kind: Kind::ServiceEntry,
+            object: key.clone(),
+            message: "spec.exportTo [\".\"] is not enforced".into(),
+            refused: None,
+        };
+        let (messages, refused) = by_object(&[problem]);
+        assert_eq!(messages[&(Kind::ServiceEntry, key)].len(), 1);
+        assert!(refused.is_empty());
     }
 
     #[test]
