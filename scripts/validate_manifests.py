@@ -24,7 +24,9 @@ offline.
 7. Every CEL expression of a ValidatingAdmissionPolicy compiles, every binding names a shipped
    policy, and the node agent's policy decides the table of scripts/admission_policy.py
    (its own node's pods, the redirection annotation only) as it must.
-8. Each file in examples/brief/invalid/ and scripts/testdata/invalid/ MUST be rejected, for the
+8. The objects the controller generates for a waypoint (controller/tests/golden/
+   waypoint-objects/, kept equal to the generator by a golden test) validate as in 2 and 6.
+9. Each file in examples/brief/invalid/ and scripts/testdata/invalid/ MUST be rejected, for the
    reason its `# expect:` comment names; one that is accepted (or rejected for another reason)
    fails the run.
 
@@ -70,6 +72,9 @@ INVALID = EXAMPLES / "invalid"
 ISTIO_REAL = ROOT / "examples" / "istio-real"
 # Manifests the checks of this script must reject (pod security, admission policies).
 TESTDATA_INVALID = ROOT / "scripts" / "testdata" / "invalid"
+# What the controller generates for a waypoint (Deployment, Service, HPA, PDB, ...), written by
+# the golden test controller/src/k8s/manifests.rs::generated_objects_are_the_validated_file.
+GENERATED = ROOT / "controller" / "tests" / "golden" / "waypoint-objects"
 
 BUILTIN = {
     ("v1", "Namespace"),
@@ -83,6 +88,7 @@ BUILTIN = {
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"),
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"),
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"),
@@ -493,7 +499,7 @@ class Run:
             )
             return 1
         manifest_files = yaml_files(MANIFESTS)
-        example_files = yaml_files(EXAMPLES) + yaml_files(ISTIO_REAL)
+        example_files = yaml_files(EXAMPLES) + yaml_files(ISTIO_REAL) + yaml_files(GENERATED)
         invalid_files = [p for p in example_files if p.is_relative_to(INVALID)]
         valid_example_files = [p for p in example_files if not p.is_relative_to(INVALID)]
         testdata_invalid = yaml_files(TESTDATA_INVALID)
@@ -542,6 +548,8 @@ class Run:
                 self.checked += 1
                 self.fail(doc.where, self.problems(doc))
 
+        if not yaml_files(GENERATED):
+            self.failures.append("controller/tests/golden/waypoint-objects/: no generated waypoint objects to check")
         if not yaml_files(ISTIO_REAL):
             self.failures.append("examples/istio-real/: no real-world Istio resources to check")
         if not invalid_files:

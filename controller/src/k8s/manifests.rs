@@ -1,16 +1,25 @@
 //! The objects a waypoint runs as, built by pure functions from a [`WaypointDeployment`]
 //! record: its ServiceAccount, a Deployment of the waypoint binary, a Service on the HBONE
-//! port, and the namespace's root-certificate ConfigMap. All but the ConfigMap are owned by
-//! the Gateway, so deleting it garbage-collects them. [`super::writer`] applies them.
+//! port, the namespace's root-certificate ConfigMap and, as the Gateway asks
+//! ([`crate::waypoint::scaling`]), a HorizontalPodAutoscaler and a PodDisruptionBudget. All
+//! but the ConfigMap are owned by the Gateway, so deleting it garbage-collects them.
+//! [`super::writer`] applies them.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
+    ResourceMetricSource,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext,
     Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::api::core::v1::{ResourceRequirements, TopologySpreadConstraint};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -61,16 +70,104 @@ pub fn selector_labels(record: &WaypointDeployment) -> BTreeMap<String, String> 
     BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), record.gateway.name.clone())])
 }
 
+/// Name, namespace, owner and labels: `spec.infrastructure.labels` (Gateway API) under the
+/// selector and managed labels, which always win; `spec.infrastructure.annotations` too.
 fn metadata(record: &WaypointDeployment, name: &str) -> ObjectMeta {
-    let mut labels = selector_labels(record);
+    let mut labels = record.scaling.labels.clone();
+    labels.extend(selector_labels(record));
     labels.insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
+    let annotations = &record.scaling.annotations;
     ObjectMeta {
         name: Some(name.to_owned()),
         namespace: Some(record.gateway.namespace.clone()),
         labels: Some(labels),
+        annotations: (!annotations.is_empty()).then(|| annotations.clone()),
         owner_references: owner_reference(record).map(|o| vec![o]),
         ..ObjectMeta::default()
     }
+}
+
+/// Requests and limits from the Gateway's settings; `None` when none is set.
+fn resources(record: &WaypointDeployment) -> Option<ResourceRequirements> {
+    let r = &record.scaling.resources;
+    let map = |cpu: &Option<String>, memory: &Option<String>| {
+        let m: BTreeMap<String, Quantity> = [("cpu", cpu), ("memory", memory)]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), Quantity(v.clone()?))))
+            .collect();
+        (!m.is_empty()).then_some(m)
+    };
+    let requests = map(&r.cpu_request, &r.memory_request);
+    let limits = map(&r.cpu_limit, &r.memory_limit);
+    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements {
+        requests,
+        limits,
+        ..ResourceRequirements::default()
+    })
+}
+
+/// Replicas spread over nodes (or zones), preferred rather than required so a small cluster
+/// still schedules them.
+fn spread(record: &WaypointDeployment) -> Option<Vec<TopologySpreadConstraint>> {
+    let key = record.scaling.spread.topology_key()?;
+    Some(vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.to_owned(),
+        when_unsatisfiable: "ScheduleAnyway".to_owned(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(record)),
+            match_expressions: None,
+        }),
+        ..TopologySpreadConstraint::default()
+    }])
+}
+
+/// The autoscaler of the waypoint's Deployment, when the Gateway asks for one.
+pub fn hpa_for(record: &WaypointDeployment) -> Option<HorizontalPodAutoscaler> {
+    let a = record.scaling.autoscale?;
+    Some(HorizontalPodAutoscaler {
+        metadata: metadata(record, &record.gateway.name),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: "Deployment".to_owned(),
+                name: record.gateway.name.clone(),
+            },
+            min_replicas: Some(a.min),
+            max_replicas: a.max,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".to_owned(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".to_owned(),
+                    target: MetricTarget {
+                        type_: "Utilization".to_owned(),
+                        average_utilization: Some(a.target_cpu),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            behavior: None,
+        }),
+        status: None,
+    })
+}
+
+/// The disruption budget that keeps replicas through node drains, when more than one runs.
+pub fn pdb_for(record: &WaypointDeployment) -> Option<PodDisruptionBudget> {
+    let min = record.scaling.min_available?;
+    Some(PodDisruptionBudget {
+        metadata: metadata(record, &record.gateway.name),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(min)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(record)),
+                match_expressions: None,
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    })
 }
 
 pub fn service_account_for(record: &WaypointDeployment) -> ServiceAccount {
@@ -184,7 +281,8 @@ fn port(name: &str, port: u16) -> ContainerPort {
 }
 
 pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Deployment {
-    let mut pod_labels = metadata(record, &record.gateway.name).labels.unwrap_or_default();
+    let meta = metadata(record, &record.gateway.name);
+    let mut pod_labels = meta.labels.clone().unwrap_or_default();
     pod_labels.insert(DATAPLANE_MODE_LABEL.to_owned(), "none".to_owned());
     let (volumes, mounts) = waypoint_volumes();
     let container = Container {
@@ -199,6 +297,7 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ]),
         ports: Some(vec![port("hbone", record.hbone_port), port("metrics", METRICS_PORT)]),
+        resources: resources(record),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/healthz/ready".to_owned()),
@@ -227,8 +326,9 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
         ..Container::default()
     };
     Deployment {
-        metadata: metadata(record, &record.gateway.name),
         spec: Some(DeploymentSpec {
+            // Left out under an autoscaler, which then owns the count (server-side apply).
+            replicas: record.scaling.replicas,
             selector: LabelSelector {
                 match_labels: Some(selector_labels(record)),
                 match_expressions: None,
@@ -236,6 +336,7 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: meta.annotations.clone(),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -246,11 +347,13 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
                     termination_grace_period_seconds: Some(10),
                     volumes: Some(volumes),
                     containers: vec![container],
+                    topology_spread_constraints: spread(record),
                     ..PodSpec::default()
                 }),
             },
             ..DeploymentSpec::default()
         }),
+        metadata: meta,
         status: None,
     }
 }
@@ -305,7 +408,123 @@ pub(crate) mod tests {
                     message: "waiting for the deployment".into(),
                 },
             ],
+            scaling: Default::default(),
         }
+    }
+
+    /// A Gateway asking for an autoscaler, resources, a zone spread and infrastructure labels.
+    pub(crate) fn production_record() -> WaypointDeployment {
+        use crate::waypoint::scaling::{read, PREFIX};
+        let annotations = [
+            ("min-replicas", "2"),
+            ("max-replicas", "6"),
+            ("cpu-request", "200m"),
+            ("memory-request", "128Mi"),
+            ("memory-limit", "512Mi"),
+            ("topology-spread", "zone"),
+        ]
+        .iter()
+        .map(|(k, v)| (format!("{PREFIX}{k}"), (*v).to_owned()))
+        .collect();
+        let infra = crate::model::gateway::Infrastructure {
+            labels: [("team".to_owned(), "payments".to_owned())].into(),
+            annotations: [("example.com/owner".to_owned(), "payments".to_owned())].into(),
+        };
+        let mut problems = Vec::new();
+        let scaling = read(&annotations, Some(&infra), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        WaypointDeployment { scaling, ..record() }
+    }
+
+    /// What the generator writes for a plain and a production waypoint, as the YAML that
+    /// `scripts/validate-manifests.sh` validates against the Kubernetes schemas and the Pod
+    /// Security rules. `UPDATE_GOLDEN=1` rewrites it after an intended change.
+    #[test]
+    fn generated_objects_are_the_validated_file() {
+        let mut docs = Vec::new();
+        for (file, r) in [("plain.yaml", record()), ("production.yaml", production_record())] {
+            let mut text = String::from("# Generated by controller/src/k8s/manifests.rs (UPDATE_GOLDEN=1 cargo test -p controller manifests).\n");
+            let mut add = |v: serde_json::Value| {
+                text.push_str("---\n");
+                text.push_str(&serde_yaml::to_string(&v).expect("yaml"));
+            };
+            add(serde_json::to_value(service_account_for(&r)).expect("json"));
+            add(serde_json::to_value(deployment_for(&r, &config())).expect("json"));
+            add(serde_json::to_value(service_for(&r)).expect("json"));
+            if let Some(h) = hpa_for(&r) {
+                add(serde_json::to_value(h).expect("json"));
+            }
+            if let Some(p) = pdb_for(&r) {
+                add(serde_json::to_value(p).expect("json"));
+            }
+            docs.push((file, text));
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/waypoint-objects");
+        for (file, text) in docs {
+            let path = dir.join(file);
+            if std::env::var_os("UPDATE_GOLDEN").is_some() {
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                std::fs::write(&path, &text).expect("write golden");
+            }
+            let want = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                want == text,
+                "{} differs from the generator (UPDATE_GOLDEN=1 to rewrite):\n{text}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn production_waypoints_get_an_autoscaler_a_budget_and_a_spread() {
+        let r = production_record();
+        let d = deployment_for(&r, &config());
+        assert_eq!(
+            d.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("team"))
+                .map(String::as_str),
+            Some("payments")
+        );
+        let spec = d.spec.expect("spec");
+        assert_eq!(spec.replicas, None, "the autoscaler owns the count");
+        let template = spec.template;
+        let annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .expect("pod annotations");
+        assert_eq!(annotations["example.com/owner"], "payments");
+        let pod = template.spec.expect("pod spec");
+        let spread = &pod.topology_spread_constraints.expect("spread")[0];
+        assert_eq!(
+            (spread.topology_key.as_str(), spread.max_skew),
+            ("topology.kubernetes.io/zone", 1)
+        );
+        let resources = pod.containers[0].resources.clone().expect("resources");
+        assert_eq!(resources.requests.expect("requests")["cpu"].0, "200m");
+        assert_eq!(resources.limits.expect("limits")["memory"].0, "512Mi");
+
+        let hpa = hpa_for(&r).expect("autoscaler");
+        let hs = hpa.spec.expect("hpa spec");
+        assert_eq!((hs.min_replicas, hs.max_replicas), (Some(2), 6));
+        assert_eq!(hs.scale_target_ref.name, "waypoint");
+        let pdb = pdb_for(&r).expect("budget");
+        assert_eq!(pdb.spec.and_then(|s| s.min_available), Some(IntOrString::Int(1)));
+        for meta in [&hpa.metadata, &pdb.metadata] {
+            assert!(meta.owner_references.is_some(), "owned by the Gateway");
+        }
+
+        // A plain Gateway gets neither, and no replica count.
+        let plain = record();
+        assert!(hpa_for(&plain).is_none() && pdb_for(&plain).is_none());
+        let d = deployment_for(&plain, &config());
+        assert!(d
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.topology_spread_constraints)
+            .is_none());
     }
 
     pub(crate) fn config() -> WriterConfig {

@@ -11,14 +11,17 @@ use std::time::Duration;
 use ::kube::api::{DynamicObject, Patch, PatchParams};
 use ::kube::{Api, Client};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::manifests::{
-    deployment_for, owner_reference, root_cert_for, service_account_for, service_for, ROOT_CERT_CONFIGMAP,
+    deployment_for, hpa_for, owner_reference, pdb_for, root_cert_for, service_account_for, service_for,
+    ROOT_CERT_CONFIGMAP,
 };
 use super::resources::api_resource;
 use super::route_status;
@@ -94,6 +97,41 @@ pub async fn run(
 }
 
 /// Applies one waypoint's ServiceAccount, Deployment and Service, then the Gateway's status.
+/// The waypoint's autoscaler and disruption budget: applied when the Gateway asks for them,
+/// deleted when it no longer does (absent already is fine).
+async fn apply_scaling(client: &Client, record: &WaypointDeployment, params: &PatchParams) -> Result<(), KubeError> {
+    let (ns, name) = (&record.gateway.namespace, &record.gateway.name);
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns);
+    match hpa_for(record) {
+        Some(hpa) => drop(hpas.patch(name, params, &Patch::Apply(&hpa)).await?),
+        None => drop(
+            hpas.delete(name, &Default::default())
+                .await
+                .map(|_| ())
+                .or_else(absent)?,
+        ),
+    }
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
+    match pdb_for(record) {
+        Some(pdb) => drop(pdbs.patch(name, params, &Patch::Apply(&pdb)).await?),
+        None => drop(
+            pdbs.delete(name, &Default::default())
+                .await
+                .map(|_| ())
+                .or_else(absent)?,
+        ),
+    }
+    Ok(())
+}
+
+/// A delete of something already gone succeeded.
+fn absent(e: ::kube::Error) -> Result<(), ::kube::Error> {
+    match e {
+        ::kube::Error::Api(r) if r.code == 404 => Ok(()),
+        e => Err(e),
+    }
+}
+
 pub async fn apply_waypoint(
     client: &Client,
     record: &WaypointDeployment,
@@ -122,6 +160,7 @@ pub async fn apply_waypoint(
     Api::<Deployment>::namespaced(client.clone(), ns)
         .patch(name, &params, &Patch::Apply(&deployment_for(record, config)))
         .await?;
+    apply_scaling(client, record, &params).await?;
     let service = Api::<Service>::namespaced(client.clone(), ns)
         .patch(name, &params, &Patch::Apply(&service_for(record)))
         .await?;

@@ -43,6 +43,18 @@ pub struct GatewaySpec {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub addresses: Vec<GatewayStatusAddress>,
+    /// Labels and annotations for the objects that implement the Gateway.
+    pub infrastructure: Option<Infrastructure>,
+}
+
+/// Gateway API `spec.infrastructure` (parametersRef is not read).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Infrastructure {
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

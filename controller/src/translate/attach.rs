@@ -120,6 +120,15 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             ),
         });
         let hbone_port = hbone.map(|l| l.port).unwrap_or(HBONE_PORT);
+        let mut problems = Vec::new();
+        let scaling = crate::waypoint::scaling::read(
+            gw.metadata.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+            gw.spec.infrastructure.as_ref(),
+            &mut problems,
+        );
+        for p in problems {
+            report.add(Kind::Gateway, key, p);
+        }
         let deployment = WaypointDeployment {
             gateway: key.clone(),
             gateway_uid: gw.metadata.uid.clone().unwrap_or_default(),
@@ -129,6 +138,7 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             hbone_port,
             address: ip,
             conditions,
+            scaling,
         };
         let address = usable.then(|| pb::GatewayAddress {
             destination: Some(destination),

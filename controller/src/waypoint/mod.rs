@@ -3,6 +3,8 @@
 //! what its status says. In a cluster these become owned objects; in local mode they are
 //! records the demo and the test harness act on.
 
+pub mod scaling;
+
 use std::net::IpAddr;
 
 use crate::model::ObjectKey;
@@ -66,6 +68,9 @@ pub struct WaypointDeployment {
     pub address: Option<IpAddr>,
     /// Accepted=True/Programmed=... reasons, or why it is not accepted.
     pub conditions: Vec<Condition>,
+    /// Replicas or autoscaling, resources, disruption budget, spread (from the Gateway).
+    #[serde(default)]
+    pub scaling: scaling::Scaling,
 }
 
 /// A Gateway API style status condition.
