@@ -411,6 +411,18 @@ async fn ingress_gateway_end_to_end() {
     assert!(a.body.contains("h x-forwarded-proto: https"), "{}", a.body);
     assert_eq!(get("https://app.example.com/v2", &[]).map(|a| a.status), Ok(404));
 
+    // The gateway's own request metrics, as Istio's gateway reports them.
+    let gw_metrics = gateway.metrics().await.expect("gateway metrics");
+    assert!(
+        gw_metrics.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains("reporter=\"source\"")
+            && l.contains(&format!("source_principal=\"{gw_id}\""))
+            && l.contains("destination_service=\"app-v1.production.svc.cluster.local\"")
+            && l.contains("destination_workload=\"app-v1\"")
+            && l.contains("response_code=\"200\"")),
+        "{gw_metrics}"
+    );
+
     // The backend's ztunnel saw the gateway's SPIFFE identity over mutual TLS.
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
     let (_, metrics) = mesh_e2e::ztunnel::http_request(cluster.nodes[1].ns, metrics_addr, "GET", "/metrics")

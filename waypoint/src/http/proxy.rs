@@ -83,6 +83,8 @@ struct Outcome {
     grpc_status: Option<u8>,
     route: String,
     upstream: Option<Arc<Workload>>,
+    /// The service the route sent to (an ingress gateway reports it as the destination).
+    backend: Option<Arc<Service>>,
     attempts: u32,
     reason: String,
 }
@@ -165,11 +167,21 @@ impl Arrival {
 
     fn metrics(&self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {
         let state = wp.state.load();
-        let src = state.workload_by_ip(&wp.network, down.client_addr.ip()).cloned();
-        let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
         let protocol = if self.grpc { "grpc" } else { "http" };
         let dst = out.upstream.as_deref();
-        let mut labels = RequestLabels::new(src.as_deref(), &principal, dst, &down.service, protocol);
+        let mut labels = if wp.ingress.is_some() {
+            // Istio's gateway reports as the source of the request it sends into the mesh.
+            let service = out.backend.as_deref().unwrap_or(&down.service);
+            let mut l = RequestLabels::new(None, &wp.identity.to_string(), dst, service, protocol);
+            l.reporter = "source";
+            l.source_workload = wp.gateway.1.clone();
+            l.source_workload_namespace = wp.gateway.0.clone();
+            l
+        } else {
+            let src = state.workload_by_ip(&wp.network, down.client_addr.ip()).cloned();
+            let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
+            RequestLabels::new(src.as_deref(), &principal, dst, &down.service, protocol)
+        };
         labels.response_code = resp.status().as_u16();
         labels.response_flags = out.flags.as_str();
         if self.grpc {
@@ -310,6 +322,7 @@ async fn forward(
 ) -> Result<Response<Body>, LocalReply> {
     let state = wp.state.load();
     let backend = Backend::resolve(wp, f.snapshot, &state, down, f.rt)?;
+    out.backend = Some(backend.service.clone());
     let mut parts = f.parts;
     // Checked again: a route's header rewrite runs after the first check.
     let websocket = rewrite::upgrade_requested(parts.version, &parts.headers) == UpgradeRequest::WebSocket;
