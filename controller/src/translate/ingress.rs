@@ -380,6 +380,49 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
     }
 }
 
+/// Per listener, why it conflicts with an earlier one (Gateway API's `Conflicted`): another
+/// protocol on the same port (`ProtocolConflict`), or the same port and hostname
+/// (`HostnameConflict`). Listener names must be unique too.
+pub fn conflicts(listeners: &[Listener]) -> Vec<Option<(&'static str, String)>> {
+    let mut out = Vec::with_capacity(listeners.len());
+    // Compared with the earlier listeners that were kept.
+    let mut kept: Vec<&Listener> = Vec::new();
+    for l in listeners {
+        let earlier = &kept;
+        let host = |x: &Listener| x.hostname.clone().unwrap_or_default().to_ascii_lowercase();
+        out.push(if let Some(e) = earlier.iter().find(|e| e.name == l.name) {
+            Some(("NameConflict", format!("listener name {} is used twice", e.name)))
+        } else if let Some(e) = earlier.iter().find(|e| e.port == l.port && e.protocol != l.protocol) {
+            let msg = format!("port {} is {} on listener {}", l.port, e.protocol, e.name);
+            Some(("ProtocolConflict", msg))
+        } else if let Some(e) = earlier.iter().find(|e| e.port == l.port && host(e) == host(l)) {
+            let msg = format!("port {} and hostname {:?} are listener {}'s", l.port, host(l), e.name);
+            Some(("HostnameConflict", msg))
+        } else {
+            kept.push(l);
+            None
+        });
+    }
+    out
+}
+
+/// A listener left out for conflicting with an earlier one.
+fn conflicted(l: &Listener, reason: &str, msg: String) -> ListenerOut {
+    let msg = format!("{msg}; the listener is not programmed");
+    ListenerOut {
+        config: None,
+        status: ListenerStatus {
+            name: l.name.clone(),
+            attached_routes: 0,
+            conditions: vec![
+                condition("Conflicted", false, reason, msg.clone()),
+                condition("Programmed", false, "Invalid", msg),
+            ],
+        },
+        hosts: BTreeMap::new(),
+    }
+}
+
 /// `gatewayTopology.numTrustedProxies` of the Gateway's `proxy.istio.io/config` annotation.
 fn num_trusted_proxies(gw: &Gateway, key: &ObjectKey, report: &mut Report) -> u32 {
     let Some(text) = gw
@@ -564,11 +607,16 @@ fn attach_routes(
 pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report) -> Ingress {
     let mut gateways = BTreeMap::new();
     for (key, gw) in inputs.gateways.iter().filter(|(_, g)| is_ingress(g)) {
+        let conflicts = conflicts(&gw.spec.listeners);
         let listeners: Vec<ListenerOut> = gw
             .spec
             .listeners
             .iter()
-            .map(|l| listener(inputs, &key.namespace, l))
+            .zip(conflicts)
+            .map(|(l, conflict)| match conflict {
+                None => listener(inputs, &key.namespace, l),
+                Some((reason, msg)) => conflicted(l, reason, msg),
+            })
             .collect();
         for l in &listeners {
             if let Some(c) = l.status.conditions.iter().find(|c| !c.status) {
@@ -1039,5 +1087,35 @@ spec:
             certificate(&inputs(&[in_certs]), "istio-system", &cross),
             Err(CertError::NotPermitted(..))
         ));
+    }
+
+    #[test]
+    fn conflicting_listeners_are_left_out() {
+        let l = |name: &str, port: u16, protocol: &str, host: Option<&str>| Listener {
+            protocol: protocol.into(),
+            ..listener(name, port, host, None)
+        };
+        let got: Vec<Option<&str>> = conflicts(&[
+            l("a", 443, "HTTPS", Some("*.example.com")),
+            l("b", 443, "HTTPS", Some("*.other.org")),
+            l("c", 443, "HTTP", None),
+            l("d", 443, "HTTPS", Some("*.EXAMPLE.com")),
+            l("a", 8443, "HTTPS", None),
+            l("e", 80, "HTTP", None),
+        ])
+        .into_iter()
+        .map(|c| c.map(|(reason, _)| reason))
+        .collect();
+        assert_eq!(
+            got,
+            [
+                None,
+                None,
+                Some("ProtocolConflict"),
+                Some("HostnameConflict"),
+                Some("NameConflict"),
+                None
+            ]
+        );
     }
 }
