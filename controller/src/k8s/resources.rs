@@ -70,6 +70,7 @@ resource! {
     istio::VirtualService => VirtualService, "virtualservices", NamespaceResourceScope;
     istio::DestinationRule => DestinationRule, "destinationrules", NamespaceResourceScope;
     service_entry::ServiceEntry => ServiceEntry, "serviceentries", NamespaceResourceScope;
+    service_entry::WorkloadEntry => WorkloadEntry, "workloadentries", NamespaceResourceScope;
     rate_limit::LocalRateLimitPolicy => LocalRateLimitPolicy, "localratelimitpolicies", NamespaceResourceScope;
 }
 
@@ -93,6 +94,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::VirtualService => ApiResource::erase::<istio::VirtualService>(&()),
         Kind::DestinationRule => ApiResource::erase::<istio::DestinationRule>(&()),
         Kind::ServiceEntry => ApiResource::erase::<service_entry::ServiceEntry>(&()),
+        Kind::WorkloadEntry => ApiResource::erase::<service_entry::WorkloadEntry>(&()),
         Kind::Secret => ApiResource::erase::<Secret>(&()),
         Kind::LocalRateLimitPolicy => ApiResource::erase::<rate_limit::LocalRateLimitPolicy>(&()),
     }

@@ -78,6 +78,7 @@ pub struct Inputs {
     pub virtual_services: BTreeMap<ObjectKey, istio::VirtualService>,
     pub destination_rules: BTreeMap<ObjectKey, istio::DestinationRule>,
     pub service_entries: BTreeMap<ObjectKey, service_entry::ServiceEntry>,
+    pub workload_entries: BTreeMap<ObjectKey, service_entry::WorkloadEntry>,
     /// TLS Secrets an ingress Gateway's listeners name in `certificateRefs`.
     pub secrets: BTreeMap<ObjectKey, Secret>,
     pub rate_limits: BTreeMap<ObjectKey, rate_limit::LocalRateLimitPolicy>,
@@ -109,6 +110,7 @@ impl Inputs {
             Object::VirtualService(o) => drop(self.virtual_services.insert(key, o)),
             Object::DestinationRule(o) => drop(self.destination_rules.insert(key, o)),
             Object::ServiceEntry(o) => drop(self.service_entries.insert(key, o)),
+            Object::WorkloadEntry(o) => drop(self.workload_entries.insert(key, o)),
             Object::Secret(o) => drop(self.secrets.insert(key, o)),
             Object::LocalRateLimitPolicy(o) => drop(self.rate_limits.insert(key, o)),
         }
@@ -134,6 +136,7 @@ impl Inputs {
             Kind::VirtualService => self.virtual_services.remove(key).is_some(),
             Kind::DestinationRule => self.destination_rules.remove(key).is_some(),
             Kind::ServiceEntry => self.service_entries.remove(key).is_some(),
+            Kind::WorkloadEntry => self.workload_entries.remove(key).is_some(),
             Kind::Secret => self.secrets.remove(key).is_some(),
             Kind::LocalRateLimitPolicy => self.rate_limits.remove(key).is_some(),
         }
@@ -159,6 +162,7 @@ impl Inputs {
             Kind::VirtualService => self.virtual_services.clear(),
             Kind::DestinationRule => self.destination_rules.clear(),
             Kind::ServiceEntry => self.service_entries.clear(),
+            Kind::WorkloadEntry => self.workload_entries.clear(),
             Kind::Secret => self.secrets.clear(),
             Kind::LocalRateLimitPolicy => self.rate_limits.clear(),
         }

@@ -109,6 +109,29 @@ pub struct Endpoint {
     pub service_account: Option<String>,
 }
 
+/// A WorkloadEntry: one non-Kubernetes workload (a VM, a database host); its spec is the
+/// shape of a ServiceEntry endpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadEntry {
+    pub metadata: ObjectMeta,
+    pub spec: Endpoint,
+    /// Paths of the spec's fields the mesh does not implement.
+    #[serde(skip)]
+    pub unimplemented: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for WorkloadEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawObject::deserialize(d)?;
+        let (spec, unimplemented) = typed_spec(raw.spec).map_err(serde::de::Error::custom)?;
+        Ok(WorkloadEntry {
+            metadata: raw.metadata,
+            spec,
+            unimplemented,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -17,6 +17,7 @@ mod service_entry;
 mod unimplemented;
 mod waypoint_policy;
 mod workload;
+mod workload_entry;
 
 use std::collections::BTreeMap;
 
@@ -149,6 +150,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         );
     }
     service_entry::select_pods(inputs, options, &entries.selectors, &mut addresses);
+    workload_entry::translate(inputs, options, &authz.selected, &mut addresses, &mut report);
     if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
         service_entry::registry_only(&mut addresses);
     }

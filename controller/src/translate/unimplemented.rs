@@ -34,4 +34,7 @@ pub(crate) fn report(inputs: &Inputs, report: &mut Report) {
     for (key, o) in &inputs.service_entries {
         each(Kind::ServiceEntry, key, &o.unimplemented, IGNORED);
     }
+    for (key, o) in &inputs.workload_entries {
+        each(Kind::WorkloadEntry, key, &o.unimplemented, IGNORED);
+    }
 }

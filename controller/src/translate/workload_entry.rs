@@ -1,0 +1,226 @@
+//! WorkloadEntries to `istio.workload.Workload`, as Istio's control plane sends them: uid
+//! `<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>`, the entry's address, network,
+//! service account, locality and weight; selected by the Kubernetes Services and the
+//! ServiceEntries (`workloadSelector`) of its namespace whose selector its labels match (a
+//! named target port, or a ServiceEntry port's name, looked up in the entry's `ports`); the
+//! selector authorization policies that apply to its labels; HBONE when annotated
+//! `ambient.istio.io/redirection: enabled` (a VM running its own ztunnel), else plain.
+//! An address that is not an IP is reported (resolving VM names is not implemented).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_core::state::model::ip_to_bytes;
+use mesh_proto::workload as pb;
+
+use super::{Options, Report, Selected};
+use crate::model::service_entry::WorkloadEntry;
+use crate::model::{selects, Inputs, Kind, ObjectKey};
+
+const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// Kubernetes Services of the entry's namespace selecting it, with its ports for each.
+fn kubernetes_services(
+    inputs: &Inputs,
+    key: &ObjectKey,
+    we: &WorkloadEntry,
+    options: &Options,
+) -> BTreeMap<String, pb::PortList> {
+    let labels = Some(&we.spec.labels);
+    let mut out = BTreeMap::new();
+    for (svc_key, svc) in inputs.services.range(ObjectKey::new(key.namespace.clone(), "")..) {
+        if svc_key.namespace != key.namespace {
+            break;
+        }
+        let Some(spec) = svc.spec.as_ref() else { continue };
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        if !selects(selector, labels) {
+            continue;
+        }
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().is_none_or(|pr| pr == "TCP"))
+            .filter_map(|p| {
+                let service_port = u32::try_from(p.port).ok()?;
+                let target_port = match &p.target_port {
+                    None => service_port,
+                    Some(IntOrString::Int(n)) => u32::try_from(*n).ok()?,
+                    Some(IntOrString::String(name)) => *we.spec.ports.get(name)?,
+                };
+                Some(pb::Port {
+                    service_port,
+                    target_port,
+                    app_protocol: super::service::app_protocol(p),
+                })
+            })
+            .collect();
+        let host = super::service_hostname(&svc_key.name, &svc_key.namespace, options);
+        out.insert(format!("{}/{host}", svc_key.namespace), pb::PortList { ports });
+    }
+    out
+}
+
+/// ServiceEntries of the entry's namespace whose `workloadSelector` matches it: each host
+/// the entry's translation kept, with the entry's ports (by port name) or the declared ones.
+fn entry_services(
+    inputs: &Inputs,
+    key: &ObjectKey,
+    we: &WorkloadEntry,
+    addresses: &BTreeMap<String, pb::Address>,
+) -> BTreeMap<String, pb::PortList> {
+    let mut out = BTreeMap::new();
+    for (se_key, se) in &inputs.service_entries {
+        let Some(sel) = &se.spec.workload_selector else {
+            continue;
+        };
+        if se_key.namespace != key.namespace
+            || !se.spec.endpoints.is_empty()
+            || !selects(&sel.labels, Some(&we.spec.labels))
+        {
+            continue;
+        }
+        let ports: Vec<pb::Port> = se
+            .spec
+            .ports
+            .iter()
+            .filter(|p| (1..=65535).contains(&p.number))
+            .map(|p| {
+                let own = p.name.as_ref().and_then(|n| we.spec.ports.get(n)).copied();
+                pb::Port {
+                    service_port: p.number,
+                    target_port: own.or(p.target_port).unwrap_or(p.number),
+                    app_protocol: 0,
+                }
+            })
+            .collect();
+        for host in &se.spec.hosts {
+            let svc_key = format!("{}/{}", se_key.namespace, host.to_ascii_lowercase());
+            // Only hosts this entry owns (not refused for a collision).
+            let owned = matches!(
+                addresses.get(&svc_key).and_then(|a| a.r#type.as_ref()),
+                Some(pb::address::Type::Service(s)) if s.name == se_key.name
+            );
+            if owned {
+                // The service's app protocols, port by port.
+                let declared = match addresses.get(&svc_key).and_then(|a| a.r#type.as_ref()) {
+                    Some(pb::address::Type::Service(s)) => s.ports.clone(),
+                    _ => Vec::new(),
+                };
+                let ports = ports
+                    .iter()
+                    .map(|p| pb::Port {
+                        app_protocol: declared
+                            .iter()
+                            .find(|d| d.service_port == p.service_port)
+                            .map_or(0, |d| d.app_protocol),
+                        ..*p
+                    })
+                    .collect();
+                out.insert(svc_key, pb::PortList { ports });
+            }
+        }
+    }
+    out
+}
+
+/// Adds every WorkloadEntry as a workload to `addresses`.
+pub(crate) fn translate(
+    inputs: &Inputs,
+    options: &Options,
+    selected: &[Selected],
+    addresses: &mut BTreeMap<String, pb::Address>,
+    report: &mut Report,
+) {
+    for (key, we) in &inputs.workload_entries {
+        let Ok(ip) = we.spec.address.parse::<IpAddr>() else {
+            report.add(
+                Kind::WorkloadEntry,
+                key,
+                format!(
+                    "spec.address {:?} is not an IP: resolving workload entries by name is not implemented; ignored",
+                    we.spec.address
+                ),
+            );
+            continue;
+        };
+        let mut services = kubernetes_services(inputs, key, we, options);
+        services.extend(entry_services(inputs, key, we, addresses));
+        let labels = Some(&we.spec.labels);
+        let label = |k: &str| we.spec.labels.get(k).cloned();
+        let hbone = we
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+            .is_some_and(|v| v == "enabled");
+        let uid = format!(
+            "{}/networking.istio.io/WorkloadEntry/{}/{}",
+            options.cluster_id, key.namespace, key.name
+        );
+        let workload = pb::Workload {
+            uid: uid.clone(),
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            addresses: vec![ip_to_bytes(ip)],
+            hostname: String::new(),
+            network: we.spec.network.clone().unwrap_or_else(|| options.network.clone()),
+            tunnel_protocol: if hbone {
+                pb::TunnelProtocol::Hbone
+            } else {
+                pb::TunnelProtocol::None
+            } as i32,
+            trust_domain: options.trust_domain.clone(),
+            service_account: we
+                .spec
+                .service_account
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+            waypoint: None,
+            network_gateway: None,
+            node: String::new(),
+            canonical_name: label("service.istio.io/canonical-name")
+                .or_else(|| label("app.kubernetes.io/name"))
+                .or_else(|| label("app"))
+                .unwrap_or_else(|| key.name.clone()),
+            canonical_revision: label("service.istio.io/canonical-revision")
+                .or_else(|| label("app.kubernetes.io/version"))
+                .or_else(|| label("version"))
+                .unwrap_or_else(|| "latest".to_owned()),
+            workload_type: pb::WorkloadType::Pod as i32,
+            workload_name: key.name.clone(),
+            native_tunnel: false,
+            application_tunnel: None,
+            services,
+            authorization_policies: selected
+                .iter()
+                .filter(|s| s.applies_to(key, labels, &options.root_namespace))
+                .map(|s| s.name.clone())
+                .collect(),
+            status: pb::WorkloadStatus::Healthy as i32,
+            cluster_id: options.cluster_id.clone(),
+            locality: we.spec.locality.as_deref().map(|l| {
+                let mut parts = l.splitn(3, '/').map(str::to_owned);
+                pb::Locality {
+                    region: parts.next().unwrap_or_default(),
+                    zone: parts.next().unwrap_or_default(),
+                    subzone: parts.next().unwrap_or_default(),
+                }
+            }),
+            network_mode: pb::NetworkMode::Standard as i32,
+            extensions: Vec::new(),
+            capacity: we.spec.weight.filter(|w| *w > 0),
+        };
+        addresses.insert(
+            uid,
+            pb::Address {
+                r#type: Some(pb::address::Type::Workload(workload)),
+            },
+        );
+    }
+}
