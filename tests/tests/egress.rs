@@ -345,6 +345,18 @@ async fn egress_waypoint_applies_l7_policy_to_the_external_host() {
     assert_eq!(served("egress-wp-api"), before, "denied requests never left the mesh");
     assert_eq!(request("GET", "/allowed").await, Ok(200));
     assert_eq!(served("egress-wp-api"), before + 1);
+    // The waypoint's metrics name the external host as the destination service.
+    let metrics = waypoint.metrics().await.expect("waypoint metrics");
+    for code in ["200", "403"] {
+        let labels = [
+            "destination_service=\"api.external.test\"",
+            &format!("response_code=\"{code}\""),
+        ];
+        assert!(
+            mesh_e2e::metrics::sum(&metrics, "istio_requests_total", &labels) >= 1.0,
+            "no {code} for api.external.test in:\n{metrics}"
+        );
+    }
 }
 
 const ISTIO_ID: u8 = 73;
