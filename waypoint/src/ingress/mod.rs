@@ -338,4 +338,85 @@ mod tests {
         assert!(host_matches("*.example.com", "A.B.Example.com"));
         assert!(!host_matches("*.example.com", ".example.com"));
     }
+
+    fn tls_cert(names: &[&str]) -> wp::TlsCertificate {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let c = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        wp::TlsCertificate {
+            secret: "istio-system/c".into(),
+            cert_chain: c.pem(),
+            private_key: key.serialize_pem(),
+        }
+    }
+
+    #[test]
+    fn a_listener_with_a_bad_certificate_is_not_served_and_the_others_are() {
+        let ingress = Ingress::new(("istio-system".into(), "gw".into()), ConfigStore::new());
+        let table = |name: &str| wp::IngressHost {
+            hostname: "*".into(),
+            routes: Some(wp::ServiceRoutes {
+                service: format!("ingress/istio-system/gw/{name}/*"),
+                ..Default::default()
+            }),
+        };
+        let mut broken = tls_cert(&["*.other.org"]);
+        broken.private_key = tls_cert(&["x"]).private_key;
+        let config = wp::IngressGateway {
+            namespace: "istio-system".into(),
+            name: "gw".into(),
+            listeners: vec![
+                wp::IngressListener {
+                    name: "good".into(),
+                    port: 443,
+                    protocol: "HTTPS".into(),
+                    hostname: "*.example.com".into(),
+                    certificates: vec![tls_cert(&["*.example.com"])],
+                    hosts: vec![table("good")],
+                },
+                wp::IngressListener {
+                    name: "broken".into(),
+                    port: 443,
+                    protocol: "HTTPS".into(),
+                    hostname: "*.other.org".into(),
+                    certificates: vec![broken],
+                    hosts: vec![table("broken")],
+                },
+            ],
+            ..Default::default()
+        };
+        let sink = IngressSink(ingress.clone());
+        let body = config.encode_to_vec();
+        let rejected = sink.apply(&[("istio-system/other".into(), body.as_slice())], &[]);
+        assert_eq!(rejected.len(), 1, "another gateway's configuration is refused");
+        assert!(ingress.current.load().ports.is_empty());
+        assert!(sink
+            .apply(&[("istio-system/gw".into(), body.as_slice())], &[])
+            .is_empty());
+        let state = ingress.current.load();
+        let names: Vec<&str> = state.ports[&443].listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["good"]);
+        assert!(!ingress.resolver(443).is_empty());
+        assert!(ingress
+            .config
+            .load()
+            .routes
+            .contains_key("ingress/istio-system/gw/good/*"));
+        assert!(!ingress
+            .config
+            .load()
+            .routes
+            .contains_key("ingress/istio-system/gw/broken/*"));
+        // Removal withdraws ports and tables.
+        sink.apply(&[], &["istio-system/gw".into()]);
+        assert!(ingress.current.load().ports.is_empty());
+        assert!(ingress
+            .config
+            .load()
+            .routes
+            .keys()
+            .all(|k| !k.starts_with(TABLE_PREFIX)));
+    }
 }

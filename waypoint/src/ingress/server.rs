@@ -117,7 +117,13 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
             if is_tls {
                 serve_tls(wp2, ingress, tcp, peer, port, tls, pending).await;
             } else {
-                serve(wp2, ingress, TokioIo::new(tcp), Conn { peer, port, sni: None }).await;
+                let conn = Conn {
+                    peer,
+                    port,
+                    tls: false,
+                    sni: None,
+                };
+                serve(wp2, ingress, TokioIo::new(tcp), conn).await;
             }
         });
     }
@@ -128,7 +134,8 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
 struct Conn {
     peer: SocketAddr,
     port: u16,
-    /// The TLS server name (TLS ports only).
+    tls: bool,
+    /// The TLS server name the client sent, if any.
     sni: Option<String>,
 }
 
@@ -157,7 +164,13 @@ async fn serve_tls(
         }
     };
     let sni = stream.get_ref().1.server_name().map(str::to_ascii_lowercase);
-    serve(wp, ingress, TokioIo::new(stream), Conn { peer, port, sni }).await;
+    let conn = Conn {
+        peer,
+        port,
+        tls: true,
+        sni,
+    };
+    serve(wp, ingress, TokioIo::new(stream), conn).await;
 }
 
 async fn serve<T>(wp: Arc<Waypoint>, ingress: Arc<Ingress>, io: TokioIo<T>, conn: Conn)
@@ -205,7 +218,12 @@ async fn handle(
     let port = state.ports.get(&conn.port);
     // On TLS the listener is the one the certificate was chosen for (SNI); its host tables
     // then decide by Host, so a request cannot reach another listener's routes.
-    let listener = port.and_then(|p| p.listener(conn.sni.as_deref().unwrap_or(&host)));
+    let listener = match (conn.tls, conn.sni.as_deref()) {
+        (true, Some(sni)) => port.and_then(|p| p.listener(sni)),
+        // TLS without SNI was answered by the listener without hostname: only its routes.
+        (true, None) => port.and_then(|p| p.listeners.iter().find(|l| l.hostname.is_empty())),
+        (false, _) => port.and_then(|p| p.listener(&host)),
+    };
     let Some(table) = listener.and_then(|l| l.table(&host)) else {
         debug!(%host, port = conn.port, "no listener host matches");
         return Ok(LocalReply::NoRoute.into_response());
@@ -216,7 +234,7 @@ async fn handle(
         peer_identity: None,
         client_addr: conn.peer,
         remote_ip,
-        forwarded_proto: if conn.sni.is_some() { "https" } else { "http" },
+        forwarded_proto: if conn.tls { "https" } else { "http" },
         upstream_protocol: proxy::UpstreamProtocol::Http2ForGrpc,
         dst: SocketAddr::new(conn.peer.ip(), conn.port),
         service: state.service.clone(),

@@ -1,7 +1,7 @@
 //! TLS termination at the ingress gateway: one [`SniResolver`] per port picks the certificate
 //! of the listener whose hostname matches the client's SNI, preferring a certificate that
-//! names the host exactly, then by wildcard. An SNI no listener serves (or none at all) gets
-//! no certificate, so the handshake fails. A Secret's rotation swaps the resolver's entries
+//! names the host exactly, then by wildcard. An SNI no listener serves gets no certificate, so
+//! the handshake fails; a client without SNI is answered only by a listener without hostname. A Secret's rotation swaps the resolver's entries
 //! atomically: handshakes after it get the new certificate, established connections go on.
 
 use std::sync::Arc;
@@ -107,10 +107,15 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        // No SNI: no listener can be chosen (fail closed, as Gateway API listeners are per host).
-        let sni = hello.server_name()?;
         let entries = self.entries.load();
-        pick(&entries, sni).map(|e| e.key.clone())
+        match hello.server_name() {
+            Some(sni) => pick(&entries, sni).map(|e| e.key.clone()),
+            // Without SNI only a listener without hostname (it serves any host) can answer.
+            None => entries
+                .iter()
+                .find(|e| e.listener_host.is_empty())
+                .map(|e| e.key.clone()),
+        }
     }
 }
 
@@ -159,6 +164,13 @@ mod tests {
         );
         assert_eq!(names("x.other.org"), Some(vec!["*.other.org".to_owned()]));
         assert!(names("unknown.net").is_none(), "an unknown SNI gets no certificate");
+        let any = entry("", &cert(&["fallback.test"])).unwrap();
+        let with_default = [entry("*.example.com", &cert(&["*.example.com"])).unwrap(), any];
+        assert_eq!(
+            pick(&with_default, "unknown.net").map(|e| e.names.clone()),
+            Some(vec!["fallback.test".to_owned()]),
+            "a listener without hostname serves any SNI"
+        );
         assert!(names("example.com").is_none());
     }
 
