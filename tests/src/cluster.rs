@@ -404,6 +404,13 @@ impl Cluster {
         })
     }
 
+    /// The pod object goes (the controller withdraws the workload) while its namespace and
+    /// processes stay, as a terminating pod's do until its containers exit.
+    pub fn withdraw_pod(&self, pod: &Pod) -> Result<()> {
+        std::fs::remove_file(self.pod_file(&pod.namespace, &pod.name))?;
+        Ok(())
+    }
+
     /// CNI DEL through the chain (ours first, as a runtime tears down in reverse), then the
     /// object goes. The namespace itself goes when `pod` is dropped.
     pub fn delete_pod(&self, pod: &Pod) -> Result<()> {

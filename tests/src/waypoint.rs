@@ -51,11 +51,29 @@ impl Waypoint {
         name: &str,
         extra: &[&str],
     ) -> Result<Waypoint> {
+        Self::start_replica(cluster, node, namespace, name, name, extra).await
+    }
+
+    /// One replica of waypoint `name`: pod `pod_name`, the waypoint's service account.
+    pub async fn start_replica(
+        cluster: &Cluster,
+        node: u8,
+        namespace: &str,
+        name: &str,
+        pod_name: &str,
+        extra: &[&str],
+    ) -> Result<Waypoint> {
         let labels = [
             ("gateway.networking.k8s.io/gateway-name", name),
             ("istio.io/dataplane-mode", "none"),
         ];
-        let pod = cluster.add_pod(node, PodSpec::new(name, namespace, &labels))?;
+        let spec = PodSpec {
+            name: pod_name,
+            namespace,
+            service_account: name,
+            labels: &labels,
+        };
+        let pod = cluster.add_pod(node, spec)?;
         let id = identity(namespace, name);
         let log = std::env::temp_dir().join(format!("{}-waypoint.log", pod.ns.name));
         let out = std::fs::File::create(&log)?;
@@ -84,6 +102,27 @@ impl Waypoint {
     /// The waypoint process (`ip netns exec` replaces itself with the program).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM, as the kubelet does to a replica that is scaled away.
+    pub fn terminate(&self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits (without blocking the runtime) for the process to exit; its status.
+    pub async fn exited(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("waypoint still running after {within:?}; log:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn metrics_addr(&self) -> SocketAddr {

@@ -69,7 +69,10 @@ fn route(admin: &Admin, port: Port, req: &Request<Incoming>) -> Response<Full<By
         "/metrics" => mesh_core::prometheus::response(&admin.registry, req.headers()),
         "/healthz/ready" => {
             let cert = admin.waypoint.certs.get_ready(&admin.waypoint.identity).is_some();
-            if *admin.ready.borrow() && cert {
+            if admin.waypoint.drain.is_cancelled() {
+                // Leaving: the probe fails so the endpoint is withdrawn while we still serve.
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+            } else if *admin.ready.borrow() && cert {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 let why = format!(

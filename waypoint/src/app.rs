@@ -68,8 +68,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(identity = %cfg.identity, gateway = ?cfg.gateway(), role = ?cfg.role, "waypoint started");
 
     mesh_core::shutdown::shutdown_signal().await;
-    info!("draining");
+    info!(accepting_for = ?cfg.drain_accept(), "draining");
     waypoint.drain.cancel();
+    // Still accepting (answers say Connection: close) while ztunnels learn we are leaving.
+    tokio::time::sleep(cfg.drain_accept()).await;
+    waypoint.closing.cancel();
     waypoint.tasks.close();
     let _ = serving.await;
     if tokio::time::timeout(cfg.drain(), waypoint.tasks.wait()).await.is_err() {
@@ -161,6 +164,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         }),
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         drain: CancellationToken::new(),
+        closing: CancellationToken::new(),
         tasks: TaskTracker::new(),
         rate_limits: Default::default(),
         ingress,

@@ -98,6 +98,11 @@ pub struct Config {
     /// Grace for requests in flight after SIGTERM, in seconds.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
+    /// After SIGTERM, how long new connections are still accepted (and every HTTP/1.1 answer
+    /// says `Connection: close`) while ztunnels learn that this replica is leaving; then
+    /// HBONE connections get GOAWAY and idle client connections close. Milliseconds.
+    #[arg(long, env = "DRAIN_ACCEPT_MS", default_value_t = 2_000)]
+    pub drain_accept_ms: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -185,6 +190,10 @@ impl Config {
             Some((ns, name)) => (ns.to_owned(), name.to_owned()),
             None => (self.identity.namespace.clone(), self.identity.service_account.clone()),
         }
+    }
+
+    pub fn drain_accept(&self) -> Duration {
+        Duration::from_millis(self.drain_accept_ms)
     }
 
     pub fn drain(&self) -> Duration {

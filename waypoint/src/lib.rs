@@ -39,7 +39,10 @@ pub struct Waypoint {
     pub tracer: Arc<telemetry::trace::Tracer>,
     /// How long a client of an HTTP-only port may stay silent before its stream is closed.
     pub header_read_timeout: std::time::Duration,
+    /// Cancelled on SIGTERM: readiness fails, HTTP/1.1 answers say `Connection: close`.
     pub drain: CancellationToken,
+    /// Cancelled `--drain-accept-ms` later: no new connections, GOAWAY, idle clients closed.
+    pub closing: CancellationToken,
     pub tasks: TaskTracker,
     /// Token buckets of the LocalRateLimitPolicies; they outlive configuration snapshots.
     pub rate_limits: policy::rate_limit::Limiter,

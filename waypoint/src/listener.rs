@@ -131,7 +131,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-/// Accepts HBONE connections until drained. Every connection shares one set of HBONE limits
+/// Accepts HBONE connections until closing (`--drain-accept-ms` after SIGTERM: a leaving
+/// replica keeps taking connections until ztunnels stop sending them). Every connection
+/// shares one set of HBONE limits
 /// (pending handshakes per source, streams per peer identity, reset floods), counted in
 /// `waypoint_rejected_requests_total` by limit.
 pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
@@ -152,7 +154,7 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
                     continue;
                 }
             },
-            _ = wp.drain.cancelled() => return,
+            _ = wp.closing.cancelled() => return,
         };
         backoff.succeeded();
         let _ = tcp.set_nodelay(true);
@@ -172,7 +174,8 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
         };
         let (wp2, settings) = (wp.clone(), settings.clone());
         wp.tasks.spawn(async move {
-            let drain = wp2.drain.clone();
+            // GOAWAY once closing: streams in flight finish, new ones go to a fresh connection.
+            let drain = wp2.closing.clone();
             let handler = move |c: InboundConnect| tunnel(wp2.clone(), c);
             if let Err(e) = serve_connection(tcp, tls, &settings, drain, handler).await {
                 debug!(%peer, error = %e, "HBONE connection ended");
@@ -267,9 +270,21 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         service_key: service.key(),
         service,
     });
-    let svc = hyper::service::service_fn(move |req| proxy::handle(wp.clone(), down.clone(), req));
+    let closing = wp.closing.clone();
+    let svc = hyper::service::service_fn(move |req| draining_close(wp.clone(), down.clone(), req));
     let builder = auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = closing.cancelled() => {
+            // Idle HTTP/1.1 connections close now, HTTP/2 ones get GOAWAY; requests in flight
+            // finish.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = served {
         // hyper has already answered a malformed request with 400 where it could.
         if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
             info!(target: "access", src_identity = %peer_identity_text, error = %e, reason = "malformed_http", "request refused: malformed HTTP");
@@ -374,6 +389,23 @@ async fn detect(mut io: H2Io, must: Option<HttpOnly>, header_timeout: Duration) 
         inner: io,
     };
     Ok(if http { Sniffed::Http(io) } else { Sniffed::Tcp(io) })
+}
+
+/// [`proxy::handle`], and while draining every HTTP/1.x answer says `Connection: close`, so a
+/// client opens its next connection (to a replica that stays) instead of racing the close.
+async fn draining_close(
+    wp: Arc<Waypoint>,
+    down: Arc<Downstream>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<crate::upstream::Body>, std::convert::Infallible> {
+    let http1 = req.version() < http::Version::HTTP_2;
+    let drain = wp.drain.clone();
+    let mut resp = proxy::handle(wp, down, req).await?;
+    if http1 && drain.is_cancelled() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    Ok(resp)
 }
 
 /// The decision on a connection proxied as opaque TCP; a denial names the policy and rule.
