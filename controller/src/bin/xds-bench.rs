@@ -165,6 +165,8 @@ enum Event {
     Complete(Instant),
     /// Client `id` received the probe pod's update.
     Probe(usize, Instant),
+    /// A client's stream ended with this error.
+    Failed(String),
 }
 
 async fn client(
@@ -296,18 +298,32 @@ async fn main() -> Result<()> {
         let channel = mesh_core::grpc::connect_lazy(&format!("https://127.0.0.1:{port}"), Some(tls.clone()))?;
         let events = events_tx.clone();
         tokio::spawn(async move {
-            // Errors after the run are the controller being stopped; the bench reports
-            // clients that never completed as a failure instead.
-            let _ = client(id, channel, expect, events).await;
+            // Errors after the run are the controller being stopped: nobody listens then.
+            if let Err(e) = client(id, channel, expect, events.clone()).await {
+                let _ = events.send(Event::Failed(format!("{e:#}")));
+            }
         });
     }
     let mut full = Vec::with_capacity(a.clients);
-    while full.len() < a.clients {
+    let mut failed = Vec::new();
+    while full.len() + failed.len() < a.clients {
         match tokio::time::timeout(Duration::from_secs(120), events.recv()).await {
             Ok(Some(Event::Complete(at))) => full.push(at - push_start),
+            Ok(Some(Event::Failed(e))) => failed.push(e),
             Ok(Some(Event::Probe(..))) => {}
-            _ => bail!("only {} of {} clients received the full state", full.len(), a.clients),
+            _ => bail!(
+                "only {} of {} clients received the full state within 120 s of the previous one",
+                full.len(),
+                a.clients
+            ),
         }
+    }
+    if let Some(first) = failed.first() {
+        bail!(
+            "{} of {} clients failed before the full state; first: {first}",
+            failed.len(),
+            a.clients
+        );
     }
     let full_max = *full.iter().max().unwrap_or(&Duration::ZERO);
     let full_p50 = percentile(&mut full, 0.5);
@@ -328,7 +344,7 @@ async fn main() -> Result<()> {
                         last = last.max(at);
                     }
                 }
-                Ok(Some(Event::Complete(_))) => {}
+                Ok(Some(Event::Complete(_) | Event::Failed(_))) => {}
                 _ => bail!("change {round}: only {} of {} clients got it", seen.len(), a.clients),
             }
         }
