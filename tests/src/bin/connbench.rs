@@ -491,12 +491,16 @@ fn report(runs: &[Run], istio_note: Option<&str>, limit: u64) {
         );
         for row in &r.rows {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {}/{} |",
+                "| {} | {} | {:.1} | {:.1} | {} | {:.0} | {} | {}/{} |",
                 r.label,
                 row.held,
                 mib(row.rss.0),
                 mib(row.rss.1),
-                row.per_conn_kib,
+                if row.errors == 0 {
+                    format!("{:.2}", row.per_conn_kib)
+                } else {
+                    "- (errors)".to_owned()
+                },
                 row.rate,
                 row.errors,
                 row.maps.0,
@@ -506,9 +510,19 @@ fn report(runs: &[Run], istio_note: Option<&str>, limit: u64) {
     }
     println!();
     for r in runs {
-        let Some(last) = r.rows.last() else { continue };
+        // A level some connections failed at says nothing about the cost of those held: the
+        // figures come from the levels reached without an error.
+        let clean: Vec<&Row> = r.rows.iter().filter(|x| x.errors == 0).collect();
+        let Some(last) = clean.last() else {
+            println!(
+                "{}: no level reached without errors; first error: {}",
+                r.label,
+                r.first_error.as_deref().unwrap_or("none")
+            );
+            continue;
+        };
         let at = mib(r.idle.0 + r.idle.1) + last.per_conn_kib * EXTRAPOLATE as f64 / 1024.0;
-        let rates: Vec<f64> = r.rows.iter().map(|x| x.rate).collect();
+        let rates: Vec<f64> = clean.iter().map(|x| x.rate).collect();
         let (lo, hi) = rates
             .iter()
             .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
@@ -525,7 +539,7 @@ fn report(runs: &[Run], istio_note: Option<&str>, limit: u64) {
             hi,
             r.first_error
                 .as_ref()
-                .map(|e| format!("; first error: {e}"))
+                .map(|e| format!("; levels with errors left out, first error: {e}"))
                 .unwrap_or_default()
         );
     }
