@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::{Options, Report};
-use crate::model::gateway::{Gateway, HttpRoute, Listener, ParentReference, SecretObjectReference};
+use crate::model::gateway::{Gateway, Listener, ParentReference, SecretObjectReference};
 use crate::model::reference_grant::{self, Reference, GATEWAY_GROUP};
 use crate::model::{Inputs, Kind, ObjectKey};
 use crate::waypoint::Condition;
@@ -66,6 +66,8 @@ pub struct ListenerStatus {
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct RouteParentStatus {
+    /// `HTTPRoute` or `TCPRoute`.
+    pub kind: String,
     pub route: ObjectKey,
     pub parent: ObjectKey,
     pub section_name: Option<String>,
@@ -159,6 +161,14 @@ struct RouteGroupKind {
     kind: String,
 }
 
+/// The route kind a listener takes when `allowedRoutes.kinds` is not given.
+fn default_kind(protocol: &str) -> &'static str {
+    match protocol {
+        "TCP" => "TCPRoute",
+        _ => "HTTPRoute",
+    }
+}
+
 /// Whether listener `l` of a Gateway in `gw_ns` admits a route of `kind` in `route_ns`
 /// (whose namespace has `ns_labels`). `Err`: the listener's `allowedRoutes` cannot be read,
 /// and admits nothing but its own namespace (the default, and the narrowest).
@@ -179,7 +189,7 @@ pub fn allows(
         })?,
     };
     let kind_ok = if allowed.kinds.is_empty() {
-        kind == "HTTPRoute" || kind == "GRPCRoute"
+        kind == default_kind(&l.protocol) || (kind == "GRPCRoute" && l.protocol != "TCP")
     } else {
         allowed
             .kinds
@@ -328,7 +338,7 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
         status.conditions.push(condition("Programmed", false, "Invalid", msg));
     };
     match l.protocol.as_str() {
-        "HTTP" => {}
+        "HTTP" | "TCP" => {}
         "HTTPS" => {
             let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
             let refs = l
@@ -357,7 +367,7 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
             }
         }
         other => {
-            let msg = format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS)");
+            let msg = format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS, TCP)");
             refused(&mut status, "Accepted", "UnsupportedProtocol", msg);
         }
     }
@@ -512,10 +522,15 @@ fn is_gateway_ref(p: &ParentReference) -> bool {
 
 /// `ResolvedRefs` of a route: False when a backend in another namespace has no ReferenceGrant
 /// or names no Service.
-fn resolved_refs(inputs: &Inputs, key: &ObjectKey, route: &HttpRoute) -> Condition {
-    for b in route.spec.rules.iter().flat_map(|r| r.backend_refs.iter()) {
+fn resolved_refs<'a>(
+    inputs: &Inputs,
+    key: &ObjectKey,
+    kind: Kind,
+    refs: impl Iterator<Item = &'a crate::model::gateway::BackendRef>,
+) -> Condition {
+    for b in refs {
         let ns = b.namespace.as_deref().unwrap_or(&key.namespace);
-        if !super::routes::service_ref_permitted(inputs, Kind::HttpRoute, key, ns, &b.name) {
+        if !super::routes::service_ref_permitted(inputs, kind, key, ns, &b.name) {
             let msg = format!("backendRef {ns}/{} needs a ReferenceGrant in {ns}", b.name);
             return condition("ResolvedRefs", false, super::REF_NOT_PERMITTED, msg);
         }
@@ -538,7 +553,28 @@ struct GatewayOut {
     listeners: Vec<ListenerOut>,
 }
 
-/// Attaches every HTTPRoute naming an ingress Gateway to its listeners.
+/// A route naming ingress Gateways, whatever its kind.
+struct RouteRef<'a> {
+    kind: Kind,
+    key: &'a ObjectKey,
+    parent_refs: &'a [ParentReference],
+    hostnames: &'a [String],
+    resolved: Condition,
+}
+
+fn by_age<'a, T>(
+    items: &'a BTreeMap<ObjectKey, T>,
+    meta: impl Fn(&T) -> &crate::model::ObjectMeta,
+) -> Vec<(&'a ObjectKey, &'a T)> {
+    let mut v: Vec<_> = items.iter().collect();
+    v.sort_by(|a, b| {
+        let t = |x: &T| meta(x).creation_timestamp.clone().map(|t| t.0);
+        t(a.1).cmp(&t(b.1)).then_with(|| a.0.cmp(b.0))
+    });
+    v
+}
+
+/// Attaches every HTTPRoute and TCPRoute naming an ingress Gateway to its listeners.
 fn attach_routes(
     inputs: &Inputs,
     options: &Options,
@@ -546,59 +582,101 @@ fn attach_routes(
     report: &mut Report,
 ) -> Vec<RouteParentStatus> {
     let mut statuses = Vec::new();
-    let mut routes: Vec<_> = inputs.http_routes.iter().collect();
-    routes.sort_by(|a, b| {
-        let t = |r: &HttpRoute| r.metadata.creation_timestamp.clone().map(|t| t.0);
-        t(a.1).cmp(&t(b.1)).then_with(|| a.0.cmp(b.0))
-    });
-    for (key, route) in routes {
-        let mut compiled = None;
-        for p in route.spec.parent_refs.iter().filter(|p| is_gateway_ref(p)) {
-            let gw_key = ObjectKey::new(p.namespace.as_deref().unwrap_or(&key.namespace), p.name.as_str());
-            let (Some(gw), Some(out)) = (inputs.gateways.get(&gw_key), gateways.get_mut(&gw_key)) else {
-                continue;
-            };
-            let ns_labels = inputs.namespace_labels(&key.namespace);
-            let allowed = |l: &Listener| {
-                allows(l, &gw_key.namespace, "HTTPRoute", &key.namespace, ns_labels).unwrap_or_else(|e| {
-                    report.add(Kind::Gateway, &gw_key, e);
-                    key.namespace == gw_key.namespace
-                })
-            };
-            let attachment = attach(p, &gw.spec.listeners, &route.spec.hostnames, allowed);
-            let mut conditions = Vec::new();
-            match &attachment {
-                Attachment::Attached(taken) => {
-                    conditions.push(condition("Accepted", true, "Accepted", "attached"));
-                    let rules = compiled
-                        .get_or_insert_with(|| super::routes::compile_http_route(inputs, options, key, route, report));
-                    for (i, hosts) in taken {
-                        let Some(l) = out.listeners.get_mut(*i) else { continue };
-                        l.status.attached_routes += 1;
-                        for host in hosts {
-                            let table = l.hosts.entry(host.clone()).or_insert_with(|| wp::ServiceRoutes {
-                                service: table_name(&gw_key, &l.status.name, host),
-                                ..Default::default()
-                            });
-                            table.sources.push(format!("HTTPRoute/{key}"));
-                            table.routes.extend(rules.iter().cloned());
-                        }
+    for (key, route) in by_age(&inputs.http_routes, |r| &r.metadata) {
+        let r = RouteRef {
+            kind: Kind::HttpRoute,
+            key,
+            parent_refs: &route.spec.parent_refs,
+            hostnames: &route.spec.hostnames,
+            resolved: resolved_refs(
+                inputs,
+                key,
+                Kind::HttpRoute,
+                route.spec.rules.iter().flat_map(|r| &r.backend_refs),
+            ),
+        };
+        let compile = |report: &mut Report| super::routes::compile_http_route(inputs, options, key, route, report);
+        statuses.extend(attach_route(inputs, gateways, report, r, compile));
+    }
+    for (key, route) in by_age(&inputs.tcp_routes, |r| &r.metadata) {
+        let r = RouteRef {
+            kind: Kind::TcpRoute,
+            key,
+            parent_refs: &route.spec.parent_refs,
+            hostnames: &[],
+            resolved: resolved_refs(
+                inputs,
+                key,
+                Kind::TcpRoute,
+                route.spec.rules.iter().flat_map(|r| &r.backend_refs),
+            ),
+        };
+        let compile = |report: &mut Report| super::routes::compile_tcp_route(inputs, options, key, route, report);
+        statuses.extend(attach_route(inputs, gateways, report, r, compile));
+    }
+    statuses
+}
+
+/// One route's parentRefs to ingress Gateways: attached to the listeners that take it (its
+/// rules compiled once, into each host table), or refused with the reason.
+fn attach_route(
+    inputs: &Inputs,
+    gateways: &mut BTreeMap<ObjectKey, GatewayOut>,
+    report: &mut Report,
+    route: RouteRef<'_>,
+    compile: impl FnOnce(&mut Report) -> Vec<wp::Route>,
+) -> Vec<RouteParentStatus> {
+    let (kind, key) = (route.kind, route.key);
+    let mut statuses = Vec::new();
+    let mut compile = Some(compile);
+    let mut compiled: Option<Vec<wp::Route>> = None;
+    for p in route.parent_refs.iter().filter(|p| is_gateway_ref(p)) {
+        let gw_key = ObjectKey::new(p.namespace.as_deref().unwrap_or(&key.namespace), p.name.as_str());
+        let (Some(gw), Some(out)) = (inputs.gateways.get(&gw_key), gateways.get_mut(&gw_key)) else {
+            continue;
+        };
+        let ns_labels = inputs.namespace_labels(&key.namespace);
+        let allowed = |l: &Listener| {
+            allows(l, &gw_key.namespace, kind.name(), &key.namespace, ns_labels).unwrap_or_else(|e| {
+                report.add(Kind::Gateway, &gw_key, e);
+                key.namespace == gw_key.namespace && default_kind(&l.protocol) == kind.name()
+            })
+        };
+        let mut conditions = Vec::new();
+        match attach(p, &gw.spec.listeners, route.hostnames, allowed) {
+            Attachment::Attached(taken) => {
+                conditions.push(condition("Accepted", true, "Accepted", "attached"));
+                if compiled.is_none() {
+                    compiled = compile.take().map(|c| c(report));
+                }
+                let rules = compiled.as_deref().unwrap_or_default();
+                for (i, hosts) in taken {
+                    let Some(l) = out.listeners.get_mut(i) else { continue };
+                    l.status.attached_routes += 1;
+                    for host in hosts {
+                        let table = l.hosts.entry(host.clone()).or_insert_with(|| wp::ServiceRoutes {
+                            service: table_name(&gw_key, &l.status.name, &host),
+                            ..Default::default()
+                        });
+                        table.sources.push(format!("{}/{key}", kind.name()));
+                        table.routes.extend(rules.iter().cloned());
                     }
                 }
-                refused => {
-                    let msg = format!("parentRef {gw_key}: {}", refused.reason());
-                    report.add(Kind::HttpRoute, key, format!("{msg}; not attached"));
-                    conditions.push(condition("Accepted", false, refused.reason(), msg));
-                }
             }
-            conditions.push(resolved_refs(inputs, key, route));
-            statuses.push(RouteParentStatus {
-                route: key.clone(),
-                parent: gw_key,
-                section_name: p.section_name.clone(),
-                conditions,
-            });
+            refused => {
+                let msg = format!("parentRef {gw_key}: {}", refused.reason());
+                report.add(kind, key, format!("{msg}; not attached"));
+                conditions.push(condition("Accepted", false, refused.reason(), msg));
+            }
         }
+        conditions.push(route.resolved.clone());
+        statuses.push(RouteParentStatus {
+            kind: kind.name().to_owned(),
+            route: key.clone(),
+            parent: gw_key,
+            section_name: p.section_name.clone(),
+            conditions,
+        });
     }
     statuses
 }
@@ -1117,5 +1195,35 @@ spec:
                 None
             ]
         );
+    }
+
+    #[test]
+    fn tcp_listeners_take_tcp_routes_only() {
+        let gw = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: edge}\n\
+                  spec:\n  gatewayClassName: istio\n  listeners: [{name: db, port: 5432, protocol: TCP}]\n";
+        let tcp =
+            "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: db, namespace: edge}\n\
+                   spec: {parentRefs: [{name: gw}], rules: [{backendRefs: [{name: pg, port: 5432}]}]}\n";
+        let http =
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: edge}\n\
+                    spec: {parentRefs: [{name: gw}], rules: [{backendRefs: [{name: pg, port: 5432}]}]}\n";
+        let svc =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: pg, namespace: edge}\nspec: {ports: [{port: 5432}]}\n";
+        let (out, _) = run(&[gw.into(), tcp.into(), http.into(), svc.into()]);
+        let l = &out.gateways["edge/gw"].listeners[0];
+        assert_eq!(l.protocol, "TCP");
+        let table = l.hosts[0].routes.as_ref().expect("table");
+        assert_eq!(table.routes.len(), 1);
+        assert!(table.routes[0].name.starts_with("TCPRoute/edge/db"));
+        assert_eq!(table.routes[0].backends[0].service, "edge/pg.edge.svc.cluster.local");
+        let web = out
+            .route_parents
+            .iter()
+            .find(|p| p.route.name == "web")
+            .expect("status");
+        assert_eq!(cond(&web.conditions, "Accepted").reason, "NotAllowedByListeners");
+        let db = out.route_parents.iter().find(|p| p.route.name == "db").expect("status");
+        assert_eq!(db.kind, "TCPRoute");
+        assert!(cond(&db.conditions, "Accepted").status);
     }
 }

@@ -484,30 +484,42 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
 
 /// TCPRoute: the first rule's weighted backends carry every connection (TCP has nothing to
 /// match on); the waypoint uses routes named `TCPRoute/...` for traffic it proxies as TCP.
+/// Compiles a TCPRoute: its first rule's weighted backends (cross-namespace ones need a
+/// ReferenceGrant), for a waypoint's service or an ingress listener alike.
+pub(super) fn compile_tcp_route(
+    inputs: &Inputs,
+    options: &Options,
+    key: &ObjectKey,
+    route: &gateway::TcpRoute,
+    report: &mut Report,
+) -> Vec<wp::Route> {
+    let kind = Kind::TcpRoute;
+    if route.spec.rules.len() > 1 {
+        report.add(
+            kind,
+            key,
+            "only the first rule of a TCPRoute is used; the others are ignored",
+        );
+    }
+    let Some(rule) = route.spec.rules.first() else {
+        return Vec::new();
+    };
+    let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), TCP_UNUSED, report);
+    if chosen.permitted.is_empty() && chosen.refused_weight > 0 {
+        // TCP has no error response: without a backend it may use, the rule is refused and
+        // connections go to the parent Service, as with no route at all.
+        return Vec::new();
+    }
+    vec![wp::Route {
+        name: format!("TCPRoute/{key}/rules[0]"),
+        backends: chosen.permitted,
+        ..Default::default()
+    }]
+}
+
 fn tcp_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
     let compile = |key: &ObjectKey, route: &gateway::TcpRoute, report: &mut Report| {
-        let kind = Kind::TcpRoute;
-        if route.spec.rules.len() > 1 {
-            report.add(
-                kind,
-                key,
-                "only the first rule of a TCPRoute is used; the others are ignored",
-            );
-        }
-        let Some(rule) = route.spec.rules.first() else {
-            return Vec::new();
-        };
-        let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), TCP_UNUSED, report);
-        if chosen.permitted.is_empty() && chosen.refused_weight > 0 {
-            // TCP has no error response: without a backend it may use, the rule is refused and
-            // connections go to the parent Service, as with no route at all.
-            return Vec::new();
-        }
-        vec![wp::Route {
-            name: format!("TCPRoute/{key}/rules[0]"),
-            backends: chosen.permitted,
-            ..Default::default()
-        }]
+        compile_tcp_route(inputs, options, key, route, report)
     };
     let items = by_age(inputs.tcp_routes.iter(), |r| &r.metadata);
     attach(
