@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
+    ztunnel::proxy::tune_allocator();
     let reload = app::init_logging(&cfg);
     let mut builder = match cfg.threads() {
         1 => tokio::runtime::Builder::new_current_thread(),
