@@ -179,6 +179,19 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Minor page faults of `pid` (all threads): pages the kernel had to map in, say for memory
+/// the allocator took fresh from the system.
+pub fn minor_faults(pid: i32) -> Result<u64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after "(comm)" start at field 3 (state); minflt is field 10.
+    let rest = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or_default();
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat: {stat}"))
+}
+
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: i32) -> Result<u64> {
     status_kib(pid, "VmRSS:")

@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mesh_e2e::bench::{
-    clock_ticks, cpu_ticks, ctxt_switches, hwm_kib, median, parse_wrk, rss_kib, run_in, start_nginx, wait_listening,
-    Proc, Wrk,
+    clock_ticks, cpu_ticks, ctxt_switches, hwm_kib, median, minor_faults, parse_wrk, rss_kib, run_in, start_nginx,
+    wait_listening, Proc, Wrk,
 };
 use mesh_e2e::istio::{self, IstioZtunnel};
 use mesh_e2e::netns::sh;
@@ -558,6 +558,9 @@ struct CpuWindow {
     /// Context switches (voluntary + involuntary, all threads).
     client_cs: u64,
     server_cs: u64,
+    /// Minor page faults.
+    client_mf: u64,
+    server_mf: u64,
     wall_s: f64,
 }
 
@@ -565,6 +568,7 @@ impl CpuWindow {
     fn json(&self) -> Value {
         json!({"client_cpu_s": self.client_s, "server_cpu_s": self.server_s, "wall_s": self.wall_s,
                "client_ctxt_switches": self.client_cs, "server_ctxt_switches": self.server_cs,
+               "client_minor_faults": self.client_mf, "server_minor_faults": self.server_mf,
                "client_cpu_pct": pct(self.client_s, self.wall_s), "server_cpu_pct": pct(self.server_s, self.wall_s)})
     }
 
@@ -599,10 +603,12 @@ where
         return Ok((f.await?, None));
     };
     let (c0, s0, cc0, sc0) = (cpu_ticks(c)?, cpu_ticks(s)?, ctxt_switches(c)?, ctxt_switches(s)?);
+    let (cf0, sf0) = (minor_faults(c)?, minor_faults(s)?);
     let t0 = Instant::now();
     let r = f.await?;
     let wall_s = t0.elapsed().as_secs_f64();
     let (c1, s1, cc1, sc1) = (cpu_ticks(c)?, cpu_ticks(s)?, ctxt_switches(c)?, ctxt_switches(s)?);
+    let (cf1, sf1) = (minor_faults(c)?, minor_faults(s)?);
     Ok((
         r,
         Some(CpuWindow {
@@ -610,6 +616,8 @@ where
             server_s: s1.saturating_sub(s0) as f64 / tck,
             client_cs: cc1.saturating_sub(cc0),
             server_cs: sc1.saturating_sub(sc0),
+            client_mf: cf1.saturating_sub(cf0),
+            server_mf: sf1.saturating_sub(sf0),
             wall_s,
         }),
     ))
@@ -722,6 +730,7 @@ struct Figures {
     cpu_us_per_conn: (f64, f64),
     cs_per_ka: (f64, f64),
     cs_per_mib: (f64, f64),
+    faults_per_mib: (f64, f64),
     iperf_cpu_pct: (f64, f64),
     errors: u64,
 }
@@ -768,6 +777,10 @@ impl Figures {
                 let w = r.iperf.1?;
                 Some((per(w.client_cs as f64, mib(r)), per(w.server_cs as f64, mib(r))))
             }),
+            faults_per_mib: med2(rounds, |r| {
+                let w = r.iperf.1?;
+                Some((per(w.client_mf as f64, mib(r)), per(w.server_mf as f64, mib(r))))
+            }),
             iperf_cpu_pct: med2(rounds, |r| {
                 let w = r.iperf.1?;
                 Some((pct(w.client_s, w.wall_s), pct(w.server_s, w.wall_s)))
@@ -788,6 +801,7 @@ impl Figures {
             "cpu_us_per_new_connection": [self.cpu_us_per_conn.0, self.cpu_us_per_conn.1],
             "ctxt_switches_per_keepalive_request": [self.cs_per_ka.0, self.cs_per_ka.1],
             "ctxt_switches_per_mib": [self.cs_per_mib.0, self.cs_per_mib.1],
+            "minor_faults_per_mib": [self.faults_per_mib.0, self.faults_per_mib.1],
             "iperf3_cpu_pct": [self.iperf_cpu_pct.0, self.iperf_cpu_pct.1],
             "errors": self.errors,
             "cpu_pairs_are": "[client side, server side]",
@@ -804,32 +818,43 @@ struct PathRun {
     loaded_rss: Option<(u64, u64)>,
 }
 
-/// Runs every figure `plan.rounds` times on every path, the paths back to back per figure.
+/// Runs every figure `plan.rounds` times on every path, the paths back to back per figure;
+/// each round starts with the next path so none always runs first or last.
 async fn rounds(paths: &[&Pods<'_>], plan: Plan, tck: f64) -> Result<Vec<Vec<Round>>> {
     let mut out: Vec<Vec<Round>> = paths.iter().map(|_| Vec::new()).collect();
-    for round in 1..=plan.rounds {
+    let n = paths.len();
+    for round in 0..plan.rounds as usize {
         eprintln!(
-            "meshbench: round {round}/{}: iperf3 {} s, wrk -c10 and -c1 {} s, ab -c4 -n {} per path",
-            plan.rounds, plan.iperf_secs, plan.wrk_secs, plan.ab_requests
+            "meshbench: round {}/{}: iperf3 {} s, wrk -c10 and -c1 {} s, ab -c4 -n {} per path",
+            round + 1,
+            plan.rounds,
+            plan.iperf_secs,
+            plan.wrk_secs,
+            plan.ab_requests
         );
-        let mut ip = Vec::new();
-        for p in paths {
-            ip.push(with_cpu(p, tck, iperf(p, plan.iperf_secs)).await?);
+        let order: Vec<usize> = (0..n).map(|k| (k + round) % n).collect();
+        let mut ip: Vec<Option<_>> = (0..n).map(|_| None).collect();
+        for &k in &order {
+            ip[k] = Some(with_cpu(paths[k], tck, iperf(paths[k], plan.iperf_secs)).await?);
         }
-        let mut ka = Vec::new();
-        for p in paths {
-            ka.push(with_cpu(p, tck, wrk(p, 2, 10, plan.wrk_secs)).await?);
+        let mut ka: Vec<Option<_>> = (0..n).map(|_| None).collect();
+        for &k in &order {
+            ka[k] = Some(with_cpu(paths[k], tck, wrk(paths[k], 2, 10, plan.wrk_secs)).await?);
         }
-        let mut rr = Vec::new();
-        for p in paths {
-            rr.push(with_cpu(p, tck, wrk(p, 1, 1, plan.wrk_secs)).await?);
+        let mut rr: Vec<Option<_>> = (0..n).map(|_| None).collect();
+        for &k in &order {
+            rr[k] = Some(with_cpu(paths[k], tck, wrk(paths[k], 1, 1, plan.wrk_secs)).await?);
         }
-        let mut ab_ = Vec::new();
-        for p in paths {
-            ab_.push(with_cpu(p, tck, ab(p, plan.ab_requests)).await?);
+        let mut ab_: Vec<Option<_>> = (0..n).map(|_| None).collect();
+        for &k in &order {
+            ab_[k] = Some(with_cpu(paths[k], tck, ab(paths[k], plan.ab_requests)).await?);
         }
-        for (i, (((iperf, keepalive), closed_loop), ab)) in ip.into_iter().zip(ka).zip(rr).zip(ab_).enumerate() {
-            out[i].push(Round {
+        for (k, (((iperf, keepalive), closed_loop), ab)) in ip.into_iter().zip(ka).zip(rr).zip(ab_).enumerate() {
+            let (Some(iperf), Some(keepalive), Some(closed_loop), Some(ab)) = (iperf, keepalive, closed_loop, ab)
+            else {
+                bail!("round {round}: path {k} was not measured");
+            };
+            out[k].push(Round {
                 iperf,
                 keepalive,
                 closed_loop,
@@ -1407,6 +1432,7 @@ impl Report {
             cost("proxy CPU during iperf3 (% of a core)", |f| f.iperf_cpu_pct, 0),
             cost("context switches per keep-alive request", |f| f.cs_per_ka, 2),
             cost("context switches per MiB (iperf3)", |f| f.cs_per_mib, 1),
+            cost("page faults per MiB (iperf3)", |f| f.faults_per_mib, 1),
         ]
     }
 
@@ -1522,6 +1548,11 @@ impl Report {
                 1,
             ),
             ("CPU per Gbit, worse side (s)", |f| worst(f.cpu_s_per_gbit), 3),
+            (
+                "page faults per MiB, both sides",
+                |f| f.faults_per_mib.0 + f.faults_per_mib.1,
+                1,
+            ),
         ] {
             s.push_str(&format!(
                 "| {name} | {:.*} | {:.*} | {:.0} % |\n",
