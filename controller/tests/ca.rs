@@ -191,6 +191,20 @@ async fn csr_for_another_identity_is_refused() {
     assert_eq!(ca.metrics.signed(), 0);
 }
 
+/// A proxy asking for its own identity through `ImpersonatedIdentity` (ztunnel on a VM, with
+/// the VM's token) is signed: that is not impersonation. Another identity still is refused.
+#[tokio::test]
+async fn own_identity_through_the_impersonation_metadata_is_signed() {
+    let ca = Ca::default().await;
+    let (chain, key) = ca
+        .sign(Some("sleep-token-secret-0003"), true, SLEEP, DAY)
+        .await
+        .expect("signed for itself");
+    check_chain(&ca, &chain, key, SLEEP);
+    let text = refused(ca.sign(Some("sleep-token-secret-0003"), true, HTTPBIN, DAY).await);
+    assert!(text.contains(&format!("{SLEEP} is not a trusted node proxy")), "{text}");
+}
+
 #[tokio::test]
 async fn impersonation_needs_a_node_proxy_with_the_pod_on_its_node() {
     // The default node proxy is ztunnel.

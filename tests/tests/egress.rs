@@ -461,3 +461,116 @@ async fn istio_ztunnel_reaches_external_hosts_by_our_service_entries() {
         "resolution NONE: passthrough to the entry's own address"
     );
 }
+
+const VM_ID: u8 = 74;
+const VM_SA: &str = "spiffe://cluster.local/ns/vm/sa/legacy-db";
+
+/// A VM (WorkloadEntry `legacy-db` at 10.90.74.150 in namespace `vm`, HBONE: it runs its own
+/// ztunnel) behind the Service `db` (10.96.74.20:80 -> 8080); `shop` is ambient.
+fn vm_world(deny: bool) -> String {
+    let mut w = format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: vm}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: legacy-db, namespace: vm, annotations: {{ambient.istio.io/redirection: enabled}}}}
+spec: {{address: 10.90.{VM_ID}.150, labels: {{app: legacy-db}}, serviceAccount: legacy-db}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: vm}}
+spec: {{clusterIP: 10.96.{VM_ID}.20, selector: {{app: legacy-db}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"#
+    );
+    if deny {
+        w += r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-shop-client, namespace: vm}
+spec:
+  selector: {matchLabels: {app: legacy-db}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+"#;
+    }
+    w
+}
+
+/// A WorkloadEntry "VM" with its own dedicated-mode ztunnel (a token for the VM's service
+/// account only): a pod reaches it by the Service VIP over HBONE, the VM's ztunnel sees the
+/// pod's identity, and an L4 DENY selecting the VM applies there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_entry_vm_with_its_own_ztunnel_joins_the_mesh() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let cluster = Cluster::start_with_identities(VM_ID, 1, &vm_world(false), &[VM_SA])
+        .await
+        .expect("cluster up");
+    let vm = cluster.add_external(150).expect("the VM");
+    let vm_ip = IpAddr::from([10, 90, VM_ID, 150]);
+    tokio::spawn(named_server(
+        vm.listen(SocketAddr::new(vm_ip, 8080)).expect("listen"),
+        "vm-db",
+    ));
+    let cp = format!("https://{}:15012", cluster.controller_ip());
+    let args = [
+        "--xds-address".to_owned(),
+        cp.clone(),
+        "--ca-address".to_owned(),
+        cp,
+        "--trust-bundle".to_owned(),
+        cluster.controller.trust_bundle().display().to_string(),
+        "--token-file".to_owned(),
+        cluster.controller.identity_token_file(VM_SA).display().to_string(),
+        // No return-path rules on a VM: the app answers ztunnel, not the client's address.
+        "--enable-original-source".to_owned(),
+        "false".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vm_ztunnel = mesh_e2e::Ztunnel::start_raw(&vm, &args)
+        .await
+        .expect("the VM's ztunnel");
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    cluster
+        .wait_workload(&client, true, WAIT)
+        .await
+        .expect("client advertised");
+    let vip = SocketAddr::new(IpAddr::from([10, 96, VM_ID, 20]), 80);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match get(&client, vip, "db.vm.svc.cluster.local").await {
+            Ok(200) => break,
+            other if Instant::now() > deadline => {
+                panic!("the VM never answered: {other:?}\n{}", vm_ztunnel.logs())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    // Over HBONE with the pod's identity, as the VM's ztunnel reports it.
+    let metrics = vm_ztunnel.metrics().await.expect("VM ztunnel metrics");
+    let labels = [
+        "reporter=\"destination\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert!(
+        mesh_e2e::metrics::sum(&metrics, "istio_tcp_connections_opened_total", &labels) >= 1.0,
+        "{metrics}"
+    );
+    // An L4 DENY for the client, selecting the VM: enforced by the VM's ztunnel.
+    cluster
+        .controller
+        .write_manifests(&vm_world(true))
+        .expect("deny policy");
+    until(&client, vip, "DENY applied at the VM", Result::is_err).await.ok();
+    assert!(get(&client, vip, "db.vm.svc.cluster.local").await.is_err());
+}

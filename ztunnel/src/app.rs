@@ -253,6 +253,7 @@ fn shared_state(
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
         dns: dns_settings(cfg),
+        original_source: cfg.enable_original_source,
     }
 }
 

@@ -101,6 +101,11 @@ pub struct Config {
     /// Idle pooled HBONE connections are closed after this many seconds.
     #[arg(long, env = "POOL_IDLE_SECONDS", default_value_t = 300)]
     pub pool_idle_seconds: u64,
+    /// Connect to local applications from the client's address (IP_TRANSPARENT), as Istio's
+    /// `ENABLE_ORIGINAL_SOURCE`. Needs the return-path rules the node agent writes in pods;
+    /// a VM (WorkloadEntry) running its own ztunnel has none: `false` there.
+    #[arg(long, env = "ENABLE_ORIGINAL_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_original_source: bool,
 
     /// Proxy threads. 1 runs a single-threaded runtime (no cross-core wake-ups); 0 picks 1 on
     /// nodes with up to 2 CPUs (where the proxy shares cores with the apps) and 2 otherwise.

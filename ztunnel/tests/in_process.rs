@@ -131,6 +131,7 @@ impl Node {
             drain: CancellationToken::new(),
             tasks: TaskTracker::new(),
             dns: None,
+            original_source: true,
         };
         tokio::spawn(shared.tracker.clone().enforce(state));
         let px = Proxy::new(&shared, sockets.clone(), LocalAddrs::fixed(HashSet::from([server_ip])));

@@ -112,7 +112,7 @@ async fn dial(
 ) -> Option<(Client, TcpStream)> {
     let connect = tokio::time::timeout(
         px.settings.connect_timeout,
-        connect_from(&*px.sockets, Some(from.ip()), dst),
+        connect_from(&*px.sockets, px.original_source.then_some(from.ip()), dst),
     );
     let connected = match &mut client {
         // A client that resets the stream meanwhile gets no connection to the application.

@@ -70,6 +70,8 @@ pub struct Proxy {
     pub drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Connect to applications from the client's address.
+    pub original_source: bool,
 }
 
 /// Ports the proxy listens on in each namespace it serves.
@@ -111,6 +113,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// In-pod DNS proxy settings; `None` when it is off.
     pub dns: Option<Arc<DnsSettings>>,
+    /// Connect to applications from the client's address (see `Config::enable_original_source`).
+    pub original_source: bool,
 }
 
 /// What each pod's DNS proxy needs.
@@ -139,6 +143,7 @@ impl Proxy {
             tracker: shared.tracker.clone(),
             drain: shared.drain.child_token(),
             tasks: shared.tasks.clone(),
+            original_source: shared.original_source,
         })
     }
 
