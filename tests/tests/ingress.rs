@@ -607,6 +607,17 @@ spec:
     protocol: HTTPS
     tls: {{mode: Terminate, certificateRefs: [{{name: example-com-cert}}]}}
     allowedRoutes: {{namespaces: {{from: All}}}}
+  - name: tcp
+    port: 9000
+    protocol: TCP
+    allowedRoutes: {{namespaces: {{from: All}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: raw, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: tcp}}]
+  rules: [{{backendRefs: [{{name: app-v1, port: 8080}}]}}]
 ---
 {BRIEF_ROUTE}"#
     )
@@ -722,6 +733,15 @@ async fn certificate_rotation_loses_no_request() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The TCP listener proxies bytes to the TCPRoute's backend (no HTTP processing: no
+    // x-api-version), over HBONE like the rest.
+    let raw = client
+        .ns
+        .exec(&["curl", "-sS", "--max-time", "5", &format!("http://{gw}:9000/v1")]);
+    let raw = raw.unwrap_or_else(|e| format!("error: {e}\n{}", gateway.logs()));
+    assert!(raw.starts_with("app-v1\n"), "{raw}");
+    assert!(!raw.contains("x-api-version"), "{raw}");
 
     // Four keep-alive connections under load while the Secret is replaced.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -13,6 +13,7 @@
 //! and the client address from X-Forwarded-For past the trusted proxies.
 
 pub mod server;
+pub mod tcp;
 pub mod tls;
 pub mod via_waypoint;
 
@@ -78,6 +79,8 @@ impl ListenerState {
 #[derive(Debug, Default)]
 pub struct PortState {
     pub tls: bool,
+    /// A TCP listener: connections are proxied by its TCPRoute, not parsed as HTTP.
+    pub tcp: bool,
     /// Most specific hostname first.
     pub listeners: Vec<ListenerState>,
 }
@@ -196,6 +199,7 @@ impl Ingress {
             hosts.sort_by_key(|(p, _)| std::cmp::Reverse(specificity(p)));
             let entry = ports.entry(port).or_default();
             entry.tls |= tls;
+            entry.tcp |= l.protocol == "TCP";
             entry.listeners.push(ListenerState {
                 name: l.name,
                 hostname: l.hostname,
@@ -314,6 +318,7 @@ mod tests {
     fn listener_and_table_selection() {
         let port = PortState {
             tls: true,
+            tcp: false,
             listeners: vec![
                 ListenerState {
                     name: "api".into(),

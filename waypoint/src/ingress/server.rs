@@ -106,7 +106,17 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
         };
         backoff.succeeded();
         let _ = tcp.set_nodelay(true);
-        let is_tls = ingress.current.load().ports.get(&port).is_some_and(|p| p.tls);
+        let (is_tls, is_tcp) = ingress
+            .current
+            .load()
+            .ports
+            .get(&port)
+            .map_or((false, false), |p| (p.tls, p.tcp));
+        if is_tcp {
+            wp.tasks
+                .spawn(super::tcp::serve(wp.clone(), ingress.clone(), tcp, peer, port));
+            continue;
+        }
         // Until TLS completes the connection holds a pending slot; over the bound it is closed.
         let pending = match is_tls.then(|| limits.admit(peer.ip())).transpose() {
             Ok(p) => p,
