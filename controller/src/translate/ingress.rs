@@ -562,10 +562,7 @@ struct RouteRef<'a> {
     resolved: Condition,
 }
 
-fn by_age<'a, T>(
-    items: &'a BTreeMap<ObjectKey, T>,
-    meta: impl Fn(&T) -> &crate::model::ObjectMeta,
-) -> Vec<(&'a ObjectKey, &'a T)> {
+fn by_age<T>(items: &BTreeMap<ObjectKey, T>, meta: impl Fn(&T) -> &crate::model::ObjectMeta) -> Vec<(&ObjectKey, &T)> {
     let mut v: Vec<_> = items.iter().collect();
     v.sort_by(|a, b| {
         let t = |x: &T| meta(x).creation_timestamp.clone().map(|t| t.0);
