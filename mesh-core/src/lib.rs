@@ -18,6 +18,7 @@
 pub mod admin_http;
 pub mod capture;
 pub mod control_plane_args;
+pub mod expr;
 pub mod former_env;
 pub mod grpc;
 pub mod hbone;

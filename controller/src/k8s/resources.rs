@@ -72,6 +72,7 @@ resource! {
     service_entry::ServiceEntry => ServiceEntry, "serviceentries", NamespaceResourceScope;
     service_entry::WorkloadEntry => WorkloadEntry, "workloadentries", NamespaceResourceScope;
     rate_limit::LocalRateLimitPolicy => LocalRateLimitPolicy, "localratelimitpolicies", NamespaceResourceScope;
+    istio::Telemetry => Telemetry, "telemetries", NamespaceResourceScope;
 }
 
 /// Group, version, kind and plural of `kind`, for dynamic (untyped) requests.
@@ -97,6 +98,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::WorkloadEntry => ApiResource::erase::<service_entry::WorkloadEntry>(&()),
         Kind::Secret => ApiResource::erase::<Secret>(&()),
         Kind::LocalRateLimitPolicy => ApiResource::erase::<rate_limit::LocalRateLimitPolicy>(&()),
+        Kind::Telemetry => ApiResource::erase::<istio::Telemetry>(&()),
     }
 }
 

@@ -117,7 +117,8 @@ fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static
         | Kind::DestinationRule
         | Kind::ServiceEntry
         | Kind::WorkloadEntry
-        | Kind::LocalRateLimitPolicy => {
+        | Kind::LocalRateLimitPolicy
+        | Kind::Telemetry => {
             let api = Api::<DynamicObject>::all_with(client, &api_resource_at(kind, version));
             watch_kind(api, kind, move |o| parse_dynamic(kind, version, o))
         }

@@ -438,3 +438,120 @@ pub struct OutlierDetection {
     pub max_ejection_percent: Option<u32>,
     pub min_health_percent: Option<u32>,
 }
+
+lenient_object! {
+/// `telemetry.istio.io` Telemetry: tracing, metric overrides and access logging for waypoints.
+    Telemetry(TelemetrySpec)
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default)]
+    pub tracing: Vec<TelemetryTracing>,
+    /// `None` when the section is absent (inherited); `Some(vec![])` replaces inherited ones.
+    pub metrics: Option<Vec<TelemetryMetrics>>,
+    #[serde(default)]
+    pub access_logging: Vec<TelemetryAccessLogging>,
+}
+
+impl TelemetrySpec {
+    pub fn targets(&self) -> impl Iterator<Item = &PolicyTargetReference> {
+        self.target_ref.iter().chain(self.target_refs.iter())
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryProvider {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryTracing {
+    #[serde(default)]
+    pub providers: Vec<TelemetryProvider>,
+    pub random_sampling_percentage: Option<f64>,
+    #[serde(default)]
+    pub custom_tags: BTreeMap<String, CustomTag>,
+    #[serde(default)]
+    pub disable_span_reporting: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomTag {
+    pub literal: Option<LiteralTag>,
+    pub header: Option<NamedTag>,
+    pub environment: Option<NamedTag>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct LiteralTag {
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamedTag {
+    #[serde(default)]
+    pub name: String,
+    pub default_value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryMetrics {
+    #[serde(default)]
+    pub providers: Vec<TelemetryProvider>,
+    #[serde(default)]
+    pub overrides: Vec<MetricsOverride>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsOverride {
+    #[serde(rename = "match")]
+    pub match_: Option<MetricSelector>,
+    pub disabled: Option<bool>,
+    #[serde(default)]
+    pub tag_overrides: BTreeMap<String, TagOverride>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricSelector {
+    pub metric: Option<String>,
+    pub custom_metric: Option<String>,
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagOverride {
+    pub operation: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryAccessLogging {
+    #[serde(default)]
+    pub providers: Vec<TelemetryProvider>,
+    pub disabled: Option<bool>,
+    pub filter: Option<AccessLogFilter>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessLogFilter {
+    #[serde(default)]
+    pub expression: String,
+}

@@ -82,6 +82,7 @@ pub struct Inputs {
     /// TLS Secrets an ingress Gateway's listeners name in `certificateRefs`.
     pub secrets: BTreeMap<ObjectKey, Secret>,
     pub rate_limits: BTreeMap<ObjectKey, rate_limit::LocalRateLimitPolicy>,
+    pub telemetries: BTreeMap<ObjectKey, istio::Telemetry>,
     /// Mesh-wide settings (`--mesh-config`, Istio's MeshConfig).
     pub mesh: crate::mesh_config::MeshConfig,
     /// Pods the node agents report captured (local mode), besides annotated ones.
@@ -113,6 +114,7 @@ impl Inputs {
             Object::WorkloadEntry(o) => drop(self.workload_entries.insert(key, o)),
             Object::Secret(o) => drop(self.secrets.insert(key, o)),
             Object::LocalRateLimitPolicy(o) => drop(self.rate_limits.insert(key, o)),
+            Object::Telemetry(o) => drop(self.telemetries.insert(key, o)),
         }
     }
 
@@ -139,6 +141,7 @@ impl Inputs {
             Kind::WorkloadEntry => self.workload_entries.remove(key).is_some(),
             Kind::Secret => self.secrets.remove(key).is_some(),
             Kind::LocalRateLimitPolicy => self.rate_limits.remove(key).is_some(),
+            Kind::Telemetry => self.telemetries.remove(key).is_some(),
         }
     }
 
@@ -165,6 +168,7 @@ impl Inputs {
             Kind::WorkloadEntry => self.workload_entries.clear(),
             Kind::Secret => self.secrets.clear(),
             Kind::LocalRateLimitPolicy => self.rate_limits.clear(),
+            Kind::Telemetry => self.telemetries.clear(),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod render;
 mod routes;
 mod service;
 mod service_entry;
+mod telemetry;
 mod unimplemented;
 mod waypoint_policy;
 mod workload;
@@ -156,6 +157,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     }
     let (service_routes, mut waypoint_policies) = routes::translate(inputs, options, &mut report);
     waypoint_policies.extend(rate_limit::translate(inputs, &mut report));
+    waypoint_policies.extend(telemetry::translate(inputs, options, &mut report));
     let ingress = ingress::translate(inputs, options, &mut report);
     unimplemented::report(inputs, &mut report);
     let mut problems = report.0;

@@ -3,6 +3,7 @@
 //! record the outcome (metrics, access log). Every refusal is an HTTP answer with a reason,
 //! never a dropped connection.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use super::retry::{self, to_duration, Attempt, RetryPolicy};
 use super::rewrite::{self, UpgradeRequest};
 use crate::store::Snapshot;
 use crate::telemetry::metrics::RequestLabels;
-use crate::telemetry::trace;
+use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
 use crate::upstream::Endpoint;
 use crate::upstream::{self, Body};
@@ -95,7 +96,7 @@ pub async fn handle(
     down: Arc<Downstream>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let seen = Arrival::new(&wp, &mut req);
+    let seen = Arrival::new(&wp, &down, &mut req);
     let mut outcome = Outcome::default();
     let resp = process(&wp, &down, req, &mut outcome).await;
     seen.record(&wp, &down, &resp, &outcome);
@@ -110,7 +111,13 @@ struct Arrival {
     grpc: bool,
     method: Method,
     path: String,
+    host: String,
     request_size: f64,
+    /// A Telemetry's custom span tags, read from the request as it arrived.
+    custom_tags: Vec<(String, String)>,
+    no_spans: bool,
+    /// Kept only when a Telemetry's expressions read request headers.
+    headers: Option<http::HeaderMap>,
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<f64> {
@@ -120,13 +127,23 @@ fn content_length(headers: &http::HeaderMap) -> Option<f64> {
 }
 
 impl Arrival {
-    fn new(wp: &Waypoint, req: &mut Request<Incoming>) -> Self {
+    fn new(wp: &Waypoint, down: &Downstream, req: &mut Request<Incoming>) -> Self {
+        let snapshot = wp.config.load();
+        let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
+        let effective = effective::effective(&snapshot, gateway, (&down.service.namespace, &down.service.name));
         // Without a collector the waypoint leaves trace headers as the client sent them.
         let trace = wp.tracer.enabled().then(|| {
-            let ctx = trace::extract(req.headers(), wp.tracer.sampling);
+            let ctx = trace::extract(req.headers(), apply::sampling(&effective, wp.tracer.sampling));
             trace::inject(&ctx, req.headers_mut());
             ctx
         });
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().host())
+            .unwrap_or_default()
+            .to_owned();
         Arrival {
             start: Instant::now(),
             started_at: std::time::SystemTime::now(),
@@ -137,14 +154,56 @@ impl Arrival {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
+            host,
             request_size: content_length(req.headers()).unwrap_or(0.0),
+            custom_tags: apply::custom_tags(&effective, req.headers()),
+            no_spans: effective.tracing.is_some_and(|t| t.disable_span_reporting),
+            headers: apply::needs_headers(&effective).then(|| req.headers().clone()),
+        }
+    }
+
+    /// What a Telemetry's expressions can read of the answered request.
+    fn facts<'a>(
+        &'a self,
+        down: &'a Downstream,
+        resp: &Response<Body>,
+        out: &'a Outcome,
+        principal: &'a str,
+    ) -> apply::Facts<'a> {
+        apply::Facts {
+            status: resp.status().as_u16(),
+            method: self.method.as_str(),
+            path: &self.path,
+            host: &self.host,
+            protocol: if self.grpc { "grpc" } else { "http" },
+            headers: self.headers.as_ref(),
+            source_principal: principal,
+            source_namespace: down.peer_identity.as_ref().map_or("", |i| i.namespace.as_str()),
+            source_workload: "",
+            service_name: &down.service.name,
+            service_host: &down.service.hostname,
+            service_namespace: &down.service.namespace,
+            destination_workload: out.upstream.as_ref().map_or("", |w| w.workload_name.as_str()),
+            port: down.dst.port(),
         }
     }
 
     /// Metrics, the access log line and the trace span of a finished request.
     fn record(self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome) {
         let elapsed = self.start.elapsed();
-        self.metrics(wp, down, resp, out, elapsed);
+        let snapshot = wp.config.load();
+        let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
+        let effective = effective::effective(&snapshot, gateway, (&down.service.namespace, &down.service.name));
+        let principal = down.peer_identity.as_ref().map(|i| i.principal()).unwrap_or_default();
+        let facts = self.facts(down, resp, out, &principal);
+        self.metrics(wp, down, resp, out, elapsed, (&effective, &facts));
+        if apply::log_wanted(&effective, &facts) {
+            self.log(down, resp, out, elapsed);
+        }
+        self.span(wp, down, resp, out, elapsed);
+    }
+
+    fn log(&self, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {
         info!(
             target: "access",
             src_addr = %down.client_addr,
@@ -162,10 +221,17 @@ impl Arrival {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-        self.span(wp, down, resp, out, elapsed);
     }
 
-    fn metrics(&self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {
+    fn metrics(
+        &self,
+        wp: &Waypoint,
+        down: &Downstream,
+        resp: &Response<Body>,
+        out: &Outcome,
+        elapsed: Duration,
+        (effective, facts): (&effective::Effective<'_>, &apply::Facts<'_>),
+    ) {
         let state = wp.state.load();
         let protocol = if self.grpc { "grpc" } else { "http" };
         let dst = out.upstream.as_deref();
@@ -192,39 +258,47 @@ impl Arrival {
                 (None, None) => "0".to_owned(),
             };
         }
-        wp.metrics.requests.get_or_create(&labels).inc();
-        wp.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
-        wp.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(self.request_size);
-        if let Some(len) = content_length(resp.headers()) {
-            wp.metrics.response_bytes.get_or_create(&labels).observe(len);
+        let series = |metric| apply::series(effective, metric, &labels, facts);
+        if let Some(l) = series("REQUEST_COUNT") {
+            wp.metrics.requests.get_or_create(&l).inc();
+        }
+        if let Some(l) = series("REQUEST_DURATION") {
+            wp.metrics
+                .duration
+                .get_or_create(&l)
+                .observe(elapsed.as_secs_f64() * 1000.0);
+        }
+        if let Some(l) = series("REQUEST_SIZE") {
+            wp.metrics.request_bytes.get_or_create(&l).observe(self.request_size);
+        }
+        if let (Some(len), Some(l)) = (content_length(resp.headers()), series("RESPONSE_SIZE")) {
+            wp.metrics.response_bytes.get_or_create(&l).observe(len);
         }
     }
 
     fn span(self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {
-        let Some(ctx) = self.trace.filter(|c| c.sampled) else {
+        let Some(ctx) = self.trace.filter(|c| c.sampled && !self.no_spans) else {
             return;
         };
-        let tags = vec![
-            ("http.method", self.method.to_string()),
-            ("http.url", self.path.clone()),
-            ("http.status_code", resp.status().as_u16().to_string()),
-            ("response_flags", out.flags.as_str().to_owned()),
-            ("istio.destination_service", down.service.hostname.clone()),
+        let mut tags = vec![
+            (Cow::Borrowed("http.method"), self.method.to_string()),
+            (Cow::Borrowed("http.url"), self.path.clone()),
+            (Cow::Borrowed("http.status_code"), resp.status().as_u16().to_string()),
+            (Cow::Borrowed("response_flags"), out.flags.as_str().to_owned()),
             (
-                "peer.identity",
+                Cow::Borrowed("istio.destination_service"),
+                down.service.hostname.clone(),
+            ),
+            (
+                Cow::Borrowed("peer.identity"),
                 down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default(),
             ),
             (
-                "upstream_cluster",
+                Cow::Borrowed("upstream_cluster"),
                 out.upstream.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
             ),
         ];
+        tags.extend(self.custom_tags.into_iter().map(|(k, v)| (Cow::Owned(k), v)));
         wp.tracer.finish(trace::Span {
             ctx,
             name: format!("{}:{}{}", down.service.hostname, down.dst.port(), self.path),

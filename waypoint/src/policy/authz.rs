@@ -164,7 +164,7 @@ pub fn needs_http(p: &wp::Policy) -> bool {
     match &p.kind {
         Some(wp::policy::Kind::Jwt(_) | wp::policy::Kind::RateLimit(_)) => true,
         Some(wp::policy::Kind::Authorization(a)) => a.rules.iter().any(uses_http_fields),
-        None => false,
+        Some(wp::policy::Kind::Telemetry(_)) | None => false,
     }
 }
 

@@ -41,6 +41,24 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// The labels of one series: Istio's standard set, or that set as a Telemetry's tag
+/// overrides changed it (labels removed or added), which only requests under such a
+/// Telemetry pay for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum SeriesLabels {
+    Standard(RequestLabels),
+    Custom(Vec<(String, String)>),
+}
+
+impl EncodeLabelSet for SeriesLabels {
+    fn encode(&self, encoder: prometheus_client::encoding::LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        match self {
+            SeriesLabels::Standard(l) => l.encode(encoder),
+            SeriesLabels::Custom(v) => v.encode(encoder),
+        }
+    }
+}
+
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         "unknown".to_owned()
@@ -50,6 +68,38 @@ fn or_unknown(s: &str) -> String {
 }
 
 impl RequestLabels {
+    /// The labels as name/value pairs, in the order they are exported.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let p = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        vec![
+            p("reporter", self.reporter),
+            p("source_workload", &self.source_workload),
+            p("source_workload_namespace", &self.source_workload_namespace),
+            p("source_principal", &self.source_principal),
+            p("source_canonical_service", &self.source_canonical_service),
+            p("source_canonical_revision", &self.source_canonical_revision),
+            p("source_app", &self.source_app),
+            p("source_version", &self.source_version),
+            p("source_cluster", &self.source_cluster),
+            p("destination_workload", &self.destination_workload),
+            p("destination_workload_namespace", &self.destination_workload_namespace),
+            p("destination_principal", &self.destination_principal),
+            p("destination_canonical_service", &self.destination_canonical_service),
+            p("destination_canonical_revision", &self.destination_canonical_revision),
+            p("destination_app", &self.destination_app),
+            p("destination_version", &self.destination_version),
+            p("destination_cluster", &self.destination_cluster),
+            p("destination_service", &self.destination_service),
+            p("destination_service_namespace", &self.destination_service_namespace),
+            p("destination_service_name", &self.destination_service_name),
+            p("request_protocol", self.request_protocol),
+            (String::from("response_code"), self.response_code.to_string()),
+            p("grpc_response_status", &self.grpc_response_status),
+            p("response_flags", self.response_flags),
+            p("connection_security_policy", self.connection_security_policy),
+        ]
+    }
+
     pub fn new(
         src: Option<&Workload>,
         src_principal: &str,
@@ -89,10 +139,10 @@ impl RequestLabels {
 
 #[derive(Clone)]
 pub struct Metrics {
-    pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<RequestLabels, Histogram>,
-    pub request_bytes: Family<RequestLabels, Histogram>,
-    pub response_bytes: Family<RequestLabels, Histogram>,
+    pub requests: Family<SeriesLabels, Counter>,
+    pub duration: Family<SeriesLabels, Histogram>,
+    pub request_bytes: Family<SeriesLabels, Histogram>,
+    pub response_bytes: Family<SeriesLabels, Histogram>,
     /// Resources or requests refused as malformed, by reason.
     pub rejected: Family<Vec<(String, String)>, Counter>,
     /// Requests an AUDIT policy matched, by policy.

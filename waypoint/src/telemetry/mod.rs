@@ -2,5 +2,7 @@
 //! log ([`metrics`]), and distributed tracing ([`trace`]: W3C and B3 propagation, spans
 //! exported to Zipkin and OTLP/HTTP collectors).
 
+pub mod apply;
+pub mod effective;
 pub mod metrics;
 pub mod trace;

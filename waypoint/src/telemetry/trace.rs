@@ -132,7 +132,7 @@ pub struct Span {
     pub name: String,
     pub start: SystemTime,
     pub duration: Duration,
-    pub tags: Vec<(&'static str, String)>,
+    pub tags: Vec<(std::borrow::Cow<'static, str>, String)>,
 }
 
 /// Where spans go, and how many.
@@ -197,11 +197,8 @@ pub fn zipkin_json(spans: &[Span], cfg: &TraceConfig) -> String {
     let list: Vec<serde_json::Value> = spans
         .iter()
         .map(|s| {
-            let mut tags: serde_json::Map<String, serde_json::Value> = s
-                .tags
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone().into()))
-                .collect();
+            let mut tags: serde_json::Map<String, serde_json::Value> =
+                s.tags.iter().map(|(k, v)| (k.to_string(), v.clone().into())).collect();
             tags.extend(cfg.tags.iter().map(|(k, v)| (k.clone(), v.clone().into())));
             let mut span = serde_json::json!({
                 "traceId": format!("{:032x}", s.ctx.trace_id),
@@ -379,7 +376,7 @@ mod tests {
             name: "GET /x".into(),
             start: SystemTime::now(),
             duration: Duration::from_millis(3),
-            tags: vec![("http.status_code", "200".into())],
+            tags: vec![("http.status_code".into(), "200".into())],
         };
         let cfg = TraceConfig {
             service: "waypoint.shop".into(),

@@ -1,0 +1,314 @@
+//! Istio's Telemetry API → `mesh.waypoint.v1.Telemetry` policies. Scope as Istio has it: a
+//! Telemetry in the root namespace without selector or targetRefs is mesh-wide, one elsewhere
+//! without them covers its namespace, one with targetRefs its Gateways and Services. Each
+//! section (tracing, metrics, access logging) is carried only when written, so the waypoint
+//! inherits per section. Expressions are parsed here with the waypoint's own parser
+//! (`mesh_core::expr`): one that cannot be read is reported and left out, never sent.
+
+use std::collections::BTreeMap;
+
+use mesh_proto::waypoint as wp;
+
+use super::{Options, Report};
+use crate::model::istio::{Telemetry, TelemetrySpec};
+use crate::model::{Inputs, Kind, ObjectKey};
+
+/// Istio's metric names as `match.metric` writes them.
+const METRICS: [&str; 5] = [
+    "ALL_METRICS",
+    "REQUEST_COUNT",
+    "REQUEST_DURATION",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+];
+
+/// Every Telemetry's waypoint policy, by `Telemetry/<ns>/<name>`.
+pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report) -> BTreeMap<String, wp::Policy> {
+    let mut out = BTreeMap::new();
+    for (key, t) in &inputs.telemetries {
+        for path in &t.unimplemented {
+            report.add(Kind::Telemetry, key, format!("{path} is not implemented; ignored"));
+        }
+        if let Some(p) = one(key, t, options, report) {
+            out.insert(format!("Telemetry/{key}"), p);
+        }
+    }
+    out
+}
+
+fn one(key: &ObjectKey, t: &Telemetry, options: &Options, report: &mut Report) -> Option<wp::Policy> {
+    let spec = &t.spec;
+    if spec.selector.is_some() {
+        report.add(
+            Kind::Telemetry,
+            key,
+            "spec.selector picks sidecar workloads; waypoints apply Telemetry with targetRefs, so it is ignored",
+        );
+        return None;
+    }
+    let targets: Vec<wp::Target> = spec
+        .targets()
+        .filter(|r| matches!(r.kind.as_str(), "Gateway" | "Service"))
+        .map(|r| wp::Target {
+            kind: r.kind.clone(),
+            namespace: r.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+            name: r.name.clone(),
+        })
+        .collect();
+    if spec.targets().count() != targets.len() {
+        report.add(
+            Kind::Telemetry,
+            key,
+            "spec.targetRefs: only Gateway and Service are applied; others ignored",
+        );
+    }
+    let scope = if !targets.is_empty() {
+        wp::telemetry::Scope::Targeted
+    } else if spec.targets().next().is_some() {
+        return None;
+    } else if key.namespace == options.root_namespace {
+        wp::telemetry::Scope::Mesh
+    } else {
+        wp::telemetry::Scope::Namespace
+    };
+    let telemetry = wp::Telemetry {
+        scope: scope as i32,
+        tracing: tracing(key, spec, report),
+        has_metrics: spec.metrics.is_some(),
+        metrics: metrics(key, spec, report),
+        access_log: access_log(key, spec, report),
+    };
+    Some(wp::Policy {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        targets,
+        kind: Some(wp::policy::Kind::Telemetry(telemetry)),
+    })
+}
+
+fn tracing(key: &ObjectKey, spec: &TelemetrySpec, report: &mut Report) -> Option<wp::TelemetryTracing> {
+    let t = spec.tracing.first()?;
+    if spec.tracing.len() > 1 {
+        report.add(Kind::Telemetry, key, "spec.tracing: only the first entry is applied");
+    }
+    let sampling = t.random_sampling_percentage.filter(|p| (0.0..=100.0).contains(p));
+    if t.random_sampling_percentage.is_some() && sampling.is_none() {
+        report.add(
+            Kind::Telemetry,
+            key,
+            "spec.tracing[0].randomSamplingPercentage must be 0 to 100; ignored",
+        );
+    }
+    let mut custom_tags = Vec::new();
+    for (name, tag) in &t.custom_tags {
+        let default_value = |n: &crate::model::istio::NamedTag| n.default_value.clone().unwrap_or_default();
+        let (kind, default) = match (&tag.literal, &tag.header, &tag.environment) {
+            (Some(l), None, None) => (wp::custom_tag::Kind::Literal(l.value.clone()), String::new()),
+            (None, Some(h), None) => (
+                wp::custom_tag::Kind::Header(h.name.to_ascii_lowercase()),
+                default_value(h),
+            ),
+            (None, None, Some(e)) => (wp::custom_tag::Kind::Environment(e.name.clone()), default_value(e)),
+            _ => {
+                report.add(
+                    Kind::Telemetry,
+                    key,
+                    format!(
+                        "spec.tracing[0].customTags.{name} needs exactly one of literal, header, environment; ignored"
+                    ),
+                );
+                continue;
+            }
+        };
+        custom_tags.push(wp::CustomTag {
+            name: name.clone(),
+            kind: Some(kind),
+            default_value: default,
+        });
+    }
+    Some(wp::TelemetryTracing {
+        has_sampling: sampling.is_some(),
+        sampling: sampling.unwrap_or_default(),
+        custom_tags,
+        disable_span_reporting: t.disable_span_reporting,
+    })
+}
+
+fn metrics(key: &ObjectKey, spec: &TelemetrySpec, report: &mut Report) -> Vec<wp::MetricOverride> {
+    let mut out = Vec::new();
+    for (i, m) in spec.metrics.iter().flatten().enumerate() {
+        for (j, o) in m.overrides.iter().enumerate() {
+            let at = format!("spec.metrics[{i}].overrides[{j}]");
+            let selector = o.match_.as_ref();
+            if selector.and_then(|s| s.custom_metric.as_ref()).is_some() {
+                report.add(
+                    Kind::Telemetry,
+                    key,
+                    format!("{at}.match.customMetric is not implemented; ignored"),
+                );
+                continue;
+            }
+            let metric = selector
+                .and_then(|s| s.metric.clone())
+                .unwrap_or_else(|| "ALL_METRICS".to_owned());
+            if !METRICS.contains(&metric.as_str()) {
+                report.add(
+                    Kind::Telemetry,
+                    key,
+                    format!("{at}.match.metric {metric:?} is not a metric waypoints report; ignored"),
+                );
+                continue;
+            }
+            let mut tags = Vec::new();
+            for (name, t) in &o.tag_overrides {
+                let remove = t.operation.as_deref() == Some("REMOVE");
+                let value = t.value.clone().unwrap_or_default();
+                if !remove {
+                    if let Err(e) = mesh_core::expr::parse_value(&value) {
+                        report.add(
+                            Kind::Telemetry,
+                            key,
+                            format!("{at}.tagOverrides.{name}.value {value:?}: {e}; ignored"),
+                        );
+                        continue;
+                    }
+                }
+                tags.push(wp::TagOverride {
+                    name: name.clone(),
+                    remove,
+                    value,
+                });
+            }
+            out.push(wp::MetricOverride {
+                metric,
+                disabled: o.disabled.unwrap_or(false),
+                tags,
+            });
+        }
+    }
+    out
+}
+
+fn access_log(key: &ObjectKey, spec: &TelemetrySpec, report: &mut Report) -> Option<wp::TelemetryAccessLog> {
+    let a = spec.access_logging.first()?;
+    let mut filter = a.filter.as_ref().map(|f| f.expression.clone()).unwrap_or_default();
+    if !filter.is_empty() {
+        if let Err(e) = mesh_core::expr::parse_filter(&filter) {
+            report.add(
+                Kind::Telemetry,
+                key,
+                format!("spec.accessLogging[0].filter.expression {filter:?}: {e}; every request is logged"),
+            );
+            filter.clear();
+        }
+    }
+    Some(wp::TelemetryAccessLog {
+        disabled: a.disabled.unwrap_or(false),
+        filter,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest_dir::{parse_text, Loaded};
+
+    fn translated(yaml: &str) -> (BTreeMap<String, wp::Policy>, Vec<String>) {
+        let mut loaded = Loaded::default();
+        parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let mut inputs = Inputs::default();
+        for o in loaded.objects {
+            inputs.apply(o);
+        }
+        let mut report = Report::default();
+        let out = translate(&inputs, &Options::default(), &mut report);
+        (out, report.0.into_iter().map(|p| p.message).collect())
+    }
+
+    #[test]
+    fn scopes_sections_and_bad_expressions() {
+        let (out, problems) = translated(
+            r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: zipkin}]
+    randomSamplingPercentage: 10
+    customTags:
+      environment: {literal: {value: production}}
+      user: {header: {name: X-User, defaultValue: anonymous}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: REQUEST_COUNT}
+      tagOverrides:
+        request_host: {operation: UPSERT, value: request.host}
+        request_protocol: {operation: REMOVE}
+        broken: {value: "request.host =="}
+  accessLogging:
+  - providers: [{name: envoy}]
+    filter: {expression: "response.code >= 500"}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: shop, namespace: shop}
+spec:
+  accessLogging:
+  - filter: {expression: "response.size > 1"}
+---
+apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: payments, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: payments}]
+  metrics:
+  - overrides: [{disabled: true}]
+"#,
+        );
+        let tel = |k: &str| match &out[k].kind {
+            Some(wp::policy::Kind::Telemetry(t)) => t.clone(),
+            other => panic!("{other:?}"),
+        };
+        let mesh = tel("Telemetry/istio-system/mesh-default");
+        assert_eq!(mesh.scope, wp::telemetry::Scope::Mesh as i32);
+        let tracing = mesh.tracing.expect("tracing");
+        assert!(tracing.has_sampling && (tracing.sampling - 10.0).abs() < f64::EPSILON);
+        assert_eq!(tracing.custom_tags.len(), 2);
+        assert_eq!(mesh.metrics[0].metric, "REQUEST_COUNT");
+        let names: Vec<_> = mesh.metrics[0]
+            .tags
+            .iter()
+            .map(|t| (t.name.as_str(), t.remove))
+            .collect();
+        assert_eq!(names, [("request_host", false), ("request_protocol", true)]);
+        assert_eq!(mesh.access_log.expect("log").filter, "response.code >= 500");
+
+        let ns = tel("Telemetry/shop/shop");
+        assert_eq!(ns.scope, wp::telemetry::Scope::Namespace as i32);
+        assert!(!ns.has_metrics && ns.tracing.is_none());
+        assert_eq!(
+            ns.access_log.expect("log").filter,
+            "",
+            "an unreadable filter logs everything"
+        );
+
+        let targeted = tel("Telemetry/shop/payments");
+        assert_eq!(targeted.scope, wp::telemetry::Scope::Targeted as i32);
+        assert!(targeted.has_metrics && targeted.metrics[0].disabled);
+        assert_eq!(targeted.metrics[0].metric, "ALL_METRICS");
+
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("tagOverrides.broken.value")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("unknown attribute \"response.size\"")),
+            "{problems:?}"
+        );
+    }
+}
