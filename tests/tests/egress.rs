@@ -284,6 +284,15 @@ spec:
   targetRefs: [{{kind: ServiceEntry, group: networking.istio.io, name: api}}]
   action: ALLOW
   rules: [{{to: [{{operation: {{methods: [GET], paths: [/allowed]}}}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: api-route, namespace: shop}}
+spec:
+  parentRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: api}}]
+  rules:
+    - filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{add: [{{name: x-egress, value: via-waypoint}}]}}}}]
+      backendRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: api, port: 80}}]
 "#
     );
     w
@@ -339,6 +348,12 @@ async fn egress_waypoint_applies_l7_policy_to_the_external_host() {
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+    // The HTTPRoute attached to the ServiceEntry applies: the external server sees its header.
+    let mut conn = HttpConn::open(&client.ns, SocketAddr::new(vip, 80), "api.external.test")
+        .await
+        .expect("connect");
+    let answer = conn.send("GET", "/allowed", &[]).await.expect("answer");
+    assert!(answer.body.contains("h x-egress: via-waypoint"), "{}", answer.body);
     let before = served("egress-wp-api");
     assert_eq!(request("POST", "/").await, Ok(403), "POST / denied at the waypoint");
     assert_eq!(request("GET", "/").await, Ok(403), "GET / is not allowed either");

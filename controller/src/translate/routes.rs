@@ -145,6 +145,24 @@ fn backends(
     let (inputs, options) = ctx;
     let mut out = Backends::default();
     for b in refs {
+        if is_service_entry_ref(b.group.as_deref(), b.kind.as_deref()) {
+            // A ServiceEntry backend: its first host, in the route's namespace.
+            let weight = b.weight.unwrap_or(1);
+            let ns = key.namespace.as_str();
+            if let Some(service) = service_entry_hosts(inputs, ns, b.namespace.as_deref(), &b.name, kind, key, report)
+                .into_iter()
+                .next()
+            {
+                out.total_weight = out.total_weight.saturating_add(weight);
+                out.permitted.push(wp::WeightedBackend {
+                    service,
+                    port: b.port.map(u32::from).unwrap_or(0),
+                    weight,
+                    subset: String::new(),
+                });
+            }
+            continue;
+        }
         if !is_service_ref(b.group.as_deref(), b.kind.as_deref()) {
             report.add(kind, key, format!("backendRef {} is not a Service; skipped", b.name));
             continue;
@@ -220,6 +238,45 @@ fn istio_matches(by_name: &BTreeMap<String, istio::StringMatch>, lowercase: bool
         .collect()
 }
 
+fn is_service_entry_ref(group: Option<&str>, kind: Option<&str>) -> bool {
+    group == Some("networking.istio.io") && kind == Some("ServiceEntry")
+}
+
+/// The services (`<ns>/<host>`) a ServiceEntry reference names: each of its hosts. Only in the
+/// route's own namespace (no ReferenceGrant covers ServiceEntries here).
+fn service_entry_hosts(
+    inputs: &Inputs,
+    ns: &str,
+    to_ns: Option<&str>,
+    name: &str,
+    kind: Kind,
+    key: &ObjectKey,
+    report: &mut Report,
+) -> Vec<String> {
+    let to_ns = to_ns.unwrap_or(ns);
+    let se = inputs.service_entries.get(&ObjectKey::new(to_ns, name));
+    match se {
+        Some(se) if to_ns == ns => se
+            .spec
+            .hosts
+            .iter()
+            .map(|h| format!("{to_ns}/{}", h.to_ascii_lowercase()))
+            .collect(),
+        Some(_) => {
+            report.add(
+                kind,
+                key,
+                format!("ServiceEntry {to_ns}/{name} is in another namespace; not attached"),
+            );
+            Vec::new()
+        }
+        None => {
+            report.add(kind, key, format!("ServiceEntry {to_ns}/{name} does not exist"));
+            Vec::new()
+        }
+    }
+}
+
 /// The Service parents of a route, as `<ns>/<hostname>`; other parents are reported.
 fn service_parents(
     parents: &[ParentReference],
@@ -232,6 +289,18 @@ fn service_parents(
 ) -> Vec<String> {
     let mut out = Vec::new();
     for p in parents {
+        if is_service_entry_ref(p.group.as_deref(), p.kind.as_deref()) {
+            out.extend(service_entry_hosts(
+                inputs,
+                ns,
+                p.namespace.as_deref(),
+                &p.name,
+                kind,
+                key,
+                report,
+            ));
+            continue;
+        }
         if is_service_ref(p.group.as_deref(), p.kind.as_deref()) && p.kind.is_some() {
             let to_ns = p.namespace.as_deref().unwrap_or(ns);
             if service_ref_permitted(inputs, kind, key, to_ns, &p.name) {
