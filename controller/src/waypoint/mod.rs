@@ -69,7 +69,8 @@ pub struct WaypointDeployment {
     /// Accepted=True/Programmed=... reasons, or why it is not accepted.
     pub conditions: Vec<Condition>,
     /// Replicas or autoscaling, resources, disruption budget, spread (from the Gateway).
-    #[serde(default)]
+    /// Left out of the JSON when the Gateway asks for nothing, as most do.
+    #[serde(default, skip_serializing_if = "scaling::Scaling::is_default")]
     pub scaling: scaling::Scaling,
 }
 

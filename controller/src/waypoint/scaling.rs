@@ -72,6 +72,12 @@ pub struct Scaling {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl Scaling {
+    pub fn is_default(&self) -> bool {
+        *self == Scaling::default()
+    }
+}
+
 impl Default for Scaling {
     fn default() -> Self {
         Scaling {
