@@ -36,6 +36,72 @@ pub struct OutboundTrafficPolicy {
 pub struct MeshConfig {
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Telemetry providers (tracing collectors), as `meshConfig.extensionProviders`.
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+    #[serde(default)]
+    pub default_providers: DefaultProviders,
+}
+
+/// One `extensionProviders` entry; only the tracing kinds waypoints export to are read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    pub zipkin: Option<Collector>,
+    pub opentelemetry: Option<Collector>,
+}
+
+/// Where a collector listens (`service` is a host name or address, as Istio writes it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Collector {
+    pub service: String,
+    pub port: u16,
+    /// OpenTelemetry over HTTP: `{path}`; gRPC collectors are not supported by waypoints.
+    pub http: Option<OtlpHttp>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct OtlpHttp {
+    #[serde(default)]
+    pub path: String,
+}
+
+/// `defaultProviders`: the providers used when no Telemetry names one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct DefaultProviders {
+    #[serde(default)]
+    pub tracing: Vec<String>,
+}
+
+/// Where a waypoint sends its spans.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TraceExport {
+    /// A Zipkin v2 endpoint URL.
+    Zipkin(String),
+    /// An OTLP/HTTP traces endpoint URL.
+    Otlp(String),
+}
+
+impl MeshConfig {
+    /// The collector of tracing provider `name` (or of the default provider when `None`).
+    pub fn trace_export(&self, name: Option<&str>) -> Option<TraceExport> {
+        let name = name.or_else(|| self.default_providers.tracing.first().map(String::as_str))?;
+        let p = self.extension_providers.iter().find(|p| p.name == name)?;
+        let url = |c: &Collector, path: &str| format!("http://{}:{}{path}", c.service, c.port);
+        if let Some(z) = &p.zipkin {
+            return Some(TraceExport::Zipkin(url(z, "/api/v2/spans")));
+        }
+        let o = p.opentelemetry.as_ref()?;
+        let path = o
+            .http
+            .as_ref()
+            .map(|h| h.path.as_str())
+            .filter(|p| !p.is_empty())
+            .unwrap_or("/v1/traces");
+        Some(TraceExport::Otlp(url(o, path)))
+    }
 }
 
 /// Why a mesh config file was not applied.
@@ -121,6 +187,35 @@ mod tests {
             OutboundMode::AllowAny
         );
         assert!(parse("outboundTrafficPolicy: {mode: SOMETIMES}\n").is_err());
+    }
+
+    #[test]
+    fn tracing_providers_resolve_to_collector_urls() {
+        let cfg = parse(
+            "extensionProviders:
+- name: zipkin
+  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+- name: otel
+  opentelemetry: {service: otel.obs.svc, port: 4318, http: {path: /v1/traces}}
+- name: envoy-log
+  envoyFileAccessLog: {path: /dev/stdout}
+defaultProviders: {tracing: [zipkin]}
+",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.trace_export(None),
+            Some(TraceExport::Zipkin(
+                "http://zipkin.istio-system.svc.cluster.local:9411/api/v2/spans".into()
+            ))
+        );
+        assert_eq!(
+            cfg.trace_export(Some("otel")),
+            Some(TraceExport::Otlp("http://otel.obs.svc:4318/v1/traces".into()))
+        );
+        assert_eq!(cfg.trace_export(Some("envoy-log")), None);
+        assert_eq!(cfg.trace_export(Some("missing")), None);
+        assert_eq!(MeshConfig::default().trace_export(None), None);
     }
 
     #[tokio::test]

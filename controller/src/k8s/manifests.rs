@@ -25,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::resources::served_version;
 use super::writer::WriterConfig;
+use crate::mesh_config::TraceExport;
 use crate::model::{Kind, ObjectMeta, ServiceAccount};
 use crate::waypoint::WaypointDeployment;
 
@@ -180,7 +181,7 @@ pub fn service_account_for(record: &WaypointDeployment) -> ServiceAccount {
 /// The waypoint binary's arguments: who it is, where the control plane is, and the files the
 /// pod mounts (the root certificate and a projected token for the CA's TokenReview).
 pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "--identity".into(),
         record.identity.clone(),
         "--gateway".into(),
@@ -197,7 +198,15 @@ pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<
         format!("0.0.0.0:{}", record.hbone_port),
         "--stats-addr".into(),
         format!("0.0.0.0:{METRICS_PORT}"),
-    ]
+    ];
+    // Spans go to the mesh's tracing provider; how many is the Telemetry API's to say (the
+    // waypoint's default is Istio's 1% until a Telemetry sets randomSamplingPercentage).
+    match &record.trace_export {
+        Some(TraceExport::Zipkin(url)) => args.extend(["--zipkin-address".into(), url.clone()]),
+        Some(TraceExport::Otlp(url)) => args.extend(["--otlp-address".into(), url.clone()]),
+        None => {}
+    }
+    args
 }
 
 /// The namespace's copy of the root certificate waypoints verify the control plane with.
@@ -409,6 +418,7 @@ pub(crate) mod tests {
                 },
             ],
             scaling: Default::default(),
+            trace_export: None,
         }
     }
 
@@ -473,6 +483,23 @@ pub(crate) mod tests {
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn deployed_waypoints_trace_to_the_mesh_provider() {
+        let r = WaypointDeployment {
+            trace_export: Some(TraceExport::Zipkin("http://zipkin.obs:9411/api/v2/spans".into())),
+            ..record()
+        };
+        let args = waypoint_args(&r, &config());
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--zipkin-address", "http://zipkin.obs:9411/api/v2/spans"]));
+        let mut argv = vec!["waypoint".to_owned()];
+        argv.extend(args);
+        assert!(<waypoint::config::Config as clap::Parser>::try_parse_from(&argv).is_ok());
+        let plain = waypoint_args(&record(), &config());
+        assert!(!plain.iter().any(|a| a.contains("zipkin") || a.contains("otlp")));
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             address: ip,
             conditions,
             scaling,
+            trace_export: inputs.mesh.trace_export(mesh_tracing_provider(inputs, options)),
         };
         let address = usable.then(|| pb::GatewayAddress {
             destination: Some(destination),
@@ -148,6 +149,18 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
         out.insert(key.clone(), Waypoint { deployment, address });
     }
     out
+}
+
+/// The tracing provider a mesh-wide Telemetry (root namespace, no selector or targetRefs)
+/// names, the first of its first tracing entry; `None`: MeshConfig's default provider.
+fn mesh_tracing_provider<'a>(inputs: &'a Inputs, options: &Options) -> Option<&'a str> {
+    inputs
+        .telemetries
+        .iter()
+        .filter(|(k, t)| {
+            k.namespace == options.root_namespace && t.spec.selector.is_none() && t.spec.targets().next().is_none()
+        })
+        .find_map(|(_, t)| t.spec.tracing.first()?.providers.first().map(|p| p.name.as_str()))
 }
 
 /// What an object's (or its namespace's) labels ask for.

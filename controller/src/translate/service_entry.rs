@@ -537,6 +537,7 @@ mod tests {
         let mut inputs = Inputs {
             mesh: MeshConfig {
                 outbound_traffic_policy: OutboundTrafficPolicy { mode },
+                ..MeshConfig::default()
             },
             ..Inputs::default()
         };

@@ -69,6 +69,10 @@ pub struct WaypointDeployment {
     /// Accepted=True/Programmed=... reasons, or why it is not accepted.
     pub conditions: Vec<Condition>,
     /// Replicas or autoscaling, resources, disruption budget, spread (from the Gateway).
+    /// Where its spans go: the mesh-wide Telemetry's tracing provider (or the default one) of
+    /// MeshConfig `extensionProviders`, so deployed waypoints trace with no flags of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_export: Option<crate::mesh_config::TraceExport>,
     /// Left out of the JSON when the Gateway asks for nothing, as most do.
     #[serde(default, skip_serializing_if = "scaling::Scaling::is_default")]
     pub scaling: scaling::Scaling,
