@@ -45,6 +45,9 @@ pub struct RequestLabels {
 /// overrides changed it (labels removed or added), which only requests under such a
 /// Telemetry pay for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
+// The standard set is the common case and is built per request anyway; boxing it would add an
+// allocation to every request for the rare overridden series.
+#[allow(clippy::large_enum_variant)]
 pub enum SeriesLabels {
     Standard(RequestLabels),
     Custom(Vec<(String, String)>),
