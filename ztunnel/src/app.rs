@@ -233,7 +233,13 @@ fn shared_state(
         Arc::new(move |limit: Limit| limits_metrics.refuse(crate::proxy::refusal::Refusal::Limit(limit)));
     let settings = Settings {
         idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
-        limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
+        limits: Arc::new(ServerLimits::new(
+            LimitConfig {
+                max_streams_per_peer: cfg.max_streams_per_peer,
+                ..LimitConfig::default()
+            },
+            Some(observer),
+        )),
         ..Default::default()
     };
     proxy::Shared {

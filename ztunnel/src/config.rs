@@ -101,6 +101,11 @@ pub struct Config {
     /// Idle pooled HBONE connections are closed after this many seconds.
     #[arg(long, env = "POOL_IDLE_SECONDS", default_value_t = 300)]
     pub pool_idle_seconds: u64,
+    /// Concurrent HBONE streams one peer identity may hold across its connections (each is a
+    /// proxied connection; beyond it new ones are refused and counted). Raise it on nodes where
+    /// one client workload holds more connections than this.
+    #[arg(long, env = "MAX_STREAMS_PER_PEER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_peer: u32,
     /// Connect to local applications from the client's address (IP_TRANSPARENT), as Istio's
     /// `ENABLE_ORIGINAL_SOURCE`. Needs the return-path rules the node agent writes in pods;
     /// a VM (WorkloadEntry) running its own ztunnel has none: `false` there.
@@ -239,6 +244,18 @@ mod tests {
             text.contains("spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_per_peer_stream_bound_is_configurable_but_never_zero() {
+        let base = ["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"];
+        assert_eq!(parse(&base).expect("parse").max_streams_per_peer, 1024);
+        let mut args = base.to_vec();
+        args.extend(["--max-streams-per-peer", "20000"]);
+        assert_eq!(parse(&args).expect("parse").max_streams_per_peer, 20000);
+        let mut args = base.to_vec();
+        args.extend(["--max-streams-per-peer", "0"]);
+        assert!(parse(&args).is_err(), "0 would refuse every stream");
     }
 
     #[test]

@@ -9,8 +9,11 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Read size for the TCP side; large enough for full TLS records and few syscalls.
+/// Read size for the TCP side once data flows; large enough for full TLS records and few syscalls.
 const READ_CHUNK: usize = 128 * 1024;
+/// Read size until a read fills it: an idle proxied connection holds this, not a whole chunk
+/// (at thousands of idle connections the 128 KiB chunks were most of ztunnel's memory).
+const FIRST_READ: usize = 4 * 1024;
 
 /// Dropped when the stream ends; lets a pool count streams per connection.
 pub trait StreamGuard: Send + Sync {}
@@ -64,14 +67,19 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
     send: &mut SendStream<Bytes>,
     obs: &dyn SpliceObserver,
 ) -> io::Result<u64> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut want = FIRST_READ;
+    let mut buf = BytesMut::with_capacity(want);
     let mut total = 0u64;
     loop {
-        if buf.capacity() < READ_CHUNK / 4 {
+        if buf.capacity() < want / 4 {
             // Reclaims the allocation once h2 has released the previous chunks.
-            buf.reserve(READ_CHUNK);
+            buf.reserve(want);
         }
         let n = r.read_buf(&mut buf).await?;
+        if n >= FIRST_READ {
+            // Data flows: large reads from now on.
+            want = READ_CHUNK;
+        }
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
