@@ -259,7 +259,6 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
             return;
         }
     };
-    let (metrics, peer_identity_text) = (wp.metrics.clone(), spiffe);
     let down = Arc::new(Downstream {
         peer_identity: Some(peer_identity),
         client_addr,
@@ -270,7 +269,13 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         service_key: service.key(),
         service,
     });
-    let closing = wp.closing.clone();
+    serve_http(wp, down, io, &spiffe).await;
+}
+
+/// Serves the HTTP inside one tunnel until it ends; once the waypoint is closing, idle
+/// HTTP/1.1 connections close and HTTP/2 ones get GOAWAY while requests in flight finish.
+async fn serve_http(wp: Arc<Waypoint>, down: Arc<Downstream>, io: Rewind<H2Io>, peer: &str) {
+    let (metrics, closing) = (wp.metrics.clone(), wp.closing.clone());
     let svc = hyper::service::service_fn(move |req| draining_close(wp.clone(), down.clone(), req));
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -278,8 +283,6 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let served = tokio::select! {
         r = conn.as_mut() => r,
         _ = closing.cancelled() => {
-            // Idle HTTP/1.1 connections close now, HTTP/2 ones get GOAWAY; requests in flight
-            // finish.
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -287,7 +290,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     if let Err(e) = served {
         // hyper has already answered a malformed request with 400 where it could.
         if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
-            info!(target: "access", src_identity = %peer_identity_text, error = %e, reason = "malformed_http", "request refused: malformed HTTP");
+            info!(target: "access", src_identity = %peer, error = %e, reason = "malformed_http", "request refused: malformed HTTP");
             metrics.reject("malformed_http");
         } else {
             debug!(error = %e, "HTTP connection in tunnel ended with an error");

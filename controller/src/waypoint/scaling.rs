@@ -113,9 +113,31 @@ pub fn read(
         out.labels = infra.labels.clone();
         out.annotations = infra.annotations.clone();
     }
-    let get = |k: &str| all.get(&format!("{PREFIX}{k}")).map(String::as_str);
-    let int = |k: &str, min: i32, max: i32, problems: &mut Vec<String>| -> Option<i32> {
-        let v = get(k)?;
+    let s = Settings(&all);
+    (out.replicas, out.autoscale) = s.counts(problems);
+    out.resources = Resources {
+        cpu_request: s.quantity("cpu-request", problems),
+        memory_request: s.quantity("memory-request", problems),
+        cpu_limit: s.quantity("cpu-limit", problems),
+        memory_limit: s.quantity("memory-limit", problems),
+    };
+    let most = out.autoscale.map_or(out.replicas.unwrap_or(1), |a| a.max);
+    let fewest = out.autoscale.map_or(out.replicas.unwrap_or(1), |a| a.min);
+    out.min_available = s.budget(most > 1, fewest, problems);
+    out.spread = s.spread(most > 1, problems);
+    out
+}
+
+/// The annotations, read by setting name.
+struct Settings<'a>(&'a BTreeMap<String, String>);
+
+impl Settings<'_> {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(&format!("{PREFIX}{k}")).map(String::as_str)
+    }
+
+    fn int(&self, k: &str, min: i32, max: i32, problems: &mut Vec<String>) -> Option<i32> {
+        let v = self.get(k)?;
         match v.trim().parse::<i32>() {
             Ok(n) if (min..=max).contains(&n) => Some(n),
             _ => {
@@ -125,29 +147,10 @@ pub fn read(
                 None
             }
         }
-    };
-    let replicas = int("replicas", 1, 1000, problems);
-    let max = int("max-replicas", 1, 1000, problems);
-    let min = int("min-replicas", 1, 1000, problems).unwrap_or(1);
-    let target_cpu = int("target-cpu-utilization", 1, 100, problems).unwrap_or(80);
-    out.replicas = replicas;
-    if let Some(max) = max {
-        if min > max {
-            problems.push(format!(
-                "{PREFIX}min-replicas {min} is above max-replicas {max}; autoscaling ignored"
-            ));
-        } else {
-            out.autoscale = Some(Autoscale { min, max, target_cpu });
-            out.replicas = None;
-            if replicas.is_some() {
-                problems.push(format!(
-                    "{PREFIX}replicas is ignored: the autoscaler owns the replica count"
-                ));
-            }
-        }
     }
-    let resource = |k: &str, problems: &mut Vec<String>| {
-        let v = get(k)?;
+
+    fn quantity(&self, k: &str, problems: &mut Vec<String>) -> Option<String> {
+        let v = self.get(k)?;
         if quantity(v.trim()) {
             Some(v.trim().to_owned())
         } else {
@@ -156,47 +159,62 @@ pub fn read(
             ));
             None
         }
-    };
-    out.resources = Resources {
-        cpu_request: resource("cpu-request", problems),
-        memory_request: resource("memory-request", problems),
-        cpu_limit: resource("cpu-limit", problems),
-        memory_limit: resource("memory-limit", problems),
-    };
-    let most = out.autoscale.map_or(out.replicas.unwrap_or(1), |a| a.max);
-    let fewest = out.autoscale.map_or(out.replicas.unwrap_or(1), |a| a.min);
-    let several = most > 1;
-    out.min_available = match int("min-available", 0, 1000, problems) {
-        Some(0) => None,
-        Some(n) if n >= fewest && fewest > 0 && several => {
+    }
+
+    /// Fixed replicas, or an autoscaler that owns the count.
+    fn counts(&self, problems: &mut Vec<String>) -> (Option<i32>, Option<Autoscale>) {
+        let replicas = self.int("replicas", 1, 1000, problems);
+        let max = self.int("max-replicas", 1, 1000, problems);
+        let min = self.int("min-replicas", 1, 1000, problems).unwrap_or(1);
+        let target_cpu = self.int("target-cpu-utilization", 1, 100, problems).unwrap_or(80);
+        let Some(max) = max else {
+            return (replicas, None);
+        };
+        if min > max {
             problems.push(format!(
-                "{PREFIX}min-available {n} would block every eviction with {fewest} replica(s); using {}",
-                fewest - 1
+                "{PREFIX}min-replicas {min} is above max-replicas {max}; autoscaling ignored"
             ));
-            (fewest > 1).then_some(fewest - 1)
+            return (replicas, None);
         }
-        Some(n) => Some(n),
-        None => (several && fewest > 1).then_some(1),
-    };
-    out.spread = match get("topology-spread") {
-        None => {
-            if several {
+        if replicas.is_some() {
+            problems.push(format!(
+                "{PREFIX}replicas is ignored: the autoscaler owns the replica count"
+            ));
+        }
+        (None, Some(Autoscale { min, max, target_cpu }))
+    }
+
+    /// `minAvailable`: 1 by default when several replicas may run; never all of them.
+    fn budget(&self, several: bool, fewest: i32, problems: &mut Vec<String>) -> Option<i32> {
+        match self.int("min-available", 0, 1000, problems) {
+            Some(0) => None,
+            Some(n) if n >= fewest && fewest > 0 && several => {
+                problems.push(format!(
+                    "{PREFIX}min-available {n} would block every eviction with {fewest} replica(s); using {}",
+                    fewest - 1
+                ));
+                (fewest > 1).then_some(fewest - 1)
+            }
+            Some(n) => Some(n),
+            None => (several && fewest > 1).then_some(1),
+        }
+    }
+
+    fn spread(&self, several: bool, problems: &mut Vec<String>) -> Spread {
+        match self.get("topology-spread") {
+            None if several => Spread::Hostname,
+            None => Spread::None,
+            Some("hostname") => Spread::Hostname,
+            Some("zone") => Spread::Zone,
+            Some("none") => Spread::None,
+            Some(other) => {
+                problems.push(format!(
+                    "{PREFIX}topology-spread {other:?} is not hostname, zone or none; using hostname"
+                ));
                 Spread::Hostname
-            } else {
-                Spread::None
             }
         }
-        Some("hostname") => Spread::Hostname,
-        Some("zone") => Spread::Zone,
-        Some("none") => Spread::None,
-        Some(other) => {
-            problems.push(format!(
-                "{PREFIX}topology-spread {other:?} is not hostname, zone or none; using hostname"
-            ));
-            Spread::Hostname
-        }
-    };
-    out
+    }
 }
 
 #[cfg(test)]
