@@ -258,7 +258,10 @@ impl Arrival {
                 (None, None) => "0".to_owned(),
             };
         }
-        let series = |metric| apply::series(effective, metric, &labels, facts);
+        let series = |metric| {
+            let l = apply::series(effective, metric, &labels, facts)?;
+            Some(wp.metrics.admit(l, || labels.clone()))
+        };
         if let Some(l) = series("REQUEST_COUNT") {
             wp.metrics.requests.get_or_create(&l).inc();
         }

@@ -11,7 +11,7 @@ use mesh_core::expr::{self, Attr, Value};
 use mesh_proto::waypoint as wp;
 
 use super::effective::{overrides_for, Effective};
-use super::metrics::{RequestLabels, SeriesLabels};
+use super::metrics::{RequestLabels, SeriesLabels, MAX_TAG_VALUE};
 
 /// What expressions can ask about a request.
 pub struct Facts<'a> {
@@ -106,10 +106,18 @@ pub fn series(e: &Effective<'_>, metric: &str, labels: &RequestLabels, facts: &F
             let p = pairs.get_or_insert_with(|| labels.pairs());
             p.retain(|(k, _)| *k != t.name);
             if !t.remove {
-                let value = expr::parse_value(&t.value)
+                let mut value = expr::parse_value(&t.value)
                     .ok()
                     .and_then(|v| v.value(&|a| facts.attr(a)).map(|v| v.to_text()))
                     .unwrap_or_else(|| "unknown".to_owned());
+                // A value may be what a client sent: cut it (on a character boundary).
+                if value.len() > MAX_TAG_VALUE {
+                    let mut end = MAX_TAG_VALUE;
+                    while !value.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    value.truncate(end);
+                }
                 p.push((t.name.clone(), value));
             }
         }
@@ -218,6 +226,44 @@ mod tests {
             series(&e, "REQUEST_DURATION", &labels(), &f),
             Some(SeriesLabels::Standard(_))
         ));
+    }
+
+    #[test]
+    fn client_supplied_tag_values_are_bounded_in_length_and_in_series() {
+        let overrides = vec![wp::MetricOverride {
+            metric: "REQUEST_COUNT".into(),
+            disabled: false,
+            tags: vec![wp::TagOverride {
+                name: "user".into(),
+                remove: false,
+                value: "request.headers['x-user']".into(),
+            }],
+        }];
+        let e = Effective {
+            metrics: &overrides,
+            ..Default::default()
+        };
+        let metrics =
+            crate::telemetry::metrics::Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let mut admitted = 0;
+        for i in 0..crate::telemetry::metrics::MAX_CUSTOM_SERIES + 50 {
+            let mut headers = HeaderMap::new();
+            let user = format!("{i}{}", "x".repeat(200));
+            headers.insert("x-user", http::HeaderValue::from_bytes(user.as_bytes()).unwrap());
+            let f = Facts {
+                headers: Some(&headers),
+                ..facts(200)
+            };
+            let Some(SeriesLabels::Custom(p)) = series(&e, "REQUEST_COUNT", &labels(), &f) else {
+                panic!()
+            };
+            let v = &p.iter().find(|(k, _)| k == "user").unwrap().1;
+            assert!(v.len() <= MAX_TAG_VALUE, "{}", v.len());
+            let l = metrics.admit(SeriesLabels::Custom(p), labels);
+            admitted += usize::from(matches!(l, SeriesLabels::Custom(_)));
+        }
+        assert!(admitted <= crate::telemetry::metrics::MAX_CUSTOM_SERIES, "{admitted}");
+        assert!(metrics.custom_series_overflow.get() >= 50);
     }
 
     #[test]

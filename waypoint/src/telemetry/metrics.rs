@@ -154,7 +154,17 @@ pub struct Metrics {
     pub dry_run: Family<Vec<(String, String)>, Counter>,
     /// Requests from sources past a rate limit's per-source bound, sharing its overflow bucket.
     pub rate_limit_overflow: Counter,
+    /// Label sets a Telemetry's tag overrides created; bounded, since UPSERT values may come
+    /// from what clients send (`request.headers[...]`).
+    custom_series: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    /// Requests recorded with the standard labels because the overridden series were at the bound.
+    pub custom_series_overflow: Counter,
 }
+
+/// Distinct overridden label sets kept; beyond it requests keep the standard labels.
+pub const MAX_CUSTOM_SERIES: usize = 10_000;
+/// Longest value an UPSERTed tag keeps (longer ones are cut).
+pub const MAX_TAG_VALUE: usize = 128;
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
@@ -176,6 +186,8 @@ impl Metrics {
             audited: Family::default(),
             dry_run: Family::default(),
             rate_limit_overflow: Counter::default(),
+            custom_series: Default::default(),
+            custom_series_overflow: Counter::default(),
         };
         registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
         registry.register(
@@ -209,11 +221,36 @@ impl Metrics {
             m.rate_limit_overflow.clone(),
         );
         registry.register(
+            "waypoint_telemetry_series_overflow",
+            "Requests recorded with the standard labels because Telemetry tag overrides already made the maximum of series",
+            m.custom_series_overflow.clone(),
+        );
+        registry.register(
             "waypoint_rejected_requests",
             "Requests refused before routing (malformed or unroutable), by reason",
             m.rejected.clone(),
         );
         m
+    }
+
+    /// The label set to record: an overridden set while fewer than [`MAX_CUSTOM_SERIES`]
+    /// exist (or it is one of them), else `standard` (counted): clients cannot grow the
+    /// metrics without bound through a tag that reads their headers.
+    pub fn admit(&self, labels: SeriesLabels, standard: impl FnOnce() -> RequestLabels) -> SeriesLabels {
+        use std::hash::{Hash, Hasher};
+        let SeriesLabels::Custom(pairs) = &labels else {
+            return labels;
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pairs.hash(&mut h);
+        let key = h.finish();
+        let mut seen = self.custom_series.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&key) || seen.len() < MAX_CUSTOM_SERIES {
+            seen.insert(key);
+            return labels;
+        }
+        self.custom_series_overflow.inc();
+        SeriesLabels::Standard(standard())
     }
 
     /// Counts what AUDIT and dry-run policies saw of one request.
