@@ -3,9 +3,11 @@
 //! - [`server`]: accepts mTLS connections and hands each CONNECT stream to a handler.
 //! - [`pool`]: the client side, a connection pool that opens CONNECT streams to a destination.
 //! - [`stream`]: the stream type and the zero-extra-copy splice to a TCP socket.
+//! - [`nested`]: double HBONE, a tunnel inside a tunnel through an east-west gateway.
 
 pub mod buffer;
 pub mod limits;
+pub mod nested;
 pub mod pool;
 pub mod server;
 pub mod stream;
@@ -14,8 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use limits::{Limit, LimitConfig, LimitObserver, ServerLimits};
+pub use nested::DoubleTunnelRequest;
 pub use pool::{HbonePool, PoolKey, TunnelRequest};
-pub use server::{serve_connection, InboundConnect};
+pub use server::{serve_connection, ConnectTarget, InboundConnect};
 pub use stream::{H2Io, H2Stream, Transferred};
 
 pub use crate::capture::HBONE_PORT;
@@ -42,6 +45,9 @@ pub struct Settings {
     pub keepalive: Duration,
     /// Server: what peers may hold, shared by every connection served with these settings.
     pub limits: Arc<ServerLimits>,
+    /// Server: whether a CONNECT may name `hostname:port` (double HBONE names the service so;
+    /// see [`InboundConnect::hostname`]). Off, such requests get 400.
+    pub hostname_authority: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +63,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(10),
             limits: Arc::default(),
+            hostname_authority: false,
         }
     }
 }

@@ -79,8 +79,8 @@ pub struct PoolStats {
 
 /// Opens HBONE tunnels, reusing TLS connections.
 pub struct HbonePool {
-    settings: Settings,
-    certs: Arc<CertManager>,
+    pub(super) settings: Settings,
+    pub(super) certs: Arc<CertManager>,
     sockets: Arc<dyn SocketFactory>,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
     next_id: AtomicU64,
@@ -186,26 +186,7 @@ impl HbonePool {
         conn: &PooledConn,
         req: &TunnelRequest,
     ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), HboneError> {
-        let mut builder = Request::builder().method(Method::CONNECT).uri(req.authority.as_str());
-        if let Some(f) = req.forwarded_for {
-            builder = builder.header("forwarded", format!("for=\"{f}\""));
-        }
-        if let Some(b) = &req.baggage {
-            builder = builder.header("baggage", b.as_str());
-        }
-        if let Some(t) = &req.traceparent {
-            builder = builder.header("traceparent", t.as_str());
-        }
-        let request = builder.body(())?;
-        let mut sender = conn.sender.clone().ready().await?;
-        let (resp, send) = sender.send_request(request, false)?;
-        let resp = tokio::time::timeout(self.settings.connect_timeout, resp)
-            .await
-            .map_err(|_| HboneError::Timeout("CONNECT response", self.settings.connect_timeout))??;
-        if resp.status() != StatusCode::OK {
-            return Err(HboneError::Status(resp.status()));
-        }
-        Ok((send, resp.into_body()))
+        send_connect(&conn.sender, &req.authority, req, self.settings.connect_timeout).await
     }
 
     /// Dials, handshakes and registers a new connection with one stream slot taken.
@@ -261,6 +242,36 @@ impl HbonePool {
         self.conns().entry(key.clone()).or_default().push(conn.clone());
         Ok(conn)
     }
+}
+
+/// Sends a CONNECT to `authority` with `req`'s headers on `sender`; the stream once the far
+/// side answered 200 within `timeout`.
+pub(super) async fn send_connect(
+    sender: &SendRequest<Bytes>,
+    authority: &str,
+    req: &TunnelRequest,
+    timeout: Duration,
+) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), HboneError> {
+    let mut builder = Request::builder().method(Method::CONNECT).uri(authority);
+    if let Some(f) = req.forwarded_for {
+        builder = builder.header("forwarded", format!("for=\"{f}\""));
+    }
+    if let Some(b) = &req.baggage {
+        builder = builder.header("baggage", b.as_str());
+    }
+    if let Some(t) = &req.traceparent {
+        builder = builder.header("traceparent", t.as_str());
+    }
+    let request = builder.body(())?;
+    let mut sender = sender.clone().ready().await?;
+    let (resp, send) = sender.send_request(request, false)?;
+    let resp = tokio::time::timeout(timeout, resp)
+        .await
+        .map_err(|_| HboneError::Timeout("CONNECT response", timeout))??;
+    if resp.status() != StatusCode::OK {
+        return Err(HboneError::Status(resp.status()));
+    }
+    Ok((send, resp.into_body()))
 }
 
 async fn keepalive(mut ping: h2::PingPong, conn: Weak<PooledConn>, every: Duration) {

@@ -1,6 +1,8 @@
 //! The HBONE server: accepts mutual TLS (TLS 1.3, ALPN h2), requires a peer certificate with a
 //! SPIFFE identity, and hands every HTTP/2 CONNECT stream to a handler that decides its fate.
-//! Requests that are not CONNECT get 405; an authority that is not `ip:port` gets 400.
+//! Requests that are not CONNECT get 405; an authority that is not `ip:port` gets 400, unless
+//! the server takes `hostname:port` ([`Settings::hostname_authority`]: double HBONE names the
+//! destination service by hostname, as Istio's ztunnel does).
 //!
 //! What an unauthenticated or hostile peer can hold is bounded ([`super::limits`]): connections
 //! still in TLS or the HTTP/2 preface (count per source and in total, one deadline for both, no
@@ -37,6 +39,8 @@ struct ConnShared {
     resets: Mutex<ResetWindow>,
     flooded: CancellationToken,
     limits: Arc<ServerLimits>,
+    /// Whether `hostname:port` authorities reach the handler.
+    hostnames: bool,
 }
 
 impl ConnShared {
@@ -55,8 +59,11 @@ impl ConnShared {
 
 /// A CONNECT request waiting for an answer.
 pub struct InboundConnect {
-    /// The target `ip:port` from `:authority`.
+    /// The target `ip:port` from `:authority`; for a `hostname:port` authority, the local
+    /// address the connection arrived on with that port, until the handler resolves it.
     pub dst: SocketAddr,
+    /// The service hostname of a `hostname:port` authority (lowercase), if that was the form.
+    pub hostname: Option<String>,
     pub headers: HeaderMap,
     /// Identity proven by the peer's certificate.
     pub peer_identity: Identity,
@@ -122,9 +129,45 @@ pub fn parse_forwarded(value: &str) -> Option<SocketAddr> {
     })
 }
 
+/// What a CONNECT names: an address, or a service hostname and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectTarget {
+    Addr(SocketAddr),
+    Host(String, u16),
+}
+
 /// Why an incoming request could not even reach the handler.
-fn precheck(req: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
-    connect_target(req.method(), req.uri())
+fn precheck(req: &Request<RecvStream>, hostnames: bool) -> Result<ConnectTarget, StatusCode> {
+    match connect_target(req.method(), req.uri()) {
+        Ok(dst) => Ok(ConnectTarget::Addr(dst)),
+        Err(StatusCode::BAD_REQUEST) if hostnames => connect_host(req.uri()).map(|(h, p)| ConnectTarget::Host(h, p)),
+        Err(status) => Err(status),
+    }
+}
+
+/// The `hostname:port` of a CONNECT authority that is not an address: a DNS name (letters,
+/// digits, `-`, `.`; at most 253 bytes), returned lowercase, and a plain non-zero port.
+/// Public so the fuzz tests can drive it with hostile input.
+pub fn connect_host(uri: &Uri) -> Result<(String, u16), StatusCode> {
+    let authority = uri.authority().ok_or(StatusCode::BAD_REQUEST)?.as_str();
+    let (host, port) = authority.rsplit_once(':').ok_or(StatusCode::BAD_REQUEST)?;
+    let port_ok = !port.is_empty() && !port.starts_with('0') && port.bytes().all(|b| b.is_ascii_digit());
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| port_ok && *p != 0)
+        .ok_or(StatusCode::BAD_REQUEST)?;
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok((host.to_ascii_lowercase(), port))
 }
 
 /// The `ip:port` a CONNECT request targets, or the status that refuses it.
@@ -183,6 +226,7 @@ where
         resets: Mutex::new(ResetWindow::new()),
         flooded: CancellationToken::new(),
         limits,
+        hostnames: settings.hostname_authority,
     });
     let peer = Peer {
         identity: peer_identity,
@@ -267,7 +311,7 @@ where
             Err(e) if e.is_go_away() || e.is_io() => return Ok(()),
             Err(e) => return Err(HboneError::H2(e)),
         };
-        let dst = match precheck(&req) {
+        let target = match precheck(&req, shared.hostnames) {
             Ok(d) => d,
             Err(status) => {
                 debug!(peer = %peer.addr, method = %req.method(), uri = %req.uri(), %status, "malformed HBONE request");
@@ -282,8 +326,13 @@ where
             continue;
         };
         let (parts, recv) = req.into_parts();
+        let (dst, hostname) = match target {
+            ConnectTarget::Addr(a) => (a, None),
+            ConnectTarget::Host(h, port) => (SocketAddr::new(peer.local.ip(), port), Some(h)),
+        };
         let connect = InboundConnect {
             dst,
+            hostname,
             headers: parts.headers,
             peer_identity: peer.identity.clone(),
             peer_addr: peer.addr,
@@ -314,5 +363,26 @@ mod tests {
         assert_eq!(target("[::1]:0080"), Err(StatusCode::BAD_REQUEST));
         assert_eq!(target("10.0.0.1:80"), Ok("10.0.0.1:80".parse().unwrap()));
         assert_eq!(target("[::1]:8080"), Ok("[::1]:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn hostname_authorities_are_dns_names_with_plain_ports() {
+        let host = |a: &str| connect_host(&a.parse().unwrap());
+        assert_eq!(
+            host("Server.default.svc.cluster.local:80"),
+            Ok(("server.default.svc.cluster.local".to_owned(), 80))
+        );
+        for bad in [
+            "server:0",
+            "server:080",
+            "server:",
+            "-x.local:80",
+            "a..b:80",
+            "a_b:80",
+            "x:65536",
+        ] {
+            assert_eq!(host(bad), Err(StatusCode::BAD_REQUEST), "{bad}");
+        }
+        assert_eq!(host(&format!("{}:80", "a".repeat(64))), Err(StatusCode::BAD_REQUEST));
     }
 }

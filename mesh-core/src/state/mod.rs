@@ -46,6 +46,9 @@ pub struct State {
     /// uid -> host name of workloads known by name only (ServiceEntry endpoints with
     /// `resolution: DNS`): the sending proxy resolves the name.
     hostnames: HashMap<String, String>,
+    /// uid -> the east-west gateway through which a workload on another network is reached
+    /// (the workload's `network_gateway`): double HBONE, see ztunnel's outbound.
+    network_gateways: HashMap<String, GatewayAddress>,
 }
 
 /// The `Extension` on a Workload that carries the mesh's outbound traffic policy for that
@@ -138,6 +141,23 @@ impl State {
         self.hostnames.get(uid).map(String::as_str)
     }
 
+    /// The network gateway of workload `uid`, if the control plane gave it one.
+    pub fn network_gateway(&self, uid: &str) -> Option<&GatewayAddress> {
+        self.network_gateways.get(uid)
+    }
+
+    /// Sets (or with `None` clears) the network gateway of an existing workload `uid`.
+    pub fn set_network_gateway(&mut self, uid: &str, gateway: Option<GatewayAddress>) {
+        match gateway {
+            Some(g) if self.workloads.contains_key(uid) => {
+                self.network_gateways.insert(uid.to_owned(), g);
+            }
+            _ => {
+                self.network_gateways.remove(uid);
+            }
+        }
+    }
+
     /// Whether `uid`'s outbound connections may only reach registered destinations.
     pub fn registry_only(&self, uid: &str) -> bool {
         self.registry_only.contains(uid)
@@ -194,6 +214,7 @@ impl State {
     pub fn remove_workload(&mut self, uid: &str) -> bool {
         self.registry_only.remove(uid);
         self.hostnames.remove(uid);
+        self.network_gateways.remove(uid);
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
@@ -288,7 +309,13 @@ impl State {
     pub fn apply_address(&mut self, a: &pb::Address) -> Result<(), ResourceError> {
         match &a.r#type {
             Some(pb::address::Type::Workload(w)) => {
+                let network_gateway = w
+                    .network_gateway
+                    .as_ref()
+                    .map(|g| model::gateway("workload.network_gateway", g))
+                    .transpose()?;
                 self.upsert_workload(Workload::try_from(w)?);
+                self.set_network_gateway(&w.uid, network_gateway);
                 if registry_only(w) {
                     self.registry_only.insert(w.uid.clone());
                 }

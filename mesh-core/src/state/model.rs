@@ -196,7 +196,7 @@ fn mappings(field: &str, ports: &[pb::Port]) -> Result<Vec<PortMapping>, Resourc
         .collect()
 }
 
-fn gateway(field: &str, g: &pb::GatewayAddress) -> Result<GatewayAddress, ResourceError> {
+pub(crate) fn gateway(field: &str, g: &pb::GatewayAddress) -> Result<GatewayAddress, ResourceError> {
     let destination = match &g.destination {
         Some(pb::gateway_address::Destination::Address(a)) => GatewayDestination::Address {
             network: a.network.clone(),

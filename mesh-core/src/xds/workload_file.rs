@@ -493,6 +493,9 @@ struct WorkloadEntry {
     canonical_revision: String,
     workload_name: String,
     waypoint: Option<WaypointEntry>,
+    /// The east-west gateway of the workload's network (same shape as `waypoint`).
+    network_gateway: Option<WaypointEntry>,
+    cluster_id: String,
     services: BTreeMap<String, Vec<PortEntry>>,
     authorization_policies: Vec<String>,
     status: Health,
@@ -501,6 +504,11 @@ struct WorkloadEntry {
 impl WorkloadEntry {
     fn into_proto(self) -> Result<pb::Address, String> {
         let waypoint = self.waypoint.as_ref().map(|w| w.to_proto(&self.network)).transpose()?;
+        let network_gateway = self
+            .network_gateway
+            .as_ref()
+            .map(|w| w.to_proto(&self.network))
+            .transpose()?;
         let services = self
             .services
             .iter()
@@ -522,6 +530,8 @@ impl WorkloadEntry {
             trust_domain: self.trust_domain,
             service_account: self.service_account,
             waypoint,
+            network_gateway,
+            cluster_id: self.cluster_id,
             node: self.node,
             canonical_name: self.canonical_name,
             canonical_revision: self.canonical_revision,
