@@ -72,8 +72,20 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn stream(px: Arc<Proxy>, req: InboundConnect) {
+async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
     let state = px.state.load();
+    // Double HBONE names the service by hostname: resolve it to this workload's target port.
+    if let Some(host) = req.hostname.take() {
+        match super::double_hbone::hostname_target(&state, &px.network, req.local_addr, &host, req.dst.port()) {
+            Some(dst) => req.dst = dst,
+            None => {
+                debug!(%host, local = %req.local_addr, "{}", Refusal::BadAuthority);
+                px.metrics.refuse(Refusal::BadAuthority);
+                req.reject(Refusal::BadAuthority.status());
+                return;
+            }
+        }
+    }
     // The authority must name this listener's workload (by one of its addresses).
     let owner = state.workload_by_ip(&px.network, req.local_addr.ip()).cloned();
     let Some(wl) = owner.filter(|w| w.addresses.contains(&req.dst.ip()) && px.local.contains(req.dst.ip())) else {

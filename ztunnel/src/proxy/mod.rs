@@ -10,6 +10,7 @@
 //! - [`source`]: which client address an inbound stream is attributed to (`forwarded`).
 
 pub mod deliver;
+pub mod double_hbone;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod local_addrs;

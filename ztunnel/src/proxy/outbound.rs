@@ -35,6 +35,20 @@ pub enum Route {
         service: Option<Arc<Service>>,
     },
     Passthrough(SocketAddr),
+    /// Double HBONE through the east-west gateway of the endpoint's network (see
+    /// [`super::double_hbone`]).
+    DoubleHbone {
+        /// `ip:port` of the gateway's HBONE listener.
+        gateway: SocketAddr,
+        /// Identities the gateway may prove (outer mutual TLS).
+        gateway_identities: Vec<Identity>,
+        /// Outer and inner CONNECT authority: the service's `hostname:port`.
+        authority: String,
+        /// Identities the destination must prove (inner mutual TLS).
+        identities: Vec<Identity>,
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+    },
     /// Plain TCP to an endpoint known by name only (ServiceEntry `resolution: DNS`), resolved
     /// by ztunnel for each connection, so never staler than the record's TTL.
     Resolve {
@@ -61,6 +75,9 @@ pub enum RouteError {
     /// REGISTRY_ONLY: the destination is not a workload, service or ServiceEntry address.
     #[error("{0} is not in the mesh registry and the outbound policy is REGISTRY_ONLY")]
     NotRegistered(SocketAddr),
+    /// The endpoint is on another network and its east-west gateway cannot be used.
+    #[error("workload {workload} is on another network and its network gateway is unavailable: {why}")]
+    NetworkGateway { workload: String, why: String },
 }
 
 /// Why a waypoint cannot be used.
@@ -90,6 +107,7 @@ impl RouteError {
             RouteError::Waypoint { .. } => Refusal::WaypointUnavailable,
             RouteError::NoAddress(_) => Refusal::NoAddress,
             RouteError::NotRegistered(_) => Refusal::NotRegistered,
+            RouteError::NetworkGateway { .. } => Refusal::NetworkGatewayUnavailable,
         }
     }
 }
@@ -175,10 +193,14 @@ pub fn resolve(
                     service: Some(svc),
                 });
             }
-            let endpoints = state.endpoints(&svc);
+            let mut endpoints = state.endpoints(&svc);
+            endpoints.retain(|w| super::double_hbone::reachable(state, &src.network, w));
             let wl = endpoints
                 .choose(&mut rand::thread_rng())
                 .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
+            if super::double_hbone::needs_gateway(state, &src.network, wl) {
+                return super::double_hbone::route(state, wl, &svc, dst);
+            }
             let target = wl
                 .target_port(&svc, dst.port())
                 .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
@@ -280,7 +302,9 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     };
     drop(state);
     let (workload, service, mtls) = match &route {
-        Route::Hbone { workload, service, .. } => (workload.as_deref(), service.as_deref(), true),
+        Route::Hbone { workload, service, .. } | Route::DoubleHbone { workload, service, .. } => {
+            (workload.as_deref(), service.as_deref(), true)
+        }
         Route::Plain { workload, service, .. } | Route::Resolve { workload, service, .. } => {
             (workload.as_deref(), service.as_deref(), false)
         }
@@ -296,6 +320,7 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     );
     let hbone_addr = match &route {
         Route::Hbone { endpoint, .. } => Some(*endpoint),
+        Route::DoubleHbone { gateway, .. } => Some(*gateway),
         _ => None,
     };
     let record = ConnRecord::open(&px.metrics, labels, "outbound", peer, dst, hbone_addr);
@@ -329,6 +354,23 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
                 Err(e) => Err(ConnError::from(e)),
             }
         }
+        Route::DoubleHbone {
+            gateway,
+            gateway_identities,
+            authority,
+            identities,
+            ..
+        } => {
+            let req = double_request(&src, peer, gateway, gateway_identities, authority, identities);
+            match px.pool.connect_double(&req).await {
+                Ok(stream) => stream
+                    .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
+                    .await
+                    .map(drop)
+                    .map_err(ConnError::from),
+                Err(e) => Err(ConnError::from(e)),
+            }
+        }
         Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
         Route::Resolve { host, port, .. } => match resolve_host(&host, port, dst, px.settings.connect_timeout).await {
             Ok(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
@@ -336,6 +378,38 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
         },
     };
     record.finish(result);
+}
+
+/// The double-HBONE tunnel for a connection from `peer` (workload `src`): outer to `gateway`
+/// (pooled per source and gateway), inner to the destination, both naming `authority`.
+fn double_request(
+    src: &Workload,
+    peer: SocketAddr,
+    gateway: SocketAddr,
+    mut gateway_identities: Vec<Identity>,
+    authority: String,
+    mut identities: Vec<Identity>,
+) -> mesh_core::hbone::DoubleTunnelRequest {
+    gateway_identities.sort();
+    gateway_identities.dedup();
+    identities.sort();
+    identities.dedup();
+    mesh_core::hbone::DoubleTunnelRequest {
+        outer: TunnelRequest {
+            key: PoolKey {
+                src_identity: src.identity.clone(),
+                dst_identities: gateway_identities,
+                src_ip: Some(peer.ip()),
+                dst: gateway,
+            },
+            authority: authority.clone(),
+            forwarded_for: Some(peer),
+            baggage: Some(baggage(src)),
+            traceparent: None,
+        },
+        inner_identities: identities,
+        inner_authority: authority,
+    }
 }
 
 /// `host:port` through the system resolver, an address of `dst`'s family first.

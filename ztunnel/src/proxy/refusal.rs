@@ -55,6 +55,9 @@ pub enum Refusal {
     /// Outbound under REGISTRY_ONLY: the destination is neither a mesh workload, a service
     /// nor a ServiceEntry address.
     NotRegistered,
+    /// Outbound: the endpoint is on another network and its east-west gateway is unknown or
+    /// has no healthy endpoint (double HBONE).
+    NetworkGatewayUnavailable,
     /// An HBONE bound a peer hit (mesh-core's limits; labelled with the limit's name).
     Limit(Limit),
 }
@@ -83,6 +86,7 @@ impl Refusal {
             Refusal::WaypointUnavailable => "waypoint_unavailable",
             Refusal::NoAddress => "no_address",
             Refusal::NotRegistered => "not_registered",
+            Refusal::NetworkGatewayUnavailable => "network_gateway_unavailable",
             Refusal::Limit(l) => l.as_str(),
         }
     }
@@ -120,6 +124,7 @@ impl std::fmt::Display for Refusal {
             Refusal::WaypointUnavailable => "waypoint unavailable",
             Refusal::NoAddress => "workload has no address of the right family",
             Refusal::NotRegistered => "destination not in the mesh registry (outbound policy REGISTRY_ONLY)",
+            Refusal::NetworkGatewayUnavailable => "network gateway of a workload on another network unavailable",
             Refusal::Limit(l) => l.as_str(),
         })
     }
