@@ -2,11 +2,14 @@
 //! at the destination. Any matching DENY denies; with no ALLOW policy the connection is
 //! allowed; otherwise some ALLOW must match. Groups are OR'd, rules in a group AND'd, matches
 //! in a rule OR'd; within a match every set field must hold and values of a field are OR'd.
-//! A dry-run policy (`dry_run`, from the `istio.io/dry-run` annotation) is evaluated only to
-//! log and count what it would have decided: it never allows or denies.
-
+//!
+//! Two kinds of policy never decide ([`evaluate`] skips them); [`observe`] reports what they
+//! saw, for the access log and metrics:
+//! - AUDIT ([`Action::Audit`], carried in the `audit` extension field: Istio's ztunnel sees a
+//!   DENY without groups, which matches nothing): the policies whose rules match are named.
+//! - dry-run (`dry_run`, from the `istio.io/dry-run` annotation): the dry-run policies alone
+//!   are evaluated as if enforced (Istio's shadow rules) and that decision is reported.
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::IpNet;
 use mesh_proto::security as pb;
@@ -25,6 +28,8 @@ pub enum Scope {
 pub enum Action {
     Allow,
     Deny,
+    /// Logs the connections its rules match; never allows or denies.
+    Audit,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -193,38 +198,12 @@ pub struct Considered {
     pub matched_rule: Option<usize>,
 }
 
-/// Dry-run policies that matched a connection since start (all of this process's evaluators).
-static DRY_RUN_MATCHES: AtomicU64 = AtomicU64::new(0);
-
-/// How many times a dry-run policy matched a connection (for a metrics exporter).
-pub fn dry_run_matches() -> u64 {
-    DRY_RUN_MATCHES.load(Ordering::Relaxed)
-}
-
-/// Logs and counts a dry-run policy that matched: what it would have done, nothing more.
-fn note_dry_run(p: &Policy, c: &ConnectionInfo) {
-    if p.matches(c) {
-        DRY_RUN_MATCHES.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            policy = %p.key(),
-            action = ?p.action,
-            src = %c.src_ip,
-            dst = %c.dst,
-            "dry-run authorization policy matched; not enforced"
-        );
-    }
-}
-
-/// Evaluates `policies` (those that apply to the destination workload) for one connection.
-/// Dry-run policies are skipped (only logged and counted when they match).
-pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &ConnectionInfo) -> Decision {
+/// Decides under the enforced policies (`dry_run` false) or under the dry-run ones alone
+/// (`dry_run` true). AUDIT policies never take part.
+fn decide<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &ConnectionInfo, dry_run: bool) -> Decision {
     let mut have_allow = false;
     let mut allowed = false;
-    for p in policies {
-        if p.dry_run {
-            note_dry_run(p, c);
-            continue;
-        }
+    for p in policies.into_iter().filter(|p| p.dry_run == dry_run) {
         match p.action {
             Action::Deny => {
                 if let Some(rule) = p.matching_rule(c) {
@@ -235,6 +214,7 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &Connecti
                 have_allow = true;
                 allowed = allowed || p.matches(c);
             }
+            Action::Audit => {}
         }
     }
     if !have_allow || allowed {
@@ -244,8 +224,97 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &Connecti
     }
 }
 
+/// Evaluates `policies` (those that apply to the destination workload) for one connection.
+/// Dry-run and AUDIT policies do not take part (see [`observe`]).
+pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, c: &ConnectionInfo) -> Decision {
+    decide(policies, c, false)
+}
+
+/// What the dry-run policies alone would have decided for a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRun {
+    pub decision: Decision,
+    /// The dry-run policy whose rule decided (`namespace/name`): the DENY that matched, or
+    /// the first ALLOW that did. None when no rule decided (no dry-run ALLOW applies, or none
+    /// of them matched).
+    pub by: Option<String>,
+}
+
+impl DryRun {
+    /// `allow` or `deny`, the metric label.
+    pub fn verdict(&self) -> &'static str {
+        match self.decision {
+            Decision::Allow => "allow",
+            Decision::Deny(_) => "deny",
+        }
+    }
+}
+
+impl std::fmt::Display for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.decision, &self.by) {
+            (Decision::Deny(d), _) => write!(f, "would deny: {d}"),
+            (Decision::Allow, Some(p)) => write!(f, "would allow: ALLOW policy {p} matched"),
+            (Decision::Allow, None) => f.write_str("would allow: no dry-run ALLOW policy applies"),
+        }
+    }
+}
+
+/// What AUDIT and dry-run policies saw of one connection: logged and counted, never enforced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// AUDIT policies (`namespace/name`) whose rules matched, with the first rule that did.
+    pub audits: Vec<(String, usize)>,
+    /// What the dry-run policies alone would decide, when any apply.
+    pub dry_run: Option<DryRun>,
+}
+
+impl Observed {
+    pub fn is_empty(&self) -> bool {
+        self.audits.is_empty() && self.dry_run.is_none()
+    }
+
+    /// The matched AUDIT policies, comma-separated (empty when none), for a log field.
+    pub fn audit_names(&self) -> String {
+        let names: Vec<&str> = self.audits.iter().map(|(p, _)| p.as_str()).collect();
+        names.join(",")
+    }
+}
+
+/// The AUDIT matches and the dry-run decision for one connection. Allocates nothing when
+/// neither kind of policy applies (the common case).
+pub fn observe<'a, I>(policies: impl Fn() -> I, c: &ConnectionInfo) -> Observed
+where
+    I: IntoIterator<Item = &'a Policy>,
+{
+    let mut out = Observed::default();
+    let mut any_dry_run = false;
+    for p in policies() {
+        any_dry_run |= p.dry_run;
+        if p.action == Action::Audit && !p.dry_run {
+            if let Some(rule) = p.matching_rule(c) {
+                out.audits.push((p.key(), rule));
+            }
+        }
+    }
+    if any_dry_run {
+        let decision = decide(policies(), c, true);
+        let by = match &decision {
+            Decision::Deny(Denial::Matched { policy, .. }) => Some(policy.clone()),
+            Decision::Deny(_) => None,
+            Decision::Allow => policies()
+                .into_iter()
+                .find(|p| p.dry_run && p.action == Action::Allow && p.matches(c))
+                .map(Policy::key),
+        };
+        out.dry_run = Some(DryRun { decision, by });
+    }
+    out
+}
+
 /// [`evaluate`]'s decision with every policy it considered and the rule of each that matched
-/// (dry-run policies included, never deciding), for `meshctl explain`. Not on the data path.
+/// (dry-run and AUDIT policies included, never deciding), for `meshctl explain`. Not on the
+/// data path.
 pub fn evaluate_traced<'a>(
     policies: impl IntoIterator<Item = &'a Policy>,
     c: &ConnectionInfo,
@@ -364,8 +433,18 @@ impl TryFrom<&pb::Authorization> for Policy {
                 ))
             }
         };
-        let groups = a
-            .groups
+        let (action, groups) = match &a.audit {
+            None => (action, &a.groups),
+            // What Istio's ztunnel sees must match nothing, or it would enforce an AUDIT policy.
+            Some(_) if action != Action::Deny || !a.groups.is_empty() => {
+                return Err(ResourceError::new(
+                    "authorization.audit",
+                    "an AUDIT policy's Istio-visible part must be a DENY without groups",
+                ))
+            }
+            Some(audit) => (Action::Audit, &audit.groups),
+        };
+        let groups = groups
             .iter()
             .enumerate()
             .map(|(g, group)| {
@@ -645,13 +724,13 @@ mod tests {
                 },
             )
         };
-        let before = dry_run_matches();
-        // It matches, but only counts: the connection is allowed.
-        assert_eq!(
-            evaluate([&deny_sleep], &conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80")),
-            Decision::Allow
-        );
-        assert!(dry_run_matches() > before);
+        // It matches, but is only reported: the connection is allowed.
+        let sleep = conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80");
+        assert_eq!(evaluate([&deny_sleep], &sleep), Decision::Allow);
+        let seen = observe(|| [&deny_sleep], &sleep).dry_run.unwrap();
+        assert_eq!(seen.verdict(), "deny");
+        assert_eq!(seen.by.as_deref(), Some("ns/p"));
+        assert_eq!(seen.to_string(), "would deny: DENY policy ns/p rule 0 matched");
         // A dry-run ALLOW does not make the destination default-deny.
         let allow_other = Policy {
             dry_run: true,
@@ -683,6 +762,147 @@ mod tests {
             ..Default::default()
         };
         assert!(Policy::try_from(&a).unwrap().dry_run);
+    }
+
+    fn named(name: &str, p: Policy) -> Policy {
+        Policy { name: name.into(), ..p }
+    }
+
+    /// AUDIT and dry-run policies against enforced ones, one row per case: the enforced
+    /// decision never changes, the AUDIT matches and the dry-run verdict are what is reported.
+    #[test]
+    fn audit_and_dry_run_table() {
+        let from = |ns: &str| Match {
+            namespaces: vec![StringMatch::Exact(ns.into())],
+            ..Default::default()
+        };
+        let audit_default = named("audit-default", policy(Action::Audit, from("default")));
+        let audit_port = named(
+            "audit-port",
+            policy(
+                Action::Audit,
+                Match {
+                    destination_ports: vec![9000],
+                    ..Default::default()
+                },
+            ),
+        );
+        let dry = |p: Policy| Policy { dry_run: true, ..p };
+        let dry_deny = named("dry-deny", dry(policy(Action::Deny, from("default"))));
+        let dry_allow = named("dry-allow", dry(policy(Action::Allow, from("other"))));
+        let allow_other = named("allow-other", policy(Action::Allow, from("other")));
+        let sleep = conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80");
+        let other = conn(Some(OTHER), "10.0.0.1", "10.0.0.2:9000");
+        type Row<'a> = (Vec<&'a Policy>, &'a ConnectionInfo, bool, Vec<&'a str>, Option<&'a str>);
+        let rows: Vec<Row> = vec![
+            // An AUDIT policy alone neither allows nor denies, and is named when it matches.
+            (vec![&audit_default], &sleep, true, vec!["ns/audit-default"], None),
+            (vec![&audit_default], &other, true, vec![], None),
+            // It does not make an ALLOW-less destination default-deny, nor widen an ALLOW.
+            (
+                vec![&audit_default, &allow_other],
+                &sleep,
+                false,
+                vec!["ns/audit-default"],
+                None,
+            ),
+            (
+                vec![&audit_port, &audit_default],
+                &other,
+                true,
+                vec!["ns/audit-port"],
+                None,
+            ),
+            // Dry-run: a DENY that matches would deny; the enforced outcome is unchanged.
+            (
+                vec![&dry_deny],
+                &sleep,
+                true,
+                vec![],
+                Some("would deny: DENY policy ns/dry-deny rule 0 matched"),
+            ),
+            (
+                vec![&dry_deny],
+                &other,
+                true,
+                vec![],
+                Some("would allow: no dry-run ALLOW policy applies"),
+            ),
+            // A dry-run ALLOW: its own default-deny is only reported.
+            (
+                vec![&dry_allow],
+                &sleep,
+                true,
+                vec![],
+                Some("would deny: no rule of an ALLOW policy matched"),
+            ),
+            (
+                vec![&dry_allow],
+                &other,
+                true,
+                vec![],
+                Some("would allow: ALLOW policy ns/dry-allow matched"),
+            ),
+            // Shadow rules see only dry-run policies: the enforced ALLOW does not rescue them.
+            (
+                vec![&allow_other, &dry_deny],
+                &sleep,
+                false,
+                vec![],
+                Some("would deny: DENY policy ns/dry-deny rule 0 matched"),
+            ),
+            (
+                vec![&allow_other, &dry_allow, &audit_port],
+                &other,
+                true,
+                vec!["ns/audit-port"],
+                Some("would allow: ALLOW policy ns/dry-allow matched"),
+            ),
+        ];
+        for (i, (policies, c, allowed, audits, dry_run)) in rows.into_iter().enumerate() {
+            let decision = evaluate(policies.iter().copied(), c);
+            assert_eq!(decision == Decision::Allow, allowed, "row {i}: {decision:?}");
+            let seen = observe(|| policies.iter().copied(), c);
+            let names: Vec<&str> = seen.audits.iter().map(|(p, _)| p.as_str()).collect();
+            assert_eq!(names, audits, "row {i}");
+            assert_eq!(seen.dry_run.map(|d| d.to_string()).as_deref(), dry_run, "row {i}");
+        }
+    }
+
+    /// An AUDIT policy travels as a DENY without groups plus the `audit` extension; anything
+    /// else in the Istio-visible part is refused, since Istio's ztunnel would enforce it.
+    #[test]
+    fn audit_decodes_from_its_extension_only() {
+        let group = pb::Group {
+            rules: vec![pb::Rules {
+                matches: vec![pb::Match {
+                    destination_ports: vec![9000],
+                    ..Default::default()
+                }],
+            }],
+        };
+        let mut a = pb::Authorization {
+            name: "audit".into(),
+            namespace: "ns".into(),
+            action: pb::Action::Deny as i32,
+            audit: Some(pb::AuditRules {
+                groups: vec![group.clone()],
+            }),
+            ..Default::default()
+        };
+        let p = Policy::try_from(&a).unwrap();
+        assert_eq!((p.action, p.groups.len()), (Action::Audit, 1));
+        a.groups = vec![group];
+        assert!(
+            Policy::try_from(&a).is_err(),
+            "visible groups would be enforced by Istio's ztunnel"
+        );
+        a.groups.clear();
+        a.action = pb::Action::Allow as i32;
+        assert!(
+            Policy::try_from(&a).is_err(),
+            "a visible ALLOW would make Istio's ztunnel default-deny"
+        );
     }
 
     #[test]

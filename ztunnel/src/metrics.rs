@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 
 use mesh_core::hbone::stream::SpliceObserver;
 use mesh_core::identity::Identity;
+use mesh_core::rbac::Observed;
 use mesh_core::state::{Service, Workload};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -162,6 +163,16 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the AUDIT and dry-run counters. Policies come from the control plane, so the
+/// set is bounded by the configuration, not by peers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `namespace/name`; for a dry-run verdict no rule decided, `none`.
+    pub policy: String,
+    /// `audit`, or the dry-run verdict: `allow` / `deny`.
+    pub decision: &'static str,
+}
+
 /// Every metric ztunnel exports.
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -176,6 +187,10 @@ pub struct Metrics {
     pub active: Gauge,
     /// Connections being proxied now, by reporter (Istio's `istio_tcp_sockets_open`).
     pub sockets_open: Family<ReporterLabels, Gauge>,
+    /// Inbound connections an AUDIT policy matched, by policy.
+    pub audited: Family<PolicyLabels, Counter>,
+    /// Inbound connections evaluated under dry-run policies, by what they alone would decide.
+    pub dry_run: Family<PolicyLabels, Counter>,
 }
 
 impl Metrics {
@@ -213,11 +228,39 @@ impl Metrics {
             m.forwarded_ignored.clone(),
         );
         registry.register(
+            "ztunnel_authz_audit",
+            "Inbound connections an AUDIT authorization policy matched, by policy (never enforced)",
+            m.audited.clone(),
+        );
+        registry.register(
+            "ztunnel_authz_dry_run",
+            "Inbound connections evaluated under dry-run authorization policies, by the decision those alone would make and the policy that decided it (never enforced)",
+            m.dry_run.clone(),
+        );
+        registry.register(
             "ztunnel_active_connections",
             "Connections being proxied now",
             m.active.clone(),
         );
         m
+    }
+
+    /// Counts what AUDIT and dry-run policies saw of one connection.
+    pub fn observed(&self, o: &Observed) {
+        for (policy, _) in &o.audits {
+            let labels = PolicyLabels {
+                policy: policy.clone(),
+                decision: "audit",
+            };
+            self.audited.get_or_create(&labels).inc();
+        }
+        if let Some(d) = &o.dry_run {
+            let labels = PolicyLabels {
+                policy: d.by.clone().unwrap_or_else(|| "none".to_owned()),
+                decision: d.verdict(),
+            };
+            self.dry_run.get_or_create(&labels).inc();
+        }
     }
 
     pub fn refuse(&self, reason: Refusal) {
@@ -351,6 +394,8 @@ pub struct ConnRecord<'a> {
     dst_addr: std::net::SocketAddr,
     hbone_addr: Option<std::net::SocketAddr>,
     start: std::time::Instant,
+    /// What AUDIT and dry-run policies saw (inbound), for the access log.
+    observed: Observed,
 }
 
 impl<'a> ConnRecord<'a> {
@@ -385,7 +430,14 @@ impl<'a> ConnRecord<'a> {
             dst_addr,
             hbone_addr,
             start: std::time::Instant::now(),
+            observed: Observed::default(),
         }
+    }
+
+    /// Names in the access log what AUDIT and dry-run policies saw of the connection.
+    pub fn with_observed(mut self, observed: Observed) -> Self {
+        self.observed = observed;
+        self
     }
 
     /// The counters the data path adds to.
@@ -417,6 +469,8 @@ impl<'a> ConnRecord<'a> {
             bytes_recv = received,
             duration_ms = self.start.elapsed().as_millis() as u64,
             error = error.as_str(),
+            authz.audit = %self.observed.audit_names(),
+            authz.dry_run = %self.observed.dry_run.as_ref().map(ToString::to_string).unwrap_or_default(),
             "connection complete"
         );
     }

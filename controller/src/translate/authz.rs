@@ -4,7 +4,10 @@
 //! cannot parse is handled failing closed: in an ALLOW the rule never matches; in a DENY the
 //! unenforceable part is dropped, so the DENY covers at least what was asked. Each such
 //! change is reported on the policy. A policy annotated `istio.io/dry-run: "true"` is sent
-//! with `dry_run` set: ztunnel logs what it would decide and does not enforce it.
+//! with `dry_run` set (Istio's field): ztunnel logs what it would decide and does not enforce
+//! it. An AUDIT policy is sent as a DENY without groups (Istio's ztunnel, which istiod sends
+//! no AUDIT policy, sees one that matches nothing) with its rules in the `audit` extension
+//! field, which our ztunnel logs connections by; a rule with L7 parts never matches there.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -218,6 +221,7 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
                 groups: Vec::new(),
                 labels: None,
                 dry_run: dry_run(policy),
+                audit: None,
             };
             insert(&mut out, key, t);
             continue;
@@ -228,7 +232,10 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
         let action = match policy.spec.action.as_deref().unwrap_or("ALLOW") {
             "ALLOW" => pb::Action::Allow,
             "DENY" => pb::Action::Deny,
-            "AUDIT" => continue, // Nothing to enforce.
+            "AUDIT" => {
+                insert(&mut out, key, audit(key, policy, options, report));
+                continue;
+            }
             "CUSTOM" => {
                 report.add(
                     Kind::AuthorizationPolicy,
@@ -251,6 +258,7 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
                     groups: Vec::new(),
                     labels,
                     dry_run: dry_run(policy),
+                    audit: None,
                 };
                 insert(&mut out, key, t);
                 continue;
@@ -289,10 +297,42 @@ pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report
             groups,
             labels,
             dry_run: dry_run(policy),
+            audit: None,
         };
         insert(&mut out, key, t);
     }
     out
+}
+
+/// An AUDIT policy: its L4 rules in the `audit` field; a rule needing L7 never matches at
+/// ztunnel (reported), as in an ALLOW, so ztunnel logs no connection it cannot judge.
+fn audit(key: &ObjectKey, policy: &AuthorizationPolicy, options: &Options, report: &mut Report) -> Translated {
+    let mut groups = Vec::new();
+    for (i, rule) in policy.spec.rules.iter().flatten().enumerate() {
+        let (group, skipped) = rule_group(rule);
+        if skipped.0.is_empty() {
+            groups.push(group);
+        } else {
+            report.add(
+                Kind::AuthorizationPolicy,
+                key,
+                format!(
+                    "rules[{i}] cannot be audited by ztunnel ({}): it never matches here; \
+                     attach the policy to a waypoint with targetRefs to audit requests",
+                    skipped.0.join(", ")
+                ),
+            );
+        }
+    }
+    let (scope, labels) = scope(key, policy, options);
+    Translated {
+        scope,
+        action: pb::Action::Deny,
+        groups: Vec::new(),
+        labels,
+        dry_run: dry_run(policy),
+        audit: Some(pb::AuditRules { groups }),
+    }
 }
 
 /// Istio's annotation marking a policy as evaluated and logged only, never enforced.
@@ -315,6 +355,8 @@ struct Translated {
     groups: Vec<pb::Group>,
     labels: Option<BTreeMap<String, String>>,
     dry_run: bool,
+    /// An AUDIT policy's rules (then `action` is DENY and `groups` empty).
+    audit: Option<pb::AuditRules>,
 }
 
 fn insert(out: &mut Output, key: &ObjectKey, t: Translated) {
@@ -324,6 +366,7 @@ fn insert(out: &mut Output, key: &ObjectKey, t: Translated) {
         groups,
         labels,
         dry_run,
+        audit,
     } = t;
     let name = format!("{}/{}", key.namespace, key.name);
     if let Some(match_labels) = labels {
@@ -343,6 +386,7 @@ fn insert(out: &mut Output, key: &ObjectKey, t: Translated) {
             action: action as i32,
             groups,
             dry_run,
+            audit,
         },
     );
 }

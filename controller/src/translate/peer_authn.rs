@@ -147,6 +147,7 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
                         ..Default::default()
                     }),
                     dry_run: false,
+                    audit: None,
                 },
             );
         }
@@ -244,6 +245,7 @@ impl PortPolicy<'_> {
             action: pb::Action::Deny as i32,
             groups,
             dry_run: false,
+            audit: None,
         };
         out.policies.insert(full, policy);
     }

@@ -193,12 +193,31 @@ fn matcher(m: &sec::Match) -> Value {
 }
 
 fn authorization(a: &sec::Authorization) -> Value {
+    let mut v = authorization_fields(a);
+    if let (Some(audit), Value::Object(o)) = (&a.audit, &mut v) {
+        o.insert("audit".into(), groups(&audit.groups));
+    }
+    v
+}
+
+fn groups(gs: &[sec::Group]) -> Value {
+    json!(gs
+        .iter()
+        .map(|g| g
+            .rules
+            .iter()
+            .map(|r| r.matches.iter().map(matcher).collect::<Vec<_>>())
+            .collect::<Vec<_>>())
+        .collect::<Vec<_>>())
+}
+
+fn authorization_fields(a: &sec::Authorization) -> Value {
     json!({
         "name": a.name,
         "namespace": a.namespace,
         "scope": sec::Scope::try_from(a.scope).map(|s| s.as_str_name()).unwrap_or("?"),
         "action": sec::Action::try_from(a.action).map(|s| s.as_str_name()).unwrap_or("?"),
-        "groups": a.groups.iter().map(|g| g.rules.iter().map(|r| r.matches.iter().map(matcher).collect::<Vec<_>>()).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "groups": groups(&a.groups),
         "dryRun": a.dry_run,
     })
 }

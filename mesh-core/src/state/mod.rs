@@ -661,6 +661,7 @@ mod tests {
                 }],
             }],
             dry_run: true,
+            audit: None,
         };
         let decoded = secpb::Authorization::decode(policy.encode_to_vec().as_slice()).expect("decodes");
         assert_eq!(decoded, policy);

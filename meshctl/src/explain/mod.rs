@@ -317,10 +317,17 @@ fn l4(view: &View, w: &Workload, port: u16, caller: &Caller, ex: &mut Explanatio
         let matched = c
             .matched_rule
             .map_or("no rule matches".to_owned(), |r| format!("rule {r} matches"));
-        let dry = if c.dry_run { " (dry run: logged only)" } else { "" };
+        let dry = if c.dry_run {
+            " (dry run: logged only)"
+        } else if c.action == rbac::Action::Audit {
+            " (audit: logged only)"
+        } else {
+            ""
+        };
         let action = match c.action {
             rbac::Action::Allow => "ALLOW",
             rbac::Action::Deny => "DENY",
+            rbac::Action::Audit => "AUDIT",
         };
         ex.hop(at.clone(), format!("  {action} {}: {matched}{dry}", c.policy));
     }

@@ -3,6 +3,8 @@
 //! [`super::source`]), connect to the application from it, track the connection so a policy
 //! update can close it, and splice until either side ends, counting bytes as they move and
 //! writing the access log. One sequence, so a fix to one path cannot miss the other.
+//! AUDIT and dry-run policies are observed here too (never enforced): counted, and named in
+//! the refusal log or the connection's access log (`authz.audit`, `authz.dry_run`).
 //!
 //! The two clients differ in what a failure means: an HBONE CONNECT is not answered yet, so a
 //! refusal becomes its status and a dial it reset is abandoned; a plaintext client's TCP
@@ -13,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::hbone::InboundConnect;
-use mesh_core::rbac::{evaluate, ConnectionInfo, Decision};
+use mesh_core::rbac::{evaluate, observe, ConnectionInfo, Decision};
 use mesh_core::socket::connect_from;
 use mesh_core::state::{State, Workload};
 use tokio::net::TcpStream;
@@ -58,9 +60,14 @@ impl Client {
 
 /// Authorizes, connects, tracks and splices one inbound connection to `conn.wl`.
 pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inbound) {
+    let observed = observe(|| state.policies_for(&conn.wl), &conn.info);
+    if !observed.is_empty() {
+        px.metrics.observed(&observed);
+    }
     if let Decision::Deny(denial) = evaluate(state.policies_for(&conn.wl), &conn.info) {
         let identity = conn.info.src_identity.as_ref().map(ToString::to_string);
-        info!(src = %conn.peer, identity, dst = %conn.info.dst, %denial, direction = conn.direction, "{}", Refusal::PolicyDenied);
+        let dry_run = observed.dry_run.as_ref().map(ToString::to_string);
+        info!(src = %conn.peer, identity, dst = %conn.info.dst, %denial, direction = conn.direction, audit = %observed.audit_names(), dry_run, "{}", Refusal::PolicyDenied);
         client.refuse(px, Refusal::PolicyDenied);
         return;
     }
@@ -93,7 +100,8 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inboun
         },
         Client::Plain(tcp) => Accepted::Plain(tcp),
     };
-    let record = ConnRecord::open(&px.metrics, conn.labels, conn.direction, source.addr, dst, None);
+    let record =
+        ConnRecord::open(&px.metrics, conn.labels, conn.direction, source.addr, dst, None).with_observed(observed);
     let result = tokio::select! {
         r = client.splice(&mut upstream, &record) => r,
         _ = registration.cancel.cancelled() => Err(ConnError::PolicyRevoked),
