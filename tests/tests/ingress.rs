@@ -631,6 +631,19 @@ async fn tls_connect(
     sni: &'static str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use tokio_rustls::rustls;
+    let name = rustls::pki_types::ServerName::try_from(sni).map_err(std::io::Error::other)?;
+    tls_connect_to(client, SocketAddr::new(gw, 443), ca, name).await
+}
+
+/// A TLS connection from `client` to `to` for `name` (a DNS name: its SNI; an IP address:
+/// no SNI), verified against `ca`.
+async fn tls_connect_to(
+    client: &Pod,
+    to: SocketAddr,
+    ca: &rcgen::Certificate,
+    name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).map_err(std::io::Error::other)?;
     let config =
@@ -639,8 +652,7 @@ async fn tls_connect(
             .map_err(std::io::Error::other)?
             .with_root_certificates(roots)
             .with_no_client_auth();
-    let tcp = client.ns.connect(SocketAddr::new(gw, 443)).await?;
-    let name = rustls::pki_types::ServerName::try_from(sni).map_err(std::io::Error::other)?;
+    let tcp = client.ns.connect(to).await?;
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(name, tcp)
         .await
@@ -934,4 +946,234 @@ async fn ingress_use_waypoint_goes_through_the_waypoint() {
             && l.contains("response_code=\"200\"")),
         "the waypoint counts the gateway's identity:\n{metrics}"
     );
+}
+
+const PASSTHROUGH_ID: u8 = 77;
+
+/// A TLS passthrough listener on 8443 for `*.passthrough.test`, a TLSRoute sending
+/// db.passthrough.test to `secure-db` (a meshed pod terminating TLS with its own
+/// certificate), an HTTPRoute that must not attach to it, and L4 policy at the backend
+/// admitting only the gateway.
+fn passthrough_world() -> String {
+    let id = PASSTHROUGH_ID;
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: production, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: outside}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: secure-db, namespace: production}}
+spec: {{clusterIP: 10.96.{id}.10, selector: {{app: secure-db}}, ports: [{{name: tls, port: 9443, targetPort: 9443}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: passthrough
+    hostname: "*.passthrough.test"
+    port: 8443
+    protocol: TLS
+    tls: {{mode: Passthrough}}
+    allowedRoutes: {{namespaces: {{from: All}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {{name: secure-db, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: passthrough}}]
+  hostnames: [db.passthrough.test]
+  rules: [{{backendRefs: [{{name: secure-db, port: 9443}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: http-on-tls, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: passthrough}}]
+  rules: [{{backendRefs: [{{name: secure-db, port: 9443}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: db-via-gateway, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: secure-db}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-system/sa/istio-ingressgateway]}}}}]}}]
+"#
+    )
+}
+
+/// Terminates TLS with `secret`'s certificate (a [`Pki::secret`] manifest) and answers every
+/// HTTP/1.1 request with `secure-db` and the SNI it saw.
+async fn tls_server(listener: tokio::net::TcpListener, secret: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let key_pem: String = secret
+        .lines()
+        .skip_while(|l| !l.contains("tls.key"))
+        .skip(1)
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let chain = vec![rustls::pki_types::CertificateDer::from(leaf_of(&secret))];
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    while let Ok((tcp, _)) = listener.accept().await {
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
+            let mut buf = vec![0u8; 4096];
+            let mut read = 0;
+            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf[read..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read += n,
+                }
+            }
+            let body = format!("secure-db\nsni {sni}\n");
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes()).await;
+            let _ = tls.shutdown().await;
+        });
+    }
+}
+
+/// `GET /` over `tls`: the whole response.
+async fn get_over(mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: db.passthrough.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passthrough_reaches_the_backend_by_sni() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    use tokio_rustls::rustls::pki_types::ServerName;
+    // The backend's own CA and certificate: the gateway has neither.
+    let backend_pki = Pki::new();
+    let backend_secret = backend_pki.secret("production", "unused", &["db.passthrough.test"]);
+    let gw_id = identity(GW_NS, GW);
+    let cluster = Cluster::start_with_identities(PASSTHROUGH_ID, 2, &passthrough_world(), &[&gw_id])
+        .await
+        .expect("cluster up");
+    let db = cluster
+        .add_pod(1, PodSpec::new("secure-db", "production", &[("app", "secure-db")]))
+        .expect("backend pod");
+    tokio::spawn(tls_server(
+        db.ns.listen(SocketAddr::new(db.ip, 9443)).expect("listen"),
+        backend_secret.clone(),
+    ));
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "outside", &[]))
+        .expect("client pod");
+    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
+        .await
+        .expect("ingress gateway up");
+    cluster
+        .wait_workload(&db, true, WAIT)
+        .await
+        .expect("backend advertised");
+    let to = SocketAddr::new(gateway.pod.ip, 8443);
+    let ca = &backend_pki.ca_cert;
+    let name = |n: &str| ServerName::try_from(n.to_owned()).unwrap();
+
+    // By SNI to the backend, verified against the backend's CA: the certificate the client
+    // sees is the backend's own leaf, and the backend saw the client's SNI.
+    let deadline = Instant::now() + WAIT;
+    let tls = loop {
+        match tls_connect_to(&client, to, ca, name("db.passthrough.test")).await {
+            Ok(t) => break t,
+            Err(e) => assert!(Instant::now() < deadline, "{e}\n{}", gateway.logs()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(
+        leaf,
+        leaf_of(&backend_secret),
+        "the backend's certificate, not the gateway's"
+    );
+    let reply = get_over(tls).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("secure-db\nsni db.passthrough.test\n"), "{reply}");
+
+    // Over HBONE with the gateway's identity: the backend's ztunnel (whose policy admits only
+    // the gateway) counts it with mutual TLS.
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, metrics) = mesh_e2e::ztunnel::http_request(cluster.nodes[1].ns, metrics_addr, "GET", "/metrics")
+        .await
+        .expect("backend node's ztunnel metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&format!("source_principal=\"{gw_id}\""))
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+
+    // Refused: an SNI in the listener's domain that no TLSRoute names, one outside it, and a
+    // hello without SNI, each with the unrecognized_name alert; plaintext with decode_error.
+    for n in ["other.passthrough.test", "db.example.org", "10.0.0.1"] {
+        let refused = tls_connect_to(&client, to, ca, name(n)).await;
+        let err = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("UnrecognisedName"), "{n}: {err}");
+    }
+    let mut plain = client.ns.connect(to).await.expect("connect");
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        plain
+            .write_all(b"GET / HTTP/1.1\r\nhost: db.passthrough.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = plain.read_to_end(&mut answer).await;
+        assert_eq!(answer, [0x15, 3, 3, 0, 2, 2, 50], "a decode_error alert, then closed");
+    }
+    let gw_metrics = gateway.metrics().await.expect("gateway metrics");
+    for reason in ["tls_unknown_sni", "tls_no_sni", "tls_client_hello_malformed"] {
+        assert!(
+            gw_metrics
+                .lines()
+                .any(|l| l.starts_with("waypoint_rejected_requests_total")
+                    && l.contains(&format!("reason=\"{reason}\""))),
+            "{reason}\n{gw_metrics}"
+        );
+    }
+
+    // Statuses: the TLSRoute attached; an HTTPRoute cannot attach to a TLS listener.
+    for (route, accepted) in [("secure-db", "Accepted"), ("http-on-tls", "NotAllowedByListeners")] {
+        let got = futures_block(route_status(&cluster, route)).map(|s| s.0);
+        assert_eq!(got.as_deref(), Some(accepted), "route {route}");
+    }
 }

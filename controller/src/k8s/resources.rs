@@ -63,6 +63,7 @@ resource! {
     gateway::HttpRoute => HttpRoute, "httproutes", NamespaceResourceScope;
     gateway::GrpcRoute => GrpcRoute, "grpcroutes", NamespaceResourceScope;
     gateway::TcpRoute => TcpRoute, "tcproutes", NamespaceResourceScope;
+    gateway::TlsRoute => TlsRoute, "tlsroutes", NamespaceResourceScope;
     reference_grant::ReferenceGrant => ReferenceGrant, "referencegrants", NamespaceResourceScope;
     istio::AuthorizationPolicy => AuthorizationPolicy, "authorizationpolicies", NamespaceResourceScope;
     istio::PeerAuthentication => PeerAuthentication, "peerauthentications", NamespaceResourceScope;
@@ -88,6 +89,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::HttpRoute => ApiResource::erase::<gateway::HttpRoute>(&()),
         Kind::GrpcRoute => ApiResource::erase::<gateway::GrpcRoute>(&()),
         Kind::TcpRoute => ApiResource::erase::<gateway::TcpRoute>(&()),
+        Kind::TlsRoute => ApiResource::erase::<gateway::TlsRoute>(&()),
         Kind::ReferenceGrant => ApiResource::erase::<reference_grant::ReferenceGrant>(&()),
         Kind::AuthorizationPolicy => ApiResource::erase::<istio::AuthorizationPolicy>(&()),
         Kind::PeerAuthentication => ApiResource::erase::<istio::PeerAuthentication>(&()),

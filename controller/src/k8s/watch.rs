@@ -109,6 +109,7 @@ fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static
         | Kind::HttpRoute
         | Kind::GrpcRoute
         | Kind::TcpRoute
+        | Kind::TlsRoute
         | Kind::ReferenceGrant
         | Kind::AuthorizationPolicy
         | Kind::PeerAuthentication

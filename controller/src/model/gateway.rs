@@ -305,6 +305,27 @@ pub struct TcpRouteRule {
     pub backend_refs: Vec<BackendRef>,
 }
 
+/// `TLSRoute` (experimental channel): TLS connections chosen by their SNI among `hostnames`,
+/// passed through undecrypted to weighted backends (an ingress listener in Passthrough mode).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TlsRoute {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: TlsRouteSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Same shape as a TCPRoute's rules.
+    #[serde(default)]
+    pub rules: Vec<TcpRouteRule>,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct GrpcRoute {
     pub metadata: ObjectMeta,

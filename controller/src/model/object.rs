@@ -81,6 +81,7 @@ kinds! {
     HttpRoute(gateway::HttpRoute) = "gateway.networking.k8s.io", "HTTPRoute", cluster: false, versions: ["v1", "v1beta1"];
     GrpcRoute(gateway::GrpcRoute) = "gateway.networking.k8s.io", "GRPCRoute", cluster: false, versions: ["v1"];
     TcpRoute(gateway::TcpRoute) = "gateway.networking.k8s.io", "TCPRoute", cluster: false, versions: ["v1alpha2"];
+    TlsRoute(gateway::TlsRoute) = "gateway.networking.k8s.io", "TLSRoute", cluster: false, versions: ["v1alpha2", "v1alpha3"];
     ReferenceGrant(reference_grant::ReferenceGrant) = "gateway.networking.k8s.io", "ReferenceGrant", cluster: false, versions: ["v1beta1"];
     AuthorizationPolicy(istio::AuthorizationPolicy) = "security.istio.io", "AuthorizationPolicy", cluster: false, versions: ["v1", "v1beta1"];
     PeerAuthentication(istio::PeerAuthentication) = "security.istio.io", "PeerAuthentication", cluster: false, versions: ["v1", "v1beta1"];

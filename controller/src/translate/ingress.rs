@@ -60,13 +60,15 @@ pub struct GatewayStatus {
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ListenerStatus {
     pub name: String,
+    /// The route kinds the listener takes (Gateway API's `supportedKinds`).
+    pub supported_kinds: Vec<String>,
     pub attached_routes: u32,
     pub conditions: Vec<Condition>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct RouteParentStatus {
-    /// `HTTPRoute` or `TCPRoute`.
+    /// `HTTPRoute`, `TCPRoute` or `TLSRoute`.
     pub kind: String,
     pub route: ObjectKey,
     pub parent: ObjectKey,
@@ -165,8 +167,40 @@ struct RouteGroupKind {
 fn default_kind(protocol: &str) -> &'static str {
     match protocol {
         "TCP" => "TCPRoute",
+        "TLS" => "TLSRoute",
         _ => "HTTPRoute",
     }
+}
+
+/// The route kinds a listener of `protocol` can serve: HTTP and gRPC routes on HTTP(S), a
+/// TLSRoute only on a TLS (passthrough) listener, a TCPRoute only on TCP.
+pub fn supported_kinds(protocol: &str) -> &'static [&'static str] {
+    match protocol {
+        "TCP" => &["TCPRoute"],
+        "TLS" => &["TLSRoute"],
+        _ => &["HTTPRoute", "GRPCRoute"],
+    }
+}
+
+/// The kinds a listener's `allowedRoutes.kinds` names that its protocol cannot serve
+/// (Gateway API's `InvalidRouteKinds`); empty when it names none or all are fine.
+pub fn invalid_kinds(l: &Listener) -> Vec<String> {
+    let Some(Ok(allowed)) = l
+        .allowed_routes
+        .as_ref()
+        .map(|v| serde_json::from_value::<AllowedRoutes>(v.clone()))
+    else {
+        return Vec::new();
+    };
+    allowed
+        .kinds
+        .into_iter()
+        .filter(|k| {
+            !supported_kinds(&l.protocol).contains(&k.kind.as_str())
+                || k.group.as_deref().is_some_and(|g| g != GATEWAY_GROUP)
+        })
+        .map(|k| k.kind)
+        .collect()
 }
 
 /// Whether listener `l` of a Gateway in `gw_ns` admits a route of `kind` in `route_ns`
@@ -188,14 +222,13 @@ pub fn allows(
             )
         })?,
     };
-    let kind_ok = if allowed.kinds.is_empty() {
-        kind == default_kind(&l.protocol) || (kind == "GRPCRoute" && l.protocol != "TCP")
-    } else {
-        allowed
-            .kinds
-            .iter()
-            .any(|k| k.kind == kind && k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP))
-    };
+    // A kind the protocol cannot serve never attaches, whatever allowedRoutes names.
+    let kind_ok = supported_kinds(&l.protocol).contains(&kind)
+        && (allowed.kinds.is_empty()
+            || allowed
+                .kinds
+                .iter()
+                .any(|k| k.kind == kind && k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP)));
     let ns = allowed.namespaces.unwrap_or_default();
     let ns_ok = match ns.from.as_deref().unwrap_or("Same") {
         "All" => true,
@@ -339,6 +372,15 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
     };
     match l.protocol.as_str() {
         "HTTP" | "TCP" => {}
+        "TLS" => {
+            let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
+            if mode != "Passthrough" {
+                let msg = format!(
+                    "tls.mode {mode} is not supported on TLS listeners (only Passthrough; terminate TLS with an HTTPS listener)"
+                );
+                refused(&mut status, "Accepted", "UnsupportedValue", msg);
+            }
+        }
         "HTTPS" => {
             let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
             let refs = l
@@ -367,7 +409,7 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
             }
         }
         other => {
-            let msg = format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS, TCP)");
+            let msg = format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS, TLS, TCP)");
             refused(&mut status, "Accepted", "UnsupportedProtocol", msg);
         }
     }
@@ -376,13 +418,35 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
         status
             .conditions
             .push(condition("Accepted", true, "Accepted", "listener accepted"));
-        status
-            .conditions
-            .push(condition("ResolvedRefs", true, "ResolvedRefs", "references resolved"));
+        let invalid = invalid_kinds(l);
+        status.conditions.push(if invalid.is_empty() {
+            condition("ResolvedRefs", true, "ResolvedRefs", "references resolved")
+        } else {
+            let msg = format!(
+                "allowedRoutes.kinds {invalid:?} cannot be served by a {} listener (only {:?})",
+                l.protocol,
+                supported_kinds(&l.protocol)
+            );
+            condition("ResolvedRefs", false, "InvalidRouteKinds", msg)
+        });
         status
             .conditions
             .push(condition("Programmed", true, "Programmed", "listener programmed"));
     }
+    status.supported_kinds = supported_kinds(&l.protocol)
+        .iter()
+        .copied()
+        .filter(|k| {
+            let wanted = l
+                .allowed_routes
+                .as_ref()
+                .and_then(|v| serde_json::from_value::<AllowedRoutes>(v.clone()).ok())
+                .map(|a| a.kinds)
+                .unwrap_or_default();
+            wanted.is_empty() || wanted.iter().any(|w| w.kind == *k)
+        })
+        .map(str::to_owned)
+        .collect();
     ListenerOut {
         config: programmed.then_some(config),
         status,
@@ -423,6 +487,7 @@ fn conflicted(l: &Listener, reason: &str, msg: String) -> ListenerOut {
         config: None,
         status: ListenerStatus {
             name: l.name.clone(),
+            supported_kinds: Vec::new(),
             attached_routes: 0,
             conditions: vec![
                 condition("Conflicted", false, reason, msg.clone()),
@@ -571,7 +636,7 @@ fn by_age<T>(items: &BTreeMap<ObjectKey, T>, meta: impl Fn(&T) -> &crate::model:
     v
 }
 
-/// Attaches every HTTPRoute and TCPRoute naming an ingress Gateway to its listeners.
+/// Attaches every HTTPRoute, TCPRoute and TLSRoute naming an ingress Gateway to its listeners.
 fn attach_routes(
     inputs: &Inputs,
     options: &Options,
@@ -609,6 +674,20 @@ fn attach_routes(
             ),
         };
         let compile = |report: &mut Report| super::routes::compile_tcp_route(inputs, options, key, route, report);
+        statuses.extend(attach_route(inputs, gateways, report, r, compile));
+    }
+    for (key, route) in by_age(&inputs.tls_routes, |r| &r.metadata) {
+        let rules = &route.spec.rules;
+        let r = RouteRef {
+            kind: Kind::TlsRoute,
+            key,
+            parent_refs: &route.spec.parent_refs,
+            hostnames: &route.spec.hostnames,
+            resolved: resolved_refs(inputs, key, Kind::TlsRoute, rules.iter().flat_map(|r| &r.backend_refs)),
+        };
+        let compile = |report: &mut Report| {
+            super::routes::compile_l4_rules(inputs, options, (Kind::TlsRoute, key), rules, report)
+        };
         statuses.extend(attach_route(inputs, gateways, report, r, compile));
     }
     statuses
@@ -1222,5 +1301,101 @@ spec:
         let db = out.route_parents.iter().find(|p| p.route.name == "db").expect("status");
         assert_eq!(db.kind, "TCPRoute");
         assert!(cond(&db.conditions, "Accepted").status);
+    }
+
+    #[test]
+    fn tls_passthrough_listeners_take_tls_routes_by_sni() {
+        let gw = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: tls, port: 8443, protocol: TLS, hostname: "*.passthrough.test", tls: {mode: Passthrough}}
+  - {name: terminate, port: 9443, protocol: TLS, tls: {mode: Terminate}}
+  - name: wrong-kinds
+    port: 7443
+    protocol: TLS
+    tls: {mode: Passthrough}
+    allowedRoutes: {kinds: [{kind: HTTPRoute}]}
+"#;
+        let route = |name: &str, ns: &str, hosts: &str, backend: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{parentRefs: [{{name: gw, namespace: edge, sectionName: tls}}], hostnames: {hosts}, \
+                 rules: [{{backendRefs: [{backend}]}}]}}\n"
+            )
+        };
+        let db = route("db", "edge", "[db.passthrough.test]", "{name: db, port: 9443}");
+        let other_host = route("elsewhere", "edge", "[db.example.org]", "{name: db, port: 9443}");
+        let cross = route(
+            "cross",
+            "edge",
+            "[x.passthrough.test]",
+            "{name: db, namespace: data, port: 9443}",
+        );
+        let other_ns = route("stranger", "apps", "[y.passthrough.test]", "{name: db, port: 9443}");
+        let http = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: edge}\n\
+                    spec: {parentRefs: [{name: gw, sectionName: tls}], rules: [{backendRefs: [{name: db, port: 9443}]}]}\n";
+        let svc = |ns: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: {ns}}}\nspec: {{ports: [{{port: 9443}}]}}\n")
+        };
+        let (out, _) = run(&[
+            gw.into(),
+            db,
+            other_host,
+            cross,
+            other_ns,
+            http.into(),
+            svc("edge"),
+            svc("data"),
+        ]);
+        let gateway = &out.gateways["edge/gw"];
+        let names: Vec<&str> = gateway.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["tls", "wrong-kinds"], "TLS Terminate is not served");
+        let tls = &gateway.listeners[0];
+        assert_eq!((tls.protocol.as_str(), tls.certificates.len()), ("TLS", 0));
+        let hosts: Vec<&str> = tls.hosts.iter().map(|h| h.hostname.as_str()).collect();
+        assert_eq!(hosts, ["db.passthrough.test", "x.passthrough.test"]);
+        let table = tls.hosts[0].routes.as_ref().expect("table");
+        assert_eq!(table.routes[0].name, "TLSRoute/edge/db/rules[0]");
+        assert_eq!(table.routes[0].backends[0].service, "edge/db.edge.svc.cluster.local");
+        let cross_table = tls.hosts[1].routes.as_ref().expect("table");
+        assert!(
+            cross_table.routes.is_empty(),
+            "a backend in another namespace without a ReferenceGrant is not used"
+        );
+
+        let parent = |name: &str| {
+            let p = out.route_parents.iter().find(|p| p.route.name == name).expect("status");
+            let c = |kind| cond(&p.conditions, kind).reason.clone();
+            (p.kind.clone(), c("Accepted"), c("ResolvedRefs"))
+        };
+        let tls_route = |a: &str, r: &str| ("TLSRoute".to_owned(), a.to_owned(), r.to_owned());
+        assert_eq!(parent("db"), tls_route("Accepted", "ResolvedRefs"));
+        assert_eq!(
+            parent("elsewhere"),
+            tls_route("NoMatchingListenerHostname", "ResolvedRefs")
+        );
+        assert_eq!(parent("cross"), tls_route("Accepted", "RefNotPermitted"));
+        // No db Service in `apps`: refused, and its backend does not resolve.
+        assert_eq!(
+            parent("stranger"),
+            tls_route("NotAllowedByListeners", "BackendNotFound")
+        );
+        assert_eq!(parent("web").1, "NotAllowedByListeners", "HTTPRoute on a TLS listener");
+
+        let status = &out.status[&ObjectKey::new("edge", "gw")];
+        let listener = |name: &str| status.listeners.iter().find(|l| l.name == name).expect("listener");
+        assert_eq!(listener("tls").attached_routes, 2);
+        assert_eq!(listener("tls").supported_kinds, ["TLSRoute"]);
+        assert_eq!(
+            cond(&listener("terminate").conditions, "Accepted").reason,
+            "UnsupportedValue"
+        );
+        let kinds = cond(&listener("wrong-kinds").conditions, "ResolvedRefs");
+        assert_eq!((kinds.status, kinds.reason.as_str()), (false, "InvalidRouteKinds"));
+        assert!(listener("wrong-kinds").supported_kinds.is_empty());
     }
 }

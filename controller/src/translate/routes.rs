@@ -562,15 +562,26 @@ pub(super) fn compile_tcp_route(
     route: &gateway::TcpRoute,
     report: &mut Report,
 ) -> Vec<wp::Route> {
-    let kind = Kind::TcpRoute;
-    if route.spec.rules.len() > 1 {
-        report.add(
-            kind,
-            key,
-            "only the first rule of a TCPRoute is used; the others are ignored",
+    compile_l4_rules(inputs, options, (Kind::TcpRoute, key), &route.spec.rules, report)
+}
+
+/// The rules of a TCPRoute or TLSRoute (`kind`): the first rule's weighted backends, as a
+/// route named `<Kind>/<key>/rules[0]` (the waypoint proxies such routes as TCP).
+pub(super) fn compile_l4_rules(
+    inputs: &Inputs,
+    options: &Options,
+    (kind, key): (Kind, &ObjectKey),
+    rules: &[gateway::TcpRouteRule],
+    report: &mut Report,
+) -> Vec<wp::Route> {
+    if rules.len() > 1 {
+        let msg = format!(
+            "only the first rule of a {} is used; the others are ignored",
+            kind.name()
         );
+        report.add(kind, key, msg);
     }
-    let Some(rule) = route.spec.rules.first() else {
+    let Some(rule) = rules.first() else {
         return Vec::new();
     };
     let chosen = backends(&rule.backend_refs, (inputs, options), (kind, key), TCP_UNUSED, report);
@@ -580,7 +591,7 @@ pub(super) fn compile_tcp_route(
         return Vec::new();
     }
     vec![wp::Route {
-        name: format!("TCPRoute/{key}/rules[0]"),
+        name: format!("{}/{key}/rules[0]", kind.name()),
         backends: chosen.permitted,
         ..Default::default()
     }]

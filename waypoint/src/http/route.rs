@@ -210,8 +210,9 @@ impl CompiledRoutes {
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut tcp = None;
         for route in std::mem::take(&mut config.routes) {
-            if route.name.starts_with("TCPRoute/") {
-                // TCP routes never see HTTP requests.
+            if route.name.starts_with("TCPRoute/") || route.name.starts_with("TLSRoute/") {
+                // TCP routes (and TLS passthrough routes, TCP chosen by SNI) never see HTTP
+                // requests.
                 tcp.get_or_insert(route);
                 continue;
             }

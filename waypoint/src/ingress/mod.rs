@@ -12,6 +12,7 @@
 //! longest wildcard, then `*`), and enter [`crate::http::proxy::handle`] with no peer identity
 //! and the client address from X-Forwarded-For past the trusted proxies.
 
+pub mod passthrough;
 pub mod server;
 pub mod tcp;
 pub mod tls;
@@ -81,6 +82,8 @@ pub struct PortState {
     pub tls: bool,
     /// A TCP listener: connections are proxied by its TCPRoute, not parsed as HTTP.
     pub tcp: bool,
+    /// TLS passthrough listeners: connections are proxied by the TLSRoute their SNI selects.
+    pub passthrough: bool,
     /// Most specific hostname first.
     pub listeners: Vec<ListenerState>,
 }
@@ -200,6 +203,7 @@ impl Ingress {
             let entry = ports.entry(port).or_default();
             entry.tls |= tls;
             entry.tcp |= l.protocol == "TCP";
+            entry.passthrough |= l.protocol == "TLS";
             entry.listeners.push(ListenerState {
                 name: l.name,
                 hostname: l.hostname,
@@ -319,6 +323,7 @@ mod tests {
         let port = PortState {
             tls: true,
             tcp: false,
+            passthrough: false,
             listeners: vec![
                 ListenerState {
                     name: "api".into(),

@@ -106,22 +106,29 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
         };
         backoff.succeeded();
         let _ = tcp.set_nodelay(true);
-        let (is_tls, is_tcp) = ingress
+        let (is_tls, is_tcp, is_passthrough) = ingress
             .current
             .load()
             .ports
             .get(&port)
-            .map_or((false, false), |p| (p.tls, p.tcp));
+            .map_or((false, false, false), |p| (p.tls, p.tcp, p.passthrough));
+        let inbound = super::tcp::Inbound { tcp, peer, port };
         if is_tcp {
-            wp.tasks
-                .spawn(super::tcp::serve(wp.clone(), ingress.clone(), tcp, peer, port));
+            wp.tasks.spawn(super::tcp::serve(wp.clone(), ingress.clone(), inbound));
             continue;
         }
-        // Until TLS completes the connection holds a pending slot; over the bound it is closed.
-        let pending = match is_tls.then(|| limits.admit(peer.ip())).transpose() {
+        // Until TLS completes (or its ClientHello is read) the connection holds a pending
+        // slot; over the bound it is closed.
+        let pending = match (is_tls || is_passthrough).then(|| limits.admit(peer.ip())).transpose() {
             Ok(p) => p,
             Err(_) => continue,
         };
+        if is_passthrough {
+            let serve = super::passthrough::serve(wp.clone(), ingress.clone(), inbound, pending);
+            wp.tasks.spawn(serve);
+            continue;
+        }
+        let super::tcp::Inbound { tcp, .. } = inbound;
         let (wp2, ingress, tls) = (wp.clone(), ingress.clone(), tls.clone());
         wp.tasks.spawn(async move {
             if is_tls {

@@ -2,12 +2,14 @@
 //! authorization (no peer identity: the client is outside the mesh; `ipBlocks` and
 //! `remoteIpBlocks` are its address), then sent to a weighted backend of the attached TCPRoute
 //! (an endpoint picked by its cluster) through the connector — HBONE with the gateway's
-//! identity to mesh endpoints — and the bytes are copied both ways.
+//! identity to mesh endpoints — and the bytes are copied both ways. TLS passthrough
+//! ([`super::passthrough`]) forwards the same way once the SNI chose the TLSRoute.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::state::model::Workload;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -38,22 +40,50 @@ impl Refused {
     }
 }
 
-/// Serves one TCP connection accepted on `port`.
-pub async fn serve(wp: Arc<Waypoint>, ingress: Arc<Ingress>, mut tcp: TcpStream, peer: SocketAddr, port: u16) {
-    let (cluster, workload, target) = match decide(&wp, &ingress, peer, port) {
+/// A connection accepted on an ingress port.
+pub struct Inbound {
+    pub tcp: TcpStream,
+    pub peer: SocketAddr,
+    pub port: u16,
+}
+
+/// Serves one connection accepted on TCP listener `port`: its TCPRoute's table.
+pub async fn serve(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound) {
+    let table = ingress
+        .current
+        .load()
+        .ports
+        .get(&inbound.port)
+        .and_then(|p| p.listeners.first())
+        .and_then(|l| l.hosts.first())
+        .map(|(_, t)| t.clone())
+        .unwrap_or_default();
+    forward(wp, ingress, inbound, &table, Vec::new()).await;
+}
+
+/// Forwards a connection by the L4 route of `table` (a TCPRoute's, or a TLSRoute's chosen by
+/// SNI): `prefix` (bytes already read from the client) is sent first, then both directions
+/// are copied.
+pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound, table: &str, prefix: Vec<u8>) {
+    let Inbound { mut tcp, peer, port } = inbound;
+    let (cluster, workload, target) = match decide(&wp, &ingress, peer, port, table) {
         Ok(t) => t,
         Err(refused) => {
             wp.metrics.reject(refused.reason());
-            info!(target: "access", src_addr = %peer, port, reason = %refused, "TCP connection refused");
+            info!(target: "access", src_addr = %peer, port, table, reason = %refused, "TCP connection refused");
             return;
         }
     };
     match wp.upstreams.connector.open(target).await {
         Ok(mut up) => {
             cluster.record(&workload.uid, Some(http::StatusCode::OK));
+            if let Err(e) = up.write_all(&prefix).await {
+                debug!(error = %e, %target, "TCP upstream write failed");
+                return;
+            }
             match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
                 Ok((sent, received)) => {
-                    info!(target: "access", src_addr = %peer, dst_addr = %target, sent, received, "TCP connection")
+                    info!(target: "access", src_addr = %peer, dst_addr = %target, table, sent, received, "TCP connection")
                 }
                 Err(e) => debug!(error = %e, %target, "TCP proxy ended"),
             }
@@ -65,14 +95,14 @@ pub async fn serve(wp: Arc<Waypoint>, ingress: Arc<Ingress>, mut tcp: TcpStream,
     }
 }
 
-/// The decision for a connection: policy, then the TCPRoute's backend and endpoint.
+/// The decision for a connection: policy, then the backend and endpoint of `table`'s route.
 fn decide(
     wp: &Waypoint,
     ingress: &Ingress,
     peer: SocketAddr,
     port: u16,
+    table: &str,
 ) -> Result<(Arc<Cluster>, Arc<Workload>, SocketAddr), Refused> {
-    let current = ingress.current.load();
     let snapshot = wp.config.load();
     let gateway = (ingress.gateway.0.as_str(), ingress.gateway.1.as_str());
     let attrs = ConnectionAttrs {
@@ -84,16 +114,9 @@ fn decide(
     if let Decision::Deny(why) = authz::evaluate_tcp(snapshot.policies_for(gateway, gateway), &attrs) {
         return Err(Refused::Denied(why));
     }
-    let table = current
-        .ports
-        .get(&port)
-        .and_then(|p| p.listeners.first())
-        .and_then(|l| l.hosts.first())
-        .map(|(_, t)| t.clone())
-        .ok_or(Refused::NoRoute)?;
     let route = snapshot
         .routes
-        .get(&table)
+        .get(table)
         .and_then(|r| r.tcp.as_ref())
         .ok_or(Refused::NoRoute)?;
     let backend = pick_backend(&route.backends).ok_or(Refused::NoBackend)?;
