@@ -28,6 +28,9 @@ use crate::{admin, ingress, listener, policy, Waypoint};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
+    if cfg.role == Role::EastWest {
+        return crate::eastwest::run(cfg).await;
+    }
     let mut registry = Registry::default();
     let (waypoint, ready) = build(&cfg, &mut registry)?;
     spawn_certificate(waypoint.certs.clone(), cfg.identity.clone());
@@ -39,7 +42,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding --hbone-addr {}", cfg.hbone_addr))?,
         ),
-        Role::Ingress => None,
+        Role::Ingress | Role::EastWest => None,
     };
     let admin = Arc::new(admin::Admin {
         waypoint: waypoint.clone(),

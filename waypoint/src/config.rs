@@ -21,6 +21,10 @@ fn parse_identity(s: &str) -> Result<Identity, String> {
 pub enum Role {
     Waypoint,
     Ingress,
+    /// An east-west gateway: HBONE on 15008 from other networks, relayed by the outer
+    /// authority to this network's endpoints without terminating the inner TLS (double HBONE;
+    /// see [`crate::eastwest`]).
+    EastWest,
 }
 
 /// L7 proxy of the ambient mesh, in front of services that ask for it with
@@ -32,9 +36,9 @@ pub enum Role {
     about,
     // A waypoint has no local workload file or development CA, and verifies peers against
     // the trust bundle: these shared control-plane flags are required.
-    mut_arg("xds_address", |a| a.required(true)),
-    mut_arg("ca_address", |a| a.required(true)),
-    mut_arg("trust_bundle", |a| a.required(true))
+    mut_arg("xds_address", |a| a.required_unless_present("local_xds_path")),
+    mut_arg("ca_address", |a| a.required_unless_present("ca_root_cert")),
+    mut_arg("trust_bundle", |a| a.required_unless_present("ca_root_cert"))
 )]
 pub struct Config {
     /// `waypoint` (HBONE from ztunnels) or `ingress` (an ingress Gateway's listeners for
@@ -103,6 +107,17 @@ pub struct Config {
     /// HBONE connections get GOAWAY and idle client connections close. Milliseconds.
     #[arg(long, env = "DRAIN_ACCEPT_MS", default_value_t = 2_000)]
     pub drain_accept_ms: u64,
+    /// East-west role only, for development and tests: workload state from this file (the
+    /// format of ztunnel's `--local-xds-path`) instead of xDS.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_xds_path: Option<std::path::PathBuf>,
+    /// East-west role only, for development and tests: sign our certificate with this
+    /// development root (and its `--ca-root-key`) instead of asking the mesh CA; peers are
+    /// checked against it.
+    #[arg(long, env = "CA_ROOT_CERT", requires = "ca_root_key")]
+    pub ca_root_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "CA_ROOT_KEY", requires = "ca_root_cert")]
+    pub ca_root_key: Option<std::path::PathBuf>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -157,10 +172,16 @@ impl Config {
                 );
             }
         }
-        for (flag, addr) in [
-            ("--xds-address", self.xds_address()?),
-            ("--ca-address", self.ca_address()?),
-        ] {
+        let local = self.local_xds_path.is_some() || self.ca_root_cert.is_some();
+        anyhow::ensure!(
+            !local || self.role == Role::EastWest,
+            "--local-xds-path and --ca-root-cert are for --role east-west only (development and tests)"
+        );
+        let addresses = [
+            ("--xds-address", &self.control_plane.xds_address),
+            ("--ca-address", &self.control_plane.ca_address),
+        ];
+        for (flag, addr) in addresses.iter().filter_map(|(f, a)| Some((f, a.as_deref()?))) {
             anyhow::ensure!(
                 addr.starts_with("http://") || addr.starts_with("https://"),
                 "{flag} {addr:?}: expected http://host:port or https://host:port"

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod eastwest;
 pub mod http;
 pub mod ingress;
 pub mod listener;

@@ -1,0 +1,373 @@
+//! The east-west gateway role (`--role east-west`): the entry to this network for clients on
+//! other networks, which reach its endpoints with double HBONE (issue 17).
+//!
+//! It listens for HBONE (mutual TLS with its own SPIFFE identity, HTTP/2 CONNECT), accepts
+//! only peers with an identity of the mesh's trust domain, and relays each CONNECT stream's
+//! bytes to the HBONE port of an endpoint of this network chosen by the outer authority
+//! ([`route`]). Those bytes are the client's inner TLS with the destination: the gateway
+//! never terminates it, holds no certificate the inner handshake would accept, and so never
+//! sees the plaintext or any key of the client's identity.
+//!
+//! A separate, small start-up rather than the waypoint's: no routes, policies, HTTP or
+//! upstream pools, only workload state, a certificate and the HBONE server with mesh-core's
+//! bounds (pending handshakes, streams per peer identity, reset floods), counted in
+//! `eastwest_hbone_limits_total`. For development and tests it can run from a workload file
+//! and a development root (`--local-xds-path`, `--ca-root-cert`) like ztunnel.
+
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_core::hbone::{
+    serve_connection, HboneError, InboundConnect, Limit, LimitConfig, LimitObserver, ServerLimits, Settings,
+};
+use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
+use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, Identity, TokenSource};
+use mesh_core::state::StateStore;
+use mesh_core::xds::{XdsClient, XdsConfig, XdsMetrics};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use route::{Refused, Scope};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+/// What the gateway counts.
+#[derive(Clone)]
+struct Metrics {
+    streams: Family<OutcomeLabels, Counter>,
+    limits: Family<LimitLabels, Counter>,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            streams: Family::default(),
+            limits: Family::default(),
+        };
+        registry.register(
+            "eastwest_streams",
+            "CONNECT streams by outcome (forwarded, or why refused)",
+            m.streams.clone(),
+        );
+        registry.register(
+            "eastwest_hbone_limits",
+            "HBONE bounds that bit (pending handshakes, streams per peer, resets)",
+            m.limits.clone(),
+        );
+        m
+    }
+
+    fn outcome(&self, outcome: &'static str) {
+        self.streams.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// What every stream shares.
+struct Gateway {
+    identity: Identity,
+    network: String,
+    hbone_port: u16,
+    state: Arc<StateStore>,
+    certs: Arc<CertManager>,
+    settings: Settings,
+    metrics: Metrics,
+    drain: CancellationToken,
+}
+
+/// Runs the gateway until SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let certs = cert_manager(&cfg)?;
+    let ready = workload_state(&cfg, &mut registry)?;
+    let limit_metrics = metrics.clone();
+    let observer: LimitObserver = Arc::new(move |l: Limit| {
+        limit_metrics
+            .limits
+            .get_or_create(&LimitLabels { limit: l.as_str() })
+            .inc();
+    });
+    let gw = Arc::new(Gateway {
+        identity: cfg.identity.clone(),
+        network: cfg.network.clone(),
+        hbone_port: cfg.hbone_port,
+        state: ready.1,
+        certs,
+        settings: Settings {
+            limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
+            hostname_authority: true,
+            ..Default::default()
+        },
+        metrics,
+        drain: CancellationToken::new(),
+    });
+    spawn_certificate(gw.clone());
+    serve_stats(&cfg, gw.clone(), Arc::new(registry), ready.0).await?;
+    let listener = TcpListener::bind(cfg.hbone_addr)
+        .await
+        .with_context(|| format!("binding --hbone-addr {}", cfg.hbone_addr))?;
+    info!(identity = %cfg.identity, network = %cfg.network, addr = %cfg.hbone_addr, "east-west gateway started");
+    tokio::select! {
+        _ = accept(gw.clone(), listener) => {}
+        _ = mesh_core::shutdown::shutdown_signal() => {}
+    }
+    info!("east-west gateway draining");
+    gw.drain.cancel();
+    tokio::time::sleep(cfg.drain()).await;
+    Ok(())
+}
+
+/// Our certificate's signer and the roots peers are checked against: a development root
+/// (`--ca-root-cert`) or the mesh CA with the trust bundle.
+fn cert_manager(cfg: &Config) -> anyhow::Result<Arc<CertManager>> {
+    let (signer, roots): (Arc<dyn CertificateSigner>, _) = match (&cfg.ca_root_cert, &cfg.ca_root_key) {
+        (Some(cert), Some(key)) => {
+            let ca = DevCa::load(cert, key).context("loading the development CA")?;
+            let roots = certs_from_pem(ca.root_pem())?;
+            (Arc::new(ca), roots)
+        }
+        _ => {
+            let bundle = cfg.trust_bundle()?;
+            let roots = read_trust_bundle(bundle).context("--trust-bundle")?;
+            let addr = cfg.ca_address()?;
+            let channel = mesh_core::grpc::endpoint(addr, control_plane_tls(cfg, addr)?)
+                .with_context(|| format!("--ca-address {addr}"))?
+                .connect_lazy();
+            (Arc::new(CaClient::new(channel, token(cfg), false)), roots)
+        }
+    };
+    Ok(CertManager::new(signer, roots, CertManagerConfig::default()))
+}
+
+fn token(cfg: &Config) -> TokenSource {
+    cfg.control_plane
+        .token_file
+        .clone()
+        .map_or(TokenSource::None, TokenSource::File)
+}
+
+fn control_plane_tls(cfg: &Config, addr: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !mesh_core::control_plane_args::uses_tls(addr) {
+        return Ok(None);
+    }
+    Ok(Some(mesh_core::tls::control_plane_client_config_following(
+        cfg.trust_bundle()?,
+        vec![cfg.control_plane.control_plane_identity.clone()],
+    )?))
+}
+
+/// The workload state (a file, or xDS) and the signal that it is loaded.
+fn workload_state(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(watch::Receiver<bool>, Arc<StateStore>)> {
+    let state = StateStore::new();
+    if let Some(path) = &cfg.local_xds_path {
+        let mut source = mesh_core::xds::LocalSource::new(path.clone(), state.clone());
+        source
+            .reload()
+            .with_context(|| format!("loading workload state from {}", path.display()))?;
+        tokio::spawn(mesh_core::xds::workload_file::watch(
+            path.clone(),
+            state.clone(),
+            Duration::from_secs(1),
+        ));
+        return Ok((watch::channel(true).1, state));
+    }
+    let addr = cfg.xds_address()?;
+    let mut xds = XdsConfig::new(addr.to_owned(), format!("east-west~{}", cfg.identity));
+    xds.tls = control_plane_tls(cfg, addr)?;
+    xds.token = token(cfg);
+    let client = XdsClient::new(xds, state.clone(), XdsMetrics::register(registry));
+    let ready = client.ready();
+    tokio::spawn(client.run());
+    Ok((ready, state))
+}
+
+/// Our certificate: retried until issued; the manager renews it after that.
+fn spawn_certificate(gw: Arc<Gateway>) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = gw.certs.fetch(&gw.identity).await {
+            warn!(error = %e, retry_in = ?delay, "cannot get the east-west gateway certificate");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        info!(identity = %gw.identity, "certificate issued");
+    });
+}
+
+/// `/metrics` and `/healthz/ready` on the stats address, `/healthz/ready` on the readiness one.
+async fn serve_stats(
+    cfg: &Config,
+    gw: Arc<Gateway>,
+    registry: Arc<Registry>,
+    ready: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    for (addr, metrics) in [(cfg.stats_addr, true), (cfg.readiness_addr, false)] {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let (gw, registry, ready) = (gw.clone(), registry.clone(), ready.clone());
+        tokio::spawn(mesh_core::admin_http::serve_forever(listener, move |req| {
+            let (gw, registry, ready) = (gw.clone(), registry.clone(), ready.clone());
+            async move {
+                let text = |status: http::StatusCode, body: &str| {
+                    let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body.to_owned())));
+                    *r.status_mut() = status;
+                    r
+                };
+                match req.uri().path() {
+                    "/metrics" if metrics => mesh_core::prometheus::response(&registry, req.headers()),
+                    "/healthz/ready" => {
+                        let ok =
+                            *ready.borrow() && gw.certs.get_ready(&gw.identity).is_some() && !gw.drain.is_cancelled();
+                        if ok {
+                            text(http::StatusCode::OK, "ready\n")
+                        } else {
+                            text(http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        }
+                    }
+                    _ => text(http::StatusCode::NOT_FOUND, "try /metrics or /healthz/ready\n"),
+                }
+            }
+        }));
+    }
+    Ok(())
+}
+
+async fn accept(gw: Arc<Gateway>, listener: TcpListener) {
+    let mut backoff = mesh_core::socket::AcceptBackoff::default();
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                backoff.failed("east-west HBONE", &e).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(connection(gw.clone(), tcp, peer));
+    }
+}
+
+async fn connection(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
+    let config = match gw
+        .certs
+        .fetch(&gw.identity)
+        .await
+        .map(|c| mesh_core::tls::cached_server_config(&c))
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return warn!(error = %e, "cannot build the TLS server configuration"),
+        Err(e) => return warn!(error = %e, "no certificate yet; connection refused"),
+    };
+    let gw2 = gw.clone();
+    let result = serve_connection(tcp, config, &gw.settings, gw.drain.clone(), move |req| {
+        let gw = gw2.clone();
+        async move { stream(gw, req).await }
+    })
+    .await;
+    match result {
+        Ok(()) | Err(HboneError::Limited(_)) => {}
+        Err(e) => debug!(%peer, error = %e, "east-west HBONE connection ended with error"),
+    }
+}
+
+/// One CONNECT: authenticate the peer, pick the endpoint, relay the (encrypted) bytes.
+async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
+    let refuse = |req: InboundConnect, why: Refused| {
+        gw.metrics.outcome(why.as_str());
+        req.reject(why.status());
+    };
+    if req.peer_identity.trust_domain != gw.identity.trust_domain {
+        info!(peer = %req.peer_addr, identity = %req.peer_identity, "refused: not an identity of this mesh's trust domain");
+        return refuse(req, Refused::ForeignTrustDomain);
+    }
+    let authority = match &req.hostname {
+        Some(h) => format!("{h}:{}", req.dst.port()),
+        None => req.dst.to_string(),
+    };
+    let state = gw.state.load();
+    let scope = Scope {
+        network: &gw.network,
+        hbone_port: gw.hbone_port,
+    };
+    let target = match route::target(&state, &scope, req.hostname.as_deref(), req.dst, req.local_addr.ip()) {
+        Ok(t) => t,
+        Err(why) => {
+            info!(%authority, identity = %req.peer_identity, reason = why.as_str(), "refused");
+            return refuse(req, why);
+        }
+    };
+    drop(state);
+    let connect = tokio::time::timeout(gw.settings.connect_timeout, TcpStream::connect(target));
+    let mut upstream = match req.unless_reset(connect).await {
+        Some(Ok(Ok(s))) => s,
+        Some(_) => {
+            info!(%authority, %target, "refused: endpoint unreachable");
+            return refuse(req, Refused::Unreachable);
+        }
+        None => return,
+    };
+    let _ = upstream.set_nodelay(true);
+    info!(%authority, %target, identity = %req.peer_identity, "relaying the inner tunnel (not terminated)");
+    gw.metrics.outcome("forwarded");
+    match req.accept() {
+        Ok(s) => {
+            if let Err(e) = s.splice_tcp(&mut upstream).await {
+                debug!(%authority, error = %e, "relay ended with error");
+            }
+        }
+        Err(e) => debug!(error = %e, "could not answer the CONNECT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::Role;
+
+    #[test]
+    fn development_mode_needs_no_control_plane_and_only_for_this_role() {
+        let local = [
+            "waypoint",
+            "--identity",
+            "spiffe://cluster.local/ns/istio-system/sa/eastwest",
+            "--local-xds-path",
+            "/state.yaml",
+            "--ca-root-cert",
+            "/root-cert.pem",
+            "--ca-root-key",
+            "/root-key.pem",
+        ];
+        let cfg = Config::try_parse_from(local.iter().chain(&["--role", "east-west"])).expect("parses");
+        assert_eq!(cfg.role, Role::EastWest);
+        cfg.validate().expect("east-west in development mode");
+        let cfg = Config::try_parse_from(local).expect("parses");
+        let err = cfg
+            .validate()
+            .expect_err("a waypoint needs its control plane")
+            .to_string();
+        assert!(err.contains("east-west"), "{err}");
+    }
+}
