@@ -1,0 +1,480 @@
+//! Multicluster data path (issue 17): two networks that cannot route to each other's pods,
+//! joined only by network 2's east-west gateway (`waypoint --role east-west`). A client pod
+//! on network 1 reaches a server on network 2 with double HBONE: outer mutual TLS to the
+//! gateway, inner mutual TLS end to end with the server's ztunnel. Ztunnels and the gateway
+//! run from local state files and the development CA (no control plane), so this tests the
+//! data plane alone, with the workload fields Istio's control plane serves (`network`,
+//! `network_gateway`).
+//!
+//! Layout for bed id N: network 1 is bridge hub1 with 10.N.1.0/24 (client `a` .1, a rogue
+//! uncaptured host `x` .5, the gateway's public side .10); network 2 is bridge hub2 with
+//! 10.N.2.0/24 (server `b` .2, the gateway's inside .10). Only the gateway has a leg in both.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_core::hbone::{HboneError, HbonePool, PoolKey, Settings, TunnelRequest};
+use mesh_core::identity::{CertManager, CertManagerConfig, DevCa, Identity};
+use mesh_e2e::apps::{echo_connect, echo_server, ping};
+use mesh_e2e::netns::{sh, unique, NetnsSockets};
+use mesh_e2e::tcpdump::Tcpdump;
+use mesh_e2e::ztunnel::{http_request, ZtunnelFiles};
+use mesh_e2e::{capture, privileged, Hub, Netns, Ztunnel};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+const GATEWAY: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest";
+const HOST: &str = "server.default.svc.cluster.local";
+
+/// Two networks, their pods, the gateway between them, and the state files each side reads.
+struct Nets {
+    id: u8,
+    dir: tempfile::TempDir,
+    a: Netns,
+    b: Netns,
+    g: Netns,
+    x: Netns,
+    /// The gateway's link on hub1 (from network 1) and on hub2 (into network 2).
+    g_link1: String,
+    g_link2: String,
+    hub1: Hub,
+    hub2: Hub,
+}
+
+impl Nets {
+    fn new(id: u8) -> Option<Nets> {
+        if !privileged() {
+            eprintln!("skipping: needs root and iproute2");
+            return None;
+        }
+        Some(Self::build(id).expect("building the two networks"))
+    }
+
+    fn build(id: u8) -> anyhow::Result<Nets> {
+        let dir = tempfile::tempdir()?;
+        let ca = DevCa::generate("cluster.local")?;
+        std::fs::write(dir.path().join("root-cert.pem"), ca.root_pem())?;
+        std::fs::write(dir.path().join("root-key.pem"), ca.key_pem())?;
+        let (hub1, hub2) = (Hub::new()?, Hub::new()?);
+        let (a, b, g, x) = (Netns::new("a")?, Netns::new("b")?, Netns::new("g")?, Netns::new("x")?);
+        hub1.attach(&a, &[&format!("10.{id}.1.1/24")])?;
+        hub1.attach(&x, &[&format!("10.{id}.1.5/24")])?;
+        hub2.attach(&b, &[&format!("10.{id}.2.2/24")])?;
+        let g_link1 = hub1.attach(&g, &[&format!("10.{id}.1.10/24")])?;
+        // The gateway's second leg, into network 2 (eth1; its default route stays on hub1).
+        let g_link2 = unique("vh");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &g_link2,
+            "netns",
+            &hub2.ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            &g.name,
+        ])?;
+        hub2.ns.exec(&["ip", "link", "set", &g_link2, "master", "br0", "up"])?;
+        g.exec(&["ip", "addr", "add", &format!("10.{id}.2.10/24"), "dev", "eth1"])?;
+        g.exec(&["ip", "link", "set", "eth1", "up"])?;
+        capture::install(&a)?;
+        capture::install(&b)?;
+        let nets = Nets {
+            id,
+            dir,
+            a,
+            b,
+            g,
+            x,
+            g_link1,
+            g_link2,
+            hub1,
+            hub2,
+        };
+        std::fs::write(nets.path("net1.yaml"), nets.state(1))?;
+        std::fs::write(nets.path("net2.yaml"), nets.state(2))?;
+        Ok(nets)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn ip(&self, net: u8, host: u8) -> IpAddr {
+        Ipv4Addr::new(10, self.id, net, host).into()
+    }
+
+    fn vip(&self) -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::new(10, 96, self.id, 10).into(), 80)
+    }
+
+    /// What network `net` knows: the client (network 1), the server (network 2, behind the
+    /// gateway's public address), the gateway itself (network 1's view only: the client must
+    /// know the identity it proves) and service `server` with a VIP of that network.
+    fn state(&self, net: u8) -> String {
+        let n = self.id;
+        let gateway = if net == 1 {
+            format!(
+                r#"- uid: c2//Pod/istio-system/eastwest
+  name: eastwest
+  namespace: istio-system
+  serviceAccount: eastwest
+  addresses: ["10.{n}.1.10", "10.{n}.2.10"]
+  network: net2
+  protocol: HBONE
+  node: node-g
+"#
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            r#"workloads:
+- uid: c1//Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  addresses: ["10.{n}.1.1"]
+  network: net1
+  clusterId: c1
+  protocol: HBONE
+  node: node-a
+- uid: c2//Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  addresses: ["10.{n}.2.2"]
+  network: net2
+  clusterId: c2
+  protocol: HBONE
+  node: node-b
+  networkGateway: {{address: "10.{n}.1.10", network: net2, hbonePort: 15008}}
+  services:
+    default/{HOST}:
+    - servicePort: 80
+      targetPort: 8080
+{gateway}services:
+- name: server
+  namespace: default
+  hostname: {HOST}
+  vips: ["10.96.{n}.10"]
+  network: net{net}
+  ports:
+  - servicePort: 80
+    targetPort: 8080
+policies: []
+"#
+        )
+    }
+
+    fn files(&self, net: u8) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            self.path("root-cert.pem"),
+            self.path("root-key.pem"),
+            self.path(&format!("net{net}.yaml")),
+        )
+    }
+
+    async fn ztunnel<'a>(&self, ns: &'a Netns, net: u8) -> Ztunnel<'a> {
+        let (root_cert, root_key, state) = self.files(net);
+        let files = ZtunnelFiles {
+            root_cert: &root_cert,
+            root_key: &root_key,
+            state: &state,
+        };
+        Ztunnel::start(ns, &files, &["--network", &format!("net{net}")])
+            .await
+            .expect("ztunnel ready")
+    }
+
+    /// The mesh's development CA, for clients the test itself plays.
+    fn ca(&self) -> DevCa {
+        DevCa::load(&self.path("root-cert.pem"), &self.path("root-key.pem")).expect("development CA")
+    }
+}
+
+/// The east-west gateway process in `g`, killed on drop.
+struct EastWest<'a> {
+    ns: &'a Netns,
+    child: Child,
+    log: PathBuf,
+}
+
+impl<'a> EastWest<'a> {
+    async fn start(nets: &'a Nets) -> EastWest<'a> {
+        let (root_cert, root_key, state) = nets.files(2);
+        let log = std::env::temp_dir().join(format!("{}-eastwest.log", nets.g.name));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = nets
+            .g
+            .command(&mesh_e2e::binary("waypoint"))
+            .args(["--role", "east-west", "--identity", GATEWAY, "--network", "net2"])
+            .arg("--local-xds-path")
+            .arg(&state)
+            .arg("--ca-root-cert")
+            .arg(&root_cert)
+            .arg("--ca-root-key")
+            .arg(&root_key)
+            .args(["--log", "info"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .expect("spawning the waypoint binary (did `cargo build` run?)");
+        let gw = EastWest {
+            ns: &nets.g,
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
+        while !matches!(http_request(gw.ns, ready, "GET", "/healthz/ready").await, Ok((200, _))) {
+            assert!(Instant::now() < deadline, "gateway not ready; log:\n{}", gw.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gw
+    }
+
+    async fn metrics(&self) -> String {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15020));
+        http_request(self.ns, addr, "GET", "/metrics")
+            .await
+            .expect("gateway metrics")
+            .1
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EastWest<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- east-west gateway log ---\n{}", self.logs());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Captures `link` (in `hub`'s namespace) to a pcap file until stopped.
+fn capture_link(hub: &Hub, link: &str, file: &std::path::Path) -> Tcpdump {
+    let path = file.display().to_string();
+    Tcpdump::start(
+        &hub.ns.name,
+        &[
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            link,
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            &path,
+        ],
+    )
+    .expect("tcpdump capture live")
+}
+
+/// The TCP packets of a capture as tcpdump prints them.
+fn tcp_lines(file: &std::path::Path) -> String {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(file)
+        .arg("tcp")
+        .output()
+        .expect("tcpdump -r");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reaches_another_network_through_the_gateway_with_double_hbone() {
+    let Some(nets) = Nets::new(94) else { return };
+    let za = nets.ztunnel(&nets.a, 1).await;
+    let zb = nets.ztunnel(&nets.b, 2).await;
+    let gw = EastWest::start(&nets).await;
+    tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
+
+    // The networks do not route to each other: the server's own address is out of reach.
+    let direct = tokio::time::timeout(
+        Duration::from_secs(5),
+        echo_connect(&nets.a, SocketAddr::new(nets.ip(2, 2), 8080)),
+    )
+    .await;
+    assert!(
+        !matches!(direct, Ok(Ok(_))),
+        "network 1 reached a pod of network 2 directly"
+    );
+
+    let pcap1 = nets.path("outer.pcap");
+    let pcap2 = nets.path("inside.pcap");
+    let dump1 = capture_link(&nets.hub1, &nets.g_link1, &pcap1);
+    let dump2 = capture_link(&nets.hub2, &nets.g_link2, &pcap2);
+    const MARKER: &str = "MULTINET-MARKER-4b7e21";
+    for round in 0..2 {
+        let (_, mut c) = echo_connect(&nets.a, nets.vip())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}; client ztunnel:\n{}", za.logs()));
+        for _ in 0..10 {
+            assert_eq!(ping(&mut c, MARKER).await.unwrap(), MARKER);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dump1.stop().expect("tcpdump stopped");
+    dump2.stop().expect("tcpdump stopped");
+
+    // Both sides of the gateway carried only TLS on 15008: the marker never crossed in clear,
+    // so the gateway, which only relays, never had it either.
+    for pcap in [&pcap1, &pcap2] {
+        let captured = std::fs::read(pcap).unwrap();
+        assert!(captured.len() > 2000, "nothing captured on {}", pcap.display());
+        assert!(
+            !captured.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "the marker crossed {} in clear",
+            pcap.display()
+        );
+        let text = tcp_lines(pcap);
+        assert!(text.lines().count() > 10, "{text}");
+        for l in text.lines() {
+            assert!(
+                l.contains(".15008 ") || l.contains(".15008:"),
+                "non-HBONE TCP at the gateway: {l}"
+            );
+        }
+    }
+    // Two connections, one outer TLS connection to the gateway (pooled per client and gateway).
+    let syns = tcp_lines(&pcap1)
+        .lines()
+        .filter(|l| l.contains("Flags [S]") && l.contains(&format!("> {}.15008", nets.ip(1, 10))))
+        .count();
+    assert_eq!(syns, 1, "outer connections opened to the gateway");
+
+    // The server's ztunnel authenticated the client itself (inner mutual TLS end to end).
+    let zb_metrics = zb.metrics().await.unwrap();
+    let opened = counter(
+        &zb_metrics,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"destination\"", &format!("source_principal=\"{CLIENT}\"")],
+    );
+    assert!(
+        opened >= 2.0,
+        "server ztunnel did not see the client's identity:\n{zb_metrics}"
+    );
+    let gw_metrics = gw.metrics().await;
+    assert_eq!(
+        counter(&gw_metrics, "eastwest_streams_total", &["outcome=\"forwarded\""]),
+        2.0,
+        "{gw_metrics}"
+    );
+    let logs = gw.logs();
+    assert!(logs.contains("relaying the inner tunnel"), "{logs}");
+    assert!(
+        logs.contains(HOST),
+        "the gateway routed by the service hostname: {logs}"
+    );
+    drop(za);
+}
+
+/// A client for the test to play from the rogue host `x`: identity `who`, certificates from
+/// `ca`, sockets in `x`.
+fn rogue(nets: &Nets, ca: DevCa) -> Arc<HbonePool> {
+    let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+    HbonePool::new(
+        Settings::default(),
+        certs,
+        Arc::new(NetnsSockets {
+            name: nets.x.name.clone(),
+        }),
+    )
+}
+
+fn to_gateway(nets: &Nets, who: Identity, authority: &str) -> TunnelRequest {
+    TunnelRequest {
+        key: PoolKey {
+            src_identity: who,
+            dst_identities: vec![GATEWAY.parse().unwrap()],
+            src_ip: None,
+            dst: SocketAddr::new(nets.ip(1, 10), 15008),
+        },
+        authority: authority.to_owned(),
+        forwarded_for: None,
+        baggage: None,
+        traceparent: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_foreign_identities_and_other_networks() {
+    let Some(nets) = Nets::new(95) else { return };
+    let _zb = nets.ztunnel(&nets.b, 2).await;
+    let gw = EastWest::start(&nets).await;
+    let client: Identity = CLIENT.parse().unwrap();
+    let service = format!("{HOST}:80");
+
+    // A certificate from another root: the outer handshake fails.
+    let other = rogue(&nets, DevCa::generate("cluster.local").unwrap());
+    let err = other.connect(&to_gateway(&nets, client.clone(), &service)).await.err();
+    assert!(
+        matches!(
+            err,
+            Some(HboneError::Tls(_)) | Some(HboneError::H2(_)) | Some(HboneError::Io(_))
+        ),
+        "{err:?}"
+    );
+
+    // Signed by the mesh's root, but an identity of another trust domain: 401.
+    let pool = rogue(&nets, nets.ca());
+    let foreign = Identity::new("evil.example", "default", "client").unwrap();
+    let err = pool.connect(&to_gateway(&nets, foreign, &service)).await.err();
+    assert!(matches!(err, Some(HboneError::Status(s)) if s == 401), "{err:?}");
+
+    // A mesh identity, but authorities that are not of network 2: 400.
+    for authority in [
+        "nope.default.svc.cluster.local:80",
+        &format!("{}:80", nets.ip(1, 1)),
+        &format!("{HOST}:81"),
+    ] {
+        let err = pool.connect(&to_gateway(&nets, client.clone(), authority)).await.err();
+        assert!(
+            matches!(err, Some(HboneError::Status(s)) if s == 400),
+            "{authority}: {err:?}"
+        );
+    }
+
+    // A mesh identity and the service's authority: relayed (the answer is the gateway's 200;
+    // what follows would be the inner TLS with the server's ztunnel).
+    pool.connect(&to_gateway(&nets, client, &service))
+        .await
+        .expect("relayed");
+
+    let metrics = gw.metrics().await;
+    for (outcome, n) in [
+        ("foreign_trust_domain", 1.0),
+        ("not_in_network", 3.0),
+        ("forwarded", 1.0),
+    ] {
+        assert_eq!(
+            counter(&metrics, "eastwest_streams_total", &[&format!("outcome=\"{outcome}\"")]),
+            n,
+            "{outcome}:\n{metrics}"
+        );
+    }
+}
