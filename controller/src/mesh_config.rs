@@ -1,7 +1,8 @@
 //! Mesh-wide settings in Istio's MeshConfig shape (the `mesh` key of the `istio` ConfigMap,
-//! mounted as a file as istiod reads it): today `outboundTrafficPolicy.mode`, ALLOW_ANY (the
-//! default: unknown destinations pass through) or REGISTRY_ONLY (ztunnel refuses them). Other
-//! MeshConfig fields are accepted and ignored. The file is polled; a change is sent to the
+//! mounted as a file as istiod reads it): `outboundTrafficPolicy.mode`, ALLOW_ANY (the
+//! default: unknown destinations pass through) or REGISTRY_ONLY (ztunnel refuses them), and
+//! the telemetry `extensionProviders` (tracing collectors, access-log sinks) with their
+//! `defaultProviders`. Other MeshConfig fields are accepted and ignored. The file is polled; a change is sent to the
 //! controller's loop as [`Change::MeshConfig`] and reaches ztunnels with the next push, so no
 //! component restarts. An unreadable or invalid file keeps the last good settings (logged), and
 //! one at start-up stops the controller (`read`, called first): falling back to the defaults
@@ -43,13 +44,18 @@ pub struct MeshConfig {
     pub default_providers: DefaultProviders,
 }
 
-/// One `extensionProviders` entry; only the tracing kinds waypoints export to are read.
+/// One `extensionProviders` entry; only the kinds waypoints export to are read: tracing
+/// (`zipkin`, `opentelemetry`) and access logs (`envoyOtelAls`, `envoyFileAccessLog`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExtensionProvider {
     pub name: String,
     pub zipkin: Option<Collector>,
     pub opentelemetry: Option<Collector>,
+    /// Access logs to an OpenTelemetry collector (Istio's name; sent as OTLP/HTTP).
+    pub envoy_otel_als: Option<Collector>,
+    /// Access logs to a file; waypoints write theirs to stdout.
+    pub envoy_file_access_log: Option<serde_yaml::Value>,
 }
 
 /// Where a collector listens (`service` is a host name or address, as Istio writes it).
@@ -70,9 +76,24 @@ pub struct OtlpHttp {
 
 /// `defaultProviders`: the providers used when no Telemetry names one.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DefaultProviders {
     #[serde(default)]
     pub tracing: Vec<String>,
+    #[serde(default)]
+    pub access_logging: Vec<String>,
+}
+
+/// Where a waypoint writes the access log of one Telemetry's `accessLogging` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessLogSinks {
+    /// Its own log (stdout): Istio's built-in `envoy` provider, an `envoyFileAccessLog` one,
+    /// or no provider named anywhere.
+    pub stdout: bool,
+    /// OTLP/HTTP logs endpoints.
+    pub otlp: Vec<String>,
+    /// Names that are no access-log provider (reported; nothing is written for them).
+    pub unknown: Vec<String>,
 }
 
 /// Where a waypoint sends its spans.
@@ -101,6 +122,49 @@ impl MeshConfig {
             .filter(|p| !p.is_empty())
             .unwrap_or("/v1/traces");
         Some(TraceExport::Otlp(url(o, path)))
+    }
+}
+
+impl MeshConfig {
+    /// Where the access log of an entry naming `names` goes (none named: the default
+    /// providers; none of those either: stdout, the waypoint's own log).
+    pub fn access_log_sinks(&self, names: &[&str]) -> AccessLogSinks {
+        let defaults: Vec<&str> = self
+            .default_providers
+            .access_logging
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let names = if names.is_empty() { &defaults[..] } else { names };
+        let mut out = AccessLogSinks {
+            stdout: names.is_empty(),
+            ..Default::default()
+        };
+        for &name in names {
+            let Some(p) = self.extension_providers.iter().find(|p| p.name == name) else {
+                // Istio's built-in provider: Envoy's stdout log.
+                if name == "envoy" {
+                    out.stdout = true;
+                } else {
+                    out.unknown.push(name.to_owned());
+                }
+                continue;
+            };
+            if let Some(c) = p.envoy_otel_als.as_ref().or(p.opentelemetry.as_ref()) {
+                let path = c
+                    .http
+                    .as_ref()
+                    .map(|h| h.path.as_str())
+                    .filter(|p| !p.is_empty() && *p != "/v1/traces")
+                    .unwrap_or("/v1/logs");
+                out.otlp.push(format!("http://{}:{}{path}", c.service, c.port));
+            } else if p.envoy_file_access_log.is_some() {
+                out.stdout = true;
+            } else {
+                out.unknown.push(name.to_owned());
+            }
+        }
+        out
     }
 }
 
@@ -216,6 +280,43 @@ defaultProviders: {tracing: [zipkin]}
         assert_eq!(cfg.trace_export(Some("envoy-log")), None);
         assert_eq!(cfg.trace_export(Some("missing")), None);
         assert_eq!(MeshConfig::default().trace_export(None), None);
+    }
+
+    #[test]
+    fn access_log_providers_resolve_to_stdout_and_otlp_endpoints() {
+        let cfg = parse(
+            "extensionProviders:
+- name: otel-als
+  envoyOtelAls: {service: otel.obs.svc, port: 4318}
+- name: otel
+  opentelemetry: {service: 10.0.0.9, port: 4318, http: {path: /custom/logs}}
+- name: file
+  envoyFileAccessLog: {path: /dev/stdout}
+- name: zipkin
+  zipkin: {service: zipkin, port: 9411}
+",
+        )
+        .unwrap();
+        let s = cfg.access_log_sinks(&["otel-als", "otel"]);
+        assert!(!s.stdout && s.unknown.is_empty());
+        assert_eq!(
+            s.otlp,
+            ["http://otel.obs.svc:4318/v1/logs", "http://10.0.0.9:4318/custom/logs"]
+        );
+        let s = cfg.access_log_sinks(&["envoy", "file", "zipkin", "nope"]);
+        assert!(s.stdout && s.otlp.is_empty());
+        assert_eq!(s.unknown, ["zipkin", "nope"]);
+        assert!(cfg.access_log_sinks(&[]).stdout, "nothing named anywhere: stdout");
+        let with_default = MeshConfig {
+            default_providers: DefaultProviders {
+                access_logging: vec!["otel-als".into()],
+                ..Default::default()
+            },
+            ..cfg
+        };
+        let s = with_default.access_log_sinks(&[]);
+        assert!(!s.stdout);
+        assert_eq!(s.otlp, ["http://otel.obs.svc:4318/v1/logs"]);
     }
 
     #[tokio::test]

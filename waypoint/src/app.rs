@@ -165,6 +165,10 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
             tags: cfg.trace_tags.clone(),
             service: format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
         }),
+        access_log: crate::telemetry::access_log::Sinks::register(
+            registry,
+            format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
+        ),
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         drain: CancellationToken::new(),
         closing: CancellationToken::new(),

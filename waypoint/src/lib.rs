@@ -38,6 +38,8 @@ pub struct Waypoint {
     pub jwks: Arc<policy::jwt::JwksCache>,
     pub metrics: telemetry::metrics::Metrics,
     pub tracer: Arc<telemetry::trace::Tracer>,
+    /// Access-log exporters to OpenTelemetry collectors (Telemetry access-log providers).
+    pub access_log: Arc<telemetry::access_log::Sinks>,
     /// How long a client of an HTTP-only port may stay silent before its stream is closed.
     pub header_read_timeout: std::time::Duration,
     /// Cancelled on SIGTERM: readiness fails, HTTP/1.1 answers say `Connection: close`.

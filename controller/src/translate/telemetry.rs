@@ -4,12 +4,16 @@
 //! section (tracing, metrics, access logging) is carried only when written, so the waypoint
 //! inherits per section. Expressions are parsed here with the waypoint's own parser
 //! (`mesh_core::expr`): one that cannot be read is reported and left out, never sent.
+//! Access-log providers are resolved against MeshConfig's `extensionProviders`: OpenTelemetry
+//! ones (`envoyOtelAls`, `opentelemetry`) become the OTLP/HTTP logs endpoints the waypoint
+//! posts to; `envoy` and file providers keep its own (stdout) log.
 
 use std::collections::BTreeMap;
 
 use mesh_proto::waypoint as wp;
 
 use super::{Options, Report};
+use crate::mesh_config::MeshConfig;
 use crate::model::istio::{Telemetry, TelemetrySpec};
 use crate::model::{Inputs, Kind, ObjectKey};
 
@@ -29,14 +33,20 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
         for path in &t.unimplemented {
             report.add(Kind::Telemetry, key, format!("{path} is not implemented; ignored"));
         }
-        if let Some(p) = one(key, t, options, report) {
+        if let Some(p) = one(key, t, &inputs.mesh, options, report) {
             out.insert(format!("Telemetry/{key}"), p);
         }
     }
     out
 }
 
-fn one(key: &ObjectKey, t: &Telemetry, options: &Options, report: &mut Report) -> Option<wp::Policy> {
+fn one(
+    key: &ObjectKey,
+    t: &Telemetry,
+    mesh: &MeshConfig,
+    options: &Options,
+    report: &mut Report,
+) -> Option<wp::Policy> {
     let spec = &t.spec;
     if spec.selector.is_some() {
         report.add(
@@ -76,7 +86,7 @@ fn one(key: &ObjectKey, t: &Telemetry, options: &Options, report: &mut Report) -
         tracing: tracing(key, spec, report),
         has_metrics: spec.metrics.is_some(),
         metrics: metrics(key, spec, report),
-        access_log: access_log(key, spec, report),
+        access_log: access_log(key, spec, mesh, report),
     };
     Some(wp::Policy {
         name: key.name.clone(),
@@ -189,8 +199,32 @@ fn metrics(key: &ObjectKey, spec: &TelemetrySpec, report: &mut Report) -> Vec<wp
     out
 }
 
-fn access_log(key: &ObjectKey, spec: &TelemetrySpec, report: &mut Report) -> Option<wp::TelemetryAccessLog> {
+fn access_log(
+    key: &ObjectKey,
+    spec: &TelemetrySpec,
+    mesh: &MeshConfig,
+    report: &mut Report,
+) -> Option<wp::TelemetryAccessLog> {
     let a = spec.access_logging.first()?;
+    if spec.access_logging.len() > 1 {
+        report.add(
+            Kind::Telemetry,
+            key,
+            "spec.accessLogging: only the first entry is applied",
+        );
+    }
+    let names: Vec<&str> = a.providers.iter().map(|p| p.name.as_str()).collect();
+    let sinks = mesh.access_log_sinks(&names);
+    for name in &sinks.unknown {
+        report.add(
+            Kind::Telemetry,
+            key,
+            format!(
+                "spec.accessLogging[0].providers: {name:?} is not an access-log provider of the mesh config \
+                 (envoy, envoyFileAccessLog, envoyOtelAls, opentelemetry); nothing is written for it"
+            ),
+        );
+    }
     let mut filter = a.filter.as_ref().map(|f| f.expression.clone()).unwrap_or_default();
     if !filter.is_empty() {
         if let Err(e) = mesh_core::expr::parse_filter(&filter) {
@@ -205,6 +239,8 @@ fn access_log(key: &ObjectKey, spec: &TelemetrySpec, report: &mut Report) -> Opt
     Some(wp::TelemetryAccessLog {
         disabled: a.disabled.unwrap_or(false),
         filter,
+        otlp: sinks.otlp,
+        no_stdout: !sinks.stdout,
     })
 }
 
@@ -214,10 +250,17 @@ mod tests {
     use crate::source::manifest_dir::{parse_text, Loaded};
 
     fn translated(yaml: &str) -> (BTreeMap<String, wp::Policy>, Vec<String>) {
+        translated_with(yaml, MeshConfig::default())
+    }
+
+    fn translated_with(yaml: &str, mesh: MeshConfig) -> (BTreeMap<String, wp::Policy>, Vec<String>) {
         let mut loaded = Loaded::default();
         parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-        let mut inputs = Inputs::default();
+        let mut inputs = Inputs {
+            mesh,
+            ..Default::default()
+        };
         for o in loaded.objects {
             inputs.apply(o);
         }
@@ -310,5 +353,41 @@ spec:
                 .any(|p| p.contains("unknown attribute \"response.size\"")),
             "{problems:?}"
         );
+    }
+
+    /// Access-log providers: an OpenTelemetry one becomes the waypoint's OTLP endpoint and
+    /// turns its own log off unless `envoy` is named too; an unknown name is reported.
+    #[test]
+    fn access_log_providers_from_the_mesh_config() {
+        let mesh = crate::mesh_config::parse(
+            "extensionProviders:\n- name: otel\n  envoyOtelAls: {service: 10.0.0.7, port: 4318}\n",
+        )
+        .unwrap();
+        let doc = |name: &str, providers: &str| {
+            format!(
+                "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: ns-{name}}}\n\
+                 spec:\n  accessLogging: [{{providers: [{providers}]}}]\n---\n"
+            )
+        };
+        let yaml = doc("a", "{name: otel}") + &doc("b", "{name: otel}, {name: envoy}") + &doc("c", "{name: nope}");
+        let (out, problems) = translated_with(&yaml, mesh);
+        let log = |k: &str| match &out[k].kind {
+            Some(wp::policy::Kind::Telemetry(t)) => t.access_log.clone().expect("access log"),
+            other => panic!("{other:?}"),
+        };
+        let a = log("Telemetry/ns-a/a");
+        assert_eq!(
+            (a.otlp.as_slice(), a.no_stdout),
+            (&["http://10.0.0.7:4318/v1/logs".to_owned()][..], true)
+        );
+        let b = log("Telemetry/ns-b/b");
+        assert_eq!((b.otlp.len(), b.no_stdout), (1, false));
+        let c = log("Telemetry/ns-c/c");
+        assert!(
+            c.otlp.is_empty() && c.no_stdout,
+            "an unknown provider writes nothing, as in Istio"
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("\"nope\""), "{problems:?}");
     }
 }

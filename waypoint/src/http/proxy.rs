@@ -30,6 +30,7 @@ use super::local_reply::{full, BadRequest, LocalReply, ResponseFlag};
 use super::retry::{self, to_duration, Attempt, RetryPolicy};
 use super::rewrite::{self, UpgradeRequest};
 use crate::store::Snapshot;
+use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::RequestLabels;
 use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
@@ -198,7 +199,13 @@ impl Arrival {
         let facts = self.facts(down, resp, out, &principal);
         self.metrics(wp, down, resp, out, elapsed, (&effective, &facts));
         if apply::log_wanted(&effective, &facts) {
-            self.log(down, resp, out, elapsed);
+            let log = effective.access_log;
+            if !log.is_some_and(|a| a.no_stdout) {
+                self.log(down, resp, out, elapsed);
+            }
+            if let Some(a) = log.filter(|a| !a.otlp.is_empty()) {
+                wp.access_log.send(&a.otlp, self.log_record(down, resp, out, elapsed));
+            }
         }
         self.span(wp, down, resp, out, elapsed);
     }
@@ -221,6 +228,27 @@ impl Arrival {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
+    }
+
+    /// The access-log line's fields as an OTLP log record (Telemetry access-log providers).
+    fn log_record(&self, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) -> Record {
+        let src_identity = down.peer_identity.as_ref().map(ToString::to_string);
+        let mut r = Record::new("request")
+            .str("src_addr", down.client_addr.to_string())
+            .str("src_identity", src_identity.unwrap_or_else(|| "-".into()))
+            .str("dst_service", down.service.hostname.as_str())
+            .str("dst_workload", out.upstream.as_ref().map_or("-", |w| w.name.as_str()))
+            .str("method", self.method.as_str())
+            .str("path", self.path.as_str())
+            .int("status", i64::from(resp.status().as_u16()))
+            .str("flags", out.flags.as_str())
+            .str("route", out.route.as_str())
+            .int("attempts", i64::from(out.attempts))
+            .str("reason", out.reason.as_str())
+            .double("duration_ms", elapsed.as_secs_f64() * 1000.0);
+        r.time = self.started_at;
+        r.trace = self.trace.as_ref().map(|t| (t.trace_id, t.span_id));
+        r
     }
 
     fn metrics(

@@ -271,6 +271,7 @@ mod tests {
         let log = wp::TelemetryAccessLog {
             disabled: false,
             filter: "response.code >= 500".into(),
+            ..Default::default()
         };
         let tracing = wp::TelemetryTracing {
             has_sampling: true,
@@ -287,7 +288,7 @@ mod tests {
         assert!(log_wanted(&Effective::default(), &facts(200)));
         let off = wp::TelemetryAccessLog {
             disabled: true,
-            filter: String::new(),
+            ..Default::default()
         };
         assert!(!log_wanted(
             &Effective {

@@ -87,6 +87,7 @@ mod tests {
             access_log: Some(wp::TelemetryAccessLog {
                 disabled: false,
                 filter: filter.into(),
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -2,21 +2,19 @@
 //! headers (a new trace is started when there is none, sampled at the configured percentage;
 //! an incoming sampling decision is kept), the waypoint's span becomes the parent of the
 //! upstream request (both header families are written), and sampled spans are exported in
-//! batches to Zipkin (v2 JSON) and/or OTLP/HTTP (JSON) collectors. Export never blocks a
-//! request: spans go through a bounded queue and are dropped (and counted) when it is full.
+//! batches to Zipkin (v2 JSON) and/or OTLP/HTTP (JSON) collectors through [`super::export`]
+//! (shared with the access log). Export never blocks a request: spans go through a bounded
+//! queue and are dropped (and counted) when it is full or the collector fails.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{HeaderMap, HeaderValue};
 use rand::Rng;
-use tokio::sync::mpsc;
+
+use super::export::{Endpoint, Exporter};
 
 /// One request's place in a trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,38 +150,60 @@ pub struct TraceConfig {
 
 pub struct Tracer {
     pub sampling: f64,
-    queue: Option<mpsc::Sender<Span>>,
-    pub dropped: AtomicU64,
+    exporter: Option<Exporter<Span>>,
+    /// Spans lost: queue full or collector failing.
+    pub dropped: Arc<AtomicU64>,
 }
 
 impl Tracer {
     /// Starts the exporter when an endpoint is configured.
     pub fn start(cfg: TraceConfig) -> Arc<Tracer> {
-        let queue = (cfg.zipkin.is_some() || cfg.otlp.is_some()).then(|| {
-            let (tx, rx) = mpsc::channel(4096);
-            tokio::spawn(export(cfg.clone(), rx));
-            tx
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut endpoints = Vec::new();
+        if let Some(url) = &cfg.zipkin {
+            let c = cfg.clone();
+            endpoints.push(Endpoint {
+                url: url.clone(),
+                content_type: "application/json",
+                encode: Box::new(move |spans: &[Span]| zipkin_json(spans, &c).into_bytes()),
+            });
+        }
+        if let Some(url) = &cfg.otlp {
+            let c = cfg.clone();
+            endpoints.push(Endpoint {
+                url: url.clone(),
+                content_type: "application/json",
+                encode: Box::new(move |spans: &[Span]| otlp_json(spans, &c).into_bytes()),
+            });
+        }
+        let exporter = (!endpoints.is_empty()).then(|| {
+            let d = dropped.clone();
+            Exporter::start(
+                "spans",
+                endpoints,
+                Arc::new(move |_, n| {
+                    d.fetch_add(n, Ordering::Relaxed);
+                }),
+            )
         });
         Arc::new(Tracer {
-            sampling: if queue.is_some() {
+            sampling: if exporter.is_some() {
                 cfg.sampling.clamp(0.0, 100.0)
             } else {
                 0.0
             },
-            queue,
-            dropped: AtomicU64::new(0),
+            exporter,
+            dropped,
         })
     }
 
     pub fn enabled(&self) -> bool {
-        self.queue.is_some()
+        self.exporter.is_some()
     }
 
     pub fn finish(&self, span: Span) {
-        if let Some(q) = &self.queue {
-            if q.try_send(span).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(e) = &self.exporter {
+            e.send(span);
         }
     }
 }
@@ -251,52 +271,6 @@ pub fn otlp_json(spans: &[Span], cfg: &TraceConfig) -> String {
         }]
     })
     .to_string()
-}
-
-/// Collects spans for up to a second (or 256) and posts each batch to every endpoint.
-async fn export(cfg: TraceConfig, mut rx: mpsc::Receiver<Span>) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut batch = Vec::with_capacity(256);
-    loop {
-        let first = match rx.recv().await {
-            Some(s) => s,
-            None => return,
-        };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while batch.len() < 256 {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let targets = [
-            (
-                cfg.zipkin.as_deref(),
-                zipkin_json as fn(&[Span], &TraceConfig) -> String,
-            ),
-            (cfg.otlp.as_deref(), otlp_json),
-        ];
-        for (url, encode) in targets {
-            let Some(url) = url else { continue };
-            let req = Request::post(url)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(encode(&batch, &cfg))));
-            let Ok(req) = req else {
-                tracing::warn!(%url, "trace collector address is not a valid URI");
-                continue;
-            };
-            match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-                Ok(Ok(resp)) if resp.status().is_success() => {}
-                Ok(Ok(resp)) => {
-                    tracing::warn!(%url, status = %resp.status(), spans = batch.len(), "trace collector refused spans")
-                }
-                Ok(Err(e)) => tracing::warn!(%url, error = %e, spans = batch.len(), "exporting spans failed"),
-                Err(_) => tracing::warn!(%url, spans = batch.len(), "exporting spans timed out"),
-            }
-        }
-        batch.clear();
-    }
 }
 
 /// `key=value` of a `--trace-tag` flag.
