@@ -478,3 +478,136 @@ async fn the_gateway_refuses_foreign_identities_and_other_networks() {
         );
     }
 }
+
+/// The root (certificate, key) Istio's ztunnel signs its own certificates with under
+/// `FAKE_CA=true`, read out of the peer binary at run time (never copied into this
+/// repository): the key is the one that signs leaves chaining to the certificate.
+fn istio_test_root(binary: &std::path::Path) -> anyhow::Result<(String, String)> {
+    use mesh_core::identity::ca::new_csr;
+    let bytes = std::fs::read(binary)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let blocks = |kind: &str| -> Vec<String> {
+        let (begin, end) = (format!("-----BEGIN {kind}-----"), format!("-----END {kind}-----"));
+        let mut found = Vec::new();
+        let mut rest = &text[..];
+        while let Some(i) = rest.find(&begin) {
+            let Some(j) = rest[i..].find(&end) else { break };
+            found.push(format!("{}\n", &rest[i..i + j + end.len()]));
+            rest = &rest[i + j + end.len()..];
+        }
+        found
+    };
+    let probe = Identity::new("cluster.local", "default", "probe")?;
+    for cert in blocks("CERTIFICATE") {
+        let roots = mesh_core::identity::cert::certs_from_pem(&cert)?;
+        for key in blocks("PRIVATE KEY") {
+            let Ok(ca) = DevCa::from_pem(&cert, &key) else { continue };
+            let (_, csr) = new_csr(&probe)?;
+            let leaf = ca.issue(&probe, &csr, Duration::from_secs(600))?;
+            let chain = mesh_core::identity::cert::certs_from_pem(&leaf)?;
+            if mesh_core::tls::verify_workload_chain(&chain, &roots).is_ok() {
+                return Ok((cert, key));
+            }
+        }
+    }
+    anyhow::bail!("no test root with its key in {}", binary.display())
+}
+
+/// Istio's local-file format for network 1's view: the same world as [`Nets::state`].
+fn istio_state(nets: &Nets) -> String {
+    let n = nets.id;
+    let workload = |ns: &str, name: &str, ips: &str, network: &str, extra: &str| {
+        format!(
+            "- uid: c//Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  \
+             trustDomain: cluster.local\n  workloadIps: [{ips}]\n  protocol: HBONE\n  node: node-{name}\n  \
+             network: {network}\n  canonicalName: {name}\n  canonicalRevision: v1\n  workloadName: {name}\n{extra}"
+        )
+    };
+    format!(
+        "workloads:\n{}{}{}services:\n- name: server\n  namespace: default\n  hostname: {HOST}\n  \
+         vips: [\"net1/10.96.{n}.10\"]\n  subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n  ports:\n    80: 8080\npolicies: []\n",
+        workload("default", "client", &format!("\"10.{n}.1.1\""), "net1", "  services: {}\n"),
+        workload(
+            "default",
+            "server",
+            &format!("\"10.{n}.2.2\""),
+            "net2",
+            &format!(
+                "  networkGateway:\n    destination: \"net2/10.{n}.1.10\"\n    hboneMtlsPort: 15008\n  \
+                 services: {{\"default/{HOST}\": {{80: 8080}}}}\n"
+            ),
+        ),
+        workload(
+            "istio-system",
+            "eastwest",
+            &format!("\"10.{n}.1.10\", \"10.{n}.2.10\""),
+            "net2",
+            "  services: {}\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_ztunnel_reaches_another_network_through_our_gateway() {
+    let Some(binary) = mesh_e2e::istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    let Some(nets) = Nets::new(96) else { return };
+    // One root for all: Istio's ztunnel signs with its built-in test root, so our gateway
+    // and server ztunnel sign with it too.
+    let (cert, key) = istio_test_root(&binary).expect("Istio's test root");
+    std::fs::write(nets.path("root-cert.pem"), cert).unwrap();
+    std::fs::write(nets.path("root-key.pem"), key).unwrap();
+    let state = nets.path("istio-net1.yaml");
+    std::fs::write(&state, istio_state(&nets)).unwrap();
+    let _zb = nets.ztunnel(&nets.b, 2).await;
+    let gw = EastWest::start(&nets).await;
+    tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
+    let env = [
+        ("PROXY_MODE", "dedicated".to_owned()),
+        ("PROXY_WORKLOAD_INFO", "default/client/client".to_owned()),
+        ("XDS_ADDRESS", String::new()),
+        ("CA_ADDRESS", String::new()),
+        ("FAKE_CA", "true".to_owned()),
+        ("LOCAL_XDS_PATH", state.display().to_string()),
+        ("NETWORK", "net1".to_owned()),
+        ("PACKET_MARK", "1337".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    let mut za = mesh_e2e::istio::IstioZtunnel::spawn(&nets.a, &binary, &env).unwrap();
+    za.wait_ready(Duration::from_secs(20)).await.unwrap();
+
+    let pcap = nets.path("istio-outer.pcap");
+    let dump = capture_link(&nets.hub1, &nets.g_link1, &pcap);
+    const MARKER: &str = "ISTIO-MULTINET-MARKER-93a0";
+    let (_, mut c) = echo_connect(&nets.a, nets.vip())
+        .await
+        .unwrap_or_else(|e| panic!("{e}; Istio's ztunnel:\n{}\ngateway:\n{}", za.logs(), gw.logs()));
+    for _ in 0..10 {
+        assert_eq!(ping(&mut c, MARKER).await.unwrap(), MARKER);
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dump.stop().expect("tcpdump stopped");
+    let captured = std::fs::read(&pcap).unwrap();
+    assert!(
+        !captured.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "marker in clear"
+    );
+    let gw_metrics = gw.metrics().await;
+    assert_eq!(
+        counter(&gw_metrics, "eastwest_streams_total", &["outcome=\"forwarded\""]),
+        1.0,
+        "{gw_metrics}"
+    );
+    let zb_metrics = _zb.metrics().await.unwrap();
+    let opened = counter(
+        &zb_metrics,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"destination\"", &format!("source_principal=\"{CLIENT}\"")],
+    );
+    assert!(
+        opened >= 1.0,
+        "our server ztunnel did not see Istio's client identity:\n{zb_metrics}"
+    );
+}

@@ -4,8 +4,11 @@
 //! east-west gateway named by its `network_gateway`: an outer HBONE CONNECT to the gateway's
 //! HBONE port (mutual TLS, the gateway's identity checked), whose authority is the service's
 //! `hostname:port` (the service port) so the gateway can route without decrypting anything;
-//! inside it, a second mutual TLS with the destination's own identity and an inner CONNECT
-//! with the same authority. The gateway only ever holds the inner TLS records.
+//! inside it, a second mutual TLS with the destination and an inner CONNECT with the same
+//! authority. The gateway only ever holds the inner TLS records. Since the gateway picks the
+//! endpoint, the inner peer must prove an identity of one of the service's endpoints on that
+//! network or one of the service's SANs (Istio's ztunnel accepts only the SANs, which istiod
+//! fills with the endpoints' identities for such services).
 //!
 //! Inbound: the inner CONNECT arrives at the destination's ztunnel naming the service by
 //! hostname; [`hostname_target`] turns that into the local workload's address and target
@@ -83,7 +86,14 @@ pub fn route(state: &State, wl: &Arc<Workload>, svc: &Arc<Service>, dst: SocketA
     if gateway_identities.is_empty() {
         return Err(unavailable("no identity is known for the gateway"));
     }
-    let mut identities = vec![wl.identity.clone()];
+    // The gateway picks the endpoint, so the inner handshake may meet any endpoint of the
+    // service on that network; Istio's ztunnel accepts only the service's SANs here.
+    let mut identities: Vec<Identity> = state
+        .endpoints(svc)
+        .iter()
+        .filter(|w| w.network == wl.network)
+        .map(|w| w.identity.clone())
+        .collect();
     identities.extend(svc.subject_alt_names.iter().cloned());
     Ok(Route::DoubleHbone {
         gateway,
@@ -217,9 +227,35 @@ mod tests {
                 );
                 // Istio's form: the service hostname and the service port, on both layers.
                 assert_eq!(authority, "web.default.svc.cluster.local:80");
+                assert_eq!(identities.len(), 1);
                 assert_eq!(identities[0].service_account, "web");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// The gateway, not the client, picks the endpoint: the inner handshake accepts any
+    /// endpoint of the service on that network (and the service's SANs), no other.
+    #[test]
+    fn the_inner_identity_is_any_endpoint_of_the_service_on_that_network() {
+        let (mut s, client) = state();
+        let mut other = workload("web-v2", "10.2.0.3", "net2", true);
+        other.identity = Identity::new("", "default", "web-v2").unwrap();
+        s.upsert_workload(other);
+        s.set_network_gateway("c//Pod/default/web-v2", Some(gateway_at("192.0.2.10", "net2")));
+        let mut elsewhere = workload("web-net3", "10.3.0.3", "net3", true);
+        elsewhere.identity = Identity::new("", "default", "web-net3").unwrap();
+        s.upsert_workload(elsewhere);
+        s.set_network_gateway("c//Pod/default/web-net3", Some(gateway_at("192.0.2.10", "net2")));
+        for _ in 0..20 {
+            let Route::DoubleHbone { identities, .. } =
+                resolve(&s, "net1", 15008, &client, sa("10.96.0.1:80")).unwrap()
+            else {
+                panic!("double HBONE expected")
+            };
+            let mut names: Vec<&str> = identities.iter().map(|i| i.service_account.as_str()).collect();
+            names.sort();
+            assert!(names == ["web", "web-v2"] || names == ["web-net3"], "{names:?}");
         }
     }
 
