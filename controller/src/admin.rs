@@ -88,6 +88,8 @@ impl Admin {
             "/debug/problems" => json(&self.published.borrow().problems),
             "/debug/skipped" => json(&*self.skipped.borrow()),
             "/debug/waypoints" => json(&self.published.borrow().waypoints),
+            // This cluster and the remote ones: network, sync state, what each contributes.
+            "/debug/clusters" => json(&self.published.borrow().outputs.clusters),
             // Ingress gateways' and their routes' statuses (never their certificates' keys).
             "/debug/ingress" => {
                 let outputs = self.published.borrow().outputs.clone();
@@ -135,6 +137,7 @@ mod tests {
             "/debug/skipped",
             "/debug/waypoints",
             "/debug/ingress",
+            "/debug/clusters",
         ];
         for path in debug {
             assert_eq!(status(Role::Debug, path), StatusCode::OK, "{path}");

@@ -53,10 +53,30 @@ pub struct Config {
     /// (the kubelet's --cluster-domain; not always cluster.local).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// This cluster's id: the prefix of workload uids (`<cluster>//Pod/<ns>/<name>`), unique
+    /// among the clusters of one mesh.
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+    /// This cluster's network (empty: the label `topology.istio.io/network` on the system
+    /// namespace, else the default network). Workloads on other networks are reached through
+    /// their network's east-west gateway.
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,
+    /// Local mode: a remote cluster's manifest directory, `<cluster-id>=<dir>` (repeatable):
+    /// its pods, services and east-west gateways are merged into what is served.
+    #[arg(long, env = "REMOTE_MANIFESTS", value_delimiter = ',')]
+    pub remote_manifests: Vec<crate::source::remote::RemoteDir>,
+    /// Local mode: a remote cluster's node agents' enrolment reports, `<cluster-id>=<dir>`.
+    #[arg(long, env = "REMOTE_ENROLMENT", value_delimiter = ',')]
+    pub remote_enrolment: Vec<crate::source::remote::RemoteDir>,
+    /// Cluster mode: read remote clusters from Secrets labelled `istio/multiCluster=true` in
+    /// POD_NAMESPACE (one kubeconfig per key, the key being the cluster id).
+    #[arg(long, env = "REMOTE_SECRETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub remote_secrets: bool,
+    /// How long a remote cluster that cannot be read keeps its workloads served before they
+    /// are withdrawn (`30s`, `500ms`, `2m`).
+    #[arg(long, env = "REMOTE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub remote_grace: std::time::Duration,
     #[arg(long, env = "ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
     /// The controller's own identity (its serving certificate's SAN).
@@ -115,6 +135,21 @@ pub struct Config {
     pub log: String,
 }
 
+/// `<n>ms`, `<n>s`, `<n>m` or bare seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "" | "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: the unit is ms, s or m")),
+    }
+}
+
 /// Name of the controller's own Service (manifests/controller/service.yaml).
 pub const SERVICE_NAME: &str = "mesh-controller";
 
@@ -167,6 +202,34 @@ impl Config {
         crate::ca::ServingNames { dns, ips }
     }
 
+    /// Cluster ids: valid, unique, and the remote flags only in local mode.
+    fn validate_clusters(&self) -> Result<(), String> {
+        crate::source::remote::check_cluster_id(&self.cluster_id).map_err(|e| format!("--cluster-id: {e}"))?;
+        let mut seen = std::collections::BTreeSet::from([self.cluster_id.as_str()]);
+        for r in &self.remote_manifests {
+            if !seen.insert(r.cluster.as_str()) {
+                return Err(format!(
+                    "--remote-manifests: cluster id {:?} is used twice (or is this cluster's --cluster-id)",
+                    r.cluster
+                ));
+            }
+        }
+        if let Some(r) = self
+            .remote_enrolment
+            .iter()
+            .find(|e| !self.remote_manifests.iter().any(|m| m.cluster == e.cluster))
+        {
+            return Err(format!(
+                "--remote-enrolment {}: no --remote-manifests for that cluster",
+                r.cluster
+            ));
+        }
+        if self.kubernetes && !self.remote_manifests.is_empty() {
+            return Err("--remote-manifests is for local mode; in a cluster, remote clusters come from Secrets labelled istio/multiCluster=true".into());
+        }
+        Ok(())
+    }
+
     /// Checks what flags alone cannot, with a message saying how to fix it.
     pub fn validate(&self) -> Result<(), String> {
         match (&self.manifest_dir, self.kubernetes) {
@@ -181,6 +244,7 @@ impl Config {
             }
             _ => {}
         }
+        self.validate_clusters()?;
         if self.max_cert_ttl_seconds < 60 {
             return Err("--max-cert-ttl-seconds must be at least 60".into());
         }
@@ -258,6 +322,43 @@ mod tests {
         for bad in ["0.0.0.0:15015", "10.0.0.1:15015", "[::]:15015"] {
             let e = with(&["--debug-addr", bad]).expect_err(bad);
             assert!(e.contains("--debug-addr") && e.contains("loopback"), "{e}");
+        }
+    }
+
+    #[test]
+    fn remote_clusters_are_validated() {
+        let dir = std::env::temp_dir();
+        let dir = dir.to_string_lossy();
+        let with = |extra: &[&str]| {
+            let base = ["controller", "--manifest-dir", &dir, "--bootstrap-tokens", "/t.yaml"];
+            Config::try_parse_from(base.iter().chain(extra))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map(|()| c))
+        };
+        let c = with(&[
+            "--cluster-id",
+            "c68",
+            "--remote-manifests",
+            "c69=/b,c70=/c",
+            "--remote-grace",
+            "500ms",
+        ])
+        .expect("valid");
+        assert_eq!(c.remote_manifests.len(), 2);
+        assert_eq!(c.remote_grace, std::time::Duration::from_millis(500));
+        assert_eq!(
+            with(&[]).expect("defaults").remote_grace,
+            std::time::Duration::from_secs(30)
+        );
+        for bad in [
+            &["--cluster-id", "c68", "--remote-manifests", "c68=/b"][..],
+            &["--remote-manifests", "c69=/b", "--remote-manifests", "c69=/c"],
+            &["--remote-manifests", "c69"],
+            &["--remote-enrolment", "c69=/e"],
+            &["--cluster-id", "a/b"],
+            &["--remote-grace", "5h"],
+        ] {
+            assert!(with(bad).is_err(), "{bad:?}");
         }
     }
 

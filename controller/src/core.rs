@@ -152,6 +152,7 @@ fn apply(inputs: &mut Inputs, change: Change, sources: &mut Sources) {
         Change::Enrolled(pods) => inputs.enrolled = pods,
         Change::KindState(kind, state) => drop(sources.kinds.insert(kind, state)),
         Change::MeshConfig(mesh) => inputs.mesh = mesh,
+        Change::Cluster(c) => crate::model::cluster::apply(&mut inputs.remotes, c),
     }
 }
 

@@ -35,6 +35,8 @@ pub enum Command {
     /// Show ztunnel's configuration (from its admin /config_dump).
     #[command(name = "ztunnel-config")]
     ZtunnelConfig(ZtunnelConfigArgs),
+    /// The clusters the controller serves: its own and the remote ones, with their sync state.
+    Clusters(ClustersArgs),
     /// Create, list and delete waypoints (Gateways of class istio-waypoint).
     Waypoint {
         #[command(subcommand)]
@@ -113,6 +115,25 @@ pub struct ZtunnelConfigArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct ClustersArgs {
+    /// The controller's debug address (serves /debug/clusters; localhost only: run it where
+    /// the controller runs, or through `kubectl port-forward`).
+    #[arg(
+        long,
+        env = "CONTROLLER_DEBUG",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:15015"
+    )]
+    pub admin: String,
+    /// Print the controller's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the controller.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct WaypointArgs {
     /// Namespace of the waypoint.
     #[arg(short, long, default_value = "default")]
@@ -159,6 +180,13 @@ pub struct AnalyzeArgs {
     /// Manifest files or directories (searched recursively for .yaml, .yml, .json).
     #[arg(default_value = ".")]
     pub paths: Vec<PathBuf>,
+    /// A remote cluster's manifests, `<cluster-id>=<path>` (repeatable): analyzed together
+    /// with PATHS as the controller merges clusters.
+    #[arg(long = "remote", value_name = "ID=PATH")]
+    pub remotes: Vec<String>,
+    /// The cluster id of PATHS (the controller's --cluster-id).
+    #[arg(long, default_value = "Kubernetes")]
+    pub cluster_id: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -236,6 +264,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let out = ztunnel_config::run(&a.admin, a.section, a.output, Duration::from_secs(a.timeout))?;
             print!("{out}");
             Ok(0)
+        }
+        Command::Clusters(a) => {
+            // Exit status 1 while a remote cluster is not synced.
+            let (out, synced) = meshctl::clusters::run(&a.admin, a.json, Duration::from_secs(a.timeout))?;
+            print!("{out}");
+            Ok(if synced { 0 } else { 1 })
         }
         Command::Waypoint { action } => run_waypoint(action),
         Command::Analyze(a) => run_analyze(a),
@@ -371,7 +405,14 @@ fn run_waypoint(action: WaypointAction) -> anyhow::Result<i32> {
 
 fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<i32> {
     let style = Style::detect();
-    let report = analyze::run(&a.paths)?;
+    let mut remotes = Vec::new();
+    for r in &a.remotes {
+        let Some((id, path)) = r.split_once('=') else {
+            anyhow::bail!("--remote {r:?}: expected <cluster-id>=<path>");
+        };
+        remotes.push((id.to_owned(), PathBuf::from(path)));
+    }
+    let report = analyze::run_multicluster(&a.paths, &a.cluster_id, &remotes)?;
     for f in &report.findings {
         println!("{}", f.render(style));
     }

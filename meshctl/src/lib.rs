@@ -3,6 +3,7 @@
 
 pub mod analyze;
 pub mod check;
+pub mod clusters;
 pub mod demo;
 pub mod explain;
 pub mod http;

@@ -92,11 +92,18 @@ struct Serving {
 /// bundle with every certificate from now on, the bundle file proxies read is rewritten, and
 /// the controller's own serving certificate is re-issued by the new CA (so it chains to a root
 /// the bundle still holds once the old one is retired).
-fn rotate(ca: CaServer, ca_dir: PathBuf, serving: Serving) -> impl Fn(Arc<CaRoot>) + Send + 'static {
+fn rotate(
+    ca: CaServer,
+    ca_dir: PathBuf,
+    serving: Serving,
+    bundle: tokio::sync::watch::Sender<String>,
+) -> impl Fn(Arc<CaRoot>) + Send + 'static {
     move |root| {
         if let Err(e) = controller::ca::publish_trust_bundle(&ca_dir, root.trust_bundle()) {
             tracing::warn!(error = %e, "cannot publish the new trust bundle");
         }
+        // The waypoint namespaces' istio-ca-root-cert ConfigMaps follow (cluster mode).
+        bundle.send_replace(root.trust_bundle().to_owned());
         match serving_tls(&root, &serving.identity, &serving.names) {
             Ok(tls) => serving.tls.store(tls),
             Err(e) => tracing::warn!(error = %e, "cannot re-issue the serving certificate; keeping the previous one"),
@@ -120,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
     let (root, plugin) = ca_root(&config)?;
+    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(root.trust_bundle().to_owned());
     controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
         .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
     let names = config.serving_names();
@@ -176,9 +184,27 @@ async fn main() -> anyhow::Result<()> {
         if let Some(dir) = config.waypoint_records.clone() {
             tokio::spawn(write_records(dir, core.published.clone()));
         }
+        for remote in config.remote_manifests.clone() {
+            let enrolment = config.remote_enrolment.iter().find(|e| e.cluster == remote.cluster);
+            tokio::spawn(source::remote::watch_dir(
+                remote,
+                enrolment.map(|e| e.dir.clone()),
+                Duration::from_millis(config.poll_ms),
+                config.remote_grace,
+                changes_tx.clone(),
+            ));
+        }
         auth
     } else {
         let client = controller::k8s::client().await.context("Kubernetes client")?;
+        if config.remote_secrets {
+            tokio::spawn(source::remote::watch_secrets(
+                client.clone(),
+                config.pod_namespace.clone(),
+                config.remote_grace,
+                changes_tx.clone(),
+            ));
+        }
         let watch_client = client.clone();
         tokio::spawn(async move {
             if let Err(e) = controller::k8s::watch::run(watch_client, changes_tx).await {
@@ -197,11 +223,17 @@ async fn main() -> anyhow::Result<()> {
         );
         let (records_tx, records_rx) = watch::channel(Vec::new());
         let (problems_tx, problems_rx) = watch::channel(Vec::new());
+        let (ingress_tx, ingress_rx) = watch::channel(Vec::new());
         let mut published = core.published.clone();
         tokio::spawn(async move {
             while published.changed().await.is_ok() {
                 let p = published.borrow_and_update().clone();
-                records_tx.send_if_modified(|w| std::mem::replace(w, p.waypoints) != *w);
+                // Waypoints and ingress gateways are deployed (and their status written) alike.
+                let mut records = p.waypoints;
+                records.extend(p.outputs.ingress.deployments.values().cloned());
+                records_tx.send_if_modified(|w| std::mem::replace(w, records) != *w);
+                let routes = p.outputs.ingress.route_parents.clone();
+                ingress_tx.send_if_modified(|old| std::mem::replace(old, routes) != *old);
                 problems_tx.send_if_modified(|old| std::mem::replace(old, p.problems) != *old);
             }
         });
@@ -211,11 +243,18 @@ async fn main() -> anyhow::Result<()> {
             leader.clone(),
             problems_rx,
         ));
+        tokio::spawn(controller::k8s::ingress_status::run(
+            client.clone(),
+            Duration::from_secs(5),
+            leader.clone(),
+            ingress_rx,
+        ));
         let writer = controller::k8s::writer::WriterConfig {
             image: config.waypoint_image.clone(),
             xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
             root_cert: root.trust_bundle().to_owned(),
             retry: Duration::from_secs(5),
+            trust_bundle: Some(bundle_rx),
         };
         tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));
         Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
@@ -235,9 +274,11 @@ async fn main() -> anyhow::Result<()> {
         ca_options,
         ca_metrics.clone(),
     );
-    if let Some(files) = plugin {
+    // Also without a plug-in CA: its files appearing switch the CA to it (no restart).
+    {
         tokio::spawn(controller::ca::plugin::watch(
-            files,
+            config.cacerts_dir.clone(),
+            plugin,
             config.trust_domain.clone(),
             Duration::from_secs(1),
             ca_metrics,
@@ -249,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
                     names,
                     tls: tls.clone(),
                 },
+                bundle_tx,
             ),
         ));
     }

@@ -2,6 +2,7 @@
 //! and [`Inputs`], the snapshot of all of them that translation works on. Both sources (the
 //! Kubernetes API and the local manifest directory) produce the same [`Object`]s.
 
+pub mod cluster;
 pub mod gateway;
 pub mod istio;
 mod object;
@@ -88,6 +89,8 @@ pub struct Inputs {
     pub mesh: crate::mesh_config::MeshConfig,
     /// Pods the node agents report captured (local mode), besides annotated ones.
     pub enrolled: std::collections::BTreeSet<ObjectKey>,
+    /// Remote clusters by cluster id: their discovery objects are merged into what is served.
+    pub remotes: BTreeMap<String, cluster::Remote>,
 }
 
 impl Inputs {

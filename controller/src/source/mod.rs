@@ -23,6 +23,8 @@ pub enum Change {
     KindState(Kind, KindSync),
     /// The mesh-wide settings changed (`--mesh-config`).
     MeshConfig(crate::mesh_config::MeshConfig),
+    /// Something about a remote cluster (its objects, whether it can be read).
+    Cluster(crate::model::cluster::ClusterChange),
 }
 
 /// Whether one kind's source could be read, as translation needs to know it.
@@ -53,6 +55,7 @@ impl KindSync {
 /// Sender half a source writes to.
 pub type ChangeSender = tokio::sync::mpsc::Sender<Change>;
 pub mod manifest_dir;
+pub mod remote;
 
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +67,7 @@ impl std::fmt::Display for Change {
             Change::Enrolled(pods) => write!(f, "enrolled {}", pods.len()),
             Change::KindState(k, state) => write!(f, "state {k:?} {state:?}"),
             Change::MeshConfig(m) => write!(f, "mesh config {m:?}"),
+            Change::Cluster(c) => write!(f, "{c}"),
         }
     }
 }

@@ -10,6 +10,7 @@ mod auto_allocate;
 pub mod ingress;
 mod peer_authn;
 mod rate_limit;
+pub mod remote;
 pub mod render;
 mod routes;
 mod service;
@@ -95,6 +96,8 @@ pub struct Outputs {
     /// and those of the routes naming them.
     pub ingress: ingress::Ingress,
     pub problems: Vec<Problem>,
+    /// This cluster and the remote ones, with what each contributes.
+    pub clusters: Vec<remote::ClusterStatus>,
 }
 
 /// Collects problems while translating.
@@ -124,6 +127,7 @@ impl Report {
 
 /// Translates the whole input snapshot.
 pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
+    let options = &remote::local_options(inputs, options);
     let mut report = Report::default();
     let waypoints = attach::waypoints(inputs, options, &mut report);
     let attach = attach::Attachments::new(inputs, &waypoints, options, &mut report);
@@ -163,7 +167,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     let mut problems = report.0;
     problems.sort();
     problems.dedup();
-    Outputs {
+    let mut out = Outputs {
         addresses,
         authorizations: authz.policies,
         service_routes,
@@ -171,7 +175,10 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         waypoints: waypoints.into_iter().map(|(k, w)| (k, w.deployment)).collect(),
         ingress,
         problems,
-    }
+        clusters: Vec::new(),
+    };
+    remote::merge(inputs, options, &mut out);
+    out
 }
 
 /// ServiceEntries' services and endpoint workloads, added beside the Kubernetes Services

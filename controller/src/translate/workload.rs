@@ -17,10 +17,23 @@ use crate::model::{Inputs, Kind, ObjectKey, Pod};
 /// cannot hold `/`, so dots separate; missing trailing parts are empty).
 const LOCALITY_LABEL: &str = "istio-locality";
 
+/// Well-known topology labels (on nodes in a cluster; read from the pod here, which is where
+/// local manifests and admission webhooks put them), after `istio-locality`.
+const TOPOLOGY_LABELS: [&str; 3] = [
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.istio.io/subzone",
+];
+
 fn locality(labels: Option<&BTreeMap<String, String>>) -> Option<pb::Locality> {
-    let v = labels?.get(LOCALITY_LABEL)?.trim();
+    let v = labels?.get(LOCALITY_LABEL).map(|v| v.trim()).unwrap_or_default();
     if v.is_empty() {
-        return None;
+        let [region, zone, subzone] =
+            TOPOLOGY_LABELS.map(|k| labels.and_then(|l| l.get(k)).cloned().unwrap_or_default());
+        if region.is_empty() && zone.is_empty() && subzone.is_empty() {
+            return None;
+        }
+        return Some(pb::Locality { region, zone, subzone });
     }
     let mut parts = v.splitn(3, '.').map(str::to_owned);
     Some(pb::Locality {
@@ -194,7 +207,7 @@ pub(crate) fn translate(
             namespace: key.namespace.clone(),
             addresses,
             hostname: String::new(),
-            network: options.network.clone(),
+            network: crate::model::cluster::pod_network(labels, &options.network),
             tunnel_protocol: if enrolled && !host_network {
                 pb::TunnelProtocol::Hbone as i32
             } else {

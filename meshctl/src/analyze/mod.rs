@@ -120,6 +120,10 @@ fn fix_for(problem: &Problem) -> String {
         "use one of the actions the message lists (ALLOW, DENY, AUDIT, CUSTOM)".to_owned()
     } else if m.contains("is not a duration") {
         "write durations as Istio does: 250ms, 2s, 1m30s".to_owned()
+    } else if m.contains("ports differ between clusters") {
+        "declare the same ports (and target ports) for the Service in every cluster: clients in any cluster may reach any endpoint".to_owned()
+    } else if m.contains("has no east-west gateway") {
+        "run an east-west gateway in that network: a Gateway of class istio-east-west with an HBONE listener on 15008 and an address, labelled topology.istio.io/network=<network>".to_owned()
     } else if m.contains("does not exist") || m.contains("not found") {
         "create the object it refers to, or correct the reference".to_owned()
     } else {
@@ -147,7 +151,11 @@ fn object_count(c: &Corpus) -> usize {
 
 /// Analyzes a loaded corpus.
 pub fn analyze(corpus: &Corpus) -> Report {
-    let options = Options::default();
+    analyze_with(corpus, &Options::default())
+}
+
+/// Analyzes a loaded corpus as the controller of cluster `options.cluster_id` would translate it.
+pub fn analyze_with(corpus: &Corpus, options: &Options) -> Report {
     let inputs = &corpus.inputs;
     let mut findings = Vec::new();
     for e in &corpus.errors {
@@ -175,7 +183,7 @@ pub fn analyze(corpus: &Corpus) -> Report {
 
     let l7 = checks::l7_policies(inputs, &options.root_namespace);
     let (waypoints, missing) = checks::missing_waypoints(inputs);
-    let outputs = translate(inputs, &options);
+    let outputs = translate(inputs, options);
     let mut unverified_service_refs = 0;
     for p in &outputs.problems {
         // Manifests without any Service are a partial view (the Services live elsewhere):
@@ -239,4 +247,34 @@ pub fn analyze(corpus: &Corpus) -> Report {
 pub fn run(paths: &[PathBuf]) -> Result<Report, LoadError> {
     let corpus = load(paths)?;
     Ok(analyze(&corpus))
+}
+
+/// Loads `paths` as cluster `cluster_id` and each of `remotes` (cluster id, manifests) as a
+/// remote cluster, and analyzes them together as that cluster's controller would merge them:
+/// services whose ports differ between clusters and networks without an east-west gateway
+/// are findings besides everything [`run`] reports.
+pub fn run_multicluster(
+    paths: &[PathBuf],
+    cluster_id: &str,
+    remotes: &[(String, PathBuf)],
+) -> Result<Report, LoadError> {
+    let mut corpus = load(paths)?;
+    for (id, path) in remotes {
+        let remote = load(std::slice::from_ref(path))?;
+        corpus.files += remote.files;
+        corpus.errors.extend(remote.errors);
+        corpus.inputs.remotes.insert(
+            id.clone(),
+            controller::model::cluster::Remote {
+                inputs: remote.inputs,
+                state: controller::model::cluster::RemoteState::Synced,
+                listed: true,
+            },
+        );
+    }
+    let options = Options {
+        cluster_id: cluster_id.to_owned(),
+        ..Options::default()
+    };
+    Ok(analyze_with(&corpus, &options))
 }
