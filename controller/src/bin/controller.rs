@@ -92,18 +92,11 @@ struct Serving {
 /// bundle with every certificate from now on, the bundle file proxies read is rewritten, and
 /// the controller's own serving certificate is re-issued by the new CA (so it chains to a root
 /// the bundle still holds once the old one is retired).
-fn rotate(
-    ca: CaServer,
-    ca_dir: PathBuf,
-    serving: Serving,
-    bundle: tokio::sync::watch::Sender<String>,
-) -> impl Fn(Arc<CaRoot>) + Send + 'static {
+fn rotate(ca: CaServer, ca_dir: PathBuf, serving: Serving) -> impl Fn(Arc<CaRoot>) + Send + 'static {
     move |root| {
         if let Err(e) = controller::ca::publish_trust_bundle(&ca_dir, root.trust_bundle()) {
             tracing::warn!(error = %e, "cannot publish the new trust bundle");
         }
-        // The waypoint namespaces' istio-ca-root-cert ConfigMaps follow (cluster mode).
-        bundle.send_replace(root.trust_bundle().to_owned());
         match serving_tls(&root, &serving.identity, &serving.names) {
             Ok(tls) => serving.tls.store(tls),
             Err(e) => tracing::warn!(error = %e, "cannot re-issue the serving certificate; keeping the previous one"),
@@ -127,7 +120,6 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
     let (root, plugin) = ca_root(&config)?;
-    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(root.trust_bundle().to_owned());
     controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
         .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
     let names = config.serving_names();
@@ -223,17 +215,11 @@ async fn main() -> anyhow::Result<()> {
         );
         let (records_tx, records_rx) = watch::channel(Vec::new());
         let (problems_tx, problems_rx) = watch::channel(Vec::new());
-        let (ingress_tx, ingress_rx) = watch::channel(Vec::new());
         let mut published = core.published.clone();
         tokio::spawn(async move {
             while published.changed().await.is_ok() {
                 let p = published.borrow_and_update().clone();
-                // Waypoints and ingress gateways are deployed (and their status written) alike.
-                let mut records = p.waypoints;
-                records.extend(p.outputs.ingress.deployments.values().cloned());
-                records_tx.send_if_modified(|w| std::mem::replace(w, records) != *w);
-                let routes = p.outputs.ingress.route_parents.clone();
-                ingress_tx.send_if_modified(|old| std::mem::replace(old, routes) != *old);
+                records_tx.send_if_modified(|w| std::mem::replace(w, p.waypoints) != *w);
                 problems_tx.send_if_modified(|old| std::mem::replace(old, p.problems) != *old);
             }
         });
@@ -243,18 +229,11 @@ async fn main() -> anyhow::Result<()> {
             leader.clone(),
             problems_rx,
         ));
-        tokio::spawn(controller::k8s::ingress_status::run(
-            client.clone(),
-            Duration::from_secs(5),
-            leader.clone(),
-            ingress_rx,
-        ));
         let writer = controller::k8s::writer::WriterConfig {
             image: config.waypoint_image.clone(),
             xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
             root_cert: root.trust_bundle().to_owned(),
             retry: Duration::from_secs(5),
-            trust_bundle: Some(bundle_rx),
         };
         tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));
         Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
@@ -274,11 +253,9 @@ async fn main() -> anyhow::Result<()> {
         ca_options,
         ca_metrics.clone(),
     );
-    // Also without a plug-in CA: its files appearing switch the CA to it (no restart).
-    {
+    if let Some(files) = plugin {
         tokio::spawn(controller::ca::plugin::watch(
-            config.cacerts_dir.clone(),
-            plugin,
+            files,
             config.trust_domain.clone(),
             Duration::from_secs(1),
             ca_metrics,
@@ -290,7 +267,6 @@ async fn main() -> anyhow::Result<()> {
                     names,
                     tls: tls.clone(),
                 },
-                bundle_tx,
             ),
         ));
     }
