@@ -343,9 +343,118 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    use mesh_core::hbone::{HbonePool, PoolKey, TunnelRequest};
+    use mesh_core::socket::PlainSockets;
+    use mesh_core::state::{Tunnel, Workload};
 
     use super::*;
     use crate::config::Role;
+
+    fn id(ns: &str, sa: &str) -> Identity {
+        Identity::new("cluster.local", ns, sa).unwrap()
+    }
+
+    /// A gateway on loopback whose network has one HBONE endpoint, 127.0.0.1, served by a
+    /// listener that holds every connection; streams per peer capped at `max_streams`.
+    async fn gateway(ca: &DevCa, max_streams: u32) -> (Arc<Gateway>, SocketAddr) {
+        let endpoint = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hbone_port = endpoint.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = endpoint.accept().await {
+                held.push(s);
+            }
+        });
+        let state = StateStore::new();
+        state.update(|s| {
+            s.upsert_workload(Workload {
+                uid: "c//Pod/default/server".into(),
+                name: "server".into(),
+                namespace: "default".into(),
+                addresses: vec!["127.0.0.1".parse().unwrap()],
+                network: "net2".into(),
+                tunnel: Tunnel::Hbone,
+                identity: id("default", "server"),
+                waypoint: None,
+                node: "n".into(),
+                canonical_name: "server".into(),
+                canonical_revision: "v1".into(),
+                workload_name: "server".into(),
+                services: vec![],
+                authorization_policies: vec![],
+                healthy: true,
+                cluster_id: String::new(),
+            })
+        });
+        let registry = &mut Registry::default();
+        let metrics = Metrics::register(registry);
+        let m = metrics.clone();
+        let observer: LimitObserver = Arc::new(move |l: Limit| {
+            m.limits.get_or_create(&LimitLabels { limit: l.as_str() }).inc();
+        });
+        let signer: Arc<dyn CertificateSigner> = Arc::new(DevCa::from_pem(ca.root_pem(), &ca.key_pem()).unwrap());
+        let gw = Arc::new(Gateway {
+            identity: id("istio-system", "eastwest"),
+            network: "net2".into(),
+            hbone_port,
+            state,
+            certs: CertManager::new(signer, vec![], CertManagerConfig::default()),
+            settings: Settings {
+                limits: Arc::new(ServerLimits::new(
+                    LimitConfig {
+                        max_streams_per_peer: max_streams,
+                        ..LimitConfig::default()
+                    },
+                    Some(observer),
+                )),
+                hostname_authority: true,
+                ..Default::default()
+            },
+            metrics,
+            drain: CancellationToken::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(accept(gw.clone(), listener));
+        (gw, addr)
+    }
+
+    /// A peer holding its maximum of streams gets the next one refused, and the bound is
+    /// counted; another identity is not affected.
+    #[tokio::test]
+    async fn streams_per_peer_are_bounded_and_counted() {
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let (gw, addr) = gateway(&ca, 2).await;
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
+        let request = |who: Identity| TunnelRequest {
+            key: PoolKey {
+                src_identity: who,
+                dst_identities: vec![id("istio-system", "eastwest")],
+                src_ip: None,
+                dst: addr,
+            },
+            authority: "127.0.0.1:8080".into(),
+            forwarded_for: None,
+            baggage: None,
+            traceparent: None,
+        };
+        let a = request(id("default", "client"));
+        let held = [pool.connect(&a).await.unwrap(), pool.connect(&a).await.unwrap()];
+        assert!(pool.connect(&a).await.is_err(), "a third stream of the same peer");
+        let counted = gw
+            .metrics
+            .limits
+            .get_or_create(&LimitLabels {
+                limit: Limit::StreamsPerPeer.as_str(),
+            })
+            .get();
+        assert!(counted >= 1, "the bound bit without a count");
+        pool.connect(&request(id("default", "other")))
+            .await
+            .expect("another identity");
+        drop(held);
+    }
 
     #[test]
     fn development_mode_needs_no_control_plane_and_only_for_this_role() {
