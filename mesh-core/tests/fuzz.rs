@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 
 use http::{Method, Uri};
-use mesh_core::hbone::server::{connect_target, parse_forwarded};
+use mesh_core::hbone::server::{connect_host, connect_target, parse_forwarded};
 use mesh_core::identity::Identity;
 use mesh_core::rbac::{evaluate, ConnectionInfo};
 use mesh_core::state::State;
@@ -282,6 +282,22 @@ proptest! {
     fn connect_target_round_trips(addr in socket_addr().prop_filter("port 0 is refused", |a| a.port() != 0)) {
         let uri: Uri = addr.to_string().parse().map_err(|e| TestCaseError::fail(format!("{addr}: {e}")))?;
         prop_assert_eq!(connect_target(&Method::CONNECT, &uri), Ok(addr));
+    }
+
+    /// Double HBONE's `hostname:port` authorities: never a panic; what is accepted is a
+    /// lowercase DNS name and the plainly written non-zero port.
+    #[test]
+    fn connect_host_never_panics(uri in text(), host in "[A-Za-z0-9.-]{0,70}", port in "[0-9]{0,7}") {
+        if let Ok(u) = uri.parse::<Uri>() {
+            let _ = connect_host(&u);
+        }
+        if let Ok(u) = format!("{host}:{port}").parse::<Uri>() {
+            if let Ok((h, p)) = connect_host(&u) {
+                prop_assert!(p != 0);
+                prop_assert_eq!(&port, &p.to_string());
+                prop_assert_eq!(h, host.to_ascii_lowercase());
+            }
+        }
     }
 
     #[test]
