@@ -215,11 +215,17 @@ async fn main() -> anyhow::Result<()> {
         );
         let (records_tx, records_rx) = watch::channel(Vec::new());
         let (problems_tx, problems_rx) = watch::channel(Vec::new());
+        let (ingress_tx, ingress_rx) = watch::channel(Vec::new());
         let mut published = core.published.clone();
         tokio::spawn(async move {
             while published.changed().await.is_ok() {
                 let p = published.borrow_and_update().clone();
-                records_tx.send_if_modified(|w| std::mem::replace(w, p.waypoints) != *w);
+                // Waypoints and ingress gateways are deployed (and their status written) alike.
+                let mut records = p.waypoints;
+                records.extend(p.outputs.ingress.deployments.values().cloned());
+                records_tx.send_if_modified(|w| std::mem::replace(w, records) != *w);
+                let routes = p.outputs.ingress.route_parents.clone();
+                ingress_tx.send_if_modified(|old| std::mem::replace(old, routes) != *old);
                 problems_tx.send_if_modified(|old| std::mem::replace(old, p.problems) != *old);
             }
         });
@@ -228,6 +234,12 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_secs(5),
             leader.clone(),
             problems_rx,
+        ));
+        tokio::spawn(controller::k8s::ingress_status::run(
+            client.clone(),
+            Duration::from_secs(5),
+            leader.clone(),
+            ingress_rx,
         ));
         let writer = controller::k8s::writer::WriterConfig {
             image: config.waypoint_image.clone(),

@@ -1,6 +1,7 @@
 //! The objects a waypoint runs as, built by pure functions from a [`WaypointDeployment`]
 //! record: its ServiceAccount, a Deployment of the waypoint binary, a Service on the HBONE
-//! port, the namespace's root-certificate ConfigMap and, as the Gateway asks
+//! port (for an ingress gateway: `--role ingress`, its listeners' ports on a LoadBalancer
+//! Service, the pod allowed to bind ports below 1024), the namespace's root-certificate ConfigMap and, as the Gateway asks
 //! ([`crate::waypoint::scaling`]), a HorizontalPodAutoscaler and a PodDisruptionBudget. All
 //! but the ConfigMap are owned by the Gateway, so deleting it garbage-collects them.
 //! [`super::writer`] applies them.
@@ -14,8 +15,9 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext,
-    Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecurityContext, Service, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Sysctl, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::api::core::v1::{ResourceRequirements, TopologySpreadConstraint};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -194,11 +196,13 @@ pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<
         format!("{ROOT_CERT_DIR}/root-cert.pem"),
         "--token-file".into(),
         format!("{TOKEN_DIR}/mesh-token"),
-        "--hbone-addr".into(),
-        format!("0.0.0.0:{}", record.hbone_port),
-        "--stats-addr".into(),
-        format!("0.0.0.0:{METRICS_PORT}"),
     ];
+    // An ingress gateway binds its listeners' ports (from its xDS configuration), not HBONE.
+    match record.ingress {
+        None => args.extend(["--hbone-addr".into(), format!("0.0.0.0:{}", record.hbone_port)]),
+        Some(_) => args.extend(["--role".into(), "ingress".into()]),
+    }
+    args.extend(["--stats-addr".into(), format!("0.0.0.0:{METRICS_PORT}")]);
     // Spans go to the mesh's tracing provider; how many is the Telemetry API's to say (the
     // waypoint's default is Istio's 1% until a Telemetry sets randomSamplingPercentage).
     match &record.trace_export {
@@ -289,6 +293,39 @@ fn port(name: &str, port: u16) -> ContainerPort {
     }
 }
 
+/// The container's ports: HBONE for a waypoint, the listeners' for an ingress gateway; and
+/// the metrics port.
+fn container_ports(record: &WaypointDeployment) -> Vec<ContainerPort> {
+    let mut ports = match &record.ingress {
+        None => vec![port("hbone", record.hbone_port)],
+        Some(ingress) => ingress
+            .ports
+            .iter()
+            .map(|p| ContainerPort {
+                container_port: i32::from(p.port),
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            })
+            .collect(),
+    };
+    ports.push(port("metrics", METRICS_PORT));
+    ports
+}
+
+/// An ingress gateway listening below 1024 (80, 443) as its unprivileged user, without
+/// NET_BIND_SERVICE: the pod's (namespaced, Pod Security "safe") sysctl lowers the bound,
+/// as Istio's gateways do.
+fn pod_security(record: &WaypointDeployment) -> Option<PodSecurityContext> {
+    let low = record.ingress.as_ref()?.ports.iter().any(|p| p.port < 1024);
+    low.then(|| PodSecurityContext {
+        sysctls: Some(vec![Sysctl {
+            name: "net.ipv4.ip_unprivileged_port_start".to_owned(),
+            value: "0".to_owned(),
+        }]),
+        ..PodSecurityContext::default()
+    })
+}
+
 pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Deployment {
     let meta = metadata(record, &record.gateway.name);
     let mut pod_labels = meta.labels.clone().unwrap_or_default();
@@ -305,7 +342,7 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
             field_env("POD_IP", "status.podIP"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ]),
-        ports: Some(vec![port("hbone", record.hbone_port), port("metrics", METRICS_PORT)]),
+        ports: Some(container_ports(record)),
         resources: resources(record),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
@@ -357,6 +394,7 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
                     volumes: Some(volumes),
                     containers: vec![container],
                     topology_spread_constraints: spread(record),
+                    security_context: pod_security(record),
                     ..PodSpec::default()
                 }),
             },
@@ -367,19 +405,46 @@ pub fn deployment_for(record: &WaypointDeployment, config: &WriterConfig) -> Dep
     }
 }
 
+/// A waypoint's ClusterIP Service on HBONE, or an ingress gateway's Service (LoadBalancer
+/// unless the Gateway asks otherwise) on its listeners' ports, each named
+/// `<protocol>-<port>` with the protocol as `appProtocol`.
 pub fn service_for(record: &WaypointDeployment) -> Service {
-    Service {
-        metadata: metadata(record, &record.gateway.name),
-        spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_owned()),
-            selector: Some(selector_labels(record)),
-            ports: Some(vec![ServicePort {
+    let (type_, ports) = match &record.ingress {
+        None => (
+            "ClusterIP".to_owned(),
+            vec![ServicePort {
                 name: Some("mesh".to_owned()),
                 port: i32::from(record.hbone_port),
                 target_port: Some(IntOrString::String("hbone".to_owned())),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
-            }]),
+            }],
+        ),
+        Some(ingress) => (
+            ingress.service_type.clone(),
+            ingress
+                .ports
+                .iter()
+                .map(|p| {
+                    let protocol = p.protocol.to_ascii_lowercase();
+                    ServicePort {
+                        name: Some(format!("{protocol}-{}", p.port)),
+                        port: i32::from(p.port),
+                        target_port: Some(IntOrString::Int(i32::from(p.port))),
+                        protocol: Some("TCP".to_owned()),
+                        app_protocol: Some(protocol),
+                        ..ServicePort::default()
+                    }
+                })
+                .collect(),
+        ),
+    };
+    Service {
+        metadata: metadata(record, &record.gateway.name),
+        spec: Some(ServiceSpec {
+            type_: Some(type_),
+            selector: Some(selector_labels(record)),
+            ports: Some(ports),
             ..ServiceSpec::default()
         }),
         status: None,
@@ -419,6 +484,7 @@ pub(crate) mod tests {
             ],
             scaling: Default::default(),
             trace_export: None,
+            ingress: None,
         }
     }
 
@@ -446,13 +512,52 @@ pub(crate) mod tests {
         WaypointDeployment { scaling, ..record() }
     }
 
+    /// The brief's ingress gateway with an HTTP listener too, `spec.infrastructure` labels and
+    /// annotations: what the controller deploys for a Gateway of class `istio`.
+    pub(crate) fn ingress_record() -> WaypointDeployment {
+        use crate::waypoint::{IngressDeployment, IngressPort};
+        let infra = crate::model::gateway::Infrastructure {
+            labels: [("team".to_owned(), "edge".to_owned())].into(),
+            annotations: [(
+                "service.beta.kubernetes.io/aws-load-balancer-type".to_owned(),
+                "nlb".to_owned(),
+            )]
+            .into(),
+        };
+        let mut problems = Vec::new();
+        let scaling = crate::waypoint::scaling::read(&BTreeMap::new(), Some(&infra), &mut problems);
+        let port = |port, protocol: &str| IngressPort {
+            port,
+            protocol: protocol.into(),
+        };
+        WaypointDeployment {
+            gateway: ObjectKey::new("istio-system", "istio-ingressgateway"),
+            service_account: "istio-ingressgateway".into(),
+            identity: "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway".into(),
+            waypoint_for: WaypointFor::None,
+            scaling,
+            ingress: Some(IngressDeployment {
+                ports: vec![port(443, "HTTPS"), port(80, "HTTP"), port(8443, "TLS")],
+                service_type: "LoadBalancer".into(),
+                listeners: Vec::new(),
+                addresses: Vec::new(),
+            }),
+            ..record()
+        }
+    }
+
     /// What the generator writes for a plain and a production waypoint, as the YAML that
     /// `scripts/validate-manifests.sh` validates against the Kubernetes schemas and the Pod
     /// Security rules. `UPDATE_GOLDEN=1` rewrites it after an intended change.
     #[test]
     fn generated_objects_are_the_validated_file() {
         let mut docs = Vec::new();
-        for (file, r) in [("plain.yaml", record()), ("production.yaml", production_record())] {
+        let records = [
+            ("plain.yaml", record()),
+            ("production.yaml", production_record()),
+            ("ingress.yaml", ingress_record()),
+        ];
+        for (file, r) in records {
             let mut text = String::from("# Generated by controller/src/k8s/manifests.rs (UPDATE_GOLDEN=1 cargo test -p controller manifests).\n");
             let mut add = |v: serde_json::Value| {
                 text.push_str("---\n");
@@ -560,6 +665,7 @@ pub(crate) mod tests {
             xds_address: "https://mesh-controller.istio-system:15012".into(),
             root_cert: "-----BEGIN CERTIFICATE-----\n".into(),
             retry: Duration::from_secs(5),
+            trust_bundle: None,
         }
     }
 
@@ -684,5 +790,67 @@ pub(crate) mod tests {
         assert_eq!(sc.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_owned()]));
         assert_eq!(sc.seccomp_profile.map(|p| p.type_), Some("RuntimeDefault".to_owned()));
         assert_ne!(pod.host_network, Some(true));
+    }
+
+    /// An ingress Gateway runs the same binary with `--role ingress`, uncaptured, on its
+    /// listeners' ports behind a LoadBalancer Service, allowed to bind 80 and 443.
+    #[test]
+    fn an_ingress_gateway_is_deployed_on_its_listener_ports() {
+        let r = ingress_record();
+        let d = deployment_for(&r, &config());
+        let spec = d.spec.expect("spec");
+        let labels = spec.template.metadata.and_then(|m| m.labels).expect("pod labels");
+        assert_eq!(
+            labels[DATAPLANE_MODE_LABEL], "none",
+            "the gateway's pod is not captured"
+        );
+        assert_eq!(labels["team"], "edge", "spec.infrastructure.labels");
+        let pod = spec.template.spec.expect("pod spec");
+        let args = pod.containers[0].args.clone().expect("args");
+        assert!(args.windows(2).any(|w| w == ["--role", "ingress"]));
+        assert!(!args.iter().any(|a| a == "--hbone-addr"));
+        let mut argv = vec!["waypoint".to_owned()];
+        argv.extend(args);
+        if let Err(e) = <waypoint::config::Config as clap::Parser>::try_parse_from(&argv) {
+            panic!("the waypoint refuses the generated arguments: {e}");
+        }
+        let ports: Vec<i32> = pod.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [443, 80, 8443, 15020]);
+        let sysctls = pod.security_context.and_then(|s| s.sysctls).expect("sysctls");
+        assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+        assert_eq!(sysctls[0].value, "0");
+
+        let service = service_for(&r);
+        let annotations = service.metadata.annotations.clone().expect("annotations");
+        assert_eq!(annotations["service.beta.kubernetes.io/aws-load-balancer-type"], "nlb");
+        let spec = service.spec.expect("service spec");
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        let ports: Vec<(String, i32, Option<String>)> = spec
+            .ports
+            .expect("ports")
+            .into_iter()
+            .map(|p| (p.name.unwrap_or_default(), p.port, p.app_protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("https-443".to_owned(), 443, Some("https".to_owned())),
+                ("http-80".to_owned(), 80, Some("http".to_owned())),
+                ("tls-8443".to_owned(), 8443, Some("tls".to_owned())),
+            ]
+        );
+
+        // A waypoint's pod needs no sysctl: it binds 15008 only.
+        let waypoint = deployment_for(&record(), &config());
+        assert!(waypoint
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.security_context)
+            .is_none());
     }
 }

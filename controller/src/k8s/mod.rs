@@ -5,6 +5,7 @@
 //! [`tokenreview`] authenticates CA callers. Everything behind it is tested through the local
 //! source.
 
+pub mod ingress_status;
 pub mod leader;
 pub mod manifests;
 pub mod resources;

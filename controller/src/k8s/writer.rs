@@ -175,15 +175,18 @@ pub async fn apply_waypoint(
         debug!(gateway = %record.gateway, "Gateway is gone, not writing its status");
         return Ok(());
     };
-    let existing = gateway.status.unwrap_or_default();
-    let existing = json!({"addresses": existing.addresses, "conditions": existing.conditions});
-    let status = gateway_status(
-        record,
-        address,
-        gateway.metadata.generation,
-        &existing,
-        Timestamp::now(),
-    );
+    let current = gateway.status.unwrap_or_default();
+    let mut existing = json!({"addresses": current.addresses, "conditions": current.conditions});
+    let generation = gateway.metadata.generation;
+    // An ingress gateway's status also has its listeners (super::ingress_status).
+    let with_listeners = json!({"addresses": existing["addresses"], "conditions": existing["conditions"], "listeners": current.listeners});
+    let status = match super::ingress_status::gateway_status(record, generation, &with_listeners, Timestamp::now()) {
+        Some(status) => {
+            existing = with_listeners;
+            status
+        }
+        None => gateway_status(record, address, generation, &existing, Timestamp::now()),
+    };
     if status == existing {
         return Ok(());
     }
@@ -375,7 +378,7 @@ fn reports_status(kind: Kind) -> bool {
 /// Statuses as written during this leadership: only a write that succeeded counts, so a failed
 /// one stays pending and is retried. `T` is a policy's messages or a route's refused references.
 #[derive(Debug)]
-struct Reported<T>(BTreeMap<(Kind, ObjectKey), Vec<T>>);
+pub(crate) struct Reported<T>(BTreeMap<(Kind, ObjectKey), Vec<T>>);
 
 impl<T> Default for Reported<T> {
     fn default() -> Self {
@@ -383,12 +386,12 @@ impl<T> Default for Reported<T> {
     }
 }
 
-type Pending<T> = Vec<((Kind, ObjectKey), Vec<T>)>;
+pub(crate) type Pending<T> = Vec<((Kind, ObjectKey), Vec<T>)>;
 
 impl<T: Clone + PartialEq> Reported<T> {
     /// The writes that bring the statuses to `now`: an empty list (all clear) for objects
     /// whose problems went away, then each object whose problems changed.
-    fn pending(&self, now: &BTreeMap<(Kind, ObjectKey), Vec<T>>) -> Pending<T> {
+    pub(crate) fn pending(&self, now: &BTreeMap<(Kind, ObjectKey), Vec<T>>) -> Pending<T> {
         let cleared = self
             .0
             .keys()
@@ -402,7 +405,7 @@ impl<T: Clone + PartialEq> Reported<T> {
     }
 
     /// Records a successful write.
-    fn written(&mut self, key: (Kind, ObjectKey), items: Vec<T>) {
+    pub(crate) fn written(&mut self, key: (Kind, ObjectKey), items: Vec<T>) {
         if items.is_empty() {
             self.0.remove(&key);
         } else {

@@ -95,6 +95,9 @@ pub struct GatewayStatus {
     pub addresses: Vec<GatewayStatusAddress>,
     #[serde(default)]
     pub conditions: Vec<serde_json::Value>,
+    /// Per-listener status (ingress gateways).
+    #[serde(default)]
+    pub listeners: Vec<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

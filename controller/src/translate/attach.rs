@@ -140,6 +140,7 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             conditions,
             scaling,
             trace_export: inputs.mesh.trace_export(mesh_tracing_provider(inputs, options)),
+            ingress: None,
         };
         let address = usable.then(|| pb::GatewayAddress {
             destination: Some(destination),
@@ -153,7 +154,7 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
 
 /// The tracing provider a mesh-wide Telemetry (root namespace, no selector or targetRefs)
 /// names, the first of its first tracing entry; `None`: MeshConfig's default provider.
-fn mesh_tracing_provider<'a>(inputs: &'a Inputs, options: &Options) -> Option<&'a str> {
+pub(crate) fn mesh_tracing_provider<'a>(inputs: &'a Inputs, options: &Options) -> Option<&'a str> {
     inputs
         .telemetries
         .iter()

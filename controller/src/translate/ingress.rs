@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::{Options, Report};
-use crate::model::gateway::{Gateway, Listener, ParentReference, SecretObjectReference};
+use crate::model::gateway::{Gateway, GatewayStatusAddress, Listener, ParentReference, SecretObjectReference};
 use crate::model::reference_grant::{self, Reference, GATEWAY_GROUP};
 use crate::model::{Inputs, Kind, ObjectKey};
 use crate::waypoint::Condition;
@@ -49,6 +49,8 @@ pub struct Ingress {
     pub status: BTreeMap<ObjectKey, GatewayStatus>,
     /// One per (route, parentRef to an ingress Gateway).
     pub route_parents: Vec<RouteParentStatus>,
+    /// What runs each gateway in a cluster (applied by `k8s::writer`, with the status).
+    pub deployments: BTreeMap<ObjectKey, crate::waypoint::WaypointDeployment>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -57,7 +59,7 @@ pub struct GatewayStatus {
     pub listeners: Vec<ListenerStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ListenerStatus {
     pub name: String,
     /// The route kinds the listener takes (Gateway API's `supportedKinds`).
@@ -842,9 +844,138 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
             status.listeners.push(l.status);
         }
         result.gateways.insert(key.to_string(), config);
+        if let Some(gw) = inputs.gateways.get(&key) {
+            let record = deployment(inputs, options, (&key, gw), &status, report);
+            result.deployments.insert(key.clone(), record);
+        }
         result.status.insert(key, status);
     }
     result
+}
+
+// ---- deployment ----
+
+/// Istio's Gateway annotation choosing the type of the gateway's Service.
+pub const SERVICE_TYPE_ANNOTATION: &str = "networking.istio.io/service-type";
+
+/// The Service type of an ingress gateway: `LoadBalancer`, or what the annotation says.
+fn service_type(gw: &Gateway, key: &ObjectKey, report: &mut Report) -> String {
+    let wanted = gw
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SERVICE_TYPE_ANNOTATION));
+    match wanted.map(String::as_str) {
+        None => "LoadBalancer".to_owned(),
+        Some(t @ ("LoadBalancer" | "ClusterIP" | "NodePort")) => t.to_owned(),
+        Some(other) => {
+            let msg = format!(
+                "annotation {SERVICE_TYPE_ANNOTATION} {other:?} is not LoadBalancer, ClusterIP or NodePort; using LoadBalancer"
+            );
+            report.add(Kind::Gateway, key, msg);
+            "LoadBalancer".to_owned()
+        }
+    }
+}
+
+/// The addresses of the gateway's own Service (same name as the Gateway): a LoadBalancer's
+/// ingress IPs and hostnames once assigned, else (other types) its cluster IPs.
+pub fn service_addresses(service: Option<&crate::model::Service>, service_type: &str) -> Vec<GatewayStatusAddress> {
+    let Some(service) = service else { return Vec::new() };
+    let address = |kind: &str, value: &str| GatewayStatusAddress {
+        kind: Some(kind.to_owned()),
+        value: value.to_owned(),
+    };
+    if service_type == "LoadBalancer" {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        return ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|i| match (&i.ip, &i.hostname) {
+                (Some(ip), _) => Some(address("IPAddress", ip)),
+                (None, Some(host)) => Some(address("Hostname", host)),
+                (None, None) => None,
+            })
+            .collect();
+    }
+    let spec = service.spec.as_ref();
+    let ips = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    let ips = if ips.is_empty() {
+        spec.and_then(|s| s.cluster_ip.clone()).into_iter().collect()
+    } else {
+        ips
+    };
+    ips.iter()
+        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+        .map(|ip| address("IPAddress", ip))
+        .collect()
+}
+
+/// What the controller deploys for an ingress Gateway in a cluster: the waypoint's record
+/// (ServiceAccount, Deployment, Service; `spec.infrastructure` and the scaling annotations
+/// read the same way) with the listeners' ports, the Service type and the listener statuses.
+fn deployment(
+    inputs: &Inputs,
+    options: &Options,
+    (key, gw): (&ObjectKey, &Gateway),
+    status: &GatewayStatus,
+    report: &mut Report,
+) -> crate::waypoint::WaypointDeployment {
+    let mut problems = Vec::new();
+    let scaling = crate::waypoint::scaling::read(
+        gw.metadata.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+        gw.spec.infrastructure.as_ref(),
+        &mut problems,
+    );
+    for p in problems {
+        report.add(Kind::Gateway, key, p);
+    }
+    let mut ports: Vec<crate::waypoint::IngressPort> = Vec::new();
+    for l in &gw.spec.listeners {
+        if !ports.iter().any(|p| p.port == l.port) {
+            ports.push(crate::waypoint::IngressPort {
+                port: l.port,
+                protocol: l.protocol.clone(),
+            });
+        }
+    }
+    let provider = super::attach::mesh_tracing_provider(inputs, options);
+    let service_type = service_type(gw, key, report);
+    let addresses = service_addresses(inputs.services.get(key), &service_type);
+    let mut conditions = status.conditions.clone();
+    if addresses.is_empty() {
+        // Listeners may be ready; clients cannot reach them before the Service has an address.
+        for c in conditions.iter_mut().filter(|c| c.kind == "Programmed" && c.status) {
+            *c = condition(
+                "Programmed",
+                false,
+                "AddressNotAssigned",
+                format!("waiting for an address of the {service_type} Service {key}"),
+            );
+        }
+    }
+    crate::waypoint::WaypointDeployment {
+        gateway: key.clone(),
+        gateway_uid: gw.metadata.uid.clone().unwrap_or_default(),
+        service_account: key.name.clone(),
+        identity: format!("spiffe://{}/ns/{}/sa/{}", options.trust_domain, key.namespace, key.name),
+        waypoint_for: crate::waypoint::WaypointFor::None,
+        hbone_port: mesh_core::capture::HBONE_PORT,
+        address: None,
+        conditions,
+        trace_export: inputs.mesh.trace_export(provider),
+        scaling,
+        ingress: Some(crate::waypoint::IngressDeployment {
+            ports,
+            service_type,
+            listeners: status.listeners.clone(),
+            addresses,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The waypoint controller's decisions: for every `Gateway` of class `istio-waypoint`, what
 //! must run (a ServiceAccount, a Deployment of the waypoint binary, a Service on 15008) and
-//! what its status says. In a cluster these become owned objects; in local mode they are
+//! what its status says; an ingress Gateway (class `istio`) is the same record with
+//! [`IngressDeployment`] (its listener ports on a LoadBalancer Service, `--role ingress`). In a cluster these become owned objects; in local mode they are
 //! records the demo and the test harness act on.
 
 pub mod scaling;
@@ -76,6 +77,32 @@ pub struct WaypointDeployment {
     /// Left out of the JSON when the Gateway asks for nothing, as most do.
     #[serde(default, skip_serializing_if = "scaling::Scaling::is_default")]
     pub scaling: scaling::Scaling,
+    /// Set for an ingress gateway (the same binary, `--role ingress`); `None`: a waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressDeployment>,
+}
+
+/// What an ingress gateway (class `istio`) needs besides what a waypoint does: its
+/// listeners' ports on a Service of `service_type`, and the listener statuses written with
+/// the Gateway's.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IngressDeployment {
+    /// Each listener port once, with the protocol of its first listener.
+    pub ports: Vec<IngressPort>,
+    /// `LoadBalancer` unless the Gateway's `networking.istio.io/service-type` says otherwise.
+    pub service_type: String,
+    pub listeners: Vec<crate::translate::ingress::ListenerStatus>,
+    /// Where clients reach it (the Gateway's `status.addresses`): the load balancer's
+    /// addresses for a LoadBalancer Service, the cluster IP otherwise; empty until assigned.
+    #[serde(default)]
+    pub addresses: Vec<crate::model::gateway::GatewayStatusAddress>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IngressPort {
+    pub port: u16,
+    /// The Gateway API protocol (`HTTP`, `HTTPS`, `TLS`, `TCP`).
+    pub protocol: String,
 }
 
 /// A Gateway API style status condition.
