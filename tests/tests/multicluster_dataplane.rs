@@ -513,8 +513,8 @@ fn istio_test_root(binary: &std::path::Path) -> anyhow::Result<(String, String)>
     anyhow::bail!("no test root with its key in {}", binary.display())
 }
 
-/// Istio's local-file format for network 1's view: the same world as [`Nets::state`].
-fn istio_state(nets: &Nets) -> String {
+/// Istio's local-file format for network `net`'s view: the same world as [`Nets::state`].
+fn istio_state(nets: &Nets, net: u8) -> String {
     let n = nets.id;
     let workload = |ns: &str, name: &str, ips: &str, network: &str, extra: &str| {
         format!(
@@ -525,7 +525,7 @@ fn istio_state(nets: &Nets) -> String {
     };
     format!(
         "workloads:\n{}{}{}services:\n- name: server\n  namespace: default\n  hostname: {HOST}\n  \
-         vips: [\"net1/10.96.{n}.10\"]\n  subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n  ports:\n    80: 8080\npolicies: []\n",
+         vips: [\"net{net}/10.96.{n}.10\"]\n  subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n  ports:\n    80: 8080\npolicies: []\n",
         workload("default", "client", &format!("\"10.{n}.1.1\""), "net1", "  services: {}\n"),
         workload(
             "default",
@@ -547,6 +547,28 @@ fn istio_state(nets: &Nets) -> String {
     )
 }
 
+/// Makes Istio's test root the root of every process of `nets` started from now on.
+fn use_istio_root(nets: &Nets, binary: &std::path::Path) {
+    let (cert, key) = istio_test_root(binary).expect("Istio's test root");
+    std::fs::write(nets.path("root-cert.pem"), cert).unwrap();
+    std::fs::write(nets.path("root-key.pem"), key).unwrap();
+}
+
+/// Istio's ztunnel in dedicated mode for `workload` (`ns/name/sa`) on network `net`.
+fn istio_env(workload: &str, state: &std::path::Path, net: u8) -> Vec<(&'static str, String)> {
+    vec![
+        ("PROXY_MODE", "dedicated".to_owned()),
+        ("PROXY_WORKLOAD_INFO", workload.to_owned()),
+        ("XDS_ADDRESS", String::new()),
+        ("CA_ADDRESS", String::new()),
+        ("FAKE_CA", "true".to_owned()),
+        ("LOCAL_XDS_PATH", state.display().to_string()),
+        ("NETWORK", format!("net{net}")),
+        ("PACKET_MARK", "1337".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_ztunnel_reaches_another_network_through_our_gateway() {
     let Some(binary) = mesh_e2e::istio::peer().expect("Istio's ztunnel") else {
@@ -555,25 +577,13 @@ async fn istio_ztunnel_reaches_another_network_through_our_gateway() {
     let Some(nets) = Nets::new(96) else { return };
     // One root for all: Istio's ztunnel signs with its built-in test root, so our gateway
     // and server ztunnel sign with it too.
-    let (cert, key) = istio_test_root(&binary).expect("Istio's test root");
-    std::fs::write(nets.path("root-cert.pem"), cert).unwrap();
-    std::fs::write(nets.path("root-key.pem"), key).unwrap();
+    use_istio_root(&nets, &binary);
     let state = nets.path("istio-net1.yaml");
-    std::fs::write(&state, istio_state(&nets)).unwrap();
+    std::fs::write(&state, istio_state(&nets, 1)).unwrap();
     let _zb = nets.ztunnel(&nets.b, 2).await;
     let gw = EastWest::start(&nets).await;
     tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
-    let env = [
-        ("PROXY_MODE", "dedicated".to_owned()),
-        ("PROXY_WORKLOAD_INFO", "default/client/client".to_owned()),
-        ("XDS_ADDRESS", String::new()),
-        ("CA_ADDRESS", String::new()),
-        ("FAKE_CA", "true".to_owned()),
-        ("LOCAL_XDS_PATH", state.display().to_string()),
-        ("NETWORK", "net1".to_owned()),
-        ("PACKET_MARK", "1337".to_owned()),
-        ("RUST_LOG", "info".to_owned()),
-    ];
+    let env = istio_env("default/client/client", &state, 1);
     let mut za = mesh_e2e::istio::IstioZtunnel::spawn(&nets.a, &binary, &env).unwrap();
     za.wait_ready(Duration::from_secs(20)).await.unwrap();
 
@@ -609,5 +619,50 @@ async fn istio_ztunnel_reaches_another_network_through_our_gateway() {
     assert!(
         opened >= 1.0,
         "our server ztunnel did not see Istio's client identity:\n{zb_metrics}"
+    );
+}
+
+/// The other direction: our ztunnel as the client, Istio's ztunnel serving the destination
+/// behind our gateway. Istio's ztunnel accepts our inner handshake and our inner CONNECT,
+/// which names the service by hostname as its own client would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_ztunnel_reaches_istio_ztunnel_on_another_network_through_our_gateway() {
+    let Some(binary) = mesh_e2e::istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    let Some(nets) = Nets::new(96) else { return };
+    use_istio_root(&nets, &binary);
+    let state = nets.path("istio-net2.yaml");
+    std::fs::write(&state, istio_state(&nets, 2)).unwrap();
+    let mut zb =
+        mesh_e2e::istio::IstioZtunnel::spawn(&nets.b, &binary, &istio_env("default/server/server", &state, 2)).unwrap();
+    zb.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let gw = EastWest::start(&nets).await;
+    let za = nets.ztunnel(&nets.a, 1).await;
+    tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
+
+    const MARKER: &str = "TO-ISTIO-MULTINET-MARKER-5c1d";
+    let (_, mut c) = echo_connect(&nets.a, nets.vip())
+        .await
+        .unwrap_or_else(|e| panic!("{e}; our ztunnel:\n{}\nIstio's ztunnel:\n{}", za.logs(), zb.logs()));
+    for _ in 0..10 {
+        assert_eq!(ping(&mut c, MARKER).await.unwrap(), MARKER);
+    }
+    drop(c);
+    let gw_metrics = gw.metrics().await;
+    assert_eq!(
+        counter(&gw_metrics, "eastwest_streams_total", &["outcome=\"forwarded\""]),
+        1.0,
+        "{gw_metrics}"
+    );
+    let zb_metrics = zb.metrics().await.unwrap();
+    let opened = counter(
+        &zb_metrics,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"destination\"", &format!("source_principal=\"{CLIENT}\"")],
+    );
+    assert!(
+        opened >= 1.0,
+        "Istio's ztunnel did not see our client's identity:\n{zb_metrics}"
     );
 }
