@@ -92,11 +92,18 @@ struct Serving {
 /// bundle with every certificate from now on, the bundle file proxies read is rewritten, and
 /// the controller's own serving certificate is re-issued by the new CA (so it chains to a root
 /// the bundle still holds once the old one is retired).
-fn rotate(ca: CaServer, ca_dir: PathBuf, serving: Serving) -> impl Fn(Arc<CaRoot>) + Send + 'static {
+fn rotate(
+    ca: CaServer,
+    ca_dir: PathBuf,
+    serving: Serving,
+    bundle: tokio::sync::watch::Sender<String>,
+) -> impl Fn(Arc<CaRoot>) + Send + 'static {
     move |root| {
         if let Err(e) = controller::ca::publish_trust_bundle(&ca_dir, root.trust_bundle()) {
             tracing::warn!(error = %e, "cannot publish the new trust bundle");
         }
+        // The waypoint namespaces' istio-ca-root-cert ConfigMaps follow (cluster mode).
+        bundle.send_replace(root.trust_bundle().to_owned());
         match serving_tls(&root, &serving.identity, &serving.names) {
             Ok(tls) => serving.tls.store(tls),
             Err(e) => tracing::warn!(error = %e, "cannot re-issue the serving certificate; keeping the previous one"),
@@ -120,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
     let (root, plugin) = ca_root(&config)?;
+    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(root.trust_bundle().to_owned());
     controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
         .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
     let names = config.serving_names();
@@ -246,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
             xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
             root_cert: root.trust_bundle().to_owned(),
             retry: Duration::from_secs(5),
+            trust_bundle: Some(bundle_rx),
         };
         tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));
         Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
@@ -265,23 +274,24 @@ async fn main() -> anyhow::Result<()> {
         ca_options,
         ca_metrics.clone(),
     );
-    if let Some(files) = plugin {
-        tokio::spawn(controller::ca::plugin::watch(
-            files,
-            config.trust_domain.clone(),
-            Duration::from_secs(1),
-            ca_metrics,
-            rotate(
-                ca.clone(),
-                config.ca_dir.clone(),
-                Serving {
-                    identity: identity.clone(),
-                    names,
-                    tls: tls.clone(),
-                },
-            ),
-        ));
-    }
+    // Also without a plug-in CA: its files appearing switch the CA to it (no restart).
+    tokio::spawn(controller::ca::plugin::watch(
+        config.cacerts_dir.clone(),
+        plugin,
+        config.trust_domain.clone(),
+        Duration::from_secs(1),
+        ca_metrics,
+        rotate(
+            ca.clone(),
+            config.ca_dir.clone(),
+            Serving {
+                identity: identity.clone(),
+                names,
+                tls: tls.clone(),
+            },
+            bundle_tx,
+        ),
+    ));
     let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
 
     let admin = Arc::new(admin::Admin {

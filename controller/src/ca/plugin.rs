@@ -240,22 +240,28 @@ fn public_key_of(der: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
-/// Re-reads the plug-in directory every `interval`. A usable change is handed to `apply`
+/// Re-reads the plug-in directory `dir` every `interval`. A usable change is handed to `apply`
 /// (which swaps the signer and publishes the bundle); an unusable one is logged once and
-/// counted as refused, and the previous CA keeps signing.
+/// counted as refused, and the previous CA keeps signing. `last` is what the CA signs with
+/// now: `None` for the self-signed root, whose directory may stay empty for good (not a
+/// refusal); files appearing there switch the CA to the plug-in without a restart, as a
+/// rotation does. For no connection to fail across that switch, the plug-in's
+/// `root-cert.pem` must carry the self-signed root beside its own until every workload has a
+/// certificate from the new CA (Istio's migration to a plug-in CA asks the same).
 pub async fn watch(
-    mut last: PluginFiles,
+    dir: PathBuf,
+    mut last: Option<PluginFiles>,
     trust_domain: String,
     interval: Duration,
     metrics: super::CaMetrics,
     apply: impl Fn(Arc<CaRoot>) + Send + 'static,
 ) {
-    let dir = last.dir.clone();
     let mut last_error = String::new();
     loop {
         tokio::time::sleep(interval).await;
         let files = match PluginFiles::read(&dir) {
             Ok(Some(files)) => files,
+            Ok(None) if last.is_none() => continue,
             Ok(None) => {
                 note_refusal(&mut last_error, &metrics, "the plug-in CA files were removed".into());
                 continue;
@@ -265,19 +271,24 @@ pub async fn watch(
                 continue;
             }
         };
-        if files == last {
+        if last.as_ref() == Some(&files) {
             continue;
         }
         match CaRoot::from_plugin(&files, &trust_domain) {
             Ok(root) => {
-                info!(dir = %dir.display(), roots = root.root_count(), "plug-in CA changed; signing with it now");
+                let what = if last.is_some() {
+                    "changed"
+                } else {
+                    "appeared; leaving the self-signed root"
+                };
+                info!(dir = %dir.display(), roots = root.root_count(), "plug-in CA {what}; signing with it now");
                 apply(Arc::new(root));
                 metrics.reloaded(true);
                 last_error.clear();
             }
             Err(e) => note_refusal(&mut last_error, &metrics, e.to_string()),
         }
-        last = files;
+        last = Some(files);
     }
 }
 
@@ -690,7 +701,8 @@ mod tests {
         let metrics = super::super::CaMetrics::default();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(watch(
-            files,
+            tmp.path().to_owned(),
+            Some(files),
             TD.to_owned(),
             Duration::from_millis(20),
             metrics.clone(),
@@ -710,6 +722,50 @@ mod tests {
             .expect("root");
         assert_eq!(applied.root_count(), 2);
         assert_eq!(metrics.reloads(true), 1);
+        task.abort();
+    }
+
+    /// A controller started with its self-signed root (no plug-in files) switches to the
+    /// plug-in CA once the files appear, without a restart; incomplete files are refused and
+    /// the self-signed root keeps signing meanwhile.
+    #[tokio::test]
+    async fn plug_in_files_appearing_replace_the_self_signed_root() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cacerts");
+        let metrics = super::super::CaMetrics::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(watch(
+            dir.clone(),
+            None,
+            TD.to_owned(),
+            Duration::from_millis(20),
+            metrics.clone(),
+            move |root: Arc<CaRoot>| {
+                let _ = tx.send(root);
+            },
+        ));
+        // No directory: the self-signed root stays, nothing is refused.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!((metrics.reloads(false), metrics.reloads(true)), (0, 0));
+        // Half written: refused.
+        std::fs::create_dir(&dir).expect("mkdir");
+        let (ra, ia) = {
+            let ra = root("plug-in root");
+            let ia = intermediate("plug-in intermediate", &ra);
+            (ra, ia)
+        };
+        std::fs::write(dir.join(CA_CERT_FILE), ia.cert.pem()).expect("write");
+        mesh_e2e_free_wait(|| metrics.reloads(false) == 1).await;
+        assert!(rx.try_recv().is_err());
+        // Complete: applied; what it signs chains through the intermediate to its root.
+        write(&dir, &ia, &[&ra], &[&ra]);
+        let applied = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("applied in time")
+            .expect("root");
+        assert_eq!(applied.root_count(), 1);
+        assert_eq!(ders(applied.trust_bundle()), [ra.cert.der().clone()]);
+        assert_eq!(issue(&applied).len(), 3, "leaf, intermediate, bundle");
         task.abort();
     }
 

@@ -2,7 +2,10 @@
 //! the objects [`super::manifests`] builds, by server-side apply, then the Gateway's status.
 //! Also writes problems found in Istio policies to their status. Status writes are skipped
 //! when nothing changed, so a status update never feeds back into another one through the
-//! watch.
+//! watch. The `istio-ca-root-cert` ConfigMap of each waypoint namespace follows the CA's
+//! published trust bundle (`WriterConfig::trust_bundle`): a root rotation or a switch to a
+//! plug-in CA rewrites it in every namespace with a waypoint, so waypoints keep trusting the
+//! controller once its serving certificate comes from the new root.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -42,16 +45,75 @@ pub struct WriterConfig {
     pub root_cert: String,
     /// Wait before retrying records whose apply failed.
     pub retry: Duration,
+    /// The CA's trust bundle as it changes (root rotation, plug-in CA); it replaces
+    /// `root_cert`. None: `root_cert` as given, for good.
+    pub trust_bundle: Option<watch::Receiver<String>>,
+}
+
+impl WriterConfig {
+    /// Takes the CA's current trust bundle as `root_cert`; true when it changed (every
+    /// namespace's root-cert ConfigMap is then stale).
+    pub(crate) fn take_bundle(&mut self) -> bool {
+        let Some(rx) = &mut self.trust_bundle else {
+            return false;
+        };
+        let now = rx.borrow_and_update();
+        if *now == self.root_cert {
+            return false;
+        }
+        self.root_cert = now.clone();
+        true
+    }
+}
+
+/// The root-cert ConfigMap of every namespace with a waypoint among `records`, once each.
+pub(crate) fn root_cert_maps<'a>(
+    records: impl IntoIterator<Item = &'a WaypointDeployment>,
+    config: &WriterConfig,
+) -> Vec<ConfigMap> {
+    let namespaces: std::collections::BTreeSet<&str> =
+        records.into_iter().map(|r| r.gateway.namespace.as_str()).collect();
+    namespaces.into_iter().map(|ns| root_cert_for(ns, config)).collect()
+}
+
+/// Rewrites `maps`; false when a write failed (retried after `config.retry`).
+async fn apply_root_certs(client: &Client, maps: Vec<ConfigMap>) -> bool {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut ok = true;
+    for map in maps {
+        let ns = map.metadata.namespace.clone().unwrap_or_default();
+        let api = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+        if let Err(e) = api.patch(ROOT_CERT_CONFIGMAP, &params, &Patch::Apply(&map)).await {
+            warn!(namespace = %ns, error = %e, "updating the root certificate ConfigMap failed");
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// Resolves when the trust bundle changes; never when there is none (or its sender is gone).
+async fn bundle_changed(rx: &mut Option<watch::Receiver<String>>) {
+    if let Some(r) = rx {
+        if r.changed().await.is_ok() {
+            return;
+        }
+    }
+    *rx = None;
+    std::future::pending::<()>().await;
 }
 
 /// Applies `records` whenever they or the leadership change, and only while leading. Returns
 /// when either channel closes.
 pub async fn run(
     client: Client,
-    config: WriterConfig,
+    mut config: WriterConfig,
     mut leader: watch::Receiver<bool>,
     mut records: watch::Receiver<Vec<WaypointDeployment>>,
 ) {
+    let mut bundle = config.trust_bundle.clone();
+    config.take_bundle();
+    // Root-cert ConfigMaps written before the bundle last changed.
+    let mut roots_stale = false;
     // What was applied successfully during the current leadership.
     let mut applied: HashMap<ObjectKey, WaypointDeployment> = HashMap::new();
     // Whether the waypoint GatewayClass's Accepted condition is written this leadership (a
@@ -70,6 +132,7 @@ pub async fn run(
                 }
             }
         }
+        roots_stale |= config.take_bundle();
         if leading {
             for record in current {
                 if applied.get(&record.gateway) == Some(&record) {
@@ -83,6 +146,11 @@ pub async fn run(
                     }
                 }
             }
+            if roots_stale {
+                let ok = apply_root_certs(&client, root_cert_maps(applied.values(), &config)).await;
+                roots_stale = !ok;
+                failed |= !ok;
+            }
         } else {
             // Re-apply everything on the next leadership: another replica may have written since.
             applied.clear();
@@ -91,6 +159,7 @@ pub async fn run(
         tokio::select! {
             changed = leader.changed() => if changed.is_err() { return },
             changed = records.changed() => if changed.is_err() { return },
+            () = bundle_changed(&mut bundle) => {}
             _ = tokio::time::sleep(config.retry), if failed => {}
         }
     }
@@ -496,6 +565,53 @@ mod tests {
         }))
         .expect("class parses")
     }
+    /// The root-cert ConfigMaps follow the CA's bundle: one per waypoint namespace, with the
+    /// bundle of the moment (the start-time one was written for good before).
+    #[test]
+    fn root_cert_maps_follow_the_published_bundle() {
+        let (tx, rx) = watch::channel("OLD ROOT\n".to_owned());
+        let mut config = WriterConfig {
+            trust_bundle: Some(rx),
+            ..crate::k8s::manifests::tests::config()
+        };
+        assert!(config.take_bundle(), "the bundle replaces the start-time root");
+        let mut other = crate::k8s::manifests::tests::record();
+        other.gateway = ObjectKey::new("other", "waypoint");
+        let records = [crate::k8s::manifests::tests::record(), other.clone(), other];
+        let data = |maps: &[ConfigMap]| -> Vec<(String, String)> {
+            maps.iter()
+                .map(|m| {
+                    let pem = m.data.as_ref().and_then(|d| d.get("root-cert.pem")).cloned();
+                    (
+                        m.metadata.namespace.clone().unwrap_or_default(),
+                        pem.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        let ns = crate::k8s::manifests::tests::record().gateway.namespace;
+        assert_eq!(
+            data(&root_cert_maps(&records, &config)),
+            [
+                (ns.clone(), "OLD ROOT\n".to_owned()),
+                ("other".into(), "OLD ROOT\n".into())
+            ]
+        );
+        assert!(!config.take_bundle(), "unchanged");
+        // A rotation publishes both roots, then retires the old one.
+        tx.send_replace("OLD ROOT\nNEW ROOT\n".into());
+        assert!(config.take_bundle());
+        assert_eq!(data(&root_cert_maps(&records, &config))[1].1, "OLD ROOT\nNEW ROOT\n");
+        tx.send_replace("NEW ROOT\n".into());
+        assert!(config.take_bundle());
+        let maps = root_cert_maps(&records, &config);
+        assert_eq!(
+            data(&maps),
+            [(ns, "NEW ROOT\n".to_owned()), ("other".into(), "NEW ROOT\n".into())]
+        );
+        assert_eq!(maps[0].metadata.name.as_deref(), Some(ROOT_CERT_CONFIGMAP));
+    }
+
     #[test]
     fn the_waypoint_gateway_class_is_accepted() {
         let ours = class(WAYPOINT_CLASS, WAYPOINT_CONTROLLER);
