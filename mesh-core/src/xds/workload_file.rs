@@ -12,6 +12,10 @@
 //!     services:
 //!       default/server.default.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
 //!     waypoint: {address: 10.0.0.9, hbonePort: 15008}
+//!   - uid: c2//Pod/default/remote  # on another network, reached through its gateway
+//!     network: net2
+//!     clusterId: c2
+//!     networkGateway: {address: 192.0.2.10, network: net2, hbonePort: 15008}
 //! services:
 //!   - name: server
 //!     namespace: default
