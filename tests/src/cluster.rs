@@ -129,6 +129,8 @@ impl Pod {
 
 pub struct Cluster {
     pub id: u8,
+    /// The controller's `--cluster-id` (workload uids start with it).
+    pub cluster_id: String,
     // Field order is drop order: processes before the namespaces they run in.
     pub controller: Controller<'static>,
     pub nodes: Vec<Node>,
@@ -172,6 +174,30 @@ impl Cluster {
     /// As [`Cluster::start`]; the controller also accepts a bootstrap token for each of
     /// `identities` (SPIFFE IDs of waypoints the test will run).
     pub async fn start_with_identities(id: u8, nodes: u8, manifests: &str, identities: &[&str]) -> Result<Cluster> {
+        let options = crate::controller::Options {
+            identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        };
+        Self::start_with_options(id, nodes, manifests, options).await
+    }
+
+    /// As [`Cluster::start`] with the controller started as `options` say (node agents'
+    /// enrolment reports are always read); its `--cluster-id` among `options.args` names the
+    /// cluster's workloads.
+    pub async fn start_with_options(
+        id: u8,
+        nodes: u8,
+        manifests: &str,
+        mut options: crate::controller::Options,
+    ) -> Result<Cluster> {
+        options.enrolment = true;
+        let cluster_id = options
+            .args
+            .iter()
+            .position(|a| a == "--cluster-id")
+            .and_then(|i| options.args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| "Kubernetes".to_owned());
         let hub = Hub::new()?;
         let control = leak(Netns::new("cp")?);
         hub.attach(control, &[&format!("10.90.{id}.100/24")])?;
@@ -203,10 +229,11 @@ impl Cluster {
         }
         let names: Vec<&str> = node_names.iter().map(String::as_str).collect();
         let cp_ip = Ipv4Addr::new(10, 90, id, 100).into();
-        let controller = Controller::start_with(control, cp_ip, &names, manifests, true, identities).await?;
+        let controller = Controller::start_with_options(control, cp_ip, &names, manifests, &options).await?;
         let manifests = controller.dir.path().join("manifests");
         let cluster = Cluster {
             id,
+            cluster_id,
             controller,
             nodes: built,
             control,
@@ -462,7 +489,7 @@ impl Cluster {
     /// agent reported it captured) or not (`hbone` false).
     pub async fn wait_workload(&self, pod: &Pod, hbone: bool, within: Duration) -> Result<()> {
         let protocol = if hbone { "Hbone" } else { "None" };
-        let uid = format!("Kubernetes//Pod/{}/{}", pod.namespace, pod.name);
+        let uid = format!("{}//Pod/{}/{}", self.cluster_id, pod.namespace, pod.name);
         let deadline = Instant::now() + within;
         for n in &self.nodes {
             loop {

@@ -15,6 +15,19 @@ use crate::ztunnel::http_request;
 /// The controller's default debug port (`--debug-addr 127.0.0.1:15015`).
 pub const DEBUG_PORT: u16 = 15015;
 
+/// How a test controller is started besides its manifests.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Pods are advertised with HBONE when a node agent reports them captured.
+    pub enrolment: bool,
+    /// SPIFFE ids of proxies (waypoints) given a bootstrap token of their own.
+    pub identities: Vec<String>,
+    /// A CA directory whose root (root-cert.pem, root-key.pem) this controller signs with.
+    pub ca_from: Option<PathBuf>,
+    /// More controller flags (`--cluster-id`, `--remote-manifests`, ...).
+    pub args: Vec<String>,
+}
+
 pub struct Controller<'a> {
     pub ns: &'a Netns,
     child: Child,
@@ -40,7 +53,31 @@ impl<'a> Controller<'a> {
         enrolment: bool,
         identities: &[&str],
     ) -> anyhow::Result<Self> {
+        let options = Options {
+            enrolment,
+            identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+            ..Options::default()
+        };
+        Self::start_with_options(ns, ip, nodes, manifests, &options).await
+    }
+
+    /// As [`Controller::start`] with everything [`Options`] says.
+    pub async fn start_with_options(
+        ns: &'a Netns,
+        ip: std::net::IpAddr,
+        nodes: &[&str],
+        manifests: &str,
+        options: &Options,
+    ) -> anyhow::Result<Self> {
+        let (enrolment, identities) = (options.enrolment, &options.identities);
         let dir = tempfile::tempdir()?;
+        if let Some(from) = &options.ca_from {
+            // One mesh, one root: this controller signs with the root another one generated.
+            std::fs::create_dir_all(dir.path().join("ca"))?;
+            for f in ["root-cert.pem", "root-key.pem"] {
+                std::fs::copy(from.join(f), dir.path().join("ca").join(f))?;
+            }
+        }
         std::fs::create_dir_all(dir.path().join("enrolment"))?;
         std::fs::create_dir_all(dir.path().join("manifests"))?;
         std::fs::write(dir.path().join("manifests/world.yaml"), manifests)?;
@@ -55,7 +92,7 @@ impl<'a> Controller<'a> {
             write_private(&dir.path().join(format!("{n}.token")), &token)?;
         }
         // Proxies that run as themselves (waypoints): a token bound to their identity only.
-        for id in identities {
+        for id in identities.iter() {
             let token = random_token()?;
             tokens.push_str(&format!("- {{token: {token}, identity: \"{id}\"}}\n"));
             write_private(&dir.path().join(identity_token_name(id)), &token)?;
@@ -85,6 +122,7 @@ impl<'a> Controller<'a> {
             .args(["--serving-ips", &ip.to_string()])
             .args(["--admin", &admin.to_string()])
             .args(["--poll-ms", "50", "--log", "info"])
+            .args(&options.args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -114,6 +152,16 @@ impl<'a> Controller<'a> {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The CA directory (root-cert.pem, root-key.pem, trust-bundle.pem).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// The manifest directory it reads.
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.dir.path().join("manifests")
     }
 
     /// The trust bundle ztunnels verify the controller (and each other) with.

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod controller;
 pub mod istio;
 pub mod metrics;
+pub mod multicluster;
 pub mod netns;
 pub mod profile;
 pub mod prometheus;
