@@ -164,6 +164,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
             sampling: cfg.trace_sampling,
             tags: cfg.trace_tags.clone(),
             service: format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
+            dropped: trace::register_dropped(registry),
         }),
         access_log: crate::telemetry::access_log::Sinks::register(
             registry,

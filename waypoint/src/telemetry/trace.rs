@@ -7,11 +7,11 @@
 //! queue and are dropped (and counted) when it is full or the collector fails.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
 use super::export::{Endpoint, Exporter};
@@ -146,19 +146,32 @@ pub struct TraceConfig {
     pub tags: Vec<(String, String)>,
     /// `localEndpoint.serviceName` / `service.name`.
     pub service: String,
+    /// Where lost spans are counted (`waypoint_trace_spans_dropped_total`).
+    pub dropped: Counter,
+}
+
+/// The counter of spans lost, registered as `waypoint_trace_spans_dropped`.
+pub fn register_dropped(registry: &mut prometheus_client::registry::Registry) -> Counter {
+    let c = Counter::default();
+    registry.register(
+        "waypoint_trace_spans_dropped",
+        "Sampled spans not delivered to the trace collectors (queue full or collector failing; requests never wait)",
+        c.clone(),
+    );
+    c
 }
 
 pub struct Tracer {
     pub sampling: f64,
     exporter: Option<Exporter<Span>>,
     /// Spans lost: queue full or collector failing.
-    pub dropped: Arc<AtomicU64>,
+    pub dropped: Counter,
 }
 
 impl Tracer {
     /// Starts the exporter when an endpoint is configured.
     pub fn start(cfg: TraceConfig) -> Arc<Tracer> {
-        let dropped = Arc::new(AtomicU64::new(0));
+        let dropped = cfg.dropped.clone();
         let mut endpoints = Vec::new();
         if let Some(url) = &cfg.zipkin {
             let c = cfg.clone();
@@ -182,7 +195,7 @@ impl Tracer {
                 "spans",
                 endpoints,
                 Arc::new(move |_, n| {
-                    d.fetch_add(n, Ordering::Relaxed);
+                    d.inc_by(n);
                 }),
             )
         });
@@ -362,5 +375,27 @@ mod tests {
         assert_eq!(z[0]["localEndpoint"]["serviceName"], "waypoint.shop");
         let o: serde_json::Value = serde_json::from_str(&otlp_json(&[span], &cfg)).unwrap();
         assert_eq!(o["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["name"], "GET /x");
+    }
+
+    /// Spans past the exporter's queue are dropped and counted, without waiting.
+    #[tokio::test]
+    async fn spans_beyond_the_queue_are_counted_as_dropped() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tracer = Tracer::start(TraceConfig {
+            otlp: Some(format!("http://{}/v1/traces", listener.local_addr().unwrap())),
+            sampling: 100.0,
+            ..Default::default()
+        });
+        let span = || Span {
+            ctx: extract(&HeaderMap::new(), 100.0),
+            name: "GET /".into(),
+            start: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            tags: Vec::new(),
+        };
+        for _ in 0..super::super::export::QUEUE + 50 {
+            tracer.finish(span());
+        }
+        assert!(tracer.dropped.get() >= 49, "{}", tracer.dropped.get());
     }
 }
