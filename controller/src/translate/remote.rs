@@ -5,7 +5,8 @@
 //! with the same namespace and name as one already known is one service: its VIPs and subject
 //! alt names are the union, its ports the local cluster's (ports that differ are reported).
 //! Workloads on a network other than this cluster's get that network's east-west gateway as
-//! `network_gateway`, so clients on other networks tunnel through it (double HBONE).
+//! `network_gateway`, so clients on other networks tunnel through it (double HBONE), and
+//! their identities join their services' subject alt names (the inner handshake's check).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -96,6 +97,7 @@ pub(crate) fn merge(inputs: &Inputs, options: &Options, out: &mut Outputs) {
     gateways.sort();
     gateways.dedup();
     set_network_gateways(out, &options.network, &gateways);
+    remote_network_sans(out, &options.network);
     missing_gateways(out, options, &gateways, &mut problems);
     for c in &mut clusters {
         c.gateways = gateways
@@ -299,6 +301,43 @@ fn set_network_gateways(out: &mut Outputs, local_network: &str, gateways: &[Netw
     }
 }
 
+/// The identities of a service's endpoints on other networks join its `subject_alt_names`:
+/// through an east-west gateway the client cannot know which endpoint the gateway picks, and
+/// Istio's ztunnel checks the inner (end-to-end) handshake against the service's SANs only.
+fn remote_network_sans(out: &mut Outputs, local_network: &str) {
+    let mut sans: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for a in out.addresses.values() {
+        let Some(pb::address::Type::Workload(w)) = &a.r#type else {
+            continue;
+        };
+        if w.network == local_network || w.network_gateway.is_none() {
+            continue;
+        }
+        let td = if w.trust_domain.is_empty() {
+            "cluster.local"
+        } else {
+            &w.trust_domain
+        };
+        let id = format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account);
+        for service in w.services.keys() {
+            sans.entry(service.clone()).or_default().push(id.clone());
+        }
+    }
+    for (service, ids) in sans {
+        if let Some(pb::Address {
+            r#type: Some(pb::address::Type::Service(s)),
+        }) = out.addresses.get_mut(&service)
+        {
+            for id in ids {
+                if !s.subject_alt_names.contains(&id) {
+                    s.subject_alt_names.push(id);
+                }
+            }
+            s.subject_alt_names.sort();
+        }
+    }
+}
+
 /// A network other than this cluster's with workloads but no east-west gateway: nothing on
 /// another network can reach them (they are served, and reachable only from their own).
 fn missing_gateways(out: &Outputs, options: &Options, gateways: &[NetworkGateway], problems: &mut Vec<Problem>) {
@@ -424,6 +463,10 @@ status: {podIP: 10.100.69.9}";
         assert!(a.services.contains_key(ECHO) && b.services.contains_key(ECHO));
         let echo = service(&out, ECHO).expect("merged service");
         assert_eq!(vips(echo), ["/10.96.68.1", "/10.96.69.1"]);
+        assert!(
+            echo.subject_alt_names.is_empty(),
+            "one network: each endpoint's own identity"
+        );
         let db = service(&out, "shop/db.shop.svc.cluster.local").expect("remote-only service");
         assert_eq!(vips(db), ["/10.96.69.9"]);
         assert!(workload(&out, "c69//Pod/shop/db-0").is_some());
@@ -524,6 +567,11 @@ apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system, labels: {topolog
         assert_eq!(
             vips(service(&out, ECHO).unwrap()),
             ["/10.96.68.1", "net-b/10.96.69.1", "net-c/10.96.70.1"]
+        );
+        // The end-to-end identity through the gateway: c69's endpoint (c70's has no gateway).
+        assert_eq!(
+            service(&out, ECHO).unwrap().subject_alt_names,
+            ["spiffe://cluster.local/ns/shop/sa/default"]
         );
         let c = workload(&out, "c70//Pod/shop/c").unwrap();
         assert_eq!((c.network.as_str(), &c.network_gateway), ("net-c", &None));
