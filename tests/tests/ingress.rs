@@ -51,7 +51,7 @@ spec:
 "#;
 
 /// The brief's Gateway opened to routes of other namespaces, with a second certificate
-/// (chosen by SNI), a listener whose Secret is missing, an HTTP listener, and the trust of one
+/// (chosen by SNI; its listener names a missing Secret too), a listener whose Secret is missing, an HTTP listener, and the trust of one
 /// proxy in front (X-Forwarded-For).
 const OPEN_GATEWAY: &str = r#"apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -72,7 +72,8 @@ spec:
     hostname: "*.other.org"
     port: 443
     protocol: HTTPS
-    tls: {certificateRefs: [{name: other-org-cert}]}
+    # The second Secret does not exist: the listener serves with the first.
+    tls: {certificateRefs: [{name: other-org-cert}, {name: no-such-other-cert}]}
     allowedRoutes: {namespaces: {from: All}}
   - name: broken
     hostname: "*.broken.net"
@@ -543,6 +544,10 @@ async fn ingress_gateway_end_to_end() {
     }
     let (_, body) = cluster.controller.debug("/debug/ingress").await.unwrap();
     assert!(body.contains("no-such-secret does not exist"), "{body}");
+    assert!(
+        body.contains("no-such-other-cert does not exist; the listener serves its other certificates"),
+        "{body}"
+    );
     assert!(!body.contains("PRIVATE KEY"), "statuses never carry keys");
     eprintln!("ingress e2e took {:?}", started.elapsed());
 }

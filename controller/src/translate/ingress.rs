@@ -348,6 +348,36 @@ fn certificate(inputs: &Inputs, gw_ns: &str, r: &SecretObjectReference) -> Resul
 
 // ---- listeners ----
 
+/// The certificates of an HTTPS listener's `refs` that load, and the `ResolvedRefs=False`
+/// condition naming those that do not; `Err` (reason, message) when none loads, and the
+/// listener is not programmed.
+fn certificates(
+    inputs: &Inputs,
+    gw_ns: &str,
+    refs: &[SecretObjectReference],
+) -> Result<(Vec<wp::TlsCertificate>, Option<Condition>), (&'static str, String)> {
+    let (mut certs, mut broken) = (Vec::new(), Vec::new());
+    for r in refs {
+        match certificate(inputs, gw_ns, r) {
+            Ok(c) => certs.push(c),
+            Err(e) => broken.push(e),
+        }
+    }
+    let Some(first) = broken.first() else {
+        return Ok((certs, None));
+    };
+    let reasons: Vec<String> = broken.iter().map(ToString::to_string).collect();
+    let reasons = reasons.join("; ");
+    if certs.is_empty() {
+        return Err((first.reason(), format!("{reasons}; the listener is not programmed")));
+    }
+    let msg = format!(
+        "{reasons}; the listener serves its other certificates ({})",
+        certs.len()
+    );
+    Ok((certs, Some(condition("ResolvedRefs", false, first.reason(), msg))))
+}
+
 /// One listener as translated: its proxy config (when programmed) and status so far.
 struct ListenerOut {
     config: Option<wp::IngressListener>,
@@ -368,6 +398,8 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
         hostname: l.hostname.clone().unwrap_or_default(),
         ..Default::default()
     };
+    // Some of several certificates cannot be used: served with the others, said here.
+    let mut partial = None;
     let refused = |status: &mut ListenerStatus, kind: &str, reason: &str, msg: String| {
         status.conditions.push(condition(kind, false, reason, msg.clone()));
         status.conditions.push(condition("Programmed", false, "Invalid", msg));
@@ -397,16 +429,12 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
                 let msg = "an HTTPS listener needs tls.certificateRefs".to_owned();
                 refused(&mut status, "ResolvedRefs", "InvalidCertificateRef", msg);
             } else {
-                match refs
-                    .iter()
-                    .map(|r| certificate(inputs, gw_ns, r))
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(certs) => config.certificates = certs,
-                    Err(e) => {
-                        let msg = format!("{e}; the listener is not programmed");
-                        refused(&mut status, "ResolvedRefs", e.reason(), msg);
+                match certificates(inputs, gw_ns, refs) {
+                    Ok((certs, broken)) => {
+                        config.certificates = certs;
+                        partial = broken;
                     }
+                    Err((reason, msg)) => refused(&mut status, "ResolvedRefs", reason, msg),
                 }
             }
         }
@@ -421,7 +449,9 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
             .conditions
             .push(condition("Accepted", true, "Accepted", "listener accepted"));
         let invalid = invalid_kinds(l);
-        status.conditions.push(if invalid.is_empty() {
+        status.conditions.push(if let Some(broken) = partial {
+            broken
+        } else if invalid.is_empty() {
             condition("ResolvedRefs", true, "ResolvedRefs", "references resolved")
         } else {
             let msg = format!(
@@ -1528,5 +1558,44 @@ spec:
         let kinds = cond(&listener("wrong-kinds").conditions, "ResolvedRefs");
         assert_eq!((kinds.status, kinds.reason.as_str()), (false, "InvalidRouteKinds"));
         assert!(listener("wrong-kinds").supported_kinds.is_empty());
+    }
+
+    #[test]
+    fn a_listener_serves_the_certificates_that_load() {
+        let gw = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: istio-system}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: good}, {name: missing}, {name: other-ns, namespace: certs}]}
+"#;
+        let good = tls_secret("istio-system", "good", "a.example.com");
+        let other_ns = tls_secret("certs", "other-ns", "b.example.com");
+        let (out, problems) = run(&[gw.to_owned(), good, other_ns]);
+        let l = &out.gateways["istio-system/gw"].listeners[0];
+        let secrets: Vec<&str> = l.certificates.iter().map(|c| c.secret.as_str()).collect();
+        assert_eq!(secrets, ["istio-system/good"], "served with the certificate that loads");
+        let status = &out.status[&ObjectKey::new("istio-system", "gw")].listeners[0];
+        assert!(cond(&status.conditions, "Programmed").status);
+        let resolved = cond(&status.conditions, "ResolvedRefs");
+        assert_eq!(
+            (resolved.status, resolved.reason.as_str()),
+            (false, "InvalidCertificateRef")
+        );
+        for named in [
+            "istio-system/missing does not exist",
+            "certs/other-ns is in another namespace",
+        ] {
+            assert!(resolved.message.contains(named), "{}", resolved.message);
+        }
+        assert!(
+            problems.iter().any(|p| p.message.contains("istio-system/missing")),
+            "{problems:?}"
+        );
     }
 }

@@ -429,4 +429,33 @@ mod tests {
             .keys()
             .all(|k| !k.starts_with(TABLE_PREFIX)));
     }
+
+    #[test]
+    fn a_listener_serves_the_certificates_that_load() {
+        let ingress = Ingress::new(("istio-system".into(), "gw".into()), ConfigStore::new());
+        let mut broken = tls_cert(&["b.example.com"]);
+        broken.private_key = tls_cert(&["x"]).private_key;
+        let config = wp::IngressGateway {
+            namespace: "istio-system".into(),
+            name: "gw".into(),
+            listeners: vec![wp::IngressListener {
+                name: "https".into(),
+                port: 443,
+                protocol: "HTTPS".into(),
+                certificates: vec![broken, tls_cert(&["a.example.com"])],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let refused = ingress.apply(config);
+        assert_eq!(refused.len(), 1, "the broken certificate is named: {refused:?}");
+        assert!(refused[0].1.contains("istio-system/c"), "{refused:?}");
+        let state = ingress.current.load();
+        assert_eq!(
+            state.ports[&443].listeners.len(),
+            1,
+            "served with the other certificate"
+        );
+        assert!(!ingress.resolver(443).is_empty());
+    }
 }
