@@ -1164,9 +1164,31 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
         let mut answer = Vec::new();
         let _ = plain.read_to_end(&mut answer).await;
         assert_eq!(answer, [0x15, 3, 3, 0, 2, 2, 50], "a decode_error alert, then closed");
+        // A ClientHello claiming 16,000 bytes in 100-byte records passes the 16 KiB read
+        // bound before it completes: closed there, not buffered on.
+        let mut handshake = vec![1u8, 0, 0x3e, 0x80];
+        handshake.resize(4 + 16_000, 0);
+        let mut big = Vec::new();
+        for piece in handshake.chunks(100) {
+            big.extend_from_slice(&[0x16, 3, 1, 0, piece.len() as u8]);
+            big.extend_from_slice(piece);
+        }
+        let mut oversized = client.ns.connect(to).await.expect("connect");
+        let _ = oversized.write_all(&big).await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, oversized.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok() && rest.is_empty(),
+            "closed without an answer: {closed:?} {rest:?}"
+        );
     }
     let gw_metrics = gateway.metrics().await.expect("gateway metrics");
-    for reason in ["tls_unknown_sni", "tls_no_sni", "tls_client_hello_malformed"] {
+    for reason in [
+        "tls_unknown_sni",
+        "tls_no_sni",
+        "tls_client_hello_malformed",
+        "tls_client_hello_too_large",
+    ] {
         assert!(
             gw_metrics
                 .lines()
