@@ -80,6 +80,7 @@ resource! {
 pub fn api_resource(kind: Kind) -> ApiResource {
     match kind {
         Kind::Namespace => ApiResource::erase::<Namespace>(&()),
+        Kind::Node => ApiResource::erase::<crate::model::Node>(&()),
         Kind::Pod => ApiResource::erase::<Pod>(&()),
         Kind::Service => ApiResource::erase::<Service>(&()),
         Kind::EndpointSlice => ApiResource::erase::<EndpointSlice>(&()),

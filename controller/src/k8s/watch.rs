@@ -99,6 +99,12 @@ fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static
     }
     match kind {
         Kind::Namespace => typed::<Namespace>(client, kind, Object::Namespace),
+        // Only the labels are read (locality): the status (images, conditions) is dropped.
+        Kind::Node => typed::<crate::model::Node>(client, kind, |mut n| {
+            n.status = None;
+            n.spec = None;
+            Object::Node(n)
+        }),
         Kind::Pod => typed::<Pod>(client, kind, Object::Pod),
         Kind::Service => typed::<Service>(client, kind, Object::Service),
         Kind::EndpointSlice => typed::<EndpointSlice>(client, kind, Object::EndpointSlice),

@@ -13,7 +13,7 @@ mod unknown;
 
 use std::collections::BTreeMap;
 
-pub use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use object::{Kind, Object, ParseError};
@@ -63,6 +63,8 @@ impl std::fmt::Display for ObjectKey {
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
     pub namespaces: BTreeMap<String, Namespace>,
+    /// Nodes by name: their topology labels are their pods' locality.
+    pub nodes: BTreeMap<String, Node>,
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
@@ -99,6 +101,7 @@ impl Inputs {
         let key = object.key();
         match object {
             Object::Namespace(o) => drop(self.namespaces.insert(key.name, o)),
+            Object::Node(o) => drop(self.nodes.insert(key.name, o)),
             Object::Pod(o) => drop(self.pods.insert(key, o)),
             Object::Service(o) => drop(self.services.insert(key, o)),
             Object::EndpointSlice(o) => drop(self.endpoint_slices.insert(key, o)),
@@ -127,6 +130,7 @@ impl Inputs {
     pub fn remove(&mut self, kind: Kind, key: &ObjectKey) -> bool {
         match kind {
             Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Node => self.nodes.remove(&key.name).is_some(),
             Kind::Pod => self.pods.remove(key).is_some(),
             Kind::Service => self.services.remove(key).is_some(),
             Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
@@ -155,6 +159,7 @@ impl Inputs {
     pub fn clear(&mut self, kind: Kind) {
         match kind {
             Kind::Namespace => self.namespaces.clear(),
+            Kind::Node => self.nodes.clear(),
             Kind::Pod => self.pods.clear(),
             Kind::Service => self.services.clear(),
             Kind::EndpointSlice => self.endpoint_slices.clear(),

@@ -4,8 +4,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    gateway, istio, rate_limit, reference_grant, service_entry, EndpointSlice, Namespace, ObjectKey, ObjectMeta, Pod,
-    Secret, Service, ServiceAccount,
+    gateway, istio, rate_limit, reference_grant, service_entry, EndpointSlice, Namespace, Node, ObjectKey, ObjectMeta,
+    Pod, Secret, Service, ServiceAccount,
 };
 
 macro_rules! kinds {
@@ -72,6 +72,7 @@ macro_rules! kinds {
 
 kinds! {
     Namespace(Namespace) = "", "Namespace", cluster: true, versions: ["v1"];
+    Node(Node) = "", "Node", cluster: true, versions: ["v1"];
     Pod(Pod) = "", "Pod", cluster: false, versions: ["v1"];
     Service(Service) = "", "Service", cluster: false, versions: ["v1"];
     EndpointSlice(EndpointSlice) = "discovery.k8s.io", "EndpointSlice", cluster: false, versions: ["v1"];

@@ -51,6 +51,7 @@ pub(crate) fn local_options(inputs: &Inputs, options: &Options) -> Options {
 fn discovery(remote: &Inputs) -> Inputs {
     Inputs {
         namespaces: remote.namespaces.clone(),
+        nodes: remote.nodes.clone(),
         pods: remote.pods.clone(),
         services: remote.services.clone(),
         endpoint_slices: remote.endpoint_slices.clone(),
@@ -630,6 +631,28 @@ status: {podIP: 10.100.68.7}";
             (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
             ("eu", "eu-1", "rack4")
         );
+    }
+
+    /// Locality is the node's topology labels (as Istio reads it), for remote pods too.
+    #[test]
+    fn locality_comes_from_the_node() {
+        let node = "apiVersion: v1\nkind: Node
+metadata: {name: n0, labels: {topology.kubernetes.io/region: us, topology.kubernetes.io/zone: us-2}}";
+        let mut local = inputs(&cluster("a", "10.100.68.2", "10.96.68.1", 8080, node));
+        add_remote(
+            &mut local,
+            "c69",
+            &cluster("b", "10.100.69.2", "10.96.69.1", 8080, node),
+        );
+        let out = super::super::translate(&local, &options("c68"));
+        for uid in ["c68//Pod/shop/a", "c69//Pod/shop/b"] {
+            let l = workload(&out, uid).unwrap().locality.clone().expect("locality");
+            assert_eq!(
+                (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
+                ("us", "us-2", ""),
+                "{uid}"
+            );
+        }
     }
 
     /// Auto-allocated ServiceEntry addresses derive from the host alone: two controllers with

@@ -17,29 +17,33 @@ use crate::model::{Inputs, Kind, ObjectKey, Pod};
 /// cannot hold `/`, so dots separate; missing trailing parts are empty).
 const LOCALITY_LABEL: &str = "istio-locality";
 
-/// Well-known topology labels (on nodes in a cluster; read from the pod here, which is where
-/// local manifests and admission webhooks put them), after `istio-locality`.
+/// Well-known topology labels: on the pod's node, where Kubernetes puts them and Istio reads
+/// them; else on the pod itself (local manifests, admission webhooks).
 const TOPOLOGY_LABELS: [&str; 3] = [
     "topology.kubernetes.io/region",
     "topology.kubernetes.io/zone",
     "topology.istio.io/subzone",
 ];
 
-fn locality(labels: Option<&BTreeMap<String, String>>) -> Option<pb::Locality> {
-    let v = labels?.get(LOCALITY_LABEL).map(|v| v.trim()).unwrap_or_default();
-    if v.is_empty() {
-        let [region, zone, subzone] =
-            TOPOLOGY_LABELS.map(|k| labels.and_then(|l| l.get(k)).cloned().unwrap_or_default());
-        if region.is_empty() && zone.is_empty() && subzone.is_empty() {
-            return None;
-        }
-        return Some(pb::Locality { region, zone, subzone });
+/// `istio-locality` on the pod, else its node's topology labels, else its own.
+fn locality(
+    labels: Option<&BTreeMap<String, String>>,
+    node: Option<&BTreeMap<String, String>>,
+) -> Option<pb::Locality> {
+    let v = labels.and_then(|l| l.get(LOCALITY_LABEL)).map_or("", |v| v.trim());
+    if !v.is_empty() {
+        let mut parts = v.splitn(3, '.').map(str::to_owned);
+        return Some(pb::Locality {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        });
     }
-    let mut parts = v.splitn(3, '.').map(str::to_owned);
-    Some(pb::Locality {
-        region: parts.next().unwrap_or_default(),
-        zone: parts.next().unwrap_or_default(),
-        subzone: parts.next().unwrap_or_default(),
+    [node, labels].into_iter().find_map(|source| {
+        let [region, zone, subzone] =
+            TOPOLOGY_LABELS.map(|k| source.and_then(|l| l.get(k)).cloned().unwrap_or_default());
+        let any = !(region.is_empty() && zone.is_empty() && subzone.is_empty());
+        any.then_some(pb::Locality { region, zone, subzone })
     })
 }
 
@@ -234,7 +238,12 @@ pub(crate) fn translate(
                 pb::WorkloadStatus::Unhealthy as i32
             },
             cluster_id: options.cluster_id.clone(),
-            locality: locality(labels),
+            locality: locality(
+                labels,
+                spec.and_then(|s| s.node_name.as_ref())
+                    .and_then(|n| inputs.nodes.get(n))
+                    .and_then(|n| n.metadata.labels.as_ref()),
+            ),
             network_mode: if host_network {
                 pb::NetworkMode::HostNetwork as i32
             } else {
