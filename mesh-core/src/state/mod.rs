@@ -2,6 +2,7 @@
 //! snapshot swapped atomically on every update: readers never lock, and a connection keeps the
 //! snapshot it started with.
 
+pub mod locality;
 pub mod model;
 
 use std::collections::{BTreeSet, HashMap};
@@ -49,6 +50,10 @@ pub struct State {
     /// uid -> the east-west gateway through which a workload on another network is reached
     /// (the workload's `network_gateway`): double HBONE, see ztunnel's outbound.
     network_gateways: HashMap<String, GatewayAddress>,
+    /// uid -> where a workload runs (its `locality`), for locality-aware endpoint choice.
+    localities: HashMap<String, locality::Locality>,
+    /// service key -> its locality preference (`load_balancing` STRICT or FAILOVER).
+    load_policies: HashMap<String, locality::LoadPolicy>,
 }
 
 /// The `Extension` on a Workload that carries the mesh's outbound traffic policy for that
@@ -175,6 +180,50 @@ impl State {
             .collect()
     }
 
+    /// Where workload `uid` runs (empty when the control plane did not say).
+    pub fn locality(&self, uid: &str) -> &locality::Locality {
+        static UNKNOWN: locality::Locality = locality::Locality {
+            region: String::new(),
+            zone: String::new(),
+            subzone: String::new(),
+        };
+        self.localities.get(uid).unwrap_or(&UNKNOWN)
+    }
+
+    /// Service `key`'s locality preference, if it has one.
+    pub fn load_policy(&self, key: &str) -> Option<&locality::LoadPolicy> {
+        self.load_policies.get(key)
+    }
+
+    /// The workloads at `ip` on any network (few networks: a map probe each).
+    pub fn workloads_at(&self, ip: IpAddr) -> impl Iterator<Item = &Arc<Workload>> + '_ {
+        self.workload_by_ip.values().filter_map(move |m| m.get(&ip))
+    }
+
+    /// Narrows `endpoints` of `service` to those its locality preference picks for `client`
+    /// (see [`locality::select`]): the closest rank under FAILOVER, full matches under STRICT.
+    pub fn closest(
+        &self,
+        service: &Service,
+        client: &Workload,
+        endpoints: Vec<Arc<Workload>>,
+    ) -> Result<Vec<Arc<Workload>>, locality::OutOfScope> {
+        let Some(policy) = self.load_policy(&service.key()) else {
+            return Ok(endpoints);
+        };
+        fn peer<'a>(state: &'a State, w: &'a Workload) -> locality::Peer<'a> {
+            locality::Peer {
+                network: &w.network,
+                locality: state.locality(&w.uid),
+                node: &w.node,
+                cluster_id: &w.cluster_id,
+            }
+        }
+        let client_peer = peer(self, client);
+        let candidates: Vec<_> = endpoints.iter().map(|w| (peer(self, w), w.clone())).collect();
+        locality::select(Some(policy), &client_peer, candidates)
+    }
+
     /// Global, namespace and selector policies that apply to `w`.
     pub fn policies_for<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Policy> + 'a {
         self.global_policies
@@ -215,6 +264,7 @@ impl State {
         self.registry_only.remove(uid);
         self.hostnames.remove(uid);
         self.network_gateways.remove(uid);
+        self.localities.remove(uid);
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
@@ -257,6 +307,7 @@ impl State {
     pub fn remove_service(&mut self, key: &str) -> bool {
         self.port_protocols.remove(key);
         self.passthrough.remove(key);
+        self.load_policies.remove(key);
         let Some(old) = self.services.remove(key) else {
             return false;
         };
@@ -322,6 +373,9 @@ impl State {
                 if w.addresses.is_empty() && !w.hostname.is_empty() {
                     self.hostnames.insert(w.uid.clone(), w.hostname.to_ascii_lowercase());
                 }
+                if let Some(l) = w.locality.as_ref() {
+                    self.localities.insert(w.uid.clone(), l.into());
+                }
             }
             Some(pb::address::Type::Service(s)) => {
                 let service = Service::try_from(s)?;
@@ -335,6 +389,9 @@ impl State {
                     .collect();
                 if !declared.is_empty() {
                     self.port_protocols.insert(key.clone(), declared);
+                }
+                if let Some(p) = s.load_balancing.as_ref().and_then(locality::LoadPolicy::from_proto) {
+                    self.load_policies.insert(key.clone(), p);
                 }
                 let mode = s.load_balancing.as_ref().map(|lb| lb.mode);
                 if mode == Some(pb::load_balancing::Mode::Passthrough as i32) {

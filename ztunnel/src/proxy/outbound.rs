@@ -78,6 +78,9 @@ pub enum RouteError {
     /// The endpoint is on another network and its east-west gateway cannot be used.
     #[error("workload {workload} is on another network and its network gateway is unavailable: {why}")]
     NetworkGateway { workload: String, why: String },
+    /// STRICT locality load balancing and no endpoint in the client's scope.
+    #[error("service {0} has no endpoint in the client's locality scope (strict)")]
+    OutOfLocality(String),
 }
 
 /// Why a waypoint cannot be used.
@@ -108,6 +111,7 @@ impl RouteError {
             RouteError::NoAddress(_) => Refusal::NoAddress,
             RouteError::NotRegistered(_) => Refusal::NotRegistered,
             RouteError::NetworkGateway { .. } => Refusal::NetworkGatewayUnavailable,
+            RouteError::OutOfLocality(_) => Refusal::NoLocalEndpoint,
         }
     }
 }
@@ -115,6 +119,7 @@ impl RouteError {
 /// Resolves a waypoint to its HBONE endpoint and identity.
 fn waypoint_route(
     state: &State,
+    src: &Workload,
     network: &str,
     wp: &GatewayAddress,
     authority: SocketAddr,
@@ -128,9 +133,9 @@ fn waypoint_route(
         why,
     };
     let pick = |svc: &Service| {
-        state
-            .endpoints(svc)
-            .choose(&mut rand::thread_rng())
+        // The waypoint's own service may prefer close instances (Istio sends FAILOVER).
+        let eps = state.closest(svc, src, state.endpoints(svc)).unwrap_or_default();
+        eps.choose(&mut rand::thread_rng())
             .cloned()
             .ok_or_else(|| unavailable(WaypointUnavailable::NoHealthyEndpoint))
     };
@@ -180,7 +185,7 @@ pub fn resolve(
         None => Ok(Route::Passthrough(dst)),
         Some(Destination::Service(svc)) => {
             if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
-                return waypoint_route(state, network, wp, dst, Some(svc.clone()));
+                return waypoint_route(state, src, network, wp, dst, Some(svc.clone()));
             }
             if !svc.ports.iter().any(|p| p.service_port == dst.port()) {
                 return Err(RouteError::NoPort(svc.key(), dst.port()));
@@ -195,6 +200,10 @@ pub fn resolve(
             }
             let mut endpoints = state.endpoints(&svc);
             endpoints.retain(|w| super::double_hbone::reachable(state, &src.network, w));
+            // Locality (`load_balancing`): the closest healthy endpoints, as Istio's ztunnel.
+            let endpoints = state
+                .closest(&svc, src, endpoints)
+                .map_err(|_| RouteError::OutOfLocality(svc.key()))?;
             let wl = endpoints
                 .choose(&mut rand::thread_rng())
                 .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
@@ -239,7 +248,7 @@ pub fn resolve(
         }
         Some(Destination::Workload(wl)) => {
             if let Some(wp) = wl.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
-                return waypoint_route(state, network, wp, dst, None);
+                return waypoint_route(state, src, network, wp, dst, None);
             }
             Ok(match wl.tunnel {
                 Tunnel::Hbone => Route::Hbone {
@@ -271,7 +280,7 @@ fn baggage(w: &Workload) -> String {
     )
 }
 
-async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
     let dst = match original_dst(&tcp) {
         Ok(d) => d,
         Err(e) => {
@@ -345,7 +354,7 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
                 baggage: Some(baggage(&src)),
                 traceparent: None,
             };
-            match px.pool.connect(&req).await {
+            match Box::pin(px.pool.connect(&req)).await {
                 Ok(stream) => stream
                     .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
                     .await
@@ -362,7 +371,7 @@ async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
             ..
         } => {
             let req = double_request(&src, peer, gateway, gateway_identities, authority, identities);
-            match px.pool.connect_double(&req).await {
+            match Box::pin(px.pool.connect_double(&req)).await {
                 Ok(stream) => stream
                     .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
                     .await
@@ -816,5 +825,78 @@ mod tests {
             ),
             "{err} ({key})"
         );
+    }
+
+    /// `load_balancing` FAILOVER (PreferClose): the endpoint in the client's zone while it is
+    /// healthy, the other zone when it is not; STRICT with no endpoint in scope is refused
+    /// with its own reason rather than sent elsewhere.
+    #[test]
+    fn locality_prefers_the_clients_zone_and_strict_refuses() {
+        use mesh_proto::workload as pb;
+        use pb::load_balancing::{Mode, Scope};
+        let svc = |mode: Mode| pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "web".into(),
+                namespace: "default".into(),
+                hostname: "web.default.svc.cluster.local".into(),
+                addresses: vec![pb::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, 1],
+                }],
+                ports: vec![pb::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    app_protocol: 0,
+                }],
+                load_balancing: Some(pb::LoadBalancing {
+                    routing_preference: [Scope::Network, Scope::Region, Scope::Zone].map(|s| s as i32).to_vec(),
+                    mode: mode as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        let wl = |uid: &str, ip: u8, zone: &str, healthy: bool| pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "default".into(),
+                addresses: vec![vec![10, 0, 1, ip]],
+                tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+                locality: Some(pb::Locality {
+                    region: "r".into(),
+                    zone: zone.into(),
+                    subzone: String::new(),
+                }),
+                status: if healthy { 0 } else { 1 },
+                services: [(SVC.to_owned(), pb::PortList::default())].into(),
+                ..Default::default()
+            })),
+        };
+        let mut s = State::default();
+        for a in [svc(Mode::Failover), wl("near", 2, "a", true), wl("far", 3, "b", true)] {
+            s.apply_address(&a).unwrap();
+        }
+        let mut client = wl("client", 1, "a", true);
+        if let Some(pb::address::Type::Workload(w)) = client.r#type.as_mut() {
+            w.services.clear(); // the client is no endpoint of the service
+        }
+        s.apply_address(&client).unwrap();
+        let client = s.workload("client").unwrap().as_ref().clone();
+        let chosen = |s: &State| match resolve(s, "", 15008, &client, sa("10.96.0.1:80")) {
+            Ok(Route::Hbone { endpoint, .. }) => Ok(endpoint),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.refusal()),
+        };
+        // Never the far one while the near one is healthy.
+        for _ in 0..32 {
+            assert_eq!(chosen(&s), Ok(sa("10.0.1.2:15008")));
+        }
+        s.apply_address(&wl("near", 2, "a", false)).unwrap();
+        assert_eq!(chosen(&s), Ok(sa("10.0.1.3:15008")), "fails over to the other zone");
+        s.apply_address(&svc(Mode::Strict)).unwrap();
+        assert_eq!(chosen(&s), Err(Refusal::NoLocalEndpoint));
+        s.apply_address(&wl("near", 2, "a", true)).unwrap();
+        assert_eq!(chosen(&s), Ok(sa("10.0.1.2:15008")));
     }
 }

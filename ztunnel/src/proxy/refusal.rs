@@ -58,6 +58,9 @@ pub enum Refusal {
     /// Outbound: the endpoint is on another network and its east-west gateway is unknown or
     /// has no healthy endpoint (double HBONE).
     NetworkGatewayUnavailable,
+    /// Outbound: the service's load balancing is STRICT and no healthy endpoint shares the
+    /// client's locality scopes (e.g. `internalTrafficPolicy: Local` and none on this node).
+    NoLocalEndpoint,
     /// An HBONE bound a peer hit (mesh-core's limits; labelled with the limit's name).
     Limit(Limit),
 }
@@ -87,6 +90,7 @@ impl Refusal {
             Refusal::NoAddress => "no_address",
             Refusal::NotRegistered => "not_registered",
             Refusal::NetworkGatewayUnavailable => "network_gateway_unavailable",
+            Refusal::NoLocalEndpoint => "no_local_endpoint",
             Refusal::Limit(l) => l.as_str(),
         }
     }
@@ -125,6 +129,7 @@ impl std::fmt::Display for Refusal {
             Refusal::NoAddress => "workload has no address of the right family",
             Refusal::NotRegistered => "destination not in the mesh registry (outbound policy REGISTRY_ONLY)",
             Refusal::NetworkGatewayUnavailable => "network gateway of a workload on another network unavailable",
+            Refusal::NoLocalEndpoint => "no endpoint in the service's strict locality scope",
             Refusal::Limit(l) => l.as_str(),
         })
     }
@@ -177,6 +182,7 @@ mod tests {
                 "waypoint_unavailable",
                 StatusCode::BAD_REQUEST,
             ),
+            (Refusal::NoLocalEndpoint, "no_local_endpoint", StatusCode::BAD_REQUEST),
         ];
         for (r, label, status) in table {
             assert_eq!((r.as_str(), r.status()), (label, status), "{r:?}");
