@@ -385,10 +385,74 @@ struct ListenerOut {
     hosts: BTreeMap<String, wp::ServiceRoutes>,
 }
 
-/// A listener's config and status: HTTP as is; HTTPS needs every certificate to resolve.
+/// Why a listener cannot be served: the condition it fails (`Accepted` or `ResolvedRefs`),
+/// the reason and the message.
+type Refusal = (&'static str, &'static str, String);
+
+/// What a listener's protocol and TLS settings allow: the certificates to serve (HTTPS) and
+/// a `ResolvedRefs=False` condition when only some of them load.
+fn protocol_settings(
+    inputs: &Inputs,
+    gw_ns: &str,
+    l: &Listener,
+) -> Result<(Vec<wp::TlsCertificate>, Option<Condition>), Refusal> {
+    let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
+    match l.protocol.as_str() {
+        "HTTP" | "TCP" => Ok((Vec::new(), None)),
+        "TLS" if mode == "Passthrough" => Ok((Vec::new(), None)),
+        "TLS" => Err((
+            "Accepted",
+            "UnsupportedValue",
+            format!(
+                "tls.mode {mode} is not supported on TLS listeners (only Passthrough; terminate TLS with an HTTPS listener)"
+            ),
+        )),
+        "HTTPS" if mode != "Terminate" => Err((
+            "Accepted",
+            "UnsupportedValue",
+            format!("tls.mode {mode} is not supported on HTTPS listeners (only Terminate)"),
+        )),
+        "HTTPS" => {
+            let refs = l
+                .tls
+                .as_ref()
+                .map(|t| t.certificate_refs.as_slice())
+                .unwrap_or_default();
+            if refs.is_empty() {
+                let msg = "an HTTPS listener needs tls.certificateRefs".to_owned();
+                return Err(("ResolvedRefs", "InvalidCertificateRef", msg));
+            }
+            certificates(inputs, gw_ns, refs).map_err(|(reason, msg)| ("ResolvedRefs", reason, msg))
+        }
+        other => Err((
+            "Accepted",
+            "UnsupportedProtocol",
+            format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS, TLS, TCP)"),
+        )),
+    }
+}
+
+/// The route kinds listener `l` takes: its protocol's, narrowed by `allowedRoutes.kinds`.
+fn listener_kinds(l: &Listener) -> Vec<String> {
+    let wanted = l
+        .allowed_routes
+        .as_ref()
+        .and_then(|v| serde_json::from_value::<AllowedRoutes>(v.clone()).ok())
+        .map(|a| a.kinds)
+        .unwrap_or_default();
+    supported_kinds(&l.protocol)
+        .iter()
+        .filter(|k| wanted.is_empty() || wanted.iter().any(|w| w.kind == **k))
+        .map(|k| (*k).to_owned())
+        .collect()
+}
+
+/// A listener's config and status: HTTP, TCP and TLS passthrough as they are; HTTPS with
+/// the certificates that load (none: not programmed).
 fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
     let mut status = ListenerStatus {
         name: l.name.clone(),
+        supported_kinds: listener_kinds(l),
         ..Default::default()
     };
     let mut config = wp::IngressListener {
@@ -398,89 +462,39 @@ fn listener(inputs: &Inputs, gw_ns: &str, l: &Listener) -> ListenerOut {
         hostname: l.hostname.clone().unwrap_or_default(),
         ..Default::default()
     };
-    // Some of several certificates cannot be used: served with the others, said here.
-    let mut partial = None;
-    let refused = |status: &mut ListenerStatus, kind: &str, reason: &str, msg: String| {
-        status.conditions.push(condition(kind, false, reason, msg.clone()));
-        status.conditions.push(condition("Programmed", false, "Invalid", msg));
+    let (certificates, partial) = match protocol_settings(inputs, gw_ns, l) {
+        Ok(settings) => settings,
+        Err((kind, reason, msg)) => {
+            status.conditions.push(condition(kind, false, reason, msg.clone()));
+            status.conditions.push(condition("Programmed", false, "Invalid", msg));
+            return ListenerOut {
+                config: None,
+                status,
+                hosts: BTreeMap::new(),
+            };
+        }
     };
-    match l.protocol.as_str() {
-        "HTTP" | "TCP" => {}
-        "TLS" => {
-            let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
-            if mode != "Passthrough" {
-                let msg = format!(
-                    "tls.mode {mode} is not supported on TLS listeners (only Passthrough; terminate TLS with an HTTPS listener)"
-                );
-                refused(&mut status, "Accepted", "UnsupportedValue", msg);
-            }
-        }
-        "HTTPS" => {
-            let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
-            let refs = l
-                .tls
-                .as_ref()
-                .map(|t| t.certificate_refs.as_slice())
-                .unwrap_or_default();
-            if mode != "Terminate" {
-                let msg = format!("tls.mode {mode} is not supported on HTTPS listeners (only Terminate)");
-                refused(&mut status, "Accepted", "UnsupportedValue", msg);
-            } else if refs.is_empty() {
-                let msg = "an HTTPS listener needs tls.certificateRefs".to_owned();
-                refused(&mut status, "ResolvedRefs", "InvalidCertificateRef", msg);
-            } else {
-                match certificates(inputs, gw_ns, refs) {
-                    Ok((certs, broken)) => {
-                        config.certificates = certs;
-                        partial = broken;
-                    }
-                    Err((reason, msg)) => refused(&mut status, "ResolvedRefs", reason, msg),
-                }
-            }
-        }
-        other => {
-            let msg = format!("protocol {other} is not supported by the ingress gateway (HTTP, HTTPS, TLS, TCP)");
-            refused(&mut status, "Accepted", "UnsupportedProtocol", msg);
-        }
-    }
-    let programmed = status.conditions.is_empty();
-    if programmed {
-        status
-            .conditions
-            .push(condition("Accepted", true, "Accepted", "listener accepted"));
-        let invalid = invalid_kinds(l);
-        status.conditions.push(if let Some(broken) = partial {
-            broken
-        } else if invalid.is_empty() {
-            condition("ResolvedRefs", true, "ResolvedRefs", "references resolved")
-        } else {
-            let msg = format!(
-                "allowedRoutes.kinds {invalid:?} cannot be served by a {} listener (only {:?})",
-                l.protocol,
-                supported_kinds(&l.protocol)
-            );
-            condition("ResolvedRefs", false, "InvalidRouteKinds", msg)
-        });
-        status
-            .conditions
-            .push(condition("Programmed", true, "Programmed", "listener programmed"));
-    }
-    status.supported_kinds = supported_kinds(&l.protocol)
-        .iter()
-        .copied()
-        .filter(|k| {
-            let wanted = l
-                .allowed_routes
-                .as_ref()
-                .and_then(|v| serde_json::from_value::<AllowedRoutes>(v.clone()).ok())
-                .map(|a| a.kinds)
-                .unwrap_or_default();
-            wanted.is_empty() || wanted.iter().any(|w| w.kind == *k)
-        })
-        .map(str::to_owned)
-        .collect();
+    config.certificates = certificates;
+    let invalid = invalid_kinds(l);
+    let resolved = if let Some(broken) = partial {
+        broken
+    } else if invalid.is_empty() {
+        condition("ResolvedRefs", true, "ResolvedRefs", "references resolved")
+    } else {
+        let msg = format!(
+            "allowedRoutes.kinds {invalid:?} cannot be served by a {} listener (only {:?})",
+            l.protocol,
+            supported_kinds(&l.protocol)
+        );
+        condition("ResolvedRefs", false, "InvalidRouteKinds", msg)
+    };
+    status.conditions = vec![
+        condition("Accepted", true, "Accepted", "listener accepted"),
+        resolved,
+        condition("Programmed", true, "Programmed", "listener programmed"),
+    ];
     ListenerOut {
-        config: programmed.then_some(config),
+        config: Some(config),
         status,
         hosts: BTreeMap::new(),
     }
@@ -789,41 +803,46 @@ fn attach_route(
     statuses
 }
 
-/// Every ingress Gateway, its listeners and attached routes, and their statuses.
+/// An ingress Gateway's listeners (conflicting ones left out) and its own conditions.
+fn gateway(inputs: &Inputs, key: &ObjectKey, gw: &Gateway, report: &mut Report) -> GatewayOut {
+    let conflicts = conflicts(&gw.spec.listeners);
+    let listeners: Vec<ListenerOut> = gw
+        .spec
+        .listeners
+        .iter()
+        .zip(conflicts)
+        .map(|(l, conflict)| match conflict {
+            None => listener(inputs, &key.namespace, l),
+            Some((reason, msg)) => conflicted(l, reason, msg),
+        })
+        .collect();
+    for l in &listeners {
+        if let Some(c) = l.status.conditions.iter().find(|c| !c.status) {
+            report.add(Kind::Gateway, key, format!("listener {}: {}", l.status.name, c.message));
+        }
+    }
+    let programmed = listeners.iter().any(|l| l.config.is_some());
+    let conditions = vec![
+        condition("Accepted", true, "Accepted", "ingress gateway accepted"),
+        if programmed {
+            condition("Programmed", true, "Programmed", "programmed")
+        } else {
+            condition("Programmed", false, "Invalid", "no listener is programmed")
+        },
+    ];
+    GatewayOut {
+        num_trusted_proxies: num_trusted_proxies(gw, key, report),
+        conditions,
+        listeners,
+    }
+}
+
+/// Every ingress Gateway, its listeners and attached routes, their statuses and (cluster
+/// mode) deployments.
 pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report) -> Ingress {
     let mut gateways = BTreeMap::new();
     for (key, gw) in inputs.gateways.iter().filter(|(_, g)| is_ingress(g)) {
-        let conflicts = conflicts(&gw.spec.listeners);
-        let listeners: Vec<ListenerOut> = gw
-            .spec
-            .listeners
-            .iter()
-            .zip(conflicts)
-            .map(|(l, conflict)| match conflict {
-                None => listener(inputs, &key.namespace, l),
-                Some((reason, msg)) => conflicted(l, reason, msg),
-            })
-            .collect();
-        for l in &listeners {
-            if let Some(c) = l.status.conditions.iter().find(|c| !c.status) {
-                report.add(Kind::Gateway, key, format!("listener {}: {}", l.status.name, c.message));
-            }
-        }
-        let programmed = listeners.iter().any(|l| l.config.is_some());
-        let conditions = vec![
-            condition("Accepted", true, "Accepted", "ingress gateway accepted"),
-            if programmed {
-                condition("Programmed", true, "Programmed", "programmed")
-            } else {
-                condition("Programmed", false, "Invalid", "no listener is programmed")
-            },
-        ];
-        let out = GatewayOut {
-            num_trusted_proxies: num_trusted_proxies(gw, key, report),
-            conditions,
-            listeners,
-        };
-        gateways.insert(key.clone(), out);
+        gateways.insert(key.clone(), gateway(inputs, key, gw, report));
     }
     let route_parents = attach_routes(inputs, options, &mut gateways, report);
     let waypoint_services: Vec<String> = inputs
