@@ -348,6 +348,10 @@ fn certificate(inputs: &Inputs, gw_ns: &str, r: &SecretObjectReference) -> Resul
 
 // ---- listeners ----
 
+/// The certificates a listener serves, and the `ResolvedRefs=False` condition naming those
+/// of its refs that could not be used (if any).
+type Certificates = (Vec<wp::TlsCertificate>, Option<Condition>);
+
 /// The certificates of an HTTPS listener's `refs` that load, and the `ResolvedRefs=False`
 /// condition naming those that do not; `Err` (reason, message) when none loads, and the
 /// listener is not programmed.
@@ -355,7 +359,7 @@ fn certificates(
     inputs: &Inputs,
     gw_ns: &str,
     refs: &[SecretObjectReference],
-) -> Result<(Vec<wp::TlsCertificate>, Option<Condition>), (&'static str, String)> {
+) -> Result<Certificates, (&'static str, String)> {
     let (mut certs, mut broken) = (Vec::new(), Vec::new());
     for r in refs {
         match certificate(inputs, gw_ns, r) {
@@ -395,7 +399,7 @@ fn protocol_settings(
     inputs: &Inputs,
     gw_ns: &str,
     l: &Listener,
-) -> Result<(Vec<wp::TlsCertificate>, Option<Condition>), Refusal> {
+) -> Result<Certificates, Refusal> {
     let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
     match l.protocol.as_str() {
         "HTTP" | "TCP" => Ok((Vec::new(), None)),
