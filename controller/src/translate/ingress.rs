@@ -395,11 +395,7 @@ type Refusal = (&'static str, &'static str, String);
 
 /// What a listener's protocol and TLS settings allow: the certificates to serve (HTTPS) and
 /// a `ResolvedRefs=False` condition when only some of them load.
-fn protocol_settings(
-    inputs: &Inputs,
-    gw_ns: &str,
-    l: &Listener,
-) -> Result<Certificates, Refusal> {
+fn protocol_settings(inputs: &Inputs, gw_ns: &str, l: &Listener) -> Result<Certificates, Refusal> {
     let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref()).unwrap_or("Terminate");
     match l.protocol.as_str() {
         "HTTP" | "TCP" => Ok((Vec::new(), None)),
