@@ -88,6 +88,33 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/server]}}]}]
 ";
 
+/// An AUDIT policy (ours: a DENY without groups plus the `audit` extension) for `principal`,
+/// as `name`, on the client.
+fn audit_client(name: &str, principal: &str) -> String {
+    format!(
+        "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: client}}}}
+  action: AUDIT
+  rules: [{{from: [{{source: {{principals: [{principal}]}}}}]}}]
+"
+    )
+}
+
+/// The same DENY as [`DENY_SERVER_TO_CLIENT`] in dry-run (Istio's `dry_run` field).
+const DRY_RUN_DENY: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-server-dry-run, namespace: default, annotations: {istio.io/dry-run: \"true\"}}
+spec:
+  selector: {matchLabels: {app: client}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/server]}}]}]
+";
+
 /// The environment of Istio's ztunnel serving pod `client` in dedicated mode.
 fn dedicated_env(
     bed: &Bed,
@@ -364,6 +391,32 @@ async fn istio_ztunnel_dedicated_on_our_control_plane_and_beside_our_ztunnel() {
                 && l.contains("connection_security_policy=\"mutual_tls\"")),
         "{metrics}"
     );
+
+    // AUDIT and dry-run policies reach Istio's ztunnel (no NACK) and change nothing there. An
+    // AUDIT for nobody alone would refuse the server were its rules a visible ALLOW; one for
+    // the server would, were they a visible DENY; so would the dry-run DENY if enforced.
+    let phases = [
+        (
+            audit_client("audit-nobody", "cluster.local/ns/default/sa/nobody") + DRY_RUN_DENY,
+            "audit-nobody",
+        ),
+        (
+            audit_client("audit-server", "cluster.local/ns/default/sa/server"),
+            "audit-server",
+        ),
+    ];
+    for (extra, name) in phases {
+        controller
+            .write_manifests(&manifests(&bed, &extra))
+            .expect("write policies");
+        wait_dump(&istio_zt, name, |d| d.to_string().contains(name)).await;
+        let got = curl(&bed.b, &format!("http://{}:8080/", bed.ip(1)));
+        assert!(
+            got.contains("peer="),
+            "Istio's ztunnel enforced an AUDIT or dry-run policy ({name}): {got}\n{}",
+            istio_zt.logs()
+        );
+    }
 
     // An L4 DENY from our controller, enforced by Istio's ztunnel on its inbound side.
     controller
