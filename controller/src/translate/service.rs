@@ -2,8 +2,9 @@
 //! is resolved per workload, so it is 0 here), waypoint. Also the index workload translation
 //! uses to find the services a pod belongs to. Every Kubernetes Service is `canonical` for
 //! its hostname; `istio.io/ingress-use-waypoint` (on the Service or its namespace) sets
-//! `ingress_use_waypoint`; `publishNotReadyAddresses` and `trafficDistribution: PreferClose`
-//! become the load-balancing health policy and locality preference, as Istio sends them.
+//! `ingress_use_waypoint`; `publishNotReadyAddresses`, `internalTrafficPolicy` and the traffic
+//! distribution become the load-balancing health policy and locality preference, as Istio
+//! sends them (see `load_balancing`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,6 +12,8 @@ use std::net::IpAddr;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_core::state::model::ip_to_bytes;
 use mesh_proto::workload as pb;
+
+mod load_balancing;
 
 use super::attach::Attachments;
 use super::{service_hostname, Options, Report};
@@ -47,33 +50,6 @@ fn ingress_use_waypoint(inputs: &Inputs, key: &ObjectKey, svc: &Service) -> bool
             label_true(&ns.metadata, INGRESS_USE_WAYPOINT_LABEL)
         })
         .unwrap_or(false)
-}
-
-/// Endpoint selection: not-ready endpoints when the Service publishes them, and same-locality
-/// first (failing over outward) for `trafficDistribution: PreferClose`.
-fn load_balancing(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<pb::LoadBalancing> {
-    use pb::load_balancing::{HealthPolicy, Mode, Scope};
-    let all = spec.publish_not_ready_addresses == Some(true);
-    let close = spec.traffic_distribution.as_deref() == Some("PreferClose");
-    if !all && !close {
-        return None;
-    }
-    let (routing_preference, mode) = if close {
-        let prefs = [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone];
-        (prefs.iter().map(|s| *s as i32).collect(), Mode::Failover as i32)
-    } else {
-        (Vec::new(), Mode::UnspecifiedMode as i32)
-    };
-    Some(pb::LoadBalancing {
-        routing_preference,
-        mode,
-        health_policy: if all {
-            HealthPolicy::AllowAll
-        } else {
-            HealthPolicy::OnlyHealthy
-        } as i32,
-        dns_connect_strategy: 0,
-    })
 }
 
 fn vips(svc: &Service) -> Vec<IpAddr> {
@@ -150,7 +126,7 @@ pub(crate) fn translate(
             ports,
             subject_alt_names: Vec::new(),
             waypoint: attach.for_service(key, &svc.metadata, report),
-            load_balancing: load_balancing(spec),
+            load_balancing: load_balancing::for_service(svc, inputs.namespaces.get(&key.namespace)),
             ip_families: 0,
             extensions: Vec::new(),
             canonical: true,
