@@ -768,105 +768,95 @@ mod tests {
         Policy { name: name.into(), ..p }
     }
 
-    /// AUDIT and dry-run policies against enforced ones, one row per case: the enforced
-    /// decision never changes, the AUDIT matches and the dry-run verdict are what is reported.
-    #[test]
-    fn audit_and_dry_run_table() {
+    /// Policies of the AUDIT and dry-run tables; `sleep` is from namespace default to port 80,
+    /// `other` from namespace other to port 9000.
+    struct Table {
+        audit_default: Policy,
+        audit_port: Policy,
+        dry_deny: Policy,
+        dry_allow: Policy,
+        allow_other: Policy,
+        sleep: ConnectionInfo,
+        other: ConnectionInfo,
+    }
+
+    fn table() -> Table {
         let from = |ns: &str| Match {
             namespaces: vec![StringMatch::Exact(ns.into())],
             ..Default::default()
         };
-        let audit_default = named("audit-default", policy(Action::Audit, from("default")));
-        let audit_port = named(
-            "audit-port",
-            policy(
-                Action::Audit,
-                Match {
-                    destination_ports: vec![9000],
-                    ..Default::default()
-                },
-            ),
-        );
+        let port = Match {
+            destination_ports: vec![9000],
+            ..Default::default()
+        };
         let dry = |p: Policy| Policy { dry_run: true, ..p };
-        let dry_deny = named("dry-deny", dry(policy(Action::Deny, from("default"))));
-        let dry_allow = named("dry-allow", dry(policy(Action::Allow, from("other"))));
-        let allow_other = named("allow-other", policy(Action::Allow, from("other")));
-        let sleep = conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80");
-        let other = conn(Some(OTHER), "10.0.0.1", "10.0.0.2:9000");
-        type Row<'a> = (Vec<&'a Policy>, &'a ConnectionInfo, bool, Vec<&'a str>, Option<&'a str>);
-        let rows: Vec<Row> = vec![
-            // An AUDIT policy alone neither allows nor denies, and is named when it matches.
-            (vec![&audit_default], &sleep, true, vec!["ns/audit-default"], None),
-            (vec![&audit_default], &other, true, vec![], None),
-            // It does not make an ALLOW-less destination default-deny, nor widen an ALLOW.
-            (
-                vec![&audit_default, &allow_other],
-                &sleep,
-                false,
-                vec!["ns/audit-default"],
-                None,
-            ),
-            (
-                vec![&audit_port, &audit_default],
-                &other,
-                true,
-                vec!["ns/audit-port"],
-                None,
-            ),
-            // Dry-run: a DENY that matches would deny; the enforced outcome is unchanged.
-            (
-                vec![&dry_deny],
-                &sleep,
-                true,
-                vec![],
-                Some("would deny: DENY policy ns/dry-deny rule 0 matched"),
-            ),
-            (
-                vec![&dry_deny],
-                &other,
-                true,
-                vec![],
-                Some("would allow: no dry-run ALLOW policy applies"),
-            ),
-            // A dry-run ALLOW: its own default-deny is only reported.
-            (
-                vec![&dry_allow],
-                &sleep,
-                true,
-                vec![],
-                Some("would deny: no rule of an ALLOW policy matched"),
-            ),
-            (
-                vec![&dry_allow],
-                &other,
-                true,
-                vec![],
-                Some("would allow: ALLOW policy ns/dry-allow matched"),
-            ),
-            // Shadow rules see only dry-run policies: the enforced ALLOW does not rescue them.
-            (
-                vec![&allow_other, &dry_deny],
-                &sleep,
-                false,
-                vec![],
-                Some("would deny: DENY policy ns/dry-deny rule 0 matched"),
-            ),
-            (
-                vec![&allow_other, &dry_allow, &audit_port],
-                &other,
-                true,
-                vec!["ns/audit-port"],
-                Some("would allow: ALLOW policy ns/dry-allow matched"),
-            ),
-        ];
-        for (i, (policies, c, allowed, audits, dry_run)) in rows.into_iter().enumerate() {
-            let decision = evaluate(policies.iter().copied(), c);
-            assert_eq!(decision == Decision::Allow, allowed, "row {i}: {decision:?}");
-            let seen = observe(|| policies.iter().copied(), c);
-            let names: Vec<&str> = seen.audits.iter().map(|(p, _)| p.as_str()).collect();
-            assert_eq!(names, audits, "row {i}");
-            assert_eq!(seen.dry_run.map(|d| d.to_string()).as_deref(), dry_run, "row {i}");
+        Table {
+            audit_default: named("audit-default", policy(Action::Audit, from("default"))),
+            audit_port: named("audit-port", policy(Action::Audit, port)),
+            dry_deny: named("dry-deny", dry(policy(Action::Deny, from("default")))),
+            dry_allow: named("dry-allow", dry(policy(Action::Allow, from("other")))),
+            allow_other: named("allow-other", policy(Action::Allow, from("other"))),
+            sleep: conn(Some(SLEEP), "10.0.0.1", "10.0.0.2:80"),
+            other: conn(Some(OTHER), "10.0.0.1", "10.0.0.2:9000"),
         }
+    }
+
+    /// One row: the enforced decision, the AUDIT policies named, the dry-run verdict.
+    fn row(policies: &[&Policy], c: &ConnectionInfo, allowed: bool, audits: &[&str], dry_run: Option<&str>) {
+        let decision = evaluate(policies.iter().copied(), c);
+        assert_eq!(decision == Decision::Allow, allowed, "{policies:?}: {decision:?}");
+        let seen = observe(|| policies.iter().copied(), c);
+        let names: Vec<&str> = seen.audits.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, audits, "{policies:?}");
+        assert_eq!(seen.dry_run.map(|d| d.to_string()).as_deref(), dry_run, "{policies:?}");
+    }
+
+    /// AUDIT policies never decide; the ones that match are named.
+    #[test]
+    fn audit_table() {
+        let t = table();
+        row(&[&t.audit_default], &t.sleep, true, &["ns/audit-default"], None);
+        row(&[&t.audit_default], &t.other, true, &[], None);
+        // No default-deny of an ALLOW-less destination, no widening of an ALLOW.
+        row(
+            &[&t.audit_default, &t.allow_other],
+            &t.sleep,
+            false,
+            &["ns/audit-default"],
+            None,
+        );
+        row(
+            &[&t.audit_port, &t.audit_default],
+            &t.other,
+            true,
+            &["ns/audit-port"],
+            None,
+        );
+    }
+
+    /// Dry-run policies alone decide the reported verdict (Istio's shadow rules); the enforced
+    /// decision never changes.
+    #[test]
+    fn dry_run_table() {
+        let t = table();
+        let deny = Some("would deny: DENY policy ns/dry-deny rule 0 matched");
+        row(&[&t.dry_deny], &t.sleep, true, &[], deny);
+        row(
+            &[&t.dry_deny],
+            &t.other,
+            true,
+            &[],
+            Some("would allow: no dry-run ALLOW policy applies"),
+        );
+        // A dry-run ALLOW's own default-deny is only reported.
+        let no_allow = Some("would deny: no rule of an ALLOW policy matched");
+        row(&[&t.dry_allow], &t.sleep, true, &[], no_allow);
+        let allowed = Some("would allow: ALLOW policy ns/dry-allow matched");
+        row(&[&t.dry_allow], &t.other, true, &[], allowed);
+        // The enforced ALLOW does not rescue the shadow rules, nor they the enforced ones.
+        row(&[&t.allow_other, &t.dry_deny], &t.sleep, false, &[], deny);
+        let all = [&t.allow_other, &t.dry_allow, &t.audit_port];
+        row(&all, &t.other, true, &["ns/audit-port"], allowed);
     }
 
     /// An AUDIT policy travels as a DENY without groups plus the `audit` extension; anything
