@@ -121,6 +121,8 @@ async fn two_clusters_one_network() {
             && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
             && l.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\"")
             && l.contains("connection_security_policy=\"mutual_tls\"")
+            && l.contains("source_cluster=\"c68\"")
+            && l.contains("destination_cluster=\"c69\"")
     });
     assert!(
         from_client,
