@@ -31,6 +31,7 @@ use super::route_status;
 use super::{KubeError, FIELD_MANAGER};
 use crate::model::gateway::{Gateway, GatewayClass, WAYPOINT_CLASS};
 use crate::model::{Kind, ObjectKey, ServiceAccount};
+use crate::translate::ingress::INGRESS_CLASSES;
 use crate::translate::RefusedRef;
 use crate::waypoint::{Condition, WaypointDeployment};
 
@@ -381,7 +382,8 @@ pub fn gateway_status(
 /// The controller name of the waypoint GatewayClass (manifests/waypoint/gatewayclass.yaml).
 pub const WAYPOINT_CONTROLLER: &str = "istio.io/waypoint-controller";
 
-/// The `status` to write on a GatewayClass: `Accepted=True` when it is our waypoint class and
+/// The `status` to write on a GatewayClass: `Accepted=True` when it is our waypoint class (or
+/// an ingress class, `istio` or `mesh-ingress`, under `istio.io/gateway-controller`) and
 /// names our controller; `None` for any other class (not ours to judge). `existing` is the
 /// current status, whose `lastTransitionTime` is kept while nothing changed.
 pub fn gateway_class_status(
@@ -391,14 +393,19 @@ pub fn gateway_class_status(
     now: Timestamp,
 ) -> Option<Value> {
     let name = class.metadata.name.as_deref()?;
-    if name != WAYPOINT_CLASS || class.spec.controller_name != WAYPOINT_CONTROLLER {
+    let controller = class.spec.controller_name.as_str();
+    let message = if name == WAYPOINT_CLASS && controller == WAYPOINT_CONTROLLER {
+        "waypoints of this class are deployed by the mesh controller"
+    } else if INGRESS_CLASSES.contains(&name) && controller == super::ingress_status::INGRESS_CONTROLLER {
+        "ingress gateways of this class are deployed by the mesh controller"
+    } else {
         return None;
-    }
+    };
     let accepted = Condition {
         kind: "Accepted".into(),
         status: true,
         reason: "Accepted".into(),
-        message: "waypoints of this class are deployed by the mesh controller".into(),
+        message: message.into(),
     };
     let existing = existing
         .get("conditions")
@@ -407,11 +414,22 @@ pub fn gateway_class_status(
     Some(json!({"conditions": conditions(&[accepted], existing, generation, now)}))
 }
 
-/// Writes `Accepted` on the waypoint GatewayClass when it exists and is ours; true when there
-/// is nothing left to do (written, unchanged, or not ours), false when the class is missing.
+/// Writes `Accepted` on the waypoint GatewayClass and the ingress ones when they exist and are
+/// ours; true when there is nothing left to do (written, unchanged, or not ours), false when a
+/// class is missing.
 pub async fn accept_gateway_class(client: &Client) -> Result<bool, KubeError> {
+    let mut done = accept_class(client, WAYPOINT_CLASS).await?;
+    // The ingress classes (manifests/ingress/gatewayclass.yaml), when installed.
+    for class in INGRESS_CLASSES {
+        done &= accept_class(client, class).await?;
+    }
+    Ok(done)
+}
+
+/// [`accept_gateway_class`] for the class `name`.
+async fn accept_class(client: &Client, name: &str) -> Result<bool, KubeError> {
     let api = Api::<GatewayClass>::all(client.clone());
-    let Some(class) = api.get_opt(WAYPOINT_CLASS).await? else {
+    let Some(class) = api.get_opt(name).await? else {
         return Ok(false);
     };
     let existing = serde_json::to_value(&class.status)?;
@@ -422,12 +440,12 @@ pub async fn accept_gateway_class(client: &Client) -> Result<bool, KubeError> {
         return Ok(true);
     }
     api.patch_status(
-        WAYPOINT_CLASS,
+        name,
         &PatchParams::default(),
         &Patch::Merge(json!({ "status": status })),
     )
     .await?;
-    info!(class = WAYPOINT_CLASS, "GatewayClass accepted");
+    info!(class = name, "GatewayClass accepted");
     Ok(true)
 }
 
@@ -626,6 +644,14 @@ mod tests {
         // Other classes, or our name under another controller, are not ours to accept.
         assert!(gateway_class_status(&class("other", WAYPOINT_CONTROLLER), &Value::Null, None, at(0)).is_none());
         assert!(gateway_class_status(&class(WAYPOINT_CLASS, "example.com/x"), &Value::Null, None, at(0)).is_none());
+        // The ingress classes under Istio's gateway controller name, and only under it.
+        let ingress_controller = crate::k8s::ingress_status::INGRESS_CONTROLLER;
+        for name in INGRESS_CLASSES {
+            let status = gateway_class_status(&class(name, ingress_controller), &Value::Null, None, at(0));
+            assert_eq!(status.expect("an ingress class")["conditions"][0]["status"], "True");
+            assert!(gateway_class_status(&class(name, WAYPOINT_CONTROLLER), &Value::Null, None, at(0)).is_none());
+        }
+        assert!(gateway_class_status(&class(WAYPOINT_CLASS, ingress_controller), &Value::Null, None, at(0)).is_none());
     }
 
     #[test]
