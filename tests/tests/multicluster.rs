@@ -59,6 +59,24 @@ spec:
     )
 }
 
+/// `meshctl clusters` where `c`'s controller runs (its debug views answer on loopback only):
+/// whether it exited 0 (every cluster synced), and its table.
+fn meshctl_clusters(c: &mesh_e2e::cluster::Cluster) -> (bool, String) {
+    let out = c
+        .controller
+        .ns
+        .command(&mesh_e2e::binary("meshctl"))
+        .arg("clusters")
+        .output()
+        .expect("meshctl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clusters_one_network() {
     if !mesh_e2e::cluster_capable() {
@@ -100,6 +118,10 @@ async fn two_clusters_one_network() {
     MultiCluster::wait_uid(b, &MultiCluster::uid(a, &client), true, WAIT)
         .await
         .expect("c68's pods in c69");
+    let (ok, table) = meshctl_clusters(a);
+    assert!(ok, "every cluster synced: exit 0\n{table}");
+    let row = table.lines().find(|l| l.starts_with("c69")).unwrap_or_default();
+    assert!(row.contains("remote") && row.contains("synced"), "{table}");
 
     // A service whose only endpoints are in c69, by name through c68's DNS proxy, straight to
     // the pod: the server sees the client pod's own address.
@@ -163,6 +185,12 @@ async fn two_clusters_one_network() {
     let view: serde_json::Value = serde_json::from_str(&clusters).expect("JSON");
     let c69 = view.as_array().into_iter().flatten().find(|c| c["id"] == "c69");
     assert_eq!(c69.map(|c| c["state"].clone()), Some("withdrawn".into()), "{clusters}");
+    let (ok, table) = meshctl_clusters(a);
+    assert!(!ok, "a withdrawn cluster: exit 1\n{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("c69") && l.contains("withdrawn")),
+        "{table}"
+    );
     for _ in 0..6 {
         let (name, _conn) = echo_connect(&client.ns, SocketAddr::new(vip(68, 10), 80))
             .await
