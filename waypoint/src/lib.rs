@@ -13,6 +13,7 @@ pub mod eastwest;
 pub mod http;
 pub mod ingress;
 pub mod listener;
+pub mod locality;
 pub mod policy;
 pub mod store;
 pub mod telemetry;

@@ -95,7 +95,8 @@ pub fn candidates(state: &State, service: &Service, subset: Option<&wp::Subset>)
     if let Some(s) = subset {
         eps.retain(|w| s.workloads.iter().any(|u| *u == w.uid));
     }
-    eps
+    // Then the closest of them (the service's locality preference), as Istio's waypoint.
+    crate::locality::closest(state, service, eps)
 }
 
 /// Where `workload` serves the service's `port`: its own mapping, else the service's.
