@@ -542,6 +542,78 @@ stringData:
         task.abort();
     }
 
+    /// The next `Removed` on `rx` (remote clusters' own changes skipped).
+    async fn next_removed(rx: &mut mpsc::Receiver<Change>) -> String {
+        loop {
+            let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("in time");
+            if let Some(Change::Cluster(ClusterChange::Removed(id))) = c {
+                return id;
+            }
+        }
+    }
+
+    fn kubeconfig_secret(clusters: &[(&str, &str)]) -> Secret {
+        let mut data = String::new();
+        for (id, server) in clusters {
+            let config = KUBECONFIG.replace("https://10.90.69.10:6443", server);
+            data.push_str(&format!("  {id}: {}\n", serde_json::to_string(&config).unwrap()));
+        }
+        secret(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: r, namespace: istio-system, labels: {{istio/multiCluster: 'true'}}}}\nstringData:\n{data}"
+        ))
+    }
+
+    /// A Secret's clusters start once, restart when their kubeconfig changes, stay when the
+    /// Secret becomes unusable, and are removed when the Secret drops them or goes.
+    #[tokio::test]
+    async fn remote_secrets_start_restart_and_remove_clusters() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let grace = Duration::from_secs(30);
+        let mut running = Running::default();
+        let ids = |r: &Running| {
+            r.by_secret["r"]
+                .iter()
+                .map(|(k, (_, t))| (k.clone(), t.id()))
+                .collect::<Vec<_>>()
+        };
+        // Nothing listens on port 1: the clusters fail to be read, which is not what this tests.
+        running.apply(
+            &kubeconfig_secret(&[("c69", "https://127.0.0.1:1"), ("c70", "https://127.0.0.1:1")]),
+            grace,
+            &tx,
+        );
+        let first = ids(&running);
+        assert_eq!(
+            first.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["c69", "c70"]
+        );
+        running.apply(
+            &kubeconfig_secret(&[("c69", "https://127.0.0.1:1"), ("c70", "https://127.0.0.1:1")]),
+            grace,
+            &tx,
+        );
+        assert_eq!(ids(&running), first, "unchanged: not restarted");
+        running.apply(
+            &kubeconfig_secret(&[("c69", "https://127.0.0.1:2"), ("c70", "https://127.0.0.1:1")]),
+            grace,
+            &tx,
+        );
+        let now = ids(&running);
+        assert_ne!(now[0], first[0], "c69's kubeconfig changed: restarted");
+        assert_eq!(now[1], first[1]);
+        let mut broken = kubeconfig_secret(&[]);
+        broken.string_data = Some([("c69".to_owned(), "not: [yaml".to_owned())].into());
+        running.apply(&broken, grace, &tx);
+        assert_eq!(ids(&running), now, "an unusable Secret changes nothing");
+        running.apply(&kubeconfig_secret(&[("c69", "https://127.0.0.1:2")]), grace, &tx);
+        assert_eq!(next_removed(&mut rx).await, "c70");
+        running.delete(&kubeconfig_secret(&[]), &tx).await;
+        assert_eq!(next_removed(&mut rx).await, "c69");
+        assert!(running.by_secret.is_empty());
+    }
+
     #[tokio::test]
     async fn a_client_is_built_from_a_remote_kubeconfig() {
         client_for(KUBECONFIG).await.expect("client");
