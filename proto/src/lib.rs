@@ -44,3 +44,5 @@ pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.
 pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.Policy";
 /// Type URL of `mesh.waypoint.v1.IngressGateway` resources (served only to the gateway's own identity).
 pub const INGRESS_GATEWAY_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.IngressGateway";
+/// Type URL of `mesh.waypoint.v1.WaypointCredentials` resources (served only to the waypoint's own identity).
+pub const WAYPOINT_CREDENTIALS_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.WaypointCredentials";

@@ -589,3 +589,369 @@ async fn a_workload_entry_vm_with_its_own_ztunnel_joins_the_mesh() {
     until(&client, vip, "DENY applied at the VM", Result::is_err).await.ok();
     assert!(get(&client, vip, "db.vm.svc.cluster.local").await.is_err());
 }
+
+const TLS_ID: u8 = 65;
+
+/// The "internet" HTTPS server's record of what reached it.
+#[derive(Default, Debug)]
+struct Seen {
+    /// SNI of every ClientHello (empty: none sent).
+    snis: Vec<String>,
+    /// DER of the client certificate of every completed handshake (empty: none).
+    client_certs: Vec<Vec<u8>>,
+    handshakes: usize,
+    failed_handshakes: usize,
+    /// Connections whose first byte was not a TLS handshake record.
+    plaintext: usize,
+    /// HTTP requests answered over TLS.
+    requests: usize,
+}
+
+/// A CA (the internet's, or the client certificates') and a leaf it signs.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let ca = params.self_signed(&ca_key).expect("CA");
+        Pki { ca, ca_key }
+    }
+
+    /// A leaf for `names` (the first also its common name): (certificate, key).
+    fn leaf(&self, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).expect("leaf");
+        (cert, key)
+    }
+}
+
+type TlsConfig = std::sync::Arc<tokio_rustls::rustls::ServerConfig>;
+
+fn server_config(cert: &rcgen::Certificate, key: &rcgen::KeyPair, client_ca: Option<&Pki>) -> TlsConfig {
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match client_ca {
+        Some(pki) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(pki.ca.der().clone()).expect("client CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key DER");
+    std::sync::Arc::new(
+        builder
+            .with_single_cert(vec![cert.der().clone()], key)
+            .expect("server config"),
+    )
+}
+
+/// Serves HTTPS on `listener` with `config` (swappable while it runs), recording into `seen`.
+async fn https_server(
+    listener: tokio::net::TcpListener,
+    config: std::sync::Arc<std::sync::Mutex<TlsConfig>>,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let (config, seen) = (config.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            if stream.peek(&mut first).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if first[0] != 0x16 {
+                seen.lock().unwrap().plaintext += 1;
+                return;
+            }
+            let acceptor = tokio_rustls::LazyConfigAcceptor::new(Default::default(), stream);
+            let Ok(start) = acceptor.await else { return };
+            let sni = start.client_hello().server_name().unwrap_or_default().to_owned();
+            seen.lock().unwrap().snis.push(sni);
+            let cfg = config.lock().unwrap().clone();
+            let tls = match start.into_stream(cfg).await {
+                Ok(tls) => tls,
+                Err(_) => {
+                    seen.lock().unwrap().failed_handshakes += 1;
+                    return;
+                }
+            };
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
+            {
+                let mut s = seen.lock().unwrap();
+                s.handshakes += 1;
+                s.client_certs.push(client_cert);
+            }
+            serve_requests(tls, &seen).await;
+        });
+    }
+}
+
+/// Answers HTTP/1.1 requests without bodies on one connection until it closes.
+async fn serve_requests<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: S,
+    seen: &std::sync::Mutex<Seen>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stream = tokio::io::BufReader::new(stream);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match stream.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => head.push_str(&line),
+            }
+        }
+        seen.lock().unwrap().requests += 1;
+        let body = format!("tls-ok {}\n", head.lines().next().unwrap_or_default());
+        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn indent(pem: &str) -> String {
+    pem.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// `api.external.test` through the waypoint of `shop`, port 80 -> 443 on the external host
+/// .200, with a DestinationRule `tls` (Istio's documented origination shape) and `secrets`.
+fn tls_world(tls: &str, secrets: &str) -> String {
+    let mut w = mesh_e2e::waypoint::base(TLS_ID);
+    w += &format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.external.test]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  resolution: DNS
+  endpoints: [{{address: 10.90.{TLS_ID}.200}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api-tls, namespace: shop}}
+spec:
+  host: api.external.test
+  trafficPolicy:
+    tls: {tls}
+{secrets}"#
+    );
+    w
+}
+
+/// A Secret in `shop` with PEM `fields`.
+fn secret(name: &str, fields: &[(&str, &str)]) -> String {
+    let data: String = fields.iter().map(|(k, v)| format!("  {k}: |\n{}", indent(v))).collect();
+    format!("---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: shop}}\nstringData:\n{data}")
+}
+
+/// TLS origination at the egress waypoint (DestinationRule `tls`): the pod speaks plain HTTP
+/// to `api.external.test`; the external server sees TLS with the configured SNI (SIMPLE),
+/// the Secret's client certificate (MUTUAL, rotated without restart); a server certificate
+/// from another CA or without the expected name gives 503 with flag UF (TLS_error), counted,
+/// and the server never receives a plaintext request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_waypoint_originates_tls_from_the_destination_rule() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let internet = Pki::new("internet CA");
+    let other_ca = Pki::new("some other CA");
+    let clients = Pki::new("client CA");
+    let (server_cert, server_key) = internet.leaf(&["api.external.test"]);
+    let (client1, client1_key) = clients.leaf(&["egress-client-1"]);
+    let (client2, client2_key) = clients.leaf(&["egress-client-2"]);
+    let ca_pem = internet.ca.pem();
+    let simple = secret("internet-ca", &[("ca.crt", &ca_pem)]);
+    let simple_world = tls_world(
+        "{mode: SIMPLE, sni: secure.external.test, credentialName: internet-ca}",
+        &simple,
+    );
+    let wp_id = mesh_e2e::waypoint::identity("shop", "waypoint");
+    let cluster = Cluster::start_with_identities(TLS_ID, 1, &simple_world, &[&wp_id])
+        .await
+        .expect("cluster up");
+    let host = cluster.add_external(200).expect("external .200");
+    let config = std::sync::Arc::new(std::sync::Mutex::new(server_config(&server_cert, &server_key, None)));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    tokio::spawn(https_server(
+        host.listen(SocketAddr::new(IpAddr::from([10, 90, TLS_ID, 200]), 443))
+            .expect("listen"),
+        config.clone(),
+        seen.clone(),
+    ));
+    let waypoint = mesh_e2e::waypoint::Waypoint::start(&cluster, 0, "shop", "waypoint")
+        .await
+        .expect("waypoint up");
+    let client = cluster
+        .add_pod(0, PodSpec::new("client", "shop", &[]))
+        .expect("client pod");
+    cluster
+        .wait_workload(&client, true, WAIT)
+        .await
+        .expect("client advertised");
+    let vip = SocketAddr::new(vip_of(&cluster, "api.external.test").await, 80);
+    let get = || async {
+        let exchange = async {
+            let mut conn = HttpConn::open(&client.ns, vip, "api.external.test")
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.send("GET", "/hello", &[]).await.map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .unwrap_or_else(|_| Err("no answer in 5 s".to_owned()))
+    };
+    let until_status = |want: u16, what: &'static str| {
+        let get = &get;
+        let waypoint = &waypoint;
+        async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                match get().await {
+                    Ok(a) if a.status == want => return a,
+                    other if Instant::now() > deadline => {
+                        let got = other.map(|a| (a.status, a.body));
+                        panic!("{what}: still {got:?}\n{}", waypoint.logs())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+    };
+
+    // SIMPLE: plain HTTP from the pod, TLS with the configured SNI at the server.
+    let answer = until_status(200, "SIMPLE origination").await;
+    assert!(answer.body.contains("tls-ok GET /hello"), "{}", answer.body);
+    for _ in 0..3 {
+        assert_eq!(get().await.map(|a| a.status), Ok(200));
+    }
+    {
+        let s = seen.lock().unwrap();
+        assert!(
+            !s.snis.is_empty() && s.snis.iter().all(|n| n == "secure.external.test"),
+            "{s:?}"
+        );
+        assert!(
+            s.client_certs.iter().all(Vec::is_empty),
+            "SIMPLE sends no client certificate"
+        );
+        assert!(s.requests >= 4 && s.handshakes < s.requests, "pooled: {s:?}");
+    }
+
+    // MUTUAL: the server requires a client certificate and sees the Secret's.
+    *config.lock().unwrap() = server_config(&server_cert, &server_key, Some(&clients));
+    let mutual = |cert: &rcgen::Certificate, key: &rcgen::KeyPair| {
+        tls_world(
+            "{mode: MUTUAL, credentialName: client-cred}",
+            &secret(
+                "client-cred",
+                &[
+                    ("tls.crt", &cert.pem()),
+                    ("tls.key", &key.serialize_pem()),
+                    ("ca.crt", &ca_pem),
+                ],
+            ),
+        )
+    };
+    cluster
+        .controller
+        .write_manifests(&mutual(&client1, &client1_key))
+        .expect("MUTUAL");
+    let deadline = Instant::now() + WAIT;
+    while !seen.lock().unwrap().client_certs.contains(&client1.der().to_vec()) {
+        assert!(
+            Instant::now() < deadline,
+            "client certificate never seen\n{}",
+            waypoint.logs()
+        );
+        let _ = get().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get().await.map(|a| a.status), Ok(200));
+    // Rotated in the Secret: used from then on, nothing restarted.
+    cluster
+        .controller
+        .write_manifests(&mutual(&client2, &client2_key))
+        .expect("rotation");
+    let deadline = Instant::now() + WAIT;
+    while !seen.lock().unwrap().client_certs.contains(&client2.der().to_vec()) {
+        assert!(
+            Instant::now() < deadline,
+            "rotated certificate never seen\n{}",
+            waypoint.logs()
+        );
+        let _ = get().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get().await.map(|a| a.status), Ok(200));
+
+    // A server certificate from another CA, then one without the expected name: 503 UF
+    // (TLS_error), and not one request reaches the server, in plaintext or otherwise.
+    *config.lock().unwrap() = server_config(&server_cert, &server_key, None);
+    let wrong_ca = tls_world(
+        "{mode: SIMPLE, credentialName: other-ca}",
+        &secret("other-ca", &[("ca.crt", &other_ca.ca.pem())]),
+    );
+    let wrong_name = tls_world(
+        "{mode: SIMPLE, credentialName: internet-ca, subjectAltNames: [not-api.external.test]}",
+        &simple,
+    );
+    for (world, what) in [(wrong_ca, "CA mismatch"), (wrong_name, "SAN mismatch")] {
+        cluster.controller.write_manifests(&world).expect(what);
+        let answer = until_status(503, what).await;
+        assert!(answer.body.contains("TLS_error"), "{what}: {}", answer.body);
+        let before = {
+            let s = seen.lock().unwrap();
+            (s.requests, s.plaintext)
+        };
+        for _ in 0..3 {
+            assert_eq!(get().await.map(|a| a.status), Ok(503), "{what}");
+        }
+        let s = seen.lock().unwrap();
+        assert_eq!(
+            (s.requests, s.plaintext),
+            before,
+            "{what}: nothing reached the server: {s:?}"
+        );
+        assert_eq!(s.plaintext, 0, "{what}: never plaintext");
+    }
+    let metrics = waypoint.metrics().await.expect("waypoint metrics");
+    let failed = mesh_e2e::metrics::sum(
+        &metrics,
+        "istio_requests_total",
+        &["response_code=\"503\"", "response_flags=\"UF\""],
+    );
+    assert!(failed >= 6.0, "503 UF counted: {failed}\n{metrics}");
+    let tls_failures = mesh_e2e::metrics::sum(&metrics, "waypoint_upstream_tls_failures_total", &["reason=\"verify\""]);
+    assert!(tls_failures >= 2.0, "TLS failures counted: {tls_failures}\n{metrics}");
+    assert!(waypoint.logs().contains("TLS origination failed"), "logged");
+}

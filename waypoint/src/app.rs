@@ -127,6 +127,13 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         Arc::new(RoutesSink(config.clone())),
         Arc::new(PolicySink(config.clone())),
     ];
+    // TLS origination credentials: only this waypoint's own resource is accepted.
+    let credentials = crate::upstream::tls::CredentialStore::new(format!(
+        "{}/{}",
+        cfg.identity.namespace, cfg.identity.service_account
+    ));
+    xds.extra_types
+        .push(Arc::new(crate::upstream::tls::CredentialsSink(credentials.clone())));
     let ingress = (cfg.role == Role::Ingress).then(|| ingress::Ingress::new(cfg.gateway(), config.clone()));
     if let Some(ingress) = &ingress {
         xds.extra_types.push(Arc::new(ingress::IngressSink(ingress.clone())));
@@ -147,7 +154,14 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         network: cfg.network.clone(),
         hbone_port: cfg.hbone_port,
         connect_timeout: Duration::from_secs(10),
+        originate: None,
+        tls_failures: Default::default(),
     };
+    registry.register(
+        "waypoint_upstream_tls_failures",
+        "Upstream connections whose TLS origination failed (no request was sent), by reason",
+        connector.tls_failures.clone(),
+    );
     let waypoint = Arc::new(Waypoint {
         gateway: cfg.gateway(),
         identity: cfg.identity.clone(),
@@ -155,7 +169,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         state,
         config,
         certs,
-        upstreams: Upstreams::new(connector),
+        upstreams: Upstreams::new(connector, credentials),
         jwks: policy::jwt::JwksCache::new(Duration::from_secs(cfg.jwks_refresh_seconds), Duration::from_secs(5)),
         metrics: metrics::Metrics::register(registry),
         tracer: trace::Tracer::start(trace::TraceConfig {

@@ -396,6 +396,37 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
     pub load_balancer: Option<LoadBalancer>,
+    /// TLS the waypoint originates to the destination.
+    pub tls: Option<ClientTls>,
+    /// Per-port settings; only `port` and `tls` are implemented (others are reported).
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub tls: Option<ClientTls>,
+}
+
+/// Istio's ClientTLSSettings.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTls {
+    /// DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL.
+    pub mode: Option<String>,
+    /// File paths in the proxy: not available to a waypoint pod (reported).
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    /// A Secret in the waypoint's namespace: `tls.crt`/`tls.key`/`ca.crt` or
+    /// `cert`/`key`/`cacert`, and optionally `<name>-cacert` holding the CA.
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -293,6 +293,20 @@ impl<'a> Attachments<'a> {
         }
     }
 
+    /// The waypoint gateway `istio.io/use-waypoint` names for this object (its label, then
+    /// its namespace's), whether or not it exists.
+    pub(crate) fn waypoint_key(&self, meta: &ObjectMeta, namespace: &str) -> Option<ObjectKey> {
+        match self.wanted(meta, namespace) {
+            Wanted::Waypoint { key, .. } => Some(key),
+            Wanted::Nothing | Wanted::OptOut => None,
+        }
+    }
+
+    /// The waypoint gateway `key`, when it exists.
+    pub(crate) fn waypoint(&self, key: &ObjectKey) -> Option<&Waypoint> {
+        self.waypoints.get(key)
+    }
+
     /// The waypoint for traffic addressed to this pod directly.
     pub(crate) fn for_workload(
         &self,

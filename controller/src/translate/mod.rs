@@ -17,6 +17,7 @@ mod service;
 mod service_entry;
 mod telemetry;
 mod unimplemented;
+mod upstream_tls;
 mod waypoint_policy;
 mod workload;
 mod workload_entry;
@@ -95,6 +96,8 @@ pub struct Outputs {
     /// Ingress gateways (`mesh.waypoint.v1.IngressGateway` by `<ns>/<name>`), their statuses
     /// and those of the routes naming them.
     pub ingress: ingress::Ingress,
+    /// `mesh.waypoint.v1.WaypointCredentials` by `<ns>/<service account>` of the waypoint.
+    pub waypoint_credentials: BTreeMap<String, wp::WaypointCredentials>,
     pub problems: Vec<Problem>,
     /// This cluster and the remote ones, with what each contributes.
     pub clusters: Vec<remote::ClusterStatus>,
@@ -163,6 +166,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     waypoint_policies.extend(rate_limit::translate(inputs, &mut report));
     waypoint_policies.extend(telemetry::translate(inputs, options, &mut report));
     let ingress = ingress::translate(inputs, options, &mut report);
+    let waypoint_credentials = upstream_tls::credentials(inputs, options, &attach, &service_routes, &mut report);
     unimplemented::report(inputs, &mut report);
     let mut problems = report.0;
     problems.sort();
@@ -174,6 +178,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
         waypoint_policies,
         waypoints: waypoints.into_iter().map(|(k, w)| (k, w.deployment)).collect(),
         ingress,
+        waypoint_credentials,
         problems,
         clusters: Vec::new(),
     };

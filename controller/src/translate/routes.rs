@@ -753,6 +753,7 @@ fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp
         connection_pool: pool,
         outlier_detection: outlier,
         load_balancer,
+        ..Default::default()
     }
 }
 
@@ -779,7 +780,15 @@ fn subset_workloads(
 
 fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
     for (key, dr) in by_age(inputs.destination_rules.iter(), |d| &d.metadata) {
-        let service = host_key(&dr.spec.host, &key.namespace, options);
+        let host = super::upstream_tls::host(inputs, &dr.spec.host, &key.namespace, || {
+            host_key(&dr.spec.host, &key.namespace, options)
+        });
+        let service = host.service.clone();
+        let policy = |p: &TrafficPolicy, report: &mut Report| {
+            let mut out = traffic_policy(p, key, report);
+            super::upstream_tls::translate(p, key, &host, &mut out, report);
+            out
+        };
         let target = entry(routes, &service);
         if target.traffic_policy.is_some() || !target.subsets.is_empty() {
             report.add(
@@ -790,7 +799,7 @@ fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, re
             continue;
         }
         target.sources.push(format!("DestinationRule/{key}"));
-        target.traffic_policy = dr.spec.traffic_policy.as_ref().map(|p| traffic_policy(p, key, report));
+        target.traffic_policy = dr.spec.traffic_policy.as_ref().map(|p| policy(p, report));
         target.subsets = dr
             .spec
             .subsets
@@ -798,7 +807,7 @@ fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, re
             .map(|s| wp::Subset {
                 name: s.name.clone(),
                 labels: s.labels.clone(),
-                traffic_policy: s.traffic_policy.as_ref().map(|p| traffic_policy(p, key, report)),
+                traffic_policy: s.traffic_policy.as_ref().map(|p| policy(p, report)),
                 workloads: subset_workloads(inputs, options, &service, &s.labels),
             })
             .collect();

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::metrics::XdsMetrics;
-use super::snapshot::{Entry, Snapshot, TYPES};
+use super::snapshot::{Entry, Snapshot, PRIVATE_TYPES, TYPES};
 use crate::ca::auth::{bearer_token, Authenticator};
 
 /// Resources per response: bounds the memory one slow client pins during a full push.
@@ -273,9 +273,10 @@ impl Session {
         always: bool,
         unknown: Vec<String>,
     ) -> Result<(), Ended> {
-        // Ingress gateways carry private keys: a client gets only its own (named after the
-        // gateway, whose service account is the gateway's name).
-        let only = (type_url == mesh_proto::INGRESS_GATEWAY_TYPE_URL).then(|| self.own_gateway.clone());
+        // Ingress gateways and waypoint credentials carry private keys: a client gets only
+        // its own (named after its identity's namespace and service account, which for a
+        // gateway is the gateway's name).
+        let only = PRIVATE_TYPES.contains(&type_url).then(|| self.own_gateway.clone());
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };

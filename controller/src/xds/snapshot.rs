@@ -21,12 +21,20 @@ use sha2::{Digest, Sha256};
 use crate::translate::Outputs;
 
 /// Type URLs served, in the order pushes go out (addresses before the policies naming them).
-pub const TYPES: [&str; 5] = [
+pub const TYPES: [&str; 6] = [
     mesh_proto::ADDRESS_TYPE_URL,
     mesh_proto::AUTHORIZATION_TYPE_URL,
     mesh_proto::SERVICE_ROUTES_TYPE_URL,
     mesh_proto::WAYPOINT_POLICY_TYPE_URL,
     mesh_proto::INGRESS_GATEWAY_TYPE_URL,
+    mesh_proto::WAYPOINT_CREDENTIALS_TYPE_URL,
+];
+
+/// Types whose resources carry private keys: a client gets only the one named after its own
+/// identity (`<ns>/<service account>`).
+pub const PRIVATE_TYPES: [&str; 2] = [
+    mesh_proto::INGRESS_GATEWAY_TYPE_URL,
+    mesh_proto::WAYPOINT_CREDENTIALS_TYPE_URL,
 ];
 
 /// One encoded resource, shared by every client's responses.
@@ -213,6 +221,13 @@ impl Snapshot {
             |_| Vec::new(),
         );
         types.insert(TYPES[4], e);
+        let f = entries(
+            TYPES[5],
+            &out.waypoint_credentials,
+            prev(TYPES[5]).map(|e| (&po.waypoint_credentials, e)),
+            |_| Vec::new(),
+        );
+        types.insert(TYPES[5], f);
         let empty = BTreeMap::new();
         let changed = types
             .iter()

@@ -329,9 +329,10 @@ impl Backend {
                     })?,
             ),
         };
-        let cluster = wp.upstreams.cluster(
-            &backend.service,
+        let cluster = wp.upstreams.http_cluster(
+            (&backend.service, &service.hostname),
             &backend.subset,
+            port,
             upstream::effective_policy(backend_routes, subset),
         );
         let candidates = upstream::candidates(state, &service, subset);

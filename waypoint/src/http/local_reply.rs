@@ -99,6 +99,10 @@ pub enum LocalReply {
     NoHealthyUpstream,
     /// The last attempt failed to connect or was reset before an answer.
     UpstreamFailure,
+    /// TLS origination to the endpoint failed (settings unusable, handshake, or a server
+    /// certificate that did not verify); nothing was sent. Envoy: `UF`, upstream transport
+    /// failure reason `TLS_error`.
+    UpstreamTls(crate::upstream::tls::TlsFailure),
     /// The route timeout or the last per-try timeout expired.
     UpstreamTimeout,
     /// The upstream answered 101 to a request that did not ask for that protocol.
@@ -124,7 +128,8 @@ impl LocalReply {
             | LocalReply::SubsetUnknown { .. }
             | LocalReply::Overflow(_)
             | LocalReply::NoHealthyUpstream
-            | LocalReply::UpstreamFailure => StatusCode::SERVICE_UNAVAILABLE,
+            | LocalReply::UpstreamFailure
+            | LocalReply::UpstreamTls(_) => StatusCode::SERVICE_UNAVAILABLE,
             LocalReply::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::UnrequestedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             LocalReply::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -143,7 +148,7 @@ impl LocalReply {
             LocalReply::FaultAbort(_) => ResponseFlag::FaultAbort,
             LocalReply::Overflow(_) => ResponseFlag::Overflow,
             LocalReply::NoHealthyUpstream => ResponseFlag::NoHealthyUpstream,
-            LocalReply::UpstreamFailure => ResponseFlag::UpstreamFailure,
+            LocalReply::UpstreamFailure | LocalReply::UpstreamTls(_) => ResponseFlag::UpstreamFailure,
             LocalReply::UpstreamTimeout => ResponseFlag::UpstreamTimeout,
             LocalReply::UnrequestedUpgrade { .. } => ResponseFlag::UpstreamProtocolError,
             LocalReply::RateLimited { .. } => ResponseFlag::RateLimited,
@@ -181,6 +186,10 @@ impl LocalReply {
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow"
             }
             LocalReply::UpstreamFailure => "upstream connect error or disconnect/reset before headers",
+            LocalReply::UpstreamTls(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, \
+                 transport failure reason: TLS_error"
+            }
             LocalReply::UpstreamTimeout => "upstream request timeout",
             LocalReply::UnrequestedUpgrade { .. } => "upstream switched to a protocol that was not requested",
             LocalReply::RateLimited { .. } => "local_rate_limited",
@@ -210,6 +219,7 @@ impl LocalReply {
             LocalReply::SubsetUnknown { service, subset } => Some(format!("subset {subset} of {service} unknown")),
             LocalReply::BadRequest(BadRequest::Body(e)) => Some(format!("reading request body: {e}")),
             LocalReply::Overflow(e) => Some(e.to_string()),
+            LocalReply::UpstreamTls(e) => Some(e.to_string()),
             LocalReply::UnrequestedUpgrade { protocol } => Some(format!(
                 "upstream switched protocols to {protocol:?}, which was not requested"
             )),
@@ -230,6 +240,16 @@ impl LocalReply {
             }
             LocalReply::Overflow(_) => {
                 headers.insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            }
+            // The upstream failure reason, as Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON%.
+            LocalReply::UpstreamTls(e) => {
+                headers.insert(
+                    "x-upstream-transport-failure",
+                    HeaderValue::from_static(match e.reason() {
+                        "verify" => "TLS_error:CERTIFICATE_VERIFY_FAILED",
+                        _ => "TLS_error",
+                    }),
+                );
             }
             // The client's connection closes so nothing is sent after the refused switch.
             LocalReply::UnrequestedUpgrade { .. } => {
@@ -264,6 +284,7 @@ fn text(status: StatusCode, text: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::tls::TlsFailure;
 
     fn all() -> Vec<LocalReply> {
         vec![
@@ -287,6 +308,7 @@ mod tests {
             LocalReply::Overflow(Overflow("http2MaxRequests reached")),
             LocalReply::NoHealthyUpstream,
             LocalReply::UpstreamFailure,
+            LocalReply::UpstreamTls(TlsFailure::Verify("UnknownIssuer".into())),
             LocalReply::UpstreamTimeout,
             LocalReply::UnrequestedUpgrade { protocol: "h2c".into() },
             LocalReply::RateLimited {
@@ -338,6 +360,12 @@ mod tests {
             (LocalReply::Overflow(Overflow("x")), 503, "UO", 14),
             (LocalReply::NoHealthyUpstream, 503, "UH", 14),
             (LocalReply::UpstreamFailure, 503, "UF", 14),
+            (
+                LocalReply::UpstreamTls(TlsFailure::Config("mode".into())),
+                503,
+                "UF",
+                14,
+            ),
             (LocalReply::UpstreamTimeout, 504, "UT", 14),
             (LocalReply::FaultAbort(StatusCode::IM_A_TEAPOT), 418, "FI", 2),
             (LocalReply::ConnectUnsupported, 405, "DPE", 2),
@@ -357,6 +385,24 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_tls_failure_says_tls_error_in_body_header_and_log() {
+        let r = LocalReply::UpstreamTls(TlsFailure::Verify("NotValidForName".into()));
+        assert!(
+            r.log_reason()
+                .is_some_and(|l| l.contains("TLS_error") && l.contains("NotValidForName")),
+            "{:?}",
+            r.log_reason()
+        );
+        assert!(r.body().contains("TLS_error"));
+        let resp = r.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            resp.headers()["x-upstream-transport-failure"],
+            "TLS_error:CERTIFICATE_VERIFY_FAILED"
+        );
     }
 
     #[test]

@@ -536,13 +536,18 @@ impl Exchange<'_> {
                 break;
             };
             let req = self.request(body, &ep, cluster)?;
-            let sent = self.retry.attempt(wp.upstreams.client(self.http2).request(req)).await;
+            let client = wp.upstreams.client_for(cluster, self.http2);
+            let sent = self.retry.attempt(client.request(req)).await;
             let (outcome, answer) = match sent {
                 Some(Ok(resp)) => (Attempt::Answered(resp.status()), Ok(resp)),
                 Some(Err(e)) => {
                     out.reason = format!("upstream {}: {e}", ep.target);
                     let sent = !e.is_connect();
-                    (Attempt::Failed { sent }, Err(LocalReply::UpstreamFailure))
+                    let reply = match upstream::tls::TlsFailure::find(&e) {
+                        Some(tls) => LocalReply::UpstreamTls(tls.clone()),
+                        None => LocalReply::UpstreamFailure,
+                    };
+                    (Attempt::Failed { sent }, Err(reply))
                 }
                 None => {
                     out.reason = format!("upstream {} per-try timeout", ep.target);
@@ -672,9 +677,16 @@ fn spawn_mirror(
             req.headers_mut().insert(header::HOST, v);
         }
     }
+    // A mirror to a host whose DestinationRule originates TLS gets TLS too (never plaintext).
+    let config = wp.config.load();
+    let routes = config.routes.get(&m.service).map(|r| &r.config);
+    let policy = upstream::effective_policy(routes, None);
+    let cluster = wp
+        .upstreams
+        .http_cluster((&m.service, &service.hostname), "", port, policy);
     let wp = wp.clone();
     tokio::spawn(async move {
-        match wp.upstreams.client(http2).request(req).await {
+        match wp.upstreams.client_for(&cluster, http2).request(req).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }

@@ -51,6 +51,8 @@ pub struct Cluster {
     sent: AtomicUsize,
     balance: Balance,
     endpoints: Mutex<HashMap<String, EndpointState>>,
+    /// Its own connection pools when it originates TLS.
+    pub tls: Option<super::TlsClients>,
 }
 
 /// Held while a request is admitted; releases its slot on drop.
@@ -99,6 +101,11 @@ fn duration(d: Option<&prost_types::Duration>, default: Duration) -> Duration {
 
 impl Cluster {
     pub fn new(policy: wp::TrafficPolicy) -> Arc<Self> {
+        Self::with_tls(policy, None)
+    }
+
+    /// A cluster whose requests go through `tls`'s pools (TLS origination).
+    pub fn with_tls(policy: wp::TrafficPolicy, tls: Option<super::TlsClients>) -> Arc<Self> {
         let pool = policy.connection_pool.unwrap_or_default();
         let balance = match policy.load_balancer.as_ref().map(|l| l.simple.as_str()) {
             Some("LEAST_REQUEST") => Balance::LeastRequest,
@@ -118,6 +125,7 @@ impl Cluster {
             sent: AtomicUsize::new(0),
             balance,
             endpoints: Mutex::new(HashMap::new()),
+            tls,
             policy,
         })
     }

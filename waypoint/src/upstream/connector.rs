@@ -1,7 +1,9 @@
 //! Opens upstream connections for the HTTP client pool: to a mesh endpoint through an HBONE
 //! tunnel to its ztunnel (the waypoint's own identity as client, the endpoint's as the
 //! expected server), to anything else over plain TCP. The pool above reuses what this opens
-//! (HTTP/1.1 keep-alive, HTTP/2 multiplexing), keyed by the endpoint's `ip:port`.
+//! (HTTP/1.1 keep-alive, HTTP/2 multiplexing), keyed by the endpoint's `ip:port`. A cluster
+//! that originates TLS has its own pool over a connector with `originate` set, which wraps
+//! every connection in TLS or fails it: it never hands out a plaintext one.
 
 use std::future::Future;
 use std::io;
@@ -18,13 +20,19 @@ use mesh_core::hbone::{H2Io, HbonePool, PoolKey, TunnelRequest};
 use mesh_core::identity::Identity;
 use mesh_core::state::model::Tunnel;
 use mesh_core::state::StateStore;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::tls::{Originate, TlsFailure};
 
 /// A connection to one endpoint.
 pub enum Conn {
     Tcp(TcpStream),
     Hbone(Box<H2Io>),
+    /// TLS originated by the waypoint over either of the others.
+    Tls(Box<tokio_rustls::client::TlsStream<Conn>>),
 }
 
 impl Connection for Conn {
@@ -38,6 +46,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Hbone(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -47,6 +56,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Hbone(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -54,6 +64,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
             Conn::Hbone(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -61,6 +72,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Hbone(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -74,6 +86,10 @@ pub struct Connector {
     pub network: String,
     pub hbone_port: u16,
     pub connect_timeout: Duration,
+    /// TLS origination of this connector's cluster (`None`: connections as they are).
+    pub originate: Option<Originate>,
+    /// `waypoint_upstream_tls_failures_total` by reason.
+    pub tls_failures: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Connector {
@@ -145,6 +161,38 @@ impl Connector {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+impl Connector {
+    /// This connector for a cluster that originates TLS as `how`.
+    pub fn originating(&self, how: Originate) -> Connector {
+        Connector {
+            originate: Some(how),
+            ..self.clone()
+        }
+    }
+
+    /// A connection to `target` with TLS over it; a refusal fails before connecting. A
+    /// failed handshake is counted and logged.
+    async fn originate(&self, how: &Originate, target: SocketAddr) -> Result<Conn, BoxError> {
+        let result = match how {
+            Originate::Refuse(why) => Err(why.clone()),
+            Originate::Tls(o) => {
+                let conn = self.open(target).await?;
+                match tokio::time::timeout(self.connect_timeout, o.handshake(conn)).await {
+                    Ok(r) => r.map(|s| Conn::Tls(Box::new(s))),
+                    Err(_) => Err(TlsFailure::Handshake("timed out".to_owned())),
+                }
+            }
+        };
+        if let Err(e) = &result {
+            self.tls_failures
+                .get_or_create(&vec![("reason".to_owned(), e.reason().to_owned())])
+                .inc();
+            super::tls::log_failure(target, e);
+        }
+        Ok(result?)
+    }
+}
+
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<Conn>;
     type Error = BoxError;
@@ -163,7 +211,10 @@ impl tower_service::Service<Uri> for Connector {
                 .unwrap_or_default()
                 .parse()
                 .map_err(|_| format!("upstream {uri} is not ip:port"))?;
-            Ok(TokioIo::new(this.open(target).await?))
+            match &this.originate {
+                None => Ok(TokioIo::new(this.open(target).await?)),
+                Some(how) => Ok(TokioIo::new(this.originate(how, target).await?)),
+            }
         })
     }
 }

@@ -1,9 +1,11 @@
 //! Where a routed request goes: the backend's endpoints (a DestinationRule subset narrows
 //! them), one picked by its cluster, and a pooled HTTP connection to it (HBONE for mesh
-//! endpoints, plain TCP otherwise).
+//! endpoints, plain TCP otherwise; with TLS originated over either when the DestinationRule
+//! asks, from the cluster's own pools).
 
 pub mod cluster;
 pub mod connector;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,21 +36,40 @@ pub struct Upstreams {
     http1: Client<Connector, Body>,
     http2: Client<Connector, Body>,
     clusters: Mutex<HashMap<(String, String), Arc<Cluster>>>,
+    /// Clusters that originate TLS, by service, subset and port (`portLevelSettings`).
+    tls_clusters: Mutex<HashMap<(String, String, u16), Arc<Cluster>>>,
+    pub credentials: Arc<tls::CredentialStore>,
+}
+
+/// The pools of a cluster that originates TLS: connections are reused per endpoint under
+/// these settings and this credential; new settings or a rotated Secret make a new cluster.
+pub struct TlsClients {
+    http1: Client<Connector, Body>,
+    http2: Client<Connector, Body>,
+    settings: wp::UpstreamTls,
+    credential: Option<Arc<wp::UpstreamCredential>>,
+}
+
+fn clients(connector: &Connector) -> (Client<Connector, Body>, Client<Connector, Body>) {
+    let http1 = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build(connector.clone());
+    let http2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector.clone());
+    (http1, http2)
 }
 
 impl Upstreams {
-    pub fn new(connector: Connector) -> Self {
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector.clone());
+    pub fn new(connector: Connector, credentials: Arc<tls::CredentialStore>) -> Self {
+        let (http1, http2) = clients(&connector);
         Upstreams {
             connector,
             http1,
             http2,
             clusters: Mutex::new(HashMap::new()),
+            tls_clusters: Mutex::new(HashMap::new()),
+            credentials,
         }
     }
 
@@ -58,6 +79,66 @@ impl Upstreams {
         } else {
             &self.http1
         }
+    }
+
+    /// The client for a request through `cluster`: its own TLS pools when it originates TLS.
+    pub fn client_for<'a>(&'a self, cluster: &'a Cluster, http2: bool) -> &'a Client<Connector, Body> {
+        match &cluster.tls {
+            Some(t) if http2 => &t.http2,
+            Some(t) => &t.http1,
+            None => self.client(http2),
+        }
+    }
+
+    /// The cluster for HTTP to `service` (named `hostname`) on `port`: [`Upstreams::cluster`],
+    /// unless the policy originates TLS on that port, in which case a cluster with its own
+    /// pools, rebuilt when the settings or the credential change (rotation without restart).
+    pub fn http_cluster(
+        &self,
+        (service, hostname): (&str, &str),
+        subset: &str,
+        port: u16,
+        policy: wp::TrafficPolicy,
+    ) -> Arc<Cluster> {
+        let settings = policy
+            .port_tls
+            .get(&u32::from(port))
+            .or(policy.tls.as_ref())
+            .filter(|t| t.mode != "DISABLE")
+            .cloned();
+        let Some(settings) = settings else {
+            return self.cluster(service, subset, policy);
+        };
+        let credential = Some(settings.credential.as_str())
+            .filter(|c| !c.is_empty())
+            .and_then(|c| self.credentials.get(c));
+        let mut clusters = self.tls_clusters.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (service.to_owned(), subset.to_owned(), port);
+        if let Some(c) = clusters.get(&key) {
+            let same = c.tls.as_ref().is_some_and(|t| {
+                t.settings == settings
+                    && match (&t.credential, &credential) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
+            if c.policy == policy && same {
+                return c.clone();
+            }
+        }
+        let how = tls::Origination::build(&settings, hostname, credential.as_deref())
+            .unwrap_or_else(|| tls::Originate::Refuse(tls::TlsFailure::Config("mode DISABLE".to_owned())));
+        let (http1, http2) = clients(&self.connector.originating(how));
+        let tls = TlsClients {
+            http1,
+            http2,
+            settings,
+            credential,
+        };
+        let c = Cluster::with_tls(policy, Some(tls));
+        clusters.insert(key, c.clone());
+        c
     }
 
     /// The cluster of `service`/`subset` under the current traffic policy; a changed policy
@@ -86,6 +167,12 @@ pub fn effective_policy(routes: Option<&wp::ServiceRoutes>, subset: Option<&wp::
         connection_pool: over.connection_pool.or(base.connection_pool),
         outlier_detection: over.outlier_detection.or(base.outlier_detection),
         load_balancer: over.load_balancer.or(base.load_balancer),
+        tls: over.tls.or(base.tls),
+        port_tls: if over.port_tls.is_empty() {
+            base.port_tls
+        } else {
+            over.port_tls
+        },
     }
 }
 
