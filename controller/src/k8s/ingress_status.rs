@@ -89,6 +89,7 @@ fn same_parent(parent: &Value, route_ns: &str, status: &RouteParentStatus) -> bo
         && text("name") == Some(status.parent.name.as_str())
         && text("namespace").unwrap_or(route_ns) == status.parent.namespace
         && text("sectionName") == status.section_name.as_deref()
+        && parent.get("port").and_then(Value::as_u64) == status.port.map(u64::from)
 }
 
 /// The `status.parents` to write on `route` (the object as read): one entry of ours per
@@ -265,6 +266,7 @@ spec:
   parentRefs:
   - {name: istio-ingressgateway, namespace: istio-system, sectionName: https}
   - {name: istio-ingressgateway, namespace: istio-system, sectionName: http}
+  - {name: istio-ingressgateway, namespace: istio-system, port: 8443}
   - {group: "", kind: Service, name: app-v1}
   hostnames: ["app.example.com"]
   rules: [{backendRefs: [{name: app-v1, port: 8080}]}]
@@ -390,7 +392,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.10}, {hostname: lb.example.net}
             at(0),
         );
         let list = app_parents.as_array().expect("parents");
-        assert_eq!(list.len(), 3);
+        assert_eq!(list.len(), 4);
         assert_eq!(list[0], foreign);
         assert_eq!(list[1]["parentRef"]["sectionName"], "https");
         assert_eq!(list[1]["controllerName"], INGRESS_CONTROLLER);
@@ -400,6 +402,12 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.10}, {hostname: lb.example.net}
         assert_eq!(
             (refused["status"].as_str(), refused["reason"].as_str()),
             (Some("False"), Some("NotAllowedByListeners"))
+        );
+        // By port: the passthrough listener on 8443 takes no HTTPRoute.
+        assert_eq!(list[3]["parentRef"]["port"], 8443);
+        assert_eq!(
+            condition(&list[3]["conditions"], "Accepted")["reason"],
+            "NotAllowedByListeners"
         );
         let again = route_value("app-routes", json!({"parents": app_parents}));
         assert_eq!(

@@ -75,6 +75,9 @@ pub struct RouteParentStatus {
     pub route: ObjectKey,
     pub parent: ObjectKey,
     pub section_name: Option<String>,
+    /// The parentRef's `port`, when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub conditions: Vec<Condition>,
 }
 
@@ -797,6 +800,7 @@ fn attach_route(
             route: key.clone(),
             parent: gw_key,
             section_name: p.section_name.clone(),
+            port: p.port,
             conditions,
         });
     }
