@@ -665,6 +665,7 @@ pub(crate) mod tests {
             xds_address: "https://mesh-controller.istio-system:15012".into(),
             root_cert: "-----BEGIN CERTIFICATE-----\n".into(),
             retry: Duration::from_secs(5),
+            trust_bundle: None,
         }
     }
 
