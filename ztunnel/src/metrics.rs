@@ -387,7 +387,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, S> {
 /// move (through [`ConnRecord::bytes`]); `finish` counts it closed and writes the access log.
 pub struct ConnRecord<'a> {
     metrics: &'a Metrics,
-    labels: TcpLabels,
+    /// Boxed: a connection's task holds its record for as long as the connection lives.
+    labels: Box<TcpLabels>,
     bytes: ConnBytes,
     direction: &'static str,
     src_addr: std::net::SocketAddr,
@@ -423,7 +424,7 @@ impl<'a> ConnRecord<'a> {
         };
         ConnRecord {
             metrics,
-            labels,
+            labels: Box::new(labels),
             bytes,
             direction,
             src_addr,

@@ -7,12 +7,11 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Read size for the TCP side once data flows; large enough for full TLS records and few syscalls.
 const READ_CHUNK: usize = 128 * 1024;
-/// Read size until a read fills it: an idle proxied connection holds this, not a whole chunk
-/// (at thousands of idle connections the 128 KiB chunks were most of ztunnel's memory).
+/// Read size until a read fills it: small messages do not take a whole chunk each.
 const FIRST_READ: usize = 4 * 1024;
 
 /// Dropped when the stream ends; lets a pool count streams per connection.
@@ -62,30 +61,25 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// leaves at most one chunk here and h2's send buffer (128 KiB) queued per stream; asking for
 /// room before reading would hold less, but measured 25-40 % more CPU per Gbit (smaller
 /// frames), and reserving room ahead would let idle streams sit on connection window.
-async fn tcp_to_h2<R: AsyncRead + Unpin>(
-    mut r: R,
+async fn tcp_to_h2(
+    r: tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     obs: &dyn SpliceObserver,
 ) -> io::Result<u64> {
-    let mut want = FIRST_READ;
-    let mut buf = BytesMut::with_capacity(want);
+    let mut reader = ChunkReader::default();
     let mut total = 0u64;
     loop {
-        if buf.capacity() < want / 4 {
-            // Reclaims the allocation once h2 has released the previous chunks.
-            buf.reserve(want);
-        }
-        let n = r.read_buf(&mut buf).await?;
-        if n >= FIRST_READ {
-            // Data flows: large reads from now on.
-            want = READ_CHUNK;
-        }
-        if n == 0 {
+        r.readable().await?;
+        let mut chunk = match reader.try_read(&r) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
-        total += n as u64;
-        let mut chunk = buf.split().freeze();
+        total += chunk.len() as u64;
         while !chunk.is_empty() {
             let granted = capacity(send, chunk.len()).await?;
             let part = chunk.split_to(granted);
@@ -93,6 +87,49 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
             send.send_data(part, false).map_err(h2_io)?;
             obs.moved_to_tunnel(len);
         }
+    }
+}
+
+/// How a splice reads its TCP side. While waiting for the socket it holds no buffer at all: at
+/// thousands of idle connections, read buffers held while waiting were most of ztunnel's
+/// memory. Small reads land on the stack and are copied out at their exact size; once a read
+/// fills [`FIRST_READ`], data flows and reads go straight into [`READ_CHUNK`] buffers handed
+/// to h2 without a copy, until a read comes back small again.
+#[derive(Default)]
+struct ChunkReader {
+    /// Present only between a read and the next wait, and only while data flows.
+    buf: BytesMut,
+    flowing: bool,
+}
+
+impl ChunkReader {
+    /// One non-blocking read; an empty chunk is the end of the stream.
+    fn try_read(&mut self, r: &tokio::net::tcp::ReadHalf<'_>) -> io::Result<Bytes> {
+        if !self.flowing {
+            let mut small = [0u8; FIRST_READ];
+            let n = r.try_read(&mut small)?;
+            self.flowing = n == FIRST_READ;
+            return Ok(Bytes::copy_from_slice(&small[..n]));
+        }
+        if self.buf.capacity() < READ_CHUNK / 4 {
+            // Reclaims the allocation once h2 has released the previous chunks.
+            self.buf.reserve(READ_CHUNK);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = match r.try_read_buf(&mut self.buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.buf = BytesMut::new();
+                return Err(e);
+            }
+        };
+        let chunk = self.buf.split().freeze();
+        if n < room {
+            // The socket is drained: hold nothing while waiting for more.
+            self.buf = BytesMut::new();
+            self.flowing = n >= FIRST_READ;
+        }
+        Ok(chunk)
     }
 }
 
@@ -245,5 +282,57 @@ impl AsyncWrite for H2Io {
             self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
         }
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Reads until `want` bytes came, as the splice does (wait, then one non-blocking read).
+    async fn read(reader: &mut ChunkReader, r: &tokio::net::tcp::ReadHalf<'_>, want: usize) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < want {
+            r.readable().await.expect("readable");
+            match reader.try_read(r) {
+                Ok(c) => sizes.push(c.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        sizes
+    }
+
+    #[tokio::test]
+    async fn a_waiting_splice_holds_no_read_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (r, _w) = server.split();
+        let mut reader = ChunkReader::default();
+
+        client.write_all(b"x").await.expect("write");
+        assert_eq!(read(&mut reader, &r, 1).await, [1]);
+        assert_eq!(reader.buf.capacity(), 0, "idle after a small read");
+        assert!(!reader.flowing);
+
+        // Bulk: once a small read fills up, reads go into large chunks; once drained, the
+        // chunk buffer is let go.
+        let bulk = vec![7u8; 3 * READ_CHUNK];
+        client.write_all(&bulk).await.expect("write");
+        let sizes = read(&mut reader, &r, bulk.len()).await;
+        assert_eq!(sizes[0], FIRST_READ);
+        assert!(sizes[1..].iter().any(|&n| n > FIRST_READ), "large reads: {sizes:?}");
+        assert_eq!(reader.buf.capacity(), 0, "idle after bulk");
+
+        // The end of the stream is an empty chunk.
+        drop(client);
+        r.readable().await.expect("readable");
+        assert!(reader.try_read(&r).expect("eof").is_empty());
     }
 }

@@ -59,7 +59,8 @@ impl Client {
 }
 
 /// Authorizes, connects, tracks and splices one inbound connection to `conn.wl`.
-pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inbound) {
+/// `conn` comes boxed: an async fn keeps its arguments for as long as it runs.
+pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Box<Inbound>) {
     let observed = observe(|| state.policies_for(&conn.wl), &conn.info);
     if !observed.is_empty() {
         px.metrics.observed(&observed);
@@ -87,9 +88,19 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inboun
     // Tracked from here: a policy update while the application is dialled closes it too.
     let registration = px.tracker.register(conn.info.clone(), conn.wl.uid.clone());
     let dst = conn.info.dst;
-    let Some((client, mut upstream)) = dial(px, client, source.addr, dst, &conn).await else {
+    let Some((client, mut upstream)) = Box::pin(dial(px, client, source.addr, dst, &conn)).await else {
         return;
     };
+    // Only what the splice needs is kept across it: a task's size is fixed by what its longest
+    // wait holds, and thousands of idle connections each hold one.
+    let Inbound {
+        wl,
+        info,
+        labels,
+        direction,
+        ..
+    } = *conn;
+    drop((wl, info));
     let client = match client {
         Client::Hbone(req) => match (*req).accept() {
             Ok(h2) => Accepted::Hbone(h2),
@@ -100,8 +111,7 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Inboun
         },
         Client::Plain(tcp) => Accepted::Plain(tcp),
     };
-    let record =
-        ConnRecord::open(&px.metrics, conn.labels, conn.direction, source.addr, dst, None).with_observed(observed);
+    let record = ConnRecord::open(&px.metrics, labels, direction, source.addr, dst, None).with_observed(observed);
     let result = tokio::select! {
         r = client.splice(&mut upstream, &record) => r,
         _ = registration.cancel.cancelled() => Err(ConnError::PolicyRevoked),

@@ -56,7 +56,9 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let px2 = px.clone();
     let result = serve_connection(tcp, config, &px.settings, px.drain.clone(), move |req| {
         let px = px2.clone();
-        async move { stream(px, req).await }
+        // Boxed, and no async block around it: an async fn keeps its arguments for as long as it
+        // runs, and each idle stream's task is as large as what its longest wait holds.
+        stream(px, Box::new(req))
     })
     .await;
     match result {
@@ -72,7 +74,7 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
+pub(super) async fn stream(px: Arc<Proxy>, mut req: Box<InboundConnect>) {
     let state = px.state.load();
     // Double HBONE names the service by hostname: resolve it to this workload's target port.
     if let Some(host) = req.hostname.take() {
@@ -130,7 +132,7 @@ async fn stream(px: Arc<Proxy>, mut req: InboundConnect) {
         forwarded,
         forwarded_trusted,
     };
-    deliver(&px, state, Client::Hbone(Box::new(req)), conn).await;
+    deliver(&px, state, Client::Hbone(req), Box::new(conn)).await;
 }
 
 /// The `host=` of a `forwarded` header (a waypoint names the service the client reached).

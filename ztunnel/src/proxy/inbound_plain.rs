@@ -50,5 +50,5 @@ async fn handle(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         forwarded: None,
         forwarded_trusted: false,
     };
-    deliver(&px, state, Client::Plain(tcp), conn).await;
+    deliver(&px, state, Client::Plain(tcp), Box::new(conn)).await;
 }

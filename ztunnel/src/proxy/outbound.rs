@@ -380,9 +380,11 @@ pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr)
                 Err(e) => Err(ConnError::from(e)),
             }
         }
-        Route::Plain { addr, .. } | Route::Passthrough(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
+        Route::Plain { addr, .. } | Route::Passthrough(addr) => {
+            Box::pin(plain(&px, &mut tcp, addr, record.bytes())).await
+        }
         Route::Resolve { host, port, .. } => match resolve_host(&host, port, dst, px.settings.connect_timeout).await {
-            Ok(addr) => plain(&px, &mut tcp, addr, record.bytes()).await,
+            Ok(addr) => Box::pin(plain(&px, &mut tcp, addr, record.bytes())).await,
             Err(e) => Err(e),
         },
     };
