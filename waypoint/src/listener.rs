@@ -141,6 +141,8 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
     let observer: LimitObserver = Arc::new(move |limit: Limit| metrics.reject(limit.as_str()));
     let settings = Arc::new(Settings {
         limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
+        // Double HBONE through an east-west gateway names the service `hostname:port`.
+        hostname_authority: true,
         ..Default::default()
     });
     let mut backoff = AcceptBackoff::default();
@@ -194,12 +196,44 @@ fn client_addr(forwarded: Option<SocketAddr>, peer: SocketAddr) -> SocketAddr {
     }
 }
 
+/// What a CONNECT names: for an `ip:port` authority, that address and what is there; for a
+/// `hostname:port` one (double HBONE: Istio's ztunnel names a service that has a waypoint so
+/// through the east-west gateway), the service of that hostname at its VIP on `network` (else
+/// its first) and the port; `None` for a hostname of no service.
+fn connect_target(
+    state: &mesh_core::state::State,
+    network: &str,
+    dst: SocketAddr,
+    hostname: Option<&str>,
+) -> Option<(SocketAddr, Option<Destination>)> {
+    let Some(host) = hostname else {
+        return Some((dst, state.lookup(network, dst.ip())));
+    };
+    let services: Vec<&Arc<Service>> = state.services_by_hostname(host).collect();
+    // One per namespace at most; a service this waypoint serves (it has one) first.
+    let svc = services.iter().find(|s| s.waypoint.is_some()).or(services.first())?;
+    let ip = svc
+        .vips
+        .iter()
+        .find(|(n, _)| n == network)
+        .or(svc.vips.first())
+        .map_or(dst.ip(), |(_, ip)| *ip);
+    Some((
+        SocketAddr::new(ip, dst.port()),
+        Some(Destination::Service((*svc).clone())),
+    ))
+}
+
 /// One CONNECT stream.
 async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let state = wp.state.load();
     let client_addr = client_addr(c.forwarded_for(), c.peer_addr);
-    let dst = c.dst;
-    let target = state.lookup(&wp.network, dst.ip());
+    let Some((dst, target)) = connect_target(&state, &wp.network, c.dst, c.hostname.as_deref()) else {
+        // A hostname this mesh has no service for: never the listener's own address.
+        wp.metrics.reject("unknown_hostname");
+        c.reject(StatusCode::BAD_REQUEST);
+        return;
+    };
     let service = match target {
         Some(Destination::Service(s)) => s,
         Some(Destination::Workload(_)) | None => {
@@ -550,5 +584,46 @@ mod tests {
             Some(HttpOnly::Policy)
         );
         assert_eq!(http_only(AppProtocol::Unknown, false, [&jwt]), Some(HttpOnly::Policy));
+    }
+}
+
+#[cfg(test)]
+mod connect_target_tests {
+    use super::*;
+    use mesh_proto::workload as pb;
+
+    /// `ip:port` authorities look the address up; a `hostname:port` one (double HBONE) is the
+    /// service of that name at its VIP on our network, and an unknown name is nothing, never
+    /// the listener's own address (which stands in `dst` for hostname authorities).
+    #[test]
+    fn hostname_authorities_name_the_service() {
+        let mut s = mesh_core::state::State::default();
+        s.apply_address(&pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                hostname: "web.shop.svc.cluster.local".into(),
+                addresses: vec![
+                    pb::NetworkAddress {
+                        network: "other".into(),
+                        address: vec![10, 96, 1, 1],
+                    },
+                    pb::NetworkAddress {
+                        network: "net1".into(),
+                        address: vec![10, 96, 0, 1],
+                    },
+                ],
+                ..Default::default()
+            })),
+        })
+        .expect("valid");
+        let own: SocketAddr = "10.0.0.9:80".parse().unwrap();
+        let (dst, target) = connect_target(&s, "net1", own, Some("web.shop.svc.cluster.local")).expect("known");
+        assert_eq!(dst, "10.96.0.1:80".parse().unwrap());
+        assert!(matches!(target, Some(Destination::Service(svc)) if svc.name == "web"));
+        assert!(connect_target(&s, "net1", own, Some("nope.shop.svc.cluster.local")).is_none());
+        let (dst, target) = connect_target(&s, "net1", "10.96.0.1:80".parse().unwrap(), None).expect("address");
+        assert_eq!(dst, "10.96.0.1:80".parse().unwrap());
+        assert!(matches!(target, Some(Destination::Service(_))));
     }
 }
