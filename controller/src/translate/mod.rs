@@ -7,6 +7,7 @@
 mod attach;
 mod authz;
 mod auto_allocate;
+pub mod incremental;
 pub mod ingress;
 mod peer_authn;
 mod rate_limit;

@@ -70,70 +70,83 @@ pub(crate) fn translate(
     attach: &Attachments<'_>,
     report: &mut Report,
 ) -> Vec<pb::Service> {
-    let mut out = Vec::with_capacity(inputs.services.len());
-    for (key, svc) in &inputs.services {
-        let Some(spec) = svc.spec.as_ref() else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
+    inputs
+        .services
+        .iter()
+        .filter_map(|(key, svc)| translate_one(inputs, options, attach, key, svc, report))
+        .collect()
+}
+
+/// One Service (`None` for ExternalName and spec-less ones); the incremental layer calls it
+/// for the services a change touches.
+pub(crate) fn translate_one(
+    inputs: &Inputs,
+    options: &Options,
+    attach: &Attachments<'_>,
+    key: &ObjectKey,
+    svc: &Service,
+    report: &mut Report,
+) -> Option<pb::Service> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue; // UDP/SCTP are not captured.
+        }
+        let Ok(service_port) = u32::try_from(p.port) else {
+            report.add(
+                Kind::Service,
+                key,
+                format!("spec.ports[{i}].port {} is not a port", p.port),
+            );
             continue;
-        }
-        let mut ports = Vec::new();
-        for (i, p) in spec.ports.iter().flatten().enumerate() {
-            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
-                continue; // UDP/SCTP are not captured.
-            }
-            let Ok(service_port) = u32::try_from(p.port) else {
-                report.add(
-                    Kind::Service,
-                    key,
-                    format!("spec.ports[{i}].port {} is not a port", p.port),
-                );
-                continue;
-            };
-            let target_port = match &p.target_port {
-                None => service_port,
-                Some(IntOrString::Int(n)) => match u32::try_from(*n) {
-                    Ok(n) if n > 0 && n <= 65535 => n,
-                    _ => {
-                        report.add(
-                            Kind::Service,
-                            key,
-                            format!("spec.ports[{i}].targetPort {n} is not a port"),
-                        );
-                        continue;
-                    }
-                },
-                // Named: resolved against each pod's container ports.
-                Some(IntOrString::String(_)) => 0,
-            };
-            ports.push(pb::Port {
-                service_port,
-                target_port,
-                app_protocol: app_protocol(p),
-            });
-        }
-        let addresses = vips(svc)
-            .into_iter()
-            .map(|ip| pb::NetworkAddress {
-                network: options.network.clone(),
-                address: ip_to_bytes(ip),
-            })
-            .collect();
-        out.push(pb::Service {
-            name: key.name.clone(),
-            namespace: key.namespace.clone(),
-            hostname: service_hostname(&key.name, &key.namespace, options),
-            addresses,
-            ports,
-            subject_alt_names: Vec::new(),
-            waypoint: attach.for_service(key, &svc.metadata, report),
-            load_balancing: load_balancing::for_service(svc, inputs.namespaces.get(&key.namespace)),
-            ip_families: 0,
-            extensions: Vec::new(),
-            canonical: true,
-            ingress_use_waypoint: ingress_use_waypoint(inputs, key, svc),
+        };
+        let target_port = match &p.target_port {
+            None => service_port,
+            Some(IntOrString::Int(n)) => match u32::try_from(*n) {
+                Ok(n) if n > 0 && n <= 65535 => n,
+                _ => {
+                    report.add(
+                        Kind::Service,
+                        key,
+                        format!("spec.ports[{i}].targetPort {n} is not a port"),
+                    );
+                    continue;
+                }
+            },
+            // Named: resolved against each pod's container ports.
+            Some(IntOrString::String(_)) => 0,
+        };
+        ports.push(pb::Port {
+            service_port,
+            target_port,
+            app_protocol: app_protocol(p),
         });
     }
-    out
+    let addresses = vips(svc)
+        .into_iter()
+        .map(|ip| pb::NetworkAddress {
+            network: options.network.clone(),
+            address: ip_to_bytes(ip),
+        })
+        .collect();
+    Some(pb::Service {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        hostname: service_hostname(&key.name, &key.namespace, options),
+        addresses,
+        ports,
+        subject_alt_names: Vec::new(),
+        waypoint: attach.for_service(key, &svc.metadata, report),
+        load_balancing: load_balancing::for_service(svc, inputs.namespaces.get(&key.namespace)),
+        ip_families: 0,
+        extensions: Vec::new(),
+        canonical: true,
+        ingress_use_waypoint: ingress_use_waypoint(inputs, key, svc),
+    })
 }
 
 /// Resolves a Service port's target for one pod: numeric as is, named through the pod's

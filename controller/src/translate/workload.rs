@@ -170,27 +170,72 @@ pub(crate) fn translate(
     selected: &[Selected],
     report: &mut Report,
 ) -> Vec<pb::Workload> {
-    let index = SelectorIndex::new(inputs);
-    // Selector policies by namespace: a pod only looks at its namespace's and the root's.
-    let mut by_namespace: HashMap<&str, Vec<&Selected>> = HashMap::new();
-    for s in selected {
-        by_namespace.entry(s.namespace.as_str()).or_default().push(s);
-    }
-    let slices = slice_members(inputs);
-    let mut out = Vec::with_capacity(inputs.pods.len());
+    let ctx = PodContext::new(inputs, options, attach, selected);
     // Which pod first claimed each address: two pods with one IP cannot be told apart by
     // ztunnel (policy and identity would follow whichever it indexed last), so it is reported.
     let mut ip_owner: HashMap<std::net::IpAddr, &ObjectKey> = HashMap::new();
-    for (key, pod) in &inputs.pods {
-        let Some(status) = pod.status.as_ref() else { continue };
+    let mut out = Vec::with_capacity(inputs.pods.len());
+    out.extend(
+        inputs
+            .pods
+            .iter()
+            .filter_map(|(key, pod)| ctx.pod(key, pod, &mut ip_owner, report)),
+    );
+    out
+}
+
+/// What translating one pod needs besides the pod, built once per pass over many pods (the
+/// incremental layer builds one per change and translates only the pods that depend on it).
+pub(crate) struct PodContext<'a> {
+    inputs: &'a Inputs,
+    options: &'a Options,
+    attach: &'a Attachments<'a>,
+    index: SelectorIndex<'a>,
+    /// Selector policies by namespace: a pod only looks at its namespace's and the root's.
+    by_namespace: HashMap<&'a str, Vec<&'a Selected>>,
+    slices: HashMap<ObjectKey, Vec<SliceMembership>>,
+}
+
+impl<'a> PodContext<'a> {
+    pub(crate) fn new(
+        inputs: &'a Inputs,
+        options: &'a Options,
+        attach: &'a Attachments<'a>,
+        selected: &'a [Selected],
+    ) -> Self {
+        let mut by_namespace: HashMap<&str, Vec<&Selected>> = HashMap::new();
+        for s in selected {
+            by_namespace.entry(s.namespace.as_str()).or_default().push(s);
+        }
+        PodContext {
+            inputs,
+            options,
+            attach,
+            index: SelectorIndex::new(inputs),
+            by_namespace,
+            slices: slice_members(inputs),
+        }
+    }
+
+    /// One pod's workload (`None`: not started, or finished). `ip_owner` holds the IPs the
+    /// pods translated before this one claimed, for the duplicate-IP problem.
+    pub(crate) fn pod<'k>(
+        &self,
+        key: &'k ObjectKey,
+        pod: &Pod,
+        ip_owner: &mut HashMap<std::net::IpAddr, &'k ObjectKey>,
+        report: &mut Report,
+    ) -> Option<pb::Workload> {
+        let (inputs, options) = (self.inputs, self.options);
+        let status = pod.status.as_ref()?;
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-            continue;
+            return None;
         }
         let spec = pod.spec.as_ref();
         let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        let addresses = pod_addresses(key, pod, host_network, &mut ip_owner, report);
+        let addresses = pod_addresses(key, pod, host_network, ip_owner, report);
         if addresses.is_empty() {
-            continue; // Not started yet: nothing to route to.
+            return None; // Not started yet: nothing to route to.
         }
         let labels = pod.metadata.labels.as_ref();
         let enrolled = pod
@@ -202,10 +247,10 @@ pub(crate) fn translate(
             || inputs.enrolled.contains(key);
         let (workload_name, workload_type) = workload_name(pod, key);
         let (canonical_name, canonical_revision) = canonical(labels, &workload_name);
-        let mut services = selected_services(&index, key, pod, options);
-        services.extend(sliced_services(inputs, slices.get(key), options));
-        let authorization_policies = policies_for(&by_namespace, key, labels, options);
-        out.push(pb::Workload {
+        let mut services = selected_services(&self.index, key, pod, options);
+        services.extend(sliced_services(inputs, self.slices.get(key), options));
+        let authorization_policies = policies_for(&self.by_namespace, key, labels, options);
+        Some(pb::Workload {
             uid: pod_uid(options, key),
             name: key.name.clone(),
             namespace: key.namespace.clone(),
@@ -222,7 +267,7 @@ pub(crate) fn translate(
                 .and_then(|s| s.service_account_name.clone())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".to_owned()),
-            waypoint: attach.for_workload(key, &pod.metadata, report),
+            waypoint: self.attach.for_workload(key, &pod.metadata, report),
             network_gateway: None,
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             canonical_name,
@@ -254,9 +299,8 @@ pub(crate) fn translate(
             application_tunnel: None,
             extensions: Vec::new(),
             capacity: None,
-        });
+        })
     }
-    out
 }
 
 /// The pod's IPs as wire bytes; an unparsable IP, or one another pod already holds (host
@@ -276,11 +320,7 @@ fn pod_addresses<'a>(
         };
         if !host_network {
             match ip_owner.get(&ip) {
-                Some(first) if *first != key => report.add(
-                    Kind::Pod,
-                    key,
-                    format!("status.podIP {ip} is also the IP of pod {first}: ztunnel cannot tell them apart"),
-                ),
+                Some(first) if *first != key => duplicate_ip(key, ip, first, report),
                 Some(_) => {}
                 None => {
                     ip_owner.insert(ip, key);
@@ -290,6 +330,15 @@ fn pod_addresses<'a>(
         addresses.push(ip_to_bytes(ip));
     }
     addresses
+}
+
+/// The problem of a pod whose IP `first` (earlier in key order) also holds.
+pub(crate) fn duplicate_ip(key: &ObjectKey, ip: std::net::IpAddr, first: &ObjectKey, report: &mut Report) {
+    report.add(
+        Kind::Pod,
+        key,
+        format!("status.podIP {ip} is also the IP of pod {first}: ztunnel cannot tell them apart"),
+    );
 }
 
 /// Istio's canonical service name and revision from the pod's labels, in Istio's order.

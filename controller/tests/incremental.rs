@@ -1,0 +1,351 @@
+//! Incremental translation equals a full translation: for random sequences of changes (pods,
+//! services, EndpointSlices, authorization and peer authentication policies, namespace
+//! labels, waypoints, the enrolled set, kind states), applied in random bursts, the outputs
+//! of [`Incremental`] after every burst equal `translate_synced` of the same inputs. The
+//! world starts from the golden fixtures (waypoints, workloads, authorization, peer
+//! authentication) and the generated objects share their namespaces, labels and IPs, so
+//! selectors, waypoints and duplicate IPs really meet.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use controller::model::{Inputs, Kind, Object, ObjectKey};
+use controller::source::manifest_dir::{parse_text, Loaded};
+use controller::source::{Change, KindSync};
+use controller::translate::incremental::Incremental;
+use controller::translate::{render, translate_synced, Options, Outputs};
+use controller::xds::Snapshot;
+use proptest::prelude::*;
+
+fn parse(text: &str) -> Vec<Object> {
+    let mut loaded = Loaded::default();
+    parse_text(Path::new("generated.yaml"), text, &mut loaded);
+    assert!(loaded.errors.is_empty(), "{:?}\n{text}", loaded.errors);
+    loaded.objects
+}
+
+fn golden(case: &str) -> Vec<Object> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case)
+        .join("input.yaml");
+    let mut loaded = Loaded::default();
+    parse_text(&path, &std::fs::read_to_string(&path).unwrap(), &mut loaded);
+    loaded.objects
+}
+
+/// Namespaces the generated objects live in: two of the fixtures' and the root.
+const NAMESPACES: [&str; 3] = ["shop", "payments", "istio-system"];
+const APPS: [&str; 3] = ["web", "api", "db"];
+
+/// A pod; `v` picks its variant (labels, IP, phase, enrolment, waypoint label).
+fn pod(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let app = APPS[(v % 3) as usize];
+    let ip = format!("10.9.0.{}", 1 + (v / 3) % 5);
+    let phase = if v.is_multiple_of(11) { "Succeeded" } else { "Running" };
+    let annotations = if v.is_multiple_of(2) {
+        "annotations: {ambient.istio.io/redirection: enabled}, "
+    } else {
+        ""
+    };
+    let waypoint = match v % 7 {
+        0 => ", istio.io/use-waypoint: none",
+        1 => ", istio.io/use-waypoint: shop-waypoint",
+        _ => "",
+    };
+    let host = if v % 13 == 5 { "hostNetwork: true, " } else { "" };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: gen-{n}, namespace: {ns}, {annotations}labels: {{app: {app}, version: v{v}{waypoint}}}}}\n\
+         spec: {{{host}nodeName: node-{n}, serviceAccountName: sa-{app}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         status: {{phase: {phase}, podIP: {ip}}}\n"
+    )
+}
+
+/// A service; some select an app, one is selector-less (backed by an EndpointSlice).
+fn service(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let selector = match v % 4 {
+        0 => String::new(),
+        i => format!("selector: {{app: {}}}, ", APPS[(i - 1) as usize]),
+    };
+    let labels = match v % 5 {
+        0 => "labels: {istio.io/use-waypoint: shop-waypoint}",
+        1 => "labels: {istio.io/ingress-use-waypoint: 'true'}",
+        _ => "labels: {}",
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: gsvc-{n}, namespace: {ns}, {labels}}}\n\
+         spec: {{{selector}clusterIP: 10.96.50.{}, ports: [{{name: http, port: 80, targetPort: {}}}]}}\n",
+        1 + (v % 7),
+        if v.is_multiple_of(2) { "http" } else { "8080" }
+    )
+}
+
+fn endpoint_slice(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: gsvc-{n}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: gsvc-{n}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\n\
+         endpoints: [{{addresses: [10.9.0.1], targetRef: {{kind: Pod, name: gen-{}, namespace: {ns}}}}}]\n",
+        8000 + v % 3,
+        v % 4
+    )
+}
+
+fn authorization_policy(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let selector = match v % 3 {
+        0 => String::new(),
+        i => format!("selector: {{matchLabels: {{app: {}}}}}, ", APPS[i as usize]),
+    };
+    let action = if v.is_multiple_of(2) { "ALLOW" } else { "DENY" };
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: gap-{n}, namespace: {ns}}}\n\
+         spec: {{{selector}action: {action}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/{ns}/sa/sa-web]}}}}], to: [{{operation: {{ports: ['{}']}}}}]}}]}}\n",
+        8000 + v % 4
+    )
+}
+
+fn peer_authentication(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let selector = match v % 3 {
+        0 => String::new(),
+        i => format!("selector: {{matchLabels: {{app: {}}}}}, ", APPS[i as usize]),
+    };
+    let mode = if v.is_multiple_of(2) { "STRICT" } else { "PERMISSIVE" };
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: gpa-{n}, namespace: {ns}, creationTimestamp: '2024-01-0{}T00:00:00Z'}}\n\
+         spec: {{{selector}mtls: {{mode: {mode}}}}}\n",
+        1 + v % 5
+    )
+}
+
+fn namespace(ns: usize, v: u32) -> String {
+    let labels = match v % 4 {
+        0 => "{istio.io/dataplane-mode: ambient}",
+        1 => "{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: shop-waypoint}",
+        2 => "{istio.io/use-waypoint: none, istio.io/ingress-use-waypoint: 'true'}",
+        _ => "{}",
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {labels}}}\n",
+        NAMESPACES[ns % 3]
+    )
+}
+
+/// The fixtures' waypoint, in variants: for services, for workloads, without HBONE.
+fn waypoint(v: u32) -> String {
+    let (for_, protocol) = match v % 3 {
+        0 => ("service", "HBONE"),
+        1 => ("all", "HBONE"),
+        _ => ("workload", "HTTP"),
+    };
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: shop-waypoint, namespace: shop, uid: gw-uid-1, labels: {{istio.io/waypoint-for: {for_}}}}}\n\
+         spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: {protocol}}}]}}\n"
+    )
+}
+
+/// One generated change: (what, namespace, name index, variant).
+type Op = (u8, usize, usize, u32);
+
+/// The change `op` stands for, given the current inputs.
+fn change(op: Op, inputs: &Inputs) -> Change {
+    let (what, ns, n, v) = op;
+    let one = |text: String| Change::Apply(parse(&text).remove(0));
+    let key = ObjectKey::new(NAMESPACES[ns % 3], "");
+    match what % 16 {
+        0..=3 => one(pod(ns, n % 8, v)),
+        4 => Change::Delete(Kind::Pod, ObjectKey::new(key.namespace, format!("gen-{}", n % 8))),
+        5 | 6 => one(service(ns, n % 4, v)),
+        7 => Change::Delete(Kind::Service, ObjectKey::new(key.namespace, format!("gsvc-{}", n % 4))),
+        8 => one(authorization_policy(ns, n % 4, v)),
+        9 => Change::Delete(
+            Kind::AuthorizationPolicy,
+            ObjectKey::new(key.namespace, format!("gap-{}", n % 4)),
+        ),
+        10 => one(namespace(ns, v)),
+        11 => one(endpoint_slice(ns, n % 4, v)),
+        12 => match v % 3 {
+            0 => one(peer_authentication(ns, n % 3, v)),
+            _ => Change::Delete(
+                Kind::PeerAuthentication,
+                ObjectKey::new(key.namespace, format!("gpa-{}", n % 3)),
+            ),
+        },
+        13 => match v % 4 {
+            0 => Change::Delete(Kind::Gateway, ObjectKey::new("shop", "shop-waypoint")),
+            _ => one(waypoint(v)),
+        },
+        14 => {
+            // Toggle some pods in and out of the enrolled set.
+            let mut now = inputs.enrolled.clone();
+            let pod = ObjectKey::new(key.namespace, format!("gen-{}", n % 8));
+            if !now.remove(&pod) {
+                now.insert(pod);
+            }
+            Change::Enrolled(now)
+        }
+        _ => {
+            let state = match v % 3 {
+                0 => KindSync::Synced,
+                1 => KindSync::Failing {
+                    reason: "forbidden".into(),
+                    listed: false,
+                },
+                _ => KindSync::NotServed,
+            };
+            let kind = [Kind::AuthorizationPolicy, Kind::PeerAuthentication][n % 2];
+            Change::KindState(kind, state)
+        }
+    }
+}
+
+/// Applies a change as the controller's loop does.
+fn apply(inputs: &mut Inputs, states: &mut BTreeMap<Kind, KindSync>, c: Change) {
+    match c {
+        Change::Apply(o) => inputs.apply(o),
+        Change::Delete(kind, key) => drop(inputs.remove(kind, &key)),
+        Change::Enrolled(pods) => inputs.enrolled = pods,
+        Change::KindState(kind, state) => drop(states.insert(kind, state)),
+        other => panic!("not generated: {other}"),
+    }
+}
+
+/// Everything a client or the admin dump can see of two outputs, side by side.
+fn assert_same(step: usize, incremental: &Outputs, full: &Outputs) {
+    assert_eq!(incremental.addresses, full.addresses, "addresses after step {step}");
+    assert_eq!(
+        incremental.authorizations, full.authorizations,
+        "authorizations after step {step}"
+    );
+    assert_eq!(
+        incremental.service_routes, full.service_routes,
+        "routes after step {step}"
+    );
+    assert_eq!(
+        incremental.waypoint_policies, full.waypoint_policies,
+        "waypoint policies after step {step}"
+    );
+    assert_eq!(incremental.waypoints, full.waypoints, "waypoints after step {step}");
+    assert_eq!(incremental.problems, full.problems, "problems after step {step}");
+    assert_eq!(
+        format!("{:?}", incremental.ingress),
+        format!("{:?}", full.ingress),
+        "ingress after step {step}"
+    );
+    assert_eq!(
+        render::to_json(incremental),
+        render::to_json(full),
+        "rendered after step {step}"
+    );
+}
+
+/// Same resources at the same versions, and the same names announced as changed.
+fn assert_same_snapshot(step: usize, a: &Snapshot, b: &Snapshot) {
+    let versions = |s: &Snapshot| -> BTreeMap<String, BTreeMap<String, u64>> {
+        s.types
+            .iter()
+            .map(|(t, m)| (t.to_string(), m.iter().map(|(n, e)| (n.clone(), e.version)).collect()))
+            .filter(|(_, m): &(String, BTreeMap<String, u64>)| !m.is_empty())
+            .collect()
+    };
+    assert_eq!(versions(a), versions(b), "snapshot versions after step {step}");
+    let changed = |s: &Snapshot| -> BTreeMap<String, BTreeSet<String>> {
+        s.changed
+            .iter()
+            .filter(|(_, n)| !n.is_empty())
+            .map(|(t, n)| (t.to_string(), n.clone()))
+            .collect()
+    };
+    assert_eq!(changed(a), changed(b), "changed names after step {step}");
+}
+
+/// The starting world: the golden fixtures (less ServiceEntries, which always translate
+/// from scratch) and a few generated objects of each kind.
+fn world() -> Inputs {
+    let mut inputs = Inputs::default();
+    for case in ["waypoints", "workloads", "authorization", "peer-authentication"] {
+        for o in golden(case) {
+            inputs.apply(o);
+        }
+    }
+    for i in 0..6u32 {
+        let n = i as usize;
+        for text in [pod(n, n, i * 5), service(n, n, i), authorization_policy(n, n, i)] {
+            inputs.apply(parse(&text).remove(0));
+        }
+    }
+    inputs
+}
+
+fn run(bursts: Vec<Vec<Op>>) {
+    let options = Options::default();
+    let mut inputs = world();
+    let mut states = BTreeMap::new();
+    let mut inc = Incremental::new(options.clone());
+    let mut previous: Option<Arc<Outputs>> = None;
+    // Snapshots as the controller builds them (from the change set) and from whole outputs.
+    let (mut snap, mut whole) = (Snapshot::default(), Snapshot::default());
+    for (step, burst) in bursts.into_iter().enumerate() {
+        for op in burst {
+            let c = change(op, &inputs);
+            inc.note(&inputs, &c);
+            apply(&mut inputs, &mut states, c);
+        }
+        let step_out = inc.step(&inputs, &states);
+        let out = step_out.outputs;
+        snap = match &step_out.touched {
+            Some(touched) => Snapshot::apply(&snap, &out, touched, None),
+            None => Snapshot::next(&snap, out.clone(), None),
+        };
+        // As the controller does: the outputs published before come back as the spare copy.
+        if let Some(before) = previous.replace(out.clone()) {
+            inc.recycle(before);
+        }
+        let full = Arc::new(translate_synced(&inputs, &states, &options));
+        assert_same(step, &out, &full);
+        whole = Snapshot::next(&whole, full, None);
+        assert_same_snapshot(step, &snap, &whole);
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    (any::<u8>(), 0usize..3, 0usize..8, 0u32..40)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_equals_full_translation(bursts in prop::collection::vec(prop::collection::vec(op(), 1..4), 1..25)) {
+        run(bursts);
+    }
+}
+
+/// The world the property test starts from has every kind it changes, and the fixtures'
+/// pods really get workloads (so the comparisons above compare something).
+#[test]
+fn world_is_not_empty() {
+    let inputs = world();
+    let out = translate_synced(&inputs, &BTreeMap::new(), &Options::default());
+    let workloads = out.addresses.keys().filter(|k| k.contains("//Pod/")).count();
+    assert!(workloads > 10, "{workloads} workloads");
+    assert!(out.authorizations.len() > 5);
+    assert!(!out.waypoints.is_empty());
+    let kinds: BTreeSet<Kind> = [Kind::PeerAuthentication, Kind::Gateway, Kind::Namespace]
+        .into_iter()
+        .collect();
+    for kind in kinds {
+        let present = match kind {
+            Kind::PeerAuthentication => !inputs.peer_authentications.is_empty(),
+            Kind::Gateway => !inputs.gateways.is_empty(),
+            _ => !inputs.namespaces.is_empty(),
+        };
+        assert!(present, "{kind:?}");
+    }
+}
