@@ -3,8 +3,8 @@
 //! decisions and problems. Translation runs on a blocking thread; the async workers keep
 //! serving streams meanwhile.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -15,9 +15,10 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
 use crate::ca::PodLocator;
-use crate::model::{Inputs, Kind};
+use crate::model::{Inputs, Kind, Object, ObjectKey, Pod};
 use crate::source::{Change, KindSync};
-use crate::translate::{translate_synced, Options, Outputs, Problem};
+use crate::translate::incremental::Incremental;
+use crate::translate::{Options, Outputs, Problem};
 use crate::waypoint::WaypointDeployment;
 use crate::xds::Snapshot;
 
@@ -42,23 +43,105 @@ impl Default for Debounce {
 #[derive(Default)]
 pub struct NodePods(ArcSwap<HashSet<(String, String, String)>>);
 
-impl NodePods {
-    /// The set for `inputs` (a pass over every pod: built on the translation thread).
-    fn compute(inputs: &Inputs) -> HashSet<(String, String, String)> {
-        inputs
-            .pods
-            .iter()
-            .filter_map(|(key, pod)| {
-                let spec = pod.spec.as_ref()?;
-                let node = spec.node_name.clone()?;
-                let sa = spec
-                    .service_account_name
-                    .clone()
-                    .unwrap_or_else(|| "default".to_owned());
-                Some((node, key.namespace.clone(), sa))
-            })
-            .collect()
+type NodeKey = (String, String, String);
+
+/// The (node, namespace, service account) of a pod, if it is on a node.
+fn node_key(key: &ObjectKey, pod: &Pod) -> Option<NodeKey> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone()?;
+    let sa = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    Some((node, key.namespace.clone(), sa))
+}
+
+/// How many pods each (node, namespace, service account) has, kept up to date change by
+/// change so that a pod change does not walk every pod; the published set is rebuilt only
+/// when a key appears or disappears.
+#[derive(Default)]
+struct NodeCounts {
+    counts: HashMap<NodeKey, usize>,
+    /// The key set changed since it was last published.
+    changed: bool,
+}
+
+impl NodeCounts {
+    fn add(&mut self, key: &ObjectKey, pod: &Pod) {
+        if let Some(k) = node_key(key, pod) {
+            let n = self.counts.entry(k).or_default();
+            *n += 1;
+            self.changed |= *n == 1;
+        }
     }
+
+    fn remove(&mut self, key: &ObjectKey, pod: &Pod) {
+        let Some(k) = node_key(key, pod) else { return };
+        if let Some(n) = self.counts.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&k);
+                self.changed = true;
+            }
+        }
+    }
+
+    /// Before `change` is applied to `inputs`.
+    fn note(&mut self, inputs: &Inputs, change: &Change) {
+        match change {
+            Change::Apply(Object::Pod(pod)) => {
+                let key = ObjectKey::of(&pod.metadata, false);
+                if let Some(old) = inputs.pods.get(&key) {
+                    self.remove(&key, old);
+                }
+                self.add(&key, pod);
+            }
+            Change::Delete(Kind::Pod, key) => {
+                if let Some(old) = inputs.pods.get(key) {
+                    self.remove(key, old);
+                }
+            }
+            Change::Replace(Kind::Pod, pods) => {
+                self.counts.clear();
+                self.changed = true;
+                for o in pods {
+                    if let Object::Pod(pod) = o {
+                        self.add(&ObjectKey::of(&pod.metadata, false), pod);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The set to publish, when it changed.
+    fn take(&mut self) -> Option<HashSet<NodeKey>> {
+        std::mem::take(&mut self.changed).then(|| self.counts.keys().cloned().collect())
+    }
+}
+
+/// What the loop keeps beside the inputs, told of each change before it is applied.
+struct Tracking {
+    translator: Arc<Mutex<Incremental>>,
+    node_pods: NodeCounts,
+}
+
+impl Tracking {
+    fn note(&mut self, inputs: &Inputs, change: &Change) {
+        lock(&self.translator).note(inputs, change);
+        self.node_pods.note(inputs, change);
+    }
+}
+
+/// The translator, also after a panic on the translation thread (its next step then
+/// translates from scratch: a panic leaves no step half-recorded that it would trust).
+fn lock(m: &Mutex<Incremental>) -> std::sync::MutexGuard<'_, Incremental> {
+    m.lock().unwrap_or_else(|poisoned| {
+        m.clear_poison();
+        let mut translator = poisoned.into_inner();
+        translator.invalidate();
+        translator
+    })
 }
 
 impl PodLocator for NodePods {
@@ -138,7 +221,8 @@ struct Sources {
     kinds: BTreeMap<Kind, KindSync>,
 }
 
-fn apply(inputs: &mut Inputs, change: Change, sources: &mut Sources) {
+fn apply(inputs: &mut Inputs, change: Change, sources: &mut Sources, tracking: &mut Tracking) {
+    tracking.note(inputs, &change);
     match change {
         Change::Apply(o) => inputs.apply(o),
         Change::Delete(kind, key) => {
@@ -179,16 +263,20 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
         let mut inputs = Arc::new(Inputs::default());
         let mut sources = Sources::default();
         let mut previous = Arc::new(Snapshot::default());
+        let mut tracking = Tracking {
+            translator: Arc::new(Mutex::new(Incremental::new(options.clone()))),
+            node_pods: NodeCounts::default(),
+        };
         loop {
             let Some(first) = changes.recv().await else { return };
             let since = Instant::now();
-            apply(Arc::make_mut(&mut inputs), first, &mut sources);
+            apply(Arc::make_mut(&mut inputs), first, &mut sources, &mut tracking);
             // Gather the rest of the burst.
             let deadline = since + debounce.max;
             loop {
                 let wait = debounce.quiet.min(deadline.saturating_duration_since(Instant::now()));
                 match tokio::time::timeout(wait, changes.recv()).await {
-                    Ok(Some(c)) => apply(Arc::make_mut(&mut inputs), c, &mut sources),
+                    Ok(Some(c)) => apply(Arc::make_mut(&mut inputs), c, &mut sources, &mut tracking),
                     Ok(None) | Err(_) => break,
                 }
                 if Instant::now() >= deadline {
@@ -201,24 +289,30 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             if !sources.synced {
                 continue;
             }
-            let (shared, opts, prev) = (inputs.clone(), options.clone(), previous.clone());
+            let (shared, prev) = (inputs.clone(), previous.clone());
             let kinds = sources.kinds.clone();
             let published_kinds = kinds.clone();
             metrics.update(&kinds);
+            let translator = tracking.translator.clone();
             let done = tokio::task::spawn_blocking(move || {
-                let out = Arc::new(translate_synced(&shared, &kinds, &opts));
-                let snapshot = Snapshot::next(&prev, out.clone(), Some(since));
-                (out, snapshot, NodePods::compute(&shared))
+                let step = lock(&translator).step(&shared, &kinds);
+                let snapshot = match &step.touched {
+                    Some(touched) => Snapshot::apply(&prev, &step.outputs, touched, Some(since)),
+                    None => Snapshot::next(&prev, step.outputs.clone(), Some(since)),
+                };
+                (step.outputs, snapshot)
             })
             .await;
-            let (out, snapshot, pods_by_node) = match done {
+            let (out, snapshot) = match done {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "translation failed");
                     continue;
                 }
             };
-            node_pods.0.store(Arc::new(pods_by_node));
+            if let Some(pods_by_node) = tracking.node_pods.take() {
+                node_pods.0.store(Arc::new(pods_by_node));
+            }
             tracing::info!(
                 generation = snapshot.generation,
                 changed = snapshot.changes(),
@@ -232,13 +326,15 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             for p in &out.problems {
                 tracing::debug!(kind = p.kind.name(), object = %p.object, problem = %p.message, "problem");
             }
-            pub_tx.send_replace(Published {
+            let before = pub_tx.send_replace(Published {
                 synced: true,
                 kinds: published_kinds,
                 problems: out.problems.clone(),
                 waypoints: out.waypoints.values().cloned().collect(),
                 outputs: out,
             });
+            // The outputs published before become the translator's spare copy.
+            lock(&tracking.translator).recycle(before.outputs);
             // Translation and encoding leave freed heap behind; give it back once the burst
             // has been pushed (glibc keeps it otherwise).
             trim.notify_one();

@@ -68,7 +68,8 @@ pub(crate) fn merge(inputs: &Inputs, options: &Options, out: &mut Outputs) {
     let mut gateways = cluster::network_gateways(&inputs.gateways, &options.cluster_id, &options.network, true);
     let mut clusters = vec![status(&options.cluster_id, &options.network, true, RemoteState::Synced)];
     let mut local_ips: HashMap<(String, IpAddr), String> = HashMap::new();
-    for a in out.addresses.values() {
+    // Only remote clusters need it (a pass over every workload: skipped on the common path).
+    for a in out.addresses.values().filter(|_| !inputs.remotes.is_empty()) {
         if let Some(pb::address::Type::Workload(w)) = &a.r#type {
             for ip in w.addresses.iter().filter_map(|b| ip_from_bytes(b)) {
                 local_ips.insert((w.network.clone(), ip), w.uid.clone());

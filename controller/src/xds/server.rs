@@ -22,7 +22,7 @@
 //! plus the chunk being built, and a client that takes no response for [`SEND_TIMEOUT`] is
 //! dropped so it cannot pin old snapshots. Warnings a client can trigger are rate-limited.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,15 +31,13 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use mesh_core::log_limit::LogLimiter;
-use mesh_proto::discovery::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use mesh_proto::discovery::DeltaDiscoveryRequest;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::metrics::XdsMetrics;
 use super::snapshot::{Entry, Snapshot, PRIVATE_TYPES, TYPES};
+use super::wire::{AdsService, EncodedResponse, Resources};
 use crate::ca::auth::{bearer_token, Authenticator};
 
 /// Resources per response: bounds the memory one slow client pins during a full push.
@@ -50,7 +48,7 @@ pub const MAX_NAMES: usize = 100_000;
 /// How long a response may wait for the client to take it before the stream is dropped.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+pub(super) type ResponseStream = Pin<Box<dyn Stream<Item = Result<EncodedResponse, Status>> + Send>>;
 
 /// The ADS service; clone per connection is cheap.
 #[derive(Clone)]
@@ -81,10 +79,9 @@ impl AdsServer {
         self
     }
 
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(64 << 20)
+    /// The gRPC service (requests up to 16 MiB, responses up to 64 MiB).
+    pub fn into_service(self) -> AdsService {
+        AdsService::new(self)
     }
 }
 
@@ -96,9 +93,88 @@ struct Subscription {
     names: HashSet<String>,
     /// Addresses those names resolve to (address type only), in the current snapshot.
     resolved: HashSet<Arc<str>>,
-    /// Name -> version the client has (sent, whether it ACKed or NACKed it). Names are
-    /// shared with the snapshot entries: a client's record costs a pointer and a number each.
-    has: HashMap<Arc<str>, u64>,
+    /// Name -> version the client has (sent, whether it ACKed or NACKed it).
+    has: Held,
+}
+
+/// The entries of one type in one generation, shared by the snapshot and its clients.
+type TypeEntries = Arc<BTreeMap<String, Arc<Entry>>>;
+
+/// What one client holds of one type: a whole generation's entries (shared with the
+/// snapshot, so a caught-up wildcard client costs no memory per name), plus the names where
+/// it differs from them (by-name subscribers, private types and clients still catching up
+/// keep everything here; names are shared with the snapshot entries).
+#[derive(Default)]
+struct Held {
+    base: Option<(u64, TypeEntries)>,
+    /// `Some(version)`: held at that version; `None`: not held although `base` has it.
+    delta: HashMap<Arc<str>, Option<u64>>,
+}
+
+impl Held {
+    fn from_versions(versions: impl Iterator<Item = (Arc<str>, u64)>) -> Self {
+        Held {
+            base: None,
+            delta: versions.map(|(n, v)| (n, Some(v))).collect(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<u64> {
+        match self.delta.get(name) {
+            Some(v) => *v,
+            None => self.base.as_ref().and_then(|(_, b)| b.get(name)).map(|e| e.version),
+        }
+    }
+
+    /// Holds nothing (a new client, or one that said it holds nothing).
+    fn is_empty(&self) -> bool {
+        self.base.is_none() && self.delta.is_empty()
+    }
+
+    fn in_base(&self, name: &str) -> Option<u64> {
+        self.base.as_ref().and_then(|(_, b)| b.get(name)).map(|e| e.version)
+    }
+
+    fn insert(&mut self, name: Arc<str>, version: u64) {
+        if self.in_base(&name) == Some(version) {
+            self.delta.remove(&name);
+        } else {
+            self.delta.insert(name, Some(version));
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<u64> {
+        let had = self.get(name);
+        match self.base.as_ref().and_then(|(_, b)| b.get(name)) {
+            Some(e) => drop(self.delta.insert(e.name.clone(), None)),
+            None => drop(self.delta.remove(name)),
+        }
+        had
+    }
+
+    /// Every name held.
+    fn names(&self) -> impl Iterator<Item = Arc<str>> + '_ {
+        let base = self.base.iter().flat_map(|(_, b)| b.values());
+        let from_base = base
+            .filter(|e| !self.delta.contains_key(&*e.name))
+            .map(|e| e.name.clone());
+        let from_delta = self.delta.iter().filter(|(_, v)| v.is_some()).map(|(n, _)| n.clone());
+        from_base.chain(from_delta)
+    }
+
+    /// The client now holds exactly `entries` of `generation`.
+    fn rebase(&mut self, generation: u64, entries: TypeEntries) {
+        self.base = Some((generation, entries));
+        self.delta = HashMap::new();
+    }
+
+    /// After the changes of `generation` were pushed: a client that held exactly the
+    /// generation before holds exactly this one.
+    fn advance(&mut self, generation: u64, entries: &TypeEntries) {
+        if self.base.as_ref().is_some_and(|(g, _)| *g + 1 == generation) {
+            self.rebase(generation, entries.clone());
+        }
+    }
 }
 
 impl Subscription {
@@ -115,7 +191,7 @@ impl Subscription {
         }
         let own = own_ips
             .iter()
-            .filter_map(|ip| snapshot.workloads_by_ip.get(ip))
+            .filter_map(|ip| snapshot.workloads_at(ip))
             .flatten()
             .cloned();
         self.resolved = self
@@ -138,7 +214,7 @@ struct Session {
     own_ips: Vec<IpAddr>,
     subs: HashMap<&'static str, Subscription>,
     generation: u64,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<EncodedResponse, Status>>,
     metrics: XdsMetrics,
     nonce: Arc<AtomicU64>,
     warnings: Arc<LogLimiter>,
@@ -240,7 +316,7 @@ impl Session {
                 answered.push(name);
             }
             for n in found {
-                sub.has.remove(&*n);
+                sub.has.remove(&n);
                 push.insert(n.to_string());
                 sub.resolved.insert(n);
             }
@@ -283,6 +359,29 @@ impl Session {
         let Some(current) = snapshot.types.get(type_url) else {
             return Ok(());
         };
+        if names.is_none() && sub.wildcard && only.is_none() {
+            // Everything: streamed from the snapshot (what differs from what the client
+            // holds), after which it holds exactly this generation.
+            let held = std::mem::take(&mut sub.has);
+            if held.is_empty() {
+                // A new client: the snapshot's framed chunks, the same bytes for all.
+                let result = self.send_framed(snapshot, type_url, unknown, always).await;
+                if let Some(sub) = self.subs.get_mut(type_url) {
+                    sub.has.rebase(snapshot.generation, current.clone());
+                }
+                return result;
+            }
+            let gone = held.names().filter(|n| !current.contains_key(&**n));
+            let removed: Vec<String> = gone.map(|n| n.to_string()).chain(unknown).collect();
+            let stale = |e: &&Arc<Entry>| held.get(&e.name) != Some(e.version);
+            let count = current.values().filter(stale).count();
+            let sent = current.values().filter(stale);
+            let result = self.send(snapshot, type_url, (sent, count), removed, always).await;
+            if let Some(sub) = self.subs.get_mut(type_url) {
+                sub.has.rebase(snapshot.generation, current.clone());
+            }
+            return result;
+        }
         // Entries to send are collected as pointers; the per-client copies are made one
         // chunk at a time, so a full push pins at most a chunk per client.
         let mut send: Vec<Arc<Entry>> = Vec::new();
@@ -292,7 +391,7 @@ impl Session {
                 return;
             }
             match current.get(name) {
-                Some(e) if sub.has.get(name) != Some(&e.version) => {
+                Some(e) if sub.has.get(name) != Some(e.version) => {
                     sub.has.insert(e.name.clone(), e.version);
                     send.push(e.clone());
                 }
@@ -307,27 +406,81 @@ impl Session {
         match names {
             Some(names) => names.iter().for_each(|n| consider(n, sub)),
             None => {
-                let gone: Vec<Arc<str>> = sub
-                    .has
-                    .keys()
-                    .filter(|k| !current.contains_key(&***k))
-                    .cloned()
-                    .collect();
+                let gone: Vec<Arc<str>> = sub.has.names().filter(|k| !current.contains_key(&**k)).collect();
                 current.keys().for_each(|n| consider(n, sub));
                 gone.iter().for_each(|n| consider(n, sub));
             }
         }
         // Asked-for names that are no resource's name (see `resolve_fresh`).
         removed.extend(unknown);
-        if send.is_empty() && removed.is_empty() && !always {
+        let count = send.len();
+        self.send(snapshot, type_url, (send.iter(), count), removed, always)
+            .await
+    }
+
+    /// Sends every entry of the type as the snapshot's framed chunks, `removed` with the last.
+    async fn send_framed(
+        &self,
+        snapshot: &Snapshot,
+        type_url: &'static str,
+        mut removed: Vec<String>,
+        always: bool,
+    ) -> Result<(), Ended> {
+        let chunks = snapshot.framed(type_url, CHUNK);
+        let len: usize = chunks.iter().map(|(_, n)| n).sum();
+        if len == 0 && removed.is_empty() && !always {
             return Ok(());
         }
-        let count = send.len() + removed.len();
-        let chunks = send.len().div_ceil(CHUNK).max(1);
+        let count = len + removed.len();
+        let empty = [(bytes::Bytes::new(), 0)];
+        let chunks = if chunks.is_empty() { &empty[..] } else { chunks };
+        for (i, (framed, _)) in chunks.iter().enumerate() {
+            let response = EncodedResponse {
+                system_version_info: snapshot.generation.to_string(),
+                resources: Resources::Framed(framed.clone()),
+                type_url: type_url.to_owned(),
+                nonce: self.nonce.fetch_add(1, Ordering::Relaxed).to_string(),
+                removed_resources: if i + 1 == chunks.len() {
+                    std::mem::take(&mut removed)
+                } else {
+                    Vec::new()
+                },
+            };
+            self.deliver(response).await?;
+        }
+        self.metrics.pushed(type_url, count, snapshot.since);
+        tracing::debug!(peer = %self.peer, type_url, count, generation = snapshot.generation, "pushed");
+        Ok(())
+    }
+
+    /// Queues one response, failing when the client is gone or takes none for the timeout.
+    async fn deliver(&self, response: EncodedResponse) -> Result<(), Ended> {
+        match tokio::time::timeout(self.send_timeout, self.tx.send(Ok(response))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::Gone),
+            Err(_) => Err(Ended::Slow),
+        }
+    }
+
+    /// Sends `entries` (an iterator and its length) in chunks of [`CHUNK`], the removals with
+    /// the last; nothing when both are empty unless `always`. The resources are the
+    /// snapshot's encoded bytes: a response costs the client a pointer per resource.
+    async fn send<'e>(
+        &self,
+        snapshot: &Snapshot,
+        type_url: &'static str,
+        (mut entries, len): (impl Iterator<Item = &'e Arc<Entry>>, usize),
+        mut removed: Vec<String>,
+        always: bool,
+    ) -> Result<(), Ended> {
+        if len == 0 && removed.is_empty() && !always {
+            return Ok(());
+        }
+        let count = len + removed.len();
+        let chunks = len.div_ceil(CHUNK).max(1);
         for i in 0..chunks {
-            let part = &send[(i * CHUNK).min(send.len())..((i + 1) * CHUNK).min(send.len())];
-            let resources: Vec<Resource> = part.iter().map(|e| e.resource.clone()).collect();
-            let response = DeltaDiscoveryResponse {
+            let resources = Resources::Each(entries.by_ref().take(CHUNK).map(|e| e.encoded.clone()).collect());
+            let response = EncodedResponse {
                 system_version_info: snapshot.generation.to_string(),
                 resources,
                 type_url: type_url.to_owned(),
@@ -338,11 +491,7 @@ impl Session {
                     Vec::new()
                 },
             };
-            match tokio::time::timeout(self.send_timeout, self.tx.send(Ok(response))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Ended::Gone),
-                Err(_) => return Err(Ended::Slow),
-            }
+            self.deliver(response).await?;
         }
         self.metrics.pushed(type_url, count, snapshot.since);
         tracing::debug!(peer = %self.peer, type_url, count, generation = snapshot.generation, "pushed");
@@ -380,11 +529,11 @@ impl Session {
             // Legacy wildcard: a first request without names subscribes to everything.
             sub.wildcard = req.resource_names_subscribe.is_empty();
             // A version we cannot read is one we never sent: it will not match, so it is resent.
-            sub.has = req
-                .initial_resource_versions
-                .into_iter()
-                .map(|(n, v)| (Arc::from(n.as_str()), u64::from_str_radix(&v, 16).unwrap_or(u64::MAX)))
-                .collect();
+            sub.has = Held::from_versions(
+                req.initial_resource_versions
+                    .into_iter()
+                    .map(|(n, v)| (Arc::from(n.as_str()), u64::from_str_radix(&v, 16).unwrap_or(u64::MAX))),
+            );
         }
         let mut fresh = BTreeSet::new();
         for name in req.resource_names_subscribe {
@@ -423,10 +572,16 @@ impl Session {
         }
         for type_url in TYPES {
             let names = incremental.then(|| snapshot.changed.get(type_url)).flatten();
-            if incremental && names.is_none_or(|n| n.is_empty()) {
-                continue;
+            if !(incremental && names.is_none_or(|n| n.is_empty())) {
+                self.push(snapshot, type_url, names, false, Vec::new()).await?;
             }
-            self.push(snapshot, type_url, names, false, Vec::new()).await?;
+            if let (true, Some(sub), Some(current)) =
+                (incremental, self.subs.get_mut(type_url), snapshot.types.get(type_url))
+            {
+                if sub.wildcard {
+                    sub.has.advance(snapshot.generation, current);
+                }
+            }
         }
         Ok(())
     }
@@ -453,14 +608,12 @@ fn instance_ips(node: &mesh_proto::discovery::Node) -> Vec<IpAddr> {
 /// A push a request asks for: type, names (`None`: all), and whether to answer even if empty.
 type Push = (&'static str, Option<BTreeSet<String>>, bool);
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn delta_aggregated_resources(
+impl AdsServer {
+    /// One Delta ADS stream: authenticates the caller, then serves it until it ends.
+    pub(super) async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+    ) -> Result<Response<ResponseStream>, Status> {
         let token = bearer_token(request.metadata()).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let caller = self.auth.authenticate(token).await.map_err(|e| {
             self.metrics.refused();

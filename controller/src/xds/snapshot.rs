@@ -11,13 +11,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use bytes::Bytes;
 use mesh_proto::discovery::Resource;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use crate::translate::incremental::Touched;
 use crate::translate::Outputs;
 
 /// Type URLs served, in the order pushes go out (addresses before the policies naming them).
@@ -42,9 +44,21 @@ pub const PRIVATE_TYPES: [&str; 2] = [
 pub struct Entry {
     /// Shared with every client's record of what it holds.
     pub name: Arc<str>,
-    /// Content hash; `resource.version` is its hex form.
+    /// Content hash; the resource's `version` is its hex form.
     pub version: u64,
-    pub resource: Resource,
+    /// The `envoy.service.discovery.v3.Resource`, encoded once for every client.
+    pub encoded: Bytes,
+    /// The resource's aliases (also in `encoded`), for name lookups.
+    pub aliases: Vec<String>,
+    /// For a workload: its IPs and the services it is behind (the address type's lookups).
+    pub lookup: Lookup,
+}
+
+/// What name lookups index of a workload.
+#[derive(Debug, Default)]
+pub struct Lookup {
+    pub ips: Vec<IpAddr>,
+    pub services: Vec<String>,
 }
 
 /// All resources of every type at one generation.
@@ -53,24 +67,31 @@ pub struct Snapshot {
     pub generation: u64,
     /// When the change that produced it was first seen (for push latency).
     pub since: Option<Instant>,
-    pub types: HashMap<&'static str, BTreeMap<String, Arc<Entry>>>,
+    /// Each type's entries; a type a generation did not change is shared with the one before.
+    pub types: HashMap<&'static str, Arc<BTreeMap<String, Arc<Entry>>>>,
     /// Names per type that were added, changed or removed since generation - 1.
     pub changed: HashMap<&'static str, BTreeSet<String>>,
-    /// The translation this snapshot encodes (the next one compares against it).
+    /// The translation this snapshot encodes, when built from a whole translation (the next
+    /// one compares against it); empty when built from a change set ([`Snapshot::apply`]).
     pub outputs: Arc<Outputs>,
-    /// Address names by alias: `network/IP` of a workload or a service VIP.
-    pub address_aliases: HashMap<String, Vec<Arc<str>>>,
-    /// Workload names by the name of a service they are behind.
-    pub service_endpoints: HashMap<String, Vec<Arc<str>>>,
-    /// Workload names by IP, on any network.
-    pub workloads_by_ip: HashMap<IpAddr, Vec<Arc<str>>>,
+    /// Name lookups, built on first use (only clients subscribing by name need them).
+    indexes: OnceLock<AddressIndexes>,
+    /// Per type (in [`TYPES`] order), the whole type framed in response-sized chunks, built
+    /// on first use: every client that needs all of it gets the same bytes.
+    framed: [OnceLock<Vec<Framed>>; TYPES.len()],
 }
 
+/// A chunk of resources framed as response records, and how many.
+pub type Framed = (Bytes, usize);
+
 /// The indexes of the address type that name lookups use.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct AddressIndexes {
+    /// Address names by alias: `network/IP` of a workload or a service VIP.
     aliases: HashMap<String, Vec<Arc<str>>>,
+    /// Workload names by the name of a service they are behind.
     endpoints: HashMap<String, Vec<Arc<str>>>,
+    /// Workload names by IP, on any network.
     by_ip: HashMap<IpAddr, Vec<Arc<str>>>,
 }
 
@@ -102,27 +123,41 @@ fn address_aliases(address: &mesh_proto::workload::Address) -> Vec<String> {
 }
 
 /// The alias and endpoint indexes of `entries` (the address type's).
-fn address_indexes(outputs: &Outputs, entries: &BTreeMap<String, Arc<Entry>>) -> AddressIndexes {
-    use mesh_proto::workload::address::Type;
+fn address_indexes(entries: &BTreeMap<String, Arc<Entry>>) -> AddressIndexes {
     let mut ix = AddressIndexes::default();
-    for (name, address) in &outputs.addresses {
-        let Some(entry) = entries.get(name) else { continue };
-        for alias in &entry.resource.aliases {
+    for entry in entries.values() {
+        for alias in &entry.aliases {
             ix.aliases.entry(alias.clone()).or_default().push(entry.name.clone());
         }
-        if let Some(Type::Workload(w)) = &address.r#type {
-            for service in w.services.keys() {
-                ix.endpoints
-                    .entry(service.clone())
-                    .or_default()
-                    .push(entry.name.clone());
-            }
-            for ip in w.addresses.iter().filter_map(|a| ip_of(a)) {
-                ix.by_ip.entry(ip).or_default().push(entry.name.clone());
-            }
+        for service in &entry.lookup.services {
+            ix.endpoints
+                .entry(service.clone())
+                .or_default()
+                .push(entry.name.clone());
+        }
+        for ip in &entry.lookup.ips {
+            ix.by_ip.entry(*ip).or_default().push(entry.name.clone());
         }
     }
     ix
+}
+
+/// The aliases and lookups of an address.
+fn address_meta(address: &mesh_proto::workload::Address) -> (Vec<String>, Lookup) {
+    use mesh_proto::workload::address::Type;
+    let lookup = match &address.r#type {
+        Some(Type::Workload(w)) => Lookup {
+            ips: w.addresses.iter().filter_map(|a| ip_of(a)).collect(),
+            services: w.services.keys().cloned().collect(),
+        },
+        _ => Lookup::default(),
+    };
+    (address_aliases(address), lookup)
+}
+
+/// Other types have neither aliases nor lookups.
+fn no_meta<M>(_: &M) -> (Vec<String>, Lookup) {
+    (Vec::new(), Lookup::default())
 }
 
 fn version_of(bytes: &[u8]) -> u64 {
@@ -135,123 +170,261 @@ fn version_of(bytes: &[u8]) -> u64 {
 /// The previous generation's messages and entries of one type.
 type Previous<'a, M> = (&'a BTreeMap<String, M>, &'a BTreeMap<String, Arc<Entry>>);
 
+/// What an item's aliases and lookups are derived from.
+type Meta<M> = fn(&M) -> (Vec<String>, Lookup);
+
+/// Encodes one message as an entry; `before` is reused when its content is the same (the
+/// flag says whether the entry is new).
+fn encode<M: Message>(
+    type_url: &str,
+    name: &str,
+    m: &M,
+    before: Option<&Arc<Entry>>,
+    meta: Meta<M>,
+) -> (Arc<Entry>, bool) {
+    let value = m.encode_to_vec();
+    let version = version_of(&value);
+    if let Some(same) = before.filter(|e| e.version == version) {
+        return (same.clone(), false);
+    }
+    // Derived from the message: equal messages have equal aliases and lookups.
+    let (aliases, lookup) = meta(m);
+    let resource = Resource {
+        version: format!("{version:016x}"),
+        resource: Some(prost_types::Any {
+            type_url: type_url.to_owned(),
+            value,
+        }),
+        name: name.to_owned(),
+        aliases,
+        ttl: None,
+    };
+    let entry = Entry {
+        name: Arc::from(name),
+        version,
+        encoded: Bytes::from(resource.encode_to_vec()),
+        aliases: resource.aliases,
+        lookup,
+    };
+    (Arc::new(entry), true)
+}
+
 /// Encodes `items`. A message equal to the previous one reuses its entry (no encoding, no
 /// hashing, one shared copy); others are encoded and versioned by content.
 fn entries<M: Message + PartialEq>(
     type_url: &str,
     items: &BTreeMap<String, M>,
     previous: Option<Previous<'_, M>>,
-    aliases: impl Fn(&M) -> Vec<String>,
+    meta: Meta<M>,
 ) -> BTreeMap<String, Arc<Entry>> {
     items
         .iter()
         .map(|(name, m)| {
-            if let Some((before, entries)) = previous {
-                if before.get(name) == Some(m) {
-                    if let Some(e) = entries.get(name) {
-                        return (name.clone(), e.clone());
-                    }
+            let old = previous.and_then(|(before, entries)| Some((before.get(name)?, entries.get(name)?)));
+            match old {
+                Some((before, e)) if before == m => (name.clone(), e.clone()),
+                _ => {
+                    let e = previous.and_then(|(_, p)| p.get(name));
+                    (name.clone(), encode(type_url, name, m, e, meta).0)
                 }
             }
-            let value = m.encode_to_vec();
-            let version = version_of(&value);
-            if let Some(same) = previous.and_then(|(_, p)| p.get(name)).filter(|e| e.version == version) {
-                return (name.clone(), same.clone());
-            }
-            let resource = Resource {
-                version: format!("{version:016x}"),
-                resource: Some(prost_types::Any {
-                    type_url: type_url.to_owned(),
-                    value,
-                }),
-                name: name.clone(),
-                // Derived from the message: equal messages (reused above) have equal aliases.
-                aliases: aliases(m),
-                ttl: None,
-            };
-            let entry = Entry {
-                name: Arc::from(name.as_str()),
-                version,
-                resource,
-            };
-            (name.clone(), Arc::new(entry))
         })
         .collect()
+}
+
+/// Re-encodes the `names` of one type from `items` into `map` (a copy of the previous
+/// generation's, made only when something really changed); returns the names whose
+/// version changed or that were removed.
+fn update<M: Message>(
+    type_url: &str,
+    map: &mut Arc<BTreeMap<String, Arc<Entry>>>,
+    items: &BTreeMap<String, M>,
+    names: &BTreeSet<String>,
+    meta: Meta<M>,
+) -> BTreeSet<String> {
+    let mut changed = BTreeSet::new();
+    for name in names {
+        match items.get(name) {
+            Some(m) => {
+                let (e, new) = encode(type_url, name, m, map.get(name), meta);
+                if new {
+                    Arc::make_mut(map).insert(name.clone(), e);
+                    changed.insert(name.clone());
+                }
+            }
+            None if map.contains_key(name) => {
+                Arc::make_mut(map).remove(name);
+                changed.insert(name.clone());
+            }
+            None => {}
+        }
+    }
+    changed
+}
+
+/// Encodes all of `items` (a type without aliases), reusing the entries of `previous` whose
+/// content is the same.
+fn reencode<M: Message + PartialEq>(
+    type_url: &str,
+    items: &BTreeMap<String, M>,
+    previous: Option<&BTreeMap<String, Arc<Entry>>>,
+) -> BTreeMap<String, Arc<Entry>> {
+    let no_messages = BTreeMap::new();
+    entries(type_url, items, previous.map(|e| (&no_messages, e)), no_meta)
+}
+
+/// The changed names of one type between two generations' entries.
+fn diff(before: &BTreeMap<String, Arc<Entry>>, now: &BTreeMap<String, Arc<Entry>>) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = now
+        .iter()
+        .filter(|(n, e)| before.get(*n).is_none_or(|b| b.version != e.version))
+        .map(|(n, _)| n.clone())
+        .collect();
+    names.extend(before.keys().filter(|n| !now.contains_key(*n)).cloned());
+    names
 }
 
 impl Snapshot {
     /// Encodes `out` as the generation after `previous`.
     pub fn next(previous: &Snapshot, out: Arc<Outputs>, since: Option<Instant>) -> Snapshot {
-        let prev = |t: &str| previous.types.get(t);
+        let prev = |t: &str| previous.types.get(t).map(|m| &**m);
         let po = &previous.outputs;
         let mut types = HashMap::new();
         let a = entries(
             TYPES[0],
             &out.addresses,
             prev(TYPES[0]).map(|e| (&po.addresses, e)),
-            address_aliases,
+            address_meta,
         );
-        let ix = address_indexes(&out, &a);
         types.insert(TYPES[0], a);
         let b = entries(
             TYPES[1],
             &out.authorizations,
             prev(TYPES[1]).map(|e| (&po.authorizations, e)),
-            |_| Vec::new(),
+            no_meta,
         );
         types.insert(TYPES[1], b);
         let c = entries(
             TYPES[2],
             &out.service_routes,
             prev(TYPES[2]).map(|e| (&po.service_routes, e)),
-            |_| Vec::new(),
+            no_meta,
         );
         types.insert(TYPES[2], c);
         let d = entries(
             TYPES[3],
             &out.waypoint_policies,
             prev(TYPES[3]).map(|e| (&po.waypoint_policies, e)),
-            |_| Vec::new(),
+            no_meta,
         );
         types.insert(TYPES[3], d);
         let e = entries(
             TYPES[4],
             &out.ingress.gateways,
             prev(TYPES[4]).map(|e| (&po.ingress.gateways, e)),
-            |_| Vec::new(),
+            no_meta,
         );
         types.insert(TYPES[4], e);
         let f = entries(
             TYPES[5],
             &out.waypoint_credentials,
             prev(TYPES[5]).map(|e| (&po.waypoint_credentials, e)),
-            |_| Vec::new(),
+            no_meta,
         );
         types.insert(TYPES[5], f);
         let empty = BTreeMap::new();
         let changed = types
             .iter()
-            .map(|(t, now)| {
-                let before = previous.types.get(t).unwrap_or(&empty);
-                let mut names: BTreeSet<String> = now
-                    .iter()
-                    .filter(|(n, e)| before.get(*n).is_none_or(|b| b.version != e.version))
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                names.extend(before.keys().filter(|n| !now.contains_key(*n)).cloned());
-                (*t, names)
-            })
+            .map(|(t, now)| (*t, diff(prev(t).unwrap_or(&empty), now)))
             .collect();
+        Snapshot {
+            generation: previous.generation + 1,
+            since,
+            types: types.into_iter().map(|(t, m)| (t, Arc::new(m))).collect(),
+            changed,
+            outputs: out,
+            indexes: OnceLock::new(),
+            framed: Default::default(),
+        }
+    }
+
+    /// The generation after `previous` when only the `touched` names of `out` may differ
+    /// (incremental translation): only they are encoded, and types nothing touched are
+    /// shared with `previous`. The routes and gateway types, few, are compared whole when
+    /// the step recomputed them.
+    pub fn apply(previous: &Snapshot, out: &Outputs, touched: &Touched, since: Option<Instant>) -> Snapshot {
+        let mut types = previous.types.clone();
+        let mut changed = HashMap::new();
+        let mut map = |t: &'static str| types.entry(t).or_default().clone();
+        let mut addresses = map(TYPES[0]);
+        changed.insert(
+            TYPES[0],
+            update(
+                TYPES[0],
+                &mut addresses,
+                &out.addresses,
+                &touched.addresses,
+                address_meta,
+            ),
+        );
+        let mut authorizations = map(TYPES[1]);
+        let names = &touched.authorizations;
+        changed.insert(
+            TYPES[1],
+            update(TYPES[1], &mut authorizations, &out.authorizations, names, no_meta),
+        );
+        types.insert(TYPES[0], addresses);
+        types.insert(TYPES[1], authorizations);
+        if touched.tail {
+            let empty = Arc::default();
+            let mut whole = |t: &'static str, now: BTreeMap<String, Arc<Entry>>| {
+                let before = previous.types.get(t).unwrap_or(&empty);
+                changed.insert(t, diff(before, &now));
+                types.insert(t, Arc::new(now));
+            };
+            let prev = |t: &str| previous.types.get(t).map(|m| &**m);
+            whole(TYPES[2], reencode(TYPES[2], &out.service_routes, prev(TYPES[2])));
+            whole(TYPES[3], reencode(TYPES[3], &out.waypoint_policies, prev(TYPES[3])));
+            whole(TYPES[4], reencode(TYPES[4], &out.ingress.gateways, prev(TYPES[4])));
+            whole(TYPES[5], reencode(TYPES[5], &out.waypoint_credentials, prev(TYPES[5])));
+        }
         Snapshot {
             generation: previous.generation + 1,
             since,
             types,
             changed,
-            outputs: out,
-            address_aliases: ix.aliases,
-            service_endpoints: ix.endpoints,
-            workloads_by_ip: ix.by_ip,
+            outputs: Arc::default(),
+            indexes: OnceLock::new(),
+            framed: Default::default(),
         }
+    }
+
+    fn indexes(&self) -> &AddressIndexes {
+        self.indexes.get_or_init(|| match self.types.get(TYPES[0]) {
+            Some(addresses) => address_indexes(addresses),
+            None => AddressIndexes::default(),
+        })
+    }
+
+    /// All entries of `type_url` framed as response records, `chunk` per response.
+    pub fn framed(&self, type_url: &str, chunk: usize) -> &[Framed] {
+        let Some(i) = TYPES.iter().position(|t| *t == type_url) else {
+            return &[];
+        };
+        self.framed[i].get_or_init(|| {
+            let Some(entries) = self.types.get(type_url) else {
+                return Vec::new();
+            };
+            let all: Vec<&Arc<Entry>> = entries.values().collect();
+            all.chunks(chunk.max(1))
+                .map(|part| (super::wire::frame(part.iter().map(|e| &e.encoded)), part.len()))
+                .collect()
+        })
+    }
+
+    /// Workload names at `ip`, on any network.
+    pub fn workloads_at(&self, ip: &IpAddr) -> Option<&Vec<Arc<str>>> {
+        self.indexes().by_ip.get(ip)
     }
 
     /// The address names that answer a subscription to `requested` by name, as Istio's
@@ -264,11 +437,11 @@ impl Snapshot {
         };
         let mut names: Vec<Arc<str>> = match addresses.get(requested) {
             Some(e) => vec![e.name.clone()],
-            None => self.address_aliases.get(requested).cloned().unwrap_or_default(),
+            None => self.indexes().aliases.get(requested).cloned().unwrap_or_default(),
         };
         let services: Vec<Arc<str>> = names.clone();
         for name in services {
-            if let Some(behind) = self.service_endpoints.get(&*name) {
+            if let Some(behind) = self.indexes().endpoints.get(&*name) {
                 names.extend(behind.iter().cloned());
             }
         }
