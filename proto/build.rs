@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ca.proto",
         "proto/zds.proto",
         "proto/waypoint.proto",
+        // OTLP (the subset the waypoint exports): access logs and spans over gRPC or HTTP.
+        "proto/opentelemetry/proto/collector/logs/v1/logs_service.proto",
+        "proto/opentelemetry/proto/collector/trace/v1/trace_service.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

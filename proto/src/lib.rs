@@ -34,6 +34,43 @@ pub mod waypoint {
     tonic::include_proto!("mesh.waypoint.v1");
 }
 
+/// OpenTelemetry's OTLP (`opentelemetry.proto.*`, the subset the waypoint exports): access-log
+/// records and spans, and the collector services (`LogsService`, `TraceService`) they go to.
+pub mod otlp {
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.common.v1");
+        }
+    }
+    pub mod resource {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.resource.v1");
+        }
+    }
+    pub mod logs {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.logs.v1");
+        }
+    }
+    pub mod trace {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.trace.v1");
+        }
+    }
+    pub mod collector {
+        pub mod logs {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.logs.v1");
+            }
+        }
+        pub mod trace {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+            }
+        }
+    }
+}
+
 /// Type URL of `istio.workload.Address` resources.
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `istio.security.Authorization` resources.
