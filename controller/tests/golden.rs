@@ -117,3 +117,11 @@ fn reference_grants() {
 fn service_entries() {
     check("service-entries");
 }
+
+/// TLS origination at an egress waypoint: DestinationRule `tls` (SIMPLE, MUTUAL, port-level
+/// DISABLE), credentialName Secrets in the waypoint's credentials (no key material shown),
+/// file paths and ISTIO_MUTUAL to an external host reported.
+#[test]
+fn egress_tls() {
+    check("egress-tls");
+}

@@ -236,12 +236,34 @@ pub fn to_json(out: &Outputs) -> Value {
             (k.clone(), v)
         })
         .collect();
-    json!({
+    let mut v = json!({
         "addresses": addresses,
         "authorizations": out.authorizations.iter().map(|(k, a)| (k.clone(), authorization(a))).collect::<Map<_, _>>(),
         "serviceRoutes": out.service_routes.iter().map(|(k, r)| (k.clone(), json!(format!("{r:?}")))).collect::<Map<_, _>>(),
         "waypointPolicies": out.waypoint_policies.iter().map(|(k, p)| (k.clone(), json!(format!("{p:?}")))).collect::<Map<_, _>>(),
         "waypoints": out.waypoints.values().collect::<Vec<_>>(),
         "problems": out.problems.iter().map(|p| json!(format!("{} {}: {}", p.kind.name(), p.object, p.message))).collect::<Vec<_>>(),
-    })
+    });
+    // What each waypoint's credentials hold, never the key material; only when any exist,
+    // so outputs without TLS origination are unchanged.
+    if let (false, Value::Object(o)) = (out.waypoint_credentials.is_empty(), &mut v) {
+        o.insert("waypointCredentials".into(), waypoint_credentials(out));
+    }
+    v
+}
+
+fn waypoint_credentials(out: &Outputs) -> Value {
+    let held = |c: &mesh_proto::waypoint::UpstreamCredential| {
+        json!({
+            "secret": c.secret,
+            "certificate": !c.cert_chain.is_empty(),
+            "key": !c.private_key.is_empty(),
+            "ca": !c.ca_certificates.is_empty(),
+        })
+    };
+    out.waypoint_credentials
+        .iter()
+        .map(|(k, w)| (k.clone(), json!(w.credentials.iter().map(held).collect::<Vec<_>>())))
+        .collect::<Map<_, _>>()
+        .into()
 }
