@@ -131,6 +131,8 @@ pub struct Cluster {
     pub id: u8,
     /// The controller's `--cluster-id` (workload uids start with it).
     pub cluster_id: String,
+    /// More flags of every node's ztunnel.
+    ztunnel_extra: Vec<String>,
     // Field order is drop order: processes before the namespaces they run in.
     pub controller: Controller<'static>,
     pub nodes: Vec<Node>,
@@ -234,6 +236,7 @@ impl Cluster {
         let cluster = Cluster {
             id,
             cluster_id,
+            ztunnel_extra: options.ztunnel_args.clone(),
             controller,
             nodes: built,
             control,
@@ -293,7 +296,7 @@ impl Cluster {
     /// from the controller with the node's token.
     fn ztunnel_args(&self, n: &Node) -> Vec<String> {
         let cp = format!("https://{}:15012", self.controller_ip());
-        vec![
+        let mut args: Vec<String> = vec![
             "--zds-socket".into(),
             n.zds_socket().display().to_string(),
             "--xds-address".into(),
@@ -304,7 +307,9 @@ impl Cluster {
             self.controller.trust_bundle().display().to_string(),
             "--token-file".into(),
             self.controller.token_file(n.name()).display().to_string(),
-        ]
+        ];
+        args.extend(self.ztunnel_extra.iter().cloned());
+        args
     }
 
     /// Starts node `i`'s ztunnel (in-pod mode, control plane = the controller) and waits

@@ -26,6 +26,8 @@ pub struct Options {
     pub ca_from: Option<PathBuf>,
     /// More controller flags (`--cluster-id`, `--remote-manifests`, ...).
     pub args: Vec<String>,
+    /// For a [`crate::cluster::Cluster`]: more flags of every node's ztunnel (`--network`).
+    pub ztunnel_args: Vec<String>,
 }
 
 pub struct Controller<'a> {

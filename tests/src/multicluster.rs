@@ -16,6 +16,9 @@ use crate::cluster::{Cluster, Pod};
 use crate::controller::Options;
 use crate::netns::{sh, unique};
 
+/// The identity of an east-west gateway run as `istio-system/eastwest`.
+pub const EAST_WEST_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest";
+
 pub struct MultiCluster {
     pub a: Cluster,
     pub b: Cluster,
@@ -39,16 +42,53 @@ fn remote_args(own: &str, remote: &str, links: &std::path::Path, grace: &str) ->
 
 impl MultiCluster {
     /// Builds clusters `a` and `b` (harness ids, e.g. 68 and 69) with `nodes` nodes each and
-    /// their manifests; a remote cluster that cannot be read is withdrawn after `grace`.
+    /// their manifests, on one network; a remote cluster that cannot be read is withdrawn
+    /// after `grace`.
     pub async fn start(ids: (u8, u8), nodes: u8, manifests: (&str, &str), grace: &str) -> Result<MultiCluster> {
+        let mc = Self::build(ids, nodes, manifests, grace, None).await?;
+        mc.route_pod_ranges()?;
+        Ok(mc)
+    }
+
+    /// As [`MultiCluster::start`] on two networks, `networks` (each node's ztunnel gets its
+    /// cluster's `--network`; the manifests label their system namespace with it): no route
+    /// between the clusters' pod ranges; [`MultiCluster::expose`] makes one pod (an east-west
+    /// gateway) reachable from the other cluster, as a load balancer would.
+    pub async fn start_two_networks(
+        ids: (u8, u8),
+        nodes: u8,
+        manifests: (&str, &str),
+        networks: (&str, &str),
+    ) -> Result<MultiCluster> {
+        Self::build(ids, nodes, manifests, "30s", Some(networks)).await
+    }
+
+    async fn build(
+        ids: (u8, u8),
+        nodes: u8,
+        manifests: (&str, &str),
+        grace: &str,
+        networks: Option<(&str, &str)>,
+    ) -> Result<MultiCluster> {
+        let ztunnel = |n: Option<&str>| {
+            n.map(|n| vec!["--network".to_owned(), n.to_owned()])
+                .unwrap_or_default()
+        };
         let links = tempfile::tempdir()?;
         let (name_a, name_b) = (format!("c{}", ids.0), format!("c{}", ids.1));
+        // Two networks: each cluster may run an east-west gateway with its own identity.
+        let identities: Vec<String> = match networks {
+            Some(_) => vec![EAST_WEST_IDENTITY.to_owned()],
+            None => Vec::new(),
+        };
         let a = Cluster::start_with_options(
             ids.0,
             nodes,
             manifests.0,
             Options {
+                identities: identities.clone(),
                 args: remote_args(&name_a, &name_b, links.path(), grace),
+                ztunnel_args: ztunnel(networks.map(|n| n.0)),
                 ..Options::default()
             },
         )
@@ -59,8 +99,10 @@ impl MultiCluster {
             nodes,
             manifests.1,
             Options {
+                identities,
                 args: remote_args(&name_b, &name_a, links.path(), grace),
                 ca_from: Some(a.controller.ca_dir()),
+                ztunnel_args: ztunnel(networks.map(|n| n.1)),
                 ..Options::default()
             },
         )
@@ -71,6 +113,43 @@ impl MultiCluster {
         mc.link(&mc.b)?;
         mc.join_underlays()?;
         Ok(mc)
+    }
+
+    /// The other cluster of `c`.
+    fn other(&self, c: &Cluster) -> &Cluster {
+        if c.id == self.a.id {
+            &self.b
+        } else {
+            &self.a
+        }
+    }
+
+    /// Makes `pod` of cluster `c` reachable from the other cluster's nodes (a route to its
+    /// address through its node), their pods' connections to it masqueraded behind their
+    /// node's underlay address, as a load balancer in front of a gateway would be.
+    pub fn expose(&self, c: &Cluster, pod: &Pod) -> Result<()> {
+        let via = Cluster::underlay_ip(c.id, pod.node).to_string();
+        let target = format!("{}/32", pod.ip);
+        for n in &self.other(c).nodes {
+            n.ns.exec(&["ip", "route", "add", &target, "via", &via, "dev", "eth0", "onlink"])?;
+            let ip = pod.ip.to_string();
+            n.ns.exec(&["nft", "add", "table", "ip", "mcexpose"])?;
+            let chain = "add chain ip mcexpose post { type nat hook postrouting priority 100 ; }";
+            n.ns.exec(&["nft", chain])?;
+            n.ns.exec(&[
+                "nft",
+                "add",
+                "rule",
+                "ip",
+                "mcexpose",
+                "post",
+                "ip",
+                "daddr",
+                &ip,
+                "masquerade",
+            ])?;
+        }
+        Ok(())
     }
 
     /// Makes `c`'s manifests and enrolment reports readable to the other controller.
@@ -93,8 +172,7 @@ impl MultiCluster {
         Ok(())
     }
 
-    /// One L2 segment for both underlays, and routes from every node to the other cluster's
-    /// pod ranges through the node that holds each.
+    /// One L2 segment for both underlays (the nodes' addresses are on-link to each other).
     fn join_underlays(&self) -> Result<()> {
         let (ha, hb) = (unique("vx"), unique("vx"));
         sh(&[
@@ -114,6 +192,12 @@ impl MultiCluster {
         ])?;
         self.a.hub().exec(&["ip", "link", "set", &ha, "master", "br0", "up"])?;
         self.b.hub().exec(&["ip", "link", "set", &hb, "master", "br0", "up"])?;
+        Ok(())
+    }
+
+    /// One network: routes from every node to the other cluster's pod ranges through the
+    /// node that holds each.
+    fn route_pod_ranges(&self) -> Result<()> {
         for (from, to) in [(&self.a, &self.b), (&self.b, &self.a)] {
             for n in &from.nodes {
                 for other in &to.nodes {

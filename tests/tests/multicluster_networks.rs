@@ -1,0 +1,142 @@
+//! Two clusters on two networks (issue 17), control plane and data plane together: clusters
+//! 70 and 81 (c70 on net-a, c81 on net-b), each controller reading the other's manifests, no
+//! route between their pod ranges. c81 runs an east-west gateway (`waypoint --role east-west`,
+//! identity istio-system/eastwest, with its controller's state) declared by a Gateway of class
+//! `istio-east-west`; c70's controller gives c81's workloads that gateway as their
+//! `network_gateway`, so a pod in c70 reaches a service whose endpoint is in c81 through it with
+//! double HBONE, and the server's ztunnel sees the client's identity.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use mesh_e2e::apps::{echo_connect, echo_server};
+use mesh_e2e::cluster::PodSpec;
+use mesh_e2e::multicluster::MultiCluster;
+use mesh_e2e::waypoint::Waypoint;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn vip(cluster: u8) -> IpAddr {
+    Ipv4Addr::new(10, 96, cluster, 30).into()
+}
+
+/// The system namespace on `network`, namespace `shop` (ambient) and service `far` (declared in
+/// both clusters, as Istio requires of a service reached across networks).
+fn world(cluster: u8, network: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system, labels: {{topology.istio.io/network: {network}}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: far, namespace: shop}}
+spec: {{clusterIP: {}, selector: {{app: far}}, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}
+",
+        vip(cluster)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_two_networks_through_the_east_west_gateway() {
+    if !mesh_e2e::cluster_capable() {
+        return;
+    }
+    let mc = MultiCluster::start_two_networks(
+        (70, 81),
+        2,
+        (&world(70, "net-a"), &world(81, "net-b")),
+        ("net-a", "net-b"),
+    )
+    .await
+    .expect("two clusters up");
+    let (a, b) = (&mc.a, &mc.b);
+    let client = a.add_pod(0, PodSpec::new("client", "shop", &[])).expect("client");
+    let server = b
+        .add_pod(0, PodSpec::new("server", "shop", &[("app", "far")]))
+        .expect("server");
+    tokio::spawn(echo_server(
+        server.ns.listen(SocketAddr::new(server.ip, 8080)).expect("listen"),
+    ));
+    let gateway = Waypoint::start_with(
+        b,
+        1,
+        "istio-system",
+        "eastwest",
+        &["--role", "east-west", "--network", "net-b"],
+    )
+    .await
+    .expect("east-west gateway");
+    mc.expose(b, &gateway.pod).expect("gateway reachable from c70");
+    b.write_manifest(
+        "eastwest.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eastwest, namespace: istio-system, labels: {{topology.istio.io/network: net-b}}}}
+spec:
+  gatewayClassName: istio-east-west
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+  addresses: [{{type: IPAddress, value: {}}}]
+",
+            gateway.pod.ip
+        ),
+    )
+    .expect("Gateway");
+    a.wait_workload(&client, true, WAIT).await.expect("client");
+    b.wait_workload(&server, true, WAIT).await.expect("server");
+    MultiCluster::wait_uid(a, &MultiCluster::uid(b, &server), true, WAIT)
+        .await
+        .expect("c81's server in c70");
+    // No route between the pod ranges: only the gateway is reachable from c70.
+    let direct = tokio::time::timeout(
+        Duration::from_secs(2),
+        a.nodes[0].ns.connect(SocketAddr::new(server.ip, 8080)),
+    )
+    .await;
+    assert!(!matches!(direct, Ok(Ok(_))), "c70 must not reach c81's pods directly");
+
+    let dump = a.ztunnel_dump(0).await.expect("dump");
+    let uid = MultiCluster::uid(b, &server);
+    let held = dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["uid"] == uid.as_str());
+    assert_eq!(held.map(|w| w["network"].clone()), Some("net-b".into()), "{dump:#}");
+
+    // Once c70's ztunnel has the gateway (no view of it in the dump): through it by c70's VIP.
+    let target = SocketAddr::new(vip(70), 80);
+    mesh_e2e::until("c70 -> c81 through the east-west gateway", WAIT, || async {
+        echo_connect(&client.ns, target).await.is_ok()
+    })
+    .await;
+    let (peer, _conn) = echo_connect(&client.ns, target).await.expect("again");
+    assert_eq!(
+        peer,
+        format!("peer={}", gateway.pod.ip),
+        "the server's side of the relay is the gateway"
+    );
+    let relayed = gateway.metrics().await.expect("gateway metrics");
+    assert!(
+        relayed
+            .lines()
+            .any(|l| l.starts_with("eastwest_streams_total") && l.contains("outcome=\"forwarded\"")),
+        "{relayed}"
+    );
+    let metrics = MultiCluster::ztunnel_metrics(b, 0).await.expect("c81 node 0 metrics");
+    let from_client = metrics.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+    });
+    assert!(
+        from_client,
+        "c81's ztunnel saw c70's client identity end to end:\n{metrics}"
+    );
+}
