@@ -168,3 +168,57 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_proto::discovery::{DeltaDiscoveryResponse, Resource};
+    use prost::Message;
+
+    use super::*;
+
+    fn resource(name: &str) -> Resource {
+        Resource {
+            name: name.to_owned(),
+            version: "00ff".to_owned(),
+            aliases: vec![format!("/10.0.0.{}", name.len())],
+            resource: Some(prost_types::Any {
+                type_url: "t".to_owned(),
+                value: name.as_bytes().to_vec(),
+            }),
+            ttl: None,
+        }
+    }
+
+    /// Both forms put the same bytes on the wire as the decoded response would.
+    #[test]
+    fn encoded_responses_are_delta_discovery_responses() {
+        let resources: Vec<Resource> = ["a", "bb", "ccc"].into_iter().map(resource).collect();
+        let encoded: Vec<Bytes> = resources.iter().map(|r| Bytes::from(r.encode_to_vec())).collect();
+        let expected = DeltaDiscoveryResponse {
+            system_version_info: "7".to_owned(),
+            resources,
+            type_url: "type".to_owned(),
+            nonce: "9".to_owned(),
+            removed_resources: vec!["gone".to_owned()],
+            ..Default::default()
+        };
+        for form in [
+            Resources::Each(encoded.clone()),
+            Resources::Framed(frame(encoded.iter())),
+        ] {
+            let r = EncodedResponse {
+                system_version_info: "7".to_owned(),
+                resources: form,
+                type_url: "type".to_owned(),
+                nonce: "9".to_owned(),
+                removed_resources: vec!["gone".to_owned()],
+            };
+            assert_eq!(r.encoded_len(), r.encode_to_vec().len());
+            assert_eq!(r.encode_to_vec(), expected.encode_to_vec());
+            assert_eq!(
+                DeltaDiscoveryResponse::decode(&*r.encode_to_vec()).ok(),
+                Some(expected.clone())
+            );
+        }
+    }
+}
