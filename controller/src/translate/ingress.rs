@@ -1581,6 +1581,24 @@ spec:
         let kinds = cond(&listener("wrong-kinds").conditions, "ResolvedRefs");
         assert_eq!((kinds.status, kinds.reason.as_str()), (false, "InvalidRouteKinds"));
         assert!(listener("wrong-kinds").supported_kinds.is_empty());
+
+        // A ReferenceGrant in `data` for TLSRoutes from `edge` lets the backend be used.
+        let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: g, namespace: data}\n\
+                     spec: {from: [{group: gateway.networking.k8s.io, kind: TLSRoute, namespace: edge}], to: [{group: \"\", kind: Service}]}\n";
+        let cross = route(
+            "cross",
+            "edge",
+            "[x.passthrough.test]",
+            "{name: db, namespace: data, port: 9443}",
+        );
+        let (out, _) = run(&[gw.into(), cross, svc("data"), grant.into()]);
+        let table = out.gateways["edge/gw"].listeners[0].hosts[0]
+            .routes
+            .as_ref()
+            .expect("table");
+        assert_eq!(table.routes[0].backends[0].service, "data/db.data.svc.cluster.local");
+        let granted = &out.route_parents[0];
+        assert_eq!(cond(&granted.conditions, "ResolvedRefs").reason, "ResolvedRefs");
     }
 
     #[test]
