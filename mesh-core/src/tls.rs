@@ -39,11 +39,22 @@ pub struct IdentityMismatch {
     pub expected: String,
 }
 
-/// The process-wide crypto provider (ring).
+/// The process-wide crypto provider: ring, with the same TLS 1.3 suites as its default but
+/// AES-128-GCM first (ring's default puts AES-256-GCM first; Istio's ztunnel offers AES-128-GCM
+/// first too): 10 AES rounds instead of 14, measured 5-6 % less CPU per byte encrypted and
+/// decrypted. Our servers choose by this order ([`tls13_server`]), so every HBONE hop to us
+/// uses it. ring, not aws-lc-rs: aws-lc's AES-GCM was 3-10 % cheaper still, but it adds a C
+/// build of over a minute and a second provider that breaks `ClientConfig::builder()` users
+/// (kube, hyper-rustls) unless every binary installs a default.
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
+    P.get_or_init(|| {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        Arc::new(p)
+    })
+    .clone()
 }
 
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
@@ -78,6 +89,8 @@ fn tls13_server(cert: &WorkloadCertificate, require_client: bool) -> Result<Arc<
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert.chain.clone(), cert.private_key())?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Our suite order, not the client's: a client preferring AES-256-GCM gets AES-128-GCM.
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
 
@@ -394,5 +407,85 @@ mod tests {
         replace(&path, "not a certificate bundle, and longer than before so it differs");
         check(&from_b).expect("the last good roots");
         check(&from_a).expect_err("still retired");
+    }
+
+    fn workload(ca: &DevCa, sa: &str) -> (Identity, WorkloadCertificate) {
+        let id: Identity = format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .expect("id");
+        let (key, csr) = new_csr(&id).expect("csr");
+        let leaf = ca.issue(&id, &csr, std::time::Duration::from_secs(600)).expect("issue");
+        let cert = WorkloadCertificate::from_chain(&id, key.serialize_der(), &[leaf, ca.root_pem().to_owned()], &[])
+            .expect("certificate");
+        (id, cert)
+    }
+
+    /// Runs a handshake in memory; returns the suite both ends agreed on.
+    fn negotiate(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> rustls::CipherSuite {
+        let mut c = rustls::ClientConnection::new(client, placeholder_server_name()).expect("client");
+        let mut s = rustls::ServerConnection::new(server).expect("server");
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).expect("client writes");
+            }
+            s.read_tls(&mut wire.as_slice()).expect("server reads");
+            s.process_new_packets().expect("server accepts");
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).expect("server writes");
+            }
+            c.read_tls(&mut wire.as_slice()).expect("client reads");
+            c.process_new_packets().expect("client accepts");
+        }
+        let suite = c.negotiated_cipher_suite().expect("suite").suite();
+        assert_eq!(Some(suite), s.negotiated_cipher_suite().map(|s| s.suite()));
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        suite
+    }
+
+    #[test]
+    fn hbone_prefers_aes_128_gcm_and_still_accepts_the_other_suites() {
+        use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
+        let ca = DevCa::generate("cluster.local").expect("ca");
+        let (server_id, server_cert) = workload(&ca, "server");
+        let (_, client_cert) = workload(&ca, "client");
+        let server = server_config(&server_cert).expect("server config");
+        let ours = client_config(&client_cert, vec![server_id.clone()]).expect("client config");
+        assert_eq!(negotiate(ours, server.clone()), TLS13_AES_128_GCM_SHA256);
+        // The same three TLS 1.3 suites as ring's default, ours first.
+        let suites: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites,
+            [
+                TLS13_AES_128_GCM_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_CHACHA20_POLY1305_SHA256
+            ]
+        );
+        // A client preferring AES-256-GCM gets our order; a client offering one other suite
+        // only still connects with it.
+        let client_with = |order: &[rustls::CipherSuite]| {
+            let mut p = rustls::crypto::ring::default_provider();
+            p.cipher_suites = order
+                .iter()
+                .filter_map(|want| p.cipher_suites.iter().find(|s| s.suite() == *want).copied())
+                .collect();
+            let verifier = SpiffeServerVerifier::new(&client_cert.roots, vec![server_id.clone()]).expect("verifier");
+            let mut cfg = ClientConfig::builder_with_provider(Arc::new(p))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_auth_cert(client_cert.chain.clone(), client_cert.private_key())
+                .expect("client auth");
+            cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+            Arc::new(cfg)
+        };
+        let aes256_first = client_with(&[TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256]);
+        assert_eq!(negotiate(aes256_first, server.clone()), TLS13_AES_128_GCM_SHA256);
+        for only in [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256] {
+            assert_eq!(negotiate(client_with(&[only]), server.clone()), only);
+        }
     }
 }
