@@ -82,7 +82,8 @@ pub struct Config {
     /// Zipkin v2 collector for spans, e.g. http://zipkin.istio-system:9411/api/v2/spans.
     #[arg(long, env = "ZIPKIN_ADDRESS")]
     pub zipkin_address: Option<String>,
-    /// OTLP/HTTP collector for spans, e.g. http://otel-collector:4318/v1/traces.
+    /// OTLP collector for spans: grpc://otel-collector:4317 (OTLP/gRPC) or
+    /// http://otel-collector:4318/v1/traces (OTLP/HTTP, protobuf).
     #[arg(long, env = "OTLP_ADDRESS")]
     pub otlp_address: Option<String>,
     /// Percentage of new traces sampled (0-100); a caller's sampling decision is kept.
@@ -161,10 +162,11 @@ impl Config {
             self.header_read_timeout_ms > 0,
             "--header-read-timeout-ms 0: a client needs some time to send its request"
         );
-        for (flag, addr) in [
-            ("--zipkin-address", &self.zipkin_address),
-            ("--otlp-address", &self.otlp_address),
-        ] {
+        if let Some(a) = &self.otlp_address {
+            crate::telemetry::export::Transport::from_address(a, "/", "")
+                .map_err(|e| anyhow::anyhow!("--otlp-address {e}"))?;
+        }
+        for (flag, addr) in [("--zipkin-address", &self.zipkin_address)] {
             if let Some(a) = addr {
                 anyhow::ensure!(
                     a.starts_with("http://") && a.parse::<http::Uri>().is_ok(),

@@ -1,8 +1,10 @@
 //! Access-log records sent to OpenTelemetry collectors: when the effective Telemetry's access
-//! logging names providers that are `envoyOtelAls` or `opentelemetry` extension providers (the
-//! controller resolves them to `http://host:port/v1/logs`), each logged request becomes an OTLP
-//! `LogRecord`, posted as OTLP/HTTP JSON (`ExportLogsServiceRequest`) in batches through
-//! [`super::export`], the transport spans use. A request never waits for a collector: a full
+//! logging names providers that are `envoyOtelAls` or `opentelemetry` extension providers, each
+//! logged request becomes an OTLP `LogRecord`, sent in batches (`ExportLogsServiceRequest`)
+//! through [`super::export`], the exporter spans use. The controller writes the endpoint as
+//! `grpc://host:port` for `envoyOtelAls` (OTLP/gRPC `LogsService/Export`, protobuf, as Envoy's
+//! OpenTelemetry access logger sends it) and as `http://host:port/path` for an `opentelemetry`
+//! provider with an `http` block (OTLP/HTTP JSON). A request never waits for a collector: a full
 //! queue or a failed batch drops records, counted in `waypoint_access_log_dropped_total{reason}`.
 //! Endpoints come from the control plane, not from peers; still, at most [`MAX_COLLECTORS`]
 //! exporters are kept (records for another are dropped, `too_many_collectors`).
@@ -16,7 +18,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use super::export::{Endpoint, Exporter};
+use mesh_proto::otlp::collector::logs::v1::ExportLogsServiceRequest;
+use mesh_proto::otlp::common::v1 as otlp_common;
+use mesh_proto::otlp::logs::v1 as otlp_logs;
+use mesh_proto::otlp::resource::v1::Resource;
+use prost::Message;
+
+use super::export::{Endpoint, Exporter, Transport};
+
+/// The gRPC method access-log batches are sent to.
+pub const LOGS_METHOD: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 
 /// Distinct collector endpoints with an exporter of their own.
 pub const MAX_COLLECTORS: usize = 16;
@@ -110,11 +121,85 @@ pub fn otlp_logs_json(records: &[Record], service: &str) -> String {
     .to_string()
 }
 
+/// A string attribute in OTLP's protobuf form.
+pub(crate) fn kv(key: &str, value: otlp_common::any_value::Value) -> otlp_common::KeyValue {
+    otlp_common::KeyValue {
+        key: key.to_owned(),
+        value: Some(otlp_common::AnyValue { value: Some(value) }),
+    }
+}
+
+/// The resource naming the waypoint (`service.name`).
+pub(crate) fn resource(service: &str) -> Resource {
+    Resource {
+        attributes: vec![kv(
+            "service.name",
+            otlp_common::any_value::Value::StringValue(service.to_owned()),
+        )],
+    }
+}
+
+/// OTLP protobuf (`ExportLogsServiceRequest`) for a batch, `service` as `service.name`.
+pub fn otlp_logs_request(records: &[Record], service: &str) -> ExportLogsServiceRequest {
+    use otlp_common::any_value::Value as V;
+    let log_records = records
+        .iter()
+        .map(|r| {
+            let nanos = r
+                .time
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            let attributes = r
+                .attributes
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        AttrValue::Str(s) => V::StringValue(s.clone()),
+                        AttrValue::Int(i) => V::IntValue(*i),
+                        AttrValue::Double(d) => V::DoubleValue(*d),
+                    };
+                    kv(k, v)
+                })
+                .collect();
+            let (trace_id, span_id) = match r.trace {
+                Some((t, s)) => (t.to_be_bytes().to_vec(), s.to_be_bytes().to_vec()),
+                None => (Vec::new(), Vec::new()),
+            };
+            otlp_logs::LogRecord {
+                time_unix_nano: nanos,
+                observed_time_unix_nano: nanos,
+                severity_number: 9,
+                severity_text: "INFO".to_owned(),
+                body: Some(otlp_common::AnyValue {
+                    value: Some(V::StringValue(r.body.clone())),
+                }),
+                attributes,
+                trace_id,
+                span_id,
+            }
+        })
+        .collect();
+    ExportLogsServiceRequest {
+        resource_logs: vec![otlp_logs::ResourceLogs {
+            resource: Some(resource(service)),
+            scope_logs: vec![otlp_logs::ScopeLogs {
+                scope: Some(otlp_common::InstrumentationScope {
+                    name: "mesh-waypoint".to_owned(),
+                    ..Default::default()
+                }),
+                log_records,
+            }],
+        }],
+    }
+}
+
 /// The exporters of the collectors the access log has been sent to, by endpoint URL.
 pub struct Sinks {
     service: String,
     exporters: Mutex<HashMap<String, Exporter<Record>>>,
-    /// Records lost, by reason (`queue_full`, `export_failed`, `too_many_collectors`).
+    /// Records lost, by reason (`queue_full`, `export_failed`, `too_many_collectors`,
+    /// `bad_address`).
     pub dropped: Family<Vec<(String, String)>, Counter>,
 }
 
@@ -140,22 +225,34 @@ impl Sinks {
             .inc_by(n);
     }
 
-    /// The exporter for `url`, started on first use (needs a runtime).
-    fn exporter(&self, url: &str) -> Option<Exporter<Record>> {
+    /// The exporter for `url`, started on first use (needs a runtime); `Err`: the reason
+    /// its records are dropped.
+    fn exporter(&self, url: &str) -> Result<Exporter<Record>, &'static str> {
         let mut map = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get(url) {
-            return Some(e.clone());
+            return Ok(e.clone());
         }
         if map.len() >= MAX_COLLECTORS {
-            return None;
+            return Err("too_many_collectors");
         }
         let service = self.service.clone();
         let dropped = self.dropped.clone();
-        let endpoint = Endpoint {
-            url: url.to_owned(),
-            content_type: "application/json",
-            encode: Box::new(move |records: &[Record]| otlp_logs_json(records, &service).into_bytes()),
+        let transport = match Transport::from_address(url, LOGS_METHOD, "application/json") {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "access-log collector address unusable");
+                return Err("bad_address");
+            }
         };
+        let encode: super::export::Encode<Record> = match transport {
+            Transport::Grpc { .. } => {
+                Box::new(move |records: &[Record]| otlp_logs_request(records, &service).encode_to_vec())
+            }
+            Transport::Http { .. } => {
+                Box::new(move |records: &[Record]| otlp_logs_json(records, &service).into_bytes())
+            }
+        };
+        let endpoint = Endpoint { transport, encode };
         let on_drop = Arc::new(move |why: super::export::Dropped, n: u64| {
             dropped
                 .get_or_create(&vec![("reason".to_owned(), why.as_str().to_owned())])
@@ -163,15 +260,15 @@ impl Sinks {
         });
         let e = Exporter::start("access-log records", vec![endpoint], on_drop);
         map.insert(url.to_owned(), e.clone());
-        Some(e)
+        Ok(e)
     }
 
     /// Queues `record` for every collector in `urls`; never waits.
     pub fn send(&self, urls: &[String], record: Record) {
         for url in urls {
             match self.exporter(url) {
-                Some(e) => e.send(record.clone()),
-                None => self.drop_count("too_many_collectors", 1),
+                Ok(e) => e.send(record.clone()),
+                Err(reason) => self.drop_count(reason, 1),
             }
         }
     }
@@ -238,6 +335,89 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_secs(7)).await;
         assert!(dropped(&sinks, "export_failed") >= 1);
         drop(listener);
+    }
+
+    /// An OTLP/gRPC collector in the test: every `Export` is passed on, or refused with
+    /// UNAVAILABLE when `refuse`.
+    struct Collector {
+        tx: tokio::sync::mpsc::UnboundedSender<ExportLogsServiceRequest>,
+        refuse: bool,
+    }
+
+    #[tonic::async_trait]
+    impl mesh_proto::otlp::collector::logs::v1::logs_service_server::LogsService for Collector {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportLogsServiceRequest>,
+        ) -> Result<tonic::Response<mesh_proto::otlp::collector::logs::v1::ExportLogsServiceResponse>, tonic::Status>
+        {
+            if self.refuse {
+                return Err(tonic::Status::unavailable("collector down"));
+            }
+            let _ = self.tx.send(req.into_inner());
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+
+    async fn grpc_collector(refuse: bool) -> (String, tokio::sync::mpsc::UnboundedReceiver<ExportLogsServiceRequest>) {
+        use mesh_proto::otlp::collector::logs::v1::logs_service_server::LogsServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let svc = LogsServiceServer::new(Collector { tx, refuse });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming),
+        );
+        (format!("grpc://{addr}"), rx)
+    }
+
+    /// `grpc://` endpoints (envoyOtelAls) get `LogsService/Export` calls with protobuf records
+    /// that a real gRPC server (tonic) decodes.
+    #[tokio::test]
+    async fn records_reach_an_otlp_grpc_collector() {
+        let (url, mut rx) = grpc_collector(false).await;
+        let sinks = Sinks::register(&mut Registry::default(), "waypoint.shop".into());
+        let r = Record {
+            trace: Some((0xabc, 0x12)),
+            ..Record::new("request").str("path", "/x").int("status", 503)
+        };
+        sinks.send(std::slice::from_ref(&url), r);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the collector got a call")
+            .unwrap();
+        let rl = &got.resource_logs[0];
+        assert_eq!(rl.resource, Some(resource("waypoint.shop")));
+        let rec = &rl.scope_logs[0].log_records[0];
+        use otlp_common::any_value::Value as V;
+        assert_eq!(rec.body.as_ref().unwrap().value, Some(V::StringValue("request".into())));
+        assert_eq!(rec.attributes[0], kv("path", V::StringValue("/x".into())));
+        assert_eq!(rec.attributes[1], kv("status", V::IntValue(503)));
+        assert_eq!(rec.trace_id, 0xabc_u128.to_be_bytes());
+        assert_eq!(rec.span_id, 0x12_u64.to_be_bytes());
+        assert!(rec.time_unix_nano > 0 && rec.severity_number == 9);
+        assert_eq!(dropped(&sinks, "export_failed"), 0);
+    }
+
+    /// A gRPC error status (HTTP 200 with grpc-status UNAVAILABLE) is a failed export.
+    #[tokio::test]
+    async fn a_grpc_error_status_counts_the_batch_as_lost() {
+        let (url, _rx) = grpc_collector(true).await;
+        let sinks = Sinks::register(&mut Registry::default(), "w".into());
+        sinks.send(std::slice::from_ref(&url), Record::new("request"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while dropped(&sinks, "export_failed") == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refused batch was not counted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        sinks.send(&["ftp://x".to_owned()], Record::new("request"));
+        assert_eq!(dropped(&sinks, "bad_address"), 1);
     }
 
     #[tokio::test]

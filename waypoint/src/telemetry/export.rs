@@ -1,16 +1,19 @@
-//! The one transport for what the waypoint sends to telemetry collectors (spans, access-log
+//! The one exporter loop for what the waypoint sends to telemetry collectors (spans, access-log
 //! records): a bounded queue per exporter that never makes a request wait (full: the item is
 //! dropped and counted), and a task that gathers up to [`BATCH`] items or one second's worth
-//! and POSTs each batch to every endpoint, one at a time with a 5 s timeout. A batch an
-//! endpoint refuses or never answers is dropped and counted, not retried: a slow or dead
-//! collector costs at most the queue's memory, never the traffic.
+//! and sends each batch to every endpoint, one at a time with a 5 s timeout, over the
+//! endpoint's [`Transport`]: an HTTP POST (Zipkin, OTLP/HTTP) or a unary OTLP/gRPC call
+//! (cleartext HTTP/2, as Envoy's OpenTelemetry access logger and tracer speak to a collector's
+//! 4317). A batch an endpoint refuses or never answers is dropped and counted, not retried: a
+//! slow or dead collector costs at most the queue's memory, never the traffic.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Full;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
@@ -43,13 +46,58 @@ impl Dropped {
 /// Where lost items are counted (`n` items, and why).
 pub type OnDrop = Arc<dyn Fn(Dropped, u64) + Send + Sync>;
 
-/// An encoder of one batch for one endpoint: the body and its content type.
+/// An encoder of one batch for one endpoint: the body (for gRPC, the message without framing).
 pub type Encode<T> = Box<dyn Fn(&[T]) -> Vec<u8> + Send + Sync>;
+
+/// How a batch reaches an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A POST of the encoded batch to `url` with `content_type`.
+    Http { url: String, content_type: &'static str },
+    /// A unary gRPC call: `uri` is `http://host:port/<service>/<method>`, spoken as h2c.
+    Grpc { uri: Uri },
+}
+
+/// Why an endpoint address cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected http://host:port/path or grpc://host:port")]
+pub struct BadAddress(pub String);
+
+impl Transport {
+    /// `grpc://host:port` calls `method` (`/package.Service/Method`); `http://...` is posted
+    /// to as written, with `content_type`.
+    pub fn from_address(address: &str, method: &str, content_type: &'static str) -> Result<Transport, BadAddress> {
+        let bad = || BadAddress(address.to_owned());
+        if let Some(authority) = address.strip_prefix("grpc://") {
+            let authority = authority.trim_end_matches('/');
+            let uri = format!("http://{authority}{method}")
+                .parse::<Uri>()
+                .map_err(|_| bad())?;
+            if authority.is_empty() || authority.contains('/') {
+                return Err(bad());
+            }
+            return Ok(Transport::Grpc { uri });
+        }
+        if address.starts_with("http://") && address.parse::<Uri>().is_ok() {
+            return Ok(Transport::Http {
+                url: address.to_owned(),
+                content_type,
+            });
+        }
+        Err(bad())
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Transport::Http { url, .. } => url.clone(),
+            Transport::Grpc { uri } => format!("grpc {uri}"),
+        }
+    }
+}
 
 /// One endpoint of an exporter.
 pub struct Endpoint<T> {
-    pub url: String,
-    pub content_type: &'static str,
+    pub transport: Transport,
     pub encode: Encode<T>,
 }
 
@@ -84,9 +132,18 @@ impl<T: Send + Sync + 'static> Exporter<T> {
     }
 }
 
-/// Collects items for up to a second (or [`BATCH`]) and posts each batch to every endpoint.
+/// The HTTP/1 client for POSTs and the HTTP/2 (h2c) one for gRPC calls.
+struct Clients {
+    http: Client<HttpConnector, Full<Bytes>>,
+    grpc: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Collects items for up to a second (or [`BATCH`]) and sends each batch to every endpoint.
 async fn run<T>(what: &'static str, endpoints: Vec<Endpoint<T>>, mut rx: mpsc::Receiver<T>, on_drop: OnDrop) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let clients = Clients {
+        http: Client::builder(TokioExecutor::new()).build_http(),
+        grpc: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+    };
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -98,35 +155,114 @@ async fn run<T>(what: &'static str, endpoints: Vec<Endpoint<T>>, mut rx: mpsc::R
             }
         }
         for e in &endpoints {
-            if !post(&client, e, &batch, what).await {
-                on_drop(Dropped::ExportFailed, batch.len() as u64);
-            }
+            let body = (e.encode)(&batch);
+            let sent = tokio::time::timeout(POST_TIMEOUT, send(&clients, &e.transport, body)).await;
+            let failure = match sent {
+                Ok(Ok(())) => continue,
+                Ok(Err(why)) => why,
+                Err(_) => "timed out".to_owned(),
+            };
+            let n = batch.len();
+            tracing::warn!(endpoint = %e.transport.describe(), n, what, error = %failure, "exporting a batch failed");
+            on_drop(Dropped::ExportFailed, n as u64);
         }
         batch.clear();
     }
 }
 
-/// One POST of `batch` to `e`; false when it did not arrive.
-async fn post<T>(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    e: &Endpoint<T>,
-    batch: &[T],
-    what: &'static str,
-) -> bool {
-    let url = e.url.as_str();
-    let req = Request::post(url)
-        .header(http::header::CONTENT_TYPE, e.content_type)
-        .body(Full::new(Bytes::from((e.encode)(batch))));
-    let Ok(req) = req else {
-        tracing::warn!(%url, what, "collector address is not a valid URI");
-        return false;
-    };
-    let n = batch.len();
-    match tokio::time::timeout(POST_TIMEOUT, client.request(req)).await {
-        Ok(Ok(resp)) if resp.status().is_success() => return true,
-        Ok(Ok(resp)) => tracing::warn!(%url, status = %resp.status(), n, what, "collector refused a batch"),
-        Ok(Err(err)) => tracing::warn!(%url, error = %err, n, what, "exporting a batch failed"),
-        Err(_) => tracing::warn!(%url, n, what, "exporting a batch timed out"),
+/// One batch to one endpoint; `Err` says why it did not arrive.
+async fn send(clients: &Clients, transport: &Transport, body: Vec<u8>) -> Result<(), String> {
+    match transport {
+        Transport::Http { url, content_type } => {
+            let req = Request::post(url.as_str())
+                .header(http::header::CONTENT_TYPE, *content_type)
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| e.to_string())?;
+            let resp = clients.http.request(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            Ok(())
+        }
+        Transport::Grpc { uri } => {
+            let req = Request::post(uri.clone())
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .body(Full::new(grpc_frame(&body)))
+                .map_err(|e| e.to_string())?;
+            let resp = clients.grpc.request(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            // A trailers-only answer carries grpc-status in the headers.
+            if let Some(status) = resp.headers().get("grpc-status").cloned() {
+                return grpc_ok(Some(&status));
+            }
+            let collected = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+            grpc_ok(collected.trailers().and_then(|t| t.get("grpc-status")))
+        }
     }
-    false
+}
+
+/// gRPC's length-prefixed message: not compressed, 4-byte big-endian length, the message.
+pub fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + message.len());
+    b.put_u8(0);
+    b.put_u32(message.len() as u32);
+    b.put_slice(message);
+    b.freeze()
+}
+
+/// Whether a call's `grpc-status` says OK (missing: the call did not complete).
+fn grpc_ok(status: Option<&http::HeaderValue>) -> Result<(), String> {
+    match status.map(|s| s.as_bytes()) {
+        Some(b"0") => Ok(()),
+        Some(other) => Err(format!("grpc-status {}", String::from_utf8_lossy(other))),
+        None => Err("no grpc-status".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_become_transports() {
+        let m = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+        let grpc = |s: &str| Transport::Grpc {
+            uri: s.parse().unwrap(),
+        };
+        let table: [(&str, Option<Transport>); 7] = [
+            (
+                "grpc://otel.obs.svc:4317",
+                Some(grpc(
+                    "http://otel.obs.svc:4317/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+                )),
+            ),
+            ("grpc://10.0.0.7:4317/", Some(grpc(&format!("http://10.0.0.7:4317{m}")))),
+            (
+                "http://otel:4318/v1/logs",
+                Some(Transport::Http {
+                    url: "http://otel:4318/v1/logs".into(),
+                    content_type: "application/json",
+                }),
+            ),
+            ("grpc://", None),
+            ("grpc://host:4317/extra/path", None),
+            ("https://otel:4318/v1/logs", None),
+            ("otel:4317", None),
+        ];
+        for (address, want) in table {
+            let got = Transport::from_address(address, m, "application/json").ok();
+            assert_eq!(got, want, "{address}");
+        }
+    }
+
+    #[test]
+    fn grpc_frames_are_length_prefixed() {
+        assert_eq!(&grpc_frame(b"abc")[..], b"\x00\x00\x00\x00\x03abc");
+        assert!(grpc_ok(Some(&http::HeaderValue::from_static("0"))).is_ok());
+        assert!(grpc_ok(Some(&http::HeaderValue::from_static("14"))).is_err());
+        assert!(grpc_ok(None).is_err());
+    }
 }

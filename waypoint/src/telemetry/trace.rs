@@ -2,7 +2,9 @@
 //! headers (a new trace is started when there is none, sampled at the configured percentage;
 //! an incoming sampling decision is kept), the waypoint's span becomes the parent of the
 //! upstream request (both header families are written), and sampled spans are exported in
-//! batches to Zipkin (v2 JSON) and/or OTLP/HTTP (JSON) collectors through [`super::export`]
+//! batches to Zipkin (v2 JSON) and/or OTLP collectors through [`super::export`]: OTLP/gRPC
+//! (`grpc://host:port`, `TraceService/Export`) or OTLP/HTTP (`http://host:port/path`), both
+//! protobuf `ExportTraceServiceRequest` as Envoy's OpenTelemetry tracer sends them
 //! (shared with the access log). Export never blocks a request: spans go through a bounded
 //! queue and are dropped (and counted) when it is full or the collector fails.
 
@@ -14,7 +16,15 @@ use http::{HeaderMap, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
-use super::export::{Endpoint, Exporter};
+use mesh_proto::otlp::collector::trace::v1::ExportTraceServiceRequest;
+use mesh_proto::otlp::common::v1 as otlp_common;
+use mesh_proto::otlp::trace::v1 as otlp_trace;
+use prost::Message;
+
+use super::export::{Endpoint, Exporter, Transport};
+
+/// The gRPC method spans are sent to.
+pub const TRACES_METHOD: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// One request's place in a trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +148,7 @@ pub struct Span {
 pub struct TraceConfig {
     /// Zipkin v2 endpoint, e.g. `http://zipkin:9411/api/v2/spans`.
     pub zipkin: Option<String>,
-    /// OTLP/HTTP traces endpoint, e.g. `http://collector:4318/v1/traces`.
+    /// OTLP traces endpoint: `grpc://collector:4317` or `http://collector:4318/v1/traces`.
     pub otlp: Option<String>,
     /// Percentage of new traces sampled (0-100).
     pub sampling: f64,
@@ -176,18 +186,22 @@ impl Tracer {
         if let Some(url) = &cfg.zipkin {
             let c = cfg.clone();
             endpoints.push(Endpoint {
-                url: url.clone(),
-                content_type: "application/json",
+                transport: Transport::Http {
+                    url: url.clone(),
+                    content_type: "application/json",
+                },
                 encode: Box::new(move |spans: &[Span]| zipkin_json(spans, &c).into_bytes()),
             });
         }
         if let Some(url) = &cfg.otlp {
             let c = cfg.clone();
-            endpoints.push(Endpoint {
-                url: url.clone(),
-                content_type: "application/json",
-                encode: Box::new(move |spans: &[Span]| otlp_json(spans, &c).into_bytes()),
-            });
+            match Transport::from_address(url, TRACES_METHOD, "application/x-protobuf") {
+                Ok(transport) => endpoints.push(Endpoint {
+                    transport,
+                    encode: Box::new(move |spans: &[Span]| otlp_traces_request(spans, &c).encode_to_vec()),
+                }),
+                Err(e) => tracing::warn!(error = %e, "OTLP trace collector address unusable; no spans sent there"),
+            }
         }
         let exporter = (!endpoints.is_empty()).then(|| {
             let d = dropped.clone();
@@ -252,38 +266,44 @@ pub fn zipkin_json(spans: &[Span], cfg: &TraceConfig) -> String {
     serde_json::Value::Array(list).to_string()
 }
 
-/// OTLP/HTTP JSON (`ExportTraceServiceRequest`) for a batch.
-pub fn otlp_json(spans: &[Span], cfg: &TraceConfig) -> String {
-    let attr = |k: &str, v: &str| serde_json::json!({"key": k, "value": {"stringValue": v}});
-    let list: Vec<serde_json::Value> = spans
+/// OTLP protobuf (`ExportTraceServiceRequest`) for a batch.
+pub fn otlp_traces_request(spans: &[Span], cfg: &TraceConfig) -> ExportTraceServiceRequest {
+    use super::access_log::kv;
+    let text = |v: &str| otlp_common::any_value::Value::StringValue(v.to_owned());
+    let spans = spans
         .iter()
         .map(|s| {
-            let start = s.start.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-            let end = start + s.duration.as_nanos();
-            let mut attrs: Vec<serde_json::Value> = s.tags.iter().map(|(k, v)| attr(k, v)).collect();
-            attrs.extend(cfg.tags.iter().map(|(k, v)| attr(k, v)));
-            let mut span = serde_json::json!({
-                "traceId": format!("{:032x}", s.ctx.trace_id),
-                "spanId": format!("{:016x}", s.ctx.span_id),
-                "name": s.name,
-                "kind": 2,
-                "startTimeUnixNano": start.to_string(),
-                "endTimeUnixNano": end.to_string(),
-                "attributes": attrs,
-            });
-            if let Some(p) = s.ctx.parent {
-                span["parentSpanId"] = format!("{p:016x}").into();
+            let start = s
+                .start
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            let mut attributes: Vec<_> = s.tags.iter().map(|(k, v)| kv(k, text(v))).collect();
+            attributes.extend(cfg.tags.iter().map(|(k, v)| kv(k, text(v))));
+            otlp_trace::Span {
+                trace_id: s.ctx.trace_id.to_be_bytes().to_vec(),
+                span_id: s.ctx.span_id.to_be_bytes().to_vec(),
+                parent_span_id: s.ctx.parent.map(|p| p.to_be_bytes().to_vec()).unwrap_or_default(),
+                name: s.name.clone(),
+                kind: 2,
+                start_time_unix_nano: start,
+                end_time_unix_nano: start + s.duration.as_nanos() as u64,
+                attributes,
             }
-            span
         })
         .collect();
-    serde_json::json!({
-        "resourceSpans": [{
-            "resource": {"attributes": [attr("service.name", &cfg.service)]},
-            "scopeSpans": [{"scope": {"name": "mesh-waypoint"}, "spans": list}],
-        }]
-    })
-    .to_string()
+    ExportTraceServiceRequest {
+        resource_spans: vec![otlp_trace::ResourceSpans {
+            resource: Some(super::access_log::resource(&cfg.service)),
+            scope_spans: vec![otlp_trace::ScopeSpans {
+                scope: Some(otlp_common::InstrumentationScope {
+                    name: "mesh-waypoint".to_owned(),
+                    ..Default::default()
+                }),
+                spans,
+            }],
+        }],
+    }
 }
 
 /// `key=value` of a `--trace-tag` flag.
@@ -357,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn exports_are_valid_json_with_tags() {
+    fn zipkin_json_and_otlp_protobuf_carry_the_tags() {
         let span = Span {
             ctx: extract(&HeaderMap::new(), 100.0),
             name: "GET /x".into(),
@@ -373,8 +393,21 @@ mod tests {
         let z: serde_json::Value = serde_json::from_str(&zipkin_json(std::slice::from_ref(&span), &cfg)).unwrap();
         assert_eq!(z[0]["tags"]["cluster"], "local");
         assert_eq!(z[0]["localEndpoint"]["serviceName"], "waypoint.shop");
-        let o: serde_json::Value = serde_json::from_str(&otlp_json(&[span], &cfg)).unwrap();
-        assert_eq!(o["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["name"], "GET /x");
+        let bytes = otlp_traces_request(std::slice::from_ref(&span), &cfg).encode_to_vec();
+        let o = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
+        let rs = &o.resource_spans[0];
+        assert_eq!(
+            rs.resource.as_ref().unwrap().attributes[0].value,
+            Some(otlp_common::AnyValue {
+                value: Some(otlp_common::any_value::Value::StringValue("waypoint.shop".into()))
+            })
+        );
+        let got = &rs.scope_spans[0].spans[0];
+        assert_eq!(got.name, "GET /x");
+        assert_eq!(got.trace_id, span.ctx.trace_id.to_be_bytes());
+        assert_eq!(got.end_time_unix_nano - got.start_time_unix_nano, 3_000_000);
+        let keys: Vec<_> = got.attributes.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(keys, ["http.status_code", "cluster"]);
     }
 
     /// Spans past the exporter's queue are dropped and counted, without waiting.
