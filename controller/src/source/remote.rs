@@ -213,6 +213,7 @@ pub fn parse_secret(secret: &Secret) -> Result<BTreeMap<String, String>, RemoteE
         if config.clusters.is_empty() {
             return Err(bad("the kubeconfig names no cluster".into()));
         }
+        check_safe(&config).map_err(bad)?;
         out.insert(cluster.clone(), text);
     }
     if out.is_empty() {
@@ -221,9 +222,56 @@ pub fn parse_secret(secret: &Secret) -> Result<BTreeMap<String, String>, RemoteE
     Ok(out)
 }
 
+/// Refuses what a kubeconfig could make the controller do beyond talking to its server, as
+/// Istio's remote-secret sanitizing does: run a program (`exec`, auth providers other than
+/// `oidc`, whose `cmd-path` some run) or read the controller's own files (`token-file`,
+/// `client-certificate`, `client-key`, `certificate-authority`: a token file pointed at the
+/// controller's service account token would send it to whatever server the Secret names).
+/// Whoever can write a remote Secret gets to name a server and credentials, nothing more.
+pub fn check_safe(config: &::kube::config::Kubeconfig) -> Result<(), String> {
+    for user in &config.auth_infos {
+        let Some(auth) = &user.auth_info else { continue };
+        let refuse = |what: &str| {
+            Err(format!(
+                "user {:?}: {what} is not allowed in a remote kubeconfig",
+                user.name
+            ))
+        };
+        if auth.exec.is_some() {
+            return refuse("exec");
+        }
+        if let Some(p) = auth.auth_provider.as_ref().filter(|p| p.name != "oidc") {
+            return refuse(&format!("auth-provider {:?}", p.name));
+        }
+        for (field, set) in [
+            ("tokenFile", &auth.token_file),
+            ("client-certificate", &auth.client_certificate),
+            ("client-key", &auth.client_key),
+        ] {
+            if set.is_some() {
+                return refuse(field);
+            }
+        }
+    }
+    for cluster in &config.clusters {
+        if cluster
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.certificate_authority.is_some())
+        {
+            return Err(format!(
+                "cluster {:?}: certificate-authority (a file path) is not allowed in a remote kubeconfig",
+                cluster.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A client for a remote cluster from its kubeconfig (its current context).
 pub async fn client_for(kubeconfig: &str) -> Result<::kube::Client, String> {
     let config = ::kube::config::Kubeconfig::from_yaml(kubeconfig).map_err(|e| e.to_string())?;
+    check_safe(&config)?;
     let options = ::kube::config::KubeConfigOptions::default();
     let config = ::kube::Config::from_custom_kubeconfig(config, &options)
         .await
@@ -482,6 +530,45 @@ stringData:
         assert!(matches!(parse_secret(&no_cluster), Err(RemoteError::Kubeconfig { .. })));
         let bad_id = secret(&format!("{base}stringData: {{'a/b': x}}"));
         assert!(matches!(parse_secret(&bad_id), Err(RemoteError::ClusterId(_))));
+    }
+
+    /// A remote Secret must not make the controller run a program or read its own files
+    /// (an `exec` user ran `sh` as the controller; a `token-file` sent its token away).
+    #[tokio::test]
+    async fn remote_kubeconfigs_cannot_run_programs_or_read_local_files() {
+        let base = "apiVersion: v1\nkind: Secret\nmetadata: {name: r, namespace: istio-system, labels: {istio/multiCluster: 'true'}}\n";
+        let cluster = "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]";
+        let context = "contexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c";
+        let marker = std::env::temp_dir().join(format!("exec-ran-{}", std::process::id()));
+        let users = [
+            format!(
+                "{{exec: {{apiVersion: client.authentication.k8s.io/v1, command: sh, args: ['-c', 'touch {}']}}}}",
+                marker.display()
+            ),
+            "{auth-provider: {name: gcp, config: {cmd-path: /bin/true}}}".to_owned(),
+            "{tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token}".to_owned(),
+            "{client-certificate: /etc/cert.pem, client-key: /etc/key.pem}".to_owned(),
+        ];
+        for user in users {
+            let kubeconfig =
+                format!("apiVersion: v1\nkind: Config\n{cluster}\n{context}\nusers: [{{name: u, user: {user}}}]\n");
+            let mut s = secret(base);
+            s.string_data = Some([("c69".to_owned(), kubeconfig.clone())].into());
+            assert!(
+                matches!(parse_secret(&s), Err(RemoteError::Kubeconfig { .. })),
+                "{user}"
+            );
+            assert!(client_for(&kubeconfig).await.is_err(), "{user}");
+        }
+        assert!(!marker.exists(), "the exec plugin ran");
+        let ca_file = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:1', certificate-authority: /etc/ca.pem}}}}]\n{context}\nusers: [{{name: u, user: {{token: t}}}}]\n"
+        );
+        assert!(check_safe(&::kube::config::Kubeconfig::from_yaml(&ca_file).unwrap()).is_err());
+        // oidc and inline credentials stay allowed.
+        let ok =
+            format!("apiVersion: v1\nkind: Config\n{cluster}\n{context}\nusers: [{{name: u, user: {{token: t}}}}]\n");
+        assert!(check_safe(&::kube::config::Kubeconfig::from_yaml(&ok).unwrap()).is_ok());
     }
 
     /// The next state `rx` reports for cluster `id`, skipping its objects.
