@@ -128,15 +128,68 @@ spec:
             .any(|l| l.starts_with("eastwest_streams_total") && l.contains("outcome=\"forwarded\"")),
         "{relayed}"
     );
+    assert_client_seen(b, "client").await;
+
+    // Istio's ztunnel as the client's node proxy in c70 (shared mode, our node agent, our
+    // controller): it reaches the c81 endpoint through our gateway with what our controller
+    // serves.
+    let Some(peer) = mesh_e2e::istio::peer().expect("Istio's ztunnel") else {
+        return;
+    };
+    let istio_zt = istio_ztunnel_on_node_1(a, &peer).await;
+    let istio_client = a.add_pod(1, PodSpec::new("istio-client", "shop", &[])).expect("pod");
+    mesh_e2e::until("Istio's ztunnel -> c81 through our east-west gateway", WAIT, || async {
+        echo_connect(&istio_client.ns, target).await.is_ok()
+    })
+    .await;
+    assert_client_seen(b, "istio-client").await;
+    eprintln!("Istio's ztunnel reached c81 through our east-west gateway");
+    drop(istio_zt);
+}
+
+/// c81's ztunnel counted a connection from c70's `client` service account, mutual TLS end to
+/// end (the gateway in between holds no certificate the inner handshake accepts).
+async fn assert_client_seen(b: &mesh_e2e::cluster::Cluster, client: &str) {
     let metrics = MultiCluster::ztunnel_metrics(b, 0).await.expect("c81 node 0 metrics");
-    let from_client = metrics.lines().any(|l| {
+    let principal = format!("source_principal=\"spiffe://cluster.local/ns/shop/sa/{client}\"");
+    let seen = metrics.lines().any(|l| {
         l.starts_with("istio_tcp_connections_opened_total")
             && l.contains("reporter=\"destination\"")
-            && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+            && l.contains(&principal)
             && l.contains("connection_security_policy=\"mutual_tls\"")
     });
-    assert!(
-        from_client,
-        "c81's ztunnel saw c70's client identity end to end:\n{metrics}"
-    );
+    assert!(seen, "c81's ztunnel saw c70's {client} identity end to end:\n{metrics}");
+}
+
+/// Replaces our ztunnel on node 1 of `c` (c70, net-a) with Istio's, on our node agent's ZDS
+/// socket, and waits until it is ready.
+async fn istio_ztunnel_on_node_1(
+    c: &mesh_e2e::cluster::Cluster,
+    peer: &std::path::Path,
+) -> mesh_e2e::istio::IstioZtunnel<'static> {
+    use mesh_e2e::cluster::Cluster;
+    drop(c.nodes[1].ztunnel.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let n1 = &c.nodes[1];
+    let cp = format!("https://{}:15012", c.controller_ip());
+    let bundle = c.controller.trust_bundle().display().to_string();
+    let env: Vec<(&str, String)> = vec![
+        ("INPOD_UDS", n1.zds_socket().display().to_string()),
+        ("XDS_ADDRESS", cp.clone()),
+        ("CA_ADDRESS", cp),
+        ("XDS_ROOT_CA", bundle.clone()),
+        ("CA_ROOT_CA", bundle),
+        ("AUTH_TOKEN", c.controller.token_file(n1.name()).display().to_string()),
+        ("NODE_NAME", n1.name().to_owned()),
+        ("POD_NAMESPACE", "istio-system".into()),
+        ("POD_NAME", "ztunnel-istio".into()),
+        ("SERVICE_ACCOUNT", "ztunnel".into()),
+        ("INSTANCE_IP", Cluster::underlay_ip(c.id, 1).to_string()),
+        ("TRUST_DOMAIN", "cluster.local".into()),
+        ("CLUSTER_ID", c.cluster_id.clone()),
+        ("NETWORK", "net-a".into()),
+        ("ZTUNNEL_WORKER_THREADS", "1".into()),
+    ];
+    let mut z = mesh_e2e::istio::IstioZtunnel::spawn(n1.ns, peer, &env).expect("spawn Istio's ztunnel");
+    z.wait_ready(WAIT).await.expect("Istio's ztunnel ready");
+    z
 }
