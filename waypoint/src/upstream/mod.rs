@@ -196,3 +196,89 @@ pub fn target(workload: &Arc<Workload>, service: &Service, port: u16, like: std:
         target: SocketAddr::new(ip, mapped),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::hbone::{HbonePool, Settings};
+    use mesh_core::identity::{CertManager, CertManagerConfig, DevCa};
+    use mesh_core::socket::PlainSockets;
+    use prost::Message;
+
+    use super::*;
+
+    fn upstreams() -> Upstreams {
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        let connector = Connector {
+            state: mesh_core::state::StateStore::new(),
+            hbone: HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default())),
+            identity: "spiffe://cluster.local/ns/egress/sa/waypoint".parse().unwrap(),
+            network: String::new(),
+            hbone_port: 15008,
+            connect_timeout: std::time::Duration::from_secs(1),
+            originate: None,
+            tls_failures: Default::default(),
+        };
+        Upstreams::new(connector, tls::CredentialStore::new("egress/waypoint".into()))
+    }
+
+    fn tls(mode: &str, sni: &str) -> wp::UpstreamTls {
+        wp::UpstreamTls {
+            mode: mode.into(),
+            sni: sni.into(),
+            credential: "egress/cred".into(),
+            ..Default::default()
+        }
+    }
+
+    fn deliver(u: &Upstreams, ca: &str) {
+        let body = wp::WaypointCredentials {
+            credentials: vec![wp::UpstreamCredential {
+                secret: "egress/cred".into(),
+                ca_certificates: ca.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let sink = tls::CredentialsSink(u.credentials.clone());
+        use mesh_core::xds::ResourceSink;
+        assert!(sink
+            .apply(&[("egress/waypoint".into(), body.as_slice())], &[])
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn tls_clusters_follow_the_port_the_settings_and_the_credential() {
+        let u = upstreams();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = |name: &str| {
+            let mut p = rcgen::CertificateParams::new(Vec::new()).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.self_signed(&key).unwrap().pem()
+        };
+        deliver(&u, &ca("first"));
+        let mut policy = wp::TrafficPolicy {
+            tls: Some(tls("SIMPLE", "a.example")),
+            ..Default::default()
+        };
+        policy.port_tls.insert(8080, tls("DISABLE", ""));
+        let svc = ("egress/api.external.test", "api.external.test");
+        // Port-level DISABLE wins on 8080: the shared plaintext cluster, no TLS pools.
+        let plain = u.http_cluster(svc, "", 8080, policy.clone());
+        assert!(plain.tls.is_none());
+        assert!(Arc::ptr_eq(&plain, &u.cluster(svc.0, "", policy.clone())));
+        // Port 80 originates; the same settings and credential reuse the cluster (its pools).
+        let first = u.http_cluster(svc, "", 80, policy.clone());
+        assert!(first.tls.is_some());
+        assert!(Arc::ptr_eq(&first, &u.http_cluster(svc, "", 80, policy.clone())));
+        // A rotated Secret: a new cluster (new connections with the new credential).
+        deliver(&u, &ca("second"));
+        let rotated = u.http_cluster(svc, "", 80, policy.clone());
+        assert!(!Arc::ptr_eq(&first, &rotated));
+        assert!(Arc::ptr_eq(&rotated, &u.http_cluster(svc, "", 80, policy.clone())));
+        // Changed settings: a new cluster too.
+        policy.tls = Some(tls("SIMPLE", "b.example"));
+        assert!(!Arc::ptr_eq(&rotated, &u.http_cluster(svc, "", 80, policy)));
+    }
+}
