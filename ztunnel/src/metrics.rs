@@ -1,7 +1,9 @@
 //! Istio-compatible TCP metrics (`istio_tcp_*`) and the per-connection access log.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use mesh_core::hbone::stream::SpliceObserver;
@@ -191,6 +193,23 @@ pub struct Metrics {
     pub audited: Family<PolicyLabels, Counter>,
     /// Inbound connections evaluated under dry-run policies, by what they alone would decide.
     pub dry_run: Family<PolicyLabels, Counter>,
+    /// One shared copy of each connection label set, held by every open connection that has
+    /// it: an idle connection then holds a pointer, not two dozen strings (~1.4 KiB). Never
+    /// shrinks, like the label families themselves, so it is no larger than they are.
+    label_sets: Arc<Mutex<HashSet<Arc<TcpLabels>>>>,
+}
+
+impl Metrics {
+    /// The shared copy of `labels`.
+    fn intern(&self, labels: TcpLabels) -> Arc<TcpLabels> {
+        let mut sets = self.label_sets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = sets.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        sets.insert(shared.clone());
+        shared
+    }
 }
 
 impl Metrics {
@@ -387,8 +406,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, S> {
 /// move (through [`ConnRecord::bytes`]); `finish` counts it closed and writes the access log.
 pub struct ConnRecord<'a> {
     metrics: &'a Metrics,
-    /// Boxed: a connection's task holds its record for as long as the connection lives.
-    labels: Box<TcpLabels>,
+    /// Shared ([`Metrics::intern`]): a connection's task holds its record for as long as the
+    /// connection lives.
+    labels: Arc<TcpLabels>,
     bytes: ConnBytes,
     direction: &'static str,
     src_addr: std::net::SocketAddr,
@@ -424,7 +444,7 @@ impl<'a> ConnRecord<'a> {
         };
         ConnRecord {
             metrics,
-            labels: Box::new(labels),
+            labels: metrics.intern(labels),
             bytes,
             direction,
             src_addr,
@@ -486,5 +506,31 @@ impl Drop for ConnRecord<'_> {
                 reporter: self.labels.reporter,
             })
             .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(reporter: Reporter) -> TcpLabels {
+        TcpLabels::new(reporter, None, None, None, None, true)
+    }
+
+    #[test]
+    fn open_connections_share_one_copy_of_their_labels() {
+        let metrics = Metrics::default();
+        let addr: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        let open = |r| ConnRecord::open(&metrics, labels(r), "outbound", addr, addr, None);
+        let (a, b, other) = (
+            open(Reporter::source),
+            open(Reporter::source),
+            open(Reporter::destination),
+        );
+        assert!(Arc::ptr_eq(&a.labels, &b.labels), "equal label sets are shared");
+        assert!(!Arc::ptr_eq(&a.labels, &other.labels));
+        assert_eq!(*other.labels, labels(Reporter::destination));
+        a.finish(Ok(()));
+        assert_eq!(metrics.closed.get_or_create(&labels(Reporter::source)).get(), 1);
     }
 }
