@@ -69,11 +69,22 @@ pub(crate) fn merge(inputs: &Inputs, options: &Options, out: &mut Outputs) {
     let mut clusters = vec![status(&options.cluster_id, &options.network, true, RemoteState::Synced)];
     let mut local_ips: HashMap<(String, IpAddr), String> = HashMap::new();
     // Only remote clusters need it (a pass over every workload: skipped on the common path).
-    for a in out.addresses.values().filter(|_| !inputs.remotes.is_empty()) {
-        if let Some(pb::address::Type::Workload(w)) = &a.r#type {
-            for ip in w.addresses.iter().filter_map(|b| ip_from_bytes(b)) {
-                local_ips.insert((w.network.clone(), ip), w.uid.clone());
+    for (name, a) in out.addresses.iter().filter(|_| !inputs.remotes.is_empty()) {
+        match &a.r#type {
+            Some(pb::address::Type::Workload(w)) => {
+                for ip in w.addresses.iter().filter_map(|b| ip_from_bytes(b)) {
+                    local_ips.insert((w.network.clone(), ip), w.uid.clone());
+                }
             }
+            // Service VIPs too: a remote must not take a local service's or pod's address.
+            Some(pb::address::Type::Service(s)) => {
+                for a in &s.addresses {
+                    if let Some(ip) = ip_from_bytes(&a.address) {
+                        local_ips.insert((a.network.clone(), ip), name.clone());
+                    }
+                }
+            }
+            None => {}
         }
     }
     let mut problems = Vec::new();
@@ -182,8 +193,9 @@ fn add_remote(
                     },
                 );
             }
-            Some(pb::address::Type::Service(svc)) => {
+            Some(pb::address::Type::Service(mut svc)) => {
                 st.services += 1;
+                drop_taken_vips(id, &mut svc, &name, local_ips, problems);
                 merge_service(id, svc, &name, out, problems);
             }
             None => {}
@@ -203,6 +215,41 @@ fn ip_clash(w: &pb::Workload, ips: &mut HashMap<(String, IpAddr), String>) -> Op
         ips.insert((w.network.clone(), ip), w.uid.clone());
     }
     None
+}
+
+/// Removes the VIPs of a remote cluster's service `name` that another service or a workload
+/// already holds on their network: ztunnel resolves a VIP before a pod address and keeps one
+/// service per VIP, so a remote cluster (which names its own network) could otherwise take
+/// over a local service's or pod's traffic. The same service's VIP in two clusters is fine.
+fn drop_taken_vips(
+    cluster: &str,
+    svc: &mut pb::Service,
+    name: &str,
+    taken: &mut HashMap<(String, IpAddr), String>,
+    problems: &mut Vec<Problem>,
+) {
+    svc.addresses.retain(|a| {
+        let Some(ip) = ip_from_bytes(&a.address) else { return true };
+        match taken.get(&(a.network.clone(), ip)) {
+            Some(owner) if owner != name => {
+                problems.push(Problem {
+                    kind: Kind::Service,
+                    object: ObjectKey::new(svc.namespace.clone(), svc.name.clone()),
+                    message: format!(
+                        "address {ip} on network {:?} of this service in cluster {cluster} is {owner}'s; it is not served",
+                        a.network
+                    ),
+                    refused: None,
+                });
+                false
+            }
+            Some(_) => true,
+            None => {
+                taken.insert((a.network.clone(), ip), name.to_owned());
+                true
+            }
+        }
+    });
 }
 
 /// Merges a remote cluster's service into the one of the same name, or adds it.
@@ -610,6 +657,49 @@ apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system, labels: {topolog
         );
         assert!(
             messages.iter().any(|m| m.contains("this cluster's own id")),
+            "{messages:?}"
+        );
+    }
+
+    /// A remote cluster's service cannot take the VIP of a local service of another name, nor
+    /// a local pod's address, on the same network (it would receive their clients' traffic).
+    #[test]
+    fn a_remote_service_cannot_take_a_local_address() {
+        let mut local = inputs(&cluster("a", "10.100.68.2", "10.96.68.1", 8080, ""));
+        let thief = |name: &str, vip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}"
+            )
+        };
+        let extra = format!(
+            "{}\n---\n{}",
+            thief("vip-thief", "10.96.68.1"),
+            thief("pod-thief", "10.100.68.2")
+        );
+        add_remote(
+            &mut local,
+            "c69",
+            &cluster("b", "10.100.69.2", "10.96.68.1", 8080, &extra),
+        );
+        let out = super::super::translate(&local, &options("c68"));
+        let echo = service(&out, "shop/echo.shop.svc.cluster.local").expect("echo");
+        assert_eq!(
+            vips(echo).len(),
+            1,
+            "the same service's VIP in both clusters is one VIP"
+        );
+        for thief in ["vip-thief", "pod-thief"] {
+            let s = service(&out, &format!("shop/{thief}.shop.svc.cluster.local"));
+            assert!(
+                s.is_none_or(|s| vips(s).is_empty()),
+                "{thief} took a local address: {s:?}"
+            );
+        }
+        let messages: Vec<&str> = out.problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("is shop/echo.shop.svc.cluster.local's")),
             "{messages:?}"
         );
     }
