@@ -52,19 +52,22 @@ pub struct ExtensionProvider {
     pub name: String,
     pub zipkin: Option<Collector>,
     pub opentelemetry: Option<Collector>,
-    /// Access logs to an OpenTelemetry collector (Istio's name; sent as OTLP/HTTP).
+    /// Access logs to an OpenTelemetry collector (Istio's `EnvoyOpenTelemetryLogProvider`:
+    /// OTLP/gRPC `LogsService`, as Envoy's OpenTelemetry access logger sends them).
     pub envoy_otel_als: Option<Collector>,
     /// Access logs to a file; waypoints write theirs to stdout.
     pub envoy_file_access_log: Option<serde_yaml::Value>,
 }
 
-/// Where a collector listens (`service` is a host name or address, as Istio writes it).
+/// Where a collector listens (`service` is `[<namespace>/]<host>`, as Istio writes it).
+/// Istio's other fields (`logName`, `logFormat`, `maxTagLength`, `grpc`, ...) are accepted
+/// and not used.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Collector {
     pub service: String,
     pub port: u16,
-    /// OpenTelemetry over HTTP: `{path}`; gRPC collectors are not supported by waypoints.
+    /// `opentelemetry` only: OTLP/HTTP at `{path}` instead of OTLP/gRPC (Istio's `http`).
     pub http: Option<OtlpHttp>,
 }
 
@@ -72,6 +75,24 @@ pub struct Collector {
 pub struct OtlpHttp {
     #[serde(default)]
     pub path: String,
+}
+
+impl Collector {
+    /// The host without Istio's optional `<namespace>/` prefix.
+    fn host(&self) -> &str {
+        self.service.rsplit('/').next().unwrap_or(&self.service)
+    }
+
+    /// OTLP/gRPC: `grpc://host:port` (the waypoint calls the collector service's Export).
+    fn grpc(&self) -> String {
+        format!("grpc://{}:{}", self.host(), self.port)
+    }
+
+    /// OTLP/HTTP: `http://host:port<path>` (`default` when the path is empty).
+    fn http_url(&self, path: &str, default: &str) -> String {
+        let path = if path.is_empty() { default } else { path };
+        format!("http://{}:{}{path}", self.host(), self.port)
+    }
 }
 
 /// `defaultProviders`: the providers used when no Telemetry names one.
@@ -90,7 +111,7 @@ pub struct AccessLogSinks {
     /// Its own log (stdout): Istio's built-in `envoy` provider, an `envoyFileAccessLog` one,
     /// or no provider named anywhere.
     pub stdout: bool,
-    /// OTLP/HTTP logs endpoints.
+    /// OTLP logs endpoints: `grpc://host:port` (OTLP/gRPC) or `http://host:port/path`.
     pub otlp: Vec<String>,
     /// Names that are no access-log provider (reported; nothing is written for them).
     pub unknown: Vec<String>,
@@ -101,7 +122,8 @@ pub struct AccessLogSinks {
 pub enum TraceExport {
     /// A Zipkin v2 endpoint URL.
     Zipkin(String),
-    /// An OTLP/HTTP traces endpoint URL.
+    /// An OTLP traces endpoint: `grpc://host:port` (OTLP/gRPC, Istio's default for an
+    /// `opentelemetry` provider) or `http://host:port/path` (one with an `http` block).
     Otlp(String),
 }
 
@@ -110,18 +132,14 @@ impl MeshConfig {
     pub fn trace_export(&self, name: Option<&str>) -> Option<TraceExport> {
         let name = name.or_else(|| self.default_providers.tracing.first().map(String::as_str))?;
         let p = self.extension_providers.iter().find(|p| p.name == name)?;
-        let url = |c: &Collector, path: &str| format!("http://{}:{}{path}", c.service, c.port);
         if let Some(z) = &p.zipkin {
-            return Some(TraceExport::Zipkin(url(z, "/api/v2/spans")));
+            return Some(TraceExport::Zipkin(z.http_url("/api/v2/spans", "")));
         }
         let o = p.opentelemetry.as_ref()?;
-        let path = o
-            .http
-            .as_ref()
-            .map(|h| h.path.as_str())
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/v1/traces");
-        Some(TraceExport::Otlp(url(o, path)))
+        Some(TraceExport::Otlp(match &o.http {
+            Some(h) => o.http_url(&h.path, "/v1/traces"),
+            None => o.grpc(),
+        }))
     }
 }
 
@@ -150,14 +168,15 @@ impl MeshConfig {
                 }
                 continue;
             };
-            if let Some(c) = p.envoy_otel_als.as_ref().or(p.opentelemetry.as_ref()) {
-                let path = c
-                    .http
-                    .as_ref()
-                    .map(|h| h.path.as_str())
-                    .filter(|p| !p.is_empty() && *p != "/v1/traces")
-                    .unwrap_or("/v1/logs");
-                out.otlp.push(format!("http://{}:{}{path}", c.service, c.port));
+            if let Some(c) = &p.envoy_otel_als {
+                // Istio's provider has no HTTP form: always OTLP/gRPC.
+                out.otlp.push(c.grpc());
+            } else if let Some(c) = &p.opentelemetry {
+                out.otlp.push(match &c.http {
+                    Some(h) if h.path != "/v1/traces" => c.http_url(&h.path, "/v1/logs"),
+                    Some(_) => c.http_url("", "/v1/logs"),
+                    None => c.grpc(),
+                });
             } else if p.envoy_file_access_log.is_some() {
                 out.stdout = true;
             } else {
@@ -253,70 +272,98 @@ mod tests {
         assert!(parse("outboundTrafficPolicy: {mode: SOMETIMES}\n").is_err());
     }
 
-    #[test]
-    fn tracing_providers_resolve_to_collector_urls() {
-        let cfg = parse(
-            "extensionProviders:
+    /// Istio's provider documents as its docs write them, and what the waypoint is told.
+    const PROVIDERS: &str = "extensionProviders:
 - name: zipkin
   zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
-- name: otel
-  opentelemetry: {service: otel.obs.svc, port: 4318, http: {path: /v1/traces}}
-- name: envoy-log
+- name: otel-grpc
+  opentelemetry: {service: observability/otel.obs.svc.cluster.local, port: 4317, maxTagLength: 256}
+- name: otel-http
+  opentelemetry:
+    service: otel.obs.svc
+    port: 4318
+    http: {path: /v1/traces, timeout: 10s, headers: [{name: x-tenant, value: a}]}
+- name: otel-http-custom
+  opentelemetry: {service: 10.0.0.9, port: 4318, http: {path: /custom/logs}}
+- name: otel-als
+  envoyOtelAls: {service: opentelemetry-collector.observability.svc.cluster.local, port: 4317, logName: waypoint}
+- name: otel-als-ns
+  envoyOtelAls: {service: observability/otel.obs.svc, port: 4317, logFormat: {labels: {pod: x}}}
+- name: file
   envoyFileAccessLog: {path: /dev/stdout}
-defaultProviders: {tracing: [zipkin]}
-",
-        )
-        .unwrap();
-        assert_eq!(
-            cfg.trace_export(None),
-            Some(TraceExport::Zipkin(
-                "http://zipkin.istio-system.svc.cluster.local:9411/api/v2/spans".into()
-            ))
-        );
-        assert_eq!(
-            cfg.trace_export(Some("otel")),
-            Some(TraceExport::Otlp("http://otel.obs.svc:4318/v1/traces".into()))
-        );
-        assert_eq!(cfg.trace_export(Some("envoy-log")), None);
-        assert_eq!(cfg.trace_export(Some("missing")), None);
+";
+
+    #[test]
+    fn tracing_providers_resolve_to_collectors() {
+        let cfg = parse(&format!("{PROVIDERS}defaultProviders: {{tracing: [zipkin]}}\n")).unwrap();
+        let otlp = |s: &str| Some(TraceExport::Otlp(s.into()));
+        let table: [(Option<&str>, Option<TraceExport>); 7] = [
+            (
+                None,
+                Some(TraceExport::Zipkin(
+                    "http://zipkin.istio-system.svc.cluster.local:9411/api/v2/spans".into(),
+                )),
+            ),
+            // No `http` block: OTLP/gRPC, as Envoy's OpenTelemetry tracer; the namespace prefix goes.
+            (Some("otel-grpc"), otlp("grpc://otel.obs.svc.cluster.local:4317")),
+            (Some("otel-http"), otlp("http://otel.obs.svc:4318/v1/traces")),
+            (Some("otel-http-custom"), otlp("http://10.0.0.9:4318/custom/logs")),
+            (Some("otel-als"), None),
+            (Some("file"), None),
+            (Some("missing"), None),
+        ];
+        for (name, want) in table {
+            assert_eq!(cfg.trace_export(name), want, "{name:?}");
+        }
         assert_eq!(MeshConfig::default().trace_export(None), None);
     }
 
     #[test]
     fn access_log_providers_resolve_to_stdout_and_otlp_endpoints() {
-        let cfg = parse(
-            "extensionProviders:
-- name: otel-als
-  envoyOtelAls: {service: otel.obs.svc, port: 4318}
-- name: otel
-  opentelemetry: {service: 10.0.0.9, port: 4318, http: {path: /custom/logs}}
-- name: file
-  envoyFileAccessLog: {path: /dev/stdout}
-- name: zipkin
-  zipkin: {service: zipkin, port: 9411}
-",
-        )
-        .unwrap();
-        let s = cfg.access_log_sinks(&["otel-als", "otel"]);
-        assert!(!s.stdout && s.unknown.is_empty());
-        assert_eq!(
-            s.otlp,
-            ["http://otel.obs.svc:4318/v1/logs", "http://10.0.0.9:4318/custom/logs"]
-        );
-        let s = cfg.access_log_sinks(&["envoy", "file", "zipkin", "nope"]);
-        assert!(s.stdout && s.otlp.is_empty());
-        assert_eq!(s.unknown, ["zipkin", "nope"]);
-        assert!(cfg.access_log_sinks(&[]).stdout, "nothing named anywhere: stdout");
+        let cfg = parse(PROVIDERS).unwrap();
+        struct Row {
+            names: &'static [&'static str],
+            stdout: bool,
+            otlp: &'static [&'static str],
+            unknown: &'static [&'static str],
+        }
+        let row = |names, stdout, otlp, unknown| Row {
+            names,
+            stdout,
+            otlp,
+            unknown,
+        };
+        let table = [
+            // envoyOtelAls is OTLP/gRPC (collectors' 4317), never HTTP.
+            row(
+                &["otel-als"],
+                false,
+                &["grpc://opentelemetry-collector.observability.svc.cluster.local:4317"],
+                &[],
+            ),
+            row(&["otel-als-ns"], false, &["grpc://otel.obs.svc:4317"], &[]),
+            row(&["otel-grpc"], false, &["grpc://otel.obs.svc.cluster.local:4317"], &[]),
+            row(&["otel-http"], false, &["http://otel.obs.svc:4318/v1/logs"], &[]),
+            row(&["otel-http-custom"], false, &["http://10.0.0.9:4318/custom/logs"], &[]),
+            row(&["envoy", "file", "zipkin", "nope"], true, &[], &["zipkin", "nope"]),
+            row(&[], true, &[], &[]),
+        ];
+        for r in table {
+            let s = cfg.access_log_sinks(r.names);
+            assert_eq!(s.stdout, r.stdout, "{:?}", r.names);
+            assert_eq!(s.otlp, r.otlp, "{:?}", r.names);
+            assert_eq!(s.unknown, r.unknown, "{:?}", r.names);
+        }
         let with_default = MeshConfig {
             default_providers: DefaultProviders {
-                access_logging: vec!["otel-als".into()],
+                access_logging: vec!["otel-als-ns".into()],
                 ..Default::default()
             },
             ..cfg
         };
         let s = with_default.access_log_sinks(&[]);
-        assert!(!s.stdout);
-        assert_eq!(s.otlp, ["http://otel.obs.svc:4318/v1/logs"]);
+        assert!(!s.stdout, "nothing named: the default providers");
+        assert_eq!(s.otlp, ["grpc://otel.obs.svc:4317"]);
     }
 
     #[tokio::test]

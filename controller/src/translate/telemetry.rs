@@ -5,8 +5,11 @@
 //! inherits per section. Expressions are parsed here with the waypoint's own parser
 //! (`mesh_core::expr`): one that cannot be read is reported and left out, never sent.
 //! Access-log providers are resolved against MeshConfig's `extensionProviders`: OpenTelemetry
-//! ones (`envoyOtelAls`, `opentelemetry`) become the OTLP/HTTP logs endpoints the waypoint
-//! posts to; `envoy` and file providers keep its own (stdout) log.
+//! ones become the OTLP logs endpoints the waypoint exports to (`envoyOtelAls` over gRPC, an
+//! `opentelemetry` one with an `http` block over HTTP); `envoy` and file providers keep its
+//! own (stdout) log. MeshConfig's `defaultProviders.accessLogging` applies mesh-wide as in
+//! Istio, also with no Telemetry at all: it becomes a mesh-scope policy of its own that any
+//! Telemetry writing access logging (mesh, namespace or targeted) overrides.
 
 use std::collections::BTreeMap;
 
@@ -26,9 +29,18 @@ const METRICS: [&str; 5] = [
     "RESPONSE_SIZE",
 ];
 
-/// Every Telemetry's waypoint policy, by `Telemetry/<ns>/<name>`.
+/// Key of the policy `defaultProviders.accessLogging` makes. The waypoint breaks ties between
+/// mesh-scope policies by key, the smaller winning; this sorts after every `Telemetry/...`
+/// key, so a mesh-wide Telemetry that writes access logging is chosen over the defaults.
+pub(crate) const DEFAULT_PROVIDERS_KEY: &str = "TelemetryDefaults/mesh";
+
+/// Every Telemetry's waypoint policy, by `Telemetry/<ns>/<name>`, and the default providers'
+/// one by [`DEFAULT_PROVIDERS_KEY`].
 pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report) -> BTreeMap<String, wp::Policy> {
     let mut out = BTreeMap::new();
+    if let Some(p) = default_providers(&inputs.mesh, options) {
+        out.insert(DEFAULT_PROVIDERS_KEY.to_owned(), p);
+    }
     for (key, t) in &inputs.telemetries {
         for path in &t.unimplemented {
             report.add(Kind::Telemetry, key, format!("{path} is not implemented; ignored"));
@@ -38,6 +50,32 @@ pub(crate) fn translate(inputs: &Inputs, options: &Options, report: &mut Report)
         }
     }
     out
+}
+
+/// The mesh-wide access logging of `defaultProviders.accessLogging`, when it names any.
+fn default_providers(mesh: &MeshConfig, options: &Options) -> Option<wp::Policy> {
+    if mesh.default_providers.access_logging.is_empty() {
+        return None;
+    }
+    let sinks = mesh.access_log_sinks(&[]);
+    for name in &sinks.unknown {
+        tracing::warn!(provider = %name, "defaultProviders.accessLogging names no access-log provider; nothing is written for it");
+    }
+    let telemetry = wp::Telemetry {
+        scope: wp::telemetry::Scope::Mesh as i32,
+        access_log: Some(wp::TelemetryAccessLog {
+            otlp: sinks.otlp,
+            no_stdout: !sinks.stdout,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(wp::Policy {
+        name: "default-providers".to_owned(),
+        namespace: options.root_namespace.clone(),
+        targets: Vec::new(),
+        kind: Some(wp::policy::Kind::Telemetry(telemetry)),
+    })
 }
 
 fn one(
@@ -355,12 +393,50 @@ spec:
         );
     }
 
+    /// `defaultProviders.accessLogging` logs mesh-wide with no Telemetry at all (Istio), and a
+    /// Telemetry that writes access logging (here a namespace one) is more specific.
+    #[test]
+    fn default_access_log_providers_apply_without_any_telemetry() {
+        let mesh = crate::mesh_config::parse(
+            "extensionProviders:\n- name: otel\n  envoyOtelAls: {service: otel.obs.svc, port: 4317}\n\
+             defaultProviders: {accessLogging: [otel]}\n",
+        )
+        .unwrap();
+        let (out, problems) = translated_with("", mesh.clone());
+        assert!(problems.is_empty(), "{problems:?}");
+        let p = out
+            .get(DEFAULT_PROVIDERS_KEY)
+            .expect("a mesh-wide policy from the defaults");
+        let Some(wp::policy::Kind::Telemetry(t)) = &p.kind else {
+            panic!("{p:?}")
+        };
+        assert_eq!(t.scope, wp::telemetry::Scope::Mesh as i32);
+        assert!(t.tracing.is_none() && !t.has_metrics, "only access logging");
+        let log = t.access_log.clone().expect("access log");
+        assert_eq!(
+            (log.otlp.as_slice(), log.no_stdout),
+            (&["grpc://otel.obs.svc:4317".to_owned()][..], true)
+        );
+        assert!(
+            "Telemetry/istio-system/a" < DEFAULT_PROVIDERS_KEY && "Telemetry/~" < DEFAULT_PROVIDERS_KEY,
+            "a mesh-wide Telemetry wins the tie"
+        );
+        let (out, _) = translated_with(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: off, namespace: shop}\n\
+             spec:\n  accessLogging: [{disabled: true}]\n",
+            mesh,
+        );
+        assert!(out.contains_key(DEFAULT_PROVIDERS_KEY) && out.contains_key("Telemetry/shop/off"));
+        let (out, _) = translated_with("", MeshConfig::default());
+        assert!(out.is_empty(), "no default providers: no policy");
+    }
+
     /// Access-log providers: an OpenTelemetry one becomes the waypoint's OTLP endpoint and
     /// turns its own log off unless `envoy` is named too; an unknown name is reported.
     #[test]
     fn access_log_providers_from_the_mesh_config() {
         let mesh = crate::mesh_config::parse(
-            "extensionProviders:\n- name: otel\n  envoyOtelAls: {service: 10.0.0.7, port: 4318}\n",
+            "extensionProviders:\n- name: otel\n  envoyOtelAls: {service: 10.0.0.7, port: 4317}\n",
         )
         .unwrap();
         let doc = |name: &str, providers: &str| {
@@ -378,7 +454,7 @@ spec:
         let a = log("Telemetry/ns-a/a");
         assert_eq!(
             (a.otlp.as_slice(), a.no_stdout),
-            (&["http://10.0.0.7:4318/v1/logs".to_owned()][..], true)
+            (&["grpc://10.0.0.7:4317".to_owned()][..], true)
         );
         let b = log("Telemetry/ns-b/b");
         assert_eq!((b.otlp.len(), b.no_stdout), (1, false));
