@@ -334,9 +334,15 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
-/// Logs a failed origination (rate-limited by the caller's pool: one per connection).
+/// Logs a failed origination: one line per reason per 10 s (an external server could
+/// otherwise make every request write one), saying how many were left out; the metric
+/// counts them all.
 pub fn log_failure(target: std::net::SocketAddr, failure: &TlsFailure) {
-    warn!(upstream = %target, error = %failure, "TLS origination failed; request not sent");
+    static LIMIT: std::sync::OnceLock<mesh_core::log_limit::LogLimiter> = std::sync::OnceLock::new();
+    let limit = LIMIT.get_or_init(|| mesh_core::log_limit::LogLimiter::new(std::time::Duration::from_secs(10)));
+    if let Some(suppressed) = limit.check(failure.reason()) {
+        warn!(upstream = %target, error = %failure, suppressed, "TLS origination failed; request not sent");
+    }
 }
 
 #[cfg(test)]
