@@ -335,6 +335,9 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             });
             // The outputs published before become the translator's spare copy.
             lock(&tracking.translator).recycle(before.outputs);
+            // After a from-scratch step, the spare is made now rather than by the next change.
+            let translator = tracking.translator.clone();
+            tokio::task::spawn_blocking(move || lock(&translator).prepare());
             // Translation and encoding leave freed heap behind; give it back once the burst
             // has been pushed (glibc keeps it otherwise).
             trim.notify_one();

@@ -109,6 +109,8 @@ pub struct Incremental {
     last: Option<Touched>,
     /// Address of the outputs published before `out` (the only ones `recycle` keeps).
     before: usize,
+    /// What `remote::merge` set last: cluster status and the problems it added.
+    merged: Option<(Vec<super::remote::ClusterStatus>, Vec<Problem>)>,
     policies: BTreeMap<ObjectKey, PolicyOut>,
     peer: authz::Output,
     unreadable: BTreeMap<String, Authorization>,
@@ -132,6 +134,7 @@ impl Incremental {
             spare: None,
             last: None,
             before: 0,
+            merged: None,
             policies: BTreeMap::new(),
             peer: authz::Output::default(),
             unreadable: BTreeMap::new(),
@@ -207,12 +210,11 @@ impl Incremental {
         touched.addresses = updates.keys().cloned().collect();
         touched.tail = tail.is_some();
         let translated = started.elapsed();
+        let remerge = full || tail.is_some() || self.reshaped(&updates);
         let mut work = self.work(full);
         self.assemble(&mut work, updates, &touched, tail);
         let assembled = started.elapsed();
-        // Cluster status and network gateways, as a full translation ends (without remote
-        // clusters or east-west gateways, which translate from scratch, it changes no address).
-        super::remote::merge(inputs, &self.options, &mut work);
+        self.merge(inputs, &mut work, remerge);
         tracing::debug!(
             full,
             pods,
@@ -231,6 +233,49 @@ impl Incremental {
         Step {
             outputs: self.out.clone(),
             touched: (!full).then_some(touched),
+        }
+    }
+
+    /// Whether `updates` add or remove an address, or change a workload's network or cluster:
+    /// what the cluster status and network-gateway problems of `remote::merge` depend on.
+    fn reshaped(&self, updates: &BTreeMap<String, Option<pb::Address>>) -> bool {
+        fn shape(a: Option<&pb::Address>) -> Option<Option<(&str, &str)>> {
+            a.map(|a| match &a.r#type {
+                Some(pb::address::Type::Workload(w)) => Some((w.network.as_str(), w.cluster_id.as_str())),
+                _ => None,
+            })
+        }
+        updates
+            .iter()
+            .any(|(name, new)| shape(self.out.addresses.get(name)) != shape(new.as_ref()))
+    }
+
+    /// Cluster status and network gateways, as a full translation ends them (without remote
+    /// clusters or east-west gateways, which translate from scratch, it changes no address):
+    /// `remote::merge` passes over every address, so its result is kept and reused while the
+    /// addresses keep their shape ([`Incremental::reshaped`]).
+    fn merge(&mut self, inputs: &Inputs, work: &mut Outputs, remerge: bool) {
+        match &self.merged {
+            Some((clusters, problems)) if !remerge => {
+                work.clusters = clusters.clone();
+                work.problems.extend(problems.iter().cloned());
+                work.problems = dedup(std::mem::take(&mut work.problems));
+            }
+            _ => {
+                let before = work.problems.clone();
+                super::remote::merge(inputs, &self.options, work);
+                let added = work.problems.iter().filter(|p| before.binary_search(p).is_err());
+                self.merged = Some((work.clusters.clone(), added.cloned().collect()));
+            }
+        }
+    }
+
+    /// Makes the spare copy of the outputs after a from-scratch step, off the path of the
+    /// next change (which would otherwise copy the world first).
+    pub fn prepare(&mut self) {
+        if self.valid && self.last.is_none() {
+            self.spare = Some((*self.out).clone());
+            self.last = Some(Touched::default());
         }
     }
 
