@@ -24,6 +24,9 @@ pub const QUEUE: usize = 4096;
 pub const BATCH: usize = 256;
 /// How long one POST may take before its batch is given up.
 const POST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a gRPC answer read (an ExportLogsServiceResponse is a few bytes): a collector
+/// cannot make the waypoint buffer what it sends for [`POST_TIMEOUT`].
+const MAX_GRPC_RESPONSE: usize = 64 * 1024;
 
 /// Why items were lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,7 +201,10 @@ async fn send(clients: &Clients, transport: &Transport, body: Vec<u8>) -> Result
             if let Some(status) = resp.headers().get("grpc-status").cloned() {
                 return grpc_ok(Some(&status));
             }
-            let collected = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+            let collected = http_body_util::Limited::new(resp.into_body(), MAX_GRPC_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
             grpc_ok(collected.trailers().and_then(|t| t.get("grpc-status")))
         }
     }
@@ -225,6 +231,38 @@ fn grpc_ok(status: Option<&http::HeaderValue>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A collector answering a gRPC export with a huge body (then grpc-status 0) gets the batch
+    /// counted as failed after [`MAX_GRPC_RESPONSE`] bytes; the body was read whole before.
+    #[tokio::test]
+    async fn a_huge_grpc_answer_is_not_buffered() {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let body = Full::new(Bytes::from(vec![0u8; 4 << 20]))
+                    .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) });
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, svc)
+                .await;
+        });
+        let clients = Clients {
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            grpc: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+        };
+        let uri: Uri = format!("http://{addr}/opentelemetry.proto.collector.logs.v1.LogsService/Export")
+            .parse()
+            .unwrap();
+        let sent = send(&clients, &Transport::Grpc { uri }, vec![1, 2, 3]).await;
+        assert!(sent.is_err(), "a 4 MiB answer was read whole and accepted");
+    }
 
     #[test]
     fn addresses_become_transports() {
