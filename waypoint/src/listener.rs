@@ -351,10 +351,9 @@ fn tcp_backend(
         None => (service.clone(), dst.port()),
     };
     let routes = snapshot.routes.get(&backend.key()).map(|r| &r.config);
-    let cluster = wp
-        .upstreams
-        .cluster(&backend.key(), "", crate::upstream::effective_policy(routes, None));
-    let eps = crate::upstream::candidates(&state, &backend, None);
+    let policy = crate::upstream::effective_policy(routes, None);
+    let eps = crate::locality::candidates(&state, &backend, None, &policy);
+    let cluster = wp.upstreams.cluster(&backend.key(), "", policy);
     let w = cluster.pick(&eps)?;
     let ep = crate::upstream::target(&w, &backend, port, dst.ip())?;
     Some((cluster, w, ep.target))

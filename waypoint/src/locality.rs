@@ -12,7 +12,9 @@
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
+use mesh_core::state::locality::{LoadPolicy, Mode, Scope};
 use mesh_core::state::{Service, State, Workload};
+use mesh_proto::waypoint as wp;
 
 /// This pod's address, read once.
 fn pod_ip() -> Option<IpAddr> {
@@ -40,6 +42,43 @@ pub fn closest_to(
     let Some(me) = me else { return endpoints };
     // STRICT and nothing in scope: no candidate rather than one out of scope.
     state.closest(service, me, endpoints).unwrap_or_default()
+}
+
+/// A backend's candidates: as [`crate::upstream::candidates`], except that a DestinationRule's
+/// locality failover (`loadBalancer.locality`) replaces the service's preference, as Istio
+/// lets `localityLbSetting` override the traffic distribution.
+pub fn candidates(
+    state: &State,
+    service: &Service,
+    subset: Option<&wp::Subset>,
+    policy: &wp::TrafficPolicy,
+) -> Vec<Arc<Workload>> {
+    candidates_at(state, me(state).map(Arc::as_ref), service, subset, policy)
+}
+
+/// As [`candidates`] for a waypoint at `me`.
+fn candidates_at(
+    state: &State,
+    me: Option<&Workload>,
+    service: &Service,
+    subset: Option<&wp::Subset>,
+    policy: &wp::TrafficPolicy,
+) -> Vec<Arc<Workload>> {
+    let mut eps = state.endpoints(service);
+    if let Some(s) = subset {
+        eps.retain(|w| s.workloads.iter().any(|u| *u == w.uid));
+    }
+    let Some(me) = me else { return eps };
+    match policy.load_balancer.as_ref().and_then(|l| l.locality.as_ref()) {
+        Some(failover) => {
+            let rule = LoadPolicy {
+                routing_preference: failover.routing_preference.iter().copied().map(Scope::from).collect(),
+                mode: Mode::Failover,
+            };
+            state.closest_by(Some(&rule), me, eps).unwrap_or_default()
+        }
+        None => state.closest(service, me, eps).unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]
@@ -123,5 +162,45 @@ mod tests {
         s.apply_address(&svc(Mode::UnspecifiedMode, &close)).expect("valid");
         s.apply_address(&wl("near", 2, "a", true, true)).expect("valid");
         assert_eq!(run(&s, Some("waypoint")), ["far", "near"], "no preference asked");
+    }
+
+    /// A DestinationRule's locality failover replaces the service's preference: by zone when
+    /// the service asks none, and by node over the service's zone preference.
+    #[test]
+    fn a_destination_rule_failover_replaces_the_services_preference() {
+        let mut s = State::default();
+        for a in [
+            svc(Mode::UnspecifiedMode, &[]),
+            wl("waypoint", 1, "a", true, false),
+            wl("near", 2, "a", true, true),
+            wl("far", 3, "b", true, true),
+        ] {
+            s.apply_address(&a).expect("valid");
+        }
+        let rule = |scopes: &[Scope]| wp::TrafficPolicy {
+            load_balancer: Some(wp::LoadBalancer {
+                simple: String::new(),
+                locality: Some(wp::LocalityFailover {
+                    routing_preference: scopes.iter().map(|s| *s as i32).collect(),
+                }),
+            }),
+            ..Default::default()
+        };
+        let run = |s: &State, policy: &wp::TrafficPolicy| {
+            let service = s.service(KEY).expect("service").clone();
+            let me = s.workload("waypoint").map(|w| w.as_ref().clone());
+            uids(candidates_at(s, me.as_ref(), &service, None, policy))
+        };
+        let none = wp::TrafficPolicy::default();
+        assert_eq!(run(&s, &none), ["far", "near"]);
+        let by_zone = rule(&[Scope::Region, Scope::Zone, Scope::Subzone]);
+        assert_eq!(run(&s, &by_zone), ["near"]);
+        s.apply_address(&wl("near", 2, "a", false, true)).expect("valid");
+        assert_eq!(run(&s, &by_zone), ["far"], "fails over when the zone has none healthy");
+        s.apply_address(&wl("near", 2, "a", true, true)).expect("valid");
+        // The service prefers the zone; the rule ranks by cluster only (all equal): both.
+        s.apply_address(&svc(Mode::Failover, &[Scope::Zone])).expect("valid");
+        assert_eq!(run(&s, &none), ["near"]);
+        assert_eq!(run(&s, &rule(&[Scope::Cluster])), ["far", "near"]);
     }
 }

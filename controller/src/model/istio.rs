@@ -434,6 +434,20 @@ pub struct ClientTls {
 pub struct LoadBalancer {
     /// ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH.
     pub simple: Option<String>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
+}
+
+/// Istio's LocalityLoadBalancerSetting (`distribute` and `failover` kept raw: reported).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalityLbSetting {
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+    #[serde(default)]
+    pub failover: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub distribute: Vec<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

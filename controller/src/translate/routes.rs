@@ -2,6 +2,8 @@
 //! VirtualService (hosts: the service), with the host's DestinationRule. The L7 policies
 //! waypoints enforce are translated in [`super::waypoint_policy`].
 
+mod locality;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -735,19 +737,25 @@ fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp
         min_health_percent: o.min_health_percent.unwrap_or(0),
     });
     let load_balancer = p.load_balancer.as_ref().and_then(|lb| {
-        let simple = lb.simple.clone()?;
-        if !matches!(
-            simple.as_str(),
-            "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "PASSTHROUGH" | "UNSPECIFIED"
-        ) {
-            report.add(
-                kind,
-                key,
-                format!("loadBalancer.simple {simple:?} is not supported; using ROUND_ROBIN"),
+        let locality = locality::failover(lb.locality_lb_setting.as_ref(), outlier.is_some(), key, report);
+        let simple = lb.simple.clone().filter(|simple| {
+            let known = matches!(
+                simple.as_str(),
+                "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "PASSTHROUGH" | "UNSPECIFIED"
             );
-            return None;
-        }
-        Some(wp::LoadBalancer { simple })
+            if !known {
+                report.add(
+                    kind,
+                    key,
+                    format!("loadBalancer.simple {simple:?} is not supported; using ROUND_ROBIN"),
+                );
+            }
+            known
+        });
+        (simple.is_some() || locality.is_some()).then(|| wp::LoadBalancer {
+            simple: simple.unwrap_or_default(),
+            locality,
+        })
     });
     wp::TrafficPolicy {
         connection_pool: pool,

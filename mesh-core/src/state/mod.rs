@@ -208,7 +208,18 @@ impl State {
         client: &Workload,
         endpoints: Vec<Arc<Workload>>,
     ) -> Result<Vec<Arc<Workload>>, locality::OutOfScope> {
-        let Some(policy) = self.load_policy(&service.key()) else {
+        self.closest_by(self.load_policy(&service.key()), client, endpoints)
+    }
+
+    /// As [`State::closest`] with `policy` instead of the service's (a DestinationRule's
+    /// locality failover at the waypoint); `None` keeps every endpoint.
+    pub fn closest_by(
+        &self,
+        policy: Option<&locality::LoadPolicy>,
+        client: &Workload,
+        endpoints: Vec<Arc<Workload>>,
+    ) -> Result<Vec<Arc<Workload>>, locality::OutOfScope> {
+        let Some(policy) = policy else {
             return Ok(endpoints);
         };
         fn peer<'a>(state: &'a State, w: &'a Workload) -> locality::Peer<'a> {

@@ -329,13 +329,12 @@ impl Backend {
                     })?,
             ),
         };
-        let cluster = wp.upstreams.http_cluster(
-            (&backend.service, &service.hostname),
-            &backend.subset,
-            port,
-            upstream::effective_policy(backend_routes, subset),
-        );
-        let candidates = upstream::candidates(state, &service, subset);
+        let policy = upstream::effective_policy(backend_routes, subset);
+        // Before the cluster takes the policy: a DestinationRule's locality failover.
+        let candidates = crate::locality::candidates(state, &service, subset, &policy);
+        let cluster = wp
+            .upstreams
+            .http_cluster((&backend.service, &service.hostname), &backend.subset, port, policy);
         let via_waypoint = wp
             .ingress
             .as_ref()
