@@ -26,6 +26,7 @@ use mesh_core::hbone::{
 };
 use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, Identity, TokenSource};
+use mesh_core::log_limit::LogLimiter;
 use mesh_core::state::StateStore;
 use mesh_core::xds::{XdsClient, XdsConfig, XdsMetrics};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -91,7 +92,13 @@ struct Gateway {
     settings: Settings,
     metrics: Metrics,
     drain: CancellationToken,
+    /// Refusal log lines, at most one per reason per second: any mesh peer can make streams
+    /// fail as fast as it can open them (they are counted in `eastwest_streams_total`).
+    refusals: LogLimiter,
 }
+
+/// Refusal lines per reason: one per this interval, with the count suppressed meanwhile.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the gateway until SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -119,6 +126,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         metrics,
         drain: CancellationToken::new(),
+        refusals: LogLimiter::new(REFUSAL_LOG_INTERVAL),
     });
     spawn_certificate(gw.clone());
     serve_stats(&cfg, gw.clone(), Arc::new(registry), ready.0).await?;
@@ -297,8 +305,11 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
         gw.metrics.outcome(why.as_str());
         req.reject(why.status());
     };
+    let logs = |why: Refused| gw.refusals.check(why.as_str());
     if req.peer_identity.trust_domain != gw.identity.trust_domain {
-        info!(peer = %req.peer_addr, identity = %req.peer_identity, "refused: not an identity of this mesh's trust domain");
+        if let Some(suppressed) = logs(Refused::ForeignTrustDomain) {
+            info!(peer = %req.peer_addr, identity = %req.peer_identity, suppressed, "refused: not an identity of this mesh's trust domain");
+        }
         return refuse(req, Refused::ForeignTrustDomain);
     }
     let authority = match &req.hostname {
@@ -313,7 +324,9 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
     let target = match route::target(&state, &scope, req.hostname.as_deref(), req.dst, req.local_addr.ip()) {
         Ok(t) => t,
         Err(why) => {
-            info!(%authority, identity = %req.peer_identity, reason = why.as_str(), "refused");
+            if let Some(suppressed) = logs(why) {
+                info!(%authority, identity = %req.peer_identity, reason = why.as_str(), suppressed, "refused");
+            }
             return refuse(req, why);
         }
     };
@@ -322,7 +335,9 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
     let mut upstream = match req.unless_reset(connect).await {
         Some(Ok(Ok(s))) => s,
         Some(_) => {
-            info!(%authority, %target, "refused: endpoint unreachable");
+            if let Some(suppressed) = logs(Refused::Unreachable) {
+                info!(%authority, %target, suppressed, "refused: endpoint unreachable");
+            }
             return refuse(req, Refused::Unreachable);
         }
         None => return,
@@ -412,6 +427,7 @@ mod tests {
             },
             metrics,
             drain: CancellationToken::new(),
+            refusals: LogLimiter::new(REFUSAL_LOG_INTERVAL),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -454,6 +470,62 @@ mod tests {
             .await
             .expect("another identity");
         drop(held);
+    }
+
+    /// A peer opening refused streams in a loop cannot flood the log: one line per reason per
+    /// second, every stream still counted (each of 50 was logged before).
+    #[tokio::test]
+    async fn refused_streams_do_not_flood_the_log() {
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let (gw, addr) = gateway(&ca, 1024).await;
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
+        let request = TunnelRequest {
+            key: PoolKey {
+                src_identity: id("default", "client"),
+                dst_identities: vec![id("istio-system", "eastwest")],
+                src_ip: None,
+                dst: addr,
+            },
+            // Not an address of the gateway's network.
+            authority: "192.0.2.1:15000".into(),
+            forwarded_for: None,
+            baggage: None,
+            traceparent: None,
+        };
+        for _ in 0..50 {
+            assert!(pool.connect(&request).await.is_err());
+        }
+        let refused = gw
+            .metrics
+            .streams
+            .get_or_create(&OutcomeLabels {
+                outcome: Refused::NotInNetwork.as_str(),
+            })
+            .get();
+        assert_eq!(refused, 50);
+        let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+        let logged = text.lines().filter(|l| l.contains("refused")).count();
+        assert!(logged <= 2, "{logged} refusal lines for 50 streams");
     }
 
     #[test]
