@@ -1,16 +1,22 @@
-//! The waypoint's access log sent to an OpenTelemetry collector over OTLP/HTTP: MeshConfig
-//! names an `envoyOtelAls` provider, a mesh-wide Telemetry's access logging names it with a
-//! 5xx filter, and the collector (an HTTP server in this test) decodes `ExportLogsServiceRequest`
-//! JSON posted to `/v1/logs` carrying exactly the 5xx requests, while the waypoint's own log
-//! no longer has them. Then the provider points at a port nobody listens on: requests are
-//! served as before and the lost records are counted.
+//! The waypoint's access log sent to an OpenTelemetry collector as Istio users configure it:
+//! MeshConfig names an `envoyOtelAls` provider (OTLP over gRPC, the collector's 4317, as
+//! Envoy's OpenTelemetry access logger sends it), a mesh-wide Telemetry's access logging names
+//! it with a 5xx filter, and the collector (a tonic `LogsService` server in this test) receives
+//! `Export` calls carrying exactly the 5xx requests, while the waypoint's own log no longer has
+//! them. Then the Telemetry goes and MeshConfig's `defaultProviders.accessLogging` alone names
+//! the provider: every request is exported, as in Istio. Last the provider points at a port
+//! nobody listens on: requests are served as before and the lost records are counted.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use mesh_e2e::apps::{named_server, span_collector, HttpConn};
+use mesh_e2e::apps::{named_server, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec};
 use mesh_e2e::waypoint::{base, identity, service, Waypoint};
+use mesh_proto::otlp::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
+use mesh_proto::otlp::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+use mesh_proto::otlp::common::v1::any_value::Value;
+use tokio::sync::mpsc;
 
 const ID: u8 = 67;
 const WAIT: Duration = Duration::from_secs(15);
@@ -51,36 +57,108 @@ spec:
     filter: {expression: "response.code >= 500"}
 "#;
 
-fn mesh_config(collector: SocketAddr) -> String {
-    format!(
+/// The provider as Istio's docs write it; `defaults` also makes it `defaultProviders.accessLogging`.
+fn mesh_config(collector: SocketAddr, defaults: bool) -> String {
+    let mut m = format!(
         "extensionProviders:\n- name: otel\n  envoyOtelAls: {{service: {}, port: {}}}\n",
         collector.ip(),
         collector.port()
-    )
+    );
+    if defaults {
+        m += "defaultProviders: {accessLogging: [otel]}\n";
+    }
+    m
 }
 
-/// The `path` attribute of every log record in one OTLP/HTTP JSON body.
-fn record_paths(body: &str) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+/// An OTLP/gRPC logs collector: every `Export` request is passed to the test.
+struct Collector(mpsc::UnboundedSender<ExportLogsServiceRequest>);
+
+#[tonic::async_trait]
+impl LogsService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let _ = self.0.send(req.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+fn grpc_collector(listener: tokio::net::TcpListener) -> mpsc::UnboundedReceiver<ExportLogsServiceRequest> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None).expect("incoming");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(LogsServiceServer::new(Collector(tx)))
+            .serve_with_incoming(incoming),
+    );
+    rx
+}
+
+/// (path, status) of every log record in one export; all from the waypoint's resource.
+fn records(req: &ExportLogsServiceRequest) -> Vec<(String, i64)> {
     let mut out = Vec::new();
-    for rl in v["resourceLogs"].as_array().into_iter().flatten() {
+    for rl in &req.resource_logs {
+        let name = rl.resource.as_ref().and_then(|r| r.attributes.first());
         assert_eq!(
-            rl["resource"]["attributes"][0]["value"]["stringValue"], "waypoint.shop",
-            "{body}"
+            name.and_then(|a| a.value.clone()?.value),
+            Some(Value::StringValue("waypoint.shop".into())),
+            "{req:?}"
         );
-        for sl in rl["scopeLogs"].as_array().into_iter().flatten() {
-            for r in sl["logRecords"].as_array().into_iter().flatten() {
-                let attrs = r["attributes"].as_array().cloned().unwrap_or_default();
-                let get = |k: &str| attrs.iter().find(|a| a["key"] == k).map(|a| a["value"].clone());
-                let status = get("status").and_then(|v| v["intValue"].as_str().map(str::to_owned));
-                assert_eq!(status.as_deref(), Some("503"), "only 5xx pass the filter: {r}");
-                if let Some(p) = get("path").and_then(|v| v["stringValue"].as_str().map(str::to_owned)) {
-                    out.push(p);
-                }
-            }
+        for r in rl.scope_logs.iter().flat_map(|s| &s.log_records) {
+            let get = |k: &str| {
+                r.attributes
+                    .iter()
+                    .find(|a| a.key == k)
+                    .and_then(|a| a.value.clone()?.value)
+            };
+            let (Some(Value::StringValue(path)), Some(Value::IntValue(status))) = (get("path"), get("status")) else {
+                panic!("a record without path and status: {r:?}");
+            };
+            out.push((path, status));
         }
     }
     out
+}
+
+/// Sends `probe` until its record arrives (no readiness signal tells when the configuration
+/// reached the waypoint); `fail` sends it with `x-fail: 1`.
+async fn until_exported(
+    conn: &mut HttpConn,
+    exports: &mut mpsc::UnboundedReceiver<ExportLogsServiceRequest>,
+    probe: &str,
+    fail: bool,
+) {
+    let deadline = std::time::Instant::now() + WAIT;
+    let headers: &[(&str, &str)] = if fail { &[("x-fail", "1")] } else { &[] };
+    loop {
+        let a = conn.send("GET", probe, headers).await.expect("probe");
+        assert_eq!(a.status, if fail { 503 } else { 200 });
+        while let Ok(Some(req)) = tokio::time::timeout(Duration::from_millis(200), exports.recv()).await {
+            if records(&req).iter().any(|(p, _)| p == probe) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record for {probe} reached the collector"
+        );
+    }
+}
+
+/// Records exported until one for `last` is in (batches go at least every second).
+async fn exported_until(
+    exports: &mut mpsc::UnboundedReceiver<ExportLogsServiceRequest>,
+    last: &str,
+) -> Vec<(String, i64)> {
+    let mut exported: Vec<(String, i64)> = Vec::new();
+    while !exported.iter().any(|(p, _)| p == last) {
+        match tokio::time::timeout(WAIT, exports.recv()).await {
+            Ok(Some(req)) => exported.extend(records(&req)),
+            _ => panic!("records missing at the collector: {exported:?}"),
+        }
+    }
+    exported
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,8 +181,8 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
     let otel = cluster
         .add_pod(0, PodSpec::new("otel", "observability", &[]))
         .expect("collector");
-    let collector = SocketAddr::new(otel.ip, 4318);
-    let mut posts = span_collector(otel.ns.listen(collector).expect("listen"));
+    let collector = SocketAddr::new(otel.ip, 4317);
+    let mut exports = grpc_collector(otel.ns.listen(collector).expect("listen"));
     let waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &[])
         .await
         .expect("waypoint");
@@ -113,7 +191,7 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
     }
     cluster
         .controller
-        .write_mesh_config(&mesh_config(collector))
+        .write_mesh_config(&mesh_config(collector, false))
         .expect("mesh config");
     cluster
         .write_manifest("telemetry.yaml", TELEMETRY)
@@ -123,20 +201,7 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
         .await
         .expect("connect");
 
-    // Polled with failing requests until one arrives at the collector (no readiness signal
-    // tells when the Telemetry reached the waypoint).
-    let deadline = std::time::Instant::now() + WAIT;
-    'applied: loop {
-        let a = conn.send("GET", "/probe", &[("x-fail", "1")]).await.expect("probe");
-        assert_eq!(a.status, 503);
-        while let Ok(Some((path, body))) = tokio::time::timeout(Duration::from_millis(200), posts.recv()).await {
-            assert_eq!(path, "/v1/logs");
-            if record_paths(&body).iter().any(|p| p == "/probe") {
-                break 'applied;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "no record reached the collector");
-    }
+    until_exported(&mut conn, &mut exports, "/probe", true).await;
     for i in 0..5 {
         assert_eq!(
             conn.send("GET", &format!("/ok-{i}"), &[]).await.expect("ok").status,
@@ -148,28 +213,42 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
             .expect("fail");
         assert_eq!(failed.status, 503);
     }
-    let mut exported = Vec::new();
-    // Batches go at least every second; wait until the last failing request is in.
-    while !exported.iter().any(|p: &String| p == "/fail-4") {
-        match tokio::time::timeout(WAIT, posts.recv()).await {
-            Ok(Some((_, body))) => exported.extend(record_paths(&body)),
-            _ => panic!("records missing at the collector: {exported:?}"),
-        }
-    }
+    let exported = exported_until(&mut exports, "/fail-4").await;
     for i in 0..5 {
-        assert!(exported.contains(&format!("/fail-{i}")), "{exported:?}");
+        assert!(exported.contains(&(format!("/fail-{i}"), 503)), "{exported:?}");
     }
-    assert!(!exported.iter().any(|p| p.starts_with("/ok-")), "{exported:?}");
+    assert!(
+        exported.iter().all(|(_, status)| *status == 503),
+        "only 5xx pass the filter: {exported:?}"
+    );
     assert!(
         !waypoint.logs().contains("/fail-0"),
         "only the OTLP provider is named: the waypoint's own log has no line"
     );
 
+    // No Telemetry at all: MeshConfig's default providers log every request to the collector.
+    cluster
+        .write_manifest("telemetry.yaml", "")
+        .expect("remove the Telemetry");
+    cluster
+        .controller
+        .write_mesh_config(&mesh_config(collector, true))
+        .expect("mesh config");
+    until_exported(&mut conn, &mut exports, "/default-probe", false).await;
+    for i in 0..3 {
+        let ok = conn.send("GET", &format!("/default-{i}"), &[]).await.expect("ok");
+        assert_eq!(ok.status, 200);
+    }
+    let exported = exported_until(&mut exports, "/default-2").await;
+    for i in 0..3 {
+        assert!(exported.contains(&(format!("/default-{i}"), 200)), "{exported:?}");
+    }
+
     // The collector's address now leads nowhere: requests do not wait, records are counted lost.
     let nowhere = SocketAddr::new(otel.ip, 4319);
     cluster
         .controller
-        .write_mesh_config(&mesh_config(nowhere))
+        .write_mesh_config(&mesh_config(nowhere, true))
         .expect("mesh config");
     let started = std::time::Instant::now();
     let mut lost = 0.0;
