@@ -7,11 +7,13 @@
 //! - [`auth`]: who the caller is, from its bearer token.
 //! - [`server`]: the gRPC service and its authorization rules (own identity, or a node proxy
 //!   asking for the pods of its node).
+//! - [`vm_token`]: controller-issued bootstrap tokens for VMs, bound to one WorkloadGroup.
 
 pub mod auth;
 pub mod plugin;
 pub mod root;
 pub mod server;
+pub mod vm_token;
 
 pub use auth::{
     bearer_token, random_token, AuthError, Authenticator, BootstrapError, BootstrapTokens, Caller, MIN_TOKEN_BYTES,
@@ -21,3 +23,4 @@ pub use root::{
     publish_trust_bundle, CaRoot, CaRootError, ServingNames, ROOT_CERT_FILE, ROOT_KEY_FILE, TRUST_BUNDLE_FILE,
 };
 pub use server::{CaMetrics, CaOptions, CaServer, PodLocator, RefusalReason, DEFAULT_TTL};
+pub use vm_token::{VmTokenAuth, VmTokenKey, VmTokenMetrics, DEFAULT_VM_TOKEN_TTL};
