@@ -65,8 +65,11 @@ pub fn target(
             if services.is_empty() {
                 return Err(Refused::NotInNetwork);
             }
-            services.sort_by_key(|s| s.key());
-            // One hostname is one service per namespace; the first one served here wins.
+            // One hostname is one service per namespace. A Kubernetes name (`name.ns.svc...`)
+            // is first its own namespace's Service: a ServiceEntry elsewhere claiming that
+            // host must not get the Service's cross-network traffic. Then by key.
+            let own = svc_namespace(host);
+            services.sort_by_key(|s| (Some(s.namespace.as_str()) != own, s.key()));
             let mut last = Refused::NotInNetwork;
             for svc in services {
                 match service_target(state, scope, svc, dst.port(), like) {
@@ -85,6 +88,13 @@ pub fn target(
             None => Err(Refused::NotInNetwork),
         },
     }
+}
+
+/// The namespace in a Kubernetes service hostname (`name.ns.svc.<domain>`).
+fn svc_namespace(host: &str) -> Option<&str> {
+    let mut labels = host.split('.');
+    let (_, ns, svc) = (labels.next()?, labels.next()?, labels.next()?);
+    (svc == "svc").then_some(ns)
 }
 
 fn service_target(
@@ -254,6 +264,40 @@ mod tests {
             ),
             Err(Refused::NoLocalEndpoint)
         );
+    }
+
+    /// A ServiceEntry in another namespace (sorting before `default`) claiming the Service's
+    /// hostname, with its own endpoint here, does not get the Service's streams.
+    #[test]
+    fn a_service_hostname_is_its_own_namespaces_service() {
+        let mut s = state();
+        let mut impostor = workload("impostor", "10.2.0.66", "net2");
+        impostor.namespace = "aaa".into();
+        impostor.services = vec![(
+            "aaa/web.default.svc.cluster.local".to_owned(),
+            vec![PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+        )];
+        s.upsert_workload(impostor);
+        s.upsert_service(Service {
+            namespace: "aaa".into(),
+            vips: vec![],
+            ..service(None)
+        });
+        for _ in 0..20 {
+            assert_eq!(
+                target(
+                    &s,
+                    &SCOPE,
+                    Some("web.default.svc.cluster.local"),
+                    sa("10.2.0.100:80"),
+                    any()
+                ),
+                Ok(sa("10.2.0.2:15008"))
+            );
+        }
     }
 
     #[test]
