@@ -410,6 +410,58 @@ mod tests {
         assert_eq!(keys, ["http.status_code", "cluster"]);
     }
 
+    struct Collector(tokio::sync::mpsc::UnboundedSender<ExportTraceServiceRequest>);
+
+    #[tonic::async_trait]
+    impl mesh_proto::otlp::collector::trace::v1::trace_service_server::TraceService for Collector {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<mesh_proto::otlp::collector::trace::v1::ExportTraceServiceResponse>, tonic::Status>
+        {
+            let _ = self.0.send(req.into_inner());
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+
+    /// `--otlp-address grpc://...` (an `opentelemetry` provider without `http`): sampled
+    /// spans reach a gRPC TraceService (tonic) as `Export` calls.
+    #[tokio::test]
+    async fn spans_reach_an_otlp_grpc_collector() {
+        use mesh_proto::otlp::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Collector(tx)))
+                .serve_with_incoming(incoming),
+        );
+        let tracer = Tracer::start(TraceConfig {
+            otlp: Some(format!("grpc://{addr}")),
+            sampling: 100.0,
+            service: "waypoint.shop".into(),
+            ..Default::default()
+        });
+        let ctx = extract(&HeaderMap::new(), 100.0);
+        tracer.finish(Span {
+            ctx,
+            name: "GET /grpc".into(),
+            start: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            tags: Vec::new(),
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the collector got a call")
+            .unwrap();
+        let span = &got.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!((span.name.as_str(), span.kind), ("GET /grpc", 2));
+        assert_eq!(span.span_id, ctx.span_id.to_be_bytes());
+        assert_eq!(tracer.dropped.get(), 0);
+    }
+
     /// Spans past the exporter's queue are dropped and counted, without waiting.
     #[tokio::test]
     async fn spans_beyond_the_queue_are_counted_as_dropped() {
