@@ -40,6 +40,11 @@ impl Proc {
         })
     }
 
+    /// The process (`ip netns exec` replaces itself with the program).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Fails (with the log) if the process already exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -293,13 +298,45 @@ pub fn parse_wrk(out: &str) -> Result<Wrk> {
     Ok(w)
 }
 
+/// `wrk -t<threads> -c<conns> -d<secs>s --latency [extra..] <url>` from `ns`, parsed; fails
+/// when no request completed.
+pub async fn wrk_in(ns: &Netns, url: &str, load: (u32, u32, u32), extra: &[&str]) -> Result<Wrk> {
+    let (threads, conns, secs) = load;
+    let (t, c, d) = (format!("-t{threads}"), format!("-c{conns}"), format!("-d{secs}s"));
+    let mut args = vec!["wrk", &t, &c, &d, "--latency"];
+    args.extend(extra);
+    args.push(url);
+    let out = run_in(ns, &args, Duration::from_secs(secs as u64 + 30)).await?;
+    let w = parse_wrk(&out)?;
+    if w.requests == 0 {
+        bail!("wrk against {url} completed no request:\n{out}");
+    }
+    Ok(w)
+}
+
+/// RSS of `pid` and its children (nginx's master and workers), in KiB.
+pub fn tree_rss_kib(pid: i32) -> Result<u64> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut total = rss_kib(pid)?;
+    for child in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+        total += rss_kib(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// nginx on port 8080 with all its files inside `dir`: `http_extra` goes into the `http`
 /// block (an upstream, say) and `location` is the body of `location /`.
 pub fn start_nginx(ns: &Netns, dir: &Path, http_extra: &str, location: &str) -> Result<Proc> {
+    start_nginx_workers(ns, dir, "1", http_extra, location)
+}
+
+/// As [`start_nginx`] with `worker_processes` set to `workers` ("auto": one per CPU, as
+/// Debian's default configuration has it).
+pub fn start_nginx_workers(ns: &Netns, dir: &Path, workers: &str, http_extra: &str, location: &str) -> Result<Proc> {
     std::fs::create_dir_all(dir)?;
     let d = dir.display();
     let conf = format!(
-        r#"worker_processes 1;
+        r#"worker_processes {workers};
 daemon off;
 error_log stderr;
 pid {d}/nginx.pid;

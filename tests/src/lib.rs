@@ -14,6 +14,7 @@ pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod controller;
+pub mod eastwest;
 pub mod istio;
 pub mod metrics;
 pub mod multicluster;

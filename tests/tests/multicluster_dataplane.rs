@@ -6,264 +6,21 @@
 //! data plane alone, with the workload fields Istio's control plane serves (`network`,
 //! `network_gateway`).
 //!
-//! Layout for bed id N: network 1 is bridge hub1 with 10.N.1.0/24 (client `a` .1, a rogue
-//! uncaptured host `x` .5, the gateway's public side .10); network 2 is bridge hub2 with
-//! 10.N.2.0/24 (server `b` .2, the gateway's inside .10). Only the gateway has a leg in both.
+//! The topology ([`Nets`], [`EastWest`]) is in `mesh_e2e::eastwest`, shared with meshbench.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_core::hbone::{HboneError, HbonePool, PoolKey, Settings, TunnelRequest};
 use mesh_core::identity::{CertManager, CertManagerConfig, DevCa, Identity};
 use mesh_e2e::apps::{echo_connect, echo_server, ping};
-use mesh_e2e::netns::{sh, unique, NetnsSockets};
+use mesh_e2e::eastwest::{EastWest, Nets, GATEWAY, HOST};
+use mesh_e2e::netns::NetnsSockets;
 use mesh_e2e::tcpdump::Tcpdump;
-use mesh_e2e::ztunnel::{http_request, ZtunnelFiles};
-use mesh_e2e::{capture, privileged, Hub, Netns, Ztunnel};
+use mesh_e2e::Hub;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
-const GATEWAY: &str = "spiffe://cluster.local/ns/istio-system/sa/eastwest";
-const HOST: &str = "server.default.svc.cluster.local";
-
-/// Two networks, their pods, the gateway between them, and the state files each side reads.
-struct Nets {
-    id: u8,
-    dir: tempfile::TempDir,
-    a: Netns,
-    b: Netns,
-    g: Netns,
-    x: Netns,
-    /// The gateway's link on hub1 (from network 1) and on hub2 (into network 2).
-    g_link1: String,
-    g_link2: String,
-    hub1: Hub,
-    hub2: Hub,
-}
-
-impl Nets {
-    fn new(id: u8) -> Option<Nets> {
-        if !privileged() {
-            eprintln!("skipping: needs root and iproute2");
-            return None;
-        }
-        Some(Self::build(id).expect("building the two networks"))
-    }
-
-    fn build(id: u8) -> anyhow::Result<Nets> {
-        let dir = tempfile::tempdir()?;
-        let ca = DevCa::generate("cluster.local")?;
-        std::fs::write(dir.path().join("root-cert.pem"), ca.root_pem())?;
-        std::fs::write(dir.path().join("root-key.pem"), ca.key_pem())?;
-        let (hub1, hub2) = (Hub::new()?, Hub::new()?);
-        let (a, b, g, x) = (Netns::new("a")?, Netns::new("b")?, Netns::new("g")?, Netns::new("x")?);
-        hub1.attach(&a, &[&format!("10.{id}.1.1/24")])?;
-        hub1.attach(&x, &[&format!("10.{id}.1.5/24")])?;
-        hub2.attach(&b, &[&format!("10.{id}.2.2/24")])?;
-        let g_link1 = hub1.attach(&g, &[&format!("10.{id}.1.10/24")])?;
-        // The gateway's second leg, into network 2 (eth1; its default route stays on hub1).
-        let g_link2 = unique("vh");
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &g_link2,
-            "netns",
-            &hub2.ns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth1",
-            "netns",
-            &g.name,
-        ])?;
-        hub2.ns.exec(&["ip", "link", "set", &g_link2, "master", "br0", "up"])?;
-        g.exec(&["ip", "addr", "add", &format!("10.{id}.2.10/24"), "dev", "eth1"])?;
-        g.exec(&["ip", "link", "set", "eth1", "up"])?;
-        capture::install(&a)?;
-        capture::install(&b)?;
-        let nets = Nets {
-            id,
-            dir,
-            a,
-            b,
-            g,
-            x,
-            g_link1,
-            g_link2,
-            hub1,
-            hub2,
-        };
-        std::fs::write(nets.path("net1.yaml"), nets.state(1))?;
-        std::fs::write(nets.path("net2.yaml"), nets.state(2))?;
-        Ok(nets)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ip(&self, net: u8, host: u8) -> IpAddr {
-        Ipv4Addr::new(10, self.id, net, host).into()
-    }
-
-    fn vip(&self) -> SocketAddr {
-        SocketAddr::new(Ipv4Addr::new(10, 96, self.id, 10).into(), 80)
-    }
-
-    /// What network `net` knows: the client (network 1), the server (network 2, behind the
-    /// gateway's public address), the gateway itself (network 1's view only: the client must
-    /// know the identity it proves) and service `server` with a VIP of that network.
-    fn state(&self, net: u8) -> String {
-        let n = self.id;
-        let gateway = if net == 1 {
-            format!(
-                r#"- uid: c2//Pod/istio-system/eastwest
-  name: eastwest
-  namespace: istio-system
-  serviceAccount: eastwest
-  addresses: ["10.{n}.1.10", "10.{n}.2.10"]
-  network: net2
-  protocol: HBONE
-  node: node-g
-"#
-            )
-        } else {
-            String::new()
-        };
-        format!(
-            r#"workloads:
-- uid: c1//Pod/default/client
-  name: client
-  namespace: default
-  serviceAccount: client
-  addresses: ["10.{n}.1.1"]
-  network: net1
-  clusterId: c1
-  protocol: HBONE
-  node: node-a
-- uid: c2//Pod/default/server
-  name: server
-  namespace: default
-  serviceAccount: server
-  addresses: ["10.{n}.2.2"]
-  network: net2
-  clusterId: c2
-  protocol: HBONE
-  node: node-b
-  networkGateway: {{address: "10.{n}.1.10", network: net2, hbonePort: 15008}}
-  services:
-    default/{HOST}:
-    - servicePort: 80
-      targetPort: 8080
-{gateway}services:
-- name: server
-  namespace: default
-  hostname: {HOST}
-  vips: ["10.96.{n}.10"]
-  network: net{net}
-  ports:
-  - servicePort: 80
-    targetPort: 8080
-policies: []
-"#
-        )
-    }
-
-    fn files(&self, net: u8) -> (PathBuf, PathBuf, PathBuf) {
-        (
-            self.path("root-cert.pem"),
-            self.path("root-key.pem"),
-            self.path(&format!("net{net}.yaml")),
-        )
-    }
-
-    async fn ztunnel<'a>(&self, ns: &'a Netns, net: u8) -> Ztunnel<'a> {
-        let (root_cert, root_key, state) = self.files(net);
-        let files = ZtunnelFiles {
-            root_cert: &root_cert,
-            root_key: &root_key,
-            state: &state,
-        };
-        Ztunnel::start(ns, &files, &["--network", &format!("net{net}")])
-            .await
-            .expect("ztunnel ready")
-    }
-
-    /// The mesh's development CA, for clients the test itself plays.
-    fn ca(&self) -> DevCa {
-        DevCa::load(&self.path("root-cert.pem"), &self.path("root-key.pem")).expect("development CA")
-    }
-}
-
-/// The east-west gateway process in `g`, killed on drop.
-struct EastWest<'a> {
-    ns: &'a Netns,
-    child: Child,
-    log: PathBuf,
-}
-
-impl<'a> EastWest<'a> {
-    async fn start(nets: &'a Nets) -> EastWest<'a> {
-        let (root_cert, root_key, state) = nets.files(2);
-        let log = std::env::temp_dir().join(format!("{}-eastwest.log", nets.g.name));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = nets
-            .g
-            .command(&mesh_e2e::binary("waypoint"))
-            .args(["--role", "east-west", "--identity", GATEWAY, "--network", "net2"])
-            .arg("--local-xds-path")
-            .arg(&state)
-            .arg("--ca-root-cert")
-            .arg(&root_cert)
-            .arg("--ca-root-key")
-            .arg(&root_key)
-            .args(["--log", "info"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .expect("spawning the waypoint binary (did `cargo build` run?)");
-        let gw = EastWest {
-            ns: &nets.g,
-            child,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
-        while !matches!(http_request(gw.ns, ready, "GET", "/healthz/ready").await, Ok((200, _))) {
-            assert!(Instant::now() < deadline, "gateway not ready; log:\n{}", gw.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        gw
-    }
-
-    async fn metrics(&self) -> String {
-        let addr = SocketAddr::from(([127, 0, 0, 1], 15020));
-        http_request(self.ns, addr, "GET", "/metrics")
-            .await
-            .expect("gateway metrics")
-            .1
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for EastWest<'_> {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- east-west gateway log ---\n{}", self.logs());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
@@ -308,9 +65,9 @@ fn tcp_lines(file: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reaches_another_network_through_the_gateway_with_double_hbone() {
     let Some(nets) = Nets::new(94) else { return };
-    let za = nets.ztunnel(&nets.a, 1).await;
-    let zb = nets.ztunnel(&nets.b, 2).await;
-    let gw = EastWest::start(&nets).await;
+    let za = nets.ztunnel(&nets.a, 1).await.expect("ztunnel ready");
+    let zb = nets.ztunnel(&nets.b, 2).await.expect("ztunnel ready");
+    let gw = EastWest::start(&nets).await.expect("gateway ready");
     tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
 
     // The networks do not route to each other: the server's own address is out of reach.
@@ -378,7 +135,7 @@ async fn a_client_reaches_another_network_through_the_gateway_with_double_hbone(
         opened >= 2.0,
         "server ztunnel did not see the client's identity:\n{zb_metrics}"
     );
-    let gw_metrics = gw.metrics().await;
+    let gw_metrics = gw.metrics().await.expect("gateway metrics");
     assert_eq!(
         counter(&gw_metrics, "eastwest_streams_total", &["outcome=\"forwarded\""]),
         2.0,
@@ -424,8 +181,8 @@ fn to_gateway(nets: &Nets, who: Identity, authority: &str) -> TunnelRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_refuses_foreign_identities_and_other_networks() {
     let Some(nets) = Nets::new(95) else { return };
-    let _zb = nets.ztunnel(&nets.b, 2).await;
-    let gw = EastWest::start(&nets).await;
+    let _zb = nets.ztunnel(&nets.b, 2).await.expect("ztunnel ready");
+    let gw = EastWest::start(&nets).await.expect("gateway ready");
     let client: Identity = CLIENT.parse().unwrap();
     let service = format!("{HOST}:80");
 
@@ -441,7 +198,7 @@ async fn the_gateway_refuses_foreign_identities_and_other_networks() {
     );
 
     // Signed by the mesh's root, but an identity of another trust domain: 401.
-    let pool = rogue(&nets, nets.ca());
+    let pool = rogue(&nets, nets.ca().expect("development CA"));
     let foreign = Identity::new("evil.example", "default", "client").unwrap();
     let err = pool.connect(&to_gateway(&nets, foreign, &service)).await.err();
     assert!(matches!(err, Some(HboneError::Status(s)) if s == 401), "{err:?}");
@@ -465,7 +222,7 @@ async fn the_gateway_refuses_foreign_identities_and_other_networks() {
         .await
         .expect("relayed");
 
-    let metrics = gw.metrics().await;
+    let metrics = gw.metrics().await.expect("gateway metrics");
     for (outcome, n) in [
         ("foreign_trust_domain", 1.0),
         ("not_in_network", 3.0),
@@ -580,8 +337,8 @@ async fn istio_ztunnel_reaches_another_network_through_our_gateway() {
     use_istio_root(&nets, &binary);
     let state = nets.path("istio-net1.yaml");
     std::fs::write(&state, istio_state(&nets, 1)).unwrap();
-    let _zb = nets.ztunnel(&nets.b, 2).await;
-    let gw = EastWest::start(&nets).await;
+    let _zb = nets.ztunnel(&nets.b, 2).await.expect("ztunnel ready");
+    let gw = EastWest::start(&nets).await.expect("gateway ready");
     tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
     let env = istio_env("default/client/client", &state, 1);
     let mut za = mesh_e2e::istio::IstioZtunnel::spawn(&nets.a, &binary, &env).unwrap();
@@ -604,7 +361,7 @@ async fn istio_ztunnel_reaches_another_network_through_our_gateway() {
         !captured.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
         "marker in clear"
     );
-    let gw_metrics = gw.metrics().await;
+    let gw_metrics = gw.metrics().await.expect("gateway metrics");
     assert_eq!(
         counter(&gw_metrics, "eastwest_streams_total", &["outcome=\"forwarded\""]),
         1.0,
@@ -637,8 +394,8 @@ async fn our_ztunnel_reaches_istio_ztunnel_on_another_network_through_our_gatewa
     let mut zb =
         mesh_e2e::istio::IstioZtunnel::spawn(&nets.b, &binary, &istio_env("default/server/server", &state, 2)).unwrap();
     zb.wait_ready(Duration::from_secs(20)).await.unwrap();
-    let gw = EastWest::start(&nets).await;
-    let za = nets.ztunnel(&nets.a, 1).await;
+    let gw = EastWest::start(&nets).await.expect("gateway ready");
+    let za = nets.ztunnel(&nets.a, 1).await.expect("ztunnel ready");
     tokio::spawn(echo_server(nets.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
 
     const MARKER: &str = "TO-ISTIO-MULTINET-MARKER-5c1d";
@@ -649,7 +406,7 @@ async fn our_ztunnel_reaches_istio_ztunnel_on_another_network_through_our_gatewa
         assert_eq!(ping(&mut c, MARKER).await.unwrap(), MARKER);
     }
     drop(c);
-    let gw_metrics = gw.metrics().await;
+    let gw_metrics = gw.metrics().await.expect("gateway metrics");
     assert_eq!(
         counter(&gw_metrics, "eastwest_streams_total", &["outcome=\"forwarded\""]),
         1.0,

@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mesh_e2e::bench::{
-    clock_ticks, cpu_ticks, ctxt_switches, hwm_kib, median, minor_faults, parse_wrk, rss_kib, run_in, start_nginx,
-    wait_listening, Proc, Wrk,
+    clock_ticks, cpu_ticks, ctxt_switches, hwm_kib, median, minor_faults, rss_kib, run_in, start_nginx, wait_listening,
+    wrk_in, Proc, Wrk,
 };
 use mesh_e2e::istio::{self, IstioZtunnel};
 use mesh_e2e::netns::sh;
@@ -48,7 +48,12 @@ use mesh_e2e::ztunnel::ZtunnelFiles;
 use mesh_e2e::{Bed, Hub, Netns, Ztunnel};
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: meshbench [--quick] [--rounds N] [--no-istio] [--istio-threads N] [--compare ZTUNNEL] [--profile] [--out DIR]
+#[path = "meshbench/double_hbone.rs"]
+mod double_hbone;
+#[path = "meshbench/ingress.rs"]
+mod ingress;
+
+const USAGE: &str = "usage: meshbench [--scenario mesh|ingress|double-hbone] [--quick] [--rounds N] [--no-istio] [--istio-threads N] [--compare ZTUNNEL] [--profile] [--out DIR]
 
 Measures the ambient mesh path (two captured pods, two ztunnels) against the same path
 through Istio's ztunnel and a plain path (two uncaptured pods) with iperf3, wrk and ab, and
@@ -64,7 +69,19 @@ the proxies' CPU, context switches and memory. Needs root.
   --profile           afterwards, per proxy: syscalls per request and per MiB (strace -c),
                       perf cpu-clock profile, allocations per request (ours)
   --out DIR           where bench.json and bench.md go (default: <target dir>/bench)
+  --scenario S        mesh (the default: all of the above); ingress: HTTPS through our ingress
+                      gateway into the mesh vs nginx terminating the same certificate (issue 14),
+                      to ingress.md; double-hbone: client -> ztunnel -> east-west gateway ->
+                      ztunnel -> server vs a same-network call (issue 17), to double-hbone.md
 ";
+
+/// What a run measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Mesh,
+    Ingress,
+    DoubleHbone,
+}
 
 /// Tools the bench runs, and the Debian package providing each.
 const TOOLS: &[(&str, &str)] = &[
@@ -94,6 +111,7 @@ struct Opts {
     profile: bool,
     /// Another build of our ztunnel, run as path "base" (A/B).
     compare: Option<PathBuf>,
+    scenario: Scenario,
 }
 
 /// Durations and counts of one run.
@@ -141,6 +159,7 @@ fn parse_args() -> Result<Option<Opts>> {
         istio_threads: None,
         profile: false,
         compare: None,
+        scenario: Scenario::Mesh,
     };
     let mut out = None;
     let mut args = std::env::args().skip(1);
@@ -160,6 +179,14 @@ fn parse_args() -> Result<Option<Opts>> {
                 ))
             }
             "--rounds" => o.rounds = Some(number(args.next(), "--rounds")?),
+            "--scenario" => {
+                o.scenario = match args.next().as_deref() {
+                    Some("mesh") => Scenario::Mesh,
+                    Some("ingress") => Scenario::Ingress,
+                    Some("double-hbone") => Scenario::DoubleHbone,
+                    other => bail!("--scenario needs mesh, ingress or double-hbone, not {other:?}"),
+                }
+            }
             "--istio-threads" => o.istio_threads = Some(number(args.next(), "--istio-threads")?),
             "--out" => {
                 out = Some(PathBuf::from(
@@ -210,7 +237,7 @@ fn main() -> std::process::ExitCode {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         // Dropping the bench future on a signal runs every guard's Drop: the teardown.
         tokio::select! {
-            r = bench(&opts) => r,
+            r = run(&opts) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (Ctrl-C); cleaned up")),
             _ = term.recv() => Err(anyhow!("terminated (SIGTERM); cleaned up")),
         }
@@ -640,18 +667,7 @@ async fn iperf(p: &Pods<'_>, secs: u32) -> Result<Iperf> {
 }
 
 async fn wrk(p: &Pods<'_>, threads: u32, conns: u32, secs: u32) -> Result<Wrk> {
-    let (t, c, d) = (format!("-t{threads}"), format!("-c{conns}"), format!("-d{secs}s"));
-    let out = run_in(
-        p.client,
-        &["wrk", &t, &c, &d, "--latency", &p.url()],
-        Duration::from_secs(secs as u64 + 30),
-    )
-    .await?;
-    let w = parse_wrk(&out)?;
-    if w.requests == 0 {
-        bail!("wrk against {} completed no request:\n{out}", p.url());
-    }
-    Ok(w)
+    wrk_in(p.client, &p.url(), (threads, conns, secs), &[]).await
 }
 
 async fn ab(p: &Pods<'_>, n: u32) -> Result<Ab> {
@@ -945,6 +961,31 @@ fn check_proxied(label: &str, metrics: &str) -> Result<()> {
 
 fn rss_pair(p: &Pods<'_>) -> Result<Option<(u64, u64)>> {
     p.proxies.map(|(c, s)| Ok((rss_kib(c)?, rss_kib(s)?))).transpose()
+}
+
+async fn run(opts: &Opts) -> Result<()> {
+    match opts.scenario {
+        Scenario::Mesh => bench(opts).await,
+        Scenario::Ingress => ingress::run(opts).await,
+        Scenario::DoubleHbone => double_hbone::run(opts).await,
+    }
+}
+
+/// Writes a scenario's table to `<out>/<name>.md` and prints it.
+fn write_report(opts: &Opts, name: &str, md: &str) -> Result<()> {
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let path = opts.out.join(format!("{name}.md"));
+    std::fs::write(&path, md)?;
+    println!("{md}");
+    eprintln!("meshbench: wrote {}", path.display());
+    Ok(())
+}
+
+/// The load average, as `uptime` prints it: how busy the machine was during a run.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 async fn bench(opts: &Opts) -> Result<()> {
