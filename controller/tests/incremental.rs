@@ -239,6 +239,11 @@ fn assert_same(step: usize, incremental: &Outputs, full: &Outputs) {
         "ingress after step {step}"
     );
     assert_eq!(
+        format!("{:?} {:?}", incremental.waypoint_credentials, incremental.clusters),
+        format!("{:?} {:?}", full.waypoint_credentials, full.clusters),
+        "credentials and cluster status after step {step}"
+    );
+    assert_eq!(
         render::to_json(incremental),
         render::to_json(full),
         "rendered after step {step}"
@@ -291,6 +296,8 @@ fn run(bursts: Vec<Vec<Op>>) {
     let mut previous: Option<Arc<Outputs>> = None;
     // Snapshots as the controller builds them (from the change set) and from whole outputs.
     let (mut snap, mut whole) = (Snapshot::default(), Snapshot::default());
+    // Steps that went the incremental way (the first is from scratch).
+    let (mut incremental, mut steps) = (0, 0);
     for (step, burst) in bursts.into_iter().enumerate() {
         for op in burst {
             let c = change(op, &inputs);
@@ -299,6 +306,8 @@ fn run(bursts: Vec<Vec<Op>>) {
         }
         let step_out = inc.step(&inputs, &states);
         let out = step_out.outputs;
+        steps += 1;
+        incremental += usize::from(step_out.touched.is_some());
         snap = match &step_out.touched {
             Some(touched) => Snapshot::apply(&snap, &out, touched, None),
             None => Snapshot::next(&snap, out.clone(), None),
@@ -312,6 +321,7 @@ fn run(bursts: Vec<Vec<Op>>) {
         whole = Snapshot::next(&whole, full, None);
         assert_same_snapshot(step, &snap, &whole);
     }
+    assert_eq!(incremental + 1, steps, "every step after the first is incremental");
 }
 
 fn op() -> impl Strategy<Value = Op> {
