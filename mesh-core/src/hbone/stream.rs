@@ -94,7 +94,9 @@ async fn tcp_to_h2(
 /// thousands of idle connections, read buffers held while waiting were most of ztunnel's
 /// memory. Small reads land on the stack and are copied out at their exact size; once a read
 /// fills [`FIRST_READ`], data flows and reads go straight into [`READ_CHUNK`] buffers handed
-/// to h2 without a copy, until a read comes back small again.
+/// to h2 without a copy, until a read comes back small again. The chunk is kept between reads
+/// while data flows (letting it go at every drained read measured 4-5 % more CPU per Gbit), so
+/// a connection idle right after a bulk transfer may hold one until its next read.
 #[derive(Default)]
 struct ChunkReader {
     /// Present only between a read and the next wait, and only while data flows.
@@ -115,7 +117,6 @@ impl ChunkReader {
             // Reclaims the allocation once h2 has released the previous chunks.
             self.buf.reserve(READ_CHUNK);
         }
-        let room = self.buf.capacity() - self.buf.len();
         let n = match r.try_read_buf(&mut self.buf) {
             Ok(n) => n,
             Err(e) => {
@@ -124,10 +125,10 @@ impl ChunkReader {
             }
         };
         let chunk = self.buf.split().freeze();
-        if n < room {
-            // The socket is drained: hold nothing while waiting for more.
+        if n < FIRST_READ {
+            // Data stopped flowing: hold nothing while waiting for more.
             self.buf = BytesMut::new();
-            self.flowing = n >= FIRST_READ;
+            self.flowing = false;
         }
         Ok(chunk)
     }
@@ -321,14 +322,17 @@ mod tests {
         assert_eq!(reader.buf.capacity(), 0, "idle after a small read");
         assert!(!reader.flowing);
 
-        // Bulk: once a small read fills up, reads go into large chunks; once drained, the
-        // chunk buffer is let go.
+        // Bulk: once a small read fills up, reads go into large chunks; a small read ends that
+        // and lets the chunk buffer go.
         let bulk = vec![7u8; 3 * READ_CHUNK];
         client.write_all(&bulk).await.expect("write");
         let sizes = read(&mut reader, &r, bulk.len()).await;
         assert_eq!(sizes[0], FIRST_READ);
         assert!(sizes[1..].iter().any(|&n| n > FIRST_READ), "large reads: {sizes:?}");
-        assert_eq!(reader.buf.capacity(), 0, "idle after bulk");
+        client.write_all(b"y").await.expect("write");
+        assert_eq!(read(&mut reader, &r, 1).await, [1]);
+        assert_eq!(reader.buf.capacity(), 0, "idle after a small read again");
+        assert!(!reader.flowing);
 
         // The end of the stream is an empty chunk.
         drop(client);
