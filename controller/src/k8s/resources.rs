@@ -72,6 +72,7 @@ resource! {
     istio::DestinationRule => DestinationRule, "destinationrules", NamespaceResourceScope;
     service_entry::ServiceEntry => ServiceEntry, "serviceentries", NamespaceResourceScope;
     service_entry::WorkloadEntry => WorkloadEntry, "workloadentries", NamespaceResourceScope;
+    service_entry::WorkloadGroup => WorkloadGroup, "workloadgroups", NamespaceResourceScope;
     rate_limit::LocalRateLimitPolicy => LocalRateLimitPolicy, "localratelimitpolicies", NamespaceResourceScope;
     istio::Telemetry => Telemetry, "telemetries", NamespaceResourceScope;
 }
@@ -99,6 +100,7 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::DestinationRule => ApiResource::erase::<istio::DestinationRule>(&()),
         Kind::ServiceEntry => ApiResource::erase::<service_entry::ServiceEntry>(&()),
         Kind::WorkloadEntry => ApiResource::erase::<service_entry::WorkloadEntry>(&()),
+        Kind::WorkloadGroup => ApiResource::erase::<service_entry::WorkloadGroup>(&()),
         Kind::Secret => ApiResource::erase::<Secret>(&()),
         Kind::LocalRateLimitPolicy => ApiResource::erase::<rate_limit::LocalRateLimitPolicy>(&()),
         Kind::Telemetry => ApiResource::erase::<istio::Telemetry>(&()),

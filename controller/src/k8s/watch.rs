@@ -124,6 +124,7 @@ fn watch(client: Client, kind: Kind, version: &'static str) -> BoxStream<'static
         | Kind::DestinationRule
         | Kind::ServiceEntry
         | Kind::WorkloadEntry
+        | Kind::WorkloadGroup
         | Kind::LocalRateLimitPolicy
         | Kind::Telemetry => {
             let api = Api::<DynamicObject>::all_with(client, &api_resource_at(kind, version));

@@ -91,6 +91,7 @@ kinds! {
     DestinationRule(istio::DestinationRule) = "networking.istio.io", "DestinationRule", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
     ServiceEntry(service_entry::ServiceEntry) = "networking.istio.io", "ServiceEntry", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
     WorkloadEntry(service_entry::WorkloadEntry) = "networking.istio.io", "WorkloadEntry", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
+    WorkloadGroup(service_entry::WorkloadGroup) = "networking.istio.io", "WorkloadGroup", cluster: false, versions: ["v1", "v1beta1", "v1alpha3"];
     Secret(Secret) = "", "Secret", cluster: false, versions: ["v1"];
     Telemetry(istio::Telemetry) = "telemetry.istio.io", "Telemetry", cluster: false, versions: ["v1", "v1alpha1"];
     LocalRateLimitPolicy(rate_limit::LocalRateLimitPolicy) = "policy.ambient-mesh.io", "LocalRateLimitPolicy", cluster: false, versions: ["v1alpha1"];

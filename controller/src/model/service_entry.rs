@@ -132,6 +132,56 @@ impl<'de> Deserialize<'de> for WorkloadEntry {
     }
 }
 
+/// A WorkloadGroup: the template of the WorkloadEntries that name it (annotation or label
+/// `istio.io/autoRegistrationGroup`): the group's `metadata` labels/annotations and its
+/// `template` (service account, network, locality, ports, weight) fill what the entry leaves
+/// out. `probe` (health checking by the VM's agent) is not implemented and is reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadGroup {
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadGroupSpec,
+    /// Paths of the spec's fields the mesh does not implement.
+    #[serde(skip)]
+    pub unimplemented: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadGroupSpec {
+    #[serde(default)]
+    pub metadata: GroupMetadata,
+    #[serde(default)]
+    pub template: Endpoint,
+    /// Kept only to be reported as not implemented.
+    #[serde(default, skip_serializing)]
+    pub probe: Option<serde_json::Value>,
+}
+
+/// Labels and annotations every member of a group carries.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct GroupMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for WorkloadGroup {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawObject::deserialize(d)?;
+        let (spec, mut unimplemented): (WorkloadGroupSpec, _) =
+            typed_spec(raw.spec).map_err(serde::de::Error::custom)?;
+        if spec.probe.is_some() {
+            unimplemented.push("spec.probe".to_owned());
+        }
+        Ok(WorkloadGroup {
+            metadata: raw.metadata,
+            spec,
+            unimplemented,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -675,7 +675,7 @@ fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, ne
             p.peer = true;
             p.tail = true;
         }
-        (Kind::ServiceEntry | Kind::WorkloadEntry, _) => p.full = true,
+        (Kind::ServiceEntry | Kind::WorkloadEntry | Kind::WorkloadGroup, _) => p.full = true,
         // A node's labels are its pods' locality (issue 17); status-only updates change nothing.
         (Kind::Node, Some(Object::Node(n)))
             if inputs.nodes.get(&key.name).map(|o| &o.metadata.labels) == Some(&n.metadata.labels) => {}

@@ -37,4 +37,7 @@ pub(crate) fn report(inputs: &Inputs, report: &mut Report) {
     for (key, o) in &inputs.workload_entries {
         each(Kind::WorkloadEntry, key, &o.unimplemented, IGNORED);
     }
+    for (key, o) in &inputs.workload_groups {
+        each(Kind::WorkloadGroup, key, &o.unimplemented, IGNORED);
+    }
 }

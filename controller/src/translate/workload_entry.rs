@@ -6,7 +6,14 @@
 //! selector authorization policies that apply to its labels; HBONE when annotated
 //! `ambient.istio.io/redirection: enabled` (a VM running its own ztunnel), else plain.
 //! An address that is not an IP is reported (resolving VM names is not implemented).
+//!
+//! An entry naming a WorkloadGroup (annotation or label `istio.io/autoRegistrationGroup`, as
+//! Istio marks the entries its auto-registration creates from a group) takes what it leaves
+//! out from the group: labels and annotations (the entry's own win), service account,
+//! network, locality, weight and ports (the entry's own win). An entry naming a group that
+//! does not exist in its namespace is reported and not served: its identity is unknown.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -15,10 +22,57 @@ use mesh_core::state::model::ip_to_bytes;
 use mesh_proto::workload as pb;
 
 use super::{Options, Report, Selected};
-use crate::model::service_entry::WorkloadEntry;
+use crate::model::service_entry::{WorkloadEntry, WorkloadGroup};
 use crate::model::{selects, Inputs, Kind, ObjectKey};
 
 const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// Names the WorkloadGroup an entry belongs to (Istio's auto-registration annotation).
+pub(crate) const GROUP_KEY: &str = "istio.io/autoRegistrationGroup";
+
+/// The group `we` names, if any: `Ok(None)` when it names none, `Err(name)` when the named
+/// group does not exist in the entry's namespace.
+fn group_of<'a>(inputs: &'a Inputs, key: &ObjectKey, we: &WorkloadEntry) -> Result<Option<&'a WorkloadGroup>, String> {
+    let named = we
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(GROUP_KEY))
+        .or_else(|| we.metadata.labels.as_ref().and_then(|l| l.get(GROUP_KEY)));
+    let Some(name) = named else { return Ok(None) };
+    inputs
+        .workload_groups
+        .get(&ObjectKey::new(key.namespace.clone(), name.clone()))
+        .map(Some)
+        .ok_or_else(|| name.clone())
+}
+
+/// The entry with what it leaves out taken from its group (its own fields win).
+fn with_group(we: &WorkloadEntry, group: &WorkloadGroup) -> WorkloadEntry {
+    let mut out = we.clone();
+    let (spec, template) = (&mut out.spec, &group.spec.template);
+    let mut labels = group.spec.metadata.labels.clone();
+    labels.extend(template.labels.clone());
+    labels.extend(std::mem::take(&mut spec.labels));
+    spec.labels = labels;
+    let mut ports = template.ports.clone();
+    ports.extend(std::mem::take(&mut spec.ports));
+    spec.ports = ports;
+    let empty = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
+    if empty(&spec.service_account) {
+        spec.service_account = template.service_account.clone();
+    }
+    if empty(&spec.network) {
+        spec.network = template.network.clone();
+    }
+    if empty(&spec.locality) {
+        spec.locality = template.locality.clone();
+    }
+    spec.weight = spec.weight.or(template.weight);
+    let mut annotations: BTreeMap<String, String> = group.spec.metadata.annotations.clone();
+    annotations.extend(out.metadata.annotations.take().unwrap_or_default());
+    out.metadata.annotations = Some(annotations);
+    out
+}
 
 /// Kubernetes Services of the entry's namespace selecting it, with its ports for each.
 fn kubernetes_services(
@@ -137,6 +191,21 @@ pub(crate) fn translate(
     report: &mut Report,
 ) {
     for (key, we) in &inputs.workload_entries {
+        let we: Cow<'_, WorkloadEntry> = match group_of(inputs, key, we) {
+            Ok(None) => Cow::Borrowed(we),
+            Ok(Some(group)) => Cow::Owned(with_group(we, group)),
+            Err(name) => {
+                report.add(
+                    Kind::WorkloadEntry,
+                    key,
+                    format!(
+                        "{GROUP_KEY} names WorkloadGroup {name:?}, which does not exist in this namespace; not served"
+                    ),
+                );
+                continue;
+            }
+        };
+        let we = we.as_ref();
         let Ok(ip) = we.spec.address.parse::<IpAddr>() else {
             report.add(
                 Kind::WorkloadEntry,
