@@ -200,7 +200,6 @@ mod tests {
             type_url: "type".to_owned(),
             nonce: "9".to_owned(),
             removed_resources: vec!["gone".to_owned()],
-            ..Default::default()
         };
         for form in [
             Resources::Each(encoded.clone()),
