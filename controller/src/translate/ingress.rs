@@ -757,8 +757,14 @@ fn attach_route(
     let mut compiled: Option<Vec<wp::Route>> = None;
     for p in route.parent_refs.iter().filter(|p| is_gateway_ref(p)) {
         let gw_key = ObjectKey::new(p.namespace.as_deref().unwrap_or(&key.namespace), p.name.as_str());
-        let (Some(gw), Some(out)) = (inputs.gateways.get(&gw_key), gateways.get_mut(&gw_key)) else {
+        let Some(gw) = inputs.gateways.get(&gw_key) else {
+            // No Gateway of any class by that name: the route is attached to nothing.
+            let msg = format!("parentRef {gw_key}: no such Gateway; the route is attached to nothing");
+            report.add(kind, key, msg);
             continue;
+        };
+        let Some(out) = gateways.get_mut(&gw_key) else {
+            continue; // a waypoint's or another controller's Gateway
         };
         let ns_labels = inputs.namespace_labels(&key.namespace);
         let allowed = |l: &Listener| {
@@ -789,7 +795,11 @@ fn attach_route(
                 }
             }
             refused => {
-                let msg = format!("parentRef {gw_key}: {}", refused.reason());
+                let mut msg = format!("parentRef {gw_key}: {}", refused.reason());
+                if matches!(refused, Attachment::NoMatchingListenerHostname) {
+                    let hosts = route.hostnames.join(", ");
+                    msg.push_str(&format!(" (no listener's hostname matches {hosts})"));
+                }
                 report.add(kind, key, format!("{msg}; not attached"));
                 conditions.push(condition("Accepted", false, refused.reason(), msg));
             }
