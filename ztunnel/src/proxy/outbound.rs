@@ -281,36 +281,52 @@ fn baggage(w: &Workload) -> String {
 }
 
 pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
-    let dst = match original_dst(&tcp) {
+    let Some((src, dst, route)) = admit(&px, &tcp, peer) else {
+        return;
+    };
+    let (labels, hbone_addr) = labels(&src, &route);
+    let record = ConnRecord::open(&px.metrics, labels, "outbound", peer, dst, hbone_addr);
+    let ends = Ends { peer, dst, src: &src };
+    let result = forward(&px, &mut tcp, ends, route, &record).await;
+    record.finish(result);
+}
+
+/// Where a captured connection goes, or None (logged and counted) when it must be refused:
+/// not redirected, to ztunnel itself, from an unknown workload, or with no route.
+fn admit(px: &Proxy, tcp: &TcpStream, peer: SocketAddr) -> Option<(Arc<Workload>, SocketAddr, Route)> {
+    let dst = match original_dst(tcp) {
         Ok(d) => d,
         Err(e) => {
             debug!(error = %e, "no original destination; connection was not redirected");
             px.metrics.refuse(Refusal::NoOriginalDst);
-            return;
+            return None;
         }
     };
     if px.is_loop(dst) {
         warn!(%peer, %dst, "refusing connection to ztunnel's own port");
         px.metrics.refuse(Refusal::Loop);
-        return;
+        return None;
     }
     let Some(src) = px.local_workload(peer) else {
         // Without a known source there is no identity to present: fail closed.
         warn!(%peer, %dst, "outbound connection from an unknown workload refused");
         px.metrics.refuse(Refusal::UnknownSource);
-        return;
+        return None;
     };
     let state = px.state.load();
-    let route = match resolve(&state, &px.network, px.hbone_port, &src, dst) {
-        Ok(r) => r,
+    match resolve(&state, &px.network, px.hbone_port, &src, dst) {
+        Ok(route) => Some((src, dst, route)),
         Err(e) => {
             warn!(%peer, %dst, error = %e, "no route");
             px.metrics.refuse(e.refusal());
-            return;
+            None
         }
-    };
-    drop(state);
-    let (workload, service, mtls) = match &route {
+    }
+}
+
+/// The connection's metric labels (source side) and the HBONE address it is tunnelled to.
+fn labels(src: &Workload, route: &Route) -> (TcpLabels, Option<SocketAddr>) {
+    let (workload, service, mtls) = match route {
         Route::Hbone { workload, service, .. } | Route::DoubleHbone { workload, service, .. } => {
             (workload.as_deref(), service.as_deref(), true)
         }
@@ -321,19 +337,36 @@ pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr)
     };
     let labels = TcpLabels::new(
         Reporter::source,
-        Some(&src),
+        Some(src),
         Some(&src.identity),
         workload,
         service,
         mtls,
     );
-    let hbone_addr = match &route {
+    let hbone_addr = match route {
         Route::Hbone { endpoint, .. } => Some(*endpoint),
         Route::DoubleHbone { gateway, .. } => Some(*gateway),
         _ => None,
     };
-    let record = ConnRecord::open(&px.metrics, labels, "outbound", peer, dst, hbone_addr);
-    let result = match route {
+    (labels, hbone_addr)
+}
+
+/// A captured connection's ends: the client's address, where it was going, and its workload.
+struct Ends<'a> {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: &'a Workload,
+}
+
+/// Carries the connection along its route until either side closes.
+async fn forward(
+    px: &Proxy,
+    tcp: &mut TcpStream,
+    Ends { peer, dst, src }: Ends<'_>,
+    route: Route,
+    record: &ConnRecord<'_>,
+) -> Result<(), ConnError> {
+    let tunnel = match route {
         Route::Hbone {
             endpoint,
             authority,
@@ -351,17 +384,10 @@ pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr)
                 },
                 authority: authority.to_string(),
                 forwarded_for: Some(peer),
-                baggage: Some(baggage(&src)),
+                baggage: Some(baggage(src)),
                 traceparent: None,
             };
-            match Box::pin(px.pool.connect(&req)).await {
-                Ok(stream) => stream
-                    .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
-                    .await
-                    .map(drop)
-                    .map_err(ConnError::from),
-                Err(e) => Err(ConnError::from(e)),
-            }
+            Box::pin(px.pool.connect(&req)).await
         }
         Route::DoubleHbone {
             gateway,
@@ -370,25 +396,23 @@ pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr)
             identities,
             ..
         } => {
-            let req = double_request(&src, peer, gateway, gateway_identities, authority, identities);
-            match Box::pin(px.pool.connect_double(&req)).await {
-                Ok(stream) => stream
-                    .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
-                    .await
-                    .map(drop)
-                    .map_err(ConnError::from),
-                Err(e) => Err(ConnError::from(e)),
-            }
+            let req = double_request(src, peer, gateway, gateway_identities, authority, identities);
+            Box::pin(px.pool.connect_double(&req)).await
         }
         Route::Plain { addr, .. } | Route::Passthrough(addr) => {
-            Box::pin(plain(&px, &mut tcp, addr, record.bytes())).await
+            return Box::pin(plain(px, tcp, addr, record.bytes())).await;
         }
-        Route::Resolve { host, port, .. } => match resolve_host(&host, port, dst, px.settings.connect_timeout).await {
-            Ok(addr) => Box::pin(plain(&px, &mut tcp, addr, record.bytes())).await,
-            Err(e) => Err(e),
-        },
+        Route::Resolve { host, port, .. } => {
+            let addr = resolve_host(&host, port, dst, px.settings.connect_timeout).await?;
+            return Box::pin(plain(px, tcp, addr, record.bytes())).await;
+        }
     };
-    record.finish(result);
+    let stream = tunnel.map_err(ConnError::from)?;
+    stream
+        .splice_tcp_observed(tcp, &record.bytes().tunnel_to_destination())
+        .await
+        .map(drop)
+        .map_err(ConnError::from)
 }
 
 /// The double-HBONE tunnel for a connection from `peer` (workload `src`): outer to `gateway`
