@@ -44,6 +44,13 @@ pub struct Config {
     /// Local mode: YAML list of `{token, identity, node}` bootstrap tokens.
     #[arg(long, env = "BOOTSTRAP_TOKENS")]
     pub bootstrap_tokens: Option<PathBuf>,
+    /// HMAC key of controller-issued VM tokens (`meshctl vm token`): 32 random bytes as hex,
+    /// created (mode 0600) when missing. Without it no VM token is issued or accepted.
+    #[arg(long, env = "VM_TOKEN_KEY")]
+    pub vm_token_key: Option<PathBuf>,
+    /// Default lifetime of an issued VM token (`1440m` = 24 h, `30m`, `3600s`).
+    #[arg(long, env = "VM_TOKEN_TTL", default_value = "1440m", value_parser = parse_duration)]
+    pub vm_token_ttl: std::time::Duration,
     /// Cluster mode: audiences accepted in TokenReview.
     #[arg(long, env = "TOKEN_AUDIENCES", value_delimiter = ',', default_value = "istio-ca")]
     pub token_audiences: Vec<String>,

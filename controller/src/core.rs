@@ -163,6 +163,9 @@ pub struct Published {
     pub waypoints: Vec<WaypointDeployment>,
     /// The last translation, for the admin dump.
     pub outputs: Arc<Outputs>,
+    /// Each WorkloadGroup's service account (`default` when its template names none): what
+    /// a VM token issued for the group may obtain certificates for.
+    pub workload_groups: BTreeMap<crate::model::ObjectKey, String>,
 }
 
 /// Handles to the loop's results.
@@ -289,6 +292,14 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             if !sources.synced {
                 continue;
             }
+            let workload_groups = inputs
+                .workload_groups
+                .iter()
+                .map(|(k, g)| {
+                    let sa = g.spec.template.service_account.clone().filter(|s| !s.is_empty());
+                    (k.clone(), sa.unwrap_or_else(|| "default".to_owned()))
+                })
+                .collect();
             let (shared, prev) = (inputs.clone(), previous.clone());
             let kinds = sources.kinds.clone();
             let published_kinds = kinds.clone();
@@ -332,6 +343,7 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
                 problems: out.problems.clone(),
                 waypoints: out.waypoints.values().cloned().collect(),
                 outputs: out,
+                workload_groups,
             });
             // The outputs published before become the translator's spare copy.
             lock(&tracking.translator).recycle(before.outputs);

@@ -264,6 +264,28 @@ async fn main() -> anyhow::Result<()> {
         ))
     };
 
+    // VM tokens are accepted (and issued on the debug listener) only with a key.
+    let (auth, vm_tokens) = match &config.vm_token_key {
+        Some(path) => {
+            let key = Arc::new(controller::ca::VmTokenKey::load_or_create(path).context("--vm-token-key")?);
+            let clock = controller::ca::vm_token::system_clock();
+            let auth: Arc<dyn Authenticator> = Arc::new(controller::ca::VmTokenAuth {
+                key: key.clone(),
+                trust_domain: config.trust_domain.clone(),
+                clock: clock.clone(),
+                metrics: controller::ca::VmTokenMetrics::register(&mut registry),
+                inner: auth,
+            });
+            let issuer = controller::ca::VmTokenIssuer {
+                key,
+                ttl: config.vm_token_ttl,
+                clock,
+            };
+            (auth, Some(issuer))
+        }
+        None => (auth, None),
+    };
+
     let mut ca_options = CaOptions::new(&config.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
     ca_options.max_ttl = Duration::from_secs(config.max_cert_ttl_seconds);
     ca_options.default_ttl = ca_options.default_ttl.min(ca_options.max_ttl);
@@ -298,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
         registry,
         published: core.published.clone(),
         skipped: skipped_rx,
+        vm_tokens,
     });
     for (flag, addr, role) in [
         ("--admin", config.admin, admin::Role::Monitoring),

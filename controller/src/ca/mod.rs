@@ -23,4 +23,4 @@ pub use root::{
     publish_trust_bundle, CaRoot, CaRootError, ServingNames, ROOT_CERT_FILE, ROOT_KEY_FILE, TRUST_BUNDLE_FILE,
 };
 pub use server::{CaMetrics, CaOptions, CaServer, PodLocator, RefusalReason, DEFAULT_TTL};
-pub use vm_token::{VmTokenAuth, VmTokenKey, VmTokenMetrics, DEFAULT_VM_TOKEN_TTL};
+pub use vm_token::{IssueError, VmTokenAuth, VmTokenIssuer, VmTokenKey, VmTokenMetrics, DEFAULT_VM_TOKEN_TTL};

@@ -217,6 +217,62 @@ impl VmTokenKey {
     }
 }
 
+/// Why no token was issued.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IssueError {
+    #[error("expected group=<namespace>/<name>")]
+    BadGroup,
+    #[error("no WorkloadGroup {0}")]
+    NoSuchGroup(String),
+    #[error("ttl must be whole seconds between 1 and {max}")]
+    BadTtl { max: u64 },
+    #[error(transparent)]
+    Token(#[from] VmTokenError),
+}
+
+/// Issues tokens for the controller's WorkloadGroups (the debug listener's `/debug/vm-token`).
+pub struct VmTokenIssuer {
+    pub key: Arc<VmTokenKey>,
+    /// Lifetime when the request names none (`--vm-token-ttl`).
+    pub ttl: Duration,
+    pub clock: Clock,
+}
+
+/// The longest lifetime a request may ask for: a year.
+const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
+impl VmTokenIssuer {
+    /// A token for `group` (`<namespace>/<name>`), bound to the group's service account in
+    /// `groups` (group -> service account, as the controller last translated them).
+    pub fn issue(
+        &self,
+        groups: &std::collections::BTreeMap<crate::model::ObjectKey, String>,
+        group: &str,
+        ttl_secs: Option<&str>,
+    ) -> Result<String, IssueError> {
+        let (namespace, name) = group.split_once('/').ok_or(IssueError::BadGroup)?;
+        let key = crate::model::ObjectKey::new(namespace, name);
+        let service_account = groups
+            .get(&key)
+            .ok_or_else(|| IssueError::NoSuchGroup(group.to_owned()))?;
+        let ttl = match ttl_secs {
+            None => self.ttl.as_secs(),
+            Some(t) => t
+                .parse::<u64>()
+                .ok()
+                .filter(|t| (1..=MAX_TTL_SECS).contains(t))
+                .ok_or(IssueError::BadTtl { max: MAX_TTL_SECS })?,
+        };
+        let claims = Claims {
+            namespace: namespace.to_owned(),
+            group: name.to_owned(),
+            service_account: service_account.clone(),
+            expires: (self.clock)().saturating_add(ttl),
+        };
+        Ok(self.key.issue(&claims)?)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
@@ -349,6 +405,37 @@ mod tests {
             a.authenticate("not-a-vm-token-0123456789").await,
             Err(AuthError::UnknownToken)
         ));
+    }
+
+    #[test]
+    fn the_issuer_binds_the_groups_service_account_and_ttl() {
+        let key = Arc::new(VmTokenKey::from_bytes(&[7; 32]));
+        let issuer = VmTokenIssuer {
+            key: key.clone(),
+            ttl: DEFAULT_VM_TOKEN_TTL,
+            clock: Arc::new(|| 100),
+        };
+        let groups: std::collections::BTreeMap<_, _> =
+            [(crate::model::ObjectKey::new("vm", "db"), "db-sa".to_owned())].into();
+        let token = issuer.issue(&groups, "vm/db", None).expect("issue");
+        let c = key.verify(&token, 100).expect("valid");
+        assert_eq!((c.service_account.as_str(), c.expires), ("db-sa", 100 + 24 * 3600));
+        let token = issuer.issue(&groups, "vm/db", Some("60")).expect("issue");
+        assert_eq!(key.verify(&token, 160), Err(VmTokenError::Expired(160)));
+        assert_eq!(
+            issuer.issue(&groups, "vm/other", None),
+            Err(IssueError::NoSuchGroup("vm/other".into()))
+        );
+        assert_eq!(issuer.issue(&groups, "db", None), Err(IssueError::BadGroup));
+        for bad in ["0", "-1", "x", "99999999999"] {
+            assert!(
+                matches!(
+                    issuer.issue(&groups, "vm/db", Some(bad)),
+                    Err(IssueError::BadTtl { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
