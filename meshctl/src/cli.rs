@@ -48,6 +48,39 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Drive the local network-namespace demo (needs root).
     Demo(DemoArgs),
+    /// Virtual machines (WorkloadEntries with their own ztunnel).
+    Vm {
+        #[command(subcommand)]
+        action: VmAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmAction {
+    /// Print a bootstrap token for a VM's ztunnel, bound to one WorkloadGroup's service
+    /// account (from the controller's loopback debug listener).
+    Token(VmTokenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VmTokenArgs {
+    /// The WorkloadGroup, as <namespace>/<name>.
+    #[arg(long)]
+    pub group: String,
+    /// Lifetime in seconds (default: the controller's --vm-token-ttl).
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<u64>,
+    /// The controller's debug address (localhost only).
+    #[arg(
+        long,
+        env = "CONTROLLER_DEBUG",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:15015"
+    )]
+    pub admin: String,
+    /// Seconds to wait for the controller.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub timeout: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -275,6 +308,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Analyze(a) => run_analyze(a),
         Command::Explain(a) => run_explain(a),
         Command::Demo(a) => run_demo(a),
+        Command::Vm {
+            action: VmAction::Token(a),
+        } => {
+            let token = meshctl::vm::token(&a.admin, &a.group, a.ttl, Duration::from_secs(a.timeout))?;
+            println!("{token}");
+            Ok(0)
+        }
     }
 }
 

@@ -13,5 +13,6 @@ pub mod manifest_files;
 pub mod progress;
 pub mod style;
 pub mod table;
+pub mod vm;
 pub mod waypoint;
 pub mod ztunnel_config;
