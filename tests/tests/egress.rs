@@ -492,10 +492,18 @@ apiVersion: v1
 kind: Namespace
 metadata: {{name: vm}}
 ---
+# The group is the entry's template: labels, redirection and service account come from it.
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {{name: legacy-db, namespace: vm}}
+spec:
+  metadata: {{labels: {{app: legacy-db}}, annotations: {{ambient.istio.io/redirection: enabled}}}}
+  template: {{serviceAccount: legacy-db}}
+---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
-metadata: {{name: legacy-db, namespace: vm, annotations: {{ambient.istio.io/redirection: enabled}}}}
-spec: {{address: 10.90.{VM_ID}.150, labels: {{app: legacy-db}}, serviceAccount: legacy-db}}
+metadata: {{name: legacy-db, namespace: vm, annotations: {{istio.io/autoRegistrationGroup: legacy-db}}}}
+spec: {{address: 10.90.{VM_ID}.150}}
 ---
 apiVersion: v1
 kind: Service
@@ -517,17 +525,37 @@ spec:
     w
 }
 
-/// A WorkloadEntry "VM" with its own dedicated-mode ztunnel (a token for the VM's service
-/// account only): a pod reaches it by the Service VIP over HBONE, the VM's ztunnel sees the
+/// A WorkloadEntry "VM" (its labels and service account from a WorkloadGroup) with its own
+/// dedicated-mode ztunnel, bootstrapped with a token `meshctl vm token` obtained from the
+/// controller for that group (good for the group's service account only): a pod reaches it by the Service VIP over HBONE, the VM's ztunnel sees the
 /// pod's identity, and an L4 DENY selecting the VM applies there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_entry_vm_with_its_own_ztunnel_joins_the_mesh() {
     if !mesh_e2e::cluster_capable() {
         return;
     }
-    let cluster = Cluster::start_with_identities(VM_ID, 1, &vm_world(false), &[VM_SA])
+    let key = std::env::temp_dir().join(format!("vm-token-{VM_ID}-{}.key", std::process::id()));
+    let _ = std::fs::remove_file(&key);
+    let options = mesh_e2e::controller::Options {
+        args: vec!["--vm-token-key".to_owned(), key.display().to_string()],
+        ..Default::default()
+    };
+    let cluster = Cluster::start_with_options(VM_ID, 1, &vm_world(false), options)
         .await
         .expect("cluster up");
+    // The token from the controller's loopback debug listener, as an operator gets it.
+    let out = cluster
+        .controller
+        .ns
+        .command(&mesh_e2e::binary("meshctl"))
+        .args(["vm", "token", "--group", "vm/legacy-db"])
+        .output()
+        .expect("meshctl vm token");
+    let _ = std::fs::remove_file(&key);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).expect("ascii");
+    let token_file = cluster.controller.dir.path().join("vm.token");
+    mesh_e2e::controller::write_private(&token_file, token.trim()).expect("token file");
     let vm = cluster.add_external(150).expect("the VM");
     let vm_ip = IpAddr::from([10, 90, VM_ID, 150]);
     tokio::spawn(named_server(
@@ -543,7 +571,7 @@ async fn a_workload_entry_vm_with_its_own_ztunnel_joins_the_mesh() {
         "--trust-bundle".to_owned(),
         cluster.controller.trust_bundle().display().to_string(),
         "--token-file".to_owned(),
-        cluster.controller.identity_token_file(VM_SA).display().to_string(),
+        token_file.display().to_string(),
         // No return-path rules on a VM: the app answers ztunnel, not the client's address.
         "--enable-original-source".to_owned(),
         "false".to_owned(),
@@ -577,6 +605,9 @@ async fn a_workload_entry_vm_with_its_own_ztunnel_joins_the_mesh() {
         "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
         "connection_security_policy=\"mutual_tls\"",
     ];
+    // The VM holds the group's identity (its token's, and no other).
+    let vm_principal = format!("destination_principal=\"{VM_SA}\"");
+    let labels = [labels[0], labels[1], labels[2], vm_principal.as_str()];
     assert!(
         mesh_e2e::metrics::sum(&metrics, "istio_tcp_connections_opened_total", &labels) >= 1.0,
         "{metrics}"
