@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use controller::ca::vm_token::{Claims, VmTokenAuth, VmTokenKey, VmTokenMetrics};
 use controller::ca::{
-    BootstrapTokens, CaMetrics, CaOptions, CaRoot, CaServer, PodLocator, RefusalReason, ROOT_CERT_FILE,
+    Authenticator, BootstrapTokens, CaMetrics, CaOptions, CaRoot, CaServer, PodLocator, RefusalReason, ROOT_CERT_FILE,
 };
 use mesh_core::identity::ca::{new_csr, CaClient, CaError, CertificateSigner, TokenSource};
 use mesh_core::identity::cert::{certs_from_pem, leaf_info, WorkloadCertificate};
@@ -53,6 +54,11 @@ struct Ca {
 
 impl Ca {
     async fn start(options: CaOptions) -> Ca {
+        Ca::start_with(options, |tokens| tokens).await
+    }
+
+    /// As `start`, the bootstrap-token authenticator wrapped by `auth`.
+    async fn start_with(options: CaOptions, auth: impl FnOnce(Arc<dyn Authenticator>) -> Arc<dyn Authenticator>) -> Ca {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = Arc::new(CaRoot::load_or_generate(dir.path(), TD).expect("root"));
         assert!(dir.path().join(ROOT_CERT_FILE).exists());
@@ -68,7 +74,7 @@ impl Ca {
         let metrics = CaMetrics::register(&mut registry);
         let server = CaServer::new(
             root.clone(),
-            Arc::new(tokens),
+            auth(Arc::new(tokens)),
             Arc::new(pods) as Arc<dyn PodLocator>,
             options,
             metrics.clone(),
@@ -251,6 +257,52 @@ async fn impersonation_needs_a_node_proxy_with_the_pod_on_its_node() {
         text.contains("certificates_refused_total{reason=\"impersonation_denied\"} 3"),
         "{text}"
     );
+}
+
+/// A VM token for group A (service account sleep) gets sleep's certificate and nothing else;
+/// an expired or tampered one is unauthenticated and counted with its reason.
+#[tokio::test]
+async fn a_vm_token_gets_only_its_groups_identity() {
+    let key = Arc::new(VmTokenKey::from_bytes(&[3; 32]));
+    let vm_metrics = VmTokenMetrics::default();
+    let m = vm_metrics.clone();
+    let k = key.clone();
+    let ca = Ca::start_with(CaOptions::new(TD).expect("options"), move |inner| {
+        Arc::new(VmTokenAuth {
+            key: k,
+            trust_domain: TD.into(),
+            clock: Arc::new(|| 1_000),
+            metrics: m,
+            inner,
+        })
+    })
+    .await;
+    let claims = |expires| Claims {
+        namespace: "default".into(),
+        group: "group-a".into(),
+        service_account: "sleep".into(),
+        expires,
+    };
+    let token = key.issue(&claims(2_000)).expect("issue");
+    let (chain, der) = ca.sign(Some(&token), false, SLEEP, DAY).await.expect("signed");
+    check_chain(&ca, &chain, der, SLEEP);
+    // Group A's token asking for B's identity, directly or as impersonation.
+    for impersonate in [false, true] {
+        let text = refused(ca.sign(Some(&token), impersonate, HTTPBIN, DAY).await);
+        assert!(text.starts_with("PermissionDenied"), "{text}");
+    }
+    let expired = key.issue(&claims(1_000)).expect("issue");
+    let text = refused(ca.sign(Some(&expired), false, SLEEP, DAY).await);
+    assert!(
+        text.starts_with("Unauthenticated") && text.contains("expired"),
+        "{text}"
+    );
+    let tampered = format!("{token}00");
+    let text = refused(ca.sign(Some(&tampered), false, SLEEP, DAY).await);
+    assert!(text.starts_with("Unauthenticated"), "{text}");
+    assert_eq!(vm_metrics.refused("expired"), 1);
+    assert_eq!(vm_metrics.refused("bad_signature"), 1);
+    assert_eq!(ca.metrics.signed(), 1);
 }
 
 #[tokio::test]
