@@ -11,7 +11,7 @@
 //! The backend is nginx answering "ok" in a meshed pod on node 1; gateway, nginx and client
 //! (outside the mesh) are pods on node 0. Per path and round: `wrk -t2 -c16` HTTPS keep-alive
 //! requests/s, with the proxy's RSS read halfway through; p50/p99 at about 1,000 requests/s
-//! (`wrk -t1 -c12` with a 10 ms pause per connection between requests: wrk2 is not packaged,
+//! (`wrk -t1 -c12` with a random 5-15 ms pause per connection between requests: wrk2 is not packaged,
 //! so a request queued behind a slow one is timed from when it was sent, not when it was due).
 
 use std::net::IpAddr;
@@ -34,10 +34,11 @@ const ID: u8 = 120;
 const GW_NS: &str = "istio-system";
 const GW: &str = "istio-ingressgateway";
 const HOST: &str = "app.example.com";
-/// The fixed load: 12 connections, each pausing 10 ms between requests (about 1,000 req/s
-/// with the timer's and the request's own time).
+/// The fixed load: 12 connections, each pausing 5-15 ms (10 on average) between requests:
+/// about 1,000 req/s with the timer's and the request's own time. The pause is random so the
+/// connections do not fire together (a burst of 12 would queue behind itself).
 const FIXED_CONNS: u32 = 12;
-const PAUSE_LUA: &str = "function delay()\n  return 10\nend\n";
+const PAUSE_LUA: &str = "function delay()\n  return math.random(5, 15)\nend\n";
 
 /// Namespaces, the backend's Service, the Gateway (HTTPS, the Secret below) and its route.
 fn world(cert_pem: &str, key_pem: &str) -> String {
@@ -333,8 +334,8 @@ impl Report {
         let [p, n, g] = [0, 1, 2].map(|k| self.figures.get(k).copied().unwrap_or_default());
         let mut md = format!(
             "## meshbench --scenario ingress: HTTPS through our ingress gateway vs nginx, same certificate, same backend\n\n\
-             Median of {} round(s), {} s per load; the fixed load is wrk -t1 -c{FIXED_CONNS} pausing 10 ms per connection \
-             between requests.\n\n\
+             Median of {} round(s), {} s per load; the fixed load is wrk -t1 -c{FIXED_CONNS} pausing 5-15 ms (random) per \
+             connection between requests.\n\n\
              | figure | plain HTTP, no proxy | nginx (TLS, plaintext upstream) | our gateway (TLS, HBONE upstream) | gateway vs nginx |\n\
              |---|---:|---:|---:|---:|\n",
             self.plan.rounds, self.plan.wrk_secs
