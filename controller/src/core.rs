@@ -244,13 +244,41 @@ fn apply(inputs: &mut Inputs, change: Change, sources: &mut Sources, tracking: &
 }
 
 /// Starts the loop reading `changes`.
-pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: Debounce) -> Core {
+pub fn start(changes: mpsc::Receiver<Change>, options: Options, debounce: Debounce) -> Core {
     let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
     let (pub_tx, published) = watch::channel(Published::default());
     let pods = Arc::new(NodePods::default());
-    let node_pods = pods.clone();
     let kind_metrics = KindMetrics::default();
-    let metrics = kind_metrics.clone();
+    let worker = Loop {
+        changes,
+        debounce,
+        inputs: Arc::new(Inputs::default()),
+        sources: Sources::default(),
+        previous: Arc::new(Snapshot::default()),
+        tracking: Tracking {
+            translator: Arc::new(Mutex::new(Incremental::new(options))),
+            node_pods: NodeCounts::default(),
+        },
+        out: LoopOutputs {
+            snapshots: snap_tx,
+            published: pub_tx,
+            node_pods: pods.clone(),
+            metrics: kind_metrics.clone(),
+            trim: spawn_trimmer(),
+        },
+    };
+    tokio::spawn(worker.run());
+    Core {
+        snapshots,
+        published,
+        pods,
+        kind_metrics,
+    }
+}
+
+/// Translation and encoding leave freed heap behind; a second after a burst has been pushed,
+/// give it back (glibc keeps it otherwise). Notify the returned handle after each push.
+fn spawn_trimmer() -> Arc<tokio::sync::Notify> {
     let trim = Arc::new(tokio::sync::Notify::new());
     let trimmer = trim.clone();
     tokio::spawn(async move {
@@ -261,104 +289,144 @@ pub fn start(mut changes: mpsc::Receiver<Change>, options: Options, debounce: De
             let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
         }
     });
-    tokio::spawn(async move {
-        // Shared with the translation thread without a copy; mutated only once it is back.
-        let mut inputs = Arc::new(Inputs::default());
-        let mut sources = Sources::default();
-        let mut previous = Arc::new(Snapshot::default());
-        let mut tracking = Tracking {
-            translator: Arc::new(Mutex::new(Incremental::new(options.clone()))),
-            node_pods: NodeCounts::default(),
-        };
+    trim
+}
+
+/// Where the loop publishes.
+struct LoopOutputs {
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    published: watch::Sender<Published>,
+    node_pods: Arc<NodePods>,
+    metrics: KindMetrics,
+    trim: Arc<tokio::sync::Notify>,
+}
+
+/// The controller's loop state: the inputs (shared with the translation thread without a
+/// copy; mutated only once it is back), the sources' sync state and the last snapshot.
+struct Loop {
+    changes: mpsc::Receiver<Change>,
+    debounce: Debounce,
+    inputs: Arc<Inputs>,
+    sources: Sources,
+    previous: Arc<Snapshot>,
+    tracking: Tracking,
+    out: LoopOutputs,
+}
+
+impl Loop {
+    async fn run(mut self) {
         loop {
-            let Some(first) = changes.recv().await else { return };
-            let since = Instant::now();
-            apply(Arc::make_mut(&mut inputs), first, &mut sources, &mut tracking);
-            // Gather the rest of the burst.
-            let deadline = since + debounce.max;
-            loop {
-                let wait = debounce.quiet.min(deadline.saturating_duration_since(Instant::now()));
-                match tokio::time::timeout(wait, changes.recv()).await {
-                    Ok(Some(c)) => apply(Arc::make_mut(&mut inputs), c, &mut sources, &mut tracking),
-                    Ok(None) | Err(_) => break,
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-            }
+            let Some(since) = self.gather_burst().await else { return };
             // Publish nothing until every kind is listed or reported: a partial world would
             // remove resources. A kind that cannot be read is in `sources.kinds`, which
             // translation turns into problems and, for security kinds, fail-closed policies.
-            if !sources.synced {
-                continue;
+            if self.sources.synced {
+                self.translate_and_publish(since).await;
             }
-            let workload_groups = inputs
-                .workload_groups
-                .iter()
-                .map(|(k, g)| {
-                    let sa = g.spec.template.service_account.clone().filter(|s| !s.is_empty());
-                    (k.clone(), sa.unwrap_or_else(|| "default".to_owned()))
-                })
-                .collect();
-            let (shared, prev) = (inputs.clone(), previous.clone());
-            let kinds = sources.kinds.clone();
-            let published_kinds = kinds.clone();
-            metrics.update(&kinds);
-            let translator = tracking.translator.clone();
-            let done = tokio::task::spawn_blocking(move || {
-                let step = lock(&translator).step(&shared, &kinds);
-                let snapshot = match &step.touched {
-                    Some(touched) => Snapshot::apply(&prev, &step.outputs, touched, Some(since)),
-                    None => Snapshot::next(&prev, step.outputs.clone(), Some(since)),
-                };
-                (step.outputs, snapshot)
-            })
-            .await;
-            let (out, snapshot) = match done {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "translation failed");
-                    continue;
-                }
-            };
-            if let Some(pods_by_node) = tracking.node_pods.take() {
-                node_pods.0.store(Arc::new(pods_by_node));
-            }
-            tracing::info!(
-                generation = snapshot.generation,
-                changed = snapshot.changes(),
-                problems = out.problems.len(),
-                took_ms = since.elapsed().as_millis() as u64,
-                "translated"
-            );
-            let snapshot = Arc::new(snapshot);
-            previous = snapshot.clone();
-            snap_tx.send_replace(snapshot);
-            for p in &out.problems {
-                tracing::debug!(kind = p.kind.name(), object = %p.object, problem = %p.message, "problem");
-            }
-            let before = pub_tx.send_replace(Published {
-                synced: true,
-                kinds: published_kinds,
-                problems: out.problems.clone(),
-                waypoints: out.waypoints.values().cloned().collect(),
-                outputs: out,
-                workload_groups,
-            });
-            // The outputs published before become the translator's spare copy.
-            lock(&tracking.translator).recycle(before.outputs);
-            // After a from-scratch step, the spare is made now rather than by the next change.
-            let translator = tracking.translator.clone();
-            tokio::task::spawn_blocking(move || lock(&translator).prepare());
-            // Translation and encoding leave freed heap behind; give it back once the burst
-            // has been pushed (glibc keeps it otherwise).
-            trim.notify_one();
         }
-    });
-    Core {
-        snapshots,
-        published,
-        pods,
-        kind_metrics,
+    }
+
+    /// Applies one burst of changes: the first, then the rest until a quiet period or the
+    /// burst's deadline. Returns when the burst started, or None once the sources are gone.
+    async fn gather_burst(&mut self) -> Option<Instant> {
+        let first = self.changes.recv().await?;
+        let since = Instant::now();
+        self.apply(first);
+        let deadline = since + self.debounce.max;
+        loop {
+            let wait = self
+                .debounce
+                .quiet
+                .min(deadline.saturating_duration_since(Instant::now()));
+            match tokio::time::timeout(wait, self.changes.recv()).await {
+                Ok(Some(c)) => self.apply(c),
+                Ok(None) | Err(_) => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Some(since)
+    }
+
+    fn apply(&mut self, change: Change) {
+        apply(
+            Arc::make_mut(&mut self.inputs),
+            change,
+            &mut self.sources,
+            &mut self.tracking,
+        );
+    }
+
+    /// Translates what the burst changed on a blocking thread and publishes the result.
+    async fn translate_and_publish(&mut self, since: Instant) {
+        let workload_groups = self
+            .inputs
+            .workload_groups
+            .iter()
+            .map(|(k, g)| {
+                let sa = g.spec.template.service_account.clone().filter(|s| !s.is_empty());
+                (k.clone(), sa.unwrap_or_else(|| "default".to_owned()))
+            })
+            .collect();
+        let (shared, prev) = (self.inputs.clone(), self.previous.clone());
+        let kinds = self.sources.kinds.clone();
+        self.out.metrics.update(&kinds);
+        let (translator, step_kinds) = (self.tracking.translator.clone(), kinds.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let step = lock(&translator).step(&shared, &step_kinds);
+            let snapshot = match &step.touched {
+                Some(touched) => Snapshot::apply(&prev, &step.outputs, touched, Some(since)),
+                None => Snapshot::next(&prev, step.outputs.clone(), Some(since)),
+            };
+            (step.outputs, snapshot)
+        })
+        .await;
+        let (out, snapshot) = match done {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "translation failed");
+                return;
+            }
+        };
+        if let Some(pods_by_node) = self.tracking.node_pods.take() {
+            self.out.node_pods.0.store(Arc::new(pods_by_node));
+        }
+        tracing::info!(
+            generation = snapshot.generation,
+            changed = snapshot.changes(),
+            problems = out.problems.len(),
+            took_ms = since.elapsed().as_millis() as u64,
+            "translated"
+        );
+        let snapshot = Arc::new(snapshot);
+        self.previous = snapshot.clone();
+        self.out.snapshots.send_replace(snapshot);
+        self.publish(out, kinds, workload_groups);
+    }
+
+    fn publish(
+        &mut self,
+        out: Arc<Outputs>,
+        kinds: BTreeMap<Kind, KindSync>,
+        workload_groups: BTreeMap<ObjectKey, String>,
+    ) {
+        for p in &out.problems {
+            tracing::debug!(kind = p.kind.name(), object = %p.object, problem = %p.message, "problem");
+        }
+        let before = self.out.published.send_replace(Published {
+            synced: true,
+            kinds,
+            problems: out.problems.clone(),
+            waypoints: out.waypoints.values().cloned().collect(),
+            outputs: out,
+            workload_groups,
+        });
+        // The outputs published before become the translator's spare copy.
+        lock(&self.tracking.translator).recycle(before.outputs);
+        // After a from-scratch step, the spare is made now rather than by the next change.
+        let translator = self.tracking.translator.clone();
+        tokio::task::spawn_blocking(move || lock(&translator).prepare());
+        self.out.trim.notify_one();
     }
 }
