@@ -220,76 +220,88 @@ pub(crate) fn translate(
         let mut services = kubernetes_services(inputs, key, we, options);
         services.extend(entry_services(inputs, key, we, addresses));
         let labels = Some(&we.spec.labels);
-        let label = |k: &str| we.spec.labels.get(k).cloned();
-        let hbone = we
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-            .is_some_and(|v| v == "enabled");
-        let uid = format!(
-            "{}/networking.istio.io/WorkloadEntry/{}/{}",
-            options.cluster_id, key.namespace, key.name
-        );
+        let policies = selected
+            .iter()
+            .filter(|s| s.applies_to(key, labels, &options.root_namespace))
+            .map(|s| s.name.clone())
+            .collect();
         let workload = pb::Workload {
-            uid: uid.clone(),
-            name: key.name.clone(),
-            namespace: key.namespace.clone(),
-            addresses: vec![ip_to_bytes(ip)],
-            hostname: String::new(),
-            network: we.spec.network.clone().unwrap_or_else(|| options.network.clone()),
-            tunnel_protocol: if hbone {
-                pb::TunnelProtocol::Hbone
-            } else {
-                pb::TunnelProtocol::None
-            } as i32,
-            trust_domain: options.trust_domain.clone(),
-            service_account: we
-                .spec
-                .service_account
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".to_owned()),
-            waypoint: None,
-            network_gateway: None,
-            node: String::new(),
-            canonical_name: label("service.istio.io/canonical-name")
-                .or_else(|| label("app.kubernetes.io/name"))
-                .or_else(|| label("app"))
-                .unwrap_or_else(|| key.name.clone()),
-            canonical_revision: label("service.istio.io/canonical-revision")
-                .or_else(|| label("app.kubernetes.io/version"))
-                .or_else(|| label("version"))
-                .unwrap_or_else(|| "latest".to_owned()),
-            workload_type: pb::WorkloadType::Pod as i32,
-            workload_name: key.name.clone(),
-            native_tunnel: false,
-            application_tunnel: None,
             services,
-            authorization_policies: selected
-                .iter()
-                .filter(|s| s.applies_to(key, labels, &options.root_namespace))
-                .map(|s| s.name.clone())
-                .collect(),
-            status: pb::WorkloadStatus::Healthy as i32,
-            cluster_id: options.cluster_id.clone(),
-            locality: we.spec.locality.as_deref().map(|l| {
-                let mut parts = l.splitn(3, '/').map(str::to_owned);
-                pb::Locality {
-                    region: parts.next().unwrap_or_default(),
-                    zone: parts.next().unwrap_or_default(),
-                    subzone: parts.next().unwrap_or_default(),
-                }
-            }),
-            network_mode: pb::NetworkMode::Standard as i32,
-            extensions: Vec::new(),
-            capacity: we.spec.weight.filter(|w| *w > 0),
+            authorization_policies: policies,
+            ..workload(options, key, we, ip)
         };
+        let uid = workload.uid.clone();
         addresses.insert(
             uid,
             pb::Address {
                 r#type: Some(pb::address::Type::Workload(workload)),
             },
         );
+    }
+}
+
+/// An entry's workload at `ip`, without its services and policies (the caller adds them):
+/// identity, tunnel, canonical name and revision from Istio's labels, locality, weight.
+fn workload(options: &Options, key: &ObjectKey, we: &WorkloadEntry, ip: IpAddr) -> pb::Workload {
+    let label = |k: &str| we.spec.labels.get(k).cloned();
+    let hbone = we
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+        .is_some_and(|v| v == "enabled");
+    let uid = format!(
+        "{}/networking.istio.io/WorkloadEntry/{}/{}",
+        options.cluster_id, key.namespace, key.name
+    );
+    pb::Workload {
+        uid,
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        addresses: vec![ip_to_bytes(ip)],
+        hostname: String::new(),
+        network: we.spec.network.clone().unwrap_or_else(|| options.network.clone()),
+        tunnel_protocol: if hbone {
+            pb::TunnelProtocol::Hbone
+        } else {
+            pb::TunnelProtocol::None
+        } as i32,
+        trust_domain: options.trust_domain.clone(),
+        service_account: we
+            .spec
+            .service_account
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        waypoint: None,
+        network_gateway: None,
+        node: String::new(),
+        canonical_name: label("service.istio.io/canonical-name")
+            .or_else(|| label("app.kubernetes.io/name"))
+            .or_else(|| label("app"))
+            .unwrap_or_else(|| key.name.clone()),
+        canonical_revision: label("service.istio.io/canonical-revision")
+            .or_else(|| label("app.kubernetes.io/version"))
+            .or_else(|| label("version"))
+            .unwrap_or_else(|| "latest".to_owned()),
+        workload_type: pb::WorkloadType::Pod as i32,
+        workload_name: key.name.clone(),
+        native_tunnel: false,
+        application_tunnel: None,
+        services: BTreeMap::new(),
+        authorization_policies: Vec::new(),
+        status: pb::WorkloadStatus::Healthy as i32,
+        cluster_id: options.cluster_id.clone(),
+        locality: we.spec.locality.as_deref().map(|l| {
+            let mut parts = l.splitn(3, '/').map(str::to_owned);
+            pb::Locality {
+                region: parts.next().unwrap_or_default(),
+                zone: parts.next().unwrap_or_default(),
+                subzone: parts.next().unwrap_or_default(),
+            }
+        }),
+        network_mode: pb::NetworkMode::Standard as i32,
+        extensions: Vec::new(),
+        capacity: we.spec.weight.filter(|w| *w > 0),
     }
 }
