@@ -94,18 +94,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         .token_file
         .clone()
         .map_or(TokenSource::None, TokenSource::File);
-    let cp_tls = |addr: &str| -> anyhow::Result<_> {
-        if mesh_core::control_plane_args::uses_tls(addr) {
-            // Re-read when it changes: after a root rotation the controller's certificate
-            // chains to the new root.
-            Ok(Some(mesh_core::tls::control_plane_client_config_following(
-                cfg.trust_bundle()?,
-                vec![cfg.control_plane.control_plane_identity.clone()],
-            )?))
-        } else {
-            Ok(None)
-        }
-    };
+    let cp_tls = |addr: &str| control_plane_tls(cfg, addr);
 
     let ca_address = cfg.ca_address()?;
     let channel = mesh_core::grpc::endpoint(ca_address, cp_tls(ca_address)?)
@@ -142,26 +131,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
     let ready = client.ready();
     tokio::spawn(client.run());
 
-    let hbone = HbonePool::new(
-        Settings::default(),
-        certs.clone(),
-        Arc::new(PlainSockets { mark: None }),
-    );
-    let connector = Connector {
-        state: state.clone(),
-        hbone,
-        identity: cfg.identity.clone(),
-        network: cfg.network.clone(),
-        hbone_port: cfg.hbone_port,
-        connect_timeout: Duration::from_secs(10),
-        originate: None,
-        tls_failures: Default::default(),
-    };
-    registry.register(
-        "waypoint_upstream_tls_failures",
-        "Upstream connections whose TLS origination failed (no request was sent), by reason",
-        connector.tls_failures.clone(),
-    );
+    let connector = connector(cfg, &state, &certs, registry);
     let waypoint = Arc::new(Waypoint {
         gateway: cfg.gateway(),
         identity: cfg.identity.clone(),
@@ -192,6 +162,43 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         ingress,
     });
     Ok((waypoint, ready))
+}
+
+/// TLS to the control plane at `addr` when it uses TLS; re-read when the bundle changes, since
+/// after a root rotation the controller's certificate chains to the new root.
+fn control_plane_tls(cfg: &Config, addr: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !mesh_core::control_plane_args::uses_tls(addr) {
+        return Ok(None);
+    }
+    Ok(Some(mesh_core::tls::control_plane_client_config_following(
+        cfg.trust_bundle()?,
+        vec![cfg.control_plane.control_plane_identity.clone()],
+    )?))
+}
+
+/// The upstream connector: HBONE with our certificate; TLS-origination failures counted.
+fn connector(cfg: &Config, state: &Arc<StateStore>, certs: &Arc<CertManager>, registry: &mut Registry) -> Connector {
+    let hbone = HbonePool::new(
+        Settings::default(),
+        certs.clone(),
+        Arc::new(PlainSockets { mark: None }),
+    );
+    let connector = Connector {
+        state: state.clone(),
+        hbone,
+        identity: cfg.identity.clone(),
+        network: cfg.network.clone(),
+        hbone_port: cfg.hbone_port,
+        connect_timeout: Duration::from_secs(10),
+        originate: None,
+        tls_failures: Default::default(),
+    };
+    registry.register(
+        "waypoint_upstream_tls_failures",
+        "Upstream connections whose TLS origination failed (no request was sent), by reason",
+        connector.tls_failures.clone(),
+    );
+    connector
 }
 
 /// Our certificate: retried until the CA issues it; the manager renews it after that.
