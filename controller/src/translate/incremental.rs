@@ -629,6 +629,10 @@ fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, ne
         (Kind::Pod, _) => {
             p.pods.insert(key.clone());
             p.peer = true;
+            // DestinationRule subsets list the pods their labels select (routes::subset_workloads).
+            if inputs.destination_rules.values().any(|d| !d.spec.subsets.is_empty()) {
+                p.tail = true;
+            }
         }
         (Kind::Service, Some(Object::Service(s))) if inputs.services.get(key) == Some(s) => {}
         (Kind::Service, _) => {
