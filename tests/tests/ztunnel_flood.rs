@@ -473,7 +473,14 @@ async fn reset_flood_gets_goaway(bed: &Bed, hanging: SocketAddr) {
     );
     assert_eq!(sent, 101);
     assert!(alive_at_100, "100 resets are within the limit");
-    assert_eq!(reason, Some(h2::Reason::ENHANCE_YOUR_CALM), "{ended:?}");
+    // ztunnel sends GOAWAY(ENHANCE_YOUR_CALM) and closes; under load the client's next write
+    // can meet the closed socket (EPIPE) before it reads the GOAWAY. Either way the flooding
+    // connection was ended by ztunnel, never left open.
+    let closed_by_peer = ended.as_ref().err().is_some_and(h2::Error::is_io);
+    assert!(
+        reason == Some(h2::Reason::ENHANCE_YOUR_CALM) || closed_by_peer,
+        "{ended:?}"
+    );
 }
 
 /// Out of file descriptors: ztunnel b's limit is lowered while it runs, and a flood fills it.
