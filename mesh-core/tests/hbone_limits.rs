@@ -1,7 +1,8 @@
 //! What a hostile peer can make an HBONE server hold, over loopback with real TLS and HTTP/2:
 //! idle sockets that never start TLS (memory per connection, cap per source), a peer that
-//! finishes TLS but never sends the HTTP/2 preface, a peer opening more streams than its
-//! identity may hold, and a peer resetting every stream before its answer (rapid reset).
+//! finishes TLS but never sends the HTTP/2 preface, a peer opening more connections or streams
+//! than its identity may hold, a peer holding connections without streams, and a peer
+//! resetting every stream before its answer (rapid reset).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
 
@@ -55,17 +56,22 @@ struct Server {
 }
 
 async fn server(config: LimitConfig, handshake_timeout: Duration) -> Server {
+    let settings = Settings {
+        handshake_timeout,
+        ..Default::default()
+    };
+    server_with(config, settings).await
+}
+
+/// As [`server`], with other transport settings (`limits` is replaced).
+async fn server_with(config: LimitConfig, mut settings: Settings) -> Server {
     let ca = DevCa::generate("cluster.local").unwrap();
     let tls = tls::server_config(&cert(&ca, &id("server"))).unwrap();
     let hits = Arc::new(Mutex::new(Vec::new()));
     let h = hits.clone();
     let observer: LimitObserver = Arc::new(move |l| h.lock().unwrap().push(l));
     let limits = Arc::new(ServerLimits::new(config, Some(observer)));
-    let settings = Settings {
-        handshake_timeout,
-        limits: limits.clone(),
-        ..Default::default()
-    };
+    settings.limits = limits.clone();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let counter = || Arc::new(AtomicUsize::new(0));
@@ -300,4 +306,94 @@ async fn streams_reset_before_their_answer_cancel_the_work_and_a_flood_gets_goaw
         "no reset stream got past its work"
     );
     assert!(srv.hits.lock().unwrap().contains(&Limit::ResetFlood));
+}
+
+#[tokio::test]
+async fn authenticated_connections_per_peer_identity_are_bounded() {
+    let srv = server(
+        LimitConfig {
+            max_connections_per_peer: 2,
+            ..Default::default()
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    let (a, conn_a) = h2_client(&srv, "hoarder").await;
+    let (_b, _conn_b) = h2_client(&srv, "hoarder").await;
+    until("two connections held", || srv.limits.connections(&id("hoarder")) == 2).await;
+    // The third authenticates, then the server closes it: the HTTP/2 handshake or the
+    // connection fails, and the bound is counted.
+    let config = tls::client_config(&cert(&srv.ca, &id("hoarder")), vec![id("server")]).unwrap();
+    let tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(tls::placeholder_server_name(), tcp)
+        .await
+        .unwrap();
+    let third = tokio::time::timeout(Duration::from_secs(5), async {
+        let (sender, conn) = h2::client::handshake(tls).await?;
+        let _conn = tokio::spawn(conn);
+        let mut s = sender.ready().await?;
+        let (answer, _) = s.send_request(connect_request(), false)?;
+        answer.await.map(|_| ())
+    })
+    .await
+    .expect("the third connection ends promptly");
+    assert!(third.is_err(), "a third connection of the same identity is refused");
+    assert!(srv.hits.lock().unwrap().contains(&Limit::ConnectionsPerPeer));
+    // Another identity is not affected; closing one connection frees its slot.
+    let (_other, _conn_o) = h2_client(&srv, "other").await;
+    until("the other identity's connection", || {
+        srv.limits.connections(&id("other")) == 1
+    })
+    .await;
+    drop(a);
+    conn_a.abort();
+    until("the slot to be released", || {
+        srv.limits.connections(&id("hoarder")) == 1
+    })
+    .await;
+    let (_again, _conn_again) = h2_client(&srv, "hoarder").await;
+    until("a new connection in the freed slot", || {
+        srv.limits.connections(&id("hoarder")) == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_without_streams_gets_goaway_after_the_idle_timeout() {
+    let idle = Duration::from_millis(300);
+    let settings = Settings {
+        server_idle_timeout: idle,
+        ..Default::default()
+    };
+    let srv = server_with(LimitConfig::default(), settings).await;
+    // One connection never opens a stream; the other holds one open.
+    let started = std::time::Instant::now();
+    let (_idle_sender, idle_conn) = h2_client(&srv, "idler").await;
+    let (busy, busy_conn) = h2_client(&srv, "busy").await;
+    let mut s = busy.ready().await.unwrap();
+    let (_answer, mut held) = s.send_request(connect_request(), false).unwrap();
+    until("the busy stream is held", || srv.limits.usage(&id("busy")).1 == 1).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle_conn)
+        .await
+        .expect("the idle connection is closed");
+    assert!(closed.unwrap().is_ok(), "closed gracefully (GOAWAY NO_ERROR)");
+    assert!(started.elapsed() >= idle, "not before the idle timeout");
+    assert!(srv.hits.lock().unwrap().contains(&Limit::IdleConnection));
+    // The busy connection outlives several idle timeouts while its stream is open...
+    tokio::time::sleep(idle * 3).await;
+    assert!(!busy_conn.is_finished(), "a connection with an open stream stays");
+    assert_eq!(srv.finished.load(Ordering::SeqCst), 1);
+    // ...and is closed one idle timeout after its last stream ended.
+    held.send_reset(h2::Reason::CANCEL);
+    until("the busy stream's slot to be released", || {
+        srv.limits.usage(&id("busy")).1 == 0
+    })
+    .await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), busy_conn)
+        .await
+        .expect("the busy connection is closed once idle");
+    assert!(closed.unwrap().is_ok());
+    until("both connections to end", || srv.finished.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(srv.limits.connections(&id("busy")), 0, "connection slots released");
 }

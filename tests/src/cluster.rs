@@ -494,6 +494,23 @@ impl Cluster {
     /// agent reported it captured) or not (`hbone` false).
     pub async fn wait_workload(&self, pod: &Pod, hbone: bool, within: Duration) -> Result<()> {
         let protocol = if hbone { "Hbone" } else { "None" };
+        self.wait_dumped(pod, protocol, within, |w| w["tunnel"] == protocol)
+            .await
+    }
+
+    /// Waits until every node's ztunnel (ours or Istio's: both dump `workloads[].uid`) holds
+    /// `pod`, however it is reached.
+    pub async fn wait_known(&self, pod: &Pod, within: Duration) -> Result<()> {
+        self.wait_dumped(pod, "any tunnel", within, |_| true).await
+    }
+
+    async fn wait_dumped(
+        &self,
+        pod: &Pod,
+        what: &str,
+        within: Duration,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<()> {
         let uid = format!("{}//Pod/{}/{}", self.cluster_id, pod.namespace, pod.name);
         let deadline = Instant::now() + within;
         for n in &self.nodes {
@@ -506,13 +523,13 @@ impl Cluster {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .any(|w| w["uid"] == uid.as_str() && w["tunnel"] == protocol);
+                    .any(|w| w["uid"] == uid.as_str() && matches(w));
                 if found {
                     break;
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "{} never showed {uid} with {protocol}; controller log:\n{}",
+                        "{} never showed {uid} with {what}; controller log:\n{}",
                         n.name(),
                         self.controller.logs()
                     );

@@ -38,7 +38,7 @@ pub fn identity(namespace: &str, name: &str) -> String {
 impl Waypoint {
     /// Creates the waypoint pod for Gateway `namespace/name` on `node` (labelled so that the
     /// Gateway's Service selects it and the node agent leaves it alone), starts the binary in
-    /// it and waits until it has its certificate and configuration.
+    /// it and waits until it has its certificate and configuration and every ztunnel knows it.
     pub async fn start(cluster: &Cluster, node: u8, namespace: &str, name: &str) -> Result<Waypoint> {
         Self::start_with(cluster, node, namespace, name, &[]).await
     }
@@ -96,6 +96,9 @@ impl Waypoint {
             .context("spawning waypoint (did `cargo build` run?)")?;
         let w = Waypoint { child, pod, log };
         w.wait_ready(Duration::from_secs(20)).await?;
+        // Ready is the waypoint's own view; clients reach it only once every ztunnel holds
+        // its pod (the Service's endpoint), or they refuse with "no healthy endpoint".
+        cluster.wait_known(&w.pod, Duration::from_secs(20)).await?;
         Ok(w)
     }
 

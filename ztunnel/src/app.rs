@@ -233,11 +233,13 @@ fn shared_state(
         Arc::new(move |limit: Limit| limits_metrics.refuse(crate::proxy::refusal::Refusal::Limit(limit)));
     let settings = Settings {
         idle_timeout: Duration::from_secs(cfg.pool_idle_seconds),
+        server_idle_timeout: Duration::from_secs(cfg.inbound_idle_seconds),
         // Double HBONE's inner CONNECT names the service by hostname (Istio's form).
         hostname_authority: true,
         limits: Arc::new(ServerLimits::new(
             LimitConfig {
                 max_streams_per_peer: cfg.max_streams_per_peer,
+                max_connections_per_peer: cfg.max_connections_per_peer,
                 ..LimitConfig::default()
             },
             Some(observer),

@@ -106,6 +106,15 @@ pub struct Config {
     /// one client workload holds more connections than this.
     #[arg(long, env = "MAX_STREAMS_PER_PEER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_peer: u32,
+    /// Authenticated HBONE connections one peer identity may hold at once (a client's pool
+    /// keeps about one per source pod and destination pod, mostly idle); beyond it new ones
+    /// are closed and counted.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_PEER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_peer: u32,
+    /// An inbound HBONE connection without a stream for this many seconds gets GOAWAY. Keep
+    /// it above the clients' POOL_IDLE_SECONDS so they close idle connections first.
+    #[arg(long, env = "INBOUND_IDLE_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub inbound_idle_seconds: u64,
     /// Connect to local applications from the client's address (IP_TRANSPARENT), as Istio's
     /// `ENABLE_ORIGINAL_SOURCE`. Needs the return-path rules the node agent writes in pods;
     /// a VM (WorkloadEntry) running its own ztunnel has none: `false` there.
@@ -146,6 +155,14 @@ impl Config {
             if self.cert_ttl_seconds < 2 {
                 anyhow::bail!("--cert-ttl-seconds {} is too short (minimum 2)", self.cert_ttl_seconds);
             }
+        }
+        if self.inbound_idle_seconds <= self.pool_idle_seconds {
+            anyhow::bail!(
+                "--inbound-idle-seconds {} must be longer than --pool-idle-seconds {}: clients close idle pooled \
+                 connections first, so a server GOAWAY never races a new stream",
+                self.inbound_idle_seconds,
+                self.pool_idle_seconds
+            );
         }
         let ports = [self.outbound_port, self.inbound_plaintext_port, self.inbound_port];
         if ports.contains(&0) {

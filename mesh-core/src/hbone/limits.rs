@@ -3,6 +3,8 @@
 //!
 //! - connections that have not finished TLS and the HTTP/2 preface, in total and per source
 //!   address, so a flood of idle or slow sockets cannot exhaust memory or starve real clients;
+//! - authenticated connections per peer identity (each holds TLS and HTTP/2 state even with
+//!   no stream; the server also closes one left without streams, see `Settings`);
 //! - concurrent CONNECT streams per peer identity, across all its connections, since each
 //!   stream can pin flow-control windows and send buffers;
 //! - streams a peer resets before they were answered (rapid reset), per connection.
@@ -24,6 +26,9 @@ pub struct LimitConfig {
     pub max_pending: u32,
     /// Connections still in TLS or HTTP/2 preface from one source address.
     pub max_pending_per_source: u32,
+    /// Authenticated connections of one peer identity (a client's pool holds about one per
+    /// source pod and destination workload, most of them idle).
+    pub max_connections_per_peer: u32,
     /// Concurrent CONNECT streams of one peer identity across its connections.
     pub max_streams_per_peer: u32,
     /// Streams a peer may reset before answer within [`reset_window`](Self::reset_window) on one
@@ -37,6 +42,7 @@ impl Default for LimitConfig {
         LimitConfig {
             max_pending: 4096,
             max_pending_per_source: 256,
+            max_connections_per_peer: 4096,
             max_streams_per_peer: 1024,
             max_resets: 100,
             reset_window: Duration::from_secs(10),
@@ -49,10 +55,13 @@ impl Default for LimitConfig {
 pub enum Limit {
     PendingConnections,
     PendingPerSource,
+    ConnectionsPerPeer,
     StreamsPerPeer,
     ResetFlood,
     HandshakeTimeout,
     PrefaceTimeout,
+    /// An authenticated connection held no stream for the server's idle timeout.
+    IdleConnection,
 }
 
 impl Limit {
@@ -61,10 +70,12 @@ impl Limit {
         match self {
             Limit::PendingConnections => "pending_connections_limit",
             Limit::PendingPerSource => "pending_per_source_limit",
+            Limit::ConnectionsPerPeer => "connections_per_peer_limit",
             Limit::StreamsPerPeer => "streams_per_peer_limit",
             Limit::ResetFlood => "reset_flood",
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::PrefaceTimeout => "preface_timeout",
+            Limit::IdleConnection => "idle_connection",
         }
     }
 }
@@ -82,6 +93,7 @@ pub type LimitObserver = Arc<dyn Fn(Limit) + Send + Sync>;
 struct Counts {
     pending_total: u32,
     pending: HashMap<IpAddr, u32>,
+    connections: HashMap<Identity, u32>,
     streams: HashMap<Identity, u32>,
 }
 
@@ -152,18 +164,33 @@ impl ServerLimits {
     }
 
     /// Takes one stream slot for `peer`, or `None` when it already holds its maximum.
-    pub fn stream(self: &Arc<Self>, peer: &Identity) -> Option<PeerStreamSlot> {
+    pub fn stream(self: &Arc<Self>, peer: &Identity) -> Option<PeerSlot> {
+        self.take(peer, Held::Streams)
+    }
+
+    /// Takes one authenticated-connection slot for `peer`, or `None` when it already holds
+    /// its maximum.
+    pub fn connection(self: &Arc<Self>, peer: &Identity) -> Option<PeerSlot> {
+        self.take(peer, Held::Connections)
+    }
+
+    fn take(self: &Arc<Self>, peer: &Identity, what: Held) -> Option<PeerSlot> {
+        let (max, limit) = match what {
+            Held::Streams => (self.config.max_streams_per_peer, Limit::StreamsPerPeer),
+            Held::Connections => (self.config.max_connections_per_peer, Limit::ConnectionsPerPeer),
+        };
         let mut c = self.counts();
-        let held = c.streams.get(peer).copied().unwrap_or(0);
-        if held >= self.config.max_streams_per_peer {
+        let held = c.held(what).entry(peer.clone()).or_insert(0);
+        if *held >= max {
             drop(c);
-            self.hit(Limit::StreamsPerPeer);
+            self.hit(limit);
             return None;
         }
-        c.streams.insert(peer.clone(), held + 1);
-        Some(PeerStreamSlot {
+        *held += 1;
+        Some(PeerSlot {
             limits: self.clone(),
             peer: peer.clone(),
+            what,
         })
     }
 
@@ -171,6 +198,11 @@ impl ServerLimits {
     pub fn usage(&self, peer: &Identity) -> (u32, u32) {
         let c = self.counts();
         (c.pending_total, c.streams.get(peer).copied().unwrap_or(0))
+    }
+
+    /// Authenticated connections held by `peer` (for tests and debugging).
+    pub fn connections(&self, peer: &Identity) -> u32 {
+        self.counts().connections.get(peer).copied().unwrap_or(0)
     }
 }
 
@@ -193,21 +225,38 @@ impl Drop for PendingGuard {
     }
 }
 
-/// A stream's slot in its peer's count; released when the stream's handler is done.
-pub struct PeerStreamSlot {
-    limits: Arc<ServerLimits>,
-    peer: Identity,
+/// What a peer identity holds, counted per identity.
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    Connections,
+    Streams,
 }
 
-impl super::stream::StreamGuard for PeerStreamSlot {}
+impl Counts {
+    fn held(&mut self, what: Held) -> &mut HashMap<Identity, u32> {
+        match what {
+            Held::Connections => &mut self.connections,
+            Held::Streams => &mut self.streams,
+        }
+    }
+}
 
-impl Drop for PeerStreamSlot {
+/// A connection's or a stream's place in its peer's count; released on drop (a stream's when
+/// its handler is done).
+pub struct PeerSlot {
+    limits: Arc<ServerLimits>,
+    peer: Identity,
+    what: Held,
+}
+
+impl Drop for PeerSlot {
     fn drop(&mut self) {
         let mut c = self.limits.counts();
-        if let Some(n) = c.streams.get_mut(&self.peer) {
+        let counts = c.held(self.what);
+        if let Some(n) = counts.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
-                c.streams.remove(&self.peer);
+                counts.remove(&self.peer);
             }
         }
     }

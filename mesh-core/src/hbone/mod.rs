@@ -38,6 +38,9 @@ pub struct Settings {
     pub client_max_streams: usize,
     /// Pooled connections without streams are closed after this long.
     pub idle_timeout: Duration,
+    /// Server: an authenticated connection without a stream for this long gets GOAWAY. Longer
+    /// than clients' pool idle timeout, so that well-behaved clients close theirs first.
+    pub server_idle_timeout: Duration,
     pub connect_timeout: Duration,
     /// Server: TLS handshake and HTTP/2 preface together. Client: TLS handshake.
     pub handshake_timeout: Duration,
@@ -59,6 +62,7 @@ impl Default for Settings {
             server_max_streams: 200,
             client_max_streams: 100,
             idle_timeout: Duration::from_secs(300),
+            server_idle_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(10),

@@ -6,13 +6,16 @@
 //!
 //! What an unauthenticated or hostile peer can hold is bounded ([`super::limits`]): connections
 //! still in TLS or the HTTP/2 preface (count per source and in total, one deadline for both, no
-//! read buffer until authenticated), header block size, per-stream send buffers, streams per
-//! peer identity, and streams reset before their answer (the connection gets GOAWAY).
+//! read buffer until authenticated), authenticated connections per peer identity and how long
+//! one may stay without a stream ([`Settings::server_idle_timeout`], then GOAWAY), header
+//! block size, per-stream send buffers, streams per peer identity, and streams reset before
+//! their answer (the connection gets GOAWAY).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -24,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::buffer::{LazyBuffered, AUTHENTICATED_READ_BUFFER};
-use super::limits::{Limit, PeerStreamSlot, ResetWindow, ServerLimits};
+use super::limits::{Limit, PeerSlot, ResetWindow, ServerLimits};
 use super::stream::H2Stream;
 use super::{HboneError, Settings};
 use crate::identity::{identity_of, Identity};
@@ -34,16 +37,28 @@ pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Data h2 may queue per stream towards a peer that does not read: all a stalled stream holds.
 pub(crate) const MAX_SEND_BUFFER: usize = 128 * 1024;
 
-/// What the streams of one connection share: the reset count that can end it.
+/// What the streams of one connection share: the reset count that can end it, and how many
+/// are open (and since when none is) for the idle timeout.
 struct ConnShared {
     resets: Mutex<ResetWindow>,
     flooded: CancellationToken,
     limits: Arc<ServerLimits>,
     /// Whether `hostname:port` authorities reach the handler.
     hostnames: bool,
+    open: AtomicU32,
+    idle_since: Mutex<tokio::time::Instant>,
 }
 
 impl ConnShared {
+    /// When the connection, idle since `idle_since`, has been idle for `timeout`; `None`
+    /// while a stream is open.
+    fn idle_deadline(&self, timeout: std::time::Duration) -> Option<tokio::time::Instant> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(*self.idle_since.lock().unwrap_or_else(|p| p.into_inner()) + timeout)
+    }
+
     fn record_reset(&self) {
         let over = self
             .resets
@@ -56,6 +71,33 @@ impl ConnShared {
         }
     }
 }
+
+/// An open stream's place in its peer's count and in its connection's: released when the
+/// handler is done with it (rejected, or the splice ended).
+struct StreamSlot {
+    _peer: PeerSlot,
+    conn: Arc<ConnShared>,
+}
+
+impl StreamSlot {
+    fn new(peer: PeerSlot, conn: &Arc<ConnShared>) -> Self {
+        conn.open.fetch_add(1, Ordering::AcqRel);
+        StreamSlot {
+            _peer: peer,
+            conn: conn.clone(),
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.conn.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        }
+    }
+}
+
+impl super::stream::StreamGuard for StreamSlot {}
 
 /// A CONNECT request waiting for an answer.
 pub struct InboundConnect {
@@ -73,8 +115,7 @@ pub struct InboundConnect {
     pub local_addr: SocketAddr,
     respond: SendResponse<Bytes>,
     recv: RecvStream,
-    slot: PeerStreamSlot,
-    conn: Arc<ConnShared>,
+    slot: StreamSlot,
 }
 
 impl InboundConnect {
@@ -106,7 +147,7 @@ impl InboundConnect {
         tokio::select! {
             biased;
             _ = reset => {
-                self.conn.record_reset();
+                self.slot.conn.record_reset();
                 None
             }
             done = work => Some(done),
@@ -222,11 +263,18 @@ where
             }
         }
     };
+    // Each identity holds a bounded number of authenticated connections: a peer with a
+    // valid certificate must not pin TLS and HTTP/2 state without limit.
+    let Some(_held) = limits.connection(&peer_identity) else {
+        return Err(HboneError::Limited(Limit::ConnectionsPerPeer));
+    };
     let shared = Arc::new(ConnShared {
         resets: Mutex::new(ResetWindow::new()),
         flooded: CancellationToken::new(),
         limits,
         hostnames: settings.hostname_authority,
+        open: AtomicU32::new(0),
+        idle_since: Mutex::new(tokio::time::Instant::now()),
     });
     let peer = Peer {
         identity: peer_identity,
@@ -234,7 +282,12 @@ where
         local: local_addr,
     };
     // Boxed: the stream loop's state (h2 and TLS, several KiB) exists only once authenticated.
-    Box::pin(serve_streams(conn, &peer, &shared, drain, handler)).await
+    let streams = Streams {
+        peer: &peer,
+        shared: &shared,
+        idle_timeout: settings.server_idle_timeout,
+    };
+    Box::pin(streams.serve(conn, drain, handler)).await
 }
 
 type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<LazyBuffered<TcpStream>>, Bytes>;
@@ -276,61 +329,89 @@ struct Peer {
     local: SocketAddr,
 }
 
-/// Accepts the streams of an authenticated connection until it closes.
-async fn serve_streams<F, Fut>(
-    mut conn: ServerConn,
-    peer: &Peer,
-    shared: &Arc<ConnShared>,
-    drain: CancellationToken,
-    handler: F,
-) -> Result<(), HboneError>
-where
-    F: Fn(InboundConnect) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let mut draining = false;
-    let mut flooded = false;
-    loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            _ = drain.cancelled(), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
+/// One authenticated connection's stream loop: who the peer is and what bounds it.
+struct Streams<'a> {
+    peer: &'a Peer,
+    shared: &'a Arc<ConnShared>,
+    idle_timeout: std::time::Duration,
+}
+
+impl Streams<'_> {
+    /// Accepts the streams of an authenticated connection until it closes. A connection
+    /// without a stream for the idle timeout is sent GOAWAY (counted as a bound that bit).
+    async fn serve<F, Fut>(self, mut conn: ServerConn, drain: CancellationToken, handler: F) -> Result<(), HboneError>
+    where
+        F: Fn(InboundConnect) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Streams { peer, shared, .. } = self;
+        let mut closing = false;
+        let mut flooded = false;
+        let idle = tokio::time::sleep(self.idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                _ = drain.cancelled(), if !closing => {
+                    closing = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+                _ = shared.flooded.cancelled(), if !flooded => {
+                    flooded = true;
+                    debug!(peer = %peer.addr, "too many streams reset before their answer; closing the connection");
+                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    continue;
+                }
+                _ = &mut idle, if !closing => {
+                    match shared.idle_deadline(self.idle_timeout) {
+                        Some(at) if at <= tokio::time::Instant::now() => {
+                            closing = true;
+                            shared.limits.hit(Limit::IdleConnection);
+                            debug!(peer = %peer.addr, "no stream for the idle timeout; closing the connection");
+                            conn.graceful_shutdown();
+                        }
+                        Some(at) => idle.as_mut().reset(at),
+                        None => idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout),
+                    }
+                    continue;
+                }
+            };
+            let Some(next) = next else { return Ok(()) };
+            let (req, respond) = match next {
+                Ok(r) => r,
+                Err(e) if e.is_go_away() || e.is_io() => return Ok(()),
+                Err(e) => return Err(HboneError::H2(e)),
+            };
+            if let Some(connect) = self.admit(req, respond) {
+                tokio::spawn(handler(connect));
             }
-            _ = shared.flooded.cancelled(), if !flooded => {
-                flooded = true;
-                debug!(peer = %peer.addr, "too many streams reset before their answer; closing the connection");
-                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                continue;
-            }
-        };
-        let Some(next) = next else { return Ok(()) };
-        let (req, mut respond) = match next {
-            Ok(r) => r,
-            Err(e) if e.is_go_away() || e.is_io() => return Ok(()),
-            Err(e) => return Err(HboneError::H2(e)),
-        };
+        }
+    }
+
+    /// A new stream checked and given its slots, or `None` when it was answered already.
+    fn admit(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) -> Option<InboundConnect> {
+        let Streams { peer, shared, .. } = self;
         let target = match precheck(&req, shared.hostnames) {
             Ok(d) => d,
             Err(status) => {
                 debug!(peer = %peer.addr, method = %req.method(), uri = %req.uri(), %status, "malformed HBONE request");
                 let resp = Response::builder().status(status).body(()).unwrap_or_default();
                 let _ = respond.send_response(resp, true);
-                continue;
+                return None;
             }
         };
         let Some(slot) = shared.limits.stream(&peer.identity) else {
             debug!(peer = %peer.addr, identity = %peer.identity, "peer holds its maximum of streams; refusing another");
             respond.send_reset(Reason::REFUSED_STREAM);
-            continue;
+            return None;
         };
         let (parts, recv) = req.into_parts();
         let (dst, hostname) = match target {
             ConnectTarget::Addr(a) => (a, None),
             ConnectTarget::Host(h, port) => (SocketAddr::new(peer.local.ip(), port), Some(h)),
         };
-        let connect = InboundConnect {
+        Some(InboundConnect {
             dst,
             hostname,
             headers: parts.headers,
@@ -339,10 +420,8 @@ where
             local_addr: peer.local,
             respond,
             recv,
-            slot,
-            conn: shared.clone(),
-        };
-        tokio::spawn(handler(connect));
+            slot: StreamSlot::new(slot, shared),
+        })
     }
 }
 
