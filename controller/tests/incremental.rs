@@ -1,6 +1,7 @@
 //! Incremental translation equals a full translation: for random sequences of changes (pods,
-//! services, EndpointSlices, authorization and peer authentication policies, namespace
-//! labels, waypoints, the enrolled set, kind states), applied in random bursts, the outputs
+//! services, EndpointSlices, authorization and peer authentication policies, DestinationRules
+//! with subsets, namespace labels, waypoints, the enrolled set, kind states), applied in
+//! random bursts, the outputs
 //! of [`Incremental`] after every burst equal `translate_synced` of the same inputs. The
 //! world starts from the golden fixtures (waypoints, workloads, authorization, peer
 //! authentication) and the generated objects share their namespaces, labels and IPs, so
@@ -124,6 +125,28 @@ fn peer_authentication(ns: usize, n: usize, v: u32) -> String {
     )
 }
 
+/// A DestinationRule for a generated service, with subsets selecting by app or by version
+/// (which pods change), or none.
+fn destination_rule(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let subsets = match v % 3 {
+        0 => String::new(),
+        1 => format!(
+            ", subsets: [{{name: a, labels: {{app: {}}}}}]",
+            APPS[(v % 9 / 3) as usize]
+        ),
+        _ => format!(
+            ", subsets: [{{name: a, labels: {{version: v{}}}}}, {{name: b, labels: {{app: web, version: v{}}}}}]",
+            v % 40,
+            (v * 7) % 40
+        ),
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: gdr-{n}, namespace: {ns}}}\n\
+         spec: {{host: gsvc-{n}{subsets}}}\n"
+    )
+}
+
 fn namespace(ns: usize, v: u32) -> String {
     let labels = match v % 4 {
         0 => "{istio.io/dataplane-mode: ambient}",
@@ -158,7 +181,7 @@ fn change(op: Op, inputs: &Inputs) -> Change {
     let (what, ns, n, v) = op;
     let one = |text: String| Change::Apply(parse(&text).remove(0));
     let key = ObjectKey::new(NAMESPACES[ns % 3], "");
-    match what % 16 {
+    match what % 18 {
         0..=3 => one(pod(ns, n % 8, v)),
         4 => Change::Delete(Kind::Pod, ObjectKey::new(key.namespace, format!("gen-{}", n % 8))),
         5 | 6 => one(service(ns, n % 4, v)),
@@ -190,6 +213,11 @@ fn change(op: Op, inputs: &Inputs) -> Change {
             }
             Change::Enrolled(now)
         }
+        16 => one(destination_rule(ns, n % 4, v)),
+        17 => Change::Delete(
+            Kind::DestinationRule,
+            ObjectKey::new(key.namespace, format!("gdr-{}", n % 4)),
+        ),
         _ => {
             let state = match v % 3 {
                 0 => KindSync::Synced,
@@ -281,7 +309,13 @@ fn world() -> Inputs {
     }
     for i in 0..6u32 {
         let n = i as usize;
-        for text in [pod(n, n, i * 5), service(n, n, i), authorization_policy(n, n, i)] {
+        let objects = [
+            pod(n, n, i * 5),
+            service(n, n, i),
+            authorization_policy(n, n, i),
+            destination_rule(n, n % 4, i + 1),
+        ];
+        for text in objects {
             inputs.apply(parse(&text).remove(0));
         }
     }

@@ -626,11 +626,20 @@ fn set_problems(map: &mut BTreeMap<Origin, Vec<Problem>>, origin: Origin, proble
 fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, new: Option<&Object>) {
     match (kind, new) {
         (Kind::Pod, Some(Object::Pod(pod))) if inputs.pods.get(key) == Some(pod) => {}
-        (Kind::Pod, _) => {
+        (Kind::Pod, new) => {
             p.pods.insert(key.clone());
             p.peer = true;
-            // DestinationRule subsets list the pods their labels select (routes::subset_workloads).
-            if inputs.destination_rules.values().any(|d| !d.spec.subsets.is_empty()) {
+            // DestinationRule subsets list the pods their labels select (routes::subset_workloads):
+            // routes are recomputed when the pod was or is in one.
+            let new_pod = match new {
+                Some(Object::Pod(pod)) => Some(pod),
+                _ => None,
+            };
+            if [inputs.pods.get(key), new_pod]
+                .into_iter()
+                .flatten()
+                .any(|pod| in_a_subset(inputs, pod))
+            {
                 p.tail = true;
             }
         }
@@ -686,6 +695,17 @@ fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, ne
         (Kind::Node, _) => p.full = true,
         _ => p.tail = true,
     }
+}
+
+/// Whether some DestinationRule subset's labels select `pod` (in any namespace: a cheap
+/// over-approximation of the subset's service namespace, never missing a member).
+fn in_a_subset(inputs: &Inputs, pod: &crate::model::Pod) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    inputs
+        .destination_rules
+        .values()
+        .flat_map(|d| &d.spec.subsets)
+        .any(|s| s.labels.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)))
 }
 
 /// A namespace's `topology.istio.io/network` label.
