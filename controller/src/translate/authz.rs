@@ -200,108 +200,135 @@ fn scope(
 pub(crate) fn translate(inputs: &crate::model::Inputs, options: &Options, report: &mut Report) -> Output {
     let mut out = Output::default();
     for (key, policy) in &inputs.authorization_policies {
-        if let Some(why) = &policy.invalid {
-            // Unreadable: it may have been a DENY. Allow nothing in its namespace until fixed.
+        if let Some(t) = translate_one(key, policy, options, report) {
+            insert(&mut out, key, t);
+        }
+    }
+    out
+}
+
+/// One policy as ztunnel enforces it; `None` for a policy enforced by waypoints.
+fn translate_one(
+    key: &ObjectKey,
+    policy: &AuthorizationPolicy,
+    options: &Options,
+    report: &mut Report,
+) -> Option<Translated> {
+    if let Some(why) = &policy.invalid {
+        return Some(unreadable(key, policy, why, options, report));
+    }
+    if policy.spec.targets().next().is_some() {
+        return None; // Enforced by waypoints.
+    }
+    let action = match policy.spec.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" => pb::Action::Allow,
+        "DENY" => pb::Action::Deny,
+        "AUDIT" => return Some(audit(key, policy, options, report)),
+        "CUSTOM" => {
+            report.add(
+                Kind::AuthorizationPolicy,
+                key,
+                "CUSTOM (external authorization) needs a waypoint; ztunnel enforces it as a DENY of its L4 part",
+            );
+            pb::Action::Deny
+        }
+        other => {
+            // Unknown action: an ALLOW that matches nothing is the closed choice.
+            report.add(
+                Kind::AuthorizationPolicy,
+                key,
+                format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM; the policy allows nothing"),
+            );
+            let (scope, labels) = scope(key, policy, options);
+            return Some(Translated {
+                scope,
+                action: pb::Action::Allow,
+                groups: Vec::new(),
+                labels,
+                dry_run: dry_run(policy),
+                audit: None,
+            });
+        }
+    };
+    let groups = enforced_groups(key, policy, action, report);
+    let (scope, labels) = scope(key, policy, options);
+    Some(Translated {
+        scope,
+        action,
+        groups,
+        labels,
+        dry_run: dry_run(policy),
+        audit: None,
+    })
+}
+
+/// A policy that could not be read: it may have been a DENY, so it allows nothing in its
+/// namespace (or the mesh, in the root namespace) until fixed.
+fn unreadable(
+    key: &ObjectKey,
+    policy: &AuthorizationPolicy,
+    why: &str,
+    options: &Options,
+    report: &mut Report,
+) -> Translated {
+    report.add(
+        Kind::AuthorizationPolicy,
+        key,
+        format!(
+            "{why}; until it is fixed the policy allows nothing in namespace {}",
+            key.namespace
+        ),
+    );
+    let scope = if key.namespace == options.root_namespace {
+        pb::Scope::Global
+    } else {
+        pb::Scope::Namespace
+    };
+    Translated {
+        scope,
+        action: pb::Action::Allow,
+        groups: Vec::new(),
+        labels: None,
+        dry_run: dry_run(policy),
+        audit: None,
+    }
+}
+
+/// The rules ztunnel enforces: an ALLOW rule needing L7 never matches (dropped, reported);
+/// a DENY rule is enforced on its L4 part (reported), the closed choice for each.
+fn enforced_groups(
+    key: &ObjectKey,
+    policy: &AuthorizationPolicy,
+    action: pb::Action,
+    report: &mut Report,
+) -> Vec<pb::Group> {
+    let mut groups = Vec::new();
+    for (i, rule) in policy.spec.rules.iter().flatten().enumerate() {
+        let (group, skipped) = rule_group(rule);
+        if skipped.0.is_empty() {
+            groups.push(group);
+            continue;
+        }
+        let what = skipped.0.join(", ");
+        if action == pb::Action::Allow {
             report.add(
                 Kind::AuthorizationPolicy,
                 key,
                 format!(
-                    "{why}; until it is fixed the policy allows nothing in namespace {}",
-                    key.namespace
+                    "rules[{i}] cannot be enforced by ztunnel ({what}): it never matches here; \
+                     attach the policy to a waypoint with targetRefs to enforce it"
                 ),
             );
-            let scope = if key.namespace == options.root_namespace {
-                pb::Scope::Global
-            } else {
-                pb::Scope::Namespace
-            };
-            let t = Translated {
-                scope,
-                action: pb::Action::Allow,
-                groups: Vec::new(),
-                labels: None,
-                dry_run: dry_run(policy),
-                audit: None,
-            };
-            insert(&mut out, key, t);
-            continue;
+        } else {
+            report.add(
+                Kind::AuthorizationPolicy,
+                key,
+                format!("rules[{i}]: ztunnel ignores {what} and denies on the rest of the rule"),
+            );
+            groups.push(group);
         }
-        if policy.spec.targets().next().is_some() {
-            continue; // Enforced by waypoints.
-        }
-        let action = match policy.spec.action.as_deref().unwrap_or("ALLOW") {
-            "ALLOW" => pb::Action::Allow,
-            "DENY" => pb::Action::Deny,
-            "AUDIT" => {
-                insert(&mut out, key, audit(key, policy, options, report));
-                continue;
-            }
-            "CUSTOM" => {
-                report.add(
-                    Kind::AuthorizationPolicy,
-                    key,
-                    "CUSTOM (external authorization) needs a waypoint; ztunnel enforces it as a DENY of its L4 part",
-                );
-                pb::Action::Deny
-            }
-            other => {
-                // Unknown action: an ALLOW that matches nothing is the closed choice.
-                report.add(
-                    Kind::AuthorizationPolicy,
-                    key,
-                    format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM; the policy allows nothing"),
-                );
-                let (scope, labels) = scope(key, policy, options);
-                let t = Translated {
-                    scope,
-                    action: pb::Action::Allow,
-                    groups: Vec::new(),
-                    labels,
-                    dry_run: dry_run(policy),
-                    audit: None,
-                };
-                insert(&mut out, key, t);
-                continue;
-            }
-        };
-        let mut groups = Vec::new();
-        for (i, rule) in policy.spec.rules.iter().flatten().enumerate() {
-            let (group, skipped) = rule_group(rule);
-            if skipped.0.is_empty() {
-                groups.push(group);
-                continue;
-            }
-            let what = skipped.0.join(", ");
-            if action == pb::Action::Allow {
-                report.add(
-                    Kind::AuthorizationPolicy,
-                    key,
-                    format!(
-                        "rules[{i}] cannot be enforced by ztunnel ({what}): it never matches here; \
-                         attach the policy to a waypoint with targetRefs to enforce it"
-                    ),
-                );
-            } else {
-                report.add(
-                    Kind::AuthorizationPolicy,
-                    key,
-                    format!("rules[{i}]: ztunnel ignores {what} and denies on the rest of the rule"),
-                );
-                groups.push(group);
-            }
-        }
-        let (scope, labels) = scope(key, policy, options);
-        let t = Translated {
-            scope,
-            action,
-            groups,
-            labels,
-            dry_run: dry_run(policy),
-            audit: None,
-        };
-        insert(&mut out, key, t);
     }
-    out
+    groups
 }
 
 /// An AUDIT policy: its L4 rules in the `audit` field; a rule needing L7 never matches at

@@ -248,93 +248,131 @@ pub(crate) fn translate(
     }
     let allocated = allocation(inputs, &declared);
     let mut out = Translated::default();
-    let mut owners: BTreeMap<String, ObjectKey> = BTreeMap::new();
+    let mut claims = Claims {
+        taken: taken_keys,
+        owners: BTreeMap::new(),
+    };
     for (key, se) in &inputs.service_entries {
         check_unsupported(key, se, report);
-        let res = resolution(key, se, report);
-        let ports = ports(key, se, report);
-        let vips = addresses(key, se, report);
-        let sans = subject_alt_names(key, se, report);
-        let waypoint = attach.for_service_entry(key, &se.metadata, report);
+        let shape = Shape {
+            res: resolution(key, se, report),
+            ports: ports(key, se, report),
+            vips: addresses(key, se, report),
+            sans: subject_alt_names(key, se, report),
+            waypoint: attach.for_service_entry(key, &se.metadata, report),
+        };
         if se.spec.hosts.is_empty() {
             report.add(Kind::ServiceEntry, key, "spec.hosts is empty; nothing to add");
             continue;
         }
         let mut hosts = Vec::new();
         for (i, host) in se.spec.hosts.iter().enumerate() {
-            let host = host.to_ascii_lowercase();
-            if !valid_host(&host) {
-                report.add(
-                    Kind::ServiceEntry,
-                    key,
-                    format!("spec.hosts[{i}] {host:?} is not a DNS name; ignored"),
-                );
+            let Some((svc_key, host)) = claims.claim(key, i, host, report) else {
                 continue;
-            }
-            let svc_key = format!("{}/{host}", key.namespace);
-            if taken_keys.contains(&svc_key) {
-                report.add(
-                    Kind::ServiceEntry,
-                    key,
-                    format!(
-                        "host {host} is a Kubernetes Service in {}; the Service wins",
-                        key.namespace
-                    ),
-                );
-                continue;
-            }
-            if let Some(first) = owners.get(&svc_key) {
-                report.add(
-                    Kind::ServiceEntry,
-                    key,
-                    format!("host {host} is already declared by ServiceEntry {first}; the first wins"),
-                );
-                continue;
-            }
-            owners.insert(svc_key.clone(), key.clone());
-            let mut ips = vips.clone();
-            if ips.is_empty() && !wildcard(&host) && wants_allocation(se, res) {
+            };
+            let mut ips = shape.vips.clone();
+            if ips.is_empty() && !wildcard(&host) && wants_allocation(se, shape.res) {
                 if let Some(pair) = allocated.get(&host) {
                     ips = vec![IpAddr::V4(pair.v4), IpAddr::V6(pair.v6)];
                 }
             }
-            out.services.push(pb::Service {
-                name: key.name.clone(),
-                namespace: key.namespace.clone(),
-                hostname: host.clone(),
-                addresses: ips
-                    .iter()
-                    .map(|ip| pb::NetworkAddress {
-                        network: options.network.clone(),
-                        address: ip_to_bytes(*ip),
-                    })
-                    .collect(),
-                ports: ports.iter().map(|(_, p)| *p).collect(),
-                subject_alt_names: sans.clone(),
-                waypoint: waypoint.clone(),
-                load_balancing: (res == Resolution::None).then(|| pb::LoadBalancing {
-                    routing_preference: Vec::new(),
-                    mode: pb::load_balancing::Mode::Passthrough as i32,
-                    health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
-                    dns_connect_strategy: 0,
-                }),
-                ip_families: 0,
-                extensions: Vec::new(),
-                canonical: false,
-                ingress_use_waypoint: false,
-            });
+            out.services.push(shape.service(key, &host, &ips, options));
             hosts.push((svc_key, host));
         }
         let entry = Entry {
             key,
             se,
-            res,
-            ports: &ports,
+            res: shape.res,
+            ports: &shape.ports,
             hosts: &hosts,
         };
         endpoints(&entry, options, &mut out, report);
     }
     out
+}
+
+/// Which ServiceEntry declared each host first, beside the Kubernetes Services' keys.
+struct Claims<'a> {
+    taken: &'a HashSet<String>,
+    owners: BTreeMap<String, ObjectKey>,
+}
+
+impl Claims<'_> {
+    /// `spec.hosts[i]` as the entry's (service key, lowercase host), unless it is not a DNS
+    /// name, is a Kubernetes Service (the Service wins) or an earlier entry's (the first wins).
+    fn claim(&mut self, key: &ObjectKey, i: usize, host: &str, report: &mut Report) -> Option<(String, String)> {
+        let host = host.to_ascii_lowercase();
+        if !valid_host(&host) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.hosts[{i}] {host:?} is not a DNS name; ignored"),
+            );
+            return None;
+        }
+        let svc_key = format!("{}/{host}", key.namespace);
+        if self.taken.contains(&svc_key) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!(
+                    "host {host} is a Kubernetes Service in {}; the Service wins",
+                    key.namespace
+                ),
+            );
+            return None;
+        }
+        if let Some(first) = self.owners.get(&svc_key) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("host {host} is already declared by ServiceEntry {first}; the first wins"),
+            );
+            return None;
+        }
+        self.owners.insert(svc_key.clone(), key.clone());
+        Some((svc_key, host))
+    }
+}
+
+/// What every host of one entry shares.
+struct Shape {
+    res: Resolution,
+    ports: Vec<(Option<String>, pb::Port)>,
+    vips: Vec<IpAddr>,
+    sans: Vec<String>,
+    waypoint: Option<pb::GatewayAddress>,
+}
+
+impl Shape {
+    /// The workload-API Service for one host of the entry, at `ips`.
+    fn service(&self, key: &ObjectKey, host: &str, ips: &[IpAddr], options: &Options) -> pb::Service {
+        pb::Service {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            hostname: host.to_owned(),
+            addresses: ips
+                .iter()
+                .map(|ip| pb::NetworkAddress {
+                    network: options.network.clone(),
+                    address: ip_to_bytes(*ip),
+                })
+                .collect(),
+            ports: self.ports.iter().map(|(_, p)| *p).collect(),
+            subject_alt_names: self.sans.clone(),
+            waypoint: self.waypoint.clone(),
+            load_balancing: (self.res == Resolution::None).then(|| pb::LoadBalancing {
+                routing_preference: Vec::new(),
+                mode: pb::load_balancing::Mode::Passthrough as i32,
+                health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
+                dns_connect_strategy: 0,
+            }),
+            ip_families: 0,
+            extensions: Vec::new(),
+            canonical: false,
+            ingress_use_waypoint: false,
+        }
+    }
 }
 
 /// One entry's translated parts that its endpoints need.
