@@ -1,6 +1,7 @@
 //! What a hostile peer can make an HBONE server hold, over loopback with real TLS and HTTP/2:
 //! idle sockets that never start TLS (memory per connection, cap per source), a peer that
-//! finishes TLS but never sends the HTTP/2 preface, a peer opening more connections or streams
+//! finishes TLS but never sends the HTTP/2 preface (closed at the deadline, and held on its
+//! identity's allowance rather than its source address's), a peer opening more connections or streams
 //! than its identity may hold, a peer holding connections without streams, and a peer
 //! resetting every stream before its answer (rapid reset).
 
@@ -320,7 +321,10 @@ async fn authenticated_connections_per_peer_identity_are_bounded() {
     .await;
     let (a, conn_a) = h2_client(&srv, "hoarder").await;
     let (_b, _conn_b) = h2_client(&srv, "hoarder").await;
-    until("two connections held", || srv.limits.connections(&id("hoarder")) == 2).await;
+    until("two connections held", || {
+        srv.limits.held(&id("hoarder")).connections == 2
+    })
+    .await;
     // The third authenticates, then the server closes it: the HTTP/2 handshake or the
     // connection fails, and the bound is counted.
     let config = tls::client_config(&cert(&srv.ca, &id("hoarder")), vec![id("server")]).unwrap();
@@ -343,18 +347,18 @@ async fn authenticated_connections_per_peer_identity_are_bounded() {
     // Another identity is not affected; closing one connection frees its slot.
     let (_other, _conn_o) = h2_client(&srv, "other").await;
     until("the other identity's connection", || {
-        srv.limits.connections(&id("other")) == 1
+        srv.limits.held(&id("other")).connections == 1
     })
     .await;
     drop(a);
     conn_a.abort();
     until("the slot to be released", || {
-        srv.limits.connections(&id("hoarder")) == 1
+        srv.limits.held(&id("hoarder")).connections == 1
     })
     .await;
     let (_again, _conn_again) = h2_client(&srv, "hoarder").await;
     until("a new connection in the freed slot", || {
-        srv.limits.connections(&id("hoarder")) == 2
+        srv.limits.held(&id("hoarder")).connections == 2
     })
     .await;
 }
@@ -395,5 +399,50 @@ async fn a_connection_without_streams_gets_goaway_after_the_idle_timeout() {
         .expect("the busy connection is closed once idle");
     assert!(closed.unwrap().is_ok());
     until("both connections to end", || srv.finished.load(Ordering::SeqCst) == 2).await;
-    assert_eq!(srv.limits.connections(&id("busy")), 0, "connection slots released");
+    assert_eq!(srv.limits.held(&id("busy")).connections, 0, "connection slots released");
+}
+
+/// Connections past TLS wait for the HTTP/2 preface on their identity's allowance: one
+/// identity stalling there (say, through an east-west gateway, one source address for every
+/// client) does not use up the source address's allowance for another identity.
+#[tokio::test]
+async fn a_peer_stalling_after_tls_holds_its_own_allowance_not_its_source_addresses() {
+    let srv = server(
+        LimitConfig {
+            max_pending_per_source: 2,
+            max_preface_per_peer: 2,
+            ..Default::default()
+        },
+        Duration::from_secs(30),
+    )
+    .await;
+    let tls_only = || async {
+        let config = tls::client_config(&cert(&srv.ca, &id("staller")), vec![id("server")]).unwrap();
+        let tcp = TcpStream::connect(srv.addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(tls::placeholder_server_name(), tcp)
+            .await
+            .unwrap()
+    };
+    let _stalled = [tls_only().await, tls_only().await];
+    until("both stalled connections past TLS", || {
+        srv.limits.held(&id("staller")).preface == 2 && srv.limits.usage(&id("staller")).0 == 0
+    })
+    .await;
+    // A third from the same identity is closed once TLS proved who it is, and counted.
+    let mut third = tls_only().await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
+        .await
+        .expect("the third stalled connection is closed");
+    assert!(srv.hits.lock().unwrap().contains(&Limit::PrefacePerPeer));
+    // Another identity from the same address still gets through TLS and the preface.
+    let (honest, _conn) = h2_client(&srv, "honest").await;
+    let mut s = honest.ready().await.unwrap();
+    let _stream = s.send_request(connect_request(), false).unwrap();
+    until("the honest identity's stream", || {
+        srv.limits.usage(&id("honest")).1 == 1
+    })
+    .await;
+    assert!(!srv.hits.lock().unwrap().contains(&Limit::PendingPerSource));
 }

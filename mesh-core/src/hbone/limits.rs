@@ -1,8 +1,9 @@
 //! What a peer can make an HBONE server hold, and the bounds on it. One [`ServerLimits`] is
 //! shared by every connection of a server (all pods of a node ztunnel, or a waypoint):
 //!
-//! - connections that have not finished TLS and the HTTP/2 preface, in total and per source
-//!   address, so a flood of idle or slow sockets cannot exhaust memory or starve real clients;
+//! - connections that have not finished TLS, in total and per source address, so a flood of
+//!   idle or slow sockets cannot exhaust memory or starve real clients; then, until the HTTP/2
+//!   preface, per peer identity (an east-west gateway is one source address for many clients);
 //! - authenticated connections per peer identity (each holds TLS and HTTP/2 state even with
 //!   no stream; the server also closes one left without streams, see `Settings`);
 //! - concurrent CONNECT streams per peer identity, across all its connections, since each
@@ -24,8 +25,10 @@ use crate::identity::Identity;
 pub struct LimitConfig {
     /// Connections still in TLS or HTTP/2 preface, all sources together.
     pub max_pending: u32,
-    /// Connections still in TLS or HTTP/2 preface from one source address.
+    /// Connections still in TLS from one source address.
     pub max_pending_per_source: u32,
+    /// Connections of one peer identity past TLS and still awaiting the HTTP/2 preface.
+    pub max_preface_per_peer: u32,
     /// Authenticated connections of one peer identity (a client's pool holds about one per
     /// source pod and destination workload, most of them idle).
     pub max_connections_per_peer: u32,
@@ -42,6 +45,7 @@ impl Default for LimitConfig {
         LimitConfig {
             max_pending: 4096,
             max_pending_per_source: 256,
+            max_preface_per_peer: 128,
             max_connections_per_peer: 4096,
             max_streams_per_peer: 1024,
             max_resets: 100,
@@ -55,6 +59,7 @@ impl Default for LimitConfig {
 pub enum Limit {
     PendingConnections,
     PendingPerSource,
+    PrefacePerPeer,
     ConnectionsPerPeer,
     StreamsPerPeer,
     ResetFlood,
@@ -70,6 +75,7 @@ impl Limit {
         match self {
             Limit::PendingConnections => "pending_connections_limit",
             Limit::PendingPerSource => "pending_per_source_limit",
+            Limit::PrefacePerPeer => "preface_per_peer_limit",
             Limit::ConnectionsPerPeer => "connections_per_peer_limit",
             Limit::StreamsPerPeer => "streams_per_peer_limit",
             Limit::ResetFlood => "reset_flood",
@@ -93,6 +99,7 @@ pub type LimitObserver = Arc<dyn Fn(Limit) + Send + Sync>;
 struct Counts {
     pending_total: u32,
     pending: HashMap<IpAddr, u32>,
+    preface: HashMap<Identity, u32>,
     connections: HashMap<Identity, u32>,
     streams: HashMap<Identity, u32>,
 }
@@ -174,8 +181,15 @@ impl ServerLimits {
         self.take(peer, Held::Connections)
     }
 
+    /// Takes one slot for a connection of `peer` awaiting its HTTP/2 preface, or `None` when
+    /// it already holds its maximum.
+    pub fn preface(self: &Arc<Self>, peer: &Identity) -> Option<PeerSlot> {
+        self.take(peer, Held::Preface)
+    }
+
     fn take(self: &Arc<Self>, peer: &Identity, what: Held) -> Option<PeerSlot> {
         let (max, limit) = match what {
+            Held::Preface => (self.config.max_preface_per_peer, Limit::PrefacePerPeer),
             Held::Streams => (self.config.max_streams_per_peer, Limit::StreamsPerPeer),
             Held::Connections => (self.config.max_connections_per_peer, Limit::ConnectionsPerPeer),
         };
@@ -200,9 +214,15 @@ impl ServerLimits {
         (c.pending_total, c.streams.get(peer).copied().unwrap_or(0))
     }
 
-    /// Authenticated connections held by `peer` (for tests and debugging).
-    pub fn connections(&self, peer: &Identity) -> u32 {
-        self.counts().connections.get(peer).copied().unwrap_or(0)
+    /// What `peer` holds (for tests and debugging).
+    pub fn held(&self, peer: &Identity) -> PeerUsage {
+        let c = self.counts();
+        let get = |m: &HashMap<Identity, u32>| m.get(peer).copied().unwrap_or(0);
+        PeerUsage {
+            preface: get(&c.preface),
+            connections: get(&c.connections),
+            streams: get(&c.streams),
+        }
     }
 }
 
@@ -225,9 +245,21 @@ impl Drop for PendingGuard {
     }
 }
 
+/// What one peer identity holds, as [`ServerLimits::held`] reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerUsage {
+    /// Connections past TLS awaiting the HTTP/2 preface.
+    pub preface: u32,
+    /// Authenticated connections.
+    pub connections: u32,
+    /// Open CONNECT streams.
+    pub streams: u32,
+}
+
 /// What a peer identity holds, counted per identity.
 #[derive(Clone, Copy, Debug)]
 enum Held {
+    Preface,
     Connections,
     Streams,
 }
@@ -235,6 +267,7 @@ enum Held {
 impl Counts {
     fn held(&mut self, what: Held) -> &mut HashMap<Identity, u32> {
         match what {
+            Held::Preface => &mut self.preface,
             Held::Connections => &mut self.connections,
             Held::Streams => &mut self.streams,
         }

@@ -15,7 +15,7 @@ pub mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use limits::{Limit, LimitConfig, LimitObserver, ServerLimits};
+pub use limits::{Limit, LimitConfig, LimitObserver, PeerUsage, ServerLimits};
 pub use nested::DoubleTunnelRequest;
 pub use pool::{HbonePool, PoolKey, TunnelRequest};
 pub use server::{serve_connection, ConnectTarget, InboundConnect};

@@ -5,8 +5,8 @@
 //! destination service by hostname, as Istio's ztunnel does).
 //!
 //! What an unauthenticated or hostile peer can hold is bounded ([`super::limits`]): connections
-//! still in TLS or the HTTP/2 preface (count per source and in total, one deadline for both, no
-//! read buffer until authenticated), authenticated connections per peer identity and how long
+//! still in TLS (count per source and in total, no read buffer until authenticated), then
+//! awaiting the HTTP/2 preface (count per peer identity; one deadline for both phases), authenticated connections per peer identity and how long
 //! one may stay without a stream ([`Settings::server_idle_timeout`], then GOAWAY), header
 //! block size, per-stream send buffers, streams per peer identity, and streams reset before
 //! their answer (the connection gets GOAWAY).
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::buffer::{LazyBuffered, AUTHENTICATED_READ_BUFFER};
-use super::limits::{Limit, PeerSlot, ResetWindow, ServerLimits};
+use super::limits::{Limit, PeerSlot, PendingGuard, ResetWindow, ServerLimits};
 use super::stream::H2Stream;
 use super::{HboneError, Settings};
 use crate::identity::{identity_of, Identity};
@@ -244,13 +244,13 @@ where
     let local_addr = tcp.local_addr()?;
     let limits = settings.limits.clone();
     let (conn, peer_identity) = {
-        let _pending = limits.admit(peer_addr.ip()).map_err(HboneError::Limited)?;
+        let pending = limits.admit(peer_addr.ip()).map_err(HboneError::Limited)?;
         // Until the peer sends its first bytes it costs this small future and its socket; the
         // TLS state (several KiB) is allocated only then.
         let authenticate = async {
             // `readable` may wake without data (a spurious readiness); peeking waits for a byte.
             tcp.peek(&mut [0u8; 1]).await?;
-            Box::pin(authenticate(tcp, tls, settings)).await
+            Box::pin(authenticate(tcp, tls, settings, pending)).await
         };
         match tokio::time::timeout(settings.handshake_timeout, authenticate).await {
             Ok(done) => done?,
@@ -294,10 +294,16 @@ type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<LazyBuf
 
 /// TLS with a SPIFFE identity, then the HTTP/2 preface: everything a peer must do before it
 /// holds more than a socket. The read buffer appears only once TLS proved who the peer is.
+///
+/// The source address's pending slot is given back once TLS proved the peer: the HTTP/2
+/// preface is then awaited on the identity's own (smaller) allowance, so that connections
+/// relayed by an east-west gateway (one source address for many clients) that finish TLS and
+/// stall cannot use up the gateway's allowance for everyone.
 async fn authenticate(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     settings: &Settings,
+    pending: PendingGuard,
 ) -> Result<(ServerConn, Identity), HboneError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut tls = acceptor.accept(LazyBuffered::new(tcp)).await.map_err(HboneError::Tls)?;
@@ -309,6 +315,11 @@ async fn authenticate(
             .ok_or(HboneError::NoPeerIdentity)?;
         identity_of(leaf).map_err(|_| HboneError::NoPeerIdentity)?
     };
+    drop(pending);
+    let _preface = settings
+        .limits
+        .preface(&peer_identity)
+        .ok_or(HboneError::Limited(Limit::PrefacePerPeer))?;
     tls.get_mut().0.grow(AUTHENTICATED_READ_BUFFER);
     let conn = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
