@@ -292,6 +292,8 @@ async fn bytes_counted_while_moving_and_on_reset() {
             counter.fetch_add(n as u64, Ordering::SeqCst);
         }
     });
+    // Counted before the client starts: taken after, it could already include the first chunk.
+    let before = sent(&scrape(&bed.b, bed.ip(2)).await, "destination");
     // A client sending 32 KiB every 50 ms for about 3 s, on one connection.
     let mut conn = bed.a.connect(SocketAddr::new(bed.ip(2), 9100)).await.expect("connect");
     let writer = tokio::spawn(async move {
@@ -302,7 +304,6 @@ async fn bytes_counted_while_moving_and_on_reset() {
         }
         conn.shutdown().await.expect("shutdown");
     });
-    let before = sent(&scrape(&bed.b, bed.ip(2)).await, "destination");
     // Mid-transfer, twice: each scrape counts at least what the app had already read.
     let mut last = 0.0;
     for step in 1..=2u64 {
