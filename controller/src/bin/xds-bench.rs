@@ -7,6 +7,8 @@
 //! - single change: one pod's IP rewritten in its file until every client has the update
 //!   (includes the directory poll interval, 20 ms here);
 //! - the controller's memory (VmRSS, VmHWM) after each phase;
+//! - the full push's cost: the controller's CPU time (user + system) and the bytes it wrote
+//!   (TLS records), per client, and the bench clients' own CPU time (they share the machine);
 //! - what each grows with: start-up time and RSS per object (pods + services + policies),
 //!   RSS per client after the push.
 //!
@@ -76,7 +78,12 @@ fn pod(i: usize, octet: u8) -> String {
     )
 }
 
-/// Writes the world into `dir`: one file per 100 pods, services and policies in their own.
+/// Pods per manifest file: few files, so the controller's directory poll (every 20 ms here,
+/// a stat per file) costs little beside the push being measured.
+const PODS_PER_FILE: usize = 1000;
+
+/// Writes the world into `dir`: one file per [`PODS_PER_FILE`] pods, services and policies
+/// in their own.
 fn generate(dir: &Path, a: &Args) -> Result<()> {
     let mut text: String = (0..NAMESPACES)
         .map(|n| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n"))
@@ -101,8 +108,8 @@ fn generate(dir: &Path, a: &Args) -> Result<()> {
     }
     std::fs::write(dir.join("policies.yaml"), text)?;
     // Pod 0 lives alone in probe.yaml: the single change rewrites it.
-    for chunk in 0..a.pods.div_ceil(100) {
-        let text: String = (chunk * 100..((chunk + 1) * 100).min(a.pods))
+    for chunk in 0..a.pods.div_ceil(PODS_PER_FILE) {
+        let text: String = (chunk * PODS_PER_FILE..((chunk + 1) * PODS_PER_FILE).min(a.pods))
             .filter(|i| *i != 0)
             .map(|i| pod(i, (i % 250) as u8 + 1))
             .collect();
@@ -119,6 +126,36 @@ fn status_kib(pid: u32, field: &str) -> u64 {
             s.lines()
                 .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// Bytes a process has written through system calls so far (`wchar`: sockets included).
+fn written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
 }
@@ -356,6 +393,7 @@ async fn main() -> Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let expect = (a.pods + a.services, a.policies);
     let push_start = Instant::now();
+    let (cpu_before, own_cpu_before, written_before) = (cpu_time(pid), cpu_time(std::process::id()), written(pid));
     for id in 0..a.clients {
         let channel = mesh_core::grpc::connect_lazy(&format!("https://127.0.0.1:{port}"), Some(tls.clone()))?;
         let events = events_tx.clone();
@@ -393,6 +431,9 @@ async fn main() -> Result<()> {
     let full_max = *full.iter().max().unwrap_or(&Duration::ZERO);
     let full_p50 = percentile(&mut full, 0.5);
     let rss_pushed = status_kib(pid, "VmRSS:");
+    let push_cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu_before);
+    let push_bytes = written(pid).saturating_sub(written_before);
 
     let mut single = Vec::new();
     for round in 0..a.changes {
@@ -466,6 +507,20 @@ async fn main() -> Result<()> {
     println!(
         "| full push per client (last / clients) | {:.2} ms | |",
         full_max.as_secs_f64() * 1e3 / clients
+    );
+    println!(
+        "| full push: controller CPU (user + system) / per client | {:.1} s / {:.1} ms | |",
+        push_cpu.as_secs_f64(),
+        push_cpu.as_secs_f64() * 1e3 / clients
+    );
+    println!(
+        "| full push: bench clients' CPU / per client | {:.1} s / {:.1} ms | |",
+        own_cpu.as_secs_f64(),
+        own_cpu.as_secs_f64() * 1e3 / clients
+    );
+    println!(
+        "| full push: bytes written by the controller per client (TLS) | {:.1} MB | |",
+        push_bytes as f64 / 1e6 / clients
     );
     Ok(())
 }
