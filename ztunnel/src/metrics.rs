@@ -345,7 +345,8 @@ pub struct TunnelSide<'a> {
 }
 
 impl SpliceObserver for TunnelSide<'_> {
-    fn moved_to_tunnel(&self, n: u64) {
+    fn moved_to_tunnel(&self, chunk: &[u8]) {
+        let n = chunk.len() as u64;
         if self.tunnel_is_destination {
             self.bytes.sent(n)
         } else {
@@ -353,7 +354,8 @@ impl SpliceObserver for TunnelSide<'_> {
         }
     }
 
-    fn moved_from_tunnel(&self, n: u64) {
+    fn moved_from_tunnel(&self, chunk: &[u8]) {
+        let n = chunk.len() as u64;
         if self.tunnel_is_destination {
             self.bytes.received(n)
         } else {

@@ -37,16 +37,16 @@ pub struct Transferred {
 /// and a splice that ends in error has still counted what moved. Called once per chunk:
 /// keep it to an atomic add.
 pub trait SpliceObserver: Sync {
-    /// `n` bytes read from the TCP side were handed to the tunnel.
-    fn moved_to_tunnel(&self, n: u64);
-    /// `n` bytes from the tunnel were written to the TCP side.
-    fn moved_from_tunnel(&self, n: u64);
+    /// `chunk`, read from the TCP side, was handed to the tunnel.
+    fn moved_to_tunnel(&self, chunk: &[u8]);
+    /// `chunk`, from the tunnel, was written to the TCP side.
+    fn moved_from_tunnel(&self, chunk: &[u8]);
 }
 
 /// Observes nothing.
 impl SpliceObserver for () {
-    fn moved_to_tunnel(&self, _: u64) {}
-    fn moved_from_tunnel(&self, _: u64) {}
+    fn moved_to_tunnel(&self, _: &[u8]) {}
+    fn moved_from_tunnel(&self, _: &[u8]) {}
 }
 
 fn h2_io(e: h2::Error) -> io::Error {
@@ -83,9 +83,9 @@ async fn tcp_to_h2(
         while !chunk.is_empty() {
             let granted = capacity(send, chunk.len()).await?;
             let part = chunk.split_to(granted);
-            let len = part.len() as u64;
-            send.send_data(part, false).map_err(h2_io)?;
-            obs.moved_to_tunnel(len);
+            // A handle for the observer (a reference count, no copy): `send_data` takes the part.
+            send.send_data(part.clone(), false).map_err(h2_io)?;
+            obs.moved_to_tunnel(&part);
         }
     }
 }
@@ -158,7 +158,7 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
         let n = data.len();
         w.write_all(&data).await?;
         total += n as u64;
-        obs.moved_from_tunnel(n as u64);
+        obs.moved_from_tunnel(&data);
         // Return the window only once the bytes left for the socket: backpressure end to end.
         recv.flow_control().release_capacity(n).map_err(h2_io)?;
     }

@@ -11,9 +11,11 @@
 //! A separate, small start-up rather than the waypoint's: no routes, policies, HTTP or
 //! upstream pools, only workload state, a certificate and the HBONE server with mesh-core's
 //! bounds (pending handshakes, streams per peer identity, reset floods), counted in
-//! `eastwest_hbone_limits_total`. For development and tests it can run from a workload file
+//! `eastwest_hbone_limits_total`, and its own on relays still in their inner handshake per
+//! client identity ([`handshake`]), counted in `eastwest_streams_total`. For development and tests it can run from a workload file
 //! and a development root (`--local-xds-path`, `--ca-root-cert`) like ztunnel.
 
+pub mod handshake;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -95,6 +97,8 @@ struct Gateway {
     /// Refusal log lines, at most one per reason per second: any mesh peer can make streams
     /// fail as fast as it can open them (they are counted in `eastwest_streams_total`).
     refusals: LogLimiter,
+    /// Relays in their inner handshake, per client identity.
+    handshakes: Arc<handshake::Handshakes>,
 }
 
 /// Refusal lines per reason: one per this interval, with the count suppressed meanwhile.
@@ -127,6 +131,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         metrics,
         drain: CancellationToken::new(),
         refusals: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+        handshakes: Arc::default(),
     });
     spawn_certificate(gw.clone());
     serve_stats(&cfg, gw.clone(), Arc::new(registry), ready.0).await?;
@@ -331,6 +336,13 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
         }
     };
     drop(state);
+    // Taken before connecting: the destination counts the relay from the moment it connects.
+    let Some(slot) = gw.handshakes.take(&req.peer_identity) else {
+        if let Some(suppressed) = logs(Refused::HandshakesPerPeer) {
+            info!(%authority, identity = %req.peer_identity, suppressed, "refused: too many relays still in their handshake");
+        }
+        return refuse(req, Refused::HandshakesPerPeer);
+    };
     let connect = tokio::time::timeout(gw.settings.connect_timeout, TcpStream::connect(target));
     let mut upstream = match req.unless_reset(connect).await {
         Some(Ok(Ok(s))) => s,
@@ -347,7 +359,8 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
     gw.metrics.outcome("forwarded");
     match req.accept() {
         Ok(s) => {
-            if let Err(e) = s.splice_tcp(&mut upstream).await {
+            let watch = handshake::Watch::new(slot);
+            if let Err(e) = s.splice_tcp_observed(&mut upstream, &watch).await {
                 debug!(%authority, error = %e, "relay ended with error");
             }
         }
@@ -380,6 +393,11 @@ mod tests {
                 held.push(s);
             }
         });
+        gateway_to(ca, max_streams, hbone_port).await
+    }
+
+    /// As [`gateway`], the endpoint's HBONE port being `hbone_port` on 127.0.0.1.
+    async fn gateway_to(ca: &DevCa, max_streams: u32, hbone_port: u16) -> (Arc<Gateway>, SocketAddr) {
         let state = StateStore::new();
         state.update(|s| {
             s.upsert_workload(Workload {
@@ -428,6 +446,7 @@ mod tests {
             metrics,
             drain: CancellationToken::new(),
             refusals: LogLimiter::new(REFUSAL_LOG_INTERVAL),
+            handshakes: Arc::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -470,6 +489,129 @@ mod tests {
             .await
             .expect("another identity");
         drop(held);
+    }
+
+    /// Relays whose destination never answers stay in their handshake: a client holds at most
+    /// [`handshake::MAX_HANDSHAKES_PER_PEER`] of them, the next is refused (429) and counted,
+    /// and another identity is not affected.
+    #[tokio::test]
+    async fn relays_in_handshake_are_bounded_per_client() {
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let (gw, addr) = gateway(&ca, 1000).await;
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
+        let request = |who: Identity| TunnelRequest {
+            key: PoolKey {
+                src_identity: who,
+                dst_identities: vec![id("istio-system", "eastwest")],
+                src_ip: None,
+                dst: addr,
+            },
+            authority: "127.0.0.1:8080".into(),
+            forwarded_for: None,
+            baggage: None,
+            traceparent: None,
+        };
+        let staller = request(id("default", "staller"));
+        let mut held = Vec::new();
+        for _ in 0..handshake::MAX_HANDSHAKES_PER_PEER {
+            held.push(pool.connect(&staller).await.expect("a relay within the allowance"));
+        }
+        assert_eq!(
+            gw.handshakes.held(&id("default", "staller")),
+            handshake::MAX_HANDSHAKES_PER_PEER
+        );
+        let refused = pool.connect(&staller).await.err().expect("one relay too many");
+        assert!(refused.to_string().contains("429"), "{refused}");
+        let counted = gw
+            .metrics
+            .streams
+            .get_or_create(&OutcomeLabels {
+                outcome: Refused::HandshakesPerPeer.as_str(),
+            })
+            .get();
+        assert_eq!(counted, 1);
+        let other = pool
+            .connect(&request(id("default", "other")))
+            .await
+            .expect("another identity");
+        // Ending relays gives their slots back.
+        drop(held);
+        drop(other);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while gw.handshakes.held(&id("default", "staller")) > 0 {
+            assert!(std::time::Instant::now() < deadline, "slots never given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A real inner handshake (rustls and h2, as double HBONE does) through the gateway to a
+    /// real HBONE destination leaves the handshake state while the relay stays open: the
+    /// record rule of [`handshake`] matches what the mesh's own TLS sends.
+    #[tokio::test]
+    async fn a_real_inner_handshake_leaves_the_handshake_count() {
+        use mesh_core::hbone::DoubleTunnelRequest;
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let signer: Arc<dyn CertificateSigner> = Arc::new(DevCa::from_pem(ca.root_pem(), &ca.key_pem()).unwrap());
+        let dest_certs = CertManager::new(signer, vec![], CertManagerConfig::default());
+        let dest_cert = dest_certs.fetch(&id("default", "server")).await.unwrap();
+        let dest_tls = mesh_core::tls::server_config(&dest_cert).unwrap();
+        let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest_port = dest.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = dest.accept().await {
+                let tls = dest_tls.clone();
+                tokio::spawn(async move {
+                    let settings = Settings::default();
+                    let hold = |req: InboundConnect| async move {
+                        if let Ok(stream) = req.accept() {
+                            let mut sink = tokio::io::sink();
+                            let mut io = stream.into_io();
+                            let _ = tokio::io::copy(&mut io, &mut sink).await;
+                        }
+                    };
+                    let _ = serve_connection(tcp, tls, &settings, CancellationToken::new(), hold).await;
+                });
+            }
+        });
+        let (gw, addr) = gateway_to(&ca, 1000, dest_port).await;
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
+        let client = id("default", "client");
+        let req = DoubleTunnelRequest {
+            outer: TunnelRequest {
+                key: PoolKey {
+                    src_identity: client.clone(),
+                    dst_identities: vec![id("istio-system", "eastwest")],
+                    src_ip: None,
+                    dst: addr,
+                },
+                authority: format!("127.0.0.1:{dest_port}"),
+                forwarded_for: None,
+                baggage: None,
+                traceparent: None,
+            },
+            inner_identities: vec![id("default", "server")],
+            inner_authority: "127.0.0.1:8080".into(),
+        };
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(
+                pool.connect_double(&req)
+                    .await
+                    .expect("double HBONE through the gateway"),
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while gw.handshakes.held(&client) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} open relays still counted in their handshake",
+                gw.handshakes.held(&client)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(open);
     }
 
     /// A peer opening refused streams in a loop cannot flood the log: one line per reason per

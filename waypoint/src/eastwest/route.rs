@@ -22,6 +22,9 @@ pub enum Refused {
     NoLocalEndpoint,
     /// The chosen endpoint did not accept the connection.
     Unreachable,
+    /// The client already holds its maximum of relays still in their inner handshake
+    /// (see [`super::handshake`]).
+    HandshakesPerPeer,
 }
 
 impl Refused {
@@ -31,6 +34,7 @@ impl Refused {
             Refused::NotInNetwork => "not_in_network",
             Refused::NoLocalEndpoint => "no_local_endpoint",
             Refused::Unreachable => "upstream_unreachable",
+            Refused::HandshakesPerPeer => "handshakes_per_peer_limit",
         }
     }
 
@@ -40,6 +44,7 @@ impl Refused {
             Refused::ForeignTrustDomain => StatusCode::UNAUTHORIZED,
             Refused::NotInNetwork => StatusCode::BAD_REQUEST,
             Refused::NoLocalEndpoint | Refused::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+            Refused::HandshakesPerPeer => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
