@@ -12,17 +12,18 @@
 //!   parents) are kept, and the merge patch is guarded by the resourceVersion read.
 //!
 //! `lastTransitionTime`s are kept where a condition did not change, so an unchanged status
-//! rebuilds identically and is not written again.
+//! rebuilds identically and is not written again. On taking the lead, a replica also clears
+//! our entries from routes that were detached while no replica led ([`stale_routes`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ::kube::api::{DynamicObject, Patch, PatchParams};
+use ::kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use ::kube::{Api, Client};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::resources::api_resource;
 use super::writer::{conditions, Reported};
@@ -170,9 +171,56 @@ pub fn by_route(statuses: &[RouteParentStatus]) -> BTreeMap<(Kind, ObjectKey), V
     out
 }
 
+/// Route kinds an ingress Gateway takes.
+const ROUTE_KINDS: [Kind; 4] = [Kind::HttpRoute, Kind::GrpcRoute, Kind::TlsRoute, Kind::TcpRoute];
+
+/// The routes among `listed` (objects of `kind` as read) that hold an entry of ours in
+/// `status.parents` although translation has no status for them: detached (or attached
+/// elsewhere) while no replica led, so no write ever cleared it.
+pub fn stale_routes(
+    kind: Kind,
+    listed: &[Value],
+    now: &BTreeMap<(Kind, ObjectKey), Vec<RouteParentStatus>>,
+) -> Vec<(Kind, ObjectKey)> {
+    let ours = |e: &Value| e.get("controllerName").and_then(Value::as_str) == Some(INGRESS_CONTROLLER);
+    listed
+        .iter()
+        .filter(|route| {
+            let parents = route.pointer("/status/parents").and_then(Value::as_array);
+            parents.into_iter().flatten().any(ours)
+        })
+        .filter_map(|route| {
+            let text = |p: &str| route.pointer(p).and_then(Value::as_str);
+            let key = ObjectKey::new(text("/metadata/namespace")?, text("/metadata/name")?);
+            (!now.contains_key(&(kind, key.clone()))).then_some((kind, key))
+        })
+        .collect()
+}
+
+/// Lists every route kind and clears our stale entries ([`stale_routes`]). A kind the API
+/// server does not serve is skipped.
+async fn sweep(client: &Client, now: &BTreeMap<(Kind, ObjectKey), Vec<RouteParentStatus>>) -> Result<(), KubeError> {
+    for kind in ROUTE_KINDS {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind));
+        let listed = match api.list(&ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(::kube::Error::Api(e)) if e.code == 404 => {
+                debug!(?kind, "route kind not served; nothing to sweep");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let listed: Vec<Value> = listed.iter().filter_map(|o| serde_json::to_value(o).ok()).collect();
+        for (kind, key) in stale_routes(kind, &listed, now) {
+            report_route(client, kind, &key, &[]).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the ingress routes' `status.parents` equal to `statuses` while leading; a route no
-/// longer attached to an ingress Gateway loses our entries. A failed write is retried after
-/// `retry`.
+/// longer attached to an ingress Gateway loses our entries, also one detached while no
+/// replica led (swept once per lead). A failed write is retried after `retry`.
 pub async fn run(
     client: Client,
     retry: Duration,
@@ -180,10 +228,20 @@ pub async fn run(
     mut statuses: watch::Receiver<Vec<RouteParentStatus>>,
 ) {
     let mut written = Reported::default();
+    let mut swept = false;
     loop {
         let mut failed = false;
         if *leader.borrow_and_update() {
             let now = by_route(&statuses.borrow_and_update());
+            if !swept {
+                match sweep(&client, &now).await {
+                    Ok(()) => swept = true,
+                    Err(e) => {
+                        warn!(error = %e, "cannot clear stale ingress route status");
+                        failed = true;
+                    }
+                }
+            }
             for ((kind, key), wanted) in written.pending(&now) {
                 match report_route(&client, kind, &key, &wanted).await {
                     Ok(()) => written.written((kind, key), wanted),
@@ -195,6 +253,7 @@ pub async fn run(
             }
         } else {
             written = Reported::default();
+            swept = false;
         }
         tokio::select! {
             r = leader.changed() => if r.is_err() { return },
@@ -329,6 +388,33 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.10}, {hostname: lb.example.net}
         let mut v: Value = serde_yaml::from_str(doc).expect("yaml");
         v["status"] = status;
         v
+    }
+
+    /// A replica taking the lead clears our entries only from routes translation has no
+    /// status for: attached routes keep theirs, other controllers' entries are not ours.
+    #[test]
+    fn stale_routes_are_those_with_our_entry_and_no_status() {
+        let secret = tls_secret("example-com-cert", "*.example.com");
+        let out = translate(&[GATEWAY, ROUTES, SERVICE, &secret]);
+        let now = by_route(&out.route_parents);
+        let entry = |controller: &str| json!({"parents": [{"controllerName": controller, "parentRef": {"name": "x"}}]});
+        let detached = |name: &str, status: Value| json!({"metadata": {"name": name, "namespace": "production"}, "status": status});
+        let listed = vec![
+            route_value("app-routes", entry(INGRESS_CONTROLLER)),
+            detached("gone-from-gateway", entry(INGRESS_CONTROLLER)),
+            detached("waypoints-only", entry(super::super::writer::WAYPOINT_CONTROLLER)),
+            detached("no-status", Value::Null),
+        ];
+        assert!(now.contains_key(&(Kind::HttpRoute, ObjectKey::new("production", "app-routes"))));
+        assert_eq!(
+            stale_routes(Kind::HttpRoute, &listed, &now),
+            vec![(Kind::HttpRoute, ObjectKey::new("production", "gone-from-gateway"))]
+        );
+        // The same names under another kind have no status at all: ours there are stale.
+        assert_eq!(stale_routes(Kind::TcpRoute, &listed[..1], &now).len(), 1);
+        // Clearing writes no entry of ours and keeps the others'.
+        let cleared = route_parents(&listed[1], &[], None, at(0));
+        assert_eq!(cleared, json!([]));
     }
 
     /// The Gateway's status and each route's parents from the real translation, pinned in
