@@ -454,26 +454,36 @@ mod tests {
         (gw, addr)
     }
 
+    /// Clients' HBONE pool, with certificates from `ca`.
+    fn client_pool(ca: DevCa) -> Arc<HbonePool> {
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()))
+    }
+
+    /// An outer CONNECT from `who` to the gateway at `gateway` for `authority`.
+    fn outer(who: Identity, gateway: SocketAddr, authority: &str) -> TunnelRequest {
+        TunnelRequest {
+            key: PoolKey {
+                src_identity: who,
+                dst_identities: vec![id("istio-system", "eastwest")],
+                src_ip: None,
+                dst: gateway,
+            },
+            authority: authority.into(),
+            forwarded_for: None,
+            baggage: None,
+            traceparent: None,
+        }
+    }
+
     /// A peer holding its maximum of streams gets the next one refused, and the bound is
     /// counted; another identity is not affected.
     #[tokio::test]
     async fn streams_per_peer_are_bounded_and_counted() {
         let ca = DevCa::generate("cluster.local").unwrap();
         let (gw, addr) = gateway(&ca, 2).await;
-        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
-        let request = |who: Identity| TunnelRequest {
-            key: PoolKey {
-                src_identity: who,
-                dst_identities: vec![id("istio-system", "eastwest")],
-                src_ip: None,
-                dst: addr,
-            },
-            authority: "127.0.0.1:8080".into(),
-            forwarded_for: None,
-            baggage: None,
-            traceparent: None,
-        };
+        let pool = client_pool(ca);
+        let request = |who: Identity| outer(who, addr, "127.0.0.1:8080");
         let a = request(id("default", "client"));
         let held = [pool.connect(&a).await.unwrap(), pool.connect(&a).await.unwrap()];
         assert!(pool.connect(&a).await.is_err(), "a third stream of the same peer");
@@ -498,20 +508,8 @@ mod tests {
     async fn relays_in_handshake_are_bounded_per_client() {
         let ca = DevCa::generate("cluster.local").unwrap();
         let (gw, addr) = gateway(&ca, 1000).await;
-        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
-        let request = |who: Identity| TunnelRequest {
-            key: PoolKey {
-                src_identity: who,
-                dst_identities: vec![id("istio-system", "eastwest")],
-                src_ip: None,
-                dst: addr,
-            },
-            authority: "127.0.0.1:8080".into(),
-            forwarded_for: None,
-            baggage: None,
-            traceparent: None,
-        };
+        let pool = client_pool(ca);
+        let request = |who: Identity| outer(who, addr, "127.0.0.1:8080");
         let staller = request(id("default", "staller"));
         let mut held = Vec::new();
         for _ in 0..handshake::MAX_HANDSHAKES_PER_PEER {
@@ -575,22 +573,10 @@ mod tests {
             }
         });
         let (gw, addr) = gateway_to(&ca, 1000, dest_port).await;
-        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
+        let pool = client_pool(ca);
         let client = id("default", "client");
         let req = DoubleTunnelRequest {
-            outer: TunnelRequest {
-                key: PoolKey {
-                    src_identity: client.clone(),
-                    dst_identities: vec![id("istio-system", "eastwest")],
-                    src_ip: None,
-                    dst: addr,
-                },
-                authority: format!("127.0.0.1:{dest_port}"),
-                forwarded_for: None,
-                baggage: None,
-                traceparent: None,
-            },
+            outer: outer(client.clone(), addr, &format!("127.0.0.1:{dest_port}")),
             inner_identities: vec![id("default", "server")],
             inner_authority: "127.0.0.1:8080".into(),
         };
@@ -639,21 +625,9 @@ mod tests {
         let _guard = tracing::subscriber::set_default(subscriber);
         let ca = DevCa::generate("cluster.local").unwrap();
         let (gw, addr) = gateway(&ca, 1024).await;
-        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-        let pool = HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default()));
-        let request = TunnelRequest {
-            key: PoolKey {
-                src_identity: id("default", "client"),
-                dst_identities: vec![id("istio-system", "eastwest")],
-                src_ip: None,
-                dst: addr,
-            },
-            // Not an address of the gateway's network.
-            authority: "192.0.2.1:15000".into(),
-            forwarded_for: None,
-            baggage: None,
-            traceparent: None,
-        };
+        let pool = client_pool(ca);
+        // Not an address of the gateway's network.
+        let request = outer(id("default", "client"), addr, "192.0.2.1:15000");
         for _ in 0..50 {
             assert!(pool.connect(&request).await.is_err());
         }
