@@ -31,7 +31,7 @@ use super::retry::{self, to_duration, Attempt, RetryPolicy};
 use super::rewrite::{self, UpgradeRequest};
 use crate::store::Snapshot;
 use crate::telemetry::access_log::Record;
-use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::metrics::{RequestLabels, SeriesLabels};
 use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
 use crate::upstream::Endpoint;
@@ -286,9 +286,19 @@ impl Arrival {
                 (None, None) => "0".to_owned(),
             };
         }
-        let series = |metric| {
-            let l = apply::series(effective, metric, &labels, facts)?;
-            Some(wp.metrics.admit(l, || labels.clone()))
+        // The standard label set is built once and each family looks it up by reference
+        // (it is cloned only when a series is first created); a Telemetry's overrides build
+        // their own.
+        let standard = SeriesLabels::Standard(labels);
+        let SeriesLabels::Standard(labels) = &standard else {
+            return;
+        };
+        let series = |metric| -> Option<Cow<'_, SeriesLabels>> {
+            if effective::overrides_for(effective, metric).next().is_none() {
+                return Some(Cow::Borrowed(&standard));
+            }
+            let l = apply::series(effective, metric, labels, facts)?;
+            Some(Cow::Owned(wp.metrics.admit(l, || labels.clone())))
         };
         if let Some(l) = series("REQUEST_COUNT") {
             wp.metrics.requests.get_or_create(&l).inc();
