@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use mesh_e2e::bench::{
-    median, rss_kib, run_in, start_nginx, start_nginx_workers, tree_rss_kib, wait_listening, wrk_in,
+    clock_ticks, cpu_ticks, median, rss_kib, run_in, start_nginx, start_nginx_workers, tree_rss_kib, wait_listening,
+    wrk_in,
 };
 use mesh_e2e::cluster::{Cluster, PodSpec};
 use mesh_e2e::netns::sh;
@@ -159,6 +160,19 @@ impl Target {
             .map(|p| if self.tree { tree_rss_kib(p) } else { rss_kib(p) })
             .transpose()
     }
+
+    /// utime + stime of the proxy (nginx: master and workers) in clock ticks.
+    fn cpu(&self) -> Result<Option<u64>> {
+        let Some(pid) = self.pid else { return Ok(None) };
+        let mut total = cpu_ticks(pid)?;
+        if self.tree {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+                total += cpu_ticks(child).unwrap_or(0);
+            }
+        }
+        Ok(Some(total))
+    }
 }
 
 /// One path's figures in one round.
@@ -169,10 +183,13 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     loaded_rss: Option<u64>,
+    /// The proxy's CPU time (user + system) per request of the -c16 run, in µs.
+    cpu_us: Option<f64>,
     errors: u64,
 }
 
 async fn measure(client: &Netns, t: &Target, secs: u32, lua: &str) -> Result<Sample> {
+    let cpu_before = t.cpu()?;
     let load = wrk_in(client, &t.url, (2, 16, secs), &[]);
     let rss = async {
         tokio::time::sleep(Duration::from_millis(u64::from(secs) * 500)).await;
@@ -180,6 +197,12 @@ async fn measure(client: &Netns, t: &Target, secs: u32, lua: &str) -> Result<Sam
     };
     let (max, loaded_rss) = tokio::join!(load, rss);
     let max = max.with_context(|| format!("{}: wrk -c16", t.label))?;
+    let cpu_us = match (cpu_before, t.cpu()?) {
+        (Some(a), Some(b)) if max.requests > 0 => {
+            Some(b.saturating_sub(a) as f64 / clock_ticks() * 1e6 / max.requests as f64)
+        }
+        _ => None,
+    };
     let fixed = wrk_in(client, &t.url, (1, FIXED_CONNS, secs), &["-s", lua])
         .await
         .with_context(|| format!("{}: fixed rate", t.label))?;
@@ -189,6 +212,7 @@ async fn measure(client: &Netns, t: &Target, secs: u32, lua: &str) -> Result<Sam
         p50_us: fixed.p50_us,
         p99_us: fixed.p99_us,
         loaded_rss: loaded_rss?,
+        cpu_us,
         errors: max.socket_errors + max.non_2xx + fixed.socket_errors + fixed.non_2xx,
     })
 }
@@ -252,6 +276,7 @@ pub(super) async fn run(opts: &Opts) -> Result<()> {
     for t in &targets {
         wait_answer(&client.ns, t).await?;
     }
+    hold(&client.ns, &targets).await;
     let idle: Vec<Option<u64>> = targets.iter().map(Target::rss).collect::<Result<_>>()?;
     let lua = dir.join("pause.lua");
     std::fs::write(&lua, PAUSE_LUA)?;
@@ -275,6 +300,19 @@ pub(super) async fn run(opts: &Opts) -> Result<()> {
     };
     drop((nginx, backend));
     write_report(opts, "ingress", &report.markdown())
+}
+
+/// With `MESHBENCH_HOLD=<seconds>`, keeps the topology up that long before the rounds and
+/// says how to reach it, so a profiler (perf, strace) can be attached to a proxy by hand.
+async fn hold(client: &Netns, targets: &[Target]) {
+    let Some(secs) = std::env::var("MESHBENCH_HOLD").ok().and_then(|s| s.parse::<u64>().ok()) else {
+        return;
+    };
+    eprintln!("meshbench: holding {secs} s; client netns {}", client.name);
+    for t in targets {
+        eprintln!("meshbench:   {} {} pid {:?}", t.label, t.url, t.pid);
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
 /// The front nginx: TLS on 443 with `cert`, `proxy_pass` to the backend with keep-alive.
@@ -302,6 +340,7 @@ struct Figures {
     p99_us: f64,
     idle_rss: Option<u64>,
     loaded_rss: Option<u64>,
+    cpu_us: Option<f64>,
     errors: u64,
 }
 
@@ -309,6 +348,7 @@ impl Figures {
     fn of(s: &[Sample], idle_rss: Option<u64>) -> Figures {
         let med = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         let rss: Vec<f64> = s.iter().filter_map(|x| x.loaded_rss).map(|k| k as f64).collect();
+        let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_us).collect();
         Figures {
             rps: med(|x| x.rps),
             fixed_rps: med(|x| x.fixed_rps),
@@ -316,6 +356,7 @@ impl Figures {
             p99_us: med(|x| x.p99_us),
             idle_rss,
             loaded_rss: (!rss.is_empty()).then(|| median(rss) as u64),
+            cpu_us: (!cpu.is_empty()).then(|| median(cpu)),
             errors: s.iter().map(|x| x.errors).sum(),
         }
     }
@@ -346,6 +387,16 @@ impl Report {
             n.rps,
             g.rps,
             pct(g.rps, n.rps)
+        );
+        let us = |c: Option<f64>| c.map_or_else(|| "—".to_owned(), |c| format!("{c:.1}"));
+        md += &format!(
+            "| proxy CPU (user+sys) per request at -c16 (µs) | — | {} | {} | {} |\n",
+            us(n.cpu_us),
+            us(g.cpu_us),
+            match (g.cpu_us, n.cpu_us) {
+                (Some(g), Some(n)) if n > 0.0 => format!("{:.0} %", g / n * 100.0),
+                _ => String::new(),
+            }
         );
         md += &format!(
             "| fixed load, achieved (req/s) | {:.0} | {:.0} | {:.0} | |\n",
