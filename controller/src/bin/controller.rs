@@ -112,6 +112,251 @@ fn rotate(
     }
 }
 
+/// The CA root, the bundle's watch and the controller's own serving TLS.
+struct Identities {
+    identity: Identity,
+    root: Arc<CaRoot>,
+    plugin: Option<controller::ca::PluginFiles>,
+    bundle_tx: watch::Sender<String>,
+    bundle_rx: watch::Receiver<String>,
+    names: controller::ca::ServingNames,
+    tls: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+}
+
+impl Identities {
+    /// Loads (or creates) the CA, publishes its trust bundle and issues the serving certificate.
+    fn load(config: &Config) -> anyhow::Result<Self> {
+        let identity: Identity = config
+            .identity
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
+        let (root, plugin) = ca_root(config)?;
+        let (bundle_tx, bundle_rx) = watch::channel(root.trust_bundle().to_owned());
+        controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
+            .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
+        let names = config.serving_names();
+        let tls = serving_tls(&root, &identity, &names)
+            .context("serving certificate (--serving-dns-names, --serving-ips)")?;
+        tracing::info!(dns = ?names.dns, ips = ?names.ips, "serving certificate names");
+        Ok(Identities {
+            identity,
+            root,
+            plugin,
+            bundle_tx,
+            bundle_rx,
+            names,
+            tls: Arc::new(arc_swap::ArcSwap::new(tls)),
+        })
+    }
+}
+
+/// The translation loop, fed the mesh config first when there is one (so the first push
+/// already has its mode), and the sender every source uses.
+async fn start_core(config: &Config) -> anyhow::Result<(core::Core, mpsc::Sender<source::Change>)> {
+    let options = Options {
+        cluster_id: config.cluster_id.clone(),
+        network: config.network.clone(),
+        trust_domain: config.trust_domain.clone(),
+        domain_suffix: config.cluster_domain.clone(),
+        root_namespace: config.root_namespace.clone(),
+    };
+    let (changes_tx, changes_rx) = mpsc::channel(1024);
+    let core = core::start(changes_rx, options, Debounce::default());
+    if let Some(path) = config.mesh_config.clone() {
+        let initial = controller::mesh_config::read(&path).context("--mesh-config")?;
+        changes_tx
+            .send(source::Change::MeshConfig(initial))
+            .await
+            .context("controller loop")?;
+        let interval = Duration::from_millis(config.poll_ms);
+        tokio::spawn(controller::mesh_config::watch(path, interval, changes_tx.clone()));
+    }
+    Ok((core, changes_tx))
+}
+
+/// Local mode: manifests, enrolment and remote clusters from directories, waypoint records
+/// written to a directory, bootstrap tokens for authentication.
+fn local_source(
+    config: &Config,
+    dir: &Path,
+    core: &core::Core,
+    changes_tx: mpsc::Sender<source::Change>,
+    skipped_tx: watch::Sender<Vec<source::manifest_dir::DocumentError>>,
+) -> anyhow::Result<Arc<dyn Authenticator>> {
+    let tokens = config.bootstrap_tokens.as_ref().context("--bootstrap-tokens")?;
+    let auth = Arc::new(BootstrapTokens::load(tokens).context("bootstrap tokens")?);
+    let interval = Duration::from_millis(config.poll_ms);
+    let (dir, manifest_tx) = (dir.to_owned(), changes_tx.clone());
+    tokio::spawn(async move {
+        if let Err(e) = source::manifest_dir::watch(dir, interval, manifest_tx, skipped_tx).await {
+            tracing::error!(error = %e, "local source stopped");
+            std::process::exit(1);
+        }
+    });
+    if let Some(dir) = config.enrolment_dir.clone() {
+        tokio::spawn(source::manifest_dir::watch_enrolment(dir, interval, changes_tx.clone()));
+    }
+    if let Some(dir) = config.waypoint_records.clone() {
+        tokio::spawn(write_records(dir, core.published.clone()));
+    }
+    for remote in config.remote_manifests.clone() {
+        let enrolment = config.remote_enrolment.iter().find(|e| e.cluster == remote.cluster);
+        tokio::spawn(source::remote::watch_dir(
+            remote,
+            enrolment.map(|e| e.dir.clone()),
+            interval,
+            config.remote_grace,
+            changes_tx.clone(),
+        ));
+    }
+    Ok(auth)
+}
+
+/// Cluster mode: watches (and remote clusters' Secrets), leader election, and while leading
+/// the owned waypoint and gateway objects and every status; TokenReview for authentication.
+async fn cluster_source(
+    config: &Config,
+    core: &core::Core,
+    changes_tx: mpsc::Sender<source::Change>,
+    ids: &Identities,
+) -> anyhow::Result<Arc<dyn Authenticator>> {
+    let client = controller::k8s::client().await.context("Kubernetes client")?;
+    if config.remote_secrets {
+        tokio::spawn(source::remote::watch_secrets(
+            client.clone(),
+            config.pod_namespace.clone(),
+            config.remote_grace,
+            changes_tx.clone(),
+        ));
+    }
+    let watch_client = client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = controller::k8s::watch::run(watch_client, changes_tx).await {
+            tracing::error!(error = %e, "Kubernetes watches stopped");
+            std::process::exit(1);
+        }
+    });
+    let leader = controller::k8s::leader::spawn(
+        client.clone(),
+        controller::k8s::leader::LeaderConfig {
+            namespace: config.pod_namespace.clone(),
+            name: "mesh-controller".to_owned(),
+            identity: config.pod_name.clone(),
+            lease_duration: Duration::from_secs(15),
+        },
+    );
+    let writer = controller::k8s::writer::WriterConfig {
+        image: config.waypoint_image.clone(),
+        xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
+        root_cert: ids.root.trust_bundle().to_owned(),
+        retry: Duration::from_secs(5),
+        trust_bundle: Some(ids.bundle_rx.clone()),
+    };
+    spawn_writers(&client, writer, leader, core.published.clone());
+    Ok(Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
+        client,
+        config.trust_domain.clone(),
+        config.token_audiences.clone(),
+    )))
+}
+
+/// Splits what is published into what each cluster writer follows (records, problems,
+/// ingress route statuses), and starts the writers.
+fn spawn_writers(
+    client: &::kube::Client,
+    writer: controller::k8s::writer::WriterConfig,
+    leader: watch::Receiver<bool>,
+    mut published: watch::Receiver<Published>,
+) {
+    let (records_tx, records_rx) = watch::channel(Vec::new());
+    let (problems_tx, problems_rx) = watch::channel(Vec::new());
+    let (ingress_tx, ingress_rx) = watch::channel(Vec::new());
+    tokio::spawn(async move {
+        while published.changed().await.is_ok() {
+            let p = published.borrow_and_update().clone();
+            // Waypoints and ingress gateways are deployed (and their status written) alike.
+            let mut records = p.waypoints;
+            records.extend(p.outputs.ingress.deployments.values().cloned());
+            records_tx.send_if_modified(|w| std::mem::replace(w, records) != *w);
+            let routes = p.outputs.ingress.route_parents.clone();
+            ingress_tx.send_if_modified(|old| std::mem::replace(old, routes) != *old);
+            problems_tx.send_if_modified(|old| std::mem::replace(old, p.problems) != *old);
+        }
+    });
+    let retry = Duration::from_secs(5);
+    tokio::spawn(controller::k8s::writer::run_status(
+        client.clone(),
+        retry,
+        leader.clone(),
+        problems_rx,
+    ));
+    tokio::spawn(controller::k8s::ingress_status::run(
+        client.clone(),
+        retry,
+        leader.clone(),
+        ingress_rx,
+    ));
+    tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));
+}
+
+/// VM tokens are accepted (and issued on the debug listener) only with a key.
+fn with_vm_tokens(
+    config: &Config,
+    auth: Arc<dyn Authenticator>,
+    registry: &mut Registry,
+) -> anyhow::Result<(Arc<dyn Authenticator>, Option<controller::ca::VmTokenIssuer>)> {
+    let Some(path) = &config.vm_token_key else {
+        return Ok((auth, None));
+    };
+    let key = Arc::new(controller::ca::VmTokenKey::load_or_create(path).context("--vm-token-key")?);
+    let clock = controller::ca::vm_token::system_clock();
+    let auth: Arc<dyn Authenticator> = Arc::new(controller::ca::VmTokenAuth {
+        key: key.clone(),
+        trust_domain: config.trust_domain.clone(),
+        clock: clock.clone(),
+        metrics: controller::ca::VmTokenMetrics::register(registry),
+        inner: auth,
+    });
+    let issuer = controller::ca::VmTokenIssuer {
+        key,
+        ttl: config.vm_token_ttl,
+        clock,
+    };
+    Ok((auth, Some(issuer)))
+}
+
+/// The CA server, switching to a plug-in CA when its files appear or change (no restart).
+fn start_ca(
+    config: &Config,
+    ids: Identities,
+    auth: Arc<dyn Authenticator>,
+    pods: Arc<core::NodePods>,
+    metrics: CaMetrics,
+) -> anyhow::Result<CaServer> {
+    let mut ca_options = CaOptions::new(&config.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+    ca_options.max_ttl = Duration::from_secs(config.max_cert_ttl_seconds);
+    ca_options.default_ttl = ca_options.default_ttl.min(ca_options.max_ttl);
+    let ca = CaServer::new(ids.root.clone(), auth, pods, ca_options, metrics.clone());
+    tokio::spawn(controller::ca::plugin::watch(
+        config.cacerts_dir.clone(),
+        ids.plugin,
+        config.trust_domain.clone(),
+        Duration::from_secs(1),
+        metrics,
+        rotate(
+            ca.clone(),
+            config.ca_dir.clone(),
+            Serving {
+                identity: ids.identity,
+                names: ids.names,
+                tls: ids.tls,
+            },
+            ids.bundle_tx,
+        ),
+    ));
+    Ok(ca)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load()?;
@@ -122,198 +367,22 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = config.validate() {
         bail!("{e}");
     }
-    let identity: Identity = config
-        .identity
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
-    let (root, plugin) = ca_root(&config)?;
-    let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(root.trust_bundle().to_owned());
-    controller::ca::publish_trust_bundle(&config.ca_dir, root.trust_bundle())
-        .with_context(|| format!("publishing the trust bundle in {}", config.ca_dir.display()))?;
-    let names = config.serving_names();
-    let tls =
-        serving_tls(&root, &identity, &names).context("serving certificate (--serving-dns-names, --serving-ips)")?;
-    tracing::info!(dns = ?names.dns, ips = ?names.ips, "serving certificate names");
-    let tls = Arc::new(arc_swap::ArcSwap::new(tls));
-
-    let options = Options {
-        cluster_id: config.cluster_id.clone(),
-        network: config.network.clone(),
-        trust_domain: config.trust_domain.clone(),
-        domain_suffix: config.cluster_domain.clone(),
-        root_namespace: config.root_namespace.clone(),
-    };
-    let (changes_tx, changes_rx) = mpsc::channel(1024);
+    let ids = Identities::load(&config)?;
+    let (identity, tls) = (ids.identity.clone(), ids.tls.clone());
+    let (core, changes_tx) = start_core(&config).await?;
     let (skipped_tx, skipped_rx) = watch::channel(Vec::new());
-    let core = core::start(changes_rx, options, Debounce::default());
-    if let Some(path) = config.mesh_config.clone() {
-        // Read before any source speaks, so the first push already has the mode.
-        let initial = controller::mesh_config::read(&path).context("--mesh-config")?;
-        changes_tx
-            .send(source::Change::MeshConfig(initial))
-            .await
-            .context("controller loop")?;
-        let interval = Duration::from_millis(config.poll_ms);
-        tokio::spawn(controller::mesh_config::watch(path, interval, changes_tx.clone()));
-    }
 
     let mut registry = Registry::with_prefix("controller");
     let xds_metrics = XdsMetrics::register(&mut registry);
     let ca_metrics = CaMetrics::register(&mut registry);
     core.kind_metrics.register(&mut registry);
 
-    let auth: Arc<dyn Authenticator> = if let Some(dir) = &config.manifest_dir {
-        let tokens = config.bootstrap_tokens.as_ref().context("--bootstrap-tokens")?;
-        let auth = Arc::new(BootstrapTokens::load(tokens).context("bootstrap tokens")?);
-        let (dir, interval) = (dir.clone(), Duration::from_millis(config.poll_ms));
-        let manifest_tx = changes_tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = source::manifest_dir::watch(dir, interval, manifest_tx, skipped_tx).await {
-                tracing::error!(error = %e, "local source stopped");
-                std::process::exit(1);
-            }
-        });
-        if let Some(dir) = config.enrolment_dir.clone() {
-            let tx = changes_tx.clone();
-            tokio::spawn(source::manifest_dir::watch_enrolment(
-                dir,
-                Duration::from_millis(config.poll_ms),
-                tx,
-            ));
-        }
-        if let Some(dir) = config.waypoint_records.clone() {
-            tokio::spawn(write_records(dir, core.published.clone()));
-        }
-        for remote in config.remote_manifests.clone() {
-            let enrolment = config.remote_enrolment.iter().find(|e| e.cluster == remote.cluster);
-            tokio::spawn(source::remote::watch_dir(
-                remote,
-                enrolment.map(|e| e.dir.clone()),
-                Duration::from_millis(config.poll_ms),
-                config.remote_grace,
-                changes_tx.clone(),
-            ));
-        }
-        auth
-    } else {
-        let client = controller::k8s::client().await.context("Kubernetes client")?;
-        if config.remote_secrets {
-            tokio::spawn(source::remote::watch_secrets(
-                client.clone(),
-                config.pod_namespace.clone(),
-                config.remote_grace,
-                changes_tx.clone(),
-            ));
-        }
-        let watch_client = client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = controller::k8s::watch::run(watch_client, changes_tx).await {
-                tracing::error!(error = %e, "Kubernetes watches stopped");
-                std::process::exit(1);
-            }
-        });
-        let leader = controller::k8s::leader::spawn(
-            client.clone(),
-            controller::k8s::leader::LeaderConfig {
-                namespace: config.pod_namespace.clone(),
-                name: "mesh-controller".to_owned(),
-                identity: config.pod_name.clone(),
-                lease_duration: Duration::from_secs(15),
-            },
-        );
-        let (records_tx, records_rx) = watch::channel(Vec::new());
-        let (problems_tx, problems_rx) = watch::channel(Vec::new());
-        let (ingress_tx, ingress_rx) = watch::channel(Vec::new());
-        let mut published = core.published.clone();
-        tokio::spawn(async move {
-            while published.changed().await.is_ok() {
-                let p = published.borrow_and_update().clone();
-                // Waypoints and ingress gateways are deployed (and their status written) alike.
-                let mut records = p.waypoints;
-                records.extend(p.outputs.ingress.deployments.values().cloned());
-                records_tx.send_if_modified(|w| std::mem::replace(w, records) != *w);
-                let routes = p.outputs.ingress.route_parents.clone();
-                ingress_tx.send_if_modified(|old| std::mem::replace(old, routes) != *old);
-                problems_tx.send_if_modified(|old| std::mem::replace(old, p.problems) != *old);
-            }
-        });
-        tokio::spawn(controller::k8s::writer::run_status(
-            client.clone(),
-            Duration::from_secs(5),
-            leader.clone(),
-            problems_rx,
-        ));
-        tokio::spawn(controller::k8s::ingress_status::run(
-            client.clone(),
-            Duration::from_secs(5),
-            leader.clone(),
-            ingress_rx,
-        ));
-        let writer = controller::k8s::writer::WriterConfig {
-            image: config.waypoint_image.clone(),
-            xds_address: format!("https://mesh-controller.{}.svc:15012", config.pod_namespace),
-            root_cert: root.trust_bundle().to_owned(),
-            retry: Duration::from_secs(5),
-            trust_bundle: Some(bundle_rx),
-        };
-        tokio::spawn(controller::k8s::writer::run(client.clone(), writer, leader, records_rx));
-        Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
-            client,
-            config.trust_domain.clone(),
-            config.token_audiences.clone(),
-        ))
+    let auth = match &config.manifest_dir {
+        Some(dir) => local_source(&config, dir, &core, changes_tx, skipped_tx)?,
+        None => cluster_source(&config, &core, changes_tx, &ids).await?,
     };
-
-    // VM tokens are accepted (and issued on the debug listener) only with a key.
-    let (auth, vm_tokens) = match &config.vm_token_key {
-        Some(path) => {
-            let key = Arc::new(controller::ca::VmTokenKey::load_or_create(path).context("--vm-token-key")?);
-            let clock = controller::ca::vm_token::system_clock();
-            let auth: Arc<dyn Authenticator> = Arc::new(controller::ca::VmTokenAuth {
-                key: key.clone(),
-                trust_domain: config.trust_domain.clone(),
-                clock: clock.clone(),
-                metrics: controller::ca::VmTokenMetrics::register(&mut registry),
-                inner: auth,
-            });
-            let issuer = controller::ca::VmTokenIssuer {
-                key,
-                ttl: config.vm_token_ttl,
-                clock,
-            };
-            (auth, Some(issuer))
-        }
-        None => (auth, None),
-    };
-
-    let mut ca_options = CaOptions::new(&config.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
-    ca_options.max_ttl = Duration::from_secs(config.max_cert_ttl_seconds);
-    ca_options.default_ttl = ca_options.default_ttl.min(ca_options.max_ttl);
-    let ca = CaServer::new(
-        root.clone(),
-        auth.clone(),
-        core.pods.clone(),
-        ca_options,
-        ca_metrics.clone(),
-    );
-    // Also without a plug-in CA: its files appearing switch the CA to it (no restart).
-    tokio::spawn(controller::ca::plugin::watch(
-        config.cacerts_dir.clone(),
-        plugin,
-        config.trust_domain.clone(),
-        Duration::from_secs(1),
-        ca_metrics,
-        rotate(
-            ca.clone(),
-            config.ca_dir.clone(),
-            Serving {
-                identity: identity.clone(),
-                names,
-                tls: tls.clone(),
-            },
-            bundle_tx,
-        ),
-    ));
+    let (auth, vm_tokens) = with_vm_tokens(&config, auth, &mut registry)?;
+    let ca = start_ca(&config, ids, auth.clone(), core.pods.clone(), ca_metrics)?;
     let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
 
     let admin = Arc::new(admin::Admin {
