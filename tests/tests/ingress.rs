@@ -871,13 +871,24 @@ spec:
     port: 80
     protocol: HTTP
     allowedRoutes: {{namespaces: {{from: All}}}}
+  - name: tcp
+    port: 9000
+    protocol: TCP
+    allowedRoutes: {{namespaces: {{from: All}}}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: reviews-ingress, namespace: shop}}
 spec:
-  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system}}]
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: http}}]
   hostnames: [reviews.example.com]
+  rules: [{{backendRefs: [{{name: reviews, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: reviews-tcp, namespace: shop}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: tcp}}]
   rules: [{{backendRefs: [{{name: reviews, port: 80}}]}}]
 ---
 # The pods admit only the waypoint: reaching them past it is refused at their ztunnel.
@@ -951,6 +962,30 @@ async fn ingress_use_waypoint_goes_through_the_waypoint() {
             && l.contains("response_code=\"200\"")),
         "the waypoint counts the gateway's identity:\n{metrics}"
     );
+    // A TCP listener's route to the same service goes through the waypoint too: its HTTP
+    // route sends x-canary to v2, and the pods admit only the waypoint.
+    let request =
+        b"GET / HTTP/1.1\r\nHost: reviews.shop.svc.cluster.local\r\nx-canary: true\r\nConnection: close\r\n\r\n";
+    let deadline = Instant::now() + WAIT;
+    let answer = loop {
+        let got = tcp_exchange(&client, SocketAddr::new(gateway.pod.ip, 9000), request).await;
+        match got {
+            Ok(a) if a.starts_with("HTTP/1.1 200") => break a,
+            other if Instant::now() > deadline => panic!("{other:?}\n{}\n{}", gateway.logs(), waypoint.logs()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert!(answer.contains("reviews-v2"), "{answer}");
+}
+
+/// Sends `request` on a TCP connection from `from` to `to` and reads until it closes.
+async fn tcp_exchange(from: &Pod, to: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = from.ns.connect(to).await?;
+    s.write_all(request).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 const PASSTHROUGH_ID: u8 = 77;

@@ -338,15 +338,7 @@ impl Backend {
         let via_waypoint = wp
             .ingress
             .as_ref()
-            .filter(|i| service.waypoint.is_some() && i.uses_waypoint(&backend.service))
-            .and_then(|_| {
-                service
-                    .vips
-                    .iter()
-                    .find(|(n, _)| *n == wp.network)
-                    .or(service.vips.first())
-            })
-            .map(|(_, ip)| std::net::SocketAddr::new(*ip, port));
+            .and_then(|i| i.waypoint_vip(&backend.service, &service, &wp.network, port));
         Ok(Backend {
             service,
             port,

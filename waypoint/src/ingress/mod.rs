@@ -237,6 +237,27 @@ impl Ingress {
         self.current.load().waypoint_services.contains(key)
     }
 
+    /// For a service (`key`) reached through its waypoint: its `vip:port` on `network` (else
+    /// its first VIP), which the connector tunnels to the waypoint with that authority.
+    /// `None` for a service reached at its pods.
+    pub fn waypoint_vip(
+        &self,
+        key: &str,
+        service: &mesh_core::state::Service,
+        network: &str,
+        port: u16,
+    ) -> Option<std::net::SocketAddr> {
+        if service.waypoint.is_none() || !self.uses_waypoint(key) {
+            return None;
+        }
+        let (_, ip) = service
+            .vips
+            .iter()
+            .find(|(n, _)| n == network)
+            .or(service.vips.first())?;
+        Some(std::net::SocketAddr::new(*ip, port))
+    }
+
     /// Withdraws everything (the gateway's resource was removed).
     pub fn clear(&self) {
         self.apply(wp::IngressGateway::default());

@@ -130,5 +130,9 @@ fn decide(
     let endpoints = crate::upstream::candidates(&state, &service, None);
     let workload = cluster.pick(&endpoints).ok_or(Refused::NoBackend)?;
     let ep = crate::upstream::target(&workload, &service, to_port, peer.ip()).ok_or(Refused::NoBackend)?;
-    Ok((cluster, workload, ep.target))
+    // `istio.io/ingress-use-waypoint`: through the service's waypoint, as HTTP routes go.
+    let target = ingress
+        .waypoint_vip(&backend.service, &service, &wp.network, to_port)
+        .unwrap_or(ep.target);
+    Ok((cluster, workload, target))
 }
