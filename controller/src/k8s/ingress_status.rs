@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ::kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use ::kube::api::{DynamicObject, ListParams};
 use ::kube::{Api, Client};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
@@ -132,27 +132,10 @@ pub async fn report_route(
     key: &ObjectKey,
     statuses: &[RouteParentStatus],
 ) -> Result<(), KubeError> {
-    let api = Api::<DynamicObject>::namespaced_with(client.clone(), &key.namespace, &api_resource(kind));
-    let Some(object) = api.get_opt(&key.name).await? else {
-        return Ok(());
-    };
-    let generation = object.metadata.generation;
-    let version = object.metadata.resource_version.clone();
-    let route = serde_json::to_value(&object)?;
-    let parents = route_parents(&route, statuses, generation, Timestamp::now());
-    if route.pointer("/status/parents").unwrap_or(&json!([])) == &parents {
-        return Ok(());
-    }
-    api.patch_status(
-        &key.name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({
-            "metadata": {"resourceVersion": version},
-            "status": {"parents": parents},
-        })),
-    )
-    .await?;
-    Ok(())
+    super::route_status::patch_parents(client, kind, key, |route, generation, now| {
+        route_parents(route, statuses, generation, now)
+    })
+    .await
 }
 
 /// Route statuses grouped by route.

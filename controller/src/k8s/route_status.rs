@@ -100,14 +100,28 @@ pub fn route_parents(route: &Value, refused: &[RefusedRef], generation: Option<i
     Value::Array(parents)
 }
 
-/// Writes [`route_parents`] on route `kind`/`key` when it changed. The patch carries the
-/// resourceVersion read, so a concurrent write by another controller fails (409) and is
-/// retried on fresh data instead of being overwritten.
+/// Writes [`route_parents`] on route `kind`/`key` when it changed.
 pub async fn report_refused(
     client: &Client,
     kind: Kind,
     key: &ObjectKey,
     refused: &[RefusedRef],
+) -> Result<(), KubeError> {
+    patch_parents(client, kind, key, |route, generation, now| {
+        route_parents(route, refused, generation, now)
+    })
+    .await
+}
+
+/// Writes the `status.parents` that `build` makes from route `kind`/`key` as read (with its
+/// generation and the time), when they differ from what it holds. The patch carries the
+/// resourceVersion read, so a concurrent write by another controller fails (409) and is
+/// retried on fresh data instead of being overwritten. A route that is gone is left alone.
+pub(crate) async fn patch_parents(
+    client: &Client,
+    kind: Kind,
+    key: &ObjectKey,
+    build: impl FnOnce(&Value, Option<i64>, Timestamp) -> Value,
 ) -> Result<(), KubeError> {
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), &key.namespace, &api_resource(kind));
     let Some(object) = api.get_opt(&key.name).await? else {
@@ -116,8 +130,8 @@ pub async fn report_refused(
     let generation = object.metadata.generation;
     let version = object.metadata.resource_version.clone();
     let route = serde_json::to_value(&object)?;
-    let parents = route_parents(&route, refused, generation, Timestamp::now());
-    if route.pointer("/status/parents") == Some(&parents) {
+    let parents = build(&route, generation, Timestamp::now());
+    if route.pointer("/status/parents").unwrap_or(&json!([])) == &parents {
         return Ok(());
     }
     api.patch_status(
