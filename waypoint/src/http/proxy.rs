@@ -589,10 +589,17 @@ impl Exchange<'_> {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        *req.uri_mut() = format!("http://{}{pq}", ep.target)
-            .parse()
-            .map_err(|_| LocalReply::BadRequest(BadRequest::UpstreamPath))?;
+        // From parts: the client's path and query were parsed once already.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = http::uri::Authority::try_from(ep.target.to_string()).ok();
+        uri.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = http::Uri::from_parts(uri).map_err(|_| LocalReply::BadRequest(BadRequest::UpstreamPath))?;
         Ok(req)
     }
 }

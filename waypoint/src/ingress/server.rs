@@ -262,6 +262,13 @@ async fn handle(
 
 /// Adds the peer to X-Forwarded-For, as a proxy does for the next hop.
 fn append_forwarded_for(headers: &mut http::HeaderMap, peer: std::net::IpAddr) {
+    // The common case: the client sent none.
+    if !headers.contains_key("x-forwarded-for") {
+        if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+            headers.insert("x-forwarded-for", v);
+        }
+        return;
+    }
     let mut entries: Vec<String> = headers
         .get_all("x-forwarded-for")
         .iter()
