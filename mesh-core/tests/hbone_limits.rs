@@ -446,3 +446,40 @@ async fn a_peer_stalling_after_tls_holds_its_own_allowance_not_its_source_addres
     .await;
     assert!(!srv.hits.lock().unwrap().contains(&Limit::PendingPerSource));
 }
+
+/// A peer that sends the HTTP/2 preface and then never answers the GOAWAY's PING (nor reads
+/// at all) cannot keep an idle connection: h2 alone waits for that PING's answer forever
+/// before it closes, so the server drops the connection one grace period (the handshake
+/// timeout) after its idle GOAWAY.
+#[tokio::test]
+async fn a_peer_ignoring_the_idle_goaway_is_dropped_after_a_grace_period() {
+    use tokio::io::AsyncWriteExt;
+    let settings = Settings {
+        server_idle_timeout: Duration::from_millis(300),
+        handshake_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let srv = server_with(LimitConfig::default(), settings).await;
+    let config = tls::client_config(&cert(&srv.ca, &id("mute")), vec![id("server")]).unwrap();
+    let tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(tls::placeholder_server_name(), tcp)
+        .await
+        .unwrap();
+    // The client preface and an empty SETTINGS frame; then nothing is read or answered.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    until("the connection to be counted", || {
+        srv.limits.held(&id("mute")).connections == 1
+    })
+    .await;
+    until("the mute connection to be dropped", || {
+        srv.finished.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(srv.hits.lock().unwrap().contains(&Limit::IdleConnection));
+    assert_eq!(srv.limits.held(&id("mute")).connections, 0, "its slot is released");
+    drop(tls);
+}

@@ -91,9 +91,11 @@ impl StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        if self.conn.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
-        }
+        // The time first, then the count: the idle check that sees no stream open also sees
+        // this end (not a stale start of an earlier idle period, which would close a
+        // connection whose last stream just ended).
+        *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.conn.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -286,6 +288,7 @@ where
         peer: &peer,
         shared: &shared,
         idle_timeout: settings.server_idle_timeout,
+        goaway_grace: settings.handshake_timeout,
     };
     Box::pin(streams.serve(conn, drain, handler)).await
 }
@@ -345,11 +348,16 @@ struct Streams<'a> {
     peer: &'a Peer,
     shared: &'a Arc<ConnShared>,
     idle_timeout: std::time::Duration,
+    /// How long a peer sent GOAWAY for idleness has to close before it is dropped.
+    goaway_grace: std::time::Duration,
 }
 
 impl Streams<'_> {
     /// Accepts the streams of an authenticated connection until it closes. A connection
-    /// without a stream for the idle timeout is sent GOAWAY (counted as a bound that bit).
+    /// without a stream for the idle timeout is sent GOAWAY (counted as a bound that bit);
+    /// still without one a grace period later, it is dropped: h2 closes a gracefully shut
+    /// connection only once the peer answered its PING, which a hostile peer never does (nor
+    /// need it read at all).
     async fn serve<F, Fut>(self, mut conn: ServerConn, drain: CancellationToken, handler: F) -> Result<(), HboneError>
     where
         F: Fn(InboundConnect) -> Fut,
@@ -358,6 +366,7 @@ impl Streams<'_> {
         let Streams { peer, shared, .. } = self;
         let mut closing = false;
         let mut flooded = false;
+        let mut idle_goaway = false;
         let idle = tokio::time::sleep(self.idle_timeout);
         tokio::pin!(idle);
         loop {
@@ -374,16 +383,25 @@ impl Streams<'_> {
                     conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                     continue;
                 }
-                _ = &mut idle, if !closing => {
+                _ = &mut idle => {
+                    let now = tokio::time::Instant::now();
                     match shared.idle_deadline(self.idle_timeout) {
-                        Some(at) if at <= tokio::time::Instant::now() => {
-                            closing = true;
+                        Some(at) if at <= now && idle_goaway => {
+                            debug!(peer = %peer.addr, "still open without a stream after GOAWAY; dropping the connection");
+                            return Ok(());
+                        }
+                        Some(at) if at <= now => {
+                            idle_goaway = true;
                             shared.limits.hit(Limit::IdleConnection);
                             debug!(peer = %peer.addr, "no stream for the idle timeout; closing the connection");
-                            conn.graceful_shutdown();
+                            if !closing {
+                                closing = true;
+                                conn.graceful_shutdown();
+                            }
+                            idle.as_mut().reset(now + self.goaway_grace);
                         }
                         Some(at) => idle.as_mut().reset(at),
-                        None => idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout),
+                        None => idle.as_mut().reset(now + self.idle_timeout),
                     }
                     continue;
                 }
