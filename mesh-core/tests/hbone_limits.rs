@@ -426,7 +426,7 @@ async fn a_peer_stalling_after_tls_holds_its_own_allowance_not_its_source_addres
     };
     let _stalled = [tls_only().await, tls_only().await];
     until("both stalled connections past TLS", || {
-        srv.limits.held(&id("staller")).preface == 2 && srv.limits.usage(&id("staller")).0 == 0
+        srv.limits.held(&id("staller")).preface == 2 && srv.limits.pending_from(srv.addr.ip()) == 0
     })
     .await;
     // A third from the same identity is closed once TLS proved who it is, and counted.
@@ -482,4 +482,50 @@ async fn a_peer_ignoring_the_idle_goaway_is_dropped_after_a_grace_period() {
     assert!(srv.hits.lock().unwrap().contains(&Limit::IdleConnection));
     assert_eq!(srv.limits.held(&id("mute")).connections, 0, "its slot is released");
     drop(tls);
+}
+
+/// Connections past TLS but not yet past the HTTP/2 preface (each holding its read buffer)
+/// stay in the server's total of pending connections, whatever identities they prove: the
+/// per-identity allowance alone would let many identities hold them without bound (they left
+/// the total as well as their source address's count).
+#[tokio::test]
+async fn connections_stalling_before_the_preface_stay_in_the_total() {
+    let srv = server(
+        LimitConfig {
+            max_pending: 2,
+            ..Default::default()
+        },
+        Duration::from_secs(30),
+    )
+    .await;
+    let tls_only = |who: &'static str| {
+        let config = tls::client_config(&cert(&srv.ca, &id(who)), vec![id("server")]).unwrap();
+        async move {
+            let tcp = TcpStream::connect(srv.addr).await?;
+            tokio_rustls::TlsConnector::from(config)
+                .connect(tls::placeholder_server_name(), tcp)
+                .await
+        }
+    };
+    let _stalled = [tls_only("a").await.unwrap(), tls_only("b").await.unwrap()];
+    until("both stalled connections past TLS", || {
+        srv.limits.held(&id("a")).preface == 1 && srv.limits.held(&id("b")).preface == 1
+    })
+    .await;
+    assert_eq!(
+        srv.limits.pending_from(srv.addr.ip()),
+        0,
+        "the source's share is given back"
+    );
+    assert_eq!(srv.limits.usage(&id("a")).0, 2, "both still in the total");
+    // A third identity finds the total used up: refused before TLS, and counted.
+    let third = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut tls = tls_only("c").await?;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await.map(|_| ())
+    })
+    .await
+    .expect("the third connection ends promptly");
+    assert!(third.is_err(), "the third connection is refused");
+    assert!(srv.hits.lock().unwrap().contains(&Limit::PendingConnections));
 }

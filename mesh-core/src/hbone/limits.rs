@@ -3,7 +3,8 @@
 //!
 //! - connections that have not finished TLS, in total and per source address, so a flood of
 //!   idle or slow sockets cannot exhaust memory or starve real clients; then, until the HTTP/2
-//!   preface, per peer identity (an east-west gateway is one source address for many clients);
+//!   preface, in total and per peer identity (an east-west gateway is one source address for
+//!   many clients);
 //! - authenticated connections per peer identity (each holds TLS and HTTP/2 state even with
 //!   no stream; the server also closes one left without streams, see `Settings`);
 //! - concurrent CONNECT streams per peer identity, across all its connections, since each
@@ -166,7 +167,7 @@ impl ServerLimits {
         *c.pending.entry(source).or_insert(0) += 1;
         Ok(PendingGuard {
             limits: self.clone(),
-            source,
+            source: Some(source),
         })
     }
 
@@ -214,6 +215,11 @@ impl ServerLimits {
         (c.pending_total, c.streams.get(peer).copied().unwrap_or(0))
     }
 
+    /// Connections from `source` still in TLS (for tests and debugging).
+    pub fn pending_from(&self, source: IpAddr) -> u32 {
+        self.counts().pending.get(&source).copied().unwrap_or(0)
+    }
+
     /// What `peer` holds (for tests and debugging).
     pub fn held(&self, peer: &Identity) -> PeerUsage {
         let c = self.counts();
@@ -226,21 +232,29 @@ impl ServerLimits {
     }
 }
 
-/// A pending connection's slot.
+/// A pending connection's slot: in the total until dropped, and in its source address's
+/// count until TLS proved the peer ([`PendingGuard::release_source`]).
 pub struct PendingGuard {
     limits: Arc<ServerLimits>,
-    source: IpAddr,
+    source: Option<IpAddr>,
+}
+
+impl PendingGuard {
+    /// Gives back the source address's share (the peer is now counted under its identity);
+    /// the place in the total is kept until the guard drops.
+    pub fn release_source(&mut self) {
+        if let Some(source) = self.source.take() {
+            self.limits.counts().release_source(source);
+        }
+    }
 }
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
         let mut c = self.limits.counts();
         c.pending_total = c.pending_total.saturating_sub(1);
-        if let Some(n) = c.pending.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                c.pending.remove(&self.source);
-            }
+        if let Some(source) = self.source.take() {
+            c.release_source(source);
         }
     }
 }
@@ -265,6 +279,15 @@ enum Held {
 }
 
 impl Counts {
+    fn release_source(&mut self, source: IpAddr) {
+        if let Some(n) = self.pending.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(&source);
+            }
+        }
+    }
+
     fn held(&mut self, what: Held) -> &mut HashMap<Identity, u32> {
         match what {
             Held::Preface => &mut self.preface,

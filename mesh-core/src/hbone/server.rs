@@ -298,15 +298,17 @@ type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<LazyBuf
 /// TLS with a SPIFFE identity, then the HTTP/2 preface: everything a peer must do before it
 /// holds more than a socket. The read buffer appears only once TLS proved who the peer is.
 ///
-/// The source address's pending slot is given back once TLS proved the peer: the HTTP/2
-/// preface is then awaited on the identity's own (smaller) allowance, so that connections
-/// relayed by an east-west gateway (one source address for many clients) that finish TLS and
-/// stall cannot use up the gateway's allowance for everyone.
+/// The source address's share of the pending slot is given back once TLS proved the peer:
+/// the HTTP/2 preface is then awaited on the identity's own (smaller) allowance, so that
+/// connections relayed by an east-west gateway (one source address for many clients) that
+/// finish TLS and stall cannot use up the gateway's allowance for everyone. The slot stays in
+/// the total until the preface: each such connection already holds its read buffer, and
+/// identities are many.
 async fn authenticate(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     settings: &Settings,
-    pending: PendingGuard,
+    mut pending: PendingGuard,
 ) -> Result<(ServerConn, Identity), HboneError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut tls = acceptor.accept(LazyBuffered::new(tcp)).await.map_err(HboneError::Tls)?;
@@ -318,7 +320,7 @@ async fn authenticate(
             .ok_or(HboneError::NoPeerIdentity)?;
         identity_of(leaf).map_err(|_| HboneError::NoPeerIdentity)?
     };
-    drop(pending);
+    pending.release_source();
     let _preface = settings
         .limits
         .preface(&peer_identity)
@@ -333,6 +335,7 @@ async fn authenticate(
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .handshake(tls)
         .await?;
+    drop(pending);
     Ok((conn, peer_identity))
 }
 
