@@ -11,6 +11,15 @@
 //! HTTP/2 SETTINGS; from then on the destination counts the client under its own identity)
 //! or failed (an alert, and the destination closes). Records the destination skips (rejected
 //! early data) or partial records make it send nothing, so a stalling client stays counted.
+//!
+//! The order seen is the order the splice hands bytes on, which the client steers: the
+//! destination's bytes reach the observer only as the client's HTTP/2 window admits them. So
+//! the rule holds only while the destination's encrypted output before the client's flight is
+//! a single record: were it several (TLS stacks writing one record per handshake message), a
+//! client could take the first, send any encrypted record the destination keeps waiting on (a
+//! fragment of its Certificate, under keys it derives from the ServerHello alone), then open
+//! its window for the rest and reach [`Stage::Done`] mid-handshake. rustls (our destinations,
+//! and Istio's ztunnel) sends the whole flight as one record; a test pins that.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -275,6 +284,42 @@ mod tests {
         ]);
         // Nothing at all.
         run(&[(true, Vec::new(), Stage::Hello)]);
+    }
+
+    /// Content types of the complete records in `bytes`.
+    fn types(bytes: &[u8]) -> Vec<u8> {
+        let mut seen = Vec::new();
+        Records::default().feed(bytes, |t| seen.push(t));
+        seen
+    }
+
+    /// The record rule is sound only while the destination sends its encrypted flight as one
+    /// record (see the module comment): true of rustls, which coalesces it. If an upgrade
+    /// splits it, this fails, and the rule must be revisited before relying on it.
+    #[tokio::test]
+    async fn the_mesh_tls_server_sends_its_encrypted_flight_as_one_record() {
+        use mesh_core::identity::{CertManager, CertManagerConfig, DevCa};
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+        let server_id = Identity::new("cluster.local", "default", "server").unwrap();
+        let client_id = Identity::new("cluster.local", "default", "client").unwrap();
+        let server_cfg = mesh_core::tls::server_config(&certs.fetch(&server_id).await.unwrap()).unwrap();
+        let client_cfg =
+            mesh_core::tls::client_config(&certs.fetch(&client_id).await.unwrap(), vec![server_id]).unwrap();
+        let mut server = rustls::ServerConnection::new(server_cfg).unwrap();
+        let mut client = rustls::ClientConnection::new(client_cfg, mesh_core::tls::placeholder_server_name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        server.read_tls(&mut &hello[..]).unwrap();
+        server.process_new_packets().unwrap();
+        let mut flight = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut flight).unwrap();
+        }
+        let encrypted = types(&flight).into_iter().filter(|t| *t == ENCRYPTED).count();
+        assert_eq!(encrypted, 1, "the server's first flight: {:?}", types(&flight));
     }
 
     #[test]
