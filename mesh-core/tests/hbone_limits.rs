@@ -529,3 +529,40 @@ async fn connections_stalling_before_the_preface_stay_in_the_total() {
     assert!(third.is_err(), "the third connection is refused");
     assert!(srv.hits.lock().unwrap().contains(&Limit::PendingConnections));
 }
+
+/// Streams the server answers before any handler sees them (not CONNECT, a bad authority)
+/// are no activity: a peer sending them without pause still gets its idle GOAWAY.
+#[tokio::test]
+async fn malformed_streams_do_not_keep_a_connection_from_its_idle_goaway() {
+    let idle = Duration::from_millis(300);
+    let settings = Settings {
+        server_idle_timeout: idle,
+        ..Default::default()
+    };
+    let srv = server_with(LimitConfig::default(), settings).await;
+    let (sender, conn) = h2_client(&srv, "chatty").await;
+    let started = std::time::Instant::now();
+    let chatter = tokio::spawn(async move {
+        for (i, uri) in ["127.0.0.1:9", "not-an-authority"].iter().cycle().enumerate() {
+            let method = if i % 2 == 0 { Method::GET } else { Method::CONNECT };
+            let req = Request::builder().method(method).uri(*uri).body(()).unwrap();
+            let Ok(mut s) = sender.clone().ready().await else {
+                return;
+            };
+            let Ok((answer, _)) = s.send_request(req, true) else {
+                return;
+            };
+            if let Ok(resp) = answer.await {
+                assert!(resp.status().is_client_error(), "{}", resp.status());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection is closed although the peer kept sending requests");
+    assert!(closed.unwrap().is_ok(), "closed gracefully (GOAWAY NO_ERROR)");
+    assert!(started.elapsed() >= idle);
+    assert!(srv.hits.lock().unwrap().contains(&Limit::IdleConnection));
+    chatter.abort();
+}
