@@ -676,6 +676,10 @@ async fn stalled_readers_hold_a_bounded_amount() {
         per_stream <= 400.0,
         "ztunnel holds {per_stream:.0} KiB per stalled stream"
     );
-    assert!(quantile(&times, 0.99) < 50.0, "p99 {:.1} ms", quantile(&times, 0.99));
+    // Other clients are still served promptly: a ztunnel blocked behind the stalled streams
+    // would take seconds (or time out). The p99 bound leaves room for a loaded 2-core machine
+    // (55 ms seen once in CI beside other builds); the median shows the normal case.
+    assert!(quantile(&times, 0.5) < 10.0, "p50 {:.1} ms", quantile(&times, 0.5));
+    assert!(quantile(&times, 0.99) < 250.0, "p99 {:.1} ms", quantile(&times, 0.99));
     drop(held);
 }
