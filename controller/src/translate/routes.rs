@@ -454,51 +454,62 @@ pub(super) fn compile_http_route(
             ..Default::default()
         };
         for f in &rule.filters {
-            match f.kind.as_str() {
-                "RequestHeaderModifier" => r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite),
-                "ResponseHeaderModifier" => {
-                    r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite)
-                }
-                "RequestRedirect" => {
-                    r.redirect = f.request_redirect.as_ref().map(|x| {
-                        let (path, replace_prefix) = path_modifier(x.path.as_ref());
-                        wp::Redirect {
-                            scheme: x.scheme.clone().unwrap_or_default(),
-                            host: x.hostname.clone().unwrap_or_default(),
-                            port: x.port.map(u32::from).unwrap_or(0),
-                            path,
-                            replace_prefix,
-                            status: x.status_code.unwrap_or(302),
-                        }
-                    })
-                }
-                "URLRewrite" => {
-                    r.rewrite = f.url_rewrite.as_ref().map(|x| {
-                        let (path, replace_prefix) = path_modifier(x.path.as_ref());
-                        wp::Rewrite {
-                            host: x.hostname.clone().unwrap_or_default(),
-                            path,
-                            replace_prefix,
-                        }
-                    })
-                }
-                "RequestMirror" => {
-                    if let Some(m) = &f.request_mirror {
-                        let refs = std::slice::from_ref(&m.backend_ref);
-                        r.mirrors
-                            .extend(backends(refs, (inputs, options), (kind, key), NOT_MIRRORED, report).permitted);
-                    }
-                }
-                other => report.add(
-                    kind,
-                    key,
-                    format!("rules[{i}]: filter {other} is not supported; ignored"),
-                ),
-            }
+            apply_filter(&mut r, f, (inputs, options), (key, i), report);
         }
         out.push(r);
     }
     out
+}
+
+/// Applies one HTTPRoute filter of `rules[i]` of route `key` to its compiled route; an
+/// unsupported filter is reported and ignored.
+fn apply_filter(
+    r: &mut wp::Route,
+    f: &gateway::HttpRouteFilter,
+    (inputs, options): (&Inputs, &Options),
+    (key, i): (&ObjectKey, usize),
+    report: &mut Report,
+) {
+    let kind = Kind::HttpRoute;
+    match f.kind.as_str() {
+        "RequestHeaderModifier" => r.request_headers = f.request_header_modifier.as_ref().map(header_rewrite),
+        "ResponseHeaderModifier" => r.response_headers = f.response_header_modifier.as_ref().map(header_rewrite),
+        "RequestRedirect" => {
+            r.redirect = f.request_redirect.as_ref().map(|x| {
+                let (path, replace_prefix) = path_modifier(x.path.as_ref());
+                wp::Redirect {
+                    scheme: x.scheme.clone().unwrap_or_default(),
+                    host: x.hostname.clone().unwrap_or_default(),
+                    port: x.port.map(u32::from).unwrap_or(0),
+                    path,
+                    replace_prefix,
+                    status: x.status_code.unwrap_or(302),
+                }
+            })
+        }
+        "URLRewrite" => {
+            r.rewrite = f.url_rewrite.as_ref().map(|x| {
+                let (path, replace_prefix) = path_modifier(x.path.as_ref());
+                wp::Rewrite {
+                    host: x.hostname.clone().unwrap_or_default(),
+                    path,
+                    replace_prefix,
+                }
+            })
+        }
+        "RequestMirror" => {
+            if let Some(m) = &f.request_mirror {
+                let refs = std::slice::from_ref(&m.backend_ref);
+                r.mirrors
+                    .extend(backends(refs, (inputs, options), (kind, key), NOT_MIRRORED, report).permitted);
+            }
+        }
+        other => report.add(
+            kind,
+            key,
+            format!("rules[{i}]: filter {other} is not supported; ignored"),
+        ),
+    }
 }
 
 fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {

@@ -187,64 +187,7 @@ pub fn resolve(
             if let Some(wp) = svc.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
                 return waypoint_route(state, src, network, wp, dst, Some(svc.clone()));
             }
-            if !svc.ports.iter().any(|p| p.service_port == dst.port()) {
-                return Err(RouteError::NoPort(svc.key(), dst.port()));
-            }
-            if state.passthrough(&svc) {
-                // ServiceEntry `resolution: NONE`: the dialled address is the endpoint.
-                return Ok(Route::Plain {
-                    addr: dst,
-                    workload: None,
-                    service: Some(svc),
-                });
-            }
-            let mut endpoints = state.endpoints(&svc);
-            endpoints.retain(|w| super::double_hbone::reachable(state, &src.network, w));
-            // Locality (`load_balancing`): the closest healthy endpoints, as Istio's ztunnel.
-            let endpoints = state
-                .closest(&svc, src, endpoints)
-                .map_err(|_| RouteError::OutOfLocality(svc.key()))?;
-            let wl = endpoints
-                .choose(&mut rand::thread_rng())
-                .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
-            if super::double_hbone::needs_gateway(state, &src.network, wl) {
-                return super::double_hbone::route(state, wl, &svc, dst);
-            }
-            let target = wl
-                .target_port(&svc, dst.port())
-                .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
-            if let (true, Tunnel::None, Some(host)) =
-                (wl.addresses.is_empty(), wl.tunnel, state.workload_hostname(&wl.uid))
-            {
-                return Ok(Route::Resolve {
-                    host: host.to_owned(),
-                    port: target,
-                    workload: Some(wl.clone()),
-                    service: Some(svc),
-                });
-            }
-            let ip = wl
-                .address_like(dst.ip())
-                .ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
-            let target = SocketAddr::new(ip, target);
-            Ok(match wl.tunnel {
-                Tunnel::Hbone => {
-                    let mut identities = vec![wl.identity.clone()];
-                    identities.extend(svc.subject_alt_names.iter().cloned());
-                    Route::Hbone {
-                        endpoint: SocketAddr::new(ip, hbone_port),
-                        authority: target,
-                        identities,
-                        workload: Some(wl.clone()),
-                        service: Some(svc),
-                    }
-                }
-                Tunnel::None => Route::Plain {
-                    addr: target,
-                    workload: Some(wl.clone()),
-                    service: Some(svc),
-                },
-            })
+            service_route(state, src, hbone_port, svc, dst)
         }
         Some(Destination::Workload(wl)) => {
             if let Some(wp) = wl.waypoint.as_ref().filter(|wp| !is_waypoint_of_self(wp)) {
@@ -266,6 +209,75 @@ pub fn resolve(
             })
         }
     }
+}
+
+/// The route to a service without a waypoint (or whose waypoint is the client itself): the
+/// dialled address for a passthrough ServiceEntry, else one of its closest healthy reachable
+/// endpoints, over HBONE when that endpoint speaks it (through its network's gateway when on
+/// another network).
+fn service_route(
+    state: &State,
+    src: &Workload,
+    hbone_port: u16,
+    svc: Arc<Service>,
+    dst: SocketAddr,
+) -> Result<Route, RouteError> {
+    if !svc.ports.iter().any(|p| p.service_port == dst.port()) {
+        return Err(RouteError::NoPort(svc.key(), dst.port()));
+    }
+    if state.passthrough(&svc) {
+        // ServiceEntry `resolution: NONE`: the dialled address is the endpoint.
+        return Ok(Route::Plain {
+            addr: dst,
+            workload: None,
+            service: Some(svc),
+        });
+    }
+    let mut endpoints = state.endpoints(&svc);
+    endpoints.retain(|w| super::double_hbone::reachable(state, &src.network, w));
+    // Locality (`load_balancing`): the closest healthy endpoints, as Istio's ztunnel.
+    let endpoints = state
+        .closest(&svc, src, endpoints)
+        .map_err(|_| RouteError::OutOfLocality(svc.key()))?;
+    let wl = endpoints
+        .choose(&mut rand::thread_rng())
+        .ok_or_else(|| RouteError::NoEndpoint(svc.key()))?;
+    if super::double_hbone::needs_gateway(state, &src.network, wl) {
+        return super::double_hbone::route(state, wl, &svc, dst);
+    }
+    let target = wl
+        .target_port(&svc, dst.port())
+        .ok_or_else(|| RouteError::NoPort(svc.key(), dst.port()))?;
+    if let (true, Tunnel::None, Some(host)) = (wl.addresses.is_empty(), wl.tunnel, state.workload_hostname(&wl.uid)) {
+        return Ok(Route::Resolve {
+            host: host.to_owned(),
+            port: target,
+            workload: Some(wl.clone()),
+            service: Some(svc),
+        });
+    }
+    let ip = wl
+        .address_like(dst.ip())
+        .ok_or_else(|| RouteError::NoAddress(wl.uid.clone()))?;
+    let target = SocketAddr::new(ip, target);
+    Ok(match wl.tunnel {
+        Tunnel::Hbone => {
+            let mut identities = vec![wl.identity.clone()];
+            identities.extend(svc.subject_alt_names.iter().cloned());
+            Route::Hbone {
+                endpoint: SocketAddr::new(ip, hbone_port),
+                authority: target,
+                identities,
+                workload: Some(wl.clone()),
+                service: Some(svc),
+            }
+        }
+        Tunnel::None => Route::Plain {
+            addr: target,
+            workload: Some(wl.clone()),
+            service: Some(svc),
+        },
+    })
 }
 
 /// Accepts captured connections until drained.
