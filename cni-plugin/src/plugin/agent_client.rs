@@ -206,38 +206,11 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, AgentEr
         let head = std::str::from_utf8(&rest[..head_len])
             .map_err(|_| AgentError::Protocol("response headers are not UTF-8".to_string()))?;
         let body = &rest[head_len + 4..];
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or("");
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or("");
-        if !version.starts_with("HTTP/1.") {
-            return Err(AgentError::Protocol(format!(
-                "not an HTTP/1.x status line: {status_line:?}"
-            )));
-        }
-        let status: u16 = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .filter(|s| (100..1000).contains(s))
-            .ok_or_else(|| AgentError::Protocol(format!("bad status line: {status_line:?}")))?;
-
-        let mut content_length: Option<usize> = None;
-        let mut chunked = false;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                return Err(AgentError::Protocol(format!("bad header line: {line:?}")));
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                content_length = Some(
-                    value
-                        .parse()
-                        .map_err(|_| AgentError::Protocol(format!("bad Content-Length: {value:?}")))?,
-                );
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.to_ascii_lowercase().split(',').any(|t| t.trim() == "chunked");
-            }
-        }
+        let Head {
+            status,
+            content_length,
+            chunked,
+        } = parse_head(head)?;
 
         // Interim responses (100 Continue, ...) carry no body: skip them.
         if (100..200).contains(&status) {
@@ -281,6 +254,53 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, AgentEr
             body: body.to_vec(),
         }));
     }
+}
+
+/// What a response head says: its status and how its body is framed.
+struct Head {
+    status: u16,
+    content_length: Option<usize>,
+    chunked: bool,
+}
+
+/// The status line and the framing headers of a response head (without its blank line).
+fn parse_head(head: &str) -> Result<Head, AgentError> {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(AgentError::Protocol(format!(
+            "not an HTTP/1.x status line: {status_line:?}"
+        )));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..1000).contains(s))
+        .ok_or_else(|| AgentError::Protocol(format!("bad status line: {status_line:?}")))?;
+    let mut content_length: Option<usize> = None;
+    let mut chunked = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(AgentError::Protocol(format!("bad header line: {line:?}")));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                value
+                    .parse()
+                    .map_err(|_| AgentError::Protocol(format!("bad Content-Length: {value:?}")))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().split(',').any(|t| t.trim() == "chunked");
+        }
+    }
+    Ok(Head {
+        status,
+        content_length,
+        chunked,
+    })
 }
 
 /// Decode a chunked body: `Ok(None)` while incomplete.
