@@ -6,10 +6,11 @@
 //!
 //! What an unauthenticated or hostile peer can hold is bounded ([`super::limits`]): connections
 //! still in TLS (count per source and in total, no read buffer until authenticated), then
-//! awaiting the HTTP/2 preface (count per peer identity; one deadline for both phases), authenticated connections per peer identity and how long
-//! one may stay without a stream ([`Settings::server_idle_timeout`], then GOAWAY), header
-//! block size, per-stream send buffers, streams per peer identity, and streams reset before
-//! their answer (the connection gets GOAWAY).
+//! awaiting the HTTP/2 preface (count per peer identity; one deadline for both phases),
+//! authenticated connections per peer identity and how long one may stay without a stream
+//! ([`Settings::server_idle_timeout`], then GOAWAY), header block size, per-stream send
+//! buffers, streams per peer identity, and streams reset before their answer (the connection
+//! gets GOAWAY).
 
 use std::future::Future;
 use std::net::SocketAddr;
