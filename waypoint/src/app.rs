@@ -166,7 +166,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
 
 /// TLS to the control plane at `addr` when it uses TLS; re-read when the bundle changes, since
 /// after a root rotation the controller's certificate chains to the new root.
-fn control_plane_tls(cfg: &Config, addr: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+pub(crate) fn control_plane_tls(cfg: &Config, addr: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
     if !mesh_core::control_plane_args::uses_tls(addr) {
         return Ok(None);
     }

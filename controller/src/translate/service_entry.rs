@@ -31,8 +31,6 @@ use crate::model::{Inputs, Kind, ObjectKey};
 
 /// Annotation opting an entry out of auto-allocation (Istio's name).
 const AUTO_ALLOCATE_ANNOTATION: &str = "networking.istio.io/enable-autoallocate-ip";
-/// Annotation marking an entry's endpoints as speaking HBONE (Istio's ambient redirection).
-const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 
 /// How the entry's endpoints are found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -458,22 +456,8 @@ fn workload(
     services: BTreeMap<String, pb::PortList>,
     options: &Options,
 ) -> pb::Workload {
-    let labels = se.metadata.labels.as_ref();
-    let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
-    let canonical_name = label("service.istio.io/canonical-name")
-        .or_else(|| label("app.kubernetes.io/name"))
-        .or_else(|| label("app"))
-        .unwrap_or_else(|| key.name.clone());
-    let canonical_revision = label("service.istio.io/canonical-revision")
-        .or_else(|| label("app.kubernetes.io/version"))
-        .or_else(|| label("version"))
-        .unwrap_or_else(|| "latest".to_owned());
-    let hbone = se
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-        .is_some_and(|v| v == "enabled");
+    let (canonical_name, canonical_revision) = super::workload::canonical(se.metadata.labels.as_ref(), &key.name);
+    let hbone = super::workload::redirection_enabled(se.metadata.annotations.as_ref());
     let locality = ep.locality.as_deref().map(|l| {
         let mut parts = l.splitn(3, '/').map(str::to_owned);
         pb::Locality {

@@ -238,13 +238,7 @@ impl<'a> PodContext<'a> {
             return None; // Not started yet: nothing to route to.
         }
         let labels = pod.metadata.labels.as_ref();
-        let enrolled = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ENROLLED_ANNOTATION))
-            .is_some_and(|v| v == ENROLLED_VALUE)
-            || inputs.enrolled.contains(key);
+        let enrolled = redirection_enabled(pod.metadata.annotations.as_ref()) || inputs.enrolled.contains(key);
         let (workload_name, workload_type) = workload_name(pod, key);
         let (canonical_name, canonical_revision) = canonical(labels, &workload_name);
         let mut services = selected_services(&self.index, key, pod, options);
@@ -341,8 +335,16 @@ pub(crate) fn duplicate_ip(key: &ObjectKey, ip: std::net::IpAddr, first: &Object
     );
 }
 
-/// Istio's canonical service name and revision from the pod's labels, in Istio's order.
-fn canonical(labels: Option<&BTreeMap<String, String>>, workload_name: &str) -> (String, String) {
+/// Whether an object's annotations say the node agent redirected it into the mesh
+/// (`ambient.istio.io/redirection: enabled`): its workload is reached over HBONE.
+pub(super) fn redirection_enabled(annotations: Option<&BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(ENROLLED_ANNOTATION))
+        .is_some_and(|v| v == ENROLLED_VALUE)
+}
+
+/// Istio's canonical service name and revision from an object's labels, in Istio's order.
+pub(super) fn canonical(labels: Option<&BTreeMap<String, String>>, workload_name: &str) -> (String, String) {
     let name = label(
         labels,
         &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],

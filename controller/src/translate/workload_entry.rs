@@ -25,7 +25,6 @@ use super::{Options, Report, Selected};
 use crate::model::service_entry::{WorkloadEntry, WorkloadGroup};
 use crate::model::{selects, Inputs, Kind, ObjectKey};
 
-const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// Names the WorkloadGroup an entry belongs to (Istio's auto-registration annotation).
 pub(crate) const GROUP_KEY: &str = "istio.io/autoRegistrationGroup";
 
@@ -243,13 +242,8 @@ pub(crate) fn translate(
 /// An entry's workload at `ip`, without its services and policies (the caller adds them):
 /// identity, tunnel, canonical name and revision from Istio's labels, locality, weight.
 fn workload(options: &Options, key: &ObjectKey, we: &WorkloadEntry, ip: IpAddr) -> pb::Workload {
-    let label = |k: &str| we.spec.labels.get(k).cloned();
-    let hbone = we
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-        .is_some_and(|v| v == "enabled");
+    let hbone = super::workload::redirection_enabled(we.metadata.annotations.as_ref());
+    let (canonical_name, canonical_revision) = super::workload::canonical(Some(&we.spec.labels), &key.name);
     let uid = format!(
         "{}/networking.istio.io/WorkloadEntry/{}/{}",
         options.cluster_id, key.namespace, key.name
@@ -276,14 +270,8 @@ fn workload(options: &Options, key: &ObjectKey, we: &WorkloadEntry, ip: IpAddr) 
         waypoint: None,
         network_gateway: None,
         node: String::new(),
-        canonical_name: label("service.istio.io/canonical-name")
-            .or_else(|| label("app.kubernetes.io/name"))
-            .or_else(|| label("app"))
-            .unwrap_or_else(|| key.name.clone()),
-        canonical_revision: label("service.istio.io/canonical-revision")
-            .or_else(|| label("app.kubernetes.io/version"))
-            .or_else(|| label("version"))
-            .unwrap_or_else(|| "latest".to_owned()),
+        canonical_name,
+        canonical_revision,
         workload_type: pb::WorkloadType::Pod as i32,
         workload_name: key.name.clone(),
         native_tunnel: false,

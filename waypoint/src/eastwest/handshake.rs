@@ -22,6 +22,7 @@
 //! and Istio's ztunnel) sends the whole flight as one record; a test pins that.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mesh_core::hbone::stream::SpliceObserver;
@@ -171,16 +172,23 @@ impl Drop for Slot {
 /// side of the splice is the destination; the tunnel side is the client.
 pub struct Watch {
     inner: Mutex<(Handshake, Option<Slot>)>,
+    /// Set once the handshake is over: every later chunk of the relay passes with one load,
+    /// no lock.
+    done: AtomicBool,
 }
 
 impl Watch {
     pub fn new(slot: Slot) -> Self {
         Watch {
             inner: Mutex::new((Handshake::default(), Some(slot))),
+            done: AtomicBool::new(false),
         }
     }
 
     fn observe(&self, data: &[u8], from_client: bool) {
+        if self.done.load(Ordering::Acquire) {
+            return;
+        }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (handshake, slot) = &mut *inner;
         if slot.is_none() {
@@ -193,6 +201,7 @@ impl Watch {
         };
         if stage == Stage::Done {
             *slot = None;
+            self.done.store(true, Ordering::Release);
         }
     }
 }

@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::app::control_plane_tls;
 use crate::config::Config;
 use route::{Refused, Scope};
 
@@ -176,16 +177,6 @@ fn token(cfg: &Config) -> TokenSource {
         .token_file
         .clone()
         .map_or(TokenSource::None, TokenSource::File)
-}
-
-fn control_plane_tls(cfg: &Config, addr: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
-    if !mesh_core::control_plane_args::uses_tls(addr) {
-        return Ok(None);
-    }
-    Ok(Some(mesh_core::tls::control_plane_client_config_following(
-        cfg.trust_bundle()?,
-        vec![cfg.control_plane.control_plane_identity.clone()],
-    )?))
 }
 
 /// The workload state (a file, or xDS) and the signal that it is loaded.
