@@ -247,7 +247,7 @@ impl Incremental {
         }
         updates
             .iter()
-            .any(|(name, new)| shape(self.out.addresses.get(name)) != shape(new.as_ref()))
+            .any(|(name, new)| shape(self.out.addresses.get(name).map(|a| &**a)) != shape(new.as_ref()))
     }
 
     /// Cluster status and network gateways, as a full translation ends them (without remote
@@ -289,7 +289,7 @@ impl Incremental {
     ) {
         for (name, a) in updates {
             match a {
-                Some(a) => drop(work.addresses.insert(name, a)),
+                Some(a) => drop(work.addresses.insert(name, Arc::new(a))),
                 None => drop(work.addresses.remove(&name)),
             }
         }

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use mesh_core::state::model::{ip_from_bytes, ip_to_bytes};
 use mesh_proto::workload as pb;
@@ -173,7 +174,7 @@ fn add_remote(
 ) {
     let translated = super::translate(&discovery(&remote.inputs), opts);
     for (name, address) in translated.addresses {
-        match address.r#type {
+        match Arc::unwrap_or_clone(address).r#type {
             Some(pb::address::Type::Workload(w)) => {
                 if let Some(clash) = ip_clash(&w, local_ips) {
                     problems.push(problem(
@@ -186,12 +187,10 @@ fn add_remote(
                     continue;
                 }
                 st.workloads += 1;
-                out.addresses.insert(
-                    name,
-                    pb::Address {
-                        r#type: Some(pb::address::Type::Workload(w)),
-                    },
-                );
+                let w = pb::Address {
+                    r#type: Some(pb::address::Type::Workload(w)),
+                };
+                out.addresses.insert(name, Arc::new(w));
             }
             Some(pb::address::Type::Service(mut svc)) => {
                 st.services += 1;
@@ -256,14 +255,12 @@ fn drop_taken_vips(
 fn merge_service(cluster: &str, svc: pb::Service, name: &str, out: &mut Outputs, problems: &mut Vec<Problem>) {
     let Some(pb::Address {
         r#type: Some(pb::address::Type::Service(known)),
-    }) = out.addresses.get_mut(name)
+    }) = out.addresses.get_mut(name).map(Arc::make_mut)
     else {
-        out.addresses.insert(
-            name.to_owned(),
-            pb::Address {
-                r#type: Some(pb::address::Type::Service(svc)),
-            },
-        );
+        let svc = pb::Address {
+            r#type: Some(pb::address::Type::Service(svc)),
+        };
+        out.addresses.insert(name.to_owned(), Arc::new(svc));
         return;
     };
     let key = |p: &pb::Port| (p.service_port, p.target_port);
@@ -342,10 +339,15 @@ fn set_network_gateways(out: &mut Outputs, local_network: &str, gateways: &[Netw
             .or_insert_with(|| gateway_address(g));
     }
     for a in out.addresses.values_mut() {
-        if let Some(pb::address::Type::Workload(w)) = &mut a.r#type {
-            if w.network != local_network {
-                w.network_gateway = by_network.get(w.network.as_str()).cloned();
-            }
+        let Some(pb::address::Type::Workload(w)) = &a.r#type else {
+            continue;
+        };
+        let gateway = by_network.get(w.network.as_str());
+        if w.network == local_network || w.network_gateway.as_ref() == gateway {
+            continue;
+        }
+        if let Some(pb::address::Type::Workload(w)) = &mut Arc::make_mut(a).r#type {
+            w.network_gateway = gateway.cloned();
         }
     }
 }
@@ -375,7 +377,7 @@ fn remote_network_sans(out: &mut Outputs, local_network: &str) {
     for (service, ids) in sans {
         if let Some(pb::Address {
             r#type: Some(pb::address::Type::Service(s)),
-        }) = out.addresses.get_mut(&service)
+        }) = out.addresses.get_mut(&service).map(Arc::make_mut)
         {
             for id in ids {
                 if !s.subject_alt_names.contains(&id) {

@@ -9,6 +9,7 @@
 //! or a service VIP (carried as the resource's `aliases`), and the workloads behind each
 //! service ([`Snapshot::resolve_address`]).
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
@@ -168,7 +169,7 @@ fn version_of(bytes: &[u8]) -> u64 {
 }
 
 /// The previous generation's messages and entries of one type.
-type Previous<'a, M> = (&'a BTreeMap<String, M>, &'a BTreeMap<String, Arc<Entry>>);
+type Previous<'a, V> = (&'a BTreeMap<String, V>, &'a BTreeMap<String, Arc<Entry>>);
 
 /// What an item's aliases and lookups are derived from.
 type Meta<M> = fn(&M) -> (Vec<String>, Lookup);
@@ -210,11 +211,12 @@ fn encode<M: Message>(
 }
 
 /// Encodes `items`. A message equal to the previous one reuses its entry (no encoding, no
-/// hashing, one shared copy); others are encoded and versioned by content.
-fn entries<M: Message + PartialEq>(
+/// hashing, one shared copy); others are encoded and versioned by content. Items are held
+/// directly or shared (`Arc`, as addresses are).
+fn entries<M: Message + PartialEq, V: Borrow<M>>(
     type_url: &str,
-    items: &BTreeMap<String, M>,
-    previous: Option<Previous<'_, M>>,
+    items: &BTreeMap<String, V>,
+    previous: Option<Previous<'_, V>>,
     meta: Meta<M>,
 ) -> BTreeMap<String, Arc<Entry>> {
     items
@@ -222,10 +224,10 @@ fn entries<M: Message + PartialEq>(
         .map(|(name, m)| {
             let old = previous.and_then(|(before, entries)| Some((before.get(name)?, entries.get(name)?)));
             match old {
-                Some((before, e)) if before == m => (name.clone(), e.clone()),
+                Some((before, e)) if before.borrow() == m.borrow() => (name.clone(), e.clone()),
                 _ => {
                     let e = previous.and_then(|(_, p)| p.get(name));
-                    (name.clone(), encode(type_url, name, m, e, meta).0)
+                    (name.clone(), encode(type_url, name, m.borrow(), e, meta).0)
                 }
             }
         })
@@ -235,10 +237,10 @@ fn entries<M: Message + PartialEq>(
 /// Re-encodes the `names` of one type from `items` into `map` (a copy of the previous
 /// generation's, made only when something really changed); returns the names whose
 /// version changed or that were removed.
-fn update<M: Message>(
+fn update<M: Message, V: Borrow<M>>(
     type_url: &str,
     map: &mut Arc<BTreeMap<String, Arc<Entry>>>,
-    items: &BTreeMap<String, M>,
+    items: &BTreeMap<String, V>,
     names: &BTreeSet<String>,
     meta: Meta<M>,
 ) -> BTreeSet<String> {
@@ -246,7 +248,7 @@ fn update<M: Message>(
     for name in names {
         match items.get(name) {
             Some(m) => {
-                let (e, new) = encode(type_url, name, m, map.get(name), meta);
+                let (e, new) = encode(type_url, name, m.borrow(), map.get(name), meta);
                 if new {
                     Arc::make_mut(map).insert(name.clone(), e);
                     changed.insert(name.clone());
