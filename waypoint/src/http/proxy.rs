@@ -31,7 +31,7 @@ use super::retry::{self, to_duration, Attempt, RetryPolicy};
 use super::rewrite::{self, UpgradeRequest};
 use crate::store::Snapshot;
 use crate::telemetry::access_log::Record;
-use crate::telemetry::metrics::{RequestLabels, SeriesLabels};
+use crate::telemetry::metrics::{RequestLabels, SeriesLabels, StandardLabels};
 use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
 use crate::upstream::Endpoint;
@@ -260,44 +260,27 @@ impl Arrival {
         elapsed: Duration,
         (effective, facts): (&effective::Effective<'_>, &apply::Facts<'_>),
     ) {
-        let state = wp.state.load();
-        let protocol = if self.grpc { "grpc" } else { "http" };
-        let dst = out.upstream.as_deref();
-        let mut labels = if wp.ingress.is_some() {
-            // Istio's gateway reports as the source of the request it sends into the mesh.
-            let service = out.backend.as_deref().unwrap_or(&down.service);
-            let mut l = RequestLabels::new(None, &wp.identity.to_string(), dst, service, protocol);
-            l.reporter = "source";
-            l.source_workload = wp.gateway.1.clone();
-            l.source_workload_namespace = wp.gateway.0.clone();
-            l
-        } else {
-            let src = state.workload_by_ip(&wp.network, down.client_addr.ip()).cloned();
-            let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
-            RequestLabels::new(src.as_deref(), &principal, dst, &down.service, protocol)
+        let code = resp.status().as_u16();
+        let labels = match &wp.ingress {
+            // gRPC responses carry their own status label: built per request.
+            Some(_) if !self.grpc => {
+                let service = out.backend.as_ref().unwrap_or(&down.service);
+                let build = || self.labels(wp, down, resp, out);
+                wp.metrics
+                    .gateway_labels
+                    .get((out.upstream.as_ref(), service), (code, out.flags.as_str()), build)
+            }
+            _ => StandardLabels::new(self.labels(wp, down, resp, out)),
         };
-        labels.response_code = resp.status().as_u16();
-        labels.response_flags = out.flags.as_str();
-        if self.grpc {
-            let header = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok());
-            labels.grpc_response_status = match (header, out.grpc_status) {
-                (Some(s), _) => s.to_owned(),
-                (None, Some(local)) => local.to_string(),
-                (None, None) => "0".to_owned(),
-            };
-        }
-        // The standard label set is built once and each family looks it up by reference
-        // (it is cloned only when a series is first created); a Telemetry's overrides build
+        // One standard label set, its hash computed once, that each family looks up by
+        // reference (an ingress gateway's comes from its cache); a Telemetry's overrides build
         // their own.
-        let standard = SeriesLabels::Standard(labels);
-        let SeriesLabels::Standard(labels) = &standard else {
-            return;
-        };
+        let standard = SeriesLabels::Standard(labels.clone());
         let series = |metric| -> Option<Cow<'_, SeriesLabels>> {
             if effective::overrides_for(effective, metric).next().is_none() {
                 return Some(Cow::Borrowed(&standard));
             }
-            let l = apply::series(effective, metric, labels, facts)?;
+            let l = apply::series(effective, metric, &labels, facts)?;
             Some(Cow::Owned(wp.metrics.admit(l, || labels.clone())))
         };
         if let Some(l) = series("REQUEST_COUNT") {
@@ -315,6 +298,37 @@ impl Arrival {
         if let (Some(len), Some(l)) = (content_length(resp.headers()), series("RESPONSE_SIZE")) {
             wp.metrics.response_bytes.get_or_create(&l).observe(len);
         }
+    }
+
+    /// Istio's standard labels of this request's series.
+    fn labels(&self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome) -> RequestLabels {
+        let protocol = if self.grpc { "grpc" } else { "http" };
+        let dst = out.upstream.as_deref();
+        let mut labels = if wp.ingress.is_some() {
+            // Istio's gateway reports as the source of the request it sends into the mesh.
+            let service = out.backend.as_deref().unwrap_or(&down.service);
+            let mut l = RequestLabels::new(None, &wp.identity.to_string(), dst, service, protocol);
+            l.reporter = "source";
+            l.source_workload = wp.gateway.1.clone();
+            l.source_workload_namespace = wp.gateway.0.clone();
+            l
+        } else {
+            let state = wp.state.load();
+            let src = state.workload_by_ip(&wp.network, down.client_addr.ip()).cloned();
+            let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
+            RequestLabels::new(src.as_deref(), &principal, dst, &down.service, protocol)
+        };
+        labels.response_code = resp.status().as_u16();
+        labels.response_flags = out.flags.as_str();
+        if self.grpc {
+            let header = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok());
+            labels.grpc_response_status = match (header, out.grpc_status) {
+                (Some(s), _) => s.to_owned(),
+                (None, Some(local)) => local.to_string(),
+                (None, None) => "0".to_owned(),
+            };
+        }
+        labels
     }
 
     fn span(self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {

@@ -5,13 +5,14 @@
 //! once it is answered.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use mesh_core::expr::{self, Attr, Value};
 use mesh_proto::waypoint as wp;
 
 use super::effective::{overrides_for, Effective};
-use super::metrics::{RequestLabels, SeriesLabels, MAX_TAG_VALUE};
+use super::metrics::{SeriesLabels, StandardLabels, MAX_TAG_VALUE};
 
 /// What expressions can ask about a request.
 pub struct Facts<'a> {
@@ -92,7 +93,12 @@ pub fn custom_tags(e: &Effective<'_>, headers: &HeaderMap) -> Vec<(String, Strin
 }
 
 /// The labels of `metric`'s series for this request, or `None` when a Telemetry disables it.
-pub fn series(e: &Effective<'_>, metric: &str, labels: &RequestLabels, facts: &Facts<'_>) -> Option<SeriesLabels> {
+pub fn series(
+    e: &Effective<'_>,
+    metric: &str,
+    labels: &Arc<StandardLabels>,
+    facts: &Facts<'_>,
+) -> Option<SeriesLabels> {
     let mut overrides = overrides_for(e, metric).peekable();
     if overrides.peek().is_none() {
         return Some(SeriesLabels::Standard(labels.clone()));
@@ -103,7 +109,7 @@ pub fn series(e: &Effective<'_>, metric: &str, labels: &RequestLabels, facts: &F
             return None;
         }
         for t in &o.tags {
-            let p = pairs.get_or_insert_with(|| labels.pairs());
+            let p = pairs.get_or_insert_with(|| labels.labels().pairs());
             p.retain(|(k, _)| *k != t.name);
             if !t.remove {
                 let mut value = expr::parse_value(&t.value)
@@ -143,6 +149,7 @@ pub fn log_wanted(e: &Effective<'_>, facts: &Facts<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::metrics::RequestLabels;
 
     fn facts(status: u16) -> Facts<'static> {
         Facts {
@@ -163,7 +170,7 @@ mod tests {
         }
     }
 
-    fn labels() -> RequestLabels {
+    fn labels() -> Arc<StandardLabels> {
         let svc = mesh_core::state::model::Service {
             name: "server".into(),
             namespace: "shop".into(),
@@ -174,7 +181,7 @@ mod tests {
             waypoint: None,
             only_healthy: true,
         };
-        RequestLabels::new(None, "p", None, &svc, "http")
+        StandardLabels::new(RequestLabels::new(None, "p", None, &svc, "http"))
     }
 
     #[test]
