@@ -10,8 +10,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Size of the buffer once a connection is authenticated.
-pub(crate) const AUTHENTICATED_READ_BUFFER: usize = 64 * 1024;
+/// A full TLS 1.3 record on the wire: 5-byte header, 16 KiB of plaintext, content type, tag.
+const MAX_RECORD: usize = 5 + 16 * 1024 + 1 + 16;
+/// Size of the buffer once a connection is authenticated: four full records, what a peer's
+/// rustls writes at once (its 64 KiB send-buffer limit). A buffer of 64 KiB left each such write's
+/// last 88 bytes (the records' overhead) to a read of their own.
+pub(crate) const AUTHENTICATED_READ_BUFFER: usize = 4 * MAX_RECORD;
 
 /// A transport whose reads go through a buffer that exists only after [`grow`](Self::grow).
 #[derive(Debug)]

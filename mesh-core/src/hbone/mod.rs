@@ -56,8 +56,11 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            stream_window: 4 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
+            // About 4 and 16 MiB, as whole splice chunks: a peer splicing as we do then gets room
+            // for whole chunks while the window is what holds it back, instead of a part that
+            // splits a chunk into two frames (and records) for as long as the transfer runs.
+            stream_window: 32 * stream::READ_LIMIT as u32,
+            connection_window: 128 * stream::READ_LIMIT as u32,
             max_frame_size: 1024 * 1024,
             server_max_streams: 200,
             client_max_streams: 100,

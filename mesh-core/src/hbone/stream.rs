@@ -5,12 +5,19 @@
 use std::future::poll_fn;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Read size for the TCP side once data flows; large enough for full TLS records and few syscalls.
 const READ_CHUNK: usize = 128 * 1024;
+/// HTTP/2 frame header, sent in front of every DATA frame's payload.
+const FRAME_HEADER: usize = 9;
+/// The most one read takes once data flows: a full read becomes one DATA frame whose header and
+/// payload fill whole 16 KiB TLS records. A read of [`READ_CHUNK`] made each frame end in a
+/// separate TLS record of its last 9 bytes, written with a syscall of its own (3 writev per
+/// 128 KiB where 2 do) and read and decrypted as a record of its own by the peer.
+pub(crate) const READ_LIMIT: usize = READ_CHUNK - FRAME_HEADER;
 /// Read size until a read fills it: small messages do not take a whole chunk each.
 const FIRST_READ: usize = 4 * 1024;
 
@@ -58,7 +65,7 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// Reads a chunk, then hands it to h2 as flow control allows. A peer that stops reading
-/// leaves at most one chunk here and h2's send buffer (128 KiB) queued per stream; asking for
+/// leaves at most one chunk here and h2's send buffer (one chunk) queued per stream; asking for
 /// room before reading would hold less, but measured 25-40 % more CPU per Gbit (smaller
 /// frames), and reserving room ahead would let idle streams sit on connection window.
 async fn tcp_to_h2(
@@ -93,7 +100,7 @@ async fn tcp_to_h2(
 /// How a splice reads its TCP side. While waiting for the socket it holds no buffer at all: at
 /// thousands of idle connections, read buffers held while waiting were most of ztunnel's
 /// memory. Small reads land on the stack and are copied out at their exact size; once a read
-/// fills [`FIRST_READ`], data flows and reads go straight into [`READ_CHUNK`] buffers handed
+/// fills [`FIRST_READ`], data flows and reads go straight into [`READ_LIMIT`] buffers handed
 /// to h2 without a copy, until a read comes back small again. The chunk is kept between reads
 /// while data flows (letting it go at every drained read measured 4-5 % more CPU per Gbit), so
 /// a connection idle right after a bulk transfer may hold one until its next read.
@@ -115,9 +122,9 @@ impl ChunkReader {
         }
         if self.buf.capacity() < READ_CHUNK / 4 {
             // Reclaims the allocation once h2 has released the previous chunks.
-            self.buf.reserve(READ_CHUNK);
+            self.buf.reserve(READ_LIMIT);
         }
-        let n = match r.try_read_buf(&mut self.buf) {
+        let n = match r.try_read_buf(&mut (&mut self.buf).limit(READ_LIMIT)) {
             Ok(n) => n,
             Err(e) => {
                 self.buf = BytesMut::new();
@@ -305,6 +312,41 @@ mod tests {
             }
         }
         sizes
+    }
+
+    /// A full read is one DATA frame that, with its header, fills whole TLS records: no frame
+    /// ends in a record (and a write) of its own.
+    #[tokio::test]
+    async fn full_reads_make_frames_that_fill_tls_records() {
+        const TLS_RECORD: usize = 16 * 1024;
+        assert_eq!((READ_LIMIT + FRAME_HEADER) % TLS_RECORD, 0);
+        // A receive buffer that holds the whole transfer, so reads fill up whatever the timing.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(8 << 20).expect("rcvbuf");
+        socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let listener = socket.listen(1).expect("listen");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (r, _w) = server.split();
+        let mut reader = ChunkReader::default();
+
+        let bulk = vec![7u8; 4 * READ_CHUNK];
+        client.write_all(&bulk).await.expect("write");
+        let sizes = read(&mut reader, &r, bulk.len()).await;
+        assert!(sizes.iter().all(|&n| n <= READ_LIMIT), "{sizes:?}");
+        assert!(sizes.contains(&READ_LIMIT), "no full read: {sizes:?}");
+    }
+
+    /// h2 hands a stream room only in whole chunks while windows or its send buffer hold it
+    /// back: both are whole multiples of a full read.
+    #[test]
+    fn windows_and_send_buffer_hold_whole_chunks() {
+        let s = super::super::Settings::default();
+        assert_eq!(s.stream_window as usize % READ_LIMIT, 0);
+        assert_eq!(s.connection_window as usize % READ_LIMIT, 0);
+        assert_eq!(super::super::server::MAX_SEND_BUFFER, READ_LIMIT);
     }
 
     #[tokio::test]
