@@ -22,7 +22,7 @@
 //! plus the chunk being built, and a client that takes no response for [`SEND_TIMEOUT`] is
 //! dropped so it cannot pin old snapshots. Warnings a client can trigger are rate-limited.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,7 +98,7 @@ struct Subscription {
 }
 
 /// The entries of one type in one generation, shared by the snapshot and its clients.
-type TypeEntries = Arc<BTreeMap<String, Arc<Entry>>>;
+type TypeEntries = super::snapshot::Entries;
 
 /// What one client holds of one type: a whole generation's entries (shared with the
 /// snapshot, so a caught-up wildcard client costs no memory per name), plus the names where
