@@ -194,6 +194,15 @@ impl Inputs {
     }
 }
 
+/// Objects of one namespace from a map keyed by [`ObjectKey`] (keys order by namespace first).
+pub fn in_namespace<'a, 'n, V>(
+    map: &'a BTreeMap<ObjectKey, V>,
+    ns: &'n str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a V)> + use<'a, 'n, V> {
+    map.range(ObjectKey::new(ns, "")..)
+        .take_while(move |(k, _)| k.namespace == ns)
+}
+
 /// A label selector's `matchLabels` against an object's labels; an empty selector selects all.
 pub fn selects(match_labels: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
     match_labels

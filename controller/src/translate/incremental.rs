@@ -37,7 +37,7 @@ use super::attach::{self, Attachments, Waypoint};
 use super::workload::{self, PodContext};
 use super::{authz, peer_authn, service, Options, Outputs, Problem, Report, Selected};
 use crate::mesh_config::OutboundMode;
-use crate::model::{EndpointSlice, Inputs, Kind, Object, ObjectKey, Pod, Service};
+use crate::model::{in_namespace, EndpointSlice, Inputs, Kind, Object, ObjectKey, Pod, Service};
 use crate::source::{Change, KindSync};
 
 /// Names whose resources a step may have changed (the snapshot re-encodes only these).
@@ -548,7 +548,8 @@ impl Incremental {
         }
         let options = &self.options;
         let attach = Attachments::new(inputs, &self.waypoints, options, &mut Report::default());
-        let ctx = PodContext::new(inputs, options, &attach, &self.selected);
+        let namespaces = pending.pods.iter().map(|k| k.namespace.as_str());
+        let ctx = PodContext::of_namespaces(inputs, options, &attach, &self.selected, namespaces);
         let registry_only = inputs.mesh.outbound_traffic_policy.mode == OutboundMode::RegistryOnly;
         let mut ips_touched = BTreeSet::new();
         for key in &pending.pods {
@@ -716,12 +717,6 @@ fn network_label(ns: Option<&crate::model::Namespace>) -> Option<&String> {
 /// A Service's selector, when it has one (empty selects nothing: EndpointSlices decide).
 fn selector(svc: &Service) -> Option<&BTreeMap<String, String>> {
     svc.spec.as_ref()?.selector.as_ref().filter(|s| !s.is_empty())
-}
-
-/// Objects of one namespace from a map keyed by [`ObjectKey`].
-fn in_namespace<'a, V>(map: &'a BTreeMap<ObjectKey, V>, ns: &'a str) -> impl Iterator<Item = (&'a ObjectKey, &'a V)> {
-    map.range(ObjectKey::new(ns, "")..)
-        .take_while(move |(k, _)| k.namespace == ns)
 }
 
 /// The pods an EndpointSlice names.

@@ -176,8 +176,26 @@ type ServiceRef<'a> = (&'a ObjectKey, &'a Service);
 
 impl<'a> SelectorIndex<'a> {
     pub(crate) fn new(inputs: &'a Inputs) -> Self {
+        Self::of(inputs.services.iter())
+    }
+
+    /// The index of the services of `namespaces` only: enough for pods of those namespaces
+    /// (a selector picks pods of its own namespace), and what a change of a few pods needs
+    /// instead of indexing every service of the cluster.
+    pub(crate) fn of_namespaces<'n>(inputs: &'a Inputs, namespaces: impl IntoIterator<Item = &'n str>) -> Self {
+        let mut namespaces: Vec<&str> = namespaces.into_iter().collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        Self::of(
+            namespaces
+                .into_iter()
+                .flat_map(|ns| crate::model::in_namespace(&inputs.services, ns)),
+        )
+    }
+
+    fn of(services: impl Iterator<Item = ServiceRef<'a>>) -> Self {
         let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
-        for (key, svc) in &inputs.services {
+        for (key, svc) in services {
             let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
                 continue;
             };

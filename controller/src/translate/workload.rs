@@ -203,6 +203,29 @@ impl<'a> PodContext<'a> {
         attach: &'a Attachments<'a>,
         selected: &'a [Selected],
     ) -> Self {
+        Self::with_index(inputs, options, attach, selected, SelectorIndex::new(inputs))
+    }
+
+    /// A context for pods of `namespaces` only (what the incremental layer translates after
+    /// a change of a few pods: the services of other namespaces are not indexed).
+    pub(crate) fn of_namespaces<'n>(
+        inputs: &'a Inputs,
+        options: &'a Options,
+        attach: &'a Attachments<'a>,
+        selected: &'a [Selected],
+        namespaces: impl IntoIterator<Item = &'n str>,
+    ) -> Self {
+        let index = SelectorIndex::of_namespaces(inputs, namespaces);
+        Self::with_index(inputs, options, attach, selected, index)
+    }
+
+    fn with_index(
+        inputs: &'a Inputs,
+        options: &'a Options,
+        attach: &'a Attachments<'a>,
+        selected: &'a [Selected],
+        index: SelectorIndex<'a>,
+    ) -> Self {
         let mut by_namespace: HashMap<&str, Vec<&Selected>> = HashMap::new();
         for s in selected {
             by_namespace.entry(s.namespace.as_str()).or_default().push(s);
@@ -211,7 +234,7 @@ impl<'a> PodContext<'a> {
             inputs,
             options,
             attach,
-            index: SelectorIndex::new(inputs),
+            index,
             by_namespace,
             slices: slice_members(inputs),
         }
