@@ -67,15 +67,24 @@ fn args() -> Result<Args> {
 
 const NAMESPACES: usize = 20;
 
-fn pod(i: usize, octet: u8) -> String {
+fn pod(i: usize, ip: &str) -> String {
     let ns = i % NAMESPACES;
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{ns}, labels: {{app: app-{app}}}, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-{node}, serviceAccountName: sa-{app}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.{a}.{b}.{octet}}}\n---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{ns}, labels: {{app: app-{app}}}, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-{node}, serviceAccountName: sa-{app}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIP: {ip}}}\n---\n",
         app = i % 1000,
         node = i % 50,
-        a = 100 + i / 65536,
-        b = (i / 256) % 256,
     )
+}
+
+/// Pod `i`'s address: every pod its own (a duplicate IP is a problem the controller reports,
+/// which a real cluster does not have).
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+/// The address pod 0 moves to in change `round`, outside every other pod's range.
+fn probe_ip(round: usize) -> String {
+    format!("10.99.{}.{}", (round / 256) % 256, round % 256)
 }
 
 /// Pods per manifest file: few files, so the controller's directory poll (every 20 ms here,
@@ -111,11 +120,11 @@ fn generate(dir: &Path, a: &Args) -> Result<()> {
     for chunk in 0..a.pods.div_ceil(PODS_PER_FILE) {
         let text: String = (chunk * PODS_PER_FILE..((chunk + 1) * PODS_PER_FILE).min(a.pods))
             .filter(|i| *i != 0)
-            .map(|i| pod(i, (i % 250) as u8 + 1))
+            .map(|i| pod(i, &pod_ip(i)))
             .collect();
         std::fs::write(dir.join(format!("pods-{chunk:04}.yaml")), text)?;
     }
-    std::fs::write(dir.join("probe.yaml"), pod(0, 1))?;
+    std::fs::write(dir.join("probe.yaml"), pod(0, &pod_ip(0)))?;
     Ok(())
 }
 
@@ -458,7 +467,7 @@ async fn main() -> Result<()> {
     let mut single = Vec::new();
     for round in 0..a.changes {
         let tmp = manifests.join("probe.tmp");
-        std::fs::write(&tmp, pod(0, 2 + round as u8))?;
+        std::fs::write(&tmp, pod(0, &probe_ip(round)))?;
         let t0 = Instant::now();
         std::fs::rename(&tmp, manifests.join("probe.yaml"))?;
         let mut seen = HashSet::new();
