@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
+use crate::burst::Bursts;
+pub use crate::burst::Debounce;
 use crate::ca::PodLocator;
 use crate::model::{Inputs, Kind, Object, ObjectKey, Pod};
 use crate::source::{Change, KindSync};
@@ -21,23 +23,6 @@ use crate::translate::incremental::Incremental;
 use crate::translate::{Options, Outputs, Problem};
 use crate::waypoint::WaypointDeployment;
 use crate::xds::Snapshot;
-
-/// How long a burst of changes may keep arriving before translation runs anyway, and how
-/// long a quiet period must last to count as the end of a burst.
-#[derive(Clone, Copy, Debug)]
-pub struct Debounce {
-    pub quiet: Duration,
-    pub max: Duration,
-}
-
-impl Default for Debounce {
-    fn default() -> Self {
-        Debounce {
-            quiet: Duration::from_millis(10),
-            max: Duration::from_millis(250),
-        }
-    }
-}
 
 /// Pods per (node, namespace, service account): what the CA's impersonation rule checks.
 #[derive(Default)]
@@ -250,8 +235,7 @@ pub fn start(changes: mpsc::Receiver<Change>, options: Options, debounce: Deboun
     let pods = Arc::new(NodePods::default());
     let kind_metrics = KindMetrics::default();
     let worker = Loop {
-        changes,
-        debounce,
+        bursts: Bursts::new(changes, debounce),
         inputs: Arc::new(Inputs::default()),
         sources: Sources::default(),
         previous: Arc::new(Snapshot::default()),
@@ -304,8 +288,7 @@ struct LoopOutputs {
 /// The controller's loop state: the inputs (shared with the translation thread without a
 /// copy; mutated only once it is back), the sources' sync state and the last snapshot.
 struct Loop {
-    changes: mpsc::Receiver<Change>,
-    debounce: Debounce,
+    bursts: Bursts<Change>,
     inputs: Arc<Inputs>,
     sources: Sources,
     previous: Arc<Snapshot>,
@@ -316,46 +299,19 @@ struct Loop {
 impl Loop {
     async fn run(mut self) {
         loop {
-            let Some(since) = self.gather_burst().await else { return };
+            let (inputs, sources, tracking) = (&mut self.inputs, &mut self.sources, &mut self.tracking);
+            let burst = self.bursts.next(|c| apply(Arc::make_mut(inputs), c, sources, tracking));
+            let Some(since) = burst.await.map(tokio::time::Instant::into_std) else {
+                return;
+            };
             // Publish nothing until every kind is listed or reported: a partial world would
             // remove resources. A kind that cannot be read is in `sources.kinds`, which
             // translation turns into problems and, for security kinds, fail-closed policies.
             if self.sources.synced {
                 self.translate_and_publish(since).await;
             }
+            self.bursts.done();
         }
-    }
-
-    /// Applies one burst of changes: the first, then the rest until a quiet period or the
-    /// burst's deadline. Returns when the burst started, or None once the sources are gone.
-    async fn gather_burst(&mut self) -> Option<Instant> {
-        let first = self.changes.recv().await?;
-        let since = Instant::now();
-        self.apply(first);
-        let deadline = since + self.debounce.max;
-        loop {
-            let wait = self
-                .debounce
-                .quiet
-                .min(deadline.saturating_duration_since(Instant::now()));
-            match tokio::time::timeout(wait, self.changes.recv()).await {
-                Ok(Some(c)) => self.apply(c),
-                Ok(None) | Err(_) => break,
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        Some(since)
-    }
-
-    fn apply(&mut self, change: Change) {
-        apply(
-            Arc::make_mut(&mut self.inputs),
-            change,
-            &mut self.sources,
-            &mut self.tracking,
-        );
     }
 
     /// Translates what the burst changed on a blocking thread and publishes the result.

@@ -3,6 +3,7 @@
 //! serves them over Delta ADS, signs workload certificates, and deploys waypoints.
 
 pub mod admin;
+mod burst;
 pub mod ca;
 pub mod config;
 pub mod core;
