@@ -1,11 +1,11 @@
 //! Gathers source changes into bursts, each translated once.
 //!
-//! Inside a busy period (a rollout, a relist, a file rewritten object by object) changes are
-//! debounced: a burst ends after a quiet period or at its deadline, so a thousand changes cost
-//! a few translations rather than a thousand. An isolated change — nothing else queued, and
-//! the previous burst finished at least a quiet period ago — is translated at once: waiting
-//! would only add the quiet period to every lone change's latency. Changes that arrive while
-//! that change is being translated queue up and form the next (debounced) burst.
+//! A change that arrives alone (nothing else queued behind it) is translated at once: waiting
+//! for a quiet period would only add that period to every lone change's latency. Changes that
+//! arrive together (a relist, a rollout, a file of many objects) or while a translation runs
+//! (they queue meanwhile) are debounced: the burst ends after a quiet period or at its
+//! deadline, so a thousand changes cost a few translations rather than a thousand. The load
+//! regulates itself: the busier the sources, the more each translation takes in.
 
 use std::time::Duration;
 
@@ -29,21 +29,15 @@ impl Default for Debounce {
     }
 }
 
-/// The change stream and when the last burst was handled.
+/// The change stream, read a burst at a time.
 pub(crate) struct Bursts<C> {
     changes: mpsc::Receiver<C>,
     debounce: Debounce,
-    /// When the last burst's translation finished ([`Bursts::done`]); `None` before the first.
-    last_done: Option<Instant>,
 }
 
 impl<C> Bursts<C> {
     pub(crate) fn new(changes: mpsc::Receiver<C>, debounce: Debounce) -> Self {
-        Bursts {
-            changes,
-            debounce,
-            last_done: None,
-        }
+        Bursts { changes, debounce }
     }
 
     /// Hands every change of the next burst to `apply`; returns when the burst started, or
@@ -57,10 +51,7 @@ impl<C> Bursts<C> {
             apply(c);
             queued = true;
         }
-        let idle = self
-            .last_done
-            .is_some_and(|t| since.saturating_duration_since(t) >= self.debounce.quiet);
-        if idle && !queued {
+        if !queued {
             return Some(since);
         }
         let deadline = since + self.debounce.max;
@@ -78,11 +69,6 @@ impl<C> Bursts<C> {
             }
         }
         Some(since)
-    }
-
-    /// Records that the burst returned by [`Bursts::next`] has been handled.
-    pub(crate) fn done(&mut self) {
-        self.last_done = Some(Instant::now());
     }
 }
 
@@ -110,50 +96,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_first_burst_is_debounced() {
+    async fn a_lone_change_goes_at_once() {
         let (tx, mut b) = bursts();
-        tx.send(1).await.unwrap();
-        let (got, took) = gather(&mut b).await;
-        assert_eq!(got, vec![1]);
-        assert_eq!(
-            took, QUIET,
-            "before any translation the loop waits for the burst to settle"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_isolated_change_after_a_quiet_period_goes_at_once() {
-        let (tx, mut b) = bursts();
-        tx.send(1).await.unwrap();
-        gather(&mut b).await;
-        b.done();
-        tokio::time::advance(QUIET).await;
-        tx.send(2).await.unwrap();
-        let (got, took) = gather(&mut b).await;
-        assert_eq!(got, vec![2]);
-        assert_eq!(took, Duration::ZERO);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_change_right_after_the_last_burst_is_debounced() {
-        let (tx, mut b) = bursts();
-        tx.send(1).await.unwrap();
-        gather(&mut b).await;
-        b.done();
-        tokio::time::advance(QUIET / 2).await;
-        tx.send(2).await.unwrap();
-        let (got, took) = gather(&mut b).await;
-        assert_eq!(got, vec![2]);
-        assert_eq!(took, QUIET);
+        for c in 1..3 {
+            tx.send(c).await.unwrap();
+            let (got, took) = gather(&mut b).await;
+            assert_eq!(got, vec![c]);
+            assert_eq!(took, Duration::ZERO, "change {c} waited");
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn changes_queued_together_are_one_debounced_burst() {
         let (tx, mut b) = bursts();
-        tx.send(1).await.unwrap();
-        gather(&mut b).await;
-        b.done();
-        tokio::time::advance(QUIET * 3).await;
         for c in 2..5 {
             tx.send(c).await.unwrap();
         }
@@ -174,8 +129,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_burst_ends_at_its_deadline() {
         let (tx, mut b) = bursts();
+        tx.send(0).await.unwrap();
+        tx.send(1).await.unwrap();
         tokio::spawn(async move {
-            for c in 0.. {
+            for c in 2.. {
                 if tx.send(c).await.is_err() {
                     return;
                 }

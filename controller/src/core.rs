@@ -310,7 +310,6 @@ impl Loop {
             if self.sources.synced {
                 self.translate_and_publish(since).await;
             }
-            self.bursts.done();
         }
     }
 
