@@ -8,11 +8,21 @@
 //!   `proxy_pass` to a keep-alive upstream) -> plaintext -> the backend's ztunnel -> backend;
 //! - plain: client -> backend over plain HTTP, what both proxies add to.
 //!
-//! The backend is nginx answering "ok" in a meshed pod on node 1; gateway, nginx and client
+//! Both proxies run with access logging on and off, so the comparison is like for like:
+//!
+//! - on: the gateway as configured by default (a JSON access-log line per request on its
+//!   stdout, a file), nginx's server on 443 with `access_log <file>;` (the combined format,
+//!   unbuffered: nginx's default, a write(2) per request as the gateway's);
+//! - off: a second Gateway that a Telemetry targets with `accessLogging: [{disabled: true}]`
+//!   (how a user turns the log off), nginx's server on 8443 with `access_log off`. The run
+//!   checks the setting took: the quiet gateway writes no access-log line, the other does.
+//!
+//! The backend is nginx answering "ok" in a meshed pod on node 1; gateways, nginx and client
 //! (outside the mesh) are pods on node 0. Per path and round: `wrk -t2 -c16` HTTPS keep-alive
-//! requests/s, with the proxy's RSS read halfway through; p50/p99 at about 1,000 requests/s
-//! (`wrk -t1 -c12` with a random 5-15 ms pause per connection between requests: wrk2 is not packaged,
-//! so a request queued behind a slow one is timed from when it was sent, not when it was due).
+//! requests/s and the proxy's CPU per request, with the proxy's RSS read halfway through; for
+//! the logging-on paths also p50/p99 at about 1,000 requests/s (`wrk -t1 -c12` with a random
+//! 5-15 ms pause per connection between requests: wrk2 is not packaged, so a request queued
+//! behind a slow one is timed from when it was sent, not when it was due).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -35,13 +45,20 @@ const ID: u8 = 120;
 const GW_NS: &str = "istio-system";
 const GW: &str = "istio-ingressgateway";
 const HOST: &str = "app.example.com";
+/// The second Gateway, with its access log disabled by a Telemetry, and its hostname.
+const GW_QUIET: &str = "quiet-ingressgateway";
+const QUIET_HOST: &str = "quiet.example.com";
+/// The front nginx's ports: access log to a file, and off.
+const NGINX_LOG_PORT: u16 = 443;
+const NGINX_QUIET_PORT: u16 = 8443;
 /// The fixed load: 12 connections, each pausing 5-15 ms (10 on average) between requests:
 /// about 1,000 req/s with the timer's and the request's own time. The pause is random so the
 /// connections do not fire together (a burst of 12 would queue behind itself).
 const FIXED_CONNS: u32 = 12;
 const PAUSE_LUA: &str = "function delay()\n  return math.random(5, 15)\nend\n";
 
-/// Namespaces, the backend's Service, the Gateway (HTTPS, the Secret below) and its route.
+/// Namespaces, the backend's Service, the two Gateways (HTTPS, the Secret below), the
+/// Telemetry that turns the second one's access log off, and the route on both.
 fn world(cert_pem: &str, key_pem: &str) -> String {
     let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     format!(
@@ -76,11 +93,31 @@ spec:
     allowedRoutes: {{namespaces: {{from: All}}}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: {GW_QUIET}, namespace: {GW_NS}}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {{mode: Terminate, certificateRefs: [{{name: example-com-cert}}]}}
+    allowedRoutes: {{namespaces: {{from: All}}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: no-access-log, namespace: {GW_NS}}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: {GW_QUIET}}}]
+  accessLogging: [{{disabled: true}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: app, namespace: production}}
 spec:
-  parentRefs: [{{name: {GW}, namespace: {GW_NS}}}]
-  hostnames: ["{HOST}"]
+  parentRefs: [{{name: {GW}, namespace: {GW_NS}}}, {{name: {GW_QUIET}, namespace: {GW_NS}}}]
+  hostnames: ["{HOST}", "{QUIET_HOST}"]
   rules: [{{backendRefs: [{{name: app, port: 8080}}]}}]
 ---
 apiVersion: v1
@@ -152,6 +189,8 @@ struct Target {
     pid: Option<i32>,
     /// nginx is a master and its workers.
     tree: bool,
+    /// Whether the fixed-load latency is measured too (the logging-off paths: -c16 only).
+    latency: bool,
 }
 
 impl Target {
@@ -188,6 +227,7 @@ struct Sample {
     errors: u64,
 }
 
+/// The -c16 run, and the fixed load when `t.latency`.
 async fn measure(client: &Netns, t: &Target, secs: u32, lua: &str) -> Result<Sample> {
     let cpu_before = t.cpu()?;
     let load = wrk_in(client, &t.url, (2, 16, secs), &[]);
@@ -203,18 +243,23 @@ async fn measure(client: &Netns, t: &Target, secs: u32, lua: &str) -> Result<Sam
         }
         _ => None,
     };
-    let fixed = wrk_in(client, &t.url, (1, FIXED_CONNS, secs), &["-s", lua])
-        .await
-        .with_context(|| format!("{}: fixed rate", t.label))?;
-    Ok(Sample {
+    let mut sample = Sample {
         rps: max.rps,
-        fixed_rps: fixed.rps,
-        p50_us: fixed.p50_us,
-        p99_us: fixed.p99_us,
         loaded_rss: loaded_rss?,
         cpu_us,
-        errors: max.socket_errors + max.non_2xx + fixed.socket_errors + fixed.non_2xx,
-    })
+        errors: max.socket_errors + max.non_2xx,
+        ..Sample::default()
+    };
+    if t.latency {
+        let fixed = wrk_in(client, &t.url, (1, FIXED_CONNS, secs), &["-s", lua])
+            .await
+            .with_context(|| format!("{}: fixed rate", t.label))?;
+        sample.fixed_rps = fixed.rps;
+        sample.p50_us = fixed.p50_us;
+        sample.p99_us = fixed.p99_us;
+        sample.errors += fixed.socket_errors + fixed.non_2xx;
+    }
+    Ok(sample)
 }
 
 /// curl through the path until it answers "ok" (the route takes a moment to reach the gateway).
@@ -241,38 +286,23 @@ pub(super) async fn run(opts: &Opts) -> Result<()> {
     let dir = tmp.path();
     let (cert, key) = certificate(dir)?;
     let world = world(&std::fs::read_to_string(&cert)?, &std::fs::read_to_string(&key)?);
-    let gw_id = identity(GW_NS, GW);
-    let cluster = Cluster::start_with_identities(ID, 2, &world, &[&gw_id]).await?;
+    let ids = [identity(GW_NS, GW), identity(GW_NS, GW_QUIET)];
+    let cluster = Cluster::start_with_identities(ID, 2, &world, &[&ids[0], &ids[1]]).await?;
     let app = cluster.add_pod(1, PodSpec::new("app", "production", &[("app", "app")]))?;
     let mut backend = start_nginx(&app.ns, &dir.join("backend"), "", r#"return 200 "ok\n";"#)?;
     wait_listening(&app.ns, 8080, &mut backend).await?;
     let front = cluster.add_pod(0, PodSpec::new("nginx", "outside", &[]))?;
-    let mut nginx = start_front(&front.ns, dir, (&cert, &key), app.ip)?;
-    wait_listening(&front.ns, 443, &mut nginx).await?;
+    let nginx_log = dir.join("front").join("access.log");
+    let mut nginx = start_front(&front.ns, dir, (&cert, &key), app.ip, &nginx_log)?;
+    for port in [NGINX_LOG_PORT, NGINX_QUIET_PORT] {
+        wait_listening(&front.ns, port, &mut nginx).await?;
+    }
     let client = cluster.add_pod(0, PodSpec::new("client", "outside", &[]))?;
     let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"]).await?;
+    let quiet = Waypoint::start_with(&cluster, 0, GW_NS, GW_QUIET, &["--role", "ingress"]).await?;
     cluster.wait_workload(&app, true, Duration::from_secs(20)).await?;
-    let _hosts = Hosts::new(&client.ns, &[(gateway.pod.ip, HOST)])?;
-    let targets = [
-        Target {
-            label: "plain",
-            url: format!("http://{}:8080/", app.ip),
-            pid: None,
-            tree: false,
-        },
-        Target {
-            label: "nginx",
-            url: format!("https://{}/", front.ip),
-            pid: Some(nginx.pid()),
-            tree: true,
-        },
-        Target {
-            label: "gateway",
-            url: format!("https://{HOST}/"),
-            pid: Some(gateway.pid() as i32),
-            tree: false,
-        },
-    ];
+    let _hosts = Hosts::new(&client.ns, &[(gateway.pod.ip, HOST), (quiet.pod.ip, QUIET_HOST)])?;
+    let targets = targets(app.ip, (front.ip, nginx.pid()), (gateway.pid(), quiet.pid()));
     for t in &targets {
         wait_answer(&client.ns, t).await?;
     }
@@ -293,13 +323,81 @@ pub(super) async fn run(opts: &Opts) -> Result<()> {
             samples[k].push(measure(&client.ns, &targets[k], plan.wrk_secs, &lua).await?);
         }
     }
+    let logged = [
+        access_lines(&gateway.log)?,
+        access_lines(&quiet.log)?,
+        file_lines(&nginx_log)?,
+    ];
+    ensure!(
+        logged[0] > 0 && logged[1] == 0 && logged[2] > 0,
+        "access logging did not take as configured: gateway {} lines, Telemetry-disabled gateway {}, nginx {}",
+        logged[0],
+        logged[1],
+        logged[2]
+    );
     let report = Report {
         plan,
         figures: samples.iter().zip(idle).map(|(s, idle)| Figures::of(s, idle)).collect(),
         load: (load_before, load_average()),
+        logged,
     };
     drop((nginx, backend));
     write_report(opts, "ingress", &report.markdown())
+}
+
+/// The paths in report order: plain; nginx and gateway logging; nginx and gateway not logging.
+fn targets(app: IpAddr, (front, nginx): (IpAddr, i32), (gateway, quiet): (u32, u32)) -> Vec<Target> {
+    let proxy = |label, url, pid, tree, latency| Target {
+        label,
+        url,
+        pid: Some(pid),
+        tree,
+        latency,
+    };
+    vec![
+        Target {
+            label: "plain",
+            url: format!("http://{app}:8080/"),
+            pid: None,
+            tree: false,
+            latency: true,
+        },
+        proxy("nginx", format!("https://{front}:{NGINX_LOG_PORT}/"), nginx, true, true),
+        proxy("gateway", format!("https://{HOST}/"), gateway as i32, false, true),
+        proxy(
+            "nginx, access_log off",
+            format!("https://{front}:{NGINX_QUIET_PORT}/"),
+            nginx,
+            true,
+            false,
+        ),
+        proxy(
+            "gateway, access log disabled",
+            format!("https://{QUIET_HOST}/"),
+            quiet as i32,
+            false,
+            false,
+        ),
+    ]
+}
+
+/// Access-log lines (`"target":"access"` in the JSON log) in a waypoint's log file.
+fn access_lines(log: &Path) -> Result<u64> {
+    count_lines(log, |l| l.contains("\"target\":\"access\""))
+}
+
+fn file_lines(path: &Path) -> Result<u64> {
+    count_lines(path, |_| true)
+}
+
+fn count_lines(path: &Path, keep: impl Fn(&str) -> bool) -> Result<u64> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut n = 0;
+    for line in std::io::BufReader::new(file).lines() {
+        n += u64::from(keep(&line?));
+    }
+    Ok(n)
 }
 
 /// With `MESHBENCH_HOLD=<seconds>`, keeps the topology up that long before the rounds and
@@ -315,18 +413,33 @@ async fn hold(client: &Netns, targets: &[Target]) {
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
-/// The front nginx: TLS on 443 with `cert`, `proxy_pass` to the backend with keep-alive.
-fn start_front(ns: &Netns, dir: &Path, (cert, key): (&Path, &Path), backend: IpAddr) -> Result<mesh_e2e::bench::Proc> {
-    let http = format!(
-        r#"upstream backend {{ server {backend}:8080; keepalive 32; keepalive_requests 1000000; }}
+/// The front nginx: TLS with `cert`, `proxy_pass` to the backend with keep-alive; on
+/// [`NGINX_LOG_PORT`] with an access log to `log` (the combined format, unbuffered: nginx's
+/// defaults), on [`NGINX_QUIET_PORT`] without one.
+fn start_front(
+    ns: &Netns,
+    dir: &Path,
+    (cert, key): (&Path, &Path),
+    backend: IpAddr,
+    log: &Path,
+) -> Result<mesh_e2e::bench::Proc> {
+    let (cert, key, log) = (cert.display(), key.display(), log.display());
+    let server = |port: u16, access_log: &str| {
+        format!(
+            r#"
   server {{
-    listen 443 ssl;
-    ssl_certificate {};
-    ssl_certificate_key {};
+    listen {port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    access_log {access_log};
     location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}"#,
-        cert.display(),
-        key.display()
+  }}"#
+        )
+    };
+    let http = format!(
+        "upstream backend {{ server {backend}:8080; keepalive 32; keepalive_requests 1000000; }}{}{}",
+        server(NGINX_LOG_PORT, &log.to_string()),
+        server(NGINX_QUIET_PORT, "off")
     );
     start_nginx_workers(ns, &dir.join("front"), "auto", &http, "return 404;")
 }
@@ -364,10 +477,12 @@ impl Figures {
 
 struct Report {
     plan: Plan,
-    /// plain, nginx, gateway.
+    /// plain, nginx, gateway (access logs on); nginx, gateway (off): as [`targets`].
     figures: Vec<Figures>,
     /// Load average before and after the rounds.
     load: (String, String),
+    /// Access-log lines written: gateway, quiet gateway, nginx.
+    logged: [u64; 3],
 }
 
 impl Report {
@@ -377,6 +492,8 @@ impl Report {
             "## meshbench --scenario ingress: HTTPS through our ingress gateway vs nginx, same certificate, same backend\n\n\
              Median of {} round(s), {} s per load; the fixed load is wrk -t1 -c{FIXED_CONNS} pausing 5-15 ms (random) per \
              connection between requests.\n\n\
+             Access logging on (both write a line per request to a file): the gateway as configured by default, \
+             nginx with `access_log <file>;` (combined format, unbuffered).\n\n\
              | figure | plain HTTP, no proxy | nginx (TLS, plaintext upstream) | our gateway (TLS, HBONE upstream) | gateway vs nginx |\n\
              |---|---:|---:|---:|---:|\n",
             self.plan.rounds, self.plan.wrk_secs
@@ -423,22 +540,58 @@ impl Report {
             mib(n.loaded_rss),
             mib(g.loaded_rss)
         );
-        let errors = p.errors + n.errors + g.errors;
+        md += &self.logging_table();
+        let errors: u64 = self.figures.iter().map(|f| f.errors).sum();
         if errors > 0 {
+            let each: Vec<String> = self.figures.iter().map(|f| f.errors.to_string()).collect();
             md += &format!(
-                "\n**{errors} errors / non-2xx** (plain {}, nginx {}, gateway {})\n",
-                p.errors, n.errors, g.errors
+                "\n**{errors} errors / non-2xx** (plain, nginx, gateway, nginx off, gateway off: {})\n",
+                each.join(", ")
             );
         }
+        let [no, go] = [3, 4].map(|k| self.figures.get(k).copied().unwrap_or_default());
+        let met = |g: f64, n: f64| if g >= n { "met" } else { "**not met**" };
         md += &format!(
-            "\nGoals (issue 14): at least nginx's request rate: {}; p99 added by the gateway under 1 ms: {} ({:+.0} µs over plain).\n\
+            "\nGoals (issue 14): at least nginx's request rate: {} with access logs, {} without; p99 added by the gateway \
+             under 1 ms: {} ({:+.0} µs over plain).\n\
              nginx RSS is its master and workers (worker_processes auto). Load average (1, 5, 15 min): {} before, {} after.\n",
-            if g.rps >= n.rps { "met" } else { "**not met**" },
+            met(g.rps, n.rps),
+            met(go.rps, no.rps),
             if g.p99_us - p.p99_us < 1000.0 { "met" } else { "**not met**" },
             g.p99_us - p.p99_us,
             self.load.0,
             self.load.1
         );
+        md
+    }
+
+    /// -c16 request rate and CPU per request with access logging on and off, side by side.
+    fn logging_table(&self) -> String {
+        let f = |k: usize| self.figures.get(k).copied().unwrap_or_default();
+        let us = |c: Option<f64>| c.map_or_else(|| "—".to_owned(), |c| format!("{c:.1}"));
+        let ratio = |g: Option<f64>, n: Option<f64>| match (g, n) {
+            (Some(g), Some(n)) if n > 0.0 => format!("{:.0} %", g / n * 100.0),
+            _ => "—".to_owned(),
+        };
+        let mut md = format!(
+            "\nAccess logging on vs off, wrk -t2 -c16 keep-alive (off: a Telemetry targeting a second Gateway with \
+             `accessLogging: [{{disabled: true}}]`, nginx `access_log off`; lines written: gateway {}, gateway off {}, \
+             nginx {}).\n\n\
+             | access logging | nginx (req/s) | gateway (req/s) | gateway / nginx | nginx CPU/request (µs) | gateway CPU/request (µs) | gateway / nginx |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+            self.logged[0], self.logged[1], self.logged[2]
+        );
+        for (label, n, g) in [("on", f(1), f(2)), ("off", f(3), f(4))] {
+            md += &format!(
+                "| {label} | {:.0} | {:.0} | {:.0} % | {} | {} | {} |\n",
+                n.rps,
+                g.rps,
+                pct(g.rps, n.rps),
+                us(n.cpu_us),
+                us(g.cpu_us),
+                ratio(g.cpu_us, n.cpu_us)
+            );
+        }
         md
     }
 }
