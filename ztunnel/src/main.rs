@@ -25,7 +25,6 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
-    ztunnel::proxy::tune_memcpy();
     ztunnel::proxy::tune_allocator();
     let reload = app::init_logging(&cfg);
     let mut builder = match cfg.threads() {

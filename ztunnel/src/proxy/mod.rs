@@ -51,36 +51,6 @@ pub fn tune_allocator() {
     }
 }
 
-/// The glibc tunable [`tune_memcpy`] sets: no `rep movsb` in copies under 4 MiB.
-pub const MEMCPY_TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold=4194304";
-
-/// Restarts the process once (execve: same pid, same arguments) with [`MEMCPY_TUNABLE`] in
-/// `GLIBC_TUNABLES`. glibc 2.36 copies 8 KiB and more with `rep movsb`, which AMD Zen 4 runs
-/// several times slower when source and destination alias modulo 4 KiB (glibc bug 30994); the
-/// copies rustls makes of every 16 KiB record hit it. The receiving ztunnel's memmove was ~26 %
-/// of its samples in a bulk transfer (18 % in rustls' copy of decrypted records, 3 % in the next
-/// copy of the same bytes); with the tunable its CPU per Gbit fell 18 %. Glibc reads tunables only
-/// at start, hence the exec. Nothing happens if `GLIBC_TUNABLES` is already set (the operator's
-/// choice, and how the restarted process knows) or if the exec fails (the proxy runs untuned).
-/// Call first thing in `main`, while the process has one thread.
-pub fn tune_memcpy() {
-    #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
-    {
-        use std::os::unix::process::CommandExt;
-        if std::env::var_os("GLIBC_TUNABLES").is_some() {
-            return;
-        }
-        let mut args = std::env::args_os();
-        let Some(arg0) = args.next() else { return };
-        // Returns only if the exec failed.
-        let _ = std::process::Command::new("/proc/self/exe")
-            .arg0(arg0)
-            .args(args)
-            .env("GLIBC_TUNABLES", MEMCPY_TUNABLE)
-            .exec();
-    }
-}
-
 /// Everything a connection handler needs.
 pub struct Proxy {
     pub network: String,
