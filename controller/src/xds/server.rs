@@ -22,7 +22,7 @@
 //! plus the chunk being built, and a client that takes no response for [`SEND_TIMEOUT`] is
 //! dropped so it cannot pin old snapshots. Warnings a client can trigger are rate-limited.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,6 +206,34 @@ impl Subscription {
 /// At most this many addresses are taken from a client's `INSTANCE_IPS`.
 const MAX_OWN_IPS: usize = 8;
 
+/// Messages read from a client while a push to it runs, kept for after it: ACKs of the
+/// push's own responses, mostly. Past this many the stream is not read until the push ends.
+const EARLY_MAX: usize = 64;
+
+/// What reading the client's stream gave.
+type Inbound = Result<Option<DeltaDiscoveryRequest>, Status>;
+
+/// Runs `push` while reading what the client sends meanwhile into `early` (at most
+/// [`EARLY_MAX`]). A full push to a slow client can take minutes; hyper's HTTP/2 keep-alive
+/// counts as a sign of life only what the service reads, so a client ACKing every response
+/// but not read until the push ended got keep-alive PINGs queued behind megabytes of data,
+/// and was dropped when their answer came later than the keep-alive timeout.
+async fn reading_meanwhile<T>(
+    push: impl std::future::Future<Output = T>,
+    inbound: &mut Streaming<DeltaDiscoveryRequest>,
+    early: &mut VecDeque<Inbound>,
+) -> T {
+    tokio::pin!(push);
+    loop {
+        let ended = matches!(early.back(), Some(Ok(None) | Err(_)));
+        tokio::select! {
+            biased;
+            done = &mut push => return done,
+            msg = inbound.message(), if early.len() < EARLY_MAX && !ended => early.push_back(msg),
+        }
+    }
+}
+
 /// One stream's state.
 struct Session {
     peer: String,
@@ -246,47 +274,59 @@ impl Session {
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
     ) -> Ended {
+        let mut early = VecDeque::new();
         loop {
-            let step = tokio::select! {
-                msg = inbound.message() => {
-                    let req = match msg {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return Ended::Gone,
-                        Err(e) => {
-                            tracing::debug!(peer = %self.peer, error = %e, "xDS stream ended");
+            let step = match early.pop_front() {
+                Some(msg) => self.on_request(msg, &mut snapshots, &mut inbound, &mut early).await,
+                None => tokio::select! {
+                    msg = inbound.message() => self.on_request(msg, &mut snapshots, &mut inbound, &mut early).await,
+                    changed = snapshots.changed() => {
+                        if changed.is_err() {
                             return Ended::Gone;
                         }
-                    };
-                    self.note_node(&req);
-                    match self.request(req) {
-                        Ok(Some((type_url, names, first))) => {
-                            let snapshot = snapshots.borrow_and_update().clone();
-                            self.generation = snapshot.generation;
-                            if let Some(sub) = self.subs.get_mut(TYPES[0]) {
-                                sub.resolve(&snapshot, &self.own_ips);
-                            }
-                            let (names, unknown) = match names {
-                                Some(fresh) => self.resolve_fresh(&snapshot, type_url, fresh),
-                                None => (None, Vec::new()),
-                            };
-                            self.push(&snapshot, type_url, names.as_ref(), first, unknown).await
-                        }
-                        Ok(None) => Ok(()),
-                        Err(e) => Err(e),
+                        let snapshot = snapshots.borrow_and_update().clone();
+                        reading_meanwhile(self.push_changes(&snapshot), &mut inbound, &mut early).await
                     }
-                }
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        return Ended::Gone;
-                    }
-                    let snapshot = snapshots.borrow_and_update().clone();
-                    self.push_changes(&snapshot).await
-                }
+                },
             };
             if let Err(ended) = step {
                 return ended;
             }
         }
+    }
+
+    /// Handles one message read from the client: a subscription change or an ACK, answered
+    /// with a push when it asks for resources.
+    async fn on_request(
+        &mut self,
+        msg: Inbound,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        inbound: &mut Streaming<DeltaDiscoveryRequest>,
+        early: &mut VecDeque<Inbound>,
+    ) -> Result<(), Ended> {
+        let req = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Ended::Gone),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "xDS stream ended");
+                return Err(Ended::Gone);
+            }
+        };
+        self.note_node(&req);
+        let Some((type_url, names, first)) = self.request(req)? else {
+            return Ok(());
+        };
+        let snapshot = snapshots.borrow_and_update().clone();
+        self.generation = snapshot.generation;
+        if let Some(sub) = self.subs.get_mut(TYPES[0]) {
+            sub.resolve(&snapshot, &self.own_ips);
+        }
+        let (names, unknown) = match names {
+            Some(fresh) => self.resolve_fresh(&snapshot, type_url, fresh),
+            None => (None, Vec::new()),
+        };
+        let push = self.push(&snapshot, type_url, names.as_ref(), first, unknown);
+        reading_meanwhile(push, inbound, early).await
     }
 
     /// For names just subscribed to: on the address type, what they resolve to joins the
