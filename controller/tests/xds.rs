@@ -64,17 +64,17 @@ impl Server {
     }
 
     async fn start_with(configure: impl FnOnce(AdsServer) -> AdsServer) -> Server {
+        Server::start_on(tonic::transport::Server::builder(), configure).await
+    }
+
+    async fn start_on(mut builder: tonic::transport::Server, configure: impl FnOnce(AdsServer) -> AdsServer) -> Server {
         let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
         let auth = Arc::new(BootstrapTokens::from_yaml(TOKENS, "test").expect("tokens"));
         let ads = configure(AdsServer::new(rx, auth, XdsMetrics::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(ads.into_service())
-                .serve_with_incoming(incoming),
-        );
+        tokio::spawn(builder.add_service(ads.into_service()).serve_with_incoming(incoming));
         Server { addr, snapshots }
     }
 
@@ -97,11 +97,12 @@ struct Client {
 }
 
 async fn connect(addr: std::net::SocketAddr, token: &str) -> Result<Client, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("uri");
+    connect_to(endpoint, token).await
+}
+
+async fn connect_to(endpoint: tonic::transport::Endpoint, token: &str) -> Result<Client, tonic::Status> {
+    let channel = endpoint.connect().await.expect("connect");
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (requests, rx) = mpsc::channel(16);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
@@ -150,6 +151,19 @@ fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
     let mut n: Vec<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
     n.sort();
     n
+}
+
+/// `n` enrolled pods `p0`... in namespace shop at 10.1.x.y.
+fn pods(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: shop, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
+                i / 200,
+                i % 200 + 1
+            )
+        })
+        .collect()
 }
 
 const WA: &str = "Kubernetes//Pod/shop/a";
@@ -297,15 +311,7 @@ async fn a_stream_asking_for_too_many_names_is_ended() {
 async fn a_client_that_never_reads_is_dropped_after_the_send_timeout() {
     let server = Server::start_with(|ads| ads.with_send_timeout(Duration::from_millis(300))).await;
     // Enough pods that a few pushes fill the client's HTTP/2 window when it does not read.
-    let pods: String = (0..2000)
-        .map(|i| {
-            format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: shop, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
-                i / 200,
-                i % 200 + 1
-            )
-        })
-        .collect();
+    let pods = pods(2000);
     server.publish(&world(&pods));
     let mut client = connect(server.addr, "node-1-secret-0123456789").await.expect("stream");
     client.subscribe(ADDRESS, &[], &[]).await;
@@ -326,6 +332,56 @@ async fn a_client_that_never_reads_is_dropped_after_the_send_timeout() {
     assert!(
         drained.is_ok(),
         "the stream of a client that stopped reading is ended by the server"
+    );
+}
+
+/// A client that ACKs every response but answers an HTTP/2 PING late (its runtime blocked
+/// between responses, as a starved proxy's is) still gets the whole push: the server reads
+/// the ACKs while it pushes, so its keep-alive sees the client alive and never PINGs it.
+/// Before, the server read nothing until the push ended, PINGed after the keep-alive
+/// interval and dropped the client when the answer came later than the keep-alive timeout.
+#[test]
+fn a_slow_client_acking_during_a_long_push_keeps_its_stream() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_millis(1000)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(200)));
+    let server = rt.block_on(Server::start_on(builder, |ads| ads));
+    rt.block_on(async { server.publish(&world(&pods(5000))) });
+    let (addr, expected) = (server.addr, 5002);
+    let client = std::thread::spawn(move || {
+        let crt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        crt.block_on(async move {
+            // Small windows: the server cannot hand the push to the kernel ahead of the client.
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .initial_stream_window_size(65_535)
+                .initial_connection_window_size(65_535);
+            let mut client = connect_to(endpoint, "node-1-secret-0123456789").await.expect("stream");
+            client.subscribe(ADDRESS, &[], &[]).await;
+            let (mut received, mut responses) = (0, 0);
+            while received < expected {
+                let next = tokio::time::timeout(Duration::from_secs(10), client.responses.message()).await;
+                let r = match next {
+                    Ok(Ok(Some(r))) => r,
+                    other => return Err(format!("after {responses} responses ({received} resources): {other:?}")),
+                };
+                received += r.resources.len();
+                responses += 1;
+                client.ack(&r).await;
+                // Blocks the whole client runtime, its HTTP/2 connection task included.
+                std::thread::sleep(Duration::from_millis(600));
+            }
+            Ok(responses)
+        })
+    });
+    let responses = client.join().expect("client thread").expect("the whole push");
+    assert!(
+        responses >= 10,
+        "a push of {responses} responses is too short to show anything"
     );
 }
 
