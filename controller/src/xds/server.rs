@@ -207,31 +207,51 @@ impl Subscription {
 const MAX_OWN_IPS: usize = 8;
 
 /// Messages read from a client while a push to it runs, kept for after it: ACKs of the
-/// push's own responses, mostly. Past this many the stream is not read until the push ends.
+/// push's own responses, mostly (~100 bytes each). Past this many, or once they hold
+/// [`EARLY_MAX_BYTES`], the stream is not read until the push ends: a client cannot make the
+/// server hold more than that plus one message (each at most the request size limit).
 const EARLY_MAX: usize = 64;
+const EARLY_MAX_BYTES: usize = 64 << 10;
 
 /// What reading the client's stream gave.
 type Inbound = Result<Option<DeltaDiscoveryRequest>, Status>;
 
-/// Runs `push` while reading what the client sends meanwhile into `early` (at most
-/// [`EARLY_MAX`]). A full push to a slow client can take minutes; hyper's HTTP/2 keep-alive
+/// Runs `push` while reading what the client sends meanwhile into `early` (bounded by
+/// [`EARLY_MAX`] and [`EARLY_MAX_BYTES`]). A full push to a slow client can take minutes; hyper's HTTP/2 keep-alive
 /// counts as a sign of life only what the service reads, so a client ACKing every response
 /// but not read until the push ended got keep-alive PINGs queued behind megabytes of data,
 /// and was dropped when their answer came later than the keep-alive timeout.
-async fn reading_meanwhile<T>(
+async fn reading_meanwhile<T, S>(
     push: impl std::future::Future<Output = T>,
-    inbound: &mut Streaming<DeltaDiscoveryRequest>,
+    inbound: &mut S,
     early: &mut VecDeque<Inbound>,
-) -> T {
+) -> T
+where
+    S: Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Unpin,
+{
+    use futures_util::StreamExt;
     tokio::pin!(push);
     loop {
         let ended = matches!(early.back(), Some(Ok(None) | Err(_)));
+        let room = early.len() < EARLY_MAX && held_bytes(early) < EARLY_MAX_BYTES;
         tokio::select! {
             biased;
             done = &mut push => return done,
-            msg = inbound.message(), if early.len() < EARLY_MAX && !ended => early.push_back(msg),
+            msg = inbound.next(), if room && !ended => early.push_back(msg.transpose()),
         }
     }
+}
+
+/// The encoded size of the requests held in `early`.
+fn held_bytes(early: &VecDeque<Inbound>) -> usize {
+    use prost::Message;
+    early
+        .iter()
+        .map(|m| match m {
+            Ok(Some(r)) => r.encoded_len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// One stream's state.
@@ -700,5 +720,60 @@ impl AdsServer {
         });
         let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// A request of about `names` * 20 bytes.
+    fn request(names: usize) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            resource_names_subscribe: (0..names).map(|i| format!("ns/name-{i:012}")).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What a push reads meanwhile is bounded in bytes and count; the rest stays unread in
+    /// the stream (HTTP/2 flow control then holds the client back), and nothing is lost.
+    #[tokio::test]
+    async fn reads_during_a_push_are_bounded() {
+        for (size, count) in [(1000, 100), (1, 200)] {
+            let mut inbound = futures_util::stream::iter((0..count).map(|_| Ok(request(size))));
+            let (release, push) = tokio::sync::oneshot::channel::<()>();
+            let mut early = VecDeque::new();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let _ = release.send(());
+            });
+            reading_meanwhile(push, &mut inbound, &mut early)
+                .await
+                .expect("released");
+            let held = held_bytes(&early);
+            assert!(early.len() <= 64, "{} held", early.len());
+            // 64 KiB and one message past it, whatever the constants say.
+            assert!(held < (64 << 10) + request(size).encoded_len(), "{held} bytes held");
+            let rest = futures_util::StreamExt::count(inbound).await;
+            assert_eq!(early.len() + rest, count, "every request is held or still unread");
+            assert!(rest > 0, "the stream was read past the bound");
+        }
+    }
+
+    /// A stream that ends during a push is noted once and not polled again.
+    #[tokio::test]
+    async fn the_end_of_the_stream_is_kept_for_after_the_push() {
+        let mut inbound = futures_util::stream::iter([Ok(request(1))]);
+        let mut early = VecDeque::new();
+        let push = async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        reading_meanwhile(push, &mut inbound, &mut early).await;
+        assert_eq!(early.len(), 2);
+        assert!(matches!(early.back(), Some(Ok(None))));
     }
 }
