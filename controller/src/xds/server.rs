@@ -742,7 +742,8 @@ mod tests {
     #[tokio::test]
     async fn reads_during_a_push_are_bounded() {
         for (size, count) in [(1000, 100), (1, 200)] {
-            let mut inbound = futures_util::stream::iter((0..count).map(|_| Ok(request(size))));
+            let requests = (0..count).map(|_| request(size)).map(Ok::<_, Status>);
+            let mut inbound = futures_util::stream::iter(requests);
             let (release, push) = tokio::sync::oneshot::channel::<()>();
             let mut early = VecDeque::new();
             tokio::spawn(async move {
