@@ -646,74 +646,88 @@ fn virtual_services(inputs: &Inputs, options: &Options, routes: &mut Routes, rep
             let target = entry(routes, &service);
             target.sources.push(format!("VirtualService/{key}"));
             for (i, http) in vs.spec.http.iter().enumerate() {
-                let matches = http
-                    .matches
-                    .iter()
-                    .map(|m| wp::RouteMatch {
-                        path: m.uri.as_ref().and_then(istio_match),
-                        method: m.method.as_ref().and_then(|s| s.exact.clone()).unwrap_or_default(),
-                        headers: istio_matches(&m.headers, true),
-                        query_params: istio_matches(&m.query_params, false),
-                        ..Default::default()
-                    })
-                    .collect();
-                let field = |f: &str| format!("http[{i}].{f}");
-                let single = http.route.len() == 1;
-                let backends = http
-                    .route
-                    .iter()
-                    .map(|d| wp::WeightedBackend {
-                        service: host_key(&d.destination.host, ns, options),
-                        port: d.destination.port.as_ref().map(|p| p.number).unwrap_or(0),
-                        weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
-                        subset: d.destination.subset.clone().unwrap_or_default(),
-                    })
-                    .collect();
-                let retry = http.retries.as_ref().map(|r| wp::Retry {
-                    attempts: r.attempts,
-                    per_try_timeout: opt_duration(
-                        r.per_try_timeout.as_deref(),
-                        kind,
-                        key,
-                        &field("retries.perTryTimeout"),
-                        report,
-                    ),
-                    retry_on: r
-                        .retry_on
-                        .iter()
-                        .flat_map(|s| s.split(','))
-                        .map(|s| s.trim().to_owned())
-                        .collect(),
-                    ..Default::default()
-                });
-                let fault = http.fault.as_ref().map(|f| wp::Fault {
-                    delay: f.delay.as_ref().and_then(|d| {
-                        opt_duration(
-                            d.fixed_delay.as_deref(),
-                            kind,
-                            key,
-                            &field("fault.delay.fixedDelay"),
-                            report,
-                        )
-                    }),
-                    delay_percent: f.delay.as_ref().map(|d| percent(d.percentage.as_ref())).unwrap_or(0.0),
-                    abort_status: f.abort.as_ref().and_then(|a| a.http_status).unwrap_or(0),
-                    abort_percent: f.abort.as_ref().map(|a| percent(a.percentage.as_ref())).unwrap_or(0.0),
-                });
-                target.routes.push(wp::Route {
-                    name: format!(
-                        "VirtualService/{key}/{}",
-                        http.name.clone().unwrap_or_else(|| format!("http[{i}]"))
-                    ),
-                    matches,
-                    backends,
-                    timeout: opt_duration(http.timeout.as_deref(), kind, key, &field("timeout"), report),
-                    retry,
-                    fault,
-                    ..Default::default()
-                });
+                let route = vs_route(http, i, key, &|h: &str| host_key(h, ns, options), report);
+                target.routes.push(route);
             }
         }
+    }
+}
+
+/// One `http` route of a VirtualService (`i`-th, for problem locations) as a waypoint route;
+/// `host` names a destination host as a service key.
+fn vs_route(
+    http: &istio::HttpRoute,
+    i: usize,
+    key: &ObjectKey,
+    host: &dyn Fn(&str) -> String,
+    report: &mut Report,
+) -> wp::Route {
+    let kind = Kind::VirtualService;
+    let matches = http
+        .matches
+        .iter()
+        .map(|m| wp::RouteMatch {
+            path: m.uri.as_ref().and_then(istio_match),
+            method: m.method.as_ref().and_then(|s| s.exact.clone()).unwrap_or_default(),
+            headers: istio_matches(&m.headers, true),
+            query_params: istio_matches(&m.query_params, false),
+            ..Default::default()
+        })
+        .collect();
+    let field = |f: &str| format!("http[{i}].{f}");
+    let single = http.route.len() == 1;
+    let backends = http
+        .route
+        .iter()
+        .map(|d| wp::WeightedBackend {
+            service: host(&d.destination.host),
+            port: d.destination.port.as_ref().map(|p| p.number).unwrap_or(0),
+            weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
+            subset: d.destination.subset.clone().unwrap_or_default(),
+        })
+        .collect();
+    let retry = http.retries.as_ref().map(|r| wp::Retry {
+        attempts: r.attempts,
+        per_try_timeout: opt_duration(
+            r.per_try_timeout.as_deref(),
+            kind,
+            key,
+            &field("retries.perTryTimeout"),
+            report,
+        ),
+        retry_on: r
+            .retry_on
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|s| s.trim().to_owned())
+            .collect(),
+        ..Default::default()
+    });
+    let fault = http.fault.as_ref().map(|f| wp::Fault {
+        delay: f.delay.as_ref().and_then(|d| {
+            opt_duration(
+                d.fixed_delay.as_deref(),
+                kind,
+                key,
+                &field("fault.delay.fixedDelay"),
+                report,
+            )
+        }),
+        delay_percent: f.delay.as_ref().map(|d| percent(d.percentage.as_ref())).unwrap_or(0.0),
+        abort_status: f.abort.as_ref().and_then(|a| a.http_status).unwrap_or(0),
+        abort_percent: f.abort.as_ref().map(|a| percent(a.percentage.as_ref())).unwrap_or(0.0),
+    });
+    wp::Route {
+        name: format!(
+            "VirtualService/{key}/{}",
+            http.name.clone().unwrap_or_else(|| format!("http[{i}]"))
+        ),
+        matches,
+        backends,
+        timeout: opt_duration(http.timeout.as_deref(), kind, key, &field("timeout"), report),
+        retry,
+        fault,
+        ..Default::default()
     }
 }
 
