@@ -23,6 +23,7 @@ use tracing::{debug, info};
 
 use super::refusal::{ConnError, Refusal};
 use super::source::client_source;
+use super::tracker::Registration;
 use super::Proxy;
 use crate::metrics::{ConnRecord, CountedClient, ReasonLabels, TcpLabels};
 
@@ -61,6 +62,34 @@ impl Client {
 /// Authorizes, connects, tracks and splices one inbound connection to `conn.wl`.
 /// `conn` comes boxed: an async fn keeps its arguments for as long as it runs.
 pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Box<Inbound>) {
+    // Set-up is boxed and freed once done: a task's size is fixed by what its longest wait
+    // holds, and thousands of idle connections each hold one.
+    let Some(Ready {
+        record,
+        registration,
+        client,
+        mut upstream,
+    }) = Box::pin(prepare(px, state, client, conn)).await
+    else {
+        return;
+    };
+    let result = tokio::select! {
+        r = client.splice(&mut upstream, &record) => r,
+        _ = registration.cancel.cancelled() => Err(ConnError::PolicyRevoked),
+    };
+    record.finish(result);
+}
+
+/// An authorized connection, tracked, connected to the application and accepted.
+struct Ready<'a> {
+    record: ConnRecord<'a>,
+    registration: Registration,
+    client: Accepted,
+    upstream: TcpStream,
+}
+
+/// Everything before the splice: `None` once the connection was refused, failed or recorded.
+async fn prepare<'a>(px: &'a Proxy, state: Arc<State>, client: Client, conn: Box<Inbound>) -> Option<Ready<'a>> {
     let observed = observe(|| state.policies_for(&conn.wl), &conn.info);
     if !observed.is_empty() {
         px.metrics.observed(&observed);
@@ -70,7 +99,7 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Box<In
         let dry_run = observed.dry_run.as_ref().map(ToString::to_string);
         info!(src = %conn.peer, identity, dst = %conn.info.dst, %denial, direction = conn.direction, audit = %observed.audit_names(), dry_run, "{}", Refusal::PolicyDenied);
         client.refuse(px, Refusal::PolicyDenied);
-        return;
+        return None;
     }
     drop(state);
     let source = client_source(conn.peer, conn.forwarded, conn.forwarded_trusted, |ip| {
@@ -88,9 +117,7 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Box<In
     // Tracked from here: a policy update while the application is dialled closes it too.
     let registration = px.tracker.register(conn.info.clone(), conn.wl.uid.clone());
     let dst = conn.info.dst;
-    let Some((client, mut upstream)) = Box::pin(dial(px, client, source.addr, dst, &conn)).await else {
-        return;
-    };
+    let (client, upstream) = Box::pin(dial(px, client, source.addr, dst, &conn)).await?;
     // Only what the splice needs is kept across it: a task's size is fixed by what its longest
     // wait holds, and thousands of idle connections each hold one.
     let Inbound {
@@ -106,17 +133,18 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Box<In
             Ok(h2) => Accepted::Hbone(h2),
             Err(e) => {
                 debug!(error = %e, "client went away before the tunnel was accepted");
-                return;
+                return None;
             }
         },
         Client::Plain(tcp) => Accepted::Plain(tcp),
     };
     let record = ConnRecord::open(&px.metrics, labels, direction, source.addr, dst, None).with_observed(observed);
-    let result = tokio::select! {
-        r = client.splice(&mut upstream, &record) => r,
-        _ = registration.cancel.cancelled() => Err(ConnError::PolicyRevoked),
-    };
-    record.finish(result);
+    Some(Ready {
+        record,
+        registration,
+        client,
+        upstream,
+    })
 }
 
 /// Connects to the application at `dst` from `from`'s address where the kernel allows. On

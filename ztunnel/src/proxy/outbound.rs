@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use mesh_core::hbone::stream::H2Stream;
 use mesh_core::hbone::{PoolKey, TunnelRequest};
 use mesh_core::identity::Identity;
 use mesh_core::socket::original_dst;
@@ -299,8 +300,17 @@ pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr)
     let (labels, hbone_addr) = labels(&src, &route);
     let record = ConnRecord::open(&px.metrics, labels, "outbound", peer, dst, hbone_addr);
     let ends = Ends { peer, dst, src: &src };
-    let result = forward(&px, &mut tcp, ends, route, &record).await;
-    record.finish(result);
+    // Set-up is boxed and freed once done: the task then holds only what the splice needs (a
+    // task's size is fixed by its largest wait, and thousands of idle connections hold one).
+    let stream = match Box::pin(forward(&px, &mut tcp, ends, route, &record)).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => return record.finish(Ok(())),
+        Err(e) => return record.finish(Err(e)),
+    };
+    let result = stream
+        .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
+        .await;
+    record.finish(result.map(drop).map_err(ConnError::from));
 }
 
 /// Where a captured connection goes, or None (logged and counted) when it must be refused:
@@ -370,14 +380,15 @@ struct Ends<'a> {
     src: &'a Workload,
 }
 
-/// Carries the connection along its route until either side closes.
+/// The tunnel the connection's route takes, or `None` once a plain route has carried it until
+/// either side closed.
 async fn forward(
     px: &Proxy,
     tcp: &mut TcpStream,
     Ends { peer, dst, src }: Ends<'_>,
     route: Route,
     record: &ConnRecord<'_>,
-) -> Result<(), ConnError> {
+) -> Result<Option<H2Stream>, ConnError> {
     let tunnel = match route {
         Route::Hbone {
             endpoint,
@@ -412,19 +423,14 @@ async fn forward(
             Box::pin(px.pool.connect_double(&req)).await
         }
         Route::Plain { addr, .. } | Route::Passthrough(addr) => {
-            return Box::pin(plain(px, tcp, addr, record.bytes())).await;
+            return Box::pin(plain(px, tcp, addr, record.bytes())).await.map(|()| None);
         }
         Route::Resolve { host, port, .. } => {
             let addr = resolve_host(&host, port, dst, px.settings.connect_timeout).await?;
-            return Box::pin(plain(px, tcp, addr, record.bytes())).await;
+            return Box::pin(plain(px, tcp, addr, record.bytes())).await.map(|()| None);
         }
     };
-    let stream = tunnel.map_err(ConnError::from)?;
-    stream
-        .splice_tcp_observed(tcp, &record.bytes().tunnel_to_destination())
-        .await
-        .map(drop)
-        .map_err(ConnError::from)
+    tunnel.map(Some).map_err(ConnError::from)
 }
 
 /// The double-HBONE tunnel for a connection from `peer` (workload `src`): outer to `gateway`
