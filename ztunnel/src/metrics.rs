@@ -417,8 +417,9 @@ pub struct ConnRecord<'a> {
     dst_addr: std::net::SocketAddr,
     hbone_addr: Option<std::net::SocketAddr>,
     start: std::time::Instant,
-    /// What AUDIT and dry-run policies saw (inbound), for the access log.
-    observed: Observed,
+    /// What AUDIT and dry-run policies saw (inbound), for the access log; boxed, and only when
+    /// any did, as most connections see none and each idle one holds its record.
+    observed: Option<Box<Observed>>,
 }
 
 impl<'a> ConnRecord<'a> {
@@ -453,13 +454,13 @@ impl<'a> ConnRecord<'a> {
             dst_addr,
             hbone_addr,
             start: std::time::Instant::now(),
-            observed: Observed::default(),
+            observed: None,
         }
     }
 
     /// Names in the access log what AUDIT and dry-run policies saw of the connection.
     pub fn with_observed(mut self, observed: Observed) -> Self {
-        self.observed = observed;
+        self.observed = (!observed.is_empty()).then(|| Box::new(observed));
         self
     }
 
@@ -475,6 +476,8 @@ impl<'a> ConnRecord<'a> {
         let (sent, received) = self.bytes.totals();
         let l = &self.labels;
         let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+        let none = Observed::default();
+        let observed = self.observed.as_deref().unwrap_or(&none);
         tracing::info!(
             target: "access",
             direction = self.direction,
@@ -492,8 +495,8 @@ impl<'a> ConnRecord<'a> {
             bytes_recv = received,
             duration_ms = self.start.elapsed().as_millis() as u64,
             error = error.as_str(),
-            authz.audit = %self.observed.audit_names(),
-            authz.dry_run = %self.observed.dry_run.as_ref().map(ToString::to_string).unwrap_or_default(),
+            authz.audit = %observed.audit_names(),
+            authz.dry_run = %observed.dry_run.as_ref().map(ToString::to_string).unwrap_or_default(),
             "connection complete"
         );
     }

@@ -76,7 +76,9 @@ async fn tcp_to_h2(
     let mut reader = ChunkReader::default();
     let mut total = 0u64;
     loop {
-        r.readable().await?;
+        // The socket's own read waker, not `readable()`: that future carries a waiter node
+        // (tens of bytes) in every idle connection's task; this task is the socket's only reader.
+        poll_fn(|cx| r.as_ref().poll_read_ready(cx)).await?;
         let mut chunk = match reader.try_read(&r) {
             Ok(c) => c,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -180,20 +182,25 @@ impl H2Stream {
         self.splice_tcp_observed(tcp, &()).await
     }
 
-    /// As [`H2Stream::splice_tcp`], telling `obs` of every chunk as it moves.
-    pub async fn splice_tcp_observed(
+    /// As [`H2Stream::splice_tcp`], telling `obs` of every chunk as it moves. Not an async fn:
+    /// the future holds the stream's parts once, not also the `H2Stream` they came from.
+    pub fn splice_tcp_observed<'a>(
         self,
-        tcp: &mut tokio::net::TcpStream,
-        obs: &dyn SpliceObserver,
-    ) -> io::Result<Transferred> {
+        tcp: &'a mut tokio::net::TcpStream,
+        obs: &'a dyn SpliceObserver,
+    ) -> impl std::future::Future<Output = io::Result<Transferred>> + Send + 'a {
         let H2Stream {
             mut send,
             mut recv,
             _guard,
         } = self;
-        let (r, w) = tcp.split();
-        let (to_tunnel, from_tunnel) = tokio::try_join!(tcp_to_h2(r, &mut send, obs), h2_to_tcp(&mut recv, w, obs))?;
-        Ok(Transferred { to_tunnel, from_tunnel })
+        async move {
+            let _guard = _guard;
+            let (r, w) = tcp.split();
+            let (to_tunnel, from_tunnel) =
+                tokio::try_join!(tcp_to_h2(r, &mut send, obs), h2_to_tcp(&mut recv, w, obs))?;
+            Ok(Transferred { to_tunnel, from_tunnel })
+        }
     }
 }
 

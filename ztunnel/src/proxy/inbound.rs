@@ -74,7 +74,17 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-pub(super) async fn stream(px: Arc<Proxy>, mut req: Box<InboundConnect>) {
+pub(super) async fn stream(px: Arc<Proxy>, req: Box<InboundConnect>) {
+    // Checked in a plain function: its locals are gone before the connection's long wait.
+    let Some((state, req, conn)) = check(&px, req) else {
+        return;
+    };
+    deliver(&px, state, Client::Hbone(req), conn).await;
+}
+
+/// The stream's destination workload and what is known of the connection, or `None` once the
+/// stream was refused (answered and counted).
+fn check(px: &Proxy, mut req: Box<InboundConnect>) -> Option<(Arc<State>, Box<InboundConnect>, Box<Inbound>)> {
     let state = px.state.load();
     // Double HBONE names the service by hostname: resolve it to this workload's target port.
     if let Some(host) = req.hostname.take() {
@@ -84,7 +94,7 @@ pub(super) async fn stream(px: Arc<Proxy>, mut req: Box<InboundConnect>) {
                 debug!(%host, local = %req.local_addr, "{}", Refusal::BadAuthority);
                 px.metrics.refuse(Refusal::BadAuthority);
                 req.reject(Refusal::BadAuthority.status());
-                return;
+                return None;
             }
         }
     }
@@ -94,12 +104,12 @@ pub(super) async fn stream(px: Arc<Proxy>, mut req: Box<InboundConnect>) {
         debug!(dst = %req.dst, local = %req.local_addr, "{}", Refusal::BadAuthority);
         px.metrics.refuse(Refusal::BadAuthority);
         req.reject(Refusal::BadAuthority.status());
-        return;
+        return None;
     };
     if px.is_loop(req.dst) {
         px.metrics.refuse(Refusal::Loop);
         req.reject(Refusal::Loop.status());
-        return;
+        return None;
     }
     let src_wl = state.workload_by_ip(&px.network, req.peer_addr.ip()).cloned();
     let info = ConnectionInfo {
@@ -132,7 +142,7 @@ pub(super) async fn stream(px: Arc<Proxy>, mut req: Box<InboundConnect>) {
         forwarded,
         forwarded_trusted,
     };
-    deliver(&px, state, Client::Hbone(req), Box::new(conn)).await;
+    Some((state, req, Box::new(conn)))
 }
 
 /// The `host=` of a `forwarded` header (a waypoint names the service the client reached).
