@@ -57,6 +57,26 @@ const NGINX_QUIET_PORT: u16 = 8443;
 const FIXED_CONNS: u32 = 12;
 const PAUSE_LUA: &str = "function delay()\n  return math.random(5, 15)\nend\n";
 
+/// An HTTPS Gateway `name` in the gateway namespace terminating the Secret below.
+fn gateway(name: &str) -> String {
+    format!(
+        r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: {name}, namespace: {GW_NS}}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: https
+    hostname: "*.example.com"
+    port: 443
+    protocol: HTTPS
+    tls: {{mode: Terminate, certificateRefs: [{{name: example-com-cert}}]}}
+    allowedRoutes: {{namespaces: {{from: All}}}}
+"#
+    )
+}
+
 /// Namespaces, the backend's Service, the two Gateways (HTTPS, the Secret below), the
 /// Telemetry that turns the second one's access log off, and the route on both.
 fn world(cert_pem: &str, key_pem: &str) -> String {
@@ -78,33 +98,7 @@ apiVersion: v1
 kind: Service
 metadata: {{name: app, namespace: production}}
 spec: {{clusterIP: 10.96.{ID}.10, selector: {{app: app}}, ports: [{{name: http, port: 8080, targetPort: 8080}}]}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: {GW}, namespace: {GW_NS}}}
-spec:
-  gatewayClassName: istio
-  listeners:
-  - name: https
-    hostname: "*.example.com"
-    port: 443
-    protocol: HTTPS
-    tls: {{mode: Terminate, certificateRefs: [{{name: example-com-cert}}]}}
-    allowedRoutes: {{namespaces: {{from: All}}}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: {GW_QUIET}, namespace: {GW_NS}}}
-spec:
-  gatewayClassName: istio
-  listeners:
-  - name: https
-    hostname: "*.example.com"
-    port: 443
-    protocol: HTTPS
-    tls: {{mode: Terminate, certificateRefs: [{{name: example-com-cert}}]}}
-    allowedRoutes: {{namespaces: {{from: All}}}}
----
+{gateway}{quiet}---
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
 metadata: {{name: no-access-log, namespace: {GW_NS}}}
@@ -129,7 +123,9 @@ stringData:
 {}  tls.key: |
 {}"#,
         indent(cert_pem),
-        indent(key_pem)
+        indent(key_pem),
+        gateway = gateway(GW),
+        quiet = gateway(GW_QUIET),
     )
 }
 
