@@ -1,6 +1,8 @@
 //! xds-bench: the controller at scale. Generates a manifest directory (by default 10,000 pods,
-//! 1,000 services, 500 authorization policies), starts the real controller binary on it, and
-//! connects many Delta ADS clients over TLS. Measures:
+//! 1,000 services, 500 authorization policies; one EndpointSlice per Service listing the pods
+//! its selector picks, as a cluster has, and 20 selector-less services whose hand-written
+//! slices name pods, some in other namespaces, the probe pod among them), starts the real
+//! controller binary on it, and connects many Delta ADS clients over TLS. Measures:
 //!
 //! - start-up: process start to `/ready` (reading, translating, encoding everything);
 //! - full push: clients connecting at once until every one holds every resource;
@@ -111,6 +113,7 @@ fn generate(dir: &Path, a: &Args) -> Result<()> {
         ));
     }
     std::fs::write(dir.join("services.yaml"), text)?;
+    write_slices(dir, a)?;
     let mut text = String::new();
     for p in 0..a.policies {
         let ns = p % NAMESPACES;
@@ -131,6 +134,73 @@ fn generate(dir: &Path, a: &Args) -> Result<()> {
     }
     std::fs::write(dir.join("probe.yaml"), pod(0, &pod_ip(0)))?;
     Ok(())
+}
+
+/// Endpoints per EndpointSlice, as Kubernetes' EndpointSlice controller caps them by default
+/// (`--max-endpoints-per-slice`): a service with more pods would get several slices; at the
+/// bench's sizes (at most 100 pods per app) one each suffices.
+const ENDPOINTS_PER_SLICE: usize = 100;
+
+/// Selector-less services (`ext-N`, their EndpointSlices written by hand, as for databases
+/// outside the cluster or a hand-run controller): each names [`EXT_PODS`] pods.
+const EXT_SERVICES: usize = 20;
+const EXT_PODS: usize = 5;
+
+/// The pods selector-less service `e` has endpoints on: spread over every namespace, so most
+/// of its slice's targetRefs name a pod in another namespace than the slice's; `ext-0`
+/// names the probe pod (pod 0, in ns-0) from ns-0 and `ext-1` from ns-1, so every change
+/// lists them.
+fn ext_pods(e: usize, pods: usize) -> impl Iterator<Item = usize> {
+    let first = if e < 2 { 0 } else { e * 37 };
+    (0..EXT_PODS).map(move |j| (first + j * 7919) % pods.max(1))
+}
+
+/// One EndpointSlice line's endpoint: the pod's original address and a targetRef.
+fn endpoint(i: usize) -> String {
+    format!(
+        "{{addresses: [{}], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: pod-{i}, namespace: ns-{}}}}}",
+        pod_ip(i),
+        i % NAMESPACES
+    )
+}
+
+fn slice(ns: usize, service: &str, endpoints: Vec<String>) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-abcde, namespace: ns-{ns}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n---\n",
+        endpoints.join(", ")
+    )
+}
+
+/// Slices per manifest file: a file of 100-endpoint slices is ~13 KB per slice, and the
+/// controller skips a document over 16 MiB.
+const SLICES_PER_FILE: usize = 500;
+
+/// What a cluster's EndpointSlice controller would hold: one slice per Service, listing the
+/// pods its selector picks (pods `i` with `i % 1000 == s`, at most [`ENDPOINTS_PER_SLICE`]);
+/// then the selector-less services and their hand-written slices.
+fn write_slices(dir: &Path, a: &Args) -> Result<()> {
+    for chunk in 0..a.services.div_ceil(SLICES_PER_FILE) {
+        let mut text = String::new();
+        for s in chunk * SLICES_PER_FILE..((chunk + 1) * SLICES_PER_FILE).min(a.services) {
+            let endpoints = (s..a.pods).step_by(1000).take(ENDPOINTS_PER_SLICE).map(endpoint);
+            text.push_str(&slice(s % NAMESPACES, &format!("svc-{s}"), endpoints.collect()));
+        }
+        std::fs::write(dir.join(format!("slices-{chunk:04}.yaml")), text)?;
+    }
+    let mut text = String::new();
+    for e in 0..EXT_SERVICES {
+        let ns = e % NAMESPACES;
+        text.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-{e}, namespace: ns-{ns}}}\nspec: {{clusterIP: 10.97.0.{}, ports: [{{name: http, port: 80}}]}}\n---\n",
+            e + 1
+        ));
+        text.push_str(&slice(
+            ns,
+            &format!("ext-{e}"),
+            ext_pods(e, a.pods).map(endpoint).collect(),
+        ));
+    }
+    Ok(std::fs::write(dir.join("external.yaml"), text)?)
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -425,7 +495,7 @@ async fn main() -> Result<()> {
     let identity = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller".parse()?;
     let tls = mesh_core::tls::control_plane_client_config(&roots, vec![identity])?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let expect = (a.pods + a.services, a.policies);
+    let expect = (a.pods + a.services + EXT_SERVICES, a.policies);
     let push_start = Instant::now();
     let (cpu_before, own_cpu_before, written_before) = (cpu_time(pid), cpu_time(std::process::id()), written(pid));
     for id in 0..a.clients {
@@ -500,8 +570,12 @@ async fn main() -> Result<()> {
     println!("| measure | value | goal |");
     println!("|---|---|---|");
     println!(
-        "| inputs | {} pods, {} services, {} policies, {} clients | |",
-        a.pods, a.services, a.policies, a.clients
+        "| inputs | {} pods, {} services (+{EXT_SERVICES} selector-less), {} EndpointSlices, {} policies, {} clients | |",
+        a.pods,
+        a.services,
+        a.services + EXT_SERVICES,
+        a.policies,
+        a.clients
     );
     println!(
         "| start-up to ready (read + translate + encode) | {:.0} ms | < 10 s (100k pods) |",
