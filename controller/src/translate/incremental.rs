@@ -10,7 +10,10 @@
 //! - an AuthorizationPolicy -> its authorization and the pods its old or new selector picks
 //!   (their workloads list the policy);
 //! - a Namespace -> its pods and services (waypoint and ingress labels);
-//! - EndpointSlices -> the pods they name; the enrolled set -> the pods entering or leaving it;
+//! - EndpointSlices -> the pods they name, and their entries in the slice index
+//!   ([`super::slice_index`]) a pod's translation looks its selector-less services up in (so
+//!   a pod change reads its own slices, not every slice of the cluster); the enrolled set ->
+//!   the pods entering or leaving it;
 //! - everything else (Gateways, routes, waypoint policies, ingress, telemetry, kind states)
 //!   -> the "tail": routes, waypoint policies, ingress gateways and waypoints, recomputed as a
 //!   whole (few objects); when the waypoints' addresses change, every pod and service.
@@ -34,10 +37,11 @@ use mesh_proto::security::Authorization;
 use mesh_proto::workload as pb;
 
 use super::attach::{self, Attachments, Waypoint};
+use super::slice_index::{slice_pods, SliceIndex, SERVICE_NAME_LABEL};
 use super::workload::{self, PodContext};
 use super::{authz, peer_authn, service, Options, Outputs, Problem, Report, Selected};
 use crate::mesh_config::OutboundMode;
-use crate::model::{in_namespace, EndpointSlice, Inputs, Kind, Object, ObjectKey, Pod, Service};
+use crate::model::{in_namespace, Inputs, Kind, Object, ObjectKey, Pod, Service};
 use crate::source::{Change, KindSync};
 
 /// Names whose resources a step may have changed (the snapshot re-encodes only these).
@@ -71,6 +75,8 @@ struct Pending {
     all_pods: bool,
     /// Pods, PeerAuthentications or namespaces changed: PeerAuthentication is recomputed.
     peer: bool,
+    /// EndpointSlices changed: their entries in the slice index are brought up to date.
+    slices: BTreeSet<ObjectKey>,
 }
 
 /// What one policy translated to.
@@ -119,6 +125,8 @@ pub struct Incremental {
     /// Each pod's IPs (eligible, not host-network) and the pods holding each IP.
     pod_ips: HashMap<ObjectKey, Vec<IpAddr>>,
     ip_pods: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Which pods EndpointSlices name: a pod change looks up its own slices.
+    slices: SliceIndex,
     problems: BTreeMap<Origin, Vec<Problem>>,
 }
 
@@ -142,6 +150,7 @@ impl Incremental {
             waypoints: BTreeMap::new(),
             pod_ips: HashMap::new(),
             ip_pods: HashMap::new(),
+            slices: SliceIndex::default(),
             problems: BTreeMap::new(),
         }
     }
@@ -200,6 +209,9 @@ impl Incremental {
         let full = pending.full || !self.valid || network_changed;
         let started = Instant::now();
         let mut pending = if full { self.everything(inputs) } else { pending };
+        for key in &pending.slices {
+            self.slices.update(key, inputs.endpoint_slices.get(key));
+        }
         let mut touched = Touched::default();
         let mut updates: BTreeMap<String, Option<pb::Address>> = BTreeMap::new();
         let tail = (pending.tail || full).then(|| self.tail(inputs, &mut pending));
@@ -360,6 +372,7 @@ impl Incremental {
         self.waypoints.clear();
         self.pod_ips.clear();
         self.ip_pods.clear();
+        self.slices = SliceIndex::new(inputs);
         self.problems.clear();
         self.spare = None;
         self.last = None;
@@ -527,7 +540,7 @@ impl Incremental {
                 pending.selectors.push((key.namespace.clone(), sel.clone()));
             }
             if !pending.full {
-                pending.pods.extend(sliced_pods(inputs, key));
+                pending.pods.extend(self.slices.pods_of(key).cloned());
             }
         }
         if pending.full || pending.all_pods {
@@ -549,7 +562,7 @@ impl Incremental {
         let options = &self.options;
         let attach = Attachments::new(inputs, &self.waypoints, options, &mut Report::default());
         let namespaces = pending.pods.iter().map(|k| k.namespace.as_str());
-        let ctx = PodContext::of_namespaces(inputs, options, &attach, &self.selected, namespaces);
+        let ctx = PodContext::of_namespaces(inputs, options, &attach, &self.selected, &self.slices, namespaces);
         let registry_only = inputs.mesh.outbound_traffic_policy.mode == OutboundMode::RegistryOnly;
         let mut ips_touched = BTreeSet::new();
         for key in &pending.pods {
@@ -674,16 +687,13 @@ fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, ne
             p.tail = true;
         }
         (Kind::EndpointSlice, new) => {
-            p.pods.extend(
-                inputs
-                    .endpoint_slices
-                    .get(key)
-                    .map(|s| slice_pods(key, s))
-                    .unwrap_or_default(),
-            );
+            if let Some(old) = inputs.endpoint_slices.get(key) {
+                p.pods.extend(slice_pods(key, old));
+            }
             if let Some(Object::EndpointSlice(s)) = new {
                 p.pods.extend(slice_pods(key, s));
             }
+            p.slices.insert(key.clone());
         }
         (Kind::PeerAuthentication, _) => {
             p.peer = true;
@@ -719,22 +729,6 @@ fn selector(svc: &Service) -> Option<&BTreeMap<String, String>> {
     svc.spec.as_ref()?.selector.as_ref().filter(|s| !s.is_empty())
 }
 
-/// The pods an EndpointSlice names.
-fn slice_pods(key: &ObjectKey, slice: &EndpointSlice) -> Vec<ObjectKey> {
-    slice
-        .endpoints
-        .iter()
-        .filter_map(|ep| ep.target_ref.as_ref())
-        .filter(|t| t.kind.as_deref() == Some("Pod"))
-        .map(|t| {
-            ObjectKey::new(
-                t.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
-                t.name.clone().unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
 /// The pods the EndpointSlices of service `key` name.
 fn sliced_pods(inputs: &Inputs, key: &ObjectKey) -> Vec<ObjectKey> {
     in_namespace(&inputs.endpoint_slices, &key.namespace)
@@ -742,10 +736,10 @@ fn sliced_pods(inputs: &Inputs, key: &ObjectKey) -> Vec<ObjectKey> {
             s.metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
                 .is_some_and(|n| *n == key.name)
         })
-        .flat_map(|(k, s)| slice_pods(k, s))
+        .flat_map(|(k, s)| slice_pods(k, s).collect::<Vec<_>>())
         .collect()
 }
 

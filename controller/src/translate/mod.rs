@@ -16,6 +16,7 @@ pub mod render;
 mod routes;
 mod service;
 mod service_entry;
+mod slice_index;
 mod telemetry;
 mod unimplemented;
 mod upstream_tls;

@@ -10,6 +10,7 @@ use mesh_proto::workload as pb;
 
 use super::attach::{Attachments, ENROLLED_ANNOTATION, ENROLLED_VALUE};
 use super::service::{target_port, SelectorIndex};
+use super::slice_index::{SliceIndex, SliceMembership};
 use super::{service_hostname, Options, Report, Selected};
 use crate::model::{Inputs, Kind, ObjectKey, Pod};
 
@@ -106,52 +107,6 @@ fn healthy(pod: &Pod) -> bool {
     }
 }
 
-/// A selector-less service a pod backs, with the slice's port names and numbers.
-type SliceMembership = (ObjectKey, Vec<(String, u32)>);
-
-/// Pods backing selector-less services, from EndpointSlices: pod -> [(service key, port map)].
-fn slice_members(inputs: &Inputs) -> HashMap<ObjectKey, Vec<SliceMembership>> {
-    let mut out: HashMap<ObjectKey, Vec<SliceMembership>> = HashMap::new();
-    for (key, slice) in &inputs.endpoint_slices {
-        let Some(svc_name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        else {
-            continue;
-        };
-        let svc_key = ObjectKey::new(key.namespace.clone(), svc_name.clone());
-        let has_selector = inputs
-            .services
-            .get(&svc_key)
-            .and_then(|s| s.spec.as_ref())
-            .and_then(|s| s.selector.as_ref())
-            .is_some_and(|s| !s.is_empty());
-        if has_selector {
-            continue; // The selector already says which pods back it.
-        }
-        let ports: Vec<(String, u32)> = slice
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
-            .collect();
-        for ep in &slice.endpoints {
-            let Some(target) = ep.target_ref.as_ref() else { continue };
-            if target.kind.as_deref() != Some("Pod") {
-                continue;
-            }
-            let pod = ObjectKey::new(
-                target.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
-                target.name.clone().unwrap_or_default(),
-            );
-            out.entry(pod).or_default().push((svc_key.clone(), ports.clone()));
-        }
-    }
-    out
-}
-
 /// A pod's IPs as written in its status (`podIPs`, else `podIP`).
 pub(crate) fn pod_ips(pod: &Pod) -> impl Iterator<Item = &str> {
     let status = pod.status.as_ref();
@@ -170,7 +125,8 @@ pub(crate) fn translate(
     selected: &[Selected],
     report: &mut Report,
 ) -> Vec<pb::Workload> {
-    let ctx = PodContext::new(inputs, options, attach, selected);
+    let slices = SliceIndex::new(inputs);
+    let ctx = PodContext::new(inputs, options, attach, selected, &slices);
     // Which pod first claimed each address: two pods with one IP cannot be told apart by
     // ztunnel (policy and identity would follow whichever it indexed last), so it is reported.
     let mut ip_owner: HashMap<std::net::IpAddr, &ObjectKey> = HashMap::new();
@@ -193,7 +149,8 @@ pub(crate) struct PodContext<'a> {
     index: SelectorIndex<'a>,
     /// Selector policies by namespace: a pod only looks at its namespace's and the root's.
     by_namespace: HashMap<&'a str, Vec<&'a Selected>>,
-    slices: HashMap<ObjectKey, Vec<SliceMembership>>,
+    /// Which pods EndpointSlices name (for selector-less services).
+    slices: &'a SliceIndex,
 }
 
 impl<'a> PodContext<'a> {
@@ -202,8 +159,10 @@ impl<'a> PodContext<'a> {
         options: &'a Options,
         attach: &'a Attachments<'a>,
         selected: &'a [Selected],
+        slices: &'a SliceIndex,
     ) -> Self {
-        Self::with_index(inputs, options, attach, selected, SelectorIndex::new(inputs))
+        let index = SelectorIndex::new(inputs);
+        Self::with_index(inputs, options, attach, selected, slices, index)
     }
 
     /// A context for pods of `namespaces` only (what the incremental layer translates after
@@ -213,10 +172,11 @@ impl<'a> PodContext<'a> {
         options: &'a Options,
         attach: &'a Attachments<'a>,
         selected: &'a [Selected],
+        slices: &'a SliceIndex,
         namespaces: impl IntoIterator<Item = &'n str>,
     ) -> Self {
         let index = SelectorIndex::of_namespaces(inputs, namespaces);
-        Self::with_index(inputs, options, attach, selected, index)
+        Self::with_index(inputs, options, attach, selected, slices, index)
     }
 
     fn with_index(
@@ -224,6 +184,7 @@ impl<'a> PodContext<'a> {
         options: &'a Options,
         attach: &'a Attachments<'a>,
         selected: &'a [Selected],
+        slices: &'a SliceIndex,
         index: SelectorIndex<'a>,
     ) -> Self {
         let mut by_namespace: HashMap<&str, Vec<&Selected>> = HashMap::new();
@@ -236,7 +197,7 @@ impl<'a> PodContext<'a> {
             attach,
             index,
             by_namespace,
-            slices: slice_members(inputs),
+            slices,
         }
     }
 
@@ -265,7 +226,7 @@ impl<'a> PodContext<'a> {
         let (workload_name, workload_type) = workload_name(pod, key);
         let (canonical_name, canonical_revision) = canonical(labels, &workload_name);
         let mut services = selected_services(&self.index, key, pod, options);
-        services.extend(sliced_services(inputs, self.slices.get(key), options));
+        services.extend(sliced_services(inputs, self.slices.memberships(inputs, key), options));
         let authorization_policies = policies_for(&self.by_namespace, key, labels, options);
         Some(pb::Workload {
             uid: pod_uid(options, key),
@@ -420,10 +381,10 @@ fn selected_services(
 /// The selector-less services whose EndpointSlices name the pod, with the slices' ports.
 fn sliced_services<'a>(
     inputs: &'a Inputs,
-    slices: Option<&'a Vec<SliceMembership>>,
+    slices: impl Iterator<Item = SliceMembership<'a>> + 'a,
     options: &'a Options,
 ) -> impl Iterator<Item = (String, pb::PortList)> + 'a {
-    slices.into_iter().flatten().filter_map(move |(svc_key, slice_ports)| {
+    slices.filter_map(move |(svc_key, slice_ports)| {
         let svc = inputs.services.get(svc_key)?;
         let ports = svc
             .spec
