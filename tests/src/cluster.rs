@@ -18,7 +18,7 @@
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -42,9 +42,9 @@ pub fn run_plugin(
     namespace: &str,
     config: &str,
 ) -> Result<String, String> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.name])
-        .arg(plugin)
+    let mut child = node
+        .direct_command(plugin)
+        .map_err(|e| e.to_string())?
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)

@@ -65,6 +65,24 @@ impl Netns {
         c
     }
 
+    /// A command started straight in this network namespace, the way a container runtime
+    /// starts a CNI plugin: the child enters it with `setns` before `exec`. No `ip` process
+    /// and no mount namespace (so `/sys` stays the caller's): for programs that use only the
+    /// network namespace.
+    pub fn direct_command(&self, program: &std::path::Path) -> anyhow::Result<Command> {
+        use std::os::unix::process::CommandExt;
+        let file = std::fs::File::open(format!("/var/run/netns/{}", self.name))?;
+        let mut c = Command::new(program);
+        // SAFETY: setns is a single async-signal-safe system call on a descriptor opened
+        // before the fork; the closure owns the file, so it stays open until exec.
+        unsafe {
+            c.pre_exec(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        Ok(c)
+    }
+
     /// Runs `f` on a thread switched into this namespace (for creating sockets there).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
         enter(&self.name, f)

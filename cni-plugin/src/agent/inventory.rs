@@ -1,14 +1,15 @@
-//! Where the agent's [`Inventory`] comes from. Local mode reads the manifest directory on every
-//! use and polls it for changes; cluster mode reads the watches' latest copy, is woken by them,
+//! Where the agent's [`Inventory`] comes from. Local mode reads the manifest directory's changed
+//! files on every use ([`ManifestDir`]) and polls it for changes; cluster mode reads the watches' latest copy, is woken by them,
 //! and for an ADD they have not caught up with GETs the pod and its namespace first (an API
 //! error fails the ADD: a pod must not start uncaptured because the agent could not look).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::dir::ManifestDir;
 use super::k8s::{ClusterInventory, ClusterState, K8sError};
 use super::pods::{Inventory, Meta, Pod};
 
@@ -30,7 +31,7 @@ pub enum InventoryError {
 /// The pods and namespaces the agent decides on.
 pub enum InventorySource {
     /// Local mode: the controller's manifest directory.
-    Dir(PathBuf),
+    Dir(ManifestDir),
     /// Cluster mode: watches of the API server.
     Kubernetes(Arc<ClusterInventory>),
 }
@@ -40,12 +41,10 @@ impl InventorySource {
     /// watches have listed, since a partial view would release pods.
     pub fn current(&self) -> Result<Arc<Inventory>, InventoryError> {
         match self {
-            InventorySource::Dir(dir) => Inventory::load(dir)
-                .map(Arc::new)
-                .map_err(|source| InventoryError::Dir {
-                    dir: dir.clone(),
-                    source,
-                }),
+            InventorySource::Dir(dir) => dir.inventory().map_err(|source| InventoryError::Dir {
+                dir: dir.path().to_owned(),
+                source,
+            }),
             InventorySource::Kubernetes(cluster) => {
                 let state = cluster.state();
                 if state.synced {
@@ -89,7 +88,7 @@ impl InventorySource {
     pub fn changes(&self, every: Duration) -> Changes {
         match self {
             InventorySource::Dir(dir) => Changes(ChangesInner::Dir {
-                dir: dir.clone(),
+                dir: dir.path().to_owned(),
                 every,
                 last: None,
             }),
@@ -147,23 +146,6 @@ fn with_fetched(
     inventory
 }
 
-/// A content hash of the manifest directory (None when it cannot be read).
-fn digest(dir: &Path) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for f in files {
-        f.hash(&mut h);
-        std::fs::read(&f).ok()?.hash(&mut h);
-    }
-    Some(h.finish())
-}
-
 /// A stream of "the inventory may have changed" from [`InventorySource::changes`].
 pub struct Changes(ChangesInner);
 
@@ -183,7 +165,10 @@ impl Changes {
             ChangesInner::Dir { dir, every, last } => loop {
                 tokio::time::sleep(*every).await;
                 let path = dir.clone();
-                let digest = tokio::task::spawn_blocking(move || digest(&path)).await.ok().flatten();
+                let digest = tokio::task::spawn_blocking(move || ManifestDir::digest(&path))
+                    .await
+                    .ok()
+                    .flatten();
                 // The first reading counts as a change too: whatever changed between the
                 // agent's start-up reconcile and now would otherwise go unnoticed (reconciling
                 // is idempotent, so an extra pass costs nothing).
@@ -267,7 +252,7 @@ mod tests {
     #[test]
     fn local_mode_reads_the_directory_each_time() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let source = InventorySource::Dir(dir.path().to_owned());
+        let source = InventorySource::Dir(ManifestDir::new(dir.path().to_owned()));
         assert!(source.absent_means_gone());
         assert!(source.current().expect("empty").pods.is_empty());
         std::fs::write(
@@ -276,7 +261,7 @@ mod tests {
         )
         .expect("write");
         assert!(source.current().expect("loaded").pods.contains_key(&key("shop", "web")));
-        let missing = InventorySource::Dir(dir.path().join("missing"));
+        let missing = InventorySource::Dir(ManifestDir::new(dir.path().join("missing")));
         match missing.current() {
             Err(e @ InventoryError::Dir { .. }) => assert!(e.to_string().starts_with("reading ")),
             other => panic!("{other:?}"),

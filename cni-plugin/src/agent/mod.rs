@@ -15,6 +15,7 @@
 //! - [`server`]: the HTTP API the CNI plugin calls.
 //! - [`zds`]: the ZDS server that hands pod namespaces to ztunnel.
 
+pub mod dir;
 pub mod enrol;
 pub mod host;
 pub mod inventory;

@@ -1,6 +1,6 @@
-//! What the agent knows of pods and namespaces ([`Inventory`]), and how local mode reads it: the
-//! controller's manifest directory (multi-document YAML of Namespaces and Pods, as `kubectl`
-//! would take them). An invalid document is skipped with a warning naming file and index; the
+//! What the agent knows of pods and namespaces ([`Inventory`]), and how local mode reads a file
+//! of the controller's manifest directory (multi-document YAML of Namespaces and Pods, as
+//! `kubectl` would take them; the directory itself is [`super::dir`]). An invalid document is skipped with a warning naming file and index; the
 //! rest is used. Cluster mode fills the same types from watches (see [`super::k8s`]).
 
 use std::collections::BTreeMap;
@@ -81,29 +81,29 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Reads every `.yaml`/`.yml` file of `dir`.
-    pub fn load(dir: &Path) -> std::io::Result<Inventory> {
+    /// The namespaces and pods of one manifest file; invalid documents are skipped with a
+    /// warning naming the file and the document's index.
+    pub fn read_file(file: &Path) -> std::io::Result<Inventory> {
         let mut inv = Inventory::default();
-        let mut files: Vec<_> = std::fs::read_dir(dir)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .collect();
-        files.sort();
-        for file in files {
-            let text = std::fs::read_to_string(&file)?;
-            for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-                let obj = match Object::deserialize(doc) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::warn!(file = %file.display(), index, error = %e, "skipping invalid manifest document");
-                        continue;
-                    }
-                };
-                inv.add(obj, &file, index);
-            }
+        let text = std::fs::read_to_string(file)?;
+        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let obj = match Object::deserialize(doc) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), index, error = %e, "skipping invalid manifest document");
+                    continue;
+                }
+            };
+            inv.add(obj, file, index);
         }
         Ok(inv)
+    }
+
+    /// Adds `other`'s objects, which replace any of the same name (a later file wins).
+    pub fn merge(&mut self, other: &Inventory) {
+        self.namespaces
+            .extend(other.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.pods.extend(other.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
 
     fn add(&mut self, obj: Object, file: &Path, index: usize) {
@@ -175,7 +175,7 @@ spec: {hostNetwork: "maybe"}
 "#,
         )
         .unwrap();
-        let inv = Inventory::load(dir.path()).unwrap();
+        let inv = Inventory::read_file(&dir.path().join("a.yaml")).unwrap();
         assert_eq!(inv.namespaces["shop"].labels["istio.io/dataplane-mode"], "ambient");
         let web = &inv.pods[&("shop".to_owned(), "web".to_owned())];
         assert_eq!(web.service_account, "web-sa");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use cni_plugin::agent::dir::ManifestDir;
 use cni_plugin::agent::inventory::InventorySource;
 use cni_plugin::agent::k8s::{AnnotationReporter, ClusterInventory};
 use cni_plugin::agent::report::EnrolmentReporter;
@@ -86,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
     // Probe SNAT for enrolled pods, in the node namespace the agent runs in.
     cni_plugin::agent::host::install().context("installing the host probe SNAT table")?;
     let (source, reporter): (_, Option<Arc<dyn EnrolmentReporter>>) = match mode {
-        Mode::Dir(dir) => (InventorySource::Dir(dir), None),
+        Mode::Dir(dir) => (InventorySource::Dir(ManifestDir::new(dir)), None),
         Mode::Kubernetes { node } => {
             let client = kube::Client::try_default()
                 .await

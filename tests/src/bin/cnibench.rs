@@ -2,9 +2,10 @@
 //! (nftables rules written into the pod, ZDS hand-off to ztunnel, enrolment report) on a
 //! one-node namespace cluster. Creates N ambient pods and N pods of a non-ambient namespace
 //! through the CNI chain, timing our plugin's process from start to exit; prints p50/p99/max
-//! and the agent's share (ambient p50 less pass-through p50). The time includes the harness's
-//! `ip netns exec` into the node namespace (a process a runtime does not add); the
-//! pass-through figure is that floor.
+//! and the agent's share (ambient p50 less pass-through p50). The plugin is started straight in
+//! the node's network namespace, as a container runtime starts it (no `ip netns exec` process
+//! in the time); the pass-through figure is the floor: process start and the plugin's exchange
+//! with the agent.
 //!
 //! ```text
 //! cargo build --release --workspace && sudo target/release/cnibench [--pods N]
@@ -47,7 +48,9 @@ async fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--pods" => pods = args.next().context("--pods N")?.parse()?,
-            other => anyhow::bail!("unknown argument {other}; usage: cnibench [--pods N]"),
+            other => anyhow::bail!(
+                "unknown argument {other}; usage: cnibench [--pods N] (N at most 125: one /24 for both namespaces)"
+            ),
         }
     }
     let cluster = Cluster::start(202, 1, WORLD).await.context("one-node cluster")?;
