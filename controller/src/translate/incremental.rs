@@ -540,7 +540,7 @@ impl Incremental {
                 pending.selectors.push((key.namespace.clone(), sel.clone()));
             }
             if !pending.full {
-                pending.pods.extend(self.slices.pods_of(key).cloned());
+                pending.pods.extend(self.slices.pods_of(inputs, key));
             }
         }
         if pending.full || pending.all_pods {

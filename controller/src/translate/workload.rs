@@ -381,10 +381,10 @@ fn selected_services(
 /// The selector-less services whose EndpointSlices name the pod, with the slices' ports.
 fn sliced_services<'a>(
     inputs: &'a Inputs,
-    slices: impl Iterator<Item = SliceMembership<'a>> + 'a,
+    slices: Vec<SliceMembership<'a>>,
     options: &'a Options,
 ) -> impl Iterator<Item = (String, pb::PortList)> + 'a {
-    slices.filter_map(move |(svc_key, slice_ports)| {
+    slices.into_iter().filter_map(move |(svc_key, slice_ports)| {
         let svc = inputs.services.get(svc_key)?;
         let ports = svc
             .spec
