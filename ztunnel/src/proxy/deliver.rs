@@ -114,12 +114,9 @@ async fn prepare<'a>(px: &'a Proxy, state: Arc<State>, client: Client, conn: Box
             })
             .inc();
     }
-    // Tracked from here: a policy update while the application is dialled closes it too.
-    let registration = px.tracker.register(conn.info.clone(), conn.wl.uid.clone());
-    let dst = conn.info.dst;
-    let (client, upstream) = Box::pin(dial(px, client, source.addr, dst, &conn)).await?;
     // Only what the splice needs is kept across it: a task's size is fixed by what its longest
-    // wait holds, and thousands of idle connections each hold one.
+    // wait holds, and thousands of idle connections each hold one. The tracker takes the
+    // connection's facts (moved, not copied).
     let Inbound {
         wl,
         info,
@@ -127,7 +124,10 @@ async fn prepare<'a>(px: &'a Proxy, state: Arc<State>, client: Client, conn: Box
         direction,
         ..
     } = *conn;
-    drop((wl, info));
+    let dst = info.dst;
+    // Tracked from here: a policy update while the application is dialled closes it too.
+    let registration = px.tracker.register(info, wl);
+    let (client, upstream) = Box::pin(dial(px, client, source.addr, dst, (&labels, direction))).await?;
     let client = match client {
         Client::Hbone(req) => match (*req).accept() {
             Ok(h2) => Accepted::Hbone(h2),
@@ -154,7 +154,7 @@ async fn dial(
     mut client: Client,
     from: SocketAddr,
     dst: SocketAddr,
-    conn: &Inbound,
+    (labels, direction): (&TcpLabels, &'static str),
 ) -> Option<(Client, TcpStream)> {
     let connect = tokio::time::timeout(
         px.settings.connect_timeout,
@@ -178,7 +178,7 @@ async fn dial(
         Err(_) => ConnError::ConnectTimeout(dst),
     };
     if let Client::Plain(_) = client {
-        let record = ConnRecord::open(&px.metrics, conn.labels.clone(), conn.direction, from, dst, None);
+        let record = ConnRecord::open(&px.metrics, labels.clone(), direction, from, dst, None);
         record.finish(Err(error));
         return None;
     }

@@ -1,24 +1,27 @@
 //! Live inbound connections and their authorization facts. Whenever the state changes, each is
-//! evaluated against the new policies and those now denied are closed.
+//! evaluated against the new policies and those now denied are closed. An entry holds what the
+//! connection had (its facts, moved in; its workload, shared) and is boxed, so the map's spare
+//! capacity costs a pointer per slot: thousands of idle connections each have one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mesh_core::rbac::{evaluate, ConnectionInfo, Decision, Denial};
-use mesh_core::state::StateStore;
+use mesh_core::state::{StateStore, Workload};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 struct Tracked {
     info: ConnectionInfo,
-    dst_uid: String,
+    /// The destination as the connection was authorized; looked up again by uid.
+    dst: Arc<Workload>,
     cancel: CancellationToken,
 }
 
 #[derive(Clone, Default)]
 pub struct ConnTracker {
-    inner: Arc<Mutex<HashMap<u64, Tracked>>>,
+    inner: Arc<Mutex<HashMap<u64, Box<Tracked>>>>,
     next: Arc<AtomicU64>,
 }
 
@@ -36,20 +39,20 @@ impl Drop for Registration {
 }
 
 impl ConnTracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<Tracked>>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(&self, info: ConnectionInfo, dst_uid: String) -> Registration {
+    pub fn register(&self, info: ConnectionInfo, dst: Arc<Workload>) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         self.lock().insert(
             id,
-            Tracked {
+            Box::new(Tracked {
                 info,
-                dst_uid,
+                dst,
                 cancel: cancel.clone(),
-            },
+            }),
         );
         Registration {
             id,
@@ -72,7 +75,7 @@ impl ConnTracker {
         while changes.changed().await.is_ok() {
             let state = store.load();
             for t in self.lock().values() {
-                let decision = match state.workload(&t.dst_uid) {
+                let decision = match state.workload(&t.dst.uid) {
                     Some(w) => evaluate(state.policies_for(w), &t.info),
                     // The destination is gone: nothing authorizes the connection any more.
                     None => Decision::Deny(Denial::NoWorkload),
