@@ -210,7 +210,7 @@ impl Incremental {
         let started = Instant::now();
         let mut pending = if full { self.everything(inputs) } else { pending };
         for key in &pending.slices {
-            self.slices.update(key, inputs.endpoint_slices.get(key));
+            self.slices.update(inputs, key);
         }
         let mut touched = Touched::default();
         let mut updates: BTreeMap<String, Option<pb::Address>> = BTreeMap::new();
@@ -539,8 +539,9 @@ impl Incremental {
             if let Some(sel) = svc.and_then(selector) {
                 pending.selectors.push((key.namespace.clone(), sel.clone()));
             }
+            self.slices.service_changed(inputs, key);
             if !pending.full {
-                pending.pods.extend(self.slices.pods_of(inputs, key));
+                pending.pods.extend(self.slices.pods_of(key));
             }
         }
         if pending.full || pending.all_pods {

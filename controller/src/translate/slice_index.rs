@@ -1,19 +1,15 @@
 //! Which pods EndpointSlices name, for the selector-less Services whose members only slices
 //! say: pod -> the slices naming it, and service -> its slices. A pod's translation looks up
 //! its own slices instead of walking every slice of the cluster (a cluster has at least one
-//! per Service); the incremental translator keeps one index and updates it per changed
-//! slice, a full pass builds it once.
-//!
-//! The index holds every slice that names a pod, whatever its service: whether the service
-//! has a selector (then the selector, not the slice, says who backs it) is looked up when a
-//! pod asks, so a Service change needs no re-indexing, only its pods re-translated.
+//! per Service); the incremental translator keeps one index, updated per changed slice and
+//! per changed Service (whether it has a selector: then the selector, not the slice, says
+//! who backs it), and a full pass builds one.
 //!
 //! Pods are indexed by a keyed hash of their name, not a copy of it: at 100,000 pods the
 //! copies were ~700,000 small long-lived allocations, scattered through a heap the start-up
-//! had just freed, and held ~265 MiB of resident memory. A hash only narrows the search: a
-//! candidate slice is kept only if the endpoint the hash points at (in the inputs) names the
-//! pod — one comparison, not a pass over the slice's endpoints (100 pods of 100-endpoint
-//! slices made that 4 s of a 100k-pod translation).
+//! had just freed, and held ~265 MiB of resident memory. Each slice keeps the names it holds
+//! in one string, which a hash is checked against; a lookup reads only the index (reading
+//! the slices and services of the inputs per pod cost a 100k-pod translation 1.5 s).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -32,9 +28,14 @@ pub(crate) type SliceMembership<'a> = (&'a ObjectKey, &'a [(String, u32)]);
 struct Slice {
     key: ObjectKey,
     service: ObjectKey,
+    /// The service exists and has no selector: this slice says who backs it.
+    counts: bool,
     ports: Vec<(String, u32)>,
-    /// Hash of each pod its endpoints' targetRefs name, and the endpoint's position; sorted.
-    pods: Vec<(u64, u32)>,
+    /// The pods named, as `namespace` `name` back to back.
+    names: String,
+    /// Per pod named: the hash of its key, where its namespace starts, where its name starts
+    /// and ends in `names`; sorted.
+    pods: Vec<(u64, u32, u32, u32)>,
 }
 
 /// The slices naming one pod hash: one, mostly.
@@ -60,24 +61,25 @@ impl SliceIndex {
     /// The index of every slice in `inputs`.
     pub(crate) fn new(inputs: &Inputs) -> Self {
         let mut index = SliceIndex::default();
-        for (key, slice) in &inputs.endpoint_slices {
-            index.update(key, Some(slice));
+        for key in inputs.endpoint_slices.keys() {
+            index.update(inputs, key);
         }
         index
     }
 
-    /// Brings slice `key` up to date: `slice` is what it is now (`None`: deleted).
-    pub(crate) fn update(&mut self, key: &ObjectKey, slice: Option<&EndpointSlice>) {
+    /// Brings slice `key` up to date with `inputs`.
+    pub(crate) fn update(&mut self, inputs: &Inputs, key: &ObjectKey) {
         if let Some(id) = self.ids.remove(key) {
             if let Some(old) = self.slots.get_mut(id as usize).and_then(Option::take) {
-                for (pod, _) in &old.pods {
+                for (pod, ..) in &old.pods {
                     unlist_pod(&mut self.by_pod, *pod, id);
                 }
                 unlist(&mut self.by_service, &old.service, id);
             }
             self.free.push(id);
         }
-        let Some(new) = slice.and_then(|s| self.read(key, s)) else {
+        let slice = inputs.endpoint_slices.get(key);
+        let Some(new) = slice.and_then(|s| self.read(inputs, key, s)) else {
             return;
         };
         let id = match self.free.pop() {
@@ -87,7 +89,7 @@ impl SliceIndex {
                 u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        for (pod, _) in &new.pods {
+        for (pod, ..) in &new.pods {
             list_pod(&mut self.by_pod, *pod, id);
         }
         list(&mut self.by_service, &new.service, id);
@@ -97,9 +99,19 @@ impl SliceIndex {
         }
     }
 
+    /// Service `key` changed (or went): whether its slices count is read again.
+    pub(crate) fn service_changed(&mut self, inputs: &Inputs, key: &ObjectKey) {
+        let counts = selectorless(inputs, key);
+        for id in self.by_service.get(key).into_iter().flatten() {
+            if let Some(Some(slice)) = self.slots.get_mut(*id as usize) {
+                slice.counts = counts;
+            }
+        }
+    }
+
     /// The selector-less services whose slices name `pod`, with each slice's ports, in slice
-    /// key order; services that do not exist or have a selector are left out.
-    pub(crate) fn memberships<'a>(&'a self, inputs: &'a Inputs, pod: &ObjectKey) -> Vec<SliceMembership<'a>> {
+    /// key order.
+    pub(crate) fn memberships(&self, pod: &ObjectKey) -> Vec<SliceMembership<'_>> {
         let hash = self.hasher.hash_one(pod);
         let ids = match self.by_pod.get(&hash) {
             None => &[][..],
@@ -109,25 +121,19 @@ impl SliceIndex {
         let mut slices: Vec<&Slice> = ids
             .iter()
             .filter_map(|id| self.slot(*id))
-            .filter(|s| {
-                inputs
-                    .endpoint_slices
-                    .get(&s.key)
-                    .is_some_and(|e| s.names(e, hash, pod))
-            })
-            .filter(|s| !has_selector(inputs, &s.service))
+            .filter(|s| s.counts && s.names(hash, pod))
             .collect();
         slices.sort_by(|a, b| a.key.cmp(&b.key));
         slices.into_iter().map(|s| (&s.service, s.ports.as_slice())).collect()
     }
 
     /// The pods the slices of service `service` name.
-    pub(crate) fn pods_of(&self, inputs: &Inputs, service: &ObjectKey) -> Vec<ObjectKey> {
+    pub(crate) fn pods_of(&self, service: &ObjectKey) -> Vec<ObjectKey> {
         let ids = self.by_service.get(service).map_or(&[][..], Vec::as_slice);
         ids.iter()
             .filter_map(|id| self.slot(*id))
-            .filter_map(|s| Some((&s.key, inputs.endpoint_slices.get(&s.key)?)))
-            .flat_map(|(k, e)| slice_pods(k, e))
+            .flat_map(|s| s.pods.iter().map(|p| s.pod(p)))
+            .map(|(ns, name)| ObjectKey::new(ns, name))
             .collect()
     }
 
@@ -136,13 +142,20 @@ impl SliceIndex {
     }
 
     /// A slice's service, ports and pods; `None` when it names no service or no pod.
-    fn read(&self, key: &ObjectKey, slice: &EndpointSlice) -> Option<Slice> {
+    fn read(&self, inputs: &Inputs, key: &ObjectKey, slice: &EndpointSlice) -> Option<Slice> {
         let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-        let mut pods: Vec<(u64, u32)> = targets(key, slice)
-            .filter_map(|(at, ns, name)| {
-                Some((self.hasher.hash_one(ObjectKey::new(ns, name)), u32::try_from(at).ok()?))
-            })
-            .collect();
+        let mut names = String::new();
+        let mut pods = Vec::new();
+        for (ns, pod) in slice.endpoints.iter().filter_map(|e| target(key, e)) {
+            let hash = self.hasher.hash_one(ObjectKey::new(ns, pod));
+            let at = |len: usize| u32::try_from(len).ok();
+            let (Some(start), Some(middle)) = (at(names.len()), at(names.len() + ns.len())) else {
+                break; // over 4 GiB of names: not a slice the API server stores
+            };
+            names.push_str(ns);
+            names.push_str(pod);
+            pods.push((hash, start, middle, at(names.len()).unwrap_or(middle)));
+        }
         if pods.is_empty() {
             return None;
         }
@@ -153,25 +166,32 @@ impl SliceIndex {
             .flatten()
             .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
             .collect();
+        let service = ObjectKey::new(key.namespace.clone(), name.clone());
         Some(Slice {
             key: key.clone(),
-            service: ObjectKey::new(key.namespace.clone(), name.clone()),
+            counts: selectorless(inputs, &service),
+            service,
             ports,
+            names,
             pods,
         })
     }
 }
 
 impl Slice {
-    /// Whether `slice` (this slice as the inputs hold it) names `pod`, whose hash is `hash`:
-    /// the endpoints the hash points at are compared.
-    fn names(&self, slice: &EndpointSlice, hash: u64, pod: &ObjectKey) -> bool {
-        let from = self.pods.partition_point(|(h, _)| *h < hash);
+    /// The (namespace, name) of one of `pods`.
+    fn pod(&self, &(_, start, middle, end): &(u64, u32, u32, u32)) -> (&str, &str) {
+        let part = |from: u32, to: u32| self.names.get(from as usize..to as usize).unwrap_or_default();
+        (part(start, middle), part(middle, end))
+    }
+
+    /// Whether this slice names `pod`, whose hash is `hash`.
+    fn names(&self, hash: u64, pod: &ObjectKey) -> bool {
+        let from = self.pods.partition_point(|p| p.0 < hash);
         self.pods[from..]
             .iter()
-            .take_while(|(h, _)| *h == hash)
-            .filter_map(|(_, at)| target(&self.key, slice.endpoints.get(*at as usize)?))
-            .any(|(ns, name)| ns == pod.namespace && name == pod.name)
+            .take_while(|p| p.0 == hash)
+            .any(|p| self.pod(p) == (pod.namespace.as_str(), pod.name.as_str()))
     }
 }
 
@@ -186,25 +206,22 @@ fn target<'a>(key: &'a ObjectKey, endpoint: &'a Endpoint) -> Option<(&'a str, &'
     Some((ns, t.name.as_deref().unwrap_or_default()))
 }
 
-/// The Pod targetRefs of a slice's endpoints, with the endpoints' positions.
-fn targets<'a>(key: &'a ObjectKey, slice: &'a EndpointSlice) -> impl Iterator<Item = (usize, &'a str, &'a str)> + 'a {
-    let endpoints = slice.endpoints.iter().enumerate();
-    endpoints.filter_map(|(at, ep)| target(key, ep).map(|(ns, name)| (at, ns, name)))
-}
-
 /// The pods an EndpointSlice's endpoints name.
 pub(crate) fn slice_pods<'a>(key: &'a ObjectKey, slice: &'a EndpointSlice) -> impl Iterator<Item = ObjectKey> + 'a {
-    targets(key, slice).map(|(_, ns, name)| ObjectKey::new(ns, name))
+    slice
+        .endpoints
+        .iter()
+        .filter_map(|e| target(key, e))
+        .map(|(ns, name)| ObjectKey::new(ns, name))
 }
 
-/// Whether service `key` exists and has a non-empty selector.
-fn has_selector(inputs: &Inputs, key: &ObjectKey) -> bool {
-    inputs
-        .services
-        .get(key)
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.selector.as_ref())
-        .is_some_and(|s| !s.is_empty())
+/// Whether service `key` exists and has no selector (or an empty one).
+fn selectorless(inputs: &Inputs, key: &ObjectKey) -> bool {
+    let Some(svc) = inputs.services.get(key) else {
+        return false;
+    };
+    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    selector.is_none_or(|s| s.is_empty())
 }
 
 fn list_pod(map: &mut HashMap<u64, Ids>, pod: u64, id: u32) {
@@ -281,14 +298,10 @@ mod tests {
         ))
     }
 
-    fn ports(index: &SliceIndex, inputs: &Inputs, pod: &str) -> Vec<u32> {
+    fn ports(index: &SliceIndex, pod: &str) -> Vec<u32> {
         let (ns, name) = pod.split_once('/').unwrap();
         let key = ObjectKey::new(ns, name);
-        index
-            .memberships(inputs, &key)
-            .into_iter()
-            .map(|(_, p)| p[0].1)
-            .collect()
+        index.memberships(&key).into_iter().map(|(_, p)| p[0].1).collect()
     }
 
     /// Updates replace a slice's entries, removals withdraw them, members in other namespaces
@@ -301,9 +314,9 @@ mod tests {
             inputs.apply(o);
         }
         let mut index = SliceIndex::new(&inputs);
-        assert_eq!(ports(&index, &inputs, "b/p"), [1, 2]);
-        assert_eq!(ports(&index, &inputs, "a/p"), [1]);
-        let mut service = index.pods_of(&inputs, &ObjectKey::new("a", "db"));
+        assert_eq!(ports(&index, "b/p"), [1, 2]);
+        assert_eq!(ports(&index, "a/p"), [1]);
+        let mut service = index.pods_of(&ObjectKey::new("a", "db"));
         service.sort();
         assert_eq!(
             service,
@@ -316,21 +329,29 @@ mod tests {
 
         inputs.apply(slice("db-1", 1, &["a/q"]));
         let key = ObjectKey::new("a", "db-1");
-        index.update(&key, inputs.endpoint_slices.get(&key));
-        assert_eq!(ports(&index, &inputs, "a/p"), Vec::<u32>::new());
-        assert_eq!(ports(&index, &inputs, "a/q"), [1]);
+        index.update(&inputs, &key);
+        assert_eq!(ports(&index, "a/p"), Vec::<u32>::new());
+        assert_eq!(ports(&index, "a/q"), [1]);
         let key = ObjectKey::new("a", "db-2");
         inputs.endpoint_slices.remove(&key);
-        index.update(&key, None);
-        assert_eq!(ports(&index, &inputs, "b/p"), Vec::<u32>::new());
+        index.update(&inputs, &key);
+        assert_eq!(ports(&index, "b/p"), Vec::<u32>::new());
         assert_eq!(index.by_pod.len(), 1, "no empty entries left behind");
         assert_eq!(index.by_service.len(), 1);
         // A pod whose hash met db-1's (as a collision would): db-1 does not name it.
         let stranger = index.hasher.hash_one(ObjectKey::new("c", "x"));
         list_pod(&mut index.by_pod, stranger, index.ids[&ObjectKey::new("a", "db-1")]);
-        assert_eq!(ports(&index, &inputs, "c/x"), Vec::<u32>::new());
+        assert_eq!(ports(&index, "c/x"), Vec::<u32>::new());
 
+        let db = ObjectKey::new("a", "db");
         inputs.apply(object("apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: a}\nspec: {selector: {app: db}, ports: [{name: tcp, port: 5432}]}\n"));
-        assert_eq!(ports(&index, &inputs, "a/q"), Vec::<u32>::new(), "the selector decides");
+        index.service_changed(&inputs, &db);
+        assert_eq!(ports(&index, "a/q"), Vec::<u32>::new(), "the selector decides");
+        inputs.services.remove(&db);
+        index.service_changed(&inputs, &db);
+        assert_eq!(ports(&index, "a/q"), Vec::<u32>::new(), "no service, no member");
+        inputs.apply(object("apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: a}\nspec: {ports: [{name: tcp, port: 5432}]}\n"));
+        index.service_changed(&inputs, &db);
+        assert_eq!(ports(&index, "a/q"), [1], "selector-less again");
     }
 }

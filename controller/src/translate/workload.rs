@@ -226,7 +226,7 @@ impl<'a> PodContext<'a> {
         let (workload_name, workload_type) = workload_name(pod, key);
         let (canonical_name, canonical_revision) = canonical(labels, &workload_name);
         let mut services = selected_services(&self.index, key, pod, options);
-        services.extend(sliced_services(inputs, self.slices.memberships(inputs, key), options));
+        services.extend(sliced_services(inputs, self.slices.memberships(key), options));
         let authorization_policies = policies_for(&self.by_namespace, key, labels, options);
         Some(pb::Workload {
             uid: pod_uid(options, key),
