@@ -7,6 +7,10 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+/// The largest manifest file the controller and the node agents read from a manifest directory
+/// (both read the same files; a bigger one, or `/dev/zero` behind a link, is an error).
+pub const MANIFEST_MAX_BYTES: u64 = 16 << 20;
+
 /// Why an input file was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum InputFileError {

@@ -137,6 +137,22 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_in_the_directory_is_an_error_naming_it_not_a_hang() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.yaml"), pod("a", "one")).expect("write");
+        let fifo = dir.path().join("b.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR).expect("mkfifo");
+        let source = ManifestDir::new(dir.path().to_owned());
+        let err = source.inventory().expect_err("a FIFO is not a manifest");
+        assert!(
+            err.to_string().contains("b.yaml") && err.to_string().contains("FIFO"),
+            "{err}"
+        );
+        std::fs::remove_file(&fifo).expect("remove");
+        assert_eq!(source.inventory().expect("read").pods.len(), 1);
+    }
+
+    #[test]
     fn replaced_and_removed_files_are_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let source = ManifestDir::new(dir.path().to_owned());

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use mesh_core::input_file::{read_text, MANIFEST_MAX_BYTES};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -82,10 +83,12 @@ pub struct Inventory {
 
 impl Inventory {
     /// The namespaces and pods of one manifest file; invalid documents are skipped with a
-    /// warning naming the file and the document's index.
+    /// warning naming the file and the document's index. Only a regular file of at most
+    /// [`MANIFEST_MAX_BYTES`] is read: a FIFO or a device in the directory is an error naming
+    /// it, not an agent stuck on it.
     pub fn read_file(file: &Path) -> std::io::Result<Inventory> {
         let mut inv = Inventory::default();
-        let text = std::fs::read_to_string(file)?;
+        let text = read_text(file, MANIFEST_MAX_BYTES).map_err(std::io::Error::other)?;
         for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let obj = match Object::deserialize(doc) {
                 Ok(o) => o,

@@ -39,7 +39,7 @@ pub struct Loaded {
 }
 
 /// The largest manifest file read; a bigger one (or `/dev/zero` behind a link) is an error.
-pub const MAX_FILE_BYTES: u64 = 16 << 20;
+pub const MAX_FILE_BYTES: u64 = mesh_core::input_file::MANIFEST_MAX_BYTES;
 
 /// What a walk of the directory found besides files: links that lead back into what was
 /// already walked, entries that are not regular files, unreadable subdirectories.
