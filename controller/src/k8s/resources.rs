@@ -58,6 +58,7 @@ macro_rules! resource {
 }
 
 resource! {
+    Pod => Pod, "pods", NamespaceResourceScope;
     gateway::GatewayClass => GatewayClass, "gatewayclasses", ClusterResourceScope;
     gateway::Gateway => Gateway, "gateways", NamespaceResourceScope;
     gateway::HttpRoute => HttpRoute, "httproutes", NamespaceResourceScope;

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod istio;
 mod object;
+pub mod pod;
 pub mod rate_limit;
 pub mod reference_grant;
 pub mod service_entry;
@@ -13,10 +14,11 @@ mod unknown;
 
 use std::collections::BTreeMap;
 
-pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service, ServiceAccount};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use object::{Kind, Object, ParseError};
+pub use pod::Pod;
 
 /// Namespace and name of a namespaced object (namespace is empty for cluster-scoped kinds).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]

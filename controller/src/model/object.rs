@@ -14,8 +14,9 @@ macro_rules! kinds {
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
         pub enum Kind { $($variant),+ }
 
-        /// One object of a known kind. Pods dominate its size; objects are moved a few times
-        /// on their way into `Inputs`, so boxing would only add an allocation per object.
+        /// One object of a known kind. Node (k8s-openapi's, with its status) is the largest
+        /// variant; objects are moved a few times on their way into `Inputs`, so boxing
+        /// would only add an allocation per object.
         #[derive(Clone, Debug)]
         #[allow(clippy::large_enum_variant)]
         pub enum Object { $($variant($ty)),+ }

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
+use controller::model::pod::{PodIP, PodStatus};
 use controller::model::{Inputs, ObjectKey};
 use controller::translate::{translate, Options, Outputs};
-use k8s_openapi::api::core::v1::{PodIP, PodStatus};
 use mesh_core::state::State;
 
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -37,7 +37,7 @@ fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<
 
 /// Whether the node agent would capture this pod: its namespace (or the pod itself) asks for
 /// ambient, the pod does not opt out, and it is not on the host network.
-fn captured(inputs: &Inputs, key: &ObjectKey, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+fn captured(inputs: &Inputs, key: &ObjectKey, pod: &controller::model::Pod) -> bool {
     let pod_mode = label(pod.metadata.labels.as_ref(), DATAPLANE_MODE);
     let ns_mode = label(inputs.namespace_labels(&key.namespace), DATAPLANE_MODE);
     let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
