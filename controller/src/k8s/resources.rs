@@ -59,6 +59,7 @@ macro_rules! resource {
 
 resource! {
     Pod => Pod, "pods", NamespaceResourceScope;
+    EndpointSlice => EndpointSlice, "endpointslices", NamespaceResourceScope;
     gateway::GatewayClass => GatewayClass, "gatewayclasses", ClusterResourceScope;
     gateway::Gateway => Gateway, "gateways", NamespaceResourceScope;
     gateway::HttpRoute => HttpRoute, "httproutes", NamespaceResourceScope;

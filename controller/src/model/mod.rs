@@ -3,6 +3,7 @@
 //! Kubernetes API and the local manifest directory) produce the same [`Object`]s.
 
 pub mod cluster;
+pub mod endpoint_slice;
 pub mod gateway;
 pub mod istio;
 mod object;
@@ -14,8 +15,8 @@ mod unknown;
 
 use std::collections::BTreeMap;
 
+pub use endpoint_slice::EndpointSlice;
 pub use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service, ServiceAccount};
-pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use object::{Kind, Object, ParseError};
 pub use pod::Pod;

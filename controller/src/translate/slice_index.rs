@@ -14,8 +14,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use k8s_openapi::api::discovery::v1::Endpoint;
-
+use crate::model::endpoint_slice::Endpoint;
 use crate::model::{EndpointSlice, Inputs, ObjectKey};
 
 /// The label naming an EndpointSlice's Service.
