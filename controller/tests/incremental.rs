@@ -1,11 +1,11 @@
 //! Incremental translation equals a full translation: for random sequences of changes (pods,
 //! services, EndpointSlices, authorization and peer authentication policies, DestinationRules
-//! with subsets, namespace labels, waypoints, the enrolled set, kind states), applied in
-//! random bursts, the outputs
-//! of [`Incremental`] after every burst equal `translate_synced` of the same inputs. The
-//! world starts from the golden fixtures (waypoints, workloads, authorization, peer
-//! authentication) and the generated objects share their namespaces, labels and IPs, so
-//! selectors, waypoints and duplicate IPs really meet.
+//! with subsets, namespace labels, waypoints, ServiceEntries, WorkloadEntries and
+//! WorkloadGroups, the enrolled set, kind states), applied in random bursts, the outputs of
+//! [`Incremental`] after every burst equal `translate_synced` of the same inputs. The world
+//! starts from the golden fixtures (waypoints, workloads, authorization, peer authentication,
+//! service entries) and the generated objects share their namespaces, labels, hosts and IPs,
+//! so selectors, waypoints, host claims and duplicate IPs really meet.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
 
@@ -114,6 +114,71 @@ fn endpoint_slice(ns: usize, n: usize, v: u32) -> String {
     )
 }
 
+/// A ServiceEntry `gse-n`; `v` picks its hosts (one a generated Service's, whose key the
+/// Service keeps; one shared between entries, which the first keeps), its addresses (one a
+/// generated Service's VIP; none: auto-allocated), resolution, endpoints or a
+/// `workloadSelector` picking generated pods and entries, and an egress waypoint label.
+fn service_entry(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let hosts = match v % 4 {
+        0 => format!("[gsvc-{}.{ns}.svc.cluster.local]", n % 4),
+        1 => format!("[shared-{}.test]", v % 3),
+        2 => format!("[ext-{n}.test, '*.wild-{n}.test']"),
+        _ => format!("[gse-{n}.test]"),
+    };
+    let addresses = match v % 5 {
+        0 => format!("addresses: [10.96.50.{}], ", 1 + v % 7),
+        1 => "addresses: [192.0.2.44], ".to_owned(),
+        _ => String::new(),
+    };
+    let resolution = ["STATIC", "DNS", "NONE"][(v % 3) as usize];
+    let backing = match v % 6 {
+        0 | 3 => format!(
+            "workloadSelector: {{labels: {{app: {}}}}}, ",
+            APPS[(v / 6 % 3) as usize]
+        ),
+        1 => "endpoints: [{address: 10.9.2.1}, {address: 10.9.2.2, ports: {http: 9090}}], ".to_owned(),
+        _ => String::new(),
+    };
+    let labels = if v.is_multiple_of(7) {
+        "istio.io/use-waypoint: shop-waypoint"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: gse-{n}, namespace: {ns}, labels: {{{labels}}}}}\n\
+         spec: {{hosts: {hosts}, {addresses}{backing}resolution: {resolution}, ports: [{{number: 80, name: http, protocol: HTTP}}]}}\n"
+    )
+}
+
+/// A WorkloadEntry `gwe-n` with an app label the generated Services, ServiceEntries and
+/// policies select; some name a WorkloadGroup (which may not exist).
+fn workload_entry(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    let group = if v.is_multiple_of(3) {
+        format!("annotations: {{istio.io/autoRegistrationGroup: gwg-{}}}, ", v % 2)
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: gwe-{n}, namespace: {ns}, {group}}}\n\
+         spec: {{address: 10.9.3.{}, labels: {{app: {}}}, ports: {{http: 8{v:03}}}}}\n",
+        1 + n,
+        APPS[(v % 3) as usize]
+    )
+}
+
+/// A WorkloadGroup `gwg-n` whose labels fill in its entries'.
+fn workload_group(ns: usize, n: usize, v: u32) -> String {
+    let ns = NAMESPACES[ns % 3];
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {{name: gwg-{}, namespace: {ns}}}\n\
+         spec: {{metadata: {{labels: {{app: {}, tier: vm}}}}, template: {{serviceAccount: vm-{v}}}}}\n",
+        n % 2,
+        APPS[(v % 3) as usize]
+    )
+}
+
 fn authorization_policy(ns: usize, n: usize, v: u32) -> String {
     let ns = NAMESPACES[ns % 3];
     let selector = match v % 3 {
@@ -198,7 +263,7 @@ fn change(op: Op, inputs: &Inputs) -> Change {
     let (what, ns, n, v) = op;
     let one = |text: String| Change::Apply(parse(&text).remove(0));
     let key = ObjectKey::new(NAMESPACES[ns % 3], "");
-    match what % 20 {
+    match what % 24 {
         0..=3 => one(pod(ns, n % 8, v)),
         4 => Change::Delete(Kind::Pod, ObjectKey::new(key.namespace, format!("gen-{}", n % 8))),
         5 | 6 => one(service(ns, n % 4, v)),
@@ -243,6 +308,25 @@ fn change(op: Op, inputs: &Inputs) -> Change {
                 format!("gsvc-{}-{}", n % 4, ["x", "y"][(v % 2) as usize]),
             ),
         ),
+        20 => one(service_entry(ns, n % 3, v)),
+        21 => Change::Delete(
+            Kind::ServiceEntry,
+            ObjectKey::new(key.namespace, format!("gse-{}", n % 3)),
+        ),
+        22 => match v % 3 {
+            0 => one(workload_group(ns, n, v)),
+            _ => one(workload_entry(ns, n % 3, v)),
+        },
+        23 => match v % 2 {
+            0 => Change::Delete(
+                Kind::WorkloadEntry,
+                ObjectKey::new(key.namespace, format!("gwe-{}", n % 3)),
+            ),
+            _ => Change::Delete(
+                Kind::WorkloadGroup,
+                ObjectKey::new(key.namespace, format!("gwg-{}", n % 2)),
+            ),
+        },
         _ => {
             let state = match v % 3 {
                 0 => KindSync::Synced,
@@ -323,11 +407,16 @@ fn assert_same_snapshot(step: usize, a: &Snapshot, b: &Snapshot) {
     assert_eq!(changed(a), changed(b), "changed names after step {step}");
 }
 
-/// The starting world: the golden fixtures (less ServiceEntries, which always translate
-/// from scratch) and a few generated objects of each kind.
+/// The starting world: the golden fixtures and a few generated objects of each kind.
 fn world() -> Inputs {
     let mut inputs = Inputs::default();
-    for case in ["waypoints", "workloads", "authorization", "peer-authentication"] {
+    for case in [
+        "waypoints",
+        "workloads",
+        "authorization",
+        "peer-authentication",
+        "service-entries",
+    ] {
         for o in golden(case) {
             inputs.apply(o);
         }
@@ -339,6 +428,8 @@ fn world() -> Inputs {
             service(n, n, i),
             authorization_policy(n, n, i),
             destination_rule(n, n % 4, i + 1),
+            service_entry(n, n % 3, i * 7 + 3),
+            workload_entry(n, n % 3, i + 1),
         ];
         for text in objects {
             inputs.apply(parse(&text).remove(0));
@@ -504,4 +595,28 @@ fn pod_change_reads_no_slice() {
     let out = inc.step(&inputs, &BTreeMap::new()).outputs;
     let services = services_of(&out, "shop", "gen-3").unwrap();
     assert!(!services.contains(&EXT.to_owned()), "{services:?}");
+}
+
+/// A ServiceEntry whose host a Kubernetes Service held takes it when the Service goes, and
+/// keeps it through a later step that touches the Service's name again (here a second
+/// delete): the entries' unchanged address must not be skipped while the Service's removal
+/// of the same name is in the step (found by the property test).
+#[test]
+fn an_entry_keeps_the_host_a_deleted_service_left() {
+    let mut inputs = world();
+    let mut inc = Incremental::new(Options::default());
+    inc.step(&inputs, &BTreeMap::new());
+    let host = "shop/gsvc-0.shop.svc.cluster.local";
+    let entry = applied(&service_entry(0, 0, 4));
+    let out = noted_step(&mut inc, &mut inputs, entry);
+    let owner = |out: &Outputs| match out.addresses.get(host).and_then(|a| a.r#type.as_ref()) {
+        Some(mesh_proto::workload::address::Type::Service(s)) => s.name.clone(),
+        _ => String::new(),
+    };
+    assert_eq!(owner(&out), "gsvc-0", "the Service keeps its host");
+    let gone = || Change::Delete(Kind::Service, ObjectKey::new("shop", "gsvc-0"));
+    let out = noted_step(&mut inc, &mut inputs, gone());
+    assert_eq!(owner(&out), "gse-0", "the entry takes the host");
+    let out = noted_step(&mut inc, &mut inputs, gone());
+    assert_eq!(owner(&out), "gse-0", "and keeps it");
 }

@@ -1,8 +1,9 @@
 //! xds-bench: the controller at scale. Generates a manifest directory (by default 10,000 pods,
 //! 1,000 services, 500 authorization policies; one EndpointSlice per Service listing the pods
 //! its selector picks, as a cluster has, and 20 selector-less services whose hand-written
-//! slices name pods, some in other namespaces, the probe pod among them), starts the real
-//! controller binary on it, and connects many Delta ADS clients over TLS. Measures:
+//! slices name pods, some in other namespaces, the probe pod among them; 100 ServiceEntries,
+//! 20 of them selecting pods, and 20 WorkloadEntries), starts the real controller binary on
+//! it, and connects many Delta ADS clients over TLS. Measures:
 //!
 //! - start-up: process start to `/ready` (reading, translating, encoding everything);
 //! - full push: clients connecting at once until every one holds every resource;
@@ -114,6 +115,7 @@ fn generate(dir: &Path, a: &Args) -> Result<()> {
     }
     std::fs::write(dir.join("services.yaml"), text)?;
     write_slices(dir, a)?;
+    write_entries(dir)?;
     let mut text = String::new();
     for p in 0..a.policies {
         let ns = p % NAMESPACES;
@@ -201,6 +203,41 @@ fn write_slices(dir: &Path, a: &Args) -> Result<()> {
         ));
     }
     Ok(std::fs::write(dir.join("external.yaml"), text)?)
+}
+
+/// ServiceEntries, as most clusters have some: external hosts reached by name (auto-allocated
+/// VIPs), and the last [`SELECTING_ENTRIES`] mesh-internal with a `workloadSelector` picking
+/// app `e` (pod 0, the one the bench changes, among them).
+const SERVICE_ENTRIES: usize = 100;
+const SELECTING_ENTRIES: usize = 20;
+/// WorkloadEntries (VMs), each picked by a Service's and an entry's selector.
+const WORKLOAD_ENTRIES: usize = 20;
+
+fn write_entries(dir: &Path) -> Result<()> {
+    let mut text = String::new();
+    for e in 0..SERVICE_ENTRIES {
+        let ns = e % NAMESPACES;
+        let external = SERVICE_ENTRIES - SELECTING_ENTRIES;
+        let spec = if e < external {
+            format!("hosts: [api-{e}.example.com], location: MESH_EXTERNAL, resolution: DNS, ports: [{{number: 443, name: https, protocol: HTTPS}}]")
+        } else {
+            format!(
+                "hosts: [mesh-{e}.internal], location: MESH_INTERNAL, resolution: STATIC, ports: [{{number: 80, name: http, protocol: HTTP}}], workloadSelector: {{labels: {{app: app-{}}}}}",
+                e - external
+            )
+        };
+        text.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: entry-{e}, namespace: ns-{ns}}}\nspec: {{{spec}}}\n---\n"
+        ));
+    }
+    for w in 0..WORKLOAD_ENTRIES {
+        text.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm-{w}, namespace: ns-{}}}\nspec: {{address: 10.98.0.{}, labels: {{app: app-{w}}}, serviceAccount: vm}}\n---\n",
+            w % NAMESPACES,
+            w + 1
+        ));
+    }
+    Ok(std::fs::write(dir.join("entries.yaml"), text)?)
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -495,7 +532,10 @@ async fn main() -> Result<()> {
     let identity = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller".parse()?;
     let tls = mesh_core::tls::control_plane_client_config(&roots, vec![identity])?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let expect = (a.pods + a.services + EXT_SERVICES, a.policies);
+    // Entries add a service per host, a workload per external host (resolved by name) and
+    // per WorkloadEntry.
+    let entries = SERVICE_ENTRIES + (SERVICE_ENTRIES - SELECTING_ENTRIES) + WORKLOAD_ENTRIES;
+    let expect = (a.pods + a.services + EXT_SERVICES + entries, a.policies);
     let push_start = Instant::now();
     let (cpu_before, own_cpu_before, written_before) = (cpu_time(pid), cpu_time(std::process::id()), written(pid));
     for id in 0..a.clients {
@@ -570,7 +610,8 @@ async fn main() -> Result<()> {
     println!("| measure | value | goal |");
     println!("|---|---|---|");
     println!(
-        "| inputs | {} pods, {} services (+{EXT_SERVICES} selector-less), {} EndpointSlices, {} policies, {} clients | |",
+        "| inputs | {} pods, {} services (+{EXT_SERVICES} selector-less), {} EndpointSlices, {} policies, \
+         {SERVICE_ENTRIES} ServiceEntries, {WORKLOAD_ENTRIES} WorkloadEntries, {} clients | |",
         a.pods,
         a.services,
         a.services + EXT_SERVICES,

@@ -14,15 +14,19 @@
 //!   ([`super::slice_index`]) a pod's translation looks its selector-less services up in (so
 //!   a pod change reads its own slices, not every slice of the cluster); the enrolled set ->
 //!   the pods entering or leaving it;
+//! - ServiceEntries, WorkloadEntries and WorkloadGroups -> their layer ([`super::entries`]:
+//!   the entries' services and workloads), recomputed as a whole (few objects) whenever
+//!   something it reads changed (an entry, a Service's key or VIP, a selector policy, the
+//!   tail); the pods an entry's `workloadSelector` picked or picks, whose workloads list its
+//!   hosts;
 //! - everything else (Gateways, routes, waypoint policies, ingress, telemetry, kind states)
 //!   -> the "tail": routes, waypoint policies, ingress gateways and waypoints, recomputed as a
 //!   whole (few objects); when the waypoints' addresses change, every pod and service.
 //!
 //! When in doubt it translates from scratch: the first time, on a relist (`Replace`), on a
-//! MeshConfig change, and whenever ServiceEntries or WorkloadEntries exist (they rewrite pod
-//! workloads and take service keys mesh-wide). The property test in this module's tests
-//! checks, for random change sequences, that the outputs equal a full translation after
-//! every step.
+//! MeshConfig change, and with remote clusters or east-west gateways. The property test in
+//! this module's tests checks, for random change sequences, that the outputs equal a full
+//! translation after every step.
 //!
 //! The outputs are kept in two copies that alternate: the one published (shared with the
 //! admin dump) and a spare brought up to date from the names the last step touched, so a
@@ -37,6 +41,7 @@ use mesh_proto::security::Authorization;
 use mesh_proto::workload as pb;
 
 use super::attach::{self, Attachments, Waypoint};
+use super::service_entry::Selector;
 use super::slice_index::{slice_pods, SliceIndex, SERVICE_NAME_LABEL};
 use super::workload::{self, PodContext};
 use super::{authz, peer_authn, service, Options, Outputs, Problem, Report, Selected};
@@ -77,6 +82,9 @@ struct Pending {
     peer: bool,
     /// EndpointSlices changed: their entries in the slice index are brought up to date.
     slices: BTreeSet<ObjectKey>,
+    /// An entry, or a selector policy their workloads list, changed: the entries' layer is
+    /// recomputed.
+    entries: bool,
 }
 
 /// What one policy translated to.
@@ -95,6 +103,7 @@ enum Origin {
     Ip(IpAddr),
     Peer,
     Unreadable,
+    Entries,
     Tail,
 }
 
@@ -127,6 +136,9 @@ pub struct Incremental {
     ip_pods: HashMap<IpAddr, BTreeSet<ObjectKey>>,
     /// Which pods EndpointSlices name: a pod change looks up its own slices.
     slices: SliceIndex,
+    /// The names of the addresses the entries' layer wrote, and its selectors.
+    entry_names: BTreeSet<String>,
+    entry_selectors: Vec<Selector>,
     problems: BTreeMap<Origin, Vec<Problem>>,
 }
 
@@ -151,6 +163,8 @@ impl Incremental {
             pod_ips: HashMap::new(),
             ip_pods: HashMap::new(),
             slices: SliceIndex::default(),
+            entry_names: BTreeSet::new(),
+            entry_selectors: Vec::new(),
             problems: BTreeMap::new(),
         }
     }
@@ -217,6 +231,9 @@ impl Incremental {
         let tail = (pending.tail || full).then(|| self.tail(inputs, &mut pending));
         self.authorizations(inputs, states, &mut pending, &mut touched);
         self.services(inputs, &mut pending, &mut updates);
+        if full || pending.entries || tail.is_some() || !pending.services.is_empty() {
+            self.entries(inputs, &mut pending, &mut updates, full);
+        }
         let pods = pending.pods.len();
         self.pods(inputs, &pending, &mut updates);
         touched.addresses = updates.keys().cloned().collect();
@@ -323,14 +340,11 @@ impl Incremental {
 
     /// Whether this world is translated from scratch: remote clusters (they merge into
     /// services, `translate::remote`) or east-west gateways (they set network gateways on
-    /// workloads), ServiceEntries or WorkloadEntries (they rewrite pod workloads and take
-    /// service keys mesh-wide).
+    /// workloads).
     fn untracked(&self, inputs: &Inputs) -> bool {
         let o = &self.options;
         self.foreign
             || !inputs.remotes.is_empty()
-            || !inputs.service_entries.is_empty()
-            || !inputs.workload_entries.is_empty()
             || !crate::model::cluster::network_gateways(&inputs.gateways, &o.cluster_id, &o.network, true).is_empty()
     }
 
@@ -373,6 +387,8 @@ impl Incremental {
         self.pod_ips.clear();
         self.ip_pods.clear();
         self.slices = SliceIndex::new(inputs);
+        self.entry_names.clear();
+        self.entry_selectors.clear();
         self.problems.clear();
         self.spare = None;
         self.last = None;
@@ -493,6 +509,7 @@ impl Incremental {
         self.unreadable = unreadable;
         set_problems(&mut self.problems, Origin::Unreadable, report.0);
         if !changed.is_empty() {
+            pending.entries = true; // workload entries list the policies selecting them
             self.selected = self
                 .policies
                 .values()
@@ -555,6 +572,71 @@ impl Incremental {
         }
     }
 
+    /// The entries' layer, recomputed whole: its addresses go into `updates` where they
+    /// changed (or are gone), and the pods an entry selector picked or picks become dirty
+    /// when the selectors changed.
+    fn entries(
+        &mut self,
+        inputs: &Inputs,
+        pending: &mut Pending,
+        updates: &mut BTreeMap<String, Option<pb::Address>>,
+        full: bool,
+    ) {
+        let none = inputs.service_entries.is_empty() && inputs.workload_entries.is_empty();
+        if none && self.entry_names.is_empty() && self.entry_selectors.is_empty() {
+            return;
+        }
+        let options = &self.options;
+        let old = std::mem::take(&mut self.entry_names);
+        let mut report = Report::default();
+        let new = {
+            // A Kubernetes Service's address as this step leaves it (never the entries' own).
+            let (out, updates) = (&self.out, &*updates);
+            let service = |name: &str| match updates.get(name) {
+                Some(a) => a.as_ref(),
+                None if full || old.contains(name) => None,
+                None => out.addresses.get(name).map(|a| &**a),
+            };
+            let mut taken = super::entries::Taken::default();
+            for key in inputs.services.keys() {
+                let name = format!(
+                    "{}/{}",
+                    key.namespace,
+                    super::service_hostname(&key.name, &key.namespace, options)
+                );
+                if let Some(a) = service(&name) {
+                    taken.add(&name, a);
+                }
+            }
+            let attach = Attachments::new(inputs, &self.waypoints, options, &mut Report::default());
+            super::entries::translate(inputs, options, &attach, &taken, service, &self.selected, &mut report)
+        };
+        for gone in old.iter().filter(|n| !new.addresses.contains_key(*n)) {
+            updates.entry(gone.clone()).or_insert(None);
+        }
+        for (name, a) in new.addresses {
+            // Unchanged, and no Service of this step wrote the name (a deleted one's `None`).
+            let same = !full
+                && old.contains(&name)
+                && !updates.contains_key(&name)
+                && self.out.addresses.get(&name).is_some_and(|cur| **cur == a);
+            self.entry_names.insert(name.clone());
+            if !same {
+                updates.insert(name, Some(a));
+            }
+        }
+        if new.selectors != self.entry_selectors && !full && !pending.all_pods {
+            for sel in self.entry_selectors.iter().chain(&new.selectors) {
+                let picked = in_namespace(&inputs.pods, sel.namespace())
+                    .filter(|(k, p)| sel.picks(k, p.metadata.labels.as_ref()))
+                    .map(|(k, _)| k.clone());
+                pending.pods.extend(picked.collect::<Vec<_>>());
+            }
+        }
+        self.entry_selectors = new.selectors;
+        set_problems(&mut self.problems, Origin::Entries, report.0);
+    }
+
     /// Dirty pods: their workloads and duplicate-IP problems.
     fn pods(&mut self, inputs: &Inputs, pending: &Pending, updates: &mut BTreeMap<String, Option<pb::Address>>) {
         if pending.pods.is_empty() {
@@ -570,7 +652,11 @@ impl Incremental {
             let uid = workload::pod_uid(options, key);
             let pod = inputs.pods.get(key);
             let mut report = Report::default();
-            let w = pod.and_then(|p| ctx.pod(key, p, &mut HashMap::new(), &mut report));
+            let w = pod.and_then(|p| {
+                let mut w = ctx.pod(key, p, &mut HashMap::new(), &mut report)?;
+                super::service_entry::add_hosts(&self.entry_selectors, key, p.metadata.labels.as_ref(), &mut w);
+                Some(w)
+            });
             let mut one = BTreeMap::new();
             if let Some(w) = w {
                 one.insert(
@@ -700,7 +786,11 @@ fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, ne
             p.peer = true;
             p.tail = true;
         }
-        (Kind::ServiceEntry | Kind::WorkloadEntry | Kind::WorkloadGroup, _) => p.full = true,
+        // Entries are routes' and waypoints' destinations too (egress waypoints).
+        (Kind::ServiceEntry | Kind::WorkloadEntry | Kind::WorkloadGroup, _) => {
+            p.entries = true;
+            p.tail = true;
+        }
         // A node's labels are its pods' locality (issue 17); status-only updates change nothing.
         (Kind::Node, Some(Object::Node(n)))
             if inputs.nodes.get(&key.name).map(|o| &o.metadata.labels) == Some(&n.metadata.labels) => {}

@@ -7,6 +7,7 @@
 mod attach;
 mod authz;
 mod auto_allocate;
+mod entries;
 pub mod incremental;
 pub mod ingress;
 mod peer_authn;
@@ -156,20 +157,34 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
             },
         );
     }
-    let entries = service_entries(inputs, options, &attach, &mut addresses, &mut report);
+    let mut taken = entries::Taken::default();
+    for (name, a) in &addresses {
+        taken.add(name, a);
+    }
+    let entries = entries::translate(
+        inputs,
+        options,
+        &attach,
+        &taken,
+        |name| addresses.get(name),
+        &authz.selected,
+        &mut report,
+    );
+    let mut workloads = BTreeMap::new();
     for w in workload::translate(inputs, options, &attach, &authz.selected, &mut report) {
-        addresses.insert(
+        workloads.insert(
             w.uid.clone(),
             pb::Address {
                 r#type: Some(pb::address::Type::Workload(w)),
             },
         );
     }
-    service_entry::select_pods(inputs, options, &entries.selectors, &mut addresses);
-    workload_entry::translate(inputs, options, &authz.selected, &mut addresses, &mut report);
+    service_entry::select_pods(inputs, options, &entries.selectors, &mut workloads);
     if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
-        service_entry::registry_only(&mut addresses);
+        service_entry::registry_only(&mut workloads);
     }
+    addresses.extend(workloads);
+    addresses.extend(entries.addresses);
     let (service_routes, mut waypoint_policies) = routes::translate(inputs, options, &mut report);
     waypoint_policies.extend(rate_limit::translate(inputs, &mut report));
     waypoint_policies.extend(telemetry::translate(inputs, options, &mut report));
@@ -192,47 +207,6 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     };
     remote::merge(inputs, options, &mut out);
     out
-}
-
-/// ServiceEntries' services and endpoint workloads, added beside the Kubernetes Services
-/// already in `addresses` (whose keys and VIPs they must not take).
-fn service_entries(
-    inputs: &Inputs,
-    options: &Options,
-    attach: &attach::Attachments<'_>,
-    addresses: &mut BTreeMap<String, pb::Address>,
-    report: &mut Report,
-) -> service_entry::Translated {
-    let mut keys = std::collections::HashSet::new();
-    let mut ips = std::collections::HashSet::new();
-    for (name, a) in addresses.iter() {
-        keys.insert(name.clone());
-        if let Some(pb::address::Type::Service(s)) = &a.r#type {
-            ips.extend(
-                s.addresses
-                    .iter()
-                    .filter_map(|a| mesh_core::state::model::ip_from_bytes(&a.address)),
-            );
-        }
-    }
-    let mut entries = service_entry::translate(inputs, options, attach, &keys, &ips, report);
-    for svc in std::mem::take(&mut entries.services) {
-        addresses.insert(
-            format!("{}/{}", svc.namespace, svc.hostname),
-            pb::Address {
-                r#type: Some(pb::address::Type::Service(svc)),
-            },
-        );
-    }
-    for w in std::mem::take(&mut entries.workloads) {
-        addresses.insert(
-            w.uid.clone(),
-            pb::Address {
-                r#type: Some(pb::address::Type::Workload(w)),
-            },
-        );
-    }
-    entries
 }
 
 /// [`translate`] given each kind's sync state (Kubernetes mode): a security kind that cannot

@@ -51,11 +51,23 @@ pub(crate) struct Translated {
 }
 
 /// A `workloadSelector`: pods of `namespace` with `labels` back `services`.
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Selector {
     namespace: String,
     labels: BTreeMap<String, String>,
     /// Service key and the ports a selected pod serves it on.
     services: Vec<(String, pb::PortList)>,
+}
+
+impl Selector {
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Whether this selector picks the pod `pod` with `labels`.
+    pub(crate) fn picks(&self, pod: &ObjectKey, labels: Option<&BTreeMap<String, String>>) -> bool {
+        self.namespace == pod.namespace && crate::model::selects(&self.labels, labels)
+    }
 }
 
 fn resolution(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Resolution {
@@ -507,31 +519,39 @@ fn workload(
     }
 }
 
-/// Adds the hosts of entries with a `workloadSelector` to the pods they select.
+/// Adds the hosts of entries with a `workloadSelector` to the pod workloads they select
+/// (`workloads` by uid).
 pub(crate) fn select_pods(
     inputs: &Inputs,
     options: &Options,
     selectors: &[Selector],
-    addresses: &mut BTreeMap<String, pb::Address>,
+    workloads: &mut BTreeMap<String, pb::Address>,
 ) {
     if selectors.is_empty() {
         return;
     }
     for (pod_key, pod) in &inputs.pods {
-        let labels = pod.metadata.labels.as_ref();
         let uid = super::workload::pod_uid(options, pod_key);
-        let Some(pb::Address {
+        if let Some(pb::Address {
             r#type: Some(pb::address::Type::Workload(w)),
-        }) = addresses.get_mut(&uid)
-        else {
-            continue;
-        };
-        for sel in selectors {
-            if sel.namespace == pod_key.namespace && crate::model::selects(&sel.labels, labels) {
-                for (k, ports) in &sel.services {
-                    w.services.entry(k.clone()).or_insert_with(|| ports.clone());
-                }
-            }
+        }) = workloads.get_mut(&uid)
+        {
+            add_hosts(selectors, pod_key, pod.metadata.labels.as_ref(), w);
+        }
+    }
+}
+
+/// Adds to one pod's workload the hosts of the entries whose selector picks it (a Kubernetes
+/// Service already listed keeps its ports).
+pub(crate) fn add_hosts(
+    selectors: &[Selector],
+    pod: &ObjectKey,
+    labels: Option<&BTreeMap<String, String>>,
+    w: &mut pb::Workload,
+) {
+    for sel in selectors.iter().filter(|s| s.picks(pod, labels)) {
+        for (k, ports) in &sel.services {
+            w.services.entry(k.clone()).or_insert_with(|| ports.clone());
         }
     }
 }

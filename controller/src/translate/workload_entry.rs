@@ -120,11 +120,11 @@ fn kubernetes_services(
 
 /// ServiceEntries of the entry's namespace whose `workloadSelector` matches it: each host
 /// the entry's translation kept, with the entry's ports (by port name) or the declared ones.
-fn entry_services(
+fn entry_services<'a>(
     inputs: &Inputs,
     key: &ObjectKey,
     we: &WorkloadEntry,
-    addresses: &BTreeMap<String, pb::Address>,
+    service: &impl Fn(&str) -> Option<&'a pb::Address>,
 ) -> BTreeMap<String, pb::PortList> {
     let mut out = BTreeMap::new();
     for (se_key, se) in &inputs.service_entries {
@@ -155,12 +155,12 @@ fn entry_services(
             let svc_key = format!("{}/{}", se_key.namespace, host.to_ascii_lowercase());
             // Only hosts this entry owns (not refused for a collision).
             let owned = matches!(
-                addresses.get(&svc_key).and_then(|a| a.r#type.as_ref()),
+                service(&svc_key).and_then(|a| a.r#type.as_ref()),
                 Some(pb::address::Type::Service(s)) if s.name == se_key.name
             );
             if owned {
                 // The service's app protocols, port by port.
-                let declared = match addresses.get(&svc_key).and_then(|a| a.r#type.as_ref()) {
+                let declared = match service(&svc_key).and_then(|a| a.r#type.as_ref()) {
                     Some(pb::address::Type::Service(s)) => s.ports.clone(),
                     _ => Vec::new(),
                 };
@@ -181,14 +181,16 @@ fn entry_services(
     out
 }
 
-/// Adds every WorkloadEntry as a workload to `addresses`.
-pub(crate) fn translate(
+/// Every WorkloadEntry as a workload, by uid. `service` finds a service address by name
+/// (the entries' hosts a selecting ServiceEntry owns).
+pub(crate) fn translate<'a>(
     inputs: &Inputs,
     options: &Options,
     selected: &[Selected],
-    addresses: &mut BTreeMap<String, pb::Address>,
+    service: impl Fn(&str) -> Option<&'a pb::Address>,
     report: &mut Report,
-) {
+) -> BTreeMap<String, pb::Address> {
+    let mut addresses = BTreeMap::new();
     for (key, we) in &inputs.workload_entries {
         let we: Cow<'_, WorkloadEntry> = match group_of(inputs, key, we) {
             Ok(None) => Cow::Borrowed(we),
@@ -217,7 +219,7 @@ pub(crate) fn translate(
             continue;
         };
         let mut services = kubernetes_services(inputs, key, we, options);
-        services.extend(entry_services(inputs, key, we, addresses));
+        services.extend(entry_services(inputs, key, we, &service));
         let labels = Some(&we.spec.labels);
         let policies = selected
             .iter()
@@ -237,6 +239,7 @@ pub(crate) fn translate(
             },
         );
     }
+    addresses
 }
 
 /// An entry's workload at `ip`, without its services and policies (the caller adds them):
