@@ -620,3 +620,27 @@ fn an_entry_keeps_the_host_a_deleted_service_left() {
     let out = noted_step(&mut inc, &mut inputs, gone());
     assert_eq!(owner(&out), "gse-0", "and keeps it");
 }
+
+/// The last entry of the cluster going takes its problems with it: an entry that left only a
+/// problem (here a WorkloadEntry naming a missing WorkloadGroup) and nothing else.
+#[test]
+fn the_last_entry_takes_its_problems_along() {
+    let mut inputs = world();
+    inputs.service_entries.clear();
+    inputs.workload_entries.clear();
+    inputs.workload_groups.clear();
+    let mut inc = Incremental::new(Options::default());
+    inc.step(&inputs, &BTreeMap::new());
+    let orphan = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+         metadata: {name: orphan, namespace: shop, annotations: {istio.io/autoRegistrationGroup: missing}}\n\
+         spec: {address: 10.9.4.1}\n";
+    let out = noted_step(&mut inc, &mut inputs, applied(orphan));
+    assert!(
+        out.problems.iter().any(|p| p.object.name == "orphan"),
+        "{:?}",
+        out.problems
+    );
+    let gone = Change::Delete(Kind::WorkloadEntry, ObjectKey::new("shop", "orphan"));
+    let out = noted_step(&mut inc, &mut inputs, gone);
+    assert!(!out.problems.iter().any(|p| p.object.name == "orphan"));
+}

@@ -8,13 +8,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ObjectMeta;
+use super::{null_or_default, ObjectMeta};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EndpointSlice {
     #[serde(default)]
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_or_default")]
     pub endpoints: Vec<Endpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<EndpointPort>>,
@@ -76,5 +76,15 @@ mod tests {
         let port = &slice.ports.as_ref().unwrap()[0];
         assert_eq!((port.name.as_deref(), port.port), (Some("tcp"), Some(5432)));
         assert!(std::mem::size_of::<Endpoint>() * 3 < std::mem::size_of::<k8s_openapi::api::discovery::v1::Endpoint>());
+    }
+
+    /// API servers before 1.36 send `endpoints: null` for a slice with none (a Service scaled
+    /// to zero): it is an empty slice, not an object that fails the whole list.
+    #[test]
+    fn null_endpoints_are_none() {
+        let json = serde_json::json!({"metadata": {"name": "db-x1", "namespace": "a"},
+            "addressType": "IPv4", "endpoints": null, "ports": null});
+        let slice: EndpointSlice = serde_json::from_value(json).unwrap();
+        assert!(slice.endpoints.is_empty() && slice.ports.is_none());
     }
 }

@@ -15,11 +15,24 @@ mod unknown;
 
 use std::collections::BTreeMap;
 
+use serde::Deserialize;
+
 pub use endpoint_slice::EndpointSlice;
 pub use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service, ServiceAccount};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use object::{Kind, Object, ParseError};
 pub use pod::Pod;
+
+/// For fields the API declares as lists or required values: `null` (which API servers do
+/// send, e.g. an empty EndpointSlice's `endpoints` before Kubernetes 1.36) and absence both
+/// mean the default, as k8s-openapi reads them.
+pub(crate) fn null_or_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + serde::Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 /// Namespace and name of a namespaced object (namespace is empty for cluster-scoped kinds).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]

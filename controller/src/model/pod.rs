@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ObjectMeta;
+use super::{null_or_default, ObjectMeta};
 
 /// A pod: metadata (labels, annotations, owners), where it runs, its containers' ports and
 /// its addresses and readiness.
@@ -35,7 +35,7 @@ pub struct PodSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_network: Option<bool>,
     /// Only their ports: a Service's named `targetPort` resolves through them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_or_default")]
     pub containers: Vec<Container>,
 }
 
@@ -48,6 +48,7 @@ pub struct Container {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerPort {
+    #[serde(default, deserialize_with = "null_or_default")]
     pub container_port: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -68,13 +69,15 @@ pub struct PodStatus {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PodCondition {
-    #[serde(rename = "type")]
+    #[serde(default, rename = "type", deserialize_with = "null_or_default")]
     pub type_: String,
+    #[serde(default, deserialize_with = "null_or_default")]
     pub status: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PodIP {
+    #[serde(default, deserialize_with = "null_or_default")]
     pub ip: String,
 }
 
@@ -115,6 +118,25 @@ mod tests {
         assert_eq!((ready.type_.as_str(), ready.status.as_str()), ("Ready", "True"));
         assert_eq!(pod.metadata.owner_references.as_ref().unwrap()[0].name, "web");
         assert!(std::mem::size_of::<Pod>() * 3 < std::mem::size_of::<k8s_openapi::api::core::v1::Pod>());
+    }
+
+    /// Nulls and missing required values read as k8s-openapi reads them: the default.
+    #[test]
+    fn nulls_and_missing_required_values_are_defaults() {
+        let json = serde_json::json!({"metadata": {"name": "p"},
+            "spec": {"containers": null}, "status": {"conditions": [{"type": "Ready"}], "podIPs": [{"ip": null}]}});
+        let pod: Pod = serde_json::from_value(json).unwrap();
+        assert!(pod.spec.unwrap().containers.is_empty());
+        let status = pod.status.unwrap();
+        assert_eq!(status.conditions.unwrap()[0].status, "");
+        assert_eq!(status.pod_ips.unwrap()[0].ip, "");
+        let json =
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"ports": [{"name": "http"}]}]}});
+        let pod: Pod = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            pod.spec.unwrap().containers[0].ports.as_ref().unwrap()[0].container_port,
+            0
+        );
     }
 
     /// A field we keep with the wrong type is still an error naming it, as before.

@@ -584,6 +584,8 @@ impl Incremental {
     ) {
         let none = inputs.service_entries.is_empty() && inputs.workload_entries.is_empty();
         if none && self.entry_names.is_empty() && self.entry_selectors.is_empty() {
+            // The last entry may have left only problems (a missing group, a taken host).
+            self.problems.remove(&Origin::Entries);
             return;
         }
         let options = &self.options;
