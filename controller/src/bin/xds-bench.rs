@@ -480,32 +480,68 @@ async fn main() -> Result<()> {
     let manifests = work.path().join("manifests");
     std::fs::create_dir_all(&manifests)?;
     generate(&manifests, &a)?;
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        // The controller refuses a token file others may read.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(work.path().join("tokens.yaml"))?;
-        writeln!(
-            file,
-            "- {{token: {}, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-0}}",
-            bench_token()
-        )?;
-    }
-    let exe = std::env::current_exe()?;
-    let controller: PathBuf = exe.with_file_name("controller");
+    let started = start(work.path(), &a).await?;
+    let pid = started.proc.0.id();
+    let (push, mut events) = push(work.path(), started.port, pid, &a).await?;
+    let mut single = changes(&manifests, &mut events, &a).await?;
+    let end = Figures {
+        startup: started.startup,
+        settled: started.settled,
+        rss_ready: started.rss_ready,
+        push,
+        single_max: *single.iter().max().unwrap_or(&Duration::ZERO),
+        single_p50: percentile(&mut single, 0.5),
+        single_p99: percentile(&mut single, 0.99),
+        hwm: status_kib(pid, "VmHWM:"),
+        rss_end: status_kib(pid, "VmRSS:"),
+    };
+    drop(started);
+    report(&a, &end);
+    Ok(())
+}
+
+/// The controller running on the generated directory, ready and settled.
+struct Started {
+    proc: Proc,
+    port: u16,
+    startup: Duration,
+    settled: Duration,
+    rss_ready: u64,
+}
+
+/// Writes the bench clients' bootstrap token (the controller refuses a token file others may
+/// read).
+fn write_token(path: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(
+        file,
+        "- {{token: {}, identity: spiffe://cluster.local/ns/istio-system/sa/ztunnel, node: node-0}}",
+        bench_token()
+    )?;
+    Ok(())
+}
+
+/// Starts the controller next to this binary on `work`'s manifests; returns once it is ready
+/// and the work it does after (the translator's spare copy of its outputs) is finished, so
+/// the push's CPU and memory are its own.
+async fn start(work: &Path, a: &Args) -> Result<Started> {
+    write_token(&work.join("tokens.yaml"))?;
+    let controller: PathBuf = std::env::current_exe()?.with_file_name("controller");
     let (port, admin) = (free_port()?, free_port()?);
     let started = Instant::now();
     let child = std::process::Command::new(&controller)
         .arg("--manifest-dir")
-        .arg(&manifests)
+        .arg(work.join("manifests"))
         .arg("--bootstrap-tokens")
-        .arg(work.path().join("tokens.yaml"))
+        .arg(work.join("tokens.yaml"))
         .arg("--ca-dir")
-        .arg(work.path().join("ca"))
+        .arg(work.join("ca"))
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
@@ -523,12 +559,30 @@ async fn main() -> Result<()> {
     let pid = proc.0.id();
     ready(admin, Duration::from_secs(120)).await?;
     let startup = started.elapsed();
-    // Work the controller does after it is ready (the translator's spare copy of its
-    // outputs) is finished before the push, so the push's CPU and memory are its own.
     let settled = settle(pid, Duration::from_secs(60)).await;
-    let rss_ready = status_kib(pid, "VmRSS:");
+    Ok(Started {
+        proc,
+        port,
+        startup,
+        settled,
+        rss_ready: status_kib(pid, "VmRSS:"),
+    })
+}
 
-    let roots = certs_from_pem(&std::fs::read_to_string(work.path().join("ca/trust-bundle.pem"))?)?;
+/// The full push: what it took and cost.
+struct Push {
+    p50: Duration,
+    last: Duration,
+    rss: u64,
+    cpu: Duration,
+    own_cpu: Duration,
+    bytes: u64,
+}
+
+/// Connects every client at once and waits until each holds the full state; returns the
+/// clients' event stream for the changes that follow.
+async fn push(work: &Path, port: u16, pid: u32, a: &Args) -> Result<(Push, mpsc::UnboundedReceiver<Event>)> {
+    let roots = certs_from_pem(&std::fs::read_to_string(work.join("ca/trust-bundle.pem"))?)?;
     let identity = "spiffe://cluster.local/ns/istio-system/sa/mesh-controller".parse()?;
     let tls = mesh_core::tls::control_plane_client_config(&roots, vec![identity])?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -572,13 +626,19 @@ async fn main() -> Result<()> {
             a.clients
         );
     }
-    let full_max = *full.iter().max().unwrap_or(&Duration::ZERO);
-    let full_p50 = percentile(&mut full, 0.5);
-    let rss_pushed = status_kib(pid, "VmRSS:");
-    let push_cpu = cpu_time(pid).saturating_sub(cpu_before);
-    let own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu_before);
-    let push_bytes = written(pid).saturating_sub(written_before);
+    let push = Push {
+        last: *full.iter().max().unwrap_or(&Duration::ZERO),
+        p50: percentile(&mut full, 0.5),
+        rss: status_kib(pid, "VmRSS:"),
+        cpu: cpu_time(pid).saturating_sub(cpu_before),
+        own_cpu: cpu_time(std::process::id()).saturating_sub(own_cpu_before),
+        bytes: written(pid).saturating_sub(written_before),
+    };
+    Ok((push, events))
+}
 
+/// Rewrites the probe pod's IP `a.changes` times; each time, how long until every client had it.
+async fn changes(manifests: &Path, events: &mut mpsc::UnboundedReceiver<Event>, a: &Args) -> Result<Vec<Duration>> {
     let mut single = Vec::new();
     for round in 0..a.changes {
         let tmp = manifests.join("probe.tmp");
@@ -600,13 +660,29 @@ async fn main() -> Result<()> {
         }
         single.push(last - t0);
     }
-    let single_max = *single.iter().max().unwrap_or(&Duration::ZERO);
-    let single_p50 = percentile(&mut single, 0.5);
-    let single_p99 = percentile(&mut single, 0.99);
-    let hwm = status_kib(pid, "VmHWM:");
-    let rss_end = status_kib(pid, "VmRSS:");
-    drop(proc);
+    Ok(single)
+}
 
+/// Everything the report prints.
+struct Figures {
+    startup: Duration,
+    settled: Duration,
+    rss_ready: u64,
+    push: Push,
+    single_p50: Duration,
+    single_p99: Duration,
+    single_max: Duration,
+    hwm: u64,
+    rss_end: u64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Prints the table: each figure beside its goal, then what each object and each client
+/// costs, so growth shows between runs of different sizes.
+fn report(a: &Args, f: &Figures) {
     println!("| measure | value | goal |");
     println!("|---|---|---|");
     println!(
@@ -620,61 +696,59 @@ async fn main() -> Result<()> {
     );
     println!(
         "| start-up to ready (read + translate + encode) | {:.0} ms | < 10 s (100k pods) |",
-        startup.as_secs_f64() * 1e3
+        ms(f.startup)
     );
     println!(
         "| full push to all clients (p50 / last) | {:.0} / {:.0} ms | < 15 s (100k pods, 1,000 clients) |",
-        full_p50.as_secs_f64() * 1e3,
-        full_max.as_secs_f64() * 1e3
+        ms(f.push.p50),
+        ms(f.push.last)
     );
     println!(
         "| single pod change to all clients (p50 / p99 / max of {}; includes up to {} ms of directory poll) | {:.0} / {:.0} / {:.0} ms | < 100 ms |",
         a.changes,
         a.poll_ms,
-        single_p50.as_secs_f64() * 1e3,
-        single_p99.as_secs_f64() * 1e3,
-        single_max.as_secs_f64() * 1e3
+        ms(f.single_p50),
+        ms(f.single_p99),
+        ms(f.single_max)
     );
     println!(
         "| ready to idle (work after ready, before the push) | {:.0} ms | |",
-        settled.as_secs_f64() * 1e3
+        ms(f.settled)
     );
     println!(
         "| controller RSS idle before the push / after push / end | {} / {} / {} | < 1.5 GiB |",
-        mib(rss_ready),
-        mib(rss_pushed),
-        mib(rss_end)
+        mib(f.rss_ready),
+        mib(f.push.rss),
+        mib(f.rss_end)
     );
-    println!("| controller peak RSS (VmHWM) | {} | |", mib(hwm));
-    // What each object and each client costs, so growth shows between runs of different sizes.
+    println!("| controller peak RSS (VmHWM) | {} | |", mib(f.hwm));
     let objects = (a.pods + a.services + a.policies).max(1) as f64;
     let clients = a.clients.max(1) as f64;
+    println!("| start-up per object | {:.1} µs | |", ms(f.startup) * 1e3 / objects);
     println!(
-        "| start-up per object | {:.1} µs | |",
-        startup.as_secs_f64() * 1e6 / objects
+        "| RSS per object at ready | {:.2} KiB | |",
+        f.rss_ready as f64 / objects
     );
-    println!("| RSS per object at ready | {:.2} KiB | |", rss_ready as f64 / objects);
     println!(
         "| RSS per client after the push | {:.1} KiB | |",
-        rss_pushed.saturating_sub(rss_ready) as f64 / clients
+        f.push.rss.saturating_sub(f.rss_ready) as f64 / clients
     );
     println!(
         "| full push per client (last / clients) | {:.2} ms | |",
-        full_max.as_secs_f64() * 1e3 / clients
+        ms(f.push.last) / clients
     );
     println!(
         "| full push: controller CPU (user + system) / per client | {:.1} s / {:.1} ms | |",
-        push_cpu.as_secs_f64(),
-        push_cpu.as_secs_f64() * 1e3 / clients
+        f.push.cpu.as_secs_f64(),
+        ms(f.push.cpu) / clients
     );
     println!(
         "| full push: bench clients' CPU / per client | {:.1} s / {:.1} ms | |",
-        own_cpu.as_secs_f64(),
-        own_cpu.as_secs_f64() * 1e3 / clients
+        f.push.own_cpu.as_secs_f64(),
+        ms(f.push.own_cpu) / clients
     );
     println!(
         "| full push: bytes written by the controller per client (TLS) | {:.1} MB | |",
-        push_bytes as f64 / 1e6 / clients
+        f.push.bytes as f64 / 1e6 / clients
     );
-    Ok(())
 }
