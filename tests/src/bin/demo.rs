@@ -155,8 +155,58 @@ async fn run(a: &Args) -> Result<()> {
     );
 
     section("pods through the CNI chain (bridge + host-local + ambient-cni)");
+    let by_name = add_pods(&cluster, &pods)?;
+    let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint").await?;
+    println!(
+        "shop/waypoint (the Gateway's waypoint) on node-1 at {}",
+        waypoint.pod.ip
+    );
+    for pod in by_name.values() {
+        cluster.wait_workload(pod, true, WAIT).await?;
+    }
+    let targets: Vec<(&str, SocketAddr)> = vec![
+        ("controller", SocketAddr::new(cluster.controller_ip(), 15014)),
+        ("ztunnel", SocketAddr::new(Cluster::underlay_ip(ID, 0), 15020)),
+        ("ztunnel", SocketAddr::new(Cluster::underlay_ip(ID, 1), 15020)),
+        ("waypoint", SocketAddr::new(waypoint.pod.ip, 15020)),
+    ];
+    let prom_addr = SocketAddr::new(cluster.controller_ip(), 9090);
+    let prom = Prometheus::start(cluster.controller.ns, prom_addr, &targets).await?;
+    println!("Prometheus scraping controller, 2 ztunnels and the waypoint at {prom_addr}");
+
+    section("traffic");
+    let mut seen = traffic(&by_name, a.requests).await?;
+    section("summary");
+    summary(&mut seen, &prom).await?;
+    let demo = Demo {
+        cluster: &cluster,
+        waypoint: &waypoint,
+        pods: &by_name,
+        prom_addr,
+    };
+    demo.print_pointers();
+    if a.hold {
+        if let Some(path) = &a.state_file {
+            demo.write_state(path)?;
+        }
+        hold(a).await?;
+    } else {
+        println!("\nrun `sudo scripts/demo.sh --hold` to keep it up and explore; tearing down now");
+    }
+    println!("tearing down pods, nodes, processes");
+    drop(prom);
+    drop(waypoint);
+    for pod in by_name.values() {
+        cluster.delete_pod(pod)?;
+    }
+    Ok(())
+}
+
+/// Starts every pod of pods.yaml through the CNI chain; those with an `app` label serve
+/// their name on 8080.
+fn add_pods(cluster: &Cluster, pods: &[PodDoc]) -> Result<BTreeMap<String, Pod>> {
     let mut by_name: BTreeMap<String, Pod> = BTreeMap::new();
-    for p in &pods {
+    for p in pods {
         let labels: Vec<(&str, &str)> = p.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let spec = PodSpec {
             name: &p.name,
@@ -180,54 +230,67 @@ async fn run(a: &Args) -> Result<()> {
         }
         by_name.insert(p.name.clone(), pod);
     }
-    let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint").await?;
-    println!(
-        "shop/waypoint (the Gateway's waypoint) on node-1 at {}",
-        waypoint.pod.ip
-    );
-    for pod in by_name.values() {
-        cluster.wait_workload(pod, true, WAIT).await?;
-    }
-    let targets: Vec<(&str, SocketAddr)> = vec![
-        ("controller", SocketAddr::new(cluster.controller_ip(), 15014)),
-        ("ztunnel", SocketAddr::new(Cluster::underlay_ip(ID, 0), 15020)),
-        ("ztunnel", SocketAddr::new(Cluster::underlay_ip(ID, 1), 15020)),
-        ("waypoint", SocketAddr::new(waypoint.pod.ip, 15020)),
-    ];
-    let prom_addr = SocketAddr::new(cluster.controller_ip(), 9090);
-    let prom = Prometheus::start(cluster.controller.ns, prom_addr, &targets).await?;
-    println!("Prometheus scraping controller, 2 ztunnels and the waypoint at {prom_addr}");
+    Ok(by_name)
+}
 
+/// A service VIP of the demo's cluster, port 80.
+fn vip(n: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, ID, n)), 80)
+}
+
+/// What the traffic saw: who answered reviews, the canary header's share, each payments
+/// call's statuses, keep-alive latencies.
+struct Seen {
+    served: BTreeMap<String, usize>,
+    latencies: Vec<Duration>,
+    canary_v2: usize,
+    canary_n: usize,
+    outcomes: BTreeMap<&'static str, BTreeMap<u16, usize>>,
+}
+
+/// Sends the demo's traffic: reviews (canary split and header), payments (L7 policy), and a
+/// direct call to the payments pod that bypasses its waypoint.
+async fn traffic(by_name: &BTreeMap<String, Pod>, requests: usize) -> Result<Seen> {
     let client = by_name.get("order-service").context("pods.yaml needs order-service")?;
-    let frontend = by_name.get("frontend").context("pods.yaml needs frontend")?;
-    let vip = |n: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, ID, n)), 80);
-
-    section("traffic");
     let mut reviews = HttpConn::open(&client.ns, vip(10), "reviews.shop.svc.cluster.local").await?;
-    let mut served: BTreeMap<String, usize> = BTreeMap::new();
-    let mut latencies = Vec::with_capacity(a.requests);
-    for i in 1..=a.requests {
+    let mut seen = Seen {
+        served: BTreeMap::new(),
+        latencies: Vec::with_capacity(requests),
+        canary_v2: 0,
+        canary_n: 100,
+        outcomes: BTreeMap::new(),
+    };
+    for i in 1..=requests {
         let start = Instant::now();
         let answer = reviews.send("GET", "/reviews/1", &[]).await?;
-        latencies.push(start.elapsed());
+        seen.latencies.push(start.elapsed());
         let who = answer.body.lines().next().unwrap_or("?").to_owned();
-        *served.entry(format!("{who} ({})", answer.status)).or_default() += 1;
-        if i % 50 == 0 || i == a.requests {
-            progress("GET reviews (90/10 canary)", i, a.requests);
+        *seen.served.entry(format!("{who} ({})", answer.status)).or_default() += 1;
+        if i % 50 == 0 || i == requests {
+            progress("GET reviews (90/10 canary)", i, requests);
         }
     }
-    let canary_n = 100;
-    let mut canary_v2 = 0;
-    for i in 1..=canary_n {
+    for i in 1..=seen.canary_n {
         let answer = reviews.send("GET", "/reviews/1", &[("x-canary", "true")]).await?;
-        canary_v2 += usize::from(answer.body.starts_with("reviews-v2\n"));
+        seen.canary_v2 += usize::from(answer.body.starts_with("reviews-v2\n"));
         if i % 25 == 0 {
-            progress("GET reviews, x-canary: true", i, canary_n);
+            progress("GET reviews, x-canary: true", i, seen.canary_n);
         }
     }
+    payments(by_name, &mut seen.outcomes).await?;
+    Ok(seen)
+}
+
+/// Payments calls from order-service (allowed POST, denied GET) and frontend (denied), then
+/// frontend dialling the payments pod by IP.
+async fn payments(
+    by_name: &BTreeMap<String, Pod>,
+    outcomes: &mut BTreeMap<&'static str, BTreeMap<u16, usize>>,
+) -> Result<()> {
+    let client = by_name.get("order-service").context("pods.yaml needs order-service")?;
+    let frontend = by_name.get("frontend").context("pods.yaml needs frontend")?;
     let mut pay = HttpConn::open(&client.ns, vip(13), "payments.shop.svc.cluster.local").await?;
     let mut other = HttpConn::open(&frontend.ns, vip(13), "payments.shop.svc.cluster.local").await?;
-    let mut outcomes: BTreeMap<&str, BTreeMap<u16, usize>> = BTreeMap::new();
     let calls = 50;
     for i in 1..=calls {
         for (what, from_frontend, method) in [
@@ -243,7 +306,6 @@ async fn run(a: &Args) -> Result<()> {
             progress("payments (policy)", i, calls);
         }
     }
-
     // Dialling the payments pod by IP skips the service's waypoint (and its L7 policy); the
     // L4 rule at the pod's ztunnel (payments-via-waypoint) admits only the waypoint.
     let payments = by_name.get("payments").context("pods.yaml needs payments")?;
@@ -261,24 +323,30 @@ async fn run(a: &Args) -> Result<()> {
         };
         *outcomes.entry(bypass).or_default().entry(status).or_default() += 1;
     }
+    Ok(())
+}
 
-    section("summary");
-    let total: usize = served.values().sum();
-    let v2 = served
+/// Prints what the traffic saw and what Prometheus says about identities and tunnels.
+async fn summary(seen: &mut Seen, prom: &Prometheus<'_>) -> Result<()> {
+    let total: usize = seen.served.values().sum();
+    let v2 = seen
+        .served
         .iter()
         .filter(|(k, _)| k.starts_with("reviews-v2 (200)"))
         .map(|(_, n)| n)
         .sum::<usize>();
     println!(
-        "canary split: {} -> v2 {:.1}% (target 10%), x-canary: true -> v2 {canary_v2}/{canary_n}",
-        served
+        "canary split: {} -> v2 {:.1}% (target 10%), x-canary: true -> v2 {}/{}",
+        seen.served
             .iter()
             .map(|(k, n)| format!("{k}: {n}"))
             .collect::<Vec<_>>()
             .join(", "),
-        100.0 * v2 as f64 / total.max(1) as f64
+        100.0 * v2 as f64 / total.max(1) as f64,
+        seen.canary_v2,
+        seen.canary_n
     );
-    for (what, by_status) in &outcomes {
+    for (what, by_status) in &seen.outcomes {
         let text: Vec<String> = by_status
             .iter()
             .map(|(s, n)| match s {
@@ -291,8 +359,8 @@ async fn run(a: &Args) -> Result<()> {
     }
     println!(
         "latency through ztunnel -> waypoint -> ztunnel (keep-alive): p50 {:.2} ms, p99 {:.2} ms",
-        pct(&mut latencies, 0.5),
-        pct(&mut latencies, 0.99)
+        pct(&mut seen.latencies, 0.5),
+        pct(&mut seen.latencies, 0.99)
     );
     let identities = prom
         .wait_for(
@@ -324,67 +392,84 @@ async fn run(a: &Args) -> Result<()> {
             s["metric"]["reporter"].as_str().unwrap_or("?")
         );
     }
+    Ok(())
+}
 
-    let cp = &cluster.controller.ns.name;
-    println!("\nmetrics:  ip netns exec {cp} curl -s 'http://{prom_addr}/api/v1/query?query=istio_requests_total'");
-    println!("          Grafana dashboard: dashboards/mesh.json (Prometheus data source http://{prom_addr})");
-    println!("logs:     controller {}", cluster.controller.log.display());
-    println!("          waypoint   {}", waypoint.log.display());
-    for n in &cluster.nodes {
-        println!(
-            "          ztunnel    {}",
-            std::env::temp_dir().join(format!("{}-ztunnel.log", n.name())).display()
-        );
+/// What `--hold` leaves running, for the pointers printed and the state file.
+struct Demo<'a> {
+    cluster: &'a Cluster,
+    waypoint: &'a Waypoint,
+    pods: &'a BTreeMap<String, Pod>,
+    prom_addr: SocketAddr,
+}
+
+impl Demo<'_> {
+    /// Where to look: metrics, dashboard, logs.
+    fn print_pointers(&self) {
+        let (cluster, waypoint, prom_addr) = (self.cluster, self.waypoint, self.prom_addr);
+        let cp = &cluster.controller.ns.name;
+        println!("\nmetrics:  ip netns exec {cp} curl -s 'http://{prom_addr}/api/v1/query?query=istio_requests_total'");
+        println!("          Grafana dashboard: dashboards/mesh.json (Prometheus data source http://{prom_addr})");
+        println!("logs:     controller {}", cluster.controller.log.display());
+        println!("          waypoint   {}", waypoint.log.display());
+        for n in &cluster.nodes {
+            println!(
+                "          ztunnel    {}",
+                std::env::temp_dir().join(format!("{}-ztunnel.log", n.name())).display()
+            );
+        }
     }
 
-    if a.hold {
-        if let Some(path) = &a.state_file {
-            let mut namespaces: Vec<String> = cluster.nodes.iter().map(|n| n.name().to_owned()).collect();
-            namespaces.push(cp.clone());
-            namespaces.push(cluster.hub().name.clone());
-            namespaces.extend(by_name.values().map(|p| p.ns.name.clone()));
-            namespaces.push(waypoint.pod.ns.name.clone());
-            let mut endpoints = vec![
-                serde_json::json!({"name": "controller", "netns": cp, "url": format!("http://{}:15014/metrics", cluster.controller_ip())}),
-            ];
-            for n in &cluster.nodes {
-                endpoints.push(serde_json::json!({"name": format!("ztunnel {}", n.name()), "netns": cp,
+    /// The state file `meshctl demo` reads: namespaces, endpoints, the client.
+    fn write_state(&self, path: &Path) -> Result<()> {
+        let (cluster, waypoint, prom_addr) = (self.cluster, self.waypoint, self.prom_addr);
+        let cp = &cluster.controller.ns.name;
+        let client = self
+            .pods
+            .get("order-service")
+            .context("pods.yaml needs order-service")?;
+        let mut namespaces: Vec<String> = cluster.nodes.iter().map(|n| n.name().to_owned()).collect();
+        namespaces.push(cp.clone());
+        namespaces.push(cluster.hub().name.clone());
+        namespaces.extend(self.pods.values().map(|p| p.ns.name.clone()));
+        namespaces.push(waypoint.pod.ns.name.clone());
+        let mut endpoints = vec![
+            serde_json::json!({"name": "controller", "netns": cp, "url": format!("http://{}:15014/metrics", cluster.controller_ip())}),
+        ];
+        for n in &cluster.nodes {
+            endpoints.push(serde_json::json!({"name": format!("ztunnel {}", n.name()), "netns": cp,
                     "url": format!("http://{}:15020/metrics", Cluster::underlay_ip(ID, n.index))}));
-            }
-            endpoints.push(serde_json::json!({"name": "waypoint", "netns": cp, "url": format!("http://{}:15020/metrics", waypoint.pod.ip)}));
-            let state = serde_json::json!({
-                "pid": std::process::id(),
-                "logs_dir": std::env::temp_dir(),
-                "namespaces": namespaces,
-                "client": {"netns": client.ns.name, "url": format!("http://{}/", vip(10))},
-                "endpoints": endpoints,
-                "prometheus": {"netns": cp, "url": format!("http://{prom_addr}/")},
-            });
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
-            std::fs::rename(&tmp, path)?;
-            println!("state:    {}", path.display());
         }
-        println!("\nholding: Ctrl-C (or `meshctl demo down`) tears everything down");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        endpoints.push(serde_json::json!({"name": "waypoint", "netns": cp, "url": format!("http://{}:15020/metrics", waypoint.pod.ip)}));
+        let state = serde_json::json!({
+            "pid": std::process::id(),
+            "logs_dir": std::env::temp_dir(),
+            "namespaces": namespaces,
+            "client": {"netns": client.ns.name, "url": format!("http://{}/", vip(10))},
+            "endpoints": endpoints,
+            "prometheus": {"netns": cp, "url": format!("http://{prom_addr}/")},
+        });
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
         }
-        if let Some(path) = &a.state_file {
-            let _ = std::fs::remove_file(path);
-        }
-    } else {
-        println!("\nrun `sudo scripts/demo.sh --hold` to keep it up and explore; tearing down now");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
+        std::fs::rename(&tmp, path)?;
+        println!("state:    {}", path.display());
+        Ok(())
     }
-    println!("tearing down pods, nodes, processes");
-    drop(prom);
-    drop(waypoint);
-    for pod in by_name.values() {
-        cluster.delete_pod(pod)?;
+}
+
+/// Keeps everything up until Ctrl-C or SIGTERM; the state file goes with it.
+async fn hold(a: &Args) -> Result<()> {
+    println!("\nholding: Ctrl-C (or `meshctl demo down`) tears everything down");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    if let Some(path) = &a.state_file {
+        let _ = std::fs::remove_file(path);
     }
     Ok(())
 }
