@@ -5,8 +5,10 @@
 pub mod checks;
 pub mod load;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use controller::model::{Inputs, ObjectKey};
 use controller::translate::{translate, Options, Problem};
 
 use crate::style::Style;
@@ -157,6 +159,37 @@ pub fn analyze(corpus: &Corpus) -> Report {
 /// Analyzes a loaded corpus as the controller of cluster `options.cluster_id` would translate it.
 pub fn analyze_with(corpus: &Corpus, options: &Options) -> Report {
     let inputs = &corpus.inputs;
+    let mut findings = corpus_findings(corpus);
+    let l7 = checks::l7_policies(inputs, &options.root_namespace);
+    let (waypoints, missing) = checks::missing_waypoints(inputs);
+    let outputs = translate(inputs, options);
+    let (problems, unverified_service_refs) = problem_findings(inputs, &outputs.problems, &l7, &missing);
+    findings.extend(problems);
+    findings.extend(l7);
+    findings.extend(waypoints);
+    findings.extend(checks::nodes_without_ztunnel(inputs, &corpus.nodes));
+    findings.extend(checks::strict_with_plaintext_clients(inputs, &options.root_namespace));
+    // Documents first, then by object; one finding per object and cause.
+    findings.sort_by(|a, b| {
+        (a.kind != "Document", &a.kind, &a.object, a.severity).cmp(&(
+            b.kind != "Document",
+            &b.kind,
+            &b.object,
+            b.severity,
+        ))
+    });
+    findings.dedup();
+    Report {
+        findings,
+        files: corpus.files,
+        objects: object_count(corpus),
+        ignored: corpus.ignored.iter().map(|(k, n)| (k.clone(), *n)).collect(),
+        unverified_service_refs,
+    }
+}
+
+/// Documents that did not parse and objects declared twice.
+fn corpus_findings(corpus: &Corpus) -> Vec<Finding> {
     let mut findings = Vec::new();
     for e in &corpus.errors {
         findings.push(Finding {
@@ -181,11 +214,21 @@ pub fn analyze_with(corpus: &Corpus, options: &Options) -> Report {
         });
     }
 
-    let l7 = checks::l7_policies(inputs, &options.root_namespace);
-    let (waypoints, missing) = checks::missing_waypoints(inputs);
-    let outputs = translate(inputs, options);
+    findings
+}
+
+/// The translation's problems as findings, less those a more specific check already names
+/// (L7 policies at ztunnel, missing waypoints); with how many Service references could not
+/// be checked because the manifests hold no Service at all.
+fn problem_findings(
+    inputs: &Inputs,
+    problems: &[Problem],
+    l7: &[Finding],
+    missing: &BTreeSet<ObjectKey>,
+) -> (Vec<Finding>, usize) {
+    let mut findings = Vec::new();
     let mut unverified_service_refs = 0;
-    for p in &outputs.problems {
+    for p in problems {
         // Manifests without any Service are a partial view (the Services live elsewhere):
         // a reference to one cannot be checked, which is not a mistake.
         if inputs.services.is_empty()
@@ -220,27 +263,7 @@ pub fn analyze_with(corpus: &Corpus, options: &Options) -> Report {
             fix: fix_for(p),
         });
     }
-    findings.extend(l7);
-    findings.extend(waypoints);
-    findings.extend(checks::nodes_without_ztunnel(inputs, &corpus.nodes));
-    findings.extend(checks::strict_with_plaintext_clients(inputs, &options.root_namespace));
-    // Documents first, then by object; one finding per object and cause.
-    findings.sort_by(|a, b| {
-        (a.kind != "Document", &a.kind, &a.object, a.severity).cmp(&(
-            b.kind != "Document",
-            &b.kind,
-            &b.object,
-            b.severity,
-        ))
-    });
-    findings.dedup();
-    Report {
-        findings,
-        files: corpus.files,
-        objects: object_count(corpus),
-        ignored: corpus.ignored.iter().map(|(k, n)| (k.clone(), *n)).collect(),
-        unverified_service_refs,
-    }
+    (findings, unverified_service_refs)
 }
 
 /// Loads and analyzes `paths`.
