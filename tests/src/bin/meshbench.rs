@@ -378,7 +378,18 @@ struct Pods<'a> {
     proxies: Option<(i32, i32)>,
 }
 
-impl Pods<'_> {
+impl<'a> Pods<'a> {
+    /// The pods of `bed`, proxied by the ztunnels with these pids (client, server).
+    fn proxied(label: &'static str, bed: &'a Bed, proxies: (i32, i32)) -> Self {
+        Pods {
+            label,
+            client: &bed.a,
+            server: &bed.b,
+            server_ip: bed.ip(2),
+            proxies: Some(proxies),
+        }
+    }
+
     fn url(&self) -> String {
         format!("http://{}:{HTTP_PORT}/", self.server_ip)
     }
@@ -994,12 +1005,7 @@ async fn bench(opts: &Opts) -> Result<()> {
     let plan = Plan::new(opts.quick, opts.rounds);
     let tck = clock_ticks();
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    let peer = if opts.istio {
-        istio::peer()?
-    } else {
-        eprintln!("meshbench: --no-istio: Istio's ztunnel left out");
-        None
-    };
+    let peer = peer(opts)?;
     eprintln!(
         "meshbench: ztunnel {}, Istio's ztunnel {}, {} rounds",
         bin.display(),
@@ -1014,32 +1020,24 @@ async fn bench(opts: &Opts) -> Result<()> {
         mesh_e2e::privileged(),
         "cannot create network namespaces (needs root and iproute2)"
     );
-    let bed = Bed::try_new(NET).context("creating the mesh pods")?;
-    let ibed = match &peer {
-        Some(_) => Some(Bed::try_new(NET + 1).context("creating the pods for Istio's ztunnel")?),
-        None => None,
-    };
+    let bed = tuned_bed(NET, "the mesh pods")?;
+    let ibed = peer
+        .as_ref()
+        .map(|_| tuned_bed(NET + 1, "the pods for Istio's ztunnel"))
+        .transpose()?;
     let plain = Plain::new(NET).context("creating the direct pods")?;
-    for ns in [&bed.a, &bed.b, &plain.client, &plain.server] {
-        tune(ns)?;
-    }
-    if let Some(ib) = &ibed {
-        tune(&ib.a)?;
-        tune(&ib.b)?;
-    }
+    tune(&plain.client)?;
+    tune(&plain.server)?;
     let tmp = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
     let dir = tmp.path();
 
     let zc = Zt::start(&bed.a, &bed.files(), None).await?;
     let zs = Zt::start(&bed.b, &bed.files(), None).await?;
-    let bbed = match &opts.compare {
-        Some(_) => Some(Bed::try_new(NET + 2).context("creating the pods for --compare")?),
-        None => None,
-    };
-    if let Some(bb) = &bbed {
-        tune(&bb.a)?;
-        tune(&bb.b)?;
-    }
+    let bbed = opts
+        .compare
+        .as_ref()
+        .map(|_| tuned_bed(NET + 2, "the pods for --compare"))
+        .transpose()?;
     let base_zts = match (&opts.compare, &bbed) {
         (Some(binary), Some(bb)) => Some((
             Zt::start(&bb.a, &bb.files(), Some(binary)).await?,
@@ -1048,13 +1046,7 @@ async fn bench(opts: &Opts) -> Result<()> {
         _ => None,
     };
     let istio_zts = match (&peer, &ibed) {
-        (Some(binary), Some(ib)) => {
-            let state = dir.join("istio-state.yaml");
-            std::fs::write(&state, istio_state(ib))?;
-            let c = IstioZt::start(&ib.a, binary, "default/client/client", &state, opts.istio_threads).await?;
-            let s = IstioZt::start(&ib.b, binary, "default/server/server", &state, opts.istio_threads).await?;
-            Some((c, s))
-        }
+        (Some(binary), Some(ib)) => Some(istio_pair(ib, binary, dir, opts.istio_threads).await?),
         _ => None,
     };
     let direct = Pods {
@@ -1064,31 +1056,13 @@ async fn bench(opts: &Opts) -> Result<()> {
         server_ip: plain.ip(2),
         proxies: None,
     };
-    let ours = Pods {
-        label: "ours",
-        client: &bed.a,
-        server: &bed.b,
-        server_ip: bed.ip(2),
-        proxies: Some((zc.pid, zs.pid)),
-    };
+    let ours = Pods::proxied("ours", &bed, (zc.pid, zs.pid));
     let theirs = match (&ibed, &istio_zts) {
-        (Some(ib), Some((c, s))) => Some(Pods {
-            label: "istio",
-            client: &ib.a,
-            server: &ib.b,
-            server_ip: ib.ip(2),
-            proxies: Some((c.pid, s.pid)),
-        }),
+        (Some(ib), Some((c, s))) => Some(Pods::proxied("istio", ib, (c.pid, s.pid))),
         _ => None,
     };
     let base = match (&bbed, &base_zts) {
-        (Some(bb), Some((c, s))) => Some(Pods {
-            label: "base",
-            client: &bb.a,
-            server: &bb.b,
-            server_ip: bb.ip(2),
-            proxies: Some((c.pid, s.pid)),
-        }),
+        (Some(bb), Some((c, s))) => Some(Pods::proxied("base", bb, (c.pid, s.pid))),
         _ => None,
     };
     let mut paths = vec![&direct];
@@ -1113,12 +1087,7 @@ async fn bench(opts: &Opts) -> Result<()> {
     if let Some((c, _)) = &base_zts {
         check_proxied("base", &c.z.metrics().await?)?;
     }
-    eprintln!("meshbench: every path answers; warming up");
-    for p in &paths {
-        wrk(p, 2, 10, plan.warmup_secs)
-            .await
-            .with_context(|| format!("{} warm-up", p.label))?;
-    }
+    warm_up(&paths, plan).await?;
 
     let results = rounds(&paths, plan, tck).await?;
     let loaded_rss: Vec<Option<(u64, u64)>> = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
@@ -1155,19 +1124,13 @@ async fn bench(opts: &Opts) -> Result<()> {
             loaded_rss,
         })
         .collect();
+    let istio_note = istio_note(peer.is_some(), opts.istio);
     let report = Report {
         plan,
         quick: opts.quick,
         tck,
         runs,
-        istio_note: match (&peer, opts.istio) {
-            (Some(_), _) => None,
-            (None, true) => Some(format!(
-                "Istio's ztunnel not found at {}: column skipped",
-                istio::PEER_PATH
-            )),
-            (None, false) => Some("--no-istio: column skipped".to_owned()),
-        },
+        istio_note,
         istio_threads: opts.istio_threads,
         ready,
         scale,
@@ -1176,10 +1139,69 @@ async fn bench(opts: &Opts) -> Result<()> {
         profiles,
         elapsed: started.elapsed(),
     };
+    write_bench_report(&opts.out, &report)
+}
+
+/// Istio's ztunnel binary, unless `--no-istio` (or absent: the column is skipped).
+fn peer(opts: &Opts) -> Result<Option<PathBuf>> {
+    if opts.istio {
+        return istio::peer();
+    }
+    eprintln!("meshbench: --no-istio: Istio's ztunnel left out");
+    Ok(None)
+}
+
+/// Istio's ztunnel for `bed`'s client and server pods, from a state file written in `dir`.
+async fn istio_pair<'a>(
+    bed: &'a Bed,
+    binary: &Path,
+    dir: &Path,
+    threads: Option<u32>,
+) -> Result<(IstioZt<'a>, IstioZt<'a>)> {
+    let state = dir.join("istio-state.yaml");
+    std::fs::write(&state, istio_state(bed))?;
+    let c = IstioZt::start(&bed.a, binary, "default/client/client", &state, threads).await?;
+    let s = IstioZt::start(&bed.b, binary, "default/server/server", &state, threads).await?;
+    Ok((c, s))
+}
+
+/// Why the Istio column is missing, if it is.
+fn istio_note(present: bool, wanted: bool) -> Option<String> {
+    match (present, wanted) {
+        (true, _) => None,
+        (false, true) => Some(format!(
+            "Istio's ztunnel not found at {}: column skipped",
+            istio::PEER_PATH
+        )),
+        (false, false) => Some("--no-istio: column skipped".to_owned()),
+    }
+}
+
+/// A client and server pod pair on subnet `net`, tuned as every path is.
+fn tuned_bed(net: u8, what: &str) -> Result<Bed> {
+    let bed = Bed::try_new(net).with_context(|| format!("creating {what}"))?;
+    tune(&bed.a)?;
+    tune(&bed.b)?;
+    Ok(bed)
+}
+
+/// A short keep-alive load on every path before the measured rounds.
+async fn warm_up(paths: &[&Pods<'_>], plan: Plan) -> Result<()> {
+    eprintln!("meshbench: every path answers; warming up");
+    for p in paths {
+        wrk(p, 2, 10, plan.warmup_secs)
+            .await
+            .with_context(|| format!("{} warm-up", p.label))?;
+    }
+    Ok(())
+}
+
+/// Prints the data-path table and writes it (bench.md) and its JSON (bench.json) to `out`.
+fn write_bench_report(out: &Path, report: &Report) -> Result<()> {
     let md = report.markdown();
     let js = report.json();
-    let json_path = opts.out.join("bench.json");
-    let md_path = opts.out.join("bench.md");
+    let json_path = out.join("bench.json");
+    let md_path = out.join("bench.md");
     std::fs::write(&json_path, serde_json::to_string_pretty(&js)? + "\n")?;
     std::fs::write(&md_path, &md)?;
     println!("{md}");
