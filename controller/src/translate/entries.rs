@@ -43,14 +43,14 @@ pub(crate) struct Entries {
     pub selectors: Vec<Selector>,
 }
 
-/// Translates every ServiceEntry and WorkloadEntry. `service` looks up a Kubernetes Service's
-/// address by name (a WorkloadEntry's `entry_services` checks which entry owns a host).
-pub(crate) fn translate<'a>(
+/// Translates every ServiceEntry and WorkloadEntry. A WorkloadEntry lists the hosts of the
+/// entries selecting it that the entries' own services hold: a host a Kubernetes Service
+/// kept is the Service's, which lists the WorkloadEntry only through its own selector.
+pub(crate) fn translate(
     inputs: &Inputs,
     options: &Options,
     attach: &Attachments<'_>,
     taken: &Taken,
-    service: impl Fn(&str) -> Option<&'a pb::Address>,
     selected: &[Selected],
     report: &mut Report,
 ) -> Entries {
@@ -75,17 +75,53 @@ pub(crate) fn translate<'a>(
             },
         );
     }
-    let workloads = workload_entry::translate(
-        inputs,
-        options,
-        selected,
-        |name| out.addresses.get(name).or_else(|| service(name)),
-        report,
-    );
+    let workloads = workload_entry::translate(inputs, options, selected, |name| out.addresses.get(name), report);
     out.addresses.extend(workloads);
     if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
         service_entry::registry_only(&mut out.addresses);
     }
     out.selectors = entries.selectors;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use crate::model::{Inputs, Object};
+    use crate::translate::{translate, Options};
+    use mesh_proto::workload as pb;
+
+    /// A ServiceEntry whose host a Kubernetes Service of the same name keeps: the VM it
+    /// selects does not list the Service's host with the entry's ports (the Service does not
+    /// select it), only the host the entry owns.
+    #[test]
+    fn a_host_the_service_kept_is_not_the_entrys_to_give() {
+        let mut inputs = Inputs::default();
+        for o in [
+            serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.5", "selector": {"app": "postgres"}, "ports": [{"port": 5432}]}}),
+            serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {"hosts": ["db.shop.svc.cluster.local", "db.vm.test"], "resolution": "STATIC",
+                         "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP"}],
+                         "workloadSelector": {"labels": {"app": "vm-db"}}}}),
+            serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                "metadata": {"name": "vm", "namespace": "shop"},
+                "spec": {"address": "10.20.0.5", "labels": {"app": "vm-db"}}}),
+        ] {
+            inputs.apply(Object::parse(o).unwrap());
+        }
+        let out = translate(&inputs, &Options::default());
+        let vm = out
+            .addresses
+            .values()
+            .find_map(|a| match &a.r#type {
+                Some(pb::address::Type::Workload(w)) if w.name == "vm" => Some(w.clone()),
+                _ => None,
+            })
+            .expect("the VM's workload");
+        let services: Vec<&String> = vm.services.keys().collect();
+        assert_eq!(services, ["shop/db.vm.test"], "{services:?}");
+    }
 }

@@ -611,7 +611,7 @@ impl Incremental {
                 }
             }
             let attach = Attachments::new(inputs, &self.waypoints, options, &mut Report::default());
-            super::entries::translate(inputs, options, &attach, &taken, service, &self.selected, &mut report)
+            super::entries::translate(inputs, options, &attach, &taken, &self.selected, &mut report)
         };
         for gone in old.iter().filter(|n| !new.addresses.contains_key(*n)) {
             updates.entry(gone.clone()).or_insert(None);

@@ -161,15 +161,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     for (name, a) in &addresses {
         taken.add(name, a);
     }
-    let entries = entries::translate(
-        inputs,
-        options,
-        &attach,
-        &taken,
-        |name| addresses.get(name),
-        &authz.selected,
-        &mut report,
-    );
+    let entries = entries::translate(inputs, options, &attach, &taken, &authz.selected, &mut report);
     let mut workloads = BTreeMap::new();
     for w in workload::translate(inputs, options, &attach, &authz.selected, &mut report) {
         workloads.insert(

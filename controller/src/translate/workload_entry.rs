@@ -119,7 +119,9 @@ fn kubernetes_services(
 }
 
 /// ServiceEntries of the entry's namespace whose `workloadSelector` matches it: each host
-/// the entry's translation kept, with the entry's ports (by port name) or the declared ones.
+/// the entry's translation kept (`service` finds the entries' own services, so a host a
+/// Kubernetes Service kept is never the entry's), with the entry's ports (by port name) or
+/// the declared ones.
 fn entry_services<'a>(
     inputs: &Inputs,
     key: &ObjectKey,
