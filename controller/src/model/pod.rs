@@ -37,12 +37,19 @@ pub struct PodSpec {
     /// Only their ports: a Service's named `targetPort` resolves through them.
     #[serde(default, deserialize_with = "null_or_default")]
     pub containers: Vec<Container>,
+    /// Kept for sidecars (`restartPolicy: Always`), whose named ports Services resolve too.
+    #[serde(default, deserialize_with = "null_or_default")]
+    pub init_containers: Vec<Container>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Container {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<ContainerPort>>,
+    /// `Always` on an init container makes it a sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -52,6 +59,9 @@ pub struct ContainerPort {
     pub container_port: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// TCP when absent, as the API server defaults it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

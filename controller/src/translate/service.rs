@@ -149,19 +149,30 @@ pub(crate) fn translate_one(
     })
 }
 
-/// Resolves a Service port's target for one pod: numeric as is, named through the pod's
-/// container ports; `None` when the pod has no such named port.
+/// Resolves a Service port's target for one pod: numeric as is, named as Kubernetes'
+/// `FindPort` does — the first container port with that name and the Service port's
+/// protocol (TCP when unset on either), in the containers, then in the sidecars (init
+/// containers with `restartPolicy: Always`); `None` when the pod has no such port.
 pub(crate) fn target_port(port: &k8s_openapi::api::core::v1::ServicePort, pod: &Pod) -> Option<u32> {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
     match &port.target_port {
         None => u32::try_from(port.port).ok(),
         Some(IntOrString::Int(n)) => u32::try_from(*n).ok(),
-        Some(IntOrString::String(name)) => pod
-            .spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .and_then(|p| u32::try_from(p.container_port).ok()),
+        Some(IntOrString::String(name)) => {
+            let spec = pod.spec.as_ref()?;
+            let sidecars = spec
+                .init_containers
+                .iter()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+            spec.containers
+                .iter()
+                .chain(sidecars)
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| {
+                    p.name.as_deref() == Some(name.as_str()) && p.protocol.as_deref().unwrap_or("TCP") == protocol
+                })
+                .and_then(|p| u32::try_from(p.container_port).ok())
+        }
     }
 }
 
@@ -230,5 +241,59 @@ impl<'a> SelectorIndex<'a> {
         out.sort_by_key(|(k, _)| *k);
         out.dedup_by_key(|(k, _)| *k);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use k8s_openapi::api::core::v1::ServicePort;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    use super::target_port;
+    use crate::model::Pod;
+
+    /// Named target ports as Kubernetes resolves them: name and protocol, containers first,
+    /// then sidecar init containers; plain init containers never.
+    #[test]
+    fn named_target_ports_resolve_as_kubernetes_does() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "containers": [{"name": "app", "ports": [
+                    {"name": "dns", "containerPort": 5353, "protocol": "UDP"},
+                    {"name": "web", "containerPort": 8080}]}],
+                "initContainers": [
+                    {"name": "setup", "ports": [{"name": "setup", "containerPort": 7000}]},
+                    {"name": "proxy", "restartPolicy": "Always", "ports": [
+                        {"name": "admin", "containerPort": 15000}, {"name": "web", "containerPort": 9999}]}]
+            }
+        }))
+        .unwrap();
+        let port = |target: &str, protocol: Option<&str>| ServicePort {
+            port: 80,
+            target_port: Some(IntOrString::String(target.to_owned())),
+            protocol: protocol.map(str::to_owned),
+            ..ServicePort::default()
+        };
+        let table = [
+            (port("web", None), Some(8080)),        // the container's, before the sidecar's
+            (port("web", Some("TCP")), Some(8080)), // TCP spelled out
+            (port("dns", None), None),              // a UDP port does not serve TCP
+            (port("dns", Some("UDP")), Some(5353)),
+            (port("admin", None), Some(15000)), // a sidecar's port
+            (port("setup", None), None),        // a plain init container's is not
+            (port("missing", None), None),
+        ];
+        for (service_port, want) in table {
+            let target = service_port.target_port.clone();
+            assert_eq!(
+                target_port(&service_port, &pod),
+                want,
+                "{target:?} {:?}",
+                service_port.protocol
+            );
+        }
     }
 }
