@@ -10,6 +10,7 @@ pub mod limits;
 pub mod nested;
 pub mod pool;
 pub mod server;
+mod splice;
 pub mod stream;
 
 use std::sync::Arc;
@@ -59,8 +60,8 @@ impl Default for Settings {
             // About 4 and 16 MiB, as whole splice chunks: a peer splicing as we do then gets room
             // for whole chunks while the window is what holds it back, instead of a part that
             // splits a chunk into two frames (and records) for as long as the transfer runs.
-            stream_window: 32 * stream::READ_LIMIT as u32,
-            connection_window: 128 * stream::READ_LIMIT as u32,
+            stream_window: 32 * splice::READ_LIMIT as u32,
+            connection_window: 128 * splice::READ_LIMIT as u32,
             max_frame_size: 1024 * 1024,
             server_max_streams: 200,
             client_max_streams: 100,

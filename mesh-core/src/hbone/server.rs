@@ -39,7 +39,7 @@ pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// One full read of the splice (one DATA frame): a stream gets room for its next chunk only
 /// once h2 has taken the previous one whole, so chunks are not cut into frames that do not fill
 /// TLS records (a buffer a few bytes larger than the chunk handed out those few bytes as room).
-pub(crate) const MAX_SEND_BUFFER: usize = super::stream::READ_LIMIT;
+pub(crate) const MAX_SEND_BUFFER: usize = super::splice::READ_LIMIT;
 
 /// What the streams of one connection share: the reset count that can end it, and how many
 /// are open (and since when none is) for the idle timeout.

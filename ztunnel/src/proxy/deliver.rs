@@ -11,9 +11,11 @@
 //! connection already exists, so nothing is answered and a failed dial is recorded as a
 //! connection that failed.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::{Either, FutureExt};
 use mesh_core::hbone::InboundConnect;
 use mesh_core::rbac::{evaluate, observe, ConnectionInfo, Decision};
 use mesh_core::socket::connect_from;
@@ -75,7 +77,7 @@ pub async fn deliver(px: &Proxy, state: Arc<State>, client: Client, conn: Box<In
     };
     let result = tokio::select! {
         r = client.splice(&mut upstream, &record) => r,
-        _ = registration.cancel.cancelled() => Err(ConnError::PolicyRevoked),
+        _ = registration.revoked() => Err(ConnError::PolicyRevoked),
     };
     record.finish(result);
 }
@@ -198,22 +200,29 @@ enum Accepted {
 }
 
 impl Accepted {
-    /// Moves bytes between the client and the application until either ends.
-    async fn splice(self, upstream: &mut TcpStream, record: &ConnRecord<'_>) -> Result<(), ConnError> {
+    /// Moves bytes between the client and the application until either ends. Not an async fn:
+    /// the future holds the client's parts once, not also the `Accepted` they came from.
+    fn splice<'a>(
+        self,
+        upstream: &'a mut TcpStream,
+        record: &'a ConnRecord<'a>,
+    ) -> impl Future<Output = Result<(), ConnError>> + Send + 'a {
         match self {
             // Bytes flowing from the tunnel go to the destination app ("sent" by the client).
-            Accepted::Hbone(h2) => {
-                let observer = record.bytes().tunnel_to_client();
-                h2.splice_tcp_observed(upstream, &observer).await.map(drop)?;
-            }
-            Accepted::Plain(mut tcp) => {
-                let mut client = CountedClient {
-                    inner: &mut tcp,
-                    bytes: record.bytes(),
-                };
-                tokio::io::copy_bidirectional(&mut client, upstream).await.map(drop)?;
-            }
+            Accepted::Hbone(h2) => Either::Left(
+                h2.splice_tcp_observed(upstream, record.bytes().tunnel_to_client())
+                    .map(|r| r.map(drop).map_err(ConnError::from)),
+            ),
+            Accepted::Plain(tcp) => Either::Right(splice_plain(tcp, upstream, record)),
         }
-        Ok(())
     }
+}
+
+async fn splice_plain(mut tcp: TcpStream, upstream: &mut TcpStream, record: &ConnRecord<'_>) -> Result<(), ConnError> {
+    let mut client = CountedClient {
+        inner: &mut tcp,
+        bytes: record.bytes(),
+    };
+    tokio::io::copy_bidirectional(&mut client, upstream).await?;
+    Ok(())
 }

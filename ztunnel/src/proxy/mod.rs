@@ -256,14 +256,17 @@ mod task_size_tests {
 
     /// Each proxied connection is one task per side; an idle one holds its whole future, sized
     /// by its largest wait. Connection set-up (pool connect, dial, checks) is boxed and freed
-    /// once done so the task holds only what the splice needs (debug build: 6,128 and 4,672
-    /// bytes at first, 1,608 and 1,600 before the splice ran in the task's own frame; now 984
-    /// and 1,128).
+    /// once done so the task holds only what the splice needs. tokio allocates a task as the
+    /// future plus 112 bytes of header and trailer, rounded up to 128: release builds' futures
+    /// of 648 and 776 bytes make 768- and 896-byte tasks, with tracking (they were 1,152 and 1,280 with the
+    /// joined async splice and a cancellation token's wait). A debug build's futures are
+    /// slightly larger, hence the slack.
     #[test]
     fn connection_tasks_stay_small() {
+        let slack = if cfg!(debug_assertions) { 32 } else { 0 };
         let outbound = future_size(&outbound::handle);
         let inbound = future_size2(&inbound::stream);
-        assert!(outbound <= 1024, "outbound task {outbound} bytes");
-        assert!(inbound <= 1200, "inbound stream task {inbound} bytes");
+        assert!(outbound <= 768 - 112 + slack, "outbound task {outbound} bytes");
+        assert!(inbound <= 896 - 112 + slack, "inbound stream task {inbound} bytes");
     }
 }

@@ -308,7 +308,7 @@ pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr)
         Err(e) => return record.finish(Err(e)),
     };
     let result = stream
-        .splice_tcp_observed(&mut tcp, &record.bytes().tunnel_to_destination())
+        .splice_tcp_observed(&mut tcp, record.bytes().tunnel_to_destination())
         .await;
     record.finish(result.map(drop).map_err(ConnError::from));
 }
