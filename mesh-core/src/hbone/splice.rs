@@ -84,6 +84,8 @@ pub(crate) struct Splice<'a, O> {
     /// h2's end of stream arrived; then `shut` once it was passed on as TCP's write shutdown.
     received_eof: bool,
     shut: bool,
+    /// Which direction goes first in the next poll.
+    tunnel_first: bool,
 }
 
 impl<'a, O: SpliceObserver> Splice<'a, O> {
@@ -106,6 +108,7 @@ impl<'a, O: SpliceObserver> Splice<'a, O> {
             sent_eof: false,
             received_eof: false,
             shut: false,
+            tunnel_first: false,
         }
     }
 
@@ -195,9 +198,17 @@ impl<O: SpliceObserver + Unpin> Future for Splice<'_, O> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        // Both directions every time: they share the task's waker.
-        let to = this.poll_to_tunnel(cx)?;
-        let from = this.poll_from_tunnel(cx)?;
+        // Both directions every time (they share the task's waker), the first one alternating:
+        // one that keeps finding data would otherwise spend tokio's per-poll budget each time
+        // and leave the other none.
+        this.tunnel_first = !this.tunnel_first;
+        let (to, from) = if this.tunnel_first {
+            let from = this.poll_from_tunnel(cx)?;
+            (this.poll_to_tunnel(cx)?, from)
+        } else {
+            let to = this.poll_to_tunnel(cx)?;
+            (to, this.poll_from_tunnel(cx)?)
+        };
         if to.is_ready() && from.is_ready() {
             return Poll::Ready(Ok(this.moved));
         }
