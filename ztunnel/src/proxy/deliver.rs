@@ -103,7 +103,6 @@ async fn prepare<'a>(px: &'a Proxy, state: Arc<State>, client: Client, conn: Box
         client.refuse(px, Refusal::PolicyDenied);
         return None;
     }
-    drop(state);
     let source = client_source(conn.peer, conn.forwarded, conn.forwarded_trusted, |ip| {
         px.is_own_address(ip)
     });
@@ -127,8 +126,18 @@ async fn prepare<'a>(px: &'a Proxy, state: Arc<State>, client: Client, conn: Box
         ..
     } = *conn;
     let dst = info.dst;
-    // Tracked from here: a policy update while the application is dialled closes it too.
+    // Tracked from here: a policy update while the application is dialled closes it too. One
+    // that came since `state` was loaded was not seen by the tracker: checked here.
     let registration = px.tracker.register(info, wl);
+    let latest = px.state.load();
+    if !Arc::ptr_eq(&latest, &state) {
+        if let Some(denial) = registration.denial(&latest) {
+            info!(src = %source.addr, dst = %dst, %denial, direction, "{}", Refusal::PolicyDenied);
+            client.refuse(px, Refusal::PolicyDenied);
+            return None;
+        }
+    }
+    drop((state, latest));
     let (client, upstream) = Box::pin(dial(px, client, source.addr, dst, (&labels, direction))).await?;
     let client = match client {
         Client::Hbone(req) => match (*req).accept() {

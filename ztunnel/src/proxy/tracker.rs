@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::task::AtomicWaker;
 
 use mesh_core::rbac::{evaluate, ConnectionInfo, Decision, Denial};
-use mesh_core::state::{StateStore, Workload};
+use mesh_core::state::{State, StateStore, Workload};
 use tracing::info;
 
 struct Tracked {
@@ -27,6 +27,19 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// Why `state` no longer authorizes the connection, if it does not.
+    fn denial(&self, state: &State) -> Option<Denial> {
+        let decision = match state.workload(&self.dst.uid) {
+            Some(w) => evaluate(state.policies_for(w), &self.info),
+            // The destination is gone: nothing authorizes the connection any more.
+            None => Decision::Deny(Denial::NoWorkload),
+        };
+        match decision {
+            Decision::Deny(denial) => Some(denial),
+            Decision::Allow => None,
+        }
+    }
+
     fn revoke(&self) {
         self.revoked.store(true, Ordering::Release);
         self.waker.wake();
@@ -47,6 +60,12 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// Why `state` denies the connection, if it does: for a state that changed between the
+    /// connection's authorization and its registration, which the tracker did not see.
+    pub fn denial(&self, state: &State) -> Option<Denial> {
+        self.entry.denial(state)
+    }
+
     /// Completes once an updated policy denies the connection.
     pub async fn revoked(&self) {
         poll_fn(|cx| {
@@ -110,12 +129,7 @@ impl ConnTracker {
         while changes.changed().await.is_ok() {
             let state = store.load();
             for t in self.lock().values() {
-                let decision = match state.workload(&t.dst.uid) {
-                    Some(w) => evaluate(state.policies_for(w), &t.info),
-                    // The destination is gone: nothing authorizes the connection any more.
-                    None => Decision::Deny(Denial::NoWorkload),
-                };
-                if let Decision::Deny(denial) = decision {
+                if let Some(denial) = t.denial(&state) {
                     info!(src = %t.info.src_ip, dst = %t.info.dst, %denial, "closing connection denied by updated policy");
                     t.revoke();
                 }
@@ -195,5 +209,18 @@ mod tests {
         drop(to_a);
         assert_eq!(tracker.len(), 1);
         enforcing.abort();
+    }
+
+    /// What a connection registered after a state change checks itself against.
+    #[test]
+    fn a_registration_answers_for_a_state_it_did_not_see() {
+        let store = StateStore::new();
+        let a = Arc::new(workload("a", "10.0.0.1"));
+        store.update(|s| s.upsert_workload((*a).clone()));
+        let tracker = ConnTracker::default();
+        let to_a = tracker.register(info("10.0.0.1:80"), a);
+        assert_eq!(to_a.denial(&store.load()), None);
+        store.update(|s| s.remove_workload("c//Pod/default/a"));
+        assert_eq!(to_a.denial(&store.load()), Some(Denial::NoWorkload));
     }
 }
