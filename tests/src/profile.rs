@@ -195,7 +195,7 @@ where
         let mut tracers = Vec::new();
         for (pid, file) in pids.iter().zip(&files) {
             let (p, f) = (pid.to_string(), file.display().to_string());
-            tracers.push(Tracer::spawn(&[
+            let mut args = vec![
                 "perf",
                 "record",
                 "-q",
@@ -207,7 +207,12 @@ where
                 &p,
                 "-o",
                 &f,
-            ])?);
+            ];
+            // Call graphs make each file hundreds of MiB: only when asked.
+            if std::env::var_os("MESHBENCH_CALL_GRAPH").is_some_and(|v| v == "1") {
+                args.extend(["--call-graph", "dwarf,16384"]);
+            }
+            tracers.push(Tracer::spawn(&args)?);
         }
         // perf record gives no signal once it is attached; it takes a few milliseconds.
         tokio::time::sleep(Duration::from_millis(300)).await;

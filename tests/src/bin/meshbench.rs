@@ -66,8 +66,9 @@ the proxies' CPU, context switches and memory. Needs root.
   --istio-threads N   ZTUNNEL_WORKER_THREADS for Istio's ztunnel (default: its own, 2)
   --compare ZTUNNEL   also run this build of our ztunnel (say, of the base commit) as path
                       \"base\" on its own pods, with an A/B table against ours
-  --profile           afterwards, per proxy: syscalls per request and per MiB (strace -c),
-                      perf cpu-clock profile, allocations per request (ours)
+  --profile           afterwards, per proxy: syscalls per request, new connection and MiB (strace -c),
+                      perf cpu-clock profile (perf-*.data kept in --out; MESHBENCH_CALL_GRAPH=1
+                      records call graphs), allocations per request (ours)
   --out DIR           where bench.json and bench.md go (default: <target dir>/bench)
   --scenario S        mesh (the default: all of the above); ingress: HTTPS through our ingress
                       gateway into the mesh vs nginx terminating the same certificate (issue 14),
@@ -1092,9 +1093,11 @@ async fn bench(opts: &Opts) -> Result<()> {
     let results = rounds(&paths, plan, tck).await?;
     let loaded_rss: Vec<Option<(u64, u64)>> = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
     let profiles = if opts.profile {
+        // Kept next to the report, for `perf report -i` by hand.
+        std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
         let mut v = Vec::new();
         for p in paths.iter().filter(|p| p.proxies.is_some()) {
-            v.push(profile_path(p, plan, dir).await?);
+            v.push(profile_path(p, plan, &opts.out).await?);
         }
         v
     } else {
@@ -1214,7 +1217,7 @@ fn write_bench_report(out: &Path, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// `--profile` on one meshed path: short keep-alive, closed-loop and bulk loads, each watched
+/// `--profile` on one meshed path: short keep-alive, closed-loop, new-connection and bulk loads, each watched
 /// by [`profile::watch`] on both proxies.
 async fn profile_path(p: &Pods<'_>, plan: Plan, dir: &Path) -> Result<ProfileReport> {
     let Some((c, s)) = p.proxies else {
@@ -1233,6 +1236,13 @@ async fn profile_path(p: &Pods<'_>, plan: Plan, dir: &Path) -> Result<ProfileRep
             sides,
         });
     }
+    let (runs, sides) = profile::watch(p.label, "ab", [c, s], dir, || ab(p, plan.ab_requests)).await?;
+    loads.push(LoadProfile {
+        load: "ab -c4 new connection per request".to_owned(),
+        unit: "connection",
+        units: runs.first().map_or(0.0, |a| a.complete as f64),
+        sides,
+    });
     let (runs, sides) = profile::watch(p.label, "iperf3", [c, s], dir, || iperf(p, secs)).await?;
     loads.push(LoadProfile {
         load: "iperf3 one stream".to_owned(),
