@@ -211,19 +211,22 @@ impl Arrival {
     }
 
     fn log(&self, down: &Downstream, resp: &Response<Body>, out: &Outcome, elapsed: Duration) {
+        let src_identity = down.peer_identity.as_ref().map(ToString::to_string);
+        // Strings go in as `&str`, not `%` (Display): the JSON formatter then writes them
+        // without first formatting each into a String of its own.
         info!(
             target: "access",
             src_addr = %down.client_addr,
-            src_identity = %down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
-            dst_service = %down.service.hostname,
+            src_identity = src_identity.as_deref().unwrap_or("-"),
+            dst_service = down.service.hostname.as_str(),
             dst_workload = out.upstream.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
-            method = %self.method,
-            path = %self.path,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
             status = resp.status().as_u16(),
             flags = out.flags.as_str(),
-            route = %out.route,
+            route = out.route.as_str(),
             attempts = out.attempts,
-            reason = %out.reason,
+            reason = out.reason.as_str(),
             trace = %self.trace.as_ref().map(trace::describe).unwrap_or_default(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
