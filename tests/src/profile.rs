@@ -6,7 +6,7 @@
 //! absent are skipped with a note.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -166,22 +166,14 @@ where
 {
     let mut out: [SideProfile; 2] = Default::default();
     let mut results = Vec::new();
+    let files = |tool: &str, ext: &str| -> Vec<PathBuf> {
+        (0..2)
+            .map(|i| dir.join(format!("{tool}-{label}-{}-{i}.{ext}", what.replace(" ", "-"))))
+            .collect()
+    };
     if have("strace") {
-        let files: Vec<_> = (0..2)
-            .map(|i| dir.join(format!("strace-{label}-{}-{i}.txt", what.replace(" ", "-"))))
-            .collect();
-        let mut tracers = Vec::new();
-        for (pid, file) in pids.iter().zip(&files) {
-            let (p, f) = (pid.to_string(), file.display().to_string());
-            tracers.push(Tracer::spawn(&["strace", "-c", "-f", "-q", "-o", &f, "-p", &p])?);
-        }
-        for pid in pids {
-            wait_traced(pid).await?;
-        }
-        results.push(load().await?);
-        for t in tracers {
-            t.stop()?;
-        }
+        let files = files("strace", "txt");
+        results.push(under_strace(pids, &files, &load).await?);
         for (side, file) in out.iter_mut().zip(&files) {
             side.syscalls = Some(parse_strace_summary(&std::fs::read_to_string(file).unwrap_or_default()));
         }
@@ -189,59 +181,92 @@ where
         eprintln!("meshbench: --profile: strace not found; system calls not counted");
     }
     if have("perf") {
-        let files: Vec<_> = (0..2)
-            .map(|i| dir.join(format!("perf-{label}-{}-{i}.data", what.replace(" ", "-"))))
-            .collect();
-        let mut tracers = Vec::new();
-        for (pid, file) in pids.iter().zip(&files) {
-            let (p, f) = (pid.to_string(), file.display().to_string());
-            let mut args = vec![
-                "perf",
-                "record",
-                "-q",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "4000",
-                "-p",
-                &p,
-                "-o",
-                &f,
-            ];
-            // Call graphs make each file hundreds of MiB: only when asked.
-            if std::env::var_os("MESHBENCH_CALL_GRAPH").is_some_and(|v| v == "1") {
-                args.extend(["--call-graph", "dwarf,16384"]);
-            }
-            tracers.push(Tracer::spawn(&args)?);
-        }
-        // perf record gives no signal once it is attached; it takes a few milliseconds.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        results.push(load().await?);
-        for t in tracers {
-            t.stop()?;
-        }
+        let files = files("perf", "data");
+        results.push(under_perf(pids, &files, &load).await?);
         for (side, file) in out.iter_mut().zip(&files) {
-            let f = file.display().to_string();
-            let report = |sort: &str| {
-                crate::netns::sh(&["perf", "report", "-i", &f, "--stdio", "--no-children", "--sort", sort])
-                    .unwrap_or_default()
-            };
-            let symbols = parse_perf_report(&report("sym"), usize::MAX);
-            side.samples = Some(Samples {
-                by_dso: parse_perf_report(&report("dso"), 6),
-                user_symbols: symbols
-                    .iter()
-                    .filter(|s| s.0.starts_with("[.]"))
-                    .take(25)
-                    .cloned()
-                    .collect(),
-                by_symbol: symbols.into_iter().take(25).collect(),
-            });
+            side.samples = Some(perf_samples(file));
         }
     } else {
         eprintln!("meshbench: --profile: perf not found; no CPU profile");
     }
     Ok((results, out))
+}
+
+/// One run of `load` with `strace -c` attached to both proxies, summaries to `files`.
+async fn under_strace<T, F, Fut>(pids: [i32; 2], files: &[PathBuf], load: &F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut tracers = Vec::new();
+    for (pid, file) in pids.iter().zip(files) {
+        let (p, f) = (pid.to_string(), file.display().to_string());
+        tracers.push(Tracer::spawn(&["strace", "-c", "-f", "-q", "-o", &f, "-p", &p])?);
+    }
+    for pid in pids {
+        wait_traced(pid).await?;
+    }
+    let result = load().await?;
+    for t in tracers {
+        t.stop()?;
+    }
+    Ok(result)
+}
+
+/// One run of `load` with `perf record` (cpu-clock) attached to both proxies, data to `files`.
+async fn under_perf<T, F, Fut>(pids: [i32; 2], files: &[PathBuf], load: &F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut tracers = Vec::new();
+    for (pid, file) in pids.iter().zip(files) {
+        let (p, f) = (pid.to_string(), file.display().to_string());
+        let mut args = vec![
+            "perf",
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "4000",
+            "-p",
+            &p,
+            "-o",
+            &f,
+        ];
+        // Call graphs make each file hundreds of MiB: only when asked.
+        if std::env::var_os("MESHBENCH_CALL_GRAPH").is_some_and(|v| v == "1") {
+            args.extend(["--call-graph", "dwarf,16384"]);
+        }
+        tracers.push(Tracer::spawn(&args)?);
+    }
+    // perf record gives no signal once it is attached; it takes a few milliseconds.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let result = load().await?;
+    for t in tracers {
+        t.stop()?;
+    }
+    Ok(result)
+}
+
+/// The samples of one perf data file: by object, by symbol, and user-space symbols.
+fn perf_samples(file: &Path) -> Samples {
+    let f = file.display().to_string();
+    let report = |sort: &str| {
+        crate::netns::sh(&["perf", "report", "-i", &f, "--stdio", "--no-children", "--sort", sort]).unwrap_or_default()
+    };
+    let symbols = parse_perf_report(&report("sym"), usize::MAX);
+    Samples {
+        by_dso: parse_perf_report(&report("dso"), 6),
+        user_symbols: symbols
+            .iter()
+            .filter(|s| s.0.starts_with("[.]"))
+            .take(25)
+            .cloned()
+            .collect(),
+        by_symbol: symbols.into_iter().take(25).collect(),
+    }
 }
 
 /// One load watched on a path: what each proxy (client, server) did per unit of work.

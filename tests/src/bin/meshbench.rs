@@ -360,6 +360,16 @@ impl Plain {
     fn ip(&self, host: u8) -> IpAddr {
         Ipv4Addr::new(10, 78, self.n, host).into()
     }
+
+    fn pods(&self) -> Pods<'_> {
+        Pods {
+            label: "direct",
+            client: &self.client,
+            server: &self.server,
+            server_ip: self.ip(2),
+            proxies: None,
+        }
+    }
 }
 
 /// Room for tens of thousands of short connections (ab) without waiting on TIME_WAIT ports.
@@ -380,6 +390,11 @@ struct Pods<'a> {
 }
 
 impl<'a> Pods<'a> {
+    /// As [`Pods::proxied`], when both the bed and its proxies exist.
+    fn proxied_if(label: &'static str, bed: Option<&'a Bed>, proxies: Option<(i32, i32)>) -> Option<Self> {
+        Some(Pods::proxied(label, bed?, proxies?))
+    }
+
     /// The pods of `bed`, proxied by the ztunnels with these pids (client, server).
     fn proxied(label: &'static str, bed: &'a Bed, proxies: (i32, i32)) -> Self {
         Pods {
@@ -1050,59 +1065,32 @@ async fn bench(opts: &Opts) -> Result<()> {
         (Some(binary), Some(ib)) => Some(istio_pair(ib, binary, dir, opts.istio_threads).await?),
         _ => None,
     };
-    let direct = Pods {
-        label: "direct",
-        client: &plain.client,
-        server: &plain.server,
-        server_ip: plain.ip(2),
-        proxies: None,
-    };
+    let direct = plain.pods();
     let ours = Pods::proxied("ours", &bed, (zc.pid, zs.pid));
-    let theirs = match (&ibed, &istio_zts) {
-        (Some(ib), Some((c, s))) => Some(Pods::proxied("istio", ib, (c.pid, s.pid))),
-        _ => None,
-    };
-    let base = match (&bbed, &base_zts) {
-        (Some(bb), Some((c, s))) => Some(Pods::proxied("base", bb, (c.pid, s.pid))),
-        _ => None,
-    };
+    let theirs = Pods::proxied_if("istio", ibed.as_ref(), istio_zts.as_ref().map(|(c, s)| (c.pid, s.pid)));
+    let base = Pods::proxied_if("base", bbed.as_ref(), base_zts.as_ref().map(|(c, s)| (c.pid, s.pid)));
     let mut paths = vec![&direct];
     paths.extend(theirs.as_ref());
     paths.extend(base.as_ref());
     paths.push(&ours);
 
-    let mut servers = Vec::new();
-    for p in &paths {
-        servers.extend(start_servers(p, dir).await?);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle_rss: Vec<Option<(u64, u64)>> = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
-
-    for p in &paths {
-        check_path(p).await?;
-    }
-    check_proxied("ours", &zc.z.metrics().await?)?;
-    if let Some((c, _)) = &istio_zts {
-        check_proxied("istio", &c.z.metrics().await?)?;
-    }
-    if let Some((c, _)) = &base_zts {
-        check_proxied("base", &c.z.metrics().await?)?;
-    }
-    warm_up(&paths, plan).await?;
-
-    let results = rounds(&paths, plan, tck).await?;
-    let loaded_rss: Vec<Option<(u64, u64)>> = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
-    let profiles = if opts.profile {
-        // Kept next to the report, for `perf report -i` by hand.
-        std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-        let mut v = Vec::new();
-        for p in paths.iter().filter(|p| p.proxies.is_some()) {
-            v.push(profile_path(p, plan, &opts.out).await?);
+    let proxies_carried_it = async || -> Result<()> {
+        check_proxied("ours", &zc.z.metrics().await?)?;
+        if let Some((c, _)) = &istio_zts {
+            check_proxied("istio", &c.z.metrics().await?)?;
         }
-        v
-    } else {
-        Vec::new()
+        if let Some((c, _)) = &base_zts {
+            check_proxied("base", &c.z.metrics().await?)?;
+        }
+        Ok(())
     };
+    let Measured {
+        servers,
+        results,
+        idle_rss,
+        loaded_rss,
+    } = measure(&paths, (plan, tck), dir, proxies_carried_it).await?;
+    let profiles = profiles(opts, &paths, plan).await?;
     let mesh_conns = line_value(
         &zc.z.metrics().await?,
         "istio_tcp_connections_opened_total",
@@ -1116,17 +1104,7 @@ async fn bench(opts: &Opts) -> Result<()> {
     let scale = scale(&bed, dir).await?;
     drop(servers);
 
-    let runs: Vec<PathRun> = paths
-        .iter()
-        .zip(results)
-        .zip(idle_rss.into_iter().zip(loaded_rss))
-        .map(|((p, rounds), (idle_rss, loaded_rss))| PathRun {
-            label: p.label,
-            rounds,
-            idle_rss,
-            loaded_rss,
-        })
-        .collect();
+    let runs = path_runs(&paths, results, idle_rss, loaded_rss);
     let istio_note = istio_note(peer.is_some(), opts.istio);
     let report = Report {
         plan,
@@ -1143,6 +1121,76 @@ async fn bench(opts: &Opts) -> Result<()> {
         elapsed: started.elapsed(),
     };
     write_bench_report(&opts.out, &report)
+}
+
+/// What the rounds measured, and the servers still running for the scale run.
+struct Measured {
+    servers: Vec<Proc>,
+    results: Vec<Vec<Round>>,
+    idle_rss: Vec<Option<(u64, u64)>>,
+    loaded_rss: Vec<Option<(u64, u64)>>,
+}
+
+/// Starts the servers, proves every path (and, with `proxies_carried_it`, that the proxies
+/// carried it), warms up and runs the rounds, with the proxies' memory before and after.
+async fn measure(
+    paths: &[&Pods<'_>],
+    (plan, tck): (Plan, f64),
+    dir: &Path,
+    proxies_carried_it: impl AsyncFn() -> Result<()>,
+) -> Result<Measured> {
+    let mut servers = Vec::new();
+    for p in paths {
+        servers.extend(start_servers(p, dir).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
+    for p in paths {
+        check_path(p).await?;
+    }
+    proxies_carried_it().await?;
+    warm_up(paths, plan).await?;
+    let results = rounds(paths, plan, tck).await?;
+    let loaded_rss = paths.iter().map(|p| rss_pair(p)).collect::<Result<_>>()?;
+    Ok(Measured {
+        servers,
+        results,
+        idle_rss,
+        loaded_rss,
+    })
+}
+
+/// With `--profile`, each proxied path profiled (files kept in `--out`, for `perf report -i` by
+/// hand); else nothing.
+async fn profiles(opts: &Opts, paths: &[&Pods<'_>], plan: Plan) -> Result<Vec<ProfileReport>> {
+    if !opts.profile {
+        return Ok(Vec::new());
+    }
+    let mut v = Vec::new();
+    for p in paths.iter().filter(|p| p.proxies.is_some()) {
+        v.push(profile_path(p, plan, &opts.out).await?);
+    }
+    Ok(v)
+}
+
+/// Each path's rounds and memory, in path order.
+fn path_runs(
+    paths: &[&Pods<'_>],
+    results: Vec<Vec<Round>>,
+    idle_rss: Vec<Option<(u64, u64)>>,
+    loaded_rss: Vec<Option<(u64, u64)>>,
+) -> Vec<PathRun> {
+    paths
+        .iter()
+        .zip(results)
+        .zip(idle_rss.into_iter().zip(loaded_rss))
+        .map(|((p, rounds), (idle_rss, loaded_rss))| PathRun {
+            label: p.label,
+            rounds,
+            idle_rss,
+            loaded_rss,
+        })
+        .collect()
 }
 
 /// Istio's ztunnel binary, unless `--no-istio` (or absent: the column is skipped).

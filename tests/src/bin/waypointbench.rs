@@ -136,8 +136,8 @@ async fn measure(
     })
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// `(seconds per run, fixed rate)` from `[--quick] [--rate N]`.
+fn parse_args() -> Result<(u64, u32)> {
     let (mut secs, mut rate) = (10u64, 1000u32);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -147,6 +147,55 @@ async fn main() -> Result<()> {
             other => bail!("unknown argument {other}; usage: waypointbench [--quick] [--rate N]"),
         }
     }
+    Ok((secs, rate))
+}
+
+/// What the waypoint process cost over its run.
+struct WaypointCost {
+    idle_rss_kib: u64,
+    loaded_rss_kib: u64,
+    cpu_s: f64,
+    elapsed_s: f64,
+}
+
+/// Prints the table and how the waypoint and nginx compare with their baselines.
+fn print_report(rows: &[Row], rate: u32, cost: &WaypointCost) {
+    println!("\n| path | p50 at {rate}/s (µs) | p99 at {rate}/s (µs) | max req/s (wrk -c16) |");
+    println!("|---|---:|---:|---:|");
+    for r in rows {
+        println!("| {} | {:.0} | {:.0} | {:.0} |", r.path, r.p50_us, r.p99_us, r.max_rps);
+    }
+    let by = |n: &str| {
+        rows.iter()
+            .find(|r| r.path == n)
+            .map(|r| (r.p50_us, r.p99_us, r.max_rps))
+    };
+    if let (Some(z), Some(w), Some(p), Some(n)) = (by("ztunnel"), by("waypoint"), by("plain"), by("nginx")) {
+        println!(
+            "\nwaypoint adds p50 {:+.0} µs, p99 {:+.0} µs over the ztunnel path; nginx adds p50 {:+.0} µs, p99 {:+.0} µs over plain",
+            w.0 - z.0,
+            w.1 - z.1,
+            n.0 - p.0,
+            n.1 - p.1
+        );
+        println!(
+            "waypoint max rate: {:.0}% of the ztunnel path's, {:.0}% of nginx's",
+            100.0 * w.2 / z.2,
+            100.0 * w.2 / n.2
+        );
+    }
+    println!(
+        "waypoint RSS: {:.1} MiB idle, {:.1} MiB after load; CPU {:.1} s over {:.0} s of load",
+        cost.idle_rss_kib as f64 / 1024.0,
+        cost.loaded_rss_kib as f64 / 1024.0,
+        cost.cpu_s,
+        cost.elapsed_s
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let (secs, rate) = parse_args()?;
     if !mesh_e2e::privileged() {
         bail!("waypointbench needs root (network namespaces)");
     }
@@ -217,40 +266,13 @@ async fn main() -> Result<()> {
         )
         .await?,
     );
-    let cpu_s = (cpu_ticks(pid)? - cpu_before) as f64 / clock_ticks();
-    let elapsed = fixed_start.elapsed().as_secs_f64();
-    let loaded_rss = rss_kib(pid)?;
-
-    println!("\n| path | p50 at {rate}/s (µs) | p99 at {rate}/s (µs) | max req/s (wrk -c16) |");
-    println!("|---|---:|---:|---:|");
-    for r in &rows {
-        println!("| {} | {:.0} | {:.0} | {:.0} |", r.path, r.p50_us, r.p99_us, r.max_rps);
-    }
-    let by = |n: &str| {
-        rows.iter()
-            .find(|r| r.path == n)
-            .map(|r| (r.p50_us, r.p99_us, r.max_rps))
+    let cost = WaypointCost {
+        cpu_s: (cpu_ticks(pid)? - cpu_before) as f64 / clock_ticks(),
+        elapsed_s: fixed_start.elapsed().as_secs_f64(),
+        loaded_rss_kib: rss_kib(pid)?,
+        idle_rss_kib: idle_rss,
     };
-    if let (Some(z), Some(w), Some(p), Some(n)) = (by("ztunnel"), by("waypoint"), by("plain"), by("nginx")) {
-        println!(
-            "\nwaypoint adds p50 {:+.0} µs, p99 {:+.0} µs over the ztunnel path; nginx adds p50 {:+.0} µs, p99 {:+.0} µs over plain",
-            w.0 - z.0,
-            w.1 - z.1,
-            n.0 - p.0,
-            n.1 - p.1
-        );
-        println!(
-            "waypoint max rate: {:.0}% of the ztunnel path's, {:.0}% of nginx's",
-            100.0 * w.2 / z.2,
-            100.0 * w.2 / n.2
-        );
-    }
-    println!(
-        "waypoint RSS: {:.1} MiB idle, {:.1} MiB after load; CPU {:.1} s over {elapsed:.0} s of load",
-        idle_rss as f64 / 1024.0,
-        loaded_rss as f64 / 1024.0,
-        cpu_s
-    );
+    print_report(&rows, rate, &cost);
     drop(nginx);
     Ok(())
 }
