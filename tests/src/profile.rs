@@ -198,19 +198,15 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut tracers = Vec::new();
-    for (pid, file) in pids.iter().zip(files) {
-        let (p, f) = (pid.to_string(), file.display().to_string());
-        tracers.push(Tracer::spawn(&["strace", "-c", "-f", "-q", "-o", &f, "-p", &p])?);
-    }
+    let tracers = spawn_each(pids, files, |p, f| {
+        ["strace", "-c", "-f", "-q", "-o", f, "-p", p]
+            .map(str::to_owned)
+            .to_vec()
+    })?;
     for pid in pids {
         wait_traced(pid).await?;
     }
-    let result = load().await?;
-    for t in tracers {
-        t.stop()?;
-    }
-    Ok(result)
+    run_then_stop(tracers, load).await
 }
 
 /// One run of `load` with `perf record` (cpu-clock) attached to both proxies, data to `files`.
@@ -219,10 +215,10 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut tracers = Vec::new();
-    for (pid, file) in pids.iter().zip(files) {
-        let (p, f) = (pid.to_string(), file.display().to_string());
-        let mut args = vec![
+    // Call graphs make each file hundreds of MiB: only when asked.
+    let call_graph = std::env::var_os("MESHBENCH_CALL_GRAPH").is_some_and(|v| v == "1");
+    let tracers = spawn_each(pids, files, |p, f| {
+        let mut args = [
             "perf",
             "record",
             "-q",
@@ -231,18 +227,37 @@ where
             "-F",
             "4000",
             "-p",
-            &p,
+            p,
             "-o",
-            &f,
-        ];
-        // Call graphs make each file hundreds of MiB: only when asked.
-        if std::env::var_os("MESHBENCH_CALL_GRAPH").is_some_and(|v| v == "1") {
+            f,
+        ]
+        .to_vec();
+        if call_graph {
             args.extend(["--call-graph", "dwarf,16384"]);
         }
-        tracers.push(Tracer::spawn(&args)?);
-    }
+        args.into_iter().map(str::to_owned).collect()
+    })?;
     // perf record gives no signal once it is attached; it takes a few milliseconds.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    run_then_stop(tracers, load).await
+}
+
+/// One tracer per proxy, its command line from the pid and the output file.
+fn spawn_each(pids: [i32; 2], files: &[PathBuf], args: impl Fn(&str, &str) -> Vec<String>) -> Result<Vec<Tracer>> {
+    pids.iter()
+        .zip(files)
+        .map(|(pid, file)| {
+            let argv = args(&pid.to_string(), &file.display().to_string());
+            Tracer::spawn(&argv.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect()
+}
+
+async fn run_then_stop<T, F, Fut>(tracers: Vec<Tracer>, load: &F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
     let result = load().await?;
     for t in tracers {
         t.stop()?;

@@ -267,6 +267,15 @@ mod tests {
 
     use super::*;
 
+    /// A client connected to `listener`, and the accepted side.
+    async fn connected(listener: TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
     /// Reads until `want` bytes came, as the splice does (wait, then one non-blocking read).
     async fn read(reader: &mut ChunkReader, r: &TcpStream, want: usize) -> Vec<usize> {
         let mut sizes = Vec::new();
@@ -291,11 +300,7 @@ mod tests {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(8 << 20).expect("rcvbuf");
         socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let listener = socket.listen(1).expect("listen");
-        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
+        let (mut client, server) = connected(socket.listen(1).expect("listen")).await;
         let r = &server;
         let mut reader = ChunkReader::default();
 
@@ -326,11 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_splice_holds_no_read_buffer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
+        let (mut client, server) = connected(TcpListener::bind("127.0.0.1:0").await.expect("bind")).await;
         let r = &server;
         let mut reader = ChunkReader::default();
 
