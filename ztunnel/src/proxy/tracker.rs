@@ -2,9 +2,9 @@
 //! evaluated against the new policies and those now denied are closed. An entry holds what the
 //! connection had (its facts, moved in; its workload, shared) and is shared with the
 //! connection's task, so the map's spare capacity costs a pointer per slot: thousands of idle
-//! connections each have one. The entry is also the connection's revocation signal (a flag and the task's waker): a cancellation
-//! token per connection cost a 112-byte tree node, and waiting on it 72 bytes of every idle
-//! connection's task.
+//! connections each have one. The entry is also the connection's revocation signal (a flag
+//! and the task's waker): a cancellation token per connection cost a 112-byte tree node, and
+//! waiting on it 72 bytes of every idle connection's task.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
