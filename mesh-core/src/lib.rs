@@ -12,6 +12,8 @@
 //! - [`control_plane_args`]: the control-plane flags ztunnel and the waypoint share.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
 //! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
+//! - [`log_json`]: JSON log lines as tracing-subscriber writes them, without its detours.
+//! - [`log_sink`]: log lines to stdout, access-log lines in batches off the request path.
 //! - [`former_env`]: the old names of environment variables renamed to one spelling.
 //! - [`shutdown`]: the SIGTERM/SIGINT future every binary drains on.
 
@@ -24,7 +26,9 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod input_file;
+pub mod log_json;
 pub mod log_limit;
+pub mod log_sink;
 pub mod prometheus;
 pub mod rbac;
 pub mod shutdown;

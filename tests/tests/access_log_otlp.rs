@@ -183,7 +183,7 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
         .expect("collector");
     let collector = SocketAddr::new(otel.ip, 4317);
     let mut exports = grpc_collector(otel.ns.listen(collector).expect("listen"));
-    let waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &[])
+    let mut waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &[])
         .await
         .expect("waypoint");
     for p in [&server, &client] {
@@ -220,10 +220,6 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
     assert!(
         exported.iter().all(|(_, status)| *status == 503),
         "only 5xx pass the filter: {exported:?}"
-    );
-    assert!(
-        !waypoint.logs().contains("/fail-0"),
-        "only the OTLP provider is named: the waypoint's own log has no line"
     );
 
     // No Telemetry at all: MeshConfig's default providers log every request to the collector.
@@ -272,4 +268,16 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
     }
     println!("{lost} records counted lost; 20 requests in {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(2));
+
+    // Stdout access lines are written in batches: stopped, the waypoint has written them all
+    // (its last line comes after them), and none is a request's.
+    drop(conn);
+    waypoint.terminate().expect("SIGTERM");
+    waypoint.exited(WAIT * 2).await.expect("the waypoint exits");
+    let logs = waypoint.logs();
+    assert!(logs.contains("waypoint stopped"), "{logs}");
+    assert!(
+        !logs.contains("/fail-0") && !logs.contains("/default-0"),
+        "only the OTLP provider is named: the waypoint's own log has no request line\n{logs}"
+    );
 }

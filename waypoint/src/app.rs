@@ -9,6 +9,7 @@ use anyhow::Context;
 use mesh_core::hbone::{HbonePool, Settings};
 use mesh_core::identity::cert::read_trust_bundle;
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, Identity, TokenSource};
+use mesh_core::log_sink::LogSink;
 use mesh_core::socket::PlainSockets;
 use mesh_core::state::StateStore;
 use mesh_core::xds::{XdsClient, XdsConfig, XdsMetrics};
@@ -26,12 +27,16 @@ use crate::upstream::connector::Connector;
 use crate::upstream::Upstreams;
 use crate::{admin, ingress, listener, policy, Waypoint};
 
+/// The log sink's lost-lines counter, in every role.
+pub const LOG_LINES_DROPPED: &str = "waypoint_log_lines_dropped";
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     if cfg.role == Role::EastWest {
         return crate::eastwest::run(cfg).await;
     }
     let mut registry = Registry::default();
+    LogSink::stdout().register_dropped(&mut registry, LOG_LINES_DROPPED);
     let (waypoint, ready) = build(&cfg, &mut registry)?;
     spawn_certificate(waypoint.certs.clone(), cfg.identity.clone());
 

@@ -9,6 +9,8 @@ use anyhow::Context;
 use mesh_core::hbone::{Limit, LimitConfig, LimitObserver, ServerLimits, Settings};
 use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, TokenSource};
+use mesh_core::log_json::JsonLines;
+use mesh_core::log_sink::LogSink;
 use mesh_core::socket::{PlainSockets, SocketFactory};
 use mesh_core::state::StateStore;
 use prometheus_client::registry::Registry;
@@ -33,12 +35,20 @@ pub fn init_logging(cfg: &Config) -> LogReload {
         EnvFilter::new("info")
     });
     let (filter, handle) = reload::Layer::new(filter);
+    // Access-log lines batched off the connection path, JSON written without detours.
+    let sink = LogSink::stdout().clone();
     let registry = tracing_subscriber::registry().with(filter);
     match cfg.log_format {
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .event_format(JsonLines::default())
+                    .with_writer(sink),
+            )
             .init(),
-        LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Plain => registry.with(tracing_subscriber::fmt::layer().with_writer(sink)).init(),
     }
     Arc::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
@@ -124,6 +134,7 @@ impl Running {
 pub async fn start(cfg: &Config, reload: LogReload) -> anyhow::Result<Running> {
     let state = StateStore::new();
     let mut registry = Registry::default();
+    LogSink::stdout().register_dropped(&mut registry, "ztunnel_log_lines_dropped");
     let metrics = Metrics::register(&mut registry);
 
     // Proxy sockets carry the mesh mark; so do the control plane connections, which the

@@ -42,7 +42,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(app::run(cfg, reload)) {
+    let result = rt.block_on(app::run(cfg, reload));
+    mesh_core::log_sink::LogSink::stdout().flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
