@@ -269,6 +269,10 @@ async fn access_log_to_an_otlp_collector_with_drops_counted() {
     println!("{lost} records counted lost; 20 requests in {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(2));
 
+    // The stdout log kept up: nothing was lost there.
+    let m = waypoint.metrics().await.expect("metrics");
+    assert!(m.lines().any(|l| l == "waypoint_log_lines_dropped_total 0"), "{m}");
+
     // Stdout access lines are written in batches: stopped, the waypoint has written them all
     // (its last line comes after them), and none is a request's.
     drop(conn);

@@ -96,9 +96,10 @@ async fn http_and_large_transfer_through_two_ztunnels() {
         &["destination_service=\"server.default.svc.cluster.local\""]
     )
     .is_some());
-    // The metrics are valid Prometheus text, as promtool reads it.
+    // The metrics are valid Prometheus text, as promtool reads it; the log lost nothing.
     for m in [&ma, &mb] {
         mesh_e2e::promtool_check(m).expect("promtool accepts the metrics");
+        assert!(m.lines().any(|l| l == "ztunnel_log_lines_dropped_total 0"), "{m}");
     }
     // The log level can be changed at runtime, and a bad one is refused.
     assert_eq!(za.post("127.0.0.1:15000", "/logging?level=debug").await.unwrap().0, 200);
