@@ -327,6 +327,15 @@ impl<'a> Zt<'a> {
         Ok(Zt { z, pid, ready_after })
     }
 
+    /// The client's and the server's ztunnel of `bed`.
+    async fn pair(bed: &'a Bed, binary: Option<&Path>) -> Result<(Zt<'a>, Zt<'a>)> {
+        let files = bed.files();
+        Ok((
+            Zt::start(&bed.a, &files, binary).await?,
+            Zt::start(&bed.b, &files, binary).await?,
+        ))
+    }
+
     fn rss(&self) -> Result<u64> {
         rss_kib(self.pid)
     }
@@ -1015,6 +1024,16 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
+/// The binaries compared, on stderr.
+fn announce(bin: &Path, peer: Option<&Path>, plan: Plan) {
+    eprintln!(
+        "meshbench: ztunnel {}, Istio's ztunnel {}, {} rounds",
+        bin.display(),
+        peer.map_or_else(|| "absent (column skipped)".to_owned(), |p| p.display().to_string()),
+        plan.rounds
+    );
+}
+
 async fn bench(opts: &Opts) -> Result<()> {
     let started = Instant::now();
     let bin = preflight()?;
@@ -1022,13 +1041,7 @@ async fn bench(opts: &Opts) -> Result<()> {
     let tck = clock_ticks();
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let peer = peer(opts)?;
-    eprintln!(
-        "meshbench: ztunnel {}, Istio's ztunnel {}, {} rounds",
-        bin.display(),
-        peer.as_ref()
-            .map_or_else(|| "absent (column skipped)".to_owned(), |p| p.display().to_string()),
-        plan.rounds
-    );
+    announce(&bin, peer.as_deref(), plan);
 
     // Declaration order is teardown order, reversed: processes first, then their files, then
     // the namespaces.
@@ -1047,18 +1060,14 @@ async fn bench(opts: &Opts) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("meshbench-").tempdir()?;
     let dir = tmp.path();
 
-    let zc = Zt::start(&bed.a, &bed.files(), None).await?;
-    let zs = Zt::start(&bed.b, &bed.files(), None).await?;
+    let (zc, zs) = Zt::pair(&bed, None).await?;
     let bbed = opts
         .compare
         .as_ref()
         .map(|_| tuned_bed(NET + 2, "the pods for --compare"))
         .transpose()?;
     let base_zts = match (&opts.compare, &bbed) {
-        (Some(binary), Some(bb)) => Some((
-            Zt::start(&bb.a, &bb.files(), Some(binary)).await?,
-            Zt::start(&bb.b, &bb.files(), Some(binary)).await?,
-        )),
+        (Some(binary), Some(bb)) => Some(Zt::pair(bb, Some(binary)).await?),
         _ => None,
     };
     let istio_zts = match (&peer, &ibed) {
@@ -1074,16 +1083,7 @@ async fn bench(opts: &Opts) -> Result<()> {
     paths.extend(base.as_ref());
     paths.push(&ours);
 
-    let proxies_carried_it = async || -> Result<()> {
-        check_proxied("ours", &zc.z.metrics().await?)?;
-        if let Some((c, _)) = &istio_zts {
-            check_proxied("istio", &c.z.metrics().await?)?;
-        }
-        if let Some((c, _)) = &base_zts {
-            check_proxied("base", &c.z.metrics().await?)?;
-        }
-        Ok(())
-    };
+    let proxies_carried_it = async || all_proxied(&zc, istio_zts.as_ref(), base_zts.as_ref()).await;
     let Measured {
         servers,
         results,
@@ -1104,14 +1104,12 @@ async fn bench(opts: &Opts) -> Result<()> {
     let scale = scale(&bed, dir).await?;
     drop(servers);
 
-    let runs = path_runs(&paths, results, idle_rss, loaded_rss);
-    let istio_note = istio_note(peer.is_some(), opts.istio);
     let report = Report {
         plan,
         quick: opts.quick,
         tck,
-        runs,
-        istio_note,
+        runs: path_runs(&paths, results, idle_rss, loaded_rss),
+        istio_note: istio_note(peer.is_some(), opts.istio),
         istio_threads: opts.istio_threads,
         ready,
         scale,
@@ -1121,6 +1119,22 @@ async fn bench(opts: &Opts) -> Result<()> {
         elapsed: started.elapsed(),
     };
     write_bench_report(&opts.out, &report)
+}
+
+/// Every client-side proxy counted the benchmark's connections as its own.
+async fn all_proxied(
+    ours: &Zt<'_>,
+    istio: Option<&(IstioZt<'_>, IstioZt<'_>)>,
+    base: Option<&(Zt<'_>, Zt<'_>)>,
+) -> Result<()> {
+    check_proxied("ours", &ours.z.metrics().await?)?;
+    if let Some((c, _)) = istio {
+        check_proxied("istio", &c.z.metrics().await?)?;
+    }
+    if let Some((c, _)) = base {
+        check_proxied("base", &c.z.metrics().await?)?;
+    }
+    Ok(())
 }
 
 /// What the rounds measured, and the servers still running for the scale run.
