@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use controller::model::cluster::{self, ClusterChange, RemoteState};
 use controller::model::{Inputs, Kind, Object, ObjectKey};
 use controller::source::manifest_dir::{parse_text, Loaded};
 use controller::source::{Change, KindSync};
@@ -59,8 +60,14 @@ fn pod(ns: usize, n: usize, v: u32) -> String {
         _ => "",
     };
     let host = if v % 13 == 5 { "hostNetwork: true, " } else { "" };
+    // A few pods on other networks (reached through their network's east-west gateway).
+    let network = match v % 10 {
+        4 => ", topology.istio.io/network: net-b",
+        9 => ", topology.istio.io/network: net-c",
+        _ => "",
+    };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: gen-{n}, namespace: {ns}, {annotations}labels: {{app: {app}, version: v{v}{waypoint}}}}}\n\
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: gen-{n}, namespace: {ns}, {annotations}labels: {{app: {app}, version: v{v}{waypoint}{network}}}}}\n\
          spec: {{{host}nodeName: node-{n}, serviceAccountName: sa-{app}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
          status: {{phase: {phase}, podIP: {ip}}}\n"
     )
@@ -255,6 +262,89 @@ fn waypoint(v: u32) -> String {
     )
 }
 
+/// An east-west gateway `ew-n` (local or in a remote cluster): for network net-b, net-c or
+/// its cluster's, by address or hostname; some of class `istio-remote` (counted locally only).
+fn east_west(n: usize, v: u32) -> String {
+    let class = if v % 5 == 4 { "istio-remote" } else { "istio-east-west" };
+    let labels = match v % 3 {
+        0 => "{topology.istio.io/network: net-b}",
+        1 => "{topology.istio.io/network: net-c}",
+        _ => "{}",
+    };
+    let address = if v % 4 == 3 {
+        format!("{{type: Hostname, value: ew-{n}.example}}")
+    } else {
+        format!("{{type: IPAddress, value: 172.16.0.{}}}", 1 + v % 5)
+    };
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: ew-{n}, namespace: istio-system, labels: {labels}}}\n\
+         spec: {{gatewayClassName: {class}, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}], addresses: [{address}]}}\n"
+    )
+}
+
+/// A remote cluster's system namespace, naming its network (net-b, net-c, or the local one).
+fn remote_namespace(v: u32) -> String {
+    let labels = [
+        "{topology.istio.io/network: net-b}",
+        "{topology.istio.io/network: net-c}",
+        "{}",
+    ][(v % 3) as usize];
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: istio-system, labels: {labels}}}\n")
+}
+
+/// Remote clusters: two, and one with this cluster's own id (ignored, a problem).
+const REMOTES: [&str; 3] = ["r1", "r2", "Kubernetes"];
+
+/// A change of remote cluster `id`'s objects.
+fn remote(id: &str, c: Change) -> Change {
+    Change::Cluster(ClusterChange::Objects(id.to_owned(), Box::new(c)))
+}
+
+/// A change to a remote cluster: its pods and services (named as the local ones, sharing
+/// their IPs, VIPs and labels, ports that may differ), its network, its east-west gateway,
+/// its state (listed, failing, withdrawn, removed).
+fn remote_change(what: u8, ns: usize, n: usize, v: u32) -> Change {
+    let id = REMOTES[[0, 0, 0, 1, 1, 1, 2, 0][n % 8]];
+    let one = |text: String| remote(id, Change::Apply(parse(&text).remove(0)));
+    let ns_name = NAMESPACES[ns % 3];
+    match what {
+        0 | 1 => one(pod(ns, n % 4, v)),
+        2 => one(service(ns, n % 4, v)),
+        3 => match v % 2 {
+            0 => remote(
+                id,
+                Change::Delete(Kind::Pod, ObjectKey::new(ns_name, format!("gen-{}", v % 4))),
+            ),
+            _ => remote(
+                id,
+                Change::Delete(Kind::Service, ObjectKey::new(ns_name, format!("gsvc-{}", v % 4))),
+            ),
+        },
+        4 => match v % 3 {
+            0 => one(remote_namespace(v / 3)),
+            1 => one(east_west(n % 2, v / 3)),
+            _ => remote(
+                id,
+                Change::Delete(Kind::Gateway, ObjectKey::new("istio-system", format!("ew-{}", n % 2))),
+            ),
+        },
+        _ => match v % 6 {
+            0 => remote(id, Change::Synced),
+            1 => Change::Cluster(ClusterChange::State(id.to_owned(), RemoteState::Synced)),
+            2 => Change::Cluster(ClusterChange::State(
+                id.to_owned(),
+                RemoteState::Failing { reason: "x".into() },
+            )),
+            3 => Change::Cluster(ClusterChange::State(
+                id.to_owned(),
+                RemoteState::Withdrawn { reason: "x".into() },
+            )),
+            4 => Change::Cluster(ClusterChange::Removed(id.to_owned())),
+            _ => one(pod(ns, 4 + n % 4, v)),
+        },
+    }
+}
+
 /// One generated change: (what, namespace, name index, variant).
 type Op = (u8, usize, usize, u32);
 
@@ -263,8 +353,14 @@ fn change(op: Op, inputs: &Inputs) -> Change {
     let (what, ns, n, v) = op;
     let one = |text: String| Change::Apply(parse(&text).remove(0));
     let key = ObjectKey::new(NAMESPACES[ns % 3], "");
-    match what % 24 {
+    match what % 32 {
         0..=3 => one(pod(ns, n % 8, v)),
+        24..=29 => remote_change(what % 32 - 24, ns, n, v),
+        30 => match v % 4 {
+            0 => Change::Delete(Kind::Gateway, ObjectKey::new("istio-system", format!("ew-{}", n % 2))),
+            _ => one(east_west(n % 2, v)),
+        },
+        31 => one(pod(ns, n % 8, v / 10 * 10 + [4, 9][n % 2])),
         4 => Change::Delete(Kind::Pod, ObjectKey::new(key.namespace, format!("gen-{}", n % 8))),
         5 | 6 => one(service(ns, n % 4, v)),
         7 => Change::Delete(Kind::Service, ObjectKey::new(key.namespace, format!("gsvc-{}", n % 4))),
@@ -349,6 +445,7 @@ fn apply(inputs: &mut Inputs, states: &mut BTreeMap<Kind, KindSync>, c: Change) 
         Change::Delete(kind, key) => drop(inputs.remove(kind, &key)),
         Change::Enrolled(pods) => inputs.enrolled = pods,
         Change::KindState(kind, state) => drop(states.insert(kind, state)),
+        Change::Cluster(c) => cluster::apply(&mut inputs.remotes, c),
         other => panic!("not generated: {other}"),
     }
 }
@@ -439,6 +536,25 @@ fn world() -> Inputs {
     for v in [11, 9] {
         inputs.apply(parse(&endpoint_slice(0, 0, v)).remove(0));
     }
+    // Remote clusters: r1 on net-b with its east-west gateway, r2 on this cluster's network
+    // (its pods' IPs are the local ones'); a local east-west gateway for net-c.
+    for (id, network, gateway) in [("r1", 0, true), ("r2", 2, false)] {
+        let mut texts = vec![remote_namespace(network)];
+        if gateway {
+            texts.push(east_west(0, 0));
+        }
+        for i in 0..4u32 {
+            let n = i as usize;
+            texts.push(pod(n, n, i * 7 + 2));
+            texts.push(service(n, n, i * 3 + 1));
+        }
+        let mut changes: Vec<Change> = texts.iter().map(|t| applied(t)).collect();
+        changes.push(Change::Synced);
+        for c in changes {
+            cluster::apply(&mut inputs.remotes, ClusterChange::Objects(id.to_owned(), Box::new(c)));
+        }
+    }
+    inputs.apply(parse(&east_west(1, 1)).remove(0));
     inputs
 }
 
@@ -487,12 +603,20 @@ fn run(bursts: Vec<Vec<Op>>) {
     assert_eq!(incremental + 1, steps, "every step after the first is incremental");
 }
 
+/// 64 cases, or `PROPTEST_CASES` (e.g. a few hundred locally).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64)
+}
+
 fn op() -> impl Strategy<Value = Op> {
     (any::<u8>(), 0usize..3, 0usize..8, 0u32..40)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn incremental_equals_full_translation(bursts in prop::collection::vec(prop::collection::vec(op(), 1..4), 1..25)) {
@@ -643,4 +767,66 @@ fn the_last_entry_takes_its_problems_along() {
     let gone = Change::Delete(Kind::WorkloadEntry, ObjectKey::new("shop", "orphan"));
     let out = noted_step(&mut inc, &mut inputs, gone);
     assert!(!out.problems.iter().any(|p| p.object.name == "orphan"));
+}
+
+/// The starting world really has remote clusters meeting the local one: their workloads
+/// (some refused for a local pod's address, some through an east-west gateway), merged
+/// services (VIPs, identities), and the problems of the merge.
+#[test]
+fn world_has_remote_clusters_meeting_the_local_one() {
+    use mesh_proto::workload::address::Type;
+    let out = translate_synced(&world(), &BTreeMap::new(), &Options::default());
+    let workloads: Vec<_> = out
+        .addresses
+        .values()
+        .filter_map(|a| match &a.r#type {
+            Some(Type::Workload(w)) => Some(w),
+            _ => None,
+        })
+        .collect();
+    let remote = |id: &str| workloads.iter().filter(|w| w.cluster_id == id).count();
+    assert!(remote("r1") > 0 && remote("r2") > 0, "{:?}", out.clusters);
+    assert!(workloads
+        .iter()
+        .any(|w| w.cluster_id == "r1" && w.network_gateway.is_some()));
+    let merged = out.addresses.values().any(|a| match &a.r#type {
+        Some(Type::Service(s)) => s.addresses.len() > 1 && !s.subject_alt_names.is_empty(),
+        _ => false,
+    });
+    assert!(merged, "a service with VIPs of two clusters and gateway identities");
+    let messages: Vec<&str> = out.problems.iter().map(|p| p.message.as_str()).collect();
+    for needle in [
+        "has the address of",
+        "ports differ between clusters",
+        "no east-west gateway",
+    ] {
+        assert!(messages.iter().any(|m| m.contains(needle)), "{needle}: {messages:#?}");
+    }
+    assert_eq!(out.clusters.len(), 3);
+}
+
+/// Each remote cluster's translation is cached: local pod, service and policy changes with
+/// remote clusters and east-west gateways present translate no remote again (they go the
+/// incremental way), a change to a remote translates that one only.
+#[test]
+fn a_local_change_translates_no_remote_cluster() {
+    let mut inputs = world();
+    let mut inc = Incremental::new(Options::default());
+    inc.step(&inputs, &BTreeMap::new());
+    assert_eq!(inc.remote_translations(), 2, "r1 and r2");
+    for c in [
+        applied(&pod(0, 3, 16)),
+        applied(&service(0, 1, 2)),
+        applied(&authorization_policy(1, 1, 4)),
+    ] {
+        inc.note(&inputs, &c);
+        apply(&mut inputs, &mut BTreeMap::new(), c);
+        let step = inc.step(&inputs, &BTreeMap::new());
+        assert!(step.touched.is_some(), "incremental");
+        let full = translate_synced(&inputs, &BTreeMap::new(), &Options::default());
+        assert_same(0, &step.outputs, &full);
+    }
+    assert_eq!(inc.remote_translations(), 2);
+    noted_step(&mut inc, &mut inputs, remote("r1", applied(&pod(0, 1, 5))));
+    assert_eq!(inc.remote_translations(), 3, "r1 again");
 }

@@ -23,10 +23,18 @@
 //!   -> the "tail": routes, waypoint policies, ingress gateways and waypoints, recomputed as a
 //!   whole (few objects); when the waypoints' addresses change, every pod and service.
 //!
+//! - remote clusters and east-west gateways -> the multicluster layer
+//!   ([`super::remote::layer`]) over the local addresses: each remote translated on its own
+//!   and cached until a change to it is noted; the names a local change wrote are merged
+//!   again (and the services whose gateway identities or remote contributions they move),
+//!   everything on another network when the gateways change; cluster statuses and the
+//!   merge's problems from its indexes, not a pass over the addresses.
+//!
 //! When in doubt it translates from scratch: the first time, on a relist (`Replace`), on a
-//! MeshConfig change, and with remote clusters or east-west gateways. The property test in
-//! this module's tests checks, for random change sequences, that the outputs equal a full
-//! translation after every step.
+//! MeshConfig change or a change of this cluster's network. The property test
+//! (`controller/tests/incremental.rs`) checks, for random change sequences (remote clusters
+//! and east-west gateways among them), that the outputs equal a full translation after
+//! every step.
 //!
 //! The outputs are kept in two copies that alternate: the one published (shared with the
 //! admin dump) and a spare brought up to date from the names the last step touched, so a
@@ -41,6 +49,7 @@ use mesh_proto::security::Authorization;
 use mesh_proto::workload as pb;
 
 use super::attach::{self, Attachments, Waypoint};
+use super::remote::layer::{self, Layer};
 use super::service_entry::Selector;
 use super::slice_index::{slice_pods, SliceIndex, SERVICE_NAME_LABEL};
 use super::workload::{self, PodContext};
@@ -116,16 +125,14 @@ pub struct Incremental {
     pending: Pending,
     /// False until a from-scratch pass filled the caches (and after a fallback).
     valid: bool,
-    /// A change this layer does not track was seen: every step translates from scratch.
-    foreign: bool,
     out: Arc<Outputs>,
     /// The previously published outputs, if given back, and what changed since them.
     spare: Option<Outputs>,
     last: Option<Touched>,
     /// Address of the outputs published before `out` (the only ones `recycle` keeps).
     before: usize,
-    /// What `remote::merge` set last: cluster status and the problems it added.
-    merged: Option<(Vec<super::remote::ClusterStatus>, Vec<Problem>)>,
+    /// The multicluster merge over the local addresses (remote clusters, network gateways).
+    layer: Layer,
     policies: BTreeMap<ObjectKey, PolicyOut>,
     peer: authz::Output,
     unreadable: BTreeMap<String, Authorization>,
@@ -149,12 +156,11 @@ impl Incremental {
             options,
             pending: Pending::default(),
             valid: false,
-            foreign: false,
             out: Arc::new(Outputs::default()),
             spare: None,
             last: None,
             before: 0,
-            merged: None,
+            layer: Layer::default(),
             policies: BTreeMap::new(),
             peer: authz::Output::default(),
             unreadable: BTreeMap::new(),
@@ -173,6 +179,12 @@ impl Incremental {
     /// that did not finish).
     pub fn invalidate(&mut self) {
         self.valid = false;
+        self.layer.invalidate();
+    }
+
+    /// How many times a remote cluster was translated (a local change translates none).
+    pub fn remote_translations(&self) -> u64 {
+        self.layer.translated()
     }
 
     /// Records what `change` makes dirty; `inputs` are the inputs before it is applied.
@@ -182,9 +194,8 @@ impl Incremental {
             Change::Apply(o) => note_object(p, inputs, o.kind(), &o.key(), Some(o)),
             Change::Delete(kind, key) => note_object(p, inputs, *kind, key, None),
             Change::Replace(..) | Change::MeshConfig(_) => p.full = true,
-            // Remote clusters (issue 17): their objects merge into local outputs, which this
-            // layer does not track, so from now on every step translates from scratch.
-            Change::Cluster(_) => self.foreign = true,
+            // Remote clusters (issue 17): their own translation and the merge ([`Layer`]).
+            Change::Cluster(c) => self.layer.note(c),
             Change::Synced => {}
             Change::Enrolled(now) => {
                 p.pods.extend(now.symmetric_difference(&inputs.enrolled).cloned());
@@ -210,16 +221,6 @@ impl Incremental {
         let options = super::remote::local_options(inputs, &self.base);
         let network_changed = options.network != self.options.network;
         self.options = options;
-        if self.untracked(inputs) {
-            self.valid = false;
-            self.spare = None;
-            self.last = None;
-            self.out = Arc::new(super::translate_synced(inputs, states, &self.base));
-            return Step {
-                outputs: self.out.clone(),
-                touched: None,
-            };
-        }
         let full = pending.full || !self.valid || network_changed;
         let started = Instant::now();
         let mut pending = if full { self.everything(inputs) } else { pending };
@@ -239,11 +240,17 @@ impl Incremental {
         touched.addresses = updates.keys().cloned().collect();
         touched.tail = tail.is_some();
         let translated = started.elapsed();
-        let remerge = full || tail.is_some() || self.reshaped(&updates);
         let mut work = self.work(full);
         self.assemble(&mut work, updates, &touched, tail);
         let assembled = started.elapsed();
-        self.merge(inputs, &mut work, remerge);
+        let ctx = layer::Ctx {
+            inputs,
+            options: &self.options,
+            previous: &self.out.addresses,
+            full,
+        };
+        let written = self.layer.step(&ctx, &mut work, &touched.addresses);
+        touched.addresses.extend(written);
         tracing::debug!(
             full,
             pods,
@@ -262,40 +269,6 @@ impl Incremental {
         Step {
             outputs: self.out.clone(),
             touched: (!full).then_some(touched),
-        }
-    }
-
-    /// Whether `updates` add or remove an address, or change a workload's network or cluster:
-    /// what the cluster status and network-gateway problems of `remote::merge` depend on.
-    fn reshaped(&self, updates: &BTreeMap<String, Option<pb::Address>>) -> bool {
-        fn shape(a: Option<&pb::Address>) -> Option<Option<(&str, &str)>> {
-            a.map(|a| match &a.r#type {
-                Some(pb::address::Type::Workload(w)) => Some((w.network.as_str(), w.cluster_id.as_str())),
-                _ => None,
-            })
-        }
-        updates
-            .iter()
-            .any(|(name, new)| shape(self.out.addresses.get(name).map(|a| &**a)) != shape(new.as_ref()))
-    }
-
-    /// Cluster status and network gateways, as a full translation ends them (without remote
-    /// clusters or east-west gateways, which translate from scratch, it changes no address):
-    /// `remote::merge` passes over every address, so its result is kept and reused while the
-    /// addresses keep their shape ([`Incremental::reshaped`]).
-    fn merge(&mut self, inputs: &Inputs, work: &mut Outputs, remerge: bool) {
-        match &self.merged {
-            Some((clusters, problems)) if !remerge => {
-                work.clusters = clusters.clone();
-                work.problems.extend(problems.iter().cloned());
-                work.problems = dedup(std::mem::take(&mut work.problems));
-            }
-            _ => {
-                let before = work.problems.clone();
-                super::remote::merge(inputs, &self.options, work);
-                let added = work.problems.iter().filter(|p| before.binary_search(p).is_err());
-                self.merged = Some((work.clusters.clone(), added.cloned().collect()));
-            }
         }
     }
 
@@ -336,16 +309,6 @@ impl Incremental {
             work.waypoint_credentials = t.waypoint_credentials;
         }
         work.problems = self.problems();
-    }
-
-    /// Whether this world is translated from scratch: remote clusters (they merge into
-    /// services, `translate::remote`) or east-west gateways (they set network gateways on
-    /// workloads).
-    fn untracked(&self, inputs: &Inputs) -> bool {
-        let o = &self.options;
-        self.foreign
-            || !inputs.remotes.is_empty()
-            || !crate::model::cluster::network_gateways(&inputs.gateways, &o.cluster_id, &o.network, true).is_empty()
     }
 
     /// The outputs to update: the spare brought up to date, else a copy of the current ones.

@@ -7,15 +7,25 @@
 //! Workloads on a network other than this cluster's get that network's east-west gateway as
 //! `network_gateway`, so clients on other networks tunnel through it (double HBONE), and
 //! their identities join their services' subject alt names (the inner handshake's check).
+//!
+//! The merge is cut into pieces that depend on little, so that the incremental translator
+//! ([`layer`]) can recompute only what a change reaches and still give what [`merge`] gives
+//! (both call the same pieces): the remote part ([`remote_part`]: every remote's accepted
+//! workloads and services by name, which reads the local addresses only through the owners of
+//! the `(network, IP)` pairs it looks up), one name's merged address ([`merged`]), a
+//! workload's gateway ([`set_gateway`]), a service's added identities ([`add_sans`]), the
+//! networks without a gateway ([`missing`]) and the cluster statuses ([`statuses`]).
 
-use std::collections::{BTreeMap, HashMap};
+pub(crate) mod layer;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use mesh_core::state::model::{ip_from_bytes, ip_to_bytes};
 use mesh_proto::workload as pb;
 
-use super::{Options, Outputs, Problem};
+use super::{Addresses, Options, Outputs, Problem};
 use crate::model::cluster::{self, GatewayTarget, NetworkGateway, Remote, RemoteState};
 use crate::model::{Inputs, Kind, ObjectKey};
 
@@ -63,71 +73,193 @@ fn discovery(remote: &Inputs) -> Inputs {
     }
 }
 
-/// Merges the served remote clusters into `out` (translated from the local cluster with
-/// `options`, already [`local_options`]) and sets network gateways.
-pub(crate) fn merge(inputs: &Inputs, options: &Options, out: &mut Outputs) {
-    let mut gateways = cluster::network_gateways(&inputs.gateways, &options.cluster_id, &options.network, true);
-    let mut clusters = vec![status(&options.cluster_id, &options.network, true, RemoteState::Synced)];
-    let mut local_ips: HashMap<(String, IpAddr), String> = HashMap::new();
-    // Only remote clusters need it (a pass over every workload: skipped on the common path).
-    for (name, a) in out.addresses.iter().filter(|_| !inputs.remotes.is_empty()) {
-        match &a.r#type {
-            Some(pb::address::Type::Workload(w)) => {
-                for ip in w.addresses.iter().filter_map(|b| ip_from_bytes(b)) {
-                    local_ips.insert((w.network.clone(), ip), w.uid.clone());
-                }
-            }
-            // Service VIPs too: a remote must not take a local service's or pod's address.
-            Some(pb::address::Type::Service(s)) => {
-                for a in &s.addresses {
-                    if let Some(ip) = ip_from_bytes(&a.address) {
-                        local_ips.insert((a.network.clone(), ip), name.clone());
-                    }
-                }
-            }
-            None => {}
-        }
+/// A remote cluster translated on its own: a function of its objects and `opts` (its id and
+/// network, this cluster's trust domain, suffix and root namespace) only.
+pub(crate) fn translate_remote(remote: &Remote, opts: &Options) -> Addresses {
+    super::translate(&discovery(&remote.inputs), opts).addresses
+}
+
+/// What one remote cluster contributes to a name, in merge order.
+#[derive(Clone, Debug)]
+pub(crate) enum Contribution {
+    /// A workload, accepted (its addresses clash with none before it).
+    Workload(Arc<pb::Address>),
+    /// A service (its taken VIPs dropped), merged into the one of the same name.
+    Service { cluster: String, address: Arc<pb::Address> },
+}
+
+/// The remote clusters' part of the merge.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RemotePart {
+    /// What the remote clusters contribute, by name (in cluster id order).
+    pub names: BTreeMap<String, Vec<Contribution>>,
+    /// Clashing addresses, taken VIPs, a remote with this cluster's own id.
+    pub problems: Vec<Problem>,
+    /// The remote clusters' statuses (their gateways not filled in yet).
+    pub clusters: Vec<ClusterStatus>,
+    /// The served remote clusters' east-west gateways.
+    pub gateways: Vec<NetworkGateway>,
+    /// The `(network, IP)` pairs looked up among the local addresses: the part changes only
+    /// when one of their owners does.
+    pub queried: HashSet<(String, IpAddr)>,
+}
+
+/// The `(network, IP)` pairs taken so far: the local addresses' owners (`local`), then those
+/// the remote clusters took in merge order.
+struct Taken<'a> {
+    local: &'a dyn Fn(&(String, IpAddr)) -> Option<String>,
+    remote: HashMap<(String, IpAddr), String>,
+    queried: HashSet<(String, IpAddr)>,
+}
+
+impl Taken<'_> {
+    fn get(&mut self, key: &(String, IpAddr)) -> Option<String> {
+        self.queried.insert(key.clone());
+        (self.local)(key).or_else(|| self.remote.get(key).cloned())
     }
-    let mut problems = Vec::new();
+}
+
+/// Every served remote cluster's contribution. `translation` gives a remote's own translation
+/// (the incremental translator caches them), `local` the owner of a `(network, IP)` among the
+/// local addresses (the last by name, as [`local_owners`] builds them).
+pub(crate) fn remote_part(
+    inputs: &Inputs,
+    options: &Options,
+    translation: &mut dyn FnMut(&str, &Remote, &Options) -> Arc<Addresses>,
+    local: &dyn Fn(&(String, IpAddr)) -> Option<String>,
+) -> RemotePart {
+    let mut part = RemotePart::default();
+    let mut taken = Taken {
+        local,
+        remote: HashMap::new(),
+        queried: HashSet::new(),
+    };
     for (id, remote) in &inputs.remotes {
         let network = cluster::cluster_network(&remote.inputs, &options.root_namespace, "");
         let mut st = status(id, &network, false, remote.state.clone());
         if id == &options.cluster_id {
-            problems.push(problem(
+            part.problems.push(problem(
                 &options.root_namespace,
                 format!("remote cluster {id} has this cluster's own id; it is ignored"),
             ));
         } else if remote.served() {
-            gateways.extend(cluster::network_gateways(&remote.inputs.gateways, id, &network, false));
+            let gateways = cluster::network_gateways(&remote.inputs.gateways, id, &network, false);
+            part.gateways.extend(gateways);
             let opts = Options {
                 cluster_id: id.clone(),
                 network,
                 ..options.clone()
             };
-            add_remote(id, remote, &opts, &mut local_ips, out, &mut st, &mut problems);
+            let translated = translation(id, remote, &opts);
+            add_remote(id, &translated, &opts, &mut taken, &mut part, &mut st);
         }
-        clusters.push(st);
+        part.clusters.push(st);
     }
+    part.queried = taken.queried;
+    part
+}
+
+/// The owner of each `(network, IP)` of `addresses`: a workload's uid, a service VIP's name;
+/// the last by name wins, as a pass over them in order leaves it.
+pub(crate) fn address_keys(name: &str, a: &pb::Address) -> Vec<((String, IpAddr), String)> {
+    match &a.r#type {
+        Some(pb::address::Type::Workload(w)) => w
+            .addresses
+            .iter()
+            .filter_map(|b| ip_from_bytes(b))
+            .map(|ip| ((w.network.clone(), ip), w.uid.clone()))
+            .collect(),
+        // Service VIPs too: a remote must not take a local service's or pod's address.
+        Some(pb::address::Type::Service(s)) => s
+            .addresses
+            .iter()
+            .filter_map(|a| Some(((a.network.clone(), ip_from_bytes(&a.address)?), name.to_owned())))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// [`address_keys`] of every local address.
+fn local_owners(out: &Outputs) -> HashMap<(String, IpAddr), String> {
+    let mut owners = HashMap::new();
+    for (name, a) in &out.addresses {
+        owners.extend(address_keys(name, a));
+    }
+    owners
+}
+
+/// The east-west gateways of every network: the local cluster's Gateways (`istio-remote` ones
+/// too) and the served remote clusters', sorted.
+pub(crate) fn all_gateways(inputs: &Inputs, options: &Options, part: &RemotePart) -> Vec<NetworkGateway> {
+    let mut gateways = cluster::network_gateways(&inputs.gateways, &options.cluster_id, &options.network, true);
+    gateways.extend(part.gateways.iter().cloned());
     gateways.sort();
     gateways.dedup();
-    set_network_gateways(out, &options.network, &gateways);
+    gateways
+}
+
+/// Merges the served remote clusters into `out` (translated from the local cluster with
+/// `options`, already [`local_options`]) and sets network gateways.
+pub(crate) fn merge(inputs: &Inputs, options: &Options, out: &mut Outputs) {
+    // Only remote clusters need it (a pass over every address: skipped on the common path).
+    let owners = if inputs.remotes.is_empty() {
+        HashMap::new()
+    } else {
+        local_owners(out)
+    };
+    let mut translate = |_: &str, remote: &Remote, opts: &Options| Arc::new(translate_remote(remote, opts));
+    let part = remote_part(inputs, options, &mut translate, &|k| owners.get(k).cloned());
+    let gateways = all_gateways(inputs, options, &part);
+    let mut problems = part.problems.clone();
+    for (name, contributions) in &part.names {
+        if let Some(a) = merged(out.addresses.get(name), contributions, &mut problems) {
+            out.addresses.insert(name.clone(), a);
+        }
+    }
+    let by_network = Gateways::new(&gateways);
+    for a in out.addresses.values_mut() {
+        set_gateway(a, &options.network, &by_network);
+    }
     remote_network_sans(out, &options.network);
-    missing_gateways(out, options, &gateways, &mut problems);
+    let mut networks: BTreeMap<&str, &str> = BTreeMap::new();
+    let (mut workloads, mut local) = (0, 0);
+    for a in out.addresses.values() {
+        if let Some(pb::address::Type::Workload(w)) = &a.r#type {
+            workloads += 1;
+            local += usize::from(w.cluster_id == options.cluster_id);
+            if w.network != options.network {
+                networks.entry(w.network.as_str()).or_insert(w.cluster_id.as_str());
+            }
+        }
+    }
+    problems.extend(missing(networks, options, &gateways));
+    let services = out.addresses.len() - workloads;
+    out.clusters = statuses(options, &part, &gateways, (local, services));
+    out.problems.extend(problems);
+    out.problems.sort();
+    out.problems.dedup();
+}
+
+/// The clusters' statuses: the local one (`counts`: its workloads, and every service served)
+/// first, then the remote ones, each with its network's gateways.
+pub(crate) fn statuses(
+    options: &Options,
+    part: &RemotePart,
+    gateways: &[NetworkGateway],
+    counts: (usize, usize),
+) -> Vec<ClusterStatus> {
+    let mut local = status(&options.cluster_id, &options.network, true, RemoteState::Synced);
+    (local.workloads, local.services) = counts;
+    let mut clusters = vec![local];
+    clusters.extend(part.clusters.iter().cloned());
     for c in &mut clusters {
         c.gateways = gateways
             .iter()
             .filter(|g| g.network == c.network)
             .map(|g| format!("{}:{}", target(&g.target), g.port))
             .collect();
-        if c.local {
-            c.workloads = count_workloads(out, &c.id);
-            c.services = out.addresses.len() - out.addresses.values().filter(|a| is_workload(a)).count();
-        }
     }
-    out.clusters = clusters;
-    out.problems.extend(problems);
-    out.problems.sort();
-    out.problems.dedup();
+    clusters
 }
 
 fn status(id: &str, network: &str, local: bool, state: RemoteState) -> ClusterStatus {
@@ -151,33 +283,20 @@ fn problem(root_namespace: &str, message: String) -> Problem {
     }
 }
 
-fn is_workload(a: &pb::Address) -> bool {
-    matches!(a.r#type, Some(pb::address::Type::Workload(_)))
-}
-
-fn count_workloads(out: &Outputs, cluster: &str) -> usize {
-    out.addresses
-        .values()
-        .filter(|a| matches!(&a.r#type, Some(pb::address::Type::Workload(w)) if w.cluster_id == cluster))
-        .count()
-}
-
-/// Adds one remote cluster's workloads and services.
+/// Adds one remote cluster's workloads and services to `part`.
 fn add_remote(
     id: &str,
-    remote: &Remote,
+    translated: &Addresses,
     opts: &Options,
-    local_ips: &mut HashMap<(String, IpAddr), String>,
-    out: &mut Outputs,
+    taken: &mut Taken<'_>,
+    part: &mut RemotePart,
     st: &mut ClusterStatus,
-    problems: &mut Vec<Problem>,
 ) {
-    let translated = super::translate(&discovery(&remote.inputs), opts);
-    for (name, address) in translated.addresses {
-        match Arc::unwrap_or_clone(address).r#type {
+    for (name, address) in translated {
+        let contribution = match &address.r#type {
             Some(pb::address::Type::Workload(w)) => {
-                if let Some(clash) = ip_clash(&w, local_ips) {
-                    problems.push(problem(
+                if let Some(clash) = ip_clash(w, taken) {
+                    part.problems.push(problem(
                         &opts.root_namespace,
                         format!(
                             "workload {} of cluster {id} has the address of {clash} on network {:?}; it is not served",
@@ -187,31 +306,41 @@ fn add_remote(
                     continue;
                 }
                 st.workloads += 1;
-                let w = pb::Address {
-                    r#type: Some(pb::address::Type::Workload(w)),
-                };
-                out.addresses.insert(name, Arc::new(w));
+                Contribution::Workload(address.clone())
             }
-            Some(pb::address::Type::Service(mut svc)) => {
+            Some(pb::address::Type::Service(svc)) => {
                 st.services += 1;
-                drop_taken_vips(id, &mut svc, &name, local_ips, problems);
-                merge_service(id, svc, &name, out, problems);
+                let mut address = address.clone();
+                if let Some(kept) = drop_taken_vips(id, svc, name, taken, &mut part.problems) {
+                    address = Arc::new(pb::Address {
+                        r#type: Some(pb::address::Type::Service(kept)),
+                    });
+                }
+                Contribution::Service {
+                    cluster: id.to_owned(),
+                    address,
+                }
             }
-            None => {}
-        }
+            None => continue,
+        };
+        part.names.entry(name.clone()).or_default().push(contribution);
     }
 }
 
 /// The workload that already holds one of `w`'s addresses on its network (two clusters on one
 /// network with overlapping pod ranges): ztunnel could not tell them apart. Otherwise `w`'s
 /// addresses are recorded.
-fn ip_clash(w: &pb::Workload, ips: &mut HashMap<(String, IpAddr), String>) -> Option<String> {
-    let mine: Vec<IpAddr> = w.addresses.iter().filter_map(|b| ip_from_bytes(b)).collect();
-    if let Some(owner) = mine.iter().find_map(|ip| ips.get(&(w.network.clone(), *ip))) {
-        return Some(owner.clone());
+fn ip_clash(w: &pb::Workload, taken: &mut Taken<'_>) -> Option<String> {
+    let mine: Vec<(String, IpAddr)> = w
+        .addresses
+        .iter()
+        .filter_map(|b| Some((w.network.clone(), ip_from_bytes(b)?)))
+        .collect();
+    if let Some(owner) = mine.iter().find_map(|key| taken.get(key)) {
+        return Some(owner);
     }
-    for ip in mine {
-        ips.insert((w.network.clone(), ip), w.uid.clone());
+    for key in mine {
+        taken.remote.insert(key, w.uid.clone());
     }
     None
 }
@@ -220,49 +349,74 @@ fn ip_clash(w: &pb::Workload, ips: &mut HashMap<(String, IpAddr), String>) -> Op
 /// already holds on their network: ztunnel resolves a VIP before a pod address and keeps one
 /// service per VIP, so a remote cluster (which names its own network) could otherwise take
 /// over a local service's or pod's traffic. The same service's VIP in two clusters is fine.
+/// Returns the service without them, when some were dropped.
 fn drop_taken_vips(
     cluster: &str,
-    svc: &mut pb::Service,
+    svc: &pb::Service,
     name: &str,
-    taken: &mut HashMap<(String, IpAddr), String>,
+    taken: &mut Taken<'_>,
     problems: &mut Vec<Problem>,
-) {
-    svc.addresses.retain(|a| {
-        let Some(ip) = ip_from_bytes(&a.address) else { return true };
-        match taken.get(&(a.network.clone(), ip)) {
-            Some(owner) if owner != name => {
-                problems.push(Problem {
-                    kind: Kind::Service,
-                    object: ObjectKey::new(svc.namespace.clone(), svc.name.clone()),
-                    message: format!(
-                        "address {ip} on network {:?} of this service in cluster {cluster} is {owner}'s; it is not served",
-                        a.network
-                    ),
-                    refused: None,
-                });
-                false
-            }
-            Some(_) => true,
+) -> Option<pb::Service> {
+    let mut kept = Vec::with_capacity(svc.addresses.len());
+    for a in &svc.addresses {
+        let Some(ip) = ip_from_bytes(&a.address) else {
+            kept.push(a.clone());
+            continue;
+        };
+        let key = (a.network.clone(), ip);
+        match taken.get(&key) {
+            Some(owner) if owner != name => problems.push(Problem {
+                kind: Kind::Service,
+                object: ObjectKey::new(svc.namespace.clone(), svc.name.clone()),
+                message: format!(
+                    "address {ip} on network {:?} of this service in cluster {cluster} is {owner}'s; it is not served",
+                    a.network
+                ),
+                refused: None,
+            }),
+            Some(_) => kept.push(a.clone()),
             None => {
-                taken.insert((a.network.clone(), ip), name.to_owned());
-                true
+                taken.remote.insert(key, name.to_owned());
+                kept.push(a.clone());
             }
         }
-    });
+    }
+    (kept.len() != svc.addresses.len()).then(|| pb::Service {
+        addresses: kept,
+        ..svc.clone()
+    })
 }
 
-/// Merges a remote cluster's service into the one of the same name, or adds it.
-fn merge_service(cluster: &str, svc: pb::Service, name: &str, out: &mut Outputs, problems: &mut Vec<Problem>) {
-    let Some(pb::Address {
-        r#type: Some(pb::address::Type::Service(known)),
-    }) = out.addresses.get_mut(name).map(Arc::make_mut)
-    else {
-        let svc = pb::Address {
-            r#type: Some(pb::address::Type::Service(svc)),
-        };
-        out.addresses.insert(name.to_owned(), Arc::new(svc));
-        return;
-    };
+/// One name's address after the remote clusters' contributions: a remote workload replaces,
+/// a remote service merges into the service known by then (or is added).
+pub(crate) fn merged(
+    base: Option<&Arc<pb::Address>>,
+    contributions: &[Contribution],
+    problems: &mut Vec<Problem>,
+) -> Option<Arc<pb::Address>> {
+    let mut current = base.cloned();
+    for c in contributions {
+        match c {
+            Contribution::Workload(a) => current = Some(a.clone()),
+            Contribution::Service { cluster, address } => {
+                let Some(pb::address::Type::Service(svc)) = &address.r#type else {
+                    continue;
+                };
+                let known = current
+                    .as_mut()
+                    .filter(|a| matches!(a.r#type, Some(pb::address::Type::Service(_))));
+                match known.map(Arc::make_mut).and_then(|a| a.r#type.as_mut()) {
+                    Some(pb::address::Type::Service(known)) => merge_service(cluster, svc, known, problems),
+                    _ => current = Some(address.clone()),
+                }
+            }
+        }
+    }
+    current
+}
+
+/// Merges a remote cluster's service into the known one of the same name.
+fn merge_service(cluster: &str, svc: &pb::Service, known: &mut pb::Service, problems: &mut Vec<Problem>) {
     let key = |p: &pb::Port| (p.service_port, p.target_port);
     let mut mine: Vec<_> = known.ports.iter().map(key).collect();
     let mut theirs: Vec<_> = svc.ports.iter().map(key).collect();
@@ -280,14 +434,14 @@ fn merge_service(cluster: &str, svc: pb::Service, name: &str, out: &mut Outputs,
             refused: None,
         });
     }
-    for a in svc.addresses {
-        if !known.addresses.contains(&a) {
-            known.addresses.push(a);
+    for a in &svc.addresses {
+        if !known.addresses.contains(a) {
+            known.addresses.push(a.clone());
         }
     }
-    for san in svc.subject_alt_names {
-        if !known.subject_alt_names.contains(&san) {
-            known.subject_alt_names.push(san);
+    for san in &svc.subject_alt_names {
+        if !known.subject_alt_names.contains(san) {
+            known.subject_alt_names.push(san.clone());
         }
     }
 }
@@ -325,81 +479,102 @@ fn gateway_address(g: &NetworkGateway) -> pb::GatewayAddress {
     }
 }
 
-/// Every workload on a network other than `local_network` that has an east-west gateway gets
-/// the first one (in a stable order) as its `network_gateway`. The workload API is the same
-/// for every client; ztunnel uses the gateway only when the workload's network is not its own.
-fn set_network_gateways(out: &mut Outputs, local_network: &str, gateways: &[NetworkGateway]) {
-    if gateways.is_empty() {
-        return;
-    }
-    let mut by_network: BTreeMap<&str, pb::GatewayAddress> = BTreeMap::new();
-    for g in gateways {
-        by_network
-            .entry(g.network.as_str())
-            .or_insert_with(|| gateway_address(g));
-    }
-    for a in out.addresses.values_mut() {
-        let Some(pb::address::Type::Workload(w)) = &a.r#type else {
-            continue;
-        };
-        let gateway = by_network.get(w.network.as_str());
-        if w.network == local_network || w.network_gateway.as_ref() == gateway {
-            continue;
+/// Each network's gateway as workloads carry it: the first of the network's in a stable order.
+#[derive(Default, PartialEq)]
+pub(crate) struct Gateways(BTreeMap<String, pb::GatewayAddress>);
+
+impl Gateways {
+    pub(crate) fn new(gateways: &[NetworkGateway]) -> Self {
+        let mut by_network = BTreeMap::new();
+        for g in gateways {
+            by_network
+                .entry(g.network.clone())
+                .or_insert_with(|| gateway_address(g));
         }
-        if let Some(pb::address::Type::Workload(w)) = &mut Arc::make_mut(a).r#type {
-            w.network_gateway = gateway.cloned();
-        }
+        Gateways(by_network)
     }
 }
 
-/// The identities of a service's endpoints on other networks join its `subject_alt_names`:
-/// through an east-west gateway the client cannot know which endpoint the gateway picks, and
-/// Istio's ztunnel checks the inner (end-to-end) handshake against the service's SANs only.
+/// A workload on a network other than `local_network` gets its network's gateway as
+/// `network_gateway` (none when that network has none), once any network has one. The
+/// workload API is the same for every client; ztunnel uses the gateway only when the
+/// workload's network is not its own.
+pub(crate) fn set_gateway(a: &mut Arc<pb::Address>, local_network: &str, gateways: &Gateways) {
+    if gateways.0.is_empty() {
+        return;
+    }
+    let Some(pb::address::Type::Workload(w)) = &a.r#type else {
+        return;
+    };
+    let gateway = gateways.0.get(w.network.as_str());
+    if w.network == local_network || w.network_gateway.as_ref() == gateway {
+        return;
+    }
+    if let Some(pb::address::Type::Workload(w)) = &mut Arc::make_mut(a).r#type {
+        w.network_gateway = gateway.cloned();
+    }
+}
+
+/// The identity a workload adds to its services' subject alt names: one on another network
+/// reached through a gateway. Through an east-west gateway the client cannot know which
+/// endpoint the gateway picks, and Istio's ztunnel checks the inner (end-to-end) handshake
+/// against the service's SANs only.
+pub(crate) fn gateway_identity(w: &pb::Workload, local_network: &str) -> Option<String> {
+    if w.network == local_network || w.network_gateway.is_none() {
+        return None;
+    }
+    let td = if w.trust_domain.is_empty() {
+        "cluster.local"
+    } else {
+        &w.trust_domain
+    };
+    Some(format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account))
+}
+
+/// Adds `ids` to a service's subject alt names (sorted then), when there are any.
+pub(crate) fn add_sans(a: &mut Arc<pb::Address>, ids: &BTreeSet<String>) {
+    if ids.is_empty() || !matches!(a.r#type, Some(pb::address::Type::Service(_))) {
+        return;
+    }
+    if let Some(pb::address::Type::Service(s)) = &mut Arc::make_mut(a).r#type {
+        for id in ids {
+            if !s.subject_alt_names.contains(id) {
+                s.subject_alt_names.push(id.clone());
+            }
+        }
+        s.subject_alt_names.sort();
+    }
+}
+
+/// [`gateway_identity`] of every workload, added to the services each lists.
 fn remote_network_sans(out: &mut Outputs, local_network: &str) {
-    let mut sans: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut sans: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for a in out.addresses.values() {
         let Some(pb::address::Type::Workload(w)) = &a.r#type else {
             continue;
         };
-        if w.network == local_network || w.network_gateway.is_none() {
-            continue;
-        }
-        let td = if w.trust_domain.is_empty() {
-            "cluster.local"
-        } else {
-            &w.trust_domain
-        };
-        let id = format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account);
-        for service in w.services.keys() {
-            sans.entry(service.clone()).or_default().push(id.clone());
+        if let Some(id) = gateway_identity(w, local_network) {
+            for service in w.services.keys() {
+                sans.entry(service.clone()).or_default().insert(id.clone());
+            }
         }
     }
     for (service, ids) in sans {
-        if let Some(pb::Address {
-            r#type: Some(pb::address::Type::Service(s)),
-        }) = out.addresses.get_mut(&service).map(Arc::make_mut)
-        {
-            for id in ids {
-                if !s.subject_alt_names.contains(&id) {
-                    s.subject_alt_names.push(id);
-                }
-            }
-            s.subject_alt_names.sort();
+        if let Some(a) = out.addresses.get_mut(&service) {
+            add_sans(a, &ids);
         }
     }
 }
 
 /// A network other than this cluster's with workloads but no east-west gateway: nothing on
 /// another network can reach them (they are served, and reachable only from their own).
-fn missing_gateways(out: &Outputs, options: &Options, gateways: &[NetworkGateway], problems: &mut Vec<Problem>) {
-    let mut networks: BTreeMap<&str, &str> = BTreeMap::new();
-    for a in out.addresses.values() {
-        if let Some(pb::address::Type::Workload(w)) = &a.r#type {
-            if w.network != options.network {
-                networks.entry(w.network.as_str()).or_insert(w.cluster_id.as_str());
-            }
-        }
-    }
+/// `networks`: each such network and the cluster of its first workload by name.
+pub(crate) fn missing<'a>(
+    networks: impl IntoIterator<Item = (&'a str, &'a str)>,
+    options: &Options,
+    gateways: &[NetworkGateway],
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
     for (network, cluster) in networks {
         if !gateways.iter().any(|g| g.network == network) {
             problems.push(problem(
@@ -412,6 +587,7 @@ fn missing_gateways(out: &Outputs, options: &Options, gateways: &[NetworkGateway
             ));
         }
     }
+    problems
 }
 
 #[cfg(test)]
