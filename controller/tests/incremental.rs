@@ -85,6 +85,13 @@ fn service(ns: usize, n: usize, v: u32) -> String {
         1 => "labels: {istio.io/ingress-use-waypoint: 'true'}",
         _ => "labels: {}",
     };
+    if v % 9 == 8 {
+        // No address of its own: a remote cluster's Service of that name may still serve it.
+        return format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: gsvc-{n}, namespace: {ns}, {labels}}}\n\
+             spec: {{type: ExternalName, externalName: gsvc-{n}.example.org}}\n"
+        );
+    }
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: gsvc-{n}, namespace: {ns}, {labels}}}\n\
          spec: {{{selector}clusterIP: 10.96.50.{}, ports: [{{name: http, port: 80, targetPort: {}}}]}}\n",
@@ -152,9 +159,19 @@ fn service_entry(ns: usize, n: usize, v: u32) -> String {
     } else {
         ""
     };
+    // Some name the identity of the pods their selector picks (as the merge adds for pods
+    // behind an east-west gateway), so an entry can come to equal its merged address.
+    let sans = if v % 8 == 5 {
+        format!(
+            "subjectAltNames: [spiffe://cluster.local/ns/{ns}/sa/sa-{}], ",
+            APPS[(v / 6 % 3) as usize]
+        )
+    } else {
+        String::new()
+    };
     format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: gse-{n}, namespace: {ns}, labels: {{{labels}}}}}\n\
-         spec: {{hosts: {hosts}, {addresses}{backing}resolution: {resolution}, ports: [{{number: 80, name: http, protocol: HTTP}}]}}\n"
+         spec: {{hosts: {hosts}, {addresses}{backing}{sans}resolution: {resolution}, ports: [{{number: 80, name: http, protocol: HTTP}}]}}\n"
     )
 }
 
@@ -829,4 +846,51 @@ fn a_local_change_translates_no_remote_cluster() {
     assert_eq!(inc.remote_translations(), 2);
     noted_step(&mut inc, &mut inputs, remote("r1", applied(&pod(0, 1, 5))));
     assert_eq!(inc.remote_translations(), 3, "r1 again");
+}
+
+/// A ServiceEntry edited to equal its merged address: the entry selects a pod on net-c (behind
+/// the local east-west gateway), whose identity the merge adds to the entry's service; the
+/// entry then names that identity itself, so its new value equals the published one, and
+/// the pod goes. The identity must stay (the entry's own); the incremental step once compared
+/// with the published value, skipped the update and re-merged from the stale local value.
+#[test]
+fn an_entry_that_comes_to_equal_its_merged_address_keeps_it() {
+    let mut inputs = world();
+    let mut inc = Incremental::new(Options::default());
+    inc.step(&inputs, &BTreeMap::new());
+    let id = "spiffe://cluster.local/ns/shop/sa/sa-san";
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: san-pod, namespace: shop, annotations: {ambient.istio.io/redirection: enabled}, \
+         labels: {app: sanapp, topology.istio.io/network: net-c}}\n\
+         spec: {nodeName: node-1, serviceAccountName: sa-san, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.9.7.7}\n";
+    let entry = |sans: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: san-se, namespace: shop}}\n\
+             spec: {{hosts: [san.test], workloadSelector: {{labels: {{app: sanapp}}}}, {sans}resolution: STATIC, \
+             ports: [{{number: 80, name: http, protocol: HTTP}}]}}\n"
+        )
+    };
+    let sans = |out: &Outputs| match out.addresses.get("shop/san.test").and_then(|a| a.r#type.as_ref()) {
+        Some(mesh_proto::workload::address::Type::Service(s)) => s.subject_alt_names.clone(),
+        _ => Vec::new(),
+    };
+    noted_step(&mut inc, &mut inputs, applied(pod));
+    let out = noted_step(&mut inc, &mut inputs, applied(&entry("")));
+    assert_eq!(
+        sans(&out),
+        [id],
+        "the merge adds the identity of the pod behind the gateway"
+    );
+    let out = noted_step(
+        &mut inc,
+        &mut inputs,
+        applied(&entry(&format!("subjectAltNames: [{id}], "))),
+    );
+    assert_eq!(sans(&out), [id]);
+    let out = noted_step(
+        &mut inc,
+        &mut inputs,
+        Change::Delete(Kind::Pod, ObjectKey::new("shop", "san-pod")),
+    );
+    assert_eq!(sans(&out), [id], "the entry's own identity stays");
 }

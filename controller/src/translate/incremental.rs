@@ -555,12 +555,13 @@ impl Incremental {
         let old = std::mem::take(&mut self.entry_names);
         let mut report = Report::default();
         let new = {
-            // A Kubernetes Service's address as this step leaves it (never the entries' own).
-            let (out, updates) = (&self.out, &*updates);
+            // A Kubernetes Service's address as this step leaves it (never the entries' own),
+            // as the local translation made it: not what the multicluster merge added.
+            let (out, updates, layer) = (&self.out, &*updates, &self.layer);
             let service = |name: &str| match updates.get(name) {
                 Some(a) => a.as_ref(),
                 None if full || old.contains(name) => None,
-                None => out.addresses.get(name).map(|a| &**a),
+                None => layer.local(&out.addresses, name),
             };
             let mut taken = super::entries::Taken::default();
             for key in inputs.services.keys() {
@@ -580,11 +581,16 @@ impl Incremental {
             updates.entry(gone.clone()).or_insert(None);
         }
         for (name, a) in new.addresses {
-            // Unchanged, and no Service of this step wrote the name (a deleted one's `None`).
+            // Unchanged, and no Service of this step wrote the name (a deleted one's `None`);
+            // compared with the local value, since the published one may carry the merge's
+            // additions and an entry can come to equal it.
             let same = !full
                 && old.contains(&name)
                 && !updates.contains_key(&name)
-                && self.out.addresses.get(&name).is_some_and(|cur| **cur == a);
+                && self
+                    .layer
+                    .local(&self.out.addresses, &name)
+                    .is_some_and(|cur| *cur == a);
             self.entry_names.insert(name.clone());
             if !same {
                 updates.insert(name, Some(a));

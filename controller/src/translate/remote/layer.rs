@@ -184,6 +184,16 @@ impl Layer {
         };
     }
 
+    /// A name's value as the local translation left it in the outputs published last
+    /// (`published`): what the merge started from, not what it made of it. Readers outside the
+    /// layer that compare or look up local values use this, never the published address.
+    pub(crate) fn local<'a>(&'a self, published: &'a Addresses, name: &str) -> Option<&'a pb::Address> {
+        match self.shadow.get(name) {
+            Some(base) => base.as_deref(),
+            None => published.get(name).map(|a| &**a),
+        }
+    }
+
     /// A name's base value.
     fn base<'a>(&'a self, work: &'a Outputs, name: &str) -> Option<&'a Arc<pb::Address>> {
         match self.shadow.get(name) {
@@ -363,7 +373,7 @@ impl Layer {
             .iter()
             .filter_map(|(n, names)| Some((n.as_str(), names.values().next()?.as_str())));
         problems.extend(missing(networks, options, &self.gateways));
-        let services = work.addresses.len() - self.workloads;
+        let services = work.addresses.len().saturating_sub(self.workloads);
         work.clusters = statuses(options, &self.part, &self.gateways, (self.local_workloads, services));
         work.problems.extend(problems);
         work.problems.sort();
