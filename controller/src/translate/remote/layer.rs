@@ -30,6 +30,7 @@ use super::{
 };
 use crate::model::cluster::{ClusterChange, NetworkGateway, Remote};
 use crate::model::Inputs;
+use crate::source::Change;
 use crate::translate::{Addresses, Options, Outputs, Problem};
 
 /// What the local translation gives a name (`None`: nothing).
@@ -123,8 +124,11 @@ impl Layer {
     pub(crate) fn note(&mut self, change: &ClusterChange) {
         self.changed = true;
         match change {
-            ClusterChange::Objects(id, _) | ClusterChange::Removed(id) => drop(self.translations.remove(id)),
-            ClusterChange::State(..) => {}
+            // Only its objects and enrolment are translated: a `Synced` or a kind's health
+            // moves its state (the remote part), not its translation.
+            ClusterChange::Objects(id, c) if translated(c) => drop(self.translations.remove(id)),
+            ClusterChange::Removed(id) => drop(self.translations.remove(id)),
+            ClusterChange::Objects(..) | ClusterChange::State(..) => {}
         }
     }
 
@@ -382,6 +386,14 @@ impl Layer {
 }
 
 /// Whether two values of a name are the same (the same allocation, or equal).
+/// Whether a remote cluster's `change` can change its own translation.
+fn translated(change: &Change) -> bool {
+    matches!(
+        change,
+        Change::Apply(_) | Change::Delete(..) | Change::Replace(..) | Change::Enrolled(_)
+    )
+}
+
 fn same(a: Option<&Arc<pb::Address>>, b: Option<&Arc<pb::Address>>) -> bool {
     match (a, b) {
         (None, None) => true,
