@@ -74,16 +74,7 @@ struct Output {
 impl LogSink {
     /// A sink writing to `writer`, with its flusher thread started.
     pub fn new(writer: impl Write + Send + 'static, limits: Limits) -> io::Result<LogSink> {
-        let shared = Arc::new(Shared {
-            limits,
-            pending: Mutex::new(Vec::new()),
-            out: Mutex::new(Output {
-                writer: Box::new(writer),
-                batch: Vec::new(),
-            }),
-            flusher: OnceLock::new(),
-            dropped: Counter::default(),
-        });
+        let shared = Arc::new(Shared::new(Box::new(writer), limits));
         let weak = Arc::downgrade(&shared);
         let thread = std::thread::Builder::new()
             .name("log-flush".into())
@@ -113,16 +104,7 @@ impl LogSink {
     /// A sink without a flusher: every line written at once.
     fn unbatched(writer: impl Write + Send + 'static, limits: Limits) -> LogSink {
         let limits = Limits { flush_at: 0, ..limits };
-        LogSink(Arc::new(Shared {
-            limits,
-            pending: Mutex::new(Vec::new()),
-            out: Mutex::new(Output {
-                writer: Box::new(writer),
-                batch: Vec::new(),
-            }),
-            flusher: OnceLock::new(),
-            dropped: Counter::default(),
-        }))
+        LogSink(Arc::new(Shared::new(Box::new(writer), limits)))
     }
 
     /// Writes the pending access lines now (at exit, say).
@@ -160,6 +142,19 @@ fn flush_loop(shared: Weak<Shared>, every: Duration) {
 }
 
 impl Shared {
+    fn new(writer: Box<dyn Write + Send>, limits: Limits) -> Shared {
+        Shared {
+            limits,
+            pending: Mutex::new(Vec::new()),
+            out: Mutex::new(Output {
+                writer,
+                batch: Vec::new(),
+            }),
+            flusher: OnceLock::new(),
+            dropped: Counter::default(),
+        }
+    }
+
     /// Queues one access line; wakes the flusher when the buffer passes `flush_at`.
     fn queue(&self, line: &[u8]) {
         let mut pending = lock(&self.pending);
