@@ -112,7 +112,8 @@ where
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let meta = event.metadata();
-        let in_span = event.parent().is_some() || (event.is_contextual() && ctx.lookup_current().is_some());
+        // As the stock formatter decides: the explicit parent, else the current span.
+        let in_span = event.parent().is_some() || ctx.lookup_current().is_some();
         // `log` records carry their real target and level in fields the stock formatter
         // normalises.
         if in_span || meta.target() == "log" {
@@ -299,6 +300,8 @@ mod tests {
             let span = tracing::info_span!("conn", id = 7, peer = "a\"b");
             let _entered = span.enter();
             tracing::info!(target: "access", bytes = 10, "done");
+            // An explicit root still shows the current span in the stock format.
+            tracing::info!(parent: None, "root");
         });
         assert!(ours.contains("\"spans\""), "{ours}");
         assert_eq!(ours, stock);
