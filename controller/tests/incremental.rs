@@ -1,7 +1,10 @@
 //! Incremental translation equals a full translation: for random sequences of changes (pods,
 //! services, EndpointSlices, authorization and peer authentication policies, DestinationRules
 //! with subsets, namespace labels, waypoints, ServiceEntries, WorkloadEntries and
-//! WorkloadGroups, the enrolled set, kind states), applied in random bursts, the outputs of
+//! WorkloadGroups, the enrolled set, kind states, relists of a kind locally or in a remote
+//! cluster, the system namespace's network label, pods, Services and entries with IPv4 and
+//! IPv6 addresses), applied in random bursts, and crashes of the translation thread (after
+//! which the translator is invalidated, as `core::lock` does), the outputs of
 //! [`Incremental`] after every burst equal `translate_synced` of the same inputs. The world
 //! starts from the golden fixtures (waypoints, workloads, authorization, peer authentication,
 //! service entries) and the generated objects share their namespaces, labels, hosts and IPs,
@@ -48,6 +51,14 @@ fn pod(ns: usize, n: usize, v: u32) -> String {
     let ns = NAMESPACES[ns % 3];
     let app = APPS[(v % 3) as usize];
     let ip = format!("10.9.0.{}", 1 + (v / 3) % 5);
+    // Dual-stack variants (IPv4 or IPv6 first, the first as podIP), their IPv6 from a pool
+    // of three so that they clash too.
+    let v6 = format!("'fd00::9:{}'", 1 + v % 3);
+    let ips = match v % 8 {
+        3 => format!("podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: {v6}}}]"),
+        6 => format!("podIP: {v6}, podIPs: [{{ip: {v6}}}, {{ip: {ip}}}]"),
+        _ => format!("podIP: {ip}"),
+    };
     let phase = if v.is_multiple_of(11) { "Succeeded" } else { "Running" };
     let annotations = if v.is_multiple_of(2) {
         "annotations: {ambient.istio.io/redirection: enabled}, "
@@ -69,7 +80,7 @@ fn pod(ns: usize, n: usize, v: u32) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: gen-{n}, namespace: {ns}, {annotations}labels: {{app: {app}, version: v{v}{waypoint}{network}}}}}\n\
          spec: {{{host}nodeName: node-{n}, serviceAccountName: sa-{app}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
-         status: {{phase: {phase}, podIP: {ip}}}\n"
+         status: {{phase: {phase}, {ips}}}\n"
     )
 }
 
@@ -92,10 +103,15 @@ fn service(ns: usize, n: usize, v: u32) -> String {
              spec: {{type: ExternalName, externalName: gsvc-{n}.example.org}}\n"
         );
     }
+    let vip = format!("10.96.50.{}", 1 + (v % 7));
+    // Some dual-stack, their IPv6 VIP from a pool of two.
+    let vips = match v % 6 {
+        5 => format!("clusterIP: {vip}, clusterIPs: [{vip}, 'fd00::96:{}']", 1 + v % 2),
+        _ => format!("clusterIP: {vip}"),
+    };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: gsvc-{n}, namespace: {ns}, {labels}}}\n\
-         spec: {{{selector}clusterIP: 10.96.50.{}, ports: [{{name: http, port: 80, targetPort: {}}}]}}\n",
-        1 + (v % 7),
+         spec: {{{selector}{vips}, ports: [{{name: http, port: 80, targetPort: {}}}]}}\n",
         if v.is_multiple_of(2) { "http" } else { "8080" }
     )
 }
@@ -143,15 +159,25 @@ fn service_entry(ns: usize, n: usize, v: u32) -> String {
     let addresses = match v % 5 {
         0 => format!("addresses: [10.96.50.{}], ", 1 + v % 7),
         1 => "addresses: [192.0.2.44], ".to_owned(),
+        2 => format!("addresses: [10.96.50.{}, 'fd00::96:{}'], ", 1 + v % 7, 1 + v % 2),
         _ => String::new(),
     };
-    let resolution = ["STATIC", "DNS", "NONE"][(v % 3) as usize];
+    let resolution = match v % 6 {
+        4 => "STATIC",
+        _ => ["STATIC", "DNS", "NONE"][(v % 3) as usize],
+    };
     let backing = match v % 6 {
         0 | 3 => format!(
             "workloadSelector: {{labels: {{app: {}}}}}, ",
             APPS[(v / 6 % 3) as usize]
         ),
         1 => "endpoints: [{address: 10.9.2.1}, {address: 10.9.2.2, ports: {http: 9090}}], ".to_owned(),
+        // Both families, at addresses generated pods hold.
+        4 => format!(
+            "endpoints: [{{address: 10.9.0.{}}}, {{address: 'fd00::9:{}'}}], ",
+            1 + v / 6 % 5,
+            1 + v % 3
+        ),
         _ => String::new(),
     };
     let labels = if v.is_multiple_of(7) {
@@ -176,7 +202,8 @@ fn service_entry(ns: usize, n: usize, v: u32) -> String {
 }
 
 /// A WorkloadEntry `gwe-n` with an app label the generated Services, ServiceEntries and
-/// policies select; some name a WorkloadGroup (which may not exist).
+/// policies select; some name a WorkloadGroup (which may not exist); some have a generated
+/// pod's IPv4 or IPv6 address (an entry has one address).
 fn workload_entry(ns: usize, n: usize, v: u32) -> String {
     let ns = NAMESPACES[ns % 3];
     let group = if v.is_multiple_of(3) {
@@ -184,10 +211,14 @@ fn workload_entry(ns: usize, n: usize, v: u32) -> String {
     } else {
         String::new()
     };
+    let address = match v % 10 {
+        7 => format!("10.9.0.{}", 1 + v / 10 % 5),
+        9 => format!("'fd00::9:{}'", 1 + v / 10 % 3),
+        _ => format!("10.9.3.{}", 1 + n),
+    };
     format!(
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: gwe-{n}, namespace: {ns}, {group}}}\n\
-         spec: {{address: 10.9.3.{}, labels: {{app: {}}}, ports: {{http: 8{v:03}}}}}\n",
-        1 + n,
+         spec: {{address: {address}, labels: {{app: {}}}, ports: {{http: 8{v:03}}}}}\n",
         APPS[(v % 3) as usize]
     )
 }
@@ -253,16 +284,27 @@ fn destination_rule(ns: usize, n: usize, v: u32) -> String {
     )
 }
 
+/// A namespace's labels; the system namespace's may name this cluster's network (none, a
+/// remote cluster's net-b, the local east-west gateway's net-c, or net-a of its own), which
+/// every local workload and VIP is on.
 fn namespace(ns: usize, v: u32) -> String {
     let labels = match v % 4 {
-        0 => "{istio.io/dataplane-mode: ambient}",
-        1 => "{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: shop-waypoint}",
-        2 => "{istio.io/use-waypoint: none, istio.io/ingress-use-waypoint: 'true'}",
-        _ => "{}",
+        0 => "istio.io/dataplane-mode: ambient",
+        1 => "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: shop-waypoint",
+        2 => "istio.io/use-waypoint: none, istio.io/ingress-use-waypoint: 'true'",
+        _ => "",
     };
+    let network = match (NAMESPACES[ns % 3], v / 4 % 4) {
+        ("istio-system", 1) => "topology.istio.io/network: net-b",
+        ("istio-system", 2) => "topology.istio.io/network: net-c",
+        ("istio-system", 3) => "topology.istio.io/network: net-a",
+        _ => "",
+    };
+    let labels: Vec<&str> = [labels, network].into_iter().filter(|l| !l.is_empty()).collect();
     format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {labels}}}\n",
-        NAMESPACES[ns % 3]
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {{{}}}}}\n",
+        NAMESPACES[ns % 3],
+        labels.join(", ")
     )
 }
 
@@ -365,9 +407,138 @@ fn remote_change(what: u8, ns: usize, n: usize, v: u32) -> Change {
 /// One generated change: (what, namespace, name index, variant).
 type Op = (u8, usize, usize, u32);
 
+/// `what` from here on: relists, crashes, the system namespace's network, several addresses
+/// (the rest, `what % 32`, the single changes).
+const LATER: u8 = 208;
+
+/// The objects of `kind` in `inputs`, as a source lists them.
+fn listed(inputs: &Inputs, kind: Kind) -> Vec<Object> {
+    match kind {
+        Kind::Pod => inputs.pods.values().cloned().map(Object::Pod).collect(),
+        Kind::Service => inputs.services.values().cloned().map(Object::Service).collect(),
+        Kind::AuthorizationPolicy => inputs
+            .authorization_policies
+            .values()
+            .cloned()
+            .map(Object::AuthorizationPolicy)
+            .collect(),
+        Kind::PeerAuthentication => inputs
+            .peer_authentications
+            .values()
+            .cloned()
+            .map(Object::PeerAuthentication)
+            .collect(),
+        Kind::EndpointSlice => inputs
+            .endpoint_slices
+            .values()
+            .cloned()
+            .map(Object::EndpointSlice)
+            .collect(),
+        Kind::Namespace => inputs.namespaces.values().cloned().map(Object::Namespace).collect(),
+        Kind::Gateway => inputs.gateways.values().cloned().map(Object::Gateway).collect(),
+        other => panic!("not relisted: {other:?}"),
+    }
+}
+
+/// A relist (`Change::Replace`, what a watch sends when it lists a kind again): the current
+/// objects less some (every second, third or fourth from `v`, or none), with `fresh` (new
+/// or other variants of generated objects) in place of those of their names; nothing at all
+/// for some variants (the kind is no longer served).
+fn relist(kind: Kind, current: Vec<Object>, fresh: &[String], n: usize, v: u32) -> Change {
+    if v % 10 == 9 {
+        return Change::Replace(kind, Vec::new());
+    }
+    let every = [2, 3, 4, usize::MAX][n % 4];
+    let mut objects: BTreeMap<ObjectKey, Object> = current
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| (i + v as usize) % every != 0)
+        .map(|(_, o)| (o.key(), o))
+        .collect();
+    for text in fresh {
+        let o = parse(text).remove(0);
+        objects.insert(o.key(), o);
+    }
+    Change::Replace(kind, objects.into_values().collect())
+}
+
+/// A local relist of pods, services, policies, slices, namespaces or gateways (the fresh
+/// objects in two namespaces), or a remote cluster's of its pods, services, namespaces or gateways (as
+/// its source wraps its watch's, in `ClusterChange::Objects`).
+fn relist_change(which: u8, ns: usize, n: usize, v: u32, inputs: &Inputs) -> Change {
+    let w = (v * 7 + 3) % 40;
+    let two = |f: fn(usize, usize, u32) -> String, names: usize| [f(ns, n % names, v), f(ns + 1, (n + 1) % names, w)];
+    if which >= 9 {
+        let id = REMOTES[n % 3];
+        let empty = Inputs::default();
+        let theirs = inputs.remotes.get(id).map_or(&empty, |r| &r.inputs);
+        let (kind, fresh) = match which % 4 {
+            0 => (Kind::Pod, two(pod, 4).to_vec()),
+            1 => (Kind::Service, two(service, 4).to_vec()),
+            2 => (Kind::Namespace, vec![remote_namespace(v / 3)]),
+            _ => (Kind::Gateway, vec![east_west(n % 2, v / 3)]),
+        };
+        return remote(id, relist(kind, listed(theirs, kind), &fresh, n, v));
+    }
+    let (kind, fresh) = match which % 7 {
+        0 => (Kind::Pod, two(pod, 8)),
+        1 => (Kind::Service, two(service, 4)),
+        2 => (Kind::AuthorizationPolicy, two(authorization_policy, 4)),
+        3 => (Kind::PeerAuthentication, two(peer_authentication, 3)),
+        4 => (Kind::EndpointSlice, two(endpoint_slice, 4)),
+        5 => (Kind::Namespace, [namespace(ns, v), namespace(ns + 1, w)]),
+        // Waypoints and east-west gateways: some relists leave no waypoint at all.
+        _ => (Kind::Gateway, [waypoint(v), east_west(n % 2, w)]),
+    };
+    relist(kind, listed(inputs, kind), &fresh, n, v)
+}
+
+/// A relist of the Gateways that finds no waypoint (east-west gateways only): the waypoints'
+/// addresses name the network, so while any waypoint exists a network change translates
+/// every pod again anyway; without one, only the network change itself does.
+fn no_waypoints(inputs: &Inputs) -> Change {
+    let gateways = listed(inputs, Kind::Gateway).into_iter().filter(|o| match o {
+        Object::Gateway(g) => g.spec.gateway_class_name != "istio-waypoint",
+        _ => false,
+    });
+    Change::Replace(Kind::Gateway, gateways.collect())
+}
+
+/// Whether `op` is a crash: the step after its burst panics on the translation thread, and
+/// the next takes the translator's lock poisoned, which invalidates it (`core::lock`). For
+/// `Some(true)` the step had taken the burst's notes (they are lost: the burst is applied
+/// unnoted), for `Some(false)` it had not.
+fn crash(op: Op) -> Option<bool> {
+    let (what, _, _, v) = op;
+    (LATER + 15..LATER + 21).contains(&what).then_some(v % 3 != 0)
+}
+
+/// The changes from [`LATER`] on (crashes aside): relists; the system namespace's network
+/// set, changed or removed (with its namespace); pods (local and remote) with two addresses,
+/// WorkloadEntries and ServiceEntry endpoints at their addresses.
+fn later_change(which: u8, ns: usize, n: usize, v: u32, inputs: &Inputs) -> Change {
+    let one = |text: String| Change::Apply(parse(&text).remove(0));
+    let dual = v / 8 * 8 + [3, 6][n % 2];
+    match which {
+        0..=14 => relist_change(which, ns, n, v, inputs),
+        21..=26 => match v % 6 {
+            5 => Change::Delete(Kind::Namespace, ObjectKey::new("", "istio-system")),
+            _ => one(namespace(2, v)),
+        },
+        27..=30 => one(pod(ns, n % 8, dual)),
+        31..=34 => no_waypoints(inputs),
+        35..=38 => remote(REMOTES[n % 2], one(pod(ns, n % 4, dual))),
+        39..=42 => one(workload_entry(ns, n % 3, v / 10 * 10 + [7, 9][n % 2])),
+        _ => one(service_entry(ns, n % 3, v / 6 * 6 + 4)),
+    }
+}
+
 /// The change `op` stands for, given the current inputs.
 fn change(op: Op, inputs: &Inputs) -> Change {
     let (what, ns, n, v) = op;
+    if what >= LATER {
+        return later_change(what - LATER, ns, n, v, inputs);
+    }
     let one = |text: String| Change::Apply(parse(&text).remove(0));
     let key = ObjectKey::new(NAMESPACES[ns % 3], "");
     match what % 32 {
@@ -463,6 +634,10 @@ fn apply(inputs: &mut Inputs, states: &mut BTreeMap<Kind, KindSync>, c: Change) 
         Change::Enrolled(pods) => inputs.enrolled = pods,
         Change::KindState(kind, state) => drop(states.insert(kind, state)),
         Change::Cluster(c) => cluster::apply(&mut inputs.remotes, c),
+        Change::Replace(kind, objects) => {
+            inputs.clear(kind);
+            objects.into_iter().for_each(|o| inputs.apply(o));
+        }
         other => panic!("not generated: {other}"),
     }
 }
@@ -565,6 +740,9 @@ fn world() -> Inputs {
             texts.push(pod(n, n, i * 7 + 2));
             texts.push(service(n, n, i * 3 + 1));
         }
+        if gateway {
+            texts.push(pod(1, 5, 19)); // dual-stack
+        }
         let mut changes: Vec<Change> = texts.iter().map(|t| applied(t)).collect();
         changes.push(Change::Synced);
         for c in changes {
@@ -572,6 +750,10 @@ fn world() -> Inputs {
         }
     }
     inputs.apply(parse(&east_west(1, 1)).remove(0));
+    // Two dual-stack pods (IPv4 first, IPv6 first) with one IPv6 address.
+    for text in [pod(0, 6, 27), pod(1, 7, 30)] {
+        inputs.apply(parse(&text).remove(0));
+    }
     inputs
 }
 
@@ -595,15 +777,26 @@ fn run(bursts: Vec<Vec<Op>>) {
     // Steps that went the incremental way (the first is from scratch).
     let (mut incremental, mut steps) = (0, 0);
     for (step, burst) in bursts.into_iter().enumerate() {
-        for op in burst {
+        let crashed = burst.iter().filter_map(|op| crash(*op)).max();
+        // A relist, a crash or a change of this cluster's network: may translate from scratch.
+        let mut full = crashed.is_some();
+        for op in burst.into_iter().filter(|op| crash(*op).is_none()) {
             let c = change(op, &inputs);
-            inc.note(&inputs, &c);
+            full |= matches!(c, Change::Replace(..));
+            if crashed != Some(true) {
+                inc.note(&inputs, &c);
+            }
+            let network = cluster::cluster_network(&inputs, "istio-system", "");
             apply(&mut inputs, &mut states, c);
+            full |= network != cluster::cluster_network(&inputs, "istio-system", "");
+        }
+        if crashed.is_some() {
+            inc.invalidate();
         }
         let step_out = inc.step(&inputs, &states);
         let out = step_out.outputs;
         steps += 1;
-        incremental += usize::from(step_out.touched.is_some());
+        incremental += usize::from(step > 0 && (step_out.touched.is_some() || full));
         snap = match &step_out.touched {
             Some(touched) => Snapshot::apply(&snap, &out, touched, None),
             None => Snapshot::next(&snap, out.clone(), None),
@@ -617,7 +810,11 @@ fn run(bursts: Vec<Vec<Op>>) {
         whole = Snapshot::next(&whole, full, None);
         assert_same_snapshot(step, &snap, &whole);
     }
-    assert_eq!(incremental + 1, steps, "every step after the first is incremental");
+    assert_eq!(
+        incremental + 1,
+        steps,
+        "every step after the first is incremental, but after a relist, a crash or a network change"
+    );
 }
 
 /// 64 cases, or `PROPTEST_CASES` (e.g. a few hundred locally).
@@ -657,6 +854,17 @@ fn world_is_not_empty() {
     }
     assert!(out.authorizations.len() > 5);
     assert!(!out.waypoints.is_empty());
+    // Dual-stack pods, one IPv6 address of two of them.
+    let dual = out.addresses.values().any(|a| match &a.r#type {
+        Some(mesh_proto::workload::address::Type::Workload(w)) => w.addresses.len() == 2,
+        _ => false,
+    });
+    assert!(dual, "a workload with two addresses");
+    assert!(
+        out.problems.iter().any(|p| p.message.contains("fd00::9:1 is also")),
+        "{:#?}",
+        out.problems
+    );
     let kinds: BTreeSet<Kind> = [Kind::PeerAuthentication, Kind::Gateway, Kind::Namespace]
         .into_iter()
         .collect();
