@@ -452,7 +452,7 @@ fn relist(kind: Kind, current: Vec<Object>, fresh: &[String], n: usize, v: u32) 
     let mut objects: BTreeMap<ObjectKey, Object> = current
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| (i + v as usize) % every != 0)
+        .filter(|(i, _)| !(i + v as usize).is_multiple_of(every))
         .map(|(_, o)| (o.key(), o))
         .collect();
     for text in fresh {
