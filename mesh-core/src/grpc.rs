@@ -29,6 +29,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::socket::SocketFactory;
 
+mod stream_channel;
+pub use stream_channel::{StreamChannel, MAX_FRAME_SIZE};
+
 /// Bound on TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of HTTP/2 PINGs, sent also while no call is in flight.
@@ -47,6 +50,8 @@ pub enum GrpcError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("connecting to {address}: {reason}")]
+    Handshake { address: String, reason: String },
 }
 
 /// Displays an error with its sources: tonic's transport error alone only says "transport error".
@@ -228,6 +233,8 @@ impl tower::Service<Uri> for Connector {
 #[derive(Clone)]
 pub struct Dial {
     address: String,
+    /// `:scheme` and `:authority` of the requests.
+    origin: Uri,
     endpoint: Endpoint,
     connector: Connector,
 }
@@ -295,7 +302,7 @@ pub fn endpoint(address: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result
         tokio_rustls::TlsConnector::from(cfg)
     });
     let endpoint = Endpoint::from(target.dial)
-        .origin(target.origin)
+        .origin(target.origin.clone())
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -303,6 +310,7 @@ pub fn endpoint(address: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result
         .keep_alive_while_idle(true);
     Ok(Dial {
         address: address.to_owned(),
+        origin: target.origin,
         endpoint,
         connector: Connector {
             host: target.host.into(),

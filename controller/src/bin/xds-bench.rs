@@ -3,7 +3,9 @@
 //! its selector picks, as a cluster has, and 20 selector-less services whose hand-written
 //! slices name pods, some in other namespaces, the probe pod among them; 100 ServiceEntries,
 //! 20 of them selecting pods, and 20 WorkloadEntries), starts the real controller binary on
-//! it, and connects many Delta ADS clients over TLS. Measures:
+//! it, and connects many Delta ADS clients over TLS, each on its own HTTP/2 connection
+//! accepting frames as large as our ztunnel's do (`--default-frames`: 16 KiB, as Istio's
+//! ztunnel). Measures:
 //!
 //! - start-up: process start to `/ready` (reading, translating, encoding everything);
 //! - full push: clients connecting at once until every one holds every resource;
@@ -25,7 +27,7 @@
 //!
 //! ```text
 //! cargo build --release -p controller
-//! target/release/xds-bench [--pods N] [--services N] [--policies N] [--clients N] [--changes N] [--poll-ms N] [--remote-pods N]
+//! target/release/xds-bench [--pods N] [--services N] [--policies N] [--clients N] [--changes N] [--poll-ms N] [--remote-pods N] [--default-frames]
 //! target/release/xds-bench --pods 100000 --services 10000 --policies 2000 --clients 1000 --changes 20
 //! ```
 
@@ -51,6 +53,9 @@ struct Args {
     poll_ms: usize,
     /// Pods of the remote cluster `r1` (none: no remote cluster).
     remote_pods: usize,
+    /// The largest HTTP/2 frame the clients accept: ours by default, HTTP/2's default
+    /// (16 KiB, what Istio's ztunnel accepts) with `--default-frames`.
+    max_frame: u32,
 }
 
 fn args() -> Result<Args> {
@@ -62,6 +67,7 @@ fn args() -> Result<Args> {
         changes: 5,
         poll_ms: 20,
         remote_pods: 0,
+        max_frame: mesh_core::grpc::MAX_FRAME_SIZE,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,8 +82,10 @@ fn args() -> Result<Args> {
             "--changes" => a.changes = value(&mut it)?,
             "--poll-ms" => a.poll_ms = value(&mut it)?.max(1),
             "--remote-pods" => a.remote_pods = value(&mut it)?,
+            "--default-frames" => a.max_frame = 16 * 1024,
             other => bail!(
-                "unknown flag {other}; flags: --pods --services --policies --clients --changes --poll-ms --remote-pods"
+                "unknown flag {other}; flags: --pods --services --policies --clients --changes --poll-ms --remote-pods \
+                 --default-frames"
             ),
         }
     }
@@ -324,13 +332,14 @@ async fn settle(pid: u32, within: Duration) -> Duration {
     start.elapsed()
 }
 
-/// Bytes a process has written through system calls so far (`wchar`: sockets included).
-fn written(pid: u32) -> u64 {
+/// A counter of `/proc/<pid>/io` so far (0 when unreadable): `wchar` is the bytes written
+/// through system calls (sockets included), `syscw` the write calls.
+fn io_counter(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("wchar:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
@@ -446,10 +455,11 @@ struct LiteResource {
 
 async fn client(
     id: usize,
-    channel: tonic::transport::Channel,
+    dial: (mesh_core::grpc::Dial, u32),
     expect: (usize, usize),
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<()> {
+    let channel = dial.0.connect_stream(dial.1).await?;
     let mut ads = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(16);
     for type_url in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
@@ -628,6 +638,7 @@ struct Push {
     cpu: Duration,
     own_cpu: Duration,
     bytes: u64,
+    writes: u64,
 }
 
 /// Connects every client at once and waits until each holds the full state; returns the
@@ -642,13 +653,15 @@ async fn push(work: &Path, port: u16, pid: u32, a: &Args) -> Result<(Push, mpsc:
     let entries = SERVICE_ENTRIES + (SERVICE_ENTRIES - SELECTING_ENTRIES) + WORKLOAD_ENTRIES;
     let expect = (a.pods + a.services + EXT_SERVICES + entries, a.policies);
     let push_start = Instant::now();
-    let (cpu_before, own_cpu_before, written_before) = (cpu_time(pid), cpu_time(std::process::id()), written(pid));
+    let (cpu_before, own_cpu_before) = (cpu_time(pid), cpu_time(std::process::id()));
+    let (written_before, writes_before) = (io_counter(pid, "wchar"), io_counter(pid, "syscw"));
     for id in 0..a.clients {
-        let channel = mesh_core::grpc::connect_lazy(&format!("https://127.0.0.1:{port}"), Some(tls.clone()))?;
+        let dial = mesh_core::grpc::endpoint(&format!("https://127.0.0.1:{port}"), Some(tls.clone()))?;
+        let dial = (dial, a.max_frame);
         let events = events_tx.clone();
         tokio::spawn(async move {
             // Errors after the run are the controller being stopped: nobody listens then.
-            if let Err(e) = client(id, channel, expect, events.clone()).await {
+            if let Err(e) = client(id, dial, expect, events.clone()).await {
                 let _ = events.send(Event::Failed(format!("{e:#}")));
             }
         });
@@ -683,7 +696,8 @@ async fn push(work: &Path, port: u16, pid: u32, a: &Args) -> Result<(Push, mpsc:
         rss: status_kib(pid, "VmRSS:"),
         cpu: cpu_time(pid).saturating_sub(cpu_before),
         own_cpu: cpu_time(std::process::id()).saturating_sub(own_cpu_before),
-        bytes: written(pid).saturating_sub(written_before),
+        bytes: io_counter(pid, "wchar").saturating_sub(written_before),
+        writes: io_counter(pid, "syscw").saturating_sub(writes_before),
     };
     Ok((push, events))
 }
@@ -802,7 +816,8 @@ fn report(a: &Args, f: &Figures) {
         ms(f.push.own_cpu) / clients
     );
     println!(
-        "| full push: bytes written by the controller per client (TLS) | {:.1} MB | |",
-        f.push.bytes as f64 / 1e6 / clients
+        "| full push: bytes written by the controller per client (TLS) / write calls per client | {:.1} MB / {:.0} | |",
+        f.push.bytes as f64 / 1e6 / clients,
+        f.push.writes as f64 / clients
     );
 }

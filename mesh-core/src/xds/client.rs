@@ -24,10 +24,9 @@ use prost::Message;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
 
 use super::StoreKey;
-use crate::grpc::{ErrorChain, GrpcError};
+use crate::grpc::{ErrorChain, GrpcError, StreamChannel};
 use crate::identity::TokenSource;
 use crate::socket::SocketFactory;
 use crate::state::StateStore;
@@ -598,12 +597,14 @@ impl XdsClient {
         }
     }
 
-    async fn connect(&self) -> Result<Channel, XdsError> {
+    /// One connection per stream: a push arrives in frames of up to
+    /// [`crate::grpc::MAX_FRAME_SIZE`], and a failed stream is dialled again by [`Self::run`].
+    async fn connect(&self) -> Result<StreamChannel, XdsError> {
         let mut dial = crate::grpc::endpoint(&self.config.address, self.config.tls.clone())?;
         if let Some(sockets) = &self.config.sockets {
             dial = dial.sockets(sockets.clone());
         }
-        Ok(dial.connect().await?)
+        Ok(dial.connect_stream(crate::grpc::MAX_FRAME_SIZE).await?)
     }
 
     /// Applies one response and builds its ACK or NACK. Exactly one reply per response: a
