@@ -12,12 +12,12 @@
 //! room for the processes' own files; the soft limit is raised to the hard one first, and
 //! the proxies inherit it). At each level it prints both ztunnels' RSS, the memory per
 //! connection (RSS growth over the idle proxies, both together, / connections held) and the
-//! setup rate of the step (new connections/s, `--concurrency` in flight), then the cost
-//! extrapolated to 100,000 connections.
+//! setup rate at that level (new connections/s over the step's last `--rate-window`
+//! connections, the median of three batches, `--concurrency` in flight), then the cost extrapolated to 100,000 connections.
 //!
 //! ```text
 //! cargo build --release -p ztunnel -p mesh-e2e
-//! sudo target/release/connbench [--levels 1000,10000,max] [--concurrency N] [--warm N] [--no-istio]
+//! sudo target/release/connbench [--levels 1000,10000,max] [--concurrency N] [--rate-window N] [--ramp N] [--warm N] [--no-istio]
 //! ```
 //!
 //! Everything it creates (namespaces, processes, files) is removed on exit, error, Ctrl-C or
@@ -36,7 +36,8 @@ use mesh_e2e::{Bed, Netns, Ztunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const USAGE: &str = "usage: connbench [--levels L,L,...] [--concurrency N] [--warm N] [--no-istio]
+const USAGE: &str =
+    "usage: connbench [--levels L,L,...] [--concurrency N] [--rate-window N] [--ramp N] [--warm N] [--no-istio]
 
 Opens idle keep-alive connections client pod -> ztunnel -> HBONE -> ztunnel -> server
 (dedicated mode, in-pod rules) and reports, at each level, both ztunnels' RSS, memory per
@@ -45,11 +46,15 @@ connection and the setup rate; for ours and Istio's ztunnel. Needs root.
   --levels L,...     connection counts to step through (default 1000,10000,max; max = the
                      descriptor limit, `ulimit -Hn`, less room for the processes' own files)
   --concurrency N    connections being set up at once (default 64)
-  --warm N           connections opened and closed before the idle baseline (default 10). The
-                     first few hundred after start set up at about half speed (one-time costs
-                     of the kernel and both processes); `--warm 2000` keeps that out of the
-                     first step's setup rate, but what it leaves allocated then counts as idle
-                     memory, so memory per connection reads low at the first levels
+  --rate-window N    the setup rate at a level is timed over the last N connections opened to
+                     reach it (default 1500, as three batches; the median batch's rate): the
+                     rate with that many held, not an average over the step
+  --ramp N           connections opened and closed after the idle baseline, before the first
+                     level (default 1000): the first few hundred after start set up at about
+                     half speed, and the first level's connections reuse what they freed
+  --warm N           connections opened and closed before the idle baseline (default 10); what
+                     a larger warm-up leaves allocated counts as idle memory, so memory per
+                     connection reads low at the first levels
   --no-istio         leave out Istio's ztunnel (also skipped, with a note, when
                      ../shared/peers/istio-ztunnel is absent)
   --pause SECS       wait SECS after the idle baseline, printing the ztunnels' pids (to attach
@@ -63,6 +68,8 @@ const PORT: u16 = 8080;
 const HEADROOM: u64 = 300;
 /// Subnets 10.77.<n>.0/24 of the two beds.
 const NET: u8 = 233;
+/// Timed batches per level (see [`step`]).
+const RATE_BATCHES: u64 = 3;
 /// What the cost is extrapolated to.
 const EXTRAPOLATE: u64 = 100_000;
 
@@ -75,6 +82,8 @@ enum Level {
 struct Opts {
     levels: Vec<Level>,
     concurrency: usize,
+    rate_window: u64,
+    ramp: u64,
     warm: u64,
     istio: bool,
     pause: Duration,
@@ -90,6 +99,8 @@ fn parse_args() -> Result<Mode> {
     let mut o = Opts {
         levels: vec![Level::Count(1_000), Level::Count(10_000), Level::Max],
         concurrency: 64,
+        rate_window: 1500,
+        ramp: 1000,
         warm: 10,
         istio: true,
         pause: Duration::ZERO,
@@ -109,6 +120,8 @@ fn parse_args() -> Result<Mode> {
                     .collect::<Result<_>>()?;
             }
             "--concurrency" => o.concurrency = args.next().context("--concurrency N")?.parse()?,
+            "--rate-window" => o.rate_window = args.next().context("--rate-window N")?.parse()?,
+            "--ramp" => o.ramp = args.next().context("--ramp N")?.parse()?,
             "--warm" => o.warm = args.next().context("--warm N")?.parse()?,
             "--no-istio" => o.istio = false,
             "--pause" => o.pause = Duration::from_secs(args.next().context("--pause SECS")?.parse()?),
@@ -118,6 +131,9 @@ fn parse_args() -> Result<Mode> {
     }
     if o.concurrency == 0 {
         bail!("--concurrency must be at least 1");
+    }
+    if o.rate_window == 0 {
+        bail!("--rate-window must be at least 1");
     }
     if o.warm == 0 {
         bail!("--warm must be at least 1 (the warm-up proves the path)");
@@ -398,6 +414,32 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// A step's connections and its setup rate.
+struct Step {
+    opened: Opened,
+    rate: f64,
+}
+
+/// Opens `want` connections. The rate is timed over the last `--rate-window` of them, in
+/// [`RATE_BATCHES`] batches, as the median batch's: a batch takes a tenth of a second, so one
+/// stall of either process (or of this machine) would otherwise decide the figure.
+async fn step(ns: &Netns, dst: SocketAddr, want: u64, opts: &Opts) -> Result<Step> {
+    let window = want.min(opts.rate_window);
+    let mut all = open(ns, dst, want - window, opts.concurrency).await?;
+    let mut rates = Vec::new();
+    for batch in 0..RATE_BATCHES {
+        let count = window * (batch + 1) / RATE_BATCHES - window * batch / RATE_BATCHES;
+        let mut opened = open(ns, dst, count, opts.concurrency).await?;
+        rates.push(opened.streams.len() as f64 / opened.elapsed.as_secs_f64().max(1e-9));
+        all.streams.append(&mut opened.streams);
+        all.errors += opened.errors;
+        all.first_error = all.first_error.or(opened.first_error);
+    }
+    rates.sort_by(f64::total_cmp);
+    let rate = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+    Ok(Step { opened: all, rate })
+}
+
 /// Steps `pair` through `levels`, holding every connection opened.
 async fn run(label: &'static str, bed: &Bed, pair: &Pair<'_>, levels: &[u64], opts: &Opts) -> Result<Run> {
     let dst = SocketAddr::new(bed.ip(2), PORT);
@@ -420,6 +462,10 @@ async fn run(label: &'static str, bed: &Bed, pair: &Pair<'_>, levels: &[u64], op
         tokio::time::sleep(opts.pause).await;
     }
     let idle = pair.rss()?;
+    // The first connections after start set up at about half speed (one-time costs of the
+    // kernel and both processes). Opened and closed after the baseline, they are out of the
+    // first level's rate, and their freed memory is what that level's connections reuse.
+    drop(open(&bed.a, dst, opts.ramp, opts.concurrency).await?);
     let mut run = Run {
         label,
         idle,
@@ -431,13 +477,13 @@ async fn run(label: &'static str, bed: &Bed, pair: &Pair<'_>, levels: &[u64], op
     let mut errors = 0;
     for &level in levels {
         let want = level.saturating_sub(held.len() as u64);
-        let opened = open(&bed.a, dst, want, opts.concurrency).await?;
-        let rate = opened.streams.len() as f64 / opened.elapsed.as_secs_f64().max(1e-9);
-        held.extend(opened.streams);
-        errors += opened.errors;
+        let mut step = step(&bed.a, dst, want, opts).await?;
+        held.append(&mut step.opened.streams);
+        errors += step.opened.errors;
         if run.first_error.is_none() {
-            run.first_error = opened.first_error;
+            run.first_error = step.opened.first_error;
         }
+        let rate = step.rate;
         // Let allocator and buffers settle before sampling.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss = pair.rss()?;
@@ -585,9 +631,12 @@ async fn bench(opts: &Opts, limit: u64) -> Result<()> {
     {
         let bed = Bed::try_new(NET).context("creating the pods")?;
         tune(&bed)?;
+        // One client pod holds every connection: past the per-peer stream bound (1,024 by
+        // default, a guard against a peer pinning send buffers), which Istio's ztunnel lacks.
+        let unbounded = ["--max-streams-per-peer", "1000000"];
         let pair = Pair::Ours(
-            Ztunnel::start(&bed.a, &bed.files(), &[]).await?,
-            Ztunnel::start(&bed.b, &bed.files(), &[]).await?,
+            Ztunnel::start(&bed.a, &bed.files(), &unbounded).await?,
+            Ztunnel::start(&bed.b, &bed.files(), &unbounded).await?,
         );
         let _server = hold_server(&bed.b, &exe, tmp.path().join("hold-ours.log")).await?;
         runs.push(run("ours", &bed, &pair, &levels, opts).await?);
