@@ -20,7 +20,8 @@
 //! With `--remote-pods N`, a remote cluster `r1` (its own manifest directory, given to the
 //! controller with `--remote-manifests`) holds N pods and the same Services under the same
 //! names with VIPs of its own, so every local Service merges with a remote one and each
-//! local change goes through the multicluster layer.
+//! local change goes through the multicluster layer; after the local changes, as many of the
+//! remote cluster's probe pod are timed the same way.
 //!
 //! Clients count what they receive instead of keeping the names, so 1,000 clients of a
 //! 100,000-pod world fit in the bench's own memory.
@@ -114,6 +115,14 @@ fn probe_ip(round: usize) -> String {
     format!("10.99.{}.{}", (round / 256) % 256, round % 256)
 }
 
+/// The remote cluster's probe pod (its `pod-0`), rewritten by the remote changes.
+fn remote_probe_ip(round: usize) -> String {
+    format!("10.95.{}.{}", (round / 256) % 256, round % 256)
+}
+
+/// Names of the probe pods, local and remote, as clients see them.
+const PROBES: [&str; 2] = ["Kubernetes//Pod/ns-0/pod-0", "r1//Pod/ns-0/pod-0"];
+
 /// Pods per manifest file: few files, so the controller's directory poll (every 20 ms here,
 /// a stat per file) costs little beside the push being measured.
 const PODS_PER_FILE: usize = 1000;
@@ -175,10 +184,13 @@ fn generate_remote(dir: &Path, a: &Args) -> Result<()> {
     std::fs::write(dir.join("services.yaml"), text)?;
     for chunk in 0..a.remote_pods.div_ceil(PODS_PER_FILE) {
         let text: String = (chunk * PODS_PER_FILE..((chunk + 1) * PODS_PER_FILE).min(a.remote_pods))
+            .filter(|&i| i > 0)
             .map(|i| pod(i, &format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256)))
             .collect();
         std::fs::write(dir.join(format!("pods-{chunk:04}.yaml")), text)?;
     }
+    // Its pod 0 on its own, as the remote changes' probe.
+    std::fs::write(dir.join("probe.yaml"), pod(0, &remote_probe_ip(usize::MAX)))?;
     Ok(())
 }
 
@@ -393,18 +405,31 @@ enum Event {
 const DELTA: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// What a bench client reads of a `DeltaDiscoveryResponse`: resources are counted and
-/// skipped, only the first few of a response decoded for their names (a change is one
-/// resource), so a thousand clients on the controller's machine cost it little CPU.
+/// skipped, the first few of a response kept undecoded (shared slices of the received bytes)
+/// for their names to be read once the client holds everything, so a thousand clients on the
+/// controller's machine cost it little CPU. A change reaches a pod and the services it
+/// touches, so a few are not enough: a remote pod's name sorts after its services'.
 #[derive(Debug, Default)]
 struct LiteResponse {
     count: usize,
-    names: Vec<String>,
+    kept: Vec<bytes::Bytes>,
     type_url: String,
     nonce: String,
 }
 
-/// Names kept per response.
-const NAMES_KEPT: usize = 4;
+/// Resources kept per response.
+const KEPT: usize = 64;
+
+impl LiteResponse {
+    /// Whether one of the kept resources is a probe pod.
+    fn has_probe(&self) -> bool {
+        use prost::Message;
+        self.kept
+            .iter()
+            .filter_map(|r| LiteResource::decode(r.clone()).ok())
+            .any(|r| PROBES.contains(&r.name.as_str()))
+    }
+}
 
 impl prost::Message for LiteResponse {
     fn encode_raw(&self, _: &mut impl bytes::BufMut) {}
@@ -424,8 +449,8 @@ impl prost::Message for LiteResponse {
                     return Err(prost::DecodeError::new("buffer underflow"));
                 }
                 self.count += 1;
-                if self.names.len() < NAMES_KEPT {
-                    self.names.push(LiteResource::decode(buf.copy_to_bytes(len))?.name);
+                if self.kept.len() < KEPT {
+                    self.kept.push(buf.copy_to_bytes(len));
                 } else {
                     buf.advance(len);
                 }
@@ -487,7 +512,7 @@ async fn client(
         } else {
             &mut policies
         };
-        if complete && r.names.iter().any(|n| n == "Kubernetes//Pod/ns-0/pod-0") {
+        if complete && r.has_probe() {
             let _ = events.send(Event::Probe(id, now));
         }
         *target += r.count;
@@ -518,7 +543,8 @@ fn bench_token() -> &'static str {
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    let at = ((v.len().max(1) - 1) as f64 * p).round() as usize;
+    v.get(at).copied().unwrap_or_default()
 }
 
 #[tokio::main]
@@ -536,7 +562,12 @@ async fn main() -> Result<()> {
     let started = start(work.path(), &a).await?;
     let pid = started.proc.0.id();
     let (push, mut events) = push(work.path(), started.port, pid, &a).await?;
-    let mut single = changes(&manifests, &mut events, &a).await?;
+    let mut single = changes((&manifests, probe_ip), &mut events, &a).await?;
+    let mut remote = if a.remote_pods > 0 {
+        changes((&work.path().join("remote"), remote_probe_ip), &mut events, &a).await?
+    } else {
+        Vec::new()
+    };
     let end = Figures {
         startup: started.startup,
         settled: started.settled,
@@ -545,6 +576,8 @@ async fn main() -> Result<()> {
         single_max: *single.iter().max().unwrap_or(&Duration::ZERO),
         single_p50: percentile(&mut single, 0.5),
         single_p99: percentile(&mut single, 0.99),
+        remote_p50: percentile(&mut remote, 0.5),
+        remote_p99: percentile(&mut remote, 0.99),
         hwm: status_kib(pid, "VmHWM:"),
         rss_end: status_kib(pid, "VmRSS:"),
     };
@@ -703,11 +736,15 @@ async fn push(work: &Path, port: u16, pid: u32, a: &Args) -> Result<(Push, mpsc:
 }
 
 /// Rewrites the probe pod's IP `a.changes` times; each time, how long until every client had it.
-async fn changes(manifests: &Path, events: &mut mpsc::UnboundedReceiver<Event>, a: &Args) -> Result<Vec<Duration>> {
+async fn changes(
+    (manifests, ip): (&Path, fn(usize) -> String),
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    a: &Args,
+) -> Result<Vec<Duration>> {
     let mut single = Vec::new();
     for round in 0..a.changes {
         let tmp = manifests.join("probe.tmp");
-        std::fs::write(&tmp, pod(0, &probe_ip(round)))?;
+        std::fs::write(&tmp, pod(0, &ip(round)))?;
         let t0 = Instant::now();
         std::fs::rename(&tmp, manifests.join("probe.yaml"))?;
         let mut seen = HashSet::new();
@@ -737,6 +774,9 @@ struct Figures {
     single_p50: Duration,
     single_p99: Duration,
     single_max: Duration,
+    /// One remote pod change (zero without a remote cluster).
+    remote_p50: Duration,
+    remote_p99: Duration,
     hwm: u64,
     rss_end: u64,
 }
@@ -779,6 +819,14 @@ fn report(a: &Args, f: &Figures) {
         ms(f.single_p99),
         ms(f.single_max)
     );
+    if a.remote_pods > 0 {
+        println!(
+            "| single remote pod change to all clients (p50 / p99 of {}) | {:.0} / {:.0} ms | < 100 ms |",
+            a.changes,
+            ms(f.remote_p50),
+            ms(f.remote_p99)
+        );
+    }
     println!(
         "| ready to idle (work after ready, before the push) | {:.0} ms | |",
         ms(f.settled)
