@@ -849,6 +849,12 @@ fn report(a: &Args, f: &Figures) {
         "| RSS per client after the push | {:.1} KiB | |",
         f.push.rss.saturating_sub(f.rss_ready) as f64 / clients
     );
+    report_push_costs(a, f);
+}
+
+/// The full push's cost per client: time, CPU on both sides, bytes and write calls.
+fn report_push_costs(a: &Args, f: &Figures) {
+    let clients = a.clients.max(1) as f64;
     println!(
         "| full push per client (last / clients) | {:.2} ms | |",
         ms(f.push.last) / clients
