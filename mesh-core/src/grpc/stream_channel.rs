@@ -5,7 +5,8 @@
 //! unless the client says more. h2 flushes its transport after every DATA frame, and a TLS
 //! stream writes on every flush, so at 16 KiB a control plane pushing the world (37 MB at
 //! 100,000 pods) makes a TLS record pair and a system call per 16 KiB, for each client.
-//! Accepting [`MAX_FRAME_SIZE`] lets it write the same bytes in a sixteenth of the calls.
+//! Accepting [`MAX_FRAME_SIZE`], it writes the same bytes in a third of the calls (rustls
+//! then writes at most its 64 KiB send buffer at once): measured, 2,550 -> 860 per client.
 //!
 //! No reconnect and no pooling: the caller dials again after the stream ends, as the xDS
 //! client does anyway. The connection's task ends with the last clone of the channel.
@@ -22,9 +23,9 @@ use tonic::body::BoxBody;
 
 use super::{Dial, GrpcError, CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
-/// Largest DATA frame this client accepts: 256 KiB, four full TLS records' worth of
-/// batching per write on the server at most sixteen times the default; h2 holds at most one
-/// frame being read at a time, so this is also what a connection may buffer for a frame.
+/// Largest DATA frame this client accepts: 256 KiB, sixteen times HTTP/2's default and more
+/// than a server's TLS layer writes at once. h2 reads one frame at a time, so this is also
+/// what a connection may buffer for a frame.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 
 /// A gRPC channel over one HTTP/2 connection; cheap to clone (the clones share it).
