@@ -189,7 +189,7 @@ fn generate_remote(dir: &Path, a: &Args) -> Result<()> {
             .collect();
         std::fs::write(dir.join(format!("pods-{chunk:04}.yaml")), text)?;
     }
-    // Its pod 0 on its own, as the remote changes' probe.
+    // Its pod 0 on its own, as the remote changes' probe, at an address no round uses.
     std::fs::write(dir.join("probe.yaml"), pod(0, &remote_probe_ip(usize::MAX)))?;
     Ok(())
 }
@@ -396,8 +396,8 @@ async fn ready(admin: u16, within: Duration) -> Result<()> {
 enum Event {
     /// A client holds the full state.
     Complete(Instant),
-    /// Client `id` received the probe pod's update.
-    Probe(usize, Instant),
+    /// Client `id` received an update of probe pod `PROBES[probe]`: (id, probe, when).
+    Probe(usize, usize, Instant),
     /// A client's stream ended with this error.
     Failed(String),
 }
@@ -421,13 +421,13 @@ struct LiteResponse {
 const KEPT: usize = 64;
 
 impl LiteResponse {
-    /// Whether one of the kept resources is a probe pod.
-    fn has_probe(&self) -> bool {
+    /// Which probe pod (its index in [`PROBES`]) one of the kept resources is, if any.
+    fn probe(&self) -> Option<usize> {
         use prost::Message;
         self.kept
             .iter()
             .filter_map(|r| LiteResource::decode(r.clone()).ok())
-            .any(|r| PROBES.contains(&r.name.as_str()))
+            .find_map(|r| PROBES.iter().position(|p| *p == r.name))
     }
 }
 
@@ -512,8 +512,8 @@ async fn client(
         } else {
             &mut policies
         };
-        if complete && r.has_probe() {
-            let _ = events.send(Event::Probe(id, now));
+        if let Some(probe) = r.probe().filter(|_| complete) {
+            let _ = events.send(Event::Probe(id, probe, now));
         }
         *target += r.count;
         if !complete && addresses >= expect.0 && policies >= expect.1 {
@@ -562,9 +562,9 @@ async fn main() -> Result<()> {
     let started = start(work.path(), &a).await?;
     let pid = started.proc.0.id();
     let (push, mut events) = push(work.path(), started.port, pid, &a).await?;
-    let mut single = changes((&manifests, probe_ip), &mut events, &a).await?;
+    let mut single = changes((&manifests, probe_ip, 0), &mut events, &a).await?;
     let mut remote = if a.remote_pods > 0 {
-        changes((&work.path().join("remote"), remote_probe_ip), &mut events, &a).await?
+        changes((&work.path().join("remote"), remote_probe_ip, 1), &mut events, &a).await?
     } else {
         Vec::new()
     };
@@ -735,9 +735,11 @@ async fn push(work: &Path, port: u16, pid: u32, a: &Args) -> Result<(Push, mpsc:
     Ok((push, events))
 }
 
-/// Rewrites the probe pod's IP `a.changes` times; each time, how long until every client had it.
+/// Rewrites the probe pod `PROBES[probe]` (in `manifests`, at addresses `ip(round)`)
+/// `a.changes` times; each time, how long until every client had it. Reports of the other
+/// probe, or from before the rewrite, are not this change's.
 async fn changes(
-    (manifests, ip): (&Path, fn(usize) -> String),
+    (manifests, ip, probe): (&Path, fn(usize) -> String, usize),
     events: &mut mpsc::UnboundedReceiver<Event>,
     a: &Args,
 ) -> Result<Vec<Duration>> {
@@ -751,8 +753,8 @@ async fn changes(
         let mut last = t0;
         while seen.len() < a.clients {
             match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
-                Ok(Some(Event::Probe(id, at))) => {
-                    if seen.insert(id) {
+                Ok(Some(Event::Probe(id, which, at))) => {
+                    if which == probe && at >= t0 && seen.insert(id) {
                         last = last.max(at);
                     }
                 }

@@ -28,6 +28,11 @@ use super::{Dial, GrpcError, CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIME
 /// what a connection may buffer for a frame.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 
+/// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE (RFC 9113, 6.5.2): h2 panics outside them, so
+/// [`Dial::connect_stream`] clamps what it is given.
+const MIN_FRAME_SIZE: u32 = 16 * 1024;
+const MAX_FRAME_SIZE_LIMIT: u32 = (1 << 24) - 1;
+
 /// A gRPC channel over one HTTP/2 connection; cheap to clone (the clones share it).
 #[derive(Clone, Debug)]
 pub struct StreamChannel {
@@ -39,7 +44,8 @@ pub struct StreamChannel {
 
 impl Dial {
     /// Dials one HTTP/2 connection for a long-lived stream ([`StreamChannel`]) that accepts
-    /// frames up to `max_frame_size` ([`MAX_FRAME_SIZE`]; HTTP/2's default is 16 KiB); fails
+    /// frames up to `max_frame_size` ([`MAX_FRAME_SIZE`]; HTTP/2's default and least is 16 KiB,
+    /// values outside HTTP/2's range are clamped into it); fails
     /// if the server cannot be reached or the TLS or HTTP/2 handshake fails within
     /// [`CONNECT_TIMEOUT`].
     pub async fn connect_stream(&self, max_frame_size: u32) -> Result<StreamChannel, GrpcError> {
@@ -51,7 +57,7 @@ impl Dial {
             let io = self.connector.clone().dial().await.map_err(|e| e.to_string())?;
             http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_frame_size(max_frame_size)
+                .max_frame_size(max_frame_size.clamp(MIN_FRAME_SIZE, MAX_FRAME_SIZE_LIMIT))
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true)
@@ -86,10 +92,12 @@ impl tower::Service<http::Request<BoxBody>> for StreamChannel {
     }
 
     fn call(&mut self, mut request: http::Request<BoxBody>) -> Self::Future {
-        let mut parts = std::mem::take(request.uri_mut()).into_parts();
+        let mut parts = http::uri::Parts::default();
         parts.scheme = self.origin.scheme().cloned();
         parts.authority = self.origin.authority().cloned();
-        // Both parts come from a URI that parsed, and the path is the request's own.
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        // Scheme and authority come from a URI that parsed: this cannot fail, and if it did
+        // the request would go as it came (and the server refuse it), not to another path.
         if let Ok(uri) = Uri::from_parts(parts) {
             *request.uri_mut() = uri;
         }

@@ -13,7 +13,8 @@
 //! the proxies inherit it). At each level it prints both ztunnels' RSS, the memory per
 //! connection (RSS growth over the idle proxies, both together, / connections held) and the
 //! setup rate at that level (new connections/s over the step's last `--rate-window`
-//! connections, the median of three batches, `--concurrency` in flight), then the cost extrapolated to 100,000 connections.
+//! connections, the median of three batches, `--concurrency` in flight), then the cost
+//! extrapolated to 100,000 connections.
 //!
 //! ```text
 //! cargo build --release -p ztunnel -p mesh-e2e
@@ -465,16 +466,18 @@ async fn run(label: &'static str, bed: &Bed, pair: &Pair<'_>, levels: &[u64], op
     // The first connections after start set up at about half speed (one-time costs of the
     // kernel and both processes). Opened and closed after the baseline, they are out of the
     // first level's rate, and their freed memory is what that level's connections reuse.
-    drop(open(&bed.a, dst, opts.ramp, opts.concurrency).await?);
+    // Its failures count as the first level's.
+    let ramp = open(&bed.a, dst, opts.ramp, opts.concurrency).await?;
     let mut run = Run {
         label,
         idle,
         idle_maps: pair.mappings()?,
         rows: Vec::new(),
-        first_error: None,
+        first_error: ramp.first_error,
     };
     let mut held: Vec<TcpStream> = Vec::new();
-    let mut errors = 0;
+    let mut errors = ramp.errors;
+    drop(ramp.streams);
     for &level in levels {
         let want = level.saturating_sub(held.len() as u64);
         let mut step = step(&bed.a, dst, want, opts).await?;
