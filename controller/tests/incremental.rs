@@ -1056,6 +1056,34 @@ fn a_local_change_translates_no_remote_cluster() {
     assert_eq!(inc.remote_translations(), 3, "r1 again");
 }
 
+/// A change to a remote cluster goes the incremental way in that cluster and in the merge:
+/// one translation step of that cluster, the names it reaches merged again (not every remote
+/// name), and the outputs equal a full translation. The changes are chosen where a slip shows:
+/// a remote pod made equal to the local pod of its name (noted against the local objects, it
+/// would be skipped as unchanged), a remote service's selector moved (its old pods must drop
+/// it), a remote pod deleted; the remote's network label moved re-translates it whole.
+#[test]
+fn a_remote_change_is_translated_incrementally() {
+    let mut inputs = world();
+    let mut inc = Incremental::new(Options::default());
+    inc.step(&inputs, &BTreeMap::new());
+    let all = inc.merged_names();
+    let before = inc.remote_translations();
+    let changes = [
+        remote("r1", applied(&pod(2, 2, 10))),
+        remote("r1", applied(&service(2, 2, 6))),
+        remote("r1", Change::Delete(Kind::Pod, ObjectKey::new(NAMESPACES[1], "gen-1"))),
+    ];
+    for (i, c) in changes.into_iter().enumerate() {
+        noted_step(&mut inc, &mut inputs, c);
+        assert_eq!(inc.remote_translations(), before + 1 + i as u64, "one cluster's step");
+        let merged = inc.merged_names();
+        assert!((1..=4).contains(&merged), "change {i}: {merged} of {all} names merged");
+    }
+    noted_step(&mut inc, &mut inputs, remote("r1", applied(&remote_namespace(1))));
+    assert!(inc.merged_names() > 4, "a remote's network moves all of its names");
+}
+
 /// A ServiceEntry edited to equal its merged address: the entry selects a pod on net-c (behind
 /// the local east-west gateway), whose identity the merge adds to the entry's service; the
 /// entry then names that identity itself, so its new value equals the published one, and

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::gateway::Gateway;
-use super::{Inputs, ObjectKey};
+use super::{Inputs, Kind, ObjectKey};
 use crate::source::Change;
 
 /// Label naming a pod's, a namespace's or an east-west Gateway's network.
@@ -38,8 +38,7 @@ pub enum RemoteState {
 /// One remote cluster as the controller knows it.
 #[derive(Clone, Debug, Default)]
 pub struct Remote {
-    /// Its objects (only the discovery kinds are used: pods, services, endpoint slices,
-    /// namespaces, gateways).
+    /// Its objects of the [`DISCOVERY_KINDS`] (and its enrolled pods): nothing else is kept.
     pub inputs: Inputs,
     pub state: RemoteState,
     /// Whether its source has listed everything once.
@@ -50,6 +49,29 @@ impl Remote {
     /// Whether its workloads and services are part of what is served.
     pub fn served(&self) -> bool {
         self.listed && !matches!(self.state, RemoteState::Withdrawn { .. } | RemoteState::Pending)
+    }
+}
+
+/// What Istio reads from a remote cluster: its workloads, services, their namespaces and
+/// nodes, and its gateways. Policies, routes and ServiceEntries are this cluster's own
+/// configuration, so a remote's are not kept (its translation is a function of these alone).
+pub const DISCOVERY_KINDS: [Kind; 7] = [
+    Kind::Namespace,
+    Kind::Node,
+    Kind::Pod,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::GatewayClass,
+    Kind::Gateway,
+];
+
+/// Whether a remote cluster's `change` is to what it keeps ([`DISCOVERY_KINDS`], enrolment).
+pub fn kept(change: &Change) -> bool {
+    match change {
+        Change::Apply(o) => DISCOVERY_KINDS.contains(&o.kind()),
+        Change::Delete(kind, _) | Change::Replace(kind, _) => DISCOVERY_KINDS.contains(kind),
+        Change::Enrolled(_) => true,
+        Change::Synced | Change::KindState(..) | Change::MeshConfig(_) | Change::Cluster(_) => false,
     }
 }
 
@@ -81,6 +103,9 @@ pub fn apply(remotes: &mut BTreeMap<String, Remote>, change: ClusterChange) {
         ClusterChange::State(id, state) => remotes.entry(id).or_default().state = state,
         ClusterChange::Objects(id, change) => {
             let remote = remotes.entry(id).or_default();
+            if !kept(&change) && !matches!(*change, Change::Synced) {
+                return;
+            }
             match *change {
                 Change::Apply(o) => remote.inputs.apply(o),
                 Change::Delete(kind, key) => drop(remote.inputs.remove(kind, &key)),

@@ -182,9 +182,16 @@ impl Incremental {
         self.layer.invalidate();
     }
 
-    /// How many times a remote cluster was translated (a local change translates none).
+    /// How many times a remote cluster's translation was brought up to date (a local change
+    /// brings none).
     pub fn remote_translations(&self) -> u64 {
         self.layer.translated()
+    }
+
+    /// How many names the multicluster merge went over in the last step (a change merges the
+    /// names it reaches, not every remote one).
+    pub fn merged_names(&self) -> usize {
+        self.layer.merged()
     }
 
     /// Records what `change` makes dirty; `inputs` are the inputs before it is applied.
@@ -195,7 +202,7 @@ impl Incremental {
             Change::Delete(kind, key) => note_object(p, inputs, *kind, key, None),
             Change::Replace(..) | Change::MeshConfig(_) => p.full = true,
             // Remote clusters (issue 17): their own translation and the merge ([`Layer`]).
-            Change::Cluster(c) => self.layer.note(c),
+            Change::Cluster(c) => self.layer.note(inputs, c),
             Change::Synced => {}
             Change::Enrolled(now) => {
                 p.pods.extend(now.symmetric_difference(&inputs.enrolled).cloned());

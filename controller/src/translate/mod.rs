@@ -39,7 +39,7 @@ pub use attach::{ENROLLED_ANNOTATION, ENROLLED_VALUE};
 pub use routes::REF_NOT_PERMITTED;
 
 /// Cluster-wide facts translation needs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Prefix of workload uids (`<cluster>//Pod/<ns>/<name>`).
     pub cluster_id: String,

@@ -57,26 +57,11 @@ pub(crate) fn local_options(inputs: &Inputs, options: &Options) -> Options {
     }
 }
 
-/// The discovery part of a remote cluster: what Istio reads from a remote (no policies, no
-/// routes, no ServiceEntries: those are this cluster's configuration).
-fn discovery(remote: &Inputs) -> Inputs {
-    Inputs {
-        namespaces: remote.namespaces.clone(),
-        nodes: remote.nodes.clone(),
-        pods: remote.pods.clone(),
-        services: remote.services.clone(),
-        endpoint_slices: remote.endpoint_slices.clone(),
-        gateway_classes: remote.gateway_classes.clone(),
-        gateways: remote.gateways.clone(),
-        enrolled: remote.enrolled.clone(),
-        ..Inputs::default()
-    }
-}
-
-/// A remote cluster translated on its own: a function of its objects and `opts` (its id and
-/// network, this cluster's trust domain, suffix and root namespace) only.
-pub(crate) fn translate_remote(remote: &Remote, opts: &Options) -> Addresses {
-    super::translate(&discovery(&remote.inputs), opts).addresses
+/// A remote cluster translated on its own: a function of its objects (the discovery kinds
+/// only: [`cluster::DISCOVERY_KINDS`]) and `opts` (its id and network, this cluster's trust
+/// domain, suffix and root namespace) only.
+pub(crate) fn translate_remote(remote: &Remote, opts: &Options) -> Outputs {
+    super::translate(&remote.inputs, opts)
 }
 
 /// What one remote cluster contributes to a name, in merge order.
@@ -86,6 +71,25 @@ pub(crate) enum Contribution {
     Workload(Arc<pb::Address>),
     /// A service (its taken VIPs dropped), merged into the one of the same name.
     Service { cluster: String, address: Arc<pb::Address> },
+}
+
+impl Contribution {
+    /// Whether two contributions are the same: the same allocation (a remote's translation
+    /// keeps what a change did not reach), else equal.
+    pub(crate) fn same(&self, other: &Contribution) -> bool {
+        let same = |a: &Arc<pb::Address>, b: &Arc<pb::Address>| Arc::ptr_eq(a, b) || a == b;
+        match (self, other) {
+            (Contribution::Workload(a), Contribution::Workload(b)) => same(a, b),
+            (
+                Contribution::Service { cluster, address },
+                Contribution::Service {
+                    cluster: other,
+                    address: b,
+                },
+            ) => cluster == other && same(address, b),
+            _ => false,
+        }
+    }
 }
 
 /// The remote clusters' part of the merge.
@@ -125,7 +129,7 @@ impl Taken<'_> {
 pub(crate) fn remote_part(
     inputs: &Inputs,
     options: &Options,
-    translation: &mut dyn FnMut(&str, &Remote, &Options) -> Arc<Addresses>,
+    translation: &mut dyn FnMut(&str, &Remote, &Options) -> Arc<Outputs>,
     local: &dyn Fn(&(String, IpAddr)) -> Option<String>,
 ) -> RemotePart {
     let mut part = RemotePart::default();
@@ -151,7 +155,7 @@ pub(crate) fn remote_part(
                 ..options.clone()
             };
             let translated = translation(id, remote, &opts);
-            add_remote(id, &translated, &opts, &mut taken, &mut part, &mut st);
+            add_remote(id, &translated.addresses, &opts, &mut taken, &mut part, &mut st);
         }
         part.clusters.push(st);
     }

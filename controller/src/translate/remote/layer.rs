@@ -3,12 +3,15 @@
 //! re-merges what depends on it, not the world (at 100k pods a from-scratch merge costs
 //! seconds). It calls the same pieces as the full merge, and keeps what they depend on:
 //!
-//! - each remote cluster's own translation, cached by id and dropped when a change to that
-//!   cluster is noted (a local change never re-translates a remote);
+//! - each remote cluster's own translation, by an incremental translator of its own
+//!   ([`Incremental`], fed that cluster's changes): a change to a remote re-translates what it
+//!   reaches in that cluster, a local change none;
 //! - the remote part ([`RemotePart`]), recomputed whole (remote clusters are translated
 //!   already; this is a pass over their addresses) when a remote cluster changed, or a local
 //!   address changed that holds a `(network, IP)` the part looked up: the local owners of
-//!   those pairs are kept in an index, so no pass over the local addresses is needed;
+//!   those pairs are kept in an index, so no pass over the local addresses is needed. Only the
+//!   names whose contributions it changed are merged again (unchanged ones are the same
+//!   allocations, so comparing them is cheap);
 //! - each name's merged address: the local (base) address, the remote contributions, the
 //!   network gateway, the identities of the workloads reached through a gateway that list it
 //!   (an index by service). A local change recomputes its names, the names whose remote
@@ -26,11 +29,11 @@ use mesh_proto::workload as pb;
 
 use super::{
     add_sans, address_keys, all_gateways, gateway_identity, merged, missing, remote_part, set_gateway, statuses,
-    translate_remote, Gateways, RemotePart,
+    Contribution, Gateways, RemotePart,
 };
-use crate::model::cluster::{ClusterChange, NetworkGateway, Remote};
+use crate::model::cluster::{self, ClusterChange, NetworkGateway, Remote};
 use crate::model::Inputs;
-use crate::source::Change;
+use crate::translate::incremental::Incremental;
 use crate::translate::{Addresses, Options, Outputs, Problem};
 
 /// What the local translation gives a name (`None`: nothing).
@@ -76,14 +79,47 @@ impl Owners {
     }
 }
 
+/// One remote cluster's own translation, kept up to date by its changes.
+struct RemoteTranslation {
+    /// The options it translates with (a new translator when they change: its network).
+    options: Options,
+    translator: Incremental,
+    out: Arc<Outputs>,
+    /// Changes were noted since `out`.
+    dirty: bool,
+}
+
+impl RemoteTranslation {
+    fn new(options: &Options) -> Self {
+        RemoteTranslation {
+            options: options.clone(),
+            translator: Incremental::new(options.clone()),
+            out: Arc::default(),
+            dirty: true,
+        }
+    }
+
+    /// Brings `out` up to date with `remote`'s objects.
+    fn step(&mut self, remote: &Remote) {
+        let step = self.translator.step(&remote.inputs, &BTreeMap::new());
+        let before = std::mem::replace(&mut self.out, step.outputs);
+        // Nothing else holds it (the remote part keeps addresses, not outputs): the
+        // translator updates it next time instead of copying the cluster.
+        self.translator.recycle(before);
+        self.dirty = false;
+    }
+}
+
 /// The layer's state; see the module doc.
 #[derive(Default)]
 pub(crate) struct Layer {
     valid: bool,
     /// Each remote cluster's own translation, by id.
-    translations: BTreeMap<String, Arc<Addresses>>,
-    /// How many remote translations were made (tests show a local change makes none).
+    translations: BTreeMap<String, RemoteTranslation>,
+    /// How many remote translation steps were made (tests show a local change makes none).
     translated: u64,
+    /// How many names the last step merged (tests show a remote change merges its own).
+    merged: usize,
     /// A remote cluster changed since the remote part was computed.
     changed: bool,
     part: RemotePart,
@@ -120,13 +156,23 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Layer {
-    /// Records a change to a remote cluster (before it is applied).
-    pub(crate) fn note(&mut self, change: &ClusterChange) {
+    /// Records a change to a remote cluster; `inputs` are the local inputs (holding the
+    /// remote clusters) before it is applied.
+    pub(crate) fn note(&mut self, inputs: &Inputs, change: &ClusterChange) {
         self.changed = true;
         match change {
             // Only its objects and enrolment are translated: a `Synced` or a kind's health
             // moves its state (the remote part), not its translation.
-            ClusterChange::Objects(id, c) if translated(c) => drop(self.translations.remove(id)),
+            ClusterChange::Objects(id, c) if cluster::kept(c) => {
+                let Some(t) = self.translations.get_mut(id) else { return };
+                match inputs.remotes.get(id) {
+                    Some(remote) => {
+                        t.translator.note(&remote.inputs, c);
+                        t.dirty = true;
+                    }
+                    None => drop(self.translations.remove(id)),
+                }
+            }
             ClusterChange::Removed(id) => drop(self.translations.remove(id)),
             ClusterChange::Objects(..) | ClusterChange::State(..) => {}
         }
@@ -140,9 +186,14 @@ impl Layer {
         };
     }
 
-    /// How many times a remote cluster was translated.
+    /// How many times a remote cluster's translation was brought up to date.
     pub(crate) fn translated(&self) -> u64 {
         self.translated
+    }
+
+    /// How many names the last step merged.
+    pub(crate) fn merged(&self) -> usize {
+        self.merged
     }
 
     /// Merges what this step reaches into `work`, whose `updated` names hold their new base
@@ -162,9 +213,9 @@ impl Layer {
             updated.clone()
         };
         if self.owners_changed(ctx.inputs, work, updated, full) || self.changed {
-            dirty.extend(self.part.names.keys().cloned());
+            let before = std::mem::take(&mut self.part.names);
             self.repart(ctx);
-            dirty.extend(self.part.names.keys().cloned());
+            changed_names(&before, &self.part.names, &mut dirty);
         }
         let gateways = all_gateways(ctx.inputs, ctx.options, &self.part);
         if full || gateways != self.gateways {
@@ -172,6 +223,7 @@ impl Layer {
             self.by_network = Gateways::new(&gateways);
             self.gateways = gateways;
         }
+        self.merged = dirty.len();
         let written = self.remerge(ctx, work, &dirty, full);
         self.finish(ctx.options, work);
         self.valid = true;
@@ -232,18 +284,22 @@ impl Layer {
         true
     }
 
-    /// Recomputes the remote part, translating the remote clusters not cached.
+    /// Recomputes the remote part, bringing the remote clusters' translations up to date.
     fn repart(&mut self, ctx: &Ctx<'_>) {
         self.translations.retain(|id, _| ctx.inputs.remotes.contains_key(id));
         let (translations, count) = (&mut self.translations, &mut self.translated);
         let mut translation = |id: &str, remote: &Remote, opts: &Options| {
-            translations
+            let t = translations
                 .entry(id.to_owned())
-                .or_insert_with(|| {
-                    *count += 1;
-                    Arc::new(translate_remote(remote, opts))
-                })
-                .clone()
+                .or_insert_with(|| RemoteTranslation::new(opts));
+            if t.options != *opts {
+                *t = RemoteTranslation::new(opts);
+            }
+            if t.dirty {
+                *count += 1;
+                t.step(remote);
+            }
+            t.out.clone()
         };
         let owners = self.owners.as_ref();
         let local = |k: &(String, IpAddr)| owners.and_then(|o| o.owner(k));
@@ -385,15 +441,24 @@ impl Layer {
     }
 }
 
-/// Whether two values of a name are the same (the same allocation, or equal).
-/// Whether a remote cluster's `change` can change its own translation.
-fn translated(change: &Change) -> bool {
-    matches!(
-        change,
-        Change::Apply(_) | Change::Delete(..) | Change::Replace(..) | Change::Enrolled(_)
-    )
+/// Adds to `dirty` the names whose remote contributions differ between `before` and `after`.
+fn changed_names(
+    before: &BTreeMap<String, Vec<Contribution>>,
+    after: &BTreeMap<String, Vec<Contribution>>,
+    dirty: &mut BTreeSet<String>,
+) {
+    let same = |a: &[Contribution], b: &[Contribution]| a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.same(b));
+    for (name, c) in before {
+        if after.get(name).is_none_or(|now| !same(c, now)) {
+            dirty.insert(name.clone());
+        }
+    }
+    for name in after.keys().filter(|n| !before.contains_key(*n)) {
+        dirty.insert(name.clone());
+    }
 }
 
+/// Whether two values of a name are the same (the same allocation, or equal).
 fn same(a: Option<&Arc<pb::Address>>, b: Option<&Arc<pb::Address>>) -> bool {
     match (a, b) {
         (None, None) => true,
