@@ -766,7 +766,34 @@ fn services_of(out: &Outputs, ns: &str, pod: &str) -> Option<Vec<String>> {
     }
 }
 
+/// The changes of the remote-heavy property test: remote pods and services at addresses
+/// spread over more subnets than [`pod`]'s (so that many hold an address alone and are patched
+/// into the remote part, while some still clash), remote pods deleted, local pods at the same
+/// spread (the remote ones' addresses may come to clash with them), and every other change.
+fn remote_heavy_change(op: Op, inputs: &Inputs) -> Change {
+    let (what, ns, n, v) = op;
+    let spread = |text: String| {
+        text.replace("10.9.0.", &format!("10.9.{}.", what / 8 % 4))
+            .replace("10.96.50.", &format!("10.96.{}.", 50 + what / 8 % 3))
+    };
+    let id = REMOTES[n % 2];
+    match what % 8 {
+        0..=2 => remote(id, applied(&spread(pod(ns, n, v)))),
+        3 => remote(id, applied(&spread(service(ns, n % 4, v)))),
+        4 => remote(
+            id,
+            Change::Delete(Kind::Pod, ObjectKey::new(NAMESPACES[ns % 3], format!("gen-{n}"))),
+        ),
+        5 => applied(&spread(pod(ns, n, v))),
+        _ => change(op, inputs),
+    }
+}
+
 fn run(bursts: Vec<Vec<Op>>) {
+    run_with(bursts, change)
+}
+
+fn run_with(bursts: Vec<Vec<Op>>, change: fn(Op, &Inputs) -> Change) {
     let options = Options::default();
     let mut inputs = world();
     let mut states = BTreeMap::new();
@@ -835,6 +862,11 @@ proptest! {
     #[test]
     fn incremental_equals_full_translation(bursts in prop::collection::vec(prop::collection::vec(op(), 1..4), 1..25)) {
         run(bursts);
+    }
+
+    #[test]
+    fn incremental_equals_full_translation_with_remote_churn(bursts in prop::collection::vec(prop::collection::vec(op(), 1..4), 1..25)) {
+        run_with(bursts, remote_heavy_change);
     }
 }
 
@@ -1061,7 +1093,8 @@ fn a_local_change_translates_no_remote_cluster() {
 /// name), and the outputs equal a full translation. The changes are chosen where a slip shows:
 /// a remote pod made equal to the local pod of its name (noted against the local objects, it
 /// would be skipped as unchanged), a remote service's selector moved (its old pods must drop
-/// it), a remote pod deleted; the remote's network label moved re-translates it whole.
+/// it), a remote pod deleted; the remote's network label moved re-translates it whole. A pod
+/// at an address nothing else holds is patched into the remote part (not a pass over it).
 #[test]
 fn a_remote_change_is_translated_incrementally() {
     let mut inputs = world();
@@ -1080,8 +1113,13 @@ fn a_remote_change_is_translated_incrementally() {
         let merged = inc.merged_names();
         assert!((1..=4).contains(&merged), "change {i}: {merged} of {all} names merged");
     }
+    let parts = inc.remote_parts();
+    let alone = pod(2, 2, 10).replace("10.9.0.", "10.77.0.");
+    noted_step(&mut inc, &mut inputs, remote("r1", applied(&alone)));
+    assert_eq!(inc.remote_parts(), parts, "patched, not recomputed");
     noted_step(&mut inc, &mut inputs, remote("r1", applied(&remote_namespace(1))));
     assert!(inc.merged_names() > 4, "a remote's network moves all of its names");
+    assert_eq!(inc.remote_parts(), parts + 1);
 }
 
 /// A ServiceEntry edited to equal its merged address: the entry selects a pod on net-c (behind

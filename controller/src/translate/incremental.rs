@@ -194,6 +194,12 @@ impl Incremental {
         self.layer.merged()
     }
 
+    /// How many times the remote clusters' part of the merge was computed whole (a remote
+    /// pod's or service's change that clashes with nothing patches it).
+    pub fn remote_parts(&self) -> u64 {
+        self.layer.parts()
+    }
+
     /// Records what `change` makes dirty; `inputs` are the inputs before it is applied.
     pub fn note(&mut self, inputs: &Inputs, change: &Change) {
         let p = &mut self.pending;

@@ -74,6 +74,17 @@ pub(crate) enum Contribution {
 }
 
 impl Contribution {
+    /// The remote cluster it comes from.
+    fn cluster(&self) -> Option<&str> {
+        match self {
+            Contribution::Workload(a) => match &a.r#type {
+                Some(pb::address::Type::Workload(w)) => Some(&w.cluster_id),
+                _ => None,
+            },
+            Contribution::Service { cluster, .. } => Some(cluster),
+        }
+    }
+
     /// Whether two contributions are the same: the same allocation (a remote's translation
     /// keeps what a change did not reach), else equal.
     pub(crate) fn same(&self, other: &Contribution) -> bool {
@@ -106,6 +117,9 @@ pub(crate) struct RemotePart {
     /// The `(network, IP)` pairs looked up among the local addresses: the part changes only
     /// when one of their owners does.
     pub queried: HashSet<(String, IpAddr)>,
+    /// How many remote workloads and service VIPs hold each `(network, IP)` pair, accepted or
+    /// not: a pair held once cannot clash ([`patch`]).
+    pub holders: HashMap<(String, IpAddr), u32>,
 }
 
 /// The `(network, IP)` pairs taken so far: the local addresses' owners (`local`), then those
@@ -161,6 +175,68 @@ pub(crate) fn remote_part(
     }
     part.queried = taken.queried;
     part
+}
+
+/// Brings the part up to date with one name of served remote cluster `id` going from `old`
+/// to `new` in that cluster's translation, when nothing else can move with it: none of its
+/// `(network, IP)` pairs, before or after, is held by a local address or another remote
+/// entry, and no other cluster contributes to the name. Then it was and is accepted whole (a
+/// workload served, a service with every VIP), and the clashes and every other name are as
+/// they were. Returns false, having changed nothing, otherwise: the part is then recomputed.
+pub(crate) fn patch(
+    part: &mut RemotePart,
+    id: &str,
+    name: &str,
+    (old, new): (Option<&Arc<pb::Address>>, Option<&Arc<pb::Address>>),
+    local: &dyn Fn(&(String, IpAddr)) -> Option<String>,
+) -> bool {
+    let keys = |a: Option<&Arc<pb::Address>>| -> Vec<(String, IpAddr)> {
+        a.map(|a| address_keys(name, a).into_iter().map(|(k, _)| k).collect())
+            .unwrap_or_default()
+    };
+    let (was, now) = (keys(old), keys(new));
+    let alone = was.iter().all(|k| part.holders.get(k) == Some(&1));
+    let free = now
+        .iter()
+        .all(|k| (was.contains(k) || !part.holders.contains_key(k)) && local(k).is_none());
+    let others = part
+        .names
+        .get(name)
+        .is_some_and(|c| c.iter().any(|c| c.cluster() != Some(id)));
+    let Some(st) = part.clusters.iter_mut().find(|c| c.id == id) else {
+        return false;
+    };
+    if !alone || !free || others || was.iter().any(|k| local(k).is_some()) {
+        return false;
+    }
+    let kind = |a: Option<&Arc<pb::Address>>| match a.and_then(|a| a.r#type.as_ref()) {
+        Some(pb::address::Type::Workload(_)) => (1, 0),
+        Some(pb::address::Type::Service(_)) => (0, 1),
+        None => (0, 0),
+    };
+    let ((ow, os), (nw, ns)) = (kind(old), kind(new));
+    st.workloads = (st.workloads + nw).saturating_sub(ow);
+    st.services = (st.services + ns).saturating_sub(os);
+    for k in &was {
+        part.holders.remove(k);
+    }
+    for k in now {
+        *part.holders.entry(k.clone()).or_default() += 1;
+        part.queried.insert(k);
+    }
+    let contribution = new.and_then(|a| match a.r#type {
+        Some(pb::address::Type::Workload(_)) => Some(Contribution::Workload(a.clone())),
+        Some(pb::address::Type::Service(_)) => Some(Contribution::Service {
+            cluster: id.to_owned(),
+            address: a.clone(),
+        }),
+        None => None,
+    });
+    match contribution {
+        Some(c) => drop(part.names.insert(name.to_owned(), vec![c])),
+        None => drop(part.names.remove(name)),
+    }
+    true
 }
 
 /// The owner of each `(network, IP)` of `addresses`: a workload's uid, a service VIP's name;
@@ -297,6 +373,9 @@ fn add_remote(
     st: &mut ClusterStatus,
 ) {
     for (name, address) in translated {
+        for (key, _) in address_keys(name, address) {
+            *part.holders.entry(key).or_default() += 1;
+        }
         let contribution = match &address.r#type {
             Some(pb::address::Type::Workload(w)) => {
                 if let Some(clash) = ip_clash(w, taken) {

@@ -11,7 +11,10 @@
 //!   address changed that holds a `(network, IP)` the part looked up: the local owners of
 //!   those pairs are kept in an index, so no pass over the local addresses is needed. Only the
 //!   names whose contributions it changed are merged again (unchanged ones are the same
-//!   allocations, so comparing them is cheap);
+//!   allocations, so comparing them is cheap). When only remote pods, services, slices or
+//!   nodes changed, the names their translation changed are patched into the part instead
+//!   ([`super::patch`]), as long as none of their addresses is held by anything else (what
+//!   a clash needs, and the pass decides);
 //! - each name's merged address: the local (base) address, the remote contributions, the
 //!   network gateway, the identities of the workloads reached through a gateway that list it
 //!   (an index by service). A local change recomputes its names, the names whose remote
@@ -28,7 +31,7 @@ use std::sync::Arc;
 use mesh_proto::workload as pb;
 
 use super::{
-    add_sans, address_keys, all_gateways, gateway_identity, merged, missing, remote_part, set_gateway, statuses,
+    add_sans, address_keys, all_gateways, gateway_identity, merged, missing, patch, remote_part, set_gateway, statuses,
     Contribution, Gateways, RemotePart,
 };
 use crate::model::cluster::{self, ClusterChange, NetworkGateway, Remote};
@@ -99,14 +102,20 @@ impl RemoteTranslation {
         }
     }
 
-    /// Brings `out` up to date with `remote`'s objects.
-    fn step(&mut self, remote: &Remote) {
+    /// Brings `out` up to date with `remote`'s objects; returns the outputs before and the
+    /// names that may have changed (`None`: any).
+    fn step(&mut self, remote: &Remote) -> (Arc<Outputs>, Option<BTreeSet<String>>) {
         let step = self.translator.step(&remote.inputs, &BTreeMap::new());
         let before = std::mem::replace(&mut self.out, step.outputs);
-        // Nothing else holds it (the remote part keeps addresses, not outputs): the
-        // translator updates it next time instead of copying the cluster.
-        self.translator.recycle(before);
         self.dirty = false;
+        (before, step.touched.map(|t| t.addresses))
+    }
+
+    /// Gives the outputs [`Self::step`] returned back: nothing else holds them (the remote
+    /// part keeps addresses, not outputs), so the translator updates them next time instead
+    /// of copying the cluster.
+    fn recycle(&mut self, before: Arc<Outputs>) {
+        self.translator.recycle(before);
     }
 }
 
@@ -120,8 +129,14 @@ pub(crate) struct Layer {
     translated: u64,
     /// How many names the last step merged (tests show a remote change merges its own).
     merged: usize,
+    /// How many times the remote part was computed whole (tests show a remote pod's change
+    /// patches it).
+    parts: u64,
     /// A remote cluster changed since the remote part was computed.
     changed: bool,
+    /// Only remote pods, services, slices, nodes or enrolment changed since (and every such
+    /// cluster has a translation): the part may be patched ([`Layer::patch_part`]).
+    patchable: bool,
     part: RemotePart,
     gateways: Vec<NetworkGateway>,
     by_network: Gateways,
@@ -159,12 +174,19 @@ impl Layer {
     /// Records a change to a remote cluster; `inputs` are the local inputs (holding the
     /// remote clusters) before it is applied.
     pub(crate) fn note(&mut self, inputs: &Inputs, change: &ClusterChange) {
+        if !self.changed {
+            self.patchable = true;
+        }
         self.changed = true;
+        self.patchable &= matches!(change, ClusterChange::Objects(_, c) if patchable(c));
         match change {
             // Only its objects and enrolment are translated: a `Synced` or a kind's health
             // moves its state (the remote part), not its translation.
             ClusterChange::Objects(id, c) if cluster::kept(c) => {
-                let Some(t) = self.translations.get_mut(id) else { return };
+                let Some(t) = self.translations.get_mut(id) else {
+                    self.patchable = false;
+                    return;
+                };
                 match inputs.remotes.get(id) {
                     Some(remote) => {
                         t.translator.note(&remote.inputs, c);
@@ -182,6 +204,7 @@ impl Layer {
     pub(crate) fn invalidate(&mut self) {
         *self = Layer {
             translated: self.translated,
+            parts: self.parts,
             ..Layer::default()
         };
     }
@@ -194,6 +217,11 @@ impl Layer {
     /// How many names the last step merged.
     pub(crate) fn merged(&self) -> usize {
         self.merged
+    }
+
+    /// How many times the remote part was computed whole.
+    pub(crate) fn parts(&self) -> u64 {
+        self.parts
     }
 
     /// Merges what this step reaches into `work`, whose `updated` names hold their new base
@@ -212,10 +240,14 @@ impl Layer {
         } else {
             updated.clone()
         };
-        if self.owners_changed(ctx.inputs, work, updated, full) || self.changed {
-            let before = std::mem::take(&mut self.part.names);
-            self.repart(ctx);
-            changed_names(&before, &self.part.names, &mut dirty);
+        let hit = self.owners_changed(ctx.inputs, work, updated, full);
+        if hit || self.changed {
+            let patched = !full && !hit && self.patch_part(ctx, &mut dirty);
+            if !patched {
+                let before = std::mem::take(&mut self.part.names);
+                self.repart(ctx);
+                changed_names(&before, &self.part.names, &mut dirty);
+            }
         }
         let gateways = all_gateways(ctx.inputs, ctx.options, &self.part);
         if full || gateways != self.gateways {
@@ -235,6 +267,7 @@ impl Layer {
         *self = Layer {
             translations: std::mem::take(&mut self.translations),
             translated: self.translated,
+            parts: self.parts,
             changed: true,
             ..Layer::default()
         };
@@ -284,6 +317,42 @@ impl Layer {
         true
     }
 
+    /// Brings the changed remote clusters' translations up to date and patches what they
+    /// changed into the part, adding those names to `dirty`; false when a name cannot be
+    /// patched ([`patch`]) or the changes were not all patchable (the part is then recomputed;
+    /// the names patched so far are in `dirty`).
+    fn patch_part(&mut self, ctx: &Ctx<'_>, dirty: &mut BTreeSet<String>) -> bool {
+        if !self.patchable {
+            return false;
+        }
+        let owners = self.owners.as_ref();
+        let local = |k: &(String, IpAddr)| owners.and_then(|o| o.owner(k));
+        for (id, t) in self.translations.iter_mut().filter(|(_, t)| t.dirty) {
+            let Some(remote) = ctx.inputs.remotes.get(id) else {
+                return false;
+            };
+            if !remote.served() || *id == ctx.options.cluster_id {
+                return false;
+            }
+            self.translated += 1;
+            let (before, touched) = t.step(remote);
+            let Some(touched) = touched else { return false };
+            for name in touched {
+                let change = (before.addresses.get(&name), t.out.addresses.get(&name));
+                if same(change.0, change.1) {
+                    continue;
+                }
+                if !patch(&mut self.part, id, &name, change, &local) {
+                    return false;
+                }
+                dirty.insert(name);
+            }
+            t.recycle(before);
+        }
+        self.changed = false;
+        true
+    }
+
     /// Recomputes the remote part, bringing the remote clusters' translations up to date.
     fn repart(&mut self, ctx: &Ctx<'_>) {
         self.translations.retain(|id, _| ctx.inputs.remotes.contains_key(id));
@@ -297,13 +366,15 @@ impl Layer {
             }
             if t.dirty {
                 *count += 1;
-                t.step(remote);
+                let (before, _) = t.step(remote);
+                t.recycle(before);
             }
             t.out.clone()
         };
         let owners = self.owners.as_ref();
         let local = |k: &(String, IpAddr)| owners.and_then(|o| o.owner(k));
         self.part = remote_part(ctx.inputs, ctx.options, &mut translation, &local);
+        self.parts += 1;
         self.changed = false;
     }
 
@@ -439,6 +510,20 @@ impl Layer {
         work.problems.sort();
         work.problems.dedup();
     }
+}
+
+/// Whether a remote cluster's `change` leaves its network, gateways and state alone: the
+/// part can then be patched where its translation changed.
+fn patchable(change: &crate::source::Change) -> bool {
+    use crate::model::Kind;
+    use crate::source::Change;
+    let kind = match change {
+        Change::Apply(o) => o.kind(),
+        Change::Delete(kind, _) => *kind,
+        Change::Enrolled(_) => return true,
+        _ => return false,
+    };
+    matches!(kind, Kind::Pod | Kind::Service | Kind::EndpointSlice | Kind::Node)
 }
 
 /// Adds to `dirty` the names whose remote contributions differ between `before` and `after`.
