@@ -10,6 +10,7 @@ pub mod core;
 pub mod k8s;
 pub mod mesh_config;
 pub mod model;
+mod parallel;
 pub mod serve;
 pub mod source;
 pub mod translate;

@@ -1122,6 +1122,31 @@ fn a_remote_change_is_translated_incrementally() {
     assert_eq!(inc.remote_parts(), parts + 1);
 }
 
+/// A from-scratch step over more pods than one thread takes (the incremental translator
+/// translates them on every core) gives what the full translation gives, problems (many
+/// duplicate addresses here) and order included, and its snapshot holds each resource under
+/// its own name; a change after it is the same as a full translation too.
+#[test]
+fn a_large_world_translated_on_several_threads_is_the_same() {
+    let mut inputs = world();
+    for n in 0..6000 {
+        inputs.apply(parse(&pod(n % 3, 100 + n, n as u32 % 40)).remove(0));
+    }
+    let mut inc = Incremental::new(Options::default());
+    let out = inc.step(&inputs, &BTreeMap::new()).outputs;
+    let full = translate_synced(&inputs, &BTreeMap::new(), &Options::default());
+    assert!(inputs.pods.len() > 6000 && full.addresses.len() > 5000);
+    assert_same(0, &out, &full);
+    // The snapshot encodes them on several threads too: each entry under its own name.
+    let snap = Snapshot::next(&Snapshot::default(), out.clone(), None);
+    let entries: Vec<_> = snap.types.values().flat_map(|m| m.iter()).collect();
+    assert!(entries.len() > 5000);
+    for (name, e) in entries {
+        assert_eq!(&*e.name, name.as_str());
+    }
+    noted_step(&mut inc, &mut inputs, applied(&pod(1, 4000, 7)));
+}
+
 /// A ServiceEntry edited to equal its merged address: the entry selects a pod on net-c (behind
 /// the local east-west gateway), whose identity the merge adds to the entry's service; the
 /// entry then names that identity itself, so its new value equals the published one, and

@@ -631,30 +631,46 @@ impl Incremental {
         let namespaces = pending.pods.iter().map(|k| k.namespace.as_str());
         let ctx = PodContext::of_namespaces(inputs, options, &attach, &self.selected, &self.slices, namespaces);
         let registry_only = inputs.mesh.outbound_traffic_policy.mode == OutboundMode::RegistryOnly;
-        let mut ips_touched = BTreeSet::new();
-        for key in &pending.pods {
+        let keys: Vec<&ObjectKey> = pending.pods.iter().collect();
+        let selectors = &self.entry_selectors;
+        let translated = crate::parallel::map(&keys, |key| {
             let uid = workload::pod_uid(options, key);
-            let pod = inputs.pods.get(key);
             let mut report = Report::default();
-            let w = pod.and_then(|p| {
+            let w = inputs.pods.get(*key).and_then(|p| {
                 let mut w = ctx.pod(key, p, &mut HashMap::new(), &mut report)?;
-                super::service_entry::add_hosts(&self.entry_selectors, key, p.metadata.labels.as_ref(), &mut w);
+                super::service_entry::add_hosts(selectors, key, p.metadata.labels.as_ref(), &mut w);
                 Some(w)
             });
             let mut one = BTreeMap::new();
             if let Some(w) = w {
-                one.insert(
-                    uid.clone(),
-                    pb::Address {
-                        r#type: Some(pb::address::Type::Workload(w)),
-                    },
-                );
+                let address = pb::Address {
+                    r#type: Some(pb::address::Type::Workload(w)),
+                };
+                one.insert(uid.clone(), address);
             }
             if registry_only {
                 super::service_entry::registry_only(&mut one);
             }
-            updates.insert(uid.clone(), one.remove(&uid));
-            set_problems(&mut self.problems, Origin::Pod(key.clone()), report.0);
+            let address = one.remove(&uid);
+            (uid, address, report.0)
+        });
+        drop(ctx);
+        self.index_pods(inputs, keys.into_iter().zip(translated), updates);
+    }
+
+    /// Records the pods' translations ([`Incremental::pods`]): their addresses into
+    /// `updates`, their problems, and the IP index with the duplicate-address problems.
+    fn index_pods<'k>(
+        &mut self,
+        inputs: &Inputs,
+        translated: impl Iterator<Item = (&'k ObjectKey, (String, Option<pb::Address>, Vec<Problem>))>,
+        updates: &mut BTreeMap<String, Option<pb::Address>>,
+    ) {
+        let mut ips_touched = BTreeSet::new();
+        for (key, (uid, address, problems)) in translated {
+            let pod = inputs.pods.get(key);
+            updates.insert(uid, address);
+            set_problems(&mut self.problems, Origin::Pod(key.clone()), problems);
             // The IP index: out with the old addresses, in with the new.
             for ip in self.pod_ips.remove(key).unwrap_or_default() {
                 if let Some(holders) = self.ip_pods.get_mut(&ip) {

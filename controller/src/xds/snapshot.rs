@@ -218,25 +218,24 @@ fn encode<M: Message>(
 /// Encodes `items`. A message equal to the previous one reuses its entry (no encoding, no
 /// hashing, one shared copy); others are encoded and versioned by content. Items are held
 /// directly or shared (`Arc`, as addresses are).
-fn entries<M: Message + PartialEq, V: Borrow<M>>(
+fn entries<M: Message + PartialEq + Sync, V: Borrow<M> + Sync>(
     type_url: &str,
     items: &BTreeMap<String, V>,
     previous: Option<Previous<'_, V>>,
     meta: Meta<M>,
 ) -> Entries {
-    items
-        .iter()
-        .map(|(name, m)| {
-            let old = previous.and_then(|(before, entries)| Some((before.get(name)?, entries.get(name)?)));
-            match old {
-                Some((before, e)) if before.borrow() == m.borrow() => (name.clone(), e.clone()),
-                _ => {
-                    let e = previous.and_then(|(_, p)| p.get(name));
-                    (name.clone(), encode(type_url, name, m.borrow(), e, meta).0)
-                }
+    let items: Vec<(&String, &V)> = items.iter().collect();
+    let entries = crate::parallel::map(&items, |(name, m)| {
+        let old = previous.and_then(|(before, entries)| Some((before.get(*name)?, entries.get(*name)?)));
+        match old {
+            Some((before, e)) if before.borrow() == (*m).borrow() => e.clone(),
+            _ => {
+                let e = previous.and_then(|(_, p)| p.get(*name));
+                encode(type_url, name, (*m).borrow(), e, meta).0
             }
-        })
-        .collect()
+        }
+    });
+    items.into_iter().map(|(name, _)| name.clone()).zip(entries).collect()
 }
 
 /// Re-encodes the `names` of one type from `items` into `map` (a copy of the previous

@@ -331,8 +331,10 @@ impl Layer {
             let Some(remote) = ctx.inputs.remotes.get(id) else {
                 return false;
             };
+            // Not part of the part: its translation waits until it is served again (a
+            // change that is not patched).
             if !remote.served() || *id == ctx.options.cluster_id {
-                return false;
+                continue;
             }
             self.translated += 1;
             let (before, touched) = t.step(remote);
