@@ -558,6 +558,16 @@ fn change(op: Op, inputs: &Inputs) -> Change {
             ObjectKey::new(key.namespace, format!("gap-{}", n % 4)),
         ),
         10 => one(namespace(ns, v)),
+        other => more_change(other, ns, n, v, inputs),
+    }
+}
+
+/// The changes 11-23 of [`change`] (and 15, kind states): slices, PeerAuthentications,
+/// waypoints, enrolment, DestinationRules, ServiceEntries, WorkloadEntries and WorkloadGroups.
+fn more_change(what: u8, ns: usize, n: usize, v: u32, inputs: &Inputs) -> Change {
+    let one = |text: String| Change::Apply(parse(&text).remove(0));
+    let key = ObjectKey::new(NAMESPACES[ns % 3], "");
+    match what {
         11 => one(endpoint_slice(ns, n % 4, v)),
         12 => match v % 3 {
             0 => one(peer_authentication(ns, n % 3, v)),
