@@ -654,7 +654,6 @@ impl Incremental {
             let address = one.remove(&uid);
             (uid, address, report.0)
         });
-        drop(ctx);
         self.index_pods(inputs, keys.into_iter().zip(translated), updates);
     }
 
