@@ -31,6 +31,7 @@ pub mod log_limit;
 pub mod log_sink;
 pub mod prometheus;
 pub mod rbac;
+pub mod runtime;
 pub mod shutdown;
 pub mod socket;
 pub mod state;

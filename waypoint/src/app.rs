@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::config::{Config, Role};
 use crate::store::{ConfigStore, PolicySink, RoutesSink};
 use crate::telemetry::{metrics, trace};
-use crate::upstream::connector::Connector;
+use crate::upstream::connector::{Connector, Dial};
 use crate::upstream::Upstreams;
 use crate::{admin, ingress, listener, policy, Waypoint};
 
@@ -188,7 +188,7 @@ fn connector(cfg: &Config, state: &Arc<StateStore>, certs: &Arc<CertManager>, re
         certs.clone(),
         Arc::new(PlainSockets { mark: None }),
     );
-    let connector = Connector {
+    let connector = Connector::from(Dial {
         state: state.clone(),
         hbone,
         identity: cfg.identity.clone(),
@@ -197,7 +197,7 @@ fn connector(cfg: &Config, state: &Arc<StateStore>, certs: &Arc<CertManager>, re
         connect_timeout: Duration::from_secs(10),
         originate: None,
         tls_failures: Default::default(),
-    };
+    });
     registry.register(
         "waypoint_upstream_tls_failures",
         "Upstream connections whose TLS origination failed (no request was sent), by reason",

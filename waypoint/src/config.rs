@@ -41,6 +41,9 @@ pub enum Role {
     mut_arg("trust_bundle", |a| a.required_unless_present("ca_root_cert"))
 )]
 pub struct Config {
+    /// Worker threads (`--worker-threads`, `WORKER_THREADS`), as ztunnel's.
+    #[command(flatten)]
+    pub runtime: mesh_core::runtime::RuntimeArgs,
     /// `waypoint` (HBONE from ztunnels) or `ingress` (an ingress Gateway's listeners for
     /// clients outside the mesh, same HTTP pipeline; configuration from the controller).
     #[arg(long, env = "ROLE", value_enum, default_value_t = Role::Waypoint)]

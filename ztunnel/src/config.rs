@@ -121,10 +121,9 @@ pub struct Config {
     #[arg(long, env = "ENABLE_ORIGINAL_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_original_source: bool,
 
-    /// Proxy threads. 1 runs a single-threaded runtime (no cross-core wake-ups); 0 picks 1 on
-    /// nodes with up to 2 CPUs (where the proxy shares cores with the apps) and 2 otherwise.
-    #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
-    pub worker_threads: usize,
+    /// Worker threads (`--worker-threads`, `WORKER_THREADS`), as the waypoint's.
+    #[command(flatten)]
+    pub runtime: mesh_core::runtime::RuntimeArgs,
 
     /// Write a development CA (root-cert.pem, root-key.pem) into this directory and exit.
     #[arg(long, value_name = "DIR")]
@@ -190,17 +189,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    /// Worker threads after resolving 0 ("auto").
-    pub fn threads(&self) -> usize {
-        match self.worker_threads {
-            0 => match std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
-                0..=2 => 1,
-                _ => 2,
-            },
-            n => n,
-        }
     }
 
     pub fn drain_timeout(&self) -> Duration {

@@ -25,17 +25,9 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
-    ztunnel::proxy::tune_allocator();
+    mesh_core::runtime::tune_allocator();
     let reload = app::init_logging(&cfg);
-    let mut builder = match cfg.threads() {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-    };
-    let rt = match builder.enable_all().build() {
+    let rt = match cfg.runtime.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -1,9 +1,8 @@
 //! The waypoint binary: flags and environment to [`waypoint::config::Config`], logging (JSON
 //! by [`mesh_core::log_json`] to [`mesh_core::log_sink`]: access-log lines batched off the
-//! request path), run.
+//! request path), the runtime ([`mesh_core::runtime`]: one thread on small nodes), run.
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cfg = match waypoint::config::Config::load() {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -22,7 +21,15 @@ async fn main() {
         .event_format(mesh_core::log_json::JsonLines::default())
         .with_writer(mesh_core::log_sink::LogSink::stdout().clone())
         .init();
-    let result = waypoint::app::run(cfg).await;
+    mesh_core::runtime::tune_allocator();
+    let rt = match cfg.runtime.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(waypoint::app::run(cfg));
     mesh_core::log_sink::LogSink::stdout().flush();
     if let Err(e) = result {
         eprintln!("error: {e:#}");

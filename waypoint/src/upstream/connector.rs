@@ -77,9 +77,15 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The tower service hyper's pool calls to open a connection to `http://ip:port`.
+/// The tower service hyper's pool calls to open a connection to `http://ip:port`. hyper's
+/// client clones it for every request (twice), even when the pool has a connection: so it is
+/// one `Arc` around what it dials with.
 #[derive(Clone)]
-pub struct Connector {
+pub struct Connector(Arc<Dial>);
+
+/// What a [`Connector`] dials with.
+#[derive(Clone)]
+pub struct Dial {
     pub state: Arc<StateStore>,
     pub hbone: Arc<HbonePool>,
     pub identity: Identity,
@@ -90,6 +96,20 @@ pub struct Connector {
     pub originate: Option<Originate>,
     /// `waypoint_upstream_tls_failures_total` by reason.
     pub tls_failures: Family<Vec<(String, String)>, Counter>,
+}
+
+impl From<Dial> for Connector {
+    fn from(dial: Dial) -> Self {
+        Connector(Arc::new(dial))
+    }
+}
+
+impl std::ops::Deref for Connector {
+    type Target = Dial;
+
+    fn deref(&self) -> &Dial {
+        &self.0
+    }
 }
 
 impl Connector {
@@ -164,10 +184,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 impl Connector {
     /// This connector for a cluster that originates TLS as `how`.
     pub fn originating(&self, how: Originate) -> Connector {
-        Connector {
+        Connector::from(Dial {
             originate: Some(how),
-            ..self.clone()
-        }
+            ..Dial::clone(self)
+        })
     }
 
     /// A connection to `target` with TLS over it; a refusal fails before connecting. A

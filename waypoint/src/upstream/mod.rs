@@ -205,11 +205,12 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::upstream::connector::Dial;
 
     fn upstreams() -> Upstreams {
         let ca = DevCa::generate("cluster.local").unwrap();
         let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-        let connector = Connector {
+        let connector = Connector::from(Dial {
             state: mesh_core::state::StateStore::new(),
             hbone: HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default())),
             identity: "spiffe://cluster.local/ns/egress/sa/waypoint".parse().unwrap(),
@@ -218,7 +219,7 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             originate: None,
             tls_failures: Default::default(),
-        };
+        });
         Upstreams::new(connector, tls::CredentialStore::new("egress/waypoint".into()))
     }
 

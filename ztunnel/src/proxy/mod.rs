@@ -35,22 +35,6 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use refusal::Refusal;
 
-/// Fixes glibc malloc's thresholds for the data path. With the default, dynamic ones the
-/// receiving side's buffers churn: h2 reserves each DATA frame whole (128 KiB + 9 bytes from
-/// our peers, just over the initial 128 KiB mmap threshold), and freeing them trims the heap
-/// top, so the next frames fault fresh pages in (perf: page faults, clear_page and unmapping
-/// were ~8-10 % of the receiving ztunnel's CPU in a bulk transfer). With these, buffers up to
-/// 2 MiB stay in the heap and only more than 4 MiB free at its top is returned at once; the
-/// explicit trim once state settles (app.rs) still gives the rest back.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets glibc malloc parameters; it is called before other threads run.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 2 << 20);
-        nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 4 << 20);
-    }
-}
-
 /// Everything a connection handler needs.
 pub struct Proxy {
     pub network: String,
