@@ -135,33 +135,70 @@ async fn waypoint_routes_and_authorizes() {
     if !mesh_e2e::cluster_capable() {
         return;
     }
-    let wp_id = identity("shop", "waypoint");
-    let cluster = Cluster::start_with_identities(ID, 2, &world(), &[&wp_id])
-        .await
-        .expect("cluster up");
-    let pods = [
-        ("server-v1", 1, vec![("app", "server"), ("version", "v1")]),
-        ("server-v2", 0, vec![("app", "server"), ("version", "v2")]),
-        ("reviews-v1", 1, vec![("app", "reviews"), ("version", "v1")]),
-        ("reviews-v2", 0, vec![("app", "reviews"), ("version", "v2")]),
-        ("payments", 1, vec![("app", "payments")]),
-    ];
-    let servers = start_servers(&cluster, &pods);
-    let client = cluster
-        .add_pod(0, PodSpec::new("order-service", "shop", &[]))
-        .expect("client pod");
-    let frontend = cluster
-        .add_pod(0, PodSpec::new("frontend", "shop", &[]))
-        .expect("frontend pod");
-    let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint")
-        .await
-        .expect("waypoint up");
-    for p in servers.iter().chain([&client, &frontend]) {
-        cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
-    }
+    let scene = Scene::start().await;
+    // The connections stay open to the end and close before the scene, newest first.
+    let mut server = httproute_canary(&scene).await;
+    header_added_on_v1(&mut server).await;
+    let _reviews = virtual_service_canary(&scene).await;
+    let mut order = payment_policy_allows_order_service(&scene).await;
+    let _other = payment_policy_refuses_others(&scene).await;
+    fault_injection(&mut order).await;
+    direct_dial_refused(&scene, &mut order).await;
+    request_metrics(&scene).await;
+}
 
+/// What the phases of [`waypoint_routes_and_authorizes`] share: the cluster, its pods, the waypoint.
+struct Scene {
+    // Field order is drop order, as the locals it replaces: the waypoint, then the pods,
+    // then the cluster.
+    waypoint: Waypoint,
+    frontend: mesh_e2e::cluster::Pod,
+    client: mesh_e2e::cluster::Pod,
+    servers: Vec<mesh_e2e::cluster::Pod>,
+    _cluster: Cluster,
+}
+
+impl Scene {
+    /// The two-node cluster with the servers, the two clients and the waypoint, all advertised.
+    async fn start() -> Scene {
+        let wp_id = identity("shop", "waypoint");
+        let cluster = Cluster::start_with_identities(ID, 2, &world(), &[&wp_id])
+            .await
+            .expect("cluster up");
+        let pods = [
+            ("server-v1", 1, vec![("app", "server"), ("version", "v1")]),
+            ("server-v2", 0, vec![("app", "server"), ("version", "v2")]),
+            ("reviews-v1", 1, vec![("app", "reviews"), ("version", "v1")]),
+            ("reviews-v2", 0, vec![("app", "reviews"), ("version", "v2")]),
+            ("payments", 1, vec![("app", "payments")]),
+        ];
+        let servers = start_servers(&cluster, &pods);
+        let client = cluster
+            .add_pod(0, PodSpec::new("order-service", "shop", &[]))
+            .expect("client pod");
+        let frontend = cluster
+            .add_pod(0, PodSpec::new("frontend", "shop", &[]))
+            .expect("frontend pod");
+        let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint")
+            .await
+            .expect("waypoint up");
+        for p in servers.iter().chain([&client, &frontend]) {
+            cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+        }
+        Scene {
+            waypoint,
+            frontend,
+            client,
+            servers,
+            _cluster: cluster,
+        }
+    }
+}
+
+/// Header match: every canary request reaches v2; weights: 90/10 within 3 points (returns the connection).
+async fn httproute_canary(scene: &Scene) -> HttpConn {
     let server = SocketAddr::new(vip(10), 80);
-    let mut conn = HttpConn::open(&client.ns, server, "server.shop.svc.cluster.local")
+    let mut conn = HttpConn::open(&scene.client.ns, server, "server.shop.svc.cluster.local")
         .await
         .expect("connect to the server VIP");
 
@@ -175,16 +212,21 @@ async fn waypoint_routes_and_authorizes() {
         "HTTPRoute split: v2 got {:.1}%",
         v2 * 100.0
     );
+    conn
+}
 
-    // A header added on /v1 paths reaches the backend.
+/// A header added on /v1 paths reaches the backend.
+async fn header_added_on_v1(conn: &mut HttpConn) {
     let a = conn.send("GET", "/v1/items", &[]).await.expect("/v1 request");
     assert_eq!(a.status, 200);
     assert!(a.body.starts_with("server-v1\n"), "{}", a.body);
     assert!(a.body.contains("h x-api-version: v1"), "header not added: {}", a.body);
+}
 
-    // The same canary with VirtualService + DestinationRule subsets.
+/// The same canary with VirtualService + DestinationRule subsets (returns the connection).
+async fn virtual_service_canary(scene: &Scene) -> HttpConn {
     let mut reviews = HttpConn::open(
-        &client.ns,
+        &scene.client.ns,
         SocketAddr::new(vip(14), 80),
         "reviews.shop.svc.cluster.local",
     )
@@ -198,10 +240,13 @@ async fn waypoint_routes_and_authorizes() {
         "VirtualService split: v2 got {:.1}%",
         v2 * 100.0
     );
+    reviews
+}
 
-    // The payment policy: only order-service, only POST to /api/v1/payments*.
+/// The payment policy: only order-service, only POST to /api/v1/payments* (returns the connection).
+async fn payment_policy_allows_order_service(scene: &Scene) -> HttpConn {
     let payments = SocketAddr::new(vip(13), 80);
-    let mut order = HttpConn::open(&client.ns, payments, "payments.shop.svc.cluster.local")
+    let mut order = HttpConn::open(&scene.client.ns, payments, "payments.shop.svc.cluster.local")
         .await
         .expect("connect to payments");
     let ok = order.send("POST", "/api/v1/payments", &[]).await.expect("POST");
@@ -214,13 +259,22 @@ async fn waypoint_routes_and_authorizes() {
         order.send("POST", "/api/v1/refunds", &[]).await.expect("POST").status,
         403
     );
-    let mut other = HttpConn::open(&frontend.ns, payments, "payments.shop.svc.cluster.local")
+    order
+}
+
+/// The payment policy refuses another principal, frontend, even an allowed POST (returns the connection).
+async fn payment_policy_refuses_others(scene: &Scene) -> HttpConn {
+    let payments = SocketAddr::new(vip(13), 80);
+    let mut other = HttpConn::open(&scene.frontend.ns, payments, "payments.shop.svc.cluster.local")
         .await
         .expect("connect from frontend");
     let denied = other.send("POST", "/api/v1/payments", &[]).await.expect("POST");
     assert_eq!(denied.status, 403, "another principal must be refused: {}", denied.body);
+    other
+}
 
-    // Fault injection at the configured percentage (400 requests, 50 % ± 10).
+/// Fault injection at the configured percentage (400 requests, 50 % ± 10).
+async fn fault_injection(order: &mut HttpConn) {
     let mut aborted = 0;
     for _ in 0..400 {
         let a = order.send("POST", "/api/v1/payments/flaky", &[]).await.expect("POST");
@@ -231,19 +285,27 @@ async fn waypoint_routes_and_authorizes() {
         }
     }
     assert!((160..=240).contains(&aborted), "abort 50%: {aborted}/400 aborted");
+}
 
-    // Dialling a payments pod directly skips the waypoint: ztunnel's L4 policy refuses it.
-    let pod = servers.iter().find(|p| p.name == "payments").expect("payments pod");
-    let direct = match HttpConn::open(&client.ns, SocketAddr::new(pod.ip, 8080), "payments").await {
+/// Dialling a payments pod directly skips the waypoint: ztunnel's L4 policy refuses it.
+async fn direct_dial_refused(scene: &Scene, order: &mut HttpConn) {
+    let pod = scene
+        .servers
+        .iter()
+        .find(|p| p.name == "payments")
+        .expect("payments pod");
+    let direct = match HttpConn::open(&scene.client.ns, SocketAddr::new(pod.ip, 8080), "payments").await {
         Ok(mut c) => c.send("POST", "/api/v1/payments", &[]).await.map(|a| a.status).ok(),
         Err(_) => None,
     };
     assert_eq!(direct, None, "a direct call to the pod must not get an answer");
     let ok = order.send("POST", "/api/v1/payments", &[]).await.expect("POST");
     assert_eq!(ok.status, 200, "through the waypoint it still works: {}", ok.body);
+}
 
-    // Istio's request metrics, with the original client's identity.
-    let metrics = waypoint.metrics().await.expect("metrics");
+/// Istio's request metrics, with the original client's identity.
+async fn request_metrics(scene: &Scene) {
+    let metrics = scene.waypoint.metrics().await.expect("metrics");
     promtool_check(&metrics).expect("promtool accepts the waypoint's metrics");
     let series: Vec<&str> = metrics
         .lines()
