@@ -31,7 +31,7 @@ use super::retry::{self, to_duration, Attempt, RetryPolicy};
 use super::rewrite::{self, UpgradeRequest};
 use crate::store::Snapshot;
 use crate::telemetry::access_log::Record;
-use crate::telemetry::metrics::{RequestLabels, SeriesLabels, StandardLabels};
+use crate::telemetry::metrics::{LabelSource, RequestLabels, SeriesLabels, StandardLabels};
 use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
 use crate::upstream::Endpoint;
@@ -264,20 +264,28 @@ impl Arrival {
         (effective, facts): (&effective::Effective<'_>, &apply::Facts<'_>),
     ) {
         let code = resp.status().as_u16();
-        let labels = match &wp.ingress {
+        let state = wp.state.load();
+        // An ingress gateway reports itself as the source; a waypoint the client.
+        let (service, src) = match &wp.ingress {
+            Some(_) => (out.backend.as_ref().unwrap_or(&down.service), LabelSource::default()),
+            None => (
+                &down.service,
+                LabelSource {
+                    workload: state.workload_by_ip(&wp.network, down.client_addr.ip()),
+                    peer: down.peer_identity.as_ref(),
+                },
+            ),
+        };
+        let build = || self.labels(wp, down, resp, out, src.workload.map(|w| &**w));
+        let labels = if self.grpc {
             // gRPC responses carry their own status label: built per request.
-            Some(_) if !self.grpc => {
-                let service = out.backend.as_ref().unwrap_or(&down.service);
-                let build = || self.labels(wp, down, resp, out);
-                wp.metrics
-                    .gateway_labels
-                    .get((out.upstream.as_ref(), service), (code, out.flags.as_str()), build)
-            }
-            _ => StandardLabels::new(self.labels(wp, down, resp, out)),
+            StandardLabels::new(build())
+        } else {
+            let key = (out.upstream.as_ref(), service);
+            wp.metrics.labels.get(src, key, (code, out.flags.as_str()), build)
         };
         // One standard label set, its hash computed once, that each family looks up by
-        // reference (an ingress gateway's comes from its cache); a Telemetry's overrides build
-        // their own.
+        // reference (from the cache but for gRPC); a Telemetry's overrides build their own.
         let standard = SeriesLabels::Standard(labels.clone());
         let series = |metric| -> Option<Cow<'_, SeriesLabels>> {
             if effective::overrides_for(effective, metric).next().is_none() {
@@ -303,8 +311,16 @@ impl Arrival {
         }
     }
 
-    /// Istio's standard labels of this request's series.
-    fn labels(&self, wp: &Waypoint, down: &Downstream, resp: &Response<Body>, out: &Outcome) -> RequestLabels {
+    /// Istio's standard labels of this request's series; `src` is the workload at the client's
+    /// address (a waypoint's source; an ingress gateway reports itself).
+    fn labels(
+        &self,
+        wp: &Waypoint,
+        down: &Downstream,
+        resp: &Response<Body>,
+        out: &Outcome,
+        src: Option<&Workload>,
+    ) -> RequestLabels {
         let protocol = if self.grpc { "grpc" } else { "http" };
         let dst = out.upstream.as_deref();
         let mut labels = if wp.ingress.is_some() {
@@ -316,10 +332,8 @@ impl Arrival {
             l.source_workload_namespace = wp.gateway.0.clone();
             l
         } else {
-            let state = wp.state.load();
-            let src = state.workload_by_ip(&wp.network, down.client_addr.ip()).cloned();
             let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
-            RequestLabels::new(src.as_deref(), &principal, dst, &down.service, protocol)
+            RequestLabels::new(src, &principal, dst, &down.service, protocol)
         };
         labels.response_code = resp.status().as_u16();
         labels.response_flags = out.flags.as_str();

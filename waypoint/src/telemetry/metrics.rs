@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use mesh_core::identity::Identity;
 use mesh_core::state::model::{Service, Workload};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -105,19 +106,30 @@ impl Eq for StandardLabels {}
 /// Most standard label sets kept by [`LabelCache`]; past it the cache starts over.
 pub const MAX_CACHED_LABELS: usize = 1024;
 
-/// An ingress gateway's standard label sets by what they depend on: the endpoint, the
-/// service and the response's code and flags (its source labels are its own, fixed). A
-/// request to a known endpoint takes an `Arc` instead of building ~20 strings. Entries hold
-/// the endpoint and service they were built from, so a pointer in a key is never reused by
-/// another while its entry lives; a new endpoint or service (a state update) makes a new
+/// Standard label sets by what they depend on: the source (at a waypoint, the workload at the
+/// client's address and the tunnel's peer identity; an ingress gateway's source labels are its
+/// own, fixed), the endpoint, the service and the response's code and flags. A request with a
+/// known combination takes an `Arc` instead of building ~25 strings. Entries hold the
+/// workloads and service they were built from, so a pointer in a key is never reused by
+/// another while its entry lives; a new workload or service (a state update) makes a new
 /// entry, and the cache starts over past [`MAX_CACHED_LABELS`] (stale entries go then).
 #[derive(Default)]
 pub struct LabelCache {
     map: Mutex<HashMap<LabelKey, CachedLabels>>,
 }
 
+/// Who sent a request, as its labels name it.
+#[derive(Clone, Copy, Default)]
+pub struct LabelSource<'a> {
+    pub workload: Option<&'a Arc<Workload>>,
+    pub peer: Option<&'a Identity>,
+}
+
 #[derive(Hash, PartialEq, Eq)]
 struct LabelKey {
+    src: usize,
+    /// The peer identity's hash; the entry keeps the identity to compare on a hit.
+    peer: u64,
     dst: usize,
     service: usize,
     code: u16,
@@ -125,41 +137,54 @@ struct LabelKey {
 }
 
 struct CachedLabels {
-    _pinned: (Option<Arc<Workload>>, Arc<Service>),
+    _pinned: (Option<Arc<Workload>>, Option<Arc<Workload>>, Arc<Service>),
+    peer: Option<Identity>,
     labels: Arc<StandardLabels>,
 }
 
+fn ptr<T>(a: Option<&Arc<T>>) -> usize {
+    a.map_or(0, |a| Arc::as_ptr(a) as usize)
+}
+
 impl LabelCache {
-    /// The label set for a response `(code, flags)` from `dst` for `service`, `build` making
-    /// it the first time.
+    /// The label set for a response `(code, flags)` from `dst` for `service` to `src`,
+    /// `build` making it the first time.
     pub fn get(
         &self,
+        src: LabelSource<'_>,
         (dst, service): (Option<&Arc<Workload>>, &Arc<Service>),
         (code, flags): (u16, &'static str),
         build: impl FnOnce() -> RequestLabels,
     ) -> Arc<StandardLabels> {
         let key = LabelKey {
-            dst: dst.map_or(0, |w| Arc::as_ptr(w) as usize),
+            src: ptr(src.workload),
+            peer: src.peer.map_or(0, |p| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                p.hash(&mut h);
+                h.finish()
+            }),
+            dst: ptr(dst),
             service: Arc::as_ptr(service) as usize,
             code,
             flags,
         };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(&key) {
-            return c.labels.clone();
+        match map.get(&key) {
+            Some(c) if c.peer.as_ref() == src.peer => return c.labels.clone(),
+            // Two identities with one hash: the later one is not cached.
+            Some(_) => return StandardLabels::new(build()),
+            None => {}
         }
         if map.len() >= MAX_CACHED_LABELS {
             map.clear();
         }
         let labels = StandardLabels::new(build());
-        let pinned = (dst.cloned(), service.clone());
-        map.insert(
-            key,
-            CachedLabels {
-                _pinned: pinned,
-                labels: labels.clone(),
-            },
-        );
+        let cached = CachedLabels {
+            _pinned: (src.workload.cloned(), dst.cloned(), service.clone()),
+            peer: src.peer.cloned(),
+            labels: labels.clone(),
+        };
+        map.insert(key, cached);
         labels
     }
 
@@ -266,8 +291,8 @@ pub struct Metrics {
     custom_series: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Requests recorded with the standard labels because the overridden series were at the bound.
     pub custom_series_overflow: Counter,
-    /// An ingress gateway's standard label sets, built once per endpoint and response.
-    pub gateway_labels: Arc<LabelCache>,
+    /// Standard label sets, built once per source, endpoint and response.
+    pub labels: Arc<LabelCache>,
 }
 
 /// Distinct overridden label sets kept; beyond it requests keep the standard labels.
@@ -297,7 +322,7 @@ impl Metrics {
             rate_limit_overflow: Counter::default(),
             custom_series: Default::default(),
             custom_series_overflow: Counter::default(),
-            gateway_labels: Default::default(),
+            labels: Default::default(),
         };
         registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
         registry.register(
@@ -414,16 +439,16 @@ mod tests {
     fn cached_labels_are_shared_per_endpoint_and_response() {
         let cache = LabelCache::default();
         let a = service("a");
-        let first = cache.get((None, &a), (200, "-"), || build(&a, 200));
-        let again = cache.get((None, &a), (200, "-"), || panic!("built twice"));
+        let first = cache.get(LabelSource::default(), (None, &a), (200, "-"), || build(&a, 200));
+        let again = cache.get(LabelSource::default(), (None, &a), (200, "-"), || panic!("built twice"));
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(first.labels(), &build(&a, 200));
         // Another response code, or the service as a state update replaced it: a set of its own.
-        let other = cache.get((None, &a), (503, "UF"), || build(&a, 503));
+        let other = cache.get(LabelSource::default(), (None, &a), (503, "UF"), || build(&a, 503));
         assert_eq!(other.labels().response_code, 503);
         let replaced = service("a");
         let mut built = false;
-        cache.get((None, &replaced), (200, "-"), || {
+        cache.get(LabelSource::default(), (None, &replaced), (200, "-"), || {
             built = true;
             build(&replaced, 200)
         });
@@ -433,11 +458,49 @@ mod tests {
     }
 
     #[test]
+    fn a_waypoints_sets_are_shared_per_source_workload_and_peer() {
+        let cache = LabelCache::default();
+        let a = service("a");
+        let (alice, bob): (Identity, Identity) = (
+            "spiffe://cluster.local/ns/shop/sa/alice".parse().unwrap(),
+            "spiffe://cluster.local/ns/shop/sa/bob".parse().unwrap(),
+        );
+        let client = crate::upstream::cluster::tests::workload("client");
+        let from = |workload, peer| LabelSource { workload, peer };
+        let build_for = |peer: &Identity| {
+            let mut l = RequestLabels::new(None, &peer.to_string(), None, &a, "http");
+            l.response_code = 200;
+            l
+        };
+        let first = cache.get(from(Some(&client), Some(&alice)), (None, &a), (200, "-"), || {
+            build_for(&alice)
+        });
+        let again = cache.get(from(Some(&client), Some(&alice)), (None, &a), (200, "-"), || {
+            panic!("built twice")
+        });
+        assert!(Arc::ptr_eq(&first, &again));
+        // Another peer on the same client workload, or the workload replaced by a state
+        // update: sets of their own, never another source's.
+        let other = cache.get(from(Some(&client), Some(&bob)), (None, &a), (200, "-"), || {
+            build_for(&bob)
+        });
+        assert_eq!(other.labels().source_principal, bob.to_string());
+        let replaced = crate::upstream::cluster::tests::workload("client");
+        let mut built = false;
+        cache.get(from(Some(&replaced), Some(&alice)), (None, &a), (200, "-"), || {
+            built = true;
+            build_for(&alice)
+        });
+        assert!(built, "a replaced source workload must not reuse the old entry");
+        assert_eq!(cache.cached(), 3);
+    }
+
+    #[test]
     fn the_label_cache_is_bounded() {
         let cache = LabelCache::default();
         let services: Vec<_> = (0..MAX_CACHED_LABELS + 10).map(|i| service(&format!("s{i}"))).collect();
         for s in &services {
-            cache.get((None, s), (200, "-"), || build(s, 200));
+            cache.get(LabelSource::default(), (None, s), (200, "-"), || build(s, 200));
         }
         assert!(cache.cached() <= MAX_CACHED_LABELS, "{}", cache.cached());
     }

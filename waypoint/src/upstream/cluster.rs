@@ -279,10 +279,11 @@ impl Cluster {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn workload(uid: &str) -> Arc<Workload> {
+    /// A healthy HBONE workload named `uid` (shared with other modules' tests).
+    pub(crate) fn workload(uid: &str) -> Arc<Workload> {
         Arc::new(Workload {
             uid: uid.into(),
             name: uid.into(),
