@@ -456,52 +456,96 @@ async fn waypoint_resilience_rewrites_and_policies() {
     if !mesh_e2e::cluster_capable() {
         return;
     }
-    let wp_id = identity("shop", "waypoint");
-    let cluster = Cluster::start_with_identities(ID2, 2, &resilience_world(), &[&wp_id])
-        .await
-        .expect("cluster up");
-    let pods = [
-        ("backend", 1, vec![("app", "backend")]),
-        ("od-good", 0, vec![("app", "od")]),
-        ("od-broken", 1, vec![("app", "od")]),
-        ("web", 0, vec![("app", "web")]),
-        ("web-mirror", 1, vec![("app", "web-mirror")]),
-        ("fresh", 0, vec![("app", "fresh")]),
-    ];
-    let servers = start_servers(&cluster, &pods);
-    let client = cluster
-        .add_pod(0, PodSpec::new("client", "shop", &[]))
-        .expect("client pod");
-    // A Zipkin-compatible collector outside the mesh; the waypoint samples every trace.
-    let zipkin = cluster
-        .add_pod(0, PodSpec::new("zipkin", "observability", &[]))
-        .expect("collector pod");
-    let mut spans = span_collector(zipkin.ns.listen(SocketAddr::new(zipkin.ip, 9411)).expect("listen"));
-    let zipkin_url = format!("http://{}:9411/api/v2/spans", zipkin.ip);
-    let tracing_flags = [
-        "--zipkin-address",
-        zipkin_url.as_str(),
-        "--trace-sampling",
-        "100",
-        "--trace-tag",
-        "cluster=netns",
-    ];
-    let waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &tracing_flags)
-        .await
-        .expect("waypoint up");
-    for p in servers.iter().chain([&client]) {
-        cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+    let mut scene = ResilienceScene::start().await;
+    // The connections stay open to the end and close before the scene, newest first.
+    let _flaky = retries(&scene).await;
+    let _slow = timeouts_and_fault_delay(&scene).await;
+    circuit_breaking(&scene).await;
+    let _od = outlier_detection(&scene).await;
+    let mut web = redirect_rewrite_mirror(&scene).await;
+    websocket_upgrade(&scene).await;
+    tracing_continued_and_collected(&mut scene, &mut web).await;
+    malformed_request_rejected(&scene, &mut web).await;
+    let _fresh = max_requests_per_connection(&scene, &mut web).await;
+    let _guarded = not_values_on_a_header(&scene).await;
+    let _locked = empty_spec_deny_all(&scene).await;
+}
+
+/// What the phases of [`waypoint_resilience_rewrites_and_policies`] share: the cluster, its pods, the span collector, the waypoint.
+struct ResilienceScene {
+    // Field order is drop order, as the locals it replaces: the waypoint, the collector's
+    // spans and pod, the client, the servers, then the cluster.
+    waypoint: Waypoint,
+    spans: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    _zipkin: mesh_e2e::cluster::Pod,
+    client: mesh_e2e::cluster::Pod,
+    _servers: Vec<mesh_e2e::cluster::Pod>,
+    _cluster: Cluster,
+}
+
+impl ResilienceScene {
+    /// The two-node cluster with the servers, the client, a span collector and the tracing waypoint.
+    async fn start() -> ResilienceScene {
+        let wp_id = identity("shop", "waypoint");
+        let cluster = Cluster::start_with_identities(ID2, 2, &resilience_world(), &[&wp_id])
+            .await
+            .expect("cluster up");
+        let pods = [
+            ("backend", 1, vec![("app", "backend")]),
+            ("od-good", 0, vec![("app", "od")]),
+            ("od-broken", 1, vec![("app", "od")]),
+            ("web", 0, vec![("app", "web")]),
+            ("web-mirror", 1, vec![("app", "web-mirror")]),
+            ("fresh", 0, vec![("app", "fresh")]),
+        ];
+        let servers = start_servers(&cluster, &pods);
+        let client = cluster
+            .add_pod(0, PodSpec::new("client", "shop", &[]))
+            .expect("client pod");
+        // A Zipkin-compatible collector outside the mesh; the waypoint samples every trace.
+        let zipkin = cluster
+            .add_pod(0, PodSpec::new("zipkin", "observability", &[]))
+            .expect("collector pod");
+        let spans = span_collector(zipkin.ns.listen(SocketAddr::new(zipkin.ip, 9411)).expect("listen"));
+        let zipkin_url = format!("http://{}:9411/api/v2/spans", zipkin.ip);
+        let tracing_flags = [
+            "--zipkin-address",
+            zipkin_url.as_str(),
+            "--trace-sampling",
+            "100",
+            "--trace-tag",
+            "cluster=netns",
+        ];
+        let waypoint = Waypoint::start_with(&cluster, 1, "shop", "waypoint", &tracing_flags)
+            .await
+            .expect("waypoint up");
+        for p in servers.iter().chain([&client]) {
+            cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+        }
+        ResilienceScene {
+            waypoint,
+            spans,
+            _zipkin: zipkin,
+            client,
+            _servers: servers,
+            _cluster: cluster,
+        }
     }
-    let open = |n: u8, host: &'static str| {
+
+    /// A connection from the client to the service VIP 10.96.ID2.`n`, port 80.
+    async fn open(&self, n: u8, host: &'static str) -> anyhow::Result<HttpConn> {
         HttpConn::open(
-            &client.ns,
+            &self.client.ns,
             SocketAddr::new(Ipv4Addr::new(10, 96, ID2, n).into(), 80),
             host,
         )
-    };
+        .await
+    }
+}
 
-    // Retries (GEP-1731): two failures then success within attempts: 3; a POST is not retried.
-    let mut flaky = open(20, "flaky.shop.svc.cluster.local").await.expect("connect");
+/// Retries (GEP-1731): two failures then success within attempts: 3; a POST is not retried (returns the connection).
+async fn retries(scene: &ResilienceScene) -> HttpConn {
+    let mut flaky = scene.open(20, "flaky.shop.svc.cluster.local").await.expect("connect");
     assert_eq!(
         timed(&mut flaky, "GET", "/fail/2/get").await.0,
         200,
@@ -517,9 +561,12 @@ async fn waypoint_resilience_rewrites_and_policies() {
         503,
         "POST not retried"
     );
+    flaky
+}
 
-    // Per-try timeout (2 × 200 ms) and overall timeout (300 ms), with tolerance.
-    let mut slow = open(21, "slow.shop.svc.cluster.local").await.expect("connect");
+/// Per-try timeout (2 × 200 ms) and overall timeout (300 ms), with tolerance; fault delay at 100 % (returns the connection).
+async fn timeouts_and_fault_delay(scene: &ResilienceScene) -> HttpConn {
+    let mut slow = scene.open(21, "slow.shop.svc.cluster.local").await.expect("connect");
     let (status, took, _) = timed(&mut slow, "GET", "/delay/500").await;
     assert_eq!(status, 504);
     assert!(
@@ -536,11 +583,14 @@ async fn waypoint_resilience_rewrites_and_policies() {
     let (status, took, _) = timed(&mut slow, "GET", "/delayed").await;
     assert_eq!(status, 200);
     assert!(took >= Duration::from_millis(190), "200 ms fault delay took {took:?}");
+    slow
+}
 
-    // Circuit breaking: one connection, one pending; a burst of 8 gets prompt overflows.
+/// Circuit breaking: one connection, one pending; a burst of 8 gets prompt overflows.
+async fn circuit_breaking(scene: &ResilienceScene) {
     let mut burst = Vec::new();
     for _ in 0..8 {
-        let mut c = open(22, "cb.shop.svc.cluster.local").await.expect("connect");
+        let mut c = scene.open(22, "cb.shop.svc.cluster.local").await.expect("connect");
         burst.push(tokio::spawn(async move { timed(&mut c, "GET", "/delay/400").await }));
     }
     let (mut ok, mut overflow) = (0, 0);
@@ -563,9 +613,11 @@ async fn waypoint_resilience_rewrites_and_policies() {
         }
     }
     assert!(ok >= 1 && overflow >= 4, "burst: {ok} served, {overflow} overflowed");
+}
 
-    // Outlier detection: the broken endpoint is ejected, then restored after baseEjectionTime.
-    let mut od = open(23, "od.shop.svc.cluster.local").await.expect("connect");
+/// Outlier detection: the broken endpoint is ejected, then restored after baseEjectionTime (returns the connection).
+async fn outlier_detection(scene: &ResilienceScene) -> HttpConn {
+    let mut od = scene.open(23, "od.shop.svc.cluster.local").await.expect("connect");
     let mut answers = Vec::new();
     for _ in 0..20 {
         answers.push(timed(&mut od, "GET", "/").await.0);
@@ -580,9 +632,12 @@ async fn waypoint_resilience_rewrites_and_policies() {
         after.push(timed(&mut od, "GET", "/").await.0);
     }
     assert!(after.contains(&500), "restored after the ejection time: {after:?}");
+    od
+}
 
-    // Redirect, rewrite, mirror.
-    let mut web = open(24, "web.shop.svc.cluster.local").await.expect("connect");
+/// Redirect, rewrite, mirror (returns the connection).
+async fn redirect_rewrite_mirror(scene: &ResilienceScene) -> HttpConn {
+    let mut web = scene.open(24, "web.shop.svc.cluster.local").await.expect("connect");
     let (status, _, a) = timed(&mut web, "GET", "/old").await;
     assert_eq!(status, 301);
     assert_eq!(
@@ -610,13 +665,18 @@ async fn waypoint_resilience_rewrites_and_policies() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A WebSocket-style upgrade through the waypoint.
-    let ws = open(24, "web.shop.svc.cluster.local").await.expect("connect");
+    web
+}
+
+/// A WebSocket-style upgrade through the waypoint.
+async fn websocket_upgrade(scene: &ResilienceScene) {
+    let ws = scene.open(24, "web.shop.svc.cluster.local").await.expect("connect");
     let echoed = ws.upgrade_echo("/ws", b"hello over an upgrade").await.expect("upgrade");
     assert_eq!(echoed, b"hello over an upgrade");
+}
 
-    // Tracing: the caller's W3C context is continued, the upstream gets the waypoint's span as
-    // parent in both header families, and the span reaches the collector with its tags.
+/// Tracing: the caller's W3C context is continued, the upstream gets the waypoint's span as parent in both header families, and the span reaches the collector with its tags.
+async fn tracing_continued_and_collected(scene: &mut ResilienceScene, web: &mut HttpConn) {
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace}-{parent}-01");
@@ -627,6 +687,7 @@ async fn waypoint_resilience_rewrites_and_policies() {
     assert!(a.body.contains(&format!("h traceparent: 00-{trace}-")), "{}", a.body);
     assert!(a.body.contains(&format!("h x-b3-traceid: {trace}")), "{}", a.body);
     assert!(a.body.contains(&format!("h x-b3-parentspanid: {parent}")), "{}", a.body);
+    let spans = &mut scene.spans;
     let span = tokio::time::timeout(WAIT, async {
         while let Some((path, body)) = spans.recv().await {
             assert_eq!(path, "/api/v2/spans");
@@ -643,45 +704,47 @@ async fn waypoint_resilience_rewrites_and_policies() {
     assert_eq!(span["tags"]["http.status_code"], "200");
     assert_eq!(span["tags"]["cluster"], "netns");
     assert_eq!(span["localEndpoint"]["serviceName"], "waypoint.shop");
+}
 
-    // A malformed request gets 400 and is counted; the tunnel's other requests are unaffected.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut raw = client
-            .ns
-            .connect(SocketAddr::new(Ipv4Addr::new(10, 96, ID2, 24).into(), 80))
-            .await
-            .expect("connect");
-        raw.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nno colon here\r\n\r\n")
-            .await
-            .expect("write");
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut answer)).await;
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(
-            answer.starts_with("HTTP/1.1 400"),
-            "malformed request answered: {answer:?}"
-        );
-        let metrics = waypoint.metrics().await.expect("metrics");
-        assert!(
-            metrics.contains("waypoint_rejected_requests_total{reason=\"malformed_http\"} 1"),
-            "malformed request counted:\n{}",
-            metrics
-                .lines()
-                .filter(|l| l.contains("rejected"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        assert_eq!(timed(&mut web, "GET", "/hello").await.0, 200);
-    }
+/// A malformed request gets 400 and is counted; the tunnel's other requests are unaffected.
+async fn malformed_request_rejected(scene: &ResilienceScene, web: &mut HttpConn) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = scene
+        .client
+        .ns
+        .connect(SocketAddr::new(Ipv4Addr::new(10, 96, ID2, 24).into(), 80))
+        .await
+        .expect("connect");
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nno colon here\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "malformed request answered: {answer:?}"
+    );
+    let metrics = scene.waypoint.metrics().await.expect("metrics");
+    assert!(
+        metrics.contains("waypoint_rejected_requests_total{reason=\"malformed_http\"} 1"),
+        "malformed request counted:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("rejected"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(timed(web, "GET", "/hello").await.0, 200);
+}
 
-    // maxRequestsPerConnection: 1 gives every request its own upstream connection; without
-    // it the waypoint reuses its pooled one.
-    let mut fresh = open(28, "fresh.shop.svc.cluster.local").await.expect("connect");
+/// maxRequestsPerConnection: 1 gives every request its own upstream connection; without it the waypoint reuses its pooled one (returns the connection).
+async fn max_requests_per_connection(scene: &ResilienceScene, web: &mut HttpConn) -> HttpConn {
+    let mut fresh = scene.open(28, "fresh.shop.svc.cluster.local").await.expect("connect");
     let (fresh_before, web_before) = (accepted("fresh"), accepted("web"));
     for _ in 0..5 {
         assert_eq!(timed(&mut fresh, "GET", "/").await.0, 200);
-        assert_eq!(timed(&mut web, "GET", "/").await.0, 200);
+        assert_eq!(timed(web, "GET", "/").await.0, 200);
     }
     assert_eq!(
         accepted("fresh") - fresh_before,
@@ -689,9 +752,12 @@ async fn waypoint_resilience_rewrites_and_policies() {
         "one upstream connection per request"
     );
     assert!(accepted("web") - web_before <= 1, "pooled connections are reused");
+    fresh
+}
 
-    // notValues on a header, and the empty-spec deny-all.
-    let mut guarded = open(26, "guarded.shop.svc.cluster.local").await.expect("connect");
+/// notValues on a header (returns the connection).
+async fn not_values_on_a_header(scene: &ResilienceScene) -> HttpConn {
+    let mut guarded = scene.open(26, "guarded.shop.svc.cluster.local").await.expect("connect");
     assert_eq!(
         guarded
             .send("GET", "/", &[("x-tier", "gold")])
@@ -708,8 +774,14 @@ async fn waypoint_resilience_rewrites_and_policies() {
             .status,
         403
     );
-    let mut locked = open(25, "locked.shop.svc.cluster.local").await.expect("connect");
+    guarded
+}
+
+/// The empty-spec deny-all (returns the connection).
+async fn empty_spec_deny_all(scene: &ResilienceScene) -> HttpConn {
+    let mut locked = scene.open(25, "locked.shop.svc.cluster.local").await.expect("connect");
     assert_eq!(timed(&mut locked, "GET", "/").await.0, 403, "deny-all");
+    locked
 }
 
 const ID3: u8 = 92;
@@ -867,41 +939,85 @@ mod grpc_backend {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_jwt_and_grpc() {
-    use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
-    use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
-    use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-    use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-    use mesh_proto::discovery::DeltaDiscoveryRequest;
-
     if !mesh_e2e::cluster_capable() {
         return;
     }
-    let wp_id = identity("shop", "waypoint");
-    let cluster = Cluster::start_with_identities(ID3, 2, &auth_world(), &[&wp_id])
-        .await
-        .expect("cluster up");
-    let keys = keys();
-    let issuer = cluster
-        .add_pod(1, PodSpec::new("issuer", "observability", &[]))
-        .expect("issuer pod");
-    tokio::spawn(mesh_e2e::apps::json_server(
-        issuer.ns.listen(SocketAddr::new(issuer.ip, 8080)).expect("listen"),
-        keys.jwks.clone(),
-    ));
-    cluster
-        .write_manifest(
-            "jwt.yaml",
-            &request_authentication(&format!("http://{}:8080/jwks.json", issuer.ip)),
-        )
-        .expect("RequestAuthentication");
+    let scene = AuthScene::start().await;
+    // The api connection stays open to the end and closes before the scene.
+    let _api = jwt_tokens(&scene).await;
+    server_first_tcp(&scene).await;
+    grpc_routed_by_method(&scene).await;
+}
 
-    let api = cluster
-        .add_pod(1, PodSpec::new("api", "shop", &[("app", "api")]))
-        .expect("api pod");
-    tokio::spawn(named_server(
-        api.ns.listen(SocketAddr::new(api.ip, 8080)).expect("listen"),
-        "api",
-    ));
+/// What the phases of [`waypoint_jwt_and_grpc`] share: the cluster, its pods, the keys, the waypoint.
+struct AuthScene {
+    // Field order is drop order, as the locals it replaces: the waypoint, the client, the
+    // gRPC and TCP pods, the api pod, the issuer, the keys, then the cluster.
+    _waypoint: Waypoint,
+    client: mesh_e2e::cluster::Pod,
+    _grpc_pods: Vec<mesh_e2e::cluster::Pod>,
+    _api: mesh_e2e::cluster::Pod,
+    _issuer: mesh_e2e::cluster::Pod,
+    keys: Keys,
+    _cluster: Cluster,
+}
+
+impl AuthScene {
+    /// The two-node cluster with the JWKS issuer, the api, gRPC and TCP servers, the client and the waypoint.
+    async fn start() -> AuthScene {
+        let wp_id = identity("shop", "waypoint");
+        let cluster = Cluster::start_with_identities(ID3, 2, &auth_world(), &[&wp_id])
+            .await
+            .expect("cluster up");
+        let keys = keys();
+        let issuer = cluster
+            .add_pod(1, PodSpec::new("issuer", "observability", &[]))
+            .expect("issuer pod");
+        tokio::spawn(mesh_e2e::apps::json_server(
+            issuer.ns.listen(SocketAddr::new(issuer.ip, 8080)).expect("listen"),
+            keys.jwks.clone(),
+        ));
+        cluster
+            .write_manifest(
+                "jwt.yaml",
+                &request_authentication(&format!("http://{}:8080/jwks.json", issuer.ip)),
+            )
+            .expect("RequestAuthentication");
+
+        let api = cluster
+            .add_pod(1, PodSpec::new("api", "shop", &[("app", "api")]))
+            .expect("api pod");
+        tokio::spawn(named_server(
+            api.ns.listen(SocketAddr::new(api.ip, 8080)).expect("listen"),
+            "api",
+        ));
+        let grpc_pods = start_grpc_and_tcp_servers(&cluster);
+        let client = cluster
+            .add_pod(0, PodSpec::new("client", "shop", &[]))
+            .expect("client pod");
+        let waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint")
+            .await
+            .expect("waypoint up");
+        for p in grpc_pods.iter().chain([&api, &client]) {
+            cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
+        }
+        AuthScene {
+            _waypoint: waypoint,
+            client,
+            _grpc_pods: grpc_pods,
+            _api: api,
+            _issuer: issuer,
+            keys,
+            _cluster: cluster,
+        }
+    }
+}
+
+/// The gRPC pods grpc-a and grpc-b ([`grpc_backend::Named`]), then the TCP pods tcp-a and tcp-b ([`named_echo_server`]), all on 8080.
+fn start_grpc_and_tcp_servers(cluster: &Cluster) -> Vec<mesh_e2e::cluster::Pod> {
+    use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+    use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+
     let mut grpc_pods = Vec::new();
     for (name, node) in [("grpc-a", 0), ("grpc-b", 1)] {
         let pod = cluster
@@ -927,19 +1043,14 @@ async fn waypoint_jwt_and_grpc() {
         ));
         grpc_pods.push(pod);
     }
-    let client = cluster
-        .add_pod(0, PodSpec::new("client", "shop", &[]))
-        .expect("client pod");
-    let _waypoint = Waypoint::start(&cluster, 1, "shop", "waypoint")
-        .await
-        .expect("waypoint up");
-    for p in grpc_pods.iter().chain([&api, &client]) {
-        cluster.wait_workload(p, true, WAIT).await.expect("pods advertised");
-    }
+    grpc_pods
+}
 
-    // JWT: valid RS256 and ES256 tokens pass with the claim forwarded and the token removed.
+/// JWT: valid RS256 and ES256 tokens pass with the claim forwarded and the token removed; invalid ones get 401, none 403 (returns the connection).
+async fn jwt_tokens(scene: &AuthScene) -> HttpConn {
+    let keys = &scene.keys;
     let mut conn = HttpConn::open(
-        &client.ns,
+        &scene.client.ns,
         SocketAddr::new(Ipv4Addr::new(10, 96, ID3, 30).into(), 80),
         "api.shop",
     )
@@ -954,7 +1065,7 @@ async fn waypoint_jwt_and_grpc() {
         // The RequestAuthentication arrives after the pods: wait for it to be in force.
         let deadline = std::time::Instant::now() + WAIT;
         let a = loop {
-            let a = status_with(Some(bearer(token(&keys, alg, claims(ISSUER, "api", 600))))).await;
+            let a = status_with(Some(bearer(token(keys, alg, claims(ISSUER, "api", 600))))).await;
             if a.status == 200 || std::time::Instant::now() > deadline {
                 break a;
             }
@@ -966,15 +1077,12 @@ async fn waypoint_jwt_and_grpc() {
     }
     let rs = jsonwebtoken::Algorithm::RS256;
     let invalid = [
-        ("expired", token(&keys, rs, claims(ISSUER, "api", -300))),
-        (
-            "wrong issuer",
-            token(&keys, rs, claims("https://evil.test", "api", 600)),
-        ),
-        ("wrong audience", token(&keys, rs, claims(ISSUER, "other", 600))),
+        ("expired", token(keys, rs, claims(ISSUER, "api", -300))),
+        ("wrong issuer", token(keys, rs, claims("https://evil.test", "api", 600))),
+        ("wrong audience", token(keys, rs, claims(ISSUER, "other", 600))),
         ("bad signature", {
-            let t = token(&keys, rs, claims(ISSUER, "api", 600));
-            let forged = token(&keys, rs, claims(ISSUER, "api", 6000));
+            let t = token(keys, rs, claims(ISSUER, "api", 600));
+            let forged = token(keys, rs, claims(ISSUER, "api", 6000));
             // The payload of one token with the signature of another.
             let (head_body, _) = forged.rsplit_once('.').expect("jwt");
             format!("{head_body}.{}", t.rsplit_once('.').expect("jwt").1)
@@ -988,35 +1096,42 @@ async fn waypoint_jwt_and_grpc() {
         403,
         "no token where a request principal is required"
     );
+    conn
+}
 
-    // A server-first TCP protocol through the waypoint: detection gives up waiting for HTTP,
-    // and the TCPRoute sends the connection to tcp-b although the service selects tcp-a.
-    {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let tcp = client
-            .ns
-            .connect(SocketAddr::new(Ipv4Addr::new(10, 96, ID3, 34).into(), 80))
-            .await
-            .expect("connect to the tcp VIP");
-        let mut tcp = tokio::io::BufReader::new(tcp);
-        let mut line = String::new();
-        tokio::time::timeout(WAIT, tcp.read_line(&mut line))
-            .await
-            .expect("greeting in time")
-            .expect("greeting");
-        assert_eq!(line, "tcp-b\n", "TCPRoute backend");
-        tcp.get_mut().write_all(b"ping\n").await.expect("write");
-        line.clear();
-        tokio::time::timeout(WAIT, tcp.read_line(&mut line))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(line, "ping\n");
-    }
+/// A server-first TCP protocol through the waypoint: detection gives up waiting for HTTP, and the TCPRoute sends the connection to tcp-b although the service selects tcp-a.
+async fn server_first_tcp(scene: &AuthScene) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let tcp = scene
+        .client
+        .ns
+        .connect(SocketAddr::new(Ipv4Addr::new(10, 96, ID3, 34).into(), 80))
+        .await
+        .expect("connect to the tcp VIP");
+    let mut tcp = tokio::io::BufReader::new(tcp);
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, tcp.read_line(&mut line))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    assert_eq!(line, "tcp-b\n", "TCPRoute backend");
+    tcp.get_mut().write_all(b"ping\n").await.expect("write");
+    line.clear();
+    tokio::time::timeout(WAIT, tcp.read_line(&mut line))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(line, "ping\n");
+}
 
-    // gRPC through the waypoint, routed by method: unary to grpc-a, streaming to grpc-b.
+/// gRPC through the waypoint, routed by method: unary to grpc-a, streaming to grpc-b.
+async fn grpc_routed_by_method(scene: &AuthScene) {
+    use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+    use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use mesh_proto::discovery::DeltaDiscoveryRequest;
+
     let sockets = std::sync::Arc::new(mesh_e2e::netns::NetnsSockets {
-        name: client.ns.name.clone(),
+        name: scene.client.ns.name.clone(),
     });
     let channel = mesh_core::grpc::endpoint(&format!("http://10.96.{ID3}.31:80"), None)
         .expect("grpc address")
