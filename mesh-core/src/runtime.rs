@@ -1,5 +1,6 @@
-//! How a proxy binary runs: its tokio runtime and its allocator's settings, shared by ztunnel
-//! and the waypoint so that both size and tune themselves alike.
+//! How a proxy binary runs: its tokio runtime, sized alike in ztunnel and the waypoint, and
+//! glibc malloc's settings for ztunnel (the waypoint links mimalloc instead: its binary says
+//! why).
 //!
 //! On a node with one or two CPUs the proxy shares them with the applications it serves. A
 //! second worker thread there buys no parallelism, only wake-ups across cores: every task

@@ -68,8 +68,6 @@ pub enum BadRequest {
     RewrittenPath,
     /// The buffered request body could not be read (too large, or the client broke off).
     Body(String),
-    /// The path does not make a URI with the endpoint's address.
-    UpstreamPath,
 }
 
 /// A response the waypoint writes itself.
@@ -181,7 +179,6 @@ impl LocalReply {
             LocalReply::FaultAbort(_) => "fault filter abort",
             LocalReply::BadRequest(BadRequest::RewrittenPath) => "rewritten path is not a valid URI",
             LocalReply::BadRequest(BadRequest::Body(_)) => "could not read the request body",
-            LocalReply::BadRequest(BadRequest::UpstreamPath) => "bad request path",
             LocalReply::Overflow(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow"
             }
@@ -203,7 +200,6 @@ impl LocalReply {
             LocalReply::NoRoute => Some("no_route"),
             LocalReply::BadRequest(BadRequest::RewrittenPath) => Some("bad_rewrite"),
             LocalReply::BadRequest(BadRequest::Body(_)) => Some("bad_body"),
-            LocalReply::BadRequest(BadRequest::UpstreamPath) => Some("bad_path"),
             LocalReply::UnrequestedUpgrade { .. } => Some("bad_upgrade"),
             LocalReply::RateLimited { .. } => Some("rate_limited"),
             _ => None,
@@ -304,7 +300,6 @@ mod tests {
             LocalReply::FaultAbort(StatusCode::IM_A_TEAPOT),
             LocalReply::BadRequest(BadRequest::RewrittenPath),
             LocalReply::BadRequest(BadRequest::Body("too big".into())),
-            LocalReply::BadRequest(BadRequest::UpstreamPath),
             LocalReply::Overflow(Overflow("http2MaxRequests reached")),
             LocalReply::NoHealthyUpstream,
             LocalReply::UpstreamFailure,

@@ -34,7 +34,7 @@ use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{LabelSource, RequestLabels, SeriesLabels, StandardLabels};
 use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
-use crate::upstream::Endpoint;
+use crate::upstream::pool::PooledBody;
 use crate::upstream::{self, Body};
 use crate::Waypoint;
 
@@ -576,14 +576,14 @@ impl Exchange<'_> {
             let Some(body) = self.body.next() else {
                 break;
             };
-            let req = self.request(body, &ep, cluster)?;
-            let client = wp.upstreams.client_for(cluster, self.http2);
-            let sent = self.retry.attempt(client.request(req)).await;
+            let req = self.request(body, cluster);
+            let pool = wp.upstreams.pool_for(cluster, self.http2);
+            let sent = self.retry.attempt(pool.send(ep.target, req)).await;
             let (outcome, answer) = match sent {
                 Some(Ok(resp)) => (Attempt::Answered(resp.status()), Ok(resp)),
                 Some(Err(e)) => {
                     out.reason = format!("upstream {}: {e}", ep.target);
-                    let sent = !e.is_connect();
+                    let sent = e.maybe_sent();
                     let reply = match upstream::tls::TlsFailure::find(&e) {
                         Some(tls) => LocalReply::UpstreamTls(tls.clone()),
                         None => LocalReply::UpstreamFailure,
@@ -612,32 +612,21 @@ impl Exchange<'_> {
         Err(LocalReply::UpstreamFailure)
     }
 
-    /// The request for one attempt at endpoint `ep`.
-    fn request(&self, body: Body, ep: &Endpoint, cluster: &Cluster) -> Result<Request<Body>, LocalReply> {
+    /// The request for one attempt (the pool sets its URI's form for the endpoint).
+    fn request(&self, body: Body, cluster: &Cluster) -> Request<Body> {
         let mut req = Request::from_parts(self.parts.clone(), body);
         *req.version_mut() = if self.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
         if !self.http2 && self.upgrade.is_none() && cluster.close_after_this() {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        // From parts: the client's path and query were parsed once already.
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = http::uri::Authority::try_from(ep.target.to_string()).ok();
-        uri.path_and_query = Some(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        *req.uri_mut() = http::Uri::from_parts(uri).map_err(|_| LocalReply::BadRequest(BadRequest::UpstreamPath))?;
-        Ok(req)
+        req
     }
 }
 
 /// The backend's answer on its way to the client: a 101 joins the two upgraded connections
 /// when the client asked for that upgrade, and is refused otherwise.
-fn finish(mut resp: Response<Incoming>, upgrade: Option<OnUpgrade>) -> Result<Response<Body>, LocalReply> {
+fn finish(mut resp: Response<PooledBody>, upgrade: Option<OnUpgrade>) -> Result<Response<Body>, LocalReply> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let confirmed = upgrade.is_some() && rewrite::upgrade_confirmed(resp.headers());
         match upgrade {
@@ -710,11 +699,6 @@ fn spawn_mirror(
     };
     let mut req = Request::from_parts(parts.clone(), full(body));
     *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let Ok(uri) = format!("http://{}{pq}", ep.target).parse() else {
-        return;
-    };
-    *req.uri_mut() = uri;
     // Envoy's convention: the mirror sees the host with a "-shadow" suffix.
     if let Some(h) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
         let shadow = match h.rsplit_once(':') {
@@ -734,7 +718,7 @@ fn spawn_mirror(
         .http_cluster((&m.service, &service.hostname), "", port, policy);
     let wp = wp.clone();
     tokio::spawn(async move {
-        match wp.upstreams.client_for(&cluster, http2).request(req).await {
+        match wp.upstreams.pool_for(&cluster, http2).send(ep.target, req).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }

@@ -52,7 +52,7 @@ pub struct Cluster {
     balance: Balance,
     endpoints: Mutex<HashMap<String, EndpointState>>,
     /// Its own connection pools when it originates TLS.
-    pub tls: Option<super::TlsClients>,
+    pub tls: Option<super::TlsPools>,
 }
 
 /// Held while a request is admitted; releases its slot on drop.
@@ -105,7 +105,7 @@ impl Cluster {
     }
 
     /// A cluster whose requests go through `tls`'s pools (TLS origination).
-    pub fn with_tls(policy: wp::TrafficPolicy, tls: Option<super::TlsClients>) -> Arc<Self> {
+    pub fn with_tls(policy: wp::TrafficPolicy, tls: Option<super::TlsPools>) -> Arc<Self> {
         let pool = policy.connection_pool.unwrap_or_default();
         let balance = match policy.load_balancer.as_ref().map(|l| l.simple.as_str()) {
             Some("LEAST_REQUEST") => Balance::LeastRequest,

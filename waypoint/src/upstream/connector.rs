@@ -5,7 +5,6 @@
 //! that originates TLS has its own pool over a connector with `originate` set, which wraps
 //! every connection in TLS or fails it: it never hands out a plaintext one.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,9 +12,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use mesh_core::hbone::{H2Io, HbonePool, PoolKey, TunnelRequest};
 use mesh_core::identity::Identity;
 use mesh_core::state::model::Tunnel;
@@ -33,12 +29,6 @@ pub enum Conn {
     Hbone(Box<H2Io>),
     /// TLS originated by the waypoint over either of the others.
     Tls(Box<tokio_rustls::client::TlsStream<Conn>>),
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl AsyncRead for Conn {
@@ -77,9 +67,8 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The tower service hyper's pool calls to open a connection to `http://ip:port`. hyper's
-/// client clones it for every request (twice), even when the pool has a connection: so it is
-/// one `Arc` around what it dials with.
+/// Opens connections for a [`super::pool::Pool`]: one `Arc` around what it dials with, shared
+/// by a cluster's pools.
 #[derive(Clone)]
 pub struct Connector(Arc<Dial>);
 
@@ -179,7 +168,7 @@ impl Connector {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Connector {
     /// This connector for a cluster that originates TLS as `how`.
@@ -213,28 +202,33 @@ impl Connector {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Conn>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+impl Connector {
+    /// A connection to `target`: as it is, or with TLS over it when this connector's
+    /// cluster originates TLS.
+    pub async fn connect(&self, target: SocketAddr) -> Result<Conn, BoxError> {
+        match &self.originate {
+            None => Ok(self.open(target).await?),
+            Some(how) => self.originate(how, target).await,
+        }
     }
+}
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let target: SocketAddr = uri
-                .authority()
-                .map(|a| a.as_str())
-                .unwrap_or_default()
-                .parse()
-                .map_err(|_| format!("upstream {uri} is not ip:port"))?;
-            match &this.originate {
-                None => Ok(TokioIo::new(this.open(target).await?)),
-                Some(how) => Ok(TokioIo::new(this.originate(how, target).await?)),
-            }
-        })
-    }
+/// A connector for tests: plain TCP to any address the (empty) state does not know.
+#[cfg(test)]
+pub(crate) fn test_connector() -> Connector {
+    use mesh_core::hbone::Settings;
+    use mesh_core::identity::{CertManager, CertManagerConfig, DevCa};
+    use mesh_core::socket::PlainSockets;
+    let ca = DevCa::generate("cluster.local").unwrap();
+    let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+    Connector::from(Dial {
+        state: StateStore::new(),
+        hbone: HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default())),
+        identity: "spiffe://cluster.local/ns/egress/sa/waypoint".parse().unwrap(),
+        network: String::new(),
+        hbone_port: 15008,
+        connect_timeout: Duration::from_secs(1),
+        originate: None,
+        tls_failures: Default::default(),
+    })
 }

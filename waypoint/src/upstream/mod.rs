@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod connector;
+pub mod pool;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -13,14 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use mesh_core::state::model::{Service, Workload};
 use mesh_core::state::State;
 use mesh_proto::waypoint as wp;
 
 use self::cluster::Cluster;
 use self::connector::Connector;
+use self::pool::Pool;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -30,11 +30,11 @@ pub struct Endpoint {
     pub target: SocketAddr,
 }
 
-/// Upstream clients and per-cluster state.
+/// Upstream connection pools and per-cluster state.
 pub struct Upstreams {
     pub connector: Connector,
-    http1: Client<Connector, Body>,
-    http2: Client<Connector, Body>,
+    http1: Arc<Pool>,
+    http2: Arc<Pool>,
     clusters: Mutex<HashMap<(String, String), Arc<Cluster>>>,
     /// Clusters that originate TLS, by service, subset and port (`portLevelSettings`).
     tls_clusters: Mutex<HashMap<(String, String, u16), Arc<Cluster>>>,
@@ -43,26 +43,20 @@ pub struct Upstreams {
 
 /// The pools of a cluster that originates TLS: connections are reused per endpoint under
 /// these settings and this credential; new settings or a rotated Secret make a new cluster.
-pub struct TlsClients {
-    http1: Client<Connector, Body>,
-    http2: Client<Connector, Body>,
+pub struct TlsPools {
+    http1: Arc<Pool>,
+    http2: Arc<Pool>,
     settings: wp::UpstreamTls,
     credential: Option<Arc<wp::UpstreamCredential>>,
 }
 
-fn clients(connector: &Connector) -> (Client<Connector, Body>, Client<Connector, Body>) {
-    let http1 = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build(connector.clone());
-    let http2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(connector.clone());
-    (http1, http2)
+fn pools(connector: &Connector) -> (Arc<Pool>, Arc<Pool>) {
+    (Pool::new(connector.clone(), false), Pool::new(connector.clone(), true))
 }
 
 impl Upstreams {
     pub fn new(connector: Connector, credentials: Arc<tls::CredentialStore>) -> Self {
-        let (http1, http2) = clients(&connector);
+        let (http1, http2) = pools(&connector);
         Upstreams {
             connector,
             http1,
@@ -73,7 +67,7 @@ impl Upstreams {
         }
     }
 
-    pub fn client(&self, http2: bool) -> &Client<Connector, Body> {
+    pub fn pool(&self, http2: bool) -> &Arc<Pool> {
         if http2 {
             &self.http2
         } else {
@@ -81,12 +75,12 @@ impl Upstreams {
         }
     }
 
-    /// The client for a request through `cluster`: its own TLS pools when it originates TLS.
-    pub fn client_for<'a>(&'a self, cluster: &'a Cluster, http2: bool) -> &'a Client<Connector, Body> {
+    /// The pool for a request through `cluster`: its own TLS pools when it originates TLS.
+    pub fn pool_for<'a>(&'a self, cluster: &'a Cluster, http2: bool) -> &'a Arc<Pool> {
         match &cluster.tls {
             Some(t) if http2 => &t.http2,
             Some(t) => &t.http1,
-            None => self.client(http2),
+            None => self.pool(http2),
         }
     }
 
@@ -129,8 +123,8 @@ impl Upstreams {
         }
         let how = tls::Origination::build(&settings, hostname, credential.as_deref())
             .unwrap_or_else(|| tls::Originate::Refuse(tls::TlsFailure::Config("mode DISABLE".to_owned())));
-        let (http1, http2) = clients(&self.connector.originating(how));
-        let tls = TlsClients {
+        let (http1, http2) = pools(&self.connector.originating(how));
+        let tls = TlsPools {
             http1,
             http2,
             settings,
@@ -199,28 +193,15 @@ pub fn target(workload: &Arc<Workload>, service: &Service, port: u16, like: std:
 
 #[cfg(test)]
 mod tests {
-    use mesh_core::hbone::{HbonePool, Settings};
-    use mesh_core::identity::{CertManager, CertManagerConfig, DevCa};
-    use mesh_core::socket::PlainSockets;
     use prost::Message;
 
     use super::*;
-    use crate::upstream::connector::Dial;
 
     fn upstreams() -> Upstreams {
-        let ca = DevCa::generate("cluster.local").unwrap();
-        let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
-        let connector = Connector::from(Dial {
-            state: mesh_core::state::StateStore::new(),
-            hbone: HbonePool::new(Settings::default(), certs, Arc::new(PlainSockets::default())),
-            identity: "spiffe://cluster.local/ns/egress/sa/waypoint".parse().unwrap(),
-            network: String::new(),
-            hbone_port: 15008,
-            connect_timeout: std::time::Duration::from_secs(1),
-            originate: None,
-            tls_failures: Default::default(),
-        });
-        Upstreams::new(connector, tls::CredentialStore::new("egress/waypoint".into()))
+        Upstreams::new(
+            connector::test_connector(),
+            tls::CredentialStore::new("egress/waypoint".into()),
+        )
     }
 
     fn tls(mode: &str, sni: &str) -> wp::UpstreamTls {
