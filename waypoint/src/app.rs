@@ -65,7 +65,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(admin.clone(), port, listener));
     }
     let serving = match (hbone, &waypoint.ingress) {
-        (Some(hbone), _) => tokio::spawn(listener::serve(waypoint.clone(), hbone)),
+        (Some(hbone), _) => tokio::spawn(listener::serve(waypoint.clone(), hbone, cfg.peer_limits.config())),
         (None, Some(ingress)) => tokio::spawn(ingress::server::run(
             waypoint.clone(),
             ingress.clone(),

@@ -64,6 +64,10 @@ pub struct Config {
     /// HBONE listener.
     #[arg(long, env = "HBONE_ADDR", default_value = "0.0.0.0:15008")]
     pub hbone_addr: SocketAddr,
+    /// Per-peer bounds of the HBONE listener (`--max-streams-per-peer`,
+    /// `--max-connections-per-peer`), as ztunnel's.
+    #[command(flatten)]
+    pub peer_limits: mesh_core::hbone::limits::PeerLimitArgs,
     /// HBONE port of ztunnels (upstream tunnels).
     #[arg(long, env = "HBONE_PORT", default_value_t = 15008)]
     pub hbone_port: u16,

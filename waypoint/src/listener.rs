@@ -133,14 +133,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 /// Accepts HBONE connections until closing (`--drain-accept-ms` after SIGTERM: a leaving
 /// replica keeps taking connections until ztunnels stop sending them). Every connection
-/// shares one set of HBONE limits
+/// shares one set of HBONE limits, `limits`
 /// (pending handshakes per source, streams per peer identity, reset floods), counted in
 /// `waypoint_rejected_requests_total` by limit.
-pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
+pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener, limits: LimitConfig) {
     let metrics = wp.metrics.clone();
     let observer: LimitObserver = Arc::new(move |limit: Limit| metrics.reject(limit.as_str()));
     let settings = Arc::new(Settings {
-        limits: Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer))),
+        limits: Arc::new(ServerLimits::new(limits, Some(observer))),
         // Double HBONE through an east-west gateway names the service `hostname:port`.
         hostname_authority: true,
         ..Default::default()
@@ -239,6 +239,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         Some(Destination::Workload(_)) | None => {
             // Workload-addressed traffic is served as TCP straight to that address.
             let peer = c.peer_identity.clone();
+            drop(state);
             let Ok(stream) = accept_l4(&wp, c, client_addr, None) else {
                 return;
             };
@@ -256,6 +257,9 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     };
     let spiffe = peer_identity.to_string();
     let must = must_be_http(&wp, &state, &service, dst.port());
+    // Not held for the connection's life: every state published meanwhile would stay in
+    // memory until the last connection that began under it closed.
+    drop(state);
     let io = match detect(stream, must, wp.header_read_timeout).await {
         Ok(Sniffed::Http(io)) => io,
         Ok(Sniffed::Tcp(io)) => {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mesh_core::hbone::{Limit, LimitConfig, LimitObserver, ServerLimits, Settings};
+use mesh_core::hbone::{Limit, LimitObserver, ServerLimits, Settings};
 use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, TokenSource};
 use mesh_core::log_json::JsonLines;
@@ -247,14 +247,7 @@ fn shared_state(
         server_idle_timeout: Duration::from_secs(cfg.inbound_idle_seconds),
         // Double HBONE's inner CONNECT names the service by hostname (Istio's form).
         hostname_authority: true,
-        limits: Arc::new(ServerLimits::new(
-            LimitConfig {
-                max_streams_per_peer: cfg.max_streams_per_peer,
-                max_connections_per_peer: cfg.max_connections_per_peer,
-                ..LimitConfig::default()
-            },
-            Some(observer),
-        )),
+        limits: Arc::new(ServerLimits::new(cfg.peer_limits.config(), Some(observer))),
         ..Default::default()
     };
     proxy::Shared {

@@ -101,16 +101,8 @@ pub struct Config {
     /// Idle pooled HBONE connections are closed after this many seconds.
     #[arg(long, env = "POOL_IDLE_SECONDS", default_value_t = 300)]
     pub pool_idle_seconds: u64,
-    /// Concurrent HBONE streams one peer identity may hold across its connections (each is a
-    /// proxied connection; beyond it new ones are refused and counted). Raise it on nodes where
-    /// one client workload holds more connections than this.
-    #[arg(long, env = "MAX_STREAMS_PER_PEER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_streams_per_peer: u32,
-    /// Authenticated HBONE connections one peer identity may hold at once (a client's pool
-    /// keeps about one per source pod and destination pod, mostly idle); beyond it new ones
-    /// are closed and counted.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_PEER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections_per_peer: u32,
+    #[command(flatten)]
+    pub peer_limits: mesh_core::hbone::limits::PeerLimitArgs,
     /// An inbound HBONE connection without a stream for this many seconds gets GOAWAY. Keep
     /// it above the clients' POOL_IDLE_SECONDS so they close idle connections first.
     #[arg(long, env = "INBOUND_IDLE_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -254,10 +246,10 @@ mod tests {
     #[test]
     fn the_per_peer_stream_bound_is_configurable_but_never_zero() {
         let base = ["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"];
-        assert_eq!(parse(&base).expect("parse").max_streams_per_peer, 1024);
+        assert_eq!(parse(&base).expect("parse").peer_limits.max_streams_per_peer, 1024);
         let mut args = base.to_vec();
         args.extend(["--max-streams-per-peer", "20000"]);
-        assert_eq!(parse(&args).expect("parse").max_streams_per_peer, 20000);
+        assert_eq!(parse(&args).expect("parse").peer_limits.max_streams_per_peer, 20000);
         let mut args = base.to_vec();
         args.extend(["--max-streams-per-peer", "0"]);
         assert!(parse(&args).is_err(), "0 would refuse every stream");

@@ -55,6 +55,33 @@ impl Default for LimitConfig {
     }
 }
 
+/// The per-peer bounds as flags, one spelling in every binary with an HBONE server (ztunnel,
+/// the waypoint); the other bounds keep their defaults.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PeerLimitArgs {
+    /// Concurrent HBONE streams one peer identity may hold across its connections (each is a
+    /// proxied connection; beyond it new ones are refused and counted). Raise it where one
+    /// client workload holds more connections than this.
+    #[arg(long, env = "MAX_STREAMS_PER_PEER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_peer: u32,
+    /// Authenticated HBONE connections one peer identity may hold at once (a client's pool
+    /// keeps about one per source pod and destination pod, mostly idle); beyond it new ones
+    /// are closed and counted.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_PEER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_peer: u32,
+}
+
+impl PeerLimitArgs {
+    /// The server's bounds: these per-peer ones, the defaults for the rest.
+    pub fn config(&self) -> LimitConfig {
+        LimitConfig {
+            max_streams_per_peer: self.max_streams_per_peer,
+            max_connections_per_peer: self.max_connections_per_peer,
+            ..LimitConfig::default()
+        }
+    }
+}
+
 /// Which bound bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Limit {
