@@ -370,6 +370,28 @@ http {{
     )
 }
 
+/// Raises this process's soft descriptor limit to the hard one (the proxies it starts
+/// inherit it) with util-linux's `prlimit`; returns the limit.
+pub fn raise_nofile() -> Result<u64> {
+    let pid = std::process::id().to_string();
+    let hard = sh(&[
+        "prlimit",
+        "--pid",
+        &pid,
+        "--nofile",
+        "--raw",
+        "--noheadings",
+        "--output",
+        "HARD",
+    ])
+    .context("reading the descriptor limit (prlimit, util-linux)")?;
+    let hard = hard.trim();
+    let limit: u64 = hard.parse().with_context(|| format!("descriptor limit {hard:?}"))?;
+    sh(&["prlimit", "--pid", &pid, &format!("--nofile={limit}:{limit}")])
+        .context("raising the soft descriptor limit")?;
+    Ok(limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,9 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mesh_e2e::bench::{rss_kib, wait_listening, Proc};
+use mesh_e2e::bench::{raise_nofile, rss_kib, wait_listening, Proc};
 use mesh_e2e::istio::{self, IstioZtunnel};
-use mesh_e2e::netns::sh;
 use mesh_e2e::{Bed, Netns, Ztunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -140,28 +139,6 @@ fn parse_args() -> Result<Mode> {
         bail!("--warm must be at least 1 (the warm-up proves the path)");
     }
     Ok(Mode::Bench(o))
-}
-
-/// Raises this process's soft descriptor limit to the hard one (the proxies and the holding
-/// server inherit it) with util-linux's `prlimit`; returns the limit.
-fn raise_nofile() -> Result<u64> {
-    let pid = std::process::id().to_string();
-    let hard = sh(&[
-        "prlimit",
-        "--pid",
-        &pid,
-        "--nofile",
-        "--raw",
-        "--noheadings",
-        "--output",
-        "HARD",
-    ])
-    .context("reading the descriptor limit (prlimit, util-linux)")?;
-    let hard = hard.trim();
-    let limit: u64 = hard.parse().with_context(|| format!("descriptor limit {hard:?}"))?;
-    sh(&["prlimit", "--pid", &pid, &format!("--nofile={limit}:{limit}")])
-        .context("raising the soft descriptor limit")?;
-    Ok(limit)
 }
 
 fn main() -> std::process::ExitCode {

@@ -11,9 +11,16 @@
 //! not hidden) and a wrk run for its
 //! maximum rate. The waypoint's idle RSS and CPU per request are read from /proc.
 //!
+//! With `--scale N` it measures instead what the waypoint holds per connection and per
+//! request in flight, up to N concurrent keep-alive clients (see [`scale`]).
+//!
 //! ```text
 //! cargo build --release --workspace && sudo target/release/waypointbench [--quick] [--rate N]
+//! sudo target/release/waypointbench --scale 10000 [--in-flight 1000]
 //! ```
+
+#[path = "waypointbench/scale.rs"]
+mod scale;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -136,18 +143,38 @@ async fn measure(
     })
 }
 
-/// `(seconds per run, fixed rate)` from `[--quick] [--rate N]`.
-fn parse_args() -> Result<(u64, u32)> {
+const USAGE: &str = "usage: waypointbench [--quick] [--rate N] | --scale N [--in-flight R]";
+
+/// What to run.
+enum Mode {
+    /// Latency and rate: `(seconds per run, fixed rate)`.
+    Paths(u64, u32),
+    Scale(scale::Opts),
+}
+
+fn parse_args() -> Result<Mode> {
     let (mut secs, mut rate) = (10u64, 1000u32);
+    let mut scale: Option<scale::Opts> = None;
+    let mut in_flight = 1000;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => secs = 3,
             "--rate" => rate = args.next().context("--rate N")?.parse()?,
-            other => bail!("unknown argument {other}; usage: waypointbench [--quick] [--rate N]"),
+            "--scale" => {
+                scale = Some(scale::Opts {
+                    connections: args.next().context("--scale N")?.parse().context("--scale N")?,
+                    in_flight: 0,
+                })
+            }
+            "--in-flight" => in_flight = args.next().context("--in-flight R")?.parse().context("--in-flight R")?,
+            other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
-    Ok((secs, rate))
+    Ok(match scale {
+        Some(o) => Mode::Scale(scale::Opts { in_flight, ..o }),
+        None => Mode::Paths(secs, rate),
+    })
 }
 
 /// What the waypoint process cost over its run.
@@ -195,10 +222,18 @@ fn print_report(rows: &[Row], rate: u32, cost: &WaypointCost) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let (secs, rate) = parse_args()?;
+    let mode = parse_args()?;
     if !mesh_e2e::privileged() {
         bail!("waypointbench needs root (network namespaces)");
     }
+    match mode {
+        Mode::Paths(secs, rate) => paths(secs, rate).await,
+        Mode::Scale(o) => scale::run(o).await,
+    }
+}
+
+/// The four paths' latency and rate.
+async fn paths(secs: u64, rate: u32) -> Result<()> {
     let wp_id = identity("shop", "waypoint");
     let cluster = Cluster::start_with_identities(ID, 2, &world(), &[&wp_id]).await?;
     let server = cluster.add_pod(1, PodSpec::new("server", "shop", &[("app", "server")]))?;
