@@ -78,8 +78,14 @@ impl AsyncRead for H2Io {
         loop {
             if !self.pending.is_empty() {
                 let n = buf.remaining().min(self.pending.len());
-                let chunk = self.pending.split_to(n);
-                buf.put_slice(&chunk);
+                if n == self.pending.len() {
+                    // Taken, not split: an emptied `Bytes` still holds the buffer the frame
+                    // was read into (shared with other streams' frames) for as long as this
+                    // stream stays idle.
+                    buf.put_slice(&std::mem::take(&mut self.pending));
+                } else {
+                    buf.put_slice(&self.pending.split_to(n));
+                }
                 return Poll::Ready(Ok(()));
             }
             match self.recv.poll_data(cx) {
