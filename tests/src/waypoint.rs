@@ -182,25 +182,30 @@ pub fn service_port(id: u8, name: &str, selector: &str, n: u8, waypoint: bool, p
     )
 }
 
-/// The ambient namespace `shop` with the waypoint Gateway and its Service (10.96.<id>.50).
-pub fn base(id: u8) -> String {
+/// The namespace `shop`, enrolled in ambient mode.
+pub const AMBIENT_SHOP: &str =
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n";
+
+/// Waypoint Gateway `name` in `shop` and the Service selecting its pods (10.96.<id>.<n>).
+pub fn gateway(id: u8, name: &str, n: u8) -> String {
     format!(
         r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
 kind: Service
-metadata: {{name: waypoint, namespace: shop}}
-spec: {{clusterIP: 10.96.{id}.50, selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}, ports: [{{name: mesh, port: 15008}}]}}
+metadata: {{name: {name}, namespace: shop}}
+spec: {{clusterIP: 10.96.{id}.{n}, selector: {{gateway.networking.k8s.io/gateway-name: {name}}}, ports: [{{name: mesh, port: 15008}}]}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
-metadata: {{name: waypoint, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}
+metadata: {{name: {name}, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}
 spec:
   gatewayClassName: istio-waypoint
   listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
 ---
 "#
     )
+}
+
+/// The ambient namespace `shop` with the waypoint Gateway and its Service (10.96.<id>.50).
+pub fn base(id: u8) -> String {
+    format!("{AMBIENT_SHOP}{}", gateway(id, "waypoint", 50))
 }

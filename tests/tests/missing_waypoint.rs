@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mesh_e2e::apps::{named_server, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec};
 use mesh_e2e::metrics::sample;
-use mesh_e2e::waypoint::{identity, service, Waypoint};
+use mesh_e2e::waypoint::{identity, service, Waypoint, AMBIENT_SHOP};
 
 const ID: u8 = 86;
 const WAIT: Duration = Duration::from_secs(15);
@@ -21,9 +21,7 @@ fn vip(n: u8) -> IpAddr {
 /// `shop` with a service labelled `istio.io/use-waypoint: waypoint` and an L7 policy only the
 /// waypoint can enforce; no waypoint Gateway.
 fn world() -> String {
-    let mut w =
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n"
-            .to_owned();
+    let mut w = AMBIENT_SHOP.to_owned();
     w += &service(ID, "server", "app: server", 10, true);
     w += r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

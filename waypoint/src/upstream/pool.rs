@@ -310,11 +310,11 @@ impl Lent {
     /// usual case, else when its connection task gets there (or closes it).
     fn give_back(mut self) {
         if self.sender.is_ready() {
-            return self.pool.clone().put(self.target, Sender::Http1(self.sender));
+            return self.pool.put(self.target, Sender::Http1(self.sender));
         }
         tokio::spawn(async move {
             if self.sender.ready().await.is_ok() {
-                self.pool.clone().put(self.target, Sender::Http1(self.sender));
+                self.pool.put(self.target, Sender::Http1(self.sender));
             }
         });
     }

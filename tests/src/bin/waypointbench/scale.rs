@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_e2e::apps::{named_server, served};
 use mesh_e2e::bench::{raise_nofile, rss_kib};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
-use mesh_e2e::waypoint::{identity, Waypoint};
+use mesh_e2e::waypoint::{gateway, identity, Waypoint, AMBIENT_SHOP};
 
 const ID: u8 = 204;
 /// Descriptors kept free under the limit (listeners, logs, the runtime's own).
@@ -49,22 +49,15 @@ fn vip(n: u8) -> IpAddr {
 
 /// Namespace `shop` (ambient) with one waypoint Gateway and one service per phase.
 fn world() -> String {
-    let mut w =
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n"
-            .to_owned();
+    let mut w = AMBIENT_SHOP.to_owned();
     for (name, n) in PHASES {
+        w += &gateway(ID, name, n + 40);
+        // The waypoint speaks the client's HTTP version upstream: HTTP/2 goes to a server
+        // that speaks it.
+        let port = if name == "wp-h2" { H2_PORT } else { H1_PORT };
         w += &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-             spec: {{clusterIP: 10.96.{ID}.{gw}, selector: {{gateway.networking.k8s.io/gateway-name: {name}}}, ports: [{{name: mesh, port: 15008}}]}}\n---\n\
-             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
-             metadata: {{name: {name}, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}\n\
-             spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {{name: via-{name}, namespace: shop, labels: {{istio.io/use-waypoint: {name}}}}}\n\
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: via-{name}, namespace: shop, labels: {{istio.io/use-waypoint: {name}}}}}\n\
              spec: {{clusterIP: 10.96.{ID}.{n}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\n",
-            gw = n + 40,
-            // The waypoint speaks the client's HTTP version upstream: HTTP/2 goes to a server
-            // that speaks it.
-            port = if name == "wp-h2" { H2_PORT } else { H1_PORT },
         );
     }
     w
