@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use mesh_core::hbone::{
     serve_connection, H2Io, InboundConnect, Limit, LimitConfig, LimitObserver, ServerLimits, Settings,
 };
@@ -319,7 +318,8 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
 async fn serve_http(wp: Arc<Waypoint>, down: Arc<Downstream>, io: Rewind<H2Io>, peer: &str) {
     let (metrics, closing) = (wp.metrics.clone(), wp.closing.clone());
     let svc = hyper::service::service_fn(move |req| draining_close(wp.clone(), down.clone(), req));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    // No header timeout: it would also close idle pooled connections (see the module).
+    let builder = crate::http::server::builder(None);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let served = tokio::select! {
@@ -330,10 +330,11 @@ async fn serve_http(wp: Arc<Waypoint>, down: Arc<Downstream>, io: Rewind<H2Io>, 
         }
     };
     if let Err(e) = served {
-        // hyper has already answered a malformed request with 400 where it could.
-        if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
-            info!(target: "access", src_identity = %peer, error = %e, reason = "malformed_http", "request refused: malformed HTTP");
-            metrics.reject("malformed_http");
+        // hyper has already answered a malformed request (400) or a head too large (431)
+        // where it could.
+        if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(crate::http::server::refusal) {
+            info!(target: "access", src_identity = %peer, error = %e, reason, "request refused by the HTTP server");
+            metrics.reject(reason);
         } else {
             debug!(error = %e, "HTTP connection in tunnel ended with an error");
         }

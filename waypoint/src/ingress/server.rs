@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use mesh_core::hbone::{Limit, LimitConfig, LimitObserver, ServerLimits};
 use mesh_core::socket::AcceptBackoff;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -197,15 +196,10 @@ where
     let metrics = wp.metrics.clone();
     let header_read_timeout = wp.header_read_timeout;
     let svc = hyper::service::service_fn(move |req| handle(wp.clone(), ingress.clone(), conn.clone(), req));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that never finishes its request headers is closed (slowloris).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+    let builder = crate::http::server::builder(Some(header_read_timeout));
     if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
-        if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse()) {
-            metrics.reject("malformed_http");
+        if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(crate::http::server::refusal) {
+            metrics.reject(reason);
         }
         debug!(error = %e, "ingress connection ended with an error");
     }

@@ -117,7 +117,7 @@ impl Pool {
         target: SocketAddr,
         mut req: Request<Body>,
     ) -> Result<Response<PooledBody>, Error> {
-        *req.uri_mut() = self.uri(target, req.uri())?;
+        *req.uri_mut() = self.uri(target, &req)?;
         while let Some(sender) = self.checkout(target, Instant::now()) {
             match self.try_send(target, sender, req).await {
                 Ok(resp) => return Ok(resp),
@@ -135,9 +135,12 @@ impl Pool {
         })
     }
 
-    /// HTTP/1.1 sends the path alone (origin form); HTTP/2 the endpoint as `:authority`.
-    fn uri(&self, target: SocketAddr, uri: &Uri) -> Result<Uri, Error> {
-        let path = uri
+    /// HTTP/1.1 sends the path alone (origin form). HTTP/2 sends the request's `Host` as
+    /// `:authority` (RFC 9113: the two must agree, and a next hop routes and authorizes on it),
+    /// the endpoint only for a request without one.
+    fn uri(&self, target: SocketAddr, req: &Request<Body>) -> Result<Uri, Error> {
+        let path = req
+            .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -146,7 +149,10 @@ impl Pool {
         }
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Authority::try_from(target.to_string()).ok();
+        let host = req.headers().get(http::header::HOST);
+        parts.authority = host
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| Authority::try_from(target.to_string()).ok());
         parts.path_and_query = Some(path);
         Ok(Uri::from_parts(parts)?)
     }
@@ -193,7 +199,12 @@ impl Pool {
             self.put(target, Sender::Http2(sender.clone()));
             return Ok(Sender::Http2(sender));
         }
-        let (sender, conn) = http1::handshake(conn).await.map_err(Error::Handshake)?;
+        // Bounded as the downstream servers are: an answer's head and each body chunk.
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(crate::http::server::MAX_HEAD as usize)
+            .handshake(conn)
+            .await
+            .map_err(Error::Handshake)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
@@ -382,7 +393,12 @@ mod tests {
             while let Ok((tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let svc = service_fn(|req: Request<Incoming>| async move {
-                    let body: Body = if req.uri().path() == "/big" {
+                    let body: Body = if req.uri().path() == "/authority" {
+                        let authority = req.uri().authority().map(ToString::to_string).unwrap_or_default();
+                        http_body_util::Full::new(Bytes::from(authority))
+                            .map_err(|e| match e {})
+                            .boxed()
+                    } else if req.uri().path() == "/big" {
                         let chunks = (0..256).map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 4096]))));
                         StreamBody::new(futures_util::stream::iter(chunks)).boxed()
                     } else {
@@ -481,6 +497,11 @@ mod tests {
         let (addr, accepted) = backend(true).await;
         let pool = Pool::new(test_connector(), true);
         assert_eq!(read(&pool, addr, "/").await, "ok");
+        assert_eq!(
+            read(&pool, addr, "/authority").await,
+            "backend",
+            "the Host, not the endpoint"
+        );
         let all = futures_util::future::join_all((0..8).map(|_| read(&pool, addr, "/big"))).await;
         assert!(all.iter().all(|b| b.len() == 1 << 20));
         assert_eq!((accepted.load(Ordering::SeqCst), pool.idle_count()), (1, 1));

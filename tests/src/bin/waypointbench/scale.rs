@@ -7,6 +7,9 @@
 //! are held in flight by the backend (`/delay/`), one per connection. Each waypoint is fresh
 //! for its phase, so no phase reuses memory another freed. A figure is the waypoint's RSS
 //! growth over its RSS before the phase (after one warm-up request), divided by what it holds.
+//! With R, a fourth waypoint gets R connections that each send a request head just under the
+//! waypoint's limit and never finish it: the most one client connection can make it hold
+//! without an answer (a head over the limit is checked to get 431).
 //!
 //! Every connection comes from one client identity, so the waypoints run with
 //! `--max-streams-per-peer` above N: the default, 1,024, is the bound one client workload
@@ -25,6 +28,7 @@ use mesh_e2e::apps::{named_server, served};
 use mesh_e2e::bench::{raise_nofile, rss_kib};
 use mesh_e2e::cluster::{Cluster, Pod, PodSpec};
 use mesh_e2e::waypoint::{gateway, identity, Waypoint, AMBIENT_SHOP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ID: u8 = 204;
 /// Descriptors kept free under the limit (listeners, logs, the runtime's own).
@@ -36,7 +40,9 @@ const H1_PORT: u16 = 8080;
 const H2_PORT: u16 = 8081;
 
 /// The phases: which waypoint (and service) each uses.
-const PHASES: [(&str, u8); 3] = [("wp-h1", 11), ("wp-h2", 12), ("wp-req", 13)];
+const PHASES: [(&str, u8); 4] = [("wp-h1", 11), ("wp-h2", 12), ("wp-req", 13), ("wp-head", 14)];
+/// The request head the waypoint accepts (`waypoint::http::server::MAX_HEAD`).
+const MAX_HEAD: usize = 64 * 1024;
 
 pub struct Opts {
     pub connections: usize,
@@ -52,12 +58,15 @@ fn world() -> String {
     let mut w = AMBIENT_SHOP.to_owned();
     for (name, n) in PHASES {
         w += &gateway(ID, name, n + 40);
-        // The waypoint speaks the client's HTTP version upstream: HTTP/2 goes to a server
-        // that speaks it.
-        let port = if name == "wp-h2" { H2_PORT } else { H1_PORT };
+        // The port's declared protocol decides what the waypoint speaks upstream.
+        let (port, port_name) = if name == "wp-h2" {
+            (H2_PORT, "http2")
+        } else {
+            (H1_PORT, "http")
+        };
         w += &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: via-{name}, namespace: shop, labels: {{istio.io/use-waypoint: {name}}}}}\n\
-             spec: {{clusterIP: 10.96.{ID}.{n}, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\n",
+             spec: {{clusterIP: 10.96.{ID}.{n}, selector: {{app: server}}, ports: [{{name: {port_name}, port: 80, targetPort: {port}}}]}}\n---\n",
         );
     }
     w
@@ -227,6 +236,63 @@ async fn in_flight(client: &Pod, waypoint: &Waypoint, (name, n): (&str, u8), cou
     Ok(row)
 }
 
+/// A request head of `len` bytes, the blank line that ends it left off.
+fn unfinished_head(host: &str, len: usize) -> Vec<u8> {
+    let mut head = format!("GET / HTTP/1.1\r\nhost: {host}\r\nx-filler: ").into_bytes();
+    head.resize(len, b'x');
+    head
+}
+
+/// `count` connections that each send a request head 1 KiB under the limit and never finish
+/// it: the most a client can make the waypoint hold per connection without an answer. One
+/// more that goes over the limit must be answered 431.
+async fn unfinished_heads(client: &Pod, waypoint: &Waypoint, (name, n): (&str, u8), count: usize) -> Result<Row> {
+    let target = SocketAddr::new(vip(n), 80);
+    let host = format!("via-{name}.shop");
+    let pid = waypoint.pid() as i32;
+    drop(open(client, target, &host, Proto::Http1).await?);
+    let base_kib = rss_kib(pid)?;
+    let head = unfinished_head(&host, MAX_HEAD - 1024);
+    let held: Vec<tokio::net::TcpStream> = stream::iter(0..count)
+        .map(|_| async {
+            let mut c = client.ns.connect(target).await?;
+            c.write_all(&head).await?;
+            anyhow::Ok(c)
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    // Nothing signals that the waypoint has read them: wait for its RSS to settle.
+    let (mut last, deadline) = (0, Instant::now() + Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_kib(pid)?;
+        if now.abs_diff(last) * 100 <= now || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let row = Row {
+        what: format!("HTTP/1.1 unfinished request heads of {} KiB", head.len() / 1024),
+        count: held.len(),
+        rss_kib: rss_kib(pid)?,
+        base_kib,
+    };
+    let mut over = client.ns.connect(target).await?;
+    over.write_all(&unfinished_head(&host, MAX_HEAD + 1024)).await?;
+    let mut answer = vec![0; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), over.read(&mut answer)).await??;
+    let status = String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if !status.contains(" 431 ") {
+        bail!("a request head over {MAX_HEAD} bytes was answered {status:?}, not 431");
+    }
+    Ok(row)
+}
+
 pub async fn run(o: Opts) -> Result<()> {
     let limit = raise_nofile()?;
     // Every client connection is a descriptor here and in the client's ztunnel.
@@ -266,6 +332,7 @@ pub async fn run(o: Opts) -> Result<()> {
     rows.extend(connections(&client, &waypoints[1], PHASES[1], Proto::Http2, &levels).await?);
     if o.in_flight > 0 {
         rows.push(in_flight(&client, &waypoints[2], PHASES[2], o.in_flight).await?);
+        rows.push(unfinished_heads(&client, &waypoints[3], PHASES[3], o.in_flight).await?);
     }
     report(&rows);
     Ok(())
