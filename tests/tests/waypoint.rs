@@ -139,6 +139,7 @@ async fn waypoint_routes_and_authorizes() {
     // The connections stay open to the end and close before the scene, newest first.
     let mut server = httproute_canary(&scene).await;
     header_added_on_v1(&mut server).await;
+    h2c_client_to_an_http_port(&scene).await;
     let _reviews = virtual_service_canary(&scene).await;
     let mut order = payment_policy_allows_order_service(&scene).await;
     let _other = payment_policy_refuses_others(&scene).await;
@@ -221,6 +222,31 @@ async fn header_added_on_v1(conn: &mut HttpConn) {
     assert_eq!(a.status, 200);
     assert!(a.body.starts_with("server-v1\n"), "{}", a.body);
     assert!(a.body.contains("h x-api-version: v1"), "header not added: {}", a.body);
+}
+
+/// An HTTP/2 (prior knowledge) client of a port declared `http`, whose backends speak only
+/// HTTP/1.1: the waypoint sends HTTP/1.1 upstream, as Istio's clusters do for such ports.
+async fn h2c_client_to_an_http_port(scene: &Scene) {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = scene
+        .client
+        .ns
+        .connect(SocketAddr::new(vip(10), 80))
+        .await
+        .expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake through the waypoint");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("http://server.shop.svc.cluster.local/v1/items")
+        .body(Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("HTTP/2 request");
+    assert_eq!(resp.status(), 200, "an h2c client of an HTTP/1.1-only backend");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("server-v1\n"), "{body}");
 }
 
 /// The same canary with VirtualService + DestinationRule subsets (returns the connection).

@@ -19,10 +19,17 @@ use super::attach::Attachments;
 use super::{service_hostname, Options, Report};
 use crate::model::{Inputs, Kind, ObjectKey, Pod, Service};
 
-/// `appProtocol`, else the port name's prefix (`http-web`, `grpc`), as Istio reads it.
+/// `appProtocol`, else the port name's prefix (`http-web`, `grpc`), as Istio reads it; the
+/// Kubernetes-standard values (`kubernetes.io/h2c`, `kubernetes.io/ws`, `kubernetes.io/wss`)
+/// as what they carry.
 pub(crate) fn app_protocol(port: &k8s_openapi::api::core::v1::ServicePort) -> i32 {
     let name = port.app_protocol.as_deref().or(port.name.as_deref()).unwrap_or("");
-    let prefix = name.split(['-', '/']).next().unwrap_or("").to_ascii_lowercase();
+    let prefix = match name.to_ascii_lowercase().strip_prefix("kubernetes.io/") {
+        Some("h2c") => "http2".to_owned(),
+        Some("ws") => "http".to_owned(),
+        Some("wss") => "tls".to_owned(),
+        _ => name.split(['-', '/']).next().unwrap_or("").to_ascii_lowercase(),
+    };
     let proto = match prefix.as_str() {
         "http" => pb::AppProtocol::Http11,
         "http2" | "h2c" => pb::AppProtocol::Http2,
@@ -251,8 +258,33 @@ mod tests {
     use k8s_openapi::api::core::v1::ServicePort;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-    use super::target_port;
+    use super::{app_protocol, target_port};
     use crate::model::Pod;
+    use mesh_proto::workload::AppProtocol as P;
+
+    /// Port names by prefix, `appProtocol` first, the Kubernetes-standard values by meaning.
+    #[test]
+    fn app_protocol_reads_names_and_standard_values() {
+        let table = [
+            (Some("http-web"), None, P::Http11),
+            (Some("grpc"), None, P::Grpc),
+            (Some("http2"), None, P::Http2),
+            (Some("web"), None, P::Unknown),
+            (Some("http"), Some("kubernetes.io/h2c"), P::Http2),
+            (Some("web"), Some("kubernetes.io/ws"), P::Http11),
+            (Some("http"), Some("kubernetes.io/wss"), P::Tls),
+            (Some("http"), Some("kubernetes.io/other"), P::Unknown),
+            (None, Some("TCP"), P::Tcp),
+        ];
+        for (name, app, want) in table {
+            let port = ServicePort {
+                name: name.map(str::to_owned),
+                app_protocol: app.map(str::to_owned),
+                ..ServicePort::default()
+            };
+            assert_eq!(app_protocol(&port), want as i32, "{name:?} {app:?}");
+        }
+    }
 
     /// Named target ports as Kubernetes resolves them: name and protocol, containers first,
     /// then sidecar init containers; plain init containers never.

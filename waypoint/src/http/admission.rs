@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::header;
 use http::request::Parts;
 use http::Method;
-use mesh_core::state::model::{Service, Workload};
+use mesh_core::state::model::{AppProtocol, Service, Workload};
 use mesh_core::state::State;
 use mesh_proto::waypoint as wp;
 use rand::Rng;
@@ -281,6 +281,8 @@ pub struct Backend {
     pub port: u16,
     pub cluster: Arc<Cluster>,
     pub candidates: Vec<Arc<Workload>>,
+    /// The protocol the backend's port declares (it decides the upstream HTTP version).
+    pub declared: AppProtocol,
     /// At an ingress gateway, for a service labelled `istio.io/ingress-use-waypoint`: its
     /// `vip:port`, which the connector tunnels to the service's waypoint.
     pub via_waypoint: Option<std::net::SocketAddr>,
@@ -340,6 +342,7 @@ impl Backend {
             .as_ref()
             .and_then(|i| i.waypoint_vip(&backend.service, &service, &wp.network, port));
         Ok(Backend {
+            declared: state.port_protocol(&backend.service, port),
             service,
             port,
             cluster,

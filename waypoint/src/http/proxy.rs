@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use mesh_core::identity::Identity;
-use mesh_core::state::model::{Service, Workload};
+use mesh_core::state::model::{AppProtocol, Service, Workload};
 use mesh_proto::waypoint as wp;
 use rand::Rng;
 use tracing::{debug, info};
@@ -61,7 +61,8 @@ pub struct Downstream {
     pub service_key: String,
 }
 
-/// Which HTTP version goes upstream.
+/// Which HTTP version goes upstream when the backend's port declares none (appProtocol or
+/// port name): see [`upstream_http2`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     /// The client's (a waypoint: the mesh client speaks what the application speaks).
@@ -71,10 +72,37 @@ pub enum UpstreamProtocol {
     Http2ForGrpc,
 }
 
+/// Whether a request goes upstream over HTTP/2. The backend port's declared protocol decides
+/// first, as Istio's clusters do: `http2`, `h2c` and `grpc` ports get HTTP/2 whatever the client
+/// spoke, `http` ports HTTP/1.1 — except gRPC, which HTTP/1.1 cannot carry (trailers): Istio
+/// would send it and fail, we send it as HTTP/2. An undeclared port follows the role. A
+/// WebSocket upgrade is an HTTP/1.1 mechanism and stays on HTTP/1.1.
+pub fn upstream_http2(
+    role: UpstreamProtocol,
+    declared: AppProtocol,
+    client: Version,
+    grpc: bool,
+    websocket: bool,
+) -> bool {
+    if websocket {
+        return false;
+    }
+    match declared {
+        AppProtocol::Http2 | AppProtocol::Grpc => true,
+        AppProtocol::Http11 => grpc,
+        AppProtocol::Unknown => match role {
+            UpstreamProtocol::AsClient => client == Version::HTTP_2,
+            UpstreamProtocol::Http2ForGrpc => grpc,
+        },
+    }
+}
+
+/// gRPC proper (`application/grpc`, `+proto`, `;...`), not gRPC-Web, which HTTP/1.1 carries.
 fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let rest = v.as_bytes().strip_prefix(b"application/grpc");
+        rest.is_some_and(|r| r.is_empty() || r.starts_with(b"+") || r.starts_with(b";"))
+    })
 }
 
 /// What the access log and metrics say about a request beyond its status.
@@ -473,10 +501,12 @@ async fn forward(
     // Checked again: a route's header rewrite runs after the first check.
     let websocket = rewrite::upgrade_requested(parts.version, &parts.headers) == UpgradeRequest::WebSocket;
     let client_http2 = parts.version == Version::HTTP_2;
-    let http2 = match down.upstream_protocol {
-        UpstreamProtocol::AsClient => client_http2,
-        UpstreamProtocol::Http2ForGrpc => is_grpc(&parts.headers),
-    };
+    let (client, grpc) = (parts.version, is_grpc(&parts.headers));
+    let version_for = |declared| upstream_http2(down.upstream_protocol, declared, client, grpc, websocket);
+    let http2 = version_for(backend.declared);
+    if client_http2 && !http2 {
+        rewrite::join_cookies(&mut parts.headers);
+    }
     rewrite::strip_hop_by_hop(&mut parts.headers, websocket);
     if let Ok(v) = HeaderValue::from_str(&f.host) {
         parts.headers.insert(header::HOST, v);
@@ -493,7 +523,7 @@ async fn forward(
     // Mirrors get a copy; their answers are dropped.
     if let RequestBody::Replayable(bytes) = &body {
         for m in &f.rt.mirrors {
-            spawn_mirror(wp, m, &parts, bytes.clone(), down.dst.port(), http2);
+            spawn_mirror(wp, m, &parts, bytes.clone(), down.dst.port(), version_for);
         }
     }
     let admission = backend.cluster.admit().await.map_err(LocalReply::Overflow)?;
@@ -682,7 +712,7 @@ fn spawn_mirror(
     parts: &http::request::Parts,
     body: Bytes,
     default_port: u16,
-    http2: bool,
+    version_for: impl Fn(AppProtocol) -> bool,
 ) {
     let state = wp.state.load();
     let Some(service) = state.service(&m.service).cloned() else {
@@ -690,6 +720,8 @@ fn spawn_mirror(
         return;
     };
     let port = u16::try_from(m.port).ok().filter(|p| *p != 0).unwrap_or(default_port);
+    // The mirror's own port decides its version, as the primary's does.
+    let http2 = version_for(state.port_protocol(&m.service, port));
     let eps = upstream::candidates(&state, &service, None);
     let Some(ep) = eps
         .get(rand::thread_rng().gen_range(0..eps.len().max(1)))
@@ -725,4 +757,38 @@ fn spawn_mirror(
             Err(e) => debug!(error = %e, "mirror request failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_port_protocol_decides_the_upstream_version_then_the_role() {
+        use AppProtocol::*;
+        use UpstreamProtocol::*;
+        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
+        // (role, declared, client, grpc, websocket) -> HTTP/2 upstream
+        let table = [
+            (AsClient, Unknown, h1, false, false, false),
+            (AsClient, Unknown, h2, false, false, true),
+            (AsClient, Http11, h2, false, false, false),
+            (AsClient, Http11, h2, true, false, true),
+            (AsClient, Http2, h1, false, false, true),
+            (AsClient, Grpc, h1, false, false, true),
+            (AsClient, Http2, h1, false, true, false),
+            (Http2ForGrpc, Unknown, h2, false, false, false),
+            (Http2ForGrpc, Unknown, h2, true, false, true),
+            (Http2ForGrpc, Unknown, h1, true, false, true),
+            (Http2ForGrpc, Http11, h2, false, false, false),
+            (Http2ForGrpc, Http2, h1, false, false, true),
+        ];
+        for (role, declared, client, grpc, ws, want) in table {
+            assert_eq!(
+                upstream_http2(role, declared, client, grpc, ws),
+                want,
+                "{role:?} {declared:?} {client:?} grpc={grpc} websocket={ws}"
+            );
+        }
+    }
 }

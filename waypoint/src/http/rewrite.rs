@@ -41,6 +41,24 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Joins an HTTP/2 request's `cookie` fields into one, as a request going on over HTTP/1.1
+/// must carry them (RFC 9113 §8.2.3: HTTP/2 clients may split cookies into one field each,
+/// and many HTTP/1.1 servers read only the first `Cookie` line).
+pub fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
 /// Drops hop-by-hop headers (and those `Connection` names), and keeps `te: trailers` (gRPC
 /// needs it). For a WebSocket upgrade (`upgrade`), the message then carries exactly
 /// `Connection: upgrade` and `Upgrade: websocket`.
@@ -185,6 +203,20 @@ pub fn redirect(r: &wp::Redirect, uri: &Uri, host: &str, matched_prefix: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_cookies_are_joined_and_one_is_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1");
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2; c=3");
+    }
 
     #[test]
     fn prefix_rewrites() {
