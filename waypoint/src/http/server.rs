@@ -13,10 +13,17 @@
 //! on HTTP/2 (the h2 crate, per stream); the first is counted as `header_too_large` in
 //! `waypoint_rejected_requests_total`.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A request's head (request line and headers) on HTTP/1.1, its header list on HTTP/2; also
 /// the read buffer of an upstream HTTP/1.1 connection (an answer's head, a body chunk).
@@ -65,6 +72,126 @@ pub fn refusal(e: &hyper::Error) -> Option<&'static str> {
     }
 }
 
+/// What a connection is doing: how many reads and writes moved bytes (a watchdog tells that
+/// nothing moved for a period by comparing two counts, without a clock read per I/O call),
+/// and how many requests are being answered (one waiting on a slow backend is not silence).
+#[derive(Clone, Default)]
+pub struct Activity(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    io: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A request being answered, until dropped.
+pub struct InFlight(Activity);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        (self.0).0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn bump(&self, moved: bool) {
+        if moved {
+            self.0.io.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request until the guard is dropped (when its service future ends).
+    pub fn request(&self) -> InFlight {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// The I/O count, or `None` while a request is being answered.
+    fn quiet_count(&self) -> Option<u64> {
+        (self.0.in_flight.load(Ordering::Relaxed) == 0).then(|| self.0.io.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection whose reads and writes are counted in an [`Activity`].
+pub struct Watched<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T> Watched<T> {
+    pub fn new(inner: T, activity: Activity) -> Self {
+        Watched { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.activity.bump(buf.filled().len() > before);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.bump(matches!(r, Poll::Ready(Ok(n)) if n > 0));
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.bump(matches!(r, Poll::Ready(Ok(n)) if n > 0));
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Drives `conn` to its end; once no byte has moved on it and no request was being answered
+/// for a whole `period` (so after between one and two periods of silence), `shutdown` is
+/// called on it and it is driven to its end: hyper then lets answers still streaming finish,
+/// sends HTTP/2 a GOAWAY and drops a client that never sent a byte. This is what ends an HTTP/2 connection, or one that never
+/// began a request, that a client leaves open without a word; HTTP/1.1 already has hyper's
+/// header timer.
+pub async fn until_idle<F: Future>(
+    mut conn: Pin<&mut F>,
+    activity: &Activity,
+    period: Duration,
+    shutdown: impl FnOnce(Pin<&mut F>),
+) -> F::Output {
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut seen = activity.quiet_count();
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = check.tick() => {
+                let now = activity.quiet_count();
+                if now.is_some() && now == seen {
+                    shutdown(conn.as_mut());
+                    return conn.await;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -86,13 +213,41 @@ mod tests {
     }
 
     fn serve_with(timeout: Option<Duration>) -> (DuplexStream, tokio::task::JoinHandle<Option<&'static str>>) {
+        serve_as(timeout, false)
+    }
+
+    /// Answers "ok", `/slow` after three timeouts.
+    async fn answer(req: hyper::Request<Incoming>) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(TIMEOUT * 3).await;
+        }
+        Ok(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }
+
+    /// As the ingress serves: with the header timeout, and `watched` by [`until_idle`].
+    fn serve_as(
+        timeout: Option<Duration>,
+        watched: bool,
+    ) -> (DuplexStream, tokio::task::JoinHandle<Option<&'static str>>) {
         let (client, server) = tokio::io::duplex(256 * 1024);
-        let svc = hyper::service::service_fn(|_req: hyper::Request<Incoming>| async {
-            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+        let activity = Activity::default();
+        let counted = activity.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let guard = counted.request();
+            async move {
+                let r = answer(req).await;
+                drop(guard);
+                r
+            }
         });
         let task = tokio::spawn(async move {
             let b = builder(timeout);
-            let r = b.serve_connection(TokioIo::new(server), svc).await;
+            let conn = b.serve_connection_with_upgrades(TokioIo::new(Watched::new(server, activity.clone())), svc);
+            tokio::pin!(conn);
+            let r = match watched {
+                true => until_idle(conn.as_mut(), &activity, TIMEOUT, |c| c.graceful_shutdown()).await,
+                false => conn.await,
+            };
             r.err()
                 .and_then(|e| e.downcast::<hyper::Error>().ok())
                 .and_then(|e| refusal(&e))
@@ -159,6 +314,32 @@ mod tests {
         assert!(!task.is_finished(), "closed before its timeout");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(task.is_finished(), "an idle connection outlived the timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_and_an_idle_http2_connection_are_closed_a_slow_answer_is_not() {
+        let (_silent, task) = serve_as(Some(TIMEOUT), true);
+        tokio::time::sleep(TIMEOUT * 2 + Duration::from_secs(1)).await;
+        assert!(task.is_finished(), "a client that never sent a byte is still held");
+
+        let (c, task) = serve_as(Some(TIMEOUT), true);
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(c))
+            .await
+            .unwrap();
+        let client = tokio::spawn(conn);
+        let slow = hyper::Request::get("http://a/slow")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(slow).await.unwrap();
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "ok",
+            "cut while in flight"
+        );
+        assert!(!task.is_finished());
+        tokio::time::sleep(TIMEOUT * 2 + Duration::from_secs(1)).await;
+        assert!(task.is_finished(), "an idle HTTP/2 connection is still held");
+        assert!(client.await.unwrap().is_ok(), "closed with GOAWAY, not reset");
     }
 
     async fn h2_client(c: DuplexStream) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use super::Ingress;
 use crate::http::local_reply::LocalReply;
 use crate::http::proxy::{self, Downstream};
+use crate::http::server;
 use crate::upstream::Body;
 use crate::Waypoint;
 
@@ -195,10 +196,20 @@ where
 {
     let metrics = wp.metrics.clone();
     let header_read_timeout = wp.header_read_timeout;
-    let svc = hyper::service::service_fn(move |req| handle(wp.clone(), ingress.clone(), conn.clone(), req));
-    let builder = crate::http::server::builder(Some(header_read_timeout));
-    if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
-        if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(crate::http::server::refusal) {
+    // Ends a connection left silent (HTTP/2 between requests, or one that never began).
+    let activity = server::Activity::default();
+    let counted = activity.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let answering = counted.request();
+        handle(wp.clone(), ingress.clone(), (conn.clone(), answering), req)
+    });
+    let builder = server::builder(Some(header_read_timeout));
+    let io = TokioIo::new(server::Watched::new(io.into_inner(), activity.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let served = server::until_idle(conn.as_mut(), &activity, header_read_timeout, |c| c.graceful_shutdown());
+    if let Err(e) = served.await {
+        if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(server::refusal) {
             metrics.reject(reason);
         }
         debug!(error = %e, "ingress connection ended with an error");
@@ -218,10 +229,11 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Finds the request's route table and runs the waypoint's pipeline on it.
+/// `_answering` counts the request as being answered (for the idle watchdog) until it returns.
 async fn handle(
     wp: Arc<Waypoint>,
     ingress: Arc<Ingress>,
-    conn: Conn,
+    (conn, _answering): (Conn, server::InFlight),
     mut req: Request<Incoming>,
 ) -> Result<http::Response<Body>, std::convert::Infallible> {
     let state = ingress.current.load_full();
