@@ -1144,7 +1144,9 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
     let client = cluster
         .add_pod(0, PodSpec::new("client", "outside", &[]))
         .expect("client pod");
-    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
+    let max = CONNECTION_BOUND.to_string();
+    let flags = ["--role", "ingress", "--ingress-max-connections", max.as_str()];
+    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &flags)
         .await
         .expect("ingress gateway up");
     cluster
@@ -1247,4 +1249,44 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
         let got = futures_block(route_status(&cluster, route)).map(|s| s.0);
         assert_eq!(got.as_deref(), Some(accepted), "route {route}");
     }
+    connection_bound(&client, to, &gateway, ca).await;
+}
+
+/// `--ingress-max-connections` of the passthrough test's gateway.
+const CONNECTION_BOUND: usize = 8;
+
+/// With the gateway holding its bound in silent connections (each waits for a ClientHello),
+/// one more is closed at once and counted; once they go, a client is served again.
+async fn connection_bound(client: &Pod, to: SocketAddr, gateway: &Waypoint, ca: &rcgen::Certificate) {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let mut held = Vec::new();
+    for _ in 0..CONNECTION_BOUND {
+        held.push(client.ns.connect(to).await.expect("connect"));
+    }
+    let mut over = client.ns.connect(to).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "one over the bound must be closed at once: {closed:?}"
+    );
+    let metrics = gateway.metrics().await.expect("gateway metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("waypoint_rejected_requests_total") && l.contains("reason=\"connections_limit\"")),
+        "{metrics}"
+    );
+    drop(held);
+    let name = ServerName::try_from("db.passthrough.test".to_owned()).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let tls = loop {
+        match tls_connect_to(client, to, ca, name.clone()).await {
+            Ok(t) => break t,
+            Err(e) => assert!(Instant::now() < deadline, "not served once the slots were free: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(get_over(tls).await.starts_with("HTTP/1.1 200"));
 }

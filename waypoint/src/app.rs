@@ -66,11 +66,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let serving = match (hbone, &waypoint.ingress) {
         (Some(hbone), _) => tokio::spawn(listener::serve(waypoint.clone(), hbone, cfg.peer_limits.config())),
-        (None, Some(ingress)) => tokio::spawn(ingress::server::run(
-            waypoint.clone(),
-            ingress.clone(),
-            cfg.ingress_bind,
-        )),
+        (None, Some(ingress)) => {
+            let listen = ingress::server::Listen {
+                bind: cfg.ingress_bind,
+                max_connections: cfg.ingress_max_connections as usize,
+            };
+            tokio::spawn(ingress::server::run(waypoint.clone(), ingress.clone(), listen))
+        }
         (None, None) => anyhow::bail!("an ingress gateway without its configuration"),
     };
     info!(identity = %cfg.identity, gateway = ?cfg.gateway(), role = ?cfg.role, "waypoint started");

@@ -51,6 +51,12 @@ pub struct Config {
     /// Ingress role: the address its listeners' ports are bound on.
     #[arg(long, env = "INGRESS_BIND", default_value = "0.0.0.0")]
     pub ingress_bind: std::net::IpAddr,
+    /// Ingress role: client connections held at once across all its listeners (each holds its
+    /// TLS and HTTP state); beyond it a new one is closed at once and counted as
+    /// `connections_limit` in `waypoint_rejected_requests_total`. Keep it under the process's
+    /// descriptor limit.
+    #[arg(long, env = "INGRESS_MAX_CONNECTIONS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ingress_max_connections: u32,
     /// The identity this waypoint proves (its service account's SPIFFE ID).
     #[arg(long, env = "WAYPOINT_IDENTITY", value_parser = parse_identity)]
     pub identity: Identity,

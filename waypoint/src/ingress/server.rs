@@ -14,6 +14,7 @@ use mesh_core::hbone::{Limit, LimitConfig, LimitObserver, ServerLimits};
 use mesh_core::socket::AcceptBackoff;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -27,13 +28,22 @@ use crate::Waypoint;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the listeners bind and how many connections they hold together.
+pub struct Listen {
+    pub bind: std::net::IpAddr,
+    pub max_connections: usize,
+}
+
 /// Keeps the bound ports equal to the configured ones until drained. Every port shares one
 /// bound on connections still in their TLS handshake (all sources, and per source address),
-/// as the HBONE listeners do; a refused connection is closed and counted by limit.
-pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, bind: std::net::IpAddr) {
+/// as the HBONE listeners do, and one on all connections held; a refused connection is
+/// closed and counted by limit.
+pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listen: Listen) {
     let metrics = wp.metrics.clone();
     let observer: LimitObserver = Arc::new(move |limit: Limit| metrics.reject(limit.as_str()));
     let limits = Arc::new(ServerLimits::new(LimitConfig::default(), Some(observer)));
+    let slots = Arc::new(Semaphore::new(listen.max_connections));
+    let bind = listen.bind;
     let mut changed = ingress.subscribe();
     let mut bound: HashMap<u16, CancellationToken> = HashMap::new();
     loop {
@@ -58,6 +68,7 @@ pub async fn run(wp: Arc<Waypoint>, ingress: Arc<Ingress>, bind: std::net::IpAdd
                         number: port,
                         stop,
                         limits: limits.clone(),
+                        slots: slots.clone(),
                     };
                     tokio::spawn(accept(wp.clone(), ingress.clone(), l, port));
                 }
@@ -77,6 +88,14 @@ struct Port {
     number: u16,
     stop: CancellationToken,
     limits: Arc<ServerLimits>,
+    /// One per connection held, shared by every port.
+    slots: Arc<Semaphore>,
+}
+
+/// Runs `serve` holding the connection's slot.
+async fn holding<F: std::future::Future<Output = ()>>(slot: OwnedSemaphorePermit, serve: F) {
+    serve.await;
+    drop(slot);
 }
 
 async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener, port: Port) {
@@ -84,6 +103,7 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
         number: port,
         stop,
         limits,
+        slots,
     } = port;
     let mut backoff = AcceptBackoff::default();
     let tls = tokio_rustls::TlsAcceptor::from(match super::tls::server_config(ingress.resolver(port)) {
@@ -105,6 +125,11 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
             _ = stop.cancelled() => return,
         };
         backoff.succeeded();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            wp.metrics.reject("connections_limit");
+            debug!(%peer, "connection refused: the ingress holds --ingress-max-connections");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (is_tls, is_tcp, is_passthrough) = ingress
             .current
@@ -114,7 +139,8 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
             .map_or((false, false, false), |p| (p.tls, p.tcp, p.passthrough));
         let inbound = super::tcp::Inbound { tcp, peer, port };
         if is_tcp {
-            wp.tasks.spawn(super::tcp::serve(wp.clone(), ingress.clone(), inbound));
+            wp.tasks
+                .spawn(holding(slot, super::tcp::serve(wp.clone(), ingress.clone(), inbound)));
             continue;
         }
         // Until TLS completes (or its ClientHello is read) the connection holds a pending
@@ -125,12 +151,13 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
         };
         if is_passthrough {
             let serve = super::passthrough::serve(wp.clone(), ingress.clone(), inbound, pending);
-            wp.tasks.spawn(serve);
+            wp.tasks.spawn(holding(slot, serve));
             continue;
         }
         let super::tcp::Inbound { tcp, .. } = inbound;
         let (wp2, ingress, tls) = (wp.clone(), ingress.clone(), tls.clone());
         wp.tasks.spawn(async move {
+            let _slot = slot;
             if is_tls {
                 serve_tls(wp2, ingress, tcp, peer, port, tls, pending).await;
             } else {
