@@ -24,6 +24,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// A request's head (request line and headers) on HTTP/1.1, its header list on HTTP/2; also
 /// the read buffer of an upstream HTTP/1.1 connection (an answer's head, a body chunk).
@@ -116,11 +117,26 @@ impl Activity {
 pub struct Watched<T> {
     inner: T,
     activity: Activity,
+    /// A slot of a bound on connections, released with the socket: after a WebSocket upgrade
+    /// the socket outlives the HTTP connection.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<T> Watched<T> {
     pub fn new(inner: T, activity: Activity) -> Self {
-        Watched { inner, activity }
+        Watched {
+            inner,
+            activity,
+            _slot: None,
+        }
+    }
+
+    /// The same, holding `slot` for as long as the socket lives.
+    pub fn holding(self, slot: OwnedSemaphorePermit) -> Self {
+        Watched {
+            _slot: Some(slot),
+            ..self
+        }
     }
 }
 
@@ -163,28 +179,36 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
-/// Drives `conn` to its end; once no byte has moved on it and no request was being answered
-/// for a whole `period` (so after between one and two periods of silence), `shutdown` is
-/// called on it and it is driven to its end: hyper then lets answers still streaming finish,
-/// sends HTTP/2 a GOAWAY and drops a client that never sent a byte. This is what ends an HTTP/2 connection, or one that never
-/// began a request, that a client leaves open without a word; HTTP/1.1 already has hyper's
-/// header timer.
+/// Drives `conn` to its end. Once no byte has moved on it and no request was waiting for its
+/// answer for a whole `period` (so after one to two periods of silence), `shutdown` is
+/// called on it: hyper sends HTTP/2 a GOAWAY (and waits for the client to answer its PING),
+/// closes an idle HTTP/1.1 connection, drops a client that never sent a byte. If it is still
+/// open and silent one period later (a client that neither reads nor answers), it is dropped
+/// (`None`). This is what ends an HTTP/2 connection, or one that never began a request, that
+/// a client leaves open without a word; HTTP/1.1 heads already have hyper's header timer.
+/// Traffic keeps a connection open (an answer streaming, a body trickling in), as it does
+/// with nginx's timeouts.
 pub async fn until_idle<F: Future>(
     mut conn: Pin<&mut F>,
     activity: &Activity,
     period: Duration,
     shutdown: impl FnOnce(Pin<&mut F>),
-) -> F::Output {
+) -> Option<F::Output> {
     let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // After a stall of the runtime, ticks come one period apart again, not back to back.
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = activity.quiet_count();
+    let mut shutdown = Some(shutdown);
     loop {
         tokio::select! {
-            r = conn.as_mut() => return r,
+            r = conn.as_mut() => return Some(r),
             _ = check.tick() => {
                 let now = activity.quiet_count();
                 if now.is_some() && now == seen {
-                    shutdown(conn.as_mut());
-                    return conn.await;
+                    match shutdown.take() {
+                        Some(f) => f(conn.as_mut()),
+                        None => return None,
+                    }
                 }
                 seen = now;
             }
@@ -246,9 +270,9 @@ mod tests {
             tokio::pin!(conn);
             let r = match watched {
                 true => until_idle(conn.as_mut(), &activity, TIMEOUT, |c| c.graceful_shutdown()).await,
-                false => conn.await,
+                false => Some(conn.await),
             };
-            r.err()
+            r.and_then(Result::err)
                 .and_then(|e| e.downcast::<hyper::Error>().ok())
                 .and_then(|e| refusal(&e))
         });
@@ -340,6 +364,17 @@ mod tests {
         tokio::time::sleep(TIMEOUT * 2 + Duration::from_secs(1)).await;
         assert!(task.is_finished(), "an idle HTTP/2 connection is still held");
         assert!(client.await.unwrap().is_ok(), "closed with GOAWAY, not reset");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_client_that_never_answers_the_goaway_ping_is_dropped() {
+        let (mut raw, task) = serve_as(Some(TIMEOUT), true);
+        // The preface and an empty SETTINGS frame; then nothing is read or answered.
+        raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        tokio::time::sleep(TIMEOUT * 5).await;
+        assert!(task.is_finished(), "held after its GOAWAY went unanswered");
     }
 
     async fn h2_client(c: DuplexStream) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {

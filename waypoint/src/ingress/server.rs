@@ -157,9 +157,8 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
         let super::tcp::Inbound { tcp, .. } = inbound;
         let (wp2, ingress, tls) = (wp.clone(), ingress.clone(), tls.clone());
         wp.tasks.spawn(async move {
-            let _slot = slot;
             if is_tls {
-                serve_tls(wp2, ingress, tcp, peer, port, tls, pending).await;
+                serve_tls(wp2, ingress, tcp, peer, port, (tls, pending), slot).await;
             } else {
                 let conn = Conn {
                     peer,
@@ -167,7 +166,7 @@ async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener,
                     tls: false,
                     sni: None,
                 };
-                serve(wp2, ingress, TokioIo::new(tcp), conn).await;
+                serve(wp2, ingress, TokioIo::new(tcp), conn, slot).await;
             }
         });
     }
@@ -189,8 +188,11 @@ async fn serve_tls(
     tcp: TcpStream,
     peer: SocketAddr,
     port: u16,
-    tls: tokio_rustls::TlsAcceptor,
-    pending: Option<mesh_core::hbone::limits::PendingGuard>,
+    (tls, pending): (
+        tokio_rustls::TlsAcceptor,
+        Option<mesh_core::hbone::limits::PendingGuard>,
+    ),
+    slot: OwnedSemaphorePermit,
 ) {
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await;
     drop(pending);
@@ -214,10 +216,12 @@ async fn serve_tls(
         tls: true,
         sni,
     };
-    serve(wp, ingress, TokioIo::new(stream), conn).await;
+    serve(wp, ingress, TokioIo::new(stream), conn, slot).await;
 }
 
-async fn serve<T>(wp: Arc<Waypoint>, ingress: Arc<Ingress>, io: TokioIo<T>, conn: Conn)
+/// Serves HTTP on one client connection; `slot` goes with the socket (through a WebSocket
+/// upgrade too).
+async fn serve<T>(wp: Arc<Waypoint>, ingress: Arc<Ingress>, io: TokioIo<T>, conn: Conn, slot: OwnedSemaphorePermit)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -231,11 +235,11 @@ where
         handle(wp.clone(), ingress.clone(), (conn.clone(), answering), req)
     });
     let builder = server::builder(Some(header_read_timeout));
-    let io = TokioIo::new(server::Watched::new(io.into_inner(), activity.clone()));
+    let io = TokioIo::new(server::Watched::new(io.into_inner(), activity.clone()).holding(slot));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let served = server::until_idle(conn.as_mut(), &activity, header_read_timeout, |c| c.graceful_shutdown());
-    if let Err(e) = served.await {
+    if let Some(Err(e)) = served.await {
         if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(server::refusal) {
             metrics.reject(reason);
         }
