@@ -12,6 +12,10 @@
 //! A head over the limit is answered 431 on HTTP/1.1 (hyper, then the connection closes) and
 //! on HTTP/2 (the h2 crate, per stream); the first is counted as `header_too_large` in
 //! `waypoint_rejected_requests_total`.
+//!
+//! Time is bounded too where the clients are anonymous (the ingress): [`Watched`] counts a
+//! connection's traffic (and carries its slot of the connection bound for the socket's life),
+//! [`until_idle`] ends one left silent.
 
 use std::future::Future;
 use std::io;
@@ -29,8 +33,7 @@ use tokio::sync::OwnedSemaphorePermit;
 /// A request's head (request line and headers) on HTTP/1.1, its header list on HTTP/2; also
 /// the read buffer of an upstream HTTP/1.1 connection (an answer's head, a body chunk).
 pub const MAX_HEAD: u32 = 64 * 1024;
-/// Concurrent HTTP/2 requests on one connection (nginx allows 128, Envoy's listeners 100 by
-/// Istio's settings).
+/// Concurrent HTTP/2 requests on one connection (nginx allows 128, Go's server 250).
 pub const MAX_STREAMS: u32 = 100;
 /// Answer bytes HTTP/2 queues per stream ahead of the client's reading; beyond it the answer's
 /// body is not read from upstream until the client reads (four 16 KiB frames in flight).
