@@ -1058,9 +1058,19 @@ spec:
   selector: {{matchLabels: {{app: secure-db}}}}
   action: ALLOW
   rules: [{{from: [{{source: {{principals: [cluster.local/ns/istio-system/sa/istio-ingressgateway]}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure-db, namespace: production}}
+spec:
+  host: secure-db.production.svc.cluster.local
+  trafficPolicy: {{connectionPool: {{tcp: {{idleTimeout: {TCP_IDLE_MS}ms}}}}}}
 "#
     )
 }
+
+/// The passthrough backend's `connectionPool.tcp.idleTimeout`.
+const TCP_IDLE_MS: u64 = 1000;
 
 /// Terminates TLS with `secret`'s certificate (a [`Pki::secret`] manifest) and answers every
 /// HTTP/1.1 request with `secure-db` and the SNI it saw.
@@ -1249,7 +1259,52 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
         let got = futures_block(route_status(&cluster, route)).map(|s| s.0);
         assert_eq!(got.as_deref(), Some(accepted), "route {route}");
     }
+    tcp_idle_timeout(&client, to, &gateway, ca).await;
     connection_bound(&client, to, &gateway, ca).await;
+}
+
+/// The backend's DestinationRule `connectionPool.tcp.idleTimeout`: a connection whose bytes
+/// keep coming outlives it; one where no byte moves either way is closed once it passes (not
+/// before), and counted.
+async fn tcp_idle_timeout(client: &Pod, to: SocketAddr, gateway: &Waypoint, ca: &rcgen::Certificate) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let idle = Duration::from_millis(TCP_IDLE_MS);
+    let name = ServerName::try_from("db.passthrough.test".to_owned()).unwrap();
+    let mut tls = tls_connect_to(client, to, ca, name.clone()).await.expect("TLS");
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: db.passthrough.test\r\n")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(idle * 2 / 5).await;
+        tls.write_all(b"x-still-typing: 1\r\n").await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    tls.write_all(b"\r\n").await.unwrap();
+    let mut reply = String::new();
+    let _ = tls.read_to_string(&mut reply).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "a trickling client was cut: {reply:?}"
+    );
+
+    let mut silent = tls_connect_to(client, to, ca, name).await.expect("TLS");
+    let since = Instant::now();
+    let closed = tokio::time::timeout(WAIT, silent.read(&mut [0u8; 64])).await;
+    let took = since.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection outlived its idle timeout: {closed:?}"
+    );
+    assert!(took >= idle, "closed after {took:?}, before the idle timeout");
+    let metrics = gateway.metrics().await.expect("gateway metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("waypoint_tcp_idle_timeouts_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }
 
 /// `--ingress-max-connections` of the passthrough test's gateway.

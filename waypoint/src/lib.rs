@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod eastwest;
 pub mod http;
+pub mod idle;
 pub mod ingress;
 pub mod listener;
 pub mod locality;

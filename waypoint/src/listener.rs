@@ -31,7 +31,9 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::http::proxy::{self, Downstream};
+use crate::idle::{self, SpliceEnd, Spliced};
 use crate::policy::authz::{self, ConnectionAttrs, Decision};
+use crate::upstream::cluster::TCP_IDLE_TIMEOUT;
 use crate::Waypoint;
 
 /// How long a silent client may wait before its stream is treated as a server-first TCP
@@ -246,7 +248,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
             let Ok(stream) = accept_l4(&wp, c, client_addr, None) else {
                 return;
             };
-            tcp_to(&wp, stream, dst, &peer.to_string()).await;
+            tcp_to(&wp, stream, dst, &peer.to_string(), Some(TCP_IDLE_TIMEOUT)).await;
             return;
         }
     };
@@ -277,7 +279,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
                 info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
                 return;
             };
-            tcp_to(&wp, io, target, &spiffe).await;
+            tcp_to(&wp, io, target, &spiffe, cluster.tcp_idle_timeout()).await;
             cluster.record(&w.uid, Some(StatusCode::OK));
             return;
         }
@@ -495,15 +497,26 @@ fn accept_l4(
     })
 }
 
-async fn tcp_to(wp: &Waypoint, mut down: Rewind<H2Io>, target: SocketAddr, who: &str) {
-    match wp.upstreams.connector.open(target).await {
-        Ok(mut up) => match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-            Ok((sent, received)) => {
-                info!(target: "access", src_identity = %who, dst_addr = %target, sent, received, "TCP connection")
-            }
-            Err(e) => debug!(error = %e, %target, "TCP proxy ended"),
-        },
-        Err(e) => warn!(error = %e, %target, "TCP upstream connect failed"),
+/// Splices a TCP stream to `target` until both ends are done, or until no byte has moved
+/// either way for `idle`.
+async fn tcp_to(wp: &Waypoint, down: Rewind<H2Io>, target: SocketAddr, who: &str, idle: Option<Duration>) {
+    let mut up = match wp.upstreams.connector.open(target).await {
+        Ok(up) => up,
+        Err(e) => {
+            warn!(error = %e, %target, "TCP upstream connect failed");
+            return;
+        }
+    };
+    let Spliced { sent, received, end } = idle::splice(down, &mut up, idle).await;
+    match end {
+        SpliceEnd::Done(Ok(())) => {
+            info!(target: "access", src_identity = %who, dst_addr = %target, sent, received, "TCP connection")
+        }
+        SpliceEnd::Idle => {
+            wp.metrics.tcp_idle_timeouts.inc();
+            info!(target: "access", src_identity = %who, dst_addr = %target, sent, received, reason = "idle_timeout", "TCP connection")
+        }
+        SpliceEnd::Done(Err(e)) => debug!(error = %e, %target, "TCP proxy ended"),
     }
 }
 

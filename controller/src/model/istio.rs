@@ -462,6 +462,7 @@ pub struct ConnectionPool {
 pub struct TcpPool {
     pub max_connections: Option<u32>,
     pub connect_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -746,6 +746,13 @@ fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp
         max_requests: c.http.as_ref().and_then(|h| h.http2_max_requests).unwrap_or(0),
         max_requests_per_connection: c.http.as_ref().and_then(|h| h.max_requests_per_connection).unwrap_or(0),
         max_retries: c.http.as_ref().and_then(|h| h.max_retries).unwrap_or(0),
+        tcp_idle_timeout: opt_duration(
+            c.tcp.as_ref().and_then(|t| t.idle_timeout.as_deref()),
+            kind,
+            key,
+            "connectionPool.tcp.idleTimeout",
+            report,
+        ),
     });
     let outlier = p.outlier_detection.as_ref().map(|o| wp::OutlierDetection {
         consecutive_5xx_errors: o.consecutive5xx_errors.unwrap_or(0),

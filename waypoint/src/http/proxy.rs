@@ -29,6 +29,7 @@ use super::admission::{self, Backend};
 use super::local_reply::{full, BadRequest, LocalReply, ResponseFlag};
 use super::retry::{self, to_duration, Attempt, RetryPolicy};
 use super::rewrite::{self, UpgradeRequest};
+use crate::idle;
 use crate::store::Snapshot;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{LabelSource, RequestLabels, SeriesLabels, StandardLabels};
@@ -635,7 +636,10 @@ impl Exchange<'_> {
                 }
             }
             return match answer {
-                Ok(resp) => finish(resp, self.upgrade),
+                Ok(resp) => {
+                    let idle = cluster.tcp_idle_timeout();
+                    finish(resp, self.upgrade.map(|down| Upgrade { down, wp, idle }))
+                }
                 Err(reply) => Err(reply),
             };
         }
@@ -655,16 +659,17 @@ impl Exchange<'_> {
 }
 
 /// The backend's answer on its way to the client: a 101 joins the two upgraded connections
-/// when the client asked for that upgrade, and is refused otherwise.
-fn finish(mut resp: Response<PooledBody>, upgrade: Option<OnUpgrade>) -> Result<Response<Body>, LocalReply> {
+/// (until both are done, or idle for the backend's TCP idle timeout) when the client asked
+/// for that upgrade, and is refused otherwise.
+fn finish(mut resp: Response<PooledBody>, upgrade: Option<Upgrade<'_>>) -> Result<Response<Body>, LocalReply> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let confirmed = upgrade.is_some() && rewrite::upgrade_confirmed(resp.headers());
         match upgrade {
-            Some(down_up) if confirmed => splice_upgrade(down_up, hyper::upgrade::on(&mut resp)),
+            Some(u) if confirmed => splice_upgrade(u, hyper::upgrade::on(&mut resp)),
             // A 101 the client did not ask for (another protocol, or no upgrade at all).
             other => {
-                if let Some(down_up) = other {
-                    close_gracefully(down_up);
+                if let Some(u) = other {
+                    close_gracefully(u.down);
                 }
                 let protocol = resp
                     .headers()
@@ -680,13 +685,25 @@ fn finish(mut resp: Response<PooledBody>, upgrade: Option<OnUpgrade>) -> Result<
     Ok(Response::from_parts(rp, rb.map_err(|e| Box::new(e) as _).boxed()))
 }
 
-/// Copies bytes both ways between the client's and the backend's upgraded connections.
-fn splice_upgrade(down: OnUpgrade, up: OnUpgrade) {
-    tokio::spawn(async move {
+/// A client's side of an upgrade it asked for, and what joining it to the backend's needs.
+struct Upgrade<'a> {
+    down: OnUpgrade,
+    wp: &'a Waypoint,
+    /// The backend's TCP idle timeout.
+    idle: Option<Duration>,
+}
+
+/// Copies bytes both ways between the client's and the backend's upgraded connections, as a
+/// task the drain knows of.
+fn splice_upgrade(Upgrade { down, wp, idle }: Upgrade<'_>, up: OnUpgrade) {
+    let idle_timeouts = wp.metrics.tcp_idle_timeouts.clone();
+    wp.tasks.spawn(async move {
         match tokio::try_join!(down, up) {
             Ok((d, u)) => {
-                let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                let spliced = idle::splice(TokioIo::new(d), &mut TokioIo::new(u), idle).await;
+                if matches!(spliced.end, idle::SpliceEnd::Idle) {
+                    idle_timeouts.inc();
+                }
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }

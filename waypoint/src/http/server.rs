@@ -13,22 +13,13 @@
 //! on HTTP/2 (the h2 crate, per stream); the first is counted as `header_too_large` in
 //! `waypoint_rejected_requests_total`.
 //!
-//! Time is bounded too where the clients are anonymous (the ingress): [`Watched`] counts a
-//! connection's traffic (and carries its slot of the connection bound for the socket's life),
-//! [`until_idle`] ends one left silent.
+//! Time is bounded too where the clients are anonymous (the ingress): the connection is
+//! watched by [`crate::idle`], which ends one left silent.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
 
 /// A request's head (request line and headers) on HTTP/1.1, its header list on HTTP/2; also
 /// the read buffer of an upstream HTTP/1.1 connection (an answer's head, a body chunk).
@@ -76,149 +67,6 @@ pub fn refusal(e: &hyper::Error) -> Option<&'static str> {
     }
 }
 
-/// What a connection is doing: how many reads and writes moved bytes (a watchdog tells that
-/// nothing moved for a period by comparing two counts, without a clock read per I/O call),
-/// and how many requests are being answered (one waiting on a slow backend is not silence).
-#[derive(Clone, Default)]
-pub struct Activity(Arc<Counts>);
-
-#[derive(Default)]
-struct Counts {
-    io: AtomicU64,
-    in_flight: AtomicU64,
-}
-
-/// A request being answered, until dropped.
-pub struct InFlight(Activity);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        (self.0).0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Activity {
-    fn bump(&self, moved: bool) {
-        if moved {
-            self.0.io.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a request until the guard is dropped (when its service future ends).
-    pub fn request(&self) -> InFlight {
-        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    /// The I/O count, or `None` while a request is being answered.
-    fn quiet_count(&self) -> Option<u64> {
-        (self.0.in_flight.load(Ordering::Relaxed) == 0).then(|| self.0.io.load(Ordering::Relaxed))
-    }
-}
-
-/// A connection whose reads and writes are counted in an [`Activity`].
-pub struct Watched<T> {
-    inner: T,
-    activity: Activity,
-    /// A slot of a bound on connections, released with the socket: after a WebSocket upgrade
-    /// the socket outlives the HTTP connection.
-    _slot: Option<OwnedSemaphorePermit>,
-}
-
-impl<T> Watched<T> {
-    pub fn new(inner: T, activity: Activity) -> Self {
-        Watched {
-            inner,
-            activity,
-            _slot: None,
-        }
-    }
-
-    /// The same, holding `slot` for as long as the socket lives.
-    pub fn holding(self, slot: OwnedSemaphorePermit) -> Self {
-        Watched {
-            _slot: Some(slot),
-            ..self
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.activity.bump(buf.filled().len() > before);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.activity.bump(matches!(r, Poll::Ready(Ok(n)) if n > 0));
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.activity.bump(matches!(r, Poll::Ready(Ok(n)) if n > 0));
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Drives `conn` to its end. Once no byte has moved on it and no request was waiting for its
-/// answer for a whole `period` (so after one to two periods of silence), `shutdown` is
-/// called on it: hyper sends HTTP/2 a GOAWAY (and waits for the client to answer its PING),
-/// closes an idle HTTP/1.1 connection, drops a client that never sent a byte. If it is still
-/// open and silent one period later (a client that neither reads nor answers), it is dropped
-/// (`None`). This is what ends an HTTP/2 connection, or one that never began a request, that
-/// a client leaves open without a word; HTTP/1.1 heads already have hyper's header timer.
-/// Traffic keeps a connection open (an answer streaming, a body trickling in), as it does
-/// with nginx's timeouts.
-pub async fn until_idle<F: Future>(
-    mut conn: Pin<&mut F>,
-    activity: &Activity,
-    period: Duration,
-    shutdown: impl FnOnce(Pin<&mut F>),
-) -> Option<F::Output> {
-    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    // After a stall of the runtime, ticks come one period apart again, not back to back.
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = activity.quiet_count();
-    let mut shutdown = Some(shutdown);
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => return Some(r),
-            _ = check.tick() => {
-                let now = activity.quiet_count();
-                if now.is_some() && now == seen {
-                    match shutdown.take() {
-                        Some(f) => f(conn.as_mut()),
-                        None => return None,
-                    }
-                }
-                seen = now;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -230,6 +78,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
+    use crate::idle::{until_idle, Activity, Watched};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 

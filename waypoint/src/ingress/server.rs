@@ -22,6 +22,7 @@ use super::Ingress;
 use crate::http::local_reply::LocalReply;
 use crate::http::proxy::{self, Downstream};
 use crate::http::server;
+use crate::idle;
 use crate::upstream::Body;
 use crate::Waypoint;
 
@@ -228,17 +229,17 @@ where
     let metrics = wp.metrics.clone();
     let header_read_timeout = wp.header_read_timeout;
     // Ends a connection left silent (HTTP/2 between requests, or one that never began).
-    let activity = server::Activity::default();
+    let activity = idle::Activity::default();
     let counted = activity.clone();
     let svc = hyper::service::service_fn(move |req| {
         let answering = counted.request();
         handle(wp.clone(), ingress.clone(), (conn.clone(), answering), req)
     });
     let builder = server::builder(Some(header_read_timeout));
-    let io = TokioIo::new(server::Watched::new(io.into_inner(), activity.clone()).holding(slot));
+    let io = TokioIo::new(idle::Watched::new(io.into_inner(), activity.clone()).holding(slot));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    let served = server::until_idle(conn.as_mut(), &activity, header_read_timeout, |c| c.graceful_shutdown());
+    let served = idle::until_idle(conn.as_mut(), &activity, header_read_timeout, |c| c.graceful_shutdown());
     if let Some(Err(e)) = served.await {
         if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(server::refusal) {
             metrics.reject(reason);
@@ -264,7 +265,7 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 async fn handle(
     wp: Arc<Waypoint>,
     ingress: Arc<Ingress>,
-    (conn, _answering): (Conn, server::InFlight),
+    (conn, _answering): (Conn, idle::InFlight),
     mut req: Request<Incoming>,
 ) -> Result<http::Response<Body>, std::convert::Infallible> {
     let state = ingress.current.load_full();

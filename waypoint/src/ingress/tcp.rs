@@ -2,7 +2,8 @@
 //! authorization (no peer identity: the client is outside the mesh; `ipBlocks` and
 //! `remoteIpBlocks` are its address), then sent to a weighted backend of the attached TCPRoute
 //! (an endpoint picked by its cluster) through the connector — HBONE with the gateway's
-//! identity to mesh endpoints — and the bytes are copied both ways. TLS passthrough
+//! identity to mesh endpoints — and the bytes are copied both ways until both ends are done or
+//! the backend's TCP idle timeout passes without a byte ([`crate::idle::splice`]). TLS passthrough
 //! ([`super::passthrough`]) forwards the same way once the SNI chose the TLSRoute.
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::Ingress;
 use crate::http::admission::pick_backend;
+use crate::idle::{self, SpliceEnd};
 use crate::policy::authz::{self, ConnectionAttrs, Decision};
 use crate::upstream::cluster::Cluster;
 use crate::Waypoint;
@@ -65,7 +67,7 @@ pub async fn serve(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound) {
 /// SNI): `prefix` (bytes already read from the client) is sent first, then both directions
 /// are copied.
 pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound, table: &str, prefix: Vec<u8>) {
-    let Inbound { mut tcp, peer, port } = inbound;
+    let Inbound { tcp, peer, port } = inbound;
     let (cluster, workload, target) = match decide(&wp, &ingress, peer, port, table) {
         Ok(t) => t,
         Err(refused) => {
@@ -81,11 +83,18 @@ pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound,
                 debug!(error = %e, %target, "TCP upstream write failed");
                 return;
             }
-            match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
-                Ok((sent, received)) => {
+            let spliced = idle::splice(tcp, &mut up, cluster.tcp_idle_timeout()).await;
+            let sent = spliced.sent + prefix.len() as u64;
+            let received = spliced.received;
+            match spliced.end {
+                SpliceEnd::Done(Ok(())) => {
                     info!(target: "access", src_addr = %peer, dst_addr = %target, table, sent, received, "TCP connection")
                 }
-                Err(e) => debug!(error = %e, %target, "TCP proxy ended"),
+                SpliceEnd::Idle => {
+                    wp.metrics.tcp_idle_timeouts.inc();
+                    info!(target: "access", src_addr = %peer, dst_addr = %target, table, sent, received, reason = "idle_timeout", "TCP connection")
+                }
+                SpliceEnd::Done(Err(e)) => debug!(error = %e, %target, "TCP proxy ended"),
             }
         }
         Err(e) => {

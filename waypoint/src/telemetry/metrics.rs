@@ -291,6 +291,8 @@ pub struct Metrics {
     custom_series: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Requests recorded with the standard labels because the overridden series were at the bound.
     pub custom_series_overflow: Counter,
+    /// TCP connections closed because no byte moved either way for their idle timeout.
+    pub tcp_idle_timeouts: Counter,
     /// Standard label sets, built once per source, endpoint and response.
     pub labels: Arc<LabelCache>,
 }
@@ -322,6 +324,7 @@ impl Metrics {
             rate_limit_overflow: Counter::default(),
             custom_series: Default::default(),
             custom_series_overflow: Counter::default(),
+            tcp_idle_timeouts: Counter::default(),
             labels: Default::default(),
         };
         registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
@@ -359,6 +362,11 @@ impl Metrics {
             "waypoint_telemetry_series_overflow",
             "Requests recorded with the standard labels because Telemetry tag overrides already made the maximum of series",
             m.custom_series_overflow.clone(),
+        );
+        registry.register(
+            "waypoint_tcp_idle_timeouts",
+            "TCP connections (TCPRoute, TLS passthrough, TCP through a waypoint) closed because no byte moved either way for the backend's connectionPool.tcp.idleTimeout",
+            m.tcp_idle_timeouts.clone(),
         );
         registry.register(
             "waypoint_rejected_requests",

@@ -94,6 +94,9 @@ fn limit(v: u32) -> usize {
     }
 }
 
+/// Istio's default `connectionPool.tcp.idleTimeout` (Envoy's TCP proxy default).
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 fn duration(d: Option<&prost_types::Duration>, default: Duration) -> Duration {
     d.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
         .unwrap_or(default)
@@ -128,6 +131,15 @@ impl Cluster {
             tls,
             policy,
         })
+    }
+
+    /// How long a TCP connection to this cluster may move no byte either way before it is
+    /// closed: `connectionPool.tcp.idleTimeout`, [`TCP_IDLE_TIMEOUT`] when unset, `None`
+    /// (never) when set to zero, as Istio reads it.
+    pub fn tcp_idle_timeout(&self) -> Option<Duration> {
+        let pool = self.policy.connection_pool.as_ref();
+        let d = duration(pool.and_then(|p| p.tcp_idle_timeout.as_ref()), TCP_IDLE_TIMEOUT);
+        (!d.is_zero()).then_some(d)
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -337,6 +349,34 @@ pub(crate) mod tests {
         let closes: Vec<bool> = (0..6).map(|_| c.close_after_this()).collect();
         assert_eq!(closes, [false, false, true, false, false, true]);
         assert!(!Cluster::new(wp::TrafficPolicy::default()).close_after_this());
+    }
+
+    #[test]
+    fn the_tcp_idle_timeout_is_an_hour_unless_set_and_zero_means_never() {
+        let with = |d: Option<(i64, i32)>| {
+            Cluster::new(wp::TrafficPolicy {
+                connection_pool: Some(wp::ConnectionPool {
+                    tcp_idle_timeout: d.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .tcp_idle_timeout()
+        };
+        let cases = [
+            (None, Some(TCP_IDLE_TIMEOUT)),
+            (Some((30, 0)), Some(Duration::from_secs(30))),
+            (Some((0, 500_000_000)), Some(Duration::from_millis(500))),
+            (Some((0, 0)), None),
+            (Some((-5, 0)), None),
+        ];
+        for (set, want) in cases {
+            assert_eq!(with(set), want, "{set:?}");
+        }
+        assert_eq!(
+            Cluster::new(wp::TrafficPolicy::default()).tcp_idle_timeout(),
+            Some(TCP_IDLE_TIMEOUT)
+        );
     }
 
     #[tokio::test(start_paused = true)]

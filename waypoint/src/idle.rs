@@ -1,0 +1,309 @@
+//! What a downstream connection is doing, and ending one that does nothing. [`Watched`] wraps
+//! a socket and counts the bytes it moves each way into an [`Activity`], which also counts
+//! the requests being answered on it; [`Activity::silence`] resolves once neither changed
+//! for a period. A watchdog compares counts on a timer, so no clock is read per I/O call.
+//!
+//! Two users:
+//! - [`until_idle`] ends an HTTP connection a client leaves silent at the ingress gateway;
+//! - [`splice`] copies a TCP connection (a TCPRoute or TLS passthrough at the ingress, TCP
+//!   through a waypoint) both ways until either end is done, or until no byte has moved
+//!   either way for the backend's `connectionPool.tcp.idleTimeout` (an hour unless a
+//!   DestinationRule says otherwise), as Envoy's TCP proxy does for Istio. Without it, a
+//!   client that goes quiet holds its slot, a socket on each side and the backend's
+//!   connection for ever.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// How often per period the watchdog looks: silence is noticed at most a quarter late.
+const CHECKS_PER_PERIOD: u32 = 4;
+
+/// What a connection is doing: the bytes its socket moved each way, and how many requests
+/// are being answered (one waiting on a slow backend is not silence).
+#[derive(Clone, Default)]
+pub struct Activity(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    read: AtomicU64,
+    written: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A request being answered, until dropped.
+pub struct InFlight(Activity);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        (self.0).0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    /// Counts a request until the guard is dropped (when its service future ends).
+    pub fn request(&self) -> InFlight {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Bytes read from and written to the watched socket so far.
+    pub fn moved(&self) -> (u64, u64) {
+        (
+            self.0.read.load(Ordering::Relaxed),
+            self.0.written.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The bytes moved, or `None` while a request is being answered.
+    fn quiet_count(&self) -> Option<u64> {
+        let (read, written) = self.moved();
+        (self.0.in_flight.load(Ordering::Relaxed) == 0).then_some(read.wrapping_add(written))
+    }
+
+    /// Resolves once no byte has moved and no request was being answered for a whole
+    /// `period` (noticed up to a quarter period later).
+    pub async fn silence(&self, period: Duration) {
+        let step = (period / CHECKS_PER_PERIOD).max(Duration::from_millis(1));
+        let mut check = tokio::time::interval_at(Instant::now() + step, step);
+        // After a stall of the runtime, ticks come one step apart again, not back to back.
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seen = self.quiet_count();
+        let mut since = Instant::now();
+        loop {
+            check.tick().await;
+            let now = self.quiet_count();
+            if now.is_none() || now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= period {
+                return;
+            }
+        }
+    }
+}
+
+/// A socket whose reads and writes are counted in an [`Activity`].
+pub struct Watched<T> {
+    inner: T,
+    activity: Activity,
+    /// A slot of a bound on connections, released with the socket: after a WebSocket upgrade
+    /// the socket outlives the HTTP connection.
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<T> Watched<T> {
+    pub fn new(inner: T, activity: Activity) -> Self {
+        Watched {
+            inner,
+            activity,
+            _slot: None,
+        }
+    }
+
+    /// The same, holding `slot` for as long as the socket lives.
+    pub fn holding(self, slot: OwnedSemaphorePermit) -> Self {
+        Watched {
+            _slot: Some(slot),
+            ..self
+        }
+    }
+
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.activity.0.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.activity.0.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Drives `conn` to its end. Once no byte has moved on it and no request was waiting for its
+/// answer for a whole `period`, `shutdown` is called on it: hyper sends HTTP/2 a GOAWAY (and
+/// waits for the client to answer its PING), closes an idle HTTP/1.1 connection, drops a
+/// client that never sent a byte. If it is still open and silent one period later (a client
+/// that neither reads nor answers), it is dropped (`None`). This is what ends an HTTP/2
+/// connection, or one that never began a request, that a client leaves open without a word;
+/// HTTP/1.1 heads already have hyper's header timer. Traffic keeps a connection open (an
+/// answer streaming, a body trickling in), as it does with nginx's timeouts.
+pub async fn until_idle<F: Future>(
+    mut conn: Pin<&mut F>,
+    activity: &Activity,
+    period: Duration,
+    shutdown: impl FnOnce(Pin<&mut F>),
+) -> Option<F::Output> {
+    tokio::select! {
+        r = conn.as_mut() => return Some(r),
+        () = activity.silence(period) => shutdown(conn.as_mut()),
+    }
+    tokio::select! {
+        r = conn.as_mut() => Some(r),
+        () = activity.silence(period) => None,
+    }
+}
+
+/// How a spliced connection ended.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// Both directions were shut down by their senders, or a side failed.
+    Done(io::Result<()>),
+    /// Nothing moved either way for the idle timeout: both sockets were dropped.
+    Idle,
+}
+
+/// A spliced connection's outcome, with the bytes `down` sent and received.
+#[derive(Debug)]
+pub struct Spliced {
+    pub sent: u64,
+    pub received: u64,
+    pub end: SpliceEnd,
+}
+
+/// Copies `down` to `up` and back until both directions are done, or until no byte has moved
+/// either way for `idle` (`None`: no limit).
+pub async fn splice<D, U>(down: D, up: &mut U, idle: Option<Duration>) -> Spliced
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let activity = Activity::default();
+    let mut down = Watched::new(down, activity.clone());
+    let copy = tokio::io::copy_bidirectional(&mut down, up);
+    let end = match idle {
+        None => SpliceEnd::Done(copy.await.map(drop)),
+        Some(period) => tokio::select! {
+            r = copy => SpliceEnd::Done(r.map(drop)),
+            () = activity.silence(period) => SpliceEnd::Idle,
+        },
+    };
+    let (sent, received) = activity.moved();
+    Spliced { sent, received, end }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    /// A splice between two in-memory pairs: (client end, backend end, the splice's task).
+    fn spliced(idle: Option<Duration>) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Spliced>) {
+        let (client, down) = tokio::io::duplex(4096);
+        let (mut up, backend) = tokio::io::duplex(4096);
+        let task = tokio::spawn(async move { splice(down, &mut up, idle).await });
+        (client, backend, task)
+    }
+
+    async fn echo_once(from: &mut DuplexStream, to: &mut DuplexStream, bytes: &[u8]) {
+        from.write_all(bytes).await.unwrap();
+        let mut got = vec![0; bytes.len()];
+        to.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, bytes);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_splice_ends_after_its_idle_timeout_and_not_before() {
+        let (mut client, mut backend, task) = spliced(Some(IDLE));
+        echo_once(&mut client, &mut backend, b"hello").await;
+        echo_once(&mut backend, &mut client, b"hi!").await;
+        tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
+        assert!(!task.is_finished(), "ended before its idle timeout");
+        tokio::time::sleep(IDLE / CHECKS_PER_PERIOD + Duration::from_secs(2)).await;
+        assert!(task.is_finished(), "silent past its idle timeout and still spliced");
+        let s = task.await.unwrap();
+        assert!(matches!(s.end, SpliceEnd::Idle), "{s:?}");
+        assert_eq!((s.sent, s.received), (5, 3));
+        // Both sockets went with it.
+        assert_eq!(client.read(&mut [0; 8]).await.unwrap(), 0);
+        assert_eq!(backend.read(&mut [0; 8]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_either_way_keeps_a_splice_open() {
+        let (mut client, mut backend, task) = spliced(Some(IDLE));
+        for i in 0..10 {
+            tokio::time::sleep(IDLE / 2).await;
+            if i % 2 == 0 {
+                echo_once(&mut client, &mut backend, b"ping").await;
+            } else {
+                echo_once(&mut backend, &mut client, b"pong").await;
+            }
+        }
+        assert!(!task.is_finished(), "ended while bytes kept moving");
+        drop(client);
+        drop(backend);
+        let s = task.await.unwrap();
+        assert!(matches!(s.end, SpliceEnd::Done(_)), "{s:?}");
+        assert_eq!((s.sent, s.received), (20, 20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_idle_timeout_a_silent_splice_stays() {
+        let (mut client, mut backend, task) = spliced(None);
+        tokio::time::sleep(IDLE * 100).await;
+        assert!(!task.is_finished());
+        echo_once(&mut client, &mut backend, b"still here").await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_is_not_silence() {
+        let activity = Activity::default();
+        let answering = activity.request();
+        let silent = tokio::time::timeout(IDLE * 10, activity.silence(IDLE)).await;
+        assert!(silent.is_err(), "silence declared while a request was being answered");
+        drop(answering);
+        let start = Instant::now();
+        activity.silence(IDLE).await;
+        let took = start.elapsed();
+        assert!(took >= IDLE && took <= IDLE + IDLE / CHECKS_PER_PERIOD, "{took:?}");
+    }
+}
