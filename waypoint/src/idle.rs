@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mesh_core::hbone::stream::SpliceObserver;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -87,6 +88,18 @@ impl Activity {
                 return;
             }
         }
+    }
+}
+
+/// For splices that count through an observer (an HBONE stream's): bytes from the TCP side
+/// count as read, bytes to it as written.
+impl SpliceObserver for Activity {
+    fn moved_to_tunnel(&self, chunk: &[u8]) {
+        self.0.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+
+    fn moved_from_tunnel(&self, chunk: &[u8]) {
+        self.0.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -179,11 +192,15 @@ pub async fn until_idle<F: Future>(
     period: Duration,
     shutdown: impl FnOnce(Pin<&mut F>),
 ) -> Option<F::Output> {
+    // Biased towards the connection: after a stall, bytes waiting in the socket are counted
+    // before the watchdog looks.
     tokio::select! {
+        biased;
         r = conn.as_mut() => return Some(r),
         () = activity.silence(period) => shutdown(conn.as_mut()),
     }
     tokio::select! {
+        biased;
         r = conn.as_mut() => Some(r),
         () = activity.silence(period) => None,
     }
@@ -219,6 +236,7 @@ where
     let end = match idle {
         None => SpliceEnd::Done(copy.await.map(drop)),
         Some(period) => tokio::select! {
+            biased;
             r = copy => SpliceEnd::Done(r.map(drop)),
             () = activity.silence(period) => SpliceEnd::Idle,
         },
@@ -268,22 +286,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn traffic_either_way_keeps_a_splice_open() {
-        let (mut client, mut backend, task) = spliced(Some(IDLE));
-        for i in 0..10 {
-            tokio::time::sleep(IDLE / 2).await;
-            if i % 2 == 0 {
-                echo_once(&mut client, &mut backend, b"ping").await;
-            } else {
-                echo_once(&mut backend, &mut client, b"pong").await;
+    async fn traffic_in_either_direction_alone_keeps_a_splice_open() {
+        for upload in [true, false] {
+            let (mut client, mut backend, task) = spliced(Some(IDLE));
+            for _ in 0..8 {
+                // Just under the timeout apart, so each gap alone would not end it.
+                tokio::time::sleep(IDLE * 3 / 4).await;
+                match upload {
+                    true => echo_once(&mut client, &mut backend, b"ping").await,
+                    false => echo_once(&mut backend, &mut client, b"pong").await,
+                }
             }
+            assert!(!task.is_finished(), "upload {upload}: ended while bytes kept moving");
+            drop(client);
+            drop(backend);
+            let s = task.await.unwrap();
+            assert!(matches!(s.end, SpliceEnd::Done(Ok(()))), "{s:?}");
+            let want = if upload { (32, 0) } else { (0, 32) };
+            assert_eq!((s.sent, s.received), want, "upload {upload}");
         }
-        assert!(!task.is_finished(), "ended while bytes kept moving");
-        drop(client);
-        drop(backend);
-        let s = task.await.unwrap();
-        assert!(matches!(s.end, SpliceEnd::Done(_)), "{s:?}");
-        assert_eq!((s.sent, s.received), (20, 20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_splice_times_out_when_silent_and_not_while_the_other_way_streams() {
+        let (mut client, _backend, task) = spliced(Some(IDLE));
+        client.shutdown().await.unwrap();
+        tokio::time::sleep(IDLE + IDLE / CHECKS_PER_PERIOD + Duration::from_secs(1)).await;
+        assert!(task.is_finished(), "a half-closed, silent splice is still held");
+        assert!(matches!(task.await.unwrap().end, SpliceEnd::Idle));
+
+        let (mut client, mut backend, task) = spliced(Some(IDLE));
+        client.shutdown().await.unwrap();
+        for _ in 0..8 {
+            tokio::time::sleep(IDLE * 3 / 4).await;
+            echo_once(&mut backend, &mut client, b"more").await;
+        }
+        assert!(!task.is_finished(), "cut while the answer was still streaming");
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,7 +38,8 @@ pub(crate) fn duration(text: &str) -> Result<prost_types::Duration, String> {
             "ns" => 1e-9,
             _ => return Err(bad()),
         };
-        total += Duration::try_from_secs_f64(value * seconds).map_err(|_| bad())?;
+        let part = Duration::try_from_secs_f64(value * seconds).map_err(|_| bad())?;
+        total = total.checked_add(part).ok_or_else(bad)?;
         rest = next;
     }
     prost_types::Duration::try_from(total).map_err(|_| bad())
@@ -731,6 +732,26 @@ fn vs_route(
     }
 }
 
+/// `connectionPool.tcp.idleTimeout`: `0s` turns it off; anything else under a millisecond
+/// (Envoy's resolution) would close connections between two packets, and is refused.
+fn idle_timeout(text: Option<&str>, key: &ObjectKey, report: &mut Report) -> Option<prost_types::Duration> {
+    const FIELD: &str = "connectionPool.tcp.idleTimeout";
+    let d = opt_duration(text, Kind::DestinationRule, key, FIELD, report)?;
+    let millis = Duration::try_from(d).map_or(0, |d| d.as_nanos() / 1_000_000);
+    if millis == 0 && (d.seconds, d.nanos) != (0, 0) {
+        report.add(
+            Kind::DestinationRule,
+            key,
+            format!(
+                "{FIELD}: {:?} is under 1ms (0s turns the timeout off); ignored",
+                text.unwrap_or_default()
+            ),
+        );
+        return None;
+    }
+    Some(d)
+}
+
 fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp::TrafficPolicy {
     let kind = Kind::DestinationRule;
     let pool = p.connection_pool.as_ref().map(|c| wp::ConnectionPool {
@@ -746,13 +767,7 @@ fn traffic_policy(p: &TrafficPolicy, key: &ObjectKey, report: &mut Report) -> wp
         max_requests: c.http.as_ref().and_then(|h| h.http2_max_requests).unwrap_or(0),
         max_requests_per_connection: c.http.as_ref().and_then(|h| h.max_requests_per_connection).unwrap_or(0),
         max_retries: c.http.as_ref().and_then(|h| h.max_retries).unwrap_or(0),
-        tcp_idle_timeout: opt_duration(
-            c.tcp.as_ref().and_then(|t| t.idle_timeout.as_deref()),
-            kind,
-            key,
-            "connectionPool.tcp.idleTimeout",
-            report,
-        ),
+        tcp_idle_timeout: idle_timeout(c.tcp.as_ref().and_then(|t| t.idle_timeout.as_deref()), key, report),
     });
     let outlier = p.outlier_detection.as_ref().map(|o| wp::OutlierDetection {
         consecutive_5xx_errors: o.consecutive5xx_errors.unwrap_or(0),
@@ -936,5 +951,43 @@ spec:
         assert!(duration("5").is_err());
         assert!(duration("").is_err());
         assert!(duration("3 days").is_err());
+        // Past what a Duration holds: an error, not a panic that stops every translation.
+        let huge = "10000000000000000000s10000000000000000000s";
+        assert!(duration(huge).is_err());
+    }
+
+    #[test]
+    fn tcp_idle_timeouts_are_read_and_sub_millisecond_ones_refused() {
+        let rule = |idle: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: ns}}\n\
+                 spec: {{host: api, trafficPolicy: {{connectionPool: {{tcp: {{idleTimeout: {idle}}}}}}}}}"
+            )
+        };
+        let cases = [
+            ("90s", Some((90, 0)), false),
+            ("0s", Some((0, 0)), false),
+            ("1ms", Some((0, 1_000_000)), false),
+            ("500us", None, true),
+            ("1ns", None, true),
+            ("soon", None, true),
+        ];
+        for (idle, want, refused) in cases {
+            let (routes, problems) = translated(&[&rule(idle)]);
+            let pool = routes["ns/api.ns.svc.cluster.local"]
+                .traffic_policy
+                .as_ref()
+                .and_then(|p| p.connection_pool.as_ref())
+                .expect("a connection pool");
+            let got = pool.tcp_idle_timeout.map(|d| (d.seconds, d.nanos));
+            assert_eq!(got, want, "{idle}");
+            assert_eq!(problems.len(), usize::from(refused), "{idle}: {problems:?}");
+            if refused {
+                assert!(
+                    problems[0].message.contains("connectionPool.tcp.idleTimeout"),
+                    "{problems:?}"
+                );
+            }
+        }
     }
 }

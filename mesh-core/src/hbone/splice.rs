@@ -55,6 +55,19 @@ impl SpliceObserver for () {
     fn moved_from_tunnel(&self, _: &[u8]) {}
 }
 
+/// Both observe.
+impl<A: SpliceObserver, B: SpliceObserver> SpliceObserver for (A, B) {
+    fn moved_to_tunnel(&self, chunk: &[u8]) {
+        self.0.moved_to_tunnel(chunk);
+        self.1.moved_to_tunnel(chunk);
+    }
+
+    fn moved_from_tunnel(&self, chunk: &[u8]) {
+        self.0.moved_from_tunnel(chunk);
+        self.1.moved_from_tunnel(chunk);
+    }
+}
+
 impl<T: SpliceObserver + ?Sized> SpliceObserver for &T {
     fn moved_to_tunnel(&self, chunk: &[u8]) {
         (**self).moved_to_tunnel(chunk)

@@ -42,6 +42,8 @@ use tracing::{debug, info, warn};
 
 use crate::app::control_plane_tls;
 use crate::config::Config;
+use crate::idle;
+use crate::upstream::cluster::TCP_IDLE_TIMEOUT;
 use route::{Refused, Scope};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,7 +76,7 @@ impl Metrics {
         );
         registry.register(
             "eastwest_hbone_limits",
-            "HBONE bounds that bit (pending handshakes, streams per peer, resets)",
+            "HBONE bounds that bit (pending handshakes, streams per peer, resets, relays idle for an hour)",
             m.limits.clone(),
         );
         m
@@ -352,8 +354,18 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
     match req.accept() {
         Ok(s) => {
             let watch = handshake::Watch::new(slot);
-            if let Err(e) = s.splice_tcp_observed(&mut upstream, &watch).await {
-                debug!(%authority, error = %e, "relay ended with error");
+            let activity = idle::Activity::default();
+            let relay = s.splice_tcp_observed(&mut upstream, (&watch, &activity));
+            // As Envoy's TCP proxy at Istio's east-west gateway: an hour without a byte ends it.
+            tokio::select! {
+                biased;
+                r = relay => if let Err(e) = r {
+                    debug!(%authority, error = %e, "relay ended with error");
+                },
+                () = activity.silence(TCP_IDLE_TIMEOUT) => {
+                    gw.metrics.limits.get_or_create(&LimitLabels { limit: "idle_timeout" }).inc();
+                    debug!(%authority, "relay idle for {TCP_IDLE_TIMEOUT:?}: closed");
+                }
             }
         }
         Err(e) => debug!(error = %e, "could not answer the CONNECT"),

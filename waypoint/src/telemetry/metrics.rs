@@ -365,7 +365,7 @@ impl Metrics {
         );
         registry.register(
             "waypoint_tcp_idle_timeouts",
-            "TCP connections (TCPRoute, TLS passthrough, TCP through a waypoint) closed because no byte moved either way for the backend's connectionPool.tcp.idleTimeout",
+            "TCP connections (TCPRoute, TLS passthrough, TCP through a waypoint, upgraded WebSockets) closed because no byte moved either way for the backend's connectionPool.tcp.idleTimeout",
             m.tcp_idle_timeouts.clone(),
         );
         registry.register(

@@ -97,9 +97,9 @@ fn limit(v: u32) -> usize {
 /// Istio's default `connectionPool.tcp.idleTimeout` (Envoy's TCP proxy default).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// `d`, or `default` when absent or negative.
 fn duration(d: Option<&prost_types::Duration>, default: Duration) -> Duration {
-    d.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-        .unwrap_or(default)
+    d.and_then(|d| Duration::try_from(*d).ok()).unwrap_or(default)
 }
 
 impl Cluster {
@@ -368,7 +368,11 @@ pub(crate) mod tests {
             (Some((30, 0)), Some(Duration::from_secs(30))),
             (Some((0, 500_000_000)), Some(Duration::from_millis(500))),
             (Some((0, 0)), None),
-            (Some((-5, 0)), None),
+            // Not durations: the default, never a silent "off".
+            (Some((-5, 0)), Some(TCP_IDLE_TIMEOUT)),
+            (Some((-1, 500_000_000)), Some(TCP_IDLE_TIMEOUT)),
+            // Nanoseconds beyond a second carry over, as protobuf normalizes them.
+            (Some((1, 2_000_000_000)), Some(Duration::from_secs(3))),
         ];
         for (set, want) in cases {
             assert_eq!(with(set), want, "{set:?}");
