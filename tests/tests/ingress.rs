@@ -1187,6 +1187,31 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("secure-db\nsni db.passthrough.test\n"), "{reply}");
 
+    // Istio's TCP series as its gateway reports them: as the source, with the ClientHello it
+    // read for the SNI among the bytes sent.
+    let series = [
+        "reporter=\"source\"",
+        "request_protocol=\"tcp\"",
+        "source_workload=\"istio-ingressgateway\"",
+        "destination_service=\"secure-db.production.svc.cluster.local\"",
+    ];
+    let gw_metrics = gateway.metrics().await.expect("gateway metrics");
+    let count = |name: &str| mesh_e2e::metrics::sum(&gw_metrics, name, &series);
+    assert!(count("istio_tcp_connections_opened_total") >= 1.0, "{gw_metrics}");
+    assert!(
+        count("istio_tcp_sent_bytes_total") > 200.0,
+        "a ClientHello and a request: {gw_metrics}"
+    );
+    assert!(
+        count("istio_tcp_received_bytes_total") > 500.0,
+        "the server's flight and answer: {gw_metrics}"
+    );
+    let closed = || async {
+        let m = gateway.metrics().await.unwrap_or_default();
+        mesh_e2e::metrics::sum(&m, "istio_tcp_connections_closed_total", &series) >= 1.0
+    };
+    mesh_e2e::until("the gateway's TCP close counted", WAIT, closed).await;
+
     // Over HBONE with the gateway's identity: the backend's ztunnel (whose policy admits only
     // the gateway) counts it with mutual TLS.
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 15020));
@@ -1300,19 +1325,11 @@ async fn tcp_idle_timeout(client: &Pod, to: SocketAddr, gateway: &Waypoint, ca: 
     );
     assert!(took >= idle, "closed after {took:?}, before the idle timeout");
     // Counted just after the sockets go: the client may see the close first.
-    let counted = |m: &str| {
-        m.lines()
-            .any(|l| l.starts_with("waypoint_tcp_idle_timeouts_total") && !l.ends_with(" 0"))
+    let counted = || async {
+        let m = gateway.metrics().await.unwrap_or_default();
+        mesh_e2e::metrics::sample(&m, "waypoint_tcp_idle_timeouts_total", &[]) >= 1.0
     };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let metrics = gateway.metrics().await.expect("gateway metrics");
-        if counted(&metrics) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "idle close not counted\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh_e2e::until("the idle close counted", WAIT, counted).await;
 }
 
 /// `--ingress-max-connections` of the passthrough test's gateway.

@@ -1148,6 +1148,26 @@ async fn server_first_tcp(scene: &AuthScene) {
         .expect("echo in time")
         .expect("echo");
     assert_eq!(line, "ping\n");
+
+    // Istio's TCP series, as its waypoint reports them: bytes while the connection is open
+    // (the client sent "ping\n", and got the greeting and the echo), its close once it ends.
+    let series = [
+        "reporter=\"waypoint\"",
+        "request_protocol=\"tcp\"",
+        "destination_service=\"tcp-b.shop.svc.cluster.local\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/",
+    ];
+    let metrics = scene._waypoint.metrics().await.expect("waypoint metrics");
+    let count = |name: &str| mesh_e2e::metrics::sample(&metrics, name, &series);
+    assert_eq!(count("istio_tcp_connections_opened_total"), 1.0, "{metrics}");
+    assert_eq!(count("istio_tcp_sent_bytes_total"), 5.0, "{metrics}");
+    assert_eq!(count("istio_tcp_received_bytes_total"), 11.0, "{metrics}");
+    drop(tcp);
+    let closed = || async {
+        let metrics = scene._waypoint.metrics().await.unwrap_or_default();
+        mesh_e2e::metrics::sample(&metrics, "istio_tcp_connections_closed_total", &series) == 1.0
+    };
+    mesh_e2e::until("the TCP close counted", WAIT, closed).await;
 }
 
 /// gRPC through the waypoint, routed by method: unary to grpc-a, streaming to grpc-b.

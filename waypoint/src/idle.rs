@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mesh_core::hbone::stream::SpliceObserver;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -38,6 +39,16 @@ struct Counts {
     read: AtomicU64,
     written: AtomicU64,
     in_flight: AtomicU64,
+    meter: Option<Meter>,
+}
+
+/// Counters a spliced connection's bytes are also added to as they move: its
+/// `istio_tcp_sent_bytes` (read from the client, sent on to the destination) and
+/// `istio_tcp_received_bytes` series, so a scrape during a long transfer sees them.
+#[derive(Clone, Debug, Default)]
+pub struct Meter {
+    pub sent: Counter,
+    pub received: Counter,
 }
 
 /// A request being answered, until dropped.
@@ -50,6 +61,28 @@ impl Drop for InFlight {
 }
 
 impl Activity {
+    /// An activity whose bytes are also added to `meter`.
+    pub fn metered(meter: Meter) -> Activity {
+        Activity(Arc::new(Counts {
+            meter: Some(meter),
+            ..Counts::default()
+        }))
+    }
+
+    fn add_read(&self, n: usize) {
+        self.0.read.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(m) = &self.0.meter {
+            m.sent.inc_by(n as u64);
+        }
+    }
+
+    fn add_written(&self, n: usize) {
+        self.0.written.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(m) = &self.0.meter {
+            m.received.inc_by(n as u64);
+        }
+    }
+
     /// Counts a request until the guard is dropped (when its service future ends).
     pub fn request(&self) -> InFlight {
         self.0.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -95,11 +128,11 @@ impl Activity {
 /// count as read, bytes to it as written.
 impl SpliceObserver for Activity {
     fn moved_to_tunnel(&self, chunk: &[u8]) {
-        self.0.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.add_read(chunk.len());
     }
 
     fn moved_from_tunnel(&self, chunk: &[u8]) {
-        self.0.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.add_written(chunk.len());
     }
 }
 
@@ -131,7 +164,7 @@ impl<T> Watched<T> {
 
     fn wrote(&self, r: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = r {
-            self.activity.0.written.fetch_add(*n as u64, Ordering::Relaxed);
+            self.activity.add_written(*n);
         }
     }
 }
@@ -142,7 +175,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
-            self.activity.0.read.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.add_read(n);
         }
         r
     }
@@ -224,13 +257,13 @@ pub struct Spliced {
 }
 
 /// Copies `down` to `up` and back until both directions are done, or until no byte has moved
-/// either way for `idle` (`None`: no limit).
-pub async fn splice<D, U>(down: D, up: &mut U, idle: Option<Duration>) -> Spliced
+/// either way for `idle` (`None`: no limit); bytes are added to `meter` as they move.
+pub async fn splice<D, U>(down: D, up: &mut U, idle: Option<Duration>, meter: Option<Meter>) -> Spliced
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let activity = Activity::default();
+    let activity = meter.map(Activity::metered).unwrap_or_default();
     let mut down = Watched::new(down, activity.clone());
     let copy = tokio::io::copy_bidirectional(&mut down, up);
     let end = match idle {
@@ -255,9 +288,16 @@ mod tests {
 
     /// A splice between two in-memory pairs: (client end, backend end, the splice's task).
     fn spliced(idle: Option<Duration>) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Spliced>) {
+        spliced_metered(idle, None)
+    }
+
+    fn spliced_metered(
+        idle: Option<Duration>,
+        meter: Option<Meter>,
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Spliced>) {
         let (client, down) = tokio::io::duplex(4096);
         let (mut up, backend) = tokio::io::duplex(4096);
-        let task = tokio::spawn(async move { splice(down, &mut up, idle).await });
+        let task = tokio::spawn(async move { splice(down, &mut up, idle, meter).await });
         (client, backend, task)
     }
 
@@ -322,6 +362,19 @@ mod tests {
             echo_once(&mut backend, &mut client, b"more").await;
         }
         assert!(!task.is_finished(), "cut while the answer was still streaming");
+    }
+
+    #[tokio::test]
+    async fn a_meter_sees_bytes_while_they_move() {
+        let meter = Meter::default();
+        let (mut client, mut backend, task) = spliced_metered(None, Some(meter.clone()));
+        echo_once(&mut client, &mut backend, b"request").await;
+        echo_once(&mut backend, &mut client, b"answer, longer").await;
+        // Counted before the connection ends.
+        assert_eq!((meter.sent.get(), meter.received.get()), (7, 14));
+        drop((client, backend));
+        let s = task.await.unwrap();
+        assert_eq!((s.sent, s.received), (7, 14));
     }
 
     #[tokio::test(start_paused = true)]

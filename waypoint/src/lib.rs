@@ -17,6 +17,7 @@ pub mod listener;
 pub mod locality;
 pub mod policy;
 pub mod store;
+pub mod tcp;
 pub mod telemetry;
 pub mod upstream;
 

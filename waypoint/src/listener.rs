@@ -31,8 +31,8 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::http::proxy::{self, Downstream};
-use crate::idle::{self, SpliceEnd, Spliced};
 use crate::policy::authz::{self, ConnectionAttrs, Decision};
+use crate::telemetry::metrics::{RequestLabels, TcpLabels};
 use crate::upstream::cluster::TCP_IDLE_TIMEOUT;
 use crate::Waypoint;
 
@@ -243,12 +243,24 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         Some(Destination::Service(s)) => s,
         Some(Destination::Workload(_)) | None => {
             // Workload-addressed traffic is served as TCP straight to that address.
-            let peer = c.peer_identity.clone();
+            let spiffe = c.peer_identity.to_string();
+            let labels = RequestLabels::new(
+                state.workload_by_ip(&wp.network, client_addr.ip()).map(|w| &**w),
+                &spiffe,
+                state.workload_by_ip(&wp.network, dst.ip()).map(|w| &**w),
+                None,
+                "tcp",
+            );
             drop(state);
             let Ok(stream) = accept_l4(&wp, c, client_addr, None) else {
                 return;
             };
-            tcp_to(&wp, stream, dst, &peer.to_string(), Some(TCP_IDLE_TIMEOUT)).await;
+            let to = TcpTo {
+                target: dst,
+                labels: labels.into(),
+                idle: Some(TCP_IDLE_TIMEOUT),
+            };
+            tcp_to(&wp, stream, (client_addr, &spiffe), to).await;
             return;
         }
     };
@@ -275,12 +287,22 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
                 info!(target: "access", src_addr = %client_addr, src_identity = %spiffe, dst_service = %service.hostname, %reason, "TCP connection refused");
                 return;
             }
-            let Some((cluster, w, target)) = tcp_backend(&wp, &service, dst) else {
+            let Some(b) = tcp_backend(&wp, &service, dst) else {
                 info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
                 return;
             };
-            tcp_to(&wp, io, target, &spiffe, cluster.tcp_idle_timeout()).await;
-            cluster.record(&w.uid, Some(StatusCode::OK));
+            let labels = {
+                let state = wp.state.load();
+                let src = state.workload_by_ip(&wp.network, client_addr.ip());
+                RequestLabels::new(src.map(|w| &**w), &spiffe, Some(&b.workload), Some(&b.service), "tcp")
+            };
+            let to = TcpTo {
+                target: b.target,
+                labels: labels.into(),
+                idle: b.cluster.tcp_idle_timeout(),
+            };
+            tcp_to(&wp, io, (client_addr, &spiffe), to).await;
+            b.cluster.record(&b.workload.uid, Some(StatusCode::OK));
             return;
         }
         Err(DetectError::Io(e)) => {
@@ -345,11 +367,16 @@ async fn serve_http(wp: Arc<Waypoint>, down: Arc<Downstream>, io: Rewind<H2Io>, 
 
 /// Where a TCP connection to `service` goes: a TCPRoute's weighted backend if one is attached,
 /// else the service itself; then an endpoint chosen by that backend's cluster.
-fn tcp_backend(
-    wp: &Waypoint,
-    service: &Arc<Service>,
-    dst: SocketAddr,
-) -> Option<(Arc<crate::upstream::cluster::Cluster>, Arc<Workload>, SocketAddr)> {
+/// A TCP stream's backend: the service its TCPRoute (or its own) names, that service's
+/// cluster, the endpoint picked and its address.
+struct TcpBackend {
+    cluster: Arc<crate::upstream::cluster::Cluster>,
+    workload: Arc<Workload>,
+    service: Arc<Service>,
+    target: SocketAddr,
+}
+
+fn tcp_backend(wp: &Waypoint, service: &Arc<Service>, dst: SocketAddr) -> Option<TcpBackend> {
     let snapshot = wp.config.load();
     let state = wp.state.load();
     let route = snapshot.routes.get(&service.key()).and_then(|r| r.tcp.as_ref());
@@ -365,9 +392,14 @@ fn tcp_backend(
     let policy = crate::upstream::effective_policy(routes, None);
     let eps = crate::locality::candidates(&state, &backend, None, &policy);
     let cluster = wp.upstreams.cluster(&backend.key(), "", policy);
-    let w = cluster.pick(&eps)?;
-    let ep = crate::upstream::target(&w, &backend, port, dst.ip())?;
-    Some((cluster, w, ep.target))
+    let workload = cluster.pick(&eps)?;
+    let target = crate::upstream::target(&workload, &backend, port, dst.ip())?.target;
+    Some(TcpBackend {
+        cluster,
+        workload,
+        service: backend,
+        target,
+    })
 }
 
 /// Whether traffic to `service` on `port` must be HTTP, from the declared port protocol, the
@@ -497,27 +529,32 @@ fn accept_l4(
     })
 }
 
-/// Splices a TCP stream to `target` until both ends are done, or until no byte has moved
-/// either way for `idle`.
-async fn tcp_to(wp: &Waypoint, down: Rewind<H2Io>, target: SocketAddr, who: &str, idle: Option<Duration>) {
-    let mut up = match wp.upstreams.connector.open(target).await {
+/// Where a waypoint sends a TCP stream, and how it is counted.
+struct TcpTo {
+    target: SocketAddr,
+    labels: TcpLabels,
+    /// The backend's TCP idle timeout.
+    idle: Option<Duration>,
+}
+
+/// Proxies a TCP stream from `(client address, identity)` as `to` says.
+async fn tcp_to(wp: &Waypoint, down: Rewind<H2Io>, (src_addr, src_identity): (SocketAddr, &str), to: TcpTo) {
+    let mut up = match wp.upstreams.connector.open(to.target).await {
         Ok(up) => up,
         Err(e) => {
-            warn!(error = %e, %target, "TCP upstream connect failed");
+            warn!(error = %e, target = %to.target, "TCP upstream connect failed");
             return;
         }
     };
-    let Spliced { sent, received, end } = idle::splice(down, &mut up, idle).await;
-    match end {
-        SpliceEnd::Done(Ok(())) => {
-            info!(target: "access", src_identity = %who, dst_addr = %target, sent, received, "TCP connection")
-        }
-        SpliceEnd::Idle => {
-            wp.metrics.tcp_idle_timeouts.inc();
-            info!(target: "access", src_identity = %who, dst_addr = %target, sent, received, reason = "idle_timeout", "TCP connection")
-        }
-        SpliceEnd::Done(Err(e)) => debug!(error = %e, %target, "TCP proxy ended"),
-    }
+    let flow = crate::tcp::Flow {
+        labels: to.labels,
+        idle: to.idle,
+        src_addr,
+        src_identity,
+        dst_addr: to.target,
+        already_sent: &[],
+    };
+    crate::tcp::proxy(wp, down, &mut up, flow).await;
 }
 
 #[cfg(test)]

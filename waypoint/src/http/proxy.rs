@@ -355,14 +355,10 @@ impl Arrival {
         let mut labels = if wp.ingress.is_some() {
             // Istio's gateway reports as the source of the request it sends into the mesh.
             let service = out.backend.as_deref().unwrap_or(&down.service);
-            let mut l = RequestLabels::new(None, &wp.identity.to_string(), dst, service, protocol);
-            l.reporter = "source";
-            l.source_workload = wp.gateway.1.clone();
-            l.source_workload_namespace = wp.gateway.0.clone();
-            l
+            RequestLabels::from_gateway((&wp.identity, &wp.gateway), dst, service, protocol)
         } else {
             let principal = down.peer_identity.as_ref().map(ToString::to_string).unwrap_or_default();
-            RequestLabels::new(src, &principal, dst, &down.service, protocol)
+            RequestLabels::new(src, &principal, dst, Some(&down.service), protocol)
         };
         labels.response_code = resp.status().as_u16();
         labels.response_flags = out.flags.as_str();
@@ -700,7 +696,7 @@ fn splice_upgrade(Upgrade { down, wp, idle }: Upgrade<'_>, up: OnUpgrade) {
     wp.tasks.spawn(async move {
         match tokio::try_join!(down, up) {
             Ok((d, u)) => {
-                let spliced = idle::splice(TokioIo::new(d), &mut TokioIo::new(u), idle).await;
+                let spliced = idle::splice(TokioIo::new(d), &mut TokioIo::new(u), idle, None).await;
                 if matches!(spliced.end, idle::SpliceEnd::Idle) {
                     idle_timeouts.inc();
                 }

@@ -3,21 +3,22 @@
 //! `remoteIpBlocks` are its address), then sent to a weighted backend of the attached TCPRoute
 //! (an endpoint picked by its cluster) through the connector — HBONE with the gateway's
 //! identity to mesh endpoints — and the bytes are copied both ways until both ends are done or
-//! the backend's TCP idle timeout passes without a byte ([`crate::idle::splice`]). TLS passthrough
+//! the backend's TCP idle timeout passes without a byte ([`crate::tcp`]). TLS passthrough
 //! ([`super::passthrough`]) forwards the same way once the SNI chose the TLSRoute.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::state::model::Workload;
+use mesh_core::state::model::{Service, Workload};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::Ingress;
 use crate::http::admission::pick_backend;
-use crate::idle::{self, SpliceEnd};
 use crate::policy::authz::{self, ConnectionAttrs, Decision};
+use crate::tcp::Flow;
+use crate::telemetry::metrics::RequestLabels;
 use crate::upstream::cluster::Cluster;
 use crate::Waypoint;
 
@@ -68,7 +69,7 @@ pub async fn serve(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound) {
 /// are copied.
 pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound, table: &str, prefix: Vec<u8>) {
     let Inbound { tcp, peer, port } = inbound;
-    let (cluster, workload, target) = match decide(&wp, &ingress, peer, port, table) {
+    let to = match decide(&wp, &ingress, peer, port, table) {
         Ok(t) => t,
         Err(refused) => {
             wp.metrics.reject(refused.reason());
@@ -76,42 +77,42 @@ pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound,
             return;
         }
     };
-    match wp.upstreams.connector.open(target).await {
-        Ok(mut up) => {
-            cluster.record(&workload.uid, Some(http::StatusCode::OK));
-            if let Err(e) = up.write_all(&prefix).await {
-                debug!(error = %e, %target, "TCP upstream write failed");
-                return;
-            }
-            let spliced = idle::splice(tcp, &mut up, cluster.tcp_idle_timeout()).await;
-            let sent = spliced.sent + prefix.len() as u64;
-            let received = spliced.received;
-            match spliced.end {
-                SpliceEnd::Done(Ok(())) => {
-                    info!(target: "access", src_addr = %peer, dst_addr = %target, table, sent, received, "TCP connection")
-                }
-                SpliceEnd::Idle => {
-                    wp.metrics.tcp_idle_timeouts.inc();
-                    info!(target: "access", src_addr = %peer, dst_addr = %target, table, sent, received, reason = "idle_timeout", "TCP connection")
-                }
-                SpliceEnd::Done(Err(e)) => debug!(error = %e, %target, "TCP proxy ended"),
-            }
-        }
+    let mut up = match wp.upstreams.connector.open(to.target).await {
+        Ok(up) => up,
         Err(e) => {
-            cluster.record(&workload.uid, None);
-            warn!(error = %e, %target, "TCP upstream connect failed");
+            to.cluster.record(&to.workload.uid, None);
+            warn!(error = %e, target = %to.target, "TCP upstream connect failed");
+            return;
         }
+    };
+    to.cluster.record(&to.workload.uid, Some(http::StatusCode::OK));
+    if let Err(e) = up.write_all(&prefix).await {
+        debug!(error = %e, target = %to.target, "TCP upstream write failed");
+        return;
     }
+    let labels = RequestLabels::from_gateway((&wp.identity, &wp.gateway), Some(&to.workload), &to.service, "tcp");
+    let flow = Flow {
+        labels: labels.into(),
+        idle: to.cluster.tcp_idle_timeout(),
+        src_addr: peer,
+        src_identity: "-",
+        dst_addr: to.target,
+        already_sent: &prefix,
+    };
+    crate::tcp::proxy(&wp, tcp, &mut up, flow).await;
+}
+
+/// Where a connection goes: the backend service, its cluster, the endpoint picked and the
+/// address to dial (the endpoint, or the service's waypoint).
+struct Decided {
+    cluster: Arc<Cluster>,
+    workload: Arc<Workload>,
+    service: Arc<Service>,
+    target: SocketAddr,
 }
 
 /// The decision for a connection: policy, then the backend and endpoint of `table`'s route.
-fn decide(
-    wp: &Waypoint,
-    ingress: &Ingress,
-    peer: SocketAddr,
-    port: u16,
-    table: &str,
-) -> Result<(Arc<Cluster>, Arc<Workload>, SocketAddr), Refused> {
+fn decide(wp: &Waypoint, ingress: &Ingress, peer: SocketAddr, port: u16, table: &str) -> Result<Decided, Refused> {
     let snapshot = wp.config.load();
     let gateway = (ingress.gateway.0.as_str(), ingress.gateway.1.as_str());
     let attrs = ConnectionAttrs {
@@ -143,5 +144,10 @@ fn decide(
     let target = ingress
         .waypoint_vip(&backend.service, &service, &wp.network, to_port)
         .unwrap_or(ep.target);
-    Ok((cluster, workload, target))
+    Ok(Decided {
+        cluster,
+        workload,
+        service,
+        target,
+    })
 }

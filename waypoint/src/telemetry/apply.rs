@@ -181,7 +181,7 @@ mod tests {
             waypoint: None,
             only_healthy: true,
         };
-        StandardLabels::new(RequestLabels::new(None, "p", None, &svc, "http"))
+        StandardLabels::new(RequestLabels::new(None, "p", None, Some(&svc), "http"))
     }
 
     #[test]

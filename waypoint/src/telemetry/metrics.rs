@@ -14,6 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::idle::Meter;
+
 /// Labels of every request series: the 25 an Istio waypoint (Envoy's stats filter) reports,
 /// named as Istio names them; `app`/`version` are the canonical service and revision, as
 /// Istio's ambient metrics fill them. A value not known is `unknown`.
@@ -239,7 +241,7 @@ impl RequestLabels {
         src: Option<&Workload>,
         src_principal: &str,
         dst: Option<&Workload>,
-        service: &Service,
+        service: Option<&Service>,
         protocol: &'static str,
     ) -> Self {
         RequestLabels {
@@ -260,14 +262,88 @@ impl RequestLabels {
             destination_app: or_unknown(dst.map_or("", |w| w.canonical_name.as_str())),
             destination_version: or_unknown(dst.map_or("", |w| w.canonical_revision.as_str())),
             destination_cluster: or_unknown(dst.map_or("", |w| w.cluster_id.as_str())),
-            destination_service: or_unknown(&service.hostname),
-            destination_service_namespace: or_unknown(&service.namespace),
-            destination_service_name: or_unknown(&service.name),
+            destination_service: or_unknown(service.map_or("", |s| s.hostname.as_str())),
+            destination_service_namespace: or_unknown(service.map_or("", |s| s.namespace.as_str())),
+            destination_service_name: or_unknown(service.map_or("", |s| s.name.as_str())),
             request_protocol: protocol,
             response_code: 0,
             grpc_response_status: String::new(),
             response_flags: "-",
             connection_security_policy: "mutual_tls",
+        }
+    }
+
+    /// As an ingress gateway labels what it sends into the mesh: it reports as the source,
+    /// with its own identity and its Gateway's name.
+    pub fn from_gateway(
+        (identity, gateway): (&Identity, &(String, String)),
+        dst: Option<&Workload>,
+        service: &Service,
+        protocol: &'static str,
+    ) -> Self {
+        let mut l = RequestLabels::new(None, &identity.to_string(), dst, Some(service), protocol);
+        l.reporter = "source";
+        l.source_workload = gateway.1.clone();
+        l.source_workload_namespace = gateway.0.clone();
+        l
+    }
+}
+
+/// Labels of the `istio_tcp_*` series a waypoint or gateway reports: the request labels
+/// without `response_code` and `grpc_response_status`, as Envoy's stats filter labels TCP.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl From<RequestLabels> for TcpLabels {
+    fn from(l: RequestLabels) -> Self {
+        TcpLabels {
+            reporter: l.reporter,
+            source_workload: l.source_workload,
+            source_workload_namespace: l.source_workload_namespace,
+            source_principal: l.source_principal,
+            source_canonical_service: l.source_canonical_service,
+            source_canonical_revision: l.source_canonical_revision,
+            source_app: l.source_app,
+            source_version: l.source_version,
+            source_cluster: l.source_cluster,
+            destination_workload: l.destination_workload,
+            destination_workload_namespace: l.destination_workload_namespace,
+            destination_principal: l.destination_principal,
+            destination_canonical_service: l.destination_canonical_service,
+            destination_canonical_revision: l.destination_canonical_revision,
+            destination_app: l.destination_app,
+            destination_version: l.destination_version,
+            destination_cluster: l.destination_cluster,
+            destination_service: l.destination_service,
+            destination_service_namespace: l.destination_service_namespace,
+            destination_service_name: l.destination_service_name,
+            request_protocol: "tcp",
+            response_flags: l.response_flags,
+            connection_security_policy: l.connection_security_policy,
         }
     }
 }
@@ -293,6 +369,11 @@ pub struct Metrics {
     pub custom_series_overflow: Counter,
     /// TCP connections closed because no byte moved either way for their idle timeout.
     pub tcp_idle_timeouts: Counter,
+    /// Istio's `istio_tcp_*` series of the TCP connections proxied.
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
     /// Standard label sets, built once per source, endpoint and response.
     pub labels: Arc<LabelCache>,
 }
@@ -325,6 +406,10 @@ impl Metrics {
             custom_series: Default::default(),
             custom_series_overflow: Counter::default(),
             tcp_idle_timeouts: Counter::default(),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
             labels: Default::default(),
         };
         registry.register("istio_requests", "Requests handled by the waypoint", m.requests.clone());
@@ -362,6 +447,26 @@ impl Metrics {
             "waypoint_telemetry_series_overflow",
             "Requests recorded with the standard labels because Telemetry tag overrides already made the maximum of series",
             m.custom_series_overflow.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the destination",
+            m.tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination",
+            m.tcp_received.clone(),
         );
         registry.register(
             "waypoint_tcp_idle_timeouts",
@@ -413,6 +518,20 @@ impl Metrics {
         }
     }
 
+    /// Counts a TCP connection opened with `labels`; its bytes are to be added to the returned
+    /// meter as they move, and [`Metrics::tcp_closed`] counts its end.
+    pub fn tcp_opened(&self, labels: &TcpLabels) -> Meter {
+        self.tcp_opened.get_or_create(labels).inc();
+        Meter {
+            sent: self.tcp_sent.get_or_create(labels).clone(),
+            received: self.tcp_received.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn tcp_closed(&self, labels: &TcpLabels) {
+        self.tcp_closed.get_or_create(labels).inc();
+    }
+
     pub fn reject(&self, reason: &str) {
         self.rejected
             .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
@@ -438,7 +557,7 @@ mod tests {
     }
 
     fn build(svc: &Service, code: u16) -> RequestLabels {
-        let mut l = RequestLabels::new(None, "gw", None, svc, "http");
+        let mut l = RequestLabels::new(None, "gw", None, Some(svc), "http");
         l.response_code = code;
         l
     }
@@ -476,7 +595,7 @@ mod tests {
         let client = crate::upstream::cluster::tests::workload("client");
         let from = |workload, peer| LabelSource { workload, peer };
         let build_for = |peer: &Identity| {
-            let mut l = RequestLabels::new(None, &peer.to_string(), None, &a, "http");
+            let mut l = RequestLabels::new(None, &peer.to_string(), None, Some(&a), "http");
             l.response_code = 200;
             l
         };
