@@ -1188,7 +1188,7 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
     assert!(reply.contains("secure-db\nsni db.passthrough.test\n"), "{reply}");
 
     // Istio's TCP series as its gateway reports them: as the source, with the ClientHello it
-    // read for the SNI among the bytes sent.
+    // read for the SNI among the bytes received from the client.
     let series = [
         "reporter=\"source\"",
         "request_protocol=\"tcp\"",
@@ -1199,11 +1199,11 @@ async fn tls_passthrough_reaches_the_backend_by_sni() {
     let count = |name: &str| mesh_e2e::metrics::sum(&gw_metrics, name, &series);
     assert!(count("istio_tcp_connections_opened_total") >= 1.0, "{gw_metrics}");
     assert!(
-        count("istio_tcp_sent_bytes_total") > 200.0,
+        count("istio_tcp_received_bytes_total") > 200.0,
         "a ClientHello and a request: {gw_metrics}"
     );
     assert!(
-        count("istio_tcp_received_bytes_total") > 500.0,
+        count("istio_tcp_sent_bytes_total") > 500.0,
         "the server's flight and answer: {gw_metrics}"
     );
     let closed = || async {

@@ -162,15 +162,28 @@ fn istio_state(bed: &Bed) -> String {
     )
 }
 
-/// Two HTTP requests from the client pod: by the service VIP and by the server's pod IP.
+/// Two HTTP requests from the client pod: by the service VIP and by the server's pod IP;
+/// then one by the VIP whose request (a 4 KiB header) far outweighs its answer, so the byte
+/// counters' direction shows.
 fn traffic(bed: &Bed) {
-    for target in [
-        format!("http://{}:80/", bed.vip()),
-        format!("http://{}:8080/", bed.ip(2)),
+    let pad = format!("x-pad: {}", "p".repeat(4096));
+    let vip = format!("http://{}:80/", bed.vip());
+    for (target, header) in [
+        (vip.clone(), "x-pad: none"),
+        (format!("http://{}:8080/", bed.ip(2)), "x-pad: none"),
+        (vip, pad.as_str()),
     ] {
-        let body = bed.a.exec(&["curl", "-sS", "--max-time", "10", &target]).expect("curl");
+        let body = bed
+            .a
+            .exec(&["curl", "-sS", "--max-time", "10", "-H", header, &target])
+            .expect("curl");
         assert!(body.starts_with("peer="), "{target}: {body}");
     }
+}
+
+/// Bytes of `metric` (an `istio_tcp_*_bytes_total`) one reporter counted, over its series.
+fn bytes(text: &str, metric: &str, reporter: &str) -> f64 {
+    mesh_e2e::metrics::sum(text, metric, &[&format!("reporter=\"{reporter}\"")])
 }
 
 async fn scrape(ns: &Netns, ip: std::net::IpAddr) -> String {
@@ -247,6 +260,21 @@ async fn tcp_label_sets_match_istio_ztunnel() {
         );
     }
     assert_eq!(theirs_sets.values().next().map(BTreeSet::len), Some(27));
+    // Bytes go the way Istio's go: the request direction (client -> destination) is
+    // `received`, the answers `sent`, on both sides.
+    for (who, text, reporter) in [
+        ("ours", &our_src, "source"),
+        ("ours", &our_dst, "destination"),
+        ("Istio's", &their_src, "source"),
+        ("Istio's", &their_dst, "destination"),
+    ] {
+        let received = bytes(text, "istio_tcp_received_bytes_total", reporter);
+        let sent = bytes(text, "istio_tcp_sent_bytes_total", reporter);
+        assert!(
+            received > 4096.0 && sent > 0.0 && sent < 1024.0,
+            "{who} {reporter}: received {received}, sent {sent}\n{text}"
+        );
+    }
     // Our destination side names the service the connections came through (it was
     // "unknown"); both source sides name it for the VIP connection. (Istio's ztunnel at this
     // commit leaves it unknown on the destination side for a local-file service.)
@@ -264,12 +292,9 @@ async fn tcp_label_sets_match_istio_ztunnel() {
     }
 }
 
-/// `istio_tcp_sent_bytes_total` of one reporter, summed over its series.
-fn sent(text: &str, reporter: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with("istio_tcp_sent_bytes_total{") && l.contains(&format!("reporter=\"{reporter}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// What one reporter counted from clients towards destinations (`istio_tcp_received_bytes`).
+fn received(text: &str, reporter: &str) -> f64 {
+    bytes(text, "istio_tcp_received_bytes_total", reporter)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +318,7 @@ async fn bytes_counted_while_moving_and_on_reset() {
         }
     });
     // Counted before the client starts: taken after, it could already include the first chunk.
-    let before = sent(&scrape(&bed.b, bed.ip(2)).await, "destination");
+    let before = received(&scrape(&bed.b, bed.ip(2)).await, "destination");
     // A client sending 32 KiB every 50 ms for about 3 s, on one connection.
     let mut conn = bed.a.connect(SocketAddr::new(bed.ip(2), 9100)).await.expect("connect");
     let writer = tokio::spawn(async move {
@@ -313,14 +338,14 @@ async fn bytes_counted_while_moving_and_on_reset() {
         })
         .await;
         let text = scrape(&bed.b, bed.ip(2)).await;
-        let counted = sent(&text, "destination") - before;
+        let counted = received(&text, "destination") - before;
         let read = got.load(Ordering::SeqCst) as f64;
         assert!(!writer.is_finished(), "the transfer must still be running");
         assert!(
             counted >= floor as f64 && counted > last,
             "step {step}: destination counted {counted} bytes while the app had read {read}:\n{text}"
         );
-        let src = sent(&scrape(&bed.a, bed.ip(1)).await, "source");
+        let src = received(&scrape(&bed.a, bed.ip(1)).await, "source");
         assert!(src >= floor as f64, "step {step}: source counted {src}");
         last = counted;
     }
@@ -340,8 +365,8 @@ async fn bytes_counted_while_moving_and_on_reset() {
         drop(s);
     });
     let (src_before, dst_before) = (
-        sent(&scrape(&bed.a, bed.ip(1)).await, "source"),
-        sent(&scrape(&bed.b, bed.ip(2)).await, "destination"),
+        received(&scrape(&bed.a, bed.ip(1)).await, "source"),
+        received(&scrape(&bed.b, bed.ip(2)).await, "destination"),
     );
     let closed_before = sample(
         &scrape(&bed.b, bed.ip(2)).await,
@@ -369,13 +394,13 @@ async fn bytes_counted_while_moving_and_on_reset() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let dst = sent(&text, "destination") - dst_before;
+    let dst = received(&text, "destination") - dst_before;
     assert!(
         dst >= N as f64,
         "destination counted {dst} of {N} bytes on the reset connection:\n{text}\n{}",
         zb.logs()
     );
-    let src = sent(&scrape(&bed.a, bed.ip(1)).await, "source") - src_before;
+    let src = received(&scrape(&bed.a, bed.ip(1)).await, "source") - src_before;
     assert!(
         src >= N as f64,
         "source counted {src} of {N} bytes on the reset connection\n{}",

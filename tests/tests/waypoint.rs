@@ -1150,7 +1150,8 @@ async fn server_first_tcp(scene: &AuthScene) {
     assert_eq!(line, "ping\n");
 
     // Istio's TCP series, as its waypoint reports them: bytes while the connection is open
-    // (the client sent "ping\n", and got the greeting and the echo), its close once it ends.
+    // (received from the client: "ping\n"; sent back: the greeting and the echo), its close
+    // once it ends.
     let series = [
         "reporter=\"waypoint\"",
         "request_protocol=\"tcp\"",
@@ -1160,8 +1161,8 @@ async fn server_first_tcp(scene: &AuthScene) {
     let metrics = scene._waypoint.metrics().await.expect("waypoint metrics");
     let count = |name: &str| mesh_e2e::metrics::sample(&metrics, name, &series);
     assert_eq!(count("istio_tcp_connections_opened_total"), 1.0, "{metrics}");
-    assert_eq!(count("istio_tcp_sent_bytes_total"), 5.0, "{metrics}");
-    assert_eq!(count("istio_tcp_received_bytes_total"), 11.0, "{metrics}");
+    assert_eq!(count("istio_tcp_received_bytes_total"), 5.0, "{metrics}");
+    assert_eq!(count("istio_tcp_sent_bytes_total"), 11.0, "{metrics}");
     drop(tcp);
     let closed = || async {
         let metrics = scene._waypoint.metrics().await.unwrap_or_default();

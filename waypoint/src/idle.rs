@@ -42,13 +42,14 @@ struct Counts {
     meter: Option<Meter>,
 }
 
-/// Counters a spliced connection's bytes are also added to as they move: its
-/// `istio_tcp_sent_bytes` (read from the client, sent on to the destination) and
-/// `istio_tcp_received_bytes` series, so a scrape during a long transfer sees them.
+/// Counters a spliced connection's bytes are also added to as they move, so a scrape during
+/// a long transfer sees them: its `istio_tcp_received_bytes` series (the request direction,
+/// read from the client) and `istio_tcp_sent_bytes` (the response, written to it), as Istio
+/// counts them.
 #[derive(Clone, Debug, Default)]
 pub struct Meter {
-    pub sent: Counter,
-    pub received: Counter,
+    pub to_destination: Counter,
+    pub to_client: Counter,
 }
 
 /// A request being answered, until dropped.
@@ -72,14 +73,14 @@ impl Activity {
     fn add_read(&self, n: usize) {
         self.0.read.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(m) = &self.0.meter {
-            m.sent.inc_by(n as u64);
+            m.to_destination.inc_by(n as u64);
         }
     }
 
     fn add_written(&self, n: usize) {
         self.0.written.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(m) = &self.0.meter {
-            m.received.inc_by(n as u64);
+            m.to_client.inc_by(n as u64);
         }
     }
 
@@ -371,7 +372,7 @@ mod tests {
         echo_once(&mut client, &mut backend, b"request").await;
         echo_once(&mut backend, &mut client, b"answer, longer").await;
         // Counted before the connection ends.
-        assert_eq!((meter.sent.get(), meter.received.get()), (7, 14));
+        assert_eq!((meter.to_destination.get(), meter.to_client.get()), (7, 14));
         drop((client, backend));
         let s = task.await.unwrap();
         assert_eq!((s.sent, s.received), (7, 14));

@@ -23,7 +23,7 @@ use mesh_core::hbone::{
 };
 use mesh_core::log_limit::LogLimiter;
 use mesh_core::socket::AcceptBackoff;
-use mesh_core::state::model::{Service, Workload};
+use mesh_core::state::model::Service;
 use mesh_core::state::{AppProtocol, Destination};
 use mesh_proto::waypoint as wp;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -260,7 +260,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
                 labels: labels.into(),
                 idle: Some(TCP_IDLE_TIMEOUT),
             };
-            tcp_to(&wp, stream, (client_addr, &spiffe), to).await;
+            let _ = tcp_to(&wp, stream, (client_addr, &spiffe), to).await;
             return;
         }
     };
@@ -301,8 +301,8 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
                 labels: labels.into(),
                 idle: b.cluster.tcp_idle_timeout(),
             };
-            tcp_to(&wp, io, (client_addr, &spiffe), to).await;
-            b.cluster.record(&b.workload.uid, Some(StatusCode::OK));
+            let reached = tcp_to(&wp, io, (client_addr, &spiffe), to).await.is_ok();
+            b.cluster.record(&b.workload.uid, reached.then_some(StatusCode::OK));
             return;
         }
         Err(DetectError::Io(e)) => {
@@ -367,16 +367,7 @@ async fn serve_http(wp: Arc<Waypoint>, down: Arc<Downstream>, io: Rewind<H2Io>, 
 
 /// Where a TCP connection to `service` goes: a TCPRoute's weighted backend if one is attached,
 /// else the service itself; then an endpoint chosen by that backend's cluster.
-/// A TCP stream's backend: the service its TCPRoute (or its own) names, that service's
-/// cluster, the endpoint picked and its address.
-struct TcpBackend {
-    cluster: Arc<crate::upstream::cluster::Cluster>,
-    workload: Arc<Workload>,
-    service: Arc<Service>,
-    target: SocketAddr,
-}
-
-fn tcp_backend(wp: &Waypoint, service: &Arc<Service>, dst: SocketAddr) -> Option<TcpBackend> {
+fn tcp_backend(wp: &Waypoint, service: &Arc<Service>, dst: SocketAddr) -> Option<crate::tcp::Backend> {
     let snapshot = wp.config.load();
     let state = wp.state.load();
     let route = snapshot.routes.get(&service.key()).and_then(|r| r.tcp.as_ref());
@@ -394,7 +385,7 @@ fn tcp_backend(wp: &Waypoint, service: &Arc<Service>, dst: SocketAddr) -> Option
     let cluster = wp.upstreams.cluster(&backend.key(), "", policy);
     let workload = cluster.pick(&eps)?;
     let target = crate::upstream::target(&workload, &backend, port, dst.ip())?.target;
-    Some(TcpBackend {
+    Some(crate::tcp::Backend {
         cluster,
         workload,
         service: backend,
@@ -537,13 +528,20 @@ struct TcpTo {
     idle: Option<Duration>,
 }
 
-/// Proxies a TCP stream from `(client address, identity)` as `to` says.
-async fn tcp_to(wp: &Waypoint, down: Rewind<H2Io>, (src_addr, src_identity): (SocketAddr, &str), to: TcpTo) {
+/// Proxies a TCP stream from `(client address, identity)` as `to` says; an error when its
+/// upstream could not be reached.
+async fn tcp_to(
+    wp: &Waypoint,
+    down: Rewind<H2Io>,
+    (src_addr, src_identity): (SocketAddr, &str),
+    to: TcpTo,
+) -> io::Result<()> {
     let mut up = match wp.upstreams.connector.open(to.target).await {
         Ok(up) => up,
         Err(e) => {
             warn!(error = %e, target = %to.target, "TCP upstream connect failed");
-            return;
+            crate::tcp::connect_failed(wp, to.labels);
+            return Err(e);
         }
     };
     let flow = crate::tcp::Flow {
@@ -552,9 +550,10 @@ async fn tcp_to(wp: &Waypoint, down: Rewind<H2Io>, (src_addr, src_identity): (So
         src_addr,
         src_identity,
         dst_addr: to.target,
-        already_sent: &[],
+        already_sent: 0,
     };
     crate::tcp::proxy(wp, down, &mut up, flow).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -180,7 +180,9 @@ pub struct PolicyLabels {
 pub struct Metrics {
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes`: the response direction, destination -> client.
     pub sent: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes`: the request direction, client -> destination.
     pub received: Family<TcpLabels, Counter>,
     /// Connections refused before any byte moved, by reason.
     pub refused: Family<ReasonLabels, Counter>,
@@ -225,10 +227,14 @@ impl Metrics {
             "TCP connections closed",
             m.closed.clone(),
         );
-        registry.register("istio_tcp_sent_bytes", "Bytes sent to the destination", m.sent.clone());
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent back to the client (the response direction)",
+            m.sent.clone(),
+        );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the destination",
+            "Bytes received from the client (the request direction)",
             m.received.clone(),
         );
         registry.register(
@@ -293,31 +299,33 @@ impl Metrics {
 
 /// A connection's byte counters, resolved once when it opens: the data path adds to them per
 /// chunk with no label lookup, so a scrape during a long transfer sees them grow and a
-/// connection that ends in error has counted what moved. `sent` flows client -> destination.
+/// connection that ends in error has counted what moved. As Istio counts them (its ztunnel
+/// and Envoy alike): `istio_tcp_received_bytes` is the request direction (client ->
+/// destination), `istio_tcp_sent_bytes` the response (destination -> client).
 pub struct ConnBytes {
-    sent: Counter,
-    received: Counter,
-    sent_total: AtomicU64,
-    received_total: AtomicU64,
+    to_destination: Counter,
+    to_client: Counter,
+    to_destination_total: AtomicU64,
+    to_client_total: AtomicU64,
 }
 
 impl ConnBytes {
     /// `n` bytes moved from the client towards the destination.
-    pub fn sent(&self, n: u64) {
-        self.sent.inc_by(n);
-        self.sent_total.fetch_add(n, Ordering::Relaxed);
+    pub fn to_destination(&self, n: u64) {
+        self.to_destination.inc_by(n);
+        self.to_destination_total.fetch_add(n, Ordering::Relaxed);
     }
 
     /// `n` bytes moved from the destination back to the client.
-    pub fn received(&self, n: u64) {
-        self.received.inc_by(n);
-        self.received_total.fetch_add(n, Ordering::Relaxed);
+    pub fn to_client(&self, n: u64) {
+        self.to_client.inc_by(n);
+        self.to_client_total.fetch_add(n, Ordering::Relaxed);
     }
 
     fn totals(&self) -> (u64, u64) {
         (
-            self.sent_total.load(Ordering::Relaxed),
-            self.received_total.load(Ordering::Relaxed),
+            self.to_destination_total.load(Ordering::Relaxed),
+            self.to_client_total.load(Ordering::Relaxed),
         )
     }
 
@@ -348,18 +356,18 @@ impl SpliceObserver for TunnelSide<'_> {
     fn moved_to_tunnel(&self, chunk: &[u8]) {
         let n = chunk.len() as u64;
         if self.tunnel_is_destination {
-            self.bytes.sent(n)
+            self.bytes.to_destination(n)
         } else {
-            self.bytes.received(n)
+            self.bytes.to_client(n)
         }
     }
 
     fn moved_from_tunnel(&self, chunk: &[u8]) {
         let n = chunk.len() as u64;
         if self.tunnel_is_destination {
-            self.bytes.received(n)
+            self.bytes.to_client(n)
         } else {
-            self.bytes.sent(n)
+            self.bytes.to_destination(n)
         }
     }
 }
@@ -379,7 +387,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for CountedClient<'_, S> {
         let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
-            this.bytes.sent(n as u64);
+            this.bytes.to_destination(n as u64);
         }
         r
     }
@@ -390,7 +398,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, S> {
         let this = self.get_mut();
         let r = Pin::new(&mut *this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
-            this.bytes.received(*n as u64);
+            this.bytes.to_client(*n as u64);
         }
         r
     }
@@ -440,10 +448,10 @@ impl<'a> ConnRecord<'a> {
             })
             .inc();
         let bytes = ConnBytes {
-            sent: metrics.sent.get_or_create(&labels).clone(),
-            received: metrics.received.get_or_create(&labels).clone(),
-            sent_total: AtomicU64::new(0),
-            received_total: AtomicU64::new(0),
+            to_destination: metrics.received.get_or_create(&labels).clone(),
+            to_client: metrics.sent.get_or_create(&labels).clone(),
+            to_destination_total: AtomicU64::new(0),
+            to_client_total: AtomicU64::new(0),
         };
         ConnRecord {
             metrics,

@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::state::model::{Service, Workload};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -17,9 +16,8 @@ use tracing::{debug, info, warn};
 use super::Ingress;
 use crate::http::admission::pick_backend;
 use crate::policy::authz::{self, ConnectionAttrs, Decision};
-use crate::tcp::Flow;
+use crate::tcp::{Backend, Flow};
 use crate::telemetry::metrics::RequestLabels;
-use crate::upstream::cluster::Cluster;
 use crate::Waypoint;
 
 /// Why a TCP connection was not forwarded.
@@ -77,10 +75,12 @@ pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound,
             return;
         }
     };
+    let labels = RequestLabels::from_gateway((&wp.identity, &wp.gateway), Some(&to.workload), &to.service, "tcp");
     let mut up = match wp.upstreams.connector.open(to.target).await {
         Ok(up) => up,
         Err(e) => {
             to.cluster.record(&to.workload.uid, None);
+            crate::tcp::connect_failed(&wp, labels.into());
             warn!(error = %e, target = %to.target, "TCP upstream connect failed");
             return;
         }
@@ -90,29 +90,21 @@ pub async fn forward(wp: Arc<Waypoint>, ingress: Arc<Ingress>, inbound: Inbound,
         debug!(error = %e, target = %to.target, "TCP upstream write failed");
         return;
     }
-    let labels = RequestLabels::from_gateway((&wp.identity, &wp.gateway), Some(&to.workload), &to.service, "tcp");
     let flow = Flow {
         labels: labels.into(),
         idle: to.cluster.tcp_idle_timeout(),
         src_addr: peer,
         src_identity: "-",
         dst_addr: to.target,
-        already_sent: &prefix,
+        already_sent: prefix.len() as u64,
     };
+    // The ClientHello is upstream now: not held for the connection's life.
+    drop(prefix);
     crate::tcp::proxy(&wp, tcp, &mut up, flow).await;
 }
 
-/// Where a connection goes: the backend service, its cluster, the endpoint picked and the
-/// address to dial (the endpoint, or the service's waypoint).
-struct Decided {
-    cluster: Arc<Cluster>,
-    workload: Arc<Workload>,
-    service: Arc<Service>,
-    target: SocketAddr,
-}
-
 /// The decision for a connection: policy, then the backend and endpoint of `table`'s route.
-fn decide(wp: &Waypoint, ingress: &Ingress, peer: SocketAddr, port: u16, table: &str) -> Result<Decided, Refused> {
+fn decide(wp: &Waypoint, ingress: &Ingress, peer: SocketAddr, port: u16, table: &str) -> Result<Backend, Refused> {
     let snapshot = wp.config.load();
     let gateway = (ingress.gateway.0.as_str(), ingress.gateway.1.as_str());
     let attrs = ConnectionAttrs {
@@ -144,7 +136,7 @@ fn decide(wp: &Waypoint, ingress: &Ingress, peer: SocketAddr, port: u16, table: 
     let target = ingress
         .waypoint_vip(&backend.service, &service, &wp.network, to_port)
         .unwrap_or(ep.target);
-    Ok(Decided {
+    Ok(Backend {
         cluster,
         workload,
         service,

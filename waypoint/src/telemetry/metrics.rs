@@ -285,8 +285,16 @@ impl RequestLabels {
         l.reporter = "source";
         l.source_workload = gateway.1.clone();
         l.source_workload_namespace = gateway.0.clone();
+        // Istio: a source reporter cannot tell the security policy in force.
+        l.connection_security_policy = "unknown";
         l
     }
+}
+
+/// One TCP connection's series, resolved when it opens.
+pub struct TcpSeries {
+    pub bytes: Meter,
+    pub closed: Counter,
 }
 
 /// Labels of the `istio_tcp_*` series a waypoint or gateway reports: the request labels
@@ -460,12 +468,12 @@ impl Metrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent to the destination",
+            "Bytes sent back to the client (the response direction)",
             m.tcp_sent.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the destination",
+            "Bytes received from the client (the request direction)",
             m.tcp_received.clone(),
         );
         registry.register(
@@ -518,18 +526,17 @@ impl Metrics {
         }
     }
 
-    /// Counts a TCP connection opened with `labels`; its bytes are to be added to the returned
-    /// meter as they move, and [`Metrics::tcp_closed`] counts its end.
-    pub fn tcp_opened(&self, labels: &TcpLabels) -> Meter {
+    /// Counts a TCP connection opened with `labels`, and hands out its other series: its
+    /// bytes are added as they move, `closed` when it ends.
+    pub fn tcp_opened(&self, labels: &TcpLabels) -> TcpSeries {
         self.tcp_opened.get_or_create(labels).inc();
-        Meter {
-            sent: self.tcp_sent.get_or_create(labels).clone(),
-            received: self.tcp_received.get_or_create(labels).clone(),
+        TcpSeries {
+            bytes: Meter {
+                to_destination: self.tcp_received.get_or_create(labels).clone(),
+                to_client: self.tcp_sent.get_or_create(labels).clone(),
+            },
+            closed: self.tcp_closed.get_or_create(labels).clone(),
         }
-    }
-
-    pub fn tcp_closed(&self, labels: &TcpLabels) {
-        self.tcp_closed.get_or_create(labels).inc();
     }
 
     pub fn reject(&self, reason: &str) {
