@@ -77,7 +77,7 @@ where
     // The series' handles and the one name the access line needs: a connection holds those
     // while it lives, not its two dozen label strings.
     let TcpSeries { bytes, closed } = wp.metrics.tcp_opened(&labels);
-    let dst_service = labels.destination_service;
+    let dst_service = labels.peers.destination_service;
     bytes.to_destination.inc_by(already_sent);
     let Spliced { sent, received, end } = idle::splice(down, up, idle, Some(bytes)).await;
     closed.inc();

@@ -16,12 +16,11 @@ use prometheus_client::registry::Registry;
 
 use crate::idle::Meter;
 
-/// Labels of every request series: the 25 an Istio waypoint (Envoy's stats filter) reports,
-/// named as Istio names them; `app`/`version` are the canonical service and revision, as
-/// Istio's ambient metrics fill them. A value not known is `unknown`.
+/// Who a series is about, as Istio's standard labels name them: the source and destination
+/// workloads and the destination service; `app`/`version` are the canonical service and
+/// revision, as Istio's ambient metrics fill them. A value not known is `unknown`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub reporter: &'static str,
+pub struct Peers {
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
@@ -41,11 +40,21 @@ pub struct RequestLabels {
     pub destination_service: String,
     pub destination_service_namespace: String,
     pub destination_service_name: String,
+}
+
+/// Labels of every request series: the 25 an Istio waypoint (Envoy's stats filter) reports,
+/// named as Istio names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: String,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+    // Last: the derive hands its encoder to a flattened field for good.
+    #[prometheus(flatten)]
+    pub peers: Peers,
 }
 
 /// The labels of one series: Istio's standard set, or that set as a Telemetry's tag
@@ -204,48 +213,9 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
-impl RequestLabels {
-    /// The labels as name/value pairs, in the order they are exported.
-    pub fn pairs(&self) -> Vec<(String, String)> {
-        let p = |k: &str, v: &str| (k.to_owned(), v.to_owned());
-        vec![
-            p("reporter", self.reporter),
-            p("source_workload", &self.source_workload),
-            p("source_workload_namespace", &self.source_workload_namespace),
-            p("source_principal", &self.source_principal),
-            p("source_canonical_service", &self.source_canonical_service),
-            p("source_canonical_revision", &self.source_canonical_revision),
-            p("source_app", &self.source_app),
-            p("source_version", &self.source_version),
-            p("source_cluster", &self.source_cluster),
-            p("destination_workload", &self.destination_workload),
-            p("destination_workload_namespace", &self.destination_workload_namespace),
-            p("destination_principal", &self.destination_principal),
-            p("destination_canonical_service", &self.destination_canonical_service),
-            p("destination_canonical_revision", &self.destination_canonical_revision),
-            p("destination_app", &self.destination_app),
-            p("destination_version", &self.destination_version),
-            p("destination_cluster", &self.destination_cluster),
-            p("destination_service", &self.destination_service),
-            p("destination_service_namespace", &self.destination_service_namespace),
-            p("destination_service_name", &self.destination_service_name),
-            p("request_protocol", self.request_protocol),
-            (String::from("response_code"), self.response_code.to_string()),
-            p("grpc_response_status", &self.grpc_response_status),
-            p("response_flags", self.response_flags),
-            p("connection_security_policy", self.connection_security_policy),
-        ]
-    }
-
-    pub fn new(
-        src: Option<&Workload>,
-        src_principal: &str,
-        dst: Option<&Workload>,
-        service: Option<&Service>,
-        protocol: &'static str,
-    ) -> Self {
-        RequestLabels {
-            reporter: "waypoint",
+impl Peers {
+    fn new((src, src_principal): (Option<&Workload>, &str), dst: Option<&Workload>, service: Option<&Service>) -> Self {
+        Peers {
             source_workload: or_unknown(src.map_or("", |w| w.workload_name.as_str())),
             source_workload_namespace: or_unknown(src.map_or("", |w| w.namespace.as_str())),
             source_principal: or_unknown(src_principal),
@@ -265,6 +235,64 @@ impl RequestLabels {
             destination_service: or_unknown(service.map_or("", |s| s.hostname.as_str())),
             destination_service_namespace: or_unknown(service.map_or("", |s| s.namespace.as_str())),
             destination_service_name: or_unknown(service.map_or("", |s| s.name.as_str())),
+        }
+    }
+
+    /// The labels as name/value pairs, in the order they are exported.
+    fn pairs(&self) -> Vec<(String, String)> {
+        [
+            ("source_workload", &self.source_workload),
+            ("source_workload_namespace", &self.source_workload_namespace),
+            ("source_principal", &self.source_principal),
+            ("source_canonical_service", &self.source_canonical_service),
+            ("source_canonical_revision", &self.source_canonical_revision),
+            ("source_app", &self.source_app),
+            ("source_version", &self.source_version),
+            ("source_cluster", &self.source_cluster),
+            ("destination_workload", &self.destination_workload),
+            ("destination_workload_namespace", &self.destination_workload_namespace),
+            ("destination_principal", &self.destination_principal),
+            ("destination_canonical_service", &self.destination_canonical_service),
+            ("destination_canonical_revision", &self.destination_canonical_revision),
+            ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_version),
+            ("destination_cluster", &self.destination_cluster),
+            ("destination_service", &self.destination_service),
+            ("destination_service_namespace", &self.destination_service_namespace),
+            ("destination_service_name", &self.destination_service_name),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.clone()))
+        .collect()
+    }
+}
+
+impl RequestLabels {
+    /// The labels as name/value pairs, in the order they are exported.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let p = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let mut pairs = vec![
+            p("reporter", self.reporter),
+            p("request_protocol", self.request_protocol),
+            (String::from("response_code"), self.response_code.to_string()),
+            p("grpc_response_status", &self.grpc_response_status),
+            p("response_flags", self.response_flags),
+            p("connection_security_policy", self.connection_security_policy),
+        ];
+        pairs.extend(self.peers.pairs());
+        pairs
+    }
+
+    pub fn new(
+        src: Option<&Workload>,
+        src_principal: &str,
+        dst: Option<&Workload>,
+        service: Option<&Service>,
+        protocol: &'static str,
+    ) -> Self {
+        RequestLabels {
+            reporter: "waypoint",
+            peers: Peers::new((src, src_principal), dst, service),
             request_protocol: protocol,
             response_code: 0,
             grpc_response_status: String::new(),
@@ -283,8 +311,8 @@ impl RequestLabels {
     ) -> Self {
         let mut l = RequestLabels::new(None, &identity.to_string(), dst, Some(service), protocol);
         l.reporter = "source";
-        l.source_workload = gateway.1.clone();
-        l.source_workload_namespace = gateway.0.clone();
+        l.peers.source_workload = gateway.1.clone();
+        l.peers.source_workload_namespace = gateway.0.clone();
         // Istio: a source reporter cannot tell the security policy in force.
         l.connection_security_policy = "unknown";
         l
@@ -302,53 +330,18 @@ pub struct TcpSeries {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+    #[prometheus(flatten)]
+    pub peers: Peers,
 }
 
 impl From<RequestLabels> for TcpLabels {
     fn from(l: RequestLabels) -> Self {
         TcpLabels {
             reporter: l.reporter,
-            source_workload: l.source_workload,
-            source_workload_namespace: l.source_workload_namespace,
-            source_principal: l.source_principal,
-            source_canonical_service: l.source_canonical_service,
-            source_canonical_revision: l.source_canonical_revision,
-            source_app: l.source_app,
-            source_version: l.source_version,
-            source_cluster: l.source_cluster,
-            destination_workload: l.destination_workload,
-            destination_workload_namespace: l.destination_workload_namespace,
-            destination_principal: l.destination_principal,
-            destination_canonical_service: l.destination_canonical_service,
-            destination_canonical_revision: l.destination_canonical_revision,
-            destination_app: l.destination_app,
-            destination_version: l.destination_version,
-            destination_cluster: l.destination_cluster,
-            destination_service: l.destination_service,
-            destination_service_namespace: l.destination_service_namespace,
-            destination_service_name: l.destination_service_name,
+            peers: l.peers,
             request_protocol: "tcp",
             response_flags: l.response_flags,
             connection_security_policy: l.connection_security_policy,
@@ -618,7 +611,7 @@ mod tests {
         let other = cache.get(from(Some(&client), Some(&bob)), (None, &a), (200, "-"), || {
             build_for(&bob)
         });
-        assert_eq!(other.labels().source_principal, bob.to_string());
+        assert_eq!(other.labels().peers.source_principal, bob.to_string());
         let replaced = crate::upstream::cluster::tests::workload("client");
         let mut built = false;
         cache.get(from(Some(&replaced), Some(&alice)), (None, &a), (200, "-"), || {
