@@ -504,6 +504,7 @@ mod tests {
             s.port_protocol(key, 9000).is_http(),
             "an unknown protocol is not opaque"
         );
+        assert_eq!(s.port_protocol(key, 9000), AppProtocol::OtherHttp, "nor taken for gRPC");
         assert!(!s.port_protocol(key, 81).is_http());
         // An update that no longer declares the port, then removal, forget it.
         s.apply_address(&service(&[(80, 0)])).expect("valid service");

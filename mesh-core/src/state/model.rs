@@ -66,6 +66,9 @@ pub enum AppProtocol {
     Http11,
     Http2,
     Grpc,
+    /// A protocol this version does not know, from a newer control plane: HTTP for the
+    /// protocol check (never opaque bytes), but no particular HTTP version upstream.
+    OtherHttp,
 }
 
 impl AppProtocol {
@@ -84,7 +87,8 @@ impl From<i32> for AppProtocol {
             Ok(pb::AppProtocol::Unknown | pb::AppProtocol::Tcp | pb::AppProtocol::Tls) => AppProtocol::Unknown,
             Ok(pb::AppProtocol::Http11) => AppProtocol::Http11,
             Ok(pb::AppProtocol::Http2) => AppProtocol::Http2,
-            Ok(pb::AppProtocol::Grpc) | Err(_) => AppProtocol::Grpc,
+            Ok(pb::AppProtocol::Grpc) => AppProtocol::Grpc,
+            Err(_) => AppProtocol::OtherHttp,
         }
     }
 }

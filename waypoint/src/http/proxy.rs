@@ -76,7 +76,8 @@ pub enum UpstreamProtocol {
 /// Whether a request goes upstream over HTTP/2. The backend port's declared protocol decides
 /// first, as Istio's clusters do: `http2`, `h2c` and `grpc` ports get HTTP/2 whatever the client
 /// spoke, `http` ports HTTP/1.1 — except gRPC, which HTTP/1.1 cannot carry (trailers): Istio
-/// would send it and fail, we send it as HTTP/2. An undeclared port follows the role. A
+/// would send it and fail, we send it as HTTP/2. An undeclared port, or one declared with a
+/// protocol this version does not know, follows the role. A
 /// WebSocket upgrade is an HTTP/1.1 mechanism and stays on HTTP/1.1.
 pub fn upstream_http2(
     role: UpstreamProtocol,
@@ -91,7 +92,7 @@ pub fn upstream_http2(
     match declared {
         AppProtocol::Http2 | AppProtocol::Grpc => true,
         AppProtocol::Http11 => grpc,
-        AppProtocol::Unknown => match role {
+        AppProtocol::Unknown | AppProtocol::OtherHttp => match role {
             UpstreamProtocol::AsClient => client == Version::HTTP_2,
             UpstreamProtocol::Http2ForGrpc => grpc,
         },
@@ -795,6 +796,11 @@ mod tests {
             (Http2ForGrpc, Unknown, h1, true, false, true),
             (Http2ForGrpc, Http11, h2, false, false, false),
             (Http2ForGrpc, Http2, h1, false, false, true),
+            // A protocol from a newer control plane: HTTP, but the role decides the version.
+            (AsClient, OtherHttp, h1, false, false, false),
+            (AsClient, OtherHttp, h2, false, false, true),
+            (Http2ForGrpc, OtherHttp, h2, false, false, false),
+            (Http2ForGrpc, OtherHttp, h1, true, false, true),
         ];
         for (role, declared, client, grpc, ws, want) in table {
             assert_eq!(
