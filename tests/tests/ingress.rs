@@ -598,7 +598,7 @@ metadata: {{name: outside}}
 apiVersion: v1
 kind: Service
 metadata: {{name: app-v1, namespace: production}}
-spec: {{clusterIP: 10.96.{ROTATION_ID}.10, selector: {{app: app-v1}}, ports: [{{name: http, port: 8080, targetPort: 8080}}]}}
+spec: {{clusterIP: 10.96.{ROTATION_ID}.10, selector: {{app: app-v1}}, ports: [{{name: http, port: 8080, targetPort: 8080}}, {{name: tcp-closed, port: 9999, targetPort: 9999}}]}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -616,6 +616,10 @@ spec:
     port: 9000
     protocol: TCP
     allowedRoutes: {{namespaces: {{from: All}}}}
+  - name: tcp-closed
+    port: 9001
+    protocol: TCP
+    allowedRoutes: {{namespaces: {{from: All}}}}
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
@@ -623,6 +627,13 @@ metadata: {{name: raw, namespace: production}}
 spec:
   parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: tcp}}]
   rules: [{{backendRefs: [{{name: app-v1, port: 8080}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: closed, namespace: production}}
+spec:
+  parentRefs: [{{name: istio-ingressgateway, namespace: istio-system, sectionName: tcp-closed}}]
+  rules: [{{backendRefs: [{{name: app-v1, port: 9999}}]}}]
 ---
 {BRIEF_ROUTE}"#
     )
@@ -759,6 +770,24 @@ async fn certificate_rotation_loses_no_request() {
     let raw = raw.unwrap_or_else(|e| format!("error: {e}\n{}", gateway.logs()));
     assert!(raw.starts_with("app-v1\n"), "{raw}");
     assert!(!raw.contains("x-api-version"), "{raw}");
+
+    // A TCPRoute to a port nothing listens on: the connection is closed, and counted as
+    // Envoy counts an unreachable upstream (opened and closed, `UF`).
+    let refused = client
+        .ns
+        .exec(&["curl", "-sS", "--max-time", "5", &format!("http://{gw}:9001/")]);
+    assert!(refused.is_err(), "{refused:?}");
+    let uf = [
+        "reporter=\"source\"",
+        "response_flags=\"UF\"",
+        "destination_service=\"app-v1.production.svc.cluster.local\"",
+    ];
+    let counted = || async {
+        let m = gateway.metrics().await.unwrap_or_default();
+        mesh_e2e::metrics::sum(&m, "istio_tcp_connections_closed_total", &uf) >= 1.0
+            && mesh_e2e::metrics::sum(&m, "istio_tcp_connections_opened_total", &uf) >= 1.0
+    };
+    mesh_e2e::until("the unreachable upstream counted with UF", WAIT, counted).await;
 
     // Four keep-alive connections under load while the Secret is replaced.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
