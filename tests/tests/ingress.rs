@@ -639,6 +639,10 @@ spec:
     )
 }
 
+/// `--header-read-timeout-ms` of the rotation test's gateway: also how long a silent client is
+/// held.
+const HEADER_TIMEOUT_MS: u64 = 2000;
+
 /// A TLS connection from `client` to the gateway for `sni`, verified against `ca`.
 async fn tls_connect(
     client: &Pod,
@@ -744,7 +748,9 @@ async fn certificate_rotation_loses_no_request() {
     let client = cluster
         .add_pod(0, PodSpec::new("client", "outside", &[]))
         .expect("client pod");
-    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &["--role", "ingress"])
+    let header_timeout = HEADER_TIMEOUT_MS.to_string();
+    let flags = ["--role", "ingress", "--header-read-timeout-ms", header_timeout.as_str()];
+    let gateway = Waypoint::start_with(&cluster, 0, GW_NS, GW, &flags)
         .await
         .expect("ingress gateway up");
     cluster
@@ -788,6 +794,29 @@ async fn certificate_rotation_loses_no_request() {
             && mesh_e2e::metrics::sum(&m, "istio_tcp_connections_opened_total", &uf) >= 1.0
     };
     mesh_e2e::until("the unreachable upstream counted with UF", WAIT, counted).await;
+
+    use tokio::io::AsyncReadExt;
+    // A client that completes its TLS handshake and never sends a byte is closed once the
+    // header read timeout passes in silence (not before), and counted.
+    let mut silent = tls_connect(&client, gw, &pki.ca_cert, "app.example.com")
+        .await
+        .expect("TLS");
+    let since = Instant::now();
+    let closed = tokio::time::timeout(WAIT, silent.read(&mut [0u8; 64])).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client is still held: {closed:?}"
+    );
+    let took = since.elapsed();
+    assert!(
+        took >= Duration::from_millis(HEADER_TIMEOUT_MS),
+        "closed after {took:?}"
+    );
+    let counted = || async {
+        let m = gateway.metrics().await.unwrap_or_default();
+        mesh_e2e::metrics::sample(&m, "waypoint_idle_timeouts_total", &["connection=\"http\""]) >= 1.0
+    };
+    mesh_e2e::until("the silent client's close counted", WAIT, counted).await;
 
     // Four keep-alive connections under load while the Secret is replaced.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1356,7 +1385,7 @@ async fn tcp_idle_timeout(client: &Pod, to: SocketAddr, gateway: &Waypoint, ca: 
     // Counted just after the sockets go: the client may see the close first.
     let counted = || async {
         let m = gateway.metrics().await.unwrap_or_default();
-        mesh_e2e::metrics::sample(&m, "waypoint_tcp_idle_timeouts_total", &[]) >= 1.0
+        mesh_e2e::metrics::sample(&m, "waypoint_idle_timeouts_total", &["connection=\"tcp\""]) >= 1.0
     };
     mesh_e2e::until("the idle close counted", WAIT, counted).await;
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use crate::http::local_reply::ResponseFlag;
 use crate::idle::{self, SpliceEnd, Spliced};
-use crate::telemetry::metrics::{TcpLabels, TcpSeries};
+use crate::telemetry::metrics::{IdleConnection, TcpLabels, TcpSeries};
 use crate::upstream::cluster::Cluster;
 use crate::Waypoint;
 
@@ -85,7 +85,7 @@ where
     let ended = match end {
         SpliceEnd::Done(Ok(())) => Ended::Closed,
         SpliceEnd::Idle => {
-            wp.metrics.tcp_idle_timeouts.inc();
+            wp.metrics.idle_timeout(IdleConnection::Tcp);
             Ended::IdleTimeout
         }
         SpliceEnd::Done(Err(e)) => {

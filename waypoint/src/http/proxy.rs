@@ -32,7 +32,7 @@ use super::rewrite::{self, UpgradeRequest};
 use crate::idle;
 use crate::store::Snapshot;
 use crate::telemetry::access_log::Record;
-use crate::telemetry::metrics::{LabelSource, RequestLabels, SeriesLabels, StandardLabels};
+use crate::telemetry::metrics::{IdleConnection, LabelSource, RequestLabels, SeriesLabels, StandardLabels};
 use crate::telemetry::{apply, effective, trace};
 use crate::upstream::cluster::Cluster;
 use crate::upstream::pool::PooledBody;
@@ -693,13 +693,13 @@ struct Upgrade<'a> {
 /// Copies bytes both ways between the client's and the backend's upgraded connections, as a
 /// task the drain knows of.
 fn splice_upgrade(Upgrade { down, wp, idle }: Upgrade<'_>, up: OnUpgrade) {
-    let idle_timeouts = wp.metrics.tcp_idle_timeouts.clone();
+    let metrics = wp.metrics.clone();
     wp.tasks.spawn(async move {
         match tokio::try_join!(down, up) {
             Ok((d, u)) => {
                 let spliced = idle::splice(TokioIo::new(d), &mut TokioIo::new(u), idle, None).await;
                 if matches!(spliced.end, idle::SpliceEnd::Idle) {
-                    idle_timeouts.inc();
+                    metrics.idle_timeout(IdleConnection::WebSocket);
                 }
             }
             Err(e) => debug!(error = %e, "upgrade failed"),

@@ -23,6 +23,7 @@ use crate::http::local_reply::LocalReply;
 use crate::http::proxy::{self, Downstream};
 use crate::http::server;
 use crate::idle;
+use crate::telemetry::metrics::IdleConnection;
 use crate::upstream::Body;
 use crate::Waypoint;
 
@@ -239,7 +240,10 @@ where
     let io = TokioIo::new(idle::Watched::new(io.into_inner(), activity.clone()).holding(slot));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    let served = idle::until_idle(conn.as_mut(), &activity, header_read_timeout, |c| c.graceful_shutdown());
+    let served = idle::until_idle(conn.as_mut(), &activity, header_read_timeout, |c| {
+        metrics.idle_timeout(IdleConnection::Http);
+        c.graceful_shutdown()
+    });
     if let Some(Err(e)) = served.await {
         if let Some(reason) = e.downcast_ref::<hyper::Error>().and_then(server::refusal) {
             metrics.reject(reason);

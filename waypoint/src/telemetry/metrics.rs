@@ -319,6 +319,32 @@ impl RequestLabels {
     }
 }
 
+/// What kind of connection an idle timeout closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleConnection {
+    /// A TCPRoute, TLS passthrough, or TCP through a waypoint.
+    Tcp,
+    /// An upgraded WebSocket.
+    WebSocket,
+    /// An ingress client's HTTP connection.
+    Http,
+}
+
+impl IdleConnection {
+    fn as_str(self) -> &'static str {
+        match self {
+            IdleConnection::Tcp => "tcp",
+            IdleConnection::WebSocket => "websocket",
+            IdleConnection::Http => "http",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdleLabels {
+    connection: &'static str,
+}
+
 /// One TCP connection's series, resolved when it opens.
 pub struct TcpSeries {
     pub bytes: Meter,
@@ -368,8 +394,8 @@ pub struct Metrics {
     custom_series: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Requests recorded with the standard labels because the overridden series were at the bound.
     pub custom_series_overflow: Counter,
-    /// TCP connections closed because no byte moved either way for their idle timeout.
-    pub tcp_idle_timeouts: Counter,
+    /// Connections closed for idleness, by kind.
+    idle_timeouts: Family<IdleLabels, Counter>,
     /// Istio's `istio_tcp_*` series of the TCP connections proxied.
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
@@ -406,7 +432,7 @@ impl Metrics {
             rate_limit_overflow: Counter::default(),
             custom_series: Default::default(),
             custom_series_overflow: Counter::default(),
-            tcp_idle_timeouts: Counter::default(),
+            idle_timeouts: Family::default(),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
@@ -470,9 +496,9 @@ impl Metrics {
             m.tcp_received.clone(),
         );
         registry.register(
-            "waypoint_tcp_idle_timeouts",
-            "TCP connections (TCPRoute, TLS passthrough, TCP through a waypoint, upgraded WebSockets) closed because no byte moved either way for the backend's connectionPool.tcp.idleTimeout",
-            m.tcp_idle_timeouts.clone(),
+            "waypoint_idle_timeouts",
+            "Connections closed for idleness: tcp and websocket when no byte moved either way for the backend's connectionPool.tcp.idleTimeout, http (ingress clients) when nothing moved and no request was answered for the header read timeout",
+            m.idle_timeouts.clone(),
         );
         registry.register(
             "waypoint_rejected_requests",
@@ -530,6 +556,14 @@ impl Metrics {
             },
             closed: self.tcp_closed.get_or_create(labels).clone(),
         }
+    }
+
+    /// Counts a connection closed for idleness.
+    pub fn idle_timeout(&self, connection: IdleConnection) {
+        let labels = IdleLabels {
+            connection: connection.as_str(),
+        };
+        self.idle_timeouts.get_or_create(&labels).inc();
     }
 
     pub fn reject(&self, reason: &str) {
