@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use mesh_core::hbone::{
     serve_connection, H2Io, InboundConnect, Limit, LimitConfig, LimitObserver, ServerLimits, Settings,
 };
+use mesh_core::identity::Identity;
 use mesh_core::log_limit::LogLimiter;
 use mesh_core::socket::AcceptBackoff;
 use mesh_core::state::model::Service;
@@ -280,30 +281,8 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let io = match detect(stream, must, wp.header_read_timeout).await {
         Ok(Sniffed::Http(io)) => io,
         Ok(Sniffed::Tcp(io)) => {
-            if let Decision::Deny(reason) =
-                l4_decision(&wp, &spiffe, &peer_identity.namespace, client_addr, dst, Some(&service))
-            {
-                wp.metrics.reject("tcp_denied");
-                info!(target: "access", src_addr = %client_addr, src_identity = %spiffe, dst_service = %service.hostname, %reason, "TCP connection refused");
-                return;
-            }
-            let Some(b) = tcp_backend(&wp, &service, dst) else {
-                info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
-                return;
-            };
-            let labels = {
-                let state = wp.state.load();
-                let src = state.workload_by_ip(&wp.network, client_addr.ip());
-                RequestLabels::new(src.map(|w| &**w), &spiffe, Some(&b.workload), Some(&b.service), "tcp")
-            };
-            let to = TcpTo {
-                target: b.target,
-                labels: labels.into(),
-                idle: b.cluster.tcp_idle_timeout(),
-            };
-            let reached = tcp_to(&wp, io, (client_addr, &spiffe), to).await.is_ok();
-            b.cluster.record(&b.workload.uid, reached.then_some(StatusCode::OK));
-            return;
+            let from = (client_addr, &peer_identity);
+            return tcp_to_service(&wp, io, from, dst, &service).await;
         }
         Err(DetectError::Io(e)) => {
             debug!(error = %e, "stream ended before its protocol was known");
@@ -363,6 +342,39 @@ async fn serve_http(wp: Arc<Waypoint>, down: Arc<Downstream>, io: Rewind<H2Io>, 
             debug!(error = %e, "HTTP connection in tunnel ended with an error");
         }
     }
+}
+
+/// A stream to `service` that is TCP (declared, or no HTTP seen): the service's L4 policy,
+/// then its TCPRoute's backend (or its own endpoints).
+async fn tcp_to_service(
+    wp: &Waypoint,
+    io: Rewind<H2Io>,
+    (client_addr, peer): (SocketAddr, &Identity),
+    dst: SocketAddr,
+    service: &Arc<Service>,
+) {
+    let spiffe = peer.to_string();
+    if let Decision::Deny(reason) = l4_decision(wp, &spiffe, &peer.namespace, client_addr, dst, Some(service)) {
+        wp.metrics.reject("tcp_denied");
+        info!(target: "access", src_addr = %client_addr, src_identity = %spiffe, dst_service = %service.hostname, %reason, "TCP connection refused");
+        return;
+    }
+    let Some(b) = tcp_backend(wp, service, dst) else {
+        info!(target: "access", src_identity = %spiffe, dst_service = %service.hostname, "no healthy TCP backend");
+        return;
+    };
+    let labels = {
+        let state = wp.state.load();
+        let src = state.workload_by_ip(&wp.network, client_addr.ip());
+        RequestLabels::new(src.map(|w| &**w), &spiffe, Some(&b.workload), Some(&b.service), "tcp")
+    };
+    let to = TcpTo {
+        target: b.target,
+        labels: labels.into(),
+        idle: b.cluster.tcp_idle_timeout(),
+    };
+    let reached = tcp_to(wp, io, (client_addr, &spiffe), to).await.is_ok();
+    b.cluster.record(&b.workload.uid, reached.then_some(StatusCode::OK));
 }
 
 /// Where a TCP connection to `service` goes: a TCPRoute's weighted backend if one is attached,
