@@ -9,7 +9,9 @@
 //! Each path gets a fixed load (default 1,000 requests/s on 4 keep-alive connections; a request
 //! that had to wait behind a slow previous one is timed from when it was due, so a stall is
 //! not hidden) and a wrk run for its
-//! maximum rate. The waypoint's idle RSS and CPU per request are read from /proc.
+//! maximum rate. The waypoint's idle RSS, and each proxy's CPU per request over the
+//! maximum-rate run, are read from /proc: a per-request cost moves less with the machine's
+//! load than a rate does.
 //!
 //! With `--scale N` it measures instead what the waypoint holds per connection and per
 //! request in flight, up to N concurrent keep-alive clients (see [`scale`]).
@@ -93,7 +95,12 @@ struct Row {
     p50_us: f64,
     p99_us: f64,
     max_rps: f64,
+    /// CPU per request over the wrk run, µs, of each proxy the path goes through, in order.
+    cpu_us: Vec<(&'static str, f64)>,
 }
+
+/// The processes a path goes through, by name and pid.
+type Proxies<'a> = &'a [(&'static str, i32)];
 
 async fn measure(
     path: &'static str,
@@ -102,6 +109,7 @@ async fn measure(
     host: &str,
     rate: u32,
     secs: u64,
+    proxies: Proxies<'_>,
 ) -> Result<Row> {
     // Warm-up: connections, pools, certificates.
     fixed_rate(&client.ns, target, host, rate, 1)
@@ -112,6 +120,10 @@ async fn measure(
         .with_context(|| format!("{path}: fixed rate"))?;
     let url = format!("http://{target}/");
     let d = format!("-d{secs}s");
+    let before = proxies
+        .iter()
+        .map(|(_, pid)| cpu_ticks(*pid))
+        .collect::<Result<Vec<_>>>()?;
     let out = run_in(
         &client.ns,
         &[
@@ -128,6 +140,14 @@ async fn measure(
     )
     .await?;
     let wrk = parse_wrk(&out)?;
+    let cpu_us = proxies
+        .iter()
+        .zip(before)
+        .map(|((name, pid), b)| {
+            let us = (cpu_ticks(*pid)? - b) as f64 / clock_ticks() * 1e6 / wrk.requests.max(1) as f64;
+            Ok((*name, us))
+        })
+        .collect::<Result<Vec<_>>>()?;
     if wrk.non_2xx > 0 || wrk.socket_errors > 0 {
         bail!(
             "{path}: wrk saw {} non-2xx and {} socket errors",
@@ -140,6 +160,7 @@ async fn measure(
         p50_us: pct(&lat, 0.5),
         p99_us: pct(&lat, 0.99),
         max_rps: wrk.rps,
+        cpu_us,
     })
 }
 
@@ -187,10 +208,18 @@ struct WaypointCost {
 
 /// Prints the table and how the waypoint and nginx compare with their baselines.
 fn print_report(rows: &[Row], rate: u32, cost: &WaypointCost) {
-    println!("\n| path | p50 at {rate}/s (µs) | p99 at {rate}/s (µs) | max req/s (wrk -c16) |");
-    println!("|---|---:|---:|---:|");
+    println!("\n| path | p50 at {rate}/s (µs) | p99 at {rate}/s (µs) | max req/s (wrk -c16) | proxy CPU per request at max (µs) |");
+    println!("|---|---:|---:|---:|---|");
     for r in rows {
-        println!("| {} | {:.0} | {:.0} | {:.0} |", r.path, r.p50_us, r.p99_us, r.max_rps);
+        let cpu: Vec<String> = r.cpu_us.iter().map(|(name, us)| format!("{name} {us:.1}")).collect();
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {} |",
+            r.path,
+            r.p50_us,
+            r.p99_us,
+            r.max_rps,
+            cpu.join(", ")
+        );
     }
     let by = |n: &str| {
         rows.iter()
@@ -258,6 +287,14 @@ async fn paths(secs: u64, rate: u32) -> Result<()> {
     }
     let pid = waypoint.pid() as i32;
     let idle_rss = rss_kib(pid)?;
+    let ztunnel = |node: usize| -> Result<i32> {
+        let z = cluster.nodes[node]
+            .ztunnel
+            .lock()
+            .map_err(|_| anyhow::anyhow!("ztunnel lock poisoned"))?;
+        Ok(z.as_ref().and_then(|z| z.pid()).context("node has no ztunnel")? as i32)
+    };
+    let (zt_client, zt_server) = (("client ztunnel", ztunnel(0)?), ("server ztunnel", ztunnel(1)?));
 
     let mut rows = vec![
         measure(
@@ -267,6 +304,7 @@ async fn paths(secs: u64, rate: u32) -> Result<()> {
             "server",
             rate,
             secs,
+            &[],
         )
         .await?,
         measure(
@@ -276,6 +314,7 @@ async fn paths(secs: u64, rate: u32) -> Result<()> {
             "server",
             rate,
             secs,
+            &[],
         )
         .await?,
         measure(
@@ -285,6 +324,7 @@ async fn paths(secs: u64, rate: u32) -> Result<()> {
             "direct.shop",
             rate,
             secs,
+            &[zt_client, zt_server],
         )
         .await?,
     ];
@@ -298,6 +338,7 @@ async fn paths(secs: u64, rate: u32) -> Result<()> {
             "viawp.shop",
             rate,
             secs,
+            &[zt_client, ("waypoint", pid), zt_server],
         )
         .await?,
     );

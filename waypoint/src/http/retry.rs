@@ -6,6 +6,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::future::{Either, FutureExt};
+
 use http::{Method, StatusCode};
 use mesh_proto::waypoint as wp;
 
@@ -115,10 +117,13 @@ impl RetryPolicy {
     }
 
     /// Runs one attempt under the per-try timeout; `None` when it expired.
-    pub async fn attempt<F: Future>(&self, send: F) -> Option<F::Output> {
+    ///
+    /// Not an `async fn`: its state would hold `send` twice, as the argument and as the future
+    /// awaited, doubling the size of every request's future.
+    pub fn attempt<F: Future>(&self, send: F) -> impl Future<Output = Option<F::Output>> {
         match self.per_try {
-            Some(t) => tokio::time::timeout(t, send).await.ok(),
-            None => Some(send.await),
+            Some(t) => Either::Left(tokio::time::timeout(t, send).map(Result::ok)),
+            None => Either::Right(send.map(Some)),
         }
     }
 

@@ -128,7 +128,9 @@ impl Pool {
                 Err(Refused { error, unsent: None }) => return Err(Error::Exchange(error)),
             }
         }
-        let sender = self.connect(target).await?;
+        // Boxed: connecting (TLS, HBONE) is rare next to a pooled send, and inline its state
+        // would make every request's future ~5 KB larger, copied each time it moves.
+        let sender = Box::pin(self.connect(target)).await?;
         self.try_send(target, sender, req).await.map_err(|r| match r.unsent {
             Some(_) => Error::Unsent(r.error),
             None => Error::Exchange(r.error),
