@@ -55,3 +55,10 @@ pub struct Waypoint {
     /// The ingress role's listeners and certificates (`--role ingress`); `None` for a waypoint.
     pub ingress: Option<Arc<ingress::Ingress>>,
 }
+
+/// The size of what `f` returns (an `async fn`'s future, via a closure taking its arguments
+/// as one tuple) without calling it: tests bound the futures every connection or request holds.
+#[cfg(test)]
+pub(crate) fn future_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
+    std::mem::size_of::<R>()
+}

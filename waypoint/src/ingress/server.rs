@@ -3,10 +3,12 @@
 //! and each request handed to the waypoint's pipeline with its listener's route table.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{HeaderValue, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -94,10 +96,10 @@ struct Port {
     slots: Arc<Semaphore>,
 }
 
-/// Runs `serve` holding the connection's slot.
-async fn holding<F: std::future::Future<Output = ()>>(slot: OwnedSemaphorePermit, serve: F) {
-    serve.await;
-    drop(slot);
+/// Runs `serve` holding the connection's slot. Not an `async fn`: its state would hold
+/// `serve` twice (argument and awaitee), doubling every connection's task.
+fn holding<F: Future<Output = ()>>(slot: OwnedSemaphorePermit, serve: F) -> impl Future<Output = ()> {
+    serve.map(move |()| drop(slot))
 }
 
 async fn accept(wp: Arc<Waypoint>, ingress: Arc<Ingress>, listener: TcpListener, port: Port) {
