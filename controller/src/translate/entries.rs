@@ -5,7 +5,7 @@
 //! translated the same way whichever path runs; the layer is small (entries are few beside
 //! pods), so the incremental path recomputes it whole when anything it reads changed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use mesh_proto::workload as pb;
@@ -13,7 +13,8 @@ use mesh_proto::workload as pb;
 use super::attach::Attachments;
 use super::service_entry::{self, Selector};
 use super::{workload_entry, Options, Report, Selected};
-use crate::model::Inputs;
+use crate::model::pod::Pod;
+use crate::model::{Inputs, ObjectKey};
 
 /// What the Kubernetes Services hold that entries must not take: their keys (`ns/host`) and
 /// VIPs.
@@ -33,6 +34,72 @@ impl Taken {
                 .extend(vips.filter_map(|a| mesh_core::state::model::ip_from_bytes(&a.address)));
         }
     }
+}
+
+/// Addresses an entry may not declare, because something else is found by them: a Kubernetes
+/// Service's VIP and a pod's IP. ztunnel finds a destination, and at a pod's IP the inbound
+/// policy, by address; an entry in one namespace declaring another's address would take its
+/// traffic, or strip its policy. Only the addresses entries declare are indexed, so the cost
+/// is one pass over the pods when entries exist.
+pub(crate) struct Owned<'a> {
+    vips: &'a HashSet<IpAddr>,
+    pods: HashMap<IpAddr, &'a ObjectKey>,
+    network: &'a str,
+}
+
+impl<'a> Owned<'a> {
+    pub(crate) fn new(inputs: &'a Inputs, taken: &'a Taken, network: &'a str) -> Self {
+        let declared: HashSet<IpAddr> = declared_ips(inputs).collect();
+        let mut pods = HashMap::new();
+        for (key, pod) in &inputs.pods {
+            // Host-network pods share their node's address by design: not theirs alone.
+            if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+                continue;
+            }
+            for ip in super::workload::pod_ips(pod).filter_map(|ip| ip.parse().ok()) {
+                if declared.contains(&ip) {
+                    pods.entry(ip).or_insert(key);
+                }
+            }
+        }
+        Owned {
+            vips: &taken.ips,
+            pods,
+            network,
+        }
+    }
+
+    /// What holds `ip` on `network` (an entry's own, or the cluster's when unset), in a
+    /// problem's words; `None` when the entry may declare it.
+    pub(crate) fn holder(&self, ip: IpAddr, network: Option<&str>) -> Option<String> {
+        if self.vips.contains(&ip) {
+            return Some(format!("{ip} is a Kubernetes Service's VIP"));
+        }
+        if network.is_some_and(|n| !n.is_empty() && n != self.network) {
+            return None;
+        }
+        let pod = self.pods.get(&ip)?;
+        Some(format!(
+            "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead)"
+        ))
+    }
+}
+
+/// Every IP an entry declares: ServiceEntry addresses and endpoints, WorkloadEntry addresses.
+fn declared_ips(inputs: &Inputs) -> impl Iterator<Item = IpAddr> + '_ {
+    let entries = inputs.service_entries.values().flat_map(|se| {
+        let vips = se.spec.addresses.iter().map(|a| a.split('/').next().unwrap_or(a));
+        vips.chain(se.spec.endpoints.iter().map(|e| e.address.as_str()))
+    });
+    let workloads = inputs.workload_entries.values().map(|we| we.spec.address.as_str());
+    entries.chain(workloads).filter_map(|a| a.parse().ok())
+}
+
+/// Whether an entry declares one of `pod`'s IPs: the layer then depends on that pod
+/// ([`Owned`]), and the incremental translation recomputes it when the pod changes.
+pub(crate) fn declares_ip_of(inputs: &Inputs, pod: &Pod) -> bool {
+    let ips: Vec<IpAddr> = super::workload::pod_ips(pod).filter_map(|ip| ip.parse().ok()).collect();
+    !ips.is_empty() && declared_ips(inputs).any(|ip| ips.contains(&ip))
 }
 
 /// The layer's result.
@@ -58,7 +125,8 @@ pub(crate) fn translate(
     if inputs.service_entries.is_empty() && inputs.workload_entries.is_empty() {
         return out;
     }
-    let entries = service_entry::translate(inputs, options, attach, &taken.keys, &taken.ips, report);
+    let owned = Owned::new(inputs, taken, &options.network);
+    let entries = service_entry::translate(inputs, options, attach, (taken, &owned), report);
     for svc in entries.services {
         out.addresses.insert(
             format!("{}/{}", svc.namespace, svc.hostname),
@@ -75,7 +143,8 @@ pub(crate) fn translate(
             },
         );
     }
-    let workloads = workload_entry::translate(inputs, options, selected, |name| out.addresses.get(name), report);
+    let service = |name: &str| out.addresses.get(name);
+    let workloads = workload_entry::translate(inputs, (options, &owned), selected, service, report);
     out.addresses.extend(workloads);
     if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
         service_entry::registry_only(&mut out.addresses);
@@ -88,9 +157,148 @@ pub(crate) fn translate(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use crate::model::{Inputs, Object};
+    use crate::model::{Inputs, Kind, Object};
     use crate::translate::{translate, Options};
     use mesh_proto::workload as pb;
+
+    fn objects(yaml: &str) -> Vec<Object> {
+        let mut loaded = crate::source::manifest_dir::Loaded::default();
+        crate::source::manifest_dir::parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        loaded.objects
+    }
+
+    /// shop's Service `db` (10.96.0.5) and pod `payments-0` (10.1.2.3); `evil` holds only
+    /// its own namespace.
+    const SHOP: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.5, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: v1\nkind: Pod\nmetadata: {name: payments-0, namespace: shop, labels: {app: payments}}
+spec: {nodeName: n0, containers: []}
+status: {podIP: 10.1.2.3}
+";
+
+    /// Entries in `evil` declaring shop's Service VIP and pod IP (as a VIP, an endpoint and
+    /// a WorkloadEntry's address), and one on another network.
+    const GRAB: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {name: grab, namespace: evil}
+spec:
+  hosts: [grab.evil.test]
+  addresses: [10.96.0.5, 10.1.2.3/32, 10.200.0.1]
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  endpoints: [{address: 10.1.2.3}, {address: 10.200.0.2}, {address: 10.1.2.3, network: far}]
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: ghost, namespace: evil}
+spec: {address: 10.1.2.3}
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: far, namespace: evil}
+spec: {address: 10.1.2.3, network: far}
+";
+
+    fn ips(a: &pb::Address) -> Vec<std::net::IpAddr> {
+        let ip = |b: &Vec<u8>| mesh_core::state::model::ip_from_bytes(b);
+        match &a.r#type {
+            Some(pb::address::Type::Service(s)) => s.addresses.iter().filter_map(|n| ip(&n.address)).collect(),
+            Some(pb::address::Type::Workload(w)) => w.addresses.iter().filter_map(ip).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// ztunnel finds a destination, and at a pod's IP its inbound policy, by address: an
+    /// entry in one namespace declaring another's Service VIP or pod IP would take that
+    /// traffic or strip that policy. Those addresses are refused and reported; the entry's
+    /// own addresses, and a pod's IP on another network, are kept.
+    #[test]
+    fn an_entry_cannot_take_a_services_vip_or_a_pods_ip() {
+        let mut inputs = Inputs::default();
+        objects(&format!("{SHOP}---\n{GRAB}"))
+            .into_iter()
+            .for_each(|o| inputs.apply(o));
+        let out = translate(&inputs, &Options::default());
+        let held = |name: &str| ips(&out.addresses[name]);
+        assert_eq!(
+            held("evil/grab.evil.test"),
+            ["10.200.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let shop: [std::net::IpAddr; 2] = ["10.96.0.5".parse().unwrap(), "10.1.2.3".parse().unwrap()];
+        for (name, a) in &out.addresses {
+            let local = match &a.r#type {
+                Some(pb::address::Type::Workload(w)) => w.network.is_empty(),
+                _ => true,
+            };
+            if name.contains("evil") && local {
+                assert!(ips(a).iter().all(|ip| !shop.contains(ip)), "{name} holds {:?}", ips(a));
+            }
+        }
+        let entry_ips: Vec<Vec<std::net::IpAddr>> = out
+            .addresses
+            .iter()
+            .filter(|(n, _)| n.contains("ServiceEntry/evil/grab"))
+            .map(|(_, a)| ips(a))
+            .collect();
+        assert_eq!(
+            entry_ips.len(),
+            2,
+            "the endpoint at 10.200.0.2 and the one on network far"
+        );
+        assert!(out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/far")));
+        assert!(!out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/ghost")));
+        let problems = |kind, name: &str| {
+            out.problems
+                .iter()
+                .filter(|p| p.kind == kind && p.object == crate::model::ObjectKey::new("evil", name))
+                .map(|p| p.message.clone())
+                .collect::<Vec<_>>()
+        };
+        let grab = problems(Kind::ServiceEntry, "grab");
+        assert_eq!(grab.len(), 3, "{grab:?}");
+        assert!(
+            grab[0].contains("spec.addresses[0]") && grab[0].contains("Kubernetes Service"),
+            "{grab:?}"
+        );
+        assert!(
+            grab[1].contains("spec.addresses[1]") && grab[1].contains("pod shop/payments-0"),
+            "{grab:?}"
+        );
+        assert!(grab[2].contains("spec.endpoints[0]"), "{grab:?}");
+        assert_eq!(problems(Kind::WorkloadEntry, "ghost").len(), 1);
+    }
+
+    /// The pod comes and goes under an entry holding its IP: each step of the incremental
+    /// translation equals a full one, and the entry is refused only while the pod holds it.
+    #[test]
+    fn incremental_entry_refusal_follows_the_pod() {
+        use crate::source::Change;
+        use crate::translate::incremental::Incremental;
+        let (mut inputs, options, states) = (Inputs::default(), Options::default(), Default::default());
+        objects(GRAB).into_iter().for_each(|o| inputs.apply(o));
+        let mut inc = Incremental::new(options.clone());
+        inc.step(&inputs, &states);
+        let pod = || objects(SHOP).into_iter().find(|o| o.kind() == Kind::Pod).unwrap();
+        let key = crate::model::ObjectKey::new("shop", "payments-0");
+        let changes = [
+            Change::Apply(pod()),
+            Change::Delete(Kind::Pod, key.clone()),
+            Change::Apply(pod()),
+        ];
+        for (step, change) in changes.into_iter().enumerate() {
+            inc.note(&inputs, &change);
+            match change {
+                Change::Apply(o) => inputs.apply(o),
+                Change::Delete(kind, key) => assert!(inputs.remove(kind, &key)),
+                _ => unreachable!(),
+            }
+            let out = inc.step(&inputs, &states).outputs;
+            let full = crate::translate::translate_synced(&inputs, &states, &options);
+            assert_eq!(out.addresses, full.addresses, "addresses after step {step}");
+            assert_eq!(out.problems, full.problems, "problems after step {step}");
+            let ghost = out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/ghost"));
+            assert_eq!(ghost, step == 1, "step {step}");
+        }
+    }
 
     /// A ServiceEntry whose host a Kubernetes Service of the same name keeps: the VM it
     /// selects does not list the Service's host with the entry's ports (the Service does not

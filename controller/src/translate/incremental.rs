@@ -735,12 +735,13 @@ fn note_object(p: &mut Pending, inputs: &Inputs, kind: Kind, key: &ObjectKey, ne
                 Some(Object::Pod(pod)) => Some(pod),
                 _ => None,
             };
-            if [inputs.pods.get(key), new_pod]
-                .into_iter()
-                .flatten()
-                .any(|pod| in_a_subset(inputs, pod))
-            {
+            let pods = || [inputs.pods.get(key), new_pod].into_iter().flatten();
+            if pods().any(|pod| in_a_subset(inputs, pod)) {
                 p.tail = true;
+            }
+            // An entry declaring the pod's IP is refused while the pod holds it.
+            if pods().any(|pod| super::entries::declares_ip_of(inputs, pod)) {
+                p.entries = true;
             }
         }
         (Kind::Service, Some(Object::Service(s))) if inputs.services.get(key) == Some(s) => {}

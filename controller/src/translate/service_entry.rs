@@ -25,6 +25,7 @@ use mesh_proto::workload as pb;
 
 use super::attach::Attachments;
 use super::auto_allocate::{allocate, Allocated};
+use super::entries::{Owned, Taken};
 use super::{Options, Report};
 use crate::model::service_entry::{Endpoint, ServiceEntry, ServiceEntryPort};
 use crate::model::{Inputs, Kind, ObjectKey};
@@ -124,15 +125,24 @@ fn ports(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<(Option
     out
 }
 
-/// Declared VIPs: IPs (a /32 or /128 is one too); wider CIDRs are reported.
-fn addresses(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<IpAddr> {
+/// Declared VIPs: IPs (a /32 or /128 is one too); wider CIDRs, and addresses a Service or a
+/// pod holds, are reported.
+fn addresses(key: &ObjectKey, se: &ServiceEntry, owned: &Owned<'_>, report: &mut Report) -> Vec<IpAddr> {
     let mut out = Vec::new();
+    let mut keep = |i: usize, ip: IpAddr, report: &mut Report| match owned.holder(ip, None) {
+        Some(held) => report.add(
+            Kind::ServiceEntry,
+            key,
+            format!("spec.addresses[{i}]: {held}; an entry cannot take it, ignored"),
+        ),
+        None => out.push(ip),
+    };
     for (i, a) in se.spec.addresses.iter().enumerate() {
         if let Ok(ip) = a.parse::<IpAddr>() {
-            out.push(ip);
+            keep(i, ip, report);
         } else if let Ok(net) = a.parse::<ipnet::IpNet>() {
             if net.prefix_len() == net.max_prefix_len() {
-                out.push(net.addr());
+                keep(i, net.addr(), report);
             } else {
                 report.add(
                     Kind::ServiceEntry,
@@ -243,23 +253,23 @@ fn subject_alt_names(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) ->
     spiffe.into_iter().cloned().collect()
 }
 
-/// Translates every ServiceEntry. `taken` holds the Kubernetes Services' keys and VIPs.
+/// Translates every ServiceEntry. `taken` holds the Kubernetes Services' keys and VIPs,
+/// `owned` the addresses no entry may declare.
 pub(crate) fn translate(
     inputs: &Inputs,
     options: &Options,
     attach: &Attachments<'_>,
-    taken_keys: &HashSet<String>,
-    taken_ips: &HashSet<IpAddr>,
+    (taken, owned): (&Taken, &Owned<'_>),
     report: &mut Report,
 ) -> Translated {
-    let mut declared: HashSet<IpAddr> = taken_ips.clone();
+    let mut declared: HashSet<IpAddr> = taken.ips.clone();
     for se in inputs.service_entries.values() {
         declared.extend(se.spec.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()));
     }
     let allocated = allocation(inputs, &declared);
     let mut out = Translated::default();
     let mut claims = Claims {
-        taken: taken_keys,
+        taken: &taken.keys,
         owners: BTreeMap::new(),
     };
     for (key, se) in &inputs.service_entries {
@@ -267,7 +277,7 @@ pub(crate) fn translate(
         let shape = Shape {
             res: resolution(key, se, report),
             ports: ports(key, se, report),
-            vips: addresses(key, se, report),
+            vips: addresses(key, se, owned, report),
             sans: subject_alt_names(key, se, report),
             waypoint: attach.for_service_entry(key, &se.metadata, report),
         };
@@ -295,6 +305,7 @@ pub(crate) fn translate(
             res: shape.res,
             ports: &shape.ports,
             hosts: &hosts,
+            owned,
         };
         endpoints(&entry, options, &mut out, report);
     }
@@ -393,6 +404,7 @@ struct Entry<'a> {
     ports: &'a [(Option<String>, pb::Port)],
     /// (service key, host) of the hosts kept.
     hosts: &'a [(String, String)],
+    owned: &'a Owned<'a>,
 }
 
 /// Endpoints (explicit or implicit) as workloads, or the selector for pods.
@@ -403,6 +415,7 @@ fn endpoints(entry: &Entry<'_>, options: &Options, out: &mut Translated, report:
         res,
         ports,
         hosts,
+        owned,
     } = *entry;
     if hosts.is_empty() {
         return;
@@ -452,6 +465,14 @@ fn endpoints(entry: &Entry<'_>, options: &Options, out: &mut Translated, report:
                     "spec.endpoints[{i}].address {:?} must be an IP (a host name needs resolution DNS); ignored",
                     ep.address
                 ),
+            );
+            continue;
+        }
+        if let Some(held) = ip.and_then(|ip| owned.holder(ip, ep.network.as_deref())) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.endpoints[{i}].address: {held}; an entry cannot take it, ignored"),
             );
             continue;
         }

@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_core::state::model::ip_to_bytes;
 use mesh_proto::workload as pb;
 
+use super::entries::Owned;
 use super::{Options, Report, Selected};
 use crate::model::service_entry::{WorkloadEntry, WorkloadGroup};
 use crate::model::{selects, Inputs, Kind, ObjectKey};
@@ -184,10 +185,11 @@ fn entry_services<'a>(
 }
 
 /// Every WorkloadEntry as a workload, by uid. `service` finds a service address by name
-/// (the entries' hosts a selecting ServiceEntry owns).
+/// (the entries' hosts a selecting ServiceEntry owns); an address a Service or a pod holds
+/// (`owned`) is refused.
 pub(crate) fn translate<'a>(
     inputs: &Inputs,
-    options: &Options,
+    (options, owned): (&Options, &Owned<'_>),
     selected: &[Selected],
     service: impl Fn(&str) -> Option<&'a pb::Address>,
     report: &mut Report,
@@ -220,6 +222,14 @@ pub(crate) fn translate<'a>(
             );
             continue;
         };
+        if let Some(held) = owned.holder(ip, we.spec.network.as_deref()) {
+            report.add(
+                Kind::WorkloadEntry,
+                key,
+                format!("spec.address: {held}; an entry cannot take it, not served"),
+            );
+            continue;
+        }
         let mut services = kubernetes_services(inputs, key, we, options);
         services.extend(entry_services(inputs, key, we, &service));
         let labels = Some(&we.spec.labels);
