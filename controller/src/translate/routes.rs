@@ -833,12 +833,33 @@ fn subset_workloads(
         .collect()
 }
 
+/// The DestinationRules a waypoint applies, as Istio's lookup for a proxy in the service's
+/// namespace finds them: the service's own namespace first, then the root namespace (the
+/// oldest wins within each). A rule in any other namespace configures its own clients in
+/// Istio, never the service's proxy: here it would let one namespace set another's TLS,
+/// connection pool and outlier detection, so it is reported and skipped.
 fn destination_rules(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
-    for (key, dr) in by_age(inputs.destination_rules.iter(), |d| &d.metadata) {
+    let mut rules = by_age(inputs.destination_rules.iter(), |d| &d.metadata);
+    rules.sort_by_key(|(key, _)| key.namespace == options.root_namespace); // stable: age kept
+    for (key, dr) in rules {
         let host = super::upstream_tls::host(inputs, &dr.spec.host, &key.namespace, || {
             host_key(&dr.spec.host, &key.namespace, options)
         });
         let service = host.service.clone();
+        let service_ns = service.split_once('/').map_or("", |(ns, _)| ns);
+        if key.namespace != service_ns && key.namespace != options.root_namespace {
+            report.add(
+                Kind::DestinationRule,
+                key,
+                format!(
+                    "spec.host {}: {service} is in namespace {service_ns}; a DestinationRule in {} \
+                     does not configure another namespace's service at its waypoint (put it in \
+                     {service_ns} or {}); ignored",
+                    dr.spec.host, key.namespace, options.root_namespace
+                ),
+            );
+            continue;
+        }
         let policy = |p: &TrafficPolicy, report: &mut Report| {
             let mut out = traffic_policy(p, key, report);
             super::upstream_tls::translate(p, key, &host, &mut out, report);
@@ -912,6 +933,46 @@ spec:
         let mut report = Report::default();
         let (routes, _) = translate(&inputs, &Options::default(), &mut report);
         (routes, report.0)
+    }
+
+    /// A DestinationRule for `payments.shop` in namespace `ns`, made at second `age`, with a
+    /// connection limit that tells the rules apart.
+    fn payments_rule(ns: &str, age: u32, max: u32) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule
+metadata: {{name: d, namespace: {ns}, creationTimestamp: \"2026-01-01T00:00:{age:02}Z\"}}
+spec:
+  host: payments.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: {max}"
+        )
+    }
+
+    /// Istio's lookup for the service's proxy: its own namespace's rule, else the root
+    /// namespace's; never another namespace's, however old (that would let `evil` set shop's
+    /// limits, TLS and outlier detection).
+    #[test]
+    fn only_the_services_namespace_and_the_root_configure_it() {
+        let limit = |docs: &[String]| {
+            let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+            let (routes, problems) = translated(&docs);
+            let policy = routes
+                .get("shop/payments.shop.svc.cluster.local")
+                .and_then(|r| r.traffic_policy.clone());
+            let max = policy.and_then(|p| p.connection_pool).map(|c| c.max_connections);
+            let refused = problems.iter().filter(|p| p.object.namespace == "evil").count();
+            (max, refused)
+        };
+        let (evil, root, shop) = (
+            payments_rule("evil", 1, 1),
+            payments_rule("istio-system", 2, 2),
+            payments_rule("shop", 3, 3),
+        );
+        assert_eq!(limit(&[evil.clone()]), (None, 1));
+        assert_eq!(limit(&[evil.clone(), root.clone()]), (Some(2), 1));
+        assert_eq!(limit(&[evil, root, shop]), (Some(3), 1));
     }
 
     #[test]
