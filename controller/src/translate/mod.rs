@@ -11,6 +11,7 @@ mod entries;
 pub mod incremental;
 pub mod ingress;
 mod peer_authn;
+mod policy_target;
 mod rate_limit;
 pub mod remote;
 pub mod render;

@@ -1,13 +1,14 @@
 //! LocalRateLimitPolicy → `mesh.waypoint.v1.Policy` with a `RateLimit`: validated numbers,
 //! targets kept as the waypoint matches them (Gateway and Service as for authorization,
-//! HTTPRoute by name). A policy that cannot limit anything (no target, zero tokens, a bad
-//! interval) is reported and not sent, so waypoints never see a half-read limit.
+//! HTTPRoute by name), in the policy's own namespace only ([`super::policy_target`]). A policy
+//! that cannot limit anything (no target, zero tokens, a bad interval) is reported and not
+//! sent, so waypoints never see a half-read limit.
 
 use std::collections::BTreeMap;
 
 use mesh_proto::waypoint as wp;
 
-use super::Report;
+use super::{policy_target, Report};
 use crate::model::rate_limit::LocalRateLimitPolicy;
 use crate::model::{Inputs, Kind, ObjectKey};
 
@@ -54,7 +55,10 @@ fn one(key: &ObjectKey, p: &LocalRateLimitPolicy, report: &mut Report) -> Option
         return None;
     }
     let mut targets = Vec::new();
-    for (i, t) in p.spec.target_refs.iter().enumerate() {
+    // Targets in another namespace are dropped (reported by `own_namespace`): a policy left
+    // with none is not sent.
+    let own = policy_target::own_namespace(None, &p.spec.target_refs, kind, key, report);
+    for (path, t) in own {
         let known = matches!(
             (t.group.as_str(), t.kind.as_str()),
             ("gateway.networking.k8s.io", "Gateway" | "HTTPRoute") | ("" | "core", "Service")
@@ -64,7 +68,7 @@ fn one(key: &ObjectKey, p: &LocalRateLimitPolicy, report: &mut Report) -> Option
                 kind,
                 key,
                 format!(
-                    "spec.targetRefs[{i}] {}/{} is not a Gateway, HTTPRoute (gateway.networking.k8s.io) or Service; ignored",
+                    "{path} {}/{} is not a Gateway, HTTPRoute (gateway.networking.k8s.io) or Service; ignored",
                     t.group, t.kind
                 ),
             );
@@ -72,7 +76,7 @@ fn one(key: &ObjectKey, p: &LocalRateLimitPolicy, report: &mut Report) -> Option
         }
         targets.push(wp::Target {
             kind: t.kind.clone(),
-            namespace: t.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+            namespace: key.namespace.clone(),
             name: t.name.clone(),
         });
     }
@@ -166,6 +170,47 @@ spec:
         assert!(problems
             .iter()
             .any(|p| p.contains("fillInterval \"soon\" is not a duration")));
+    }
+
+    /// A policy in `evil` naming shop's Service: that target is dropped and reported, its
+    /// own-namespace one kept; one whose only target is foreign is not sent.
+    #[test]
+    fn foreign_namespace_targets_are_dropped() {
+        let (out, problems) = translated(
+            "apiVersion: policy.ambient-mesh.io/v1alpha1
+kind: LocalRateLimitPolicy
+metadata: {name: mixed, namespace: evil}
+spec:
+  targetRefs:
+  - {group: '', kind: Service, name: web}
+  - {group: '', kind: Service, name: payments, namespace: shop}
+  - {group: '', kind: Service, name: web, namespace: evil}
+  tokenBucket: {maxTokens: 1, fillInterval: 1h}
+---
+apiVersion: policy.ambient-mesh.io/v1alpha1
+kind: LocalRateLimitPolicy
+metadata: {name: starve-shop, namespace: evil}
+spec:
+  targetRefs: [{group: '', kind: Service, name: payments, namespace: shop}]
+  tokenBucket: {maxTokens: 1, fillInterval: 1h}
+",
+        );
+        assert_eq!(out.keys().collect::<Vec<_>>(), ["LocalRateLimitPolicy/evil/mixed"]);
+        let p = &out["LocalRateLimitPolicy/evil/mixed"];
+        let targets: Vec<(&str, &str)> = p
+            .targets
+            .iter()
+            .map(|t| (t.namespace.as_str(), t.name.as_str()))
+            .collect();
+        assert_eq!(targets, [("evil", "web"), ("evil", "web")]);
+        let foreign = "spec.targetRefs[1].namespace \"shop\": a policy applies only in its own namespace (evil); \
+                       this target is ignored";
+        assert!(problems.iter().any(|p| p == foreign), "{problems:?}");
+        let only = "spec.targetRefs[0].namespace \"shop\": a policy applies only in its own namespace (evil); \
+                    this target is ignored";
+        assert!(problems.iter().any(|p| p == only), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("names nothing a waypoint serves")));
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     #[test]

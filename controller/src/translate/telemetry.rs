@@ -1,6 +1,7 @@
 //! Istio's Telemetry API → `mesh.waypoint.v1.Telemetry` policies. Scope as Istio has it: a
 //! Telemetry in the root namespace without selector or targetRefs is mesh-wide, one elsewhere
-//! without them covers its namespace, one with targetRefs its Gateways and Services. Each
+//! without them covers its namespace, one with targetRefs its Gateways and Services (in its own
+//! namespace only: others are dropped and reported, [`super::policy_target`]). Each
 //! section (tracing, metrics, access logging) is carried only when written, so the waypoint
 //! inherits per section. Expressions are parsed here with the waypoint's own parser
 //! (`mesh_core::expr`): one that cannot be read is reported and left out, never sent.
@@ -15,7 +16,7 @@ use std::collections::BTreeMap;
 
 use mesh_proto::waypoint as wp;
 
-use super::{Options, Report};
+use super::{policy_target, Options, Report};
 use crate::mesh_config::MeshConfig;
 use crate::model::istio::{Telemetry, TelemetrySpec};
 use crate::model::{Inputs, Kind, ObjectKey};
@@ -94,16 +95,27 @@ fn one(
         );
         return None;
     }
-    let targets: Vec<wp::Target> = spec
-        .targets()
-        .filter(|r| matches!(r.kind.as_str(), "Gateway" | "Service"))
-        .map(|r| wp::Target {
+    // Targets in another namespace are dropped (reported by `own_namespace`); a Telemetry
+    // written with targets stays targeted even when none is left (then it is not sent), never
+    // namespace- or mesh-wide.
+    let own = policy_target::own_namespace(
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        Kind::Telemetry,
+        key,
+        report,
+    );
+    let own_count = own.len();
+    let targets: Vec<wp::Target> = own
+        .into_iter()
+        .filter(|(_, r)| matches!(r.kind.as_str(), "Gateway" | "Service"))
+        .map(|(_, r)| wp::Target {
             kind: r.kind.clone(),
-            namespace: r.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+            namespace: key.namespace.clone(),
             name: r.name.clone(),
         })
         .collect();
-    if spec.targets().count() != targets.len() {
+    if own_count != targets.len() {
         report.add(
             Kind::Telemetry,
             key,
@@ -305,6 +317,50 @@ mod tests {
         let mut report = Report::default();
         let out = translate(&inputs, &Options::default(), &mut report);
         (out, report.0.into_iter().map(|p| p.message).collect())
+    }
+
+    /// A Telemetry in `evil` naming shop's Service: that target is dropped and reported, its
+    /// own-namespace one kept; one whose only target is foreign is not sent (and does not
+    /// become evil's namespace-wide Telemetry).
+    #[test]
+    fn foreign_namespace_targets_are_dropped() {
+        let (out, problems) = translated(
+            r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mixed, namespace: evil}
+spec:
+  targetRefs:
+  - {kind: Service, group: "", name: web}
+  - {kind: Service, group: "", name: payments, namespace: shop}
+  accessLogging: [{disabled: true}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: blind-shop, namespace: evil}
+spec:
+  targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint, namespace: shop}
+  accessLogging: [{disabled: true}]
+"#,
+        );
+        assert_eq!(out.keys().collect::<Vec<_>>(), ["Telemetry/evil/mixed"]);
+        let p = &out["Telemetry/evil/mixed"];
+        let targets: Vec<(&str, &str)> = p
+            .targets
+            .iter()
+            .map(|t| (t.namespace.as_str(), t.name.as_str()))
+            .collect();
+        assert_eq!(targets, [("evil", "web")]);
+        let Some(wp::policy::Kind::Telemetry(t)) = &p.kind else {
+            panic!("{p:?}")
+        };
+        assert_eq!(t.scope, wp::telemetry::Scope::Targeted as i32);
+        for path in ["spec.targetRefs[1]", "spec.targetRef"] {
+            let expected = format!(
+                "{path}.namespace \"shop\": a policy applies only in its own namespace (evil); this target is ignored"
+            );
+            assert!(problems.contains(&expected), "{expected} not in {problems:?}");
+        }
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

@@ -1,27 +1,42 @@
 //! The L7 policies waypoints enforce: AuthorizationPolicy and RequestAuthentication attached
 //! with `targetRefs` to a waypoint Gateway or to a Service, as `mesh.waypoint.v1.Policy`
 //! resources. An AuthorizationPolicy that cannot be read is left to `authz.rs`, which makes it
-//! allow nothing in its namespace.
+//! allow nothing in its namespace. Targets in another namespace than the policy's are dropped
+//! and reported ([`super::policy_target`]); a policy left with none applies to nothing.
 
 use std::collections::BTreeMap;
 
 use mesh_proto::waypoint as wp;
 
-use super::Report;
+use super::{policy_target, Report};
 use crate::model::gateway::{PolicyTargetReference, WAYPOINT_CLASS};
 use crate::model::istio;
 use crate::model::{Inputs, Kind, ObjectKey};
 
+/// The waypoint targets of a policy's `targetRef` and `targetRefs`: only those in its own
+/// namespace ([`policy_target::own_namespace`]). A policy whose targets were all dropped
+/// keeps none and so applies to nothing (it is not namespace-wide: `authz.rs` leaves every
+/// policy written with targets to waypoints).
 fn targets(
-    refs: impl Iterator<Item = PolicyTargetReference>,
+    target_ref: Option<&PolicyTargetReference>,
+    target_refs: &[PolicyTargetReference],
     key: &ObjectKey,
     kind: Kind,
     inputs: &Inputs,
     report: &mut Report,
 ) -> Vec<wp::Target> {
+    let written = usize::from(target_ref.is_some()) + target_refs.len();
+    let own = policy_target::own_namespace(target_ref, target_refs, kind, key, report);
+    if own.is_empty() && written > 0 {
+        report.add(
+            kind,
+            key,
+            "spec.targetRefs: no target is in the policy's namespace; the policy applies to nothing",
+        );
+    }
     let mut out = Vec::new();
-    for t in refs {
-        let ns = t.namespace.clone().unwrap_or_else(|| key.namespace.clone());
+    for (_, t) in own {
+        let ns = key.namespace.clone();
         let target_key = ObjectKey::new(ns.clone(), t.name.clone());
         match (t.group.as_str(), t.kind.as_str()) {
             ("gateway.networking.k8s.io", "Gateway") => {
@@ -174,7 +189,14 @@ fn authorization(inputs: &Inputs, key: &ObjectKey, ap: &istio::AuthorizationPoli
     wp::Policy {
         name: key.name.clone(),
         namespace: key.namespace.clone(),
-        targets: targets(ap.spec.targets().cloned(), key, kind, inputs, report),
+        targets: targets(
+            ap.spec.target_ref.as_ref(),
+            &ap.spec.target_refs,
+            key,
+            kind,
+            inputs,
+            report,
+        ),
         kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
             action: action as i32,
             rules,
@@ -223,7 +245,187 @@ fn jwt_authentication(
     wp::Policy {
         name: key.name.clone(),
         namespace: key.namespace.clone(),
-        targets: targets(ra.spec.targets().cloned(), key, kind, inputs, report),
+        targets: targets(
+            ra.spec.target_ref.as_ref(),
+            &ra.spec.target_refs,
+            key,
+            kind,
+            inputs,
+            report,
+        ),
         kind: Some(wp::policy::Kind::Jwt(wp::JwtAuthentication { rules })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic in a test is a failed test
+
+    use super::*;
+    use crate::source::manifest_dir::{parse_text, Loaded};
+
+    fn inputs(yaml: &str) -> Inputs {
+        let mut loaded = Loaded::default();
+        parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let mut inputs = Inputs::default();
+        for o in loaded.objects {
+            inputs.apply(o);
+        }
+        inputs
+    }
+
+    fn translated(yaml: &str) -> (BTreeMap<String, wp::Policy>, Vec<String>) {
+        let mut report = Report::default();
+        let out = policies(&inputs(yaml), &mut report);
+        (out, report.0.into_iter().map(|p| p.message).collect())
+    }
+
+    /// Services `evil/web` and `shop/payments`, and a waypoint in each namespace.
+    const WORLD: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: payments}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: evil}
+spec: {clusterIP: 10.96.0.11, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: evil}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#;
+
+    fn targets_of(p: &wp::Policy) -> Vec<(String, String, String)> {
+        p.targets
+            .iter()
+            .map(|t| (t.kind.clone(), t.namespace.clone(), t.name.clone()))
+            .collect()
+    }
+
+    /// A policy in `evil` naming shop's Service and waypoint: those targets are dropped and
+    /// reported by field, its own-namespace target is kept.
+    #[test]
+    fn foreign_namespace_targets_are_dropped() {
+        let (out, problems) = translated(&format!(
+            r#"{WORLD}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: grab, namespace: evil}}
+spec:
+  targetRefs:
+  - {{kind: Service, group: "", name: web}}
+  - {{kind: Service, group: "", name: payments, namespace: shop}}
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint, namespace: shop}}
+  - {{kind: Service, group: "", name: web, namespace: evil}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{namespaces: [evil]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: grab-jwt, namespace: evil}}
+spec:
+  targetRef: {{kind: Service, group: "", name: payments, namespace: shop}}
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  jwtRules: [{{issuer: https://evil.example}}]
+"#
+        ));
+        let ap = &out["AuthorizationPolicy/evil/grab"];
+        assert_eq!(
+            targets_of(ap),
+            [
+                ("Service".into(), "evil".into(), "web".into()),
+                ("Service".into(), "evil".into(), "web".into())
+            ]
+        );
+        let ra = &out["RequestAuthentication/evil/grab-jwt"];
+        assert_eq!(targets_of(ra), [("Gateway".into(), "evil".into(), "waypoint".into())]);
+        for (path, policy) in [
+            ("spec.targetRefs[1]", &out["AuthorizationPolicy/evil/grab"]),
+            ("spec.targetRefs[2]", &out["AuthorizationPolicy/evil/grab"]),
+            ("spec.targetRef", &out["RequestAuthentication/evil/grab-jwt"]),
+        ] {
+            assert!(policy.targets.iter().all(|t| t.namespace != "shop"));
+            let expected = format!(
+                "{path}.namespace \"shop\": a policy applies only in its own namespace (evil); this target is ignored"
+            );
+            assert!(problems.contains(&expected), "{expected} not in {problems:?}");
+        }
+        assert_eq!(problems.iter().filter(|p| p.contains("namespace \"shop\"")).count(), 3);
+        assert!(
+            !problems.iter().any(|p| p.contains("spec.targetRefs[3]")),
+            "{problems:?}"
+        );
+    }
+
+    /// An AuthorizationPolicy (and a RequestAuthentication) whose only targets are in another
+    /// namespace applies to nothing: at the waypoint it targets nothing, and ztunnel does not
+    /// take it for a namespace-wide policy.
+    #[test]
+    fn only_foreign_targets_apply_to_nothing() {
+        let inputs = inputs(&format!(
+            r#"{WORLD}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-shop, namespace: evil}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: payments, namespace: shop}}]
+  action: DENY
+  rules: [{{}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-evil, namespace: evil}}
+spec:
+  targetRef: {{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint, namespace: shop}}
+  rules: [{{from: [{{source: {{namespaces: [evil]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: grab-jwt, namespace: evil}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: payments, namespace: shop}}]
+  jwtRules: [{{issuer: https://evil.example}}]
+"#
+        ));
+        let out = crate::translate::translate(&inputs, &crate::translate::Options::default());
+        for key in [
+            "AuthorizationPolicy/evil/deny-shop",
+            "AuthorizationPolicy/evil/allow-evil",
+            "RequestAuthentication/evil/grab-jwt",
+        ] {
+            if let Some(p) = out.waypoint_policies.get(key) {
+                assert!(p.targets.is_empty(), "{key}: {:?}", p.targets);
+            }
+        }
+        assert!(
+            !out.authorizations.keys().any(|k| k.starts_with("evil/")),
+            "no ztunnel (namespace-wide) policy: {:?}",
+            out.authorizations.keys()
+        );
+        let messages: Vec<&str> = out.problems.iter().map(|p| p.message.as_str()).collect();
+        for (name, path) in [
+            ("deny-shop", "spec.targetRefs[0]"),
+            ("allow-evil", "spec.targetRef"),
+            ("grab-jwt", "spec.targetRefs[0]"),
+        ] {
+            assert!(
+                out.problems
+                    .iter()
+                    .any(|p| p.object.name == name && p.message.starts_with(&format!("{path}.namespace \"shop\": "))),
+                "{name}: {messages:?}"
+            );
+        }
     }
 }
