@@ -118,8 +118,8 @@ fn service(ns: usize, n: usize, v: u32) -> String {
 
 /// An EndpointSlice of service `gsvc-n`: two per service (`-x`, `-y`, different ports: the
 /// later names win for a pod both list), naming one or two generated pods, the first in the
-/// next namespace for some variants (a cross-namespace targetRef), without a namespace (the
-/// slice's own) for others.
+/// next namespace for some variants (a cross-namespace targetRef: ignored, the slice
+/// reported), without a namespace (the slice's own) for others.
 fn endpoint_slice(ns: usize, n: usize, v: u32) -> String {
     let (own, next) = (NAMESPACES[ns % 3], NAMESPACES[(ns + 1) % 3]);
     let suffix = if v % 5 == 4 { "y" } else { "x" };
@@ -938,18 +938,19 @@ fn noted_step(inc: &mut Incremental, inputs: &mut Inputs, c: Change) -> Arc<Outp
     out
 }
 
-const EXT: &str = "payments/gext.payments.svc.cluster.local";
+const EXT: &str = "shop/gext.shop.svc.cluster.local";
 
-/// A selector-less service in payments and its slice naming shop/gen-3 (another namespace).
-const EXT_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: gext, namespace: payments}\n\
+/// A selector-less service in shop and its slice naming shop/gen-3 (a slice naming a pod in
+/// another namespace is ignored: `slice_index::tests`).
+const EXT_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: gext, namespace: shop}\n\
      spec: {clusterIP: 10.96.60.1, ports: [{name: http, port: 80}]}\n";
 const EXT_SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-     metadata: {name: gext-1, namespace: payments, labels: {kubernetes.io/service-name: gext}}\n\
+     metadata: {name: gext-1, namespace: shop, labels: {kubernetes.io/service-name: gext}}\n\
      addressType: IPv4\nports: [{name: http, port: 9090}]\n\
      endpoints: [{addresses: [10.9.0.3], targetRef: {kind: Pod, name: gen-3, namespace: shop}}]\n";
 
 /// The slice index the incremental translator keeps is brought up to date by slice changes:
-/// a pod change after a slice was added lists the slice's (cross-namespace) service, a pod
+/// a pod change after a slice was added lists the slice's service, a pod
 /// change after it was removed no longer does; every step equals a full translation.
 #[test]
 fn pod_change_after_slice_change() {
@@ -962,7 +963,7 @@ fn pod_change_after_slice_change() {
     assert!(listed(&out), "the slice's change re-translates the pods it names");
     let out = noted_step(&mut inc, &mut inputs, applied(&pod(3, 3, 16)));
     assert!(listed(&out), "a later pod change still sees the slice");
-    let slice = ObjectKey::new("payments", "gext-1");
+    let slice = ObjectKey::new("shop", "gext-1");
     let out = noted_step(&mut inc, &mut inputs, Change::Delete(Kind::EndpointSlice, slice));
     assert!(!listed(&out), "the slice's removal withdraws the membership");
     let out = noted_step(&mut inc, &mut inputs, applied(&pod(3, 3, 17)));

@@ -12,7 +12,8 @@
 //! - a Namespace -> its pods and services (waypoint and ingress labels);
 //! - EndpointSlices -> the pods they name, and their entries in the slice index
 //!   ([`super::slice_index`]) a pod's translation looks its selector-less services up in (so
-//!   a pod change reads its own slices, not every slice of the cluster); the enrolled set ->
+//!   a pod change reads its own slices, not every slice of the cluster) and their problem
+//!   (naming pods in other namespaces, which are ignored); the enrolled set ->
 //!   the pods entering or leaving it;
 //! - ServiceEntries, WorkloadEntries and WorkloadGroups -> their layer ([`super::entries`]:
 //!   the entries' services and workloads), recomputed as a whole (few objects) whenever
@@ -51,7 +52,7 @@ use mesh_proto::workload as pb;
 use super::attach::{self, Attachments, Waypoint};
 use super::remote::layer::{self, Layer};
 use super::service_entry::Selector;
-use super::slice_index::{slice_pods, SliceIndex, SERVICE_NAME_LABEL};
+use super::slice_index::{foreign, slice_pods, SliceIndex, SERVICE_NAME_LABEL};
 use super::workload::{self, PodContext};
 use super::{authz, peer_authn, service, Options, Outputs, Problem, Report, Selected};
 use crate::mesh_config::OutboundMode;
@@ -110,6 +111,8 @@ enum Origin {
     Pod(ObjectKey),
     Service(ObjectKey),
     Ip(IpAddr),
+    /// An EndpointSlice naming pods in other namespaces.
+    Slice(ObjectKey),
     Peer,
     Unreadable,
     Entries,
@@ -239,6 +242,19 @@ impl Incremental {
         let mut pending = if full { self.everything(inputs) } else { pending };
         for key in &pending.slices {
             self.slices.update(inputs, key);
+        }
+        // Slices naming pods in other namespaces: reported per slice, those changed (or all).
+        let reported: Box<dyn Iterator<Item = &ObjectKey>> = if full {
+            Box::new(inputs.endpoint_slices.keys())
+        } else {
+            Box::new(pending.slices.iter())
+        };
+        for key in reported {
+            let mut report = Report::default();
+            if let Some(message) = inputs.endpoint_slices.get(key).and_then(|s| foreign(key, s)) {
+                report.add(Kind::EndpointSlice, key, message);
+            }
+            set_problems(&mut self.problems, Origin::Slice(key.clone()), report.0);
         }
         let mut touched = Touched::default();
         let mut updates: BTreeMap<String, Option<pb::Address>> = BTreeMap::new();
@@ -884,4 +900,80 @@ fn names_diff<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>
         }
     }
     touched.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic in a test is a failed test
+
+    use super::*;
+    use crate::source::manifest_dir::{parse_text, Loaded};
+
+    fn objects(yaml: &str) -> Vec<Object> {
+        let mut loaded = Loaded::default();
+        parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        loaded.objects
+    }
+
+    const WORLD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}
+---
+apiVersion: v1\nkind: Pod\nmetadata: {name: payments-0, namespace: shop, labels: {app: payments}}
+spec: {nodeName: n0, containers: []}
+status: {podIP: 10.100.0.7}
+---
+apiVersion: v1\nkind: Service\nmetadata: {name: fake, namespace: evil}
+spec: {clusterIP: 10.96.0.66, ports: [{name: http, port: 80}]}
+";
+
+    /// An EndpointSlice in `evil` naming shop's pod, added, changed to name it from its own
+    /// namespace's view (no namespace: evil's pod of that name), and changed back, then
+    /// removed: every step equals a full translation, problems included, and shop's pod never
+    /// lists the evil service.
+    #[test]
+    fn incremental_foreign_slice_equals_full() {
+        let slice = |target: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice
+metadata: {{name: fake-1, namespace: evil, labels: {{kubernetes.io/service-name: fake}}}}
+addressType: IPv4\nports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.100.0.7], targetRef: {target}}}]
+"
+            )
+        };
+        let mut inputs = Inputs::default();
+        objects(WORLD).into_iter().for_each(|o| inputs.apply(o));
+        let options = Options::default();
+        let mut inc = Incremental::new(options.clone());
+        let states = BTreeMap::new();
+        inc.step(&inputs, &states);
+        let key = ObjectKey::new("evil", "fake-1");
+        let changes = [
+            Change::Apply(objects(&slice("{kind: Pod, name: payments-0, namespace: shop}")).remove(0)),
+            Change::Apply(objects(&slice("{kind: Pod, name: payments-0}")).remove(0)),
+            Change::Apply(objects(&slice("{kind: Pod, name: payments-0, namespace: shop}")).remove(0)),
+            Change::Delete(Kind::EndpointSlice, key.clone()),
+        ];
+        for (step, change) in changes.into_iter().enumerate() {
+            inc.note(&inputs, &change);
+            match change {
+                Change::Apply(o) => inputs.apply(o),
+                Change::Delete(kind, key) => assert!(inputs.remove(kind, &key)),
+                _ => unreachable!(),
+            }
+            let out = inc.step(&inputs, &states).outputs;
+            let full = super::super::translate_synced(&inputs, &states, &options);
+            assert_eq!(out.addresses, full.addresses, "addresses after step {step}");
+            assert_eq!(out.problems, full.problems, "problems after step {step}");
+            let Some(pb::address::Type::Workload(w)) = &out.addresses["Kubernetes//Pod/shop/payments-0"].r#type else {
+                panic!("no workload")
+            };
+            assert!(w.services.is_empty(), "step {step}: {:?}", w.services);
+            let reported = out
+                .problems
+                .iter()
+                .any(|p| p.kind == Kind::EndpointSlice && p.object == key);
+            assert_eq!(reported, step % 2 == 0, "step {step}: {:?}", out.problems);
+        }
+    }
 }

@@ -184,6 +184,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
     let ingress = ingress::translate(inputs, options, &mut report);
     let waypoint_credentials = upstream_tls::credentials(inputs, options, &attach, &service_routes, &mut report);
     unimplemented::report(inputs, &mut report);
+    slice_index::report_foreign(inputs, &mut report);
     let mut problems = report.0;
     problems.sort();
     problems.dedup();

@@ -10,12 +10,17 @@
 //! had just freed, and held ~265 MiB of resident memory. Each slice keeps the names it holds
 //! in one string, which a hash is checked against; a lookup reads only the index (reading
 //! the slices and services of the inputs per pod cost a 100k-pod translation 1.5 s).
+//!
+//! An endpoint whose targetRef names a pod in another namespace than the slice's is ignored
+//! (Kubernetes never writes one; honoured, a slice in one namespace would make another's pod
+//! back its Service) and the slice reported once ([`foreign`]), however many it names.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
+use super::Report;
 use crate::model::endpoint_slice::Endpoint;
-use crate::model::{EndpointSlice, Inputs, ObjectKey};
+use crate::model::{EndpointSlice, Inputs, Kind, ObjectKey};
 
 /// The label naming an EndpointSlice's Service.
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -195,14 +200,53 @@ impl Slice {
 }
 
 /// An endpoint's targetRef of kind Pod, as (namespace, name); without a namespace, the
-/// slice's own.
+/// slice's own. One naming a pod in another namespace is none: Kubernetes writes slices
+/// only for pods of their Service's namespace, and honouring one would let a slice in one
+/// namespace make another's pod back its Service (see [`foreign`]).
 fn target<'a>(key: &'a ObjectKey, endpoint: &'a Endpoint) -> Option<(&'a str, &'a str)> {
     let t = endpoint
         .target_ref
         .as_ref()
         .filter(|t| t.kind.as_deref() == Some("Pod"))?;
-    let ns = t.namespace.as_deref().unwrap_or(&key.namespace);
-    Some((ns, t.name.as_deref().unwrap_or_default()))
+    if foreign_namespace(key, endpoint).is_some() {
+        return None;
+    }
+    Some((&key.namespace, t.name.as_deref().unwrap_or_default()))
+}
+
+/// The namespace an endpoint's targetRef names, when set and not the slice's own.
+fn foreign_namespace<'a>(key: &ObjectKey, endpoint: &'a Endpoint) -> Option<&'a str> {
+    let ns = endpoint.target_ref.as_ref()?.namespace.as_deref()?;
+    (!ns.is_empty() && ns != key.namespace).then_some(ns)
+}
+
+/// The problem of slice `key` naming pods in other namespaces (ignored by [`target`]): one
+/// per slice, naming the first such endpoint and how many there are, however many.
+pub(crate) fn foreign(key: &ObjectKey, slice: &EndpointSlice) -> Option<String> {
+    let mut found = slice
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| Some((i, foreign_namespace(key, e)?)));
+    let (first, ns) = found.next()?;
+    let ignored = match 1 + found.count() {
+        1 => "this endpoint is ignored".to_owned(),
+        n => format!("{n} such endpoints are ignored"),
+    };
+    Some(format!(
+        "endpoints[{first}].targetRef.namespace {ns:?}: an EndpointSlice names pods only in its own namespace \
+         ({}); {ignored}",
+        key.namespace
+    ))
+}
+
+/// Reports every slice of `inputs` that names pods in other namespaces ([`foreign`]).
+pub(crate) fn report_foreign(inputs: &Inputs, report: &mut Report) {
+    for (key, slice) in &inputs.endpoint_slices {
+        if let Some(message) = foreign(key, slice) {
+            report.add(Kind::EndpointSlice, key, message);
+        }
+    }
 }
 
 /// The pods an EndpointSlice's endpoints name.
@@ -303,17 +347,17 @@ mod tests {
         index.memberships(&key).into_iter().map(|(_, p)| p[0].1).collect()
     }
 
-    /// Updates replace a slice's entries, removals withdraw them, members in other namespaces
-    /// count, memberships come in slice key order, and a service with a selector has none.
+    /// Updates replace a slice's entries, removals withdraw them, memberships come in slice key
+    /// order, and a service with a selector has none.
     #[test]
     fn updates_removals_and_selectors() {
         let mut inputs = Inputs::default();
         inputs.apply(object("apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: a}\nspec: {ports: [{name: tcp, port: 5432}]}\n"));
-        for o in [slice("db-2", 2, &["b/p"]), slice("db-1", 1, &["a/p", "b/p"])] {
+        for o in [slice("db-2", 2, &["a/r"]), slice("db-1", 1, &["a/p", "a/r"])] {
             inputs.apply(o);
         }
         let mut index = SliceIndex::new(&inputs);
-        assert_eq!(ports(&index, "b/p"), [1, 2]);
+        assert_eq!(ports(&index, "a/r"), [1, 2]);
         assert_eq!(ports(&index, "a/p"), [1]);
         let mut service = index.pods_of(&ObjectKey::new("a", "db"));
         service.sort();
@@ -321,8 +365,8 @@ mod tests {
             service,
             [
                 ObjectKey::new("a", "p"),
-                ObjectKey::new("b", "p"),
-                ObjectKey::new("b", "p")
+                ObjectKey::new("a", "r"),
+                ObjectKey::new("a", "r")
             ]
         );
 
@@ -334,7 +378,7 @@ mod tests {
         let key = ObjectKey::new("a", "db-2");
         inputs.endpoint_slices.remove(&key);
         index.update(&inputs, &key);
-        assert_eq!(ports(&index, "b/p"), Vec::<u32>::new());
+        assert_eq!(ports(&index, "a/r"), Vec::<u32>::new());
         assert_eq!(index.by_pod.len(), 1, "no empty entries left behind");
         assert_eq!(index.by_service.len(), 1);
         // A pod whose hash met db-1's (as a collision would): db-1 does not name it.
@@ -352,5 +396,134 @@ mod tests {
         inputs.apply(object("apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: a}\nspec: {ports: [{name: tcp, port: 5432}]}\n"));
         index.service_changed(&inputs, &db);
         assert_eq!(ports(&index, "a/q"), [1], "selector-less again");
+    }
+
+    /// The attack of a hand-written slice: Service `evil/fake` (no selector) and its slice
+    /// naming `shop/payments-0`. Shop's pod does not list the evil service, the slice is
+    /// reported once, and a same-namespace targetRef (with or without its namespace) still
+    /// makes a member.
+    const FOREIGN: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}
+---
+apiVersion: v1\nkind: Pod\nmetadata: {name: payments-0, namespace: shop, labels: {app: payments}}
+spec: {nodeName: n0, containers: []}
+status: {podIP: 10.100.0.7}
+---
+apiVersion: v1\nkind: Service\nmetadata: {name: fake, namespace: evil}
+spec: {clusterIP: 10.96.0.66, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice
+metadata: {name: fake-1, namespace: evil, labels: {kubernetes.io/service-name: fake}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.100.0.8], targetRef: {kind: Pod, name: web-0, namespace: evil}}
+- {addresses: [10.100.0.7], targetRef: {kind: Pod, name: payments-0, namespace: shop}}
+- {addresses: [10.100.0.9], targetRef: {kind: Pod, name: payments-1, namespace: shop}}
+---
+apiVersion: v1\nkind: Service\nmetadata: {name: legacy, namespace: shop}
+spec: {clusterIP: 10.96.0.67, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice
+metadata: {name: legacy-1, namespace: shop, labels: {kubernetes.io/service-name: legacy}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.100.0.7], targetRef: {kind: Pod, name: payments-0, namespace: shop}}]
+---
+apiVersion: v1\nkind: Service\nmetadata: {name: legacy2, namespace: shop}
+spec: {clusterIP: 10.96.0.68, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice
+metadata: {name: legacy2-1, namespace: shop, labels: {kubernetes.io/service-name: legacy2}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints: [{addresses: [10.100.0.7], targetRef: {kind: Pod, name: payments-0}}]
+";
+
+    fn inputs(yaml: &str) -> Inputs {
+        let mut loaded = Loaded::default();
+        parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let mut inputs = Inputs::default();
+        loaded.objects.into_iter().for_each(|o| inputs.apply(o));
+        inputs
+    }
+
+    /// The services `ns/pod`'s workload lists.
+    fn services_of(out: &crate::translate::Outputs, pod: &str) -> Vec<String> {
+        let address = &out.addresses[&format!("Kubernetes//Pod/{pod}")];
+        match &address.r#type {
+            Some(mesh_proto::workload::address::Type::Workload(w)) => w.services.keys().cloned().collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slice_names_pods_only_in_its_own_namespace() {
+        let inputs = inputs(FOREIGN);
+        let index = SliceIndex::new(&inputs);
+        let members = |pod: &str| -> Vec<String> {
+            let (ns, name) = pod.split_once('/').unwrap();
+            let key = ObjectKey::new(ns, name);
+            index
+                .memberships(&key)
+                .into_iter()
+                .map(|(s, _)| s.to_string())
+                .collect()
+        };
+        assert_eq!(members("shop/payments-0"), ["shop/legacy", "shop/legacy2"]);
+        assert_eq!(members("shop/payments-1"), Vec::<String>::new());
+        assert_eq!(members("evil/web-0"), ["evil/fake"]);
+        assert_eq!(
+            index.pods_of(&ObjectKey::new("evil", "fake")),
+            [ObjectKey::new("evil", "web-0")]
+        );
+        let fake = ObjectKey::new("evil", "fake-1");
+        assert_eq!(slice_pods(&fake, &inputs.endpoint_slices[&fake]).count(), 1);
+
+        let out = crate::translate::translate(&inputs, &crate::translate::Options::default());
+        let services = services_of(&out, "shop/payments-0");
+        assert!(!services.iter().any(|s| s.starts_with("evil/")), "{services:?}");
+        assert!(
+            services.contains(&"shop/legacy.shop.svc.cluster.local".to_owned()),
+            "{services:?}"
+        );
+        assert!(
+            services.contains(&"shop/legacy2.shop.svc.cluster.local".to_owned()),
+            "{services:?}"
+        );
+        let problems: Vec<_> = out.problems.iter().filter(|p| p.kind == Kind::EndpointSlice).collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, fake);
+        assert_eq!(
+            problems[0].message,
+            "endpoints[1].targetRef.namespace \"shop\": an EndpointSlice names pods only in its own \
+             namespace (evil); 2 such endpoints are ignored"
+        );
+    }
+
+    /// Thousands of foreign endpoints make one problem, not one each.
+    #[test]
+    fn foreign_endpoints_are_reported_once_per_slice() {
+        let endpoints: Vec<String> = (0..5000)
+            .map(|i| format!("{{addresses: [10.0.0.1], targetRef: {{kind: Pod, name: p-{i}, namespace: shop}}}}"))
+            .collect();
+        let inputs = inputs(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: fake, namespace: evil}}\nspec: {{ports: [{{port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: fake-1, namespace: evil, labels: {{kubernetes.io/service-name: fake}}}}\naddressType: IPv4\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        ));
+        let mut report = crate::translate::Report::default();
+        report_foreign(&inputs, &mut report);
+        let messages: Vec<&str> = report.0.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "endpoints[0].targetRef.namespace \"shop\": an EndpointSlice names pods only in its own \
+              namespace (evil); 5000 such endpoints are ignored"
+            ]
+        );
+        assert!(SliceIndex::new(&inputs)
+            .pods_of(&ObjectKey::new("evil", "fake"))
+            .is_empty());
     }
 }
