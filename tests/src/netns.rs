@@ -138,6 +138,22 @@ pub fn socket_in(name: &str, dst: SocketAddr) -> std::io::Result<tokio::net::Tcp
     Ok(tokio::net::TcpSocket::from_std_stream(std))
 }
 
+/// Outbound TCP sockets of an in-process HBONE client living in namespace `.0` (an
+/// uncaptured pod, say, standing for a process that holds a mesh certificate).
+pub struct NsSockets(pub String);
+
+impl mesh_core::socket::SocketFactory for NsSockets {
+    fn tcp_socket(&self, dst: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+        socket_in(&self.0, dst)
+    }
+    fn tcp_listener(&self, _: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+        Err(std::io::Error::other("not used"))
+    }
+    fn udp_socket(&self, _: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+        Err(std::io::Error::other("not used"))
+    }
+}
+
 /// Kills what still runs in namespace `name` (which frees it) and deletes it.
 pub fn destroy(name: &str) {
     if let Ok(pids) = sh(&["ip", "netns", "pids", name]) {

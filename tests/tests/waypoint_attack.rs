@@ -11,13 +11,21 @@
 //!   protocol than requested is refused and the connection closed.
 //! - Admin: from a pod, the waypoint's config dump is not served on its pod address; metrics
 //!   and readiness are; the dump answers on localhost in the waypoint's pod.
+//! - A borrowed identity: a client with another namespace's mesh certificate tunnels through
+//!   the waypoint to a pod it does not serve (the destination's policy trusts the waypoint's
+//!   identity); refused, while a service that uses the waypoint is served.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use mesh_core::hbone::{HbonePool, PoolKey, Settings, TunnelRequest};
+use mesh_core::identity::{CertManager, CertManagerConfig, DevCa};
 
 use mesh_e2e::apps::{named_echo_server, named_server, served, upgrade_server, HttpConn};
 use mesh_e2e::cluster::{Cluster, PodSpec};
 use mesh_e2e::metrics::sample;
+use mesh_e2e::netns::NsSockets;
 use mesh_e2e::waypoint::{base, identity, service_port, Waypoint};
 use mesh_e2e::ztunnel::http_request;
 use mesh_e2e::Netns;
@@ -294,4 +302,49 @@ async fn waypoint_attacks_are_refused() {
     assert_eq!(status, 200);
     let dump = waypoint.config_dump().await.expect("config dump on localhost");
     assert!(dump.contains("no-admin"), "{dump}");
+
+    let admin_pod = SocketAddr::new(pods[0].ip, 8080);
+    borrowed_identity_is_refused(&cluster, &waypoint, &outsider.ns, admin_pod).await;
+}
+
+/// Phase 5, a borrowed identity: a client with another namespace's mesh identity (minted
+/// here from the cluster's CA, as any pod there gets its own) tunnels through the waypoint.
+/// To a pod address nothing binds to the waypoint: refused and counted. To a service that
+/// uses it: served.
+async fn borrowed_identity_is_refused(cluster: &Cluster, waypoint: &Waypoint, outsider: &Netns, pod: SocketAddr) {
+    let dir = cluster.controller.ca_dir();
+    let ca = DevCa::load(&dir.join("root-cert.pem"), &dir.join("root-key.pem")).expect("cluster CA");
+    let certs = CertManager::new(Arc::new(ca), vec![], CertManagerConfig::default());
+    let pool = HbonePool::new(Settings::default(), certs, Arc::new(NsSockets(outsider.name.clone())));
+    let req = |authority: SocketAddr| TunnelRequest {
+        key: PoolKey {
+            src_identity: identity("outside", "default").parse().expect("identity"),
+            dst_identities: vec![identity("shop", "waypoint").parse().expect("identity")],
+            src_ip: None,
+            dst: SocketAddr::new(waypoint.pod.ip, 15008),
+        },
+        authority: authority.to_string(),
+        forwarded_for: None,
+        baggage: None,
+        traceparent: None,
+    };
+    let before = rejected(waypoint, "not_bound_to_waypoint").await;
+    let refused = pool.connect(&req(pod)).await;
+    assert!(
+        refused.is_err(),
+        "a tunnel to {pod}, which does not use the waypoint, was accepted"
+    );
+    assert_eq!(rejected(waypoint, "not_bound_to_waypoint").await, before + 1);
+    let stream = pool
+        .connect(&req(vip(10)))
+        .await
+        .expect("a tunnel to a service using the waypoint");
+    let mut io = stream.into_io();
+    io.write_all(get("admin", "/", "").as_bytes()).await.expect("send");
+    let mut head = [0u8; 12];
+    tokio::time::timeout(WAIT, io.read_exact(&mut head))
+        .await
+        .expect("answered in time")
+        .expect("read the answer");
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
 }

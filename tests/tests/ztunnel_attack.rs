@@ -13,7 +13,7 @@ use mesh_e2e::apps::echo_server;
 use mesh_e2e::bed::PairEntries;
 use mesh_e2e::cluster::{Cluster, PodSpec};
 use mesh_e2e::metrics::sample;
-use mesh_e2e::netns::Netns;
+use mesh_e2e::netns::{Netns, NsSockets};
 use mesh_e2e::ztunnel::http_request;
 use mesh_e2e::{until, Bed, Ztunnel};
 use tokio::io::AsyncBufReadExt;
@@ -21,21 +21,6 @@ use tokio::io::AsyncBufReadExt;
 const SERVER_SA: &str = "spiffe://cluster.local/ns/default/sa/server";
 const ATTACKER_SA: &str = "spiffe://cluster.local/ns/evil/sa/attacker";
 const WAYPOINT_SA: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
-
-/// Sockets of an HBONE client living in namespace `.0` (the bed's uncaptured pod c).
-struct NsSockets(String);
-
-impl mesh_core::socket::SocketFactory for NsSockets {
-    fn tcp_socket(&self, dst: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
-        mesh_e2e::netns::socket_in(&self.0, dst)
-    }
-    fn tcp_listener(&self, _: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-        Err(std::io::Error::other("not used"))
-    }
-    fn udp_socket(&self, _: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-        Err(std::io::Error::other("not used"))
-    }
-}
 
 /// An HBONE client in pod c holding certificates for any identity the bed's root signs.
 fn client_in_c(bed: &Bed) -> Arc<HbonePool> {

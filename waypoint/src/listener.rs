@@ -24,7 +24,7 @@ use mesh_core::hbone::{
 use mesh_core::identity::Identity;
 use mesh_core::log_limit::LogLimiter;
 use mesh_core::socket::AcceptBackoff;
-use mesh_core::state::model::Service;
+use mesh_core::state::model::{GatewayAddress, GatewayDestination, Service};
 use mesh_core::state::{AppProtocol, Destination};
 use mesh_proto::waypoint as wp;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -202,6 +202,43 @@ fn client_addr(forwarded: Option<SocketAddr>, peer: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Whether the destination uses this waypoint: a service's or workload's `waypoint` names it.
+/// Anything else is refused, an address nothing owns included. Otherwise any mesh client could
+/// borrow this waypoint's identity, which its destinations' policies trust, to reach anything
+/// it reaches; Istio's waypoint has filter chains only for what is bound to it.
+fn bound_here(wp: &Waypoint, state: &mesh_core::state::State, target: Option<&Destination>) -> bool {
+    let gw = match target {
+        Some(Destination::Service(s)) => s.waypoint.as_ref(),
+        Some(Destination::Workload(w)) => w.waypoint.as_ref(),
+        None => None,
+    };
+    let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
+    gw.is_some_and(|gw| names_gateway(gateway, gw, |network, ip| state.lookup(network, ip)))
+}
+
+/// Whether `gw` is the Gateway `(namespace, name)`: its Service's hostname
+/// (`<name>.<namespace>.svc.<domain>`), or an address `lookup` finds that Service at.
+fn names_gateway(
+    (namespace, name): (&str, &str),
+    gw: &GatewayAddress,
+    lookup: impl Fn(&str, std::net::IpAddr) -> Option<Destination>,
+) -> bool {
+    match &gw.destination {
+        GatewayDestination::Hostname {
+            namespace: ns,
+            hostname,
+        } => {
+            let rest = hostname.strip_prefix(name).and_then(|h| h.strip_prefix('.'));
+            let rest = rest.and_then(|h| h.strip_prefix(namespace));
+            ns == namespace && rest.is_some_and(|h| h.starts_with(".svc."))
+        }
+        GatewayDestination::Address { network, ip } => matches!(
+            lookup(network, *ip),
+            Some(Destination::Service(s)) if s.name == name && s.namespace == namespace
+        ),
+    }
+}
+
 /// What a CONNECT names: for an `ip:port` authority, that address and what is there; for a
 /// `hostname:port` one (double HBONE: Istio's ztunnel names a service that has a waypoint so
 /// through the east-west gateway), the service of that hostname at its VIP on `network` (else
@@ -240,6 +277,18 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         c.reject(StatusCode::BAD_REQUEST);
         return;
     };
+    if !bound_here(&wp, &state, target.as_ref()) {
+        wp.metrics.reject("not_bound_to_waypoint");
+        info!(
+            target: "access",
+            src_identity = %c.peer_identity,
+            dst = %dst,
+            reason = "not_bound_to_waypoint",
+            "tunnel refused: the destination does not use this waypoint"
+        );
+        c.reject(StatusCode::FORBIDDEN);
+        return;
+    }
     let service = match target {
         Some(Destination::Service(s)) => s,
         Some(Destination::Workload(_)) | None => {
@@ -593,6 +642,59 @@ mod client_addr_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The waypoint serves what names it, by its Service's hostname or address, and nothing
+    /// else: not another namespace's waypoint of the same name, not a longer name.
+    #[test]
+    fn a_destination_is_bound_here_only_when_it_names_this_waypoint() {
+        let service = |namespace: &str| {
+            Arc::new(Service {
+                name: "waypoint".into(),
+                namespace: namespace.into(),
+                hostname: format!("waypoint.{namespace}.svc.cluster.local"),
+                vips: vec![],
+                ports: vec![],
+                subject_alt_names: vec![],
+                waypoint: None,
+                only_healthy: true,
+            })
+        };
+        let (own, other) = (service("shop"), service("evil"));
+        let (vip, evil_vip): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.96.0.50".parse().unwrap(), "10.96.9.50".parse().unwrap());
+        let lookup = |_: &str, ip: std::net::IpAddr| {
+            (ip == vip)
+                .then(|| Destination::Service(own.clone()))
+                .or_else(|| (ip == evil_vip).then(|| Destination::Service(other.clone())))
+        };
+        let host = |ns: &str, h: &str| GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: ns.into(),
+                hostname: h.into(),
+            },
+            hbone_port: 15008,
+        };
+        let addr = |ip| GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: String::new(),
+                ip,
+            },
+            hbone_port: 15008,
+        };
+        let table = [
+            (host("shop", "waypoint.shop.svc.cluster.local"), true),
+            (host("evil", "waypoint.evil.svc.cluster.local"), false),
+            (host("shop", "waypoint.evil.svc.cluster.local"), false),
+            (host("shop", "waypoint-2.shop.svc.cluster.local"), false),
+            (host("shop", "waypoint.shop"), false),
+            (addr(vip), true),
+            (addr(evil_vip), false),
+            (addr("10.1.2.3".parse().unwrap()), false),
+        ];
+        for (gw, want) in table {
+            assert_eq!(names_gateway(("shop", "waypoint"), &gw, lookup), want, "{gw:?}");
+        }
+    }
 
     /// A tunnel's task lives as long as its connection: the rarer TCP paths are boxed so
     /// that their state does not double every HTTP tunnel's.
