@@ -970,7 +970,7 @@ spec:
             payments_rule("istio-system", 2, 2),
             payments_rule("shop", 3, 3),
         );
-        assert_eq!(limit(&[evil.clone()]), (None, 1));
+        assert_eq!(limit(std::slice::from_ref(&evil)), (None, 1));
         assert_eq!(limit(&[evil.clone(), root.clone()]), (Some(2), 1));
         assert_eq!(limit(&[evil, root, shop]), (Some(3), 1));
     }

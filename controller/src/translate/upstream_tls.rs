@@ -583,12 +583,14 @@ spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
     #[test]
     fn a_rule_outside_the_waypoint_namespace_gets_no_credential() {
         let (cert, key) = pem_pair();
+        // The root namespace's rule applies to the egress waypoint's service (another
+        // namespace's would not apply at all), but its Secret is not the waypoint's to read.
         let yaml = WORLD.to_owned()
-            + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n"
-            + &secret("other", "client", &[("tls.crt", &cert), ("tls.key", &key)])
+            + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n"
+            + &secret("istio-system", "client", &[("tls.crt", &cert), ("tls.key", &key)])
             + &secret("egress", "client", &[("tls.crt", &cert), ("tls.key", &key)])
             + &dr(
-                "other",
+                "istio-system",
                 "api.external.test",
                 "tls: {mode: MUTUAL, credentialName: client}",
             );
