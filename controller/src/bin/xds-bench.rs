@@ -204,13 +204,23 @@ const ENDPOINTS_PER_SLICE: usize = 100;
 const EXT_SERVICES: usize = 20;
 const EXT_PODS: usize = 5;
 
-/// The pods selector-less service `e` has endpoints on: spread over every namespace, so most
-/// of its slice's targetRefs name a pod in another namespace than the slice's; `ext-0`
-/// names the probe pod (pod 0, in ns-0) from ns-0 and `ext-1` from ns-1, so every change
-/// lists them.
+/// The namespace of selector-less service `e`: `ext-0` and `ext-1` both in ns-0, beside the
+/// probe pod, the others spread.
+fn ext_namespace(e: usize) -> usize {
+    if e < 2 {
+        0
+    } else {
+        e % NAMESPACES
+    }
+}
+
+/// The pods selector-less service `e` has endpoints on, in its own namespace (a slice naming
+/// another namespace's pod is refused, as Kubernetes never writes one): `ext-0` and `ext-1`
+/// name the probe pod (pod 0, in ns-0), so every change lists them.
 fn ext_pods(e: usize, pods: usize) -> impl Iterator<Item = usize> {
+    let (ns, per_ns) = (ext_namespace(e), (pods / NAMESPACES).max(1));
     let first = if e < 2 { 0 } else { e * 37 };
-    (0..EXT_PODS).map(move |j| (first + j * 7919) % pods.max(1))
+    (0..EXT_PODS).map(move |j| (ns + NAMESPACES * ((first + j * 7919) % per_ns)) % pods.max(1))
 }
 
 /// One EndpointSlice line's endpoint: the pod's original address and a targetRef.
@@ -247,7 +257,7 @@ fn write_slices(dir: &Path, a: &Args) -> Result<()> {
     }
     let mut text = String::new();
     for e in 0..EXT_SERVICES {
-        let ns = e % NAMESPACES;
+        let ns = ext_namespace(e);
         text.push_str(&format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-{e}, namespace: ns-{ns}}}\nspec: {{clusterIP: 10.97.0.{}, ports: [{{name: http, port: 80}}]}}\n---\n",
             e + 1
