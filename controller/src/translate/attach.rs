@@ -11,7 +11,7 @@ use mesh_core::state::model::ip_to_bytes;
 use mesh_proto::workload as pb;
 
 use super::{service_hostname, Options, Report};
-use crate::model::gateway::{Gateway, WAYPOINT_CLASS};
+use crate::model::gateway::{Gateway, Listener, WAYPOINT_CLASS};
 use crate::model::{Inputs, Kind, ObjectKey, ObjectMeta};
 use crate::waypoint::{Condition, WaypointDeployment, WaypointFor};
 
@@ -29,6 +29,8 @@ pub(crate) const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-n
 pub(crate) struct Waypoint {
     pub deployment: WaypointDeployment,
     pub address: Option<pb::GatewayAddress>,
+    /// Its HBONE listener, whose `allowedRoutes` says which other namespaces may use it.
+    pub hbone: Option<Listener>,
 }
 
 fn ip_address(value: &str) -> Option<IpAddr> {
@@ -147,7 +149,15 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             hbone_mtls_port: u32::from(hbone_port),
             hbone_single_tls_port: 0,
         });
-        out.insert(key.clone(), Waypoint { deployment, address });
+        let hbone = hbone.cloned();
+        out.insert(
+            key.clone(),
+            Waypoint {
+                deployment,
+                address,
+                hbone,
+            },
+        );
     }
     out
 }
@@ -191,6 +201,21 @@ fn unavailable_waypoint(key: &ObjectKey, options: &Options) -> pb::GatewayAddres
         destination: Some(pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
             namespace: key.namespace.clone(),
             hostname: service_hostname(&key.name, &key.namespace, options),
+        })),
+        hbone_mtls_port: u32::from(HBONE_PORT),
+        hbone_single_tls_port: 0,
+    }
+}
+
+/// The reference given to an object whose waypoint does not admit its namespace: a hostname
+/// no Service can have (`.invalid`, RFC 6761), so every ztunnel refuses its traffic until the
+/// waypoint admits it. The waypoint's own hostname would resolve, and send the traffic
+/// through the very waypoint that refused it.
+fn not_admitted(wp_key: &ObjectKey, key: &ObjectKey) -> pb::GatewayAddress {
+    pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+            namespace: key.namespace.clone(),
+            hostname: format!("{}.{}.not-admitted.invalid", wp_key.name, wp_key.namespace),
         })),
         hbone_mtls_port: u32::from(HBONE_PORT),
         hbone_single_tls_port: 0,
@@ -281,6 +306,9 @@ impl<'a> Attachments<'a> {
             return None;
         }
         match &wp.address {
+            Some(_) if wp_key.namespace != key.namespace && !self.admits(&wp_key, wp, kind, key, report) => {
+                Some(not_admitted(&wp_key, key))
+            }
             Some(address) => Some(address.clone()),
             None => {
                 report.add(
@@ -291,6 +319,33 @@ impl<'a> Attachments<'a> {
                 Some(unavailable_waypoint(&wp_key, self.options))
             }
         }
+    }
+
+    /// Whether waypoint `wp_key` admits `key`, of another namespace: as Istio, only when its
+    /// HBONE listener's `allowedRoutes.namespaces` names that namespace (`All`, or a
+    /// `Selector` its labels match). Otherwise one namespace could put its traffic through
+    /// another's waypoint, with that waypoint's identity and policies. Refusals are reported
+    /// on the object; its traffic is refused, never sent past the waypoint it asked for.
+    fn admits(&self, wp_key: &ObjectKey, wp: &Waypoint, kind: Kind, key: &ObjectKey, report: &mut Report) -> bool {
+        let labels = self.inputs.namespace_labels(&key.namespace);
+        let admitted = wp
+            .hbone
+            .as_ref()
+            .map(|l| super::ingress::allows(l, &wp_key.namespace, "HTTPRoute", &key.namespace, labels));
+        let why = match admitted {
+            Some(Ok(true)) => return true,
+            Some(Err(e)) => e,
+            _ => format!(
+                "its HBONE listener's allowedRoutes.namespaces does not admit namespace {}",
+                key.namespace
+            ),
+        };
+        report.add(
+            kind,
+            key,
+            format!("waypoint {wp_key} is in another namespace and {why}; connections are refused until it does"),
+        );
+        false
     }
 
     /// The waypoint gateway `istio.io/use-waypoint` names for this object (its label, then

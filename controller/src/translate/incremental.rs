@@ -419,7 +419,10 @@ impl Incremental {
         let waypoints = attach::waypoints(inputs, options, &mut report);
         let key = |w: &BTreeMap<ObjectKey, Waypoint>| -> Vec<_> {
             w.iter()
-                .map(|(k, w)| (k.clone(), w.deployment.waypoint_for, w.address.clone()))
+                .map(|(k, w)| {
+                    let allowed = w.hbone.as_ref().and_then(|l| l.allowed_routes.clone());
+                    (k.clone(), w.deployment.waypoint_for, w.address.clone(), allowed)
+                })
                 .collect()
         };
         if key(&waypoints) != key(&self.waypoints) {
