@@ -8,6 +8,7 @@
 //! - [`state`]: the workload/service/policy model and its atomically swapped store.
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
+//! - [`route_match`]: waypoint route matches compiled, for the proxy and the controller's check.
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
 //! - [`control_plane_args`]: the control-plane flags ztunnel and the waypoint share.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
@@ -31,6 +32,7 @@ pub mod log_limit;
 pub mod log_sink;
 pub mod prometheus;
 pub mod rbac;
+pub mod route_match;
 pub mod runtime;
 pub mod shutdown;
 pub mod socket;

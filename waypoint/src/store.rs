@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use mesh_core::xds::ResourceSink;
 use mesh_proto::waypoint as wp;
 use prost::Message;
+use tracing::warn;
 
 use crate::http::route::CompiledRoutes;
 use crate::policy::jwt::{Authenticator, JwksCache};
@@ -69,6 +70,15 @@ impl Snapshot {
     }
 }
 
+/// Why routes of a table were left out, if any were: one line per route.
+pub fn dropped_reason(c: &CompiledRoutes) -> Option<String> {
+    let d = c.dropped();
+    (!d.is_empty()).then(|| {
+        let each: Vec<String> = d.iter().map(|e| e.to_string()).collect();
+        format!("route dropped (does not compile): {}", each.join("; "))
+    })
+}
+
 /// The live configuration; readers `load()` a snapshot per request.
 #[derive(Default)]
 pub struct ConfigStore {
@@ -95,17 +105,23 @@ impl ConfigStore {
         self.current.store(Arc::new(next));
     }
 
-    /// Applies a batch of routes; returns the rejected ones as (name, reason).
+    /// Applies a batch of routes; returns the rejected ones as (name, reason). A table with a
+    /// route that does not compile is applied without that route (see
+    /// [`CompiledRoutes::compile`]) and reported here too, so the control plane hears of it.
     pub fn apply_routes(&self, upserts: &[(String, &[u8])], removed: &[String]) -> Vec<(String, String)> {
         let mut rejected = Vec::new();
         let mut compiled = Vec::with_capacity(upserts.len());
         for (name, body) in upserts {
-            match wp::ServiceRoutes::decode(*body)
-                .map_err(|e| format!("cannot decode: {e}"))
-                .and_then(|r| CompiledRoutes::compile(r).map_err(|e| e.to_string()))
-            {
-                Ok(c) => compiled.push((name.clone(), Arc::new(c))),
-                Err(reason) => rejected.push((name.clone(), reason)),
+            match wp::ServiceRoutes::decode(*body) {
+                Ok(r) => {
+                    let c = CompiledRoutes::compile(r);
+                    if let Some(reason) = dropped_reason(&c) {
+                        warn!(service = %name, %reason, "routes dropped");
+                        rejected.push((name.clone(), reason));
+                    }
+                    compiled.push((name.clone(), Arc::new(c)));
+                }
+                Err(e) => rejected.push((name.clone(), format!("cannot decode: {e}"))),
             }
         }
         self.update(|s| {
@@ -213,6 +229,9 @@ mod tests {
         assert!(rejected[0].1.contains("regular expression"), "{}", rejected[0].1);
         assert!(rejected[1].1.contains("cannot decode"), "{}", rejected[1].1);
         assert!(store.load().routes.contains_key("a/good"));
+        // The table with a bad rule serves without it (reported above), not its old rules.
+        let bad = store.load().routes.get("a/bad").cloned().expect("applied");
+        assert!(bad.is_empty() && bad.dropped().len() == 1);
 
         // A snapshot taken before an update keeps serving the old configuration.
         let before = store.load();

@@ -1,6 +1,7 @@
 //! Route status (`status.parents[]`) for HTTPRoute, GRPCRoute and TCPRoute whose cross-namespace
 //! references translation refused for want of a ReferenceGrant: per Service parent,
-//! `Accepted` (False/`RefNotPermitted` when that parentRef was refused) and `ResolvedRefs`
+//! `Accepted` (False/`RefNotPermitted` when that parentRef was refused, False/`UnsupportedValue`
+//! on every parent when a rule has a match the proxy cannot compile) and `ResolvedRefs`
 //! (False/`RefNotPermitted` when a backendRef was). A merge patch replaces the whole list,
 //! so the builder keeps the entries other controllers wrote and the writer guards the patch
 //! with the resourceVersion it read.
@@ -14,7 +15,7 @@ use super::resources::api_resource;
 use super::writer::{conditions, WAYPOINT_CONTROLLER};
 use super::KubeError;
 use crate::model::{Kind, ObjectKey};
-use crate::translate::{RefusedRef, REF_NOT_PERMITTED};
+use crate::translate::{RefusedRef, REF_NOT_PERMITTED, UNSUPPORTED_VALUE};
 use crate::waypoint::Condition;
 
 /// The route kinds whose status carries refused references.
@@ -58,6 +59,14 @@ pub fn route_parents(route: &Value, refused: &[RefusedRef], generation: Option<i
     let ours = |e: &&Value| e.get("controllerName").and_then(Value::as_str) == Some(WAYPOINT_CONTROLLER);
     let mut parents: Vec<Value> = existing.iter().filter(|e| !ours(e)).cloned().collect();
     let backend_refused = refused.contains(&RefusedRef::Backend);
+    // A rule the proxy cannot compile: the route is attached to none of its parents.
+    let invalid: Vec<&str> = refused
+        .iter()
+        .filter_map(|r| match r {
+            RefusedRef::Invalid(m) => Some(m.as_str()),
+            _ => None,
+        })
+        .collect();
     let resolved = condition(
         "ResolvedRefs",
         !backend_refused,
@@ -74,16 +83,25 @@ pub fn route_parents(route: &Value, refused: &[RefusedRef], generation: Option<i
             continue;
         };
         let attached = !refused.contains(&RefusedRef::Parent(service));
-        let accepted = condition(
-            "Accepted",
-            attached,
-            "Accepted",
-            if attached {
-                String::new()
-            } else {
-                "the Service is in another namespace and no ReferenceGrant there allows this route".into()
-            },
-        );
+        let accepted = if !invalid.is_empty() {
+            Condition {
+                kind: "Accepted".into(),
+                status: false,
+                reason: UNSUPPORTED_VALUE.into(),
+                message: format!("invalid rule: {}", invalid.join("; ")),
+            }
+        } else {
+            condition(
+                "Accepted",
+                attached,
+                "Accepted",
+                if attached {
+                    String::new()
+                } else {
+                    "the Service is in another namespace and no ReferenceGrant there allows this route".into()
+                },
+            )
+        };
         let previous = existing
             .iter()
             .filter(ours)
@@ -223,6 +241,29 @@ mod tests {
             assert_eq!(resolved["lastTransitionTime"], at(60).to_string());
             // Accepted did not change: its transition time stays.
             assert_eq!(condition_of(ours, "Accepted")["lastTransitionTime"], at(0).to_string());
+        }
+    }
+
+    #[test]
+    fn an_invalid_route_is_accepted_by_no_service_parent() {
+        let msg = r#"spec.rules[0].matches[0].path.value "(": not a valid regular expression"#;
+        let refused = [RefusedRef::Invalid(msg.into())];
+        let parents = route_parents(&route(json!({})), &refused, Some(4), at(0));
+        let ours: Vec<&Value> = parents
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|p| p["controllerName"] == WAYPOINT_CONTROLLER)
+            .collect();
+        assert_eq!(ours.len(), 2);
+        for p in ours {
+            let accepted = condition_of(p, "Accepted");
+            assert_eq!(accepted["status"], "False");
+            assert_eq!(accepted["reason"], UNSUPPORTED_VALUE);
+            assert!(
+                accepted["message"].as_str().is_some_and(|m| m.contains(msg)),
+                "{accepted}"
+            );
         }
     }
 

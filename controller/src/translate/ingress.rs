@@ -722,7 +722,7 @@ fn attach_routes(
                 route.spec.rules.iter().flat_map(|r| &r.backend_refs),
             ),
         };
-        let compile = |report: &mut Report| super::routes::compile_tcp_route(inputs, options, key, route, report);
+        let compile = |report: &mut Report| Ok(super::routes::compile_tcp_route(inputs, options, key, route, report));
         statuses.extend(attach_route(inputs, gateways, report, r, compile));
     }
     for (key, route) in by_age(&inputs.tls_routes, |r| &r.metadata) {
@@ -735,7 +735,13 @@ fn attach_routes(
             resolved: resolved_refs(inputs, key, Kind::TlsRoute, rules.iter().flat_map(|r| &r.backend_refs)),
         };
         let compile = |report: &mut Report| {
-            super::routes::compile_l4_rules(inputs, options, (Kind::TlsRoute, key), rules, report)
+            Ok(super::routes::compile_l4_rules(
+                inputs,
+                options,
+                (Kind::TlsRoute, key),
+                rules,
+                report,
+            ))
         };
         statuses.extend(attach_route(inputs, gateways, report, r, compile));
     }
@@ -743,18 +749,21 @@ fn attach_routes(
 }
 
 /// One route's parentRefs to ingress Gateways: attached to the listeners that take it (its
-/// rules compiled once, into each host table), or refused with the reason.
+/// rules compiled once, into each host table), or refused with the reason. A route whose
+/// rules do not compile (`Err`: the invalid fields, already reported) goes into no table:
+/// `Accepted=False UnsupportedValue` on every parent that would take it, and the host's other
+/// routes serve as before.
 fn attach_route(
     inputs: &Inputs,
     gateways: &mut BTreeMap<ObjectKey, GatewayOut>,
     report: &mut Report,
     route: RouteRef<'_>,
-    compile: impl FnOnce(&mut Report) -> Vec<wp::Route>,
+    compile: impl FnOnce(&mut Report) -> Result<Vec<wp::Route>, Vec<String>>,
 ) -> Vec<RouteParentStatus> {
     let (kind, key) = (route.kind, route.key);
     let mut statuses = Vec::new();
     let mut compile = Some(compile);
-    let mut compiled: Option<Vec<wp::Route>> = None;
+    let mut compiled: Option<Result<Vec<wp::Route>, Vec<String>>> = None;
     for p in route.parent_refs.iter().filter(|p| is_gateway_ref(p)) {
         let gw_key = ObjectKey::new(p.namespace.as_deref().unwrap_or(&key.namespace), p.name.as_str());
         let Some(gw) = inputs.gateways.get(&gw_key) else {
@@ -776,11 +785,28 @@ fn attach_route(
         let mut conditions = Vec::new();
         match attach(p, &gw.spec.listeners, route.hostnames, allowed) {
             Attachment::Attached(taken) => {
-                conditions.push(condition("Accepted", true, "Accepted", "attached"));
                 if compiled.is_none() {
                     compiled = compile.take().map(|c| c(report));
                 }
-                let rules = compiled.as_deref().unwrap_or_default();
+                let rules = match compiled.as_ref() {
+                    Some(Ok(rules)) => rules.as_slice(),
+                    Some(Err(invalid)) => {
+                        let msg = format!("invalid rule: {}", invalid.join("; "));
+                        conditions.push(condition("Accepted", false, super::UNSUPPORTED_VALUE, msg));
+                        conditions.push(route.resolved.clone());
+                        statuses.push(RouteParentStatus {
+                            kind: kind.name().to_owned(),
+                            route: key.clone(),
+                            parent: gw_key,
+                            section_name: p.section_name.clone(),
+                            port: p.port,
+                            conditions,
+                        });
+                        continue;
+                    }
+                    None => &[],
+                };
+                conditions.push(condition("Accepted", true, "Accepted", "attached"));
                 for (i, hosts) in taken {
                     let Some(l) = out.listeners.get_mut(i) else { continue };
                     l.status.attached_routes += 1;
@@ -1392,6 +1418,86 @@ spec:
             (accepted.status, accepted.reason.as_str()),
             (false, "NoMatchingListenerHostname")
         );
+    }
+
+    /// Whether a host table compiles in the proxy exactly as sent, every rule kept.
+    fn compiles_whole(routes: &wp::ServiceRoutes) -> Result<(), String> {
+        let c = waypoint::http::route::CompiledRoutes::compile(routes.clone());
+        match waypoint::store::dropped_reason(&c) {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
+    }
+
+    /// A tenant's route on a shared host (listener `allowedRoutes: All`) with a match the
+    /// proxy cannot compile is refused alone: the host table still holds shop's route and
+    /// compiles in the proxy, and evil's route is told which field is wrong.
+    #[test]
+    fn an_invalid_route_on_a_shared_host_is_refused_alone() {
+        let secret = tls_secret("istio-system", "example-com-cert", "*.example.com");
+        let shop = ROUTE
+            .replace("app-routes", "shop")
+            .replace("namespace: production", "namespace: shop")
+            .replace("app.example.com", "shop.example.com");
+        let evil = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: steal, namespace: evil, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: istio-ingressgateway, namespace: istio-system}]
+  hostnames: ["shop.example.com"]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /evil}}]
+    backendRefs: [{name: steal, port: 80}]
+  - matches: [{path: {type: RegularExpression, value: "("}}]
+    backendRefs: [{name: steal, port: 80}]
+"#;
+        let (out, problems) = run(&[OPEN.to_owned(), shop, evil.to_owned(), secret]);
+        let gw = &out.gateways["istio-system/istio-ingressgateway"];
+        for l in &gw.listeners {
+            for h in &l.hosts {
+                let table = h.routes.as_ref().expect("routes");
+                compiles_whole(table).unwrap_or_else(|e| panic!("{}: {e}", table.service));
+            }
+        }
+        let https = &gw.listeners[0];
+        let host = https
+            .hosts
+            .iter()
+            .find(|h| h.hostname == "shop.example.com")
+            .expect("shop's host is served");
+        let names: Vec<&str> = host
+            .routes
+            .as_ref()
+            .expect("routes")
+            .routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["HTTPRoute/shop/shop/rules[0]"],
+            "evil's route is not in the table"
+        );
+
+        let status = |ns: &str| {
+            out.route_parents
+                .iter()
+                .find(|p| p.route.namespace == ns)
+                .expect("route status")
+        };
+        assert!(cond(&status("shop").conditions, "Accepted").status);
+        let refused = cond(&status("evil").conditions, "Accepted");
+        assert_eq!((refused.status, refused.reason.as_str()), (false, "UnsupportedValue"));
+        let field = r#"spec.rules[1].matches[0].path.value "(": not a valid regular expression"#;
+        assert!(refused.message.contains(field), "{}", refused.message);
+        let evil_problems: Vec<&str> = problems
+            .iter()
+            .filter(|p| p.object.namespace == "evil")
+            .map(|p| p.message.as_str())
+            .collect();
+        assert!(evil_problems.iter().any(|m| m.starts_with(field)), "{evil_problems:?}");
+        assert!(problems.iter().all(|p| p.object.namespace != "shop"), "{problems:?}");
     }
 
     #[test]

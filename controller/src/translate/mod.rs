@@ -37,7 +37,7 @@ use crate::model::{Inputs, Kind, ObjectKey};
 use crate::waypoint::WaypointDeployment;
 
 pub use attach::{ENROLLED_ANNOTATION, ENROLLED_VALUE};
-pub use routes::REF_NOT_PERMITTED;
+pub use routes::{REF_NOT_PERMITTED, UNSUPPORTED_VALUE};
 
 /// Cluster-wide facts translation needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,18 +71,23 @@ pub struct Problem {
     pub kind: Kind,
     pub object: ObjectKey,
     pub message: String,
-    /// The reference this problem refused (no ReferenceGrant), so route status can say which.
+    /// What of a route this problem refused (a reference without ReferenceGrant, or the
+    /// route itself), so route status can say which.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<RefusedRef>,
 }
 
-/// A route's cross-namespace reference refused for want of a ReferenceGrant.
+/// What of a route translation refused: a cross-namespace reference for want of a
+/// ReferenceGrant, or the whole route for a match the proxy cannot compile.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum RefusedRef {
     /// A backendRef: the route is attached but cannot resolve it (`ResolvedRefs=False`).
     Backend,
     /// A Service parentRef: the route is not attached to it (`Accepted=False` on that parent).
     Parent(ObjectKey),
+    /// The route: a rule has a match the proxy cannot compile (the message names the field);
+    /// it is attached to no parent (`Accepted=False UnsupportedValue` on every one).
+    Invalid(String),
 }
 
 /// Addresses by xDS resource name. The values are shared: the incremental translator's two

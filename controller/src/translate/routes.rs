@@ -7,6 +7,7 @@ mod locality;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use mesh_core::route_match::{self, Field};
 use mesh_proto::waypoint as wp;
 
 use super::{service_hostname, Options, RefusedRef, Report};
@@ -84,6 +85,65 @@ fn host_key(host: &str, default_ns: &str, options: &Options) -> String {
 /// The reason a route's refused cross-namespace reference carries, in its problem message
 /// and as the route status's `ResolvedRefs=False` reason (Gateway API's name for it).
 pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+
+/// The reason a route refused for a match the proxy cannot compile carries, in its problem
+/// message and as the route status's `Accepted=False` reason (Gateway API's name for it).
+pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
+
+/// Every match of a route's compiled rules (rule `i` is `rules[i]`) checked with the proxy's
+/// own compile ([`route_match::compile`], same regex engine and limits): the invalid ones as
+/// `<field> <value>: <why>`, `field(rule, match, part)` naming the field as the object
+/// spells it.
+fn invalid_matches(rules: &[wp::Route], field: impl Fn(usize, usize, &Field) -> String) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        for (j, m) in rule.matches.iter().enumerate() {
+            if let Err(e) = route_match::compile(m) {
+                out.push(format!("{} {:?}: {}", field(i, j, &e.field), e.value, e.reason));
+            }
+        }
+    }
+    out
+}
+
+/// A Gateway API route's rules, or the route refused whole (`Err`, the invalid fields).
+///
+/// A rule with a match the proxy cannot compile makes the whole route not Accepted
+/// (`Accepted=False`, [`UNSUPPORTED_VALUE`], each invalid field reported), rather than the
+/// rule alone dropped (Gateway API's `PartiallyInvalid` "Dropped Rule" option): a route's
+/// rules are written together, a narrow rule often carving an exception (a redirect, a
+/// different backend for `/admin`) out of a broader one, and serving the rest without it
+/// would send the carved-out requests to the broader rule. Refused whole, the route is
+/// served as if it did not exist, and only it: at a shared ingress host or a service the
+/// other routes keep their rules (the proxy would otherwise refuse the whole host table).
+fn accept_rules(
+    kind: Kind,
+    key: &ObjectKey,
+    rules: Vec<wp::Route>,
+    field: impl Fn(usize, usize, &Field) -> String,
+    report: &mut Report,
+) -> Result<Vec<wp::Route>, Vec<String>> {
+    let invalid = invalid_matches(&rules, field);
+    if invalid.is_empty() {
+        return Ok(rules);
+    }
+    for m in &invalid {
+        let message = format!("{m}; the route is not accepted ({UNSUPPORTED_VALUE})");
+        report.refused(kind, key, RefusedRef::Invalid(m.clone()), message);
+    }
+    Err(invalid)
+}
+
+/// An HTTPRoute's or GRPCRoute's match field, as the object spells it.
+fn gateway_match_field(i: usize, j: usize, f: &Field) -> String {
+    let part = match f {
+        Field::Path => "path.value".to_owned(),
+        Field::Method => "method".to_owned(),
+        Field::Header { index, .. } => format!("headers[{index}].value"),
+        Field::QueryParam { index, .. } => format!("queryParams[{index}].value"),
+    };
+    format!("spec.rules[{i}].matches[{j}].{part}")
+}
 
 /// Whether the route `kind`/`key` may reference Service `to_ns/name`: always in its own
 /// namespace, else only with a ReferenceGrant in `to_ns` (a route could otherwise send, or
@@ -380,7 +440,7 @@ fn attach<'a, R>(
     kind: Kind,
     items: Vec<(&'a ObjectKey, &'a R)>,
     parents: impl Fn(&R) -> &[ParentReference],
-    compile: impl Fn(&ObjectKey, &R, &mut Report) -> Vec<wp::Route>,
+    compile: impl Fn(&ObjectKey, &R, &mut Report) -> Result<Vec<wp::Route>, Vec<String>>,
 ) {
     let (inputs, options) = ctx;
     for (key, route) in items {
@@ -388,7 +448,9 @@ fn attach<'a, R>(
         if services.is_empty() {
             continue;
         }
-        let compiled = compile(key, route, report);
+        let Ok(compiled) = compile(key, route, report) else {
+            continue; // refused whole, reported: attached to none of its Services
+        };
         for service in services {
             let target = entry(routes, &service);
             target.sources.push(format!("{}/{key}", kind.name()));
@@ -398,14 +460,15 @@ fn attach<'a, R>(
 }
 
 /// Compiles an HTTPRoute's rules (matches, filters, backends: a cross-namespace backend
-/// needs a ReferenceGrant), for a waypoint's service or an ingress listener alike.
+/// needs a ReferenceGrant), for a waypoint's service or an ingress listener alike; `Err`
+/// (reported) when a match cannot be compiled: see [`accept_rules`].
 pub(super) fn compile_http_route(
     inputs: &Inputs,
     options: &Options,
     key: &ObjectKey,
     route: &gateway::HttpRoute,
     report: &mut Report,
-) -> Vec<wp::Route> {
+) -> Result<Vec<wp::Route>, Vec<String>> {
     let kind = Kind::HttpRoute;
     let mut out = Vec::with_capacity(route.spec.rules.len());
     for (i, rule) in route.spec.rules.iter().enumerate() {
@@ -459,7 +522,7 @@ pub(super) fn compile_http_route(
         }
         out.push(r);
     }
-    out
+    accept_rules(kind, key, out, gateway_match_field, report)
 }
 
 /// Applies one HTTPRoute filter of `rules[i]` of route `key` to its compiled route; an
@@ -551,7 +614,7 @@ fn http_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: 
                 ..Default::default()
             });
         }
-        out
+        accept_rules(kind, key, out, gateway_match_field, report)
     };
     let items = by_age(inputs.grpc_routes.iter(), |r| &r.metadata);
     attach(
@@ -613,7 +676,7 @@ pub(super) fn compile_l4_rules(
 
 fn tcp_routes(inputs: &Inputs, options: &Options, routes: &mut Routes, report: &mut Report) {
     let compile = |key: &ObjectKey, route: &gateway::TcpRoute, report: &mut Report| {
-        compile_tcp_route(inputs, options, key, route, report)
+        Ok(compile_tcp_route(inputs, options, key, route, report))
     };
     let items = by_age(inputs.tcp_routes.iter(), |r| &r.metadata);
     attach(
@@ -638,6 +701,9 @@ fn virtual_services(inputs: &Inputs, options: &Options, routes: &mut Routes, rep
         if vs.spec.gateways.iter().any(|g| g != "mesh") {
             continue; // Routes for ingress gateways, not the mesh.
         }
+        if !vs_matches_compile(vs, key, report) {
+            continue;
+        }
         for host in &vs.spec.hosts {
             if host.contains('*') {
                 report.add(kind, key, format!("wildcard host {host:?} is not supported; skipped"));
@@ -654,6 +720,62 @@ fn virtual_services(inputs: &Inputs, options: &Options, routes: &mut Routes, rep
     }
 }
 
+/// Whether every match of VirtualService `key` compiles in the proxy; otherwise each invalid
+/// field is reported and the VirtualService is refused whole, for every host (as admission
+/// would refuse it; see [`accept_rules`] for why not the one route alone).
+fn vs_matches_compile(vs: &istio::VirtualService, key: &ObjectKey, report: &mut Report) -> bool {
+    let routes: Vec<wp::Route> = vs
+        .spec
+        .http
+        .iter()
+        .map(|http| wp::Route {
+            matches: vs_matches(http),
+            ..Default::default()
+        })
+        .collect();
+    let field = |i: usize, j: usize, f: &Field| {
+        let spelled = |names: Option<&BTreeMap<String, istio::StringMatch>>, name: &str| {
+            names
+                .and_then(|n| n.keys().find(|k| k.eq_ignore_ascii_case(name)))
+                .cloned()
+                .unwrap_or_else(|| name.to_owned())
+        };
+        let m = vs.spec.http.get(i).and_then(|h| h.matches.get(j));
+        let part = match f {
+            Field::Path => "uri.regex".to_owned(),
+            Field::Method => "method.exact".to_owned(),
+            Field::Header { name, .. } => format!("headers.{}.regex", spelled(m.map(|m| &m.headers), name)),
+            Field::QueryParam { name, .. } => {
+                format!("queryParams.{}.regex", spelled(m.map(|m| &m.query_params), name))
+            }
+        };
+        format!("spec.http[{i}].match[{j}].{part}")
+    };
+    let invalid = invalid_matches(&routes, field);
+    for m in &invalid {
+        report.add(
+            Kind::VirtualService,
+            key,
+            format!("{m}; the VirtualService is not applied"),
+        );
+    }
+    invalid.is_empty()
+}
+
+/// The matches of a VirtualService `http` route.
+fn vs_matches(http: &istio::HttpRoute) -> Vec<wp::RouteMatch> {
+    http.matches
+        .iter()
+        .map(|m| wp::RouteMatch {
+            path: m.uri.as_ref().and_then(istio_match),
+            method: m.method.as_ref().and_then(|s| s.exact.clone()).unwrap_or_default(),
+            headers: istio_matches(&m.headers, true),
+            query_params: istio_matches(&m.query_params, false),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// One `http` route of a VirtualService (`i`-th, for problem locations) as a waypoint route;
 /// `host` names a destination host as a service key.
 fn vs_route(
@@ -664,17 +786,7 @@ fn vs_route(
     report: &mut Report,
 ) -> wp::Route {
     let kind = Kind::VirtualService;
-    let matches = http
-        .matches
-        .iter()
-        .map(|m| wp::RouteMatch {
-            path: m.uri.as_ref().and_then(istio_match),
-            method: m.method.as_ref().and_then(|s| s.exact.clone()).unwrap_or_default(),
-            headers: istio_matches(&m.headers, true),
-            query_params: istio_matches(&m.query_params, false),
-            ..Default::default()
-        })
-        .collect();
+    let matches = vs_matches(http);
     let field = |f: &str| format!("http[{i}].{f}");
     let single = http.route.len() == 1;
     let backends = http
@@ -996,6 +1108,52 @@ spec:
         assert_eq!(route.backends[0].service, "backend/api.backend.svc.cluster.local");
         assert!(route.fault.is_none());
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    /// A route or VirtualService with a match the proxy cannot compile is refused whole, with
+    /// the field named; the service's other routes are untouched.
+    #[test]
+    fn routes_with_matches_the_proxy_cannot_compile_are_refused_whole() {
+        let good = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute
+metadata: {name: good, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /}}], backendRefs: [{name: web, port: 80}]}]";
+        let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute
+metadata: {name: bad, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web}]
+  rules:
+  - backendRefs: [{name: web, port: 80}]
+  - matches: [{headers: [{name: x, type: RegularExpression, value: \"[z\"}]}]
+    backendRefs: [{name: web, port: 80}]";
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService
+metadata: {name: v, namespace: shop}
+spec:
+  hosts: [api]
+  http: [{match: [{queryParams: {Debug: {regex: \"(\"}}}], route: [{destination: {host: api}}]}]";
+        let (routes, problems) = translated(&[good, bad, vs]);
+        let names: Vec<&str> = routes["shop/web.shop.svc.cluster.local"]
+            .routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["HTTPRoute/shop/good/rules[0]"]);
+        assert!(routes
+            .get("shop/api.shop.svc.cluster.local")
+            .is_none_or(|r| r.routes.is_empty()));
+        let bad_problem = problems.iter().find(|p| p.object.name == "bad").expect("reported");
+        let field = r#"spec.rules[1].matches[0].headers[0].value "[z": not a valid regular expression"#;
+        assert!(bad_problem.message.starts_with(field), "{problems:?}");
+        assert!(matches!(&bad_problem.refused, Some(RefusedRef::Invalid(m)) if m.starts_with(field)));
+        let vs_problem = problems.iter().find(|p| p.object.name == "v").expect("reported");
+        assert!(
+            vs_problem
+                .message
+                .starts_with(r#"spec.http[0].match[0].queryParams.Debug.regex "(""#),
+            "{problems:?}"
+        );
+        assert!(problems.iter().all(|p| p.object.name != "good"), "{problems:?}");
     }
 
     #[test]

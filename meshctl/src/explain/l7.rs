@@ -106,7 +106,7 @@ fn route(
         .outputs
         .service_routes
         .get(&svc.key())
-        .and_then(|r| CompiledRoutes::compile(r.clone()).ok());
+        .map(|r| CompiledRoutes::compile(r.clone()));
     let Some(routes) = routes.filter(|r| !r.is_empty()) else {
         ex.hop(at, format!("route: none declared, to {} itself", svc.key()));
         return pick_endpoint(view, svc, call.port, ex);

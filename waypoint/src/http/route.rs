@@ -6,18 +6,16 @@ use http::{HeaderMap, Method};
 use mesh_proto::waypoint as wp;
 use regex::Regex;
 
-/// Why a route could not be compiled.
+use mesh_core::route_match;
+
+/// Why a route (one rule) could not be compiled: the route and its invalid match.
 #[derive(Debug, thiserror::Error)]
-pub enum CompileError {
-    #[error("{route}: invalid regular expression {pattern:?}: {source}")]
-    Regex {
-        route: String,
-        pattern: String,
-        #[source]
-        source: regex::Error,
-    },
-    #[error("{route}: method {method:?} is not an HTTP method")]
-    Method { route: String, method: String },
+#[error("{route}: matches[{index}].{source}")]
+pub struct CompileError {
+    pub route: String,
+    pub index: usize,
+    #[source]
+    pub source: route_match::Invalid,
 }
 
 #[derive(Debug)]
@@ -28,25 +26,18 @@ enum Text {
     Regex(Regex),
 }
 
-impl Text {
-    fn compile(m: Option<&wp::StringMatch>, route: &str) -> Result<Text, CompileError> {
-        use wp::string_match::Kind;
-        Ok(match m.and_then(|m| m.kind.as_ref()) {
-            None => Text::Any,
-            Some(Kind::Exact(v)) => Text::Exact(v.clone()),
-            Some(Kind::Prefix(v)) => Text::Prefix(v.clone()),
-            Some(Kind::Regex(p)) => {
-                // Anchored: Gateway API and Istio match the whole value.
-                let re = Regex::new(&format!("^(?:{p})$")).map_err(|source| CompileError::Regex {
-                    route: route.to_owned(),
-                    pattern: p.clone(),
-                    source,
-                })?;
-                Text::Regex(re)
-            }
-        })
+impl From<route_match::Text> for Text {
+    fn from(t: route_match::Text) -> Text {
+        match t {
+            route_match::Text::Any => Text::Any,
+            route_match::Text::Exact(v) => Text::Exact(v),
+            route_match::Text::Prefix(v) => Text::Prefix(v),
+            route_match::Text::Regex(r) => Text::Regex(r),
+        }
     }
+}
 
+impl Text {
     fn matches(&self, v: &str) -> bool {
         match self {
             Text::Any => true,
@@ -72,43 +63,28 @@ impl Text {
 struct Match {
     path: Text,
     method: Option<Method>,
-    headers: Vec<(http::HeaderName, Text)>,
+    /// `None`: a header name no request can carry; the match never matches.
+    headers: Vec<(Option<http::HeaderName>, Text)>,
     query: Vec<(String, Text)>,
     grpc_service: String,
     grpc_method: String,
 }
 
 impl Match {
-    fn compile(m: &wp::RouteMatch, route: &str) -> Result<Match, CompileError> {
-        let method = if m.method.is_empty() {
-            None
-        } else {
-            Some(
-                Method::from_bytes(m.method.as_bytes()).map_err(|_| CompileError::Method {
-                    route: route.to_owned(),
-                    method: m.method.clone(),
-                })?,
-            )
-        };
-        let mut headers = Vec::with_capacity(m.headers.len());
-        for h in &m.headers {
-            // A header name that cannot exist never matches; keep the rule, drop nothing silently.
-            let name = http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
-                .unwrap_or_else(|_| http::HeaderName::from_static("x-invalid-header-name"));
-            headers.push((name, Text::compile(h.value.as_ref(), route)?));
-        }
-        let query = m
-            .query_params
-            .iter()
-            .map(|q| Ok((q.name.clone(), Text::compile(q.value.as_ref(), route)?)))
-            .collect::<Result<_, CompileError>>()?;
+    /// Compiled by [`route_match::compile`], the function the controller checks routes with.
+    fn compile(m: &wp::RouteMatch, route: &str, index: usize) -> Result<Match, CompileError> {
+        let c = route_match::compile(m).map_err(|source| CompileError {
+            route: route.to_owned(),
+            index,
+            source,
+        })?;
         Ok(Match {
-            path: Text::compile(m.path.as_ref(), route)?,
-            method,
-            headers,
-            query,
-            grpc_service: m.grpc_service.clone(),
-            grpc_method: m.grpc_method.clone(),
+            path: c.path.into(),
+            method: c.method,
+            headers: c.headers.into_iter().map(|(n, t)| (n, t.into())).collect(),
+            query: c.query.into_iter().map(|(n, t)| (n, t.into())).collect(),
+            grpc_service: c.grpc_service,
+            grpc_method: c.grpc_method,
         })
     }
 
@@ -130,6 +106,7 @@ impl Match {
             }
         }
         let headers_ok = self.headers.iter().all(|(name, t)| {
+            let Some(name) = name else { return false };
             let mut values = req.headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
             values.any(|v| t.matches(v))
         });
@@ -203,12 +180,28 @@ pub struct CompiledRoutes {
     /// (route index, match index) in the order they are tried; a route without matches
     /// appears once with `usize::MAX` (matches everything).
     order: Vec<(usize, usize)>,
+    /// The routes (rules) left out because a match of theirs does not compile.
+    dropped: Vec<CompileError>,
 }
 
 impl CompiledRoutes {
-    pub fn compile(mut config: wp::ServiceRoutes) -> Result<Self, CompileError> {
+    /// Compiles a table. A route (one rule) with a match that does not compile is left out
+    /// whole, never served, and listed in [`Self::dropped`]; the table's other routes serve.
+    /// Refusing the table instead would let one route (at an ingress host, any namespace the
+    /// listener admits) take every other route of the table down. The controller refuses such
+    /// routes before sending them (with the same [`route_match::compile`]), so this is
+    /// defence in depth against other senders and version skew.
+    ///
+    /// What the dropped rule would have matched cannot be known (its match does not compile),
+    /// so those requests take the next route that matches them, as if the rule were absent:
+    /// the route author's own later rules, or the other routes of the table in their usual
+    /// precedence. No route is widened (a route's other matches are dropped with it rather
+    /// than left to match alone), and nothing another route shadowed is exposed that a
+    /// configuration without the bad rule would not expose.
+    pub fn compile(mut config: wp::ServiceRoutes) -> Self {
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut tcp = None;
+        let mut dropped = Vec::new();
         for route in std::mem::take(&mut config.routes) {
             if route.name.starts_with("TCPRoute/") || route.name.starts_with("TLSRoute/") {
                 // TCP routes (and TLS passthrough routes, TCP chosen by SNI) never see HTTP
@@ -219,9 +212,13 @@ impl CompiledRoutes {
             let matches = route
                 .matches
                 .iter()
-                .map(|m| Match::compile(m, &route.name))
-                .collect::<Result<Vec<_>, _>>()?;
-            routes.push(CompiledRoute { route, matches });
+                .enumerate()
+                .map(|(i, m)| Match::compile(m, &route.name, i))
+                .collect::<Result<Vec<_>, _>>();
+            match matches {
+                Ok(matches) => routes.push(CompiledRoute { route, matches }),
+                Err(e) => dropped.push(e),
+            }
         }
         let mut order: Vec<(usize, usize)> = Vec::new();
         for (ri, r) in routes.iter().enumerate() {
@@ -244,12 +241,18 @@ impl CompiledRoutes {
                 std::cmp::Reverse(p)
             });
         }
-        Ok(CompiledRoutes {
+        CompiledRoutes {
             config,
             tcp,
             routes,
             order,
-        })
+            dropped,
+        }
+    }
+
+    /// The routes left out of this table, with why.
+    pub fn dropped(&self) -> &[CompileError] {
+        &self.dropped
     }
 
     /// No route at all: traffic goes to the service itself.
@@ -356,7 +359,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let r = CompiledRoutes::compile(cfg).unwrap();
+        let r = CompiledRoutes::compile(cfg);
         assert_eq!(pick(&r, "GET", "/x", &[]), Some("HTTPRoute/a/r/rules[0]"));
         assert_eq!(
             pick(&r, "GET", "/x", &[("x-canary", "true")]),
@@ -389,7 +392,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let r = CompiledRoutes::compile(cfg).unwrap();
+        let r = CompiledRoutes::compile(cfg);
         assert_eq!(pick(&r, "POST", "/api/v2", &[]), Some("VirtualService/a/v/http[0]"));
         assert_eq!(pick(&r, "POST", "/api/v2/x", &[]), Some("VirtualService/a/v/http[1]"));
         assert_eq!(pick(&r, "GET", "/api/v2", &[]), Some("VirtualService/a/v/http[1]"));
@@ -408,26 +411,70 @@ mod tests {
             )],
             ..Default::default()
         };
-        let r = CompiledRoutes::compile(cfg).unwrap();
+        let r = CompiledRoutes::compile(cfg);
         assert!(pick(&r, "POST", "/echo.Echo/Stream", &[]).is_some());
         assert!(pick(&r, "POST", "/echo.Echo/Unary", &[]).is_none());
     }
 
+    /// One rule that does not compile is dropped; the table (other routes, other tenants')
+    /// keeps serving, and the dropped rule's other matches do not serve either.
     #[test]
-    fn bad_regex_is_a_compile_error_naming_the_route() {
+    fn a_bad_rule_is_dropped_and_the_table_serves() {
+        let bad = |p: &str| wp::RouteMatch {
+            path: Some(wp::StringMatch {
+                kind: Some(wp::string_match::Kind::Regex(p.into())),
+            }),
+            ..Default::default()
+        };
+        let cfg = wp::ServiceRoutes {
+            routes: vec![
+                route(
+                    "HTTPRoute/evil/r/rules[0]",
+                    vec![
+                        wp::RouteMatch {
+                            path: prefix("/shop"),
+                            ..Default::default()
+                        },
+                        bad("("),
+                    ],
+                ),
+                route(
+                    "HTTPRoute/shop/r/rules[0]",
+                    vec![wp::RouteMatch {
+                        path: prefix("/"),
+                        ..Default::default()
+                    }],
+                ),
+            ],
+            ..Default::default()
+        };
+        let r = CompiledRoutes::compile(cfg);
+        assert_eq!(pick(&r, "GET", "/shop/cart", &[]), Some("HTTPRoute/shop/r/rules[0]"));
+        let dropped: Vec<String> = r.dropped().iter().map(|e| e.to_string()).collect();
+        assert_eq!(dropped.len(), 1);
+        assert!(
+            dropped[0].starts_with(r#"HTTPRoute/evil/r/rules[0]: matches[1].path "(": not a valid regular expression"#),
+            "{dropped:?}"
+        );
+    }
+
+    #[test]
+    fn a_header_name_that_cannot_exist_never_matches() {
         let cfg = wp::ServiceRoutes {
             routes: vec![route(
                 "HTTPRoute/a/r/rules[0]",
                 vec![wp::RouteMatch {
-                    path: Some(wp::StringMatch {
-                        kind: Some(wp::string_match::Kind::Regex("(".into())),
-                    }),
+                    headers: vec![wp::HeaderMatch {
+                        name: "bad name".into(),
+                        value: None,
+                    }],
                     ..Default::default()
                 }],
             )],
             ..Default::default()
         };
-        let e = CompiledRoutes::compile(cfg).unwrap_err().to_string();
-        assert!(e.contains("HTTPRoute/a/r/rules[0]"), "{e}");
+        let r = CompiledRoutes::compile(cfg);
+        assert!(r.dropped().is_empty());
+        assert_eq!(pick(&r, "GET", "/", &[("x-invalid-header-name", "1")]), None);
     }
 }

@@ -191,13 +191,15 @@ impl Ingress {
             for h in l.hosts {
                 let Some(routes) = h.routes else { continue };
                 let name = routes.service.clone();
-                match CompiledRoutes::compile(routes) {
-                    Ok(c) => {
-                        tables.push((name.clone(), Arc::new(c)));
-                        hosts.push((h.hostname, name));
-                    }
-                    Err(e) => refused.push((name, e.to_string())),
+                // A route that does not compile is left out of its table; the host's other
+                // routes (other namespaces' too) keep serving.
+                let c = CompiledRoutes::compile(routes);
+                if let Some(reason) = crate::store::dropped_reason(&c) {
+                    warn!(table = %name, %reason, "ingress routes dropped");
+                    refused.push((name.clone(), reason));
                 }
+                tables.push((name.clone(), Arc::new(c)));
+                hosts.push((h.hostname, name));
             }
             hosts.sort_by_key(|(p, _)| std::cmp::Reverse(specificity(p)));
             let entry = ports.entry(port).or_default();
