@@ -273,6 +273,10 @@ pub(crate) fn translate(
         owners: BTreeMap::new(),
     };
     for (key, se) in &inputs.service_entries {
+        if let Err(e) = within_bounds(se) {
+            report.add(Kind::ServiceEntry, key, format!("{e}; the entry is not served"));
+            continue;
+        }
         check_unsupported(key, se, report);
         let shape = Shape {
             res: resolution(key, se, report),
@@ -310,6 +314,36 @@ pub(crate) fn translate(
         endpoints(&entry, options, &mut out, report);
     }
     out
+}
+
+/// The most hosts one entry may declare.
+const MAX_HOSTS: usize = 1_000;
+/// The most endpoints one entry may list.
+const MAX_ENDPOINTS: usize = 10_000;
+/// The most (host, endpoint) pairs one entry may make: each endpoint workload lists every
+/// host, and every ztunnel holds the result.
+const MAX_PAIRS: usize = 100_000;
+
+/// Whether `se` is within the bounds above. One object in one namespace must not be able to
+/// make the controller, and every ztunnel, hold hosts × endpoints entries without limit
+/// (30k hosts and 30k endpoints fit in an object Kubernetes accepts).
+fn within_bounds(se: &ServiceEntry) -> Result<(), String> {
+    let (hosts, endpoints) = (se.spec.hosts.len(), se.spec.endpoints.len());
+    if hosts > MAX_HOSTS {
+        return Err(format!("spec.hosts has {hosts} entries, more than {MAX_HOSTS}"));
+    }
+    if endpoints > MAX_ENDPOINTS {
+        return Err(format!(
+            "spec.endpoints has {endpoints} entries, more than {MAX_ENDPOINTS}"
+        ));
+    }
+    if hosts * endpoints > MAX_PAIRS {
+        return Err(format!(
+            "{hosts} hosts × {endpoints} endpoints = {} host-endpoint pairs, more than {MAX_PAIRS}: split the entry",
+            hosts * endpoints
+        ));
+    }
+    Ok(())
 }
 
 /// Which ServiceEntry declared each host first, beside the Kubernetes Services' keys.
@@ -612,6 +646,43 @@ mod tests {
         });
         inputs.apply(Object::parse(pod).unwrap());
         inputs
+    }
+
+    /// One entry of `hosts` × `endpoints` in namespace `evil`, and whether it was served.
+    fn served(hosts: usize, endpoints: usize) -> (bool, Vec<String>) {
+        let mut inputs = Inputs::default();
+        let se = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "big", "namespace": "evil"},
+            "spec": {
+                "hosts": (0..hosts).map(|i| format!("h{i}.evil.test")).collect::<Vec<_>>(),
+                "resolution": "STATIC",
+                "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                "endpoints": (0..endpoints).map(|i| serde_json::json!({"address": format!("10.200.{}.{}", i / 250, i % 250 + 1)})).collect::<Vec<_>>()
+            }
+        });
+        inputs.apply(Object::parse(se).unwrap());
+        let out = super::super::translate(&inputs, &Options::default());
+        let served = out.addresses.keys().any(|k| k.starts_with("evil/h0."));
+        (served, out.problems.iter().map(|p| p.message.clone()).collect())
+    }
+
+    /// Hosts × endpoints is bounded per entry; an entry past a bound is reported whole and
+    /// not served, so one namespace cannot make every ztunnel hold millions of entries.
+    #[test]
+    fn an_entry_past_its_bounds_is_refused() {
+        assert!(served(100, 1000).0);
+        let (ok, problems) = served(400, 400);
+        assert!(!ok);
+        assert!(
+            problems.iter().any(|p| p.contains("400 hosts × 400 endpoints")),
+            "{problems:?}"
+        );
+        let (ok, problems) = served(MAX_HOSTS + 1, 1);
+        assert!(
+            !ok && problems.iter().any(|p| p.contains("spec.hosts has 1001")),
+            "{problems:?}"
+        );
     }
 
     /// The mode reaches ztunnel as the workload extension under REGISTRY_ONLY only.
