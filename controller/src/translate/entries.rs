@@ -158,15 +158,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use crate::model::{Inputs, Kind, Object};
+    use crate::translate::incremental::testing::{objects, step_equals_full};
     use crate::translate::{translate, Options};
     use mesh_proto::workload as pb;
-
-    fn objects(yaml: &str) -> Vec<Object> {
-        let mut loaded = crate::source::manifest_dir::Loaded::default();
-        crate::source::manifest_dir::parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
-        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-        loaded.objects
-    }
 
     /// shop's Service `db` (10.96.0.5) and pod `payments-0` (10.1.2.3); `evil` holds only
     /// its own namespace.
@@ -273,9 +267,9 @@ spec: {address: 10.1.2.3, network: far}
     fn incremental_entry_refusal_follows_the_pod() {
         use crate::source::Change;
         use crate::translate::incremental::Incremental;
-        let (mut inputs, options, states) = (Inputs::default(), Options::default(), Default::default());
+        let (mut inputs, states) = (Inputs::default(), Default::default());
         objects(GRAB).into_iter().for_each(|o| inputs.apply(o));
-        let mut inc = Incremental::new(options.clone());
+        let mut inc = Incremental::new(Options::default());
         inc.step(&inputs, &states);
         let pod = || objects(SHOP).into_iter().find(|o| o.kind() == Kind::Pod).unwrap();
         let key = crate::model::ObjectKey::new("shop", "payments-0");
@@ -285,16 +279,7 @@ spec: {address: 10.1.2.3, network: far}
             Change::Apply(pod()),
         ];
         for (step, change) in changes.into_iter().enumerate() {
-            inc.note(&inputs, &change);
-            match change {
-                Change::Apply(o) => inputs.apply(o),
-                Change::Delete(kind, key) => assert!(inputs.remove(kind, &key)),
-                _ => unreachable!(),
-            }
-            let out = inc.step(&inputs, &states).outputs;
-            let full = crate::translate::translate_synced(&inputs, &states, &options);
-            assert_eq!(out.addresses, full.addresses, "addresses after step {step}");
-            assert_eq!(out.problems, full.problems, "problems after step {step}");
+            let out = step_equals_full(&mut inc, &mut inputs, change, step);
             let ghost = out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/ghost"));
             assert_eq!(ghost, step == 1, "step {step}");
         }

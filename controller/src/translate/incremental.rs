@@ -905,19 +905,51 @@ fn names_diff<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>
     touched.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
 }
 
+/// What the translation's unit tests share: objects from YAML, and one incremental step
+/// checked against a full translation.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     #![allow(clippy::unwrap_used)] // a panic in a test is a failed test
 
     use super::*;
     use crate::source::manifest_dir::{parse_text, Loaded};
 
-    fn objects(yaml: &str) -> Vec<Object> {
+    pub(crate) fn objects(yaml: &str) -> Vec<Object> {
         let mut loaded = Loaded::default();
         parse_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         loaded.objects
     }
+
+    /// Notes and applies `change`, steps `inc`, and asserts that its addresses and problems
+    /// equal a full translation's (`step` names the step in a failure).
+    pub(crate) fn step_equals_full(
+        inc: &mut Incremental,
+        inputs: &mut Inputs,
+        change: Change,
+        step: usize,
+    ) -> Arc<Outputs> {
+        let states = BTreeMap::new();
+        inc.note(inputs, &change);
+        match change {
+            Change::Apply(o) => inputs.apply(o),
+            Change::Delete(kind, key) => assert!(inputs.remove(kind, &key)),
+            _ => unreachable!(),
+        }
+        let out = inc.step(inputs, &states).outputs;
+        let full = super::super::translate_synced(inputs, &states, &inc.base);
+        assert_eq!(out.addresses, full.addresses, "addresses after step {step}");
+        assert_eq!(out.problems, full.problems, "problems after step {step}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic in a test is a failed test
+
+    use super::testing::{objects, step_equals_full};
+    use super::*;
 
     const WORLD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}
 ---
@@ -958,16 +990,7 @@ endpoints: [{{addresses: [10.100.0.7], targetRef: {target}}}]
             Change::Delete(Kind::EndpointSlice, key.clone()),
         ];
         for (step, change) in changes.into_iter().enumerate() {
-            inc.note(&inputs, &change);
-            match change {
-                Change::Apply(o) => inputs.apply(o),
-                Change::Delete(kind, key) => assert!(inputs.remove(kind, &key)),
-                _ => unreachable!(),
-            }
-            let out = inc.step(&inputs, &states).outputs;
-            let full = super::super::translate_synced(&inputs, &states, &options);
-            assert_eq!(out.addresses, full.addresses, "addresses after step {step}");
-            assert_eq!(out.problems, full.problems, "problems after step {step}");
+            let out = step_equals_full(&mut inc, &mut inputs, change, step);
             let Some(pb::address::Type::Workload(w)) = &out.addresses["Kubernetes//Pod/shop/payments-0"].r#type else {
                 panic!("no workload")
             };

@@ -753,6 +753,28 @@ fn attach_routes(
 /// rules do not compile (`Err`: the invalid fields, already reported) goes into no table:
 /// `Accepted=False UnsupportedValue` on every parent that would take it, and the host's other
 /// routes serve as before.
+/// Adds an accepted route's `rules` to the host tables of the listeners it took.
+fn attach_rules(
+    out: &mut GatewayOut,
+    gw_key: &ObjectKey,
+    taken: Vec<(usize, Vec<String>)>,
+    (kind, key): (Kind, &ObjectKey),
+    rules: &[wp::Route],
+) {
+    for (i, hosts) in taken {
+        let Some(l) = out.listeners.get_mut(i) else { continue };
+        l.status.attached_routes += 1;
+        for host in hosts {
+            let table = l.hosts.entry(host.clone()).or_insert_with(|| wp::ServiceRoutes {
+                service: table_name(gw_key, &l.status.name, &host),
+                ..Default::default()
+            });
+            table.sources.push(format!("{}/{key}", kind.name()));
+            table.routes.extend(rules.iter().cloned());
+        }
+    }
+}
+
 fn attach_route(
     inputs: &Inputs,
     gateways: &mut BTreeMap<ObjectKey, GatewayOut>,
@@ -788,35 +810,16 @@ fn attach_route(
                 if compiled.is_none() {
                     compiled = compile.take().map(|c| c(report));
                 }
-                let rules = match compiled.as_ref() {
-                    Some(Ok(rules)) => rules.as_slice(),
+                match compiled.as_ref() {
+                    // Refused whole: it attaches to no listener, nor counts in attachedRoutes.
                     Some(Err(invalid)) => {
                         let msg = format!("invalid rule: {}", invalid.join("; "));
                         conditions.push(condition("Accepted", false, super::UNSUPPORTED_VALUE, msg));
-                        conditions.push(route.resolved.clone());
-                        statuses.push(RouteParentStatus {
-                            kind: kind.name().to_owned(),
-                            route: key.clone(),
-                            parent: gw_key,
-                            section_name: p.section_name.clone(),
-                            port: p.port,
-                            conditions,
-                        });
-                        continue;
                     }
-                    None => &[],
-                };
-                conditions.push(condition("Accepted", true, "Accepted", "attached"));
-                for (i, hosts) in taken {
-                    let Some(l) = out.listeners.get_mut(i) else { continue };
-                    l.status.attached_routes += 1;
-                    for host in hosts {
-                        let table = l.hosts.entry(host.clone()).or_insert_with(|| wp::ServiceRoutes {
-                            service: table_name(&gw_key, &l.status.name, &host),
-                            ..Default::default()
-                        });
-                        table.sources.push(format!("{}/{key}", kind.name()));
-                        table.routes.extend(rules.iter().cloned());
+                    compiled => {
+                        let rules = compiled.and_then(|r| r.as_ref().ok()).map_or(&[][..], Vec::as_slice);
+                        conditions.push(condition("Accepted", true, "Accepted", "attached"));
+                        attach_rules(out, &gw_key, taken, (kind, key), rules);
                     }
                 }
             }
