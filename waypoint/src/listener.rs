@@ -245,7 +245,7 @@ fn names_gateway(
 /// its first) and the port; `None` for a hostname of no service.
 fn connect_target(
     state: &mesh_core::state::State,
-    network: &str,
+    (network, gateway): (&str, (&str, &str)),
     dst: SocketAddr,
     hostname: Option<&str>,
 ) -> Option<(SocketAddr, Option<Destination>)> {
@@ -253,8 +253,17 @@ fn connect_target(
         return Some((dst, state.lookup(network, dst.ip())));
     };
     let services: Vec<&Arc<Service>> = state.services_by_hostname(host).collect();
-    // One per namespace at most; a service this waypoint serves (it has one) first.
-    let svc = services.iter().find(|s| s.waypoint.is_some()).or(services.first())?;
+    // One per namespace at most: the one that names this waypoint first (another namespace's
+    // service of the same host would be refused), then any with a waypoint.
+    let ours = |s: &&&Arc<Service>| {
+        let gw = s.waypoint.as_ref();
+        gw.is_some_and(|gw| names_gateway(gateway, gw, |n, ip| state.lookup(n, ip)))
+    };
+    let svc = services
+        .iter()
+        .find(ours)
+        .or_else(|| services.iter().find(|s| s.waypoint.is_some()))
+        .or(services.first())?;
     let ip = svc
         .vips
         .iter()
@@ -271,7 +280,8 @@ fn connect_target(
 async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let state = wp.state.load();
     let client_addr = client_addr(c.forwarded_for(), c.peer_addr);
-    let Some((dst, target)) = connect_target(&state, &wp.network, c.dst, c.hostname.as_deref()) else {
+    let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
+    let Some((dst, target)) = connect_target(&state, (&wp.network, gateway), c.dst, c.hostname.as_deref()) else {
         // A hostname this mesh has no service for: never the listener's own address.
         wp.metrics.reject("unknown_hostname");
         c.reject(StatusCode::BAD_REQUEST);
@@ -798,11 +808,29 @@ mod connect_target_tests {
         })
         .expect("valid");
         let own: SocketAddr = "10.0.0.9:80".parse().unwrap();
-        let (dst, target) = connect_target(&s, "net1", own, Some("web.shop.svc.cluster.local")).expect("known");
+        let (dst, target) = connect_target(
+            &s,
+            ("net1", ("shop", "waypoint")),
+            own,
+            Some("web.shop.svc.cluster.local"),
+        )
+        .expect("known");
         assert_eq!(dst, "10.96.0.1:80".parse().unwrap());
         assert!(matches!(target, Some(Destination::Service(svc)) if svc.name == "web"));
-        assert!(connect_target(&s, "net1", own, Some("nope.shop.svc.cluster.local")).is_none());
-        let (dst, target) = connect_target(&s, "net1", "10.96.0.1:80".parse().unwrap(), None).expect("address");
+        assert!(connect_target(
+            &s,
+            ("net1", ("shop", "waypoint")),
+            own,
+            Some("nope.shop.svc.cluster.local")
+        )
+        .is_none());
+        let (dst, target) = connect_target(
+            &s,
+            ("net1", ("shop", "waypoint")),
+            "10.96.0.1:80".parse().unwrap(),
+            None,
+        )
+        .expect("address");
         assert_eq!(dst, "10.96.0.1:80".parse().unwrap());
         assert!(matches!(target, Some(Destination::Service(_))));
     }

@@ -37,26 +37,41 @@ fn ip_address(value: &str) -> Option<IpAddr> {
     value.parse().ok()
 }
 
-/// The address a waypoint is reached at: its status, its spec, its Service, else its DNS name.
+/// The address a waypoint is reached at: its own Service's (named as the Gateway), else an
+/// address its status or spec declares, else its DNS name.
+///
+/// A declared address is the Gateway owner's word: one that is another Service's VIP is
+/// refused (reported), or a waypoint in one namespace could name another's waypoint address
+/// and put its own services' traffic through that waypoint, with that waypoint's identity.
 fn waypoint_address(
     gw: &Gateway,
     key: &ObjectKey,
-    inputs: &Inputs,
-    options: &Options,
+    (inputs, options): (&Inputs, &Options),
+    report: &mut Report,
 ) -> (Option<IpAddr>, pb::gateway_address::Destination) {
-    let declared = gw
-        .status
-        .iter()
-        .flat_map(|s| s.addresses.iter())
-        .chain(gw.spec.addresses.iter())
-        .filter(|a| a.kind.as_deref().unwrap_or("IPAddress") == "IPAddress")
-        .find_map(|a| ip_address(&a.value));
-    let from_service = || {
-        let svc = inputs.services.get(key)?;
-        let spec = svc.spec.as_ref()?;
-        spec.cluster_ip.as_deref().and_then(ip_address)
+    let vip = |svc: &crate::model::Service| svc.spec.as_ref()?.cluster_ip.as_deref().and_then(ip_address);
+    let declared = || {
+        let ip = gw
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter())
+            .chain(gw.spec.addresses.iter())
+            .filter(|a| a.kind.as_deref().unwrap_or("IPAddress") == "IPAddress")
+            .find_map(|a| ip_address(&a.value))?
+            .to_canonical();
+        match inputs.services.iter().find(|(_, s)| vip(s) == Some(ip)) {
+            Some((other, _)) => {
+                report.add(
+                    Kind::Gateway,
+                    key,
+                    format!("address {ip} is the VIP of Service {other}, not this waypoint's; ignored"),
+                );
+                None
+            }
+            None => Some(ip),
+        }
     };
-    match declared.or_else(from_service) {
+    match inputs.services.get(key).and_then(vip).or_else(declared) {
         Some(ip) => (
             Some(ip),
             pb::gateway_address::Destination::Address(pb::NetworkAddress {
@@ -110,7 +125,7 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
         };
         let usable = accepted.status;
         conditions.push(accepted);
-        let (ip, destination) = waypoint_address(gw, key, inputs, options);
+        let (ip, destination) = waypoint_address(gw, key, (inputs, options), report);
         conditions.push(match (usable, ip) {
             (false, _) => condition("Programmed", false, "Invalid", "not accepted"),
             (true, Some(ip)) => condition("Programmed", true, "Programmed", format!("reachable at {ip}")),

@@ -43,7 +43,8 @@ impl Taken {
 /// is one pass over the pods when entries exist.
 pub(crate) struct Owned<'a> {
     vips: &'a HashSet<IpAddr>,
-    pods: HashMap<IpAddr, &'a ObjectKey>,
+    /// By (network, IP), the pod's own network as its workload carries it.
+    pods: HashMap<(String, IpAddr), &'a ObjectKey>,
     network: &'a str,
 }
 
@@ -56,10 +57,9 @@ impl<'a> Owned<'a> {
             if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
                 continue;
             }
-            for ip in super::workload::pod_ips(pod).filter_map(|ip| ip.parse().ok()) {
-                if declared.contains(&ip) {
-                    pods.entry(ip).or_insert(key);
-                }
+            let pod_network = || crate::model::cluster::pod_network(pod.metadata.labels.as_ref(), network);
+            for ip in canonical_ips(super::workload::pod_ips(pod)).filter(|ip| declared.contains(ip)) {
+                pods.entry((pod_network(), ip)).or_insert(key);
             }
         }
         Owned {
@@ -69,20 +69,26 @@ impl<'a> Owned<'a> {
         }
     }
 
-    /// What holds `ip` on `network` (an entry's own, or the cluster's when unset), in a
-    /// problem's words; `None` when the entry may declare it.
+    /// What holds `ip` on `network` (the entry's, as its workload will carry it: the
+    /// cluster's when unset), in a problem's words; `None` when the entry may declare it.
+    /// Compared canonical, as every proxy reads addresses: `::ffff:10.1.2.3` is `10.1.2.3`.
     pub(crate) fn holder(&self, ip: IpAddr, network: Option<&str>) -> Option<String> {
+        let ip = ip.to_canonical();
         if self.vips.contains(&ip) {
             return Some(format!("{ip} is a Kubernetes Service's VIP"));
         }
-        if network.is_some_and(|n| !n.is_empty() && n != self.network) {
-            return None;
-        }
-        let pod = self.pods.get(&ip)?;
+        let network = network.unwrap_or(self.network).to_owned();
+        let pod = self.pods.get(&(network, ip))?;
         Some(format!(
             "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead)"
         ))
     }
+}
+
+/// Addresses parsed and made canonical (an IPv4-mapped IPv6 address as IPv4).
+fn canonical_ips<'s, I: Iterator<Item = &'s str> + 's>(text: I) -> impl Iterator<Item = IpAddr> + 's {
+    text.filter_map(|a| a.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
 }
 
 /// Every IP an entry declares: ServiceEntry addresses and endpoints, WorkloadEntry addresses.
@@ -92,13 +98,13 @@ fn declared_ips(inputs: &Inputs) -> impl Iterator<Item = IpAddr> + '_ {
         vips.chain(se.spec.endpoints.iter().map(|e| e.address.as_str()))
     });
     let workloads = inputs.workload_entries.values().map(|we| we.spec.address.as_str());
-    entries.chain(workloads).filter_map(|a| a.parse().ok())
+    canonical_ips(entries.chain(workloads))
 }
 
 /// Whether an entry declares one of `pod`'s IPs: the layer then depends on that pod
 /// ([`Owned`]), and the incremental translation recomputes it when the pod changes.
 pub(crate) fn declares_ip_of(inputs: &Inputs, pod: &Pod) -> bool {
-    let ips: Vec<IpAddr> = super::workload::pod_ips(pod).filter_map(|ip| ip.parse().ok()).collect();
+    let ips: Vec<IpAddr> = canonical_ips(super::workload::pod_ips(pod)).collect();
     !ips.is_empty() && declared_ips(inputs).any(|ip| ips.contains(&ip))
 }
 
@@ -170,6 +176,11 @@ spec: {clusterIP: 10.96.0.5, selector: {app: db}, ports: [{port: 5432}]}
 apiVersion: v1\nkind: Pod\nmetadata: {name: payments-0, namespace: shop, labels: {app: payments}}
 spec: {nodeName: n0, containers: []}
 status: {podIP: 10.1.2.3}
+---
+apiVersion: v1\nkind: Pod
+metadata: {name: ledger-0, namespace: shop, labels: {topology.istio.io/network: net1}}
+spec: {nodeName: n0, containers: []}
+status: {podIP: 10.1.2.4}
 ";
 
     /// Entries in `evil` declaring shop's Service VIP and pod IP (as a VIP, an endpoint and
@@ -178,7 +189,7 @@ status: {podIP: 10.1.2.3}
 metadata: {name: grab, namespace: evil}
 spec:
   hosts: [grab.evil.test]
-  addresses: [10.96.0.5, 10.1.2.3/32, 10.200.0.1]
+  addresses: [10.96.0.5, 10.1.2.3/32, 10.200.0.1, \"::ffff:10.96.0.5\", \"::ffff:10.1.2.3/128\"]
   resolution: STATIC
   ports: [{number: 5432, name: tcp, protocol: TCP}]
   endpoints: [{address: 10.1.2.3}, {address: 10.200.0.2}, {address: 10.1.2.3, network: far}]
@@ -190,6 +201,14 @@ spec: {address: 10.1.2.3}
 apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
 metadata: {name: far, namespace: evil}
 spec: {address: 10.1.2.3, network: far}
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: mapped, namespace: evil}
+spec: {address: \"::ffff:10.1.2.3\"}
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: labelled, namespace: evil}
+spec: {address: 10.1.2.4, network: net1}
 ";
 
     fn ips(a: &pb::Address) -> Vec<std::net::IpAddr> {
@@ -248,7 +267,7 @@ spec: {address: 10.1.2.3, network: far}
                 .collect::<Vec<_>>()
         };
         let grab = problems(Kind::ServiceEntry, "grab");
-        assert_eq!(grab.len(), 3, "{grab:?}");
+        assert_eq!(grab.len(), 5, "{grab:?}");
         assert!(
             grab[0].contains("spec.addresses[0]") && grab[0].contains("Kubernetes Service"),
             "{grab:?}"
@@ -257,8 +276,18 @@ spec: {address: 10.1.2.3, network: far}
             grab[1].contains("spec.addresses[1]") && grab[1].contains("pod shop/payments-0"),
             "{grab:?}"
         );
-        assert!(grab[2].contains("spec.endpoints[0]"), "{grab:?}");
-        assert_eq!(problems(Kind::WorkloadEntry, "ghost").len(), 1);
+        // Written IPv4-mapped, as every proxy reads them back: the same addresses.
+        assert!(grab[2].contains("spec.addresses[3]: 10.96.0.5"), "{grab:?}");
+        assert!(grab[3].contains("spec.addresses[4]: 10.1.2.3"), "{grab:?}");
+        assert!(grab[4].contains("spec.endpoints[0]"), "{grab:?}");
+        // A pod's network is its own label's: an entry naming that network cannot take it.
+        for we in ["ghost", "mapped", "labelled"] {
+            assert_eq!(problems(Kind::WorkloadEntry, we).len(), 1, "{we}");
+            assert!(!out
+                .addresses
+                .keys()
+                .any(|n| n.ends_with(&format!("WorkloadEntry/evil/{we}"))));
+        }
     }
 
     /// The pod comes and goes under an entry holding its IP: each step of the incremental
