@@ -14,7 +14,8 @@ use super::attach::Attachments;
 use super::service_entry::{self, Selector};
 use super::{workload_entry, Options, Report, Selected};
 use crate::model::pod::Pod;
-use crate::model::{Inputs, ObjectKey};
+use crate::model::{Inputs, ObjectKey, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// What the Kubernetes Services hold that entries must not take: their keys (`ns/host`) and
 /// VIPs.
@@ -45,8 +46,13 @@ pub(crate) struct Owned<'a> {
     vips: &'a HashSet<IpAddr>,
     /// By (network, IP), the pod's own network as its workload carries it.
     pods: HashMap<(String, IpAddr), &'a ObjectKey>,
+    /// By (network, IP), the oldest entry declaring it: its namespace keeps the address.
+    entries: HashMap<(String, IpAddr), Claim<'a>>,
     network: &'a str,
 }
+
+/// An entry's claim to an address: its age (`None`, unknown, sorts first) and key.
+type Claim<'a> = (Option<&'a Time>, &'a ObjectKey);
 
 impl<'a> Owned<'a> {
     pub(crate) fn new(inputs: &'a Inputs, taken: &'a Taken, network: &'a str) -> Self {
@@ -65,6 +71,7 @@ impl<'a> Owned<'a> {
         Owned {
             vips: &taken.ips,
             pods,
+            entries: entry_claims(inputs, network),
             network,
         }
     }
@@ -72,17 +79,52 @@ impl<'a> Owned<'a> {
     /// What holds `ip` on `network` (the entry's, as its workload will carry it: the
     /// cluster's when unset), in a problem's words; `None` when the entry may declare it.
     /// Compared canonical, as every proxy reads addresses: `::ffff:10.1.2.3` is `10.1.2.3`.
-    pub(crate) fn holder(&self, ip: IpAddr, network: Option<&str>) -> Option<String> {
+    /// An address an older entry of another namespace declares is that namespace's (entries
+    /// of one namespace may share one).
+    pub(crate) fn holder(&self, ip: IpAddr, network: Option<&str>, namespace: &str) -> Option<String> {
         let ip = ip.to_canonical();
         if self.vips.contains(&ip) {
             return Some(format!("{ip} is a Kubernetes Service's VIP"));
         }
-        let network = network.unwrap_or(self.network).to_owned();
-        let pod = self.pods.get(&(network, ip))?;
-        Some(format!(
-            "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead)"
-        ))
+        let at = (network.unwrap_or(self.network).to_owned(), ip);
+        if let Some(pod) = self.pods.get(&at) {
+            return Some(format!(
+                "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead)"
+            ));
+        }
+        let (_, owner) = self.entries.get(&at)?;
+        (owner.namespace != namespace).then(|| format!("{ip} is declared by the older entry {owner}"))
     }
+}
+
+/// Every address entries declare, by (network, IP), with its oldest claim.
+fn entry_claims<'a>(inputs: &'a Inputs, network: &str) -> HashMap<(String, IpAddr), Claim<'a>> {
+    let mut out: HashMap<(String, IpAddr), Claim<'a>> = HashMap::new();
+    let mut claim = |meta: &'a ObjectMeta, key: &'a ObjectKey, net: Option<&str>, ip: IpAddr| {
+        let age = meta.creation_timestamp.as_ref();
+        let at = (net.unwrap_or(network).to_owned(), ip);
+        let older = |(a, k): &Claim<'a>| (age, key) < (*a, *k);
+        if out.get(&at).is_none_or(older) {
+            out.insert(at, (age, key));
+        }
+    };
+    for (key, se) in &inputs.service_entries {
+        let vips = se.spec.addresses.iter().map(|a| a.split('/').next().unwrap_or(a));
+        for ip in canonical_ips(vips) {
+            claim(&se.metadata, key, None, ip);
+        }
+        for ep in &se.spec.endpoints {
+            for ip in canonical_ips(std::iter::once(ep.address.as_str())) {
+                claim(&se.metadata, key, ep.network.as_deref(), ip);
+            }
+        }
+    }
+    for (key, we) in &inputs.workload_entries {
+        for ip in canonical_ips(std::iter::once(we.spec.address.as_str())) {
+            claim(&we.metadata, key, we.spec.network.as_deref(), ip);
+        }
+    }
+    out
 }
 
 /// Addresses parsed and made canonical (an IPv4-mapped IPv6 address as IPv4).
@@ -288,6 +330,40 @@ spec: {address: 10.1.2.4, network: net1}
                 .keys()
                 .any(|n| n.ends_with(&format!("WorkloadEntry/evil/{we}"))));
         }
+    }
+
+    /// Two namespaces' entries at one address: the older keeps it, the newer is refused
+    /// (whichever is pushed last would otherwise win it in every ztunnel); entries of one
+    /// namespace may share an address.
+    #[test]
+    fn an_older_entry_of_another_namespace_keeps_its_address() {
+        let we = |ns: &str, name: &str, second: u32| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {{name: {name}, namespace: {ns}, creationTimestamp: \"2026-01-01T00:00:{second:02}Z\"}}
+spec: {{address: 10.200.0.1}}
+---
+"
+            )
+        };
+        let vip = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {name: egress, namespace: evil, creationTimestamp: \"2026-01-01T00:00:09Z\"}
+spec: {hosts: [x.evil.test], addresses: [10.200.0.1], resolution: STATIC, ports: [{number: 80, name: http}]}
+";
+        let yaml = we("evil", "late", 5) + &we("shop", "vm", 1) + &we("shop", "vm2", 2) + vip;
+        let mut inputs = Inputs::default();
+        objects(&yaml).into_iter().for_each(|o| inputs.apply(o));
+        let out = translate(&inputs, &Options::default());
+        let served = |name: &str| out.addresses.keys().any(|n| n.ends_with(name));
+        assert!(served("WorkloadEntry/shop/vm") && served("WorkloadEntry/shop/vm2"));
+        assert!(!served("WorkloadEntry/evil/late"));
+        assert!(ips(&out.addresses["evil/x.evil.test"]).is_empty(), "the VIP is shop's");
+        let refused: Vec<&str> = out.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(
+            refused.iter().filter(|m| m.contains("older entry shop/vm")).count(),
+            2,
+            "{refused:?}"
+        );
     }
 
     /// The pod comes and goes under an entry holding its IP: each step of the incremental

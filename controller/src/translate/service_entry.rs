@@ -129,7 +129,7 @@ fn ports(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<(Option
 /// pod holds, are reported.
 fn addresses(key: &ObjectKey, se: &ServiceEntry, owned: &Owned<'_>, report: &mut Report) -> Vec<IpAddr> {
     let mut out = Vec::new();
-    let mut keep = |i: usize, ip: IpAddr, report: &mut Report| match owned.holder(ip, None) {
+    let mut keep = |i: usize, ip: IpAddr, report: &mut Report| match owned.holder(ip, None, &key.namespace) {
         Some(held) => report.add(
             Kind::ServiceEntry,
             key,
@@ -502,7 +502,7 @@ fn endpoints(entry: &Entry<'_>, options: &Options, out: &mut Translated, report:
             );
             continue;
         }
-        if let Some(held) = ip.and_then(|ip| owned.holder(ip, ep.network.as_deref())) {
+        if let Some(held) = ip.and_then(|ip| owned.holder(ip, ep.network.as_deref(), &key.namespace)) {
             report.add(
                 Kind::ServiceEntry,
                 key,

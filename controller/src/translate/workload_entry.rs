@@ -222,7 +222,7 @@ pub(crate) fn translate<'a>(
             );
             continue;
         };
-        if let Some(held) = owned.holder(ip, we.spec.network.as_deref()) {
+        if let Some(held) = owned.holder(ip, we.spec.network.as_deref(), &key.namespace) {
             report.add(
                 Kind::WorkloadEntry,
                 key,
