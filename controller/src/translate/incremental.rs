@@ -657,7 +657,7 @@ impl Incremental {
             let mut report = Report::default();
             let w = inputs.pods.get(*key).and_then(|p| {
                 let mut w = ctx.pod(key, p, &mut HashMap::new(), &mut report)?;
-                super::service_entry::add_hosts(selectors, key, p.metadata.labels.as_ref(), &mut w);
+                super::service_entry::add_hosts(selectors, (key, p.metadata.labels.as_ref()), &mut w, &mut report);
                 Some(w)
             });
             let mut one = BTreeMap::new();

@@ -177,7 +177,7 @@ pub fn translate(inputs: &Inputs, options: &Options) -> Outputs {
             },
         );
     }
-    service_entry::select_pods(inputs, options, &entries.selectors, &mut workloads);
+    service_entry::select_pods(inputs, options, &entries.selectors, (&mut workloads, &mut report));
     if inputs.mesh.outbound_traffic_policy.mode == crate::mesh_config::OutboundMode::RegistryOnly {
         service_entry::registry_only(&mut workloads);
     }

@@ -10,7 +10,8 @@
 //!   <address>`), an IP in `addresses` or a host name in `hostname` (resolution DNS); with
 //!   `resolution: DNS` and neither endpoints nor selector, one per host named by the host
 //!   itself, as Istio does;
-//! - `workloadSelector` adds the entry's hosts to the selected pods' `services`.
+//! - `workloadSelector` adds the entry's hosts to the selected pods' `services`, at most
+//!   [`MAX_SELECTED_HOSTS`] per pod from all entries together.
 //!
 //! What ztunnel cannot honour is reported: `exportTo` narrower than `*` (every ztunnel gets
 //! every service), CIDR `addresses`, subject alt names that are not SPIFFE ids (only TLS
@@ -574,13 +575,19 @@ fn workload(
     }
 }
 
+/// The most hosts entries' `workloadSelector`s may add to one pod. The entries are cheap
+/// objects and the pods they pick are their namespace's own, but every ztunnel holds each
+/// pod's services: without this, 1,000 entries of 1,000 hosts would put 10⁶ on every pod
+/// they select.
+const MAX_SELECTED_HOSTS: usize = 1_000;
+
 /// Adds the hosts of entries with a `workloadSelector` to the pod workloads they select
 /// (`workloads` by uid).
 pub(crate) fn select_pods(
     inputs: &Inputs,
     options: &Options,
     selectors: &[Selector],
-    workloads: &mut BTreeMap<String, pb::Address>,
+    (workloads, report): (&mut BTreeMap<String, pb::Address>, &mut Report),
 ) {
     if selectors.is_empty() {
         return;
@@ -591,23 +598,43 @@ pub(crate) fn select_pods(
             r#type: Some(pb::address::Type::Workload(w)),
         }) = workloads.get_mut(&uid)
         {
-            add_hosts(selectors, pod_key, pod.metadata.labels.as_ref(), w);
+            add_hosts(selectors, (pod_key, pod.metadata.labels.as_ref()), w, report);
         }
     }
 }
 
 /// Adds to one pod's workload the hosts of the entries whose selector picks it (a Kubernetes
-/// Service already listed keeps its ports).
+/// Service already listed keeps its ports), at most [`MAX_SELECTED_HOSTS`] of them in the
+/// entries' order; the pod's problem says how many were left out.
 pub(crate) fn add_hosts(
     selectors: &[Selector],
-    pod: &ObjectKey,
-    labels: Option<&BTreeMap<String, String>>,
+    (pod, labels): (&ObjectKey, Option<&BTreeMap<String, String>>),
     w: &mut pb::Workload,
+    report: &mut Report,
 ) {
+    let (mut added, mut left) = (0, 0);
     for sel in selectors.iter().filter(|s| s.picks(pod, labels)) {
         for (k, ports) in &sel.services {
-            w.services.entry(k.clone()).or_insert_with(|| ports.clone());
+            if w.services.contains_key(k) {
+                continue;
+            }
+            if added == MAX_SELECTED_HOSTS {
+                left += 1;
+                continue;
+            }
+            w.services.insert(k.clone(), ports.clone());
+            added += 1;
         }
+    }
+    if left > 0 {
+        report.add(
+            Kind::Pod,
+            pod,
+            format!(
+                "ServiceEntry workloadSelectors pick this pod for {} hosts, more than {MAX_SELECTED_HOSTS}: {left} left out (the entries sorted by namespace/name keep theirs first)",
+                added + left
+            ),
+        );
     }
 }
 
@@ -683,6 +710,61 @@ mod tests {
             !ok && problems.iter().any(|p| p.contains("spec.hosts has 1001")),
             "{problems:?}"
         );
+    }
+
+    /// An entry of `hosts` selecting `app: a` in namespace shop.
+    fn selecting(name: &str, hosts: usize) -> Object {
+        Object::parse(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {
+                "hosts": (0..hosts).map(|i| format!("h{i}.{name}.test")).collect::<Vec<_>>(),
+                "resolution": "STATIC",
+                "ports": [{"number": 80, "name": "http"}],
+                "workloadSelector": {"labels": {"app": "a"}}
+            }
+        }))
+        .unwrap()
+    }
+
+    /// The entry hosts a pod's workload lists, and the pod's problems.
+    fn selected_hosts(out: &crate::translate::Outputs) -> (usize, Vec<String>) {
+        let uid = super::super::workload::pod_uid(&Options::default(), &ObjectKey::new("shop", "a"));
+        let hosts = match out.addresses.get(&uid).and_then(|a| a.r#type.as_ref()) {
+            Some(pb::address::Type::Workload(w)) => w.services.len(),
+            other => panic!("no workload for the pod: {other:?}"),
+        };
+        (hosts, out.problems.iter().map(|p| p.message.clone()).collect())
+    }
+
+    /// Many selecting entries cannot pile hosts onto a pod without bound: the first 1,000 (by
+    /// entry) are added, the pod's problem counts the rest; the incremental translation
+    /// agrees with a full one as entries come and go.
+    #[test]
+    fn selectors_add_at_most_their_bound_of_hosts_to_a_pod() {
+        use crate::source::Change;
+        use crate::translate::incremental::testing::step_equals_full;
+        use crate::translate::incremental::Incremental;
+        let mut inputs = Inputs::default();
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "shop", "labels": {"app": "a"}},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"podIP": "10.1.0.1"}
+        });
+        inputs.apply(Object::parse(pod).unwrap());
+        inputs.apply(selecting("e1", 600));
+        let mut inc = Incremental::new(Options::default());
+        inc.step(&inputs, &Default::default());
+        let out = step_equals_full(&mut inc, &mut inputs, Change::Apply(selecting("e2", 600)), 0);
+        let (hosts, problems) = selected_hosts(&out);
+        assert_eq!(hosts, MAX_SELECTED_HOSTS);
+        let hint = "for 1200 hosts, more than 1000: 200 left out";
+        assert!(problems.iter().any(|p| p.contains(hint)), "{problems:?}");
+        let gone = Change::Delete(Kind::ServiceEntry, ObjectKey::new("shop", "e2"));
+        let (hosts, problems) = selected_hosts(&step_equals_full(&mut inc, &mut inputs, gone, 1));
+        assert_eq!(hosts, 600);
+        assert!(!problems.iter().any(|p| p.contains("left out")), "{problems:?}");
     }
 
     /// The mode reaches ztunnel as the workload extension under REGISTRY_ONLY only.
