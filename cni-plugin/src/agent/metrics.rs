@@ -1,5 +1,6 @@
 //! The node agent's metrics (served with readiness on `--stats-addr`): pods enrolled now,
-//! enrolment outcomes, releases, ADD handling time, connected ztunnels.
+//! enrolment outcomes, releases, ADD handling time, connected ztunnels, pods not adopted
+//! because their IP was found in more than one network namespace.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +23,8 @@ pub struct AgentMetrics {
     pub releases: Counter,
     pub add_seconds: Histogram,
     pub ztunnels: Gauge,
+    /// Scans that found a pod's IP in more than one network namespace and adopted none.
+    pub ambiguous: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -32,6 +35,7 @@ impl Default for AgentMetrics {
             releases: Counter::default(),
             add_seconds: Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0].into_iter()),
             ztunnels: Gauge::default(),
+            ambiguous: Counter::default(),
         }
     }
 }
@@ -55,6 +59,11 @@ impl AgentMetrics {
             "ztunnels_connected",
             "ztunnels connected over ZDS",
             self.ztunnels.clone(),
+        );
+        registry.register(
+            "adoptions_ambiguous",
+            "Pods that never came through CNI left unadopted, their IP being held by more than one network namespace (counted per scan)",
+            self.ambiguous.clone(),
         );
     }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`enrol`]: which pods are captured.
 //! - [`scan`]: finding the namespace of a pod that never came through CNI.
+//! - [`netns`]: which network namespace a path reaches (compared, never the path).
 //! - [`serial`]: one operation at a time per container.
 //! - [`rules`]: the redirection written inside each enrolled pod's network namespace.
 //! - [`netlink`]: the pod's return path (policy rule, route) over rtnetlink.
@@ -22,6 +23,7 @@ pub mod inventory;
 pub mod k8s;
 pub mod metrics;
 pub mod netlink;
+pub mod netns;
 pub mod nft;
 pub mod pods;
 pub mod report;

@@ -2,16 +2,64 @@
 //! mesh was installed, or while no agent ran): every namespace pinned under /var/run/netns
 //! (where container runtimes keep pod sandboxes) or held by a process (/proc/<pid>/ns/net),
 //! looked into once each, matched by the pod's IP.
+//!
+//! An IP is anyone's to add (`ip addr add` in a pod with NET_ADMIN, or `unshare -rn` on the
+//! node), so an IP held by more than one namespace names no pod: it is reported as ambiguous
+//! and adopted nowhere, since adopting the wrong one would leave the real pod uncaptured and
+//! give its identity to the impostor.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-/// Candidate namespace paths, one per distinct namespace (by inode).
+use super::netns::NsId;
+
+/// A namespace holding an IP: one path that reached it, and its identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub path: PathBuf,
+    pub id: NsId,
+}
+
+/// What a scan found for the IPs it was asked about; IPs no namespace holds are in neither.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    /// IPs held by exactly one namespace.
+    pub owned: HashMap<IpAddr, Owner>,
+    /// IPs held by more than one namespace, with every owner: adopted nowhere.
+    pub ambiguous: HashMap<IpAddr, Vec<Owner>>,
+}
+
+impl Found {
+    /// Sorts what each namespace holds (one observation per path looked into; the same
+    /// namespace reached through several paths counts once) into owned and ambiguous IPs.
+    fn resolve(seen: impl IntoIterator<Item = (Owner, Vec<IpAddr>)>, ips: &HashSet<IpAddr>) -> Found {
+        let mut owners: HashMap<IpAddr, Vec<Owner>> = HashMap::new();
+        for (owner, held) in seen {
+            for ip in held.into_iter().filter(|ip| ips.contains(ip)) {
+                let of_ip = owners.entry(ip).or_default();
+                if !of_ip.iter().any(|o| o.id == owner.id) {
+                    of_ip.push(owner.clone());
+                }
+            }
+        }
+        let mut found = Found::default();
+        for (ip, of_ip) in owners {
+            match <[Owner; 1]>::try_from(of_ip) {
+                Ok([only]) => {
+                    found.owned.insert(ip, only);
+                }
+                Err(many) => {
+                    found.ambiguous.insert(ip, many);
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Candidate namespace paths: pinned ones first, then those held by processes.
 fn namespaces() -> Vec<PathBuf> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
     let pinned = std::fs::read_dir("/var/run/netns")
         .into_iter()
         .flatten()
@@ -23,52 +71,173 @@ fn namespaces() -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
         .map(|e| e.path().join("ns/net"));
-    for path in pinned.chain(held) {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            if seen.insert((meta.dev(), meta.ino())) {
-                out.push(path);
-            }
-        }
-    }
-    out
+    pinned.chain(held).collect()
 }
 
-/// The namespace holding each of `ips`, for those found. Runs on a short-lived thread that
-/// switches into each namespace in turn (the caller's thread never changes namespace).
-pub fn find(ips: &HashSet<IpAddr>) -> HashMap<IpAddr, PathBuf> {
+/// The addresses of the namespace the calling thread is in.
+fn addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            a.address.and_then(|s| {
+                s.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+        })
+        .collect()
+}
+
+/// Looks into each namespace at `paths` once (by identity, taken from the opened file so a
+/// path that changes meanwhile cannot mislead), on the calling thread.
+fn look_into(paths: Vec<PathBuf>) -> Vec<(Owner, Vec<IpAddr>)> {
+    let mut looked = HashSet::new();
+    let mut seen = Vec::new();
+    for path in paths {
+        let Ok(file) = std::fs::File::open(&path) else { continue };
+        let Ok(id) = NsId::of(&file) else { continue };
+        if !looked.insert(id) {
+            continue;
+        }
+        if nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+            continue;
+        }
+        seen.push((Owner { path, id }, addresses()));
+    }
+    seen
+}
+
+/// Where each of `ips` is held. Every namespace is looked into (a second owner must not be
+/// missed), on a short-lived thread that switches into each in turn (the caller's thread
+/// never changes namespace).
+pub fn find(ips: &HashSet<IpAddr>) -> Found {
     if ips.is_empty() {
-        return HashMap::new();
+        return Found::default();
     }
     let candidates = namespaces();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let mut found = HashMap::new();
-                for path in candidates {
-                    let Ok(file) = std::fs::File::open(&path) else { continue };
-                    if nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
-                        continue;
-                    }
-                    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-                        continue;
-                    };
-                    for a in addrs {
-                        let ip = a.address.and_then(|s| {
-                            s.as_sockaddr_in()
-                                .map(|v4| IpAddr::V4(v4.ip()))
-                                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                        });
-                        if let Some(ip) = ip.filter(|ip| ips.contains(ip)) {
-                            found.entry(ip).or_insert_with(|| path.clone());
-                        }
-                    }
-                    if found.len() == ips.len() {
-                        break;
-                    }
-                }
-                found
-            })
-            .join()
-            .unwrap_or_default()
-    })
+    let seen = std::thread::scope(|scope| scope.spawn(|| look_into(candidates)).join().unwrap_or_default());
+    Found::resolve(seen, ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(path: &str, ino: u64) -> Owner {
+        Owner {
+            path: PathBuf::from(path),
+            id: NsId { dev: 4, ino },
+        }
+    }
+
+    #[test]
+    fn an_ip_two_namespaces_hold_is_adopted_nowhere() {
+        let victim: IpAddr = "10.0.0.7".parse().unwrap();
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        let ips = HashSet::from([victim, other]);
+        let seen = vec![
+            // The impostor, pinned (listed first), then the real pod held by its process.
+            (owner("/var/run/netns/evil", 1), vec![victim]),
+            (owner("/proc/42/ns/net", 2), vec![victim, other]),
+        ];
+        let found = Found::resolve(seen, &ips);
+        assert_eq!(found.owned.get(&victim), None);
+        let both: Vec<u64> = found.ambiguous[&victim].iter().map(|o| o.id.ino).collect();
+        assert_eq!(both, [1, 2]);
+        assert_eq!(found.owned[&other].id.ino, 2);
+    }
+
+    #[test]
+    fn one_namespace_through_two_paths_is_one_owner() {
+        let ip: IpAddr = "fd00::7".parse().unwrap();
+        let seen = vec![
+            (owner("/var/run/netns/cni-1", 9), vec![ip]),
+            (owner("/proc/42/ns/net", 9), vec![ip]),
+        ];
+        let found = Found::resolve(seen, &HashSet::from([ip]));
+        assert!(found.ambiguous.is_empty(), "{found:?}");
+        assert_eq!(found.owned[&ip], owner("/var/run/netns/cni-1", 9));
+    }
+
+    /// A namespace pinned for the test, deleted on drop (also when the test fails).
+    struct TestNs(String);
+
+    impl TestNs {
+        fn new(prefix: &str) -> Option<TestNs> {
+            let name = format!("{prefix}{}", std::process::id());
+            run(&["ip", "netns", "add", &name]).then_some(TestNs(name))
+        }
+
+        fn path(&self) -> PathBuf {
+            PathBuf::from(format!("/var/run/netns/{}", self.0))
+        }
+    }
+
+    impl Drop for TestNs {
+        fn drop(&mut self) {
+            run(&["ip", "netns", "del", &self.0]);
+        }
+    }
+
+    /// A process held in a namespace, killed on drop.
+    struct Holder(std::process::Child);
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn run(args: &[&str]) -> bool {
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn id_of(path: &std::path::Path) -> Option<NsId> {
+        std::fs::File::open(path).ok().and_then(|f| NsId::of(&f).ok())
+    }
+
+    #[test]
+    fn real_namespaces_are_told_apart_by_identity_not_path() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
+        let (Some(real), Some(impostor)) = (TestNs::new("scanreal"), TestNs::new("scanevil")) else {
+            panic!("ip netns add failed");
+        };
+        // TEST-NET-2 addresses: on no real interface.
+        let (shared, own) = ("198.51.100.7", "198.51.100.8");
+        assert!(run(&["ip", "-n", &real.0, "addr", "add", shared, "dev", "lo"]));
+        assert!(run(&["ip", "-n", &real.0, "addr", "add", own, "dev", "lo"]));
+        assert!(run(&["ip", "-n", &impostor.0, "addr", "add", shared, "dev", "lo"]));
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &real.0, "sleep", "60"])
+            .spawn()
+            .map(Holder)
+            .unwrap();
+        let held = PathBuf::from(format!("/proc/{}/ns/net", child.0.id()));
+        // `ip netns exec` switches before it runs sleep: wait until it has.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while id_of(&held) != id_of(&real.path()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "holder never entered the namespace"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (shared, own): (IpAddr, IpAddr) = (shared.parse().unwrap(), own.parse().unwrap());
+        let paths = vec![held.clone(), impostor.path(), real.path()];
+        let seen = std::thread::spawn(move || look_into(paths)).join().unwrap();
+        let found = Found::resolve(seen, &HashSet::from([shared, own]));
+        assert_eq!(found.owned.get(&shared), None, "{found:?}");
+        assert_eq!(found.ambiguous[&shared].len(), 2, "{found:?}");
+        assert_eq!(found.owned[&own].path, held, "{found:?}");
+        assert_eq!(Some(found.owned[&own].id), id_of(&real.path()));
+    }
 }

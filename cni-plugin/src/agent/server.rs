@@ -421,10 +421,20 @@ impl Agent {
         let found = tokio::task::spawn_blocking(move || super::scan::find(&ips))
             .await
             .unwrap_or_default();
-        for (ip, netns) in found {
+        for (ip, owners) in &found.ambiguous {
+            let Some(((ns, name), _)) = wanted.get(ip) else {
+                continue;
+            };
+            // Fail closed: whichever namespace were adopted, it may be an impostor's.
+            let netns: Vec<String> = owners.iter().map(|o| o.path.display().to_string()).collect();
+            warn!(pod = %format!("{ns}/{name}"), %ip, ?netns, "a running pod's IP is held by more than one network namespace; adopting none");
+            self.metrics.ambiguous.inc();
+        }
+        for (ip, owner) in found.owned {
             let Some(((ns, name), sa)) = wanted.get(&ip) else {
                 continue;
             };
+            let netns = owner.path;
             info!(pod = %format!("{ns}/{name}"), %ip, netns = %netns.display(), "found a running pod that never came through CNI");
             pods.insert(
                 format!("found:{ns}/{name}"),
