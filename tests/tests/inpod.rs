@@ -144,3 +144,66 @@ async fn node_ztunnel_serves_pods_handed_over_by_zds() {
         "pod b is still served after DelWorkload"
     );
 }
+
+/// A pod that adds another workload's address inside its own namespace (`ip addr add`, as a
+/// pod with NET_ADMIN can) does not get that workload's identity: the in-pod proxy serves only
+/// the pod the agent handed the namespace over for, and refuses the rest as `not_this_pod`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cannot_borrow_another_workloads_identity_by_taking_its_address() {
+    let Some(bed) = Bed::new(51) else { return };
+    let victim = std::net::IpAddr::from([10, 77, bed.n, 9]);
+    let pair = mesh_e2e::bed::PairEntries::new([bed.ip(1), bed.ip6(1)], [bed.ip(2), bed.ip6(2)], bed.vip());
+    let state = format!(
+        "workloads:\n{}- uid: cluster1//Pod/default/victim\n  name: victim\n  namespace: default\n  serviceAccount: victim\n  addresses: [\"{victim}\"]\n  protocol: HBONE\n  node: node-a\nservices:\n{}",
+        pair.workloads, pair.services
+    );
+    std::fs::write(&bed.state, state).unwrap();
+    bed.a
+        .exec(&["ip", "addr", "add", &format!("{victim}/32"), "dev", "lo"])
+        .unwrap();
+    let node = Netns::new("node").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ztunnel.sock");
+    let listener = ZdsListener::bind(&sock).unwrap();
+    tokio::spawn(echo_server(bed.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
+    let agent = async {
+        let conn = hello(&listener).await;
+        assert_eq!(request(&conn, add(A_UID), Some(&bed.a)).await, "");
+        assert_eq!(request(&conn, add(B_UID), Some(&bed.b)).await, "");
+        let snapshot = Payload::SnapshotSent(zds::SnapshotSent {});
+        assert_eq!(request(&conn, snapshot, None).await, "");
+        conn
+    };
+    let zds_arg = sock.to_string_lossy().into_owned();
+    let files = bed.files();
+    let args = ["--zds-socket", zds_arg.as_str()];
+    let (z, _conn) = tokio::join!(Ztunnel::start(&node, &files, &args), agent);
+    let z = z.unwrap();
+    let dst = SocketAddr::new(bed.vip(), 80);
+
+    // From its own address the pod is served as itself.
+    let (_, mut c) = echo_connect(&bed.a, dst).await.unwrap();
+    assert_eq!(ping(&mut c, "own").await.unwrap(), "own");
+    // From the victim's address it is refused before any identity is used.
+    let socket = bed.a.socket(dst).unwrap();
+    socket.bind(SocketAddr::new(victim, 0)).unwrap();
+    let borrowed = async {
+        let mut r = tokio::io::BufReader::new(socket.connect(dst).await?);
+        let mut line = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut r, &mut line).await?;
+        Ok::<_, std::io::Error>(line)
+    };
+    let line = tokio::time::timeout(Duration::from_secs(10), borrowed)
+        .await
+        .expect("the refusal is prompt");
+    assert!(
+        line.as_deref().map_or(true, str::is_empty),
+        "served from a borrowed address: {line:?}"
+    );
+    let m = z.metrics().await.unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("ztunnel_connections_refused_total") && l.contains("not_this_pod")),
+        "{m}"
+    );
+}

@@ -175,7 +175,7 @@ pub async fn start(cfg: &Config, reload: LogReload) -> anyhow::Result<Running> {
                 node_addrs.clone(),
                 cfg.network.clone(),
             ));
-            Proxy::new(&shared, sockets.clone(), node_addrs).start(shared.ports)?;
+            Proxy::new(&shared, sockets.clone(), node_addrs.into()).start(shared.ports)?;
             source_ready
         }
     };

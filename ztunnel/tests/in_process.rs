@@ -134,7 +134,11 @@ impl Node {
             original_source: true,
         };
         tokio::spawn(shared.tracker.clone().enforce(state));
-        let px = Proxy::new(&shared, sockets.clone(), LocalAddrs::fixed(HashSet::from([server_ip])));
+        let px = Proxy::new(
+            &shared,
+            sockets.clone(),
+            LocalAddrs::fixed(HashSet::from([server_ip])).into(),
+        );
         tokio::spawn(inbound::serve(px, listener));
         Node {
             file,

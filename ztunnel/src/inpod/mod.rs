@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::proxy::local_addrs::{self, LocalAddrs};
-use crate::proxy::{Proxy, Shared};
+use crate::proxy::owner::{self, Owner};
+use crate::proxy::{Proxy, Served, Shared};
 
 struct Pod {
     proxy: Arc<Proxy>,
@@ -44,7 +45,8 @@ impl Pods {
             .set(self.pods.values().flat_map(|p| p.addrs.iter().copied()).collect());
     }
 
-    fn add(&mut self, uid: &str, netns: Option<OwnedFd>) -> Result<(), String> {
+    fn add(&mut self, add: &zds::AddWorkload, netns: Option<OwnedFd>) -> Result<(), String> {
+        let uid = add.uid.as_str();
         let netns = netns.ok_or("AddWorkload carried no network namespace fd")?;
         if self.pods.contains_key(uid) {
             // A re-sent Add (agent restart): the pod is already served.
@@ -57,7 +59,14 @@ impl Pods {
             netns,
             plain: PlainSockets { mark: self.mark },
         });
-        let proxy = Proxy::new(&self.shared, sockets.clone(), LocalAddrs::fixed(addrs.clone()));
+        let served = Served {
+            addrs: LocalAddrs::fixed(addrs.clone()),
+            owner: Owner::Pod(owner::Pod {
+                uid: uid.to_owned(),
+                info: add.workload_info.clone(),
+            }),
+        };
+        let proxy = Proxy::new(&self.shared, sockets.clone(), served);
         proxy
             .start(self.shared.ports)
             .map_err(|e| format!("pod {uid}: {e:#}"))?;
@@ -176,7 +185,7 @@ fn handle(
             if add.uid.is_empty() {
                 return Err("AddWorkload without uid".into());
             }
-            pods.add(&add.uid, fd)?;
+            pods.add(&add, fd)?;
             if let Some(s) = snapshot {
                 s.insert(add.uid);
             }

@@ -31,10 +31,13 @@ pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
 
 async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
-    let Some(wl) = px.local_workload(local) else {
-        warn!(%peer, %local, "HBONE connection to an address with no local workload");
-        px.metrics.refuse(Refusal::UnknownDestination);
-        return;
+    let wl = match px.local_workload(local, Refusal::UnknownDestination) {
+        Ok(wl) => wl,
+        Err(refusal) => {
+            warn!(%peer, %local, %refusal, "HBONE connection refused");
+            px.metrics.refuse(refusal);
+            return;
+        }
     };
     let cert = match px.certs.fetch(&wl.identity).await {
         Ok(c) => c,

@@ -27,10 +27,13 @@ async fn handle(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         px.metrics.refuse(Refusal::Loop);
         return;
     }
-    let Some(wl) = px.local_workload(dst) else {
-        warn!(%peer, %dst, "plaintext connection to an address with no local workload");
-        px.metrics.refuse(Refusal::UnknownDestination);
-        return;
+    let wl = match px.local_workload(dst, Refusal::UnknownDestination) {
+        Ok(wl) => wl,
+        Err(refusal) => {
+            warn!(%peer, %dst, %refusal, "plaintext connection refused");
+            px.metrics.refuse(refusal);
+            return;
+        }
     };
     let state = px.state.load();
     let info = ConnectionInfo {

@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod inbound_plain;
 pub mod local_addrs;
 pub mod outbound;
+pub mod owner;
 pub mod refusal;
 pub mod source;
 pub mod tracker;
@@ -48,6 +49,8 @@ pub struct Proxy {
     pub settings: Settings,
     pub metrics: Metrics,
     pub local: local_addrs::LocalAddrs,
+    /// Whose traffic this proxy carries: the local workload must be it.
+    pub owner: owner::Owner,
     /// The addresses of ztunnel's own namespace (the node's in in-pod mode).
     pub node: local_addrs::LocalAddrs,
     pub tracker: tracker::ConnTracker,
@@ -102,6 +105,22 @@ pub struct Shared {
     pub original_source: bool,
 }
 
+/// The workloads one proxy serves: its namespace's addresses and whose they must be.
+pub struct Served {
+    pub addrs: local_addrs::LocalAddrs,
+    pub owner: owner::Owner,
+}
+
+impl From<local_addrs::LocalAddrs> for Served {
+    /// Every workload at these addresses (dedicated mode).
+    fn from(addrs: local_addrs::LocalAddrs) -> Served {
+        Served {
+            addrs,
+            owner: owner::Owner::Namespace,
+        }
+    }
+}
+
 /// What each pod's DNS proxy needs.
 pub struct DnsSettings {
     pub port: u16,
@@ -110,8 +129,9 @@ pub struct DnsSettings {
 }
 
 impl Proxy {
-    /// A proxy for one network namespace, making its sockets with `sockets`.
-    pub fn new(shared: &Shared, sockets: Arc<dyn SocketFactory>, local: local_addrs::LocalAddrs) -> Arc<Proxy> {
+    /// A proxy for one network namespace, making its sockets with `sockets`, serving the
+    /// workloads of `served` (its addresses and owner).
+    pub fn new(shared: &Shared, sockets: Arc<dyn SocketFactory>, served: Served) -> Arc<Proxy> {
         let p = shared.ports;
         Arc::new(Proxy {
             network: shared.network.clone(),
@@ -123,7 +143,8 @@ impl Proxy {
             sockets,
             settings: shared.settings.clone(),
             metrics: shared.metrics.clone(),
-            local,
+            local: served.addrs,
+            owner: served.owner,
             node: shared.node.clone(),
             tracker: shared.tracker.clone(),
             drain: shared.drain.child_token(),
@@ -169,12 +190,19 @@ impl Proxy {
         Ok(())
     }
 
-    /// The local workload owning `addr`, if the address is one of this namespace's.
-    pub fn local_workload(&self, addr: SocketAddr) -> Option<Arc<Workload>> {
+    /// The local workload owning `addr`: `missing` when the address is not this namespace's
+    /// or no workload holds it, [`Refusal::NotThisPod`] when the workload there is not the
+    /// one this proxy serves ([`owner`]).
+    pub fn local_workload(&self, addr: SocketAddr, missing: Refusal) -> Result<Arc<Workload>, Refusal> {
         if !self.local.contains(addr.ip()) {
-            return None;
+            return Err(missing);
         }
-        self.state.load().workload_by_ip(&self.network, addr.ip()).cloned()
+        let state = self.state.load();
+        let w = state.workload_by_ip(&self.network, addr.ip()).ok_or(missing)?;
+        if !self.owner.owns(w) {
+            return Err(Refusal::NotThisPod);
+        }
+        Ok(w.clone())
     }
 
     /// True when `dst` would loop back into one of our own listeners (proxy, DNS, and in

@@ -329,11 +329,14 @@ fn admit(px: &Proxy, tcp: &TcpStream, peer: SocketAddr) -> Option<(Arc<Workload>
         px.metrics.refuse(Refusal::Loop);
         return None;
     }
-    let Some(src) = px.local_workload(peer) else {
-        // Without a known source there is no identity to present: fail closed.
-        warn!(%peer, %dst, "outbound connection from an unknown workload refused");
-        px.metrics.refuse(Refusal::UnknownSource);
-        return None;
+    let src = match px.local_workload(peer, Refusal::UnknownSource) {
+        Ok(src) => src,
+        Err(refusal) => {
+            // Without a known source there is no identity to present: fail closed.
+            warn!(%peer, %dst, %refusal, "outbound connection refused");
+            px.metrics.refuse(refusal);
+            return None;
+        }
     };
     let state = px.state.load();
     match resolve(&state, &px.network, px.hbone_port, &src, dst) {

@@ -26,6 +26,10 @@ pub enum Refusal {
     UnknownSource,
     /// Inbound to an address with no local workload.
     UnknownDestination,
+    /// In-pod: the workload at the address is not the pod the node agent handed this
+    /// namespace over for (an address added inside the pod, or a reused pod IP xDS still
+    /// gives its former owner).
+    NotThisPod,
     /// The local workload has no certificate.
     NoCertificate,
     /// No TLS server configuration could be built from the certificate.
@@ -75,6 +79,7 @@ impl Refusal {
             Refusal::Loop => "loop",
             Refusal::UnknownSource => "unknown_source",
             Refusal::UnknownDestination => "unknown_destination",
+            Refusal::NotThisPod => "not_this_pod",
             Refusal::NoCertificate => "no_certificate",
             Refusal::TlsConfig => "tls_config",
             Refusal::HboneConnectionError => "hbone_connection_error",
@@ -114,6 +119,7 @@ impl std::fmt::Display for Refusal {
             Refusal::Loop => "refusing connection to ztunnel's own port",
             Refusal::UnknownSource => "outbound connection from an unknown workload refused",
             Refusal::UnknownDestination => "connection to an address with no local workload",
+            Refusal::NotThisPod => "the workload at this address is not the pod this namespace was handed over for",
             Refusal::NoCertificate => "no certificate for the local workload",
             Refusal::TlsConfig => "cannot build TLS server configuration",
             Refusal::HboneConnectionError => "HBONE connection ended with error",
