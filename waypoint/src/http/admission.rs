@@ -2,7 +2,9 @@
 //! locally: sanitizing what only the proxy decides, authentication (JWT), authorization
 //! against the original client's identity, route selection, the route's own answers
 //! (redirect, fault abort) and rewrites, and resolving the backend the route sends to.
-//! Every refusal is a [`LocalReply`]; nothing here sends to an endpoint.
+//! Every refusal is a [`LocalReply`]; nothing here sends to an endpoint. Sanitizing writes
+//! the canonical path back into the request first, so every later stage, and the backend,
+//! reads that one path.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use mesh_proto::waypoint as wp;
 use rand::Rng;
 
 use super::local_reply::{BadRequest, LocalReply};
+use super::path;
 use super::proxy::Downstream;
 use super::retry::to_duration;
 use super::rewrite::{self, UpgradeRequest};
@@ -26,10 +29,12 @@ use crate::store::Snapshot;
 use crate::upstream::{self, cluster::Cluster, Endpoint};
 use crate::Waypoint;
 
-/// What only the proxy decides, before anything reads the headers: hop-by-hop headers (a
-/// client's `Connection` list cannot remove what the mesh writes later), headers the mesh
-/// vouches for, and upgrades other than WebSocket. `Ok(Some(note))`: an upgrade was dropped.
+/// What only the proxy decides, before anything reads the headers: the canonical path,
+/// hop-by-hop headers (a client's `Connection` list cannot remove what the mesh writes
+/// later), headers the mesh vouches for, and upgrades other than WebSocket.
+/// `Ok(Some(note))`: an upgrade was dropped.
 pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
+    canonical_path(parts).map_err(LocalReply::BadRequest)?;
     let upgrade = rewrite::upgrade_requested(parts.version, &parts.headers);
     rewrite::strip_hop_by_hop(&mut parts.headers, upgrade == UpgradeRequest::WebSocket);
     rewrite::strip_vouched(&mut parts.headers);
@@ -40,6 +45,21 @@ pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
         UpgradeRequest::Refused(protocol) => Some(format!("upgrade to {protocol:?} not forwarded")),
         _ => None,
     })
+}
+
+/// Replaces the request's path with its canonical form (see [`path`]), keeping the query.
+fn canonical_path(parts: &mut Parts) -> Result<(), BadRequest> {
+    let canonical = match path::normalize(parts.uri.path()).map_err(BadRequest::Path)? {
+        Cow::Borrowed(_) => return Ok(()),
+        Cow::Owned(p) => p,
+    };
+    // Unreachable for a canonical path; refused rather than sent on as it came.
+    let unusable = BadRequest::Path(path::PathError::NotAbsolute);
+    let with_query = rewrite::with_query(&canonical, parts.uri.query());
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = Some(with_query.parse().map_err(|_| unusable.clone())?);
+    parts.uri = http::Uri::from_parts(uri).map_err(|_| unusable)?;
+    Ok(())
 }
 
 /// Who the request is for: the gateway this waypoint implements and the target service.
@@ -368,6 +388,130 @@ impl Backend {
                 self.cluster.record(&workload.uid, None);
                 Err(LocalReply::NoHealthyUpstream)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    fn request(uri: &str) -> Parts {
+        let req = http::Request::builder()
+            .uri(uri)
+            .body(())
+            .expect("a valid test request");
+        req.into_parts().0
+    }
+
+    fn service() -> Arc<Service> {
+        Arc::new(Service {
+            name: "api".into(),
+            namespace: "shop".into(),
+            hostname: "api.shop.svc.cluster.local".into(),
+            vips: Vec::new(),
+            ports: Vec::new(),
+            subject_alt_names: Vec::new(),
+            waypoint: None,
+            only_healthy: true,
+        })
+    }
+
+    fn downstream(service: Arc<Service>) -> Downstream {
+        let client: std::net::SocketAddr = "203.0.113.7:40000".parse().expect("an address");
+        Downstream {
+            peer_identity: None,
+            client_addr: client,
+            remote_ip: client.ip(),
+            forwarded_proto: "https",
+            upstream_protocol: super::super::proxy::UpstreamProtocol::Http2ForGrpc,
+            dst: "10.0.0.1:443".parse().expect("an address"),
+            service_key: service.key(),
+            service,
+        }
+    }
+
+    fn authz(name: &str, action: wp::Action, paths: &[&str]) -> (String, Arc<wp::Policy>) {
+        let rule = wp::Rule {
+            to: vec![wp::Operation {
+                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let policy = wp::Policy {
+            name: name.into(),
+            namespace: "shop".into(),
+            targets: vec![wp::Target {
+                kind: "Service".into(),
+                name: "api".into(),
+                namespace: String::new(),
+            }],
+            kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
+                action: action as i32,
+                rules: vec![rule],
+                dry_run: false,
+            })),
+        };
+        (format!("AuthorizationPolicy/shop/{name}"), Arc::new(policy))
+    }
+
+    /// Sanitizes `uri` as the pipeline does, then authorizes it.
+    fn admit(snapshot: &Snapshot, uri: &str) -> Result<(), LocalReply> {
+        let metrics = crate::telemetry::metrics::Metrics::register(&mut Registry::default());
+        let svc = service();
+        let down = downstream(svc.clone());
+        let target = Target {
+            gateway: ("istio-system", "gw"),
+            service: ("shop", "api"),
+            metrics: &metrics,
+        };
+        let mut parts = request(uri);
+        sanitize(&mut parts)?;
+        authorize(snapshot, &target, &down, None, &parts, &svc.hostname)
+    }
+
+    #[test]
+    fn a_deny_on_a_path_holds_however_the_path_is_spelled() {
+        let mut snapshot = Snapshot::default();
+        snapshot.policies = [
+            authz("public", wp::Action::Allow, &["/public/*"]),
+            authz("admin", wp::Action::Deny, &["/admin*"]),
+        ]
+        .into_iter()
+        .collect();
+        assert!(admit(&snapshot, "/public/index.html").is_ok());
+        for uri in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/./../%61dmin",
+            "/public/../admin?x=1",
+        ] {
+            assert!(
+                matches!(admit(&snapshot, uri), Err(LocalReply::RbacDenied(ref why)) if why.contains("shop/admin")),
+                "{uri}: {:?}",
+                admit(&snapshot, uri)
+            );
+        }
+        assert!(matches!(
+            admit(&snapshot, "/public/..\\admin"),
+            Err(LocalReply::BadRequest(BadRequest::Path(path::PathError::Backslash)))
+        ));
+    }
+
+    #[test]
+    fn the_canonical_path_is_written_back_with_the_query_and_authority() {
+        let cases = [
+            ("/a/./b/../c?q=%2e%2e&x", "/a/c?q=%2e%2e&x"),
+            ("https://shop.example/a/%7e?", "https://shop.example/a/~?"),
+            ("/plain?y=1", "/plain?y=1"),
+            ("*", "*"),
+        ];
+        for (raw, want) in cases {
+            let mut parts = request(raw);
+            canonical_path(&mut parts).expect("a valid path");
+            assert_eq!(parts.uri.to_string(), want, "{raw}");
         }
     }
 }

@@ -68,6 +68,8 @@ pub enum BadRequest {
     RewrittenPath,
     /// The buffered request body could not be read (too large, or the client broke off).
     Body(String),
+    /// The request path has no canonical form (see [`super::path`]).
+    Path(super::path::PathError),
 }
 
 /// A response the waypoint writes itself.
@@ -179,6 +181,7 @@ impl LocalReply {
             LocalReply::FaultAbort(_) => "fault filter abort",
             LocalReply::BadRequest(BadRequest::RewrittenPath) => "rewritten path is not a valid URI",
             LocalReply::BadRequest(BadRequest::Body(_)) => "could not read the request body",
+            LocalReply::BadRequest(BadRequest::Path(_)) => "the request path is not valid",
             LocalReply::Overflow(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow"
             }
@@ -200,6 +203,7 @@ impl LocalReply {
             LocalReply::NoRoute => Some("no_route"),
             LocalReply::BadRequest(BadRequest::RewrittenPath) => Some("bad_rewrite"),
             LocalReply::BadRequest(BadRequest::Body(_)) => Some("bad_body"),
+            LocalReply::BadRequest(BadRequest::Path(_)) => Some("bad_path"),
             LocalReply::UnrequestedUpgrade { .. } => Some("bad_upgrade"),
             LocalReply::RateLimited { .. } => Some("rate_limited"),
             _ => None,
@@ -214,6 +218,7 @@ impl LocalReply {
             LocalReply::BackendUnknown { service } => Some(format!("backend service {service} unknown")),
             LocalReply::SubsetUnknown { service, subset } => Some(format!("subset {subset} of {service} unknown")),
             LocalReply::BadRequest(BadRequest::Body(e)) => Some(format!("reading request body: {e}")),
+            LocalReply::BadRequest(BadRequest::Path(e)) => Some(format!("request path refused: {e:?}")),
             LocalReply::Overflow(e) => Some(e.to_string()),
             LocalReply::UpstreamTls(e) => Some(e.to_string()),
             LocalReply::UnrequestedUpgrade { protocol } => Some(format!(
@@ -300,6 +305,7 @@ mod tests {
             LocalReply::FaultAbort(StatusCode::IM_A_TEAPOT),
             LocalReply::BadRequest(BadRequest::RewrittenPath),
             LocalReply::BadRequest(BadRequest::Body("too big".into())),
+            LocalReply::BadRequest(BadRequest::Path(crate::http::path::PathError::Backslash)),
             LocalReply::Overflow(Overflow("http2MaxRequests reached")),
             LocalReply::NoHealthyUpstream,
             LocalReply::UpstreamFailure,
