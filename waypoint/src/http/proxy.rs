@@ -25,6 +25,8 @@ use mesh_proto::waypoint as wp;
 use rand::Rng;
 use tracing::{debug, info};
 
+mod mirror;
+
 use super::admission::{self, Backend};
 use super::local_reply::{full, BadRequest, LocalReply, ResponseFlag};
 use super::retry::{self, to_duration, Attempt, RetryPolicy};
@@ -522,8 +524,15 @@ async fn forward(
     let body = RequestBody::read(f.body, &parts, client_http2, websocket).await?;
     // Mirrors get a copy; their answers are dropped.
     if let RequestBody::Replayable(bytes) = &body {
+        let timeout = to_duration(f.rt.timeout.as_ref()).unwrap_or(mirror::MIRROR_TIMEOUT);
         for m in &f.rt.mirrors {
-            spawn_mirror(wp, m, &parts, bytes.clone(), down.dst.port(), version_for);
+            let copy = MirrorCopy {
+                parts: &parts,
+                body: bytes.clone(),
+                default_port: down.dst.port(),
+                timeout,
+            };
+            spawn_mirror(wp, m, copy, version_for);
         }
     }
     let admission = backend.cluster.admit().await.map_err(LocalReply::Overflow)?;
@@ -721,21 +730,36 @@ fn close_gracefully(down: hyper::upgrade::OnUpgrade) {
     });
 }
 
-/// Sends a copy of a request to a mirror backend and drops the answer.
+/// What a mirror copies of its request.
+struct MirrorCopy<'a> {
+    parts: &'a Parts,
+    body: Bytes,
+    /// The port a mirror that names none goes to (the request's).
+    default_port: u16,
+    /// The route's timeout, or the mirrors' default.
+    timeout: Duration,
+}
+
+/// Sends a copy of a request to a mirror backend and drops the answer, if a mirror slot is
+/// free and the backend's cluster admits it (see [`mirror`]).
 fn spawn_mirror(
     wp: &Arc<Waypoint>,
     m: &wp::WeightedBackend,
-    parts: &http::request::Parts,
-    body: Bytes,
-    default_port: u16,
+    copy: MirrorCopy<'_>,
     version_for: impl Fn(AppProtocol) -> bool,
 ) {
+    let Some(slot) = mirror::Mirrors::shared().slot(&wp.metrics.mirror_drops) else {
+        return;
+    };
     let state = wp.state.load();
     let Some(service) = state.service(&m.service).cloned() else {
         debug!(mirror = %m.service, "mirror service unknown");
         return;
     };
-    let port = u16::try_from(m.port).ok().filter(|p| *p != 0).unwrap_or(default_port);
+    let port = u16::try_from(m.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .unwrap_or(copy.default_port);
     // The mirror's own port decides its version, as the primary's does.
     let http2 = version_for(state.port_protocol(&m.service, port));
     let eps = upstream::candidates(&state, &service, None);
@@ -745,7 +769,8 @@ fn spawn_mirror(
     else {
         return;
     };
-    let mut req = Request::from_parts(parts.clone(), full(body));
+    let parts = copy.parts;
+    let mut req = Request::from_parts(parts.clone(), full(copy.body));
     *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
     // Envoy's convention: the mirror sees the host with a "-shadow" suffix.
     if let Some(h) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -764,15 +789,16 @@ fn spawn_mirror(
     let cluster = wp
         .upstreams
         .http_cluster((&m.service, &service.hostname), "", port, policy);
-    let wp = wp.clone();
-    tokio::spawn(async move {
-        match wp.upstreams.pool_for(&cluster, http2).send(ep.target, req).await {
+    let pool = wp.upstreams.pool_for(&cluster, http2).clone();
+    let exchange = async move {
+        match pool.send(ep.target, req).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }
             Err(e) => debug!(error = %e, "mirror request failed"),
         }
-    });
+    };
+    slot.spawn(cluster, copy.timeout, wp.metrics.mirror_drops.clone(), exchange);
 }
 
 #[cfg(test)]

@@ -345,6 +345,55 @@ struct IdleLabels {
     connection: &'static str,
 }
 
+/// Why a request mirror was dropped (`waypoint_mirror_dropped_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorDrop {
+    /// The process already had its maximum of mirrors in flight.
+    Overflow,
+    /// The mirror's cluster refused it (a connection-pool limit was full).
+    CircuitOpen,
+    /// The mirror's answer did not end within its timeout.
+    Timeout,
+}
+
+impl MirrorDrop {
+    fn as_str(self) -> &'static str {
+        match self {
+            MirrorDrop::Overflow => "overflow",
+            MirrorDrop::CircuitOpen => "circuit_open",
+            MirrorDrop::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorDropLabels {
+    reason: &'static str,
+}
+
+/// Request mirrors dropped, by reason; cloned into each mirror's task.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorDrops(Family<MirrorDropLabels, Counter>);
+
+impl MirrorDrops {
+    pub fn count(&self, reason: MirrorDrop) {
+        self.0
+            .get_or_create(&MirrorDropLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// The mirrors dropped for `reason` so far.
+    pub fn get(&self, reason: MirrorDrop) -> u64 {
+        self.0
+            .get_or_create(&MirrorDropLabels {
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+}
+
 /// One TCP connection's series, resolved when it opens.
 pub struct TcpSeries {
     pub bytes: Meter,
@@ -394,6 +443,8 @@ pub struct Metrics {
     custom_series: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Requests recorded with the standard labels because the overridden series were at the bound.
     pub custom_series_overflow: Counter,
+    /// Request mirrors dropped, by reason.
+    pub mirror_drops: MirrorDrops,
     /// Connections closed for idleness, by kind.
     idle_timeouts: Family<IdleLabels, Counter>,
     /// Istio's `istio_tcp_*` series of the TCP connections proxied.
@@ -432,6 +483,7 @@ impl Metrics {
             rate_limit_overflow: Counter::default(),
             custom_series: Default::default(),
             custom_series_overflow: Counter::default(),
+            mirror_drops: MirrorDrops::default(),
             idle_timeouts: Family::default(),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
@@ -474,6 +526,11 @@ impl Metrics {
             "waypoint_telemetry_series_overflow",
             "Requests recorded with the standard labels because Telemetry tag overrides already made the maximum of series",
             m.custom_series_overflow.clone(),
+        );
+        registry.register(
+            "waypoint_mirror_dropped",
+            "Request mirrors not sent or not finished, by reason: overflow (the process's bound on mirrors in flight), circuit_open (the mirror's cluster refused it), timeout",
+            m.mirror_drops.0.clone(),
         );
         registry.register(
             "istio_tcp_connections_opened",
