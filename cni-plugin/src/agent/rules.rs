@@ -21,6 +21,7 @@
 //! rtnetlink ([`super::netlink`]) and writes the sysctl; each a fraction of a millisecond,
 //! where `nsenter` + `nft` and two `nsenter` + `ip -batch` were a fork and exec each.
 
+use std::fs::File;
 use std::path::Path;
 
 use super::netlink::{Netlink, ReturnPath};
@@ -111,15 +112,29 @@ impl RulesError {
     }
 }
 
+fn open(netns: &Path) -> Result<File, RulesError> {
+    File::open(netns).map_err(|e| RulesError::failed("opening the namespace", netns, e))
+}
+
 /// Runs `f` on a short-lived thread switched into the network namespace at `netns` (a path
 /// such as `/proc/<pid>/ns/net`): sockets it opens (libnftables', rtnetlink's) and sysctl
 /// files it opens belong to that namespace. The agent's own threads never switch.
 fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T, RulesError> + Send) -> Result<T, RulesError> {
-    let file = std::fs::File::open(netns).map_err(|e| RulesError::failed("opening the namespace", netns, e))?;
+    let file = open(netns)?;
+    in_opened(&file, netns, f)
+}
+
+/// [`in_netns`] for a namespace already open (`netns` names it in errors): the namespace the
+/// caller checked is the one written to, whatever its path reaches meanwhile.
+fn in_opened<T: Send>(
+    file: &File,
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, RulesError> + Send,
+) -> Result<T, RulesError> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| RulesError::failed("setns", netns, e))?;
                 f()
             })
@@ -195,7 +210,13 @@ pub fn install(netns: &Path, ports: Ports) -> Result<(), RulesError> {
 /// tree `proc_sys`. Pod start-up waits for this: it runs in-process, in about a millisecond.
 /// [`dump`] shows what the kernel then holds.
 pub fn install_via(netns: &Path, ports: Ports, proc_sys: &Path) -> Result<(), RulesError> {
-    in_netns(netns, || {
+    let file = open(netns)?;
+    install_in(&file, netns, ports, proc_sys)
+}
+
+/// [`install_via`] into the namespace `file` reaches (`netns` names it in errors).
+pub fn install_in(file: &File, netns: &Path, ports: Ports, proc_sys: &Path) -> Result<(), RulesError> {
+    in_opened(file, netns, || {
         // Creating the table where there is none (every new pod) is a third of the cost of
         // replacing it; an existing table (a re-install) is replaced in one transaction.
         match nft::run(&first_install(ports)) {
@@ -228,7 +249,13 @@ pub fn remove(netns: &Path) -> Result<(), RulesError> {
 /// Removes the table, the rules and the routes `install` added (the sysctl through
 /// `proc_sys`). Removing what is not there is not an error (idempotent).
 pub fn remove_via(netns: &Path, proc_sys: &Path) -> Result<(), RulesError> {
-    in_netns(netns, || {
+    let file = open(netns)?;
+    remove_in(&file, netns, proc_sys)
+}
+
+/// [`remove_via`] from the namespace `file` reaches (`netns` names it in errors).
+pub fn remove_in(file: &File, netns: &Path, proc_sys: &Path) -> Result<(), RulesError> {
+    in_opened(file, netns, || {
         match nft::run(&format!("delete table inet {TABLE}")) {
             Ok(_) => {}
             Err(NftError::Failed(e)) if e.contains("No such file") => {}

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::enrol::{decide, Enrolment, PodFacts};
 use super::host;
 use super::inventory::{InventoryError, InventorySource};
+use super::netns::{self, NetnsError, NsId, PodNetns};
 use super::pods::Inventory;
 use super::report::{EnrolmentReporter, Reported};
 use super::rules;
@@ -82,6 +83,41 @@ struct Known {
     captured: Option<String>,
     #[serde(default)]
     service_account: String,
+    /// Which namespace `req.netns` reached when the pod was seen: its path may reach another
+    /// one later (a reused pid), and is only used while it still reaches this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns_id: Option<NsId>,
+}
+
+/// Why a pod was not enrolled.
+#[derive(Debug, thiserror::Error)]
+enum EnrolError {
+    /// Its namespace is gone, another one now, or the node's: nothing was written.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// Writing the rules or the hand-off failed: what was done is undone.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// The container id of a pod adopted by [`Agent::adopt_unknown`] (`found:<namespace>/<name>`).
+const FOUND: &str = "found:";
+
+/// What reconciling one known pod changes.
+enum Change {
+    Keep,
+    Record(Box<Known>),
+    /// The pod is gone: nothing of it is left to track.
+    Forget,
+}
+
+/// How a release ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Released {
+    /// The rules were removed from the pod's namespace.
+    Removed,
+    /// The pod's namespace is gone (or is not the pod's any more): nothing left to remove.
+    Gone,
 }
 
 /// Where the agent keeps its files and finds the node's sysctls.
@@ -123,6 +159,9 @@ pub struct Agent {
     /// This node's name: ambient pods of this node that never came through CNI (started
     /// before the mesh) are found by their IP and enrolled. `None` turns that off.
     pub node_name: Option<String>,
+    /// The node's network namespace (the agent's own), which never gets pod rules; `None`
+    /// when it could not be read, and then no namespace gets them.
+    host_netns: Option<NsId>,
 }
 
 /// Why the inventory cannot decide on `namespace/name` yet: its object or its namespace is
@@ -156,6 +195,21 @@ fn desired(inv: &Inventory, ns: &str, name: &str) -> Result<String, &'static str
         Enrolment::Capture => Ok(pod.service_account.clone()),
         Enrolment::Skip(reason) => Err(reason),
     }
+}
+
+/// Writes `bytes` to `path` readable by the agent alone (0600, also when the file existed):
+/// the state names every pod's namespace and identity.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(bytes)
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -195,12 +249,20 @@ impl Agent {
             reported: Default::default(),
             metrics: Default::default(),
             node_name,
+            host_netns: netns::host()
+                .inspect_err(|e| warn!(error = %e, "cannot identify the node's network namespace; enrolling nothing"))
+                .ok(),
         })
     }
 
-    /// Reloads the pods a previous agent process knew: captured pods whose namespace still
-    /// exists get their rules re-asserted and are offered to ztunnel in the next snapshot.
-    /// Call before serving.
+    /// Opens a pod's namespace, checked to be the one `recorded` and not the node's.
+    fn open_netns(&self, path: &str, recorded: Option<NsId>) -> Result<PodNetns, NetnsError> {
+        netns::open(std::path::Path::new(path), recorded, self.host_netns)
+    }
+
+    /// Reloads the pods a previous agent process knew: captured pods whose namespace is still
+    /// the one they were enrolled in get their rules re-asserted and are offered to ztunnel in
+    /// the next snapshot; the others are forgotten. Call before serving.
     pub async fn restore(&self) -> anyhow::Result<usize> {
         let Some(path) = &self.state_file else { return Ok(0) };
         let text = match std::fs::read_to_string(path) {
@@ -212,32 +274,49 @@ impl Agent {
             .map_err(|e| anyhow::anyhow!("{}: not a valid agent state file: {e}", path.display()))?;
         let mut pods = self.pods.lock().await;
         for k in known {
-            let netns = PathBuf::from(&k.req.netns);
-            if !netns.exists() {
-                info!(container = %k.req.container_id, "pod gone while the agent was down; forgetting it");
-                continue;
+            if let Some(k) = self.restore_one(k).await? {
+                pods.insert(k.req.container_id.clone(), k);
             }
-            if let Some(uid) = &k.captured {
-                let (path, ports, proc_sys) = (netns.clone(), self.ports, self.proc_sys.clone());
-                let ips = k.req.ips.clone();
-                tokio::task::spawn_blocking(move || {
-                    rules::install_via(&path, ports, &proc_sys)?;
-                    host::add_pod_ips(&ips)
-                })
-                .await??;
-                let info = WorkloadInfo {
-                    name: k.req.pod_name.clone(),
-                    namespace: k.req.pod_namespace.clone(),
-                    service_account: k.service_account.clone(),
-                };
-                self.zds.restore_pod(uid, info, std::fs::File::open(&netns)?.into());
-            }
-            pods.insert(k.req.container_id.clone(), k);
         }
         let n = pods.len();
         self.persist(&pods);
         drop(pods);
         Ok(n)
+    }
+
+    /// One pod of the state file: `None` when it is to be forgotten.
+    async fn restore_one(&self, mut k: Known) -> anyhow::Result<Option<Known>> {
+        let container = k.req.container_id.clone();
+        // A state file from before identities were recorded: a pinned path is taken as it
+        // is, a process's may reach another process's namespace by now.
+        if k.netns_id.is_none() && k.req.netns.starts_with("/proc/") {
+            warn!(%container, netns = %k.req.netns, "no namespace identity recorded for a process's namespace; forgetting the pod");
+            return Ok(None);
+        }
+        let ns = match self.open_netns(&k.req.netns, k.netns_id) {
+            Ok(ns) => ns,
+            Err(e) => {
+                warn!(%container, error = %e, "pod's namespace gone or unusable while the agent was down; forgetting it");
+                return Ok(None);
+            }
+        };
+        k.netns_id = Some(ns.id);
+        if let Some(uid) = &k.captured {
+            let (ports, proc_sys, ips) = (self.ports, self.proc_sys.clone(), k.req.ips.clone());
+            let ns = tokio::task::spawn_blocking(move || {
+                rules::install_in(&ns.file, &ns.path, ports, &proc_sys)?;
+                host::add_pod_ips(&ips)?;
+                anyhow::Ok(ns)
+            })
+            .await??;
+            let info = WorkloadInfo {
+                name: k.req.pod_name.clone(),
+                namespace: k.req.pod_namespace.clone(),
+                service_account: k.service_account.clone(),
+            };
+            self.zds.restore_pod(uid, info, ns.file.into());
+        }
+        Ok(Some(k))
     }
 
     /// Writes the known pods to the state file and the enrolment report (each atomically:
@@ -281,7 +360,7 @@ impl Agent {
         let tmp = path.with_extension("tmp");
         let result = serde_json::to_vec(&list)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|bytes| write_private(&tmp, &bytes))
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = result {
             warn!(file = %path.display(), error = %e, "cannot persist agent state");
@@ -346,20 +425,23 @@ impl Agent {
             Ok(sa) => sa,
             Err(reason) => {
                 // A repeated ADD of a pod captured before: out of the mesh now, wholly.
-                if let Some(Known {
-                    captured: Some(uid),
-                    req: old,
-                    ..
-                }) = &previous
+                if let Some(
+                    old @ Known {
+                        captured: Some(uid), ..
+                    },
+                ) = &previous
                 {
                     if let Err(e) = self.release(uid, old).await {
                         return ("failed", error(StatusCode::INTERNAL_SERVER_ERROR, e));
                     }
                 }
+                // Enrolled later only while its path still reaches this namespace.
+                let netns_id = netns::identify(std::path::Path::new(&req.netns));
                 self.record(Known {
                     req,
                     captured: None,
                     service_account: String::new(),
+                    netns_id,
                 })
                 .await;
                 return (
@@ -369,22 +451,21 @@ impl Agent {
             }
         };
         let uid = self.uid(&req);
-        match self.enrol(&uid, sa.clone(), &req).await {
-            Ok(()) => {
+        // The runtime's path of this ADD is the pod's namespace: whatever it reaches now.
+        match self.enrol(&uid, sa.clone(), &req, None).await {
+            Ok(id) => {
                 self.record(Known {
                     req,
                     captured: Some(uid),
                     service_account: sa,
+                    netns_id: Some(id),
                 })
                 .await;
                 ("captured", reply(StatusCode::OK, json!({ "captured": true })))
             }
             Err(e) => {
                 // enrol undid its part; nothing of the pod is left, so it is not known either.
-                let mut pods = self.pods.lock().await;
-                if pods.remove(&req.container_id).is_some() {
-                    self.persist(&pods);
-                }
+                self.forget(&req.container_id).await;
                 (
                     "failed",
                     error(StatusCode::INTERNAL_SERVER_ERROR, format!("enrolling {uid}: {e}")),
@@ -437,10 +518,10 @@ impl Agent {
             let netns = owner.path;
             info!(pod = %format!("{ns}/{name}"), %ip, netns = %netns.display(), "found a running pod that never came through CNI");
             pods.insert(
-                format!("found:{ns}/{name}"),
+                format!("{FOUND}{ns}/{name}"),
                 Known {
                     req: PodRequest {
-                        container_id: format!("found:{ns}/{name}"),
+                        container_id: format!("{FOUND}{ns}/{name}"),
                         netns: netns.display().to_string(),
                         pod_name: name.clone(),
                         pod_namespace: ns.clone(),
@@ -449,24 +530,32 @@ impl Agent {
                     },
                     captured: None,
                     service_account: sa.clone(),
+                    // The namespace the IP was seen in, not whatever the path reaches later.
+                    netns_id: Some(owner.id),
                 },
             );
         }
     }
 
     /// Writes the redirection and hands the pod to ztunnel; on failure undoes all of it (the
-    /// hand-off too: a lost connection may have delivered the Add).
-    async fn enrol(&self, uid: &str, sa: String, req: &PodRequest) -> anyhow::Result<()> {
-        let netns = PathBuf::from(&req.netns);
+    /// hand-off too: a lost connection may have delivered the Add). Nothing is written unless
+    /// the namespace is the one `recorded` (when known) and not the node's; the identity of
+    /// the namespace enrolled is returned, to be recorded.
+    async fn enrol(&self, uid: &str, sa: String, req: &PodRequest, recorded: Option<NsId>) -> Result<NsId, EnrolError> {
+        let ns = self
+            .open_netns(&req.netns, recorded)
+            .inspect_err(|e| warn!(%uid, error = %e, "not enrolling the pod"))?;
+        let ns = Arc::new(ns);
         let result = async {
-            let (path, ports, proc_sys) = (netns.clone(), self.ports, self.proc_sys.clone());
+            let (pod_ns, ports, proc_sys) = (ns.clone(), self.ports, self.proc_sys.clone());
             // libnftables and rtnetlink calls block (briefly): keep them off the async threads.
             let ips = req.ips.clone();
             // Pod rules and the node's probe SNAT set are independent: written at once.
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|scope| {
                     let host = scope.spawn(|| host::add_pod_ips(&ips));
-                    let pod = rules::install_via(&path, ports, &proc_sys).map_err(anyhow::Error::from);
+                    let pod =
+                        rules::install_in(&pod_ns.file, &pod_ns.path, ports, &proc_sys).map_err(anyhow::Error::from);
                     let host = match host.join() {
                         Ok(r) => r.map_err(anyhow::Error::from),
                         Err(_) => Err(anyhow::anyhow!("probe SNAT thread panicked")),
@@ -475,7 +564,8 @@ impl Agent {
                 })
             })
             .await??;
-            let fd: OwnedFd = std::fs::File::open(&netns)?.into();
+            // The very namespace the rules went into, not whatever the path reaches now.
+            let fd: OwnedFd = ns.file.try_clone()?.into();
             let info = WorkloadInfo {
                 name: req.pod_name.clone(),
                 namespace: req.pod_namespace.clone(),
@@ -485,64 +575,60 @@ impl Agent {
             anyhow::Ok(())
         }
         .await;
-        match &result {
-            Ok(()) => info!(%uid, netns = %netns.display(), "pod enrolled"),
+        match result {
+            Ok(()) => {
+                info!(%uid, netns = %ns.path.display(), "pod enrolled");
+                Ok(ns.id)
+            }
             Err(e) => {
                 warn!(%uid, error = %e, "enrolment failed; the pod must not run uncaptured");
                 self.zds.del_pod(uid).await;
                 let (ips, proc_sys) = (req.ips.clone(), self.proc_sys.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     host::remove_pod_ips(&ips);
-                    rules::remove_via(&netns, &proc_sys)
+                    rules::remove_in(&ns.file, &ns.path, &proc_sys)
                 })
                 .await;
+                Err(e.into())
             }
         }
-        result
     }
 
     /// Takes a pod out of the mesh: ztunnel stops serving it, its rules go. All or nothing:
     /// when the rules cannot be removed the pod is enrolled again, whole, and the error
-    /// returned (the caller keeps it captured).
-    async fn release(&self, uid: &str, req: &PodRequest) -> Result<(), String> {
+    /// returned (the caller keeps it captured). A namespace that is gone, or is not the one
+    /// the pod was enrolled in (a reused pid), is left alone: the pod is gone.
+    async fn release(&self, uid: &str, known: &Known) -> Result<Released, String> {
         self.metrics.releases.inc();
         self.zds.del_pod(uid).await;
-        let ips = req.ips.clone();
+        let ips = known.req.ips.clone();
         let _ = tokio::task::spawn_blocking(move || host::remove_pod_ips(&ips)).await;
-        let netns = PathBuf::from(&req.netns);
-        // The namespace may already be gone: nothing left to remove then.
-        let removed = if netns.exists() {
-            let proc_sys = self.proc_sys.clone();
-            tokio::task::spawn_blocking(move || rules::remove_via(&netns, &proc_sys))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-        } else {
-            Ok(())
+        let ns = match self.open_netns(&known.req.netns, known.netns_id) {
+            Ok(ns) => ns,
+            Err(e) => {
+                info!(%uid, reason = %e, "pod released; its namespace is gone, nothing to remove");
+                return Ok(Released::Gone);
+            }
         };
+        let proc_sys = self.proc_sys.clone();
+        let removed = tokio::task::spawn_blocking(move || rules::remove_in(&ns.file, &ns.path, &proc_sys))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
         match removed {
             Ok(()) => {
                 info!(%uid, "pod released");
-                Ok(())
+                Ok(Released::Removed)
             }
             Err(e) => {
                 warn!(%uid, error = %e, "removing redirection rules failed; enrolling the pod again");
-                let sa = self.service_account_of(req).await;
-                match self.enrol(uid, sa, req).await {
-                    Ok(()) => Err(format!("releasing {uid}: {e} (the pod stays enrolled)")),
+                let sa = known.service_account.clone();
+                match self.enrol(uid, sa, &known.req, known.netns_id).await {
+                    Ok(_) => Err(format!("releasing {uid}: {e} (the pod stays enrolled)")),
                     Err(again) => Err(format!("releasing {uid}: {e}; enrolling it again: {again}")),
                 }
             }
         }
-    }
-
-    async fn service_account_of(&self, req: &PodRequest) -> String {
-        self.pods
-            .lock()
-            .await
-            .get(&req.container_id)
-            .map(|k| k.service_account.clone())
-            .unwrap_or_default()
     }
 
     async fn del(&self, req: PodRequest) -> Response<Full<Bytes>> {
@@ -554,15 +640,13 @@ impl Agent {
             );
         };
         if let Some(uid) = &known.captured {
-            if let Err(e) = self.release(uid, &known.req).await {
+            if let Err(e) = self.release(uid, &known).await {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, e);
             }
         }
         // Forgotten only once released: an agent killed mid-way re-asserts the pod on restart
         // and the runtime's retried DEL releases it.
-        let mut pods = self.pods.lock().await;
-        pods.remove(&req.container_id);
-        self.persist(&pods);
+        self.forget(&req.container_id).await;
         reply(StatusCode::OK, json!({}))
     }
 
@@ -592,41 +676,62 @@ impl Agent {
             let Some(known) = self.pods.lock().await.get(&id).cloned() else {
                 continue;
             };
-            let key = (known.req.pod_namespace.clone(), known.req.pod_name.clone());
-            if !inv.pods.contains_key(&key) && !self.source.absent_means_gone() {
-                continue;
-            }
-            let changed = match (&known.captured, desired(&inv, &key.0, &key.1)) {
-                (None, Ok(sa)) => {
-                    let uid = self.uid(&known.req);
-                    match self.enrol(&uid, sa.clone(), &known.req).await {
-                        Ok(()) => Some(Known {
-                            captured: Some(uid),
-                            service_account: sa,
-                            ..known
-                        }),
-                        Err(_) => None,
-                    }
-                }
-                (Some(uid), Err(reason)) => {
-                    info!(%uid, reason, "no longer ambient");
-                    match self.release(uid, &known.req).await {
-                        Ok(()) => Some(Known {
-                            captured: None,
-                            ..known
-                        }),
-                        Err(e) => {
-                            warn!(%uid, error = %e, "release failed; trying again at the next change");
-                            None
-                        }
-                    }
-                }
-                _ => None,
-            };
             // Persist each change as it happens: an agent killed mid-way restarts from the truth.
-            if let Some(known) = changed {
-                self.record(known).await;
+            match self.reconcile_one(&inv, known).await {
+                Change::Keep => {}
+                Change::Record(known) => self.record(*known).await,
+                Change::Forget => self.forget(&id).await,
             }
+        }
+    }
+
+    /// Re-decides one known pod (under its container's lock).
+    async fn reconcile_one(&self, inv: &Inventory, known: Known) -> Change {
+        let key = (known.req.pod_namespace.clone(), known.req.pod_name.clone());
+        // A pod adopted from a synced inventory gets no CNI DEL: leaving it is its deletion.
+        let adopted_and_deleted = known.req.container_id.starts_with(FOUND) && !inv.pods.contains_key(&key);
+        if !inv.pods.contains_key(&key) && !adopted_and_deleted && !self.source.absent_means_gone() {
+            return Change::Keep;
+        }
+        match (&known.captured, desired(inv, &key.0, &key.1)) {
+            (None, Ok(sa)) => {
+                let uid = self.uid(&known.req);
+                match self.enrol(&uid, sa.clone(), &known.req, known.netns_id).await {
+                    Ok(id) => Change::Record(Box::new(Known {
+                        captured: Some(uid),
+                        service_account: sa,
+                        netns_id: Some(id),
+                        ..known
+                    })),
+                    Err(EnrolError::Netns(e)) if e.gone() => Change::Forget,
+                    Err(_) => Change::Keep,
+                }
+            }
+            (Some(uid), Err(reason)) => {
+                info!(%uid, reason, "no longer ambient");
+                match self.release(uid, &known).await {
+                    Ok(Released::Gone) => Change::Forget,
+                    Ok(Released::Removed) if adopted_and_deleted => Change::Forget,
+                    Ok(Released::Removed) => Change::Record(Box::new(Known {
+                        captured: None,
+                        ..known
+                    })),
+                    Err(e) => {
+                        warn!(%uid, error = %e, "release failed; trying again at the next change");
+                        Change::Keep
+                    }
+                }
+            }
+            (None, Err(_)) if adopted_and_deleted => Change::Forget,
+            _ => Change::Keep,
+        }
+    }
+
+    /// Forgets a container, and persists that.
+    async fn forget(&self, id: &str) {
+        let mut pods = self.pods.lock().await;
+        if pods.remove(id).is_some() {
+            self.persist(&pods);
         }
     }
 
@@ -660,6 +765,12 @@ impl Agent {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("pod {uid} is not handed to ztunnel: {why}"),
+            );
+        }
+        if let Err(e) = self.open_netns(&known.req.netns, known.netns_id) {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("pod {uid} is not in its namespace: {e}"),
             );
         }
         let (netns, ports) = (PathBuf::from(&known.req.netns), self.ports);
@@ -786,5 +897,142 @@ mod tests {
         assert_eq!(req(Some(4000)).undecided_wait(), Duration::from_millis(3400));
         assert_eq!(req(Some(60_000)).undecided_wait(), UNDECIDED_WAIT);
         assert_eq!(req(Some(100)).undecided_wait(), Duration::ZERO);
+    }
+
+    /// A namespace pinned for the test, deleted on drop (also when the test fails).
+    struct TestNs(String);
+
+    impl TestNs {
+        fn new(prefix: &str) -> Option<TestNs> {
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!("skipping: needs root");
+                return None;
+            }
+            let name = format!("{prefix}{}", std::process::id());
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip netns add {name}");
+            Some(TestNs(name))
+        }
+
+        fn path(&self) -> String {
+            format!("/var/run/netns/{}", self.0)
+        }
+
+        fn id(&self) -> NsId {
+            netns::identify(std::path::Path::new(&self.path())).unwrap()
+        }
+    }
+
+    impl Drop for TestNs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
+    /// An agent on an empty manifest directory, its state file in `dir`.
+    fn agent(dir: &std::path::Path) -> Arc<Agent> {
+        Agent::new(
+            ZdsServer::new(),
+            InventorySource::Dir(crate::agent::dir::ManifestDir::new(dir.join("manifests"))),
+            "Kubernetes".into(),
+            AgentPaths {
+                state_file: Some(dir.join("pods.json")),
+                report_file: None,
+                proc_sys: rules::PROC_SYS.into(),
+            },
+            None,
+            None,
+        )
+    }
+
+    fn known(container_id: &str, netns: String, netns_id: Option<NsId>, captured: bool) -> Known {
+        Known {
+            req: PodRequest {
+                container_id: container_id.into(),
+                netns,
+                pod_name: "web".into(),
+                pod_namespace: "shop".into(),
+                // No address: the node's probe SNAT set is not touched.
+                ips: vec![],
+                timeout_ms: None,
+            },
+            captured: captured.then(|| "Kubernetes//Pod/shop/web".to_owned()),
+            service_account: "web".into(),
+            netns_id,
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_forgets_a_pod_whose_path_reaches_another_namespace() {
+        let Some(ns) = TestNs::new("restore") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        // The pid behind the recorded path was reused: the path reaches a namespace other
+        // than the one the pod was enrolled in.
+        let enrolled = NsId {
+            ino: ns.id().ino + 1,
+            ..ns.id()
+        };
+        let state = vec![known("c1", ns.path(), Some(enrolled), true)];
+        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        let agent = agent(dir.path());
+        assert_eq!(agent.restore().await.unwrap(), 0);
+        assert!(agent.zds.pods().is_empty(), "handed to ztunnel: {:?}", agent.zds.pods());
+        assert!(!rules::installed(std::path::Path::new(&ns.path())), "rules installed");
+        let persisted = std::fs::read_to_string(dir.path().join("pods.json")).unwrap();
+        assert_eq!(persisted, "[]");
+    }
+
+    #[tokio::test]
+    async fn the_node_namespace_is_never_enrolled() {
+        let Some(ns) = TestNs::new("nodens") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = agent(dir.path());
+        // The test's namespace stands for the node's: the real one never risks the rules.
+        Arc::get_mut(&mut agent).unwrap().host_netns = Some(ns.id());
+        let req = known("c1", ns.path(), None, false).req;
+        let e = agent
+            .enrol("Kubernetes//Pod/shop/web", "web".into(), &req, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EnrolError::Netns(NetnsError::Host { .. })), "{e}");
+        assert!(!rules::installed(std::path::Path::new(&ns.path())), "rules installed");
+        // Nor restored from a state file.
+        let state = vec![known("c1", ns.path(), Some(ns.id()), true)];
+        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        assert_eq!(agent.restore().await.unwrap(), 0);
+        assert!(!rules::installed(std::path::Path::new(&ns.path())), "rules installed");
+        assert!(agent.zds.pods().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_state_file_is_readable_by_the_agent_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path());
+        // A left-over temporary file keeps no wider mode either.
+        std::fs::write(dir.path().join("pods.tmp"), "").unwrap();
+        std::fs::set_permissions(dir.path().join("pods.tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        agent.persist(&HashMap::new());
+        let mode = std::fs::metadata(dir.path().join("pods.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[tokio::test]
+    async fn an_adopted_pod_gone_from_the_inventory_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("manifests")).unwrap();
+        let agent = agent(dir.path());
+        let adopted = known("found:shop/web", "/proc/1/ns/net".into(), None, false);
+        agent.record(adopted).await;
+        agent.reconcile().await;
+        assert!(agent.pods.lock().await.is_empty());
     }
 }
