@@ -3,8 +3,8 @@
 //! against the original client's identity, route selection, the route's own answers
 //! (redirect, fault abort) and rewrites, and resolving the backend the route sends to.
 //! Every refusal is a [`LocalReply`]; nothing here sends to an endpoint. Sanitizing writes
-//! the canonical path back into the request first, so every later stage, and the backend,
-//! reads that one path.
+//! the canonical path and host back into the request first, so every later stage, and the
+//! backend, reads that one path and host.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use mesh_core::state::State;
 use mesh_proto::waypoint as wp;
 use rand::Rng;
 
+use super::authority;
 use super::local_reply::{BadRequest, LocalReply};
 use super::path;
 use super::proxy::Downstream;
@@ -29,12 +30,13 @@ use crate::store::Snapshot;
 use crate::upstream::{self, cluster::Cluster, Endpoint};
 use crate::Waypoint;
 
-/// What only the proxy decides, before anything reads the headers: the canonical path,
-/// hop-by-hop headers (a client's `Connection` list cannot remove what the mesh writes
+/// What only the proxy decides, before anything reads the headers: the canonical path and
+/// host, hop-by-hop headers (a client's `Connection` list cannot remove what the mesh writes
 /// later), headers the mesh vouches for, and upgrades other than WebSocket.
 /// `Ok(Some(note))`: an upgrade was dropped.
 pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
     canonical_path(parts).map_err(LocalReply::BadRequest)?;
+    authority::canonicalize(parts).map_err(|e| LocalReply::BadRequest(BadRequest::Authority(e)))?;
     let upgrade = rewrite::upgrade_requested(parts.version, &parts.headers);
     rewrite::strip_hop_by_hop(&mut parts.headers, upgrade == UpgradeRequest::WebSocket);
     rewrite::strip_vouched(&mut parts.headers);
@@ -97,6 +99,7 @@ pub async fn authenticate(
 }
 
 /// The host the client addressed: the URI's authority, else `Host`, else the service name.
+/// [`sanitize`] made both canonical (and the same).
 pub fn request_host(parts: &Parts, svc: &Service) -> String {
     parts
         .uri
@@ -432,12 +435,20 @@ mod tests {
         }
     }
 
-    fn authz(name: &str, action: wp::Action, paths: &[&str]) -> (String, Arc<wp::Policy>) {
+    fn strings(values: &[&str]) -> Vec<String> {
+        values.iter().map(|v| (*v).to_owned()).collect()
+    }
+
+    fn paths(paths: &[&str]) -> wp::Operation {
+        wp::Operation {
+            paths: strings(paths),
+            ..Default::default()
+        }
+    }
+
+    fn authz(name: &str, action: wp::Action, operation: wp::Operation) -> (String, Arc<wp::Policy>) {
         let rule = wp::Rule {
-            to: vec![wp::Operation {
-                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-                ..Default::default()
-            }],
+            to: vec![operation],
             ..Default::default()
         };
         let policy = wp::Policy {
@@ -459,6 +470,11 @@ mod tests {
 
     /// Sanitizes `uri` as the pipeline does, then authorizes it.
     fn admit(snapshot: &Snapshot, uri: &str) -> Result<(), LocalReply> {
+        admit_request(snapshot, request(uri))
+    }
+
+    /// Sanitizes a request as the pipeline does, then authorizes it for the host it names.
+    fn admit_request(snapshot: &Snapshot, mut parts: Parts) -> Result<(), LocalReply> {
         let metrics = crate::telemetry::metrics::Metrics::register(&mut Registry::default());
         let svc = service();
         let down = downstream(svc.clone());
@@ -467,17 +483,17 @@ mod tests {
             service: ("shop", "api"),
             metrics: &metrics,
         };
-        let mut parts = request(uri);
         sanitize(&mut parts)?;
-        authorize(snapshot, &target, &down, None, &parts, &svc.hostname)
+        let host = request_host(&parts, &svc);
+        authorize(snapshot, &target, &down, None, &parts, &host)
     }
 
     #[test]
     fn a_deny_on_a_path_holds_however_the_path_is_spelled() {
         let mut snapshot = Snapshot::default();
         snapshot.policies = [
-            authz("public", wp::Action::Allow, &["/public/*"]),
-            authz("admin", wp::Action::Deny, &["/admin*"]),
+            authz("public", wp::Action::Allow, paths(&["/public/*"])),
+            authz("admin", wp::Action::Deny, paths(&["/admin*"])),
         ]
         .into_iter()
         .collect();
@@ -498,6 +514,32 @@ mod tests {
             admit(&snapshot, "/public/..\\admin"),
             Err(LocalReply::BadRequest(BadRequest::Path(path::PathError::Backslash)))
         ));
+    }
+
+    #[test]
+    fn a_deny_on_a_host_holds_however_the_host_is_spelled() {
+        let mut snapshot = Snapshot::default();
+        let admin = wp::Operation {
+            hosts: strings(&["admin.example.com"]),
+            ..Default::default()
+        };
+        snapshot.policies = [authz("admin", wp::Action::Deny, admin)].into_iter().collect();
+        let with_host = |host: &str| {
+            let req = http::Request::builder().uri("/").header(header::HOST, host);
+            req.body(()).expect("a test request").into_parts().0
+        };
+        assert!(admit_request(&snapshot, with_host("www.example.com")).is_ok());
+        for denied in ["admin.example.com:", "ADMIN.example.com:8443"] {
+            let got = admit_request(&snapshot, with_host(denied));
+            assert!(matches!(got, Err(LocalReply::RbacDenied(_))), "{denied}: {got:?}");
+        }
+        for refused in ["admin.example.com:99999", "x@admin.example.com"] {
+            let got = admit_request(&snapshot, with_host(refused));
+            assert!(
+                matches!(got, Err(LocalReply::BadRequest(BadRequest::Authority(_)))),
+                "{refused}: {got:?}"
+            );
+        }
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub enum BadRequest {
     Body(String),
     /// The request path has no canonical form (see [`super::path`]).
     Path(super::path::PathError),
+    /// The host the request names is refused (see [`super::authority`]).
+    Authority(super::authority::AuthorityError),
 }
 
 /// A response the waypoint writes itself.
@@ -182,6 +184,7 @@ impl LocalReply {
             LocalReply::BadRequest(BadRequest::RewrittenPath) => "rewritten path is not a valid URI",
             LocalReply::BadRequest(BadRequest::Body(_)) => "could not read the request body",
             LocalReply::BadRequest(BadRequest::Path(_)) => "the request path is not valid",
+            LocalReply::BadRequest(BadRequest::Authority(_)) => "the request host is not valid",
             LocalReply::Overflow(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow"
             }
@@ -204,6 +207,7 @@ impl LocalReply {
             LocalReply::BadRequest(BadRequest::RewrittenPath) => Some("bad_rewrite"),
             LocalReply::BadRequest(BadRequest::Body(_)) => Some("bad_body"),
             LocalReply::BadRequest(BadRequest::Path(_)) => Some("bad_path"),
+            LocalReply::BadRequest(BadRequest::Authority(_)) => Some("bad_authority"),
             LocalReply::UnrequestedUpgrade { .. } => Some("bad_upgrade"),
             LocalReply::RateLimited { .. } => Some("rate_limited"),
             _ => None,
@@ -219,6 +223,7 @@ impl LocalReply {
             LocalReply::SubsetUnknown { service, subset } => Some(format!("subset {subset} of {service} unknown")),
             LocalReply::BadRequest(BadRequest::Body(e)) => Some(format!("reading request body: {e}")),
             LocalReply::BadRequest(BadRequest::Path(e)) => Some(format!("request path refused: {e:?}")),
+            LocalReply::BadRequest(BadRequest::Authority(e)) => Some(format!("request host refused: {e:?}")),
             LocalReply::Overflow(e) => Some(e.to_string()),
             LocalReply::UpstreamTls(e) => Some(e.to_string()),
             LocalReply::UnrequestedUpgrade { protocol } => Some(format!(
@@ -306,6 +311,7 @@ mod tests {
             LocalReply::BadRequest(BadRequest::RewrittenPath),
             LocalReply::BadRequest(BadRequest::Body("too big".into())),
             LocalReply::BadRequest(BadRequest::Path(crate::http::path::PathError::Backslash)),
+            LocalReply::BadRequest(BadRequest::Authority(crate::http::authority::AuthorityError::UserInfo)),
             LocalReply::Overflow(Overflow("http2MaxRequests reached")),
             LocalReply::NoHealthyUpstream,
             LocalReply::UpstreamFailure,

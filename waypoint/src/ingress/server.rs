@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Ingress;
-use crate::http::local_reply::LocalReply;
+use crate::http::authority;
+use crate::http::local_reply::{BadRequest, LocalReply};
 use crate::http::proxy::{self, Downstream};
 use crate::http::server;
 use crate::idle;
@@ -254,18 +255,6 @@ where
     }
 }
 
-/// The host a request names, without a port, lowercase.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let host = match req.uri().authority() {
-        Some(a) => a.host().to_owned(),
-        None => {
-            let raw = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            raw.parse::<http::uri::Authority>().ok()?.host().to_owned()
-        }
-    };
-    Some(host.to_ascii_lowercase())
-}
-
 /// Finds the request's route table and runs the waypoint's pipeline on it.
 /// `_answering` counts the request as being answered (for the idle watchdog) until it returns.
 async fn handle(
@@ -275,7 +264,11 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<http::Response<Body>, std::convert::Infallible> {
     let state = ingress.current.load_full();
-    let host = request_host(&req).unwrap_or_default();
+    // The canonical host, as admission writes it back for authorization and the backend.
+    let host = match authority::of_request(req.uri(), req.headers()) {
+        Ok(named) => named.map(|h| h.host().to_owned()).unwrap_or_default(),
+        Err(e) => return Ok(refuse(&wp, LocalReply::BadRequest(BadRequest::Authority(e)))),
+    };
     let port = state.ports.get(&conn.port);
     // On TLS the listener is the one the certificate was chosen for (SNI); its host tables
     // then decide by Host, so a request cannot reach another listener's routes.
@@ -302,6 +295,14 @@ async fn handle(
         service_key: table.to_owned(),
     });
     proxy::handle(wp, down, req).await
+}
+
+/// Answers before the pipeline: counted as a refusal when the reply says so.
+fn refuse(wp: &Waypoint, reply: LocalReply) -> http::Response<Body> {
+    if let Some(reason) = reply.reject_reason() {
+        wp.metrics.reject(reason);
+    }
+    reply.into_response()
 }
 
 /// Adds the peer to X-Forwarded-For, as a proxy does for the next hop.
