@@ -24,8 +24,10 @@ pub struct WorkloadSelector {
 
 /// An AuthorizationPolicy. A spec that cannot be read does not make the object disappear
 /// (that would silently drop a DENY): it is kept with `invalid` set, and translation turns
-/// it into a policy that allows nothing in its namespace until it is fixed. A spec with
-/// fields we do not implement is invalid the same way (each field is reported by path).
+/// it into a policy that allows nothing in its namespace (and at its waypoint or ingress
+/// targets) until it is fixed. A spec with fields we do not implement is invalid the same
+/// way (each field is reported by path). An unreadable spec keeps the targets it names, read
+/// on their own, so the waypoints and gateways it was written for still deny.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
@@ -35,6 +37,10 @@ pub struct AuthorizationPolicy {
     /// Paths of the spec's fields the mesh does not implement (`spec.rules[0]...`).
     #[serde(skip)]
     pub unimplemented: Vec<String>,
+    /// An unreadable spec whose `targetRef` or `targetRefs` cannot be read either: the
+    /// policy may have targeted anything in its namespace.
+    #[serde(skip)]
+    pub targets_unknown: bool,
 }
 
 /// The message `invalid` holds when the spec only has fields we do not implement; the
@@ -51,21 +57,48 @@ struct RawObject {
 impl<'de> Deserialize<'de> for AuthorizationPolicy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = RawObject::deserialize(d)?;
+        // Read before the spec is consumed: only an unreadable spec needs them.
+        let targets = targets_only(&raw.spec);
         Ok(match typed_spec::<AuthorizationPolicySpec>(raw.spec) {
             Ok((spec, unimplemented)) => AuthorizationPolicy {
                 metadata: raw.metadata,
                 spec,
                 invalid: (!unimplemented.is_empty()).then(|| AUTHZ_UNIMPLEMENTED_FIELDS.to_owned()),
                 unimplemented,
+                targets_unknown: false,
             },
-            Err(e) => AuthorizationPolicy {
-                metadata: raw.metadata,
-                spec: AuthorizationPolicySpec::default(),
-                invalid: Some(format!("spec: {e}")),
-                unimplemented: Vec::new(),
-            },
+            Err(e) => {
+                let (spec, targets_unknown) = targets;
+                AuthorizationPolicy {
+                    metadata: raw.metadata,
+                    spec,
+                    invalid: Some(format!("spec: {e}")),
+                    unimplemented: Vec::new(),
+                    targets_unknown,
+                }
+            }
         })
     }
+}
+
+/// The `targetRef` and `targetRefs` of a spec that does not parse as a whole, each read on
+/// its own, and whether one is present but unreadable. Nothing else of the spec is kept.
+fn targets_only(raw: &serde_json::Value) -> (AuthorizationPolicySpec, bool) {
+    fn field<T: serde::de::DeserializeOwned>(raw: &serde_json::Value, name: &str) -> Result<Option<T>, ()> {
+        match raw.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|_| ()),
+        }
+    }
+    let target_ref = field::<PolicyTargetReference>(raw, "targetRef");
+    let target_refs = field::<Vec<PolicyTargetReference>>(raw, "targetRefs");
+    let unknown = target_ref.is_err() || target_refs.is_err();
+    let spec = AuthorizationPolicySpec {
+        target_ref: target_ref.ok().flatten(),
+        target_refs: target_refs.ok().flatten().unwrap_or_default(),
+        ..AuthorizationPolicySpec::default()
+    };
+    (spec, unknown)
 }
 
 /// An Istio object of a kind whose unreadable spec rejects the document, with the paths of

@@ -488,7 +488,7 @@ pub(crate) fn unreadable_kinds(
             _ => (
                 pb::Action::Allow,
                 Vec::new(),
-                "every workload in the mesh allows nothing",
+                "every workload, waypoint and ingress gateway in the mesh allows nothing",
             ),
         };
         report.add(

@@ -258,7 +258,7 @@ impl Incremental {
         }
         let mut touched = Touched::default();
         let mut updates: BTreeMap<String, Option<pb::Address>> = BTreeMap::new();
-        let tail = (pending.tail || full).then(|| self.tail(inputs, &mut pending));
+        let tail = (pending.tail || full).then(|| self.tail(inputs, states, &mut pending));
         self.authorizations(inputs, states, &mut pending, &mut touched);
         self.services(inputs, &mut pending, &mut updates);
         if full || pending.entries || tail.is_some() || !pending.services.is_empty() {
@@ -413,7 +413,7 @@ impl Incremental {
 
     /// Routes, waypoint policies, ingress, waypoints; marks every pod and service dirty when
     /// the waypoints pods and services attach to changed.
-    fn tail(&mut self, inputs: &Inputs, pending: &mut Pending) -> Outputs {
+    fn tail(&mut self, inputs: &Inputs, states: &BTreeMap<Kind, KindSync>, pending: &mut Pending) -> Outputs {
         let options = &self.options;
         let mut report = Report::default();
         let waypoints = attach::waypoints(inputs, options, &mut report);
@@ -433,6 +433,7 @@ impl Incremental {
         let (service_routes, mut waypoint_policies) = super::routes::translate(inputs, options, &mut report);
         waypoint_policies.extend(super::rate_limit::translate(inputs, &mut report));
         waypoint_policies.extend(super::telemetry::translate(inputs, options, &mut report));
+        waypoint_policies.extend(super::waypoint_policy::unreadable_kinds(inputs, states, options));
         let ingress = super::ingress::translate(inputs, options, &mut report);
         let attach = Attachments::new(inputs, &waypoints, options, &mut report);
         let waypoint_credentials =

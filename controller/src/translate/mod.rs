@@ -220,6 +220,8 @@ pub fn translate_synced(
     let mut report = Report::default();
     out.authorizations
         .extend(authz::unreadable_kinds(states, options, &mut report));
+    out.waypoint_policies
+        .extend(waypoint_policy::unreadable_kinds(inputs, states, options));
     out.problems.extend(report.0);
     out.problems.sort();
     out.problems.dedup();

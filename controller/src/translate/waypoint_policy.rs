@@ -1,8 +1,10 @@
 //! The L7 policies waypoints enforce: AuthorizationPolicy and RequestAuthentication attached
 //! with `targetRefs` to a waypoint Gateway or to a Service, as `mesh.waypoint.v1.Policy`
-//! resources. An AuthorizationPolicy that cannot be read is left to `authz.rs`, which makes it
-//! allow nothing in its namespace. Targets in another namespace than the policy's are dropped
-//! and reported ([`super::policy_target`]); a policy left with none applies to nothing.
+//! resources. An AuthorizationPolicy that is invalid (a spec that does not parse, a field we
+//! do not implement) fails closed here too: it is sent as a DENY of every request at its targets (`authz.rs` makes it allow nothing at ztunnel, which neither an
+//! ingress gateway nor a waypoint serving other namespaces enforces). Targets in another
+//! namespace than the policy's are dropped and reported ([`super::policy_target`]); a policy
+//! left with none applies to nothing.
 
 use std::collections::BTreeMap;
 
@@ -41,8 +43,7 @@ fn targets(
         match (t.group.as_str(), t.kind.as_str()) {
             ("gateway.networking.k8s.io", "Gateway") => {
                 let gateway = inputs.gateways.get(&target_key);
-                let enforced = gateway
-                    .is_some_and(|g| g.spec.gateway_class_name == WAYPOINT_CLASS || super::ingress::is_ingress(g));
+                let enforced = gateway.is_some_and(enforces_policy);
                 if !enforced {
                     report.add(
                         kind,
@@ -96,10 +97,13 @@ fn targets(
 pub(crate) fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String, wp::Policy> {
     let mut out = BTreeMap::new();
     for (key, ap) in &inputs.authorization_policies {
-        if ap.spec.targets().next().is_none() || ap.invalid.is_some() {
+        if ap.spec.targets().next().is_none() && !ap.targets_unknown {
             continue;
         }
-        let policy = authorization(inputs, key, ap, report);
+        let policy = match &ap.invalid {
+            Some(why) => allow_nothing(inputs, key, ap, why, report),
+            None => authorization(inputs, key, ap, report),
+        };
         out.insert(format!("AuthorizationPolicy/{key}"), policy);
     }
     for (key, ra) in &inputs.request_authentications {
@@ -113,6 +117,126 @@ pub(crate) fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String,
         }
         let policy = jwt_authentication(inputs, key, ra, report);
         out.insert(format!("RequestAuthentication/{key}"), policy);
+    }
+    out
+}
+
+/// An invalid policy with targets: it may have been a DENY, so at its targets it denies
+/// every request until it is fixed: a DENY whose one empty rule matches everything (an ALLOW
+/// without rules would not do: a valid ALLOW beside it that matches would still allow). Targets that cannot be read at all
+/// stand for every waypoint and ingress Gateway, Service and ServiceEntry in its namespace.
+fn allow_nothing(
+    inputs: &Inputs,
+    key: &ObjectKey,
+    ap: &istio::AuthorizationPolicy,
+    why: &str,
+    report: &mut Report,
+) -> wp::Policy {
+    let kind = Kind::AuthorizationPolicy;
+    let targets = if ap.targets_unknown {
+        everything_in_namespace(inputs, &key.namespace)
+    } else {
+        targets(
+            ap.spec.target_ref.as_ref(),
+            &ap.spec.target_refs,
+            key,
+            kind,
+            inputs,
+            report,
+        )
+    };
+    let named: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{} {}/{}", t.kind, t.namespace, t.name))
+        .collect();
+    let at = if ap.targets_unknown {
+        format!(
+            "every waypoint, ingress gateway and service in namespace {} (spec.targetRefs unreadable)",
+            key.namespace
+        )
+    } else {
+        format!("its targets ({})", named.join(", "))
+    };
+    report.add(
+        kind,
+        key,
+        format!("{why}; until it is fixed the policy denies every request at {at}"),
+    );
+    wp::Policy {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        targets,
+        kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
+            action: wp::Action::Deny as i32,
+            rules: vec![wp::Rule::default()],
+            dry_run: super::authz::dry_run(ap),
+        })),
+    }
+}
+
+/// Every waypoint and ingress Gateway, Service and ServiceEntry in `namespace`: what a
+/// policy there could have targeted.
+fn everything_in_namespace(inputs: &Inputs, namespace: &str) -> Vec<wp::Target> {
+    let target = |kind: &str, name: &str| wp::Target {
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let gateways = inputs
+        .gateways
+        .iter()
+        .filter(|(k, g)| k.namespace == namespace && enforces_policy(g))
+        .map(|(k, _)| target("Gateway", &k.name));
+    let services = inputs.services.keys().filter(|k| k.namespace == namespace);
+    let entries = inputs.service_entries.keys().filter(|k| k.namespace == namespace);
+    gateways
+        .chain(services.chain(entries).map(|k| target("Service", &k.name)))
+        .collect()
+}
+
+/// Whether a Gateway enforces the policies targeting it: a waypoint or an ingress gateway.
+fn enforces_policy(g: &crate::model::gateway::Gateway) -> bool {
+    g.spec.gateway_class_name == WAYPOINT_CLASS || super::ingress::is_ingress(g)
+}
+
+/// Kind-level fail-closed at waypoints and ingress gateways, as `authz::unreadable_kinds` is
+/// at ztunnel: while AuthorizationPolicy or RequestAuthentication cannot be listed (failing,
+/// never listed, so their policies are unknown) every waypoint and ingress gateway denies
+/// every request. Keyed like the object policies, under a name no object can have. The
+/// problem is reported by `authz::unreadable_kinds`.
+pub(crate) fn unreadable_kinds(
+    inputs: &Inputs,
+    states: &BTreeMap<Kind, crate::source::KindSync>,
+    options: &super::Options,
+) -> BTreeMap<String, wp::Policy> {
+    let gateways: Vec<wp::Target> = inputs
+        .gateways
+        .iter()
+        .filter(|(_, g)| enforces_policy(g))
+        .map(|(k, _)| wp::Target {
+            kind: "Gateway".to_owned(),
+            namespace: k.namespace.clone(),
+            name: k.name.clone(),
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for (&kind, state) in states {
+        let governed = matches!(kind, Kind::AuthorizationPolicy | Kind::RequestAuthentication);
+        if !governed || state.unreadable().is_none() {
+            continue;
+        }
+        let name = format!("kind-unreadable:{}", kind.name());
+        let policy = wp::Policy {
+            name: name.clone(),
+            namespace: options.root_namespace.clone(),
+            targets: gateways.clone(),
+            kind: Some(wp::policy::Kind::Authorization(wp::Authorization {
+                action: wp::Action::Deny as i32,
+                rules: vec![wp::Rule::default()],
+                dry_run: false,
+            })),
+        };
+        out.insert(format!("AuthorizationPolicy/{}/{name}", options.root_namespace), policy);
     }
     out
 }
@@ -427,5 +551,146 @@ spec:
                 "{name}: {messages:?}"
             );
         }
+    }
+
+    /// An ingress Gateway in `shop` beside WORLD's waypoints.
+    const INGRESS: &str = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+"#;
+
+    /// The authorization a policy is sent as: (action, whether its rules are one that
+    /// matches everything, targets).
+    fn sent(p: &wp::Policy) -> (i32, bool, Vec<(String, String, String)>) {
+        match &p.kind {
+            Some(wp::policy::Kind::Authorization(a)) => (a.action, a.rules == [wp::Rule::default()], targets_of(p)),
+            other => panic!("not an authorization: {other:?}"),
+        }
+    }
+
+    /// Invalid policies on the ingress Gateway and the waypoint (a misspelt field the CRD
+    /// keeps, a spec that does not parse) are sent as a DENY of every request at their
+    /// targets, and reported so.
+    #[test]
+    fn invalid_policies_deny_everything_at_their_targets() {
+        let (out, problems) = translated(&format!(
+            r#"{WORLD}{INGRESS}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-bad-ips, namespace: shop}}
+spec:
+  targetRefs:
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: public}}
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}
+  action: DENY
+  rules: [{{from: [{{source: {{remoteIPBlocks: [203.0.113.0/24]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: unparsable, namespace: shop}}
+spec:
+  targetRef: {{kind: Gateway, group: gateway.networking.k8s.io, name: public}}
+  action: DENY
+  rules: not-a-list
+"#
+        ));
+        let gateway = |name: &str| ("Gateway".to_owned(), "shop".to_owned(), name.to_owned());
+        let deny = wp::Action::Deny as i32;
+        assert_eq!(
+            sent(&out["AuthorizationPolicy/shop/deny-bad-ips"]),
+            (deny, true, vec![gateway("public"), gateway("waypoint")])
+        );
+        assert_eq!(
+            sent(&out["AuthorizationPolicy/shop/unparsable"]),
+            (deny, true, vec![gateway("public")])
+        );
+        for (name, at) in [
+            (
+                "deny-bad-ips",
+                "its targets (Gateway shop/public, Gateway shop/waypoint)",
+            ),
+            ("unparsable", "its targets (Gateway shop/public)"),
+        ] {
+            let expected = format!("the policy denies every request at {at}");
+            assert!(
+                problems.iter().any(|p| p.ends_with(&expected)),
+                "{name}: {expected} not in {problems:?}"
+            );
+        }
+    }
+
+    /// A spec that does not parse and whose targets cannot be read either denies at every
+    /// waypoint, ingress gateway and service of its namespace, and nowhere else.
+    #[test]
+    fn unreadable_targets_deny_everything_in_the_namespace() {
+        let (out, problems) = translated(&format!(
+            r#"{WORLD}{INGRESS}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: broken, namespace: shop}}
+spec:
+  targetRefs: {{kind: Gateway, name: public}}
+  action: DENY
+"#
+        ));
+        let target = |kind: &str, name: &str| (kind.to_owned(), "shop".to_owned(), name.to_owned());
+        assert_eq!(
+            sent(&out["AuthorizationPolicy/shop/broken"]),
+            (
+                wp::Action::Deny as i32,
+                true,
+                vec![
+                    target("Gateway", "public"),
+                    target("Gateway", "waypoint"),
+                    target("Service", "payments")
+                ]
+            )
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p
+                    .contains("denies every request at every waypoint, ingress gateway and service in namespace shop")),
+            "{problems:?}"
+        );
+    }
+
+    /// While AuthorizationPolicy cannot be listed, every waypoint and ingress gateway denies
+    /// everything (ztunnel's stand-in does not reach them); once listed, no stand-in.
+    #[test]
+    fn an_unreadable_kind_denies_everything_at_every_gateway() {
+        use crate::source::KindSync;
+        let inputs = inputs(&format!("{WORLD}{INGRESS}"));
+        let options = crate::translate::Options::default();
+        let failing = |listed| KindSync::Failing {
+            reason: "403 forbidden".to_owned(),
+            listed,
+        };
+        let states = BTreeMap::from([(Kind::AuthorizationPolicy, failing(false))]);
+        let out = crate::translate::translate_synced(&inputs, &states, &options);
+        let name = format!(
+            "AuthorizationPolicy/{}/kind-unreadable:AuthorizationPolicy",
+            options.root_namespace
+        );
+        let gateway = |ns: &str, name: &str| ("Gateway".to_owned(), ns.to_owned(), name.to_owned());
+        assert_eq!(
+            sent(&out.waypoint_policies[&name]),
+            (
+                wp::Action::Deny as i32,
+                true,
+                vec![
+                    gateway("evil", "waypoint"),
+                    gateway("shop", "public"),
+                    gateway("shop", "waypoint")
+                ]
+            )
+        );
+        let states = BTreeMap::from([(Kind::AuthorizationPolicy, failing(true))]);
+        let out = crate::translate::translate_synced(&inputs, &states, &options);
+        assert!(!out.waypoint_policies.contains_key(&name));
     }
 }

@@ -520,6 +520,38 @@ mod tests {
         assert_eq!(evaluate(&[], &a), Decision::Allow);
     }
 
+    /// What the controller sends for an invalid policy targeting a gateway: a DENY with one
+    /// empty rule. Every request and connection at that gateway is denied, even when a valid
+    /// ALLOW there matches (an ALLOW without rules would not be enough); another gateway is
+    /// not affected.
+    #[test]
+    fn an_invalid_policys_stand_in_denies_everything_at_its_target() {
+        let public = vec![wp::Target {
+            kind: "Gateway".into(),
+            namespace: "shop".into(),
+            name: "public".into(),
+        }];
+        let mut stand_in = policy(wp::Action::Deny, vec![wp::Rule::default()]);
+        stand_in.targets = public.clone();
+        let mut allow_all = policy(wp::Action::Allow, vec![wp::Rule::default()]);
+        allow_all.targets = public;
+        allow_all.name = "allow-all".into();
+        let policies = [stand_in, allow_all];
+        let at = |gw: (&'static str, &'static str)| policies.iter().filter(move |p| crate::policy::applies(p, gw, gw));
+        let h = HeaderMap::new();
+        let a = attrs("", "GET", "/", &h);
+        let public = ("shop", "public");
+        assert_eq!(
+            evaluate(at(public), &a),
+            Decision::Deny("denied by shop/p rule 0".into())
+        );
+        assert!(matches!(
+            evaluate_tcp(at(public), &tcp("td/ns/shop/sa/x")),
+            Decision::Deny(_)
+        ));
+        assert_eq!(at(("shop", "other")).count(), 0);
+    }
+
     #[test]
     fn header_not_values_and_unknown_keys_fail_closed() {
         let rule = |key: &str| wp::Rule {
