@@ -31,8 +31,8 @@ use crate::upstream::{self, cluster::Cluster, Endpoint};
 use crate::Waypoint;
 
 /// What only the proxy decides, before anything reads the headers: the canonical path and
-/// host, hop-by-hop headers (a client's `Connection` list cannot remove what the mesh writes
-/// later), headers the mesh vouches for, and upgrades other than WebSocket.
+/// host, hop-by-hop headers (a client's `Connection` list cannot remove what the mesh wrote
+/// before or writes later), headers the mesh vouches for, and upgrades other than WebSocket.
 /// `Ok(Some(note))`: an upgrade was dropped.
 pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
     canonical_path(parts).map_err(LocalReply::BadRequest)?;

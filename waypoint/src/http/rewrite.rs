@@ -7,6 +7,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri, Version};
 use mesh_proto::waypoint as wp;
 
+use crate::telemetry::trace;
+
 /// Applies set/add/remove; names or values that are not valid HTTP are skipped (the
 /// controller validated them, so this only guards against a buggy control plane).
 pub fn headers(h: &mut HeaderMap, rw: &wp::HeaderRewrite) {
@@ -59,9 +61,17 @@ pub fn join_cookies(h: &mut HeaderMap) {
     }
 }
 
-/// Drops hop-by-hop headers (and those `Connection` names), and keeps `te: trailers` (gRPC
-/// needs it). For a WebSocket upgrade (`upgrade`), the message then carries exactly
-/// `Connection: upgrade` and `Upgrade: websocket`.
+/// Headers a `Connection` list cannot remove: written by the mesh before stripping (the
+/// ingress's X-Forwarded-For, the injected trace context), or already routed by (`Host`).
+/// A client naming them would otherwise delete what the mesh vouches for.
+fn written_by_mesh(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    matches!(name, "host" | "x-forwarded-for" | "x-forwarded-proto") || trace::HEADERS.contains(&name)
+}
+
+/// Drops hop-by-hop headers (and those `Connection` names, but for what the mesh wrote), and
+/// keeps `te: trailers` (gRPC needs it). For a WebSocket upgrade (`upgrade`), the message then
+/// carries exactly `Connection: upgrade` and `Upgrade: websocket`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -69,6 +79,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !written_by_mesh(n))
         .collect();
     for n in named {
         h.remove(n);
@@ -266,6 +277,30 @@ mod tests {
         h.insert("x-jwt-group", "admins".parse().unwrap());
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key("x-jwt-group"));
+    }
+
+    #[test]
+    fn a_connection_list_cannot_remove_what_the_mesh_wrote() {
+        let mut h = HeaderMap::new();
+        let named = "keep-alive, X-Forwarded-For, traceparent, x-b3-traceid, host, x-forwarded-proto, x-private";
+        h.insert(header::CONNECTION, named.parse().unwrap());
+        h.insert(header::HOST, "shop.example".parse().unwrap());
+        h.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        let ctx = trace::extract(&HeaderMap::new(), 100.0);
+        trace::inject(&ctx, &mut h);
+        h.insert("x-private", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-private") && !h.contains_key(header::CONNECTION));
+        for kept in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "traceparent",
+            "x-b3-traceid",
+            "host",
+        ] {
+            assert!(h.contains_key(kept), "{kept} was removed");
+        }
     }
 
     #[test]

@@ -111,6 +111,17 @@ pub fn extract(h: &HeaderMap, sampling_percent: f64) -> TraceContext {
     }
 }
 
+/// The headers [`inject`] writes or removes: the mesh vouches for them once injected, so a
+/// client's `Connection` list does not remove them.
+pub const HEADERS: [&str; 6] = [
+    "traceparent",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "x-b3-parentspanid",
+    "b3",
+];
+
 /// Writes the context for the upstream request: our span is its parent.
 pub fn inject(ctx: &TraceContext, h: &mut HeaderMap) {
     let flag = if ctx.sampled { "01" } else { "00" };
@@ -346,6 +357,8 @@ mod tests {
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"));
         assert!(!tp.contains("00f067aa0ba902b7"), "our span is the new parent");
         assert_eq!(out["x-b3-parentspanid"], "00f067aa0ba902b7");
+        // What `HEADERS` declares is all that `inject` writes.
+        assert!(out.keys().all(|k| HEADERS.contains(&k.as_str())), "{out:?}");
     }
 
     #[test]
