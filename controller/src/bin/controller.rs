@@ -219,7 +219,7 @@ async fn cluster_source(
     core: &core::Core,
     changes_tx: mpsc::Sender<source::Change>,
     ids: &Identities,
-) -> anyhow::Result<Arc<dyn Authenticator>> {
+) -> anyhow::Result<controller::k8s::tokenreview::TokenReviewAuthenticator> {
     let client = controller::k8s::client().await.context("Kubernetes client")?;
     if config.remote_secrets {
         tokio::spawn(source::remote::watch_secrets(
@@ -253,11 +253,11 @@ async fn cluster_source(
         trust_bundle: Some(ids.bundle_rx.clone()),
     };
     spawn_writers(&client, writer, leader, core.published.clone());
-    Ok(Arc::new(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
+    Ok(controller::k8s::tokenreview::TokenReviewAuthenticator::new(
         client,
         config.trust_domain.clone(),
         config.token_audiences.clone(),
-    )))
+    ))
 }
 
 /// Splits what is published into what each cluster writer follows (records, problems,
@@ -379,7 +379,11 @@ async fn main() -> anyhow::Result<()> {
 
     let auth = match &config.manifest_dir {
         Some(dir) => local_source(&config, dir, &core, changes_tx, skipped_tx)?,
-        None => cluster_source(&config, &core, changes_tx, &ids).await?,
+        None => {
+            let review = cluster_source(&config, &core, changes_tx, &ids).await?;
+            let metrics = controller::ca::review_bound::ReviewMetrics::register(&mut registry);
+            Arc::new(controller::ca::review_bound::ReviewBound::new(review, metrics))
+        }
     };
     let (auth, vm_tokens) = with_vm_tokens(&config, auth, &mut registry)?;
     let ca = start_ca(&config, ids, auth.clone(), core.pods.clone(), ca_metrics)?;
@@ -407,6 +411,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, admin = %config.admin, identity = %identity, "controller serving xDS and CA");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // A proxy uses one stream per connection (xDS) or a few (CA calls); a client may not
+        // open thousands on one connection.
+        .max_concurrent_streams(Some(128))
         .add_service(ads.into_service())
         .add_service(ca.into_service())
         .serve_with_incoming_shutdown(

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod plugin;
+pub mod review_bound;
 pub mod root;
 pub mod server;
 pub mod vm_token;
