@@ -95,6 +95,9 @@ pub enum LocalReply {
     FaultAbort(StatusCode),
     /// The request cannot be forwarded as sent.
     BadRequest(BadRequest),
+    /// On TLS, the request's host belongs to another listener than the one the connection's
+    /// SNI chose (a connection reused for another host): the client must connect anew.
+    Misdirected { sni: String, host: String },
     /// A connection-pool limit refused the request.
     Overflow(Overflow),
     /// No endpoint of the backend can be sent to.
@@ -126,6 +129,7 @@ impl LocalReply {
             LocalReply::NoRoute => StatusCode::NOT_FOUND,
             LocalReply::Redirect { status, .. } | LocalReply::FaultAbort(status) => *status,
             LocalReply::BadRequest(_) => StatusCode::BAD_REQUEST,
+            LocalReply::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             LocalReply::BackendUnknown { .. }
             | LocalReply::SubsetUnknown { .. }
             | LocalReply::Overflow(_)
@@ -143,9 +147,10 @@ impl LocalReply {
             LocalReply::ConnectUnsupported | LocalReply::BadRequest(_) => ResponseFlag::DownstreamProtocolError,
             LocalReply::JwtRejected(_) => ResponseFlag::Unauthenticated,
             LocalReply::RbacDenied(_) => ResponseFlag::RbacDenied,
-            LocalReply::NoRoute | LocalReply::BackendUnknown { .. } | LocalReply::SubsetUnknown { .. } => {
-                ResponseFlag::NoRoute
-            }
+            LocalReply::NoRoute
+            | LocalReply::Misdirected { .. }
+            | LocalReply::BackendUnknown { .. }
+            | LocalReply::SubsetUnknown { .. } => ResponseFlag::NoRoute,
             LocalReply::Redirect { .. } => ResponseFlag::None,
             LocalReply::FaultAbort(_) => ResponseFlag::FaultAbort,
             LocalReply::Overflow(_) => ResponseFlag::Overflow,
@@ -177,6 +182,7 @@ impl LocalReply {
             LocalReply::JwtRejected(_) => "Jwt verification fails",
             LocalReply::RbacDenied(_) => "RBAC: access denied",
             LocalReply::NoRoute => "no route matched",
+            LocalReply::Misdirected { .. } => "misdirected request",
             LocalReply::BackendUnknown { .. } => "backend service not found",
             LocalReply::SubsetUnknown { .. } | LocalReply::NoHealthyUpstream => "no healthy upstream",
             LocalReply::Redirect { .. } => "redirect",
@@ -204,6 +210,7 @@ impl LocalReply {
         match self {
             LocalReply::ConnectUnsupported => Some("connect_method"),
             LocalReply::NoRoute => Some("no_route"),
+            LocalReply::Misdirected { .. } => Some("misdirected_request"),
             LocalReply::BadRequest(BadRequest::RewrittenPath) => Some("bad_rewrite"),
             LocalReply::BadRequest(BadRequest::Body(_)) => Some("bad_body"),
             LocalReply::BadRequest(BadRequest::Path(_)) => Some("bad_path"),
@@ -220,6 +227,9 @@ impl LocalReply {
             LocalReply::ConnectUnsupported => Some("CONNECT is not proxied".to_owned()),
             LocalReply::JwtRejected(why) | LocalReply::RbacDenied(why) => Some(why.clone()),
             LocalReply::BackendUnknown { service } => Some(format!("backend service {service} unknown")),
+            LocalReply::Misdirected { sni, host } => Some(format!(
+                "host {host:?} is not served by the listener of this connection (SNI {sni:?})"
+            )),
             LocalReply::SubsetUnknown { service, subset } => Some(format!("subset {subset} of {service} unknown")),
             LocalReply::BadRequest(BadRequest::Body(e)) => Some(format!("reading request body: {e}")),
             LocalReply::BadRequest(BadRequest::Path(e)) => Some(format!("request path refused: {e:?}")),
@@ -298,6 +308,10 @@ mod tests {
             LocalReply::JwtRejected("expired".into()),
             LocalReply::RbacDenied("denied by ns/p".into()),
             LocalReply::NoRoute,
+            LocalReply::Misdirected {
+                sni: "b.example.com".into(),
+                host: "a.example.com".into(),
+            },
             LocalReply::BackendUnknown { service: "s".into() },
             LocalReply::SubsetUnknown {
                 service: "s".into(),
@@ -364,6 +378,15 @@ mod tests {
             (LocalReply::JwtRejected(String::new()), 401, "UAEX", 16),
             (LocalReply::RbacDenied(String::new()), 403, "RBAC", 7),
             (LocalReply::NoRoute, 404, "NR", 12),
+            (
+                LocalReply::Misdirected {
+                    sni: String::new(),
+                    host: String::new(),
+                },
+                421,
+                "NR",
+                2,
+            ),
             (LocalReply::Overflow(Overflow("x")), 503, "UO", 14),
             (LocalReply::NoHealthyUpstream, 503, "UH", 14),
             (LocalReply::UpstreamFailure, 503, "UF", 14),

@@ -8,8 +8,9 @@
 //! `ingress/<ns>/<gw>/<listener>/<host>` name, each TLS port's [`tls::SniResolver`] gets the
 //! certificates (swapped atomically: a rotated Secret serves new handshakes, live connections
 //! are untouched), and [`server`] binds and releases ports to match. Requests pick their
-//! listener (by SNI on TLS ports, by Host otherwise), then the host table (exact, then the
-//! longest wildcard, then `*`), and enter [`crate::http::proxy::handle`] with no peer identity
+//! listener (by SNI on TLS ports, where the Host must select the same listener or the answer
+//! is 421, by Host otherwise), then the host table (exact, then the longest wildcard, then
+//! `*`), and enter [`crate::http::proxy::handle`] with no peer identity
 //! and the client address from X-Forwarded-For past the trusted proxies.
 
 pub mod passthrough;
@@ -30,6 +31,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::http::local_reply::LocalReply;
 use crate::http::route::CompiledRoutes;
 use crate::store::ConfigStore;
 
@@ -94,6 +96,31 @@ impl PortState {
         self.listeners
             .iter()
             .find(|l| l.hostname.is_empty() || host_matches(&l.hostname, host))
+    }
+
+    /// The listener a request is served by. Without TLS, the one its `host` selects. On TLS,
+    /// the one the connection's SNI chose (no SNI: the one without hostname), which must also
+    /// be the one `host` selects: a browser reuses an HTTP/2 connection for any host its
+    /// certificate covers, and `a.example.com` must not reach the routes of the
+    /// `*.example.com` listener that connection was opened for, with a.example.com's cookies
+    /// (421, as Envoy answers). A request naming no host stays on the connection's listener.
+    pub fn serving(&self, tls: bool, sni: Option<&str>, host: &str) -> Result<&ListenerState, LocalReply> {
+        let by_host = self.listener(host);
+        if !tls {
+            return by_host.ok_or(LocalReply::NoRoute);
+        }
+        let by_connection = match sni {
+            Some(sni) => self.listener(sni),
+            None => self.listeners.iter().find(|l| l.hostname.is_empty()),
+        };
+        let by_connection = by_connection.ok_or(LocalReply::NoRoute)?;
+        if host.is_empty() || by_host.is_some_and(|l| std::ptr::eq(l, by_connection)) {
+            return Ok(by_connection);
+        }
+        Err(LocalReply::Misdirected {
+            sni: sni.unwrap_or_default().to_owned(),
+            host: host.to_owned(),
+        })
     }
 }
 
@@ -370,6 +397,42 @@ mod tests {
         assert_eq!(table("example.com"), None);
         assert!(host_matches("*.example.com", "A.B.Example.com"));
         assert!(!host_matches("*.example.com", ".example.com"));
+    }
+
+    #[test]
+    fn a_tls_request_is_served_only_by_the_listener_its_sni_chose() {
+        let listener = |name: &str, hostname: &str| ListenerState {
+            name: name.into(),
+            hostname: hostname.into(),
+            hosts: vec![("*".into(), format!("t-{name}"))],
+        };
+        let port = PortState {
+            tls: true,
+            tcp: false,
+            passthrough: false,
+            listeners: vec![listener("a", "a.example.com"), listener("b", "*.example.com")],
+        };
+        let name = |r: Result<&ListenerState, LocalReply>| r.map(|l| l.name.clone());
+        let tls = |sni: Option<&str>, host: &str| name(port.serving(true, sni, host));
+        assert_eq!(tls(Some("a.example.com"), "a.example.com").ok().as_deref(), Some("a"));
+        assert_eq!(tls(Some("b.example.com"), "b.example.com").ok().as_deref(), Some("b"));
+        assert_eq!(tls(Some("b.example.com"), "c.example.com").ok().as_deref(), Some("b"));
+        assert_eq!(tls(Some("b.example.com"), "").ok().as_deref(), Some("b"));
+        for (sni, host) in [("b.example.com", "a.example.com"), ("a.example.com", "b.example.com")] {
+            let got = tls(Some(sni), host);
+            assert!(
+                matches!(got, Err(LocalReply::Misdirected { .. })),
+                "{sni} {host}: {got:?}"
+            );
+            let reply = got.err().map(|r| (r.status().as_u16(), r.reject_reason()));
+            assert_eq!(reply, Some((421, Some("misdirected_request"))));
+        }
+        assert!(matches!(tls(None, "a.example.com"), Err(LocalReply::NoRoute)));
+        // Without TLS the Host alone decides.
+        assert_eq!(
+            name(port.serving(false, None, "a.example.com")).ok().as_deref(),
+            Some("a")
+        );
     }
 
     fn tls_cert(names: &[&str]) -> wp::TlsCertificate {

@@ -269,18 +269,17 @@ async fn handle(
         Ok(named) => named.map(|h| h.host().to_owned()).unwrap_or_default(),
         Err(e) => return Ok(refuse(&wp, LocalReply::BadRequest(BadRequest::Authority(e)))),
     };
-    let port = state.ports.get(&conn.port);
-    // On TLS the listener is the one the certificate was chosen for (SNI); its host tables
-    // then decide by Host, so a request cannot reach another listener's routes.
-    let listener = match (conn.tls, conn.sni.as_deref()) {
-        (true, Some(sni)) => port.and_then(|p| p.listener(sni)),
-        // TLS without SNI was answered by the listener without hostname: only its routes.
-        (true, None) => port.and_then(|p| p.listeners.iter().find(|l| l.hostname.is_empty())),
-        (false, _) => port.and_then(|p| p.listener(&host)),
+    let port = state.ports.get(&conn.port).ok_or(LocalReply::NoRoute);
+    let listener = match port.and_then(|p| p.serving(conn.tls, conn.sni.as_deref(), &host)) {
+        Ok(l) => l,
+        Err(reply) => {
+            debug!(%host, sni = conn.sni.as_deref(), port = conn.port, "no listener serves this host here");
+            return Ok(refuse(&wp, reply));
+        }
     };
-    let Some(table) = listener.and_then(|l| l.table(&host)) else {
+    let Some(table) = listener.table(&host) else {
         debug!(%host, port = conn.port, "no listener host matches");
-        return Ok(LocalReply::NoRoute.into_response());
+        return Ok(refuse(&wp, LocalReply::NoRoute));
     };
     let remote_ip = super::remote_ip(req.headers(), conn.peer.ip(), state.num_trusted_proxies);
     append_forwarded_for(req.headers_mut(), conn.peer.ip());
