@@ -207,3 +207,40 @@ async fn a_pod_cannot_borrow_another_workloads_identity_by_taking_its_address() 
         "{m}"
     );
 }
+
+/// An Add for a pod already served, with a different namespace (the pod re-created under the
+/// same name on this node), replaces its proxy: the new namespace gets the listeners and the
+/// old one loses them. A re-sent Add with the same namespace changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_re_created_in_a_new_namespace_is_served_there() {
+    let Some(bed) = Bed::new(52) else { return };
+    let node = Netns::new("node").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ztunnel.sock");
+    let listener = ZdsListener::bind(&sock).unwrap();
+    let agent = async {
+        let conn = hello(&listener).await;
+        assert_eq!(request(&conn, add(A_UID), Some(&bed.a)).await, "");
+        let snapshot = Payload::SnapshotSent(zds::SnapshotSent {});
+        assert_eq!(request(&conn, snapshot, None).await, "");
+        conn
+    };
+    let zds_arg = sock.to_string_lossy().into_owned();
+    let files = bed.files();
+    let args = ["--zds-socket", zds_arg.as_str()];
+    let (z, conn) = tokio::join!(Ztunnel::start(&node, &files, &args), agent);
+    let _z = z.unwrap();
+    let hbone = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 15008);
+    assert!(bed.a.connect(hbone).await.is_ok(), "pod a is served");
+    assert!(bed.c.connect(hbone).await.is_err(), "c is not served yet");
+
+    assert_eq!(request(&conn, add(A_UID), Some(&bed.a)).await, "", "a re-sent Add");
+    assert!(bed.a.connect(hbone).await.is_ok(), "a re-sent Add keeps the proxy");
+    assert_eq!(request(&conn, add(A_UID), Some(&bed.c)).await, "");
+    assert!(bed.c.connect(hbone).await.is_ok(), "the new namespace is served");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.a.connect(hbone).await.is_ok() {
+        assert!(Instant::now() < deadline, "the old namespace is still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

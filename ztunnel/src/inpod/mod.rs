@@ -29,6 +29,8 @@ use crate::proxy::{Proxy, Served, Shared};
 struct Pod {
     proxy: Arc<Proxy>,
     addrs: HashSet<IpAddr>,
+    /// The namespace served ([`netns::identity`]).
+    netns: (u64, u64),
 }
 
 /// The pods being served, and the union of their addresses.
@@ -48,9 +50,16 @@ impl Pods {
     fn add(&mut self, add: &zds::AddWorkload, netns: Option<OwnedFd>) -> Result<(), String> {
         let uid = add.uid.as_str();
         let netns = netns.ok_or("AddWorkload carried no network namespace fd")?;
-        if self.pods.contains_key(uid) {
-            // A re-sent Add (agent restart): the pod is already served.
-            return Ok(());
+        let id = netns::identity(&netns).map_err(|e| format!("pod {uid}: network namespace: {e}"))?;
+        if let Some(held) = self.pods.get(uid) {
+            if held.netns == id {
+                // A re-sent Add (agent restart): the pod is already served.
+                return Ok(());
+            }
+            // The same pod name in a new sandbox (a StatefulSet pod re-created on this node):
+            // serve the new namespace, or its traffic would meet no listener.
+            info!(%uid, "pod's network namespace changed; replacing its proxy");
+            self.remove(uid);
         }
         let netns = Arc::new(netns);
         let addrs = netns::enter(&netns, || local_addrs::read().map_err(std::io::Error::from))
@@ -88,7 +97,14 @@ impl Pods {
             }
         }
         info!(%uid, addresses = ?addrs, "serving pod");
-        self.pods.insert(uid.to_owned(), Pod { proxy, addrs });
+        self.pods.insert(
+            uid.to_owned(),
+            Pod {
+                proxy,
+                addrs,
+                netns: id,
+            },
+        );
         self.publish_addresses();
         Ok(())
     }

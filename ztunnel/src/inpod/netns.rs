@@ -30,6 +30,14 @@ pub fn enter<T>(target: &OwnedFd, f: impl FnOnce() -> io::Result<T>) -> io::Resu
     result
 }
 
+/// Which namespace `fd` reaches: its nsfs file's device and inode (equal exactly when two
+/// descriptors reach the same namespace).
+pub fn identity(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = File::from(fd.try_clone()?).metadata()?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 /// Makes every socket inside one pod's namespace, with the mesh mark.
 pub struct NetnsSockets {
     pub netns: Arc<OwnedFd>,
