@@ -162,6 +162,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
             format!("{}.{}", cfg.gateway().1, cfg.gateway().0),
         ),
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+        stream_idle_timeout: Duration::from_millis(cfg.stream_idle_timeout_ms),
         drain: CancellationToken::new(),
         closing: CancellationToken::new(),
         tasks: TaskTracker::new(),

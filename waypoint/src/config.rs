@@ -113,6 +113,10 @@ pub struct Config {
     /// 300 ms is a server-first protocol instead).
     #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+    /// How long a request's body may send nothing before the request fails (408 unless the
+    /// answer has begun): Envoy's and Istio's `stream_idle_timeout`, 5 minutes. Milliseconds.
+    #[arg(long, env = "STREAM_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
+    pub stream_idle_timeout_ms: u64,
     /// Grace for requests in flight after SIGTERM, in seconds.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
@@ -174,6 +178,10 @@ impl Config {
         anyhow::ensure!(
             self.header_read_timeout_ms > 0,
             "--header-read-timeout-ms 0: a client needs some time to send its request"
+        );
+        anyhow::ensure!(
+            self.stream_idle_timeout_ms > 0,
+            "--stream-idle-timeout-ms 0: a client needs some time to send its request's body"
         );
         if let Some(a) = &self.otlp_address {
             crate::telemetry::export::Transport::from_address(a, "/", "")
@@ -273,6 +281,13 @@ mod tests {
         assert_eq!(cfg.stats_addr.port(), 9021);
         let cfg = parse(&["--header-read-timeout-ms", "0"]).expect("parses");
         assert!(cfg.validate().is_err(), "a zero header-read timeout is refused");
+    }
+
+    #[test]
+    fn the_stream_idle_timeout_is_envoys_five_minutes_and_never_zero() {
+        assert_eq!(parse(&[]).expect("defaults").stream_idle_timeout_ms, 300_000);
+        let cfg = parse(&["--stream-idle-timeout-ms", "0"]).expect("parses");
+        assert!(cfg.validate().is_err(), "a zero stream idle timeout is refused");
     }
 
     fn load(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Config> {

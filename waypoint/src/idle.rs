@@ -3,7 +3,7 @@
 //! the requests being answered on it; [`Activity::silence`] resolves once neither changed
 //! for a period. A watchdog compares counts on a timer, so no clock is read per I/O call.
 //!
-//! Two users:
+//! Three users:
 //! - [`until_idle`] ends an HTTP connection a client leaves silent at the ingress gateway;
 //! - [`splice`] copies a TCP connection (a TCPRoute or TLS passthrough at the ingress, TCP
 //!   through a waypoint) both ways until either end is done, or until no byte has moved
@@ -11,20 +11,25 @@
 //!   DestinationRule says otherwise), as Envoy's TCP proxy does for Istio. Without it, a
 //!   client that goes quiet holds its slot, a socket on each side and the backend's
 //!   connection for ever.
+//! - [`IdleBody`] fails a request whose body stops arriving (Envoy's stream idle timeout):
+//!   a connection with a request in flight is never silent to the watchdog, so without it a
+//!   client that announces a body and never sends it holds its connection, a backend's
+//!   connection and a slot of the backend's `maxRequests` for ever.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::{Body, Frame, SizeHint};
 use mesh_core::hbone::stream::SpliceObserver;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
 /// How often per period the watchdog looks: silence is noticed at most a quarter late.
 const CHECKS_PER_PERIOD: u32 = 4;
@@ -279,6 +284,105 @@ where
     Spliced { sent, received, end }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body that fails once no frame (data, trailers or its end) has arrived for
+/// `period`, as Envoy's `stream_idle_timeout` ends such a stream. The timer runs from when
+/// the body is wrapped, so a body that never sends its first byte times out too.
+pub struct IdleBody<B> {
+    inner: B,
+    period: Duration,
+    last_frame: Instant,
+    /// Boxed: a `Sleep` is `!Unpin`, and this keeps the body `Unpin` without unsafe code.
+    timer: Pin<Box<Sleep>>,
+    stalled: Stalled,
+    /// Counts each body that timed out.
+    timeouts: Counter,
+}
+
+/// Whether an [`IdleBody`] timed out, for whoever sent it on to read after the exchange
+/// failed (the error itself may reach them only as an upstream reset).
+#[derive(Clone, Debug, Default)]
+pub struct Stalled(Arc<AtomicBool>);
+
+impl Stalled {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The error an [`IdleBody`] ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("no request body data for {0:?} (stream idle timeout)")]
+pub struct StreamIdleTimeout(pub Duration);
+
+impl<B> IdleBody<B> {
+    /// `inner`, failed once silent for `period`; each time-out is counted in `timeouts`.
+    pub fn new(inner: B, period: Duration, timeouts: Counter) -> (Self, Stalled) {
+        let stalled = Stalled::default();
+        let now = Instant::now();
+        let body = IdleBody {
+            inner,
+            period,
+            last_frame: now,
+            timer: Box::pin(tokio::time::sleep_until(now + period)),
+            stalled: stalled.clone(),
+            timeouts,
+        };
+        (body, stalled)
+    }
+
+    /// Whether `period` has passed since the last frame; if not, the timer is set to when it
+    /// will have (and polled, so it wakes the task then). Frames only note their time: the
+    /// timer is moved when it fires rather than once per frame.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_frame + self.period;
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = &mut *self;
+        if this.stalled.get() {
+            return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout(this.period)))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.last_frame = Instant::now();
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending if this.expired(cx) => {
+                this.stalled.0.store(true, Ordering::Relaxed);
+                this.timeouts.inc();
+                Poll::Ready(Some(Err(Box::new(StreamIdleTimeout(this.period)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -384,6 +488,84 @@ mod tests {
         tokio::time::sleep(IDLE * 100).await;
         assert!(!task.is_finished());
         echo_once(&mut client, &mut backend, b"still here").await;
+    }
+
+    /// A request body whose frames the test sends; silent until it does.
+    struct Fed(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+    impl Body for Fed {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    /// A body wrapped in an [`IdleBody`], being read to its end by a task.
+    struct Reading {
+        feed: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        read: tokio::task::JoinHandle<Result<bytes::Bytes, BoxError>>,
+        stalled: Stalled,
+        timeouts: Counter,
+    }
+
+    fn read_idle_body() -> Reading {
+        use http_body_util::BodyExt;
+        let (feed, rx) = tokio::sync::mpsc::channel(1);
+        let timeouts = Counter::default();
+        let (body, stalled) = IdleBody::new(Fed(rx), IDLE, timeouts.clone());
+        let read = tokio::spawn(async move { body.collect().await.map(|c| c.to_bytes()) });
+        Reading {
+            feed,
+            read,
+            stalled,
+            timeouts,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_arrives_fails_at_the_stream_idle_timeout() {
+        // The feed is kept (never sent on): a closed one would end the body.
+        let Reading {
+            feed: _feed,
+            read,
+            stalled,
+            timeouts,
+        } = read_idle_body();
+        tokio::time::sleep(IDLE - Duration::from_millis(1)).await;
+        assert!(!read.is_finished(), "failed before its idle timeout");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(
+            read.is_finished(),
+            "a body silent past its idle timeout is still awaited"
+        );
+        let err = read.await.unwrap().expect_err("a silent body must fail");
+        assert!(err.downcast_ref::<StreamIdleTimeout>().is_some(), "{err}");
+        assert!(stalled.get());
+        assert_eq!(timeouts.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_frame_restarts_the_stream_idle_timeout() {
+        let Reading {
+            feed,
+            read,
+            stalled,
+            timeouts,
+        } = read_idle_body();
+        for _ in 0..8 {
+            // Just under the timeout apart, so each gap alone would not end it.
+            tokio::time::sleep(IDLE * 3 / 4).await;
+            feed.send(bytes::Bytes::from_static(b"data")).await.unwrap();
+        }
+        drop(feed);
+        assert_eq!(read.await.unwrap().unwrap().len(), 32);
+        assert!(!stalled.get());
+        assert_eq!(timeouts.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]

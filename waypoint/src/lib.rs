@@ -45,6 +45,8 @@ pub struct Waypoint {
     pub access_log: Arc<telemetry::access_log::Sinks>,
     /// How long a client of an HTTP-only port may stay silent before its stream is closed.
     pub header_read_timeout: std::time::Duration,
+    /// How long a request's body may send nothing before the request fails.
+    pub stream_idle_timeout: std::time::Duration,
     /// Cancelled on SIGTERM: readiness fails, HTTP/1.1 answers say `Connection: close`.
     pub drain: CancellationToken,
     /// Cancelled `--drain-accept-ms` later: no new connections, GOAWAY, idle clients closed.

@@ -40,6 +40,8 @@ pub enum ResponseFlag {
     UpstreamProtocolError,
     /// `RL`: refused by local rate limiting.
     RateLimited,
+    /// `SI`: the client sent nothing of its request body for the stream idle timeout.
+    StreamIdleTimeout,
 }
 
 impl ResponseFlag {
@@ -57,6 +59,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamTimeout => "UT",
             ResponseFlag::UpstreamProtocolError => "UPE",
             ResponseFlag::RateLimited => "RL",
+            ResponseFlag::StreamIdleTimeout => "SI",
         }
     }
 }
@@ -112,6 +115,8 @@ pub enum LocalReply {
     UpstreamTimeout,
     /// The upstream answered 101 to a request that did not ask for that protocol.
     UnrequestedUpgrade { protocol: String },
+    /// The client's request body sent nothing for this long (Envoy's stream idle timeout).
+    StreamIdleTimeout(std::time::Duration),
     /// A LocalRateLimitPolicy's bucket is empty; a token comes back in `reset`.
     RateLimited {
         policy: String,
@@ -139,6 +144,7 @@ impl LocalReply {
             LocalReply::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::UnrequestedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             LocalReply::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            LocalReply::StreamIdleTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -159,6 +165,7 @@ impl LocalReply {
             LocalReply::UpstreamTimeout => ResponseFlag::UpstreamTimeout,
             LocalReply::UnrequestedUpgrade { .. } => ResponseFlag::UpstreamProtocolError,
             LocalReply::RateLimited { .. } => ResponseFlag::RateLimited,
+            LocalReply::StreamIdleTimeout(_) => ResponseFlag::StreamIdleTimeout,
         }
     }
 
@@ -202,6 +209,7 @@ impl LocalReply {
             LocalReply::UpstreamTimeout => "upstream request timeout",
             LocalReply::UnrequestedUpgrade { .. } => "upstream switched to a protocol that was not requested",
             LocalReply::RateLimited { .. } => "local_rate_limited",
+            LocalReply::StreamIdleTimeout(_) => "stream timeout",
         }
     }
 
@@ -240,6 +248,7 @@ impl LocalReply {
                 "upstream switched protocols to {protocol:?}, which was not requested"
             )),
             LocalReply::RateLimited { policy, .. } => Some(format!("rate limited by {policy}")),
+            LocalReply::StreamIdleTimeout(d) => Some(format!("request body sent nothing for {d:?}")),
             _ => None,
         }
     }
@@ -267,8 +276,9 @@ impl LocalReply {
                     }),
                 );
             }
-            // The client's connection closes so nothing is sent after the refused switch.
-            LocalReply::UnrequestedUpgrade { .. } => {
+            // The client's connection closes so nothing is sent after the refused switch, or
+            // (stream idle) so the unread rest of the body is not taken for the next request.
+            LocalReply::UnrequestedUpgrade { .. } | LocalReply::StreamIdleTimeout(_) => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             // The IETF draft's headers, as Envoy's local rate limit sends them.
@@ -331,6 +341,7 @@ mod tests {
             LocalReply::UpstreamFailure,
             LocalReply::UpstreamTls(TlsFailure::Verify("UnknownIssuer".into())),
             LocalReply::UpstreamTimeout,
+            LocalReply::StreamIdleTimeout(std::time::Duration::from_secs(300)),
             LocalReply::UnrequestedUpgrade { protocol: "h2c".into() },
             LocalReply::RateLimited {
                 policy: "ns/ten".into(),
@@ -397,6 +408,12 @@ mod tests {
                 14,
             ),
             (LocalReply::UpstreamTimeout, 504, "UT", 14),
+            (
+                LocalReply::StreamIdleTimeout(std::time::Duration::from_secs(1)),
+                408,
+                "SI",
+                2,
+            ),
             (LocalReply::FaultAbort(StatusCode::IM_A_TEAPOT), 418, "FI", 2),
             (LocalReply::ConnectUnsupported, 405, "DPE", 2),
             (

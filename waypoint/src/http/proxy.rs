@@ -450,7 +450,7 @@ async fn pipeline(
     let routed = admission::select_route(&snapshot, down, &parts)?;
     out.route = routed.route.name.clone();
     admission::rate_limit(wp, &snapshot, &target, down, &routed.route.name)?;
-    let host = admission::apply_route(&routed, &mut parts, host).await?;
+    let host = admission::apply_route(&routed, &mut parts, host, down).await?;
     let rt = &routed.route;
 
     let forward = async {
@@ -521,7 +521,7 @@ async fn forward(
         *fake.extensions_mut() = std::mem::take(&mut parts.extensions);
         hyper::upgrade::on(fake)
     });
-    let body = RequestBody::read(f.body, &parts, client_http2, websocket).await?;
+    let body = RequestBody::read(wp, f.body, &parts, client_http2, websocket).await?;
     // Mirrors get a copy; their answers are dropped.
     if let RequestBody::Replayable(bytes) = &body {
         let timeout = to_duration(f.rt.timeout.as_ref()).unwrap_or(mirror::MIRROR_TIMEOUT);
@@ -551,16 +551,24 @@ async fn forward(
 }
 
 /// A request body: buffered when small enough, so a retry or a mirror can send it again.
+/// A body the client announces fails the request once it sends nothing for the stream idle
+/// timeout ([`idle::IdleBody`]).
 enum RequestBody {
     Replayable(Bytes),
-    /// Passed through once; `None` after it was sent.
-    Streaming(Option<Incoming>),
+    /// Passed through once; `None` after it was sent. `Stalled` says whether it timed out.
+    Streaming(Option<Body>, idle::Stalled),
 }
 
 impl RequestBody {
     /// `http2`: an HTTP/2 request (which may carry a body without announcing it);
     /// `upgrade`: the body belongs to the upgraded connection and is never buffered.
-    async fn read(body: Incoming, parts: &Parts, http2: bool, upgrade: bool) -> Result<Self, LocalReply> {
+    async fn read(
+        wp: &Waypoint,
+        body: Incoming,
+        parts: &Parts,
+        http2: bool,
+        upgrade: bool,
+    ) -> Result<Self, LocalReply> {
         let headers = &parts.headers;
         let has_body = headers.contains_key(header::TRANSFER_ENCODING)
             || headers
@@ -574,11 +582,14 @@ impl RequestBody {
         if !has_body {
             return Ok(RequestBody::Replayable(Bytes::new()));
         }
+        let period = wp.stream_idle_timeout;
+        let (body, stalled) = idle::IdleBody::new(body, period, wp.metrics.stream_idle_timeouts.clone());
         if !small || upgrade {
-            return Ok(RequestBody::Streaming(Some(body)));
+            return Ok(RequestBody::Streaming(Some(body.boxed()), stalled));
         }
         match Limited::new(body, REPLAYABLE_BODY).collect().await {
             Ok(c) => Ok(RequestBody::Replayable(c.to_bytes())),
+            Err(_) if stalled.get() => Err(LocalReply::StreamIdleTimeout(period)),
             Err(e) => Err(LocalReply::BadRequest(BadRequest::Body(e.to_string()))),
         }
     }
@@ -587,8 +598,13 @@ impl RequestBody {
     fn next(&mut self) -> Option<Body> {
         match self {
             RequestBody::Replayable(b) => Some(full(b.clone())),
-            RequestBody::Streaming(s) => s.take().map(|s| s.map_err(|e| Box::new(e) as _).boxed()),
+            RequestBody::Streaming(s, _) => s.take(),
         }
+    }
+
+    /// Whether the client stopped sending the body (the stream idle timeout).
+    fn stalled(&self) -> bool {
+        matches!(self, RequestBody::Streaming(_, s) if s.get())
     }
 }
 
@@ -620,6 +636,10 @@ impl Exchange<'_> {
             let sent = self.retry.attempt(pool.send(ep.target, req)).await;
             let (outcome, answer) = match sent {
                 Some(Ok(resp)) => (Attempt::Answered(resp.status()), Ok(resp)),
+                // The client stopped sending the body: its fault, not the backend's.
+                Some(Err(_)) if self.body.stalled() => {
+                    return Err(LocalReply::StreamIdleTimeout(wp.stream_idle_timeout));
+                }
                 Some(Err(e)) => {
                     out.reason = format!("upstream {}: {e}", ep.target);
                     let sent = e.maybe_sent();
@@ -803,7 +823,165 @@ fn spawn_mirror(
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    const STREAM_IDLE: Duration = Duration::from_secs(300);
+
+    /// A waypoint without a control plane whose state holds `service`, served by one plain
+    /// TCP workload at `backend`.
+    fn test_waypoint(service: &Service, backend: SocketAddr) -> Arc<Waypoint> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let ca = mesh_core::identity::DevCa::generate("cluster.local").unwrap();
+        let certs = mesh_core::identity::CertManager::new(Arc::new(ca), vec![], Default::default());
+        let state = mesh_core::state::StateStore::new();
+        let mut workload = (*crate::upstream::cluster::tests::workload("backend")).clone();
+        workload.addresses = vec![backend.ip()];
+        workload.tunnel = mesh_core::state::model::Tunnel::None;
+        workload.services = vec![(service.key(), vec![])];
+        state.update(|s| {
+            s.upsert_service(service.clone());
+            s.upsert_workload(workload);
+        });
+        Arc::new(Waypoint {
+            gateway: ("ns".into(), "waypoint".into()),
+            identity: "spiffe://cluster.local/ns/ns/sa/waypoint".parse().unwrap(),
+            network: String::new(),
+            state,
+            config: crate::store::ConfigStore::new(),
+            certs,
+            upstreams: upstream::Upstreams::new(
+                upstream::connector::test_connector(),
+                upstream::tls::CredentialStore::new("ns/waypoint".into()),
+            ),
+            jwks: crate::policy::jwt::JwksCache::new(Duration::from_secs(60), Duration::from_secs(5)),
+            metrics: crate::telemetry::metrics::Metrics::register(&mut registry),
+            tracer: trace::Tracer::start(trace::TraceConfig {
+                zipkin: None,
+                otlp: None,
+                sampling: 0.0,
+                tags: vec![],
+                service: "waypoint.ns".into(),
+                dropped: trace::register_dropped(&mut registry),
+            }),
+            access_log: crate::telemetry::access_log::Sinks::register(&mut registry, "waypoint.ns".into()),
+            header_read_timeout: Duration::from_secs(10),
+            stream_idle_timeout: STREAM_IDLE,
+            drain: Default::default(),
+            closing: Default::default(),
+            tasks: Default::default(),
+            rate_limits: Default::default(),
+            ingress: None,
+        })
+    }
+
+    /// A backend that takes connections, reads what comes and never answers; `heads` says
+    /// when a request head has arrived.
+    async fn silent_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heads, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let heads = heads.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0; 4096];
+                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let _ = heads.send(());
+                            seen.clear();
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// A waypoint serving one downstream HTTP/1.1 connection (the test's end returned) in
+    /// front of a silent backend, whose request heads `heads` reports, and its cluster.
+    async fn in_front_of_a_silent_backend() -> (
+        tokio::io::DuplexStream,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        Arc<Cluster>,
+    ) {
+        let (backend, heads) = silent_backend().await;
+        let service = Service {
+            name: "svc".into(),
+            namespace: "ns".into(),
+            hostname: "svc.ns.svc.cluster.local".into(),
+            vips: vec![],
+            ports: vec![],
+            subject_alt_names: vec![],
+            waypoint: None,
+            only_healthy: true,
+        };
+        let wp = test_waypoint(&service, backend);
+        let down = Arc::new(Downstream {
+            peer_identity: None,
+            client_addr: "10.0.0.1:40000".parse().unwrap(),
+            remote_ip: "10.0.0.1".parse().unwrap(),
+            forwarded_proto: "http",
+            upstream_protocol: UpstreamProtocol::AsClient,
+            dst: backend,
+            service_key: service.key(),
+            service: Arc::new(service),
+        });
+        let cluster = wp
+            .upstreams
+            .cluster(&down.service_key, "", wp::TrafficPolicy::default());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let serve = hyper::service::service_fn(move |req| handle(wp.clone(), down.clone(), req));
+        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), serve));
+        (client, heads, cluster)
+    }
+
+    /// Sends a POST head announcing `len` bytes of body, and none of them.
+    async fn stalled_upload(client: &mut tokio::io::DuplexStream, len: usize) {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: svc\r\ncontent-length: {len}\r\n\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+    }
+
+    /// The waypoint's answer, and how long it took.
+    async fn answer(client: &mut tokio::io::DuplexStream) -> (String, Duration) {
+        let start = Instant::now();
+        let mut answer = vec![0; 1024];
+        let n = tokio::time::timeout(STREAM_IDLE * 2, client.read(&mut answer))
+            .await
+            .expect("a request whose body never came is held past the stream idle timeout")
+            .unwrap();
+        (String::from_utf8_lossy(&answer[..n]).into_owned(), start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_request_body_that_never_arrives_gets_408_and_frees_its_cluster_slot() {
+        let (mut client, mut heads, cluster) = in_front_of_a_silent_backend().await;
+        // Too large to buffer: streamed, so the cluster's slot is taken before any byte.
+        stalled_upload(&mut client, 1_000_000).await;
+        heads.recv().await.expect("the request head reached the backend");
+        assert_eq!(cluster.requests_in_flight(), 1);
+        let (answer, took) = answer(&mut client).await;
+        assert!(took >= STREAM_IDLE - Duration::from_secs(1), "{took:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert_eq!(
+            cluster.requests_in_flight(),
+            0,
+            "the stalled request kept its cluster slot"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_buffered_request_body_that_never_arrives_gets_408() {
+        let (mut client, _heads, cluster) = in_front_of_a_silent_backend().await;
+        stalled_upload(&mut client, 1_000).await;
+        let (answer, took) = answer(&mut client).await;
+        assert!(took >= STREAM_IDLE, "{took:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert_eq!(cluster.requests_in_flight(), 0);
+    }
 
     /// Every downstream HTTP/1.1 connection holds a slot for its request's future for its whole
     /// life (hyper keeps it), and each request moves the future: once 16.6 KB.

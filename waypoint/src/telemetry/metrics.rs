@@ -328,6 +328,8 @@ pub enum IdleConnection {
     WebSocket,
     /// An ingress client's HTTP connection.
     Http,
+    /// A request whose body stopped arriving (the stream idle timeout).
+    Stream,
 }
 
 impl IdleConnection {
@@ -336,6 +338,7 @@ impl IdleConnection {
             IdleConnection::Tcp => "tcp",
             IdleConnection::WebSocket => "websocket",
             IdleConnection::Http => "http",
+            IdleConnection::Stream => "stream",
         }
     }
 }
@@ -447,6 +450,8 @@ pub struct Metrics {
     pub mirror_drops: MirrorDrops,
     /// Connections closed for idleness, by kind.
     idle_timeouts: Family<IdleLabels, Counter>,
+    /// Its `stream` series, resolved once: every request with a body carries it.
+    pub stream_idle_timeouts: Counter,
     /// Istio's `istio_tcp_*` series of the TCP connections proxied.
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
@@ -472,6 +477,11 @@ impl Metrics {
             )
         };
         let bytes = || Histogram::new(exponential_buckets(1.0, 10.0, 9));
+        let idle_timeouts = Family::<IdleLabels, Counter>::default();
+        let stream = IdleLabels {
+            connection: IdleConnection::Stream.as_str(),
+        };
+        let stream_idle_timeouts = idle_timeouts.get_or_create(&stream).clone();
         let m = Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(ms),
@@ -484,7 +494,8 @@ impl Metrics {
             custom_series: Default::default(),
             custom_series_overflow: Counter::default(),
             mirror_drops: MirrorDrops::default(),
-            idle_timeouts: Family::default(),
+            idle_timeouts,
+            stream_idle_timeouts,
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
@@ -554,7 +565,7 @@ impl Metrics {
         );
         registry.register(
             "waypoint_idle_timeouts",
-            "Connections closed for idleness: tcp and websocket when no byte moved either way for the backend's connectionPool.tcp.idleTimeout, http (ingress clients) when nothing moved and no request was answered for the header read timeout",
+            "Connections closed for idleness: tcp and websocket when no byte moved either way for the backend's connectionPool.tcp.idleTimeout, http (ingress clients) when nothing moved and no request was answered for the header read timeout; stream: requests failed because their body sent nothing for the stream idle timeout",
             m.idle_timeouts.clone(),
         );
         registry.register(

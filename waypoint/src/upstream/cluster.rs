@@ -181,6 +181,12 @@ impl Cluster {
         }
     }
 
+    /// Requests admitted and not yet finished.
+    #[cfg(test)]
+    pub(crate) fn requests_in_flight(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
+    }
+
     /// Whether the HTTP/1.1 request about to go out should close its connection after the
     /// answer (`maxRequestsPerConnection`). Counted per cluster rather than per pooled
     /// connection, so it is exact with one connection (or a limit of 1) and approximate
