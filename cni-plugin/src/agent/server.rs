@@ -600,8 +600,16 @@ impl Agent {
     /// the pod was enrolled in (a reused pid), is left alone: the pod is gone.
     async fn release(&self, uid: &str, known: &Known) -> Result<Released, String> {
         self.metrics.releases.inc();
-        self.zds.del_pod(uid).await;
-        let ips = known.req.ips.clone();
+        // A newer sandbox of the same pod (re-created on this node) may hold the uid now: its
+        // hand-off and addresses are not this container's to take away.
+        let newer = self.newer_holder(uid, &known.req.container_id).await;
+        if newer.is_none() {
+            self.zds.del_pod(uid).await;
+        }
+        let ips: Vec<String> = (known.req.ips.iter())
+            .filter(|ip| !newer.as_ref().is_some_and(|n| n.contains(ip)))
+            .cloned()
+            .collect();
         let _ = tokio::task::spawn_blocking(move || host::remove_pod_ips(&ips)).await;
         let ns = match self.open_netns(&known.req.netns, known.netns_id) {
             Ok(ns) => ns,
@@ -629,6 +637,14 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The addresses of another container that holds `uid` captured, if one does.
+    async fn newer_holder(&self, uid: &str, container: &str) -> Option<Vec<String>> {
+        let pods = self.pods.lock().await;
+        pods.values()
+            .find(|k| k.req.container_id != container && k.captured.as_deref() == Some(uid))
+            .map(|k| k.req.ips.clone())
     }
 
     async fn del(&self, req: PodRequest) -> Response<Full<Bytes>> {
@@ -985,6 +1001,32 @@ mod tests {
         assert!(!rules::installed(std::path::Path::new(&ns.path())), "rules installed");
         let persisted = std::fs::read_to_string(dir.path().join("pods.json")).unwrap();
         assert_eq!(persisted, "[]");
+    }
+
+    /// A pod re-created on this node: the old sandbox's DEL, arriving after the new one's
+    /// ADD, leaves the pod handed to ztunnel.
+    #[tokio::test]
+    async fn the_old_sandboxs_del_leaves_the_new_one_served() {
+        let (Some(old), Some(new)) = (TestNs::new("oldsb"), TestNs::new("newsb")) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let state = vec![
+            known("c1", old.path(), Some(old.id()), true),
+            known("c2", new.path(), Some(new.id()), true),
+        ];
+        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        let agent = agent(dir.path());
+        assert_eq!(agent.restore().await.unwrap(), 2);
+        let uid = "Kubernetes//Pod/shop/web".to_owned();
+        assert!(agent.zds.pods().contains(&uid));
+        let response = agent.del(known("c1", old.path(), None, true).req).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(agent.zds.pods().contains(&uid), "the new sandbox lost its hand-off");
+        assert!(!rules::installed(std::path::Path::new(&old.path())), "old rules left");
+        assert!(rules::installed(std::path::Path::new(&new.path())), "new rules removed");
+        let _ = agent.del(known("c2", new.path(), None, true).req).await;
+        assert!(!agent.zds.pods().contains(&uid));
     }
 
     #[tokio::test]
