@@ -245,11 +245,21 @@ fn percent_hit(p: f64) -> bool {
 
 /// What the route does before forwarding: redirect, fault delay/abort, path and header
 /// rewrites. Returns the host to send (a route may rewrite it).
-pub async fn apply_route(routed: &Routed<'_>, parts: &mut Parts, host: String) -> Result<String, LocalReply> {
+pub async fn apply_route(
+    routed: &Routed<'_>,
+    parts: &mut Parts,
+    host: String,
+    down: &Downstream,
+) -> Result<String, LocalReply> {
     let rt = &routed.route;
     let prefix = routed.matched_prefix.as_deref();
     if let Some(r) = &rt.redirect {
-        let (status, location) = rewrite::redirect(r, &parts.uri, &host, prefix);
+        // The scheme the client used (where the ingress terminated TLS, https) and its port.
+        let origin = rewrite::Origin {
+            scheme: down.forwarded_proto,
+            port: down.dst.port(),
+        };
+        let (status, location) = rewrite::redirect(r, &parts.uri, &host, prefix, origin);
         return Err(LocalReply::Redirect { status, location });
     }
     if let Some(f) = &rt.fault {

@@ -186,14 +186,46 @@ pub fn with_query(path: &str, query: Option<&str>) -> String {
     }
 }
 
-/// The `Location` and status of a redirect.
-pub fn redirect(r: &wp::Redirect, uri: &Uri, host: &str, matched_prefix: Option<&str>) -> (StatusCode, String) {
-    let scheme = if r.scheme.is_empty() { "http" } else { r.scheme.as_str() };
+/// Where a request arrived: the scheme the client used and the listener's port.
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    pub scheme: &'a str,
+    pub port: u16,
+}
+
+fn well_known_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
+/// The `Location` and status of a redirect. As Gateway API says: an empty scheme is the
+/// request's; without a port, a scheme the redirect sets brings its well-known port, else the
+/// listener's port is kept; a scheme's default port is left out.
+pub fn redirect(
+    r: &wp::Redirect,
+    uri: &Uri,
+    host: &str,
+    matched_prefix: Option<&str>,
+    origin: Origin<'_>,
+) -> (StatusCode, String) {
+    let scheme = if r.scheme.is_empty() {
+        origin.scheme
+    } else {
+        r.scheme.as_str()
+    };
     let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
     let host = if r.host.is_empty() { bare_host } else { r.host.as_str() };
-    let port = match (r.port, scheme) {
-        (0, _) | (80, "http") | (443, "https") => String::new(),
-        (p, _) => format!(":{p}"),
+    let port = match u16::try_from(r.port).ok().filter(|p| *p != 0) {
+        Some(p) => p,
+        None if r.scheme.is_empty() => origin.port,
+        None => well_known_port(scheme).unwrap_or(origin.port),
+    };
+    let port = match well_known_port(scheme) == Some(port) {
+        true => String::new(),
+        false => format!(":{port}"),
     };
     let path = if r.path.is_empty() && !r.replace_prefix {
         uri.path().to_owned()
@@ -245,10 +277,45 @@ mod tests {
             ..Default::default()
         };
         let uri: Uri = "/a/b?x=1".parse().unwrap();
+        let plain = Origin {
+            scheme: "http",
+            port: 8080,
+        };
         assert_eq!(
-            redirect(&r, &uri, "shop.example:8080", None),
+            redirect(&r, &uri, "shop.example:8080", None, plain),
             (StatusCode::MOVED_PERMANENTLY, "https://shop.example/a/b?x=1".to_owned())
         );
+    }
+
+    #[test]
+    fn a_redirect_without_scheme_or_port_keeps_the_requests() {
+        let uri: Uri = "/a?x=1".parse().unwrap();
+        let tls = |port| Origin { scheme: "https", port };
+        let to = |scheme: &str, port: u32| wp::Redirect {
+            scheme: scheme.into(),
+            port,
+            host: "new.example".into(),
+            ..Default::default()
+        };
+        let cases = [
+            (to("", 0), tls(443), "https://new.example/a?x=1"),
+            (to("", 0), tls(8443), "https://new.example:8443/a?x=1"),
+            (to("http", 0), tls(8443), "http://new.example/a?x=1"),
+            (to("", 80), tls(443), "https://new.example:80/a?x=1"),
+            (to("https", 443), tls(8443), "https://new.example/a?x=1"),
+            (
+                to("", 0),
+                Origin {
+                    scheme: "http",
+                    port: 80,
+                },
+                "http://new.example/a?x=1",
+            ),
+        ];
+        for (r, origin, want) in cases {
+            let (_, location) = redirect(&r, &uri, "shop.example", None, origin);
+            assert_eq!(location, want, "{r:?} {origin:?}");
+        }
     }
 
     #[test]
