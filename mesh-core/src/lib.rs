@@ -9,6 +9,7 @@
 //! - [`xds`]: sources that fill the store: the Delta ADS client and a local file.
 //! - [`rbac`]: L4 authorization evaluation.
 //! - [`route_match`]: waypoint route matches compiled, for the proxy and the controller's check.
+//! - [`path_template`]: Istio's authorization path templates (`{*}`, `{**}`), for the same two.
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
 //! - [`control_plane_args`]: the control-plane flags ztunnel and the waypoint share.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
@@ -30,6 +31,7 @@ pub mod input_file;
 pub mod log_json;
 pub mod log_limit;
 pub mod log_sink;
+pub mod path_template;
 pub mod prometheus;
 pub mod rbac;
 pub mod route_match;

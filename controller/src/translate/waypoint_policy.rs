@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use mesh_core::path_template;
 use mesh_proto::waypoint as wp;
 
 use super::{policy_target, Report};
@@ -100,7 +101,8 @@ pub(crate) fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String,
         if ap.spec.targets().next().is_none() && !ap.targets_unknown {
             continue;
         }
-        let policy = match &ap.invalid {
+        let invalid = ap.invalid.clone().or_else(|| invalid_path_templates(key, ap, report));
+        let policy = match &invalid {
             Some(why) => allow_nothing(inputs, key, ap, why, report),
             None => authorization(inputs, key, ap, report),
         };
@@ -119,6 +121,37 @@ pub(crate) fn policies(inputs: &Inputs, report: &mut Report) -> BTreeMap<String,
         out.insert(format!("RequestAuthentication/{key}"), policy);
     }
     out
+}
+
+/// Reports each invalid path template (`/{**}/x/{*}`, `/a/{*}.txt`) in `paths` and
+/// `notPaths` by field; with one, the reason the policy is invalid. Istio refuses such a
+/// policy; here it is invalid like an unreadable one, so it denies at its targets.
+fn invalid_path_templates(key: &ObjectKey, ap: &istio::AuthorizationPolicy, report: &mut Report) -> Option<String> {
+    let operations = ap.spec.rules.iter().flatten().enumerate().flat_map(|(i, rule)| {
+        let to = rule.to.iter().enumerate();
+        to.map(move |(j, t)| (format!("spec.rules[{i}].to[{j}].operation"), &t.operation))
+    });
+    let mut found = false;
+    for (path, o) in operations {
+        for (field, values) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+            for (k, p) in values.iter().enumerate() {
+                let checked = if path_template::is_template(p) {
+                    path_template::check(p)
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = checked {
+                    found = true;
+                    report.add(
+                        Kind::AuthorizationPolicy,
+                        key,
+                        format!("{path}.{field}[{k}] {p:?}: {e}"),
+                    );
+                }
+            }
+        }
+    }
+    found.then(|| "spec has invalid path templates (reported by field)".to_owned())
 }
 
 /// An invalid policy with targets: it may have been a DENY, so at its targets it denies
@@ -692,5 +725,52 @@ spec:
         let states = BTreeMap::from([(Kind::AuthorizationPolicy, failing(true))]);
         let out = crate::translate::translate_synced(&inputs, &states, &options);
         assert!(!out.waypoint_policies.contains_key(&name));
+    }
+
+    /// A DENY with an invalid path template (`{**}` not last) on the ingress Gateway is
+    /// refused like an invalid policy: the field is reported and the policy denies every
+    /// request there. Valid templates and Istio's `*` forms are sent as written.
+    #[test]
+    fn invalid_path_templates_make_the_policy_deny_everything() {
+        let (out, problems) = translated(&format!(
+            r#"{WORLD}{INGRESS}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-admin, namespace: shop}}
+spec:
+  targetRef: {{kind: Gateway, group: gateway.networking.k8s.io, name: public}}
+  action: DENY
+  rules:
+  - to: [{{operation: {{paths: ["/admin*"]}}}}]
+  - to: [{{operation: {{paths: ["/ok/{{*}}"]}}}}, {{operation: {{notPaths: ["/x/{{*}}", "/{{**}}/a/{{*}}"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-valid, namespace: shop}}
+spec:
+  targetRef: {{kind: Gateway, group: gateway.networking.k8s.io, name: public}}
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: ["/admin/{{**}}", "/api/{{*}}/secret", "*.php"]}}}}]}}]
+"#
+        ));
+        let public = vec![("Gateway".to_owned(), "shop".to_owned(), "public".to_owned())];
+        assert_eq!(
+            sent(&out["AuthorizationPolicy/shop/deny-admin"]),
+            (wp::Action::Deny as i32, true, public)
+        );
+        let expected = "spec.rules[1].to[1].operation.notPaths[1] \"/{**}/a/{*}\": {**} must be the last operator of \
+                        a path template";
+        assert!(problems.iter().any(|p| p == expected), "{problems:?}");
+        let denies = "spec has invalid path templates (reported by field); until it is fixed the policy denies";
+        assert!(problems.iter().any(|p| p.starts_with(denies)), "{problems:?}");
+        let Some(wp::policy::Kind::Authorization(valid)) = &out["AuthorizationPolicy/shop/deny-valid"].kind else {
+            panic!("not an authorization");
+        };
+        assert_eq!(valid.rules[0].to[0].paths, ["/admin/{**}", "/api/{*}/secret", "*.php"]);
+        assert_eq!(
+            problems.iter().filter(|p| p.contains(".operation.")).count(),
+            1,
+            "only the invalid template is reported: {problems:?}"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! L7 authorization with Istio's semantics, evaluated per request against the original
 //! client's SPIFFE identity: any matching DENY denies; if ALLOW policies apply, one must
 //! match; AUDIT never changes the decision. An unknown condition key makes a DENY rule match
-//! and an ALLOW rule miss, so a mistake never opens access.
+//! and an ALLOW rule miss, so a mistake never opens access. `paths` and `notPaths` take
+//! Istio's path templates (`/admin/{**}`, `/api/{*}/secret`) besides its `*` forms
+//! ([`mesh_core::path_template`]); an invalid template fails closed the same way.
 //!
 //! A connection proxied as opaque TCP has no method, path, host, headers or request
 //! principal. Istio's rule for it, kept here: a DENY rule's HTTP-only fields are ignored (the
@@ -11,6 +13,7 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 use ipnet::IpNet;
+use mesh_core::path_template::{self, Chars};
 use mesh_proto::waypoint as wp;
 
 use super::jwt::RequestPrincipal;
@@ -122,14 +125,31 @@ fn host_matches(patterns: &[String], host: &str) -> bool {
     })
 }
 
-fn operation_matches(o: &wp::Operation, r: &RequestAttrs<'_>, traffic: Traffic) -> bool {
+/// Whether one of `patterns` matches `path`: Istio's path templates (`/admin/{**}`) or its
+/// `*` forms. `closed` is what a template that cannot be judged counts as: one the controller
+/// should have refused, or a request character its operators do not read (then read as any
+/// character). It is true where a hit denies more: `paths` of a DENY, `notPaths` of an ALLOW.
+fn any_path(patterns: &[String], path: &str, closed: bool) -> bool {
+    let chars = if closed { Chars::Any } else { Chars::Strict };
+    patterns.iter().any(|p| {
+        if path_template::is_template(p) {
+            path_template::matches(p, path, chars).unwrap_or(closed)
+        } else {
+            wildcard(p, path)
+        }
+    })
+}
+
+fn operation_matches(o: &wp::Operation, r: &RequestAttrs<'_>, effect: Effect, traffic: Traffic) -> bool {
     let port_in = |ports: &[u32]| ports.contains(&u32::from(r.port));
+    let deny = effect == Effect::Deny;
     (o.ports.is_empty() || port_in(&o.ports))
         && (o.not_ports.is_empty() || !port_in(&o.not_ports))
         && (traffic == Traffic::Tcp
             || (field(&o.hosts, &o.not_hosts, |h| host_matches(h, r.host))
                 && field(&o.methods, &o.not_methods, |m| any_wildcard(m, r.method))
-                && field(&o.paths, &o.not_paths, |p| any_wildcard(p, r.path))))
+                && (o.paths.is_empty() || any_path(&o.paths, r.path, deny))
+                && (o.not_paths.is_empty() || !any_path(&o.not_paths, r.path, !deny))))
 }
 
 /// Condition keys about the HTTP request (headers, JWT claims and principal).
@@ -228,7 +248,7 @@ fn rule_matches(rule: &wp::Rule, r: &RequestAttrs<'_>, effect: Effect, traffic: 
     }
     let unknown = effect == Effect::Deny;
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, r, traffic)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, r, traffic)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, r, effect, traffic)))
         && rule.when.iter().all(|c| condition_matches(c, r, unknown, traffic))
 }
 
@@ -550,6 +570,59 @@ mod tests {
             Decision::Deny(_)
         ));
         assert_eq!(at(("shop", "other")).count(), 0);
+    }
+
+    /// Path templates in `paths` and `notPaths`, one policy per row: (action, paths,
+    /// notPaths, request path, allowed). An invalid template (the controller refuses them)
+    /// denies in a DENY and allows nothing in an ALLOW, in either field.
+    #[test]
+    fn path_templates_decide_and_invalid_ones_fail_closed() {
+        use wp::Action::{Allow, Deny};
+        type Row<'a> = (wp::Action, &'a [&'a str], &'a [&'a str], &'a str, bool);
+        let rows: &[Row<'_>] = &[
+            (Deny, &["/admin/{**}"], &[], "/admin/users/1", false),
+            (Deny, &["/admin/{**}"], &[], "/admin/", false),
+            (Deny, &["/admin/{**}"], &[], "/admin", true),
+            (Deny, &["/admin/{**}"], &[], "/public", true),
+            // A character the template's operators do not read: denied all the same.
+            (Deny, &["/admin/{**}"], &[], "/admin/{x}", false),
+            (Deny, &["/api/{*}/secret"], &[], "/api/v1/secret", false),
+            (Deny, &["/api/{*}/secret"], &[], "/api/v1/x/secret", true),
+            (Deny, &[], &["/public/{**}"], "/public/a", true),
+            (Deny, &[], &["/public/{**}"], "/private/a", false),
+            (Allow, &["/api/{*}/items"], &[], "/api/v1/items", true),
+            (Allow, &["/api/{*}/items"], &[], "/api/v1/items/2", false),
+            (Allow, &["/api/{*}/items"], &[], "/api/{v1}/items", false),
+            (Allow, &["/{**}"], &["/admin/{**}"], "/admin/x", false),
+            (Allow, &["/{**}"], &["/admin/{**}"], "/shop/x", true),
+            (Deny, &["/{**}/admin"], &[], "/a/b/admin", false),
+            (Deny, &["/{**}/admin"], &[], "/x", true),
+            // Invalid templates: a DENY denies, an ALLOW allows nothing.
+            (Deny, &["/{**}/{*}"], &[], "/x", false),
+            (Deny, &[], &["/public/{*}.html"], "/public/a.html", false),
+            (Allow, &["/api/{*}.json"], &[], "/api/a.json", false),
+            (Allow, &["/{**}"], &["/a/{**}/{*}"], "/b", false),
+            // Istio's `*` forms are unchanged.
+            (Deny, &["/admin*"], &[], "/admin/x", false),
+        ];
+        let h = HeaderMap::new();
+        for &(action, paths, not_paths, path, allowed) in rows {
+            let strings = |v: &[&str]| v.iter().map(|p| (*p).to_owned()).collect();
+            let p = policy(
+                action,
+                vec![to(wp::Operation {
+                    paths: strings(paths),
+                    not_paths: strings(not_paths),
+                    ..Default::default()
+                })],
+            );
+            let decision = evaluate(&[p], &attrs("td/ns/shop/sa/x", "GET", path, &h));
+            assert_eq!(
+                decision == Decision::Allow,
+                allowed,
+                "{action:?} paths {paths:?} notPaths {not_paths:?} {path}: {decision:?}"
+            );
+        }
     }
 
     #[test]
