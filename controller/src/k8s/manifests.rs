@@ -439,10 +439,16 @@ pub fn service_for(record: &WaypointDeployment) -> Service {
                 .collect(),
         ),
     };
+    // Reached from outside, the gateway must see the client's own address: its per-source
+    // handshake bound, per-source rate limits, `remoteIpBlocks` without proxies in front and
+    // access log all key on it. With the default (`Cluster`), kube-proxy SNATs every client
+    // to a node address, so one client could exhaust a bound all share.
+    let external = matches!(type_.as_str(), "LoadBalancer" | "NodePort").then(|| "Local".to_owned());
     Service {
         metadata: metadata(record, &record.gateway.name),
         spec: Some(ServiceSpec {
             type_: Some(type_),
+            external_traffic_policy: external,
             selector: Some(selector_labels(record)),
             ports: Some(ports),
             ..ServiceSpec::default()
@@ -764,6 +770,7 @@ pub(crate) mod tests {
         let service = service_for(&r);
         let spec = service.spec.clone().expect("spec");
         assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.external_traffic_policy, None);
         assert_eq!(spec.selector, Some(selector_labels(&r)));
         let ports = spec.ports.expect("ports");
         assert_eq!(ports.len(), 1);
@@ -830,6 +837,7 @@ pub(crate) mod tests {
         assert_eq!(annotations["service.beta.kubernetes.io/aws-load-balancer-type"], "nlb");
         let spec = service.spec.expect("service spec");
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
         let ports: Vec<(String, i32, Option<String>)> = spec
             .ports
             .expect("ports")
