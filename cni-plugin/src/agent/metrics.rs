@@ -25,6 +25,8 @@ pub struct AgentMetrics {
     pub ztunnels: Gauge,
     /// Scans that found a pod's IP in more than one network namespace and adopted none.
     pub ambiguous: Counter,
+    /// Known pods whose enrolment or release failed at the last reconciliation: retried.
+    pub pending: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -36,6 +38,7 @@ impl Default for AgentMetrics {
             add_seconds: Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0].into_iter()),
             ztunnels: Gauge::default(),
             ambiguous: Counter::default(),
+            pending: Gauge::default(),
         }
     }
 }
@@ -64,6 +67,11 @@ impl AgentMetrics {
             "adoptions_ambiguous",
             "Pods that never came through CNI left unadopted, their IP being held by more than one network namespace (counted per scan)",
             self.ambiguous.clone(),
+        );
+        registry.register(
+            "reconciliations_pending",
+            "Pods whose capture or release failed at the last reconciliation (ztunnel away, rules not removable); retried until done",
+            self.pending.clone(),
         );
     }
 

@@ -106,6 +106,8 @@ const FOUND: &str = "found:";
 /// What reconciling one known pod changes.
 enum Change {
     Keep,
+    /// As `Keep`, after a capture or release that failed: to be tried again.
+    Retry,
     Record(Box<Known>),
     /// The pod is gone: nothing of it is left to track.
     Forget,
@@ -686,6 +688,7 @@ impl Agent {
             self.adopt_unknown(&inv, &mut pods).await;
             pods.keys().cloned().collect()
         };
+        let mut pending = 0;
         for id in ids {
             let _serial = self.serial.lock(&id).await;
             // A DEL may have come first.
@@ -695,8 +698,22 @@ impl Agent {
             // Persist each change as it happens: an agent killed mid-way restarts from the truth.
             match self.reconcile_one(&inv, known).await {
                 Change::Keep => {}
+                Change::Retry => pending += 1,
                 Change::Record(known) => self.record(*known).await,
                 Change::Forget => self.forget(&id).await,
+            }
+        }
+        self.metrics.pending.set(pending);
+    }
+
+    /// Reconciles again every `every` while the last pass left a pod it could not capture or
+    /// release (say, no ztunnel was connected): without this, a namespace labelled ambient
+    /// while ztunnel was away left its running pods unmeshed until some unrelated change.
+    pub async fn retry_pending(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.metrics.pending.get() > 0 {
+                self.reconcile().await;
             }
         }
     }
@@ -720,7 +737,7 @@ impl Agent {
                         ..known
                     })),
                     Err(EnrolError::Netns(e)) if e.gone() => Change::Forget,
-                    Err(_) => Change::Keep,
+                    Err(_) => Change::Retry,
                 }
             }
             (Some(uid), Err(reason)) => {
@@ -733,8 +750,8 @@ impl Agent {
                         ..known
                     })),
                     Err(e) => {
-                        warn!(%uid, error = %e, "release failed; trying again at the next change");
-                        Change::Keep
+                        warn!(%uid, error = %e, "release failed; trying again");
+                        Change::Retry
                     }
                 }
             }
@@ -1027,6 +1044,27 @@ mod tests {
         assert!(rules::installed(std::path::Path::new(&new.path())), "new rules removed");
         let _ = agent.del(known("c2", new.path(), None, true).req).await;
         assert!(!agent.zds.pods().contains(&uid));
+    }
+
+    /// A pod the inventory wants captured while no ztunnel is connected: the pass fails, and
+    /// the pod is counted as pending, which keeps `retry_pending` reconciling.
+    #[tokio::test]
+    async fn a_capture_that_failed_is_left_pending() {
+        let Some(ns) = TestNs::new("pending") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        let inventory = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {serviceAccountName: web, containers: [{name: c, image: x}]}\n";
+        std::fs::write(dir.path().join("manifests/shop.yaml"), inventory).unwrap();
+        let state = vec![known("c1", ns.path(), Some(ns.id()), false)];
+        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        let agent = agent(dir.path());
+        agent.restore().await.unwrap();
+        agent.reconcile().await;
+        assert_eq!(agent.metrics.pending.get(), 1, "the failed capture is not pending");
+        assert!(
+            !rules::installed(std::path::Path::new(&ns.path())),
+            "rules left after the failure"
+        );
     }
 
     #[tokio::test]
