@@ -218,7 +218,7 @@ spec:
     assert_eq!(naming.len(), 1, "{:#?}", out.problems);
     assert_eq!(
         naming[0].message,
-        "spec.rules[0].from[0].source.serviceAccounts is not implemented; the policy allows nothing until it is removed"
+        "spec.rules[0].from[0].source.serviceAccounts is not implemented; the policy fails closed until it is removed"
     );
     // Fails closed: an ALLOW with no rules (allows nothing) in the namespace, not the rule
     // without its constraint.
@@ -243,6 +243,15 @@ spec:
         - source:
             principals: ["cluster.local/ns/shop/sa/intruder"]
             newerSourceField: ["anything"]
+---
+# A valid ALLOW beside it that admits the intruder: an ALLOW-nothing stand-in for the
+# broken DENY would not outweigh it.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-shop, namespace: shop}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [shop]}}]}]
 "#;
     let mut loaded = Loaded::default();
     parse_text(Path::new("deny.yaml"), text, &mut loaded);

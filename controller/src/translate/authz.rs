@@ -262,8 +262,11 @@ fn translate_one(
     })
 }
 
-/// A policy that could not be read: it may have been a DENY, so it allows nothing in its
-/// namespace (or the mesh, in the root namespace) until fixed.
+/// A policy that could not be read, in its namespace (or the mesh, in the root namespace)
+/// until fixed. An ALLOW whose spec was read but has fields we do not implement allows
+/// nothing, as Istio's ztunnel treats an ALLOW rule it cannot enforce. Anything else may have
+/// been a DENY, and an ALLOW that matches nothing would not stop what another, valid ALLOW
+/// admits: it denies everything (one empty rule matches every connection).
 fn unreadable(
     key: &ObjectKey,
     policy: &AuthorizationPolicy,
@@ -271,11 +274,18 @@ fn unreadable(
     options: &Options,
     report: &mut Report,
 ) -> Translated {
+    let read_allow = policy.invalid.as_deref() == Some(crate::model::istio::AUTHZ_UNIMPLEMENTED_FIELDS)
+        && matches!(policy.spec.action.as_deref(), None | Some("ALLOW"));
+    let (action, groups, effect) = if read_allow {
+        (pb::Action::Allow, Vec::new(), "allows nothing")
+    } else {
+        (pb::Action::Deny, vec![pb::Group::default()], "denies everything")
+    };
     report.add(
         Kind::AuthorizationPolicy,
         key,
         format!(
-            "{why}; until it is fixed the policy allows nothing in namespace {}",
+            "{why}; until it is fixed the policy {effect} in namespace {}",
             key.namespace
         ),
     );
@@ -286,8 +296,8 @@ fn unreadable(
     };
     Translated {
         scope,
-        action: pb::Action::Allow,
-        groups: Vec::new(),
+        action,
+        groups,
         labels: None,
         dry_run: dry_run(policy),
         audit: None,
@@ -427,7 +437,7 @@ fn unreadable_name(kind: Kind) -> String {
 /// Kind-level fail-closed, as an unreadable policy above is at object level: a security kind
 /// whose source cannot be read (failing and never listed, so its policies are unknown) gets a
 /// mesh-wide stand-in that denies what its policies could govern. An unreadable
-/// AuthorizationPolicy or RequestAuthentication source allows nothing anywhere; an
+/// AuthorizationPolicy or RequestAuthentication source denies everything anywhere; an
 /// unreadable PeerAuthentication source makes every workload STRICT (no plaintext). Every
 /// kind that is failing is reported; other kinds keep serving their last good state.
 pub(crate) fn unreadable_kinds(
@@ -485,10 +495,12 @@ pub(crate) fn unreadable_kinds(
                     "every workload refuses plaintext (STRICT)",
                 )
             }
+            // A DENY of everything: an ALLOW matching nothing would not outweigh the valid
+            // ALLOWs of the other kind (a RequestAuthentication's JWT rule would be lost).
             _ => (
-                pb::Action::Allow,
-                Vec::new(),
-                "every workload, waypoint and ingress gateway in the mesh allows nothing",
+                pb::Action::Deny,
+                vec![pb::Group::default()],
+                "every workload, waypoint and ingress gateway in the mesh denies everything",
             ),
         };
         report.add(

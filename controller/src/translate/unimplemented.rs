@@ -8,7 +8,7 @@ use super::Report;
 use crate::model::{Inputs, Kind, ObjectKey};
 
 const IGNORED: &str = "is not implemented; ignored";
-const FAILS_CLOSED: &str = "is not implemented; the policy allows nothing until it is removed";
+const FAILS_CLOSED: &str = "is not implemented; the policy fails closed until it is removed";
 
 pub(crate) fn report(inputs: &Inputs, report: &mut Report) {
     let mut each = |kind: Kind, key: &ObjectKey, paths: &[String], what: &str| {
