@@ -20,7 +20,7 @@ mod service;
 mod service_entry;
 mod slice_index;
 mod telemetry;
-mod unimplemented;
+pub mod unimplemented;
 mod upstream_tls;
 mod waypoint_policy;
 mod workload;

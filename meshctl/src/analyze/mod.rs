@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use controller::model::{Inputs, ObjectKey};
-use controller::translate::{translate, Options, Problem};
+use controller::translate::{translate, unimplemented, Options, Problem};
 
 use crate::style::Style;
 pub use load::{load, Corpus, LoadError};
@@ -100,23 +100,22 @@ impl Report {
     }
 }
 
-/// The ends of the controller's messages for Istio fields it does not implement
-/// (`spec.http[0].corsPolicy is not implemented; ignored`).
-const UNIMPLEMENTED_IGNORED: &str = "is not implemented; ignored";
-const UNIMPLEMENTED_FAILS_CLOSED: &str = "is not implemented; the policy allows nothing";
-
 /// A fix for a problem the controller reported, from what it says.
 fn fix_for(problem: &Problem) -> String {
     let m = problem.message.as_str();
     if m.contains("cannot be enforced by ztunnel") || m.contains("ztunnel ignores") {
         checks::L7_FIX.to_owned()
-    } else if m.ends_with(UNIMPLEMENTED_IGNORED) {
+    } else if m.ends_with(unimplemented::IGNORED) {
         "the object keeps the field but the mesh does not apply it: remove it, or do not rely on it".to_owned()
-    } else if m.contains(UNIMPLEMENTED_FAILS_CLOSED) {
-        "remove the field: the mesh does not implement it, and the policy allows nothing while it is present".to_owned()
+    } else if m.contains(unimplemented::FAILS_CLOSED) {
+        "remove the field: the mesh does not implement it, and the policy fails closed (allows nothing, or as a DENY denies everything) while it is present".to_owned()
     } else if m.contains("CUSTOM") {
         "attach the policy to a waypoint with targetRefs; ztunnel cannot call an external authorizer".to_owned()
-    } else if m.contains("unknown field") || m.contains("allows nothing") || m.starts_with("spec") {
+    } else if m.contains("unknown field")
+        || m.contains("allows nothing")
+        || m.contains("denies everything")
+        || m.starts_with("spec")
+    {
         "correct the spec as the message says (field names are camelCase, as in the Istio API)".to_owned()
     } else if m.starts_with("action ") {
         "use one of the actions the message lists (ALLOW, DENY, AUDIT, CUSTOM)".to_owned()
@@ -250,7 +249,7 @@ fn problem_findings(
             continue;
         }
         // A field that is kept but not applied changes nothing the mesh enforces: a warning.
-        let severity = if p.message.ends_with(UNIMPLEMENTED_IGNORED) {
+        let severity = if p.message.ends_with(unimplemented::IGNORED) {
             Severity::Warn
         } else {
             Severity::Error
