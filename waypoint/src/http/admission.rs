@@ -539,11 +539,21 @@ mod tests {
             req.body(()).expect("a test request").into_parts().0
         };
         assert!(admit_request(&snapshot, with_host("www.example.com")).is_ok());
-        for denied in ["admin.example.com:", "ADMIN.example.com:8443"] {
+        for denied in [
+            "admin.example.com:",
+            "ADMIN.example.com:8443",
+            "admin.example.com.",
+            "admin.example.com.:80",
+        ] {
             let got = admit_request(&snapshot, with_host(denied));
             assert!(matches!(got, Err(LocalReply::RbacDenied(_))), "{denied}: {got:?}");
         }
-        for refused in ["admin.example.com:99999", "x@admin.example.com"] {
+        for refused in [
+            "admin.example.com:99999",
+            "x@admin.example.com",
+            "admin.example.com..",
+            ".",
+        ] {
             let got = admit_request(&snapshot, with_host(refused));
             assert!(
                 matches!(got, Err(LocalReply::BadRequest(BadRequest::Authority(_)))),

@@ -7,7 +7,10 @@
 //! The URI's authority (HTTP/2 `:authority`, an absolute-form target) is read first, else
 //! the `Host` header. Refused (400): userinfo, a port that is not a 16-bit number, an
 //! authority that does not parse, and more than one `Host` header. The host is lowercased;
-//! an empty port (`host:`) is no port.
+//! an empty port (`host:`) is no port. One trailing dot (`admin.example.com.`, the same name
+//! to DNS and to backends such as nginx) is dropped, as Envoy's `strip_trailing_host_dot`
+//! does, or the name would miss rules on `admin.example.com`; a host that is only dots or
+//! ends in two is refused.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Authority;
@@ -62,6 +65,11 @@ pub fn canonical(raw: &str) -> Result<RequestHost, AuthorityError> {
         Some("") => None,
         Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().map_err(|_| AuthorityError::BadPort)?),
         Some(_) => return Err(AuthorityError::BadPort),
+    };
+    let host = match host.strip_suffix('.') {
+        Some(stripped) if stripped.ends_with('.') => return Err(AuthorityError::Unparsable),
+        Some(stripped) => stripped,
+        None => host,
     };
     if host.is_empty() {
         return Err(AuthorityError::Unparsable);
@@ -122,6 +130,13 @@ mod tests {
             ("admin.example.com:080", Ok("admin.example.com:80")),
             ("[::1]:8080", Ok("[::1]:8080")),
             ("10.0.0.1", Ok("10.0.0.1")),
+            ("admin.example.com.", Ok("admin.example.com")),
+            ("Admin.Example.com.:8443", Ok("admin.example.com:8443")),
+            ("admin.example.com.:", Ok("admin.example.com")),
+            ("admin.example.com..", Err(AuthorityError::Unparsable)),
+            (".", Err(AuthorityError::Unparsable)),
+            ("..", Err(AuthorityError::Unparsable)),
+            (".:80", Err(AuthorityError::Unparsable)),
             ("admin.example.com:99999", Err(AuthorityError::BadPort)),
             ("admin.example.com:8a", Err(AuthorityError::BadPort)),
             ("x@admin.example.com", Err(AuthorityError::UserInfo)),

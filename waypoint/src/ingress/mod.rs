@@ -418,6 +418,9 @@ mod tests {
         assert_eq!(tls(Some("b.example.com"), "b.example.com").ok().as_deref(), Some("b"));
         assert_eq!(tls(Some("b.example.com"), "c.example.com").ok().as_deref(), Some("b"));
         assert_eq!(tls(Some("b.example.com"), "").ok().as_deref(), Some("b"));
+        // A trailing dot names the same listener (the server matches the canonical host).
+        let dotted = crate::http::authority::canonical("A.example.com.").expect("a valid host");
+        assert_eq!(tls(Some("a.example.com"), dotted.host()).ok().as_deref(), Some("a"));
         for (sni, host) in [("b.example.com", "a.example.com"), ("a.example.com", "b.example.com")] {
             let got = tls(Some(sni), host);
             assert!(
