@@ -139,3 +139,21 @@ async fn a_rejected_or_lost_add_fails_enrolment() {
     let (r, _) = tokio::join!(add, drop_it);
     assert!(matches!(r, Err(EnrolError::Lost(_))), "{r:?}");
 }
+
+/// The agent's retry of failed captures waits on this rather than capturing while no ztunnel
+/// is there: a ztunnel that connected while nobody waited must still be told.
+#[tokio::test]
+async fn a_ztunnel_connecting_is_told_to_the_next_wait() {
+    let (srv, _dir, path) = server().await;
+    let z = FakeZtunnel::connect(&path).await;
+    until_connected(&srv, 1).await;
+    tokio::time::timeout(Duration::ZERO, srv.ztunnel_connected())
+        .await
+        .expect("the connection is told to a wait that starts after it");
+    // Told once: the next wait is for the next connection.
+    assert!(tokio::time::timeout(Duration::ZERO, srv.ztunnel_connected())
+        .await
+        .is_err());
+    let (payload, _) = z.next("").await;
+    assert!(matches!(payload, Payload::SnapshotSent(_)), "{payload:?}");
+}

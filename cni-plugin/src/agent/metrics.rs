@@ -25,7 +25,8 @@ pub struct AgentMetrics {
     pub ztunnels: Gauge,
     /// Scans that found a pod's IP in more than one network namespace and adopted none.
     pub ambiguous: Counter,
-    /// Known pods whose enrolment or release failed at the last reconciliation: retried.
+    /// Known pods whose enrolment or release failed (or waits for a ztunnel) at the last
+    /// reconciliation: retried when a ztunnel connects, or after a back-off.
     pub pending: Gauge,
 }
 
@@ -70,7 +71,7 @@ impl AgentMetrics {
         );
         registry.register(
             "reconciliations_pending",
-            "Pods whose capture or release failed at the last reconciliation (ztunnel away, rules not removable); retried until done",
+            "Pods whose capture or release failed or waits at the last reconciliation (no ztunnel, rules not removable); retried when a ztunnel connects or after a back-off of 5 s doubling to 5 min",
             self.pending.clone(),
         );
     }

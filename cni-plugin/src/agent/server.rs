@@ -25,6 +25,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use mesh_core::log_limit::LogLimiter;
 use mesh_proto::workload::zds::WorkloadInfo;
 use serde::Deserialize;
 use serde_json::json;
@@ -49,6 +50,28 @@ const UNDECIDED_POLL: Duration = Duration::from_millis(100);
 const REPLY_MARGIN: Duration = Duration::from_millis(600);
 /// The plugin's default timeout, for a request that does not carry one.
 const PLUGIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The first wait before a failed capture or release is retried; doubled after each pass
+/// that leaves one pending, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How often one pod's failed enrolment or release is logged at most.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The wait before the next retry pass, after `failed` passes in a row left pods pending.
+fn retry_delay(failed: u32) -> Duration {
+    RETRY_FIRST
+        .checked_mul(2u32.saturating_pow(failed))
+        .map_or(RETRY_MAX, |d| d.min(RETRY_MAX))
+}
+
+/// What a reconciliation pass covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// Every known pod, and the node's namespaces scanned for pods that never came through CNI.
+    Full,
+    /// Every known pod only: a retry of what failed, which the scan has no part in.
+    Retry,
+}
 
 /// A pod request from the plugin.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -164,6 +187,8 @@ pub struct Agent {
     /// The node's network namespace (the agent's own), which never gets pod rules; `None`
     /// when it could not be read, and then no namespace gets them.
     host_netns: Option<NsId>,
+    /// Failed enrolments and releases, retried, would log at every pass: by pod uid and kind.
+    failures: LogLimiter<(String, &'static str)>,
 }
 
 /// Why the inventory cannot decide on `namespace/name` yet: its object or its namespace is
@@ -254,7 +279,13 @@ impl Agent {
             host_netns: netns::host()
                 .inspect_err(|e| warn!(error = %e, "cannot identify the node's network namespace; enrolling nothing"))
                 .ok(),
+            failures: LogLimiter::new(FAILURE_LOG_INTERVAL),
         })
+    }
+
+    /// Whether a failure of `kind` for pod `uid` may be logged now: `Some(suppressed)` if so.
+    fn may_log(&self, uid: &str, kind: &'static str) -> Option<u64> {
+        self.failures.check((uid.to_owned(), kind))
     }
 
     /// Opens a pod's namespace, checked to be the one `recorded` and not the node's.
@@ -544,9 +575,11 @@ impl Agent {
     /// the namespace is the one `recorded` (when known) and not the node's; the identity of
     /// the namespace enrolled is returned, to be recorded.
     async fn enrol(&self, uid: &str, sa: String, req: &PodRequest, recorded: Option<NsId>) -> Result<NsId, EnrolError> {
-        let ns = self
-            .open_netns(&req.netns, recorded)
-            .inspect_err(|e| warn!(%uid, error = %e, "not enrolling the pod"))?;
+        let ns = self.open_netns(&req.netns, recorded).inspect_err(|e| {
+            if let Some(suppressed) = self.may_log(uid, "netns") {
+                warn!(%uid, error = %e, suppressed, "not enrolling the pod");
+            }
+        })?;
         let ns = Arc::new(ns);
         let result = async {
             let (pod_ns, ports, proc_sys) = (ns.clone(), self.ports, self.proc_sys.clone());
@@ -583,7 +616,9 @@ impl Agent {
                 Ok(ns.id)
             }
             Err(e) => {
-                warn!(%uid, error = %e, "enrolment failed; the pod must not run uncaptured");
+                if let Some(suppressed) = self.may_log(uid, "enrol") {
+                    warn!(%uid, error = %e, suppressed, "enrolment failed; the pod must not run uncaptured");
+                }
                 self.zds.del_pod(uid).await;
                 let (ips, proc_sys) = (req.ips.clone(), self.proc_sys.clone());
                 let _ = tokio::task::spawn_blocking(move || {
@@ -631,7 +666,9 @@ impl Agent {
                 Ok(Released::Removed)
             }
             Err(e) => {
-                warn!(%uid, error = %e, "removing redirection rules failed; enrolling the pod again");
+                if let Some(suppressed) = self.may_log(uid, "remove") {
+                    warn!(%uid, error = %e, suppressed, "removing redirection rules failed; enrolling the pod again");
+                }
                 let sa = known.service_account.clone();
                 match self.enrol(uid, sa, &known.req, known.netns_id).await {
                     Ok(_) => Err(format!("releasing {uid}: {e} (the pod stays enrolled)")),
@@ -672,6 +709,11 @@ impl Agent {
     /// label gets its running pods captured, one that lost it gets them released. Each pod
     /// under its container's lock.
     pub async fn reconcile(&self) {
+        self.reconcile_pass(Pass::Full).await;
+    }
+
+    /// [`Agent::reconcile`], with the scan for pods that never came through CNI on a full pass.
+    async fn reconcile_pass(&self, pass: Pass) {
         let inv = match self.source.current() {
             Ok(i) => i,
             Err(InventoryError::NotSynced) => {
@@ -685,7 +727,9 @@ impl Agent {
         };
         let ids: Vec<String> = {
             let mut pods = self.pods.lock().await;
-            self.adopt_unknown(&inv, &mut pods).await;
+            if pass == Pass::Full {
+                self.adopt_unknown(&inv, &mut pods).await;
+            }
             pods.keys().cloned().collect()
         };
         let mut pending = 0;
@@ -706,15 +750,28 @@ impl Agent {
         self.metrics.pending.set(pending);
     }
 
-    /// Reconciles again every `every` while the last pass left a pod it could not capture or
-    /// release (say, no ztunnel was connected): without this, a namespace labelled ambient
-    /// while ztunnel was away left its running pods unmeshed until some unrelated change.
-    pub async fn retry_pending(self: Arc<Self>, every: Duration) {
+    /// Reconciles the known pods again while the last pass left one it could not capture or
+    /// release: without this, a namespace labelled ambient while ztunnel was away left its
+    /// running pods unmeshed until some unrelated change. A pass runs when a ztunnel connects
+    /// or after [`retry_delay`] (which backs off while passes keep failing), never in a loop:
+    /// each failed capture touched a running pod's traffic.
+    pub async fn retry_pending(self: Arc<Self>) {
+        let mut failed = 0;
         loop {
-            tokio::time::sleep(every).await;
-            if self.metrics.pending.get() > 0 {
-                self.reconcile().await;
+            tokio::select! {
+                () = self.zds.ztunnel_connected() => failed = 0,
+                () = tokio::time::sleep(retry_delay(failed)) => {}
             }
+            if self.metrics.pending.get() == 0 {
+                failed = 0;
+                continue;
+            }
+            self.reconcile_pass(Pass::Retry).await;
+            failed = if self.metrics.pending.get() > 0 {
+                failed.saturating_add(1)
+            } else {
+                0
+            };
         }
     }
 
@@ -729,6 +786,12 @@ impl Agent {
         match (&known.captured, desired(inv, &key.0, &key.1)) {
             (None, Ok(sa)) => {
                 let uid = self.uid(&known.req);
+                // Capturing now would only redirect the running pod's connections to ports
+                // nobody listens on until the hand-off fails and is undone: wait for a ztunnel.
+                if self.zds.connected() == 0 {
+                    debug!(%uid, "no ztunnel connected; capture left pending");
+                    return Change::Retry;
+                }
                 match self.enrol(&uid, sa.clone(), &known.req, known.netns_id).await {
                     Ok(id) => Change::Record(Box::new(Known {
                         captured: Some(uid),
@@ -750,7 +813,9 @@ impl Agent {
                         ..known
                     })),
                     Err(e) => {
-                        warn!(%uid, error = %e, "release failed; trying again");
+                        if let Some(suppressed) = self.may_log(uid, "release") {
+                            warn!(%uid, error = %e, suppressed, "release failed; trying again");
+                        }
                         Change::Retry
                     }
                 }
@@ -969,6 +1034,11 @@ mod tests {
 
     /// An agent on an empty manifest directory, its state file in `dir`.
     fn agent(dir: &std::path::Path) -> Arc<Agent> {
+        agent_via(dir, rules::PROC_SYS.into())
+    }
+
+    /// [`agent`], writing pod sysctls through `proc_sys`.
+    fn agent_via(dir: &std::path::Path, proc_sys: PathBuf) -> Arc<Agent> {
         Agent::new(
             ZdsServer::new(),
             InventorySource::Dir(crate::agent::dir::ManifestDir::new(dir.join("manifests"))),
@@ -976,7 +1046,7 @@ mod tests {
             AgentPaths {
                 state_file: Some(dir.join("pods.json")),
                 report_file: None,
-                proc_sys: rules::PROC_SYS.into(),
+                proc_sys,
             },
             None,
             None,
@@ -1046,8 +1116,31 @@ mod tests {
         assert!(!agent.zds.pods().contains(&uid));
     }
 
-    /// A pod the inventory wants captured while no ztunnel is connected: the pass fails, and
-    /// the pod is counted as pending, which keeps `retry_pending` reconciling.
+    #[test]
+    fn retries_back_off_from_5_s_to_5_min() {
+        let table = [
+            (0, 5),
+            (1, 10),
+            (2, 20),
+            (3, 40),
+            (5, 160),
+            (6, 300),
+            (7, 300),
+            (40, 300),
+            (u32::MAX, 300),
+        ];
+        for (failed, secs) in table {
+            assert_eq!(
+                retry_delay(failed),
+                Duration::from_secs(secs),
+                "after {failed} failed passes"
+            );
+        }
+    }
+
+    /// A pod the inventory wants captured while no ztunnel is connected: no capture is tried
+    /// (it would break the running pod's connections until undone), and the pod is counted as
+    /// pending, for `retry_pending` to capture once a ztunnel connects.
     #[tokio::test]
     async fn a_capture_that_failed_is_left_pending() {
         let Some(ns) = TestNs::new("pending") else { return };
@@ -1057,14 +1150,28 @@ mod tests {
         std::fs::write(dir.path().join("manifests/shop.yaml"), inventory).unwrap();
         let state = vec![known("c1", ns.path(), Some(ns.id()), false)];
         std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
-        let agent = agent(dir.path());
+        // The sysctl the capture writes (and its undoing rewrites) lands here: a trace of
+        // any capture tried, even one undone since.
+        let proc_sys = dir.path().join("sys");
+        std::fs::create_dir_all(proc_sys.join("net/ipv4")).unwrap();
+        let agent = agent_via(dir.path(), proc_sys.clone());
         agent.restore().await.unwrap();
-        agent.reconcile().await;
-        assert_eq!(agent.metrics.pending.get(), 1, "the failed capture is not pending");
-        assert!(
-            !rules::installed(std::path::Path::new(&ns.path())),
-            "rules left after the failure"
-        );
+        for pass in 1..=2 {
+            agent.reconcile().await;
+            assert_eq!(
+                agent.metrics.pending.get(),
+                1,
+                "pass {pass}: the capture is not pending"
+            );
+            assert!(
+                !rules::installed(std::path::Path::new(&ns.path())),
+                "pass {pass}: rules installed"
+            );
+            assert!(
+                !proc_sys.join("net/ipv4/tcp_migrate_req").exists(),
+                "pass {pass}: a capture was tried with no ztunnel"
+            );
+        }
     }
 
     #[tokio::test]

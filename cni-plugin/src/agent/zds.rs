@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mesh_core::log_limit::LogLimiter;
 use mesh_core::zds::{ZdsConn, ZdsError, ZdsListener};
 use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest, WorkloadResponse};
 use tokio::sync::{mpsc, oneshot};
@@ -63,10 +64,28 @@ struct Inner {
 }
 
 /// The agent's side of ZDS.
-#[derive(Default)]
 pub struct ZdsServer {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
+    /// Told of each ztunnel that connects: the agent's retry of failed captures waits on it
+    /// rather than capturing (and undoing) while no ztunnel is there to take the pod.
+    connects: tokio::sync::Notify,
+    /// A ztunnel that keeps rejecting a pod would otherwise log at every retry.
+    rejections: LogLimiter<String>,
+}
+
+/// How often a ztunnel's rejection of one pod is logged at most.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Default for ZdsServer {
+    fn default() -> Self {
+        ZdsServer {
+            inner: Mutex::default(),
+            next_id: AtomicU64::default(),
+            connects: tokio::sync::Notify::new(),
+            rejections: LogLimiter::new(REJECTION_LOG_INTERVAL),
+        }
+    }
 }
 
 fn add_request(uid: &str, info: &zds::WorkloadInfo) -> WorkloadRequest {
@@ -90,6 +109,12 @@ impl ZdsServer {
     /// Number of ztunnels connected.
     pub fn connected(&self) -> usize {
         self.lock().clients.len()
+    }
+
+    /// Returns once a ztunnel has connected since the last return (a connection while no one
+    /// waits is kept for the next call). For one waiter: the agent's retry loop.
+    pub async fn ztunnel_connected(&self) {
+        self.connects.notified().await;
     }
 
     /// Pods currently enrolled.
@@ -246,6 +271,7 @@ impl ZdsServer {
                 }))
                 .collect()
         };
+        self.connects.notify_one();
         info!(
             client = id,
             pods = snapshot.len() - 1,
@@ -272,6 +298,18 @@ impl ZdsServer {
 }
 
 impl ZdsServer {
+    /// Logs a rejection, at most once a while per pod: a retried capture meets it again.
+    fn log_rejection(&self, req: &WorkloadRequest, reason: &str) {
+        let uid = match &req.payload {
+            Some(Payload::Add(add)) => add.uid.clone(),
+            Some(Payload::Del(del)) => del.uid.clone(),
+            _ => String::new(),
+        };
+        if let Some(suppressed) = self.rejections.check(uid.clone()) {
+            warn!(%uid, %reason, suppressed, "ztunnel rejected a ZDS request");
+        }
+    }
+
     /// Sends one request and waits for its ack; the outcome goes to whoever queued the job.
     async fn exchange(&self, id: u64, conn: &ZdsConn, job: Job) -> Result<(), ZdsError> {
         let Job { req, fd, done } = job;
@@ -293,7 +331,7 @@ impl ZdsServer {
             Ok(result) => {
                 match &result {
                     Outcome::Acked => self.acked(id, &req),
-                    Outcome::Rejected(reason) => warn!(%reason, "ztunnel rejected a ZDS request"),
+                    Outcome::Rejected(reason) => self.log_rejection(&req, reason),
                     Outcome::Lost => {}
                 }
                 if let Some(done) = done {

@@ -124,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the CNI socket {}", cfg.cni_socket.display()))?;
     tracing::info!(cni = %cfg.cni_socket.display(), zds = %cfg.zds_socket.display(), "node agent ready");
     tokio::spawn(agent.clone().watch_source(std::time::Duration::from_secs(1)));
-    tokio::spawn(agent.clone().retry_pending(std::time::Duration::from_secs(5)));
+    tokio::spawn(agent.clone().retry_pending());
     let mut registry = prometheus_client::registry::Registry::with_prefix("cni_agent");
     agent.metrics.register(&mut registry);
     let metrics = tokio::net::TcpListener::bind(cfg.stats_addr.0)
