@@ -33,10 +33,20 @@ use crate::Waypoint;
 /// What only the proxy decides, before anything reads the headers: the canonical path and
 /// host, hop-by-hop headers (a client's `Connection` list cannot remove what the mesh wrote
 /// before or writes later), headers the mesh vouches for, and upgrades other than WebSocket.
-/// `Ok(Some(note))`: an upgrade was dropped.
+/// `Ok(Some(note))`: an upgrade was dropped. The path and host are both checked before either
+/// is written back, so a request refused for one is left (and logged) as it arrived.
 pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
-    canonical_path(parts).map_err(LocalReply::BadRequest)?;
-    authority::canonicalize(parts).map_err(|e| LocalReply::BadRequest(BadRequest::Authority(e)))?;
+    let bad_path = |e| LocalReply::BadRequest(BadRequest::Path(e));
+    let path = match path::normalize(parts.uri.path()).map_err(bad_path)? {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(p) => Some(p),
+    };
+    let bad_authority = |e| LocalReply::BadRequest(BadRequest::Authority(e));
+    let named = authority::of_request(&parts.uri, &parts.headers).map_err(bad_authority)?;
+    if let Some(canonical) = path {
+        write_path(parts, &canonical).map_err(LocalReply::BadRequest)?;
+    }
+    authority::write_back(parts, named).map_err(bad_authority)?;
     let upgrade = rewrite::upgrade_requested(parts.version, &parts.headers);
     rewrite::strip_hop_by_hop(&mut parts.headers, upgrade == UpgradeRequest::WebSocket);
     rewrite::strip_vouched(&mut parts.headers);
@@ -49,15 +59,12 @@ pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
     })
 }
 
-/// Replaces the request's path with its canonical form (see [`path`]), keeping the query.
-fn canonical_path(parts: &mut Parts) -> Result<(), BadRequest> {
-    let canonical = match path::normalize(parts.uri.path()).map_err(BadRequest::Path)? {
-        Cow::Borrowed(_) => return Ok(()),
-        Cow::Owned(p) => p,
-    };
+/// Replaces the request's path with `canonical`, its canonical form (see [`path`]), keeping
+/// the query.
+fn write_path(parts: &mut Parts, canonical: &str) -> Result<(), BadRequest> {
     // Unreachable for a canonical path; refused rather than sent on as it came.
     let unusable = BadRequest::Path(path::PathError::NotAbsolute);
-    let with_query = rewrite::with_query(&canonical, parts.uri.query());
+    let with_query = rewrite::with_query(canonical, parts.uri.query());
     let mut uri = parts.uri.clone().into_parts();
     uri.path_and_query = Some(with_query.parse().map_err(|_| unusable.clone())?);
     parts.uri = http::Uri::from_parts(uri).map_err(|_| unusable)?;
@@ -572,7 +579,7 @@ mod tests {
         ];
         for (raw, want) in cases {
             let mut parts = request(raw);
-            canonical_path(&mut parts).expect("a valid path");
+            sanitize(&mut parts).expect("a valid path");
             assert_eq!(parts.uri.to_string(), want, "{raw}");
         }
     }

@@ -102,6 +102,15 @@ pub fn of_request(uri: &Uri, headers: &HeaderMap) -> Result<Option<RequestHost>,
 /// `Host`), so whatever reads either later reads it; returns it.
 pub fn canonicalize(parts: &mut http::request::Parts) -> Result<Option<RequestHost>, AuthorityError> {
     let named = of_request(&parts.uri, &parts.headers)?;
+    write_back(parts, named)
+}
+
+/// Writes `named`, the host [`of_request`] read from this request, back into it (see
+/// [`canonicalize`]); returns it.
+pub fn write_back(
+    parts: &mut http::request::Parts,
+    named: Option<RequestHost>,
+) -> Result<Option<RequestHost>, AuthorityError> {
     parts.headers.remove(header::HOST);
     let Some(named) = named else {
         return Ok(None);

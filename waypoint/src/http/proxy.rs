@@ -121,6 +121,10 @@ struct Outcome {
     backend: Option<Arc<Service>>,
     attempts: u32,
     reason: String,
+    /// The path and host as authorization, routing and the backend see them (canonical), so
+    /// that telemetry reports what was served; as they arrived when sanitizing refused them.
+    path: String,
+    host: String,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -138,15 +142,14 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// What telemetry keeps of a request as it arrived.
+/// What telemetry keeps of a request as it arrived (its path and host are the [`Outcome`]'s:
+/// the canonical ones, known only once sanitized).
 struct Arrival {
     start: Instant,
     started_at: std::time::SystemTime,
     trace: Option<trace::TraceContext>,
     grpc: bool,
     method: Method,
-    path: String,
-    host: String,
     request_size: f64,
     /// A Telemetry's custom span tags, read from the request as it arrived.
     custom_tags: Vec<(String, String)>,
@@ -172,13 +175,6 @@ impl Arrival {
             trace::inject(&ctx, req.headers_mut());
             ctx
         });
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri().host())
-            .unwrap_or_default()
-            .to_owned();
         Arrival {
             start: Instant::now(),
             started_at: std::time::SystemTime::now(),
@@ -188,8 +184,6 @@ impl Arrival {
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            host,
             request_size: content_length(req.headers()).unwrap_or(0.0),
             custom_tags: apply::custom_tags(&effective, req.headers()),
             no_spans: effective.tracing.is_some_and(|t| t.disable_span_reporting),
@@ -208,8 +202,8 @@ impl Arrival {
         apply::Facts {
             status: resp.status().as_u16(),
             method: self.method.as_str(),
-            path: &self.path,
-            host: &self.host,
+            path: &out.path,
+            host: &out.host,
             protocol: if self.grpc { "grpc" } else { "http" },
             headers: self.headers.as_ref(),
             source_principal: principal,
@@ -255,7 +249,7 @@ impl Arrival {
             dst_service = down.service.hostname.as_str(),
             dst_workload = out.upstream.as_ref().map(|w| w.name.as_str()).unwrap_or("-"),
             method = self.method.as_str(),
-            path = self.path.as_str(),
+            path = out.path.as_str(),
             status = resp.status().as_u16(),
             flags = out.flags.as_str(),
             route = out.route.as_str(),
@@ -276,7 +270,7 @@ impl Arrival {
             .str("dst_service", down.service.hostname.as_str())
             .str("dst_workload", out.upstream.as_ref().map_or("-", |w| w.name.as_str()))
             .str("method", self.method.as_str())
-            .str("path", self.path.as_str())
+            .str("path", out.path.as_str())
             .int("status", i64::from(resp.status().as_u16()))
             .str("flags", out.flags.as_str())
             .str("route", out.route.as_str())
@@ -384,7 +378,7 @@ impl Arrival {
         };
         let mut tags = vec![
             (Cow::Borrowed("http.method"), self.method.to_string()),
-            (Cow::Borrowed("http.url"), self.path.clone()),
+            (Cow::Borrowed("http.url"), out.path.clone()),
             (Cow::Borrowed("http.status_code"), resp.status().as_u16().to_string()),
             (Cow::Borrowed("response_flags"), out.flags.as_str().to_owned()),
             (
@@ -403,7 +397,7 @@ impl Arrival {
         tags.extend(self.custom_tags.into_iter().map(|(k, v)| (Cow::Owned(k), v)));
         wp.tracer.finish(trace::Span {
             ctx,
-            name: format!("{}:{}{}", down.service.hostname, down.dst.port(), self.path),
+            name: format!("{}:{}{}", down.service.hostname, down.dst.port(), out.path),
             start: self.started_at,
             duration: elapsed,
             tags,
@@ -416,6 +410,13 @@ async fn process(wp: &Arc<Waypoint>, down: &Downstream, req: Request<Incoming>, 
         Ok(resp) => resp,
         Err(reply) => local_reply(wp, reply, out),
     }
+}
+
+/// The host telemetry reports: `Host` (which sanitizing writes from the URI's authority), else
+/// the URI's host.
+fn logged_host(parts: &Parts) -> &str {
+    let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    host.or_else(|| parts.uri.host()).unwrap_or_default()
 }
 
 /// Answers locally: the reply decides the status, flag, body and counters.
@@ -441,7 +442,12 @@ async fn pipeline(
     let snapshot = wp.config.load();
     let target = admission::Target::new(wp, &down.service);
     let (mut parts, body) = req.into_parts();
-    if let Some(note) = admission::sanitize(&mut parts)? {
+    let sanitized = admission::sanitize(&mut parts);
+    // Telemetry reports the request that is served, not its spelling (a Telemetry filter on
+    // `/admin` missed `/public/../admin`); one refused here has no canonical form.
+    out.path = parts.uri.path().to_owned();
+    out.host = logged_host(&parts).to_owned();
+    if let Some(note) = sanitized? {
         out.reason = note;
     }
     let principal = admission::authenticate(wp, &snapshot, &target, &mut parts).await?;
@@ -909,6 +915,16 @@ mod tests {
         Arc<Cluster>,
     ) {
         let (backend, heads) = silent_backend().await;
+        let (wp, down) = waypoint_for(backend);
+        let cluster = wp
+            .upstreams
+            .cluster(&down.service_key, "", wp::TrafficPolicy::default());
+        (connect(&wp, &down), heads, cluster)
+    }
+
+    /// A waypoint for the service `svc`, served by one workload at `backend`, and a plain
+    /// tunnel to it.
+    fn waypoint_for(backend: SocketAddr) -> (Arc<Waypoint>, Arc<Downstream>) {
         let service = Service {
             name: "svc".into(),
             namespace: "ns".into(),
@@ -930,13 +946,73 @@ mod tests {
             service_key: service.key(),
             service: Arc::new(service),
         });
-        let cluster = wp
-            .upstreams
-            .cluster(&down.service_key, "", wp::TrafficPolicy::default());
+        (wp, down)
+    }
+
+    /// One downstream HTTP/1.1 connection served by [`handle`]; the test's end.
+    fn connect(wp: &Arc<Waypoint>, down: &Arc<Downstream>) -> tokio::io::DuplexStream {
+        let (wp, down) = (wp.clone(), down.clone());
         let (client, server) = tokio::io::duplex(64 * 1024);
         let serve = hyper::service::service_fn(move |req| handle(wp.clone(), down.clone(), req));
         tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), serve));
-        (client, heads, cluster)
+        client
+    }
+
+    /// What tracing writes while a test holds [`capture_logs`]'s guard.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Captures this thread's log lines (a current-thread runtime's tasks included).
+    fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .finish();
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn the_access_log_reports_the_canonical_path_or_a_refused_one_as_it_arrived() {
+        let (lines, _guard) = capture_logs();
+        // Nothing listens at the backend: each request is answered at once, and logged.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (wp, down) = waypoint_for(closed);
+        // (path, host) sent -> status, path logged; the refused (400) as they arrived.
+        let cases = [
+            (("/x/../admin", "svc"), "503", "/admin"),
+            (("/x/../%zz", "svc"), "400", "/x/../%zz"),
+            (("/x/../admin", "u@svc"), "400", "/x/../admin"),
+        ];
+        for ((sent, host), status, logged) in cases {
+            let mut client = connect(&wp, &down);
+            let head = format!("GET {sent} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+            client.write_all(head.as_bytes()).await.unwrap();
+            let (answer, _) = answer(&mut client).await;
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{sent}: {answer}");
+            let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
+            let line = text
+                .lines()
+                .rfind(|l| l.contains(" request "))
+                .unwrap_or_default()
+                .to_owned();
+            assert!(line.contains(&format!("path=\"{logged}\"")), "{sent}: {line}");
+        }
     }
 
     /// Sends a POST head announcing `len` bytes of body, and none of them.
