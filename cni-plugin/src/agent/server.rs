@@ -110,6 +110,11 @@ struct Known {
     /// one later (a reused pid), and is only used while it still reaches this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     netns_id: Option<NsId>,
+    /// When it was last captured, in the order of this node's captures (higher is later,
+    /// across restarts): of two sandboxes of one pod, the later holds the uid at ztunnel.
+    /// 0 in a state file from before it was recorded.
+    #[serde(default)]
+    seq: u64,
 }
 
 /// Why a pod was not enrolled.
@@ -132,6 +137,8 @@ enum Change {
     /// As `Keep`, after a capture or release that failed: to be tried again.
     Retry,
     Record(Box<Known>),
+    /// As `Record`, for a pod just captured (handed to ztunnel): it gets the next sequence.
+    Captured(Box<Known>),
     /// The pod is gone: nothing of it is left to track.
     Forget,
 }
@@ -239,6 +246,20 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)
 }
 
+/// The containers holding the newest capture of each uid in `known` (highest sequence; of
+/// equal ones, from a state file without sequences, the first listed).
+fn newest_per_uid(known: &[Known]) -> std::collections::HashSet<String> {
+    let mut newest: HashMap<&str, &Known> = HashMap::new();
+    for k in known {
+        let Some(uid) = k.captured.as_deref() else { continue };
+        match newest.get(uid) {
+            Some(held) if held.seq >= k.seq => {}
+            _ => drop(newest.insert(uid, k)),
+        }
+    }
+    newest.values().map(|k| k.req.container_id.clone()).collect()
+}
+
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
@@ -305,9 +326,11 @@ impl Agent {
         };
         let known: Vec<Known> = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: not a valid agent state file: {e}", path.display()))?;
+        let newest = newest_per_uid(&known);
         let mut pods = self.pods.lock().await;
         for k in known {
-            if let Some(k) = self.restore_one(k).await? {
+            let hand_off = newest.contains(&k.req.container_id);
+            if let Some(k) = self.restore_one(k, hand_off).await? {
                 pods.insert(k.req.container_id.clone(), k);
             }
         }
@@ -317,8 +340,9 @@ impl Agent {
         Ok(n)
     }
 
-    /// One pod of the state file: `None` when it is to be forgotten.
-    async fn restore_one(&self, mut k: Known) -> anyhow::Result<Option<Known>> {
+    /// One pod of the state file: `None` when it is to be forgotten. A captured pod gets its
+    /// rules back, and is offered to ztunnel when `hand_off` (the newest capture of its uid).
+    async fn restore_one(&self, mut k: Known, hand_off: bool) -> anyhow::Result<Option<Known>> {
         let container = k.req.container_id.clone();
         // A state file from before identities were recorded: a pinned path is taken as it
         // is, a process's may reach another process's namespace by now.
@@ -347,7 +371,9 @@ impl Agent {
                 namespace: k.req.pod_namespace.clone(),
                 service_account: k.service_account.clone(),
             };
-            self.zds.restore_pod(uid, info, ns.file.into());
+            if hand_off {
+                self.zds.restore_pod(uid, info, ns.file.into());
+            }
         }
         Ok(Some(k))
     }
@@ -475,6 +501,7 @@ impl Agent {
                     captured: None,
                     service_account: String::new(),
                     netns_id,
+                    seq: 0,
                 })
                 .await;
                 return (
@@ -487,11 +514,12 @@ impl Agent {
         // The runtime's path of this ADD is the pod's namespace: whatever it reaches now.
         match self.enrol(&uid, sa.clone(), &req, None).await {
             Ok(id) => {
-                self.record(Known {
+                self.record_captured(Known {
                     req,
                     captured: Some(uid),
                     service_account: sa,
                     netns_id: Some(id),
+                    seq: 0,
                 })
                 .await;
                 ("captured", reply(StatusCode::OK, json!({ "captured": true })))
@@ -510,6 +538,15 @@ impl Agent {
     /// Stores what is now true of a container, and persists it.
     async fn record(&self, known: Known) {
         let mut pods = self.pods.lock().await;
+        pods.insert(known.req.container_id.clone(), known);
+        self.persist(&pods);
+    }
+
+    /// [`Agent::record`] for a container just captured: it gets a sequence above every
+    /// known one, the newest hand-off of its uid.
+    async fn record_captured(&self, mut known: Known) {
+        let mut pods = self.pods.lock().await;
+        known.seq = pods.values().map(|k| k.seq).max().unwrap_or(0).saturating_add(1);
         pods.insert(known.req.container_id.clone(), known);
         self.persist(&pods);
     }
@@ -565,6 +602,7 @@ impl Agent {
                     service_account: sa.clone(),
                     // The namespace the IP was seen in, not whatever the path reaches later.
                     netns_id: Some(owner.id),
+                    seq: 0,
                 },
             );
         }
@@ -639,7 +677,7 @@ impl Agent {
         self.metrics.releases.inc();
         // A newer sandbox of the same pod (re-created on this node) may hold the uid now: its
         // hand-off and addresses are not this container's to take away.
-        let newer = self.newer_holder(uid, &known.req.container_id).await;
+        let newer = self.newer_holder(uid, known).await;
         if newer.is_none() {
             self.zds.del_pod(uid).await;
         }
@@ -678,11 +716,17 @@ impl Agent {
         }
     }
 
-    /// The addresses of another container that holds `uid` captured, if one does.
-    async fn newer_holder(&self, uid: &str, container: &str) -> Option<Vec<String>> {
+    /// The addresses of another container that holds `uid` captured later than `released`
+    /// was, if one does: only that one's hand-off is ztunnel's now (an older one's was
+    /// replaced by `released`'s).
+    async fn newer_holder(&self, uid: &str, released: &Known) -> Option<Vec<String>> {
         let pods = self.pods.lock().await;
         pods.values()
-            .find(|k| k.req.container_id != container && k.captured.as_deref() == Some(uid))
+            .find(|k| {
+                k.req.container_id != released.req.container_id
+                    && k.captured.as_deref() == Some(uid)
+                    && k.seq > released.seq
+            })
             .map(|k| k.req.ips.clone())
     }
 
@@ -744,6 +788,7 @@ impl Agent {
                 Change::Keep => {}
                 Change::Retry => pending += 1,
                 Change::Record(known) => self.record(*known).await,
+                Change::Captured(known) => self.record_captured(*known).await,
                 Change::Forget => self.forget(&id).await,
             }
         }
@@ -793,7 +838,7 @@ impl Agent {
                     return Change::Retry;
                 }
                 match self.enrol(&uid, sa.clone(), &known.req, known.netns_id).await {
-                    Ok(id) => Change::Record(Box::new(Known {
+                    Ok(id) => Change::Captured(Box::new(Known {
                         captured: Some(uid),
                         service_account: sa,
                         netns_id: Some(id),
@@ -1067,6 +1112,7 @@ mod tests {
             captured: captured.then(|| "Kubernetes//Pod/shop/web".to_owned()),
             service_account: "web".into(),
             netns_id,
+            seq: 0,
         }
     }
 
@@ -1090,32 +1136,6 @@ mod tests {
         assert_eq!(persisted, "[]");
     }
 
-    /// A pod re-created on this node: the old sandbox's DEL, arriving after the new one's
-    /// ADD, leaves the pod handed to ztunnel.
-    #[tokio::test]
-    async fn the_old_sandboxs_del_leaves_the_new_one_served() {
-        let (Some(old), Some(new)) = (TestNs::new("oldsb"), TestNs::new("newsb")) else {
-            return;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let state = vec![
-            known("c1", old.path(), Some(old.id()), true),
-            known("c2", new.path(), Some(new.id()), true),
-        ];
-        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
-        let agent = agent(dir.path());
-        assert_eq!(agent.restore().await.unwrap(), 2);
-        let uid = "Kubernetes//Pod/shop/web".to_owned();
-        assert!(agent.zds.pods().contains(&uid));
-        let response = agent.del(known("c1", old.path(), None, true).req).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        assert!(agent.zds.pods().contains(&uid), "the new sandbox lost its hand-off");
-        assert!(!rules::installed(std::path::Path::new(&old.path())), "old rules left");
-        assert!(rules::installed(std::path::Path::new(&new.path())), "new rules removed");
-        let _ = agent.del(known("c2", new.path(), None, true).req).await;
-        assert!(!agent.zds.pods().contains(&uid));
-    }
-
     #[test]
     fn retries_back_off_from_5_s_to_5_min() {
         let table = [
@@ -1136,6 +1156,70 @@ mod tests {
                 "after {failed} failed passes"
             );
         }
+    }
+
+    /// A pod re-created on this node, then an agent restart: of the two captured sandboxes the
+    /// newer is handed to ztunnel, wherever the state file lists it; the old sandbox's DEL,
+    /// arriving after, leaves the pod handed over.
+    #[tokio::test]
+    async fn the_newer_sandbox_is_restored_and_kept_in_any_order() {
+        let (Some(old), Some(new)) = (TestNs::new("oldseq"), TestNs::new("newseq")) else {
+            return;
+        };
+        let uid = "Kubernetes//Pod/shop/web".to_owned();
+        let c1 = Known {
+            seq: 1,
+            ..known("c1", old.path(), Some(old.id()), true)
+        };
+        let c2 = Known {
+            seq: 2,
+            ..known("c2", new.path(), Some(new.id()), true)
+        };
+        for state in [vec![c2.clone(), c1.clone()], vec![c1.clone(), c2.clone()]] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+            let agent = agent(dir.path());
+            assert_eq!(agent.restore().await.unwrap(), 2);
+            assert_eq!(
+                agent.zds.netns_of(&uid),
+                Some(new.id()),
+                "the older sandbox offered to ztunnel"
+            );
+            let response = agent.del(c1.req.clone()).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(
+                agent.zds.netns_of(&uid),
+                Some(new.id()),
+                "the newer sandbox lost its hand-off"
+            );
+            assert!(!rules::installed(std::path::Path::new(&old.path())), "old rules left");
+            assert!(rules::installed(std::path::Path::new(&new.path())), "new rules removed");
+            let _ = agent.del(c2.req.clone()).await;
+            assert_eq!(agent.zds.netns_of(&uid), None);
+        }
+    }
+
+    /// The older of two captured sandboxes does not keep the hand-off when the newer is
+    /// released: the uid is ztunnel's to drop.
+    #[tokio::test]
+    async fn an_older_holder_does_not_keep_the_hand_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path());
+        let uid = "Kubernetes//Pod/shop/web";
+        // Captured in this order (the later capture gets the higher sequence).
+        for id in ["c1", "c2"] {
+            agent
+                .record_captured(known(id, "/nonexistent".into(), None, true))
+                .await;
+        }
+        let get = |id: &'static str| {
+            let agent = agent.clone();
+            async move { agent.pods.lock().await.get(id).cloned().unwrap() }
+        };
+        let (c1, c2) = (get("c1").await, get("c2").await);
+        assert!(c2.seq > c1.seq, "{} then {}", c1.seq, c2.seq);
+        assert_eq!(agent.newer_holder(uid, &c2).await, None, "c1 kept the hand-off");
+        assert_eq!(agent.newer_holder(uid, &c1).await, Some(vec![]));
     }
 
     /// A pod the inventory wants captured while no ztunnel is connected: no capture is tried

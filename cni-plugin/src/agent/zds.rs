@@ -117,6 +117,13 @@ impl ZdsServer {
         self.connects.notified().await;
     }
 
+    /// The namespace pod `uid` is offered to ztunnel with, if it is.
+    #[cfg(test)]
+    pub(crate) fn netns_of(&self, uid: &str) -> Option<super::netns::NsId> {
+        let fd = self.lock().pods.get(uid)?.netns.try_clone().ok()?;
+        super::netns::NsId::of(&std::fs::File::from(fd)).ok()
+    }
+
     /// Pods currently enrolled.
     pub fn pods(&self) -> Vec<String> {
         self.lock().pods.keys().cloned().collect()
