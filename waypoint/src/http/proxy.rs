@@ -1059,6 +1059,54 @@ mod tests {
         assert_eq!(cluster.requests_in_flight(), 0);
     }
 
+    /// Mirrors sent by requests through [`handle`] take the process's mirror slots and give
+    /// them back at their timeout, the backend never answering (the bound itself, and what
+    /// happens when it is reached, are `mirror`'s tests).
+    #[tokio::test]
+    async fn mirrors_sent_through_the_pipeline_hold_a_slot_until_their_timeout() {
+        use crate::telemetry::metrics::MirrorDrop;
+        const REQUESTS: usize = 3;
+        let (backend, mut heads) = silent_backend().await;
+        let (wp, down) = waypoint_for(backend);
+        // The one route mirrors every request to the (silent) service itself.
+        let mirror = wp::WeightedBackend {
+            service: down.service_key.clone(),
+            ..Default::default()
+        };
+        let route = wp::Route {
+            name: "HTTPRoute/ns/r/rules[0]".into(),
+            mirrors: vec![mirror],
+            ..Default::default()
+        };
+        let table = wp::ServiceRoutes {
+            service: down.service_key.clone(),
+            routes: vec![route],
+            ..Default::default()
+        };
+        let compiled = Arc::new(super::super::route::CompiledRoutes::compile(table));
+        wp.config.replace_tables("", vec![(down.service_key.clone(), compiled)]);
+        let before = mirror::Mirrors::shared().in_flight();
+        let mut clients = Vec::new();
+        for _ in 0..REQUESTS {
+            let mut client = connect(&wp, &down);
+            client.write_all(b"GET /x HTTP/1.1\r\nhost: svc\r\n\r\n").await.unwrap();
+            clients.push(client);
+        }
+        // Each request's primary and its mirror reach the backend.
+        for _ in 0..2 * REQUESTS {
+            heads.recv().await.expect("a request head reached the backend");
+        }
+        let mirrors = mirror::Mirrors::shared();
+        assert_eq!(mirrors.in_flight() - before, REQUESTS, "a mirror took no slot");
+        // Only from here is time the test's: the mirrors' deadlines are under a second old.
+        tokio::time::pause();
+        tokio::time::sleep(mirror::MIRROR_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(mirrors.in_flight() - before, REQUESTS);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(mirrors.in_flight(), before, "a mirror past its timeout kept its slot");
+        assert_eq!(wp.metrics.mirror_drops.get(MirrorDrop::Timeout), REQUESTS as u64);
+    }
+
     /// Every downstream HTTP/1.1 connection holds a slot for its request's future for its whole
     /// life (hyper keeps it), and each request moves the future: once 16.6 KB.
     #[test]

@@ -26,6 +26,8 @@ pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
 /// The slots mirrors take while in flight.
 pub struct Mirrors {
     slots: Arc<Semaphore>,
+    #[cfg(test)]
+    cap: usize,
 }
 
 static SHARED: LazyLock<Mirrors> = LazyLock::new(|| Mirrors::new(MAX_MIRRORS_IN_FLIGHT));
@@ -44,7 +46,15 @@ impl Mirrors {
     fn new(cap: usize) -> Mirrors {
         Mirrors {
             slots: Arc::new(Semaphore::new(cap)),
+            #[cfg(test)]
+            cap,
         }
+    }
+
+    /// The slots taken now.
+    #[cfg(test)]
+    pub fn in_flight(&self) -> usize {
+        self.cap - self.slots.available_permits()
     }
 
     /// A slot for one mirror, or `None` (counted) when all are taken. Taken before the mirror's
@@ -92,12 +102,6 @@ mod tests {
     use super::*;
 
     const CAP: usize = 4;
-
-    impl Mirrors {
-        fn in_flight(&self) -> usize {
-            CAP - self.slots.available_permits()
-        }
-    }
 
     /// Sends `n` mirrors to a backend that never answers.
     fn flood(mirrors: &Mirrors, cluster: &Arc<Cluster>, drops: &MirrorDrops, n: usize) {
