@@ -1059,6 +1059,51 @@ mod tests {
         assert_eq!(cluster.requests_in_flight(), 0);
     }
 
+    /// A Telemetry access-log filter reads the path and host that were served, not their
+    /// spelling (here the URI's authority, which wins over `Host`, as HTTP/2's does).
+    #[tokio::test]
+    async fn a_telemetry_filter_sees_the_canonical_path_and_host() {
+        let (lines, _guard) = capture_logs();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (wp, down) = waypoint_for(closed);
+        let telemetry = wp::Policy {
+            name: "mesh".into(),
+            namespace: "istio-system".into(),
+            kind: Some(wp::policy::Kind::Telemetry(wp::Telemetry {
+                scope: wp::telemetry::Scope::Mesh as i32,
+                access_log: Some(wp::TelemetryAccessLog {
+                    filter: "request.url_path == '/admin' || request.host == 'admin.example.com'".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let encoded = prost::Message::encode_to_vec(&telemetry);
+        let rejected = wp
+            .config
+            .apply_policies(&[("Telemetry/istio-system/mesh".into(), &encoded)], &[]);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let sent = [
+            ("/public/../admin", true),
+            ("http://admin.example.com/x", true),
+            ("/x", false),
+        ];
+        for (target, logged) in sent {
+            let before = lines.0.lock().unwrap().len();
+            let mut client = connect(&wp, &down);
+            let head = format!("GET {target} HTTP/1.1\r\nhost: www.example.com\r\n\r\n");
+            client.write_all(head.as_bytes()).await.unwrap();
+            let (answer, _) = answer(&mut client).await;
+            assert!(answer.starts_with("HTTP/1.1 503"), "{target}: {answer}");
+            let text = String::from_utf8_lossy(&lines.0.lock().unwrap()[before..]).into_owned();
+            assert_eq!(text.contains(" request "), logged, "{target}: {text}");
+        }
+    }
+
     /// Mirrors sent by requests through [`handle`] take the process's mirror slots and give
     /// them back at their timeout, the backend never answering (the bound itself, and what
     /// happens when it is reached, are `mirror`'s tests).
