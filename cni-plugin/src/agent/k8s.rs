@@ -127,6 +127,7 @@ fn meta_from(m: ObjectMeta) -> Option<Meta> {
     Some(Meta {
         name: m.name?,
         namespace: m.namespace.unwrap_or_default(),
+        uid: m.uid.unwrap_or_default(),
         labels: m.labels.unwrap_or_default(),
         annotations: m.annotations.unwrap_or_default(),
     })
@@ -391,6 +392,7 @@ mod tests {
         let pod = k8s_pod(json!({
             "metadata": {
                 "name": "web", "namespace": "shop",
+                "uid": "5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10",
                 "labels": {"app": "web"},
                 "annotations": {"sidecar.istio.io/status": "{}"},
                 "managedFields": [],
@@ -404,6 +406,7 @@ mod tests {
         let (key, pod) = pod_from(pod).expect("converted");
         assert_eq!(key, ("shop".to_owned(), "web".to_owned()));
         assert_eq!(pod.meta.labels["app"], "web");
+        assert_eq!(pod.meta.uid, "5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10");
         assert!(pod.meta.annotations.contains_key("sidecar.istio.io/status"));
         assert!(pod.host_network);
         assert_eq!(pod.service_account, "web-sa");

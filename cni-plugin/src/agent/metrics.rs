@@ -23,7 +23,8 @@ pub struct AgentMetrics {
     pub releases: Counter,
     pub add_seconds: Histogram,
     pub ztunnels: Gauge,
-    /// Scans that found a pod's IP in more than one network namespace and adopted none.
+    /// Scans that found a pod's IP in more than one network namespace, not one of them alone
+    /// holding a process in the pod's cgroup, and adopted none.
     pub ambiguous: Counter,
     /// Known pods whose enrolment or release failed (or waits for a ztunnel) at the last
     /// reconciliation: retried when a ztunnel connects, or after a back-off.
@@ -66,7 +67,7 @@ impl AgentMetrics {
         );
         registry.register(
             "adoptions_ambiguous",
-            "Pods that never came through CNI left unadopted, their IP being held by more than one network namespace (counted per scan)",
+            "Pods that never came through CNI left unadopted, their IP being held by more than one network namespace and the pod's cgroup not in exactly one of them (counted per scan)",
             self.ambiguous.clone(),
         );
         registry.register(

@@ -16,6 +16,10 @@ pub struct Meta {
     pub name: String,
     #[serde(default)]
     pub namespace: String,
+    /// `metadata.uid`: a pod's names its cgroup on the node, which tells its network
+    /// namespace from an impostor's holding the same IP ([`super::scan`]). Empty when unknown.
+    #[serde(default)]
+    pub uid: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]

@@ -4,7 +4,11 @@
 //! looked into once each, matched by the pod's IP.
 //!
 //! An IP is anyone's to add (`ip addr add` in a pod with NET_ADMIN, or `unshare -rn` on the
-//! node), so an IP held by more than one namespace names no pod: it is reported as ambiguous
+//! node), so an IP held by more than one namespace does not name the pod by itself. The pod's
+//! cgroup does: the kubelet puts every process of pod `<UID>` under a cgroup named after it
+//! (`pod<UID>`, or `…-pod<UID_with_underscores>.slice` with the systemd driver), which a
+//! process in a pod cannot leave. Of the namespaces holding the IP, the one with a process in
+//! the pod's cgroup is the pod's; when none or several are, the IP is reported as ambiguous
 //! and adopted nowhere, since adopting the wrong one would leave the real pod uncaptured and
 //! give its identity to the impostor.
 
@@ -26,8 +30,11 @@ pub struct Owner {
 pub struct Found {
     /// IPs held by exactly one namespace.
     pub owned: HashMap<IpAddr, Owner>,
-    /// IPs held by more than one namespace, with every owner: adopted nowhere.
+    /// IPs held by more than one namespace, with every owner, none of them (or several)
+    /// told apart as the pod's by its cgroup: adopted nowhere.
     pub ambiguous: HashMap<IpAddr, Vec<Owner>>,
+    /// IPs in `owned` by the pod's cgroup, with the other namespaces that hold them too.
+    pub impostors: HashMap<IpAddr, Vec<Owner>>,
 }
 
 impl Found {
@@ -56,6 +63,66 @@ impl Found {
         }
         found
     }
+
+    /// Settles each ambiguous IP whose pod (UID in `uids`) has processes (`procs`: namespace
+    /// and `/proc/<pid>/cgroup` text) in exactly one of the namespaces holding it.
+    fn settle(&mut self, uids: &HashMap<IpAddr, String>, procs: &[(NsId, String)]) {
+        for (ip, owners) in std::mem::take(&mut self.ambiguous) {
+            let uid = uids.get(&ip).map_or("", String::as_str);
+            let mut pods = owners.iter().filter(|o| {
+                procs
+                    .iter()
+                    .any(|(id, cgroup)| *id == o.id && cgroup_names_pod(cgroup, uid))
+            });
+            match (pods.next().cloned(), pods.next()) {
+                (Some(pod), None) => {
+                    let others = owners.into_iter().filter(|o| o.id != pod.id).collect();
+                    self.impostors.insert(ip, others);
+                    self.owned.insert(ip, pod);
+                }
+                _ => drop(self.ambiguous.insert(ip, owners)),
+            }
+        }
+    }
+}
+
+/// Whether the text of a `/proc/<pid>/cgroup` places the process in the cgroup of pod `uid`:
+/// a path component `pod<uid>` (cgroupfs driver) or `…-pod<uid>.slice` (systemd driver,
+/// dashes of the uid as underscores), in any line (cgroup v1 hierarchies or v2's one).
+/// Never for an empty uid.
+fn cgroup_names_pod(cgroup: &str, uid: &str) -> bool {
+    if uid.is_empty() {
+        return false;
+    }
+    let is_uid = |tail: &str| {
+        tail.len() == uid.len()
+            && (tail.bytes().zip(uid.bytes())).all(|(t, u)| t.eq_ignore_ascii_case(&u) || (t == b'_' && u == b'-'))
+    };
+    cgroup
+        .lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/'))
+        .any(|part| {
+            let systemd = part
+                .strip_suffix(".slice")
+                .and_then(|p| p.rsplit_once("-pod"))
+                .map(|(_, t)| t);
+            systemd.or_else(|| part.strip_prefix("pod")).is_some_and(is_uid)
+        })
+}
+
+/// Each process's network namespace and cgroup text, for the processes that can be read.
+fn processes() -> Vec<(NsId, String)> {
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
+    pids.filter_map(|e| {
+        let id = NsId::of(&std::fs::File::open(e.path().join("ns/net")).ok()?).ok()?;
+        Some((id, std::fs::read_to_string(e.path().join("cgroup")).ok()?))
+    })
+    .collect()
 }
 
 /// Candidate namespace paths: pinned ones first, then those held by processes.
@@ -109,16 +176,22 @@ fn look_into(paths: Vec<PathBuf>) -> Vec<(Owner, Vec<IpAddr>)> {
     seen
 }
 
-/// Where each of `ips` is held. Every namespace is looked into (a second owner must not be
-/// missed), on a short-lived thread that switches into each in turn (the caller's thread
-/// never changes namespace).
-pub fn find(ips: &HashSet<IpAddr>) -> Found {
-    if ips.is_empty() {
+/// Where each IP of `uids` (with the UID of the pod it is wanted for; empty when unknown) is
+/// held. Every namespace is looked into (a second owner must not be missed), on a short-lived
+/// thread that switches into each in turn (the caller's thread never changes namespace); an
+/// IP held by several is settled by the pod's cgroup when it can be.
+pub fn find(uids: &HashMap<IpAddr, String>) -> Found {
+    if uids.is_empty() {
         return Found::default();
     }
+    let ips: HashSet<IpAddr> = uids.keys().copied().collect();
     let candidates = namespaces();
     let seen = std::thread::scope(|scope| scope.spawn(|| look_into(candidates)).join().unwrap_or_default());
-    Found::resolve(seen, ips)
+    let mut found = Found::resolve(seen, &ips);
+    if !found.ambiguous.is_empty() {
+        found.settle(uids, &processes());
+    }
+    found
 }
 
 #[cfg(test)]
@@ -147,6 +220,79 @@ mod tests {
         let both: Vec<u64> = found.ambiguous[&victim].iter().map(|o| o.id.ino).collect();
         assert_eq!(both, [1, 2]);
         assert_eq!(found.owned[&other].id.ino, 2);
+    }
+
+    const UID: &str = "5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10";
+
+    #[test]
+    fn a_cgroup_names_the_pod_under_either_driver_and_cgroup_version() {
+        let table = [
+            // cgroup v2, systemd driver (containerd, CRI-O).
+            ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f0c2d6e_1b7a_4c1e_9f3b_2a8d7e6c4b10.slice/cri-containerd-ab12.scope\n", true),
+            ("0::/kubepods.slice/kubepods-pod5f0c2d6e_1b7a_4c1e_9f3b_2a8d7e6c4b10.slice/crio-ab12.scope\n", true),
+            // cgroup v2, cgroupfs driver; a guaranteed pod sits right under kubepods.
+            ("0::/kubepods/besteffort/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n", true),
+            ("0::/kubepods/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n", true),
+            // cgroup v1: one line per hierarchy.
+            ("12:memory:/kubepods/burstable/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n1:name=systemd:/kubepods/burstable/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n", true),
+            ("11:cpu,cpuacct:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5f0c2d6e_1b7a_4c1e_9f3b_2a8d7e6c4b10.slice/docker-ab12.scope\n", true),
+            // Seen from inside the agent's own cgroup namespace.
+            ("0::/../../kubepods-burstable-pod5f0c2d6e_1b7a_4c1e_9f3b_2a8d7e6c4b10.slice/cri-containerd-ab12.scope\n", true),
+            // Upper case hex (as some runtimes print it).
+            ("0::/kubepods/pod5F0C2D6E-1B7A-4C1E-9F3B-2A8D7E6C4B10/ab12\n", true),
+            // Another pod, a uid prefix or extension, the uid outside a pod component.
+            ("0::/kubepods/burstable/pod0a0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n", false),
+            ("0::/kubepods/burstable/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b1/ab12\n", false),
+            ("0::/kubepods/burstable/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b100/ab12\n", false),
+            ("0::/user.slice/5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/x\n", false),
+            ("0::/system.slice/containerd.service\n", false),
+            ("", false),
+        ];
+        for (cgroup, names) in table {
+            assert_eq!(cgroup_names_pod(cgroup, UID), names, "{cgroup}");
+        }
+        assert!(
+            !cgroup_names_pod("0::/kubepods/pod/ab12\n", ""),
+            "an unknown uid names no pod"
+        );
+    }
+
+    #[test]
+    fn the_pods_cgroup_tells_its_namespace_from_an_impostors() {
+        let victim: IpAddr = "10.0.0.7".parse().unwrap();
+        let uids = HashMap::from([(victim, UID.to_owned())]);
+        let seen = || {
+            vec![
+                (owner("/var/run/netns/evil", 1), vec![victim]),
+                (owner("/var/run/netns/cni-2", 2), vec![victim]),
+            ]
+        };
+        let pod = "0::/kubepods/burstable/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/pause\n".to_owned();
+        let other = "0::/kubepods/burstable/pod0a0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n".to_owned();
+        let id = |ino| NsId { dev: 4, ino };
+        let settled = |procs: &[(NsId, String)]| {
+            let mut found = Found::resolve(seen(), &HashSet::from([victim]));
+            found.settle(&uids, procs);
+            found
+        };
+        // The pod's pause process is in namespace 2, an impostor's process in 1.
+        let found = settled(&[(id(1), other.clone()), (id(2), pod.clone())]);
+        assert_eq!(found.owned.get(&victim).map(|o| o.id.ino), Some(2), "{found:?}");
+        assert!(found.ambiguous.is_empty(), "{found:?}");
+        assert_eq!(found.impostors[&victim], [owner("/var/run/netns/evil", 1)]);
+        // No namespace, or both, with a process of the pod: still adopted nowhere.
+        for procs in [
+            vec![(id(1), other.clone())],
+            vec![(id(1), pod.clone()), (id(2), pod.clone())],
+        ] {
+            let found = settled(&procs);
+            assert!(found.owned.is_empty(), "{found:?}");
+            assert_eq!(found.ambiguous[&victim].len(), 2, "{found:?}");
+        }
+        // A pod whose uid is not known is never matched.
+        let mut found = Found::resolve(seen(), &HashSet::from([victim]));
+        found.settle(&HashMap::from([(victim, String::new())]), &[(id(2), pod)]);
+        assert!(found.owned.is_empty(), "{found:?}");
     }
 
     #[test]

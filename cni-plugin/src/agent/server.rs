@@ -568,17 +568,27 @@ impl Agent {
         if wanted.is_empty() {
             return;
         }
-        let ips: std::collections::HashSet<std::net::IpAddr> = wanted.keys().copied().collect();
-        let found = tokio::task::spawn_blocking(move || super::scan::find(&ips))
+        // The pod's UID names its cgroup: it tells the pod's namespace from an impostor's.
+        let uids: HashMap<std::net::IpAddr, String> = (wanted.iter())
+            .map(|(ip, (key, _))| (*ip, inv.pods.get(*key).map(|p| p.meta.uid.clone()).unwrap_or_default()))
+            .collect();
+        let found = tokio::task::spawn_blocking(move || super::scan::find(&uids))
             .await
             .unwrap_or_default();
+        for (ip, others) in &found.impostors {
+            let Some(((ns, name), _)) = wanted.get(ip) else {
+                continue;
+            };
+            let netns: Vec<String> = others.iter().map(|o| o.path.display().to_string()).collect();
+            warn!(pod = %format!("{ns}/{name}"), %ip, ?netns, "a running pod's IP is held by other network namespaces too; adopting the one in the pod's cgroup");
+        }
         for (ip, owners) in &found.ambiguous {
             let Some(((ns, name), _)) = wanted.get(ip) else {
                 continue;
             };
             // Fail closed: whichever namespace were adopted, it may be an impostor's.
             let netns: Vec<String> = owners.iter().map(|o| o.path.display().to_string()).collect();
-            warn!(pod = %format!("{ns}/{name}"), %ip, ?netns, "a running pod's IP is held by more than one network namespace; adopting none");
+            warn!(pod = %format!("{ns}/{name}"), %ip, ?netns, "a running pod's IP is held by more than one network namespace, not one of them alone in the pod's cgroup; adopting none");
             self.metrics.ambiguous.inc();
         }
         for (ip, owner) in found.owned {
