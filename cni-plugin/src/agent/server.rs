@@ -1239,11 +1239,7 @@ mod tests {
     async fn a_capture_that_failed_is_left_pending() {
         let Some(ns) = TestNs::new("pending") else { return };
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
-        let inventory = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {serviceAccountName: web, containers: [{name: c, image: x}]}\n";
-        std::fs::write(dir.path().join("manifests/shop.yaml"), inventory).unwrap();
-        let state = vec![known("c1", ns.path(), Some(ns.id()), false)];
-        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        known_uncaptured_ambient_pod(dir.path(), &ns);
         // The sysctl the capture writes (and its undoing rewrites) lands here: a trace of
         // any capture tried, even one undone since.
         let proc_sys = dir.path().join("sys");
@@ -1266,6 +1262,65 @@ mod tests {
                 "pass {pass}: a capture was tried with no ztunnel"
             );
         }
+    }
+
+    /// In `dir`, an inventory wanting pod shop/web captured and a state file knowing it
+    /// uncaptured, in `ns`.
+    fn known_uncaptured_ambient_pod(dir: &std::path::Path, ns: &TestNs) {
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        let inventory = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {serviceAccountName: web, containers: [{name: c, image: x}]}\n";
+        std::fs::write(dir.join("manifests/shop.yaml"), inventory).unwrap();
+        let state = vec![known("c1", ns.path(), Some(ns.id()), false)];
+        std::fs::write(dir.join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    }
+
+    /// A capture left pending for want of a ztunnel is done when one connects, not after the
+    /// retry's back-off.
+    #[tokio::test]
+    async fn a_ztunnel_connecting_gets_the_pending_capture() {
+        use mesh_core::zds::{ZdsConn, ZdsListener};
+        use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest, WorkloadResponse};
+        let Some(ns) = TestNs::new("zconnect") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        known_uncaptured_ambient_pod(dir.path(), &ns);
+        let agent = agent(dir.path());
+        agent.restore().await.unwrap();
+        agent.reconcile().await;
+        assert_eq!(agent.metrics.pending.get(), 1);
+        let sock = dir.path().join("zds.sock");
+        let server = tokio::spawn(agent.zds.clone().serve(ZdsListener::bind(&sock).unwrap()));
+        let retry = tokio::spawn(agent.clone().retry_pending());
+        // A ztunnel acking everything, passing on what it is sent.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let conn = ZdsConn::connect(&sock).unwrap();
+        let hello = zds::ZdsHello {
+            version: zds::Version::V1 as i32,
+        };
+        conn.send(&hello, None).await.unwrap();
+        let ztunnel = tokio::spawn(async move {
+            while let Ok((req, _)) = conn.recv::<WorkloadRequest>().await {
+                let ack = WorkloadResponse {
+                    payload: Some(zds::workload_response::Payload::Ack(zds::Ack::default())),
+                };
+                if conn.send(&ack, None).await.is_err() || tx.send(req.payload).is_err() {
+                    break;
+                }
+            }
+        });
+        let added = tokio::time::timeout(RETRY_FIRST - Duration::from_secs(1), async {
+            while let Some(payload) = rx.recv().await {
+                if let Some(Payload::Add(add)) = payload {
+                    return Some(add.uid);
+                }
+            }
+            None
+        })
+        .await;
+        for task in [server, retry, ztunnel] {
+            task.abort();
+        }
+        let added = added.expect("no capture before the back-off elapsed");
+        assert_eq!(added.as_deref(), Some("Kubernetes//Pod/shop/web"));
     }
 
     #[tokio::test]
