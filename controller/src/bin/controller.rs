@@ -388,6 +388,7 @@ async fn main() -> anyhow::Result<()> {
     let (auth, vm_tokens) = with_vm_tokens(&config, auth, &mut registry)?;
     let ca = start_ca(&config, ids, auth.clone(), core.pods.clone(), ca_metrics)?;
     let ads = AdsServer::new(core.snapshots.clone(), auth, xds_metrics);
+    let handshakes = serve::registered_handshake_limits(&mut registry);
 
     let admin = Arc::new(admin::Admin {
         registry,
@@ -417,7 +418,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(ads.into_service())
         .add_service(ca.into_service())
         .serve_with_incoming_shutdown(
-            serve::tls_incoming_live(listener, tls),
+            serve::tls_incoming_live(listener, tls, handshakes),
             mesh_core::shutdown::shutdown_signal(),
         );
     server.await.context("gRPC server")?;

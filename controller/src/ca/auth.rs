@@ -47,6 +47,16 @@ pub enum AuthError {
 /// Turns a bearer token into a caller.
 pub trait Authenticator: Send + Sync {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>>;
+
+    /// As [`authenticate`](Self::authenticate), for a request from `source`: an
+    /// authenticator that asks a remote service bounds the work per source with it.
+    fn authenticate_from<'a>(
+        &'a self,
+        token: &'a str,
+        _source: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        self.authenticate(token)
+    }
 }
 
 /// The token of an `authorization: Bearer <token>` header. The scheme is case-insensitive

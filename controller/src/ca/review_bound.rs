@@ -7,15 +7,20 @@
 //! - a token that is not a JWT (three base64url parts) or is longer than [`MAX_TOKEN_BYTES`] is
 //!   refused without asking: Kubernetes service account tokens are JWTs;
 //! - answers are cached by the token's SHA-256: a caller for [`ACCEPTED_TTL`], a refusal for
-//!   [`REFUSED_TTL`]; an unavailable API server is never cached. At most [`MAX_ENTRIES`]
-//!   answers are kept (expired ones go first; when all are live, a new answer is not kept);
-//! - at most [`MAX_IN_FLIGHT`] reviews run at once; a request that waits [`QUEUE_WAIT`] for a
-//!   slot is answered "unavailable", which callers retry.
+//!   [`REFUSED_TTL`]; an unavailable API server is never cached. Acceptances and refusals
+//!   are kept apart, [`MAX_ENTRIES`] each (expired ones go first; when all are live, a new
+//!   answer is not kept), so a flood of forged tokens cannot push out or crowd out the real
+//!   callers' answers;
+//! - one source address has at most [`MAX_IN_FLIGHT_PER_SOURCE`] reviews in flight or
+//!   waiting (a proxy needs one or two), so one client cannot queue thousands ahead of the
+//!   proxies; at most [`MAX_IN_FLIGHT`] reviews run at once, and a request that waits
+//!   [`QUEUE_WAIT`] for a slot is answered "unavailable", which callers retry.
 //!
 //! `controller_token_reviews_total{result}` counts each outcome (reviewed, cached, malformed,
-//! busy).
+//! busy, busy_source).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -38,18 +43,50 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const ACCEPTED_TTL: Duration = Duration::from_secs(60);
 /// How long a refused token stays refused without asking again.
 pub const REFUSED_TTL: Duration = Duration::from_secs(10);
-/// The most answers kept.
+/// The most answers kept, of each kind (accepted, refused).
 pub const MAX_ENTRIES: usize = 8_192;
 /// The most reviews in flight at once.
 pub const MAX_IN_FLIGHT: usize = 16;
+/// The most reviews one source address may have in flight or waiting.
+pub const MAX_IN_FLIGHT_PER_SOURCE: u32 = 2;
 /// How long a request waits for a review slot.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
-/// A cached answer: the caller, or the refusal's text.
-#[derive(Clone)]
-struct Answer {
-    until: Instant,
-    result: Result<Caller, String>,
+/// Cached answers of one kind: a caller, or a refusal's text, by the token's SHA-256.
+struct Answers<T> {
+    ttl: Duration,
+    entries: HashMap<[u8; 32], (Instant, T)>,
+}
+
+impl<T: Clone> Answers<T> {
+    fn new(ttl: Duration) -> Self {
+        Answers {
+            ttl,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8; 32], now: Instant) -> Option<T> {
+        self.entries
+            .get(key)
+            .filter(|(until, _)| *until > now)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn insert(&mut self, key: [u8; 32], value: T, now: Instant) {
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.retain(|_, (until, _)| *until > now);
+        }
+        if self.entries.len() < MAX_ENTRIES || self.entries.contains_key(&key) {
+            self.entries.insert(key, (now + self.ttl, value));
+        }
+    }
+}
+
+/// Both kinds of cached answers.
+struct Cache {
+    accepted: Answers<Caller>,
+    refused: Answers<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,48 +124,75 @@ impl ReviewMetrics {
 /// An [`Authenticator`] of Kubernetes tokens behind the bounds above.
 pub struct ReviewBound<A> {
     inner: A,
-    cache: Mutex<HashMap<[u8; 32], Answer>>,
+    cache: Mutex<Cache>,
     slots: Semaphore,
+    /// Reviews in flight or waiting, by source address.
+    sources: Mutex<HashMap<IpAddr, u32>>,
     metrics: ReviewMetrics,
+}
+
+/// One source's place among the reviews in flight; given back on drop.
+struct SourceSlot<'a> {
+    sources: &'a Mutex<HashMap<IpAddr, u32>>,
+    source: Option<IpAddr>,
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let Some(source) = self.source else { return };
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = sources.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                sources.remove(&source);
+            }
+        }
+    }
 }
 
 impl<A: Authenticator> ReviewBound<A> {
     pub fn new(inner: A, metrics: ReviewMetrics) -> Self {
         ReviewBound {
             inner,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache {
+                accepted: Answers::new(ACCEPTED_TTL),
+                refused: Answers::new(REFUSED_TTL),
+            }),
             slots: Semaphore::new(MAX_IN_FLIGHT),
+            sources: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn cached(&self, key: &[u8; 32]) -> Option<Result<Caller, String>> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(key)
-            .filter(|a| a.until > Instant::now())
-            .map(|a| a.result.clone())
-    }
-
-    fn remember(&self, key: [u8; 32], result: Result<Caller, String>) {
-        let now = Instant::now();
-        let ttl = if result.is_ok() { ACCEPTED_TTL } else { REFUSED_TTL };
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_ENTRIES {
-            cache.retain(|_, a| a.until > now);
-        }
-        if cache.len() < MAX_ENTRIES || cache.contains_key(&key) {
-            cache.insert(
-                key,
-                Answer {
-                    until: now + ttl,
-                    result,
-                },
-            );
+        let (cache, now) = (self.cache(), Instant::now());
+        match cache.accepted.get(key, now) {
+            Some(caller) => Some(Ok(caller)),
+            None => cache.refused.get(key, now).map(Err),
         }
     }
 
-    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+    /// A place for `source` among the reviews in flight, unless it holds its share already.
+    fn source_slot(&self, source: Option<IpAddr>) -> Option<SourceSlot<'_>> {
+        if let Some(ip) = source {
+            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let n = sources.entry(ip).or_insert(0);
+            if *n >= MAX_IN_FLIGHT_PER_SOURCE {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(SourceSlot {
+            sources: &self.sources,
+            source,
+        })
+    }
+
+    async fn review(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
         if !looks_like_jwt(token) {
             self.metrics.count("malformed");
             return Err(AuthError::Malformed("not a Kubernetes service account token (a JWT)"));
@@ -138,16 +202,23 @@ impl<A: Authenticator> ReviewBound<A> {
             self.metrics.count("cached");
             return answer.map_err(AuthError::Rejected);
         }
+        let Some(_source) = self.source_slot(source) else {
+            self.metrics.count("busy_source");
+            return Err(AuthError::Unavailable(
+                "too many token reviews in flight from this address; retry".into(),
+            ));
+        };
         let Ok(Ok(_slot)) = tokio::time::timeout(QUEUE_WAIT, self.slots.acquire()).await else {
             self.metrics.count("busy");
             return Err(AuthError::Unavailable("too many token reviews in flight; retry".into()));
         };
         self.metrics.count("reviewed");
         let result = self.inner.authenticate(token).await;
+        let now = Instant::now();
         match &result {
-            Ok(caller) => self.remember(key, Ok(caller.clone())),
+            Ok(caller) => self.cache().accepted.insert(key, caller.clone(), now),
             Err(AuthError::Unavailable(_)) => {}
-            Err(e) => self.remember(key, Err(e.to_string())),
+            Err(e) => self.cache().refused.insert(key, e.to_string(), now),
         }
         result
     }
@@ -155,7 +226,15 @@ impl<A: Authenticator> ReviewBound<A> {
 
 impl<A: Authenticator> Authenticator for ReviewBound<A> {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
-        self.review(token).boxed()
+        self.review(token, None).boxed()
+    }
+
+    fn authenticate_from<'a>(
+        &'a self,
+        token: &'a str,
+        source: Option<IpAddr>,
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        self.review(token, source).boxed()
     }
 }
 
@@ -270,6 +349,61 @@ mod tests {
         waiting.iter().for_each(|t| t.abort());
     }
 
+    /// Forged tokens fill the refusals, never the acceptances: a real caller's answer is
+    /// still kept and reused.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_do_not_crowd_out_acceptances() {
+        let fake = Fake::default();
+        let bound = ReviewBound::new(fake.clone(), ReviewMetrics::default());
+        for i in 0..MAX_ENTRIES {
+            let _ = bound.authenticate(&format!("t{i}.x.y")).await;
+        }
+        let before = fake.reviews.load(Ordering::SeqCst);
+        assert!(bound.authenticate("good.x.y").await.is_ok());
+        assert!(bound.authenticate("good.x.y").await.is_ok());
+        assert_eq!(
+            fake.reviews.load(Ordering::SeqCst),
+            before + 1,
+            "the acceptance was not kept"
+        );
+    }
+
+    /// One source holds at most its share of reviews: the next is refused at once, and
+    /// another source still gets a slot.
+    #[tokio::test(start_paused = true)]
+    async fn one_source_cannot_take_every_review() {
+        let fake = Fake {
+            hold: true,
+            ..Fake::default()
+        };
+        let bound = Arc::new(ReviewBound::new(fake.clone(), ReviewMetrics::default()));
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut held = Vec::new();
+        for i in 0..MAX_IN_FLIGHT_PER_SOURCE {
+            let bound = bound.clone();
+            held.push(tokio::spawn(async move {
+                bound.authenticate_from(&format!("a{i}.x.y"), Some(a)).await
+            }));
+        }
+        tokio::task::yield_now().await;
+        let refused = tokio::time::timeout(Duration::from_millis(1), bound.authenticate_from("a9.x.y", Some(a))).await;
+        assert!(
+            matches!(refused, Ok(Err(AuthError::Unavailable(_)))),
+            "not refused at once: {refused:?}"
+        );
+        assert_eq!(bound.metrics.get("busy_source"), 1);
+        let other = bound.clone();
+        held.push(tokio::spawn(
+            async move { other.authenticate_from("b0.x.y", Some(b)).await },
+        ));
+        tokio::task::yield_now().await;
+        assert_eq!(
+            fake.reviews.load(Ordering::SeqCst),
+            MAX_IN_FLIGHT_PER_SOURCE as usize + 1
+        );
+        held.iter().for_each(|t| t.abort());
+    }
+
     #[test]
     fn the_cache_stays_bounded() {
         let bound = ReviewBound::new(Fake::default(), ReviewMetrics::default());
@@ -283,6 +417,6 @@ mod tests {
                 let _ = bound.authenticate(&format!("t{i}.x.y")).await;
             }
         });
-        assert_eq!(bound.cache.lock().unwrap().len(), MAX_ENTRIES);
+        assert_eq!(bound.cache().refused.entries.len(), MAX_ENTRIES);
     }
 }

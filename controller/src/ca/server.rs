@@ -245,15 +245,20 @@ impl CaServer {
         IstioCertificateServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
-    async fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Refusal> {
+    async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Refusal> {
         let unauthenticated =
             |e: AuthError| Refusal::new(RefusalReason::Unauthenticated, Code::Unauthenticated, e.to_string());
-        let token = bearer_token(metadata).map_err(unauthenticated)?;
-        self.inner.auth.authenticate(token).await.map_err(|e| match e {
-            // Not the caller's fault: let it retry.
-            AuthError::Unavailable(_) => Refusal::new(RefusalReason::Internal, Code::Unavailable, e.to_string()),
-            e => unauthenticated(e),
-        })
+        let token = bearer_token(request.metadata()).map_err(unauthenticated)?;
+        let source = request.remote_addr().map(|a| a.ip());
+        self.inner
+            .auth
+            .authenticate_from(token, source)
+            .await
+            .map_err(|e| match e {
+                // Not the caller's fault: let it retry.
+                AuthError::Unavailable(_) => Refusal::new(RefusalReason::Internal, Code::Unavailable, e.to_string()),
+                e => unauthenticated(e),
+            })
     }
 
     /// Everything after authentication; returns the identity signed, its lifetime and the chain.
@@ -390,7 +395,7 @@ impl IstioCertificateService for CaServer {
         &self,
         request: tonic::Request<IstioCertificateRequest>,
     ) -> Result<tonic::Response<IstioCertificateResponse>, Status> {
-        let caller = match self.authenticate(request.metadata()).await {
+        let caller = match self.authenticate(&request).await {
             Ok(c) => c,
             Err(r) => return Err(self.refused(None, r)),
         };

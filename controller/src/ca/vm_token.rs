@@ -320,8 +320,16 @@ impl VmTokenAuth {
 
 impl Authenticator for VmTokenAuth {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        self.authenticate_from(token, None)
+    }
+
+    fn authenticate_from<'a>(
+        &'a self,
+        token: &'a str,
+        source: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
         if !token.starts_with(PREFIX) {
-            return self.inner.authenticate(token);
+            return self.inner.authenticate_from(token, source);
         }
         let result = self.caller(token).map_err(|e| {
             self.metrics

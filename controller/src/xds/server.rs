@@ -38,7 +38,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::metrics::XdsMetrics;
 use super::snapshot::{Entry, Snapshot, PRIVATE_TYPES, TYPES};
 use super::wire::{AdsService, EncodedResponse, Resources};
-use crate::ca::auth::{bearer_token, Authenticator};
+use crate::ca::auth::{bearer_token, AuthError, Authenticator};
 
 /// Resources per response: bounds the memory one slow client pins during a full push.
 const CHUNK: usize = 500;
@@ -675,9 +675,14 @@ impl AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let token = bearer_token(request.metadata()).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let caller = self.auth.authenticate(token).await.map_err(|e| {
+        let source = request.remote_addr().map(|a| a.ip());
+        let caller = self.auth.authenticate_from(token, source).await.map_err(|e| {
             self.metrics.refused();
-            Status::unauthenticated(format!("xDS: {e}"))
+            match e {
+                // Not the caller's fault (API server away, reviews busy): it retries.
+                AuthError::Unavailable(_) => Status::unavailable(format!("xDS: {e}")),
+                e => Status::unauthenticated(format!("xDS: {e}")),
+            }
         })?;
         let remote = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let inbound = request.into_inner();
