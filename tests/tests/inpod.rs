@@ -56,6 +56,45 @@ async fn ready(z: &Ztunnel<'_>) -> bool {
     matches!(z.get("127.0.0.1:15021", "/healthz/ready").await, Ok((200, _)))
 }
 
+/// A node namespace with the socket a test agent serves ZDS on.
+struct Node {
+    ns: Netns,
+    _dir: tempfile::TempDir,
+    sock: std::path::PathBuf,
+    listener: ZdsListener,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ztunnel.sock");
+        let listener = ZdsListener::bind(&sock).unwrap();
+        Node {
+            ns: Netns::new("node").unwrap(),
+            _dir: dir,
+            sock,
+            listener,
+        }
+    }
+
+    /// Starts ztunnel here; the agent hands it `pods` (uid, namespace) and the snapshot.
+    async fn serve<'a>(&'a self, bed: &Bed, pods: &[(&str, &Netns)]) -> (Ztunnel<'a>, ZdsConn) {
+        let agent = async {
+            let conn = hello(&self.listener).await;
+            for (uid, ns) in pods {
+                assert_eq!(request(&conn, add(uid), Some(ns)).await, "");
+            }
+            let snapshot = Payload::SnapshotSent(zds::SnapshotSent {});
+            assert_eq!(request(&conn, snapshot, None).await, "");
+            conn
+        };
+        let zds_arg = self.sock.to_string_lossy().into_owned();
+        let (args, files) = (["--zds-socket", zds_arg.as_str()], bed.files());
+        let (z, conn) = tokio::join!(Ztunnel::start(&self.ns, &files, &args), agent);
+        (z.unwrap(), conn)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ztunnel_serves_pods_handed_over_by_zds() {
     let Some(bed) = Bed::new(50) else { return };
@@ -161,24 +200,9 @@ async fn a_pod_cannot_borrow_another_workloads_identity_by_taking_its_address() 
     bed.a
         .exec(&["ip", "addr", "add", &format!("{victim}/32"), "dev", "lo"])
         .unwrap();
-    let node = Netns::new("node").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ztunnel.sock");
-    let listener = ZdsListener::bind(&sock).unwrap();
     tokio::spawn(echo_server(bed.b.listen("0.0.0.0:8080".parse().unwrap()).unwrap()));
-    let agent = async {
-        let conn = hello(&listener).await;
-        assert_eq!(request(&conn, add(A_UID), Some(&bed.a)).await, "");
-        assert_eq!(request(&conn, add(B_UID), Some(&bed.b)).await, "");
-        let snapshot = Payload::SnapshotSent(zds::SnapshotSent {});
-        assert_eq!(request(&conn, snapshot, None).await, "");
-        conn
-    };
-    let zds_arg = sock.to_string_lossy().into_owned();
-    let files = bed.files();
-    let args = ["--zds-socket", zds_arg.as_str()];
-    let (z, _conn) = tokio::join!(Ztunnel::start(&node, &files, &args), agent);
-    let z = z.unwrap();
+    let node = Node::new();
+    let (z, _conn) = node.serve(&bed, &[(A_UID, &bed.a), (B_UID, &bed.b)]).await;
     let dst = SocketAddr::new(bed.vip(), 80);
 
     // From its own address the pod is served as itself.
@@ -214,22 +238,8 @@ async fn a_pod_cannot_borrow_another_workloads_identity_by_taking_its_address() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_re_created_in_a_new_namespace_is_served_there() {
     let Some(bed) = Bed::new(52) else { return };
-    let node = Netns::new("node").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ztunnel.sock");
-    let listener = ZdsListener::bind(&sock).unwrap();
-    let agent = async {
-        let conn = hello(&listener).await;
-        assert_eq!(request(&conn, add(A_UID), Some(&bed.a)).await, "");
-        let snapshot = Payload::SnapshotSent(zds::SnapshotSent {});
-        assert_eq!(request(&conn, snapshot, None).await, "");
-        conn
-    };
-    let zds_arg = sock.to_string_lossy().into_owned();
-    let files = bed.files();
-    let args = ["--zds-socket", zds_arg.as_str()];
-    let (z, conn) = tokio::join!(Ztunnel::start(&node, &files, &args), agent);
-    let _z = z.unwrap();
+    let node = Node::new();
+    let (_z, conn) = node.serve(&bed, &[(A_UID, &bed.a)]).await;
     let hbone = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 15008);
     assert!(bed.a.connect(hbone).await.is_ok(), "pod a is served");
     assert!(bed.c.connect(hbone).await.is_err(), "c is not served yet");
