@@ -163,6 +163,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         ),
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         stream_idle_timeout: Duration::from_millis(cfg.stream_idle_timeout_ms),
+        path_normalization: cfg.path_normalization,
         drain: CancellationToken::new(),
         closing: CancellationToken::new(),
         tasks: TaskTracker::new(),

@@ -117,6 +117,11 @@ pub struct Config {
     /// answer has begun): Envoy's and Istio's `stream_idle_timeout`, 5 minutes. Milliseconds.
     #[arg(long, env = "STREAM_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
     pub stream_idle_timeout_ms: u64,
+    /// How request paths are normalised before authorization, routing and the backend read
+    /// them: Istio's `meshConfig.pathNormalization` (`base`, its default; `merge-slashes`;
+    /// `decode-and-merge-slashes`). The controller sets it from MeshConfig.
+    #[arg(long, env = "PATH_NORMALIZATION", value_enum, default_value_t = crate::http::path::Normalization::Base)]
+    pub path_normalization: crate::http::path::Normalization,
     /// Grace for requests in flight after SIGTERM, in seconds.
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
@@ -288,6 +293,20 @@ mod tests {
         assert_eq!(parse(&[]).expect("defaults").stream_idle_timeout_ms, 300_000);
         let cfg = parse(&["--stream-idle-timeout-ms", "0"]).expect("parses");
         assert!(cfg.validate().is_err(), "a zero stream idle timeout is refused");
+    }
+
+    #[test]
+    fn path_normalization_takes_istio_s_modes_and_defaults_to_base() {
+        use crate::http::path::Normalization;
+        assert_eq!(parse(&[]).expect("defaults").path_normalization, Normalization::Base);
+        for (flag, want) in [
+            ("merge-slashes", Normalization::MergeSlashes),
+            ("decode-and-merge-slashes", Normalization::DecodeAndMergeSlashes),
+        ] {
+            let cfg = parse(&["--path-normalization", flag]).expect(flag);
+            assert_eq!(cfg.path_normalization, want);
+        }
+        assert!(parse(&["--path-normalization", "none"]).is_err(), "NONE is not offered");
     }
 
     fn load(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Config> {

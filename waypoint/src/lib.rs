@@ -47,6 +47,8 @@ pub struct Waypoint {
     pub header_read_timeout: std::time::Duration,
     /// How long a request's body may send nothing before the request fails.
     pub stream_idle_timeout: std::time::Duration,
+    /// How request paths are normalised (`--path-normalization`).
+    pub path_normalization: http::path::Normalization,
     /// Cancelled on SIGTERM: readiness fails, HTTP/1.1 answers say `Connection: close`.
     pub drain: CancellationToken,
     /// Cancelled `--drain-accept-ms` later: no new connections, GOAWAY, idle clients closed.

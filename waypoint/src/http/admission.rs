@@ -34,10 +34,11 @@ use crate::Waypoint;
 /// host, hop-by-hop headers (a client's `Connection` list cannot remove what the mesh wrote
 /// before or writes later), headers the mesh vouches for, and upgrades other than WebSocket.
 /// `Ok(Some(note))`: an upgrade was dropped. The path and host are both checked before either
-/// is written back, so a request refused for one is left (and logged) as it arrived.
-pub fn sanitize(parts: &mut Parts) -> Result<Option<String>, LocalReply> {
+/// is written back, so a request refused for one is left (and logged) as it arrived. `paths`
+/// is the mesh's path normalisation.
+pub fn sanitize(parts: &mut Parts, paths: path::Normalization) -> Result<Option<String>, LocalReply> {
     let bad_path = |e| LocalReply::BadRequest(BadRequest::Path(e));
-    let path = match path::normalize(parts.uri.path()).map_err(bad_path)? {
+    let path = match path::normalize(parts.uri.path(), paths).map_err(bad_path)? {
         Cow::Borrowed(_) => None,
         Cow::Owned(p) => Some(p),
     };
@@ -491,7 +492,12 @@ mod tests {
     }
 
     /// Sanitizes a request as the pipeline does, then authorizes it for the host it names.
-    fn admit_request(snapshot: &Snapshot, mut parts: Parts) -> Result<(), LocalReply> {
+    fn admit_request(snapshot: &Snapshot, parts: Parts) -> Result<(), LocalReply> {
+        admit_with(snapshot, parts, path::Normalization::Base)
+    }
+
+    /// [`admit_request`] under path normalisation `paths`.
+    fn admit_with(snapshot: &Snapshot, mut parts: Parts, paths: path::Normalization) -> Result<(), LocalReply> {
         let metrics = crate::telemetry::metrics::Metrics::register(&mut Registry::default());
         let svc = service();
         let down = downstream(svc.clone());
@@ -500,7 +506,7 @@ mod tests {
             service: ("shop", "api"),
             metrics: &metrics,
         };
-        sanitize(&mut parts)?;
+        sanitize(&mut parts, paths)?;
         let host = request_host(&parts, &svc);
         authorize(snapshot, &target, &down, None, &parts, &host)
     }
@@ -531,6 +537,32 @@ mod tests {
             admit(&snapshot, "/public/..\\admin"),
             Err(LocalReply::BadRequest(BadRequest::Path(path::PathError::Backslash)))
         ));
+    }
+
+    #[test]
+    fn the_stricter_normalisations_close_what_base_leaves_to_the_policy() {
+        let mut snapshot = Snapshot::default();
+        snapshot.policies = [authz("admin", wp::Action::Deny, paths(&["/admin*"]))]
+            .into_iter()
+            .collect();
+        let admit_as = |uri: &str, mode| admit_with(&snapshot, request(uri), mode);
+        let denied = |r: Result<(), LocalReply>| matches!(r, Err(LocalReply::RbacDenied(_)));
+        use path::Normalization::{Base, DecodeAndMergeSlashes, MergeSlashes};
+        // (uri, denied under BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)
+        let table = [
+            ("//admin", [false, true, true]),
+            ("/public/..//admin", [false, true, true]),
+            ("/public%2F..%2Fadmin", [false, false, true]),
+            ("/%2Fadmin", [false, false, true]),
+            ("/%5Cadmin", [false, false, true]),
+            ("/admin", [true, true, true]),
+            ("/public/index.html", [false, false, false]),
+        ];
+        for (uri, want) in table {
+            for (mode, want) in [Base, MergeSlashes, DecodeAndMergeSlashes].into_iter().zip(want) {
+                assert_eq!(denied(admit_as(uri, mode)), want, "{uri} {mode:?}");
+            }
+        }
     }
 
     #[test]
@@ -579,7 +611,7 @@ mod tests {
         ];
         for (raw, want) in cases {
             let mut parts = request(raw);
-            sanitize(&mut parts).expect("a valid path");
+            sanitize(&mut parts, path::Normalization::Base).expect("a valid path");
             assert_eq!(parts.uri.to_string(), want, "{raw}");
         }
     }

@@ -442,7 +442,7 @@ async fn pipeline(
     let snapshot = wp.config.load();
     let target = admission::Target::new(wp, &down.service);
     let (mut parts, body) = req.into_parts();
-    let sanitized = admission::sanitize(&mut parts);
+    let sanitized = admission::sanitize(&mut parts, wp.path_normalization);
     // Telemetry reports the request that is served, not its spelling (a Telemetry filter on
     // `/admin` missed `/public/../admin`); one refused here has no canonical form.
     out.path = parts.uri.path().to_owned();
@@ -874,6 +874,7 @@ mod tests {
             access_log: crate::telemetry::access_log::Sinks::register(&mut registry, "waypoint.ns".into()),
             header_read_timeout: Duration::from_secs(10),
             stream_idle_timeout: STREAM_IDLE,
+            path_normalization: Default::default(),
             drain: Default::default(),
             closing: Default::default(),
             tasks: Default::default(),
