@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri, Version};
 use mesh_proto::waypoint as wp;
 
+use super::authority;
 use crate::telemetry::trace;
 
 /// Applies set/add/remove; names or values that are not valid HTTP are skipped (the
@@ -216,8 +217,18 @@ pub fn redirect(
     } else {
         r.scheme.as_str()
     };
-    let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    let host = if r.host.is_empty() { bare_host } else { r.host.as_str() };
+    // The request's host without its port, read by the canonical parser: cutting at the last
+    // ':' made `[::1]` into `[:`. A host it refuses (not expected: it parsed on arrival) is
+    // kept as it is rather than cut wrongly.
+    let named = match r.host.as_str() {
+        "" => authority::canonical(host).ok(),
+        _ => None,
+    };
+    let host = match &named {
+        Some(named) => named.host(),
+        None if r.host.is_empty() => host,
+        None => r.host.as_str(),
+    };
     let port = match u16::try_from(r.port).ok().filter(|p| *p != 0) {
         Some(p) => p,
         None if r.scheme.is_empty() => origin.port,
@@ -285,6 +296,44 @@ mod tests {
             redirect(&r, &uri, "shop.example:8080", None, plain),
             (StatusCode::MOVED_PERMANENTLY, "https://shop.example/a/b?x=1".to_owned())
         );
+    }
+
+    #[test]
+    fn a_redirect_keeps_the_request_host_without_its_port_ipv6_too() {
+        let uri: Uri = "/a?x=1".parse().unwrap();
+        let origin = Origin {
+            scheme: "http",
+            port: 8080,
+        };
+        let keep_host = wp::Redirect::default();
+        let to_https = wp::Redirect {
+            scheme: "https".into(),
+            ..Default::default()
+        };
+        // (request host, redirect) -> Location
+        let cases = [
+            ("[::1]", &keep_host, "http://[::1]:8080/a?x=1"),
+            ("[::1]:8080", &keep_host, "http://[::1]:8080/a?x=1"),
+            ("[2001:db8::7]:9000", &to_https, "https://[2001:db8::7]/a?x=1"),
+            ("[2001:db8::7]", &to_https, "https://[2001:db8::7]/a?x=1"),
+            ("10.0.0.1", &keep_host, "http://10.0.0.1:8080/a?x=1"),
+            ("10.0.0.1:8080", &to_https, "https://10.0.0.1/a?x=1"),
+            ("shop.example", &keep_host, "http://shop.example:8080/a?x=1"),
+            ("shop.example:8080", &to_https, "https://shop.example/a?x=1"),
+        ];
+        for (host, r, want) in cases {
+            let (_, location) = redirect(r, &uri, host, None, origin);
+            assert_eq!(location, want, "{host} {r:?}");
+        }
+        // A configured host replaces the request's, whatever form that had.
+        let to_host = wp::Redirect {
+            host: "new.example".into(),
+            ..Default::default()
+        };
+        for host in ["[::1]", "[::1]:8080", "10.0.0.1:8080", "shop.example"] {
+            let (_, location) = redirect(&to_host, &uri, host, None, origin);
+            assert_eq!(location, "http://new.example:8080/a?x=1", "{host}");
+        }
     }
 
     #[test]
