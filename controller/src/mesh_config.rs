@@ -2,7 +2,8 @@
 //! mounted as a file as istiod reads it): `outboundTrafficPolicy.mode`, ALLOW_ANY (the
 //! default: unknown destinations pass through) or REGISTRY_ONLY (ztunnel refuses them), and
 //! the telemetry `extensionProviders` (tracing collectors, access-log sinks) with their
-//! `defaultProviders`. Other MeshConfig fields are accepted and ignored. The file is polled; a change is sent to the
+//! `defaultProviders`, and `pathNormalization` (how waypoints and gateways normalise request
+//! paths; given to them as `--path-normalization`). Other MeshConfig fields are accepted and ignored. The file is polled; a change is sent to the
 //! controller's loop as [`Change::MeshConfig`] and reaches ztunnels with the next push, so no
 //! component restarts. An unreadable or invalid file keeps the last good settings (logged), and
 //! one at start-up stops the controller (`read`, called first): falling back to the defaults
@@ -42,6 +43,41 @@ pub struct MeshConfig {
     pub extension_providers: Vec<ExtensionProvider>,
     #[serde(default)]
     pub default_providers: DefaultProviders,
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
+}
+
+/// `pathNormalization`: how request paths are normalised before policy and routing read them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct PathNormalization {
+    #[serde(default)]
+    pub normalization: Normalization,
+}
+
+/// Istio's `ProxyPathNormalization.NormalizationType`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Normalization {
+    /// `BASE`.
+    #[default]
+    Default,
+    /// No normalisation in Istio. Not offered: waypoints keep `BASE`, since their policies
+    /// and routes must read one canonical path (logged when read).
+    None,
+    Base,
+    MergeSlashes,
+    DecodeAndMergeSlashes,
+}
+
+impl Normalization {
+    /// The waypoint's `--path-normalization` value; `None` for its default, `BASE`.
+    pub fn waypoint_flag(self) -> Option<&'static str> {
+        match self {
+            Normalization::Default | Normalization::None | Normalization::Base => None,
+            Normalization::MergeSlashes => Some("merge-slashes"),
+            Normalization::DecodeAndMergeSlashes => Some("decode-and-merge-slashes"),
+        }
+    }
 }
 
 /// One `extensionProviders` entry; only the kinds waypoints export to are read: tracing
@@ -225,6 +261,9 @@ pub async fn watch(path: PathBuf, interval: Duration, tx: ChangeSender) {
         match result {
             Ok(cfg) if last.as_ref() != Some(&cfg) => {
                 tracing::info!(path = %path.display(), ?cfg, "mesh config");
+                if cfg.path_normalization.normalization == Normalization::None {
+                    tracing::warn!(path = %path.display(), "pathNormalization NONE is not offered: waypoints normalise paths as BASE");
+                }
                 last = Some(cfg.clone());
                 if tx.send(Change::MeshConfig(cfg)).await.is_err() {
                     return;
@@ -270,6 +309,30 @@ mod tests {
             OutboundMode::AllowAny
         );
         assert!(parse("outboundTrafficPolicy: {mode: SOMETIMES}\n").is_err());
+    }
+
+    #[test]
+    fn path_normalization_is_read_in_istio_s_spelling() {
+        let table = [
+            ("", None),
+            ("pathNormalization: {}\n", None),
+            ("pathNormalization: {normalization: DEFAULT}\n", None),
+            ("pathNormalization: {normalization: BASE}\n", None),
+            ("pathNormalization: {normalization: NONE}\n", None),
+            (
+                "pathNormalization: {normalization: MERGE_SLASHES}\n",
+                Some("merge-slashes"),
+            ),
+            (
+                "pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}\n",
+                Some("decode-and-merge-slashes"),
+            ),
+        ];
+        for (text, want) in table {
+            let cfg = parse(text).unwrap();
+            assert_eq!(cfg.path_normalization.normalization.waypoint_flag(), want, "{text}");
+        }
+        assert!(parse("pathNormalization: {normalization: MERGE}\n").is_err());
     }
 
     /// Istio's provider documents as its docs write them, and what the waypoint is told.

@@ -210,6 +210,9 @@ pub fn waypoint_args(record: &WaypointDeployment, config: &WriterConfig) -> Vec<
         Some(TraceExport::Otlp(url)) => args.extend(["--otlp-address".into(), url.clone()]),
         None => {}
     }
+    if let Some(mode) = &record.path_normalization {
+        args.extend(["--path-normalization".into(), mode.clone()]);
+    }
     args
 }
 
@@ -490,6 +493,7 @@ pub(crate) mod tests {
             ],
             scaling: Default::default(),
             trace_export: None,
+            path_normalization: None,
             ingress: None,
         }
     }
@@ -611,6 +615,23 @@ pub(crate) mod tests {
         assert!(<waypoint::config::Config as clap::Parser>::try_parse_from(&argv).is_ok());
         let plain = waypoint_args(&record(), &config());
         assert!(!plain.iter().any(|a| a.contains("zipkin") || a.contains("otlp")));
+    }
+
+    #[test]
+    fn deployed_waypoints_normalise_paths_as_mesh_config_says() {
+        let r = WaypointDeployment {
+            path_normalization: Some("decode-and-merge-slashes".into()),
+            ..record()
+        };
+        let mut argv = vec!["waypoint".to_owned()];
+        argv.extend(waypoint_args(&r, &config()));
+        let cfg = <waypoint::config::Config as clap::Parser>::try_parse_from(&argv).expect("parses");
+        assert_eq!(
+            cfg.path_normalization,
+            waypoint::http::path::Normalization::DecodeAndMergeSlashes
+        );
+        let plain = waypoint_args(&record(), &config());
+        assert!(!plain.iter().any(|a| a == "--path-normalization"));
     }
 
     #[test]

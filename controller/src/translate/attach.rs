@@ -157,6 +157,12 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             conditions,
             scaling,
             trace_export: inputs.mesh.trace_export(mesh_tracing_provider(inputs, options)),
+            path_normalization: inputs
+                .mesh
+                .path_normalization
+                .normalization
+                .waypoint_flag()
+                .map(str::to_owned),
             ingress: None,
         };
         let address = usable.then(|| pb::GatewayAddress {

@@ -1060,6 +1060,12 @@ fn deployment(
         address: None,
         conditions,
         trace_export: inputs.mesh.trace_export(provider),
+        path_normalization: inputs
+            .mesh
+            .path_normalization
+            .normalization
+            .waypoint_flag()
+            .map(str::to_owned),
         scaling,
         ingress: Some(crate::waypoint::IngressDeployment {
             ports,

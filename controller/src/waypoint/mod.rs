@@ -74,6 +74,10 @@ pub struct WaypointDeployment {
     /// MeshConfig `extensionProviders`, so deployed waypoints trace with no flags of their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_export: Option<crate::mesh_config::TraceExport>,
+    /// MeshConfig `pathNormalization`, when not the waypoint's default (`BASE`): the value of
+    /// its `--path-normalization`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<String>,
     /// Left out of the JSON when the Gateway asks for nothing, as most do.
     #[serde(default, skip_serializing_if = "scaling::Scaling::is_default")]
     pub scaling: scaling::Scaling,
