@@ -11,10 +11,13 @@
 //!   DestinationRule says otherwise), as Envoy's TCP proxy does for Istio. Without it, a
 //!   client that goes quiet holds its slot, a socket on each side and the backend's
 //!   connection for ever.
-//! - [`IdleBody`] fails a request whose body stops arriving (Envoy's stream idle timeout):
-//!   a connection with a request in flight is never silent to the watchdog, so without it a
-//!   client that announces a body and never sends it holds its connection, a backend's
-//!   connection and a slot of the backend's `maxRequests` for ever.
+//! - [`IdleBody`] fails a stream on which no frame has moved either way for a period (Envoy's
+//!   stream idle timeout), watching both its request body and the backend's answer body
+//!   through one [`StreamClock`]: a connection with a request in flight is never silent to
+//!   the watchdog, so without it a client that announces a body and never sends it holds its
+//!   stream, a backend's connection and a slot of the backend's `maxRequests` for ever, and a
+//!   backend that sends its answer's head and never the rest holds the client's stream and
+//!   the backend's connection.
 
 use std::future::Future;
 use std::io;
@@ -286,62 +289,118 @@ where
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request body that fails once no frame (data, trailers or its end) has arrived for
-/// `period`, as Envoy's `stream_idle_timeout` ends such a stream. The timer runs from when
-/// the body is wrapped, so a body that never sends its first byte times out too.
-pub struct IdleBody<B> {
-    inner: B,
+/// One stream's idle clock, shared by its request and response bodies: when a frame last
+/// moved either way, and whether the stream timed out. Envoy's `stream_idle_timeout` is reset
+/// by activity in either direction, so a client quiet while its answer streams (a gRPC
+/// bidirectional call) is not idle, and a backend that stops its answer halfway is.
+#[derive(Clone, Debug)]
+pub struct StreamClock(Arc<Clock>);
+
+#[derive(Debug)]
+struct Clock {
+    /// What `last_frame` counts from: an `Instant` cannot be stored atomically.
+    origin: Instant,
+    /// Nanoseconds from `origin` to the last frame either way (only ever moves forward).
+    last_frame: AtomicU64,
+    stalled: AtomicBool,
     period: Duration,
-    last_frame: Instant,
-    /// Boxed: a `Sleep` is `!Unpin`, and this keeps the body `Unpin` without unsafe code.
-    timer: Pin<Box<Sleep>>,
-    stalled: Stalled,
-    /// Counts each body that timed out.
+    /// Counts the stream once when it times out.
     timeouts: Counter,
 }
 
-/// Whether an [`IdleBody`] timed out, for whoever sent it on to read after the exchange
-/// failed (the error itself may reach them only as an upstream reset).
-#[derive(Clone, Debug, Default)]
-pub struct Stalled(Arc<AtomicBool>);
-
-impl Stalled {
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+impl StreamClock {
+    /// A stream starting now, failed once silent for `period`; its time-out counted in
+    /// `timeouts`.
+    pub fn start(period: Duration, timeouts: Counter) -> Self {
+        StreamClock(Arc::new(Clock {
+            origin: Instant::now(),
+            last_frame: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+            period,
+            timeouts,
+        }))
     }
+
+    /// Whether the stream timed out (for whoever sent a body on to read after the exchange
+    /// failed: the error itself may reach them only as an upstream reset).
+    pub fn stalled(&self) -> bool {
+        self.0.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Notes a frame now.
+    fn touch(&self) {
+        let since = Instant::now().saturating_duration_since(self.0.origin);
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        self.0.last_frame.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// When the stream times out unless a frame moves first; `None`: a period too long for an
+    /// `Instant` to hold, which never ends.
+    fn deadline(&self) -> Option<Instant> {
+        let last = Duration::from_nanos(self.0.last_frame.load(Ordering::Relaxed));
+        self.0.origin.checked_add(last)?.checked_add(self.0.period)
+    }
+
+    /// Marks the stream timed out, counted once though both bodies may notice.
+    fn stall(&self) {
+        if !self.0.stalled.swap(true, Ordering::Relaxed) {
+            self.0.timeouts.inc();
+        }
+    }
+
+    fn error(&self) -> BoxError {
+        Box::new(StreamIdleTimeout(self.0.period))
+    }
+}
+
+/// One direction of a stream (a request body, or the backend's answer body) that fails once
+/// its [`StreamClock`] saw no frame (data, trailers or an end) either way for its period, as
+/// Envoy's `stream_idle_timeout` ends such a stream. Wrapping counts as a frame (the head
+/// before the body), so a body that never sends its first byte times out too.
+pub struct IdleBody<B> {
+    inner: B,
+    clock: StreamClock,
+    /// Made the first time the body waits, so one that never waits (an answer read as fast as
+    /// it comes) costs no timer. Boxed: a `Sleep` is `!Unpin`, and this keeps the body `Unpin`
+    /// without unsafe code.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// The error an [`IdleBody`] ends with.
 #[derive(Debug, thiserror::Error)]
-#[error("no request body data for {0:?} (stream idle timeout)")]
+#[error("no frame either way for {0:?} (stream idle timeout)")]
 pub struct StreamIdleTimeout(pub Duration);
 
 impl<B> IdleBody<B> {
-    /// `inner`, failed once silent for `period`; each time-out is counted in `timeouts`.
-    pub fn new(inner: B, period: Duration, timeouts: Counter) -> (Self, Stalled) {
-        let stalled = Stalled::default();
-        let now = Instant::now();
-        let body = IdleBody {
+    /// `inner`, failed once `clock`'s stream is silent both ways for its period.
+    pub fn new(inner: B, clock: &StreamClock) -> Self {
+        clock.touch();
+        IdleBody {
             inner,
-            period,
-            last_frame: now,
-            timer: Box::pin(tokio::time::sleep_until(now + period)),
-            stalled: stalled.clone(),
-            timeouts,
-        };
-        (body, stalled)
+            clock: clock.clone(),
+            timer: None,
+        }
     }
 
-    /// Whether `period` has passed since the last frame; if not, the timer is set to when it
-    /// will have (and polled, so it wakes the task then). Frames only note their time: the
-    /// timer is moved when it fires rather than once per frame.
+    /// Whether the period has passed since the stream's last frame; if not, the timer is set
+    /// to when it will have (and polled, so it wakes the task then). Frames only note their
+    /// time: the timer is moved when it fires rather than once per frame, and a frame the
+    /// other direction moved is seen then, since a deadline only moves later.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.timer.as_mut().poll(cx).is_ready() {
-            let deadline = self.last_frame + self.period;
+        let Some(deadline) = self.clock.deadline() else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let Some(deadline) = self.clock.deadline() else {
+                return false;
+            };
             if Instant::now() >= deadline {
                 return true;
             }
-            self.timer.as_mut().reset(deadline);
+            timer.as_mut().reset(deadline);
         }
         false
     }
@@ -357,18 +416,18 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = &mut *self;
-        if this.stalled.get() {
-            return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout(this.period)))));
+        // The other direction timed out: the stream is over both ways.
+        if this.clock.stalled() {
+            return Poll::Ready(Some(Err(this.clock.error())));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.last_frame = Instant::now();
+                this.clock.touch();
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending if this.expired(cx) => {
-                this.stalled.0.store(true, Ordering::Relaxed);
-                this.timeouts.inc();
-                Poll::Ready(Some(Err(Box::new(StreamIdleTimeout(this.period)))))
+                this.clock.stall();
+                Poll::Ready(Some(Err(this.clock.error())))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -509,33 +568,33 @@ mod tests {
     struct Reading {
         feed: tokio::sync::mpsc::Sender<bytes::Bytes>,
         read: tokio::task::JoinHandle<Result<bytes::Bytes, BoxError>>,
-        stalled: Stalled,
-        timeouts: Counter,
     }
 
-    fn read_idle_body() -> Reading {
+    /// A stream's clock and the counter of its time-outs.
+    fn stream_clock() -> (StreamClock, Counter) {
+        let timeouts = Counter::default();
+        (StreamClock::start(IDLE, timeouts.clone()), timeouts)
+    }
+
+    /// One direction of `clock`'s stream, read by a task.
+    fn read_idle_body(clock: &StreamClock) -> Reading {
         use http_body_util::BodyExt;
         let (feed, rx) = tokio::sync::mpsc::channel(1);
-        let timeouts = Counter::default();
-        let (body, stalled) = IdleBody::new(Fed(rx), IDLE, timeouts.clone());
+        let body = IdleBody::new(Fed(rx), clock);
         let read = tokio::spawn(async move { body.collect().await.map(|c| c.to_bytes()) });
-        Reading {
-            feed,
-            read,
-            stalled,
-            timeouts,
-        }
+        Reading { feed, read }
+    }
+
+    fn assert_timed_out(read: Result<bytes::Bytes, BoxError>) {
+        let err = read.expect_err("a silent body must fail");
+        assert!(err.downcast_ref::<StreamIdleTimeout>().is_some(), "{err}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_never_arrives_fails_at_the_stream_idle_timeout() {
+        let (clock, timeouts) = stream_clock();
         // The feed is kept (never sent on): a closed one would end the body.
-        let Reading {
-            feed: _feed,
-            read,
-            stalled,
-            timeouts,
-        } = read_idle_body();
+        let Reading { feed: _feed, read } = read_idle_body(&clock);
         tokio::time::sleep(IDLE - Duration::from_millis(1)).await;
         assert!(!read.is_finished(), "failed before its idle timeout");
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -543,20 +602,15 @@ mod tests {
             read.is_finished(),
             "a body silent past its idle timeout is still awaited"
         );
-        let err = read.await.unwrap().expect_err("a silent body must fail");
-        assert!(err.downcast_ref::<StreamIdleTimeout>().is_some(), "{err}");
-        assert!(stalled.get());
+        assert_timed_out(read.await.unwrap());
+        assert!(clock.stalled());
         assert_eq!(timeouts.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn each_frame_restarts_the_stream_idle_timeout() {
-        let Reading {
-            feed,
-            read,
-            stalled,
-            timeouts,
-        } = read_idle_body();
+        let (clock, timeouts) = stream_clock();
+        let Reading { feed, read } = read_idle_body(&clock);
         for _ in 0..8 {
             // Just under the timeout apart, so each gap alone would not end it.
             tokio::time::sleep(IDLE * 3 / 4).await;
@@ -564,8 +618,54 @@ mod tests {
         }
         drop(feed);
         assert_eq!(read.await.unwrap().unwrap().len(), 32);
-        assert!(!stalled.get());
+        assert!(!clock.stalled());
         assert_eq!(timeouts.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_stops_halfway_fails_both_ways_and_is_counted_once() {
+        let (clock, timeouts) = stream_clock();
+        let request = read_idle_body(&clock);
+        tokio::time::sleep(IDLE / 2).await;
+        // The answer's head arrives (the body is wrapped), then one chunk, then nothing.
+        let answer = read_idle_body(&clock);
+        answer.feed.send(bytes::Bytes::from_static(b"half")).await.unwrap();
+        let last_frame = Instant::now();
+        tokio::time::sleep(IDLE - Duration::from_millis(1)).await;
+        assert!(!answer.read.is_finished(), "failed before its idle timeout");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(
+            answer.read.is_finished(),
+            "an answer silent past the idle timeout is still awaited"
+        );
+        assert!(request.read.is_finished(), "its request outlived the stream");
+        assert!(last_frame.elapsed() >= IDLE);
+        assert_timed_out(answer.read.await.unwrap());
+        assert_timed_out(request.read.await.unwrap());
+        assert!(clock.stalled());
+        assert_eq!(timeouts.get(), 1, "one stream, one time-out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_either_way_keep_the_other_direction_open() {
+        // A quiet client while its answer streams (and a quiet answer while the upload does).
+        for quiet_request in [true, false] {
+            let (clock, timeouts) = stream_clock();
+            let request = read_idle_body(&clock);
+            let answer = read_idle_body(&clock);
+            let busy = if quiet_request { &answer } else { &request };
+            for _ in 0..8 {
+                tokio::time::sleep(IDLE * 3 / 4).await;
+                busy.feed.send(bytes::Bytes::from_static(b"more")).await.unwrap();
+            }
+            let quiet = if quiet_request { &request } else { &answer };
+            assert!(
+                !quiet.read.is_finished(),
+                "quiet request {quiet_request}: cut while the other way moved"
+            );
+            assert_eq!(timeouts.get(), 0);
+            drop((request, answer));
+        }
     }
 
     #[tokio::test(start_paused = true)]

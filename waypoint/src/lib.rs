@@ -45,7 +45,8 @@ pub struct Waypoint {
     pub access_log: Arc<telemetry::access_log::Sinks>,
     /// How long a client of an HTTP-only port may stay silent before its stream is closed.
     pub header_read_timeout: std::time::Duration,
-    /// How long a request's body may send nothing before the request fails.
+    /// How long a stream may move nothing either way (its request body or its answer's)
+    /// before it fails.
     pub stream_idle_timeout: std::time::Duration,
     /// How request paths are normalised (`--path-normalization`).
     pub path_normalization: http::path::Normalization,

@@ -557,12 +557,13 @@ async fn forward(
 }
 
 /// A request body: buffered when small enough, so a retry or a mirror can send it again.
-/// A body the client announces fails the request once it sends nothing for the stream idle
-/// timeout ([`idle::IdleBody`]).
+/// A body the client announces fails the request once its stream moves nothing either way
+/// for the stream idle timeout ([`idle::IdleBody`]).
 enum RequestBody {
     Replayable(Bytes),
-    /// Passed through once; `None` after it was sent. `Stalled` says whether it timed out.
-    Streaming(Option<Body>, idle::Stalled),
+    /// Passed through once; `None` after it was sent. The clock its answer shares, and which
+    /// says whether the stream timed out.
+    Streaming(Option<Body>, idle::StreamClock),
 }
 
 impl RequestBody {
@@ -589,13 +590,14 @@ impl RequestBody {
             return Ok(RequestBody::Replayable(Bytes::new()));
         }
         let period = wp.stream_idle_timeout;
-        let (body, stalled) = idle::IdleBody::new(body, period, wp.metrics.stream_idle_timeouts.clone());
+        let clock = idle::StreamClock::start(period, wp.metrics.stream_idle_timeouts.clone());
+        let body = idle::IdleBody::new(body, &clock);
         if !small || upgrade {
-            return Ok(RequestBody::Streaming(Some(body.boxed()), stalled));
+            return Ok(RequestBody::Streaming(Some(body.boxed()), clock));
         }
         match Limited::new(body, REPLAYABLE_BODY).collect().await {
             Ok(c) => Ok(RequestBody::Replayable(c.to_bytes())),
-            Err(_) if stalled.get() => Err(LocalReply::StreamIdleTimeout(period)),
+            Err(_) if clock.stalled() => Err(LocalReply::StreamIdleTimeout(period)),
             Err(e) => Err(LocalReply::BadRequest(BadRequest::Body(e.to_string()))),
         }
     }
@@ -610,7 +612,25 @@ impl RequestBody {
 
     /// Whether the client stopped sending the body (the stream idle timeout).
     fn stalled(&self) -> bool {
-        matches!(self, RequestBody::Streaming(_, s) if s.get())
+        matches!(self, RequestBody::Streaming(_, clock) if clock.stalled())
+    }
+
+    /// The backend's answer body, failed once its stream moves nothing either way for the
+    /// stream idle timeout: a backend that stops its answer halfway would otherwise hold the
+    /// client's stream and the upstream connection for ever (the failed answer is dropped
+    /// half-read, which closes that connection). A streamed request shares its clock with
+    /// its answer, so frames either way keep both open; an answer already ended is not watched.
+    fn watch_answer(&self, wp: &Waypoint, body: PooledBody) -> Body {
+        if hyper::body::Body::is_end_stream(&body) {
+            return body.map_err(|e| Box::new(e) as _).boxed();
+        }
+        let clock = match self {
+            RequestBody::Streaming(_, clock) => clock.clone(),
+            RequestBody::Replayable(_) => {
+                idle::StreamClock::start(wp.stream_idle_timeout, wp.metrics.stream_idle_timeouts.clone())
+            }
+        };
+        idle::IdleBody::new(body, &clock).boxed()
     }
 }
 
@@ -672,7 +692,8 @@ impl Exchange<'_> {
             return match answer {
                 Ok(resp) => {
                     let idle = cluster.tcp_idle_timeout();
-                    finish(resp, self.upgrade.map(|down| Upgrade { down, wp, idle }))
+                    let resp = finish(resp, self.upgrade.map(|down| Upgrade { down, wp, idle }))?;
+                    Ok(resp.map(|body| self.body.watch_answer(wp, body)))
                 }
                 Err(reply) => Err(reply),
             };
@@ -695,7 +716,7 @@ impl Exchange<'_> {
 /// The backend's answer on its way to the client: a 101 joins the two upgraded connections
 /// (until both are done, or idle for the backend's TCP idle timeout) when the client asked
 /// for that upgrade, and is refused otherwise.
-fn finish(mut resp: Response<PooledBody>, upgrade: Option<Upgrade<'_>>) -> Result<Response<Body>, LocalReply> {
+fn finish(mut resp: Response<PooledBody>, upgrade: Option<Upgrade<'_>>) -> Result<Response<PooledBody>, LocalReply> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let confirmed = upgrade.is_some() && rewrite::upgrade_confirmed(resp.headers());
         match upgrade {
@@ -714,9 +735,9 @@ fn finish(mut resp: Response<PooledBody>, upgrade: Option<Upgrade<'_>>) -> Resul
             }
         }
     }
-    let (mut rp, rb) = resp.into_parts();
-    rewrite::strip_hop_by_hop(&mut rp.headers, rp.status == StatusCode::SWITCHING_PROTOCOLS);
-    Ok(Response::from_parts(rp, rb.map_err(|e| Box::new(e) as _).boxed()))
+    let status = resp.status();
+    rewrite::strip_hop_by_hop(resp.headers_mut(), status == StatusCode::SWITCHING_PROTOCOLS);
+    Ok(resp)
 }
 
 /// A client's side of an upgrade it asked for, and what joining it to the backend's needs.
@@ -1058,6 +1079,73 @@ mod tests {
         assert!(took >= STREAM_IDLE, "{took:?}");
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert_eq!(cluster.requests_in_flight(), 0);
+    }
+
+    /// A backend that answers each request head with `answer` (a head announcing more body
+    /// than it sends) and then sends nothing; `closed` says when a connection to it closed.
+    async fn stalling_backend(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0; 4096];
+                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            seen.clear();
+                            if conn.write_all(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = closed.send(());
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_stops_halfway_is_cut_at_the_stream_idle_timeout_with_its_connection() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nhalf";
+        let (backend, mut closed) = stalling_backend(head).await;
+        let (wp, down) = waypoint_for(backend);
+        let mut client = connect(&wp, &down);
+        client.write_all(b"GET /x HTTP/1.1\r\nhost: svc\r\n\r\n").await.unwrap();
+        // The head and the first bytes of the body reach the client.
+        let mut got = Vec::new();
+        while !got.ends_with(b"half") {
+            let mut buf = [0; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before the answer began: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        let early = tokio::time::timeout(STREAM_IDLE - Duration::from_secs(1), client.read(&mut [0; 64])).await;
+        assert!(
+            early.is_err(),
+            "the answer was cut before the stream idle timeout: {early:?}"
+        );
+        assert_eq!(wp.metrics.stream_idle_timeouts.get(), 0);
+        // Cut: the client's connection ends before the announced body is complete.
+        let cut = tokio::time::timeout(Duration::from_secs(2), client.read(&mut [0; 64]))
+            .await
+            .expect("an answer silent past the stream idle timeout is still held");
+        assert!(matches!(cut, Ok(0) | Err(_)), "{cut:?}");
+        assert_eq!(wp.metrics.stream_idle_timeouts.get(), 1);
+        // The upstream connection, mid-answer, is closed rather than pooled.
+        tokio::time::timeout(Duration::from_secs(5), closed.recv())
+            .await
+            .expect("the stalled upstream connection is still open")
+            .expect("the backend reports its connections");
     }
 
     /// A Telemetry access-log filter reads the path and host that were served, not their

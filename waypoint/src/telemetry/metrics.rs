@@ -328,7 +328,8 @@ pub enum IdleConnection {
     WebSocket,
     /// An ingress client's HTTP connection.
     Http,
-    /// A request whose body stopped arriving (the stream idle timeout).
+    /// A stream on which nothing moved either way for the stream idle timeout: a request
+    /// body that stopped arriving, or a backend's answer body.
     Stream,
 }
 
@@ -450,7 +451,7 @@ pub struct Metrics {
     pub mirror_drops: MirrorDrops,
     /// Connections closed for idleness, by kind.
     idle_timeouts: Family<IdleLabels, Counter>,
-    /// Its `stream` series, resolved once: every request with a body carries it.
+    /// Its `stream` series, resolved once: every request with a body or answer carries it.
     pub stream_idle_timeouts: Counter,
     /// Istio's `istio_tcp_*` series of the TCP connections proxied.
     tcp_opened: Family<TcpLabels, Counter>,
