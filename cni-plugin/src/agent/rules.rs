@@ -25,6 +25,7 @@ use std::fs::File;
 use std::path::Path;
 
 use super::netlink::{Netlink, ReturnPath};
+use super::netns::EnterError;
 use super::nft::{self, NftError};
 
 /// Name of the nftables table the agent owns in each pod namespace.
@@ -131,21 +132,14 @@ fn in_opened<T: Send>(
     netns: &Path,
     f: impl FnOnce() -> Result<T, RulesError> + Send,
 ) -> Result<T, RulesError> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| RulesError::failed("setns", netns, e))?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(RulesError::failed(
-                    "switching into the namespace",
-                    netns,
-                    "thread panicked",
-                ))
-            })
+    super::netns::enter(file, f).unwrap_or_else(|e| match e {
+        EnterError::Spawn(e) => Err(RulesError::failed("starting a thread for the namespace", netns, e)),
+        EnterError::Setns(e) => Err(RulesError::failed("setns", netns, e)),
+        EnterError::Panicked => Err(RulesError::failed(
+            "switching into the namespace",
+            netns,
+            "thread panicked",
+        )),
     })
 }
 

@@ -11,12 +11,19 @@
 //! the pod's cgroup is the pod's; when none or several are, the IP is reported as ambiguous
 //! and adopted nowhere, since adopting the wrong one would leave the real pod uncaptured and
 //! give its identity to the impostor.
+//!
+//! Within one scan every namespace looked into stays open until the scan ends, so no inode
+//! is reused meanwhile and device and inode tell namespaces apart cheaply (one fstat per
+//! path). Only a namespace holding a wanted IP gets its full identity, cookie included
+//! ([`NsId`]), read while the scan's thread is in it: that identity is what an adopted pod
+//! is recorded with and checked against whenever its namespace is opened again.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::netns::NsId;
+use super::netns::{self, Inode, NsId};
 
 /// A namespace holding an IP: one path that reached it, and its identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +52,7 @@ impl Found {
         for (owner, held) in seen {
             for ip in held.into_iter().filter(|ip| ips.contains(ip)) {
                 let of_ip = owners.entry(ip).or_default();
-                if !of_ip.iter().any(|o| o.id == owner.id) {
+                if !of_ip.iter().any(|o| o.id.inode() == owner.id.inode()) {
                     of_ip.push(owner.clone());
                 }
             }
@@ -65,18 +72,18 @@ impl Found {
     }
 
     /// Settles each ambiguous IP whose pod (UID in `uids`) has processes (`procs`: namespace
-    /// and `/proc/<pid>/cgroup` text) in exactly one of the namespaces holding it.
-    fn settle(&mut self, uids: &HashMap<IpAddr, String>, procs: &[(NsId, String)]) {
+    /// inode and `/proc/<pid>/cgroup` text) in exactly one of the namespaces holding it.
+    fn settle(&mut self, uids: &HashMap<IpAddr, String>, procs: &[(Inode, String)]) {
         for (ip, owners) in std::mem::take(&mut self.ambiguous) {
             let uid = uids.get(&ip).map_or("", String::as_str);
             let mut pods = owners.iter().filter(|o| {
                 procs
                     .iter()
-                    .any(|(id, cgroup)| *id == o.id && cgroup_names_pod(cgroup, uid))
+                    .any(|(id, cgroup)| *id == o.id.inode() && cgroup_names_pod(cgroup, uid))
             });
             match (pods.next().cloned(), pods.next()) {
                 (Some(pod), None) => {
-                    let others = owners.into_iter().filter(|o| o.id != pod.id).collect();
+                    let others = owners.into_iter().filter(|o| o.id.inode() != pod.id.inode()).collect();
                     self.impostors.insert(ip, others);
                     self.owned.insert(ip, pod);
                 }
@@ -111,15 +118,16 @@ fn cgroup_names_pod(cgroup: &str, uid: &str) -> bool {
         })
 }
 
-/// Each process's network namespace and cgroup text, for the processes that can be read.
-fn processes() -> Vec<(NsId, String)> {
+/// Each process's network namespace (inode) and cgroup text, for the processes that can be
+/// read.
+fn processes() -> Vec<(Inode, String)> {
     let pids = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
     pids.filter_map(|e| {
-        let id = NsId::of(&std::fs::File::open(e.path().join("ns/net")).ok()?).ok()?;
+        let id = Inode::of(&File::open(e.path().join("ns/net")).ok()?).ok()?;
         Some((id, std::fs::read_to_string(e.path().join("cgroup")).ok()?))
     })
     .collect()
@@ -157,23 +165,35 @@ fn addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// Looks into each namespace at `paths` once (by identity, taken from the opened file so a
-/// path that changes meanwhile cannot mislead), on the calling thread.
-fn look_into(paths: Vec<PathBuf>) -> Vec<(Owner, Vec<IpAddr>)> {
+/// Looks into each namespace at `paths` once (by inode, taken from the opened file so a path
+/// that changes meanwhile cannot mislead), on the calling thread: the addresses of `ips` each
+/// holds, with its identity. Every namespace looked into is returned open, for the caller to
+/// hold while it compares inodes.
+fn look_into(paths: Vec<PathBuf>, ips: &HashSet<IpAddr>) -> (Vec<(Owner, Vec<IpAddr>)>, Vec<File>) {
     let mut looked = HashSet::new();
-    let mut seen = Vec::new();
+    let (mut seen, mut held) = (Vec::new(), Vec::new());
     for path in paths {
-        let Ok(file) = std::fs::File::open(&path) else { continue };
-        let Ok(id) = NsId::of(&file) else { continue };
-        if !looked.insert(id) {
+        let Ok(file) = File::open(&path) else { continue };
+        let Ok(inode) = Inode::of(&file) else { continue };
+        if !looked.insert(inode) {
             continue;
         }
-        if nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+        let entered = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET);
+        held.push(file);
+        if entered.is_err() {
             continue;
         }
-        seen.push((Owner { path, id }, addresses()));
+        let wanted: Vec<IpAddr> = addresses().into_iter().filter(|ip| ips.contains(ip)).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        // A cookie that cannot be read leaves the identity unproven: an adoption through a
+        // process's path is then refused when the pod is enrolled, yet the namespace still
+        // counts as an owner of its IPs.
+        let id = NsId::from_parts(inode, netns::cookie_here().ok().flatten());
+        seen.push((Owner { path, id }, wanted));
     }
-    seen
+    (seen, held)
 }
 
 /// Where each IP of `uids` (with the UID of the pod it is wanted for; empty when unknown) is
@@ -186,11 +206,13 @@ pub fn find(uids: &HashMap<IpAddr, String>) -> Found {
     }
     let ips: HashSet<IpAddr> = uids.keys().copied().collect();
     let candidates = namespaces();
-    let seen = std::thread::scope(|scope| scope.spawn(|| look_into(candidates)).join().unwrap_or_default());
+    let (seen, held) =
+        std::thread::scope(|scope| scope.spawn(|| look_into(candidates, &ips)).join().unwrap_or_default());
     let mut found = Found::resolve(seen, &ips);
     if !found.ambiguous.is_empty() {
         found.settle(uids, &processes());
     }
+    drop(held);
     found
 }
 
@@ -201,7 +223,11 @@ mod tests {
     fn owner(path: &str, ino: u64) -> Owner {
         Owner {
             path: PathBuf::from(path),
-            id: NsId { dev: 4, ino },
+            id: NsId {
+                dev: 4,
+                ino,
+                cookie: Some(ino + 100),
+            },
         }
     }
 
@@ -269,8 +295,8 @@ mod tests {
         };
         let pod = "0::/kubepods/burstable/pod5f0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/pause\n".to_owned();
         let other = "0::/kubepods/burstable/pod0a0c2d6e-1b7a-4c1e-9f3b-2a8d7e6c4b10/ab12\n".to_owned();
-        let id = |ino| NsId { dev: 4, ino };
-        let settled = |procs: &[(NsId, String)]| {
+        let id = |ino| Inode { dev: 4, ino };
+        let settled = |procs: &[(Inode, String)]| {
             let mut found = Found::resolve(seen(), &HashSet::from([victim]));
             found.settle(&uids, procs);
             found
@@ -345,7 +371,7 @@ mod tests {
     }
 
     fn id_of(path: &std::path::Path) -> Option<NsId> {
-        std::fs::File::open(path).ok().and_then(|f| NsId::of(&f).ok())
+        netns::identify(path)
     }
 
     #[test]
@@ -379,11 +405,15 @@ mod tests {
         }
         let (shared, own): (IpAddr, IpAddr) = (shared.parse().unwrap(), own.parse().unwrap());
         let paths = vec![held.clone(), impostor.path(), real.path()];
-        let seen = std::thread::spawn(move || look_into(paths)).join().unwrap();
-        let found = Found::resolve(seen, &HashSet::from([shared, own]));
+        let ips = HashSet::from([shared, own]);
+        let wanted = ips.clone();
+        let (seen, _held) = std::thread::spawn(move || look_into(paths, &wanted)).join().unwrap();
+        let found = Found::resolve(seen, &ips);
         assert_eq!(found.owned.get(&shared), None, "{found:?}");
         assert_eq!(found.ambiguous[&shared].len(), 2, "{found:?}");
         assert_eq!(found.owned[&own].path, held, "{found:?}");
+        // The identity the scan records, cookie included, is the one the agent reads when it
+        // opens the namespace through another path.
         assert_eq!(Some(found.owned[&own].id), id_of(&real.path()));
     }
 }

@@ -345,8 +345,9 @@ impl Agent {
     async fn restore_one(&self, mut k: Known, hand_off: bool) -> anyhow::Result<Option<Known>> {
         let container = k.req.container_id.clone();
         // A state file from before identities were recorded: a pinned path is taken as it
-        // is, a process's may reach another process's namespace by now.
-        if k.netns_id.is_none() && k.req.netns.starts_with("/proc/") {
+        // is, a process's may reach another process's namespace by now. (One from before
+        // cookies were recorded: see the netns module.)
+        if k.netns_id.is_none() && netns::held_by_process(std::path::Path::new(&k.req.netns)) {
             warn!(%container, netns = %k.req.netns, "no namespace identity recorded for a process's namespace; forgetting the pod");
             return Ok(None);
         }
@@ -1129,21 +1130,81 @@ mod tests {
     #[tokio::test]
     async fn restore_forgets_a_pod_whose_path_reaches_another_namespace() {
         let Some(ns) = TestNs::new("restore") else { return };
-        let dir = tempfile::tempdir().unwrap();
         // The pid behind the recorded path was reused: the path reaches a namespace other
-        // than the one the pod was enrolled in.
-        let enrolled = NsId {
+        // than the one the pod was enrolled in, with another inode or (the enrolled one gone,
+        // its inode reused) another cookie only.
+        let other_inode = NsId {
             ino: ns.id().ino + 1,
             ..ns.id()
         };
-        let state = vec![known("c1", ns.path(), Some(enrolled), true)];
-        std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
-        let agent = agent(dir.path());
-        assert_eq!(agent.restore().await.unwrap(), 0);
-        assert!(agent.zds.pods().is_empty(), "handed to ztunnel: {:?}", agent.zds.pods());
-        assert!(!rules::installed(std::path::Path::new(&ns.path())), "rules installed");
-        let persisted = std::fs::read_to_string(dir.path().join("pods.json")).unwrap();
-        assert_eq!(persisted, "[]");
+        let other_cookie = (ns.id().cookie).map(|c| NsId {
+            cookie: Some(c ^ 1),
+            ..ns.id()
+        });
+        for enrolled in std::iter::once(other_inode).chain(other_cookie) {
+            let dir = tempfile::tempdir().unwrap();
+            let state = vec![known("c1", ns.path(), Some(enrolled), true)];
+            std::fs::write(dir.path().join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+            let agent = agent(dir.path());
+            assert_eq!(agent.restore().await.unwrap(), 0, "restored {enrolled}");
+            assert!(agent.zds.pods().is_empty(), "handed to ztunnel: {:?}", agent.zds.pods());
+            assert!(!rules::installed(std::path::Path::new(&ns.path())), "rules installed");
+            let persisted = std::fs::read_to_string(dir.path().join("pods.json")).unwrap();
+            assert_eq!(persisted, "[]");
+        }
+    }
+
+    /// A state file from an agent that recorded no cookies: a pod behind a pinned path is
+    /// kept and recorded again with its cookie; one behind a process's path is forgotten (its
+    /// inode proves nothing once the namespace may be gone), never written to.
+    #[tokio::test]
+    async fn restore_of_identities_without_cookies_trusts_pinned_paths_only() {
+        let Some(ns) = TestNs::new("legacy") else { return };
+        if ns.id().cookie.is_none() {
+            eprintln!("skipping: a kernel without namespace cookies has only inodes to go by");
+            return;
+        }
+        let holder = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sleep", "60"])
+            .spawn()
+            .unwrap();
+        let holder = KillOnDrop(holder);
+        let held = format!("/proc/{}/ns/net", holder.0.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while netns::identify(std::path::Path::new(&held)) != Some(ns.id()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "holder never entered the namespace"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let legacy = NsId {
+            cookie: None,
+            ..ns.id()
+        };
+        for (path, kept) in [(held, false), (ns.path(), true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let state = serde_json::to_string(&vec![known("c1", path.clone(), Some(legacy), false)]).unwrap();
+            assert!(!state.contains("cookie"), "{state}");
+            std::fs::write(dir.path().join("pods.json"), state).unwrap();
+            let agent = agent(dir.path());
+            assert_eq!(agent.restore().await.unwrap(), usize::from(kept), "{path}");
+            let persisted: Vec<Known> =
+                serde_json::from_str(&std::fs::read_to_string(dir.path().join("pods.json")).unwrap()).unwrap();
+            let ids: Vec<Option<NsId>> = persisted.iter().map(|k| k.netns_id).collect();
+            let want = if kept { vec![Some(ns.id())] } else { vec![] };
+            assert_eq!(ids, want, "{path}");
+        }
+    }
+
+    /// A child process, killed on drop (also when the test fails).
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 
     #[test]
