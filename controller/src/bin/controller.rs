@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use controller::ca::issuer_keys::KeySource;
 use controller::ca::{Authenticator, BootstrapTokens, CaMetrics, CaOptions, CaRoot, CaServer};
 use controller::config::Config;
 use controller::core::{self, Debounce, Published};
@@ -382,7 +383,9 @@ async fn main() -> anyhow::Result<()> {
         None => {
             let review = cluster_source(&config, &core, changes_tx, &ids).await?;
             let metrics = controller::ca::review_bound::ReviewMetrics::register(&mut registry);
-            Arc::new(controller::ca::review_bound::ReviewBound::new(review, metrics))
+            let keys = controller::k8s::tokenreview::PublishedKeys::new(review.client());
+            let keys = controller::ca::issuer_keys::IssuerKeys::new(Box::new(keys) as Box<dyn KeySource>);
+            Arc::new(controller::ca::review_bound::ReviewBound::new(review, metrics).with_issuer_keys(keys))
         }
     };
     let (auth, vm_tokens) = with_vm_tokens(&config, auth, &mut registry)?;

@@ -4,12 +4,14 @@
 //! - [`root`]: the signing CA (a self-signed root, loaded or generated, or a plug-in
 //!   intermediate) with its trust bundle, and the controller's own serving certificate.
 //! - [`plugin`]: Istio's plug-in CA layout (`cacerts`), checked, and watched for rotations.
-//! - [`auth`]: who the caller is, from its bearer token.
+//! - [`auth`]: who the caller is, from its bearer token; [`review_bound`] bounds the
+//!   TokenReviews that asks for, and [`issuer_keys`] refuses forged tokens before any.
 //! - [`server`]: the gRPC service and its authorization rules (own identity, or a node proxy
 //!   asking for the pods of its node).
 //! - [`vm_token`]: controller-issued bootstrap tokens for VMs, bound to one WorkloadGroup.
 
 pub mod auth;
+pub mod issuer_keys;
 pub mod plugin;
 pub mod review_bound;
 pub mod root;

@@ -11,13 +11,14 @@
 //!   are kept apart, [`MAX_ENTRIES`] each (expired ones go first; when all are live, a new
 //!   answer is not kept), so a flood of forged tokens cannot push out or crowd out the real
 //!   callers' answers;
+//! - a token no key the API server publishes verifies is refused unasked ([`IssuerKeys`]);
 //! - one source address has at most [`MAX_IN_FLIGHT_PER_SOURCE`] reviews in flight or
 //!   waiting (a proxy needs one or two), so one client cannot queue thousands ahead of the
 //!   proxies; at most [`MAX_IN_FLIGHT`] reviews run at once, and a request that waits
 //!   [`QUEUE_WAIT`] for a slot is answered "unavailable", which callers retry.
 //!
 //! `controller_token_reviews_total{result}` counts each outcome (reviewed, cached, malformed,
-//! busy, busy_source).
+//! forged, unknown_key, busy, busy_source).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,6 +36,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::auth::{AuthError, Authenticator, Caller};
+use super::issuer_keys::{IssuerKeys, KeySource, Verdict};
 
 /// The longest token reviewed; projected service account tokens are about 1 KiB.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -105,7 +107,7 @@ impl ReviewMetrics {
         let m = ReviewMetrics::default();
         registry.register(
             "token_reviews",
-            "Bearer tokens authenticated, by result: reviewed (asked the API server), cached, malformed (refused unasked), busy (no review slot in time)",
+            "Bearer tokens authenticated, by result: reviewed (asked the API server), cached, malformed or forged (refused unasked: not a JWT, or no published key verifies it), unknown_key (signed by a key not published, retryable), busy and busy_source (no review slot in time)",
             m.outcomes.clone(),
         );
         m
@@ -129,6 +131,8 @@ pub struct ReviewBound<A> {
     /// Reviews in flight or waiting, by source address.
     sources: Mutex<HashMap<IpAddr, u32>>,
     metrics: ReviewMetrics,
+    /// The API server's published signing keys, when checked before reviewing.
+    keys: Option<IssuerKeys<Box<dyn KeySource>>>,
 }
 
 /// One source's place among the reviews in flight; given back on drop.
@@ -161,6 +165,29 @@ impl<A: Authenticator> ReviewBound<A> {
             slots: Semaphore::new(MAX_IN_FLIGHT),
             sources: Mutex::new(HashMap::new()),
             metrics,
+            keys: None,
+        }
+    }
+
+    /// Checks each token against `keys` before reviewing it.
+    pub fn with_issuer_keys(mut self, keys: IssuerKeys<Box<dyn KeySource>>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Refuses a token no published key signed (the keys' [`Verdict`]), unasked.
+    async fn check_signature(&self, token: &str) -> Result<(), AuthError> {
+        let Some(keys) = &self.keys else { return Ok(()) };
+        match keys.check(token).await {
+            Verdict::Review => Ok(()),
+            Verdict::UnknownKey(why) => {
+                self.metrics.count("unknown_key");
+                Err(AuthError::Unavailable(why))
+            }
+            Verdict::Forged(why) => {
+                self.metrics.count("forged");
+                Err(AuthError::Rejected(why.to_owned()))
+            }
         }
     }
 
@@ -202,6 +229,8 @@ impl<A: Authenticator> ReviewBound<A> {
             self.metrics.count("cached");
             return answer.map_err(AuthError::Rejected);
         }
+        // Not cached: a verification costs less than the entry a flood of forgeries would take.
+        self.check_signature(token).await?;
         let Some(_source) = self.source_slot(source) else {
             self.metrics.count("busy_source");
             return Err(AuthError::Unavailable(
@@ -284,6 +313,33 @@ mod tests {
             }
             .boxed()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forged_tokens_are_refused_without_a_review() {
+        use crate::ca::issuer_keys::testing::{Fixed, Signer};
+        let (cluster, attacker) = (Signer::new("k1"), Signer::new("k1"));
+        let source = Fixed::default();
+        source.serve(Some(vec![cluster.jwk.clone()]));
+        let fake = Fake::default();
+        let keys = IssuerKeys::new(Box::new(source.clone()) as Box<dyn KeySource>);
+        let bound = ReviewBound::new(fake.clone(), ReviewMetrics::default()).with_issuer_keys(keys);
+        for _ in 0..1_000 {
+            let forged = attacker.sign(Some("k1"));
+            assert!(matches!(bound.authenticate(&forged).await, Err(AuthError::Rejected(_))));
+        }
+        assert_eq!(fake.reviews.load(Ordering::SeqCst), 0, "no forgery is reviewed");
+        assert_eq!(bound.metrics.get("forged"), 1_000);
+        tokio::time::advance(crate::ca::issuer_keys::REFRESH_COOLDOWN).await;
+        assert!(matches!(
+            bound.authenticate(&cluster.sign(Some("k9"))).await,
+            Err(AuthError::Unavailable(_))
+        ));
+        assert_eq!(bound.metrics.get("unknown_key"), 1);
+        // A token the cluster signed is reviewed (the fake refuses it: it is not good.x.y).
+        assert!(bound.authenticate(&cluster.sign(Some("k1"))).await.is_err());
+        assert_eq!(fake.reviews.load(Ordering::SeqCst), 1);
+        assert_eq!(source.fetches(), 2, "one fetch at start, one for the unknown key id");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Authenticates CA callers by their Kubernetes ServiceAccount token with a TokenReview: the
 //! API server says whose token it is; the username `system:serviceaccount:<ns>:<sa>` becomes the
-//! caller's SPIFFE identity and a node-bound token names the caller's node.
+//! caller's SPIFFE identity and a node-bound token names the caller's node. [`PublishedKeys`]
+//! reads the keys the API server signs those tokens with, so forged ones are refused unasked.
 
 use ::kube::api::PostParams;
 use ::kube::{Api, Client};
@@ -11,6 +12,38 @@ use mesh_core::identity::Identity;
 
 use super::KubeError;
 use crate::ca::auth::{AuthError, Authenticator, Caller};
+use crate::ca::issuer_keys::KeySource;
+
+/// Where the API server publishes its service account signing keys (issuer discovery).
+pub const JWKS_PATH: &str = "/openid/v1/jwks";
+
+/// The API server's published service account signing keys.
+pub struct PublishedKeys {
+    client: Client,
+}
+
+impl PublishedKeys {
+    pub fn new(client: Client) -> Self {
+        PublishedKeys { client }
+    }
+}
+
+impl KeySource for PublishedKeys {
+    fn fetch(&self) -> BoxFuture<'_, Result<jsonwebtoken::jwk::JwkSet, String>> {
+        async move {
+            let request = http::Request::get(JWKS_PATH)
+                .body(Vec::new())
+                .map_err(|e| e.to_string())?;
+            let text = self
+                .client
+                .request_text(request)
+                .await
+                .map_err(|e| format!("GET {JWKS_PATH}: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| format!("GET {JWKS_PATH}: {e}"))
+        }
+        .boxed()
+    }
+}
 
 /// The `extra` key a node-bound service account token carries the node name in.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -33,6 +66,13 @@ impl TokenReviewAuthenticator {
             trust_domain: trust_domain.into(),
             audiences,
         }
+    }
+}
+
+impl TokenReviewAuthenticator {
+    /// The API client the reviews go through.
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 }
 
