@@ -113,8 +113,9 @@ pub struct Config {
     /// 300 ms is a server-first protocol instead).
     #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
-    /// How long a request's body may send nothing before the request fails (408 unless the
-    /// answer has begun): Envoy's and Istio's `stream_idle_timeout`, 5 minutes. Milliseconds.
+    /// How long a stream may move nothing either way (its request body or its answer's)
+    /// before it fails (408 unless the answer has begun): Envoy's and Istio's
+    /// `stream_idle_timeout`, 5 minutes. Milliseconds.
     #[arg(long, env = "STREAM_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
     pub stream_idle_timeout_ms: u64,
     /// How request paths are normalised before authorization, routing and the backend read

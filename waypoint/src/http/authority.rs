@@ -42,6 +42,11 @@ impl RequestHost {
         &self.host
     }
 
+    /// The port, when the request named one.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
     /// `host[:port]`: what authorization matches and the backend is sent.
     pub fn authority(&self) -> String {
         match self.port {

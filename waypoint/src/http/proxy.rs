@@ -36,7 +36,7 @@ use crate::store::Snapshot;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{IdleConnection, LabelSource, RequestLabels, SeriesLabels, StandardLabels};
 use crate::telemetry::{apply, effective, trace};
-use crate::upstream::cluster::Cluster;
+use crate::upstream::cluster::{Admission, Cluster};
 use crate::upstream::pool::PooledBody;
 use crate::upstream::{self, Body};
 use crate::Waypoint;
@@ -550,10 +550,9 @@ async fn forward(
         body,
         http2,
         upgrade,
+        admission: Some(admission),
     };
-    let answer = exchange.run(wp, out).await;
-    drop(admission);
-    answer
+    exchange.run(wp, out).await
 }
 
 /// A request body: buffered when small enough, so a retry or a mirror can send it again.
@@ -644,6 +643,9 @@ struct Exchange<'a> {
     /// The client's side of a WebSocket upgrade it asked for.
     upgrade: Option<OnUpgrade>,
     retry: RetryPolicy,
+    /// The request's place in its cluster: given to the answer's body, which holds it until
+    /// the answer ends; dropped with the exchange when there is no answer.
+    admission: Option<Admission>,
 }
 
 impl Exchange<'_> {
@@ -692,7 +694,10 @@ impl Exchange<'_> {
             return match answer {
                 Ok(resp) => {
                     let idle = cluster.tcp_idle_timeout();
-                    let resp = finish(resp, self.upgrade.map(|down| Upgrade { down, wp, idle }))?;
+                    let mut resp = finish(resp, self.upgrade.map(|down| Upgrade { down, wp, idle }))?;
+                    if let Some(admission) = self.admission.take() {
+                        resp.body_mut().hold(admission);
+                    }
                     Ok(resp.map(|body| self.body.watch_answer(wp, body)))
                 }
                 Err(reply) => Err(reply),
@@ -821,11 +826,7 @@ fn spawn_mirror(
     *req.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
     // Envoy's convention: the mirror sees the host with a "-shadow" suffix.
     if let Some(h) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        let shadow = match h.rsplit_once(':') {
-            Some((name, port)) => format!("{name}-shadow:{port}"),
-            None => format!("{h}-shadow"),
-        };
-        if let Ok(v) = HeaderValue::from_str(&shadow) {
+        if let Ok(v) = HeaderValue::from_str(&mirror::shadow_host(h)) {
             req.headers_mut().insert(header::HOST, v);
         }
     }
@@ -1129,6 +1130,14 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        let cluster = wp
+            .upstreams
+            .cluster(&down.service_key, "", wp::TrafficPolicy::default());
+        assert_eq!(
+            cluster.requests_in_flight(),
+            1,
+            "an answer still streaming is in flight"
+        );
         let early = tokio::time::timeout(STREAM_IDLE - Duration::from_secs(1), client.read(&mut [0; 64])).await;
         assert!(
             early.is_err(),
@@ -1141,6 +1150,7 @@ mod tests {
             .expect("an answer silent past the stream idle timeout is still held");
         assert!(matches!(cut, Ok(0) | Err(_)), "{cut:?}");
         assert_eq!(wp.metrics.stream_idle_timeouts.get(), 1);
+        assert_eq!(cluster.requests_in_flight(), 0, "the cut answer kept its cluster slot");
         // The upstream connection, mid-answer, is closed rather than pooled.
         tokio::time::timeout(Duration::from_secs(5), closed.recv())
             .await
@@ -1158,24 +1168,10 @@ mod tests {
             .local_addr()
             .unwrap();
         let (wp, down) = waypoint_for(closed);
-        let telemetry = wp::Policy {
-            name: "mesh".into(),
-            namespace: "istio-system".into(),
-            kind: Some(wp::policy::Kind::Telemetry(wp::Telemetry {
-                scope: wp::telemetry::Scope::Mesh as i32,
-                access_log: Some(wp::TelemetryAccessLog {
-                    filter: "request.url_path == '/admin' || request.host == 'admin.example.com'".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let encoded = prost::Message::encode_to_vec(&telemetry);
-        let rejected = wp
-            .config
-            .apply_policies(&[("Telemetry/istio-system/mesh".into(), &encoded)], &[]);
-        assert!(rejected.is_empty(), "{rejected:?}");
+        log_only_when(
+            &wp,
+            "request.url_path == '/admin' || request.host == 'admin.example.com'",
+        );
         let sent = [
             ("/public/../admin", true),
             ("http://admin.example.com/x", true),
@@ -1190,6 +1186,55 @@ mod tests {
             assert!(answer.starts_with("HTTP/1.1 503"), "{target}: {answer}");
             let text = String::from_utf8_lossy(&lines.0.lock().unwrap()[before..]).into_owned();
             assert_eq!(text.contains(" request "), logged, "{target}: {text}");
+        }
+    }
+
+    /// A mesh-wide Telemetry that writes the access log only when `filter` holds.
+    fn log_only_when(wp: &Waypoint, filter: &str) {
+        let telemetry = wp::Policy {
+            name: "mesh".into(),
+            namespace: "istio-system".into(),
+            kind: Some(wp::policy::Kind::Telemetry(wp::Telemetry {
+                scope: wp::telemetry::Scope::Mesh as i32,
+                access_log: Some(wp::TelemetryAccessLog {
+                    filter: filter.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let encoded = prost::Message::encode_to_vec(&telemetry);
+        let rejected = wp
+            .config
+            .apply_policies(&[("Telemetry/istio-system/mesh".into(), &encoded)], &[]);
+        assert!(rejected.is_empty(), "{rejected:?}");
+    }
+
+    /// `--path-normalization` reaches the pipeline: `//admin` is `/admin` to what reads the
+    /// request (here a Telemetry filter) with merged slashes, and stays `//admin` under BASE.
+    #[tokio::test]
+    async fn the_configured_path_normalization_is_the_one_requests_get() {
+        use crate::http::path::Normalization;
+        let (lines, _guard) = capture_logs();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        for (mode, logged) in [(Normalization::Base, false), (Normalization::MergeSlashes, true)] {
+            let (mut wp, down) = waypoint_for(closed);
+            Arc::get_mut(&mut wp).expect("not shared yet").path_normalization = mode;
+            log_only_when(&wp, "request.url_path == '/admin'");
+            let before = lines.0.lock().unwrap().len();
+            let mut client = connect(&wp, &down);
+            client
+                .write_all(b"GET //admin HTTP/1.1\r\nhost: svc\r\n\r\n")
+                .await
+                .unwrap();
+            let (answer, _) = answer(&mut client).await;
+            assert!(answer.starts_with("HTTP/1.1 503"), "{mode:?}: {answer}");
+            let text = String::from_utf8_lossy(&lines.0.lock().unwrap()[before..]).into_owned();
+            assert_eq!(text.contains(" request "), logged, "{mode:?}: {text}");
         }
     }
 

@@ -30,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::cluster::Admission;
 use super::connector::{BoxError, Connector};
 use super::Body;
 
@@ -224,7 +225,11 @@ impl Pool {
     ) -> Result<Response<PooledBody>, Refused> {
         match sender {
             Sender::Http2(mut s) => match s.try_send_request(req).await {
-                Ok(resp) => Ok(resp.map(|body| PooledBody { body, lent: None })),
+                Ok(resp) => Ok(resp.map(|body| PooledBody {
+                    body,
+                    lent: None,
+                    admission: None,
+                })),
                 Err(mut e) => Err(Refused {
                     unsent: e.take_message(),
                     error: e.into_error(),
@@ -266,7 +271,11 @@ impl Pool {
                 l.give_back();
             }
         }
-        resp.map(|body| PooledBody { body, lent })
+        resp.map(|body| PooledBody {
+            body,
+            lent,
+            admission: None,
+        })
     }
 
     fn put(self: &Arc<Self>, target: SocketAddr, sender: Sender) {
@@ -333,10 +342,13 @@ impl Lent {
     }
 }
 
-/// An answer's body from the pool: the connection goes back when it ends.
+/// An answer's body from the pool: the connection goes back when it ends, and the request's
+/// place in its cluster ([`Admission`], when held) is given back then too, so an answer
+/// still streaming counts against `http2MaxRequests` and `maxConnections`, as in Envoy.
 pub struct PooledBody {
     body: Incoming,
     lent: Option<Lent>,
+    admission: Option<Admission>,
 }
 
 impl HttpBody for PooledBody {
@@ -346,7 +358,10 @@ impl HttpBody for PooledBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         match &frame {
-            Some(Err(_)) => self.lent = None,
+            Some(Err(_)) => {
+                self.lent = None;
+                self.admission = None;
+            }
             None => self.give_back(),
             Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
             Some(Ok(_)) => {}
@@ -367,6 +382,14 @@ impl PooledBody {
     fn give_back(&mut self) {
         if let Some(l) = self.lent.take() {
             l.give_back();
+        }
+        self.admission = None;
+    }
+
+    /// Keeps the request's cluster admission until the answer ends (or is dropped).
+    pub fn hold(&mut self, admission: Admission) {
+        if !self.body.is_end_stream() {
+            self.admission = Some(admission);
         }
     }
 }

@@ -95,6 +95,19 @@ impl Slot {
     }
 }
 
+/// The `Host` a mirror is sent: Envoy's convention, the host with `-shadow` before its port
+/// (`api:8080` -> `api-shadow:8080`, `[::1]:80` -> `[::1]-shadow:80`). The request's host is
+/// canonical already; one that does not parse is left as it is.
+pub fn shadow_host(host: &str) -> String {
+    match super::super::authority::canonical(host) {
+        Ok(h) => match h.port() {
+            Some(port) => format!("{}-shadow:{port}", h.host()),
+            None => format!("{}-shadow", h.host()),
+        },
+        Err(_) => host.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use mesh_proto::waypoint as wp;
@@ -149,5 +162,18 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(drops.get(MirrorDrop::CircuitOpen), 2);
         assert_eq!(mirrors.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_shadow_host_keeps_the_port_and_ipv6_brackets() {
+        for (host, want) in [
+            ("api.shop.svc", "api.shop.svc-shadow"),
+            ("api.shop.svc:8080", "api.shop.svc-shadow:8080"),
+            ("10.0.0.1:80", "10.0.0.1-shadow:80"),
+            ("[::1]", "[::1]-shadow"),
+            ("[2001:db8::7]:8080", "[2001:db8::7]-shadow:8080"),
+        ] {
+            assert_eq!(super::shadow_host(host), want, "{host}");
+        }
     }
 }
