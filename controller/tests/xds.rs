@@ -102,9 +102,21 @@ async fn connect(addr: std::net::SocketAddr, token: &str) -> Result<Client, toni
 }
 
 async fn connect_to(endpoint: tonic::transport::Endpoint, token: &str) -> Result<Client, tonic::Status> {
+    connect_sending(endpoint, token, Vec::new()).await
+}
+
+/// A stream whose first requests are queued before the call, as proxies open theirs.
+async fn connect_sending(
+    endpoint: tonic::transport::Endpoint,
+    token: &str,
+    first: Vec<DeltaDiscoveryRequest>,
+) -> Result<Client, tonic::Status> {
     let channel = endpoint.connect().await.expect("connect");
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (requests, rx) = mpsc::channel(16);
+    for r in first {
+        requests.send(r).await.expect("queued");
+    }
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let mut request = tonic::Request::new(stream);
     request
@@ -169,6 +181,40 @@ fn pods(n: usize) -> String {
 const WA: &str = "Kubernetes//Pod/shop/a";
 const WB: &str = "Kubernetes//Pod/shop/b";
 const SA: &str = "shop/a.shop.svc.cluster.local";
+
+/// Istio's ztunnel subscribes to addresses, then policies, in one go: it still gets the
+/// policies first, so no workload is known to it before the policies that protect it; a
+/// change to both goes out policies first too.
+#[tokio::test]
+async fn policies_go_out_before_the_workloads_they_protect() {
+    let server = Server::start().await;
+    server.publish(&world(""));
+    let subscribe = |type_url: &str| DeltaDiscoveryRequest {
+        type_url: type_url.to_owned(),
+        ..Default::default()
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).expect("uri");
+    let mut a = connect_sending(
+        endpoint,
+        "node-1-secret-0123456789",
+        vec![subscribe(ADDRESS), subscribe(AUTHZ)],
+    )
+    .await
+    .expect("authenticated");
+    let first = a.next().await;
+    assert_eq!(first.type_url, AUTHZ, "policies first");
+    a.ack(&first).await;
+    let second = a.next().await;
+    assert_eq!(second.type_url, ADDRESS);
+    a.ack(&second).await;
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-b, namespace: shop}\nspec: {action: DENY, rules: [{}]}\n";
+    server.publish(&world(&format!("{POD_B}{policy}")));
+    let update = a.next().await;
+    assert_eq!((update.type_url.as_str(), names(&update)), (AUTHZ, vec!["shop/deny-b"]));
+    a.ack(&update).await;
+    let update = a.next().await;
+    assert_eq!((update.type_url.as_str(), names(&update)), (ADDRESS, vec![WB]));
+}
 
 #[tokio::test]
 async fn delta_ads_serves_changes_only() {

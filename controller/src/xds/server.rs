@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::metrics::XdsMetrics;
-use super::snapshot::{Entry, Snapshot, PRIVATE_TYPES, TYPES};
+use super::snapshot::{Entry, Snapshot, PRIVATE_TYPES, PUSH_ORDER, TYPES};
 use super::wire::{AdsService, EncodedResponse, Resources};
 use crate::ca::auth::{bearer_token, AuthError, Authenticator};
 
@@ -242,6 +242,33 @@ where
     }
 }
 
+/// Reads a stream's first request and every one already arrived behind it, policy types
+/// first ([`PUSH_ORDER`]): a client that subscribes to addresses before policies (Istio's
+/// ztunnel) still gets its policies before the workloads they protect, when it sent both at
+/// once, as it does. A later request is never moved ahead of an earlier one of its type.
+async fn initial_batch<S>(inbound: &mut S, early: &mut VecDeque<Inbound>)
+where
+    S: Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Unpin,
+{
+    use futures_util::{FutureExt, StreamExt};
+    early.push_back(inbound.next().await.transpose());
+    while early.len() < EARLY_MAX && !matches!(early.back(), Some(Ok(None) | Err(_))) {
+        match inbound.next().now_or_never() {
+            Some(msg) => early.push_back(msg.transpose()),
+            None => break,
+        }
+    }
+    let rank = |m: &Inbound| match m {
+        Ok(Some(r)) => PUSH_ORDER
+            .iter()
+            .position(|t| *t == r.type_url)
+            .unwrap_or(PUSH_ORDER.len()),
+        // The stream's end stays last.
+        _ => usize::MAX,
+    };
+    early.make_contiguous().sort_by_key(rank);
+}
+
 /// The encoded size of the requests held in `early`.
 fn held_bytes(early: &VecDeque<Inbound>) -> usize {
     use prost::Message;
@@ -295,6 +322,7 @@ impl Session {
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
     ) -> Ended {
         let mut early = VecDeque::new();
+        initial_batch(&mut inbound, &mut early).await;
         loop {
             let step = match early.pop_front() {
                 Some(msg) => self.on_request(msg, &mut snapshots, &mut inbound, &mut early).await,
@@ -630,7 +658,7 @@ impl Session {
         if let Some(sub) = self.subs.get_mut(TYPES[0]) {
             sub.resolve(snapshot, &self.own_ips);
         }
-        for type_url in TYPES {
+        for type_url in PUSH_ORDER {
             let names = incremental.then(|| snapshot.changed.get(type_url)).flatten();
             if !(incremental && names.is_none_or(|n| n.is_empty())) {
                 self.push(snapshot, type_url, names, false, Vec::new()).await?;
@@ -781,5 +809,44 @@ mod tests {
         reading_meanwhile(push, &mut inbound, &mut early).await;
         assert_eq!(early.len(), 2);
         assert!(matches!(early.back(), Some(Ok(None))));
+    }
+
+    /// The requests a stream opens with are answered policies first, each type's own
+    /// requests in the order sent, the stream's end last; a request not yet arrived is not
+    /// waited for.
+    #[tokio::test]
+    async fn a_streams_first_requests_are_answered_policies_first() {
+        let of = |type_url: &str, nonce: &str| DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+        let sent = [
+            of(mesh_proto::ADDRESS_TYPE_URL, "a1"),
+            of(mesh_proto::SERVICE_ROUTES_TYPE_URL, "r1"),
+            of(mesh_proto::AUTHORIZATION_TYPE_URL, "z1"),
+            of(mesh_proto::ADDRESS_TYPE_URL, "a2"),
+            of(mesh_proto::WAYPOINT_POLICY_TYPE_URL, "p1"),
+        ];
+        let mut inbound = futures_util::stream::iter(sent.map(Ok::<_, Status>));
+        let mut early = VecDeque::new();
+        initial_batch(&mut inbound, &mut early).await;
+        let order: Vec<&str> = early
+            .iter()
+            .map(|m| match m {
+                Ok(Some(r)) => r.response_nonce.as_str(),
+                Ok(None) => "end",
+                Err(_) => "error",
+            })
+            .collect();
+        assert_eq!(order, ["z1", "p1", "r1", "a1", "a2", "end"]);
+
+        // Only what has arrived: the first request alone when nothing follows yet.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<DeltaDiscoveryRequest, Status>>();
+        tx.send(Ok(of(mesh_proto::ADDRESS_TYPE_URL, "a1"))).expect("open");
+        let mut inbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let mut early = VecDeque::new();
+        initial_batch(&mut inbound, &mut early).await;
+        assert_eq!(early.len(), 1);
     }
 }

@@ -23,7 +23,8 @@ use sha2::{Digest, Sha256};
 use crate::translate::incremental::Touched;
 use crate::translate::Outputs;
 
-/// Type URLs served, in the order pushes go out (addresses before the policies naming them).
+/// Type URLs served (indexes into a snapshot's per-type tables; pushes go out in
+/// [`PUSH_ORDER`]).
 pub const TYPES: [&str; 6] = [
     mesh_proto::ADDRESS_TYPE_URL,
     mesh_proto::AUTHORIZATION_TYPE_URL,
@@ -31,6 +32,20 @@ pub const TYPES: [&str; 6] = [
     mesh_proto::WAYPOINT_POLICY_TYPE_URL,
     mesh_proto::INGRESS_GATEWAY_TYPE_URL,
     mesh_proto::WAYPOINT_CREDENTIALS_TYPE_URL,
+];
+
+/// The order a change goes out in, and initial subscriptions are answered in: policies
+/// before the addresses they apply to, then routes, addresses last. A proxy that learned a
+/// workload, or a service bound to a waypoint, before the policies naming it would serve it
+/// unprotected until they came (at a proxy's start: every pod of its node, for the length of
+/// the whole address push).
+pub const PUSH_ORDER: [&str; 6] = [
+    mesh_proto::AUTHORIZATION_TYPE_URL,
+    mesh_proto::WAYPOINT_POLICY_TYPE_URL,
+    mesh_proto::WAYPOINT_CREDENTIALS_TYPE_URL,
+    mesh_proto::INGRESS_GATEWAY_TYPE_URL,
+    mesh_proto::SERVICE_ROUTES_TYPE_URL,
+    mesh_proto::ADDRESS_TYPE_URL,
 ];
 
 /// Types whose resources carry private keys: a client gets only the one named after its own

@@ -561,22 +561,7 @@ impl XdsClient {
         // The initial requests are queued before the call: tonic only returns the response
         // stream once the server answered, and the server answers our requests.
         let (tx, rx) = mpsc::channel(Kind::ALL.len() + self.config.extra_types.len() + 2);
-        for kind in Kind::ALL {
-            let req = DeltaDiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: kind.type_url().to_owned(),
-                initial_resource_versions: self.tracker.versions(kind),
-                ..Default::default()
-            };
-            tx.send(req).await.map_err(|_| XdsError::Closed)?;
-        }
-        for (sink, state) in self.config.extra_types.iter().zip(&self.tracker.extra) {
-            let req = DeltaDiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: sink.type_url().to_owned(),
-                initial_resource_versions: state.versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                ..Default::default()
-            };
+        for req in self.initial_requests() {
             tx.send(req).await.map_err(|_| XdsError::Closed)?;
         }
         let outbound = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
@@ -595,6 +580,28 @@ impl XdsClient {
             *progressed = true;
             tx.send(reply).await.map_err(|_| XdsError::Closed)?;
         }
+    }
+
+    /// The subscriptions a stream opens with, policies first and addresses last: a server
+    /// answers them in order, so no workload (or service a waypoint serves) is known here
+    /// before the policies that protect it, even while a large address push is under way.
+    fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        let request = |type_url: &str, versions| DeltaDiscoveryRequest {
+            node: Some(self.node.clone()),
+            type_url: type_url.to_owned(),
+            initial_resource_versions: versions,
+            ..Default::default()
+        };
+        let mut out = vec![request(
+            Kind::Authorization.type_url(),
+            self.tracker.versions(Kind::Authorization),
+        )];
+        for (sink, state) in self.config.extra_types.iter().zip(&self.tracker.extra) {
+            let versions = state.versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            out.push(request(sink.type_url(), versions));
+        }
+        out.push(request(Kind::Address.type_url(), self.tracker.versions(Kind::Address)));
+        out
     }
 
     /// One connection per stream: a push arrives in frames of up to
@@ -890,6 +897,23 @@ mod tests {
             assert!(r.response_nonce.is_empty());
             assert!(r.error_detail.is_none());
         }
+    }
+
+    /// Policies are subscribed to first and addresses last, so a server answering in order
+    /// never shows this client a workload before the policies protecting it.
+    #[tokio::test]
+    async fn policies_are_asked_for_before_addresses() {
+        let (addr, mut conns) = plaintext_server().await;
+        let client = XdsClient::new(config(addr), StateStore::new(), XdsMetrics::default());
+        let task = tokio::spawn(client.run());
+        let mut conn = next_conn(&mut conns).await;
+        let first = conn.request().await;
+        let second = conn.request().await;
+        assert_eq!(
+            [first.type_url.as_str(), second.type_url.as_str()],
+            [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL]
+        );
+        task.abort();
     }
 
     #[tokio::test]
