@@ -164,6 +164,11 @@ pub enum TraceExport {
 }
 
 impl MeshConfig {
+    /// The `--path-normalization` deployed waypoints and gateways get; `None`: their default.
+    pub fn waypoint_path_normalization(&self) -> Option<String> {
+        self.path_normalization.normalization.waypoint_flag().map(str::to_owned)
+    }
+
     /// The collector of tracing provider `name` (or of the default provider when `None`).
     pub fn trace_export(&self, name: Option<&str>) -> Option<TraceExport> {
         let name = name.or_else(|| self.default_providers.tracing.first().map(String::as_str))?;

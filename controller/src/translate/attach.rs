@@ -157,12 +157,7 @@ pub(crate) fn waypoints(inputs: &Inputs, options: &Options, report: &mut Report)
             conditions,
             scaling,
             trace_export: inputs.mesh.trace_export(mesh_tracing_provider(inputs, options)),
-            path_normalization: inputs
-                .mesh
-                .path_normalization
-                .normalization
-                .waypoint_flag()
-                .map(str::to_owned),
+            path_normalization: inputs.mesh.waypoint_path_normalization(),
             ingress: None,
         };
         let address = usable.then(|| pb::GatewayAddress {

@@ -1060,12 +1060,7 @@ fn deployment(
         address: None,
         conditions,
         trace_export: inputs.mesh.trace_export(provider),
-        path_normalization: inputs
-            .mesh
-            .path_normalization
-            .normalization
-            .waypoint_flag()
-            .map(str::to_owned),
+        path_normalization: inputs.mesh.waypoint_path_normalization(),
         scaling,
         ingress: Some(crate::waypoint::IngressDeployment {
             ports,
