@@ -1,7 +1,9 @@
 //! The HBONE side: accepts mutual TLS connections on 15008, and for each CONNECT stream finds
 //! the target service from the authority, detects the protocol from the first bytes, and
 //! serves HTTP/1.1 or HTTP/2 (with upgrades) through the request pipeline, or proxies
-//! anything else as TCP under L4 policy.
+//! anything else as TCP under L4 policy. A CONNECT to a service on a port the service does
+//! not declare is refused (`undeclared_port`): the waypoint exposes, under its own identity,
+//! only what the service exposes.
 //!
 //! Opaque TCP skips every HTTP decision, so it is allowed only where nothing needs HTTP: a
 //! service port declared HTTP (appProtocol or port name), a service with HTTP or gRPC routes,
@@ -206,13 +208,12 @@ fn client_addr(forwarded: Option<SocketAddr>, peer: SocketAddr) -> SocketAddr {
 /// Anything else is refused, an address nothing owns included. Otherwise any mesh client could
 /// borrow this waypoint's identity, which its destinations' policies trust, to reach anything
 /// it reaches; Istio's waypoint has filter chains only for what is bound to it.
-fn bound_here(wp: &Waypoint, state: &mesh_core::state::State, target: Option<&Destination>) -> bool {
+fn bound_here(gateway: (&str, &str), state: &mesh_core::state::State, target: Option<&Destination>) -> bool {
     let gw = match target {
         Some(Destination::Service(s)) => s.waypoint.as_ref(),
         Some(Destination::Workload(w)) => w.waypoint.as_ref(),
         None => None,
     };
-    let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
     gw.is_some_and(|gw| names_gateway(gateway, gw, |network, ip| state.lookup(network, ip)))
 }
 
@@ -276,28 +277,87 @@ fn connect_target(
     ))
 }
 
+/// Why a CONNECT stream is refused before anything is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TunnelRefusal {
+    /// A `hostname:port` authority of no service: never the listener's own address.
+    UnknownHostname,
+    /// The destination does not use this waypoint.
+    NotBound,
+    /// A service port the service does not declare: Istio's waypoint has listeners only for
+    /// declared ports, and the pods' other ports are not the service's to expose.
+    UndeclaredPort,
+}
+
+impl TunnelRefusal {
+    /// The `reason` label of `waypoint_rejected_requests_total`.
+    fn reason(self) -> &'static str {
+        match self {
+            TunnelRefusal::UnknownHostname => "unknown_hostname",
+            TunnelRefusal::NotBound => "not_bound_to_waypoint",
+            TunnelRefusal::UndeclaredPort => "undeclared_port",
+        }
+    }
+
+    /// What the CONNECT is answered.
+    fn status(self) -> StatusCode {
+        match self {
+            TunnelRefusal::UnknownHostname | TunnelRefusal::UndeclaredPort => StatusCode::BAD_REQUEST,
+            TunnelRefusal::NotBound => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// Whether `service` declares `port`. A service without ports declares none: a Kubernetes
+/// Service and an Istio ServiceEntry always list theirs, and Istio's waypoint would have no
+/// listener for such a service.
+pub fn declares_port(service: &Service, port: u16) -> bool {
+    service.ports.iter().any(|p| p.service_port == port)
+}
+
+/// Whether a CONNECT to `dst` (what [`connect_target`] found there) may be served by the
+/// waypoint of `gateway`: to something bound to it, and for a service only on a port it
+/// declares. Workload-addressed streams have no service ports and go on as addressed.
+fn admit(
+    state: &mesh_core::state::State,
+    gateway: (&str, &str),
+    dst: SocketAddr,
+    target: Option<&Destination>,
+) -> Result<(), TunnelRefusal> {
+    if !bound_here(gateway, state, target) {
+        return Err(TunnelRefusal::NotBound);
+    }
+    match target {
+        Some(Destination::Service(s)) if !declares_port(s, dst.port()) => Err(TunnelRefusal::UndeclaredPort),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a CONNECT stream: counted, logged, answered.
+fn refuse(wp: &Waypoint, c: InboundConnect, dst: SocketAddr, refusal: TunnelRefusal) {
+    let reason = refusal.reason();
+    wp.metrics.reject(reason);
+    info!(
+        target: "access",
+        src_identity = %c.peer_identity,
+        dst = %dst,
+        reason,
+        "tunnel refused"
+    );
+    c.reject(refusal.status());
+}
+
 /// One CONNECT stream.
 async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let state = wp.state.load();
     let client_addr = client_addr(c.forwarded_for(), c.peer_addr);
     let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
     let Some((dst, target)) = connect_target(&state, (&wp.network, gateway), c.dst, c.hostname.as_deref()) else {
-        // A hostname this mesh has no service for: never the listener's own address.
-        wp.metrics.reject("unknown_hostname");
-        c.reject(StatusCode::BAD_REQUEST);
-        return;
+        let dst = c.dst;
+        return refuse(&wp, c, dst, TunnelRefusal::UnknownHostname);
     };
-    if !bound_here(&wp, &state, target.as_ref()) {
-        wp.metrics.reject("not_bound_to_waypoint");
-        info!(
-            target: "access",
-            src_identity = %c.peer_identity,
-            dst = %dst,
-            reason = "not_bound_to_waypoint",
-            "tunnel refused: the destination does not use this waypoint"
-        );
-        c.reject(StatusCode::FORBIDDEN);
-        return;
+    if let Err(refusal) = admit(&state, gateway, dst, target.as_ref()) {
+        return refuse(&wp, c, dst, refusal);
     }
     let service = match target {
         Some(Destination::Service(s)) => s,
@@ -446,7 +506,7 @@ fn tcp_backend(wp: &Waypoint, service: &Arc<Service>, dst: SocketAddr) -> Option
     let (backend, port) = match route.and_then(|r| crate::http::admission::pick_backend(&r.backends)) {
         Some(b) => {
             let svc = state.service(&b.service)?.clone();
-            let port = u16::try_from(b.port).ok().filter(|p| *p != 0).unwrap_or(dst.port());
+            let port = crate::upstream::backend_port(&svc, b.port, dst.port());
             (svc, port)
         }
         None => (service.clone(), dst.port()),
@@ -833,5 +893,83 @@ mod connect_target_tests {
         .expect("address");
         assert_eq!(dst, "10.96.0.1:80".parse().unwrap());
         assert!(matches!(target, Some(Destination::Service(_))));
+    }
+}
+
+#[cfg(test)]
+mod admit_tests {
+    use super::*;
+    use mesh_core::state::model::PortMapping;
+
+    const GATEWAY: (&str, &str) = ("shop", "waypoint");
+
+    fn ours() -> Option<GatewayAddress> {
+        Some(GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+            },
+            hbone_port: 15008,
+        })
+    }
+
+    /// `web` (VIP 10.96.0.1) declares 80 -> 8080 and uses this waypoint; so does the workload
+    /// `db` at 10.0.0.7.
+    fn state() -> mesh_core::state::State {
+        let mut s = mesh_core::state::State::default();
+        s.upsert_service(Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            vips: vec![(String::new(), "10.96.0.1".parse().unwrap())],
+            ports: vec![PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            subject_alt_names: vec![],
+            waypoint: ours(),
+            only_healthy: true,
+        });
+        let mut db = (*crate::upstream::cluster::tests::workload("db")).clone();
+        db.namespace = "shop".into();
+        db.addresses = vec!["10.0.0.7".parse().unwrap()];
+        db.waypoint = ours();
+        s.upsert_workload(db);
+        s
+    }
+
+    /// What the waypoint decides on a CONNECT to `authority` (a `hostname:port` when `host`).
+    fn decide(s: &mesh_core::state::State, authority: &str, host: Option<&str>) -> Result<(), TunnelRefusal> {
+        let (dst, target) = connect_target(s, ("", GATEWAY), authority.parse().unwrap(), host).expect("known");
+        admit(s, GATEWAY, dst, target.as_ref())
+    }
+
+    /// A service is served only on the ports it declares, by VIP and by hostname: never the
+    /// pod's target port or another port of the pod (an admin listener) under the waypoint's
+    /// identity. A workload-addressed stream has no service ports and goes on as addressed.
+    #[test]
+    fn a_service_is_served_only_on_its_declared_ports() {
+        let s = state();
+        let host = Some("web.shop.svc.cluster.local");
+        assert_eq!(decide(&s, "10.96.0.1:80", None), Ok(()));
+        assert_eq!(decide(&s, "10.0.0.9:80", host), Ok(()));
+        for port in [8080, 9090] {
+            let vip = format!("10.96.0.1:{port}");
+            assert_eq!(decide(&s, &vip, None), Err(TunnelRefusal::UndeclaredPort), "{vip}");
+            let own = format!("10.0.0.9:{port}");
+            assert_eq!(decide(&s, &own, host), Err(TunnelRefusal::UndeclaredPort), "{port}");
+        }
+        assert_eq!(TunnelRefusal::UndeclaredPort.reason(), "undeclared_port");
+        assert_eq!(TunnelRefusal::UndeclaredPort.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(decide(&s, "10.0.0.7:9090", None), Ok(()));
+        // A service without ports declares none.
+        let mut s = s;
+        let web = (**s
+            .services_by_hostname("web.shop.svc.cluster.local")
+            .next()
+            .expect("web"))
+        .clone();
+        s.upsert_service(Service { ports: vec![], ..web });
+        assert_eq!(decide(&s, "10.96.0.1:80", None), Err(TunnelRefusal::UndeclaredPort));
     }
 }

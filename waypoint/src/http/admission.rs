@@ -355,10 +355,13 @@ impl Backend {
                 service: backend.service.clone(),
             });
         };
-        let port = u16::try_from(backend.port)
-            .ok()
-            .filter(|p| *p != 0)
-            .unwrap_or(down.dst.port());
+        let port = upstream::backend_port(&service, backend.port, down.dst.port());
+        if !crate::listener::declares_port(&service, port) {
+            // No such cluster: never an endpoint's undeclared port.
+            return Err(LocalReply::BackendUnknown {
+                service: format!("{}:{port}", backend.service),
+            });
+        }
         // Subsets and traffic policy come from the backend's own DestinationRule.
         let backend_routes = snapshot.routes.get(&backend.service).map(|r| &r.config);
         let subset = match backend.subset.as_str() {

@@ -808,10 +808,7 @@ fn spawn_mirror(
         debug!(mirror = %m.service, "mirror service unknown");
         return;
     };
-    let port = u16::try_from(m.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .unwrap_or(copy.default_port);
+    let port = upstream::backend_port(&service, m.port, copy.default_port);
     // The mirror's own port decides its version, as the primary's does.
     let http2 = version_for(state.port_protocol(&m.service, port));
     let eps = upstream::candidates(&state, &service, None);
@@ -953,7 +950,10 @@ mod tests {
             namespace: "ns".into(),
             hostname: "svc.ns.svc.cluster.local".into(),
             vips: vec![],
-            ports: vec![],
+            ports: vec![mesh_core::state::model::PortMapping {
+                service_port: backend.port(),
+                target_port: backend.port(),
+            }],
             subject_alt_names: vec![],
             waypoint: None,
             only_healthy: true,

@@ -180,10 +180,26 @@ pub fn candidates(state: &State, service: &Service, subset: Option<&wp::Subset>)
     crate::locality::closest(state, service, eps)
 }
 
-/// Where `workload` serves the service's `port`: its own mapping, else the service's.
+/// The service port a route's backend is sent to: its own when it names one (`explicit`),
+/// else `fallback` (the port the client addressed) when the service declares it, else the
+/// service's only port (Istio: a destination without a port takes a single-port service's).
+/// Whatever comes out, [`target`] serves only a declared port.
+pub fn backend_port(service: &Service, explicit: u32, fallback: u16) -> u16 {
+    if let Some(p) = u16::try_from(explicit).ok().filter(|p| *p != 0) {
+        return p;
+    }
+    match service.ports.as_slice() {
+        ports if ports.iter().any(|p| p.service_port == fallback) => fallback,
+        [only] => only.service_port,
+        _ => fallback,
+    }
+}
+
+/// Where `workload` serves the service's `port`: its own mapping, else the service's; `None`
+/// for a port the service does not declare (never passed through: the pod's other ports are
+/// not the service's).
 pub fn target(workload: &Arc<Workload>, service: &Service, port: u16, like: std::net::IpAddr) -> Option<Endpoint> {
-    // A port the service does not declare is passed through unchanged.
-    let mapped = workload.target_port(service, port).unwrap_or(port);
+    let mapped = workload.target_port(service, port)?;
     let ip = workload.address_like(like)?;
     Some(Endpoint {
         workload: workload.clone(),
@@ -228,6 +244,37 @@ mod tests {
         assert!(sink
             .apply(&[("egress/waypoint".into(), body.as_slice())], &[])
             .is_empty());
+    }
+
+    /// A declared port maps to its target port; an undeclared one is no endpoint at all,
+    /// never passed through to the pod.
+    #[test]
+    fn only_declared_service_ports_have_a_target() {
+        let mut w = (*cluster::tests::workload("web")).clone();
+        w.addresses = vec!["10.0.0.7".parse().unwrap()];
+        let w = Arc::new(w);
+        let service = Service {
+            name: "web".into(),
+            namespace: "ns".into(),
+            hostname: "web.ns.svc.cluster.local".into(),
+            vips: vec![],
+            ports: vec![mesh_core::state::model::PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            subject_alt_names: vec![],
+            waypoint: None,
+            only_healthy: true,
+        };
+        let like = "10.0.0.1".parse().unwrap();
+        let ep = target(&w, &service, 80, like).expect("declared");
+        assert_eq!(ep.target, "10.0.0.7:8080".parse().unwrap());
+        assert!(target(&w, &service, 8080, like).is_none());
+        assert!(target(&w, &service, 9090, like).is_none());
+        // A backend without a port: the addressed one if declared, else the only one.
+        assert_eq!(backend_port(&service, 0, 80), 80);
+        assert_eq!(backend_port(&service, 0, 9090), 80);
+        assert_eq!(backend_port(&service, 9090, 80), 9090);
     }
 
     #[tokio::test]
