@@ -147,7 +147,8 @@ fn endpoint_slice(ns: usize, n: usize, v: u32) -> String {
 /// A ServiceEntry `gse-n`; `v` picks its hosts (one a generated Service's, whose key the
 /// Service keeps; one shared between entries, which the first keeps), its addresses (one a
 /// generated Service's VIP; none: auto-allocated), resolution, endpoints or a
-/// `workloadSelector` picking generated pods and entries, and an egress waypoint label.
+/// `workloadSelector` picking generated pods and entries (or endpoints at VIPs), and an
+/// egress waypoint label.
 fn service_entry(ns: usize, n: usize, v: u32) -> String {
     let ns = NAMESPACES[ns % 3];
     let hosts = match v % 4 {
@@ -172,6 +173,12 @@ fn service_entry(ns: usize, n: usize, v: u32) -> String {
             APPS[(v / 6 % 3) as usize]
         ),
         1 => "endpoints: [{address: 10.9.2.1}, {address: 10.9.2.2, ports: {http: 9090}}], ".to_owned(),
+        // At VIPs: an entry's (192.0.2.44), a generated Service's or entry's, one's own;
+        // refused (an endpoint at a VIP loops) while the VIP is kept.
+        2 => format!(
+            "endpoints: [{{address: 192.0.2.44}}, {{address: 10.96.50.{}}}, {{address: 10.9.2.3}}], ",
+            1 + v / 6 % 7
+        ),
         // Both families, at addresses generated pods hold.
         4 => format!(
             "endpoints: [{{address: 10.9.0.{}}}, {{address: 'fd00::9:{}'}}], ",
@@ -203,7 +210,7 @@ fn service_entry(ns: usize, n: usize, v: u32) -> String {
 
 /// A WorkloadEntry `gwe-n` with an app label the generated Services, ServiceEntries and
 /// policies select; some name a WorkloadGroup (which may not exist); some have a generated
-/// pod's IPv4 or IPv6 address (an entry has one address).
+/// pod's IPv4 or IPv6 address (an entry has one address), or a generated entry's VIP.
 fn workload_entry(ns: usize, n: usize, v: u32) -> String {
     let ns = NAMESPACES[ns % 3];
     let group = if v.is_multiple_of(3) {
@@ -213,6 +220,8 @@ fn workload_entry(ns: usize, n: usize, v: u32) -> String {
     };
     let address = match v % 10 {
         7 => format!("10.9.0.{}", 1 + v / 10 % 5),
+        // A generated entry's VIP (refused while an entry of the namespace keeps it).
+        8 => "192.0.2.44".to_owned(),
         9 => format!("'fd00::9:{}'", 1 + v / 10 % 3),
         _ => format!("10.9.3.{}", 1 + n),
     };

@@ -11,6 +11,10 @@
 //! next attempt. A host keeps its VIP while the set of hosts changes unless a new host that
 //! sorts before it lands on the same candidate (about 1 in 65,534 per pair for IPv4), the
 //! price of needing no stored state.
+//!
+//! No endpoint may sit in these ranges ([`in_ranges`], checked by [`super::entries`]): any
+//! address there is some host's VIP now or after the next allocation, and a service's VIP as
+//! an endpoint sends the traffic round through the waypoints again.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -25,6 +29,14 @@ const V4_SLOTS: u32 = 65_534;
 pub(crate) struct Allocated {
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
+}
+
+/// Whether `ip` (canonical) is in the ranges VIPs are allocated from.
+pub(crate) fn in_ranges(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.octets()[..2] == [240, 240],
+        IpAddr::V6(v6) => v6.segments()[..3] == [0x2001, 0x2, 0],
+    }
 }
 
 fn digest(host: &str, attempt: u32) -> [u8; 32] {
@@ -116,5 +128,27 @@ mod tests {
         let distinct: HashSet<Ipv4Addr> = all.values().map(|p| p.v4).collect();
         assert_eq!(distinct.len(), 5000);
         assert!(!distinct.contains(&Ipv4Addr::new(240, 240, 0, 0)));
+    }
+
+    /// Every allocated VIP is in the ranges endpoints may not use, and only those ranges are.
+    #[test]
+    fn allocated_vips_are_in_the_ranges() {
+        let all = allocate(&set(&["a.test", "b.test", "c.test"]), &HashSet::new());
+        for pair in all.values() {
+            assert!(in_ranges(IpAddr::V4(pair.v4)) && in_ranges(IpAddr::V6(pair.v6)));
+            assert!(in_ranges(IpAddr::V6(pair.v4.to_ipv6_mapped())), "IPv4-mapped too");
+        }
+        for (ip, inside) in [
+            ("240.240.0.1", true),
+            ("240.240.255.254", true),
+            ("240.241.0.1", false),
+            ("10.240.240.1", false),
+            ("2001:2::1", true),
+            ("2001:2:0:ffff::1", true),
+            ("2001:2:1::1", false),
+            ("2001:db8::1", false),
+        ] {
+            assert_eq!(in_ranges(ip.parse().unwrap()), inside, "{ip}");
+        }
     }
 }

@@ -4,8 +4,17 @@
 //! and the incremental one ([`super::incremental`]) both call [`translate`], so an entry is
 //! translated the same way whichever path runs; the layer is small (entries are few beside
 //! pods), so the incremental path recomputes it whole when anything it reads changed.
+//!
+//! [`Owned`] says which addresses an entry may use ([`Refusal`] says why not): no VIP,
+//! endpoint or WorkloadEntry address may be loopback, unspecified, link-local or multicast
+//! ([`Unroutable`]: a proxy dialling it reaches its own host, its admin port, or the cloud
+//! metadata server), and no endpoint may be a service's VIP (a Kubernetes Service's, one an
+//! entry keeps, or in the auto-allocated ranges), which would loop through the waypoints.
+//! Every VIP rule reads only what the layer is recomputed on (entries, Services' VIPs, pods
+//! whose IP an entry declares), so the incremental translation stays equal to a full one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::net::IpAddr;
 
 use mesh_proto::workload as pb;
@@ -37,6 +46,89 @@ impl Taken {
     }
 }
 
+/// Addresses nothing may be served at, whoever declares them: a proxy dialling one reaches
+/// its own host (a waypoint's admin port and its config dump of every tenant), or what only
+/// its node should reach (the cloud metadata server at 169.254.169.254).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unroutable {
+    /// 127.0.0.0/8, ::1.
+    Loopback,
+    /// 0.0.0.0/8 ("this network"), ::.
+    Unspecified,
+    /// 169.254.0.0/16, fe80::/10.
+    LinkLocal,
+    /// 224.0.0.0/4, ff00::/8: never one connection's peer.
+    Multicast,
+}
+
+impl Unroutable {
+    /// The class of `ip`, read canonical (`::ffff:127.0.0.1` is loopback); `None` when none.
+    pub(crate) fn of(ip: IpAddr) -> Option<Self> {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) if v4.is_loopback() => Some(Self::Loopback),
+            IpAddr::V4(v4) if v4.octets()[0] == 0 => Some(Self::Unspecified),
+            IpAddr::V4(v4) if v4.is_link_local() => Some(Self::LinkLocal),
+            IpAddr::V4(v4) if v4.is_multicast() => Some(Self::Multicast),
+            IpAddr::V6(v6) if v6.is_loopback() => Some(Self::Loopback),
+            IpAddr::V6(v6) if v6.is_unspecified() => Some(Self::Unspecified),
+            IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(Self::LinkLocal),
+            IpAddr::V6(v6) if v6.is_multicast() => Some(Self::Multicast),
+            IpAddr::V4(_) | IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Unroutable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Loopback => "a loopback address: the proxy dialling it would reach its own host",
+            Self::Unspecified => "an unspecified address: the proxy dialling it would reach its own host",
+            Self::LinkLocal => {
+                "a link-local address: the proxy dialling it would reach its node's link (the cloud metadata server)"
+            }
+            Self::Multicast => "a multicast address: never a connection's peer",
+        })
+    }
+}
+
+/// Why an entry may not use an address (canonical, as every proxy reads it), in a problem's
+/// words ([`fmt::Display`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal<'a> {
+    Unroutable(IpAddr, Unroutable),
+    /// A Kubernetes Service's VIP.
+    ServiceVip(IpAddr),
+    /// A pod's IP on the entry's network.
+    Pod(IpAddr, &'a ObjectKey),
+    /// Declared by an older entry of another namespace.
+    OlderEntry(IpAddr, &'a ObjectKey),
+    /// An endpoint at a VIP the ServiceEntry keeps.
+    EntryVip(IpAddr, &'a ObjectKey),
+    /// An endpoint in the auto-allocated VIP ranges.
+    AutoAllocated(IpAddr),
+}
+
+impl fmt::Display for Refusal<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const TAKE: &str = "an entry cannot take it";
+        const LOOP: &str = "a service's VIP as an endpoint loops its traffic through the waypoints";
+        match self {
+            Self::Unroutable(ip, class) => write!(f, "{ip} is {class}"),
+            Self::ServiceVip(ip) => write!(f, "{ip} is a Kubernetes Service's VIP; {TAKE}"),
+            Self::Pod(ip, pod) => write!(
+                f,
+                "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead); {TAKE}"
+            ),
+            Self::OlderEntry(ip, owner) => write!(f, "{ip} is declared by the older entry {owner}; {TAKE}"),
+            Self::EntryVip(ip, entry) => write!(f, "{ip} is the VIP of ServiceEntry {entry}: {LOOP}"),
+            Self::AutoAllocated(ip) => write!(
+                f,
+                "{ip} is in the auto-allocated VIP ranges (240.240.0.0/16, 2001:2::/48): {LOOP}"
+            ),
+        }
+    }
+}
+
 /// Addresses an entry may not declare, because something else is found by them: a Kubernetes
 /// Service's VIP and a pod's IP. ztunnel finds a destination, and at a pod's IP the inbound
 /// policy, by address; an entry in one namespace declaring another's address would take its
@@ -48,6 +140,8 @@ pub(crate) struct Owned<'a> {
     pods: HashMap<(String, IpAddr), &'a ObjectKey>,
     /// By (network, IP), the oldest entry declaring it: its namespace keeps the address.
     entries: HashMap<(String, IpAddr), Claim<'a>>,
+    /// The VIPs ServiceEntries keep (on the cluster's network), with the first such entry.
+    entry_vips: HashMap<IpAddr, &'a ObjectKey>,
     network: &'a str,
 }
 
@@ -68,33 +162,85 @@ impl<'a> Owned<'a> {
                 pods.entry((pod_network(), ip)).or_insert(key);
             }
         }
-        Owned {
+        let mut owned = Owned {
             vips: &taken.ips,
             pods,
             entries: entry_claims(inputs, network),
+            entry_vips: HashMap::new(),
             network,
-        }
+        };
+        owned.entry_vips = kept_vips(inputs, &owned);
+        owned
     }
 
-    /// What holds `ip` on `network` (the entry's, as its workload will carry it: the
-    /// cluster's when unset), in a problem's words; `None` when the entry may declare it.
-    /// Compared canonical, as every proxy reads addresses: `::ffff:10.1.2.3` is `10.1.2.3`.
-    /// An address an older entry of another namespace declares is that namespace's (entries
-    /// of one namespace may share one).
-    pub(crate) fn holder(&self, ip: IpAddr, network: Option<&str>, namespace: &str) -> Option<String> {
+    /// Whether the entry in `namespace` may declare the VIP `ip`: not an [`Unroutable`]
+    /// address, nor one something else holds ([`Self::held`]).
+    pub(crate) fn check_vip(&self, ip: IpAddr, namespace: &str) -> Result<(), Refusal<'a>> {
         let ip = ip.to_canonical();
+        if let Some(class) = Unroutable::of(ip) {
+            return Err(Refusal::Unroutable(ip, class));
+        }
+        self.held(ip, None, namespace).map_or(Ok(()), Err)
+    }
+
+    /// Whether the entry in `namespace` may have an endpoint (a ServiceEntry's, or a
+    /// WorkloadEntry) at `ip` on `network`: what [`Self::check_vip`] refuses, and no
+    /// service's VIP: a Kubernetes Service's, the auto-allocated ranges, or a VIP an entry
+    /// keeps on the cluster's network (its own, or another's of its namespace; an older entry
+    /// of another namespace holds its VIPs already, a newer one's VIP there is refused).
+    pub(crate) fn check_endpoint(&self, ip: IpAddr, network: Option<&str>, namespace: &str) -> Result<(), Refusal<'a>> {
+        let ip = ip.to_canonical();
+        if let Some(class) = Unroutable::of(ip) {
+            return Err(Refusal::Unroutable(ip, class));
+        }
+        if super::auto_allocate::in_ranges(ip) {
+            return Err(Refusal::AutoAllocated(ip));
+        }
+        let local = network.unwrap_or(self.network) == self.network;
+        if let Some(entry) = self.entry_vips.get(&ip).filter(|_| local && !self.vips.contains(&ip)) {
+            return Err(Refusal::EntryVip(ip, entry));
+        }
+        self.held(ip, network, namespace).map_or(Ok(()), Err)
+    }
+
+    /// What holds canonical `ip` on `network` (the entry's, as its workload will carry it:
+    /// the cluster's when unset); `None` when the entry may declare it. An address an older
+    /// entry of another namespace declares is that namespace's (entries of one namespace may
+    /// share one).
+    fn held(&self, ip: IpAddr, network: Option<&str>, namespace: &str) -> Option<Refusal<'a>> {
         if self.vips.contains(&ip) {
-            return Some(format!("{ip} is a Kubernetes Service's VIP"));
+            return Some(Refusal::ServiceVip(ip));
         }
         let at = (network.unwrap_or(self.network).to_owned(), ip);
         if let Some(pod) = self.pods.get(&at) {
-            return Some(format!(
-                "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead)"
-            ));
+            return Some(Refusal::Pod(ip, pod));
         }
         let (_, owner) = self.entries.get(&at)?;
-        (owner.namespace != namespace).then(|| format!("{ip} is declared by the older entry {owner}"))
+        (owner.namespace != namespace).then_some(Refusal::OlderEntry(ip, owner))
     }
+}
+
+/// The VIPs ServiceEntries keep ([`Owned::check_vip`] passes), each with the first entry
+/// (by namespace/name) keeping it. Only an IP or a /32, /128 is a VIP (as
+/// `service_entry::addresses` reads them).
+fn kept_vips<'a>(inputs: &'a Inputs, owned: &Owned<'a>) -> HashMap<IpAddr, &'a ObjectKey> {
+    let mut out = HashMap::new();
+    for (key, se) in &inputs.service_entries {
+        let ips = se
+            .spec
+            .addresses
+            .iter()
+            .filter_map(|a| match a.parse::<ipnet::IpNet>() {
+                Ok(net) => (net.prefix_len() == net.max_prefix_len()).then(|| net.addr()),
+                Err(_) => a.parse::<IpAddr>().ok(),
+            });
+        for ip in ips.map(|ip| ip.to_canonical()) {
+            if owned.check_vip(ip, &key.namespace).is_ok() {
+                out.entry(ip).or_insert(key);
+            }
+        }
+    }
+    out
 }
 
 /// Every address entries declare, by (network, IP), with its oldest claim.
@@ -367,7 +513,9 @@ spec: {hosts: [x.evil.test], addresses: [10.200.0.1], resolution: STATIC, ports:
     }
 
     /// The pod comes and goes under an entry holding its IP: each step of the incremental
-    /// translation equals a full one, and the entry is refused only while the pod holds it.
+    /// translation equals a full one, and the entry is refused the pod's IP only while the
+    /// pod holds it. Without the pod, grab keeps 10.1.2.3 as its VIP, and the WorkloadEntry
+    /// at it is refused for that (an endpoint at a VIP loops).
     #[test]
     fn incremental_entry_refusal_follows_the_pod() {
         use crate::source::Change;
@@ -385,8 +533,279 @@ spec: {hosts: [x.evil.test], addresses: [10.200.0.1], resolution: STATIC, ports:
         ];
         for (step, change) in changes.into_iter().enumerate() {
             let out = step_equals_full(&mut inc, &mut inputs, change, step);
-            let ghost = out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/ghost"));
-            assert_eq!(ghost, step == 1, "step {step}");
+            let pod_ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+            let vip = ips(&out.addresses["evil/grab.evil.test"]).contains(&pod_ip);
+            assert_eq!(vip, step == 1, "step {step}");
+            assert!(!out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/ghost")));
+            let ghost = out
+                .problems
+                .iter()
+                .find(|p| p.object == crate::model::ObjectKey::new("evil", "ghost"));
+            let why = if step == 1 {
+                "VIP of ServiceEntry evil/grab"
+            } else {
+                "pod shop/payments-0"
+            };
+            assert!(ghost.is_some_and(|p| p.message.contains(why)), "step {step}: {ghost:?}");
+        }
+    }
+
+    /// Every unroutable class, IPv4, IPv6 and IPv4-mapped, and their neighbours that are not.
+    #[test]
+    fn unroutable_address_classes() {
+        use super::Unroutable::{self, *};
+        let table: [(&str, Option<Unroutable>); 26] = [
+            ("127.0.0.1", Some(Loopback)),
+            ("127.255.0.9", Some(Loopback)),
+            ("::1", Some(Loopback)),
+            ("::ffff:127.0.0.1", Some(Loopback)),
+            ("0.0.0.0", Some(Unspecified)),
+            ("0.1.2.3", Some(Unspecified)),
+            ("::", Some(Unspecified)),
+            ("::ffff:0.0.0.0", Some(Unspecified)),
+            ("169.254.169.254", Some(LinkLocal)),
+            ("169.254.0.1", Some(LinkLocal)),
+            ("::ffff:169.254.169.254", Some(LinkLocal)),
+            ("fe80::1", Some(LinkLocal)),
+            ("febf:ffff::1", Some(LinkLocal)),
+            ("224.0.0.1", Some(Multicast)),
+            ("239.255.255.250", Some(Multicast)),
+            ("::ffff:224.0.0.251", Some(Multicast)),
+            ("ff02::1", Some(Multicast)),
+            ("10.0.0.1", None),
+            ("1.0.0.0", None),
+            ("169.255.0.1", None),
+            ("223.255.255.255", None),
+            ("::2", None),
+            ("fec0::1", None),
+            ("fd00::1", None),
+            ("2001:db8::1", None),
+            ("::ffff:10.1.2.3", None),
+        ];
+        for (ip, class) in table {
+            assert_eq!(Unroutable::of(ip.parse().unwrap()), class, "{ip}");
+        }
+    }
+
+    /// The problems of one object, in order.
+    fn problems_of(out: &crate::translate::Outputs, kind: Kind, ns: &str, name: &str) -> Vec<String> {
+        let key = crate::model::ObjectKey::new(ns, name);
+        let of = out.problems.iter().filter(|p| p.kind == kind && p.object == key);
+        of.map(|p| p.message.clone()).collect()
+    }
+
+    fn translated(yaml: &str) -> crate::translate::Outputs {
+        let mut inputs = Inputs::default();
+        objects(yaml).into_iter().for_each(|o| inputs.apply(o));
+        translate(&inputs, &Options::default())
+    }
+
+    /// evil's entry `admin` (use-waypoint; VIPs and endpoints of every unroutable class, one
+    /// of each good), and WorkloadEntries at the metadata server, loopback (mapped), and a VM.
+    const ADMIN: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {name: admin, namespace: evil, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [admin.evil.test]
+  addresses: [127.0.0.1, 10.200.1.1, \"::ffff:169.254.169.254/128\", 224.0.0.1]
+  resolution: STATIC
+  ports: [{number: 15000, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1}, {address: 169.254.169.254}, {address: \"::ffff:127.0.0.1\"},
+    {address: \"fe80::1\"}, {address: 0.0.0.0}, {address: \"::\"}, {address: 224.0.0.1},
+    {address: \"ff02::1\"}, {address: \"::1\"}, {address: 10.200.0.9}]
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: metadata, namespace: evil}
+spec: {address: 169.254.169.254}
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: mapped, namespace: evil}
+spec: {address: \"::ffff:127.0.0.1\"}
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {name: vm, namespace: evil}
+spec: {address: 10.200.0.10}
+";
+
+    /// An entry's endpoints at the proxies' own host (a shared waypoint's admin port) or its
+    /// node's link (the cloud metadata server), and VIPs there, are refused one by one, as
+    /// written or IPv4-mapped; the rest of the entry is served. WorkloadEntries there are
+    /// not served.
+    #[test]
+    fn unroutable_addresses_are_refused_and_the_rest_served() {
+        let out = translated(ADMIN);
+        let vip: std::net::IpAddr = "10.200.1.1".parse().unwrap();
+        assert_eq!(ips(&out.addresses["evil/admin.evil.test"]), [vip]);
+        let endpoints: Vec<Vec<std::net::IpAddr>> = out
+            .addresses
+            .iter()
+            .filter(|(n, _)| n.contains("ServiceEntry/evil/admin/"))
+            .map(|(_, a)| ips(a))
+            .collect();
+        assert_eq!(endpoints, [vec!["10.200.0.9".parse::<std::net::IpAddr>().unwrap()]]);
+        let refused: Vec<String> = problems_of(&out, Kind::ServiceEntry, "evil", "admin")
+            .into_iter()
+            .filter(|m| m.starts_with("spec.addresses") || m.starts_with("spec.endpoints"))
+            .collect();
+        let loopback = "is a loopback address: the proxy dialling it would reach its own host, ignored";
+        let expected = [
+            format!("spec.addresses[0]: 127.0.0.1 {loopback}"),
+            "spec.addresses[2]: 169.254.169.254 is a link-local address".to_owned(),
+            "spec.addresses[3]: 224.0.0.1 is a multicast address".to_owned(),
+            format!("spec.endpoints[0].address: 127.0.0.1 {loopback}"),
+            "spec.endpoints[1].address: 169.254.169.254 is a link-local address: the proxy dialling it would reach its node's link (the cloud metadata server), ignored".to_owned(),
+            format!("spec.endpoints[2].address: 127.0.0.1 {loopback}"),
+            "spec.endpoints[3].address: fe80::1 is a link-local address".to_owned(),
+            "spec.endpoints[4].address: 0.0.0.0 is an unspecified address".to_owned(),
+            "spec.endpoints[5].address: :: is an unspecified address".to_owned(),
+            "spec.endpoints[6].address: 224.0.0.1 is a multicast address".to_owned(),
+            "spec.endpoints[7].address: ff02::1 is a multicast address".to_owned(),
+            format!("spec.endpoints[8].address: ::1 {loopback}"),
+        ];
+        assert_eq!(refused.len(), expected.len(), "{refused:#?}");
+        for (got, want) in refused.iter().zip(&expected) {
+            assert!(got.starts_with(want.as_str()), "{got:?} is not {want:?}");
+        }
+        let served = |we: &str| {
+            out.addresses
+                .keys()
+                .any(|n| n.ends_with(&format!("WorkloadEntry/evil/{we}")))
+        };
+        assert!(served("vm") && !served("metadata") && !served("mapped"));
+        let metadata = problems_of(&out, Kind::WorkloadEntry, "evil", "metadata");
+        assert!(
+            metadata == ["spec.address: 169.254.169.254 is a link-local address: the proxy dialling it would reach its node's link (the cloud metadata server), not served"],
+            "{metadata:?}"
+        );
+        let mapped = problems_of(&out, Kind::WorkloadEntry, "evil", "mapped");
+        assert_eq!(
+            mapped,
+            [format!(
+                "spec.address: 127.0.0.1 {}",
+                loopback.replace("ignored", "not served")
+            )]
+        );
+    }
+
+    /// Entries naming `endpoints` in namespace evil, with shop's Service `db` (10.96.0.5),
+    /// evil's entry `other` (VIP 10.200.0.2), and evil's entry `auto` (an auto-allocated VIP).
+    fn loops(endpoints: &str) -> String {
+        format!(
+            "{SHOP}---
+apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {{name: loop, namespace: evil}}
+spec:
+  hosts: [loop.evil.test]
+  addresses: [10.200.0.1]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: {endpoints}
+---
+apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {{name: other, namespace: evil}}
+spec: {{hosts: [other.evil.test], addresses: [10.200.0.2], resolution: STATIC, ports: [{{number: 80, name: http}}]}}
+---
+apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {{name: auto, namespace: evil}}
+spec: {{hosts: [auto.evil.test], resolution: DNS, ports: [{{number: 80, name: http}}]}}
+---
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry
+metadata: {{name: at-vip, namespace: evil}}
+spec: {{address: 10.200.0.2}}
+"
+        )
+    }
+
+    /// An endpoint at a service's VIP (the entry's own, another entry's, a Kubernetes
+    /// Service's, an auto-allocated one) sends the traffic back through the waypoints, round
+    /// and round: each is refused and reported; the other endpoints are served, and so is
+    /// the entry's VIP at a remote network's endpoint (no loop there).
+    #[test]
+    fn an_endpoint_cannot_be_a_services_vip() {
+        let first = translated(&loops("[]"));
+        let auto = ips(&first.addresses["evil/auto.evil.test"]);
+        assert_eq!(auto.len(), 2, "an allocated pair");
+        let endpoints = format!(
+            "[{{address: 10.200.0.1}}, {{address: 10.200.0.2}}, {{address: \"{}\"}}, {{address: \"{}\"}},
+    {{address: 240.240.7.7}}, {{address: \"2001:2::7\"}}, {{address: 10.96.0.5}},
+    {{address: 10.200.0.1, network: far}}, {{address: 10.200.0.50}}]",
+            auto[0], auto[1]
+        );
+        let out = translated(&loops(&endpoints));
+        let mut kept: Vec<String> = out
+            .addresses
+            .keys()
+            .filter(|n| n.contains("ServiceEntry/evil/loop/"))
+            .cloned()
+            .collect();
+        kept.sort();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(
+            kept[0].ends_with("/10.200.0.1") && kept[1].ends_with("/10.200.0.50"),
+            "{kept:?}"
+        );
+        let vip = |ip: &str| ips(&out.addresses[&format!("evil/{ip}.evil.test")]);
+        assert_eq!(vip("loop"), ["10.200.0.1".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(vip("auto"), auto, "the allocation did not move");
+        let refused = problems_of(&out, Kind::ServiceEntry, "evil", "loop");
+        let looping = "a service's VIP as an endpoint loops its traffic through the waypoints, ignored";
+        let auto_range = "is in the auto-allocated VIP ranges (240.240.0.0/16, 2001:2::/48)";
+        let expected = [
+            format!("spec.endpoints[0].address: 10.200.0.1 is the VIP of ServiceEntry evil/loop: {looping}"),
+            format!("spec.endpoints[1].address: 10.200.0.2 is the VIP of ServiceEntry evil/other: {looping}"),
+            format!("spec.endpoints[2].address: {} {auto_range}: {looping}", auto[0]),
+            format!("spec.endpoints[3].address: {} {auto_range}: {looping}", auto[1]),
+            format!("spec.endpoints[4].address: 240.240.7.7 {auto_range}: {looping}"),
+            format!("spec.endpoints[5].address: 2001:2::7 {auto_range}: {looping}"),
+            "spec.endpoints[6].address: 10.96.0.5 is a Kubernetes Service's VIP; an entry cannot take it, ignored"
+                .to_owned(),
+        ];
+        assert_eq!(refused, expected);
+        assert!(!out.addresses.keys().any(|n| n.ends_with("WorkloadEntry/evil/at-vip")));
+        let at_vip = problems_of(&out, Kind::WorkloadEntry, "evil", "at-vip");
+        let want = "spec.address: 10.200.0.2 is the VIP of ServiceEntry evil/other: a service's VIP as an endpoint loops its traffic through the waypoints, not served";
+        assert_eq!(at_vip, [want]);
+    }
+
+    /// A VIP that appears after the endpoints naming it (an entry's, a Kubernetes Service's)
+    /// refuses them, and its removal restores them: each step of the incremental translation
+    /// equals a full one.
+    #[test]
+    fn incremental_endpoint_refusal_follows_the_vips() {
+        use crate::source::Change;
+        use crate::translate::incremental::Incremental;
+        let (mut inputs, states) = (Inputs::default(), Default::default());
+        let loop_only = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {name: loop, namespace: evil}
+spec: {hosts: [loop.evil.test], resolution: STATIC, ports: [{number: 80, name: http}],
+  endpoints: [{address: 10.200.0.2}, {address: 10.200.0.50}]}
+";
+        objects(loop_only).into_iter().for_each(|o| inputs.apply(o));
+        let mut inc = Incremental::new(Options::default());
+        inc.step(&inputs, &states);
+        let other = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry
+metadata: {name: other, namespace: evil}
+spec: {hosts: [other.evil.test], addresses: [10.200.0.2], resolution: STATIC, ports: [{number: 80, name: http}]}
+";
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: shop}
+spec: {clusterIP: 10.200.0.50, ports: [{port: 80}]}
+";
+        let one = |yaml: &str| objects(yaml).remove(0);
+        let changes = [
+            (Change::Apply(one(other)), 1),
+            (Change::Apply(one(service)), 0),
+            (
+                Change::Delete(Kind::ServiceEntry, crate::model::ObjectKey::new("evil", "other")),
+                1,
+            ),
+            (
+                Change::Delete(Kind::Service, crate::model::ObjectKey::new("shop", "svc")),
+                2,
+            ),
+        ];
+        for (step, (change, served)) in changes.into_iter().enumerate() {
+            let out = step_equals_full(&mut inc, &mut inputs, change, step);
+            let endpoints = out.addresses.keys().filter(|n| n.contains("ServiceEntry/evil/loop/"));
+            assert_eq!(endpoints.count(), served, "step {step}");
         }
     }
 

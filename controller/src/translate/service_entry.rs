@@ -16,7 +16,9 @@
 //! What ztunnel cannot honour is reported: `exportTo` narrower than `*` (every ztunnel gets
 //! every service), CIDR `addresses`, subject alt names that are not SPIFFE ids (only TLS
 //! origination would check them), `DYNAMIC_DNS`; and a host that is already a Kubernetes
-//! Service in that namespace, or declared twice there, keeps its first owner.
+//! Service in that namespace, or declared twice there, keeps its first owner. An address
+//! [`Owned`] refuses (unroutable, another's, or for an endpoint a service's VIP) is reported
+//! and only that VIP or endpoint dropped; the rest of the entry is served.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -126,17 +128,17 @@ fn ports(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) -> Vec<(Option
     out
 }
 
-/// Declared VIPs: IPs (a /32 or /128 is one too); wider CIDRs, and addresses a Service or a
-/// pod holds, are reported.
+/// Declared VIPs: IPs (a /32 or /128 is one too); wider CIDRs, and addresses
+/// [`Owned::check_vip`] refuses (unroutable, or a Service's or a pod's), are reported.
 fn addresses(key: &ObjectKey, se: &ServiceEntry, owned: &Owned<'_>, report: &mut Report) -> Vec<IpAddr> {
     let mut out = Vec::new();
-    let mut keep = |i: usize, ip: IpAddr, report: &mut Report| match owned.holder(ip, None, &key.namespace) {
-        Some(held) => report.add(
+    let mut keep = |i: usize, ip: IpAddr, report: &mut Report| match owned.check_vip(ip, &key.namespace) {
+        Err(refusal) => report.add(
             Kind::ServiceEntry,
             key,
-            format!("spec.addresses[{i}]: {held}; an entry cannot take it, ignored"),
+            format!("spec.addresses[{i}]: {refusal}, ignored"),
         ),
-        None => out.push(ip),
+        Ok(()) => out.push(ip),
     };
     for (i, a) in se.spec.addresses.iter().enumerate() {
         if let Ok(ip) = a.parse::<IpAddr>() {
@@ -503,11 +505,12 @@ fn endpoints(entry: &Entry<'_>, options: &Options, out: &mut Translated, report:
             );
             continue;
         }
-        if let Some(held) = ip.and_then(|ip| owned.holder(ip, ep.network.as_deref(), &key.namespace)) {
+        let checked = ip.map(|ip| owned.check_endpoint(ip, ep.network.as_deref(), &key.namespace));
+        if let Some(Err(refusal)) = checked {
             report.add(
                 Kind::ServiceEntry,
                 key,
-                format!("spec.endpoints[{i}].address: {held}; an entry cannot take it, ignored"),
+                format!("spec.endpoints[{i}].address: {refusal}, ignored"),
             );
             continue;
         }

@@ -5,7 +5,9 @@
 //! named target port, or a ServiceEntry port's name, looked up in the entry's `ports`); the
 //! selector authorization policies that apply to its labels; HBONE when annotated
 //! `ambient.istio.io/redirection: enabled` (a VM running its own ztunnel), else plain.
-//! An address that is not an IP is reported (resolving VM names is not implemented).
+//! An address that is not an IP is reported (resolving VM names is not implemented), and so
+//! is one [`Owned::check_endpoint`] refuses (unroutable, another's, a service's VIP): the
+//! entry is not served.
 //!
 //! An entry naming a WorkloadGroup (annotation or label `istio.io/autoRegistrationGroup`, as
 //! Istio marks the entries its auto-registration creates from a group) takes what it leaves
@@ -185,8 +187,8 @@ fn entry_services<'a>(
 }
 
 /// Every WorkloadEntry as a workload, by uid. `service` finds a service address by name
-/// (the entries' hosts a selecting ServiceEntry owns); an address a Service or a pod holds
-/// (`owned`) is refused.
+/// (the entries' hosts a selecting ServiceEntry owns); an address `owned` refuses is
+/// reported and the entry not served.
 pub(crate) fn translate<'a>(
     inputs: &Inputs,
     (options, owned): (&Options, &Owned<'_>),
@@ -222,12 +224,8 @@ pub(crate) fn translate<'a>(
             );
             continue;
         };
-        if let Some(held) = owned.holder(ip, we.spec.network.as_deref(), &key.namespace) {
-            report.add(
-                Kind::WorkloadEntry,
-                key,
-                format!("spec.address: {held}; an entry cannot take it, not served"),
-            );
+        if let Err(refusal) = owned.check_endpoint(ip, we.spec.network.as_deref(), &key.namespace) {
+            report.add(Kind::WorkloadEntry, key, format!("spec.address: {refusal}, not served"));
             continue;
         }
         let mut services = kubernetes_services(inputs, key, we, options);
