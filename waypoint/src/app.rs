@@ -138,7 +138,8 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
     let ready = client.ready();
     tokio::spawn(client.run());
 
-    let connector = connector(cfg, &state, &certs, registry);
+    let metrics = metrics::Metrics::register(registry);
+    let connector = connector(cfg, &state, &certs, registry, &metrics);
     let waypoint = Arc::new(Waypoint {
         gateway: cfg.gateway(),
         identity: cfg.identity.clone(),
@@ -148,7 +149,7 @@ fn build(cfg: &Config, registry: &mut Registry) -> anyhow::Result<(Arc<Waypoint>
         certs,
         upstreams: Upstreams::new(connector, credentials),
         jwks: policy::jwt::JwksCache::new(Duration::from_secs(cfg.jwks_refresh_seconds), Duration::from_secs(5)),
-        metrics: metrics::Metrics::register(registry),
+        metrics,
         tracer: trace::Tracer::start(trace::TraceConfig {
             zipkin: cfg.zipkin_address.clone(),
             otlp: cfg.otlp_address.clone(),
@@ -185,8 +186,15 @@ pub(crate) fn control_plane_tls(cfg: &Config, addr: &str) -> anyhow::Result<Opti
     )?))
 }
 
-/// The upstream connector: HBONE with our certificate; TLS-origination failures counted.
-fn connector(cfg: &Config, state: &Arc<StateStore>, certs: &Arc<CertManager>, registry: &mut Registry) -> Connector {
+/// The upstream connector: HBONE with our certificate; TLS-origination failures counted, and
+/// dials refused as a loop in `metrics`' rejections.
+fn connector(
+    cfg: &Config,
+    state: &Arc<StateStore>,
+    certs: &Arc<CertManager>,
+    registry: &mut Registry,
+    metrics: &metrics::Metrics,
+) -> Connector {
     let hbone = HbonePool::new(
         Settings::default(),
         certs.clone(),
@@ -201,6 +209,7 @@ fn connector(cfg: &Config, state: &Arc<StateStore>, certs: &Arc<CertManager>, re
         connect_timeout: Duration::from_secs(10),
         originate: None,
         tls_failures: Default::default(),
+        rejected: metrics.rejected.clone(),
     });
     registry.register(
         "waypoint_upstream_tls_failures",

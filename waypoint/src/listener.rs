@@ -3,7 +3,8 @@
 //! serves HTTP/1.1 or HTTP/2 (with upgrades) through the request pipeline, or proxies
 //! anything else as TCP under L4 policy. A CONNECT to a service on a port the service does
 //! not declare is refused (`undeclared_port`): the waypoint exposes, under its own identity,
-//! only what the service exposes.
+//! only what the service exposes. A CONNECT from this waypoint's own identity is refused
+//! (`loop`): an upstream that leads back here must not amplify itself.
 //!
 //! Opaque TCP skips every HTTP decision, so it is allowed only where nothing needs HTTP: a
 //! service port declared HTTP (appProtocol or port name), a service with HTTP or gRPC routes,
@@ -287,6 +288,9 @@ enum TunnelRefusal {
     /// A service port the service does not declare: Istio's waypoint has listeners only for
     /// declared ports, and the pods' other ports are not the service's to expose.
     UndeclaredPort,
+    /// The peer is this waypoint itself (its own identity, a replica's included): a service
+    /// whose upstream leads back here would loop until the stream limits trip.
+    Loop,
 }
 
 impl TunnelRefusal {
@@ -296,6 +300,7 @@ impl TunnelRefusal {
             TunnelRefusal::UnknownHostname => "unknown_hostname",
             TunnelRefusal::NotBound => "not_bound_to_waypoint",
             TunnelRefusal::UndeclaredPort => "undeclared_port",
+            TunnelRefusal::Loop => "loop",
         }
     }
 
@@ -303,7 +308,7 @@ impl TunnelRefusal {
     fn status(self) -> StatusCode {
         match self {
             TunnelRefusal::UnknownHostname | TunnelRefusal::UndeclaredPort => StatusCode::BAD_REQUEST,
-            TunnelRefusal::NotBound => StatusCode::FORBIDDEN,
+            TunnelRefusal::NotBound | TunnelRefusal::Loop => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -315,15 +320,19 @@ pub fn declares_port(service: &Service, port: u16) -> bool {
     service.ports.iter().any(|p| p.service_port == port)
 }
 
-/// Whether a CONNECT to `dst` (what [`connect_target`] found there) may be served by the
-/// waypoint of `gateway`: to something bound to it, and for a service only on a port it
-/// declares. Workload-addressed streams have no service ports and go on as addressed.
+/// Whether a CONNECT from `peer` to `dst` (what [`connect_target`] found there) may be served
+/// by the waypoint `own` (its identity and Gateway): not from itself, to something bound to
+/// it, and for a service only on a port it declares. Workload-addressed streams have no service ports and go on as addressed.
 fn admit(
     state: &mesh_core::state::State,
-    gateway: (&str, &str),
+    (identity, gateway): (&Identity, (&str, &str)),
+    peer: &Identity,
     dst: SocketAddr,
     target: Option<&Destination>,
 ) -> Result<(), TunnelRefusal> {
+    if peer == identity {
+        return Err(TunnelRefusal::Loop);
+    }
     if !bound_here(gateway, state, target) {
         return Err(TunnelRefusal::NotBound);
     }
@@ -356,7 +365,7 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         let dst = c.dst;
         return refuse(&wp, c, dst, TunnelRefusal::UnknownHostname);
     };
-    if let Err(refusal) = admit(&state, gateway, dst, target.as_ref()) {
+    if let Err(refusal) = admit(&state, (&wp.identity, gateway), &c.peer_identity, dst, target.as_ref()) {
         return refuse(&wp, c, dst, refusal);
     }
     let service = match target {
@@ -903,6 +912,10 @@ mod admit_tests {
 
     const GATEWAY: (&str, &str) = ("shop", "waypoint");
 
+    fn own() -> Identity {
+        "spiffe://cluster.local/ns/shop/sa/waypoint".parse().unwrap()
+    }
+
     fn ours() -> Option<GatewayAddress> {
         Some(GatewayAddress {
             destination: GatewayDestination::Hostname {
@@ -941,7 +954,8 @@ mod admit_tests {
     /// What the waypoint decides on a CONNECT to `authority` (a `hostname:port` when `host`).
     fn decide(s: &mesh_core::state::State, authority: &str, host: Option<&str>) -> Result<(), TunnelRefusal> {
         let (dst, target) = connect_target(s, ("", GATEWAY), authority.parse().unwrap(), host).expect("known");
-        admit(s, GATEWAY, dst, target.as_ref())
+        let client: Identity = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+        admit(s, (&own(), GATEWAY), &client, dst, target.as_ref())
     }
 
     /// A service is served only on the ports it declares, by VIP and by hostname: never the
@@ -971,5 +985,18 @@ mod admit_tests {
         .clone();
         s.upsert_service(Service { ports: vec![], ..web });
         assert_eq!(decide(&s, "10.96.0.1:80", None), Err(TunnelRefusal::UndeclaredPort));
+    }
+
+    /// A CONNECT whose peer is this waypoint (a service whose upstream leads back here, or a
+    /// replica of it) is refused as a loop, whatever it names; another peer is served.
+    #[test]
+    fn a_connect_from_this_waypoint_itself_is_a_loop() {
+        let s = state();
+        let (dst, target) = connect_target(&s, ("", GATEWAY), "10.96.0.1:80".parse().unwrap(), None).expect("known");
+        let from = |peer: &Identity| admit(&s, (&own(), GATEWAY), peer, dst, target.as_ref());
+        assert_eq!(from(&own()), Err(TunnelRefusal::Loop));
+        assert_eq!(TunnelRefusal::Loop.reason(), "loop");
+        let other: Identity = "spiffe://cluster.local/ns/other/sa/waypoint".parse().unwrap();
+        assert_eq!(from(&other), Ok(()));
     }
 }

@@ -3,7 +3,9 @@
 //! The request is addressed to the service VIP; the connector opens an HBONE tunnel to a
 //! waypoint endpoint with the VIP as authority (what a client's ztunnel would send), expecting
 //! that endpoint's identity. A waypoint that is missing or has no healthy endpoint fails the
-//! connection: never a quiet fallback straight to the pods, past the waypoint's policy.
+//! connection: never a quiet fallback straight to the pods, past the waypoint's policy. A
+//! waypoint whose upstream is a VIP its own Gateway serves (a ServiceEntry whose endpoint is
+//! its own VIP) is refused as a loop rather than dial itself.
 
 use std::net::SocketAddr;
 
@@ -21,13 +23,17 @@ pub enum WaypointError {
     Unknown(String),
     #[error("waypoint {0} has no healthy endpoint")]
     NoEndpoint(String),
+    /// The waypoint is the caller itself (its own identity): dialling it would loop.
+    #[error("waypoint {0} is this proxy itself")]
+    Loop(String),
 }
 
 /// The HBONE endpoint (`ip:hbone port`) and identity of a waypoint of `service`, for traffic
-/// addressed to `authority`.
+/// addressed to `authority`, sent by the proxy of identity `own`; a waypoint of that identity
+/// (the proxy itself, or a replica of it) is a loop.
 pub fn endpoint(
     state: &State,
-    network: &str,
+    (network, own): (&str, &Identity),
     service: &Service,
     authority: SocketAddr,
 ) -> Result<(SocketAddr, Identity), WaypointError> {
@@ -63,6 +69,9 @@ pub fn endpoint(
             pick(svc)?
         }
     };
+    if workload.identity == *own {
+        return Err(WaypointError::Loop(name));
+    }
     let ip = workload
         .address_like(authority.ip())
         .ok_or_else(|| WaypointError::NoEndpoint(name.clone()))?;

@@ -3,7 +3,8 @@
 //! expected server), to anything else over plain TCP. The pool above reuses what this opens
 //! (HTTP/1.1 keep-alive, HTTP/2 multiplexing), keyed by the endpoint's `ip:port`. A cluster
 //! that originates TLS has its own pool over a connector with `originate` set, which wraps
-//! every connection in TLS or fails it: it never hands out a plaintext one.
+//! every connection in TLS or fails it: it never hands out a plaintext one. A service VIP is
+//! reached through the service's waypoint, never this proxy itself (refused as a loop).
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::tls::{Originate, TlsFailure};
+use crate::ingress::via_waypoint::WaypointError;
 
 /// A connection to one endpoint.
 pub enum Conn {
@@ -85,6 +87,8 @@ pub struct Dial {
     pub originate: Option<Originate>,
     /// `waypoint_upstream_tls_failures_total` by reason.
     pub tls_failures: Family<Vec<(String, String)>, Counter>,
+    /// `waypoint_rejected_requests_total` by reason: here, dials refused as a loop.
+    pub rejected: Family<Vec<(String, String)>, Counter>,
 }
 
 impl From<Dial> for Connector {
@@ -105,11 +109,22 @@ impl Connector {
     /// Opens a connection to `target`, over HBONE when the workload there speaks it.
     pub async fn open(&self, target: SocketAddr) -> io::Result<Conn> {
         let state = self.state.load();
-        // Only an ingress gateway addresses a service VIP (ingress-use-waypoint): through the
-        // service's waypoint, or not at all.
+        // A service VIP (an ingress gateway's ingress-use-waypoint, or a waypoint's backend
+        // whose endpoint is a VIP): through the service's waypoint, or not at all; never to
+        // this proxy itself (a loop, counted).
         if let Some(service) = state.service_by_vip(&self.network, target.ip()) {
-            let (endpoint, identity) = crate::ingress::via_waypoint::endpoint(&state, &self.network, service, target)
-                .map_err(io::Error::other)?;
+            let own = (self.network.as_str(), &self.identity);
+            let (endpoint, identity) = match crate::ingress::via_waypoint::endpoint(&state, own, service, target) {
+                Ok(found) => found,
+                Err(e) => {
+                    if matches!(e, WaypointError::Loop(_)) {
+                        self.rejected
+                            .get_or_create(&vec![("reason".to_owned(), "loop".to_owned())])
+                            .inc();
+                    }
+                    return Err(io::Error::other(e));
+                }
+            };
             return self.tunnel(endpoint, identity, target).await;
         }
         let workload = state.workload_by_ip(&self.network, target.ip()).cloned();
@@ -230,5 +245,78 @@ pub(crate) fn test_connector() -> Connector {
         connect_timeout: Duration::from_secs(1),
         originate: None,
         tls_failures: Default::default(),
+        rejected: Default::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::state::model::{GatewayAddress, GatewayDestination, PortMapping, Service};
+
+    use super::*;
+
+    /// `web` (VIP 10.96.0.1) uses the waypoint `ns/waypoint`, whose one endpoint has
+    /// `identity`.
+    fn connector_with_waypoint(identity: &str) -> Connector {
+        let c = test_connector();
+        let service = |name: &str, ip: &str, waypoint: Option<GatewayAddress>| Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            hostname: format!("{name}.ns.svc.cluster.local"),
+            vips: vec![(String::new(), ip.parse().unwrap())],
+            ports: vec![PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            subject_alt_names: vec![],
+            waypoint,
+            only_healthy: true,
+        };
+        let waypoint = GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "ns".into(),
+                hostname: "waypoint.ns.svc.cluster.local".into(),
+            },
+            hbone_port: 15008,
+        };
+        let mut w = (*super::super::cluster::tests::workload("waypoint-0")).clone();
+        // Nothing listens there: a dial fails, it never hangs.
+        w.addresses = vec!["127.0.0.1".parse().unwrap()];
+        w.identity = identity.parse().unwrap();
+        w.services = vec![("ns/waypoint.ns.svc.cluster.local".into(), vec![])];
+        c.state.update(|s| {
+            s.upsert_service(service("waypoint", "10.96.0.9", None));
+            s.upsert_service(service("web", "10.96.0.1", Some(waypoint)));
+            s.upsert_workload(w);
+        });
+        c
+    }
+
+    fn loops(c: &Connector) -> u64 {
+        c.rejected
+            .get_or_create(&vec![("reason".to_owned(), "loop".to_owned())])
+            .get()
+    }
+
+    /// A VIP whose waypoint is this proxy (its own identity: a ServiceEntry whose endpoint is
+    /// its own VIP) is refused as a loop and counted, never dialled; another proxy's
+    /// waypoint is dialled (the ingress gateway's ingress-use-waypoint).
+    #[tokio::test]
+    async fn a_vip_whose_waypoint_is_this_proxy_is_refused_as_a_loop() {
+        let own = test_connector().identity.to_string();
+        let c = connector_with_waypoint(&own);
+        let err = c.open("10.96.0.1:80".parse().unwrap()).await.err().expect("refused");
+        let why = err.get_ref().and_then(|e| e.downcast_ref::<WaypointError>());
+        assert!(matches!(why, Some(WaypointError::Loop(_))), "{err}");
+        assert_eq!(loops(&c), 1);
+        let other = connector_with_waypoint("spiffe://cluster.local/ns/ns/sa/waypoint");
+        let err = other
+            .open("10.96.0.1:80".parse().unwrap())
+            .await
+            .err()
+            .expect("nothing listens");
+        let why = err.get_ref().and_then(|e| e.downcast_ref::<WaypointError>());
+        assert!(why.is_none(), "{err}");
+        assert_eq!(loops(&other), 0);
+    }
 }
