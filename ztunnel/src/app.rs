@@ -250,6 +250,10 @@ fn shared_state(
         limits: Arc::new(ServerLimits::new(cfg.peer_limits.config(), Some(observer))),
         ..Default::default()
     };
+    // Connections the outbound and plaintext listeners hold, node-wide; bites counted as
+    // ztunnel_connections_refused_total{reason=<listener>_per_source_limit|_connections_limit}.
+    let (outbound, plaintext) = cfg.listener_bounds();
+    let limits = proxy::ListenerLimits::new(outbound, plaintext, &metrics);
     proxy::Shared {
         network: cfg.network.clone(),
         ports: proxy::Ports {
@@ -268,6 +272,7 @@ fn shared_state(
         tasks: TaskTracker::new(),
         dns: dns_settings(cfg),
         original_source: cfg.enable_original_source,
+        limits,
     }
 }
 

@@ -103,6 +103,22 @@ pub struct Config {
     pub pool_idle_seconds: u64,
     #[command(flatten)]
     pub peer_limits: mesh_core::hbone::limits::PeerLimitArgs,
+    /// Connections the outbound listeners (15001) of all pods may hold from one source
+    /// workload address; beyond it a new one is closed at once and counted
+    /// (`outbound_per_source_limit`). Each holds two descriptors.
+    #[arg(long, env = "MAX_OUTBOUND_CONNECTIONS_PER_SOURCE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_outbound_connections_per_source: u32,
+    /// Connections the outbound listeners of all pods may hold together
+    /// (`outbound_connections_limit`). Keep twice it under the descriptor limit.
+    #[arg(long, env = "MAX_OUTBOUND_CONNECTIONS", default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_outbound_connections: u32,
+    /// Plaintext (15006) connections all pods may hold from one source address, in or outside
+    /// the mesh (`plaintext_per_source_limit`).
+    #[arg(long, env = "MAX_PLAINTEXT_CONNECTIONS_PER_SOURCE", default_value_t = 8_192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_plaintext_connections_per_source: u32,
+    /// Plaintext connections all pods may hold together (`plaintext_connections_limit`).
+    #[arg(long, env = "MAX_PLAINTEXT_CONNECTIONS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_plaintext_connections: u32,
     /// An inbound HBONE connection without a stream for this many seconds gets GOAWAY. Keep
     /// it above the clients' POOL_IDLE_SECONDS so they close idle connections first.
     #[arg(long, env = "INBOUND_IDLE_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -155,6 +171,26 @@ impl Config {
                 self.pool_idle_seconds
             );
         }
+        let bounds = [
+            (
+                "outbound",
+                self.max_outbound_connections_per_source,
+                self.max_outbound_connections,
+            ),
+            (
+                "plaintext",
+                self.max_plaintext_connections_per_source,
+                self.max_plaintext_connections,
+            ),
+        ];
+        for (what, per_source, total) in bounds {
+            if per_source > total {
+                anyhow::bail!(
+                    "--max-{what}-connections-per-source {per_source} exceeds --max-{what}-connections {total}: \
+                     one source could then hold every {what} connection; lower it or raise the total"
+                );
+            }
+        }
         let ports = [self.outbound_port, self.inbound_plaintext_port, self.inbound_port];
         if ports.contains(&0) {
             anyhow::bail!("proxy ports must be non-zero");
@@ -181,6 +217,18 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The outbound and plaintext listeners' bounds.
+    pub fn listener_bounds(&self) -> (crate::proxy::ConnBound, crate::proxy::ConnBound) {
+        let bound = |per_source, total| crate::proxy::ConnBound { per_source, total };
+        (
+            bound(self.max_outbound_connections_per_source, self.max_outbound_connections),
+            bound(
+                self.max_plaintext_connections_per_source,
+                self.max_plaintext_connections,
+            ),
+        )
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -253,6 +301,42 @@ mod tests {
         let mut args = base.to_vec();
         args.extend(["--max-streams-per-peer", "0"]);
         assert!(parse(&args).is_err(), "0 would refuse every stream");
+    }
+
+    #[test]
+    fn listener_bounds_default_generous_and_are_validated() {
+        let base = ["--xds-address", "http://cp:15012", "--ca-address", "http://cp:15012"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend(extra);
+            parse(&args)
+        };
+        let cfg = with(&[]).expect("parse");
+        let (outbound, plaintext) = cfg.listener_bounds();
+        assert_eq!((outbound.per_source, outbound.total), (16_384, 131_072));
+        assert_eq!((plaintext.per_source, plaintext.total), (8_192, 65_536));
+        cfg.validate().expect("the defaults are consistent");
+        let cfg = with(&["--max-plaintext-connections-per-source", "70000"]).expect("parse");
+        let err = cfg.validate().expect_err("per source above the total").to_string();
+        assert!(err.contains("--max-plaintext-connections 65536"), "{err}");
+        assert!(
+            with(&["--max-outbound-connections", "0"]).is_err(),
+            "0 would refuse every connection"
+        );
+        let cfg = with(&[
+            "--max-outbound-connections-per-source",
+            "10",
+            "--max-outbound-connections",
+            "20",
+        ])
+        .expect("parse");
+        assert_eq!(
+            cfg.listener_bounds().0,
+            crate::proxy::ConnBound {
+                per_source: 10,
+                total: 20
+            }
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use ztunnel::metrics::{Metrics, ReasonLabels};
 use ztunnel::proxy::local_addrs::LocalAddrs;
-use ztunnel::proxy::{inbound, Ports, Proxy, Shared};
+use ztunnel::proxy::{inbound, ConnBound, ListenerLimits, Ports, Proxy, Shared};
 
 const SERVER_IP: &str = "127.0.0.2";
 const CLIENT_IP: &str = "127.0.0.1";
@@ -92,6 +92,12 @@ impl Drop for Node {
     }
 }
 
+/// The capture listeners' bounds (unused here).
+const BOUND: ConnBound = ConnBound {
+    per_source: 1024,
+    total: 1024,
+};
+
 impl Node {
     async fn start(name: &str) -> Node {
         let file = std::env::temp_dir().join(format!("ztunnel-in-process-{}-{name}.yaml", std::process::id()));
@@ -132,6 +138,8 @@ impl Node {
             tasks: TaskTracker::new(),
             dns: None,
             original_source: true,
+            // Only HBONE is served: the capture listeners' bounds are never consulted.
+            limits: ListenerLimits::new(BOUND, BOUND, &metrics),
         };
         tokio::spawn(shared.tracker.clone().enforce(state));
         let px = Proxy::new(

@@ -12,6 +12,9 @@
 //! - streams a peer resets before they were answered (rapid reset), per connection.
 //!
 //! Every time a bound bites, the observer is told which one, so binaries count it.
+//!
+//! [`ServerLimits::admit`] alone also bounds plain TCP listeners (ztunnel's 15001 and 15006, each
+//! with its own instance): there a connection keeps its slot, per source and in total, until it ends.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -16,10 +16,10 @@ pub mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use limits::{Limit, LimitConfig, LimitObserver, PeerUsage, ServerLimits};
+pub use limits::{Limit, LimitConfig, LimitObserver, PeerUsage, PendingGuard, ServerLimits};
 pub use nested::DoubleTunnelRequest;
 pub use pool::{HbonePool, PoolKey, TunnelRequest};
-pub use server::{serve_connection, ConnectTarget, InboundConnect};
+pub use server::{serve_admitted, serve_connection, ConnectTarget, InboundConnect};
 pub use stream::{H2Io, H2Stream, Transferred};
 
 pub use crate::capture::HBONE_PORT;

@@ -246,11 +246,32 @@ where
     F: Fn(InboundConnect) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let pending = settings
+        .limits
+        .admit(tcp.peer_addr()?.ip())
+        .map_err(HboneError::Limited)?;
+    serve_admitted(tcp, pending, tls, settings, drain, handler).await
+}
+
+/// As [`serve_connection`], for a connection already admitted (`pending`, from
+/// `settings.limits.admit`): a server that must wait for something before its handshake (its
+/// certificate) admits at accept, so a socket is counted from the start, not once that is ready.
+pub async fn serve_admitted<F, Fut>(
+    tcp: TcpStream,
+    pending: PendingGuard,
+    tls: Arc<rustls::ServerConfig>,
+    settings: &Settings,
+    drain: CancellationToken,
+    handler: F,
+) -> Result<(), HboneError>
+where
+    F: Fn(InboundConnect) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let peer_addr = tcp.peer_addr()?;
     let local_addr = tcp.local_addr()?;
     let limits = settings.limits.clone();
     let (conn, peer_identity) = {
-        let pending = limits.admit(peer_addr.ip()).map_err(HboneError::Limited)?;
         // Until the peer sends its first bytes it costs this small future and its socket; the
         // TLS state (several KiB) is allocated only then.
         let authenticate = async {

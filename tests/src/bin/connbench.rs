@@ -612,8 +612,16 @@ async fn bench(opts: &Opts, limit: u64) -> Result<()> {
         let bed = Bed::try_new(NET).context("creating the pods")?;
         tune(&bed)?;
         // One client pod holds every connection: past the per-peer stream bound (1,024 by
-        // default, a guard against a peer pinning send buffers), which Istio's ztunnel lacks.
-        let unbounded = ["--max-streams-per-peer", "1000000"];
+        // default, a guard against a peer pinning send buffers) and the outbound listener's
+        // bound per source (16,384), which Istio's ztunnel lacks.
+        let unbounded = [
+            "--max-streams-per-peer",
+            "1000000",
+            "--max-outbound-connections-per-source",
+            "1000000",
+            "--max-outbound-connections",
+            "1000000",
+        ];
         let pair = Pair::Ours(
             Ztunnel::start(&bed.a, &bed.files(), &unbounded).await?,
             Ztunnel::start(&bed.b, &bed.files(), &unbounded).await?,

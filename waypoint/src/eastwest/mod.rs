@@ -10,7 +10,8 @@
 //!
 //! A separate, small start-up rather than the waypoint's: no routes, policies, HTTP or
 //! upstream pools, only workload state, a certificate and the HBONE server with mesh-core's
-//! bounds (pending handshakes, streams per peer identity, reset floods), counted in
+//! bounds (pending handshakes, admitted at accept before the certificate is awaited, streams
+//! per peer identity, reset floods), counted in
 //! `eastwest_hbone_limits_total`, and its own on relays still in their inner handshake per
 //! client identity ([`handshake`]), counted in `eastwest_streams_total`. For development and tests it can run from a workload file
 //! and a development root (`--local-xds-path`, `--ca-root-cert`) like ztunnel.
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_core::hbone::{
-    serve_connection, HboneError, InboundConnect, Limit, LimitConfig, LimitObserver, ServerLimits, Settings,
+    serve_admitted, HboneError, InboundConnect, Limit, LimitConfig, LimitObserver, PendingGuard, ServerLimits, Settings,
 };
 use mesh_core::identity::cert::{certs_from_pem, read_trust_bundle};
 use mesh_core::identity::{CaClient, CertManager, CertManagerConfig, CertificateSigner, DevCa, Identity, TokenSource};
@@ -270,12 +271,17 @@ async fn accept(gw: Arc<Gateway>, listener: TcpListener) {
             }
         };
         backoff.succeeded();
+        // Admitted before anything is awaited for it (the certificate): a socket waiting for
+        // one counts against the handshake bounds. Refused: closed at once, counted.
+        let Ok(pending) = gw.settings.limits.admit(peer.ip()) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(connection(gw.clone(), tcp, peer));
+        tokio::spawn(connection(gw.clone(), tcp, peer, pending));
     }
 }
 
-async fn connection(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
+async fn connection(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, pending: PendingGuard) {
     let config = match gw
         .certs
         .fetch(&gw.identity)
@@ -287,7 +293,7 @@ async fn connection(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => return warn!(error = %e, "no certificate yet; connection refused"),
     };
     let gw2 = gw.clone();
-    let result = serve_connection(tcp, config, &gw.settings, gw.drain.clone(), move |req| {
+    let result = serve_admitted(tcp, pending, config, &gw.settings, gw.drain.clone(), move |req| {
         let gw = gw2.clone();
         async move { stream(gw, req).await }
     })
@@ -375,7 +381,7 @@ async fn stream(gw: Arc<Gateway>, mut req: InboundConnect) {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use mesh_core::hbone::{HbonePool, PoolKey, TunnelRequest};
+    use mesh_core::hbone::{serve_connection, HbonePool, PoolKey, TunnelRequest};
     use mesh_core::socket::PlainSockets;
     use mesh_core::state::{Tunnel, Workload};
 
@@ -402,6 +408,20 @@ mod tests {
 
     /// As [`gateway`], the endpoint's HBONE port being `hbone_port` on 127.0.0.1.
     async fn gateway_to(ca: &DevCa, max_streams: u32, hbone_port: u16) -> (Arc<Gateway>, SocketAddr) {
+        let signer: Arc<dyn CertificateSigner> = Arc::new(DevCa::from_pem(ca.root_pem(), &ca.key_pem()).unwrap());
+        let limits = LimitConfig {
+            max_streams_per_peer: max_streams,
+            ..LimitConfig::default()
+        };
+        gateway_with(signer, limits, hbone_port).await
+    }
+
+    /// A gateway certified by `signer`, bounded by `limits`, listening on loopback.
+    async fn gateway_with(
+        signer: Arc<dyn CertificateSigner>,
+        limits: LimitConfig,
+        hbone_port: u16,
+    ) -> (Arc<Gateway>, SocketAddr) {
         let state = StateStore::new();
         state.update(|s| {
             s.upsert_workload(Workload {
@@ -429,7 +449,6 @@ mod tests {
         let observer: LimitObserver = Arc::new(move |l: Limit| {
             m.limits.get_or_create(&LimitLabels { limit: l.as_str() }).inc();
         });
-        let signer: Arc<dyn CertificateSigner> = Arc::new(DevCa::from_pem(ca.root_pem(), &ca.key_pem()).unwrap());
         let gw = Arc::new(Gateway {
             identity: id("istio-system", "eastwest"),
             network: "net2".into(),
@@ -437,13 +456,7 @@ mod tests {
             state,
             certs: CertManager::new(signer, vec![], CertManagerConfig::default()),
             settings: Settings {
-                limits: Arc::new(ServerLimits::new(
-                    LimitConfig {
-                        max_streams_per_peer: max_streams,
-                        ..LimitConfig::default()
-                    },
-                    Some(observer),
-                )),
+                limits: Arc::new(ServerLimits::new(limits, Some(observer))),
                 hostname_authority: true,
                 ..Default::default()
             },
@@ -478,6 +491,52 @@ mod tests {
             baggage: None,
             traceparent: None,
         }
+    }
+
+    /// A CA that never answers: certificates stay pending.
+    struct SilentCa;
+
+    impl CertificateSigner for SilentCa {
+        fn sign<'a>(
+            &'a self,
+            _: &'a Identity,
+            _: String,
+            _: Duration,
+        ) -> mesh_core::identity::ca::BoxFuture<'a, Result<Vec<String>, mesh_core::identity::CaError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// While the gateway's certificate is pending, the sockets waiting for it count against
+    /// the handshake bounds: with one allowed per source, a second is closed at once (and
+    /// counted) while the first still waits, instead of both waiting for the certificate.
+    #[tokio::test]
+    async fn sockets_waiting_for_the_certificate_are_admitted_first() {
+        use tokio::io::AsyncReadExt;
+        let limits = LimitConfig {
+            max_pending_per_source: 1,
+            ..LimitConfig::default()
+        };
+        let (gw, addr) = gateway_with(Arc::new(SilentCa), limits, 1).await;
+        let first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        // EOF (or a reset) is the gateway closing it; without admission first it would wait
+        // with the first for the certificate (fetch timeout) and not be counted.
+        let _ = second.read(&mut [0u8; 1]).await;
+        let counted = gw
+            .metrics
+            .limits
+            .get_or_create(&LimitLabels {
+                limit: Limit::PendingPerSource.as_str(),
+            })
+            .get();
+        assert_eq!(counted, 1, "the second socket was not refused by the per-source bound");
+        assert_eq!(
+            gw.settings.limits.pending_from(addr.ip()),
+            1,
+            "the first still holds its slot"
+        );
+        drop(first);
     }
 
     /// A peer holding its maximum of streams gets the next one refused, and the bound is

@@ -2,11 +2,14 @@
 //! that each CONNECT targets that workload, authorize it, connect to the application from the
 //! client's own address where the kernel allows (the peer's, or the `forwarded` one when a
 //! waypoint of the destination sends it: see [`super::source`]), answer 200 and splice.
+//!
+//! A connection is admitted against the handshake bounds at accept, before its certificate is
+//! fetched: while one is pending, the sockets waiting for it are counted like any other.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_core::hbone::{serve_connection, HboneError, InboundConnect};
+use mesh_core::hbone::{serve_admitted, HboneError, InboundConnect, PendingGuard};
 use mesh_core::log_limit::LogLimiter;
 use mesh_core::rbac::ConnectionInfo;
 use mesh_core::state::{Service, State, Workload};
@@ -26,10 +29,13 @@ static CONNECTION_ERRORS: std::sync::LazyLock<LogLimiter> =
     std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
-    super::accept_loop(px, listener, "HBONE", connection).await
+    let limits = px.settings.limits.clone();
+    super::accept_loop(px, listener, "HBONE", limits, connection).await
 }
 
-async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+/// `pending` is the connection's handshake slot, taken at accept: held while the certificate
+/// is fetched, then through TLS and the HTTP/2 preface.
+async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, pending: PendingGuard) {
     let Ok(local) = tcp.local_addr() else { return };
     let wl = match px.local_workload(local, Refusal::UnknownDestination) {
         Ok(wl) => wl,
@@ -57,7 +63,7 @@ async fn connection(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let px2 = px.clone();
-    let result = serve_connection(tcp, config, &px.settings, px.drain.clone(), move |req| {
+    let result = serve_admitted(tcp, pending, config, &px.settings, px.drain.clone(), move |req| {
         let px = px2.clone();
         // Boxed, and no async block around it: an async fn keeps its arguments for as long as it
         // runs, and each idle stream's task is as large as what its longest wait holds.

@@ -1,9 +1,11 @@
 //! Inbound plaintext (15006): connections redirected without HBONE. They carry no identity,
-//! so a policy requiring one (STRICT mTLS) denies them.
+//! so a policy requiring one (STRICT mTLS) denies them. Under PERMISSIVE anyone can open them,
+//! so how many are held is bounded per source address and in total ([`super::ListenerLimits`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use mesh_core::hbone::PendingGuard;
 use mesh_core::rbac::ConnectionInfo;
 use mesh_core::socket::original_dst;
 use tokio::net::{TcpListener, TcpStream};
@@ -15,10 +17,12 @@ use super::Proxy;
 use crate::metrics::{Reporter, TcpLabels};
 
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
-    super::accept_loop(px, listener, "plaintext", handle).await
+    let limits = px.limits.plaintext.clone();
+    super::accept_loop(px, listener, "plaintext", limits, handle).await
 }
 
-async fn handle(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+/// `_slot` is the connection's place in the plaintext bound, held until it ends.
+async fn handle(px: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, _slot: PendingGuard) {
     let Ok(dst) = original_dst(&tcp) else {
         px.metrics.refuse(Refusal::NoOriginalDst);
         return;

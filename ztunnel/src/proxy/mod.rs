@@ -8,6 +8,12 @@
 //! - [`local_addrs`]: which addresses belong to this proxy's network namespace.
 //! - [`refusal`]: typed outcomes (why a connection was refused or ended), with their labels.
 //! - [`source`]: which client address an inbound stream is attributed to (`forwarded`).
+//!
+//! Every listener admits a connection at accept, before any work for it: HBONE against
+//! mesh-core's handshake bounds (held across the certificate fetch), outbound and plaintext
+//! against [`ListenerLimits`] (per source address and in total, node-wide, for the
+//! connection's whole life). One over a bound is closed at once and counted in
+//! `ztunnel_connections_refused_total{reason}`, never queued.
 
 pub mod deliver;
 pub mod double_hbone;
@@ -25,8 +31,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::capture;
-use mesh_core::hbone::{HbonePool, Settings};
+use mesh_core::hbone::{HbonePool, Limit, LimitConfig, LimitObserver, PendingGuard, ServerLimits, Settings};
 use mesh_core::identity::CertManager;
+use mesh_core::log_limit::LogLimiter;
 use mesh_core::socket::SocketFactory;
 use mesh_core::state::{StateStore, Workload};
 use tokio::net::{TcpListener, TcpStream};
@@ -60,6 +67,8 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     /// Connect to applications from the client's address.
     pub original_source: bool,
+    /// Bounds on the connections the outbound and plaintext listeners hold (node-wide).
+    pub limits: ListenerLimits,
 }
 
 /// Ports the proxy listens on in each namespace it serves.
@@ -103,6 +112,56 @@ pub struct Shared {
     pub dns: Option<Arc<DnsSettings>>,
     /// Connect to applications from the client's address (see `Config::enable_original_source`).
     pub original_source: bool,
+    /// Bounds on the connections the outbound and plaintext listeners hold, for every pod.
+    pub limits: ListenerLimits,
+}
+
+/// A capture listener whose connections [`ListenerLimits`] bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// 15001: connections a local workload makes.
+    Outbound,
+    /// 15006: plaintext connections to a local workload.
+    Plaintext,
+}
+
+/// One listener's bound: connections held from one source address, and in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnBound {
+    pub per_source: u32,
+    pub total: u32,
+}
+
+/// What the outbound and plaintext listeners may hold, with mesh-core's [`ServerLimits`]
+/// (its admission counts, per source address and in total; each connection keeps its slot
+/// until it ends). One set for the whole ztunnel, so the bound is what the node can afford.
+#[derive(Clone, Debug)]
+pub struct ListenerLimits {
+    pub outbound: Arc<ServerLimits>,
+    pub plaintext: Arc<ServerLimits>,
+}
+
+impl ListenerLimits {
+    /// The bounds, each bite counted in `metrics` as [`Refusal::Connections`].
+    pub fn new(outbound: ConnBound, plaintext: ConnBound, metrics: &Metrics) -> Self {
+        let make = |listener: Listener, bound: ConnBound| {
+            let m = metrics.clone();
+            let observer: LimitObserver = Arc::new(move |limit: Limit| {
+                let per_source = limit == Limit::PendingPerSource;
+                m.refuse(Refusal::Connections { listener, per_source })
+            });
+            let config = LimitConfig {
+                max_pending: bound.total,
+                max_pending_per_source: bound.per_source,
+                ..LimitConfig::default()
+            };
+            Arc::new(ServerLimits::new(config, Some(observer)))
+        };
+        ListenerLimits {
+            outbound: make(Listener::Outbound, outbound),
+            plaintext: make(Listener::Plaintext, plaintext),
+        }
+    }
 }
 
 /// The workloads one proxy serves: its namespace's addresses and whose they must be.
@@ -150,6 +209,7 @@ impl Proxy {
             drain: shared.drain.child_token(),
             tasks: shared.tasks.clone(),
             original_source: shared.original_source,
+            limits: shared.limits.clone(),
         })
     }
 
@@ -219,10 +279,21 @@ impl Proxy {
     }
 }
 
-/// Accepts on `listener` until drain, handing each connection to `handle` as a tracked task.
-pub async fn accept_loop<F, Fut>(px: Arc<Proxy>, listener: TcpListener, what: &'static str, handle: F)
-where
-    F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
+/// Refused admissions are logged at most once a second: any client can make them happen.
+static ADMISSION_REFUSED: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
+
+/// Accepts on `listener` until drain. Each connection is first admitted by `limits` (counted
+/// per source address and in total; refused ones are closed at once, the observer counts
+/// them), then handed with its slot to `handle` as a tracked task.
+pub async fn accept_loop<F, Fut>(
+    px: Arc<Proxy>,
+    listener: TcpListener,
+    what: &'static str,
+    limits: Arc<ServerLimits>,
+    handle: F,
+) where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr, PendingGuard) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = mesh_core::socket::AcceptBackoff::default();
@@ -233,13 +304,22 @@ where
         };
         match accepted {
             Ok((tcp, peer)) => {
+                backoff.succeeded();
+                let slot = match limits.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(limit) => {
+                        if let Some(suppressed) = ADMISSION_REFUSED.check(what) {
+                            tracing::info!(%peer, listener = what, %limit, suppressed, "connection refused: over the bound");
+                        }
+                        continue; // `tcp` dropped: closed at once.
+                    }
+                };
                 // Small writes (TLS records, HTTP/2 frames, request/response) must not wait for
                 // Nagle and the peer's delayed ACK.
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(error = %e, "TCP_NODELAY not set");
                 }
-                backoff.succeeded();
-                px.tasks.spawn(handle(px.clone(), tcp, peer));
+                px.tasks.spawn(handle(px.clone(), tcp, peer, slot));
             }
             Err(e) => {
                 px.metrics.refuse(Refusal::AcceptError);
@@ -258,7 +338,7 @@ mod task_size_tests {
 
     /// Size of the future `f` returns (what its task holds for the connection's life), without
     /// calling it.
-    fn future_size<A, B, C, R>(_: &impl Fn(A, B, C) -> R) -> usize {
+    fn future_size<A, B, C, D, R>(_: &impl Fn(A, B, C, D) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -271,14 +351,240 @@ mod task_size_tests {
     /// once done so the task holds only what the splice needs. tokio allocates a task as the
     /// future plus 112 bytes of header and trailer, rounded up to 128: release builds' futures
     /// of 648 and 776 bytes make 768- and 896-byte tasks, with tracking (they were 1,152 and 1,280 with the
-    /// joined async splice and a cancellation token's wait). A debug build's futures are
-    /// slightly larger, hence the slack.
+    /// joined async splice and a cancellation token's wait). The outbound task also holds its
+    /// place in the listener's bound (a 32-byte guard; 728 bytes in all in a debug build), which
+    /// takes it to a 896-byte task. A debug build's futures are slightly larger, hence the slack.
     #[test]
     fn connection_tasks_stay_small() {
         let slack = if cfg!(debug_assertions) { 32 } else { 0 };
         let outbound = future_size(&outbound::handle);
         let inbound = future_size2(&inbound::stream);
-        assert!(outbound <= 768 - 112 + slack, "outbound task {outbound} bytes");
+        assert!(outbound <= 896 - 112 + slack, "outbound task {outbound} bytes");
         assert!(inbound <= 896 - 112 + slack, "inbound stream task {inbound} bytes");
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use std::collections::HashSet;
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    use mesh_core::identity::ca::BoxFuture;
+    use mesh_core::identity::{CaError, CertManagerConfig, CertificateSigner, Identity};
+    use mesh_core::socket::PlainSockets;
+    use mesh_core::state::Tunnel;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::metrics::ReasonLabels;
+
+    /// A CA that never answers: certificates stay pending.
+    struct SilentCa;
+
+    impl CertificateSigner for SilentCa {
+        fn sign<'a>(&'a self, _: &'a Identity, _: String, _: Duration) -> BoxFuture<'a, Result<Vec<String>, CaError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn workload(ip: &str) -> Workload {
+        Workload {
+            uid: "c//Pod/default/server".into(),
+            name: "server".into(),
+            namespace: "default".into(),
+            addresses: vec![ip.parse().unwrap()],
+            network: String::new(),
+            tunnel: Tunnel::Hbone,
+            identity: Identity::new("", "default", "server").unwrap(),
+            waypoint: None,
+            node: "n".into(),
+            canonical_name: "server".into(),
+            canonical_revision: "v1".into(),
+            workload_name: "server".into(),
+            services: vec![],
+            authorization_policies: vec![],
+            healthy: true,
+            cluster_id: String::new(),
+        }
+    }
+
+    /// A proxy serving a workload at 127.0.0.1 whose certificate never comes, with these
+    /// listener bounds and HBONE handshake bounds.
+    fn proxy(outbound: ConnBound, plaintext: ConnBound, hbone: LimitConfig) -> Arc<Proxy> {
+        let metrics = Metrics::default();
+        let state = StateStore::new();
+        state.update(|s| s.upsert_workload(workload("127.0.0.1")));
+        let shared = Shared {
+            network: String::new(),
+            ports: Ports {
+                capture: capture::Ports::default(),
+                ipv6: false,
+                others: [0; 3],
+            },
+            hbone_port: 15008,
+            state,
+            certs: CertManager::new(Arc::new(SilentCa), vec![], CertManagerConfig::default()),
+            settings: Settings {
+                limits: Arc::new(ServerLimits::new(hbone, Some(hbone_observer(&metrics)))),
+                ..Default::default()
+            },
+            limits: ListenerLimits::new(outbound, plaintext, &metrics),
+            metrics,
+            tracker: Default::default(),
+            node: local_addrs::LocalAddrs::fixed(HashSet::new()),
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            dns: None,
+            original_source: false,
+        };
+        let served = local_addrs::LocalAddrs::fixed(["127.0.0.1".parse().unwrap()].into());
+        Proxy::new(&shared, Arc::new(PlainSockets::default()), served.into())
+    }
+
+    fn hbone_observer(metrics: &Metrics) -> LimitObserver {
+        let m = metrics.clone();
+        Arc::new(move |limit| m.refuse(Refusal::Limit(limit)))
+    }
+
+    fn refused(px: &Proxy, reason: &'static str) -> u64 {
+        px.metrics.refused.get_or_create(&ReasonLabels { reason }).get()
+    }
+
+    /// A client from `src` to `addr`.
+    async fn connect(src: &str, addr: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(src.parse().unwrap(), 0)).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// True when the proxy kept the connection (its handler said hello), false when it closed
+    /// it at once (EOF or reset, no hello).
+    async fn admitted(tcp: &mut TcpStream) -> bool {
+        matches!(tcp.read(&mut [0u8; 1]).await, Ok(1))
+    }
+
+    /// A handler that says hello, holds the connection until the client closes, then gives
+    /// back its slot and reports that it has.
+    fn holding(
+        done: mpsc::UnboundedSender<IpAddr>,
+    ) -> impl Fn(Arc<Proxy>, TcpStream, SocketAddr, PendingGuard) -> BoxFuture<'static, ()> {
+        move |_, mut tcp, peer, slot| {
+            let done = done.clone();
+            Box::pin(async move {
+                let _ = tcp.write_all(b"+").await;
+                let _ = tcp.read(&mut [0u8; 1]).await;
+                drop(slot);
+                let _ = done.send(peer.ip());
+            })
+        }
+    }
+
+    /// Connections held are bounded per source address and in total; one over a bound is
+    /// closed at once and counted under its listener's reason, a freed slot is usable again.
+    #[tokio::test]
+    async fn connections_held_are_bounded_per_source_and_in_total() {
+        let bound = ConnBound {
+            per_source: 2,
+            total: 3,
+        };
+        let px = proxy(bound, bound, LimitConfig::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (done, mut freed) = mpsc::unbounded_channel();
+        let limits = px.limits.plaintext.clone();
+        let serving = tokio::spawn(accept_loop(px.clone(), listener, "plaintext", limits, holding(done)));
+
+        let mut a1 = connect("127.0.0.1", addr).await;
+        let mut a2 = connect("127.0.0.1", addr).await;
+        assert!(admitted(&mut a1).await && admitted(&mut a2).await);
+        let mut a3 = connect("127.0.0.1", addr).await;
+        assert!(!admitted(&mut a3).await, "a third from one source");
+        assert_eq!(refused(&px, "plaintext_per_source_limit"), 1);
+
+        let mut b1 = connect("127.0.0.2", addr).await;
+        assert!(admitted(&mut b1).await, "another source has its own share");
+        let mut c1 = connect("127.0.0.3", addr).await;
+        assert!(!admitted(&mut c1).await, "the total is reached");
+        assert_eq!(refused(&px, "plaintext_connections_limit"), 1);
+
+        drop(a1);
+        assert_eq!(freed.recv().await, Some("127.0.0.1".parse().unwrap()));
+        let mut c2 = connect("127.0.0.3", addr).await;
+        assert!(admitted(&mut c2).await, "a freed slot is used again");
+        assert_eq!(
+            refused(&px, "outbound_connections_limit"),
+            0,
+            "counted under its own listener"
+        );
+
+        px.drain.cancel();
+        serving.await.unwrap();
+        drop((a2, b1, c2));
+    }
+
+    /// The outbound and plaintext listeners admit against their own bounds before any other
+    /// check: with no room, a connection is refused as over the bound, not examined.
+    #[tokio::test]
+    async fn each_capture_listener_is_bounded() {
+        let none = ConnBound {
+            per_source: 1,
+            total: 0,
+        };
+        let px = proxy(none, none, LimitConfig::default());
+        let cases = [
+            ("outbound_connections_limit", true),
+            ("plaintext_connections_limit", false),
+        ];
+        for (reason, outbound) in cases {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let serving = if outbound {
+                tokio::spawn(outbound::serve(px.clone(), listener))
+            } else {
+                tokio::spawn(inbound_plain::serve(px.clone(), listener))
+            };
+            let mut tcp = connect("127.0.0.1", addr).await;
+            assert!(!admitted(&mut tcp).await);
+            assert_eq!(refused(&px, reason), 1, "{reason}");
+            serving.abort();
+        }
+        assert_eq!(refused(&px, "no_original_dst"), 0, "refused before being examined");
+        px.drain.cancel();
+    }
+
+    /// While the local workload's certificate is pending, the HBONE sockets waiting for it
+    /// count against the handshake bounds: with one allowed per source, a second is closed at
+    /// once (and counted) while the first still waits, instead of both waiting uncounted.
+    #[tokio::test]
+    async fn hbone_sockets_waiting_for_a_certificate_are_counted() {
+        let unbounded = ConnBound {
+            per_source: 100,
+            total: 100,
+        };
+        let hbone = LimitConfig {
+            max_pending_per_source: 1,
+            ..LimitConfig::default()
+        };
+        let px = proxy(unbounded, unbounded, hbone);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(inbound::serve(px.clone(), listener));
+        let first = connect("127.0.0.1", addr).await;
+        let mut second = connect("127.0.0.1", addr).await;
+        // EOF or reset: closed by the bound, not after the certificate fetch's timeout.
+        let _ = second.read(&mut [0u8; 1]).await;
+        assert_eq!(refused(&px, "pending_per_source_limit"), 1);
+        assert_eq!(refused(&px, "no_certificate"), 0, "refused by the bound, not the fetch");
+        assert_eq!(
+            px.settings.limits.pending_from(addr.ip()),
+            1,
+            "the first holds its slot"
+        );
+        px.drain.cancel();
+        serving.await.unwrap();
+        drop(first);
     }
 }

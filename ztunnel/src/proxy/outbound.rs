@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::hbone::stream::H2Stream;
-use mesh_core::hbone::{PoolKey, TunnelRequest};
+use mesh_core::hbone::{PendingGuard, PoolKey, TunnelRequest};
 use mesh_core::identity::Identity;
 use mesh_core::socket::original_dst;
 use mesh_core::state::{Destination, GatewayAddress, GatewayDestination, Service, State, Tunnel, Workload};
@@ -281,9 +281,11 @@ fn service_route(
     })
 }
 
-/// Accepts captured connections until drained.
+/// Accepts captured connections until drained, at most as many as the outbound bound allows
+/// (per source workload address and in total, see [`super::ListenerLimits`]).
 pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
-    super::accept_loop(px, listener, "outbound", handle).await
+    let limits = px.limits.outbound.clone();
+    super::accept_loop(px, listener, "outbound", limits, handle).await
 }
 
 fn baggage(w: &Workload) -> String {
@@ -293,7 +295,8 @@ fn baggage(w: &Workload) -> String {
     )
 }
 
-pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr) {
+/// `_slot` is the connection's place in the outbound bound, held until it ends.
+pub(super) async fn handle(px: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, _slot: PendingGuard) {
     let Some((src, dst, route)) = admit(&px, &tcp, peer) else {
         return;
     };

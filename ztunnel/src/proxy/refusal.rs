@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use http::StatusCode;
 use mesh_core::hbone::{HboneError, Limit};
 
+use super::Listener;
+
 /// Why a connection (or HBONE stream, ZDS request, DNS query) was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -67,6 +69,9 @@ pub enum Refusal {
     NoLocalEndpoint,
     /// An HBONE bound a peer hit (mesh-core's limits; labelled with the limit's name).
     Limit(Limit),
+    /// The outbound or plaintext listener holds its maximum of connections from this source
+    /// address (`per_source`) or in all ([`super::ListenerLimits`]).
+    Connections { listener: Listener, per_source: bool },
 }
 
 impl Refusal {
@@ -97,6 +102,12 @@ impl Refusal {
             Refusal::NetworkGatewayUnavailable => "network_gateway_unavailable",
             Refusal::NoLocalEndpoint => "no_local_endpoint",
             Refusal::Limit(l) => l.as_str(),
+            Refusal::Connections { listener, per_source } => match (listener, per_source) {
+                (Listener::Outbound, true) => "outbound_per_source_limit",
+                (Listener::Outbound, false) => "outbound_connections_limit",
+                (Listener::Plaintext, true) => "plaintext_per_source_limit",
+                (Listener::Plaintext, false) => "plaintext_connections_limit",
+            },
         }
     }
 
@@ -137,6 +148,8 @@ impl std::fmt::Display for Refusal {
             Refusal::NetworkGatewayUnavailable => "network gateway of a workload on another network unavailable",
             Refusal::NoLocalEndpoint => "no endpoint in the service's strict locality scope",
             Refusal::Limit(l) => l.as_str(),
+            Refusal::Connections { per_source: true, .. } => "too many connections from this source address",
+            Refusal::Connections { per_source: false, .. } => "too many connections on this listener",
         })
     }
 }
@@ -189,6 +202,22 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
             (Refusal::NoLocalEndpoint, "no_local_endpoint", StatusCode::BAD_REQUEST),
+            (
+                Refusal::Connections {
+                    listener: Listener::Plaintext,
+                    per_source: true,
+                },
+                "plaintext_per_source_limit",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                Refusal::Connections {
+                    listener: Listener::Outbound,
+                    per_source: false,
+                },
+                "outbound_connections_limit",
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (r, label, status) in table {
             assert_eq!((r.as_str(), r.status()), (label, status), "{r:?}");
