@@ -2,13 +2,14 @@
 //! (the inner bytes are TLS it cannot read): a service `hostname:port` (Istio's ztunnel's
 //! form) or an `ip:port` (a service VIP or a workload address) of this gateway's network.
 //! The answer is the HBONE port of a healthy endpoint in this network (its ztunnel), or of
-//! the service's waypoint when it has one; never an address of another network.
+//! the waypoint of the service or workload addressed when it has one; never an address of
+//! another network.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::StatusCode;
-use mesh_core::state::{Destination, GatewayDestination, Service, State, Tunnel, Workload};
+use mesh_core::state::{Destination, GatewayAddress, GatewayDestination, Service, State, Tunnel, Workload};
 use rand::seq::SliceRandom;
 
 /// Why a stream is refused (the label of `eastwest_streams_total{outcome}`).
@@ -86,12 +87,43 @@ pub fn target(
         }
         None => match state.lookup(scope.network, dst.ip()) {
             Some(Destination::Service(svc)) => service_target(state, scope, &svc, dst.port(), like),
-            Some(Destination::Workload(w)) if w.tunnel == Tunnel::Hbone && w.healthy => {
-                Ok(SocketAddr::new(dst.ip(), scope.hbone_port))
-            }
-            Some(Destination::Workload(_)) => Err(Refused::NoLocalEndpoint),
+            Some(Destination::Workload(w)) => workload_target(state, scope, &w, dst, like),
             None => Err(Refused::NotInNetwork),
         },
+    }
+}
+
+/// A workload address: the workload's waypoint when it has one (the client's inner TLS
+/// expects the waypoint's identity, and its policy applies there), else its own ztunnel.
+fn workload_target(
+    state: &State,
+    scope: &Scope<'_>,
+    w: &Workload,
+    dst: SocketAddr,
+    like: IpAddr,
+) -> Result<SocketAddr, Refused> {
+    if let Some(wp) = &w.waypoint {
+        return pick(scope, &waypoint_endpoints(state, scope, wp), like, wp.hbone_port);
+    }
+    if w.tunnel == Tunnel::Hbone && w.healthy {
+        Ok(SocketAddr::new(dst.ip(), scope.hbone_port))
+    } else {
+        Err(Refused::NoLocalEndpoint)
+    }
+}
+
+/// The endpoints of a waypoint: the workload at its address, or its service's endpoints.
+fn waypoint_endpoints(state: &State, scope: &Scope<'_>, wp: &GatewayAddress) -> Vec<Arc<Workload>> {
+    match &wp.destination {
+        GatewayDestination::Address { ip, .. } => match state.lookup(scope.network, *ip) {
+            Some(Destination::Workload(w)) => vec![w],
+            Some(Destination::Service(s)) => state.endpoints(&s),
+            None => vec![],
+        },
+        GatewayDestination::Hostname { namespace, hostname } => state
+            .service(&format!("{namespace}/{hostname}"))
+            .map(|s| state.endpoints(s))
+            .unwrap_or_default(),
     }
 }
 
@@ -114,18 +146,7 @@ fn service_target(
     }
     if let Some(wp) = &svc.waypoint {
         // The client's inner TLS expects the waypoint's identity: send it there.
-        let endpoints = match &wp.destination {
-            GatewayDestination::Address { ip, .. } => match state.lookup(scope.network, *ip) {
-                Some(Destination::Workload(w)) => vec![w],
-                Some(Destination::Service(s)) => state.endpoints(&s),
-                None => vec![],
-            },
-            GatewayDestination::Hostname { namespace, hostname } => state
-                .service(&format!("{namespace}/{hostname}"))
-                .map(|s| state.endpoints(s))
-                .unwrap_or_default(),
-        };
-        return pick(scope, &endpoints, like, wp.hbone_port);
+        return pick(scope, &waypoint_endpoints(state, scope, wp), like, wp.hbone_port);
     }
     pick(scope, &state.endpoints(svc), like, scope.hbone_port)
 }
@@ -146,7 +167,7 @@ fn pick(scope: &Scope<'_>, endpoints: &[Arc<Workload>], like: IpAddr, port: u16)
 #[cfg(test)]
 mod tests {
     use mesh_core::identity::Identity;
-    use mesh_core::state::{GatewayAddress, PortMapping};
+    use mesh_core::state::PortMapping;
 
     use super::*;
 
@@ -303,6 +324,35 @@ mod tests {
                 Ok(sa("10.2.0.2:15008"))
             );
         }
+    }
+
+    /// A workload address of a workload with a waypoint goes to that waypoint, as a service's
+    /// does: never straight to the workload's ztunnel, past the waypoint's policy.
+    #[test]
+    fn a_workload_with_a_waypoint_goes_to_the_waypoint() {
+        let mut s = state();
+        let mut wp = workload("waypoint", "10.2.0.9", "net2");
+        wp.services.clear();
+        s.upsert_workload(wp);
+        let mut here = workload("web-here", "10.2.0.2", "net2");
+        here.waypoint = Some(GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: "net2".into(),
+                ip: "10.2.0.9".parse().unwrap(),
+            },
+            hbone_port: 15008,
+        });
+        s.upsert_workload(here);
+        assert_eq!(
+            target(&s, &SCOPE, None, sa("10.2.0.2:8080"), any()),
+            Ok(sa("10.2.0.9:15008"))
+        );
+        // A waypoint with no healthy endpoint here: refused, not the workload directly.
+        s.remove_workload("c//Pod/default/waypoint");
+        assert_eq!(
+            target(&s, &SCOPE, None, sa("10.2.0.2:8080"), any()),
+            Err(Refused::NoLocalEndpoint)
+        );
     }
 
     #[test]
