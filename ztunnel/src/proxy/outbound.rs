@@ -117,7 +117,8 @@ impl RouteError {
     }
 }
 
-/// Resolves a waypoint to its HBONE endpoint and identity.
+/// Resolves a waypoint to its HBONE endpoint and identity. A service's port it does not
+/// declare is refused as [`service_route`] refuses it: the waypoint would refuse it too.
 fn waypoint_route(
     state: &State,
     src: &Workload,
@@ -126,6 +127,11 @@ fn waypoint_route(
     authority: SocketAddr,
     service: Option<Arc<Service>>,
 ) -> Result<Route, RouteError> {
+    if let Some(svc) = service.as_ref() {
+        if !svc.ports.iter().any(|p| p.service_port == authority.port()) {
+            return Err(RouteError::NoPort(svc.key(), authority.port()));
+        }
+    }
     let unavailable = |why| RouteError::Waypoint {
         waypoint: match &wp.destination {
             GatewayDestination::Address { ip, .. } => ip.to_string(),
@@ -786,6 +792,13 @@ mod tests {
                 assert_eq!(identities[0].service_account, "waypoint");
             }
             other => panic!("{other:?}"),
+        }
+        // A port the service does not declare is refused here, not sent to the waypoint.
+        for vip in ["10.96.0.1:8080", "10.96.0.1:9090"] {
+            assert!(matches!(
+                resolve(&s, "", 15008, &client, sa(vip)),
+                Err(RouteError::NoPort(..))
+            ));
         }
         // The waypoint itself is not sent back to itself.
         let waypoint = s.workload_by_ip("", "10.0.0.9".parse().unwrap()).unwrap().clone();
