@@ -37,6 +37,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let mut registry = Registry::default();
     LogSink::stdout().register_dropped(&mut registry, LOG_LINES_DROPPED);
+    mesh_core::admin_http::register(&mut registry, "waypoint_admin_connections_refused");
     let (waypoint, ready) = build(&cfg, &mut registry)?;
     spawn_certificate(waypoint.certs.clone(), cfg.identity.clone());
 

@@ -186,6 +186,12 @@ impl Config {
             "--header-read-timeout-ms 0: a client needs some time to send its request"
         );
         anyhow::ensure!(
+            self.admin_addr.ip().is_loopback(),
+            "--admin-addr {} must be a loopback address (e.g. 127.0.0.1:15000): the admin endpoint \
+             shows every route and policy this proxy holds; use `kubectl port-forward` to reach it",
+            self.admin_addr
+        );
+        anyhow::ensure!(
             self.stream_idle_timeout_ms > 0,
             "--stream-idle-timeout-ms 0: a client needs some time to send its request's body"
         );
@@ -287,6 +293,8 @@ mod tests {
         assert_eq!(cfg.stats_addr.port(), 9021);
         let cfg = parse(&["--header-read-timeout-ms", "0"]).expect("parses");
         assert!(cfg.validate().is_err(), "a zero header-read timeout is refused");
+        let cfg = parse(&["--admin-addr", "0.0.0.0:15000"]).expect("parses");
+        assert!(cfg.validate().is_err(), "an admin port off localhost is refused");
     }
 
     #[test]

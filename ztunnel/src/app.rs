@@ -135,6 +135,7 @@ pub async fn start(cfg: &Config, reload: LogReload) -> anyhow::Result<Running> {
     let state = StateStore::new();
     let mut registry = Registry::default();
     LogSink::stdout().register_dropped(&mut registry, "ztunnel_log_lines_dropped");
+    mesh_core::admin_http::register(&mut registry, "ztunnel_admin_connections_refused");
     let metrics = Metrics::register(&mut registry);
 
     // Proxy sockets carry the mesh mark; so do the control plane connections, which the

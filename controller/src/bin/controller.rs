@@ -374,6 +374,7 @@ async fn main() -> anyhow::Result<()> {
     let (skipped_tx, skipped_rx) = watch::channel(Vec::new());
 
     let mut registry = Registry::with_prefix("controller");
+    mesh_core::admin_http::register(&mut registry, "admin_connections_refused");
     let xds_metrics = XdsMetrics::register(&mut registry);
     let ca_metrics = CaMetrics::register(&mut registry);
     core.kind_metrics.register(&mut registry);

@@ -112,6 +112,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     mesh_core::log_sink::LogSink::stdout().register_dropped(&mut registry, crate::app::LOG_LINES_DROPPED);
+    mesh_core::admin_http::register(&mut registry, "waypoint_admin_connections_refused");
     let metrics = Metrics::register(&mut registry);
     let certs = cert_manager(&cfg)?;
     let ready = workload_state(&cfg, &mut registry)?;
