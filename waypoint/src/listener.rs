@@ -10,6 +10,15 @@
 //! service port declared HTTP (appProtocol or port name), a service with HTTP or gRPC routes,
 //! or one with a policy that reads HTTP ([`authz::needs_http`]) is parsed as HTTP or refused,
 //! and a silent client there waits for its request (bounded) instead of becoming TCP.
+//!
+//! A workload-addressed stream (a waypoint for workloads) has no service, and the HTTP
+//! pipeline serves only a service's requests (routes, backends and telemetry are per
+//! service), so it is carried as TCP under the Gateway's L4 policy. It fails closed instead
+//! when the Gateway's own policies need HTTP (the same [`http_only`] predicate, applied to the
+//! policies targeting the Gateway): a LocalRateLimitPolicy, RequestAuthentication or L7
+//! authorization rule there would otherwise not apply to it, so it is refused
+//! (`workload_needs_http`). Istio would serve it through L7; that needs a workload backend in
+//! the pipeline.
 
 use std::io;
 use std::net::SocketAddr;
@@ -291,6 +300,9 @@ enum TunnelRefusal {
     /// The peer is this waypoint itself (its own identity, a replica's included): a service
     /// whose upstream leads back here would loop until the stream limits trip.
     Loop,
+    /// A workload-addressed stream, which is served only as TCP, while the Gateway's own
+    /// policies (a rate limit, a RequestAuthentication, an L7 authorization rule) need HTTP.
+    WorkloadNeedsHttp,
 }
 
 impl TunnelRefusal {
@@ -301,6 +313,7 @@ impl TunnelRefusal {
             TunnelRefusal::NotBound => "not_bound_to_waypoint",
             TunnelRefusal::UndeclaredPort => "undeclared_port",
             TunnelRefusal::Loop => "loop",
+            TunnelRefusal::WorkloadNeedsHttp => "workload_needs_http",
         }
     }
 
@@ -308,7 +321,7 @@ impl TunnelRefusal {
     fn status(self) -> StatusCode {
         match self {
             TunnelRefusal::UnknownHostname | TunnelRefusal::UndeclaredPort => StatusCode::BAD_REQUEST,
-            TunnelRefusal::NotBound | TunnelRefusal::Loop => StatusCode::FORBIDDEN,
+            TunnelRefusal::NotBound | TunnelRefusal::Loop | TunnelRefusal::WorkloadNeedsHttp => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -371,24 +384,10 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
     let service = match target {
         Some(Destination::Service(s)) => s,
         Some(Destination::Workload(_)) | None => {
-            // Workload-addressed traffic is served as TCP straight to that address.
-            let spiffe = c.peer_identity.to_string();
-            let labels = RequestLabels::new(
-                state.workload_by_ip(&wp.network, client_addr.ip()).map(|w| &**w),
-                &spiffe,
-                state.workload_by_ip(&wp.network, dst.ip()).map(|w| &**w),
-                None,
-                "tcp",
-            );
-            drop(state);
-            let Ok(stream) = accept_l4(&wp, c, client_addr, None) else {
+            let Some((stream, to, spiffe)) = workload_stream(&wp, c, &state, client_addr, dst) else {
                 return;
             };
-            let to = TcpTo {
-                target: dst,
-                labels: labels.into(),
-                idle: Some(TCP_IDLE_TIMEOUT),
-            };
+            drop(state);
             // Boxed, as below: inline, the TCP path's state would double every HTTP tunnel's.
             let _ = Box::pin(tcp_to(&wp, stream, (client_addr, &spiffe), to)).await;
             return;
@@ -443,6 +442,48 @@ async fn tunnel(wp: Arc<Waypoint>, c: InboundConnect) {
         service,
     });
     serve_http(wp, down, io, &spiffe).await;
+}
+
+/// Whether the waypoint may serve a workload-addressed stream, which it carries only as TCP
+/// straight to the address: not when the gateway's own policies make traffic HTTP-only (the
+/// predicate of the service path, [`http_only`], over the policies targeting the Gateway):
+/// a rate limit or RequestAuthentication there would otherwise silently not apply to it.
+fn admit_workload(snapshot: &crate::store::Snapshot, gateway: (&str, &str)) -> Result<(), TunnelRefusal> {
+    match http_only(AppProtocol::Unknown, false, snapshot.policies_for(gateway, ("", ""))) {
+        Some(_) => Err(TunnelRefusal::WorkloadNeedsHttp),
+        None => Ok(()),
+    }
+}
+
+/// A workload-addressed stream, admitted ([`admit_workload`], then the gateway's L4 policy)
+/// and accepted, with where it goes and the peer's SPIFFE identity; `None` once refused.
+fn workload_stream(
+    wp: &Waypoint,
+    c: InboundConnect,
+    state: &mesh_core::state::State,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+) -> Option<(Rewind<H2Io>, TcpTo, String)> {
+    let gateway = (wp.gateway.0.as_str(), wp.gateway.1.as_str());
+    if let Err(refusal) = admit_workload(&wp.config.load(), gateway) {
+        refuse(wp, c, dst, refusal);
+        return None;
+    }
+    let spiffe = c.peer_identity.to_string();
+    let labels = RequestLabels::new(
+        state.workload_by_ip(&wp.network, client_addr.ip()).map(|w| &**w),
+        &spiffe,
+        state.workload_by_ip(&wp.network, dst.ip()).map(|w| &**w),
+        None,
+        "tcp",
+    );
+    let stream = accept_l4(wp, c, client_addr, None).ok()?;
+    let to = TcpTo {
+        target: dst,
+        labels: labels.into(),
+        idle: Some(TCP_IDLE_TIMEOUT),
+    };
+    Some((stream, to, spiffe))
 }
 
 /// Serves the HTTP inside one tunnel until it ends; once the waypoint is closing, idle
@@ -998,5 +1039,212 @@ mod admit_tests {
         assert_eq!(TunnelRefusal::Loop.reason(), "loop");
         let other: Identity = "spiffe://cluster.local/ns/other/sa/waypoint".parse().unwrap();
         assert_eq!(from(&other), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod workload_tests {
+    use super::*;
+    use mesh_core::hbone::{HbonePool, PoolKey, TunnelRequest};
+    use mesh_core::identity::{CertManager, CertificateSigner, DevCa};
+    use mesh_core::socket::PlainSockets;
+    use mesh_core::state::model::Workload;
+    use prost::Message;
+    use tokio::io::AsyncWriteExt;
+
+    const GATEWAY: (&str, &str) = ("ns", "waypoint");
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A policy of `kind` in `ns` targeting the `(target kind, name)`.
+    fn policy(kind: wp::policy::Kind, (target, name): (&str, &str)) -> wp::Policy {
+        wp::Policy {
+            name: "p".into(),
+            namespace: "ns".into(),
+            targets: vec![wp::Target {
+                kind: target.into(),
+                namespace: String::new(),
+                name: name.into(),
+            }],
+            kind: Some(kind),
+        }
+    }
+
+    fn rate_limit() -> wp::policy::Kind {
+        wp::policy::Kind::RateLimit(wp::RateLimit {
+            max_tokens: 1,
+            tokens_per_fill: 1,
+            fill_interval: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+            per_source: false,
+        })
+    }
+
+    /// `policies` applied to a fresh store, by name.
+    fn store_with(policies: &[wp::Policy]) -> Arc<crate::store::ConfigStore> {
+        let store = crate::store::ConfigStore::new();
+        let encoded: Vec<(String, Vec<u8>)> = policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("Policy/ns/p{i}"), p.encode_to_vec()))
+            .collect();
+        let upserts: Vec<(String, &[u8])> = encoded.iter().map(|(n, b)| (n.clone(), b.as_slice())).collect();
+        assert!(store.apply_policies(&upserts, &[]).is_empty());
+        store
+    }
+
+    /// What the Gateway's policies need decides a workload-addressed stream: a rate limit, a
+    /// RequestAuthentication or an L7 rule on the Gateway refuse it; L4 rules, and policies of
+    /// a service or another gateway, do not.
+    #[test]
+    fn gateway_policies_that_need_http_refuse_workload_streams() {
+        let jwt = wp::policy::Kind::Jwt(wp::JwtAuthentication::default());
+        let authz = |paths: Vec<String>| {
+            wp::policy::Kind::Authorization(wp::Authorization {
+                action: wp::Action::Deny as i32,
+                rules: vec![wp::Rule {
+                    to: vec![wp::Operation {
+                        paths,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                dry_run: false,
+            })
+        };
+        let refused = Err(TunnelRefusal::WorkloadNeedsHttp);
+        let cases = [
+            (vec![], Ok(())),
+            (vec![policy(rate_limit(), ("Gateway", "waypoint"))], refused),
+            (vec![policy(jwt.clone(), ("Gateway", "waypoint"))], refused),
+            (
+                vec![policy(authz(vec!["/admin".into()]), ("Gateway", "waypoint"))],
+                refused,
+            ),
+            (vec![policy(authz(vec![]), ("Gateway", "waypoint"))], Ok(())),
+            (vec![policy(rate_limit(), ("Service", "web"))], Ok(())),
+            (vec![policy(jwt, ("Gateway", "other"))], Ok(())),
+        ];
+        for (policies, want) in cases {
+            let store = store_with(&policies);
+            assert_eq!(admit_workload(&store.load(), GATEWAY), want, "{policies:?}");
+        }
+        assert_eq!(TunnelRefusal::WorkloadNeedsHttp.reason(), "workload_needs_http");
+        assert_eq!(TunnelRefusal::WorkloadNeedsHttp.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// A waypoint `ns/waypoint` for workloads: the workload `db` at 127.0.0.1 uses it.
+    fn waypoint_for_workloads(ca: Arc<dyn CertificateSigner>) -> Arc<Waypoint> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let state = mesh_core::state::StateStore::new();
+        let mut db: Workload = (*crate::upstream::cluster::tests::workload("db")).clone();
+        db.addresses = vec!["127.0.0.1".parse().unwrap()];
+        db.waypoint = Some(GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "ns".into(),
+                hostname: "waypoint.ns.svc.cluster.local".into(),
+            },
+            hbone_port: 15008,
+        });
+        state.update(|s| s.upsert_workload(db));
+        let trace = crate::telemetry::trace::TraceConfig {
+            zipkin: None,
+            otlp: None,
+            sampling: 0.0,
+            tags: vec![],
+            service: "waypoint.ns".into(),
+            dropped: crate::telemetry::trace::register_dropped(&mut registry),
+        };
+        Arc::new(Waypoint {
+            gateway: ("ns".into(), "waypoint".into()),
+            identity: "spiffe://cluster.local/ns/ns/sa/waypoint".parse().unwrap(),
+            network: String::new(),
+            state,
+            config: crate::store::ConfigStore::new(),
+            certs: CertManager::new(ca, vec![], Default::default()),
+            upstreams: crate::upstream::Upstreams::new(
+                crate::upstream::connector::test_connector(),
+                crate::upstream::tls::CredentialStore::new("ns/waypoint".into()),
+            ),
+            jwks: crate::policy::jwt::JwksCache::new(Duration::from_secs(60), Duration::from_secs(5)),
+            metrics: crate::telemetry::metrics::Metrics::register(&mut registry),
+            tracer: crate::telemetry::trace::Tracer::start(trace),
+            access_log: crate::telemetry::access_log::Sinks::register(&mut registry, "waypoint.ns".into()),
+            header_read_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(300),
+            path_normalization: Default::default(),
+            drain: Default::default(),
+            closing: Default::default(),
+            tasks: Default::default(),
+            rate_limits: Default::default(),
+            ingress: None,
+        })
+    }
+
+    /// An echo server: what it reads, it writes back.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = conn.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A pod-address CONNECT through a waypoint for workloads flows as TCP while nothing on
+    /// the Gateway needs HTTP; once a LocalRateLimitPolicy targets the Gateway it is refused
+    /// and counted, never carried past the rate limit as raw TCP.
+    #[tokio::test]
+    async fn a_gateway_rate_limit_refuses_workload_addressed_tcp() {
+        let ca: Arc<dyn CertificateSigner> = Arc::new(DevCa::generate("cluster.local").unwrap());
+        let wp = waypoint_for_workloads(ca.clone());
+        wp.certs.fetch(&wp.identity).await.expect("waypoint certificate");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hbone = listener.local_addr().unwrap();
+        tokio::spawn(serve(wp.clone(), listener, LimitConfig::default()));
+        let pool = HbonePool::new(
+            Settings::default(),
+            CertManager::new(ca, vec![], Default::default()),
+            Arc::new(PlainSockets::default()),
+        );
+        let db = echo().await;
+        let req = TunnelRequest {
+            key: PoolKey {
+                src_identity: "spiffe://cluster.local/ns/ns/sa/client".parse().unwrap(),
+                dst_identities: vec![wp.identity.clone()],
+                src_ip: None,
+                dst: hbone,
+            },
+            authority: db.to_string(),
+            forwarded_for: None,
+            baggage: None,
+            traceparent: None,
+        };
+
+        let mut io = pool.connect(&req).await.expect("no policy needs HTTP").into_io();
+        let hello = b"\x16\x03\x01 not http";
+        io.write_all(hello).await.unwrap();
+        let mut back = [0u8; 12];
+        tokio::time::timeout(WAIT, io.read_exact(&mut back))
+            .await
+            .expect("echoed in time")
+            .expect("echoed");
+        assert_eq!(&back, hello);
+
+        let limit = policy(rate_limit(), ("Gateway", "waypoint")).encode_to_vec();
+        assert!(wp
+            .config
+            .apply_policies(&[("Policy/ns/rl".into(), limit.as_slice())], &[])
+            .is_empty());
+        let refused = pool.connect(&req).await;
+        assert!(
+            refused.is_err(),
+            "a workload-addressed stream bypassed the gateway's rate limit"
+        );
+        let reason = vec![("reason".to_owned(), "workload_needs_http".to_owned())];
+        assert_eq!(wp.metrics.rejected.get_or_create(&reason).get(), 1);
     }
 }
