@@ -283,8 +283,7 @@ fn dns_settings(cfg: &Config) -> Option<Arc<proxy::DnsSettings>> {
         return None;
     }
     let upstreams = if cfg.dns_upstream.is_empty() {
-        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        crate::dns::upstreams_from_resolv_conf(&conf)
+        resolv_conf_upstreams(std::path::Path::new("/etc/resolv.conf"))
     } else {
         cfg.dns_upstream.clone()
     };
@@ -294,6 +293,23 @@ fn dns_settings(cfg: &Config) -> Option<Arc<proxy::DnsSettings>> {
         domain: cfg.cluster_domain.clone(),
         upstreams: Arc::new(upstreams),
     }))
+}
+
+/// The upstream resolvers of resolv.conf at `path`. Without any, DNS proxying still runs
+/// (mesh names resolve; refusing it would leave the pods' redirected DNS unanswered) and
+/// every other name is answered SERVFAIL: said loudly, with the fix.
+fn resolv_conf_upstreams(path: &std::path::Path) -> Vec<std::net::SocketAddr> {
+    let why = match crate::dns::read_resolv_conf(path) {
+        crate::dns::ResolvConf::Nameservers(v) => return v,
+        crate::dns::ResolvConf::NoNameserver => "it has no usable nameserver line".to_owned(),
+        crate::dns::ResolvConf::Unreadable(e) => format!("it cannot be read: {e}"),
+    };
+    tracing::warn!(
+        path = %path.display(),
+        "no upstream DNS resolver: {why}; the DNS proxy answers mesh names only and SERVFAIL \
+         for every other name (set --dns-upstream)"
+    );
+    Vec::new()
 }
 
 /// Binds the admin (loopback), stats and readiness listeners; the token stops them.
