@@ -5,7 +5,8 @@
 //! time and acknowledge each. Until `SnapshotSent`, the agent lists every pod it holds (Add
 //! with a namespace fd, or Keep for a pod ztunnel already serves); after it, pods not listed
 //! are dropped and ztunnel is ready. Later Adds and Dels follow pods as they come and go. A
-//! bad request is answered with an error ack and counted; the session goes on.
+//! bad request is answered with an error ack and counted; the session goes on. A pod's DNS
+//! proxy expands short names in the namespace of its workload info (the uid as a fallback).
 
 pub mod netns;
 
@@ -80,8 +81,7 @@ impl Pods {
             .start(self.shared.ports)
             .map_err(|e| format!("pod {uid}: {e:#}"))?;
         if let Some(dns) = &self.shared.dns {
-            // The uid is `<cluster>//Pod/<namespace>/<name>`: short names resolve in its namespace.
-            let namespace = uid.rsplit('/').nth(1).map(str::to_owned);
+            let namespace = dns_namespace(uid, add.workload_info.as_ref());
             let resolver = Arc::new(crate::dns::DnsProxy {
                 state: self.shared.state.clone(),
                 sockets,
@@ -115,6 +115,20 @@ impl Pods {
             // Stops its listeners and sends GOAWAY on its HBONE connections.
             p.proxy.drain.cancel();
             self.publish_addresses();
+        }
+    }
+}
+
+/// The namespace a pod's short DNS names expand in: the workload info's, else the one in
+/// a uid of the form `<cluster>//Pod/<namespace>/<name>` (Istio's agent sends the pod UID,
+/// which names none).
+fn dns_namespace(uid: &str, info: Option<&zds::WorkloadInfo>) -> Option<String> {
+    match info {
+        Some(i) if !i.namespace.is_empty() => Some(i.namespace.clone()),
+        _ => {
+            let mut parts = uid.rsplit('/');
+            let (_name, ns) = (parts.next(), parts.next()?);
+            (!ns.is_empty()).then(|| ns.to_owned())
         }
     }
 }
@@ -234,5 +248,28 @@ fn handle(
             Ok(())
         }
         None => Err("request without payload".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_namespace_comes_from_the_workload_info() {
+        let info = |ns: &str| zds::WorkloadInfo {
+            name: "web-0".into(),
+            namespace: ns.into(),
+            service_account: "default".into(),
+        };
+        for (uid, info, want) in [
+            ("0b7e5c4a-pod-uid", Some(info("shop")), Some("shop")),
+            ("c//Pod/other/web-0", Some(info("shop")), Some("shop")),
+            ("c//Pod/shop/web-0", Some(info("")), Some("shop")),
+            ("c//Pod/shop/web-0", None, Some("shop")),
+            ("0b7e5c4a-pod-uid", None, None),
+        ] {
+            assert_eq!(dns_namespace(uid, info.as_ref()).as_deref(), want, "{uid}");
+        }
     }
 }
