@@ -141,12 +141,17 @@ async fn a_rejected_or_lost_add_fails_enrolment() {
 }
 
 /// The agent's retry of failed captures waits on this rather than capturing while no ztunnel
-/// is there: a ztunnel that connected while nobody waited must still be told.
+/// is there: a ztunnel that connected while nobody waited must still be told, once its
+/// snapshot is sent (a retry then sees what it rejected).
 #[tokio::test]
 async fn a_ztunnel_connecting_is_told_to_the_next_wait() {
     let (srv, _dir, path) = server().await;
     let z = FakeZtunnel::connect(&path).await;
     until_connected(&srv, 1).await;
+    let (payload, _) = z.next("").await;
+    assert!(matches!(payload, Payload::SnapshotSent(_)), "{payload:?}");
+    // The wait starts after the connection (and the snapshot's ack) was told.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     tokio::time::timeout(Duration::ZERO, srv.ztunnel_connected())
         .await
         .expect("the connection is told to a wait that starts after it");
@@ -154,6 +159,40 @@ async fn a_ztunnel_connecting_is_told_to_the_next_wait() {
     assert!(tokio::time::timeout(Duration::ZERO, srv.ztunnel_connected())
         .await
         .is_err());
-    let (payload, _) = z.next("").await;
-    assert!(matches!(payload, Payload::SnapshotSent(_)), "{payload:?}");
+}
+
+/// A snapshot Add the ztunnel rejects leaves the pod enrolled and unserved, and it is offered
+/// again (once the snapshot is sent, and only while no ztunnel serves it).
+#[tokio::test]
+async fn a_rejected_snapshot_add_can_be_offered_again() {
+    let (srv, _dir, path) = server().await;
+    srv.restore_pod("p1", info("p1"), netns());
+    srv.restore_pod("p2", info("p2"), netns());
+    assert!(!srv.unserved(), "no ztunnel: nothing to offer again");
+    let z = FakeZtunnel::connect(&path).await;
+    assert!(matches!(z.next("no room").await, (Payload::Add(ref a), true) if a.uid == "p1"));
+    assert!(matches!(z.next("").await, (Payload::Add(ref a), true) if a.uid == "p2"));
+    // Before the snapshot is sent, the snapshot still carries every pod: nothing to offer.
+    assert_eq!(srv.reoffer("p1").await, Ok(()));
+    assert!(matches!(z.next("").await, (Payload::SnapshotSent(_), false)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !srv.unserved() {
+        assert!(std::time::Instant::now() < deadline, "p1 not seen unserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(srv.pods(), vec!["p1".to_owned(), "p2".to_owned()], "p1 stays enrolled");
+    assert!(!srv.served("p1") && srv.served("p2"));
+
+    // Rejected again: an error for the retry to back off on.
+    let (r, _) = tokio::join!(srv.reoffer("p1"), z.next("still no room"));
+    assert!(matches!(r, Err(EnrolError::Rejected { .. })), "{r:?}");
+    let (r, got) = tokio::join!(srv.reoffer("p1"), z.next(""));
+    r.unwrap();
+    assert!(matches!(got, (Payload::Add(ref a), true) if a.uid == "p1"), "{got:?}");
+    assert!(srv.served("p1") && !srv.unserved());
+    // Served: nothing is sent (the ztunnel would see it next).
+    assert_eq!(srv.reoffer("p1").await, Ok(()));
+    assert_eq!(srv.reoffer("p2").await, Ok(()));
+    let ((), got) = tokio::join!(srv.del_pod("p2"), z.next(""));
+    assert!(matches!(got.0, Payload::Del(ref d) if d.uid == "p2"), "{got:?}");
 }

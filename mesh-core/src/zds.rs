@@ -2,14 +2,19 @@
 //! unix `SOCK_SEQPACKET` socket (no length prefix, at most [`MAX_MESSAGE`] bytes), and an
 //! `AddWorkload` carries the pod's network namespace as one fd (SCM_RIGHTS). Both sides use
 //! this module: ztunnel connects, the agent listens.
+//!
+//! Whoever connects receives every pod's namespace, and may acknowledge pods it does not
+//! serve: the agent's socket is mode 0600 (made so before `listen`, so no peer ever connects
+//! through a wider mode) and a peer is admitted only when its `SO_PEERCRED` uid is root's or
+//! the agent's own ([`ZdsError::PeerRefused`] otherwise). ztunnel runs as root, as the agent.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{
-    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, getsockopt, listen, recvmsg, sendmsg, socket, sockopt, AddressFamily, Backlog,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -32,6 +37,9 @@ pub enum ZdsError {
     Decode(#[from] prost::DecodeError),
     #[error("ZDS message carried {0} file descriptors; at most one is allowed")]
     TooManyFds(usize),
+    /// A peer whose uid is neither root's nor the agent's: its connection was closed.
+    #[error("ZDS peer refused: pid {pid} runs as uid {uid}; only uid 0 or the agent's uid {allowed} may connect")]
+    PeerRefused { pid: i32, uid: u32, allowed: u32 },
 }
 
 fn nix_io(e: nix::Error) -> std::io::Error {
@@ -149,11 +157,20 @@ impl ZdsConn {
 /// The agent's listening socket.
 pub struct ZdsListener {
     fd: AsyncFd<OwnedFd>,
+    /// Besides root, the uid a peer may run as: the agent's own (effective) uid.
+    own_uid: u32,
 }
 
+/// The socket file's mode: the agent (and root) alone may connect.
+const SOCKET_MODE: u32 = 0o600;
+
 impl ZdsListener {
-    /// Binds `path` (removing a stale socket file first).
+    /// Binds `path` (removing a stale socket file first), mode [`SOCKET_MODE`] whatever the
+    /// umask. The mode is set between `bind` and `listen`: until `listen` every `connect`
+    /// is refused, so the mode the umask gave is never one a peer gets through. (A process
+    /// swapping the path meanwhile must write its directory: root's, as the agent.)
     pub fn bind(path: &Path) -> Result<Self, ZdsError> {
+        use std::os::unix::fs::PermissionsExt;
         let err = |source| ZdsError::Socket {
             path: path.display().to_string(),
             source,
@@ -162,10 +179,16 @@ impl ZdsListener {
         let fd = seqpacket().map_err(err)?;
         let addr = UnixAddr::new(path).map_err(|e| err(nix_io(e)))?;
         bind(fd.as_raw_fd(), &addr).map_err(|e| err(nix_io(e)))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(err)?;
         listen(&fd, Backlog::new(16).map_err(|e| err(nix_io(e)))?).map_err(|e| err(nix_io(e)))?;
-        Ok(ZdsListener { fd: register(fd)? })
+        Ok(ZdsListener {
+            fd: register(fd)?,
+            own_uid: nix::unistd::geteuid().as_raw(),
+        })
     }
 
+    /// The next connection of an admitted peer; [`ZdsError::PeerRefused`] (the connection
+    /// closed) for another one, for the caller to log and accept the next.
     pub async fn accept(&self) -> Result<ZdsConn, ZdsError> {
         loop {
             let mut guard = self.fd.ready(Interest::READABLE).await?;
@@ -173,16 +196,29 @@ impl ZdsListener {
                 self.fd.get_ref().as_raw_fd(),
                 SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             ) {
-                // SAFETY: accept4 returned a new descriptor that nothing else owns.
                 Ok(raw) => {
-                    return Ok(ZdsConn {
-                        fd: register(unsafe { OwnedFd::from_raw_fd(raw) })?,
-                    })
+                    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                    self.admit(&fd)?;
+                    return Ok(ZdsConn { fd: register(fd)? });
                 }
                 Err(nix::Error::EAGAIN) => guard.clear_ready(),
                 Err(e) => return Err(ZdsError::Io(nix_io(e))),
             }
         }
+    }
+
+    /// Whether the peer of `conn` (as it was when it connected) may have the pods' namespaces.
+    fn admit(&self, conn: &OwnedFd) -> Result<(), ZdsError> {
+        let cred = getsockopt(conn, sockopt::PeerCredentials).map_err(nix_io)?;
+        if cred.uid() == 0 || cred.uid() == self.own_uid {
+            return Ok(());
+        }
+        Err(ZdsError::PeerRefused {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            allowed: self.own_uid,
+        })
     }
 }
 
@@ -244,5 +280,75 @@ mod tests {
             client.recv::<WorkloadRequest>().await,
             Err(ZdsError::Decode(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_for_its_owner_alone_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zds.sock");
+        let _listener = ZdsListener::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    /// Run by [`a_peer_of_another_uid_is_refused`] as another uid: connects and waits until
+    /// the agent closes the connection. Does nothing in a test run.
+    #[test]
+    fn connect_helper() {
+        let Some(path) = std::env::var_os("MESH_ZDS_CONNECT_HELPER") else {
+            return;
+        };
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(Path::new(&path)).unwrap()).unwrap();
+        let _ = nix::sys::socket::recv(fd.as_raw_fd(), &mut [0u8; 1], MsgFlags::empty());
+    }
+
+    /// A child process, killed on drop (also when the test fails).
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The peer's uid is checked whatever the socket's mode: as root, a child of uid 65534
+    /// connects to a socket opened to everyone; otherwise the listener takes its own uid for
+    /// another one. Either way the next admitted peer still gets in.
+    #[tokio::test]
+    async fn a_peer_of_another_uid_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zds.sock");
+        let mut listener = ZdsListener::bind(&path).unwrap();
+        let own = listener.own_uid;
+        let (_child, _client, refused) = if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "zds::tests::connect_helper", "--test-threads=1"])
+                .env("MESH_ZDS_CONNECT_HELPER", &path)
+                .uid(65534)
+                .gid(65534)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            (Some(KillOnDrop(child)), None, 65534)
+        } else {
+            listener.own_uid = own.wrapping_add(1);
+            (None, Some(ZdsConn::connect(&path).unwrap()), own)
+        };
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept()).await;
+        match accepted.expect("no peer within 10 s") {
+            Err(ZdsError::PeerRefused { uid, .. }) => assert_eq!(uid, refused),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a peer of uid {refused} was admitted"),
+        }
+        listener.own_uid = own;
+        let _admitted = ZdsConn::connect(&path).unwrap();
+        listener.accept().await.expect("the agent's own uid is admitted");
     }
 }

@@ -26,8 +26,9 @@ pub struct AgentMetrics {
     /// Scans that found a pod's IP in more than one network namespace, not one of them alone
     /// holding a process in the pod's cgroup, and adopted none.
     pub ambiguous: Counter,
-    /// Known pods whose enrolment or release failed (or waits for a ztunnel) at the last
-    /// reconciliation: retried when a ztunnel connects, or after a back-off.
+    /// Known pods whose enrolment or release failed (or waits for a ztunnel), or whose
+    /// snapshot Add ztunnel rejected, at the last reconciliation: retried when a ztunnel
+    /// connects, or after a back-off.
     pub pending: Gauge,
 }
 
@@ -72,7 +73,7 @@ impl AgentMetrics {
         );
         registry.register(
             "reconciliations_pending",
-            "Pods whose capture or release failed or waits at the last reconciliation (no ztunnel, rules not removable); retried when a ztunnel connects or after a back-off of 5 s doubling to 5 min",
+            "Pods whose capture or release failed or waits at the last reconciliation (no ztunnel, rules not removable, hand-off rejected, also in a snapshot); retried when a ztunnel connects or after a back-off of 5 s doubling to 5 min",
             self.pending.clone(),
         );
     }

@@ -10,6 +10,8 @@
 //!   rules, policy rule and route, ztunnel serving it); otherwise names the missing part.
 //! - `GET /v1/ready`: 200 once the agent serves.
 //!
+//! Bodies are at most [`MAX_BODY`] (413 beyond); a failing accept backs off ([`accept_loop`]).
+//!
 //! ADD, DEL, CHECK and reconciliation of one container run one at a time ([`ContainerLocks`]),
 //! each in a task of its own, so a plugin that gives up mid-way cannot cancel one half done.
 
@@ -56,6 +58,13 @@ const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 /// How often one pod's failed enrolment or release is logged at most.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest request body read: the plugin's requests are small JSON (ids, a path, names,
+/// addresses: well under a KiB), so this leaves a wide margin; a larger one gets 413.
+const MAX_BODY: usize = 1024 * 1024;
+/// The wait after a failed accept of a plugin connection, doubled while accepts keep
+/// failing, up to the second.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The wait before the next retry pass, after `failed` passes in a row left pods pending.
 fn retry_delay(failed: u32) -> Duration {
@@ -807,7 +816,7 @@ impl Agent {
     }
 
     /// Reconciles the known pods again while the last pass left one it could not capture or
-    /// release: without this, a namespace labelled ambient while ztunnel was away left its
+    /// release, or a captured pod is unserved (its snapshot Add rejected): without this, a namespace labelled ambient while ztunnel was away left its
     /// running pods unmeshed until some unrelated change. A pass runs when a ztunnel connects
     /// or after [`retry_delay`] (which backs off while passes keep failing), never in a loop:
     /// each failed capture touched a running pod's traffic.
@@ -818,7 +827,7 @@ impl Agent {
                 () = self.zds.ztunnel_connected() => failed = 0,
                 () = tokio::time::sleep(retry_delay(failed)) => {}
             }
-            if self.metrics.pending.get() == 0 {
+            if self.metrics.pending.get() == 0 && !self.zds.unserved() {
                 failed = 0;
                 continue;
             }
@@ -877,6 +886,16 @@ impl Agent {
                 }
             }
             (None, Err(_)) if adopted_and_deleted => Change::Forget,
+            // Captured and unserved: treated as a live Add that failed in a retry pass, but
+            // kept captured (fail closed) as the pod already runs in the mesh.
+            (Some(uid), Ok(_)) => match self.zds.reoffer(uid).await {
+                Ok(()) => Change::Keep,
+                // The ZDS server logged the rejection.
+                Err(e) => {
+                    debug!(%uid, error = %e, "pod still unserved; offered again after a back-off");
+                    Change::Retry
+                }
+            },
             _ => Change::Keep,
         }
     }
@@ -946,9 +965,10 @@ impl Agent {
         if method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path}"));
         }
-        let body = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
+        let body = match read_body(req.into_body()).await {
+            Ok(b) => b,
+            Err(e @ BodyError::TooLarge) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         };
         let pod: PodRequest = match serde_json::from_slice(&body) {
             Ok(p) => p,
@@ -971,14 +991,9 @@ impl Agent {
 
     /// Serves the plugin's requests on `listener`.
     pub async fn serve(self: Arc<Self>, listener: UnixListener) {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "CNI socket accept failed");
-                    continue;
-                }
-            };
+        let listener = &listener;
+        let accept = || async move { listener.accept().await.map(|(s, _)| s) };
+        accept_loop(accept, |stream| {
             let agent = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -989,7 +1004,59 @@ impl Agent {
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
+        })
+        .await;
+    }
+}
+
+/// Hands each connection `accept` yields to `handle`. A failed accept (descriptors exhausted,
+/// say) is retried after a wait doubling from [`ACCEPT_BACKOFF_FIRST`] to
+/// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing: the listener stays readable, and
+/// retrying at once would spin a core.
+async fn accept_loop<S, F, Fut>(mut accept: F, mut handle: impl FnMut(S))
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    loop {
+        match accept().await {
+            Ok(stream) => {
+                backoff = ACCEPT_BACKOFF_FIRST;
+                handle(stream);
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis(), "CNI socket accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2).min(ACCEPT_BACKOFF_MAX);
+            }
         }
+    }
+}
+
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("request body larger than {MAX_BODY} bytes; the plugin's requests are small JSON")]
+    TooLarge,
+    #[error("reading body: {0}")]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The request body, refused once it grows past [`MAX_BODY`] (or says it will).
+async fn read_body<B>(body: B) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // A `content-length` beyond the limit is refused before any of the body is waited for.
+    if usize::try_from(body.size_hint().lower()).map_or(true, |n| n > MAX_BODY) {
+        return Err(BodyError::TooLarge);
+    }
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) => Err(BodyError::Read(e)),
     }
 }
 
@@ -1328,11 +1395,78 @@ mod tests {
     /// In `dir`, an inventory wanting pod shop/web captured and a state file knowing it
     /// uncaptured, in `ns`.
     fn known_uncaptured_ambient_pod(dir: &std::path::Path, ns: &TestNs) {
+        ambient_inventory(dir);
+        let state = vec![known("c1", ns.path(), Some(ns.id()), false)];
+        std::fs::write(dir.join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    }
+
+    /// In `dir`, an inventory wanting pod shop/web captured.
+    fn ambient_inventory(dir: &std::path::Path) {
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
         let inventory = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {serviceAccountName: web, containers: [{name: c, image: x}]}\n";
         std::fs::write(dir.join("manifests/shop.yaml"), inventory).unwrap();
-        let state = vec![known("c1", ns.path(), Some(ns.id()), false)];
-        std::fs::write(dir.join("pods.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    }
+
+    /// A captured pod whose snapshot Add the ztunnel rejects stays captured and is offered
+    /// again by the retry of pending reconciliations once the snapshot is sent, not left
+    /// unserved until the next reconnect.
+    #[tokio::test]
+    async fn a_rejected_snapshot_add_is_offered_again() {
+        use mesh_core::zds::{ZdsConn, ZdsListener};
+        use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest, WorkloadResponse};
+        let dir = tempfile::tempdir().unwrap();
+        ambient_inventory(dir.path());
+        let agent = agent(dir.path());
+        let uid = "Kubernetes//Pod/shop/web";
+        agent
+            .record_captured(known("c1", "/nonexistent".into(), None, true))
+            .await;
+        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        agent.zds.restore_pod(uid, WorkloadInfo::default(), netns.into());
+        let sock = dir.path().join("zds.sock");
+        let server = tokio::spawn(agent.zds.clone().serve(ZdsListener::bind(&sock).unwrap()));
+        let retry = tokio::spawn(agent.clone().retry_pending());
+        // A ztunnel rejecting the first Add (the snapshot's) and acking the rest.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let conn = ZdsConn::connect(&sock).unwrap();
+        let hello = zds::ZdsHello {
+            version: zds::Version::V1 as i32,
+        };
+        conn.send(&hello, None).await.unwrap();
+        let ztunnel = tokio::spawn(async move {
+            let mut adds = 0;
+            while let Ok((req, _)) = conn.recv::<WorkloadRequest>().await {
+                adds += usize::from(matches!(req.payload, Some(Payload::Add(_))));
+                let error = if adds == 1 { "no room" } else { "" };
+                let ack = WorkloadResponse {
+                    payload: Some(zds::workload_response::Payload::Ack(zds::Ack { error: error.into() })),
+                };
+                if conn.send(&ack, None).await.is_err() || tx.send(req.payload).is_err() {
+                    break;
+                }
+            }
+        });
+        let adds = tokio::time::timeout(RETRY_FIRST - Duration::from_secs(1), async {
+            let mut adds = 0;
+            while let Some(payload) = rx.recv().await {
+                adds += usize::from(matches!(payload, Some(Payload::Add(ref a)) if a.uid == uid));
+                if adds == 2 {
+                    break;
+                }
+            }
+        })
+        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while !agent.zds.served(uid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let served = agent.zds.served(uid);
+        for task in [server, retry, ztunnel] {
+            task.abort();
+        }
+        adds.expect("the rejected snapshot Add was not offered again before the back-off");
+        assert!(served, "offered again and acked, yet not served");
+        assert_eq!(agent.zds.pods(), vec![uid.to_owned()]);
     }
 
     /// A capture left pending for want of a ztunnel is done when one connects, not after the
@@ -1382,6 +1516,57 @@ mod tests {
         }
         let added = added.expect("no capture before the back-off elapsed");
         assert_eq!(added.as_deref(), Some("Kubernetes//Pod/shop/web"));
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_refused_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let full = |n| Full::new(Bytes::from(vec![b' '; n]));
+        assert_eq!(read_body(full(MAX_BODY)).await.unwrap().len(), MAX_BODY);
+        assert!(matches!(read_body(full(MAX_BODY + 1)).await, Err(BodyError::TooLarge)));
+        // Over the socket: a request announcing more gets 413 before its body is sent; a
+        // chunked one once it has sent more (and is not read to its end).
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("cni.sock");
+        let server = tokio::spawn(agent(dir.path()).serve(UnixListener::bind(&sock).unwrap()));
+        let sized = format!("content-length: {}\r\n\r\n{{", MAX_BODY + 1);
+        let chunk = format!("transfer-encoding: chunked\r\n\r\n{:x}\r\n", 2 * MAX_BODY);
+        for (head, body) in [(sized, 0), (chunk, 2 * MAX_BODY)] {
+            let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            let (mut rd, mut wr) = stream.into_split();
+            let request = format!("POST /v1/pods/add HTTP/1.1\r\nhost: agent\r\n{head}");
+            let writer = tokio::spawn(async move {
+                wr.write_all(request.as_bytes()).await?;
+                wr.write_all(&vec![b' '; body]).await?;
+                std::future::pending::<std::io::Result<()>>().await
+            });
+            let mut answer = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut answer)).await;
+            writer.abort();
+            let n = n.expect("no answer while the body is pending").unwrap();
+            let text = String::from_utf8_lossy(&answer[..n]);
+            assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+            assert!(text.contains("larger than 1048576 bytes"), "{text}");
+        }
+        server.abort();
+    }
+
+    /// Accepts that keep failing (descriptors exhausted) are retried after a growing wait,
+    /// not in a loop spinning a core.
+    #[tokio::test]
+    async fn a_failing_accept_backs_off() {
+        let calls = std::cell::Cell::new(0u32);
+        let accept = || {
+            calls.set(calls.get() + 1);
+            async {
+                tokio::task::yield_now().await;
+                Err::<(), _>(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
+            }
+        };
+        let ran = tokio::time::timeout(Duration::from_millis(200), accept_loop(accept, |()| {})).await;
+        assert!(ran.is_err(), "the loop ends only with its task");
+        // Waits of 5, 10, 20, 40, 80 ms: six tries in 200 ms (a loaded machine gets fewer).
+        assert!((1..=7).contains(&calls.get()), "{} accepts in 200 ms", calls.get());
     }
 
     #[tokio::test]

@@ -3,7 +3,11 @@
 //! `SnapshotSent`; afterwards pods are added on the newest ztunnel (during a rolling upgrade
 //! the new one takes new pods) and deleted on all. One message is in flight per connection and
 //! each is acknowledged; an Add the ztunnel rejects (or cannot receive) fails the enrolment,
-//! so the CNI ADD fails and the pod never runs uncaptured.
+//! so the CNI ADD fails and the pod never runs uncaptured. A snapshot Add it rejects leaves the
+//! pod captured but unserved, as while no ztunnel is connected (fail closed): the agent's retry
+//! of pending reconciliations offers it again ([`ZdsServer::reoffer`]), backing off as for a
+//! failed capture. Peers of another uid than root's or the agent's are refused (mesh-core's
+//! `zds` module).
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
@@ -54,6 +58,8 @@ struct Client {
     jobs: mpsc::UnboundedSender<Job>,
     /// Pods this ztunnel acknowledged an Add for (and no Del since): what it serves.
     served: HashSet<String>,
+    /// Its snapshot is sent: a pod it does not serve now was rejected, not still to come.
+    synced: bool,
 }
 
 #[derive(Default)]
@@ -67,11 +73,14 @@ struct Inner {
 pub struct ZdsServer {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
-    /// Told of each ztunnel that connects: the agent's retry of failed captures waits on it
-    /// rather than capturing (and undoing) while no ztunnel is there to take the pod.
+    /// Told of each ztunnel that connects, once its snapshot is sent: the agent's retry of
+    /// failed captures (and of rejected snapshot Adds) waits on it rather than capturing (and
+    /// undoing) while no ztunnel is there to take the pod.
     connects: tokio::sync::Notify,
     /// A ztunnel that keeps rejecting a pod would otherwise log at every retry.
     rejections: LogLimiter<String>,
+    /// A refused peer that keeps connecting would otherwise log at every attempt: by uid.
+    refusals: LogLimiter<u32>,
 }
 
 /// How often a ztunnel's rejection of one pod is logged at most.
@@ -84,7 +93,20 @@ impl Default for ZdsServer {
             next_id: AtomicU64::default(),
             connects: tokio::sync::Notify::new(),
             rejections: LogLimiter::new(REJECTION_LOG_INTERVAL),
+            refusals: LogLimiter::new(REJECTION_LOG_INTERVAL),
         }
+    }
+}
+
+/// How the hand-off of pod `uid` ended, as an enrolment's result.
+fn handed_over(uid: &str, outcome: Result<Outcome, oneshot::error::RecvError>) -> Result<(), EnrolError> {
+    match outcome {
+        Ok(Outcome::Acked) => Ok(()),
+        Ok(Outcome::Rejected(reason)) => Err(EnrolError::Rejected {
+            uid: uid.to_owned(),
+            reason,
+        }),
+        Ok(Outcome::Lost) | Err(_) => Err(EnrolError::Lost(uid.to_owned())),
     }
 }
 
@@ -111,8 +133,9 @@ impl ZdsServer {
         self.lock().clients.len()
     }
 
-    /// Returns once a ztunnel has connected since the last return (a connection while no one
-    /// waits is kept for the next call). For one waiter: the agent's retry loop.
+    /// Returns once a ztunnel has connected (and had its snapshot) since the last return (a
+    /// connection while no one waits is kept for the next call). For one waiter: the agent's
+    /// retry loop.
     pub async fn ztunnel_connected(&self) {
         self.connects.notified().await;
     }
@@ -156,6 +179,11 @@ impl ZdsServer {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(self.clone().client(id, conn));
                 }
+                Err(ZdsError::PeerRefused { pid, uid, allowed }) => {
+                    if let Some(suppressed) = self.refusals.check(uid) {
+                        warn!(pid, uid, allowed_uid = allowed, suppressed, "refused a ZDS peer that is neither root nor the agent's uid: it would receive every pod's namespace");
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "ZDS accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -178,17 +206,42 @@ impl ZdsServer {
             };
             client.jobs.send(job).map_err(|_| EnrolError::Lost(uid.to_owned()))?;
         }
-        match rx.await {
-            Ok(Outcome::Acked) => {
-                self.lock().pods.insert(uid.to_owned(), Pod { info, netns });
-                Ok(())
+        handed_over(uid, rx.await)?;
+        self.lock().pods.insert(uid.to_owned(), Pod { info, netns });
+        Ok(())
+    }
+
+    /// Whether an enrolled pod is served by no ztunnel although the newest has had its
+    /// snapshot: a snapshot Add it rejected, for [`ZdsServer::reoffer`].
+    pub fn unserved(&self) -> bool {
+        let inner = self.lock();
+        inner.clients.last().is_some_and(|c| c.synced)
+            && (inner.pods.keys()).any(|uid| !inner.clients.iter().any(|c| c.served.contains(uid)))
+    }
+
+    /// Offers enrolled pod `uid` again to the newest ztunnel if no ztunnel serves it (its
+    /// snapshot Add was rejected), as [`ZdsServer::add_pod`] does. Nothing to do when it is
+    /// served, not enrolled, or the newest ztunnel's snapshot (which carries it) is not sent yet.
+    pub async fn reoffer(&self, uid: &str) -> Result<(), EnrolError> {
+        let rx = {
+            let inner = self.lock();
+            let Some(pod) = inner.pods.get(uid) else { return Ok(()) };
+            let Some(newest) = inner.clients.last().filter(|c| c.synced) else {
+                return Ok(());
+            };
+            if inner.clients.iter().any(|c| c.served.contains(uid)) {
+                return Ok(());
             }
-            Ok(Outcome::Rejected(reason)) => Err(EnrolError::Rejected {
-                uid: uid.to_owned(),
-                reason,
-            }),
-            Ok(Outcome::Lost) | Err(_) => Err(EnrolError::Lost(uid.to_owned())),
-        }
+            let (tx, rx) = oneshot::channel();
+            let job = Job {
+                req: add_request(uid, &pod.info),
+                fd: Some(pod.netns.clone()),
+                done: Some(tx),
+            };
+            newest.jobs.send(job).map_err(|_| EnrolError::Lost(uid.to_owned()))?;
+            rx
+        };
+        handed_over(uid, rx.await)
     }
 
     /// Records a pod enrolled by an earlier agent process without sending anything: it goes
@@ -242,6 +295,32 @@ impl ZdsServer {
         self.lock().clients.retain(|c| c.id != id);
     }
 
+    /// Registers client `id` and takes its snapshot under one lock, so no pod added meanwhile
+    /// is missed: later adds queue behind the snapshot.
+    fn register(&self, id: u64, jobs: mpsc::UnboundedSender<Job>) -> Vec<Job> {
+        let mut inner = self.lock();
+        inner.clients.push(Client {
+            id,
+            jobs,
+            served: HashSet::new(),
+            synced: false,
+        });
+        (inner.pods.iter())
+            .map(|(uid, p)| Job {
+                req: add_request(uid, &p.info),
+                fd: Some(p.netns.clone()),
+                done: None,
+            })
+            .chain(std::iter::once(Job {
+                req: WorkloadRequest {
+                    payload: Some(Payload::SnapshotSent(zds::SnapshotSent {})),
+                },
+                fd: None,
+                done: None,
+            }))
+            .collect()
+    }
+
     async fn session(self: Arc<Self>, id: u64, conn: &ZdsConn) -> Result<(), ZdsError> {
         let (hello, _) = conn.recv::<zds::ZdsHello>().await?;
         if hello.version != zds::Version::V1 as i32 {
@@ -251,34 +330,8 @@ impl ZdsServer {
                 "ztunnel speaks an unknown ZDS version; trying V1"
             );
         }
-        // Register and take the snapshot under one lock, so no pod added meanwhile is missed:
-        // later adds queue behind the snapshot.
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let snapshot: Vec<Job> = {
-            let mut inner = self.lock();
-            inner.clients.push(Client {
-                id,
-                jobs: tx,
-                served: HashSet::new(),
-            });
-            inner
-                .pods
-                .iter()
-                .map(|(uid, p)| Job {
-                    req: add_request(uid, &p.info),
-                    fd: Some(p.netns.clone()),
-                    done: None,
-                })
-                .chain(std::iter::once(Job {
-                    req: WorkloadRequest {
-                        payload: Some(Payload::SnapshotSent(zds::SnapshotSent {})),
-                    },
-                    fd: None,
-                    done: None,
-                }))
-                .collect()
-        };
-        self.connects.notify_one();
+        let snapshot = self.register(id, tx);
         info!(
             client = id,
             pods = snapshot.len() - 1,
@@ -287,6 +340,11 @@ impl ZdsServer {
         for job in snapshot {
             self.exchange(id, conn, job).await?;
         }
+        if let Some(client) = self.lock().clients.iter_mut().find(|c| c.id == id) {
+            client.synced = true;
+        }
+        // Once the snapshot is sent: a retry then finds the pods it rejected unserved.
+        self.connects.notify_one();
         loop {
             // While idle, watch the connection too, so a ztunnel that left is noticed now and
             // not only when the next pod arrives.
