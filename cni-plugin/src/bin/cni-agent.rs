@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(agent.clone().retry_pending());
     let mut registry = prometheus_client::registry::Registry::with_prefix("cni_agent");
     agent.metrics.register(&mut registry);
+    mesh_core::admin_http::register(&mut registry, "admin_connections_refused");
     let metrics = tokio::net::TcpListener::bind(cfg.stats_addr.0)
         .await
         .with_context(|| format!("binding --stats-addr {}", cfg.stats_addr.0))?;
