@@ -145,17 +145,28 @@ fn endpoint_slice(ns: usize, n: usize, v: u32) -> String {
 }
 
 /// A ServiceEntry `gse-n`; `v` picks its hosts (one a generated Service's, whose key the
-/// Service keeps; one shared between entries, which the first keeps), its addresses (one a
-/// generated Service's VIP; none: auto-allocated), resolution, endpoints or a
-/// `workloadSelector` picking generated pods and entries (or endpoints at VIPs), and an
-/// egress waypoint label.
+/// Service keeps; one shared between entries and namespaces, which the first, or the older
+/// entry's namespace, keeps; wildcards covering other namespaces' hosts, or another
+/// namespace's cluster names), its creation time (or none), its addresses (one a generated
+/// Service's VIP; none: auto-allocated), resolution, endpoints or a `workloadSelector`
+/// picking generated pods and entries (or endpoints at VIPs), and an egress waypoint label.
 fn service_entry(ns: usize, n: usize, v: u32) -> String {
+    let next = NAMESPACES[(ns + 1) % 3];
     let ns = NAMESPACES[ns % 3];
     let hosts = match v % 4 {
         0 => format!("[gsvc-{}.{ns}.svc.cluster.local]", n % 4),
         1 => format!("[shared-{}.test]", v % 3),
-        2 => format!("[ext-{n}.test, '*.wild-{n}.test']"),
+        2 => match v / 4 % 4 {
+            0 => format!("[ext-{n}.test, '*.wild-{n}.test']"),
+            1 => format!("[ext-{n}.test, '*.test']"),
+            2 => format!("['*.{next}.svc.cluster.local', shared-{}.test]", v % 3),
+            _ => format!("[a.wild-{}.test, '*.wild-{}.test']", n % 3, v % 3),
+        },
         _ => format!("[gse-{n}.test]"),
+    };
+    let created = match v % 5 {
+        4 => String::new(),
+        age => format!("creationTimestamp: '2024-01-0{}T00:00:00Z', ", 1 + (age + n as u32) % 4),
     };
     let addresses = match v % 5 {
         0 => format!("addresses: [10.96.50.{}], ", 1 + v % 7),
@@ -203,7 +214,7 @@ fn service_entry(ns: usize, n: usize, v: u32) -> String {
         String::new()
     };
     format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: gse-{n}, namespace: {ns}, labels: {{{labels}}}}}\n\
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: gse-{n}, namespace: {ns}, {created}labels: {{{labels}}}}}\n\
          spec: {{hosts: {hosts}, {addresses}{backing}{sans}resolution: {resolution}, ports: [{{number: 80, name: http, protocol: HTTP}}]}}\n"
     )
 }
@@ -928,6 +939,39 @@ fn world_is_not_empty() {
         };
         assert!(present, "{kind:?}");
     }
+}
+
+/// The generated entries really meet across namespaces: an older entry's wildcard refuses a
+/// newer entry's host of another namespace, another namespace's cluster names are refused,
+/// and removing the older entry gives the host back, incrementally as in full.
+#[test]
+fn generated_entries_meet_across_namespaces() {
+    let mut inputs = world();
+    let mut inc = Incremental::new(Options::default());
+    inc.step(&inputs, &BTreeMap::new());
+    // shop/gse-1: [ext-1.test, '*.wild-1.test'], created on the 1st; payments/gse-7:
+    // [a.wild-1.test, '*.wild-0.test'] on the 4th; payments/gse-0:
+    // ['*.istio-system.svc.cluster.local', shared-1.test].
+    for (ns, n, v) in [(0, 1, 18), (1, 7, 30), (1, 0, 10)] {
+        noted_step(&mut inc, &mut inputs, applied(&service_entry(ns, n, v)));
+    }
+    let out = inc.step(&inputs, &BTreeMap::new()).outputs;
+    let of = |name: &str| -> Vec<String> {
+        let key = ObjectKey::new("payments", name);
+        let on = out.problems.iter().filter(|p| p.object == key);
+        on.map(|p| p.message.clone()).collect()
+    };
+    let older = "spec.hosts[0] \"a.wild-1.test\": host *.wild-1.test is declared by the older entry shop/gse-1";
+    assert!(of("gse-7").iter().any(|m| m.starts_with(older)), "{:?}", of("gse-7"));
+    assert!(
+        of("gse-0").iter().any(|m| m.contains("names under .svc.cluster.local")),
+        "{:?}",
+        of("gse-0")
+    );
+    assert!(!out.addresses.contains_key("payments/a.wild-1.test"));
+    let gone = Change::Delete(Kind::ServiceEntry, ObjectKey::new("shop", "gse-1"));
+    let out = noted_step(&mut inc, &mut inputs, gone);
+    assert!(out.addresses.contains_key("payments/a.wild-1.test"));
 }
 
 /// The change applying the object `text` describes.

@@ -4,19 +4,24 @@
 //! captures like any service VIP.
 //!
 //! Istio's allocator writes the addresses to the ServiceEntry's status; ours writes nothing:
-//! the VIP is a pure function of the host names, so it is the same after a controller restart
-//! and on every replica without coordination. Each host's candidates are
-//! `sha256(host || attempt)` mapped into the range; hosts are placed in sorted order and a host
-//! whose candidate is taken (by an earlier host, or by an address someone declared) tries the
-//! next attempt. A host keeps its VIP while the set of hosts changes unless a new host that
-//! sorts before it lands on the same candidate (about 1 in 65,534 per pair for IPv4), the
-//! price of needing no stored state.
+//! the VIP is a pure function of the entries, so it is the same after a controller restart
+//! and on every replica without coordination. VIPs are allocated per namespace and host (the
+//! service key `<ns>/<host>`), as Istio allocates per ServiceEntry object: one host in two
+//! namespaces gets two VIPs, since ztunnel keeps one service per VIP. Each host's candidates
+//! are `sha256(host || attempt)` mapped into the range; hosts are placed oldest entry first
+//! (creation timestamp, then namespace/name, as the entries' claims) and a host whose
+//! candidate is taken (by an earlier host, the same host of an older namespace's entry, or an
+//! address someone declared) tries the next attempt. A host keeps its VIP while the set of
+//! hosts changes unless an older one comes to land on the same candidate (about 1 in 65,534
+//! per pair for IPv4; never a newly created entry), the price of needing no stored state. A
+//! newer entry, whatever host it crafts, never moves an older entry's VIP: clients that
+//! cached it would reach the newer entry's service.
 //!
 //! No endpoint may sit in these ranges ([`in_ranges`], checked by [`super::entries`]): any
 //! address there is some host's VIP now or after the next allocation, and a service's VIP as
 //! an endpoint sends the traffic round through the waypoints again.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use sha2::{Digest, Sha256};
@@ -61,12 +66,19 @@ fn v6(d: &[u8; 32]) -> Ipv6Addr {
     Ipv6Addr::from(o)
 }
 
-/// VIPs for `hosts`, avoiding `taken` (addresses declared elsewhere). A host for which no
-/// free IPv4 address is found (the range is full) is left out.
-pub(crate) fn allocate(hosts: &BTreeSet<String>, taken: &HashSet<IpAddr>) -> BTreeMap<String, Allocated> {
+/// VIPs for `hosts`, (key, host name) pairs placed in the order given (a key already placed
+/// keeps its first pair), by key, avoiding `taken` (addresses declared elsewhere). A host for
+/// which no free IPv4 address is found (the range is full) is left out.
+pub(crate) fn allocate<'h>(
+    hosts: impl IntoIterator<Item = (&'h str, &'h str)>,
+    taken: &HashSet<IpAddr>,
+) -> BTreeMap<String, Allocated> {
     let mut used: HashSet<IpAddr> = taken.clone();
     let mut out = BTreeMap::new();
-    for host in hosts {
+    for (key, host) in hosts {
+        if out.contains_key(key) {
+            continue;
+        }
         let mut found = None;
         for attempt in 0..V4_SLOTS.saturating_mul(4) {
             let d = digest(host, attempt);
@@ -79,10 +91,16 @@ pub(crate) fn allocate(hosts: &BTreeSet<String>, taken: &HashSet<IpAddr>) -> BTr
         if let Some(pair) = found {
             used.insert(IpAddr::V4(pair.v4));
             used.insert(IpAddr::V6(pair.v6));
-            out.insert(host.clone(), pair);
+            out.insert(key.to_owned(), pair);
         }
     }
     out
+}
+
+/// The first candidate of `host` (what it gets when nothing is in the way).
+#[cfg(test)]
+pub(crate) fn first_candidate(host: &str) -> Ipv4Addr {
+    v4(&digest(host, 0))
 }
 
 #[cfg(test)]
@@ -91,14 +109,15 @@ mod tests {
 
     use super::*;
 
-    fn set(hosts: &[&str]) -> BTreeSet<String> {
-        hosts.iter().map(|h| (*h).to_owned()).collect()
+    /// Hosts keyed by themselves, placed in the order given.
+    fn alloc(hosts: &[&str], taken: &HashSet<IpAddr>) -> BTreeMap<String, Allocated> {
+        allocate(hosts.iter().map(|h| (*h, *h)), taken)
     }
 
     #[test]
     fn addresses_are_in_the_reserved_ranges_and_a_function_of_the_names() {
-        let a = allocate(&set(&["api.example.com", "db.example.com"]), &HashSet::new());
-        let b = allocate(&set(&["db.example.com", "api.example.com"]), &HashSet::new());
+        let a = alloc(&["api.example.com", "db.example.com"], &HashSet::new());
+        let b = alloc(&["db.example.com", "api.example.com"], &HashSet::new());
         assert_eq!(a, b, "same hosts, same VIPs (restart, another replica)");
         for pair in a.values() {
             assert_eq!(pair.v4.octets()[..2], [240, 240]);
@@ -106,8 +125,8 @@ mod tests {
         }
         assert_ne!(a["api.example.com"], a["db.example.com"]);
         // Adding an unrelated host does not move the others (no collision here).
-        let c = allocate(
-            &set(&["api.example.com", "db.example.com", "zzz.example.org"]),
+        let c = alloc(
+            &["api.example.com", "db.example.com", "zzz.example.org"],
             &HashSet::new(),
         );
         assert_eq!(c["api.example.com"], a["api.example.com"]);
@@ -116,24 +135,42 @@ mod tests {
 
     #[test]
     fn collisions_move_to_the_next_candidate_and_declared_addresses_are_avoided() {
-        let hosts = set(&["api.example.com"]);
-        let first = allocate(&hosts, &HashSet::new())["api.example.com"];
+        let hosts = ["api.example.com"];
+        let first = alloc(&hosts, &HashSet::new())["api.example.com"];
         let taken: HashSet<IpAddr> = [IpAddr::V4(first.v4)].into();
-        let moved = allocate(&hosts, &taken)["api.example.com"];
+        let moved = alloc(&hosts, &taken)["api.example.com"];
         assert_ne!(moved.v4, first.v4);
         // Many hosts: all distinct.
-        let many: BTreeSet<String> = (0..5000).map(|i| format!("h{i}.example.com")).collect();
-        let all = allocate(&many, &HashSet::new());
+        let many: Vec<String> = (0..5000).map(|i| format!("h{i}.example.com")).collect();
+        let all = allocate(many.iter().map(|h| (h.as_str(), h.as_str())), &HashSet::new());
         assert_eq!(all.len(), 5000);
         let distinct: HashSet<Ipv4Addr> = all.values().map(|p| p.v4).collect();
         assert_eq!(distinct.len(), 5000);
         assert!(!distinct.contains(&Ipv4Addr::new(240, 240, 0, 0)));
     }
 
+    /// One host in two namespaces is two services: two VIPs (ztunnel keeps one service per
+    /// VIP). The one placed first (the older entry's) keeps the host's first candidate; a key
+    /// placed twice keeps its first pair.
+    #[test]
+    fn one_host_of_two_namespaces_gets_two_vips() {
+        let alone = alloc(&["api.test"], &HashSet::new())["api.test"];
+        let pairs = [
+            ("shop/api.test", "api.test"),
+            ("evil/api.test", "api.test"),
+            ("shop/api.test", "api.test"),
+        ];
+        let both = allocate(pairs, &HashSet::new());
+        assert_eq!(both.len(), 2);
+        assert_eq!(both["shop/api.test"], alone);
+        assert_ne!(both["evil/api.test"].v4, alone.v4);
+        assert_ne!(both["evil/api.test"].v6, alone.v6);
+    }
+
     /// Every allocated VIP is in the ranges endpoints may not use, and only those ranges are.
     #[test]
     fn allocated_vips_are_in_the_ranges() {
-        let all = allocate(&set(&["a.test", "b.test", "c.test"]), &HashSet::new());
+        let all = alloc(&["a.test", "b.test", "c.test"], &HashSet::new());
         for pair in all.values() {
             assert!(in_ranges(IpAddr::V4(pair.v4)) && in_ranges(IpAddr::V6(pair.v6)));
             assert!(in_ranges(IpAddr::V6(pair.v4.to_ipv6_mapped())), "IPv4-mapped too");

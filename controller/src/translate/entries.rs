@@ -8,8 +8,15 @@
 //! [`Owned`] says which addresses an entry may use ([`Refusal`] says why not): no VIP,
 //! endpoint or WorkloadEntry address may be loopback, unspecified, link-local or multicast
 //! ([`Unroutable`]: a proxy dialling it reaches its own host, its admin port, or the cloud
-//! metadata server), and no endpoint may be a service's VIP (a Kubernetes Service's, one an
+//! metadata server), no VIP may be in the auto-allocated ranges (declaring another host's
+//! allocated VIP would move that host and take its cached clients' traffic), and no
+//! endpoint may be a service's VIP (a Kubernetes Service's, one an
 //! entry keeps, or in the auto-allocated ranges), which would loop through the waypoints.
+//! Hosts are claimed as addresses are ([`super::entry_hosts`]): the older entry's namespace
+//! keeps a host, a newer entry of another namespace declaring it or a wildcard overlapping it
+//! is refused ([`Refusal::OlderEntry`], as for an address), and names under
+//! `.svc.<cluster domain>` are only the entry's own namespace's to declare.
+//!
 //! Every VIP rule reads only what the layer is recomputed on (entries, Services' VIPs, pods
 //! whose IP an entry declares), so the incremental translation stays equal to a full one.
 
@@ -20,6 +27,7 @@ use std::net::IpAddr;
 use mesh_proto::workload as pb;
 
 use super::attach::Attachments;
+use super::entry_hosts::{self, Hosts};
 use super::service_entry::{self, Selector};
 use super::{workload_entry, Options, Report, Selected};
 use crate::model::pod::Pod;
@@ -91,8 +99,25 @@ impl fmt::Display for Unroutable {
     }
 }
 
-/// Why an entry may not use an address (canonical, as every proxy reads it), in a problem's
-/// words ([`fmt::Display`]).
+/// What an older entry declares that a newer one of another namespace may not: an address
+/// (canonical) or a host (as written; [`super::entry_hosts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Declared<'a> {
+    Ip(IpAddr),
+    Host(&'a str),
+}
+
+impl fmt::Display for Declared<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(ip) => write!(f, "{ip}"),
+            Self::Host(host) => write!(f, "host {host}"),
+        }
+    }
+}
+
+/// Why an entry may not use an address (canonical, as every proxy reads it) or a host, in a
+/// problem's words ([`fmt::Display`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Refusal<'a> {
     Unroutable(IpAddr, Unroutable),
@@ -100,12 +125,18 @@ pub(crate) enum Refusal<'a> {
     ServiceVip(IpAddr),
     /// A pod's IP on the entry's network.
     Pod(IpAddr, &'a ObjectKey),
-    /// Declared by an older entry of another namespace.
-    OlderEntry(IpAddr, &'a ObjectKey),
+    /// Declared by an older entry of another namespace (a host: one overlapping it).
+    OlderEntry(Declared<'a>, &'a ObjectKey),
+    /// A host among the cluster's Service names (under `.svc.<domain>`, the domain here)
+    /// outside the entry's own namespace's.
+    ClusterServices(&'a str),
     /// An endpoint at a VIP the ServiceEntry keeps.
     EntryVip(IpAddr, &'a ObjectKey),
     /// An endpoint in the auto-allocated VIP ranges.
     AutoAllocated(IpAddr),
+    /// A VIP in the auto-allocated ranges: allocation alone assigns them (a declared one
+    /// would move the host allocated there, and take the traffic of clients that cached it).
+    AllocatedRange(IpAddr),
 }
 
 impl fmt::Display for Refusal<'_> {
@@ -119,8 +150,18 @@ impl fmt::Display for Refusal<'_> {
                 f,
                 "{ip} is the IP of pod {pod} (select the pod with workloadSelector instead); {TAKE}"
             ),
-            Self::OlderEntry(ip, owner) => write!(f, "{ip} is declared by the older entry {owner}; {TAKE}"),
+            Self::OlderEntry(what, owner) => write!(f, "{what} is declared by the older entry {owner}; {TAKE}"),
+            Self::ClusterServices(domain) => write!(
+                f,
+                "names under .svc.{domain} are the Kubernetes Services' of each namespace: an entry may declare only \
+                 those under <its namespace>.svc.{domain}"
+            ),
             Self::EntryVip(ip, entry) => write!(f, "{ip} is the VIP of ServiceEntry {entry}: {LOOP}"),
+            Self::AllocatedRange(ip) => write!(
+                f,
+                "{ip} is in the auto-allocated VIP ranges (240.240.0.0/16, 2001:2::/48), which only allocation \
+                 assigns; {TAKE}"
+            ),
             Self::AutoAllocated(ip) => write!(
                 f,
                 "{ip} is in the auto-allocated VIP ranges (240.240.0.0/16, 2001:2::/48): {LOOP}"
@@ -142,14 +183,19 @@ pub(crate) struct Owned<'a> {
     entries: HashMap<(String, IpAddr), Claim<'a>>,
     /// The VIPs ServiceEntries keep (on the cluster's network), with the first such entry.
     entry_vips: HashMap<IpAddr, &'a ObjectKey>,
+    /// The hosts entries keep, each by the oldest entry's namespace.
+    hosts: Hosts<'a>,
     network: &'a str,
+    /// The cluster domain (`svc.<domain>` holds the Kubernetes Services' names).
+    domain: &'a str,
 }
 
 /// An entry's claim to an address: its age (`None`, unknown, sorts first) and key.
 type Claim<'a> = (Option<&'a Time>, &'a ObjectKey);
 
 impl<'a> Owned<'a> {
-    pub(crate) fn new(inputs: &'a Inputs, taken: &'a Taken, network: &'a str) -> Self {
+    pub(crate) fn new(inputs: &'a Inputs, taken: &'a Taken, options: &'a Options) -> Self {
+        let network = options.network.as_str();
         let declared: HashSet<IpAddr> = declared_ips(inputs).collect();
         let mut pods = HashMap::new();
         for (key, pod) in &inputs.pods {
@@ -167,20 +213,37 @@ impl<'a> Owned<'a> {
             pods,
             entries: entry_claims(inputs, network),
             entry_vips: HashMap::new(),
+            hosts: Hosts::new(inputs, &options.domain_suffix),
             network,
+            domain: &options.domain_suffix,
         };
         owned.entry_vips = kept_vips(inputs, &owned);
         owned
     }
 
     /// Whether the entry in `namespace` may declare the VIP `ip`: not an [`Unroutable`]
-    /// address, nor one something else holds ([`Self::held`]).
+    /// address, nor one in the auto-allocated ranges, nor one something else holds
+    /// ([`Self::held`]).
     pub(crate) fn check_vip(&self, ip: IpAddr, namespace: &str) -> Result<(), Refusal<'a>> {
         let ip = ip.to_canonical();
         if let Some(class) = Unroutable::of(ip) {
             return Err(Refusal::Unroutable(ip, class));
         }
+        if super::auto_allocate::in_ranges(ip) {
+            return Err(Refusal::AllocatedRange(ip));
+        }
         self.held(ip, None, namespace).map_or(Ok(()), Err)
+    }
+
+    /// Whether the entry in `namespace` may declare `host` (lowercase, a DNS name): not a
+    /// name of the cluster's Services outside its namespace's, nor one overlapping a host an
+    /// older entry of another namespace keeps ([`super::entry_hosts`]).
+    pub(crate) fn check_host(&self, host: &str, namespace: &str) -> Result<(), Refusal<'a>> {
+        entry_hosts::check_space(host, namespace, self.domain)?;
+        match self.hosts.held(host, namespace) {
+            Some((_, owner, declared)) => Err(Refusal::OlderEntry(Declared::Host(declared), owner)),
+            None => Ok(()),
+        }
     }
 
     /// Whether the entry in `namespace` may have an endpoint (a ServiceEntry's, or a
@@ -216,7 +279,7 @@ impl<'a> Owned<'a> {
             return Some(Refusal::Pod(ip, pod));
         }
         let (_, owner) = self.entries.get(&at)?;
-        (owner.namespace != namespace).then_some(Refusal::OlderEntry(ip, owner))
+        (owner.namespace != namespace).then_some(Refusal::OlderEntry(Declared::Ip(ip), owner))
     }
 }
 
@@ -319,7 +382,7 @@ pub(crate) fn translate(
     if inputs.service_entries.is_empty() && inputs.workload_entries.is_empty() {
         return out;
     }
-    let owned = Owned::new(inputs, taken, &options.network);
+    let owned = Owned::new(inputs, taken, options);
     let entries = service_entry::translate(inputs, options, attach, (taken, &owned), report);
     for svc in entries.services {
         out.addresses.insert(

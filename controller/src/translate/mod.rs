@@ -8,6 +8,7 @@ mod attach;
 mod authz;
 mod auto_allocate;
 mod entries;
+mod entry_hosts;
 pub mod incremental;
 pub mod ingress;
 mod peer_authn;

@@ -2,7 +2,8 @@
 //! reads them the same way:
 //! - one `Service` per host (resource `<ns>/<host>`, wildcards kept as hostnames), with the
 //!   entry's `addresses` or, for a host without them, an auto-allocated VIP pair
-//!   ([`super::auto_allocate`]; not for wildcards or `resolution: NONE`); ports with their
+//!   ([`super::auto_allocate`], per namespace and host, oldest entry first; not for
+//!   wildcards or `resolution: NONE`); ports with their
 //!   protocol; `subjectAltNames`; the waypoint of `istio.io/use-waypoint` (egress waypoint);
 //!   `resolution: NONE` as load balancing PASSTHROUGH (connect to the address the client
 //!   dialled), anything else picks an endpoint;
@@ -17,10 +18,12 @@
 //! every service), CIDR `addresses`, subject alt names that are not SPIFFE ids (only TLS
 //! origination would check them), `DYNAMIC_DNS`; and a host that is already a Kubernetes
 //! Service in that namespace, or declared twice there, keeps its first owner. An address
-//! [`Owned`] refuses (unroutable, another's, or for an endpoint a service's VIP) is reported
-//! and only that VIP or endpoint dropped; the rest of the entry is served.
+//! [`Owned`] refuses (unroutable, another's, in the allocation ranges, or for an endpoint a
+//! service's VIP), or a host it refuses (another namespace's cluster name, or overlapping an
+//! older entry of another namespace's host: [`super::entry_hosts`]), is reported with its
+//! field and only that VIP, endpoint or host dropped; the rest of the entry is served.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use mesh_core::state::model::ip_to_bytes;
@@ -169,7 +172,7 @@ fn wildcard(host: &str) -> bool {
 }
 
 /// A host as Istio accepts it: a DNS name, optionally `*.`-prefixed, or `*`.
-fn valid_host(host: &str) -> bool {
+pub(crate) fn valid_host(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
     host == "*"
         || (!name.is_empty()
@@ -193,18 +196,27 @@ fn wants_allocation(se: &ServiceEntry, res: Resolution) -> bool {
     se.spec.addresses.is_empty() && res != Resolution::None && !opted_out
 }
 
-/// The hosts that get an auto-allocated VIP, and the allocation (see [`super::auto_allocate`]).
-fn allocation(inputs: &Inputs, taken: &HashSet<IpAddr>) -> BTreeMap<String, Allocated> {
+/// The auto-allocated VIPs by service key (`<ns>/<host>`: one host of two namespaces gets
+/// two), for the hosts of entries wanting them that [`Owned::check_host`] leaves the entry;
+/// placed oldest entry first, so a newer entry never moves an older one's VIP (see
+/// [`super::auto_allocate`]).
+fn allocation(inputs: &Inputs, owned: &Owned<'_>, taken: &HashSet<IpAddr>) -> BTreeMap<String, Allocated> {
     let mut scratch = Report::default();
-    let hosts: BTreeSet<String> = inputs
+    let mut wanting: Vec<(&ObjectKey, &ServiceEntry)> = inputs
         .service_entries
         .iter()
         .filter(|(key, se)| wants_allocation(se, resolution(key, se, &mut scratch)))
-        .flat_map(|(_, se)| se.spec.hosts.iter())
-        .map(|h| h.to_ascii_lowercase())
-        .filter(|h| !wildcard(h) && valid_host(h))
         .collect();
-    allocate(&hosts, taken)
+    wanting.sort_by_key(|(key, se)| (se.metadata.creation_timestamp.as_ref(), *key));
+    let mut hosts = Vec::new();
+    for (key, se) in wanting {
+        for host in se.spec.hosts.iter().map(|h| h.to_ascii_lowercase()) {
+            if !wildcard(&host) && valid_host(&host) && owned.check_host(&host, &key.namespace).is_ok() {
+                hosts.push((format!("{}/{host}", key.namespace), host));
+            }
+        }
+    }
+    allocate(hosts.iter().map(|(k, h)| (k.as_str(), h.as_str())), taken)
 }
 
 fn check_unsupported(key: &ObjectKey, se: &ServiceEntry, report: &mut Report) {
@@ -267,12 +279,16 @@ pub(crate) fn translate(
 ) -> Translated {
     let mut declared: HashSet<IpAddr> = taken.ips.clone();
     for se in inputs.service_entries.values() {
-        declared.extend(se.spec.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()));
+        // Declared VIPs in the allocation ranges are refused ([`Owned::check_vip`]): they
+        // move no allocated VIP.
+        let ips = se.spec.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok());
+        declared.extend(ips.filter(|ip| !super::auto_allocate::in_ranges(*ip)));
     }
-    let allocated = allocation(inputs, &declared);
+    let allocated = allocation(inputs, owned, &declared);
     let mut out = Translated::default();
     let mut claims = Claims {
         taken: &taken.keys,
+        owned,
         owners: BTreeMap::new(),
     };
     for (key, se) in &inputs.service_entries {
@@ -299,7 +315,7 @@ pub(crate) fn translate(
             };
             let mut ips = shape.vips.clone();
             if ips.is_empty() && !wildcard(&host) && wants_allocation(se, shape.res) {
-                if let Some(pair) = allocated.get(&host) {
+                if let Some(pair) = allocated.get(&svc_key) {
                     ips = vec![IpAddr::V4(pair.v4), IpAddr::V6(pair.v6)];
                 }
             }
@@ -330,7 +346,7 @@ const MAX_PAIRS: usize = 100_000;
 /// Whether `se` is within the bounds above. One object in one namespace must not be able to
 /// make the controller, and every ztunnel, hold hosts × endpoints entries without limit
 /// (30k hosts and 30k endpoints fit in an object Kubernetes accepts).
-fn within_bounds(se: &ServiceEntry) -> Result<(), String> {
+pub(crate) fn within_bounds(se: &ServiceEntry) -> Result<(), String> {
     let (hosts, endpoints) = (se.spec.hosts.len(), se.spec.endpoints.len());
     if hosts > MAX_HOSTS {
         return Err(format!("spec.hosts has {hosts} entries, more than {MAX_HOSTS}"));
@@ -349,15 +365,19 @@ fn within_bounds(se: &ServiceEntry) -> Result<(), String> {
     Ok(())
 }
 
-/// Which ServiceEntry declared each host first, beside the Kubernetes Services' keys.
+/// Which ServiceEntry declared each host first, beside the Kubernetes Services' keys and the
+/// hosts [`Owned`] refuses.
 struct Claims<'a> {
     taken: &'a HashSet<String>,
+    owned: &'a Owned<'a>,
     owners: BTreeMap<String, ObjectKey>,
 }
 
 impl Claims<'_> {
     /// `spec.hosts[i]` as the entry's (service key, lowercase host), unless it is not a DNS
-    /// name, is a Kubernetes Service (the Service wins) or an earlier entry's (the first wins).
+    /// name, [`Owned::check_host`] refuses it (another namespace's Service name, or an older
+    /// entry of another namespace's host), is a Kubernetes Service (the Service wins) or an
+    /// earlier entry's of the namespace (the first wins).
     fn claim(&mut self, key: &ObjectKey, i: usize, host: &str, report: &mut Report) -> Option<(String, String)> {
         let host = host.to_ascii_lowercase();
         if !valid_host(&host) {
@@ -365,6 +385,14 @@ impl Claims<'_> {
                 Kind::ServiceEntry,
                 key,
                 format!("spec.hosts[{i}] {host:?} is not a DNS name; ignored"),
+            );
+            return None;
+        }
+        if let Err(refusal) = self.owned.check_host(&host, &key.namespace) {
+            report.add(
+                Kind::ServiceEntry,
+                key,
+                format!("spec.hosts[{i}] {host:?}: {refusal}, ignored"),
             );
             return None;
         }
@@ -787,5 +815,71 @@ mod tests {
         assert_eq!(on.len(), 1);
         assert_eq!(on[0], [mesh_core::state::registry_only_extension()]);
         assert!(extensions(OutboundMode::AllowAny).iter().all(Vec::is_empty));
+    }
+
+    /// A newer entry cannot move an older entry's auto-allocated VIP by crafting a host whose
+    /// first candidate is that VIP and that sorts first (clients that cached the VIP would
+    /// reach the newer entry's service): hosts are placed oldest entry first.
+    #[test]
+    fn a_newer_entry_cannot_move_an_older_entrys_vip() {
+        use super::super::auto_allocate::first_candidate;
+        let victim = first_candidate("api.shop.test");
+        let crafted = (0..1_000_000)
+            .map(|i| format!("a{i}.evil.test"))
+            .find(|h| first_candidate(h) == victim)
+            .expect("a colliding host");
+        assert!(crafted.as_str() < "api.shop.test");
+        let entry = |ns: &str, at: u32, host: &str| {
+            Object::parse(serde_json::json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": "e", "namespace": ns, "creationTimestamp": format!("2026-01-01T00:00:{at:02}Z")},
+                "spec": {"hosts": [host], "resolution": "DNS", "ports": [{"number": 80, "name": "http"}]}
+            }))
+            .unwrap()
+        };
+        let mut inputs = Inputs::default();
+        inputs.apply(entry("shop", 1, "api.shop.test"));
+        inputs.apply(entry("aaa", 5, &crafted));
+        let out = super::super::translate(&inputs, &Options::default());
+        let v4 = |key: &str| match out.addresses.get(key).and_then(|a| a.r#type.as_ref()) {
+            Some(pb::address::Type::Service(s)) => s.addresses.first().map(|a| a.address.clone()),
+            _ => None,
+        };
+        assert_eq!(v4("shop/api.shop.test"), Some(victim.octets().to_vec()));
+        let theirs = v4(&format!("aaa/{crafted}")).expect("the newer entry is served");
+        assert_ne!(theirs, victim.octets().to_vec());
+    }
+
+    /// A newer entry declaring an older entry's auto-allocated VIP as its address is refused
+    /// it, and the older entry keeps its VIP.
+    #[test]
+    fn an_entry_cannot_declare_an_allocated_vip() {
+        let victim = super::super::auto_allocate::first_candidate("api.shop.test");
+        let entry = |ns: &str, at: u32, host: &str, addresses: Vec<String>| {
+            Object::parse(serde_json::json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": "e", "namespace": ns, "creationTimestamp": format!("2026-01-01T00:00:{at:02}Z")},
+                "spec": {"hosts": [host], "addresses": addresses, "resolution": "STATIC",
+                         "ports": [{"number": 80, "name": "http"}]}
+            }))
+            .unwrap()
+        };
+        let mut inputs = Inputs::default();
+        inputs.apply(entry("shop", 1, "api.shop.test", vec![]));
+        inputs.apply(entry("evil", 5, "grab.evil.test", vec![victim.to_string()]));
+        let out = super::super::translate(&inputs, &Options::default());
+        let vips = |key: &str| match out.addresses.get(key).and_then(|a| a.r#type.as_ref()) {
+            Some(pb::address::Type::Service(s)) => s.addresses.iter().map(|a| a.address.clone()).collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(vips("shop/api.shop.test").first(), Some(&victim.octets().to_vec()));
+        assert!(vips("evil/grab.evil.test").is_empty());
+        let refused = out.problems.iter().any(|p| {
+            p.object == ObjectKey::new("evil", "e")
+                && p.message.starts_with(&format!(
+                    "spec.addresses[0]: {victim} is in the auto-allocated VIP ranges"
+                ))
+        });
+        assert!(refused, "{:?}", out.problems);
     }
 }

@@ -1,6 +1,13 @@
 //! Workload, service and policy state with the indexes the proxy needs, held as an immutable
 //! snapshot swapped atomically on every update: readers never lock, and a connection keeps the
 //! snapshot it started with.
+//!
+//! A VIP finds one service. When two services declare one VIP (on one network), the first to
+//! declare it keeps it, whatever the order of later updates (an update of the holder keeps
+//! its place); the later one is logged and reached only by name. When the holder is removed,
+//! or stops declaring the VIP, the VIP goes to the next service still declaring it, in the
+//! order they declared it. The last writer winning instead would let whoever pushes a
+//! service at another's VIP last take that VIP's traffic.
 
 pub mod locality;
 pub mod model;
@@ -26,8 +33,10 @@ pub struct State {
     /// network -> address -> workload
     workload_by_ip: HashMap<String, HashMap<IpAddr, Arc<Workload>>>,
     services: HashMap<String, Arc<Service>>,
-    /// network -> VIP -> service
+    /// network -> VIP -> service: the first of `vip_claims` holding it.
     service_by_vip: HashMap<String, HashMap<IpAddr, Arc<Service>>>,
+    /// network -> VIP -> keys of the services declaring it, in the order they declared it.
+    vip_claims: HashMap<String, HashMap<IpAddr, Vec<String>>>,
     /// service key -> workloads selecting it
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
     policies: HashMap<String, Arc<Policy>>,
@@ -298,24 +307,35 @@ impl State {
         true
     }
 
+    /// Inserts or replaces a service (keyed by `ns/hostname`). A VIP another service declared
+    /// first stays that service's (see the module doc); one this service already held stays
+    /// its own.
     pub fn upsert_service(&mut self, s: Service) {
         let key = s.key();
-        self.remove_service(&key);
+        self.remove_service_keeping(&key, &s.vips);
         let s = Arc::new(s);
+        self.services.insert(key.clone(), s.clone());
         for (net, ip) in &s.vips {
-            self.service_by_vip
-                .entry(net.clone())
-                .or_default()
-                .insert(*ip, s.clone());
+            let claims = self.vip_claims.entry(net.clone()).or_default().entry(*ip).or_default();
+            if !claims.contains(&key) {
+                if let Some(holder) = claims.first() {
+                    tracing::warn!(service = %key, %holder, vip = %ip, network = %net,
+                        "two services declare one VIP: the first keeps it");
+                }
+                claims.push(key.clone());
+            }
+            self.point_vip(net, *ip);
         }
-        self.by_hostname
-            .entry(s.hostname.clone())
-            .or_default()
-            .insert(key.clone());
-        self.services.insert(key, s);
+        self.by_hostname.entry(s.hostname.clone()).or_default().insert(key);
     }
 
     pub fn remove_service(&mut self, key: &str) -> bool {
+        self.remove_service_keeping(key, &[])
+    }
+
+    /// Removes service `key`, but not its claims to the VIPs in `keep` (an update that still
+    /// declares them keeps its place).
+    fn remove_service_keeping(&mut self, key: &str, keep: &[(String, IpAddr)]) -> bool {
         self.port_protocols.remove(key);
         self.passthrough.remove(key);
         self.load_policies.remove(key);
@@ -328,14 +348,42 @@ impl State {
                 self.by_hostname.remove(&old.hostname);
             }
         }
-        for (net, ip) in &old.vips {
-            if let Some(by_vip) = self.service_by_vip.get_mut(net) {
-                if by_vip.get(ip).is_some_and(|s| s.key() == key) {
-                    by_vip.remove(ip);
+        for (net, ip) in old.vips.iter().filter(|v| !keep.contains(v)) {
+            if let Some(by_vip) = self.vip_claims.get_mut(net) {
+                if let Some(claims) = by_vip.get_mut(ip) {
+                    claims.retain(|k| k != key);
+                    if claims.is_empty() {
+                        by_vip.remove(ip);
+                    }
+                }
+                if by_vip.is_empty() {
+                    self.vip_claims.remove(net);
+                }
+            }
+            self.point_vip(net, *ip);
+        }
+        true
+    }
+
+    /// Points `ip` on `net` at the first service still declaring it, or at none.
+    fn point_vip(&mut self, net: &str, ip: IpAddr) {
+        let claims = self.vip_claims.get(net).and_then(|m| m.get(&ip));
+        let holder = claims
+            .and_then(|c| c.iter().find_map(|k| self.services.get(k)))
+            .cloned();
+        match holder {
+            Some(s) => {
+                self.service_by_vip.entry(net.to_owned()).or_default().insert(ip, s);
+            }
+            None => {
+                if let Some(by_vip) = self.service_by_vip.get_mut(net) {
+                    by_vip.remove(&ip);
+                    if by_vip.is_empty() {
+                        self.service_by_vip.remove(net);
+                    }
                 }
             }
         }
-        true
     }
 
     pub fn upsert_policy(&mut self, p: Policy) {
@@ -580,6 +628,69 @@ mod tests {
         assert_eq!(s.workload_hostname(uid), Some("api.example.com"));
         assert!(s.remove_address(uid));
         assert_eq!(s.workload_hostname(uid), None);
+    }
+
+    /// Two services at one VIP: the first to declare it keeps it through the other's and its
+    /// own updates; when it goes, or stops declaring the VIP, the VIP goes to the next still
+    /// declaring it; another network's same address is apart. (op, expected holder's key).
+    #[test]
+    fn the_first_service_at_a_vip_keeps_it_and_removal_hands_it_on() {
+        let vip: IpAddr = "10.96.0.1".parse().expect("ip");
+        let svc = |ns: &str, vips: &[(&str, &str)], port: u16| Service {
+            name: "web".into(),
+            namespace: ns.into(),
+            hostname: "web.test".into(),
+            vips: vips
+                .iter()
+                .map(|(n, ip)| ((*n).to_owned(), ip.parse().expect("ip")))
+                .collect(),
+            ports: vec![model::PortMapping {
+                service_port: port,
+                target_port: port,
+            }],
+            subject_alt_names: vec![],
+            waypoint: None,
+            only_healthy: true,
+        };
+        enum Op {
+            Up(&'static str, &'static [(&'static str, &'static str)], u16),
+            Rm(&'static str),
+        }
+        use Op::{Rm, Up};
+        const AT: &[(&str, &str)] = &[("", "10.96.0.1")];
+        const ELSEWHERE: &[(&str, &str)] = &[("", "10.96.0.2"), ("far", "10.96.0.1")];
+        let table: [(Op, Option<(&str, u16)>); 12] = [
+            (Up("shop", AT, 80), Some(("shop", 80))),
+            (Up("evil", AT, 81), Some(("shop", 80))),
+            (Up("evil", AT, 82), Some(("shop", 80))),
+            (Up("shop", AT, 83), Some(("shop", 83))),
+            (Rm("shop/web.test"), Some(("evil", 82))),
+            (Up("shop", AT, 84), Some(("evil", 82))),
+            (Rm("evil/web.test"), Some(("shop", 84))),
+            (Up("evil", AT, 85), Some(("shop", 84))),
+            (Up("shop", ELSEWHERE, 86), Some(("evil", 85))),
+            (Up("shop", AT, 87), Some(("evil", 85))),
+            (Rm("evil/web.test"), Some(("shop", 87))),
+            (Rm("shop/web.test"), None),
+        ];
+        let mut s = State::default();
+        for (step, (op, holder)) in table.into_iter().enumerate() {
+            match op {
+                Up(ns, vips, port) => s.upsert_service(svc(ns, vips, port)),
+                Rm(key) => assert!(s.remove_service(key), "step {step}"),
+            }
+            let got = s
+                .service_by_vip("", vip)
+                .map(|h| (h.namespace.as_str(), h.ports[0].service_port));
+            assert_eq!(got, holder, "step {step}");
+            if step == 8 {
+                let far = s.service_by_vip("far", vip).map(|h| h.namespace.clone());
+                assert_eq!(far.as_deref(), Some("shop"), "another network's address is apart");
+                let other = s.service_by_vip("", "10.96.0.2".parse().expect("ip"));
+                assert_eq!(other.map(|h| h.namespace.as_str()), Some("shop"));
+            }
+        }
+        assert!(s.service_by_vip("far", vip).is_none() && s.vip_claims.is_empty());
     }
 
     /// An Istio peer may send every field of the current API; none may make us reject the
