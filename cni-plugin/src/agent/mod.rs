@@ -31,4 +31,6 @@ pub mod rules;
 pub mod scan;
 pub mod serial;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod test_ns;
 pub mod zds;

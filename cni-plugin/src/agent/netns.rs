@@ -445,72 +445,14 @@ mod tests {
         root
     }
 
-    /// Namespaces pinned for the test, deleted on drop (also when the test fails).
-    struct TestNs(Vec<String>);
-
-    impl TestNs {
-        fn add(&mut self, name: String) -> PathBuf {
-            assert!(run(&["ip", "netns", "add", &name]), "ip netns add {name}");
-            self.0.push(name);
-            self.path(self.0.len() - 1)
-        }
-
-        fn path(&self, i: usize) -> PathBuf {
-            PathBuf::from(format!("/var/run/netns/{}", self.0[i]))
-        }
-    }
-
-    impl Drop for TestNs {
-        fn drop(&mut self) {
-            for name in &self.0 {
-                run(&["ip", "netns", "del", name]);
-            }
-        }
-    }
-
-    /// A process held in a namespace, killed on drop.
-    struct Holder(std::process::Child);
-
-    impl Drop for Holder {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn run(args: &[&str]) -> bool {
-        std::process::Command::new(args[0])
-            .args(&args[1..])
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// A process in the namespace at `path`, once it is in: its `/proc/<pid>/ns/net`.
-    fn hold(name: &str, path: &Path) -> (Holder, PathBuf) {
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", name, "sleep", "60"])
-            .spawn()
-            .map(Holder)
-            .unwrap();
-        let held = PathBuf::from(format!("/proc/{}/ns/net", child.0.id()));
-        let inode = |p: &Path| File::open(p).and_then(|f| Inode::of(&f)).ok();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while inode(&held) != inode(path) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "holder never entered the namespace"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        (child, held)
-    }
+    use super::super::test_ns::{hold, run, TestNs};
 
     #[test]
     fn real_namespaces_have_their_own_cookies_and_one_identity_through_any_path() {
         if !privileged() {
             return;
         }
-        let mut ns = TestNs(Vec::new());
+        let mut ns = TestNs::default();
         let pid = std::process::id();
         let (a, b) = (ns.add(format!("cka{pid}")), ns.add(format!("ckb{pid}")));
         let (ida, idb) = (identify(&a).unwrap(), identify(&b).unwrap());
@@ -538,7 +480,7 @@ mod tests {
             return;
         }
         let host_id = host().unwrap();
-        let mut ns = TestNs(Vec::new());
+        let mut ns = TestNs::default();
         let pid = std::process::id();
         let path = ns.add(format!("ckr{pid}"));
         let now = identify(&path).unwrap();

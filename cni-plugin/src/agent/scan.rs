@@ -333,42 +333,7 @@ mod tests {
         assert_eq!(found.owned[&ip], owner("/var/run/netns/cni-1", 9));
     }
 
-    /// A namespace pinned for the test, deleted on drop (also when the test fails).
-    struct TestNs(String);
-
-    impl TestNs {
-        fn new(prefix: &str) -> Option<TestNs> {
-            let name = format!("{prefix}{}", std::process::id());
-            run(&["ip", "netns", "add", &name]).then_some(TestNs(name))
-        }
-
-        fn path(&self) -> PathBuf {
-            PathBuf::from(format!("/var/run/netns/{}", self.0))
-        }
-    }
-
-    impl Drop for TestNs {
-        fn drop(&mut self) {
-            run(&["ip", "netns", "del", &self.0]);
-        }
-    }
-
-    /// A process held in a namespace, killed on drop.
-    struct Holder(std::process::Child);
-
-    impl Drop for Holder {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn run(args: &[&str]) -> bool {
-        std::process::Command::new(args[0])
-            .args(&args[1..])
-            .status()
-            .is_ok_and(|s| s.success())
-    }
+    use super::super::test_ns::{hold, run, TestNs};
 
     fn id_of(path: &std::path::Path) -> Option<NsId> {
         netns::identify(path)
@@ -380,31 +345,19 @@ mod tests {
             eprintln!("skipping: needs root");
             return;
         }
-        let (Some(real), Some(impostor)) = (TestNs::new("scanreal"), TestNs::new("scanevil")) else {
-            panic!("ip netns add failed");
-        };
+        let mut ns = TestNs::default();
+        let pid = std::process::id();
+        ns.add(format!("scanreal{pid}"));
+        ns.add(format!("scanevil{pid}"));
+        let (real, impostor) = (ns.0[0].clone(), ns.0[1].clone());
         // TEST-NET-2 addresses: on no real interface.
         let (shared, own) = ("198.51.100.7", "198.51.100.8");
-        assert!(run(&["ip", "-n", &real.0, "addr", "add", shared, "dev", "lo"]));
-        assert!(run(&["ip", "-n", &real.0, "addr", "add", own, "dev", "lo"]));
-        assert!(run(&["ip", "-n", &impostor.0, "addr", "add", shared, "dev", "lo"]));
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &real.0, "sleep", "60"])
-            .spawn()
-            .map(Holder)
-            .unwrap();
-        let held = PathBuf::from(format!("/proc/{}/ns/net", child.0.id()));
-        // `ip netns exec` switches before it runs sleep: wait until it has.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while id_of(&held) != id_of(&real.path()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "holder never entered the namespace"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        assert!(run(&["ip", "-n", &real, "addr", "add", shared, "dev", "lo"]));
+        assert!(run(&["ip", "-n", &real, "addr", "add", own, "dev", "lo"]));
+        assert!(run(&["ip", "-n", &impostor, "addr", "add", shared, "dev", "lo"]));
+        let (_child, held) = hold(&real, &ns.path(0));
         let (shared, own): (IpAddr, IpAddr) = (shared.parse().unwrap(), own.parse().unwrap());
-        let paths = vec![held.clone(), impostor.path(), real.path()];
+        let paths = vec![held.clone(), ns.path(1), ns.path(0)];
         let ips = HashSet::from([shared, own]);
         let wanted = ips.clone();
         let (seen, _held) = std::thread::spawn(move || look_into(paths, &wanted)).join().unwrap();
@@ -414,6 +367,6 @@ mod tests {
         assert_eq!(found.owned[&own].path, held, "{found:?}");
         // The identity the scan records, cookie included, is the one the agent reads when it
         // opens the namespace through another path.
-        assert_eq!(Some(found.owned[&own].id), id_of(&real.path()));
+        assert_eq!(Some(found.owned[&own].id), id_of(&ns.path(0)));
     }
 }

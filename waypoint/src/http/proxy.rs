@@ -902,29 +902,45 @@ mod tests {
         })
     }
 
-    /// A backend that takes connections, reads what comes and never answers; `heads` says
-    /// when a request head has arrived.
-    async fn silent_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    /// A test backend's address and what it reports: a request head arrived, a connection
+    /// to it closed.
+    struct ScriptedBackend {
+        addr: SocketAddr,
+        heads: tokio::sync::mpsc::UnboundedReceiver<()>,
+        closed: tokio::sync::mpsc::UnboundedReceiver<()>,
+    }
+
+    /// A backend that reads what comes and answers each request head with `answer` (none:
+    /// never answers; a head announcing more body than it sends: stalls mid-answer).
+    async fn scripted_backend(answer: Option<&'static [u8]>) -> ScriptedBackend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (heads, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel();
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
-                let heads = heads.clone();
+                let (heads, closed) = (heads_tx.clone(), closed_tx.clone());
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     let mut buf = [0; 4096];
                     while let Ok(n @ 1..) = conn.read(&mut buf).await {
                         seen.extend_from_slice(&buf[..n]);
-                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let _ = heads.send(());
-                            seen.clear();
+                        if !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            continue;
+                        }
+                        seen.clear();
+                        let _ = heads.send(());
+                        if let Some(answer) = answer {
+                            if conn.write_all(answer).await.is_err() {
+                                break;
+                            }
                         }
                     }
+                    let _ = closed.send(());
                 });
             }
         });
-        (addr, rx)
+        ScriptedBackend { addr, heads, closed }
     }
 
     /// A waypoint serving one downstream HTTP/1.1 connection (the test's end returned) in
@@ -934,7 +950,9 @@ mod tests {
         tokio::sync::mpsc::UnboundedReceiver<()>,
         Arc<Cluster>,
     ) {
-        let (backend, heads) = silent_backend().await;
+        let ScriptedBackend {
+            addr: backend, heads, ..
+        } = scripted_backend(None).await;
         let (wp, down) = waypoint_for(backend);
         let cluster = wp
             .upstreams
@@ -974,11 +992,34 @@ mod tests {
 
     /// One downstream HTTP/1.1 connection served by [`handle`]; the test's end.
     fn connect(wp: &Arc<Waypoint>, down: &Arc<Downstream>) -> tokio::io::DuplexStream {
+        connect_tracked(wp, down).0
+    }
+
+    /// [`connect`], and the server side's task: once it ends, every request on the
+    /// connection is finished and logged.
+    fn connect_tracked(
+        wp: &Arc<Waypoint>,
+        down: &Arc<Downstream>,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
         let (wp, down) = (wp.clone(), down.clone());
         let (client, server) = tokio::io::duplex(64 * 1024);
         let serve = hyper::service::service_fn(move |req| handle(wp.clone(), down.clone(), req));
-        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), serve));
-        client
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), serve);
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (client, task)
+    }
+
+    /// Sends `head` on a new connection and returns the answer once the waypoint is done
+    /// with the connection (so its access log is written).
+    async fn exchange(wp: &Arc<Waypoint>, down: &Arc<Downstream>, head: &[u8]) -> String {
+        let (mut client, served) = connect_tracked(wp, down);
+        client.write_all(head).await.unwrap();
+        let (answer, _) = answer(&mut client).await;
+        drop(client);
+        served.await.expect("the connection task ends");
+        answer
     }
 
     /// What tracing writes while a test holds [`capture_logs`]'s guard.
@@ -1023,10 +1064,8 @@ mod tests {
             (("/x/../admin", "u@svc"), "400", "/x/../admin"),
         ];
         for ((sent, host), status, logged) in cases {
-            let mut client = connect(&wp, &down);
             let head = format!("GET {sent} HTTP/1.1\r\nhost: {host}\r\n\r\n");
-            client.write_all(head.as_bytes()).await.unwrap();
-            let (answer, _) = answer(&mut client).await;
+            let answer = exchange(&wp, &down, head.as_bytes()).await;
             assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{sent}: {answer}");
             let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
             let line = text
@@ -1082,38 +1121,14 @@ mod tests {
         assert_eq!(cluster.requests_in_flight(), 0);
     }
 
-    /// A backend that answers each request head with `answer` (a head announcing more body
-    /// than it sends) and then sends nothing; `closed` says when a connection to it closed.
-    async fn stalling_backend(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (closed, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let closed = closed.clone();
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0; 4096];
-                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
-                        seen.extend_from_slice(&buf[..n]);
-                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            seen.clear();
-                            if conn.write_all(answer).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    let _ = closed.send(());
-                });
-            }
-        });
-        (addr, rx)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn an_answer_that_stops_halfway_is_cut_at_the_stream_idle_timeout_with_its_connection() {
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nhalf";
-        let (backend, mut closed) = stalling_backend(head).await;
+        let ScriptedBackend {
+            addr: backend,
+            mut closed,
+            ..
+        } = scripted_backend(Some(head)).await;
         let (wp, down) = waypoint_for(backend);
         let mut client = connect(&wp, &down);
         client.write_all(b"GET /x HTTP/1.1\r\nhost: svc\r\n\r\n").await.unwrap();
@@ -1179,10 +1194,8 @@ mod tests {
         ];
         for (target, logged) in sent {
             let before = lines.0.lock().unwrap().len();
-            let mut client = connect(&wp, &down);
             let head = format!("GET {target} HTTP/1.1\r\nhost: www.example.com\r\n\r\n");
-            client.write_all(head.as_bytes()).await.unwrap();
-            let (answer, _) = answer(&mut client).await;
+            let answer = exchange(&wp, &down, head.as_bytes()).await;
             assert!(answer.starts_with("HTTP/1.1 503"), "{target}: {answer}");
             let text = String::from_utf8_lossy(&lines.0.lock().unwrap()[before..]).into_owned();
             assert_eq!(text.contains(" request "), logged, "{target}: {text}");
@@ -1226,12 +1239,7 @@ mod tests {
             Arc::get_mut(&mut wp).expect("not shared yet").path_normalization = mode;
             log_only_when(&wp, "request.url_path == '/admin'");
             let before = lines.0.lock().unwrap().len();
-            let mut client = connect(&wp, &down);
-            client
-                .write_all(b"GET //admin HTTP/1.1\r\nhost: svc\r\n\r\n")
-                .await
-                .unwrap();
-            let (answer, _) = answer(&mut client).await;
+            let answer = exchange(&wp, &down, b"GET //admin HTTP/1.1\r\nhost: svc\r\n\r\n").await;
             assert!(answer.starts_with("HTTP/1.1 503"), "{mode:?}: {answer}");
             let text = String::from_utf8_lossy(&lines.0.lock().unwrap()[before..]).into_owned();
             assert_eq!(text.contains(" request "), logged, "{mode:?}: {text}");
@@ -1245,7 +1253,11 @@ mod tests {
     async fn mirrors_sent_through_the_pipeline_hold_a_slot_until_their_timeout() {
         use crate::telemetry::metrics::MirrorDrop;
         const REQUESTS: usize = 3;
-        let (backend, mut heads) = silent_backend().await;
+        let ScriptedBackend {
+            addr: backend,
+            mut heads,
+            ..
+        } = scripted_backend(None).await;
         let (wp, down) = waypoint_for(backend);
         // The one route mirrors every request to the (silent) service itself.
         let mirror = wp::WeightedBackend {
