@@ -254,6 +254,33 @@ struct Rejected {
     reason: String,
 }
 
+/// A policy this proxy cannot read, and holds no earlier version of, denies every connection
+/// in its namespace until a readable version or its removal arrives: what it says cannot be
+/// enforced, and leaving it out would open what a DENY closes (or what an ALLOW limits). An
+/// earlier, readable version stays in force instead (the last good state). A name that is
+/// not `<namespace>/<name>` names no namespace to close, and is only refused.
+fn stand_in_for_unreadable(ts: &mut TypeState, state: &mut crate::state::State, name: String, version: String) {
+    if ts.held.contains_key(&name) {
+        return;
+    }
+    let Some((namespace, policy)) = name.split_once('/').filter(|(ns, p)| !ns.is_empty() && !p.is_empty()) else {
+        return;
+    };
+    let stand_in = crate::rbac::Policy {
+        name: policy.to_owned(),
+        namespace: namespace.to_owned(),
+        scope: crate::rbac::Scope::Namespace,
+        action: crate::rbac::Action::Deny,
+        // One rule with no clauses: matches every connection.
+        groups: vec![vec![]],
+        dry_run: false,
+    };
+    let key = StoreKey::Policy(stand_in.key());
+    tracing::warn!(policy = %name, "unreadable authorization policy: every connection in its namespace is denied until it is fixed");
+    state.upsert_policy(stand_in);
+    ts.held.insert(name, Held { version, key });
+}
+
 /// Decodes one `Resource` of a response of type `kind`.
 fn decode(kind: Kind, index: usize, r: &Resource) -> Result<Incoming, Rejected> {
     let reject = |reason: String| Rejected {
@@ -323,14 +350,21 @@ impl Tracker {
     fn apply(&mut self, store: &StateStore, kind: Kind, resp: &DeltaDiscoveryResponse) -> Vec<Rejected> {
         let mut rejected = Vec::new();
         let mut incoming = Vec::with_capacity(resp.resources.len());
+        // Policies this proxy cannot read, by resource name and version.
+        let mut unreadable = Vec::new();
         for (i, r) in resp.resources.iter().enumerate() {
             match decode(kind, i, r) {
                 Ok(inc) => incoming.push(inc),
-                Err(rej) => rejected.push(rej),
+                Err(rej) => {
+                    if kind == Kind::Authorization {
+                        unreadable.push((r.name.clone(), r.version.clone()));
+                    }
+                    rejected.push(rej);
+                }
             }
         }
         let ts = &mut self.types[kind.index()];
-        if !incoming.is_empty() || !resp.removed_resources.is_empty() {
+        if !incoming.is_empty() || !resp.removed_resources.is_empty() || !unreadable.is_empty() {
             store.update(|state| {
                 for name in &resp.removed_resources {
                     if let Some(held) = ts.held.remove(name) {
@@ -358,11 +392,19 @@ impl Tracker {
                         }
                         // A rejected update leaves the previous version applied and tracked,
                         // so a reconnect reports the version actually in use.
-                        Err(e) => rejected.push(Rejected {
-                            name: inc.name,
-                            reason: e.to_string(),
-                        }),
+                        Err(e) => {
+                            if kind == Kind::Authorization {
+                                unreadable.push((inc.name.clone(), inc.version.clone()));
+                            }
+                            rejected.push(Rejected {
+                                name: inc.name,
+                                reason: e.to_string(),
+                            });
+                        }
                     }
+                }
+                for (name, version) in unreadable {
+                    stand_in_for_unreadable(ts, state, name, version);
                 }
             });
         }
@@ -897,6 +939,97 @@ mod tests {
             assert!(r.response_nonce.is_empty());
             assert!(r.error_detail.is_none());
         }
+    }
+
+    /// A policy this proxy cannot read denies its namespace until a readable version or its
+    /// removal comes; an earlier readable version stays in force instead.
+    #[test]
+    fn an_unreadable_policy_denies_its_namespace_until_it_is_fixed() {
+        use crate::rbac::{evaluate, ConnectionInfo, Decision};
+        let store = StateStore::new();
+        let mut tracker = Tracker::default();
+        let authz = |resources| response(AUTHORIZATION_TYPE_URL, "n", resources, &[]);
+        let policy_in = |ns: &str, name: &str, scope: i32| {
+            let mut p = policy(ns, name);
+            p.scope = scope;
+            p.encode_to_vec()
+        };
+        let namespace = secpb::Scope::Namespace as i32;
+        let decision_in = |ns: &str| {
+            let state = store.load();
+            let applying: Vec<_> = state
+                .policies()
+                .filter(|p| p.namespace == ns)
+                .map(|p| p.as_ref())
+                .collect();
+            let c = ConnectionInfo {
+                src_identity: None,
+                src_ip: "10.0.0.9".parse().unwrap(),
+                dst: "10.0.0.1:80".parse().unwrap(),
+            };
+            evaluate(applying, &c)
+        };
+        let rejected = tracker.apply(
+            &store,
+            Kind::Authorization,
+            &authz(vec![
+                resource("shop/garbled", "1", AUTHORIZATION_TYPE_URL, vec![0xff, 0xff, 0xff]),
+                resource(
+                    "bank/future",
+                    "1",
+                    AUTHORIZATION_TYPE_URL,
+                    policy_in("bank", "future", 99),
+                ),
+                resource(
+                    "web/allow",
+                    "1",
+                    AUTHORIZATION_TYPE_URL,
+                    policy_in("web", "allow", namespace),
+                ),
+            ]),
+        );
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(matches!(decision_in("shop"), Decision::Deny(_)));
+        assert!(matches!(decision_in("bank"), Decision::Deny(_)));
+        assert_eq!(decision_in("other"), Decision::Allow);
+
+        // An unreadable update of a readable policy: the readable version stays.
+        tracker.apply(
+            &store,
+            Kind::Authorization,
+            &authz(vec![resource("web/allow", "2", AUTHORIZATION_TYPE_URL, vec![0xff])]),
+        );
+        let state = store.load();
+        let kept = state.policies().find(|p| p.key() == "web/allow").expect("kept");
+        assert_eq!(kept.action, crate::rbac::Action::Allow);
+
+        // A readable version replaces the stand-in; a removal removes it.
+        tracker.apply(
+            &store,
+            Kind::Authorization,
+            &authz(vec![resource(
+                "shop/garbled",
+                "2",
+                AUTHORIZATION_TYPE_URL,
+                policy_in("shop", "garbled", namespace),
+            )]),
+        );
+        assert_eq!(store.load().policies().filter(|p| p.namespace == "shop").count(), 1);
+        assert_ne!(
+            decision_in("shop"),
+            Decision::Allow,
+            "an ALLOW without rules allows nothing"
+        );
+        assert!(store
+            .load()
+            .policies()
+            .any(|p| p.key() == "shop/garbled" && p.action == crate::rbac::Action::Allow));
+        tracker.apply(
+            &store,
+            Kind::Authorization,
+            &response(AUTHORIZATION_TYPE_URL, "r", vec![], &["bank/future"]),
+        );
+        assert_eq!(decision_in("bank"), Decision::Allow);
     }
 
     /// Policies are subscribed to first and addresses last, so a server answering in order
