@@ -13,6 +13,7 @@
 //! - [`admin_http`] and [`prometheus`]: the admin/metrics endpoints' server and `/metrics` answer.
 //! - [`control_plane_args`]: the control-plane flags ztunnel and the waypoint share.
 //! - [`capture`]: the capture contract (ports, marks, routing table) every crate agrees on.
+//! - [`unroutable`]: addresses no proxy may dial for a tenant (loopback, link-local, ...).
 //! - [`log_limit`]: at most one repeated warning per interval, with a suppressed count.
 //! - [`log_json`]: JSON log lines as tracing-subscriber writes them, without its detours.
 //! - [`log_sink`]: log lines to stdout, access-log lines in batches off the request path.
@@ -40,5 +41,6 @@ pub mod shutdown;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod unroutable;
 pub mod xds;
 pub mod zds;

@@ -7,9 +7,10 @@
 //!
 //! [`Owned`] says which addresses an entry may use ([`Refusal`] says why not): no VIP,
 //! endpoint or WorkloadEntry address may be loopback, unspecified, link-local or multicast
-//! ([`Unroutable`]: a proxy dialling it reaches its own host, its admin port, or the cloud
-//! metadata server), no VIP may be in the auto-allocated ranges (declaring another host's
-//! allocated VIP would move that host and take its cached clients' traffic), and no
+//! ([`Unroutable`], mesh-core's classifier, by which ztunnel also refuses what a name-only
+//! endpoint resolves to: a proxy dialling it reaches its own host, its admin port, or the
+//! cloud metadata server), no VIP may be in the auto-allocated ranges (declaring another
+//! host's allocated VIP would move that host and take its cached clients' traffic), and no
 //! endpoint may be a service's VIP (a Kubernetes Service's, one an
 //! entry keeps, or in the auto-allocated ranges), which would loop through the waypoints.
 //! Hosts are claimed as addresses are ([`super::entry_hosts`]): the older entry's namespace
@@ -24,6 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
+use mesh_core::unroutable::Unroutable;
 use mesh_proto::workload as pb;
 
 use super::attach::Attachments;
@@ -51,51 +53,6 @@ impl Taken {
             self.ips
                 .extend(vips.filter_map(|a| mesh_core::state::model::ip_from_bytes(&a.address)));
         }
-    }
-}
-
-/// Addresses nothing may be served at, whoever declares them: a proxy dialling one reaches
-/// its own host (a waypoint's admin port and its config dump of every tenant), or what only
-/// its node should reach (the cloud metadata server at 169.254.169.254).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Unroutable {
-    /// 127.0.0.0/8, ::1.
-    Loopback,
-    /// 0.0.0.0/8 ("this network"), ::.
-    Unspecified,
-    /// 169.254.0.0/16, fe80::/10.
-    LinkLocal,
-    /// 224.0.0.0/4, ff00::/8: never one connection's peer.
-    Multicast,
-}
-
-impl Unroutable {
-    /// The class of `ip`, read canonical (`::ffff:127.0.0.1` is loopback); `None` when none.
-    pub(crate) fn of(ip: IpAddr) -> Option<Self> {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) if v4.is_loopback() => Some(Self::Loopback),
-            IpAddr::V4(v4) if v4.octets()[0] == 0 => Some(Self::Unspecified),
-            IpAddr::V4(v4) if v4.is_link_local() => Some(Self::LinkLocal),
-            IpAddr::V4(v4) if v4.is_multicast() => Some(Self::Multicast),
-            IpAddr::V6(v6) if v6.is_loopback() => Some(Self::Loopback),
-            IpAddr::V6(v6) if v6.is_unspecified() => Some(Self::Unspecified),
-            IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(Self::LinkLocal),
-            IpAddr::V6(v6) if v6.is_multicast() => Some(Self::Multicast),
-            IpAddr::V4(_) | IpAddr::V6(_) => None,
-        }
-    }
-}
-
-impl fmt::Display for Unroutable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Loopback => "a loopback address: the proxy dialling it would reach its own host",
-            Self::Unspecified => "an unspecified address: the proxy dialling it would reach its own host",
-            Self::LinkLocal => {
-                "a link-local address: the proxy dialling it would reach its node's link (the cloud metadata server)"
-            }
-            Self::Multicast => "a multicast address: never a connection's peer",
-        })
     }
 }
 
@@ -610,43 +567,6 @@ spec: {hosts: [x.evil.test], addresses: [10.200.0.1], resolution: STATIC, ports:
                 "pod shop/payments-0"
             };
             assert!(ghost.is_some_and(|p| p.message.contains(why)), "step {step}: {ghost:?}");
-        }
-    }
-
-    /// Every unroutable class, IPv4, IPv6 and IPv4-mapped, and their neighbours that are not.
-    #[test]
-    fn unroutable_address_classes() {
-        use super::Unroutable::{self, *};
-        let table: [(&str, Option<Unroutable>); 26] = [
-            ("127.0.0.1", Some(Loopback)),
-            ("127.255.0.9", Some(Loopback)),
-            ("::1", Some(Loopback)),
-            ("::ffff:127.0.0.1", Some(Loopback)),
-            ("0.0.0.0", Some(Unspecified)),
-            ("0.1.2.3", Some(Unspecified)),
-            ("::", Some(Unspecified)),
-            ("::ffff:0.0.0.0", Some(Unspecified)),
-            ("169.254.169.254", Some(LinkLocal)),
-            ("169.254.0.1", Some(LinkLocal)),
-            ("::ffff:169.254.169.254", Some(LinkLocal)),
-            ("fe80::1", Some(LinkLocal)),
-            ("febf:ffff::1", Some(LinkLocal)),
-            ("224.0.0.1", Some(Multicast)),
-            ("239.255.255.250", Some(Multicast)),
-            ("::ffff:224.0.0.251", Some(Multicast)),
-            ("ff02::1", Some(Multicast)),
-            ("10.0.0.1", None),
-            ("1.0.0.0", None),
-            ("169.255.0.1", None),
-            ("223.255.255.255", None),
-            ("::2", None),
-            ("fec0::1", None),
-            ("fd00::1", None),
-            ("2001:db8::1", None),
-            ("::ffff:10.1.2.3", None),
-        ];
-        for (ip, class) in table {
-            assert_eq!(Unroutable::of(ip.parse().unwrap()), class, "{ip}");
         }
     }
 

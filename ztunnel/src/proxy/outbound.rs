@@ -1,6 +1,10 @@
 //! Outbound: a captured application connection is resolved against the mesh state and sent
 //! over HBONE to the destination's ztunnel (or its waypoint), as plain TCP to a workload that
 //! does not speak HBONE, or passed through untouched when the destination is unknown.
+//! An endpoint known by name only is resolved per connection, and only a routable address
+//! it resolves to is dialled: a name resolving to loopback, link-local (the metadata server),
+//! unspecified or multicast addresses only is refused ([`Refusal::UnroutableEndpoint`]), as
+//! the controller refuses those addresses written in an entry.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,13 +14,14 @@ use mesh_core::hbone::{PendingGuard, PoolKey, TunnelRequest};
 use mesh_core::identity::Identity;
 use mesh_core::socket::original_dst;
 use mesh_core::state::{Destination, GatewayAddress, GatewayDestination, Service, State, Tunnel, Workload};
+use mesh_core::unroutable::Unroutable;
 use rand::seq::SliceRandom;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::refusal::{ConnError, Refusal};
 use super::Proxy;
-use crate::metrics::{ConnBytes, ConnRecord, CountedClient, Reporter, TcpLabels};
+use crate::metrics::{ConnBytes, ConnRecord, CountedClient, Metrics, Reporter, TcpLabels};
 
 /// Where a connection goes.
 #[derive(Debug)]
@@ -438,7 +443,7 @@ async fn forward(
             return Box::pin(plain(px, tcp, addr, record.bytes())).await.map(|()| None);
         }
         Route::Resolve { host, port, .. } => {
-            let addr = resolve_host(&host, port, dst, px.settings.connect_timeout).await?;
+            let addr = resolve_host(&px.metrics, &host, port, dst, px.settings.connect_timeout).await?;
             return Box::pin(plain(px, tcp, addr, record.bytes())).await.map(|()| None);
         }
     };
@@ -477,8 +482,11 @@ fn double_request(
     }
 }
 
-/// `host:port` through the system resolver, an address of `dst`'s family first.
+/// `host:port` through the system resolver, a routable address of `dst`'s family first
+/// ([`pick_routable`]); a name resolving to unroutable addresses only is refused, counted in
+/// `metrics` as [`Refusal::UnroutableEndpoint`].
 async fn resolve_host(
+    metrics: &Metrics,
     host: &str,
     port: u16,
     dst: SocketAddr,
@@ -490,12 +498,39 @@ async fn resolve_host(
         .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
         .map_err(err)?
         .collect();
-    found
-        .iter()
+    let picked = pick_routable(host, &found, dst);
+    if let Err(ConnError::Unroutable { addr, class, .. }) = &picked {
+        warn!(host, %addr, %class, "{}", Refusal::UnroutableEndpoint);
+        metrics.refuse(Refusal::UnroutableEndpoint);
+    }
+    picked
+}
+
+/// The address to dial among those `host` resolved to: the first routable one of `dst`'s
+/// family, else the first routable one; never an [`Unroutable`] one, even beside routable
+/// ones ([`ConnError::Unroutable`] when there is no other).
+fn pick_routable(host: &str, found: &[SocketAddr], dst: SocketAddr) -> Result<SocketAddr, ConnError> {
+    let routable = || found.iter().filter(|a| Unroutable::of(a.ip()).is_none());
+    if let Some(addr) = routable()
         .find(|a| a.is_ipv4() == dst.is_ipv4())
-        .or_else(|| found.first())
-        .copied()
-        .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
+        .or_else(|| routable().next())
+    {
+        return Ok(*addr);
+    }
+    match found
+        .iter()
+        .find_map(|a| Unroutable::of(a.ip()).map(|class| (a.ip(), class)))
+    {
+        Some((addr, class)) => Err(ConnError::Unroutable {
+            host: host.to_owned(),
+            addr,
+            class,
+        }),
+        None => Err(ConnError::Resolve(
+            host.to_owned(),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        )),
+    }
 }
 
 async fn plain(px: &Proxy, tcp: &mut TcpStream, addr: SocketAddr, bytes: &ConnBytes) -> Result<(), ConnError> {
@@ -717,14 +752,58 @@ mod tests {
     #[tokio::test]
     async fn names_resolve_to_the_destination_family() {
         let timeout = std::time::Duration::from_secs(5);
-        let got = resolve_host("localhost", 8080, sa("240.240.1.1:80"), timeout)
-            .await
-            .unwrap();
-        assert_eq!(got, sa("127.0.0.1:8080"));
-        let err = resolve_host("no-such-host.invalid", 80, sa("240.240.1.1:80"), timeout)
+        let metrics = Metrics::default();
+        let got = resolve_host(&metrics, "192.0.2.10", 8080, sa("240.240.1.1:80"), timeout).await;
+        assert_eq!(got.ok(), Some(sa("192.0.2.10:8080")));
+        let err = resolve_host(&metrics, "no-such-host.invalid", 80, sa("240.240.1.1:80"), timeout)
             .await
             .expect_err("does not resolve");
         assert!(err.to_string().contains("no-such-host.invalid"), "{err}");
+        assert_eq!(refused(&metrics, "unroutable_endpoint"), 0);
+        let found = [sa("[2001:db8::1]:80"), sa("192.0.2.10:80")];
+        assert_eq!(pick_routable("h", &found, sa("10.0.0.1:80")).ok(), Some(found[1]));
+        assert_eq!(pick_routable("h", &found, sa("[fd00::1]:80")).ok(), Some(found[0]));
+    }
+
+    fn refused(metrics: &Metrics, reason: &'static str) -> u64 {
+        let labels = crate::metrics::ReasonLabels { reason };
+        metrics.refused.get_or_create(&labels).get()
+    }
+
+    /// A name-only endpoint resolving to loopback (`localhost`: ztunnel's own host) is refused
+    /// before any dial and counted; beside a routable address, that one is dialled instead,
+    /// whatever the family; the metadata server and mapped loopback are refused too.
+    #[tokio::test]
+    async fn names_resolving_to_unroutable_addresses_are_refused() {
+        let timeout = std::time::Duration::from_secs(5);
+        let metrics = Metrics::default();
+        let err = resolve_host(&metrics, "localhost", 15000, sa("240.240.1.1:80"), timeout)
+            .await
+            .expect_err("localhost is loopback");
+        assert!(
+            matches!(
+                err,
+                ConnError::Unroutable {
+                    class: Unroutable::Loopback,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("localhost resolved to "), "{err}");
+        assert_eq!(refused(&metrics, "unroutable_endpoint"), 1);
+
+        let mixed = [sa("127.0.0.1:80"), sa("[::1]:80"), sa("198.51.100.7:80")];
+        assert_eq!(pick_routable("h", &mixed, sa("[fd00::1]:80")).ok(), Some(mixed[2]));
+        for only in [
+            "169.254.169.254:80",
+            "[::ffff:127.0.0.1]:80",
+            "0.0.0.0:80",
+            "[fe80::1]:80",
+        ] {
+            let got = pick_routable("h", &[sa(only)], sa("10.0.0.1:80"));
+            assert!(matches!(got, Err(ConnError::Unroutable { .. })), "{only}: {got:?}");
+        }
     }
 
     /// A ServiceEntry with `resolution: NONE` (load balancing PASSTHROUGH): its address is

@@ -1,6 +1,8 @@
 //! Typed connection outcomes: why ztunnel refused a connection before any byte moved
 //! ([`Refusal`], counted as `ztunnel_connections_refused_total{reason}`), and why a proxied
-//! connection ended in error ([`ConnError`], the access log's `error`).
+//! connection ended in error ([`ConnError`], the access log's `error`). A name-only endpoint
+//! resolving to unroutable addresses only is both: counted as `unroutable_endpoint` and
+//! logged as [`ConnError::Unroutable`].
 //!
 //! One enum instead of string literals at each call site, so a label cannot be misspelt, the
 //! list of reasons is in one place for dashboards, and each refusal knows what an HBONE client
@@ -67,6 +69,10 @@ pub enum Refusal {
     /// Outbound: the service's load balancing is STRICT and no healthy endpoint shares the
     /// client's locality scopes (e.g. `internalTrafficPolicy: Local` and none on this node).
     NoLocalEndpoint,
+    /// Outbound: an endpoint known by name only resolved to no address but unroutable ones
+    /// (loopback, unspecified, link-local, multicast: [`mesh_core::unroutable`]), which would
+    /// have ztunnel dial its own host or the metadata server.
+    UnroutableEndpoint,
     /// An HBONE bound a peer hit (mesh-core's limits; labelled with the limit's name).
     Limit(Limit),
     /// The outbound or plaintext listener holds its maximum of connections from this source
@@ -101,6 +107,7 @@ impl Refusal {
             Refusal::NotRegistered => "not_registered",
             Refusal::NetworkGatewayUnavailable => "network_gateway_unavailable",
             Refusal::NoLocalEndpoint => "no_local_endpoint",
+            Refusal::UnroutableEndpoint => "unroutable_endpoint",
             Refusal::Limit(l) => l.as_str(),
             Refusal::Connections { listener, per_source } => match (listener, per_source) {
                 (Listener::Outbound, true) => "outbound_per_source_limit",
@@ -147,6 +154,7 @@ impl std::fmt::Display for Refusal {
             Refusal::NotRegistered => "destination not in the mesh registry (outbound policy REGISTRY_ONLY)",
             Refusal::NetworkGatewayUnavailable => "network gateway of a workload on another network unavailable",
             Refusal::NoLocalEndpoint => "no endpoint in the service's strict locality scope",
+            Refusal::UnroutableEndpoint => "endpoint name resolved to unroutable addresses only",
             Refusal::Limit(l) => l.as_str(),
             Refusal::Connections { per_source: true, .. } => "too many connections from this source address",
             Refusal::Connections { per_source: false, .. } => "too many connections on this listener",
@@ -164,6 +172,14 @@ pub enum ConnError {
     /// A destination known by name only (a DNS ServiceEntry endpoint) did not resolve.
     #[error("resolving {0}: {1}")]
     Resolve(String, std::io::Error),
+    /// A destination known by name only resolved to this unroutable address (the first of
+    /// them; no routable one): refused before connecting ([`Refusal::UnroutableEndpoint`]).
+    #[error("{host} resolved to {addr}, {class}; refused")]
+    Unroutable {
+        host: String,
+        addr: std::net::IpAddr,
+        class: mesh_core::unroutable::Unroutable,
+    },
     /// Moving bytes (or making a socket) failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -202,6 +218,11 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
             (Refusal::NoLocalEndpoint, "no_local_endpoint", StatusCode::BAD_REQUEST),
+            (
+                Refusal::UnroutableEndpoint,
+                "unroutable_endpoint",
+                StatusCode::BAD_REQUEST,
+            ),
             (
                 Refusal::Connections {
                     listener: Listener::Plaintext,
