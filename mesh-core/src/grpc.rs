@@ -54,8 +54,9 @@ pub enum GrpcError {
     Handshake { address: String, reason: String },
 }
 
-/// Displays an error with its sources: tonic's transport error alone only says "transport error".
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a dyn std::error::Error);
+/// Displays an error with its sources: tonic's transport error alone only says "transport
+/// error", hyper's client error "client error (Connect)".
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
 
 impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,6 +6,7 @@
 //! fetches once (single-flight), refreshes in the background and fails closed when it never got keys.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, USER_AGENT};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -236,7 +238,59 @@ fn usable_key(raw: Value) -> Option<Key> {
 // ---------------------------------------------------------------------------------------------
 // JWKS cache
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector<RoutableOnly>>, Empty<Bytes>>;
+
+/// The system resolver, keeping only addresses a tenant may have the waypoint fetch from: a
+/// `jwksUri` comes from a tenant's RequestAuthentication, and on a shared waypoint one naming
+/// a host that resolves to loopback or link-local would have the waypoint request its own
+/// admin port or the cloud metadata server ([`mesh_core::unroutable`]).
+#[derive(Clone)]
+struct RoutableOnly(GaiResolver);
+
+type Resolved =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<std::vec::IntoIter<SocketAddr>>> + Send>>;
+
+impl tower_service::Service<Name> for RoutableOnly {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Resolved;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Resolved {
+        let lookup = self.0.call(name.clone());
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = lookup
+                .await?
+                .filter(|a| mesh_core::unroutable::Unroutable::of(a.ip()).is_none())
+                .collect();
+            if addrs.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "{name} resolves to no address the waypoint may fetch from (loopback, link-local, unspecified or multicast)"
+                )));
+            }
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+/// Refuses a `jwksUri` whose host is a literal address of a class the waypoint may not
+/// fetch from (the connector does not resolve literal addresses, so [`RoutableOnly`] never
+/// sees them).
+fn literal_host_allowed(uri: &http::Uri) -> Result<(), String> {
+    let host = uri.host().unwrap_or_default();
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    match literal
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .and_then(mesh_core::unroutable::Unroutable::of)
+    {
+        Some(class) => Err(format!("jwksUri host {host} is a {class} address: not fetched")),
+        None => Ok(()),
+    }
+}
 
 /// A stand-in for the JWKS server in tests: the document (or error) for a URI.
 #[cfg(test)]
@@ -248,6 +302,10 @@ struct Fetcher {
     /// `Err` only if TLS could not be set up (then every fetch reports it).
     client: Result<HttpClient, String>,
     timeout: Duration,
+    /// Whether literal loopback (and other unroutable) hosts may be fetched: tests serve
+    /// JWKS from 127.0.0.1.
+    #[cfg(test)]
+    any_literal_host: bool,
     #[cfg(test)]
     fake: Option<FakeFetch>,
 }
@@ -271,6 +329,13 @@ impl Fetcher {
         if !matches!(parsed.scheme_str(), Some("http" | "https")) {
             return Err("jwksUri must be http:// or https://".to_owned());
         }
+        #[cfg(test)]
+        let checked = !self.any_literal_host;
+        #[cfg(not(test))]
+        let checked = true;
+        if checked {
+            literal_host_allowed(&parsed)?;
+        }
         let req = http::Request::get(parsed)
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, "mesh-waypoint")
@@ -279,7 +344,7 @@ impl Fetcher {
         let resp = client
             .request(req)
             .await
-            .map_err(|e| format!("JWKS request failed: {e}"))?;
+            .map_err(|e| format!("JWKS request failed: {}", mesh_core::grpc::ErrorChain(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("JWKS server answered {}", resp.status()));
         }
@@ -353,10 +418,22 @@ pub struct JwksCache {
 impl JwksCache {
     /// `refresh`: how often a fetched JWKS is re-fetched (Istio default 20 min); `timeout`: per fetch.
     pub fn new(refresh: Duration, timeout: Duration) -> Arc<Self> {
+        Self::build(refresh, timeout, false)
+    }
+
+    /// [`new`](Self::new), fetching from literal loopback hosts too (test JWKS servers).
+    #[cfg(test)]
+    fn for_local_servers(refresh: Duration, timeout: Duration) -> Arc<Self> {
+        Self::build(refresh, timeout, true)
+    }
+
+    fn build(refresh: Duration, timeout: Duration, _any_literal_host: bool) -> Arc<Self> {
         let client = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
             .map(|b| {
-                let connector = b.https_or_http().enable_http1().build();
+                let mut http = HttpConnector::new_with_resolver(RoutableOnly(GaiResolver::new()));
+                http.enforce_http(false);
+                let connector = b.https_or_http().enable_http1().wrap_connector(http);
                 // Fetches are minutes apart: keeping idle connections would only hold sockets.
                 Client::builder(TokioExecutor::new())
                     .pool_max_idle_per_host(0)
@@ -368,6 +445,8 @@ impl JwksCache {
             fetcher: Arc::new(Fetcher {
                 client,
                 timeout,
+                #[cfg(test)]
+                any_literal_host: _any_literal_host,
                 #[cfg(test)]
                 fake: None,
             }),
@@ -384,6 +463,7 @@ impl JwksCache {
             fetcher: Arc::new(Fetcher {
                 client: Err("no network in this test".to_owned()),
                 timeout,
+                any_literal_host: true,
                 fake: Some(fake),
             }),
             entries: Mutex::default(),
@@ -1045,7 +1125,30 @@ mod tests {
     }
 
     fn cache() -> Arc<JwksCache> {
-        JwksCache::new(Duration::from_secs(1200), Duration::from_secs(2))
+        JwksCache::for_local_servers(Duration::from_secs(1200), Duration::from_secs(2))
+    }
+
+    /// A tenant's `jwksUri` cannot make the waypoint request its own host or the metadata
+    /// server, by a literal address or by a name resolving to one.
+    #[tokio::test]
+    async fn jwks_are_never_fetched_from_loopback_or_link_local_hosts() {
+        let cache = JwksCache::new(Duration::from_secs(1200), Duration::from_secs(2));
+        for uri in [
+            "http://127.0.0.1:15000/config_dump",
+            "http://[::1]:15000/",
+            "http://[::ffff:127.0.0.1]:15000/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://0.0.0.0:15000/",
+            "http://localhost:15000/",
+        ] {
+            let Err(err) = cache.fetcher.fetch(uri).await else {
+                panic!("{uri} was fetched");
+            };
+            assert!(
+                err.contains("not fetched") || err.contains("no address the waypoint may fetch from"),
+                "{uri}: {err}"
+            );
+        }
     }
 
     fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
