@@ -1410,10 +1410,43 @@ mod tests {
     /// A captured pod whose snapshot Add the ztunnel rejects stays captured and is offered
     /// again by the retry of pending reconciliations once the snapshot is sent, not left
     /// unserved until the next reconnect.
+    /// A ztunnel on the agent's ZDS socket at `sock` that acks every request (rejecting the
+    /// first Add when `reject_first`) and passes on what it is sent.
+    async fn fake_ztunnel(
+        sock: &std::path::Path,
+        reject_first: bool,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::mpsc::UnboundedReceiver<Option<mesh_proto::workload::zds::workload_request::Payload>>,
+    ) {
+        use mesh_core::zds::ZdsConn;
+        use mesh_proto::workload::zds::{self, WorkloadRequest, WorkloadResponse};
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let conn = ZdsConn::connect(sock).unwrap();
+        let hello = zds::ZdsHello {
+            version: zds::Version::V1 as i32,
+        };
+        conn.send(&hello, None).await.unwrap();
+        let ztunnel = tokio::spawn(async move {
+            let mut adds = 0;
+            while let Ok((req, _)) = conn.recv::<WorkloadRequest>().await {
+                adds += usize::from(matches!(req.payload, Some(zds::workload_request::Payload::Add(_))));
+                let error = if reject_first && adds == 1 { "no room" } else { "" };
+                let ack = WorkloadResponse {
+                    payload: Some(zds::workload_response::Payload::Ack(zds::Ack { error: error.into() })),
+                };
+                if conn.send(&ack, None).await.is_err() || tx.send(req.payload).is_err() {
+                    break;
+                }
+            }
+        });
+        (ztunnel, rx)
+    }
+
     #[tokio::test]
     async fn a_rejected_snapshot_add_is_offered_again() {
-        use mesh_core::zds::{ZdsConn, ZdsListener};
-        use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest, WorkloadResponse};
+        use mesh_core::zds::ZdsListener;
+        use mesh_proto::workload::zds::workload_request::Payload;
         let dir = tempfile::tempdir().unwrap();
         ambient_inventory(dir.path());
         let agent = agent(dir.path());
@@ -1427,25 +1460,7 @@ mod tests {
         let server = tokio::spawn(agent.zds.clone().serve(ZdsListener::bind(&sock).unwrap()));
         let retry = tokio::spawn(agent.clone().retry_pending());
         // A ztunnel rejecting the first Add (the snapshot's) and acking the rest.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let conn = ZdsConn::connect(&sock).unwrap();
-        let hello = zds::ZdsHello {
-            version: zds::Version::V1 as i32,
-        };
-        conn.send(&hello, None).await.unwrap();
-        let ztunnel = tokio::spawn(async move {
-            let mut adds = 0;
-            while let Ok((req, _)) = conn.recv::<WorkloadRequest>().await {
-                adds += usize::from(matches!(req.payload, Some(Payload::Add(_))));
-                let error = if adds == 1 { "no room" } else { "" };
-                let ack = WorkloadResponse {
-                    payload: Some(zds::workload_response::Payload::Ack(zds::Ack { error: error.into() })),
-                };
-                if conn.send(&ack, None).await.is_err() || tx.send(req.payload).is_err() {
-                    break;
-                }
-            }
-        });
+        let (ztunnel, mut rx) = fake_ztunnel(&sock, true).await;
         let adds = tokio::time::timeout(RETRY_FIRST - Duration::from_secs(1), async {
             let mut adds = 0;
             while let Some(payload) = rx.recv().await {
@@ -1473,8 +1488,8 @@ mod tests {
     /// retry's back-off.
     #[tokio::test]
     async fn a_ztunnel_connecting_gets_the_pending_capture() {
-        use mesh_core::zds::{ZdsConn, ZdsListener};
-        use mesh_proto::workload::zds::{self, workload_request::Payload, WorkloadRequest, WorkloadResponse};
+        use mesh_core::zds::ZdsListener;
+        use mesh_proto::workload::zds::workload_request::Payload;
         let Some(ns) = TestNs::new("zconnect") else { return };
         let dir = tempfile::tempdir().unwrap();
         known_uncaptured_ambient_pod(dir.path(), &ns);
@@ -1486,22 +1501,7 @@ mod tests {
         let server = tokio::spawn(agent.zds.clone().serve(ZdsListener::bind(&sock).unwrap()));
         let retry = tokio::spawn(agent.clone().retry_pending());
         // A ztunnel acking everything, passing on what it is sent.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let conn = ZdsConn::connect(&sock).unwrap();
-        let hello = zds::ZdsHello {
-            version: zds::Version::V1 as i32,
-        };
-        conn.send(&hello, None).await.unwrap();
-        let ztunnel = tokio::spawn(async move {
-            while let Ok((req, _)) = conn.recv::<WorkloadRequest>().await {
-                let ack = WorkloadResponse {
-                    payload: Some(zds::workload_response::Payload::Ack(zds::Ack::default())),
-                };
-                if conn.send(&ack, None).await.is_err() || tx.send(req.payload).is_err() {
-                    break;
-                }
-            }
-        });
+        let (ztunnel, mut rx) = fake_ztunnel(&sock, false).await;
         let added = tokio::time::timeout(RETRY_FIRST - Duration::from_secs(1), async {
             while let Some(payload) = rx.recv().await {
                 if let Some(Payload::Add(add)) = payload {

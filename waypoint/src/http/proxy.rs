@@ -1048,14 +1048,20 @@ mod tests {
         (lines, tracing::subscriber::set_default(subscriber))
     }
 
+    /// An address nothing listens at (its listener is closed at once): every request to it
+    /// is answered at once, 503, and logged.
+    fn unreachable_backend() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn the_access_log_reports_the_canonical_path_or_a_refused_one_as_it_arrived() {
         let (lines, _guard) = capture_logs();
         // Nothing listens at the backend: each request is answered at once, and logged.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let closed = unreachable_backend();
         let (wp, down) = waypoint_for(closed);
         // (path, host) sent -> status, path logged; the refused (400) as they arrived.
         let cases = [
@@ -1178,10 +1184,7 @@ mod tests {
     #[tokio::test]
     async fn a_telemetry_filter_sees_the_canonical_path_and_host() {
         let (lines, _guard) = capture_logs();
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let closed = unreachable_backend();
         let (wp, down) = waypoint_for(closed);
         log_only_when(
             &wp,
@@ -1230,10 +1233,7 @@ mod tests {
     async fn the_configured_path_normalization_is_the_one_requests_get() {
         use crate::http::path::Normalization;
         let (lines, _guard) = capture_logs();
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let closed = unreachable_backend();
         for (mode, logged) in [(Normalization::Base, false), (Normalization::MergeSlashes, true)] {
             let (mut wp, down) = waypoint_for(closed);
             Arc::get_mut(&mut wp).expect("not shared yet").path_normalization = mode;
